@@ -1,0 +1,779 @@
+//! The built-in software device: hetmem's version of the kernel's test device
+//! (`lib/test_hmm.c`, "dmirror").
+//!
+//! A [`SoftDevice`] owns a pagemap (its memory: private or coherent, with a capacity). A
+//! [`DeviceMirror`] binds the device to one address space (the kernel's open file of
+//! `/dev/hmm_dmirrorN`): it has its own page table, kept correct by an interval notifier over the
+//! whole space, and offers the test device's operations ([`Cmd`]): read, write, migrate to device
+//! and to system, snapshot, exclusive, check exclusive, release, and flags (fail the next
+//! allocation). [`DeviceMirror::cmd`] has the ioctl's exact calling convention (`cpages` and
+//! `faults` written only on success, `-errno` returned) so the kernel's selftests translate line
+//! for line.
+//!
+//! # Device page table and fencing
+//!
+//! `pt` maps a virtual page number to a [`PageTarget`] with write and atomic tags (none = read
+//! only, as dmirror's xarray tags). Every device access looks the page up and copies it *under
+//! the `pt` lock*; the notifier callback takes the same lock to drop entries, and the address
+//! space runs callbacks before it changes a page. So an invalidation waits for the accesses in
+//! flight, a device copy never sees a page vanish, and a frame is freed only after the accesses
+//! to it have ended. Device code never dereferences a managed address: it names pages by
+//! [`PageTarget`] and the copies go through the address space's [`crate::mm::Mm`] (raw copies of
+//! pages known to be present).
+//!
+//! Unlike dmirror, the callback drops entries on every event, including a MIGRATE that this
+//! device initiated: in the emulation a device access to a system page is a real CPU access,
+//! and an entry left pointing at a page being migrated could fault on a write-protected page.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE, VaRange, VirtAddr, Vpn};
+use crate::error::{Error, Result};
+use crate::migrate::{
+    self, MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE, MigrateArgs,
+    SELECT_COMPOUND, SELECT_DEVICE_COHERENT, SELECT_DEVICE_PRIVATE, SELECT_SYSTEM,
+};
+use crate::mirror::{
+    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
+    IntervalNotifier, IntervalOps, NotifyRange, PageTarget, hmm_pfn_order, range_fault,
+};
+use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
+use crate::space::{Space, space_by_id};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak, lock};
+
+/// Pages per `range_fault` call of the device's fault path (dmirror: 32... 64 in older kernels).
+pub const FAULT_CHUNK_PAGES: usize = 32;
+/// How long the device retries a `range_fault` that keeps returning EBUSY
+/// (`HMM_RANGE_DEFAULT_TIMEOUT`).
+pub const RANGE_FAULT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: fail the next device allocation once.
+pub const FLAG_FAIL_ALLOC: u64 = 1;
+
+/// Snapshot bytes (`HMM_DMIRROR_PROT_*`).
+pub mod snap {
+    /// Not present.
+    pub const NONE: u8 = 0x00;
+    /// Readable.
+    pub const READ: u8 = 0x01;
+    /// Writable.
+    pub const WRITE: u8 = 0x02;
+    /// Mapped at PMD level (2 MiB).
+    pub const PMD: u8 = 0x04;
+    /// Mapped at PUD level (1 GiB).
+    pub const PUD: u8 = 0x08;
+    /// The zero page.
+    pub const ZERO: u8 = 0x10;
+    /// Device-private page of this device.
+    pub const DEV_PRIVATE_LOCAL: u8 = 0x20;
+    /// Device-private page of another device (never reported: such pages read as NONE).
+    pub const DEV_PRIVATE_REMOTE: u8 = 0x30;
+    /// Device-coherent page of this device.
+    pub const DEV_COHERENT_LOCAL: u8 = 0x40;
+    /// Device-coherent page of another device.
+    pub const DEV_COHERENT_REMOTE: u8 = 0x50;
+    /// Error (no mapping, no permission).
+    pub const ERROR: u8 = 0xFF;
+}
+
+/// Configuration of a software device.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceConfig {
+    /// Private or coherent memory.
+    pub kind: MemoryKind,
+    /// Device memory in bytes (rounded up to 2 MiB).
+    pub capacity: usize,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig { kind: MemoryKind::Private, capacity: 256 << 20 }
+    }
+}
+
+static NEXT_PAGEMAP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+fn alloc_pagemap_id() -> Result<PagemapId> {
+    let id = NEXT_PAGEMAP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if id > 255 {
+        return Err(Error::NoMemory { what: "device ids (255 devices per process)" });
+    }
+    Ok(PagemapId(id as u8))
+}
+
+struct DeviceInner {
+    pagemap: Arc<Pagemap>,
+    fail_alloc: AtomicBool,
+}
+
+impl DeviceInner {
+    fn alloc(&self, large: bool) -> Result<FrameIdx> {
+        if self.fail_alloc.swap(false, Ordering::SeqCst) {
+            return Err(Error::NoMemory { what: "device memory (injected failure)" });
+        }
+        if large { self.pagemap.alloc_large() } else { self.pagemap.alloc() }
+    }
+
+    /// Evicts every frame of the device (`migrate_device_range` over all of its memory): each
+    /// page goes back to system memory in its address space.
+    fn evict_all(&self) -> Result<usize> {
+        let mut n = 0;
+        for f in 0..self.pagemap.nframes() {
+            let frame = FrameIdx(f as u32);
+            if let Some((sid, vpn)) = self.pagemap.rmap(frame) {
+                if let Some(core) = space_by_id(sid) {
+                    core.evict_frame(&self.pagemap, frame, vpn)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for DeviceInner {
+    fn drop(&mut self) {
+        // Device removal: nothing may stay in memory that is going away.
+        let _ = self.evict_all();
+    }
+}
+
+/// A software device (see the module doc).
+pub struct SoftDevice {
+    inner: Arc<DeviceInner>,
+}
+
+impl std::fmt::Debug for SoftDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftDevice")
+            .field("kind", &self.inner.pagemap.kind())
+            .field("owner", &self.inner.pagemap.owner())
+            .field("capacity", &self.inner.pagemap.capacity())
+            .finish()
+    }
+}
+
+impl SoftDevice {
+    /// A device with its own memory.
+    pub fn new(cfg: DeviceConfig) -> Result<SoftDevice> {
+        if cfg.kind == MemoryKind::System {
+            return Err(Error::Invalid("a device's memory is private or coherent"));
+        }
+        let id = alloc_pagemap_id()?;
+        let pagemap = Arc::new(Pagemap::new(id, cfg.kind, Owner(0x6865_746d_0000 | id.0 as u64), cfg.capacity)?);
+        Ok(SoftDevice { inner: Arc::new(DeviceInner { pagemap, fail_alloc: AtomicBool::new(false) }) })
+    }
+
+    /// A device-private device of `capacity` bytes.
+    pub fn private(capacity: usize) -> Result<SoftDevice> {
+        Self::new(DeviceConfig { kind: MemoryKind::Private, capacity })
+    }
+
+    /// The owner token.
+    pub fn owner(&self) -> Owner {
+        self.inner.pagemap.owner()
+    }
+
+    /// The memory type.
+    pub fn kind(&self) -> MemoryKind {
+        self.inner.pagemap.kind()
+    }
+
+    /// The device's memory.
+    pub fn pagemap(&self) -> &Arc<Pagemap> {
+        &self.inner.pagemap
+    }
+
+    /// Bytes of device memory in use.
+    pub fn used(&self) -> usize {
+        self.inner.pagemap.used()
+    }
+
+    /// Binds the device to an address space (opens a mirror).
+    pub fn mirror(&self, space: &Space) -> Result<DeviceMirror> {
+        space.check_owner_process()?;
+        let inner = Arc::new(MirrorInner {
+            dev: self.inner.clone(),
+            space: space.clone(),
+            notifier: Mutex::new(None),
+            pt: Mutex::new(BTreeMap::new()),
+        });
+        let ops: Weak<dyn IntervalOps> = {
+            let w: Weak<MirrorInner> = Arc::downgrade(&inner);
+            w
+        };
+        let n = space.core.insert_notifier(space.range().start, usize::MAX, ops);
+        *lock(&inner.notifier) = Some(n);
+        Ok(DeviceMirror { inner })
+    }
+
+    /// Evicts all device memory back to system memory (device release); returns pages moved.
+    pub fn release(&self) -> Result<usize> {
+        self.inner.evict_all()
+    }
+
+    /// Makes the next device allocation fail once.
+    pub fn fail_next_alloc(&self) {
+        self.inner.fail_alloc.store(true, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DevPte {
+    target: PageTarget,
+    write: bool,
+    atomic: bool,
+}
+
+struct MirrorInner {
+    dev: Arc<DeviceInner>,
+    space: Space,
+    notifier: Mutex<Option<Arc<IntervalNotifier>>>,
+    /// The device page table (lock 2 of the space module's lock order).
+    pt: Mutex<BTreeMap<usize, DevPte>>,
+}
+
+impl IntervalOps for MirrorInner {
+    fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
+        let mut pt = lock(&self.pt);
+        n.set_seq(cur_seq);
+        let keys: Vec<usize> = pt.range(range.start.page().0..range.end.page().0).map(|(k, _)| *k).collect();
+        for k in keys {
+            pt.remove(&k);
+        }
+        true
+    }
+}
+
+/// Result of a device command (`cpages`, `faults` of `struct hmm_dmirror_cmd`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CmdOut {
+    /// Pages processed.
+    pub cpages: u64,
+    /// Fault passes (`range_fault` rounds) needed.
+    pub faults: u64,
+}
+
+/// The test device's commands (`HMM_DMIRROR_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cmd {
+    /// Device reads the range into the buffer.
+    Read,
+    /// Device writes the buffer into the range.
+    Write,
+    /// Migrate the range to device memory; the buffer receives the data for verification.
+    MigrateToDev,
+    /// Migrate the range's device pages back to system memory.
+    MigrateToSys,
+    /// One byte per page describing the device's view (see [`snap`]).
+    Snapshot,
+    /// Take device-exclusive (atomic) access; the buffer receives the data.
+    Exclusive,
+    /// -EPERM if any atomic entry remains in the range.
+    CheckExclusive,
+    /// Evict all device memory.
+    Release,
+    /// Set flags (`npages` is the flag word).
+    Flags,
+}
+
+/// The ioctl argument (`struct hmm_dmirror_cmd`), with the user buffer as a slice.
+#[derive(Debug)]
+pub struct DmirrorCmd<'b> {
+    /// Start address.
+    pub addr: u64,
+    /// The buffer (`ptr`): `npages` pages for Read/Write/Migrate/Exclusive, `npages` bytes for
+    /// Snapshot.
+    pub buf: &'b mut [u8],
+    /// Number of pages (or the flags word for `Flags`).
+    pub npages: u64,
+    /// Out: pages processed.
+    pub cpages: u64,
+    /// Out: fault passes.
+    pub faults: u64,
+}
+
+/// A device bound to an address space (see the module doc). Dropping it removes its notifier;
+/// pages already in device memory stay there and keep working (CPU faults bring them back).
+pub struct DeviceMirror {
+    inner: Arc<MirrorInner>,
+}
+
+impl std::fmt::Debug for DeviceMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceMirror").field("owner", &self.owner()).finish()
+    }
+}
+
+impl Drop for DeviceMirror {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.inner.notifier).take() {
+            self.inner.space.core.remove_notifier(&n);
+        }
+    }
+}
+
+fn range_of(addr: u64, npages: u64) -> Result<VaRange> {
+    let start = VirtAddr(addr as usize);
+    if !start.is_page_aligned() {
+        return Err(Error::Unaligned { addr: start });
+    }
+    let len = (npages as usize).checked_mul(PAGE_SIZE).ok_or(Error::Overflow { addr: start, len: usize::MAX })?;
+    VaRange::new(start, len)
+}
+
+impl DeviceMirror {
+    /// The device's owner token.
+    pub fn owner(&self) -> Owner {
+        self.inner.dev.pagemap.owner()
+    }
+
+    /// The address space.
+    pub fn space(&self) -> &Space {
+        &self.inner.space
+    }
+
+    fn notifier(&self) -> Result<Arc<IntervalNotifier>> {
+        lock(&self.inner.notifier).clone().ok_or(Error::Gone)
+    }
+
+    /// Runs a command with the ioctl's convention: returns 0 or `-errno`; `cpages`/`faults` are
+    /// zeroed on entry and written only on success.
+    pub fn cmd(&self, cmd: Cmd, c: &mut DmirrorCmd<'_>) -> i32 {
+        let res = match cmd {
+            Cmd::Read => self.read(c.addr, c.npages, c.buf),
+            Cmd::Write => self.write(c.addr, c.npages, c.buf),
+            Cmd::MigrateToDev => self.migrate_to_device(c.addr, c.npages, c.buf),
+            Cmd::MigrateToSys => self.migrate_to_system(c.addr, c.npages),
+            Cmd::Snapshot => self.snapshot(c.addr, c.npages, c.buf),
+            Cmd::Exclusive => self.exclusive(c.addr, c.npages, c.buf),
+            Cmd::CheckExclusive => self.check_exclusive(c.addr, c.npages),
+            Cmd::Release => self.release().map(|_| CmdOut::default()),
+            Cmd::Flags => {
+                if c.npages & FLAG_FAIL_ALLOC != 0 {
+                    self.inner.dev.fail_alloc.store(true, Ordering::SeqCst);
+                }
+                Ok(CmdOut::default())
+            }
+        };
+        match res {
+            Ok(o) => {
+                c.cpages = o.cpages;
+                c.faults = o.faults;
+                0
+            }
+            Err(e) => -e.errno(),
+        }
+    }
+
+    fn check_buf(buf: &[u8], r: &VaRange) -> Result<()> {
+        if buf.len() < r.len() {
+            return Err(Error::Invalid("buffer smaller than the range"));
+        }
+        Ok(())
+    }
+
+    /// Reads page `vpn` through the device page table entry `e` into `dst` (under `pt`).
+    fn copy_out(&self, e: &DevPte, vpn: usize, dst: &mut [u8]) -> Result<()> {
+        match e.target {
+            PageTarget::System(v) => {
+                debug_assert_eq!(v.0, vpn);
+                self.inner.space.core.mm.read(v.addr(), dst);
+                Ok(())
+            }
+            PageTarget::Device { pagemap, frame } => {
+                let pm = self.frame_pagemap(pagemap)?;
+                pm.region().read(frame.offset(), dst).map_err(|e| Error::os("device read", e))
+            }
+            PageTarget::Stash(frame) => self
+                .inner
+                .space
+                .core
+                .stash
+                .region()
+                .read(frame.offset(), dst)
+                .map_err(|e| Error::os("device read", e)),
+        }
+    }
+
+    fn copy_in(&self, e: &DevPte, src: &[u8]) -> Result<()> {
+        match e.target {
+            PageTarget::System(v) => {
+                self.inner.space.core.mm.write(v.addr(), src);
+                Ok(())
+            }
+            PageTarget::Device { pagemap, frame } => {
+                let pm = self.frame_pagemap(pagemap)?;
+                pm.region().write(frame.offset(), src).map_err(|e| Error::os("device write", e))
+            }
+            PageTarget::Stash(frame) => self
+                .inner
+                .space
+                .core
+                .stash
+                .region()
+                .write(frame.offset(), src)
+                .map_err(|e| Error::os("device write", e)),
+        }
+    }
+
+    fn frame_pagemap(&self, id: PagemapId) -> Result<Arc<Pagemap>> {
+        if id == self.inner.dev.pagemap.id() {
+            return Ok(self.inner.dev.pagemap.clone());
+        }
+        self.inner.space.core.pagemap_by_id(id).ok_or(Error::Invalid("unknown pagemap"))
+    }
+
+    /// Copies mapped pages from `*cur` on; stops at the first missing (or, for writes,
+    /// non-writable) entry. Returns true when the whole range was done.
+    fn do_rw(&self, r: &VaRange, cur: &mut usize, buf: &mut [u8], write: bool, cpages: &mut u64) -> Result<bool> {
+        let pt = lock(&self.inner.pt);
+        let first = r.start.page().0;
+        while *cur < r.end.page().0 {
+            let Some(e) = pt.get(cur) else { return Ok(false) };
+            if write && !e.write {
+                return Ok(false);
+            }
+            let o = (*cur - first) * PAGE_SIZE;
+            if write {
+                self.copy_in(e, &buf[o..o + PAGE_SIZE])?;
+            } else {
+                self.copy_out(e, *cur, &mut buf[o..o + PAGE_SIZE])?;
+            }
+            *cur += 1;
+            *cpages += 1;
+        }
+        Ok(true)
+    }
+
+    /// The device's fault path (`dmirror_fault`): `range_fault` over `[start, end)` in chunks,
+    /// then programs the page table under the sequence check.
+    fn fault(&self, start: Vpn, end: Vpn, write: bool) -> Result<()> {
+        let n = self.notifier()?;
+        let mut s = start.0;
+        while s < end.0 {
+            let e = (s + FAULT_CHUNK_PAGES).min(end.0);
+            self.range_fault_map(&n, Vpn(s), Vpn(e), HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 })?;
+            s = e;
+        }
+        Ok(())
+    }
+
+    fn range_fault_map(&self, n: &Arc<IntervalNotifier>, s: Vpn, e: Vpn, flags: u64) -> Result<()> {
+        let deadline = Instant::now() + RANGE_FAULT_TIMEOUT;
+        loop {
+            if Instant::now() > deadline {
+                return Err(Error::Busy);
+            }
+            let seq = n.read_begin();
+            let mut range = HmmRange {
+                notifier: n,
+                notifier_seq: seq,
+                start: s.addr(),
+                end: e.addr(),
+                hmm_pfns: vec![0; e.0 - s.0],
+                default_flags: flags,
+                pfn_flags_mask: 0,
+                dev_private_owner: Some(self.owner()),
+            };
+            match range_fault(&mut range) {
+                Err(Error::Busy) => continue,
+                Err(err) => return Err(err),
+                Ok(()) => {}
+            }
+            let mut pt = lock(&self.inner.pt);
+            if n.read_retry(seq) {
+                continue;
+            }
+            for (i, w) in range.hmm_pfns.iter().enumerate() {
+                if w & HMM_PFN_VALID == 0 {
+                    continue;
+                }
+                let target = PageTarget::decode(*w);
+                pt.insert(s.0 + i, DevPte { target, write: w & HMM_PFN_WRITE != 0, atomic: false });
+            }
+            return Ok(());
+        }
+    }
+
+    fn rw(&self, addr: u64, npages: u64, buf: &mut [u8], write: bool) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        self.inner.space.check_owner_process()?;
+        Self::check_buf(buf, &r)?;
+        let mut out = CmdOut::default();
+        let mut cur = r.start.page().0;
+        loop {
+            if self.do_rw(&r, &mut cur, buf, write, &mut out.cpages)? {
+                return Ok(out);
+            }
+            self.fault(Vpn(cur), r.end.page(), write)?;
+            out.faults += 1;
+        }
+    }
+
+    /// READ: the device reads `npages` at `addr` into `buf`.
+    pub fn read(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdOut> {
+        self.rw(addr, npages, buf, false)
+    }
+
+    /// WRITE: the device writes `buf` into `npages` at `addr`.
+    pub fn write(&self, addr: u64, npages: u64, buf: &[u8]) -> Result<CmdOut> {
+        let mut b = buf.to_vec();
+        self.rw(addr, npages, &mut b, true)
+    }
+
+    /// MIGRATE_TO_DEV: moves the range into device memory (2 MiB units as large frames where
+    /// possible, falling back to base frames), maps the new pages in the device page table, then
+    /// reads the range back from it into `buf`: a page that is not device-mapped gives ENOENT.
+    pub fn migrate_to_device(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        let space = &self.inner.space;
+        space.check_owner_process()?;
+        Self::check_buf(buf, &r)?;
+        let pm = self.inner.dev.pagemap.clone();
+        let mut a = r.start;
+        while a < r.end {
+            let (vend, readable) = space.vma_info(a).ok_or(Error::Invalid("no mapping"))?;
+            if !readable {
+                return Err(Error::Invalid("mapping without read permission"));
+            }
+            let next = r.end.min(vend).min(a.add(PAGES_PER_LARGE * PAGE_SIZE));
+            let mut mig = migrate::migrate_vma_setup(
+                space,
+                MigrateArgs { start: a, end: next, flags: SELECT_SYSTEM | SELECT_COMPOUND, pgmap_owner: self.owner() },
+            )?;
+            mig.use_pagemap(&pm);
+            let mut i = 0;
+            while i < mig.npages() {
+                let w = mig.src[i];
+                if w & MIGRATE_PFN_MIGRATE == 0 {
+                    i += 1;
+                    continue;
+                }
+                if w & MIGRATE_PFN_COMPOUND != 0 {
+                    match self.inner.dev.alloc(true) {
+                        Ok(f) => {
+                            mig.copy_to_frame(i, &pm, f)?;
+                            mig.dst[i] = migrate::migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: f })
+                                | MIGRATE_PFN_COMPOUND
+                                | (w & MIGRATE_PFN_WRITE);
+                            i += PAGES_PER_LARGE;
+                            continue;
+                        }
+                        Err(_) => mig.split(i),
+                    }
+                }
+                let w = mig.src[i];
+                if let Ok(f) = self.inner.dev.alloc(false) {
+                    mig.copy_to_frame(i, &pm, f)?;
+                    mig.dst[i] = migrate::migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: f })
+                        | (w & MIGRATE_PFN_WRITE);
+                }
+                i += 1;
+            }
+            mig.pages();
+            // Free frames of declined pages (dst set, but the page no longer migrates) and map
+            // the migrated ones, still under the address space's lock (dmirror's
+            // finalize_and_map).
+            {
+                let mut pt = lock(&self.inner.pt);
+                let mut i = 0;
+                while i < mig.npages() {
+                    let (w, d) = (mig.src[i], mig.dst[i]);
+                    let span = if w & MIGRATE_PFN_COMPOUND != 0 { PAGES_PER_LARGE } else { 1 };
+                    if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d) {
+                        if w & MIGRATE_PFN_MIGRATE == 0 {
+                            pm.free(frame, d & MIGRATE_PFN_COMPOUND != 0);
+                        } else {
+                            for k in 0..span {
+                                let f = FrameIdx(frame.0 + k as u32);
+                                pt.insert(
+                                    mig.addr(i + k).page().0,
+                                    DevPte {
+                                        target: PageTarget::Device { pagemap: pm.id(), frame: f },
+                                        write: d & MIGRATE_PFN_WRITE != 0,
+                                        atomic: false,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    i += span;
+                }
+            }
+            mig.finalize();
+            a = next;
+        }
+        // Return the migrated data for verification: every page must now be device-mapped.
+        let mut out = CmdOut::default();
+        let mut cur = r.start.page().0;
+        if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
+            return Err(Error::NotPresent { addr: Vpn(cur).addr() });
+        }
+        Ok(out)
+    }
+
+    /// MIGRATE_TO_SYS: moves this device's pages of the range back to system memory; `cpages`
+    /// counts the pages that were selected.
+    pub fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        let space = &self.inner.space;
+        space.check_owner_process()?;
+        let select = match self.inner.dev.pagemap.kind() {
+            MemoryKind::Coherent => SELECT_DEVICE_COHERENT,
+            _ => SELECT_DEVICE_PRIVATE,
+        };
+        let mut out = CmdOut::default();
+        let mut a = r.start;
+        while a < r.end {
+            let (vend, _) = space.vma_info(a).ok_or(Error::Invalid("no mapping"))?;
+            let next = r.end.min(vend).min(a.add(PAGES_PER_LARGE * PAGE_SIZE));
+            let mut mig = migrate::migrate_vma_setup(
+                space,
+                MigrateArgs { start: a, end: next, flags: select | SELECT_COMPOUND, pgmap_owner: self.owner() },
+            )?;
+            let mut i = 0;
+            while i < mig.npages() {
+                let w = mig.src[i];
+                let span = if w & MIGRATE_PFN_COMPOUND != 0 { PAGES_PER_LARGE } else { 1 };
+                if w & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE) == (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE) {
+                    mig.dst[i] = migrate::migrate_pfn(PageTarget::System(mig.addr(i).page())) | (w & MIGRATE_PFN_COMPOUND);
+                    out.cpages += span as u64;
+                }
+                i += span;
+            }
+            mig.pages();
+            mig.finalize();
+            a = next;
+        }
+        Ok(out)
+    }
+
+    /// SNAPSHOT: one byte per page ([`snap`]) from a non-faulting `range_fault`.
+    pub fn snapshot(&self, addr: u64, npages: u64, out: &mut [u8]) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        self.inner.space.check_owner_process()?;
+        if out.len() < r.pages() {
+            return Err(Error::Invalid("snapshot buffer smaller than npages"));
+        }
+        let n = self.notifier()?;
+        let deadline = Instant::now() + RANGE_FAULT_TIMEOUT;
+        let pfns = loop {
+            if Instant::now() > deadline {
+                return Err(Error::Busy);
+            }
+            let seq = n.read_begin();
+            let mut range = HmmRange {
+                notifier: &n,
+                notifier_seq: seq,
+                start: r.start,
+                end: r.end,
+                hmm_pfns: vec![0; r.pages()],
+                default_flags: 0,
+                pfn_flags_mask: 0,
+                dev_private_owner: Some(self.owner()),
+            };
+            match range_fault(&mut range) {
+                Err(Error::Busy) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => break range.hmm_pfns,
+            }
+        };
+        for (i, w) in pfns.iter().enumerate() {
+            out[i] = self.snapshot_byte(*w);
+        }
+        Ok(CmdOut { cpages: r.pages() as u64, faults: 0 })
+    }
+
+    fn snapshot_byte(&self, w: u64) -> u8 {
+        if w & HMM_PFN_ERROR != 0 {
+            return snap::ERROR;
+        }
+        if w & HMM_PFN_VALID == 0 {
+            return snap::NONE;
+        }
+        let mut b = if w & HMM_PFN_WRITE != 0 { snap::WRITE } else { snap::READ };
+        match hmm_pfn_order(w) {
+            9 => b |= snap::PMD,
+            18 => b |= snap::PUD,
+            _ => {}
+        }
+        if let PageTarget::Device { pagemap, .. } = PageTarget::decode(w) {
+            if let Ok(pm) = self.frame_pagemap(pagemap) {
+                let local = pm.owner() == self.owner();
+                b |= match (pm.kind(), local) {
+                    (MemoryKind::Private, true) => snap::DEV_PRIVATE_LOCAL,
+                    (MemoryKind::Private, false) => snap::DEV_PRIVATE_REMOTE,
+                    (MemoryKind::Coherent, true) => snap::DEV_COHERENT_LOCAL,
+                    (MemoryKind::Coherent, false) => snap::DEV_COHERENT_REMOTE,
+                    (MemoryKind::System, _) => 0,
+                };
+            }
+        }
+        b
+    }
+
+    /// EXCLUSIVE: takes device-exclusive (atomic) access to every page of the range; the CPU
+    /// loses access until it touches a page, which revokes the grant. `buf` receives the data.
+    pub fn exclusive(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        let space = &self.inner.space;
+        space.check_owner_process()?;
+        Self::check_buf(buf, &r)?;
+        let pm = self.inner.dev.pagemap.clone();
+        for p in 0..r.pages() {
+            let a = r.start.add(p * PAGE_SIZE);
+            space.core.make_exclusive(a, &pm, &mut |a, frame| {
+                lock(&self.inner.pt)
+                    .insert(a.page().0, DevPte { target: PageTarget::Stash(frame), write: true, atomic: true });
+            })?;
+        }
+        let mut out = CmdOut::default();
+        let mut cur = r.start.page().0;
+        if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
+            return Err(Error::NotPresent { addr: Vpn(cur).addr() });
+        }
+        Ok(out)
+    }
+
+    /// CHECK_EXCLUSIVE: [`Error::ExclusiveRemains`] (EPERM) if any atomic entry remains.
+    pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        let pt = lock(&self.inner.pt);
+        if pt.range(r.start.page().0..r.end.page().0).any(|(_, e)| e.atomic) {
+            return Err(Error::ExclusiveRemains);
+        }
+        Ok(CmdOut::default())
+    }
+
+    /// A device atomic fetch-add on a `u64` of a page the device holds exclusively (as a real
+    /// device's atomics on `make_device_exclusive` pages); [`Error::NotPresent`] otherwise.
+    pub fn atomic_fetch_add(&self, addr: VirtAddr, v: u64) -> Result<u64> {
+        if addr.get() % 8 != 0 {
+            return Err(Error::Invalid("u64 atomic must be 8-byte aligned"));
+        }
+        let pt = lock(&self.inner.pt);
+        match pt.get(&addr.page().0) {
+            Some(DevPte { target: PageTarget::Stash(f), atomic: true, .. }) => self
+                .inner
+                .space
+                .core
+                .stash
+                .region()
+                .fetch_add_u64(f.offset() + addr.get() % PAGE_SIZE, v)
+                .map_err(|e| Error::os("device atomic", e)),
+            _ => Err(Error::NotPresent { addr }),
+        }
+    }
+
+    /// RELEASE: evicts all of the device's memory (every address space) back to system memory.
+    pub fn release(&self) -> Result<usize> {
+        self.inner.dev.evict_all()
+    }
+
+    /// Number of entries in the device page table (for tests and reports).
+    pub fn mapped_pages(&self) -> usize {
+        lock(&self.inner.pt).len()
+    }
+}

@@ -1,0 +1,134 @@
+//! hetmem's error type: one variant per meaning, each with the fields that explain it, and the
+//! errno the kernel's HMM code would return for it ([`Error::errno`]).
+
+use crate::addr::VirtAddr;
+
+/// Errors returned by hetmem's API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An address that must be page-aligned is not (EINVAL).
+    #[error("address {addr} is not page-aligned")]
+    Unaligned {
+        /// The address.
+        addr: VirtAddr,
+    },
+    /// A length that must be a multiple of the page size is not (EINVAL).
+    #[error("length {len:#x} is not a multiple of the page size")]
+    UnalignedLength {
+        /// The length.
+        len: usize,
+    },
+    /// A zero length (EINVAL).
+    #[error("length is zero")]
+    ZeroLength,
+    /// `addr + len` overflows (EINVAL).
+    #[error("range at {addr} of {len:#x} bytes overflows the address space")]
+    Overflow {
+        /// Start.
+        addr: VirtAddr,
+        /// Length.
+        len: usize,
+    },
+    /// Part of the range is not mapped (EFAULT): outside any mapping, or across a hole.
+    #[error("no mapping at {addr}")]
+    NotMapped {
+        /// First unmapped address.
+        addr: VirtAddr,
+    },
+    /// The range is outside the address space's reservation (EINVAL).
+    #[error("range at {addr} of {len:#x} bytes is outside the address space")]
+    OutOfSpace {
+        /// Start.
+        addr: VirtAddr,
+        /// Length.
+        len: usize,
+    },
+    /// The range overlaps an existing mapping (EEXIST).
+    #[error("range at {addr} overlaps an existing mapping")]
+    Overlap {
+        /// Start of the requested range.
+        addr: VirtAddr,
+    },
+    /// A read was requested on a mapping without read permission (EFAULT, as hmm_range_fault).
+    #[error("no read permission at {addr}")]
+    NoRead {
+        /// The address.
+        addr: VirtAddr,
+    },
+    /// A write was requested on a mapping without write permission (EPERM).
+    #[error("no write permission at {addr}")]
+    NoWrite {
+        /// The address.
+        addr: VirtAddr,
+    },
+    /// The notifier sequence changed, or a page is busy: retry (EBUSY).
+    #[error("busy: retry")]
+    Busy,
+    /// A device (or the address space's reservation) is out of memory (ENOMEM).
+    #[error("{what} is out of memory")]
+    NoMemory {
+        /// Which allocator.
+        what: &'static str,
+    },
+    /// Pages that should be in device memory are not (ENOENT), e.g. after a migration that
+    /// could not move every page.
+    #[error("page at {addr} is not where it was asked to be")]
+    NotPresent {
+        /// First such page.
+        addr: VirtAddr,
+    },
+    /// Device-exclusive (atomic) entries remain (EPERM from CHECK_EXCLUSIVE).
+    #[error("device-exclusive entries remain")]
+    ExclusiveRemains,
+    /// Invalid argument not covered by a more precise variant (EINVAL).
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    /// hetmem is inert in a child process: the address space belongs to the parent (EINVAL).
+    #[error("hetmem objects are inert in a forked child (created by pid {owner})")]
+    Forked {
+        /// The pid that created the object.
+        owner: i32,
+    },
+    /// The address space or device is gone (EINVAL, as dmirror's "mm is gone").
+    #[error("the address space is gone")]
+    Gone,
+    /// An operating system call failed.
+    #[error("{op}: {source}")]
+    Os {
+        /// What hetmem was doing.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The errno the kernel's HMM code returns for this condition (positive).
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Unaligned { .. }
+            | Error::UnalignedLength { .. }
+            | Error::ZeroLength
+            | Error::Overflow { .. }
+            | Error::OutOfSpace { .. }
+            | Error::Invalid(_)
+            | Error::Forked { .. }
+            | Error::Gone => libc::EINVAL,
+            Error::NotMapped { .. } | Error::NoRead { .. } => libc::EFAULT,
+            Error::Overlap { .. } => libc::EEXIST,
+            Error::NoWrite { .. } | Error::ExclusiveRemains => libc::EPERM,
+            Error::Busy => libc::EBUSY,
+            Error::NoMemory { .. } => libc::ENOMEM,
+            Error::NotPresent { .. } => libc::ENOENT,
+            Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+
+    pub(crate) fn os(op: &'static str, source: std::io::Error) -> Error {
+        Error::Os { op, source }
+    }
+}
+
+/// hetmem's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

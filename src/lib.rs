@@ -1,0 +1,34 @@
+//! hetmem: a heterogeneous memory manager in user space.
+//!
+//! The CPU and a device share one address space ([`Space`]); pages live in system memory or in
+//! device memory ([`device::SoftDevice`], the built-in software device) and move between them
+//! with the Linux HMM design: mirroring with interval notifiers ([`mirror`]), three-phase
+//! migration ([`migrate`]), device-private memory whose CPU accesses fault the page back, and
+//! device-exclusive access for device atomics. CPU faults are real page faults, served through
+//! userfaultfd ([`mm`]).
+//!
+//! `unsafe` lives in [`sys`] only; locks come through [`sync`]. See `docs/architecture.md`.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod addr;
+pub mod bench;
+pub mod demo;
+pub mod device;
+pub mod error;
+pub mod migrate;
+pub mod mirror;
+pub mod mm;
+pub mod pool;
+pub mod space;
+pub mod sync;
+pub mod sys;
+
+pub use addr::{PAGE_SIZE, VaRange, VirtAddr, Vpn};
+pub use device::{Cmd, CmdOut, DeviceConfig, DeviceMirror, DmirrorCmd, SoftDevice};
+pub use error::{Error, Result};
+pub use mm::FaultMode;
+pub use pool::{MemoryKind, Owner};
+pub use space::{MapOptions, Pin, Residency, Space, SpaceConfig, SpaceStats};
+pub use sys::Prot;

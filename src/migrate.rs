@@ -1,0 +1,424 @@
+//! Migration in the kernel's three phases (`mm/migrate_device.c`).
+//!
+//! 1. [`migrate_vma_setup`] — *collect and unmap*. Takes the address space's state lock (held
+//!    until finalize: CPU faults on the range wait, as on the kernel's migration entries),
+//!    selects the pages the flags and owner allow, runs the interval notifiers (MIGRATE, with the
+//!    initiator as owner), and write-protects the selected system pages so that their bytes
+//!    cannot change while the driver copies them. On return: `src[i]` has `MIGRATE_PFN_MIGRATE`
+//!    for every page that may move, and `cpages` counts them.
+//! 2. The driver allocates destinations and copies ([`MigrateVma::copy_to_frame`]); it sets
+//!    `dst[i]` (`migrate_pfn(target) | flags`) or leaves it 0 to decline the page.
+//! 3. [`MigrateVma::pages`] — *commit*: a page whose `dst` is 0 stops migrating. Then
+//!    [`MigrateVma::finalize`]: migrated pages point at their new frame (system pages are
+//!    dropped from the CPU view; device pages going to system memory are copied into it), old
+//!    frames are freed, declined pages are left exactly as they were (write protection removed).
+//!
+//! A `MigrateVma` dropped without `finalize` finalizes with every page declined.
+//!
+//! # `MIGRATE_PFN_*` and select flags
+//!
+//! As the kernel: `VALID` 1<<0, `MIGRATE` 1<<1, `WRITE` 1<<3, `COMPOUND` 1<<4; the target
+//! ([`PageTarget`]) is shifted left by 6. `SELECT_SYSTEM` 1, `SELECT_DEVICE_PRIVATE` 2,
+//! `SELECT_DEVICE_COHERENT` 4, `SELECT_COMPOUND` 8.
+//!
+//! # Which pages are collected
+//!
+//! * A missing page (a hole) becomes `MIGRATE` without `VALID`, with `SELECT_SYSTEM` (a device
+//!   page is then allocated and cleared). With `SELECT_COMPOUND`, an aligned 2 MiB hole of a large
+//!   mapping becomes one `COMPOUND` entry followed by zero entries.
+//! * A system page needs `SELECT_SYSTEM`; a page of a 2 MiB unit wholly in the range moves as one
+//!   `COMPOUND` entry with `SELECT_COMPOUND`, else the unit is split.
+//! * A device-private page needs `SELECT_DEVICE_PRIVATE` and a matching owner.
+//! * Device-exclusive pages are skipped; pinned pages are collected but not `MIGRATE`.
+
+use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE, VaRange, VirtAddr};
+use crate::error::{Error, Result};
+use crate::mirror::{NotifyEvent, PageTarget};
+use crate::mm::FaultMode;
+use crate::pool::{MemoryKind, Owner, Pagemap};
+use crate::space::{PageState, Pte, Space, SpaceCore, SpaceState};
+use crate::sync::{Arc, MutexGuard, Ordering};
+
+/// `MIGRATE_PFN_VALID`.
+pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
+/// `MIGRATE_PFN_MIGRATE`.
+pub const MIGRATE_PFN_MIGRATE: u64 = 1 << 1;
+/// `MIGRATE_PFN_WRITE`.
+pub const MIGRATE_PFN_WRITE: u64 = 1 << 3;
+/// `MIGRATE_PFN_COMPOUND`.
+pub const MIGRATE_PFN_COMPOUND: u64 = 1 << 4;
+/// `MIGRATE_PFN_SHIFT`.
+pub const MIGRATE_PFN_SHIFT: u32 = 6;
+/// `MIGRATE_VMA_SELECT_SYSTEM`.
+pub const SELECT_SYSTEM: u32 = 1;
+/// `MIGRATE_VMA_SELECT_DEVICE_PRIVATE`.
+pub const SELECT_DEVICE_PRIVATE: u32 = 2;
+/// `MIGRATE_VMA_SELECT_DEVICE_COHERENT`.
+pub const SELECT_DEVICE_COHERENT: u32 = 4;
+/// `MIGRATE_VMA_SELECT_COMPOUND`.
+pub const SELECT_COMPOUND: u32 = 8;
+
+/// `migrate_pfn(target)`: the target with `VALID`.
+pub fn migrate_pfn(t: PageTarget) -> u64 {
+    (t.encode() << MIGRATE_PFN_SHIFT) | MIGRATE_PFN_VALID
+}
+
+/// The target of a `src`/`dst` word with `VALID`.
+pub fn migrate_pfn_target(w: u64) -> Option<PageTarget> {
+    if w & MIGRATE_PFN_VALID == 0 {
+        return None;
+    }
+    Some(PageTarget::decode(w >> MIGRATE_PFN_SHIFT))
+}
+
+/// Arguments of [`migrate_vma_setup`] (`struct migrate_vma`'s inputs).
+#[derive(Clone, Copy, Debug)]
+pub struct MigrateArgs {
+    /// First byte (page-aligned).
+    pub start: VirtAddr,
+    /// One past the last byte (page-aligned); the range must lie in one mapping.
+    pub end: VirtAddr,
+    /// `SELECT_*` flags.
+    pub flags: u32,
+    /// `pgmap_owner`: selects device pages of this owner; names the initiator in notifications.
+    pub pgmap_owner: Owner,
+}
+
+/// A migration in progress (see the module doc for the phases).
+pub struct MigrateVma<'a> {
+    core: &'a Arc<SpaceCore>,
+    st: Option<MutexGuard<'a, SpaceState>>,
+    /// First byte.
+    pub start: VirtAddr,
+    /// One past the last byte.
+    pub end: VirtAddr,
+    /// Source words, one per page.
+    pub src: Vec<u64>,
+    /// Destination words, set by the driver.
+    pub dst: Vec<u64>,
+    /// Pages collected for migration (a compound entry counts its 512 pages).
+    pub cpages: usize,
+    mode: FaultMode,
+    writable: bool,
+    protected: Vec<bool>,
+}
+
+impl std::fmt::Debug for MigrateVma<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrateVma").field("start", &self.start).field("end", &self.end).field("cpages", &self.cpages).finish()
+    }
+}
+
+/// Phase 1: collect and unmap. Errors (EINVAL): unaligned or empty range, a range not inside one
+/// mapping.
+pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<MigrateVma<'a>> {
+    let core = &space.core;
+    core.check_process()?;
+    let len = args.end.get().checked_sub(args.start.get()).ok_or(Error::Invalid("end before start"))?;
+    let r = VaRange::new(args.start, len)?;
+    let mut st = core.lock_state();
+    let v = st.vma(r.start).ok_or(Error::Invalid("no mapping at start"))?;
+    if r.end > v.range.end {
+        return Err(Error::Invalid("range is not inside one mapping"));
+    }
+    let (mode, writable, large_vma) = (v.mode, v.prot.writable(), v.large);
+    let n = r.pages();
+    let mut src = vec![0u64; n];
+    let mut protected = vec![false; n];
+    let mut cpages = 0;
+    let compound = args.flags & SELECT_COMPOUND != 0;
+    let wbit = if writable { MIGRATE_PFN_WRITE } else { 0 };
+    let mut i = 0;
+    while i < n {
+        let a = r.start.add(i * PAGE_SIZE);
+        let v = st.vma(a).expect("inside the mapping");
+        let vi = v.idx(a);
+        let pte = v.ptes[vi];
+        // A 2 MiB unit wholly inside the range, with its head here?
+        let unit_here = a.is_large_aligned() && i + PAGES_PER_LARGE <= n && v.unit_of(vi).is_some();
+        match pte.state() {
+            PageState::None if args.flags & SELECT_SYSTEM != 0 => {
+                let all_none = unit_here
+                    && large_vma
+                    && v.ptes[vi..vi + PAGES_PER_LARGE].iter().all(|p| p.state() == PageState::None);
+                if compound && all_none {
+                    src[i] = MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND | wbit;
+                    cpages += PAGES_PER_LARGE;
+                    i += PAGES_PER_LARGE;
+                    continue;
+                }
+                src[i] = MIGRATE_PFN_MIGRATE | wbit;
+                cpages += 1;
+            }
+            PageState::Present if args.flags & SELECT_SYSTEM != 0 => {
+                if pte.large() {
+                    let whole = unit_here && compound && !v.ptes[vi..vi + PAGES_PER_LARGE].iter().any(|p| p.pinned());
+                    if whole {
+                        src[i] = migrate_pfn(PageTarget::System(a.page())) | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND | wbit;
+                        for k in 0..PAGES_PER_LARGE {
+                            protected[i + k] = true;
+                        }
+                        cpages += PAGES_PER_LARGE;
+                        i += PAGES_PER_LARGE;
+                        continue;
+                    }
+                    core.split_unit(&mut st, a);
+                }
+                let pte = st.pte(a).expect("mapped");
+                src[i] = migrate_pfn(PageTarget::System(a.page())) | wbit;
+                if !pte.pinned() {
+                    src[i] |= MIGRATE_PFN_MIGRATE;
+                    protected[i] = true;
+                    cpages += 1;
+                }
+            }
+            PageState::Device => {
+                let pm = st.pagemap(pte.pagemap());
+                let sel = match pm.kind() {
+                    MemoryKind::Private => args.flags & SELECT_DEVICE_PRIVATE != 0,
+                    MemoryKind::Coherent => args.flags & SELECT_DEVICE_COHERENT != 0,
+                    MemoryKind::System => false,
+                };
+                if sel && pm.owner() == args.pgmap_owner {
+                    if pte.large() {
+                        if unit_here && compound {
+                            src[i] = migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: pte.frame() })
+                                | MIGRATE_PFN_MIGRATE
+                                | MIGRATE_PFN_COMPOUND
+                                | wbit;
+                            cpages += PAGES_PER_LARGE;
+                            i += PAGES_PER_LARGE;
+                            continue;
+                        }
+                        core.split_unit(&mut st, a);
+                    }
+                    let pte = st.pte(a).expect("mapped");
+                    src[i] = migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: pte.frame() })
+                        | MIGRATE_PFN_MIGRATE
+                        | wbit;
+                    cpages += 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    core.invalidate(&st, r, NotifyEvent::Migrate, Some(args.pgmap_owner));
+    // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
+    for (s, e) in runs(&protected) {
+        let wr = VaRange { start: r.start.add(s * PAGE_SIZE), end: r.start.add(e * PAGE_SIZE) };
+        if writable {
+            core.mm.write_protect(wr, true, mode).map_err(|e| Error::os("write-protect for migration", e.into()))?;
+        }
+    }
+    Ok(MigrateVma {
+        core,
+        st: Some(st),
+        start: r.start,
+        end: r.end,
+        src,
+        dst: vec![0; n],
+        cpages,
+        mode,
+        writable,
+        protected,
+    })
+}
+
+/// Maximal runs of `true` in `v`, as index ranges.
+fn runs(v: &[bool]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] {
+            let s = i;
+            while i < v.len() && v[i] {
+                i += 1;
+            }
+            out.push((s, i));
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+impl MigrateVma<'_> {
+    /// Number of page slots.
+    pub fn npages(&self) -> usize {
+        self.src.len()
+    }
+
+    /// The address of slot `i`.
+    pub fn addr(&self, i: usize) -> VirtAddr {
+        self.start.add(i * PAGE_SIZE)
+    }
+
+    fn st(&self) -> &SpaceState {
+        self.st.as_ref().expect("state held until finalize")
+    }
+
+    /// Splits the compound source entry at `i` into base entries (the driver could not get a
+    /// large destination): the 2 MiB unit becomes 512 base pages, each still migrating.
+    pub fn split(&mut self, i: usize) {
+        let w = self.src[i];
+        if w & MIGRATE_PFN_COMPOUND == 0 {
+            return;
+        }
+        let a = self.addr(i);
+        let core = self.core;
+        let st = self.st.as_mut().expect("state held until finalize");
+        core.split_unit(st, a);
+        let flags = w & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_WRITE);
+        for k in 0..PAGES_PER_LARGE {
+            self.src[i + k] = match migrate_pfn_target(w) {
+                None => flags,
+                Some(PageTarget::System(v)) => migrate_pfn(PageTarget::System(crate::addr::Vpn(v.0 + k))) | flags,
+                Some(PageTarget::Device { pagemap, frame }) => {
+                    migrate_pfn(PageTarget::Device { pagemap, frame: FrameIdx(frame.0 + k as u32) }) | flags
+                }
+                Some(PageTarget::Stash(_)) => 0,
+            };
+        }
+    }
+
+    /// The driver's copy: fills frame(s) `frame..` of `pm` with the data of source slot `i` (a
+    /// whole 2 MiB unit for a compound entry; zeros for a hole).
+    pub fn copy_to_frame(&self, i: usize, pm: &Pagemap, frame: FrameIdx) -> Result<()> {
+        let w = self.src[i];
+        let len = if w & MIGRATE_PFN_COMPOUND != 0 { PAGES_PER_LARGE * PAGE_SIZE } else { PAGE_SIZE };
+        match migrate_pfn_target(w) {
+            None => pm.region().zero(frame.offset(), len).map_err(|e| Error::os("clear frame", e)),
+            Some(PageTarget::System(v)) => {
+                self.core.mm.copy_to(v.addr(), pm.region(), frame.offset(), len);
+                Ok(())
+            }
+            Some(PageTarget::Device { pagemap, frame: sf }) => {
+                let spm = self.st().pagemap(pagemap);
+                spm.region()
+                    .copy_to(sf.offset(), pm.region(), frame.offset(), len)
+                    .map_err(|e| Error::os("device copy", e))
+            }
+            Some(PageTarget::Stash(_)) => Err(Error::Invalid("stash pages do not migrate")),
+        }
+    }
+
+    /// Phase 3a, commit: pages whose `dst` is 0 (declined) stop migrating; destinations are
+    /// checked (a device destination must be a frame of a known pagemap; a system destination
+    /// must be the page's own address, and only for device sources; a compound destination
+    /// needs a compound source).
+    pub fn pages(&mut self) {
+        for i in 0..self.src.len() {
+            if self.src[i] & MIGRATE_PFN_MIGRATE == 0 {
+                continue;
+            }
+            let ok = match migrate_pfn_target(self.dst[i]) {
+                None => false,
+                Some(PageTarget::Device { pagemap, .. }) => {
+                    // A compound source needs a compound destination (the driver splits the
+                    // source first if it cannot get one), and vice versa.
+                    (self.dst[i] & MIGRATE_PFN_COMPOUND != 0) == (self.src[i] & MIGRATE_PFN_COMPOUND != 0)
+                        && self.st().pagemaps[pagemap.0 as usize].is_some()
+                }
+                Some(PageTarget::System(v)) => {
+                    v == self.addr(i).page() && matches!(migrate_pfn_target(self.src[i]), Some(PageTarget::Device { .. }))
+                }
+                Some(PageTarget::Stash(_)) => false,
+            };
+            if !ok {
+                self.src[i] &= !MIGRATE_PFN_MIGRATE;
+            }
+        }
+    }
+
+    /// Registers `pm` with the address space so that its frames can be named by page entries
+    /// (drivers call this before setting device destinations).
+    pub fn use_pagemap(&mut self, pm: &Arc<Pagemap>) {
+        let core = self.core;
+        let st = self.st.as_mut().expect("state held until finalize");
+        core.add_pagemap(st, pm);
+    }
+
+    /// Phase 3b: restore or complete every page and release the address space.
+    pub fn finalize(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let Some(mut st) = self.st.take() else { return };
+        let core = self.core;
+        let n = self.src.len();
+        let mut zap = vec![false; n];
+        let mut unprotect = vec![false; n];
+        let mut i = 0;
+        while i < n {
+            let w = self.src[i];
+            let a = self.addr(i);
+            let compound = w & MIGRATE_PFN_COMPOUND != 0;
+            let span = if compound { PAGES_PER_LARGE } else { 1 };
+            if w & MIGRATE_PFN_MIGRATE == 0 {
+                for k in 0..span {
+                    unprotect[i + k] = self.protected[i + k];
+                }
+                i += span;
+                continue;
+            }
+            let dst = migrate_pfn_target(self.dst[i]).expect("pages() kept only valid destinations");
+            let src = migrate_pfn_target(w);
+            match dst {
+                PageTarget::Device { pagemap, frame } => {
+                    let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
+                    let pm = st.pagemap(pagemap);
+                    for k in 0..span {
+                        let ak = a.add(k * PAGE_SIZE);
+                        let f = FrameIdx(frame.0 + k as u32);
+                        st.set_pte(ak, Pte::device(pagemap, f, dcompound));
+                        pm.set_rmap(f, core.id, ak.page().0);
+                        zap[i + k] = self.protected[i + k];
+                    }
+                    if let Some(PageTarget::Device { pagemap: sp, frame: sf }) = src {
+                        st.pagemap(sp).free(sf, compound);
+                    } else {
+                        core.counters.pages_to_device.fetch_add(span as u64, Ordering::Relaxed);
+                    }
+                }
+                PageTarget::System(_) => {
+                    let Some(PageTarget::Device { pagemap, frame }) = src else {
+                        unreachable!("pages() allows system destinations for device sources only")
+                    };
+                    let r = VaRange { start: a, end: a.add(span * PAGE_SIZE) };
+                    if core.restore_from_frame(&mut st, r, frame, pagemap, compound).is_ok() {
+                        core.counters.pages_to_system.fetch_add(span as u64, Ordering::Relaxed);
+                    }
+                }
+                PageTarget::Stash(_) => unreachable!("pages() rejects stash destinations"),
+            }
+            i += span;
+        }
+        for (s, e) in runs(&zap) {
+            let r = VaRange { start: self.start.add(s * PAGE_SIZE), end: self.start.add(e * PAGE_SIZE) };
+            // Dropping the pages also drops their write protection; a writer blocked on it
+            // faults again, now on a missing page, and gets the data back from the device.
+            let _ = core.mm.zap(r);
+            core.mm.wake(r, self.mode);
+        }
+        if self.writable {
+            for (s, e) in runs(&unprotect) {
+                let r = VaRange { start: self.start.add(s * PAGE_SIZE), end: self.start.add(e * PAGE_SIZE) };
+                let _ = core.mm.write_protect(r, false, self.mode);
+            }
+        }
+        drop(st);
+    }
+}
+
+impl Drop for MigrateVma<'_> {
+    fn drop(&mut self) {
+        if self.st.is_some() {
+            for w in &mut self.src {
+                *w &= !MIGRATE_PFN_MIGRATE;
+            }
+            self.finish();
+        }
+    }
+}

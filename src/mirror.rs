@@ -1,0 +1,281 @@
+//! Mirroring: interval notifiers and `range_fault`, as `include/linux/mmu_notifier.h` and
+//! `mm/hmm.c` define them.
+//!
+//! A device keeps its own page table mirroring part of an address space. It fills it with
+//! [`range_fault`] and keeps it correct with an [`IntervalNotifier`], whose callback the address
+//! space runs *before* it changes the CPU view of an overlapping range (unmap, protection change,
+//! migration, exclusive access, ...). The retry protocol is the kernel's (hmm.rst):
+//!
+//! 1. `seq = notifier.read_begin()` (waits for an invalidation in progress to end);
+//! 2. `range_fault(&mut range)`; on [`Error::Busy`] go back to 1;
+//! 3. take the device's page-table lock; if `notifier.read_retry(seq)`, drop it and go to 1;
+//! 4. program the device page table, still holding the lock.
+//!
+//! The callback must call [`IntervalNotifier::set_seq`] under the same device lock and drop the
+//! device's entries for the range before it returns. Because callbacks run under the address
+//! space's state lock, `read_begin` only has to take and release that lock to wait out an
+//! invalidation in progress; it must therefore not be called with the device lock held (lock
+//! order: space state, then device).
+//!
+//! # `hmm_pfns` words
+//!
+//! | bits | meaning |
+//! |---|---|
+//! | 63 | `VALID` (input: `REQ_FAULT`) |
+//! | 62 | `WRITE` (input: `REQ_WRITE`) |
+//! | 61 | `ERROR`: no mapping or no read permission, fault not requested |
+//! | 53-57 | order: 9 for a page of a 2 MiB unit, else 0 |
+//! | 0-52 | the page: a [`PageTarget`] (system page or device frame) |
+//!
+//! A word of 0 means "not present, can be faulted".
+
+use crate::addr::{FrameIdx, VaRange, VirtAddr, Vpn, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::pool::{MemoryKind, Owner, PagemapId};
+use crate::space::{PageState, SpaceCore};
+use crate::sync::{Arc, AtomicU64, Ordering, Weak};
+
+/// `HMM_PFN_VALID` / `HMM_PFN_REQ_FAULT`.
+pub const HMM_PFN_VALID: u64 = 1 << 63;
+/// `HMM_PFN_WRITE` / `HMM_PFN_REQ_WRITE`.
+pub const HMM_PFN_WRITE: u64 = 1 << 62;
+/// `HMM_PFN_ERROR`.
+pub const HMM_PFN_ERROR: u64 = 1 << 61;
+/// `HMM_PFN_REQ_FAULT`.
+pub const HMM_PFN_REQ_FAULT: u64 = HMM_PFN_VALID;
+/// `HMM_PFN_REQ_WRITE`.
+pub const HMM_PFN_REQ_WRITE: u64 = HMM_PFN_WRITE;
+const ORDER_SHIFT: u32 = 53;
+const TARGET_MASK: u64 = (1 << ORDER_SHIFT) - 1;
+const FLAGS_MASK: u64 = !TARGET_MASK;
+
+/// What a pfn word points at: hetmem's "physical frame".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageTarget {
+    /// A page of system memory: the CPU view's page (present).
+    System(Vpn),
+    /// A frame of a device pagemap.
+    Device {
+        /// The pagemap.
+        pagemap: PagemapId,
+        /// The frame.
+        frame: FrameIdx,
+    },
+    /// A frame of an address space's stash (device-exclusive pages).
+    Stash(FrameIdx),
+}
+
+impl PageTarget {
+    /// Encodes into the low 53 bits of a pfn word (kind in bits 50-52).
+    pub fn encode(self) -> u64 {
+        match self {
+            PageTarget::System(v) => v.0 as u64 & ((1 << 50) - 1),
+            PageTarget::Device { pagemap, frame } => {
+                (1 << 50) | (pagemap.0 as u64) << 32 | frame.0 as u64
+            }
+            PageTarget::Stash(f) => (2 << 50) | f.0 as u64,
+        }
+    }
+    /// Decodes the low 53 bits of a pfn word.
+    pub fn decode(w: u64) -> PageTarget {
+        let w = w & TARGET_MASK;
+        match w >> 50 {
+            0 => PageTarget::System(Vpn((w & ((1 << 50) - 1)) as usize)),
+            1 => PageTarget::Device { pagemap: PagemapId((w >> 32) as u8), frame: FrameIdx(w as u32) },
+            _ => PageTarget::Stash(FrameIdx(w as u32)),
+        }
+    }
+}
+
+/// The order field of a pfn word.
+pub fn hmm_pfn_order(w: u64) -> u32 {
+    ((w >> ORDER_SHIFT) & 0x1f) as u32
+}
+
+/// What is changing (`enum mmu_notifier_event`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NotifyEvent {
+    /// The range is unmapped.
+    Unmap,
+    /// Pages are cleared (revocation of exclusive access, discard).
+    Clear,
+    /// The mapping's protection changes.
+    ProtectionVma,
+    /// One page's protection changes.
+    ProtectionPage,
+    /// Soft-dirty tracking.
+    SoftDirty,
+    /// The address space is going away.
+    Release,
+    /// Pages migrate; `owner` is the initiating device, if any.
+    Migrate,
+    /// Device-exclusive access is granted to `owner`.
+    Exclusive,
+}
+
+/// One invalidation (`struct mmu_notifier_range`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifyRange {
+    /// First byte.
+    pub start: VirtAddr,
+    /// One past the last byte.
+    pub end: VirtAddr,
+    /// Why.
+    pub event: NotifyEvent,
+    /// The device that initiated it (Migrate, Exclusive), if any.
+    pub owner: Option<Owner>,
+}
+
+/// A notifier callback (`struct mmu_interval_notifier_ops`).
+pub trait IntervalOps: Send + Sync {
+    /// Called before the CPU view of `range` changes. Must call `n.set_seq(cur_seq)` under the
+    /// device's page-table lock and drop the device's entries for the range before returning.
+    /// Returns true (hetmem's callbacks are always blockable).
+    fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool;
+}
+
+/// An interval notifier (`struct mmu_interval_notifier`).
+pub struct IntervalNotifier {
+    space: Weak<SpaceCore>,
+    range: VaRange,
+    seq: AtomicU64,
+    ops: Weak<dyn IntervalOps>,
+}
+
+impl std::fmt::Debug for IntervalNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntervalNotifier").field("range", &self.range).field("seq", &self.seq).finish()
+    }
+}
+
+impl IntervalNotifier {
+    pub(crate) fn new(space: Weak<SpaceCore>, range: VaRange, ops: Weak<dyn IntervalOps>) -> Self {
+        IntervalNotifier { space, range, seq: AtomicU64::new(0), ops }
+    }
+    /// The range watched.
+    pub fn range(&self) -> VaRange {
+        self.range
+    }
+    pub(crate) fn ops(&self) -> Option<Arc<dyn IntervalOps>> {
+        self.ops.upgrade()
+    }
+    pub(crate) fn space(&self) -> Option<Arc<SpaceCore>> {
+        self.space.upgrade()
+    }
+    /// `mmu_interval_read_begin`: waits for an invalidation in progress to end and returns the
+    /// sequence to pass to `range_fault` and `read_retry`. Must not be called with the device's
+    /// page-table lock held.
+    pub fn read_begin(&self) -> u64 {
+        if let Some(s) = self.space.upgrade() {
+            drop(s.lock_state());
+        }
+        self.seq.load(Ordering::SeqCst)
+    }
+    /// `mmu_interval_read_retry`: true if an invalidation ran since `read_begin` returned `seq`.
+    /// Call under the device's page-table lock.
+    pub fn read_retry(&self, seq: u64) -> bool {
+        self.seq.load(Ordering::SeqCst) != seq
+    }
+    /// `mmu_interval_set_seq`: called by the callback under the device's page-table lock.
+    pub fn set_seq(&self, cur_seq: u64) {
+        self.seq.store(cur_seq, Ordering::SeqCst);
+    }
+}
+
+/// A range to fault (`struct hmm_range`).
+#[derive(Debug)]
+pub struct HmmRange<'a> {
+    /// The notifier whose sequence fences this walk.
+    pub notifier: &'a Arc<IntervalNotifier>,
+    /// From `read_begin`.
+    pub notifier_seq: u64,
+    /// First byte (page-aligned).
+    pub start: VirtAddr,
+    /// One past the last byte (page-aligned).
+    pub end: VirtAddr,
+    /// One word per page: input requests (with `pfn_flags_mask`), output entries.
+    pub hmm_pfns: Vec<u64>,
+    /// Requests applied to every page.
+    pub default_flags: u64,
+    /// Which bits of each input word are requests.
+    pub pfn_flags_mask: u64,
+    /// Device-private pages of this owner are reported, not faulted.
+    pub dev_private_owner: Option<Owner>,
+}
+
+/// `hmm_range_fault`: fills `range.hmm_pfns` with the current translation of each page,
+/// faulting pages in where requested.
+///
+/// Errors, each with one meaning: [`Error::NoWrite`] (EPERM) a write requested on a mapping
+/// without write permission; [`Error::NotMapped`]/[`Error::NoRead`] (EFAULT) a fault requested
+/// where there is no mapping or no read permission (without a request such pages read as
+/// `HMM_PFN_ERROR`); [`Error::Busy`] (EBUSY) the notifier's sequence changed: retry.
+pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
+    let space = range.notifier.space().ok_or(Error::Gone)?;
+    space.check_process()?;
+    let r = VaRange::new(range.start, range.end.get().saturating_sub(range.start.get()))?;
+    if range.hmm_pfns.len() != r.pages() {
+        return Err(Error::Invalid("hmm_pfns must hold one word per page"));
+    }
+    let mut st = space.lock_state();
+    if range.notifier.read_retry(range.notifier_seq) {
+        return Err(Error::Busy);
+    }
+    for i in 0..r.pages() {
+        let a = r.start.add(i * PAGE_SIZE);
+        let req = (range.hmm_pfns[i] & range.pfn_flags_mask) | range.default_flags;
+        let want_fault = req & HMM_PFN_REQ_FAULT != 0;
+        let want_write = req & HMM_PFN_REQ_WRITE != 0;
+        let Some(v) = st.vma(a) else {
+            if want_fault {
+                return Err(Error::NotMapped { addr: a });
+            }
+            range.hmm_pfns[i] = HMM_PFN_ERROR;
+            continue;
+        };
+        let (readable, writable) = (v.prot.readable(), v.prot.writable());
+        if !readable {
+            if want_fault {
+                return Err(Error::NoRead { addr: a });
+            }
+            range.hmm_pfns[i] = HMM_PFN_ERROR;
+            continue;
+        }
+        if want_write && !writable {
+            return Err(Error::NoWrite { addr: a });
+        }
+        let mut pte = v.ptes[v.idx(a)];
+        let order = |large: bool| if large { 9u64 << ORDER_SHIFT } else { 0 };
+        if pte.state() == PageState::Device {
+            let pm = st.pagemap(pte.pagemap());
+            if pm.kind() == MemoryKind::Private && Some(pm.owner()) == range.dev_private_owner {
+                range.hmm_pfns[i] = HMM_PFN_VALID
+                    | if writable { HMM_PFN_WRITE } else { 0 }
+                    | order(pte.large())
+                    | PageTarget::Device { pagemap: pte.pagemap(), frame: pte.frame() }.encode();
+                continue;
+            }
+        }
+        if pte.state() != PageState::Present {
+            if !want_fault {
+                range.hmm_pfns[i] = 0;
+                continue;
+            }
+            space.make_present(&mut st, a)?;
+            pte = st.pte(a).expect("still mapped");
+        }
+        range.hmm_pfns[i] = HMM_PFN_VALID
+            | if writable { HMM_PFN_WRITE } else { 0 }
+            | order(pte.large())
+            | PageTarget::System(a.page()).encode();
+    }
+    if range.notifier.read_retry(range.notifier_seq) {
+        return Err(Error::Busy);
+    }
+    Ok(())
+}
+
+/// Splits a pfn word into its flags and target.
+pub fn hmm_pfn_split(w: u64) -> (u64, PageTarget) {
+    (w & FLAGS_MASK, PageTarget::decode(w))
+}

@@ -1,0 +1,234 @@
+//! Frame pools: device memory (and the system "stash" that holds device-exclusive pages) as
+//! 4 KiB frames and 2 MiB large frames, with per-frame metadata.
+//!
+//! A [`Pagemap`] is hetmem's `dev_pagemap`: a pool of one memory type (device-private or
+//! device-coherent) with an owner token. Its frames live in one anonymous [`Region`] (hetmem's
+//! own memory, never a managed address), so copying into and out of a frame is a plain raw
+//! copy, and returning a frame to the CPU is one `UFFDIO_COPY` with no cross-CPU TLB flush.
+//!
+//! # Frames and large frames
+//!
+//! The pool is cut into 2 MiB blocks. A block is either whole (a free or allocated large frame)
+//! or split into 512 base frames. Base frames come from split blocks; a large allocation takes a
+//! whole free block. Freed base frames go back to the base free list (blocks are not coalesced
+//! again: a pool that has served base frames keeps them as base frames).
+//!
+//! # Per-frame metadata
+//!
+//! `rmap[frame]` is the reverse map: which address space and page the frame backs (0 = free),
+//! so that eviction and device release can find the page that owns a frame (the kernel's
+//! `migrate_device_range`). It is written under the owning address space's state lock and read
+//! by eviction before taking that lock (and re-checked under it).
+//!
+//! # Locks
+//!
+//! `PoolState` (free lists, counts) is protected by `Pagemap::state`. It is a leaf lock: nothing
+//! else is taken while holding it.
+
+use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::sync::{AtomicU64, Mutex, Ordering, lock};
+use crate::sys::{LARGE_PAGE_SIZE, Prot, Region};
+
+/// The memory type of a pagemap (`enum memory_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemoryKind {
+    /// Device-private: the CPU cannot map it; a CPU access migrates the page back.
+    Private,
+    /// Device-coherent: the CPU can map it directly.
+    Coherent,
+    /// System memory held aside by hetmem (device-exclusive pages).
+    System,
+}
+
+/// An owner token (`pgmap->owner`): identifies a device for migration selection and for
+/// range_fault's `dev_private_owner`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner(pub u64);
+
+/// A pagemap id, unique in the process; stored in page entries (8 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PagemapId(pub u8);
+
+#[derive(Debug)]
+struct PoolState {
+    /// Whole free 2 MiB blocks (block index).
+    free_large: Vec<u32>,
+    /// Free base frames (frame index).
+    free_base: Vec<u32>,
+    /// Allocated frames, in base frames.
+    used: usize,
+    /// Which blocks are allocated as one large frame.
+    large_alloc: Vec<bool>,
+}
+
+/// A pool of frames of one memory type, with an owner.
+#[derive(Debug)]
+pub struct Pagemap {
+    id: PagemapId,
+    kind: MemoryKind,
+    owner: Owner,
+    region: Region,
+    nframes: usize,
+    state: Mutex<PoolState>,
+    rmap: Vec<AtomicU64>,
+}
+
+/// Reverse-map value: address space id (16 bits) and virtual page number (48 bits).
+pub(crate) fn rmap_pack(space: u16, vpn: usize) -> u64 {
+    ((space as u64) << 48) | (vpn as u64 & ((1 << 48) - 1)) | (1 << 47)
+}
+
+/// Unpacks [`rmap_pack`]; None for a free frame.
+pub(crate) fn rmap_unpack(v: u64) -> Option<(u16, usize)> {
+    if v == 0 {
+        return None;
+    }
+    Some(((v >> 48) as u16, (v & ((1 << 47) - 1)) as usize))
+}
+
+impl Pagemap {
+    /// A pool of `capacity` bytes (rounded up to 2 MiB) of memory type `kind`.
+    pub fn new(id: PagemapId, kind: MemoryKind, owner: Owner, capacity: usize) -> Result<Pagemap> {
+        if capacity == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let blocks = capacity.div_ceil(LARGE_PAGE_SIZE);
+        let len = blocks * LARGE_PAGE_SIZE;
+        let region = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite)
+            .map_err(|e| Error::os("mmap device pool", e))?;
+        let nframes = blocks * PAGES_PER_LARGE;
+        let rmap = (0..nframes).map(|_| AtomicU64::new(0)).collect();
+        Ok(Pagemap {
+            id,
+            kind,
+            owner,
+            region,
+            nframes,
+            state: Mutex::new(PoolState {
+                free_large: (0..blocks as u32).rev().collect(),
+                free_base: Vec::new(),
+                used: 0,
+                large_alloc: vec![false; blocks],
+            }),
+            rmap,
+        })
+    }
+
+    /// The pagemap's id.
+    pub fn id(&self) -> PagemapId {
+        self.id
+    }
+    /// The memory type.
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+    /// The owner token.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+    /// The frames' backing region.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.nframes * PAGE_SIZE
+    }
+    /// Bytes allocated.
+    pub fn used(&self) -> usize {
+        lock(&self.state).used * PAGE_SIZE
+    }
+
+    /// Allocates a base frame.
+    pub fn alloc(&self) -> Result<FrameIdx> {
+        let mut st = lock(&self.state);
+        if st.free_base.is_empty() {
+            let Some(block) = st.free_large.pop() else {
+                return Err(Error::NoMemory { what: "device memory" });
+            };
+            let first = block * PAGES_PER_LARGE as u32;
+            st.free_base.extend((first..first + PAGES_PER_LARGE as u32).rev());
+        }
+        let f = st.free_base.pop().expect("refilled above");
+        st.used += 1;
+        Ok(FrameIdx(f))
+    }
+
+    /// Allocates a large frame (512 contiguous base frames, 2 MiB aligned).
+    pub fn alloc_large(&self) -> Result<FrameIdx> {
+        let mut st = lock(&self.state);
+        let Some(block) = st.free_large.pop() else {
+            return Err(Error::NoMemory { what: "device memory (large frames)" });
+        };
+        st.large_alloc[block as usize] = true;
+        st.used += PAGES_PER_LARGE;
+        Ok(FrameIdx(block * PAGES_PER_LARGE as u32))
+    }
+
+    /// Splits an allocated large frame into 512 allocated base frames (freed one by one).
+    pub fn split_large(&self, head: FrameIdx) {
+        let mut st = lock(&self.state);
+        let block = head.0 as usize / PAGES_PER_LARGE;
+        debug_assert!(st.large_alloc[block], "split of a frame that is not large");
+        st.large_alloc[block] = false;
+    }
+
+    /// Frees a frame: a base frame, or (given its head) a whole large frame. Clears its rmap.
+    pub fn free(&self, frame: FrameIdx, large: bool) {
+        let mut st = lock(&self.state);
+        if large {
+            let block = frame.0 as usize / PAGES_PER_LARGE;
+            assert!(st.large_alloc[block], "large free of a frame not allocated large");
+            st.large_alloc[block] = false;
+            st.free_large.push(block as u32);
+            st.used -= PAGES_PER_LARGE;
+            for f in frame.0 as usize..frame.0 as usize + PAGES_PER_LARGE {
+                self.rmap[f].store(0, Ordering::Release);
+            }
+        } else {
+            st.free_base.push(frame.0);
+            st.used -= 1;
+            self.rmap[frame.0 as usize].store(0, Ordering::Release);
+        }
+    }
+
+    /// Records which page a frame backs.
+    pub(crate) fn set_rmap(&self, frame: FrameIdx, space: u16, vpn: usize) {
+        self.rmap[frame.0 as usize].store(rmap_pack(space, vpn), Ordering::Release);
+    }
+
+    /// Which page a frame backs, if allocated and mapped.
+    pub(crate) fn rmap(&self, frame: FrameIdx) -> Option<(u16, usize)> {
+        rmap_unpack(self.rmap[frame.0 as usize].load(Ordering::Acquire))
+    }
+
+    /// Number of base frames.
+    pub fn nframes(&self) -> usize {
+        self.nframes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_capacity() {
+        shuttle::check_random(
+            || {
+                let p = Pagemap::new(PagemapId(1), MemoryKind::Private, Owner(1), 4 << 20).unwrap();
+                assert_eq!(p.capacity(), 4 << 20);
+                let l = p.alloc_large().unwrap();
+                let b = p.alloc().unwrap();
+                assert_eq!(p.used(), LARGE_PAGE_SIZE + PAGE_SIZE);
+                assert!(p.alloc_large().is_err(), "second block is split for base frames");
+                p.free(l, true);
+                p.free(b, false);
+                assert_eq!(p.used(), 0);
+                assert!(p.alloc_large().is_ok());
+            },
+            1,
+        );
+    }
+}

@@ -1,0 +1,1042 @@
+//! Address spaces: mappings, the per-page state machine, and the CPU fault service.
+//!
+//! A [`Space`] is hetmem's `mm_struct`: a reserved range of the process's address space in which
+//! anonymous mappings ([`Vma`]) are created with read/write/none permissions. CPU code uses plain
+//! pointers into it; hetmem keeps one 8-byte entry ([`Pte`]) per page saying where the page's
+//! data is.
+//!
+//! # Page states
+//!
+//! | state | CPU view | data is in | CPU load | CPU store | device |
+//! |---|---|---|---|---|---|
+//! | `None` | no page | nowhere (reads as zeros) | fault: zero-fill (fault-around) | same | range_fault fills it |
+//! | `Present` | page mapped | the CPU page | no fault | no fault (a write-protect fault only while a migration copies it) | mirrors it (system page) |
+//! | `Device` | no page | a frame of a device-private pagemap | fault: migrate back (`migrate_to_ram`) | same | owner: local access; others fault it back |
+//! | `Exclusive` | no page | a frame of the space's stash | fault: revoke, restore | same | owner: atomic access |
+//!
+//! Flags beside the state: `LARGE` (part of a 2 MiB unit that faults, migrates and reports
+//! order 9 as one; split by any partial operation), and short- and long-term pin counts (a
+//! pinned page is `Present` and is never migrated).
+//!
+//! # Locks, and their order
+//!
+//! 1. `SpaceCore::state` (this module): the mappings, every page entry, the notifier list and
+//!    the pagemap table. Every state change happens under it, including the CPU fault service
+//!    (from the SIGBUS handler or the handler thread) and every migration phase (a
+//!    [`crate::migrate::MigrateVma`] holds it from setup to finalize, which is how CPU accesses
+//!    to pages under migration wait, as on the kernel's migration entries).
+//! 2. A device's page-table lock (taken by its notifier callback, under 1).
+//! 3. Pool locks ([`crate::pool`]): leaves.
+//!
+//! A device never takes 1 while holding 2: it calls `range_fault` (which takes 1) first, then
+//! takes 2 and checks `read_retry`. Interval-notifier callbacks run under 1, before the CPU view
+//! changes, so a device access that copies under 2 never sees a page vanish mid-copy, and a frame
+//! is freed only after every device access to it has ended.
+//!
+//! hetmem code never touches a managed address whose page may be missing; the SIGBUS handler can
+//! therefore take lock 1 (the interrupted thread cannot be holding it).
+//!
+//! # Unsupported
+//!
+//! A direct `mprotect`, `munmap`, `mremap` or `madvise(MADV_DONTNEED/FREE)` on a managed range:
+//! userfaultfd does not report `mprotect`, and hetmem enables no unmap/remove events (an unread
+//! event would block the caller). Use [`Space::protect`] and [`Space::unmap`].
+//!
+//! # fork
+//!
+//! Managed ranges and pools are `MADV_DONTFORK`: a child process has no mapping there (an access
+//! is SIGSEGV, never zeros and never the parent's memory), and hetmem objects are inert in the
+//! child (their methods return [`Error::Forked`]).
+
+use std::collections::BTreeMap;
+
+use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE, VaRange, VirtAddr, Vpn};
+use crate::error::{Error, Result};
+use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
+use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
+use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
+use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering, Weak, lock};
+use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
+
+// ---------------------------------------------------------------------------------------------
+// Page entries
+// ---------------------------------------------------------------------------------------------
+
+/// Where a page's data is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// Never touched (or discarded): reads as zeros.
+    None,
+    /// Mapped in the CPU view.
+    Present,
+    /// In a device-private frame.
+    Device,
+    /// In the stash, with device-exclusive (atomic) access granted to a device.
+    Exclusive,
+}
+
+/// One page's entry: 8 bytes.
+///
+/// Bits: 0-1 state; 2 LARGE; 8-15 pagemap id (Device: the frame's pagemap; Exclusive: the
+/// pagemap of the device holding exclusive access, whose frame is in the space's stash); 16-23 short-term pins;
+/// 24-31 long-term pins; 32-63 frame index (Device/Exclusive).
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Pte(u64);
+
+const ST_NONE: u64 = 0;
+const ST_PRESENT: u64 = 1;
+const ST_DEVICE: u64 = 2;
+const ST_EXCL: u64 = 3;
+const F_LARGE: u64 = 1 << 2;
+
+impl Pte {
+    pub(crate) const NONE: Pte = Pte(ST_NONE);
+
+    pub(crate) fn state(self) -> PageState {
+        match self.0 & 3 {
+            ST_NONE => PageState::None,
+            ST_PRESENT => PageState::Present,
+            ST_DEVICE => PageState::Device,
+            _ => PageState::Exclusive,
+        }
+    }
+    pub(crate) fn large(self) -> bool {
+        self.0 & F_LARGE != 0
+    }
+    pub(crate) fn pagemap(self) -> PagemapId {
+        PagemapId((self.0 >> 8) as u8)
+    }
+    pub(crate) fn frame(self) -> FrameIdx {
+        FrameIdx((self.0 >> 32) as u32)
+    }
+    pub(crate) fn short_pins(self) -> u64 {
+        (self.0 >> 16) & 0xff
+    }
+    pub(crate) fn long_pins(self) -> u64 {
+        (self.0 >> 24) & 0xff
+    }
+    pub(crate) fn pinned(self) -> bool {
+        self.short_pins() + self.long_pins() > 0
+    }
+    fn pins_bits(self) -> u64 {
+        self.0 & (0xffff << 16)
+    }
+    pub(crate) fn present(large: bool, keep: Pte) -> Pte {
+        Pte(ST_PRESENT | if large { F_LARGE } else { 0 } | keep.pins_bits())
+    }
+    pub(crate) fn device(pm: PagemapId, frame: FrameIdx, large: bool) -> Pte {
+        Pte(ST_DEVICE | if large { F_LARGE } else { 0 } | (pm.0 as u64) << 8 | (frame.0 as u64) << 32)
+    }
+    pub(crate) fn exclusive(pm: PagemapId, frame: FrameIdx) -> Pte {
+        Pte(ST_EXCL | (pm.0 as u64) << 8 | (frame.0 as u64) << 32)
+    }
+    pub(crate) fn without_large(self) -> Pte {
+        Pte(self.0 & !F_LARGE)
+    }
+    fn with_pin(self, long: bool, delta: i64) -> Option<Pte> {
+        let shift = if long { 24 } else { 16 };
+        let cur = ((self.0 >> shift) & 0xff) as i64;
+        let new = cur + delta;
+        if !(0..=0xff).contains(&new) {
+            return None;
+        }
+        Some(Pte((self.0 & !(0xff << shift)) | (new as u64) << shift))
+    }
+}
+
+impl std::fmt::Debug for Pte {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.state())?;
+        if self.large() {
+            write!(f, "+L")?;
+        }
+        if matches!(self.state(), PageState::Device | PageState::Exclusive) {
+            write!(f, "(pm{} f{})", self.pagemap().0, self.frame().0)?;
+        }
+        if self.pinned() {
+            write!(f, " pins {}/{}", self.short_pins(), self.long_pins())?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mappings
+// ---------------------------------------------------------------------------------------------
+
+/// Options of a new anonymous mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Permissions.
+    pub prot: Prot,
+    /// Fault-service mode (see [`FaultMode`]).
+    pub mode: FaultMode,
+    /// Use 2 MiB units where aligned (the `MADV_HUGEPAGE` analogue): first touch fills a whole
+    /// aligned 2 MiB unit, which migrates and reports as one large page.
+    pub large: bool,
+}
+
+impl Default for MapOptions {
+    fn default() -> Self {
+        MapOptions { prot: Prot::ReadWrite, mode: FaultMode::Signal, large: false }
+    }
+}
+
+/// A mapping (VMA): a range with one protection, one fault mode, and one entry per page.
+#[derive(Debug)]
+pub(crate) struct Vma {
+    pub(crate) range: VaRange,
+    pub(crate) prot: Prot,
+    pub(crate) mode: FaultMode,
+    pub(crate) large: bool,
+    pub(crate) ptes: Vec<Pte>,
+}
+
+impl Vma {
+    pub(crate) fn idx(&self, a: VirtAddr) -> usize {
+        (a.get() - self.range.start.get()) / PAGE_SIZE
+    }
+    pub(crate) fn addr(&self, i: usize) -> VirtAddr {
+        self.range.start.add(i * PAGE_SIZE)
+    }
+    /// Index range of the 2 MiB unit containing page `i`, if the unit lies wholly inside.
+    pub(crate) fn unit_of(&self, i: usize) -> Option<(usize, usize)> {
+        let a = self.addr(i).get() & !(LARGE_PAGE_SIZE - 1);
+        if a < self.range.start.get() || a + LARGE_PAGE_SIZE > self.range.end.get() {
+            return None;
+        }
+        let s = self.idx(VirtAddr(a));
+        Some((s, s + PAGES_PER_LARGE))
+    }
+}
+
+/// The state behind [`SpaceCore::state`] (lock 1 of the module doc).
+pub(crate) struct SpaceState {
+    pub(crate) vmas: BTreeMap<usize, Vma>,
+    pub(crate) notifiers: Vec<Arc<IntervalNotifier>>,
+    pub(crate) pagemaps: Vec<Option<Arc<Pagemap>>>,
+    fa_next: usize,
+    fa_window: usize,
+}
+
+impl SpaceState {
+    /// The mapping containing `a`.
+    pub(crate) fn vma(&self, a: VirtAddr) -> Option<&Vma> {
+        self.vmas.range(..=a.get()).next_back().map(|(_, v)| v).filter(|v| v.range.contains(a))
+    }
+    pub(crate) fn vma_mut(&mut self, a: VirtAddr) -> Option<&mut Vma> {
+        self.vmas.range_mut(..=a.get()).next_back().map(|(_, v)| v).filter(|v| v.range.contains(a))
+    }
+    pub(crate) fn pte(&self, a: VirtAddr) -> Option<Pte> {
+        self.vma(a).map(|v| v.ptes[v.idx(a)])
+    }
+    pub(crate) fn set_pte(&mut self, a: VirtAddr, p: Pte) {
+        let v = self.vma_mut(a).expect("set_pte on a mapped page");
+        let i = v.idx(a);
+        v.ptes[i] = p;
+    }
+    pub(crate) fn pagemap(&self, id: PagemapId) -> Arc<Pagemap> {
+        self.pagemaps[id.0 as usize].clone().expect("a page entry names a known pagemap")
+    }
+    /// Checks that `r` is covered by mappings with no hole; returns the first unmapped address.
+    pub(crate) fn check_covered(&self, r: VaRange) -> Result<()> {
+        let mut a = r.start;
+        while a < r.end {
+            let v = self.vma(a).ok_or(Error::NotMapped { addr: a })?;
+            a = v.range.end;
+        }
+        Ok(())
+    }
+}
+
+/// Counters of what the fault service and migrations did.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) cpu_faults: AtomicU64,
+    pub(crate) zero_fill_pages: AtomicU64,
+    pub(crate) pages_to_device: AtomicU64,
+    pub(crate) pages_to_system: AtomicU64,
+    pub(crate) exclusive_revoked: AtomicU64,
+}
+
+/// A snapshot of an address space's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpaceStats {
+    /// CPU faults served (first touch, fault-back, revocations).
+    pub cpu_faults: u64,
+    /// Pages zero-filled on first touch (fault-around included).
+    pub zero_fill_pages: u64,
+    /// Pages migrated to device memory.
+    pub pages_to_device: u64,
+    /// Pages migrated back to system memory (CPU faults, migrations, eviction).
+    pub pages_to_system: u64,
+    /// Device-exclusive entries revoked by CPU access.
+    pub exclusive_revoked: u64,
+}
+
+/// The shared core of an address space. Device code and the fault service reach it through
+/// [`Space`] handles and the fault registry.
+pub struct SpaceCore {
+    pub(crate) id: u16,
+    pid: i32,
+    pub(crate) mm: Box<dyn Mm>,
+    pub(crate) state: Mutex<SpaceState>,
+    pub(crate) inv_seq: AtomicU64,
+    pub(crate) counters: Counters,
+    pub(crate) zero: Region,
+    pub(crate) stash: Arc<Pagemap>,
+}
+
+impl std::fmt::Debug for SpaceCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpaceCore").field("id", &self.id).field("range", &self.mm.reservation()).finish()
+    }
+}
+
+/// Process-wide table of address spaces by id, for device eviction's reverse map. A leaf lock.
+static SPACES: std::sync::Mutex<Vec<Option<Weak<SpaceCore>>>> = std::sync::Mutex::new(Vec::new());
+
+fn alloc_space_id(core: &Arc<SpaceCore>) -> Result<u16> {
+    let _ = core;
+    let mut t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
+    for (i, s) in t.iter_mut().enumerate().skip(1) {
+        if s.as_ref().is_none_or(|w| w.strong_count() == 0) {
+            *s = None;
+            return Ok(i as u16);
+        }
+    }
+    if t.is_empty() {
+        t.push(None);
+    }
+    if t.len() >= u16::MAX as usize {
+        return Err(Error::NoMemory { what: "address-space ids" });
+    }
+    t.push(None);
+    Ok((t.len() - 1) as u16)
+}
+
+pub(crate) fn space_by_id(id: u16) -> Option<Arc<SpaceCore>> {
+    let t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
+    t.get(id as usize).and_then(|s| s.as_ref()).and_then(|w| w.upgrade())
+}
+
+/// Configuration of a new address space.
+#[derive(Clone, Debug)]
+pub struct SpaceConfig {
+    /// Bytes of address space to reserve (mappings are created inside).
+    pub size: usize,
+    /// Capacity of the stash that holds device-exclusive pages.
+    pub stash: usize,
+}
+
+impl Default for SpaceConfig {
+    fn default() -> Self {
+        SpaceConfig { size: 64 << 30, stash: 64 << 20 }
+    }
+}
+
+/// An address space (see the module doc). Cloning gives another handle to the same space.
+#[derive(Clone, Debug)]
+pub struct Space {
+    pub(crate) core: Arc<SpaceCore>,
+    _reg: Option<Arc<sys::FaultRange>>,
+}
+
+/// Which page-state residency a page has, for introspection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residency {
+    /// Not mapped.
+    Unmapped,
+    /// Mapped, never touched (reads as zeros).
+    Untouched,
+    /// In system memory.
+    System,
+    /// In device memory of the device with this owner.
+    Device(Owner),
+    /// Held for device-exclusive access by the device with this owner.
+    Exclusive(Owner),
+}
+
+impl Space {
+    /// Reserves a new address space with the default configuration (64 GiB of address space,
+    /// nothing committed), served by the real kernel (userfaultfd).
+    pub fn new() -> Result<Space> {
+        Self::with_config(SpaceConfig::default())
+    }
+
+    /// Reserves a new address space served by the real kernel.
+    pub fn with_config(cfg: SpaceConfig) -> Result<Space> {
+        let mm = KernelMm::new(round_up(cfg.size)?).map_err(|e| Error::os("reserve address space", e))?;
+        let core = Self::make_core(Box::new(mm), cfg.stash)?;
+        let r = core.mm.reservation();
+        let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
+        let reg = sys::register_fault_range(r.start.get(), r.end.get(), target)
+            .map_err(|e| Error::os("register fault range", e))?;
+        Ok(Space { core, _reg: Some(Arc::new(reg)) })
+    }
+
+    /// An address space over the in-memory model of the kernel ([`ModelMm`]): CPU accesses go
+    /// through [`Space::cpu_read`]/[`Space::cpu_write`] and fault into the core directly. Used
+    /// for schedule exploration and model-based tests.
+    pub fn new_model(size: usize) -> Result<Space> {
+        let core = Self::make_core(Box::new(ModelMm::new(round_up(size)?)), 8 << 20)?;
+        Ok(Space { core, _reg: None })
+    }
+
+    fn make_core(mm: Box<dyn Mm>, stash: usize) -> Result<Arc<SpaceCore>> {
+        let zero = Region::new(LARGE_PAGE_SIZE, PAGE_SIZE, Prot::Read).map_err(|e| Error::os("mmap zero page", e))?;
+        let stash = Arc::new(Pagemap::new(PagemapId(0), MemoryKind::System, Owner(0), stash.max(LARGE_PAGE_SIZE))?);
+        let mut pagemaps = vec![None; 256];
+        pagemaps[0] = Some(stash.clone());
+        let core = Arc::new(SpaceCore {
+            id: 0,
+            pid: sys::getpid(),
+            mm,
+            state: Mutex::new(SpaceState {
+                vmas: BTreeMap::new(),
+                notifiers: Vec::new(),
+                pagemaps,
+                fa_next: 0,
+                fa_window: 0,
+            }),
+            inv_seq: AtomicU64::new(0),
+            counters: Counters::default(),
+            zero,
+            stash,
+        });
+        let id = alloc_space_id(&core)?;
+        // The id is only read through `space_by_id` and `rmap` entries written later; set it
+        // before the core is shared.
+        let mut core = core;
+        Arc::get_mut(&mut core).expect("core not shared yet").id = id;
+        SPACES.lock().unwrap_or_else(|p| p.into_inner())[id as usize] = Some(Arc::downgrade(&core));
+        Ok(core)
+    }
+
+    /// The reserved range.
+    pub fn range(&self) -> VaRange {
+        self.core.mm.reservation()
+    }
+
+    /// Whether kernel-mode accesses to missing pages fail with EFAULT in every fault mode (the
+    /// userfaultfd is user-mode-only, as for unprivileged users by default).
+    pub fn user_mode_only(&self) -> bool {
+        self.core.mm.user_mode_only()
+    }
+
+    pub(crate) fn check_owner_process(&self) -> Result<()> {
+        self.core.check_process()
+    }
+
+    /// Creates an anonymous mapping of `len` bytes with protection `prot`, anywhere in the space.
+    pub fn map_anon(&self, len: usize, prot: Prot) -> Result<VirtAddr> {
+        self.map_anon_with(len, MapOptions { prot, ..MapOptions::default() })
+    }
+
+    /// Creates an anonymous mapping with options, anywhere in the space (2 MiB aligned when
+    /// `opts.large`).
+    pub fn map_anon_with(&self, len: usize, opts: MapOptions) -> Result<VirtAddr> {
+        self.check_owner_process()?;
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        if len % PAGE_SIZE != 0 {
+            return Err(Error::UnalignedLength { len });
+        }
+        let mut st = lock(&self.core.state);
+        let res = self.core.mm.reservation();
+        let align = if opts.large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
+        // First fit, leaving a one-page guard gap after each mapping so that mappings never merge
+        // and an overrun faults.
+        let mut cand = res.start.get();
+        for v in st.vmas.values() {
+            let c = (cand + align - 1) & !(align - 1);
+            if c + len <= v.range.start.get() {
+                break;
+            }
+            cand = v.range.end.get() + PAGE_SIZE;
+        }
+        let start = (cand + align - 1) & !(align - 1);
+        let r = VaRange::new(VirtAddr(start), len)?;
+        if r.end > res.end {
+            return Err(Error::NoMemory { what: "the address space's reservation" });
+        }
+        self.core.map_locked(&mut st, r, opts)?;
+        Ok(r.start)
+    }
+
+    /// Creates an anonymous mapping at a fixed, free address.
+    pub fn map_anon_at(&self, addr: VirtAddr, len: usize, opts: MapOptions) -> Result<()> {
+        self.check_owner_process()?;
+        let r = VaRange::new(addr, len)?;
+        let res = self.core.mm.reservation();
+        if r.start < res.start || r.end > res.end {
+            return Err(Error::OutOfSpace { addr, len });
+        }
+        let mut st = lock(&self.core.state);
+        if st.vmas.values().any(|v| v.range.overlaps(&r)) {
+            return Err(Error::Overlap { addr });
+        }
+        self.core.map_locked(&mut st, r, opts)
+    }
+
+    /// Changes the protection of `[addr, addr+len)`, which must be mapped with no hole
+    /// (all-or-nothing). Device mappings of the range are invalidated (PROTECTION_VMA).
+    pub fn protect(&self, addr: VirtAddr, len: usize, prot: Prot) -> Result<()> {
+        self.check_owner_process()?;
+        let r = VaRange::new(addr, len)?;
+        let mut st = lock(&self.core.state);
+        st.check_covered(r)?;
+        self.core.invalidate(&st, r, NotifyEvent::ProtectionVma, None);
+        self.core.split_at(&mut st, r.start);
+        self.core.split_at(&mut st, r.end);
+        self.core.mm.protect(r, prot).map_err(|e| Error::os("mprotect", e))?;
+        for v in st.vmas.values_mut() {
+            if r.overlaps(&v.range) {
+                v.prot = prot;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `[addr, addr+len)` for 2 MiB units (the `MADV_HUGEPAGE` analogue); the range must
+    /// be mapped.
+    pub fn advise_large(&self, addr: VirtAddr, len: usize) -> Result<()> {
+        self.check_owner_process()?;
+        let r = VaRange::new(addr, len)?;
+        let mut st = lock(&self.core.state);
+        st.check_covered(r)?;
+        self.core.split_at(&mut st, r.start);
+        self.core.split_at(&mut st, r.end);
+        for v in st.vmas.values_mut() {
+            if r.overlaps(&v.range) {
+                v.large = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps `[addr, addr+len)` (holes allowed, as munmap): device mappings are invalidated
+    /// (UNMAP), device and stash frames freed, the pages dropped. Later CPU accesses get SIGSEGV.
+    pub fn unmap(&self, addr: VirtAddr, len: usize) -> Result<()> {
+        self.check_owner_process()?;
+        let r = VaRange::new(addr, len)?;
+        let res = self.core.mm.reservation();
+        if r.start < res.start || r.end > res.end {
+            return Err(Error::OutOfSpace { addr, len });
+        }
+        let mut st = lock(&self.core.state);
+        self.core.invalidate(&st, r, NotifyEvent::Unmap, None);
+        self.core.split_at(&mut st, r.start);
+        self.core.split_at(&mut st, r.end);
+        let keys: Vec<usize> =
+            st.vmas.values().filter(|v| r.overlaps(&v.range)).map(|v| v.range.start.get()).collect();
+        for k in keys {
+            let v = st.vmas.remove(&k).expect("key just listed");
+            self.core.free_frames(&st, &v.ptes);
+            self.core.mm.unmap(v.range).map_err(|e| Error::os("unmap", e))?;
+        }
+        Ok(())
+    }
+
+    /// The end of the mapping containing `a` and whether it is readable.
+    pub(crate) fn vma_info(&self, a: VirtAddr) -> Option<(VirtAddr, bool)> {
+        let st = lock(&self.core.state);
+        st.vma(a).map(|v| (v.range.end, v.prot.readable()))
+    }
+
+    /// Where the page containing `addr` lives.
+    pub fn residency(&self, addr: VirtAddr) -> Residency {
+        let st = lock(&self.core.state);
+        match st.pte(addr.page_down()) {
+            None => Residency::Unmapped,
+            Some(p) => match p.state() {
+                PageState::None => Residency::Untouched,
+                PageState::Present => Residency::System,
+                PageState::Device => Residency::Device(st.pagemap(p.pagemap()).owner()),
+                PageState::Exclusive => Residency::Exclusive(st.pagemap(p.pagemap()).owner()),
+            },
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> SpaceStats {
+        let c = &self.core.counters;
+        SpaceStats {
+            cpu_faults: c.cpu_faults.load(Ordering::Relaxed),
+            zero_fill_pages: c.zero_fill_pages.load(Ordering::Relaxed),
+            pages_to_device: c.pages_to_device.load(Ordering::Relaxed),
+            pages_to_system: c.pages_to_system.load(Ordering::Relaxed),
+            exclusive_revoked: c.exclusive_revoked.load(Ordering::Relaxed),
+        }
+    }
+
+    /// hetmem's own per-page state for a system-resident page, in bytes.
+    pub const fn metadata_bytes_per_page() -> usize {
+        std::mem::size_of::<Pte>()
+    }
+
+    // --- user CPU accesses -----------------------------------------------------------------
+
+    fn check_cpu(&self, addr: VirtAddr, len: usize, write: bool) -> Result<()> {
+        self.check_owner_process()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = addr.checked_add(len).ok_or(Error::Overflow { addr, len })?;
+        let st = lock(&self.core.state);
+        let mut a = addr;
+        while a < end {
+            let v = st.vma(a).ok_or(Error::NotMapped { addr: a })?;
+            if !v.prot.readable() {
+                return Err(Error::NoRead { addr: a });
+            }
+            if write && !v.prot.writable() {
+                return Err(Error::NoWrite { addr: a });
+            }
+            a = v.range.end;
+        }
+        Ok(())
+    }
+
+    /// A CPU read of managed memory with real loads (page faults are served by hetmem like any
+    /// other CPU access). Checks the range is mapped and readable first.
+    pub fn cpu_read(&self, addr: VirtAddr, dst: &mut [u8]) -> Result<()> {
+        self.check_cpu(addr, dst.len(), false)?;
+        let core = &self.core;
+        core.mm.cpu_read(addr, dst, &|a, w| core.handle_fault(a, w));
+        Ok(())
+    }
+
+    /// A CPU write of managed memory with real stores.
+    pub fn cpu_write(&self, addr: VirtAddr, src: &[u8]) -> Result<()> {
+        self.check_cpu(addr, src.len(), true)?;
+        let core = &self.core;
+        core.mm.cpu_write(addr, src, &|a, w| core.handle_fault(a, w));
+        Ok(())
+    }
+
+    /// CPU load of a `u32` (4-byte aligned).
+    pub fn load_u32(&self, addr: VirtAddr) -> Result<u32> {
+        let mut b = [0u8; 4];
+        if addr.get() % 4 != 0 {
+            return Err(Error::Invalid("u32 access must be 4-byte aligned"));
+        }
+        self.cpu_read(addr, &mut b)?;
+        Ok(u32::from_ne_bytes(b))
+    }
+
+    /// CPU store of a `u32` (4-byte aligned).
+    pub fn store_u32(&self, addr: VirtAddr, v: u32) -> Result<()> {
+        if addr.get() % 4 != 0 {
+            return Err(Error::Invalid("u32 access must be 4-byte aligned"));
+        }
+        self.cpu_write(addr, &v.to_ne_bytes())
+    }
+
+    /// CPU atomic fetch-add on a `u64` (8-byte aligned).
+    pub fn fetch_add_u64(&self, addr: VirtAddr, v: u64) -> Result<u64> {
+        if addr.get() % 8 != 0 {
+            return Err(Error::Invalid("u64 atomic must be 8-byte aligned"));
+        }
+        self.check_cpu(addr, 8, true)?;
+        let core = &self.core;
+        Ok(core.mm.cpu_fetch_add(addr, v, &|a, w| core.handle_fault(a, w)))
+    }
+
+    /// A raw pointer to `addr` for CPU code that accesses managed memory directly (loads and
+    /// stores through it fault into hetmem as needed). Only for spaces over the real kernel.
+    pub fn as_ptr(&self, addr: VirtAddr) -> *mut u8 {
+        addr.get() as *mut u8
+    }
+
+    // --- pins --------------------------------------------------------------------------------
+
+    /// Pins the pages of `[addr, addr+len)` in system memory (the `get_user_pages` analogue):
+    /// missing pages are filled, device-private and exclusive pages brought back first; pinned
+    /// pages are not migrated until the pin is dropped. `long_term` is `FOLL_LONGTERM`.
+    pub fn pin(&self, addr: VirtAddr, len: usize, long_term: bool) -> Result<Pin> {
+        self.check_owner_process()?;
+        let r = VaRange::new(addr, len)?;
+        let mut st = lock(&self.core.state);
+        st.check_covered(r)?;
+        for p in 0..r.pages() {
+            let a = r.start.add(p * PAGE_SIZE);
+            let v = st.vma(a).expect("covered");
+            if !v.prot.readable() {
+                return Err(Error::NoRead { addr: a });
+            }
+        }
+        for p in 0..r.pages() {
+            let a = r.start.add(p * PAGE_SIZE);
+            self.core.make_present(&mut st, a)?;
+        }
+        for p in 0..r.pages() {
+            let a = r.start.add(p * PAGE_SIZE);
+            let pte = st.pte(a).expect("covered");
+            let np = pte.with_pin(long_term, 1).ok_or(Error::Busy)?;
+            st.set_pte(a, np);
+        }
+        Ok(Pin { core: self.core.clone(), range: r, long_term })
+    }
+}
+
+/// A pin on a range of pages (see [`Space::pin`]); dropping it unpins.
+#[derive(Debug)]
+pub struct Pin {
+    core: Arc<SpaceCore>,
+    range: VaRange,
+    long_term: bool,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut st = lock(&self.core.state);
+        for p in 0..self.range.pages() {
+            let a = self.range.start.add(p * PAGE_SIZE);
+            if let Some(pte) = st.pte(a) {
+                if let Some(np) = pte.with_pin(self.long_term, -1) {
+                    st.set_pte(a, np);
+                }
+            }
+        }
+    }
+}
+
+fn round_up(size: usize) -> Result<usize> {
+    if size == 0 {
+        return Err(Error::ZeroLength);
+    }
+    size.checked_next_multiple_of(LARGE_PAGE_SIZE).ok_or(Error::Invalid("address space too large"))
+}
+
+impl sys::FaultTarget for SpaceCore {
+    fn handle_fault(&self, addr: usize, write: bool) -> bool {
+        SpaceCore::handle_fault(self, VirtAddr(addr).page_down(), write)
+    }
+}
+
+impl SpaceCore {
+    pub(crate) fn check_process(&self) -> Result<()> {
+        if sys::getpid() != self.pid {
+            return Err(Error::Forked { owner: self.pid });
+        }
+        Ok(())
+    }
+
+    fn map_locked(&self, st: &mut SpaceState, r: VaRange, opts: MapOptions) -> Result<()> {
+        self.mm.map(r, opts.prot, opts.mode).map_err(|e| Error::os("map", e))?;
+        st.vmas.insert(
+            r.start.get(),
+            Vma { range: r, prot: opts.prot, mode: opts.mode, large: opts.large, ptes: vec![Pte::NONE; r.pages()] },
+        );
+        Ok(())
+    }
+
+    /// Runs the interval notifiers overlapping `r` (under lock 1), before the CPU view changes.
+    pub(crate) fn invalidate(&self, st: &SpaceState, r: VaRange, event: NotifyEvent, owner: Option<Owner>) {
+        let seq = self.inv_seq.fetch_add(1, Ordering::SeqCst) * 2 + 1;
+        let nr = NotifyRange { start: r.start, end: r.end, event, owner };
+        for n in &st.notifiers {
+            if n.range().overlaps(&r) {
+                if let Some(ops) = n.ops() {
+                    ops.invalidate(n, &nr, seq);
+                }
+            }
+        }
+    }
+
+    /// Registers an interval notifier on `[start, start+len)`.
+    pub(crate) fn insert_notifier(
+        self: &Arc<Self>,
+        start: VirtAddr,
+        len: usize,
+        ops: Weak<dyn IntervalOps>,
+    ) -> Arc<IntervalNotifier> {
+        let end = start.checked_add(len).unwrap_or(VirtAddr(usize::MAX & !(PAGE_SIZE - 1)));
+        let n = Arc::new(IntervalNotifier::new(Arc::downgrade(self), VaRange { start, end }, ops));
+        lock(&self.state).notifiers.push(n.clone());
+        n
+    }
+
+    pub(crate) fn remove_notifier(&self, n: &Arc<IntervalNotifier>) {
+        lock(&self.state).notifiers.retain(|x| !Arc::ptr_eq(x, n));
+    }
+
+    pub(crate) fn add_pagemap(&self, st: &mut SpaceState, pm: &Arc<Pagemap>) {
+        let slot = &mut st.pagemaps[pm.id().0 as usize];
+        if slot.is_none() {
+            *slot = Some(pm.clone());
+        }
+    }
+
+    /// Splits the mapping containing `a` so that a mapping starts at `a` (no-op at a boundary).
+    /// A 2 MiB unit cut by the split becomes base pages (a device large frame is split too).
+    pub(crate) fn split_at(&self, st: &mut SpaceState, a: VirtAddr) {
+        let Some(v) = st.vma(a) else { return };
+        if v.range.start == a {
+            return;
+        }
+        let i = v.idx(a);
+        if i > 0 && v.ptes[i - 1].large() {
+            self.split_unit(st, a.add(0).page_down());
+        }
+        let v = st.vma_mut(a).expect("checked above");
+        let tail = v.ptes.split_off(i);
+        let new = Vma { range: VaRange { start: a, end: v.range.end }, prot: v.prot, mode: v.mode, large: v.large, ptes: tail };
+        v.range.end = a;
+        st.vmas.insert(a.get(), new);
+    }
+
+    /// Turns the 2 MiB unit containing `a` (if it is one) into base pages.
+    pub(crate) fn split_unit(&self, st: &mut SpaceState, a: VirtAddr) {
+        let head = VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1));
+        let Some(v) = st.vma(head) else { return };
+        let i = v.idx(head);
+        if !v.ptes[i].large() {
+            return;
+        }
+        let first = v.ptes[i];
+        if first.state() == PageState::Device {
+            st.pagemap(first.pagemap()).split_large(first.frame());
+        }
+        let v = st.vma_mut(head).expect("checked");
+        for p in &mut v.ptes[i..i + PAGES_PER_LARGE] {
+            *p = p.without_large();
+        }
+    }
+
+    /// Frees the device and stash frames named by `ptes` (after invalidation).
+    fn free_frames(&self, st: &SpaceState, ptes: &[Pte]) {
+        let mut i = 0;
+        while i < ptes.len() {
+            let p = ptes[i];
+            match p.state() {
+                PageState::Device | PageState::Exclusive => {
+                    let pm = if p.state() == PageState::Exclusive { self.stash.clone() } else { st.pagemap(p.pagemap()) };
+                    if p.large() {
+                        pm.free(p.frame(), true);
+                        i += PAGES_PER_LARGE;
+                        continue;
+                    }
+                    pm.free(p.frame(), false);
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+
+    /// The CPU fault service: a load or store at page `a` faulted (missing page, or a store to a
+    /// write-protected one). Returns false if `a` is not in a mapping of this space.
+    pub(crate) fn handle_fault(&self, a: VirtAddr, write: bool) -> bool {
+        if sys::getpid() != self.pid {
+            return false;
+        }
+        let mut st = lock(&self.state);
+        let Some(pte) = st.pte(a) else { return false };
+        self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        let ok = match pte.state() {
+            PageState::None => self.fault_zero(&mut st, a).is_ok(),
+            PageState::Present => {
+                // A store hit a write-protected page after the migration that protected it
+                // declined the page (or a racing fault already served it): make sure it is
+                // writable again and let the access retry.
+                let v = st.vma(a).expect("pte found");
+                if write && v.prot.writable() {
+                    let _ = self.mm.write_protect(VaRange { start: a, end: a.add(PAGE_SIZE) }, false, v.mode);
+                }
+                true
+            }
+            PageState::Device | PageState::Exclusive => self.make_present(&mut st, a).is_ok(),
+        };
+        if let Some(v) = st.vma(a) {
+            self.mm.wake(VaRange { start: a, end: a.add(PAGE_SIZE) }, v.mode);
+        }
+        ok
+    }
+
+    /// First touch: zero-fill a run of missing pages around `a` (fault-around: 64 KiB, doubling
+    /// up to 2 MiB while faults come in sequence; a whole 2 MiB unit in a large mapping).
+    fn fault_zero(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
+        let (vs, ve, large, mode, unit) = {
+            let v = st.vma(a).expect("caller found the pte");
+            (v.range.start.get(), v.range.end.get(), v.large, v.mode, v.unit_of(v.idx(a)))
+        };
+        let win = if large && unit.is_some() {
+            LARGE_PAGE_SIZE
+        } else {
+            st.fa_window = if a.get() == st.fa_next { (st.fa_window * 2).clamp(64 << 10, LARGE_PAGE_SIZE) } else { 64 << 10 };
+            st.fa_window
+        };
+        let ws = (a.get() & !(win - 1)).max(vs);
+        let we = ((a.get() & !(win - 1)) + win).min(ve);
+        let v = st.vma(a).expect("caller found the pte");
+        let i = v.idx(a);
+        let (lo, hi) = (v.idx(VirtAddr(ws)), v.idx(VirtAddr(we)));
+        let mut s = i;
+        while s > lo && v.ptes[s - 1].state() == PageState::None {
+            s -= 1;
+        }
+        let mut e = i + 1;
+        while e < hi && v.ptes[e].state() == PageState::None {
+            e += 1;
+        }
+        let start = v.addr(s);
+        let whole_unit = large && unit == Some((s, e));
+        let mut done = 0;
+        while done < e - s {
+            let n = (e - s - done).min(PAGES_PER_LARGE);
+            let dst = start.add(done * PAGE_SIZE);
+            match self.mm.install(dst, &self.zero, 0, n * PAGE_SIZE, mode) {
+                Ok(()) | Err(sys::UffdError::Exists) => {}
+                Err(e) => return Err(Error::os("zero-fill", e.into())),
+            }
+            done += n;
+        }
+        let v = st.vma_mut(a).expect("caller found the pte");
+        for p in &mut v.ptes[s..e] {
+            *p = Pte::present(whole_unit, *p);
+        }
+        st.fa_next = start.get() + (e - s) * PAGE_SIZE;
+        self.counters.zero_fill_pages.fetch_add((e - s) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes page `a` present in system memory: zero-fills a missing page, migrates a
+    /// device-private page back (`migrate_to_ram`: the whole 2 MiB unit if it is one), revokes
+    /// device-exclusive access. Device mappings are invalidated first.
+    pub(crate) fn make_present(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
+        let pte = st.pte(a).ok_or(Error::NotMapped { addr: a })?;
+        match pte.state() {
+            PageState::Present => Ok(()),
+            PageState::None => {
+                let mode = st.vma(a).expect("pte").mode;
+                match self.mm.install(a, &self.zero, 0, PAGE_SIZE, mode) {
+                    Ok(()) | Err(sys::UffdError::Exists) => {}
+                    Err(e) => return Err(Error::os("zero-fill", e.into())),
+                }
+                st.set_pte(a, Pte::present(false, pte));
+                self.counters.zero_fill_pages.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            PageState::Device => {
+                let (start, n) = if pte.large() {
+                    (VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)), PAGES_PER_LARGE)
+                } else {
+                    (a, 1)
+                };
+                let r = VaRange { start, end: start.add(n * PAGE_SIZE) };
+                self.invalidate(st, r, NotifyEvent::Migrate, None);
+                let head = st.pte(start).expect("unit inside the mapping");
+                self.restore_from_frame(st, r, head.frame(), head.pagemap(), pte.large())?;
+                self.counters.pages_to_system.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            PageState::Exclusive => {
+                let r = VaRange { start: a, end: a.add(PAGE_SIZE) };
+                self.invalidate(st, r, NotifyEvent::Clear, None);
+                self.restore_from_frame(st, r, pte.frame(), self.stash.id(), false)?;
+                self.counters.exclusive_revoked.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies frames back into the CPU view at `r` (missing there), marks the pages present and
+    /// frees the frames. Caller invalidated device mappings of `r`.
+    pub(crate) fn restore_from_frame(
+        &self,
+        st: &mut SpaceState,
+        r: VaRange,
+        head: FrameIdx,
+        pm: PagemapId,
+        large: bool,
+    ) -> Result<()> {
+        let pagemap = st.pagemap(pm);
+        let mode = st.vma(r.start).expect("mapped").mode;
+        match self.mm.install(r.start, pagemap.region(), head.offset(), r.len(), mode) {
+            Ok(()) | Err(sys::UffdError::Exists) => {}
+            Err(e) => return Err(Error::os("copy back to system memory", e.into())),
+        }
+        for p in 0..r.pages() {
+            let a = r.start.add(p * PAGE_SIZE);
+            let old = st.pte(a).expect("mapped");
+            st.set_pte(a, Pte::present(large, old));
+        }
+        if large {
+            pagemap.free(head, true);
+        } else {
+            for p in 0..r.pages() {
+                pagemap.free(FrameIdx(head.0 + p as u32), false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Device eviction of one frame (`migrate_device_range` for one page): if page `vpn` of this
+    /// space still lives in `frame` of `pm`, bring it back to system memory.
+    pub(crate) fn evict_frame(&self, pm: &Pagemap, frame: FrameIdx, vpn: usize) -> Result<()> {
+        let mut st = lock(&self.state);
+        let a = Vpn(vpn).addr();
+        let Some(pte) = st.pte(a) else { return Ok(()) };
+        if pte.state() != PageState::Device || pte.pagemap() != pm.id() || pte.frame() != frame {
+            return Ok(());
+        }
+        self.make_present(&mut st, a)
+    }
+
+    /// The pagemap with this id, if this space has pages in it.
+    pub(crate) fn pagemap_by_id(&self, id: PagemapId) -> Option<Arc<Pagemap>> {
+        lock(&self.state).pagemaps[id.0 as usize].clone()
+    }
+
+    /// Grants device-exclusive access to page `a` for the device of pagemap `pm`
+    /// (`make_device_exclusive`): the page is faulted in for writing, device mappings are
+    /// invalidated (EXCLUSIVE, owner = the device), its data moves to the stash and the CPU view
+    /// drops it, so that any CPU access faults and revokes the grant. `map` runs under the state
+    /// lock with the stash frame, so that the device maps its atomic entry before any revocation
+    /// can run. A pinned page gives [`Error::Busy`].
+    pub(crate) fn make_exclusive(
+        &self,
+        a: VirtAddr,
+        pm: &Arc<Pagemap>,
+        map: &mut dyn FnMut(VirtAddr, FrameIdx),
+    ) -> Result<()> {
+        let mut st = lock(&self.state);
+        let v = st.vma(a).ok_or(Error::NotMapped { addr: a })?;
+        if !v.prot.readable() {
+            return Err(Error::NoRead { addr: a });
+        }
+        if !v.prot.writable() {
+            return Err(Error::NoWrite { addr: a });
+        }
+        let pte = st.pte(a).expect("mapped");
+        if pte.state() == PageState::Exclusive && pte.pagemap() == pm.id() {
+            map(a, pte.frame());
+            return Ok(());
+        }
+        self.make_present(&mut st, a)?;
+        if pte.large() {
+            self.split_unit(&mut st, a);
+        }
+        let pte = st.pte(a).expect("mapped");
+        if pte.pinned() {
+            return Err(Error::Busy);
+        }
+        self.add_pagemap(&mut st, pm);
+        let r = VaRange { start: a, end: a.add(PAGE_SIZE) };
+        self.invalidate(&st, r, NotifyEvent::Exclusive, Some(pm.owner()));
+        let frame = self.stash.alloc()?;
+        self.mm.copy_to(a, self.stash.region(), frame.offset(), PAGE_SIZE);
+        self.mm.zap(r).map_err(|e| Error::os("drop page for exclusive access", e))?;
+        st.set_pte(a, Pte::exclusive(pm.id(), frame));
+        map(a, frame);
+        Ok(())
+    }
+
+    /// Locks the state (for the mirror and migrate modules).
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, SpaceState> {
+        lock(&self.state)
+    }
+}

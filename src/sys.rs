@@ -1,0 +1,903 @@
+//! The syscall layer: the only module of hetmem that contains `unsafe`.
+//!
+//! Everything above this module is safe Rust. This module wraps:
+//!
+//! * [`Region`]: an owned anonymous mapping (device pools, the CPU view's reservation), with
+//!   bounds-checked raw copies in and out. No `&[u8]` is ever formed over a region: another
+//!   agent (a CPU thread, a device thread) may change it underneath, so every access is a raw
+//!   copy (`ptr::copy_nonoverlapping`), as rust-vmm's vm-memory does for guest memory.
+//! * [`Uffd`]: a userfaultfd with the ioctls hetmem uses (API, REGISTER, COPY, ZEROPAGE,
+//!   WRITEPROTECT, WAKE, MOVE) and its message queue.
+//! * The process-wide SIGBUS handler that serves faults of SIGBUS-mode userfaultfds in the
+//!   faulting thread, and chains to the previous handler for faults that are not hetmem's.
+//! * A few process helpers for tests and benches (fork a child, wait for it).
+//!
+//! # Why the kernel-ordering details matter here
+//!
+//! A userfaultfd registered with `UFFD_FEATURE_SIGBUS` makes the kernel deliver SIGBUS to the
+//! faulting thread instead of queueing a message. The handler resolves the fault with
+//! `UFFDIO_COPY` and returns; the faulting instruction is then restarted and finds the page.
+//! The handler runs in signal context: it must not allocate, must not take a lock that the
+//! interrupted code may hold, and must preserve `errno`. hetmem's own code never touches a
+//! managed address whose page may be missing, so a managed-address SIGBUS never interrupts
+//! hetmem code that holds one of hetmem's locks; the handler may therefore block on hetmem's
+//! locks (another thread holds them and will release them).
+//!
+//! A UFFDIO_COPY into a page that is already populated fails with EEXIST: a racing fault won
+//! and the page is there, which is success for the caller. EAGAIN means the mappings are
+//! changing; hetmem enables no uffd events, so EAGAIN does not occur in its own use, but it is
+//! still reported as [`UffdError::Again`] so that a caller can retry.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::ptr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use linux_raw_sys::general as uapi;
+use rustix::ioctl::{Opcode, Updater, opcode};
+use rustix::mm::{Advice, MapFlags, MprotectFlags, ProtFlags};
+
+/// Size of a base page on the supported targets (x86-64).
+pub const PAGE_SIZE: usize = 4096;
+/// Size of a large (PMD) page.
+pub const LARGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Memory protection of a range, as `PROT_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Prot {
+    /// `PROT_NONE`: any access faults.
+    None,
+    /// `PROT_READ`.
+    Read,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
+}
+
+impl Prot {
+    /// Whether loads are allowed.
+    pub fn readable(self) -> bool {
+        !matches!(self, Prot::None)
+    }
+    /// Whether stores are allowed.
+    pub fn writable(self) -> bool {
+        matches!(self, Prot::ReadWrite)
+    }
+    fn flags(self) -> ProtFlags {
+        match self {
+            Prot::None => ProtFlags::empty(),
+            Prot::Read => ProtFlags::READ,
+            Prot::ReadWrite => ProtFlags::READ | ProtFlags::WRITE,
+        }
+    }
+    fn mflags(self) -> MprotectFlags {
+        match self {
+            Prot::None => MprotectFlags::empty(),
+            Prot::Read => MprotectFlags::READ,
+            Prot::ReadWrite => MprotectFlags::READ | MprotectFlags::WRITE,
+        }
+    }
+}
+
+/// Checks the machine's page size once; hetmem assumes 4 KiB base pages.
+pub fn check_page_size() -> io::Result<()> {
+    if rustix::param::page_size() != PAGE_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "hetmem needs 4 KiB base pages",
+        ));
+    }
+    Ok(())
+}
+
+/// An owned anonymous private mapping.
+///
+/// # Invariants
+///
+/// `base..base + len` is a live mapping created by [`Region::new`] and owned by this value
+/// until it is dropped; `base` is aligned to the alignment asked for. The mapping is
+/// `MADV_DONTFORK`: a child process does not inherit it (hetmem is inert in a child).
+#[derive(Debug)]
+pub struct Region {
+    base: usize,
+    len: usize,
+}
+
+impl Region {
+    /// Maps `len` bytes (a multiple of the page size) aligned to `align` (a power of two, at
+    /// least a page), with protection `prot`, not inherited across fork.
+    pub fn new(len: usize, align: usize, prot: Prot) -> io::Result<Region> {
+        if len == 0 || len % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let total = len
+            .checked_add(align - PAGE_SIZE)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases no
+        // Rust object.
+        let raw = unsafe {
+            rustix::mm::mmap_anonymous(
+                ptr::null_mut(),
+                total,
+                prot.flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }?;
+        let raw = raw as usize;
+        let base = (raw + align - 1) & !(align - 1);
+        // Trim the slack on both sides so that only the aligned part stays mapped.
+        if base > raw {
+            // SAFETY: `raw..base` is part of the mapping just created and nothing refers to it.
+            unsafe { rustix::mm::munmap(raw as *mut _, base - raw) }?;
+        }
+        let tail = raw + total - (base + len);
+        if tail > 0 {
+            // SAFETY: the tail past `base + len` belongs to the fresh mapping, unused.
+            unsafe { rustix::mm::munmap((base + len) as *mut _, tail) }?;
+        }
+        let region = Region { base, len };
+        region.advise(0, len, Advice::LinuxDontFork)?;
+        Ok(region)
+    }
+
+    /// First byte of the region.
+    pub fn base(&self) -> usize {
+        self.base
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (never: regions have a non-zero length).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, off: usize, len: usize) -> io::Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+        }
+    }
+
+    fn advise(&self, off: usize, len: usize, advice: Advice) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: the range lies inside this region (checked); madvise with these advices
+        // changes no memory that Rust objects alias (the region is only ever accessed through
+        // raw copies).
+        unsafe { rustix::mm::madvise((self.base + off) as *mut _, len, advice) }?;
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes at `off` out of the region (a raw copy: the bytes may change
+    /// underneath, no reference to them is formed).
+    pub fn read(&self, off: usize, dst: &mut [u8]) -> io::Result<()> {
+        self.check(off, dst.len())?;
+        // SAFETY: source range is inside the live mapping (checked above); `dst` is a distinct
+        // Rust buffer, so the ranges do not overlap.
+        unsafe {
+            ptr::copy_nonoverlapping((self.base + off) as *const u8, dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `src` into the region at `off` (a raw copy).
+    pub fn write(&self, off: usize, src: &[u8]) -> io::Result<()> {
+        self.check(off, src.len())?;
+        // SAFETY: destination range is inside the live mapping (checked above); `src` is a
+        // distinct Rust buffer.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), (self.base + off) as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `self` at `src_off` to `dst` at `dst_off` (raw memcpy).
+    pub fn copy_to(&self, src_off: usize, dst: &Region, dst_off: usize, len: usize) -> io::Result<()> {
+        self.check(src_off, len)?;
+        dst.check(dst_off, len)?;
+        let (s, d) = (self.base + src_off, dst.base + dst_off);
+        if s < d + len && d < s + len {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: both ranges are inside live mappings (checked) and do not overlap (checked).
+        unsafe { ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, len) };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `off` with zeros.
+    pub fn zero(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: range inside the live mapping (checked).
+        unsafe { ptr::write_bytes((self.base + off) as *mut u8, 0, len) };
+        Ok(())
+    }
+
+    /// Volatile load of a `u64` at `off` (8-byte aligned).
+    pub fn load_u64(&self, off: usize) -> io::Result<u64> {
+        self.check(off, 8)?;
+        if off % 8 != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: aligned, inside the live mapping (checked).
+        Ok(unsafe { ptr::read_volatile((self.base + off) as *const u64) })
+    }
+
+    /// Atomic fetch-add of a `u64` at `off` (8-byte aligned): the device's atomic operation.
+    pub fn fetch_add_u64(&self, off: usize, v: u64) -> io::Result<u64> {
+        self.check(off, 8)?;
+        if off % 8 != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: aligned, inside the live mapping (checked); AtomicU64 has the layout of u64
+        // and every access to this word by hetmem is atomic or a raw copy.
+        let a = unsafe { &*((self.base + off) as *const std::sync::atomic::AtomicU64) };
+        Ok(a.fetch_add(v, Ordering::SeqCst))
+    }
+
+    /// Drops the pages of `off..off + len` (`MADV_DONTNEED`): on an anonymous private region the
+    /// next access faults (for a userfaultfd-registered range: a MISSING fault).
+    pub fn discard(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxDontNeed)
+    }
+
+    /// Changes the protection of `off..off + len`.
+    pub fn protect(&self, off: usize, len: usize, prot: Prot) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: the range is inside this region; its memory is only accessed by raw copies,
+        // so no Rust reference is invalidated by a protection change.
+        unsafe { rustix::mm::mprotect((self.base + off) as *mut _, len, prot.mflags()) }?;
+        Ok(())
+    }
+
+    /// Replaces `off..off + len` with a fresh anonymous mapping of protection `prot` (MAP_FIXED).
+    ///
+    /// This drops the pages *and* any userfaultfd registration of the range. Never use it on a
+    /// range that must stay registered (an access in between is silently zero-filled): hetmem
+    /// uses it only to create a mapping in a never-registered part of a reservation, and to
+    /// unmap (after which accesses must fault with SIGSEGV, as they do on PROT_NONE).
+    pub fn remap_fresh(&self, off: usize, len: usize, prot: Prot) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: MAP_FIXED over a range of this region only (checked); its memory is accessed
+        // only through raw copies, so no Rust object is invalidated.
+        unsafe {
+            rustix::mm::mmap_anonymous(
+                (self.base + off) as *mut _,
+                len,
+                prot.flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+            )
+        }?;
+        self.advise(off, len, Advice::LinuxDontFork)
+    }
+
+    /// Touches every page of `off..off + len` for writing (`MADV_POPULATE_WRITE`).
+    pub fn populate(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxPopulateWrite)
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the region owns this mapping (type invariant); nothing refers to it any more.
+        let _ = unsafe { rustix::mm::munmap(self.base as *mut _, self.len) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// userfaultfd
+// ---------------------------------------------------------------------------------------------
+
+const UFFDIO: u8 = 0xAA;
+const OP_API: Opcode = opcode::read_write::<uapi::uffdio_api>(UFFDIO, uapi::_UFFDIO_API as u8);
+const OP_REGISTER: Opcode =
+    opcode::read_write::<uapi::uffdio_register>(UFFDIO, uapi::_UFFDIO_REGISTER as u8);
+const OP_UNREGISTER: Opcode =
+    opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO_UNREGISTER as u8);
+const OP_WAKE: Opcode = opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO_WAKE as u8);
+const OP_COPY: Opcode = opcode::read_write::<uapi::uffdio_copy>(UFFDIO, uapi::_UFFDIO_COPY as u8);
+const OP_ZEROPAGE: Opcode =
+    opcode::read_write::<uapi::uffdio_zeropage>(UFFDIO, uapi::_UFFDIO_ZEROPAGE as u8);
+const OP_WRITEPROTECT: Opcode =
+    opcode::read_write::<uapi::uffdio_writeprotect>(UFFDIO, uapi::_UFFDIO_WRITEPROTECT as u8);
+const OP_MOVE: Opcode = opcode::read_write::<uapi::uffdio_move>(UFFDIO, uapi::_UFFDIO_MOVE as u8);
+
+/// How a userfaultfd delivers faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdDelivery {
+    /// `UFFD_FEATURE_SIGBUS`: the faulting thread gets SIGBUS and serves the fault itself.
+    Signal,
+    /// Faults are queued as messages and served by a handler thread.
+    Thread,
+}
+
+/// Errors of the resolving ioctls, each with one meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdError {
+    /// EEXIST: the destination is already populated (a racing fault won).
+    Exists,
+    /// EAGAIN: the mappings are changing; retry after draining events.
+    Again,
+    /// EBUSY (MOVE): a pinned or shared source page.
+    Busy,
+    /// Any other errno.
+    Os(i32),
+}
+
+impl From<UffdError> for io::Error {
+    fn from(e: UffdError) -> io::Error {
+        io::Error::from_raw_os_error(match e {
+            UffdError::Exists => libc::EEXIST,
+            UffdError::Again => libc::EAGAIN,
+            UffdError::Busy => libc::EBUSY,
+            UffdError::Os(n) => n,
+        })
+    }
+}
+
+fn uffd_err(e: rustix::io::Errno) -> UffdError {
+    match e {
+        rustix::io::Errno::EXIST => UffdError::Exists,
+        rustix::io::Errno::AGAIN => UffdError::Again,
+        rustix::io::Errno::BUSY => UffdError::Busy,
+        other => UffdError::Os(other.raw_os_error()),
+    }
+}
+
+/// A fault read from a thread-mode userfaultfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UffdFault {
+    /// Faulting address (page-aligned by the kernel unless EXACT_ADDRESS).
+    pub addr: usize,
+    /// The access was a write.
+    pub write: bool,
+    /// The fault is a write-protect fault.
+    pub wp: bool,
+}
+
+/// A userfaultfd.
+///
+/// # Invariants
+///
+/// `fd` is a userfaultfd on which the UFFDIO_API handshake has completed with `features`.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    features: u64,
+    user_mode_only: bool,
+    delivery: UffdDelivery,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd delivering faults as `delivery` says.
+    ///
+    /// A plain userfaultfd is tried first (it also serves kernel-mode accesses, e.g. a `read(2)`
+    /// into a managed buffer, in thread mode); where the system refuses it to this user
+    /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
+    /// `HETMEM_UFFD_USER_MODE_ONLY=1` forces the latter (tests use it to check that path as root).
+    pub fn open(delivery: UffdDelivery) -> io::Result<Uffd> {
+        let force_umo = std::env::var_os("HETMEM_UFFD_USER_MODE_ONLY").is_some_and(|v| v == "1");
+        let base = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
+        let umo = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
+        let (fd, user_mode_only) = if force_umo {
+            // SAFETY: the fd is only used through this module's ioctls on hetmem's own regions.
+            (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
+        } else {
+            // SAFETY: as above.
+            match unsafe { rustix::mm::userfaultfd(base) } {
+                Ok(fd) => (fd, false),
+                Err(rustix::io::Errno::PERM) => {
+                    // SAFETY: as above.
+                    (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut want = (uapi::UFFD_FEATURE_MOVE | uapi::UFFD_FEATURE_THREAD_ID) as u64;
+        if delivery == UffdDelivery::Signal {
+            want |= uapi::UFFD_FEATURE_SIGBUS as u64;
+        }
+        let mut api = uapi::uffdio_api { api: uapi::UFFD_API as u64, features: want, ioctls: 0 };
+        // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is.
+        unsafe { rustix::ioctl::ioctl(&fd, Updater::<OP_API, _>::new(&mut api)) }?;
+        Ok(Uffd { fd, features: api.features, user_mode_only, delivery })
+    }
+
+    /// Whether this fd was opened with `UFFD_USER_MODE_ONLY` (kernel-mode accesses to missing
+    /// pages then fail with EFAULT instead of being served).
+    pub fn user_mode_only(&self) -> bool {
+        self.user_mode_only
+    }
+
+    /// How faults are delivered.
+    pub fn delivery(&self) -> UffdDelivery {
+        self.delivery
+    }
+
+    /// Whether UFFDIO_MOVE is available.
+    pub fn has_move(&self) -> bool {
+        self.features & uapi::UFFD_FEATURE_MOVE as u64 != 0
+    }
+
+    /// Raw fd number (for the SIGBUS handler's table).
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Registers `region[off..off+len]` for MISSING (and WP if `wp`) faults.
+    pub fn register(&self, region: &Region, off: usize, len: usize, wp: bool) -> io::Result<()> {
+        region.check(off, len)?;
+        let mut mode = uapi::UFFDIO_REGISTER_MODE_MISSING as u64;
+        if wp {
+            mode |= uapi::UFFDIO_REGISTER_MODE_WP as u64;
+        }
+        let mut reg = uapi::uffdio_register {
+            range: uapi::uffdio_range { start: (region.base + off) as u64, len: len as u64 },
+            mode,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; the range is inside a region
+        // hetmem owns (checked), so registration affects no memory other code relies on.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_REGISTER, _>::new(&mut reg)) }?;
+        Ok(())
+    }
+
+    /// Unregisters `region[off..off+len]`.
+    pub fn unregister(&self, region: &Region, off: usize, len: usize) -> io::Result<()> {
+        region.check(off, len)?;
+        let mut r = uapi::uffdio_range { start: (region.base + off) as u64, len: len as u64 };
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_UNREGISTER, _>::new(&mut r)) }?;
+        Ok(())
+    }
+
+    /// `UFFDIO_COPY`: fills the missing pages at `dst..dst+len` (registered with this fd) with
+    /// `src[src_off..src_off+len]`, waking any thread waiting on them.
+    pub fn copy(&self, dst: usize, src: &Region, src_off: usize, len: usize) -> Result<(), UffdError> {
+        src.check(src_off, len).map_err(|_| UffdError::Os(libc::EFAULT))?;
+        let mut c = uapi::uffdio_copy {
+            dst: dst as u64,
+            src: (src.base + src_off) as u64,
+            len: len as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`. The kernel writes only into
+        // userfaultfd-registered ranges (hetmem's reservations), never into Rust objects, and
+        // reads `src` from a live region (checked).
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) }
+            .map_err(uffd_err)
+    }
+
+    /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of `dst..dst+len`.
+    pub fn zeropage(&self, dst: usize, len: usize) -> Result<(), UffdError> {
+        let mut z = uapi::uffdio_zeropage {
+            range: uapi::uffdio_range { start: dst as u64, len: len as u64 },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage` and only maps pages into
+        // registered ranges.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) }
+            .map_err(uffd_err)
+    }
+
+    /// `UFFDIO_WRITEPROTECT`: sets (`on`) or clears the write-protect bit of the present pages
+    /// in `addr..addr+len`; clearing wakes writers waiting there.
+    pub fn write_protect(&self, addr: usize, len: usize, on: bool) -> Result<(), UffdError> {
+        let mut w = uapi::uffdio_writeprotect {
+            range: uapi::uffdio_range { start: addr as u64, len: len as u64 },
+            mode: if on { 1 } else { 0 },
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`; it changes PTE
+        // permissions only.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WRITEPROTECT, _>::new(&mut w)) }
+            .map_err(uffd_err)
+    }
+
+    /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
+    pub fn wake(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        let mut r = uapi::uffdio_range { start: addr as u64, len: len as u64 };
+        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WAKE, _>::new(&mut r)) }
+            .map_err(uffd_err)
+    }
+
+    /// `UFFDIO_MOVE` of `len` bytes from `src` to `dst` (both registered with this fd).
+    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<(), UffdError> {
+        let mut m = uapi::uffdio_move {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode: 0,
+            move_: 0,
+        };
+        // SAFETY: UFFDIO_MOVE takes a `struct uffdio_move`; it moves page frames between
+        // registered ranges of hetmem's own regions.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_MOVE, _>::new(&mut m)) }
+            .map_err(uffd_err)
+    }
+
+    /// Reads one pending message, if any (the fd is non-blocking).
+    pub fn read_fault(&self) -> io::Result<Option<UffdFault>> {
+        let mut msg = std::mem::MaybeUninit::<uapi::uffd_msg>::zeroed();
+        // SAFETY: reads at most one `uffd_msg` into a buffer of that size.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msg.as_mut_ptr().cast(),
+                std::mem::size_of::<uapi::uffd_msg>(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EAGAIN) { Ok(None) } else { Err(e) };
+        }
+        if n as usize != std::mem::size_of::<uapi::uffd_msg>() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        // SAFETY: the kernel wrote a complete message (checked size); zero-init covers padding.
+        let msg = unsafe { msg.assume_init() };
+        if msg.event as u32 != uapi::UFFD_EVENT_PAGEFAULT {
+            return Ok(None);
+        }
+        // SAFETY: `pagefault` is the active union member for UFFD_EVENT_PAGEFAULT.
+        let pf = unsafe { msg.arg.pagefault };
+        Ok(Some(UffdFault {
+            addr: pf.address as usize,
+            write: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WRITE as u64 != 0,
+            wp: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WP as u64 != 0,
+        }))
+    }
+
+    /// Waits until the fd is readable or `stop` is readable; returns false when `stop` fired.
+    pub fn wait(&self, stop: &OwnedFd) -> io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        loop {
+            let mut fds = [
+                PollFd::new(&self.fd, PollFlags::IN),
+                PollFd::new(stop, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {
+                    if !fds[1].revents().is_empty() {
+                        return Ok(false);
+                    }
+                    return Ok(true);
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Borrow of the fd.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// An eventfd used to stop a handler thread.
+pub fn stop_fd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?)
+}
+
+/// Signals an eventfd made by [`stop_fd`].
+pub fn signal_stop(fd: &OwnedFd) -> io::Result<()> {
+    rustix::io::write(fd, &1u64.to_ne_bytes())?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SIGBUS handler
+// ---------------------------------------------------------------------------------------------
+
+/// Something that serves faults in a range of addresses (an address space).
+///
+/// [`FaultTarget::handle_fault`] runs in signal context for SIGBUS-mode ranges: no allocation,
+/// no panic, no lock the interrupted thread may hold. It returns true when it resolved the fault
+/// (the access is retried) and false when the address is not its (the SIGBUS handler then chains
+/// to the previous handler).
+pub trait FaultTarget: Send + Sync {
+    /// Serves a fault at `addr` (`write`: the access was a store).
+    fn handle_fault(&self, addr: usize, write: bool) -> bool;
+}
+
+struct Slot {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    target: AtomicPtr<Arc<dyn FaultTarget>>,
+    users: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_SLOT: Slot = Slot {
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    target: AtomicPtr::new(ptr::null_mut()),
+    users: AtomicUsize::new(0),
+};
+
+/// Most address ranges (address spaces, bench ranges) registered at once.
+pub const MAX_FAULT_RANGES: usize = 64;
+static SLOTS: [Slot; MAX_FAULT_RANGES] = [EMPTY_SLOT; MAX_FAULT_RANGES];
+
+/// A registration made by [`register_fault_range`]; dropping it unregisters the range and
+/// waits until no handler is still using the target.
+#[derive(Debug)]
+pub struct FaultRange {
+    slot: usize,
+}
+
+/// Routes faults in `start..end` to `target` (lock-free lookup from the SIGBUS handler and the
+/// handler threads).
+pub fn register_fault_range(
+    start: usize,
+    end: usize,
+    target: Arc<dyn FaultTarget>,
+) -> io::Result<FaultRange> {
+    let boxed = Box::into_raw(Box::new(target));
+    for (i, slot) in SLOTS.iter().enumerate() {
+        if slot
+            .target
+            .compare_exchange(ptr::null_mut(), boxed, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            slot.start.store(start, Ordering::SeqCst);
+            slot.end.store(end, Ordering::SeqCst);
+            return Ok(FaultRange { slot: i });
+        }
+    }
+    // SAFETY: `boxed` came from Box::into_raw above and was never published.
+    drop(unsafe { Box::from_raw(boxed) });
+    Err(io::Error::new(io::ErrorKind::OutOfMemory, "too many hetmem address ranges"))
+}
+
+impl Drop for FaultRange {
+    fn drop(&mut self) {
+        let slot = &SLOTS[self.slot];
+        slot.start.store(0, Ordering::SeqCst);
+        slot.end.store(0, Ordering::SeqCst);
+        // Wait for lookups that may have seen the old range. A lookup increments `users` before
+        // reading the range, so once `users` is zero after the range was cleared, no lookup can
+        // still use the target. Bounded: lookups hold the slot only while serving one fault.
+        while slot.users.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        let p = slot.target.swap(ptr::null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: `p` came from Box::into_raw in register_fault_range; no handler uses it
+            // any more (waited above) and the slot no longer publishes it.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+}
+
+/// Serves a fault at `addr` with the target registered for it; false when none is.
+pub fn dispatch_fault(addr: usize, write: bool) -> bool {
+    for slot in SLOTS.iter() {
+        if slot.target.load(Ordering::Relaxed).is_null() {
+            continue;
+        }
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        let (s, e) = (slot.start.load(Ordering::SeqCst), slot.end.load(Ordering::SeqCst));
+        let p = slot.target.load(Ordering::SeqCst);
+        let hit = !p.is_null() && s <= addr && addr < e;
+        let handled = if hit {
+            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
+            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+            t.handle_fault(addr, write)
+        } else {
+            false
+        };
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+        if hit {
+            return handled;
+        }
+    }
+    false
+}
+
+static PREV_ACTION: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+static INSTALL: std::sync::Once = std::sync::Once::new();
+static INSTALL_ERR: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the process-wide SIGBUS handler once; later calls are no-ops.
+pub fn install_sigbus_handler() -> io::Result<()> {
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid "no flags, default" value, filled in below.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = sigbus_handler as *const () as usize;
+        // No SA_ONSTACK: the fault service runs on the faulting thread's own stack (an alternate
+        // signal stack, sized for a stack-overflow report, is too small for it).
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NODEFER;
+        // SAFETY: sigemptyset on a sigset_t we own.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        let prev = Box::leak(Box::new(
+            // SAFETY: zeroed sigaction is valid; overwritten by sigaction below.
+            unsafe { std::mem::zeroed::<libc::sigaction>() },
+        ));
+        // SAFETY: installs a handler for SIGBUS; `sa` and `prev` are valid sigaction structs.
+        // The previous action is published before the handler can observe it as null only in
+        // the window before this call returns, in which case the handler restores the default.
+        let rc = unsafe { libc::sigaction(libc::SIGBUS, &sa, prev) };
+        if rc != 0 {
+            INSTALL_ERR.store(io::Error::last_os_error().raw_os_error().unwrap_or(1) as usize, Ordering::Release);
+        } else {
+            PREV_ACTION.store(prev, Ordering::Release);
+        }
+    });
+    match INSTALL_ERR.load(Ordering::Acquire) {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e as i32)),
+    }
+}
+
+extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; saving and restoring it keeps the interrupted code's view.
+    let errno_slot = unsafe { libc::__errno_location() };
+    // SAFETY: `errno_slot` points at this thread's errno.
+    let saved_errno = unsafe { *errno_slot };
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    // SAFETY: for SA_SIGINFO handlers `ctx` is a valid ucontext_t; REG_ERR holds the x86 page
+    // fault error code, whose bit 1 says the access was a write.
+    let write = unsafe {
+        let uc = ctx as *const libc::ucontext_t;
+        ((*uc).uc_mcontext.gregs[libc::REG_ERR as usize] & 2) != 0
+    };
+    let handled = dispatch_fault(addr, write);
+    if handled {
+        // SAFETY: restoring this thread's errno.
+        unsafe { *errno_slot = saved_errno };
+        return;
+    }
+    // Not hetmem's fault: chain to the previous handler (Rust's own, or the default action).
+    let prev = PREV_ACTION.load(Ordering::Acquire);
+    // SAFETY: `prev`, when non-null, is a leaked, never-freed sigaction written once.
+    unsafe {
+        if !prev.is_null() {
+            let p = &*prev;
+            if p.sa_flags & libc::SA_SIGINFO != 0 && p.sa_sigaction > 1 {
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(p.sa_sigaction);
+                f(sig, info, ctx);
+                *errno_slot = saved_errno;
+                return;
+            }
+            if p.sa_sigaction > 1 {
+                let f: extern "C" fn(libc::c_int) = std::mem::transmute(p.sa_sigaction);
+                f(sig);
+                *errno_slot = saved_errno;
+                return;
+            }
+        }
+        // Default action: restore SIG_DFL; returning re-executes the access, which kills the
+        // process with SIGBUS as if hetmem were not there.
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        *errno_slot = saved_errno;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// How a child process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildExit {
+    /// `_exit(code)`.
+    Exited(i32),
+    /// Killed by a signal.
+    Signaled(i32),
+}
+
+/// Forks; the child runs `f` and exits with its return value (`_exit`, no destructors).
+/// The parent waits for the child and returns how it ended.
+///
+/// Only for tests and benches: after a fork in a multi-threaded process the child may only do
+/// async-signal-safe work, so `f` must not allocate or lock (plain loads and stores, raw
+/// syscalls).
+pub fn fork_and_wait(f: impl FnOnce() -> i32) -> io::Result<ChildExit> {
+    // SAFETY: the child only runs `f` (documented: async-signal-safe work) and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = f();
+        // SAFETY: terminates the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    wait_child(pid)
+}
+
+/// Forks a child that runs `f` and exits; returns its pid without waiting.
+pub fn fork_child(f: impl FnOnce() -> i32) -> io::Result<i32> {
+    // SAFETY: as in fork_and_wait.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = f();
+        // SAFETY: as in fork_and_wait.
+        unsafe { libc::_exit(code) };
+    }
+    Ok(pid)
+}
+
+/// Sends SIGKILL to `pid`.
+pub fn kill(pid: i32) -> io::Result<()> {
+    // SAFETY: kill(2) has no memory effects in this process.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits for child `pid`.
+pub fn wait_child(pid: i32) -> io::Result<ChildExit> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        break;
+    }
+    if libc::WIFEXITED(status) {
+        Ok(ChildExit::Exited(libc::WEXITSTATUS(status)))
+    } else {
+        Ok(ChildExit::Signaled(libc::WTERMSIG(status)))
+    }
+}
+
+/// The calling process's id.
+pub fn getpid() -> i32 {
+    rustix::process::getpid().as_raw_nonzero().get()
+}
+
+/// The effective user id.
+pub fn geteuid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// `read(2)` from `fd` into `region[off..off+len]`: a kernel-mode access to the region's
+/// pages (used to check how a fault-service mode treats system calls).
+pub fn read_into(fd: std::os::fd::BorrowedFd<'_>, region_base: usize, len: usize) -> io::Result<usize> {
+    // SAFETY: the kernel writes into `region_base..+len`, which the caller names as part of a
+    // hetmem reservation: managed memory, accessed only by raw copies, never by Rust references.
+    let n = unsafe { libc::read(fd.as_raw_fd(), region_base as *mut libc::c_void, len) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// CPU copy out of managed memory (`len` bytes at `addr`), with real loads that may fault.
+pub(crate) fn cpu_read(addr: usize, dst: &mut [u8]) {
+    // SAFETY: the caller checked the range lies in a live reservation; raw copy, no reference.
+    unsafe { ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) }
+}
+
+/// CPU copy into managed memory, with real stores that may fault.
+pub(crate) fn cpu_write(addr: usize, src: &[u8]) {
+    // SAFETY: as in cpu_read.
+    unsafe { ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, src.len()) }
+}
+
+/// CPU atomic fetch-add on a `u64` in managed memory (8-byte aligned, checked by the caller).
+pub(crate) fn cpu_fetch_add_u64(addr: usize, v: u64) -> u64 {
+    // SAFETY: aligned and inside a live reservation (caller); atomics on managed memory form no
+    // long-lived reference.
+    let a = unsafe { &*(addr as *const std::sync::atomic::AtomicU64) };
+    a.fetch_add(v, Ordering::SeqCst)
+}
