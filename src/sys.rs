@@ -901,3 +901,21 @@ pub(crate) fn cpu_fetch_add_u64(addr: usize, v: u64) -> u64 {
     let a = unsafe { &*(addr as *const std::sync::atomic::AtomicU64) };
     a.fetch_add(v, Ordering::SeqCst)
 }
+
+/// A real CPU load of the `u32` at `addr`, for tests of fault behaviour (a child process
+/// touching memory it did not inherit, a load that must fault into hetmem). The address must be
+/// 4-byte aligned and should be managed memory: an unmapped address kills the process with
+/// SIGSEGV, which is what such tests observe.
+pub fn probe_load_u32(addr: usize) -> u32 {
+    assert!(addr % 4 == 0, "probe_load_u32 needs an aligned address");
+    // SAFETY: a volatile load forms no reference; managed memory aliases no Rust object. An
+    // invalid address faults (the documented purpose), it does not read Rust-owned state.
+    unsafe { ptr::read_volatile(addr as *const u32) }
+}
+
+/// A real CPU store of a `u32` at `addr` (see [`probe_load_u32`]).
+pub fn probe_store_u32(addr: usize, v: u32) {
+    assert!(addr % 4 == 0, "probe_store_u32 needs an aligned address");
+    // SAFETY: as in probe_load_u32; the callers only pass managed addresses.
+    unsafe { ptr::write_volatile(addr as *mut u32, v) }
+}
