@@ -89,6 +89,7 @@ pub struct KernelMm {
     res: Region,
     sig: Uffd,
     thr: Mutex<Option<ThreadService>>,
+    force_umo: bool,
 }
 
 impl std::fmt::Debug for KernelMm {
@@ -100,12 +101,13 @@ impl std::fmt::Debug for KernelMm {
 impl KernelMm {
     /// Reserves `len` bytes (PROT_NONE, not inherited across fork) aligned to 2 MiB and opens the
     /// SIGBUS-mode userfaultfd; installs the process-wide SIGBUS handler.
-    pub fn new(len: usize) -> io::Result<KernelMm> {
+    /// `user_mode_only` opens user-mode-only userfaultfds even where a full one is allowed.
+    pub fn new(len: usize, user_mode_only: bool) -> io::Result<KernelMm> {
         sys::check_page_size()?;
         let res = Region::new(len, crate::addr::LARGE_PAGE_SIZE, Prot::None)?;
-        let sig = Uffd::open(UffdDelivery::Signal)?;
+        let sig = Uffd::open(UffdDelivery::Signal, user_mode_only)?;
         sys::install_sigbus_handler()?;
-        Ok(KernelMm { res, sig, thr: Mutex::new(None) })
+        Ok(KernelMm { res, sig, thr: Mutex::new(None), force_umo: user_mode_only })
     }
 
     fn off(&self, a: VirtAddr) -> usize {
@@ -127,7 +129,7 @@ impl KernelMm {
         if let Some(s) = g.as_ref() {
             return Ok(s.uffd.clone());
         }
-        let uffd = std::sync::Arc::new(Uffd::open(UffdDelivery::Thread)?);
+        let uffd = std::sync::Arc::new(Uffd::open(UffdDelivery::Thread, self.force_umo)?);
         let stop = sys::stop_fd()?;
         let stop2 = stop.try_clone()?;
         let u2 = uffd.clone();

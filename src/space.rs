@@ -327,11 +327,14 @@ pub struct SpaceConfig {
     pub size: usize,
     /// Capacity of the stash that holds device-exclusive pages.
     pub stash: usize,
+    /// Use user-mode-only userfaultfds even where full ones are allowed (behave exactly as for an
+    /// unprivileged user: kernel-mode accesses to missing pages get EFAULT in every mode).
+    pub user_mode_only: bool,
 }
 
 impl Default for SpaceConfig {
     fn default() -> Self {
-        SpaceConfig { size: 64 << 30, stash: 64 << 20 }
+        SpaceConfig { size: 64 << 30, stash: 64 << 20, user_mode_only: false }
     }
 }
 
@@ -366,7 +369,7 @@ impl Space {
 
     /// Reserves a new address space served by the real kernel.
     pub fn with_config(cfg: SpaceConfig) -> Result<Space> {
-        let mm = KernelMm::new(round_up(cfg.size)?).map_err(|e| Error::os("reserve address space", e))?;
+        let mm = KernelMm::new(round_up(cfg.size)?, cfg.user_mode_only).map_err(|e| Error::os("reserve address space", e))?;
         let core = Self::make_core(Box::new(mm), cfg.stash)?;
         let r = core.mm.reservation();
         let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();

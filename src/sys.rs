@@ -376,9 +376,8 @@ impl Uffd {
     /// A plain userfaultfd is tried first (it also serves kernel-mode accesses, e.g. a `read(2)`
     /// into a managed buffer, in thread mode); where the system refuses it to this user
     /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
-    /// `HETMEM_UFFD_USER_MODE_ONLY=1` forces the latter (tests use it to check that path as root).
-    pub fn open(delivery: UffdDelivery) -> io::Result<Uffd> {
-        let force_umo = std::env::var_os("HETMEM_UFFD_USER_MODE_ONLY").is_some_and(|v| v == "1");
+    /// `force_umo` asks for the latter directly (to run as an unprivileged user would).
+    pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
         let base = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
         let umo = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
         let (fd, user_mode_only) = if force_umo {

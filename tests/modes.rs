@@ -1,0 +1,150 @@
+//! Fault-service modes (per mapping) and privileges: what a system call that touches a
+//! device-resident page gets, and that everything works for an unprivileged user.
+
+mod common;
+use common::*;
+use hetmem::*;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+
+/// Maps `pages` pages in `mode`, writes the pattern, migrates them to a private device.
+fn device_resident(space: &Space, dev: &DeviceMirror, mode: FaultMode, pages: usize) -> VirtAddr {
+    let a = space
+        .map_anon_with(pages * PAGE, MapOptions { mode, ..MapOptions::default() })
+        .unwrap();
+    space.cpu_write(a, &pattern(pages * PAGE, |i| i)).unwrap();
+    let mut buf = vec![0u8; pages * PAGE];
+    assert_eq!(dev.migrate_to_device(a.get() as u64, pages as u64, &mut buf).unwrap().cpages, pages as u64);
+    a
+}
+
+/// `read(2)` from a socket into the managed page at `a`.
+fn syscall_read_into(a: VirtAddr, payload: &[u8]) -> std::io::Result<usize> {
+    let (mut tx, rx) = UnixStream::pair().unwrap();
+    tx.write_all(payload).unwrap();
+    hetmem::sys::read_into(rx.as_fd(), a.get(), payload.len())
+}
+
+#[test]
+fn signal_mode_syscall_gets_efault_and_data_survives() {
+    let _w = watchdog("signal_mode_syscall", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = device_resident(&space, &m, FaultMode::Signal, 4);
+    let err = syscall_read_into(a, &[0xAB; 64]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    // The page is still on the device, untouched, and a user-mode access brings it back intact.
+    assert_eq!(space.residency(a), Residency::Device(dev.owner()));
+    let mut back = vec![0u8; 4 * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(back, pattern(4 * PAGE, |i| i));
+}
+
+#[test]
+fn thread_mode_serves_syscalls_when_privileged() {
+    let _w = watchdog("thread_mode_syscall", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = device_resident(&space, &m, FaultMode::Thread, 4);
+    let res = syscall_read_into(a, &[0xAB; 64]);
+    if space.user_mode_only() {
+        // Unprivileged: kernel-mode accesses are not served in any mode.
+        assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EFAULT));
+        return;
+    }
+    assert_eq!(res.unwrap(), 64);
+    let mut back = vec![0u8; 4 * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    let mut want = pattern(4 * PAGE, |i| i);
+    want[..64].fill(0xAB);
+    assert_eq!(back, want, "the syscall's bytes land on the page brought back from the device");
+}
+
+#[test]
+fn user_mode_only_thread_mode_syscall_gets_efault() {
+    let _w = watchdog("umo_thread_syscall", 30);
+    let space = Space::with_config(SpaceConfig { user_mode_only: true, ..SpaceConfig::default() }).unwrap();
+    assert!(space.user_mode_only());
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = device_resident(&space, &m, FaultMode::Thread, 4);
+    let err = syscall_read_into(a, &[0xCD; 64]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    // User-mode accesses are served in both modes.
+    let mut back = vec![0u8; 4 * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(back, pattern(4 * PAGE, |i| i));
+    let b = device_resident(&space, &m, FaultMode::Signal, 4);
+    assert_eq!(hetmem::sys::probe_load_u32(b.get() + 8), 2);
+}
+
+#[test]
+fn thread_mode_cpu_faults_are_served() {
+    let _w = watchdog("thread_mode_cpu", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = device_resident(&space, &m, FaultMode::Thread, 64);
+    for p in 0..64 {
+        assert_eq!(hetmem::sys::probe_load_u32(a.get() + p * PAGE), (p * PAGE / 4) as u32);
+    }
+    assert_eq!(space.residency(a), Residency::System);
+    // First touch in thread mode too.
+    let b = space
+        .map_anon_with(64 * PAGE, MapOptions { mode: FaultMode::Thread, ..MapOptions::default() })
+        .unwrap();
+    hetmem::sys::probe_store_u32(b.get() + 5 * PAGE, 7);
+    assert_eq!(space.load_u32(b.add(5 * PAGE)).unwrap(), 7);
+    assert_eq!(space.load_u32(b).unwrap(), 0);
+}
+
+/// The README's main job, run as an unprivileged user (`nobody`), as a new user runs it.
+#[test]
+fn demo_runs_unprivileged() {
+    let _w = watchdog("demo_unprivileged", 60);
+    if hetmem::sys::geteuid() != 0 {
+        // Already unprivileged: run it directly.
+        let mut out = Vec::new();
+        assert!(hetmem::demo::run(&mut out).unwrap().verified);
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // The build directory may not be reachable for `nobody` (e.g. under /root): run a copy.
+    let dir = std::env::temp_dir().join(format!("hetmem-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("hetmem");
+    std::fs::copy(env!("CARGO_BIN_EXE_hetmem"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("demo")
+        .current_dir(&dir)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo as nobody failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("values verified"), "{stdout}");
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if sysctl.trim() == "0" {
+        assert!(stdout.contains("user-mode-only"), "unprivileged run must use a user-mode-only userfaultfd: {stdout}");
+    }
+}
+
+#[test]
+fn demo_in_process() {
+    let _w = watchdog("demo", 60);
+    let mut out = Vec::new();
+    let r = hetmem::demo::run(&mut out).unwrap();
+    assert!(r.verified);
+    let pages = (hetmem::demo::DEMO_BYTES / PAGE) as u64;
+    assert_eq!(r.pages_to_device, 2 * pages);
+    assert_eq!(r.pages_to_system, 2 * pages);
+    assert!(r.cpu_faults >= pages, "every page faulted back once in step 5");
+}
