@@ -394,7 +394,9 @@ impl Uffd {
                 Err(e) => return Err(e.into()),
             }
         };
-        let mut want = (uapi::UFFD_FEATURE_MOVE | uapi::UFFD_FEATURE_THREAD_ID) as u64;
+        // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
+        // feature the kernel lacks would fail the handshake.
+        let mut want = uapi::UFFD_FEATURE_THREAD_ID as u64;
         if delivery == UffdDelivery::Signal {
             want |= uapi::UFFD_FEATURE_SIGBUS as u64;
         }
