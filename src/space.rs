@@ -548,6 +548,31 @@ impl Space {
         st.vma(a).map(|v| (v.range.end, v.prot.readable()))
     }
 
+    /// `mmu_interval_notifier_insert`: watches `[start, start+len)` (clamped to the end of the
+    /// address space) for changes of the CPU view; `ops.invalidate` runs before each change. The
+    /// notifier holds `ops` weakly (a device owns its ops and its notifier); remove it with
+    /// [`Space::remove_notifier`] before dropping the ops.
+    pub fn insert_notifier(
+        &self,
+        start: VirtAddr,
+        len: usize,
+        ops: Weak<dyn IntervalOps>,
+    ) -> Result<Arc<IntervalNotifier>> {
+        self.check_owner_process()?;
+        if !start.is_page_aligned() {
+            return Err(Error::Unaligned { addr: start });
+        }
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        Ok(self.core.insert_notifier(start, len, ops))
+    }
+
+    /// `mmu_interval_notifier_remove`.
+    pub fn remove_notifier(&self, n: &Arc<IntervalNotifier>) {
+        self.core.remove_notifier(n)
+    }
+
     /// Where the page containing `addr` lives.
     pub fn residency(&self, addr: VirtAddr) -> Residency {
         let st = lock(&self.core.state);
@@ -713,6 +738,19 @@ fn round_up(size: usize) -> Result<usize> {
     size.checked_next_multiple_of(LARGE_PAGE_SIZE).ok_or(Error::Invalid("address space too large"))
 }
 
+impl Drop for SpaceCore {
+    fn drop(&mut self) {
+        // The address space is going away: tell every notifier (RELEASE) so that devices drop
+        // their mappings of it. Device frames still holding pages of this space are freed.
+        let st = lock(&self.state);
+        let r = self.mm.reservation();
+        self.invalidate(&st, r, NotifyEvent::Release, None);
+        for v in st.vmas.values() {
+            self.free_frames(&st, &v.ptes);
+        }
+    }
+}
+
 impl sys::FaultTarget for SpaceCore {
     fn handle_fault(&self, addr: usize, write: bool) -> bool {
         SpaceCore::handle_fault(self, VirtAddr(addr).page_down(), write)
@@ -749,14 +787,15 @@ impl SpaceCore {
         }
     }
 
-    /// Registers an interval notifier on `[start, start+len)`.
+    /// Registers an interval notifier on `[start, start+len)` (clamped to the address space).
     pub(crate) fn insert_notifier(
         self: &Arc<Self>,
         start: VirtAddr,
         len: usize,
         ops: Weak<dyn IntervalOps>,
     ) -> Arc<IntervalNotifier> {
-        let end = start.checked_add(len).unwrap_or(VirtAddr(usize::MAX & !(PAGE_SIZE - 1)));
+        let res_end = self.mm.reservation().end;
+        let end = start.checked_add(len).map_or(res_end, |e| e.min(res_end));
         let n = Arc::new(IntervalNotifier::new(Arc::downgrade(self), VaRange { start, end }, ops));
         lock(&self.state).notifiers.push(n.clone());
         n
@@ -1031,8 +1070,21 @@ impl SpaceCore {
         let r = VaRange { start: a, end: a.add(PAGE_SIZE) };
         self.invalidate(&st, r, NotifyEvent::Exclusive, Some(pm.owner()));
         let frame = self.stash.alloc()?;
+        // Write-protect the page before copying it, as migration does: the page is present and
+        // writable, so a CPU store does not take the state lock, and one landing between the copy
+        // and the zap would be dropped by the zap (a lost update). Protected, the store faults,
+        // waits for the state lock, and revokes the grant.
+        let mode = st.vma(a).expect("mapped").mode;
+        if let Err(e) = self.mm.write_protect(r, true, mode) {
+            self.stash.free(frame, false);
+            return Err(Error::os("write-protect for exclusive access", e.into()));
+        }
         self.mm.copy_to(a, self.stash.region(), frame.offset(), PAGE_SIZE);
-        self.mm.zap(r).map_err(|e| Error::os("drop page for exclusive access", e))?;
+        if let Err(e) = self.mm.zap(r) {
+            let _ = self.mm.write_protect(r, false, mode);
+            self.stash.free(frame, false);
+            return Err(Error::os("drop page for exclusive access", e));
+        }
         st.set_pte(a, Pte::exclusive(pm.id(), frame));
         map(a, frame);
         Ok(())
