@@ -15,10 +15,16 @@
 //!
 //! # Per-frame metadata
 //!
-//! `rmap[frame]` is the reverse map: which address space and page the frame backs (0 = free),
-//! so that eviction and device release can find the page that owns a frame (the kernel's
-//! `migrate_device_range`). It is written under the owning address space's state lock and read
-//! by eviction before taking that lock (and re-checked under it).
+//! Two words per frame (the frame's `struct page`):
+//!
+//! * `rmap[frame]`, the reverse map (the mapping): which address space and page the frame backs
+//!   (0 = not mapped), so that eviction and device release can find the page that owns a frame
+//!   (the kernel's `migrate_device_range`). Written under the owning address space's state lock
+//!   and read by eviction before taking that lock (and re-checked under it).
+//! * `flags[frame]`: `ALLOCATED`, `LARGE` (head or tail of a 2 MiB frame), `LOCKED` (allocated
+//!   as a migration destination and not yet committed to a page: nothing else may use it),
+//!   `DIRTY` (the device wrote it since it received its data; file-backed writeback will read
+//!   it). The owner is the pagemap's.
 //!
 //! # Locks
 //!
@@ -72,6 +78,28 @@ pub struct Pagemap {
     nframes: usize,
     state: Mutex<PoolState>,
     rmap: Vec<AtomicU64>,
+    flags: Vec<AtomicU64>,
+}
+
+/// Per-frame flag bits (see the module doc).
+pub mod frame_flags {
+    /// The frame is allocated.
+    pub const ALLOCATED: u64 = 1 << 0;
+    /// Part of a 2 MiB frame.
+    pub const LARGE: u64 = 1 << 1;
+    /// Allocated as a migration destination, not yet mapped to a page.
+    pub const LOCKED: u64 = 1 << 2;
+    /// Written by the device since it received its data.
+    pub const DIRTY: u64 = 1 << 3;
+}
+
+/// What a frame's metadata says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// `frame_flags` bits.
+    pub flags: u64,
+    /// The page it backs: address-space id and virtual page number.
+    pub mapping: Option<(u16, usize)>,
 }
 
 /// Reverse-map value: address space id (16 bits) and virtual page number (48 bits).
@@ -99,6 +127,7 @@ impl Pagemap {
             .map_err(|e| Error::os("mmap device pool", e))?;
         let nframes = blocks * PAGES_PER_LARGE;
         let rmap = (0..nframes).map(|_| AtomicU64::new(0)).collect();
+        let flags = (0..nframes).map(|_| AtomicU64::new(0)).collect();
         Ok(Pagemap {
             id,
             kind,
@@ -112,7 +141,27 @@ impl Pagemap {
                 large_alloc: vec![false; blocks],
             }),
             rmap,
+            flags,
         })
+    }
+
+    fn set_flags(&self, first: usize, n: usize, v: u64) {
+        for f in &self.flags[first..first + n] {
+            f.store(v, Ordering::Release);
+        }
+    }
+
+    /// The metadata of `frame`.
+    pub fn frame_info(&self, frame: FrameIdx) -> FrameInfo {
+        FrameInfo {
+            flags: self.flags[frame.0 as usize].load(Ordering::Acquire),
+            mapping: self.rmap(frame),
+        }
+    }
+
+    /// Marks `frame` written by the device.
+    pub fn mark_dirty(&self, frame: FrameIdx) {
+        self.flags[frame.0 as usize].fetch_or(frame_flags::DIRTY, Ordering::AcqRel);
     }
 
     /// The pagemap's id.
@@ -152,6 +201,7 @@ impl Pagemap {
         }
         let f = st.free_base.pop().expect("refilled above");
         st.used += 1;
+        self.set_flags(f as usize, 1, frame_flags::ALLOCATED | frame_flags::LOCKED);
         Ok(FrameIdx(f))
     }
 
@@ -163,7 +213,9 @@ impl Pagemap {
         };
         st.large_alloc[block as usize] = true;
         st.used += PAGES_PER_LARGE;
-        Ok(FrameIdx(block * PAGES_PER_LARGE as u32))
+        let head = block as usize * PAGES_PER_LARGE;
+        self.set_flags(head, PAGES_PER_LARGE, frame_flags::ALLOCATED | frame_flags::LOCKED | frame_flags::LARGE);
+        Ok(FrameIdx(head as u32))
     }
 
     /// Splits an allocated large frame into 512 allocated base frames (freed one by one).
@@ -172,6 +224,9 @@ impl Pagemap {
         let block = head.0 as usize / PAGES_PER_LARGE;
         debug_assert!(st.large_alloc[block], "split of a frame that is not large");
         st.large_alloc[block] = false;
+        for f in &self.flags[head.0 as usize..head.0 as usize + PAGES_PER_LARGE] {
+            f.fetch_and(!frame_flags::LARGE, Ordering::AcqRel);
+        }
     }
 
     /// Frees a frame: a base frame, or (given its head) a whole large frame. Clears its rmap.
@@ -186,16 +241,19 @@ impl Pagemap {
             for f in frame.0 as usize..frame.0 as usize + PAGES_PER_LARGE {
                 self.rmap[f].store(0, Ordering::Release);
             }
+            self.set_flags(frame.0 as usize, PAGES_PER_LARGE, 0);
         } else {
             st.free_base.push(frame.0);
             st.used -= 1;
             self.rmap[frame.0 as usize].store(0, Ordering::Release);
+            self.set_flags(frame.0 as usize, 1, 0);
         }
     }
 
     /// Records which page a frame backs.
     pub(crate) fn set_rmap(&self, frame: FrameIdx, space: u16, vpn: usize) {
         self.rmap[frame.0 as usize].store(rmap_pack(space, vpn), Ordering::Release);
+        self.flags[frame.0 as usize].fetch_and(!frame_flags::LOCKED, Ordering::AcqRel);
     }
 
     /// Which page a frame backs, if allocated and mapped.
@@ -226,6 +284,13 @@ mod tests {
                 p.free(l, true);
                 p.free(b, false);
                 assert_eq!(p.used(), 0);
+                let f = p.alloc().unwrap();
+                assert_eq!(p.frame_info(f).flags, frame_flags::ALLOCATED | frame_flags::LOCKED);
+                p.set_rmap(f, 3, 77);
+                p.mark_dirty(f);
+                assert_eq!(p.frame_info(f), FrameInfo { flags: frame_flags::ALLOCATED | frame_flags::DIRTY, mapping: Some((3, 77)) });
+                p.free(f, false);
+                assert_eq!(p.frame_info(f), FrameInfo { flags: 0, mapping: None });
                 assert!(p.alloc_large().is_ok());
             },
             1,
