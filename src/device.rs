@@ -28,11 +28,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE, VaRange, VirtAddr, Vpn};
+use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
 use crate::migrate::{
-    self, MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE, MigrateArgs,
-    SELECT_COMPOUND, SELECT_DEVICE_COHERENT, SELECT_DEVICE_PRIVATE, SELECT_SYSTEM,
+    self, MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
+    MigrateArgs, SELECT_COMPOUND, SELECT_DEVICE_COHERENT, SELECT_DEVICE_PRIVATE, SELECT_SYSTEM,
 };
 use crate::mirror::{
     HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
@@ -88,18 +88,57 @@ pub struct DeviceConfig {
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        DeviceConfig { kind: MemoryKind::Private, capacity: 256 << 20 }
+        DeviceConfig {
+            kind: MemoryKind::Private,
+            capacity: 256 << 20,
+        }
     }
 }
 
-static NEXT_PAGEMAP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+/// A slot of the process-wide pagemap-id table (id 0 is every space's stash, never allocated).
+enum PagemapSlot {
+    Free,
+    /// Taken by a device being created (its pagemap is not built yet).
+    Reserved,
+    /// The id names this pagemap while anything (the device, an address space's pagemap table)
+    /// holds it; once the last holder is gone no page entry can name the id and it is reused.
+    Live(std::sync::Weak<Pagemap>),
+}
 
+/// Pagemap ids in use (index = id). A leaf lock, never held across a `crate::sync` operation.
+static PAGEMAP_IDS: std::sync::Mutex<Vec<PagemapSlot>> = std::sync::Mutex::new(Vec::new());
+
+/// Reserves a free pagemap id (1..=255). An id is free again once its pagemap is dropped (not
+/// when its device is: an address space keeps the pagemap of a device that had pages there, and
+/// must never find another device's pagemap under the same id).
 fn alloc_pagemap_id() -> Result<PagemapId> {
-    let id = NEXT_PAGEMAP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if id > 255 {
-        return Err(Error::NoMemory { what: "device ids (255 devices per process)" });
+    let mut t = PAGEMAP_IDS.lock().unwrap_or_else(|p| p.into_inner());
+    if t.is_empty() {
+        t.resize_with(256, || PagemapSlot::Free);
     }
-    Ok(PagemapId(id as u8))
+    for (i, s) in t.iter_mut().enumerate().skip(1) {
+        let free = match s {
+            PagemapSlot::Free => true,
+            PagemapSlot::Reserved => false,
+            PagemapSlot::Live(w) => w.strong_count() == 0,
+        };
+        if free {
+            *s = PagemapSlot::Reserved;
+            return Ok(PagemapId(i as u8));
+        }
+    }
+    Err(Error::NoMemory {
+        what: "device ids (255 live devices per process)",
+    })
+}
+
+/// Publishes the pagemap built for a reserved id, or frees the id if building it failed.
+fn publish_pagemap_id(id: PagemapId, pm: Option<&Arc<Pagemap>>) {
+    let mut t = PAGEMAP_IDS.lock().unwrap_or_else(|p| p.into_inner());
+    t[id.0 as usize] = match pm {
+        Some(pm) => PagemapSlot::Live(Arc::downgrade(pm)),
+        None => PagemapSlot::Free,
+    };
 }
 
 struct DeviceInner {
@@ -110,9 +149,15 @@ struct DeviceInner {
 impl DeviceInner {
     fn alloc(&self, large: bool) -> Result<FrameIdx> {
         if self.fail_alloc.swap(false, Ordering::SeqCst) {
-            return Err(Error::NoMemory { what: "device memory (injected failure)" });
+            return Err(Error::NoMemory {
+                what: "device memory (injected failure)",
+            });
         }
-        if large { self.pagemap.alloc_large() } else { self.pagemap.alloc() }
+        if large {
+            self.pagemap.alloc_large()
+        } else {
+            self.pagemap.alloc()
+        }
     }
 
     /// Evicts every frame of the device (`migrate_device_range` over all of its memory): each
@@ -161,13 +206,33 @@ impl SoftDevice {
             return Err(Error::Invalid("a device's memory is private or coherent"));
         }
         let id = alloc_pagemap_id()?;
-        let pagemap = Arc::new(Pagemap::new(id, cfg.kind, Owner(0x6865_746d_0000 | id.0 as u64), cfg.capacity)?);
-        Ok(SoftDevice { inner: Arc::new(DeviceInner { pagemap, fail_alloc: AtomicBool::new(false) }) })
+        let pagemap = match Pagemap::new(
+            id,
+            cfg.kind,
+            Owner(0x6865_746d_0000 | id.0 as u64),
+            cfg.capacity,
+        ) {
+            Ok(pm) => Arc::new(pm),
+            Err(e) => {
+                publish_pagemap_id(id, None);
+                return Err(e);
+            }
+        };
+        publish_pagemap_id(id, Some(&pagemap));
+        Ok(SoftDevice {
+            inner: Arc::new(DeviceInner {
+                pagemap,
+                fail_alloc: AtomicBool::new(false),
+            }),
+        })
     }
 
     /// A device-private device of `capacity` bytes.
     pub fn private(capacity: usize) -> Result<SoftDevice> {
-        Self::new(DeviceConfig { kind: MemoryKind::Private, capacity })
+        Self::new(DeviceConfig {
+            kind: MemoryKind::Private,
+            capacity,
+        })
     }
 
     /// The owner token.
@@ -203,7 +268,9 @@ impl SoftDevice {
             let w: Weak<MirrorInner> = Arc::downgrade(&inner);
             w
         };
-        let n = space.core.insert_notifier(space.range().start, usize::MAX, ops);
+        let n = space
+            .core
+            .insert_notifier(space.range().start, usize::MAX, ops);
         *lock(&inner.notifier) = Some(n);
         Ok(DeviceMirror { inner })
     }
@@ -238,7 +305,10 @@ impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
         let mut pt = lock(&self.pt);
         n.set_seq(cur_seq);
-        let keys: Vec<usize> = pt.range(range.start.page().0..range.end.page().0).map(|(k, _)| *k).collect();
+        let keys: Vec<usize> = pt
+            .range(range.start.page().0..range.end.page().0)
+            .map(|(k, _)| *k)
+            .collect();
         for k in keys {
             pt.remove(&k);
         }
@@ -302,7 +372,9 @@ pub struct DeviceMirror {
 
 impl std::fmt::Debug for DeviceMirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceMirror").field("owner", &self.owner()).finish()
+        f.debug_struct("DeviceMirror")
+            .field("owner", &self.owner())
+            .finish()
     }
 }
 
@@ -319,7 +391,12 @@ fn range_of(addr: u64, npages: u64) -> Result<VaRange> {
     if !start.is_page_aligned() {
         return Err(Error::Unaligned { addr: start });
     }
-    let len = (npages as usize).checked_mul(PAGE_SIZE).ok_or(Error::Overflow { addr: start, len: usize::MAX })?;
+    let len = (npages as usize)
+        .checked_mul(PAGE_SIZE)
+        .ok_or(Error::Overflow {
+            addr: start,
+            len: usize::MAX,
+        })?;
     VaRange::new(start, len)
 }
 
@@ -384,7 +461,9 @@ impl DeviceMirror {
             }
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
-                pm.region().read(frame.offset(), dst).map_err(|e| Error::os("device read", e))
+                pm.region()
+                    .read(frame.offset(), dst)
+                    .map_err(|e| Error::os("device read", e))
             }
             PageTarget::Stash(frame) => self
                 .inner
@@ -405,7 +484,11 @@ impl DeviceMirror {
             }
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
-                pm.region().write(frame.offset(), src).map_err(|e| Error::os("device write", e))
+                pm.region()
+                    .write(frame.offset(), src)
+                    .map_err(|e| Error::os("device write", e))?;
+                pm.mark_dirty(frame);
+                Ok(())
             }
             PageTarget::Stash(frame) => self
                 .inner
@@ -422,16 +505,29 @@ impl DeviceMirror {
         if id == self.inner.dev.pagemap.id() {
             return Ok(self.inner.dev.pagemap.clone());
         }
-        self.inner.space.core.pagemap_by_id(id).ok_or(Error::Invalid("unknown pagemap"))
+        self.inner
+            .space
+            .core
+            .pagemap_by_id(id)
+            .ok_or(Error::Invalid("unknown pagemap"))
     }
 
     /// Copies mapped pages from `*cur` on; stops at the first missing (or, for writes,
     /// non-writable) entry. Returns true when the whole range was done.
-    fn do_rw(&self, r: &VaRange, cur: &mut usize, buf: &mut [u8], write: bool, cpages: &mut u64) -> Result<bool> {
+    fn do_rw(
+        &self,
+        r: &VaRange,
+        cur: &mut usize,
+        buf: &mut [u8],
+        write: bool,
+        cpages: &mut u64,
+    ) -> Result<bool> {
         let pt = lock(&self.inner.pt);
         let first = r.start.page().0;
         while *cur < r.end.page().0 {
-            let Some(e) = pt.get(cur) else { return Ok(false) };
+            let Some(e) = pt.get(cur) else {
+                return Ok(false);
+            };
             if write && !e.write {
                 return Ok(false);
             }
@@ -454,13 +550,21 @@ impl DeviceMirror {
         let mut s = start.0;
         while s < end.0 {
             let e = (s + FAULT_CHUNK_PAGES).min(end.0);
-            self.range_fault_map(&n, Vpn(s), Vpn(e), HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 })?;
+            self.range_fault_map(
+                &n,
+                Vpn(s),
+                Vpn(e),
+                HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 },
+                false,
+            )?;
             s = e;
         }
         Ok(())
     }
 
-    fn range_fault_map(&self, n: &Arc<IntervalNotifier>, s: Vpn, e: Vpn, flags: u64) -> Result<()> {
+    /// `range_fault` over `[s, e)` with `flags`, then maps the valid pages under the sequence
+    /// check; with `local_only`, only pages in this device's own memory are mapped.
+    fn range_fault_map(&self, n: &Arc<IntervalNotifier>, s: Vpn, e: Vpn, flags: u64, local_only: bool) -> Result<()> {
         let deadline = Instant::now() + RANGE_FAULT_TIMEOUT;
         loop {
             if Instant::now() > deadline {
@@ -491,7 +595,18 @@ impl DeviceMirror {
                     continue;
                 }
                 let target = PageTarget::decode(*w);
-                pt.insert(s.0 + i, DevPte { target, write: w & HMM_PFN_WRITE != 0, atomic: false });
+                let local = matches!(target, PageTarget::Device { pagemap, .. } if pagemap == self.inner.dev.pagemap.id());
+                if local_only && !local {
+                    continue;
+                }
+                pt.insert(
+                    s.0 + i,
+                    DevPte {
+                        target,
+                        write: w & HMM_PFN_WRITE != 0,
+                        atomic: false,
+                    },
+                );
             }
             return Ok(());
         }
@@ -541,7 +656,12 @@ impl DeviceMirror {
             let next = r.end.min(vend).min(a.add(PAGES_PER_LARGE * PAGE_SIZE));
             let mut mig = migrate::migrate_vma_setup(
                 space,
-                MigrateArgs { start: a, end: next, flags: SELECT_SYSTEM | SELECT_COMPOUND, pgmap_owner: self.owner() },
+                MigrateArgs {
+                    start: a,
+                    end: next,
+                    flags: SELECT_SYSTEM | SELECT_COMPOUND,
+                    pgmap_owner: self.owner(),
+                },
             )?;
             mig.use_pagemap(&pm);
             let mut i = 0;
@@ -555,8 +675,10 @@ impl DeviceMirror {
                     match self.inner.dev.alloc(true) {
                         Ok(f) => {
                             mig.copy_to_frame(i, &pm, f)?;
-                            mig.dst[i] = migrate::migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: f })
-                                | MIGRATE_PFN_COMPOUND
+                            mig.dst[i] = migrate::migrate_pfn(PageTarget::Device {
+                                pagemap: pm.id(),
+                                frame: f,
+                            }) | MIGRATE_PFN_COMPOUND
                                 | (w & MIGRATE_PFN_WRITE);
                             i += PAGES_PER_LARGE;
                             continue;
@@ -567,8 +689,10 @@ impl DeviceMirror {
                 let w = mig.src[i];
                 if let Ok(f) = self.inner.dev.alloc(false) {
                     mig.copy_to_frame(i, &pm, f)?;
-                    mig.dst[i] = migrate::migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: f })
-                        | (w & MIGRATE_PFN_WRITE);
+                    mig.dst[i] = migrate::migrate_pfn(PageTarget::Device {
+                        pagemap: pm.id(),
+                        frame: f,
+                    }) | (w & MIGRATE_PFN_WRITE);
                 }
                 i += 1;
             }
@@ -581,7 +705,11 @@ impl DeviceMirror {
                 let mut i = 0;
                 while i < mig.npages() {
                     let (w, d) = (mig.src[i], mig.dst[i]);
-                    let span = if w & MIGRATE_PFN_COMPOUND != 0 { PAGES_PER_LARGE } else { 1 };
+                    let span = if w & MIGRATE_PFN_COMPOUND != 0 {
+                        PAGES_PER_LARGE
+                    } else {
+                        1
+                    };
                     if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d) {
                         if w & MIGRATE_PFN_MIGRATE == 0 {
                             pm.free(frame, d & MIGRATE_PFN_COMPOUND != 0);
@@ -591,7 +719,10 @@ impl DeviceMirror {
                                 pt.insert(
                                     mig.addr(i + k).page().0,
                                     DevPte {
-                                        target: PageTarget::Device { pagemap: pm.id(), frame: f },
+                                        target: PageTarget::Device {
+                                            pagemap: pm.id(),
+                                            frame: f,
+                                        },
                                         write: d & MIGRATE_PFN_WRITE != 0,
                                         atomic: false,
                                     },
@@ -609,7 +740,9 @@ impl DeviceMirror {
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
         if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-            return Err(Error::NotPresent { addr: Vpn(cur).addr() });
+            return Err(Error::NotPresent {
+                addr: Vpn(cur).addr(),
+            });
         }
         Ok(out)
     }
@@ -631,14 +764,26 @@ impl DeviceMirror {
             let next = r.end.min(vend).min(a.add(PAGES_PER_LARGE * PAGE_SIZE));
             let mut mig = migrate::migrate_vma_setup(
                 space,
-                MigrateArgs { start: a, end: next, flags: select | SELECT_COMPOUND, pgmap_owner: self.owner() },
+                MigrateArgs {
+                    start: a,
+                    end: next,
+                    flags: select | SELECT_COMPOUND,
+                    pgmap_owner: self.owner(),
+                },
             )?;
             let mut i = 0;
             while i < mig.npages() {
                 let w = mig.src[i];
-                let span = if w & MIGRATE_PFN_COMPOUND != 0 { PAGES_PER_LARGE } else { 1 };
-                if w & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE) == (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE) {
-                    mig.dst[i] = migrate::migrate_pfn(PageTarget::System(mig.addr(i).page())) | (w & MIGRATE_PFN_COMPOUND);
+                let span = if w & MIGRATE_PFN_COMPOUND != 0 {
+                    PAGES_PER_LARGE
+                } else {
+                    1
+                };
+                if w & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+                    == (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+                {
+                    mig.dst[i] = migrate::migrate_pfn(PageTarget::System(mig.addr(i).page()))
+                        | (w & MIGRATE_PFN_COMPOUND);
                     out.cpages += span as u64;
                 }
                 i += span;
@@ -683,7 +828,10 @@ impl DeviceMirror {
         for (i, w) in pfns.iter().enumerate() {
             out[i] = self.snapshot_byte(*w);
         }
-        Ok(CmdOut { cpages: r.pages() as u64, faults: 0 })
+        Ok(CmdOut {
+            cpages: r.pages() as u64,
+            faults: 0,
+        })
     }
 
     fn snapshot_byte(&self, w: u64) -> u8 {
@@ -693,7 +841,11 @@ impl DeviceMirror {
         if w & HMM_PFN_VALID == 0 {
             return snap::NONE;
         }
-        let mut b = if w & HMM_PFN_WRITE != 0 { snap::WRITE } else { snap::READ };
+        let mut b = if w & HMM_PFN_WRITE != 0 {
+            snap::WRITE
+        } else {
+            snap::READ
+        };
         match hmm_pfn_order(w) {
             9 => b |= snap::PMD,
             18 => b |= snap::PUD,
@@ -725,14 +877,22 @@ impl DeviceMirror {
         for p in 0..r.pages() {
             let a = r.start.add(p * PAGE_SIZE);
             space.core.make_exclusive(a, &pm, &mut |a, frame| {
-                lock(&self.inner.pt)
-                    .insert(a.page().0, DevPte { target: PageTarget::Stash(frame), write: true, atomic: true });
+                lock(&self.inner.pt).insert(
+                    a.page().0,
+                    DevPte {
+                        target: PageTarget::Stash(frame),
+                        write: true,
+                        atomic: true,
+                    },
+                );
             })?;
         }
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
         if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-            return Err(Error::NotPresent { addr: Vpn(cur).addr() });
+            return Err(Error::NotPresent {
+                addr: Vpn(cur).addr(),
+            });
         }
         Ok(out)
     }
@@ -741,7 +901,10 @@ impl DeviceMirror {
     pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<CmdOut> {
         let r = range_of(addr, npages)?;
         let pt = lock(&self.inner.pt);
-        if pt.range(r.start.page().0..r.end.page().0).any(|(_, e)| e.atomic) {
+        if pt
+            .range(r.start.page().0..r.end.page().0)
+            .any(|(_, e)| e.atomic)
+        {
             return Err(Error::ExclusiveRemains);
         }
         Ok(CmdOut::default())
@@ -755,7 +918,11 @@ impl DeviceMirror {
         }
         let pt = lock(&self.inner.pt);
         match pt.get(&addr.page().0) {
-            Some(DevPte { target: PageTarget::Stash(f), atomic: true, .. }) => self
+            Some(DevPte {
+                target: PageTarget::Stash(f),
+                atomic: true,
+                ..
+            }) => self
                 .inner
                 .space
                 .core
