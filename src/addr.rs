@@ -19,11 +19,11 @@ impl VirtAddr {
     }
     /// Whether the address is 4 KiB aligned.
     pub const fn is_page_aligned(self) -> bool {
-        self.0 % PAGE_SIZE == 0
+        self.0.is_multiple_of(PAGE_SIZE)
     }
     /// Whether the address is 2 MiB aligned.
     pub const fn is_large_aligned(self) -> bool {
-        self.0 % LARGE_PAGE_SIZE == 0
+        self.0.is_multiple_of(LARGE_PAGE_SIZE)
     }
     /// The page containing this address.
     pub const fn page(self) -> Vpn {
@@ -34,6 +34,7 @@ impl VirtAddr {
         self.0.checked_add(bytes).map(VirtAddr)
     }
     /// `self + bytes` (panics on overflow: only used on validated ranges).
+    #[allow(clippy::should_implement_trait)] // an address plus a byte count, not `VirtAddr + VirtAddr`
     pub fn add(self, bytes: usize) -> VirtAddr {
         VirtAddr(self.0 + bytes)
     }
@@ -97,7 +98,7 @@ impl VaRange {
         if len == 0 {
             return Err(crate::Error::ZeroLength);
         }
-        if len % PAGE_SIZE != 0 {
+        if !len.is_multiple_of(PAGE_SIZE) {
             return Err(crate::Error::UnalignedLength { len });
         }
         let end = start

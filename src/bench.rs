@@ -1,8 +1,39 @@
 //! `hetmem bench`: figures measured in one run, each against a baseline measured in the same run.
+//!
+//! # What is measured, and against what
+//!
+//! | figure | hetmem side | baseline (bare kernel primitives, same run) |
+//! |---|---|---|
+//! | `fault_back_4k_us` | median time of one CPU load that faults a device-private 4 KiB page back (after [`DeviceMirror::migrate_to_device`]) | `uffd_in_thread_4k_us`: a bare SIGBUS-mode userfaultfd whose handler does one `UFFDIO_COPY` of the page, served in the faulting thread |
+//! | `fault_back_4k_busy_us` | the same, while another thread of the process spins on its own memory | `uffd_in_thread_4k_busy_us`, same sibling |
+//! | `first_touch_4k_us` | mean per page of a sequential sweep (one store a page) over a fresh mapping | `kernel_first_touch_4k_us`: the same sweep over plain anonymous memory |
+//! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_4k_us` (the random kernel sweep is reported beside it) |
+//! | `migrate_4k_gbps`, `migrate_2m_gbps` | system → device → system round trips, bytes moved in both directions | `migrate_primitive_*_gbps`: the same syscalls hetmem issues, in a bare loop (write-protect each 2 MiB run, copy into a pool, `MADV_DONTNEED` the run; back: `UFFDIO_COPY` per 4 KiB page or per 2 MiB chunk) |
+//! | `memcpy_gbps` | a plain memory copy, for context | – |
+//! | `metadata_bytes_per_page` | hetmem's own state per page | – |
+//!
+//! # Method
+//!
+//! Every measurement is warmed up once (discarded), then repeated; a figure is the median of the
+//! repetitions (fault latencies: the median of every timed fault). hetmem and its baseline
+//! alternate within each repetition, so that drift in the machine (another tenant of the VM's
+//! host, frequency changes) hits both alike. Memory is "already backed" on both sides: a sweep
+//! over memory that was freed just before reuses pages the VM already holds (on memory the VM
+//! must first get from its host a fault costs ≈ 10× more, which would measure the host).
+//!
+//! Nothing here sleeps; the busy sibling is a spinning thread stopped by a flag.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::device::{DeviceMirror, SoftDevice};
+use crate::error::{Error, Result};
+use crate::space::{MapOptions, Space, SpaceConfig};
+use crate::sys::{self, FaultTarget, LARGE_PAGE_SIZE, Prot, Region, Uffd, UffdDelivery, UffdError};
 
 /// One figure, with the baseline it is compared to (measured in the same run).
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -28,7 +59,555 @@ pub struct BenchOptions {
     pub quick: bool,
 }
 
+/// Sizes and repetition counts of one run.
+struct Sizes {
+    /// Pages faulted back per repetition.
+    fault_pages: usize,
+    fault_reps: usize,
+    /// Bytes swept per first-touch repetition.
+    touch_bytes: usize,
+    touch_reps: usize,
+    /// Bytes per migration round trip (4 KiB pages / 2 MiB units).
+    mig4k_bytes: usize,
+    mig2m_bytes: usize,
+    mig_reps: usize,
+    memcpy_bytes: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                fault_pages: 256,
+                fault_reps: 2,
+                touch_bytes: 8 << 20,
+                touch_reps: 2,
+                mig4k_bytes: 4 << 20,
+                mig2m_bytes: 8 << 20,
+                mig_reps: 2,
+                memcpy_bytes: 16 << 20,
+            }
+        } else {
+            Sizes {
+                fault_pages: 4096,
+                fault_reps: 10,
+                touch_bytes: 64 << 20,
+                touch_reps: 9,
+                mig4k_bytes: 32 << 20,
+                mig2m_bytes: 64 << 20,
+                mig_reps: 15,
+                memcpy_bytes: 64 << 20,
+            }
+        }
+    }
+}
+
 /// Runs every benchmark; `progress` is told what runs next.
-pub fn run(_opts: &BenchOptions, _progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchResult>> {
-    Ok(Vec::new())
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchResult>> {
+    let sz = Sizes::new(opts.quick);
+    let mut out = Vec::new();
+    let space = Space::with_config(SpaceConfig {
+        size: 4 << 30,
+        stash: 2 << 20,
+        ..SpaceConfig::default()
+    })?;
+
+    progress("fault-back of device-private 4 KiB pages vs a bare in-thread userfaultfd");
+    let (h, b) = fault_back(&space, &sz, false)?;
+    push_pair(
+        &mut out,
+        ("fault_back_4k_us", h),
+        ("uffd_in_thread_4k_us", b),
+        "us",
+    );
+
+    progress("fault-back with a busy sibling thread vs a bare in-thread userfaultfd");
+    let (h, b) = fault_back(&space, &sz, true)?;
+    push_pair(
+        &mut out,
+        ("fault_back_4k_busy_us", h),
+        ("uffd_in_thread_4k_busy_us", b),
+        "us",
+    );
+
+    progress("first touch (sequential and random) vs kernel anonymous memory");
+    let t = first_touch(&space, &sz)?;
+    out.push(figure(
+        "first_touch_4k_us",
+        t.seq,
+        "us",
+        Some(("kernel_first_touch_4k_us", t.kernel_seq)),
+    ));
+    out.push(figure(
+        "first_touch_random_4k_us",
+        t.rnd,
+        "us",
+        Some(("kernel_first_touch_4k_us", t.kernel_seq)),
+    ));
+    out.push(figure("kernel_first_touch_4k_us", t.kernel_seq, "us", None));
+    out.push(figure(
+        "kernel_first_touch_random_4k_us",
+        t.kernel_rnd,
+        "us",
+        None,
+    ));
+
+    progress("migration round trips of 4 KiB pages vs the bare primitives");
+    let (h, b) = migrate(&space, sz.mig4k_bytes, false, sz.mig_reps)?;
+    push_pair(
+        &mut out,
+        ("migrate_4k_gbps", h),
+        ("migrate_primitive_4k_gbps", b),
+        "GB/s",
+    );
+
+    progress("migration round trips of 2 MiB units vs the bare primitives");
+    let (h, b) = migrate(&space, sz.mig2m_bytes, true, sz.mig_reps)?;
+    push_pair(
+        &mut out,
+        ("migrate_2m_gbps", h),
+        ("migrate_primitive_2m_gbps", b),
+        "GB/s",
+    );
+
+    progress("memcpy bandwidth");
+    out.push(figure(
+        "memcpy_gbps",
+        memcpy_gbps(sz.memcpy_bytes, sz.mig_reps)?,
+        "GB/s",
+        None,
+    ));
+
+    progress("metadata per page");
+    out.push(figure(
+        "metadata_bytes_per_page",
+        Space::metadata_bytes_per_page() as f64,
+        "bytes",
+        None,
+    ));
+    Ok(out)
+}
+
+fn figure(name: &str, value: f64, unit: &str, base: Option<(&str, f64)>) -> BenchResult {
+    BenchResult {
+        name: name.to_string(),
+        value,
+        unit: unit.to_string(),
+        baseline: base.map(|(n, _)| n.to_string()),
+        baseline_value: base.map(|(_, v)| v),
+        ratio: base.map(|(_, v)| value / v),
+    }
+}
+
+/// Pushes a figure and its baseline (as its own result).
+fn push_pair(out: &mut Vec<BenchResult>, fig: (&str, f64), base: (&str, f64), unit: &str) {
+    out.push(figure(fig.0, fig.1, unit, Some(base)));
+    out.push(figure(base.0, base.1, unit, None));
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::os(what, e)
+}
+
+fn uffd_os(what: &'static str) -> impl FnOnce(UffdError) -> Error {
+    move |e| Error::os(what, e.into())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn micros(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// A second thread of the process spinning on its own memory until dropped.
+struct BusySibling {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl BusySibling {
+    fn start() -> Result<BusySibling> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicBool::new(false));
+        let (s, st) = (stop.clone(), started.clone());
+        let handle = std::thread::Builder::new()
+            .name("bench-busy".into())
+            .spawn(move || {
+                let counter = AtomicU64::new(0);
+                st.store(true, Ordering::Release);
+                while !s.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                counter.load(Ordering::Relaxed)
+            })
+            .map_err(os("spawn busy sibling"))?;
+        // Wait (spinning, no sleep) until the sibling runs, so that every timed fault has it.
+        while !started.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        Ok(BusySibling {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for BusySibling {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault-back vs a bare in-thread userfaultfd
+// ---------------------------------------------------------------------------------------------
+
+/// The fault handler of the bare baseline: one `UFFDIO_COPY` of the faulting page from `src`.
+struct BareTarget {
+    uffd: Uffd,
+    src: Region,
+    base: usize,
+    len: usize,
+}
+
+impl FaultTarget for BareTarget {
+    fn handle_fault(&self, addr: usize, _write: bool) -> bool {
+        let page = addr & !(PAGE_SIZE - 1);
+        if page < self.base || page >= self.base + self.len {
+            return false;
+        }
+        matches!(
+            self.uffd.copy(page, &self.src, page - self.base, PAGE_SIZE),
+            Ok(()) | Err(UffdError::Exists) | Err(UffdError::Again)
+        )
+    }
+}
+
+/// A SIGBUS-mode userfaultfd range served by [`BareTarget`]. Field order is drop order: the
+/// registry entry goes first, then the mapping, then the target (fd and source).
+struct BareFault {
+    _range: sys::FaultRange,
+    dst: Region,
+    _target: Arc<BareTarget>,
+}
+
+impl BareFault {
+    fn new(len: usize, umo: bool) -> Result<BareFault> {
+        let dst =
+            Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("bench mapping"))?;
+        let src = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("bench source"))?;
+        for p in 0..len / PAGE_SIZE {
+            src.write(p * PAGE_SIZE, &(p as u32).to_ne_bytes())
+                .map_err(os("fill bench source"))?;
+        }
+        let uffd = Uffd::open(UffdDelivery::Signal, umo).map_err(os("open userfaultfd"))?;
+        uffd.register(&dst, 0, len, false)
+            .map_err(os("register bench mapping"))?;
+        sys::install_sigbus_handler().map_err(os("install SIGBUS handler"))?;
+        let base = dst.base();
+        let target = Arc::new(BareTarget {
+            uffd,
+            src,
+            base,
+            len,
+        });
+        let t: Arc<dyn FaultTarget> = target.clone();
+        let range =
+            sys::register_fault_range(base, base + len, t).map_err(os("register fault range"))?;
+        Ok(BareFault {
+            _range: range,
+            dst,
+            _target: target,
+        })
+    }
+
+    /// Drops every page, then times a first load of each (one fault each).
+    fn sweep(&self, samples: &mut Vec<f64>) -> Result<()> {
+        self.dst
+            .discard(0, self.dst.len())
+            .map_err(os("discard bench mapping"))?;
+        for p in 0..self.dst.len() / PAGE_SIZE {
+            let a = self.dst.base() + p * PAGE_SIZE;
+            let t = Instant::now();
+            let v = sys::probe_load_u32(a);
+            samples.push(micros(t));
+            std::hint::black_box(v);
+        }
+        Ok(())
+    }
+}
+
+/// Median fault-back time through hetmem and through the bare in-thread userfaultfd.
+fn fault_back(space: &Space, sz: &Sizes, busy: bool) -> Result<(f64, f64)> {
+    let n = sz.fault_pages;
+    let len = n * PAGE_SIZE;
+    let dev = SoftDevice::private(len + LARGE_PAGE_SIZE)?;
+    let mirror = dev.mirror(space)?;
+    let a = space.map_anon(len, Prot::ReadWrite)?;
+    for p in 0..n {
+        sys::probe_store_u32(a.get() + p * PAGE_SIZE, p as u32);
+    }
+    let bare = BareFault::new(len, space.user_mode_only())?;
+    let mut buf = vec![0u8; len];
+    let sibling = if busy {
+        Some(BusySibling::start()?)
+    } else {
+        None
+    };
+    let (mut hs, mut bs) = (
+        Vec::with_capacity(n * sz.fault_reps),
+        Vec::with_capacity(n * sz.fault_reps),
+    );
+    let (mut wh, mut wb) = (Vec::new(), Vec::new());
+    for rep in 0..=sz.fault_reps {
+        let (h, b) = if rep == 0 {
+            (&mut wh, &mut wb)
+        } else {
+            (&mut hs, &mut bs)
+        };
+        bare.sweep(b)?;
+        hetmem_fault_sweep(&mirror, a, n, &mut buf, h)?;
+    }
+    drop(sibling);
+    space.unmap(a, len)?;
+    Ok((median(&mut hs), median(&mut bs)))
+}
+
+/// Migrates `n` pages at `a` to the device, then times a first load of each (one fault-back each).
+fn hetmem_fault_sweep(
+    m: &DeviceMirror,
+    a: VirtAddr,
+    n: usize,
+    buf: &mut [u8],
+    samples: &mut Vec<f64>,
+) -> Result<()> {
+    let out = m.migrate_to_device(a.get() as u64, n as u64, buf)?;
+    if out.cpages != n as u64 {
+        return Err(Error::Invalid(
+            "bench: not every page migrated to the device",
+        ));
+    }
+    for p in 0..n {
+        let addr = a.get() + p * PAGE_SIZE;
+        let t = Instant::now();
+        let v = sys::probe_load_u32(addr);
+        samples.push(micros(t));
+        std::hint::black_box(v);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// First touch
+// ---------------------------------------------------------------------------------------------
+
+struct Touch {
+    seq: f64,
+    rnd: f64,
+    kernel_seq: f64,
+    kernel_rnd: f64,
+}
+
+/// A random permutation of `0..n` (xorshift64*, Fisher-Yates; fixed seed).
+fn permutation(n: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in (1..n).rev() {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let j = (r % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+/// One store per page at `base` in `order`; mean µs per page.
+fn store_sweep(base: usize, order: &[usize]) -> f64 {
+    let t = Instant::now();
+    for &p in order {
+        sys::probe_store_u32(base + p * PAGE_SIZE, p as u32);
+    }
+    micros(t) / order.len() as f64
+}
+
+fn hetmem_touch(space: &Space, len: usize, order: &[usize]) -> Result<f64> {
+    let a = space.map_anon(len, Prot::ReadWrite)?;
+    let us = store_sweep(a.get(), order);
+    space.unmap(a, len)?;
+    Ok(us)
+}
+
+fn first_touch(space: &Space, sz: &Sizes) -> Result<Touch> {
+    let len = sz.touch_bytes;
+    let n = len / PAGE_SIZE;
+    let seq: Vec<usize> = (0..n).collect();
+    let rnd = permutation(n);
+    // Kernel baseline: plain anonymous memory, faulted in and dropped once so that the VM has
+    // backed it; every sweep then drops the pages first.
+    let k = Region::new(len, PAGE_SIZE, Prot::ReadWrite).map_err(os("kernel baseline mapping"))?;
+    k.populate(0, len).map_err(os("populate kernel baseline"))?;
+    let ksweep = |order: &[usize]| -> Result<f64> {
+        k.discard(0, len).map_err(os("discard kernel baseline"))?;
+        Ok(store_sweep(k.base(), order))
+    };
+    // Warm-up on both sides (hetmem: another mapping of the same size, unmapped after).
+    ksweep(&seq)?;
+    hetmem_touch(space, len, &seq)?;
+    let (mut hs, mut hr, mut ks, mut kr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..sz.touch_reps {
+        ks.push(ksweep(&seq)?);
+        hs.push(hetmem_touch(space, len, &seq)?);
+        kr.push(ksweep(&rnd)?);
+        hr.push(hetmem_touch(space, len, &rnd)?);
+    }
+    Ok(Touch {
+        seq: median(&mut hs),
+        rnd: median(&mut hr),
+        kernel_seq: median(&mut ks),
+        kernel_rnd: median(&mut kr),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migration round trips
+// ---------------------------------------------------------------------------------------------
+
+/// The bare sequence of kernel primitives hetmem uses to migrate anonymous memory to a device
+/// pool and back, at the same granularity (`chunk`: 4 KiB pages or 2 MiB units):
+/// to the device, per 2 MiB run: `UFFDIO_WRITEPROTECT`, copy each chunk into the pool,
+/// `MADV_DONTNEED` the run; back: one `UFFDIO_COPY` per chunk from the pool.
+struct Primitive {
+    dst: Region,
+    pool: Region,
+    uffd: Uffd,
+    chunk: usize,
+}
+
+impl Primitive {
+    fn new(len: usize, chunk: usize, umo: bool) -> Result<Primitive> {
+        let dst =
+            Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("primitive mapping"))?;
+        let pool =
+            Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("primitive pool"))?;
+        pool.populate(0, len)
+            .map_err(os("populate primitive pool"))?;
+        let uffd = Uffd::open(UffdDelivery::Signal, umo).map_err(os("open userfaultfd"))?;
+        uffd.register(&dst, 0, len, true)
+            .map_err(os("register primitive mapping"))?;
+        let p = Primitive {
+            dst,
+            pool,
+            uffd,
+            chunk,
+        };
+        p.back()?;
+        Ok(p)
+    }
+
+    fn to_device(&self) -> Result<()> {
+        let len = self.dst.len();
+        for run in (0..len).step_by(LARGE_PAGE_SIZE) {
+            let rl = LARGE_PAGE_SIZE.min(len - run);
+            self.uffd
+                .write_protect(self.dst.base() + run, rl, true)
+                .map_err(uffd_os("write-protect"))?;
+            for o in (run..run + rl).step_by(self.chunk) {
+                self.dst
+                    .copy_to(o, &self.pool, o, self.chunk)
+                    .map_err(os("copy to pool"))?;
+            }
+            self.dst.discard(run, rl).map_err(os("discard"))?;
+        }
+        Ok(())
+    }
+
+    fn back(&self) -> Result<()> {
+        for o in (0..self.dst.len()).step_by(self.chunk) {
+            match self
+                .uffd
+                .copy(self.dst.base() + o, &self.pool, o, self.chunk)
+            {
+                Ok(()) | Err(UffdError::Exists) => {}
+                Err(e) => return Err(uffd_os("copy back")(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Round-trip bandwidth (GB/s of bytes moved, both directions) through hetmem and through the
+/// bare primitives.
+fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, f64)> {
+    let n = len / PAGE_SIZE;
+    let dev = SoftDevice::private(len + 2 * LARGE_PAGE_SIZE)?;
+    let mirror = dev.mirror(space)?;
+    let a = space.map_anon_with(
+        len,
+        MapOptions {
+            large,
+            ..MapOptions::default()
+        },
+    )?;
+    for p in 0..n {
+        sys::probe_store_u32(a.get() + p * PAGE_SIZE, p as u32);
+    }
+    let chunk = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
+    let prim = Primitive::new(len, chunk, space.user_mode_only())?;
+    let mut buf = vec![0u8; len];
+    let gbps = |t: Instant| (2 * len) as f64 / t.elapsed().as_secs_f64() / 1e9;
+    let (mut hs, mut ps) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        let t = Instant::now();
+        prim.to_device()?;
+        prim.back()?;
+        let p = gbps(t);
+        let t = Instant::now();
+        let out = mirror.migrate_to_device(a.get() as u64, n as u64, &mut buf)?;
+        let back = mirror.migrate_to_system(a.get() as u64, n as u64)?;
+        let h = gbps(t);
+        if out.cpages != n as u64 || back.cpages != n as u64 {
+            return Err(Error::Invalid("bench: not every page migrated"));
+        }
+        if rep > 0 {
+            hs.push(h);
+            ps.push(p);
+        }
+    }
+    space.unmap(a, len)?;
+    Ok((median(&mut hs), median(&mut ps)))
+}
+
+fn memcpy_gbps(len: usize, reps: usize) -> Result<f64> {
+    let s = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("memcpy source"))?;
+    let d = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("memcpy destination"))?;
+    s.populate(0, len).map_err(os("populate"))?;
+    d.populate(0, len).map_err(os("populate"))?;
+    let mut v = Vec::new();
+    for rep in 0..=reps {
+        let t = Instant::now();
+        s.copy_to(0, &d, 0, len).map_err(os("memcpy"))?;
+        let g = len as f64 / t.elapsed().as_secs_f64() / 1e9;
+        if rep > 0 {
+            v.push(g);
+        }
+    }
+    Ok(median(&mut v))
 }

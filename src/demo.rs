@@ -61,7 +61,13 @@ impl Step<'_> {
     }
 }
 
-fn check(space: &Space, a: VirtAddr, words: usize, f: impl Fn(u32) -> u32, what: &str) -> Result<()> {
+fn check(
+    space: &Space,
+    a: VirtAddr,
+    words: usize,
+    f: impl Fn(u32) -> u32,
+    what: &str,
+) -> Result<()> {
     let mut buf = vec![0u8; words * 4];
     space.cpu_read(a, &mut buf)?;
     verify(&buf, f, what)
@@ -71,7 +77,11 @@ fn verify(buf: &[u8], f: impl Fn(u32) -> u32, what: &str) -> Result<()> {
     for (i, c) in buf.chunks_exact(4).enumerate() {
         let v = u32::from_ne_bytes(c.try_into().expect("4 bytes"));
         if v != f(i as u32) {
-            return Err(Error::Invalid(if what.is_empty() { "data mismatch" } else { "data mismatch (see demo step)" }));
+            return Err(Error::Invalid(if what.is_empty() {
+                "data mismatch"
+            } else {
+                "data mismatch (see demo step)"
+            }));
         }
     }
     Ok(())
@@ -79,25 +89,47 @@ fn verify(buf: &[u8], f: impl Fn(u32) -> u32, what: &str) -> Result<()> {
 
 /// Runs the demo, printing what happens to `out`.
 pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
-    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| Error::os("write demo output", e));
+    let w = |out: &mut dyn Write, s: String| {
+        writeln!(out, "{s}").map_err(|e| Error::os("write demo output", e))
+    };
     let space = Space::new()?;
     let dev = SoftDevice::private(64 << 20)?;
     let mirror = dev.mirror(&space)?;
     let pages = DEMO_BYTES / PAGE_SIZE;
     let words = DEMO_BYTES / 4;
-    w(out, format!("hetmem demo: {} MiB of anonymous memory, a device-private software device with 64 MiB", DEMO_BYTES >> 20))?;
+    w(
+        out,
+        format!(
+            "hetmem demo: {} MiB of anonymous memory, a device-private software device with 64 MiB",
+            DEMO_BYTES >> 20
+        ),
+    )?;
     w(
         out,
         format!(
             "userfaultfd: {}",
-            if space.user_mode_only() { "user-mode-only (unprivileged)" } else { "full (privileged)" }
+            if space.user_mode_only() {
+                "user-mode-only (unprivileged)"
+            } else {
+                "full (privileged)"
+            }
         ),
     )?;
     w(out, String::new())?;
-    w(out, format!("{:<46} {:>9} {:>9} {:>9} {:>13}", "step", "to dev", "to sys", "faults", "wall time"))?;
+    w(
+        out,
+        format!(
+            "{:<46} {:>9} {:>9} {:>9} {:>13}",
+            "step", "to dev", "to sys", "faults", "wall time"
+        ),
+    )?;
     w(out, "-".repeat(92))?;
     let a = space.map_anon(DEMO_BYTES, Prot::ReadWrite)?;
-    let mut step = Step { out, last: space.stats(), t0: Instant::now() };
+    let mut step = Step {
+        out,
+        last: space.stats(),
+        t0: Instant::now(),
+    };
 
     // 1. CPU writes i into word i.
     let data: Vec<u8> = (0..words as u32).flat_map(|i| i.to_ne_bytes()).collect();
@@ -108,7 +140,10 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
     let mut buf = vec![0u8; DEMO_BYTES];
     let o = mirror.read(a.get() as u64, pages as u64, &mut buf)?;
     verify(&buf, |i| i, "device read")?;
-    step.line(&space, &format!("2. device reads via its mirror ({} fault pass)", o.faults))?;
+    step.line(
+        &space,
+        &format!("2. device reads via its mirror ({} fault pass)", o.faults),
+    )?;
 
     // 3. Migrate to device memory.
     let o = mirror.migrate_to_device(a.get() as u64, pages as u64, &mut buf)?;
@@ -152,7 +187,10 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
             s.pages_to_device, s.pages_to_system, s.cpu_faults, words
         ),
     )?;
-    w(out, "(wall times are this machine's; the software device copies with the CPU)".into())?;
+    w(
+        out,
+        "(wall times are this machine's; the software device copies with the CPU)".into(),
+    )?;
     space.unmap(a, DEMO_BYTES)?;
     Ok(DemoReport {
         pages_to_device: s.pages_to_device,

@@ -166,11 +166,11 @@ impl DeviceInner {
         let mut n = 0;
         for f in 0..self.pagemap.nframes() {
             let frame = FrameIdx(f as u32);
-            if let Some((sid, vpn)) = self.pagemap.rmap(frame) {
-                if let Some(core) = space_by_id(sid) {
-                    core.evict_frame(&self.pagemap, frame, vpn)?;
-                    n += 1;
-                }
+            if let Some((sid, vpn)) = self.pagemap.rmap(frame)
+                && let Some(core) = space_by_id(sid)
+            {
+                core.evict_frame(&self.pagemap, frame, vpn)?;
+                n += 1;
             }
         }
         Ok(n)
@@ -564,7 +564,14 @@ impl DeviceMirror {
 
     /// `range_fault` over `[s, e)` with `flags`, then maps the valid pages under the sequence
     /// check; with `local_only`, only pages in this device's own memory are mapped.
-    fn range_fault_map(&self, n: &Arc<IntervalNotifier>, s: Vpn, e: Vpn, flags: u64, local_only: bool) -> Result<()> {
+    fn range_fault_map(
+        &self,
+        n: &Arc<IntervalNotifier>,
+        s: Vpn,
+        e: Vpn,
+        flags: u64,
+        local_only: bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + RANGE_FAULT_TIMEOUT;
         loop {
             if Instant::now() > deadline {
@@ -595,7 +602,8 @@ impl DeviceMirror {
                     continue;
                 }
                 let target = PageTarget::decode(*w);
-                let local = matches!(target, PageTarget::Device { pagemap, .. } if pagemap == self.inner.dev.pagemap.id());
+                let own = self.inner.dev.pagemap.id();
+                let local = matches!(target, PageTarget::Device { pagemap, .. } if pagemap == own);
                 if local_only && !local {
                     continue;
                 }
@@ -654,7 +662,7 @@ impl DeviceMirror {
                 return Err(Error::Invalid("mapping without read permission"));
             }
             let next = r.end.min(vend).min(a.add(PAGES_PER_LARGE * PAGE_SIZE));
-            let mut mig = migrate::migrate_vma_setup(
+            let mut mig = match migrate::migrate_vma_setup(
                 space,
                 MigrateArgs {
                     start: a,
@@ -662,7 +670,14 @@ impl DeviceMirror {
                     flags: SELECT_SYSTEM | SELECT_COMPOUND,
                     pgmap_owner: self.owner(),
                 },
-            )?;
+            ) {
+                Ok(mig) => mig,
+                // The mapping changed (a concurrent protect split it, an unmap removed it)
+                // between `vma_info` and the setup, which takes the address space's lock
+                // (dmirror holds mmap_lock across both): look it up again.
+                Err(_) if space.vma_info(a).map(|(e, _)| e) != Some(vend) => continue,
+                Err(e) => return Err(e),
+            };
             mig.use_pagemap(&pm);
             let mut i = 0;
             while i < mig.npages() {
@@ -740,9 +755,17 @@ impl DeviceMirror {
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
         if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-            return Err(Error::NotPresent {
-                addr: Vpn(cur).addr(),
-            });
+            // The MIGRATE notifications of this migration also dropped this device's entries
+            // for pages already in its memory (not selected, so not mapped again above), where
+            // dmirror's callback ignores its own MIGRATE events and keeps them. Map those pages
+            // again without faulting; any other missing page did not migrate: ENOENT.
+            let n = self.notifier()?;
+            self.range_fault_map(&n, Vpn(cur), r.end.page(), 0, true)?;
+            if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
+                return Err(Error::NotPresent {
+                    addr: Vpn(cur).addr(),
+                });
+            }
         }
         Ok(out)
     }
@@ -762,7 +785,7 @@ impl DeviceMirror {
         while a < r.end {
             let (vend, _) = space.vma_info(a).ok_or(Error::Invalid("no mapping"))?;
             let next = r.end.min(vend).min(a.add(PAGES_PER_LARGE * PAGE_SIZE));
-            let mut mig = migrate::migrate_vma_setup(
+            let mut mig = match migrate::migrate_vma_setup(
                 space,
                 MigrateArgs {
                     start: a,
@@ -770,7 +793,13 @@ impl DeviceMirror {
                     flags: select | SELECT_COMPOUND,
                     pgmap_owner: self.owner(),
                 },
-            )?;
+            ) {
+                Ok(mig) => mig,
+                // The mapping changed between `vma_info` and the setup: look it up again (as
+                // in migrate_to_device).
+                Err(_) if space.vma_info(a).map(|(e, _)| e) != Some(vend) => continue,
+                Err(e) => return Err(e),
+            };
             let mut i = 0;
             while i < mig.npages() {
                 let w = mig.src[i];
@@ -851,17 +880,17 @@ impl DeviceMirror {
             18 => b |= snap::PUD,
             _ => {}
         }
-        if let PageTarget::Device { pagemap, .. } = PageTarget::decode(w) {
-            if let Ok(pm) = self.frame_pagemap(pagemap) {
-                let local = pm.owner() == self.owner();
-                b |= match (pm.kind(), local) {
-                    (MemoryKind::Private, true) => snap::DEV_PRIVATE_LOCAL,
-                    (MemoryKind::Private, false) => snap::DEV_PRIVATE_REMOTE,
-                    (MemoryKind::Coherent, true) => snap::DEV_COHERENT_LOCAL,
-                    (MemoryKind::Coherent, false) => snap::DEV_COHERENT_REMOTE,
-                    (MemoryKind::System, _) => 0,
-                };
-            }
+        if let PageTarget::Device { pagemap, .. } = PageTarget::decode(w)
+            && let Ok(pm) = self.frame_pagemap(pagemap)
+        {
+            let local = pm.owner() == self.owner();
+            b |= match (pm.kind(), local) {
+                (MemoryKind::Private, true) => snap::DEV_PRIVATE_LOCAL,
+                (MemoryKind::Private, false) => snap::DEV_PRIVATE_REMOTE,
+                (MemoryKind::Coherent, true) => snap::DEV_COHERENT_LOCAL,
+                (MemoryKind::Coherent, false) => snap::DEV_COHERENT_REMOTE,
+                (MemoryKind::System, _) => 0,
+            };
         }
         b
     }
@@ -913,7 +942,7 @@ impl DeviceMirror {
     /// A device atomic fetch-add on a `u64` of a page the device holds exclusively (as a real
     /// device's atomics on `make_device_exclusive` pages); [`Error::NotPresent`] otherwise.
     pub fn atomic_fetch_add(&self, addr: VirtAddr, v: u64) -> Result<u64> {
-        if addr.get() % 8 != 0 {
+        if !addr.get().is_multiple_of(8) {
             return Err(Error::Invalid("u64 atomic must be 8-byte aligned"));
         }
         let pt = lock(&self.inner.pt);

@@ -25,6 +25,9 @@ pub mod space;
 pub mod sync;
 pub mod sys;
 
+#[cfg(test)]
+mod model_tests;
+
 pub use addr::{PAGE_SIZE, VaRange, VirtAddr, Vpn};
 pub use device::{Cmd, CmdOut, DeviceConfig, DeviceMirror, DmirrorCmd, SoftDevice};
 pub use error::{Error, Result};

@@ -6,7 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "hetmem", version, about = "Heterogeneous memory manager: CPU and device memory in one address space")]
+#[command(
+    name = "hetmem",
+    version,
+    about = "Heterogeneous memory manager: CPU and device memory in one address space"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -49,7 +53,8 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
     }
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     let opts = hetmem::bench::BenchOptions { quick };
-    let results = hetmem::bench::run(&opts, &mut |what| pb.set_message(what.to_string())).context("bench failed")?;
+    let results = hetmem::bench::run(&opts, &mut |what| pb.set_message(what.to_string()))
+        .context("bench failed")?;
     pb.finish_and_clear();
     let mut out = std::io::stdout().lock();
     if json {
@@ -57,7 +62,11 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    writeln!(out, "{:<34} {:>12} {:<6}  {:<34} {:>12}  {:>7}", "figure", "value", "unit", "baseline (same run)", "value", "ratio")?;
+    writeln!(
+        out,
+        "{:<34} {:>12} {:<6}  {:<34} {:>12}  {:>7}",
+        "figure", "value", "unit", "baseline (same run)", "value", "ratio"
+    )?;
     writeln!(out, "{}", "-".repeat(112))?;
     for r in &results {
         writeln!(
@@ -67,16 +76,23 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
             r.value,
             r.unit,
             r.baseline.as_deref().unwrap_or("-"),
-            r.baseline_value.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
-            r.ratio.map(|v| format!("{v:.2}x")).unwrap_or_else(|| "-".into()),
+            r.baseline_value
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.ratio
+                .map(|v| format!("{v:.2}x"))
+                .unwrap_or_else(|| "-".into()),
         )?;
     }
     Ok(())
 }
 
 fn info() -> anyhow::Result<()> {
-    let space = hetmem::Space::with_config(hetmem::SpaceConfig { size: 2 << 20, ..Default::default() })
-        .context("cannot create an address space (userfaultfd unavailable?)")?;
+    let space = hetmem::Space::with_config(hetmem::SpaceConfig {
+        size: 2 << 20,
+        ..Default::default()
+    })
+    .context("cannot create an address space (userfaultfd unavailable?)")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "effective uid:        {}", hetmem::sys::geteuid())?;
     writeln!(
@@ -88,6 +104,9 @@ fn info() -> anyhow::Result<()> {
             "full: thread-mode mappings also serve system calls that touch device-resident pages"
         }
     )?;
-    writeln!(out, "default fault mode:   signal (served in the faulting thread)")?;
+    writeln!(
+        out,
+        "default fault mode:   signal (served in the faulting thread)"
+    )?;
     Ok(())
 }

@@ -31,7 +31,7 @@
 //! * A device-private page needs `SELECT_DEVICE_PRIVATE` and a matching owner.
 //! * Device-exclusive pages are skipped; pinned pages are collected but not `MIGRATE`.
 
-use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE, VaRange, VirtAddr};
+use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr};
 use crate::error::{Error, Result};
 use crate::mirror::{NotifyEvent, PageTarget};
 use crate::mm::FaultMode;
@@ -105,7 +105,11 @@ pub struct MigrateVma<'a> {
 
 impl std::fmt::Debug for MigrateVma<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MigrateVma").field("start", &self.start).field("end", &self.end).field("cpages", &self.cpages).finish()
+        f.debug_struct("MigrateVma")
+            .field("start", &self.start)
+            .field("end", &self.end)
+            .field("cpages", &self.cpages)
+            .finish()
     }
 }
 
@@ -114,10 +118,16 @@ impl std::fmt::Debug for MigrateVma<'_> {
 pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<MigrateVma<'a>> {
     let core = &space.core;
     core.check_process()?;
-    let len = args.end.get().checked_sub(args.start.get()).ok_or(Error::Invalid("end before start"))?;
+    let len = args
+        .end
+        .get()
+        .checked_sub(args.start.get())
+        .ok_or(Error::Invalid("end before start"))?;
     let r = VaRange::new(args.start, len)?;
     let mut st = core.lock_state();
-    let v = st.vma(r.start).ok_or(Error::Invalid("no mapping at start"))?;
+    let v = st
+        .vma(r.start)
+        .ok_or(Error::Invalid("no mapping at start"))?;
     if r.end > v.range.end {
         return Err(Error::Invalid("range is not inside one mapping"));
     }
@@ -140,7 +150,9 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
             PageState::None if args.flags & SELECT_SYSTEM != 0 => {
                 let all_none = unit_here
                     && large_vma
-                    && v.ptes[vi..vi + PAGES_PER_LARGE].iter().all(|p| p.state() == PageState::None);
+                    && v.ptes[vi..vi + PAGES_PER_LARGE]
+                        .iter()
+                        .all(|p| p.state() == PageState::None);
                 if compound && all_none {
                     src[i] = MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND | wbit;
                     cpages += PAGES_PER_LARGE;
@@ -152,9 +164,14 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
             }
             PageState::Present if args.flags & SELECT_SYSTEM != 0 => {
                 if pte.large() {
-                    let whole = unit_here && compound && !v.ptes[vi..vi + PAGES_PER_LARGE].iter().any(|p| p.pinned());
+                    let whole = unit_here
+                        && compound
+                        && !v.ptes[vi..vi + PAGES_PER_LARGE].iter().any(|p| p.pinned());
                     if whole {
-                        src[i] = migrate_pfn(PageTarget::System(a.page())) | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND | wbit;
+                        src[i] = migrate_pfn(PageTarget::System(a.page()))
+                            | MIGRATE_PFN_MIGRATE
+                            | MIGRATE_PFN_COMPOUND
+                            | wbit;
                         for k in 0..PAGES_PER_LARGE {
                             protected[i + k] = true;
                         }
@@ -182,8 +199,10 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                 if sel && pm.owner() == args.pgmap_owner {
                     if pte.large() {
                         if unit_here && compound {
-                            src[i] = migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: pte.frame() })
-                                | MIGRATE_PFN_MIGRATE
+                            src[i] = migrate_pfn(PageTarget::Device {
+                                pagemap: pm.id(),
+                                frame: pte.frame(),
+                            }) | MIGRATE_PFN_MIGRATE
                                 | MIGRATE_PFN_COMPOUND
                                 | wbit;
                             cpages += PAGES_PER_LARGE;
@@ -193,8 +212,10 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                         core.split_unit(&mut st, a);
                     }
                     let pte = st.pte(a).expect("mapped");
-                    src[i] = migrate_pfn(PageTarget::Device { pagemap: pm.id(), frame: pte.frame() })
-                        | MIGRATE_PFN_MIGRATE
+                    src[i] = migrate_pfn(PageTarget::Device {
+                        pagemap: pm.id(),
+                        frame: pte.frame(),
+                    }) | MIGRATE_PFN_MIGRATE
                         | wbit;
                     cpages += 1;
                 }
@@ -206,9 +227,14 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     core.invalidate(&st, r, NotifyEvent::Migrate, Some(args.pgmap_owner));
     // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
     for (s, e) in runs(&protected) {
-        let wr = VaRange { start: r.start.add(s * PAGE_SIZE), end: r.start.add(e * PAGE_SIZE) };
+        let wr = VaRange {
+            start: r.start.add(s * PAGE_SIZE),
+            end: r.start.add(e * PAGE_SIZE),
+        };
         if writable {
-            core.mm.write_protect(wr, true, mode).map_err(|e| Error::os("write-protect for migration", e.into()))?;
+            core.mm
+                .write_protect(wr, true, mode)
+                .map_err(|e| Error::os("write-protect for migration", e.into()))?;
         }
     }
     Ok(MigrateVma {
@@ -273,9 +299,14 @@ impl MigrateVma<'_> {
         for k in 0..PAGES_PER_LARGE {
             self.src[i + k] = match migrate_pfn_target(w) {
                 None => flags,
-                Some(PageTarget::System(v)) => migrate_pfn(PageTarget::System(crate::addr::Vpn(v.0 + k))) | flags,
+                Some(PageTarget::System(v)) => {
+                    migrate_pfn(PageTarget::System(crate::addr::Vpn(v.0 + k))) | flags
+                }
                 Some(PageTarget::Device { pagemap, frame }) => {
-                    migrate_pfn(PageTarget::Device { pagemap, frame: FrameIdx(frame.0 + k as u32) }) | flags
+                    migrate_pfn(PageTarget::Device {
+                        pagemap,
+                        frame: FrameIdx(frame.0 + k as u32),
+                    }) | flags
                 }
                 Some(PageTarget::Stash(_)) => 0,
             };
@@ -286,11 +317,20 @@ impl MigrateVma<'_> {
     /// whole 2 MiB unit for a compound entry; zeros for a hole).
     pub fn copy_to_frame(&self, i: usize, pm: &Pagemap, frame: FrameIdx) -> Result<()> {
         let w = self.src[i];
-        let len = if w & MIGRATE_PFN_COMPOUND != 0 { PAGES_PER_LARGE * PAGE_SIZE } else { PAGE_SIZE };
+        let len = if w & MIGRATE_PFN_COMPOUND != 0 {
+            PAGES_PER_LARGE * PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        };
         match migrate_pfn_target(w) {
-            None => pm.region().zero(frame.offset(), len).map_err(|e| Error::os("clear frame", e)),
+            None => pm
+                .region()
+                .zero(frame.offset(), len)
+                .map_err(|e| Error::os("clear frame", e)),
             Some(PageTarget::System(v)) => {
-                self.core.mm.copy_to(v.addr(), pm.region(), frame.offset(), len);
+                self.core
+                    .mm
+                    .copy_to(v.addr(), pm.region(), frame.offset(), len);
                 Ok(())
             }
             Some(PageTarget::Device { pagemap, frame: sf }) => {
@@ -317,11 +357,16 @@ impl MigrateVma<'_> {
                 Some(PageTarget::Device { pagemap, .. }) => {
                     // A compound source needs a compound destination (the driver splits the
                     // source first if it cannot get one), and vice versa.
-                    (self.dst[i] & MIGRATE_PFN_COMPOUND != 0) == (self.src[i] & MIGRATE_PFN_COMPOUND != 0)
+                    (self.dst[i] & MIGRATE_PFN_COMPOUND != 0)
+                        == (self.src[i] & MIGRATE_PFN_COMPOUND != 0)
                         && self.st().pagemaps[pagemap.0 as usize].is_some()
                 }
                 Some(PageTarget::System(v)) => {
-                    v == self.addr(i).page() && matches!(migrate_pfn_target(self.src[i]), Some(PageTarget::Device { .. }))
+                    v == self.addr(i).page()
+                        && matches!(
+                            migrate_pfn_target(self.src[i]),
+                            Some(PageTarget::Device { .. })
+                        )
                 }
                 Some(PageTarget::Stash(_)) => false,
             };
@@ -357,13 +402,12 @@ impl MigrateVma<'_> {
             let compound = w & MIGRATE_PFN_COMPOUND != 0;
             let span = if compound { PAGES_PER_LARGE } else { 1 };
             if w & MIGRATE_PFN_MIGRATE == 0 {
-                for k in 0..span {
-                    unprotect[i + k] = self.protected[i + k];
-                }
+                unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
                 i += span;
                 continue;
             }
-            let dst = migrate_pfn_target(self.dst[i]).expect("pages() kept only valid destinations");
+            let dst =
+                migrate_pfn_target(self.dst[i]).expect("pages() kept only valid destinations");
             let src = migrate_pfn_target(w);
             match dst {
                 PageTarget::Device { pagemap, frame } => {
@@ -376,19 +420,33 @@ impl MigrateVma<'_> {
                         pm.set_rmap(f, core.id, ak.page().0);
                         zap[i + k] = self.protected[i + k];
                     }
-                    if let Some(PageTarget::Device { pagemap: sp, frame: sf }) = src {
+                    if let Some(PageTarget::Device {
+                        pagemap: sp,
+                        frame: sf,
+                    }) = src
+                    {
                         st.pagemap(sp).free(sf, compound);
                     } else {
-                        core.counters.pages_to_device.fetch_add(span as u64, Ordering::Relaxed);
+                        core.counters
+                            .pages_to_device
+                            .fetch_add(span as u64, Ordering::Relaxed);
                     }
                 }
                 PageTarget::System(_) => {
                     let Some(PageTarget::Device { pagemap, frame }) = src else {
                         unreachable!("pages() allows system destinations for device sources only")
                     };
-                    let r = VaRange { start: a, end: a.add(span * PAGE_SIZE) };
-                    if core.restore_from_frame(&mut st, r, frame, pagemap, compound).is_ok() {
-                        core.counters.pages_to_system.fetch_add(span as u64, Ordering::Relaxed);
+                    let r = VaRange {
+                        start: a,
+                        end: a.add(span * PAGE_SIZE),
+                    };
+                    if core
+                        .restore_from_frame(&mut st, r, frame, pagemap, compound)
+                        .is_ok()
+                    {
+                        core.counters
+                            .pages_to_system
+                            .fetch_add(span as u64, Ordering::Relaxed);
                     }
                 }
                 PageTarget::Stash(_) => unreachable!("pages() rejects stash destinations"),
@@ -396,7 +454,10 @@ impl MigrateVma<'_> {
             i += span;
         }
         for (s, e) in runs(&zap) {
-            let r = VaRange { start: self.start.add(s * PAGE_SIZE), end: self.start.add(e * PAGE_SIZE) };
+            let r = VaRange {
+                start: self.start.add(s * PAGE_SIZE),
+                end: self.start.add(e * PAGE_SIZE),
+            };
             // Dropping the pages also drops their write protection; a writer blocked on it
             // faults again, now on a missing page, and gets the data back from the device.
             let _ = core.mm.zap(r);
@@ -404,7 +465,10 @@ impl MigrateVma<'_> {
         }
         if self.writable {
             for (s, e) in runs(&unprotect) {
-                let r = VaRange { start: self.start.add(s * PAGE_SIZE), end: self.start.add(e * PAGE_SIZE) };
+                let r = VaRange {
+                    start: self.start.add(s * PAGE_SIZE),
+                    end: self.start.add(e * PAGE_SIZE),
+                };
                 let _ = core.mm.write_protect(r, false, self.mode);
             }
         }

@@ -29,7 +29,7 @@
 //!
 //! A word of 0 means "not present, can be faulted".
 
-use crate::addr::{FrameIdx, VaRange, VirtAddr, Vpn, PAGE_SIZE};
+use crate::addr::{FrameIdx, PAGE_SIZE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
 use crate::pool::{MemoryKind, Owner, PagemapId};
 use crate::space::{PageState, SpaceCore};
@@ -81,7 +81,10 @@ impl PageTarget {
         let w = w & TARGET_MASK;
         match w >> 50 {
             0 => PageTarget::System(Vpn((w & ((1 << 50) - 1)) as usize)),
-            1 => PageTarget::Device { pagemap: PagemapId((w >> 32) as u8), frame: FrameIdx(w as u32) },
+            1 => PageTarget::Device {
+                pagemap: PagemapId((w >> 32) as u8),
+                frame: FrameIdx(w as u32),
+            },
             _ => PageTarget::Stash(FrameIdx(w as u32)),
         }
     }
@@ -144,13 +147,21 @@ pub struct IntervalNotifier {
 
 impl std::fmt::Debug for IntervalNotifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IntervalNotifier").field("range", &self.range).field("seq", &self.seq).finish()
+        f.debug_struct("IntervalNotifier")
+            .field("range", &self.range)
+            .field("seq", &self.seq)
+            .finish()
     }
 }
 
 impl IntervalNotifier {
     pub(crate) fn new(space: Weak<SpaceCore>, range: VaRange, ops: Weak<dyn IntervalOps>) -> Self {
-        IntervalNotifier { space, range, seq: AtomicU64::new(0), ops }
+        IntervalNotifier {
+            space,
+            range,
+            seq: AtomicU64::new(0),
+            ops,
+        }
     }
     /// The range watched.
     pub fn range(&self) -> VaRange {
@@ -213,7 +224,10 @@ pub struct HmmRange<'a> {
 pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
     let space = range.notifier.space().ok_or(Error::Gone)?;
     space.check_process()?;
-    let r = VaRange::new(range.start, range.end.get().saturating_sub(range.start.get()))?;
+    let r = VaRange::new(
+        range.start,
+        range.end.get().saturating_sub(range.start.get()),
+    )?;
     if range.hmm_pfns.len() != r.pages() {
         return Err(Error::Invalid("hmm_pfns must hold one word per page"));
     }
@@ -252,7 +266,11 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
                 range.hmm_pfns[i] = HMM_PFN_VALID
                     | if writable { HMM_PFN_WRITE } else { 0 }
                     | order(pte.large())
-                    | PageTarget::Device { pagemap: pte.pagemap(), frame: pte.frame() }.encode();
+                    | PageTarget::Device {
+                        pagemap: pte.pagemap(),
+                        frame: pte.frame(),
+                    }
+                    .encode();
                 continue;
             }
         }

@@ -21,7 +21,7 @@
 
 use std::io;
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::addr::{PAGE_SIZE, VaRange, VirtAddr};
 use crate::sync::{Mutex, lock};
 use crate::sys::{self, Prot, Region, Uffd, UffdDelivery, UffdError};
 
@@ -50,8 +50,14 @@ pub trait Mm: Send + Sync {
     /// Unmaps a range: its pages are dropped and accesses fault with SIGSEGV.
     fn unmap(&self, r: VaRange) -> io::Result<()>;
     /// Fills the missing pages at `dst..dst+len` with `src[off..off+len]`.
-    fn install(&self, dst: VirtAddr, src: &Region, off: usize, len: usize, mode: FaultMode)
-    -> Result<(), UffdError>;
+    fn install(
+        &self,
+        dst: VirtAddr,
+        src: &Region,
+        off: usize,
+        len: usize,
+        mode: FaultMode,
+    ) -> Result<(), UffdError>;
     /// Drops the pages of `r` (the next access faults).
     fn zap(&self, r: VaRange) -> io::Result<()>;
     /// Sets or clears write protection of the present pages of `r` (clearing wakes writers).
@@ -94,7 +100,10 @@ pub struct KernelMm {
 
 impl std::fmt::Debug for KernelMm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelMm").field("base", &self.res.base()).field("len", &self.res.len()).finish()
+        f.debug_struct("KernelMm")
+            .field("base", &self.res.base())
+            .field("len", &self.res.len())
+            .finish()
     }
 }
 
@@ -107,7 +116,12 @@ impl KernelMm {
         let res = Region::new(len, crate::addr::LARGE_PAGE_SIZE, Prot::None)?;
         let sig = Uffd::open(UffdDelivery::Signal, user_mode_only)?;
         sys::install_sigbus_handler()?;
-        Ok(KernelMm { res, sig, thr: Mutex::new(None), force_umo: user_mode_only })
+        Ok(KernelMm {
+            res,
+            sig,
+            thr: Mutex::new(None),
+            force_umo: user_mode_only,
+        })
     }
 
     fn off(&self, a: VirtAddr) -> usize {
@@ -118,7 +132,9 @@ impl KernelMm {
         match mode {
             FaultMode::Signal => f(&self.sig),
             FaultMode::Thread => {
-                let uffd = self.thread_uffd().expect("thread-mode uffd exists once a thread-mode mapping does");
+                let uffd = self
+                    .thread_uffd()
+                    .expect("thread-mode uffd exists once a thread-mode mapping does");
                 f(&uffd)
             }
         }
@@ -136,7 +152,11 @@ impl KernelMm {
         let handle = std::thread::Builder::new()
             .name("hetmem-uffd".into())
             .spawn(move || serve_thread_faults(&u2, &stop2))?;
-        *g = Some(ThreadService { uffd: uffd.clone(), stop, handle: Some(handle) });
+        *g = Some(ThreadService {
+            uffd: uffd.clone(),
+            stop,
+            handle: Some(handle),
+        });
         Ok(uffd)
     }
 }
@@ -172,7 +192,10 @@ impl Drop for KernelMm {
 
 impl Mm for KernelMm {
     fn reservation(&self) -> VaRange {
-        VaRange { start: VirtAddr(self.res.base()), end: VirtAddr(self.res.base() + self.res.len()) }
+        VaRange {
+            start: VirtAddr(self.res.base()),
+            end: VirtAddr(self.res.base() + self.res.len()),
+        }
     }
 
     fn map(&self, r: VaRange, prot: Prot, mode: FaultMode) -> io::Result<()> {
@@ -229,11 +252,15 @@ impl Mm for KernelMm {
     }
 
     fn read(&self, addr: VirtAddr, dst: &mut [u8]) {
-        self.res.read(self.off(addr), dst).expect("read of a range inside the reservation")
+        self.res
+            .read(self.off(addr), dst)
+            .expect("read of a range inside the reservation")
     }
 
     fn write(&self, addr: VirtAddr, src: &[u8]) {
-        self.res.write(self.off(addr), src).expect("write of a range inside the reservation")
+        self.res
+            .write(self.off(addr), src)
+            .expect("write of a range inside the reservation")
     }
 
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {
@@ -250,7 +277,12 @@ impl Mm for KernelMm {
         sys::cpu_write(addr.get(), src)
     }
 
-    fn cpu_fetch_add(&self, addr: VirtAddr, v: u64, _fault: &dyn Fn(VirtAddr, bool) -> bool) -> u64 {
+    fn cpu_fetch_add(
+        &self,
+        addr: VirtAddr,
+        v: u64,
+        _fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> u64 {
         sys::cpu_fetch_add_u64(addr.get(), v)
     }
 
@@ -283,7 +315,10 @@ impl ModelMm {
     pub fn new(len: usize) -> ModelMm {
         let start = VirtAddr(0x1000_0000_0000);
         ModelMm {
-            range: VaRange { start, end: start.add(len) },
+            range: VaRange {
+                start,
+                end: start.add(len),
+            },
             pages: Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -330,7 +365,8 @@ impl Mm for ModelMm {
         }
         for p in 0..len / PAGE_SIZE {
             let mut data = vec![0u8; PAGE_SIZE].into_boxed_slice();
-            src.read(off + p * PAGE_SIZE, &mut data).expect("model install source in range");
+            src.read(off + p * PAGE_SIZE, &mut data)
+                .expect("model install source in range");
             pages.insert(dst.page().0 + p, ModelPage { data, wp: false });
         }
         Ok(())
@@ -357,7 +393,9 @@ impl Mm for ModelMm {
         let len = dst.len();
         Self::each_page(addr, len, |vpn, in_page, done| {
             let n = (PAGE_SIZE - in_page).min(len - done);
-            let pg = pages.get(&vpn).expect("hetmem read a missing page: core bug");
+            let pg = pages
+                .get(&vpn)
+                .expect("hetmem read a missing page: core bug");
             dst[done..done + n].copy_from_slice(&pg.data[in_page..in_page + n]);
         });
     }
@@ -365,7 +403,9 @@ impl Mm for ModelMm {
         let mut pages = lock(&self.pages);
         Self::each_page(addr, src.len(), |vpn, in_page, done| {
             let n = (PAGE_SIZE - in_page).min(src.len() - done);
-            let pg = pages.get_mut(&vpn).expect("hetmem wrote a missing page: core bug");
+            let pg = pages
+                .get_mut(&vpn)
+                .expect("hetmem wrote a missing page: core bug");
             assert!(!pg.wp, "hetmem wrote a write-protected page: core bug");
             pg.data[in_page..in_page + n].copy_from_slice(&src[done..done + n]);
         });
@@ -373,7 +413,8 @@ impl Mm for ModelMm {
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {
         let mut buf = vec![0u8; len];
         self.read(addr, &mut buf);
-        dst.write(off, &buf).expect("model copy_to destination in range");
+        dst.write(off, &buf)
+            .expect("model copy_to destination in range");
     }
     fn cpu_read(&self, addr: VirtAddr, dst: &mut [u8], fault: &dyn Fn(VirtAddr, bool) -> bool) {
         let len = dst.len();
@@ -404,12 +445,12 @@ impl Mm for ModelMm {
             loop {
                 {
                     let mut pages = lock(&self.pages);
-                    if let Some(pg) = pages.get_mut(&a.page().0) {
-                        if !pg.wp {
-                            let o = a.get() % PAGE_SIZE;
-                            pg.data[o..o + n].copy_from_slice(&src[done..done + n]);
-                            break;
-                        }
+                    if let Some(pg) = pages.get_mut(&a.page().0)
+                        && !pg.wp
+                    {
+                        let o = a.get() % PAGE_SIZE;
+                        pg.data[o..o + n].copy_from_slice(&src[done..done + n]);
+                        break;
                     }
                 }
                 assert!(fault(a.page_down(), true), "model: SIGSEGV on write at {a}");
@@ -421,16 +462,19 @@ impl Mm for ModelMm {
         loop {
             {
                 let mut pages = lock(&self.pages);
-                if let Some(pg) = pages.get_mut(&addr.page().0) {
-                    if !pg.wp {
-                        let o = addr.get() % PAGE_SIZE;
-                        let old = u64::from_ne_bytes(pg.data[o..o + 8].try_into().expect("8 bytes"));
-                        pg.data[o..o + 8].copy_from_slice(&old.wrapping_add(v).to_ne_bytes());
-                        return old;
-                    }
+                if let Some(pg) = pages.get_mut(&addr.page().0)
+                    && !pg.wp
+                {
+                    let o = addr.get() % PAGE_SIZE;
+                    let old = u64::from_ne_bytes(pg.data[o..o + 8].try_into().expect("8 bytes"));
+                    pg.data[o..o + 8].copy_from_slice(&old.wrapping_add(v).to_ne_bytes());
+                    return old;
                 }
             }
-            assert!(fault(addr.page_down(), true), "model: SIGSEGV on atomic at {addr}");
+            assert!(
+                fault(addr.page_down(), true),
+                "model: SIGSEGV on atomic at {addr}"
+            );
         }
     }
     fn user_mode_only(&self) -> bool {

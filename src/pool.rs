@@ -31,7 +31,7 @@
 //! `PoolState` (free lists, counts) is protected by `Pagemap::state`. It is a leaf lock: nothing
 //! else is taken while holding it.
 
-use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE};
+use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE};
 use crate::error::{Error, Result};
 use crate::sync::{AtomicU64, Mutex, Ordering, lock};
 use crate::sys::{LARGE_PAGE_SIZE, Prot, Region};
@@ -194,10 +194,13 @@ impl Pagemap {
         let mut st = lock(&self.state);
         if st.free_base.is_empty() {
             let Some(block) = st.free_large.pop() else {
-                return Err(Error::NoMemory { what: "device memory" });
+                return Err(Error::NoMemory {
+                    what: "device memory",
+                });
             };
             let first = block * PAGES_PER_LARGE as u32;
-            st.free_base.extend((first..first + PAGES_PER_LARGE as u32).rev());
+            st.free_base
+                .extend((first..first + PAGES_PER_LARGE as u32).rev());
         }
         let f = st.free_base.pop().expect("refilled above");
         st.used += 1;
@@ -209,12 +212,18 @@ impl Pagemap {
     pub fn alloc_large(&self) -> Result<FrameIdx> {
         let mut st = lock(&self.state);
         let Some(block) = st.free_large.pop() else {
-            return Err(Error::NoMemory { what: "device memory (large frames)" });
+            return Err(Error::NoMemory {
+                what: "device memory (large frames)",
+            });
         };
         st.large_alloc[block as usize] = true;
         st.used += PAGES_PER_LARGE;
         let head = block as usize * PAGES_PER_LARGE;
-        self.set_flags(head, PAGES_PER_LARGE, frame_flags::ALLOCATED | frame_flags::LOCKED | frame_flags::LARGE);
+        self.set_flags(
+            head,
+            PAGES_PER_LARGE,
+            frame_flags::ALLOCATED | frame_flags::LOCKED | frame_flags::LARGE,
+        );
         Ok(FrameIdx(head as u32))
     }
 
@@ -234,7 +243,10 @@ impl Pagemap {
         let mut st = lock(&self.state);
         if large {
             let block = frame.0 as usize / PAGES_PER_LARGE;
-            assert!(st.large_alloc[block], "large free of a frame not allocated large");
+            assert!(
+                st.large_alloc[block],
+                "large free of a frame not allocated large"
+            );
             st.large_alloc[block] = false;
             st.free_large.push(block as u32);
             st.used -= PAGES_PER_LARGE;
@@ -280,17 +292,35 @@ mod tests {
                 let l = p.alloc_large().unwrap();
                 let b = p.alloc().unwrap();
                 assert_eq!(p.used(), LARGE_PAGE_SIZE + PAGE_SIZE);
-                assert!(p.alloc_large().is_err(), "second block is split for base frames");
+                assert!(
+                    p.alloc_large().is_err(),
+                    "second block is split for base frames"
+                );
                 p.free(l, true);
                 p.free(b, false);
                 assert_eq!(p.used(), 0);
                 let f = p.alloc().unwrap();
-                assert_eq!(p.frame_info(f).flags, frame_flags::ALLOCATED | frame_flags::LOCKED);
+                assert_eq!(
+                    p.frame_info(f).flags,
+                    frame_flags::ALLOCATED | frame_flags::LOCKED
+                );
                 p.set_rmap(f, 3, 77);
                 p.mark_dirty(f);
-                assert_eq!(p.frame_info(f), FrameInfo { flags: frame_flags::ALLOCATED | frame_flags::DIRTY, mapping: Some((3, 77)) });
+                assert_eq!(
+                    p.frame_info(f),
+                    FrameInfo {
+                        flags: frame_flags::ALLOCATED | frame_flags::DIRTY,
+                        mapping: Some((3, 77))
+                    }
+                );
                 p.free(f, false);
-                assert_eq!(p.frame_info(f), FrameInfo { flags: 0, mapping: None });
+                assert_eq!(
+                    p.frame_info(f),
+                    FrameInfo {
+                        flags: 0,
+                        mapping: None
+                    }
+                );
                 assert!(p.alloc_large().is_ok());
             },
             1,

@@ -50,7 +50,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::addr::{FrameIdx, PAGES_PER_LARGE, PAGE_SIZE, VaRange, VirtAddr, Vpn};
+use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
 use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
@@ -125,7 +125,10 @@ impl Pte {
         Pte(ST_PRESENT | if large { F_LARGE } else { 0 } | keep.pins_bits())
     }
     pub(crate) fn device(pm: PagemapId, frame: FrameIdx, large: bool) -> Pte {
-        Pte(ST_DEVICE | if large { F_LARGE } else { 0 } | (pm.0 as u64) << 8 | (frame.0 as u64) << 32)
+        Pte(ST_DEVICE
+            | if large { F_LARGE } else { 0 }
+            | (pm.0 as u64) << 8
+            | (frame.0 as u64) << 32)
     }
     pub(crate) fn exclusive(pm: PagemapId, frame: FrameIdx) -> Pte {
         Pte(ST_EXCL | (pm.0 as u64) << 8 | (frame.0 as u64) << 32)
@@ -178,7 +181,11 @@ pub struct MapOptions {
 
 impl Default for MapOptions {
     fn default() -> Self {
-        MapOptions { prot: Prot::ReadWrite, mode: FaultMode::Signal, large: false }
+        MapOptions {
+            prot: Prot::ReadWrite,
+            mode: FaultMode::Signal,
+            large: false,
+        }
     }
 }
 
@@ -222,10 +229,18 @@ pub(crate) struct SpaceState {
 impl SpaceState {
     /// The mapping containing `a`.
     pub(crate) fn vma(&self, a: VirtAddr) -> Option<&Vma> {
-        self.vmas.range(..=a.get()).next_back().map(|(_, v)| v).filter(|v| v.range.contains(a))
+        self.vmas
+            .range(..=a.get())
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.range.contains(a))
     }
     pub(crate) fn vma_mut(&mut self, a: VirtAddr) -> Option<&mut Vma> {
-        self.vmas.range_mut(..=a.get()).next_back().map(|(_, v)| v).filter(|v| v.range.contains(a))
+        self.vmas
+            .range_mut(..=a.get())
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.range.contains(a))
     }
     pub(crate) fn pte(&self, a: VirtAddr) -> Option<Pte> {
         self.vma(a).map(|v| v.ptes[v.idx(a)])
@@ -236,7 +251,9 @@ impl SpaceState {
         v.ptes[i] = p;
     }
     pub(crate) fn pagemap(&self, id: PagemapId) -> Arc<Pagemap> {
-        self.pagemaps[id.0 as usize].clone().expect("a page entry names a known pagemap")
+        self.pagemaps[id.0 as usize]
+            .clone()
+            .expect("a page entry names a known pagemap")
     }
     /// Checks that `r` is covered by mappings with no hole; returns the first unmapped address.
     pub(crate) fn check_covered(&self, r: VaRange) -> Result<()> {
@@ -289,7 +306,10 @@ pub struct SpaceCore {
 
 impl std::fmt::Debug for SpaceCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SpaceCore").field("id", &self.id).field("range", &self.mm.reservation()).finish()
+        f.debug_struct("SpaceCore")
+            .field("id", &self.id)
+            .field("range", &self.mm.reservation())
+            .finish()
     }
 }
 
@@ -309,7 +329,9 @@ fn alloc_space_id(core: &Arc<SpaceCore>) -> Result<u16> {
         t.push(None);
     }
     if t.len() >= u16::MAX as usize {
-        return Err(Error::NoMemory { what: "address-space ids" });
+        return Err(Error::NoMemory {
+            what: "address-space ids",
+        });
     }
     t.push(None);
     Ok((t.len() - 1) as u16)
@@ -317,7 +339,9 @@ fn alloc_space_id(core: &Arc<SpaceCore>) -> Result<u16> {
 
 pub(crate) fn space_by_id(id: u16) -> Option<Arc<SpaceCore>> {
     let t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
-    t.get(id as usize).and_then(|s| s.as_ref()).and_then(|w| w.upgrade())
+    t.get(id as usize)
+        .and_then(|s| s.as_ref())
+        .and_then(|w| w.upgrade())
 }
 
 /// Configuration of a new address space.
@@ -334,7 +358,11 @@ pub struct SpaceConfig {
 
 impl Default for SpaceConfig {
     fn default() -> Self {
-        SpaceConfig { size: 64 << 30, stash: 64 << 20, user_mode_only: false }
+        SpaceConfig {
+            size: 64 << 30,
+            stash: 64 << 20,
+            user_mode_only: false,
+        }
     }
 }
 
@@ -369,13 +397,17 @@ impl Space {
 
     /// Reserves a new address space served by the real kernel.
     pub fn with_config(cfg: SpaceConfig) -> Result<Space> {
-        let mm = KernelMm::new(round_up(cfg.size)?, cfg.user_mode_only).map_err(|e| Error::os("reserve address space", e))?;
+        let mm = KernelMm::new(round_up(cfg.size)?, cfg.user_mode_only)
+            .map_err(|e| Error::os("reserve address space", e))?;
         let core = Self::make_core(Box::new(mm), cfg.stash)?;
         let r = core.mm.reservation();
         let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
         let reg = sys::register_fault_range(r.start.get(), r.end.get(), target)
             .map_err(|e| Error::os("register fault range", e))?;
-        Ok(Space { core, _reg: Some(Arc::new(reg)) })
+        Ok(Space {
+            core,
+            _reg: Some(Arc::new(reg)),
+        })
     }
 
     /// An address space over the in-memory model of the kernel ([`ModelMm`]): CPU accesses go
@@ -387,8 +419,14 @@ impl Space {
     }
 
     fn make_core(mm: Box<dyn Mm>, stash: usize) -> Result<Arc<SpaceCore>> {
-        let zero = Region::new(LARGE_PAGE_SIZE, PAGE_SIZE, Prot::Read).map_err(|e| Error::os("mmap zero page", e))?;
-        let stash = Arc::new(Pagemap::new(PagemapId(0), MemoryKind::System, Owner(0), stash.max(LARGE_PAGE_SIZE))?);
+        let zero = Region::new(LARGE_PAGE_SIZE, PAGE_SIZE, Prot::Read)
+            .map_err(|e| Error::os("mmap zero page", e))?;
+        let stash = Arc::new(Pagemap::new(
+            PagemapId(0),
+            MemoryKind::System,
+            Owner(0),
+            stash.max(LARGE_PAGE_SIZE),
+        )?);
         let mut pagemaps = vec![None; 256];
         pagemaps[0] = Some(stash.clone());
         let core = Arc::new(SpaceCore {
@@ -433,7 +471,13 @@ impl Space {
 
     /// Creates an anonymous mapping of `len` bytes with protection `prot`, anywhere in the space.
     pub fn map_anon(&self, len: usize, prot: Prot) -> Result<VirtAddr> {
-        self.map_anon_with(len, MapOptions { prot, ..MapOptions::default() })
+        self.map_anon_with(
+            len,
+            MapOptions {
+                prot,
+                ..MapOptions::default()
+            },
+        )
     }
 
     /// Creates an anonymous mapping with options, anywhere in the space (2 MiB aligned when
@@ -443,12 +487,16 @@ impl Space {
         if len == 0 {
             return Err(Error::ZeroLength);
         }
-        if len % PAGE_SIZE != 0 {
+        if !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::UnalignedLength { len });
         }
         let mut st = lock(&self.core.state);
         let res = self.core.mm.reservation();
-        let align = if opts.large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
+        let align = if opts.large {
+            LARGE_PAGE_SIZE
+        } else {
+            PAGE_SIZE
+        };
         // First fit, leaving a one-page guard gap after each mapping so that mappings never merge
         // and an overrun faults.
         let mut cand = res.start.get();
@@ -462,7 +510,9 @@ impl Space {
         let start = (cand + align - 1) & !(align - 1);
         let r = VaRange::new(VirtAddr(start), len)?;
         if r.end > res.end {
-            return Err(Error::NoMemory { what: "the address space's reservation" });
+            return Err(Error::NoMemory {
+                what: "the address space's reservation",
+            });
         }
         self.core.map_locked(&mut st, r, opts)?;
         Ok(r.start)
@@ -490,10 +540,14 @@ impl Space {
         let r = VaRange::new(addr, len)?;
         let mut st = lock(&self.core.state);
         st.check_covered(r)?;
-        self.core.invalidate(&st, r, NotifyEvent::ProtectionVma, None);
+        self.core
+            .invalidate(&st, r, NotifyEvent::ProtectionVma, None);
         self.core.split_at(&mut st, r.start);
         self.core.split_at(&mut st, r.end);
-        self.core.mm.protect(r, prot).map_err(|e| Error::os("mprotect", e))?;
+        self.core
+            .mm
+            .protect(r, prot)
+            .map_err(|e| Error::os("mprotect", e))?;
         for v in st.vmas.values_mut() {
             if r.overlaps(&v.range) {
                 v.prot = prot;
@@ -532,12 +586,19 @@ impl Space {
         self.core.invalidate(&st, r, NotifyEvent::Unmap, None);
         self.core.split_at(&mut st, r.start);
         self.core.split_at(&mut st, r.end);
-        let keys: Vec<usize> =
-            st.vmas.values().filter(|v| r.overlaps(&v.range)).map(|v| v.range.start.get()).collect();
+        let keys: Vec<usize> = st
+            .vmas
+            .values()
+            .filter(|v| r.overlaps(&v.range))
+            .map(|v| v.range.start.get())
+            .collect();
         for k in keys {
             let v = st.vmas.remove(&k).expect("key just listed");
             self.core.free_frames(&st, &v.ptes);
-            self.core.mm.unmap(v.range).map_err(|e| Error::os("unmap", e))?;
+            self.core
+                .mm
+                .unmap(v.range)
+                .map_err(|e| Error::os("unmap", e))?;
         }
         Ok(())
     }
@@ -640,14 +701,15 @@ impl Space {
     pub fn cpu_write(&self, addr: VirtAddr, src: &[u8]) -> Result<()> {
         self.check_cpu(addr, src.len(), true)?;
         let core = &self.core;
-        core.mm.cpu_write(addr, src, &|a, w| core.handle_fault(a, w));
+        core.mm
+            .cpu_write(addr, src, &|a, w| core.handle_fault(a, w));
         Ok(())
     }
 
     /// CPU load of a `u32` (4-byte aligned).
     pub fn load_u32(&self, addr: VirtAddr) -> Result<u32> {
         let mut b = [0u8; 4];
-        if addr.get() % 4 != 0 {
+        if !addr.get().is_multiple_of(4) {
             return Err(Error::Invalid("u32 access must be 4-byte aligned"));
         }
         self.cpu_read(addr, &mut b)?;
@@ -656,7 +718,7 @@ impl Space {
 
     /// CPU store of a `u32` (4-byte aligned).
     pub fn store_u32(&self, addr: VirtAddr, v: u32) -> Result<()> {
-        if addr.get() % 4 != 0 {
+        if !addr.get().is_multiple_of(4) {
             return Err(Error::Invalid("u32 access must be 4-byte aligned"));
         }
         self.cpu_write(addr, &v.to_ne_bytes())
@@ -664,12 +726,14 @@ impl Space {
 
     /// CPU atomic fetch-add on a `u64` (8-byte aligned).
     pub fn fetch_add_u64(&self, addr: VirtAddr, v: u64) -> Result<u64> {
-        if addr.get() % 8 != 0 {
+        if !addr.get().is_multiple_of(8) {
             return Err(Error::Invalid("u64 atomic must be 8-byte aligned"));
         }
         self.check_cpu(addr, 8, true)?;
         let core = &self.core;
-        Ok(core.mm.cpu_fetch_add(addr, v, &|a, w| core.handle_fault(a, w)))
+        Ok(core
+            .mm
+            .cpu_fetch_add(addr, v, &|a, w| core.handle_fault(a, w)))
     }
 
     /// A raw pointer to `addr` for CPU code that accesses managed memory directly (loads and
@@ -705,7 +769,11 @@ impl Space {
             let np = pte.with_pin(long_term, 1).ok_or(Error::Busy)?;
             st.set_pte(a, np);
         }
-        Ok(Pin { core: self.core.clone(), range: r, long_term })
+        Ok(Pin {
+            core: self.core.clone(),
+            range: r,
+            long_term,
+        })
     }
 }
 
@@ -722,10 +790,10 @@ impl Drop for Pin {
         let mut st = lock(&self.core.state);
         for p in 0..self.range.pages() {
             let a = self.range.start.add(p * PAGE_SIZE);
-            if let Some(pte) = st.pte(a) {
-                if let Some(np) = pte.with_pin(self.long_term, -1) {
-                    st.set_pte(a, np);
-                }
+            if let Some(pte) = st.pte(a)
+                && let Some(np) = pte.with_pin(self.long_term, -1)
+            {
+                st.set_pte(a, np);
             }
         }
     }
@@ -735,7 +803,8 @@ fn round_up(size: usize) -> Result<usize> {
     if size == 0 {
         return Err(Error::ZeroLength);
     }
-    size.checked_next_multiple_of(LARGE_PAGE_SIZE).ok_or(Error::Invalid("address space too large"))
+    size.checked_next_multiple_of(LARGE_PAGE_SIZE)
+        .ok_or(Error::Invalid("address space too large"))
 }
 
 impl Drop for SpaceCore {
@@ -766,23 +835,42 @@ impl SpaceCore {
     }
 
     fn map_locked(&self, st: &mut SpaceState, r: VaRange, opts: MapOptions) -> Result<()> {
-        self.mm.map(r, opts.prot, opts.mode).map_err(|e| Error::os("map", e))?;
+        self.mm
+            .map(r, opts.prot, opts.mode)
+            .map_err(|e| Error::os("map", e))?;
         st.vmas.insert(
             r.start.get(),
-            Vma { range: r, prot: opts.prot, mode: opts.mode, large: opts.large, ptes: vec![Pte::NONE; r.pages()] },
+            Vma {
+                range: r,
+                prot: opts.prot,
+                mode: opts.mode,
+                large: opts.large,
+                ptes: vec![Pte::NONE; r.pages()],
+            },
         );
         Ok(())
     }
 
     /// Runs the interval notifiers overlapping `r` (under lock 1), before the CPU view changes.
-    pub(crate) fn invalidate(&self, st: &SpaceState, r: VaRange, event: NotifyEvent, owner: Option<Owner>) {
+    pub(crate) fn invalidate(
+        &self,
+        st: &SpaceState,
+        r: VaRange,
+        event: NotifyEvent,
+        owner: Option<Owner>,
+    ) {
         let seq = self.inv_seq.fetch_add(1, Ordering::SeqCst) * 2 + 1;
-        let nr = NotifyRange { start: r.start, end: r.end, event, owner };
+        let nr = NotifyRange {
+            start: r.start,
+            end: r.end,
+            event,
+            owner,
+        };
         for n in &st.notifiers {
-            if n.range().overlaps(&r) {
-                if let Some(ops) = n.ops() {
-                    ops.invalidate(n, &nr, seq);
-                }
+            if n.range().overlaps(&r)
+                && let Some(ops) = n.ops()
+            {
+                ops.invalidate(n, &nr, seq);
             }
         }
     }
@@ -796,7 +884,11 @@ impl SpaceCore {
     ) -> Arc<IntervalNotifier> {
         let res_end = self.mm.reservation().end;
         let end = start.checked_add(len).map_or(res_end, |e| e.min(res_end));
-        let n = Arc::new(IntervalNotifier::new(Arc::downgrade(self), VaRange { start, end }, ops));
+        let n = Arc::new(IntervalNotifier::new(
+            Arc::downgrade(self),
+            VaRange { start, end },
+            ops,
+        ));
         lock(&self.state).notifiers.push(n.clone());
         n
     }
@@ -825,7 +917,16 @@ impl SpaceCore {
         }
         let v = st.vma_mut(a).expect("checked above");
         let tail = v.ptes.split_off(i);
-        let new = Vma { range: VaRange { start: a, end: v.range.end }, prot: v.prot, mode: v.mode, large: v.large, ptes: tail };
+        let new = Vma {
+            range: VaRange {
+                start: a,
+                end: v.range.end,
+            },
+            prot: v.prot,
+            mode: v.mode,
+            large: v.large,
+            ptes: tail,
+        };
         v.range.end = a;
         st.vmas.insert(a.get(), new);
     }
@@ -855,7 +956,11 @@ impl SpaceCore {
             let p = ptes[i];
             match p.state() {
                 PageState::Device | PageState::Exclusive => {
-                    let pm = if p.state() == PageState::Exclusive { self.stash.clone() } else { st.pagemap(p.pagemap()) };
+                    let pm = if p.state() == PageState::Exclusive {
+                        self.stash.clone()
+                    } else {
+                        st.pagemap(p.pagemap())
+                    };
                     if p.large() {
                         pm.free(p.frame(), true);
                         i += PAGES_PER_LARGE;
@@ -886,14 +991,27 @@ impl SpaceCore {
                 // writable again and let the access retry.
                 let v = st.vma(a).expect("pte found");
                 if write && v.prot.writable() {
-                    let _ = self.mm.write_protect(VaRange { start: a, end: a.add(PAGE_SIZE) }, false, v.mode);
+                    let _ = self.mm.write_protect(
+                        VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        },
+                        false,
+                        v.mode,
+                    );
                 }
                 true
             }
             PageState::Device | PageState::Exclusive => self.make_present(&mut st, a).is_ok(),
         };
         if let Some(v) = st.vma(a) {
-            self.mm.wake(VaRange { start: a, end: a.add(PAGE_SIZE) }, v.mode);
+            self.mm.wake(
+                VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                },
+                v.mode,
+            );
         }
         ok
     }
@@ -903,12 +1021,22 @@ impl SpaceCore {
     fn fault_zero(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
         let (vs, ve, large, mode, unit) = {
             let v = st.vma(a).expect("caller found the pte");
-            (v.range.start.get(), v.range.end.get(), v.large, v.mode, v.unit_of(v.idx(a)))
+            (
+                v.range.start.get(),
+                v.range.end.get(),
+                v.large,
+                v.mode,
+                v.unit_of(v.idx(a)),
+            )
         };
         let win = if large && unit.is_some() {
             LARGE_PAGE_SIZE
         } else {
-            st.fa_window = if a.get() == st.fa_next { (st.fa_window * 2).clamp(64 << 10, LARGE_PAGE_SIZE) } else { 64 << 10 };
+            st.fa_window = if a.get() == st.fa_next {
+                (st.fa_window * 2).clamp(64 << 10, LARGE_PAGE_SIZE)
+            } else {
+                64 << 10
+            };
             st.fa_window
         };
         let ws = (a.get() & !(win - 1)).max(vs);
@@ -941,7 +1069,9 @@ impl SpaceCore {
             *p = Pte::present(whole_unit, *p);
         }
         st.fa_next = start.get() + (e - s) * PAGE_SIZE;
-        self.counters.zero_fill_pages.fetch_add((e - s) as u64, Ordering::Relaxed);
+        self.counters
+            .zero_fill_pages
+            .fetch_add((e - s) as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -953,13 +1083,23 @@ impl SpaceCore {
         match pte.state() {
             PageState::Present => Ok(()),
             PageState::None => {
-                let mode = st.vma(a).expect("pte").mode;
+                let (mode, large) = {
+                    let v = st.vma(a).expect("pte");
+                    (v.mode, v.large)
+                };
+                if large {
+                    // As a CPU fault would: a whole 2 MiB unit where it fits (the kernel faults
+                    // in a huge page on a MADV_HUGEPAGE range).
+                    return self.fault_zero(st, a);
+                }
                 match self.mm.install(a, &self.zero, 0, PAGE_SIZE, mode) {
                     Ok(()) | Err(sys::UffdError::Exists) => {}
                     Err(e) => return Err(Error::os("zero-fill", e.into())),
                 }
                 st.set_pte(a, Pte::present(false, pte));
-                self.counters.zero_fill_pages.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .zero_fill_pages
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             PageState::Device => {
@@ -968,18 +1108,28 @@ impl SpaceCore {
                 } else {
                     (a, 1)
                 };
-                let r = VaRange { start, end: start.add(n * PAGE_SIZE) };
+                let r = VaRange {
+                    start,
+                    end: start.add(n * PAGE_SIZE),
+                };
                 self.invalidate(st, r, NotifyEvent::Migrate, None);
                 let head = st.pte(start).expect("unit inside the mapping");
                 self.restore_from_frame(st, r, head.frame(), head.pagemap(), pte.large())?;
-                self.counters.pages_to_system.fetch_add(n as u64, Ordering::Relaxed);
+                self.counters
+                    .pages_to_system
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 Ok(())
             }
             PageState::Exclusive => {
-                let r = VaRange { start: a, end: a.add(PAGE_SIZE) };
+                let r = VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                };
                 self.invalidate(st, r, NotifyEvent::Clear, None);
                 self.restore_from_frame(st, r, pte.frame(), self.stash.id(), false)?;
-                self.counters.exclusive_revoked.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .exclusive_revoked
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
         }
@@ -997,7 +1147,10 @@ impl SpaceCore {
     ) -> Result<()> {
         let pagemap = st.pagemap(pm);
         let mode = st.vma(r.start).expect("mapped").mode;
-        match self.mm.install(r.start, pagemap.region(), head.offset(), r.len(), mode) {
+        match self
+            .mm
+            .install(r.start, pagemap.region(), head.offset(), r.len(), mode)
+        {
             Ok(()) | Err(sys::UffdError::Exists) => {}
             Err(e) => return Err(Error::os("copy back to system memory", e.into())),
         }
@@ -1067,7 +1220,10 @@ impl SpaceCore {
             return Err(Error::Busy);
         }
         self.add_pagemap(&mut st, pm);
-        let r = VaRange { start: a, end: a.add(PAGE_SIZE) };
+        let r = VaRange {
+            start: a,
+            end: a.add(PAGE_SIZE),
+        };
         self.invalidate(&st, r, NotifyEvent::Exclusive, Some(pm.owner()));
         let frame = self.stash.alloc()?;
         // Write-protect the page before copying it, as migration does: the page is present and
@@ -1079,7 +1235,8 @@ impl SpaceCore {
             self.stash.free(frame, false);
             return Err(Error::os("write-protect for exclusive access", e.into()));
         }
-        self.mm.copy_to(a, self.stash.region(), frame.offset(), PAGE_SIZE);
+        self.mm
+            .copy_to(a, self.stash.region(), frame.offset(), PAGE_SIZE);
         if let Err(e) = self.mm.zap(r) {
             let _ = self.mm.write_protect(r, false, mode);
             self.stash.free(frame, false);

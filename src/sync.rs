@@ -18,6 +18,7 @@ mod imp {
 }
 
 #[cfg(test)]
+#[allow(clippy::items_after_test_module)]
 mod imp {
     pub use shuttle::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
     pub use shuttle::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};

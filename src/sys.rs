@@ -109,7 +109,11 @@ impl Region {
     /// Maps `len` bytes (a multiple of the page size) aligned to `align` (a power of two, at
     /// least a page), with protection `prot`, not inherited across fork.
     pub fn new(len: usize, align: usize, prot: Prot) -> io::Result<Region> {
-        if len == 0 || len % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+        if len == 0
+            || !len.is_multiple_of(PAGE_SIZE)
+            || !align.is_power_of_two()
+            || align < PAGE_SIZE
+        {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let total = len
@@ -195,7 +199,13 @@ impl Region {
     }
 
     /// Copies `len` bytes from `self` at `src_off` to `dst` at `dst_off` (raw memcpy).
-    pub fn copy_to(&self, src_off: usize, dst: &Region, dst_off: usize, len: usize) -> io::Result<()> {
+    pub fn copy_to(
+        &self,
+        src_off: usize,
+        dst: &Region,
+        dst_off: usize,
+        len: usize,
+    ) -> io::Result<()> {
         self.check(src_off, len)?;
         dst.check(dst_off, len)?;
         let (s, d) = (self.base + src_off, dst.base + dst_off);
@@ -218,7 +228,7 @@ impl Region {
     /// Volatile load of a `u64` at `off` (8-byte aligned).
     pub fn load_u64(&self, off: usize) -> io::Result<u64> {
         self.check(off, 8)?;
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         // SAFETY: aligned, inside the live mapping (checked).
@@ -228,7 +238,7 @@ impl Region {
     /// Atomic fetch-add of a `u64` at `off` (8-byte aligned): the device's atomic operation.
     pub fn fetch_add_u64(&self, off: usize, v: u64) -> io::Result<u64> {
         self.check(off, 8)?;
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         // SAFETY: aligned, inside the live mapping (checked); AtomicU64 has the layout of u64
@@ -400,10 +410,19 @@ impl Uffd {
         if delivery == UffdDelivery::Signal {
             want |= uapi::UFFD_FEATURE_SIGBUS as u64;
         }
-        let mut api = uapi::uffdio_api { api: uapi::UFFD_API as u64, features: want, ioctls: 0 };
+        let mut api = uapi::uffdio_api {
+            api: uapi::UFFD_API as u64,
+            features: want,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is.
         unsafe { rustix::ioctl::ioctl(&fd, Updater::<OP_API, _>::new(&mut api)) }?;
-        Ok(Uffd { fd, features: api.features, user_mode_only, delivery })
+        Ok(Uffd {
+            fd,
+            features: api.features,
+            user_mode_only,
+            delivery,
+        })
     }
 
     /// Whether this fd was opened with `UFFD_USER_MODE_ONLY` (kernel-mode accesses to missing
@@ -435,7 +454,10 @@ impl Uffd {
             mode |= uapi::UFFDIO_REGISTER_MODE_WP as u64;
         }
         let mut reg = uapi::uffdio_register {
-            range: uapi::uffdio_range { start: (region.base + off) as u64, len: len as u64 },
+            range: uapi::uffdio_range {
+                start: (region.base + off) as u64,
+                len: len as u64,
+            },
             mode,
             ioctls: 0,
         };
@@ -448,7 +470,10 @@ impl Uffd {
     /// Unregisters `region[off..off+len]`.
     pub fn unregister(&self, region: &Region, off: usize, len: usize) -> io::Result<()> {
         region.check(off, len)?;
-        let mut r = uapi::uffdio_range { start: (region.base + off) as u64, len: len as u64 };
+        let mut r = uapi::uffdio_range {
+            start: (region.base + off) as u64,
+            len: len as u64,
+        };
         // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`.
         unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_UNREGISTER, _>::new(&mut r)) }?;
         Ok(())
@@ -456,8 +481,15 @@ impl Uffd {
 
     /// `UFFDIO_COPY`: fills the missing pages at `dst..dst+len` (registered with this fd) with
     /// `src[src_off..src_off+len]`, waking any thread waiting on them.
-    pub fn copy(&self, dst: usize, src: &Region, src_off: usize, len: usize) -> Result<(), UffdError> {
-        src.check(src_off, len).map_err(|_| UffdError::Os(libc::EFAULT))?;
+    pub fn copy(
+        &self,
+        dst: usize,
+        src: &Region,
+        src_off: usize,
+        len: usize,
+    ) -> Result<(), UffdError> {
+        src.check(src_off, len)
+            .map_err(|_| UffdError::Os(libc::EFAULT))?;
         let mut c = uapi::uffdio_copy {
             dst: dst as u64,
             src: (src.base + src_off) as u64,
@@ -475,7 +507,10 @@ impl Uffd {
     /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of `dst..dst+len`.
     pub fn zeropage(&self, dst: usize, len: usize) -> Result<(), UffdError> {
         let mut z = uapi::uffdio_zeropage {
-            range: uapi::uffdio_range { start: dst as u64, len: len as u64 },
+            range: uapi::uffdio_range {
+                start: dst as u64,
+                len: len as u64,
+            },
             mode: 0,
             zeropage: 0,
         };
@@ -489,7 +524,10 @@ impl Uffd {
     /// in `addr..addr+len`; clearing wakes writers waiting there.
     pub fn write_protect(&self, addr: usize, len: usize, on: bool) -> Result<(), UffdError> {
         let mut w = uapi::uffdio_writeprotect {
-            range: uapi::uffdio_range { start: addr as u64, len: len as u64 },
+            range: uapi::uffdio_range {
+                start: addr as u64,
+                len: len as u64,
+            },
             mode: if on { 1 } else { 0 },
         };
         // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`; it changes PTE
@@ -500,7 +538,10 @@ impl Uffd {
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
     pub fn wake(&self, addr: usize, len: usize) -> Result<(), UffdError> {
-        let mut r = uapi::uffdio_range { start: addr as u64, len: len as u64 };
+        let mut r = uapi::uffdio_range {
+            start: addr as u64,
+            len: len as u64,
+        };
         // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
         unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WAKE, _>::new(&mut r)) }
             .map_err(uffd_err)
@@ -534,7 +575,11 @@ impl Uffd {
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EAGAIN) { Ok(None) } else { Err(e) };
+            return if e.raw_os_error() == Some(libc::EAGAIN) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         if n as usize != std::mem::size_of::<uapi::uffd_msg>() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -656,7 +701,10 @@ pub fn register_fault_range(
     }
     // SAFETY: `boxed` came from Box::into_raw above and was never published.
     drop(unsafe { Box::from_raw(boxed) });
-    Err(io::Error::new(io::ErrorKind::OutOfMemory, "too many hetmem address ranges"))
+    Err(io::Error::new(
+        io::ErrorKind::OutOfMemory,
+        "too many hetmem address ranges",
+    ))
 }
 
 impl Drop for FaultRange {
@@ -686,7 +734,10 @@ pub fn dispatch_fault(addr: usize, write: bool) -> bool {
             continue;
         }
         slot.users.fetch_add(1, Ordering::SeqCst);
-        let (s, e) = (slot.start.load(Ordering::SeqCst), slot.end.load(Ordering::SeqCst));
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
         let p = slot.target.load(Ordering::SeqCst);
         let hit = !p.is_null() && s <= addr && addr < e;
         let handled = if hit {
@@ -728,7 +779,10 @@ pub fn install_sigbus_handler() -> io::Result<()> {
         // the window before this call returns, in which case the handler restores the default.
         let rc = unsafe { libc::sigaction(libc::SIGBUS, &sa, prev) };
         if rc != 0 {
-            INSTALL_ERR.store(io::Error::last_os_error().raw_os_error().unwrap_or(1) as usize, Ordering::Release);
+            INSTALL_ERR.store(
+                io::Error::last_os_error().raw_os_error().unwrap_or(1) as usize,
+                Ordering::Release,
+            );
         } else {
             PREV_ACTION.store(prev, Ordering::Release);
         }
@@ -876,11 +930,19 @@ pub fn geteuid() -> u32 {
 
 /// `read(2)` from `fd` into `region[off..off+len]`: a kernel-mode access to the region's
 /// pages (used to check how a fault-service mode treats system calls).
-pub fn read_into(fd: std::os::fd::BorrowedFd<'_>, region_base: usize, len: usize) -> io::Result<usize> {
+pub fn read_into(
+    fd: std::os::fd::BorrowedFd<'_>,
+    region_base: usize,
+    len: usize,
+) -> io::Result<usize> {
     // SAFETY: the kernel writes into `region_base..+len`, which the caller names as part of a
     // hetmem reservation: managed memory, accessed only by raw copies, never by Rust references.
     let n = unsafe { libc::read(fd.as_raw_fd(), region_base as *mut libc::c_void, len) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// CPU copy out of managed memory (`len` bytes at `addr`), with real loads that may fault.
@@ -908,7 +970,10 @@ pub(crate) fn cpu_fetch_add_u64(addr: usize, v: u64) -> u64 {
 /// 4-byte aligned and should be managed memory: an unmapped address kills the process with
 /// SIGSEGV, which is what such tests observe.
 pub fn probe_load_u32(addr: usize) -> u32 {
-    assert!(addr % 4 == 0, "probe_load_u32 needs an aligned address");
+    assert!(
+        addr.is_multiple_of(4),
+        "probe_load_u32 needs an aligned address"
+    );
     // SAFETY: a volatile load forms no reference; managed memory aliases no Rust object. An
     // invalid address faults (the documented purpose), it does not read Rust-owned state.
     unsafe { ptr::read_volatile(addr as *const u32) }
@@ -916,7 +981,10 @@ pub fn probe_load_u32(addr: usize) -> u32 {
 
 /// A real CPU store of a `u32` at `addr` (see [`probe_load_u32`]).
 pub fn probe_store_u32(addr: usize, v: u32) {
-    assert!(addr % 4 == 0, "probe_store_u32 needs an aligned address");
+    assert!(
+        addr.is_multiple_of(4),
+        "probe_store_u32 needs an aligned address"
+    );
     // SAFETY: as in probe_load_u32; the callers only pass managed addresses.
     unsafe { ptr::write_volatile(addr as *mut u32, v) }
 }

@@ -28,11 +28,19 @@ fn recorder(space: &Space) -> (Arc<Recorder>, Arc<IntervalNotifier>) {
         let w: Weak<Recorder> = Arc::downgrade(&rec);
         w
     };
-    let n = space.insert_notifier(space.range().start, usize::MAX, ops).unwrap();
+    let n = space
+        .insert_notifier(space.range().start, usize::MAX, ops)
+        .unwrap();
     (rec, n)
 }
 
-fn fault(n: &Arc<IntervalNotifier>, start: VirtAddr, pages: usize, flags: u64, owner: Option<Owner>) -> Result<Vec<u64>> {
+fn fault(
+    n: &Arc<IntervalNotifier>,
+    start: VirtAddr,
+    pages: usize,
+    flags: u64,
+    owner: Option<Owner>,
+) -> Result<Vec<u64>> {
     let mut r = HmmRange {
         notifier: n,
         notifier_seq: n.read_begin(),
@@ -56,21 +64,37 @@ fn range_fault_results_and_errors() {
     assert_eq!(fault(&n, a, 4, 0, None).unwrap(), vec![0; 4]);
     // Fault requested: valid and writable (the mapping is writable).
     let p = fault(&n, a, 4, HMM_PFN_REQ_FAULT, None).unwrap();
-    assert!(p.iter().all(|w| w & (HMM_PFN_VALID | HMM_PFN_WRITE) == HMM_PFN_VALID | HMM_PFN_WRITE));
+    assert!(
+        p.iter()
+            .all(|w| w & (HMM_PFN_VALID | HMM_PFN_WRITE) == HMM_PFN_VALID | HMM_PFN_WRITE)
+    );
     assert!(p.iter().all(|w| hmm_pfn_order(*w) == 0));
     // Read-only mapping: a write request is EPERM; a read request gives valid, not writable.
     space.protect(a, 4 * PAGE, Prot::Read).unwrap();
     let e = fault(&n, a, 4, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE, None).unwrap_err();
     assert_eq!(e.errno(), libc::EPERM);
     let p = fault(&n, a, 4, HMM_PFN_REQ_FAULT, None).unwrap();
-    assert!(p.iter().all(|w| w & (HMM_PFN_VALID | HMM_PFN_WRITE) == HMM_PFN_VALID));
+    assert!(
+        p.iter()
+            .all(|w| w & (HMM_PFN_VALID | HMM_PFN_WRITE) == HMM_PFN_VALID)
+    );
     // No read permission: EFAULT with a fault request, HMM_PFN_ERROR without.
     space.protect(a, 4 * PAGE, Prot::None).unwrap();
-    assert_eq!(fault(&n, a, 4, HMM_PFN_REQ_FAULT, None).unwrap_err().errno(), libc::EFAULT);
+    assert_eq!(
+        fault(&n, a, 4, HMM_PFN_REQ_FAULT, None)
+            .unwrap_err()
+            .errno(),
+        libc::EFAULT
+    );
     assert_eq!(fault(&n, a, 4, 0, None).unwrap(), vec![HMM_PFN_ERROR; 4]);
     // No mapping: the same.
     let hole = a.add(4 * PAGE);
-    assert_eq!(fault(&n, hole, 1, HMM_PFN_REQ_FAULT, None).unwrap_err().errno(), libc::EFAULT);
+    assert_eq!(
+        fault(&n, hole, 1, HMM_PFN_REQ_FAULT, None)
+            .unwrap_err()
+            .errno(),
+        libc::EFAULT
+    );
     assert_eq!(fault(&n, hole, 1, 0, None).unwrap(), vec![HMM_PFN_ERROR]);
     // Per-page requests through pfn_flags_mask.
     space.protect(a, 4 * PAGE, Prot::ReadWrite).unwrap();
@@ -123,13 +147,24 @@ fn device_private_pages_of_the_owner_are_reported_not_faulted() {
     let (_rec, n) = recorder(&space);
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
-    let a = space.map_anon_with(2 << 20, MapOptions { large: true, ..MapOptions::default() }).unwrap();
+    let a = space
+        .map_anon_with(
+            2 << 20,
+            MapOptions {
+                large: true,
+                ..MapOptions::default()
+            },
+        )
+        .unwrap();
     space.cpu_write(a, &pattern(2 << 20, |i| i)).unwrap();
     let mut buf = vec![0u8; 2 << 20];
     m.migrate_to_device(a.get() as u64, 512, &mut buf).unwrap();
     // The owner sees device entries with order 9 (one 2 MiB frame), without a fault.
     let p = fault(&n, a, 512, HMM_PFN_REQ_FAULT, Some(dev.owner())).unwrap();
-    assert!(p.iter().all(|w| w & HMM_PFN_VALID != 0 && hmm_pfn_order(*w) == 9));
+    assert!(
+        p.iter()
+            .all(|w| w & HMM_PFN_VALID != 0 && hmm_pfn_order(*w) == 9)
+    );
     assert!(matches!(hmm_pfn_split(p[0]).1, PageTarget::Device { .. }));
     assert_eq!(space.residency(a), Residency::Device(dev.owner()));
     // Without a fault request, another owner sees "not present".
@@ -160,22 +195,36 @@ fn each_operation_raises_its_event() {
     space.protect(a, 2 * PAGE, Prot::Read).unwrap();
     let ev = take(&rec);
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].event, ev[0].start, ev[0].end), (NotifyEvent::ProtectionVma, a, a.add(2 * PAGE)));
+    assert_eq!(
+        (ev[0].event, ev[0].start, ev[0].end),
+        (NotifyEvent::ProtectionVma, a, a.add(2 * PAGE))
+    );
 
     let mut buf = vec![0u8; 2 * PAGE];
-    m.migrate_to_device(a.add(4 * PAGE).get() as u64, 2, &mut buf).unwrap();
+    m.migrate_to_device(a.add(4 * PAGE).get() as u64, 2, &mut buf)
+        .unwrap();
     let ev = take(&rec);
-    assert!(ev.iter().any(|e| e.event == NotifyEvent::Migrate && e.owner == Some(dev.owner())));
+    assert!(
+        ev.iter()
+            .any(|e| e.event == NotifyEvent::Migrate && e.owner == Some(dev.owner()))
+    );
 
     // A CPU fault on a device page: MIGRATE with no owner (the CPU initiated it).
-    assert_eq!(space.load_u32(a.add(4 * PAGE)).unwrap(), (4 * PAGE / 4) as u32);
+    assert_eq!(
+        space.load_u32(a.add(4 * PAGE)).unwrap(),
+        (4 * PAGE / 4) as u32
+    );
     let ev = take(&rec);
     assert_eq!(ev.len(), 1);
     assert_eq!((ev[0].event, ev[0].owner), (NotifyEvent::Migrate, None));
 
-    m.exclusive(a.add(6 * PAGE).get() as u64, 1, &mut buf[..PAGE]).unwrap();
+    m.exclusive(a.add(6 * PAGE).get() as u64, 1, &mut buf[..PAGE])
+        .unwrap();
     let ev = take(&rec);
-    assert!(ev.iter().any(|e| e.event == NotifyEvent::Exclusive && e.owner == Some(dev.owner())));
+    assert!(
+        ev.iter()
+            .any(|e| e.event == NotifyEvent::Exclusive && e.owner == Some(dev.owner()))
+    );
     // A CPU access revokes it: CLEAR.
     space.store_u32(a.add(6 * PAGE), 1).unwrap();
     let ev = take(&rec);
@@ -185,7 +234,10 @@ fn each_operation_raises_its_event() {
 
     space.unmap(a, 8 * PAGE).unwrap();
     let ev = take(&rec);
-    assert_eq!((ev[0].event, ev[0].start, ev[0].end), (NotifyEvent::Unmap, a, a.add(8 * PAGE)));
+    assert_eq!(
+        (ev[0].event, ev[0].start, ev[0].end),
+        (NotifyEvent::Unmap, a, a.add(8 * PAGE))
+    );
 
     drop(m);
     space.remove_notifier(&n);

@@ -20,18 +20,64 @@ const OPS: usize = 480;
 
 #[derive(Clone, Debug)]
 enum Op {
-    CpuWrite { m: usize, off: usize, len: usize, byte: u8 },
-    CpuRead { m: usize, off: usize, len: usize },
-    DevRead { m: usize, page: usize, n: usize },
-    DevWrite { m: usize, page: usize, n: usize, byte: u8 },
-    ToDev { m: usize, page: usize, n: usize },
-    ToSys { m: usize, page: usize, n: usize },
-    Protect { m: usize, page: usize, n: usize, prot: u8 },
-    Unmap { m: usize, page: usize, n: usize },
-    Remap { m: usize },
-    Pin { m: usize, page: usize, n: usize, long: bool },
+    CpuWrite {
+        m: usize,
+        off: usize,
+        len: usize,
+        byte: u8,
+    },
+    CpuRead {
+        m: usize,
+        off: usize,
+        len: usize,
+    },
+    DevRead {
+        m: usize,
+        page: usize,
+        n: usize,
+    },
+    DevWrite {
+        m: usize,
+        page: usize,
+        n: usize,
+        byte: u8,
+    },
+    ToDev {
+        m: usize,
+        page: usize,
+        n: usize,
+    },
+    ToSys {
+        m: usize,
+        page: usize,
+        n: usize,
+    },
+    Protect {
+        m: usize,
+        page: usize,
+        n: usize,
+        prot: u8,
+    },
+    Unmap {
+        m: usize,
+        page: usize,
+        n: usize,
+    },
+    Remap {
+        m: usize,
+    },
+    Pin {
+        m: usize,
+        page: usize,
+        n: usize,
+        long: bool,
+    },
     Unpin,
-    Exclusive { m: usize, page: usize, n: usize },
+    Exclusive {
+        m: usize,
+        page: usize,
+        n: usize,
+    },
     Release,
     FailNextAlloc,
 }
@@ -101,7 +147,13 @@ fn world() -> World {
     let mut maps = Vec::new();
     for (pages, large) in [(SMALL_PAGES, false), (LARGE_PAGES, true)] {
         let base = space
-            .map_anon_with(pages * PAGE, MapOptions { large, ..MapOptions::default() })
+            .map_anon_with(
+                pages * PAGE,
+                MapOptions {
+                    large,
+                    ..MapOptions::default()
+                },
+            )
             .unwrap();
         maps.push(MapModel {
             base,
@@ -111,7 +163,13 @@ fn world() -> World {
             large,
         });
     }
-    World { space, dev, mirror, maps, pins: Vec::new() }
+    World {
+        space,
+        dev,
+        mirror,
+        maps,
+        pins: Vec::new(),
+    }
 }
 
 fn prot_of(p: u8) -> Prot {
@@ -143,7 +201,11 @@ fn apply(w: &mut World, op: &Op) -> Result<(), TestCaseError> {
             let r = w.space.cpu_read(mm.base.add(off), &mut buf);
             if mm.all(p0, p1 - p0, |m, p| m && p.readable()) {
                 prop_assert!(r.is_ok(), "cpu read failed: {:?}", r);
-                prop_assert!(buf == mm.bytes[off..off + len], "cpu read returned stale data at {:#x}", off);
+                prop_assert!(
+                    buf == mm.bytes[off..off + len],
+                    "cpu read returned stale data at {:#x}",
+                    off
+                );
             } else {
                 prop_assert!(r.is_err());
             }
@@ -151,10 +213,15 @@ fn apply(w: &mut World, op: &Op) -> Result<(), TestCaseError> {
         Op::DevRead { m, page, n } => {
             let mm = &w.maps[m];
             let mut buf = vec![0u8; n * PAGE];
-            let r = w.mirror.read(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
+            let r = w
+                .mirror
+                .read(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
             if mm.all(page, n, |m, p| m && p.readable()) {
                 prop_assert!(r.is_ok(), "device read failed: {:?}", r);
-                prop_assert!(buf == mm.bytes[page * PAGE..(page + n) * PAGE], "device read stale data");
+                prop_assert!(
+                    buf == mm.bytes[page * PAGE..(page + n) * PAGE],
+                    "device read stale data"
+                );
             } else {
                 prop_assert!(r.is_err(), "device read of an unreadable range succeeded");
             }
@@ -165,36 +232,54 @@ fn apply(w: &mut World, op: &Op) -> Result<(), TestCaseError> {
                 return Ok(()); // partial device writes up to the first refused page: not modelled
             }
             let data = vec![byte; n * PAGE];
-            let r = w.mirror.write(mm.base.add(page * PAGE).get() as u64, n as u64, &data);
+            let r = w
+                .mirror
+                .write(mm.base.add(page * PAGE).get() as u64, n as u64, &data);
             prop_assert!(r.is_ok(), "device write failed: {:?}", r);
             mm.bytes[page * PAGE..(page + n) * PAGE].copy_from_slice(&data);
         }
         Op::ToDev { m, page, n } => {
             let mm = &w.maps[m];
             let mut buf = vec![0u8; n * PAGE];
-            let r = w.mirror.migrate_to_device(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
-            if r.is_ok() {
-                prop_assert!(buf == mm.bytes[page * PAGE..(page + n) * PAGE], "migrate returned wrong data");
-            } else if mm.all(page, n, |m, p| m && p.readable()) {
-                let e = r.unwrap_err();
-                prop_assert!(matches!(e, Error::NotPresent { .. }), "unexpected migrate error {e}");
+            let r = w.mirror.migrate_to_device(
+                mm.base.add(page * PAGE).get() as u64,
+                n as u64,
+                &mut buf,
+            );
+            match r {
+                Ok(_) => prop_assert!(
+                    buf == mm.bytes[page * PAGE..(page + n) * PAGE],
+                    "migrate returned wrong data"
+                ),
+                Err(e) if mm.all(page, n, |m, p| m && p.readable()) => prop_assert!(
+                    matches!(e, Error::NotPresent { .. }),
+                    "unexpected migrate error {e}"
+                ),
+                Err(_) => {}
             }
         }
         Op::ToSys { m, page, n } => {
             let mm = &w.maps[m];
-            let r = w.mirror.migrate_to_system(mm.base.add(page * PAGE).get() as u64, n as u64);
+            let r = w
+                .mirror
+                .migrate_to_system(mm.base.add(page * PAGE).get() as u64, n as u64);
             if mm.all(page, n, |m, _| m) {
                 prop_assert!(r.is_ok(), "migrate to system failed: {:?}", r);
             }
         }
         Op::Protect { m, page, n, prot } => {
             let mm = &mut w.maps[m];
-            let r = w.space.protect(mm.base.add(page * PAGE), n * PAGE, prot_of(prot));
+            let r = w
+                .space
+                .protect(mm.base.add(page * PAGE), n * PAGE, prot_of(prot));
             if mm.all(page, n, |m, _| m) {
                 prop_assert!(r.is_ok());
                 mm.prot[page..page + n].fill(prot_of(prot));
             } else {
-                prop_assert!(matches!(r, Err(Error::NotMapped { .. })), "protect across a hole must fail");
+                prop_assert!(
+                    matches!(r, Err(Error::NotMapped { .. })),
+                    "protect across a hole must fail"
+                );
             }
         }
         Op::Unmap { m, page, n } => {
@@ -215,8 +300,13 @@ fn apply(w: &mut World, op: &Op) -> Result<(), TestCaseError> {
                 while p < mm.mapped.len() && !mm.mapped[p] {
                     p += 1;
                 }
-                let opts = MapOptions { large: mm.large, ..MapOptions::default() };
-                w.space.map_anon_at(mm.base.add(s * PAGE), (p - s) * PAGE, opts).unwrap();
+                let opts = MapOptions {
+                    large: mm.large,
+                    ..MapOptions::default()
+                };
+                w.space
+                    .map_anon_at(mm.base.add(s * PAGE), (p - s) * PAGE, opts)
+                    .unwrap();
                 mm.mapped[s..p].fill(true);
                 mm.prot[s..p].fill(Prot::ReadWrite);
             }
@@ -231,7 +321,10 @@ fn apply(w: &mut World, op: &Op) -> Result<(), TestCaseError> {
                 }
                 w.pins.push(r.unwrap());
                 // A pinned page is in system memory.
-                prop_assert_eq!(w.space.residency(mm.base.add(page * PAGE)), Residency::System);
+                prop_assert_eq!(
+                    w.space.residency(mm.base.add(page * PAGE)),
+                    Residency::System
+                );
             } else {
                 prop_assert!(r.is_err());
             }
@@ -242,9 +335,14 @@ fn apply(w: &mut World, op: &Op) -> Result<(), TestCaseError> {
         Op::Exclusive { m, page, n } => {
             let mm = &w.maps[m];
             let mut buf = vec![0u8; n * PAGE];
-            let r = w.mirror.exclusive(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
+            let r = w
+                .mirror
+                .exclusive(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
             if r.is_ok() {
-                prop_assert!(buf == mm.bytes[page * PAGE..(page + n) * PAGE], "exclusive returned wrong data");
+                prop_assert!(
+                    buf == mm.bytes[page * PAGE..(page + n) * PAGE],
+                    "exclusive returned wrong data"
+                );
             }
         }
         Op::Release => {
@@ -262,7 +360,11 @@ fn check_all(w: &World) -> Result<(), TestCaseError> {
             if mm.mapped[p] && mm.prot[p].readable() {
                 let mut b = vec![0u8; PAGE];
                 w.space.cpu_read(mm.base.add(p * PAGE), &mut b).unwrap();
-                prop_assert!(b == mm.bytes[p * PAGE..(p + 1) * PAGE], "final check: page {} differs", p);
+                prop_assert!(
+                    b == mm.bytes[p * PAGE..(p + 1) * PAGE],
+                    "final check: page {} differs",
+                    p
+                );
             }
         }
     }
@@ -271,9 +373,16 @@ fn check_all(w: &World) -> Result<(), TestCaseError> {
 
 #[test]
 fn random_operations_match_the_model() {
-    let soak: u32 = std::env::var("HETMEM_SOAK").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let soak: u32 = std::env::var("HETMEM_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let _w = watchdog("model", 300 * soak as u64);
-    let cfg = Config { cases: CASES * soak, failure_persistence: None, ..Config::default() };
+    let cfg = Config {
+        cases: CASES * soak,
+        failure_persistence: None,
+        ..Config::default()
+    };
     let mut runner = TestRunner::new(cfg);
     runner
         .run(&proptest::collection::vec(op_strategy(), OPS), |ops| {

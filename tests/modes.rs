@@ -11,11 +11,22 @@ use std::os::unix::net::UnixStream;
 /// Maps `pages` pages in `mode`, writes the pattern, migrates them to a private device.
 fn device_resident(space: &Space, dev: &DeviceMirror, mode: FaultMode, pages: usize) -> VirtAddr {
     let a = space
-        .map_anon_with(pages * PAGE, MapOptions { mode, ..MapOptions::default() })
+        .map_anon_with(
+            pages * PAGE,
+            MapOptions {
+                mode,
+                ..MapOptions::default()
+            },
+        )
         .unwrap();
     space.cpu_write(a, &pattern(pages * PAGE, |i| i)).unwrap();
     let mut buf = vec![0u8; pages * PAGE];
-    assert_eq!(dev.migrate_to_device(a.get() as u64, pages as u64, &mut buf).unwrap().cpages, pages as u64);
+    assert_eq!(
+        dev.migrate_to_device(a.get() as u64, pages as u64, &mut buf)
+            .unwrap()
+            .cpages,
+        pages as u64
+    );
     a
 }
 
@@ -60,13 +71,20 @@ fn thread_mode_serves_syscalls_when_privileged() {
     space.cpu_read(a, &mut back).unwrap();
     let mut want = pattern(4 * PAGE, |i| i);
     want[..64].fill(0xAB);
-    assert_eq!(back, want, "the syscall's bytes land on the page brought back from the device");
+    assert_eq!(
+        back, want,
+        "the syscall's bytes land on the page brought back from the device"
+    );
 }
 
 #[test]
 fn user_mode_only_thread_mode_syscall_gets_efault() {
     let _w = watchdog("umo_thread_syscall", 30);
-    let space = Space::with_config(SpaceConfig { user_mode_only: true, ..SpaceConfig::default() }).unwrap();
+    let space = Space::with_config(SpaceConfig {
+        user_mode_only: true,
+        ..SpaceConfig::default()
+    })
+    .unwrap();
     assert!(space.user_mode_only());
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
@@ -89,12 +107,21 @@ fn thread_mode_cpu_faults_are_served() {
     let m = dev.mirror(&space).unwrap();
     let a = device_resident(&space, &m, FaultMode::Thread, 64);
     for p in 0..64 {
-        assert_eq!(hetmem::sys::probe_load_u32(a.get() + p * PAGE), (p * PAGE / 4) as u32);
+        assert_eq!(
+            hetmem::sys::probe_load_u32(a.get() + p * PAGE),
+            (p * PAGE / 4) as u32
+        );
     }
     assert_eq!(space.residency(a), Residency::System);
     // First touch in thread mode too.
     let b = space
-        .map_anon_with(64 * PAGE, MapOptions { mode: FaultMode::Thread, ..MapOptions::default() })
+        .map_anon_with(
+            64 * PAGE,
+            MapOptions {
+                mode: FaultMode::Thread,
+                ..MapOptions::default()
+            },
+        )
         .unwrap();
     hetmem::sys::probe_store_u32(b.get() + 5 * PAGE, 7);
     assert_eq!(space.load_u32(b.add(5 * PAGE)).unwrap(), 7);
@@ -129,11 +156,19 @@ fn demo_runs_unprivileged() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo as nobody failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo as nobody failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("values verified"), "{stdout}");
-    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    let sysctl =
+        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
     if sysctl.trim() == "0" {
-        assert!(stdout.contains("user-mode-only"), "unprivileged run must use a user-mode-only userfaultfd: {stdout}");
+        assert!(
+            stdout.contains("user-mode-only"),
+            "unprivileged run must use a user-mode-only userfaultfd: {stdout}"
+        );
     }
 }
 
@@ -146,5 +181,8 @@ fn demo_in_process() {
     let pages = (hetmem::demo::DEMO_BYTES / PAGE) as u64;
     assert_eq!(r.pages_to_device, 2 * pages);
     assert_eq!(r.pages_to_system, 2 * pages);
-    assert!(r.cpu_faults >= pages, "every page faulted back once in step 5");
+    assert!(
+        r.cpu_faults >= pages,
+        "every page faulted back once in step 5"
+    );
 }

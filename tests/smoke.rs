@@ -22,4 +22,3 @@ fn cpu_write_migrate_fault_back() {
     assert_eq!(back, data);
     assert_eq!(space.residency(a), Residency::System);
 }
-

@@ -16,11 +16,16 @@ pub fn watchdog(name: &'static str, secs: u64) -> Watchdog {
     let (tx, rx) = mpsc::channel::<()>();
     let handle = std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
-            eprintln!("WATCHDOG: test `{name}` did not finish within {secs} s: a fault path is probably hung");
+            eprintln!(
+                "WATCHDOG: test `{name}` did not finish within {secs} s: a fault path is probably hung"
+            );
             std::process::abort();
         }
     });
-    Watchdog { tx: Some(tx), handle: Some(handle) }
+    Watchdog {
+        tx: Some(tx),
+        handle: Some(handle),
+    }
 }
 
 impl Drop for Watchdog {
@@ -49,5 +54,7 @@ pub fn pattern(bytes: usize, f: impl Fn(u32) -> u32) -> Vec<u8> {
 
 /// Reads a buffer as 32-bit ints.
 pub fn ints(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4).map(|c| u32::from_ne_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+        .collect()
 }

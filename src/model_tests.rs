@@ -1,0 +1,653 @@
+//! Schedule exploration of the core's state machine with `shuttle`, over the in-memory kernel
+//! ([`crate::mm::ModelMm`], through [`Space::new_model`]) and the software device.
+//!
+//! Every test runs its body many times under `shuttle::check_random` and `shuttle::check_pct`
+//! (the crate's `sync` facade is shuttle's in this build, so every lock, atomic and thread of
+//! the core is a scheduling point), and checks data exactly against a model of what each thread
+//! wrote:
+//!
+//! * [`cpu_fault_vs_migration`]: two CPU writers (each owning one half of every page) and a CPU
+//!   reader race a device migrating the same range to device memory and back: every read and
+//!   every migrated copy is a value its writer wrote, no older than one seen before; at the end
+//!   every page holds each writer's last value.
+//! * [`device_read_vs_cpu_write_and_migration`]: device reads (`range_fault` and its
+//!   sequence-count retry) race CPU writes, migrations and protection changes: every page a
+//!   device read returns is exactly one value its writer wrote (never zeros, never torn), never
+//!   older than one the same reader saw before.
+//! * [`device_write_vs_cpu_write_and_migration`]: device writes to one page and CPU writes to
+//!   its neighbour race a migration of both and a CPU reader: no write is lost or reordered.
+//! * [`unmap_vs_device_read`]: `Space::unmap` races device reads, writes and a migration: a read
+//!   returns the data or `-EFAULT`, never other data, and never data after an `-EFAULT`; no
+//!   device frame leaks.
+//! * [`exclusive_vs_cpu_atomics`]: device atomics on device-exclusive pages race CPU
+//!   `fetch_add`s that revoke the grant: every fetch-add returns a distinct old value and the
+//!   final value is the number of increments.
+//!
+//! # Iterations and `HETMEM_SOAK`
+//!
+//! The iteration counts keep the whole model suite at a few seconds per test in both debug and
+//! release builds (release runs 20 times more iterations: `cargo nextest run --release --lib`).
+//! Set `HETMEM_SOAK=N` to multiply every test's iteration count by `N` for a longer soak (for
+//! example `HETMEM_SOAK=50`: about a minute per test in release).
+//!
+//! CPU accesses go through `Space::cpu_read`/`cpu_write`/`fetch_add_u64` only: a model space
+//! has a fake address range, so raw pointers into it are never valid.
+
+use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::device::{DeviceMirror, SoftDevice};
+use crate::error::Error;
+use crate::space::{Residency, Space};
+use crate::sync::{Arc, thread};
+use crate::sys::Prot;
+
+/// The `HETMEM_SOAK` multiplier (1 when unset or invalid).
+fn soak() -> usize {
+    std::env::var("HETMEM_SOAK")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
+}
+
+/// `base` iterations, times the soak multiplier.
+fn iters(base: usize) -> usize {
+    base * soak()
+}
+
+/// Release builds run this many times the iterations of debug builds (an iteration costs about
+/// 0.2 ms in release, 3 ms in debug).
+const RELEASE_FACTOR: usize = if cfg!(debug_assertions) { 1 } else { 20 };
+
+/// Runs `body` under the random scheduler and under PCT (depth 3), `random` and `pct` times
+/// (debug build; see [`RELEASE_FACTOR`] and `HETMEM_SOAK`).
+fn explore(random: usize, pct: usize, body: fn()) {
+    shuttle::check_random(body, iters(random * RELEASE_FACTOR));
+    shuttle::check_pct(body, iters(pct * RELEASE_FACTOR), 3);
+}
+
+/// The value a writer writes to page `p` in round `r` (round 0: never written, reads as zeros).
+fn val(r: u32, p: usize) -> u32 {
+    if r == 0 {
+        0
+    } else {
+        (r << 16) | (p as u32 + 1)
+    }
+}
+
+/// The round of `v` as a value of page `p`; panics if `v` is not a value of page `p`.
+fn round_of(v: u32, p: usize, what: &str) -> u32 {
+    if v == 0 {
+        return 0;
+    }
+    assert_eq!(
+        (v & 0xffff) as usize,
+        p + 1,
+        "{what}: page {p} holds {v:#x}, a value of another page"
+    );
+    v >> 16
+}
+
+/// `len` bytes of `v` repeated as native-endian `u32`s.
+fn fill(v: u32, len: usize) -> Vec<u8> {
+    v.to_ne_bytes().iter().copied().cycle().take(len).collect()
+}
+
+/// The `u32` that `b` repeats; panics (naming `what`) if `b` is torn or garbage.
+fn uniform(b: &[u8], what: &str) -> u32 {
+    let v = u32::from_ne_bytes(b[..4].try_into().expect("4 bytes"));
+    for (i, c) in b.chunks_exact(4).enumerate() {
+        let w = u32::from_ne_bytes(c.try_into().expect("4 bytes"));
+        assert_eq!(
+            w, v,
+            "{what}: word {i} is {w:#x}, word 0 is {v:#x} (torn or garbage)"
+        );
+    }
+    v
+}
+
+/// A model space with one mapping of `npages` pages and a private software device mirroring it.
+struct Fixture {
+    mirror: Arc<DeviceMirror>,
+    dev: SoftDevice,
+    space: Space,
+    base: VirtAddr,
+}
+
+impl Fixture {
+    fn new(npages: usize) -> Fixture {
+        let space = Space::new_model(4 << 20).expect("model space");
+        let dev = SoftDevice::private(2 << 20).expect("device");
+        let mirror = Arc::new(dev.mirror(&space).expect("mirror"));
+        let base = space
+            .map_anon(npages * PAGE_SIZE, Prot::ReadWrite)
+            .expect("map");
+        Fixture {
+            mirror,
+            dev,
+            space,
+            base,
+        }
+    }
+
+    fn page(&self, p: usize) -> VirtAddr {
+        self.base.add(p * PAGE_SIZE)
+    }
+
+    /// Drops in order: the mirror (threads are joined, so this is the last handle), then the
+    /// device (evicting what it still holds), then the space.
+    fn finish(self) {
+        let Fixture {
+            mirror, dev, space, ..
+        } = self;
+        drop(Arc::into_inner(mirror).expect("threads joined: last mirror handle"));
+        drop(dev);
+        drop(space);
+    }
+}
+
+fn join<T>(h: thread::JoinHandle<T>) -> T {
+    h.join().expect("thread panicked")
+}
+
+// ---------------------------------------------------------------------------------------------
+// (1) CPU faults vs migration
+// ---------------------------------------------------------------------------------------------
+
+const T1_PAGES: usize = 3;
+const T1_ROUNDS: u32 = 2;
+const HALF: usize = PAGE_SIZE / 2;
+
+/// Two writers: writer `k` owns half `k` of every page and writes `val(r, p)` there, rounds
+/// 1..=T1_ROUNDS, page by page. A reader reads whole pages; a device migrates the range to
+/// device memory and back twice.
+fn cpu_fault_vs_migration_body() {
+    let f = Fixture::new(T1_PAGES);
+    let base = f.base;
+    let check_page = |b: &[u8], p: usize, last: &mut [[u32; 2]; T1_PAGES], what: &str| {
+        for (k, last) in last[p].iter_mut().enumerate() {
+            let v = uniform(&b[k * HALF..(k + 1) * HALF], what);
+            let r = round_of(v, p, what);
+            assert!(
+                r <= T1_ROUNDS,
+                "{what}: page {p} half {k}: round {r} was never written"
+            );
+            assert!(
+                r >= *last,
+                "{what}: page {p} half {k} went back from round {} to {r}",
+                *last
+            );
+            *last = r;
+        }
+    };
+    let writers: Vec<_> = (0..2)
+        .map(|k| {
+            let s = f.space.clone();
+            thread::spawn(move || {
+                for r in 1..=T1_ROUNDS {
+                    for p in 0..T1_PAGES {
+                        let a = base.add(p * PAGE_SIZE + k * HALF);
+                        s.cpu_write(a, &fill(val(r, p), HALF)).expect("cpu write");
+                    }
+                }
+            })
+        })
+        .collect();
+    let reader = {
+        let s = f.space.clone();
+        thread::spawn(move || {
+            let mut last = [[0u32; 2]; T1_PAGES];
+            let mut b = vec![0u8; PAGE_SIZE];
+            for _ in 0..2 {
+                for p in 0..T1_PAGES {
+                    s.cpu_read(base.add(p * PAGE_SIZE), &mut b)
+                        .expect("cpu read");
+                    check_page(&b, p, &mut last, "cpu read");
+                }
+            }
+        })
+    };
+    let migrator = {
+        let m = f.mirror.clone();
+        thread::spawn(move || {
+            let mut last = [[0u32; 2]; T1_PAGES];
+            let mut buf = vec![0u8; T1_PAGES * PAGE_SIZE];
+            for _ in 0..2 {
+                match m.migrate_to_device(base.get() as u64, T1_PAGES as u64, &mut buf) {
+                    Ok(out) => {
+                        assert_eq!(out.cpages, T1_PAGES as u64);
+                        for p in 0..T1_PAGES {
+                            check_page(
+                                &buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                                p,
+                                &mut last,
+                                "migrated copy",
+                            );
+                        }
+                    }
+                    // A CPU access brought a page back before the device read the range back
+                    // (dmirror's -ENOENT for a page that is not device-mapped).
+                    Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
+                    Err(e) => panic!("migrate to device: {e}"),
+                }
+                m.migrate_to_system(base.get() as u64, T1_PAGES as u64)
+                    .expect("migrate to system");
+            }
+        })
+    };
+    for w in writers {
+        join(w);
+    }
+    join(reader);
+    join(migrator);
+    let mut b = vec![0u8; PAGE_SIZE];
+    for p in 0..T1_PAGES {
+        f.space.cpu_read(f.page(p), &mut b).expect("final read");
+        for k in 0..2 {
+            let v = uniform(&b[k * HALF..(k + 1) * HALF], "final read");
+            assert_eq!(v, val(T1_ROUNDS, p), "page {p} half {k}: last write lost");
+        }
+        assert_eq!(f.space.residency(f.page(p)), Residency::System);
+    }
+    f.finish();
+}
+
+#[test]
+fn cpu_fault_vs_migration() {
+    explore(150, 150, cpu_fault_vs_migration_body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (2) Invalidation vs range_fault retry
+// ---------------------------------------------------------------------------------------------
+
+const T2_PAGES: usize = 3;
+const T2_ROUNDS: u32 = 3;
+
+/// Pages 0..T2_PAGES hold round 1 before the threads start; a writer writes rounds
+/// 2..=T2_ROUNDS; a device reads the range (and one extra page whose protection another thread
+/// toggles) twice; a migrator moves all of it to device memory and back.
+fn device_read_vs_cpu_write_and_migration_body() {
+    let f = Fixture::new(T2_PAGES + 1);
+    let base = f.base;
+    let extra = f.page(T2_PAGES);
+    for p in 0..T2_PAGES {
+        f.space
+            .cpu_write(f.page(p), &fill(val(1, p), PAGE_SIZE))
+            .expect("initial write");
+    }
+    f.space
+        .cpu_write(extra, &fill(val(1, T2_PAGES), PAGE_SIZE))
+        .expect("initial write");
+    let writer = {
+        let s = f.space.clone();
+        thread::spawn(move || {
+            for r in 2..=T2_ROUNDS {
+                for p in 0..T2_PAGES {
+                    s.cpu_write(base.add(p * PAGE_SIZE), &fill(val(r, p), PAGE_SIZE))
+                        .expect("cpu write");
+                }
+            }
+        })
+    };
+    let reader = {
+        let m = f.mirror.clone();
+        thread::spawn(move || {
+            let mut last = [1u32; T2_PAGES];
+            let mut buf = vec![0u8; (T2_PAGES + 1) * PAGE_SIZE];
+            for _ in 0..2 {
+                m.read(base.get() as u64, (T2_PAGES + 1) as u64, &mut buf)
+                    .expect("device read");
+                for (p, last) in last.iter_mut().enumerate() {
+                    let v = uniform(&buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "device read");
+                    let r = round_of(v, p, "device read");
+                    assert!(
+                        (1..=T2_ROUNDS).contains(&r),
+                        "device read: page {p} holds round {r}"
+                    );
+                    assert!(
+                        r >= *last,
+                        "device read: page {p} went back from round {} to {r}",
+                        *last
+                    );
+                    *last = r;
+                }
+                let v = uniform(&buf[T2_PAGES * PAGE_SIZE..], "device read");
+                assert_eq!(v, val(1, T2_PAGES), "device read of the protected page");
+            }
+        })
+    };
+    let migrator = {
+        let m = f.mirror.clone();
+        thread::spawn(move || {
+            // The whole range, the page whose protection changes included (the protect splits
+            // the mapping under the migration's feet).
+            let n = T2_PAGES + 1;
+            let mut buf = vec![0u8; n * PAGE_SIZE];
+            match m.migrate_to_device(base.get() as u64, n as u64, &mut buf) {
+                Ok(_) => {
+                    for p in 0..n {
+                        let v = uniform(&buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "migrated copy");
+                        assert!(round_of(v, p, "migrated copy") >= 1);
+                    }
+                    assert_eq!(
+                        uniform(&buf[T2_PAGES * PAGE_SIZE..], "migrated copy"),
+                        val(1, T2_PAGES)
+                    );
+                }
+                Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
+                Err(e) => panic!("migrate to device: {e}"),
+            }
+            m.migrate_to_system(base.get() as u64, n as u64)
+                .expect("migrate to system");
+        })
+    };
+    let protector = {
+        let s = f.space.clone();
+        thread::spawn(move || {
+            s.protect(extra, PAGE_SIZE, Prot::Read).expect("protect RO");
+            s.protect(extra, PAGE_SIZE, Prot::ReadWrite)
+                .expect("protect RW");
+        })
+    };
+    join(writer);
+    join(reader);
+    join(migrator);
+    join(protector);
+    let mut buf = vec![0u8; (T2_PAGES + 1) * PAGE_SIZE];
+    f.mirror
+        .read(base.get() as u64, (T2_PAGES + 1) as u64, &mut buf)
+        .expect("final device read");
+    for p in 0..=T2_PAGES {
+        let want = if p < T2_PAGES {
+            val(T2_ROUNDS, p)
+        } else {
+            val(1, p)
+        };
+        assert_eq!(
+            uniform(
+                &buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+                "final device read"
+            ),
+            want,
+            "page {p}"
+        );
+        let mut b = vec![0u8; PAGE_SIZE];
+        f.space.cpu_read(f.page(p), &mut b).expect("final cpu read");
+        assert_eq!(uniform(&b, "final cpu read"), want, "page {p}");
+    }
+    f.finish();
+}
+
+#[test]
+fn device_read_vs_cpu_write_and_migration() {
+    explore(150, 150, device_read_vs_cpu_write_and_migration_body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (2b) Device writes vs CPU writes vs migration
+// ---------------------------------------------------------------------------------------------
+
+const T5_ROUNDS: u32 = 2;
+
+/// The device writes page 0 (rounds 1..=T5_ROUNDS, through its page table: range_fault for
+/// writing), a CPU writer writes page 1, a migrator moves both to device memory and back, and a
+/// CPU reader reads both pages.
+fn device_write_vs_cpu_write_and_migration_body() {
+    let f = Fixture::new(2);
+    let base = f.base;
+    let dev_writer = {
+        let m = f.mirror.clone();
+        thread::spawn(move || {
+            for r in 1..=T5_ROUNDS {
+                let out = m
+                    .write(base.get() as u64, 1, &fill(val(r, 0), PAGE_SIZE))
+                    .expect("device write");
+                assert_eq!(out.cpages, 1);
+            }
+        })
+    };
+    let cpu_writer = {
+        let s = f.space.clone();
+        thread::spawn(move || {
+            for r in 1..=T5_ROUNDS {
+                s.cpu_write(base.add(PAGE_SIZE), &fill(val(r, 1), PAGE_SIZE))
+                    .expect("cpu write");
+            }
+        })
+    };
+    let reader = {
+        let s = f.space.clone();
+        thread::spawn(move || {
+            let mut last = [0u32; 2];
+            let mut b = vec![0u8; PAGE_SIZE];
+            for _ in 0..2 {
+                for (p, last) in last.iter_mut().enumerate() {
+                    s.cpu_read(base.add(p * PAGE_SIZE), &mut b)
+                        .expect("cpu read");
+                    let r = round_of(uniform(&b, "cpu read"), p, "cpu read");
+                    assert!(
+                        r <= T5_ROUNDS && r >= *last,
+                        "cpu read: page {p} round {r} after {}",
+                        *last
+                    );
+                    *last = r;
+                }
+            }
+        })
+    };
+    let migrator = {
+        let m = f.mirror.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 2 * PAGE_SIZE];
+            match m.migrate_to_device(base.get() as u64, 2, &mut buf) {
+                Ok(_) => {
+                    for p in 0..2 {
+                        let v = uniform(&buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "migrated copy");
+                        assert!(round_of(v, p, "migrated copy") <= T5_ROUNDS);
+                    }
+                }
+                Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
+                Err(e) => panic!("migrate to device: {e}"),
+            }
+            m.migrate_to_system(base.get() as u64, 2)
+                .expect("migrate to system");
+        })
+    };
+    join(dev_writer);
+    join(cpu_writer);
+    join(reader);
+    join(migrator);
+    let mut b = vec![0u8; PAGE_SIZE];
+    for p in 0..2 {
+        f.space.cpu_read(f.page(p), &mut b).expect("final read");
+        assert_eq!(
+            uniform(&b, "final read"),
+            val(T5_ROUNDS, p),
+            "page {p}: last write lost"
+        );
+    }
+    f.finish();
+}
+
+#[test]
+fn device_write_vs_cpu_write_and_migration() {
+    explore(150, 150, device_write_vs_cpu_write_and_migration_body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (3) Unmap vs device access
+// ---------------------------------------------------------------------------------------------
+
+const T3_PAGES: usize = 3;
+
+/// Pages hold round 1, page 1 lives in device memory; a device reader, a device writer (writing
+/// the same data) and a migrator race `Space::unmap` of the whole range.
+fn unmap_vs_device_read_body() {
+    let f = Fixture::new(T3_PAGES);
+    let base = f.base;
+    let data: Vec<u8> = (0..T3_PAGES)
+        .flat_map(|p| fill(val(1, p), PAGE_SIZE))
+        .collect();
+    f.space.cpu_write(base, &data).expect("initial write");
+    let mut one = vec![0u8; PAGE_SIZE];
+    f.mirror
+        .migrate_to_device(f.page(1).get() as u64, 1, &mut one)
+        .expect("page 1 to device");
+    assert_eq!(one, data[PAGE_SIZE..2 * PAGE_SIZE]);
+    let data = Arc::new(data);
+    let reader = {
+        let (m, data) = (f.mirror.clone(), data.clone());
+        thread::spawn(move || {
+            let mut buf = vec![0u8; T3_PAGES * PAGE_SIZE];
+            let mut failed = false;
+            for _ in 0..2 {
+                buf.fill(0xee);
+                match m.read(base.get() as u64, T3_PAGES as u64, &mut buf) {
+                    Ok(_) => {
+                        assert!(
+                            !failed,
+                            "device read succeeded after the range was unmapped"
+                        );
+                        assert!(buf == *data, "device read returned other data");
+                    }
+                    Err(e) => {
+                        assert_eq!(e.errno(), libc::EFAULT, "device read: {e}");
+                        failed = true;
+                    }
+                }
+            }
+        })
+    };
+    let writer = {
+        let (m, data) = (f.mirror.clone(), data.clone());
+        thread::spawn(
+            move || match m.write(base.get() as u64, T3_PAGES as u64, &data) {
+                Ok(out) => assert_eq!(out.cpages, T3_PAGES as u64),
+                Err(e) => assert_eq!(e.errno(), libc::EFAULT, "device write: {e}"),
+            },
+        )
+    };
+    let migrator = {
+        let (m, data) = (f.mirror.clone(), data.clone());
+        thread::spawn(move || {
+            let mut buf = vec![0u8; T3_PAGES * PAGE_SIZE];
+            match m.migrate_to_device(base.get() as u64, T3_PAGES as u64, &mut buf) {
+                Ok(_) => assert!(buf == *data, "migrated copy differs"),
+                // No mapping any more (EINVAL), or unmapped after the migration (ENOENT).
+                Err(e) => assert!(
+                    matches!(e.errno(), libc::EINVAL | libc::ENOENT),
+                    "migrate: {e}"
+                ),
+            }
+        })
+    };
+    f.space.unmap(base, T3_PAGES * PAGE_SIZE).expect("unmap");
+    join(reader);
+    join(writer);
+    join(migrator);
+    let mut buf = vec![0u8; T3_PAGES * PAGE_SIZE];
+    let e = f
+        .mirror
+        .read(base.get() as u64, T3_PAGES as u64, &mut buf)
+        .expect_err("read after unmap");
+    assert_eq!(e.errno(), libc::EFAULT);
+    assert_eq!(
+        f.mirror.mapped_pages(),
+        0,
+        "device entries survived the unmap"
+    );
+    assert_eq!(f.dev.used(), 0, "device frames leaked by the unmap");
+    for p in 0..T3_PAGES {
+        assert_eq!(f.space.residency(f.page(p)), Residency::Unmapped);
+    }
+    f.finish();
+}
+
+#[test]
+fn unmap_vs_device_read() {
+    explore(150, 150, unmap_vs_device_read_body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (4) Device-exclusive atomics vs CPU atomics
+// ---------------------------------------------------------------------------------------------
+
+const T4_DEV_INCS: usize = 3;
+const T4_CPU_THREADS: usize = 2;
+const T4_CPU_INCS: usize = 2;
+const T4_WORD: usize = 16;
+
+/// A device increments a word with atomics on its exclusive grant (re-taking the grant whenever
+/// a CPU access revoked it) while CPU threads `fetch_add` the same word.
+fn exclusive_vs_cpu_atomics_body() {
+    let f = Fixture::new(1);
+    let word = f.base.add(T4_WORD);
+    let device = {
+        let m = f.mirror.clone();
+        let base = f.base;
+        thread::spawn(move || {
+            let mut olds = Vec::new();
+            let mut buf = vec![0u8; PAGE_SIZE];
+            for _ in 0..T4_DEV_INCS {
+                let mut tries = 0;
+                loop {
+                    match m.atomic_fetch_add(word, 1) {
+                        Ok(old) => {
+                            olds.push(old);
+                            break;
+                        }
+                        Err(Error::NotPresent { .. }) => {}
+                        Err(e) => panic!("device atomic: {e}"),
+                    }
+                    tries += 1;
+                    // The CPU threads revoke at most once per increment they make.
+                    assert!(
+                        tries <= T4_CPU_THREADS * T4_CPU_INCS + 1,
+                        "device atomic starved"
+                    );
+                    match m.exclusive(base.get() as u64, 1, &mut buf) {
+                        Ok(_) => {}
+                        // Revoked again before the device read the page back.
+                        Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
+                        Err(e) => panic!("exclusive: {e}"),
+                    }
+                }
+            }
+            olds
+        })
+    };
+    let cpus: Vec<_> = (0..T4_CPU_THREADS)
+        .map(|_| {
+            let s = f.space.clone();
+            thread::spawn(move || {
+                (0..T4_CPU_INCS)
+                    .map(|_| s.fetch_add_u64(word, 1).expect("cpu atomic"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut olds = join(device);
+    for c in cpus {
+        olds.extend(join(c));
+    }
+    olds.sort_unstable();
+    let total = T4_DEV_INCS + T4_CPU_THREADS * T4_CPU_INCS;
+    assert_eq!(
+        olds,
+        (0..total as u64).collect::<Vec<_>>(),
+        "fetch-adds did not see distinct old values"
+    );
+    let mut b = [0u8; 8];
+    f.space.cpu_read(word, &mut b).expect("final read");
+    assert_eq!(u64::from_ne_bytes(b), total as u64, "increments lost");
+    f.mirror
+        .check_exclusive(f.base.get() as u64, 1)
+        .expect("the CPU read revoked the grant");
+    assert_eq!(f.space.residency(f.base), Residency::System);
+    f.finish();
+}
+
+#[test]
+fn exclusive_vs_cpu_atomics() {
+    explore(200, 200, exclusive_vs_cpu_atomics_body);
+}
