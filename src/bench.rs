@@ -4,7 +4,7 @@
 //!
 //! | figure | hetmem side | baseline (bare kernel primitives, same run) |
 //! |---|---|---|
-//! | `fault_back_4k_us` | median time of one CPU load that faults a device-private 4 KiB page back (after [`DeviceMirror::migrate_to_device`]) | `uffd_in_thread_4k_us`: a bare SIGBUS-mode userfaultfd whose handler does one `UFFDIO_COPY` of the page, served in the faulting thread |
+//! | `fault_back_4k_us` | median time of one CPU load that faults a device-private 4 KiB page back (after [`DeviceMirror::migrate_range_to_device`]) | `uffd_in_thread_4k_us`: a bare SIGBUS-mode userfaultfd whose handler does one `UFFDIO_COPY` of the page, served in the faulting thread |
 //! | `fault_back_4k_busy_us` | the same, while another thread of the process spins on its own memory | `uffd_in_thread_4k_busy_us`, same sibling |
 //! | `first_touch_4k_us` | mean per page of a sequential sweep (one store a page) over a fresh mapping | `kernel_first_touch_4k_us`: the same sweep over plain anonymous memory |
 //! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_4k_us` (the random kernel sweep is reported beside it) |
@@ -364,7 +364,6 @@ fn fault_back(space: &Space, sz: &Sizes, busy: bool) -> Result<(f64, f64)> {
         sys::probe_store_u32(a.get() + p * PAGE_SIZE, p as u32);
     }
     let bare = BareFault::new(len, space.user_mode_only())?;
-    let mut buf = vec![0u8; len];
     let sibling = if busy {
         Some(BusySibling::start()?)
     } else {
@@ -382,7 +381,7 @@ fn fault_back(space: &Space, sz: &Sizes, busy: bool) -> Result<(f64, f64)> {
             (&mut hs, &mut bs)
         };
         bare.sweep(b)?;
-        hetmem_fault_sweep(&mirror, a, n, &mut buf, h)?;
+        hetmem_fault_sweep(&mirror, a, n, h)?;
     }
     drop(sibling);
     space.unmap(a, len)?;
@@ -394,10 +393,9 @@ fn hetmem_fault_sweep(
     m: &DeviceMirror,
     a: VirtAddr,
     n: usize,
-    buf: &mut [u8],
     samples: &mut Vec<f64>,
 ) -> Result<()> {
-    let out = m.migrate_to_device(a.get() as u64, n as u64, buf)?;
+    let out = m.migrate_range_to_device(a.get() as u64, n as u64)?;
     if out.cpages != n as u64 {
         return Err(Error::Invalid(
             "bench: not every page migrated to the device",
@@ -571,7 +569,6 @@ fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, 
     }
     let chunk = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
     let prim = Primitive::new(len, chunk, space.user_mode_only())?;
-    let mut buf = vec![0u8; len];
     let gbps = |t: Instant| (2 * len) as f64 / t.elapsed().as_secs_f64() / 1e9;
     let (mut hs, mut ps) = (Vec::new(), Vec::new());
     for rep in 0..=reps {
@@ -580,7 +577,7 @@ fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, 
         prim.back()?;
         let p = gbps(t);
         let t = Instant::now();
-        let out = mirror.migrate_to_device(a.get() as u64, n as u64, &mut buf)?;
+        let out = mirror.migrate_range_to_device(a.get() as u64, n as u64)?;
         let back = mirror.migrate_to_system(a.get() as u64, n as u64)?;
         let h = gbps(t);
         if out.cpages != n as u64 || back.cpages != n as u64 {

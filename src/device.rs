@@ -418,6 +418,15 @@ impl DeviceMirror {
     /// Runs a command with the ioctl's convention: returns 0 or `-errno`; `cpages`/`faults` are
     /// zeroed on entry and written only on success.
     pub fn cmd(&self, cmd: Cmd, c: &mut DmirrorCmd<'_>) -> i32 {
+        // As dmirror_fops_unlocked_ioctl, for every command: an unaligned address or a range
+        // that wraps (npages 0 included) is EINVAL.
+        let wraps = (c.npages as usize)
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| (c.addr as usize).checked_add(len))
+            .is_none_or(|end| end <= c.addr as usize);
+        if c.addr as usize % PAGE_SIZE != 0 || wraps {
+            return -libc::EINVAL;
+        }
         let res = match cmd {
             Cmd::Read => self.read(c.addr, c.npages, c.buf),
             Cmd::Write => self.write(c.addr, c.npages, c.buf),
@@ -651,9 +660,65 @@ impl DeviceMirror {
     /// reads the range back from it into `buf`: a page that is not device-mapped gives ENOENT.
     pub fn migrate_to_device(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdOut> {
         let r = range_of(addr, npages)?;
+        Self::check_buf(buf, &r)?;
+        self.migrate_range(r)?;
+        // Return the migrated data for verification: every page must now be device-mapped.
+        let mut out = CmdOut::default();
+        let mut cur = r.start.page().0;
+        if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
+            self.remap_own(&r, cur)?;
+            if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
+                return Err(Error::NotPresent {
+                    addr: Vpn(cur).addr(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves the range into device memory, like MIGRATE_TO_DEV, without copying the data out
+    /// (a runtime's prefetch): Ok with `cpages == npages` when every page is now device-mapped,
+    /// [`Error::NotPresent`] (ENOENT) naming the first page that did not move.
+    pub fn migrate_range_to_device(&self, addr: u64, npages: u64) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        self.migrate_range(r)?;
+        let first = r.start.page().0;
+        let mut cur = self.mapped_until(&r, first);
+        if cur < r.end.page().0 {
+            self.remap_own(&r, cur)?;
+            cur = self.mapped_until(&r, cur);
+            if cur < r.end.page().0 {
+                return Err(Error::NotPresent {
+                    addr: Vpn(cur).addr(),
+                });
+            }
+        }
+        Ok(CmdOut {
+            cpages: r.pages() as u64,
+            faults: 0,
+        })
+    }
+
+    /// The first page from `cur` on without a device page-table entry (`r.end` if none).
+    fn mapped_until(&self, r: &VaRange, mut cur: usize) -> usize {
+        let pt = lock(&self.inner.pt);
+        while cur < r.end.page().0 && pt.contains_key(&cur) {
+            cur += 1;
+        }
+        cur
+    }
+
+    /// The MIGRATE notifications of a migration also drop this device's entries for pages
+    /// already in its memory (not selected, so not mapped again by it), where dmirror's callback
+    /// ignores its own MIGRATE events and keeps them. Maps those pages again, without faulting.
+    fn remap_own(&self, r: &VaRange, cur: usize) -> Result<()> {
+        let n = self.notifier()?;
+        self.range_fault_map(&n, Vpn(cur), r.end.page(), 0, true)
+    }
+
+    fn migrate_range(&self, r: VaRange) -> Result<()> {
         let space = &self.inner.space;
         space.check_owner_process()?;
-        Self::check_buf(buf, &r)?;
         let pm = self.inner.dev.pagemap.clone();
         let mut a = r.start;
         while a < r.end {
@@ -751,23 +816,7 @@ impl DeviceMirror {
             mig.finalize();
             a = next;
         }
-        // Return the migrated data for verification: every page must now be device-mapped.
-        let mut out = CmdOut::default();
-        let mut cur = r.start.page().0;
-        if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-            // The MIGRATE notifications of this migration also dropped this device's entries
-            // for pages already in its memory (not selected, so not mapped again above), where
-            // dmirror's callback ignores its own MIGRATE events and keeps them. Map those pages
-            // again without faulting; any other missing page did not migrate: ENOENT.
-            let n = self.notifier()?;
-            self.range_fault_map(&n, Vpn(cur), r.end.page(), 0, true)?;
-            if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-                return Err(Error::NotPresent {
-                    addr: Vpn(cur).addr(),
-                });
-            }
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// MIGRATE_TO_SYS: moves this device's pages of the range back to system memory; `cpages`
