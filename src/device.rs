@@ -424,7 +424,7 @@ impl DeviceMirror {
             .checked_mul(PAGE_SIZE)
             .and_then(|len| (c.addr as usize).checked_add(len))
             .is_none_or(|end| end <= c.addr as usize);
-        if c.addr as usize % PAGE_SIZE != 0 || wraps {
+        if !(c.addr as usize).is_multiple_of(PAGE_SIZE) || wraps {
             return -libc::EINVAL;
         }
         let res = match cmd {
