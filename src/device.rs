@@ -262,7 +262,7 @@ impl SoftDevice {
             dev: self.inner.clone(),
             space: space.clone(),
             notifier: Mutex::new(None),
-            pt: Mutex::new(BTreeMap::new()),
+            pt: Mutex::new(DevPageTable::default()),
         });
         let ops: Weak<dyn IntervalOps> = {
             let w: Weak<MirrorInner> = Arc::downgrade(&inner);
@@ -298,20 +298,70 @@ struct MirrorInner {
     space: Space,
     notifier: Mutex<Option<Arc<IntervalNotifier>>>,
     /// The device page table (lock 2 of the space module's lock order).
-    pt: Mutex<BTreeMap<usize, DevPte>>,
+    pt: Mutex<DevPageTable>,
+}
+
+const LEAF: usize = 512;
+
+/// The device page table, dmirror's xarray: leaves of 512 entries indexed by virtual page
+/// number. Leaves are allocated by device operations only; invalidation just clears entries, so
+/// a notifier callback neither allocates nor frees (it can run on the CPU fault path, in a
+/// SIGBUS handler).
+#[derive(Default)]
+struct DevPageTable {
+    leaves: BTreeMap<usize, Box<[Option<DevPte>; LEAF]>>,
+    len: usize,
+}
+
+impl DevPageTable {
+    fn get(&self, vpn: &usize) -> Option<&DevPte> {
+        self.leaves
+            .get(&(vpn / LEAF))
+            .and_then(|l| l[vpn % LEAF].as_ref())
+    }
+    fn contains_key(&self, vpn: &usize) -> bool {
+        self.get(vpn).is_some()
+    }
+    fn insert(&mut self, vpn: usize, e: DevPte) {
+        let leaf = self
+            .leaves
+            .entry(vpn / LEAF)
+            .or_insert_with(|| Box::new([None; LEAF]));
+        if leaf[vpn % LEAF].replace(e).is_none() {
+            self.len += 1;
+        }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    /// Clears the entries of pages `s..e` (no allocation, no free).
+    fn clear_range(&mut self, s: usize, e: usize) {
+        if s >= e {
+            return;
+        }
+        let mut cleared = 0;
+        for (&li, leaf) in self.leaves.range_mut(s / LEAF..=(e - 1) / LEAF) {
+            let lo = s.max(li * LEAF) - li * LEAF;
+            let hi = e.min((li + 1) * LEAF) - li * LEAF;
+            for slot in &mut leaf[lo..hi] {
+                if slot.take().is_some() {
+                    cleared += 1;
+                }
+            }
+        }
+        self.len -= cleared;
+    }
+    /// Whether any entry of pages `s..e` satisfies `f`.
+    fn any_in(&self, s: usize, e: usize, f: impl Fn(&DevPte) -> bool) -> bool {
+        (s..e).any(|v| self.get(&v).is_some_and(&f))
+    }
 }
 
 impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
         let mut pt = lock(&self.pt);
         n.set_seq(cur_seq);
-        let keys: Vec<usize> = pt
-            .range(range.start.page().0..range.end.page().0)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in keys {
-            pt.remove(&k);
-        }
+        pt.clear_range(range.start.page().0, range.end.page().0);
         true
     }
 }
@@ -979,10 +1029,7 @@ impl DeviceMirror {
     pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<CmdOut> {
         let r = range_of(addr, npages)?;
         let pt = lock(&self.inner.pt);
-        if pt
-            .range(r.start.page().0..r.end.page().0)
-            .any(|(_, e)| e.atomic)
-        {
+        if pt.any_in(r.start.page().0, r.end.page().0, |e| e.atomic) {
             return Err(Error::ExclusiveRemains);
         }
         Ok(CmdOut::default())

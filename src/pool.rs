@@ -134,9 +134,11 @@ impl Pagemap {
             owner,
             region,
             nframes,
+            // Both free lists are allocated at their largest now: freeing a frame (which the CPU
+            // fault path does, in a SIGBUS handler) never allocates.
             state: Mutex::new(PoolState {
                 free_large: (0..blocks as u32).rev().collect(),
-                free_base: Vec::new(),
+                free_base: Vec::with_capacity(nframes),
                 used: 0,
                 large_alloc: vec![false; blocks],
             }),
