@@ -169,8 +169,7 @@ impl DeviceInner {
             if let Some((sid, vpn)) = self.pagemap.rmap(frame)
                 && let Some(core) = space_by_id(sid)
             {
-                core.evict_frame(&self.pagemap, frame, vpn)?;
-                n += 1;
+                n += core.evict_frame(&self.pagemap, frame, vpn)?;
             }
         }
         Ok(n)
@@ -520,6 +519,11 @@ impl DeviceMirror {
             }
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
+                if pm.kind() == MemoryKind::Coherent {
+                    // The CPU page is the coherent frame.
+                    self.inner.space.core.mm.read(Vpn(vpn).addr(), dst);
+                    return Ok(());
+                }
                 pm.region()
                     .read(frame.offset(), dst)
                     .map_err(|e| Error::os("device read", e))
@@ -535,7 +539,7 @@ impl DeviceMirror {
         }
     }
 
-    fn copy_in(&self, e: &DevPte, src: &[u8]) -> Result<()> {
+    fn copy_in(&self, e: &DevPte, vpn: usize, src: &[u8]) -> Result<()> {
         match e.target {
             PageTarget::System(v) => {
                 self.inner.space.core.mm.write(v.addr(), src);
@@ -543,9 +547,13 @@ impl DeviceMirror {
             }
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
-                pm.region()
-                    .write(frame.offset(), src)
-                    .map_err(|e| Error::os("device write", e))?;
+                if pm.kind() == MemoryKind::Coherent {
+                    self.inner.space.core.mm.write(Vpn(vpn).addr(), src);
+                } else {
+                    pm.region()
+                        .write(frame.offset(), src)
+                        .map_err(|e| Error::os("device write", e))?;
+                }
                 pm.mark_dirty(frame);
                 Ok(())
             }
@@ -560,15 +568,17 @@ impl DeviceMirror {
         }
     }
 
+    /// The pagemap with id `id`. Called under the page-table lock (lock 2), so it must not take
+    /// the address space's lock: it reads the process-wide id table (a leaf lock).
     fn frame_pagemap(&self, id: PagemapId) -> Result<Arc<Pagemap>> {
         if id == self.inner.dev.pagemap.id() {
             return Ok(self.inner.dev.pagemap.clone());
         }
-        self.inner
-            .space
-            .core
-            .pagemap_by_id(id)
-            .ok_or(Error::Invalid("unknown pagemap"))
+        let t = PAGEMAP_IDS.lock().unwrap_or_else(|p| p.into_inner());
+        match t.get(id.0 as usize) {
+            Some(PagemapSlot::Live(w)) => w.upgrade().ok_or(Error::Invalid("unknown pagemap")),
+            _ => Err(Error::Invalid("unknown pagemap")),
+        }
     }
 
     /// Copies mapped pages from `*cur` on; stops at the first missing (or, for writes,
@@ -592,7 +602,7 @@ impl DeviceMirror {
             }
             let o = (*cur - first) * PAGE_SIZE;
             if write {
-                self.copy_in(e, &buf[o..o + PAGE_SIZE])?;
+                self.copy_in(e, *cur, &buf[o..o + PAGE_SIZE])?;
             } else {
                 self.copy_out(e, *cur, &mut buf[o..o + PAGE_SIZE])?;
             }

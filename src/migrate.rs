@@ -162,7 +162,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                 src[i] = MIGRATE_PFN_MIGRATE | wbit;
                 cpages += 1;
             }
-            PageState::Present if args.flags & SELECT_SYSTEM != 0 => {
+            PageState::Present if args.flags & SELECT_SYSTEM != 0 && !pte.is_coherent() => {
                 if pte.large() {
                     let whole = unit_here
                         && compound
@@ -189,7 +189,11 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                     cpages += 1;
                 }
             }
-            PageState::Device => {
+            // A device-private page, or a present page resident in device-coherent memory.
+            PageState::Device | PageState::Present
+                if pte.state() == PageState::Device || pte.is_coherent() =>
+            {
+                let coherent = pte.is_coherent();
                 let pm = st.pagemap(pte.pagemap());
                 let sel = match pm.kind() {
                     MemoryKind::Private => args.flags & SELECT_DEVICE_PRIVATE != 0,
@@ -198,13 +202,16 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                 };
                 if sel && pm.owner() == args.pgmap_owner {
                     if pte.large() {
-                        if unit_here && compound {
+                        let pinned = v.ptes[vi..vi + PAGES_PER_LARGE].iter().any(|p| p.pinned());
+                        if unit_here && compound && !pinned {
                             src[i] = migrate_pfn(PageTarget::Device {
                                 pagemap: pm.id(),
                                 frame: pte.frame(),
                             }) | MIGRATE_PFN_MIGRATE
                                 | MIGRATE_PFN_COMPOUND
                                 | wbit;
+                            // A coherent page is mapped by the CPU: protect it while it moves.
+                            protected[i..i + PAGES_PER_LARGE].fill(coherent);
                             cpages += PAGES_PER_LARGE;
                             i += PAGES_PER_LARGE;
                             continue;
@@ -215,9 +222,12 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                     src[i] = migrate_pfn(PageTarget::Device {
                         pagemap: pm.id(),
                         frame: pte.frame(),
-                    }) | MIGRATE_PFN_MIGRATE
-                        | wbit;
-                    cpages += 1;
+                    }) | wbit;
+                    if !pte.pinned() {
+                        src[i] |= MIGRATE_PFN_MIGRATE;
+                        protected[i] = coherent;
+                        cpages += 1;
+                    }
                 }
             }
             _ => {}
@@ -315,7 +325,13 @@ impl MigrateVma<'_> {
 
     /// The driver's copy: fills frame(s) `frame..` of `pm` with the data of source slot `i` (a
     /// whole 2 MiB unit for a compound entry; zeros for a hole).
+    ///
+    /// For a device-coherent destination this copies nothing: the CPU page is the coherent
+    /// frame, and `finalize` places the data there (it is already there for a system page).
     pub fn copy_to_frame(&self, i: usize, pm: &Pagemap, frame: FrameIdx) -> Result<()> {
+        if pm.kind() == MemoryKind::Coherent {
+            return Ok(());
+        }
         let w = self.src[i];
         let len = if w & MIGRATE_PFN_COMPOUND != 0 {
             PAGES_PER_LARGE * PAGE_SIZE
@@ -335,6 +351,13 @@ impl MigrateVma<'_> {
             }
             Some(PageTarget::Device { pagemap, frame: sf }) => {
                 let spm = self.st().pagemap(pagemap);
+                if spm.kind() == MemoryKind::Coherent {
+                    // A coherent page's bytes are in the CPU page (write-protected by setup).
+                    self.core
+                        .mm
+                        .copy_to(self.addr(i), pm.region(), frame.offset(), len);
+                    return Ok(());
+                }
                 spm.region()
                     .copy_to(sf.offset(), pm.region(), frame.offset(), len)
                     .map_err(|e| Error::os("device copy", e))
@@ -409,7 +432,59 @@ impl MigrateVma<'_> {
             let dst =
                 migrate_pfn_target(self.dst[i]).expect("pages() kept only valid destinations");
             let src = migrate_pfn_target(w);
+            let src_pm = match src {
+                Some(PageTarget::Device { pagemap, .. }) => Some(st.pagemap(pagemap)),
+                _ => None,
+            };
+            let src_coherent = src_pm
+                .as_ref()
+                .is_some_and(|p| p.kind() == MemoryKind::Coherent);
             match dst {
+                PageTarget::Device { pagemap, frame }
+                    if st.pagemap(pagemap).kind() == MemoryKind::Coherent =>
+                {
+                    // Into device-coherent memory: the CPU page is the frame. Place the data
+                    // there (a hole is zero-filled, a private device page copied back; a system
+                    // or coherent page is already there) and keep the page mapped.
+                    let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
+                    let len = span * PAGE_SIZE;
+                    let placed = match (src, &src_pm) {
+                        (None, _) => core.mm.install(a, &core.zero, 0, len, self.mode),
+                        (Some(PageTarget::Device { frame: sf, .. }), Some(spm))
+                            if !src_coherent =>
+                        {
+                            core.mm
+                                .install(a, spm.region(), sf.offset(), len, self.mode)
+                        }
+                        _ => Ok(()),
+                    };
+                    if placed.is_err() {
+                        // Leave the page where it was (its frame is freed by the driver's
+                        // caller through `dst`, which stays unused).
+                        unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
+                        i += span;
+                        continue;
+                    }
+                    let pm = st.pagemap(pagemap);
+                    for k in 0..span {
+                        let ak = a.add(k * PAGE_SIZE);
+                        let f = FrameIdx(frame.0 + k as u32);
+                        let old = st.pte(ak).expect("mapped");
+                        st.set_pte(ak, Pte::coherent(pagemap, f, dcompound, old));
+                        pm.set_rmap(f, core.id, ak.page().0);
+                        unprotect[i + k] = self.protected[i + k];
+                    }
+                    match (src, src_pm) {
+                        (Some(PageTarget::Device { frame: sf, .. }), Some(spm)) => {
+                            spm.free(sf, compound)
+                        }
+                        _ => {
+                            core.counters
+                                .pages_to_device
+                                .fetch_add(span as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
                 PageTarget::Device { pagemap, frame } => {
                     let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
                     let pm = st.pagemap(pagemap);
@@ -431,6 +506,22 @@ impl MigrateVma<'_> {
                             .pages_to_device
                             .fetch_add(span as u64, Ordering::Relaxed);
                     }
+                }
+                PageTarget::System(_) if src_coherent => {
+                    // Out of device-coherent memory: the bytes are already in the CPU page.
+                    let Some(PageTarget::Device { frame, .. }) = src else {
+                        unreachable!("src_coherent implies a device source")
+                    };
+                    for k in 0..span {
+                        let ak = a.add(k * PAGE_SIZE);
+                        let old = st.pte(ak).expect("mapped");
+                        st.set_pte(ak, Pte::present(compound, old));
+                        unprotect[i + k] = self.protected[i + k];
+                    }
+                    src_pm.expect("device source").free(frame, compound);
+                    core.counters
+                        .pages_to_system
+                        .fetch_add(span as u64, Ordering::Relaxed);
                 }
                 PageTarget::System(_) => {
                     let Some(PageTarget::Device { pagemap, frame }) = src else {

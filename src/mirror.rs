@@ -282,10 +282,20 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             space.make_present(&mut st, a)?;
             pte = st.pte(a).expect("still mapped");
         }
+        // A coherent-resident page is a normal present page whose frame is device memory: it is
+        // reported as that frame, whoever asks.
+        let target = if pte.is_coherent() {
+            PageTarget::Device {
+                pagemap: pte.pagemap(),
+                frame: pte.frame(),
+            }
+        } else {
+            PageTarget::System(a.page())
+        };
         range.hmm_pfns[i] = HMM_PFN_VALID
             | if writable { HMM_PFN_WRITE } else { 0 }
             | order(pte.large())
-            | PageTarget::System(a.page()).encode();
+            | target.encode();
     }
     if range.notifier.read_retry(range.notifier_seq) {
         return Err(Error::Busy);

@@ -77,9 +77,11 @@ pub enum PageState {
 
 /// One page's entry: 8 bytes.
 ///
-/// Bits: 0-1 state; 2 LARGE; 8-15 pagemap id (Device: the frame's pagemap; Exclusive: the
-/// pagemap of the device holding exclusive access, whose frame is in the space's stash); 16-23 short-term pins;
-/// 24-31 long-term pins; 32-63 frame index (Device/Exclusive).
+/// Bits: 0-1 state; 2 LARGE; 3 COHERENT (a `Present` page charged to a device-coherent pagemap:
+/// the CPU page is the device frame); 8-15 pagemap id (Device and coherent: the frame's pagemap;
+/// Exclusive: the pagemap of the device holding exclusive access, whose frame is in the space's
+/// stash); 16-23 short-term pins; 24-31 long-term pins; 32-63 frame index (Device, coherent,
+/// Exclusive).
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Pte(u64);
 
@@ -88,6 +90,7 @@ const ST_PRESENT: u64 = 1;
 const ST_DEVICE: u64 = 2;
 const ST_EXCL: u64 = 3;
 const F_LARGE: u64 = 1 << 2;
+const F_COHERENT: u64 = 1 << 3;
 
 impl Pte {
     pub(crate) const NONE: Pte = Pte(ST_NONE);
@@ -129,6 +132,32 @@ impl Pte {
             | if large { F_LARGE } else { 0 }
             | (pm.0 as u64) << 8
             | (frame.0 as u64) << 32)
+    }
+    /// A present page resident in device-coherent memory (frame `frame` of `pm`).
+    pub(crate) fn coherent(pm: PagemapId, frame: FrameIdx, large: bool, keep: Pte) -> Pte {
+        Pte(ST_PRESENT
+            | F_COHERENT
+            | if large { F_LARGE } else { 0 }
+            | keep.pins_bits()
+            | (pm.0 as u64) << 8
+            | (frame.0 as u64) << 32)
+    }
+    /// Whether the page is present and resident in device-coherent memory.
+    pub(crate) fn is_coherent(self) -> bool {
+        self.0 & 3 == ST_PRESENT && self.0 & F_COHERENT != 0
+    }
+    /// The device frame this entry holds, if any: (pagemap, frame, large). For Exclusive pages
+    /// the frame is in the stash (not in `pagemap`).
+    pub(crate) fn device_frame(self) -> Option<(PagemapId, FrameIdx, bool)> {
+        match self.state() {
+            PageState::Device | PageState::Exclusive => {
+                Some((self.pagemap(), self.frame(), self.large()))
+            }
+            PageState::Present if self.is_coherent() => {
+                Some((self.pagemap(), self.frame(), self.large()))
+            }
+            _ => None,
+        }
     }
     pub(crate) fn exclusive(pm: PagemapId, frame: FrameIdx) -> Pte {
         Pte(ST_EXCL | (pm.0 as u64) << 8 | (frame.0 as u64) << 32)
@@ -382,8 +411,10 @@ pub enum Residency {
     Untouched,
     /// In system memory.
     System,
-    /// In device memory of the device with this owner.
+    /// In device-private memory of the device with this owner.
     Device(Owner),
+    /// In device-coherent memory of the device with this owner (mapped by the CPU).
+    Coherent(Owner),
     /// Held for device-exclusive access by the device with this owner.
     Exclusive(Owner),
 }
@@ -641,6 +672,9 @@ impl Space {
             None => Residency::Unmapped,
             Some(p) => match p.state() {
                 PageState::None => Residency::Untouched,
+                PageState::Present if p.is_coherent() => {
+                    Residency::Coherent(st.pagemap(p.pagemap()).owner())
+                }
                 PageState::Present => Residency::System,
                 PageState::Device => Residency::Device(st.pagemap(p.pagemap()).owner()),
                 PageState::Exclusive => Residency::Exclusive(st.pagemap(p.pagemap()).owner()),
@@ -744,9 +778,11 @@ impl Space {
 
     // --- pins --------------------------------------------------------------------------------
 
-    /// Pins the pages of `[addr, addr+len)` in system memory (the `get_user_pages` analogue):
-    /// missing pages are filled, device-private and exclusive pages brought back first; pinned
-    /// pages are not migrated until the pin is dropped. `long_term` is `FOLL_LONGTERM`.
+    /// Pins the pages of `[addr, addr+len)` (the `get_user_pages` analogue): missing pages are
+    /// filled, device-private and exclusive pages brought back to system memory first; pinned
+    /// pages are not migrated until the pin is dropped. `long_term` is `FOLL_LONGTERM`: it also
+    /// moves device-coherent pages to system memory (a short-term pin leaves them in place).
+    /// All-or-nothing: on error no page is pinned (pages may have been brought back).
     pub fn pin(&self, addr: VirtAddr, len: usize, long_term: bool) -> Result<Pin> {
         self.check_owner_process()?;
         let r = VaRange::new(addr, len)?;
@@ -762,12 +798,22 @@ impl Space {
         for p in 0..r.pages() {
             let a = r.start.add(p * PAGE_SIZE);
             self.core.make_present(&mut st, a)?;
+            if long_term {
+                // A long-term pin would block the device from evicting its memory: coherent
+                // pages move to system memory first (the kernel's FOLL_LONGTERM rule).
+                self.core.demote_coherent(&mut st, a);
+            }
+        }
+        for p in 0..r.pages() {
+            let pte = st.pte(r.start.add(p * PAGE_SIZE)).expect("covered");
+            if pte.with_pin(long_term, 1).is_none() {
+                return Err(Error::Busy);
+            }
         }
         for p in 0..r.pages() {
             let a = r.start.add(p * PAGE_SIZE);
             let pte = st.pte(a).expect("covered");
-            let np = pte.with_pin(long_term, 1).ok_or(Error::Busy)?;
-            st.set_pte(a, np);
+            st.set_pte(a, pte.with_pin(long_term, 1).expect("checked above"));
         }
         Ok(Pin {
             core: self.core.clone(),
@@ -940,7 +986,7 @@ impl SpaceCore {
             return;
         }
         let first = v.ptes[i];
-        if first.state() == PageState::Device {
+        if first.state() == PageState::Device || first.is_coherent() {
             st.pagemap(first.pagemap()).split_large(first.frame());
         }
         let v = st.vma_mut(head).expect("checked");
@@ -954,21 +1000,17 @@ impl SpaceCore {
         let mut i = 0;
         while i < ptes.len() {
             let p = ptes[i];
-            match p.state() {
-                PageState::Device | PageState::Exclusive => {
-                    let pm = if p.state() == PageState::Exclusive {
-                        self.stash.clone()
-                    } else {
-                        st.pagemap(p.pagemap())
-                    };
-                    if p.large() {
-                        pm.free(p.frame(), true);
-                        i += PAGES_PER_LARGE;
-                        continue;
-                    }
-                    pm.free(p.frame(), false);
+            if let Some((pm, frame, large)) = p.device_frame() {
+                let pm = if p.state() == PageState::Exclusive {
+                    self.stash.clone()
+                } else {
+                    st.pagemap(pm)
+                };
+                pm.free(frame, large);
+                if large {
+                    i += PAGES_PER_LARGE;
+                    continue;
                 }
-                _ => {}
             }
             i += 1;
         }
@@ -1169,21 +1211,56 @@ impl SpaceCore {
         Ok(())
     }
 
-    /// Device eviction of one frame (`migrate_device_range` for one page): if page `vpn` of this
-    /// space still lives in `frame` of `pm`, bring it back to system memory.
-    pub(crate) fn evict_frame(&self, pm: &Pagemap, frame: FrameIdx, vpn: usize) -> Result<()> {
-        let mut st = lock(&self.state);
-        let a = Vpn(vpn).addr();
-        let Some(pte) = st.pte(a) else { return Ok(()) };
-        if pte.state() != PageState::Device || pte.pagemap() != pm.id() || pte.frame() != frame {
-            return Ok(());
+    /// Moves a coherent-resident page (its whole 2 MiB unit if it is one) to system memory:
+    /// device mappings are invalidated (MIGRATE), the device frame is released. The bytes stay
+    /// where they are: in the emulation the CPU page is the coherent frame (see
+    /// docs/architecture.md), so this is the kernel's `migrate_device_coherent_folio` without the
+    /// copy.
+    pub(crate) fn demote_coherent(&self, st: &mut SpaceState, a: VirtAddr) {
+        let Some(pte) = st.pte(a) else { return };
+        if !pte.is_coherent() {
+            return;
         }
-        self.make_present(&mut st, a)
+        let (start, n) = if pte.large() {
+            (VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)), PAGES_PER_LARGE)
+        } else {
+            (a, 1)
+        };
+        let r = VaRange {
+            start,
+            end: start.add(n * PAGE_SIZE),
+        };
+        self.invalidate(st, r, NotifyEvent::Migrate, None);
+        let head = st.pte(start).expect("unit inside the mapping");
+        st.pagemap(head.pagemap()).free(head.frame(), pte.large());
+        for p in 0..n {
+            let ap = start.add(p * PAGE_SIZE);
+            let old = st.pte(ap).expect("mapped");
+            st.set_pte(ap, Pte::present(pte.large(), old));
+        }
+        self.counters
+            .pages_to_system
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// The pagemap with this id, if this space has pages in it.
-    pub(crate) fn pagemap_by_id(&self, id: PagemapId) -> Option<Arc<Pagemap>> {
-        lock(&self.state).pagemaps[id.0 as usize].clone()
+    /// Device eviction of one frame (`migrate_device_range` for one page): if page `vpn` of this
+    /// space still lives in `frame` of `pm`, bring it back to system memory.
+    /// Returns the number of pages moved (a whole 2 MiB unit moves as one).
+    pub(crate) fn evict_frame(&self, pm: &Pagemap, frame: FrameIdx, vpn: usize) -> Result<usize> {
+        let mut st = lock(&self.state);
+        let a = Vpn(vpn).addr();
+        let Some(pte) = st.pte(a) else { return Ok(0) };
+        let n = if pte.large() { PAGES_PER_LARGE } else { 1 };
+        if pte.device_frame().map(|(p, f, _)| (p, f)) != Some((pm.id(), frame))
+            || pte.state() == PageState::Exclusive
+        {
+            return Ok(0);
+        }
+        if pte.is_coherent() {
+            self.demote_coherent(&mut st, a);
+            return Ok(n);
+        }
+        self.make_present(&mut st, a).map(|()| n)
     }
 
     /// Grants device-exclusive access to page `a` for the device of pagemap `pm`
@@ -1212,6 +1289,8 @@ impl SpaceCore {
             return Ok(());
         }
         self.make_present(&mut st, a)?;
+        // The page leaves device-coherent memory for the stash.
+        self.demote_coherent(&mut st, a);
         if pte.large() {
             self.split_unit(&mut st, a);
         }

@@ -204,6 +204,12 @@ mod private {
     hmm_variant!(MemoryKind::Private);
 }
 
+/// The device-coherent variant (`hmm_device_coherent`: /dev/hmm_dmirror2).
+mod coherent {
+    use hetmem::MemoryKind;
+    hmm_variant!(MemoryKind::Coherent);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cases
 // ---------------------------------------------------------------------------------------------
@@ -828,7 +834,13 @@ fn hmm_gup_test(kind: MemoryKind) {
     let ret = hmm_dmirror_cmd(&h.m, Cmd::MigrateToDev, &mut sentinel, npages);
     assert_eq!(ret, -libc::ENOENT);
     assert_eq!(sentinel.cpages, 99, "cpages is not copied out on failure");
-    assert_eq!(h.space.residency(ptr), Residency::System);
+    if kind == MemoryKind::Private {
+        assert_eq!(h.space.residency(ptr), Residency::System);
+    } else {
+        // A short-term pin leaves a coherent page where it is.
+        assert_eq!(h.space.residency(ptr), Residency::Coherent(h.dev.owner()));
+    }
+    assert_eq!(h.space.residency(ptr.add(2 * PAGE)), Residency::System);
     assert_ints("ptr (pinned)", &cpu_get(&h.space, ptr, size), |i| i);
 
     drop((p0, p1, p2, p3));
@@ -845,7 +857,9 @@ fn hmm_gup_test(kind: MemoryKind) {
 /// hetmem: the same parent side (the spinning child is killed by SIGKILL), and the snapshot
 /// reads WRITE for every page; plus, as hetmem's fork decision, a child that touches the range
 /// dies with SIGSEGV and changes nothing (before the parent's writes, the pages are still on
-/// the device).
+/// the device). Coherent variant: with no copy-on-write (nothing is shared with the child), the
+/// parent's writes go to the coherent pages in place, which stay in device memory: every m ==
+/// DEV_COHERENT_LOCAL|WRITE (the kernel reads WRITE because its COW copies land in RAM).
 fn hmm_cow_in_device(kind: MemoryKind) {
     let h = hmm(kind);
     let npages = 4;
@@ -896,7 +910,12 @@ fn hmm_cow_in_device(kind: MemoryKind) {
     let ret = hmm_dmirror_cmd(&h.m, Cmd::Snapshot, &mut snapb, npages);
     assert_eq!(ret, 0);
     assert_eq!(snapb.cpages, npages as u64);
-    assert_bytes("snapshot", &snapb.mirror[..npages], snap::WRITE);
+    let want = if kind == MemoryKind::Private {
+        snap::WRITE
+    } else {
+        snap::DEV_COHERENT_LOCAL | snap::WRITE
+    };
+    assert_bytes("snapshot", &snapb.mirror[..npages], want);
     assert_ints("ptr", &cpu_get(&h.space, ptr, size), |i| i);
 }
 
@@ -1283,7 +1302,13 @@ fn device_too_small_impl(kind: MemoryKind, large: bool) {
     assert_eq!(space.residency(ptr.add(size - PAGE)), Residency::System);
 
     assert_ints("ptr", &cpu_get(&space, ptr, size), |i| i);
-    assert_eq!(dev.used(), 0);
+    if kind == MemoryKind::Private {
+        assert_eq!(dev.used(), 0, "CPU reads brought every private page back");
+    } else {
+        // The CPU reads coherent pages in place: nothing moves.
+        assert_eq!(dev.used(), PMD, "coherent pages stay in device memory");
+        assert_eq!(space.residency(ptr), Residency::Coherent(dev.owner()));
+    }
 
     // The device still works for what fits.
     let npages = PMD / PAGE;
