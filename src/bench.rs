@@ -9,6 +9,8 @@
 //! | `first_touch_4k_us` | mean per page of a sequential sweep (one store a page) over a fresh mapping | `kernel_first_touch_4k_us`: the same sweep over plain anonymous memory |
 //! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_4k_us` (the random kernel sweep is reported beside it) |
 //! | `migrate_4k_gbps`, `migrate_2m_gbps` | system → device → system round trips, bytes moved in both directions | `migrate_primitive_*_gbps`: the same syscalls hetmem issues, in a bare loop (write-protect each 2 MiB run, copy into a pool, `MADV_DONTNEED` the run; back: `UFFDIO_COPY` per 4 KiB page or per 2 MiB chunk) |
+//! | `cpu_read_coherent_gbps` | CPU streaming reads of pages resident in device-coherent memory | `cpu_read_system_gbps`: the same reads of system-resident pages |
+//! | `pingpong_coherent_bytes_moved` | bytes migrated by a workload alternating device phases (prefetch to the device, device reads everything) and CPU phases (CPU reads everything) over the same range (256 MiB, 4 rounds), with a coherent device | `pingpong_private_bytes_moved`: the same workload with a device-private device |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
 //!
@@ -30,8 +32,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::addr::{PAGE_SIZE, VirtAddr};
-use crate::device::{DeviceMirror, SoftDevice};
+use crate::device::{DeviceConfig, DeviceMirror, SoftDevice};
 use crate::error::{Error, Result};
+use crate::pool::MemoryKind;
 use crate::space::{MapOptions, Space, SpaceConfig};
 use crate::sys::{self, FaultTarget, LARGE_PAGE_SIZE, Prot, Region, Uffd, UffdDelivery, UffdError};
 
@@ -72,6 +75,9 @@ struct Sizes {
     mig2m_bytes: usize,
     mig_reps: usize,
     memcpy_bytes: usize,
+    /// Bytes of the coherent read and ping-pong workloads.
+    shared_bytes: usize,
+    pingpong_rounds: usize,
 }
 
 impl Sizes {
@@ -86,6 +92,8 @@ impl Sizes {
                 mig2m_bytes: 8 << 20,
                 mig_reps: 2,
                 memcpy_bytes: 16 << 20,
+                shared_bytes: 16 << 20,
+                pingpong_rounds: 2,
             }
         } else {
             Sizes {
@@ -97,6 +105,8 @@ impl Sizes {
                 mig2m_bytes: 64 << 20,
                 mig_reps: 15,
                 memcpy_bytes: 64 << 20,
+                shared_bytes: 256 << 20,
+                pingpong_rounds: 4,
             }
         }
     }
@@ -168,6 +178,35 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         ("migrate_2m_gbps", h),
         ("migrate_primitive_2m_gbps", b),
         "GB/s",
+    );
+
+    progress("CPU reads of coherent-resident vs system-resident pages");
+    let (c, sys_) = cpu_read_coherent(&space, sz.shared_bytes.min(64 << 20), sz.mig_reps)?;
+    push_pair(
+        &mut out,
+        ("cpu_read_coherent_gbps", c),
+        ("cpu_read_system_gbps", sys_),
+        "GB/s",
+    );
+
+    progress("CPU/device ping-pong: bytes moved with a coherent vs a private device");
+    let c = pingpong(
+        &space,
+        MemoryKind::Coherent,
+        sz.shared_bytes,
+        sz.pingpong_rounds,
+    )?;
+    let p = pingpong(
+        &space,
+        MemoryKind::Private,
+        sz.shared_bytes,
+        sz.pingpong_rounds,
+    )?;
+    push_pair(
+        &mut out,
+        ("pingpong_coherent_bytes_moved", c),
+        ("pingpong_private_bytes_moved", p),
+        "bytes",
     );
 
     progress("memcpy bandwidth");
@@ -590,6 +629,76 @@ fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, 
     }
     space.unmap(a, len)?;
     Ok((median(&mut hs), median(&mut ps)))
+}
+
+/// CPU streaming reads (a copy out of managed memory) of `len` bytes resident in
+/// device-coherent memory, and of the same bytes in system memory; GB/s, median of `reps`.
+fn cpu_read_coherent(space: &Space, len: usize, reps: usize) -> Result<(f64, f64)> {
+    let dev = SoftDevice::new(DeviceConfig {
+        kind: MemoryKind::Coherent,
+        capacity: len,
+    })?;
+    let m = dev.mirror(space)?;
+    let n = len / PAGE_SIZE;
+    let sys_a = space.map_anon(len, Prot::ReadWrite)?;
+    let coh_a = space.map_anon(len, Prot::ReadWrite)?;
+    let fill: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    space.cpu_write(sys_a, &fill)?;
+    space.cpu_write(coh_a, &fill)?;
+    m.migrate_range_to_device(coh_a.get() as u64, n as u64)?;
+    let mut buf = vec![0u8; len];
+    let (mut cs, mut ss) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        let t = Instant::now();
+        space.cpu_read(sys_a, &mut buf)?;
+        let s = len as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let t = Instant::now();
+        space.cpu_read(coh_a, &mut buf)?;
+        let c = len as f64 / t.elapsed().as_secs_f64() / 1e9;
+        if rep > 0 {
+            ss.push(s);
+            cs.push(c);
+        }
+    }
+    if buf != fill {
+        return Err(Error::Invalid("bench: coherent read returned wrong data"));
+    }
+    drop(m);
+    space.unmap(sys_a, len)?;
+    space.unmap(coh_a, len)?;
+    Ok((median(&mut cs), median(&mut ss)))
+}
+
+/// A workload alternating device and CPU phases over `len` bytes for `rounds` rounds; returns
+/// the bytes hetmem migrated (both directions).
+fn pingpong(space: &Space, kind: MemoryKind, len: usize, rounds: usize) -> Result<f64> {
+    let dev = SoftDevice::new(DeviceConfig {
+        kind,
+        capacity: len,
+    })?;
+    let m = dev.mirror(space)?;
+    let n = len / PAGE_SIZE;
+    let a = space.map_anon(len, Prot::ReadWrite)?;
+    let fill: Vec<u8> = (0..len).map(|i| (i / PAGE_SIZE) as u8).collect();
+    space.cpu_write(a, &fill)?;
+    let before = space.stats();
+    let mut buf = vec![0u8; len];
+    for _ in 0..rounds {
+        // Device phase: the runtime prefetches the range to the device, which reads it all.
+        m.migrate_range_to_device(a.get() as u64, n as u64)?;
+        m.read(a.get() as u64, n as u64, &mut buf)?;
+        // CPU phase: the CPU reads it all.
+        space.cpu_read(a, &mut buf)?;
+    }
+    if buf != fill {
+        return Err(Error::Invalid("bench: ping-pong returned wrong data"));
+    }
+    let after = space.stats();
+    drop(m);
+    space.unmap(a, len)?;
+    let pages = (after.pages_to_device - before.pages_to_device)
+        + (after.pages_to_system - before.pages_to_system);
+    Ok((pages as usize * PAGE_SIZE) as f64)
 }
 
 fn memcpy_gbps(len: usize, reps: usize) -> Result<f64> {

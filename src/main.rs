@@ -34,6 +34,21 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    match run() {
+        // `hetmem bench --json | head`: a closed pipe is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Command::Demo => {
@@ -68,17 +83,28 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
         "figure", "value", "unit", "baseline (same run)", "value", "ratio"
     )?;
     writeln!(out, "{}", "-".repeat(112))?;
+    // Byte counts are shown in MiB in the table (the JSON keeps bytes).
+    let show = |v: f64, unit: &str| -> (String, String) {
+        if unit == "bytes" && v >= (1 << 20) as f64 {
+            (format!("{:.1}", v / (1 << 20) as f64), "MiB".into())
+        } else {
+            (format!("{v:.3}"), unit.into())
+        }
+    };
     for r in &results {
+        let (v, unit) = show(r.value, &r.unit);
+        let bv = r
+            .baseline_value
+            .map(|b| show(b, &r.unit).0)
+            .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "{:<34} {:>12.3} {:<6}  {:<34} {:>12}  {:>7}",
+            "{:<34} {:>12} {:<6}  {:<34} {:>12}  {:>7}",
             r.name,
-            r.value,
-            r.unit,
+            v,
+            unit,
             r.baseline.as_deref().unwrap_or("-"),
-            r.baseline_value
-                .map(|v| format!("{v:.3}"))
-                .unwrap_or_else(|| "-".into()),
+            bv,
             r.ratio
                 .map(|v| format!("{v:.2}x"))
                 .unwrap_or_else(|| "-".into()),

@@ -18,6 +18,10 @@ const EXPECTED: &[&str] = &[
     "migrate_primitive_4k_gbps",
     "migrate_2m_gbps",
     "migrate_primitive_2m_gbps",
+    "cpu_read_coherent_gbps",
+    "cpu_read_system_gbps",
+    "pingpong_coherent_bytes_moved",
+    "pingpong_private_bytes_moved",
     "memcpy_gbps",
     "metadata_bytes_per_page",
 ];
