@@ -144,9 +144,18 @@ fn publish_pagemap_id(id: PagemapId, pm: Option<&Arc<Pagemap>>) {
 struct DeviceInner {
     pagemap: Arc<Pagemap>,
     fail_alloc: AtomicBool,
+    /// Injected copy failures still to happen (the device's DMA engine reports an error).
+    fail_copies: crate::sync::AtomicU64,
 }
 
 impl DeviceInner {
+    /// Whether this copy fails (fault injection), consuming one injected failure.
+    fn copy_fails(&self) -> bool {
+        self.fail_copies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     fn alloc(&self, large: bool) -> Result<FrameIdx> {
         if self.fail_alloc.swap(false, Ordering::SeqCst) {
             return Err(Error::NoMemory {
@@ -222,6 +231,7 @@ impl SoftDevice {
             inner: Arc::new(DeviceInner {
                 pagemap,
                 fail_alloc: AtomicBool::new(false),
+                fail_copies: crate::sync::AtomicU64::new(0),
             }),
         })
     }
@@ -277,6 +287,13 @@ impl SoftDevice {
     /// Evicts all device memory back to system memory (device release); returns pages moved.
     pub fn release(&self) -> Result<usize> {
         self.inner.evict_all()
+    }
+
+    /// Makes the next `n` device copies fail (fault injection: the copy engine reports an
+    /// error). A failed migration copy declines that page (it stays where it was); a failed
+    /// device read or write returns EIO.
+    pub fn fail_next_copies(&self, n: u64) {
+        self.inner.fail_copies.store(n, Ordering::SeqCst);
     }
 
     /// Makes the next device allocation fail once.
@@ -601,6 +618,12 @@ impl DeviceMirror {
                 return Ok(false);
             }
             let o = (*cur - first) * PAGE_SIZE;
+            if self.inner.dev.copy_fails() {
+                return Err(Error::os(
+                    "device copy (injected failure)",
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
             if write {
                 self.copy_in(e, *cur, &buf[o..o + PAGE_SIZE])?;
             } else {
@@ -814,7 +837,13 @@ impl DeviceMirror {
                 if w & MIGRATE_PFN_COMPOUND != 0 {
                     match self.inner.dev.alloc(true) {
                         Ok(f) => {
-                            mig.copy_to_frame(i, &pm, f)?;
+                            if self.inner.dev.copy_fails() || mig.copy_to_frame(i, &pm, f).is_err()
+                            {
+                                // The copy failed: decline the unit, it stays where it is.
+                                pm.free(f, true);
+                                i += PAGES_PER_LARGE;
+                                continue;
+                            }
                             mig.dst[i] = migrate::migrate_pfn(PageTarget::Device {
                                 pagemap: pm.id(),
                                 frame: f,
@@ -828,7 +857,11 @@ impl DeviceMirror {
                 }
                 let w = mig.src[i];
                 if let Ok(f) = self.inner.dev.alloc(false) {
-                    mig.copy_to_frame(i, &pm, f)?;
+                    if self.inner.dev.copy_fails() || mig.copy_to_frame(i, &pm, f).is_err() {
+                        pm.free(f, false);
+                        i += 1;
+                        continue;
+                    }
                     mig.dst[i] = migrate::migrate_pfn(PageTarget::Device {
                         pagemap: pm.id(),
                         frame: f,

@@ -182,3 +182,61 @@ fn forked_child_is_inert() {
     space.cpu_read(a, &mut back).unwrap();
     assert_eq!(back, pattern(4 * PAGE, |i| i + 1));
 }
+
+/// Fault injection at the device's copy engine: a failed migration copy declines the page (it
+/// stays in system memory, nothing lost, ENOENT reported); a failed device read or write
+/// surfaces EIO to the caller and leaves the data consistent.
+#[test]
+fn device_copy_failures_lose_no_data() {
+    let _w = watchdog("device_copy_failures", 30);
+    let (space, dev) = setup();
+    let m = dev.mirror(&space).unwrap();
+    let pages = 16;
+    let a = space.map_anon(pages * PAGE, Prot::ReadWrite).unwrap();
+    space
+        .cpu_write(a, &pattern(pages * PAGE, |i| i * 7))
+        .unwrap();
+    dev.fail_next_copies(3);
+    let mut buf = vec![0u8; pages * PAGE];
+    let mut c = DmirrorCmd {
+        addr: a.get() as u64,
+        buf: &mut buf,
+        npages: pages as u64,
+        cpages: 0,
+        faults: 0,
+    };
+    assert_eq!(
+        m.cmd(Cmd::MigrateToDev, &mut c),
+        -libc::ENOENT,
+        "declined pages are reported"
+    );
+    assert_eq!(
+        dev.used(),
+        (pages - 3) * PAGE,
+        "the failed copies' frames were freed"
+    );
+    assert_eq!(
+        space.residency(a),
+        Residency::System,
+        "the first copy failed: the page stayed"
+    );
+    assert_eq!(
+        space.residency(a.add(3 * PAGE)),
+        Residency::Device(dev.owner())
+    );
+    // A device write whose copy fails returns EIO.
+    dev.fail_next_copies(1);
+    let e = m.write(a.get() as u64, 1, &vec![0xEE; PAGE]).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    // A device read whose copy fails returns EIO too.
+    dev.fail_next_copies(1);
+    let e = m
+        .read(a.add(4 * PAGE).get() as u64, 1, &mut vec![0; PAGE])
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    // Nothing was lost or half-written.
+    let mut back = vec![0u8; pages * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(back, pattern(pages * PAGE, |i| i * 7));
+    assert_eq!(dev.used(), 0);
+}
