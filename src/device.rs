@@ -803,6 +803,7 @@ impl DeviceMirror {
         let space = &self.inner.space;
         space.check_owner_process()?;
         let pm = self.inner.dev.pagemap.clone();
+        let notifier = self.notifier()?;
         let mut a = r.start;
         while a < r.end {
             let (vend, readable) = space.vma_info(a).ok_or(Error::Invalid("no mapping"))?;
@@ -870,43 +871,59 @@ impl DeviceMirror {
                 i += 1;
             }
             mig.pages();
-            // Free frames of declined pages (dst set, but the page no longer migrates) and map
-            // the migrated ones, still under the address space's lock (dmirror's
-            // finalize_and_map).
-            {
-                let mut pt = lock(&self.inner.pt);
+            // Free the frames of pages declined at commit (dst set, but no longer migrating).
+            let mut i = 0;
+            while i < mig.npages() {
+                let (w, d) = (mig.src[i], mig.dst[i]);
+                if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d)
+                    && w & MIGRATE_PFN_MIGRATE == 0
+                {
+                    pm.free(frame, d & MIGRATE_PFN_COMPOUND != 0);
+                }
+                i += if w & MIGRATE_PFN_COMPOUND != 0 {
+                    PAGES_PER_LARGE
+                } else {
+                    1
+                };
+            }
+            // Map the migrated pages once their data is in place (dmirror's finalize_and_map,
+            // after finalize here: finalize places coherent pages' data), fenced by the
+            // notifier's sequence as after read_begin: if anything invalidated the range since
+            // (a page declined in finalize, a CPU fault), map nothing; the read-back re-faults.
+            let seq = mig.notifier_seq(&notifier);
+            let start = mig.start;
+            let (src, dst) = mig.finalize();
+            let mut pt = lock(&self.inner.pt);
+            if !notifier.read_retry(seq) {
                 let mut i = 0;
-                while i < mig.npages() {
-                    let (w, d) = (mig.src[i], mig.dst[i]);
+                while i < src.len() {
+                    let (w, d) = (src[i], dst[i]);
                     let span = if w & MIGRATE_PFN_COMPOUND != 0 {
                         PAGES_PER_LARGE
                     } else {
                         1
                     };
-                    if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d) {
-                        if w & MIGRATE_PFN_MIGRATE == 0 {
-                            pm.free(frame, d & MIGRATE_PFN_COMPOUND != 0);
-                        } else {
-                            for k in 0..span {
-                                let f = FrameIdx(frame.0 + k as u32);
-                                pt.insert(
-                                    mig.addr(i + k).page().0,
-                                    DevPte {
-                                        target: PageTarget::Device {
-                                            pagemap: pm.id(),
-                                            frame: f,
-                                        },
-                                        write: d & MIGRATE_PFN_WRITE != 0,
-                                        atomic: false,
+                    if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d)
+                        && w & MIGRATE_PFN_MIGRATE != 0
+                    {
+                        for k in 0..span {
+                            pt.insert(
+                                start.page().0 + i + k,
+                                DevPte {
+                                    target: PageTarget::Device {
+                                        pagemap: pm.id(),
+                                        frame: FrameIdx(frame.0 + k as u32),
                                     },
-                                );
-                            }
+                                    write: d & MIGRATE_PFN_WRITE != 0,
+                                    atomic: false,
+                                },
+                            );
                         }
                     }
                     i += span;
                 }
             }
-            mig.finalize();
+            drop(pt);
             a = next;
         }
         Ok(())

@@ -132,6 +132,9 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         return Err(Error::Invalid("range is not inside one mapping"));
     }
     let (mode, writable, large_vma) = (v.mode, v.prot.writable(), v.large);
+    // Moving a page that the CPU maps means copying it with CPU loads: not possible in a
+    // mapping without read permission (holes and device-private pages still move).
+    let readable = v.prot.readable();
     let n = r.pages();
     let mut src = vec![0u64; n];
     let mut protected = vec![false; n];
@@ -162,11 +165,20 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                 src[i] = MIGRATE_PFN_MIGRATE | wbit;
                 cpages += 1;
             }
-            PageState::Present if args.flags & SELECT_SYSTEM != 0 && !pte.is_coherent() => {
+            PageState::Present
+                if args.flags & SELECT_SYSTEM != 0 && !pte.is_coherent() && readable =>
+            {
                 if pte.large() {
+                    // Whole only if every page of the unit is still a present, large system page
+                    // (a unit is split by any partial operation; check rather than trust it).
                     let whole = unit_here
                         && compound
-                        && !v.ptes[vi..vi + PAGES_PER_LARGE].iter().any(|p| p.pinned());
+                        && v.ptes[vi..vi + PAGES_PER_LARGE].iter().all(|p| {
+                            p.state() == PageState::Present
+                                && p.large()
+                                && !p.is_coherent()
+                                && !p.pinned()
+                        });
                     if whole {
                         src[i] = migrate_pfn(PageTarget::System(a.page()))
                             | MIGRATE_PFN_MIGRATE
@@ -191,7 +203,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
             }
             // A device-private page, or a present page resident in device-coherent memory.
             PageState::Device | PageState::Present
-                if pte.state() == PageState::Device || pte.is_coherent() =>
+                if pte.state() == PageState::Device || (pte.is_coherent() && readable) =>
             {
                 let coherent = pte.is_coherent();
                 let pm = st.pagemap(pte.pagemap());
@@ -202,8 +214,23 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                 };
                 if sel && pm.owner() == args.pgmap_owner {
                     if pte.large() {
-                        let pinned = v.ptes[vi..vi + PAGES_PER_LARGE].iter().any(|p| p.pinned());
-                        if unit_here && compound && !pinned {
+                        // Whole only if the unit's 512 entries name 512 consecutive frames of
+                        // the same pagemap, none pinned.
+                        let whole =
+                            v.ptes[vi..vi + PAGES_PER_LARGE]
+                                .iter()
+                                .enumerate()
+                                .all(|(k, p)| {
+                                    p.device_frame()
+                                        == Some((
+                                            pte.pagemap(),
+                                            FrameIdx(pte.frame().0 + k as u32),
+                                            true,
+                                        ))
+                                        && p.state() == pte.state()
+                                        && !p.pinned()
+                                });
+                        if unit_here && compound && whole {
                             src[i] = migrate_pfn(PageTarget::Device {
                                 pagemap: pm.id(),
                                 frame: pte.frame(),
@@ -236,15 +263,24 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     }
     core.invalidate(&st, r, NotifyEvent::Migrate, Some(args.pgmap_owner));
     // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
-    for (s, e) in runs(&protected) {
-        let wr = VaRange {
-            start: r.start.add(s * PAGE_SIZE),
-            end: r.start.add(e * PAGE_SIZE),
-        };
-        if writable {
-            core.mm
-                .write_protect(wr, true, mode)
-                .map_err(|e| Error::os("write-protect for migration", e.into()))?;
+    if writable {
+        let pruns = runs(&protected);
+        for (k, &(s, e)) in pruns.iter().enumerate() {
+            let wr = VaRange {
+                start: r.start.add(s * PAGE_SIZE),
+                end: r.start.add(e * PAGE_SIZE),
+            };
+            if let Err(err) = core.mm.write_protect(wr, true, mode) {
+                // Undo: no page may stay write-protected outside a migration.
+                for &(s, e) in &pruns[..k] {
+                    let wr = VaRange {
+                        start: r.start.add(s * PAGE_SIZE),
+                        end: r.start.add(e * PAGE_SIZE),
+                    };
+                    let _ = core.mm.write_protect(wr, false, mode);
+                }
+                return Err(Error::os("write-protect for migration", err.into()));
+            }
         }
     }
     Ok(MigrateVma {
@@ -407,25 +443,81 @@ impl MigrateVma<'_> {
         core.add_pagemap(st, pm);
     }
 
-    /// Phase 3b: restore or complete every page and release the address space.
-    pub fn finalize(mut self) {
+    /// Phase 3b: restore or complete every page and release the address space. Returns the
+    /// final `src` and `dst` words: a page migrated iff its `src` still has `MIGRATE` (finalize
+    /// itself declines a page it could not complete).
+    pub fn finalize(mut self) -> (Vec<u64>, Vec<u64>) {
         self.finish();
+        (std::mem::take(&mut self.src), std::mem::take(&mut self.dst))
     }
 
+    /// Phase 3b. In three passes, all under the address space's lock:
+    ///
+    /// 1. drop from the CPU view the system (and coherent) pages going to device-private memory,
+    ///    in runs; a run that cannot be dropped (e.g. `MADV_DONTNEED` refused on mlocked memory)
+    ///    is declined: its bytes stay where they are;
+    /// 2. commit every page still migrating: page entries point at their new frames, data going
+    ///    to system or coherent memory is placed in the CPU view (a failure there declines the
+    ///    page), old frames are freed;
+    /// 3. declined pages: device mappings of them are invalidated (a driver may have mapped the
+    ///    destination already), their destination frames freed, their write protection removed.
     fn finish(&mut self) {
+        if self.st.is_none() {
+            return;
+        }
+        // Commit checks again (idempotent): a driver that skipped `pages()`, or left a `dst`
+        // unset, declines those pages.
+        self.pages();
         let Some(mut st) = self.st.take() else { return };
         let core = self.core;
         let n = self.src.len();
-        let mut zap = vec![false; n];
-        let mut unprotect = vec![false; n];
+        let span_of = |w: u64| {
+            if w & MIGRATE_PFN_COMPOUND != 0 {
+                PAGES_PER_LARGE
+            } else {
+                1
+            }
+        };
+        let dst_kind = |st: &SpaceState, d: u64| match migrate_pfn_target(d) {
+            Some(PageTarget::Device { pagemap, .. }) => Some(st.pagemap(pagemap).kind()),
+            _ => None,
+        };
+        // Pass 1.
+        let mut to_zap = vec![false; n];
+        let mut i = 0;
+        while i < n {
+            let w = self.src[i];
+            let span = span_of(w);
+            if w & MIGRATE_PFN_MIGRATE != 0
+                && dst_kind(&st, self.dst[i]) == Some(MemoryKind::Private)
+            {
+                to_zap[i..i + span].copy_from_slice(&self.protected[i..i + span]);
+            }
+            i += span;
+        }
+        let mut declined = vec![false; n];
+        for (s, e) in runs(&to_zap) {
+            let r = VaRange {
+                start: self.start.add(s * PAGE_SIZE),
+                end: self.start.add(e * PAGE_SIZE),
+            };
+            // Dropping the pages also drops their write protection; a writer blocked on it
+            // faults again, now on a missing page, and gets the data back from the device.
+            if core.mm.zap(r).is_ok() {
+                core.mm.wake(r, self.mode);
+            } else {
+                declined[s..e].fill(true);
+            }
+        }
+        // Pass 2.
         let mut i = 0;
         while i < n {
             let w = self.src[i];
             let a = self.addr(i);
             let compound = w & MIGRATE_PFN_COMPOUND != 0;
-            let span = if compound { PAGES_PER_LARGE } else { 1 };
-            if w & MIGRATE_PFN_MIGRATE == 0 {
-                unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
+            let span = span_of(w);
+            if w & MIGRATE_PFN_MIGRATE == 0 || declined[i] {
+                declined[i] = w & MIGRATE_PFN_MIGRATE != 0;
                 i += span;
                 continue;
             }
@@ -459,9 +551,7 @@ impl MigrateVma<'_> {
                         _ => Ok(()),
                     };
                     if placed.is_err() {
-                        // Leave the page where it was (its frame is freed by the driver's
-                        // caller through `dst`, which stays unused).
-                        unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
+                        declined[i] = true;
                         i += span;
                         continue;
                     }
@@ -472,7 +562,6 @@ impl MigrateVma<'_> {
                         let old = st.pte(ak).expect("mapped");
                         st.set_pte(ak, Pte::coherent(pagemap, f, dcompound, old));
                         pm.set_rmap(f, core.id, ak.page().0);
-                        unprotect[i + k] = self.protected[i + k];
                     }
                     match (src, src_pm) {
                         (Some(PageTarget::Device { frame: sf, .. }), Some(spm)) => {
@@ -486,6 +575,7 @@ impl MigrateVma<'_> {
                     }
                 }
                 PageTarget::Device { pagemap, frame } => {
+                    // Into device-private memory (the CPU pages were dropped in pass 1).
                     let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
                     let pm = st.pagemap(pagemap);
                     for k in 0..span {
@@ -493,18 +583,16 @@ impl MigrateVma<'_> {
                         let f = FrameIdx(frame.0 + k as u32);
                         st.set_pte(ak, Pte::device(pagemap, f, dcompound));
                         pm.set_rmap(f, core.id, ak.page().0);
-                        zap[i + k] = self.protected[i + k];
                     }
-                    if let Some(PageTarget::Device {
-                        pagemap: sp,
-                        frame: sf,
-                    }) = src
-                    {
-                        st.pagemap(sp).free(sf, compound);
-                    } else {
-                        core.counters
-                            .pages_to_device
-                            .fetch_add(span as u64, Ordering::Relaxed);
+                    match (src, src_pm) {
+                        (Some(PageTarget::Device { frame: sf, .. }), Some(spm)) => {
+                            spm.free(sf, compound)
+                        }
+                        _ => {
+                            core.counters
+                                .pages_to_device
+                                .fetch_add(span as u64, Ordering::Relaxed);
+                        }
                     }
                 }
                 PageTarget::System(_) if src_coherent => {
@@ -516,7 +604,6 @@ impl MigrateVma<'_> {
                         let ak = a.add(k * PAGE_SIZE);
                         let old = st.pte(ak).expect("mapped");
                         st.set_pte(ak, Pte::present(compound, old));
-                        unprotect[i + k] = self.protected[i + k];
                     }
                     src_pm.expect("device source").free(frame, compound);
                     core.counters
@@ -531,6 +618,7 @@ impl MigrateVma<'_> {
                         start: a,
                         end: a.add(span * PAGE_SIZE),
                     };
+                    // On failure the page stays in device memory, untouched (its frame too).
                     if core
                         .restore_from_frame(&mut st, r, frame, pagemap, compound)
                         .is_ok()
@@ -544,15 +632,32 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
-        for (s, e) in runs(&zap) {
-            let r = VaRange {
-                start: self.start.add(s * PAGE_SIZE),
-                end: self.start.add(e * PAGE_SIZE),
-            };
-            // Dropping the pages also drops their write protection; a writer blocked on it
-            // faults again, now on a missing page, and gets the data back from the device.
-            let _ = core.mm.zap(r);
-            core.mm.wake(r, self.mode);
+        // Pass 3.
+        let mut unprotect = vec![false; n];
+        let mut i = 0;
+        while i < n {
+            let w = self.src[i];
+            let span = span_of(w);
+            let migrated = w & MIGRATE_PFN_MIGRATE != 0 && !declined[i];
+            // Pages that stay in (or went to) the CPU view keep no write protection.
+            let stays_mapped = !migrated || dst_kind(&st, self.dst[i]) != Some(MemoryKind::Private);
+            if stays_mapped {
+                unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
+            }
+            if w & MIGRATE_PFN_MIGRATE != 0 && declined[i] {
+                if let Some(PageTarget::Device { pagemap, frame }) = migrate_pfn_target(self.dst[i])
+                {
+                    let r = VaRange {
+                        start: self.addr(i),
+                        end: self.addr(i + span),
+                    };
+                    core.invalidate(&st, r, NotifyEvent::Migrate, None);
+                    st.pagemap(pagemap)
+                        .free(frame, self.dst[i] & MIGRATE_PFN_COMPOUND != 0);
+                }
+                self.src[i] &= !MIGRATE_PFN_MIGRATE;
+            }
+            i += span;
         }
         if self.writable {
             for (s, e) in runs(&unprotect) {
@@ -564,6 +669,13 @@ impl MigrateVma<'_> {
             }
         }
         drop(st);
+    }
+
+    /// The current sequence of notifier `n`, read while this migration holds the address
+    /// space's lock (so no invalidation is in progress): a driver that maps the migrated pages
+    /// after `finalize` checks `n.read_retry` against it first, as after `read_begin`.
+    pub fn notifier_seq(&self, n: &crate::mirror::IntervalNotifier) -> u64 {
+        n.current_seq()
     }
 }
 

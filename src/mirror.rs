@@ -182,6 +182,12 @@ impl IntervalNotifier {
         }
         self.seq.load(Ordering::SeqCst)
     }
+    /// The sequence now, for callers that hold the address space's lock (no invalidation can
+    /// be in progress): see [`crate::migrate::MigrateVma::notifier_seq`].
+    pub(crate) fn current_seq(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
     /// `mmu_interval_read_retry`: true if an invalidation ran since `read_begin` returned `seq`.
     /// Call under the device's page-table lock.
     pub fn read_retry(&self, seq: u64) -> bool {

@@ -49,7 +49,9 @@ pub trait Mm: Send + Sync {
     fn protect(&self, r: VaRange, prot: Prot) -> io::Result<()>;
     /// Unmaps a range: its pages are dropped and accesses fault with SIGSEGV.
     fn unmap(&self, r: VaRange) -> io::Result<()>;
-    /// Fills the missing pages at `dst..dst+len` with `src[off..off+len]`.
+    /// Fills the missing pages at `dst..dst+len` with the matching bytes of `src[off..off+len]`;
+    /// pages already present are left as they are. Ok: every page of the range is populated.
+    /// An error may leave part of the range populated; calling again completes it.
     fn install(
         &self,
         dst: VirtAddr,
@@ -232,7 +234,7 @@ impl Mm for KernelMm {
         len: usize,
         mode: FaultMode,
     ) -> Result<(), UffdError> {
-        self.with_uffd(mode, |u| u.copy(dst.get(), src, off, len))
+        self.with_uffd(mode, |u| u.fill(dst.get(), src, off, len))
     }
 
     fn zap(&self, r: VaRange) -> io::Result<()> {
@@ -360,10 +362,8 @@ impl Mm for ModelMm {
         let mut pages = lock(&self.pages);
         for p in 0..len / PAGE_SIZE {
             if pages.contains_key(&(dst.page().0 + p)) {
-                return Err(UffdError::Exists);
+                continue;
             }
-        }
-        for p in 0..len / PAGE_SIZE {
             let mut data = vec![0u8; PAGE_SIZE].into_boxed_slice();
             src.read(off + p * PAGE_SIZE, &mut data)
                 .expect("model install source in range");

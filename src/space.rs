@@ -221,6 +221,9 @@ impl Default for MapOptions {
 /// A mapping (VMA): a range with one protection, one fault mode, and one entry per page.
 #[derive(Debug)]
 pub(crate) struct Vma {
+    /// Which `map` call made it (kept by splits): pins name the mapping they pinned, so that a
+    /// pin outliving an unmap never touches a new mapping at the same address.
+    pub(crate) id: u64,
     pub(crate) range: VaRange,
     pub(crate) prot: Prot,
     pub(crate) mode: FaultMode,
@@ -253,6 +256,7 @@ pub(crate) struct SpaceState {
     pub(crate) pagemaps: Vec<Option<Arc<Pagemap>>>,
     fa_next: usize,
     fa_window: usize,
+    next_vma_id: u64,
 }
 
 impl SpaceState {
@@ -470,6 +474,7 @@ impl Space {
                 pagemaps,
                 fa_next: 0,
                 fa_window: 0,
+                next_vma_id: 1,
             }),
             inv_seq: AtomicU64::new(0),
             counters: Counters::default(),
@@ -615,6 +620,9 @@ impl Space {
         }
         let mut st = lock(&self.core.state);
         self.core.invalidate(&st, r, NotifyEvent::Unmap, None);
+        // The kernel side first: if it fails, nothing has changed (holes in the range are
+        // already PROT_NONE and unregistered, so unmapping them too is harmless).
+        self.core.mm.unmap(r).map_err(|e| Error::os("unmap", e))?;
         self.core.split_at(&mut st, r.start);
         self.core.split_at(&mut st, r.end);
         let keys: Vec<usize> = st
@@ -626,10 +634,6 @@ impl Space {
         for k in keys {
             let v = st.vmas.remove(&k).expect("key just listed");
             self.core.free_frames(&st, &v.ptes);
-            self.core
-                .mm
-                .unmap(v.range)
-                .map_err(|e| Error::os("unmap", e))?;
         }
         Ok(())
     }
@@ -815,9 +819,17 @@ impl Space {
             let pte = st.pte(a).expect("covered");
             st.set_pte(a, pte.with_pin(long_term, 1).expect("checked above"));
         }
+        let mut pieces = Vec::new();
+        let mut a = r.start;
+        while a < r.end {
+            let v = st.vma(a).expect("covered");
+            let end = v.range.end.min(r.end);
+            pieces.push((VaRange { start: a, end }, v.id));
+            a = end;
+        }
         Ok(Pin {
             core: self.core.clone(),
-            range: r,
+            pieces,
             long_term,
         })
     }
@@ -827,19 +839,26 @@ impl Space {
 #[derive(Debug)]
 pub struct Pin {
     core: Arc<SpaceCore>,
-    range: VaRange,
+    /// The pinned ranges and the mapping each belongs to.
+    pieces: Vec<(VaRange, u64)>,
     long_term: bool,
 }
 
 impl Drop for Pin {
     fn drop(&mut self) {
         let mut st = lock(&self.core.state);
-        for p in 0..self.range.pages() {
-            let a = self.range.start.add(p * PAGE_SIZE);
-            if let Some(pte) = st.pte(a)
-                && let Some(np) = pte.with_pin(self.long_term, -1)
-            {
-                st.set_pte(a, np);
+        for &(r, id) in &self.pieces {
+            for p in 0..r.pages() {
+                let a = r.start.add(p * PAGE_SIZE);
+                // Only the mapping that was pinned: after an unmap (and maybe a new mapping at
+                // the same address) the pin has nothing left to release.
+                let Some(v) = st.vma_mut(a).filter(|v| v.id == id) else {
+                    continue;
+                };
+                let i = v.idx(a);
+                if let Some(np) = v.ptes[i].with_pin(self.long_term, -1) {
+                    v.ptes[i] = np;
+                }
             }
         }
     }
@@ -884,9 +903,12 @@ impl SpaceCore {
         self.mm
             .map(r, opts.prot, opts.mode)
             .map_err(|e| Error::os("map", e))?;
+        let id = st.next_vma_id;
+        st.next_vma_id += 1;
         st.vmas.insert(
             r.start.get(),
             Vma {
+                id,
                 range: r,
                 prot: opts.prot,
                 mode: opts.mode,
@@ -964,6 +986,7 @@ impl SpaceCore {
         let v = st.vma_mut(a).expect("checked above");
         let tail = v.ptes.split_off(i);
         let new = Vma {
+            id: v.id,
             range: VaRange {
                 start: a,
                 end: v.range.end,
@@ -1291,7 +1314,8 @@ impl SpaceCore {
         self.make_present(&mut st, a)?;
         // The page leaves device-coherent memory for the stash.
         self.demote_coherent(&mut st, a);
-        if pte.large() {
+        // Re-read: making the page present may have filled (and marked) a whole 2 MiB unit.
+        if st.pte(a).expect("mapped").large() {
             self.split_unit(&mut st, a);
         }
         let pte = st.pte(a).expect("mapped");

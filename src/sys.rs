@@ -504,6 +504,53 @@ impl Uffd {
             .map_err(uffd_err)
     }
 
+    /// Fills every missing page of `dst..dst+len` from `src[src_off..]` with `UFFDIO_COPY`,
+    /// resuming after a partial copy: Ok means every page of the range is now populated (pages
+    /// that already were are left as they are: EEXIST on a page is not an error here). An error
+    /// means some pages may be populated and others not; calling again completes the range.
+    pub fn fill(
+        &self,
+        dst: usize,
+        src: &Region,
+        src_off: usize,
+        len: usize,
+    ) -> Result<(), UffdError> {
+        src.check(src_off, len)
+            .map_err(|_| UffdError::Os(libc::EFAULT))?;
+        let mut done = 0;
+        // EAGAIN (mappings changing) cannot come from hetmem's own use (it enables no events);
+        // bound the retries anyway.
+        let mut again = 0;
+        while done < len {
+            let mut c = uapi::uffdio_copy {
+                dst: (dst + done) as u64,
+                src: (src.base + src_off + done) as u64,
+                len: (len - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: as in `copy`.
+            let r = unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) };
+            match r.map_err(uffd_err) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // `copy` holds the bytes copied before the error (or a negative errno).
+                    if c.copy > 0 {
+                        done += c.copy as usize;
+                        continue;
+                    }
+                    match e {
+                        // The first page of the rest is already there: step over it.
+                        UffdError::Exists => done += PAGE_SIZE,
+                        UffdError::Again if again < 1000 => again += 1,
+                        other => return Err(other),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of `dst..dst+len`.
     pub fn zeropage(&self, dst: usize, len: usize) -> Result<(), UffdError> {
         let mut z = uapi::uffdio_zeropage {
@@ -987,4 +1034,22 @@ pub fn probe_store_u32(addr: usize, v: u32) {
     );
     // SAFETY: as in probe_load_u32; the callers only pass managed addresses.
     unsafe { ptr::write_volatile(addr as *mut u32, v) }
+}
+
+/// `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`, for tests of how hetmem behaves in a
+/// process whose memory is locked (`MADV_DONTNEED` is refused there). Undo with
+/// [`munlockall`].
+pub fn mlockall_onfault() -> io::Result<()> {
+    rustix::mm::mlockall(
+        rustix::mm::MlockAllFlags::CURRENT
+            | rustix::mm::MlockAllFlags::FUTURE
+            | rustix::mm::MlockAllFlags::ONFAULT,
+    )?;
+    Ok(())
+}
+
+/// `munlockall()`.
+pub fn munlockall() -> io::Result<()> {
+    rustix::mm::munlockall()?;
+    Ok(())
 }

@@ -1,0 +1,186 @@
+//! Regression tests for bugs found in review, each asserting the behaviour the docs promise.
+
+mod common;
+use common::*;
+use hetmem::migrate::{self, MigrateArgs, SELECT_SYSTEM};
+use hetmem::*;
+
+fn large_opts() -> MapOptions {
+    MapOptions {
+        large: true,
+        ..MapOptions::default()
+    }
+}
+
+/// Exclusive access to an untouched page of a large mapping: making the page present fills the
+/// whole 2 MiB unit, which must then be split (the page leaves the CPU view). A compound
+/// migration of the unit used to select it whole and read the dropped page under the space's
+/// lock: a deadlock with the SIGBUS handler.
+#[test]
+fn exclusive_in_untouched_large_unit_splits_it() {
+    let _w = watchdog("exclusive_large_unit", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon_with(PMD, large_opts()).unwrap();
+    let p1 = a.add(PAGE);
+    let mut buf = vec![0u8; PAGE];
+    m.exclusive(p1.get() as u64, 1, &mut buf).unwrap();
+    assert!(matches!(space.residency(p1), Residency::Exclusive(_)));
+    let mut snap = vec![0u8; 1];
+    m.snapshot(a.get() as u64, 1, &mut snap).unwrap();
+    assert_eq!(snap[0] & hetmem::device::snap::PMD, 0, "the unit was split");
+    // The exclusive page is not selected (ENOENT from the read-back), the rest moves as base pages.
+    let e = m
+        .migrate_range_to_device(a.get() as u64, (PMD / PAGE) as u64)
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::ENOENT);
+    assert!(matches!(space.residency(p1), Residency::Exclusive(_)));
+    assert_eq!(space.residency(a), Residency::Device(dev.owner()));
+    let mut back = vec![1u8; PMD];
+    space.cpu_read(a, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+/// The same over the in-memory kernel model (which panics if hetmem reads a missing page).
+#[test]
+fn exclusive_in_untouched_large_unit_model() {
+    let space = Space::new_model(64 << 20).unwrap();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon_with(PMD, large_opts()).unwrap();
+    let p1 = a.add(PAGE);
+    let mut buf = vec![0u8; PAGE];
+    m.exclusive(p1.get() as u64, 1, &mut buf).unwrap();
+    let _ = m.migrate_range_to_device(a.get() as u64, (PMD / PAGE) as u64);
+    assert!(matches!(space.residency(p1), Residency::Exclusive(_)));
+}
+
+/// A pin that outlives its mapping (unmap, then a new mapping at the same address) must not
+/// release a pin taken on the new mapping.
+#[test]
+fn stale_pin_does_not_unpin_a_new_mapping() {
+    let _w = watchdog("stale_pin", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(PAGE, Prot::ReadWrite).unwrap();
+    space.store_u32(a, 1).unwrap();
+    let old_pin = space.pin(a, PAGE, false).unwrap();
+    space.unmap(a, PAGE).unwrap();
+    space.map_anon_at(a, PAGE, MapOptions::default()).unwrap();
+    space.store_u32(a, 2).unwrap();
+    let new_pin = space.pin(a, PAGE, false).unwrap();
+    drop(old_pin);
+    assert!(m.migrate_range_to_device(a.get() as u64, 1).is_err());
+    assert_eq!(
+        space.residency(a),
+        Residency::System,
+        "a pinned page was migrated"
+    );
+    drop(new_pin);
+    m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+    assert_eq!(space.load_u32(a).unwrap(), 2);
+}
+
+/// Present pages of a mapping without read permission are not selected for migration (copying
+/// them would need CPU loads, which fault): no SIGSEGV, the data stays.
+#[test]
+fn prot_none_pages_are_not_selected() {
+    let _w = watchdog("prot_none_migrate", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    // 32 pages: the first touch fills the first 64 KiB (16 pages), the rest stays untouched.
+    let len = 32 * PAGE;
+    let a = space.map_anon(len, Prot::ReadWrite).unwrap();
+    space.store_u32(a, 7).unwrap();
+    assert_eq!(space.residency(a.add(31 * PAGE)), Residency::Untouched);
+    space.protect(a, len, Prot::None).unwrap();
+    let mig = migrate::migrate_vma_setup(
+        &space,
+        MigrateArgs {
+            start: a,
+            end: a.add(len),
+            flags: SELECT_SYSTEM,
+            pgmap_owner: dev.owner(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        mig.src[0] & migrate::MIGRATE_PFN_MIGRATE,
+        0,
+        "present page of a PROT_NONE mapping"
+    );
+    assert_ne!(
+        mig.src[31] & migrate::MIGRATE_PFN_MIGRATE,
+        0,
+        "a hole can still move"
+    );
+    assert_eq!(mig.cpages, 16);
+    mig.finalize();
+    space.protect(a, len, Prot::Read).unwrap();
+    assert_eq!(space.load_u32(a).unwrap(), 7);
+}
+
+/// The same through the device while another thread toggles PROT_NONE on the mapping (the
+/// device's own readability check and the migration's setup are separate lock acquisitions).
+#[test]
+fn migrate_racing_protect_none() {
+    let _w = watchdog("migrate_racing_protect_none", 60);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(64 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let pages = 16;
+    let a = space.map_anon(pages * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &vec![0x5au8; pages * PAGE]).unwrap();
+    let s2 = space.clone();
+    let t = std::thread::spawn(move || {
+        for _ in 0..2000 {
+            s2.protect(a, pages * PAGE, Prot::None).unwrap();
+            s2.protect(a, pages * PAGE, Prot::ReadWrite).unwrap();
+        }
+    });
+    for _ in 0..300 {
+        let _ = m.migrate_to_system(a.get() as u64, pages as u64);
+        let _ = m.migrate_range_to_device(a.get() as u64, pages as u64);
+    }
+    t.join().unwrap();
+    let mut back = vec![0u8; pages * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0x5a));
+}
+
+/// When the CPU pages cannot be dropped (MADV_DONTNEED is refused on mlocked memory), the
+/// migration declines the pages instead of leaving a stale CPU copy behind device-resident data.
+#[test]
+fn undroppable_pages_are_declined_not_left_stale() {
+    let _w = watchdog("mlocked_decline", 30);
+    if hetmem::sys::mlockall_onfault().is_err() {
+        eprintln!("mlockall refused here: nothing to test");
+        return;
+    }
+    let result = std::panic::catch_unwind(|| {
+        let space = Space::with_config(SpaceConfig {
+            size: 64 << 20,
+            stash: 2 << 20,
+            user_mode_only: false,
+        })
+        .unwrap();
+        let dev = SoftDevice::private(4 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        let a = space.map_anon(PAGE, Prot::ReadWrite).unwrap();
+        space.cpu_write(a, &[1u8; PAGE]).unwrap();
+        let e = m.migrate_range_to_device(a.get() as u64, 1).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOENT, "the page was declined");
+        assert_eq!(space.residency(a), Residency::System);
+        assert_eq!(dev.used(), 0, "the declined page's frame was freed");
+        // The device writes through its mirror of the system page; the CPU sees it.
+        m.write(a.get() as u64, 1, &[2u8; PAGE]).unwrap();
+        let mut got = vec![0u8; PAGE];
+        space.cpu_read(a, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 2));
+        space.store_u32(a, 3).unwrap();
+    });
+    hetmem::sys::munlockall().unwrap();
+    result.unwrap();
+}
