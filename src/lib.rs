@@ -14,6 +14,8 @@
 
 pub mod addr;
 pub mod bench;
+#[doc(hidden)]
+pub mod check;
 pub mod demo;
 pub mod device;
 pub mod error;

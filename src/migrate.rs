@@ -216,8 +216,10 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                     if pte.large() {
                         // Whole only if the unit's 512 entries name 512 consecutive frames of
                         // the same pagemap, none pinned.
-                        let whole =
-                            v.ptes[vi..vi + PAGES_PER_LARGE]
+                        // (`unit_here` first: it is what keeps the slice in bounds.)
+                        let whole = unit_here
+                            && compound
+                            && v.ptes[vi..vi + PAGES_PER_LARGE]
                                 .iter()
                                 .enumerate()
                                 .all(|(k, p)| {
@@ -230,7 +232,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                                         && p.state() == pte.state()
                                         && !p.pinned()
                                 });
-                        if unit_here && compound && whole {
+                        if whole {
                             src[i] = migrate_pfn(PageTarget::Device {
                                 pagemap: pm.id(),
                                 frame: pte.frame(),

@@ -184,3 +184,20 @@ fn undroppable_pages_are_declined_not_left_stale() {
     hetmem::sys::munlockall().unwrap();
     result.unwrap();
 }
+
+/// Found by the fuzzer: a migration range starting inside the last 2 MiB unit of a mapping,
+/// whose unit is device-resident, sliced past the mapping's entries (a panic under the lock).
+#[test]
+fn range_starting_inside_the_last_device_unit() {
+    let _w = watchdog("last_unit_slice", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon_with(2 * PMD, large_opts()).unwrap();
+    space.cpu_write(a, &pattern(2 * PMD, |i| i)).unwrap();
+    m.migrate_range_to_device(a.add(PMD).get() as u64, 512).unwrap();
+    assert_eq!(m.migrate_to_system(a.add(PMD + PAGE).get() as u64, 1).unwrap().cpages, 1);
+    let mut back = vec![0u8; 2 * PMD];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(back, pattern(2 * PMD, |i| i));
+}
