@@ -95,6 +95,44 @@ pub enum Op {
         /// Pages.
         n: usize,
     },
+    /// Device read by the coherent device.
+    CohRead {
+        /// Mapping.
+        m: usize,
+        /// First page.
+        page: usize,
+        /// Pages.
+        n: usize,
+    },
+    /// Device write by the coherent device, `n` pages filled with `byte`.
+    CohWrite {
+        /// Mapping.
+        m: usize,
+        /// First page.
+        page: usize,
+        /// Pages.
+        n: usize,
+        /// Fill byte.
+        byte: u8,
+    },
+    /// Migration to the coherent device's memory (`DMIRROR_MIGRATE_TO_DEV`).
+    CohToDev {
+        /// Mapping.
+        m: usize,
+        /// First page.
+        page: usize,
+        /// Pages.
+        n: usize,
+    },
+    /// Migration out of the coherent device's memory (`DMIRROR_MIGRATE_TO_SYS`).
+    CohToSys {
+        /// Mapping.
+        m: usize,
+        /// First page.
+        page: usize,
+        /// Pages.
+        n: usize,
+    },
     /// `mprotect`: 0 none, 1 read, otherwise read-write.
     Protect {
         /// Mapping.
@@ -200,6 +238,22 @@ impl Op {
                 let (m, page, n) = clamp_pages(m, page, n);
                 Op::ToSys { m, page, n }
             }
+            Op::CohRead { m, page, n } => {
+                let (m, page, n) = clamp_pages(m, page, n);
+                Op::CohRead { m, page, n }
+            }
+            Op::CohWrite { m, page, n, byte } => {
+                let (m, page, n) = clamp_pages(m, page, n);
+                Op::CohWrite { m, page, n, byte }
+            }
+            Op::CohToDev { m, page, n } => {
+                let (m, page, n) = clamp_pages(m, page, n);
+                Op::CohToDev { m, page, n }
+            }
+            Op::CohToSys { m, page, n } => {
+                let (m, page, n) = clamp_pages(m, page, n);
+                Op::CohToSys { m, page, n }
+            }
             Op::Protect { m, page, n, prot } => {
                 let (m, page, n) = clamp_pages(m, page, n);
                 Op::Protect {
@@ -256,6 +310,10 @@ pub struct World {
     pub dev: SoftDevice,
     /// The device bound to `space`.
     pub mirror: DeviceMirror,
+    /// A device-coherent device.
+    pub cdev: SoftDevice,
+    /// The coherent device bound to `space`.
+    pub cmirror: DeviceMirror,
     /// The models of mapping 0 (normal) and 1 (large).
     pub maps: Vec<MapModel>,
     /// Pins held (at most [`MAX_PINS`]).
@@ -268,6 +326,11 @@ impl World {
         let space = Space::new()?;
         let dev = SoftDevice::private(DEVICE_BYTES)?;
         let mirror = dev.mirror(&space)?;
+        let cdev = SoftDevice::new(crate::device::DeviceConfig {
+            kind: crate::pool::MemoryKind::Coherent,
+            capacity: DEVICE_BYTES,
+        })?;
+        let cmirror = cdev.mirror(&space)?;
         let mut maps = Vec::new();
         for (pages, large) in [(SMALL_PAGES, false), (LARGE_PAGES, true)] {
             let base = space.map_anon_with(
@@ -289,6 +352,8 @@ impl World {
             space,
             dev,
             mirror,
+            cdev,
+            cmirror,
             maps,
             pins: Vec::new(),
         })
@@ -345,63 +410,14 @@ pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
                 ensure!(r.is_err(), "cpu read of an unreadable range succeeded");
             }
         }
-        Op::DevRead { m, page, n } => {
-            let mm = &w.maps[m];
-            let mut buf = vec![0u8; n * PAGE];
-            let r = w
-                .mirror
-                .read(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
-            if mm.all(page, n, |m, p| m && p.readable()) {
-                ensure!(r.is_ok(), "device read failed: {r:?}");
-                ensure!(
-                    buf == mm.bytes[page * PAGE..(page + n) * PAGE],
-                    "device read stale data"
-                );
-            } else {
-                ensure!(r.is_err(), "device read of an unreadable range succeeded");
-            }
-        }
-        Op::DevWrite { m, page, n, byte } => {
-            let mm = &mut w.maps[m];
-            if !mm.all(page, n, |m, p| m && p.writable()) {
-                return Ok(()); // partial device writes up to the first refused page: not modelled
-            }
-            let data = vec![byte; n * PAGE];
-            let r = w
-                .mirror
-                .write(mm.base.add(page * PAGE).get() as u64, n as u64, &data);
-            ensure!(r.is_ok(), "device write failed: {r:?}");
-            mm.bytes[page * PAGE..(page + n) * PAGE].copy_from_slice(&data);
-        }
-        Op::ToDev { m, page, n } => {
-            let mm = &w.maps[m];
-            let mut buf = vec![0u8; n * PAGE];
-            let r = w.mirror.migrate_to_device(
-                mm.base.add(page * PAGE).get() as u64,
-                n as u64,
-                &mut buf,
-            );
-            match r {
-                Ok(_) => ensure!(
-                    buf == mm.bytes[page * PAGE..(page + n) * PAGE],
-                    "migrate returned wrong data"
-                ),
-                Err(e) if mm.all(page, n, |m, p| m && p.readable()) => ensure!(
-                    matches!(e, Error::NotPresent { .. }),
-                    "unexpected migrate error {e}"
-                ),
-                Err(_) => {}
-            }
-        }
-        Op::ToSys { m, page, n } => {
-            let mm = &w.maps[m];
-            let r = w
-                .mirror
-                .migrate_to_system(mm.base.add(page * PAGE).get() as u64, n as u64);
-            if mm.all(page, n, |m, _| m) {
-                ensure!(r.is_ok(), "migrate to system failed: {r:?}");
-            }
-        }
+        Op::DevRead { m, page, n } => dev_read(&w.mirror, &w.maps[m], page, n)?,
+        Op::DevWrite { m, page, n, byte } => dev_write(&w.mirror, &mut w.maps[m], page, n, byte)?,
+        Op::ToDev { m, page, n } => to_dev(&w.mirror, &w.maps[m], page, n)?,
+        Op::ToSys { m, page, n } => to_sys(&w.mirror, &w.maps[m], page, n)?,
+        Op::CohRead { m, page, n } => dev_read(&w.cmirror, &w.maps[m], page, n)?,
+        Op::CohWrite { m, page, n, byte } => dev_write(&w.cmirror, &mut w.maps[m], page, n, byte)?,
+        Op::CohToDev { m, page, n } => to_dev(&w.cmirror, &w.maps[m], page, n)?,
+        Op::CohToSys { m, page, n } => to_sys(&w.cmirror, &w.maps[m], page, n)?,
         Op::Protect { m, page, n, prot } => {
             let mm = &mut w.maps[m];
             let r = w
@@ -457,10 +473,12 @@ pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
                     w.pins.remove(0);
                 }
                 w.pins.push(pin);
-                // A pinned page is in system memory.
+                // A pinned page is in system memory; a short-term pin may also leave it in
+                // device-coherent memory (the CPU maps it).
                 let res = w.space.residency(mm.base.add(page * PAGE));
                 ensure!(
-                    res == Residency::System,
+                    res == Residency::System
+                        || (!long && res == Residency::Coherent(w.cdev.owner())),
                     "pinned page {page} is not in system memory: {res:?}"
                 );
             } else {
@@ -484,15 +502,78 @@ pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
             }
         }
         Op::Release => {
-            let r = w.dev.release();
-            ensure!(r.is_ok(), "device release failed: {r:?}");
-            let used = w.dev.used();
-            ensure!(
-                used == 0,
-                "release leaves no page in device memory, but {used} bytes are used"
-            );
+            for dev in [&w.dev, &w.cdev] {
+                let r = dev.release();
+                ensure!(r.is_ok(), "device release failed: {r:?}");
+                let used = dev.used();
+                ensure!(
+                    used == 0,
+                    "release leaves no page in device memory, but {used} bytes are used"
+                );
+            }
         }
         Op::FailNextAlloc => w.dev.fail_next_alloc(),
+    }
+    Ok(())
+}
+
+/// A device read (either device) checked against the model.
+fn dev_read(d: &DeviceMirror, mm: &MapModel, page: usize, n: usize) -> Result<(), String> {
+    let mut buf = vec![0u8; n * PAGE];
+    let r = d.read(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
+    if mm.all(page, n, |m, p| m && p.readable()) {
+        ensure!(r.is_ok(), "device read failed: {r:?}");
+        ensure!(
+            buf == mm.bytes[page * PAGE..(page + n) * PAGE],
+            "device read stale data"
+        );
+    } else {
+        ensure!(r.is_err(), "device read of an unreadable range succeeded");
+    }
+    Ok(())
+}
+
+/// A device write (either device), applied to the model.
+fn dev_write(
+    d: &DeviceMirror,
+    mm: &mut MapModel,
+    page: usize,
+    n: usize,
+    byte: u8,
+) -> Result<(), String> {
+    if !mm.all(page, n, |m, p| m && p.writable()) {
+        return Ok(()); // partial device writes up to the first refused page: not modelled
+    }
+    let data = vec![byte; n * PAGE];
+    let r = d.write(mm.base.add(page * PAGE).get() as u64, n as u64, &data);
+    ensure!(r.is_ok(), "device write failed: {r:?}");
+    mm.bytes[page * PAGE..(page + n) * PAGE].copy_from_slice(&data);
+    Ok(())
+}
+
+/// A migration to a device's memory: the data read back must be the model's.
+fn to_dev(d: &DeviceMirror, mm: &MapModel, page: usize, n: usize) -> Result<(), String> {
+    let mut buf = vec![0u8; n * PAGE];
+    let r = d.migrate_to_device(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
+    match r {
+        Ok(_) => ensure!(
+            buf == mm.bytes[page * PAGE..(page + n) * PAGE],
+            "migrate returned wrong data"
+        ),
+        Err(e) if mm.all(page, n, |m, p| m && p.readable()) => ensure!(
+            matches!(e, Error::NotPresent { .. }),
+            "unexpected migrate error {e}"
+        ),
+        Err(_) => {}
+    }
+    Ok(())
+}
+
+/// A migration out of a device's memory.
+fn to_sys(d: &DeviceMirror, mm: &MapModel, page: usize, n: usize) -> Result<(), String> {
+    let r = d.migrate_to_system(mm.base.add(page * PAGE).get() as u64, n as u64);
+    if mm.all(page, n, |m, _| m) {
+        ensure!(r.is_ok(), "migrate to system failed: {r:?}");
     }
     Ok(())
 }

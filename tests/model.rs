@@ -21,9 +21,16 @@ const OPS: usize = 480;
 
 fn op_strategy() -> impl Strategy<Value = Op> {
     let m = prop_oneof![3 => Just(0usize), 1 => Just(1usize)];
-    let range = (m, any::<u16>(), 1usize..64).prop_map(|(m, p, n)| {
+    // Mostly short ranges; sometimes a whole 2 MiB unit (aligned or not), so that large units
+    // migrate whole and ranges start inside them.
+    let len = prop_oneof![12 => 1usize..64, 1 => Just(512usize)];
+    let range = (m, any::<u16>(), len, any::<bool>()).prop_map(|(m, p, n, aligned)| {
         let pages = pages_of(m);
-        let page = p as usize % pages;
+        let page = if aligned && n == 512 {
+            (p as usize % 2) * 512 % pages
+        } else {
+            p as usize % pages
+        };
         (m, page, n.min(pages - page))
     });
     prop_oneof![
@@ -39,6 +46,10 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (range.clone(), any::<u8>()).prop_map(|((m, page, n), byte)| Op::DevWrite { m, page, n, byte }),
         5 => range.clone().prop_map(|(m, page, n)| Op::ToDev { m, page, n }),
         3 => range.clone().prop_map(|(m, page, n)| Op::ToSys { m, page, n }),
+        2 => range.clone().prop_map(|(m, page, n)| Op::CohRead { m, page, n }),
+        1 => (range.clone(), any::<u8>()).prop_map(|((m, page, n), byte)| Op::CohWrite { m, page, n, byte }),
+        3 => range.clone().prop_map(|(m, page, n)| Op::CohToDev { m, page, n }),
+        2 => range.clone().prop_map(|(m, page, n)| Op::CohToSys { m, page, n }),
         2 => (range.clone(), 0u8..3).prop_map(|((m, page, n), prot)| Op::Protect { m, page, n, prot }),
         1 => range.clone().prop_map(|(m, page, n)| Op::Unmap { m, page, n }),
         2 => (0usize..2).prop_map(|m| Op::Remap { m }),

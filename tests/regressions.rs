@@ -195,8 +195,14 @@ fn range_starting_inside_the_last_device_unit() {
     let m = dev.mirror(&space).unwrap();
     let a = space.map_anon_with(2 * PMD, large_opts()).unwrap();
     space.cpu_write(a, &pattern(2 * PMD, |i| i)).unwrap();
-    m.migrate_range_to_device(a.add(PMD).get() as u64, 512).unwrap();
-    assert_eq!(m.migrate_to_system(a.add(PMD + PAGE).get() as u64, 1).unwrap().cpages, 1);
+    m.migrate_range_to_device(a.add(PMD).get() as u64, 512)
+        .unwrap();
+    assert_eq!(
+        m.migrate_to_system(a.add(PMD + PAGE).get() as u64, 1)
+            .unwrap()
+            .cpages,
+        1
+    );
     let mut back = vec![0u8; 2 * PMD];
     space.cpu_read(a, &mut back).unwrap();
     assert_eq!(back, pattern(2 * PMD, |i| i));

@@ -61,7 +61,7 @@ impl FuzzOp {
         let prot = (self.flags >> 2) & 3;
         let (a, b, byte) = (self.a as usize, self.b as usize, self.byte);
         let (page, n, off, len) = (a, b, a, b);
-        let op = match self.kind % 14 {
+        let op = match self.kind % 18 {
             0 => Op::CpuWrite { m, off, len, byte },
             1 => Op::CpuRead { m, off, len },
             2 => Op::DevRead { m, page, n },
@@ -75,7 +75,11 @@ impl FuzzOp {
             10 => Op::Unpin,
             11 => Op::Exclusive { m, page, n },
             12 => Op::Release,
-            _ => Op::FailNextAlloc,
+            13 => Op::FailNextAlloc,
+            14 => Op::CohRead { m, page, n },
+            15 => Op::CohWrite { m, page, n, byte },
+            16 => Op::CohToDev { m, page, n },
+            _ => Op::CohToSys { m, page, n },
         };
         op.clamped()
     }
