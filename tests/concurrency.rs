@@ -100,6 +100,7 @@ fn cpu_rmw_vs_migration(name: &'static str, mode: FaultMode) {
                         {
                             break;
                         }
+                        at(format!("cpu thread {t}: round {r}"));
                         for p in 0..RMW_PAGES {
                             for k in 0..RMW_WORDS {
                                 let a = word(p, t, k);
@@ -133,6 +134,7 @@ fn cpu_rmw_vs_migration(name: &'static str, mode: FaultMode) {
                     }
                     // Every other round leaves the pages in device memory: the CPU threads fault
                     // them back one by one (migrate_to_ram) while the next migration starts.
+                    at(format!("device: migration {i}"));
                     moved += migrate_round(m, base, RMW_PAGES, &mut buf, i % 2 == 1) as usize;
                     migrations.fetch_add(1, Ordering::SeqCst);
                 }

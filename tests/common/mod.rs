@@ -2,23 +2,60 @@
 //! in seconds instead of hanging CI) and the data patterns of the kernel's selftests.
 #![allow(dead_code)]
 
-use std::sync::mpsc;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
 /// Fails (aborts) the test process with a message if the guard is not dropped within `secs`.
-/// Every test that can block on a fault holds one.
+/// Every test that can block on a fault holds one. On a timeout it prints what each thread
+/// said it was doing last ([`at`]) and, where gdb is installed, every thread's stack: where
+/// each one waits.
 pub struct Watchdog {
     tx: Option<mpsc::Sender<()>>,
     handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What each test thread is doing, as it last said with [`at`].
+static STATUS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// Records what the calling thread is doing now (shown if the watchdog fires).
+pub fn at(what: impl Into<String>) {
+    let me = std::thread::current();
+    let name = format!("{:?} {}", me.id(), me.name().unwrap_or("-"));
+    STATUS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name, what.into());
+}
+
+fn report_hang(name: &str, secs: u64) {
+    eprintln!(
+        "WATCHDOG: test `{name}` did not finish within {secs} s: a fault path is probably hung"
+    );
+    if let Ok(st) = STATUS.try_lock() {
+        for (thread, what) in st.iter() {
+            eprintln!("WATCHDOG:   thread {thread}: last at `{what}`");
+        }
+    }
+    // Every thread's stack, from outside (the hung threads cannot report themselves).
+    let pid = std::process::id().to_string();
+    match std::process::Command::new("gdb")
+        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 25"])
+        .output()
+    {
+        Ok(out) => eprintln!(
+            "WATCHDOG: stacks:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        ),
+        Err(e) => eprintln!("WATCHDOG: no stacks (gdb: {e})"),
+    }
 }
 
 pub fn watchdog(name: &'static str, secs: u64) -> Watchdog {
     let (tx, rx) = mpsc::channel::<()>();
     let handle = std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
-            eprintln!(
-                "WATCHDOG: test `{name}` did not finish within {secs} s: a fault path is probably hung"
-            );
+            report_hang(name, secs);
             std::process::abort();
         }
     });
