@@ -22,6 +22,9 @@
 //! * [`exclusive_vs_cpu_atomics`]: device atomics on device-exclusive pages race CPU
 //!   `fetch_add`s that revoke the grant: every fetch-add returns a distinct old value and the
 //!   final value is the number of increments.
+//! * [`eviction_vs_device_access`]: device eviction (`SoftDevice::release`) races device writes
+//!   and migrations of one page and CPU writes and reads of another: no write is lost, no read
+//!   goes back in time, and nothing stays in device memory after a release.
 //!
 //! # Iterations and `HETMEM_SOAK`
 //!
@@ -650,4 +653,78 @@ fn exclusive_vs_cpu_atomics_body() {
 #[test]
 fn exclusive_vs_cpu_atomics() {
     explore(200, 200, exclusive_vs_cpu_atomics_body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (6) device eviction vs device and CPU access
+// ---------------------------------------------------------------------------------------------
+
+const T6_ROUNDS: u32 = 2;
+
+/// Page 0 is written by the device (`DeviceMirror::write`), page 1 by the CPU, rounds
+/// 1..=T6_ROUNDS; a device thread also migrates both pages to device memory; an evictor
+/// releases the device's memory twice (device eviction: `migrate_device_range`). Every device
+/// and CPU read sees a value its writer wrote, never older than one seen before; at the end both
+/// pages hold their last value and the device holds nothing after a final release.
+fn eviction_vs_device_access_body() {
+    let space = Space::new_model(4 << 20).expect("model space");
+    let dev = Arc::new(SoftDevice::private(2 << 20).expect("device"));
+    let m = Arc::new(dev.mirror(&space).expect("mirror"));
+    let base = space.map_anon(2 * PAGE_SIZE, Prot::ReadWrite).expect("map");
+    let page = move |p: usize| base.add(p * PAGE_SIZE);
+    let dev_writer = {
+        let m = m.clone();
+        thread::spawn(move || {
+            for r in 1..=T6_ROUNDS {
+                m.write(page(0).get() as u64, 1, &fill(val(r, 0), PAGE_SIZE))
+                    .expect("device write");
+                let _ = m.migrate_range_to_device(base.get() as u64, 2);
+            }
+        })
+    };
+    let cpu_writer = {
+        let space = space.clone();
+        thread::spawn(move || {
+            let mut last0 = 0;
+            for r in 1..=T6_ROUNDS {
+                space
+                    .cpu_write(page(1), &fill(val(r, 1), PAGE_SIZE))
+                    .expect("cpu write");
+                let mut b = vec![0u8; PAGE_SIZE];
+                space.cpu_read(page(0), &mut b).expect("cpu read");
+                let r0 = round_of(uniform(&b, "cpu read of page 0"), 0, "cpu read of page 0");
+                assert!(r0 >= last0, "page 0 went back from round {last0} to {r0}");
+                last0 = r0;
+            }
+        })
+    };
+    let evictor = {
+        let dev = dev.clone();
+        thread::spawn(move || {
+            for _ in 0..2 {
+                dev.release().expect("release");
+            }
+        })
+    };
+    join(dev_writer);
+    join(cpu_writer);
+    join(evictor);
+    dev.release().expect("final release");
+    assert_eq!(dev.used(), 0, "a release leaves nothing in device memory");
+    for p in 0..2 {
+        let mut b = vec![0u8; PAGE_SIZE];
+        space.cpu_read(page(p), &mut b).expect("final read");
+        assert_eq!(
+            uniform(&b, "final"),
+            val(T6_ROUNDS, p),
+            "page {p} lost its last write"
+        );
+        assert_eq!(space.residency(page(p)), Residency::System);
+    }
+    drop(Arc::into_inner(m).expect("threads joined: last mirror handle"));
+}
+
+#[test]
+fn eviction_vs_device_access() {
+    explore(100, 100, eviction_vs_device_access_body);
 }
