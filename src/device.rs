@@ -746,17 +746,28 @@ impl DeviceMirror {
         Self::check_buf(buf, &r)?;
         self.migrate_range(r)?;
         // Return the migrated data for verification: every page must now be device-mapped.
+        self.read_back(&r, buf, true)
+    }
+
+    /// Copies the range out through the device page table into `buf` (dmirror's read-back
+    /// after MIGRATE_TO_DEV and EXCLUSIVE): a page without an entry is ENOENT. With
+    /// `remap_own`, pages in this device's own memory whose entries a notification dropped are
+    /// mapped again first (see [`Self::remap_own`]).
+    fn read_back(&self, r: &VaRange, buf: &mut [u8], remap_own: bool) -> Result<CmdOut> {
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
-        if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-            self.remap_own(&r, cur)?;
-            if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-                return Err(Error::NotPresent {
-                    addr: Vpn(cur).addr(),
-                });
+        if self.do_rw(r, &mut cur, buf, false, &mut out.cpages)? {
+            return Ok(out);
+        }
+        if remap_own {
+            self.remap_own(r, cur)?;
+            if self.do_rw(r, &mut cur, buf, false, &mut out.cpages)? {
+                return Ok(out);
             }
         }
-        Ok(out)
+        Err(Error::NotPresent {
+            addr: Vpn(cur).addr(),
+        })
     }
 
     /// Moves the range into device memory, like MIGRATE_TO_DEV, without copying the data out
@@ -1075,14 +1086,7 @@ impl DeviceMirror {
                 );
             })?;
         }
-        let mut out = CmdOut::default();
-        let mut cur = r.start.page().0;
-        if !self.do_rw(&r, &mut cur, buf, false, &mut out.cpages)? {
-            return Err(Error::NotPresent {
-                addr: Vpn(cur).addr(),
-            });
-        }
-        Ok(out)
+        self.read_back(&r, buf, false)
     }
 
     /// CHECK_EXCLUSIVE: [`Error::ExclusiveRemains`] (EPERM) if any atomic entry remains.

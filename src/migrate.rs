@@ -534,56 +534,41 @@ impl MigrateVma<'_> {
                 .as_ref()
                 .is_some_and(|p| p.kind() == MemoryKind::Coherent);
             match dst {
-                PageTarget::Device { pagemap, frame }
-                    if st.pagemap(pagemap).kind() == MemoryKind::Coherent =>
-                {
-                    // Into device-coherent memory: the CPU page is the frame. Place the data
-                    // there (a hole is zero-filled, a private device page copied back; a system
-                    // or coherent page is already there) and keep the page mapped.
-                    let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
-                    let len = span * PAGE_SIZE;
-                    let placed = match (src, &src_pm) {
-                        (None, _) => core.mm.install(a, &core.zero, 0, len, self.mode),
-                        (Some(PageTarget::Device { frame: sf, .. }), Some(spm))
-                            if !src_coherent =>
-                        {
-                            core.mm
-                                .install(a, spm.region(), sf.offset(), len, self.mode)
-                        }
-                        _ => Ok(()),
-                    };
-                    if placed.is_err() {
-                        declined[i] = true;
-                        i += span;
-                        continue;
-                    }
-                    let pm = st.pagemap(pagemap);
-                    for k in 0..span {
-                        let ak = a.add(k * PAGE_SIZE);
-                        let f = FrameIdx(frame.0 + k as u32);
-                        let old = st.pte(ak).expect("mapped");
-                        st.set_pte(ak, Pte::coherent(pagemap, f, dcompound, old));
-                        pm.set_rmap(f, core.id, ak.page().0);
-                    }
-                    match (src, src_pm) {
-                        (Some(PageTarget::Device { frame: sf, .. }), Some(spm)) => {
-                            spm.free(sf, compound)
-                        }
-                        _ => {
-                            core.counters
-                                .pages_to_device
-                                .fetch_add(span as u64, Ordering::Relaxed);
-                        }
-                    }
-                }
                 PageTarget::Device { pagemap, frame } => {
-                    // Into device-private memory (the CPU pages were dropped in pass 1).
-                    let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
                     let pm = st.pagemap(pagemap);
+                    let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
+                    let coherent = pm.kind() == MemoryKind::Coherent;
+                    if coherent {
+                        // Into device-coherent memory: the CPU page is the frame. Place the
+                        // data there (a hole is zero-filled, a private device page copied back;
+                        // a system or coherent page is already there); the page stays mapped.
+                        // (Into device-private memory the CPU pages were dropped in pass 1.)
+                        let len = span * PAGE_SIZE;
+                        let placed = match (src, &src_pm) {
+                            (None, _) => core.mm.install(a, &core.zero, 0, len, self.mode),
+                            (Some(PageTarget::Device { frame: sf, .. }), Some(spm))
+                                if !src_coherent =>
+                            {
+                                core.mm
+                                    .install(a, spm.region(), sf.offset(), len, self.mode)
+                            }
+                            _ => Ok(()),
+                        };
+                        if placed.is_err() {
+                            declined[i] = true;
+                            i += span;
+                            continue;
+                        }
+                    }
                     for k in 0..span {
                         let ak = a.add(k * PAGE_SIZE);
                         let f = FrameIdx(frame.0 + k as u32);
-                        st.set_pte(ak, Pte::device(pagemap, f, dcompound));
+                        let entry = if coherent {
+                            Pte::coherent(pagemap, f, dcompound, st.pte(ak).expect("mapped"))
+                        } else {
+                            Pte::device(pagemap, f, dcompound)
+                        };
+                        st.set_pte(ak, entry);
                         pm.set_rmap(f, core.id, ak.page().0);
                     }
                     match (src, src_pm) {

@@ -578,17 +578,11 @@ impl Space {
         st.check_covered(r)?;
         self.core
             .invalidate(&st, r, NotifyEvent::ProtectionVma, None);
-        self.core.split_at(&mut st, r.start);
-        self.core.split_at(&mut st, r.end);
         self.core
             .mm
             .protect(r, prot)
             .map_err(|e| Error::os("mprotect", e))?;
-        for v in st.vmas.values_mut() {
-            if r.overlaps(&v.range) {
-                v.prot = prot;
-            }
-        }
+        self.core.for_each_vma_in(&mut st, r, |v| v.prot = prot);
         Ok(())
     }
 
@@ -599,13 +593,7 @@ impl Space {
         let r = VaRange::new(addr, len)?;
         let mut st = lock(&self.core.state);
         st.check_covered(r)?;
-        self.core.split_at(&mut st, r.start);
-        self.core.split_at(&mut st, r.end);
-        for v in st.vmas.values_mut() {
-            if r.overlaps(&v.range) {
-                v.large = true;
-            }
-        }
+        self.core.for_each_vma_in(&mut st, r, |v| v.large = true);
         Ok(())
     }
 
@@ -998,6 +986,17 @@ impl SpaceCore {
         };
         v.range.end = a;
         st.vmas.insert(a.get(), new);
+    }
+
+    /// Splits the mappings at the ends of `r` and applies `f` to every mapping inside it.
+    fn for_each_vma_in(&self, st: &mut SpaceState, r: VaRange, mut f: impl FnMut(&mut Vma)) {
+        self.split_at(st, r.start);
+        self.split_at(st, r.end);
+        for v in st.vmas.values_mut() {
+            if r.overlaps(&v.range) {
+                f(v);
+            }
+        }
     }
 
     /// Turns the 2 MiB unit containing `a` (if it is one) into base pages.
