@@ -16,6 +16,7 @@ use std::time::Instant;
 use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::device::SoftDevice;
 use crate::error::{Error, Result};
+use crate::link::LinkReport;
 use crate::space::{Residency, Space, SpaceStats};
 use crate::sys::Prot;
 
@@ -38,24 +39,28 @@ pub struct DemoReport {
 struct Step<'a> {
     out: &'a mut dyn Write,
     last: SpaceStats,
+    last_link: LinkReport,
     t0: Instant,
 }
 
 impl Step<'_> {
-    fn line(&mut self, space: &Space, what: &str) -> Result<()> {
+    fn line(&mut self, space: &Space, dev: &SoftDevice, what: &str) -> Result<()> {
         let s = space.stats();
+        let l = dev.link_report();
         let dt = self.t0.elapsed();
         writeln!(
             self.out,
-            "{:<46} {:>9} {:>9} {:>9} {:>10.2} ms",
+            "{:<46} {:>9} {:>9} {:>9} {:>10.2} ms {:>10.2} ms",
             what,
             s.pages_to_device - self.last.pages_to_device,
             s.pages_to_system - self.last.pages_to_system,
             s.cpu_faults - self.last.cpu_faults,
-            dt.as_secs_f64() * 1e3
+            dt.as_secs_f64() * 1e3,
+            l.since(&self.last_link).total_ns() as f64 / 1e6,
         )
         .map_err(|e| Error::os("write demo output", e))?;
         self.last = s;
+        self.last_link = l;
         self.t0 = Instant::now();
         Ok(())
     }
@@ -119,22 +124,23 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
     w(
         out,
         format!(
-            "{:<46} {:>9} {:>9} {:>9} {:>13}",
-            "step", "to dev", "to sys", "faults", "wall time"
+            "{:<46} {:>9} {:>9} {:>9} {:>13} {:>13}",
+            "step", "to dev", "to sys", "faults", "wall time", "device time"
         ),
     )?;
-    w(out, "-".repeat(92))?;
+    w(out, "-".repeat(106))?;
     let a = space.map_anon(DEMO_BYTES, Prot::ReadWrite)?;
     let mut step = Step {
         out,
         last: space.stats(),
+        last_link: dev.link_report(),
         t0: Instant::now(),
     };
 
     // 1. CPU writes i into word i.
     let data: Vec<u8> = (0..words as u32).flat_map(|i| i.to_ne_bytes()).collect();
     space.cpu_write(a, &data)?;
-    step.line(&space, "1. CPU writes the pattern (first touch)")?;
+    step.line(&space, &dev, "1. CPU writes the pattern (first touch)")?;
 
     // 2. The device reads through its mirror.
     let mut buf = vec![0u8; DEMO_BYTES];
@@ -142,6 +148,7 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
     verify(&buf, |i| i, "device read")?;
     step.line(
         &space,
+        &dev,
         &format!("2. device reads via its mirror ({} fault pass)", o.faults),
     )?;
 
@@ -151,7 +158,7 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
     if space.residency(a) != Residency::Device(dev.owner()) || o.cpages != pages as u64 {
         return Err(Error::NotPresent { addr: a });
     }
-    step.line(&space, "3. migrate to device-private memory")?;
+    step.line(&space, &dev, "3. migrate to device-private memory")?;
 
     // 4. The device adds 1 to every value, in its own memory.
     for v in buf.chunks_exact_mut(4) {
@@ -159,26 +166,34 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
         v.copy_from_slice(&x.to_ne_bytes());
     }
     mirror.write(a.get() as u64, pages as u64, &buf)?;
-    step.line(&space, "4. device updates every value in device memory")?;
+    step.line(
+        &space,
+        &dev,
+        "4. device updates every value in device memory",
+    )?;
 
     // 5. CPU reads back: each page faults and migrates back.
     check(&space, a, words, |i| i + 1, "cpu read")?;
-    step.line(&space, "5. CPU reads back (faults migrate pages back)")?;
+    step.line(
+        &space,
+        &dev,
+        "5. CPU reads back (faults migrate pages back)",
+    )?;
 
     // 6. Explicit round trip.
     mirror.migrate_range_to_device(a.get() as u64, pages as u64)?;
-    step.line(&space, "6a. migrate to device again (prefetch)")?;
+    step.line(&space, &dev, "6a. migrate to device again (prefetch)")?;
     let o = mirror.migrate_to_system(a.get() as u64, pages as u64)?;
     if o.cpages != pages as u64 {
         return Err(Error::NotPresent { addr: a });
     }
-    step.line(&space, "6b. migrate to system (no CPU faults)")?;
+    step.line(&space, &dev, "6b. migrate to system (no CPU faults)")?;
     check(&space, a, words, |i| i + 1, "final")?;
-    step.line(&space, "7. CPU verifies all values")?;
+    step.line(&space, &dev, "7. CPU verifies all values")?;
 
     let s = space.stats();
     let out = step.out;
-    w(out, "-".repeat(92))?;
+    w(out, "-".repeat(106))?;
     w(
         out,
         format!(
@@ -186,9 +201,18 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
             s.pages_to_device, s.pages_to_system, s.cpu_faults, words
         ),
     )?;
+    let link = dev.link_report();
     w(
         out,
-        "(wall times are this machine's; the software device copies with the CPU)".into(),
+        format!(
+            "wall time: measured on this machine (the software device copies with the CPU); \
+             device time: modelled for a {} link ({:.1} ms device-local, {:.1} ms over the link, \
+             {:.1} ms migration copies)",
+            dev.link().profile().name,
+            link.device_local_ns as f64 / 1e6,
+            link.device_remote_ns as f64 / 1e6,
+            link.migration_ns as f64 / 1e6
+        ),
     )?;
     space.unmap(a, DEMO_BYTES)?;
     Ok(DemoReport {

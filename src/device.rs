@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
+use crate::link::{LinkModel, LinkProfile, LinkReport, Traffic};
 use crate::migrate::{
     self, MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
     MigrateArgs, SELECT_COMPOUND, SELECT_DEVICE_COHERENT, SELECT_DEVICE_PRIVATE, SELECT_SYSTEM,
@@ -209,7 +210,19 @@ impl std::fmt::Debug for SoftDevice {
 
 impl SoftDevice {
     /// A device with its own memory.
+    ///
+    /// Its link model uses the default profile of its kind: PCIe 5 for a device-private device,
+    /// NVLink-C2C for a device-coherent one (see [`SoftDevice::with_link`]).
     pub fn new(cfg: DeviceConfig) -> Result<SoftDevice> {
+        let profile = match cfg.kind {
+            MemoryKind::Coherent => LinkProfile::NVLINK_C2C,
+            _ => LinkProfile::PCIE5,
+        };
+        Self::with_link(cfg, profile)
+    }
+
+    /// A device whose accesses and transfers are charged to a link model of `profile`.
+    pub fn with_link(cfg: DeviceConfig, profile: LinkProfile) -> Result<SoftDevice> {
         if cfg.kind == MemoryKind::System {
             return Err(Error::Invalid("a device's memory is private or coherent"));
         }
@@ -220,7 +233,7 @@ impl SoftDevice {
             Owner(0x6865_746d_0000 | id.0 as u64),
             cfg.capacity,
         ) {
-            Ok(pm) => Arc::new(pm),
+            Ok(pm) => Arc::new(pm.with_link(Arc::new(LinkModel::new(profile)))),
             Err(e) => {
                 publish_pagemap_id(id, None);
                 return Err(e);
@@ -247,6 +260,25 @@ impl SoftDevice {
     /// The owner token.
     pub fn owner(&self) -> Owner {
         self.inner.pagemap.owner()
+    }
+
+    /// The device's link model.
+    pub fn link(&self) -> &Arc<LinkModel> {
+        self.inner
+            .pagemap
+            .link()
+            .expect("a device's pagemap has a link model")
+    }
+
+    /// Modelled device time charged so far (see [`crate::link`]).
+    pub fn link_report(&self) -> LinkReport {
+        self.link().report()
+    }
+
+    /// Declares `bytes` of CPU accesses to this device's coherent memory (hetmem cannot see
+    /// them: they never fault), charged to the link model as remote CPU traffic.
+    pub fn declare_cpu_access(&self, bytes: u64) {
+        self.link().charge(Traffic::CpuRemote, bytes, 1);
     }
 
     /// The memory type.
@@ -618,6 +650,15 @@ impl DeviceMirror {
                 return Ok(false);
             }
             let o = (*cur - first) * PAGE_SIZE;
+            // Charge the access: local when the page is in this device's memory, over the link
+            // otherwise (system memory, the stash, another device).
+            let local = matches!(e.target, PageTarget::Device { pagemap, .. } if pagemap == self.inner.dev.pagemap.id());
+            let link = self.inner.dev.pagemap.link().expect("device link model");
+            if local {
+                link.charge(Traffic::DeviceLocal, PAGE_SIZE as u64, 0);
+            } else {
+                link.charge(Traffic::DeviceRemote, PAGE_SIZE as u64, 1);
+            }
             if self.inner.dev.copy_fails() {
                 return Err(Error::os(
                     "device copy (injected failure)",
@@ -1105,6 +1146,13 @@ impl DeviceMirror {
         if !addr.get().is_multiple_of(8) {
             return Err(Error::Invalid("u64 atomic must be 8-byte aligned"));
         }
+        // An atomic on system memory (the stash) goes over the link.
+        self.inner
+            .dev
+            .pagemap
+            .link()
+            .expect("device link model")
+            .charge(Traffic::DeviceRemote, 8, 1);
         let pt = lock(&self.inner.pt);
         match pt.get(&addr.page().0) {
             Some(DevPte {

@@ -19,6 +19,7 @@ pub mod check;
 pub mod demo;
 pub mod device;
 pub mod error;
+pub mod link;
 pub mod migrate;
 pub mod mirror;
 pub mod mm;

@@ -367,15 +367,17 @@ impl MigrateVma<'_> {
     /// For a device-coherent destination this copies nothing: the CPU page is the coherent
     /// frame, and `finalize` places the data there (it is already there for a system page).
     pub fn copy_to_frame(&self, i: usize, pm: &Pagemap, frame: FrameIdx) -> Result<()> {
-        if pm.kind() == MemoryKind::Coherent {
-            return Ok(());
-        }
         let w = self.src[i];
         let len = if w & MIGRATE_PFN_COMPOUND != 0 {
             PAGES_PER_LARGE * PAGE_SIZE
         } else {
             PAGE_SIZE
         };
+        // A real device copies in both cases: charge the link model.
+        pm.charge_migration(len);
+        if pm.kind() == MemoryKind::Coherent {
+            return Ok(());
+        }
         match migrate_pfn_target(w) {
             None => pm
                 .region()
@@ -592,7 +594,9 @@ impl MigrateVma<'_> {
                         let old = st.pte(ak).expect("mapped");
                         st.set_pte(ak, Pte::present(compound, old));
                     }
-                    src_pm.expect("device source").free(frame, compound);
+                    let spm = src_pm.expect("device source");
+                    spm.charge_migration(span * PAGE_SIZE);
+                    spm.free(frame, compound);
                     core.counters
                         .pages_to_system
                         .fetch_add(span as u64, Ordering::Relaxed);

@@ -79,6 +79,8 @@ pub struct Pagemap {
     state: Mutex<PoolState>,
     rmap: Vec<AtomicU64>,
     flags: Vec<AtomicU64>,
+    /// The device's link model: copies into and out of this pagemap are charged to it.
+    link: Option<crate::sync::Arc<crate::link::LinkModel>>,
 }
 
 /// Per-frame flag bits (see the module doc).
@@ -144,7 +146,26 @@ impl Pagemap {
             }),
             rmap,
             flags,
+            link: None,
         })
+    }
+
+    /// The pagemap, with copies into and out of it charged to `link`.
+    pub fn with_link(mut self, link: crate::sync::Arc<crate::link::LinkModel>) -> Pagemap {
+        self.link = Some(link);
+        self
+    }
+
+    /// Charges a migration copy of `bytes` to the device's link model, if it has one.
+    pub(crate) fn charge_migration(&self, bytes: usize) {
+        if let Some(l) = &self.link {
+            l.charge(crate::link::Traffic::Migration, bytes as u64, 1);
+        }
+    }
+
+    /// The device's link model, if any.
+    pub fn link(&self) -> Option<&crate::sync::Arc<crate::link::LinkModel>> {
+        self.link.as_ref()
     }
 
     fn set_flags(&self, first: usize, n: usize, v: u64) {

@@ -1210,6 +1210,7 @@ impl SpaceCore {
         large: bool,
     ) -> Result<()> {
         let pagemap = st.pagemap(pm);
+        pagemap.charge_migration(r.len());
         let mode = st.vma(r.start).expect("mapped").mode;
         match self
             .mm
