@@ -14,6 +14,7 @@
 
 pub mod addr;
 pub mod bench;
+pub mod cache;
 #[doc(hidden)]
 pub mod check;
 pub mod demo;

@@ -1053,3 +1053,68 @@ pub fn munlockall() -> io::Result<()> {
     rustix::mm::munlockall()?;
     Ok(())
 }
+
+/// A memfd: the staging store of hetmem's page cache (file pages at their file offsets).
+#[derive(Debug)]
+pub struct Memfd {
+    fd: OwnedFd,
+}
+
+impl Memfd {
+    /// A new, empty memfd (not inherited across exec).
+    pub fn new(name: &str) -> io::Result<Memfd> {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+        Ok(Memfd { fd })
+    }
+
+    /// Sets its size.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        rustix::fs::ftruncate(&self.fd, len)?;
+        Ok(())
+    }
+
+    /// Reads at `off` until `buf` is full or the end (returns the bytes read).
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(&self.fd, &mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Writes all of `buf` at `off`.
+    pub fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pwrite(&self.fd, &buf[done..], off + done as u64) {
+                Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees `off..off + len` (`FALLOC_FL_PUNCH_HOLE | KEEP_SIZE`): the bytes read as zeros and
+    /// their memory is returned.
+    pub fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(
+            &self.fd,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        )?;
+        Ok(())
+    }
+
+    /// Bytes of memory it holds (`st_blocks * 512`).
+    pub fn resident_bytes(&self) -> io::Result<u64> {
+        Ok(rustix::fs::fstat(&self.fd)?.st_blocks as u64 * 512)
+    }
+}

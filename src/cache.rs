@@ -1,0 +1,780 @@
+//! hetmem's page cache for files: the first part of file-backed memory (issue 4).
+//!
+//! A [`FileCache`] caches one file for this process, staged in a memfd at the file's offsets
+//! (see `docs/filesystem-contract.md` for why and for the mapping side, which is not built yet).
+//! This module is the cache itself and its system-call-like API: [`FileHandle::read_at`] and
+//! [`FileHandle::write_at`] through the cache, writeback (background under a dirty bound, and
+//! synchronous with [`FileHandle::fsync`]), truncate and extend ([`FileHandle::set_len`]), hole
+//! punch, direct I/O that stays coherent with the cache, and a budget with eviction of clean
+//! pages.
+//!
+//! # Page states
+//!
+//! | state | memfd holds | on disk | may be evicted |
+//! |---|---|---|---|
+//! | `Uncached` | nothing (a hole) | the data | — |
+//! | `Clean` | the data | the same data | yes (least recently filled first) |
+//! | `Dirty` | newer data | older data | no: written back first |
+//!
+//! # Locks
+//!
+//! One lock per cache (`FileCache::st`) serialises every operation on the file: fills, writes,
+//! writeback, truncate, punch, direct I/O and eviction. (When mappings and devices come, it sits
+//! between the address space's lock and the device page table's: docs/filesystem-contract.md.)
+//!
+//! # Errors (errseq)
+//!
+//! A failed writeback (EIO, ENOSPC, a short write) leaves the page dirty and records an error
+//! event; every [`FileHandle`] reports each event once, on its next `fsync`, as the kernel's
+//! errseq does. A page that keeps failing stays dirty and counts against the dirty bound; once the
+//! bound is reached, writers get the error instead of waiting forever.
+//!
+//! # What the cache does not promise
+//!
+//! It is per process: data not yet written back dies with the process (the kernel's page cache
+//! would keep it). Writes to the file by other processes, or through other descriptors, while it
+//! is cached are outside the contract.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io;
+use std::path::Path;
+
+use crate::addr::PAGE_SIZE;
+use crate::error::{Error, Result};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering, lock};
+use crate::sys::Memfd;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Where the cache reads and writes the file: the real file, or a test double that injects
+/// errors.
+pub trait FileBackend: Send + Sync + std::fmt::Debug {
+    /// Reads at `off` into `buf`; may return fewer bytes (end of file).
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes `buf` at `off`; may write fewer bytes.
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize>;
+    /// `fsync` (or `fdatasync` when `data_only`).
+    fn sync(&self, data_only: bool) -> io::Result<()>;
+    /// The file's length.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Punches a hole (`FALLOC_FL_PUNCH_HOLE | KEEP_SIZE`).
+    fn punch(&self, off: u64, len: u64) -> io::Result<()>;
+}
+
+/// The real file.
+#[derive(Debug)]
+pub struct StdFile(pub std::fs::File);
+
+impl FileBackend for StdFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(&self.0, buf, off)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::write_at(&self.0, buf, off)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        if data_only {
+            self.0.sync_data()
+        } else {
+            self.0.sync_all()
+        }
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(
+            &self.0,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        )?;
+        Ok(())
+    }
+}
+
+/// What a [`FaultyBackend`] injects: counts of operations still to fail, and how.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// The next this many writes fail with `error`.
+    pub fail_writes: u32,
+    /// The next this many writes are short (half the bytes).
+    pub short_writes: u32,
+    /// The next this many reads fail with `error`.
+    pub fail_reads: u32,
+    /// The next this many syncs fail with `error`.
+    pub fail_syncs: u32,
+    /// The errno injected (EIO when 0).
+    pub error: i32,
+}
+
+/// A backend that injects the faults of its [`FaultPlan`] in front of another one.
+#[derive(Debug)]
+pub struct FaultyBackend<B: FileBackend> {
+    inner: B,
+    plan: Mutex<FaultPlan>,
+}
+
+impl<B: FileBackend> FaultyBackend<B> {
+    /// `inner` with no fault planned.
+    pub fn new(inner: B) -> Self {
+        FaultyBackend {
+            inner,
+            plan: Mutex::new(FaultPlan::default()),
+        }
+    }
+    /// Replaces the plan.
+    pub fn plan(&self, p: FaultPlan) {
+        *lock(&self.plan) = p;
+    }
+    fn take(&self, pick: impl Fn(&mut FaultPlan) -> &mut u32) -> Option<io::Error> {
+        let mut p = lock(&self.plan);
+        let err = if p.error == 0 { libc::EIO } else { p.error };
+        let c = pick(&mut p);
+        if *c > 0 {
+            *c -= 1;
+            return Some(io::Error::from_raw_os_error(err));
+        }
+        None
+    }
+}
+
+impl<B: FileBackend> FileBackend for FaultyBackend<B> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(e) = self.take(|p| &mut p.fail_reads) {
+            return Err(e);
+        }
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        if let Some(e) = self.take(|p| &mut p.fail_writes) {
+            return Err(e);
+        }
+        if self.take(|p| &mut p.short_writes).is_some() && buf.len() > 1 {
+            return self.inner.write_at(off, &buf[..buf.len() / 2]);
+        }
+        self.inner.write_at(off, buf)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        if let Some(e) = self.take(|p| &mut p.fail_syncs) {
+            return Err(e);
+        }
+        self.inner.sync(data_only)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(off, len)
+    }
+}
+
+impl<B: FileBackend> FileBackend for Arc<B> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        (**self).write_at(off, buf)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        (**self).sync(data_only)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).punch(off, len)
+    }
+}
+
+/// Sizes of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Most bytes of the file held in memory (memfd has no swap behind it); clean pages beyond
+    /// it are evicted.
+    pub budget: usize,
+    /// Most dirty bytes; a write beyond it first writes back, and fails if writeback fails.
+    pub dirty_bound: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            budget: 256 << 20,
+            dirty_bound: 64 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PageState {
+    Uncached,
+    Clean,
+    Dirty,
+}
+
+#[derive(Debug)]
+struct CacheState {
+    /// The file's size as this process sees it.
+    size: u64,
+    /// The size last set on the backend.
+    disk_size: u64,
+    pages: Vec<PageState>,
+    dirty: BTreeSet<u64>,
+    /// Clean pages in fill order (entries of pages no longer clean are skipped lazily).
+    lru: VecDeque<u64>,
+    cached: usize,
+    err_seq: u64,
+    last_err: i32,
+    stats: CacheStats,
+}
+
+/// Counters of a cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Pages read from the file into the cache.
+    pub pages_filled: u64,
+    /// Pages written back to the file.
+    pub pages_written_back: u64,
+    /// Clean pages evicted under the budget.
+    pub pages_evicted: u64,
+    /// Writeback error events.
+    pub writeback_errors: u64,
+}
+
+/// One file's page cache (see the module doc).
+#[derive(Debug)]
+pub struct FileCache {
+    backend: Box<dyn FileBackend>,
+    memfd: Memfd,
+    writable: bool,
+    cfg: CacheConfig,
+    st: Mutex<CacheState>,
+}
+
+/// A handle on a cached file: the unit that sees each writeback error once (like a file
+/// description).
+#[derive(Debug)]
+pub struct FileHandle {
+    cache: Arc<FileCache>,
+    seen: AtomicU64,
+}
+
+fn pages_for(size: u64) -> usize {
+    size.div_ceil(PAGE) as usize
+}
+
+fn os(op: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |e| Error::os(op, e)
+}
+
+impl FileCache {
+    /// Opens `path` with the caller's permissions (read-only, or read-write when `writable`) and
+    /// caches it. A file that cannot be opened gives the error of `open(2)` (ENOENT, EACCES...).
+    pub fn open(path: &Path, writable: bool, cfg: CacheConfig) -> Result<Arc<FileCache>> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(os("open file"))?;
+        Self::with_backend(Box::new(StdFile(f)), writable, cfg)
+    }
+
+    /// Caches the file behind `backend`.
+    pub fn with_backend(
+        backend: Box<dyn FileBackend>,
+        writable: bool,
+        cfg: CacheConfig,
+    ) -> Result<Arc<FileCache>> {
+        if cfg.budget < PAGE_SIZE || cfg.dirty_bound < PAGE_SIZE {
+            return Err(Error::Invalid(
+                "cache budget and dirty bound must hold a page",
+            ));
+        }
+        let size = backend.len().map_err(os("stat file"))?;
+        let memfd = Memfd::new("hetmem-cache").map_err(os("memfd_create"))?;
+        memfd.set_len(size).map_err(os("size the cache"))?;
+        Ok(Arc::new(FileCache {
+            backend,
+            memfd,
+            writable,
+            cfg,
+            st: Mutex::new(CacheState {
+                size,
+                disk_size: size,
+                pages: vec![PageState::Uncached; pages_for(size)],
+                dirty: BTreeSet::new(),
+                lru: VecDeque::new(),
+                cached: 0,
+                err_seq: 0,
+                last_err: 0,
+                stats: CacheStats::default(),
+            }),
+        }))
+    }
+
+    /// A new handle (it will report writeback errors that happen from now on).
+    pub fn handle(self: &Arc<Self>) -> FileHandle {
+        let seen = lock(&self.st).err_seq;
+        FileHandle {
+            cache: self.clone(),
+            seen: AtomicU64::new(seen),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> CacheStats {
+        lock(&self.st).stats
+    }
+
+    /// Bytes of the file held in memory.
+    pub fn cached_bytes(&self) -> usize {
+        lock(&self.st).cached * PAGE_SIZE
+    }
+
+    /// Dirty bytes.
+    pub fn dirty_bytes(&self) -> usize {
+        lock(&self.st).dirty.len() * PAGE_SIZE
+    }
+
+    fn set_state(&self, st: &mut CacheState, p: u64, new: PageState) {
+        let old = st.pages[p as usize];
+        if old == new {
+            return;
+        }
+        match (old, new) {
+            (PageState::Uncached, _) => st.cached += 1,
+            (_, PageState::Uncached) => st.cached -= 1,
+            _ => {}
+        }
+        if old == PageState::Dirty {
+            st.dirty.remove(&p);
+        }
+        match new {
+            PageState::Dirty => {
+                st.dirty.insert(p);
+            }
+            PageState::Clean => st.lru.push_back(p),
+            PageState::Uncached => {}
+        }
+        st.pages[p as usize] = new;
+    }
+
+    /// Reads pages `first..last` that are not cached from the file into the memfd (runs of
+    /// uncached pages in one read each; the tail past the end of file reads as zeros).
+    fn fill(&self, st: &mut CacheState, first: u64, last: u64) -> Result<()> {
+        let last = last.min(st.pages.len() as u64);
+        let mut p = first;
+        while p < last {
+            if st.pages[p as usize] != PageState::Uncached {
+                p += 1;
+                continue;
+            }
+            let s = p;
+            while p < last && st.pages[p as usize] == PageState::Uncached {
+                p += 1;
+            }
+            let mut buf = vec![0u8; ((p - s) * PAGE) as usize];
+            let want = (st.disk_size.min(st.size))
+                .saturating_sub(s * PAGE)
+                .min(buf.len() as u64) as usize;
+            let mut got = 0;
+            while got < want {
+                match self
+                    .backend
+                    .read_at(s * PAGE + got as u64, &mut buf[got..want])
+                {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Error::os("read file", e)),
+                }
+            }
+            self.memfd
+                .write_at(s * PAGE, &buf)
+                .map_err(os("fill the cache"))?;
+            for q in s..p {
+                self.set_state(st, q, PageState::Clean);
+            }
+            st.stats.pages_filled += p - s;
+        }
+        Ok(())
+    }
+
+    /// Evicts clean pages (oldest fill first, never those in `keep`) while over the budget; if
+    /// only dirty pages are left, writes them back first.
+    fn evict(&self, st: &mut CacheState, keep: (u64, u64)) {
+        let budget = self.cfg.budget / PAGE_SIZE;
+        let mut tried_writeback = false;
+        while st.cached > budget {
+            let Some(p) = st.lru.pop_front() else {
+                if tried_writeback || st.dirty.is_empty() {
+                    return;
+                }
+                tried_writeback = true;
+                let all: Vec<u64> = st.dirty.iter().copied().collect();
+                let _ = self.writeback(st, &all);
+                continue;
+            };
+            if (p as usize) >= st.pages.len()
+                || st.pages[p as usize] != PageState::Clean
+                || (keep.0..keep.1).contains(&p)
+            {
+                continue;
+            }
+            if self.memfd.punch(p * PAGE, PAGE).is_err() {
+                return;
+            }
+            self.set_state(st, p, PageState::Uncached);
+            st.stats.pages_evicted += 1;
+        }
+    }
+
+    /// Writes back the given dirty pages (runs in one write each). A failing run stays dirty and
+    /// records one error event for the call.
+    fn writeback(&self, st: &mut CacheState, pages: &[u64]) -> Result<()> {
+        let mut failed: Option<io::Error> = None;
+        let mut i = 0;
+        while i < pages.len() {
+            let s = pages[i];
+            let mut e = s + 1;
+            i += 1;
+            while i < pages.len() && pages[i] == e {
+                e += 1;
+                i += 1;
+            }
+            let (s, e) = (s, e.min(st.pages.len() as u64));
+            if s >= e {
+                continue;
+            }
+            let len = ((e - s) * PAGE).min(st.size - s * PAGE) as usize;
+            let mut buf = vec![0u8; len];
+            if let Err(err) = self.memfd.read_at(s * PAGE, &mut buf) {
+                failed = Some(err);
+                continue;
+            }
+            let mut done = 0;
+            let mut res = Ok(());
+            while done < len {
+                match self.backend.write_at(s * PAGE + done as u64, &buf[done..]) {
+                    Ok(0) => {
+                        res = Err(io::Error::from_raw_os_error(libc::EIO));
+                        break;
+                    }
+                    // A short write is an error for this writeback (the page stays dirty and is
+                    // written again whole next time).
+                    Ok(n) if done + n < len => {
+                        res = Err(io::Error::from_raw_os_error(libc::EIO));
+                        break;
+                    }
+                    Ok(n) => done += n,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => {
+                        res = Err(err);
+                        break;
+                    }
+                }
+            }
+            match res {
+                Ok(()) => {
+                    for q in s..e {
+                        if st.pages[q as usize] == PageState::Dirty {
+                            self.set_state(st, q, PageState::Clean);
+                        }
+                    }
+                    st.stats.pages_written_back += e - s;
+                    if st.disk_size < s * PAGE + len as u64 {
+                        st.disk_size = s * PAGE + len as u64;
+                    }
+                }
+                Err(err) => failed = Some(err),
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(err) => {
+                self.record_error(st, &err);
+                Err(Error::os("write back", err))
+            }
+        }
+    }
+
+    fn record_error(&self, st: &mut CacheState, err: &io::Error) {
+        st.err_seq += 1;
+        st.last_err = err.raw_os_error().unwrap_or(libc::EIO);
+        st.stats.writeback_errors += 1;
+    }
+
+    /// Grows the cached size to `end` (a write past the end): new pages read as zeros.
+    fn grow(&self, st: &mut CacheState, end: u64) -> Result<()> {
+        if end <= st.size {
+            return Ok(());
+        }
+        self.memfd.set_len(end).map_err(os("grow the cache"))?;
+        // The old partial last page is cached already or reads its zero tail from the file.
+        st.size = end;
+        let n = pages_for(end);
+        st.pages.resize(n, PageState::Uncached);
+        Ok(())
+    }
+}
+
+impl FileHandle {
+    /// The cache.
+    pub fn cache(&self) -> &Arc<FileCache> {
+        &self.cache
+    }
+
+    /// The file's size as this process sees it.
+    pub fn len(&self) -> u64 {
+        lock(&self.cache.st).size
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.cache.writable {
+            return Err(Error::Os {
+                op: "write to a file opened read-only",
+                source: io::Error::from_raw_os_error(libc::EBADF),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads at `off` through the cache (filling it from the file); short at the end of file.
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let c = &self.cache;
+        let mut st = lock(&c.st);
+        if off >= st.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let end = (off + buf.len() as u64).min(st.size);
+        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        c.fill(&mut st, first, last)?;
+        let n = (end - off) as usize;
+        let got = c
+            .memfd
+            .read_at(off, &mut buf[..n])
+            .map_err(os("read the cache"))?;
+        c.evict(&mut st, (first, last));
+        Ok(got)
+    }
+
+    /// Writes at `off` through the cache (the pages become dirty; written back by `fsync`, by
+    /// the dirty bound or by eviction). Past the end, the file grows. Refused on a read-only file
+    /// (EBADF); when the dirty bound is reached and writeback fails, the write is refused with
+    /// that error and nothing is written.
+    pub fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let c = &self.cache;
+        let mut st = lock(&c.st);
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or(Error::Invalid("write past the largest offset"))?;
+        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        let new_dirty = (first..last)
+            .filter(|p| st.pages.get(*p as usize) != Some(&PageState::Dirty))
+            .count();
+        if (st.dirty.len() + new_dirty) * PAGE_SIZE > c.cfg.dirty_bound {
+            let all: Vec<u64> = st.dirty.iter().copied().collect();
+            c.writeback(&mut st, &all)?;
+        }
+        // Partial first and last pages that hold file data are read first (read-modify-write).
+        let old_pages = st.pages.len() as u64;
+        for p in [first, last - 1] {
+            if p < old_pages {
+                c.fill(&mut st, p, p + 1)?;
+            }
+        }
+        c.grow(&mut st, end)?;
+        c.memfd.write_at(off, data).map_err(os("write the cache"))?;
+        for p in first..last {
+            c.set_state(&mut st, p, PageState::Dirty);
+        }
+        c.evict(&mut st, (first, last));
+        Ok(())
+    }
+
+    /// Writes back every dirty page, sets the file's size, and syncs it (`fsync`). Returns the
+    /// first writeback error this handle has not seen yet (errseq), once.
+    pub fn fsync(&self) -> Result<()> {
+        self.sync(false)
+    }
+
+    /// As [`FileHandle::fsync`], with `fdatasync`.
+    pub fn fdatasync(&self) -> Result<()> {
+        self.sync(true)
+    }
+
+    fn sync(&self, data_only: bool) -> Result<()> {
+        let c = &self.cache;
+        let mut st = lock(&c.st);
+        let all: Vec<u64> = st.dirty.iter().copied().collect();
+        let _ = c.writeback(&mut st, &all);
+        if st.disk_size != st.size {
+            match c.backend.set_len(st.size) {
+                Ok(()) => st.disk_size = st.size,
+                Err(e) => c.record_error(&mut st, &e),
+            }
+        }
+        if let Err(e) = c.backend.sync(data_only) {
+            c.record_error(&mut st, &e);
+        }
+        let seen = self.seen.swap(st.err_seq, Ordering::SeqCst);
+        if seen != st.err_seq {
+            return Err(Error::os(
+                "fsync",
+                io::Error::from_raw_os_error(st.last_err),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Truncates or extends the file to `len`, on disk at once. Cached pages past the new end
+    /// are dropped without being written (dirty or not); the new partial last page's tail reads
+    /// as zeros; pages added by an extension read as zeros.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let c = &self.cache;
+        let mut st = lock(&c.st);
+        c.backend.set_len(len).map_err(os("set file length"))?;
+        st.disk_size = len;
+        let keep = pages_for(len);
+        if len < st.size {
+            for p in keep..st.pages.len() {
+                c.set_state(&mut st, p as u64, PageState::Uncached);
+            }
+            // The tail of the new last page, if cached, must read as zeros from now on.
+            if len % PAGE != 0 && st.pages[keep - 1] != PageState::Uncached {
+                let tail = (PAGE - len % PAGE) as usize;
+                c.memfd
+                    .write_at(len, &vec![0u8; tail])
+                    .map_err(os("zero the tail"))?;
+            }
+        }
+        c.memfd.set_len(len).map_err(os("size the cache"))?;
+        st.pages.resize(keep, PageState::Uncached);
+        st.size = len;
+        Ok(())
+    }
+
+    /// Punches a hole (page-aligned offset and length): the range reads as zeros, on disk and
+    /// in the cache; dirty pages in it are dropped (their data is what is being punched).
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if off % PAGE != 0 || len % PAGE != 0 {
+            return Err(Error::Invalid(
+                "hole punch needs a page-aligned offset and length",
+            ));
+        }
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let c = &self.cache;
+        let mut st = lock(&c.st);
+        c.backend.punch(off, len).map_err(os("punch file"))?;
+        let (first, last) = (off / PAGE, ((off + len) / PAGE).min(st.pages.len() as u64));
+        for p in first..last {
+            c.set_state(&mut st, p, PageState::Uncached);
+        }
+        if first < last {
+            c.memfd
+                .punch(first * PAGE, (last - first) * PAGE)
+                .map_err(os("punch cache"))?;
+        }
+        Ok(())
+    }
+
+    /// Direct read: reads the file itself, after writing back the dirty pages of the range (so
+    /// it sees every write made through the cache).
+    pub fn direct_read(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let c = &self.cache;
+        let mut st = lock(&c.st);
+        let end = off.saturating_add(buf.len() as u64);
+        let dirty: Vec<u64> = st
+            .dirty
+            .range(off / PAGE..end.div_ceil(PAGE))
+            .copied()
+            .collect();
+        c.writeback(&mut st, &dirty)?;
+        if st.disk_size < st.size && end > st.disk_size {
+            c.backend.set_len(st.size).map_err(os("set file length"))?;
+            st.disk_size = st.size;
+        }
+        let want = (st.size.saturating_sub(off)).min(buf.len() as u64) as usize;
+        let mut got = 0;
+        while got < want {
+            match c.backend.read_at(off + got as u64, &mut buf[got..want]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::os("direct read", e)),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Direct write: writes the file itself; the range's dirty pages are written back and its
+    /// cached pages dropped first, so later cached reads see this write.
+    pub fn direct_write(&self, off: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let c = &self.cache;
+        let mut st = lock(&c.st);
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or(Error::Invalid("write past the largest offset"))?;
+        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        let dirty: Vec<u64> = st.dirty.range(first..last).copied().collect();
+        c.writeback(&mut st, &dirty)?;
+        if st.disk_size < st.size {
+            c.backend.set_len(st.size).map_err(os("set file length"))?;
+            st.disk_size = st.size;
+        }
+        let mut done = 0;
+        while done < data.len() {
+            match c.backend.write_at(off + done as u64, &data[done..]) {
+                Ok(0) => {
+                    return Err(Error::os(
+                        "direct write",
+                        io::Error::from_raw_os_error(libc::EIO),
+                    ));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::os("direct write", e)),
+            }
+        }
+        if end > st.disk_size {
+            st.disk_size = end;
+        }
+        c.grow(&mut st, end)?;
+        let last = last.min(st.pages.len() as u64);
+        for p in first..last {
+            c.set_state(&mut st, p, PageState::Uncached);
+        }
+        if first < last {
+            c.memfd
+                .punch(first * PAGE, (last - first) * PAGE)
+                .map_err(os("drop cached pages"))?;
+        }
+        Ok(())
+    }
+}
