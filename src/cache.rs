@@ -48,6 +48,7 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Where the cache reads and writes the file: the real file, or a test double that injects
 /// errors.
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait FileBackend: Send + Sync + std::fmt::Debug {
     /// Reads at `off` into `buf`; may return fewer bytes (end of file).
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize>;
@@ -663,7 +664,7 @@ impl FileHandle {
                 c.set_state(&mut st, p as u64, PageState::Uncached);
             }
             // The tail of the new last page, if cached, must read as zeros from now on.
-            if len % PAGE != 0 && st.pages[keep - 1] != PageState::Uncached {
+            if !len.is_multiple_of(PAGE) && st.pages[keep - 1] != PageState::Uncached {
                 let tail = (PAGE - len % PAGE) as usize;
                 c.memfd
                     .write_at(len, &vec![0u8; tail])
@@ -680,7 +681,7 @@ impl FileHandle {
     /// in the cache; dirty pages in it are dropped (their data is what is being punched).
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        if off % PAGE != 0 || len % PAGE != 0 {
+        if !off.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
             return Err(Error::Invalid(
                 "hole punch needs a page-aligned offset and length",
             ));
