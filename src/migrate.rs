@@ -101,6 +101,8 @@ pub struct MigrateVma<'a> {
     mode: FaultMode,
     writable: bool,
     protected: Vec<bool>,
+    /// Dropped without `finalize`: every page is declined.
+    aborted: bool,
 }
 
 impl std::fmt::Debug for MigrateVma<'_> {
@@ -296,6 +298,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         mode,
         writable,
         protected,
+        aborted: false,
     })
 }
 
@@ -499,7 +502,10 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
-        let mut declined = vec![false; n];
+        let mut declined = vec![self.aborted; n];
+        if self.aborted {
+            to_zap.fill(false);
+        }
         for (s, e) in runs(&to_zap) {
             let r = VaRange {
                 start: self.start.add(s * PAGE_SIZE),
@@ -509,9 +515,31 @@ impl MigrateVma<'_> {
             // faults again, now on a missing page, and gets the data back from the device.
             if core.mm.zap(r).is_ok() {
                 core.mm.wake(r, self.mode);
-            } else {
-                declined[s..e].fill(true);
+                continue;
             }
+            // The run failed (part of it may be dropped already, e.g. a run across an mlocked
+            // VMA): page by page, so that exactly the pages that could not be dropped are
+            // declined (dropping an already dropped page succeeds again).
+            for (p, d) in declined.iter_mut().enumerate().take(e).skip(s) {
+                let pr = VaRange {
+                    start: self.start.add(p * PAGE_SIZE),
+                    end: self.start.add((p + 1) * PAGE_SIZE),
+                };
+                if core.mm.zap(pr).is_ok() {
+                    core.mm.wake(pr, self.mode);
+                } else {
+                    *d = true;
+                }
+            }
+        }
+        // A compound entry moves whole: any of its pages declined declines it.
+        let mut i = 0;
+        while i < n {
+            let span = span_of(self.src[i]);
+            if span > 1 && declined[i..i + span].iter().any(|&d| d) {
+                declined[i] = true;
+            }
+            i += span;
         }
         // Pass 2.
         let mut i = 0;
@@ -557,6 +585,12 @@ impl MigrateVma<'_> {
                             _ => Ok(()),
                         };
                         if placed.is_err() {
+                            // Drop whatever part of the range the failed install filled: the
+                            // pages stay where they were (missing in the CPU view).
+                            let _ = core.mm.zap(VaRange {
+                                start: a,
+                                end: a.add(len),
+                            });
                             declined[i] = true;
                             i += span;
                             continue;
@@ -609,7 +643,8 @@ impl MigrateVma<'_> {
                         start: a,
                         end: a.add(span * PAGE_SIZE),
                     };
-                    // On failure the page stays in device memory, untouched (its frame too).
+                    // On failure the page stays in device memory, untouched (its frame too), and
+                    // finalize reports it as not migrated.
                     if core
                         .restore_from_frame(&mut st, r, frame, pagemap, compound)
                         .is_ok()
@@ -617,6 +652,8 @@ impl MigrateVma<'_> {
                         core.counters
                             .pages_to_system
                             .fetch_add(span as u64, Ordering::Relaxed);
+                    } else {
+                        declined[i] = true;
                     }
                 }
                 PageTarget::Stash(_) => unreachable!("pages() rejects stash destinations"),
@@ -673,9 +710,8 @@ impl MigrateVma<'_> {
 impl Drop for MigrateVma<'_> {
     fn drop(&mut self) {
         if self.st.is_some() {
-            for w in &mut self.src {
-                *w &= !MIGRATE_PFN_MIGRATE;
-            }
+            // Every page is declined, and the destinations the driver set are freed.
+            self.aborted = true;
             self.finish();
         }
     }

@@ -80,6 +80,19 @@ pub trait Mm: Send + Sync {
     fn cpu_fetch_add(&self, addr: VirtAddr, v: u64, fault: &dyn Fn(VirtAddr, bool) -> bool) -> u64;
     /// Whether kernel-mode accesses to missing pages fail with EFAULT in every mode.
     fn user_mode_only(&self) -> bool;
+    /// Creates a file mapping over a free part of the reservation: `fd` (a page cache's memfd)
+    /// at `file_off`, shared or private, registered for MISSING faults (served in the faulting
+    /// thread) and asynchronous write-protect (dirty tracking), protected from the start.
+    fn map_file(
+        &self,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+        shared: bool,
+    ) -> io::Result<()>;
+    /// The pages of a file mapping written since the last scan (which re-protects them).
+    fn scan_written(&self, r: VaRange) -> io::Result<Vec<VaRange>>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -97,6 +110,8 @@ pub struct KernelMm {
     res: Region,
     sig: Uffd,
     thr: Mutex<Option<ThreadService>>,
+    /// The userfaultfd of file mappings and the pagemap scanner, made on first use.
+    file: Mutex<Option<(Uffd, sys::PagemapScanner)>>,
     force_umo: bool,
 }
 
@@ -122,6 +137,7 @@ impl KernelMm {
             res,
             sig,
             thr: Mutex::new(None),
+            file: Mutex::new(None),
             force_umo: user_mode_only,
         })
     }
@@ -290,6 +306,53 @@ impl Mm for KernelMm {
 
     fn user_mode_only(&self) -> bool {
         self.sig.user_mode_only()
+    }
+
+    fn map_file(
+        &self,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+        shared: bool,
+    ) -> io::Result<()> {
+        let mut g = lock(&self.file);
+        if g.is_none() {
+            *g = Some((
+                Uffd::open_file(self.force_umo)?,
+                sys::PagemapScanner::new()?,
+            ));
+        }
+        let (uffd, _) = g.as_ref().expect("made above");
+        let off = self.off(r.start);
+        // A never-registered part of the reservation: nothing is lost by MAP_FIXED here.
+        self.res.map_fd(off, r.len(), prot, fd, file_off, shared)?;
+        let res = uffd.register(&self.res, off, r.len(), true).and_then(|()| {
+            // Protect at once: until then every page would count as written (and pages
+            // mapped later inherit the protection: WP_UNPOPULATED).
+            uffd.write_protect(r.start.get(), r.len(), true)
+                .map_err(io::Error::from)
+        });
+        if let Err(e) = res {
+            let _ = self.res.remap_fresh(off, r.len(), Prot::None);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn scan_written(&self, r: VaRange) -> io::Result<Vec<VaRange>> {
+        let g = lock(&self.file);
+        let Some((_, scanner)) = g.as_ref() else {
+            return Ok(Vec::new());
+        };
+        Ok(scanner
+            .written_and_reprotect(r.start.get(), r.end.get())?
+            .into_iter()
+            .map(|(s, e)| VaRange {
+                start: VirtAddr(s),
+                end: VirtAddr(e),
+            })
+            .collect())
     }
 }
 
@@ -479,5 +542,21 @@ impl Mm for ModelMm {
     }
     fn user_mode_only(&self) -> bool {
         false
+    }
+    fn map_file(
+        &self,
+        _r: VaRange,
+        _fd: std::os::fd::BorrowedFd<'_>,
+        _file_off: u64,
+        _prot: Prot,
+        _shared: bool,
+    ) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the in-memory kernel model has no file mappings",
+        ))
+    }
+    fn scan_written(&self, _r: VaRange) -> io::Result<Vec<VaRange>> {
+        Ok(Vec::new())
     }
 }

@@ -1124,7 +1124,14 @@ impl SpaceCore {
             let dst = start.add(done * PAGE_SIZE);
             match self.mm.install(dst, &self.zero, 0, n * PAGE_SIZE, mode) {
                 Ok(()) | Err(sys::UffdError::Exists) => {}
-                Err(e) => return Err(Error::os("zero-fill", e.into())),
+                Err(err) => {
+                    // Nothing of the run may stay mapped while its entries say missing.
+                    let _ = self.mm.zap(VaRange {
+                        start,
+                        end: start.add((e - s) * PAGE_SIZE),
+                    });
+                    return Err(Error::os("zero-fill", err.into()));
+                }
             }
             done += n;
         }
@@ -1158,7 +1165,13 @@ impl SpaceCore {
                 }
                 match self.mm.install(a, &self.zero, 0, PAGE_SIZE, mode) {
                     Ok(()) | Err(sys::UffdError::Exists) => {}
-                    Err(e) => return Err(Error::os("zero-fill", e.into())),
+                    Err(e) => {
+                        let _ = self.mm.zap(VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        });
+                        return Err(Error::os("zero-fill", e.into()));
+                    }
                 }
                 st.set_pte(a, Pte::present(false, pte));
                 self.counters
@@ -1217,7 +1230,11 @@ impl SpaceCore {
             .install(r.start, pagemap.region(), head.offset(), r.len(), mode)
         {
             Ok(()) | Err(sys::UffdError::Exists) => {}
-            Err(e) => return Err(Error::os("copy back to system memory", e.into())),
+            Err(e) => {
+                // Drop what the failed install filled: the pages stay in device memory only.
+                let _ = self.mm.zap(r);
+                return Err(Error::os("copy back to system memory", e.into()));
+            }
         }
         for p in 0..r.pages() {
             let a = r.start.add(p * PAGE_SIZE);
@@ -1255,7 +1272,10 @@ impl SpaceCore {
         };
         self.invalidate(st, r, NotifyEvent::Migrate, None);
         let head = st.pte(start).expect("unit inside the mapping");
-        st.pagemap(head.pagemap()).free(head.frame(), pte.large());
+        let pm = st.pagemap(head.pagemap());
+        // A real coherent device copies the page out: charge it like a migration.
+        pm.charge_migration(n * PAGE_SIZE);
+        pm.free(head.frame(), pte.large());
         for p in 0..n {
             let ap = start.add(p * PAGE_SIZE);
             let old = st.pte(ap).expect("mapped");

@@ -289,6 +289,41 @@ impl Region {
     }
 }
 
+impl Region {
+    /// Replaces `off..off + len` with a mapping of `fd` at `file_off` (`MAP_SHARED`, or
+    /// `MAP_PRIVATE` when `!shared`), not inherited across fork. As [`Region::remap_fresh`]:
+    /// only over a never-registered part of the region.
+    pub fn map_fd(
+        &self,
+        off: usize,
+        len: usize,
+        prot: Prot,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        shared: bool,
+    ) -> io::Result<()> {
+        self.check(off, len)?;
+        let kind = if shared {
+            MapFlags::SHARED
+        } else {
+            MapFlags::PRIVATE
+        };
+        // SAFETY: MAP_FIXED over a range of this region only (checked); its memory is accessed
+        // only through raw copies, so no Rust object is invalidated.
+        unsafe {
+            rustix::mm::mmap(
+                (self.base + off) as *mut _,
+                len,
+                prot.flags(),
+                kind | MapFlags::FIXED,
+                fd,
+                file_off,
+            )
+        }?;
+        self.advise(off, len, Advice::LinuxDontFork)
+    }
+}
+
 impl Drop for Region {
     fn drop(&mut self) {
         // SAFETY: the region owns this mapping (type invariant); nothing refers to it any more.
@@ -422,6 +457,46 @@ impl Uffd {
             features: api.features,
             user_mode_only,
             delivery,
+        })
+    }
+
+    /// Opens the userfaultfd of file mappings: SIGBUS delivery for MISSING faults, and
+    /// asynchronous write-protect (`UFFD_FEATURE_WP_ASYNC`, on shmem, unpopulated entries
+    /// included) for dirty tracking with [`PagemapScanner`]: stores to protected pages go through
+    /// and are recorded by the kernel, without a fault.
+    pub fn open_file(force_umo: bool) -> io::Result<Uffd> {
+        let base = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
+        let umo = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
+        let (fd, user_mode_only) = if force_umo {
+            // SAFETY: the fd is only used through this module's ioctls on hetmem's own regions.
+            (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
+        } else {
+            // SAFETY: as above.
+            match unsafe { rustix::mm::userfaultfd(base) } {
+                Ok(fd) => (fd, false),
+                // SAFETY: as above.
+                Err(rustix::io::Errno::PERM) => {
+                    (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let want = (uapi::UFFD_FEATURE_SIGBUS
+            | uapi::UFFD_FEATURE_WP_ASYNC
+            | uapi::UFFD_FEATURE_WP_UNPOPULATED
+            | uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
+        let mut api = uapi::uffdio_api {
+            api: uapi::UFFD_API as u64,
+            features: want,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is.
+        unsafe { rustix::ioctl::ioctl(&fd, Updater::<OP_API, _>::new(&mut api)) }?;
+        Ok(Uffd {
+            fd,
+            features: api.features,
+            user_mode_only,
+            delivery: UffdDelivery::Signal,
         })
     }
 
@@ -1117,4 +1192,97 @@ impl Memfd {
     pub fn resident_bytes(&self) -> io::Result<u64> {
         Ok(rustix::fs::fstat(&self.fd)?.st_blocks as u64 * 512)
     }
+}
+
+/// `PAGEMAP_SCAN` on `/proc/self/pagemap`: which pages of a range with asynchronous
+/// write-protect were written since they were last protected.
+#[derive(Debug)]
+pub struct PagemapScanner {
+    fd: OwnedFd,
+}
+
+const OP_PAGEMAP_SCAN: u64 = opcode::read_write::<uapi::pm_scan_arg>(b'f', 16) as u64;
+
+impl PagemapScanner {
+    /// Opens `/proc/self/pagemap`.
+    pub fn new() -> io::Result<PagemapScanner> {
+        let fd = rustix::fs::open(
+            "/proc/self/pagemap",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Ok(PagemapScanner { fd })
+    }
+
+    /// The written pages of `start..end` (as address ranges), write-protecting them again
+    /// (`PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`, category `PAGE_IS_WRITTEN`).
+    pub fn written_and_reprotect(
+        &self,
+        start: usize,
+        end: usize,
+    ) -> io::Result<Vec<(usize, usize)>> {
+        let mut out = Vec::new();
+        let mut regions = vec![
+            uapi::page_region {
+                start: 0,
+                end: 0,
+                categories: 0
+            };
+            512
+        ];
+        let mut s = start;
+        while s < end {
+            let mut a = uapi::pm_scan_arg {
+                size: std::mem::size_of::<uapi::pm_scan_arg>() as u64,
+                flags: (uapi::PM_SCAN_WP_MATCHING | uapi::PM_SCAN_CHECK_WPASYNC) as u64,
+                start: s as u64,
+                end: end as u64,
+                walk_end: 0,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: uapi::PAGE_IS_WRITTEN as u64,
+                category_anyof_mask: 0,
+                return_mask: uapi::PAGE_IS_WRITTEN as u64,
+            };
+            // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` whose `vec` points at
+            // `regions.len()` writable `page_region`s, which `regions` is; it only reads page
+            // tables of this process and write-protects the scanned range.
+            let n = unsafe { libc::ioctl(self.fd.as_raw_fd(), OP_PAGEMAP_SCAN as _, &mut a) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for r in &regions[..n as usize] {
+                out.push((r.start as usize, r.end as usize));
+            }
+            if a.walk_end as usize <= s {
+                break;
+            }
+            s = a.walk_end as usize;
+        }
+        Ok(out)
+    }
+}
+
+impl Memfd {
+    /// The fd (to map it).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// `mlock2(addr, len, MLOCK_ONFAULT)` on part of a hetmem reservation, for tests of how hetmem
+/// behaves when the user locks some of its memory (`MADV_DONTNEED` is refused there).
+pub fn mlock_onfault(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: mlock2 changes no memory contents; the range is the caller's managed memory.
+    unsafe { rustix::mm::mlock_with(addr as *mut _, len, rustix::mm::MlockFlags::ONFAULT) }?;
+    Ok(())
+}
+
+/// `munlock(addr, len)`.
+pub fn munlock(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: munlock changes no memory contents.
+    unsafe { rustix::mm::munlock(addr as *mut _, len) }?;
+    Ok(())
 }
