@@ -239,6 +239,19 @@ struct CacheState {
     err_seq: u64,
     last_err: i32,
     stats: CacheStats,
+    /// The file's mappings in address spaces (see [`crate::space::Space::map_file`]).
+    mappings: Vec<MapRec>,
+}
+
+/// One mapping of the file: where it is, and which file page its first page is.
+#[derive(Debug, Clone)]
+pub(crate) struct MapRec {
+    pub(crate) space: crate::sync::Weak<crate::space::SpaceCore>,
+    pub(crate) space_id: u16,
+    pub(crate) range: crate::addr::VaRange,
+    pub(crate) pgoff: u64,
+    /// Shared and writable: CPU stores reach the cache and must be tracked.
+    pub(crate) tracked: bool,
 }
 
 /// Counters of a cache.
@@ -321,6 +334,7 @@ impl FileCache {
                 err_seq: 0,
                 last_err: 0,
                 stats: CacheStats::default(),
+                mappings: Vec::new(),
             }),
         }))
     }
@@ -418,27 +432,35 @@ impl FileCache {
     fn evict(&self, st: &mut CacheState, keep: (u64, u64)) {
         let budget = self.cfg.budget / PAGE_SIZE;
         let mut tried_writeback = false;
+        // Clean pages of `keep` popped on the way go back to the front of the LRU afterwards:
+        // dropped, they could never be evicted again and the cache would outgrow its budget.
+        let mut kept = Vec::new();
         while st.cached > budget {
             let Some(p) = st.lru.pop_front() else {
                 if tried_writeback || st.dirty.is_empty() {
-                    return;
+                    break;
                 }
                 tried_writeback = true;
                 let all: Vec<u64> = st.dirty.iter().copied().collect();
                 let _ = self.writeback(st, &all);
                 continue;
             };
-            if (p as usize) >= st.pages.len()
-                || st.pages[p as usize] != PageState::Clean
-                || (keep.0..keep.1).contains(&p)
-            {
+            if (p as usize) >= st.pages.len() || st.pages[p as usize] != PageState::Clean {
+                continue;
+            }
+            if (keep.0..keep.1).contains(&p) || Self::mapped(st, p) {
+                kept.push(p);
                 continue;
             }
             if self.memfd.punch(p * PAGE, PAGE).is_err() {
-                return;
+                st.lru.push_front(p);
+                break;
             }
             self.set_state(st, p, PageState::Uncached);
             st.stats.pages_evicted += 1;
+        }
+        for p in kept.into_iter().rev() {
+            st.lru.push_front(p);
         }
     }
 
@@ -515,6 +537,123 @@ impl FileCache {
         st.err_seq += 1;
         st.last_err = err.raw_os_error().unwrap_or(libc::EIO);
         st.stats.writeback_errors += 1;
+    }
+
+    /// Whether file page `p` lies in a mapping (mapped pages are never evicted: a device may be
+    /// reading them through the CPU view).
+    fn mapped(st: &CacheState, p: u64) -> bool {
+        st.mappings
+            .iter()
+            .any(|m| (m.pgoff..m.pgoff + m.range.pages() as u64).contains(&p))
+    }
+
+    /// Records the pages that CPU stores (or device writes through the CPU view) dirtied in the
+    /// tracked mappings (the scan write-protects them again, so later stores are seen by the
+    /// next scan).
+    fn collect_written(&self, st: &mut CacheState) {
+        let recs: Vec<MapRec> = st.mappings.iter().filter(|m| m.tracked).cloned().collect();
+        for m in recs {
+            let Some(core) = m.space.upgrade() else {
+                continue;
+            };
+            self.mark_written(st, &core, &m);
+        }
+    }
+
+    fn mark_written(&self, st: &mut CacheState, core: &crate::space::SpaceCore, m: &MapRec) {
+        let Ok(written) = core.mm.scan_written(m.range) else {
+            return;
+        };
+        for w in written {
+            let first = m.pgoff + ((w.start.get() - m.range.start.get()) / PAGE_SIZE) as u64;
+            for p in first..first + w.pages() as u64 {
+                if (p as usize) < st.pages.len() {
+                    self.set_state(st, p, PageState::Dirty);
+                }
+            }
+        }
+    }
+
+    /// Registers a mapping (called by the address space, under its lock).
+    pub(crate) fn attach(&self, rec: MapRec) {
+        lock(&self.st).mappings.push(rec);
+    }
+
+    /// A mapping of `space_id` is split at `at`: its record becomes two.
+    pub(crate) fn split_mapping(&self, space_id: u16, at: crate::addr::VirtAddr) {
+        let mut st = lock(&self.st);
+        let Some(i) = st
+            .mappings
+            .iter()
+            .position(|m| m.space_id == space_id && m.range.start < at && at < m.range.end)
+        else {
+            return;
+        };
+        let mut tail = st.mappings[i].clone();
+        let head_pages = (at.get() - tail.range.start.get()) / PAGE_SIZE;
+        tail.range.start = at;
+        tail.pgoff += head_pages as u64;
+        st.mappings[i].range.end = at;
+        st.mappings.push(tail);
+    }
+
+    /// A mapping piece of `space_id` at exactly `range` goes away: what CPU stores dirtied in it
+    /// is recorded first (called by the address space, under its lock, before it unmaps).
+    pub(crate) fn detach(
+        &self,
+        core: &crate::space::SpaceCore,
+        space_id: u16,
+        range: crate::addr::VaRange,
+    ) {
+        let mut st = lock(&self.st);
+        let Some(i) = st
+            .mappings
+            .iter()
+            .position(|m| m.space_id == space_id && m.range == range)
+        else {
+            return;
+        };
+        let m = st.mappings.remove(i);
+        if m.tracked {
+            self.mark_written(&mut st, core, &m);
+        }
+    }
+
+    /// Fills the file pages around page `p` for a CPU fault (fault-around: the aligned 64 KiB
+    /// window, uncached pages inside the file only). Returns false when `p` is past the end of
+    /// file (the access must get SIGBUS).
+    pub(crate) fn fault_fill(&self, p: u64) -> Result<bool> {
+        let mut st = lock(&self.st);
+        if p >= st.pages.len() as u64 {
+            return Ok(false);
+        }
+        let w = 16;
+        let first = p & !(w - 1);
+        self.fill(&mut st, first, first + w)?;
+        Ok(true)
+    }
+
+    /// The memfd (to map it).
+    pub(crate) fn memfd(&self) -> &Memfd {
+        &self.memfd
+    }
+
+    /// Whether the file may be written.
+    pub(crate) fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Refuses an operation that would remove pages from mappings watched by devices (the
+    /// protocol that invalidates device mappings from the cache side is not built yet: see
+    /// docs/filesystem-contract.md, "two phases").
+    fn check_no_mirrored_mapping(&self, st: &CacheState, first: u64, last: u64) -> Result<()> {
+        for m in &st.mappings {
+            let (s, e) = (m.pgoff, m.pgoff + m.range.pages() as u64);
+            if s < last && first < e && m.space.upgrade().is_some_and(|c| c.has_notifiers()) {
+                return Err(Error::Busy);
+            }
+        }
+        Ok(())
     }
 
     /// Grows the cached size to `end` (a write past the end): new pages read as zeros.
@@ -628,6 +767,7 @@ impl FileHandle {
     fn sync(&self, data_only: bool) -> Result<()> {
         let c = &self.cache;
         let mut st = lock(&c.st);
+        c.collect_written(&mut st);
         let all: Vec<u64> = st.dirty.iter().copied().collect();
         let _ = c.writeback(&mut st, &all);
         if st.disk_size != st.size {
@@ -656,6 +796,10 @@ impl FileHandle {
         self.check_writable()?;
         let c = &self.cache;
         let mut st = lock(&c.st);
+        if len < st.size {
+            c.check_no_mirrored_mapping(&st, len / PAGE, u64::MAX)?;
+        }
+        c.collect_written(&mut st);
         c.backend.set_len(len).map_err(os("set file length"))?;
         st.disk_size = len;
         let keep = pages_for(len);
@@ -691,6 +835,8 @@ impl FileHandle {
         }
         let c = &self.cache;
         let mut st = lock(&c.st);
+        c.check_no_mirrored_mapping(&st, off / PAGE, (off + len).div_ceil(PAGE))?;
+        c.collect_written(&mut st);
         c.backend.punch(off, len).map_err(os("punch file"))?;
         let (first, last) = (off / PAGE, ((off + len) / PAGE).min(st.pages.len() as u64));
         for p in first..last {
@@ -709,6 +855,7 @@ impl FileHandle {
     pub fn direct_read(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
         let c = &self.cache;
         let mut st = lock(&c.st);
+        c.collect_written(&mut st);
         let end = off.saturating_add(buf.len() as u64);
         let dirty: Vec<u64> = st
             .dirty
@@ -743,6 +890,8 @@ impl FileHandle {
             .checked_add(data.len() as u64)
             .ok_or(Error::Invalid("write past the largest offset"))?;
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        c.check_no_mirrored_mapping(&st, first, last)?;
+        c.collect_written(&mut st);
         let dirty: Vec<u64> = st.dirty.range(first..last).copied().collect();
         c.writeback(&mut st, &dirty)?;
         if st.disk_size < st.size {

@@ -137,6 +137,9 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     // Moving a page that the CPU maps means copying it with CPU loads: not possible in a
     // mapping without read permission (holes and device-private pages still move).
     let readable = v.prot.readable();
+    // File pages do not migrate (yet; see docs/filesystem-contract.md), and holes in a file
+    // mapping are not anonymous memory: as the kernel, nothing of a file mapping is collected.
+    let is_file = v.file.is_some();
     let n = r.pages();
     let mut src = vec![0u64; n];
     let mut protected = vec![false; n];
@@ -152,7 +155,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         // A 2 MiB unit wholly inside the range, with its head here?
         let unit_here = a.is_large_aligned() && i + PAGES_PER_LARGE <= n && v.unit_of(vi).is_some();
         match pte.state() {
-            PageState::None if args.flags & SELECT_SYSTEM != 0 => {
+            PageState::None if args.flags & SELECT_SYSTEM != 0 && !is_file => {
                 let all_none = unit_here
                     && large_vma
                     && v.ptes[vi..vi + PAGES_PER_LARGE]

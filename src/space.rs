@@ -51,6 +51,7 @@
 use std::collections::BTreeMap;
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
+use crate::cache::{FileCache, FileHandle, MapRec};
 use crate::error::{Error, Result};
 use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
@@ -229,6 +230,16 @@ pub(crate) struct Vma {
     pub(crate) mode: FaultMode,
     pub(crate) large: bool,
     pub(crate) ptes: Vec<Pte>,
+    /// For a file mapping: the file's cache and the file page of the first page.
+    pub(crate) file: Option<FileMap>,
+}
+
+/// What a file mapping maps.
+#[derive(Debug, Clone)]
+pub(crate) struct FileMap {
+    pub(crate) cache: Arc<FileCache>,
+    pub(crate) pgoff: u64,
+    pub(crate) shared: bool,
 }
 
 impl Vma {
@@ -288,6 +299,13 @@ impl SpaceState {
             .clone()
             .expect("a page entry names a known pagemap")
     }
+    /// For an address in a file mapping: the file's cache and the file page.
+    pub(crate) fn file_page(&self, a: VirtAddr) -> Option<(Arc<FileCache>, u64)> {
+        let v = self.vma(a)?;
+        let f = v.file.as_ref()?;
+        Some((f.cache.clone(), f.pgoff + v.idx(a) as u64))
+    }
+
     /// Checks that `r` is covered by mappings with no hole; returns the first unmapped address.
     pub(crate) fn check_covered(&self, r: VaRange) -> Result<()> {
         let mut a = r.start;
@@ -332,6 +350,8 @@ pub struct SpaceCore {
     pub(crate) mm: Box<dyn Mm>,
     pub(crate) state: Mutex<SpaceState>,
     pub(crate) inv_seq: AtomicU64,
+    /// Number of interval notifiers (read without the state lock by the page cache).
+    notifier_count: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) zero: Region,
     pub(crate) stash: Arc<Pagemap>,
@@ -477,6 +497,7 @@ impl Space {
                 next_vma_id: 1,
             }),
             inv_seq: AtomicU64::new(0),
+            notifier_count: AtomicU64::new(0),
             counters: Counters::default(),
             zero,
             stash,
@@ -527,14 +548,20 @@ impl Space {
             return Err(Error::UnalignedLength { len });
         }
         let mut st = lock(&self.core.state);
-        let res = self.core.mm.reservation();
         let align = if opts.large {
             LARGE_PAGE_SIZE
         } else {
             PAGE_SIZE
         };
-        // First fit, leaving a one-page guard gap after each mapping so that mappings never merge
-        // and an overrun faults.
+        let r = self.free_range(&st, len, align)?;
+        self.core.map_locked(&mut st, r, opts)?;
+        Ok(r.start)
+    }
+
+    /// A free range of `len` bytes aligned to `align`: first fit, leaving a one-page guard gap
+    /// after each mapping so that mappings never merge and an overrun faults.
+    fn free_range(&self, st: &SpaceState, len: usize, align: usize) -> Result<VaRange> {
+        let res = self.core.mm.reservation();
         let mut cand = res.start.get();
         for v in st.vmas.values() {
             let c = (cand + align - 1) & !(align - 1);
@@ -550,7 +577,72 @@ impl Space {
                 what: "the address space's reservation",
             });
         }
-        self.core.map_locked(&mut st, r, opts)?;
+        Ok(r)
+    }
+
+    /// Maps `len` bytes of a cached file at file offset `offset` (page-aligned), shared (stores
+    /// reach the file on writeback: `FileHandle::fsync`) or private (copy-on-write: stores stay in
+    /// this mapping). Several mappings of one file share its cached pages. A CPU access past the
+    /// end of the file gets SIGBUS, as with the kernel's mmap. Faults are served in the faulting
+    /// thread (a system call touching an uncached page gets EFAULT: use `read_at`/`write_at`).
+    /// A writable shared mapping of a file opened read-only is refused (EACCES).
+    pub fn map_file(
+        &self,
+        file: &FileHandle,
+        offset: u64,
+        len: usize,
+        prot: Prot,
+        shared: bool,
+    ) -> Result<VirtAddr> {
+        self.check_owner_process()?;
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        if !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::UnalignedLength { len });
+        }
+        if !offset.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(Error::Invalid("file offset must be page-aligned"));
+        }
+        let cache = file.cache().clone();
+        if shared && prot.writable() && !cache.writable() {
+            return Err(Error::os(
+                "map a read-only file writable",
+                std::io::Error::from_raw_os_error(libc::EACCES),
+            ));
+        }
+        let mut st = lock(&self.core.state);
+        let r = self.free_range(&st, len, PAGE_SIZE)?;
+        self.core
+            .mm
+            .map_file(r, cache.memfd().as_fd(), offset, prot, shared)
+            .map_err(|e| Error::os("map file", e))?;
+        let id = st.next_vma_id;
+        st.next_vma_id += 1;
+        let pgoff = offset / PAGE_SIZE as u64;
+        cache.attach(MapRec {
+            space: Arc::downgrade(&self.core),
+            space_id: self.core.id,
+            range: r,
+            pgoff,
+            tracked: shared,
+        });
+        st.vmas.insert(
+            r.start.get(),
+            Vma {
+                id,
+                range: r,
+                prot,
+                mode: FaultMode::Signal,
+                large: false,
+                ptes: vec![Pte::NONE; r.pages()],
+                file: Some(FileMap {
+                    cache,
+                    pgoff,
+                    shared,
+                }),
+            },
+        );
         Ok(r.start)
     }
 
@@ -576,6 +668,18 @@ impl Space {
         let r = VaRange::new(addr, len)?;
         let mut st = lock(&self.core.state);
         st.check_covered(r)?;
+        let read_only_file = st.vmas.values().any(|v| {
+            r.overlaps(&v.range)
+                && v.file
+                    .as_ref()
+                    .is_some_and(|f| f.shared && !f.cache.writable())
+        });
+        if prot.writable() && read_only_file {
+            return Err(Error::os(
+                "make a shared mapping of a read-only file writable",
+                std::io::Error::from_raw_os_error(libc::EACCES),
+            ));
+        }
         self.core
             .invalidate(&st, r, NotifyEvent::ProtectionVma, None);
         self.core
@@ -608,11 +712,36 @@ impl Space {
         }
         let mut st = lock(&self.core.state);
         self.core.invalidate(&st, r, NotifyEvent::Unmap, None);
-        // The kernel side first: if it fails, nothing has changed (holes in the range are
-        // already PROT_NONE and unregistered, so unmapping them too is harmless).
-        self.core.mm.unmap(r).map_err(|e| Error::os("unmap", e))?;
         self.core.split_at(&mut st, r.start);
         self.core.split_at(&mut st, r.end);
+        // File mappings: the cache records what CPU stores dirtied before the page tables go.
+        let files: Vec<(Arc<FileCache>, VaRange, u64, bool)> = st
+            .vmas
+            .values()
+            .filter(|v| r.overlaps(&v.range))
+            .filter_map(|v| {
+                v.file
+                    .as_ref()
+                    .map(|f| (f.cache.clone(), v.range, f.pgoff, f.shared))
+            })
+            .collect();
+        for (cache, range, _, _) in &files {
+            cache.detach(&self.core, self.core.id, *range);
+        }
+        // Then the kernel side (holes in the range are already PROT_NONE and unregistered, so
+        // unmapping them too is harmless). If it fails, the mappings stay, re-attached.
+        if let Err(e) = self.core.mm.unmap(r) {
+            for (cache, range, pgoff, shared) in files {
+                cache.attach(MapRec {
+                    space: Arc::downgrade(&self.core),
+                    space_id: self.core.id,
+                    range,
+                    pgoff,
+                    tracked: shared,
+                });
+            }
+            return Err(Error::os("unmap", e));
+        }
         let keys: Vec<usize> = st
             .vmas
             .values()
@@ -869,6 +998,11 @@ impl Drop for SpaceCore {
         self.invalidate(&st, r, NotifyEvent::Release, None);
         for v in st.vmas.values() {
             self.free_frames(&st, &v.ptes);
+            // File mappings: what CPU stores dirtied stays in the cache (written back by the
+            // next fsync of the file).
+            if let Some(f) = &v.file {
+                f.cache.detach(self, self.id, v.range);
+            }
         }
     }
 }
@@ -880,6 +1014,11 @@ impl sys::FaultTarget for SpaceCore {
 }
 
 impl SpaceCore {
+    /// Whether any interval notifier (a device mirror) watches this space.
+    pub(crate) fn has_notifiers(&self) -> bool {
+        self.notifier_count.load(Ordering::SeqCst) > 0
+    }
+
     pub(crate) fn check_process(&self) -> Result<()> {
         if sys::getpid() != self.pid {
             return Err(Error::Forked { owner: self.pid });
@@ -902,6 +1041,7 @@ impl SpaceCore {
                 mode: opts.mode,
                 large: opts.large,
                 ptes: vec![Pte::NONE; r.pages()],
+                file: None,
             },
         );
         Ok(())
@@ -946,11 +1086,16 @@ impl SpaceCore {
             ops,
         ));
         lock(&self.state).notifiers.push(n.clone());
+        self.notifier_count.fetch_add(1, Ordering::SeqCst);
         n
     }
 
     pub(crate) fn remove_notifier(&self, n: &Arc<IntervalNotifier>) {
-        lock(&self.state).notifiers.retain(|x| !Arc::ptr_eq(x, n));
+        let mut st = lock(&self.state);
+        let before = st.notifiers.len();
+        st.notifiers.retain(|x| !Arc::ptr_eq(x, n));
+        self.notifier_count
+            .fetch_sub((before - st.notifiers.len()) as u64, Ordering::SeqCst);
     }
 
     pub(crate) fn add_pagemap(&self, st: &mut SpaceState, pm: &Arc<Pagemap>) {
@@ -973,7 +1118,13 @@ impl SpaceCore {
         }
         let v = st.vma_mut(a).expect("checked above");
         let tail = v.ptes.split_off(i);
+        let file = v.file.clone().map(|mut f| {
+            f.cache.split_mapping(self.id, a);
+            f.pgoff += i as u64;
+            f
+        });
         let new = Vma {
+            file,
             id: v.id,
             range: VaRange {
                 start: a,
@@ -1047,6 +1198,13 @@ impl SpaceCore {
         let mut st = lock(&self.state);
         let Some(pte) = st.pte(a) else { return false };
         self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        if let Some(page) = st.file_page(a) {
+            // A file mapping: the page is not in the cache yet. Fill the cache (the memfd) and
+            // let the access retry: the kernel then maps the page. Past the end of file (or on
+            // a read error) the access gets SIGBUS, as with the kernel's mmap.
+            let (cache, _) = page;
+            return cache.fault_fill(page.1).unwrap_or(false);
+        }
         let ok = match pte.state() {
             PageState::None => self.fault_zero(&mut st, a).is_ok(),
             PageState::Present => {
@@ -1151,6 +1309,13 @@ impl SpaceCore {
     /// device-exclusive access. Device mappings are invalidated first.
     pub(crate) fn make_present(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
         let pte = st.pte(a).ok_or(Error::NotMapped { addr: a })?;
+        if let Some((cache, page)) = st.file_page(a) {
+            // A file page is present once it is in the cache (any mapping then maps it).
+            return match cache.fault_fill(page)? {
+                true => Ok(()),
+                false => Err(Error::NotMapped { addr: a }),
+            };
+        }
         match pte.state() {
             PageState::Present => Ok(()),
             PageState::None => {
@@ -1325,6 +1490,10 @@ impl SpaceCore {
         }
         if !v.prot.writable() {
             return Err(Error::NoWrite { addr: a });
+        }
+        if st.file_page(a).is_some() {
+            // As the kernel's make_device_exclusive: anonymous memory only.
+            return Err(Error::Busy);
         }
         let pte = st.pte(a).expect("mapped");
         if pte.state() == PageState::Exclusive && pte.pagemap() == pm.id() {
