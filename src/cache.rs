@@ -277,6 +277,23 @@ pub struct FileCache {
     st: Mutex<CacheState>,
 }
 
+/// A running background writer (see [`FileCache::start_background_writeback`]); dropping it
+/// stops the writer.
+#[derive(Debug)]
+pub struct BackgroundWriteback {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for BackgroundWriteback {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// A handle on a cached file: the unit that sees each writeback error once (like a file
 /// description).
 #[derive(Debug)]
@@ -631,6 +648,65 @@ impl FileCache {
         let first = p & !(w - 1);
         self.fill(&mut st, first, first + w)?;
         Ok(true)
+    }
+
+    /// Writes back the dirty pages of file pages `first..last` (CPU stores through mappings
+    /// included) and syncs the file's data: `msync(MS_SYNC)` of a mapped range. A failure is
+    /// returned and recorded for every handle's next `fsync` (errseq).
+    pub(crate) fn sync_range(&self, first: u64, last: u64) -> Result<()> {
+        let mut st = lock(&self.st);
+        self.collect_written(&mut st);
+        let dirty: Vec<u64> = st.dirty.range(first..last).copied().collect();
+        self.writeback(&mut st, &dirty)?;
+        if st.disk_size < st.size {
+            self.backend
+                .set_len(st.size)
+                .map_err(os("set file length"))?;
+            st.disk_size = st.size;
+        }
+        if let Err(e) = self.backend.sync(true) {
+            self.record_error(&mut st, &e);
+            return Err(Error::os("msync", e));
+        }
+        Ok(())
+    }
+
+    /// One round of background writeback: records the CPU stores of the mappings and writes
+    /// every dirty page back (errors stay recorded for the next `fsync`). Returns the pages
+    /// written.
+    pub fn writeback_round(&self) -> u64 {
+        let mut st = lock(&self.st);
+        let before = st.stats.pages_written_back;
+        self.collect_written(&mut st);
+        let all: Vec<u64> = st.dirty.iter().copied().collect();
+        let _ = self.writeback(&mut st, &all);
+        st.stats.pages_written_back - before
+    }
+
+    /// Starts a background writer that runs [`FileCache::writeback_round`] every `interval`
+    /// (the kernel's `dirty_writeback_centisecs`) until the returned guard is dropped.
+    pub fn start_background_writeback(
+        self: &Arc<Self>,
+        interval: std::time::Duration,
+    ) -> BackgroundWriteback {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let cache = Arc::downgrade(self);
+        let handle = std::thread::Builder::new()
+            .name("hetmem-writeback".into())
+            .spawn(move || {
+                // Waits on the stop channel, not a sleep: dropping the guard wakes it at once.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(interval)
+                {
+                    let Some(c) = cache.upgrade() else { return };
+                    c.writeback_round();
+                }
+            })
+            .ok();
+        BackgroundWriteback {
+            stop: Some(tx),
+            handle,
+        }
     }
 
     /// The memfd (to map it).

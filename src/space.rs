@@ -755,6 +755,38 @@ impl Space {
         Ok(())
     }
 
+    /// `msync(MS_SYNC)`: writes back what CPU stores (and device writes) dirtied in the shared
+    /// file mappings of `[addr, addr+len)` and syncs the files' data. (libc's `msync` on the
+    /// same range does not flush hetmem's cache; this does.) Anonymous mappings in the range are
+    /// left alone; the range must be mapped.
+    pub fn msync(&self, addr: VirtAddr, len: usize) -> Result<()> {
+        self.check_owner_process()?;
+        let r = VaRange::new(addr, len)?;
+        let files: Vec<(Arc<FileCache>, u64, u64)> = {
+            let st = lock(&self.core.state);
+            st.check_covered(r)?;
+            st.vmas
+                .values()
+                .filter(|v| r.overlaps(&v.range))
+                .filter_map(|v| {
+                    let f = v.file.as_ref().filter(|f| f.shared)?;
+                    let s = v.range.start.max(r.start);
+                    let e = v.range.end.min(r.end);
+                    let first = f.pgoff + v.idx(s) as u64;
+                    Some((
+                        f.cache.clone(),
+                        first,
+                        first + ((e.get() - s.get()) / PAGE_SIZE) as u64,
+                    ))
+                })
+                .collect()
+        };
+        for (cache, first, last) in files {
+            cache.sync_range(first, last)?;
+        }
+        Ok(())
+    }
+
     /// The end of the mapping containing `a` and whether it is readable.
     pub(crate) fn vma_info(&self, a: VirtAddr) -> Option<(VirtAddr, bool)> {
         let st = lock(&self.core.state);
