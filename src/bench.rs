@@ -11,6 +11,10 @@
 //! | `migrate_4k_gbps`, `migrate_2m_gbps` | system → device → system round trips, bytes moved in both directions | `migrate_primitive_*_gbps`: the same syscalls hetmem issues, in a bare loop (write-protect each 2 MiB run, copy into a pool, `MADV_DONTNEED` the run; back: `UFFDIO_COPY` per 4 KiB page or per 2 MiB chunk) |
 //! | `cpu_read_coherent_gbps` | CPU streaming reads of pages resident in device-coherent memory | `cpu_read_system_gbps`: the same reads of system-resident pages |
 //! | `pingpong_coherent_bytes_moved` | bytes migrated by a workload alternating device phases (prefetch to the device, device reads everything) and CPU phases (CPU reads everything) over the same range (256 MiB, 4 rounds), with a coherent device | `pingpong_private_bytes_moved`: the same workload with a device-private device |
+//! | `file_seq_read_gbps` | warm: every byte of a file (256 MiB) read in order, 64 KiB per copy, through a fresh shared read-only [`Space::map_file`] mapping of a [`FileCache`] that holds the whole file (filled once through `read_at`, so the kernel's page cache holds it too); timed from before `map_file` (the first access to each page faults) | `kernel_mmap_seq_read_gbps`: the same reads through a fresh kernel `mmap` (shared, read-only) of the file, timed from before `mmap` |
+//! | `file_seq_read_cold_gbps` | the same, cold: the kernel's page cache of the file dropped first (`POSIX_FADV_DONTNEED`) and a fresh `FileCache` | `kernel_mmap_seq_read_cold_gbps`: a fresh kernel `mmap` after the same drop |
+//! | `file_rand_read_4k_us` | cold: mean time of a first read of a whole 4 KiB page, one random page per 256 KiB block, blocks in random order (no page lies in another's fault-around or read-around window), through a fresh mapping of a fresh `FileCache`, kernel cache dropped | `kernel_mmap_rand_read_4k_us`: the same pages through a fresh kernel `mmap` after the same drop |
+//! | `file_rand_read_warm_4k_us` | the same pages, warm (as `file_seq_read_gbps`) | `kernel_mmap_rand_read_warm_4k_us` |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
 //!
@@ -23,8 +27,16 @@
 //! over memory that was freed just before reuses pages the VM already holds (on memory the VM
 //! must first get from its host a fault costs ≈ 10× more, which would measure the host).
 //!
+//! The file figures use a temporary file in `std::env::temp_dir()` (256 MiB; 16 MiB with
+//! `--quick`) of non-zero data, written and synced once, removed at the end; every read is
+//! checked against the data. Both sides read with the same raw copies; the random figures time
+//! the accesses only (not the `mmap`/`map_file` call). A "cold" sweep is cold on the host side
+//! only if the VM's disk is: the guest's page cache is dropped, the host's is not.
+//!
 //! Nothing here sleeps; the busy sibling is a spinning thread stopped by a flag.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -32,6 +44,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::cache::{CacheConfig, FileCache, FileHandle};
 use crate::device::{DeviceConfig, DeviceMirror, SoftDevice};
 use crate::error::{Error, Result};
 use crate::pool::MemoryKind;
@@ -78,6 +91,11 @@ struct Sizes {
     /// Bytes of the coherent read and ping-pong workloads.
     shared_bytes: usize,
     pingpong_rounds: usize,
+    /// Bytes of the temporary file of the file-mapping figures.
+    file_bytes: usize,
+    /// One random page is read per block of this many bytes (random sweeps).
+    file_rand_block: usize,
+    file_reps: usize,
 }
 
 impl Sizes {
@@ -94,6 +112,9 @@ impl Sizes {
                 memcpy_bytes: 16 << 20,
                 shared_bytes: 16 << 20,
                 pingpong_rounds: 2,
+                file_bytes: 16 << 20,
+                file_rand_block: 256 << 10,
+                file_reps: 2,
             }
         } else {
             Sizes {
@@ -107,6 +128,9 @@ impl Sizes {
                 memcpy_bytes: 64 << 20,
                 shared_bytes: 256 << 20,
                 pingpong_rounds: 4,
+                file_bytes: 256 << 20,
+                file_rand_block: 256 << 10,
+                file_reps: 5,
             }
         }
     }
@@ -207,6 +231,33 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         ("pingpong_coherent_bytes_moved", c),
         ("pingpong_private_bytes_moved", p),
         "bytes",
+    );
+
+    progress("file mappings (warm and cold, sequential and random) vs the kernel's mmap");
+    let f = file_reads(&space, &sz)?;
+    push_pair(
+        &mut out,
+        ("file_seq_read_gbps", f.seq_warm.0),
+        ("kernel_mmap_seq_read_gbps", f.seq_warm.1),
+        "GB/s",
+    );
+    push_pair(
+        &mut out,
+        ("file_seq_read_cold_gbps", f.seq_cold.0),
+        ("kernel_mmap_seq_read_cold_gbps", f.seq_cold.1),
+        "GB/s",
+    );
+    push_pair(
+        &mut out,
+        ("file_rand_read_4k_us", f.rand_cold.0),
+        ("kernel_mmap_rand_read_4k_us", f.rand_cold.1),
+        "us",
+    );
+    push_pair(
+        &mut out,
+        ("file_rand_read_warm_4k_us", f.rand_warm.0),
+        ("kernel_mmap_rand_read_warm_4k_us", f.rand_warm.1),
+        "us",
     );
 
     progress("memcpy bandwidth");
@@ -716,4 +767,243 @@ fn memcpy_gbps(len: usize, reps: usize) -> Result<f64> {
         }
     }
     Ok(median(&mut v))
+}
+
+// ---------------------------------------------------------------------------------------------
+// File mappings vs the kernel's mmap
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes copied per read in the sequential sweeps (a buffer that stays in the L2 cache).
+const FILE_CHUNK: usize = 64 << 10;
+
+/// The `u64` at byte `off` (8-byte aligned) of the bench file: non-zero everywhere, and
+/// different at every offset, so that a read of the wrong page is seen.
+fn file_word(off: usize) -> u64 {
+    off as u64 | 1 << 63
+}
+
+/// A temporary file of `len` bytes of [`file_word`]s, on disk (synced), removed on drop.
+struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    fn new(len: usize) -> Result<TempFile> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("hetmem-bench-{}-{stamp}.dat", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(os("create the bench file"))?;
+        // From here on the file is removed on every way out.
+        let tf = TempFile { path };
+        let mut chunk = vec![0u8; 1 << 20];
+        for base in (0..len).step_by(chunk.len()) {
+            let n = chunk.len().min(len - base);
+            for (i, w) in chunk[..n].chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&file_word(base + i * 8).to_ne_bytes());
+            }
+            f.write_all(&chunk[..n])
+                .map_err(os("write the bench file"))?;
+        }
+        // On disk: the kernel drops clean pages only (POSIX_FADV_DONTNEED skips dirty ones).
+        f.sync_all().map_err(os("sync the bench file"))?;
+        Ok(tf)
+    }
+
+    /// A fresh open file description (so a fresh readahead state, as a new `open` would have).
+    fn open(&self) -> Result<std::fs::File> {
+        std::fs::File::open(&self.path).map_err(os("open the bench file"))
+    }
+
+    /// Drops the file's pages from the kernel's page cache (`POSIX_FADV_DONTNEED`: the file is
+    /// clean, and no mapping of it is alive when this is called).
+    fn drop_kernel_cache(&self) -> Result<()> {
+        let f = self.open()?;
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+            .map_err(|e| Error::os("fadvise(DONTNEED) the bench file", e.into()))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// How a mapping is swept.
+enum Sweep<'a> {
+    /// Every byte in order, `FILE_CHUNK` bytes per copy; the result is GB/s.
+    Seq,
+    /// One whole 4 KiB page at each of these page numbers, in this order; the result is the
+    /// mean µs per page.
+    Rand(&'a [usize]),
+}
+
+/// Whether `buf`, read at file offset `off`, starts with the file's data.
+fn check_file_data(buf: &[u8], off: usize) -> Result<()> {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&buf[..8]);
+    if u64::from_ne_bytes(w) != file_word(off) {
+        return Err(Error::Invalid("bench: a file mapping returned wrong data"));
+    }
+    Ok(())
+}
+
+/// Sweeps `len` bytes through `read` (a raw copy out of a mapping at a byte offset) into `buf`
+/// (`FILE_CHUNK` bytes). A sequential figure counts the time since `t` (taken before the
+/// mapping was made, so that work done when mapping counts too); a random one only the accesses.
+fn file_sweep(
+    len: usize,
+    how: &Sweep<'_>,
+    buf: &mut [u8],
+    t: Instant,
+    read: impl Fn(usize, &mut [u8]) -> Result<()>,
+) -> Result<f64> {
+    match how {
+        Sweep::Seq => {
+            for off in (0..len).step_by(FILE_CHUNK) {
+                let n = FILE_CHUNK.min(len - off);
+                read(off, &mut buf[..n])?;
+                check_file_data(buf, off)?;
+            }
+            Ok(len as f64 / t.elapsed().as_secs_f64() / 1e9)
+        }
+        Sweep::Rand(pages) => {
+            // A latency per access: the mapping's creation is not part of it.
+            let t = Instant::now();
+            for &p in pages.iter() {
+                read(p * PAGE_SIZE, &mut buf[..PAGE_SIZE])?;
+                check_file_data(buf, p * PAGE_SIZE)?;
+            }
+            Ok(micros(t) / pages.len() as f64)
+        }
+    }
+}
+
+/// One sweep over a fresh hetmem mapping (shared, read-only) of the file behind `h`: timed from
+/// before `map_file` to the end of the sweep (the unmap after is not timed).
+fn hetmem_file_sweep(space: &Space, h: &FileHandle, len: usize, how: &Sweep<'_>) -> Result<f64> {
+    let mut buf = vec![0u8; FILE_CHUNK];
+    let t = Instant::now();
+    let a = space.map_file(h, 0, len, Prot::Read, true)?;
+    let r = file_sweep(len, how, &mut buf, t, |off, buf| {
+        // Inside the live mapping made above; faults are served by hetmem in this thread.
+        sys::cpu_read(a.get() + off, buf);
+        Ok(())
+    });
+    space.unmap(a, len)?;
+    r
+}
+
+/// The same sweep over a fresh kernel mmap (shared, read-only) of a fresh open of the file:
+/// timed from before `mmap` to the end of the sweep (`munmap` is not timed).
+fn kernel_file_sweep(f: &TempFile, len: usize, how: &Sweep<'_>) -> Result<f64> {
+    let file = f.open()?;
+    let mut buf = vec![0u8; FILE_CHUNK];
+    let t = Instant::now();
+    let m = sys::map_file_readonly(&file, len).map_err(os("mmap the bench file"))?;
+    file_sweep(len, how, &mut buf, t, |off, buf| {
+        m.read(off, buf).map_err(os("read the bench mmap"))
+    })
+}
+
+/// (hetmem, kernel) pairs of the file-mapping figures.
+struct FileFigures {
+    seq_warm: (f64, f64),
+    seq_cold: (f64, f64),
+    rand_cold: (f64, f64),
+    rand_warm: (f64, f64),
+}
+
+/// Collects the medians of (hetmem, kernel) samples.
+#[derive(Default)]
+struct PairSamples(Vec<f64>, Vec<f64>);
+
+impl PairSamples {
+    fn push(&mut self, h: f64, k: f64) {
+        self.0.push(h);
+        self.1.push(k);
+    }
+    fn medians(mut self) -> (f64, f64) {
+        (median(&mut self.0), median(&mut self.1))
+    }
+}
+
+/// Sequential and random reads of a file through fresh hetmem mappings and through fresh kernel
+/// mmaps, cold (neither page cache holds the file) and warm (both hold all of it).
+fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
+    let len = sz.file_bytes;
+    let tf = TempFile::new(len)?;
+    let cfg = CacheConfig {
+        budget: len + LARGE_PAGE_SIZE,
+        ..CacheConfig::default()
+    };
+    // Random pages: one per block, at a pseudo-random page of the block, blocks in a random
+    // order; far enough apart that no sample lies in the fault-around or read-around window of
+    // another (hetmem: 64 KiB; the kernel: up to 128 KiB centred on the fault).
+    let per_block = sz.file_rand_block / PAGE_SIZE;
+    let pages: Vec<usize> = permutation(len / sz.file_rand_block)
+        .into_iter()
+        .map(|b| b * per_block + (b.wrapping_mul(0x9E37_79B9) >> 7) % per_block)
+        .collect();
+    let rand = Sweep::Rand(&pages);
+
+    // Cold: the kernel's page cache dropped before each sweep, and a fresh hetmem cache.
+    let hetmem_cold = |how: &Sweep<'_>| -> Result<f64> {
+        tf.drop_kernel_cache()?;
+        let cache = FileCache::open(&tf.path, false, cfg)?;
+        hetmem_file_sweep(space, &cache.handle(), len, how)
+    };
+    let kernel_cold = |how: &Sweep<'_>| -> Result<f64> {
+        tf.drop_kernel_cache()?;
+        kernel_file_sweep(&tf, len, how)
+    };
+    let (mut seq_cold, mut rand_cold) = (PairSamples::default(), PairSamples::default());
+    for rep in 0..=sz.file_reps {
+        let ks = kernel_cold(&Sweep::Seq)?;
+        let hs = hetmem_cold(&Sweep::Seq)?;
+        let kr = kernel_cold(&rand)?;
+        let hr = hetmem_cold(&rand)?;
+        if rep > 0 {
+            seq_cold.push(hs, ks);
+            rand_cold.push(hr, kr);
+        }
+    }
+
+    // Warm: one hetmem cache filled through `read_at` (which also fills the kernel's page cache);
+    // every sweep maps the file afresh, so its first access to each page still faults.
+    let cache = FileCache::open(&tf.path, false, cfg)?;
+    let h = cache.handle();
+    let mut buf = vec![0u8; 1 << 20];
+    for off in (0..len).step_by(buf.len()) {
+        h.read_at(off as u64, &mut buf)?;
+    }
+    if cache.cached_bytes() < len {
+        return Err(Error::Invalid(
+            "bench: the warm file cache does not hold the file",
+        ));
+    }
+    let (mut seq_warm, mut rand_warm) = (PairSamples::default(), PairSamples::default());
+    for rep in 0..=sz.file_reps {
+        let ks = kernel_file_sweep(&tf, len, &Sweep::Seq)?;
+        let hs = hetmem_file_sweep(space, &h, len, &Sweep::Seq)?;
+        let kr = kernel_file_sweep(&tf, len, &rand)?;
+        let hr = hetmem_file_sweep(space, &h, len, &rand)?;
+        if rep > 0 {
+            seq_warm.push(hs, ks);
+            rand_warm.push(hr, kr);
+        }
+    }
+    Ok(FileFigures {
+        seq_warm: seq_warm.medians(),
+        seq_cold: seq_cold.medians(),
+        rand_cold: rand_cold.medians(),
+        rand_warm: rand_warm.medians(),
+    })
 }

@@ -680,6 +680,28 @@ impl Space {
                 std::io::Error::from_raw_os_error(libc::EACCES),
             ));
         }
+        if prot.writable() {
+            // Shared file mappings becoming writable start tracking stores first.
+            let untracked: Vec<VaRange> = st
+                .vmas
+                .values()
+                .filter(|v| {
+                    r.overlaps(&v.range)
+                        && !v.prot.writable()
+                        && v.file.as_ref().is_some_and(|f| f.shared)
+                })
+                .map(|v| VaRange {
+                    start: v.range.start.max(r.start),
+                    end: v.range.end.min(r.end),
+                })
+                .collect();
+            for t in untracked {
+                self.core
+                    .mm
+                    .track_writes(t)
+                    .map_err(|e| Error::os("track writes", e))?;
+            }
+        }
         self.core
             .invalidate(&st, r, NotifyEvent::ProtectionVma, None);
         self.core

@@ -329,3 +329,20 @@ fn writers_through_mappings_and_write_at_with_background_writeback() {
     }
     assert!(cache.stats().pages_written_back > 0);
 }
+
+/// A read-only shared mapping (mapped without write tracking, so that the kernel's own
+/// fault-around works) made writable: its stores are tracked from then on.
+#[test]
+fn a_read_only_mapping_made_writable_tracks_stores() {
+    let _w = watchdog("file_map_protect_rw", 30);
+    let f = TempFile::new("protect", &vec![2u8; 2 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let a = space.map_file(&h, 0, 2 * PAGE, Prot::Read, true).unwrap();
+    assert_eq!(space.load_u32(a).unwrap(), 0x0202_0202);
+    space.protect(a, 2 * PAGE, Prot::ReadWrite).unwrap();
+    space.store_u32(a.add(PAGE), 5).unwrap();
+    h.fsync().unwrap();
+    assert_eq!(&f.disk()[PAGE..PAGE + 4], &5u32.to_ne_bytes());
+}
