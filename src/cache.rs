@@ -403,7 +403,28 @@ impl FileCache {
             PageState::Dirty => {
                 st.dirty.insert(p);
             }
-            PageState::Clean => st.lru.push_back(p),
+            PageState::Clean => {
+                st.lru.push_back(p);
+                // Entries of pages that are no longer clean (or are clean twice) are skipped
+                // lazily; compact before they outnumber the pages.
+                if st.lru.len() > 2 * st.pages.len().max(64) {
+                    let mut seen = std::collections::HashSet::new();
+                    let pages = &st.pages;
+                    let kept: VecDeque<u64> = st
+                        .lru
+                        .iter()
+                        .rev()
+                        .copied()
+                        .filter(|&q| {
+                            pages.get(q as usize) == Some(&PageState::Clean) && seen.insert(q)
+                        })
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    st.lru = kept;
+                }
+            }
             PageState::Uncached => {}
         }
         st.pages[p as usize] = new;
@@ -844,8 +865,8 @@ impl FileHandle {
         Ok(())
     }
 
-    /// Writes back every dirty page, sets the file's size, and syncs it (`fsync`). Returns the
-    /// first writeback error this handle has not seen yet (errseq), once.
+    /// Writes back every dirty page, sets the file's size, and syncs it (`fsync`). If writeback
+    /// errors happened since this handle last looked (errseq), returns one (the latest), once.
     pub fn fsync(&self) -> Result<()> {
         self.sync(false)
     }

@@ -1,0 +1,841 @@
+//! Model-based property test of hetmem's page cache for files (`hetmem::cache`).
+//!
+//! Random sequences of operations on a real temporary file cached with a small budget (8 pages:
+//! eviction happens all the time) and a dirty bound of 6 pages: `write_at` at random offsets and
+//! lengths up to 3 pages (often past the end of file), `read_at`, `set_len` (shrink and extend,
+//! page-aligned or not), page-aligned `punch_hole`, `fsync`/`fdatasync` on either of two handles,
+//! `direct_read`, `direct_write`, a fresh second handle, and fault-plan changes on a
+//! [`FaultyBackend`] (fail the next one or two writes with EIO or ENOSPC, a short write, a failed
+//! sync, a failed read of the file, no fault).
+//!
+//! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
+//! error event happened that the handle has not reported yet (and with which errnos). Which
+//! backend calls failed is observed by a wrapper around the faulty backend (not taken from the
+//! cache's own counters); a failed *data* write of `direct_write` (the caller's buffer) is
+//! returned by that call and is not a writeback error event. Checked after every operation:
+//!
+//! - `read_at` over the whole file (in chunks of varying size, through either handle) returns the
+//!   model's bytes, and each handle's `len()` is the model's length. In half of the cases
+//!   ("sparse") the whole file is read only every `SPARSE` operations and otherwise the pages
+//!   around the operation: full reads fill the cache and reorder its LRU after every operation,
+//!   which would hide the states a longer run reaches (uncached pages past a grown end, old clean
+//!   pages, evictions inside an operation);
+//! - a random `read_at`/`direct_read` returns exactly the model's bytes;
+//! - a `write_at` or `direct_write` that fails changed nothing (the next full read proves it), and
+//!   fails only when an injected fault fired during it (a write refused by the dirty bound);
+//! - `fsync` fails exactly when the handle has an unreported event (each event reported once per
+//!   handle: errseq), with one of those events' errnos; after an `fsync` that returns Ok, the file
+//!   on disk (read with `std::fs::read`, bypassing the cache) equals the model exactly; after one
+//!   that returns Err, the fault plan is cleared and a retry on the same handle returns Ok and the
+//!   disk then equals the model;
+//! - dirty bytes never exceed the dirty bound; cached bytes are within the budget after every
+//!   `read_at`/`write_at` during which no injected fault fired (those are the calls that evict),
+//!   and no other call adds cached bytes over the budget.
+//!
+//! At the end, the file is synced, the cache dropped and the file reopened in a fresh cache: it
+//! reads as the model.
+//!
+//! CI runs `CASES` cases of up to `MAX_OPS` operations (about 15,000 operations, 2 s in
+//! release). `HETMEM_SOAK=N` multiplies the number of cases by N (about 1.3 s per unit of N;
+//! past N = 80 use `cargo test`, as nextest's slow-timeout ends a test at 120 s). A failure
+//! prints the seed (rerun the same cases with `HETMEM_CACHE_SEED=<seed>`) and proptest's shrunk
+//! sequence of operations; failures are not persisted (`failure_persistence: None`).
+
+mod common;
+use common::*;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hetmem::cache::{
+    CacheConfig, FaultPlan, FaultyBackend, FileBackend, FileCache, FileHandle, StdFile,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+
+const CASES: u32 = 256;
+const MAX_OPS: usize = 120;
+/// Offsets of the operations fall within this many pages (the file grows a little past it).
+const WINDOW: usize = 16;
+const BUDGET_PAGES: usize = 8;
+const DIRTY_PAGES: usize = 6;
+const MAX_IO: usize = 3 * PAGE;
+/// In sparse cases, the whole file is read every this many operations.
+const SPARSE: usize = 8;
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Fail the next `n` writes with `errno`.
+    FailWrites(u32, i32),
+    /// The next write is short.
+    ShortWrite,
+    /// The next sync fails with `errno`.
+    FailSync(i32),
+    /// The next read of the file fails with `errno`.
+    FailRead(i32),
+    /// No fault.
+    Clear,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        h: usize,
+        off: usize,
+        len: usize,
+        seed: u32,
+    },
+    Read {
+        h: usize,
+        off: usize,
+        len: usize,
+    },
+    SetLen {
+        len: usize,
+    },
+    Punch {
+        page: usize,
+        pages: usize,
+    },
+    Fsync {
+        h: usize,
+        data_only: bool,
+    },
+    DirectRead {
+        h: usize,
+        off: usize,
+        len: usize,
+    },
+    DirectWrite {
+        h: usize,
+        off: usize,
+        len: usize,
+        seed: u32,
+    },
+    /// Replaces handle 1 by a new handle (which has seen nothing yet).
+    NewHandle,
+    Fault(Fault),
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let h = 0usize..2;
+    let off = prop_oneof![
+        3 => 0..WINDOW * PAGE,
+        1 => (0..WINDOW).prop_map(|p| p * PAGE),
+    ];
+    let len = prop_oneof![
+        3 => 1..=MAX_IO,
+        1 => (1..=3usize).prop_map(|p| p * PAGE),
+        1 => 1usize..64,
+    ];
+    let errno = prop_oneof![Just(libc::EIO), Just(libc::ENOSPC)];
+    let fault = prop_oneof![
+        (1u32..=2, errno.clone()).prop_map(|(n, e)| Fault::FailWrites(n, e)),
+        Just(Fault::ShortWrite),
+        errno.clone().prop_map(Fault::FailSync),
+        errno.prop_map(Fault::FailRead),
+        Just(Fault::Clear),
+    ];
+    prop_oneof![
+        10 => (h.clone(), off.clone(), len.clone(), any::<u32>())
+            .prop_map(|(h, off, len, seed)| Op::Write { h, off, len, seed }),
+        4 => (h.clone(), off.clone(), 0..=MAX_IO).prop_map(|(h, off, len)| Op::Read { h, off, len }),
+        2 => prop_oneof![0..=WINDOW * PAGE, (0..=WINDOW).prop_map(|p| p * PAGE)]
+            .prop_map(|len| Op::SetLen { len }),
+        2 => (0..WINDOW + 1, 1usize..=3).prop_map(|(page, pages)| Op::Punch { page, pages }),
+        4 => (h.clone(), any::<bool>()).prop_map(|(h, data_only)| Op::Fsync { h, data_only }),
+        2 => (h.clone(), off.clone(), 0..=MAX_IO).prop_map(|(h, off, len)| Op::DirectRead { h, off, len }),
+        2 => (h, off, len, any::<u32>())
+            .prop_map(|(h, off, len, seed)| Op::DirectWrite { h, off, len, seed }),
+        1 => Just(Op::NewHandle),
+        3 => fault.prop_map(Op::Fault),
+    ]
+}
+
+/// Pseudo-random bytes for a write (xorshift of `seed`).
+fn data(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed as u64 | 1 << 40;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A backend call that did not do all that was asked (an injected fault firing).
+#[derive(Clone, Copy, Debug)]
+#[allow(dead_code)] // the fields are shown in failure messages (Debug)
+struct Failure {
+    what: &'static str,
+    errno: i32,
+    /// The write was of the caller's buffer (`direct_write`'s data), not a writeback.
+    user: bool,
+}
+
+#[derive(Debug, Default)]
+struct ObsState {
+    /// Address range of the caller's buffer during a `direct_write`.
+    user: (usize, usize),
+    failures: Vec<Failure>,
+}
+
+/// Observes the outcome of every backend call in front of the faulty backend.
+#[derive(Debug)]
+struct Observer {
+    inner: Arc<FaultyBackend<StdFile>>,
+    st: Mutex<ObsState>,
+}
+
+impl Observer {
+    fn failed(&self, f: Failure) {
+        self.st.lock().unwrap().failures.push(f);
+    }
+    fn take(&self) -> Vec<Failure> {
+        std::mem::take(&mut self.st.lock().unwrap().failures)
+    }
+    fn set_user(&self, buf: &[u8]) {
+        let a = buf.as_ptr() as usize;
+        self.st.lock().unwrap().user = (a, a + buf.len());
+    }
+    fn clear_user(&self) {
+        self.st.lock().unwrap().user = (0, 0);
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl FileBackend for Observer {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let r = self.inner.read_at(off, buf);
+        if let Err(e) = &r {
+            self.failed(Failure {
+                what: "read",
+                errno: errno_of(e),
+                user: false,
+            });
+        }
+        r
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.inner.write_at(off, buf);
+        let a = buf.as_ptr() as usize;
+        let (lo, hi) = self.st.lock().unwrap().user;
+        let user = a >= lo && a < hi;
+        match &r {
+            Err(e) => self.failed(Failure {
+                what: "write",
+                errno: errno_of(e),
+                user,
+            }),
+            Ok(n) if *n < buf.len() => self.failed(Failure {
+                what: "short write",
+                errno: libc::EIO,
+                user,
+            }),
+            Ok(_) => {}
+        }
+        r
+    }
+    fn sync(&self, data_only: bool) -> std::io::Result<()> {
+        let r = self.inner.sync(data_only);
+        if let Err(e) = &r {
+            self.failed(Failure {
+                what: "sync",
+                errno: errno_of(e),
+                user: false,
+            });
+        }
+        r
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let r = self.inner.set_len(len);
+        if let Err(e) = &r {
+            self.failed(Failure {
+                what: "set_len",
+                errno: errno_of(e),
+                user: false,
+            });
+        }
+        r
+    }
+    fn punch(&self, off: u64, len: u64) -> std::io::Result<()> {
+        let r = self.inner.punch(off, len);
+        if let Err(e) = &r {
+            self.failed(Failure {
+                what: "punch",
+                errno: errno_of(e),
+                user: false,
+            });
+        }
+        r
+    }
+}
+
+/// How often each error path was taken, over all cases: fsync Ok, fsync Err, write refused,
+/// direct I/O failed.
+static COUNTS: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+
+fn count(i: usize) {
+    COUNTS[i].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Removes the file when dropped (also when a case fails).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp_file(initial: &[u8]) -> TempFile {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "hetmem-cache-model-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, initial).unwrap();
+    TempFile(path)
+}
+
+/// What the process should see, and the errors it should get.
+struct Model {
+    bytes: Vec<u8>,
+    /// Per handle: errnos of writeback error events not reported yet (empty: none).
+    unreported: [Vec<i32>; 2],
+}
+
+impl Model {
+    fn write(&mut self, off: usize, d: &[u8]) {
+        if self.bytes.len() < off + d.len() {
+            self.bytes.resize(off + d.len(), 0);
+        }
+        self.bytes[off..off + d.len()].copy_from_slice(d);
+    }
+    fn expect(&self, off: usize, len: usize) -> &[u8] {
+        let s = off.min(self.bytes.len());
+        let e = (off + len).min(self.bytes.len());
+        &self.bytes[s..e]
+    }
+}
+
+struct World {
+    file: TempFile,
+    faulty: Arc<FaultyBackend<StdFile>>,
+    obs: Arc<Observer>,
+    cache: Arc<FileCache>,
+    h: [FileHandle; 2],
+    m: Model,
+    /// Checks done so far (varies the chunking of the full reads).
+    checks: usize,
+    /// Check the whole file only every `SPARSE` operations (otherwise the bytes around the
+    /// operation): the full reads fill the cache and reorder its LRU, which hides states.
+    sparse: bool,
+    /// Cached bytes after the last call.
+    cached_before: usize,
+    evicted: u64,
+}
+
+const BUDGET: usize = BUDGET_PAGES * PAGE;
+const DIRTY: usize = DIRTY_PAGES * PAGE;
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(TestCaseError::fail(format!($($fmt)+)));
+        }
+    };
+}
+
+impl World {
+    fn new(initial: &[u8], sparse: bool) -> World {
+        let file = temp_file(initial);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file.0)
+            .unwrap();
+        let faulty = Arc::new(FaultyBackend::new(StdFile(f)));
+        let obs = Arc::new(Observer {
+            inner: faulty.clone(),
+            st: Mutex::new(ObsState::default()),
+        });
+        let cfg = CacheConfig {
+            budget: BUDGET,
+            dirty_bound: DIRTY,
+        };
+        let cache = FileCache::with_backend(Box::new(obs.clone()), true, cfg).unwrap();
+        let h = [cache.handle(), cache.handle()];
+        World {
+            file,
+            faulty,
+            obs,
+            cache,
+            h,
+            m: Model {
+                bytes: initial.to_vec(),
+                unreported: [Vec::new(), Vec::new()],
+            },
+            checks: 0,
+            sparse,
+            cached_before: 0,
+            evicted: 0,
+        }
+    }
+
+    /// Takes the failures observed during the last call and records the writeback error events
+    /// among them for every handle. Returns them.
+    fn account(&mut self) -> Vec<Failure> {
+        let f = self.obs.take();
+        // A failed read is returned by its call, it is no writeback error.
+        for x in f.iter().filter(|x| !x.user && x.what != "read") {
+            for u in &mut self.m.unreported {
+                u.push(x.errno);
+            }
+        }
+        f
+    }
+
+    /// Budget and dirty bound after a call during which `failures` fired. Only `read_at` and
+    /// `write_at` (`evicts`) evict: after one during which no fault fired the cache is within
+    /// its budget (pages can stay over it while writeback fails); no other call adds pages.
+    fn check_bounds(
+        &mut self,
+        failures: &[Failure],
+        evicts: bool,
+        what: &str,
+    ) -> Result<(), TestCaseError> {
+        let dirty = self.cache.dirty_bytes();
+        ensure!(
+            dirty <= DIRTY,
+            "{what}: {dirty} dirty bytes over the bound {DIRTY}"
+        );
+        let cached = self.cache.cached_bytes();
+        if evicts && failures.is_empty() {
+            ensure!(
+                cached <= BUDGET,
+                "{what}: {cached} cached bytes over the budget {BUDGET} (no fault fired)"
+            );
+        } else if !evicts {
+            ensure!(
+                cached <= self.cached_before.max(BUDGET),
+                "{what}: {cached} cached bytes, over the budget {BUDGET} and more than the {} before",
+                self.cached_before
+            );
+        }
+        self.cached_before = cached;
+        Ok(())
+    }
+
+    fn check_disk(&self, what: &str) -> Result<(), TestCaseError> {
+        let disk = std::fs::read(&self.file.0).unwrap();
+        if disk != self.m.bytes {
+            let first = disk.iter().zip(&self.m.bytes).position(|(a, b)| a != b);
+            return Err(TestCaseError::fail(format!(
+                "{what}: the file on disk differs from the model: disk {} bytes, model {} bytes, first differing byte {first:?}",
+                disk.len(),
+                self.m.bytes.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn fsync(&mut self, h: usize, data_only: bool, what: &str) -> Result<(), TestCaseError> {
+        let r = if data_only {
+            self.h[h].fdatasync()
+        } else {
+            self.h[h].fsync()
+        };
+        let f = self.account();
+        self.check_bounds(&f, false, what)?;
+        let unreported = std::mem::take(&mut self.m.unreported[h]);
+        count(usize::from(r.is_err()));
+        match r {
+            Ok(()) => {
+                ensure!(
+                    unreported.is_empty(),
+                    "{what}: Ok, but handle {h} had unreported writeback errors {unreported:?}"
+                );
+                self.check_disk(&format!("{what} (Ok)"))
+            }
+            Err(e) => {
+                ensure!(
+                    !unreported.is_empty(),
+                    "{what}: {e}, but handle {h} had no unreported writeback error (failures seen: {f:?})"
+                );
+                ensure!(
+                    unreported.contains(&e.errno()),
+                    "{what}: errno {} is none of the unreported events' {unreported:?}",
+                    e.errno()
+                );
+                // A retry with no fault planned succeeds and makes the file the model.
+                self.faulty.plan(FaultPlan::default());
+                let r = if data_only {
+                    self.h[h].fdatasync()
+                } else {
+                    self.h[h].fsync()
+                };
+                let f = self.account();
+                ensure!(
+                    f.is_empty(),
+                    "{what}: retry: failures with no fault planned: {f:?}"
+                );
+                self.m.unreported[h].clear();
+                ensure!(
+                    r.is_ok(),
+                    "{what}: the retry after {e} failed: {:?}",
+                    r.err()
+                );
+                self.check_disk(&format!("{what} (retry)"))
+            }
+        }
+    }
+
+    fn apply(&mut self, op: &Op, what: &str) -> Result<(), TestCaseError> {
+        match *op {
+            Op::Write { h, off, len, seed } => {
+                let d = data(seed, len);
+                let r = self.h[h].write_at(off as u64, &d);
+                let f = self.account();
+                self.check_bounds(&f, true, what)?;
+                match r {
+                    Ok(()) => self.m.write(off, &d),
+                    Err(e) => {
+                        count(2);
+                        ensure!(
+                            f.iter().any(|x| !x.user && x.errno == e.errno()),
+                            "{what}: refused ({e}) without a writeback failure of that errno (failures: {f:?})"
+                        );
+                    }
+                }
+            }
+            Op::Read { h, off, len } => {
+                let mut buf = vec![0xa5u8; len];
+                let r = self.h[h].read_at(off as u64, &mut buf);
+                let f = self.account();
+                self.check_bounds(&f, true, what)?;
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        ensure!(
+                            f.iter().any(|x| x.what == "read" && x.errno == e.errno()),
+                            "{what}: {e} without a failed read of that errno (failures: {f:?})"
+                        );
+                        return self.check(what, window(op));
+                    }
+                };
+                let want = self.m.expect(off, len);
+                ensure!(
+                    n == want.len(),
+                    "{what}: read {n} bytes, model {}",
+                    want.len()
+                );
+                ensure!(&buf[..n] == want, "{what}: bytes differ from the model");
+            }
+            Op::SetLen { len } => {
+                let r = self.h[0].set_len(len as u64);
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+                self.m.bytes.resize(len, 0);
+            }
+            Op::Punch { page, pages } => {
+                let r = self.h[0].punch_hole((page * PAGE) as u64, (pages * PAGE) as u64);
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                r.map_err(|e| TestCaseError::fail(format!("{what}: {e}")))?;
+                let size = self.m.bytes.len();
+                let (s, e) = ((page * PAGE).min(size), ((page + pages) * PAGE).min(size));
+                self.m.bytes[s..e].fill(0);
+            }
+            Op::Fsync { h, data_only } => self.fsync(h, data_only, what)?,
+            Op::DirectRead { h, off, len } => {
+                let mut buf = vec![0xa5u8; len];
+                let r = self.h[h].direct_read(off as u64, &mut buf);
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                match r {
+                    Ok(n) => {
+                        let want = self.m.expect(off, len);
+                        ensure!(
+                            n == want.len(),
+                            "{what}: read {n} bytes, model {}",
+                            want.len()
+                        );
+                        ensure!(&buf[..n] == want, "{what}: bytes differ from the model");
+                    }
+                    Err(e) => {
+                        count(3);
+                        ensure!(
+                            f.iter().any(|x| !x.user && x.errno == e.errno()),
+                            "{what}: {e} without a writeback failure of that errno (failures: {f:?})"
+                        )
+                    }
+                }
+            }
+            Op::DirectWrite { h, off, len, seed } => {
+                let d = data(seed, len);
+                self.obs.set_user(&d);
+                let r = self.h[h].direct_write(off as u64, &d);
+                self.obs.clear_user();
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                match r {
+                    Ok(()) => {
+                        ensure!(
+                            f.iter().all(|x| x.user),
+                            "{what}: Ok despite a writeback failure (failures: {f:?})"
+                        );
+                        self.m.write(off, &d);
+                    }
+                    Err(e) => {
+                        count(3);
+                        ensure!(
+                            f.iter().any(|x| x.errno == e.errno()),
+                            "{what}: {e} without a failure of that errno (failures: {f:?})"
+                        )
+                    }
+                }
+            }
+            Op::NewHandle => {
+                self.h[1] = self.cache.handle();
+                self.m.unreported[1].clear();
+            }
+            Op::Fault(fault) => {
+                let p = match fault {
+                    Fault::FailWrites(n, error) => FaultPlan {
+                        fail_writes: n,
+                        error,
+                        ..FaultPlan::default()
+                    },
+                    Fault::ShortWrite => FaultPlan {
+                        short_writes: 1,
+                        ..FaultPlan::default()
+                    },
+                    Fault::FailRead(error) => FaultPlan {
+                        fail_reads: 1,
+                        error,
+                        ..FaultPlan::default()
+                    },
+                    Fault::FailSync(error) => FaultPlan {
+                        fail_syncs: 1,
+                        error,
+                        ..FaultPlan::default()
+                    },
+                    Fault::Clear => FaultPlan::default(),
+                };
+                self.faulty.plan(p);
+            }
+        }
+        let window = window(op);
+        self.check(what, window)
+    }
+
+    /// The whole file through `read_at` (chunks of varying size, alternating handles), and both
+    /// handles' `len()`.
+    fn check(&mut self, what: &str, window: Option<(usize, usize)>) -> Result<(), TestCaseError> {
+        self.checks += 1;
+        for (i, h) in self.h.iter().enumerate() {
+            let l = h.len();
+            ensure!(
+                l == self.m.bytes.len() as u64,
+                "{what}: handle {i} len() {l}, model {}",
+                self.m.bytes.len()
+            );
+        }
+        let chunk = [PAGE, 3 * PAGE - 5, 1000, 2 * PAGE + 17][self.checks % 4];
+        let h = self.checks % 2;
+        let size = self.m.bytes.len();
+        // Past the end first, then from a small offset to the end, then the start.
+        let mut buf = vec![0u8; chunk];
+        let n = self.h[h].read_at(size as u64 + 3, &mut buf);
+        ensure!(matches!(n, Ok(0)), "{what}: read past the end gave {n:?}");
+        let start = if size == 0 {
+            0
+        } else {
+            self.checks * 7 % size.min(PAGE)
+        };
+        let mut ranges = Vec::new();
+        let spans = if self.sparse && !self.checks.is_multiple_of(SPARSE) {
+            // The pages around the operation.
+            let Some((lo, hi)) = window else {
+                return Ok(());
+            };
+            let lo = (lo / PAGE).saturating_sub(1) * PAGE;
+            let hi = ((hi / PAGE + 2) * PAGE).min(size);
+            vec![(lo.min(hi), hi)]
+        } else {
+            vec![(start, size), (0, start)]
+        };
+        for (lo, hi) in spans {
+            let mut s = lo;
+            while s < hi {
+                ranges.push((s, (s + chunk).min(hi)));
+                s += chunk;
+            }
+        }
+        for (s, e) in ranges {
+            let len = e - s;
+            let mut r = self.h[h].read_at(s as u64, &mut buf[..len]);
+            let mut f = self.account();
+            // A read fault planned fails one read: the next one succeeds.
+            if r.is_err() && f.iter().any(|x| x.what == "read") {
+                self.check_bounds(&f, true, &format!("{what}: check read at {s}"))?;
+                r = self.h[h].read_at(s as u64, &mut buf[..len]);
+                f = self.account();
+            }
+            self.check_bounds(&f, true, &format!("{what}: check read at {s}"))?;
+            let n =
+                r.map_err(|e| TestCaseError::fail(format!("{what}: check read at {s}: {e}")))?;
+            ensure!(n == len, "{what}: check read at {s}: {n} bytes of {len}");
+            if buf[..len] != self.m.bytes[s..s + len] {
+                let i = (0..len).find(|&i| buf[i] != self.m.bytes[s + i]).unwrap();
+                return Err(TestCaseError::fail(format!(
+                    "{what}: check read through handle {h}: byte {} is {:#04x}, model {:#04x}",
+                    s + i,
+                    buf[i],
+                    self.m.bytes[s + i]
+                )));
+            }
+        }
+        self.evicted = self.cache.stats().pages_evicted;
+        Ok(())
+    }
+
+    /// Syncs both handles (clearing the faults first) and compares a fresh cache of the file.
+    fn finish(mut self) -> Result<u64, TestCaseError> {
+        self.faulty.plan(FaultPlan::default());
+        self.fsync(0, false, "final fsync 0")?;
+        self.fsync(1, false, "final fsync 1")?;
+        let evicted = self.evicted;
+        let World { file, cache, h, .. } = self;
+        drop(h);
+        drop(cache);
+        let cfg = CacheConfig {
+            budget: BUDGET,
+            dirty_bound: DIRTY,
+        };
+        let c = FileCache::open(&file.0, false, cfg)
+            .map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?;
+        let h = c.handle();
+        let disk = std::fs::read(&file.0).unwrap();
+        ensure!(
+            h.len() == disk.len() as u64,
+            "reopen: len {} of {}",
+            h.len(),
+            disk.len()
+        );
+        let mut buf = vec![0u8; PAGE];
+        for s in (0..disk.len()).step_by(PAGE) {
+            let n = h
+                .read_at(s as u64, &mut buf)
+                .map_err(|e| TestCaseError::fail(format!("reopen read: {e}")))?;
+            ensure!(
+                buf[..n] == disk[s..s + n],
+                "reopen: page at {s} differs from the disk"
+            );
+        }
+        Ok(evicted)
+    }
+}
+
+/// The bytes an operation touches.
+fn window(op: &Op) -> Option<(usize, usize)> {
+    match *op {
+        Op::Write { off, len, .. }
+        | Op::Read { off, len, .. }
+        | Op::DirectRead { off, len, .. }
+        | Op::DirectWrite { off, len, .. } => Some((off, off + len)),
+        Op::SetLen { len } => Some((len, len)),
+        Op::Punch { page, pages } => Some((page * PAGE, (page + pages) * PAGE)),
+        Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
+    }
+}
+
+fn run_case(initial: &[u8], sparse: bool, ops: &[Op]) -> Result<u64, TestCaseError> {
+    let mut w = World::new(initial, sparse);
+    w.check("initial", Some((0, initial.len())))?;
+    for (i, op) in ops.iter().enumerate() {
+        at(format!("op {i}: {op:?}"));
+        w.apply(op, &format!("op {i} {op:?}"))?;
+    }
+    w.finish()
+}
+
+fn soak() -> u32 {
+    std::env::var("HETMEM_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+#[test]
+fn random_file_operations_match_the_model() {
+    let soak = soak();
+    let _w = watchdog("file_cache_model", 60 * soak as u64);
+    let seed: u64 = std::env::var("HETMEM_CACHE_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            t.as_nanos() as u64 ^ (std::process::id() as u64) << 32
+        });
+    eprintln!("file_cache_model: seed {seed} (rerun with HETMEM_CACHE_SEED={seed})");
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let cfg = Config {
+        cases: CASES * soak,
+        failure_persistence: None,
+        max_shrink_iters: 20_000,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(cfg, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
+    let initial = (0..=4 * PAGE, any::<u32>()).prop_map(|(len, seed)| data(seed, len));
+    let strategy = (
+        initial,
+        any::<bool>(),
+        proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
+    );
+    let evicted = AtomicUsize::new(0);
+    let ops = AtomicUsize::new(0);
+    let t0 = std::time::Instant::now();
+    let r = runner.run(&strategy, |(initial, sparse, v)| {
+        ops.fetch_add(v.len(), Ordering::Relaxed);
+        let e = run_case(&initial, sparse, &v)?;
+        evicted.fetch_add(e as usize, Ordering::Relaxed);
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("file cache model failed (seed {seed}, rerun with HETMEM_CACHE_SEED={seed}):\n{e}");
+    }
+    let (ops, evicted) = (ops.load(Ordering::Relaxed), evicted.load(Ordering::Relaxed));
+    let c = COUNTS.each_ref().map(|c| c.load(Ordering::Relaxed));
+    eprintln!(
+        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {:?}",
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        t0.elapsed()
+    );
+    assert!(
+        evicted > 0,
+        "the budget never evicted a page: the test does not exercise eviction"
+    );
+    assert!(
+        c[1] > 0 && c[2] > 0 && c[3] > 0,
+        "an error path was never taken: {c:?}"
+    );
+}
