@@ -603,9 +603,11 @@ fn exclusive_vs_cpu_atomics_body() {
                         Err(e) => panic!("device atomic: {e}"),
                     }
                     tries += 1;
-                    // The CPU threads revoke at most once per increment they make.
+                    // A CPU increment revokes the grant once per fault it takes, and it can take
+                    // several if the device re-grants between its fault and its retry: a bound
+                    // well above that, so that only a real livelock trips it.
                     assert!(
-                        tries <= T4_CPU_THREADS * T4_CPU_INCS + 1,
+                        tries <= 64 * (T4_CPU_THREADS * T4_CPU_INCS + 1),
                         "device atomic starved"
                     );
                     match m.exclusive(base.get() as u64, 1, &mut buf) {
