@@ -245,6 +245,49 @@ struct CacheState {
     /// size in pages (a fault at `ra_next` continues a sequential run: see `fault_fill`).
     ra_next: u64,
     ra_window: u64,
+    /// File pages being removed (truncate, punch, direct write) while device mappings of them
+    /// are invalidated: faults on them retry, `range_fault` gets EBUSY.
+    blocked: Option<(u64, u64)>,
+}
+
+/// What a fault fill did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// The page is in the cache.
+    Filled,
+    /// The page is past the end of the file.
+    PastEof,
+    /// The page is being removed: retry.
+    Busy,
+}
+
+/// An operation that removes file pages from the cache, in the two phases of
+/// docs/filesystem-contract.md: the pages are blocked (no fill, no new device mapping) and the
+/// device mappings of every mapping of them invalidated, with no cache lock held (notifiers run
+/// under each address space's lock, which is above the cache lock); then the operation runs
+/// under the cache lock. Dropping it unblocks the pages.
+struct Removal<'a> {
+    st: crate::sync::MutexGuard<'a, CacheState>,
+    _serial: crate::sync::MutexGuard<'a, ()>,
+}
+
+impl std::ops::Deref for Removal<'_> {
+    type Target = CacheState;
+    fn deref(&self) -> &CacheState {
+        &self.st
+    }
+}
+
+impl std::ops::DerefMut for Removal<'_> {
+    fn deref_mut(&mut self) -> &mut CacheState {
+        &mut self.st
+    }
+}
+
+impl Drop for Removal<'_> {
+    fn drop(&mut self) {
+        self.st.blocked = None;
+    }
 }
 
 /// One mapping of the file: where it is, and which file page its first page is.
@@ -279,6 +322,8 @@ pub struct FileCache {
     writable: bool,
     cfg: CacheConfig,
     st: Mutex<CacheState>,
+    /// Serialises page removals (truncate, punch, direct write) across their two phases.
+    removal: Mutex<()>,
 }
 
 /// A running background writer (see [`FileCache::start_background_writeback`]); dropping it
@@ -345,6 +390,7 @@ impl FileCache {
             memfd,
             writable,
             cfg,
+            removal: Mutex::new(()),
             st: Mutex::new(CacheState {
                 size,
                 disk_size: size,
@@ -358,6 +404,7 @@ impl FileCache {
                 mappings: Vec::new(),
                 ra_next: u64::MAX,
                 ra_window: 0,
+                blocked: None,
             }),
         }))
     }
@@ -669,11 +716,14 @@ impl FileCache {
     /// any other fault fills its own 4 KiB page only (a random access would pay for the 64 KiB
     /// around it: `hetmem bench`, `file_rand_read_4k_us`, 140 → 70 µs cold). Returns false when
     /// `p` is past the end of file (the access must get SIGBUS).
-    pub(crate) fn fault_fill(&self, p: u64) -> Result<bool> {
+    pub(crate) fn fault_fill(&self, p: u64) -> Result<Fill> {
         const MAX_WINDOW: u64 = (2 << 20) / PAGE;
         let mut st = lock(&self.st);
         if p >= st.pages.len() as u64 {
-            return Ok(false);
+            return Ok(Fill::PastEof);
+        }
+        if st.blocked.is_some_and(|(f, l)| f <= p && p < l) {
+            return Ok(Fill::Busy);
         }
         let w = if p == st.ra_next {
             (st.ra_window * 2).clamp(1, MAX_WINDOW)
@@ -683,7 +733,7 @@ impl FileCache {
         self.fill(&mut st, p, p + w)?;
         st.ra_next = p + w;
         st.ra_window = w;
-        Ok(true)
+        Ok(Fill::Filled)
     }
 
     /// Writes back the dirty pages of file pages `first..last` (CPU stores through mappings
@@ -755,17 +805,40 @@ impl FileCache {
         self.writable
     }
 
-    /// Refuses an operation that would remove pages from mappings watched by devices (the
-    /// protocol that invalidates device mappings from the cache side is not built yet: see
-    /// docs/filesystem-contract.md, "two phases").
-    fn check_no_mirrored_mapping(&self, st: &CacheState, first: u64, last: u64) -> Result<()> {
-        for m in &st.mappings {
-            let (s, e) = (m.pgoff, m.pgoff + m.range.pages() as u64);
-            if s < last && first < e && m.space.upgrade().is_some_and(|c| c.has_notifiers()) {
-                return Err(Error::Busy);
+    /// Phase one of a removal of file pages `first..last` (see [`Removal`]).
+    fn begin_removal(&self, first: u64, last: u64) -> Removal<'_> {
+        let serial = lock(&self.removal);
+        let recs = {
+            let mut st = lock(&self.st);
+            if first < last {
+                st.blocked = Some((first, last));
+            }
+            st.mappings.clone()
+        };
+        if first < last {
+            for m in recs {
+                let (s, e) = (
+                    m.pgoff.max(first),
+                    (m.pgoff + m.range.pages() as u64).min(last),
+                );
+                if s >= e {
+                    continue;
+                }
+                let Some(core) = m.space.upgrade() else {
+                    continue;
+                };
+                let vr = crate::addr::VaRange {
+                    start: m.range.start.add(((s - m.pgoff) * PAGE) as usize),
+                    end: m.range.start.add(((e - m.pgoff) * PAGE) as usize),
+                };
+                let sst = core.lock_state();
+                core.invalidate(&sst, vr, crate::mirror::NotifyEvent::Clear, None);
             }
         }
-        Ok(())
+        Removal {
+            st: lock(&self.st),
+            _serial: serial,
+        }
     }
 
     /// Grows the cached size to `end` (a write past the end): new pages read as zeros.
@@ -907,10 +980,7 @@ impl FileHandle {
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.check_writable()?;
         let c = &self.cache;
-        let mut st = lock(&c.st);
-        if len < st.size {
-            c.check_no_mirrored_mapping(&st, len / PAGE, u64::MAX)?;
-        }
+        let mut st = c.begin_removal(pages_for(len) as u64, u64::MAX);
         c.collect_written(&mut st);
         c.backend.set_len(len).map_err(os("set file length"))?;
         st.disk_size = len;
@@ -946,8 +1016,7 @@ impl FileHandle {
             return Err(Error::ZeroLength);
         }
         let c = &self.cache;
-        let mut st = lock(&c.st);
-        c.check_no_mirrored_mapping(&st, off / PAGE, (off + len).div_ceil(PAGE))?;
+        let mut st = c.begin_removal(off / PAGE, (off + len).div_ceil(PAGE));
         c.collect_written(&mut st);
         c.backend.punch(off, len).map_err(os("punch file"))?;
         let (first, last) = (off / PAGE, ((off + len) / PAGE).min(st.pages.len() as u64));
@@ -997,12 +1066,11 @@ impl FileHandle {
     pub fn direct_write(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
         let c = &self.cache;
-        let mut st = lock(&c.st);
         let end = off
             .checked_add(data.len() as u64)
             .ok_or(Error::Invalid("write past the largest offset"))?;
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
-        c.check_no_mirrored_mapping(&st, first, last)?;
+        let mut st = c.begin_removal(first, last);
         c.collect_written(&mut st);
         let dirty: Vec<u64> = st.dirty.range(first..last).copied().collect();
         c.writeback(&mut st, &dirty)?;

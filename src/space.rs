@@ -51,7 +51,7 @@
 use std::collections::BTreeMap;
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
-use crate::cache::{FileCache, FileHandle, MapRec};
+use crate::cache::{FileCache, FileHandle, Fill, MapRec};
 use crate::error::{Error, Result};
 use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
@@ -350,8 +350,6 @@ pub struct SpaceCore {
     pub(crate) mm: Box<dyn Mm>,
     pub(crate) state: Mutex<SpaceState>,
     pub(crate) inv_seq: AtomicU64,
-    /// Number of interval notifiers (read without the state lock by the page cache).
-    notifier_count: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) zero: Region,
     pub(crate) stash: Arc<Pagemap>,
@@ -497,7 +495,6 @@ impl Space {
                 next_vma_id: 1,
             }),
             inv_seq: AtomicU64::new(0),
-            notifier_count: AtomicU64::new(0),
             counters: Counters::default(),
             zero,
             stash,
@@ -1068,11 +1065,6 @@ impl sys::FaultTarget for SpaceCore {
 }
 
 impl SpaceCore {
-    /// Whether any interval notifier (a device mirror) watches this space.
-    pub(crate) fn has_notifiers(&self) -> bool {
-        self.notifier_count.load(Ordering::SeqCst) > 0
-    }
-
     pub(crate) fn check_process(&self) -> Result<()> {
         if sys::getpid() != self.pid {
             return Err(Error::Forked { owner: self.pid });
@@ -1140,16 +1132,11 @@ impl SpaceCore {
             ops,
         ));
         lock(&self.state).notifiers.push(n.clone());
-        self.notifier_count.fetch_add(1, Ordering::SeqCst);
         n
     }
 
     pub(crate) fn remove_notifier(&self, n: &Arc<IntervalNotifier>) {
-        let mut st = lock(&self.state);
-        let before = st.notifiers.len();
-        st.notifiers.retain(|x| !Arc::ptr_eq(x, n));
-        self.notifier_count
-            .fetch_sub((before - st.notifiers.len()) as u64, Ordering::SeqCst);
+        lock(&self.state).notifiers.retain(|x| !Arc::ptr_eq(x, n));
     }
 
     pub(crate) fn add_pagemap(&self, st: &mut SpaceState, pm: &Arc<Pagemap>) {
@@ -1252,12 +1239,12 @@ impl SpaceCore {
         let mut st = lock(&self.state);
         let Some(pte) = st.pte(a) else { return false };
         self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
-        if let Some(page) = st.file_page(a) {
+        if let Some((cache, page)) = st.file_page(a) {
             // A file mapping: the page is not in the cache yet. Fill the cache (the memfd) and
             // let the access retry: the kernel then maps the page. Past the end of file (or on
-            // a read error) the access gets SIGBUS, as with the kernel's mmap.
-            let (cache, _) = page;
-            return cache.fault_fill(page.1).unwrap_or(false);
+            // a read error) the access gets SIGBUS, as with the kernel's mmap. While the page is
+            // being removed (truncate, punch), the access retries.
+            return !matches!(cache.fault_fill(page), Ok(Fill::PastEof) | Err(_));
         }
         let ok = match pte.state() {
             PageState::None => self.fault_zero(&mut st, a).is_ok(),
@@ -1366,8 +1353,10 @@ impl SpaceCore {
         if let Some((cache, page)) = st.file_page(a) {
             // A file page is present once it is in the cache (any mapping then maps it).
             return match cache.fault_fill(page)? {
-                true => Ok(()),
-                false => Err(Error::NotMapped { addr: a }),
+                Fill::Filled => Ok(()),
+                Fill::PastEof => Err(Error::NotMapped { addr: a }),
+                // Being removed: the caller (range_fault, pin) retries without holding locks.
+                Fill::Busy => Err(Error::Busy),
             };
         }
         match pte.state() {

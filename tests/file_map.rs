@@ -209,9 +209,28 @@ fn a_device_mirrors_file_pages() {
             .errno(),
         libc::EBUSY
     );
-    // Truncating pages a mirrored mapping covers is refused until the invalidation protocol
-    // from the cache side exists (docs/filesystem-contract.md).
-    assert_eq!(h.set_len(PAGE as u64).unwrap_err().errno(), libc::EBUSY);
+    // Truncate while the device mirrors the pages: its mappings of the removed pages are
+    // invalidated first; a device read of them then fails (EFAULT) instead of reaching memory
+    // that is gone, and the pages still inside the file read as before.
+    let mut one = vec![0u8; PAGE];
+    m.read(w.get() as u64, 1, &mut one).unwrap();
+    h.set_len(PAGE as u64).unwrap();
+    let e = m.read(w.add(PAGE).get() as u64, 1, &mut one).unwrap_err();
+    assert_eq!(e.errno(), libc::EFAULT);
+    m.read(w.get() as u64, 1, &mut one).unwrap();
+    assert_eq!(one, pattern(PAGE, |i| !i));
+    // Hole punch and direct write with the device mirroring: its entries are dropped, and its
+    // next read sees the new data.
+    h.set_len(4 * PAGE as u64).unwrap();
+    m.read(w.get() as u64, 4, &mut back[..4 * PAGE]).unwrap();
+    h.direct_write(2 * PAGE as u64, &[0x5Au8; PAGE]).unwrap();
+    h.punch_hole(0, PAGE as u64).unwrap();
+    m.read(w.get() as u64, 4, &mut back[..4 * PAGE]).unwrap();
+    assert!(back[..PAGE].iter().all(|&b| b == 0), "punched");
+    assert!(
+        back[2 * PAGE..3 * PAGE].iter().all(|&b| b == 0x5A),
+        "direct write seen"
+    );
 }
 
 /// Runs in a child process (re-executed test binary): touches a mapped page past the end of the
