@@ -1,21 +1,29 @@
 //! Crash consistency of hetmem's page cache for files: what `fsync` returned Ok for survives the
 //! process being killed (`docs/filesystem-contract.md`, invariant 1 and "process exit").
 //!
-//! A child process (this test binary, re-executed on its ignored test `child_writer`) writes
-//! records of pseudo-random bytes at pseudo-random offsets through `FileHandle::write_at` (a small
-//! budget and dirty bound, so pages are also written back and evicted in the background), in
-//! batches; after each batch it fsyncs and prints `FSYNCED <generation>`. Everything (the file's
-//! initial content, the batches, where the parent kills the child) derives from one seed, so the
-//! parent replays the same sequence.
+//! A child process (this test binary, re-executed on its ignored test `child_writer`) first
+//! extends the file with `set_len` to a seeded number of pages, maps all of it shared
+//! (`Space::map_file`) and prints `MAPPED`. It then writes records of pseudo-random bytes at
+//! pseudo-random offsets, in batches; after each batch it fsyncs and prints `FSYNCED
+//! <generation>`. A record inside the mapping is written, as the seed chooses, through
+//! `FileHandle::write_at`, through the mapping with `Space::cpu_write`, or through the mapping
+//! with real CPU stores (`sys::probe_store_u32`, partial words read-modify-written); a record
+//! past the mapping goes through `write_at` and grows the file. A small budget and dirty bound
+//! make `write_at` also write back and evict unmapped pages in the background; the mapping's
+//! stores reach the file only through the fsync (which collects them). Everything (the file's
+//! initial content, the mapped size, the batches and their paths, where the parent kills the
+//! child) derives from one seed, so the parent replays the same sequence.
 //!
-//! The child waits for a byte on its stdin before each step (a record or an fsync), so the
+//! The parent waits for `MAPPED` (the file is then at least the mapped size, on disk), then the
+//! child waits for a byte on its stdin before each step (a record or an fsync), so the
 //! parent decides how far it gets: it lets the child fsync generations 1..=K and write J records
 //! of batch K+1 (it reads each step's line), then sends one more go byte and SIGKILLs the child
 //! at once: the child dies before, inside or just after its record J+1 (a write that may be
 //! writing back pages under the dirty bound or the budget), with unsynced data in its cache. The
 //! parent then reads the file: every byte must hold its value at generation K, or a value that
 //! one of the records 1..=J+1 of batch K+1 writes there (past the length of generation K: zero or
-//! such a value), and the file is at least as long as at generation K.
+//! such a value), and the file is at least as long as at generation K (the mapped size
+//! included). Bytes written through the mapping are held to the same rule as `write_at`'s.
 //!
 //! CI runs `SEEDS` seeds (each a random K, J and sequence); `HETMEM_SOAK=N` runs N× more. A
 //! failure prints the seed; `HETMEM_DURABILITY_SEED=<seed>` reruns from it.
@@ -27,6 +35,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 
 use hetmem::cache::{CacheConfig, FileCache};
+use hetmem::{Prot, Space};
 
 const SEEDS: u64 = 10;
 /// Records land within this many pages.
@@ -51,15 +60,30 @@ impl Rng {
     }
 }
 
+/// How the child writes a record.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// `FileHandle::write_at`.
+    WriteAt,
+    /// `Space::cpu_write` through the shared mapping.
+    CpuWrite,
+    /// Real CPU stores (`sys::probe_store_u32`) through the shared mapping.
+    Stores,
+}
+
 struct Record {
     off: usize,
     data: Vec<u8>,
+    path: Path,
 }
 
 /// Everything one seed decides.
 struct Plan {
     /// The file's content before the child starts.
     initial: Vec<u8>,
+    /// The child extends the file to this many bytes (whole pages, at least the initial
+    /// length) and maps all of them shared before its first step.
+    map_len: usize,
     /// Batch `g - 1` is written before fsync `g` (generation g); the last batch has no fsync
     /// after it.
     batches: Vec<Vec<Record>>,
@@ -75,6 +99,8 @@ impl Plan {
         let mut r = Rng(seed);
         let initial_len = r.below(8 * PAGE + 1);
         let initial = r.bytes(initial_len);
+        let min_pages = initial_len.div_ceil(PAGE).max(1);
+        let map_len = (min_pages + r.below(FILE_PAGES - min_pages + 1)) * PAGE;
         let generations = 8 + r.below(10);
         let batches: Vec<Vec<Record>> = (0..=generations)
             .map(|_| {
@@ -82,9 +108,16 @@ impl Plan {
                     .map(|_| {
                         let len = 1 + r.below(2 * PAGE + 100);
                         let off = r.below(FILE_PAGES * PAGE - len);
+                        let path = match r.below(3) {
+                            _ if off + len > map_len => Path::WriteAt,
+                            0 => Path::WriteAt,
+                            1 => Path::CpuWrite,
+                            _ => Path::Stores,
+                        };
                         Record {
                             off,
                             data: r.bytes(len),
+                            path,
                         }
                     })
                     .collect()
@@ -94,6 +127,7 @@ impl Plan {
         let j = r.below(batches[k].len().min(8) + 1);
         Plan {
             initial,
+            map_len,
             batches,
             k,
             j,
@@ -153,11 +187,14 @@ fn run_seed(seed: u64) -> Result<(), String> {
         .unwrap();
     let mut go = child.stdin.take().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // Each line the child prints for the protocol: `W` after a record, `FSYNCED g`.
+    // Each line the child prints for the protocol: `MAPPED` once set up, `W` after a record,
+    // `FSYNCED g`.
     let mut next = |what: &str| -> Result<String, String> {
         for _ in 0..100 {
             match lines.next() {
-                Some(Ok(l)) if l == "W" || l.starts_with("FSYNCED ") => return Ok(l),
+                Some(Ok(l)) if l == "MAPPED" || l == "W" || l.starts_with("FSYNCED ") => {
+                    return Ok(l);
+                }
                 Some(Ok(_)) => continue, // the test harness's own lines
                 Some(Err(e)) => return Err(format!("reading the child's output: {e}")),
                 None => {
@@ -174,7 +211,13 @@ fn run_seed(seed: u64) -> Result<(), String> {
     // One go byte per step (a record or an fsync), each answered by its line, up to fsync k and
     // j records of the unsynced batch; then one more go, and the kill at once: the child dies
     // before, inside or just after its record j + 1 (or, at the very end, waiting).
-    let mut result = Ok(());
+    // The child extends and maps the file before its first go byte: the parent waits for that,
+    // so the extension is part of what every kill must leave.
+    let mut result = match next("MAPPED") {
+        Ok(l) if l == "MAPPED" => Ok(()),
+        Ok(l) => Err(format!("expected `MAPPED` from the child, got `{l}`")),
+        Err(e) => Err(e),
+    };
     let mut step = |want: &str| -> Result<(), String> {
         go.write_all(b"g")
             .map_err(|e| format!("writing to the child: {e}"))?;
@@ -186,7 +229,13 @@ fn run_seed(seed: u64) -> Result<(), String> {
         }
         Ok(())
     };
-    'protocol: for (g, batch) in plan.batches[..plan.k].iter().enumerate() {
+    // No step at all if the child did not get as far as `MAPPED`.
+    let synced_batches = if result.is_ok() {
+        &plan.batches[..plan.k]
+    } else {
+        &[]
+    };
+    'protocol: for (g, batch) in synced_batches.iter().enumerate() {
         for _ in batch {
             if let Err(e) = step("W") {
                 result = Err(e);
@@ -223,6 +272,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
 /// Every byte holds its value at generation k or a value batch k (the unsynced one) writes.
 fn check_file(plan: &Plan, disk: &[u8]) -> Result<(), String> {
     let mut synced = plan.initial.clone();
+    synced.resize(plan.map_len, 0);
     for b in &plan.batches[..plan.k] {
         for rec in b {
             apply(&mut synced, rec);
@@ -259,7 +309,7 @@ fn check_file(plan: &Plan, disk: &[u8]) -> Result<(), String> {
         let new = later.get(i).map(Vec::as_slice).unwrap_or(&[]);
         if v != old && !new.contains(&v) {
             return Err(format!(
-                "byte {i} (page {}) is {v:#04x}: generation {} has {old:#04x}{}, and the unsynced batch writes {new:02x?} there",
+                "byte {i} (page {}) is {v:#04x}: generation {} has {old:#04x}{}, and the unsynced batch writes {new:02x?} there; {}",
                 i / PAGE,
                 plan.k,
                 if i < synced.len() {
@@ -267,10 +317,53 @@ fn check_file(plan: &Plan, disk: &[u8]) -> Result<(), String> {
                 } else {
                     " (past its end)"
                 },
+                writers(plan, i),
             ));
         }
     }
     Ok(())
+}
+
+/// The records that write byte `i`, and how (for a failure's message).
+fn writers(plan: &Plan, i: usize) -> String {
+    let mut w = Vec::new();
+    for (b, batch) in plan.batches[..=plan.k].iter().enumerate() {
+        for (n, rec) in batch.iter().enumerate() {
+            if (rec.off..rec.off + rec.data.len()).contains(&i) {
+                w.push(format!(
+                    "batch {} record {n} ({:?}: {:#04x})",
+                    b + 1,
+                    rec.path,
+                    rec.data[i - rec.off]
+                ));
+            }
+        }
+    }
+    format!(
+        "mapped {} bytes; written by [{}]",
+        plan.map_len,
+        w.join(", ")
+    )
+}
+
+/// Writes `data` at `addr` with real CPU stores of aligned `u32`s (a partial word is loaded,
+/// merged and stored back whole).
+fn store_bytes(addr: usize, data: &[u8]) {
+    let mut i = 0;
+    while i < data.len() {
+        let a = addr + i;
+        let w = a & !3;
+        let lo = a - w;
+        let n = (4 - lo).min(data.len() - i);
+        let mut word = if n == 4 {
+            [0u8; 4]
+        } else {
+            hetmem::sys::probe_load_u32(w).to_ne_bytes()
+        };
+        word[lo..lo + n].copy_from_slice(&data[i..i + n]);
+        hetmem::sys::probe_store_u32(w, u32::from_ne_bytes(word));
+        i += n;
+    }
 }
 
 #[test]
@@ -280,12 +373,21 @@ fn fsynced_data_survives_sigkill() {
     eprintln!("durability: seeds {base}.. ({n} runs; rerun with HETMEM_DURABILITY_SEED={base})");
     let mut fsyncs = 0;
     let mut records = 0;
+    // Acknowledged records by path: write_at, cpu_write, real stores.
+    let mut by_path = [0usize; 3];
     for i in 0..n {
         let seed = base.wrapping_add(i);
         at(format!("seed {seed}"));
         let plan = Plan::new(seed);
         fsyncs += plan.k;
-        records += plan.batches[..plan.k].iter().map(Vec::len).sum::<usize>() + plan.j;
+        let acked = plan.batches[..plan.k]
+            .iter()
+            .flatten()
+            .chain(plan.batches[plan.k].iter().take(plan.j));
+        for rec in acked {
+            records += 1;
+            by_path[rec.path as usize] += 1;
+        }
         if let Err(e) = run_seed(seed) {
             panic!(
                 "durability: seed {seed} (k = {}, j = {}; rerun with HETMEM_DURABILITY_SEED={seed}): {e}",
@@ -293,7 +395,10 @@ fn fsynced_data_survives_sigkill() {
             );
         }
     }
-    eprintln!("durability: {n} kills, {fsyncs} fsyncs, {records} records acknowledged");
+    eprintln!(
+        "durability: {n} kills, {fsyncs} fsyncs, {records} records acknowledged ({} write_at, {} cpu_write through the mapping, {} real stores through the mapping)",
+        by_path[0], by_path[1], by_path[2]
+    );
 }
 
 /// The child: run by `fsynced_data_survives_sigkill` only (skipped otherwise: ignored, and a
@@ -315,7 +420,14 @@ fn child_writer() {
     };
     let cache = FileCache::open(std::path::Path::new(&path), true, cfg).unwrap();
     let h = cache.handle();
+    h.set_len(plan.map_len as u64).unwrap();
+    let space = Space::new().unwrap();
+    let map = space
+        .map_file(&h, 0, plan.map_len, Prot::ReadWrite, true)
+        .unwrap();
     let mut out = std::io::stdout().lock();
+    writeln!(out, "MAPPED").unwrap();
+    out.flush().unwrap();
     let mut stdin = std::io::stdin().lock();
     let last = plan.batches.len() - 1;
     // Waits for the parent's go byte before each step; false at its end (EOF).
@@ -328,7 +440,11 @@ fn child_writer() {
             if !go() {
                 break 'steps;
             }
-            h.write_at(rec.off as u64, &rec.data).unwrap();
+            match rec.path {
+                Path::WriteAt => h.write_at(rec.off as u64, &rec.data).unwrap(),
+                Path::CpuWrite => space.cpu_write(map.add(rec.off), &rec.data).unwrap(),
+                Path::Stores => store_bytes(map.get() + rec.off, &rec.data),
+            }
             writeln!(out, "W").unwrap();
             out.flush().unwrap();
         }
