@@ -795,6 +795,33 @@ impl FileCache {
         }
     }
 
+    /// The file's size in pages (as this process sees it).
+    pub(crate) fn len_pages(&self) -> u64 {
+        lock(&self.st).pages.len() as u64
+    }
+
+    /// Reads file pages from `page` on into `buf` through the cache (the tail past the end of
+    /// file reads as zeros): the fill of a private file mapping.
+    pub(crate) fn read_pages(&self, page: u64, buf: &mut [u8]) -> Result<()> {
+        let mut st = lock(&self.st);
+        let off = page * PAGE;
+        if off >= st.size {
+            buf.fill(0);
+            return Ok(());
+        }
+        let end = (off + buf.len() as u64).min(st.size);
+        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        self.fill(&mut st, first, last)?;
+        let n = (end - off) as usize;
+        let got = self
+            .memfd
+            .read_at(off, &mut buf[..n])
+            .map_err(os("read the cache"))?;
+        buf[got..].fill(0);
+        self.evict(&mut st, (first, last));
+        Ok(())
+    }
+
     /// The memfd (to map it).
     pub(crate) fn memfd(&self) -> &Memfd {
         &self.memfd

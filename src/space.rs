@@ -299,10 +299,11 @@ impl SpaceState {
             .clone()
             .expect("a page entry names a known pagemap")
     }
-    /// For an address in a file mapping: the file's cache and the file page.
+    /// For an address in a shared file mapping: the file's cache and the file page. (A private
+    /// file mapping is anonymous memory whose missing pages are filled from the file.)
     pub(crate) fn file_page(&self, a: VirtAddr) -> Option<(Arc<FileCache>, u64)> {
         let v = self.vma(a)?;
-        let f = v.file.as_ref()?;
+        let f = v.file.as_ref().filter(|f| f.shared)?;
         Some((f.cache.clone(), f.pgoff + v.idx(a) as u64))
     }
 
@@ -352,6 +353,8 @@ pub struct SpaceCore {
     pub(crate) inv_seq: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) zero: Region,
+    /// A 2 MiB staging buffer for fills from files (used under the state lock).
+    pub(crate) bounce: Region,
     pub(crate) stash: Arc<Pagemap>,
 }
 
@@ -472,6 +475,8 @@ impl Space {
     }
 
     fn make_core(mm: Box<dyn Mm>, stash: usize) -> Result<Arc<SpaceCore>> {
+        let bounce = Region::new(LARGE_PAGE_SIZE, PAGE_SIZE, Prot::ReadWrite)
+            .map_err(|e| Error::os("mmap bounce buffer", e))?;
         let zero = Region::new(LARGE_PAGE_SIZE, PAGE_SIZE, Prot::Read)
             .map_err(|e| Error::os("mmap zero page", e))?;
         let stash = Arc::new(Pagemap::new(
@@ -497,6 +502,7 @@ impl Space {
             inv_seq: AtomicU64::new(0),
             counters: Counters::default(),
             zero,
+            bounce,
             stash,
         });
         let id = alloc_space_id(&core)?;
@@ -610,20 +616,31 @@ impl Space {
         }
         let mut st = lock(&self.core.state);
         let r = self.free_range(&st, len, PAGE_SIZE)?;
-        self.core
-            .mm
-            .map_file(r, cache.memfd().as_fd(), offset, prot, shared)
-            .map_err(|e| Error::os("map file", e))?;
+        let pgoff = offset / PAGE_SIZE as u64;
+        if shared {
+            self.core
+                .mm
+                .map_file(r, cache.memfd().as_fd(), offset, prot, shared)
+                .map_err(|e| Error::os("map file", e))?;
+            cache.attach(MapRec {
+                space: Arc::downgrade(&self.core),
+                space_id: self.core.id,
+                range: r,
+                pgoff,
+                tracked: shared,
+            });
+        } else {
+            // A private file mapping is anonymous memory whose missing pages are filled from
+            // the file on first access: every anonymous capability (migration to device memory,
+            // exclusive access, pins) applies to it. Pages keep what they had at their first
+            // access (POSIX leaves later file changes unspecified for MAP_PRIVATE).
+            self.core
+                .mm
+                .map(r, prot, FaultMode::Signal)
+                .map_err(|e| Error::os("map file", e))?;
+        }
         let id = st.next_vma_id;
         st.next_vma_id += 1;
-        let pgoff = offset / PAGE_SIZE as u64;
-        cache.attach(MapRec {
-            space: Arc::downgrade(&self.core),
-            space_id: self.core.id,
-            range: r,
-            pgoff,
-            tracked: shared,
-        });
         st.vmas.insert(
             r.start.get(),
             Vma {
@@ -741,6 +758,7 @@ impl Space {
             .filter_map(|v| {
                 v.file
                     .as_ref()
+                    .filter(|f| f.shared)
                     .map(|f| (f.cache.clone(), v.range, f.pgoff, f.shared))
             })
             .collect();
@@ -1051,7 +1069,7 @@ impl Drop for SpaceCore {
             self.free_frames(&st, &v.ptes);
             // File mappings: what CPU stores dirtied stays in the cache (written back by the
             // next fsync of the file).
-            if let Some(f) = &v.file {
+            if let Some(f) = v.file.as_ref().filter(|f| f.shared) {
                 f.cache.detach(self, self.id, v.range);
             }
         }
@@ -1315,13 +1333,35 @@ impl SpaceCore {
         while e < hi && v.ptes[e].state() == PageState::None {
             e += 1;
         }
+        // A private file mapping fills from the file (up to its end; past it: SIGBUS).
+        let source = v.file.as_ref().map(|f| (f.cache.clone(), f.pgoff));
+        if let Some((cache, pgoff)) = &source {
+            let eof = cache.len_pages();
+            if pgoff + i as u64 >= eof {
+                return Err(Error::NotMapped { addr: a });
+            }
+            e = e.min((eof - pgoff) as usize);
+        }
         let start = v.addr(s);
-        let whole_unit = large && unit == Some((s, e));
+        let whole_unit = large && unit == Some((s, e)) && source.is_none();
         let mut done = 0;
         while done < e - s {
             let n = (e - s - done).min(PAGES_PER_LARGE);
             let dst = start.add(done * PAGE_SIZE);
-            match self.mm.install(dst, &self.zero, 0, n * PAGE_SIZE, mode) {
+            let (src, off) = match &source {
+                None => (&self.zero, 0),
+                Some((cache, pgoff)) => {
+                    // Under the state lock the bounce buffer is ours.
+                    let mut buf = vec![0u8; n * PAGE_SIZE];
+                    let file_page = pgoff + (s + done) as u64;
+                    cache.read_pages(file_page, &mut buf)?;
+                    self.bounce
+                        .write(0, &buf)
+                        .map_err(|e| Error::os("fill from file", e))?;
+                    (&self.bounce, 0)
+                }
+            };
+            match self.mm.install(dst, src, off, n * PAGE_SIZE, mode) {
                 Ok(()) | Err(sys::UffdError::Exists) => {}
                 Err(err) => {
                     // Nothing of the run may stay mapped while its entries say missing.
@@ -1362,11 +1402,11 @@ impl SpaceCore {
         match pte.state() {
             PageState::Present => Ok(()),
             PageState::None => {
-                let (mode, large) = {
+                let (mode, large, file) = {
                     let v = st.vma(a).expect("pte");
-                    (v.mode, v.large)
+                    (v.mode, v.large, v.file.is_some())
                 };
-                if large {
+                if large || file {
                     // As a CPU fault would: a whole 2 MiB unit where it fits (the kernel faults
                     // in a huge page on a MADV_HUGEPAGE range).
                     return self.fault_zero(st, a);

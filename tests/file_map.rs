@@ -142,10 +142,48 @@ fn private_mappings_copy_on_write() {
     assert_eq!(got, [8u8; 4]);
     h.fsync().unwrap();
     assert_eq!(f.disk(), vec![3u8; 2 * PAGE], "nor written to the file");
-    // A page the private mapping has not written follows the file.
-    h.write_at(PAGE as u64, &[4u8; 4]).unwrap();
-    space.cpu_read(p.add(PAGE), &mut got).unwrap();
-    assert_eq!(got, [4u8; 4]);
+    // A private mapping is anonymous memory filled from the file at first access: it migrates
+    // like any anonymous memory. Past the end of file it gets SIGBUS (see the child test).
+    assert_eq!(space.residency(p), Residency::System);
+}
+
+/// The kernel's `migrate_file_private`: a private file mapping whose pages the CPU wrote
+/// (anonymous copies) migrates to device memory: 0, cpages N, mirror == i; the CPU reads them
+/// back; the file is untouched.
+#[test]
+fn migrate_file_private() {
+    let _w = watchdog("file_map_migrate_private", 30);
+    let n = 16;
+    let f = TempFile::new("migrate-private", &vec![7u8; n * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let p = space
+        .map_file(&h, 0, n * PAGE, Prot::ReadWrite, false)
+        .unwrap();
+    space.cpu_write(p, &pattern(n * PAGE, |i| i)).unwrap();
+    let mut buf = vec![0u8; n * PAGE];
+    let mut c = DmirrorCmd {
+        addr: p.get() as u64,
+        buf: &mut buf,
+        npages: n as u64,
+        cpages: 0,
+        faults: 0,
+    };
+    assert_eq!(m.cmd(Cmd::MigrateToDev, &mut c), 0);
+    assert_eq!(c.cpages, n as u64);
+    assert_eq!(buf, pattern(n * PAGE, |i| i));
+    assert_eq!(space.residency(p), Residency::Device(dev.owner()));
+    let mut back = vec![0u8; n * PAGE];
+    space.cpu_read(p, &mut back).unwrap();
+    assert_eq!(back, pattern(n * PAGE, |i| i));
+    h.fsync().unwrap();
+    assert_eq!(f.disk(), vec![7u8; n * PAGE]);
+    // Unwritten pages of a private mapping are filled from the file, not zeros.
+    let q = space.map_file(&h, 0, n * PAGE, Prot::Read, false).unwrap();
+    assert_eq!(space.load_u32(q.add(5 * PAGE)).unwrap(), 0x0707_0707);
 }
 
 /// The kernel's `file_read` and `file_write` cases: a device mirrors file pages.
@@ -244,6 +282,15 @@ fn sigbus_child() {
     let cache = FileCache::open(std::path::Path::new(&path), true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
+    if std::env::var_os("HETMEM_SIGBUS_PRIVATE").is_some() {
+        // A private mapping longer than the file: its last page is past the end.
+        let a = space
+            .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, false)
+            .unwrap();
+        assert_eq!(hetmem::sys::probe_load_u32(a.get()), 0x0101_0101);
+        let _ = hetmem::sys::probe_load_u32(a.get() + 3 * PAGE);
+        std::process::exit(0); // not reached
+    }
     let a = space
         .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, true)
         .unwrap();
@@ -258,20 +305,28 @@ fn sigbus_child() {
 fn past_the_end_of_file_is_sigbus() {
     use std::os::unix::process::ExitStatusExt;
     let _w = watchdog("file_map_sigbus", 30);
-    let f = TempFile::new("sigbus", &vec![1u8; 3 * PAGE]);
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "sigbus_child", "--ignored", "--nocapture"])
-        .env("HETMEM_SIGBUS_FILE", &f.0)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGBUS),
-        "child: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(std::fs::metadata(&f.0).unwrap().len(), PAGE as u64);
+    for private in [false, true] {
+        let f = TempFile::new(
+            if private { "sigbus-p" } else { "sigbus" },
+            &vec![1u8; 3 * PAGE],
+        );
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "sigbus_child", "--ignored", "--nocapture"])
+            .env("HETMEM_SIGBUS_FILE", &f.0);
+        if private {
+            cmd.env("HETMEM_SIGBUS_PRIVATE", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGBUS),
+            "child (private: {private}): {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = if private { 3 * PAGE } else { PAGE };
+        assert_eq!(std::fs::metadata(&f.0).unwrap().len(), want as u64);
+    }
 }
 
 #[test]
