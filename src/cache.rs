@@ -247,7 +247,7 @@ struct CacheState {
     ra_window: u64,
     /// File pages being removed (truncate, punch, direct write) while device mappings of them
     /// are invalidated: faults on them retry, `range_fault` gets EBUSY.
-    blocked: Option<(u64, u64)>,
+    blocked: Vec<(u64, u64)>,
 }
 
 /// What a fault fill did.
@@ -286,7 +286,7 @@ impl std::ops::DerefMut for Removal<'_> {
 
 impl Drop for Removal<'_> {
     fn drop(&mut self) {
-        self.st.blocked = None;
+        self.st.blocked.clear();
     }
 }
 
@@ -297,8 +297,11 @@ pub(crate) struct MapRec {
     pub(crate) space_id: u16,
     pub(crate) range: crate::addr::VaRange,
     pub(crate) pgoff: u64,
-    /// Shared and writable: CPU stores reach the cache and must be tracked.
+    /// Shared: CPU stores reach the cache and are tracked (once it is writable).
     pub(crate) tracked: bool,
+    /// Shared and writable now or ever since it was mapped: its pages are never evicted by
+    /// `shrink_to_budget` (a store could land between the clean check and the removal).
+    pub(crate) writable: bool,
 }
 
 /// Counters of a cache.
@@ -322,8 +325,13 @@ pub struct FileCache {
     writable: bool,
     cfg: CacheConfig,
     st: Mutex<CacheState>,
-    /// Serialises page removals (truncate, punch, direct write) across their two phases.
+    /// Serialises page removals (truncate, punch, direct write, eviction) across their two
+    /// phases.
     removal: Mutex<()>,
+    /// This cache, weakly (for the background evictor).
+    me: crate::sync::Weak<FileCache>,
+    /// Wakes the background evictor (started with the first mapping).
+    evictor: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 /// A running background writer (see [`FileCache::start_background_writeback`]); dropping it
@@ -385,7 +393,9 @@ impl FileCache {
         let size = backend.len().map_err(os("stat file"))?;
         let memfd = Memfd::new("hetmem-cache").map_err(os("memfd_create"))?;
         memfd.set_len(size).map_err(os("size the cache"))?;
-        Ok(Arc::new(FileCache {
+        Ok(Arc::new_cyclic(|me| FileCache {
+            me: me.clone(),
+            evictor: Mutex::new(None),
             backend,
             memfd,
             writable,
@@ -404,7 +414,7 @@ impl FileCache {
                 mappings: Vec::new(),
                 ra_next: u64::MAX,
                 ra_window: 0,
-                blocked: None,
+                blocked: Vec::new(),
             }),
         }))
     }
@@ -446,6 +456,7 @@ impl FileCache {
         if old == PageState::Dirty {
             st.dirty.remove(&p);
         }
+        st.pages[p as usize] = new;
         match new {
             PageState::Dirty => {
                 st.dirty.insert(p);
@@ -665,9 +676,38 @@ impl FileCache {
         }
     }
 
-    /// Registers a mapping (called by the address space, under its lock).
+    /// Registers a mapping (called by the address space, under its lock), and starts the
+    /// background evictor with the first one: CPU faults on mappings fill the cache without
+    /// evicting (eviction of mapped pages needs address-space locks: `shrink_to_budget`).
     pub(crate) fn attach(&self, rec: MapRec) {
         lock(&self.st).mappings.push(rec);
+        let mut ev = lock(&self.evictor);
+        if ev.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let me = self.me.clone();
+            let spawned = std::thread::Builder::new()
+                .name("hetmem-evict".into())
+                .spawn(move || {
+                    while rx.recv().is_ok() {
+                        while rx.try_recv().is_ok() {}
+                        let Some(c) = me.upgrade() else { return };
+                        c.shrink_to_budget();
+                    }
+                });
+            if spawned.is_ok() {
+                *ev = Some(tx);
+            }
+        }
+    }
+
+    /// A shared mapping piece of `space_id` within `range` became writable.
+    pub(crate) fn mark_writable(&self, space_id: u16, range: crate::addr::VaRange) {
+        let mut st = lock(&self.st);
+        for m in st.mappings.iter_mut() {
+            if m.space_id == space_id && m.range.overlaps(&range) {
+                m.writable = true;
+            }
+        }
     }
 
     /// A mapping of `space_id` is split at `at`: its record becomes two.
@@ -722,7 +762,7 @@ impl FileCache {
         if p >= st.pages.len() as u64 {
             return Ok(Fill::PastEof);
         }
-        if st.blocked.is_some_and(|(f, l)| f <= p && p < l) {
+        if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(Fill::Busy);
         }
         let w = if p == st.ra_next {
@@ -733,6 +773,11 @@ impl FileCache {
         self.fill(&mut st, p, p + w)?;
         st.ra_next = p + w;
         st.ra_window = w;
+        if st.cached * PAGE_SIZE > self.cfg.budget
+            && let Some(tx) = lock(&self.evictor).as_ref()
+        {
+            let _ = tx.send(());
+        }
         Ok(Fill::Filled)
     }
 
@@ -835,15 +880,28 @@ impl FileCache {
     /// Phase one of a removal of file pages `first..last` (see [`Removal`]).
     fn begin_removal(&self, first: u64, last: u64) -> Removal<'_> {
         let serial = lock(&self.removal);
+        self.block_and_invalidate(if first < last {
+            vec![(first, last)]
+        } else {
+            Vec::new()
+        });
+        Removal {
+            st: lock(&self.st),
+            _serial: serial,
+        }
+    }
+
+    /// Blocks the runs of file pages (no fill, no new device mapping) and invalidates the
+    /// device mappings of them in every mapping, each under its address space's lock, with the
+    /// cache lock not held. The caller holds `removal`.
+    fn block_and_invalidate(&self, runs: Vec<(u64, u64)>) {
         let recs = {
             let mut st = lock(&self.st);
-            if first < last {
-                st.blocked = Some((first, last));
-            }
+            st.blocked.extend(runs.iter().copied());
             st.mappings.clone()
         };
-        if first < last {
-            for m in recs {
+        for (first, last) in runs {
+            for m in &recs {
                 let (s, e) = (
                     m.pgoff.max(first),
                     (m.pgoff + m.range.pages() as u64).min(last),
@@ -862,10 +920,72 @@ impl FileCache {
                 core.invalidate(&sst, vr, crate::mirror::NotifyEvent::Clear, None);
             }
         }
-        Removal {
+    }
+
+    /// Brings the cache within its budget, evicting clean pages that mappings cover too (the
+    /// eviction inside `read_at`/`write_at` leaves those alone): pages of writable shared
+    /// mappings are never victims (a CPU store could land between the check that the page is
+    /// clean and its removal); the victims are blocked, device mappings of them invalidated
+    /// (two phases, as truncate), then punched from the memfd, which unmaps them from every
+    /// CPU mapping: the next access faults and refills from the file. Runs in the background
+    /// after fills that leave the cache over budget, and on demand.
+    pub fn shrink_to_budget(&self) -> u64 {
+        let budget = (self.cfg.budget / PAGE_SIZE) as u64;
+        let serial = lock(&self.removal);
+        let victims: Vec<u64> = {
+            let st = lock(&self.st);
+            if (st.cached as u64) <= budget {
+                return 0;
+            }
+            let mut over = st.cached as u64 - budget;
+            let writable: Vec<(u64, u64)> = st
+                .mappings
+                .iter()
+                .filter(|m| m.writable)
+                .map(|m| (m.pgoff, m.pgoff + m.range.pages() as u64))
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            let mut v = Vec::new();
+            for &p in st.lru.iter() {
+                if over == 0 {
+                    break;
+                }
+                if st.pages.get(p as usize) == Some(&PageState::Clean)
+                    && !writable.iter().any(|&(s, e)| s <= p && p < e)
+                    && seen.insert(p)
+                {
+                    v.push(p);
+                    over -= 1;
+                }
+            }
+            v.sort_unstable();
+            v
+        };
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in victims {
+            match runs.last_mut() {
+                Some((_, e)) if *e == p => *e += 1,
+                _ => runs.push((p, p + 1)),
+            }
+        }
+        self.block_and_invalidate(runs.clone());
+        let mut st = Removal {
             st: lock(&self.st),
             _serial: serial,
+        };
+        let mut n = 0;
+        for (s, e) in runs {
+            for p in s..e {
+                if st.pages.get(p as usize) == Some(&PageState::Clean)
+                    && self.memfd.punch(p * PAGE, PAGE).is_ok()
+                {
+                    self.set_state(&mut st, p, PageState::Uncached);
+                    st.stats.pages_evicted += 1;
+                    n += 1;
+                }
+            }
         }
+        n
     }
 
     /// Grows the cached size to `end` (a write past the end): new pages read as zeros.

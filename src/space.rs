@@ -628,6 +628,7 @@ impl Space {
                 range: r,
                 pgoff,
                 tracked: shared,
+                writable: shared && prot.writable(),
             });
         } else {
             // A private file mapping is anonymous memory whose missing pages are filled from
@@ -715,6 +716,13 @@ impl Space {
                     .track_writes(t)
                     .map_err(|e| Error::os("track writes", e))?;
             }
+            for v in st.vmas.values() {
+                if let Some(f) = v.file.as_ref().filter(|f| f.shared)
+                    && r.overlaps(&v.range)
+                {
+                    f.cache.mark_writable(self.core.id, r);
+                }
+            }
         }
         self.core
             .invalidate(&st, r, NotifyEvent::ProtectionVma, None);
@@ -775,6 +783,7 @@ impl Space {
                     range,
                     pgoff,
                     tracked: shared,
+                    writable: true,
                 });
             }
             return Err(Error::os("unmap", e));

@@ -420,3 +420,56 @@ fn a_read_only_mapping_made_writable_tracks_stores() {
     h.fsync().unwrap();
     assert_eq!(&f.disk()[PAGE..PAGE + 4], &5u32.to_ne_bytes());
 }
+
+/// The budget applies to mapped pages too: clean pages of read-only mappings are evicted (their
+/// device mappings invalidated first), and a later access refills them from the file; pages of
+/// writable shared mappings are not victims.
+#[test]
+fn mapped_pages_are_evicted_under_the_budget() {
+    let _w = watchdog("file_map_evict", 60);
+    let n = 64;
+    let content = pattern(n * PAGE, |i| i ^ 0x77);
+    let f = TempFile::new("evict", &content);
+    let budget = 8 * PAGE;
+    let cache = FileCache::open(
+        &f.0,
+        true,
+        CacheConfig {
+            budget,
+            dirty_bound: 4 * PAGE,
+        },
+    )
+    .unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_file(&h, 0, n * PAGE, Prot::Read, true).unwrap();
+    for round in 0..3 {
+        let mut got = vec![0u8; n * PAGE];
+        space.cpu_read(a, &mut got).unwrap();
+        assert_eq!(got, content, "round {round}: CPU read");
+        m.read(a.get() as u64, n as u64, &mut got).unwrap();
+        assert_eq!(got, content, "round {round}: device read");
+        cache.shrink_to_budget();
+        assert!(
+            cache.cached_bytes() <= budget,
+            "round {round}: {} bytes cached",
+            cache.cached_bytes()
+        );
+        // The device reads again after its mappings of the evicted pages were invalidated.
+        m.read(a.get() as u64, n as u64, &mut got).unwrap();
+        assert_eq!(got, content, "round {round}: device read after eviction");
+    }
+    assert!(cache.stats().pages_evicted > 0);
+    // A writable shared mapping's pages stay (a store could race the eviction).
+    let w = space
+        .map_file(&h, 0, 16 * PAGE, Prot::ReadWrite, true)
+        .unwrap();
+    let mut got = vec![0u8; 16 * PAGE];
+    space.cpu_read(w, &mut got).unwrap();
+    space.store_u32(w, 1).unwrap();
+    cache.shrink_to_budget();
+    h.fsync().unwrap();
+    assert_eq!(&f.disk()[..4], &1u32.to_ne_bytes());
+}
