@@ -302,6 +302,9 @@ pub(crate) struct MapRec {
     /// Shared and writable now or ever since it was mapped: its pages are never evicted by
     /// `shrink_to_budget` (a store could land between the clean check and the removal).
     pub(crate) writable: bool,
+    /// Stores are intercepted (synchronous write-protect): the first store to a clean page
+    /// faults into [`FileCache::store_fault`]; writeback re-protects before it reads.
+    pub(crate) sync: bool,
 }
 
 /// Counters of a cache.
@@ -584,6 +587,20 @@ impl FileCache {
                 continue;
             }
             let len = ((e - s) * PAGE).min(st.size - s * PAGE) as usize;
+            // Mappings that intercept stores: protect the run again first, so that a store
+            // from now on faults and dirties the page again.
+            for m in st.mappings.iter().filter(|m| m.sync) {
+                let (a, b) = (m.pgoff.max(s), (m.pgoff + m.range.pages() as u64).min(e));
+                if a < b
+                    && let Some(core) = m.space.upgrade()
+                {
+                    let r = crate::addr::VaRange {
+                        start: m.range.start.add(((a - m.pgoff) * PAGE) as usize),
+                        end: m.range.start.add(((b - m.pgoff) * PAGE) as usize),
+                    };
+                    let _ = core.mm.file_write_protect(r, true);
+                }
+            }
             let mut buf = vec![0u8; len];
             if let Err(err) = self.memfd.read_at(s * PAGE, &mut buf) {
                 failed = Some(err);
@@ -838,6 +855,42 @@ impl FileCache {
             stop: Some(tx),
             handle,
         }
+    }
+
+    /// A store faulted on page `p` of a mapping that intercepts stores (at `r` in `core`): the
+    /// page is filled if needed and becomes dirty, within the dirty bound (writing back first
+    /// when the bound is reached), then this mapping lets stores through. Returns false when
+    /// the store must fail with SIGBUS: past the end of file, or the bound is reached and
+    /// writeback fails (the writer gets the error rather than waiting forever).
+    pub(crate) fn store_fault(
+        &self,
+        core: &crate::space::SpaceCore,
+        p: u64,
+        r: crate::addr::VaRange,
+    ) -> Result<bool> {
+        let mut st = lock(&self.st);
+        if p >= st.pages.len() as u64 {
+            return Ok(false);
+        }
+        if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
+            return Ok(true);
+        }
+        self.fill(&mut st, p, p + 1)?;
+        if st.pages[p as usize] != PageState::Dirty {
+            if (st.dirty.len() + 1) * PAGE_SIZE > self.cfg.dirty_bound {
+                let all: Vec<u64> = st.dirty.iter().copied().collect();
+                if self.writeback(&mut st, &all).is_err()
+                    && (st.dirty.len() + 1) * PAGE_SIZE > self.cfg.dirty_bound
+                {
+                    return Ok(false);
+                }
+            }
+            self.set_state(&mut st, p, PageState::Dirty);
+        }
+        core.mm
+            .file_write_protect(r, false)
+            .map_err(|e| Error::os("let stores through", e))?;
+        Ok(true)
     }
 
     /// The file's size in pages (as this process sees it).

@@ -37,5 +37,5 @@ pub use device::{Cmd, CmdOut, DeviceConfig, DeviceMirror, DmirrorCmd, SoftDevice
 pub use error::{Error, Result};
 pub use mm::FaultMode;
 pub use pool::{MemoryKind, Owner};
-pub use space::{MapOptions, Pin, Residency, Space, SpaceConfig, SpaceStats};
+pub use space::{FileMapOptions, MapOptions, Pin, Residency, Space, SpaceConfig, SpaceStats};
 pub use sys::Prot;

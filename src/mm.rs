@@ -91,6 +91,18 @@ pub trait Mm: Send + Sync {
         prot: Prot,
         shared: bool,
     ) -> io::Result<()>;
+    /// As `map_file` for a shared mapping whose stores must be intercepted: synchronous
+    /// write-protect, so that the first store to a clean page faults into hetmem (the dirty
+    /// bound, and writeback that re-protects before it reads).
+    fn map_file_sync(
+        &self,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+    ) -> io::Result<()>;
+    /// Sets or clears synchronous write protection of part of a `map_file_sync` mapping.
+    fn file_write_protect(&self, r: VaRange, on: bool) -> io::Result<()>;
     /// The pages of a file mapping written since the last scan (which re-protects them).
     fn scan_written(&self, r: VaRange) -> io::Result<Vec<VaRange>>;
     /// Starts tracking stores to a file mapping that was mapped without write tracking (a
@@ -116,6 +128,8 @@ pub struct KernelMm {
     thr: Mutex<Option<ThreadService>>,
     /// The userfaultfd of file mappings and the pagemap scanner, made on first use.
     file: Mutex<Option<(Uffd, sys::PagemapScanner)>>,
+    /// The userfaultfd of file mappings with synchronous write-protect, made on first use.
+    file_sync: Mutex<Option<Uffd>>,
     force_umo: bool,
 }
 
@@ -142,6 +156,7 @@ impl KernelMm {
             sig,
             thr: Mutex::new(None),
             file: Mutex::new(None),
+            file_sync: Mutex::new(None),
             force_umo: user_mode_only,
         })
     }
@@ -327,7 +342,7 @@ impl Mm for KernelMm {
         let mut g = lock(&self.file);
         if g.is_none() {
             *g = Some((
-                Uffd::open_file(self.force_umo)?,
+                Uffd::open_file(self.force_umo, false)?,
                 sys::PagemapScanner::new()?,
             ));
         }
@@ -351,6 +366,40 @@ impl Mm for KernelMm {
             return Err(e);
         }
         Ok(())
+    }
+
+    fn map_file_sync(
+        &self,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+    ) -> io::Result<()> {
+        let mut g = lock(&self.file_sync);
+        if g.is_none() {
+            *g = Some(Uffd::open_file(self.force_umo, true)?);
+        }
+        let uffd = g.as_ref().expect("made above");
+        let off = self.off(r.start);
+        self.res.map_fd(off, r.len(), prot, fd, file_off, true)?;
+        let res = uffd.register(&self.res, off, r.len(), true).and_then(|()| {
+            uffd.write_protect(r.start.get(), r.len(), true)
+                .map_err(io::Error::from)
+        });
+        if let Err(e) = res {
+            let _ = self.res.remap_fresh(off, r.len(), Prot::None);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn file_write_protect(&self, r: VaRange, on: bool) -> io::Result<()> {
+        let g = lock(&self.file_sync);
+        let Some(uffd) = g.as_ref() else {
+            return Ok(());
+        };
+        uffd.write_protect(r.start.get(), r.len(), on)
+            .map_err(io::Error::from)
     }
 
     fn track_writes(&self, r: VaRange) -> io::Result<()> {
@@ -584,6 +633,21 @@ impl Mm for ModelMm {
         Ok(Vec::new())
     }
     fn track_writes(&self, _r: VaRange) -> io::Result<()> {
+        Ok(())
+    }
+    fn map_file_sync(
+        &self,
+        _r: VaRange,
+        _fd: std::os::fd::BorrowedFd<'_>,
+        _file_off: u64,
+        _prot: Prot,
+    ) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the in-memory kernel model has no file mappings",
+        ))
+    }
+    fn file_write_protect(&self, _r: VaRange, _on: bool) -> io::Result<()> {
         Ok(())
     }
 }

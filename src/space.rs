@@ -240,6 +240,24 @@ pub(crate) struct FileMap {
     pub(crate) cache: Arc<FileCache>,
     pub(crate) pgoff: u64,
     pub(crate) shared: bool,
+    /// Stores are intercepted (synchronous write-protect): see `FileMapOptions`.
+    pub(crate) sync: bool,
+}
+
+/// Options of a file mapping (see [`Space::map_file_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileMapOptions {
+    /// Permissions.
+    pub prot: Prot,
+    /// Shared (stores reach the file) or private (copy on write).
+    pub shared: bool,
+    /// For a shared mapping: intercept the first store to each clean page (synchronous
+    /// write-protect: one fault per first store, ≈ 5 µs) so that the cache's dirty bound holds
+    /// for stores too (a store that would exceed it writes back first, and gets SIGBUS if
+    /// writeback fails). Without it (the default) stores are tracked without faults
+    /// (asynchronous write-protect) and counted at the next scan (fsync, msync, background
+    /// writeback).
+    pub intercept_stores: bool,
 }
 
 impl Vma {
@@ -597,6 +615,32 @@ impl Space {
         prot: Prot,
         shared: bool,
     ) -> Result<VirtAddr> {
+        self.map_file_with(
+            file,
+            offset,
+            len,
+            FileMapOptions {
+                prot,
+                shared,
+                intercept_stores: false,
+            },
+        )
+    }
+
+    /// [`Space::map_file`] with options (see [`FileMapOptions`]).
+    pub fn map_file_with(
+        &self,
+        file: &FileHandle,
+        offset: u64,
+        len: usize,
+        opts: FileMapOptions,
+    ) -> Result<VirtAddr> {
+        let FileMapOptions {
+            prot,
+            shared,
+            intercept_stores,
+        } = opts;
+        let sync = shared && intercept_stores;
         self.check_owner_process()?;
         if len == 0 {
             return Err(Error::ZeroLength);
@@ -618,17 +662,25 @@ impl Space {
         let r = self.free_range(&st, len, PAGE_SIZE)?;
         let pgoff = offset / PAGE_SIZE as u64;
         if shared {
-            self.core
-                .mm
-                .map_file(r, cache.memfd().as_fd(), offset, prot, shared)
-                .map_err(|e| Error::os("map file", e))?;
+            let mapped = if sync {
+                self.core
+                    .mm
+                    .map_file_sync(r, cache.memfd().as_fd(), offset, prot)
+            } else {
+                self.core
+                    .mm
+                    .map_file(r, cache.memfd().as_fd(), offset, prot, shared)
+            };
+            mapped.map_err(|e| Error::os("map file", e))?;
             cache.attach(MapRec {
                 space: Arc::downgrade(&self.core),
                 space_id: self.core.id,
                 range: r,
                 pgoff,
-                tracked: shared,
-                writable: shared && prot.writable(),
+                tracked: !sync,
+                // With stores intercepted, eviction is safe: a store to a victim faults.
+                writable: !sync && prot.writable(),
+                sync,
             });
         } else {
             // A private file mapping is anonymous memory whose missing pages are filled from
@@ -655,6 +707,7 @@ impl Space {
                     cache,
                     pgoff,
                     shared,
+                    sync,
                 }),
             },
         );
@@ -703,7 +756,7 @@ impl Space {
                 .filter(|v| {
                     r.overlaps(&v.range)
                         && !v.prot.writable()
-                        && v.file.as_ref().is_some_and(|f| f.shared)
+                        && v.file.as_ref().is_some_and(|f| f.shared && !f.sync)
                 })
                 .map(|v| VaRange {
                     start: v.range.start.max(r.start),
@@ -717,7 +770,7 @@ impl Space {
                     .map_err(|e| Error::os("track writes", e))?;
             }
             for v in st.vmas.values() {
-                if let Some(f) = v.file.as_ref().filter(|f| f.shared)
+                if let Some(f) = v.file.as_ref().filter(|f| f.shared && !f.sync)
                     && r.overlaps(&v.range)
                 {
                     f.cache.mark_writable(self.core.id, r);
@@ -767,7 +820,7 @@ impl Space {
                 v.file
                     .as_ref()
                     .filter(|f| f.shared)
-                    .map(|f| (f.cache.clone(), v.range, f.pgoff, f.shared))
+                    .map(|f| (f.cache.clone(), v.range, f.pgoff, f.sync))
             })
             .collect();
         for (cache, range, _, _) in &files {
@@ -776,14 +829,15 @@ impl Space {
         // Then the kernel side (holes in the range are already PROT_NONE and unregistered, so
         // unmapping them too is harmless). If it fails, the mappings stay, re-attached.
         if let Err(e) = self.core.mm.unmap(r) {
-            for (cache, range, pgoff, shared) in files {
+            for (cache, range, pgoff, sync) in files {
                 cache.attach(MapRec {
                     space: Arc::downgrade(&self.core),
                     space_id: self.core.id,
                     range,
                     pgoff,
-                    tracked: shared,
-                    writable: true,
+                    tracked: !sync,
+                    writable: !sync,
+                    sync,
                 });
             }
             return Err(Error::os("unmap", e));
@@ -1266,6 +1320,20 @@ impl SpaceCore {
         let mut st = lock(&self.state);
         let Some(pte) = st.pte(a) else { return false };
         self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        if let Some(v) = st
+            .vma(a)
+            .filter(|v| v.file.as_ref().is_some_and(|f| f.sync))
+            && write
+        {
+            // A store to a mapping that intercepts stores (a clean page, or a missing one).
+            let f = v.file.as_ref().expect("filtered");
+            let (cache, page) = (f.cache.clone(), f.pgoff + v.idx(a) as u64);
+            let r = VaRange {
+                start: a,
+                end: a.add(PAGE_SIZE),
+            };
+            return cache.store_fault(self, page, r).unwrap_or(false);
+        }
         if let Some((cache, page)) = st.file_page(a) {
             // A file mapping: the page is not in the cache yet. Fill the cache (the memfd) and
             // let the access retry: the kernel then maps the page. Past the end of file (or on

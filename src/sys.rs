@@ -464,7 +464,10 @@ impl Uffd {
     /// asynchronous write-protect (`UFFD_FEATURE_WP_ASYNC`, on shmem, unpopulated entries
     /// included) for dirty tracking with [`PagemapScanner`]: stores to protected pages go through
     /// and are recorded by the kernel, without a fault.
-    pub fn open_file(force_umo: bool) -> io::Result<Uffd> {
+    ///
+    /// With `sync_wp`, write-protect is synchronous instead: a store to a protected page
+    /// faults (SIGBUS in the faulting thread), so that hetmem sees every first store.
+    pub fn open_file(force_umo: bool, sync_wp: bool) -> io::Result<Uffd> {
         let base = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
         let umo = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
         let (fd, user_mode_only) = if force_umo {
@@ -481,10 +484,12 @@ impl Uffd {
                 Err(e) => return Err(e.into()),
             }
         };
-        let want = (uapi::UFFD_FEATURE_SIGBUS
-            | uapi::UFFD_FEATURE_WP_ASYNC
+        let mut want = (uapi::UFFD_FEATURE_SIGBUS
             | uapi::UFFD_FEATURE_WP_UNPOPULATED
             | uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
+        if !sync_wp {
+            want |= uapi::UFFD_FEATURE_WP_ASYNC as u64;
+        }
         let mut api = uapi::uffdio_api {
             api: uapi::UFFD_API as u64,
             features: want,

@@ -473,3 +473,112 @@ fn mapped_pages_are_evicted_under_the_budget() {
     h.fsync().unwrap();
     assert_eq!(&f.disk()[..4], &1u32.to_ne_bytes());
 }
+
+/// A mapping that intercepts stores keeps the cache's dirty bound for CPU stores: each first
+/// store to a clean page faults, writing back first when the bound is reached; after
+/// writeback the pages are protected again, so a later store is seen again.
+#[test]
+fn intercepted_stores_respect_the_dirty_bound() {
+    let _w = watchdog("file_map_intercept", 30);
+    let n = 12;
+    let f = TempFile::new("intercept", &vec![0u8; n * PAGE]);
+    let bound = 4 * PAGE;
+    let cache = FileCache::open(
+        &f.0,
+        true,
+        CacheConfig {
+            budget: 64 * PAGE,
+            dirty_bound: bound,
+        },
+    )
+    .unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let opts = FileMapOptions {
+        prot: Prot::ReadWrite,
+        shared: true,
+        intercept_stores: true,
+    };
+    let a = space.map_file_with(&h, 0, n * PAGE, opts).unwrap();
+    for p in 0..n {
+        hetmem::sys::probe_store_u32(a.get() + p * PAGE, p as u32 + 1);
+        assert!(
+            cache.dirty_bytes() <= bound,
+            "page {p}: {} dirty bytes",
+            cache.dirty_bytes()
+        );
+    }
+    assert!(
+        cache.stats().pages_written_back >= (n - 4) as u64,
+        "the bound forced writeback"
+    );
+    h.fsync().unwrap();
+    let disk = f.disk();
+    for p in 0..n {
+        assert_eq!(&disk[p * PAGE..p * PAGE + 4], &(p as u32 + 1).to_ne_bytes());
+    }
+    assert_eq!(cache.dirty_bytes(), 0);
+    // Protected again after writeback: the next store is seen.
+    hetmem::sys::probe_store_u32(a.get() + 5 * PAGE + 8, 99);
+    assert_eq!(cache.dirty_bytes(), PAGE);
+    h.fsync().unwrap();
+    assert_eq!(&f.disk()[5 * PAGE + 8..5 * PAGE + 12], &99u32.to_ne_bytes());
+}
+
+/// Runs in a child process: with writeback failing, a store beyond the dirty bound gets
+/// SIGBUS (the writer gets the error rather than waiting forever).
+#[test]
+#[ignore = "run as a child process by intercepted_store_past_a_failing_bound_is_sigbus"]
+fn bound_child() {
+    let Some(path) = std::env::var_os("HETMEM_BOUND_FILE") else {
+        return;
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let backend = std::sync::Arc::new(FaultyBackend::new(StdFile(file)));
+    let cfg = CacheConfig {
+        budget: 64 * PAGE,
+        dirty_bound: 2 * PAGE,
+    };
+    let cache = FileCache::with_backend(Box::new(backend.clone()), true, cfg).unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let opts = FileMapOptions {
+        prot: Prot::ReadWrite,
+        shared: true,
+        intercept_stores: true,
+    };
+    let a = space.map_file_with(&h, 0, 4 * PAGE, opts).unwrap();
+    backend.plan(FaultPlan {
+        fail_writes: 1000,
+        ..FaultPlan::default()
+    });
+    hetmem::sys::probe_store_u32(a.get(), 1);
+    hetmem::sys::probe_store_u32(a.get() + PAGE, 2);
+    println!("WITHIN BOUND");
+    hetmem::sys::probe_store_u32(a.get() + 2 * PAGE, 3);
+    std::process::exit(0); // not reached
+}
+
+#[test]
+fn intercepted_store_past_a_failing_bound_is_sigbus() {
+    use std::os::unix::process::ExitStatusExt;
+    let _w = watchdog("file_map_bound_sigbus", 30);
+    let f = TempFile::new("bound", &vec![0u8; 4 * PAGE]);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "bound_child", "--ignored", "--nocapture"])
+        .env("HETMEM_BOUND_FILE", &f.0)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("WITHIN BOUND"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}", out.status);
+    assert_eq!(f.disk(), vec![0u8; 4 * PAGE], "nothing could be written");
+}
