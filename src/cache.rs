@@ -248,6 +248,8 @@ struct CacheState {
     /// File pages being removed (truncate, punch, direct write) while device mappings of them
     /// are invalidated: faults on them retry, `range_fault` gets EBUSY.
     blocked: Vec<(u64, u64)>,
+    /// Pin counts of file pages pinned through mappings (never evicted).
+    pinned: std::collections::BTreeMap<u64, u32>,
 }
 
 /// What a fault fill did.
@@ -286,7 +288,13 @@ impl std::ops::DerefMut for Removal<'_> {
 
 impl Drop for Removal<'_> {
     fn drop(&mut self) {
-        self.st.blocked.clear();
+        // Pages removed from the memfd lost their entries in every mapping, write protection
+        // included: protect them again where stores are intercepted, so that the next store
+        // after a refill faults.
+        let blocked = std::mem::take(&mut self.st.blocked);
+        for (f, l) in blocked {
+            FileCache::protect_sync_mappings(&self.st, f, l);
+        }
     }
 }
 
@@ -294,6 +302,10 @@ impl Drop for Removal<'_> {
 #[derive(Debug, Clone)]
 pub(crate) struct MapRec {
     pub(crate) space: crate::sync::Weak<crate::space::SpaceCore>,
+    /// The space's kernel side: scans and protections under the cache lock go through it,
+    /// never through the space (holding the last reference to a space under the cache lock
+    /// would run its destructor there, which takes the space's lock and this cache's).
+    pub(crate) mm: std::sync::Weak<dyn crate::mm::Mm>,
     pub(crate) space_id: u16,
     pub(crate) range: crate::addr::VaRange,
     pub(crate) pgoff: u64,
@@ -418,6 +430,7 @@ impl FileCache {
                 ra_next: u64::MAX,
                 ra_window: 0,
                 blocked: Vec::new(),
+                pinned: std::collections::BTreeMap::new(),
             }),
         }))
     }
@@ -589,18 +602,7 @@ impl FileCache {
             let len = ((e - s) * PAGE).min(st.size - s * PAGE) as usize;
             // Mappings that intercept stores: protect the run again first, so that a store
             // from now on faults and dirties the page again.
-            for m in st.mappings.iter().filter(|m| m.sync) {
-                let (a, b) = (m.pgoff.max(s), (m.pgoff + m.range.pages() as u64).min(e));
-                if a < b
-                    && let Some(core) = m.space.upgrade()
-                {
-                    let r = crate::addr::VaRange {
-                        start: m.range.start.add(((a - m.pgoff) * PAGE) as usize),
-                        end: m.range.start.add(((b - m.pgoff) * PAGE) as usize),
-                    };
-                    let _ = core.mm.file_write_protect(r, true);
-                }
-            }
+            Self::protect_sync_mappings(st, s, e);
             let mut buf = vec![0u8; len];
             if let Err(err) = self.memfd.read_at(s * PAGE, &mut buf) {
                 failed = Some(err);
@@ -669,18 +671,35 @@ impl FileCache {
     /// Records the pages that CPU stores (or device writes through the CPU view) dirtied in the
     /// tracked mappings (the scan write-protects them again, so later stores are seen by the
     /// next scan).
-    fn collect_written(&self, st: &mut CacheState) {
-        let recs: Vec<MapRec> = st.mappings.iter().filter(|m| m.tracked).cloned().collect();
-        for m in recs {
-            let Some(core) = m.space.upgrade() else {
-                continue;
-            };
-            self.mark_written(st, &core, &m);
+    /// Write-protects file pages `first..last` again in the mappings that intercept stores.
+    fn protect_sync_mappings(st: &CacheState, first: u64, last: u64) {
+        for m in st.mappings.iter().filter(|m| m.sync) {
+            let (a, b) = (
+                m.pgoff.max(first),
+                (m.pgoff + m.range.pages() as u64).min(last),
+            );
+            if a < b
+                && let Some(mm) = m.mm.upgrade()
+            {
+                let r = crate::addr::VaRange {
+                    start: m.range.start.add(((a - m.pgoff) * PAGE) as usize),
+                    end: m.range.start.add(((b - m.pgoff) * PAGE) as usize),
+                };
+                let _ = mm.file_write_protect(r, true);
+            }
         }
     }
 
-    fn mark_written(&self, st: &mut CacheState, core: &crate::space::SpaceCore, m: &MapRec) {
-        let Ok(written) = core.mm.scan_written(m.range) else {
+    fn collect_written(&self, st: &mut CacheState) {
+        let recs: Vec<MapRec> = st.mappings.iter().filter(|m| m.tracked).cloned().collect();
+        for m in recs {
+            let Some(mm) = m.mm.upgrade() else { continue };
+            self.mark_written(st, &*mm, &m);
+        }
+    }
+
+    fn mark_written(&self, st: &mut CacheState, mm: &dyn crate::mm::Mm, m: &MapRec) {
+        let Ok(written) = mm.scan_written(m.range) else {
             return;
         };
         for w in written {
@@ -763,7 +782,7 @@ impl FileCache {
         };
         let m = st.mappings.remove(i);
         if m.tracked {
-            self.mark_written(&mut st, core, &m);
+            self.mark_written(&mut st, &*core.mm, &m);
         }
     }
 
@@ -893,6 +912,16 @@ impl FileCache {
         Ok(true)
     }
 
+    /// Pins (`delta` 1) or unpins (-1) file page `p` (a `Space::pin` of a shared file mapping).
+    pub(crate) fn pin_page(&self, p: u64, delta: i32) {
+        let mut st = lock(&self.st);
+        let c = st.pinned.entry(p).or_insert(0);
+        *c = c.saturating_add_signed(delta);
+        if *c == 0 {
+            st.pinned.remove(&p);
+        }
+    }
+
     /// The file's size in pages (as this process sees it).
     pub(crate) fn len_pages(&self) -> u64 {
         lock(&self.st).pages.len() as u64
@@ -1005,6 +1034,7 @@ impl FileCache {
                 }
                 if st.pages.get(p as usize) == Some(&PageState::Clean)
                     && !writable.iter().any(|&(s, e)| s <= p && p < e)
+                    && !st.pinned.contains_key(&p)
                     && seen.insert(p)
                 {
                     v.push(p);
@@ -1014,6 +1044,9 @@ impl FileCache {
             v.sort_unstable();
             v
         };
+        if victims.is_empty() {
+            return 0;
+        }
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for p in victims {
             match runs.last_mut() {
@@ -1026,10 +1059,20 @@ impl FileCache {
             st: lock(&self.st),
             _serial: serial,
         };
+        // Mappings may have become writable since the victims were chosen: skip their pages
+        // (and pinned ones).
+        let writable: Vec<(u64, u64)> = st
+            .mappings
+            .iter()
+            .filter(|m| m.writable)
+            .map(|m| (m.pgoff, m.pgoff + m.range.pages() as u64))
+            .collect();
         let mut n = 0;
         for (s, e) in runs {
             for p in s..e {
                 if st.pages.get(p as usize) == Some(&PageState::Clean)
+                    && !writable.iter().any(|&(a, b)| a <= p && p < b)
+                    && !st.pinned.contains_key(&p)
                     && self.memfd.punch(p * PAGE, PAGE).is_ok()
                 {
                     self.set_state(&mut st, p, PageState::Uncached);
@@ -1042,12 +1085,25 @@ impl FileCache {
     }
 
     /// Grows the cached size to `end` (a write past the end): new pages read as zeros.
+    /// Before the file grows to `end`: the bytes of the old partial last page past the old end
+    /// (a store through a shared mapping may have put data there) must read as zeros.
+    fn zero_old_tail(&self, st: &CacheState, end: u64) -> Result<()> {
+        let old = st.size;
+        if end <= old || old.is_multiple_of(PAGE) || st.pages.last() == Some(&PageState::Uncached) {
+            return Ok(());
+        }
+        let stop = (old.div_ceil(PAGE) * PAGE).min(end);
+        self.memfd
+            .write_at(old, &vec![0u8; (stop - old) as usize])
+            .map_err(os("zero past the old end"))
+    }
+
     fn grow(&self, st: &mut CacheState, end: u64) -> Result<()> {
         if end <= st.size {
             return Ok(());
         }
+        self.zero_old_tail(st, end)?;
         self.memfd.set_len(end).map_err(os("grow the cache"))?;
-        // The old partial last page is cached already or reads its zero tail from the file.
         st.size = end;
         let n = pages_for(end);
         st.pages.resize(n, PageState::Uncached);
@@ -1197,6 +1253,7 @@ impl FileHandle {
                     .map_err(os("zero the tail"))?;
             }
         }
+        c.zero_old_tail(&st, len)?;
         c.memfd.set_len(len).map_err(os("size the cache"))?;
         st.pages.resize(keep, PageState::Uncached);
         st.size = len;

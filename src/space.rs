@@ -242,6 +242,9 @@ pub(crate) struct FileMap {
     pub(crate) shared: bool,
     /// Stores are intercepted (synchronous write-protect): see `FileMapOptions`.
     pub(crate) sync: bool,
+    /// Registered for asynchronous write tracking (writable when mapped, or made writable
+    /// since): protecting it again would clear stores not yet scanned.
+    pub(crate) tracking: bool,
 }
 
 /// Options of a file mapping (see [`Space::map_file_with`]).
@@ -366,7 +369,9 @@ pub struct SpaceStats {
 pub struct SpaceCore {
     pub(crate) id: u16,
     pid: i32,
-    pub(crate) mm: Box<dyn Mm>,
+    /// The kernel side (shared with the page caches of files mapped here, which scan and
+    /// protect file mappings without holding this space).
+    pub(crate) mm: std::sync::Arc<dyn Mm>,
     pub(crate) state: Mutex<SpaceState>,
     pub(crate) inv_seq: AtomicU64,
     pub(crate) counters: Counters,
@@ -473,7 +478,7 @@ impl Space {
     pub fn with_config(cfg: SpaceConfig) -> Result<Space> {
         let mm = KernelMm::new(round_up(cfg.size)?, cfg.user_mode_only)
             .map_err(|e| Error::os("reserve address space", e))?;
-        let core = Self::make_core(Box::new(mm), cfg.stash)?;
+        let core = Self::make_core(std::sync::Arc::new(mm), cfg.stash)?;
         let r = core.mm.reservation();
         let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
         let reg = sys::register_fault_range(r.start.get(), r.end.get(), target)
@@ -488,11 +493,11 @@ impl Space {
     /// through [`Space::cpu_read`]/[`Space::cpu_write`] and fault into the core directly. Used
     /// for schedule exploration and model-based tests.
     pub fn new_model(size: usize) -> Result<Space> {
-        let core = Self::make_core(Box::new(ModelMm::new(round_up(size)?)), 8 << 20)?;
+        let core = Self::make_core(std::sync::Arc::new(ModelMm::new(round_up(size)?)), 8 << 20)?;
         Ok(Space { core, _reg: None })
     }
 
-    fn make_core(mm: Box<dyn Mm>, stash: usize) -> Result<Arc<SpaceCore>> {
+    fn make_core(mm: std::sync::Arc<dyn Mm>, stash: usize) -> Result<Arc<SpaceCore>> {
         let bounce = Region::new(LARGE_PAGE_SIZE, PAGE_SIZE, Prot::ReadWrite)
             .map_err(|e| Error::os("mmap bounce buffer", e))?;
         let zero = Region::new(LARGE_PAGE_SIZE, PAGE_SIZE, Prot::Read)
@@ -673,6 +678,7 @@ impl Space {
             };
             mapped.map_err(|e| Error::os("map file", e))?;
             cache.attach(MapRec {
+                mm: std::sync::Arc::downgrade(&self.core.mm),
                 space: Arc::downgrade(&self.core),
                 space_id: self.core.id,
                 range: r,
@@ -708,6 +714,7 @@ impl Space {
                     pgoff,
                     shared,
                     sync,
+                    tracking: shared && !sync && prot.writable(),
                 }),
             },
         );
@@ -755,8 +762,9 @@ impl Space {
                 .values()
                 .filter(|v| {
                     r.overlaps(&v.range)
-                        && !v.prot.writable()
-                        && v.file.as_ref().is_some_and(|f| f.shared && !f.sync)
+                        && v.file
+                            .as_ref()
+                            .is_some_and(|f| f.shared && !f.sync && !f.tracking)
                 })
                 .map(|v| VaRange {
                     start: v.range.start.max(r.start),
@@ -783,7 +791,14 @@ impl Space {
             .mm
             .protect(r, prot)
             .map_err(|e| Error::os("mprotect", e))?;
-        self.core.for_each_vma_in(&mut st, r, |v| v.prot = prot);
+        self.core.for_each_vma_in(&mut st, r, |v| {
+            v.prot = prot;
+            if let Some(f) = v.file.as_mut().filter(|f| f.shared && !f.sync)
+                && prot.writable()
+            {
+                f.tracking = true;
+            }
+        });
         Ok(())
     }
 
@@ -824,6 +839,9 @@ impl Space {
             })
             .collect();
         for (cache, range, _, _) in &files {
+            // Stop stores first (as after munmap they get SIGSEGV; their written marks
+            // survive), so that none lands between the scan and the unmap.
+            let _ = self.core.mm.protect(*range, Prot::None);
             cache.detach(&self.core, self.core.id, *range);
         }
         // Then the kernel side (holes in the range are already PROT_NONE and unregistered, so
@@ -831,6 +849,7 @@ impl Space {
         if let Err(e) = self.core.mm.unmap(r) {
             for (cache, range, pgoff, sync) in files {
                 cache.attach(MapRec {
+                    mm: std::sync::Arc::downgrade(&self.core.mm),
                     space: Arc::downgrade(&self.core),
                     space_id: self.core.id,
                     range,
@@ -1067,6 +1086,10 @@ impl Space {
             let a = r.start.add(p * PAGE_SIZE);
             let pte = st.pte(a).expect("covered");
             st.set_pte(a, pte.with_pin(long_term, 1).expect("checked above"));
+            // A pinned page of a shared file mapping lives in the file's cache: never evicted.
+            if let Some((cache, page)) = st.file_page(a) {
+                cache.pin_page(page, 1);
+            }
         }
         let mut pieces = Vec::new();
         let mut a = r.start;
@@ -1107,6 +1130,9 @@ impl Drop for Pin {
                 let i = v.idx(a);
                 if let Some(np) = v.ptes[i].with_pin(self.long_term, -1) {
                     v.ptes[i] = np;
+                    if let Some((cache, page)) = st.file_page(a) {
+                        cache.pin_page(page, -1);
+                    }
                 }
             }
         }

@@ -1,0 +1,232 @@
+//! Regression tests for bugs found in review of file-backed memory (each test fails on the bug it names).
+
+mod common;
+use common::*;
+use hetmem::cache::*;
+use hetmem::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, content: &[u8]) -> TempFile {
+        let p = std::env::temp_dir().join(format!("hetmem-r3-{name}-{}", std::process::id()));
+        std::fs::write(&p, content).unwrap();
+        TempFile(p)
+    }
+    fn disk(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Every thread's stack (gdb, where installed), to show where a hang waits.
+fn dump_stacks() {
+    let pid = std::process::id().to_string();
+    if let Ok(out) = std::process::Command::new("gdb")
+        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 30"])
+        .output()
+    {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+fn small_space() -> Space {
+    Space::with_config(SpaceConfig {
+        size: 1 << 30,
+        stash: 2 << 20,
+        ..SpaceConfig::default()
+    })
+    .unwrap()
+}
+
+/// protect(RW) of a shared file mapping that was writable before (RW -> RO -> RW) registers
+/// write tracking again and write-protects the whole range: the "written" bit of a page stored
+/// to before is cleared without a scan, so fsync never writes that store back.
+#[test]
+fn store_before_protect_ro_rw_cycle_reaches_the_file() {
+    let _w = watchdog("r3_protect_cycle", 30);
+    let f = TempFile::new("protect", &vec![0u8; 4 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space
+        .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, true)
+        .unwrap();
+    hetmem::sys::probe_store_u32(a.get() + PAGE, 0xDEAD_BEEF);
+    space.protect(a, 4 * PAGE, Prot::Read).unwrap();
+    space.protect(a, 4 * PAGE, Prot::ReadWrite).unwrap();
+    h.fsync().unwrap();
+    assert_eq!(
+        &f.disk()[PAGE..PAGE + 4],
+        &0xDEAD_BEEFu32.to_ne_bytes(),
+        "a CPU store made before protect(RO)+protect(RW) was lost by fsync"
+    );
+}
+
+/// collect_written upgrades each mapping's Weak<SpaceCore> while holding the cache lock; if the
+/// Space is dropped meanwhile, that temporary Arc is the last one and SpaceCore::drop runs in
+/// the fsync/writeback thread, under the cache lock: it takes the space lock (1 under 1.5) and
+/// then detach() takes the cache lock again: self-deadlock.
+#[test]
+fn dropping_a_space_during_writeback_does_not_deadlock() {
+    let f = TempFile::new("dropdl", &vec![0u8; 16 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = Arc::new(cache.handle());
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let wb = {
+        let cache = cache.clone();
+        let stop = stop.clone();
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                cache.writeback_round();
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mapper = {
+        let h = h.clone();
+        let stop = stop.clone();
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && i < 3000 {
+                let space = small_space();
+                let a = space
+                    .map_file(&h, 0, 16 * PAGE, Prot::ReadWrite, true)
+                    .unwrap();
+                hetmem::sys::probe_store_u32(a.get(), i as u32);
+                drop(space);
+                progress.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    let mut last = 0;
+    let mut last_change = std::time::Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if mapper.is_finished() {
+            break;
+        }
+        let p = progress.load(Ordering::Relaxed);
+        if p != last {
+            last = p;
+            last_change = std::time::Instant::now();
+        } else if last_change.elapsed() > std::time::Duration::from_secs(3) {
+            dump_stacks();
+            panic!(
+                "no progress for 3 s after {:?}: writeback thread and Space drop deadlocked",
+                start.elapsed()
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    wb.join().unwrap();
+}
+
+/// A store through a shared mapping past the end of file, inside the last (partial) page, is
+/// allowed (as with the kernel's mmap) and must never become file data. Extending the file
+/// (set_len up) keeps that page's cached tail as it is: the stored bytes become part of the
+/// file (read_at sees them; fsync writes them to disk) where an extension must read zeros.
+#[test]
+fn extending_the_file_does_not_expose_stores_past_the_old_end() {
+    let _w = watchdog("r3_extend_tail", 30);
+    let f = TempFile::new("tail", &vec![7u8; 6000]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space
+        .map_file(&h, 0, 2 * PAGE, Prot::ReadWrite, true)
+        .unwrap();
+    // Past the end of file (6000) but inside the last page: no SIGBUS, the bytes are not file data.
+    hetmem::sys::probe_store_u32(a.get() + 6100, 0x5555_5555);
+    h.set_len(2 * PAGE as u64).unwrap();
+    let mut b = [0u8; 4];
+    h.read_at(6100, &mut b).unwrap();
+    h.fsync().unwrap();
+    let disk = f.disk();
+    assert_eq!(
+        (b, &disk[6100..6104]),
+        ([0u8; 4], &[0u8; 4][..]),
+        "bytes the file never held (stored past the old end) appear after extending it"
+    );
+}
+
+/// A pinned page must stay present (the pin is get_user_pages); shrink_to_budget evicts clean
+/// pages of read-only shared mappings without looking at pins (a shared file mapping's entries
+/// carry the pin counts but the cache never sees them): the pinned pages are punched out.
+#[test]
+fn shrink_to_budget_does_not_evict_pinned_pages() {
+    let _w = watchdog("r3_pin_evict", 30);
+    const N: usize = 16;
+    let f = TempFile::new("pin", &vec![3u8; N * PAGE]);
+    let cache = FileCache::open(
+        &f.0,
+        true,
+        CacheConfig {
+            budget: 4 * PAGE,
+            dirty_bound: 64 << 20,
+        },
+    )
+    .unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    let pin = space.pin(a, N * PAGE, false).unwrap();
+    cache.shrink_to_budget();
+    let evicted = cache.stats().pages_evicted;
+    let cached = cache.cached_bytes();
+    drop(pin);
+    assert_eq!(
+        (evicted, cached),
+        (0, N * PAGE),
+        "pages pinned through a read-only shared file mapping were evicted"
+    );
+}
+
+/// A mapping that intercepts stores (synchronous write-protect) relies on every clean page
+/// being write-protected. A dirty page is unprotected; hole punch (also truncate, direct
+/// write) zaps it from the memfd, and an unprotected entry leaves no uffd-wp marker behind: the
+/// page refilled by the next read maps without protection, so the next store goes through with
+/// no fault, the page stays Clean, and fsync never writes it.
+#[test]
+fn intercepted_stores_after_a_punch_of_a_dirty_page_reach_the_file() {
+    let _w = watchdog("r3_sync_punch", 30);
+    let f = TempFile::new("syncpunch", &vec![1u8; 4 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space
+        .map_file_with(
+            &h,
+            0,
+            4 * PAGE,
+            FileMapOptions {
+                prot: Prot::ReadWrite,
+                shared: true,
+                intercept_stores: true,
+            },
+        )
+        .unwrap();
+    hetmem::sys::probe_store_u32(a.get() + PAGE, 0x1111_1111);
+    h.punch_hole(PAGE as u64, PAGE as u64).unwrap();
+    assert_eq!(hetmem::sys::probe_load_u32(a.get() + PAGE), 0);
+    hetmem::sys::probe_store_u32(a.get() + PAGE, 0x2222_2222);
+    h.fsync().unwrap();
+    assert_eq!(
+        &f.disk()[PAGE..PAGE + 4],
+        &0x2222_2222u32.to_ne_bytes(),
+        "a store after punch + refill was never seen (page left unprotected, never dirtied)"
+    );
+}
