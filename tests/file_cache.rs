@@ -5,27 +5,7 @@
 mod common;
 use common::*;
 use hetmem::cache::*;
-use std::path::PathBuf;
 use std::sync::Arc;
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, content: &[u8]) -> TempFile {
-        let p = std::env::temp_dir().join(format!("hetmem-{name}-{}", std::process::id()));
-        std::fs::write(&p, content).unwrap();
-        TempFile(p)
-    }
-    fn disk(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn small() -> CacheConfig {
     CacheConfig {

@@ -6,32 +6,12 @@ mod common;
 use common::*;
 use hetmem::cache::*;
 use hetmem::*;
-use std::path::PathBuf;
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, content: &[u8]) -> TempFile {
-        let p = std::env::temp_dir().join(format!("hetmem-map-{name}-{}", std::process::id()));
-        std::fs::write(&p, content).unwrap();
-        TempFile(p)
-    }
-    fn disk(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 #[test]
 fn cpu_stores_through_a_shared_mapping_reach_the_file_on_fsync() {
     let _w = watchdog("file_map_fsync", 30);
     let content = pattern(8 * PAGE, |i| i);
-    let f = TempFile::new("fsync", &content);
+    let f = TempFile::new("map-fsync", &content);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -67,7 +47,7 @@ fn cpu_stores_through_a_shared_mapping_reach_the_file_on_fsync() {
 #[test]
 fn mappings_and_read_write_at_share_the_cache() {
     let _w = watchdog("file_map_share", 30);
-    let f = TempFile::new("share", &vec![1u8; 4 * PAGE]);
+    let f = TempFile::new("map-share", &vec![1u8; 4 * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -123,7 +103,7 @@ fn mappings_and_read_write_at_share_the_cache() {
 #[test]
 fn private_mappings_copy_on_write() {
     let _w = watchdog("file_map_private", 30);
-    let f = TempFile::new("private", &vec![3u8; 2 * PAGE]);
+    let f = TempFile::new("map-private", &vec![3u8; 2 * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -154,7 +134,7 @@ fn private_mappings_copy_on_write() {
 fn migrate_file_private() {
     let _w = watchdog("file_map_migrate_private", 30);
     let n = 16;
-    let f = TempFile::new("migrate-private", &vec![7u8; n * PAGE]);
+    let f = TempFile::new("map-migrate-private", &vec![7u8; n * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -191,7 +171,7 @@ fn migrate_file_private() {
 fn a_device_mirrors_file_pages() {
     let _w = watchdog("file_map_device", 30);
     let n = 16;
-    let f = TempFile::new("device", &pattern(n * PAGE, |i| i));
+    let f = TempFile::new("map-device", &pattern(n * PAGE, |i| i));
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -332,7 +312,7 @@ fn past_the_end_of_file_is_sigbus() {
 #[test]
 fn msync_writes_back_the_range() {
     let _w = watchdog("file_map_msync", 30);
-    let f = TempFile::new("msync", &vec![0u8; 4 * PAGE]);
+    let f = TempFile::new("map-msync", &vec![0u8; 4 * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -360,7 +340,7 @@ fn writers_through_mappings_and_write_at_with_background_writeback() {
     let _w = watchdog("file_map_concurrent", 60);
     const PAGES: usize = 24;
     const ROUNDS: u32 = 200;
-    let f = TempFile::new("concurrent", &vec![0u8; PAGES * PAGE]);
+    let f = TempFile::new("map-concurrent", &vec![0u8; PAGES * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -409,7 +389,7 @@ fn writers_through_mappings_and_write_at_with_background_writeback() {
 #[test]
 fn a_read_only_mapping_made_writable_tracks_stores() {
     let _w = watchdog("file_map_protect_rw", 30);
-    let f = TempFile::new("protect", &vec![2u8; 2 * PAGE]);
+    let f = TempFile::new("map-protect", &vec![2u8; 2 * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
@@ -429,7 +409,7 @@ fn mapped_pages_are_evicted_under_the_budget() {
     let _w = watchdog("file_map_evict", 60);
     let n = 64;
     let content = pattern(n * PAGE, |i| i ^ 0x77);
-    let f = TempFile::new("evict", &content);
+    let f = TempFile::new("map-evict", &content);
     let budget = 8 * PAGE;
     let cache = FileCache::open(
         &f.0,
@@ -481,7 +461,7 @@ fn mapped_pages_are_evicted_under_the_budget() {
 fn intercepted_stores_respect_the_dirty_bound() {
     let _w = watchdog("file_map_intercept", 30);
     let n = 12;
-    let f = TempFile::new("intercept", &vec![0u8; n * PAGE]);
+    let f = TempFile::new("map-intercept", &vec![0u8; n * PAGE]);
     let bound = 4 * PAGE;
     let cache = FileCache::open(
         &f.0,
@@ -567,7 +547,7 @@ fn bound_child() {
 fn intercepted_store_past_a_failing_bound_is_sigbus() {
     use std::os::unix::process::ExitStatusExt;
     let _w = watchdog("file_map_bound_sigbus", 30);
-    let f = TempFile::new("bound", &vec![0u8; 4 * PAGE]);
+    let f = TempFile::new("map-bound", &vec![0u8; 4 * PAGE]);
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "bound_child", "--ignored", "--nocapture"])
         .env("HETMEM_BOUND_FILE", &f.0)

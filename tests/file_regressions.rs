@@ -4,28 +4,8 @@ mod common;
 use common::*;
 use hetmem::cache::*;
 use hetmem::*;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, content: &[u8]) -> TempFile {
-        let p = std::env::temp_dir().join(format!("hetmem-r3-{name}-{}", std::process::id()));
-        std::fs::write(&p, content).unwrap();
-        TempFile(p)
-    }
-    fn disk(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn small_space() -> Space {
     Space::with_config(SpaceConfig {
@@ -42,7 +22,7 @@ fn small_space() -> Space {
 #[test]
 fn store_before_protect_ro_rw_cycle_reaches_the_file() {
     let _w = watchdog("r3_protect_cycle", 30);
-    let f = TempFile::new("protect", &vec![0u8; 4 * PAGE]);
+    let f = TempFile::new("r3-protect", &vec![0u8; 4 * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = small_space();
@@ -67,7 +47,7 @@ fn store_before_protect_ro_rw_cycle_reaches_the_file() {
 #[test]
 fn dropping_a_space_during_writeback_does_not_deadlock() {
     let _w = watchdog("r3_drop_during_writeback", 60);
-    let f = TempFile::new("dropdl", &vec![0u8; 16 * PAGE]);
+    let f = TempFile::new("r3-dropdl", &vec![0u8; 16 * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = Arc::new(cache.handle());
     let stop = Arc::new(AtomicBool::new(false));
@@ -114,7 +94,7 @@ fn dropping_a_space_during_writeback_does_not_deadlock() {
 #[test]
 fn extending_the_file_does_not_expose_stores_past_the_old_end() {
     let _w = watchdog("r3_extend_tail", 30);
-    let f = TempFile::new("tail", &vec![7u8; 6000]);
+    let f = TempFile::new("r3-tail", &vec![7u8; 6000]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = small_space();
@@ -142,7 +122,7 @@ fn extending_the_file_does_not_expose_stores_past_the_old_end() {
 fn shrink_to_budget_does_not_evict_pinned_pages() {
     let _w = watchdog("r3_pin_evict", 30);
     const N: usize = 16;
-    let f = TempFile::new("pin", &vec![3u8; N * PAGE]);
+    let f = TempFile::new("r3-pin", &vec![3u8; N * PAGE]);
     let cache = FileCache::open(
         &f.0,
         true,
@@ -175,7 +155,7 @@ fn shrink_to_budget_does_not_evict_pinned_pages() {
 #[test]
 fn intercepted_stores_after_a_punch_of_a_dirty_page_reach_the_file() {
     let _w = watchdog("r3_sync_punch", 30);
-    let f = TempFile::new("syncpunch", &vec![1u8; 4 * PAGE]);
+    let f = TempFile::new("r3-syncpunch", &vec![1u8; 4 * PAGE]);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = small_space();

@@ -95,3 +95,25 @@ pub fn ints(b: &[u8]) -> Vec<u32> {
         .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+/// A file in the temp directory, removed when dropped.
+pub struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    /// Creates `hetmem-<name>-<pid>` with `content`.
+    pub fn new(name: &str, content: &[u8]) -> TempFile {
+        let p = std::env::temp_dir().join(format!("hetmem-{name}-{}", std::process::id()));
+        std::fs::write(&p, content).unwrap();
+        TempFile(p)
+    }
+    /// The file's bytes on disk (read independently of any cache).
+    pub fn disk(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
