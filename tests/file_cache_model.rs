@@ -44,13 +44,15 @@
 mod common;
 use common::*;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use hetmem::Prot;
 use hetmem::cache::{
     CacheConfig, FaultPlan, FaultyBackend, FileBackend, FileCache, FileHandle, StdFile,
 };
+use hetmem::space::{FileMapOptions, Space};
+use hetmem::sys::{probe_load_u32, probe_store_u32};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
@@ -61,6 +63,9 @@ const WINDOW: usize = 16;
 const BUDGET_PAGES: usize = 8;
 const DIRTY_PAGES: usize = 6;
 const MAX_IO: usize = 3 * PAGE;
+/// Length of the shared mapping of the file (from offset 0): the window and the pages the file
+/// grows past it.
+const MAP_LEN: usize = (WINDOW + 4) * PAGE;
 /// In sparse cases, the whole file is read every this many operations.
 const SPARSE: usize = 8;
 
@@ -116,6 +121,19 @@ enum Op {
     /// Replaces handle 1 by a new handle (which has seen nothing yet).
     NewHandle,
     Fault(Fault),
+    /// Stores `words` words through the shared mapping at `off` (word-aligned; clipped to the
+    /// end of file), after clearing the fault plan.
+    MapStore {
+        off: usize,
+        words: usize,
+        seed: u32,
+    },
+    /// Loads `words` words through the shared mapping at `off` (clipped to the end of file),
+    /// after clearing the fault plan.
+    MapLoad {
+        off: usize,
+        words: usize,
+    },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -150,6 +168,10 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(h, off, len, seed)| Op::DirectWrite { h, off, len, seed }),
         1 => Just(Op::NewHandle),
         3 => fault.prop_map(Op::Fault),
+        5 => (0..MAP_LEN / 4, 1..=MAX_IO / 4, any::<u32>())
+            .prop_map(|(w, words, seed)| Op::MapStore { off: w * 4, words, seed }),
+        3 => (0..MAP_LEN / 4, 1..=MAX_IO / 4)
+            .prop_map(|(w, words)| Op::MapLoad { off: w * 4, words }),
     ]
 }
 
@@ -280,21 +302,12 @@ impl FileBackend for Observer {
     }
 }
 
-/// How often each error path was taken, over all cases: fsync Ok, fsync Err, write refused,
-/// direct I/O failed.
-static COUNTS: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+/// How often each path was taken, over all cases: fsync Ok, fsync Err, write refused, direct
+/// I/O failed, bytes stored through the mapping.
+static COUNTS: [AtomicUsize; 5] = [const { AtomicUsize::new(0) }; 5];
 
 fn count(i: usize) {
     COUNTS[i].fetch_add(1, Ordering::Relaxed);
-}
-
-/// Removes the file when dropped (also when a case fails).
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn temp_file(initial: &[u8]) -> TempFile {
@@ -344,6 +357,11 @@ struct World {
     /// Cached bytes after the last call.
     cached_before: usize,
     evicted: u64,
+    /// A shared read-write mapping of the first `MAP_LEN` bytes of the file, intercepting stores
+    /// (so that the budget and the dirty bound hold for its pages too).
+    /// In half of the cases: the space and the mapping's address (map operations are no-ops in
+    /// the other half, where the cache's own eviction is checked alone).
+    map: Option<(Space, usize)>,
 }
 
 const BUDGET: usize = BUDGET_PAGES * PAGE;
@@ -358,7 +376,7 @@ macro_rules! ensure {
 }
 
 impl World {
-    fn new(initial: &[u8], sparse: bool) -> World {
+    fn new(initial: &[u8], sparse: bool, mapped: bool) -> World {
         let file = temp_file(initial);
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -376,7 +394,18 @@ impl World {
         };
         let cache = FileCache::with_backend(Box::new(obs.clone()), true, cfg).unwrap();
         let h = [cache.handle(), cache.handle()];
+        let map = mapped.then(|| {
+            let space = Space::new().unwrap();
+            let opts = FileMapOptions {
+                prot: Prot::ReadWrite,
+                shared: true,
+                intercept_stores: true,
+            };
+            let a = space.map_file_with(&h[0], 0, MAP_LEN, opts).unwrap().get();
+            (space, a)
+        });
         World {
+            map,
             file,
             faulty,
             obs,
@@ -420,7 +449,13 @@ impl World {
             dirty <= DIRTY,
             "{what}: {dirty} dirty bytes over the bound {DIRTY}"
         );
-        let cached = self.cache.cached_bytes();
+        let mut cached = self.cache.cached_bytes();
+        if evicts && failures.is_empty() && cached > BUDGET && self.map.is_some() {
+            // The eviction inside `read_at`/`write_at` leaves mapped pages alone; the
+            // background evictor brings them within the budget: do its work now.
+            self.cache.shrink_to_budget();
+            cached = self.cache.cached_bytes();
+        }
         if evicts && failures.is_empty() {
             ensure!(
                 cached <= BUDGET,
@@ -636,9 +671,66 @@ impl World {
                 };
                 self.faulty.plan(p);
             }
+            Op::MapStore { off, words, seed } => {
+                // With no fault planned, neither the fill of a page nor the writeback that an
+                // intercepted store may need fails: no access gets SIGBUS.
+                self.faulty.plan(FaultPlan::default());
+                let n = self.words_in_file(off, words);
+                if let Some((_, map)) = self.map
+                    && n > 0
+                {
+                    let d = data(seed, 4 * n);
+                    for (i, w) in d.chunks_exact(4).enumerate() {
+                        let v = u32::from_le_bytes(w.try_into().unwrap());
+                        probe_store_u32(map + off + 4 * i, v);
+                    }
+                    self.m.write(off, &d);
+                    COUNTS[4].fetch_add(d.len(), Ordering::Relaxed);
+                }
+                self.check_mapped(what)?;
+            }
+            Op::MapLoad { off, words } => {
+                self.faulty.plan(FaultPlan::default());
+                let n = self.words_in_file(off, words);
+                let map = self.map.as_ref().map_or(0, |m| m.1);
+                for i in (0..n).filter(|_| map != 0) {
+                    let a = off + 4 * i;
+                    let v = probe_load_u32(map + a);
+                    let m = u32::from_le_bytes(self.m.bytes[a..a + 4].try_into().unwrap());
+                    ensure!(
+                        v == m,
+                        "{what}: load through the mapping at {a}: {v:#010x}, model {m:#010x}"
+                    );
+                }
+                self.check_mapped(what)?;
+            }
         }
         let window = window(op);
         self.check(what, window)
+    }
+
+    /// How many of `words` words from `off` lie inside the file and the mapping.
+    fn words_in_file(&self, off: usize, words: usize) -> usize {
+        let limit = self.m.bytes.len().min(MAP_LEN);
+        (limit.saturating_sub(off) / 4).min(words)
+    }
+
+    /// After an access through the mapping (with no fault planned): no failure, the dirty bound
+    /// holds (stores are intercepted). Faults fill pages and the evictor runs in the background,
+    /// so the budget is checked by the next `read_at`/`write_at`.
+    fn check_mapped(&mut self, what: &str) -> Result<(), TestCaseError> {
+        let f = self.account();
+        ensure!(
+            f.is_empty(),
+            "{what}: failures with no fault planned: {f:?}"
+        );
+        let dirty = self.cache.dirty_bytes();
+        ensure!(
+            dirty <= DIRTY,
+            "{what}: {dirty} dirty bytes over the bound {DIRTY}"
+        );
+        self.cached_before = self.cache.cached_bytes();
+        Ok(())
     }
 
     /// The whole file through `read_at` (chunks of varying size, alternating handles), and both
@@ -718,7 +810,14 @@ impl World {
         self.fsync(0, false, "final fsync 0")?;
         self.fsync(1, false, "final fsync 1")?;
         let evicted = self.evicted;
-        let World { file, cache, h, .. } = self;
+        let World {
+            file,
+            cache,
+            h,
+            map,
+            ..
+        } = self;
+        drop(map);
         drop(h);
         drop(cache);
         let cfg = CacheConfig {
@@ -758,12 +857,15 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         | Op::DirectWrite { off, len, .. } => Some((off, off + len)),
         Op::SetLen { len } => Some((len, len)),
         Op::Punch { page, pages } => Some((page * PAGE, (page + pages) * PAGE)),
+        Op::MapStore { off, words, .. } | Op::MapLoad { off, words } => {
+            Some((off, off + 4 * words))
+        }
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
 }
 
-fn run_case(initial: &[u8], sparse: bool, ops: &[Op]) -> Result<u64, TestCaseError> {
-    let mut w = World::new(initial, sparse);
+fn run_case(initial: &[u8], sparse: bool, mapped: bool, ops: &[Op]) -> Result<u64, TestCaseError> {
+    let mut w = World::new(initial, sparse, mapped);
     w.check("initial", Some((0, initial.len())))?;
     for (i, op) in ops.iter().enumerate() {
         at(format!("op {i}: {op:?}"));
@@ -806,14 +908,15 @@ fn random_file_operations_match_the_model() {
     let strategy = (
         initial,
         any::<bool>(),
+        any::<bool>(),
         proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
     );
     let evicted = AtomicUsize::new(0);
     let ops = AtomicUsize::new(0);
     let t0 = std::time::Instant::now();
-    let r = runner.run(&strategy, |(initial, sparse, v)| {
+    let r = runner.run(&strategy, |(initial, sparse, mapped, v)| {
         ops.fetch_add(v.len(), Ordering::Relaxed);
-        let e = run_case(&initial, sparse, &v)?;
+        let e = run_case(&initial, sparse, mapped, &v)?;
         evicted.fetch_add(e as usize, Ordering::Relaxed);
         Ok(())
     });
@@ -823,11 +926,12 @@ fn random_file_operations_match_the_model() {
     let (ops, evicted) = (ops.load(Ordering::Relaxed), evicted.load(Ordering::Relaxed));
     let c = COUNTS.each_ref().map(|c| c.load(Ordering::Relaxed));
     eprintln!(
-        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {:?}",
+        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {:?}",
         c[0],
         c[1],
         c[2],
         c[3],
+        c[4],
         t0.elapsed()
     );
     assert!(
@@ -835,7 +939,7 @@ fn random_file_operations_match_the_model() {
         "the budget never evicted a page: the test does not exercise eviction"
     );
     assert!(
-        c[1] > 0 && c[2] > 0 && c[3] > 0,
+        c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0,
         "an error path was never taken: {c:?}"
     );
 }
