@@ -41,7 +41,7 @@ use std::path::Path;
 
 use crate::addr::PAGE_SIZE;
 use crate::error::{Error, Result};
-use crate::sync::{Arc, AtomicU64, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicU32, AtomicU64, Mutex, Ordering, lock};
 use crate::sys::Memfd;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -347,6 +347,10 @@ pub struct FileCache {
     me: crate::sync::Weak<FileCache>,
     /// Wakes the background evictor (started with the first mapping).
     evictor: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Fault injection ([`FileCache::fail_next_staging`]): staging writes left to fail, and
+    /// with which errno.
+    stage_fail: AtomicU32,
+    stage_errno: AtomicU32,
 }
 
 /// A running background writer (see [`FileCache::start_background_writeback`]); dropping it
@@ -411,6 +415,8 @@ impl FileCache {
         Ok(Arc::new_cyclic(|me| FileCache {
             me: me.clone(),
             evictor: Mutex::new(None),
+            stage_fail: AtomicU32::new(0),
+            stage_errno: AtomicU32::new(0),
             backend,
             memfd,
             writable,
@@ -447,6 +453,37 @@ impl FileCache {
     /// The counters.
     pub fn stats(&self) -> CacheStats {
         lock(&self.st).stats
+    }
+
+    /// Fault injection at the staging memory's growth: the next `n` writes into the memfd that
+    /// allocate its pages (a fill from the file, for `read_at`, a CPU fault or a private
+    /// mapping; the data of a `write_at`) fail with `errno` before writing anything, as when
+    /// memory runs out (`ENOMEM`, or `ENOSPC` from the memfd). The caller gets the error: a
+    /// `read_at` or `write_at` returns it with nothing changed, a CPU access gets SIGBUS (the
+    /// page is poisoned in that mapping until it is filled again). It is no writeback error:
+    /// `fsync` does not report it.
+    pub fn fail_next_staging(&self, n: u32, errno: i32) {
+        self.stage_errno.store(errno as u32, Ordering::SeqCst);
+        self.stage_fail.store(n, Ordering::SeqCst);
+    }
+
+    /// Staging faults planned by [`FileCache::fail_next_staging`] that have not fired yet.
+    pub fn staging_faults_pending(&self) -> u32 {
+        self.stage_fail.load(Ordering::SeqCst)
+    }
+
+    /// A write into the memfd that may allocate: fails if a staging fault is planned.
+    fn stage(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        if self
+            .stage_fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(io::Error::from_raw_os_error(
+                self.stage_errno.load(Ordering::SeqCst) as i32,
+            ));
+        }
+        self.memfd.write_at(off, data)
     }
 
     /// Bytes of the file held in memory.
@@ -534,9 +571,7 @@ impl FileCache {
                     Err(e) => return Err(Error::os("read file", e)),
                 }
             }
-            self.memfd
-                .write_at(s * PAGE, &buf)
-                .map_err(os("fill the cache"))?;
+            self.stage(s * PAGE, &buf).map_err(os("fill the cache"))?;
             for q in s..p {
                 self.set_state(st, q, PageState::Clean);
             }
@@ -1185,8 +1220,18 @@ impl FileHandle {
                 c.fill(&mut st, p, p + 1)?;
             }
         }
+        let (old_size, old_pages) = (st.size, st.pages.len());
         c.grow(&mut st, end)?;
-        c.memfd.write_at(off, data).map_err(os("write the cache"))?;
+        if let Err(e) = c.stage(off, data) {
+            // Nothing was written (a failed allocation): undo the growth, so that the failed
+            // write changed nothing. (The bytes past the old end were zeroed; they stay past it.)
+            if st.size != old_size {
+                let _ = c.memfd.set_len(old_size);
+                st.size = old_size;
+                st.pages.truncate(old_pages);
+            }
+            return Err(Error::os("write the cache", e));
+        }
         for p in first..last {
             c.set_state(&mut st, p, PageState::Dirty);
         }

@@ -6,7 +6,12 @@
 //! page-aligned or not), page-aligned `punch_hole`, `fsync`/`fdatasync` on either of two handles,
 //! `direct_read`, `direct_write`, a fresh second handle, and fault-plan changes on a
 //! [`FaultyBackend`] (fail the next one or two writes with EIO or ENOSPC, a short write, a failed
-//! sync, a failed read of the file, no fault).
+//! sync, a failed read of the file, no fault), and staging faults (`FileCache::fail_next_staging`:
+//! the next write into the memfd that allocates fails with ENOMEM or ENOSPC). In half of the
+//! cases the first `MAP_LEN` bytes are also mapped shared and read-write with intercepted stores,
+//! and word stores and loads through the mapping (within the end of file, after clearing the
+//! fault plans: a failed fill there is SIGBUS) are operations too; a load must return the
+//! model's bytes, a store changes the model.
 //!
 //! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
 //! error event happened that the handle has not reported yet (and with which errnos). Which
@@ -22,7 +27,8 @@
 //!   pages, evictions inside an operation);
 //! - a random `read_at`/`direct_read` returns exactly the model's bytes;
 //! - a `write_at` or `direct_write` that fails changed nothing (the next full read proves it), and
-//!   fails only when an injected fault fired during it (a write refused by the dirty bound);
+//!   fails only when an injected fault fired during it (a write refused by the dirty bound, or
+//!   a staging fault, which is no writeback error event);
 //! - `fsync` fails exactly when the handle has an unreported event (each event reported once per
 //!   handle: errseq), with one of those events' errnos; after an `fsync` that returns Ok, the file
 //!   on disk (read with `std::fs::read`, bypassing the cache) equals the model exactly; after one
@@ -30,7 +36,9 @@
 //!   disk then equals the model;
 //! - dirty bytes never exceed the dirty bound; cached bytes are within the budget after every
 //!   `read_at`/`write_at` during which no injected fault fired (those are the calls that evict),
-//!   and no other call adds cached bytes over the budget.
+//!   and no other call adds cached bytes over the budget (with a mapping, the eviction inside
+//!   `read_at`/`write_at` leaves mapped pages to the background evictor: the check runs its
+//!   `shrink_to_budget` first).
 //!
 //! At the end, the file is synced, the cache dropped and the file reopened in a fresh cache: it
 //! reads as the model.
@@ -79,6 +87,9 @@ enum Fault {
     FailSync(i32),
     /// The next read of the file fails with `errno`.
     FailRead(i32),
+    /// The next write into the staging memfd that allocates (a fill, a `write_at`'s data) fails
+    /// with `errno` (`FileCache::fail_next_staging`).
+    FailStaging(i32),
     /// No fault.
     Clear,
 }
@@ -152,7 +163,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         (1u32..=2, errno.clone()).prop_map(|(n, e)| Fault::FailWrites(n, e)),
         Just(Fault::ShortWrite),
         errno.clone().prop_map(Fault::FailSync),
-        errno.prop_map(Fault::FailRead),
+        errno.clone().prop_map(Fault::FailRead),
+        prop_oneof![Just(libc::ENOMEM), Just(libc::ENOSPC)].prop_map(Fault::FailStaging),
         Just(Fault::Clear),
     ];
     prop_oneof![
@@ -303,8 +315,8 @@ impl FileBackend for Observer {
 }
 
 /// How often each path was taken, over all cases: fsync Ok, fsync Err, write refused, direct
-/// I/O failed, bytes stored through the mapping.
-static COUNTS: [AtomicUsize; 5] = [const { AtomicUsize::new(0) }; 5];
+/// I/O failed, bytes stored through the mapping, staging faults fired.
+static COUNTS: [AtomicUsize; 6] = [const { AtomicUsize::new(0) }; 6];
 
 fn count(i: usize) {
     COUNTS[i].fetch_add(1, Ordering::Relaxed);
@@ -357,6 +369,9 @@ struct World {
     /// Cached bytes after the last call.
     cached_before: usize,
     evicted: u64,
+    /// Staging faults pending after the last call, and their errno.
+    stage_pending: u32,
+    stage_errno: i32,
     /// A shared read-write mapping of the first `MAP_LEN` bytes of the file, intercepting stores
     /// (so that the budget and the dirty bound hold for its pages too).
     /// In half of the cases: the space and the mapping's address (map operations are no-ops in
@@ -419,13 +434,26 @@ impl World {
             sparse,
             cached_before: 0,
             evicted: 0,
+            stage_pending: 0,
+            stage_errno: 0,
         }
     }
 
     /// Takes the failures observed during the last call and records the writeback error events
     /// among them for every handle. Returns them.
     fn account(&mut self) -> Vec<Failure> {
-        let f = self.obs.take();
+        let mut f = self.obs.take();
+        let pending = self.cache.staging_faults_pending();
+        if pending < self.stage_pending {
+            // A staging fault fired: returned to the caller, no writeback error event.
+            count(5);
+            f.push(Failure {
+                what: "stage",
+                errno: self.stage_errno,
+                user: true,
+            });
+        }
+        self.stage_pending = pending;
         // A failed read is returned by its call, it is no writeback error.
         for x in f.iter().filter(|x| !x.user && x.what != "read") {
             for u in &mut self.m.unreported {
@@ -548,8 +576,9 @@ impl World {
                     Err(e) => {
                         count(2);
                         ensure!(
-                            f.iter().any(|x| !x.user && x.errno == e.errno()),
-                            "{what}: refused ({e}) without a writeback failure of that errno (failures: {f:?})"
+                            f.iter()
+                                .any(|x| (!x.user || x.what == "stage") && x.errno == e.errno()),
+                            "{what}: refused ({e}) without a writeback or staging failure of that errno (failures: {f:?})"
                         );
                     }
                 }
@@ -563,8 +592,10 @@ impl World {
                     Ok(n) => n,
                     Err(e) => {
                         ensure!(
-                            f.iter().any(|x| x.what == "read" && x.errno == e.errno()),
-                            "{what}: {e} without a failed read of that errno (failures: {f:?})"
+                            f.iter()
+                                .any(|x| (x.what == "read" || x.what == "stage")
+                                    && x.errno == e.errno()),
+                            "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
                         );
                         return self.check(what, window(op));
                     }
@@ -667,7 +698,16 @@ impl World {
                         error,
                         ..FaultPlan::default()
                     },
-                    Fault::Clear => FaultPlan::default(),
+                    Fault::FailStaging(errno) => {
+                        self.cache.fail_next_staging(1, errno);
+                        self.stage_pending = 1;
+                        self.stage_errno = errno;
+                        FaultPlan::default()
+                    }
+                    Fault::Clear => {
+                        self.clear_staging();
+                        FaultPlan::default()
+                    }
                 };
                 self.faulty.plan(p);
             }
@@ -675,6 +715,7 @@ impl World {
                 // With no fault planned, neither the fill of a page nor the writeback that an
                 // intercepted store may need fails: no access gets SIGBUS.
                 self.faulty.plan(FaultPlan::default());
+                self.clear_staging();
                 let n = self.words_in_file(off, words);
                 if let Some((_, map)) = self.map
                     && n > 0
@@ -691,6 +732,7 @@ impl World {
             }
             Op::MapLoad { off, words } => {
                 self.faulty.plan(FaultPlan::default());
+                self.clear_staging();
                 let n = self.words_in_file(off, words);
                 let map = self.map.as_ref().map_or(0, |m| m.1);
                 for i in (0..n).filter(|_| map != 0) {
@@ -707,6 +749,11 @@ impl World {
         }
         let window = window(op);
         self.check(what, window)
+    }
+
+    fn clear_staging(&mut self) {
+        self.cache.fail_next_staging(0, 0);
+        self.stage_pending = 0;
     }
 
     /// How many of `words` words from `off` lie inside the file and the mapping.
@@ -780,12 +827,16 @@ impl World {
             let len = e - s;
             let mut r = self.h[h].read_at(s as u64, &mut buf[..len]);
             let mut f = self.account();
-            // A read fault planned fails one read: the next one succeeds.
-            if r.is_err() && f.iter().any(|x| x.what == "read") {
+            // A read fault and a staging fault planned fail one read each: the third succeeds.
+            for _ in 0..2 {
+                if !(r.is_err() && f.iter().any(|x| x.what == "read" || x.what == "stage")) {
+                    break;
+                }
                 self.check_bounds(&f, true, &format!("{what}: check read at {s}"))?;
                 r = self.h[h].read_at(s as u64, &mut buf[..len]);
                 f = self.account();
             }
+
             self.check_bounds(&f, true, &format!("{what}: check read at {s}"))?;
             let n =
                 r.map_err(|e| TestCaseError::fail(format!("{what}: check read at {s}: {e}")))?;
@@ -807,6 +858,7 @@ impl World {
     /// Syncs both handles (clearing the faults first) and compares a fresh cache of the file.
     fn finish(mut self) -> Result<u64, TestCaseError> {
         self.faulty.plan(FaultPlan::default());
+        self.clear_staging();
         self.fsync(0, false, "final fsync 0")?;
         self.fsync(1, false, "final fsync 1")?;
         let evicted = self.evicted;
@@ -926,12 +978,13 @@ fn random_file_operations_match_the_model() {
     let (ops, evicted) = (ops.load(Ordering::Relaxed), evicted.load(Ordering::Relaxed));
     let c = COUNTS.each_ref().map(|c| c.load(Ordering::Relaxed));
     eprintln!(
-        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {:?}",
+        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {:?}",
         c[0],
         c[1],
         c[2],
         c[3],
         c[4],
+        c[5],
         t0.elapsed()
     );
     assert!(
@@ -939,7 +992,7 @@ fn random_file_operations_match_the_model() {
         "the budget never evicted a page: the test does not exercise eviction"
     );
     assert!(
-        c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0,
+        c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0 && c[5] > 0,
         "an error path was never taken: {c:?}"
     );
 }

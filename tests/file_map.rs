@@ -262,6 +262,15 @@ fn sigbus_child() {
     let cache = FileCache::open(std::path::Path::new(&path), true, CacheConfig::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
+    if std::env::var_os("HETMEM_SIGBUS_STAGING").is_some() {
+        // The staging memory cannot grow: the fill of the faulting page fails.
+        let a = space
+            .map_file(&h, 0, 3 * PAGE, Prot::ReadWrite, true)
+            .unwrap();
+        cache.fail_next_staging(1, libc::ENOMEM);
+        let _ = hetmem::sys::probe_load_u32(a.get() + PAGE);
+        std::process::exit(0); // not reached
+    }
     if std::env::var_os("HETMEM_SIGBUS_PRIVATE").is_some() {
         // A private mapping longer than the file: its last page is past the end.
         let a = space
@@ -307,6 +316,53 @@ fn past_the_end_of_file_is_sigbus() {
         let want = if private { 3 * PAGE } else { PAGE };
         assert_eq!(std::fs::metadata(&f.0).unwrap().len(), want as u64);
     }
+}
+
+/// Memory for the cache's staging copy runs out (fault injection at the memfd's growth): a
+/// `read_at` or `write_at` returns the error and changes nothing, a retry succeeds, `fsync`
+/// reports nothing (it is no writeback error); a CPU access whose fill fails gets SIGBUS.
+#[test]
+fn staging_memory_exhaustion_is_an_error_or_sigbus() {
+    use std::os::unix::process::ExitStatusExt;
+    let _w = watchdog("file_map_staging", 30);
+    let f = TempFile::new("staging", &vec![7u8; 3 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let mut buf = vec![0u8; PAGE];
+    cache.fail_next_staging(1, libc::ENOMEM);
+    let e = h.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOMEM, "{e}");
+    assert_eq!(h.read_at(0, &mut buf).unwrap(), PAGE);
+    assert!(buf.iter().all(|&b| b == 7));
+    // A write that grows the file: refused, the size unchanged.
+    cache.fail_next_staging(1, libc::ENOSPC);
+    let e = h.write_at(3 * PAGE as u64 - 1, &[9u8; 10]).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    assert_eq!(h.len(), 3 * PAGE as u64);
+    assert_eq!(cache.staging_faults_pending(), 0);
+    h.fsync().unwrap();
+    assert_eq!(f.disk(), vec![7u8; 3 * PAGE]);
+    h.write_at(3 * PAGE as u64 - 1, &[9u8; 10]).unwrap();
+    h.fsync().unwrap();
+    let mut want = vec![7u8; 3 * PAGE];
+    want.pop();
+    want.extend([9u8; 10]);
+    assert_eq!(f.disk(), want);
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "sigbus_child", "--ignored", "--nocapture"])
+        .env("HETMEM_SIGBUS_FILE", &f.0)
+        .env("HETMEM_SIGBUS_STAGING", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "child: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(f.disk(), want, "the child's failed fill changed the file");
 }
 
 #[test]
