@@ -254,6 +254,12 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             continue;
         };
         let (readable, writable) = (v.prot.readable(), v.prot.writable());
+        // A shared file mapping that intercepts stores keeps clean pages write-protected and
+        // write-protects them again at writeback, without notifying mirrors: a device write
+        // through it would fault inside the device's copy. Devices get read access only
+        // (a write request is refused, EPERM); see docs/filesystem-contract.md.
+        let intercepts = v.file.as_ref().is_some_and(|f| f.shared && f.sync);
+        let writable = writable && !intercepts;
         if !readable {
             if want_fault {
                 return Err(Error::NoRead { addr: a });

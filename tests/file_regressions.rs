@@ -182,3 +182,40 @@ fn intercepted_stores_after_a_punch_of_a_dirty_page_reach_the_file() {
         "a store after punch + refill was never seen (page left unprotected, never dirtied)"
     );
 }
+
+/// Found by the file-cache model (a device write among random operations): a device write
+/// through a mapping that intercepts stores hit a write-protected page inside the device's copy,
+/// under its page-table lock; the store fault then waited for the space lock, held by the
+/// background evictor waiting for the device's page-table lock. Devices now get read access
+/// only to such mappings: the write is refused (EPERM), reads see the file, nothing hangs.
+#[test]
+fn device_write_through_an_intercepting_mapping_is_refused() {
+    let _w = watchdog("device_write_intercepting", 30);
+    let f = TempFile::new("dev-intercept", &vec![3u8; 4 * PAGE]);
+    let cfg = CacheConfig {
+        budget: 2 * PAGE,
+        dirty_bound: 2 * PAGE,
+    };
+    let cache = FileCache::open(&f.0, true, cfg).unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(1 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let opts = FileMapOptions {
+        prot: Prot::ReadWrite,
+        shared: true,
+        intercept_stores: true,
+    };
+    let a = space.map_file_with(&h, 0, 4 * PAGE, opts).unwrap();
+    let mut buf = vec![0u8; 4 * PAGE];
+    m.read(a.get() as u64, 4, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 3));
+    let e = m.write(a.get() as u64, 1, &[9u8; PAGE]).unwrap_err();
+    assert_eq!(e.errno(), libc::EPERM, "{e}");
+    // The CPU still writes through it, and the device reads what the CPU wrote.
+    hetmem::sys::probe_store_u32(a.get(), 0x0909_0909);
+    m.read(a.get() as u64, 1, &mut buf[..PAGE]).unwrap();
+    assert_eq!(&buf[..4], &[9u8; 4]);
+    h.fsync().unwrap();
+    assert_eq!(&f.disk()[..8], &[9, 9, 9, 9, 3, 3, 3, 3]);
+}
