@@ -8,10 +8,12 @@
 //! [`FaultyBackend`] (fail the next one or two writes with EIO or ENOSPC, a short write, a failed
 //! sync, a failed read of the file, no fault), and staging faults (`FileCache::fail_next_staging`:
 //! the next write into the memfd that allocates fails with ENOMEM or ENOSPC). In half of the
-//! cases the first `MAP_LEN` bytes are also mapped shared and read-write with intercepted stores,
-//! and word stores and loads through the mapping (within the end of file, after clearing the
-//! fault plans: a failed fill there is SIGBUS) are operations too; a load must return the
-//! model's bytes, a store changes the model.
+//! cases the first `MAP_LEN` bytes are also mapped shared and read-write (a quarter of all cases
+//! intercepting stores, a quarter tracking them asynchronously) and mirrored by a software
+//! device; word stores and loads through the mapping and whole-page device reads and writes
+//! (within the end of file, after clearing the fault plans: a failed fill there is SIGBUS) are
+//! operations too: a load or device read must return the model's bytes, a store or device write
+//! changes the model, and a device write through an intercepting mapping is refused (EPERM).
 //!
 //! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
 //! error event happened that the handle has not reported yet (and with which errnos). Which
