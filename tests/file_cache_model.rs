@@ -14,6 +14,9 @@
 //! (within the end of file, after clearing the fault plans: a failed fill there is SIGBUS) are
 //! operations too: a load or device read must return the model's bytes, a store or device write
 //! changes the model, and a device write through an intercepting mapping is refused (EPERM).
+//! The same cases map the file privately too: word stores and loads there are checked against
+//! per-page snapshots taken when the space reports the page filled (the file's bytes at that
+//! moment; fault-around fills neighbours too), never reach the file, and survive truncation.
 //!
 //! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
 //! error event happened that the handle has not reported yet (and with which errnos). Which
@@ -147,6 +150,13 @@ enum Op {
         off: usize,
         words: usize,
     },
+    /// Stores (`seed`) or loads `words` words through the private mapping at `off` (clipped to
+    /// the pages that may be accessed: snapshotted ones, or inside the file).
+    Private {
+        off: usize,
+        words: usize,
+        store: Option<u32>,
+    },
     /// A device mirroring the mapping reads (or writes, `seed`) `pages` whole pages from
     /// `page` (clipped to the whole pages inside the file), after clearing the fault plan.
     Device {
@@ -193,6 +203,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(w, words, seed)| Op::MapStore { off: w * 4, words, seed }),
         3 => (0..MAP_LEN / 4, 1..=MAX_IO / 4)
             .prop_map(|(w, words)| Op::MapLoad { off: w * 4, words }),
+        4 => (0..MAP_LEN / 4, 1..=MAX_IO / 4, proptest::option::of(any::<u32>()))
+            .prop_map(|(w, words, store)| Op::Private { off: w * 4, words, store }),
         3 => (0..MAP_LEN / PAGE, 1usize..=3, proptest::option::of(any::<u32>()))
             .prop_map(|(page, pages, write)| Op::Device { page, pages, write }),
     ]
@@ -326,8 +338,8 @@ impl FileBackend for Observer {
 }
 
 /// How often each path was taken, over all cases: fsync Ok, fsync Err, write refused, direct
-/// I/O failed, bytes stored through the mapping, staging faults fired.
-static COUNTS: [AtomicUsize; 6] = [const { AtomicUsize::new(0) }; 6];
+/// I/O failed, bytes stored through the mapping, staging faults fired, private words accessed.
+static COUNTS: [AtomicUsize; 7] = [const { AtomicUsize::new(0) }; 7];
 
 fn count(i: usize) {
     COUNTS[i].fetch_add(1, Ordering::Relaxed);
@@ -392,6 +404,13 @@ struct World {
     /// evicted and whose stores count against the dirty bound only at the next scan, so the
     /// budget and the bound are not checked in those cases).
     intercept: bool,
+    /// With `map`: a private read-write mapping of the same `MAP_LEN` bytes, and per page the
+    /// bytes it must hold once it has been filled (`None`: not filled yet; it then follows the
+    /// file). A fill snapshots the file at that moment (POSIX leaves later changes unspecified
+    /// for `MAP_PRIVATE`; hetmem keeps the snapshot, also across a truncate), and may fill
+    /// neighbouring pages too (fault-around): the space's residency tells which.
+    private: usize,
+    snap: Vec<Option<Vec<u8>>>,
     /// A software device mirroring the space (with `map`).
     dev: Option<(DeviceMirror, SoftDevice)>,
 }
@@ -437,12 +456,20 @@ impl World {
             let a = space.map_file_with(&h[0], 0, MAP_LEN, opts).unwrap().get();
             (space, a)
         });
+        let private = map.as_ref().map_or(0, |(space, _)| {
+            space
+                .map_file(&h[0], 0, MAP_LEN, Prot::ReadWrite, false)
+                .unwrap()
+                .get()
+        });
         let dev = map.as_ref().map(|(space, _)| {
             let d = SoftDevice::private(1 << 20).unwrap();
             (d.mirror(space).unwrap(), d)
         });
         World {
             map,
+            private,
+            snap: vec![None; MAP_LEN / PAGE],
             intercept,
             dev,
             file,
@@ -805,6 +832,53 @@ impl World {
                 }
                 self.check_mapped(what)?;
             }
+            Op::Private { off, words, store } => {
+                self.faulty.plan(FaultPlan::default());
+                self.clear_staging();
+                if self.map.is_some() {
+                    let d = store.map(|seed| data(seed, 4 * words));
+                    let eof_pages = self.m.bytes.len().div_ceil(PAGE);
+                    for i in 0..words {
+                        let a = off + 4 * i;
+                        let p = a / PAGE;
+                        if a + 4 > MAP_LEN || (self.snap[p].is_none() && p >= eof_pages) {
+                            break;
+                        }
+                        let first = self.snap[p].is_none();
+                        count(6);
+                        let addr = self.private + a;
+                        let loaded = match &d {
+                            Some(d) => {
+                                let v = u32::from_le_bytes(d[4 * i..4 * i + 4].try_into().unwrap());
+                                probe_store_u32(addr, v);
+                                None
+                            }
+                            None => Some(probe_load_u32(addr)),
+                        };
+                        if first {
+                            self.snapshot_filled(what)?;
+                        }
+                        let page = self.snap[p].as_mut().ok_or_else(|| {
+                            TestCaseError::fail(format!(
+                                "{what}: private page {p} accessed but not resident"
+                            ))
+                        })?;
+                        let o = a % PAGE;
+                        match loaded {
+                            None => page[o..o + 4]
+                                .copy_from_slice(&d.as_ref().unwrap()[4 * i..4 * i + 4]),
+                            Some(v) => {
+                                let m = u32::from_le_bytes(page[o..o + 4].try_into().unwrap());
+                                ensure!(
+                                    v == m,
+                                    "{what}: load through the private mapping at {a}: {v:#010x}, snapshot {m:#010x}"
+                                );
+                            }
+                        }
+                    }
+                }
+                self.check_mapped(what)?;
+            }
             Op::MapLoad { off, words } => {
                 self.faulty.plan(FaultPlan::default());
                 self.clear_staging();
@@ -824,6 +898,35 @@ impl World {
         }
         let window = window(op);
         self.check(what, window)
+    }
+
+    /// Records the private pages filled since the last look: their snapshot is the file now.
+    fn snapshot_filled(&mut self, what: &str) -> Result<(), TestCaseError> {
+        let Some((space, _)) = &self.map else {
+            return Ok(());
+        };
+        for p in 0..self.snap.len() {
+            if self.snap[p].is_some() {
+                continue;
+            }
+            match space.residency(hetmem::VirtAddr(self.private + p * PAGE)) {
+                hetmem::space::Residency::Untouched => {}
+                hetmem::space::Residency::System => {
+                    let mut page = vec![0u8; PAGE];
+                    let e = self.m.bytes.len().min((p + 1) * PAGE);
+                    if e > p * PAGE {
+                        page[..e - p * PAGE].copy_from_slice(&self.m.bytes[p * PAGE..e]);
+                    }
+                    self.snap[p] = Some(page);
+                }
+                r => {
+                    return Err(TestCaseError::fail(format!(
+                        "{what}: private page {p} is {r:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn clear_staging(&mut self) {
@@ -989,6 +1092,7 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         Op::MapStore { off, words, .. } | Op::MapLoad { off, words } => {
             Some((off, off + 4 * words))
         }
+        Op::Private { .. } => None,
         Op::Device { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
@@ -1061,13 +1165,14 @@ fn random_file_operations_match_the_model() {
     let (ops, evicted) = (ops.load(Ordering::Relaxed), evicted.load(Ordering::Relaxed));
     let c = COUNTS.each_ref().map(|c| c.load(Ordering::Relaxed));
     eprintln!(
-        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {:?}",
+        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {:?}",
         c[0],
         c[1],
         c[2],
         c[3],
         c[4],
         c[5],
+        c[6],
         t0.elapsed()
     );
     assert!(
@@ -1075,7 +1180,7 @@ fn random_file_operations_match_the_model() {
         "the budget never evicted a page: the test does not exercise eviction"
     );
     assert!(
-        c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0 && c[5] > 0,
+        c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0 && c[5] > 0 && c[6] > 0,
         "an error path was never taken: {c:?}"
     );
 }
