@@ -16,7 +16,9 @@
 //! changes the model, and a device write through an intercepting mapping is refused (EPERM).
 //! The same cases map the file privately too: word stores and loads there are checked against
 //! per-page snapshots taken when the space reports the page filled (the file's bytes at that
-//! moment; fault-around fills neighbours too), never reach the file, and survive truncation.
+//! moment; fault-around fills neighbours too), never reach the file, and survive truncation;
+//! filled private pages migrate to the device and back (the device reads their snapshots, a CPU
+//! access brings them back).
 //!
 //! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
 //! error event happened that the handle has not reported yet (and with which errnos). Which
@@ -157,6 +159,13 @@ enum Op {
         words: usize,
         store: Option<u32>,
     },
+    /// Migrates the filled private pages from `page` (at most `pages`) to the device (then the
+    /// device reads them back) or back to system memory (the kernel's `migrate_file_private`).
+    PrivateMigrate {
+        page: usize,
+        pages: usize,
+        to_device: bool,
+    },
     /// A device mirroring the mapping reads (or writes, `seed`) `pages` whole pages from
     /// `page` (clipped to the whole pages inside the file), after clearing the fault plan.
     Device {
@@ -203,6 +212,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(w, words, seed)| Op::MapStore { off: w * 4, words, seed }),
         3 => (0..MAP_LEN / 4, 1..=MAX_IO / 4)
             .prop_map(|(w, words)| Op::MapLoad { off: w * 4, words }),
+        2 => (0..MAP_LEN / PAGE, 1usize..=4, any::<bool>())
+            .prop_map(|(page, pages, to_device)| Op::PrivateMigrate { page, pages, to_device }),
         4 => (0..MAP_LEN / 4, 1..=MAX_IO / 4, proptest::option::of(any::<u32>()))
             .prop_map(|(w, words, store)| Op::Private { off: w * 4, words, store }),
         3 => (0..MAP_LEN / PAGE, 1usize..=3, proptest::option::of(any::<u32>()))
@@ -338,8 +349,9 @@ impl FileBackend for Observer {
 }
 
 /// How often each path was taken, over all cases: fsync Ok, fsync Err, write refused, direct
-/// I/O failed, bytes stored through the mapping, staging faults fired, private words accessed.
-static COUNTS: [AtomicUsize; 7] = [const { AtomicUsize::new(0) }; 7];
+/// I/O failed, bytes stored through the mapping, staging faults fired, private words accessed,
+/// private pages migrated.
+static COUNTS: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
 
 fn count(i: usize) {
     COUNTS[i].fetch_add(1, Ordering::Relaxed);
@@ -879,6 +891,52 @@ impl World {
                 }
                 self.check_mapped(what)?;
             }
+            Op::PrivateMigrate {
+                page,
+                pages,
+                to_device,
+            } => {
+                let n = (page..(page + pages).min(self.snap.len()))
+                    .take_while(|&p| self.snap[p].is_some())
+                    .count();
+                if let (Some((space, _)), Some((m, d))) = (&self.map, &self.dev)
+                    && n > 0
+                {
+                    let addr = (self.private + page * PAGE) as u64;
+                    let r = if to_device {
+                        m.migrate_range_to_device(addr, n as u64)
+                    } else {
+                        m.migrate_to_system(addr, n as u64)
+                    };
+                    r.map_err(|e| TestCaseError::fail(format!("{what}: migrate: {e}")))?;
+                    COUNTS[7].fetch_add(n, Ordering::Relaxed);
+                    let want = if to_device {
+                        hetmem::space::Residency::Device(d.owner())
+                    } else {
+                        hetmem::space::Residency::System
+                    };
+                    for p in page..page + n {
+                        let got = space.residency(hetmem::VirtAddr(self.private + p * PAGE));
+                        ensure!(
+                            got == want,
+                            "{what}: private page {p} is {got:?}, not {want:?}"
+                        );
+                    }
+                    if to_device {
+                        let mut buf = vec![0u8; n * PAGE];
+                        m.read(addr, n as u64, &mut buf).map_err(|e| {
+                            TestCaseError::fail(format!("{what}: device read: {e}"))
+                        })?;
+                        for (i, p) in (page..page + n).enumerate() {
+                            ensure!(
+                                buf[i * PAGE..(i + 1) * PAGE] == self.snap[p].as_ref().unwrap()[..],
+                                "{what}: the device reads private page {p} unlike its snapshot"
+                            );
+                        }
+                    }
+                }
+                self.check_mapped(what)?;
+            }
             Op::MapLoad { off, words } => {
                 self.faulty.plan(FaultPlan::default());
                 self.clear_staging();
@@ -1092,7 +1150,7 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         Op::MapStore { off, words, .. } | Op::MapLoad { off, words } => {
             Some((off, off + 4 * words))
         }
-        Op::Private { .. } => None,
+        Op::Private { .. } | Op::PrivateMigrate { .. } => None,
         Op::Device { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
@@ -1165,7 +1223,7 @@ fn random_file_operations_match_the_model() {
     let (ops, evicted) = (ops.load(Ordering::Relaxed), evicted.load(Ordering::Relaxed));
     let c = COUNTS.each_ref().map(|c| c.load(Ordering::Relaxed));
     eprintln!(
-        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {:?}",
+        "file_cache_model: {ops} operations, {evicted} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {} private pages migrated, {:?}",
         c[0],
         c[1],
         c[2],
@@ -1173,6 +1231,7 @@ fn random_file_operations_match_the_model() {
         c[4],
         c[5],
         c[6],
+        c[7],
         t0.elapsed()
     );
     assert!(
@@ -1180,7 +1239,7 @@ fn random_file_operations_match_the_model() {
         "the budget never evicted a page: the test does not exercise eviction"
     );
     assert!(
-        c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0 && c[5] > 0 && c[6] > 0,
+        c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0 && c[5] > 0 && c[6] > 0 && c[7] > 0,
         "an error path was never taken: {c:?}"
     );
 }
