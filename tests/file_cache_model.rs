@@ -18,7 +18,8 @@
 //! per-page snapshots taken when the space reports the page filled (the file's bytes at that
 //! moment; fault-around fills neighbours too), never reach the file, and survive truncation;
 //! filled private pages migrate to the device and back (the device reads their snapshots, a CPU
-//! access brings them back).
+//! access brings them back); both mappings are made read-only and read-write again, or unmapped
+//! and mapped again.
 //!
 //! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
 //! error event happened that the handle has not reported yet (and with which errnos). Which
@@ -166,6 +167,12 @@ enum Op {
         pages: usize,
         to_device: bool,
     },
+    /// Makes the shared mapping read-only and read-write again (stores before and after must
+    /// both reach the file), or unmaps both mappings and maps them again (the private
+    /// snapshots are gone; the shared mapping's stores were recorded).
+    Remap {
+        unmap: bool,
+    },
     /// A device mirroring the mapping reads (or writes, `seed`) `pages` whole pages from
     /// `page` (clipped to the whole pages inside the file), after clearing the fault plan.
     Device {
@@ -212,6 +219,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(w, words, seed)| Op::MapStore { off: w * 4, words, seed }),
         3 => (0..MAP_LEN / 4, 1..=MAX_IO / 4)
             .prop_map(|(w, words)| Op::MapLoad { off: w * 4, words }),
+        1 => any::<bool>().prop_map(|unmap| Op::Remap { unmap }),
         2 => (0..MAP_LEN / PAGE, 1usize..=4, any::<bool>())
             .prop_map(|(page, pages, to_device)| Op::PrivateMigrate { page, pages, to_device }),
         4 => (0..MAP_LEN / 4, 1..=MAX_IO / 4, proptest::option::of(any::<u32>()))
@@ -937,6 +945,38 @@ impl World {
                 }
                 self.check_mapped(what)?;
             }
+            Op::Remap { unmap } => {
+                self.faulty.plan(FaultPlan::default());
+                self.clear_staging();
+                if let Some((space, map)) = &mut self.map {
+                    let fail = |e: hetmem::Error| TestCaseError::fail(format!("{what}: {e}"));
+                    let a = hetmem::VirtAddr(*map);
+                    if unmap {
+                        space.unmap(a, MAP_LEN).map_err(fail)?;
+                        space
+                            .unmap(hetmem::VirtAddr(self.private), MAP_LEN)
+                            .map_err(fail)?;
+                        let opts = FileMapOptions {
+                            prot: Prot::ReadWrite,
+                            shared: true,
+                            intercept_stores: self.intercept,
+                        };
+                        *map = space
+                            .map_file_with(&self.h[0], 0, MAP_LEN, opts)
+                            .map_err(fail)?
+                            .get();
+                        self.private = space
+                            .map_file(&self.h[1], 0, MAP_LEN, Prot::ReadWrite, false)
+                            .map_err(fail)?
+                            .get();
+                        self.snap.fill(None);
+                    } else {
+                        space.protect(a, MAP_LEN, Prot::Read).map_err(fail)?;
+                        space.protect(a, MAP_LEN, Prot::ReadWrite).map_err(fail)?;
+                    }
+                }
+                self.check_mapped(what)?;
+            }
             Op::MapLoad { off, words } => {
                 self.faulty.plan(FaultPlan::default());
                 self.clear_staging();
@@ -1150,7 +1190,7 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         Op::MapStore { off, words, .. } | Op::MapLoad { off, words } => {
             Some((off, off + 4 * words))
         }
-        Op::Private { .. } | Op::PrivateMigrate { .. } => None,
+        Op::Private { .. } | Op::PrivateMigrate { .. } | Op::Remap { .. } => None,
         Op::Device { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
