@@ -18,8 +18,9 @@
 //! per-page snapshots taken when the space reports the page filled (the file's bytes at that
 //! moment; fault-around fills neighbours too), never reach the file, and survive truncation;
 //! filled private pages migrate to the device and back (the device reads their snapshots, a CPU
-//! access brings them back); both mappings are made read-only and read-write again, or unmapped
-//! and mapped again.
+//! access brings them back); the shared mapping is made read-only and read-write again, and
+//! both mappings are unmapped and mapped again; the device is removed (its pages come back to
+//! system memory) and replaced.
 //!
 //! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
 //! error event happened that the handle has not reported yet (and with which errnos). Which
@@ -173,6 +174,9 @@ enum Op {
     Remap {
         unmap: bool,
     },
+    /// The device is removed (its memory evicted back to system memory) and a new one mirrors
+    /// the space.
+    DeviceRemoval,
     /// A device mirroring the mapping reads (or writes, `seed`) `pages` whole pages from
     /// `page` (clipped to the whole pages inside the file), after clearing the fault plan.
     Device {
@@ -220,6 +224,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (0..MAP_LEN / 4, 1..=MAX_IO / 4)
             .prop_map(|(w, words)| Op::MapLoad { off: w * 4, words }),
         1 => any::<bool>().prop_map(|unmap| Op::Remap { unmap }),
+        1 => Just(Op::DeviceRemoval),
         2 => (0..MAP_LEN / PAGE, 1usize..=4, any::<bool>())
             .prop_map(|(page, pages, to_device)| Op::PrivateMigrate { page, pages, to_device }),
         4 => (0..MAP_LEN / 4, 1..=MAX_IO / 4, proptest::option::of(any::<u32>()))
@@ -945,6 +950,29 @@ impl World {
                 }
                 self.check_mapped(what)?;
             }
+            Op::DeviceRemoval => {
+                if let (Some((space, _)), Some((m, d))) = (&self.map, self.dev.take()) {
+                    d.release()
+                        .map_err(|e| TestCaseError::fail(format!("{what}: release: {e}")))?;
+                    ensure!(
+                        d.used() == 0,
+                        "{what}: {} bytes left on the device",
+                        d.used()
+                    );
+                    for p in (0..self.snap.len()).filter(|&p| self.snap[p].is_some()) {
+                        let got = space.residency(hetmem::VirtAddr(self.private + p * PAGE));
+                        ensure!(
+                            got == hetmem::space::Residency::System,
+                            "{what}: private page {p} is {got:?} after the device's removal"
+                        );
+                    }
+                    drop(m);
+                    drop(d);
+                    let d = SoftDevice::private(1 << 20).unwrap();
+                    self.dev = Some((d.mirror(space).unwrap(), d));
+                }
+                self.check_mapped(what)?;
+            }
             Op::Remap { unmap } => {
                 self.faulty.plan(FaultPlan::default());
                 self.clear_staging();
@@ -1190,7 +1218,9 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         Op::MapStore { off, words, .. } | Op::MapLoad { off, words } => {
             Some((off, off + 4 * words))
         }
-        Op::Private { .. } | Op::PrivateMigrate { .. } | Op::Remap { .. } => None,
+        Op::Private { .. } | Op::PrivateMigrate { .. } | Op::Remap { .. } | Op::DeviceRemoval => {
+            None
+        }
         Op::Device { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
