@@ -20,7 +20,9 @@
 //! filled private pages migrate to the device and back (the device reads their snapshots, a CPU
 //! access brings them back); the shared mapping is made read-only and read-write again, and
 //! both mappings are unmapped and mapped again; the device is removed (its pages come back to
-//! system memory) and replaced.
+//! system memory) and replaced; pages of either mapping are pinned (short or long term, one pin
+//! at a time: pinned private pages stay in system memory when their run migrates, pinned shared
+//! pages are not evicted, a pin left on an unmapped mapping pins nothing).
 //!
 //! The model is the bytes the process sees (a `Vec<u8>`) and, per handle, whether a writeback
 //! error event happened that the handle has not reported yet (and with which errnos). Which
@@ -177,6 +179,10 @@ enum Op {
     /// The device is removed (its memory evicted back to system memory) and a new one mirrors
     /// the space.
     DeviceRemoval,
+    /// Pins `pages` pages from `page` of the private or the shared mapping (clipped to the
+    /// pages that may be accessed), replacing the pin held (one at a time); `None`: unpins.
+    /// Pinned private pages do not migrate to the device; pinned shared pages are not evicted.
+    Pin(Option<(usize, usize, bool, bool)>),
     /// A device mirroring the mapping reads (or writes, `seed`) `pages` whole pages from
     /// `page` (clipped to the whole pages inside the file), after clearing the fault plan.
     Device {
@@ -225,6 +231,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(w, words)| Op::MapLoad { off: w * 4, words }),
         1 => any::<bool>().prop_map(|unmap| Op::Remap { unmap }),
         1 => Just(Op::DeviceRemoval),
+        2 => proptest::option::of((0..MAP_LEN / PAGE, 1usize..=3, any::<bool>(), any::<bool>()))
+            .prop_map(Op::Pin),
         2 => (0..MAP_LEN / PAGE, 1usize..=4, any::<bool>())
             .prop_map(|(page, pages, to_device)| Op::PrivateMigrate { page, pages, to_device }),
         4 => (0..MAP_LEN / 4, 1..=MAX_IO / 4, proptest::option::of(any::<u32>()))
@@ -436,6 +444,9 @@ struct World {
     /// neighbouring pages too (fault-around): the space's residency tells which.
     private: usize,
     snap: Vec<Option<Vec<u8>>>,
+    /// The pin held (see `Op::Pin`), and which pages of the current private mapping it pins.
+    pin: Option<hetmem::Pin>,
+    pinned_private: Vec<bool>,
     /// A software device mirroring the space (with `map`).
     dev: Option<(DeviceMirror, SoftDevice)>,
 }
@@ -495,6 +506,8 @@ impl World {
             map,
             private,
             snap: vec![None; MAP_LEN / PAGE],
+            pin: None,
+            pinned_private: vec![false; MAP_LEN / PAGE],
             intercept,
             dev,
             file,
@@ -921,14 +934,17 @@ impl World {
                     } else {
                         m.migrate_to_system(addr, n as u64)
                     };
-                    r.map_err(|e| TestCaseError::fail(format!("{what}: migrate: {e}")))?;
+                    let pinned = self.pinned_private[page..page + n].iter().any(|&x| x);
+                    if !(pinned && to_device) {
+                        r.map_err(|e| TestCaseError::fail(format!("{what}: migrate: {e}")))?;
+                    }
                     COUNTS[7].fetch_add(n, Ordering::Relaxed);
-                    let want = if to_device {
-                        hetmem::space::Residency::Device(d.owner())
-                    } else {
-                        hetmem::space::Residency::System
-                    };
                     for p in page..page + n {
+                        let want = if to_device && !self.pinned_private[p] {
+                            hetmem::space::Residency::Device(d.owner())
+                        } else {
+                            hetmem::space::Residency::System
+                        };
                         let got = space.residency(hetmem::VirtAddr(self.private + p * PAGE));
                         ensure!(
                             got == want,
@@ -945,6 +961,40 @@ impl World {
                                 buf[i * PAGE..(i + 1) * PAGE] == self.snap[p].as_ref().unwrap()[..],
                                 "{what}: the device reads private page {p} unlike its snapshot"
                             );
+                        }
+                    }
+                }
+                self.check_mapped(what)?;
+            }
+            Op::Pin(pin) => {
+                self.faulty.plan(FaultPlan::default());
+                self.clear_staging();
+                self.pin = None;
+                self.pinned_private.fill(false);
+                if let (Some((space, map)), Some((page, pages, long_term, private))) =
+                    (&self.map, pin)
+                {
+                    let eof_pages = self.m.bytes.len().div_ceil(PAGE);
+                    let n = (page..(page + pages).min(MAP_LEN / PAGE))
+                        .take_while(|&p| p < eof_pages || (private && self.snap[p].is_some()))
+                        .count();
+                    if n > 0 {
+                        let base = if private { self.private } else { *map };
+                        let a = hetmem::VirtAddr(base + page * PAGE);
+                        // A page being evicted right now (background evictor) is busy: retry.
+                        let mut r = space.pin(a, n * PAGE, long_term);
+                        for _ in 0..10_000 {
+                            if !matches!(r, Err(hetmem::Error::Busy)) {
+                                break;
+                            }
+                            std::thread::yield_now();
+                            r = space.pin(a, n * PAGE, long_term);
+                        }
+                        let p = r.map_err(|e| TestCaseError::fail(format!("{what}: pin: {e}")))?;
+                        self.pin = Some(p);
+                        if private {
+                            self.pinned_private[page..page + n].fill(true);
+                            self.snapshot_filled(what)?;
                         }
                     }
                 }
@@ -998,6 +1048,8 @@ impl World {
                             .map_err(fail)?
                             .get();
                         self.snap.fill(None);
+                        // A pin held stays on the old mappings: it pins nothing any more.
+                        self.pinned_private.fill(false);
                     } else {
                         space.protect(a, MAP_LEN, Prot::Read).map_err(fail)?;
                         space.protect(a, MAP_LEN, Prot::ReadWrite).map_err(fail)?;
@@ -1172,8 +1224,10 @@ impl World {
             h,
             map,
             dev,
+            pin,
             ..
         } = self;
+        drop(pin);
         drop(dev);
         drop(map);
         drop(h);
@@ -1218,9 +1272,11 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         Op::MapStore { off, words, .. } | Op::MapLoad { off, words } => {
             Some((off, off + 4 * words))
         }
-        Op::Private { .. } | Op::PrivateMigrate { .. } | Op::Remap { .. } | Op::DeviceRemoval => {
-            None
-        }
+        Op::Private { .. }
+        | Op::PrivateMigrate { .. }
+        | Op::Remap { .. }
+        | Op::DeviceRemoval
+        | Op::Pin(_) => None,
         Op::Device { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
