@@ -1,5 +1,5 @@
 //! Isolation: a device sees only what is mirrored for it; an owner token cannot select another
-//! owner's device pages; read-only mappings refuse writes from the CPU and from the device.
+//! owner's device pages; read-only mappings and read-only files refuse writes from the CPU and from the device.
 
 mod common;
 use common::*;
@@ -94,4 +94,43 @@ fn read_only_mappings_refuse_cpu_and_device_writes() {
     let mut back = vec![0u8; 4 * PAGE];
     space.cpu_read(a, &mut back).unwrap();
     assert_eq!(back, pattern(4 * PAGE, |i| i));
+}
+
+/// A read-only file: its shared mapping is read-only for the device too (EPERM, the file
+/// unchanged); a private mapping of it is the process's own copy, writable by the device, and
+/// never reaches the file.
+#[test]
+fn read_only_files_refuse_device_writes() {
+    let _w = watchdog("isolation_read_only_file", 30);
+    let f = TempFile::new("iso-ro", &vec![5u8; 2 * PAGE]);
+    let cache = hetmem::cache::FileCache::open(&f.0, false, Default::default()).unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let shared = space.map_file(&h, 0, 2 * PAGE, Prot::Read, true).unwrap();
+    let e = m
+        .write(shared.get() as u64, 2, &vec![0xEE; 2 * PAGE])
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EPERM);
+    let mut buf = vec![0u8; 2 * PAGE];
+    m.read(shared.get() as u64, 2, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 5));
+    let private = space
+        .map_file(&h, 0, 2 * PAGE, Prot::ReadWrite, false)
+        .unwrap();
+    m.write(private.get() as u64, 2, &vec![0xEE; 2 * PAGE])
+        .unwrap();
+    space.cpu_read(private, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xEE));
+    m.read(shared.get() as u64, 2, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 5),
+        "a private write reached the shared view"
+    );
+    drop(m);
+    drop(space);
+    drop(h);
+    drop(cache);
+    assert_eq!(f.disk(), vec![5u8; 2 * PAGE]);
 }
