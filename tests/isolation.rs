@@ -1,5 +1,6 @@
 //! Isolation: a device sees only what is mirrored for it; an owner token cannot select another
-//! owner's device pages; read-only mappings and read-only files refuse writes from the CPU and from the device.
+//! owner's device pages; read-only mappings and read-only files refuse writes from the CPU and
+//! from the device.
 
 mod common;
 use common::*;
