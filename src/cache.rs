@@ -1119,6 +1119,20 @@ impl FileCache {
         n
     }
 
+    /// Drops file pages `first..last` from the cache without writing them (dirty or not): the
+    /// memfd is punched, so every mapping faults on its next access (hole punch, direct write).
+    fn drop_pages(&self, st: &mut CacheState, first: u64, last: u64) -> Result<()> {
+        for p in first..last {
+            self.set_state(st, p, PageState::Uncached);
+        }
+        if first < last {
+            self.memfd
+                .punch(first * PAGE, (last - first) * PAGE)
+                .map_err(os("drop cached pages"))?;
+        }
+        Ok(())
+    }
+
     /// Grows the cached size to `end` (a write past the end): new pages read as zeros.
     /// Before the file grows to `end`: the bytes of the old partial last page past the old end
     /// (a store through a shared mapping may have put data there) must read as zeros.
@@ -1322,15 +1336,7 @@ impl FileHandle {
         c.collect_written(&mut st);
         c.backend.punch(off, len).map_err(os("punch file"))?;
         let (first, last) = (off / PAGE, ((off + len) / PAGE).min(st.pages.len() as u64));
-        for p in first..last {
-            c.set_state(&mut st, p, PageState::Uncached);
-        }
-        if first < last {
-            c.memfd
-                .punch(first * PAGE, (last - first) * PAGE)
-                .map_err(os("punch cache"))?;
-        }
-        Ok(())
+        c.drop_pages(&mut st, first, last)
     }
 
     /// Direct read: reads the file itself, after writing back the dirty pages of the range (so
@@ -1399,14 +1405,6 @@ impl FileHandle {
         }
         c.grow(&mut st, end)?;
         let last = last.min(st.pages.len() as u64);
-        for p in first..last {
-            c.set_state(&mut st, p, PageState::Uncached);
-        }
-        if first < last {
-            c.memfd
-                .punch(first * PAGE, (last - first) * PAGE)
-                .map_err(os("drop cached pages"))?;
-        }
-        Ok(())
+        c.drop_pages(&mut st, first, last)
     }
 }

@@ -196,6 +196,37 @@ impl KernelMm {
         });
         Ok(uffd)
     }
+
+    /// Maps `fd` at `r` (a never-registered part of the reservation: nothing is lost by
+    /// MAP_FIXED) and registers it MISSING with `uffd`, plus write-protect and at once
+    /// write-protected when `wp` (until then every page would count as written, and pages mapped
+    /// later inherit the protection: WP_UNPOPULATED). On failure the range is left fresh again.
+    #[allow(clippy::too_many_arguments)]
+    fn map_registered(
+        &self,
+        uffd: &Uffd,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+        shared: bool,
+        wp: bool,
+    ) -> io::Result<()> {
+        let off = self.off(r.start);
+        self.res.map_fd(off, r.len(), prot, fd, file_off, shared)?;
+        let res = uffd.register(&self.res, off, r.len(), wp).and_then(|()| {
+            if !wp {
+                return Ok(());
+            }
+            uffd.write_protect(r.start.get(), r.len(), true)
+                .map_err(io::Error::from)
+        });
+        if let Err(e) = res {
+            let _ = self.res.remap_fresh(off, r.len(), Prot::None);
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 /// The handler thread of thread-mode mappings: reads fault messages and serves each through the
@@ -347,25 +378,7 @@ impl Mm for KernelMm {
             ));
         }
         let (uffd, _) = g.as_ref().expect("made above");
-        let off = self.off(r.start);
-        // A never-registered part of the reservation: nothing is lost by MAP_FIXED here.
-        self.res.map_fd(off, r.len(), prot, fd, file_off, shared)?;
-        let res = uffd
-            .register(&self.res, off, r.len(), track)
-            .and_then(|()| {
-                // Protect at once: until then every page would count as written (and pages
-                // mapped later inherit the protection: WP_UNPOPULATED).
-                if !track {
-                    return Ok(());
-                }
-                uffd.write_protect(r.start.get(), r.len(), true)
-                    .map_err(io::Error::from)
-            });
-        if let Err(e) = res {
-            let _ = self.res.remap_fresh(off, r.len(), Prot::None);
-            return Err(e);
-        }
-        Ok(())
+        self.map_registered(uffd, r, fd, file_off, prot, shared, track)
     }
 
     fn map_file_sync(
@@ -380,17 +393,7 @@ impl Mm for KernelMm {
             *g = Some(Uffd::open_file(self.force_umo, true)?);
         }
         let uffd = g.as_ref().expect("made above");
-        let off = self.off(r.start);
-        self.res.map_fd(off, r.len(), prot, fd, file_off, true)?;
-        let res = uffd.register(&self.res, off, r.len(), true).and_then(|()| {
-            uffd.write_protect(r.start.get(), r.len(), true)
-                .map_err(io::Error::from)
-        });
-        if let Err(e) = res {
-            let _ = self.res.remap_fresh(off, r.len(), Prot::None);
-            return Err(e);
-        }
-        Ok(())
+        self.map_registered(uffd, r, fd, file_off, prot, true, true)
     }
 
     fn file_write_protect(&self, r: VaRange, on: bool) -> io::Result<()> {

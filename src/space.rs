@@ -1139,6 +1139,19 @@ impl Drop for Pin {
     }
 }
 
+/// The unit holding page `a`: its 2 MiB unit when `large`, else the page itself.
+fn unit_range(a: VirtAddr, large: bool) -> VaRange {
+    let (start, len) = if large {
+        (VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)), LARGE_PAGE_SIZE)
+    } else {
+        (a.page_down(), PAGE_SIZE)
+    };
+    VaRange {
+        start,
+        end: start.add(len),
+    }
+}
+
 fn round_up(size: usize) -> Result<usize> {
     if size == 0 {
         return Err(Error::ZeroLength);
@@ -1531,21 +1544,13 @@ impl SpaceCore {
                 Ok(())
             }
             PageState::Device => {
-                let (start, n) = if pte.large() {
-                    (VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)), PAGES_PER_LARGE)
-                } else {
-                    (a, 1)
-                };
-                let r = VaRange {
-                    start,
-                    end: start.add(n * PAGE_SIZE),
-                };
+                let r = unit_range(a, pte.large());
                 self.invalidate(st, r, NotifyEvent::Migrate, None);
-                let head = st.pte(start).expect("unit inside the mapping");
+                let head = st.pte(r.start).expect("unit inside the mapping");
                 self.restore_from_frame(st, r, head.frame(), head.pagemap(), pte.large())?;
                 self.counters
                     .pages_to_system
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                    .fetch_add(r.pages() as u64, Ordering::Relaxed);
                 Ok(())
             }
             PageState::Exclusive => {
@@ -1612,15 +1617,8 @@ impl SpaceCore {
         if !pte.is_coherent() {
             return;
         }
-        let (start, n) = if pte.large() {
-            (VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)), PAGES_PER_LARGE)
-        } else {
-            (a, 1)
-        };
-        let r = VaRange {
-            start,
-            end: start.add(n * PAGE_SIZE),
-        };
+        let r = unit_range(a, pte.large());
+        let (start, n) = (r.start, r.pages());
         self.invalidate(st, r, NotifyEvent::Migrate, None);
         let head = st.pte(start).expect("unit inside the mapping");
         let pm = st.pagemap(head.pagemap());

@@ -1293,16 +1293,14 @@ pub fn munlock(addr: usize, len: usize) -> io::Result<()> {
 }
 
 /// A read-only `MAP_SHARED` mapping of a regular file by the kernel itself (its page cache, its
-/// fault-around and readahead): the baseline of hetmem's file mappings in `hetmem bench`. The
-/// mapping is owned (unmapped on drop) and only read through raw copies, like [`Region`]'s.
+/// fault-around and readahead): the baseline of hetmem's file mappings in `hetmem bench`. It is a
+/// [`Region`] (owned, unmapped on drop, read through raw copies; unlike `Region::new`, not
+/// `MADV_DONTFORK`) that offers only the reads.
 ///
 /// The file must stay at least `len` bytes long while the mapping lives: as with any `mmap`, an
 /// access past the end of file raises SIGBUS (which kills the process; it is not memory unsafety).
 #[derive(Debug)]
-pub struct MappedFile {
-    base: usize,
-    len: usize,
-}
+pub struct MappedFile(Region);
 
 /// Maps the first `len` bytes (non-zero) of `file` read-only and shared (see [`MappedFile`]).
 pub fn map_file_readonly(file: &std::fs::File, len: usize) -> io::Result<MappedFile> {
@@ -1322,62 +1320,31 @@ pub fn map_file_readonly(file: &std::fs::File, len: usize) -> io::Result<MappedF
             0,
         )
     }?;
-    Ok(MappedFile {
+    Ok(MappedFile(Region {
         base: raw as usize,
         len,
-    })
+    }))
 }
 
 impl MappedFile {
-    /// First byte of the mapping.
-    pub fn base(&self) -> usize {
-        self.base
-    }
-
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.0.len()
     }
 
     /// Whether the mapping is empty (never: mappings have a non-zero length).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn check(&self, off: usize, len: usize) -> io::Result<()> {
-        match off.checked_add(len) {
-            Some(end) if end <= self.len => Ok(()),
-            _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
-        }
+        self.0.is_empty()
     }
 
     /// Copies `dst.len()` bytes at `off` out of the mapping (a raw copy; the first access to a
     /// page faults into the kernel, which reads the file if it must).
     pub fn read(&self, off: usize, dst: &mut [u8]) -> io::Result<()> {
-        self.check(off, dst.len())?;
-        // SAFETY: the source range is inside the live mapping (checked above); `dst` is a
-        // distinct Rust buffer, so the ranges do not overlap; no reference to the mapped bytes is
-        // formed.
-        unsafe {
-            ptr::copy_nonoverlapping((self.base + off) as *const u8, dst.as_mut_ptr(), dst.len())
-        };
-        Ok(())
+        self.0.read(off, dst)
     }
 
     /// Volatile load of a `u64` at `off` (8-byte aligned).
     pub fn load_u64(&self, off: usize) -> io::Result<u64> {
-        self.check(off, 8)?;
-        if !off.is_multiple_of(8) {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        // SAFETY: aligned, inside the live mapping (checked); a volatile load forms no reference.
-        Ok(unsafe { ptr::read_volatile((self.base + off) as *const u64) })
-    }
-}
-
-impl Drop for MappedFile {
-    fn drop(&mut self) {
-        // SAFETY: the value owns this mapping (type invariant); nothing refers to it any more.
-        let _ = unsafe { rustix::mm::munmap(self.base as *mut _, self.len) };
+        self.0.load_u64(off)
     }
 }

@@ -293,6 +293,17 @@ impl Observer {
     fn clear_user(&self) {
         self.st.lock().unwrap().user = (0, 0);
     }
+    /// Records `r`'s error, if any, as a failure of `what` (not of the caller's buffer).
+    fn note<T>(&self, what: &'static str, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r {
+            self.failed(Failure {
+                what,
+                errno: errno_of(e),
+                user: false,
+            });
+        }
+        r
+    }
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
@@ -301,15 +312,7 @@ fn errno_of(e: &std::io::Error) -> i32 {
 
 impl FileBackend for Observer {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let r = self.inner.read_at(off, buf);
-        if let Err(e) = &r {
-            self.failed(Failure {
-                what: "read",
-                errno: errno_of(e),
-                user: false,
-            });
-        }
-        r
+        self.note("read", self.inner.read_at(off, buf))
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<usize> {
         let r = self.inner.write_at(off, buf);
@@ -332,40 +335,16 @@ impl FileBackend for Observer {
         r
     }
     fn sync(&self, data_only: bool) -> std::io::Result<()> {
-        let r = self.inner.sync(data_only);
-        if let Err(e) = &r {
-            self.failed(Failure {
-                what: "sync",
-                errno: errno_of(e),
-                user: false,
-            });
-        }
-        r
+        self.note("sync", self.inner.sync(data_only))
     }
     fn len(&self) -> std::io::Result<u64> {
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        let r = self.inner.set_len(len);
-        if let Err(e) = &r {
-            self.failed(Failure {
-                what: "set_len",
-                errno: errno_of(e),
-                user: false,
-            });
-        }
-        r
+        self.note("set_len", self.inner.set_len(len))
     }
     fn punch(&self, off: u64, len: u64) -> std::io::Result<()> {
-        let r = self.inner.punch(off, len);
-        if let Err(e) = &r {
-            self.failed(Failure {
-                what: "punch",
-                errno: errno_of(e),
-                user: false,
-            });
-        }
-        r
+        self.note("punch", self.inner.punch(off, len))
     }
 }
 
@@ -807,8 +786,7 @@ impl World {
             Op::MapStore { off, words, seed } => {
                 // With no fault planned, neither the fill of a page nor the writeback that an
                 // intercepted store may need fails: no access gets SIGBUS.
-                self.faulty.plan(FaultPlan::default());
-                self.clear_staging();
+                self.no_faults();
                 let n = self.words_in_file(off, words);
                 if let Some((_, map)) = self.map
                     && n > 0
@@ -824,8 +802,7 @@ impl World {
                 self.check_mapped(what)?;
             }
             Op::Device { page, pages, write } => {
-                self.faulty.plan(FaultPlan::default());
-                self.clear_staging();
+                self.no_faults();
                 let whole = self.m.bytes.len().min(MAP_LEN) / PAGE;
                 let n = whole.saturating_sub(page).min(pages);
                 if let (Some((_, map)), Some((m, _))) = (&self.map, &self.dev)
@@ -871,8 +848,7 @@ impl World {
                 self.check_mapped(what)?;
             }
             Op::Private { off, words, store } => {
-                self.faulty.plan(FaultPlan::default());
-                self.clear_staging();
+                self.no_faults();
                 if self.map.is_some() {
                     let d = store.map(|seed| data(seed, 4 * words));
                     let eof_pages = self.m.bytes.len().div_ceil(PAGE);
@@ -967,8 +943,7 @@ impl World {
                 self.check_mapped(what)?;
             }
             Op::Pin(pin) => {
-                self.faulty.plan(FaultPlan::default());
-                self.clear_staging();
+                self.no_faults();
                 self.pin = None;
                 self.pinned_private.fill(false);
                 if let (Some((space, map)), Some((page, pages, long_term, private))) =
@@ -1024,8 +999,7 @@ impl World {
                 self.check_mapped(what)?;
             }
             Op::Remap { unmap } => {
-                self.faulty.plan(FaultPlan::default());
-                self.clear_staging();
+                self.no_faults();
                 if let Some((space, map)) = &mut self.map {
                     let fail = |e: hetmem::Error| TestCaseError::fail(format!("{what}: {e}"));
                     let a = hetmem::VirtAddr(*map);
@@ -1058,8 +1032,7 @@ impl World {
                 self.check_mapped(what)?;
             }
             Op::MapLoad { off, words } => {
-                self.faulty.plan(FaultPlan::default());
-                self.clear_staging();
+                self.no_faults();
                 let n = self.words_in_file(off, words);
                 let map = self.map.as_ref().map_or(0, |m| m.1);
                 for i in (0..n).filter(|_| map != 0) {
@@ -1110,6 +1083,13 @@ impl World {
     fn clear_staging(&mut self) {
         self.cache.fail_next_staging(0, 0);
         self.stage_pending = 0;
+    }
+
+    /// Clears both fault plans: before CPU and device accesses to mappings (a failed fill there
+    /// is SIGBUS, not an error the model can observe).
+    fn no_faults(&mut self) {
+        self.faulty.plan(FaultPlan::default());
+        self.clear_staging();
     }
 
     /// How many of `words` words from `off` lie inside the file and the mapping.
@@ -1213,8 +1193,7 @@ impl World {
 
     /// Syncs both handles (clearing the faults first) and compares a fresh cache of the file.
     fn finish(mut self) -> Result<u64, TestCaseError> {
-        self.faulty.plan(FaultPlan::default());
-        self.clear_staging();
+        self.no_faults();
         self.fsync(0, false, "final fsync 0")?;
         self.fsync(1, false, "final fsync 1")?;
         let evicted = self.evicted;
