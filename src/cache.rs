@@ -965,22 +965,8 @@ impl FileCache {
     /// Reads file pages from `page` on into `buf` through the cache (the tail past the end of
     /// file reads as zeros): the fill of a private file mapping.
     pub(crate) fn read_pages(&self, page: u64, buf: &mut [u8]) -> Result<()> {
-        let mut st = lock(&self.st);
-        let off = page * PAGE;
-        if off >= st.size {
-            buf.fill(0);
-            return Ok(());
-        }
-        let end = (off + buf.len() as u64).min(st.size);
-        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
-        self.fill(&mut st, first, last)?;
-        let n = (end - off) as usize;
-        let got = self
-            .memfd
-            .read_at(off, &mut buf[..n])
-            .map_err(os("read the cache"))?;
+        let got = self.read_cached(page * PAGE, buf)?;
         buf[got..].fill(0);
-        self.evict(&mut st, (first, last));
         Ok(())
     }
 
@@ -1119,6 +1105,25 @@ impl FileCache {
         n
     }
 
+    /// Reads at `off` through the cache, filling it from the file first, then evicting over the
+    /// budget (never the pages just read); short at the end of file.
+    fn read_cached(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut st = lock(&self.st);
+        if off >= st.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let end = (off + buf.len() as u64).min(st.size);
+        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        self.fill(&mut st, first, last)?;
+        let n = (end - off) as usize;
+        let got = self
+            .memfd
+            .read_at(off, &mut buf[..n])
+            .map_err(os("read the cache"))?;
+        self.evict(&mut st, (first, last));
+        Ok(got)
+    }
+
     /// Drops file pages `first..last` from the cache without writing them (dirty or not): the
     /// memfd is punched, so every mapping faults on its next access (hole punch, direct write).
     fn drop_pages(&self, st: &mut CacheState, first: u64, last: u64) -> Result<()> {
@@ -1188,21 +1193,7 @@ impl FileHandle {
 
     /// Reads at `off` through the cache (filling it from the file); short at the end of file.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
-        let c = &self.cache;
-        let mut st = lock(&c.st);
-        if off >= st.size || buf.is_empty() {
-            return Ok(0);
-        }
-        let end = (off + buf.len() as u64).min(st.size);
-        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
-        c.fill(&mut st, first, last)?;
-        let n = (end - off) as usize;
-        let got = c
-            .memfd
-            .read_at(off, &mut buf[..n])
-            .map_err(os("read the cache"))?;
-        c.evict(&mut st, (first, last));
-        Ok(got)
+        self.cache.read_cached(off, buf)
     }
 
     /// Writes at `off` through the cache (the pages become dirty; written back by `fsync`, by

@@ -144,20 +144,8 @@ fn apply(content: &mut Vec<u8>, rec: &Record) {
 }
 
 fn seeds() -> (u64, u64) {
-    let soak: u64 = std::env::var("HETMEM_SOAK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let base = std::env::var("HETMEM_DURABILITY_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            t.as_nanos() as u64 ^ (std::process::id() as u64) << 40
-        });
-    (base, SEEDS * soak)
+    let base = seed_from_env("HETMEM_DURABILITY_SEED");
+    (base, SEEDS * u64::from(soak()))
 }
 
 /// Removes the file when dropped.

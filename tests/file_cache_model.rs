@@ -1276,26 +1276,11 @@ fn run_case(
     w.finish()
 }
 
-fn soak() -> u32 {
-    std::env::var("HETMEM_SOAK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-}
-
 #[test]
 fn random_file_operations_match_the_model() {
     let soak = soak();
     let _w = watchdog("file_cache_model", 60 * soak as u64);
-    let seed: u64 = std::env::var("HETMEM_CACHE_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            t.as_nanos() as u64 ^ (std::process::id() as u64) << 32
-        });
+    let seed = seed_from_env("HETMEM_CACHE_SEED");
     eprintln!("file_cache_model: seed {seed} (rerun with HETMEM_CACHE_SEED={seed})");
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());

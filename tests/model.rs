@@ -63,10 +63,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 
 #[test]
 fn random_operations_match_the_model() {
-    let soak: u32 = std::env::var("HETMEM_SOAK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let soak = soak();
     let _w = watchdog("model", 300 * soak as u64);
     let cfg = Config {
         cases: CASES * soak,

@@ -117,3 +117,25 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// The `HETMEM_SOAK` multiplier of the randomized tests (1 when unset or invalid).
+pub fn soak() -> u32 {
+    std::env::var("HETMEM_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The seed of a randomized test: `var` if set (to replay a failure), else from the clock and
+/// the process id.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            t.as_nanos() as u64 ^ (std::process::id() as u64) << 32
+        })
+}
