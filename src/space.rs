@@ -328,6 +328,29 @@ impl SpaceState {
         Some((f.cache.clone(), f.pgoff + v.idx(a) as u64))
     }
 
+    /// Records a new mapping of `r` (all pages missing) under a fresh id.
+    fn insert_vma(
+        &mut self,
+        r: VaRange,
+        prot: Prot,
+        mode: FaultMode,
+        large: bool,
+        file: Option<FileMap>,
+    ) {
+        let id = self.next_vma_id;
+        self.next_vma_id += 1;
+        let v = Vma {
+            id,
+            range: r,
+            prot,
+            mode,
+            large,
+            ptes: vec![Pte::NONE; r.pages()],
+            file,
+        };
+        self.vmas.insert(r.start.get(), v);
+    }
+
     /// Checks that `r` is covered by mappings with no hole; returns the first unmapped address.
     pub(crate) fn check_covered(&self, r: VaRange) -> Result<()> {
         let mut a = r.start;
@@ -698,26 +721,14 @@ impl Space {
                 .map(r, prot, FaultMode::Signal)
                 .map_err(|e| Error::os("map file", e))?;
         }
-        let id = st.next_vma_id;
-        st.next_vma_id += 1;
-        st.vmas.insert(
-            r.start.get(),
-            Vma {
-                id,
-                range: r,
-                prot,
-                mode: FaultMode::Signal,
-                large: false,
-                ptes: vec![Pte::NONE; r.pages()],
-                file: Some(FileMap {
-                    cache,
-                    pgoff,
-                    shared,
-                    sync,
-                    tracking: shared && !sync && prot.writable(),
-                }),
-            },
-        );
+        let file = FileMap {
+            cache,
+            pgoff,
+            shared,
+            sync,
+            tracking: shared && !sync && prot.writable(),
+        };
+        st.insert_vma(r, prot, FaultMode::Signal, false, Some(file));
         Ok(r.start)
     }
 
@@ -1196,20 +1207,7 @@ impl SpaceCore {
         self.mm
             .map(r, opts.prot, opts.mode)
             .map_err(|e| Error::os("map", e))?;
-        let id = st.next_vma_id;
-        st.next_vma_id += 1;
-        st.vmas.insert(
-            r.start.get(),
-            Vma {
-                id,
-                range: r,
-                prot: opts.prot,
-                mode: opts.mode,
-                large: opts.large,
-                ptes: vec![Pte::NONE; r.pages()],
-                file: None,
-            },
-        );
+        st.insert_vma(r, opts.prot, opts.mode, opts.large, None);
         Ok(())
     }
 
