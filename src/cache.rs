@@ -1025,6 +1025,16 @@ impl FileCache {
         }
     }
 
+    /// File page ranges of the mappings whose pages `shrink_to_budget` must never evict
+    /// (writable shared mappings that do not intercept stores).
+    fn writable_ranges(st: &CacheState) -> Vec<(u64, u64)> {
+        st.mappings
+            .iter()
+            .filter(|m| m.writable)
+            .map(|m| (m.pgoff, m.pgoff + m.range.pages() as u64))
+            .collect()
+    }
+
     /// Brings the cache within its budget, evicting clean pages that mappings cover too (the
     /// eviction inside `read_at`/`write_at` leaves those alone): pages of writable shared
     /// mappings are never victims (a CPU store could land between the check that the page is
@@ -1041,12 +1051,7 @@ impl FileCache {
                 return 0;
             }
             let mut over = st.cached as u64 - budget;
-            let writable: Vec<(u64, u64)> = st
-                .mappings
-                .iter()
-                .filter(|m| m.writable)
-                .map(|m| (m.pgoff, m.pgoff + m.range.pages() as u64))
-                .collect();
+            let writable = Self::writable_ranges(&st);
             let mut seen = std::collections::HashSet::new();
             let mut v = Vec::new();
             for &p in st.lru.iter() {
@@ -1082,12 +1087,7 @@ impl FileCache {
         };
         // Mappings may have become writable since the victims were chosen: skip their pages
         // (and pinned ones).
-        let writable: Vec<(u64, u64)> = st
-            .mappings
-            .iter()
-            .filter(|m| m.writable)
-            .map(|m| (m.pgoff, m.pgoff + m.range.pages() as u64))
-            .collect();
+        let writable = Self::writable_ranges(&st);
         let mut n = 0;
         for (s, e) in runs {
             for p in s..e {

@@ -423,6 +423,18 @@ impl Uffd {
     /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
     /// `force_umo` asks for the latter directly (to run as an unprivileged user would).
     pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
+        // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
+        // feature the kernel lacks would fail the handshake.
+        let mut want = uapi::UFFD_FEATURE_THREAD_ID as u64;
+        if delivery == UffdDelivery::Signal {
+            want |= uapi::UFFD_FEATURE_SIGBUS as u64;
+        }
+        Self::handshake(delivery, force_umo, want)
+    }
+
+    /// Opens a userfaultfd (plain, or user-mode-only where the plain one is refused or
+    /// `force_umo` asks for it) and completes the UFFDIO_API handshake asking for `want`.
+    fn handshake(delivery: UffdDelivery, force_umo: bool, want: u64) -> io::Result<Uffd> {
         let base = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
         let umo = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
         let (fd, user_mode_only) = if force_umo {
@@ -439,12 +451,6 @@ impl Uffd {
                 Err(e) => return Err(e.into()),
             }
         };
-        // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
-        // feature the kernel lacks would fail the handshake.
-        let mut want = uapi::UFFD_FEATURE_THREAD_ID as u64;
-        if delivery == UffdDelivery::Signal {
-            want |= uapi::UFFD_FEATURE_SIGBUS as u64;
-        }
         let mut api = uapi::uffdio_api {
             api: uapi::UFFD_API as u64,
             features: want,
@@ -468,41 +474,13 @@ impl Uffd {
     /// With `sync_wp`, write-protect is synchronous instead: a store to a protected page
     /// faults (SIGBUS in the faulting thread), so that hetmem sees every first store.
     pub fn open_file(force_umo: bool, sync_wp: bool) -> io::Result<Uffd> {
-        let base = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
-        let umo = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
-        let (fd, user_mode_only) = if force_umo {
-            // SAFETY: the fd is only used through this module's ioctls on hetmem's own regions.
-            (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
-        } else {
-            // SAFETY: as above.
-            match unsafe { rustix::mm::userfaultfd(base) } {
-                Ok(fd) => (fd, false),
-                // SAFETY: as above.
-                Err(rustix::io::Errno::PERM) => {
-                    (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
         let mut want = (uapi::UFFD_FEATURE_SIGBUS
             | uapi::UFFD_FEATURE_WP_UNPOPULATED
             | uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
         if !sync_wp {
             want |= uapi::UFFD_FEATURE_WP_ASYNC as u64;
         }
-        let mut api = uapi::uffdio_api {
-            api: uapi::UFFD_API as u64,
-            features: want,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is.
-        unsafe { rustix::ioctl::ioctl(&fd, Updater::<OP_API, _>::new(&mut api)) }?;
-        Ok(Uffd {
-            fd,
-            features: api.features,
-            user_mode_only,
-            delivery: UffdDelivery::Signal,
-        })
+        Self::handshake(UffdDelivery::Signal, force_umo, want)
     }
 
     /// Whether this fd was opened with `UFFD_USER_MODE_ONLY` (kernel-mode accesses to missing
