@@ -460,7 +460,8 @@ impl FileCache {
     /// mapping; the data of a `write_at`) fail with `errno` before writing anything, as when
     /// memory runs out (`ENOMEM`, or `ENOSPC` from the memfd). The caller gets the error: a
     /// `read_at` or `write_at` returns it with nothing changed, a CPU access gets SIGBUS (the
-    /// page is poisoned in that mapping until it is filled again). It is no writeback error:
+    /// fault is not served: the default action, as for the kernel's read error on a mapped file;
+    /// the page stays uncached). It is no writeback error:
     /// `fsync` does not report it.
     pub fn fail_next_staging(&self, n: u32, errno: i32) {
         self.stage_errno.store(errno as u32, Ordering::SeqCst);
