@@ -62,6 +62,12 @@ pub trait FileBackend: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Punches a hole (`FALLOC_FL_PUNCH_HOLE | KEEP_SIZE`).
     fn punch(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Whether the file may grow to `end` bytes (the file system's largest file); checked
+    /// before the cache grows, so that a write the file cannot take fails at once with EFBIG
+    /// instead of at writeback. The default allows any size up to `i64::MAX`.
+    fn may_grow_to(&self, end: u64) -> bool {
+        end <= i64::MAX as u64
+    }
 }
 
 /// The real file.
@@ -87,6 +93,12 @@ impl FileBackend for StdFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn may_grow_to(&self, end: u64) -> bool {
+        // `lseek(SEEK_SET)` past the file system's largest file size (its `s_maxbytes`) is
+        // EINVAL: a check that changes nothing (the cache never uses the file position).
+        end <= i64::MAX as u64
+            && rustix::fs::seek(&self.0, rustix::fs::SeekFrom::Start(end)).is_ok()
     }
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         rustix::fs::fallocate(
@@ -176,6 +188,9 @@ impl<B: FileBackend> FileBackend for FaultyBackend<B> {
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         self.inner.punch(off, len)
     }
+    fn may_grow_to(&self, end: u64) -> bool {
+        self.inner.may_grow_to(end)
+    }
 }
 
 impl<B: FileBackend> FileBackend for Arc<B> {
@@ -196,6 +211,9 @@ impl<B: FileBackend> FileBackend for Arc<B> {
     }
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         (**self).punch(off, len)
+    }
+    fn may_grow_to(&self, end: u64) -> bool {
+        (**self).may_grow_to(end)
     }
 }
 
@@ -225,13 +243,64 @@ enum PageState {
     Dirty,
 }
 
+/// The state of every page of the file, stored sparsely: only cached pages have an entry (an
+/// absent page is `Uncached`), so the memory it takes is bounded by what the cache holds, never
+/// by the file's size (a 16 TiB sparse file costs nothing until its pages are read), and walks
+/// over a range visit what is cached in it, not every page number.
+#[derive(Debug, Default)]
+struct PageStates {
+    /// The file's length in pages.
+    len: u64,
+    cached: std::collections::BTreeMap<u64, PageState>,
+}
+
+impl PageStates {
+    fn new(len: u64) -> PageStates {
+        PageStates {
+            len,
+            cached: std::collections::BTreeMap::new(),
+        }
+    }
+    /// Page `p`'s state (`Uncached` past the end).
+    fn get(&self, p: u64) -> PageState {
+        self.cached.get(&p).copied().unwrap_or(PageState::Uncached)
+    }
+    fn set(&mut self, p: u64, s: PageState) {
+        debug_assert!(p < self.len, "page {p} past the end ({} pages)", self.len);
+        if s == PageState::Uncached {
+            self.cached.remove(&p);
+        } else {
+            self.cached.insert(p, s);
+        }
+    }
+    /// The file's length in pages.
+    fn len(&self) -> u64 {
+        self.len
+    }
+    /// The cached pages in `first..last`, with their states.
+    fn cached_in(&self, first: u64, last: u64) -> Vec<(u64, PageState)> {
+        if first >= last {
+            return Vec::new();
+        }
+        self.cached
+            .range(first..last)
+            .map(|(&p, &s)| (p, s))
+            .collect()
+    }
+    /// Sets the length; entries past it must have been made `Uncached` by the caller.
+    fn resize(&mut self, len: u64) {
+        debug_assert!(self.cached.range(len..).next().is_none());
+        self.len = len;
+    }
+}
+
 #[derive(Debug)]
 struct CacheState {
     /// The file's size as this process sees it.
     size: u64,
     /// The size last set on the backend.
     disk_size: u64,
-    pages: Vec<PageState>,
+    pages: PageStates,
     dirty: BTreeSet<u64>,
     /// Clean pages in fill order (entries of pages no longer clean are skipped lazily).
     lru: VecDeque<u64>,
@@ -378,8 +447,8 @@ pub struct FileHandle {
     seen: AtomicU64,
 }
 
-fn pages_for(size: u64) -> usize {
-    size.div_ceil(PAGE) as usize
+fn pages_for(size: u64) -> u64 {
+    size.div_ceil(PAGE)
 }
 
 fn os(op: &'static str) -> impl FnOnce(io::Error) -> Error {
@@ -389,12 +458,42 @@ fn os(op: &'static str) -> impl FnOnce(io::Error) -> Error {
 impl FileCache {
     /// Opens `path` with the caller's permissions (read-only, or read-write when `writable`) and
     /// caches it. A file that cannot be opened gives the error of `open(2)` (ENOENT, EACCES...).
+    ///
+    /// Only a regular file can be cached: anything else (a FIFO, a directory, a device) is
+    /// refused with [`Error::NotRegularFile`] without blocking — the file is opened
+    /// non-blocking (opening a FIFO would otherwise wait for a writer forever) and checked with
+    /// `fstat` before any I/O.
     pub fn open(path: &Path, writable: bool, cfg: CacheConfig) -> Result<Arc<FileCache>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
-            .map_err(os("open file"))?;
+            .map_err(|source| {
+                // A FIFO opened for writing without a reader: ENXIO. Say what it is.
+                if std::fs::metadata(path).is_ok_and(|m| !m.file_type().is_file()) {
+                    Error::NotRegularFile {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    Error::Open {
+                        path: path.to_owned(),
+                        source,
+                    }
+                }
+            })?;
+        let meta = f.metadata().map_err(os("stat file"))?;
+        if !meta.file_type().is_file() {
+            return Err(Error::NotRegularFile {
+                path: path.to_owned(),
+            });
+        }
+        // O_NONBLOCK means nothing to a regular file's I/O; cleared anyway so that the
+        // descriptor is exactly what a plain open gives.
+        let flags = rustix::fs::fcntl_getfl(&f).map_err(|e| Error::os("fcntl", e.into()))?;
+        rustix::fs::fcntl_setfl(&f, flags - rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| Error::os("fcntl", e.into()))?;
         Self::with_backend(Box::new(StdFile(f)), writable, cfg)
     }
 
@@ -425,7 +524,7 @@ impl FileCache {
             st: Mutex::new(CacheState {
                 size,
                 disk_size: size,
-                pages: vec![PageState::Uncached; pages_for(size)],
+                pages: PageStates::new(pages_for(size)),
                 dirty: BTreeSet::new(),
                 lru: VecDeque::new(),
                 cached: 0,
@@ -498,7 +597,7 @@ impl FileCache {
     }
 
     fn set_state(&self, st: &mut CacheState, p: u64, new: PageState) {
-        let old = st.pages[p as usize];
+        let old = st.pages.get(p);
         if old == new {
             return;
         }
@@ -510,7 +609,7 @@ impl FileCache {
         if old == PageState::Dirty {
             st.dirty.remove(&p);
         }
-        st.pages[p as usize] = new;
+        st.pages.set(p, new);
         match new {
             PageState::Dirty => {
                 st.dirty.insert(p);
@@ -519,7 +618,7 @@ impl FileCache {
                 st.lru.push_back(p);
                 // Entries of pages that are no longer clean (or are clean twice) are skipped
                 // lazily; compact before they outnumber the pages.
-                if st.lru.len() > 2 * st.pages.len().max(64) {
+                if st.lru.len() > 2 * st.cached.max(64) {
                     let mut seen = std::collections::HashSet::new();
                     let pages = &st.pages;
                     let kept: VecDeque<u64> = st
@@ -527,9 +626,7 @@ impl FileCache {
                         .iter()
                         .rev()
                         .copied()
-                        .filter(|&q| {
-                            pages.get(q as usize) == Some(&PageState::Clean) && seen.insert(q)
-                        })
+                        .filter(|&q| pages.get(q) == PageState::Clean && seen.insert(q))
                         .collect::<Vec<_>>()
                         .into_iter()
                         .rev()
@@ -539,21 +636,20 @@ impl FileCache {
             }
             PageState::Uncached => {}
         }
-        st.pages[p as usize] = new;
     }
 
     /// Reads pages `first..last` that are not cached from the file into the memfd (runs of
     /// uncached pages in one read each; the tail past the end of file reads as zeros).
     fn fill(&self, st: &mut CacheState, first: u64, last: u64) -> Result<()> {
-        let last = last.min(st.pages.len() as u64);
+        let last = last.min(st.pages.len());
         let mut p = first;
         while p < last {
-            if st.pages[p as usize] != PageState::Uncached {
+            if st.pages.get(p) != PageState::Uncached {
                 p += 1;
                 continue;
             }
             let s = p;
-            while p < last && st.pages[p as usize] == PageState::Uncached {
+            while p < last && st.pages.get(p) == PageState::Uncached {
                 p += 1;
             }
             let mut buf = vec![0u8; ((p - s) * PAGE) as usize];
@@ -599,7 +695,7 @@ impl FileCache {
                 let _ = self.writeback(st, &all);
                 continue;
             };
-            if (p as usize) >= st.pages.len() || st.pages[p as usize] != PageState::Clean {
+            if st.pages.get(p) != PageState::Clean {
                 continue;
             }
             if (keep.0..keep.1).contains(&p) || Self::mapped(st, p) {
@@ -631,7 +727,7 @@ impl FileCache {
                 e += 1;
                 i += 1;
             }
-            let (s, e) = (s, e.min(st.pages.len() as u64));
+            let (s, e) = (s, e.min(st.pages.len()));
             if s >= e {
                 continue;
             }
@@ -669,7 +765,7 @@ impl FileCache {
             match res {
                 Ok(()) => {
                     for q in s..e {
-                        if st.pages[q as usize] == PageState::Dirty {
+                        if st.pages.get(q) == PageState::Dirty {
                             self.set_state(st, q, PageState::Clean);
                         }
                     }
@@ -741,7 +837,14 @@ impl FileCache {
         for w in written {
             let first = m.pgoff + ((w.start.get() - m.range.start.get()) / PAGE_SIZE) as u64;
             for p in first..first + w.pages() as u64 {
-                if (p as usize) < st.pages.len() {
+                // The scan reports an *empty* page-table entry as written too (the kernel's
+                // PAGEMAP_SCAN counts any entry without the write-protect bit or marker; a hole
+                // punch or eviction zaps a written entry without leaving a marker). An uncached
+                // page has no data in the memfd, so such a report is never a store: a store to
+                // it would have faulted and filled it first. Marking it dirty would make the
+                // cache believe it holds the page and every later fault on it would fill
+                // nothing and fault again, forever.
+                if st.pages.get(p) != PageState::Uncached {
                     self.set_state(st, p, PageState::Dirty);
                 }
             }
@@ -831,7 +934,7 @@ impl FileCache {
     pub(crate) fn fault_fill(&self, p: u64) -> Result<Fill> {
         const MAX_WINDOW: u64 = (2 << 20) / PAGE;
         let mut st = lock(&self.st);
-        if p >= st.pages.len() as u64 {
+        if p >= st.pages.len() {
             return Ok(Fill::PastEof);
         }
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
@@ -924,14 +1027,14 @@ impl FileCache {
         r: crate::addr::VaRange,
     ) -> Result<bool> {
         let mut st = lock(&self.st);
-        if p >= st.pages.len() as u64 {
+        if p >= st.pages.len() {
             return Ok(false);
         }
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(true);
         }
         self.fill(&mut st, p, p + 1)?;
-        if st.pages[p as usize] != PageState::Dirty {
+        if st.pages.get(p) != PageState::Dirty {
             if (st.dirty.len() + 1) * PAGE_SIZE > self.cfg.dirty_bound {
                 let all: Vec<u64> = st.dirty.iter().copied().collect();
                 if self.writeback(&mut st, &all).is_err()
@@ -960,7 +1063,7 @@ impl FileCache {
 
     /// The file's size in pages (as this process sees it).
     pub(crate) fn len_pages(&self) -> u64 {
-        lock(&self.st).pages.len() as u64
+        lock(&self.st).pages.len()
     }
 
     /// Reads file pages from `page` on into `buf` through the cache (the tail past the end of
@@ -1059,7 +1162,7 @@ impl FileCache {
                 if over == 0 {
                     break;
                 }
-                if st.pages.get(p as usize) == Some(&PageState::Clean)
+                if st.pages.get(p) == PageState::Clean
                     && !writable.iter().any(|&(s, e)| s <= p && p < e)
                     && !st.pinned.contains_key(&p)
                     && seen.insert(p)
@@ -1092,7 +1195,7 @@ impl FileCache {
         let mut n = 0;
         for (s, e) in runs {
             for p in s..e {
-                if st.pages.get(p as usize) == Some(&PageState::Clean)
+                if st.pages.get(p) == PageState::Clean
                     && !writable.iter().any(|&(a, b)| a <= p && p < b)
                     && !st.pinned.contains_key(&p)
                     && self.memfd.punch(p * PAGE, PAGE).is_ok()
@@ -1128,7 +1231,7 @@ impl FileCache {
     /// Drops file pages `first..last` from the cache without writing them (dirty or not): the
     /// memfd is punched, so every mapping faults on its next access (hole punch, direct write).
     fn drop_pages(&self, st: &mut CacheState, first: u64, last: u64) -> Result<()> {
-        for p in first..last {
+        for (p, _) in st.pages.cached_in(first, last) {
             self.set_state(st, p, PageState::Uncached);
         }
         if first < last {
@@ -1139,12 +1242,24 @@ impl FileCache {
         Ok(())
     }
 
+    /// Fails with EFBIG when the file cannot grow to `end` bytes.
+    fn check_end(&self, end: u64) -> Result<()> {
+        if self.backend.may_grow_to(end) {
+            Ok(())
+        } else {
+            Err(Error::FileTooLarge { end })
+        }
+    }
+
     /// Grows the cached size to `end` (a write past the end): new pages read as zeros.
     /// Before the file grows to `end`: the bytes of the old partial last page past the old end
     /// (a store through a shared mapping may have put data there) must read as zeros.
     fn zero_old_tail(&self, st: &CacheState, end: u64) -> Result<()> {
         let old = st.size;
-        if end <= old || old.is_multiple_of(PAGE) || st.pages.last() == Some(&PageState::Uncached) {
+        if end <= old
+            || old.is_multiple_of(PAGE)
+            || st.pages.get(st.pages.len().saturating_sub(1)) == PageState::Uncached
+        {
             return Ok(());
         }
         let stop = (old.div_ceil(PAGE) * PAGE).min(end);
@@ -1160,8 +1275,7 @@ impl FileCache {
         self.zero_old_tail(st, end)?;
         self.memfd.set_len(end).map_err(os("grow the cache"))?;
         st.size = end;
-        let n = pages_for(end);
-        st.pages.resize(n, PageState::Uncached);
+        st.pages.resize(pages_for(end));
         Ok(())
     }
 }
@@ -1210,17 +1324,20 @@ impl FileHandle {
         let mut st = lock(&c.st);
         let end = off
             .checked_add(data.len() as u64)
-            .ok_or(Error::Invalid("write past the largest offset"))?;
+            .ok_or(Error::FileTooLarge { end: u64::MAX })?;
+        if end > st.size {
+            c.check_end(end)?;
+        }
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
         let new_dirty = (first..last)
-            .filter(|p| st.pages.get(*p as usize) != Some(&PageState::Dirty))
+            .filter(|&p| st.pages.get(p) != PageState::Dirty)
             .count();
         if (st.dirty.len() + new_dirty) * PAGE_SIZE > c.cfg.dirty_bound {
             let all: Vec<u64> = st.dirty.iter().copied().collect();
             c.writeback(&mut st, &all)?;
         }
         // Partial first and last pages that hold file data are read first (read-modify-write).
-        let old_pages = st.pages.len() as u64;
+        let old_pages = st.pages.len();
         for p in [first, last - 1] {
             if p < old_pages {
                 c.fill(&mut st, p, p + 1)?;
@@ -1234,7 +1351,7 @@ impl FileHandle {
             if st.size != old_size {
                 let _ = c.memfd.set_len(old_size);
                 st.size = old_size;
-                st.pages.truncate(old_pages);
+                st.pages.resize(old_pages);
             }
             return Err(Error::os("write the cache", e));
         }
@@ -1287,17 +1404,18 @@ impl FileHandle {
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.check_writable()?;
         let c = &self.cache;
-        let mut st = c.begin_removal(pages_for(len) as u64, u64::MAX);
+        c.check_end(len)?;
+        let mut st = c.begin_removal(pages_for(len), u64::MAX);
         c.collect_written(&mut st);
         c.backend.set_len(len).map_err(os("set file length"))?;
         st.disk_size = len;
         let keep = pages_for(len);
         if len < st.size {
-            for p in keep..st.pages.len() {
-                c.set_state(&mut st, p as u64, PageState::Uncached);
+            for (p, _) in st.pages.cached_in(keep, u64::MAX) {
+                c.set_state(&mut st, p, PageState::Uncached);
             }
             // The tail of the new last page, if cached, must read as zeros from now on.
-            if !len.is_multiple_of(PAGE) && st.pages[keep - 1] != PageState::Uncached {
+            if !len.is_multiple_of(PAGE) && st.pages.get(keep - 1) != PageState::Uncached {
                 let tail = (PAGE - len % PAGE) as usize;
                 c.memfd
                     .write_at(len, &vec![0u8; tail])
@@ -1306,7 +1424,7 @@ impl FileHandle {
         }
         c.zero_old_tail(&st, len)?;
         c.memfd.set_len(len).map_err(os("size the cache"))?;
-        st.pages.resize(keep, PageState::Uncached);
+        st.pages.resize(keep);
         st.size = len;
         Ok(())
     }
@@ -1323,11 +1441,14 @@ impl FileHandle {
         if len == 0 {
             return Err(Error::ZeroLength);
         }
+        let end = off
+            .checked_add(len)
+            .ok_or(Error::FileRange { offset: off, len })?;
         let c = &self.cache;
-        let mut st = c.begin_removal(off / PAGE, (off + len).div_ceil(PAGE));
+        let mut st = c.begin_removal(off / PAGE, end / PAGE);
         c.collect_written(&mut st);
         c.backend.punch(off, len).map_err(os("punch file"))?;
-        let (first, last) = (off / PAGE, ((off + len) / PAGE).min(st.pages.len() as u64));
+        let (first, last) = (off / PAGE, (end / PAGE).min(st.pages.len()));
         c.drop_pages(&mut st, first, last)
     }
 
@@ -1368,7 +1489,8 @@ impl FileHandle {
         let c = &self.cache;
         let end = off
             .checked_add(data.len() as u64)
-            .ok_or(Error::Invalid("write past the largest offset"))?;
+            .ok_or(Error::FileTooLarge { end: u64::MAX })?;
+        c.check_end(end)?;
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
         let mut st = c.begin_removal(first, last);
         c.collect_written(&mut st);
@@ -1396,7 +1518,7 @@ impl FileHandle {
             st.disk_size = end;
         }
         c.grow(&mut st, end)?;
-        let last = last.min(st.pages.len() as u64);
+        let last = last.min(st.pages.len());
         c.drop_pages(&mut st, first, last)
     }
 }

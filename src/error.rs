@@ -80,6 +80,47 @@ pub enum Error {
     /// Device-exclusive (atomic) entries remain (EPERM from CHECK_EXCLUSIVE).
     #[error("device-exclusive entries remain")]
     ExclusiveRemains,
+    /// A size asked for is beyond what hetmem or the system supports (EINVAL): a device's
+    /// capacity, an address space's size, a mapping's length.
+    #[error("{what} of {requested:#x} bytes is too large (at most {limit:#x})")]
+    TooLarge {
+        /// What was sized.
+        what: &'static str,
+        /// The size asked for.
+        requested: u64,
+        /// The largest supported.
+        limit: u64,
+    },
+    /// A write or extension would make a file larger than its file system allows (EFBIG).
+    #[error("file would grow to {end:#x} bytes, past the file system's largest file")]
+    FileTooLarge {
+        /// The end the operation would reach.
+        end: u64,
+    },
+    /// A file range that no file offset can address (EOVERFLOW): `offset + len` past the
+    /// largest `off_t`.
+    #[error("file range at {offset:#x} of {len:#x} bytes is past the largest file offset")]
+    FileRange {
+        /// The file offset.
+        offset: u64,
+        /// The length.
+        len: u64,
+    },
+    /// A path that must name a regular file does not (EINVAL): a FIFO, a directory, a device.
+    #[error("{path}: not a regular file")]
+    NotRegularFile {
+        /// The path.
+        path: std::path::PathBuf,
+    },
+    /// Opening a file failed (ENOENT, EACCES, ...).
+    #[error("open {path}: {source}")]
+    Open {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Invalid argument not covered by a more precise variant (EINVAL).
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
@@ -113,6 +154,8 @@ impl Error {
             | Error::Overflow { .. }
             | Error::OutOfSpace { .. }
             | Error::Invalid(_)
+            | Error::TooLarge { .. }
+            | Error::NotRegularFile { .. }
             | Error::Forked { .. }
             | Error::Gone => libc::EINVAL,
             Error::NotMapped { .. } | Error::NoRead { .. } => libc::EFAULT,
@@ -121,13 +164,27 @@ impl Error {
             Error::Busy => libc::EBUSY,
             Error::NoMemory { .. } => libc::ENOMEM,
             Error::NotPresent { .. } => libc::ENOENT,
-            Error::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::FileTooLarge { .. } => libc::EFBIG,
+            Error::FileRange { .. } => libc::EOVERFLOW,
+            Error::Os { source, .. } | Error::Open { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
         }
     }
 
     pub(crate) fn os(op: &'static str, source: std::io::Error) -> Error {
         Error::Os { op, source }
     }
+}
+
+/// A vector of `n` copies of `v`, allocated fallibly: a size that comes from a caller never
+/// aborts the process (`what` names the allocation in the error).
+pub(crate) fn try_vec<T: Clone>(n: usize, v: T, what: &'static str) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n)
+        .map_err(|_| Error::NoMemory { what })?;
+    out.resize(n, v);
+    Ok(out)
 }
 
 /// hetmem's result type.

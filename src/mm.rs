@@ -239,7 +239,7 @@ fn serve_thread_faults(uffd: &Uffd, stop: &std::os::fd::OwnedFd) {
         }
         while let Ok(Some(f)) = uffd.read_fault() {
             let page = f.addr & !(PAGE_SIZE - 1);
-            sys::dispatch_fault(page, f.write || f.wp);
+            sys::dispatch_thread_fault(page, f.write || f.wp, f.tid);
             // Whatever the outcome, wake the faulting thread: it retries the access and faults
             // again if the page is still missing.
             let _ = uffd.wake(page, PAGE_SIZE);
@@ -320,18 +320,24 @@ impl Mm for KernelMm {
     }
 
     fn read(&self, addr: VirtAddr, dst: &mut [u8]) {
+        let _zone =
+            sys::NoFaultZone::enter("hetmem's own copy of managed memory (under a hetmem lock)");
         self.res
             .read(self.off(addr), dst)
             .expect("read of a range inside the reservation")
     }
 
     fn write(&self, addr: VirtAddr, src: &[u8]) {
+        let _zone =
+            sys::NoFaultZone::enter("hetmem's own copy of managed memory (under a hetmem lock)");
         self.res
             .write(self.off(addr), src)
             .expect("write of a range inside the reservation")
     }
 
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {
+        let _zone =
+            sys::NoFaultZone::enter("hetmem's own copy of managed memory (under a hetmem lock)");
         self.res
             .copy_to(self.off(addr), dst, off, len)
             .expect("copy of a range inside the reservation to a frame")

@@ -33,7 +33,7 @@
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE};
 use crate::error::{Error, Result};
-use crate::sync::{AtomicU64, Mutex, Ordering, lock};
+use crate::sync::{Mutex, Ordering, lock};
 use crate::sys::{LARGE_PAGE_SIZE, Prot, Region};
 
 /// The memory type of a pagemap (`enum memory_type`).
@@ -68,6 +68,9 @@ struct PoolState {
     large_alloc: Vec<bool>,
 }
 
+/// The largest pool: a frame index has 32 bits (in page entries), so 2^32 frames of 4 KiB.
+pub const MAX_CAPACITY: usize = (1usize << 32) * PAGE_SIZE;
+
 /// A pool of frames of one memory type, with an owner.
 #[derive(Debug)]
 pub struct Pagemap {
@@ -77,8 +80,8 @@ pub struct Pagemap {
     region: Region,
     nframes: usize,
     state: Mutex<PoolState>,
-    rmap: Vec<AtomicU64>,
-    flags: Vec<AtomicU64>,
+    rmap: Box<[std::sync::atomic::AtomicU64]>,
+    flags: Box<[std::sync::atomic::AtomicU64]>,
     /// The device's link model: copies into and out of this pagemap are charged to it.
     link: Option<crate::sync::Arc<crate::link::LinkModel>>,
 }
@@ -123,13 +126,29 @@ impl Pagemap {
         if capacity == 0 {
             return Err(Error::ZeroLength);
         }
+        if capacity > MAX_CAPACITY {
+            return Err(Error::TooLarge {
+                what: "a pool's capacity",
+                requested: capacity as u64,
+                limit: MAX_CAPACITY as u64,
+            });
+        }
         let blocks = capacity.div_ceil(LARGE_PAGE_SIZE);
         let len = blocks * LARGE_PAGE_SIZE;
         let region = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite)
             .map_err(|e| Error::os("mmap device pool", e))?;
         let nframes = blocks * PAGES_PER_LARGE;
-        let rmap = (0..nframes).map(|_| AtomicU64::new(0)).collect();
-        let flags = (0..nframes).map(|_| AtomicU64::new(0)).collect();
+        let no_mem = |_| Error::NoMemory {
+            what: "the pool's frame metadata",
+        };
+        let rmap = crate::sys::zeroed_atomics(nframes).map_err(no_mem)?;
+        let flags = crate::sys::zeroed_atomics(nframes).map_err(no_mem)?;
+        let mut free_base = Vec::new();
+        free_base
+            .try_reserve_exact(nframes)
+            .map_err(|_| Error::NoMemory {
+                what: "the pool's free list",
+            })?;
         Ok(Pagemap {
             id,
             kind,
@@ -140,7 +159,7 @@ impl Pagemap {
             // fault path does, in a SIGBUS handler) never allocates.
             state: Mutex::new(PoolState {
                 free_large: (0..blocks as u32).rev().collect(),
-                free_base: Vec::with_capacity(nframes),
+                free_base,
                 used: 0,
                 large_alloc: vec![false; blocks],
             }),

@@ -328,7 +328,8 @@ impl SpaceState {
         Some((f.cache.clone(), f.pgoff + v.idx(a) as u64))
     }
 
-    /// Records a new mapping of `r` (all pages missing) under a fresh id.
+    /// Records a new mapping of `r` (all pages missing: `ptes` from [`new_ptes`]) under a fresh
+    /// id.
     fn insert_vma(
         &mut self,
         r: VaRange,
@@ -336,7 +337,9 @@ impl SpaceState {
         mode: FaultMode,
         large: bool,
         file: Option<FileMap>,
+        ptes: Vec<Pte>,
     ) {
+        debug_assert_eq!(ptes.len(), r.pages());
         let id = self.next_vma_id;
         self.next_vma_id += 1;
         let v = Vma {
@@ -345,7 +348,7 @@ impl SpaceState {
             prot,
             mode,
             large,
-            ptes: vec![Pte::NONE; r.pages()],
+            ptes,
             file,
         };
         self.vmas.insert(r.start.get(), v);
@@ -686,8 +689,20 @@ impl Space {
                 std::io::Error::from_raw_os_error(libc::EACCES),
             ));
         }
+        // The same limits for shared and private mappings: the file range must be addressable
+        // (`off_t`), as mmap(2) requires of the shared one (EOVERFLOW).
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(Error::FileRange {
+                offset,
+                len: len as u64,
+            });
+        }
         let mut st = lock(&self.core.state);
         let r = self.free_range(&st, len, PAGE_SIZE)?;
+        let ptes = new_ptes(r)?;
         let pgoff = offset / PAGE_SIZE as u64;
         if shared {
             let mapped = if sync {
@@ -728,7 +743,7 @@ impl Space {
             sync,
             tracking: shared && !sync && prot.writable(),
         };
-        st.insert_vma(r, prot, FaultMode::Signal, false, Some(file));
+        st.insert_vma(r, prot, FaultMode::Signal, false, Some(file), ptes);
         Ok(r.start)
     }
 
@@ -1163,6 +1178,12 @@ fn unit_range(a: VirtAddr, large: bool) -> VaRange {
     }
 }
 
+/// The entries of a new mapping of `r`, all missing, allocated fallibly (8 bytes a page: a
+/// mapping's size comes from the caller).
+fn new_ptes(r: VaRange) -> Result<Vec<Pte>> {
+    crate::error::try_vec(r.pages(), Pte::NONE, "the mapping's page entries")
+}
+
 fn round_up(size: usize) -> Result<usize> {
     if size == 0 {
         return Err(Error::ZeroLength);
@@ -1204,10 +1225,11 @@ impl SpaceCore {
     }
 
     fn map_locked(&self, st: &mut SpaceState, r: VaRange, opts: MapOptions) -> Result<()> {
+        let ptes = new_ptes(r)?;
         self.mm
             .map(r, opts.prot, opts.mode)
             .map_err(|e| Error::os("map", e))?;
-        st.insert_vma(r, opts.prot, opts.mode, opts.large, None);
+        st.insert_vma(r, opts.prot, opts.mode, opts.large, None, ptes);
         Ok(())
     }
 

@@ -34,7 +34,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use linux_raw_sys::general as uapi;
 use rustix::ioctl::{Opcode, Updater, opcode};
@@ -103,6 +103,26 @@ pub fn check_page_size() -> io::Result<()> {
 pub struct Region {
     base: usize,
     len: usize,
+}
+
+/// `n` atomic words, all zero, allocated fallibly and zeroed lazily (a large allocation is fresh
+/// anonymous memory: untouched words cost nothing): per-frame metadata of a pool whose size a
+/// caller chose.
+pub fn zeroed_atomics(n: usize) -> io::Result<Box<[AtomicU64]>> {
+    if n == 0 {
+        return Ok(Box::new([]));
+    }
+    let layout = std::alloc::Layout::array::<AtomicU64>(n)
+        .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: `layout` has a non-zero size (n > 0).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
+    if p.is_null() {
+        return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+    }
+    // SAFETY: `p` is a fresh allocation of `n` AtomicU64 with the global allocator's layout for
+    // that array, and all-zero bytes are a valid AtomicU64 (same layout as u64); the box takes
+    // ownership and frees it with the same layout.
+    Ok(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, n)) })
 }
 
 impl Region {
@@ -400,6 +420,8 @@ pub struct UffdFault {
     pub write: bool,
     /// The fault is a write-protect fault.
     pub wp: bool,
+    /// The faulting thread's id (`UFFD_FEATURE_THREAD_ID`), 0 when unknown.
+    pub tid: u32,
 }
 
 /// A userfaultfd.
@@ -700,6 +722,9 @@ impl Uffd {
             addr: pf.address as usize,
             write: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WRITE as u64 != 0,
             wp: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WP as u64 != 0,
+            // SAFETY: `ptid` is the active member of `feat` with UFFD_FEATURE_THREAD_ID, which
+            // every thread-mode userfaultfd asks for; zero-initialised otherwise.
+            tid: unsafe { pf.feat.ptid },
         }))
     }
 
@@ -832,6 +857,114 @@ impl Drop for FaultRange {
     }
 }
 
+thread_local! {
+    /// What the calling thread is doing while it must not fault on a managed address (a hetmem
+    /// lock is held across a copy of managed memory); empty outside such a zone. A `const`
+    /// thread-local of a `Copy` type: reading it from the SIGBUS handler allocates nothing and
+    /// initialises nothing lazily.
+    static NO_FAULT: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+    /// This thread's id, once asked (0: not yet).
+    static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Thread ids (as the kernel reports them in thread-mode fault messages) of the threads inside
+/// a [`NoFaultZone`], so that the handler thread can tell too. Fixed size, lock-free.
+const MAX_ZONE_TIDS: usize = 64;
+static ZONE_TIDS: [std::sync::atomic::AtomicU32; MAX_ZONE_TIDS] =
+    [const { std::sync::atomic::AtomicU32::new(0) }; MAX_ZONE_TIDS];
+
+/// A stretch of hetmem code that holds a hetmem lock while it copies managed memory (a device
+/// copy under its page-table lock, a migration copy under the space's lock). Such code only
+/// touches pages known to be present; if it faults on a managed address anyway, serving the
+/// fault would need the lock it holds, or one ordered above it: a deadlock. Inside a zone such a
+/// fault aborts the process with a message naming the zone instead (in the SIGBUS handler for
+/// signal-mode mappings, in the handler thread for thread-mode ones) — a bug report, not a hang.
+#[derive(Debug)]
+pub struct NoFaultZone {
+    prev: &'static str,
+    slot: Option<usize>,
+}
+
+impl NoFaultZone {
+    /// Enters a zone described by `what` (for example "device copy under the page-table
+    /// lock").
+    pub fn enter(what: &'static str) -> NoFaultZone {
+        let prev = NO_FAULT.with(|c| c.replace(what));
+        let mut slot = None;
+        if prev.is_empty() {
+            let tid = TID.with(|t| {
+                if t.get() == 0 {
+                    t.set(rustix::thread::gettid().as_raw_nonzero().get() as u32);
+                }
+                t.get()
+            });
+            slot = ZONE_TIDS.iter().position(|t| {
+                t.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            });
+        }
+        NoFaultZone { prev, slot }
+    }
+}
+
+impl Drop for NoFaultZone {
+    fn drop(&mut self) {
+        NO_FAULT.with(|c| c.set(self.prev));
+        if let Some(i) = self.slot {
+            ZONE_TIDS[i].store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Whether thread `tid` is inside a zone, for the handler thread (a thread whose slot could not
+/// be recorded, past 64 at once, is not found).
+fn zone_of_tid(tid: u32) -> bool {
+    tid != 0 && ZONE_TIDS.iter().any(|t| t.load(Ordering::SeqCst) == tid)
+}
+
+/// Writes `parts` to stderr and aborts: async-signal-safe (no allocation, no lock).
+fn abort_with(parts: &[&[u8]]) -> ! {
+    for p in parts {
+        // SAFETY: writes a valid byte slice to fd 2; the result is irrelevant, we abort next.
+        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+    }
+    std::process::abort()
+}
+
+/// Formats `v` as hex into `buf` (no allocation), returning the digits.
+fn hex(v: usize, buf: &mut [u8; 18]) -> &[u8] {
+    buf[0] = b'0';
+    buf[1] = b'x';
+    for i in 0..16 {
+        let d = (v >> ((15 - i) * 4)) & 0xf;
+        buf[2 + i] = b"0123456789abcdef"[d];
+    }
+    &buf[..]
+}
+
+/// Whether `addr` lies in a registered fault range (a managed address).
+fn is_managed(addr: usize) -> bool {
+    SLOTS.iter().any(|s| {
+        !s.target.load(Ordering::SeqCst).is_null()
+            && s.start.load(Ordering::SeqCst) <= addr
+            && addr < s.end.load(Ordering::SeqCst)
+    })
+}
+
+/// Serves a fault at `addr` for the handler thread of thread-mode mappings: as
+/// [`dispatch_fault`], but a fault taken by a thread inside a [`NoFaultZone`] aborts.
+pub fn dispatch_thread_fault(addr: usize, write: bool, tid: u32) -> bool {
+    if zone_of_tid(tid) && is_managed(addr) {
+        let mut b = [0u8; 18];
+        abort_with(&[
+            b"hetmem: BUG: a thread holding a hetmem lock faulted on managed address ",
+            hex(addr, &mut b),
+            b" (thread-mode mapping): serving it would deadlock\n",
+        ]);
+    }
+    dispatch_fault(addr, write)
+}
+
 /// Serves a fault at `addr` with the target registered for it; false when none is.
 pub fn dispatch_fault(addr: usize, write: bool) -> bool {
     for slot in SLOTS.iter() {
@@ -911,6 +1044,17 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
         let uc = ctx as *const libc::ucontext_t;
         ((*uc).uc_mcontext.gregs[libc::REG_ERR as usize] & 2) != 0
     };
+    let zone = NO_FAULT.with(|c| c.get());
+    if !zone.is_empty() && is_managed(addr) {
+        let mut b = [0u8; 18];
+        abort_with(&[
+            b"hetmem: BUG: faulted on managed address ",
+            hex(addr, &mut b),
+            b" inside a no-fault zone (",
+            zone.as_bytes(),
+            b"): serving it would deadlock\n",
+        ]);
+    }
     let handled = dispatch_fault(addr, write);
     if handled {
         // SAFETY: restoring this thread's errno.

@@ -1,0 +1,339 @@
+//! Regression tests for the hangs, aborts and leaks found by testing hetmem from outside,
+//! through its public API only (each test fails, hangs into its watchdog, or aborts on the bug
+//! it names).
+
+mod common;
+use common::*;
+use hetmem::cache::*;
+use hetmem::*;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+fn small_space() -> Space {
+    Space::with_config(SpaceConfig {
+        size: 1 << 30,
+        stash: 2 << 20,
+        ..SpaceConfig::default()
+    })
+    .unwrap()
+}
+
+type Hook = Box<dyn FnMut() + Send>;
+
+/// The real file, with a hook run inside `punch` and `write_at` (after the cache has scanned
+/// the mappings and before it drops its pages): it lets a test put a CPU store exactly in the
+/// window where one raced a hole punch or a direct write.
+#[derive(Clone)]
+struct HookedFile {
+    inner: Arc<StdFile>,
+    hook: Arc<Mutex<Option<Hook>>>,
+}
+
+impl std::fmt::Debug for HookedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HookedFile")
+    }
+}
+
+impl HookedFile {
+    fn open(path: &std::path::Path) -> HookedFile {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        HookedFile {
+            inner: Arc::new(StdFile(f)),
+            hook: Arc::new(Mutex::new(None)),
+        }
+    }
+    fn arm(&self, h: Hook) {
+        *self.hook.lock().unwrap() = Some(h);
+    }
+    fn fire(&self) {
+        if let Some(mut h) = self.hook.lock().unwrap().take() {
+            h();
+        }
+    }
+}
+
+impl FileBackend for HookedFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        self.fire();
+        self.inner.write_at(off, buf)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        self.inner.sync(data_only)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.fire();
+        self.inner.punch(off, len)
+    }
+}
+
+/// A cache of a 16-page file of 0x11 bytes behind a [`HookedFile`], mapped shared read-write
+/// (stores tracked asynchronously, the default) in a new space.
+fn hooked_mapping(name: &str) -> (TempFile, HookedFile, FileHandle, Space, VirtAddr) {
+    let f = TempFile::new(name, &vec![0x11u8; 16 * PAGE]);
+    let hf = HookedFile::open(&f.0);
+    let cache =
+        FileCache::with_backend(Box::new(hf.clone()), true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space
+        .map_file(&h, 0, 16 * PAGE, Prot::ReadWrite, true)
+        .unwrap();
+    (f, hf, h, space, a)
+}
+
+/// A CPU store to a page of a shared file mapping lands after the hole punch scanned the
+/// mappings and before the memfd is punched (the race of the outside finding): the punch zaps a
+/// page table entry that is not write-protected, and the next scan (`fsync`) reported the
+/// now-empty entry as written: the cache marked the page dirty although the memfd had no page,
+/// a fault on it found it "cached" and filled nothing, and the access faulted forever.
+#[test]
+fn store_racing_a_hole_punch_then_fsync_does_not_hang() {
+    let _w = watchdog("store_racing_punch", 30);
+    let (f, hf, h, space, a) = hooked_mapping("o1-punch");
+    let p3 = a.get() + 3 * PAGE;
+    hetmem::sys::probe_store_u32(p3, 1);
+    h.fsync().unwrap();
+    hf.arm(Box::new(move || hetmem::sys::probe_store_u32(p3, 2)));
+    h.punch_hole(3 * PAGE as u64, PAGE as u64).unwrap();
+    h.fsync().unwrap();
+    at("load of the punched page");
+    // The page was punched (the racing store went with it): zeros, on the CPU and on disk.
+    assert_eq!(space.load_u32(VirtAddr(p3)).unwrap(), 0);
+    hetmem::sys::probe_store_u32(p3, 3);
+    h.fsync().unwrap();
+    let disk = f.disk();
+    assert_eq!(&disk[3 * PAGE..3 * PAGE + 4], &3u32.to_ne_bytes());
+    assert!(disk[3 * PAGE + 4..4 * PAGE].iter().all(|&b| b == 0));
+    assert!(disk[..3 * PAGE].iter().all(|&b| b == 0x11));
+}
+
+/// The same race with a direct write in place of the punch.
+#[test]
+fn store_racing_a_direct_write_then_fsync_does_not_hang() {
+    let _w = watchdog("store_racing_direct_write", 30);
+    let (f, hf, h, space, a) = hooked_mapping("o1-direct");
+    let p5 = a.get() + 5 * PAGE;
+    hetmem::sys::probe_store_u32(p5, 1);
+    h.fsync().unwrap();
+    hf.arm(Box::new(move || hetmem::sys::probe_store_u32(p5, 2)));
+    h.direct_write(5 * PAGE as u64, &vec![0x55u8; PAGE])
+        .unwrap();
+    h.fsync().unwrap();
+    at("load of the directly written page");
+    assert_eq!(space.load_u32(VirtAddr(p5)).unwrap(), 0x5555_5555);
+    h.fsync().unwrap();
+    assert!(f.disk()[5 * PAGE..6 * PAGE].iter().all(|&b| b == 0x55));
+}
+
+/// The same race with a device writing the page afterwards: the device's copy faulted on the
+/// missing page while holding its page-table lock (a deadlock once another thread invalidates).
+#[test]
+fn device_write_after_a_store_raced_a_punch_does_not_deadlock() {
+    let _w = watchdog("device_write_after_race", 30);
+    let (f, hf, h, space, a) = hooked_mapping("o2-device");
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let p2 = a.get() + 2 * PAGE;
+    hetmem::sys::probe_store_u32(p2, 1);
+    h.fsync().unwrap();
+    hf.arm(Box::new(move || hetmem::sys::probe_store_u32(p2, 2)));
+    h.punch_hole(2 * PAGE as u64, PAGE as u64).unwrap();
+    h.fsync().unwrap();
+    at("device write of the punched page");
+    m.write(p2 as u64, 1, &vec![0x77u8; PAGE]).unwrap();
+    // A concurrent punch of the same page (an invalidation waiting for the device's lock).
+    let h2 = h.cache().handle();
+    let t = std::thread::spawn(move || h2.punch_hole(2 * PAGE as u64, PAGE as u64));
+    m.write(p2 as u64, 1, &vec![0x78u8; PAGE]).unwrap();
+    t.join().unwrap().unwrap();
+    h.fsync().unwrap();
+    let page = &f.disk()[2 * PAGE..3 * PAGE];
+    assert!(
+        page.iter().all(|&b| b == 0x78) || page.iter().all(|&b| b == 0),
+        "the page is either the device's last write or the punch's zeros"
+    );
+}
+
+/// A fault on a managed address taken while hetmem holds a lock across a copy (a device copy
+/// under its page-table lock) used to deadlock; now it aborts the process at once with a message
+/// naming the address and the zone. Proved in a child process (this test re-executed): the
+/// child enters a no-fault zone and loads from a device-resident page, in each fault mode.
+#[test]
+fn a_fault_inside_a_no_fault_zone_aborts_with_a_message() {
+    if let Ok(mode) = std::env::var("HETMEM_ZONE_CHILD") {
+        let space = small_space();
+        let mode = if mode == "thread" {
+            FaultMode::Thread
+        } else {
+            FaultMode::Signal
+        };
+        let a = space
+            .map_anon_with(
+                PAGE,
+                MapOptions {
+                    mode,
+                    ..MapOptions::default()
+                },
+            )
+            .unwrap();
+        space.cpu_write(a, &[1, 2, 3, 4]).unwrap();
+        let dev = SoftDevice::private(4 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+        let _zone = hetmem::sys::NoFaultZone::enter("a test's zone");
+        hetmem::sys::probe_load_u32(a.get());
+        unreachable!("the load inside the zone returned");
+    }
+    let _w = watchdog("no_fault_zone", 60);
+    for mode in ["signal", "thread"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_fault_inside_a_no_fault_zone_aborts_with_a_message",
+                "--nocapture",
+            ])
+            .env("HETMEM_ZONE_CHILD", mode)
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "{mode}: the child should abort: {out:?}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("hetmem: BUG:") && err.contains("managed address"),
+            "{mode}: no message: {err}"
+        );
+    }
+}
+
+/// `write_at` far past the end sized the cache's page-state vector by the offset: 2^62 aborted
+/// the process (an allocation of 2^50 bytes), 2^44 took seconds and gigabytes. Now sizes past
+/// the file system's largest file are EFBIG at once, and a large sparse offset costs nothing.
+#[test]
+fn writes_at_huge_offsets_are_efbig_or_cheap_never_an_abort() {
+    let _w = watchdog("huge_offsets", 60);
+    let f = TempFile::new("o4-huge", b"hello");
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    for off in [1u64 << 62, i64::MAX as u64 - 10, u64::MAX - 1] {
+        let e = h.write_at(off, b"xy").unwrap_err();
+        assert_eq!(e.errno(), libc::EFBIG, "write_at({off:#x}): {e}");
+        let e = h.direct_write(off, b"xy").unwrap_err();
+        assert_eq!(e.errno(), libc::EFBIG, "direct_write({off:#x}): {e}");
+        assert_eq!(h.set_len(off).unwrap_err().errno(), libc::EFBIG);
+    }
+    assert_eq!(h.len(), 5, "failed writes changed the size");
+    // A sparse write at 8 TiB (inside ext4's and tmpfs's limits): no page-state per page of
+    // the hole, so it is immediate; the file on disk has the bytes after fsync.
+    let off = 1u64 << 43;
+    h.write_at(off, b"far").unwrap();
+    assert_eq!(h.len(), off + 3);
+    assert_eq!(
+        cache.cached_bytes(),
+        PAGE,
+        "only the written page is cached"
+    );
+    h.fsync().unwrap();
+    let mut buf = [0u8; 3];
+    assert_eq!(h.direct_read(off, &mut buf).unwrap(), 3);
+    assert_eq!(&buf, b"far");
+    assert_eq!(std::fs::metadata(&f.0).unwrap().len(), off + 3);
+    // Punch and truncate over the huge range walk what is cached, not every page number.
+    h.punch_hole(0, (off + PAGE as u64) & !(PAGE as u64 - 1))
+        .unwrap();
+    h.set_len(5).unwrap();
+    h.fsync().unwrap();
+    assert_eq!(f.disk(), vec![0u8; 5]);
+}
+
+/// `SoftDevice::private(1 << 44)` and `(1 << 46)` aborted the process (32 and 128 GiB of frame
+/// metadata allocated infallibly); now a capacity past the largest pool is a typed error and
+/// metadata is allocated fallibly (and zeroed lazily).
+#[test]
+fn huge_device_capacities_are_errors_not_aborts() {
+    for cap in [1usize << 46, 1 << 50, usize::MAX] {
+        let e = SoftDevice::private(cap).unwrap_err();
+        assert!(
+            matches!(e, Error::TooLarge { .. }),
+            "capacity {cap:#x}: {e}"
+        );
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+    // At the largest pool: a device, or ENOMEM, never an abort.
+    match SoftDevice::private(1 << 44) {
+        Ok(d) => assert_eq!(d.used(), 0),
+        Err(e) => assert_eq!(e.errno(), libc::ENOMEM, "{e}"),
+    }
+}
+
+/// `FileCache::open` of a FIFO blocked forever inside open(2) (read-only: waiting for a
+/// writer). Anything but a regular file is refused, at once, naming the path.
+#[test]
+fn opening_a_fifo_or_a_directory_is_refused_without_blocking() {
+    let _w = watchdog("fifo_open", 30);
+    let dir = std::env::temp_dir().join(format!("hetmem-o7-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+    for path in [&fifo, &dir] {
+        for writable in [false, true] {
+            let e = FileCache::open(path, writable, CacheConfig::default()).unwrap_err();
+            assert!(
+                matches!(e, Error::NotRegularFile { .. }) || (path == &dir && writable),
+                "{path:?} writable={writable}: {e}"
+            );
+            assert!(e.to_string().contains(path.to_str().unwrap()), "{e}");
+        }
+    }
+    std::fs::remove_file(&fifo).unwrap();
+    std::fs::remove_dir(&dir).unwrap();
+}
+
+/// A private `map_file` at a file offset no `off_t` can reach returned Ok (every later access
+/// failed) while the shared one returned EOVERFLOW: both are validated the same way now.
+#[test]
+fn file_offsets_past_off_t_are_eoverflow_for_private_and_shared_mappings() {
+    let f = TempFile::new("o8-offset", &vec![1u8; PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    for off in [
+        u64::MAX & !(PAGE as u64 - 1),
+        1 << 63,
+        i64::MAX as u64 & !(PAGE as u64 - 1),
+    ] {
+        for shared in [false, true] {
+            let e = space
+                .map_file(&h, off, PAGE, Prot::ReadWrite, shared)
+                .unwrap_err();
+            assert_eq!(
+                e.errno(),
+                libc::EOVERFLOW,
+                "offset {off:#x} shared={shared}: {e}"
+            );
+        }
+    }
+}
