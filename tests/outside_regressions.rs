@@ -321,7 +321,7 @@ fn file_offsets_past_off_t_are_eoverflow_for_private_and_shared_mappings() {
     let h = cache.handle();
     let space = small_space();
     for off in [
-        u64::MAX & !(PAGE as u64 - 1),
+        !(PAGE as u64 - 1),
         1 << 63,
         i64::MAX as u64 & !(PAGE as u64 - 1),
     ] {
