@@ -1051,6 +1051,12 @@ impl FileCache {
         Ok(true)
     }
 
+    /// Waits until the page removal in progress (if any) has ended: a fill of a blocked page
+    /// can then be tried again. Called with no lock held.
+    pub(crate) fn wait_for_removal(&self) {
+        drop(lock(&self.removal));
+    }
+
     /// Pins (`delta` 1) or unpins (-1) file page `p` (a `Space::pin` of a shared file mapping).
     pub(crate) fn pin_page(&self, p: u64, delta: i32) {
         let mut st = lock(&self.st);

@@ -399,9 +399,19 @@ impl DevPageTable {
         }
         self.len -= cleared;
     }
-    /// Whether any entry of pages `s..e` satisfies `f`.
+    /// Whether any entry of pages `s..e` satisfies `f`. Walks the leaves that exist in the
+    /// range, never every page number of it: a caller's range may be 2^51 pages long.
     fn any_in(&self, s: usize, e: usize, f: impl Fn(&DevPte) -> bool) -> bool {
-        (s..e).any(|v| self.get(&v).is_some_and(&f))
+        if s >= e {
+            return false;
+        }
+        self.leaves
+            .range(s / LEAF..=(e - 1) / LEAF)
+            .any(|(&li, leaf)| {
+                let lo = s.max(li * LEAF) - li * LEAF;
+                let hi = e.min((li + 1) * LEAF) - li * LEAF;
+                leaf[lo..hi].iter().flatten().any(&f)
+            })
     }
 }
 

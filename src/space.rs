@@ -1084,37 +1084,52 @@ impl Space {
     pub fn pin(&self, addr: VirtAddr, len: usize, long_term: bool) -> Result<Pin> {
         self.check_owner_process()?;
         let r = VaRange::new(addr, len)?;
-        let mut st = lock(&self.core.state);
-        st.check_covered(r)?;
-        for p in 0..r.pages() {
-            let a = r.start.add(p * PAGE_SIZE);
-            let v = st.vma(a).expect("covered");
-            if !v.prot.readable() {
-                return Err(Error::NoRead { addr: a });
+        // A file page being removed (eviction, truncate, punch: the cache blocks it while
+        // device mappings are invalidated) cannot be made present yet: wait for that removal to
+        // end, with no lock held, and try again. Bounded: each round waits for one removal, and
+        // a removal is bounded work; a page that stays blocked this many times is EBUSY.
+        const BUSY_ROUNDS: usize = 1000;
+        let mut round = 0;
+        let mut st = loop {
+            let mut st = lock(&self.core.state);
+            st.check_covered(r)?;
+            for p in 0..r.pages() {
+                let a = r.start.add(p * PAGE_SIZE);
+                let v = st.vma(a).expect("covered");
+                if !v.prot.readable() {
+                    return Err(Error::NoRead { addr: a });
+                }
             }
-        }
-        for p in 0..r.pages() {
-            let a = r.start.add(p * PAGE_SIZE);
-            self.core.make_present(&mut st, a)?;
-            if long_term {
-                // A long-term pin would block the device from evicting its memory: coherent
-                // pages move to system memory first (the kernel's FOLL_LONGTERM rule).
-                self.core.demote_coherent(&mut st, a);
+            match self.make_range_present(&mut st, r, long_term) {
+                Ok(()) => break st,
+                Err((Error::Busy, Some(cache))) if round < BUSY_ROUNDS => {
+                    drop(st);
+                    cache.wait_for_removal();
+                    round += 1;
+                }
+                Err((e, _)) => return Err(e),
             }
-        }
+        };
         for p in 0..r.pages() {
             let pte = st.pte(r.start.add(p * PAGE_SIZE)).expect("covered");
             if pte.with_pin(long_term, 1).is_none() {
                 return Err(Error::Busy);
             }
         }
+        let mut file_pins: Vec<(Arc<FileCache>, u64, u64)> = Vec::new();
         for p in 0..r.pages() {
             let a = r.start.add(p * PAGE_SIZE);
             let pte = st.pte(a).expect("covered");
             st.set_pte(a, pte.with_pin(long_term, 1).expect("checked above"));
-            // A pinned page of a shared file mapping lives in the file's cache: never evicted.
+            // A pinned page of a shared file mapping lives in the file's cache: never evicted
+            // while the pin is held, even after the mapping is gone (as a pinned page outlives
+            // its mapping in the kernel).
             if let Some((cache, page)) = st.file_page(a) {
                 cache.pin_page(page, 1);
+                match file_pins.last_mut() {
+                    Some((c, _, e)) if Arc::ptr_eq(c, &cache) && *e == page => *e += 1,
+                    _ => file_pins.push((cache, page, page + 1)),
+                }
             }
         }
         let mut pieces = Vec::new();
@@ -1128,8 +1143,33 @@ impl Space {
         Ok(Pin {
             core: self.core.clone(),
             pieces,
+            file_pins,
             long_term,
         })
+    }
+
+    /// Makes every page of `r` present (and, for a long-term pin, in system memory). On
+    /// failure, the error and, for a file page being removed, its cache (to wait on).
+    #[allow(clippy::type_complexity)]
+    fn make_range_present(
+        &self,
+        st: &mut SpaceState,
+        r: VaRange,
+        long_term: bool,
+    ) -> std::result::Result<(), (Error, Option<Arc<FileCache>>)> {
+        for p in 0..r.pages() {
+            let a = r.start.add(p * PAGE_SIZE);
+            if let Err(e) = self.core.make_present(st, a) {
+                let cache = st.file_page(a).map(|(c, _)| c);
+                return Err((e, cache));
+            }
+            if long_term {
+                // A long-term pin would block the device from evicting its memory: coherent
+                // pages move to system memory first (the kernel's FOLL_LONGTERM rule).
+                self.core.demote_coherent(st, a);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1139,6 +1179,9 @@ pub struct Pin {
     core: Arc<SpaceCore>,
     /// The pinned ranges and the mapping each belongs to.
     pieces: Vec<(VaRange, u64)>,
+    /// Runs of file pages pinned in their caches (`first..last`): released on drop whatever
+    /// happened to the mappings.
+    file_pins: Vec<(Arc<FileCache>, u64, u64)>,
     long_term: bool,
 }
 
@@ -1156,10 +1199,13 @@ impl Drop for Pin {
                 let i = v.idx(a);
                 if let Some(np) = v.ptes[i].with_pin(self.long_term, -1) {
                     v.ptes[i] = np;
-                    if let Some((cache, page)) = st.file_page(a) {
-                        cache.pin_page(page, -1);
-                    }
                 }
+            }
+        }
+        drop(st);
+        for (cache, first, last) in &self.file_pins {
+            for page in *first..*last {
+                cache.pin_page(page, -1);
             }
         }
     }

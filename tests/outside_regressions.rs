@@ -337,3 +337,127 @@ fn file_offsets_past_off_t_are_eoverflow_for_private_and_shared_mappings() {
         }
     }
 }
+
+/// `check_exclusive` with an absurd page count walked every page number of the range under the
+/// device's page-table lock (2^28 pages took 194 ms; 2^51 would take weeks) when the device
+/// table had any entry, stalling `protect` and CPU faults of the space. It walks what is mapped.
+#[test]
+fn check_exclusive_over_a_huge_range_walks_only_what_is_mapped() {
+    let _w = watchdog("check_exclusive_huge", 30);
+    let space = small_space();
+    let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &[7; 16]).unwrap();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let mut buf = vec![0u8; PAGE];
+    m.read(a.get() as u64, 1, &mut buf).unwrap();
+    assert!(m.mapped_pages() >= 1);
+    for n in [1u64 << 28, 1 << 40, 1 << 51] {
+        assert!(m.check_exclusive(a.get() as u64, n).is_ok());
+    }
+    m.exclusive(a.get() as u64, 1, &mut buf).unwrap();
+    let e = m.check_exclusive(a.get() as u64, 1 << 51).unwrap_err();
+    assert_eq!(e.errno(), libc::EPERM);
+    // An absurd count that overflows the address space is an error, not a walk.
+    assert!(m.check_exclusive(a.get() as u64, u64::MAX).is_err());
+    space.protect(a, 4 * PAGE, Prot::Read).unwrap();
+}
+
+fn budget_cache(name: &str, pages: usize, budget_pages: usize) -> (TempFile, Arc<FileCache>) {
+    let f = TempFile::new(name, &pattern(pages * PAGE, |i| i));
+    let cache = FileCache::open(
+        &f.0,
+        false,
+        CacheConfig {
+            budget: budget_pages * PAGE,
+            dirty_bound: 4 * PAGE,
+        },
+    )
+    .unwrap();
+    (f, cache)
+}
+
+/// A pin held across the unmap of a shared file mapping leaked: dropping it afterwards
+/// released nothing in the cache, so the pages stayed pinned and cached over budget forever.
+/// The pin now keeps the pages while held (as a pinned page outlives its mapping in the
+/// kernel) and releases them when dropped, whatever happened to the mapping.
+#[test]
+fn a_pin_held_across_unmap_releases_the_file_pages_when_dropped() {
+    let _w = watchdog("pin_across_unmap", 30);
+    let (_f, cache) = budget_cache("o5-pin", 16, 4);
+    let h = cache.handle();
+    let space = small_space();
+    let a = space.map_file(&h, 0, 16 * PAGE, Prot::Read, true).unwrap();
+    let pin = space.pin(a, 8 * PAGE, false).unwrap();
+    space.unmap(a, 16 * PAGE).unwrap();
+    cache.shrink_to_budget();
+    assert!(
+        cache.cached_bytes() >= 8 * PAGE,
+        "pinned pages were evicted while the pin is held"
+    );
+    drop(pin);
+    cache.shrink_to_budget();
+    assert!(
+        cache.cached_bytes() <= 4 * PAGE,
+        "the dropped pin still holds {} bytes over the budget",
+        cache.cached_bytes()
+    );
+    // The data is intact after eviction.
+    let mut b = vec![0u8; 16 * PAGE];
+    assert_eq!(h.read_at(0, &mut b).unwrap(), 16 * PAGE);
+    assert_eq!(b, pattern(16 * PAGE, |i| i));
+}
+
+/// `Space::pin` returned EBUSY whenever it met a page the background evictor was removing
+/// (about 29 % of pins under load). It now waits for that removal to end and retries.
+#[test]
+fn pins_do_not_fail_while_the_evictor_runs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _w = watchdog("pin_vs_evictor", 60);
+    let (_f, cache) = budget_cache("o6-pin", 64, 8);
+    let h = cache.handle();
+    let space = Arc::new(small_space());
+    let a = space.map_file(&h, 0, 64 * PAGE, Prot::Read, true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let evicted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let evictor = {
+        let (cache, stop, evicted) = (cache.clone(), stop.clone(), evicted.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                evicted.fetch_add(cache.shrink_to_budget(), Ordering::Relaxed);
+            }
+        })
+    };
+    let reader = {
+        let (space, stop) = (space.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            let mut b = [0u8; 4];
+            while !stop.load(Ordering::Relaxed) {
+                i = (i * 7 + 13) % 64;
+                space.cpu_read(a.add(i * PAGE), &mut b).unwrap();
+                assert_eq!(u32::from_ne_bytes(b), (i * PAGE / 4) as u32);
+            }
+        })
+    };
+    let mut busy = 0;
+    // At least 3000 pins, and on until the evictor has evicted 500 pages meanwhile (the
+    // watchdog bounds it).
+    let mut k = 0usize;
+    while k < 3000 || evicted.load(Ordering::Relaxed) < 500 {
+        k += 1;
+        let p = (k * 11) % 64;
+        match space.pin(a.add(p * PAGE), PAGE, k.is_multiple_of(2)) {
+            Ok(pin) => drop(pin),
+            Err(Error::Busy) => busy += 1,
+            Err(e) => panic!("pin failed: {e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    evictor.join().unwrap();
+    assert_eq!(
+        busy, 0,
+        "{busy} of {k} pins returned EBUSY while the evictor ran"
+    );
+}
