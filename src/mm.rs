@@ -31,6 +31,13 @@ pub enum FaultMode {
     /// In the faulting thread, from a SIGBUS handler (≈ 5 µs a fault here). A system call that
     /// touches a missing page of the mapping (`read(2)` into it, O_DIRECT, io_uring) fails with
     /// EFAULT instead of being served.
+    ///
+    /// **A thread that blocks SIGBUS** (`pthread_sigmask`, `sigprocmask`, or a runtime that
+    /// masks signals in its worker threads) **is killed by the kernel** when it touches a
+    /// device-resident or not-yet-filled page of such a mapping: the kernel cannot deliver the
+    /// signal that would serve the fault. Threads that must block SIGBUS should touch only
+    /// mappings made with [`FaultMode::Thread`], whose faults are served by a handler thread
+    /// and need no signal.
     #[default]
     Signal,
     /// By a handler thread (a wake-up, ≈ 15 µs more). Kernel-mode accesses are served too, when

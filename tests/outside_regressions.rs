@@ -461,3 +461,56 @@ fn pins_do_not_fail_while_the_evictor_runs() {
         "{busy} of {k} pins returned EBUSY while the evictor ran"
     );
 }
+
+/// What the `FaultMode::Signal` docs and README now say: a thread that blocks SIGBUS is killed
+/// when it touches a device-resident page of a signal-mode mapping, and `Thread` mode is the
+/// remedy (its faults need no signal). Run in a child process (this test re-executed) per mode.
+#[test]
+fn a_thread_blocking_sigbus_needs_thread_mode() {
+    if let Ok(mode) = std::env::var("HETMEM_SIGMASK_CHILD") {
+        let space = small_space();
+        let mode = if mode == "thread" {
+            FaultMode::Thread
+        } else {
+            FaultMode::Signal
+        };
+        let a = space
+            .map_anon_with(
+                PAGE,
+                MapOptions {
+                    mode,
+                    ..MapOptions::default()
+                },
+            )
+            .unwrap();
+        space.cpu_write(a, &[9, 9, 9, 9]).unwrap();
+        let dev = SoftDevice::private(4 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+        // SAFETY (test): blocks SIGBUS in this thread only.
+        let rc = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGBUS);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        assert_eq!(rc, 0);
+        let v = hetmem::sys::probe_load_u32(a.get());
+        assert_eq!(v, 0x0909_0909);
+        std::process::exit(0);
+    }
+    let _w = watchdog("sigmask", 60);
+    for (mode, killed) in [("signal", true), ("thread", false)] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "a_thread_blocking_sigbus_needs_thread_mode", "--nocapture"])
+            .env("HETMEM_SIGMASK_CHILD", mode)
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        if killed {
+            assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{mode}: {out:?}");
+        } else {
+            assert!(out.status.success(), "{mode}: {out:?}");
+        }
+    }
+}
