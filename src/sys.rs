@@ -1250,6 +1250,23 @@ pub fn mlockall_onfault() -> io::Result<()> {
     Ok(())
 }
 
+/// Blocks SIGBUS in the calling thread (`pthread_sigmask`), for tests of what happens to a
+/// thread that does so (it is killed when it touches an unfilled page of a signal-mode mapping).
+pub fn block_sigbus_in_this_thread() -> io::Result<()> {
+    // SAFETY: `set` is a sigset_t we own, initialised by sigemptyset before use; changing this
+    // thread's signal mask touches no Rust-owned memory.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGBUS);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// `munlockall()`.
 pub fn munlockall() -> io::Result<()> {
     rustix::mm::munlockall()?;

@@ -487,14 +487,7 @@ fn a_thread_blocking_sigbus_needs_thread_mode() {
         let dev = SoftDevice::private(4 << 20).unwrap();
         let m = dev.mirror(&space).unwrap();
         m.migrate_range_to_device(a.get() as u64, 1).unwrap();
-        // SAFETY (test): blocks SIGBUS in this thread only.
-        let rc = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGBUS);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-        };
-        assert_eq!(rc, 0);
+        hetmem::sys::block_sigbus_in_this_thread().unwrap();
         let v = hetmem::sys::probe_load_u32(a.get());
         assert_eq!(v, 0x0909_0909);
         std::process::exit(0);
