@@ -387,6 +387,7 @@ impl FaultTarget for BareTarget {
             Ok(()) | Err(UffdError::Exists) | Err(UffdError::Again)
         )
     }
+    fn remapped(&self, _from: usize, _to: usize, _len: usize) {}
 }
 
 /// A SIGBUS-mode userfaultfd range served by [`BareTarget`]. Field order is drop order: the

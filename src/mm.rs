@@ -116,27 +116,66 @@ pub trait Mm: Send + Sync {
     /// read-only shared mapping becoming writable): registers asynchronous write-protect and
     /// protects the range.
     fn track_writes(&self, r: VaRange) -> io::Result<()>;
+    /// A direct mremap moved a mapping of fault mode `mode` to `moved` (outside the
+    /// reservation, or anywhere the program chose): unregisters it, so that it is plain memory
+    /// from now on.
+    fn forget_moved(&self, moved: VaRange, mode: FaultMode) -> io::Result<()>;
+    /// Maps the range `r` of the reservation again (PROT_NONE, unregistered, never replacing
+    /// a mapping: a direct mremap left it unmapped, and the program may have mapped something
+    /// else there meanwhile, EEXIST then).
+    fn restore_reservation(&self, r: VaRange) -> io::Result<()>;
 }
 
 // ---------------------------------------------------------------------------------------------
 // The real kernel
 // ---------------------------------------------------------------------------------------------
 
+/// A thread reading one userfaultfd: fault messages (thread-mode delivery) and the REMAP
+/// events of direct mremaps (every userfaultfd of hetmem's asks for them). Stopped and joined on
+/// drop.
 struct ThreadService {
     uffd: std::sync::Arc<Uffd>,
     stop: std::os::fd::OwnedFd,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
+impl ThreadService {
+    fn start(uffd: std::sync::Arc<Uffd>, name: &str) -> io::Result<ThreadService> {
+        let stop = sys::stop_fd()?;
+        let stop2 = stop.try_clone()?;
+        let u2 = uffd.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || serve_uffd(&u2, &stop2))?;
+        Ok(ThreadService {
+            uffd,
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for ThreadService {
+    fn drop(&mut self) {
+        let _ = sys::signal_stop(&self.stop);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// The real kernel boundary: a reservation of anonymous private memory and userfaultfds.
 pub struct KernelMm {
     res: Region,
-    sig: Uffd,
+    /// The signal-mode userfaultfd, with its event reader.
+    sig: ThreadService,
     thr: Mutex<Option<ThreadService>>,
-    /// The userfaultfd of file mappings and the pagemap scanner, made on first use.
-    file: Mutex<Option<(Uffd, sys::PagemapScanner)>>,
-    /// The userfaultfd of file mappings with synchronous write-protect, made on first use.
-    file_sync: Mutex<Option<Uffd>>,
+    /// The userfaultfd of file mappings (with its event reader) and the pagemap scanner, made
+    /// on first use.
+    file: Mutex<Option<(ThreadService, sys::PagemapScanner)>>,
+    /// The userfaultfd of file mappings with synchronous write-protect (with its event
+    /// reader), made on first use.
+    file_sync: Mutex<Option<ThreadService>>,
     force_umo: bool,
 }
 
@@ -156,7 +195,10 @@ impl KernelMm {
     pub fn new(len: usize, user_mode_only: bool) -> io::Result<KernelMm> {
         sys::check_page_size()?;
         let res = Region::new(len, crate::addr::LARGE_PAGE_SIZE, Prot::None)?;
-        let sig = Uffd::open(UffdDelivery::Signal, user_mode_only)?;
+        let sig = ThreadService::start(
+            std::sync::Arc::new(Uffd::open(UffdDelivery::Signal, user_mode_only)?),
+            "hetmem-events",
+        )?;
         sys::install_sigbus_handler()?;
         Ok(KernelMm {
             res,
@@ -174,7 +216,7 @@ impl KernelMm {
 
     fn with_uffd<R>(&self, mode: FaultMode, f: impl FnOnce(&Uffd) -> R) -> R {
         match mode {
-            FaultMode::Signal => f(&self.sig),
+            FaultMode::Signal => f(&self.sig.uffd),
             FaultMode::Thread => {
                 let uffd = self
                     .thread_uffd()
@@ -190,17 +232,7 @@ impl KernelMm {
             return Ok(s.uffd.clone());
         }
         let uffd = std::sync::Arc::new(Uffd::open(UffdDelivery::Thread, self.force_umo)?);
-        let stop = sys::stop_fd()?;
-        let stop2 = stop.try_clone()?;
-        let u2 = uffd.clone();
-        let handle = std::thread::Builder::new()
-            .name("hetmem-uffd".into())
-            .spawn(move || serve_thread_faults(&u2, &stop2))?;
-        *g = Some(ThreadService {
-            uffd: uffd.clone(),
-            stop,
-            handle: Some(handle),
-        });
+        *g = Some(ThreadService::start(uffd.clone(), "hetmem-uffd")?);
         Ok(uffd)
     }
 
@@ -236,30 +268,32 @@ impl KernelMm {
     }
 }
 
-/// The handler thread of thread-mode mappings: reads fault messages and serves each through the
-/// fault registry, then wakes the faulting thread. It never touches managed memory itself.
-fn serve_thread_faults(uffd: &Uffd, stop: &std::os::fd::OwnedFd) {
+/// The reader of a userfaultfd (see [`ThreadService`]): serves each fault message through the
+/// fault registry and wakes the faulting thread; follows each direct mremap (REMAP event) through
+/// the registry too. The window of pending moves ([`sys::RemapWindow`]) opens before the read,
+/// so that a signal-mode access to a moved range made after the program's mremap returned (the
+/// kernel releases it when the event is read) waits for the move to be followed. It never
+/// touches managed memory itself.
+fn serve_uffd(uffd: &Uffd, stop: &std::os::fd::OwnedFd) {
     loop {
         match uffd.wait(stop) {
             Ok(true) => {}
             Ok(false) | Err(_) => return,
         }
-        while let Ok(Some(f)) = uffd.read_fault() {
-            let page = f.addr & !(PAGE_SIZE - 1);
-            sys::dispatch_thread_fault(page, f.write || f.wp, f.tid);
-            // Whatever the outcome, wake the faulting thread: it retries the access and faults
-            // again if the page is still missing.
-            let _ = uffd.wake(page, PAGE_SIZE);
-        }
-    }
-}
-
-impl Drop for KernelMm {
-    fn drop(&mut self) {
-        if let Some(mut s) = lock(&self.thr).take() {
-            let _ = sys::signal_stop(&s.stop);
-            if let Some(h) = s.handle.take() {
-                let _ = h.join();
+        let _window = sys::RemapWindow::open();
+        while let Ok(Some(m)) = uffd.read_msg() {
+            match m {
+                sys::UffdMsg::Fault(f) => {
+                    let page = f.addr & !(PAGE_SIZE - 1);
+                    sys::dispatch_thread_fault(page, f.write || f.wp, f.tid);
+                    // Whatever the outcome, wake the faulting thread: it retries the access and
+                    // faults again if the page is still missing.
+                    let _ = uffd.wake(page, PAGE_SIZE);
+                }
+                sys::UffdMsg::Remap { from, to, len } => {
+                    sys::dispatch_remap(from, to, len);
+                }
+                sys::UffdMsg::Other(_) => {}
             }
         }
     }
@@ -279,7 +313,7 @@ impl Mm for KernelMm {
         // it with MAP_FIXED loses nothing and opens no unregistered window over managed data.
         self.res.remap_fresh(off, r.len(), prot)?;
         let res = match mode {
-            FaultMode::Signal => self.sig.register(&self.res, off, r.len(), true),
+            FaultMode::Signal => self.sig.uffd.register(&self.res, off, r.len(), true),
             FaultMode::Thread => self.thread_uffd()?.register(&self.res, off, r.len(), true),
         };
         if let Err(e) = res {
@@ -368,7 +402,7 @@ impl Mm for KernelMm {
     }
 
     fn user_mode_only(&self) -> bool {
-        self.sig.user_mode_only()
+        self.sig.uffd.user_mode_only()
     }
 
     fn map_file(
@@ -386,12 +420,15 @@ impl Mm for KernelMm {
         let mut g = lock(&self.file);
         if g.is_none() {
             *g = Some((
-                Uffd::open_file(self.force_umo, false)?,
+                ThreadService::start(
+                    std::sync::Arc::new(Uffd::open_file(self.force_umo, false)?),
+                    "hetmem-events",
+                )?,
                 sys::PagemapScanner::new()?,
             ));
         }
-        let (uffd, _) = g.as_ref().expect("made above");
-        self.map_registered(uffd, r, fd, file_off, prot, shared, track)
+        let (svc, _) = g.as_ref().expect("made above");
+        self.map_registered(&svc.uffd, r, fd, file_off, prot, shared, track)
     }
 
     fn map_file_sync(
@@ -403,29 +440,43 @@ impl Mm for KernelMm {
     ) -> io::Result<()> {
         let mut g = lock(&self.file_sync);
         if g.is_none() {
-            *g = Some(Uffd::open_file(self.force_umo, true)?);
+            *g = Some(ThreadService::start(
+                std::sync::Arc::new(Uffd::open_file(self.force_umo, true)?),
+                "hetmem-events",
+            )?);
         }
-        let uffd = g.as_ref().expect("made above");
-        self.map_registered(uffd, r, fd, file_off, prot, true, true)
+        let svc = g.as_ref().expect("made above");
+        self.map_registered(&svc.uffd, r, fd, file_off, prot, true, true)
     }
 
     fn file_write_protect(&self, r: VaRange, on: bool) -> io::Result<()> {
         let g = lock(&self.file_sync);
-        let Some(uffd) = g.as_ref() else {
+        let Some(svc) = g.as_ref() else {
             return Ok(());
         };
-        uffd.write_protect(r.start.get(), r.len(), on)
+        svc.uffd
+            .write_protect(r.start.get(), r.len(), on)
             .map_err(io::Error::from)
+    }
+
+    fn forget_moved(&self, moved: VaRange, mode: FaultMode) -> io::Result<()> {
+        self.with_uffd(mode, |u| u.unregister_moved(moved.start.get(), moved.len()))
+    }
+
+    fn restore_reservation(&self, r: VaRange) -> io::Result<()> {
+        self.res.map_hole_again(self.off(r.start), r.len())
     }
 
     fn track_writes(&self, r: VaRange) -> io::Result<()> {
         let g = lock(&self.file);
-        let Some((uffd, _)) = g.as_ref() else {
+        let Some((svc, _)) = g.as_ref() else {
             return Ok(());
         };
         // Registering again with the same userfaultfd updates the mode of the range.
-        uffd.register(&self.res, self.off(r.start), r.len(), true)?;
-        uffd.write_protect(r.start.get(), r.len(), true)
+        svc.uffd
+            .register(&self.res, self.off(r.start), r.len(), true)?;
+        svc.uffd
+            .write_protect(r.start.get(), r.len(), true)
             .map_err(io::Error::from)
     }
 
@@ -649,6 +700,12 @@ impl Mm for ModelMm {
         Ok(Vec::new())
     }
     fn track_writes(&self, _r: VaRange) -> io::Result<()> {
+        Ok(())
+    }
+    fn forget_moved(&self, _moved: VaRange, _mode: FaultMode) -> io::Result<()> {
+        Ok(())
+    }
+    fn restore_reservation(&self, _r: VaRange) -> io::Result<()> {
         Ok(())
     }
     fn map_file_sync(

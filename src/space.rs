@@ -38,9 +38,15 @@
 //!
 //! # Unsupported
 //!
-//! A direct `mprotect`, `munmap`, `mremap` or `madvise(MADV_DONTNEED/FREE)` on a managed range:
+//! A direct `mprotect`, `munmap` or `madvise(MADV_DONTNEED/FREE)` on a managed range:
 //! userfaultfd does not report `mprotect`, and hetmem enables no unmap/remove events (an unread
 //! event would block the caller). Use [`Space::protect`] and [`Space::unmap`].
+//!
+//! A direct `mremap` that *moves* a managed range is followed (userfaultfd's REMAP event, read
+//! by an event thread per userfaultfd): the moved range becomes the program's plain memory with
+//! every byte in place and leaves the space as if unmapped ([`SpaceCore::follow_remap`]); a
+//! moved shared file mapping aborts the process with a message (its stores could not be
+//! written back). An `mremap` that shrinks or grows in place is not reported.
 //!
 //! # fork
 //!
@@ -289,6 +295,9 @@ pub(crate) struct SpaceState {
     fa_next: usize,
     fa_window: usize,
     next_vma_id: u64,
+    /// Parts of the reservation that a direct mremap left unmapped and the program mapped
+    /// something into before hetmem could reserve them again: never used for a mapping.
+    lost: Vec<VaRange>,
 }
 
 impl SpaceState {
@@ -373,6 +382,7 @@ pub(crate) struct Counters {
     pub(crate) pages_to_device: AtomicU64,
     pub(crate) pages_to_system: AtomicU64,
     pub(crate) exclusive_revoked: AtomicU64,
+    pub(crate) foreign_remaps: AtomicU64,
 }
 
 /// A snapshot of an address space's counters.
@@ -388,6 +398,9 @@ pub struct SpaceStats {
     pub pages_to_system: u64,
     /// Device-exclusive entries revoked by CPU access.
     pub exclusive_revoked: u64,
+    /// Direct mremaps of managed ranges that hetmem followed (the moved range became the
+    /// program's plain memory, with all its data).
+    pub foreign_remaps: u64,
 }
 
 /// The shared core of an address space. Device code and the fault service reach it through
@@ -547,6 +560,7 @@ impl Space {
                 fa_next: 0,
                 fa_window: 0,
                 next_vma_id: 1,
+                lost: Vec::new(),
             }),
             inv_seq: AtomicU64::new(0),
             counters: Counters::default(),
@@ -615,12 +629,18 @@ impl Space {
     fn free_range(&self, st: &SpaceState, len: usize, align: usize) -> Result<VaRange> {
         let res = self.core.mm.reservation();
         let mut cand = res.start.get();
-        for v in st.vmas.values() {
+        // Occupied: the mappings, and what a direct mremap took out of the reservation.
+        let mut used: Vec<VaRange> = st.vmas.values().map(|v| v.range).collect();
+        if !st.lost.is_empty() {
+            used.extend(st.lost.iter().copied());
+            used.sort_by_key(|r| r.start);
+        }
+        for u in used {
             let c = (cand + align - 1) & !(align - 1);
-            if c + len <= v.range.start.get() {
+            if c.saturating_add(len) <= u.start.get() {
                 break;
             }
-            cand = v.range.end.get() + PAGE_SIZE;
+            cand = cand.max(u.end.get() + PAGE_SIZE);
         }
         let start = (cand + align - 1) & !(align - 1);
         let r = VaRange::new(VirtAddr(start), len)?;
@@ -756,7 +776,8 @@ impl Space {
             return Err(Error::OutOfSpace { addr, len });
         }
         let mut st = lock(&self.core.state);
-        if st.vmas.values().any(|v| v.range.overlaps(&r)) {
+        if st.vmas.values().any(|v| v.range.overlaps(&r)) || st.lost.iter().any(|l| l.overlaps(&r))
+        {
             return Err(Error::Overlap { addr });
         }
         self.core.map_locked(&mut st, r, opts)
@@ -989,6 +1010,7 @@ impl Space {
             pages_to_device: c.pages_to_device.load(Ordering::Relaxed),
             pages_to_system: c.pages_to_system.load(Ordering::Relaxed),
             exclusive_revoked: c.exclusive_revoked.load(Ordering::Relaxed),
+            foreign_remaps: c.foreign_remaps.load(Ordering::Relaxed),
         }
     }
 
@@ -1260,9 +1282,123 @@ impl sys::FaultTarget for SpaceCore {
     fn handle_fault(&self, addr: usize, write: bool) -> bool {
         SpaceCore::handle_fault(self, VirtAddr(addr).page_down(), write)
     }
+    fn remapped(&self, from: usize, to: usize, len: usize) {
+        self.follow_remap(VirtAddr(from), VirtAddr(to), len);
+    }
 }
 
 impl SpaceCore {
+    /// A direct mremap(2) by the program moved `from..from + len` to `to` (userfaultfd's REMAP
+    /// event; the moved range is still registered with hetmem's userfaultfd, and the program's
+    /// mremap has returned). hetmem follows it by letting go: every page's data goes to its new
+    /// address — device-private pages are copied back there, device-exclusive ones too, coherent
+    /// pages are already there (their device frames are released), pages of a private file
+    /// mapping not read yet get the file's bytes — then the new range is unregistered and is
+    /// plain memory of the program's from then on, and the old range leaves the space as if
+    /// unmapped (devices get UNMAP; the reservation hole is mapped PROT_NONE again, or kept out
+    /// of use if the program mapped something there). Nothing is lost and nothing reads zeros
+    /// that were not zeros.
+    ///
+    /// A shared file mapping cannot be let go that way (stores through the new address could
+    /// never be written back to the file): the process is aborted with a message, the loud
+    /// failure of an unsupported operation.
+    ///
+    /// Runs in the event reader thread, which opened a [`sys::RemapWindow`] before reading the
+    /// event: until this returns, a signal-mode access to the moved range waits instead of
+    /// dying.
+    pub(crate) fn follow_remap(&self, from: VirtAddr, to: VirtAddr, len: usize) {
+        let (Some(end), Some(_)) = (from.checked_add(len), to.checked_add(len)) else {
+            return;
+        };
+        let old = VaRange { start: from, end };
+        let mut st = lock(&self.state);
+        if let Some(v) = st
+            .vmas
+            .values()
+            .find(|v| v.range.overlaps(&old) && v.file.as_ref().is_some_and(|f| f.shared))
+        {
+            let (mut b1, mut b2) = ([0u8; 18], [0u8; 18]);
+            sys::abort_with(&[
+                b"hetmem: a direct mremap moved the shared file mapping at ",
+                sys::hex(v.range.start.get(), &mut b1),
+                b" to ",
+                sys::hex(to.get(), &mut b2),
+                b": not supported (stores through the new address could not be written back \
+                  to the file); use Space::unmap and Space::map_file\n",
+            ]);
+        }
+        self.invalidate(&st, old, NotifyEvent::Unmap, None);
+        self.split_at(&mut st, old.start);
+        self.split_at(&mut st, old.end);
+        let keys: Vec<usize> = st
+            .vmas
+            .values()
+            .filter(|v| old.overlaps(&v.range))
+            .map(|v| v.range.start.get())
+            .collect();
+        for k in keys {
+            let v = st.vmas.remove(&k).expect("key just listed");
+            let moved = VaRange {
+                start: to.add(v.range.start.get() - from.get()),
+                end: to.add(v.range.end.get() - from.get()),
+            };
+            for (i, pte) in v.ptes.iter().enumerate() {
+                let dst = moved.start.add(i * PAGE_SIZE);
+                let copied = match pte.state() {
+                    PageState::Present => Ok(()),
+                    PageState::None => match &v.file {
+                        // As a first access would have read it.
+                        Some(f) => {
+                            let mut buf = [0u8; PAGE_SIZE];
+                            f.cache
+                                .read_pages(f.pgoff + i as u64, &mut buf)
+                                .and_then(|()| {
+                                    self.bounce
+                                        .write(0, &buf)
+                                        .map_err(|e| Error::os("fill from file", e))
+                                })
+                                .and_then(|()| {
+                                    self.mm
+                                        .install(dst, &self.bounce, 0, PAGE_SIZE, v.mode)
+                                        .map_err(|e| Error::os("follow mremap", e.into()))
+                                })
+                        }
+                        None => Ok(()),
+                    },
+                    PageState::Device | PageState::Exclusive => {
+                        let (pm, frame, _) = pte.device_frame().expect("device or stash frame");
+                        let pool = if pte.state() == PageState::Exclusive {
+                            self.stash.clone()
+                        } else {
+                            st.pagemap(pm)
+                        };
+                        pool.charge_migration(PAGE_SIZE);
+                        self.mm
+                            .install(dst, pool.region(), frame.offset(), PAGE_SIZE, v.mode)
+                            .map_err(|e| Error::os("follow mremap", e.into()))
+                    }
+                };
+                if let Err(e) = copied {
+                    // Never silently: the page's data could not be placed at its new address.
+                    let mut b = [0u8; 18];
+                    let msg = format!(" ({e})\n");
+                    sys::abort_with(&[
+                        b"hetmem: following a direct mremap, the data of page ",
+                        sys::hex(dst.get(), &mut b),
+                        b" could not be copied to its new address",
+                        msg.as_bytes(),
+                    ]);
+                }
+            }
+            let _ = self.mm.forget_moved(moved, v.mode);
+            self.free_frames(&st, &v.ptes);
+        }
+        if self.mm.restore_reservation(old).is_err() {
+            st.lost.push(old);
+        }
+        self.counters.foreign_remaps.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn check_process(&self) -> Result<()> {
         if sys::getpid() != self.pid {
             return Err(Error::Forked { owner: self.pid });

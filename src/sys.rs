@@ -303,6 +303,30 @@ impl Region {
         self.advise(off, len, Advice::LinuxDontFork)
     }
 
+    /// Maps `off..off + len` again as fresh PROT_NONE memory, not inherited across fork, where
+    /// nothing is mapped now (`MAP_FIXED_NOREPLACE`: EEXIST if something is): the part of the
+    /// region a direct mremap moved away.
+    pub fn map_hole_again(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory that any
+        // code refers to is touched; the range is this region's (checked).
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                (self.base + off) as *mut _,
+                len,
+                Prot::None.flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+            )
+        }?;
+        if p as usize != self.base + off {
+            // A kernel without MAP_FIXED_NOREPLACE treats it as a hint: undo the stray mapping.
+            // SAFETY: `p..p + len` is the mapping just created, referred to by nothing.
+            unsafe { rustix::mm::munmap(p, len) }?;
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        self.advise(off, len, Advice::LinuxDontFork)
+    }
+
     /// Touches every page of `off..off + len` for writing (`MADV_POPULATE_WRITE`).
     pub fn populate(&self, off: usize, len: usize) -> io::Result<()> {
         self.advise(off, len, Advice::LinuxPopulateWrite)
@@ -424,6 +448,25 @@ pub struct UffdFault {
     pub tid: u32,
 }
 
+/// A message read from a userfaultfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdMsg {
+    /// A page fault (thread-mode delivery).
+    Fault(UffdFault),
+    /// `UFFD_EVENT_REMAP`: the program moved `from..from + len` to `to` with mremap(2); the
+    /// moved range is still registered with this fd.
+    Remap {
+        /// Old start.
+        from: usize,
+        /// New start.
+        to: usize,
+        /// Length moved.
+        len: usize,
+    },
+    /// Another event (not enabled by hetmem).
+    Other(u8),
+}
+
 /// A userfaultfd.
 ///
 /// # Invariants
@@ -447,7 +490,9 @@ impl Uffd {
     pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
         // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
         // feature the kernel lacks would fail the handshake.
-        let mut want = uapi::UFFD_FEATURE_THREAD_ID as u64;
+        // EVENT_REMAP: a direct mremap(2) of a managed range is reported (and waits until the
+        // event is read), so that hetmem follows it instead of losing device-resident data.
+        let mut want = (uapi::UFFD_FEATURE_THREAD_ID | uapi::UFFD_FEATURE_EVENT_REMAP) as u64;
         if delivery == UffdDelivery::Signal {
             want |= uapi::UFFD_FEATURE_SIGBUS as u64;
         }
@@ -497,6 +542,7 @@ impl Uffd {
     /// faults (SIGBUS in the faulting thread), so that hetmem sees every first store.
     pub fn open_file(force_umo: bool, sync_wp: bool) -> io::Result<Uffd> {
         let mut want = (uapi::UFFD_FEATURE_SIGBUS
+            | uapi::UFFD_FEATURE_EVENT_REMAP
             | uapi::UFFD_FEATURE_WP_UNPOPULATED
             | uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
         if !sync_wp {
@@ -598,8 +644,9 @@ impl Uffd {
         src.check(src_off, len)
             .map_err(|_| UffdError::Os(libc::EFAULT))?;
         let mut done = 0;
-        // EAGAIN (mappings changing) cannot come from hetmem's own use (it enables no events);
-        // bound the retries anyway.
+        // EAGAIN: the mappings are changing — a direct mremap's REMAP event was read but the
+        // thread that called mremap has not yet left the kernel (it ends the window itself,
+        // `mmap_changing`, once it runs again). Yield to let it run, bounded.
         let mut again = 0;
         while done < len {
             let mut c = uapi::uffdio_copy {
@@ -622,7 +669,10 @@ impl Uffd {
                     match e {
                         // The first page of the rest is already there: step over it.
                         UffdError::Exists => done += PAGE_SIZE,
-                        UffdError::Again if again < 1000 => again += 1,
+                        UffdError::Again if again < 100_000 => {
+                            again += 1;
+                            rustix::thread::sched_yield();
+                        }
                         other => return Err(other),
                     }
                 }
@@ -690,7 +740,7 @@ impl Uffd {
     }
 
     /// Reads one pending message, if any (the fd is non-blocking).
-    pub fn read_fault(&self) -> io::Result<Option<UffdFault>> {
+    pub fn read_msg(&self) -> io::Result<Option<UffdMsg>> {
         let mut msg = std::mem::MaybeUninit::<uapi::uffd_msg>::zeroed();
         // SAFETY: reads at most one `uffd_msg` into a buffer of that size.
         let n = unsafe {
@@ -713,19 +763,41 @@ impl Uffd {
         }
         // SAFETY: the kernel wrote a complete message (checked size); zero-init covers padding.
         let msg = unsafe { msg.assume_init() };
+        if msg.event as u32 == uapi::UFFD_EVENT_REMAP {
+            // SAFETY: `remap` is the active union member for UFFD_EVENT_REMAP.
+            let r = unsafe { msg.arg.remap };
+            return Ok(Some(UffdMsg::Remap {
+                from: r.from as usize,
+                to: r.to as usize,
+                len: r.len as usize,
+            }));
+        }
         if msg.event as u32 != uapi::UFFD_EVENT_PAGEFAULT {
-            return Ok(None);
+            return Ok(Some(UffdMsg::Other(msg.event)));
         }
         // SAFETY: `pagefault` is the active union member for UFFD_EVENT_PAGEFAULT.
         let pf = unsafe { msg.arg.pagefault };
-        Ok(Some(UffdFault {
+        Ok(Some(UffdMsg::Fault(UffdFault {
             addr: pf.address as usize,
             write: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WRITE as u64 != 0,
             wp: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WP as u64 != 0,
             // SAFETY: `ptid` is the active member of `feat` with UFFD_FEATURE_THREAD_ID, which
             // every thread-mode userfaultfd asks for; zero-initialised otherwise.
             tid: unsafe { pf.feat.ptid },
-        }))
+        })))
+    }
+
+    /// Unregisters `start..start + len`, which need not lie in a region of hetmem's (a range
+    /// that a direct mremap moved out of one): the memory stays as it is, as plain memory.
+    pub fn unregister_moved(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = uapi::uffdio_range {
+            start: start as u64,
+            len: len as u64,
+        };
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`; it changes no memory, only
+        // which faults this fd reports (the kernel checks the range).
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_UNREGISTER, _>::new(&mut r)) }?;
+        Ok(())
     }
 
     /// Waits until the fd is readable or `stop` is readable; returns false when `stop` fired.
@@ -782,6 +854,57 @@ pub fn signal_stop(fd: &OwnedFd) -> io::Result<()> {
 pub trait FaultTarget: Send + Sync {
     /// Serves a fault at `addr` (`write`: the access was a store).
     fn handle_fault(&self, addr: usize, write: bool) -> bool;
+    /// The program moved `from..from + len` (inside this target's range) to `to` with a direct
+    /// mremap(2). Called by an event reader thread, never in signal context.
+    fn remapped(&self, from: usize, to: usize, len: usize);
+}
+
+/// Direct mremaps reported and not yet followed (see [`RemapWindow`]): while non-zero, a
+/// signal-mode fault that nobody serves waits for them and retries instead of taking the
+/// default action: it may be an access to the moved range before hetmem has followed the move
+/// (the program's mremap returns as soon as the event is read).
+static REMAPS_PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by an event reader from before it reads a userfaultfd's messages until it has
+/// followed every move among them.
+#[derive(Debug)]
+pub struct RemapWindow(());
+
+impl RemapWindow {
+    /// Opens the window (before the read).
+    pub fn open() -> RemapWindow {
+        REMAPS_PENDING.fetch_add(1, Ordering::SeqCst);
+        RemapWindow(())
+    }
+}
+
+impl Drop for RemapWindow {
+    fn drop(&mut self) {
+        REMAPS_PENDING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Routes a move reported by a userfaultfd to the target whose range holds `from`.
+pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
+    for slot in SLOTS.iter() {
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
+        let p = slot.target.load(Ordering::SeqCst);
+        let hit = !p.is_null() && s <= from && from < e;
+        if hit {
+            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
+            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+            t.remapped(from, to, len);
+        }
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+        if hit {
+            return true;
+        }
+    }
+    false
 }
 
 struct Slot {
@@ -923,7 +1046,7 @@ fn zone_of_tid(tid: u32) -> bool {
 }
 
 /// Writes `parts` to stderr and aborts: async-signal-safe (no allocation, no lock).
-fn abort_with(parts: &[&[u8]]) -> ! {
+pub fn abort_with(parts: &[&[u8]]) -> ! {
     for p in parts {
         // SAFETY: writes a valid byte slice to fd 2; the result is irrelevant, we abort next.
         unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
@@ -932,7 +1055,7 @@ fn abort_with(parts: &[&[u8]]) -> ! {
 }
 
 /// Formats `v` as hex into `buf` (no allocation), returning the digits.
-fn hex(v: usize, buf: &mut [u8; 18]) -> &[u8] {
+pub fn hex(v: usize, buf: &mut [u8; 18]) -> &[u8] {
     buf[0] = b'0';
     buf[1] = b'x';
     for i in 0..16 {
@@ -1057,6 +1180,17 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
     }
     let handled = dispatch_fault(addr, write);
     if handled {
+        // SAFETY: restoring this thread's errno.
+        unsafe { *errno_slot = saved_errno };
+        return;
+    }
+    if REMAPS_PENDING.load(Ordering::SeqCst) > 0 {
+        // Perhaps the moved range of a direct mremap that hetmem is following right now (or
+        // a fill that got EAGAIN while the event was unread): wait for the event readers, then
+        // let the access retry. Bounded by their work; sched_yield is async-signal-safe.
+        while REMAPS_PENDING.load(Ordering::SeqCst) > 0 {
+            rustix::thread::sched_yield();
+        }
         // SAFETY: restoring this thread's errno.
         unsafe { *errno_slot = saved_errno };
         return;
@@ -1265,6 +1399,41 @@ pub fn block_sigbus_in_this_thread() -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(rc));
     }
     Ok(())
+}
+
+/// For tests of a program that moves managed memory behind hetmem's back: maps `len` bytes of
+/// fresh anonymous memory somewhere, then moves `from..from + len` there with
+/// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`, exactly as a program would; returns the new
+/// address. `from..from + len` must lie in one mapping.
+pub fn mremap_elsewhere(from: usize, len: usize) -> io::Result<usize> {
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases nothing.
+    let dst = unsafe {
+        rustix::mm::mmap_anonymous(
+            ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }?;
+    // SAFETY: moves the caller's mapping over the fresh one just made; no Rust object lives in
+    // either (managed memory is reached through raw copies only).
+    let moved = unsafe {
+        rustix::mm::mremap_fixed(
+            from as *mut _,
+            len,
+            len,
+            rustix::mm::MremapFlags::MAYMOVE,
+            dst,
+        )
+    };
+    match moved {
+        Ok(p) => Ok(p as usize),
+        Err(e) => {
+            // SAFETY: `dst` is the fresh mapping made above, referred to by nothing.
+            let _ = unsafe { rustix::mm::munmap(dst, len) };
+            Err(e.into())
+        }
+    }
 }
 
 /// `munlockall()`.

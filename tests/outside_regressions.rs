@@ -495,7 +495,11 @@ fn a_thread_blocking_sigbus_needs_thread_mode() {
     let _w = watchdog("sigmask", 60);
     for (mode, killed) in [("signal", true), ("thread", false)] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "a_thread_blocking_sigbus_needs_thread_mode", "--nocapture"])
+            .args([
+                "--exact",
+                "a_thread_blocking_sigbus_needs_thread_mode",
+                "--nocapture",
+            ])
             .env("HETMEM_SIGMASK_CHILD", mode)
             .output()
             .unwrap();
@@ -506,4 +510,103 @@ fn a_thread_blocking_sigbus_needs_thread_mode() {
             assert!(out.status.success(), "{mode}: {out:?}");
         }
     }
+}
+
+/// A direct mremap of a managed range used to lose data silently: the new address read zeros
+/// where pages were in device memory, while hetmem still reported the old address as
+/// device-resident. hetmem now hears of the move (userfaultfd's REMAP event) and follows it: the
+/// moved range becomes the program's plain memory with every byte in place — device-private and
+/// device-exclusive pages copied back, pages never touched reading zeros — and the old range
+/// leaves the space as if unmapped (devices lose their mappings of it). In both fault modes.
+#[test]
+fn a_direct_mremap_of_a_managed_range_keeps_every_byte() {
+    let _w = watchdog("mremap_follow", 60);
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        at(format!("mremap in {mode:?} mode"));
+        let space = small_space();
+        let a = space
+            .map_anon_with(
+                16 * PAGE,
+                MapOptions {
+                    mode,
+                    ..MapOptions::default()
+                },
+            )
+            .unwrap();
+        let data = pattern(12 * PAGE, |i| i ^ 0x5a5a_0000);
+        space.cpu_write(a, &data).unwrap();
+        let dev = SoftDevice::private(8 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        m.migrate_range_to_device(a.get() as u64, 8).unwrap();
+        assert_eq!(space.residency(a), Residency::Device(dev.owner()));
+        let mut page = vec![0u8; PAGE];
+        m.exclusive(a.add(9 * PAGE).get() as u64, 1, &mut page)
+            .unwrap();
+        m.read(a.add(10 * PAGE).get() as u64, 1, &mut page).unwrap();
+        let used_before = dev.used();
+        assert!(used_before >= 8 * PAGE);
+
+        let b = hetmem::sys::mremap_elsewhere(a.get(), 16 * PAGE).unwrap();
+        assert_ne!(b, a.get());
+        // The first access faults on a device-resident page at the new address: it is served
+        // once hetmem has followed the move (it may still be doing so now).
+        let mut got = vec![0u8; 16 * PAGE];
+        for (i, w) in got.chunks_exact_mut(4).enumerate() {
+            w.copy_from_slice(&hetmem::sys::probe_load_u32(b + 4 * i).to_ne_bytes());
+        }
+        assert_eq!(&got[..12 * PAGE], &data[..], "{mode:?}: moved data differs");
+        assert!(
+            got[12 * PAGE..].iter().all(|&x| x == 0),
+            "{mode:?}: untouched pages must read zeros"
+        );
+        // Plain memory now: stores stay.
+        hetmem::sys::probe_store_u32(b + 13 * PAGE, 77);
+        assert_eq!(hetmem::sys::probe_load_u32(b + 13 * PAGE), 77);
+        // The old range is gone from the space (this takes the space's lock, so it also waits
+        // for hetmem to finish following the move), and from the device.
+        assert!(matches!(
+            space.cpu_read(a, &mut page[..4]).unwrap_err(),
+            Error::NotMapped { .. }
+        ));
+        assert_eq!(space.stats().foreign_remaps, 1);
+        assert!(m.read(a.get() as u64, 1, &mut page).is_err());
+        assert_eq!(m.mapped_pages(), 0);
+        assert_eq!(
+            dev.used(),
+            0,
+            "the device frames of the moved pages are freed"
+        );
+        // The space keeps working, and never maps over the moved range.
+        let c = space.map_anon(16 * PAGE, Prot::ReadWrite).unwrap();
+        space.cpu_write(c, &[1, 2, 3]).unwrap();
+        assert_eq!(hetmem::sys::probe_load_u32(b + 13 * PAGE), 77);
+    }
+}
+
+/// The same for a private file mapping: pages the program never read get the file's bytes at
+/// the new address (not zeros, and the cache is not corrupted for the file's other users).
+#[test]
+fn a_direct_mremap_of_a_private_file_mapping_keeps_the_file_bytes() {
+    let _w = watchdog("mremap_private_file", 30);
+    let content = pattern(8 * PAGE, |i| i.wrapping_mul(2654435761));
+    let f = TempFile::new("o9-private", &content);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space
+        .map_file(&h, 0, 8 * PAGE, Prot::ReadWrite, false)
+        .unwrap();
+    hetmem::sys::probe_store_u32(a.get() + PAGE, 0xAAAA_5555);
+    let b = hetmem::sys::mremap_elsewhere(a.get(), 8 * PAGE).unwrap();
+    let mut expect = content.clone();
+    expect[PAGE..PAGE + 4].copy_from_slice(&0xAAAA_5555u32.to_ne_bytes());
+    for i in 0..8 * PAGE / 4 {
+        let w = hetmem::sys::probe_load_u32(b + 4 * i);
+        assert_eq!(w.to_ne_bytes(), expect[4 * i..4 * i + 4], "word {i}");
+    }
+    // The file and its cache are untouched.
+    let mut back = vec![0u8; 8 * PAGE];
+    h.read_at(0, &mut back).unwrap();
+    assert_eq!(back, content);
+    assert_eq!(f.disk(), content);
 }
