@@ -44,7 +44,7 @@
 //!
 //! A direct `mremap` that *moves* a managed range is followed (userfaultfd's REMAP event, read
 //! by an event thread per userfaultfd): the moved range becomes the program's plain memory with
-//! every byte in place and leaves the space as if unmapped ([`SpaceCore::follow_remap`]); a
+//! every byte in place and leaves the space as if unmapped (`SpaceCore::follow_remap`); a
 //! moved shared file mapping aborts the process with a message (its stores could not be
 //! written back). An `mremap` that shrinks or grows in place is not reported.
 //!
