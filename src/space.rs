@@ -1585,9 +1585,15 @@ impl SpaceCore {
         let ok = match pte.state() {
             PageState::None => self.fault_zero(&mut st, a).is_ok(),
             PageState::Present => {
-                // A store hit a write-protected page after the migration that protected it
-                // declined the page (or a racing fault already served it): make sure it is
-                // writable again and let the access retry.
+                // Either a store hit a write-protected page after the migration that protected
+                // it declined the page (or a racing fault already served it), or the page was
+                // dropped behind hetmem's back by a direct madvise(MADV_DONTNEED/REMOVE), which
+                // raises no event: then every access would fault here forever. Installing the
+                // page tells them apart (EEXIST: it is there) and gives a dropped page what the
+                // kernel gives it: zeros, or the file's bytes in a private file mapping.
+                if let Err(e) = self.refill_dropped(&st, a) {
+                    return e.errno() == libc::EAGAIN;
+                }
                 let v = st.vma(a).expect("pte found");
                 if write && v.prot.writable() {
                     let _ = self.mm.write_protect(
@@ -1613,6 +1619,29 @@ impl SpaceCore {
             );
         }
         ok
+    }
+
+    /// Installs page `a` of a `Present` entry if the kernel has no page there (dropped by a
+    /// direct `madvise`): zeros, or for a private file mapping the file's bytes. Nothing when the
+    /// page is there.
+    fn refill_dropped(&self, st: &SpaceState, a: VirtAddr) -> Result<()> {
+        let v = st.vma(a).expect("caller found the pte");
+        let src = match &v.file {
+            None => &self.zero,
+            Some(f) => {
+                // Under the state lock the bounce buffer is ours.
+                let mut buf = [0u8; PAGE_SIZE];
+                f.cache.read_pages(f.pgoff + v.idx(a) as u64, &mut buf)?;
+                self.bounce
+                    .write(0, &buf)
+                    .map_err(|e| Error::os("fill from file", e))?;
+                &self.bounce
+            }
+        };
+        match self.mm.install(a, src, 0, PAGE_SIZE, v.mode) {
+            Ok(()) | Err(sys::UffdError::Exists) => Ok(()),
+            Err(e) => Err(Error::os("refill a dropped page", e.into())),
+        }
     }
 
     /// First touch: zero-fill a run of missing pages around `a` (fault-around: 64 KiB, doubling

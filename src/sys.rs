@@ -1436,6 +1436,15 @@ pub fn mremap_elsewhere(from: usize, len: usize) -> io::Result<usize> {
     }
 }
 
+/// For tests of a program that drops managed pages behind hetmem's back: a direct
+/// `madvise(MADV_DONTNEED)` of `addr..addr + len`, exactly as a program would.
+pub fn madvise_dontneed(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: drops the pages of the caller's range (a private anonymous or file mapping reads
+    // zeros or the file afterwards); no Rust object lives in managed memory.
+    unsafe { rustix::mm::madvise(addr as *mut _, len, Advice::LinuxDontNeed) }?;
+    Ok(())
+}
+
 /// `munlockall()`.
 pub fn munlockall() -> io::Result<()> {
     rustix::mm::munlockall()?;

@@ -610,3 +610,50 @@ fn a_direct_mremap_of_a_private_file_mapping_keeps_the_file_bytes() {
     assert_eq!(back, content);
     assert_eq!(f.disk(), content);
 }
+
+/// A direct `madvise(MADV_DONTNEED)` of a managed range raises no event; the next access to a
+/// dropped page faulted into hetmem, which found the page "present" and let the access retry:
+/// forever. It now gets what the kernel gives a dropped private page: zeros, or the file's
+/// bytes in a private file mapping.
+#[test]
+fn a_direct_madvise_dontneed_reads_zeros_or_the_file_never_hangs() {
+    let _w = watchdog("madvise_dontneed", 30);
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let space = small_space();
+        let a = space
+            .map_anon_with(
+                4 * PAGE,
+                MapOptions {
+                    mode,
+                    ..MapOptions::default()
+                },
+            )
+            .unwrap();
+        space.cpu_write(a, &vec![0xEE; 4 * PAGE]).unwrap();
+        hetmem::sys::madvise_dontneed(a.get() + PAGE, 2 * PAGE).unwrap();
+        at(format!("load of a dropped page ({mode:?})"));
+        let mut b = vec![0u8; 4 * PAGE];
+        space.cpu_read(a, &mut b).unwrap();
+        assert!(b[..PAGE].iter().all(|&x| x == 0xEE));
+        assert!(b[PAGE..3 * PAGE].iter().all(|&x| x == 0), "{mode:?}");
+        assert!(b[3 * PAGE..].iter().all(|&x| x == 0xEE));
+        hetmem::sys::probe_store_u32(a.get() + 2 * PAGE, 5);
+        assert_eq!(space.load_u32(a.add(2 * PAGE)).unwrap(), 5);
+    }
+    let content = pattern(4 * PAGE, |i| i + 1);
+    let f = TempFile::new("o-dontneed", &content);
+    let cache = FileCache::open(&f.0, false, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space
+        .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, false)
+        .unwrap();
+    hetmem::sys::probe_store_u32(a.get() + PAGE, 0);
+    hetmem::sys::madvise_dontneed(a.get(), 4 * PAGE).unwrap();
+    let mut b = vec![0u8; 4 * PAGE];
+    space.cpu_read(a, &mut b).unwrap();
+    assert_eq!(
+        b, content,
+        "a dropped private file page reads the file again"
+    );
+}
