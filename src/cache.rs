@@ -338,8 +338,8 @@ pub(crate) enum Fill {
 /// under each address space's lock, which is above the cache lock); then the operation runs
 /// under the cache lock. Dropping it unblocks the pages.
 struct Removal<'a> {
-    st: crate::sync::MutexGuard<'a, CacheState>,
-    _serial: crate::sync::MutexGuard<'a, ()>,
+    st: crate::sync::Guard<'a, CacheState>,
+    _serial: crate::sync::Guard<'a, ()>,
 }
 
 impl std::ops::Deref for Removal<'_> {

@@ -37,7 +37,7 @@ use crate::mirror::{NotifyEvent, PageTarget};
 use crate::mm::FaultMode;
 use crate::pool::{MemoryKind, Owner, Pagemap};
 use crate::space::{PageState, Pte, Space, SpaceCore, SpaceState};
-use crate::sync::{Arc, MutexGuard, Ordering};
+use crate::sync::{Arc, Guard, Ordering};
 
 /// `MIGRATE_PFN_VALID`.
 pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
@@ -87,7 +87,7 @@ pub struct MigrateArgs {
 /// A migration in progress (see the module doc for the phases).
 pub struct MigrateVma<'a> {
     core: &'a Arc<SpaceCore>,
-    st: Option<MutexGuard<'a, SpaceState>>,
+    st: Option<Guard<'a, SpaceState>>,
     /// First byte.
     pub start: VirtAddr,
     /// One past the last byte.

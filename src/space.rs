@@ -62,7 +62,7 @@ use crate::error::{Error, Result};
 use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
 use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
-use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering, Weak, lock};
+use crate::sync::{Arc, AtomicU64, Guard, Mutex, Ordering, Weak, lock};
 use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
 
 // ---------------------------------------------------------------------------------------------
@@ -1955,7 +1955,7 @@ impl SpaceCore {
     }
 
     /// Locks the state (for the mirror and migrate modules).
-    pub(crate) fn lock_state(&self) -> MutexGuard<'_, SpaceState> {
+    pub(crate) fn lock_state(&self) -> Guard<'_, SpaceState> {
         lock(&self.state)
     }
 }

@@ -9,6 +9,24 @@
 //!
 //! The SIGBUS handler's process-wide tables use `std` atomics directly: the signal path is not
 //! modelled (shuttle cannot drive signals), and those tables are lock-free.
+//!
+//! # Poisoning
+//!
+//! [`lock`] recovers the data of a lock that a panicking thread poisoned. hetmem's own code does
+//! not panic while it holds a lock except on a broken invariant (an `expect` naming it), and every
+//! lock's state is consistent at each unlock point, so the data is as the last unlock left it;
+//! refusing it would turn one bug report into a cascade of unrelated panics in other threads
+//! (the fault service among them, where a panic is an abort).
+//!
+//! # Lock watch
+//!
+//! Every lock taken through [`lock`] can be watched: in debug builds always, in release builds
+//! when the environment variable `HETMEM_LOCK_WATCH` holds a bound in milliseconds when the first
+//! lock is taken. A watched lock held longer than the bound (1 s in debug builds) is reported on
+//! stderr twice: while it is still held, by a monitor thread (`hetmem-lockwatch`), with the
+//! holder's thread id and the place where it took the lock (so a deadlock names its culprit),
+//! and when it is released, by the holder itself, with its stack. Unwatched, a lock costs one
+//! relaxed atomic load more.
 
 #[cfg(not(test))]
 mod imp {
@@ -28,11 +46,192 @@ mod imp {
 pub use imp::*;
 pub use std::sync::atomic::Ordering;
 
-/// Locks `m`, recovering the data if a panicking thread poisoned it: hetmem's invariants are
-/// re-established at every unlock point, so a poisoned lock holds consistent state.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
+/// A held lock taken through [`lock`]: the guard, and its slot in the lock watch.
+pub struct Guard<'a, T> {
+    g: MutexGuard<'a, T>,
+    watch: Option<watch::Held>,
+}
+
+impl<T> std::ops::Deref for Guard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.g
+    }
+}
+
+impl<T> std::ops::DerefMut for Guard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.g
+    }
+}
+
+impl<T> Drop for Guard<'_, T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.watch.take() {
+            h.release();
+        }
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Guard<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (*self.g).fmt(f)
+    }
+}
+
+/// Locks `m`, recovering the data if a panicking thread poisoned it (see the module doc), and
+/// watching how long it is held (see the module doc).
+#[track_caller]
+pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
+    let g = match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
+    };
+    let watch = watch::hold(std::panic::Location::caller());
+    Guard { g, watch }
+}
+
+/// Whether the lock watch is on in this process (see the module doc).
+pub fn lock_watch_bound() -> Option<std::time::Duration> {
+    watch::bound()
+}
+
+mod watch {
+    //! The lock watch's table of held locks: fixed, lock-free, allocated once.
+    use crate::sys::AtomicLocation;
+    use std::panic::Location;
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    const SLOTS: usize = 256;
+    /// Bound in ms; 0 off; u64::MAX not decided yet.
+    static BOUND_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+    static HELD_SINCE: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+    static HELD_TID: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
+    static HELD_AT: [AtomicLocation; SLOTS] = [const { AtomicLocation::new() }; SLOTS];
+    /// Reported already by the monitor (not again until released).
+    static REPORTED: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+    fn now_ns() -> u64 {
+        EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 | 1
+    }
+
+    pub(super) fn bound() -> Option<Duration> {
+        let mut b = BOUND_MS.load(Ordering::Relaxed);
+        if b == u64::MAX {
+            b = decide();
+        }
+        (b != 0).then(|| Duration::from_millis(b))
+    }
+
+    #[cold]
+    fn decide() -> u64 {
+        let env = std::env::var("HETMEM_LOCK_WATCH")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
+        let b = match env {
+            Some(ms) => ms.clamp(1, u64::MAX - 1),
+            None if cfg!(debug_assertions) && !cfg!(test) => 1000,
+            None => 0,
+        };
+        if BOUND_MS
+            .compare_exchange(u64::MAX, b, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && b != 0
+        {
+            let _ = EPOCH.get_or_init(Instant::now);
+            let _ = std::thread::Builder::new()
+                .name("hetmem-lockwatch".into())
+                .spawn(move || monitor(Duration::from_millis(b)));
+        }
+        BOUND_MS.load(Ordering::SeqCst)
+    }
+
+    thread_local! {
+        static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A watched lock's slot.
+    pub(super) struct Held {
+        slot: usize,
+        at: &'static Location<'static>,
+    }
+
+    pub(super) fn hold(at: &'static Location<'static>) -> Option<Held> {
+        if BOUND_MS.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        bound()?;
+        let tid = TID.with(|t| {
+            if t.get() == 0 {
+                t.set(rustix::thread::gettid().as_raw_nonzero().get() as u32);
+            }
+            t.get()
+        });
+        let slot = (0..SLOTS).find(|&i| {
+            HELD_TID[i]
+                .compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })?;
+        HELD_AT[slot].store(at);
+        HELD_SINCE[slot].store(now_ns(), Ordering::SeqCst);
+        Some(Held { slot, at })
+    }
+
+    impl Held {
+        pub(super) fn release(self) {
+            let since = HELD_SINCE[self.slot].swap(0, Ordering::SeqCst);
+            let held = Duration::from_nanos(now_ns().saturating_sub(since));
+            REPORTED[self.slot].store(0, Ordering::SeqCst);
+            HELD_TID[self.slot].store(0, Ordering::SeqCst);
+            if let Some(b) = bound()
+                && held > b
+                && !crate::sys::in_signal_handler()
+            {
+                eprintln!(
+                    "hetmem lock watch: a lock taken at {} was held for {:.3} s (bound {} ms); \
+                     the holder released it here:\n{}",
+                    self.at,
+                    held.as_secs_f64(),
+                    b.as_millis(),
+                    std::backtrace::Backtrace::force_capture()
+                );
+            }
+        }
+    }
+
+    /// Reports every lock held past the bound, once per holding, while it is still held.
+    fn monitor(bound: Duration) {
+        let (m, cv) = (std::sync::Mutex::new(()), std::sync::Condvar::new());
+        let tick = (bound / 4).max(Duration::from_millis(1));
+        loop {
+            // A timed wait that nothing signals: the monitor's period.
+            let g = m.lock().unwrap_or_else(|p| p.into_inner());
+            drop(cv.wait_timeout(g, tick));
+            let now = now_ns();
+            for i in 0..SLOTS {
+                let since = HELD_SINCE[i].load(Ordering::SeqCst);
+                if since == 0 || now.saturating_sub(since) <= bound.as_nanos() as u64 {
+                    continue;
+                }
+                if REPORTED[i].swap(1, Ordering::SeqCst) != 0 {
+                    continue;
+                }
+                let at = HELD_AT[i]
+                    .load()
+                    .map_or_else(|| "?".to_string(), |l| l.to_string());
+                eprintln!(
+                    "hetmem lock watch: thread {} has held a lock taken at {} for {:.3} s \
+                     (bound {} ms) and still holds it (stacks: gdb -p {} -batch -ex 'thread \
+                     apply all bt')",
+                    HELD_TID[i].load(Ordering::SeqCst),
+                    at,
+                    Duration::from_nanos(now - since).as_secs_f64(),
+                    bound.as_millis(),
+                    std::process::id()
+                );
+            }
+        }
     }
 }

@@ -990,6 +990,48 @@ thread_local! {
     static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
+thread_local! {
+    /// Set while this thread runs hetmem's SIGBUS handler.
+    static IN_SIGNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is running hetmem's SIGBUS handler (where nothing may allocate).
+pub fn in_signal_handler() -> bool {
+    IN_SIGNAL.with(|c| c.get())
+}
+
+/// An atomic cell holding a `&'static Location` (where a lock was taken, for the lock watch):
+/// only `&'static` references go in, so what comes out is one.
+#[derive(Debug)]
+pub struct AtomicLocation(AtomicPtr<std::panic::Location<'static>>);
+
+impl AtomicLocation {
+    /// Empty.
+    pub const fn new() -> AtomicLocation {
+        AtomicLocation(AtomicPtr::new(ptr::null_mut()))
+    }
+    /// Stores `l`.
+    pub fn store(&self, l: &'static std::panic::Location<'static>) {
+        self.0.store(
+            (l as *const std::panic::Location<'static>).cast_mut(),
+            Ordering::SeqCst,
+        );
+    }
+    /// The location stored last, if any.
+    pub fn load(&self) -> Option<&'static std::panic::Location<'static>> {
+        let p = self.0.load(Ordering::SeqCst);
+        // SAFETY: the only non-null values ever stored are `&'static Location<'static>`
+        // references (`store`), which live for the whole program and are never written through.
+        unsafe { p.as_ref() }
+    }
+}
+
+impl Default for AtomicLocation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Thread ids (as the kernel reports them in thread-mode fault messages) of the threads inside
 /// a [`NoFaultZone`], so that the handler thread can tell too. Fixed size, lock-free.
 const MAX_ZONE_TIDS: usize = 64;
@@ -1178,7 +1220,9 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
             b"): serving it would deadlock\n",
         ]);
     }
+    let was_in = IN_SIGNAL.with(|c| c.replace(true));
     let handled = dispatch_fault(addr, write);
+    IN_SIGNAL.with(|c| c.set(was_in));
     if handled {
         // SAFETY: restoring this thread's errno.
         unsafe { *errno_slot = saved_errno };

@@ -657,3 +657,53 @@ fn a_direct_madvise_dontneed_reads_zeros_or_the_file_never_hangs() {
         "a dropped private file page reads the file again"
     );
 }
+
+/// The lock watch (on in debug builds; here switched on with `HETMEM_LOCK_WATCH=100` in a child
+/// process, this test re-executed): a hetmem lock held past the bound is reported while still
+/// held (holder thread and where it was taken) and again at release (with the holder's stack).
+/// The child holds a file cache's lock across a backend write that takes 600 ms.
+#[test]
+fn a_lock_held_past_the_watch_bound_is_reported_with_its_holder() {
+    if std::env::var("HETMEM_LOCKWATCH_CHILD").is_ok() {
+        assert_eq!(
+            hetmem::sync::lock_watch_bound(),
+            Some(std::time::Duration::from_millis(100))
+        );
+        let (_f, hf, h, _space, a) = hooked_mapping("o-lockwatch");
+        hetmem::sys::probe_store_u32(a.get(), 1);
+        let (_tx, rx) = std::sync::mpsc::channel::<()>();
+        // The backend write inside fsync (under the cache's lock) blocks for 600 ms: the case
+        // the watch exists for (nothing ever sends on the channel).
+        hf.arm(Box::new(move || {
+            let _ = rx.recv_timeout(std::time::Duration::from_millis(600));
+        }));
+        h.fsync().unwrap();
+        std::process::exit(0);
+    }
+    let _w = watchdog("lock_watch", 60);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_lock_held_past_the_watch_bound_is_reported_with_its_holder",
+            "--nocapture",
+        ])
+        .env("HETMEM_LOCKWATCH_CHILD", "1")
+        .env("HETMEM_LOCK_WATCH", "100")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hetmem lock watch: thread") && err.contains("still holds it"),
+        "no report while held: {err}"
+    );
+    assert!(
+        err.contains("src/cache.rs") && err.contains("was held for"),
+        "no report at release naming the place: {err}"
+    );
+    assert!(
+        err.contains("fsync"),
+        "the holder's stack names fsync: {err}"
+    );
+}
