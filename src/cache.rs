@@ -1488,10 +1488,16 @@ impl FileHandle {
         Ok(got)
     }
 
-    /// Direct write: writes the file itself; the range's dirty pages are written back and its
-    /// cached pages dropped first, so later cached reads see this write.
+    /// Direct write: writes the file itself; the range's dirty pages are written back first,
+    /// the pages it covers whole are then dropped from the cache and a cached partial first or
+    /// last page is updated in place (a CPU store to its other bytes is never lost), so later
+    /// cached reads see this write. An empty write changes nothing.
     pub fn direct_write(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
+        if data.is_empty() {
+            // As pwrite(2) of nothing: no change, not even to the size.
+            return Ok(());
+        }
         let c = &self.cache;
         let end = off
             .checked_add(data.len() as u64)
@@ -1524,7 +1530,22 @@ impl FileHandle {
             st.disk_size = end;
         }
         c.grow(&mut st, end)?;
-        let last = last.min(st.pages.len());
-        c.drop_pages(&mut st, first, last)
+        // Pages the write covers whole are dropped (the next access reads the file). A partial
+        // first or last page that is cached is updated in place instead: a CPU store to its
+        // other bytes through a mapping (which takes no lock) may land at any moment, also
+        // after the scan above, and dropping the page would lose it.
+        for p in [first, last - 1] {
+            let (ps, pe) = (p * PAGE, (p + 1) * PAGE);
+            let partial = off > ps || end < pe;
+            if partial && st.pages.get(p) != PageState::Uncached {
+                let (s0, e0) = (off.max(ps), end.min(pe));
+                let bytes = &data[(s0 - off) as usize..(e0 - off) as usize];
+                c.memfd
+                    .write_at(s0, bytes)
+                    .map_err(os("update a cached page"))?;
+            }
+        }
+        let (whole_first, whole_last) = (off.div_ceil(PAGE), (end / PAGE).min(st.pages.len()));
+        c.drop_pages(&mut st, whole_first, whole_last)
     }
 }

@@ -193,16 +193,17 @@ impl Pagemap {
         }
     }
 
-    /// The metadata of `frame`.
-    pub fn frame_info(&self, frame: FrameIdx) -> FrameInfo {
-        FrameInfo {
-            flags: self.flags[frame.0 as usize].load(Ordering::Acquire),
+    /// The metadata of `frame` (`None` past the pool's last frame).
+    pub fn frame_info(&self, frame: FrameIdx) -> Option<FrameInfo> {
+        let i = frame.0 as usize;
+        Some(FrameInfo {
+            flags: self.flags.get(i)?.load(Ordering::Acquire),
             mapping: self.rmap(frame),
-        }
+        })
     }
 
     /// Marks `frame` written by the device.
-    pub fn mark_dirty(&self, frame: FrameIdx) {
+    pub(crate) fn mark_dirty(&self, frame: FrameIdx) {
         self.flags[frame.0 as usize].fetch_or(frame_flags::DIRTY, Ordering::AcqRel);
     }
 
@@ -270,7 +271,7 @@ impl Pagemap {
     }
 
     /// Splits an allocated large frame into 512 allocated base frames (freed one by one).
-    pub fn split_large(&self, head: FrameIdx) {
+    pub(crate) fn split_large(&self, head: FrameIdx) {
         let mut st = lock(&self.state);
         let block = head.0 as usize / PAGES_PER_LARGE;
         debug_assert!(st.large_alloc[block], "split of a frame that is not large");
@@ -281,7 +282,7 @@ impl Pagemap {
     }
 
     /// Frees a frame: a base frame, or (given its head) a whole large frame. Clears its rmap.
-    pub fn free(&self, frame: FrameIdx, large: bool) {
+    pub(crate) fn free(&self, frame: FrameIdx, large: bool) {
         let mut st = lock(&self.state);
         if large {
             let block = frame.0 as usize / PAGES_PER_LARGE;
@@ -343,13 +344,13 @@ mod tests {
                 assert_eq!(p.used(), 0);
                 let f = p.alloc().unwrap();
                 assert_eq!(
-                    p.frame_info(f).flags,
+                    p.frame_info(f).unwrap().flags,
                     frame_flags::ALLOCATED | frame_flags::LOCKED
                 );
                 p.set_rmap(f, 3, 77);
                 p.mark_dirty(f);
                 assert_eq!(
-                    p.frame_info(f),
+                    p.frame_info(f).unwrap(),
                     FrameInfo {
                         flags: frame_flags::ALLOCATED | frame_flags::DIRTY,
                         mapping: Some((3, 77))
@@ -357,7 +358,7 @@ mod tests {
                 );
                 p.free(f, false);
                 assert_eq!(
-                    p.frame_info(f),
+                    p.frame_info(f).unwrap(),
                     FrameInfo {
                         flags: 0,
                         mapping: None

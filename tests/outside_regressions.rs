@@ -707,3 +707,62 @@ fn a_lock_held_past_the_watch_bound_is_reported_with_its_holder() {
         "the holder's stack names fsync: {err}"
     );
 }
+
+/// A CPU store through a shared mapping to one half of a page, racing a `direct_write` of the
+/// other half, was lost: the direct write scanned for stores, wrote the file, then dropped the
+/// partial page from the cache, store included (found by the concurrent file model). A
+/// partial page is now updated in place. Also: an empty `direct_write` past the end grew the
+/// file.
+#[test]
+fn a_store_racing_a_direct_write_to_the_other_half_of_its_page_is_kept() {
+    use std::sync::Barrier;
+    let _w = watchdog("store_vs_direct_write", 60);
+    let f = TempFile::new("o-dw-half", &vec![0u8; 2 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = Arc::new(cache.handle());
+    let space = Arc::new(small_space());
+    let a = space
+        .map_file(&h, 0, 2 * PAGE, Prot::ReadWrite, true)
+        .unwrap();
+    const N: u32 = 3000;
+    let bar = Arc::new(Barrier::new(2));
+    let storer = {
+        let bar = bar.clone();
+        std::thread::spawn(move || {
+            for i in 1..=N {
+                bar.wait();
+                // A varying delay, so that the store falls at every point of the direct write.
+                for _ in 0..((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 50) {
+                    std::hint::spin_loop();
+                }
+                hetmem::sys::probe_store_u32(a.get(), i);
+                bar.wait();
+            }
+        })
+    };
+    let mut lost = 0;
+    let mut b = [0u8; 4];
+    for i in 1..=N {
+        bar.wait();
+        h.direct_write(2048, &i.to_ne_bytes()).unwrap();
+        bar.wait();
+        h.read_at(0, &mut b).unwrap();
+        if u32::from_ne_bytes(b) != i {
+            lost += 1;
+        }
+    }
+    storer.join().unwrap();
+    assert_eq!(
+        lost, 0,
+        "{lost} of {N} stores lost to a direct write of the same page"
+    );
+    h.fsync().unwrap();
+    let disk = f.disk();
+    assert_eq!(&disk[..4], &N.to_ne_bytes());
+    assert_eq!(&disk[2048..2052], &N.to_ne_bytes());
+    // An empty direct write past the end changes nothing.
+    h.direct_write(5 * PAGE as u64, &[]).unwrap();
+    assert_eq!(h.len(), 2 * PAGE as u64);
+    h.fsync().unwrap();
+    assert_eq!(f.disk().len(), 2 * PAGE);
+}
