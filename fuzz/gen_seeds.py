@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of the `ops` fuzz target into fuzz/corpus/ops/seed-*.
+"""Writes the seed corpora of the fuzz targets: fuzz/corpus/ops/seed-* and
+fuzz/corpus/file_ops/seed-*.
 
-Each op is an 8-byte record (see the doc comment of fuzz_targets/ops.rs):
+`ops`: each op is an 8-byte record (see the doc comment of fuzz_targets/ops.rs):
 kind, flags (bit 0 large mapping, bit 1 long pin, bits 2-3 prot), a (u24 LE: page or byte
 offset), b (u16 LE: pages or bytes), data byte.
+
+`file_ops`: a 7-byte header (flags: bit 0 sparse, bits 1-2 mappings; u16 LE initial length;
+u32 LE seed of the initial contents), then 12-byte records (see the doc comment of
+fuzz_targets/file_ops.rs): kind, flags (bit 0 handle, bit 1 the op's choice, bit 2 pin the
+private mapping, bit 3 unpin, bits 4-6 fault kind, bit 7 ENOSPC), a (u32 LE: byte offset, page
+or length), b (u16 LE: bytes, words, pages or a count), data seed (u32 LE).
 """
 import os
 import struct
 
 KINDS = ["CpuWrite", "CpuRead", "DevRead", "DevWrite", "ToDev", "ToSys", "Protect", "Unmap",
-         "Remap", "Pin", "Unpin", "Exclusive", "Release", "FailNextAlloc"]
+         "Remap", "Pin", "Unpin", "Exclusive", "Release", "FailNextAlloc", "CohRead", "CohWrite",
+         "CohToDev", "CohToSys"]
 PAGE = 4096
+MAX_WORDS = 3 * PAGE // 4
 
 
 def op(kind, large=False, a=0, b=1, byte=0, long=False, prot=2):
@@ -84,8 +93,159 @@ SEEDS = {
     ],
 }
 
-here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "ops")
+FILE_KINDS = ["Write", "Read", "SetLen", "Punch", "Fsync", "DirectRead", "DirectWrite",
+              "NewHandle", "Fault", "MapStore", "MapLoad", "Private", "PrivateMigrate", "Remap",
+              "DeviceRemoval", "Pin", "Device"]
+FAULTS = ["FailWrites", "ShortWrite", "FailSync", "FailRead", "FailStaging", "Clear"]
+MAPPINGS = {None: 0, "intercept": 1, "tracked": 2}
+
+
+def header(sparse=False, mapping=None, length=0, seed=0):
+    flags = int(sparse) | (MAPPINGS[mapping] << 1)
+    return struct.pack("<BHI", flags, length, seed)
+
+
+def fop(kind, h=0, choice=False, a=0, b=1, seed=0, fault="Clear", enospc=False, private=False,
+        unpin=False):
+    flags = h | (int(choice) << 1) | (int(private) << 2) | (int(unpin) << 3) | \
+        (FAULTS.index(fault) << 4) | (int(enospc) << 7)
+    return struct.pack("<BBIHI", FILE_KINDS.index(kind), flags, a, b, seed)
+
+
+def fault(kind, n=1, enospc=False):
+    return fop("Fault", fault=kind, b=n, enospc=enospc)
+
+
+FILE_SEEDS = {
+    # Writes and reads through the cache and around it, past the end of file, with fsyncs.
+    "seed-write-read": (header(length=5000, seed=1), [
+        fop("Write", a=100, b=3 * PAGE, seed=2),
+        fop("Read", h=1, a=0, b=2 * PAGE),
+        fop("Write", a=14 * PAGE + 10, b=PAGE, seed=3),
+        fop("Fsync"),
+        fop("DirectRead", h=1, a=3 * PAGE - 7, b=PAGE),
+        fop("DirectWrite", a=2 * PAGE + 1, b=2 * PAGE, seed=4),
+        fop("Read", a=2 * PAGE, b=3 * PAGE),
+        fop("Write", h=1, a=8 * PAGE, b=3 * PAGE, seed=5),
+        fop("Fsync", h=1, choice=True),
+    ]),
+    # Truncation (unaligned, aligned, to zero), extension, hole punch, a new handle.
+    "seed-truncate-punch": (header(length=4 * PAGE, seed=6), [
+        fop("Write", a=4 * PAGE, b=3 * PAGE, seed=7),
+        fop("SetLen", a=3 * PAGE + 100),
+        fop("Read", a=3 * PAGE, b=PAGE),
+        fop("SetLen", a=10 * PAGE),
+        fop("Punch", a=1, b=2),
+        fop("Write", a=2 * PAGE + 50, b=100, seed=8),
+        fop("Punch", a=9, b=3),
+        fop("NewHandle"),
+        fop("Fsync", h=1),
+        fop("SetLen", a=0),
+        fop("Write", a=5 * PAGE, b=10, seed=9),
+        fop("Fsync"),
+    ]),
+    # Writeback faults reported by fsync on both handles, the dirty bound refusing writes,
+    # short writes, failed syncs and reads, staging faults.
+    "seed-fsync-faults": (header(length=2 * PAGE, seed=10), [
+        fault("FailWrites", n=2),
+        fop("Write", a=0, b=3 * PAGE, seed=11),
+        fop("Write", a=3 * PAGE, b=3 * PAGE, seed=12),
+        fop("Write", a=6 * PAGE, b=3 * PAGE, seed=13),
+        fop("Fsync"),
+        fop("Fsync", h=1, choice=True),
+        fault("ShortWrite"),
+        fop("Write", a=PAGE, b=PAGE, seed=14),
+        fop("Fsync"),
+        fault("FailSync", enospc=True),
+        fop("Fsync", h=1),
+        fault("FailWrites", n=1, enospc=True),
+        fop("DirectWrite", a=100, b=200, seed=15),
+        fop("DirectRead", a=0, b=PAGE),
+        fault("FailRead"),
+        fop("Read", a=12 * PAGE, b=PAGE),
+        fault("FailStaging"),
+        fop("Write", a=13 * PAGE, b=PAGE, seed=16),
+        fault("FailStaging", enospc=True),
+        fop("Read", a=14 * PAGE, b=2 * PAGE),
+        fault("Clear"),
+        fop("Fsync"),
+    ]),
+    # Stores and loads through a shared mapping that intercepts stores, with eviction, protect
+    # and unmap cycles, pins and device reads (device writes are refused).
+    "seed-map-intercept": (header(mapping="intercept", length=3 * PAGE, seed=17), [
+        fop("MapStore", a=100, b=300, seed=18),
+        fop("MapLoad", a=0, b=PAGE // 4),
+        fop("Write", a=4 * PAGE, b=3 * PAGE, seed=19),
+        fop("Write", a=8 * PAGE, b=3 * PAGE, seed=20),
+        fop("MapStore", a=9 * PAGE, b=2 * PAGE // 4, seed=21),
+        fop("Pin", a=0, b=2),
+        fop("Write", a=12 * PAGE, b=3 * PAGE, seed=22),
+        fop("Device", a=0, b=3),
+        fop("Device", choice=True, a=1, b=1, seed=23),
+        fop("Remap"),
+        fop("MapStore", a=8, b=4, seed=24),
+        fop("Fsync"),
+        fop("Remap", choice=True),
+        fop("MapLoad", a=9 * PAGE, b=100),
+        fop("Pin", unpin=True),
+        fop("Punch", a=0, b=1),
+        fop("MapLoad", a=0, b=16),
+    ]),
+    # A shared mapping whose stores are tracked asynchronously, device writes through it, the
+    # device removed and replaced.
+    "seed-map-tracked-device": (header(mapping="tracked", length=4 * PAGE, seed=25), [
+        fop("Device", choice=True, a=0, b=2, seed=26),
+        fop("MapStore", a=3 * PAGE, b=PAGE // 4, seed=27),
+        fop("Device", a=0, b=3),
+        fop("Fsync", h=1),
+        fop("DeviceRemoval"),
+        fop("Device", choice=True, a=2, b=3, seed=28),
+        fop("SetLen", a=2 * PAGE + 12),
+        fop("MapLoad", a=0, b=MAX_WORDS),
+        fop("Write", a=6 * PAGE, b=PAGE, seed=29),
+        fop("Device", a=4, b=3),
+        fop("Fsync", choice=True),
+    ]),
+    # The private mapping: snapshots, copy on write, truncation, migration to the device and
+    # back, pinned private pages, device removal.
+    "seed-private": (header(sparse=True, mapping="intercept", length=4 * PAGE, seed=30), [
+        fop("Private", a=0, b=10),
+        fop("Private", choice=True, a=PAGE + 8, b=20, seed=31),
+        fop("Write", a=0, b=2 * PAGE, seed=32),
+        fop("Private", a=0, b=PAGE // 4),
+        fop("SetLen", a=PAGE),
+        fop("Private", a=PAGE, b=30),
+        fop("PrivateMigrate", choice=True, a=0, b=2),
+        fop("Private", a=4, b=4),
+        fop("Pin", choice=True, private=True, a=1, b=1),
+        fop("PrivateMigrate", choice=True, a=0, b=2),
+        fop("PrivateMigrate", a=0, b=2),
+        fop("PrivateMigrate", choice=True, a=0, b=4),
+        fop("DeviceRemoval"),
+        fop("Private", choice=True, a=PAGE, b=8, seed=33),
+        fop("Remap", choice=True),
+        fop("Private", a=0, b=8),
+    ]),
+    # A sparse world: many writes, few full reads, so eviction happens inside operations.
+    "seed-sparse-evict": (header(sparse=True, length=0), [
+        fop("Write", h=i % 2, a=(i * 5 % 16) * PAGE + i, b=3 * PAGE, seed=40 + i)
+        for i in range(12)
+    ] + [
+        fop("SetLen", a=16 * PAGE),
+        fop("Read", a=15 * PAGE, b=3 * PAGE),
+        fop("Fsync"),
+    ]),
+}
+
+root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+here = os.path.join(root, "ops")
 os.makedirs(here, exist_ok=True)
 for name, ops in SEEDS.items():
     with open(os.path.join(here, name), "wb") as f:
         f.write(b"".join(ops))
+
+here = os.path.join(root, "file_ops")
+os.makedirs(here, exist_ok=True)
+for name, (head, ops) in FILE_SEEDS.items():
+    with open(os.path.join(here, name), "wb") as f:
+        f.write(head + b"".join(ops))

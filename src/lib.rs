@@ -17,6 +17,8 @@ pub mod bench;
 pub mod cache;
 #[doc(hidden)]
 pub mod check;
+#[doc(hidden)]
+pub mod check_file;
 pub mod demo;
 pub mod device;
 pub mod error;

@@ -9,7 +9,7 @@
 //!
 //! | byte | meaning |
 //! |---|---|
-//! | 0 | op kind, modulo 14, in the order of `hetmem::check::Op` (0 CpuWrite, 1 CpuRead, 2 DevRead, 3 DevWrite, 4 ToDev, 5 ToSys, 6 Protect, 7 Unmap, 8 Remap, 9 Pin, 10 Unpin, 11 Exclusive, 12 Release, 13 FailNextAlloc) |
+//! | 0 | op kind, modulo 18 (0 CpuWrite, 1 CpuRead, 2 DevRead, 3 DevWrite, 4 ToDev, 5 ToSys, 6 Protect, 7 Unmap, 8 Remap, 9 Pin, 10 Unpin, 11 Exclusive, 12 Release, 13 FailNextAlloc, 14 CohRead, 15 CohWrite, 16 CohToDev, 17 CohToSys: the coherent device's ops) |
 //! | 1 | flags: bit 0 mapping (0 normal, 1 large), bit 1 long-term pin, bits 2–3 protection (0 none, 1 read, 2–3 read-write) |
 //! | 2–4 | `a`, 24-bit little-endian: first page, or byte offset for CPU ops (wrapped into the mapping) |
 //! | 5–6 | `b`, 16-bit little-endian: pages, or bytes for CPU ops (clamped to 1 ..= the end of the mapping) |

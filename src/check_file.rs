@@ -1,0 +1,1509 @@
+//! The model checker of hetmem's page cache for files (`hetmem::cache`), shared by the
+//! model-based property test (`tests/file_cache_model.rs`) and the fuzz target
+//! (`fuzz/fuzz_targets/file_ops.rs`). Not part of hetmem's API.
+//!
+//! A [`World`] is a real temporary file (under [`std::env::temp_dir`], removed when the world is
+//! dropped) cached by a [`FileCache`] with a small budget ([`BUDGET_PAGES`] pages: eviction
+//! happens all the time) and a dirty bound of [`DIRTY_PAGES`] pages, read and written through a
+//! [`FaultyBackend`] (behind an observer that records which backend calls failed), two
+//! [`FileHandle`]s, and optionally (`mapped`) a [`Space`] with a shared read-write mapping of the
+//! first [`MAP_LEN`] bytes of the file (intercepting stores or tracking them asynchronously), a
+//! private read-write mapping of the same bytes, and a software device ([`SoftDevice`])
+//! mirroring the space. The model is the bytes the process sees and, per handle, the errnos of
+//! the writeback error events it has not reported yet; with the mappings, also a snapshot per
+//! filled private page.
+//!
+//! [`apply`] runs one [`Op`] on the real objects, checks its outcome against the model, updates
+//! the model, and then checks the whole state (see below); [`check_all`] ends a run: it syncs
+//! both handles, drops the world and reads the file back through a fresh cache. Both return the
+//! first mismatch as an error message; neither depends on a test framework. An `Op` must be *in
+//! range* ([`Op::in_range`]: what the property test's strategy produces); the fuzz target clamps
+//! its decoded input with [`Op::clamped`].
+//!
+//! # The operations
+//!
+//! `write_at` at offsets in the first [`WINDOW`] pages and lengths up to [`MAX_IO`] (often past
+//! the end of file), `read_at`, `set_len` (shrink and extend, page-aligned or not), page-aligned
+//! `punch_hole`, `fsync`/`fdatasync` on either of two handles, `direct_read`, `direct_write`, a
+//! fresh second handle, and fault-plan changes on the [`FaultyBackend`] (fail the next one or
+//! two writes with EIO or ENOSPC, a short write, a failed sync, a failed read of the file, no
+//! fault), and staging faults ([`FileCache::fail_next_staging`]: the next write into the memfd
+//! that allocates fails with ENOMEM or ENOSPC). With the mappings: word stores and loads through
+//! the shared mapping and whole-page device reads and writes (within the end of file, after
+//! clearing the fault plans: a failed fill there is SIGBUS): a load or device read must return
+//! the model's bytes, a store or device write changes the model, and a device write through an
+//! intercepting mapping is refused (EPERM). Word stores and loads through the private mapping
+//! are checked against per-page snapshots taken when the space reports the page filled (the
+//! file's bytes at that moment; fault-around fills neighbours too), never reach the file, and
+//! survive truncation; filled private pages migrate to the device and back (the device reads
+//! their snapshots, a CPU access brings them back); the shared mapping is made read-only and
+//! read-write again, and both mappings are unmapped and mapped again; the device is removed (its
+//! pages come back to system memory) and replaced; pages of either mapping are pinned (short or
+//! long term, one pin at a time: pinned private pages stay in system memory when their run
+//! migrates, pinned shared pages are not evicted, a pin left on an unmapped mapping pins
+//! nothing). Without the mappings those operations do nothing (the cache's own eviction is
+//! checked alone).
+//!
+//! # The checks
+//!
+//! Which backend calls failed is observed by a wrapper around the faulty backend (not taken from
+//! the cache's own counters); a failed *data* write of `direct_write` (the caller's buffer) is
+//! returned by that call and is not a writeback error event. Checked after every operation:
+//!
+//! - `read_at` over the whole file (in chunks of varying size, through either handle) returns the
+//!   model's bytes, and each handle's `len()` is the model's length. In "sparse" worlds the whole
+//!   file is read only every [`SPARSE`] operations and otherwise the pages around the operation:
+//!   full reads fill the cache and reorder its LRU after every operation, which would hide the
+//!   states a longer run reaches (uncached pages past a grown end, old clean pages, evictions
+//!   inside an operation);
+//! - a random `read_at`/`direct_read` returns exactly the model's bytes;
+//! - a `write_at` or `direct_write` that fails changed nothing (the next full read proves it), and
+//!   fails only when an injected fault fired during it (a write refused by the dirty bound, or
+//!   a staging fault, which is no writeback error event);
+//! - `fsync` fails exactly when the handle has an unreported event (each event reported once per
+//!   handle: errseq), with one of those events' errnos; after an `fsync` that returns Ok, the file
+//!   on disk (read with `std::fs::read`, bypassing the cache) equals the model exactly; after one
+//!   that returns Err, the fault plan is cleared and a retry on the same handle returns Ok and the
+//!   disk then equals the model;
+//! - dirty bytes never exceed the dirty bound; cached bytes are within the budget after every
+//!   `read_at`/`write_at` during which no injected fault fired (those are the calls that evict),
+//!   and no other call adds cached bytes over the budget (with a mapping, the eviction inside
+//!   `read_at`/`write_at` leaves mapped pages to the background evictor: the check runs its
+//!   `shrink_to_budget` first). With an asynchronously tracked mapping (whose pages are never
+//!   evicted and whose stores count against the dirty bound only at the next scan) the budget
+//!   and the bound are not checked;
+//! - after an access through a mapping or the device (with no fault planned), no backend call
+//!   failed.
+//!
+//! At the end ([`check_all`]) the file is synced through both handles (each `fsync` checked as
+//! above), the world dropped (the file on disk must still equal the model) and the file reopened
+//! in a fresh cache: it reads as the disk.
+
+use std::path::PathBuf;
+
+use crate::cache::{
+    CacheConfig, FaultPlan, FaultyBackend, FileBackend, FileCache, FileHandle, StdFile,
+};
+use crate::space::{FileMapOptions, Residency, Space};
+use crate::sync::{Arc, Mutex, lock};
+use crate::sys::{probe_load_u32, probe_store_u32};
+use crate::{DeviceMirror, PAGE_SIZE, Prot, SoftDevice, VirtAddr};
+
+const PAGE: usize = PAGE_SIZE;
+
+/// Offsets of the operations fall within this many pages (the file grows a little past it).
+pub const WINDOW: usize = 16;
+/// The cache's budget, in pages.
+pub const BUDGET_PAGES: usize = 8;
+/// The cache's dirty bound, in pages.
+pub const DIRTY_PAGES: usize = 6;
+/// The cache's budget, in bytes.
+pub const BUDGET: usize = BUDGET_PAGES * PAGE;
+/// The cache's dirty bound, in bytes.
+pub const DIRTY: usize = DIRTY_PAGES * PAGE;
+/// Most bytes of one read or write (and, in words, of one store or load through a mapping).
+pub const MAX_IO: usize = 3 * PAGE;
+/// Length of the mappings of the file (from offset 0): the window and the pages the file grows
+/// past it.
+pub const MAP_LEN: usize = (WINDOW + 4) * PAGE;
+/// Pages of the mappings.
+pub const MAP_PAGES: usize = MAP_LEN / PAGE;
+/// In sparse worlds, the whole file is read every this many operations.
+pub const SPARSE: usize = 8;
+/// Capacity of the world's device.
+pub const DEVICE_BYTES: usize = 1 << 20;
+
+/// A change of the fault plans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Fail the next `n` (1 or 2) writes with the errno (EIO or ENOSPC).
+    FailWrites(u32, i32),
+    /// The next write is short.
+    ShortWrite,
+    /// The next sync fails with the errno (EIO or ENOSPC).
+    FailSync(i32),
+    /// The next read of the file fails with the errno (EIO or ENOSPC).
+    FailRead(i32),
+    /// The next write into the staging memfd that allocates (a fill, a `write_at`'s data) fails
+    /// with the errno (ENOMEM or ENOSPC; [`FileCache::fail_next_staging`]).
+    FailStaging(i32),
+    /// No fault.
+    Clear,
+}
+
+impl Fault {
+    /// The fault with its count and errno brought into range (see [`Op::clamped`]): a count
+    /// outside 1..=2 is clamped, an errno other than ENOSPC becomes EIO (ENOMEM for staging).
+    pub fn clamped(self) -> Fault {
+        let io = |e: i32| if e == libc::ENOSPC { e } else { libc::EIO };
+        match self {
+            Fault::FailWrites(n, e) => Fault::FailWrites(n.clamp(1, 2), io(e)),
+            Fault::FailSync(e) => Fault::FailSync(io(e)),
+            Fault::FailRead(e) => Fault::FailRead(io(e)),
+            Fault::FailStaging(e) => {
+                Fault::FailStaging(if e == libc::ENOSPC { e } else { libc::ENOMEM })
+            }
+            f @ (Fault::ShortWrite | Fault::Clear) => f,
+        }
+    }
+}
+
+/// One operation on the world. `h` is a handle (0 or 1); `off`/`len` a byte range of the file;
+/// `page`/`pages` a range of pages of the mappings; `seed` the seed of the data written
+/// ([`data`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `write_at` of `len` bytes (1..=[`MAX_IO`]) at `off` (below `WINDOW` pages).
+    Write {
+        /// Handle.
+        h: usize,
+        /// Byte offset.
+        off: usize,
+        /// Bytes.
+        len: usize,
+        /// Data seed.
+        seed: u32,
+    },
+    /// `read_at` of `len` bytes (0..=[`MAX_IO`]) at `off`.
+    Read {
+        /// Handle.
+        h: usize,
+        /// Byte offset.
+        off: usize,
+        /// Bytes.
+        len: usize,
+    },
+    /// `set_len` (through handle 0) to `len` bytes (at most `WINDOW` pages).
+    SetLen {
+        /// New length.
+        len: usize,
+    },
+    /// `punch_hole` of `pages` pages (1..=3) from page `page` (at most `WINDOW`).
+    Punch {
+        /// First page.
+        page: usize,
+        /// Pages.
+        pages: usize,
+    },
+    /// `fsync`, or `fdatasync` when `data_only`.
+    Fsync {
+        /// Handle.
+        h: usize,
+        /// `fdatasync`.
+        data_only: bool,
+    },
+    /// `direct_read` of `len` bytes (0..=[`MAX_IO`]) at `off`.
+    DirectRead {
+        /// Handle.
+        h: usize,
+        /// Byte offset.
+        off: usize,
+        /// Bytes.
+        len: usize,
+    },
+    /// `direct_write` of `len` bytes (1..=[`MAX_IO`]) at `off`.
+    DirectWrite {
+        /// Handle.
+        h: usize,
+        /// Byte offset.
+        off: usize,
+        /// Bytes.
+        len: usize,
+        /// Data seed.
+        seed: u32,
+    },
+    /// Replaces handle 1 by a new handle (which has seen nothing yet).
+    NewHandle,
+    /// Changes the fault plans.
+    Fault(Fault),
+    /// Stores `words` words (1..=`MAX_IO / 4`) through the shared mapping at `off` (word-aligned,
+    /// below [`MAP_LEN`]; clipped to the end of file), after clearing the fault plan.
+    MapStore {
+        /// Byte offset (a multiple of 4).
+        off: usize,
+        /// Words.
+        words: usize,
+        /// Data seed.
+        seed: u32,
+    },
+    /// Loads `words` words through the shared mapping at `off` (clipped to the end of file),
+    /// after clearing the fault plan.
+    MapLoad {
+        /// Byte offset (a multiple of 4).
+        off: usize,
+        /// Words.
+        words: usize,
+    },
+    /// Stores (`store`: the data seed) or loads `words` words through the private mapping at
+    /// `off` (clipped to the pages that may be accessed: snapshotted ones, or inside the file).
+    Private {
+        /// Byte offset (a multiple of 4).
+        off: usize,
+        /// Words.
+        words: usize,
+        /// A store of data from this seed; `None`: loads.
+        store: Option<u32>,
+    },
+    /// Migrates the filled private pages from `page` (at most `pages`, 1..=4) to the device
+    /// (then the device reads them back) or back to system memory (the kernel's
+    /// `migrate_file_private`).
+    PrivateMigrate {
+        /// First page.
+        page: usize,
+        /// Pages.
+        pages: usize,
+        /// To the device (else to system memory).
+        to_device: bool,
+    },
+    /// Makes the shared mapping read-only and read-write again (stores before and after must
+    /// both reach the file), or unmaps both mappings and maps them again (the private
+    /// snapshots are gone; the shared mapping's stores were recorded).
+    Remap {
+        /// Unmap and map again (else protect cycle).
+        unmap: bool,
+    },
+    /// The device is removed (its memory evicted back to system memory) and a new one mirrors
+    /// the space.
+    DeviceRemoval,
+    /// `Some((page, pages, long_term, private))`: pins `pages` pages (1..=3) from `page` of the
+    /// private or the shared mapping (clipped to the pages that may be accessed), replacing the
+    /// pin held (one at a time); `None`: unpins. Pinned private pages do not migrate to the
+    /// device; pinned shared pages are not evicted.
+    Pin(Option<(usize, usize, bool, bool)>),
+    /// A device mirroring the mapping reads (or writes, `write`: the data seed) `pages` whole
+    /// pages (1..=3) from `page` (clipped to the whole pages inside the file), after clearing
+    /// the fault plan.
+    Device {
+        /// First page.
+        page: usize,
+        /// Pages.
+        pages: usize,
+        /// A write of data from this seed; `None`: reads.
+        write: Option<u32>,
+    },
+}
+
+impl Op {
+    /// Whether the op's handle, ranges, counts and errnos are valid (what [`apply`] requires).
+    pub fn in_range(&self) -> bool {
+        self.clone().clamped() == *self
+    }
+
+    /// The op brought into range (an op already in range is returned unchanged): a handle above
+    /// 1 becomes 1; a byte offset past the window ([`WINDOW`] pages; [`MAP_LEN`] for mapping
+    /// ops, rounded down to a word) and a page past the mappings ([`MAP_PAGES`]; `WINDOW` for a
+    /// punch) wrap around; a new length wraps modulo `WINDOW` pages + 1; lengths, word and page
+    /// counts are clamped to their ranges (see each op), and faults with [`Fault::clamped`].
+    pub fn clamped(self) -> Op {
+        let off = |o: usize| o % (WINDOW * PAGE);
+        let word = |o: usize| o % MAP_LEN / 4 * 4;
+        let words = |w: usize| w.clamp(1, MAX_IO / 4);
+        let page = |p: usize| p % MAP_PAGES;
+        match self {
+            Op::Write {
+                h,
+                off: o,
+                len,
+                seed,
+            } => Op::Write {
+                h: h.min(1),
+                off: off(o),
+                len: len.clamp(1, MAX_IO),
+                seed,
+            },
+            Op::Read { h, off: o, len } => Op::Read {
+                h: h.min(1),
+                off: off(o),
+                len: len.min(MAX_IO),
+            },
+            Op::SetLen { len } => Op::SetLen {
+                len: len % (WINDOW * PAGE + 1),
+            },
+            Op::Punch { page, pages } => Op::Punch {
+                page: page % (WINDOW + 1),
+                pages: pages.clamp(1, 3),
+            },
+            Op::Fsync { h, data_only } => Op::Fsync {
+                h: h.min(1),
+                data_only,
+            },
+            Op::DirectRead { h, off: o, len } => Op::DirectRead {
+                h: h.min(1),
+                off: off(o),
+                len: len.min(MAX_IO),
+            },
+            Op::DirectWrite {
+                h,
+                off: o,
+                len,
+                seed,
+            } => Op::DirectWrite {
+                h: h.min(1),
+                off: off(o),
+                len: len.clamp(1, MAX_IO),
+                seed,
+            },
+            Op::Fault(f) => Op::Fault(f.clamped()),
+            Op::MapStore {
+                off,
+                words: w,
+                seed,
+            } => Op::MapStore {
+                off: word(off),
+                words: words(w),
+                seed,
+            },
+            Op::MapLoad { off, words: w } => Op::MapLoad {
+                off: word(off),
+                words: words(w),
+            },
+            Op::Private {
+                off,
+                words: w,
+                store,
+            } => Op::Private {
+                off: word(off),
+                words: words(w),
+                store,
+            },
+            Op::PrivateMigrate {
+                page: p,
+                pages,
+                to_device,
+            } => Op::PrivateMigrate {
+                page: page(p),
+                pages: pages.clamp(1, 4),
+                to_device,
+            },
+            Op::Pin(pin) => Op::Pin(pin.map(|(p, pages, long_term, private)| {
+                (page(p), pages.clamp(1, 3), long_term, private)
+            })),
+            Op::Device {
+                page: p,
+                pages,
+                write,
+            } => Op::Device {
+                page: page(p),
+                pages: pages.clamp(1, 3),
+                write,
+            },
+            op @ (Op::NewHandle | Op::Remap { .. } | Op::DeviceRemoval) => op,
+        }
+    }
+}
+
+/// Pseudo-random bytes for a write (xorshift of `seed`).
+pub fn data(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed as u64 | 1 << 40;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A backend call that did not do all that was asked (an injected fault firing).
+#[derive(Clone, Copy, Debug)]
+struct Failure {
+    what: &'static str,
+    errno: i32,
+    /// The write was of the caller's buffer (`direct_write`'s data), not a writeback.
+    user: bool,
+}
+
+#[derive(Debug, Default)]
+struct ObsState {
+    /// Address range of the caller's buffer during a `direct_write`.
+    user: (usize, usize),
+    failures: Vec<Failure>,
+}
+
+/// Observes the outcome of every backend call in front of the faulty backend.
+#[derive(Debug)]
+struct Observer {
+    inner: Arc<FaultyBackend<StdFile>>,
+    st: Mutex<ObsState>,
+}
+
+impl Observer {
+    fn failed(&self, f: Failure) {
+        lock(&self.st).failures.push(f);
+    }
+    fn take(&self) -> Vec<Failure> {
+        std::mem::take(&mut lock(&self.st).failures)
+    }
+    fn set_user(&self, buf: &[u8]) {
+        let a = buf.as_ptr() as usize;
+        lock(&self.st).user = (a, a + buf.len());
+    }
+    fn clear_user(&self) {
+        lock(&self.st).user = (0, 0);
+    }
+    /// Records `r`'s error, if any, as a failure of `what` (not of the caller's buffer).
+    fn note<T>(&self, what: &'static str, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &r {
+            self.failed(Failure {
+                what,
+                errno: errno_of(e),
+                user: false,
+            });
+        }
+        r
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl FileBackend for Observer {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.note("read", self.inner.read_at(off, buf))
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<usize> {
+        let r = self.inner.write_at(off, buf);
+        let a = buf.as_ptr() as usize;
+        let (lo, hi) = lock(&self.st).user;
+        let user = a >= lo && a < hi;
+        match &r {
+            Err(e) => self.failed(Failure {
+                what: "write",
+                errno: errno_of(e),
+                user,
+            }),
+            Ok(n) if *n < buf.len() => self.failed(Failure {
+                what: "short write",
+                errno: libc::EIO,
+                user,
+            }),
+            Ok(_) => {}
+        }
+        r
+    }
+    fn sync(&self, data_only: bool) -> std::io::Result<()> {
+        self.note("sync", self.inner.sync(data_only))
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.note("set_len", self.inner.set_len(len))
+    }
+    fn punch(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.note("punch", self.inner.punch(off, len))
+    }
+}
+
+/// How often each path was taken in a world (see [`World::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Operations applied.
+    pub ops: u64,
+    /// Pages the cache evicted (as of the last check).
+    pub evicted: u64,
+    /// `fsync`/`fdatasync` calls that returned Ok.
+    pub fsync_ok: u64,
+    /// `fsync`/`fdatasync` calls that returned an error.
+    pub fsync_err: u64,
+    /// `write_at` calls refused.
+    pub writes_refused: u64,
+    /// `direct_read`/`direct_write` calls that failed.
+    pub direct_errors: u64,
+    /// Bytes stored through the shared mapping or written by the device.
+    pub mapped_bytes: u64,
+    /// Staging faults that fired.
+    pub staging_faults: u64,
+    /// Words stored or loaded through the private mapping.
+    pub private_words: u64,
+    /// Private pages migrated (either way).
+    pub private_pages_migrated: u64,
+}
+
+impl Stats {
+    /// Adds `o`'s counts to these.
+    pub fn add(&mut self, o: &Stats) {
+        self.ops += o.ops;
+        self.evicted += o.evicted;
+        self.fsync_ok += o.fsync_ok;
+        self.fsync_err += o.fsync_err;
+        self.writes_refused += o.writes_refused;
+        self.direct_errors += o.direct_errors;
+        self.mapped_bytes += o.mapped_bytes;
+        self.staging_faults += o.staging_faults;
+        self.private_words += o.private_words;
+        self.private_pages_migrated += o.private_pages_migrated;
+    }
+}
+
+/// A file in the temp directory with a unique name, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    /// Creates `hetmem-check-file-<pid>-<n>` with `content` (a name no other file has).
+    fn new(content: &[u8]) -> std::io::Result<TempFile> {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        loop {
+            let path = std::env::temp_dir().join(format!(
+                "hetmem-check-file-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    let t = TempFile(path);
+                    f.write_all(content)?;
+                    return Ok(t);
+                }
+                // Left over by an earlier process with the same id: take the next name.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What the process should see, and the errors it should get.
+struct Model {
+    bytes: Vec<u8>,
+    /// Per handle: errnos of writeback error events not reported yet (empty: none).
+    unreported: [Vec<i32>; 2],
+}
+
+impl Model {
+    fn write(&mut self, off: usize, d: &[u8]) {
+        if self.bytes.len() < off + d.len() {
+            self.bytes.resize(off + d.len(), 0);
+        }
+        self.bytes[off..off + d.len()].copy_from_slice(d);
+    }
+    fn expect(&self, off: usize, len: usize) -> &[u8] {
+        let s = off.min(self.bytes.len());
+        let e = (off + len).min(self.bytes.len());
+        &self.bytes[s..e]
+    }
+}
+
+/// The real objects and the model (see the module doc).
+pub struct World {
+    faulty: Arc<FaultyBackend<StdFile>>,
+    obs: Arc<Observer>,
+    cache: Arc<FileCache>,
+    h: [FileHandle; 2],
+    m: Model,
+    /// Checks done so far (varies the chunking of the full reads).
+    checks: usize,
+    /// Check the whole file only every `SPARSE` operations (otherwise the bytes around the
+    /// operation): the full reads fill the cache and reorder its LRU, which hides states.
+    sparse: bool,
+    /// Cached bytes after the last call.
+    cached_before: usize,
+    /// Staging faults pending after the last call, and their errno.
+    stage_pending: u32,
+    stage_errno: i32,
+    /// A shared read-write mapping of the first `MAP_LEN` bytes of the file: the space and the
+    /// mapping's address (map operations are no-ops without it, where the cache's own eviction
+    /// is checked alone).
+    map: Option<(Space, usize)>,
+    /// The mapping intercepts stores (so that the budget and the dirty bound hold for its pages
+    /// too; else: asynchronous write tracking, whose pages are never evicted and whose stores
+    /// count against the dirty bound only at the next scan, so the budget and the bound are not
+    /// checked in those worlds).
+    intercept: bool,
+    /// With `map`: a private read-write mapping of the same `MAP_LEN` bytes, and per page the
+    /// bytes it must hold once it has been filled (`None`: not filled yet; it then follows the
+    /// file). A fill snapshots the file at that moment (POSIX leaves later changes unspecified
+    /// for `MAP_PRIVATE`; hetmem keeps the snapshot, also across a truncate), and may fill
+    /// neighbouring pages too (fault-around): the space's residency tells which.
+    private: usize,
+    snap: Vec<Option<Vec<u8>>>,
+    /// The pin held (see `Op::Pin`), and which pages of the current private mapping it pins.
+    pin: Option<crate::Pin>,
+    pinned_private: Vec<bool>,
+    /// A software device mirroring the space (with `map`).
+    dev: Option<(DeviceMirror, SoftDevice)>,
+    stats: Stats,
+    /// Dropped last: the file.
+    file: TempFile,
+}
+
+/// Fails with the formatted message unless the condition holds.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+impl World {
+    /// A fresh world: a temporary file holding `initial`, its cache and two handles, and with
+    /// `mapped` (`Some(intercept_stores)`) the space with the shared and private mappings and
+    /// the device. `sparse`: the whole file is read back only every [`SPARSE`] operations. The
+    /// initial state is checked (the whole file reads as `initial`).
+    pub fn new(initial: &[u8], sparse: bool, mapped: Option<bool>) -> Result<World, String> {
+        let file = TempFile::new(initial).map_err(|e| format!("temporary file: {e}"))?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file.0)
+            .map_err(|e| format!("open {}: {e}", file.0.display()))?;
+        let faulty = Arc::new(FaultyBackend::new(StdFile(f)));
+        let obs = Arc::new(Observer {
+            inner: faulty.clone(),
+            st: Mutex::new(ObsState::default()),
+        });
+        let cfg = CacheConfig {
+            budget: BUDGET,
+            dirty_bound: DIRTY,
+        };
+        let cache = FileCache::with_backend(Box::new(obs.clone()), true, cfg)
+            .map_err(|e| format!("cache: {e}"))?;
+        let h = [cache.handle(), cache.handle()];
+        let intercept = mapped != Some(false);
+        let (map, private, dev) = match mapped {
+            None => (None, 0, None),
+            Some(intercept_stores) => {
+                let space = Space::new().map_err(|e| format!("space: {e}"))?;
+                let opts = FileMapOptions {
+                    prot: Prot::ReadWrite,
+                    shared: true,
+                    intercept_stores,
+                };
+                let a = space
+                    .map_file_with(&h[0], 0, MAP_LEN, opts)
+                    .map_err(|e| format!("shared mapping: {e}"))?
+                    .get();
+                let private = space
+                    .map_file(&h[0], 0, MAP_LEN, Prot::ReadWrite, false)
+                    .map_err(|e| format!("private mapping: {e}"))?
+                    .get();
+                let d = SoftDevice::private(DEVICE_BYTES).map_err(|e| format!("device: {e}"))?;
+                let m = d.mirror(&space).map_err(|e| format!("mirror: {e}"))?;
+                (Some((space, a)), private, Some((m, d)))
+            }
+        };
+        let mut w = World {
+            map,
+            private,
+            snap: vec![None; MAP_PAGES],
+            pin: None,
+            pinned_private: vec![false; MAP_PAGES],
+            intercept,
+            dev,
+            file,
+            faulty,
+            obs,
+            cache,
+            h,
+            m: Model {
+                bytes: initial.to_vec(),
+                unreported: [Vec::new(), Vec::new()],
+            },
+            checks: 0,
+            sparse,
+            cached_before: 0,
+            stage_pending: 0,
+            stage_errno: 0,
+            stats: Stats::default(),
+        };
+        w.check("initial", Some((0, initial.len())))?;
+        Ok(w)
+    }
+
+    /// How often each path was taken so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Takes the failures observed during the last call and records the writeback error events
+    /// among them for every handle. Returns them.
+    fn account(&mut self) -> Vec<Failure> {
+        let mut f = self.obs.take();
+        let pending = self.cache.staging_faults_pending();
+        if pending < self.stage_pending {
+            // A staging fault fired: returned to the caller, no writeback error event.
+            self.stats.staging_faults += 1;
+            f.push(Failure {
+                what: "stage",
+                errno: self.stage_errno,
+                user: true,
+            });
+        }
+        self.stage_pending = pending;
+        // A failed read is returned by its call, it is no writeback error.
+        for x in f.iter().filter(|x| !x.user && x.what != "read") {
+            for u in &mut self.m.unreported {
+                u.push(x.errno);
+            }
+        }
+        f
+    }
+
+    /// Budget and dirty bound after a call during which `failures` fired. Only `read_at` and
+    /// `write_at` (`evicts`) evict: after one during which no fault fired the cache is within
+    /// its budget (pages can stay over it while writeback fails); no other call adds pages.
+    fn check_bounds(
+        &mut self,
+        failures: &[Failure],
+        evicts: bool,
+        what: &str,
+    ) -> Result<(), String> {
+        if self.map.is_some() && !self.intercept {
+            self.cached_before = self.cache.cached_bytes();
+            return Ok(());
+        }
+        let dirty = self.cache.dirty_bytes();
+        ensure!(
+            dirty <= DIRTY,
+            "{what}: {dirty} dirty bytes over the bound {DIRTY}"
+        );
+        let mut cached = self.cache.cached_bytes();
+        if evicts && failures.is_empty() && cached > BUDGET && self.map.is_some() {
+            // The eviction inside `read_at`/`write_at` leaves mapped pages alone; the
+            // background evictor brings them within the budget: do its work now.
+            self.cache.shrink_to_budget();
+            cached = self.cache.cached_bytes();
+        }
+        if evicts && failures.is_empty() {
+            ensure!(
+                cached <= BUDGET,
+                "{what}: {cached} cached bytes over the budget {BUDGET} (no fault fired)"
+            );
+        } else if !evicts {
+            ensure!(
+                cached <= self.cached_before.max(BUDGET),
+                "{what}: {cached} cached bytes, over the budget {BUDGET} and more than the {} before",
+                self.cached_before
+            );
+        }
+        self.cached_before = cached;
+        Ok(())
+    }
+
+    fn check_disk(&self, what: &str) -> Result<(), String> {
+        let disk =
+            std::fs::read(&self.file.0).map_err(|e| format!("{what}: reading the file: {e}"))?;
+        if disk != self.m.bytes {
+            let first = disk.iter().zip(&self.m.bytes).position(|(a, b)| a != b);
+            return Err(format!(
+                "{what}: the file on disk differs from the model: disk {} bytes, model {} bytes, first differing byte {first:?}",
+                disk.len(),
+                self.m.bytes.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn fsync(&mut self, h: usize, data_only: bool, what: &str) -> Result<(), String> {
+        let r = if data_only {
+            self.h[h].fdatasync()
+        } else {
+            self.h[h].fsync()
+        };
+        let f = self.account();
+        self.check_bounds(&f, false, what)?;
+        let unreported = std::mem::take(&mut self.m.unreported[h]);
+        if r.is_err() {
+            self.stats.fsync_err += 1;
+        } else {
+            self.stats.fsync_ok += 1;
+        }
+        match r {
+            Ok(()) => {
+                ensure!(
+                    unreported.is_empty(),
+                    "{what}: Ok, but handle {h} had unreported writeback errors {unreported:?}"
+                );
+                self.check_disk(&format!("{what} (Ok)"))
+            }
+            Err(e) => {
+                ensure!(
+                    !unreported.is_empty(),
+                    "{what}: {e}, but handle {h} had no unreported writeback error (failures seen: {f:?})"
+                );
+                ensure!(
+                    unreported.contains(&e.errno()),
+                    "{what}: errno {} is none of the unreported events' {unreported:?}",
+                    e.errno()
+                );
+                // A retry with no fault planned succeeds and makes the file the model.
+                self.faulty.plan(FaultPlan::default());
+                let r = if data_only {
+                    self.h[h].fdatasync()
+                } else {
+                    self.h[h].fsync()
+                };
+                let f = self.account();
+                ensure!(
+                    f.is_empty(),
+                    "{what}: retry: failures with no fault planned: {f:?}"
+                );
+                self.m.unreported[h].clear();
+                ensure!(
+                    r.is_ok(),
+                    "{what}: the retry after {e} failed: {:?}",
+                    r.err()
+                );
+                self.check_disk(&format!("{what} (retry)"))
+            }
+        }
+    }
+
+    /// Applies `op`, checks it and the state (see [`apply`]).
+    fn step(&mut self, op: &Op, what: &str) -> Result<(), String> {
+        match *op {
+            Op::Write { h, off, len, seed } => {
+                let d = data(seed, len);
+                let r = self.h[h].write_at(off as u64, &d);
+                let f = self.account();
+                self.check_bounds(&f, true, what)?;
+                match r {
+                    Ok(()) => self.m.write(off, &d),
+                    Err(e) => {
+                        self.stats.writes_refused += 1;
+                        ensure!(
+                            f.iter()
+                                .any(|x| (!x.user || x.what == "stage") && x.errno == e.errno()),
+                            "{what}: refused ({e}) without a writeback or staging failure of that errno (failures: {f:?})"
+                        );
+                    }
+                }
+            }
+            Op::Read { h, off, len } => {
+                let mut buf = vec![0xa5u8; len];
+                let r = self.h[h].read_at(off as u64, &mut buf);
+                let f = self.account();
+                self.check_bounds(&f, true, what)?;
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        ensure!(
+                            f.iter()
+                                .any(|x| (x.what == "read" || x.what == "stage")
+                                    && x.errno == e.errno()),
+                            "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
+                        );
+                        return self.check(what, window(op));
+                    }
+                };
+                let want = self.m.expect(off, len);
+                ensure!(
+                    n == want.len(),
+                    "{what}: read {n} bytes, model {}",
+                    want.len()
+                );
+                ensure!(&buf[..n] == want, "{what}: bytes differ from the model");
+            }
+            Op::SetLen { len } => {
+                let r = self.h[0].set_len(len as u64);
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                r.map_err(|e| format!("{what}: {e}"))?;
+                self.m.bytes.resize(len, 0);
+            }
+            Op::Punch { page, pages } => {
+                let r = self.h[0].punch_hole((page * PAGE) as u64, (pages * PAGE) as u64);
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                r.map_err(|e| format!("{what}: {e}"))?;
+                let size = self.m.bytes.len();
+                let (s, e) = ((page * PAGE).min(size), ((page + pages) * PAGE).min(size));
+                self.m.bytes[s..e].fill(0);
+            }
+            Op::Fsync { h, data_only } => self.fsync(h, data_only, what)?,
+            Op::DirectRead { h, off, len } => {
+                let mut buf = vec![0xa5u8; len];
+                let r = self.h[h].direct_read(off as u64, &mut buf);
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                match r {
+                    Ok(n) => {
+                        let want = self.m.expect(off, len);
+                        ensure!(
+                            n == want.len(),
+                            "{what}: read {n} bytes, model {}",
+                            want.len()
+                        );
+                        ensure!(&buf[..n] == want, "{what}: bytes differ from the model");
+                    }
+                    Err(e) => {
+                        self.stats.direct_errors += 1;
+                        ensure!(
+                            f.iter().any(|x| !x.user && x.errno == e.errno()),
+                            "{what}: {e} without a writeback failure of that errno (failures: {f:?})"
+                        )
+                    }
+                }
+            }
+            Op::DirectWrite { h, off, len, seed } => {
+                let d = data(seed, len);
+                self.obs.set_user(&d);
+                let r = self.h[h].direct_write(off as u64, &d);
+                self.obs.clear_user();
+                let f = self.account();
+                self.check_bounds(&f, false, what)?;
+                match r {
+                    Ok(()) => {
+                        ensure!(
+                            f.iter().all(|x| x.user),
+                            "{what}: Ok despite a writeback failure (failures: {f:?})"
+                        );
+                        self.m.write(off, &d);
+                    }
+                    Err(e) => {
+                        self.stats.direct_errors += 1;
+                        ensure!(
+                            f.iter().any(|x| x.errno == e.errno()),
+                            "{what}: {e} without a failure of that errno (failures: {f:?})"
+                        )
+                    }
+                }
+            }
+            Op::NewHandle => {
+                self.h[1] = self.cache.handle();
+                self.m.unreported[1].clear();
+            }
+            Op::Fault(fault) => {
+                let p = match fault {
+                    Fault::FailWrites(n, error) => FaultPlan {
+                        fail_writes: n,
+                        error,
+                        ..FaultPlan::default()
+                    },
+                    Fault::ShortWrite => FaultPlan {
+                        short_writes: 1,
+                        ..FaultPlan::default()
+                    },
+                    Fault::FailRead(error) => FaultPlan {
+                        fail_reads: 1,
+                        error,
+                        ..FaultPlan::default()
+                    },
+                    Fault::FailSync(error) => FaultPlan {
+                        fail_syncs: 1,
+                        error,
+                        ..FaultPlan::default()
+                    },
+                    Fault::FailStaging(errno) => {
+                        self.cache.fail_next_staging(1, errno);
+                        self.stage_pending = 1;
+                        self.stage_errno = errno;
+                        FaultPlan::default()
+                    }
+                    Fault::Clear => {
+                        self.clear_staging();
+                        FaultPlan::default()
+                    }
+                };
+                self.faulty.plan(p);
+            }
+            Op::MapStore { off, words, seed } => {
+                // With no fault planned, neither the fill of a page nor the writeback that an
+                // intercepted store may need fails: no access gets SIGBUS.
+                self.no_faults();
+                let n = self.words_in_file(off, words);
+                if let Some((_, map)) = self.map
+                    && n > 0
+                {
+                    let d = data(seed, 4 * n);
+                    for (i, w) in d.chunks_exact(4).enumerate() {
+                        let v = u32::from_le_bytes(w.try_into().unwrap());
+                        probe_store_u32(map + off + 4 * i, v);
+                    }
+                    self.m.write(off, &d);
+                    self.stats.mapped_bytes += d.len() as u64;
+                }
+                self.check_mapped(what)?;
+            }
+            Op::Device { page, pages, write } => {
+                self.no_faults();
+                let whole = self.m.bytes.len().min(MAP_LEN) / PAGE;
+                let n = whole.saturating_sub(page).min(pages);
+                if let (Some((_, map)), Some((m, _))) = (&self.map, &self.dev)
+                    && n > 0
+                {
+                    let addr = (map + page * PAGE) as u64;
+                    let off = page * PAGE;
+                    if let Some(seed) = write {
+                        let d = data(seed, n * PAGE);
+                        let r = m.write(addr, n as u64, &d);
+                        if self.intercept {
+                            // Devices get read access only to mappings that intercept stores.
+                            let e = r.err();
+                            ensure!(
+                                e.as_ref().map(|e| e.errno()) == Some(libc::EPERM),
+                                "{what}: device write through an intercepting mapping: {e:?}, not EPERM"
+                            );
+                        } else {
+                            r.map_err(|e| format!("{what}: device write: {e}"))?;
+                            self.m.write(off, &d);
+                            self.stats.mapped_bytes += d.len() as u64;
+                        }
+                    } else {
+                        let mut buf = vec![0u8; n * PAGE];
+                        m.read(addr, n as u64, &mut buf)
+                            .map_err(|e| format!("{what}: device read: {e}"))?;
+                        if buf[..] != self.m.bytes[off..off + n * PAGE] {
+                            let i = (0..buf.len())
+                                .find(|&i| buf[i] != self.m.bytes[off + i])
+                                .unwrap();
+                            return Err(format!(
+                                "{what}: device read: byte {} is {:#04x}, model {:#04x}",
+                                off + i,
+                                buf[i],
+                                self.m.bytes[off + i]
+                            ));
+                        }
+                    }
+                }
+                self.check_mapped(what)?;
+            }
+            Op::Private { off, words, store } => {
+                self.no_faults();
+                if self.map.is_some() {
+                    let d = store.map(|seed| data(seed, 4 * words));
+                    let eof_pages = self.m.bytes.len().div_ceil(PAGE);
+                    for i in 0..words {
+                        let a = off + 4 * i;
+                        let p = a / PAGE;
+                        if a + 4 > MAP_LEN || (self.snap[p].is_none() && p >= eof_pages) {
+                            break;
+                        }
+                        let first = self.snap[p].is_none();
+                        self.stats.private_words += 1;
+                        let addr = self.private + a;
+                        let loaded = match &d {
+                            Some(d) => {
+                                let v = u32::from_le_bytes(d[4 * i..4 * i + 4].try_into().unwrap());
+                                probe_store_u32(addr, v);
+                                None
+                            }
+                            None => Some(probe_load_u32(addr)),
+                        };
+                        if first {
+                            self.snapshot_filled(what)?;
+                        }
+                        let page = self.snap[p].as_mut().ok_or_else(|| {
+                            format!("{what}: private page {p} accessed but not resident")
+                        })?;
+                        let o = a % PAGE;
+                        match loaded {
+                            None => page[o..o + 4]
+                                .copy_from_slice(&d.as_ref().unwrap()[4 * i..4 * i + 4]),
+                            Some(v) => {
+                                let m = u32::from_le_bytes(page[o..o + 4].try_into().unwrap());
+                                ensure!(
+                                    v == m,
+                                    "{what}: load through the private mapping at {a}: {v:#010x}, snapshot {m:#010x}"
+                                );
+                            }
+                        }
+                    }
+                }
+                self.check_mapped(what)?;
+            }
+            Op::PrivateMigrate {
+                page,
+                pages,
+                to_device,
+            } => {
+                let n = (page..(page + pages).min(self.snap.len()))
+                    .take_while(|&p| self.snap[p].is_some())
+                    .count();
+                if let (Some((space, _)), Some((m, d))) = (&self.map, &self.dev)
+                    && n > 0
+                {
+                    let addr = (self.private + page * PAGE) as u64;
+                    let r = if to_device {
+                        m.migrate_range_to_device(addr, n as u64)
+                    } else {
+                        m.migrate_to_system(addr, n as u64)
+                    };
+                    let pinned = self.pinned_private[page..page + n].iter().any(|&x| x);
+                    if !(pinned && to_device) {
+                        r.map_err(|e| format!("{what}: migrate: {e}"))?;
+                    }
+                    self.stats.private_pages_migrated += n as u64;
+                    for p in page..page + n {
+                        let want = if to_device && !self.pinned_private[p] {
+                            Residency::Device(d.owner())
+                        } else {
+                            Residency::System
+                        };
+                        let got = space.residency(VirtAddr(self.private + p * PAGE));
+                        ensure!(
+                            got == want,
+                            "{what}: private page {p} is {got:?}, not {want:?}"
+                        );
+                    }
+                    if to_device {
+                        let mut buf = vec![0u8; n * PAGE];
+                        m.read(addr, n as u64, &mut buf)
+                            .map_err(|e| format!("{what}: device read: {e}"))?;
+                        for (i, p) in (page..page + n).enumerate() {
+                            ensure!(
+                                buf[i * PAGE..(i + 1) * PAGE] == self.snap[p].as_ref().unwrap()[..],
+                                "{what}: the device reads private page {p} unlike its snapshot"
+                            );
+                        }
+                    }
+                }
+                self.check_mapped(what)?;
+            }
+            Op::Pin(pin) => {
+                self.no_faults();
+                self.pin = None;
+                self.pinned_private.fill(false);
+                if let (Some((space, map)), Some((page, pages, long_term, private))) =
+                    (&self.map, pin)
+                {
+                    let eof_pages = self.m.bytes.len().div_ceil(PAGE);
+                    let n = (page..(page + pages).min(MAP_LEN / PAGE))
+                        .take_while(|&p| p < eof_pages || (private && self.snap[p].is_some()))
+                        .count();
+                    if n > 0 {
+                        let base = if private { self.private } else { *map };
+                        let a = VirtAddr(base + page * PAGE);
+                        // A page being evicted right now (background evictor) is busy: retry.
+                        let mut r = space.pin(a, n * PAGE, long_term);
+                        for _ in 0..10_000 {
+                            if !matches!(r, Err(crate::Error::Busy)) {
+                                break;
+                            }
+                            std::thread::yield_now();
+                            r = space.pin(a, n * PAGE, long_term);
+                        }
+                        let p = r.map_err(|e| format!("{what}: pin: {e}"))?;
+                        self.pin = Some(p);
+                        if private {
+                            self.pinned_private[page..page + n].fill(true);
+                            self.snapshot_filled(what)?;
+                        }
+                    }
+                }
+                self.check_mapped(what)?;
+            }
+            Op::DeviceRemoval => {
+                if let (Some((space, _)), Some((m, d))) = (&self.map, self.dev.take()) {
+                    d.release().map_err(|e| format!("{what}: release: {e}"))?;
+                    ensure!(
+                        d.used() == 0,
+                        "{what}: {} bytes left on the device",
+                        d.used()
+                    );
+                    for p in (0..self.snap.len()).filter(|&p| self.snap[p].is_some()) {
+                        let got = space.residency(VirtAddr(self.private + p * PAGE));
+                        ensure!(
+                            got == Residency::System,
+                            "{what}: private page {p} is {got:?} after the device's removal"
+                        );
+                    }
+                    drop(m);
+                    drop(d);
+                    let d = SoftDevice::private(DEVICE_BYTES)
+                        .map_err(|e| format!("{what}: new device: {e}"))?;
+                    let m = d
+                        .mirror(space)
+                        .map_err(|e| format!("{what}: new mirror: {e}"))?;
+                    self.dev = Some((m, d));
+                }
+                self.check_mapped(what)?;
+            }
+            Op::Remap { unmap } => {
+                self.no_faults();
+                if let Some((space, map)) = &mut self.map {
+                    let fail = |e: crate::Error| format!("{what}: {e}");
+                    let a = VirtAddr(*map);
+                    if unmap {
+                        space.unmap(a, MAP_LEN).map_err(fail)?;
+                        space.unmap(VirtAddr(self.private), MAP_LEN).map_err(fail)?;
+                        let opts = FileMapOptions {
+                            prot: Prot::ReadWrite,
+                            shared: true,
+                            intercept_stores: self.intercept,
+                        };
+                        *map = space
+                            .map_file_with(&self.h[0], 0, MAP_LEN, opts)
+                            .map_err(fail)?
+                            .get();
+                        self.private = space
+                            .map_file(&self.h[1], 0, MAP_LEN, Prot::ReadWrite, false)
+                            .map_err(fail)?
+                            .get();
+                        self.snap.fill(None);
+                        // A pin held stays on the old mappings: it pins nothing any more.
+                        self.pinned_private.fill(false);
+                    } else {
+                        space.protect(a, MAP_LEN, Prot::Read).map_err(fail)?;
+                        space.protect(a, MAP_LEN, Prot::ReadWrite).map_err(fail)?;
+                    }
+                }
+                self.check_mapped(what)?;
+            }
+            Op::MapLoad { off, words } => {
+                self.no_faults();
+                let n = self.words_in_file(off, words);
+                let map = self.map.as_ref().map_or(0, |m| m.1);
+                for i in (0..n).filter(|_| map != 0) {
+                    let a = off + 4 * i;
+                    let v = probe_load_u32(map + a);
+                    let m = u32::from_le_bytes(self.m.bytes[a..a + 4].try_into().unwrap());
+                    ensure!(
+                        v == m,
+                        "{what}: load through the mapping at {a}: {v:#010x}, model {m:#010x}"
+                    );
+                }
+                self.check_mapped(what)?;
+            }
+        }
+        let window = window(op);
+        self.check(what, window)
+    }
+
+    /// Records the private pages filled since the last look: their snapshot is the file now.
+    fn snapshot_filled(&mut self, what: &str) -> Result<(), String> {
+        let Some((space, _)) = &self.map else {
+            return Ok(());
+        };
+        for p in 0..self.snap.len() {
+            if self.snap[p].is_some() {
+                continue;
+            }
+            match space.residency(VirtAddr(self.private + p * PAGE)) {
+                Residency::Untouched => {}
+                Residency::System => {
+                    let mut page = vec![0u8; PAGE];
+                    let e = self.m.bytes.len().min((p + 1) * PAGE);
+                    if e > p * PAGE {
+                        page[..e - p * PAGE].copy_from_slice(&self.m.bytes[p * PAGE..e]);
+                    }
+                    self.snap[p] = Some(page);
+                }
+                r => {
+                    return Err(format!("{what}: private page {p} is {r:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn clear_staging(&mut self) {
+        self.cache.fail_next_staging(0, 0);
+        self.stage_pending = 0;
+    }
+
+    /// Clears both fault plans: before CPU and device accesses to mappings (a failed fill there
+    /// is SIGBUS, not an error the model can observe).
+    fn no_faults(&mut self) {
+        self.faulty.plan(FaultPlan::default());
+        self.clear_staging();
+    }
+
+    /// How many of `words` words from `off` lie inside the file and the mapping.
+    fn words_in_file(&self, off: usize, words: usize) -> usize {
+        let limit = self.m.bytes.len().min(MAP_LEN);
+        (limit.saturating_sub(off) / 4).min(words)
+    }
+
+    /// After an access through the mapping (with no fault planned): no failure, the dirty bound
+    /// holds (stores are intercepted). Faults fill pages and the evictor runs in the background,
+    /// so the budget is checked by the next `read_at`/`write_at`.
+    fn check_mapped(&mut self, what: &str) -> Result<(), String> {
+        let f = self.account();
+        ensure!(
+            f.is_empty(),
+            "{what}: failures with no fault planned: {f:?}"
+        );
+        let dirty = self.cache.dirty_bytes();
+        ensure!(
+            !self.intercept || dirty <= DIRTY,
+            "{what}: {dirty} dirty bytes over the bound {DIRTY}"
+        );
+        self.cached_before = self.cache.cached_bytes();
+        Ok(())
+    }
+
+    /// The whole file through `read_at` (chunks of varying size, alternating handles), and both
+    /// handles' `len()`.
+    fn check(&mut self, what: &str, window: Option<(usize, usize)>) -> Result<(), String> {
+        self.checks += 1;
+        for (i, h) in self.h.iter().enumerate() {
+            let l = h.len();
+            ensure!(
+                l == self.m.bytes.len() as u64,
+                "{what}: handle {i} len() {l}, model {}",
+                self.m.bytes.len()
+            );
+        }
+        let chunk = [PAGE, 3 * PAGE - 5, 1000, 2 * PAGE + 17][self.checks % 4];
+        let h = self.checks % 2;
+        let size = self.m.bytes.len();
+        // Past the end first, then from a small offset to the end, then the start.
+        let mut buf = vec![0u8; chunk];
+        let n = self.h[h].read_at(size as u64 + 3, &mut buf);
+        ensure!(matches!(n, Ok(0)), "{what}: read past the end gave {n:?}");
+        let start = if size == 0 {
+            0
+        } else {
+            self.checks * 7 % size.min(PAGE)
+        };
+        let mut ranges = Vec::new();
+        let spans = if self.sparse && !self.checks.is_multiple_of(SPARSE) {
+            // The pages around the operation.
+            let Some((lo, hi)) = window else {
+                return Ok(());
+            };
+            let lo = (lo / PAGE).saturating_sub(1) * PAGE;
+            let hi = ((hi / PAGE + 2) * PAGE).min(size);
+            vec![(lo.min(hi), hi)]
+        } else {
+            vec![(start, size), (0, start)]
+        };
+        for (lo, hi) in spans {
+            let mut s = lo;
+            while s < hi {
+                ranges.push((s, (s + chunk).min(hi)));
+                s += chunk;
+            }
+        }
+        for (s, e) in ranges {
+            let len = e - s;
+            let mut r = self.h[h].read_at(s as u64, &mut buf[..len]);
+            let mut f = self.account();
+            // A read fault and a staging fault planned fail one read each: the third succeeds.
+            for _ in 0..2 {
+                if !(r.is_err() && f.iter().any(|x| x.what == "read" || x.what == "stage")) {
+                    break;
+                }
+                self.check_bounds(&f, true, &format!("{what}: check read at {s}"))?;
+                r = self.h[h].read_at(s as u64, &mut buf[..len]);
+                f = self.account();
+            }
+
+            self.check_bounds(&f, true, &format!("{what}: check read at {s}"))?;
+            let n = r.map_err(|e| format!("{what}: check read at {s}: {e}"))?;
+            ensure!(n == len, "{what}: check read at {s}: {n} bytes of {len}");
+            if buf[..len] != self.m.bytes[s..s + len] {
+                let i = (0..len).find(|&i| buf[i] != self.m.bytes[s + i]).unwrap();
+                return Err(format!(
+                    "{what}: check read through handle {h}: byte {} is {:#04x}, model {:#04x}",
+                    s + i,
+                    buf[i],
+                    self.m.bytes[s + i]
+                ));
+            }
+        }
+        self.stats.evicted = self.cache.stats().pages_evicted;
+        Ok(())
+    }
+
+    /// Syncs both handles (clearing the faults first), drops everything (the file on disk must
+    /// still be the model) and compares a fresh cache of the file with the disk.
+    fn finish(mut self) -> Result<Stats, String> {
+        self.no_faults();
+        self.fsync(0, false, "final fsync 0")?;
+        self.fsync(1, false, "final fsync 1")?;
+        let stats = self.stats;
+        let World {
+            file,
+            cache,
+            h,
+            map,
+            dev,
+            pin,
+            m,
+            ..
+        } = self;
+        drop(pin);
+        drop(dev);
+        drop(map);
+        drop(h);
+        drop(cache);
+        let disk =
+            std::fs::read(&file.0).map_err(|e| format!("after the drop: reading the file: {e}"))?;
+        ensure!(
+            disk == m.bytes,
+            "after the drop: the file on disk ({} bytes) differs from the model ({} bytes)",
+            disk.len(),
+            m.bytes.len()
+        );
+        let cfg = CacheConfig {
+            budget: BUDGET,
+            dirty_bound: DIRTY,
+        };
+        let c = FileCache::open(&file.0, false, cfg).map_err(|e| format!("reopen: {e}"))?;
+        let h = c.handle();
+        ensure!(
+            h.len() == disk.len() as u64,
+            "reopen: len {} of {}",
+            h.len(),
+            disk.len()
+        );
+        let mut buf = vec![0u8; PAGE];
+        for s in (0..disk.len()).step_by(PAGE) {
+            let n = h
+                .read_at(s as u64, &mut buf)
+                .map_err(|e| format!("reopen read: {e}"))?;
+            ensure!(
+                buf[..n] == disk[s..s + n],
+                "reopen: page at {s} differs from the disk"
+            );
+        }
+        Ok(stats)
+    }
+}
+
+/// The bytes an operation touches.
+fn window(op: &Op) -> Option<(usize, usize)> {
+    match *op {
+        Op::Write { off, len, .. }
+        | Op::Read { off, len, .. }
+        | Op::DirectRead { off, len, .. }
+        | Op::DirectWrite { off, len, .. } => Some((off, off + len)),
+        Op::SetLen { len } => Some((len, len)),
+        Op::Punch { page, pages } => Some((page * PAGE, (page + pages) * PAGE)),
+        Op::MapStore { off, words, .. } | Op::MapLoad { off, words } => {
+            Some((off, off + 4 * words))
+        }
+        Op::Private { .. }
+        | Op::PrivateMigrate { .. }
+        | Op::Remap { .. }
+        | Op::DeviceRemoval
+        | Op::Pin(_) => None,
+        Op::Device { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
+        Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
+    }
+}
+
+/// Applies `op` (which must be in range, see [`Op::in_range`]) to the real objects, checks the
+/// outcome against the model, updates the model, and checks the state (see the module doc).
+/// Returns the first mismatch; its message names the op and its index in the world's run.
+pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
+    let what = format!("op {} {op:?}", w.stats.ops);
+    w.stats.ops += 1;
+    ensure!(op.in_range(), "{what}: op out of range");
+    w.step(op, &what)
+}
+
+/// Ends a run: syncs both handles (with no fault planned; each `fsync` checked as in [`apply`]),
+/// drops the world (the file on disk must still equal the model), reopens the file in a fresh
+/// cache and reads it back (it must read as the disk). Takes the world because it drops it.
+/// Returns the world's final counts (with the final `fsync`s), or the first mismatch.
+pub fn check_all(w: World) -> Result<Stats, String> {
+    w.finish()
+}
