@@ -1,7 +1,7 @@
-//! hetmem's page cache for files: the first part of file-backed memory (issue 4).
+//! hetmem's page cache for files.
 //!
 //! A [`FileCache`] caches one file for this process, staged in a memfd at the file's offsets
-//! (see `docs/filesystem-contract.md` for why and for the mapping side, which is not built yet).
+//! (see `docs/filesystem-contract.md` for why, and for the mappings of the file).
 //! This module is the cache itself and its system-call-like API: [`FileHandle::read_at`] and
 //! [`FileHandle::write_at`] through the cache, writeback (background under a dirty bound, and
 //! synchronous with [`FileHandle::fsync`]), truncate and extend ([`FileHandle::set_len`]), hole
