@@ -35,7 +35,6 @@
 //! would keep it). Writes to the file by other processes, or through other descriptors, while it
 //! is cached are outside the contract.
 
-use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::Path;
 
@@ -45,6 +44,8 @@ use crate::sync::{Arc, AtomicU32, AtomicU64, Mutex, Ordering, lock};
 use crate::sys::Memfd;
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Bytes a fill reads from the file at once (the largest fault-around window).
+const FILL_CHUNK: usize = 2 << 20;
 
 /// Where the cache reads and writes the file: the real file, or a test double that injects
 /// errors.
@@ -243,54 +244,175 @@ enum PageState {
     Dirty,
 }
 
-/// The state of every page of the file, stored sparsely: only cached pages have an entry (an
-/// absent page is `Uncached`), so the memory it takes is bounded by what the cache holds, never
-/// by the file's size (a 16 TiB sparse file costs nothing until its pages are read), and walks
-/// over a range visit what is cached in it, not every page number.
+/// Pages per leaf of [`PageStates`].
+const LEAF: u64 = 512;
+
+/// One leaf of [`PageStates`]: 512 consecutive pages.
+#[derive(Debug)]
+struct Leaf {
+    state: [PageState; LEAF as usize],
+    /// Fill order of clean pages (wrapping; the eviction age is `next_seq - seq`).
+    seq: [u32; LEAF as usize],
+    /// Pages of the leaf that are not `Uncached`.
+    used: u16,
+    /// Reserved for a mapping's range: kept while empty, so that a fault in the mapping never
+    /// allocates a leaf.
+    reserved: bool,
+}
+
+/// The state of every page of the file, stored sparsely in leaves of 512 pages: a leaf exists
+/// only where pages are cached or a mapping reserved it, so the memory it takes is bounded by
+/// what the cache holds and what is mapped, never by the file's size (a 16 TiB sparse file costs
+/// nothing until its pages are read), and walks over a range visit the leaves that exist in it,
+/// not every page number. Setting a page in an existing leaf allocates nothing: the CPU fault
+/// path (a fill from a mapping, whose range is reserved when the mapping is made) never
+/// allocates here. The dirty and cached counts and the clean pages' fill order (for eviction)
+/// live here too.
 #[derive(Debug, Default)]
 struct PageStates {
     /// The file's length in pages.
     len: u64,
-    cached: std::collections::BTreeMap<u64, PageState>,
+    leaves: std::collections::BTreeMap<u64, Box<Leaf>>,
+    cached: usize,
+    dirty: usize,
+    next_seq: u32,
 }
 
 impl PageStates {
     fn new(len: u64) -> PageStates {
         PageStates {
             len,
-            cached: std::collections::BTreeMap::new(),
+            ..PageStates::default()
         }
     }
     /// Page `p`'s state (`Uncached` past the end).
     fn get(&self, p: u64) -> PageState {
-        self.cached.get(&p).copied().unwrap_or(PageState::Uncached)
+        self.leaves
+            .get(&(p / LEAF))
+            .map_or(PageState::Uncached, |l| l.state[(p % LEAF) as usize])
     }
+    fn new_leaf(reserved: bool) -> Box<Leaf> {
+        Box::new(Leaf {
+            state: [PageState::Uncached; LEAF as usize],
+            seq: [0; LEAF as usize],
+            used: 0,
+            reserved,
+        })
+    }
+    /// Sets page `p`'s state (allocates only when its leaf does not exist yet).
     fn set(&mut self, p: u64, s: PageState) {
         debug_assert!(p < self.len, "page {p} past the end ({} pages)", self.len);
-        if s == PageState::Uncached {
-            self.cached.remove(&p);
-        } else {
-            self.cached.insert(p, s);
+        let (li, i) = (p / LEAF, (p % LEAF) as usize);
+        if s == PageState::Uncached && !self.leaves.contains_key(&li) {
+            return;
+        }
+        let leaf = self
+            .leaves
+            .entry(li)
+            .or_insert_with(|| Self::new_leaf(false));
+        let old = std::mem::replace(&mut leaf.state[i], s);
+        match (old, s) {
+            (PageState::Uncached, PageState::Uncached) => {}
+            (PageState::Uncached, _) => {
+                leaf.used += 1;
+                self.cached += 1;
+            }
+            (_, PageState::Uncached) => {
+                leaf.used -= 1;
+                self.cached -= 1;
+            }
+            _ => {}
+        }
+        if old == PageState::Dirty && s != PageState::Dirty {
+            self.dirty -= 1;
+        }
+        if s == PageState::Dirty && old != PageState::Dirty {
+            self.dirty += 1;
+        }
+        if s == PageState::Clean && old != PageState::Clean {
+            leaf.seq[i] = self.next_seq;
+            self.next_seq = self.next_seq.wrapping_add(1);
+        }
+        if leaf.used == 0 && !leaf.reserved {
+            self.leaves.remove(&li);
+        }
+    }
+    /// Reserves the leaves of pages `first..last` (a mapping's range: bounded by what exists).
+    fn reserve(&mut self, first: u64, last: u64) {
+        if first >= last {
+            return;
+        }
+        for li in first / LEAF..=(last - 1) / LEAF {
+            self.leaves
+                .entry(li)
+                .or_insert_with(|| Self::new_leaf(true))
+                .reserved = true;
         }
     }
     /// The file's length in pages.
     fn len(&self) -> u64 {
         self.len
     }
-    /// The cached pages in `first..last`, with their states.
-    fn cached_in(&self, first: u64, last: u64) -> Vec<(u64, PageState)> {
+    /// The pages in `first..last` whose state satisfies `f`, in order.
+    fn pages_in(&self, first: u64, last: u64, f: impl Fn(PageState) -> bool) -> Vec<u64> {
+        let mut out = Vec::new();
         if first >= last {
-            return Vec::new();
+            return out;
         }
-        self.cached
-            .range(first..last)
-            .map(|(&p, &s)| (p, s))
-            .collect()
+        for (&li, leaf) in self.leaves.range(first / LEAF..=(last - 1) / LEAF) {
+            if leaf.used == 0 {
+                continue;
+            }
+            for (i, &st) in leaf.state.iter().enumerate() {
+                let p = li * LEAF + i as u64;
+                if (first..last).contains(&p) && st != PageState::Uncached && f(st) {
+                    out.push(p);
+                }
+            }
+        }
+        out
     }
-    /// Sets the length; entries past it must have been made `Uncached` by the caller.
+    /// The cached pages in `first..last`.
+    fn cached_in(&self, first: u64, last: u64) -> Vec<u64> {
+        self.pages_in(first, last, |_| true)
+    }
+    /// The dirty pages in `first..last`, in order.
+    fn dirty_in(&self, first: u64, last: u64) -> Vec<u64> {
+        self.pages_in(first, last, |s| s == PageState::Dirty)
+    }
+    /// Every dirty page, in order.
+    fn all_dirty(&self) -> Vec<u64> {
+        self.dirty_in(0, u64::MAX)
+    }
+    /// Every clean page, oldest fill first (the eviction order).
+    fn clean_by_age(&self) -> Vec<u64> {
+        let mut v: Vec<(std::cmp::Reverse<u32>, u64)> = Vec::with_capacity(self.cached);
+        for (&li, leaf) in &self.leaves {
+            for (i, &st) in leaf.state.iter().enumerate() {
+                if st == PageState::Clean {
+                    let age = self.next_seq.wrapping_sub(leaf.seq[i]);
+                    v.push((std::cmp::Reverse(age), li * LEAF + i as u64));
+                }
+            }
+        }
+        v.sort_unstable();
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+    /// Sets the length; pages past it must have been made `Uncached` by the caller. Leaves past
+    /// it go unless a mapping reserved them.
     fn resize(&mut self, len: u64) {
-        debug_assert!(self.cached.range(len..).next().is_none());
+        debug_assert!(self.cached_in(len, u64::MAX).is_empty());
         self.len = len;
+        let first_gone = len.div_ceil(LEAF);
+        let gone: Vec<u64> = self
+            .leaves
+            .range(first_gone..)
+            .filter(|(_, l)| !l.reserved)
+            .map(|(&li, _)| li)
+            .collect();
+        for li in gone {
+            self.leaves.remove(&li);
+        }
     }
 }
 
@@ -301,10 +423,9 @@ struct CacheState {
     /// The size last set on the backend.
     disk_size: u64,
     pages: PageStates,
-    dirty: BTreeSet<u64>,
-    /// Clean pages in fill order (entries of pages no longer clean are skipped lazily).
-    lru: VecDeque<u64>,
-    cached: usize,
+    /// The buffer fills read the file into (`FILL_CHUNK` bytes, made when the first mapping
+    /// is attached or at the first fill; taken while a fill runs): fills never allocate it.
+    fill_buf: Vec<u8>,
     err_seq: u64,
     last_err: i32,
     stats: CacheStats,
@@ -414,12 +535,57 @@ pub struct FileCache {
     removal: Mutex<()>,
     /// This cache, weakly (for the background evictor).
     me: crate::sync::Weak<FileCache>,
-    /// Wakes the background evictor (started with the first mapping).
-    evictor: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// The background evictor's doorbell (started with the first mapping).
+    evictor: Mutex<Option<std::sync::Arc<Doorbell>>>,
     /// Fault injection ([`FileCache::fail_next_staging`]): staging writes left to fail, and
     /// with which errno.
     stage_fail: AtomicU32,
     stage_errno: AtomicU32,
+}
+
+/// Wakes a background thread without allocating (the CPU fault path rings it): a flag and a
+/// condition variable; `close` makes the thread's `wait` return false.
+#[derive(Debug, Default)]
+struct Doorbell {
+    /// (rung, closed)
+    state: std::sync::Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Doorbell {
+    fn ring(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = true;
+        self.cv.notify_one();
+    }
+    fn close(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        self.cv.notify_one();
+    }
+    /// Waits for a ring (true) or the close (false).
+    fn wait(&self) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if g.1 {
+                return false;
+            }
+            if std::mem::take(&mut g.0) {
+                return true;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for FileCache {
+    fn drop(&mut self) {
+        // The evictor holds only a weak reference: tell it to end (it is not joined: it may be
+        // the thread dropping the last reference).
+        if let Some(bell) = lock(&self.evictor).take() {
+            bell.close();
+        }
+    }
 }
 
 /// A running background writer (see [`FileCache::start_background_writeback`]); dropping it
@@ -525,9 +691,7 @@ impl FileCache {
                 size,
                 disk_size: size,
                 pages: PageStates::new(pages_for(size)),
-                dirty: BTreeSet::new(),
-                lru: VecDeque::new(),
-                cached: 0,
+                fill_buf: Vec::new(),
                 err_seq: 0,
                 last_err: 0,
                 stats: CacheStats::default(),
@@ -588,54 +752,16 @@ impl FileCache {
 
     /// Bytes of the file held in memory.
     pub fn cached_bytes(&self) -> usize {
-        lock(&self.st).cached * PAGE_SIZE
+        lock(&self.st).pages.cached * PAGE_SIZE
     }
 
     /// Dirty bytes.
     pub fn dirty_bytes(&self) -> usize {
-        lock(&self.st).dirty.len() * PAGE_SIZE
+        lock(&self.st).pages.dirty * PAGE_SIZE
     }
 
     fn set_state(&self, st: &mut CacheState, p: u64, new: PageState) {
-        let old = st.pages.get(p);
-        if old == new {
-            return;
-        }
-        match (old, new) {
-            (PageState::Uncached, _) => st.cached += 1,
-            (_, PageState::Uncached) => st.cached -= 1,
-            _ => {}
-        }
-        if old == PageState::Dirty {
-            st.dirty.remove(&p);
-        }
         st.pages.set(p, new);
-        match new {
-            PageState::Dirty => {
-                st.dirty.insert(p);
-            }
-            PageState::Clean => {
-                st.lru.push_back(p);
-                // Entries of pages that are no longer clean (or are clean twice) are skipped
-                // lazily; compact before they outnumber the pages.
-                if st.lru.len() > 2 * st.cached.max(64) {
-                    let mut seen = std::collections::HashSet::new();
-                    let pages = &st.pages;
-                    let kept: VecDeque<u64> = st
-                        .lru
-                        .iter()
-                        .rev()
-                        .copied()
-                        .filter(|&q| pages.get(q) == PageState::Clean && seen.insert(q))
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    st.lru = kept;
-                }
-            }
-            PageState::Uncached => {}
-        }
     }
 
     /// Reads pages `first..last` that are not cached from the file into the memfd (runs of
@@ -652,65 +778,76 @@ impl FileCache {
             while p < last && st.pages.get(p) == PageState::Uncached {
                 p += 1;
             }
-            let mut buf = vec![0u8; ((p - s) * PAGE) as usize];
+            // The run, in chunks of the fill buffer.
+            let mut buf = std::mem::take(&mut st.fill_buf);
+            if buf.len() < FILL_CHUNK {
+                buf = vec![0u8; FILL_CHUNK];
+            }
+            let res = self.fill_run(st, s, p, &mut buf);
+            st.fill_buf = buf;
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Fills the uncached run `s..e` through `buf`, a chunk at a time.
+    fn fill_run(&self, st: &mut CacheState, s: u64, e: u64, buf: &mut [u8]) -> Result<()> {
+        let chunk = (buf.len() / PAGE_SIZE) as u64;
+        let mut c = s;
+        while c < e {
+            let n = (e - c).min(chunk);
+            let buf = &mut buf[..(n * PAGE) as usize];
             let want = (st.disk_size.min(st.size))
-                .saturating_sub(s * PAGE)
+                .saturating_sub(c * PAGE)
                 .min(buf.len() as u64) as usize;
             let mut got = 0;
             while got < want {
                 match self
                     .backend
-                    .read_at(s * PAGE + got as u64, &mut buf[got..want])
+                    .read_at(c * PAGE + got as u64, &mut buf[got..want])
                 {
                     Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::os("read file", e)),
+                    Ok(k) => got += k,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(Error::os("read file", err)),
                 }
             }
-            self.stage(s * PAGE, &buf).map_err(os("fill the cache"))?;
-            for q in s..p {
+            buf[got..].fill(0);
+            self.stage(c * PAGE, buf).map_err(os("fill the cache"))?;
+            for q in c..c + n {
                 self.set_state(st, q, PageState::Clean);
             }
-            st.stats.pages_filled += p - s;
+            st.stats.pages_filled += n;
+            c += n;
         }
         Ok(())
     }
 
-    /// Evicts clean pages (oldest fill first, never those in `keep`) while over the budget; if
-    /// only dirty pages are left, writes them back first.
+    /// Evicts clean pages (oldest fill first, never those in `keep` nor mapped ones) while over
+    /// the budget; if only dirty pages are left, writes them back first.
     fn evict(&self, st: &mut CacheState, keep: (u64, u64)) {
         let budget = self.cfg.budget / PAGE_SIZE;
-        let mut tried_writeback = false;
-        // Clean pages of `keep` popped on the way go back to the front of the LRU afterwards:
-        // dropped, they could never be evicted again and the cache would outgrow its budget.
-        let mut kept = Vec::new();
-        while st.cached > budget {
-            let Some(p) = st.lru.pop_front() else {
-                if tried_writeback || st.dirty.is_empty() {
-                    break;
-                }
-                tried_writeback = true;
-                let all: Vec<u64> = st.dirty.iter().copied().collect();
-                let _ = self.writeback(st, &all);
-                continue;
-            };
-            if st.pages.get(p) != PageState::Clean {
-                continue;
-            }
-            if (keep.0..keep.1).contains(&p) || Self::mapped(st, p) {
-                kept.push(p);
-                continue;
-            }
-            if self.memfd.punch(p * PAGE, PAGE).is_err() {
-                st.lru.push_front(p);
-                break;
-            }
-            self.set_state(st, p, PageState::Uncached);
-            st.stats.pages_evicted += 1;
+        if st.pages.cached <= budget {
+            return;
         }
-        for p in kept.into_iter().rev() {
-            st.lru.push_front(p);
+        for round in 0..2 {
+            for p in st.pages.clean_by_age() {
+                if st.pages.cached <= budget {
+                    return;
+                }
+                if (keep.0..keep.1).contains(&p) || Self::mapped(st, p) {
+                    continue;
+                }
+                if self.memfd.punch(p * PAGE, PAGE).is_err() {
+                    return;
+                }
+                self.set_state(st, p, PageState::Uncached);
+                st.stats.pages_evicted += 1;
+            }
+            if round == 0 && st.pages.cached > budget && st.pages.dirty > 0 {
+                let all = st.pages.all_dirty();
+                let _ = self.writeback(st, &all);
+            }
         }
     }
 
@@ -855,24 +992,44 @@ impl FileCache {
     /// background evictor with the first one: CPU faults on mappings fill the cache without
     /// evicting (eviction of mapped pages needs address-space locks: `shrink_to_budget`).
     pub(crate) fn attach(&self, rec: MapRec) {
-        lock(&self.st).mappings.push(rec);
+        {
+            let mut st = lock(&self.st);
+            let (first, pages) = (rec.pgoff, rec.range.pages() as u64);
+            Self::prepare_for_faults(&mut st, first, first + pages);
+            st.mappings.push(rec);
+        }
         let mut ev = lock(&self.evictor);
         if ev.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<()>();
-            let me = self.me.clone();
+            let bell = std::sync::Arc::new(Doorbell::default());
+            let (me, b2) = (self.me.clone(), bell.clone());
             let spawned = std::thread::Builder::new()
                 .name("hetmem-evict".into())
                 .spawn(move || {
-                    while rx.recv().is_ok() {
-                        while rx.try_recv().is_ok() {}
+                    while b2.wait() {
                         let Some(c) = me.upgrade() else { return };
                         c.shrink_to_budget();
                     }
                 });
             if spawned.is_ok() {
-                *ev = Some(tx);
+                *ev = Some(bell);
             }
         }
+    }
+
+    /// Makes what a CPU fault on file pages `first..last` needs, so that the fault allocates
+    /// nothing: the pages' state leaves and the fill buffer (called when a mapping is made; a
+    /// mapping's length is bounded by the address space that holds its page entries).
+    fn prepare_for_faults(st: &mut CacheState, first: u64, last: u64) {
+        st.pages.reserve(first, last);
+        if st.fill_buf.len() < FILL_CHUNK {
+            st.fill_buf = vec![0u8; FILL_CHUNK];
+        }
+    }
+
+    /// A private mapping of file pages `first..last` is made: its faults read the file through
+    /// the cache and must not allocate either.
+    pub(crate) fn reserve_for_private_mapping(&self, first: u64, last: u64) {
+        Self::prepare_for_faults(&mut lock(&self.st), first, last);
     }
 
     /// A shared mapping piece of `space_id` within `range` became writable.
@@ -948,12 +1105,17 @@ impl FileCache {
         self.fill(&mut st, p, p + w)?;
         st.ra_next = p + w;
         st.ra_window = w;
-        if st.cached * PAGE_SIZE > self.cfg.budget
-            && let Some(tx) = lock(&self.evictor).as_ref()
-        {
-            let _ = tx.send(());
-        }
+        self.wake_evictor_if_over(&st);
         Ok(Fill::Filled)
+    }
+
+    /// Wakes the background evictor when the cache is over its budget.
+    fn wake_evictor_if_over(&self, st: &CacheState) {
+        if st.pages.cached * PAGE_SIZE > self.cfg.budget
+            && let Some(bell) = lock(&self.evictor).as_ref()
+        {
+            bell.ring();
+        }
     }
 
     /// Writes back the dirty pages of file pages `first..last` (CPU stores through mappings
@@ -962,7 +1124,7 @@ impl FileCache {
     pub(crate) fn sync_range(&self, first: u64, last: u64) -> Result<()> {
         let mut st = lock(&self.st);
         self.collect_written(&mut st);
-        let dirty: Vec<u64> = st.dirty.range(first..last).copied().collect();
+        let dirty = st.pages.dirty_in(first, last);
         self.writeback(&mut st, &dirty)?;
         if st.disk_size < st.size {
             self.backend
@@ -984,7 +1146,7 @@ impl FileCache {
         let mut st = lock(&self.st);
         let before = st.stats.pages_written_back;
         self.collect_written(&mut st);
-        let all: Vec<u64> = st.dirty.iter().copied().collect();
+        let all = st.pages.all_dirty();
         let _ = self.writeback(&mut st, &all);
         st.stats.pages_written_back - before
     }
@@ -1035,10 +1197,10 @@ impl FileCache {
         }
         self.fill(&mut st, p, p + 1)?;
         if st.pages.get(p) != PageState::Dirty {
-            if (st.dirty.len() + 1) * PAGE_SIZE > self.cfg.dirty_bound {
-                let all: Vec<u64> = st.dirty.iter().copied().collect();
+            if (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound {
+                let all = st.pages.all_dirty();
                 if self.writeback(&mut st, &all).is_err()
-                    && (st.dirty.len() + 1) * PAGE_SIZE > self.cfg.dirty_bound
+                    && (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound
                 {
                     return Ok(false);
                 }
@@ -1077,6 +1239,35 @@ impl FileCache {
     pub(crate) fn read_pages(&self, page: u64, buf: &mut [u8]) -> Result<()> {
         let got = self.read_cached(page * PAGE, buf)?;
         buf[got..].fill(0);
+        Ok(())
+    }
+
+    /// Reads `n` file pages from `page` on through the cache into `dst[dst_off..]` (the tail
+    /// past the end of file reads as zeros): the fill of a private file mapping, from the CPU
+    /// fault path. Allocates nothing once the mapping's range is prepared
+    /// ([`FileCache::reserve_for_private_mapping`]); leaves the budget to the evictor.
+    pub(crate) fn read_pages_into(
+        &self,
+        page: u64,
+        n: usize,
+        dst: &crate::sys::Region,
+        dst_off: usize,
+    ) -> Result<()> {
+        let len = n * PAGE_SIZE;
+        let mut st = lock(&self.st);
+        let off = page * PAGE;
+        let got = if off < st.size {
+            self.fill(&mut st, page, page + n as u64)?;
+            let want = (st.size - off).min(len as u64) as usize;
+            self.memfd
+                .read_into_region(off, dst, dst_off, want)
+                .map_err(os("read the cache"))?
+        } else {
+            0
+        };
+        dst.zero(dst_off + got, len - got)
+            .map_err(os("zero past the end of file"))?;
+        self.wake_evictor_if_over(&st);
         Ok(())
     }
 
@@ -1157,22 +1348,17 @@ impl FileCache {
         let serial = lock(&self.removal);
         let victims: Vec<u64> = {
             let st = lock(&self.st);
-            if (st.cached as u64) <= budget {
+            if (st.pages.cached as u64) <= budget {
                 return 0;
             }
-            let mut over = st.cached as u64 - budget;
+            let mut over = st.pages.cached as u64 - budget;
             let writable = Self::writable_ranges(&st);
-            let mut seen = std::collections::HashSet::new();
             let mut v = Vec::new();
-            for &p in st.lru.iter() {
+            for p in st.pages.clean_by_age() {
                 if over == 0 {
                     break;
                 }
-                if st.pages.get(p) == PageState::Clean
-                    && !writable.iter().any(|&(s, e)| s <= p && p < e)
-                    && !st.pinned.contains_key(&p)
-                    && seen.insert(p)
-                {
+                if !writable.iter().any(|&(s, e)| s <= p && p < e) && !st.pinned.contains_key(&p) {
                     v.push(p);
                     over -= 1;
                 }
@@ -1237,7 +1423,7 @@ impl FileCache {
     /// Drops file pages `first..last` from the cache without writing them (dirty or not): the
     /// memfd is punched, so every mapping faults on its next access (hole punch, direct write).
     fn drop_pages(&self, st: &mut CacheState, first: u64, last: u64) -> Result<()> {
-        for (p, _) in st.pages.cached_in(first, last) {
+        for p in st.pages.cached_in(first, last) {
             self.set_state(st, p, PageState::Uncached);
         }
         if first < last {
@@ -1338,8 +1524,8 @@ impl FileHandle {
         let new_dirty = (first..last)
             .filter(|&p| st.pages.get(p) != PageState::Dirty)
             .count();
-        if (st.dirty.len() + new_dirty) * PAGE_SIZE > c.cfg.dirty_bound {
-            let all: Vec<u64> = st.dirty.iter().copied().collect();
+        if (st.pages.dirty + new_dirty) * PAGE_SIZE > c.cfg.dirty_bound {
+            let all = st.pages.all_dirty();
             c.writeback(&mut st, &all)?;
         }
         // Partial first and last pages that hold file data are read first (read-modify-write).
@@ -1383,7 +1569,7 @@ impl FileHandle {
         let c = &self.cache;
         let mut st = lock(&c.st);
         c.collect_written(&mut st);
-        let all: Vec<u64> = st.dirty.iter().copied().collect();
+        let all = st.pages.all_dirty();
         let _ = c.writeback(&mut st, &all);
         if st.disk_size != st.size {
             match c.backend.set_len(st.size) {
@@ -1417,7 +1603,7 @@ impl FileHandle {
         st.disk_size = len;
         let keep = pages_for(len);
         if len < st.size {
-            for (p, _) in st.pages.cached_in(keep, u64::MAX) {
+            for p in st.pages.cached_in(keep, u64::MAX) {
                 c.set_state(&mut st, p, PageState::Uncached);
             }
             // The tail of the new last page, if cached, must read as zeros from now on.
@@ -1465,11 +1651,7 @@ impl FileHandle {
         let mut st = lock(&c.st);
         c.collect_written(&mut st);
         let end = off.saturating_add(buf.len() as u64);
-        let dirty: Vec<u64> = st
-            .dirty
-            .range(off / PAGE..end.div_ceil(PAGE))
-            .copied()
-            .collect();
+        let dirty = st.pages.dirty_in(off / PAGE, end.div_ceil(PAGE));
         c.writeback(&mut st, &dirty)?;
         if st.disk_size < st.size && end > st.disk_size {
             c.backend.set_len(st.size).map_err(os("set file length"))?;
@@ -1506,7 +1688,7 @@ impl FileHandle {
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
         let mut st = c.begin_removal(first, last);
         c.collect_written(&mut st);
-        let dirty: Vec<u64> = st.dirty.range(first..last).copied().collect();
+        let dirty = st.pages.dirty_in(first, last);
         c.writeback(&mut st, &dirty)?;
         if st.disk_size < st.size {
             c.backend.set_len(st.size).map_err(os("set file length"))?;

@@ -755,6 +755,7 @@ impl Space {
                 .mm
                 .map(r, prot, FaultMode::Signal)
                 .map_err(|e| Error::os("map file", e))?;
+            cache.reserve_for_private_mapping(pgoff, pgoff + r.pages() as u64);
         }
         let file = FileMap {
             cache,
@@ -1630,11 +1631,8 @@ impl SpaceCore {
             None => &self.zero,
             Some(f) => {
                 // Under the state lock the bounce buffer is ours.
-                let mut buf = [0u8; PAGE_SIZE];
-                f.cache.read_pages(f.pgoff + v.idx(a) as u64, &mut buf)?;
-                self.bounce
-                    .write(0, &buf)
-                    .map_err(|e| Error::os("fill from file", e))?;
+                f.cache
+                    .read_pages_into(f.pgoff + v.idx(a) as u64, 1, &self.bounce, 0)?;
                 &self.bounce
             }
         };
@@ -1699,12 +1697,8 @@ impl SpaceCore {
                 None => (&self.zero, 0),
                 Some((cache, pgoff)) => {
                     // Under the state lock the bounce buffer is ours.
-                    let mut buf = vec![0u8; n * PAGE_SIZE];
                     let file_page = pgoff + (s + done) as u64;
-                    cache.read_pages(file_page, &mut buf)?;
-                    self.bounce
-                        .write(0, &buf)
-                        .map_err(|e| Error::os("fill from file", e))?;
+                    cache.read_pages_into(file_page, n, &self.bounce, 0)?;
                     (&self.bounce, 0)
                 }
             };

@@ -1528,6 +1528,45 @@ impl Memfd {
         Ok(done)
     }
 
+    /// Reads up to `len` bytes at `off` straight into `dst[dst_off..dst_off + len]` (a region of
+    /// hetmem's own, never a managed address), without a staging buffer; returns the bytes read
+    /// (short at the end of the memfd).
+    pub fn read_into_region(
+        &self,
+        off: u64,
+        dst: &Region,
+        dst_off: usize,
+        len: usize,
+    ) -> io::Result<usize> {
+        dst.check(dst_off, len)?;
+        let mut done = 0;
+        while done < len {
+            let p = (dst.base + dst_off + done) as *mut libc::c_void;
+            // SAFETY: `p..p + len - done` lies inside `dst`'s live mapping (checked above); the
+            // kernel writes into it like any memory copy (a region of hetmem's own, which no Rust
+            // reference covers: it is accessed through raw copies only).
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    p,
+                    len - done,
+                    (off + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => break,
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// Writes all of `buf` at `off`.
     pub fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
         let mut done = 0;

@@ -1,0 +1,210 @@
+//! The CPU fault path never allocates: a counting global allocator (counting per thread, so
+//! that only the faulting thread's allocations count — in signal mode the fault is served in
+//! the faulting thread, inside its SIGBUS handler) is read around loops of real faults of every
+//! kind hetmem serves in the faulting thread: anonymous first touch (zero-fill), fault-back of
+//! a device-private page, revocation of device-exclusive access, a store to a page a declined
+//! migration left write-protected, a page dropped by a direct `madvise`, the first load of a
+//! shared file page (a fill from the file), the first access to a private file page, and a store
+//! intercepted by a mapping that intercepts stores. Setup (mapping, migration) may allocate;
+//! only the faults are counted.
+//!
+//! Why it matters: once a program's own heap is managed memory, `malloc` itself can fault while
+//! holding its arena lock, and a fault handler that allocates would deadlock on it.
+
+mod common;
+use common::*;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use hetmem::cache::{CacheConfig, FileCache};
+use hetmem::*;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; the count is a const thread-local
+// (no lazy initialisation, no allocation).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: `p` was allocated by `System` with `l`.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded with the caller's pointer, layout and size.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+fn allocs() -> u64 {
+    ALLOCS.with(|c| c.get())
+}
+
+/// Allocations made by this thread while `f` runs.
+fn counted(f: impl FnOnce()) -> u64 {
+    let before = allocs();
+    f();
+    allocs() - before
+}
+
+fn space() -> Space {
+    Space::with_config(SpaceConfig {
+        size: 1 << 30,
+        stash: 2 << 20,
+        ..SpaceConfig::default()
+    })
+    .unwrap()
+}
+
+const N: usize = 64;
+
+fn load(a: usize) -> u32 {
+    hetmem::sys::probe_load_u32(a)
+}
+
+#[test]
+fn anonymous_faults_allocate_nothing() {
+    let _w = watchdog("fault_alloc_anon", 60);
+    let s = space();
+    let a = s.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
+    // First touch: zero-fill (fault-around fills runs; every page is touched).
+    let n = counted(|| {
+        for i in 0..N {
+            hetmem::sys::probe_store_u32(a.get() + i * PAGE, i as u32);
+        }
+    });
+    assert_eq!(n, 0, "first touch allocated {n} times");
+    // Fault-back of device-private pages.
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&s).unwrap();
+    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    let n = counted(|| {
+        for i in 0..N {
+            assert_eq!(load(a.get() + i * PAGE), i as u32);
+        }
+    });
+    assert_eq!(n, 0, "fault-back allocated {n} times");
+    // Revocation of device-exclusive access.
+    let mut buf = vec![0u8; N * PAGE];
+    m.exclusive(a.get() as u64, N as u64, &mut buf).unwrap();
+    let n = counted(|| {
+        for i in 0..N {
+            assert_eq!(load(a.get() + i * PAGE), i as u32);
+        }
+    });
+    assert_eq!(n, 0, "exclusive revocation allocated {n} times");
+    // Pages dropped behind hetmem's back (a direct madvise): refilled with zeros.
+    hetmem::sys::madvise_dontneed(a.get(), N * PAGE).unwrap();
+    let n = counted(|| {
+        for i in 0..N {
+            assert_eq!(load(a.get() + i * PAGE), 0);
+        }
+    });
+    assert_eq!(n, 0, "refilling dropped pages allocated {n} times");
+}
+
+#[test]
+fn file_faults_allocate_nothing() {
+    let _w = watchdog("fault_alloc_file", 60);
+    let content = pattern(N * PAGE, |i| i);
+    let f = TempFile::new("fault-alloc", &content);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let s = space();
+    // Shared mapping: first loads fill the cache from the file (random order: no fault-around).
+    let a = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, true).unwrap();
+    let n = counted(|| {
+        for k in 0..N {
+            let i = (k * 37) % N;
+            assert_eq!(load(a.get() + i * PAGE), (i * PAGE / 4) as u32);
+        }
+    });
+    assert_eq!(n, 0, "shared file fills allocated {n} times");
+    // Private mapping of a second file: first accesses read the file into anonymous pages.
+    let f2 = TempFile::new("fault-alloc-private", &content);
+    let c2 = FileCache::open(&f2.0, false, CacheConfig::default()).unwrap();
+    let h2 = c2.handle();
+    let p = s
+        .map_file(&h2, 0, N * PAGE, Prot::ReadWrite, false)
+        .unwrap();
+    let n = counted(|| {
+        for k in 0..N {
+            let i = (k * 37) % N;
+            assert_eq!(load(p.get() + i * PAGE), (i * PAGE / 4) as u32);
+        }
+    });
+    assert_eq!(n, 0, "private file fills allocated {n} times");
+    // A mapping that intercepts stores: the first store to each clean page faults.
+    let b = s
+        .map_file_with(
+            &h,
+            0,
+            N * PAGE,
+            FileMapOptions {
+                prot: Prot::ReadWrite,
+                shared: true,
+                intercept_stores: true,
+            },
+        )
+        .unwrap();
+    let n = counted(|| {
+        for i in 0..8 {
+            hetmem::sys::probe_store_u32(b.get() + i * PAGE, 7);
+        }
+    });
+    assert_eq!(n, 0, "intercepted stores allocated {n} times");
+    h.fsync().unwrap();
+}
+
+/// Fills past the cache's budget wake the background evictor (a doorbell, no channel message):
+/// still nothing allocated in the faulting thread.
+#[test]
+fn file_fills_over_the_budget_allocate_nothing() {
+    let _w = watchdog("fault_alloc_budget", 60);
+    let content = pattern(N * PAGE, |i| !i);
+    let f = TempFile::new("fault-alloc-budget", &content);
+    let cache = FileCache::open(
+        &f.0,
+        false,
+        CacheConfig {
+            budget: 8 * PAGE,
+            dirty_bound: 4 * PAGE,
+        },
+    )
+    .unwrap();
+    let h = cache.handle();
+    let s = space();
+    let a = s.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    for round in 0..3 {
+        let n = counted(|| {
+            for k in 0..N {
+                let i = (k * 37 + round) % N;
+                assert_eq!(load(a.get() + i * PAGE), !((i * PAGE / 4) as u32));
+            }
+        });
+        assert_eq!(
+            n, 0,
+            "fills over the budget allocated {n} times (round {round})"
+        );
+    }
+    // The evictor ran (outside the faulting thread) and brought the cache back.
+    cache.shrink_to_budget();
+    assert!(cache.cached_bytes() <= 8 * PAGE);
+}
