@@ -39,7 +39,7 @@ use crate::mirror::{
     HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
     IntervalNotifier, IntervalOps, NotifyRange, PageTarget, hmm_pfn_order, range_fault,
 };
-use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
+use crate::pool::{FrameOwner, MemoryKind, Owner, Pagemap, PagemapId};
 use crate::space::{Space, space_by_id};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak, lock};
 
@@ -176,10 +176,20 @@ impl DeviceInner {
         let mut n = 0;
         for f in 0..self.pagemap.nframes() {
             let frame = FrameIdx(f as u32);
-            if let Some((sid, vpn)) = self.pagemap.rmap(frame)
-                && let Some(core) = space_by_id(sid)
-            {
-                n += core.evict_frame(&self.pagemap, frame, vpn)?;
+            match self.pagemap.rmap(frame) {
+                Some(FrameOwner::Anon { space, vpn }) => {
+                    if let Some(core) = space_by_id(space) {
+                        n += core.evict_frame(&self.pagemap, frame, vpn)?;
+                    }
+                }
+                // No file page is placed in device memory yet (file mappings mirror the cache's
+                // system pages): a file-owned frame here is a bug, said loudly.
+                Some(FrameOwner::File { .. }) => {
+                    return Err(Error::Invalid(
+                        "a device frame owned by a file page cannot be evicted yet",
+                    ));
+                }
+                None => {}
             }
         }
         Ok(n)

@@ -608,7 +608,13 @@ impl MigrateVma<'_> {
                             Pte::device(pagemap, f, dcompound)
                         };
                         st.set_pte(ak, entry);
-                        pm.set_rmap(f, core.id, ak.page().0);
+                        pm.set_rmap(
+                            f,
+                            crate::pool::FrameOwner::Anon {
+                                space: core.id,
+                                vpn: ak.page().0,
+                            },
+                        );
                     }
                     match (src, src_pm) {
                         (Some(PageTarget::Device { frame: sf, .. }), Some(spm)) => {

@@ -17,10 +17,15 @@
 //!
 //! Two words per frame (the frame's `struct page`):
 //!
-//! * `rmap[frame]`, the reverse map (the mapping): which address space and page the frame backs
-//!   (0 = not mapped), so that eviction and device release can find the page that owns a frame
-//!   (the kernel's `migrate_device_range`). Written under the owning address space's state lock
-//!   and read by eviction before taking that lock (and re-checked under it).
+//! * `rmap[frame]`, the reverse map: the frame's typed owner ([`FrameOwner`]; 0 = none) — an
+//!   anonymous page (address space, virtual page) or a page of a file's cache (cache, page
+//!   index in the file: one frame shared by every mapping of the file in every space) — so that
+//!   eviction, device release and writeback find the page that owns a frame (the kernel's
+//!   `migrate_device_range`). Written under the owner's lock (the address space's state lock,
+//!   or the file cache's) and read by eviction before taking that lock (and re-checked under
+//!   it). Packed in one word: bits 62–63 the kind (1 anonymous, 2 file); anonymous: space id in
+//!   bits 46–61, virtual page number in bits 0–45; file: cache id in bits 38–61, page index in
+//!   bits 0–37 (files up to 1 PiB).
 //! * `flags[frame]`: `ALLOCATED`, `LARGE` (head or tail of a 2 MiB frame), `LOCKED` (allocated
 //!   as a migration destination and not yet committed to a page: nothing else may use it),
 //!   `DIRTY` (the device wrote it since it received its data; file-backed writeback will read
@@ -103,21 +108,70 @@ pub mod frame_flags {
 pub struct FrameInfo {
     /// `frame_flags` bits.
     pub flags: u64,
-    /// The page it backs: address-space id and virtual page number.
-    pub mapping: Option<(u16, usize)>,
+    /// Whose data it holds.
+    pub owner: Option<FrameOwner>,
 }
 
-/// Reverse-map value: address space id (16 bits) and virtual page number (48 bits).
-pub(crate) fn rmap_pack(space: u16, vpn: usize) -> u64 {
-    ((space as u64) << 48) | (vpn as u64 & ((1 << 48) - 1)) | (1 << 47)
+/// Whose data a frame holds: what the reverse map records and eviction, device release and
+/// writeback follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameOwner {
+    /// An anonymous page (or a private file mapping's page, which is anonymous memory).
+    Anon {
+        /// The address space's id.
+        space: u16,
+        /// The virtual page number.
+        vpn: usize,
+    },
+    /// A page of a file's cache, shared by every mapping of the file.
+    File {
+        /// The cache's id.
+        cache: u32,
+        /// The page's index in the file.
+        index: u64,
+    },
 }
 
-/// Unpacks [`rmap_pack`]; None for a free frame.
-pub(crate) fn rmap_unpack(v: u64) -> Option<(u16, usize)> {
-    if v == 0 {
-        return None;
+const KIND_SHIFT: u32 = 62;
+const ANON: u64 = 1;
+const FILE: u64 = 2;
+const VPN_BITS: u32 = 46;
+const INDEX_BITS: u32 = 38;
+
+impl FrameOwner {
+    /// The largest file page index a frame can be owned at.
+    pub const MAX_FILE_INDEX: u64 = (1 << INDEX_BITS) - 1;
+
+    fn pack(self) -> u64 {
+        match self {
+            FrameOwner::Anon { space, vpn } => {
+                debug_assert!((vpn as u64) < (1 << VPN_BITS), "vpn {vpn:#x} too large");
+                (ANON << KIND_SHIFT)
+                    | ((space as u64) << VPN_BITS)
+                    | (vpn as u64 & ((1 << VPN_BITS) - 1))
+            }
+            FrameOwner::File { cache, index } => {
+                debug_assert!(cache < (1 << 24) && index <= Self::MAX_FILE_INDEX);
+                (FILE << KIND_SHIFT)
+                    | (((cache as u64) & ((1 << 24) - 1)) << INDEX_BITS)
+                    | (index & Self::MAX_FILE_INDEX)
+            }
+        }
     }
-    Some(((v >> 48) as u16, (v & ((1 << 47) - 1)) as usize))
+
+    fn unpack(v: u64) -> Option<FrameOwner> {
+        match v >> KIND_SHIFT {
+            ANON => Some(FrameOwner::Anon {
+                space: ((v >> VPN_BITS) & 0xffff) as u16,
+                vpn: (v & ((1 << VPN_BITS) - 1)) as usize,
+            }),
+            FILE => Some(FrameOwner::File {
+                cache: ((v >> INDEX_BITS) & ((1 << 24) - 1)) as u32,
+                index: v & Self::MAX_FILE_INDEX,
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl Pagemap {
@@ -198,7 +252,7 @@ impl Pagemap {
         let i = frame.0 as usize;
         Some(FrameInfo {
             flags: self.flags.get(i)?.load(Ordering::Acquire),
-            mapping: self.rmap(frame),
+            owner: self.rmap(frame),
         })
     }
 
@@ -305,15 +359,15 @@ impl Pagemap {
         }
     }
 
-    /// Records which page a frame backs.
-    pub(crate) fn set_rmap(&self, frame: FrameIdx, space: u16, vpn: usize) {
-        self.rmap[frame.0 as usize].store(rmap_pack(space, vpn), Ordering::Release);
+    /// Records whose data a frame holds.
+    pub(crate) fn set_rmap(&self, frame: FrameIdx, owner: FrameOwner) {
+        self.rmap[frame.0 as usize].store(owner.pack(), Ordering::Release);
         self.flags[frame.0 as usize].fetch_and(!frame_flags::LOCKED, Ordering::AcqRel);
     }
 
-    /// Which page a frame backs, if allocated and mapped.
-    pub(crate) fn rmap(&self, frame: FrameIdx) -> Option<(u16, usize)> {
-        rmap_unpack(self.rmap[frame.0 as usize].load(Ordering::Acquire))
+    /// Whose data a frame holds, if allocated and owned.
+    pub(crate) fn rmap(&self, frame: FrameIdx) -> Option<FrameOwner> {
+        FrameOwner::unpack(self.rmap[frame.0 as usize].load(Ordering::Acquire))
     }
 
     /// Number of base frames.
@@ -347,13 +401,13 @@ mod tests {
                     p.frame_info(f).unwrap().flags,
                     frame_flags::ALLOCATED | frame_flags::LOCKED
                 );
-                p.set_rmap(f, 3, 77);
+                p.set_rmap(f, FrameOwner::Anon { space: 3, vpn: 77 });
                 p.mark_dirty(f);
                 assert_eq!(
                     p.frame_info(f).unwrap(),
                     FrameInfo {
                         flags: frame_flags::ALLOCATED | frame_flags::DIRTY,
-                        mapping: Some((3, 77))
+                        owner: Some(FrameOwner::Anon { space: 3, vpn: 77 })
                     }
                 );
                 p.free(f, false);
@@ -361,12 +415,33 @@ mod tests {
                     p.frame_info(f).unwrap(),
                     FrameInfo {
                         flags: 0,
-                        mapping: None
+                        owner: None
                     }
                 );
                 assert!(p.alloc_large().is_ok());
             },
             1,
         );
+    }
+
+    #[test]
+    fn frame_owners_round_trip_through_the_reverse_map_word() {
+        for o in [
+            FrameOwner::Anon { space: 0, vpn: 0 },
+            FrameOwner::Anon {
+                space: u16::MAX,
+                vpn: (1 << VPN_BITS) - 1,
+            },
+            FrameOwner::File { cache: 0, index: 0 },
+            FrameOwner::File {
+                cache: (1 << 24) - 1,
+                index: FrameOwner::MAX_FILE_INDEX,
+            },
+        ] {
+            let w = o.pack();
+            assert_ne!(w, 0, "an owner never packs to the free word");
+            assert_eq!(FrameOwner::unpack(w), Some(o));
+        }
+        assert_eq!(FrameOwner::unpack(0), None);
     }
 }
