@@ -62,8 +62,6 @@ pub mod snap {
     pub const WRITE: u8 = 0x02;
     /// Mapped at PMD level (2 MiB).
     pub const PMD: u8 = 0x04;
-    /// Mapped at PUD level (1 GiB).
-    pub const PUD: u8 = 0x08;
     /// The zero page.
     pub const ZERO: u8 = 0x10;
     /// Device-private page of this device.
@@ -1106,10 +1104,8 @@ impl DeviceMirror {
         } else {
             snap::READ
         };
-        match hmm_pfn_order(w) {
-            9 => b |= snap::PMD,
-            18 => b |= snap::PUD,
-            _ => {}
+        if hmm_pfn_order(w) == 9 {
+            b |= snap::PMD;
         }
         if let PageTarget::Device { pagemap, .. } = PageTarget::decode(w)
             && let Ok(pm) = self.frame_pagemap(pagemap)

@@ -104,10 +104,6 @@ pub enum NotifyEvent {
     Clear,
     /// The mapping's protection changes.
     ProtectionVma,
-    /// One page's protection changes.
-    ProtectionPage,
-    /// Soft-dirty tracking.
-    SoftDirty,
     /// The address space is going away.
     Release,
     /// Pages migrate; `owner` is the initiating device, if any.

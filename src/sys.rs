@@ -387,11 +387,8 @@ const OP_UNREGISTER: Opcode =
     opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO_UNREGISTER as u8);
 const OP_WAKE: Opcode = opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO_WAKE as u8);
 const OP_COPY: Opcode = opcode::read_write::<uapi::uffdio_copy>(UFFDIO, uapi::_UFFDIO_COPY as u8);
-const OP_ZEROPAGE: Opcode =
-    opcode::read_write::<uapi::uffdio_zeropage>(UFFDIO, uapi::_UFFDIO_ZEROPAGE as u8);
 const OP_WRITEPROTECT: Opcode =
     opcode::read_write::<uapi::uffdio_writeprotect>(UFFDIO, uapi::_UFFDIO_WRITEPROTECT as u8);
-const OP_MOVE: Opcode = opcode::read_write::<uapi::uffdio_move>(UFFDIO, uapi::_UFFDIO_MOVE as u8);
 
 /// How a userfaultfd delivers faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -681,22 +678,6 @@ impl Uffd {
         Ok(())
     }
 
-    /// `UFFDIO_ZEROPAGE`: maps the zero page at the missing pages of `dst..dst+len`.
-    pub fn zeropage(&self, dst: usize, len: usize) -> Result<(), UffdError> {
-        let mut z = uapi::uffdio_zeropage {
-            range: uapi::uffdio_range {
-                start: dst as u64,
-                len: len as u64,
-            },
-            mode: 0,
-            zeropage: 0,
-        };
-        // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage` and only maps pages into
-        // registered ranges.
-        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) }
-            .map_err(uffd_err)
-    }
-
     /// `UFFDIO_WRITEPROTECT`: sets (`on`) or clears the write-protect bit of the present pages
     /// in `addr..addr+len`; clearing wakes writers waiting there.
     pub fn write_protect(&self, addr: usize, len: usize, on: bool) -> Result<(), UffdError> {
@@ -721,21 +702,6 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
         unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WAKE, _>::new(&mut r)) }
-            .map_err(uffd_err)
-    }
-
-    /// `UFFDIO_MOVE` of `len` bytes from `src` to `dst` (both registered with this fd).
-    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<(), UffdError> {
-        let mut m = uapi::uffdio_move {
-            dst: dst as u64,
-            src: src as u64,
-            len: len as u64,
-            mode: 0,
-            move_: 0,
-        };
-        // SAFETY: UFFDIO_MOVE takes a `struct uffdio_move`; it moves page frames between
-        // registered ranges of hetmem's own regions.
-        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_MOVE, _>::new(&mut m)) }
             .map_err(uffd_err)
     }
 
