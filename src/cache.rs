@@ -440,6 +440,32 @@ struct CacheState {
     blocked: Vec<(u64, u64)>,
     /// Pin counts of file pages pinned through mappings (never evicted).
     pinned: std::collections::BTreeMap<u64, u32>,
+    /// A writeback that an intercepted store at the dirty bound asked the background thread
+    /// for (see [`FileCache::store_fault`]).
+    flush: Flush,
+}
+
+/// The state of a writeback asked of the background thread by stores at the dirty bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flush {
+    Idle,
+    Requested,
+    /// The last one failed: the next store at the bound gets SIGBUS (and the state is Idle
+    /// again, so that a later store asks for a new try).
+    Failed,
+}
+
+/// What an intercepted store fault does next (see [`FileCache::store_fault`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StoreFault {
+    /// The page is dirty and writable: retry the store.
+    Done,
+    /// The store must fail with SIGBUS (past the end of file; or the dirty bound is reached and
+    /// writeback failed).
+    Sigbus,
+    /// The dirty bound is reached: the background thread is writing back; wait for it with no
+    /// lock held ([`FileCache::wait_flush`]) and retry.
+    WaitFlush,
 }
 
 /// What a fault fill did.
@@ -533,6 +559,9 @@ pub struct FileCache {
     /// Serialises page removals (truncate, punch, direct write, eviction) across their two
     /// phases.
     removal: Mutex<()>,
+    /// Stores waiting for a writeback of the background thread wait here (with the mutex; the
+    /// state is `CacheState::flush`).
+    flush_wait: (std::sync::Mutex<()>, std::sync::Condvar),
     /// This cache, weakly (for the background evictor).
     me: crate::sync::Weak<FileCache>,
     /// The background evictor's doorbell (started with the first mapping).
@@ -687,6 +716,7 @@ impl FileCache {
             writable,
             cfg,
             removal: Mutex::new(()),
+            flush_wait: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
             st: Mutex::new(CacheState {
                 size,
                 disk_size: size,
@@ -700,6 +730,7 @@ impl FileCache {
                 ra_window: 0,
                 blocked: Vec::new(),
                 pinned: std::collections::BTreeMap::new(),
+                flush: Flush::Idle,
             }),
         }))
     }
@@ -1007,7 +1038,7 @@ impl FileCache {
                 .spawn(move || {
                     while b2.wait() {
                         let Some(c) = me.upgrade() else { return };
-                        c.shrink_to_budget();
+                        c.background_round();
                     }
                 });
             if spawned.is_ok() {
@@ -1178,31 +1209,49 @@ impl FileCache {
     }
 
     /// A store faulted on page `p` of a mapping that intercepts stores (at `r` in `core`): the
-    /// page is filled if needed and becomes dirty, within the dirty bound (writing back first
-    /// when the bound is reached), then this mapping lets stores through. Returns false when
-    /// the store must fail with SIGBUS: past the end of file, or the bound is reached and
-    /// writeback fails (the writer gets the error rather than waiting forever).
+    /// page is filled if needed and becomes dirty, within the dirty bound, then this mapping lets
+    /// stores through. At the bound the fault does no writeback itself (unbounded work, and
+    /// allocation, in a SIGBUS handler): it asks the background thread for one and returns
+    /// [`StoreFault::WaitFlush`]; the store waits with no lock held and retries. When that
+    /// writeback failed and the bound is still reached, the store gets SIGBUS (the writer gets
+    /// the error rather than waiting forever); so does a store past the end of file.
     pub(crate) fn store_fault(
         &self,
         core: &crate::space::SpaceCore,
         p: u64,
         r: crate::addr::VaRange,
-    ) -> Result<bool> {
+    ) -> Result<StoreFault> {
         let mut st = lock(&self.st);
         if p >= st.pages.len() {
-            return Ok(false);
+            return Ok(StoreFault::Sigbus);
         }
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
-            return Ok(true);
+            return Ok(StoreFault::Done);
         }
         self.fill(&mut st, p, p + 1)?;
         if st.pages.get(p) != PageState::Dirty {
             if (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound {
-                let all = st.pages.all_dirty();
-                if self.writeback(&mut st, &all).is_err()
-                    && (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound
-                {
-                    return Ok(false);
+                match st.flush {
+                    Flush::Failed => {
+                        st.flush = Flush::Idle;
+                        return Ok(StoreFault::Sigbus);
+                    }
+                    Flush::Idle | Flush::Requested => {
+                        let Some(bell) = lock(&self.evictor).clone() else {
+                            // No background thread (it could not be started): write back here.
+                            let all = st.pages.all_dirty();
+                            if self.writeback(&mut st, &all).is_err()
+                                && (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound
+                            {
+                                return Ok(StoreFault::Sigbus);
+                            }
+                            return Ok(StoreFault::Done);
+                        };
+                        st.flush = Flush::Requested;
+                        drop(st);
+                        bell.ring();
+                        return Ok(StoreFault::WaitFlush);
+                    }
                 }
             }
             self.set_state(&mut st, p, PageState::Dirty);
@@ -1210,7 +1259,40 @@ impl FileCache {
         core.mm
             .file_write_protect(r, false)
             .map_err(|e| Error::os("let stores through", e))?;
-        Ok(true)
+        Ok(StoreFault::Done)
+    }
+
+    /// Waits, with no lock held, until the writeback that a store at the dirty bound asked for
+    /// has run (bounded: one round of writeback of at most the dirty bound).
+    pub(crate) fn wait_flush(&self) {
+        let (m, cv) = &self.flush_wait;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        while lock(&self.st).flush == Flush::Requested {
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// One round of the background thread: the writeback stores at the dirty bound asked for
+    /// (if any), then eviction down to the budget.
+    fn background_round(&self) {
+        let asked = {
+            let mut st = lock(&self.st);
+            if st.flush == Flush::Requested {
+                self.collect_written(&mut st);
+                let all = st.pages.all_dirty();
+                let ok = self.writeback(&mut st, &all).is_ok();
+                st.flush = if ok { Flush::Idle } else { Flush::Failed };
+                true
+            } else {
+                false
+            }
+        };
+        if asked {
+            let (m, cv) = &self.flush_wait;
+            let _g = m.lock().unwrap_or_else(|p| p.into_inner());
+            cv.notify_all();
+        }
+        self.shrink_to_budget();
     }
 
     /// Waits until the page removal in progress (if any) has ended: a fill of a blocked page

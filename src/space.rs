@@ -57,7 +57,7 @@
 use std::collections::BTreeMap;
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
-use crate::cache::{FileCache, FileHandle, Fill, MapRec};
+use crate::cache::{FileCache, FileHandle, Fill, MapRec, StoreFault};
 use crate::error::{Error, Result};
 use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
@@ -1574,7 +1574,15 @@ impl SpaceCore {
                 start: a,
                 end: a.add(PAGE_SIZE),
             };
-            return cache.store_fault(self, page, r).unwrap_or(false);
+            return match cache.store_fault(self, page, r) {
+                Ok(StoreFault::Done) => true,
+                Ok(StoreFault::Sigbus) | Err(_) => false,
+                Ok(StoreFault::WaitFlush) => {
+                    drop(st);
+                    cache.wait_flush();
+                    true
+                }
+            };
         }
         if let Some((cache, page)) = st.file_page(a) {
             // A file mapping: the page is not in the cache yet. Fill the cache (the memfd) and

@@ -208,3 +208,55 @@ fn file_fills_over_the_budget_allocate_nothing() {
     cache.shrink_to_budget();
     assert!(cache.cached_bytes() <= 8 * PAGE);
 }
+
+/// An intercepted store at the dirty bound does not write back inside the fault (unbounded work,
+/// allocating): the background thread writes back while the store waits with no lock held.
+/// Nothing is allocated in the storing thread, and every store reaches the file.
+#[test]
+fn intercepted_stores_at_the_dirty_bound_allocate_nothing() {
+    let _w = watchdog("fault_alloc_dirty_bound", 60);
+    let f = TempFile::new("fault-alloc-bound", &vec![0u8; N * PAGE]);
+    let cache = FileCache::open(
+        &f.0,
+        true,
+        CacheConfig {
+            budget: 256 * PAGE,
+            dirty_bound: 4 * PAGE,
+        },
+    )
+    .unwrap();
+    let h = cache.handle();
+    let s = space();
+    let b = s
+        .map_file_with(
+            &h,
+            0,
+            N * PAGE,
+            FileMapOptions {
+                prot: Prot::ReadWrite,
+                shared: true,
+                intercept_stores: true,
+            },
+        )
+        .unwrap();
+    // Fill the cache first (loads), so that only the store faults are counted.
+    for i in 0..N {
+        load(b.get() + i * PAGE);
+    }
+    let n = counted(|| {
+        for i in 0..N {
+            hetmem::sys::probe_store_u32(b.get() + i * PAGE, i as u32 + 1);
+        }
+    });
+    assert_eq!(n, 0, "stores at the dirty bound allocated {n} times");
+    assert!(cache.dirty_bytes() <= 4 * PAGE);
+    h.fsync().unwrap();
+    let disk = f.disk();
+    for i in 0..N {
+        assert_eq!(
+            &disk[i * PAGE..i * PAGE + 4],
+            &(i as u32 + 1).to_ne_bytes(),
+            "page {i}"
+        );
+    }
+}
