@@ -1234,6 +1234,13 @@ impl Drop for Pin {
     }
 }
 
+/// Records why a fault in a mapping could not be served (printed if the access then takes the
+/// default SIGBUS action) and returns false.
+fn unserved(why: &'static str) -> bool {
+    sys::note_unserved_fault(why);
+    false
+}
+
 /// The unit holding page `a`: its 2 MiB unit when `large`, else the page itself.
 fn unit_range(a: VirtAddr, large: bool) -> VaRange {
     let (start, len) = if large {
@@ -1576,7 +1583,11 @@ impl SpaceCore {
             };
             return match cache.store_fault(self, page, r) {
                 Ok(StoreFault::Done) => true,
-                Ok(StoreFault::Sigbus) | Err(_) => false,
+                Ok(StoreFault::Sigbus) => unserved(
+                    "a store past the end of the file, or at the dirty bound after a failed \
+                     writeback",
+                ),
+                Err(_) => unserved("the page could not be filled from the file for a store"),
                 Ok(StoreFault::WaitFlush) => {
                     drop(st);
                     cache.wait_flush();
@@ -1589,10 +1600,18 @@ impl SpaceCore {
             // let the access retry: the kernel then maps the page. Past the end of file (or on
             // a read error) the access gets SIGBUS, as with the kernel's mmap. While the page is
             // being removed (truncate, punch), the access retries.
-            return !matches!(cache.fault_fill(page), Ok(Fill::PastEof) | Err(_));
+            return match cache.fault_fill(page) {
+                Ok(Fill::Filled) | Ok(Fill::Busy) => true,
+                Ok(Fill::PastEof) => unserved("an access past the end of the file"),
+                Err(_) => unserved("the page could not be filled from the file"),
+            };
         }
         let ok = match pte.state() {
-            PageState::None => self.fault_zero(&mut st, a).is_ok(),
+            PageState::None => match self.fault_zero(&mut st, a) {
+                Ok(()) => true,
+                Err(Error::NotMapped { .. }) => unserved("an access past the end of the file"),
+                Err(_) => unserved("the page could not be zero-filled or filled from the file"),
+            },
             PageState::Present => {
                 // Either a store hit a write-protected page after the migration that protected
                 // it declined the page (or a racing fault already served it), or the page was
@@ -1601,7 +1620,8 @@ impl SpaceCore {
                 // page tells them apart (EEXIST: it is there) and gives a dropped page what the
                 // kernel gives it: zeros, or the file's bytes in a private file mapping.
                 if let Err(e) = self.refill_dropped(&st, a) {
-                    return e.errno() == libc::EAGAIN;
+                    return e.errno() == libc::EAGAIN
+                        || unserved("a page dropped by a direct madvise could not be refilled");
                 }
                 let v = st.vma(a).expect("pte found");
                 if write && v.prot.writable() {
@@ -1616,7 +1636,10 @@ impl SpaceCore {
                 }
                 true
             }
-            PageState::Device | PageState::Exclusive => self.make_present(&mut st, a).is_ok(),
+            PageState::Device | PageState::Exclusive => {
+                self.make_present(&mut st, a).is_ok()
+                    || unserved("the page could not be brought back to system memory")
+            }
         };
         if let Some(v) = st.vma(a) {
             self.mm.wake(

@@ -959,6 +959,15 @@ thread_local! {
 thread_local! {
     /// Set while this thread runs hetmem's SIGBUS handler.
     static IN_SIGNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Why the last fault this thread's fault service could not serve was not served ("" if it
+    /// was, or was not hetmem's).
+    static UNSERVED: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+}
+
+/// Records why the fault being served cannot be served (called by the fault service, in the
+/// faulting thread); the SIGBUS handler prints it if the access then takes the default action.
+pub fn note_unserved_fault(why: &'static str) {
+    UNSERVED.with(|c| c.set(why));
 }
 
 /// Whether the calling thread is running hetmem's SIGBUS handler (where nothing may allocate).
@@ -1055,11 +1064,16 @@ fn zone_of_tid(tid: u32) -> bool {
 
 /// Writes `parts` to stderr and aborts: async-signal-safe (no allocation, no lock).
 pub fn abort_with(parts: &[&[u8]]) -> ! {
+    write_stderr_parts(parts);
+    std::process::abort()
+}
+
+/// Writes `parts` to stderr: async-signal-safe (no allocation, no lock).
+fn write_stderr_parts(parts: &[&[u8]]) {
     for p in parts {
-        // SAFETY: writes a valid byte slice to fd 2; the result is irrelevant, we abort next.
+        // SAFETY: writes a valid byte slice to fd 2; a failed write is ignored (best effort).
         unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
     }
-    std::process::abort()
 }
 
 /// Formats `v` as hex into `buf` (no allocation), returning the digits.
@@ -1136,6 +1150,11 @@ pub fn install_sigbus_handler() -> io::Result<()> {
         sa.sa_sigaction = sigbus_handler as *const () as usize;
         // No SA_ONSTACK: the fault service runs on the faulting thread's own stack (an alternate
         // signal stack, sized for a stack-overflow report, is too small for it).
+        // SA_NODEFER: SIGBUS stays unblocked while the handler runs. A SIGBUS raised inside the
+        // handler (a bug: hetmem code touching a managed page it should not, or the previous
+        // handler we chain to faulting) is synchronous, and the kernel kills a thread at once,
+        // silently, for a synchronous signal it has blocked; unblocked, the nested fault reaches
+        // this handler again, which reports it (a no-fault zone's message) or serves it.
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NODEFER;
         // SAFETY: sigemptyset on a sigset_t we own.
         unsafe { libc::sigemptyset(&mut sa.sa_mask) };
@@ -1187,6 +1206,7 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
         ]);
     }
     let was_in = IN_SIGNAL.with(|c| c.replace(true));
+    UNSERVED.with(|c| c.set(""));
     let handled = dispatch_fault(addr, write);
     IN_SIGNAL.with(|c| c.set(was_in));
     if handled {
@@ -1205,7 +1225,19 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
         unsafe { *errno_slot = saved_errno };
         return;
     }
-    // Not hetmem's fault: chain to the previous handler (Rust's own, or the default action).
+    // A managed page that could not be served: say why before the signal takes its course.
+    let why = UNSERVED.with(|c| c.get());
+    if !why.is_empty() {
+        let mut b = [0u8; 18];
+        write_stderr_parts(&[
+            b"hetmem: SIGBUS at ",
+            hex(addr, &mut b),
+            b": ",
+            why.as_bytes(),
+            b"\n",
+        ]);
+    }
+    // Not served: chain to the previous handler (Rust's own, or the default action).
     let prev = PREV_ACTION.load(Ordering::Acquire);
     // SAFETY: `prev`, when non-null, is a leaked, never-freed sigaction written once.
     unsafe {

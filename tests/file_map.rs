@@ -313,6 +313,12 @@ fn past_the_end_of_file_is_sigbus() {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+        // Before the default action, hetmem says why it did not serve the fault.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("hetmem: SIGBUS at 0x") && err.contains("past the end of the file"),
+            "no reason printed (private: {private}): {err}"
+        );
         let want = if private { 3 * PAGE } else { PAGE };
         assert_eq!(std::fs::metadata(&f.0).unwrap().len(), want as u64);
     }
@@ -361,6 +367,11 @@ fn staging_memory_exhaustion_is_an_error_or_sigbus() {
         "child: {:?}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hetmem: SIGBUS at 0x") && err.contains("could not be filled from the file"),
+        "no reason printed: {err}"
     );
     assert_eq!(f.disk(), want, "the child's failed fill changed the file");
 }
