@@ -431,10 +431,6 @@ struct CacheState {
     stats: CacheStats,
     /// The file's mappings in address spaces (see [`crate::space::Space::map_file`]).
     mappings: Vec<MapRec>,
-    /// Fault-around state: the page right after the last CPU-fault window, and that window's
-    /// size in pages (a fault at `ra_next` continues a sequential run: see `fault_fill`).
-    ra_next: u64,
-    ra_window: u64,
     /// File pages being removed (truncate, punch, direct write) while device mappings of them
     /// are invalidated: faults on them retry, `range_fault` gets EBUSY.
     blocked: Vec<(u64, u64)>,
@@ -726,8 +722,6 @@ impl FileCache {
                 last_err: 0,
                 stats: CacheStats::default(),
                 mappings: Vec::new(),
-                ra_next: u64::MAX,
-                ra_window: 0,
                 blocked: Vec::new(),
                 pinned: std::collections::BTreeMap::new(),
                 flush: Flush::Idle,
@@ -1128,14 +1122,17 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(Fill::Busy);
         }
-        let w = if p == st.ra_next {
-            (st.ra_window * 2).clamp(1, MAX_WINDOW)
+        // The faulting thread's run (per thread: two threads reading sequentially must not break
+        // each other's runs), keyed by this cache.
+        let me = self as *const FileCache as usize;
+        let (key, next, window) = crate::sys::file_fault_around_state();
+        let w = if key == me && p == next {
+            (window * 2).clamp(1, MAX_WINDOW)
         } else {
             1
         };
         self.fill(&mut st, p, p + w)?;
-        st.ra_next = p + w;
-        st.ra_window = w;
+        crate::sys::set_file_fault_around_state(me, p + w, w);
         self.wake_evictor_if_over(&st);
         Ok(Fill::Filled)
     }

@@ -292,8 +292,6 @@ pub(crate) struct SpaceState {
     pub(crate) vmas: BTreeMap<usize, Vma>,
     pub(crate) notifiers: Vec<Arc<IntervalNotifier>>,
     pub(crate) pagemaps: Vec<Option<Arc<Pagemap>>>,
-    fa_next: usize,
-    fa_window: usize,
     next_vma_id: u64,
     /// Parts of the reservation that a direct mremap left unmapped and the program mapped
     /// something into before hetmem could reserve them again: never used for a mapping.
@@ -557,8 +555,6 @@ impl Space {
                 vmas: BTreeMap::new(),
                 notifiers: Vec::new(),
                 pagemaps,
-                fa_next: 0,
-                fa_window: 0,
                 next_vma_id: 1,
                 lost: Vec::new(),
             }),
@@ -1689,12 +1685,14 @@ impl SpaceCore {
         let win = if large && unit.is_some() {
             LARGE_PAGE_SIZE
         } else {
-            st.fa_window = if a.get() == st.fa_next {
-                (st.fa_window * 2).clamp(64 << 10, LARGE_PAGE_SIZE)
+            let (next, window) = sys::fault_around_state();
+            let w = if a.get() == next {
+                (window * 2).clamp(64 << 10, LARGE_PAGE_SIZE)
             } else {
                 64 << 10
             };
-            st.fa_window
+            sys::set_fault_around_state(next, w);
+            w
         };
         let ws = (a.get() & !(win - 1)).max(vs);
         let we = ((a.get() & !(win - 1)) + win).min(ve);
@@ -1750,7 +1748,8 @@ impl SpaceCore {
         for p in &mut v.ptes[s..e] {
             *p = Pte::present(whole_unit, *p);
         }
-        st.fa_next = start.get() + (e - s) * PAGE_SIZE;
+        let (_, w) = sys::fault_around_state();
+        sys::set_fault_around_state(start.get() + (e - s) * PAGE_SIZE, w);
         self.counters
             .zero_fill_pages
             .fetch_add((e - s) as u64, Ordering::Relaxed);

@@ -587,3 +587,42 @@ fn exclusive_vs_cpu_atomics() {
         space.stats()
     );
 }
+
+/// Fault-around runs are per thread: two threads first-touching disjoint halves of one mapping
+/// sequentially each keep their own doubling window (the space-wide state let each thread's
+/// faults break the other's run: 37 faults per sweep became 140–380).
+#[test]
+fn fault_around_runs_are_per_thread() {
+    let _w = watchdog("fault_around_per_thread", 60);
+    const HALF: usize = 16 << 20;
+    // One thread alone over one half: the reference count.
+    let space = std::sync::Arc::new(Space::new().unwrap());
+    let b = space.map_anon(2 * HALF, Prot::ReadWrite).unwrap();
+    let one = Space::new().unwrap();
+    let c = one.map_anon(HALF, Prot::ReadWrite).unwrap();
+    for off in (0..HALF).step_by(PAGE) {
+        hetmem::sys::probe_store_u32(c.get() + off, 1);
+    }
+    let f1 = one.stats().cpu_faults;
+    let bar = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let ts: Vec<_> = (0..2)
+        .map(|t| {
+            let bar = bar.clone();
+            let base = b.get() + t * HALF;
+            std::thread::spawn(move || {
+                bar.wait();
+                for off in (0..HALF).step_by(PAGE) {
+                    hetmem::sys::probe_store_u32(base + off, 1);
+                }
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+    let f2 = space.stats().cpu_faults;
+    assert!(
+        f2 <= 2 * f1 + 4,
+        "two threads took {f2} faults for what one thread alone takes {f1} per half"
+    );
+}
