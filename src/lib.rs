@@ -9,6 +9,7 @@
 //!
 //! `unsafe` lives in [`sys`] only; locks come through [`sync`]. See `docs/architecture.md`.
 
+#![doc = include_str!("../README.md")]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
