@@ -1,8 +1,8 @@
 //! Address spaces: mappings, the per-page state machine, and the CPU fault service.
 //!
 //! A [`Space`] is hetmem's `mm_struct`: a reserved range of the process's address space in which
-//! anonymous mappings ([`Vma`]) are created with read/write/none permissions. CPU code uses plain
-//! pointers into it; hetmem keeps one 8-byte entry ([`Pte`]) per page saying where the page's
+//! anonymous mappings (`Vma`) are created with read/write/none permissions. CPU code uses plain
+//! pointers into it; hetmem keeps one 8-byte entry (`Pte`) per page saying where the page's
 //! data is.
 //!
 //! # Page states

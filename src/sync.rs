@@ -2,7 +2,7 @@
 //! threads.
 //!
 //! In the crate's own unit-test build (`cfg(test)`, the tests under `src/`) these are
-//! [`shuttle`]'s types, so that every unit test explores thread schedules of the core's state
+//! `shuttle`'s types, so that every unit test explores thread schedules of the core's state
 //! machine (run inside `shuttle::check_random`/`check_pct`). Everywhere else (the library as
 //! users link it, and the integration tests under `tests/`, which drive the real kernel) they
 //! are `std`'s.
