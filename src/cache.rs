@@ -566,6 +566,8 @@ pub struct FileCache {
     /// with which errno.
     stage_fail: AtomicU32,
     stage_errno: AtomicU32,
+    /// Where writeback events go (`FileCache::set_trace`, in `policy::trace`).
+    pub(crate) trace: crate::policy::trace::TraceSlot,
 }
 
 /// Wakes a background thread without allocating (the CPU fault path rings it): a flag and a
@@ -707,6 +709,7 @@ impl FileCache {
             evictor: Mutex::new(None),
             stage_fail: AtomicU32::new(0),
             stage_errno: AtomicU32::new(0),
+            trace: Default::default(),
             backend,
             memfd,
             writable,
@@ -932,6 +935,7 @@ impl FileCache {
                         }
                     }
                     st.stats.pages_written_back += e - s;
+                    self.trace.writeback(s, e - s, len as u64);
                     if st.disk_size < s * PAGE + len as u64 {
                         st.disk_size = s * PAGE + len as u64;
                     }

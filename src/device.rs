@@ -24,6 +24,14 @@
 //! Unlike dmirror, the callback drops entries on every event, including a MIGRATE that this
 //! device initiated: in the emulation a device access to a system page is a real CPU access,
 //! and an entry left pointing at a page being migrated could fault on a write-protected page.
+//!
+//! # Policy
+//!
+//! Two decisions are the address space's policy's ([`crate::policy`]): what a device fault does
+//! (map remotely or migrate to the device, and how much to prefetch: `DeviceMirror::fault`), and
+//! what a migration does when the device cannot allocate a frame (decline the page, or evict one
+//! of the space's pages from the device and retry: `DeviceMirror::alloc_or_evict`). The default
+//! policy does what dmirror does: map remotely the pages asked for, decline.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -39,9 +47,12 @@ use crate::mirror::{
     HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
     IntervalNotifier, IntervalOps, NotifyRange, PageTarget, hmm_pfn_order, range_fault,
 };
+use crate::policy::{
+    DeviceFault, DeviceFaultDecision, DeviceFull, DeviceFullAction, Placement, Prefetch,
+};
 use crate::pool::{FrameOwner, MemoryKind, Owner, Pagemap, PagemapId};
 use crate::space::{Space, space_by_id};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering, Weak, lock};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering, Weak, lock};
 
 /// Pages per `range_fault` call of the device's fault path (dmirror: 32... 64 in older kernels).
 pub const FAULT_CHUNK_PAGES: usize = 32;
@@ -145,6 +156,9 @@ struct DeviceInner {
     fail_alloc: AtomicBool,
     /// Injected copy failures still to happen (the device's DMA engine reports an error).
     fail_copies: crate::sync::AtomicU64,
+    /// The eviction clock hand: the frame where the search for a victim starts when the device
+    /// is full and the policy evicts ([`DeviceFullAction::EvictAndRetry`]).
+    evict_hand: AtomicUsize,
 }
 
 impl DeviceInner {
@@ -253,6 +267,7 @@ impl SoftDevice {
                 pagemap,
                 fail_alloc: AtomicBool::new(false),
                 fail_copies: crate::sync::AtomicU64::new(0),
+                evict_hand: AtomicUsize::new(0),
             }),
         })
     }
@@ -694,15 +709,79 @@ impl DeviceMirror {
         Ok(true)
     }
 
-    /// The device's fault path (`dmirror_fault`): `range_fault` over `[start, end)` in chunks,
-    /// then programs the page table under the sequence check.
+    /// The device's fault path (`dmirror_fault`): asks the space's policy
+    /// ([`crate::policy::Policy::device_fault`]) where the pages go and how much to bring in
+    /// around `[start, end)`; migrates them to the device first if it says so (best effort: a
+    /// page that does not move is mapped where it is); then `range_fault` over `[start, end)` in
+    /// chunks, programming the page table under the sequence check (an error here is the
+    /// access's error), and over the prefetch window around it (best effort).
     fn fault(&self, start: Vpn, end: Vpn, write: bool) -> Result<()> {
         let n = self.notifier()?;
+        let pm = &self.inner.dev.pagemap;
+        let decision = self.inner.space.core.policy().device_fault(&DeviceFault {
+            owner: pm.owner(),
+            kind: pm.kind(),
+            start: start.addr(),
+            end: end.addr(),
+            write,
+        });
+        if decision == DeviceFaultDecision::DEFAULT {
+            // Today's path, with no look-up of the mapping.
+            return self.fault_chunks(&n, start, end, write);
+        }
+        let (ps, pe, move_end) = self.prefetch_window(start, end, decision.prefetch);
+        if decision.placement == Placement::Migrate && move_end > ps {
+            let r = VaRange {
+                start: Vpn(ps).addr(),
+                end: Vpn(move_end).addr(),
+            };
+            let _ = self.migrate_range(r);
+        }
+        self.fault_chunks(&n, start, end, write)?;
+        if ps < start.0 {
+            let _ = self.fault_chunks(&n, Vpn(ps), start, write);
+        }
+        if pe > end.0 {
+            let _ = self.fault_chunks(&n, end, Vpn(pe), write);
+        }
+        Ok(())
+    }
+
+    /// The prefetch window of a fault on `[start, end)`: `(ps, pe, move_end)`, pages. `ps..start`
+    /// and `end..pe` are the pages around the request to bring in too (empty for
+    /// [`Prefetch::Request`]); `ps..move_end` is what a migrating policy moves: the window, and
+    /// the request as far as it lies in the mapping of `start` (a range given by a caller is
+    /// bounded by what exists before it is walked).
+    fn prefetch_window(&self, start: Vpn, end: Vpn, p: Prefetch) -> (usize, usize, usize) {
+        let Some(vma) = self.inner.space.vma_range(start.addr()) else {
+            return (start.0, end.0, start.0);
+        };
+        let (vs, ve) = (vma.start.page().0, vma.end.page().0);
+        let b = p.block_pages();
+        let ps = (start.0 / b * b).max(vs);
+        let pe = end
+            .0
+            .checked_next_multiple_of(b)
+            .unwrap_or(end.0)
+            .min(ve)
+            .max(end.0);
+        let move_end = pe.min(ve.max(start.0));
+        (ps, pe, move_end)
+    }
+
+    /// `range_fault` over `[start, end)` in chunks of [`FAULT_CHUNK_PAGES`], mapping each.
+    fn fault_chunks(
+        &self,
+        n: &Arc<IntervalNotifier>,
+        start: Vpn,
+        end: Vpn,
+        write: bool,
+    ) -> Result<()> {
         let mut s = start.0;
         while s < end.0 {
             let e = (s + FAULT_CHUNK_PAGES).min(end.0);
             self.range_fault_map(
-                &n,
+                n,
                 Vpn(s),
                 Vpn(e),
                 HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 },
@@ -927,7 +1006,7 @@ impl DeviceMirror {
                     }
                 }
                 let w = mig.src[i];
-                if let Ok(f) = self.inner.dev.alloc(false) {
+                if let Some(f) = self.alloc_or_evict(&mut mig, &pm, i) {
                     if self.inner.dev.copy_fails() || mig.copy_to_frame(i, &pm, f).is_err() {
                         pm.free(f, false);
                         i += 1;
@@ -997,6 +1076,37 @@ impl DeviceMirror {
             a = next;
         }
         Ok(())
+    }
+
+    /// A base frame for slot `i` of `mig`. When the device cannot give one (full, or an
+    /// injected failure), the space's policy decides ([`crate::policy::Policy::device_full`]):
+    /// decline the page (`None`), or evict one page of this space from the device (the clock
+    /// hand's next victim) and try once more.
+    fn alloc_or_evict(
+        &self,
+        mig: &mut migrate::MigrateVma<'_>,
+        pm: &Pagemap,
+        i: usize,
+    ) -> Option<FrameIdx> {
+        if let Ok(f) = self.inner.dev.alloc(false) {
+            return Some(f);
+        }
+        let q = DeviceFull {
+            owner: pm.owner(),
+            kind: pm.kind(),
+            addr: mig.addr(i),
+            capacity_pages: pm.nframes(),
+            used_pages: pm.used() / PAGE_SIZE,
+        };
+        match mig.policy().device_full(&q) {
+            DeviceFullAction::EvictAndRetry => {
+                let hand = &self.inner.dev.evict_hand;
+                let (next, _) = mig.evict_one(pm, hand.load(Ordering::Relaxed))?;
+                hand.store(next, Ordering::Relaxed);
+                self.inner.dev.alloc(false).ok()
+            }
+            _ => None,
+        }
     }
 
     /// MIGRATE_TO_SYS: moves this device's pages of the range back to system memory; `cpages`

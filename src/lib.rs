@@ -5,7 +5,9 @@
 //! with the Linux HMM design: mirroring with interval notifiers ([`mirror`]), three-phase
 //! migration ([`migrate`]), device-private memory whose CPU accesses fault the page back, and
 //! device-exclusive access for device atomics. CPU faults are real page faults, served through
-//! userfaultfd ([`mm`]).
+//! userfaultfd ([`mm`]). Where the mechanisms leave a choice (migrate or map remotely, how much to
+//! prefetch, what to do when device memory is full), a [`policy::Policy`] decides, and an event
+//! trace ([`policy::trace`]) records what happened.
 //!
 //! `unsafe` lives in [`sys`] only; locks come through [`sync`]. See `docs/architecture.md`.
 
@@ -27,6 +29,7 @@ pub mod link;
 pub mod migrate;
 pub mod mirror;
 pub mod mm;
+pub mod policy;
 pub mod pool;
 pub mod space;
 pub mod sync;

@@ -35,6 +35,7 @@ use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr};
 use crate::error::{Error, Result};
 use crate::mirror::{NotifyEvent, PageTarget};
 use crate::mm::FaultMode;
+use crate::policy::trace::{Direction, EventKind, TraceEvent};
 use crate::pool::{MemoryKind, Owner, Pagemap};
 use crate::space::{PageState, Pte, Space, SpaceCore, SpaceState};
 use crate::sync::{Arc, Guard, Ordering};
@@ -305,6 +306,51 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     })
 }
 
+/// A run of migrated slots being gathered into one trace event.
+#[derive(Default)]
+struct TraceRun {
+    /// Direction and device of the run; `None` when no run is open.
+    key: Option<(Direction, Owner)>,
+    start: Option<VirtAddr>,
+    /// Slot one past the run's end, and its length in pages.
+    end_slot: usize,
+    pages: usize,
+}
+
+impl TraceRun {
+    /// Adds slot `i` (`span` pages at `a`) moving `key`, flushing the open run if this one does
+    /// not continue it.
+    fn add(
+        &mut self,
+        st: &SpaceState,
+        space: u16,
+        key: (Direction, Owner),
+        a: VirtAddr,
+        i: usize,
+        span: usize,
+    ) {
+        if st.trace.is_none() {
+            return;
+        }
+        if self.key != Some(key) || self.end_slot != i {
+            self.flush(st, space);
+            self.key = Some(key);
+            self.start = Some(a);
+        }
+        self.end_slot = i + span;
+        self.pages += span;
+    }
+
+    fn flush(&mut self, st: &SpaceState, space: u16) {
+        if let (Some((dir, owner)), Some(start)) = (self.key.take(), self.start.take()) {
+            let pages = std::mem::take(&mut self.pages);
+            st.trace_with(|| {
+                TraceEvent::moved(EventKind::Migrate, dir, space, start, pages, owner)
+            });
+        }
+    }
+}
+
 /// Maximal runs of `true` in `v`, as index ranges.
 fn runs(v: &[bool]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
@@ -445,6 +491,40 @@ impl MigrateVma<'_> {
         }
     }
 
+    /// The address space's placement policy (read under the lock this migration holds).
+    pub(crate) fn policy(&self) -> std::sync::Arc<dyn crate::policy::Policy> {
+        self.st().policy.clone()
+    }
+
+    /// Device memory is full: evicts one page (or 2 MiB unit) of this address space from `pm`
+    /// back to system memory, under the lock this migration holds — the first frame from frame
+    /// `from` on (round robin) that backs a page of this space outside this migration's range.
+    /// Returns the frame after the victim (the device's next clock hand) and the pages moved,
+    /// or `None` if no frame qualifies. Pages of other spaces are never touched: their locks
+    /// are not ours to take here (two migrations doing so could deadlock).
+    pub(crate) fn evict_one(&mut self, pm: &Pagemap, from: usize) -> Option<(usize, usize)> {
+        let n = pm.nframes();
+        let (lo, hi) = (self.start.page().0, self.end.page().0);
+        let core = self.core;
+        let st = self.st.as_mut().expect("state held until finalize");
+        for k in 0..n {
+            let f = (from + k) % n;
+            let frame = FrameIdx(f as u32);
+            let Some(crate::pool::FrameOwner::Anon { space: sid, vpn }) = pm.rmap(frame) else {
+                continue;
+            };
+            if sid != core.id || (lo..hi).contains(&vpn) {
+                continue;
+            }
+            if let Ok(moved) = core.evict_frame_locked(st, pm, frame, vpn)
+                && moved > 0
+            {
+                return Some(((f + 1) % n, moved));
+            }
+        }
+        None
+    }
+
     /// Registers `pm` with the address space so that its frames can be named by page entries
     /// (drivers call this before setting device destinations).
     pub fn use_pagemap(&mut self, pm: &Arc<Pagemap>) {
@@ -544,7 +624,9 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
-        // Pass 2.
+        // Pass 2. Pages moved are traced in runs: consecutive slots moving the same way to or
+        // from the same device make one event.
+        let mut run = TraceRun::default();
         let mut i = 0;
         while i < n {
             let w = self.src[i];
@@ -556,6 +638,20 @@ impl MigrateVma<'_> {
                 i += span;
                 continue;
             }
+            // Which way this slot would move, and which device's memory it leaves or enters
+            // (recorded below once it has moved; looked up only when tracing).
+            let moving = match (st.trace.is_some(), migrate_pfn_target(self.dst[i])) {
+                (false, _) => (Direction::None, Owner(0)),
+                (true, Some(PageTarget::Device { pagemap, .. })) => {
+                    (Direction::ToDevice, st.pagemap(pagemap).owner())
+                }
+                (true, _) => match migrate_pfn_target(w) {
+                    Some(PageTarget::Device { pagemap, .. }) => {
+                        (Direction::ToSystem, st.pagemap(pagemap).owner())
+                    }
+                    _ => (Direction::None, Owner(0)),
+                },
+            };
             let dst =
                 migrate_pfn_target(self.dst[i]).expect("pages() kept only valid destinations");
             let src = migrate_pfn_target(w);
@@ -667,8 +763,12 @@ impl MigrateVma<'_> {
                 }
                 PageTarget::Stash(_) => unreachable!("pages() rejects stash destinations"),
             }
+            if !declined[i] {
+                run.add(&st, core.id, moving, a, i, span);
+            }
             i += span;
         }
+        run.flush(&st, core.id);
         // Pass 3.
         let mut unprotect = vec![false; n];
         let mut i = 0;

@@ -18,6 +18,14 @@
 //! order 9 as one; split by any partial operation), and short- and long-term pin counts (a
 //! pinned page is `Present` and is never migrated).
 //!
+//! # Policy and trace
+//!
+//! A CPU fault on a device-private page asks the space's policy ([`crate::policy`],
+//! [`Space::set_policy`]) whether the whole 2 MiB unit comes back or only the faulting page; the
+//! fault service, the moves back to system memory and evictions record events into the space's
+//! tracer ([`Space::set_trace`]). Both live in the state below (lock 1), read under the lock the
+//! fault path already holds.
+//!
 //! # Locks, and their order
 //!
 //! 1. `SpaceCore::state` (this module): the mappings, every page entry, the notifier list and
@@ -61,6 +69,8 @@ use crate::cache::{FileCache, FileHandle, Fill, MapRec, StoreFault};
 use crate::error::{Error, Result};
 use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
+use crate::policy::trace::{Direction, EventKind, FaultState, TraceEvent, Tracer};
+use crate::policy::{CpuFault, CpuFaultAction, DefaultPolicy, Policy};
 use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
 use crate::sync::{Arc, AtomicU64, Guard, Mutex, Ordering, Weak, lock};
 use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
@@ -296,6 +306,11 @@ pub(crate) struct SpaceState {
     /// Parts of the reservation that a direct mremap left unmapped and the program mapped
     /// something into before hetmem could reserve them again: never used for a mapping.
     lost: Vec<VaRange>,
+    /// The placement policy ([`Space::set_policy`]): read under this lock by the CPU fault
+    /// service and migrations, cloned out by device fault paths.
+    pub(crate) policy: std::sync::Arc<dyn Policy>,
+    /// Where events go ([`Space::set_trace`]); `None`: one check per event.
+    pub(crate) trace: Option<Tracer>,
 }
 
 impl SpaceState {
@@ -359,6 +374,14 @@ impl SpaceState {
             file,
         };
         self.vmas.insert(r.start.get(), v);
+    }
+
+    /// Records the event `ev()` makes, if a tracer is set (`ev` is not called otherwise).
+    #[inline]
+    pub(crate) fn trace_with(&self, ev: impl FnOnce() -> TraceEvent) {
+        if let Some(t) = &self.trace {
+            t.record(ev());
+        }
     }
 
     /// Checks that `r` is covered by mappings with no hole; returns the first unmapped address.
@@ -557,6 +580,8 @@ impl Space {
                 pagemaps,
                 next_vma_id: 1,
                 lost: Vec::new(),
+                policy: std::sync::Arc::new(DefaultPolicy),
+                trace: None,
             }),
             inv_seq: AtomicU64::new(0),
             counters: Counters::default(),
@@ -950,6 +975,12 @@ impl Space {
         Ok(())
     }
 
+    /// The range of the mapping containing `a`.
+    pub(crate) fn vma_range(&self, a: VirtAddr) -> Option<VaRange> {
+        let st = lock(&self.core.state);
+        st.vma(a).map(|v| v.range)
+    }
+
     /// The end of the mapping containing `a` and whether it is readable.
     pub(crate) fn vma_info(&self, a: VirtAddr) -> Option<(VirtAddr, bool)> {
         let st = lock(&self.core.state);
@@ -996,6 +1027,29 @@ impl Space {
                 PageState::Exclusive => Residency::Exclusive(st.pagemap(p.pagemap()).owner()),
             },
         }
+    }
+
+    /// Sets the placement policy of this space (see [`crate::policy`]): consulted by the CPU
+    /// fault service and by every device bound to the space, from the next decision on. A new
+    /// space has [`DefaultPolicy`].
+    pub fn set_policy(&self, policy: std::sync::Arc<dyn Policy>) {
+        lock(&self.core.state).policy = policy;
+    }
+
+    /// The placement policy of this space.
+    pub fn policy(&self) -> std::sync::Arc<dyn Policy> {
+        self.core.policy()
+    }
+
+    /// Records this space's events (CPU faults, migrations, evictions: see
+    /// [`crate::policy::trace`]) into `trace` from now on; `None` stops.
+    pub fn set_trace(&self, trace: Option<Tracer>) {
+        lock(&self.core.state).trace = trace;
+    }
+
+    /// The id of this address space (`space` in trace events).
+    pub fn id(&self) -> u16 {
+        self.core.id
     }
 
     /// The counters.
@@ -1565,6 +1619,21 @@ impl SpaceCore {
         let mut st = lock(&self.state);
         let Some(pte) = st.pte(a) else { return false };
         self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        st.trace_with(|| {
+            let (state, owner) = if st.file_page(a).is_some() {
+                (FaultState::File, Owner(0))
+            } else {
+                match pte.state() {
+                    PageState::None => (FaultState::Missing, Owner(0)),
+                    PageState::Present => (FaultState::Present, Owner(0)),
+                    PageState::Device => (FaultState::Device, st.pagemap(pte.pagemap()).owner()),
+                    PageState::Exclusive => {
+                        (FaultState::Exclusive, st.pagemap(pte.pagemap()).owner())
+                    }
+                }
+            };
+            TraceEvent::cpu_fault(self.id, a, write, state, owner)
+        });
         if let Some(v) = st
             .vma(a)
             .filter(|v| v.file.as_ref().is_some_and(|f| f.sync))
@@ -1632,9 +1701,28 @@ impl SpaceCore {
                 }
                 true
             }
-            PageState::Device | PageState::Exclusive => {
+            PageState::Device => {
+                // The policy decides how much comes back (no allocation: plain data in and out).
+                let pm = st.pagemap(pte.pagemap());
+                let q = CpuFault {
+                    addr: a,
+                    write,
+                    owner: pm.owner(),
+                    kind: pm.kind(),
+                    large: pte.large(),
+                };
+                let action = st.policy.cpu_fault(&q);
+                if action == CpuFaultAction::MigrateBackPage && pte.large() {
+                    // Only this page comes back: the unit (and its device frame) becomes base
+                    // pages first.
+                    self.split_unit(&mut st, a);
+                }
                 self.make_present(&mut st, a).is_ok()
-                    || unserved("the page could not be brought back to system memory")
+                    || unserved("the page could not be brought back from device memory")
+            }
+            PageState::Exclusive => {
+                self.make_present(&mut st, a).is_ok()
+                    || unserved("device-exclusive access could not be revoked")
             }
         };
         if let Some(v) = st.vma(a) {
@@ -1798,16 +1886,7 @@ impl SpaceCore {
                     .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            PageState::Device => {
-                let r = unit_range(a, pte.large());
-                self.invalidate(st, r, NotifyEvent::Migrate, None);
-                let head = st.pte(r.start).expect("unit inside the mapping");
-                self.restore_from_frame(st, r, head.frame(), head.pagemap(), pte.large())?;
-                self.counters
-                    .pages_to_system
-                    .fetch_add(r.pages() as u64, Ordering::Relaxed);
-                Ok(())
-            }
+            PageState::Device => self.device_to_system(st, a, pte, EventKind::Migrate),
             PageState::Exclusive => {
                 let r = VaRange {
                     start: a,
@@ -1821,6 +1900,37 @@ impl SpaceCore {
                 Ok(())
             }
         }
+    }
+
+    /// Brings the device-private page `a` (entry `pte`; its whole 2 MiB unit if it is one) back
+    /// to system memory (`migrate_to_ram`), recording it in the trace as `kind` (a migration, or
+    /// an eviction).
+    fn device_to_system(
+        &self,
+        st: &mut SpaceState,
+        a: VirtAddr,
+        pte: Pte,
+        kind: EventKind,
+    ) -> Result<()> {
+        let r = unit_range(a, pte.large());
+        self.invalidate(st, r, NotifyEvent::Migrate, None);
+        let head = st.pte(r.start).expect("unit inside the mapping");
+        self.restore_from_frame(st, r, head.frame(), head.pagemap(), pte.large())?;
+        self.counters
+            .pages_to_system
+            .fetch_add(r.pages() as u64, Ordering::Relaxed);
+        st.trace_with(|| {
+            let owner = st.pagemap(head.pagemap()).owner();
+            TraceEvent::moved(
+                kind,
+                Direction::ToSystem,
+                self.id,
+                r.start,
+                r.pages(),
+                owner,
+            )
+        });
+        Ok(())
     }
 
     /// Copies frames back into the CPU view at `r` (missing there), marks the pages present and
@@ -1868,6 +1978,11 @@ impl SpaceCore {
     /// docs/architecture.md), so this is the kernel's `migrate_device_coherent_folio` without the
     /// copy.
     pub(crate) fn demote_coherent(&self, st: &mut SpaceState, a: VirtAddr) {
+        self.demote_coherent_as(st, a, EventKind::Migrate)
+    }
+
+    /// [`Self::demote_coherent`], recorded in the trace as `kind`.
+    fn demote_coherent_as(&self, st: &mut SpaceState, a: VirtAddr, kind: EventKind) {
         let Some(pte) = st.pte(a) else { return };
         if !pte.is_coherent() {
             return;
@@ -1888,6 +2003,8 @@ impl SpaceCore {
         self.counters
             .pages_to_system
             .fetch_add(n as u64, Ordering::Relaxed);
+        let owner = pm.owner();
+        st.trace_with(|| TraceEvent::moved(kind, Direction::ToSystem, self.id, start, n, owner));
     }
 
     /// Device eviction of one frame (`migrate_device_range` for one page): if page `vpn` of this
@@ -1895,6 +2012,18 @@ impl SpaceCore {
     /// Returns the number of pages moved (a whole 2 MiB unit moves as one).
     pub(crate) fn evict_frame(&self, pm: &Pagemap, frame: FrameIdx, vpn: usize) -> Result<usize> {
         let mut st = lock(&self.state);
+        self.evict_frame_locked(&mut st, pm, frame, vpn)
+    }
+
+    /// [`Self::evict_frame`] under the state lock the caller holds (a migration that makes
+    /// room in a full device).
+    pub(crate) fn evict_frame_locked(
+        &self,
+        st: &mut SpaceState,
+        pm: &Pagemap,
+        frame: FrameIdx,
+        vpn: usize,
+    ) -> Result<usize> {
         let a = Vpn(vpn).addr();
         let Some(pte) = st.pte(a) else { return Ok(0) };
         let n = if pte.large() { PAGES_PER_LARGE } else { 1 };
@@ -1904,10 +2033,11 @@ impl SpaceCore {
             return Ok(0);
         }
         if pte.is_coherent() {
-            self.demote_coherent(&mut st, a);
+            self.demote_coherent_as(st, a, EventKind::Evict);
             return Ok(n);
         }
-        self.make_present(&mut st, a).map(|()| n)
+        self.device_to_system(st, a, pte, EventKind::Evict)
+            .map(|()| n)
     }
 
     /// Grants device-exclusive access to page `a` for the device of pagemap `pm`
@@ -1976,6 +2106,12 @@ impl SpaceCore {
         st.set_pte(a, Pte::exclusive(pm.id(), frame));
         map(a, frame);
         Ok(())
+    }
+
+    /// The placement policy (cloned out under the state lock, for callers that decide with no
+    /// lock held: the device fault path).
+    pub(crate) fn policy(&self) -> std::sync::Arc<dyn Policy> {
+        lock(&self.state).policy.clone()
     }
 
     /// Locks the state (for the mirror and migrate modules).

@@ -1,0 +1,278 @@
+//! Placement policies: the decisions the mechanisms leave open, behind one trait, and the event
+//! trace that lets policies be compared on the same workload (DESIGN.md §6).
+//!
+//! The mechanisms (the CPU fault service in [`crate::space`], the device's fault path and
+//! migration commands in [`crate::device`]) do what a policy says at three decision points. A
+//! [`Policy`] answers each with a plain-data value; its default methods are what hetmem did
+//! before policies existed, so [`DefaultPolicy`] (a policy that overrides nothing) changes
+//! nothing.
+//!
+//! | decision point | asked by | question ([`Policy`] method) | choices | default |
+//! |---|---|---|---|---|
+//! | a CPU access faults on a page in device-private memory | the CPU fault service (`SpaceCore::handle_fault`), in the faulting thread's SIGBUS handler or the handler thread, under the space's lock | [`Policy::cpu_fault`] | [`CpuFaultAction::MigrateBack`] (the page, or its whole 2 MiB unit), [`CpuFaultAction::MigrateBackPage`] (split the unit, bring back only the faulting page) | migrate back the whole unit |
+//! | a device accesses a page it has no entry for | [`crate::DeviceMirror`]'s fault path (`DeviceMirror::fault`, the `range_fault` loop of dmirror), with no lock held | [`Policy::device_fault`] | [`Placement::MapRemote`] (map the pages where they are: system memory over the link) or [`Placement::Migrate`] (migrate them to the device first), and a [`Prefetch`] window around the request | map remotely the pages asked for |
+//! | a device frame allocation fails during a migration to the device (memory full, or an injected failure) | [`crate::DeviceMirror`]'s migration (`migrate_range`), under the space's lock held by the migration | [`Policy::device_full`] | [`DeviceFullAction::Decline`] the page (it stays where it is) or [`DeviceFullAction::EvictAndRetry`] (evict one page of this space from the device, retry once) | decline |
+//!
+//! Device-coherent memory has no CPU decision point: a coherent-resident page is mapped by the
+//! CPU in place and never faults (docs/architecture.md), which is the coherent-aware choice
+//! ("never migrate back what the CPU can read in place"); hetmem cannot see those accesses.
+//!
+//! # Where the policy is set
+//!
+//! Per address space: [`crate::Space::set_policy`]. Every device bound to the space
+//! ([`crate::SoftDevice::mirror`]) consults the space's policy and says who it is in the
+//! question ([`DeviceFault::owner`], [`DeviceFull::owner`]), so one policy can treat devices
+//! differently. Per space, not per device, because the questions are about the space's pages
+//! (the kernel's and UVM's policies hang off the address space too: `va_space`, VMA hints), and
+//! because the CPU fault path only knows the space. The policy lives in the space's state
+//! (lock 1): the CPU fault path and migrations read it under the lock they already hold; the
+//! device fault path takes the lock once to clone it.
+//!
+//! # Rules for implementations
+//!
+//! [`Policy::cpu_fault`] runs in a signal handler with the space's lock held: it must not
+//! allocate, block, take locks, panic or touch managed memory. The other two run in device
+//! threads (no signal context), but [`Policy::device_full`] is called with the space's lock held
+//! and must not call back into hetmem. Answers are plain data; a policy that keeps state (access
+//! counters, thrashing detection) keeps it in atomics or preallocated tables.
+//!
+//! # The event trace
+//!
+//! See [`trace`]: what happened (CPU faults served, migrations each way, evictions, file
+//! writeback), with time, page, direction, bytes and device, into a sink ([`trace::TraceSink`])
+//! that costs one `Option` check when off; [`trace::RingSink`] is a lock-free, preallocated
+//! ring that is safe to record into from the SIGBUS handler, and [`trace::TraceEvent::to_line`]
+//! the line format for replay and an offline oracle.
+
+pub mod trace;
+
+use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::pool::{MemoryKind, Owner};
+
+/// What the CPU fault service knows when a CPU access faults on a page in device-private memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuFault {
+    /// The faulting page.
+    pub addr: VirtAddr,
+    /// A store (else a load).
+    pub write: bool,
+    /// The device holding the page.
+    pub owner: Owner,
+    /// Its memory type ([`MemoryKind::Private`]: coherent pages never fault).
+    pub kind: MemoryKind,
+    /// The page is part of a 2 MiB unit that lives in one large device frame.
+    pub large: bool,
+}
+
+/// What to do with a device-private page the CPU faulted on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CpuFaultAction {
+    /// Migrate it back to system memory (`migrate_to_ram`): the page, or its whole 2 MiB unit
+    /// when it is part of one. The default.
+    MigrateBack,
+    /// Migrate back only the faulting 4 KiB page: a 2 MiB unit is split first (its device frame
+    /// too), and its other pages stay in device memory. For sparse CPU accesses to data the
+    /// device works on.
+    MigrateBackPage,
+}
+
+/// What a device's fault path knows when the device accesses pages it has no entry for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceFault {
+    /// The faulting device.
+    pub owner: Owner,
+    /// Its memory type.
+    pub kind: MemoryKind,
+    /// The first page without an entry.
+    pub start: VirtAddr,
+    /// One past the last page the access still needs (the rest of the device command's range:
+    /// the chunk it asked for).
+    pub end: VirtAddr,
+    /// The device writes (else reads).
+    pub write: bool,
+}
+
+/// Where a device fault puts the pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Placement {
+    /// Map the pages where they are (`range_fault` with a fault request): system pages are
+    /// accessed over the link, missing ones are filled in system memory. The default.
+    MapRemote,
+    /// Migrate the pages to the device first (on-demand migration, as NVIDIA UVM does), then
+    /// map them; a page that cannot move (pinned, a file page, device full and the policy
+    /// declines) is mapped where it is.
+    Migrate,
+}
+
+/// How much a device fault brings in around what the device asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Prefetch {
+    /// Exactly the pages asked for. The default.
+    Request,
+    /// The asked pages widened to whole aligned blocks of `bytes` (rounded up to a power of two,
+    /// at least a page, at most 1 GiB), clamped to the mapping of the first page. The pages
+    /// around the request are brought in best-effort: one that cannot be faulted (past the end
+    /// of a file, say) is left alone and fails nothing.
+    Aligned {
+        /// The block size in bytes.
+        bytes: usize,
+    },
+}
+
+impl Prefetch {
+    /// Prefetch whole 2 MiB units.
+    pub const UNIT: Prefetch = Prefetch::Aligned {
+        bytes: crate::sys::LARGE_PAGE_SIZE,
+    };
+
+    /// The block size in pages (1 for [`Prefetch::Request`]).
+    pub(crate) fn block_pages(self) -> usize {
+        match self {
+            Prefetch::Request => 1,
+            Prefetch::Aligned { bytes } => {
+                bytes
+                    .checked_next_power_of_two()
+                    .unwrap_or(1 << 30)
+                    .clamp(PAGE_SIZE, 1 << 30)
+                    / PAGE_SIZE
+            }
+        }
+    }
+}
+
+/// The answer to a device fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceFaultDecision {
+    /// Where the pages go.
+    pub placement: Placement,
+    /// How much around the request.
+    pub prefetch: Prefetch,
+}
+
+impl DeviceFaultDecision {
+    /// Today's behaviour: map remotely exactly the pages asked for.
+    pub const DEFAULT: DeviceFaultDecision = DeviceFaultDecision {
+        placement: Placement::MapRemote,
+        prefetch: Prefetch::Request,
+    };
+}
+
+/// What a migration to a device knows when the device cannot allocate a frame for a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceFull {
+    /// The device.
+    pub owner: Owner,
+    /// Its memory type.
+    pub kind: MemoryKind,
+    /// The page that needs a frame (a 2 MiB unit that found no large frame was split first: the
+    /// question is asked per 4 KiB page).
+    pub addr: VirtAddr,
+    /// The device's capacity, in pages.
+    pub capacity_pages: usize,
+    /// Pages of device memory in use.
+    pub used_pages: usize,
+}
+
+/// What to do when a device is out of memory during a migration to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeviceFullAction {
+    /// Decline the page: it stays where it is, and the migration goes on with the next page
+    /// (which will ask again). The default.
+    Decline,
+    /// Evict one page (or 2 MiB unit) of this address space from the device back to system
+    /// memory — the next frame after the device's eviction clock hand (round robin over its
+    /// frames) that holds a page of this space outside the range being migrated — and retry
+    /// the allocation once. If there is nothing to evict, or the retry fails, the page is
+    /// declined. Pages of other address spaces are never evicted here (the migration holds this
+    /// space's lock only; taking another space's would risk a deadlock between two migrations).
+    EvictAndRetry,
+}
+
+/// A placement policy (see the module doc for where each method is consulted).
+///
+/// Every method has a default: today's behaviour. Implement only the decisions that differ.
+pub trait Policy: Send + Sync + std::fmt::Debug {
+    /// A CPU access faulted on a page in device-private memory. Runs in a signal handler under
+    /// the space's lock: no allocation, no blocking, no locks.
+    fn cpu_fault(&self, fault: &CpuFault) -> CpuFaultAction {
+        let _ = fault;
+        CpuFaultAction::MigrateBack
+    }
+
+    /// A device accessed pages it has no entry for.
+    fn device_fault(&self, fault: &DeviceFault) -> DeviceFaultDecision {
+        let _ = fault;
+        DeviceFaultDecision::DEFAULT
+    }
+
+    /// A migration to a device found its memory full. Called under the space's lock: must not
+    /// call into hetmem.
+    fn device_full(&self, full: &DeviceFull) -> DeviceFullAction {
+        let _ = full;
+        DeviceFullAction::Decline
+    }
+}
+
+/// Today's behaviour at every decision point: CPU faults migrate back the whole page or unit,
+/// device faults map remotely exactly what was asked for, a full device declines the page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultPolicy;
+
+impl Policy for DefaultPolicy {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_blocks_are_bounded_powers_of_two() {
+        assert_eq!(Prefetch::Request.block_pages(), 1);
+        assert_eq!(Prefetch::UNIT.block_pages(), 512);
+        assert_eq!(Prefetch::Aligned { bytes: 0 }.block_pages(), 1);
+        assert_eq!(Prefetch::Aligned { bytes: 5000 }.block_pages(), 2);
+        assert_eq!(
+            Prefetch::Aligned { bytes: usize::MAX }.block_pages(),
+            (1 << 30) / PAGE_SIZE
+        );
+    }
+
+    #[test]
+    fn the_default_policy_is_todays_behaviour() {
+        let p = DefaultPolicy;
+        let a = VirtAddr(1 << 30);
+        assert_eq!(
+            p.cpu_fault(&CpuFault {
+                addr: a,
+                write: true,
+                owner: Owner(1),
+                kind: MemoryKind::Private,
+                large: true,
+            }),
+            CpuFaultAction::MigrateBack
+        );
+        assert_eq!(
+            p.device_fault(&DeviceFault {
+                owner: Owner(1),
+                kind: MemoryKind::Private,
+                start: a,
+                end: a.add(PAGE_SIZE),
+                write: false,
+            }),
+            DeviceFaultDecision::DEFAULT
+        );
+        assert_eq!(
+            p.device_full(&DeviceFull {
+                owner: Owner(1),
+                kind: MemoryKind::Private,
+                addr: a,
+                capacity_pages: 512,
+                used_pages: 512,
+            }),
+            DeviceFullAction::Decline
+        );
+    }
+}
