@@ -245,15 +245,31 @@ impl SoftDevice {
 
     /// A device whose accesses and transfers are charged to a link model of `profile`.
     pub fn with_link(cfg: DeviceConfig, profile: LinkProfile) -> Result<SoftDevice> {
+        Self::with_store(cfg, profile, &|len| {
+            Ok(Box::new(crate::pool::HostFrames::new(len)?) as Box<dyn crate::pool::FrameStore>)
+        })
+    }
+
+    /// A device whose memory is the [`crate::pool::FrameStore`] that `make` returns for the
+    /// pool's length in bytes: the seam where a device whose memory the CPU cannot address (an
+    /// accelerator behind a driver) plugs in. hetmem then copies in and out through the store
+    /// (and the address space's bounce buffer) instead of installing pages straight from device
+    /// memory.
+    pub fn with_store(
+        cfg: DeviceConfig,
+        profile: LinkProfile,
+        make: &dyn Fn(usize) -> std::io::Result<Box<dyn crate::pool::FrameStore>>,
+    ) -> Result<SoftDevice> {
         if cfg.kind == MemoryKind::System {
             return Err(Error::Invalid("a device's memory is private or coherent"));
         }
         let id = alloc_pagemap_id()?;
-        let pagemap = match Pagemap::new(
+        let pagemap = match Pagemap::with_store(
             id,
             cfg.kind,
             Owner(0x6865_746d_0000 | id.0 as u64),
             cfg.capacity,
+            make,
         ) {
             Ok(pm) => Arc::new(pm.with_link(Arc::new(LinkModel::new(profile)))),
             Err(e) => {
@@ -269,6 +285,15 @@ impl SoftDevice {
                 fail_copies: crate::sync::AtomicU64::new(0),
                 evict_hand: AtomicUsize::new(0),
             }),
+        })
+    }
+
+    /// A device-coherent device of `capacity` bytes (the CPU keeps mapping pages that live in
+    /// its memory).
+    pub fn coherent(capacity: usize) -> Result<SoftDevice> {
+        Self::new(DeviceConfig {
+            kind: MemoryKind::Coherent,
+            capacity,
         })
     }
 
@@ -606,7 +631,7 @@ impl DeviceMirror {
                     self.inner.space.core.mm.read(Vpn(vpn).addr(), dst);
                     return Ok(());
                 }
-                pm.region()
+                pm.store()
                     .read(frame.offset(), dst)
                     .map_err(|e| Error::os("device read", e))
             }
@@ -615,7 +640,7 @@ impl DeviceMirror {
                 .space
                 .core
                 .stash
-                .region()
+                .store()
                 .read(frame.offset(), dst)
                 .map_err(|e| Error::os("device read", e)),
         }
@@ -632,7 +657,7 @@ impl DeviceMirror {
                 if pm.kind() == MemoryKind::Coherent {
                     self.inner.space.core.mm.write(Vpn(vpn).addr(), src);
                 } else {
-                    pm.region()
+                    pm.store()
                         .write(frame.offset(), src)
                         .map_err(|e| Error::os("device write", e))?;
                 }
@@ -644,7 +669,7 @@ impl DeviceMirror {
                 .space
                 .core
                 .stash
-                .region()
+                .store()
                 .write(frame.offset(), src)
                 .map_err(|e| Error::os("device write", e)),
         }
@@ -1290,7 +1315,7 @@ impl DeviceMirror {
                 .space
                 .core
                 .stash
-                .region()
+                .store()
                 .fetch_add_u64(f.offset() + addr.get() % PAGE_SIZE, v)
                 .map_err(|e| Error::os("device atomic", e)),
             _ => Err(Error::NotPresent { addr }),

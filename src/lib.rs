@@ -42,6 +42,6 @@ pub use addr::{PAGE_SIZE, VaRange, VirtAddr, Vpn};
 pub use device::{Cmd, CmdOut, DeviceConfig, DeviceMirror, DmirrorCmd, SoftDevice};
 pub use error::{Error, Result};
 pub use mm::FaultMode;
-pub use pool::{FrameOwner, MemoryKind, Owner};
+pub use pool::{FrameOwner, FrameStore, HostFrames, MemoryKind, Owner};
 pub use space::{FileMapOptions, MapOptions, Pin, Residency, Space, SpaceConfig, SpaceStats};
 pub use sys::Prot;

@@ -432,26 +432,24 @@ impl MigrateVma<'_> {
         }
         match migrate_pfn_target(w) {
             None => pm
-                .region()
+                .store()
                 .zero(frame.offset(), len)
                 .map_err(|e| Error::os("clear frame", e)),
-            Some(PageTarget::System(v)) => {
-                self.core
-                    .mm
-                    .copy_to(v.addr(), pm.region(), frame.offset(), len);
-                Ok(())
-            }
+            Some(PageTarget::System(v)) => self
+                .core
+                .copy_into_frames(v.addr(), pm, frame.offset(), len)
+                .map_err(|e| Error::os("device copy", e)),
             Some(PageTarget::Device { pagemap, frame: sf }) => {
                 let spm = self.st().pagemap(pagemap);
                 if spm.kind() == MemoryKind::Coherent {
                     // A coherent page's bytes are in the CPU page (write-protected by setup).
-                    self.core
-                        .mm
-                        .copy_to(self.addr(i), pm.region(), frame.offset(), len);
-                    return Ok(());
+                    return self
+                        .core
+                        .copy_into_frames(self.addr(i), pm, frame.offset(), len)
+                        .map_err(|e| Error::os("device copy", e));
                 }
-                spm.region()
-                    .copy_to(sf.offset(), pm.region(), frame.offset(), len)
+                self.core
+                    .copy_between_frames(&spm, sf.offset(), pm, frame.offset(), len)
                     .map_err(|e| Error::os("device copy", e))
             }
             Some(PageTarget::Stash(_)) => Err(Error::Invalid("stash pages do not migrate")),
@@ -678,8 +676,7 @@ impl MigrateVma<'_> {
                             (Some(PageTarget::Device { frame: sf, .. }), Some(spm))
                                 if !src_coherent =>
                             {
-                                core.mm
-                                    .install(a, spm.region(), sf.offset(), len, self.mode)
+                                core.install_from_frame(a, spm, sf.offset(), len, self.mode)
                             }
                             _ => Ok(()),
                         };

@@ -82,7 +82,7 @@ pub struct Pagemap {
     id: PagemapId,
     kind: MemoryKind,
     owner: Owner,
-    region: Region,
+    store: Box<dyn FrameStore>,
     nframes: usize,
     state: Mutex<PoolState>,
     rmap: Box<[std::sync::atomic::AtomicU64]>,
@@ -174,9 +174,97 @@ impl FrameOwner {
     }
 }
 
+/// Where a pagemap's frames keep their bytes: the device side of the copy engine. The core never
+/// forms a pointer into device memory; it copies in and out through this trait, addressing
+/// frames by byte offset (`FrameIdx::offset`). A device whose memory the CPU can address (the
+/// software device: its frames are hetmem's own anonymous memory) also offers a host view, from
+/// which a page is installed into the CPU's view with no staging copy; any other device (a real
+/// accelerator behind a driver) is copied out into the address space's bounce buffer first.
+///
+/// Implementations must not allocate in `copy_out` and `copy_in` (they run on the CPU fault
+/// path, in a SIGBUS handler) and must not touch managed addresses.
+pub trait FrameStore: Send + Sync + std::fmt::Debug {
+    /// Copies `len` bytes from host memory `src[src_off..]` into the frames at byte `off`.
+    fn copy_in(&self, off: usize, src: &Region, src_off: usize, len: usize) -> std::io::Result<()>;
+    /// Copies `len` bytes of the frames at byte `off` out into host memory `dst[dst_off..]`.
+    fn copy_out(&self, off: usize, dst: &Region, dst_off: usize, len: usize)
+    -> std::io::Result<()>;
+    /// Copies the frames' bytes at `off` into `dst` (a device read of the dmirror commands).
+    fn read(&self, off: usize, dst: &mut [u8]) -> std::io::Result<()>;
+    /// Copies `src` into the frames at `off` (a device write of the dmirror commands).
+    fn write(&self, off: usize, src: &[u8]) -> std::io::Result<()>;
+    /// Zeroes `len` bytes at `off`.
+    fn zero(&self, off: usize, len: usize) -> std::io::Result<()>;
+    /// Device atomic fetch-add on the `u64` at `off` (8-byte aligned).
+    fn fetch_add_u64(&self, off: usize, v: u64) -> std::io::Result<u64>;
+    /// The frames as host memory, when the CPU can address them.
+    fn host_view(&self) -> Option<&Region>;
+}
+
+/// Frames in hetmem's own anonymous memory: the software device's memory, and the system
+/// stash. Host-addressable.
+#[derive(Debug)]
+pub struct HostFrames(Region);
+
+impl HostFrames {
+    /// `len` bytes of fresh anonymous memory, 2 MiB aligned.
+    pub fn new(len: usize) -> std::io::Result<HostFrames> {
+        Ok(HostFrames(Region::new(
+            len,
+            LARGE_PAGE_SIZE,
+            Prot::ReadWrite,
+        )?))
+    }
+}
+
+impl FrameStore for HostFrames {
+    fn copy_in(&self, off: usize, src: &Region, src_off: usize, len: usize) -> std::io::Result<()> {
+        src.copy_to(src_off, &self.0, off, len)
+    }
+    fn copy_out(
+        &self,
+        off: usize,
+        dst: &Region,
+        dst_off: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        self.0.copy_to(off, dst, dst_off, len)
+    }
+    fn read(&self, off: usize, dst: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(off, dst)
+    }
+    fn write(&self, off: usize, src: &[u8]) -> std::io::Result<()> {
+        self.0.write(off, src)
+    }
+    fn zero(&self, off: usize, len: usize) -> std::io::Result<()> {
+        self.0.zero(off, len)
+    }
+    fn fetch_add_u64(&self, off: usize, v: u64) -> std::io::Result<u64> {
+        self.0.fetch_add_u64(off, v)
+    }
+    fn host_view(&self) -> Option<&Region> {
+        Some(&self.0)
+    }
+}
+
 impl Pagemap {
-    /// A pool of `capacity` bytes (rounded up to 2 MiB) of memory type `kind`.
+    /// A pool of `capacity` bytes (rounded up to 2 MiB) of memory type `kind`, its frames in
+    /// hetmem's own memory ([`HostFrames`]).
     pub fn new(id: PagemapId, kind: MemoryKind, owner: Owner, capacity: usize) -> Result<Pagemap> {
+        Self::with_store(id, kind, owner, capacity, &|len| {
+            Ok(Box::new(HostFrames::new(len)?) as Box<dyn FrameStore>)
+        })
+    }
+
+    /// A pool whose frames live in the store `make` returns for the pool's length in bytes
+    /// (`capacity` rounded up to 2 MiB): a device that is not host-addressable.
+    pub fn with_store(
+        id: PagemapId,
+        kind: MemoryKind,
+        owner: Owner,
+        capacity: usize,
+        make: &dyn Fn(usize) -> std::io::Result<Box<dyn FrameStore>>,
+    ) -> Result<Pagemap> {
         if capacity == 0 {
             return Err(Error::ZeroLength);
         }
@@ -189,8 +277,7 @@ impl Pagemap {
         }
         let blocks = capacity.div_ceil(LARGE_PAGE_SIZE);
         let len = blocks * LARGE_PAGE_SIZE;
-        let region = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite)
-            .map_err(|e| Error::os("mmap device pool", e))?;
+        let store = make(len).map_err(|e| Error::os("device memory", e))?;
         let nframes = blocks * PAGES_PER_LARGE;
         let no_mem = |_| Error::NoMemory {
             what: "the pool's frame metadata",
@@ -207,7 +294,7 @@ impl Pagemap {
             id,
             kind,
             owner,
-            region,
+            store,
             nframes,
             // Both free lists are allocated at their largest now: freeing a frame (which the CPU
             // fault path does, in a SIGBUS handler) never allocates.
@@ -273,9 +360,9 @@ impl Pagemap {
     pub fn owner(&self) -> Owner {
         self.owner
     }
-    /// The frames' backing region.
-    pub fn region(&self) -> &Region {
-        &self.region
+    /// Where the frames keep their bytes.
+    pub fn store(&self) -> &dyn FrameStore {
+        &*self.store
     }
     /// Capacity in bytes.
     pub fn capacity(&self) -> usize {

@@ -1431,8 +1431,7 @@ impl SpaceCore {
                             st.pagemap(pm)
                         };
                         pool.charge_migration(PAGE_SIZE);
-                        self.mm
-                            .install(dst, pool.region(), frame.offset(), PAGE_SIZE, v.mode)
+                        self.install_from_frame(dst, &pool, frame.offset(), PAGE_SIZE, v.mode)
                             .map_err(|e| Error::os("follow mremap", e.into()))
                     }
                 };
@@ -1455,6 +1454,74 @@ impl SpaceCore {
             st.lost.push(old);
         }
         self.counters.foreign_remaps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Installs `len` bytes of `pm`'s frames at byte `off` into the missing CPU pages at `dst`
+    /// (`UFFDIO_COPY`): straight from the frames when the device's memory is host-addressable,
+    /// else through the bounce buffer (the caller holds the state lock, so it is ours). No
+    /// allocation: this is the fault-back path.
+    pub(crate) fn install_from_frame(
+        &self,
+        dst: VirtAddr,
+        pm: &Pagemap,
+        off: usize,
+        len: usize,
+        mode: FaultMode,
+    ) -> std::result::Result<(), sys::UffdError> {
+        let store = pm.store();
+        match store.host_view() {
+            Some(r) => self.mm.install(dst, r, off, len, mode),
+            None => {
+                store
+                    .copy_out(off, &self.bounce, 0, len)
+                    .map_err(|e| sys::UffdError::Os(e.raw_os_error().unwrap_or(libc::EIO)))?;
+                self.mm.install(dst, &self.bounce, 0, len, mode)
+            }
+        }
+    }
+
+    /// Copies `len` bytes of present managed pages at `addr` into `pm`'s frames at byte `off`
+    /// (directly, or through the bounce buffer for a device the CPU cannot address; the caller
+    /// holds the state lock).
+    pub(crate) fn copy_into_frames(
+        &self,
+        addr: VirtAddr,
+        pm: &Pagemap,
+        off: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        let store = pm.store();
+        match store.host_view() {
+            Some(r) => {
+                self.mm.copy_to(addr, r, off, len);
+                Ok(())
+            }
+            None => {
+                self.mm.copy_to(addr, &self.bounce, 0, len);
+                store.copy_in(off, &self.bounce, 0, len)
+            }
+        }
+    }
+
+    /// Copies `len` bytes between two pools' frames (a device-to-device migration), through
+    /// the bounce buffer when either side is not host-addressable (the caller holds the state
+    /// lock).
+    pub(crate) fn copy_between_frames(
+        &self,
+        from: &Pagemap,
+        from_off: usize,
+        to: &Pagemap,
+        to_off: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        match (from.store().host_view(), to.store().host_view()) {
+            (Some(a), _) => to.store().copy_in(to_off, a, from_off, len),
+            (None, Some(b)) => from.store().copy_out(from_off, b, to_off, len),
+            (None, None) => {
+                from.store().copy_out(from_off, &self.bounce, 0, len)?;
+                to.store().copy_in(to_off, &self.bounce, 0, len)
+            }
+        }
     }
 
     pub(crate) fn check_process(&self) -> Result<()> {
@@ -1946,10 +2013,7 @@ impl SpaceCore {
         let pagemap = st.pagemap(pm);
         pagemap.charge_migration(r.len());
         let mode = st.vma(r.start).expect("mapped").mode;
-        match self
-            .mm
-            .install(r.start, pagemap.region(), head.offset(), r.len(), mode)
-        {
+        match self.install_from_frame(r.start, &pagemap, head.offset(), r.len(), mode) {
             Ok(()) | Err(sys::UffdError::Exists) => {}
             Err(e) => {
                 // Drop what the failed install filled: the pages stay in device memory only.
@@ -2096,8 +2160,8 @@ impl SpaceCore {
             self.stash.free(frame, false);
             return Err(Error::os("write-protect for exclusive access", e.into()));
         }
-        self.mm
-            .copy_to(a, self.stash.region(), frame.offset(), PAGE_SIZE);
+        self.copy_into_frames(a, &self.stash, frame.offset(), PAGE_SIZE)
+            .map_err(|e| Error::os("copy into the stash", e))?;
         if let Err(e) = self.mm.zap(r) {
             let _ = self.mm.write_protect(r, false, mode);
             self.stash.free(frame, false);
