@@ -44,9 +44,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::addr::{PAGE_SIZE, VirtAddr};
-use crate::cache::{CacheConfig, FileCache, FileHandle};
 use crate::device::{DeviceConfig, DeviceMirror, SoftDevice};
 use crate::error::{Error, Result};
+use crate::pagecache::{CacheConfig, FileCache, FileHandle};
 use crate::pool::MemoryKind;
 use crate::space::{MapOptions, Space, SpaceConfig};
 use crate::sys::{self, FaultTarget, LARGE_PAGE_SIZE, Prot, Region, Uffd, UffdDelivery, UffdError};

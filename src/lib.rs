@@ -2,7 +2,7 @@
 //!
 //! The CPU and a device share one address space ([`Space`]); pages live in system memory or in
 //! device memory ([`device::SoftDevice`], the built-in software device) and move between them
-//! with the Linux HMM design: mirroring with interval notifiers ([`mirror`]), three-phase
+//! with the Linux HMM design: mirroring with interval notifiers ([`hmm`]), three-phase
 //! migration ([`migrate`]), device-private memory whose CPU accesses fault the page back, and
 //! device-exclusive access for device atomics. CPU faults are real page faults, served through
 //! userfaultfd ([`mm`]). Where the mechanisms leave a choice (migrate or map remotely, how much to
@@ -15,28 +15,28 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+// The tree follows the kernel objects (see docs/architecture.md, "Modules"): the foundations
+// (`addr`, `error`, `sync`, `sys`, and `link`, the link model pools charge copies to), the
+// kernel boundary (`mm`), frames (`pool`), the address
+// space (`space`), mirroring (`hmm`), migration (`migrate`), the page cache (`pagecache`),
+// devices (`device`), placement (`policy`), and the binary's jobs (`bench`, `demo`).
 pub mod addr;
 pub mod bench;
-pub mod cache;
-#[doc(hidden)]
-pub mod check;
-#[doc(hidden)]
-pub mod check_file;
 pub mod demo;
 pub mod device;
 pub mod error;
+pub mod hmm;
 pub mod link;
 pub mod migrate;
-pub mod mirror;
 pub mod mm;
+pub mod pagecache;
 pub mod policy;
 pub mod pool;
 pub mod space;
 pub mod sync;
 pub mod sys;
-
-#[cfg(test)]
-mod model_tests;
+#[doc(hidden)]
+pub mod testing;
 
 pub use addr::{PAGE_SIZE, VaRange, VirtAddr, Vpn};
 pub use device::{Cmd, CmdOut, DeviceConfig, DeviceMirror, DmirrorCmd, SoftDevice};

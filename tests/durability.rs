@@ -34,7 +34,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 
-use hetmem::cache::{CacheConfig, FileCache};
+use hetmem::pagecache::{CacheConfig, FileCache};
 use hetmem::{Prot, Space};
 
 const SEEDS: u64 = 10;

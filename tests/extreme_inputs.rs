@@ -64,9 +64,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use hetmem::addr::FrameIdx;
-use hetmem::cache::{CacheConfig, FileBackend, FileCache, FileHandle};
+use hetmem::hmm::{IntervalNotifier, IntervalOps, NotifyRange};
 use hetmem::link::LinkProfile;
-use hetmem::mirror::{IntervalNotifier, IntervalOps, NotifyRange};
+use hetmem::pagecache::{CacheConfig, FileBackend, FileCache, FileHandle};
 use hetmem::pool::{Owner, Pagemap, PagemapId};
 use hetmem::sys::{Memfd, Region};
 use hetmem::{

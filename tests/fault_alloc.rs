@@ -17,7 +17,7 @@ use common::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use hetmem::cache::{CacheConfig, FileCache};
+use hetmem::pagecache::{CacheConfig, FileCache};
 use hetmem::*;
 
 struct Counting;

@@ -1,4 +1,4 @@
-//! Model-based property test of hetmem's page cache for files (`hetmem::cache`).
+//! Model-based property test of hetmem's page cache for files (`hetmem::pagecache`).
 //!
 //! Random sequences of operations on a real temporary file cached with a small budget (8 pages:
 //! eviction happens all the time) and a dirty bound of 6 pages: `write_at`, `read_at`,
@@ -12,7 +12,7 @@
 //! removal. In half of the cases ("sparse") the whole file is read back only every few
 //! operations, so that longer runs reach states that full reads would hide.
 //!
-//! The operations, the world, the model and every check are `hetmem::check_file` (shared with
+//! The operations, the world, the model and every check are `hetmem::testing::check_file` (shared with
 //! the fuzz target `fuzz/fuzz_targets/file_ops.rs`; its module doc lists the checks: after
 //! every operation the file reads as the model through either handle, failed writes change
 //! nothing and fail only when an injected fault fired, `fsync` reports each writeback error
@@ -32,7 +32,7 @@ use common::*;
 
 use std::sync::Mutex;
 
-use hetmem::check_file::{
+use hetmem::testing::check_file::{
     Fault, MAP_LEN, MAX_IO, Op, Stats, WINDOW, World, apply, check_all, data,
 };
 use proptest::prelude::*;

@@ -1,4 +1,4 @@
-//! Concurrent model test of hetmem's page cache for files (`hetmem::cache`): operations on one
+//! Concurrent model test of hetmem's page cache for files (`hetmem::pagecache`): operations on one
 //! cached file run on 2–4 threads at once, and every value any of them observes must be one that
 //! some linearisation of the operations allows.
 //!
@@ -88,7 +88,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use hetmem::cache::{BackgroundWriteback, CacheConfig, FileCache, FileHandle};
+use hetmem::pagecache::{BackgroundWriteback, CacheConfig, FileCache, FileHandle};
 use hetmem::space::{FileMapOptions, Space};
 use hetmem::sys::{probe_load_u32, probe_store_u32};
 use hetmem::{DeviceMirror, Prot, SoftDevice};

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use hetmem::cache::*;
+use hetmem::pagecache::*;
 use hetmem::*;
 
 #[test]

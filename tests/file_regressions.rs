@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use hetmem::cache::*;
+use hetmem::pagecache::*;
 use hetmem::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

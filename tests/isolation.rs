@@ -104,7 +104,7 @@ fn read_only_mappings_refuse_cpu_and_device_writes() {
 fn read_only_files_refuse_device_writes() {
     let _w = watchdog("isolation_read_only_file", 30);
     let f = TempFile::new("iso-ro", &vec![5u8; 2 * PAGE]);
-    let cache = hetmem::cache::FileCache::open(&f.0, false, Default::default()).unwrap();
+    let cache = hetmem::pagecache::FileCache::open(&f.0, false, Default::default()).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
     let dev = SoftDevice::private(8 << 20).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use hetmem::mirror::*;
+use hetmem::hmm::*;
 use hetmem::*;
 use std::sync::{Arc, Mutex, Weak};
 

@@ -4,7 +4,7 @@
 //! allocation failures — over a normal and a large (2 MiB unit) mapping, run on the real kernel
 //! (userfaultfd) and checked step by step against a plain in-memory model.
 //!
-//! The operations, the world and the model are `hetmem::check` (shared with the fuzz target in
+//! The operations, the world and the model are `hetmem::testing::check` (shared with the fuzz target in
 //! `fuzz/`); this file holds the proptest strategy.
 //!
 //! CI runs `CASES × OPS` operations (≥ 100,000). `HETMEM_SOAK=N` multiplies the number of cases
@@ -12,7 +12,7 @@
 
 mod common;
 use common::*;
-use hetmem::check::{Op, World, apply, check_all, pages_of};
+use hetmem::testing::check::{Op, World, apply, check_all, pages_of};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

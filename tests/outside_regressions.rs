@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use hetmem::cache::*;
+use hetmem::pagecache::*;
 use hetmem::*;
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -699,7 +699,7 @@ fn a_lock_held_past_the_watch_bound_is_reported_with_its_holder() {
         "no report while held: {err}"
     );
     assert!(
-        err.contains("src/cache.rs") && err.contains("was held for"),
+        err.contains("src/pagecache/mod.rs") && err.contains("was held for"),
         "no report at release naming the place: {err}"
     );
     assert!(

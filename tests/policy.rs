@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use hetmem::cache::{CacheConfig, FileCache};
+use hetmem::pagecache::{CacheConfig, FileCache};
 use hetmem::policy::trace::{Direction, EventKind, FaultState, RingSink, TraceEvent, Tracer};
 use hetmem::policy::*;
 use hetmem::*;

@@ -263,8 +263,8 @@ fn coherent_eviction_is_charged_like_coherent_migration() {
 /// page and frees the destination frames the driver had set.
 #[test]
 fn dropped_migration_frees_destination_frames() {
+    use hetmem::hmm::PageTarget;
     use hetmem::migrate::*;
-    use hetmem::mirror::PageTarget;
     let _w = watchdog("drop_no_leak", 30);
     let space = Space::new().unwrap();
     let dev = SoftDevice::private(4 << 20).unwrap();

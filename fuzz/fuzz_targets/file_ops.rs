@@ -1,5 +1,5 @@
 //! Coverage-guided fuzzing of hetmem's page cache for files: the input is decoded into a world
-//! setup and a bounded sequence of `hetmem::check_file::Op`s, applied to a fresh `World` (a real
+//! setup and a bounded sequence of `hetmem::testing::check_file::Op`s, applied to a fresh `World` (a real
 //! temporary file cached by a `FileCache` over a `FaultyBackend`, two handles, optionally a
 //! `Space` with a shared and a private mapping of the file and a `SoftDevice` mirroring it) and
 //! checked after each step and at the end against the model — the same checker as the property
@@ -21,7 +21,7 @@
 //!
 //! | byte | meaning |
 //! |---|---|
-//! | 0 | op kind, modulo 17, in the order of `hetmem::check_file::Op` (0 Write, 1 Read, 2 SetLen, 3 Punch, 4 Fsync, 5 DirectRead, 6 DirectWrite, 7 NewHandle, 8 Fault, 9 MapStore, 10 MapLoad, 11 Private, 12 PrivateMigrate, 13 Remap, 14 DeviceRemoval, 15 Pin, 16 Device) |
+//! | 0 | op kind, modulo 17, in the order of `hetmem::testing::check_file::Op` (0 Write, 1 Read, 2 SetLen, 3 Punch, 4 Fsync, 5 DirectRead, 6 DirectWrite, 7 NewHandle, 8 Fault, 9 MapStore, 10 MapLoad, 11 Private, 12 PrivateMigrate, 13 Remap, 14 DeviceRemoval, 15 Pin, 16 Device) |
 //! | 1 | flags: bit 0 handle; bit 1 the op's choice (Fsync: fdatasync, Private: store, PrivateMigrate: to the device, Remap: unmap, Pin: long-term, Device: write); bit 2 Pin: the private mapping; bit 3 Pin: unpin; bits 4–6 fault kind, modulo 6 (0 FailWrites, 1 ShortWrite, 2 FailSync, 3 FailRead, 4 FailStaging, 5 Clear); bit 7 fault errno (0 EIO, ENOMEM for staging; 1 ENOSPC) |
 //! | 2–5 | `a`, 32-bit little-endian: byte offset (I/O and mapping ops), page (Punch, PrivateMigrate, Pin, Device) or new length (SetLen); wrapped into range |
 //! | 6–7 | `b`, 16-bit little-endian: bytes (I/O), words (mapping ops), pages, or the count of failing writes (FailWrites); clamped into range |
@@ -34,7 +34,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use hetmem::check_file::{Fault, Op, World, apply, check_all, data};
+use hetmem::testing::check_file::{Fault, Op, World, apply, check_all, data};
 use libfuzzer_sys::fuzz_target;
 
 /// Bytes of the header.

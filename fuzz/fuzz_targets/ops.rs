@@ -1,5 +1,5 @@
 //! Coverage-guided fuzzing of hetmem's operation sequences: the input is decoded into a bounded
-//! sequence of `hetmem::check::Op`s, applied to a fresh `World` (a real `Space` on userfaultfd, a
+//! sequence of `hetmem::testing::check::Op`s, applied to a fresh `World` (a real `Space` on userfaultfd, a
 //! `SoftDevice` and its mirror) and checked after each step and at the end against the in-memory
 //! model — the same checker as the property test `tests/model.rs`. A mismatch panics with the
 //! failing op, its index and the ops before it.
@@ -18,7 +18,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use hetmem::check::{Op, World, apply, check_all};
+use hetmem::testing::check::{Op, World, apply, check_all};
 use libfuzzer_sys::fuzz_target;
 
 /// Bytes per encoded op.

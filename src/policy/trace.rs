@@ -361,7 +361,7 @@ pub trait TraceSink: Send + Sync {
 }
 
 /// A sink with a clock: what a space or file cache records into
-/// ([`crate::Space::set_trace`], [`crate::cache::FileCache::set_trace`]). Cloning shares the
+/// ([`crate::Space::set_trace`], [`crate::pagecache::FileCache::set_trace`]). Cloning shares the
 /// sink and the clock.
 #[derive(Clone)]
 pub struct Tracer {
@@ -430,9 +430,9 @@ impl TraceSlot {
     }
 }
 
-// The file cache's tracer is set here rather than in `cache`, so that the cache carries only
+// The file cache's tracer is set here rather than in `pagecache`, so that the cache carries only
 // its slot and the one call that records writeback.
-impl crate::cache::FileCache {
+impl crate::pagecache::FileCache {
     /// Records this file's writeback events into `t` from now on (`None`: stop). Share one
     /// tracer between a space and the files it maps to get one trace on one clock.
     pub fn set_trace(&self, t: Option<Tracer>) {

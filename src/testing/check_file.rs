@@ -1,4 +1,4 @@
-//! The model checker of hetmem's page cache for files (`hetmem::cache`), shared by the
+//! The model checker of hetmem's page cache for files (`hetmem::pagecache`), shared by the
 //! model-based property test (`tests/file_cache_model.rs`) and the fuzz target
 //! (`fuzz/fuzz_targets/file_ops.rs`). Not part of hetmem's API.
 //!
@@ -81,7 +81,7 @@
 
 use std::path::PathBuf;
 
-use crate::cache::{
+use crate::pagecache::{
     CacheConfig, FaultPlan, FaultyBackend, FileBackend, FileCache, FileHandle, StdFile,
 };
 use crate::space::{FileMapOptions, Residency, Space};

@@ -751,7 +751,7 @@ struct MemFile {
     data: crate::sync::Mutex<Vec<u8>>,
 }
 
-impl crate::cache::FileBackend for Arc<MemFile> {
+impl crate::pagecache::FileBackend for Arc<MemFile> {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         let d = crate::sync::lock(&self.data);
         let off = off as usize;
@@ -794,7 +794,7 @@ impl crate::cache::FileBackend for Arc<MemFile> {
 /// cache shows (no write lost, none resurrected past a truncate), and never bytes that nobody
 /// wrote.
 fn truncate_vs_writeback_body() {
-    use crate::cache::{CacheConfig, FileCache};
+    use crate::pagecache::{CacheConfig, FileCache};
     let file = Arc::new(MemFile::default());
     let cfg = CacheConfig {
         budget: 4 * PAGE_SIZE,

@@ -33,7 +33,7 @@
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr};
 use crate::error::{Error, Result};
-use crate::mirror::{NotifyEvent, PageTarget};
+use crate::hmm::{NotifyEvent, PageTarget};
 use crate::mm::FaultMode;
 use crate::policy::trace::{Direction, EventKind, TraceEvent};
 use crate::pool::{MemoryKind, Owner, Pagemap};
@@ -808,7 +808,7 @@ impl MigrateVma<'_> {
     /// The current sequence of notifier `n`, read while this migration holds the address
     /// space's lock (so no invalidation is in progress): a driver that maps the migrated pages
     /// after `finalize` checks `n.read_retry` against it first, as after `read_begin`.
-    pub fn notifier_seq(&self, n: &crate::mirror::IntervalNotifier) -> u64 {
+    pub fn notifier_seq(&self, n: &crate::hmm::IntervalNotifier) -> u64 {
         n.current_seq()
     }
 }

@@ -1404,7 +1404,7 @@ impl FileCache {
                     end: m.range.start.add(((e - m.pgoff) * PAGE) as usize),
                 };
                 let sst = core.lock_state();
-                core.invalidate(&sst, vr, crate::mirror::NotifyEvent::Clear, None);
+                core.invalidate(&sst, vr, crate::hmm::NotifyEvent::Clear, None);
             }
         }
     }

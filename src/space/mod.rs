@@ -65,10 +65,10 @@
 use std::collections::BTreeMap;
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
-use crate::cache::{FileCache, FileHandle, Fill, MapRec, StoreFault};
 use crate::error::{Error, Result};
-use crate::mirror::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
+use crate::hmm::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
+use crate::pagecache::{FileCache, FileHandle, Fill, MapRec, StoreFault};
 use crate::policy::trace::{Direction, EventKind, FaultState, TraceEvent, Tracer};
 use crate::policy::{CpuFault, CpuFaultAction, DefaultPolicy, Policy};
 use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};

@@ -38,14 +38,14 @@ use std::time::{Duration, Instant};
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
+use crate::hmm::{
+    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
+    IntervalNotifier, IntervalOps, NotifyRange, PageTarget, hmm_pfn_order, range_fault,
+};
 use crate::link::{LinkModel, LinkProfile, LinkReport, Traffic};
 use crate::migrate::{
     self, MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
     MigrateArgs, SELECT_COMPOUND, SELECT_DEVICE_COHERENT, SELECT_DEVICE_PRIVATE, SELECT_SYSTEM,
-};
-use crate::mirror::{
-    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
-    IntervalNotifier, IntervalOps, NotifyRange, PageTarget, hmm_pfn_order, range_fault,
 };
 use crate::policy::{
     DeviceFault, DeviceFaultDecision, DeviceFull, DeviceFullAction, Placement, Prefetch,
