@@ -1,0 +1,524 @@
+//! The CPU fault service: what a fault does, by page state (zero-fill with fault-around, fault-back
+//! from device memory, revocation of exclusive access, a store to a write-protected page, a page
+//! dropped behind hetmem's back, file fills), and the copies between frames and the CPU view it
+//! and migration use. Runs in the faulting thread's SIGBUS handler (or the handler thread), under
+//! the space's state lock: nothing here allocates.
+
+use super::*;
+
+impl SpaceCore {
+    /// Installs `len` bytes of `pm`'s frames at byte `off` into the missing CPU pages at `dst`
+    /// (`UFFDIO_COPY`): straight from the frames when the device's memory is host-addressable,
+    /// else through the bounce buffer (the caller holds the state lock, so it is ours). No
+    /// allocation: this is the fault-back path.
+    pub(crate) fn install_from_frame(
+        &self,
+        dst: VirtAddr,
+        pm: &Pagemap,
+        off: usize,
+        len: usize,
+        mode: FaultMode,
+    ) -> std::result::Result<(), sys::UffdError> {
+        let store = pm.store();
+        match store.host_view() {
+            Some(r) => self.mm.install(dst, r, off, len, mode),
+            None => {
+                store
+                    .copy_out(off, &self.bounce, 0, len)
+                    .map_err(|e| sys::UffdError::Os(e.raw_os_error().unwrap_or(libc::EIO)))?;
+                self.mm.install(dst, &self.bounce, 0, len, mode)
+            }
+        }
+    }
+
+    /// Copies `len` bytes of present managed pages at `addr` into `pm`'s frames at byte `off`
+    /// (directly, or through the bounce buffer for a device the CPU cannot address; the caller
+    /// holds the state lock).
+    pub(crate) fn copy_into_frames(
+        &self,
+        addr: VirtAddr,
+        pm: &Pagemap,
+        off: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        let store = pm.store();
+        match store.host_view() {
+            Some(r) => {
+                self.mm.copy_to(addr, r, off, len);
+                Ok(())
+            }
+            None => {
+                self.mm.copy_to(addr, &self.bounce, 0, len);
+                store.copy_in(off, &self.bounce, 0, len)
+            }
+        }
+    }
+
+    /// Copies `len` bytes between two pools' frames (a device-to-device migration), through
+    /// the bounce buffer when either side is not host-addressable (the caller holds the state
+    /// lock).
+    pub(crate) fn copy_between_frames(
+        &self,
+        from: &Pagemap,
+        from_off: usize,
+        to: &Pagemap,
+        to_off: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        match (from.store().host_view(), to.store().host_view()) {
+            (Some(a), _) => to.store().copy_in(to_off, a, from_off, len),
+            (None, Some(b)) => from.store().copy_out(from_off, b, to_off, len),
+            (None, None) => {
+                from.store().copy_out(from_off, &self.bounce, 0, len)?;
+                to.store().copy_in(to_off, &self.bounce, 0, len)
+            }
+        }
+    }
+
+    /// The CPU fault service: a load or store at page `a` faulted (missing page, or a store to a
+    /// write-protected one). Returns false if `a` is not in a mapping of this space.
+    pub(crate) fn handle_fault(&self, a: VirtAddr, write: bool) -> bool {
+        if sys::getpid() != self.pid {
+            return false;
+        }
+        let mut st = lock(&self.state);
+        let Some(pte) = st.pte(a) else { return false };
+        self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        st.trace_with(|| {
+            let (state, owner) = if st.file_page(a).is_some() {
+                (FaultState::File, Owner(0))
+            } else {
+                match pte.state() {
+                    PageState::None => (FaultState::Missing, Owner(0)),
+                    PageState::Present => (FaultState::Present, Owner(0)),
+                    PageState::Device => (FaultState::Device, st.pagemap(pte.pagemap()).owner()),
+                    PageState::Exclusive => {
+                        (FaultState::Exclusive, st.pagemap(pte.pagemap()).owner())
+                    }
+                }
+            };
+            TraceEvent::cpu_fault(self.id, a, write, state, owner)
+        });
+        if let Some(v) = st
+            .vma(a)
+            .filter(|v| v.file.as_ref().is_some_and(|f| f.sync))
+            && write
+        {
+            // A store to a mapping that intercepts stores (a clean page, or a missing one).
+            let f = v.file.as_ref().expect("filtered");
+            let (cache, page) = (f.cache.clone(), f.pgoff + v.idx(a) as u64);
+            let r = VaRange {
+                start: a,
+                end: a.add(PAGE_SIZE),
+            };
+            return match cache.store_fault(self, page, r) {
+                Ok(StoreFault::Done) => true,
+                Ok(StoreFault::Sigbus) => unserved(
+                    "a store past the end of the file, or at the dirty bound after a failed \
+                     writeback",
+                ),
+                Err(_) => unserved("the page could not be filled from the file for a store"),
+                Ok(StoreFault::WaitFlush) => {
+                    drop(st);
+                    cache.wait_flush();
+                    true
+                }
+            };
+        }
+        if let Some((cache, page)) = st.file_page(a) {
+            // A file mapping: the page is not in the cache yet. Fill the cache (the memfd) and
+            // let the access retry: the kernel then maps the page. Past the end of file (or on
+            // a read error) the access gets SIGBUS, as with the kernel's mmap. While the page is
+            // being removed (truncate, punch), the access retries.
+            return match cache.fault_fill(page) {
+                Ok(Fill::Filled) | Ok(Fill::Busy) => true,
+                Ok(Fill::PastEof) => unserved("an access past the end of the file"),
+                Err(_) => unserved("the page could not be filled from the file"),
+            };
+        }
+        let ok = match pte.state() {
+            PageState::None => match self.fault_zero(&mut st, a) {
+                Ok(()) => true,
+                Err(Error::NotMapped { .. }) => unserved("an access past the end of the file"),
+                Err(_) => unserved("the page could not be zero-filled or filled from the file"),
+            },
+            PageState::Present => {
+                // Either a store hit a write-protected page after the migration that protected
+                // it declined the page (or a racing fault already served it), or the page was
+                // dropped behind hetmem's back by a direct madvise(MADV_DONTNEED/REMOVE), which
+                // raises no event: then every access would fault here forever. Installing the
+                // page tells them apart (EEXIST: it is there) and gives a dropped page what the
+                // kernel gives it: zeros, or the file's bytes in a private file mapping.
+                if let Err(e) = self.refill_dropped(&st, a) {
+                    return e.errno() == libc::EAGAIN
+                        || unserved("a page dropped by a direct madvise could not be refilled");
+                }
+                let v = st.vma(a).expect("pte found");
+                if write && v.prot.writable() {
+                    let _ = self.mm.write_protect(
+                        VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        },
+                        false,
+                        v.mode,
+                    );
+                }
+                true
+            }
+            PageState::Device => {
+                // The policy decides how much comes back (no allocation: plain data in and out).
+                let pm = st.pagemap(pte.pagemap());
+                let q = CpuFault {
+                    addr: a,
+                    write,
+                    owner: pm.owner(),
+                    kind: pm.kind(),
+                    large: pte.large(),
+                };
+                let action = st.policy.cpu_fault(&q);
+                if action == CpuFaultAction::MigrateBackPage && pte.large() {
+                    // Only this page comes back: the unit (and its device frame) becomes base
+                    // pages first.
+                    self.split_unit(&mut st, a);
+                }
+                self.make_present(&mut st, a).is_ok()
+                    || unserved("the page could not be brought back from device memory")
+            }
+            PageState::Exclusive => {
+                self.make_present(&mut st, a).is_ok()
+                    || unserved("device-exclusive access could not be revoked")
+            }
+        };
+        if let Some(v) = st.vma(a) {
+            self.mm.wake(
+                VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                },
+                v.mode,
+            );
+        }
+        ok
+    }
+
+    /// Installs page `a` of a `Present` entry if the kernel has no page there (dropped by a
+    /// direct `madvise`): zeros, or for a private file mapping the file's bytes. Nothing when the
+    /// page is there.
+    pub(super) fn refill_dropped(&self, st: &SpaceState, a: VirtAddr) -> Result<()> {
+        let v = st.vma(a).expect("caller found the pte");
+        let src = match &v.file {
+            None => &self.zero,
+            Some(f) => {
+                // Under the state lock the bounce buffer is ours.
+                f.cache
+                    .read_pages_into(f.pgoff + v.idx(a) as u64, 1, &self.bounce, 0)?;
+                &self.bounce
+            }
+        };
+        match self.mm.install(a, src, 0, PAGE_SIZE, v.mode) {
+            Ok(()) | Err(sys::UffdError::Exists) => Ok(()),
+            Err(e) => Err(Error::os("refill a dropped page", e.into())),
+        }
+    }
+
+    /// First touch: zero-fill a run of missing pages around `a` (fault-around: 64 KiB, doubling
+    /// up to 2 MiB while faults come in sequence; a whole 2 MiB unit in a large mapping).
+    pub(super) fn fault_zero(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
+        let (vs, ve, large, mode, unit) = {
+            let v = st.vma(a).expect("caller found the pte");
+            (
+                v.range.start.get(),
+                v.range.end.get(),
+                v.large,
+                v.mode,
+                v.unit_of(v.idx(a)),
+            )
+        };
+        let win = if large && unit.is_some() {
+            LARGE_PAGE_SIZE
+        } else {
+            let (next, window) = sys::fault_around_state();
+            let w = if a.get() == next {
+                (window * 2).clamp(64 << 10, LARGE_PAGE_SIZE)
+            } else {
+                64 << 10
+            };
+            sys::set_fault_around_state(next, w);
+            w
+        };
+        let ws = (a.get() & !(win - 1)).max(vs);
+        let we = ((a.get() & !(win - 1)) + win).min(ve);
+        let v = st.vma(a).expect("caller found the pte");
+        let i = v.idx(a);
+        let (lo, hi) = (v.idx(VirtAddr(ws)), v.idx(VirtAddr(we)));
+        let mut s = i;
+        while s > lo && v.ptes[s - 1].state() == PageState::None {
+            s -= 1;
+        }
+        let mut e = i + 1;
+        while e < hi && v.ptes[e].state() == PageState::None {
+            e += 1;
+        }
+        // A private file mapping fills from the file (up to its end; past it: SIGBUS).
+        let source = v.file.as_ref().map(|f| (f.cache.clone(), f.pgoff));
+        if let Some((cache, pgoff)) = &source {
+            let eof = cache.len_pages();
+            if pgoff + i as u64 >= eof {
+                return Err(Error::NotMapped { addr: a });
+            }
+            e = e.min((eof - pgoff) as usize);
+        }
+        let start = v.addr(s);
+        let whole_unit = large && unit == Some((s, e)) && source.is_none();
+        let mut done = 0;
+        while done < e - s {
+            let n = (e - s - done).min(PAGES_PER_LARGE);
+            let dst = start.add(done * PAGE_SIZE);
+            let (src, off) = match &source {
+                None => (&self.zero, 0),
+                Some((cache, pgoff)) => {
+                    // Under the state lock the bounce buffer is ours.
+                    let file_page = pgoff + (s + done) as u64;
+                    cache.read_pages_into(file_page, n, &self.bounce, 0)?;
+                    (&self.bounce, 0)
+                }
+            };
+            match self.mm.install(dst, src, off, n * PAGE_SIZE, mode) {
+                Ok(()) | Err(sys::UffdError::Exists) => {}
+                Err(err) => {
+                    // Nothing of the run may stay mapped while its entries say missing.
+                    let _ = self.mm.zap(VaRange {
+                        start,
+                        end: start.add((e - s) * PAGE_SIZE),
+                    });
+                    return Err(Error::os("zero-fill", err.into()));
+                }
+            }
+            done += n;
+        }
+        let v = st.vma_mut(a).expect("caller found the pte");
+        for p in &mut v.ptes[s..e] {
+            *p = Pte::present(whole_unit, *p);
+        }
+        let (_, w) = sys::fault_around_state();
+        sys::set_fault_around_state(start.get() + (e - s) * PAGE_SIZE, w);
+        self.counters
+            .zero_fill_pages
+            .fetch_add((e - s) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes page `a` present in system memory: zero-fills a missing page, migrates a
+    /// device-private page back (`migrate_to_ram`: the whole 2 MiB unit if it is one), revokes
+    /// device-exclusive access. Device mappings are invalidated first.
+    pub(crate) fn make_present(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
+        let pte = st.pte(a).ok_or(Error::NotMapped { addr: a })?;
+        if let Some((cache, page)) = st.file_page(a) {
+            // A file page is present once it is in the cache (any mapping then maps it).
+            return match cache.fault_fill(page)? {
+                Fill::Filled => Ok(()),
+                Fill::PastEof => Err(Error::NotMapped { addr: a }),
+                // Being removed: the caller (range_fault, pin) retries without holding locks.
+                Fill::Busy => Err(Error::Busy),
+            };
+        }
+        match pte.state() {
+            PageState::Present => Ok(()),
+            PageState::None => {
+                let (mode, large, file) = {
+                    let v = st.vma(a).expect("pte");
+                    (v.mode, v.large, v.file.is_some())
+                };
+                if large || file {
+                    // As a CPU fault would: a whole 2 MiB unit where it fits (the kernel faults
+                    // in a huge page on a MADV_HUGEPAGE range).
+                    return self.fault_zero(st, a);
+                }
+                match self.mm.install(a, &self.zero, 0, PAGE_SIZE, mode) {
+                    Ok(()) | Err(sys::UffdError::Exists) => {}
+                    Err(e) => {
+                        let _ = self.mm.zap(VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        });
+                        return Err(Error::os("zero-fill", e.into()));
+                    }
+                }
+                st.set_pte(a, Pte::present(false, pte));
+                self.counters
+                    .zero_fill_pages
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            PageState::Device => self.device_to_system(st, a, pte, EventKind::Migrate),
+            PageState::Exclusive => {
+                let r = VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                };
+                self.invalidate(st, r, NotifyEvent::Clear, None);
+                self.restore_from_frame(st, r, pte.frame(), self.stash.id(), false)?;
+                self.counters
+                    .exclusive_revoked
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Brings the device-private page `a` (entry `pte`; its whole 2 MiB unit if it is one) back
+    /// to system memory (`migrate_to_ram`), recording it in the trace as `kind` (a migration, or
+    /// an eviction).
+    pub(super) fn device_to_system(
+        &self,
+        st: &mut SpaceState,
+        a: VirtAddr,
+        pte: Pte,
+        kind: EventKind,
+    ) -> Result<()> {
+        let r = unit_range(a, pte.large());
+        self.invalidate(st, r, NotifyEvent::Migrate, None);
+        let head = st.pte(r.start).expect("unit inside the mapping");
+        self.restore_from_frame(st, r, head.frame(), head.pagemap(), pte.large())?;
+        self.counters
+            .pages_to_system
+            .fetch_add(r.pages() as u64, Ordering::Relaxed);
+        st.trace_with(|| {
+            let owner = st.pagemap(head.pagemap()).owner();
+            TraceEvent::moved(
+                kind,
+                Direction::ToSystem,
+                self.id,
+                r.start,
+                r.pages(),
+                owner,
+            )
+        });
+        Ok(())
+    }
+
+    /// Copies frames back into the CPU view at `r` (missing there), marks the pages present and
+    /// frees the frames. Caller invalidated device mappings of `r`.
+    pub(crate) fn restore_from_frame(
+        &self,
+        st: &mut SpaceState,
+        r: VaRange,
+        head: FrameIdx,
+        pm: PagemapId,
+        large: bool,
+    ) -> Result<()> {
+        let pagemap = st.pagemap(pm);
+        pagemap.charge_migration(r.len());
+        let mode = st.vma(r.start).expect("mapped").mode;
+        match self.install_from_frame(r.start, &pagemap, head.offset(), r.len(), mode) {
+            Ok(()) | Err(sys::UffdError::Exists) => {}
+            Err(e) => {
+                // Drop what the failed install filled: the pages stay in device memory only.
+                let _ = self.mm.zap(r);
+                return Err(Error::os("copy back to system memory", e.into()));
+            }
+        }
+        for p in 0..r.pages() {
+            let a = r.start.add(p * PAGE_SIZE);
+            let old = st.pte(a).expect("mapped");
+            st.set_pte(a, Pte::present(large, old));
+        }
+        if large {
+            pagemap.free(head, true);
+        } else {
+            for p in 0..r.pages() {
+                pagemap.free(FrameIdx(head.0 + p as u32), false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a coherent-resident page (its whole 2 MiB unit if it is one) to system memory:
+    /// device mappings are invalidated (MIGRATE), the device frame is released. The bytes stay
+    /// where they are: in the emulation the CPU page is the coherent frame (see
+    /// docs/architecture.md), so this is the kernel's `migrate_device_coherent_folio` without the
+    /// copy.
+    pub(crate) fn demote_coherent(&self, st: &mut SpaceState, a: VirtAddr) {
+        self.demote_coherent_as(st, a, EventKind::Migrate)
+    }
+
+    /// [`Self::demote_coherent`], recorded in the trace as `kind`.
+    pub(super) fn demote_coherent_as(&self, st: &mut SpaceState, a: VirtAddr, kind: EventKind) {
+        let Some(pte) = st.pte(a) else { return };
+        if !pte.is_coherent() {
+            return;
+        }
+        let r = unit_range(a, pte.large());
+        let (start, n) = (r.start, r.pages());
+        self.invalidate(st, r, NotifyEvent::Migrate, None);
+        let head = st.pte(start).expect("unit inside the mapping");
+        let pm = st.pagemap(head.pagemap());
+        // A real coherent device copies the page out: charge it like a migration.
+        pm.charge_migration(n * PAGE_SIZE);
+        pm.free(head.frame(), pte.large());
+        for p in 0..n {
+            let ap = start.add(p * PAGE_SIZE);
+            let old = st.pte(ap).expect("mapped");
+            st.set_pte(ap, Pte::present(pte.large(), old));
+        }
+        self.counters
+            .pages_to_system
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let owner = pm.owner();
+        st.trace_with(|| TraceEvent::moved(kind, Direction::ToSystem, self.id, start, n, owner));
+    }
+
+    /// Device eviction of one frame (`migrate_device_range` for one page): if page `vpn` of this
+    /// space still lives in `frame` of `pm`, bring it back to system memory.
+    /// Returns the number of pages moved (a whole 2 MiB unit moves as one).
+    pub(crate) fn evict_frame(&self, pm: &Pagemap, frame: FrameIdx, vpn: usize) -> Result<usize> {
+        let mut st = lock(&self.state);
+        self.evict_frame_locked(&mut st, pm, frame, vpn)
+    }
+
+    /// [`Self::evict_frame`] under the state lock the caller holds (a migration that makes
+    /// room in a full device).
+    pub(crate) fn evict_frame_locked(
+        &self,
+        st: &mut SpaceState,
+        pm: &Pagemap,
+        frame: FrameIdx,
+        vpn: usize,
+    ) -> Result<usize> {
+        let a = Vpn(vpn).addr();
+        let Some(pte) = st.pte(a) else { return Ok(0) };
+        let n = if pte.large() { PAGES_PER_LARGE } else { 1 };
+        if pte.device_frame().map(|(p, f, _)| (p, f)) != Some((pm.id(), frame))
+            || pte.state() == PageState::Exclusive
+        {
+            return Ok(0);
+        }
+        if pte.is_coherent() {
+            self.demote_coherent_as(st, a, EventKind::Evict);
+            return Ok(n);
+        }
+        self.device_to_system(st, a, pte, EventKind::Evict)
+            .map(|()| n)
+    }
+}
+
+/// Records why a fault in a mapping could not be served (printed if the access then takes the
+/// default SIGBUS action) and returns false.
+pub(super) fn unserved(why: &'static str) -> bool {
+    sys::note_unserved_fault(why);
+    false
+}
+
+/// The unit holding page `a`: its 2 MiB unit when `large`, else the page itself.
+pub(super) fn unit_range(a: VirtAddr, large: bool) -> VaRange {
+    let (start, len) = if large {
+        (VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)), LARGE_PAGE_SIZE)
+    } else {
+        (a.page_down(), PAGE_SIZE)
+    };
+    VaRange {
+        start,
+        end: start.add(len),
+    }
+}

@@ -1,0 +1,137 @@
+//! Page entries: the 8-byte word per page of a mapping (state, flags, pagemap, pins, frame).
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Page entries
+// ---------------------------------------------------------------------------------------------
+
+/// Where a page's data is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// Never touched (or discarded): reads as zeros.
+    None,
+    /// Mapped in the CPU view.
+    Present,
+    /// In a device-private frame.
+    Device,
+    /// In the stash, with device-exclusive (atomic) access granted to a device.
+    Exclusive,
+}
+
+/// One page's entry: 8 bytes.
+///
+/// Bits: 0-1 state; 2 LARGE; 3 COHERENT (a `Present` page charged to a device-coherent pagemap:
+/// the CPU page is the device frame); 8-15 pagemap id (Device and coherent: the frame's pagemap;
+/// Exclusive: the pagemap of the device holding exclusive access, whose frame is in the space's
+/// stash); 16-23 short-term pins; 24-31 long-term pins; 32-63 frame index (Device, coherent,
+/// Exclusive).
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Pte(u64);
+
+const ST_NONE: u64 = 0;
+const ST_PRESENT: u64 = 1;
+const ST_DEVICE: u64 = 2;
+const ST_EXCL: u64 = 3;
+const F_LARGE: u64 = 1 << 2;
+const F_COHERENT: u64 = 1 << 3;
+
+impl Pte {
+    pub(crate) const NONE: Pte = Pte(ST_NONE);
+
+    pub(crate) fn state(self) -> PageState {
+        match self.0 & 3 {
+            ST_NONE => PageState::None,
+            ST_PRESENT => PageState::Present,
+            ST_DEVICE => PageState::Device,
+            _ => PageState::Exclusive,
+        }
+    }
+    pub(crate) fn large(self) -> bool {
+        self.0 & F_LARGE != 0
+    }
+    pub(crate) fn pagemap(self) -> PagemapId {
+        PagemapId((self.0 >> 8) as u8)
+    }
+    pub(crate) fn frame(self) -> FrameIdx {
+        FrameIdx((self.0 >> 32) as u32)
+    }
+    pub(crate) fn short_pins(self) -> u64 {
+        (self.0 >> 16) & 0xff
+    }
+    pub(crate) fn long_pins(self) -> u64 {
+        (self.0 >> 24) & 0xff
+    }
+    pub(crate) fn pinned(self) -> bool {
+        self.short_pins() + self.long_pins() > 0
+    }
+    pub(super) fn pins_bits(self) -> u64 {
+        self.0 & (0xffff << 16)
+    }
+    pub(crate) fn present(large: bool, keep: Pte) -> Pte {
+        Pte(ST_PRESENT | if large { F_LARGE } else { 0 } | keep.pins_bits())
+    }
+    pub(crate) fn device(pm: PagemapId, frame: FrameIdx, large: bool) -> Pte {
+        Pte(ST_DEVICE
+            | if large { F_LARGE } else { 0 }
+            | (pm.0 as u64) << 8
+            | (frame.0 as u64) << 32)
+    }
+    /// A present page resident in device-coherent memory (frame `frame` of `pm`).
+    pub(crate) fn coherent(pm: PagemapId, frame: FrameIdx, large: bool, keep: Pte) -> Pte {
+        Pte(ST_PRESENT
+            | F_COHERENT
+            | if large { F_LARGE } else { 0 }
+            | keep.pins_bits()
+            | (pm.0 as u64) << 8
+            | (frame.0 as u64) << 32)
+    }
+    /// Whether the page is present and resident in device-coherent memory.
+    pub(crate) fn is_coherent(self) -> bool {
+        self.0 & 3 == ST_PRESENT && self.0 & F_COHERENT != 0
+    }
+    /// The device frame this entry holds, if any: (pagemap, frame, large). For Exclusive pages
+    /// the frame is in the stash (not in `pagemap`).
+    pub(crate) fn device_frame(self) -> Option<(PagemapId, FrameIdx, bool)> {
+        match self.state() {
+            PageState::Device | PageState::Exclusive => {
+                Some((self.pagemap(), self.frame(), self.large()))
+            }
+            PageState::Present if self.is_coherent() => {
+                Some((self.pagemap(), self.frame(), self.large()))
+            }
+            _ => None,
+        }
+    }
+    pub(crate) fn exclusive(pm: PagemapId, frame: FrameIdx) -> Pte {
+        Pte(ST_EXCL | (pm.0 as u64) << 8 | (frame.0 as u64) << 32)
+    }
+    pub(crate) fn without_large(self) -> Pte {
+        Pte(self.0 & !F_LARGE)
+    }
+    pub(super) fn with_pin(self, long: bool, delta: i64) -> Option<Pte> {
+        let shift = if long { 24 } else { 16 };
+        let cur = ((self.0 >> shift) & 0xff) as i64;
+        let new = cur + delta;
+        if !(0..=0xff).contains(&new) {
+            return None;
+        }
+        Some(Pte((self.0 & !(0xff << shift)) | (new as u64) << shift))
+    }
+}
+
+impl std::fmt::Debug for Pte {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.state())?;
+        if self.large() {
+            write!(f, "+L")?;
+        }
+        if matches!(self.state(), PageState::Device | PageState::Exclusive) {
+            write!(f, "(pm{} f{})", self.pagemap().0, self.frame().0)?;
+        }
+        if self.pinned() {
+            write!(f, " pins {}/{}", self.short_pins(), self.long_pins())?;
+        }
+        Ok(())
+    }
+}

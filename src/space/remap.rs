@@ -1,0 +1,115 @@
+//! Following a direct `mremap(2)` of a managed range (userfaultfd's REMAP event).
+
+use super::*;
+
+impl SpaceCore {
+    /// A direct mremap(2) by the program moved `from..from + len` to `to` (userfaultfd's REMAP
+    /// event; the moved range is still registered with hetmem's userfaultfd, and the program's
+    /// mremap has returned). hetmem follows it by letting go: every page's data goes to its new
+    /// address — device-private pages are copied back there, device-exclusive ones too, coherent
+    /// pages are already there (their device frames are released), pages of a private file
+    /// mapping not read yet get the file's bytes — then the new range is unregistered and is
+    /// plain memory of the program's from then on, and the old range leaves the space as if
+    /// unmapped (devices get UNMAP; the reservation hole is mapped PROT_NONE again, or kept out
+    /// of use if the program mapped something there). Nothing is lost and nothing reads zeros
+    /// that were not zeros.
+    ///
+    /// A shared file mapping cannot be let go that way (stores through the new address could
+    /// never be written back to the file): the process is aborted with a message, the loud
+    /// failure of an unsupported operation.
+    ///
+    /// Runs in the event reader thread, which opened a [`sys::RemapWindow`] before reading the
+    /// event: until this returns, a signal-mode access to the moved range waits instead of
+    /// dying.
+    pub(crate) fn follow_remap(&self, from: VirtAddr, to: VirtAddr, len: usize) {
+        let (Some(end), Some(_)) = (from.checked_add(len), to.checked_add(len)) else {
+            return;
+        };
+        let old = VaRange { start: from, end };
+        let mut st = lock(&self.state);
+        if let Some(v) = st
+            .vmas
+            .values()
+            .find(|v| v.range.overlaps(&old) && v.file.as_ref().is_some_and(|f| f.shared))
+        {
+            let (mut b1, mut b2) = ([0u8; 18], [0u8; 18]);
+            sys::abort_with(&[
+                b"hetmem: a direct mremap moved the shared file mapping at ",
+                sys::hex(v.range.start.get(), &mut b1),
+                b" to ",
+                sys::hex(to.get(), &mut b2),
+                b": not supported (stores through the new address could not be written back \
+                  to the file); use Space::unmap and Space::map_file\n",
+            ]);
+        }
+        self.invalidate(&st, old, NotifyEvent::Unmap, None);
+        self.split_at(&mut st, old.start);
+        self.split_at(&mut st, old.end);
+        let keys: Vec<usize> = st
+            .vmas
+            .values()
+            .filter(|v| old.overlaps(&v.range))
+            .map(|v| v.range.start.get())
+            .collect();
+        for k in keys {
+            let v = st.vmas.remove(&k).expect("key just listed");
+            let moved = VaRange {
+                start: to.add(v.range.start.get() - from.get()),
+                end: to.add(v.range.end.get() - from.get()),
+            };
+            for (i, pte) in v.ptes.iter().enumerate() {
+                let dst = moved.start.add(i * PAGE_SIZE);
+                let copied = match pte.state() {
+                    PageState::Present => Ok(()),
+                    PageState::None => match &v.file {
+                        // As a first access would have read it.
+                        Some(f) => {
+                            let mut buf = [0u8; PAGE_SIZE];
+                            f.cache
+                                .read_pages(f.pgoff + i as u64, &mut buf)
+                                .and_then(|()| {
+                                    self.bounce
+                                        .write(0, &buf)
+                                        .map_err(|e| Error::os("fill from file", e))
+                                })
+                                .and_then(|()| {
+                                    self.mm
+                                        .install(dst, &self.bounce, 0, PAGE_SIZE, v.mode)
+                                        .map_err(|e| Error::os("follow mremap", e.into()))
+                                })
+                        }
+                        None => Ok(()),
+                    },
+                    PageState::Device | PageState::Exclusive => {
+                        let (pm, frame, _) = pte.device_frame().expect("device or stash frame");
+                        let pool = if pte.state() == PageState::Exclusive {
+                            self.stash.clone()
+                        } else {
+                            st.pagemap(pm)
+                        };
+                        pool.charge_migration(PAGE_SIZE);
+                        self.install_from_frame(dst, &pool, frame.offset(), PAGE_SIZE, v.mode)
+                            .map_err(|e| Error::os("follow mremap", e.into()))
+                    }
+                };
+                if let Err(e) = copied {
+                    // Never silently: the page's data could not be placed at its new address.
+                    let mut b = [0u8; 18];
+                    let msg = format!(" ({e})\n");
+                    sys::abort_with(&[
+                        b"hetmem: following a direct mremap, the data of page ",
+                        sys::hex(dst.get(), &mut b),
+                        b" could not be copied to its new address",
+                        msg.as_bytes(),
+                    ]);
+                }
+            }
+            let _ = self.mm.forget_moved(moved, v.mode);
+            self.free_frames(&st, &v.ptes);
+        }
+        if self.mm.restore_reservation(old).is_err() {
+            st.lost.push(old);
+        }
+        self.counters.foreign_remaps.fetch_add(1, Ordering::Relaxed);
+    }
+}
