@@ -1,0 +1,202 @@
+//! memfd (the page cache's staging memory) and `PAGEMAP_SCAN` (dirty tracking).
+
+#![allow(unsafe_code)]
+
+use super::*;
+
+/// A memfd: the staging store of hetmem's page cache (file pages at their file offsets).
+#[derive(Debug)]
+pub struct Memfd {
+    fd: OwnedFd,
+}
+
+impl Memfd {
+    /// A new, empty memfd (not inherited across exec).
+    pub fn new(name: &str) -> io::Result<Memfd> {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+        Ok(Memfd { fd })
+    }
+
+    /// Sets its size.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        rustix::fs::ftruncate(&self.fd, len)?;
+        Ok(())
+    }
+
+    /// Reads at `off` until `buf` is full or the end (returns the bytes read).
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pread(&self.fd, &mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Reads up to `len` bytes at `off` straight into `dst[dst_off..dst_off + len]` (a region of
+    /// hetmem's own, never a managed address), without a staging buffer; returns the bytes read
+    /// (short at the end of the memfd).
+    pub fn read_into_region(
+        &self,
+        off: u64,
+        dst: &Region,
+        dst_off: usize,
+        len: usize,
+    ) -> io::Result<usize> {
+        dst.check(dst_off, len)?;
+        let mut done = 0;
+        while done < len {
+            let p = (dst.base + dst_off + done) as *mut libc::c_void;
+            // SAFETY: `p..p + len - done` lies inside `dst`'s live mapping (checked above); the
+            // kernel writes into it like any memory copy (a region of hetmem's own, which no Rust
+            // reference covers: it is accessed through raw copies only).
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    p,
+                    len - done,
+                    (off + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => break,
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Writes all of `buf` at `off`.
+    pub fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match rustix::io::pwrite(&self.fd, &buf[done..], off + done as u64) {
+                Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees `off..off + len` (`FALLOC_FL_PUNCH_HOLE | KEEP_SIZE`): the bytes read as zeros and
+    /// their memory is returned.
+    pub fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(
+            &self.fd,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        )?;
+        Ok(())
+    }
+
+    /// Bytes of memory it holds (`st_blocks * 512`).
+    pub fn resident_bytes(&self) -> io::Result<u64> {
+        Ok(rustix::fs::fstat(&self.fd)?.st_blocks as u64 * 512)
+    }
+}
+
+/// `PAGEMAP_SCAN` on `/proc/self/pagemap`: which pages of a range with asynchronous
+/// write-protect were written since they were last protected.
+#[derive(Debug)]
+pub struct PagemapScanner {
+    fd: OwnedFd,
+}
+
+const OP_PAGEMAP_SCAN: u64 = opcode::read_write::<uapi::pm_scan_arg>(b'f', 16) as u64;
+
+impl PagemapScanner {
+    /// Opens `/proc/self/pagemap`.
+    pub fn new() -> io::Result<PagemapScanner> {
+        let fd = rustix::fs::open(
+            "/proc/self/pagemap",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Ok(PagemapScanner { fd })
+    }
+
+    /// The written pages of `start..end` (as address ranges), write-protecting them again
+    /// (`PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`, category `PAGE_IS_WRITTEN`).
+    pub fn written_and_reprotect(
+        &self,
+        start: usize,
+        end: usize,
+    ) -> io::Result<Vec<(usize, usize)>> {
+        let mut out = Vec::new();
+        let mut regions = vec![
+            uapi::page_region {
+                start: 0,
+                end: 0,
+                categories: 0
+            };
+            512
+        ];
+        let mut s = start;
+        while s < end {
+            let mut a = uapi::pm_scan_arg {
+                size: std::mem::size_of::<uapi::pm_scan_arg>() as u64,
+                flags: (uapi::PM_SCAN_WP_MATCHING | uapi::PM_SCAN_CHECK_WPASYNC) as u64,
+                start: s as u64,
+                end: end as u64,
+                walk_end: 0,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: uapi::PAGE_IS_WRITTEN as u64,
+                category_anyof_mask: 0,
+                return_mask: uapi::PAGE_IS_WRITTEN as u64,
+            };
+            // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` whose `vec` points at
+            // `regions.len()` writable `page_region`s, which `regions` is; it only reads page
+            // tables of this process and write-protects the scanned range.
+            let n = unsafe { libc::ioctl(self.fd.as_raw_fd(), OP_PAGEMAP_SCAN as _, &mut a) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for r in &regions[..n as usize] {
+                out.push((r.start as usize, r.end as usize));
+            }
+            if a.walk_end as usize <= s {
+                break;
+            }
+            s = a.walk_end as usize;
+        }
+        Ok(out)
+    }
+}
+
+impl Memfd {
+    /// The fd (to map it).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// `mlock2(addr, len, MLOCK_ONFAULT)` on part of a hetmem reservation, for tests of how hetmem
+/// behaves when the user locks some of its memory (`MADV_DONTNEED` is refused there).
+pub fn mlock_onfault(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: mlock2 changes no memory contents; the range is the caller's managed memory.
+    unsafe { rustix::mm::mlock_with(addr as *mut _, len, rustix::mm::MlockFlags::ONFAULT) }?;
+    Ok(())
+}
+
+/// `munlock(addr, len)`.
+pub fn munlock(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: munlock changes no memory contents.
+    unsafe { rustix::mm::munlock(addr as *mut _, len) }?;
+    Ok(())
+}

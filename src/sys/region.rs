@@ -1,0 +1,393 @@
+//! Owned mappings ([`Region`]) with bounds-checked raw copies, protections, and the read-only
+//! mapping of a file used by the bench baseline.
+
+#![allow(unsafe_code)]
+
+use super::*;
+
+/// Memory protection of a range, as `PROT_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Prot {
+    /// `PROT_NONE`: any access faults.
+    None,
+    /// `PROT_READ`.
+    Read,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
+}
+
+impl Prot {
+    /// Whether loads are allowed.
+    pub fn readable(self) -> bool {
+        !matches!(self, Prot::None)
+    }
+    /// Whether stores are allowed.
+    pub fn writable(self) -> bool {
+        matches!(self, Prot::ReadWrite)
+    }
+    fn flags(self) -> ProtFlags {
+        match self {
+            Prot::None => ProtFlags::empty(),
+            Prot::Read => ProtFlags::READ,
+            Prot::ReadWrite => ProtFlags::READ | ProtFlags::WRITE,
+        }
+    }
+    fn mflags(self) -> MprotectFlags {
+        match self {
+            Prot::None => MprotectFlags::empty(),
+            Prot::Read => MprotectFlags::READ,
+            Prot::ReadWrite => MprotectFlags::READ | MprotectFlags::WRITE,
+        }
+    }
+}
+
+/// Checks the machine's page size once; hetmem assumes 4 KiB base pages.
+pub fn check_page_size() -> io::Result<()> {
+    if rustix::param::page_size() != PAGE_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "hetmem needs 4 KiB base pages",
+        ));
+    }
+    Ok(())
+}
+
+/// An owned anonymous private mapping.
+///
+/// # Invariants
+///
+/// `base..base + len` is a live mapping created by [`Region::new`] and owned by this value
+/// until it is dropped; `base` is aligned to the alignment asked for. The mapping is
+/// `MADV_DONTFORK`: a child process does not inherit it (hetmem is inert in a child).
+#[derive(Debug)]
+pub struct Region {
+    pub(super) base: usize,
+    pub(super) len: usize,
+}
+
+/// `n` atomic words, all zero, allocated fallibly and zeroed lazily (a large allocation is fresh
+/// anonymous memory: untouched words cost nothing): per-frame metadata of a pool whose size a
+/// caller chose.
+pub fn zeroed_atomics(n: usize) -> io::Result<Box<[AtomicU64]>> {
+    if n == 0 {
+        return Ok(Box::new([]));
+    }
+    let layout = std::alloc::Layout::array::<AtomicU64>(n)
+        .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: `layout` has a non-zero size (n > 0).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
+    if p.is_null() {
+        return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+    }
+    // SAFETY: `p` is a fresh allocation of `n` AtomicU64 with the global allocator's layout for
+    // that array, and all-zero bytes are a valid AtomicU64 (same layout as u64); the box takes
+    // ownership and frees it with the same layout.
+    Ok(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, n)) })
+}
+
+impl Region {
+    /// Maps `len` bytes (a multiple of the page size) aligned to `align` (a power of two, at
+    /// least a page), with protection `prot`, not inherited across fork.
+    pub fn new(len: usize, align: usize, prot: Prot) -> io::Result<Region> {
+        if len == 0
+            || !len.is_multiple_of(PAGE_SIZE)
+            || !align.is_power_of_two()
+            || align < PAGE_SIZE
+        {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let total = len
+            .checked_add(align - PAGE_SIZE)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases no
+        // Rust object.
+        let raw = unsafe {
+            rustix::mm::mmap_anonymous(
+                ptr::null_mut(),
+                total,
+                prot.flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }?;
+        let raw = raw as usize;
+        let base = (raw + align - 1) & !(align - 1);
+        // Trim the slack on both sides so that only the aligned part stays mapped.
+        if base > raw {
+            // SAFETY: `raw..base` is part of the mapping just created and nothing refers to it.
+            unsafe { rustix::mm::munmap(raw as *mut _, base - raw) }?;
+        }
+        let tail = raw + total - (base + len);
+        if tail > 0 {
+            // SAFETY: the tail past `base + len` belongs to the fresh mapping, unused.
+            unsafe { rustix::mm::munmap((base + len) as *mut _, tail) }?;
+        }
+        let region = Region { base, len };
+        region.advise(0, len, Advice::LinuxDontFork)?;
+        Ok(region)
+    }
+
+    /// First byte of the region.
+    pub fn base(&self) -> usize {
+        self.base
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (never: regions have a non-zero length).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(super) fn check(&self, off: usize, len: usize) -> io::Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+        }
+    }
+
+    fn advise(&self, off: usize, len: usize, advice: Advice) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: the range lies inside this region (checked); madvise with these advices
+        // changes no memory that Rust objects alias (the region is only ever accessed through
+        // raw copies).
+        unsafe { rustix::mm::madvise((self.base + off) as *mut _, len, advice) }?;
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes at `off` out of the region (a raw copy: the bytes may change
+    /// underneath, no reference to them is formed).
+    pub fn read(&self, off: usize, dst: &mut [u8]) -> io::Result<()> {
+        self.check(off, dst.len())?;
+        // SAFETY: source range is inside the live mapping (checked above); `dst` is a distinct
+        // Rust buffer, so the ranges do not overlap.
+        unsafe {
+            ptr::copy_nonoverlapping((self.base + off) as *const u8, dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `src` into the region at `off` (a raw copy).
+    pub fn write(&self, off: usize, src: &[u8]) -> io::Result<()> {
+        self.check(off, src.len())?;
+        // SAFETY: destination range is inside the live mapping (checked above); `src` is a
+        // distinct Rust buffer.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), (self.base + off) as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `self` at `src_off` to `dst` at `dst_off` (raw memcpy).
+    pub fn copy_to(
+        &self,
+        src_off: usize,
+        dst: &Region,
+        dst_off: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.check(src_off, len)?;
+        dst.check(dst_off, len)?;
+        let (s, d) = (self.base + src_off, dst.base + dst_off);
+        if s < d + len && d < s + len {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: both ranges are inside live mappings (checked) and do not overlap (checked).
+        unsafe { ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, len) };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `off` with zeros.
+    pub fn zero(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: range inside the live mapping (checked).
+        unsafe { ptr::write_bytes((self.base + off) as *mut u8, 0, len) };
+        Ok(())
+    }
+
+    /// Volatile load of a `u64` at `off` (8-byte aligned).
+    pub fn load_u64(&self, off: usize) -> io::Result<u64> {
+        self.check(off, 8)?;
+        if !off.is_multiple_of(8) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: aligned, inside the live mapping (checked).
+        Ok(unsafe { ptr::read_volatile((self.base + off) as *const u64) })
+    }
+
+    /// Atomic fetch-add of a `u64` at `off` (8-byte aligned): the device's atomic operation.
+    pub fn fetch_add_u64(&self, off: usize, v: u64) -> io::Result<u64> {
+        self.check(off, 8)?;
+        if !off.is_multiple_of(8) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: aligned, inside the live mapping (checked); AtomicU64 has the layout of u64
+        // and every access to this word by hetmem is atomic or a raw copy.
+        let a = unsafe { &*((self.base + off) as *const std::sync::atomic::AtomicU64) };
+        Ok(a.fetch_add(v, Ordering::SeqCst))
+    }
+
+    /// Drops the pages of `off..off + len` (`MADV_DONTNEED`): on an anonymous private region the
+    /// next access faults (for a userfaultfd-registered range: a MISSING fault).
+    pub fn discard(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxDontNeed)
+    }
+
+    /// Changes the protection of `off..off + len`.
+    pub fn protect(&self, off: usize, len: usize, prot: Prot) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: the range is inside this region; its memory is only accessed by raw copies,
+        // so no Rust reference is invalidated by a protection change.
+        unsafe { rustix::mm::mprotect((self.base + off) as *mut _, len, prot.mflags()) }?;
+        Ok(())
+    }
+
+    /// Replaces `off..off + len` with a fresh anonymous mapping of protection `prot` (MAP_FIXED).
+    ///
+    /// This drops the pages *and* any userfaultfd registration of the range. Never use it on a
+    /// range that must stay registered (an access in between is silently zero-filled): hetmem
+    /// uses it only to create a mapping in a never-registered part of a reservation, and to
+    /// unmap (after which accesses must fault with SIGSEGV, as they do on PROT_NONE).
+    pub fn remap_fresh(&self, off: usize, len: usize, prot: Prot) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: MAP_FIXED over a range of this region only (checked); its memory is accessed
+        // only through raw copies, so no Rust object is invalidated.
+        unsafe {
+            rustix::mm::mmap_anonymous(
+                (self.base + off) as *mut _,
+                len,
+                prot.flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+            )
+        }?;
+        self.advise(off, len, Advice::LinuxDontFork)
+    }
+
+    /// Maps `off..off + len` again as fresh PROT_NONE memory, not inherited across fork, where
+    /// nothing is mapped now (`MAP_FIXED_NOREPLACE`: EEXIST if something is): the part of the
+    /// region a direct mremap moved away.
+    pub fn map_hole_again(&self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory that any
+        // code refers to is touched; the range is this region's (checked).
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                (self.base + off) as *mut _,
+                len,
+                Prot::None.flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
+            )
+        }?;
+        if p as usize != self.base + off {
+            // A kernel without MAP_FIXED_NOREPLACE treats it as a hint: undo the stray mapping.
+            // SAFETY: `p..p + len` is the mapping just created, referred to by nothing.
+            unsafe { rustix::mm::munmap(p, len) }?;
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        self.advise(off, len, Advice::LinuxDontFork)
+    }
+
+    /// Touches every page of `off..off + len` for writing (`MADV_POPULATE_WRITE`).
+    pub fn populate(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxPopulateWrite)
+    }
+}
+
+impl Region {
+    /// Replaces `off..off + len` with a mapping of `fd` at `file_off` (`MAP_SHARED`, or
+    /// `MAP_PRIVATE` when `!shared`), not inherited across fork. As [`Region::remap_fresh`]:
+    /// only over a never-registered part of the region.
+    pub fn map_fd(
+        &self,
+        off: usize,
+        len: usize,
+        prot: Prot,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        shared: bool,
+    ) -> io::Result<()> {
+        self.check(off, len)?;
+        let kind = if shared {
+            MapFlags::SHARED
+        } else {
+            MapFlags::PRIVATE
+        };
+        // SAFETY: MAP_FIXED over a range of this region only (checked); its memory is accessed
+        // only through raw copies, so no Rust object is invalidated.
+        unsafe {
+            rustix::mm::mmap(
+                (self.base + off) as *mut _,
+                len,
+                prot.flags(),
+                kind | MapFlags::FIXED,
+                fd,
+                file_off,
+            )
+        }?;
+        self.advise(off, len, Advice::LinuxDontFork)
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the region owns this mapping (type invariant); nothing refers to it any more.
+        let _ = unsafe { rustix::mm::munmap(self.base as *mut _, self.len) };
+    }
+}
+
+/// A read-only `MAP_SHARED` mapping of a regular file by the kernel itself (its page cache, its
+/// fault-around and readahead): the baseline of hetmem's file mappings in `hetmem bench`. It is a
+/// [`Region`] (owned, unmapped on drop, read through raw copies; unlike `Region::new`, not
+/// `MADV_DONTFORK`) that offers only the reads.
+///
+/// The file must stay at least `len` bytes long while the mapping lives: as with any `mmap`, an
+/// access past the end of file raises SIGBUS (which kills the process; it is not memory unsafety).
+#[derive(Debug)]
+pub struct MappedFile(Region);
+
+/// Maps the first `len` bytes (non-zero) of `file` read-only and shared (see [`MappedFile`]).
+pub fn map_file_readonly(file: &std::fs::File, len: usize) -> io::Result<MappedFile> {
+    if len == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: a fresh mapping at an address of the kernel's choosing aliases no Rust object; it is
+    // read-only and only ever read through raw copies (no reference to its bytes is formed, so
+    // writes to the file by others cannot invalidate one).
+    let raw = unsafe {
+        rustix::mm::mmap(
+            ptr::null_mut(),
+            len,
+            ProtFlags::READ,
+            MapFlags::SHARED,
+            file,
+            0,
+        )
+    }?;
+    Ok(MappedFile(Region {
+        base: raw as usize,
+        len,
+    }))
+}
+
+impl MappedFile {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the mapping is empty (never: mappings have a non-zero length).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Copies `dst.len()` bytes at `off` out of the mapping (a raw copy; the first access to a
+    /// page faults into the kernel, which reads the file if it must).
+    pub fn read(&self, off: usize, dst: &mut [u8]) -> io::Result<()> {
+        self.0.read(off, dst)
+    }
+
+    /// Volatile load of a `u64` at `off` (8-byte aligned).
+    pub fn load_u64(&self, off: usize) -> io::Result<u64> {
+        self.0.load_u64(off)
+    }
+}

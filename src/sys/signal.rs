@@ -1,0 +1,495 @@
+//! The process-wide SIGBUS handler, the fault-range registry, no-fault zones and the
+//! per-thread state the fault service keeps (readable in signal context).
+
+#![allow(unsafe_code)]
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// The SIGBUS handler
+// ---------------------------------------------------------------------------------------------
+
+/// Something that serves faults in a range of addresses (an address space).
+///
+/// [`FaultTarget::handle_fault`] runs in signal context for SIGBUS-mode ranges: no allocation,
+/// no panic, no lock the interrupted thread may hold. It returns true when it resolved the fault
+/// (the access is retried) and false when the address is not its (the SIGBUS handler then chains
+/// to the previous handler).
+pub trait FaultTarget: Send + Sync {
+    /// Serves a fault at `addr` (`write`: the access was a store).
+    fn handle_fault(&self, addr: usize, write: bool) -> bool;
+    /// The program moved `from..from + len` (inside this target's range) to `to` with a direct
+    /// mremap(2). Called by an event reader thread, never in signal context.
+    fn remapped(&self, from: usize, to: usize, len: usize);
+}
+
+/// Direct mremaps reported and not yet followed (see [`RemapWindow`]): while non-zero, a
+/// signal-mode fault that nobody serves waits for them and retries instead of taking the
+/// default action: it may be an access to the moved range before hetmem has followed the move
+/// (the program's mremap returns as soon as the event is read).
+static REMAPS_PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by an event reader from before it reads a userfaultfd's messages until it has
+/// followed every move among them.
+#[derive(Debug)]
+pub struct RemapWindow(());
+
+impl RemapWindow {
+    /// Opens the window (before the read).
+    pub fn open() -> RemapWindow {
+        REMAPS_PENDING.fetch_add(1, Ordering::SeqCst);
+        RemapWindow(())
+    }
+}
+
+impl Drop for RemapWindow {
+    fn drop(&mut self) {
+        REMAPS_PENDING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Routes a move reported by a userfaultfd to the target whose range holds `from`.
+pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
+    for slot in SLOTS.iter() {
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
+        let p = slot.target.load(Ordering::SeqCst);
+        let hit = !p.is_null() && s <= from && from < e;
+        if hit {
+            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
+            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+            t.remapped(from, to, len);
+        }
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+        if hit {
+            return true;
+        }
+    }
+    false
+}
+
+struct Slot {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    target: AtomicPtr<Arc<dyn FaultTarget>>,
+    users: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_SLOT: Slot = Slot {
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    target: AtomicPtr::new(ptr::null_mut()),
+    users: AtomicUsize::new(0),
+};
+
+/// Most address ranges (address spaces, bench ranges) registered at once.
+pub const MAX_FAULT_RANGES: usize = 64;
+static SLOTS: [Slot; MAX_FAULT_RANGES] = [EMPTY_SLOT; MAX_FAULT_RANGES];
+
+/// A registration made by [`register_fault_range`]; dropping it unregisters the range and
+/// waits until no handler is still using the target.
+#[derive(Debug)]
+pub struct FaultRange {
+    slot: usize,
+}
+
+/// Routes faults in `start..end` to `target` (lock-free lookup from the SIGBUS handler and the
+/// handler threads).
+pub fn register_fault_range(
+    start: usize,
+    end: usize,
+    target: Arc<dyn FaultTarget>,
+) -> io::Result<FaultRange> {
+    let boxed = Box::into_raw(Box::new(target));
+    for (i, slot) in SLOTS.iter().enumerate() {
+        if slot
+            .target
+            .compare_exchange(ptr::null_mut(), boxed, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            slot.start.store(start, Ordering::SeqCst);
+            slot.end.store(end, Ordering::SeqCst);
+            return Ok(FaultRange { slot: i });
+        }
+    }
+    // SAFETY: `boxed` came from Box::into_raw above and was never published.
+    drop(unsafe { Box::from_raw(boxed) });
+    Err(io::Error::new(
+        io::ErrorKind::OutOfMemory,
+        "too many hetmem address ranges",
+    ))
+}
+
+impl Drop for FaultRange {
+    fn drop(&mut self) {
+        let slot = &SLOTS[self.slot];
+        slot.start.store(0, Ordering::SeqCst);
+        slot.end.store(0, Ordering::SeqCst);
+        // Wait for lookups that may have seen the old range. A lookup increments `users` before
+        // reading the range, so once `users` is zero after the range was cleared, no lookup can
+        // still use the target. Bounded: lookups hold the slot only while serving one fault.
+        while slot.users.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        let p = slot.target.swap(ptr::null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: `p` came from Box::into_raw in register_fault_range; no handler uses it
+            // any more (waited above) and the slot no longer publishes it.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+}
+
+thread_local! {
+    /// What the calling thread is doing while it must not fault on a managed address (a hetmem
+    /// lock is held across a copy of managed memory); empty outside such a zone. A `const`
+    /// thread-local of a `Copy` type: reading it from the SIGBUS handler allocates nothing and
+    /// initialises nothing lazily.
+    static NO_FAULT: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+    /// This thread's id, once asked (0: not yet).
+    static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+thread_local! {
+    /// Set while this thread runs hetmem's SIGBUS handler.
+    static IN_SIGNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Why the last fault this thread's fault service could not serve was not served ("" if it
+    /// was, or was not hetmem's).
+    static UNSERVED: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+}
+
+thread_local! {
+    /// This thread's anonymous fault-around run: the address right after its last window, and
+    /// that window's size in bytes (per thread, so that threads faulting sequentially through
+    /// disjoint ranges do not break each other's runs; a const thread-local: readable from the
+    /// SIGBUS handler).
+    static FAULT_AROUND: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+    /// This thread's file fault-around run: which cache (its address), the page right after its
+    /// last window, and that window's size in pages.
+    static FILE_FAULT_AROUND: std::cell::Cell<(usize, u64, u64)> =
+        const { std::cell::Cell::new((0, u64::MAX, 0)) };
+}
+
+/// The calling thread's anonymous fault-around run (next address, window).
+pub fn fault_around_state() -> (usize, usize) {
+    FAULT_AROUND.with(|c| c.get())
+}
+
+/// Sets the calling thread's anonymous fault-around run.
+pub fn set_fault_around_state(next: usize, window: usize) {
+    FAULT_AROUND.with(|c| c.set((next, window)));
+}
+
+/// The calling thread's file fault-around run (cache key, next page, window in pages).
+pub fn file_fault_around_state() -> (usize, u64, u64) {
+    FILE_FAULT_AROUND.with(|c| c.get())
+}
+
+/// Sets the calling thread's file fault-around run.
+pub fn set_file_fault_around_state(key: usize, next: u64, window: u64) {
+    FILE_FAULT_AROUND.with(|c| c.set((key, next, window)));
+}
+
+/// Records why the fault being served cannot be served (called by the fault service, in the
+/// faulting thread); the SIGBUS handler prints it if the access then takes the default action.
+pub fn note_unserved_fault(why: &'static str) {
+    UNSERVED.with(|c| c.set(why));
+}
+
+/// Whether the calling thread is running hetmem's SIGBUS handler (where nothing may allocate).
+pub fn in_signal_handler() -> bool {
+    IN_SIGNAL.with(|c| c.get())
+}
+
+/// An atomic cell holding a `&'static Location` (where a lock was taken, for the lock watch):
+/// only `&'static` references go in, so what comes out is one.
+#[derive(Debug)]
+pub struct AtomicLocation(AtomicPtr<std::panic::Location<'static>>);
+
+impl AtomicLocation {
+    /// Empty.
+    pub const fn new() -> AtomicLocation {
+        AtomicLocation(AtomicPtr::new(ptr::null_mut()))
+    }
+    /// Stores `l`.
+    pub fn store(&self, l: &'static std::panic::Location<'static>) {
+        self.0.store(
+            (l as *const std::panic::Location<'static>).cast_mut(),
+            Ordering::SeqCst,
+        );
+    }
+    /// The location stored last, if any.
+    pub fn load(&self) -> Option<&'static std::panic::Location<'static>> {
+        let p = self.0.load(Ordering::SeqCst);
+        // SAFETY: the only non-null values ever stored are `&'static Location<'static>`
+        // references (`store`), which live for the whole program and are never written through.
+        unsafe { p.as_ref() }
+    }
+}
+
+impl Default for AtomicLocation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Thread ids (as the kernel reports them in thread-mode fault messages) of the threads inside
+/// a [`NoFaultZone`], so that the handler thread can tell too. Fixed size, lock-free.
+const MAX_ZONE_TIDS: usize = 64;
+static ZONE_TIDS: [std::sync::atomic::AtomicU32; MAX_ZONE_TIDS] =
+    [const { std::sync::atomic::AtomicU32::new(0) }; MAX_ZONE_TIDS];
+
+/// A stretch of hetmem code that holds a hetmem lock while it copies managed memory (a device
+/// copy under its page-table lock, a migration copy under the space's lock). Such code only
+/// touches pages known to be present; if it faults on a managed address anyway, serving the
+/// fault would need the lock it holds, or one ordered above it: a deadlock. Inside a zone such a
+/// fault aborts the process with a message naming the zone instead (in the SIGBUS handler for
+/// signal-mode mappings, in the handler thread for thread-mode ones) — a bug report, not a hang.
+#[derive(Debug)]
+pub struct NoFaultZone {
+    prev: &'static str,
+    slot: Option<usize>,
+}
+
+impl NoFaultZone {
+    /// Enters a zone described by `what` (for example "device copy under the page-table
+    /// lock").
+    pub fn enter(what: &'static str) -> NoFaultZone {
+        let prev = NO_FAULT.with(|c| c.replace(what));
+        let mut slot = None;
+        if prev.is_empty() {
+            let tid = TID.with(|t| {
+                if t.get() == 0 {
+                    t.set(rustix::thread::gettid().as_raw_nonzero().get() as u32);
+                }
+                t.get()
+            });
+            slot = ZONE_TIDS.iter().position(|t| {
+                t.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            });
+        }
+        NoFaultZone { prev, slot }
+    }
+}
+
+impl Drop for NoFaultZone {
+    fn drop(&mut self) {
+        NO_FAULT.with(|c| c.set(self.prev));
+        if let Some(i) = self.slot {
+            ZONE_TIDS[i].store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Whether thread `tid` is inside a zone, for the handler thread (a thread whose slot could not
+/// be recorded, past 64 at once, is not found).
+fn zone_of_tid(tid: u32) -> bool {
+    tid != 0 && ZONE_TIDS.iter().any(|t| t.load(Ordering::SeqCst) == tid)
+}
+
+/// Writes `parts` to stderr and aborts: async-signal-safe (no allocation, no lock).
+pub fn abort_with(parts: &[&[u8]]) -> ! {
+    write_stderr_parts(parts);
+    std::process::abort()
+}
+
+/// Writes `parts` to stderr: async-signal-safe (no allocation, no lock).
+fn write_stderr_parts(parts: &[&[u8]]) {
+    for p in parts {
+        // SAFETY: writes a valid byte slice to fd 2; a failed write is ignored (best effort).
+        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+    }
+}
+
+/// Formats `v` as hex into `buf` (no allocation), returning the digits.
+pub fn hex(v: usize, buf: &mut [u8; 18]) -> &[u8] {
+    buf[0] = b'0';
+    buf[1] = b'x';
+    for i in 0..16 {
+        let d = (v >> ((15 - i) * 4)) & 0xf;
+        buf[2 + i] = b"0123456789abcdef"[d];
+    }
+    &buf[..]
+}
+
+/// Whether `addr` lies in a registered fault range (a managed address).
+fn is_managed(addr: usize) -> bool {
+    SLOTS.iter().any(|s| {
+        !s.target.load(Ordering::SeqCst).is_null()
+            && s.start.load(Ordering::SeqCst) <= addr
+            && addr < s.end.load(Ordering::SeqCst)
+    })
+}
+
+/// Serves a fault at `addr` for the handler thread of thread-mode mappings: as
+/// [`dispatch_fault`], but a fault taken by a thread inside a [`NoFaultZone`] aborts.
+pub fn dispatch_thread_fault(addr: usize, write: bool, tid: u32) -> bool {
+    if zone_of_tid(tid) && is_managed(addr) {
+        let mut b = [0u8; 18];
+        abort_with(&[
+            b"hetmem: BUG: a thread holding a hetmem lock faulted on managed address ",
+            hex(addr, &mut b),
+            b" (thread-mode mapping): serving it would deadlock\n",
+        ]);
+    }
+    dispatch_fault(addr, write)
+}
+
+/// Serves a fault at `addr` with the target registered for it; false when none is.
+pub fn dispatch_fault(addr: usize, write: bool) -> bool {
+    for slot in SLOTS.iter() {
+        if slot.target.load(Ordering::Relaxed).is_null() {
+            continue;
+        }
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
+        let p = slot.target.load(Ordering::SeqCst);
+        let hit = !p.is_null() && s <= addr && addr < e;
+        let handled = if hit {
+            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
+            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+            t.handle_fault(addr, write)
+        } else {
+            false
+        };
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+        if hit {
+            return handled;
+        }
+    }
+    false
+}
+
+static PREV_ACTION: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+static INSTALL: std::sync::Once = std::sync::Once::new();
+static INSTALL_ERR: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the process-wide SIGBUS handler once; later calls are no-ops.
+pub fn install_sigbus_handler() -> io::Result<()> {
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid "no flags, default" value, filled in below.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = sigbus_handler as *const () as usize;
+        // No SA_ONSTACK: the fault service runs on the faulting thread's own stack (an alternate
+        // signal stack, sized for a stack-overflow report, is too small for it).
+        // SA_NODEFER: SIGBUS stays unblocked while the handler runs. A SIGBUS raised inside the
+        // handler (a bug: hetmem code touching a managed page it should not, or the previous
+        // handler we chain to faulting) is synchronous, and the kernel kills a thread at once,
+        // silently, for a synchronous signal it has blocked; unblocked, the nested fault reaches
+        // this handler again, which reports it (a no-fault zone's message) or serves it.
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NODEFER;
+        // SAFETY: sigemptyset on a sigset_t we own.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        let prev = Box::leak(Box::new(
+            // SAFETY: zeroed sigaction is valid; overwritten by sigaction below.
+            unsafe { std::mem::zeroed::<libc::sigaction>() },
+        ));
+        // SAFETY: installs a handler for SIGBUS; `sa` and `prev` are valid sigaction structs.
+        // The previous action is published before the handler can observe it as null only in
+        // the window before this call returns, in which case the handler restores the default.
+        let rc = unsafe { libc::sigaction(libc::SIGBUS, &sa, prev) };
+        if rc != 0 {
+            INSTALL_ERR.store(
+                io::Error::last_os_error().raw_os_error().unwrap_or(1) as usize,
+                Ordering::Release,
+            );
+        } else {
+            PREV_ACTION.store(prev, Ordering::Release);
+        }
+    });
+    match INSTALL_ERR.load(Ordering::Acquire) {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e as i32)),
+    }
+}
+
+extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; saving and restoring it keeps the interrupted code's view.
+    let errno_slot = unsafe { libc::__errno_location() };
+    // SAFETY: `errno_slot` points at this thread's errno.
+    let saved_errno = unsafe { *errno_slot };
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    // SAFETY: for SA_SIGINFO handlers `ctx` is a valid ucontext_t; REG_ERR holds the x86 page
+    // fault error code, whose bit 1 says the access was a write.
+    let write = unsafe {
+        let uc = ctx as *const libc::ucontext_t;
+        ((*uc).uc_mcontext.gregs[libc::REG_ERR as usize] & 2) != 0
+    };
+    let zone = NO_FAULT.with(|c| c.get());
+    if !zone.is_empty() && is_managed(addr) {
+        let mut b = [0u8; 18];
+        abort_with(&[
+            b"hetmem: BUG: faulted on managed address ",
+            hex(addr, &mut b),
+            b" inside a no-fault zone (",
+            zone.as_bytes(),
+            b"): serving it would deadlock\n",
+        ]);
+    }
+    let was_in = IN_SIGNAL.with(|c| c.replace(true));
+    UNSERVED.with(|c| c.set(""));
+    let handled = dispatch_fault(addr, write);
+    IN_SIGNAL.with(|c| c.set(was_in));
+    if handled {
+        // SAFETY: restoring this thread's errno.
+        unsafe { *errno_slot = saved_errno };
+        return;
+    }
+    if REMAPS_PENDING.load(Ordering::SeqCst) > 0 {
+        // Perhaps the moved range of a direct mremap that hetmem is following right now (or
+        // a fill that got EAGAIN while the event was unread): wait for the event readers, then
+        // let the access retry. Bounded by their work; sched_yield is async-signal-safe.
+        while REMAPS_PENDING.load(Ordering::SeqCst) > 0 {
+            rustix::thread::sched_yield();
+        }
+        // SAFETY: restoring this thread's errno.
+        unsafe { *errno_slot = saved_errno };
+        return;
+    }
+    // A managed page that could not be served: say why before the signal takes its course.
+    let why = UNSERVED.with(|c| c.get());
+    if !why.is_empty() {
+        let mut b = [0u8; 18];
+        write_stderr_parts(&[
+            b"hetmem: SIGBUS at ",
+            hex(addr, &mut b),
+            b": ",
+            why.as_bytes(),
+            b"\n",
+        ]);
+    }
+    // Not served: chain to the previous handler (Rust's own, or the default action).
+    let prev = PREV_ACTION.load(Ordering::Acquire);
+    // SAFETY: `prev`, when non-null, is a leaked, never-freed sigaction written once.
+    unsafe {
+        if !prev.is_null() {
+            let p = &*prev;
+            if p.sa_flags & libc::SA_SIGINFO != 0 && p.sa_sigaction > 1 {
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute(p.sa_sigaction);
+                f(sig, info, ctx);
+                *errno_slot = saved_errno;
+                return;
+            }
+            if p.sa_sigaction > 1 {
+                let f: extern "C" fn(libc::c_int) = std::mem::transmute(p.sa_sigaction);
+                f(sig);
+                *errno_slot = saved_errno;
+                return;
+            }
+        }
+        // Default action: restore SIG_DFL; returning re-executes the access, which kills the
+        // process with SIGBUS as if hetmem were not there.
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        *errno_slot = saved_errno;
+    }
+}

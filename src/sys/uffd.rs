@@ -1,0 +1,437 @@
+//! userfaultfd: the ioctls hetmem uses and its messages (faults, REMAP events).
+
+#![allow(unsafe_code)]
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// userfaultfd
+// ---------------------------------------------------------------------------------------------
+
+const UFFDIO: u8 = 0xAA;
+const OP_API: Opcode = opcode::read_write::<uapi::uffdio_api>(UFFDIO, uapi::_UFFDIO_API as u8);
+const OP_REGISTER: Opcode =
+    opcode::read_write::<uapi::uffdio_register>(UFFDIO, uapi::_UFFDIO_REGISTER as u8);
+const OP_UNREGISTER: Opcode =
+    opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO_UNREGISTER as u8);
+const OP_WAKE: Opcode = opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO_WAKE as u8);
+const OP_COPY: Opcode = opcode::read_write::<uapi::uffdio_copy>(UFFDIO, uapi::_UFFDIO_COPY as u8);
+const OP_WRITEPROTECT: Opcode =
+    opcode::read_write::<uapi::uffdio_writeprotect>(UFFDIO, uapi::_UFFDIO_WRITEPROTECT as u8);
+
+/// How a userfaultfd delivers faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdDelivery {
+    /// `UFFD_FEATURE_SIGBUS`: the faulting thread gets SIGBUS and serves the fault itself.
+    Signal,
+    /// Faults are queued as messages and served by a handler thread.
+    Thread,
+}
+
+/// Errors of the resolving ioctls, each with one meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdError {
+    /// EEXIST: the destination is already populated (a racing fault won).
+    Exists,
+    /// EAGAIN: the mappings are changing; retry after draining events.
+    Again,
+    /// EBUSY (MOVE): a pinned or shared source page.
+    Busy,
+    /// Any other errno.
+    Os(i32),
+}
+
+impl From<UffdError> for io::Error {
+    fn from(e: UffdError) -> io::Error {
+        io::Error::from_raw_os_error(match e {
+            UffdError::Exists => libc::EEXIST,
+            UffdError::Again => libc::EAGAIN,
+            UffdError::Busy => libc::EBUSY,
+            UffdError::Os(n) => n,
+        })
+    }
+}
+
+fn uffd_err(e: rustix::io::Errno) -> UffdError {
+    match e {
+        rustix::io::Errno::EXIST => UffdError::Exists,
+        rustix::io::Errno::AGAIN => UffdError::Again,
+        rustix::io::Errno::BUSY => UffdError::Busy,
+        other => UffdError::Os(other.raw_os_error()),
+    }
+}
+
+/// A fault read from a thread-mode userfaultfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UffdFault {
+    /// Faulting address (page-aligned by the kernel unless EXACT_ADDRESS).
+    pub addr: usize,
+    /// The access was a write.
+    pub write: bool,
+    /// The fault is a write-protect fault.
+    pub wp: bool,
+    /// The faulting thread's id (`UFFD_FEATURE_THREAD_ID`), 0 when unknown.
+    pub tid: u32,
+}
+
+/// A message read from a userfaultfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdMsg {
+    /// A page fault (thread-mode delivery).
+    Fault(UffdFault),
+    /// `UFFD_EVENT_REMAP`: the program moved `from..from + len` to `to` with mremap(2); the
+    /// moved range is still registered with this fd.
+    Remap {
+        /// Old start.
+        from: usize,
+        /// New start.
+        to: usize,
+        /// Length moved.
+        len: usize,
+    },
+    /// Another event (not enabled by hetmem).
+    Other(u8),
+}
+
+/// A userfaultfd.
+///
+/// # Invariants
+///
+/// `fd` is a userfaultfd on which the UFFDIO_API handshake has completed with `features`.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    features: u64,
+    user_mode_only: bool,
+    delivery: UffdDelivery,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd delivering faults as `delivery` says.
+    ///
+    /// A plain userfaultfd is tried first (it also serves kernel-mode accesses, e.g. a `read(2)`
+    /// into a managed buffer, in thread mode); where the system refuses it to this user
+    /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
+    /// `force_umo` asks for the latter directly (to run as an unprivileged user would).
+    pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
+        // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
+        // feature the kernel lacks would fail the handshake.
+        // EVENT_REMAP: a direct mremap(2) of a managed range is reported (and waits until the
+        // event is read), so that hetmem follows it instead of losing device-resident data.
+        let mut want = (uapi::UFFD_FEATURE_THREAD_ID | uapi::UFFD_FEATURE_EVENT_REMAP) as u64;
+        if delivery == UffdDelivery::Signal {
+            want |= uapi::UFFD_FEATURE_SIGBUS as u64;
+        }
+        Self::handshake(delivery, force_umo, want)
+    }
+
+    /// Opens a userfaultfd (plain, or user-mode-only where the plain one is refused or
+    /// `force_umo` asks for it) and completes the UFFDIO_API handshake asking for `want`.
+    fn handshake(delivery: UffdDelivery, force_umo: bool, want: u64) -> io::Result<Uffd> {
+        let base = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
+        let umo = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
+        let (fd, user_mode_only) = if force_umo {
+            // SAFETY: the fd is only used through this module's ioctls on hetmem's own regions.
+            (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
+        } else {
+            // SAFETY: as above.
+            match unsafe { rustix::mm::userfaultfd(base) } {
+                Ok(fd) => (fd, false),
+                Err(rustix::io::Errno::PERM) => {
+                    // SAFETY: as above.
+                    (unsafe { rustix::mm::userfaultfd(base | umo) }?, true)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut api = uapi::uffdio_api {
+            api: uapi::UFFD_API as u64,
+            features: want,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is.
+        unsafe { rustix::ioctl::ioctl(&fd, Updater::<OP_API, _>::new(&mut api)) }?;
+        Ok(Uffd {
+            fd,
+            features: api.features,
+            user_mode_only,
+            delivery,
+        })
+    }
+
+    /// Opens the userfaultfd of file mappings: SIGBUS delivery for MISSING faults, and
+    /// asynchronous write-protect (`UFFD_FEATURE_WP_ASYNC`, on shmem, unpopulated entries
+    /// included) for dirty tracking with [`PagemapScanner`]: stores to protected pages go through
+    /// and are recorded by the kernel, without a fault.
+    ///
+    /// With `sync_wp`, write-protect is synchronous instead: a store to a protected page
+    /// faults (SIGBUS in the faulting thread), so that hetmem sees every first store.
+    pub fn open_file(force_umo: bool, sync_wp: bool) -> io::Result<Uffd> {
+        let mut want = (uapi::UFFD_FEATURE_SIGBUS
+            | uapi::UFFD_FEATURE_EVENT_REMAP
+            | uapi::UFFD_FEATURE_WP_UNPOPULATED
+            | uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
+        if !sync_wp {
+            want |= uapi::UFFD_FEATURE_WP_ASYNC as u64;
+        }
+        Self::handshake(UffdDelivery::Signal, force_umo, want)
+    }
+
+    /// Whether this fd was opened with `UFFD_USER_MODE_ONLY` (kernel-mode accesses to missing
+    /// pages then fail with EFAULT instead of being served).
+    pub fn user_mode_only(&self) -> bool {
+        self.user_mode_only
+    }
+
+    /// How faults are delivered.
+    pub fn delivery(&self) -> UffdDelivery {
+        self.delivery
+    }
+
+    /// Whether UFFDIO_MOVE is available.
+    pub fn has_move(&self) -> bool {
+        self.features & uapi::UFFD_FEATURE_MOVE as u64 != 0
+    }
+
+    /// Raw fd number (for the SIGBUS handler's table).
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Registers `region[off..off+len]` for MISSING (and WP if `wp`) faults.
+    pub fn register(&self, region: &Region, off: usize, len: usize, wp: bool) -> io::Result<()> {
+        region.check(off, len)?;
+        let mut mode = uapi::UFFDIO_REGISTER_MODE_MISSING as u64;
+        if wp {
+            mode |= uapi::UFFDIO_REGISTER_MODE_WP as u64;
+        }
+        let mut reg = uapi::uffdio_register {
+            range: uapi::uffdio_range {
+                start: (region.base + off) as u64,
+                len: len as u64,
+            },
+            mode,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; the range is inside a region
+        // hetmem owns (checked), so registration affects no memory other code relies on.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_REGISTER, _>::new(&mut reg)) }?;
+        Ok(())
+    }
+
+    /// Unregisters `region[off..off+len]`.
+    pub fn unregister(&self, region: &Region, off: usize, len: usize) -> io::Result<()> {
+        region.check(off, len)?;
+        let mut r = uapi::uffdio_range {
+            start: (region.base + off) as u64,
+            len: len as u64,
+        };
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_UNREGISTER, _>::new(&mut r)) }?;
+        Ok(())
+    }
+
+    /// `UFFDIO_COPY`: fills the missing pages at `dst..dst+len` (registered with this fd) with
+    /// `src[src_off..src_off+len]`, waking any thread waiting on them.
+    pub fn copy(
+        &self,
+        dst: usize,
+        src: &Region,
+        src_off: usize,
+        len: usize,
+    ) -> Result<(), UffdError> {
+        src.check(src_off, len)
+            .map_err(|_| UffdError::Os(libc::EFAULT))?;
+        let mut c = uapi::uffdio_copy {
+            dst: dst as u64,
+            src: (src.base + src_off) as u64,
+            len: len as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`. The kernel writes only into
+        // userfaultfd-registered ranges (hetmem's reservations), never into Rust objects, and
+        // reads `src` from a live region (checked).
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) }
+            .map_err(uffd_err)
+    }
+
+    /// Fills every missing page of `dst..dst+len` from `src[src_off..]` with `UFFDIO_COPY`,
+    /// resuming after a partial copy: Ok means every page of the range is now populated (pages
+    /// that already were are left as they are: EEXIST on a page is not an error here). An error
+    /// means some pages may be populated and others not; calling again completes the range.
+    pub fn fill(
+        &self,
+        dst: usize,
+        src: &Region,
+        src_off: usize,
+        len: usize,
+    ) -> Result<(), UffdError> {
+        src.check(src_off, len)
+            .map_err(|_| UffdError::Os(libc::EFAULT))?;
+        let mut done = 0;
+        // EAGAIN: the mappings are changing — a direct mremap's REMAP event was read but the
+        // thread that called mremap has not yet left the kernel (it ends the window itself,
+        // `mmap_changing`, once it runs again). Yield to let it run, bounded.
+        let mut again = 0;
+        while done < len {
+            let mut c = uapi::uffdio_copy {
+                dst: (dst + done) as u64,
+                src: (src.base + src_off + done) as u64,
+                len: (len - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: as in `copy`.
+            let r = unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) };
+            match r.map_err(uffd_err) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // `copy` holds the bytes copied before the error (or a negative errno).
+                    if c.copy > 0 {
+                        done += c.copy as usize;
+                        continue;
+                    }
+                    match e {
+                        // The first page of the rest is already there: step over it.
+                        UffdError::Exists => done += PAGE_SIZE,
+                        UffdError::Again if again < 100_000 => {
+                            again += 1;
+                            rustix::thread::sched_yield();
+                        }
+                        other => return Err(other),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `UFFDIO_WRITEPROTECT`: sets (`on`) or clears the write-protect bit of the present pages
+    /// in `addr..addr+len`; clearing wakes writers waiting there.
+    pub fn write_protect(&self, addr: usize, len: usize, on: bool) -> Result<(), UffdError> {
+        let mut w = uapi::uffdio_writeprotect {
+            range: uapi::uffdio_range {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode: if on { 1 } else { 0 },
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`; it changes PTE
+        // permissions only.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WRITEPROTECT, _>::new(&mut w)) }
+            .map_err(uffd_err)
+    }
+
+    /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
+    pub fn wake(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        let mut r = uapi::uffdio_range {
+            start: addr as u64,
+            len: len as u64,
+        };
+        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WAKE, _>::new(&mut r)) }
+            .map_err(uffd_err)
+    }
+
+    /// Reads one pending message, if any (the fd is non-blocking).
+    pub fn read_msg(&self) -> io::Result<Option<UffdMsg>> {
+        let mut msg = std::mem::MaybeUninit::<uapi::uffd_msg>::zeroed();
+        // SAFETY: reads at most one `uffd_msg` into a buffer of that size.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msg.as_mut_ptr().cast(),
+                std::mem::size_of::<uapi::uffd_msg>(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EAGAIN) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        if n as usize != std::mem::size_of::<uapi::uffd_msg>() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        // SAFETY: the kernel wrote a complete message (checked size); zero-init covers padding.
+        let msg = unsafe { msg.assume_init() };
+        if msg.event as u32 == uapi::UFFD_EVENT_REMAP {
+            // SAFETY: `remap` is the active union member for UFFD_EVENT_REMAP.
+            let r = unsafe { msg.arg.remap };
+            return Ok(Some(UffdMsg::Remap {
+                from: r.from as usize,
+                to: r.to as usize,
+                len: r.len as usize,
+            }));
+        }
+        if msg.event as u32 != uapi::UFFD_EVENT_PAGEFAULT {
+            return Ok(Some(UffdMsg::Other(msg.event)));
+        }
+        // SAFETY: `pagefault` is the active union member for UFFD_EVENT_PAGEFAULT.
+        let pf = unsafe { msg.arg.pagefault };
+        Ok(Some(UffdMsg::Fault(UffdFault {
+            addr: pf.address as usize,
+            write: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WRITE as u64 != 0,
+            wp: pf.flags & uapi::UFFD_PAGEFAULT_FLAG_WP as u64 != 0,
+            // SAFETY: `ptid` is the active member of `feat` with UFFD_FEATURE_THREAD_ID, which
+            // every thread-mode userfaultfd asks for; zero-initialised otherwise.
+            tid: unsafe { pf.feat.ptid },
+        })))
+    }
+
+    /// Unregisters `start..start + len`, which need not lie in a region of hetmem's (a range
+    /// that a direct mremap moved out of one): the memory stays as it is, as plain memory.
+    pub fn unregister_moved(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut r = uapi::uffdio_range {
+            start: start as u64,
+            len: len as u64,
+        };
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`; it changes no memory, only
+        // which faults this fd reports (the kernel checks the range).
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_UNREGISTER, _>::new(&mut r)) }?;
+        Ok(())
+    }
+
+    /// Waits until the fd is readable or `stop` is readable; returns false when `stop` fired.
+    pub fn wait(&self, stop: &OwnedFd) -> io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        loop {
+            let mut fds = [
+                PollFd::new(&self.fd, PollFlags::IN),
+                PollFd::new(stop, PollFlags::IN),
+            ];
+            match poll(&mut fds, None) {
+                Ok(_) => {
+                    if !fds[1].revents().is_empty() {
+                        return Ok(false);
+                    }
+                    return Ok(true);
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Borrow of the fd.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// An eventfd used to stop a handler thread.
+pub fn stop_fd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?)
+}
+
+/// Signals an eventfd made by [`stop_fd`].
+pub fn signal_stop(fd: &OwnedFd) -> io::Result<()> {
+    rustix::io::write(fd, &1u64.to_ne_bytes())?;
+    Ok(())
+}
