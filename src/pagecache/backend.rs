@@ -1,0 +1,175 @@
+//! Where the cache reads and writes the file: the real file ([`StdFile`]) or a test double
+//! that injects errors ([`FaultyBackend`]).
+
+use super::*;
+
+/// Where the cache reads and writes the file: the real file, or a test double that injects
+/// errors.
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
+pub trait FileBackend: Send + Sync + std::fmt::Debug {
+    /// Reads at `off` into `buf`; may return fewer bytes (end of file).
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes `buf` at `off`; may write fewer bytes.
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize>;
+    /// `fsync` (or `fdatasync` when `data_only`).
+    fn sync(&self, data_only: bool) -> io::Result<()>;
+    /// The file's length.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Punches a hole (`FALLOC_FL_PUNCH_HOLE | KEEP_SIZE`).
+    fn punch(&self, off: u64, len: u64) -> io::Result<()>;
+    /// Whether the file may grow to `end` bytes (the file system's largest file); checked
+    /// before the cache grows, so that a write the file cannot take fails at once with EFBIG
+    /// instead of at writeback. The default allows any size up to `i64::MAX`.
+    fn may_grow_to(&self, end: u64) -> bool {
+        end <= i64::MAX as u64
+    }
+}
+
+/// The real file.
+#[derive(Debug)]
+pub struct StdFile(pub std::fs::File);
+
+impl FileBackend for StdFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(&self.0, buf, off)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::write_at(&self.0, buf, off)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        if data_only {
+            self.0.sync_data()
+        } else {
+            self.0.sync_all()
+        }
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn may_grow_to(&self, end: u64) -> bool {
+        // `lseek(SEEK_SET)` past the file system's largest file size (its `s_maxbytes`) is
+        // EINVAL: a check that changes nothing (the cache never uses the file position).
+        end <= i64::MAX as u64
+            && rustix::fs::seek(&self.0, rustix::fs::SeekFrom::Start(end)).is_ok()
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(
+            &self.0,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            off,
+            len,
+        )?;
+        Ok(())
+    }
+}
+
+/// What a [`FaultyBackend`] injects: counts of operations still to fail, and how.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// The next this many writes fail with `error`.
+    pub fail_writes: u32,
+    /// The next this many writes are short (half the bytes).
+    pub short_writes: u32,
+    /// The next this many reads fail with `error`.
+    pub fail_reads: u32,
+    /// The next this many syncs fail with `error`.
+    pub fail_syncs: u32,
+    /// The errno injected (EIO when 0).
+    pub error: i32,
+}
+
+/// A backend that injects the faults of its [`FaultPlan`] in front of another one.
+#[derive(Debug)]
+pub struct FaultyBackend<B: FileBackend> {
+    inner: B,
+    plan: Mutex<FaultPlan>,
+}
+
+impl<B: FileBackend> FaultyBackend<B> {
+    /// `inner` with no fault planned.
+    pub fn new(inner: B) -> Self {
+        FaultyBackend {
+            inner,
+            plan: Mutex::new(FaultPlan::default()),
+        }
+    }
+    /// Replaces the plan.
+    pub fn plan(&self, p: FaultPlan) {
+        *lock(&self.plan) = p;
+    }
+    fn take(&self, pick: impl Fn(&mut FaultPlan) -> &mut u32) -> Option<io::Error> {
+        let mut p = lock(&self.plan);
+        let err = if p.error == 0 { libc::EIO } else { p.error };
+        let c = pick(&mut p);
+        if *c > 0 {
+            *c -= 1;
+            return Some(io::Error::from_raw_os_error(err));
+        }
+        None
+    }
+}
+
+impl<B: FileBackend> FileBackend for FaultyBackend<B> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(e) = self.take(|p| &mut p.fail_reads) {
+            return Err(e);
+        }
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        if let Some(e) = self.take(|p| &mut p.fail_writes) {
+            return Err(e);
+        }
+        if self.take(|p| &mut p.short_writes).is_some() && buf.len() > 1 {
+            return self.inner.write_at(off, &buf[..buf.len() / 2]);
+        }
+        self.inner.write_at(off, buf)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        if let Some(e) = self.take(|p| &mut p.fail_syncs) {
+            return Err(e);
+        }
+        self.inner.sync(data_only)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(off, len)
+    }
+    fn may_grow_to(&self, end: u64) -> bool {
+        self.inner.may_grow_to(end)
+    }
+}
+
+impl<B: FileBackend> FileBackend for Arc<B> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        (**self).write_at(off, buf)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        (**self).sync(data_only)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        (**self).punch(off, len)
+    }
+    fn may_grow_to(&self, end: u64) -> bool {
+        (**self).may_grow_to(end)
+    }
+}
