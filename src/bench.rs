@@ -8,6 +8,9 @@
 //! | `fault_back_4k_busy_us` | the same, while another thread of the process spins on its own memory | `uffd_in_thread_4k_busy_us`, same sibling |
 //! | `first_touch_4k_us` | mean per page of a sequential sweep (one store a page) over a fresh mapping | `kernel_first_touch_4k_us`: the same sweep over plain anonymous memory |
 //! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_4k_us` (the random kernel sweep is reported beside it) |
+//! | `fault_back_2threads_speedup` | speedup (time with 1 thread / time with 2) of faulting back every page of a mapping (device-private 4 KiB pages, one load each), the 2 threads on disjoint halves | `uffd_in_thread_2threads_speedup`: the same speedup for the bare in-thread userfaultfd (`uffd_in_thread_4k_us`'s handler) over disjoint halves of its range |
+//! | `first_touch_2threads_speedup` | the same speedup for the first touch (one store a page, in order) of a fresh mapping | `kernel_first_touch_2threads_speedup`: the same for plain anonymous memory; the transparent huge page setting is given beside it |
+//! | `fault_during_migration_kfaults_per_s` | thousands of fault-backs per second (one thread loading device-private pages of mapping A one by one: each fault takes the space's lock) while another thread migrates a mapping B (2 MiB of 4 KiB pages) of the **same** space to the device and back, over and over | `fault_during_migration_other_space_kfaults_per_s`: the same with B in **another** space (a mirror of the same device there) |
 //! | `migrate_4k_gbps`, `migrate_2m_gbps` | system → device → system round trips, bytes moved in both directions | `migrate_primitive_*_gbps`: the same syscalls hetmem issues, in a bare loop (write-protect each 2 MiB run, copy into a pool, `MADV_DONTNEED` the run; back: `UFFDIO_COPY` per 4 KiB page or per 2 MiB chunk) |
 //! | `cpu_read_coherent_gbps` | CPU streaming reads of pages resident in device-coherent memory | `cpu_read_system_gbps`: the same reads of system-resident pages |
 //! | `pingpong_coherent_bytes_moved` | bytes migrated by a workload alternating device phases (prefetch to the device, device reads everything) and CPU phases (CPU reads everything) over the same range (256 MiB, 4 rounds), with a coherent device | `pingpong_private_bytes_moved`: the same workload with a device-private device |
@@ -26,6 +29,20 @@
 //! host, frequency changes) hits both alike. Memory is "already backed" on both sides: a sweep
 //! over memory that was freed just before reuses pages the VM already holds (on memory the VM
 //! must first get from its host a fault costs ≈ 10× more, which would measure the host).
+//!
+//! The thread figures are repeated until stable (after one discarded warm-up: at least 7 and at
+//! most 25 repetitions, 4 to 6 with `--quick`, until the median of the per-repetition ratios
+//! moved by less than 2 % over the last 3), and report their spread: the repetitions, their
+//! minimum and maximum, and the range of the per-repetition ratios. A speedup is measured on
+//! fresh threads started together by a `Barrier`, timed from the first thread's start to the
+//! last one's end; the 1-thread run uses the same harness. The fault-during-migration faulting
+//! thread starts its clock once the migrating thread has gone round once, and stops at the end of
+//! A (4096 pages) or after 100 ms (20 ms with `--quick`). It faults device-private pages back
+//! rather than first-touching fresh ones: each fault-back is one fault, one page and one hold of
+//! the space's lock, whereas a first touch fills up to 2 MiB per fault (fault-around). The thread
+//! figures assume a free core per thread: on a machine busy with other work the two threads
+//! time-share a core, and the same-space figure then measures the scheduler more than the lock
+//! (measured on this 2-core VM with a build beside it: ≈ 0.9× instead of ≈ 0.007× idle).
 //!
 //! The file figures use a temporary file in `std::env::temp_dir()` (256 MiB; 16 MiB with
 //! `--quick`) of non-zero data, written and synced once, removed at the end; every read is
@@ -66,6 +83,28 @@ pub struct BenchResult {
     pub baseline_value: Option<f64>,
     /// `value / baseline_value`.
     pub ratio: Option<f64>,
+    /// How the repetitions behind `value` spread (figures repeated until stable only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
+    /// What else the reader needs to read the figure (a system setting, a side measurement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The spread of a figure's timed repetitions (the figure is their median).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Spread {
+    /// Timed repetitions (after one discarded warm-up).
+    pub reps: usize,
+    /// The smallest repetition.
+    pub min: f64,
+    /// The largest repetition.
+    pub max: f64,
+    /// The smallest per-repetition ratio to the baseline (both sides measured in the same
+    /// repetition); `None` on a baseline.
+    pub ratio_min: Option<f64>,
+    /// The largest per-repetition ratio to the baseline; `None` on a baseline.
+    pub ratio_max: Option<f64>,
 }
 
 /// What to run.
@@ -96,6 +135,16 @@ struct Sizes {
     /// One random page is read per block of this many bytes (random sweeps).
     file_rand_block: usize,
     file_reps: usize,
+    /// Pages faulted back per run of the thread figures (and pages of mapping A in the
+    /// fault-during-migration figure).
+    thread_fault_pages: usize,
+    /// Bytes first-touched per run of the 2-thread first-touch figure.
+    thread_touch_bytes: usize,
+    /// Timed repetitions of the thread figures: at least, at most (until stable).
+    thread_min_reps: usize,
+    thread_max_reps: usize,
+    /// Longest a faulting thread runs in one fault-during-migration measurement.
+    thread_fault_budget: std::time::Duration,
 }
 
 impl Sizes {
@@ -115,6 +164,11 @@ impl Sizes {
                 file_bytes: 16 << 20,
                 file_rand_block: 256 << 10,
                 file_reps: 2,
+                thread_fault_pages: 1024,
+                thread_touch_bytes: 8 << 20,
+                thread_min_reps: 4,
+                thread_max_reps: 6,
+                thread_fault_budget: std::time::Duration::from_millis(20),
             }
         } else {
             Sizes {
@@ -131,6 +185,11 @@ impl Sizes {
                 file_bytes: 256 << 20,
                 file_rand_block: 256 << 10,
                 file_reps: 5,
+                thread_fault_pages: 4096,
+                thread_touch_bytes: 64 << 20,
+                thread_min_reps: 7,
+                thread_max_reps: 25,
+                thread_fault_budget: std::time::Duration::from_millis(100),
             }
         }
     }
@@ -185,6 +244,48 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         "us",
         None,
     ));
+
+    progress("fault-back by 2 threads vs 1 (speedup) vs the same for a bare in-thread userfaultfd");
+    let r = fault_back_2threads(&space, &sz)?;
+    push_reps(
+        &mut out,
+        (
+            "fault_back_2threads_speedup",
+            "uffd_in_thread_2threads_speedup",
+        ),
+        "x",
+        &r,
+        None,
+    );
+
+    progress("first touch by 2 threads vs 1 (speedup) vs the same for the kernel's first touch");
+    let r = first_touch_2threads(&space, &sz)?;
+    push_reps(
+        &mut out,
+        (
+            "first_touch_2threads_speedup",
+            "kernel_first_touch_2threads_speedup",
+        ),
+        "x",
+        &r,
+        Some(format!(
+            "transparent huge pages: {} (kernel side: no MADV_HUGEPAGE)",
+            thp_setting()
+        )),
+    );
+
+    progress("CPU faults while another thread migrates: same space vs another space");
+    let (r, note) = fault_during_migration(&space, &sz)?;
+    push_reps(
+        &mut out,
+        (
+            "fault_during_migration_kfaults_per_s",
+            "fault_during_migration_other_space_kfaults_per_s",
+        ),
+        "k/s",
+        &r,
+        Some(note),
+    );
 
     progress("migration round trips of 4 KiB pages vs the bare primitives");
     let (h, b) = migrate(&space, sz.mig4k_bytes, false, sz.mig_reps)?;
@@ -286,6 +387,8 @@ fn figure(name: &str, value: f64, unit: &str, base: Option<(&str, f64)>) -> Benc
         baseline: base.map(|(n, _)| n.to_string()),
         baseline_value: base.map(|(_, v)| v),
         ratio: base.map(|(_, v)| value / v),
+        spread: None,
+        note: None,
     }
 }
 
@@ -1007,4 +1110,389 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
         rand_cold: rand_cold.medians(),
         rand_warm: rand_warm.medians(),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads: two threads on disjoint halves; faults while another thread migrates
+// ---------------------------------------------------------------------------------------------
+
+/// Timed repetitions of one (hetmem, baseline) pair, measured alternately in each repetition.
+struct Reps {
+    h: Vec<f64>,
+    b: Vec<f64>,
+}
+
+impl Reps {
+    /// Per-repetition ratios hetmem / baseline.
+    fn ratios(&self) -> Vec<f64> {
+        self.h.iter().zip(&self.b).map(|(h, b)| h / b).collect()
+    }
+}
+
+/// The median of the per-repetition ratios may move by at most this much (relative) over the
+/// last [`STABLE_WINDOW`] repetitions for a figure to count as stable.
+const STABLE_TOLERANCE: f64 = 0.02;
+const STABLE_WINDOW: usize = 3;
+
+/// Runs `rep` (one repetition: a (hetmem, baseline) pair) once as a discarded warm-up, then at
+/// least `min` and at most `max` times, until stable: the median of the per-repetition ratios
+/// moved by less than [`STABLE_TOLERANCE`] over the last [`STABLE_WINDOW`] repetitions.
+fn repeat_until_stable(
+    min: usize,
+    max: usize,
+    mut rep: impl FnMut() -> Result<(f64, f64)>,
+) -> Result<Reps> {
+    rep()?;
+    let mut r = Reps {
+        h: Vec::new(),
+        b: Vec::new(),
+    };
+    let min = min.max(STABLE_WINDOW + 1);
+    while r.h.len() < max.max(min) {
+        let (h, b) = rep()?;
+        r.h.push(h);
+        r.b.push(b);
+        let k = r.h.len();
+        if k >= min {
+            let ratios = r.ratios();
+            let now = median(&mut ratios.clone());
+            let before = median(&mut ratios[..k - STABLE_WINDOW].to_vec());
+            if (now - before).abs() <= STABLE_TOLERANCE * now.abs() {
+                break;
+            }
+        }
+    }
+    Ok(r)
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// Pushes a figure (the median of `r.h`) and its baseline (the median of `r.b`) with their
+/// spreads; the figure's spread also gives the range of the per-repetition ratios.
+fn push_reps(
+    out: &mut Vec<BenchResult>,
+    names: (&str, &str),
+    unit: &str,
+    r: &Reps,
+    note: Option<String>,
+) {
+    let (h, b) = (median(&mut r.h.clone()), median(&mut r.b.clone()));
+    let (hmin, hmax) = min_max(&r.h);
+    let (bmin, bmax) = min_max(&r.b);
+    let (rmin, rmax) = min_max(&r.ratios());
+    let mut f = figure(names.0, h, unit, Some((names.1, b)));
+    f.spread = Some(Spread {
+        reps: r.h.len(),
+        min: hmin,
+        max: hmax,
+        ratio_min: Some(rmin),
+        ratio_max: Some(rmax),
+    });
+    f.note = note;
+    out.push(f);
+    let mut base = figure(names.1, b, unit, None);
+    base.spread = Some(Spread {
+        reps: r.b.len(),
+        min: bmin,
+        max: bmax,
+        ratio_min: None,
+        ratio_max: None,
+    });
+    out.push(base);
+}
+
+/// Runs `work(lo, hi)` over pages `0..n` split into `threads` disjoint contiguous parts, one
+/// fresh thread each, started together (a [`Barrier`](std::sync::Barrier)); returns the seconds
+/// from the first thread's start to the last one's end.
+fn timed_threads(threads: usize, n: usize, work: &(dyn Fn(usize, usize) + Sync)) -> Result<f64> {
+    let barrier = std::sync::Barrier::new(threads);
+    let spans = std::thread::scope(|s| -> Result<Vec<(Instant, Instant)>> {
+        let mut hs = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let barrier = &barrier;
+            let (lo, hi) = (i * n / threads, (i + 1) * n / threads);
+            let h = std::thread::Builder::new()
+                .name(format!("bench-worker-{i}"))
+                .spawn_scoped(s, move || {
+                    barrier.wait();
+                    let t = Instant::now();
+                    work(lo, hi);
+                    (t, Instant::now())
+                })
+                .map_err(os("spawn bench worker"))?;
+            hs.push(h);
+        }
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| Error::Invalid("bench: a worker thread panicked"))
+            })
+            .collect()
+    })?;
+    let start = spans.iter().map(|s| s.0).min().expect("one thread or more");
+    let end = spans.iter().map(|s| s.1).max().expect("one thread or more");
+    Ok(end.duration_since(start).as_secs_f64())
+}
+
+/// One repetition of a 2-thread speedup: `prepare` (untimed; gives the base address), the whole
+/// range by one thread, `finish` (untimed); the same again with two threads on disjoint halves.
+/// Returns time(1 thread) / time(2 threads).
+fn speedup_2threads(
+    n: usize,
+    prepare: &mut dyn FnMut() -> Result<usize>,
+    finish: &mut dyn FnMut(usize) -> Result<()>,
+    touch: &(dyn Fn(usize, usize) + Sync),
+) -> Result<f64> {
+    let mut time = |threads: usize| -> Result<f64> {
+        let base = prepare()?;
+        let t = timed_threads(threads, n, &|lo, hi| {
+            for p in lo..hi {
+                touch(base, p);
+            }
+        });
+        finish(base)?;
+        t
+    };
+    let t1 = time(1)?;
+    let t2 = time(2)?;
+    Ok(t1 / t2)
+}
+
+/// A real load of page `p` at `base` (one fault-back, or one in-thread userfaultfd fault).
+fn load_page(base: usize, p: usize) {
+    std::hint::black_box(sys::probe_load_u32(base + p * PAGE_SIZE));
+}
+
+/// A real store to page `p` at `base` (a first touch).
+fn store_page(base: usize, p: usize) {
+    sys::probe_store_u32(base + p * PAGE_SIZE, p as u32);
+}
+
+/// Speedup of 2 threads over 1 faulting device-private pages back (disjoint halves of one
+/// mapping), and the same for the bare in-thread userfaultfd (disjoint halves of its range).
+fn fault_back_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
+    let n = sz.thread_fault_pages;
+    let len = n * PAGE_SIZE;
+    let dev = SoftDevice::private(len + LARGE_PAGE_SIZE)?;
+    let mirror = dev.mirror(space)?;
+    let a = space.map_anon(len, Prot::ReadWrite)?;
+    for p in 0..n {
+        store_page(a.get(), p);
+    }
+    let bare = BareFault::new(len, space.user_mode_only())?;
+    let r = repeat_until_stable(sz.thread_min_reps, sz.thread_max_reps, || {
+        let b = speedup_2threads(
+            n,
+            &mut || {
+                bare.dst
+                    .discard(0, len)
+                    .map_err(os("discard bench mapping"))?;
+                Ok(bare.dst.base())
+            },
+            &mut |_| Ok(()),
+            &load_page,
+        )?;
+        let h = speedup_2threads(
+            n,
+            &mut || {
+                let out = mirror.migrate_range_to_device(a.get() as u64, n as u64)?;
+                if out.cpages != n as u64 {
+                    return Err(Error::Invalid(
+                        "bench: not every page migrated to the device",
+                    ));
+                }
+                Ok(a.get())
+            },
+            &mut |_| Ok(()),
+            &load_page,
+        )?;
+        Ok((h, b))
+    });
+    space.unmap(a, len)?;
+    r
+}
+
+/// The system's transparent huge page setting (the bracketed word of
+/// /sys/kernel/mm/transparent_hugepage/enabled), or "unknown".
+fn thp_setting() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|s| {
+            let open = s.find('[')?;
+            let close = s[open..].find(']')? + open;
+            Some(s[open + 1..close].to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Speedup of 2 threads over 1 first-touching a fresh hetmem mapping (disjoint halves), and the
+/// same for the kernel's first touch of plain anonymous memory (already backed, as in
+/// [`first_touch`]).
+fn first_touch_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
+    let len = sz.thread_touch_bytes;
+    let n = len / PAGE_SIZE;
+    let k = Region::new(len, PAGE_SIZE, Prot::ReadWrite).map_err(os("kernel baseline mapping"))?;
+    k.populate(0, len).map_err(os("populate kernel baseline"))?;
+    repeat_until_stable(sz.thread_min_reps, sz.thread_max_reps, || {
+        let b = speedup_2threads(
+            n,
+            &mut || {
+                k.discard(0, len).map_err(os("discard kernel baseline"))?;
+                Ok(k.base())
+            },
+            &mut |_| Ok(()),
+            &store_page,
+        )?;
+        let h = speedup_2threads(
+            n,
+            &mut || Ok(space.map_anon(len, Prot::ReadWrite)?.get()),
+            &mut |base| space.unmap(VirtAddr(base), len),
+            &store_page,
+        )?;
+        Ok((h, b))
+    })
+}
+
+/// CPU fault-backs per second (thousands) on mapping A of `ma`'s space — one thread loading
+/// device-private pages one by one, each a fault that takes the space's lock — while another
+/// thread migrates mapping B (2 MiB of 4 KiB pages: one `migrate_vma` each way) to the device
+/// and back through `mb`, over and over. Both threads start together (a
+/// [`Barrier`](std::sync::Barrier)); the faulting thread starts its clock once B's first round
+/// trip is done (so that every timed fault has the migrations beside it) and stops at the end of
+/// A or after `budget`, whichever comes first. Also returns B's round trips per second.
+fn faults_during_migration(
+    ma: &DeviceMirror,
+    a: VirtAddr,
+    n: usize,
+    mb: &DeviceMirror,
+    b: VirtAddr,
+    budget: std::time::Duration,
+) -> Result<(f64, f64)> {
+    let nb = LARGE_PAGE_SIZE / PAGE_SIZE;
+    let out = ma.migrate_range_to_device(a.get() as u64, n as u64)?;
+    if out.cpages != n as u64 {
+        return Err(Error::Invalid(
+            "bench: not every page migrated to the device",
+        ));
+    }
+    // `stop`: the faulting thread is done (or was never started); `trips`: B's round trips so
+    // far; `gone`: the migrating thread has returned (so nobody waits for its first trip).
+    let (stop, trips, gone) = (
+        AtomicBool::new(false),
+        AtomicU64::new(0),
+        AtomicBool::new(false),
+    );
+    let barrier = std::sync::Barrier::new(2);
+    let migrate_b = || -> Result<f64> {
+        barrier.wait();
+        let t = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let to = mb.migrate_range_to_device(b.get() as u64, nb as u64)?;
+            let back = mb.migrate_to_system(b.get() as u64, nb as u64)?;
+            if to.cpages != nb as u64 || back.cpages != nb as u64 {
+                return Err(Error::Invalid("bench: not every page of B migrated"));
+            }
+            trips.fetch_add(1, Ordering::Release);
+        }
+        Ok(trips.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64())
+    };
+    let fault_a = || -> f64 {
+        barrier.wait();
+        // Spin (no sleep) until B has gone round once.
+        while trips.load(Ordering::Acquire) == 0 && !gone.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        }
+        let t = Instant::now();
+        let mut done = n;
+        for p in 0..n {
+            load_page(a.get(), p);
+            if t.elapsed() > budget {
+                done = p + 1;
+                break;
+            }
+        }
+        let rate = done as f64 / t.elapsed().as_secs_f64() / 1e3;
+        stop.store(true, Ordering::Relaxed);
+        rate
+    };
+    std::thread::scope(|s| -> Result<(f64, f64)> {
+        let migrator = std::thread::Builder::new()
+            .name("bench-migrator".into())
+            .spawn_scoped(s, || {
+                let r = migrate_b();
+                gone.store(true, Ordering::Release);
+                r
+            })
+            .map_err(os("spawn bench migrator"))?;
+        let faulter = match std::thread::Builder::new()
+            .name("bench-faulter".into())
+            .spawn_scoped(s, fault_a)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                // The migrator waits at the barrier: let it through, and stop it.
+                stop.store(true, Ordering::Relaxed);
+                barrier.wait();
+                return Err(Error::os("spawn bench faulter", e));
+            }
+        };
+        let rate = faulter
+            .join()
+            .map_err(|_| Error::Invalid("bench: the faulting thread panicked"))?;
+        let b_trips = migrator
+            .join()
+            .map_err(|_| Error::Invalid("bench: the migrating thread panicked"))??;
+        Ok((rate, b_trips))
+    })
+}
+
+/// [`faults_during_migration`] with B in the same space as A (same device mirror) and with B in
+/// another space (a mirror of the same device there), alternately; the note gives B's round
+/// trips per second in each case.
+fn fault_during_migration(space: &Space, sz: &Sizes) -> Result<(Reps, String)> {
+    let n = sz.thread_fault_pages;
+    let len = n * PAGE_SIZE;
+    let other = Space::with_config(SpaceConfig {
+        size: 64 << 20,
+        stash: 2 << 20,
+        ..SpaceConfig::default()
+    })?;
+    let dev = SoftDevice::private(len + 4 * LARGE_PAGE_SIZE)?;
+    let m_same = dev.mirror(space)?;
+    let m_other = dev.mirror(&other)?;
+    let a = space.map_anon(len, Prot::ReadWrite)?;
+    let b_same = space.map_anon(LARGE_PAGE_SIZE, Prot::ReadWrite)?;
+    let b_other = other.map_anon(LARGE_PAGE_SIZE, Prot::ReadWrite)?;
+    for p in 0..n {
+        store_page(a.get(), p);
+    }
+    for p in 0..LARGE_PAGE_SIZE / PAGE_SIZE {
+        store_page(b_same.get(), p);
+        store_page(b_other.get(), p);
+    }
+    let budget = sz.thread_fault_budget;
+    let (mut trips_same, mut trips_other) = (Vec::new(), Vec::new());
+    let r = repeat_until_stable(sz.thread_min_reps, sz.thread_max_reps, || {
+        let (o, to) = faults_during_migration(&m_same, a, n, &m_other, b_other, budget)?;
+        let (s, ts) = faults_during_migration(&m_same, a, n, &m_same, b_same, budget)?;
+        trips_same.push(ts);
+        trips_other.push(to);
+        Ok((s, o))
+    });
+    space.unmap(a, len)?;
+    space.unmap(b_same, LARGE_PAGE_SIZE)?;
+    other.unmap(b_other, LARGE_PAGE_SIZE)?;
+    let note = format!(
+        "A: fault-back, one 4 KiB device-private page per load; B: 2 MiB of 4 KiB pages to the \
+         device and back, repeatedly; B's round trips/s: same space {:.0}, other space {:.0}",
+        median(&mut trips_same[1..].to_vec()),
+        median(&mut trips_other[1..].to_vec())
+    );
+    Ok((r?, note))
 }

@@ -77,18 +77,33 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
+    // The name columns fit the longest name.
+    let w = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(34);
     writeln!(
         out,
-        "{:<34} {:>12} {:<6}  {:<34} {:>12}  {:>7}",
+        "{:<w$} {:>12} {:<6}  {:<w$} {:>12}  {:>7}",
         "figure", "value", "unit", "baseline (same run)", "value", "ratio"
     )?;
-    writeln!(out, "{}", "-".repeat(112))?;
+    writeln!(out, "{}", "-".repeat(2 * w + 44))?;
     // Byte counts are shown in MiB in the table (the JSON keeps bytes).
     let show = |v: f64, unit: &str| -> (String, String) {
         if unit == "bytes" && v >= (1 << 20) as f64 {
             (format!("{:.1}", v / (1 << 20) as f64), "MiB".into())
         } else {
             (format!("{v:.3}"), unit.into())
+        }
+    };
+    // Ratios to two decimals, three below 0.1 (so that a small one still reads).
+    let ratio = |v: f64| -> String {
+        if v.abs() < 0.1 {
+            format!("{v:.3}x")
+        } else {
+            format!("{v:.2}x")
         }
     };
     for r in &results {
@@ -99,16 +114,36 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "{:<34} {:>12} {:<6}  {:<34} {:>12}  {:>7}",
+            "{:<w$} {:>12} {:<6}  {:<w$} {:>12}  {:>7}",
             r.name,
             v,
             unit,
             r.baseline.as_deref().unwrap_or("-"),
             bv,
-            r.ratio
-                .map(|v| format!("{v:.2}x"))
-                .unwrap_or_else(|| "-".into()),
+            r.ratio.map(ratio).unwrap_or_else(|| "-".into()),
         )?;
+        // Figures repeated until stable: their spread (and, beside a baseline, the range of
+        // the per-repetition ratios) on a line of their own.
+        if let Some(sp) = &r.spread {
+            let ratios = match (sp.ratio_min, sp.ratio_max) {
+                (Some(lo), Some(hi)) => {
+                    format!(", ratio per repetition {}..{}", ratio(lo), ratio(hi))
+                }
+                _ => String::new(),
+            };
+            writeln!(
+                out,
+                "    {} repetitions: {}..{} {}{}",
+                sp.reps,
+                show(sp.min, &r.unit).0,
+                show(sp.max, &r.unit).0,
+                unit,
+                ratios
+            )?;
+        }
+        if let Some(note) = &r.note {
+            writeln!(out, "    {note}")?;
+        }
     }
     Ok(())
 }

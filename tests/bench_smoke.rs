@@ -14,6 +14,12 @@ const EXPECTED: &[&str] = &[
     "first_touch_4k_us",
     "first_touch_random_4k_us",
     "kernel_first_touch_4k_us",
+    "fault_back_2threads_speedup",
+    "uffd_in_thread_2threads_speedup",
+    "first_touch_2threads_speedup",
+    "kernel_first_touch_2threads_speedup",
+    "fault_during_migration_kfaults_per_s",
+    "fault_during_migration_other_space_kfaults_per_s",
     "migrate_4k_gbps",
     "migrate_primitive_4k_gbps",
     "migrate_2m_gbps",
@@ -70,5 +76,48 @@ fn quick_bench_reports_every_figure() {
                 r.name
             ),
         }
+        if let Some(sp) = &r.spread {
+            assert!(sp.reps > 0, "{}: no repetitions", r.name);
+            assert!(
+                sp.min.is_finite() && sp.max.is_finite() && sp.min <= r.value && r.value <= sp.max,
+                "{}: {} outside its spread {}..{}",
+                r.name,
+                r.value,
+                sp.min,
+                sp.max
+            );
+            assert_eq!(
+                sp.ratio_min.is_some(),
+                r.baseline.is_some(),
+                "{}: a per-repetition ratio range goes with a baseline",
+                r.name
+            );
+            if let (Some(lo), Some(hi)) = (sp.ratio_min, sp.ratio_max) {
+                assert!(
+                    lo.is_finite() && hi.is_finite() && 0.0 < lo && lo <= hi,
+                    "{}: ratio range {lo}..{hi}",
+                    r.name
+                );
+            }
+        }
     }
+    // The repeated figures: each reports its spread, and the 2-thread first touch the THP mode.
+    for name in [
+        "fault_back_2threads_speedup",
+        "first_touch_2threads_speedup",
+        "fault_during_migration_kfaults_per_s",
+    ] {
+        let r = results.iter().find(|r| r.name == name).unwrap();
+        assert!(r.spread.is_some(), "{name}: no spread");
+    }
+    let ft = results
+        .iter()
+        .find(|r| r.name == "first_touch_2threads_speedup")
+        .unwrap();
+    assert!(
+        ft.note
+            .as_deref()
+            .is_some_and(|n| n.contains("transparent huge pages")),
+        "first_touch_2threads_speedup: no THP setting"
+    );
 }
