@@ -114,19 +114,10 @@ fn staged_device(capacity: usize) -> SoftDevice {
     .unwrap()
 }
 
-fn space() -> Space {
-    Space::with_config(SpaceConfig {
-        size: 1 << 30,
-        stash: 4 << 20,
-        ..SpaceConfig::default()
-    })
-    .unwrap()
-}
-
 #[test]
 fn a_device_that_is_not_host_addressable_keeps_every_byte() {
     let _w = watchdog("device_seam", 60);
-    let s = space();
+    let s = small_space_with_stash(4 << 20);
     const N: usize = 64;
     let a = s.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
     let data = pattern(N * PAGE, |i| i.wrapping_mul(2654435761));
@@ -164,7 +155,7 @@ fn a_device_that_is_not_host_addressable_keeps_every_byte() {
 #[test]
 fn large_units_and_a_second_device_go_through_the_store() {
     let _w = watchdog("device_seam_large", 60);
-    let s = space();
+    let s = small_space_with_stash(4 << 20);
     let a = s
         .map_anon_with(
             4 << 20,

@@ -64,15 +64,6 @@ fn counted(f: impl FnOnce()) -> u64 {
     allocs() - before
 }
 
-fn space() -> Space {
-    Space::with_config(SpaceConfig {
-        size: 1 << 30,
-        stash: 2 << 20,
-        ..SpaceConfig::default()
-    })
-    .unwrap()
-}
-
 const N: usize = 64;
 
 fn load(a: usize) -> u32 {
@@ -82,7 +73,7 @@ fn load(a: usize) -> u32 {
 #[test]
 fn anonymous_faults_allocate_nothing() {
     let _w = watchdog("fault_alloc_anon", 60);
-    let s = space();
+    let s = small_space();
     let a = s.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
     // First touch: zero-fill (fault-around fills runs; every page is touched).
     let n = counted(|| {
@@ -127,7 +118,7 @@ fn file_faults_allocate_nothing() {
     let f = TempFile::new("fault-alloc", &content);
     let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
     let h = cache.handle();
-    let s = space();
+    let s = small_space();
     // Shared mapping: first loads fill the cache from the file (random order: no fault-around).
     let a = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, true).unwrap();
     let n = counted(|| {
@@ -190,7 +181,7 @@ fn file_fills_over_the_budget_allocate_nothing() {
     )
     .unwrap();
     let h = cache.handle();
-    let s = space();
+    let s = small_space();
     let a = s.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
     for round in 0..3 {
         let n = counted(|| {
@@ -226,7 +217,7 @@ fn intercepted_stores_at_the_dirty_bound_allocate_nothing() {
     )
     .unwrap();
     let h = cache.handle();
-    let s = space();
+    let s = small_space();
     let b = s
         .map_file_with(
             &h,

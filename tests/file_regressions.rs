@@ -7,15 +7,6 @@ use hetmem::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-fn small_space() -> Space {
-    Space::with_config(SpaceConfig {
-        size: 1 << 30,
-        stash: 2 << 20,
-        ..SpaceConfig::default()
-    })
-    .unwrap()
-}
-
 /// protect(RW) of a shared file mapping that was writable before (RW -> RO -> RW) registers
 /// write tracking again and write-protects the whole range: the "written" bit of a page stored
 /// to before is cleared without a scan, so fsync never writes that store back.

@@ -9,15 +9,6 @@ use hetmem::*;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-fn small_space() -> Space {
-    Space::with_config(SpaceConfig {
-        size: 1 << 30,
-        stash: 2 << 20,
-        ..SpaceConfig::default()
-    })
-    .unwrap()
-}
-
 type Hook = Box<dyn FnMut() + Send>;
 
 /// The real file, with a hook run inside `punch` and `write_at` (after the cache has scanned
@@ -168,6 +159,31 @@ fn device_write_after_a_store_raced_a_punch_does_not_deadlock() {
     );
 }
 
+/// A page filled with `byte` in a fresh space, mapped in fault mode `mode` ("thread" or
+/// "signal"), then migrated to a device-private device: the objects to keep alive, and the page.
+fn device_resident_page(mode: &str, byte: u8) -> (Space, SoftDevice, DeviceMirror, VirtAddr) {
+    let space = small_space();
+    let mode = if mode == "thread" {
+        FaultMode::Thread
+    } else {
+        FaultMode::Signal
+    };
+    let a = space
+        .map_anon_with(
+            PAGE,
+            MapOptions {
+                mode,
+                ..MapOptions::default()
+            },
+        )
+        .unwrap();
+    space.cpu_write(a, &[byte; 4]).unwrap();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+    (space, dev, m, a)
+}
+
 /// A fault on a managed address taken while hetmem holds a lock across a copy (a device copy
 /// under its page-table lock) used to deadlock; now it aborts the process at once with a message
 /// naming the address and the zone. Proved in a child process (this test re-executed): the
@@ -175,25 +191,7 @@ fn device_write_after_a_store_raced_a_punch_does_not_deadlock() {
 #[test]
 fn a_fault_inside_a_no_fault_zone_aborts_with_a_message() {
     if let Ok(mode) = std::env::var("HETMEM_ZONE_CHILD") {
-        let space = small_space();
-        let mode = if mode == "thread" {
-            FaultMode::Thread
-        } else {
-            FaultMode::Signal
-        };
-        let a = space
-            .map_anon_with(
-                PAGE,
-                MapOptions {
-                    mode,
-                    ..MapOptions::default()
-                },
-            )
-            .unwrap();
-        space.cpu_write(a, &[1, 2, 3, 4]).unwrap();
-        let dev = SoftDevice::private(4 << 20).unwrap();
-        let m = dev.mirror(&space).unwrap();
-        m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+        let (_space, _dev, _m, a) = device_resident_page(&mode, 1);
         let _zone = hetmem::sys::NoFaultZone::enter("a test's zone");
         hetmem::sys::probe_load_u32(a.get());
         unreachable!("the load inside the zone returned");
@@ -468,25 +466,7 @@ fn pins_do_not_fail_while_the_evictor_runs() {
 #[test]
 fn a_thread_blocking_sigbus_needs_thread_mode() {
     if let Ok(mode) = std::env::var("HETMEM_SIGMASK_CHILD") {
-        let space = small_space();
-        let mode = if mode == "thread" {
-            FaultMode::Thread
-        } else {
-            FaultMode::Signal
-        };
-        let a = space
-            .map_anon_with(
-                PAGE,
-                MapOptions {
-                    mode,
-                    ..MapOptions::default()
-                },
-            )
-            .unwrap();
-        space.cpu_write(a, &[9, 9, 9, 9]).unwrap();
-        let dev = SoftDevice::private(4 << 20).unwrap();
-        let m = dev.mirror(&space).unwrap();
-        m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+        let (_space, _dev, _m, a) = device_resident_page(&mode, 9);
         hetmem::sys::block_sigbus_in_this_thread().unwrap();
         let v = hetmem::sys::probe_load_u32(a.get());
         assert_eq!(v, 0x0909_0909);

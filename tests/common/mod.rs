@@ -139,3 +139,18 @@ pub fn seed_from_env(var: &str) -> u64 {
             t.as_nanos() as u64 ^ (std::process::id() as u64) << 32
         })
 }
+
+/// A 1 GiB address space with a small stash (the tests' usual space).
+pub fn small_space() -> hetmem::Space {
+    small_space_with_stash(2 << 20)
+}
+
+/// A 1 GiB address space with a stash of `stash` bytes.
+pub fn small_space_with_stash(stash: usize) -> hetmem::Space {
+    hetmem::Space::with_config(hetmem::SpaceConfig {
+        size: 1 << 30,
+        stash,
+        ..hetmem::SpaceConfig::default()
+    })
+    .unwrap()
+}
