@@ -129,9 +129,18 @@ impl SpaceCore {
             // A file mapping: the page is not in the cache yet. Fill the cache (the memfd) and
             // let the access retry: the kernel then maps the page. Past the end of file (or on
             // a read error) the access gets SIGBUS, as with the kernel's mmap. While the page is
-            // being removed (truncate, punch), the access retries.
+            // being removed (truncate, punch), the access retries. The fill needs only the
+            // cache's lock: the space's lock is released first, so that a fill's disk read
+            // never holds up the other faults and migrations of the space (if the mapping goes
+            // away meanwhile, the retried access faults as on any unmapped address).
+            drop(st);
             return match cache.fault_fill(page) {
-                Ok(Fill::Filled) | Ok(Fill::Busy) => true,
+                Ok(Fill::Filled) => true,
+                Ok(Fill::Busy) => {
+                    // Being removed: wait for the removal to end (no lock held), then retry.
+                    cache.wait_for_removal();
+                    true
+                }
                 Ok(Fill::PastEof) => unserved("an access past the end of the file"),
                 Err(_) => unserved("the page could not be filled from the file"),
             };
