@@ -83,12 +83,43 @@ pub struct BenchResult {
     pub baseline_value: Option<f64>,
     /// `value / baseline_value`.
     pub ratio: Option<f64>,
+    /// Which way the value (and so the ratio) is better.
+    pub better: Better,
     /// How the repetitions behind `value` spread (figures repeated until stable only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spread: Option<Spread>,
     /// What else the reader needs to read the figure (a system setting, a side measurement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+/// Which way a figure, and its ratio to the baseline, is better.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    /// Smaller is better (times, bytes).
+    Lower,
+    /// Larger is better (bandwidths, rates, speedups).
+    Higher,
+}
+
+impl Better {
+    /// The direction that goes with `unit`: times and byte counts are better lower, everything
+    /// else (GB/s, k/s, speedups) higher.
+    pub fn for_unit(unit: &str) -> Better {
+        match unit {
+            "ns" | "us" | "ms" | "s" | "bytes" => Better::Lower,
+            _ => Better::Higher,
+        }
+    }
+
+    /// `"lower"` or `"higher"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Better::Lower => "lower",
+            Better::Higher => "higher",
+        }
+    }
 }
 
 /// The spread of a figure's timed repetitions (the figure is their median).
@@ -387,6 +418,7 @@ fn figure(name: &str, value: f64, unit: &str, base: Option<(&str, f64)>) -> Benc
         baseline: base.map(|(n, _)| n.to_string()),
         baseline_value: base.map(|(_, v)| v),
         ratio: base.map(|(_, v)| value / v),
+        better: Better::for_unit(unit),
         spread: None,
         note: None,
     }

@@ -29,8 +29,13 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
-    /// Show how hetmem can serve faults on this machine (privileges, userfaultfd mode).
-    Info,
+    /// Show how hetmem can serve faults on this machine: kernel, privileges, userfaultfd mode and
+    /// features, and what follows for programs using hetmem.
+    Info {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,7 +61,7 @@ fn run() -> anyhow::Result<()> {
             hetmem::demo::run(&mut out).context("demo failed")?;
         }
         Command::Bench { json, quick } => bench(json, quick)?,
-        Command::Info => info()?,
+        Command::Info { json } => info(json)?,
     }
     Ok(())
 }
@@ -73,7 +78,16 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
     pb.finish_and_clear();
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer(&mut out, &serde_json::json!({ "results": results }))?;
+        let report = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "kernel": kernel_release(),
+            "userfaultfd": uffd_kind(),
+            "options": { "quick": quick },
+            "time": rfc3339_utc(std::time::SystemTime::now()),
+            "thp": thp_setting(),
+            "results": results,
+        });
+        serde_json::to_writer(&mut out, &report)?;
         writeln!(out)?;
         return Ok(());
     }
@@ -86,10 +100,10 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
         .max(34);
     writeln!(
         out,
-        "{:<w$} {:>12} {:<6}  {:<w$} {:>12}  {:>7}",
+        "{:<w$} {:>12} {:<6}  {:<w$} {:>12}  {:>7}  better",
         "figure", "value", "unit", "baseline (same run)", "value", "ratio"
     )?;
-    writeln!(out, "{}", "-".repeat(2 * w + 44))?;
+    writeln!(out, "{}", "-".repeat(2 * w + 52))?;
     // Byte counts are shown in MiB in the table (the JSON keeps bytes).
     let show = |v: f64, unit: &str| -> (String, String) {
         if unit == "bytes" && v >= (1 << 20) as f64 {
@@ -114,13 +128,14 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "{:<w$} {:>12} {:<6}  {:<w$} {:>12}  {:>7}",
+            "{:<w$} {:>12} {:<6}  {:<w$} {:>12}  {:>7}  {}",
             r.name,
             v,
             unit,
             r.baseline.as_deref().unwrap_or("-"),
             bv,
             r.ratio.map(ratio).unwrap_or_else(|| "-".into()),
+            r.better.as_str(),
         )?;
         // Figures repeated until stable: their spread (and, beside a baseline, the range of
         // the per-repetition ratios) on a line of their own.
@@ -148,26 +163,391 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn info() -> anyhow::Result<()> {
+/// The running kernel's release (`uname -r`), or "unknown".
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The system's transparent huge page setting (the bracketed word of
+/// /sys/kernel/mm/transparent_hugepage/enabled), or "unknown".
+fn thp_setting() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|s| {
+            let open = s.find('[')?;
+            let close = s[open..].find(']')? + open;
+            Some(s[open + 1..close].to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The userfaultfd an address space gets here: "plain" where this user may open one,
+/// "user-mode-only" where only that opens, "unavailable" where neither does.
+fn uffd_kind() -> &'static str {
+    if hetmem::sys::kernel_features(false).is_ok() {
+        "plain"
+    } else if hetmem::sys::kernel_features(true).is_ok() {
+        "user-mode-only"
+    } else {
+        "unavailable"
+    }
+}
+
+/// `t` as an RFC 3339 UTC timestamp to the second (`2025-01-31T12:34:56Z`).
+fn rfc3339_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The userfaultfd features `hetmem info` names, with what hetmem does with each:
+/// (name, bit, used, what for / why not).
+const UFFD_FEATURES: &[(&str, u32, bool, &str)] = {
+    use linux_raw_sys::general as u;
+    &[
+        (
+            "WP",
+            u::UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+            true,
+            "write-protects anonymous pages while they migrate to a device",
+        ),
+        (
+            "SIGBUS",
+            u::UFFD_FEATURE_SIGBUS,
+            true,
+            "signal mode (the default): faults served in the faulting thread",
+        ),
+        (
+            "THREAD_ID",
+            u::UFFD_FEATURE_THREAD_ID,
+            true,
+            "thread mode: the faulting thread's id in each fault message",
+        ),
+        (
+            "EVENT_REMAP",
+            u::UFFD_FEATURE_EVENT_REMAP,
+            true,
+            "follows a direct mremap(2) of a managed range",
+        ),
+        (
+            "EVENT_REMOVE",
+            u::UFFD_FEATURE_EVENT_REMOVE,
+            false,
+            "it would block madvise(2) until the event is read",
+        ),
+        (
+            "EVENT_UNMAP",
+            u::UFFD_FEATURE_EVENT_UNMAP,
+            false,
+            "unmaps go through Space::unmap",
+        ),
+        (
+            "EVENT_FORK",
+            u::UFFD_FEATURE_EVENT_FORK,
+            false,
+            "managed memory is MADV_DONTFORK, hetmem is inert in a child",
+        ),
+        (
+            "MISSING_SHMEM",
+            u::UFFD_FEATURE_MISSING_SHMEM,
+            true,
+            "file mappings: missing pages of the memfd-staged cache",
+        ),
+        (
+            "MISSING_HUGETLBFS",
+            u::UFFD_FEATURE_MISSING_HUGETLBFS,
+            false,
+            "no hugetlbfs mappings",
+        ),
+        (
+            "MINOR_SHMEM",
+            u::UFFD_FEATURE_MINOR_SHMEM,
+            false,
+            "the file cache fills with UFFDIO_COPY (CONTINUE measured slower)",
+        ),
+        (
+            "MINOR_HUGETLBFS",
+            u::UFFD_FEATURE_MINOR_HUGETLBFS,
+            false,
+            "no hugetlbfs mappings",
+        ),
+        (
+            "WP_HUGETLBFS_SHMEM",
+            u::UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            true,
+            "file mappings: write-protect of memfd pages (store tracking)",
+        ),
+        (
+            "WP_UNPOPULATED",
+            u::UFFD_FEATURE_WP_UNPOPULATED,
+            true,
+            "file mappings: write-protect of pages not mapped yet",
+        ),
+        (
+            "WP_ASYNC",
+            u::UFFD_FEATURE_WP_ASYNC,
+            true,
+            "file mappings: dirty tracking without faults (PAGEMAP_SCAN)",
+        ),
+        (
+            "POISON",
+            u::UFFD_FEATURE_POISON,
+            false,
+            "no memory errors are emulated",
+        ),
+        (
+            "MOVE",
+            u::UFFD_FEATURE_MOVE,
+            false,
+            "migration copies (UFFDIO_COPY)",
+        ),
+        (
+            "EXACT_ADDRESS",
+            u::UFFD_FEATURE_EXACT_ADDRESS,
+            false,
+            "faults are served by whole pages",
+        ),
+    ]
+};
+
+/// `read_ahead_kb` of the block device holding `dir`'s file system, with the device's
+/// major:minor; `None` where `dir` is on no block device (tmpfs, overlay) or it is not readable.
+fn read_ahead_kb(dir: &std::path::Path) -> Option<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    if major == 0 {
+        return None;
+    }
+    let sys = format!("/sys/dev/block/{major}:{minor}");
+    // A partition has no queue/ of its own: its disk (the parent directory) does.
+    ["queue/read_ahead_kb", "../queue/read_ahead_kb"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(format!("{sys}/{p}")).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .map(|kb| (format!("{major}:{minor}"), kb))
+}
+
+fn info(json: bool) -> anyhow::Result<()> {
+    let uid = rustix::process::getuid().as_raw();
+    let euid = hetmem::sys::geteuid();
+    let sysctl: Option<u32> = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let plain = hetmem::sys::kernel_features(false);
+    let umo = hetmem::sys::kernel_features(true);
+    let kind = match (&plain, &umo) {
+        (Ok(_), _) => "plain",
+        (Err(_), Ok(_)) => "user-mode-only",
+        _ => "unavailable",
+    };
+    let bits = plain.as_ref().or(umo.as_ref()).copied().unwrap_or(0);
+    let offered = |bit: u32| bits & u64::from(bit) != 0;
+    let features: Vec<&str> = UFFD_FEATURES
+        .iter()
+        .filter(|f| offered(f.1))
+        .map(|f| f.0)
+        .collect();
+    let known = UFFD_FEATURES.iter().fold(0u64, |a, f| a | u64::from(f.1));
+    // What an address space of hetmem's gets here (a check that the whole stack works).
     let space = hetmem::Space::with_config(hetmem::SpaceConfig {
         size: 2 << 20,
         ..Default::default()
     })
-    .context("cannot create an address space (userfaultfd unavailable?)")?;
+    .map(|s| s.user_mode_only());
+    let thp = thp_setting();
+    let tmp = std::env::temp_dir();
+    let ra = read_ahead_kb(&tmp);
+
+    // What follows for a program using hetmem.
+    let mut follows: Vec<String> = Vec::new();
+    match kind {
+        "plain" => follows.push(
+            "thread mode serves kernel-mode accesses: system calls that touch a missing managed \
+             page (read(2) into it, O_DIRECT) are served in Thread-mode mappings, and get EFAULT \
+             in Signal-mode mappings (the default)"
+                .into(),
+        ),
+        "user-mode-only" => follows.push(format!(
+            "unprivileged (vm.unprivileged_userfaultfd = {}, no CAP_SYS_PTRACE): system calls \
+             that touch a missing managed page get EFAULT in both fault modes; move data with \
+             Space::cpu_read/cpu_write or a FileCache's read_at/write_at; root or \
+             vm.unprivileged_userfaultfd = 1 lifts this",
+            sysctl.map_or("?".into(), |v| v.to_string())
+        )),
+        _ => follows.push(format!(
+            "hetmem cannot run here: no userfaultfd opens ({}; a kernel without \
+             CONFIG_USERFAULTFD, or a seccomp filter)",
+            umo.as_ref().err().map_or(String::new(), |e| e.to_string())
+        )),
+    }
+    if kind == "plain" && sysctl == Some(0) && euid == 0 {
+        follows.push(
+            "other users here get a user-mode-only userfaultfd (vm.unprivileged_userfaultfd = 0): \
+             for them, system calls that touch a missing managed page get EFAULT in both fault \
+             modes"
+                .into(),
+        );
+    }
+    if kind != "unavailable" {
+        follows.push(
+            "CPU code is served in both fault modes; a thread that blocks SIGBUS is killed when \
+             it touches a device-resident page of a Signal-mode mapping"
+                .into(),
+        );
+        for (name, bit, used, what) in UFFD_FEATURES {
+            if *used && !offered(*bit) {
+                follows.push(format!(
+                    "the kernel lacks {name}: what needs it fails to set up ({what})"
+                ));
+            }
+        }
+    }
+    if let Err(e) = &space {
+        follows.push(format!("creating an address space failed here: {e}"));
+    }
+    follows.push(match thp.as_str() {
+        "never" => "THP never: the kernel's first touch of anonymous memory takes a fault per \
+                    4 KiB page, as hetmem's does"
+            .into(),
+        "always" => "THP always: the kernel's first touch of anonymous memory takes one fault \
+                     per 2 MiB page; hetmem installs 4 KiB pages (read first-touch figures \
+                     with that in mind)"
+            .into(),
+        t => format!(
+            "THP {t}: the kernel's first touch of anonymous memory takes one fault per 2 MiB \
+             page where the program asks (MADV_HUGEPAGE), one per 4 KiB page otherwise; hetmem \
+             installs 4 KiB pages"
+        ),
+    });
+    if let Some((_, kb)) = &ra
+        && *kb >= 1024
+    {
+        follows.push(format!(
+            "read_ahead_kb = {kb} under {}: each cold fault of a kernel mmap of a file there \
+             reads up to {kb} KiB around it unless MADV_RANDOM",
+            tmp.display()
+        ));
+    }
+
     let mut out = std::io::stdout().lock();
-    writeln!(out, "effective uid:        {}", hetmem::sys::geteuid())?;
+    if json {
+        let report = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "kernel": kernel_release(),
+            "uid": uid,
+            "euid": euid,
+            "unprivileged_userfaultfd": sysctl,
+            "userfaultfd": kind,
+            "plain_userfaultfd": plain.is_ok(),
+            "plain_userfaultfd_error": plain.as_ref().err().map(|e| e.to_string()),
+            "user_mode_only_userfaultfd": umo.is_ok(),
+            "features_bits": bits,
+            "features": features,
+            "features_unnamed_bits": bits & !known,
+            "uses": UFFD_FEATURES.iter().filter(|f| f.2).map(|f| serde_json::json!({
+                "feature": f.0, "offered": offered(f.1), "for": f.3,
+            })).collect::<Vec<_>>(),
+            "not_used": UFFD_FEATURES.iter().filter(|f| !f.2).map(|f| serde_json::json!({
+                "feature": f.0, "offered": offered(f.1), "why": f.3,
+            })).collect::<Vec<_>>(),
+            "space": match &space {
+                Ok(u) => serde_json::json!({ "ok": true, "user_mode_only": u }),
+                Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
+            },
+            "default_fault_mode": "signal",
+            "thp": thp,
+            "temp_dir": tmp.display().to_string(),
+            "read_ahead_kb": ra.as_ref().map(|r| r.1),
+            "temp_dir_device": ra.as_ref().map(|r| r.0.clone()),
+            "follows": follows,
+        });
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "hetmem {}", env!("CARGO_PKG_VERSION"))?;
+    writeln!(out, "kernel:                      {}", kernel_release())?;
+    writeln!(out, "uid / euid:                  {uid} / {euid}")?;
     writeln!(
         out,
-        "userfaultfd:          {}",
-        if space.user_mode_only() {
-            "user-mode-only (unprivileged): system calls that touch a device-resident page get EFAULT in every mode"
-        } else {
-            "full: thread-mode mappings also serve system calls that touch device-resident pages"
+        "vm.unprivileged_userfaultfd: {}",
+        sysctl.map_or("unknown".into(), |v| v.to_string())
+    )?;
+    writeln!(
+        out,
+        "userfaultfd:                 {kind} (plain: {}; UFFD_USER_MODE_ONLY: {})",
+        match &plain {
+            Ok(_) => "opens".to_string(),
+            Err(e) => format!("refused: {e}"),
+        },
+        match &umo {
+            Ok(_) => "opens".to_string(),
+            Err(e) => format!("refused: {e}"),
         }
     )?;
     writeln!(
         out,
-        "default fault mode:   signal (served in the faulting thread)"
+        "address space:               {}",
+        match &space {
+            Ok(true) => "ok (user-mode-only userfaultfd)".to_string(),
+            Ok(false) => "ok (plain userfaultfd)".to_string(),
+            Err(e) => format!("failed: {e}"),
+        }
     )?;
+    writeln!(
+        out,
+        "default fault mode:          signal (served in the faulting thread)"
+    )?;
+    writeln!(out, "transparent huge pages:      {thp}")?;
+    writeln!(
+        out,
+        "read_ahead_kb:               {}",
+        match &ra {
+            Some((dev, kb)) => format!("{kb} ({} on block device {dev})", tmp.display()),
+            None => format!("- ({} is on no block device)", tmp.display()),
+        }
+    )?;
+    writeln!(
+        out,
+        "\nuserfaultfd features offered by the kernel ({bits:#x}{}):",
+        if bits & !known != 0 {
+            format!("; unnamed bits {:#x}", bits & !known)
+        } else {
+            String::new()
+        }
+    )?;
+    for (name, bit, used, what) in UFFD_FEATURES {
+        writeln!(
+            out,
+            "  {:<3} {name:<19} {}: {what}",
+            if offered(*bit) { "yes" } else { "no" },
+            if *used { "used" } else { "not used" },
+        )?;
+    }
+    writeln!(out, "\nwhat follows:")?;
+    for f in &follows {
+        writeln!(out, "  - {f}")?;
+    }
     Ok(())
 }

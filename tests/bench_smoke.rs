@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 
-use hetmem::bench::{BenchOptions, run};
+use hetmem::bench::{BenchOptions, Better, run};
 
 const EXPECTED: &[&str] = &[
     "fault_back_4k_us",
@@ -57,6 +57,16 @@ fn quick_bench_reports_every_figure() {
         assert!(r.value.is_finite() && r.value > 0.0, "{name} = {}", r.value);
     }
     for r in &results {
+        // Times and byte counts are better lower, bandwidths, rates and speedups higher.
+        let lower = ["ns", "us", "ms", "s", "bytes"].contains(&r.unit.as_str());
+        assert_eq!(
+            r.better,
+            if lower { Better::Lower } else { Better::Higher },
+            "{}: better {:?} for unit {}",
+            r.name,
+            r.better,
+            r.unit
+        );
         match (&r.baseline, r.baseline_value, r.ratio) {
             (Some(b), Some(v), Some(ratio)) => {
                 assert!(v.is_finite() && v > 0.0, "{}: baseline {b} = {v}", r.name);
@@ -120,4 +130,59 @@ fn quick_bench_reports_every_figure() {
             .is_some_and(|n| n.contains("transparent huge pages")),
         "first_touch_2threads_speedup: no THP setting"
     );
+}
+
+/// `hetmem bench --quick --json`: one object, the results wrapped with what they were measured
+/// on (version, kernel, userfaultfd, options, time, THP), each result saying which way is better.
+#[test]
+fn quick_bench_json_has_its_context() {
+    let _w = watchdog("quick_bench_json_has_its_context", 120);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["bench", "--quick", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hetmem bench --quick --json failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("bench --json is one JSON object");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    let kernel = v["kernel"].as_str().expect("kernel");
+    assert!(!kernel.is_empty() && kernel != "unknown", "kernel {kernel}");
+    assert!(
+        ["plain", "user-mode-only"].contains(&v["userfaultfd"].as_str().unwrap_or("")),
+        "userfaultfd {}",
+        v["userfaultfd"]
+    );
+    assert_eq!(v["options"]["quick"], true);
+    assert!(v["thp"].is_string());
+    // RFC 3339 UTC to the second: 2025-01-31T12:34:56Z.
+    let t = v["time"].as_str().expect("time");
+    let b = t.as_bytes();
+    assert!(
+        b.len() == 20
+            && b.iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == b'-',
+                10 => *c == b'T',
+                13 | 16 => *c == b':',
+                19 => *c == b'Z',
+                _ => c.is_ascii_digit(),
+            })
+            && t >= "2024",
+        "time {t}"
+    );
+    let results = v["results"].as_array().expect("results");
+    for name in EXPECTED {
+        let r = results
+            .iter()
+            .find(|r| r["name"] == *name)
+            .unwrap_or_else(|| panic!("missing figure {name}"));
+        assert!(
+            r["better"] == "lower" || r["better"] == "higher",
+            "{name}: better {}",
+            r["better"]
+        );
+    }
 }

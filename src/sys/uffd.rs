@@ -422,6 +422,28 @@ impl Uffd {
     }
 }
 
+/// The userfaultfd features this kernel offers (`UFFD_FEATURE_*` bits): a UFFDIO_API handshake
+/// asking for no feature on a fresh userfaultfd (closed again), which reports every feature the
+/// kernel supports. `user_mode_only` opens the fd with `UFFD_USER_MODE_ONLY`; without it, EPERM
+/// means that this user may not open a plain userfaultfd (`vm.unprivileged_userfaultfd = 0` and
+/// no `CAP_SYS_PTRACE`).
+pub fn kernel_features(user_mode_only: bool) -> io::Result<u64> {
+    let mut flags = rustix::mm::UserfaultfdFlags::CLOEXEC;
+    if user_mode_only {
+        flags |= rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
+    }
+    // SAFETY: the fd registers no range and is closed on return: it can affect no memory.
+    let fd = unsafe { rustix::mm::userfaultfd(flags) }?;
+    let mut api = uapi::uffdio_api {
+        api: uapi::UFFD_API as u64,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a `struct uffdio_api`, which `api` is.
+    unsafe { rustix::ioctl::ioctl(&fd, Updater::<OP_API, _>::new(&mut api)) }?;
+    Ok(api.features)
+}
+
 /// An eventfd used to stop a handler thread.
 pub fn stop_fd() -> io::Result<OwnedFd> {
     Ok(rustix::event::eventfd(

@@ -1,0 +1,150 @@
+//! The `hetmem` command line: `info` (text and `--json`), as this user and, where the tests run as
+//! root, as an unprivileged one (`nobody`).
+
+mod common;
+use common::*;
+
+use std::process::Command;
+
+/// Runs the `hetmem` binary with `args` (as `uid`/`gid` if given, from a copy that user can
+/// reach); returns its stdout, failing the test if it did not succeed.
+fn hetmem(args: &[&str], as_user: Option<u32>) -> String {
+    let out = match as_user {
+        None => Command::new(env!("CARGO_BIN_EXE_hetmem"))
+            .args(args)
+            .output()
+            .unwrap(),
+        Some(id) => {
+            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::process::CommandExt;
+            // The build directory may not be reachable for `nobody` (e.g. under /root).
+            let dir = std::env::temp_dir().join(format!(
+                "hetmem-cli-{}-{}",
+                std::process::id(),
+                args.join("-")
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let bin = dir.join("hetmem");
+            std::fs::copy(env!("CARGO_BIN_EXE_hetmem"), &bin).unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let out = Command::new(&bin)
+                .args(args)
+                .current_dir(&dir)
+                .uid(id)
+                .gid(id)
+                .output()
+                .unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            out
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "hetmem {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Checks the keys of `hetmem info --json` and returns the object.
+fn info_json(as_user: Option<u32>) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&hetmem(&["info", "--json"], as_user))
+        .expect("info --json is one JSON object");
+    let kernel = v["kernel"].as_str().expect("kernel");
+    assert!(
+        !kernel.is_empty() && kernel != "unknown",
+        "kernel: {kernel}"
+    );
+    assert!(v["uid"].is_u64() && v["euid"].is_u64(), "{v}");
+    let kind = v["userfaultfd"].as_str().expect("userfaultfd");
+    assert!(
+        ["plain", "user-mode-only"].contains(&kind),
+        "userfaultfd: {kind} (the tests need one)"
+    );
+    assert_eq!(v["plain_userfaultfd"].as_bool(), Some(kind == "plain"));
+    assert_eq!(v["user_mode_only_userfaultfd"].as_bool(), Some(true));
+    let features = v["features"].as_array().expect("features");
+    assert!(!features.is_empty(), "no userfaultfd feature reported");
+    // hetmem runs here, so what its default (signal) mode needs is offered.
+    assert!(features.iter().any(|f| f == "SIGBUS"), "{features:?}");
+    let uses = v["uses"].as_array().expect("uses");
+    assert!(!uses.is_empty());
+    for u in uses {
+        assert!(u["feature"].is_string() && u["offered"].is_boolean(), "{u}");
+        assert!(!u["for"].as_str().unwrap_or("").is_empty(), "{u}");
+    }
+    for name in ["SIGBUS", "EVENT_REMAP", "WP_ASYNC"] {
+        assert!(
+            uses.iter().any(|u| u["feature"] == name),
+            "{name} not in uses"
+        );
+    }
+    assert!(v["not_used"].as_array().is_some_and(|a| !a.is_empty()));
+    assert_eq!(v["space"]["ok"], true, "{v}");
+    assert_eq!(
+        v["space"]["user_mode_only"].as_bool(),
+        Some(kind == "user-mode-only")
+    );
+    assert!(v["thp"].is_string());
+    assert!(v["read_ahead_kb"].is_u64() || v["read_ahead_kb"].is_null());
+    let follows = v["follows"].as_array().expect("follows");
+    assert!(!follows.is_empty());
+    v
+}
+
+#[test]
+fn info_json_reports_kernel_features_and_uses() {
+    let _w = watchdog("info_json", 60);
+    let v = info_json(None);
+    let follows = v["follows"].to_string();
+    if v["userfaultfd"] == "plain" {
+        assert!(follows.contains("thread mode serves"), "{follows}");
+    } else {
+        assert!(follows.contains("EFAULT in both fault modes"), "{follows}");
+    }
+}
+
+#[test]
+fn info_text_names_features_and_what_follows() {
+    let _w = watchdog("info_text", 60);
+    let out = hetmem(&["info"], None);
+    for s in [
+        "kernel:",
+        "uid / euid:",
+        "vm.unprivileged_userfaultfd:",
+        "userfaultfd:",
+        "SIGBUS",
+        "MOVE",
+        "what follows:",
+    ] {
+        assert!(out.contains(s), "no {s:?} in:\n{out}");
+    }
+}
+
+/// As `nobody` with `vm.unprivileged_userfaultfd = 0` (the common default), only a
+/// user-mode-only userfaultfd opens, and `info` says what that means.
+#[test]
+fn info_unprivileged() {
+    let _w = watchdog("info_unprivileged", 60);
+    if hetmem::sys::geteuid() != 0 {
+        info_json(None);
+        return;
+    }
+    let v = info_json(Some(65534));
+    assert_eq!(v["euid"], 65534);
+    let sysctl =
+        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if sysctl.trim() == "0" {
+        assert_eq!(v["userfaultfd"], "user-mode-only", "{v}");
+        assert_eq!(v["unprivileged_userfaultfd"], 0);
+        assert!(v["plain_userfaultfd_error"].is_string(), "{v}");
+        assert!(
+            v["follows"]
+                .to_string()
+                .contains("EFAULT in both fault modes"),
+            "{v}"
+        );
+    }
+}
