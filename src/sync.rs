@@ -48,20 +48,21 @@ pub use std::sync::atomic::Ordering;
 
 /// A held lock taken through [`lock`]: the guard, and its slot in the lock watch.
 pub struct Guard<'a, T> {
-    g: MutexGuard<'a, T>,
+    /// Always `Some` while the guard is usable (`None` only inside [`wait`]).
+    g: Option<MutexGuard<'a, T>>,
     watch: Option<watch::Held>,
 }
 
 impl<T> std::ops::Deref for Guard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.g
+        self.g.as_ref().expect("a guard is held until dropped")
     }
 }
 
 impl<T> std::ops::DerefMut for Guard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.g
+        self.g.as_mut().expect("a guard is held until dropped")
     }
 }
 
@@ -75,7 +76,7 @@ impl<T> Drop for Guard<'_, T> {
 
 impl<T: std::fmt::Debug> std::fmt::Debug for Guard<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        (*self.g).fmt(f)
+        (**self).fmt(f)
     }
 }
 
@@ -88,7 +89,27 @@ pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
         Err(p) => p.into_inner(),
     };
     let watch = watch::hold(std::panic::Location::caller());
-    Guard { g, watch }
+    Guard { g: Some(g), watch }
+}
+
+/// Waits on `cv`, releasing the lock `g` holds meanwhile (as `Condvar::wait`), and returns it
+/// held again.
+#[track_caller]
+pub fn wait<'a, T>(cv: &Condvar, mut g: Guard<'a, T>) -> Guard<'a, T> {
+    let inner = g.g.take().expect("a guard is held until dropped");
+    if let Some(h) = g.watch.take() {
+        h.release();
+    }
+    drop(g);
+    let inner = match cv.wait(inner) {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let watch = watch::hold(std::panic::Location::caller());
+    Guard {
+        g: Some(inner),
+        watch,
+    }
 }
 
 /// Whether the lock watch is on in this process (see the module doc).

@@ -267,6 +267,18 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             return Err(Error::NoWrite { addr: a });
         }
         let mut pte = v.ptes[v.idx(a)];
+        if pte.migrating() {
+            // A migration in flight owns the page (the kernel's migration entry): wait for it
+            // to finalize, then the caller retries (its notifier sequence has moved anyway).
+            let _st = space.wait_for_migrations(
+                st,
+                VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                },
+            );
+            return Err(Error::Busy);
+        }
         let order = |large: bool| if large { 9u64 << ORDER_SHIFT } else { 0 };
         if pte.state() == PageState::Device {
             let pm = st.pagemap(pte.pagemap());

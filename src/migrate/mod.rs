@@ -88,7 +88,12 @@ pub struct MigrateArgs {
 /// A migration in progress (see the module doc for the phases).
 pub struct MigrateVma<'a> {
     core: &'a Arc<SpaceCore>,
-    st: Option<Guard<'a, SpaceState>>,
+    /// Registered in the space (`SpaceState::migrations`) and not finalized yet.
+    active: bool,
+    /// This migration's id in `SpaceState::migrations`.
+    id: u64,
+    /// The pages this migration marked MIGRATING at setup (it clears them at finalize).
+    marked: Vec<bool>,
     /// First byte.
     pub start: VirtAddr,
     /// One past the last byte.
@@ -155,13 +160,18 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         let pte = v.ptes[vi];
         // A 2 MiB unit wholly inside the range, with its head here?
         let unit_here = a.is_large_aligned() && i + PAGES_PER_LARGE <= n && v.unit_of(vi).is_some();
+        if pte.migrating() {
+            // Another migration in flight owns it (the kernel skips pages under migration).
+            i += 1;
+            continue;
+        }
         match pte.state() {
             PageState::None if args.flags & SELECT_SYSTEM != 0 && !is_file => {
                 let all_none = unit_here
                     && large_vma
                     && v.ptes[vi..vi + PAGES_PER_LARGE]
                         .iter()
-                        .all(|p| p.state() == PageState::None);
+                        .all(|p| p.state() == PageState::None && !p.migrating());
                 if compound && all_none {
                     src[i] = MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND | wbit;
                     cpages += PAGES_PER_LARGE;
@@ -184,6 +194,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                                 && p.large()
                                 && !p.is_coherent()
                                 && !p.pinned()
+                                && !p.migrating()
                         });
                     if whole {
                         src[i] = migrate_pfn(PageTarget::System(a.page()))
@@ -237,6 +248,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                                         ))
                                         && p.state() == pte.state()
                                         && !p.pinned()
+                                        && !p.migrating()
                                 });
                         if whole {
                             src[i] = migrate_pfn(PageTarget::Device {
@@ -291,9 +303,37 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
             }
         }
     }
+    // Mark the pages that may move (the kernel's migration entries) and register the
+    // migration; then release the lock: the driver's allocation and copies run without it, and
+    // faults on other pages of the space go on meanwhile (faults on these pages wait, device
+    // faults on them get EBUSY, operations that change mappings over the range wait).
+    let mut marked = vec![false; n];
+    let mut i = 0;
+    while i < n {
+        let span = if src[i] & MIGRATE_PFN_COMPOUND != 0 {
+            PAGES_PER_LARGE
+        } else {
+            1
+        };
+        if src[i] & MIGRATE_PFN_MIGRATE != 0 {
+            for k in 0..span {
+                let a = r.start.add((i + k) * PAGE_SIZE);
+                let pte = st.pte(a).expect("inside the mapping");
+                st.set_pte(a, pte.with_migrating(true));
+                marked[i + k] = true;
+            }
+        }
+        i += span;
+    }
+    let id = st.next_migration;
+    st.next_migration += 1;
+    st.migrations.push((id, r));
+    drop(st);
     Ok(MigrateVma {
         core,
-        st: Some(st),
+        active: true,
+        id,
+        marked,
         start: r.start,
         end: r.end,
         src,
@@ -380,8 +420,9 @@ impl MigrateVma<'_> {
         self.start.add(i * PAGE_SIZE)
     }
 
-    fn st(&self) -> &SpaceState {
-        self.st.as_ref().expect("state held until finalize")
+    /// The address space's state lock (a migration holds it only in setup and finalize).
+    fn lock(&self) -> Guard<'_, SpaceState> {
+        self.core.lock_state()
     }
 
     /// Splits the compound source entry at `i` into base entries (the driver could not get a
@@ -393,8 +434,7 @@ impl MigrateVma<'_> {
         }
         let a = self.addr(i);
         let core = self.core;
-        let st = self.st.as_mut().expect("state held until finalize");
-        core.split_unit(st, a);
+        core.split_unit(&mut self.core.lock_state(), a);
         let flags = w & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_WRITE);
         for k in 0..PAGES_PER_LARGE {
             self.src[i + k] = match migrate_pfn_target(w) {
@@ -430,6 +470,18 @@ impl MigrateVma<'_> {
         if pm.kind() == MemoryKind::Coherent {
             return Ok(());
         }
+        let src_pm = match migrate_pfn_target(w) {
+            Some(PageTarget::Device { pagemap, .. }) => Some(self.lock().pagemap(pagemap)),
+            _ => None,
+        };
+        // The copy runs without the state lock (the source pages are marked MIGRATING and
+        // write-protected: they cannot change or go away), except when it needs the space's
+        // bounce buffer (a device the CPU cannot address), which is used under that lock.
+        let needs_bounce = pm.store().host_view().is_none()
+            || src_pm
+                .as_ref()
+                .is_some_and(|s| s.store().host_view().is_none());
+        let _bounce = needs_bounce.then(|| self.lock());
         match migrate_pfn_target(w) {
             None => pm
                 .store()
@@ -439,8 +491,8 @@ impl MigrateVma<'_> {
                 .core
                 .copy_into_frames(v.addr(), pm, frame.offset(), len)
                 .map_err(|e| Error::os("device copy", e)),
-            Some(PageTarget::Device { pagemap, frame: sf }) => {
-                let spm = self.st().pagemap(pagemap);
+            Some(PageTarget::Device { frame: sf, .. }) => {
+                let spm = src_pm.expect("a device source's pagemap");
                 if spm.kind() == MemoryKind::Coherent {
                     // A coherent page's bytes are in the CPU page (write-protected by setup).
                     return self
@@ -461,6 +513,10 @@ impl MigrateVma<'_> {
     /// must be the page's own address, and only for device sources; a compound destination
     /// needs a compound source).
     pub fn pages(&mut self) {
+        let registered: Vec<bool> = {
+            let st = self.lock();
+            st.pagemaps.iter().map(|p| p.is_some()).collect()
+        };
         for i in 0..self.src.len() {
             if self.src[i] & MIGRATE_PFN_MIGRATE == 0 {
                 continue;
@@ -472,7 +528,7 @@ impl MigrateVma<'_> {
                     // source first if it cannot get one), and vice versa.
                     (self.dst[i] & MIGRATE_PFN_COMPOUND != 0)
                         == (self.src[i] & MIGRATE_PFN_COMPOUND != 0)
-                        && self.st().pagemaps[pagemap.0 as usize].is_some()
+                        && registered[pagemap.0 as usize]
                 }
                 Some(PageTarget::System(v)) => {
                     v == self.addr(i).page()
@@ -491,7 +547,7 @@ impl MigrateVma<'_> {
 
     /// The address space's placement policy (read under the lock this migration holds).
     pub(crate) fn policy(&self) -> std::sync::Arc<dyn crate::policy::Policy> {
-        self.st().policy.clone()
+        self.lock().policy.clone()
     }
 
     /// Device memory is full: evicts one page (or 2 MiB unit) of this address space from `pm`
@@ -504,7 +560,8 @@ impl MigrateVma<'_> {
         let n = pm.nframes();
         let (lo, hi) = (self.start.page().0, self.end.page().0);
         let core = self.core;
-        let st = self.st.as_mut().expect("state held until finalize");
+        let mut st = self.lock();
+        let st = &mut *st;
         for k in 0..n {
             let f = (from + k) % n;
             let frame = FrameIdx(f as u32);
@@ -527,8 +584,7 @@ impl MigrateVma<'_> {
     /// (drivers call this before setting device destinations).
     pub fn use_pagemap(&mut self, pm: &Arc<Pagemap>) {
         let core = self.core;
-        let st = self.st.as_mut().expect("state held until finalize");
-        core.add_pagemap(st, pm);
+        core.add_pagemap(&mut self.lock(), pm);
     }
 
     /// Phase 3b: restore or complete every page and release the address space. Returns the
@@ -550,14 +606,28 @@ impl MigrateVma<'_> {
     /// 3. declined pages: device mappings of them are invalidated (a driver may have mapped the
     ///    destination already), their destination frames freed, their write protection removed.
     fn finish(&mut self) {
-        if self.st.is_none() {
+        if !self.active {
             return;
         }
+        self.active = false;
         // Commit checks again (idempotent): a driver that skipped `pages()`, or left a `dst`
         // unset, declines those pages.
         self.pages();
-        let Some(mut st) = self.st.take() else { return };
         let core = self.core;
+        let mut st = core.lock_state();
+        // The pages are this migration's no more (committed entries are rewritten below;
+        // declined ones keep theirs); the migration leaves the space's list. Waiters are woken
+        // once the entries are final, when the lock is released.
+        for (k, &m) in self.marked.iter().enumerate() {
+            if m {
+                let a = self.addr(k);
+                if let Some(pte) = st.pte(a) {
+                    st.set_pte(a, pte.with_migrating(false));
+                }
+            }
+        }
+        let id = self.id;
+        st.migrations.retain(|(m, _)| *m != id);
         let n = self.src.len();
         let span_of = |w: u64| {
             if w & MIGRATE_PFN_COMPOUND != 0 {
@@ -803,19 +873,22 @@ impl MigrateVma<'_> {
             }
         }
         drop(st);
+        core.migration_done.notify_all();
     }
 
     /// The current sequence of notifier `n`, read while this migration holds the address
     /// space's lock (so no invalidation is in progress): a driver that maps the migrated pages
     /// after `finalize` checks `n.read_retry` against it first, as after `read_begin`.
     pub fn notifier_seq(&self, n: &crate::hmm::IntervalNotifier) -> u64 {
+        // Under the lock: no invalidation is in progress while the sequence is read.
+        let _st = self.lock();
         n.current_seq()
     }
 }
 
 impl Drop for MigrateVma<'_> {
     fn drop(&mut self) {
-        if self.st.is_some() {
+        if self.active {
             // Every page is declined, and the destinations the driver set are freed.
             self.aborted = true;
             self.finish();

@@ -16,7 +16,13 @@ impl SpaceCore {
         pm: &Arc<Pagemap>,
         map: &mut dyn FnMut(VirtAddr, FrameIdx),
     ) -> Result<()> {
-        let mut st = lock(&self.state);
+        // The whole 2 MiB unit: granting splits a large unit, which must not happen under a
+        // migration moving it whole.
+        let head = VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1));
+        let mut st = self.lock_state_for(VaRange {
+            start: head,
+            end: head.add(LARGE_PAGE_SIZE),
+        });
         let v = st.vma(a).ok_or(Error::NotMapped { addr: a })?;
         if !v.prot.readable() {
             return Err(Error::NoRead { addr: a });

@@ -83,6 +83,19 @@ impl SpaceCore {
         }
         let mut st = lock(&self.state);
         let Some(pte) = st.pte(a) else { return false };
+        if pte.migrating() {
+            // A migration in flight owns the page (a store to a page it write-protected, or a
+            // first touch of a hole it is moving): wait for it to finalize, with the lock
+            // released meanwhile, and retry the access against the page's new state.
+            let _st = self.wait_for_migrations(
+                st,
+                VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                },
+            );
+            return true;
+        }
         self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
         st.trace_with(|| {
             let (state, owner) = if st.file_page(a).is_some() {
@@ -262,11 +275,11 @@ impl SpaceCore {
         let i = v.idx(a);
         let (lo, hi) = (v.idx(VirtAddr(ws)), v.idx(VirtAddr(we)));
         let mut s = i;
-        while s > lo && v.ptes[s - 1].state() == PageState::None {
+        while s > lo && v.ptes[s - 1].state() == PageState::None && !v.ptes[s - 1].migrating() {
             s -= 1;
         }
         let mut e = i + 1;
-        while e < hi && v.ptes[e].state() == PageState::None {
+        while e < hi && v.ptes[e].state() == PageState::None && !v.ptes[e].migrating() {
             e += 1;
         }
         // A private file mapping fills from the file (up to its end; past it: SIGBUS).
@@ -323,6 +336,11 @@ impl SpaceCore {
     /// device-exclusive access. Device mappings are invalidated first.
     pub(crate) fn make_present(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
         let pte = st.pte(a).ok_or(Error::NotMapped { addr: a })?;
+        if pte.migrating() {
+            // A migration in flight owns it: the caller retries without holding the lock
+            // (`range_fault` returns EBUSY, a pin waits for the migration).
+            return Err(Error::Busy);
+        }
         if let Some((cache, page)) = st.file_page(a) {
             // A file page is present once it is in the cache (any mapping then maps it).
             return match cache.fault_fill(page)? {
@@ -482,7 +500,12 @@ impl SpaceCore {
     /// space still lives in `frame` of `pm`, bring it back to system memory.
     /// Returns the number of pages moved (a whole 2 MiB unit moves as one).
     pub(crate) fn evict_frame(&self, pm: &Pagemap, frame: FrameIdx, vpn: usize) -> Result<usize> {
-        let mut st = lock(&self.state);
+        let a = Vpn(vpn).addr();
+        let unit = VaRange {
+            start: VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)),
+            end: VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)).add(LARGE_PAGE_SIZE),
+        };
+        let mut st = self.lock_state_for(unit);
         self.evict_frame_locked(&mut st, pm, frame, vpn)
     }
 
@@ -497,6 +520,10 @@ impl SpaceCore {
     ) -> Result<usize> {
         let a = Vpn(vpn).addr();
         let Some(pte) = st.pte(a) else { return Ok(0) };
+        if pte.migrating() {
+            // A migration in flight owns it (only a migration evicting to make room gets here).
+            return Ok(0);
+        }
         let n = if pte.large() { PAGES_PER_LARGE } else { 1 };
         if pte.device_frame().map(|(p, f, _)| (p, f)) != Some((pm.id(), frame))
             || pte.state() == PageState::Exclusive

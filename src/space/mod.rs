@@ -187,6 +187,11 @@ pub(crate) struct SpaceState {
     pub(crate) policy: std::sync::Arc<dyn Policy>,
     /// Where events go ([`Space::set_trace`]); `None`: one check per event.
     pub(crate) trace: Option<Tracer>,
+    /// Migrations in flight (between setup and finalize, which release this lock in between):
+    /// an id and the range. Operations that change mappings wait for those overlapping their
+    /// range ([`SpaceCore::wait_for_migrations`]).
+    pub(crate) migrations: Vec<(u64, VaRange)>,
+    pub(crate) next_migration: u64,
 }
 
 impl SpaceState {
@@ -309,6 +314,9 @@ pub struct SpaceCore {
     /// protect file mappings without holding this space).
     pub(crate) mm: std::sync::Arc<dyn Mm>,
     pub(crate) state: Mutex<SpaceState>,
+    /// Signalled when a migration finalizes (waiters: faults on its pages, operations that change
+    /// mappings it overlaps).
+    pub(crate) migration_done: crate::sync::Condvar,
     pub(crate) inv_seq: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) zero: Region,
@@ -458,7 +466,10 @@ impl Space {
                 lost: Vec::new(),
                 policy: std::sync::Arc::new(DefaultPolicy),
                 trace: None,
+                migrations: Vec::new(),
+                next_migration: 1,
             }),
+            migration_done: crate::sync::Condvar::new(),
             inv_seq: AtomicU64::new(0),
             counters: Counters::default(),
             zero,
@@ -686,7 +697,7 @@ impl Space {
     pub fn protect(&self, addr: VirtAddr, len: usize, prot: Prot) -> Result<()> {
         self.check_owner_process()?;
         let r = VaRange::new(addr, len)?;
-        let mut st = lock(&self.core.state);
+        let mut st = self.core.lock_state_for(r);
         st.check_covered(r)?;
         let read_only_file = st.vmas.values().any(|v| {
             r.overlaps(&v.range)
@@ -752,7 +763,7 @@ impl Space {
     pub fn advise_large(&self, addr: VirtAddr, len: usize) -> Result<()> {
         self.check_owner_process()?;
         let r = VaRange::new(addr, len)?;
-        let mut st = lock(&self.core.state);
+        let mut st = self.core.lock_state_for(r);
         st.check_covered(r)?;
         self.core.for_each_vma_in(&mut st, r, |v| v.large = true);
         Ok(())
@@ -767,7 +778,7 @@ impl Space {
         if r.start < res.start || r.end > res.end {
             return Err(Error::OutOfSpace { addr, len });
         }
-        let mut st = lock(&self.core.state);
+        let mut st = self.core.lock_state_for(r);
         self.core.invalidate(&st, r, NotifyEvent::Unmap, None);
         self.core.split_at(&mut st, r.start);
         self.core.split_at(&mut st, r.end);
@@ -1228,6 +1239,25 @@ impl SpaceCore {
     }
 
     /// Locks the state (for the mirror and migrate modules).
+    /// Waits, releasing the state lock meanwhile, until no migration in flight overlaps `r`.
+    /// Bounded: a migration holds its pages only from setup to finalize, and finalize never
+    /// waits for this.
+    pub(crate) fn wait_for_migrations<'a>(
+        &'a self,
+        mut st: Guard<'a, SpaceState>,
+        r: VaRange,
+    ) -> Guard<'a, SpaceState> {
+        while st.migrations.iter().any(|(_, m)| m.overlaps(&r)) {
+            st = crate::sync::wait(&self.migration_done, st);
+        }
+        st
+    }
+
+    /// The state lock, once no migration in flight overlaps `r`.
+    pub(crate) fn lock_state_for(&self, r: VaRange) -> Guard<'_, SpaceState> {
+        self.wait_for_migrations(self.lock_state(), r)
+    }
+
     pub(crate) fn lock_state(&self) -> Guard<'_, SpaceState> {
         lock(&self.state)
     }

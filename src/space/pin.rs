@@ -18,7 +18,8 @@ impl Space {
         const BUSY_ROUNDS: usize = 1000;
         let mut round = 0;
         let mut st = loop {
-            let mut st = lock(&self.core.state);
+            // Pages a migration in flight owns are waited for first.
+            let mut st = self.core.lock_state_for(r);
             st.check_covered(r)?;
             for p in 0..r.pages() {
                 let a = r.start.add(p * PAGE_SIZE);

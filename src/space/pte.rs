@@ -22,7 +22,10 @@ pub enum PageState {
 /// One page's entry: 8 bytes.
 ///
 /// Bits: 0-1 state; 2 LARGE; 3 COHERENT (a `Present` page charged to a device-coherent pagemap:
-/// the CPU page is the device frame); 8-15 pagemap id (Device and coherent: the frame's pagemap;
+/// the CPU page is the device frame); 4 MIGRATING (a migration selected the page and has not
+/// finalized yet: the kernel's migration entry — CPU faults on it wait, device faults get EBUSY,
+/// other migrations skip it; set and cleared under the state lock, which the migration does not
+/// hold in between); 8-15 pagemap id (Device and coherent: the frame's pagemap;
 /// Exclusive: the pagemap of the device holding exclusive access, whose frame is in the space's
 /// stash); 16-23 short-term pins; 24-31 long-term pins; 32-63 frame index (Device, coherent,
 /// Exclusive).
@@ -35,6 +38,7 @@ const ST_DEVICE: u64 = 2;
 const ST_EXCL: u64 = 3;
 const F_LARGE: u64 = 1 << 2;
 const F_COHERENT: u64 = 1 << 3;
+const F_MIGRATING: u64 = 1 << 4;
 
 impl Pte {
     pub(crate) const NONE: Pte = Pte(ST_NONE);
@@ -105,6 +109,18 @@ impl Pte {
     }
     pub(crate) fn exclusive(pm: PagemapId, frame: FrameIdx) -> Pte {
         Pte(ST_EXCL | (pm.0 as u64) << 8 | (frame.0 as u64) << 32)
+    }
+    /// Whether a migration in flight owns the page.
+    pub(crate) fn migrating(self) -> bool {
+        self.0 & F_MIGRATING != 0
+    }
+    /// The entry with the MIGRATING bit set or cleared.
+    pub(crate) fn with_migrating(self, on: bool) -> Pte {
+        if on {
+            Pte(self.0 | F_MIGRATING)
+        } else {
+            Pte(self.0 & !F_MIGRATING)
+        }
     }
     pub(crate) fn without_large(self) -> Pte {
         Pte(self.0 & !F_LARGE)

@@ -26,7 +26,7 @@ impl SpaceCore {
             return;
         };
         let old = VaRange { start: from, end };
-        let mut st = lock(&self.state);
+        let mut st = self.lock_state_for(old);
         if let Some(v) = st
             .vmas
             .values()
