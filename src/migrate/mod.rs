@@ -1,11 +1,15 @@
 //! Migration in the kernel's three phases (`mm/migrate_device.c`).
 //!
-//! 1. [`migrate_vma_setup`] — *collect and unmap*. Takes the address space's state lock (held
-//!    until finalize: CPU faults on the range wait, as on the kernel's migration entries),
-//!    selects the pages the flags and owner allow, runs the interval notifiers (MIGRATE, with the
-//!    initiator as owner), and write-protects the selected system pages so that their bytes
-//!    cannot change while the driver copies them. On return: `src[i]` has `MIGRATE_PFN_MIGRATE`
-//!    for every page that may move, and `cpages` counts them.
+//! 1. [`migrate_vma_setup`] — *collect and unmap*. Under the address space's state lock:
+//!    selects the pages the flags and owner allow (skipping pages another migration owns), runs
+//!    the interval notifiers (MIGRATE, with the initiator as owner), write-protects the selected
+//!    system pages so that their bytes cannot change while the driver copies them, marks the
+//!    selected pages MIGRATING (the kernel's migration entries) and registers the migration;
+//!    then releases the lock. Until finalize, a CPU fault on a marked page waits for the
+//!    migration, `range_fault` on one waits and returns EBUSY, and operations that change
+//!    mappings over the range (unmap, protect, pins, exclusive access, eviction) wait; the rest
+//!    of the space is served meanwhile. On return: `src[i]` has `MIGRATE_PFN_MIGRATE` for every
+//!    page that may move, and `cpages` counts them.
 //! 2. The driver allocates destinations and copies ([`MigrateVma::copy_to_frame`]); it sets
 //!    `dst[i]` (`migrate_pfn(target) | flags`) or leaves it 0 to decline the page.
 //! 3. [`MigrateVma::pages`] — *commit*: a page whose `dst` is 0 stops migrating. Then
@@ -595,7 +599,9 @@ impl MigrateVma<'_> {
         (std::mem::take(&mut self.src), std::mem::take(&mut self.dst))
     }
 
-    /// Phase 3b. In three passes, all under the address space's lock:
+    /// Phase 3b. Takes the address space's lock again, clears this migration's MIGRATING marks
+    /// and leaves the list of migrations in flight; then, in three passes under the lock (waiters
+    /// are woken when it is released):
     ///
     /// 1. drop from the CPU view the system (and coherent) pages going to device-private memory,
     ///    in runs; a run that cannot be dropped (e.g. `MADV_DONTNEED` refused on mlocked memory)

@@ -30,9 +30,12 @@
 //!
 //! 1. `SpaceCore::state` (this module): the mappings, every page entry, the notifier list and
 //!    the pagemap table. Every state change happens under it, including the CPU fault service
-//!    (from the SIGBUS handler or the handler thread) and every migration phase (a
-//!    [`crate::migrate::MigrateVma`] holds it from setup to finalize, which is how CPU accesses
-//!    to pages under migration wait, as on the kernel's migration entries).
+//!    (from the SIGBUS handler or the handler thread) and a migration's setup and finalize.
+//!    Between them a [`crate::migrate::MigrateVma`] holds no lock: its pages carry the
+//!    MIGRATING bit (the kernel's migration entries), CPU faults on them wait on
+//!    `SpaceCore::migration_done`, and operations over its range wait for it
+//!    (`SpaceCore::lock_state_for`). The full order, with the page cache's and the kernel
+//!    side's locks, is in docs/architecture.md.
 //! 2. A device's page-table lock (taken by its notifier callback, under 1).
 //! 3. Pool locks ([`crate::pool`]): leaves.
 //!
