@@ -6,8 +6,8 @@
 //! |---|---|---|
 //! | `fault_back_4k_us` | median time of one CPU load that faults a device-private 4 KiB page back (after [`DeviceMirror::migrate_range_to_device`]) | `uffd_in_thread_4k_us`: a bare SIGBUS-mode userfaultfd whose handler does one `UFFDIO_COPY` of the page, served in the faulting thread |
 //! | `fault_back_4k_busy_us` | the same, while another thread of the process spins on its own memory | `uffd_in_thread_4k_busy_us`, same sibling |
-//! | `first_touch_4k_us` | mean per page of a sequential sweep (one store a page) over a fresh mapping | `kernel_first_touch_4k_us`: the same sweep over plain anonymous memory |
-//! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_4k_us` (the random kernel sweep is reported beside it) |
+//! | `first_touch_4k_us` | mean per page of a sequential sweep (one store a page) over a fresh mapping | `kernel_first_touch_4k_us`: the same sweep over plain anonymous memory, the faster of base pages and `MADV_HUGEPAGE` (where transparent huge pages are `always` or `madvise`); both variants are reported (`kernel_first_touch_base_pages_4k_us`, `kernel_first_touch_hugepage_4k_us`) and the THP setting is in the note |
+//! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_4k_us` (the random kernel sweep, the faster variant, is reported beside it) |
 //! | `fault_back_2threads_speedup` | speedup (time with 1 thread / time with 2) of faulting back every page of a mapping (device-private 4 KiB pages, one load each), the 2 threads on disjoint halves | `uffd_in_thread_2threads_speedup`: the same speedup for the bare in-thread userfaultfd (`uffd_in_thread_4k_us`'s handler) over disjoint halves of its range |
 //! | `first_touch_2threads_speedup` | the same speedup for the first touch (one store a page, in order) of a fresh mapping | `kernel_first_touch_2threads_speedup`: the same for plain anonymous memory; the transparent huge page setting is given beside it |
 //! | `fault_during_migration_kfaults_per_s` | thousands of fault-backs per second (one thread loading device-private pages of mapping A one by one: each fault takes the space's lock) while another thread migrates a mapping B (2 MiB of 4 KiB pages) of the **same** space to the device and back, over and over | `fault_during_migration_other_space_kfaults_per_s`: the same with B in **another** space (a mirror of the same device there) |
@@ -15,8 +15,12 @@
 //! | `cpu_read_coherent_gbps` | CPU streaming reads of pages resident in device-coherent memory | `cpu_read_system_gbps`: the same reads of system-resident pages |
 //! | `pingpong_coherent_bytes_moved` | bytes migrated by a workload alternating device phases (prefetch to the device, device reads everything) and CPU phases (CPU reads everything) over the same range (256 MiB, 4 rounds), with a coherent device | `pingpong_private_bytes_moved`: the same workload with a device-private device |
 //! | `file_seq_read_gbps` | warm: every byte of a file (256 MiB) read in order, 64 KiB per copy, through a fresh shared read-only [`Space::map_file`] mapping of a [`FileCache`] that holds the whole file (filled once through `read_at`, so the kernel's page cache holds it too); timed from before `map_file` (the first access to each page faults) | `kernel_mmap_seq_read_gbps`: the same reads through a fresh kernel `mmap` (shared, read-only) of the file, timed from before `mmap` |
-//! | `file_seq_read_cold_gbps` | the same, cold: the kernel's page cache of the file dropped first (`POSIX_FADV_DONTNEED`) and a fresh `FileCache` | `kernel_mmap_seq_read_cold_gbps`: a fresh kernel `mmap` after the same drop |
-//! | `file_rand_read_4k_us` | cold: mean time of a first read of a whole 4 KiB page, one random page per 256 KiB block, blocks in random order (no page lies in another's fault-around or read-around window), through a fresh mapping of a fresh `FileCache`, kernel cache dropped | `kernel_mmap_rand_read_4k_us`: the same pages through a fresh kernel `mmap` after the same drop |
+//! | `file_seq_read_warm_kernel_cache_gbps` | the same, with the file in the kernel's page cache only (read with `read(2)` first, untimed): a fresh `FileCache` each time, whose fill reads from the kernel's cache | `kernel_mmap_seq_read_gbps` |
+//! | `file_seq_read_cold_gbps` | the same, cold: the kernel's page cache of the file dropped first (`POSIX_FADV_DONTNEED`) and a fresh `FileCache` | `kernel_mmap_seq_read_cold_gbps`: a fresh kernel `mmap` after the same drop, the faster (in this run) of the default read-around and `MADV_SEQUENTIAL` (both reported: `kernel_mmap_seq_read_cold_default_gbps`, `kernel_mmap_seq_read_cold_madv_sequential_gbps`; the note says which) |
+//! | `file_seq_read_cold_bytes_read` | bytes hetmem read from storage per cold sequential sweep (`read_bytes` of `/proc/self/io` around the sweep) | `kernel_mmap_seq_read_cold_bytes_read`: the same for the baseline's sweep |
+//! | `file_rand_read_4k_us` | cold: mean time of a first read of a whole 4 KiB page, one random page per 256 KiB block, blocks in random order (no page lies in another's fault-around or read-around window), through a fresh mapping of a fresh `FileCache`, kernel cache dropped | `kernel_mmap_rand_read_4k_us`: the same pages through a fresh kernel `mmap` with `MADV_RANDOM` after the same drop (the default read-around, which reads up to `read_ahead_kb` per fault, is reported beside it: `kernel_mmap_rand_read_4k_default_readaround_us`) |
+//! | `file_rand_read_4k_bytes_read` | bytes hetmem read from storage per cold random sweep | `kernel_mmap_rand_read_4k_bytes_read` (`MADV_RANDOM`; the default read-around's: `kernel_mmap_rand_read_4k_default_readaround_bytes_read`) |
+//! | `file_resident_bytes_ratio` | after a cold sequential read through a hetmem mapping: (hetmem's cache bytes + the kernel's page cache of the file, counted with `mincore`) / file size | `kernel_mmap_resident_bytes_ratio`: the kernel's page cache of the file / file size after the baseline's cold sequential read |
 //! | `file_rand_read_warm_4k_us` | the same pages, warm (as `file_seq_read_gbps`) | `kernel_mmap_rand_read_warm_4k_us` |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
@@ -48,7 +52,12 @@
 //! `--quick`) of non-zero data, written and synced once, removed at the end; every read is
 //! checked against the data. Both sides read with the same raw copies; the random figures time
 //! the accesses only (not the `mmap`/`map_file` call). A "cold" sweep is cold on the host side
-//! only if the VM's disk is: the guest's page cache is dropped, the host's is not.
+//! only if the VM's disk is: the guest's page cache is dropped, the host's is not. Every cold
+//! baseline is the kernel as a tuned user would advise it for the pattern (`MADV_RANDOM` for
+//! random reads: without it a fault on a device with a large `read_ahead_kb` reads up to that much
+//! around it; for sequential reads the faster of the default and `MADV_SEQUENTIAL` in this run),
+//! and each cold sweep counts the bytes the process read from storage (`read_bytes` of
+//! `/proc/self/io`, every thread of the process, taken around the sweep).
 //!
 //! Nothing here sleeps; the busy sibling is a spinning thread stopped by a flag.
 
@@ -66,7 +75,9 @@ use crate::error::{Error, Result};
 use crate::pagecache::{CacheConfig, FileCache, FileHandle};
 use crate::pool::MemoryKind;
 use crate::space::{MapOptions, Space, SpaceConfig};
-use crate::sys::{self, FaultTarget, LARGE_PAGE_SIZE, Prot, Region, Uffd, UffdDelivery, UffdError};
+use crate::sys::{
+    self, FaultTarget, FileAccess, LARGE_PAGE_SIZE, Prot, Region, Uffd, UffdDelivery, UffdError,
+};
 
 /// One figure, with the baseline it is compared to (measured in the same run).
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -256,25 +267,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
 
     progress("first touch (sequential and random) vs kernel anonymous memory");
     let t = first_touch(&space, &sz)?;
-    out.push(figure(
-        "first_touch_4k_us",
-        t.seq,
-        "us",
-        Some(("kernel_first_touch_4k_us", t.kernel_seq)),
-    ));
-    out.push(figure(
-        "first_touch_random_4k_us",
-        t.rnd,
-        "us",
-        Some(("kernel_first_touch_4k_us", t.kernel_seq)),
-    ));
-    out.push(figure("kernel_first_touch_4k_us", t.kernel_seq, "us", None));
-    out.push(figure(
-        "kernel_first_touch_random_4k_us",
-        t.kernel_rnd,
-        "us",
-        None,
-    ));
+    push_first_touch(&mut out, &t);
 
     progress("fault-back by 2 threads vs 1 (speedup) vs the same for a bare in-thread userfaultfd");
     let r = fault_back_2threads(&space, &sz)?;
@@ -367,30 +360,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
 
     progress("file mappings (warm and cold, sequential and random) vs the kernel's mmap");
     let f = file_reads(&space, &sz)?;
-    push_pair(
-        &mut out,
-        ("file_seq_read_gbps", f.seq_warm.0),
-        ("kernel_mmap_seq_read_gbps", f.seq_warm.1),
-        "GB/s",
-    );
-    push_pair(
-        &mut out,
-        ("file_seq_read_cold_gbps", f.seq_cold.0),
-        ("kernel_mmap_seq_read_cold_gbps", f.seq_cold.1),
-        "GB/s",
-    );
-    push_pair(
-        &mut out,
-        ("file_rand_read_4k_us", f.rand_cold.0),
-        ("kernel_mmap_rand_read_4k_us", f.rand_cold.1),
-        "us",
-    );
-    push_pair(
-        &mut out,
-        ("file_rand_read_warm_4k_us", f.rand_warm.0),
-        ("kernel_mmap_rand_read_warm_4k_us", f.rand_warm.1),
-        "us",
-    );
+    push_file_figures(&mut out, &f);
 
     progress("memcpy bandwidth");
     out.push(figure(
@@ -408,6 +378,232 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         None,
     ));
     Ok(out)
+}
+
+/// Formats bytes read from storage (or "unknown").
+fn fmt_bytes(v: Option<f64>) -> String {
+    match v {
+        Some(b) if b >= (1 << 20) as f64 => format!("{:.1} MiB", b / (1 << 20) as f64),
+        Some(b) => format!("{:.0} KiB", b / 1024.0),
+        None => "unknown".into(),
+    }
+}
+
+/// Pushes the bytes read from storage per sweep: hetmem's as `name`, against the kernel's as
+/// `base` (a baseline only when the kernel read something: a ratio to 0 means nothing).
+fn push_bytes(out: &mut Vec<BenchResult>, name: &str, h: Option<f64>, base: (&str, Option<f64>)) {
+    let (Some(h), Some(k)) = (h, base.1) else {
+        return;
+    };
+    if k > 0.0 {
+        push_pair(out, (name, h), (base.0, k), "bytes");
+    } else {
+        out.push(figure(name, h, "bytes", None));
+        out.push(figure(base.0, k, "bytes", None));
+    }
+}
+
+/// The file-mapping figures (see [`file_reads`] for the sample names). Each cold baseline is the
+/// kernel as a tuned user would map the file (random: `MADV_RANDOM`; sequential: the faster of
+/// the default and `MADV_SEQUENTIAL`, measured in the same run); the other variant is reported
+/// beside it, and every cold figure says how many bytes each side read from storage.
+fn push_file_figures(out: &mut Vec<BenchResult>, f: &FileFigures) {
+    let s = &f.s;
+    let ra = f
+        .read_ahead_kb
+        .map_or_else(|| "unknown".into(), |k| k.to_string());
+    push_pair(
+        out,
+        ("file_seq_read_gbps", s.median("seq_warm_h")),
+        ("kernel_mmap_seq_read_gbps", s.median("seq_warm_k")),
+        "GB/s",
+    );
+    let mut w = figure(
+        "file_seq_read_warm_kernel_cache_gbps",
+        s.median("seq_warm_kernel_cache_h"),
+        "GB/s",
+        Some(("kernel_mmap_seq_read_gbps", s.median("seq_warm_k"))),
+    );
+    w.note = Some(format!(
+        "the file in the kernel's page cache only: a fresh hetmem cache fills from it; bytes \
+         read from storage by hetmem: {}",
+        fmt_bytes(s.io("seq_warm_kernel_cache_h"))
+    ));
+    out.push(w);
+
+    // Cold sequential: the faster kernel variant is the baseline.
+    let (kn, ks) = (s.median("seq_k_normal"), s.median("seq_k_sequential"));
+    let (best, best_name, which) = if ks > kn {
+        (ks, "seq_k_sequential", "MADV_SEQUENTIAL")
+    } else {
+        (kn, "seq_k_normal", "the default read-around")
+    };
+    let mut c = figure(
+        "file_seq_read_cold_gbps",
+        s.median("seq_h"),
+        "GB/s",
+        Some(("kernel_mmap_seq_read_cold_gbps", best)),
+    );
+    c.note = Some(format!(
+        "baseline: kernel mmap with {which} (the faster: default {kn:.2} GB/s, MADV_SEQUENTIAL \
+         {ks:.2} GB/s; read_ahead_kb {ra}); bytes read from storage per sweep: hetmem {}, \
+         kernel {} (default {}, MADV_SEQUENTIAL {})",
+        fmt_bytes(s.io("seq_h")),
+        fmt_bytes(s.io(best_name)),
+        fmt_bytes(s.io("seq_k_normal")),
+        fmt_bytes(s.io("seq_k_sequential")),
+    ));
+    out.push(c);
+    let mut b = figure("kernel_mmap_seq_read_cold_gbps", best, "GB/s", None);
+    b.note = Some(format!("kernel mmap with {which}"));
+    out.push(b);
+    out.push(figure(
+        "kernel_mmap_seq_read_cold_default_gbps",
+        kn,
+        "GB/s",
+        None,
+    ));
+    out.push(figure(
+        "kernel_mmap_seq_read_cold_madv_sequential_gbps",
+        ks,
+        "GB/s",
+        None,
+    ));
+    push_bytes(
+        out,
+        "file_seq_read_cold_bytes_read",
+        s.io("seq_h"),
+        ("kernel_mmap_seq_read_cold_bytes_read", s.io(best_name)),
+    );
+
+    // Cold random: MADV_RANDOM is the baseline; the default read-around beside it.
+    let (kr, kd) = (s.median("rand_k_random"), s.median("rand_k_normal"));
+    let mut r = figure(
+        "file_rand_read_4k_us",
+        s.median("rand_h"),
+        "us",
+        Some(("kernel_mmap_rand_read_4k_us", kr)),
+    );
+    r.note = Some(format!(
+        "baseline: kernel mmap with MADV_RANDOM (default read-around: {kd:.1} us; \
+         read_ahead_kb {ra}); bytes read from storage per sweep: hetmem {}, kernel {} (default \
+         read-around {})",
+        fmt_bytes(s.io("rand_h")),
+        fmt_bytes(s.io("rand_k_random")),
+        fmt_bytes(s.io("rand_k_normal")),
+    ));
+    out.push(r);
+    let mut b = figure("kernel_mmap_rand_read_4k_us", kr, "us", None);
+    b.note = Some("kernel mmap with MADV_RANDOM".into());
+    out.push(b);
+    out.push(figure(
+        "kernel_mmap_rand_read_4k_default_readaround_us",
+        kd,
+        "us",
+        None,
+    ));
+    push_bytes(
+        out,
+        "file_rand_read_4k_bytes_read",
+        s.io("rand_h"),
+        ("kernel_mmap_rand_read_4k_bytes_read", s.io("rand_k_random")),
+    );
+    if let Some(b) = s.io("rand_k_normal") {
+        out.push(figure(
+            "kernel_mmap_rand_read_4k_default_readaround_bytes_read",
+            b,
+            "bytes",
+            None,
+        ));
+    }
+
+    push_pair(
+        out,
+        ("file_rand_read_warm_4k_us", s.median("rand_warm_h")),
+        ("kernel_mmap_rand_read_warm_4k_us", s.median("rand_warm_k")),
+        "us",
+    );
+
+    // Memory held after a cold sequential read: both caches, per byte of the file.
+    let mut m = figure(
+        "file_resident_bytes_ratio",
+        s.median("res_seq_h"),
+        "x",
+        Some((
+            "kernel_mmap_resident_bytes_ratio",
+            s.median(&format!("res_{best_name}")),
+        )),
+    );
+    m.note = Some(
+        "after a cold sequential read through a fresh mapping: (hetmem's cache + the kernel's \
+         page cache of the file, by mincore) / file size; baseline: the kernel's page cache \
+         after the baseline's read"
+            .into(),
+    );
+    out.push(m);
+    out.push(figure(
+        "kernel_mmap_resident_bytes_ratio",
+        s.median(&format!("res_{best_name}")),
+        "x",
+        None,
+    ));
+}
+
+/// The first-touch figures: each kernel baseline is the faster of the kernel on base pages and
+/// with `MADV_HUGEPAGE` (where available), measured in the same run; both variants are reported.
+fn push_first_touch(out: &mut Vec<BenchResult>, t: &Touch) {
+    let best = |base: f64, huge: Option<f64>| match huge {
+        Some(h) if h < base => (h, "MADV_HUGEPAGE"),
+        _ => (base, "base pages (no MADV_HUGEPAGE)"),
+    };
+    let (seq, seq_which) = best(t.kernel_seq, t.kernel_seq_huge);
+    let (rnd, rnd_which) = best(t.kernel_rnd, t.kernel_rnd_huge);
+    let fmt = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3} us"));
+    let variants = |base: f64, huge: Option<f64>| {
+        format!(
+            "base pages {base:.3} us, MADV_HUGEPAGE {}; transparent huge pages: {}",
+            fmt(huge),
+            thp_setting()
+        )
+    };
+    let note = format!(
+        "baseline: the kernel with {seq_which} (the faster variant); {}",
+        variants(t.kernel_seq, t.kernel_seq_huge)
+    );
+    let mut f = figure(
+        "first_touch_4k_us",
+        t.seq,
+        "us",
+        Some(("kernel_first_touch_4k_us", seq)),
+    );
+    f.note = Some(note.clone());
+    out.push(f);
+    let mut f = figure(
+        "first_touch_random_4k_us",
+        t.rnd,
+        "us",
+        Some(("kernel_first_touch_4k_us", seq)),
+    );
+    f.note = Some(note.clone());
+    out.push(f);
+    let mut f = figure("kernel_first_touch_4k_us", seq, "us", None);
+    f.note = Some(note);
+    out.push(f);
+    let mut f = figure("kernel_first_touch_random_4k_us", rnd, "us", None);
+    f.note = Some(format!(
+        "the kernel with {rnd_which} (the faster variant); {}",
+        variants(t.kernel_rnd, t.kernel_rnd_huge)
+    ));
+    out.push(f);
+    out.push(figure(
+        "kernel_first_touch_base_pages_4k_us",
+        t.kernel_seq,
+        "us",
+        None,
+    ));
+    if let Some(h) = t.kernel_seq_huge {
+        out.push(figure("kernel_first_touch_hugepage_4k_us", h, "us", None));
+    }
 }
 
 fn figure(name: &str, value: f64, unit: &str, base: Option<(&str, f64)>) -> BenchResult {
@@ -644,8 +840,12 @@ fn hetmem_fault_sweep(
 struct Touch {
     seq: f64,
     rnd: f64,
+    /// The kernel on base pages (no `MADV_HUGEPAGE`).
     kernel_seq: f64,
     kernel_rnd: f64,
+    /// The kernel with `MADV_HUGEPAGE` (where transparent huge pages are available).
+    kernel_seq_huge: Option<f64>,
+    kernel_rnd_huge: Option<f64>,
 }
 
 /// A random permutation of `0..n` (xorshift64*, Fisher-Yates; fixed seed).
@@ -688,25 +888,51 @@ fn first_touch(space: &Space, sz: &Sizes) -> Result<Touch> {
     // backed it; every sweep then drops the pages first.
     let k = Region::new(len, PAGE_SIZE, Prot::ReadWrite).map_err(os("kernel baseline mapping"))?;
     k.populate(0, len).map_err(os("populate kernel baseline"))?;
-    let ksweep = |order: &[usize]| -> Result<f64> {
-        k.discard(0, len).map_err(os("discard kernel baseline"))?;
-        Ok(store_sweep(k.base(), order))
+    // The kernel as a tuned user would have it: the same with MADV_HUGEPAGE (2 MiB aligned),
+    // where the system offers transparent huge pages.
+    let kh = if thp_available() {
+        let kh = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite)
+            .map_err(os("kernel huge page baseline mapping"))?;
+        kh.advise_hugepage()
+            .map_err(os("MADV_HUGEPAGE the kernel baseline"))?;
+        kh.populate(0, len)
+            .map_err(os("populate kernel huge page baseline"))?;
+        Some(kh)
+    } else {
+        None
     };
-    // Warm-up on both sides (hetmem: another mapping of the same size, unmapped after).
-    ksweep(&seq)?;
+    let sweep = |r: &Region, order: &[usize]| -> Result<f64> {
+        r.discard(0, len).map_err(os("discard kernel baseline"))?;
+        Ok(store_sweep(r.base(), order))
+    };
+    // Warm-up on every side (hetmem: another mapping of the same size, unmapped after).
+    sweep(&k, &seq)?;
+    if let Some(kh) = &kh {
+        sweep(kh, &seq)?;
+    }
     hetmem_touch(space, len, &seq)?;
     let (mut hs, mut hr, mut ks, mut kr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut khs, mut khr) = (Vec::new(), Vec::new());
     for _ in 0..sz.touch_reps {
-        ks.push(ksweep(&seq)?);
+        ks.push(sweep(&k, &seq)?);
+        if let Some(kh) = &kh {
+            khs.push(sweep(kh, &seq)?);
+        }
         hs.push(hetmem_touch(space, len, &seq)?);
-        kr.push(ksweep(&rnd)?);
+        kr.push(sweep(&k, &rnd)?);
+        if let Some(kh) = &kh {
+            khr.push(sweep(kh, &rnd)?);
+        }
         hr.push(hetmem_touch(space, len, &rnd)?);
     }
+    let huge = kh.is_some();
     Ok(Touch {
         seq: median(&mut hs),
         rnd: median(&mut hr),
         kernel_seq: median(&mut ks),
         kernel_rnd: median(&mut kr),
+        kernel_seq_huge: huge.then(|| median(&mut khs)),
+        kernel_rnd_huge: huge.then(|| median(&mut khr)),
     })
 }
 
@@ -1037,42 +1263,118 @@ fn hetmem_file_sweep(space: &Space, h: &FileHandle, len: usize, how: &Sweep<'_>)
     r
 }
 
-/// The same sweep over a fresh kernel mmap (shared, read-only) of a fresh open of the file:
-/// timed from before `mmap` to the end of the sweep (`munmap` is not timed).
-fn kernel_file_sweep(f: &TempFile, len: usize, how: &Sweep<'_>) -> Result<f64> {
+/// The same sweep over a fresh kernel mmap (shared, read-only) of a fresh open of the file,
+/// advised for `access` (`madvise`, right after `mmap`): timed from before `mmap` to the end of
+/// the sweep (`munmap` is not timed).
+fn kernel_file_sweep(f: &TempFile, len: usize, how: &Sweep<'_>, access: FileAccess) -> Result<f64> {
     let file = f.open()?;
     let mut buf = vec![0u8; FILE_CHUNK];
     let t = Instant::now();
     let m = sys::map_file_readonly(&file, len).map_err(os("mmap the bench file"))?;
+    if access != FileAccess::Normal {
+        m.advise(access).map_err(os("madvise the bench mmap"))?;
+    }
     file_sweep(len, how, &mut buf, t, |off, buf| {
         m.read(off, buf).map_err(os("read the bench mmap"))
     })
 }
 
-/// (hetmem, kernel) pairs of the file-mapping figures.
-struct FileFigures {
-    seq_warm: (f64, f64),
-    seq_cold: (f64, f64),
-    rand_cold: (f64, f64),
-    rand_warm: (f64, f64),
+/// Bytes this process has read from storage so far (`read_bytes` of `/proc/self/io`: reads that
+/// reached the block layer, by every thread of the process), if the kernel reports it.
+fn storage_read_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/io").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
-/// Collects the medians of (hetmem, kernel) samples.
-#[derive(Default)]
-struct PairSamples(Vec<f64>, Vec<f64>);
+/// Runs `f`; also returns the bytes the process read from storage meanwhile, if known.
+fn counting_reads<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Option<f64>)> {
+    let before = storage_read_bytes();
+    let v = f()?;
+    let after = storage_read_bytes();
+    Ok((
+        v,
+        before.zip(after).map(|(b, a)| a.saturating_sub(b) as f64),
+    ))
+}
 
-impl PairSamples {
-    fn push(&mut self, h: f64, k: f64) {
-        self.0.push(h);
-        self.1.push(k);
+/// The `read_ahead_kb` of the block device that holds `path` (or of the whole disk, for a
+/// partition), if found.
+fn read_ahead_kb(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let sys = format!(
+        "/sys/dev/block/{}:{}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    ["queue/read_ahead_kb", "../queue/read_ahead_kb"]
+        .iter()
+        .find_map(|q| std::fs::read_to_string(format!("{sys}/{q}")).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+impl TempFile {
+    /// Bytes of the first `len` bytes of the file in the kernel's page cache (`mincore` on a
+    /// fresh read-only mapping, which itself reads nothing).
+    fn kernel_resident_bytes(&self, len: usize) -> Result<usize> {
+        let file = self.open()?;
+        let m = sys::map_file_readonly(&file, len).map_err(os("mmap the bench file"))?;
+        let pages = m.resident_pages().map_err(os("mincore the bench mmap"))?;
+        Ok(pages * PAGE_SIZE)
     }
-    fn medians(mut self) -> (f64, f64) {
-        (median(&mut self.0), median(&mut self.1))
+
+    /// Reads the whole file with `read` (untimed), so that the kernel's page cache holds it.
+    fn warm_kernel_cache(&self) -> Result<()> {
+        use std::io::Read;
+        let mut f = self.open()?;
+        let mut buf = vec![0u8; 1 << 20];
+        while f.read(&mut buf).map_err(os("read the bench file"))? > 0 {}
+        Ok(())
     }
+}
+
+/// Samples of the file figures by name; a figure is the median of its samples.
+#[derive(Default)]
+struct Samples(std::collections::BTreeMap<String, Vec<f64>>);
+
+impl Samples {
+    fn push(&mut self, name: &str, v: f64) {
+        self.0.entry(name.to_string()).or_default().push(v);
+    }
+    /// Pushes the bytes read from storage (under `io_` + `name`), when known.
+    fn push_io(&mut self, name: &str, v: Option<f64>) {
+        if let Some(v) = v {
+            self.push(&format!("io_{name}"), v);
+        }
+    }
+    /// The median of `name`'s samples (NaN when there are none).
+    fn median(&self, name: &str) -> f64 {
+        median(&mut self.0.get(name).cloned().unwrap_or_default())
+    }
+    /// The median bytes read from storage by `name`'s sweeps, when known.
+    fn io(&self, name: &str) -> Option<f64> {
+        self.0
+            .get(&format!("io_{name}"))
+            .map(|v| median(&mut v.clone()))
+    }
+}
+
+/// The file-mapping figures: medians of [`Samples`] (see [`file_reads`] for the names), and
+/// the read-ahead setting of the file's device.
+struct FileFigures {
+    s: Samples,
+    read_ahead_kb: Option<u64>,
 }
 
 /// Sequential and random reads of a file through fresh hetmem mappings and through fresh kernel
-/// mmaps, cold (neither page cache holds the file) and warm (both hold all of it).
+/// mmaps: cold (neither page cache holds the file; the kernel as a tuned user would map it, and
+/// with its default read-around), warm (both hold all of it), and warm in the kernel's page cache
+/// only (a fresh hetmem cache fills from it); bytes read from storage by each cold sweep; and the
+/// memory both caches hold after a cold sequential read.
 fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
     let len = sz.file_bytes;
     let tf = TempFile::new(len)?;
@@ -1082,38 +1384,65 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
     };
     // Random pages: one per block, at a pseudo-random page of the block, blocks in a random
     // order; far enough apart that no sample lies in the fault-around or read-around window of
-    // another (hetmem: 64 KiB; the kernel: up to 128 KiB centred on the fault).
+    // another (hetmem: 64 KiB; the kernel: up to 128 KiB centred on the fault, with MADV_RANDOM
+    // none; its default read-around on a device with a large `read_ahead_kb` is wider: that is
+    // why the baseline is MADV_RANDOM).
     let per_block = sz.file_rand_block / PAGE_SIZE;
     let pages: Vec<usize> = permutation(len / sz.file_rand_block)
         .into_iter()
         .map(|b| b * per_block + (b.wrapping_mul(0x9E37_79B9) >> 7) % per_block)
         .collect();
     let rand = Sweep::Rand(&pages);
+    let resident = |cached: usize| -> Result<f64> {
+        Ok((cached + tf.kernel_resident_bytes(len)?) as f64 / len as f64)
+    };
 
-    // Cold: the kernel's page cache dropped before each sweep, and a fresh hetmem cache.
-    let hetmem_cold = |how: &Sweep<'_>| -> Result<f64> {
+    // Cold: the kernel's page cache dropped before each sweep, and a fresh hetmem cache. Each
+    // returns the figure, the bytes read from storage, and the bytes both caches hold after the
+    // sweep per byte of the file.
+    let hetmem_cold = |how: &Sweep<'_>| -> Result<(f64, Option<f64>, f64)> {
         tf.drop_kernel_cache()?;
-        let cache = FileCache::open(&tf.path, false, cfg)?;
-        hetmem_file_sweep(space, &cache.handle(), len, how)
+        let ((v, cache), io) = counting_reads(|| {
+            let cache = FileCache::open(&tf.path, false, cfg)?;
+            let v = hetmem_file_sweep(space, &cache.handle(), len, how)?;
+            Ok((v, cache))
+        })?;
+        Ok((v, io, resident(cache.cached_bytes())?))
     };
-    let kernel_cold = |how: &Sweep<'_>| -> Result<f64> {
+    let kernel_cold = |how: &Sweep<'_>, access| -> Result<(f64, Option<f64>, f64)> {
         tf.drop_kernel_cache()?;
-        kernel_file_sweep(&tf, len, how)
+        let (v, io) = counting_reads(|| kernel_file_sweep(&tf, len, how, access))?;
+        Ok((v, io, resident(0)?))
     };
-    let (mut seq_cold, mut rand_cold) = (PairSamples::default(), PairSamples::default());
+    // Names: `seq`/`rand`, then `h` (hetmem) or `k` (the kernel) with its advice; the bytes read
+    // from storage under `io_` + name, the memory held after the sweep under `res_` + name.
+    let mut s = Samples::default();
     for rep in 0..=sz.file_reps {
-        let ks = kernel_cold(&Sweep::Seq)?;
-        let hs = hetmem_cold(&Sweep::Seq)?;
-        let kr = kernel_cold(&rand)?;
-        let hr = hetmem_cold(&rand)?;
-        if rep > 0 {
-            seq_cold.push(hs, ks);
-            rand_cold.push(hr, kr);
-        }
+        let mut put = |name: &str, r: (f64, Option<f64>, f64)| {
+            if rep > 0 {
+                s.push(name, r.0);
+                s.push_io(name, r.1);
+                s.push(&format!("res_{name}"), r.2);
+            }
+        };
+        put(
+            "seq_k_normal",
+            kernel_cold(&Sweep::Seq, FileAccess::Normal)?,
+        );
+        put(
+            "seq_k_sequential",
+            kernel_cold(&Sweep::Seq, FileAccess::Sequential)?,
+        );
+        put("seq_h", hetmem_cold(&Sweep::Seq)?);
+        put("rand_k_random", kernel_cold(&rand, FileAccess::Random)?);
+        put("rand_k_normal", kernel_cold(&rand, FileAccess::Normal)?);
+        put("rand_h", hetmem_cold(&rand)?);
     }
 
     // Warm: one hetmem cache filled through `read_at` (which also fills the kernel's page cache);
-    // every sweep maps the file afresh, so its first access to each page still faults.
+    // every sweep maps the file afresh, so its first access to each page still faults. Warm in
+    // the kernel's cache only: a fresh hetmem cache each time, its fill reading from the kernel's
+    // page cache (made to hold the whole file first, untimed).
     let cache = FileCache::open(&tf.path, false, cfg)?;
     let h = cache.handle();
     let mut buf = vec![0u8; 1 << 20];
@@ -1125,22 +1454,29 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
             "bench: the warm file cache does not hold the file",
         ));
     }
-    let (mut seq_warm, mut rand_warm) = (PairSamples::default(), PairSamples::default());
     for rep in 0..=sz.file_reps {
-        let ks = kernel_file_sweep(&tf, len, &Sweep::Seq)?;
+        tf.warm_kernel_cache()?;
+        let ks = kernel_file_sweep(&tf, len, &Sweep::Seq, FileAccess::Normal)?;
         let hs = hetmem_file_sweep(space, &h, len, &Sweep::Seq)?;
-        let kr = kernel_file_sweep(&tf, len, &rand)?;
+        tf.warm_kernel_cache()?;
+        let (hk, hk_io) = counting_reads(|| {
+            let fresh = FileCache::open(&tf.path, false, cfg)?;
+            hetmem_file_sweep(space, &fresh.handle(), len, &Sweep::Seq)
+        })?;
+        let kr = kernel_file_sweep(&tf, len, &rand, FileAccess::Normal)?;
         let hr = hetmem_file_sweep(space, &h, len, &rand)?;
         if rep > 0 {
-            seq_warm.push(hs, ks);
-            rand_warm.push(hr, kr);
+            s.push("seq_warm_k", ks);
+            s.push("seq_warm_h", hs);
+            s.push("seq_warm_kernel_cache_h", hk);
+            s.push_io("seq_warm_kernel_cache_h", hk_io);
+            s.push("rand_warm_k", kr);
+            s.push("rand_warm_h", hr);
         }
     }
     Ok(FileFigures {
-        seq_warm: seq_warm.medians(),
-        seq_cold: seq_cold.medians(),
-        rand_cold: rand_cold.medians(),
-        rand_warm: rand_warm.medians(),
+        s,
+        read_ahead_kb: read_ahead_kb(&tf.path),
     })
 }
 
@@ -1360,6 +1696,12 @@ fn thp_setting() -> String {
             Some(s[open + 1..close].to_string())
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Whether anonymous memory can get transparent huge pages with `MADV_HUGEPAGE` (the setting is
+/// `always` or `madvise`).
+fn thp_available() -> bool {
+    matches!(thp_setting().as_str(), "always" | "madvise")
 }
 
 /// Speedup of 2 threads over 1 first-touching a fresh hetmem mapping (disjoint halves), and the

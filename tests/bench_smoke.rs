@@ -14,6 +14,8 @@ const EXPECTED: &[&str] = &[
     "first_touch_4k_us",
     "first_touch_random_4k_us",
     "kernel_first_touch_4k_us",
+    "kernel_first_touch_random_4k_us",
+    "kernel_first_touch_base_pages_4k_us",
     "fault_back_2threads_speedup",
     "uffd_in_thread_2threads_speedup",
     "first_touch_2threads_speedup",
@@ -30,12 +32,18 @@ const EXPECTED: &[&str] = &[
     "pingpong_private_bytes_moved",
     "file_seq_read_gbps",
     "kernel_mmap_seq_read_gbps",
+    "file_seq_read_warm_kernel_cache_gbps",
     "file_seq_read_cold_gbps",
     "kernel_mmap_seq_read_cold_gbps",
+    "kernel_mmap_seq_read_cold_default_gbps",
+    "kernel_mmap_seq_read_cold_madv_sequential_gbps",
     "file_rand_read_4k_us",
     "kernel_mmap_rand_read_4k_us",
+    "kernel_mmap_rand_read_4k_default_readaround_us",
     "file_rand_read_warm_4k_us",
     "kernel_mmap_rand_read_warm_4k_us",
+    "file_resident_bytes_ratio",
+    "kernel_mmap_resident_bytes_ratio",
     "memcpy_gbps",
     "metadata_bytes_per_page",
 ];
@@ -120,6 +128,69 @@ fn quick_bench_reports_every_figure() {
         let r = results.iter().find(|r| r.name == name).unwrap();
         assert!(r.spread.is_some(), "{name}: no spread");
     }
+    // Bytes read from storage by each side of the cold file figures (0 is possible: a file in
+    // tmpfs), wherever the kernel reports them.
+    if std::fs::read_to_string("/proc/self/io").is_ok_and(|s| s.contains("read_bytes:")) {
+        for name in [
+            "file_seq_read_cold_bytes_read",
+            "kernel_mmap_seq_read_cold_bytes_read",
+            "file_rand_read_4k_bytes_read",
+            "kernel_mmap_rand_read_4k_bytes_read",
+            "kernel_mmap_rand_read_4k_default_readaround_bytes_read",
+        ] {
+            let r = results
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap_or_else(|| panic!("missing figure {name}"));
+            assert!(
+                r.value.is_finite() && r.value >= 0.0,
+                "{name} = {}",
+                r.value
+            );
+            assert_eq!(r.unit, "bytes", "{name}");
+        }
+    }
+    // The cold file baselines say which kernel variant they are and what each side read.
+    for name in ["file_seq_read_cold_gbps", "file_rand_read_4k_us"] {
+        let r = results.iter().find(|r| r.name == name).unwrap();
+        let note = r.note.as_deref().unwrap_or_default();
+        assert!(
+            note.contains("MADV_") && note.contains("bytes read from storage"),
+            "{name}: note {note:?}"
+        );
+    }
+    // The first-touch baseline is the faster kernel variant, MADV_HUGEPAGE included where THP
+    // is available; the THP setting is reported.
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let thp_on = thp.contains("[always]") || thp.contains("[madvise]");
+    let huge = results
+        .iter()
+        .find(|r| r.name == "kernel_first_touch_hugepage_4k_us");
+    assert_eq!(
+        huge.is_some(),
+        thp_on,
+        "MADV_HUGEPAGE variant vs THP {thp:?}"
+    );
+    let base = |n: &str| results.iter().find(|r| r.name == n).unwrap().value;
+    let best = huge.map_or(base("kernel_first_touch_base_pages_4k_us"), |h| {
+        h.value.min(base("kernel_first_touch_base_pages_4k_us"))
+    });
+    let ft1 = results
+        .iter()
+        .find(|r| r.name == "first_touch_4k_us")
+        .unwrap();
+    assert_eq!(
+        ft1.baseline_value,
+        Some(best),
+        "first_touch_4k_us: not the faster kernel"
+    );
+    assert!(
+        ft1.note
+            .as_deref()
+            .is_some_and(|n| n.contains("transparent huge pages")),
+        "first_touch_4k_us: no THP setting"
+    );
     let ft = results
         .iter()
         .find(|r| r.name == "first_touch_2threads_speedup")

@@ -390,4 +390,46 @@ impl MappedFile {
     pub fn load_u64(&self, off: usize) -> io::Result<u64> {
         self.0.load_u64(off)
     }
+
+    /// Tells the kernel how the mapping will be read (`madvise`: `MADV_NORMAL`, `MADV_RANDOM`
+    /// or `MADV_SEQUENTIAL`), which sets its read-around on faults.
+    pub fn advise(&self, access: FileAccess) -> io::Result<()> {
+        let advice = match access {
+            FileAccess::Normal => Advice::Normal,
+            FileAccess::Random => Advice::Random,
+            FileAccess::Sequential => Advice::Sequential,
+        };
+        self.0.advise(0, self.0.len, advice)
+    }
+
+    /// How many of the mapping's pages are in the kernel's page cache (`mincore`).
+    pub fn resident_pages(&self) -> io::Result<usize> {
+        let mut vec = vec![0u8; self.0.len.div_ceil(PAGE_SIZE)];
+        // SAFETY: `base..base + len` is this live mapping (page-aligned base) and `vec` holds one
+        // byte per page of it; mincore writes only into `vec` and changes no mapping.
+        let r = unsafe { libc::mincore(self.0.base as *mut _, self.0.len, vec.as_mut_ptr()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
+    }
+}
+
+/// An access pattern for [`MappedFile::advise`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileAccess {
+    /// `MADV_NORMAL`: the kernel's default read-around.
+    Normal,
+    /// `MADV_RANDOM`: no read-around (each fault reads its own page).
+    Random,
+    /// `MADV_SEQUENTIAL`: aggressive readahead.
+    Sequential,
+}
+
+impl Region {
+    /// Asks for transparent huge pages on the whole region (`MADV_HUGEPAGE`; an error where the
+    /// kernel has no THP).
+    pub fn advise_hugepage(&self) -> io::Result<()> {
+        self.advise(0, self.len, Advice::LinuxHugepage)
+    }
 }
