@@ -158,6 +158,18 @@ impl SpaceCore {
                 Err(_) => unserved("the page could not be filled from the file"),
             };
         }
+        if pte.state() == PageState::None
+            && st
+                .vma(a)
+                .is_some_and(|v| v.file.is_none() && v.mode == FaultMode::Signal)
+        {
+            // Anonymous first touch in the faulting thread: the zero-fill's copy runs without
+            // the space's lock. (Not in thread mode: there the copy wakes the faulting thread
+            // before the entries are committed, and its next call could find them still
+            // marked.)
+            return self.fault_zero_unlocked(st, a).is_ok()
+                || unserved("the page could not be zero-filled");
+        }
         let ok = match pte.state() {
             PageState::None => match self.fault_zero(&mut st, a) {
                 Ok(()) => true,
@@ -246,17 +258,95 @@ impl SpaceCore {
 
     /// First touch: zero-fill a run of missing pages around `a` (fault-around: 64 KiB, doubling
     /// up to 2 MiB while faults come in sequence; a whole 2 MiB unit in a large mapping).
-    pub(super) fn fault_zero(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
-        let (vs, ve, large, mode, unit) = {
-            let v = st.vma(a).expect("caller found the pte");
-            (
-                v.range.start.get(),
-                v.range.end.get(),
-                v.large,
-                v.mode,
-                v.unit_of(v.idx(a)),
-            )
+    /// Anonymous first touch, with the space's lock released across the copy: the run of
+    /// missing pages around `a` (as [`Self::fault_zero`] chooses it) is marked MIGRATING and
+    /// registered under the lock (a fault on it waits, operations over it wait, migrations skip
+    /// it), zero-filled without the lock (so two threads touching disjoint ranges of one space
+    /// fill at once), then committed under the lock again and the waiters woken.
+    pub(super) fn fault_zero_unlocked(
+        &self,
+        mut st: Guard<'_, SpaceState>,
+        a: VirtAddr,
+    ) -> Result<()> {
+        let (s, e, start, whole_unit, mode) = self.zero_run(&st, a);
+        let run = VaRange {
+            start,
+            end: start.add((e - s) * PAGE_SIZE),
         };
+        for k in 0..e - s {
+            let ak = start.add(k * PAGE_SIZE);
+            let pte = st.pte(ak).expect("in the run");
+            st.set_pte(ak, pte.with_migrating(true));
+        }
+        let id = st.next_migration;
+        st.next_migration += 1;
+        st.migrations.push((id, run));
+        drop(st);
+        let mut res = Ok(());
+        let mut done = 0;
+        while done < e - s {
+            let n = (e - s - done).min(PAGES_PER_LARGE);
+            match self.mm.install(
+                start.add(done * PAGE_SIZE),
+                &self.zero,
+                0,
+                n * PAGE_SIZE,
+                mode,
+            ) {
+                Ok(()) | Err(sys::UffdError::Exists) => done += n,
+                Err(err) => {
+                    // Nothing of the run may stay mapped while its entries say missing.
+                    let _ = self.mm.zap(run);
+                    res = Err(Error::os("zero-fill", err.into()));
+                    break;
+                }
+            }
+        }
+        let mut st = self.lock_state();
+        for k in 0..e - s {
+            let ak = start.add(k * PAGE_SIZE);
+            let pte = st.pte(ak).expect("a registered run is not unmapped");
+            st.set_pte(
+                ak,
+                if res.is_ok() {
+                    Pte::present(whole_unit, pte)
+                } else {
+                    pte.with_migrating(false)
+                },
+            );
+        }
+        st.migrations.retain(|(m, _)| *m != id);
+        if res.is_ok() {
+            let (_, w) = sys::fault_around_state();
+            sys::set_fault_around_state(run.end.get(), w);
+            self.counters
+                .zero_fill_pages
+                .fetch_add((e - s) as u64, Ordering::Relaxed);
+        }
+        self.mm.wake(
+            VaRange {
+                start: a,
+                end: a.add(PAGE_SIZE),
+            },
+            mode,
+        );
+        drop(st);
+        self.migration_done.notify_all();
+        res
+    }
+
+    /// The run of missing anonymous pages a first touch at `a` fills (fault-around: 64 KiB,
+    /// doubling while the thread's faults come in sequence; a whole unit of a large mapping):
+    /// (first index, end index, first address, whether it is a whole 2 MiB unit, fault mode).
+    fn zero_run(&self, st: &SpaceState, a: VirtAddr) -> (usize, usize, VirtAddr, bool, FaultMode) {
+        let v = st.vma(a).expect("caller found the pte");
+        let (vs, ve, large, mode, unit) = (
+            v.range.start.get(),
+            v.range.end.get(),
+            v.large,
+            v.mode,
+            v.unit_of(v.idx(a)),
+        );
         let win = if large && unit.is_some() {
             LARGE_PAGE_SIZE
         } else {
@@ -271,7 +361,6 @@ impl SpaceCore {
         };
         let ws = (a.get() & !(win - 1)).max(vs);
         let we = ((a.get() & !(win - 1)) + win).min(ve);
-        let v = st.vma(a).expect("caller found the pte");
         let i = v.idx(a);
         let (lo, hi) = (v.idx(VirtAddr(ws)), v.idx(VirtAddr(we)));
         let mut s = i;
@@ -282,6 +371,16 @@ impl SpaceCore {
         while e < hi && v.ptes[e].state() == PageState::None && !v.ptes[e].migrating() {
             e += 1;
         }
+        (s, e, v.addr(s), large && unit == Some((s, e)), mode)
+    }
+
+    /// First touch under the lock (pins and `range_fault` asking for a missing page, and
+    /// private file mappings, whose fills use the bounce buffer): the run [`Self::zero_run`]
+    /// chooses, zero-filled or read from the file.
+    pub(super) fn fault_zero(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
+        let (s, mut e, _, whole_unit, mode) = self.zero_run(st, a);
+        let v = st.vma(a).expect("caller found the pte");
+        let i = v.idx(a);
         // A private file mapping fills from the file (up to its end; past it: SIGBUS).
         let source = v.file.as_ref().map(|f| (f.cache.clone(), f.pgoff));
         if let Some((cache, pgoff)) = &source {
@@ -292,7 +391,7 @@ impl SpaceCore {
             e = e.min((eof - pgoff) as usize);
         }
         let start = v.addr(s);
-        let whole_unit = large && unit == Some((s, e)) && source.is_none();
+        let whole_unit = whole_unit && source.is_none();
         let mut done = 0;
         while done < e - s {
             let n = (e - s - done).min(PAGES_PER_LARGE);

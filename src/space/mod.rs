@@ -469,7 +469,10 @@ impl Space {
                 lost: Vec::new(),
                 policy: std::sync::Arc::new(DefaultPolicy),
                 trace: None,
-                migrations: Vec::new(),
+                // Room for every operation in flight at once that a fault can register (the
+                // fault path must not allocate): one per thread touching the space, and
+                // migrations; more only grows the vector outside the fault path's usual case.
+                migrations: Vec::with_capacity(256),
                 next_migration: 1,
             }),
             migration_done: crate::sync::Condvar::new(),
