@@ -88,8 +88,25 @@ pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
-    let watch = watch::hold(std::panic::Location::caller());
+    let watch = watch::hold(std::panic::Location::caller(), level_of::<T>());
     Guard { g: Some(g), watch }
+}
+
+/// The level of a lock in hetmem's lock order (docs/architecture.md, "Locks and their order"),
+/// known from the type it protects; a lock may be taken only while every lock the thread holds
+/// has a lower level. `None`: not ordered (checked by nothing).
+fn level_of<T>() -> Option<u8> {
+    let name = std::any::type_name::<T>();
+    Some(match name {
+        "()" => 0, // FileCache::removal
+        n if n.ends_with("space::SpaceState") => 10,
+        n if n.ends_with("pagecache::CacheState") => 15,
+        n if n.contains("mm::ThreadService") => 17,
+        n if n.contains("mm::ModelPage") => 18,
+        n if n.ends_with("device::DevPageTable") => 20,
+        n if n.ends_with("pool::PoolState") || n.contains("pagecache::Doorbell") => 30,
+        _ => return None,
+    })
 }
 
 /// Waits on `cv`, releasing the lock `g` holds meanwhile (as `Condvar::wait`), and returns it
@@ -105,10 +122,37 @@ pub fn wait<'a, T>(cv: &Condvar, mut g: Guard<'a, T>) -> Guard<'a, T> {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
-    let watch = watch::hold(std::panic::Location::caller());
+    let watch = watch::hold(std::panic::Location::caller(), level_of::<T>());
     Guard {
         g: Some(inner),
         watch,
+    }
+}
+
+/// Lock-order violations the lock watch has reported in this process, and acquisitions of
+/// ordered locks it has checked.
+pub fn lock_order_stats() -> (u64, u64) {
+    (watch::violations(), watch::checks())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_lock_taken_out_of_order_is_counted() {
+        let at = std::panic::Location::caller();
+        let (v0, c0) = super::lock_order_stats();
+        super::watch::enter_level(10, at);
+        super::watch::enter_level(15, at); // in order
+        super::watch::enter_level(5, at); // out of order
+        super::watch::leave_level(5);
+        super::watch::leave_level(15);
+        super::watch::leave_level(10);
+        let (v1, c1) = super::lock_order_stats();
+        assert_eq!(v1 - v0, 1);
+        assert_eq!(c1 - c0, 3);
+        super::watch::enter_level(5, at); // nothing held any more: in order
+        super::watch::leave_level(5);
+        assert_eq!(super::lock_order_stats().0, v1);
     }
 }
 
@@ -171,37 +215,104 @@ mod watch {
 
     thread_local! {
         static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        /// The levels of the ordered locks this thread holds, most recent last (at most
+        /// `DEPTH`; deeper nesting is not checked).
+        static LEVELS: std::cell::Cell<([u8; DEPTH], usize)> =
+            const { std::cell::Cell::new(([0; DEPTH], 0)) };
+    }
+    const DEPTH: usize = 16;
+    static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+    static CHECKS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn violations() -> u64 {
+        VIOLATIONS.load(Ordering::SeqCst)
     }
 
-    /// A watched lock's slot.
+    pub(super) fn checks() -> u64 {
+        CHECKS.load(Ordering::SeqCst)
+    }
+
+    /// A watched lock's slot, and its level if ordered.
     pub(super) struct Held {
         slot: usize,
         at: &'static Location<'static>,
+        level: Option<u8>,
     }
 
-    pub(super) fn hold(at: &'static Location<'static>) -> Option<Held> {
+    /// Checks that a lock of `level` may be taken now (every lock this thread holds has a lower
+    /// level) and records it.
+    pub(super) fn enter_level(level: u8, at: &'static Location<'static>) {
+        CHECKS.fetch_add(1, Ordering::Relaxed);
+        LEVELS.with(|c| {
+            let (mut v, n) = c.get();
+            if let Some(&top) = v[..n.min(DEPTH)].iter().max()
+                && top >= level
+            {
+                VIOLATIONS.fetch_add(1, Ordering::SeqCst);
+                if !crate::sys::in_signal_handler() {
+                    eprintln!(
+                        "hetmem lock watch: lock order violated: a lock of level {level} taken at \
+                         {at} while this thread holds one of level {top} (see docs/architecture.md, \
+                         \"Locks and their order\"):\n{}",
+                        std::backtrace::Backtrace::force_capture()
+                    );
+                }
+            }
+            if n < DEPTH {
+                v[n] = level;
+            }
+            c.set((v, n + 1));
+        });
+    }
+
+    pub(super) fn leave_level(level: u8) {
+        LEVELS.with(|c| {
+            let (mut v, n) = c.get();
+            let k = n.min(DEPTH);
+            if let Some(i) = v[..k].iter().rposition(|&l| l == level) {
+                v.copy_within(i + 1..k, i);
+            }
+            c.set((v, n.saturating_sub(1)));
+        });
+    }
+
+    pub(super) fn hold(at: &'static Location<'static>, level: Option<u8>) -> Option<Held> {
         if BOUND_MS.load(Ordering::Relaxed) == 0 {
             return None;
         }
         bound()?;
+        // Not in the crate's unit-test build: shuttle runs its tasks as coroutines of one OS
+        // thread, which would share this thread-local stack of levels.
+        let level = if cfg!(test) { None } else { level };
+        if let Some(l) = level {
+            enter_level(l, at);
+        }
         let tid = TID.with(|t| {
             if t.get() == 0 {
                 t.set(rustix::thread::gettid().as_raw_nonzero().get() as u32);
             }
             t.get()
         });
-        let slot = (0..SLOTS).find(|&i| {
+        let Some(slot) = (0..SLOTS).find(|&i| {
             HELD_TID[i]
                 .compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
-        })?;
+        }) else {
+            if let Some(l) = level {
+                leave_level(l);
+            }
+            return None;
+        };
         HELD_AT[slot].store(at);
         HELD_SINCE[slot].store(now_ns(), Ordering::SeqCst);
-        Some(Held { slot, at })
+        Some(Held { slot, at, level })
     }
 
     impl Held {
         pub(super) fn release(self) {
+            if let Some(l) = self.level {
+                leave_level(l);
+            }
             let since = HELD_SINCE[self.slot].swap(0, Ordering::SeqCst);
             let held = Duration::from_nanos(now_ns().saturating_sub(since));
             REPORTED[self.slot].store(0, Ordering::SeqCst);
