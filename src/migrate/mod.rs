@@ -312,22 +312,28 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     // faults on other pages of the space go on meanwhile (faults on these pages wait, device
     // faults on them get EBUSY, operations that change mappings over the range wait).
     let mut marked = vec![false; n];
-    let mut i = 0;
-    while i < n {
-        let span = if src[i] & MIGRATE_PFN_COMPOUND != 0 {
-            PAGES_PER_LARGE
-        } else {
-            1
-        };
-        if src[i] & MIGRATE_PFN_MIGRATE != 0 {
-            for k in 0..span {
-                let a = r.start.add((i + k) * PAGE_SIZE);
-                let pte = st.pte(a).expect("inside the mapping");
-                st.set_pte(a, pte.with_migrating(true));
-                marked[i + k] = true;
+    {
+        // The range lies in one mapping (checked above): mark its entries in place.
+        let v = st.vma_mut(r.start).expect("inside the mapping");
+        let base = v.idx(r.start);
+        let mut i = 0;
+        while i < n {
+            let span = if src[i] & MIGRATE_PFN_COMPOUND != 0 {
+                PAGES_PER_LARGE
+            } else {
+                1
+            };
+            if src[i] & MIGRATE_PFN_MIGRATE != 0 {
+                for (p, m) in v.ptes[base + i..base + i + span]
+                    .iter_mut()
+                    .zip(&mut marked[i..i + span])
+                {
+                    *p = p.with_migrating(true);
+                    *m = true;
+                }
             }
+            i += span;
         }
-        i += span;
     }
     let id = st.next_migration;
     st.next_migration += 1;
@@ -624,11 +630,13 @@ impl MigrateVma<'_> {
         // The pages are this migration's no more (committed entries are rewritten below;
         // declined ones keep theirs); the migration leaves the space's list. Waiters are woken
         // once the entries are final, when the lock is released.
-        for (k, &m) in self.marked.iter().enumerate() {
-            if m {
-                let a = self.addr(k);
-                if let Some(pte) = st.pte(a) {
-                    st.set_pte(a, pte.with_migrating(false));
+        // The range is still one mapping: operations that split or unmap it wait for this
+        // migration.
+        if let Some(v) = st.vma_mut(self.start) {
+            let base = v.idx(self.start);
+            for (k, &m) in self.marked.iter().enumerate() {
+                if m {
+                    v.ptes[base + k] = v.ptes[base + k].with_migrating(false);
                 }
             }
         }
@@ -879,7 +887,7 @@ impl MigrateVma<'_> {
             }
         }
         drop(st);
-        core.migration_done.notify_all();
+        core.notify_migrations_done();
     }
 
     /// The current sequence of notifier `n`, read while this migration holds the address

@@ -216,6 +216,12 @@ impl SpaceCore {
                     // pages first.
                     self.split_unit(&mut st, a);
                 }
+                let unlocked = st.vma(a).is_some_and(|v| v.mode == FaultMode::Signal)
+                    && st.pagemap(pte.pagemap()).store().host_view().is_some();
+                if unlocked {
+                    return self.fault_back_unlocked(st, a).is_ok()
+                        || unserved("the page could not be brought back from device memory");
+                }
                 self.make_present(&mut st, a).is_ok()
                     || unserved("the page could not be brought back from device memory")
             }
@@ -331,7 +337,86 @@ impl SpaceCore {
             mode,
         );
         drop(st);
-        self.migration_done.notify_all();
+        self.notify_migrations_done();
+        res
+    }
+
+    /// Fault-back of a device-private page (its 2 MiB unit if it is one) in the faulting
+    /// thread, with the space's lock released across the copy: under the lock the device
+    /// mappings are invalidated and the unit is marked and registered (as a migration's pages);
+    /// the copy from the frame runs without the lock (the frame stays allocated and owned: its
+    /// eviction, another migration and an unmap all wait for the mark); the entries are
+    /// committed and the frame freed under the lock again. For a host-addressable device only
+    /// (a copy through the bounce buffer needs the lock held).
+    pub(super) fn fault_back_unlocked(
+        &self,
+        mut st: Guard<'_, SpaceState>,
+        a: VirtAddr,
+    ) -> Result<()> {
+        let pte = st.pte(a).expect("caller found the pte");
+        let r = unit_range(a, pte.large());
+        let head = st.pte(r.start).expect("unit inside the mapping");
+        let pm = st.pagemap(head.pagemap());
+        let mode = st.vma(a).expect("mapped").mode;
+        self.invalidate(&st, r, NotifyEvent::Migrate, None);
+        for k in 0..r.pages() {
+            let ak = r.start.add(k * PAGE_SIZE);
+            let p = st.pte(ak).expect("in the unit");
+            st.set_pte(ak, p.with_migrating(true));
+        }
+        let id = st.next_migration;
+        st.next_migration += 1;
+        st.migrations.push((id, r));
+        drop(st);
+        pm.charge_migration(r.len());
+        let host = pm.store().host_view().expect("checked by the caller");
+        let res = match self
+            .mm
+            .install(r.start, host, head.frame().offset(), r.len(), mode)
+        {
+            Ok(()) | Err(sys::UffdError::Exists) => Ok(()),
+            Err(e) => {
+                // Drop what the failed install filled: the pages stay in device memory only.
+                let _ = self.mm.zap(r);
+                Err(Error::os("copy back to system memory", e.into()))
+            }
+        };
+        let mut st = self.lock_state();
+        for k in 0..r.pages() {
+            let ak = r.start.add(k * PAGE_SIZE);
+            let p = st.pte(ak).expect("a registered unit is not unmapped");
+            st.set_pte(
+                ak,
+                if res.is_ok() {
+                    Pte::present(pte.large(), p)
+                } else {
+                    p.with_migrating(false)
+                },
+            );
+        }
+        st.migrations.retain(|(m, _)| *m != id);
+        if res.is_ok() {
+            if pte.large() {
+                pm.free(head.frame(), true);
+            } else {
+                pm.free(head.frame(), false);
+            }
+            self.counters
+                .pages_to_system
+                .fetch_add(r.pages() as u64, Ordering::Relaxed);
+            st.trace_with(|| {
+                TraceEvent::moved(
+                    EventKind::Migrate,
+                    Direction::ToSystem,
+                    self.id,
+                    r.start,
+                    r.pages(),
+                    pm.owner(),
+                )
+            });
+        }
+        drop(st);
+        self.notify_migrations_done();
         res
     }
 

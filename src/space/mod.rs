@@ -320,6 +320,9 @@ pub struct SpaceCore {
     /// Signalled when a migration finalizes (waiters: faults on its pages, operations that change
     /// mappings it overlaps).
     pub(crate) migration_done: crate::sync::Condvar,
+    /// Threads waiting on `migration_done` (counted under the state lock): finishers notify
+    /// only when there is one, so that a fault with nobody waiting makes no futex call.
+    pub(crate) migration_waiters: AtomicU64,
     pub(crate) inv_seq: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) zero: Region,
@@ -476,6 +479,7 @@ impl Space {
                 next_migration: 1,
             }),
             migration_done: crate::sync::Condvar::new(),
+            migration_waiters: AtomicU64::new(0),
             inv_seq: AtomicU64::new(0),
             counters: Counters::default(),
             zero,
@@ -1254,9 +1258,20 @@ impl SpaceCore {
         r: VaRange,
     ) -> Guard<'a, SpaceState> {
         while st.migrations.iter().any(|(_, m)| m.overlaps(&r)) {
+            self.migration_waiters.fetch_add(1, Ordering::SeqCst);
             st = crate::sync::wait(&self.migration_done, st);
+            self.migration_waiters.fetch_sub(1, Ordering::SeqCst);
         }
         st
+    }
+
+    /// Wakes the threads waiting for migrations, if any (call after releasing the state lock
+    /// that removed a migration: a waiter counts itself under that lock, so one that has not
+    /// counted yet will see the removal).
+    pub(crate) fn notify_migrations_done(&self) {
+        if self.migration_waiters.load(Ordering::SeqCst) > 0 {
+            self.migration_done.notify_all();
+        }
     }
 
     /// The state lock, once no migration in flight overlaps `r`.
