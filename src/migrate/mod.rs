@@ -335,9 +335,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
             i += span;
         }
     }
-    let id = st.next_migration;
-    st.next_migration += 1;
-    st.migrations.push((id, r));
+    let id = st.register_claim(r);
     drop(st);
     Ok(MigrateVma {
         core,
@@ -640,8 +638,7 @@ impl MigrateVma<'_> {
                 }
             }
         }
-        let id = self.id;
-        st.migrations.retain(|(m, _)| *m != id);
+        st.release_claim(self.id);
         let n = self.src.len();
         let span_of = |w: u64| {
             if w & MIGRATE_PFN_COMPOUND != 0 {

@@ -279,14 +279,8 @@ impl SpaceCore {
             start,
             end: start.add((e - s) * PAGE_SIZE),
         };
-        for k in 0..e - s {
-            let ak = start.add(k * PAGE_SIZE);
-            let pte = st.pte(ak).expect("in the run");
-            st.set_pte(ak, pte.with_migrating(true));
-        }
-        let id = st.next_migration;
-        st.next_migration += 1;
-        st.migrations.push((id, run));
+        st.mark_migrating(run);
+        let id = st.register_claim(run);
         drop(st);
         let mut res = Ok(());
         let mut done = 0;
@@ -321,7 +315,7 @@ impl SpaceCore {
                 },
             );
         }
-        st.migrations.retain(|(m, _)| *m != id);
+        st.release_claim(id);
         if res.is_ok() {
             let (_, w) = sys::fault_around_state();
             sys::set_fault_around_state(run.end.get(), w);
@@ -359,14 +353,8 @@ impl SpaceCore {
         let pm = st.pagemap(head.pagemap());
         let mode = st.vma(a).expect("mapped").mode;
         self.invalidate(&st, r, NotifyEvent::Migrate, None);
-        for k in 0..r.pages() {
-            let ak = r.start.add(k * PAGE_SIZE);
-            let p = st.pte(ak).expect("in the unit");
-            st.set_pte(ak, p.with_migrating(true));
-        }
-        let id = st.next_migration;
-        st.next_migration += 1;
-        st.migrations.push((id, r));
+        st.mark_migrating(r);
+        let id = st.register_claim(r);
         drop(st);
         pm.charge_migration(r.len());
         let host = pm.store().host_view().expect("checked by the caller");
@@ -394,7 +382,7 @@ impl SpaceCore {
                 },
             );
         }
-        st.migrations.retain(|(m, _)| *m != id);
+        st.release_claim(id);
         if res.is_ok() {
             if pte.large() {
                 pm.free(head.frame(), true);

@@ -198,6 +198,31 @@ pub(crate) struct SpaceState {
 }
 
 impl SpaceState {
+    /// Registers an operation in flight over `r` that holds pages marked MIGRATING without
+    /// the lock (a migration between setup and finalize, a fill or fault-back copying): other
+    /// operations over `r` wait for it (`SpaceCore::wait_for_migrations`). Returns its id.
+    pub(crate) fn register_claim(&mut self, r: VaRange) -> u64 {
+        let id = self.next_migration;
+        self.next_migration += 1;
+        self.migrations.push((id, r));
+        id
+    }
+
+    /// Ends the claim `id` (its marks already cleared or its entries rewritten); the caller
+    /// wakes the waiters once it has released the lock (`SpaceCore::notify_migrations_done`).
+    pub(crate) fn release_claim(&mut self, id: u64) {
+        self.migrations.retain(|(m, _)| *m != id);
+    }
+
+    /// Marks the entries of `r` MIGRATING.
+    pub(crate) fn mark_migrating(&mut self, r: VaRange) {
+        let v = self.vma_mut(r.start).expect("a claimed range is mapped");
+        let (s, e) = (v.idx(r.start), v.idx(r.start) + r.pages());
+        for p in &mut v.ptes[s..e] {
+            *p = p.with_migrating(true);
+        }
+    }
+
     /// The mapping containing `a`.
     pub(crate) fn vma(&self, a: VirtAddr) -> Option<&Vma> {
         self.vmas
