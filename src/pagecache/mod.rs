@@ -46,6 +46,14 @@ use crate::sys::Memfd;
 mod backend;
 mod state;
 
+thread_local! {
+    /// This thread's file fault-around run: which cache (its address), the page right after its
+    /// last window, and that window's size in pages (per thread; a `const` thread-local:
+    /// readable from the SIGBUS handler).
+    static FILE_FAULT_AROUND: std::cell::Cell<(usize, u64, u64)> =
+        const { std::cell::Cell::new((0, u64::MAX, 0)) };
+}
+
 pub use backend::{FaultPlan, FaultyBackend, FileBackend, StdFile};
 use state::{PageState, PageStates};
 
@@ -785,14 +793,14 @@ impl FileCache {
         // The faulting thread's run (per thread: two threads reading sequentially must not break
         // each other's runs), keyed by this cache.
         let me = self as *const FileCache as usize;
-        let (key, next, window) = crate::sys::file_fault_around_state();
+        let (key, next, window) = FILE_FAULT_AROUND.with(|c| c.get());
         let w = if key == me && p == next {
             (window * 2).clamp(1, MAX_WINDOW)
         } else {
             1
         };
         self.fill(&mut st, p, p + w)?;
-        crate::sys::set_file_fault_around_state(me, p + w, w);
+        FILE_FAULT_AROUND.with(|c| c.set((me, p + w, w)));
         self.wake_evictor_if_over(&st);
         Ok(Fill::Filled)
     }

@@ -317,8 +317,8 @@ impl SpaceCore {
         }
         st.release_claim(id);
         if res.is_ok() {
-            let (_, w) = sys::fault_around_state();
-            sys::set_fault_around_state(run.end.get(), w);
+            let (_, w) = fault_around_state();
+            set_fault_around_state(run.end.get(), w);
             self.counters
                 .zero_fill_pages
                 .fetch_add((e - s) as u64, Ordering::Relaxed);
@@ -423,13 +423,13 @@ impl SpaceCore {
         let win = if large && unit.is_some() {
             LARGE_PAGE_SIZE
         } else {
-            let (next, window) = sys::fault_around_state();
+            let (next, window) = fault_around_state();
             let w = if a.get() == next {
                 (window * 2).clamp(64 << 10, LARGE_PAGE_SIZE)
             } else {
                 64 << 10
             };
-            sys::set_fault_around_state(next, w);
+            set_fault_around_state(next, w);
             w
         };
         let ws = (a.get() & !(win - 1)).max(vs);
@@ -495,8 +495,8 @@ impl SpaceCore {
         for p in &mut v.ptes[s..e] {
             *p = Pte::present(whole_unit, *p);
         }
-        let (_, w) = sys::fault_around_state();
-        sys::set_fault_around_state(start.get() + (e - s) * PAGE_SIZE, w);
+        let (_, w) = fault_around_state();
+        set_fault_around_state(start.get() + (e - s) * PAGE_SIZE, w);
         self.counters
             .zero_fill_pages
             .fetch_add((e - s) as u64, Ordering::Relaxed);
@@ -729,4 +729,22 @@ pub(super) fn unit_range(a: VirtAddr, large: bool) -> VaRange {
         start,
         end: start.add(len),
     }
+}
+
+thread_local! {
+    /// This thread's anonymous fault-around run: the address right after its last window, and
+    /// that window's size in bytes (per thread, so that threads faulting sequentially through
+    /// disjoint ranges do not break each other's runs; a `const` thread-local of a `Copy` type:
+    /// readable from the SIGBUS handler without lazy initialisation).
+    static FAULT_AROUND: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// The calling thread's anonymous fault-around run (next address, window).
+fn fault_around_state() -> (usize, usize) {
+    FAULT_AROUND.with(|c| c.get())
+}
+
+/// Sets the calling thread's anonymous fault-around run.
+fn set_fault_around_state(next: usize, window: usize) {
+    FAULT_AROUND.with(|c| c.set((next, window)));
 }

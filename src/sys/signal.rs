@@ -162,38 +162,6 @@ thread_local! {
     static UNSERVED: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
 }
 
-thread_local! {
-    /// This thread's anonymous fault-around run: the address right after its last window, and
-    /// that window's size in bytes (per thread, so that threads faulting sequentially through
-    /// disjoint ranges do not break each other's runs; a const thread-local: readable from the
-    /// SIGBUS handler).
-    static FAULT_AROUND: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
-    /// This thread's file fault-around run: which cache (its address), the page right after its
-    /// last window, and that window's size in pages.
-    static FILE_FAULT_AROUND: std::cell::Cell<(usize, u64, u64)> =
-        const { std::cell::Cell::new((0, u64::MAX, 0)) };
-}
-
-/// The calling thread's anonymous fault-around run (next address, window).
-pub fn fault_around_state() -> (usize, usize) {
-    FAULT_AROUND.with(|c| c.get())
-}
-
-/// Sets the calling thread's anonymous fault-around run.
-pub fn set_fault_around_state(next: usize, window: usize) {
-    FAULT_AROUND.with(|c| c.set((next, window)));
-}
-
-/// The calling thread's file fault-around run (cache key, next page, window in pages).
-pub fn file_fault_around_state() -> (usize, u64, u64) {
-    FILE_FAULT_AROUND.with(|c| c.get())
-}
-
-/// Sets the calling thread's file fault-around run.
-pub fn set_file_fault_around_state(key: usize, next: u64, window: u64) {
-    FILE_FAULT_AROUND.with(|c| c.set((key, next, window)));
-}
-
 /// Records why the fault being served cannot be served (called by the fault service, in the
 /// faulting thread); the SIGBUS handler prints it if the access then takes the default action.
 pub fn note_unserved_fault(why: &'static str) {
