@@ -807,3 +807,43 @@ fn the_lock_order_holds_in_a_mixed_workload() {
         nums[1]
     );
 }
+
+/// What README.md and docs/architecture.md say of a direct mremap of a *shared* file mapping:
+/// hetmem cannot let it go (stores through the new address could never be written back), so the
+/// process aborts with a message naming the mapping — loud, never silent. In a child process.
+#[test]
+fn a_direct_mremap_of_a_shared_file_mapping_aborts_with_a_message() {
+    if std::env::var("HETMEM_MREMAP_SHARED_CHILD").is_ok() {
+        let f = TempFile::new("o9-shared", &vec![3u8; 4 * PAGE]);
+        let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+        let h = cache.handle();
+        let space = small_space();
+        let a = space
+            .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, true)
+            .unwrap();
+        hetmem::sys::probe_store_u32(a.get(), 1);
+        let (_tx, mut rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let _ = hetmem::sys::mremap_elsewhere(a.get(), 4 * PAGE);
+        // The event thread aborts the process; this thread waits for it on a read that only
+        // the process's end ends (nothing is ever written), touching nothing managed.
+        let _ = std::io::Read::read(&mut rx, &mut [0u8; 1]);
+        std::process::exit(0);
+    }
+    let _w = watchdog("mremap_shared", 60);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_direct_mremap_of_a_shared_file_mapping_aborts_with_a_message",
+            "--nocapture",
+        ])
+        .env("HETMEM_MREMAP_SHARED_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hetmem: a direct mremap moved the shared file mapping"),
+        "no message: {out:?}"
+    );
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{out:?}");
+}
