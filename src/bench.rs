@@ -154,6 +154,58 @@ pub struct Spread {
 pub struct BenchOptions {
     /// Smaller sizes and fewer repetitions (for smoke tests of the bench itself).
     pub quick: bool,
+    /// Run only these groups of figures ([`GROUPS`]); empty runs every group.
+    pub only: Vec<String>,
+}
+
+/// The groups of figures, as `hetmem bench --only` names them.
+pub const GROUPS: &[(&str, &str)] = &[
+    (
+        "fault_back",
+        "fault-back of device-private pages, alone and with a busy sibling",
+    ),
+    ("first_touch", "first touch, sequential and random"),
+    ("threads", "2-thread speedups of fault-back and first touch"),
+    (
+        "contention",
+        "CPU faults while a migration runs in the same space or another",
+    ),
+    (
+        "migrate",
+        "migration round trips, 4 KiB pages and 2 MiB units",
+    ),
+    ("coherent", "CPU reads of coherent-resident pages"),
+    (
+        "pingpong",
+        "bytes moved by a CPU/device ping-pong, coherent vs private",
+    ),
+    (
+        "file",
+        "file mappings: warm and cold, sequential and random, bytes read, residency",
+    ),
+    ("memcpy", "memcpy bandwidth"),
+    ("metadata", "metadata per page"),
+];
+
+impl BenchOptions {
+    /// Whether group `g` runs.
+    pub fn wants(&self, g: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == g)
+    }
+
+    /// Checks that every group in `only` exists.
+    pub fn validate(&self) -> Result<()> {
+        match self
+            .only
+            .iter()
+            .find(|o| !GROUPS.iter().any(|(g, _)| g == o))
+        {
+            Some(_) => Err(Error::Invalid(
+                "unknown bench group (see `hetmem bench --help` for the list)",
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sizes and repetition counts of one run.
@@ -239,6 +291,7 @@ impl Sizes {
 
 /// Runs every benchmark; `progress` is told what runs next.
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchResult>> {
+    opts.validate()?;
     let sz = Sizes::new(opts.quick);
     let mut out = Vec::new();
     let space = Space::with_config(SpaceConfig {
@@ -247,136 +300,167 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         ..SpaceConfig::default()
     })?;
 
-    progress("fault-back of device-private 4 KiB pages vs a bare in-thread userfaultfd");
-    let (h, b) = fault_back(&space, &sz, false)?;
-    push_pair(
-        &mut out,
-        ("fault_back_4k_us", h),
-        ("uffd_in_thread_4k_us", b),
-        "us",
-    );
+    if opts.wants("fault_back") {
+        progress("fault-back of device-private 4 KiB pages vs a bare in-thread userfaultfd");
+        let (h, b) = fault_back(&space, &sz, false)?;
+        push_pair(
+            &mut out,
+            ("fault_back_4k_us", h),
+            ("uffd_in_thread_4k_us", b),
+            "us",
+        );
+    }
 
-    progress("fault-back with a busy sibling thread vs a bare in-thread userfaultfd");
-    let (h, b) = fault_back(&space, &sz, true)?;
-    push_pair(
-        &mut out,
-        ("fault_back_4k_busy_us", h),
-        ("uffd_in_thread_4k_busy_us", b),
-        "us",
-    );
+    if opts.wants("fault_back") {
+        progress("fault-back with a busy sibling thread vs a bare in-thread userfaultfd");
+        let (h, b) = fault_back(&space, &sz, true)?;
+        push_pair(
+            &mut out,
+            ("fault_back_4k_busy_us", h),
+            ("uffd_in_thread_4k_busy_us", b),
+            "us",
+        );
+    }
 
-    progress("first touch (sequential and random) vs kernel anonymous memory");
-    let t = first_touch(&space, &sz)?;
-    push_first_touch(&mut out, &t);
+    if opts.wants("first_touch") {
+        progress("first touch (sequential and random) vs kernel anonymous memory");
+        let t = first_touch(&space, &sz)?;
+        push_first_touch(&mut out, &t);
+    }
 
-    progress("fault-back by 2 threads vs 1 (speedup) vs the same for a bare in-thread userfaultfd");
-    let r = fault_back_2threads(&space, &sz)?;
-    push_reps(
-        &mut out,
-        (
-            "fault_back_2threads_speedup",
-            "uffd_in_thread_2threads_speedup",
-        ),
-        "x",
-        &r,
-        None,
-    );
+    if opts.wants("threads") {
+        progress(
+            "fault-back by 2 threads vs 1 (speedup) vs the same for a bare in-thread userfaultfd",
+        );
+        let r = fault_back_2threads(&space, &sz)?;
+        push_reps(
+            &mut out,
+            (
+                "fault_back_2threads_speedup",
+                "uffd_in_thread_2threads_speedup",
+            ),
+            "x",
+            &r,
+            None,
+        );
+    }
 
-    progress("first touch by 2 threads vs 1 (speedup) vs the same for the kernel's first touch");
-    let r = first_touch_2threads(&space, &sz)?;
-    push_reps(
-        &mut out,
-        (
-            "first_touch_2threads_speedup",
-            "kernel_first_touch_2threads_speedup",
-        ),
-        "x",
-        &r,
-        Some(format!(
-            "transparent huge pages: {} (kernel side: no MADV_HUGEPAGE)",
-            thp_setting()
-        )),
-    );
+    if opts.wants("threads") {
+        progress(
+            "first touch by 2 threads vs 1 (speedup) vs the same for the kernel's first touch",
+        );
+        let r = first_touch_2threads(&space, &sz)?;
+        push_reps(
+            &mut out,
+            (
+                "first_touch_2threads_speedup",
+                "kernel_first_touch_2threads_speedup",
+            ),
+            "x",
+            &r,
+            Some(format!(
+                "transparent huge pages: {} (kernel side: no MADV_HUGEPAGE)",
+                thp_setting()
+            )),
+        );
+    }
 
-    progress("CPU faults while another thread migrates: same space vs another space");
-    let (r, note) = fault_during_migration(&space, &sz)?;
-    push_reps(
-        &mut out,
-        (
-            "fault_during_migration_kfaults_per_s",
-            "fault_during_migration_other_space_kfaults_per_s",
-        ),
-        "k/s",
-        &r,
-        Some(note),
-    );
+    if opts.wants("contention") {
+        progress("CPU faults while another thread migrates: same space vs another space");
+        let (r, note) = fault_during_migration(&space, &sz)?;
+        push_reps(
+            &mut out,
+            (
+                "fault_during_migration_kfaults_per_s",
+                "fault_during_migration_other_space_kfaults_per_s",
+            ),
+            "k/s",
+            &r,
+            Some(note),
+        );
+    }
 
-    progress("migration round trips of 4 KiB pages vs the bare primitives");
-    let (h, b) = migrate(&space, sz.mig4k_bytes, false, sz.mig_reps)?;
-    push_pair(
-        &mut out,
-        ("migrate_4k_gbps", h),
-        ("migrate_primitive_4k_gbps", b),
-        "GB/s",
-    );
+    if opts.wants("migrate") {
+        progress("migration round trips of 4 KiB pages vs the bare primitives");
+        let (h, b) = migrate(&space, sz.mig4k_bytes, false, sz.mig_reps)?;
+        push_pair(
+            &mut out,
+            ("migrate_4k_gbps", h),
+            ("migrate_primitive_4k_gbps", b),
+            "GB/s",
+        );
+    }
 
-    progress("migration round trips of 2 MiB units vs the bare primitives");
-    let (h, b) = migrate(&space, sz.mig2m_bytes, true, sz.mig_reps)?;
-    push_pair(
-        &mut out,
-        ("migrate_2m_gbps", h),
-        ("migrate_primitive_2m_gbps", b),
-        "GB/s",
-    );
+    if opts.wants("migrate") {
+        progress("migration round trips of 2 MiB units vs the bare primitives");
+        let (h, b) = migrate(&space, sz.mig2m_bytes, true, sz.mig_reps)?;
+        push_pair(
+            &mut out,
+            ("migrate_2m_gbps", h),
+            ("migrate_primitive_2m_gbps", b),
+            "GB/s",
+        );
+    }
 
-    progress("CPU reads of coherent-resident vs system-resident pages");
-    let (c, sys_) = cpu_read_coherent(&space, sz.shared_bytes.min(64 << 20), sz.mig_reps)?;
-    push_pair(
-        &mut out,
-        ("cpu_read_coherent_gbps", c),
-        ("cpu_read_system_gbps", sys_),
-        "GB/s",
-    );
+    if opts.wants("coherent") {
+        progress("CPU reads of coherent-resident vs system-resident pages");
+        let (c, sys_) = cpu_read_coherent(&space, sz.shared_bytes.min(64 << 20), sz.mig_reps)?;
+        push_pair(
+            &mut out,
+            ("cpu_read_coherent_gbps", c),
+            ("cpu_read_system_gbps", sys_),
+            "GB/s",
+        );
+    }
 
-    progress("CPU/device ping-pong: bytes moved with a coherent vs a private device");
-    let c = pingpong(
-        &space,
-        MemoryKind::Coherent,
-        sz.shared_bytes,
-        sz.pingpong_rounds,
-    )?;
-    let p = pingpong(
-        &space,
-        MemoryKind::Private,
-        sz.shared_bytes,
-        sz.pingpong_rounds,
-    )?;
-    push_pair(
-        &mut out,
-        ("pingpong_coherent_bytes_moved", c),
-        ("pingpong_private_bytes_moved", p),
-        "bytes",
-    );
+    if opts.wants("pingpong") {
+        progress("CPU/device ping-pong: bytes moved with a coherent vs a private device");
+        let c = pingpong(
+            &space,
+            MemoryKind::Coherent,
+            sz.shared_bytes,
+            sz.pingpong_rounds,
+        )?;
+        let p = pingpong(
+            &space,
+            MemoryKind::Private,
+            sz.shared_bytes,
+            sz.pingpong_rounds,
+        )?;
+        push_pair(
+            &mut out,
+            ("pingpong_coherent_bytes_moved", c),
+            ("pingpong_private_bytes_moved", p),
+            "bytes",
+        );
+    }
 
-    progress("file mappings (warm and cold, sequential and random) vs the kernel's mmap");
-    let f = file_reads(&space, &sz)?;
-    push_file_figures(&mut out, &f);
+    if opts.wants("file") {
+        progress("file mappings (warm and cold, sequential and random) vs the kernel's mmap");
+        let f = file_reads(&space, &sz)?;
+        push_file_figures(&mut out, &f);
+    }
 
-    progress("memcpy bandwidth");
-    out.push(figure(
-        "memcpy_gbps",
-        memcpy_gbps(sz.memcpy_bytes, sz.mig_reps)?,
-        "GB/s",
-        None,
-    ));
+    if opts.wants("memcpy") {
+        progress("memcpy bandwidth");
+        out.push(figure(
+            "memcpy_gbps",
+            memcpy_gbps(sz.memcpy_bytes, sz.mig_reps)?,
+            "GB/s",
+            None,
+        ));
+    }
 
-    progress("metadata per page");
-    out.push(figure(
-        "metadata_bytes_per_page",
-        Space::metadata_bytes_per_page() as f64,
-        "bytes",
-        None,
-    ));
+    if opts.wants("metadata") {
+        progress("metadata per page");
+        out.push(figure(
+            "metadata_bytes_per_page",
+            Space::metadata_bytes_per_page() as f64,
+            "bytes",
+            None,
+        ));
+    }
+
     Ok(out)
 }
 

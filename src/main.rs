@@ -28,6 +28,10 @@ enum Command {
         /// Smaller sizes, fewer repetitions.
         #[arg(long)]
         quick: bool,
+        /// Run only these groups of figures (comma-separated): fault_back, first_touch,
+        /// threads, contention, migrate, coherent, pingpong, file, memcpy, metadata.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Show how hetmem can serve faults on this machine: kernel, privileges, userfaultfd mode and
     /// features, and what follows for programs using hetmem.
@@ -60,19 +64,22 @@ fn run() -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             hetmem::demo::run(&mut out).context("demo failed")?;
         }
-        Command::Bench { json, quick } => bench(json, quick)?,
+        Command::Bench { json, quick, only } => bench(json, quick, only)?,
         Command::Info { json } => info(json)?,
     }
     Ok(())
 }
 
-fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
+fn bench(json: bool, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
     let pb = indicatif::ProgressBar::new_spinner();
     if json {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
-    let opts = hetmem::bench::BenchOptions { quick };
+    let opts = hetmem::bench::BenchOptions {
+        quick,
+        only: only.clone(),
+    };
     let results = hetmem::bench::run(&opts, &mut |what| pb.set_message(what.to_string()))
         .context("bench failed")?;
     pb.finish_and_clear();
@@ -82,7 +89,7 @@ fn bench(json: bool, quick: bool) -> anyhow::Result<()> {
             "version": env!("CARGO_PKG_VERSION"),
             "kernel": kernel_release(),
             "userfaultfd": uffd_kind(),
-            "options": { "quick": quick },
+            "options": { "quick": quick, "only": only },
             "time": rfc3339_utc(std::time::SystemTime::now()),
             "thp": thp_setting(),
             "results": results,

@@ -52,9 +52,13 @@ const EXPECTED: &[&str] = &[
 fn quick_bench_reports_every_figure() {
     let _w = watchdog("quick_bench_reports_every_figure", 120);
     let mut steps = Vec::new();
-    let results = run(&BenchOptions { quick: true }, &mut |s| {
-        steps.push(s.to_string())
-    })
+    let results = run(
+        &BenchOptions {
+            quick: true,
+            ..Default::default()
+        },
+        &mut |s| steps.push(s.to_string()),
+    )
     .unwrap();
     assert!(!steps.is_empty(), "progress was never reported");
     for name in EXPECTED {

@@ -2,10 +2,10 @@
 //!
 //! 1. [`migrate_vma_setup`] — *collect and unmap*. Under the address space's state lock:
 //!    selects the pages the flags and owner allow (skipping pages another migration owns), runs
-//!    the interval notifiers (MIGRATE, with the initiator as owner), write-protects the selected
-//!    system pages so that their bytes cannot change while the driver copies them, marks the
-//!    selected pages MIGRATING (the kernel's migration entries) and registers the migration;
-//!    then releases the lock. Until finalize, a CPU fault on a marked page waits for the
+//!    the interval notifiers (MIGRATE, with the initiator as owner), marks the selected pages
+//!    MIGRATING (the kernel's migration entries) and registers the migration; then releases the
+//!    lock and write-protects the selected system pages so that their bytes cannot change while
+//!    the driver copies them. Until finalize, a CPU fault on a marked page waits for the
 //!    migration, `range_fault` on one waits and returns EBUSY, and operations that change
 //!    mappings over the range (unmap, protect, pins, exclusive access, eviction) wait; the rest
 //!    of the space is served meanwhile. On return: `src[i]` has `MIGRATE_PFN_MIGRATE` for every
@@ -16,6 +16,8 @@
 //!    [`MigrateVma::finalize`]: migrated pages point at their new frame (system pages are
 //!    dropped from the CPU view; device pages going to system memory are copied into it), old
 //!    frames are freed, declined pages are left exactly as they were (write protection removed).
+//!    The drops and copies run without the state lock (the pages are still marked); only the
+//!    commit of the entries takes it.
 //!
 //! A `MigrateVma` dropped without `finalize` finalizes with every page declined.
 //!
@@ -286,31 +288,11 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         i += 1;
     }
     core.invalidate(&st, r, NotifyEvent::Migrate, Some(args.pgmap_owner));
-    // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
-    if writable {
-        let pruns = runs(&protected);
-        for (k, &(s, e)) in pruns.iter().enumerate() {
-            let wr = VaRange {
-                start: r.start.add(s * PAGE_SIZE),
-                end: r.start.add(e * PAGE_SIZE),
-            };
-            if let Err(err) = core.mm.write_protect(wr, true, mode) {
-                // Undo: no page may stay write-protected outside a migration.
-                for &(s, e) in &pruns[..k] {
-                    let wr = VaRange {
-                        start: r.start.add(s * PAGE_SIZE),
-                        end: r.start.add(e * PAGE_SIZE),
-                    };
-                    let _ = core.mm.write_protect(wr, false, mode);
-                }
-                return Err(Error::os("write-protect for migration", err.into()));
-            }
-        }
-    }
     // Mark the pages that may move (the kernel's migration entries) and register the
-    // migration; then release the lock: the driver's allocation and copies run without it, and
-    // faults on other pages of the space go on meanwhile (faults on these pages wait, device
-    // faults on them get EBUSY, operations that change mappings over the range wait).
+    // migration; then release the lock: the write protection, the driver's allocation and
+    // copies run without it, and faults on other pages of the space go on meanwhile (faults on
+    // these pages wait, device faults on them get EBUSY, operations that change mappings over
+    // the range wait).
     let mut marked = vec![false; n];
     {
         // The range lies in one mapping (checked above): mark its entries in place.
@@ -337,7 +319,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     }
     let id = st.register_claim(r);
     drop(st);
-    Ok(MigrateVma {
+    let mut mig = MigrateVma {
         core,
         active: true,
         id,
@@ -351,7 +333,26 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         writable,
         protected,
         aborted: false,
-    })
+    };
+    // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
+    // A store to one of them from now on faults and waits for the migration (a store before
+    // this landed before the driver's copy, which starts after setup returns).
+    if writable {
+        for (s, e) in runs(&mig.protected) {
+            let wr = VaRange {
+                start: r.start.add(s * PAGE_SIZE),
+                end: r.start.add(e * PAGE_SIZE),
+            };
+            if let Err(err) = core.mm.write_protect(wr, true, mode) {
+                // Undo: every page is declined, and finalize removes the protection of every
+                // selected page (removing none that was not set is harmless).
+                mig.aborted = true;
+                drop(mig);
+                return Err(Error::os("write-protect for migration", err.into()));
+            }
+        }
+    }
+    Ok(mig)
 }
 
 /// A run of migrated slots being gathered into one trace event.
@@ -603,18 +604,23 @@ impl MigrateVma<'_> {
         (std::mem::take(&mut self.src), std::mem::take(&mut self.dst))
     }
 
-    /// Phase 3b. Takes the address space's lock again, clears this migration's MIGRATING marks
-    /// and leaves the list of migrations in flight; then, in three passes under the lock (waiters
-    /// are woken when it is released):
+    /// Phase 3b, in three passes. The first two run without the address space's lock: the pages
+    /// are still this migration's (marked MIGRATING, the range claimed), so CPU faults on them
+    /// wait, device faults on them get EBUSY and operations over the range wait, while the rest
+    /// of the space is served.
     ///
     /// 1. drop from the CPU view the system (and coherent) pages going to device-private memory,
     ///    in runs; a run that cannot be dropped (e.g. `MADV_DONTNEED` refused on mlocked memory)
     ///    is declined: its bytes stay where they are;
-    /// 2. commit every page still migrating: page entries point at their new frames, data going
-    ///    to system or coherent memory is placed in the CPU view (a failure there declines the
-    ///    page), old frames are freed;
-    /// 3. declined pages: device mappings of them are invalidated (a driver may have mapped the
-    ///    destination already), their destination frames freed, their write protection removed.
+    /// 2. place in the CPU view the data of pages leaving device-private memory for system or
+    ///    coherent memory, and the zeros of holes going to coherent memory (one `UFFDIO_COPY`
+    ///    per page or unit); a failure declines the page (a device the CPU cannot address copies
+    ///    through the space's bounce buffer, under the lock that guards it);
+    /// 3. under the lock: commit every page still migrating (page entries point at their new
+    ///    frames, old frames are freed); declined pages: device mappings of them are invalidated
+    ///    (a driver may have mapped the destination already), their destination frames freed,
+    ///    their write protection removed; the MIGRATING marks are cleared and the migration
+    ///    leaves the space's list. Waiters are woken once the lock is released.
     fn finish(&mut self) {
         if !self.active {
             return;
@@ -624,22 +630,17 @@ impl MigrateVma<'_> {
         // unset, declines those pages.
         self.pages();
         let core = self.core;
-        let mut st = core.lock_state();
-        // The pages are this migration's no more (committed entries are rewritten below;
-        // declined ones keep theirs); the migration leaves the space's list. Waiters are woken
-        // once the entries are final, when the lock is released.
-        // The range is still one mapping: operations that split or unmap it wait for this
-        // migration.
-        if let Some(v) = st.vma_mut(self.start) {
-            let base = v.idx(self.start);
-            for (k, &m) in self.marked.iter().enumerate() {
-                if m {
-                    v.ptes[base + k] = v.ptes[base + k].with_migrating(false);
-                }
-            }
-        }
-        st.release_claim(self.id);
         let n = self.src.len();
+        // The pagemaps the words name, read once: a pagemap named by a page of this migration
+        // stays registered, and the snapshot keeps each alive without the lock.
+        let pms: Vec<Option<Arc<Pagemap>>> = core.lock_state().pagemaps.clone();
+        let pm_of = |w: u64| match migrate_pfn_target(w) {
+            Some(PageTarget::Device { pagemap, .. }) => {
+                pms.get(pagemap.0 as usize).cloned().flatten()
+            }
+            _ => None,
+        };
+        let kind_of = |w: u64| pm_of(w).map(|p| p.kind());
         let span_of = |w: u64| {
             if w & MIGRATE_PFN_COMPOUND != 0 {
                 PAGES_PER_LARGE
@@ -647,19 +648,13 @@ impl MigrateVma<'_> {
                 1
             }
         };
-        let dst_kind = |st: &SpaceState, d: u64| match migrate_pfn_target(d) {
-            Some(PageTarget::Device { pagemap, .. }) => Some(st.pagemap(pagemap).kind()),
-            _ => None,
-        };
-        // Pass 1.
+        // Pass 1 (no lock).
         let mut to_zap = vec![false; n];
         let mut i = 0;
         while i < n {
             let w = self.src[i];
             let span = span_of(w);
-            if w & MIGRATE_PFN_MIGRATE != 0
-                && dst_kind(&st, self.dst[i]) == Some(MemoryKind::Private)
-            {
+            if w & MIGRATE_PFN_MIGRATE != 0 && kind_of(self.dst[i]) == Some(MemoryKind::Private) {
                 to_zap[i..i + span].copy_from_slice(&self.protected[i..i + span]);
             }
             i += span;
@@ -674,7 +669,8 @@ impl MigrateVma<'_> {
                 end: self.start.add(e * PAGE_SIZE),
             };
             // Dropping the pages also drops their write protection; a writer blocked on it
-            // faults again, now on a missing page, and gets the data back from the device.
+            // faults again, now on a missing page, waits for this migration, and gets the data
+            // back from the device.
             if core.mm.zap(r).is_ok() {
                 core.mm.wake(r, self.mode);
                 continue;
@@ -703,9 +699,77 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
-        // Pass 2. Pages moved are traced in runs: consecutive slots moving the same way to or
-        // from the same device make one event.
+        // Pass 2 (no lock).
+        let mut i = 0;
+        while i < n {
+            let w = self.src[i];
+            let span = span_of(w);
+            if w & MIGRATE_PFN_MIGRATE == 0 || declined[i] {
+                i += span;
+                continue;
+            }
+            let src_pm = pm_of(w).filter(|p| p.kind() == MemoryKind::Private);
+            let hole = migrate_pfn_target(w).is_none();
+            let (a, len) = (self.addr(i), span * PAGE_SIZE);
+            let placed = match migrate_pfn_target(self.dst[i]) {
+                Some(PageTarget::Device { .. })
+                    if kind_of(self.dst[i]) == Some(MemoryKind::Coherent) =>
+                {
+                    // Into device-coherent memory the CPU page is the frame: a hole is
+                    // zero-filled, a private device page copied back (a system or coherent
+                    // page is already there); the page stays mapped.
+                    match (&src_pm, migrate_pfn_target(w)) {
+                        _ if hole => Some(core.mm.install(a, &core.zero, 0, len, self.mode)),
+                        (Some(spm), Some(PageTarget::Device { frame, .. })) => {
+                            Some(self.install_unlocked(spm, frame, a, len))
+                        }
+                        _ => None,
+                    }
+                }
+                Some(PageTarget::System(_)) => match (&src_pm, migrate_pfn_target(w)) {
+                    (Some(spm), Some(PageTarget::Device { frame, .. })) => {
+                        spm.charge_migration(len);
+                        // A page already present (installed by nothing else: it is ours) is
+                        // as good as placed.
+                        Some(match self.install_unlocked(spm, frame, a, len) {
+                            Err(crate::sys::UffdError::Exists) => Ok(()),
+                            other => other,
+                        })
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(Err(_)) = placed {
+                // Drop whatever part of the range the failed install filled: the page stays
+                // where it was (its frame too), and finalize reports it as not migrated.
+                let _ = core.mm.zap(VaRange {
+                    start: a,
+                    end: a.add(len),
+                });
+                declined[i] = true;
+            }
+            i += span;
+        }
+        // Pass 3 (under the lock).
+        let mut st = core.lock_state();
+        // The pages are this migration's no more; the migration leaves the space's list. The
+        // range is still one mapping: operations that split or unmap it waited for this
+        // migration.
+        if let Some(v) = st.vma_mut(self.start) {
+            let base = v.idx(self.start);
+            for (k, &m) in self.marked.iter().enumerate() {
+                if m {
+                    v.ptes[base + k] = v.ptes[base + k].with_migrating(false);
+                }
+            }
+        }
+        st.release_claim(self.id);
+        // Pages moved are traced in runs: consecutive slots moving the same way to or from the
+        // same device make one event.
         let mut run = TraceRun::default();
+        // Old frames, freed once the lock is released (nothing names them any more).
+        let mut to_free = Vec::new();
         let mut i = 0;
         while i < n {
             let w = self.src[i];
@@ -717,8 +781,8 @@ impl MigrateVma<'_> {
                 i += span;
                 continue;
             }
-            // Which way this slot would move, and which device's memory it leaves or enters
-            // (recorded below once it has moved; looked up only when tracing).
+            // Which way this slot moves, and which device's memory it leaves or enters
+            // (looked up only when tracing).
             let moving = match (st.trace.is_some(), migrate_pfn_target(self.dst[i])) {
                 (false, _) => (Direction::None, Owner(0)),
                 (true, Some(PageTarget::Device { pagemap, .. })) => {
@@ -734,10 +798,7 @@ impl MigrateVma<'_> {
             let dst =
                 migrate_pfn_target(self.dst[i]).expect("pages() kept only valid destinations");
             let src = migrate_pfn_target(w);
-            let src_pm = match src {
-                Some(PageTarget::Device { pagemap, .. }) => Some(st.pagemap(pagemap)),
-                _ => None,
-            };
+            let src_pm = pm_of(w);
             let src_coherent = src_pm
                 .as_ref()
                 .is_some_and(|p| p.kind() == MemoryKind::Coherent);
@@ -746,33 +807,6 @@ impl MigrateVma<'_> {
                     let pm = st.pagemap(pagemap);
                     let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
                     let coherent = pm.kind() == MemoryKind::Coherent;
-                    if coherent {
-                        // Into device-coherent memory: the CPU page is the frame. Place the
-                        // data there (a hole is zero-filled, a private device page copied back;
-                        // a system or coherent page is already there); the page stays mapped.
-                        // (Into device-private memory the CPU pages were dropped in pass 1.)
-                        let len = span * PAGE_SIZE;
-                        let placed = match (src, &src_pm) {
-                            (None, _) => core.mm.install(a, &core.zero, 0, len, self.mode),
-                            (Some(PageTarget::Device { frame: sf, .. }), Some(spm))
-                                if !src_coherent =>
-                            {
-                                core.install_from_frame(a, spm, sf.offset(), len, self.mode)
-                            }
-                            _ => Ok(()),
-                        };
-                        if placed.is_err() {
-                            // Drop whatever part of the range the failed install filled: the
-                            // pages stay where they were (missing in the CPU view).
-                            let _ = core.mm.zap(VaRange {
-                                start: a,
-                                end: a.add(len),
-                            });
-                            declined[i] = true;
-                            i += span;
-                            continue;
-                        }
-                    }
                     for k in 0..span {
                         let ak = a.add(k * PAGE_SIZE);
                         let f = FrameIdx(frame.0 + k as u32);
@@ -792,7 +826,7 @@ impl MigrateVma<'_> {
                     }
                     match (src, src_pm) {
                         (Some(PageTarget::Device { frame: sf, .. }), Some(spm)) => {
-                            spm.free(sf, compound)
+                            to_free.push((spm, sf, compound))
                         }
                         _ => {
                             core.counters
@@ -801,10 +835,11 @@ impl MigrateVma<'_> {
                         }
                     }
                 }
-                PageTarget::System(_) if src_coherent => {
-                    // Out of device-coherent memory: the bytes are already in the CPU page.
+                PageTarget::System(_) => {
+                    // Out of device-coherent memory the bytes are already in the CPU page; out
+                    // of device-private memory pass 2 placed them there.
                     let Some(PageTarget::Device { frame, .. }) = src else {
-                        unreachable!("src_coherent implies a device source")
+                        unreachable!("pages() allows system destinations for device sources only")
                     };
                     for k in 0..span {
                         let ak = a.add(k * PAGE_SIZE);
@@ -812,42 +847,21 @@ impl MigrateVma<'_> {
                         st.set_pte(ak, Pte::present(compound, old));
                     }
                     let spm = src_pm.expect("device source");
-                    spm.charge_migration(span * PAGE_SIZE);
-                    spm.free(frame, compound);
+                    if src_coherent {
+                        spm.charge_migration(span * PAGE_SIZE);
+                    }
+                    to_free.push((spm, frame, compound));
                     core.counters
                         .pages_to_system
                         .fetch_add(span as u64, Ordering::Relaxed);
                 }
-                PageTarget::System(_) => {
-                    let Some(PageTarget::Device { pagemap, frame }) = src else {
-                        unreachable!("pages() allows system destinations for device sources only")
-                    };
-                    let r = VaRange {
-                        start: a,
-                        end: a.add(span * PAGE_SIZE),
-                    };
-                    // On failure the page stays in device memory, untouched (its frame too), and
-                    // finalize reports it as not migrated.
-                    if core
-                        .restore_from_frame(&mut st, r, frame, pagemap, compound)
-                        .is_ok()
-                    {
-                        core.counters
-                            .pages_to_system
-                            .fetch_add(span as u64, Ordering::Relaxed);
-                    } else {
-                        declined[i] = true;
-                    }
-                }
                 PageTarget::Stash(_) => unreachable!("pages() rejects stash destinations"),
             }
-            if !declined[i] {
-                run.add(&st, core.id, moving, a, i, span);
-            }
+            run.add(&st, core.id, moving, a, i, span);
             i += span;
         }
         run.flush(&st, core.id);
-        // Pass 3.
+        // Declined pages.
         let mut unprotect = vec![false; n];
         let mut i = 0;
         while i < n {
@@ -855,7 +869,7 @@ impl MigrateVma<'_> {
             let span = span_of(w);
             let migrated = w & MIGRATE_PFN_MIGRATE != 0 && !declined[i];
             // Pages that stay in (or went to) the CPU view keep no write protection.
-            let stays_mapped = !migrated || dst_kind(&st, self.dst[i]) != Some(MemoryKind::Private);
+            let stays_mapped = !migrated || kind_of(self.dst[i]) != Some(MemoryKind::Private);
             if stays_mapped {
                 unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
             }
@@ -874,6 +888,8 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
+        // Under the lock: once the claim is released another migration may protect these
+        // pages again, and this one's unprotect must not undo that.
         if self.writable {
             for (s, e) in runs(&unprotect) {
                 let r = VaRange {
@@ -885,6 +901,24 @@ impl MigrateVma<'_> {
         }
         drop(st);
         core.notify_migrations_done();
+        for (pm, frame, large) in to_free {
+            pm.free(frame, large);
+        }
+    }
+
+    /// Copies `len` bytes of device frame(s) `frame..` of `pm` into the CPU view at `a` for
+    /// [`Self::finish`]'s pass 2: without the state lock when the CPU can address the device's
+    /// memory, else under it (the bounce buffer is the space's).
+    fn install_unlocked(
+        &self,
+        pm: &Pagemap,
+        frame: FrameIdx,
+        a: VirtAddr,
+        len: usize,
+    ) -> std::result::Result<(), crate::sys::UffdError> {
+        let _bounce = pm.store().host_view().is_none().then(|| self.lock());
+        self.core
+            .install_from_frame(a, pm, frame.offset(), len, self.mode)
     }
 
     /// The current sequence of notifier `n`, read while this migration holds the address
