@@ -183,30 +183,57 @@ impl DeviceInner {
     }
 
     /// Evicts every frame of the device (`migrate_device_range` over all of its memory): each
-    /// page goes back to system memory in its address space.
+    /// page goes back to system memory in its address space, in batches of up to
+    /// [`EVICT_BATCH`] frames per address space (one lock hold, one invalidation per run of
+    /// pages and one copy per run of consecutive frames each).
     fn evict_all(&self) -> Result<usize> {
         let mut n = 0;
-        for f in 0..self.pagemap.nframes() {
-            let frame = FrameIdx(f as u32);
-            match self.pagemap.rmap(frame) {
-                Some(FrameOwner::Anon { space, vpn }) => {
-                    if let Some(core) = space_by_id(space) {
-                        n += core.evict_frame(&self.pagemap, frame, vpn)?;
+        let mut first_err = None;
+        let nframes = self.pagemap.nframes();
+        let mut f = 0;
+        while f < nframes {
+            // A window of frames, grouped by address space.
+            let end = (f + EVICT_BATCH).min(nframes);
+            let mut by_space: Vec<(u16, FrameIdx, usize)> = Vec::new();
+            for k in f..end {
+                let frame = FrameIdx(k as u32);
+                match self.pagemap.rmap(frame) {
+                    Some(FrameOwner::Anon { space, vpn }) => by_space.push((space, frame, vpn)),
+                    // No file page is placed in device memory yet (file mappings mirror the
+                    // cache's system pages): a file-owned frame here is a bug, said loudly.
+                    Some(FrameOwner::File { .. }) => {
+                        return Err(Error::Invalid(
+                            "a device frame owned by a file page cannot be evicted yet",
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            by_space.sort_unstable_by_key(|&(s, _, vpn)| (s, vpn));
+            for group in by_space.chunk_by(|a, b| a.0 == b.0) {
+                let Some(core) = space_by_id(group[0].0) else {
+                    continue;
+                };
+                let victims: Vec<(FrameIdx, usize)> =
+                    group.iter().map(|&(_, fr, vpn)| (fr, vpn)).collect();
+                match core.evict_frames(&self.pagemap, &victims) {
+                    Ok(m) => n += m,
+                    Err(e) => {
+                        first_err.get_or_insert(e);
                     }
                 }
-                // No file page is placed in device memory yet (file mappings mirror the cache's
-                // system pages): a file-owned frame here is a bug, said loudly.
-                Some(FrameOwner::File { .. }) => {
-                    return Err(Error::Invalid(
-                        "a device frame owned by a file page cannot be evicted yet",
-                    ));
-                }
-                None => {}
             }
+            f = end;
         }
-        Ok(n)
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 }
+
+/// Frames examined per eviction batch (a 2 MiB unit's worth of base frames, or 512 units).
+const EVICT_BATCH: usize = PAGES_PER_LARGE;
 
 impl Drop for DeviceInner {
     fn drop(&mut self) {

@@ -668,21 +668,9 @@ impl SpaceCore {
         st.trace_with(|| TraceEvent::moved(kind, Direction::ToSystem, self.id, start, n, owner));
     }
 
-    /// Device eviction of one frame (`migrate_device_range` for one page): if page `vpn` of this
-    /// space still lives in `frame` of `pm`, bring it back to system memory.
-    /// Returns the number of pages moved (a whole 2 MiB unit moves as one).
-    pub(crate) fn evict_frame(&self, pm: &Pagemap, frame: FrameIdx, vpn: usize) -> Result<usize> {
-        let a = Vpn(vpn).addr();
-        let unit = VaRange {
-            start: VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)),
-            end: VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1)).add(LARGE_PAGE_SIZE),
-        };
-        let mut st = self.lock_state_for(unit);
-        self.evict_frame_locked(&mut st, pm, frame, vpn)
-    }
-
-    /// [`Self::evict_frame`] under the state lock the caller holds (a migration that makes
-    /// room in a full device).
+    /// Device eviction of one frame under the state lock the caller holds (a migration that
+    /// makes room in a full device): if page `vpn` of this space still lives in `frame` of
+    /// `pm`, bring it back to system memory. Returns the pages moved (a 2 MiB unit moves whole).
     pub(crate) fn evict_frame_locked(
         &self,
         st: &mut SpaceState,

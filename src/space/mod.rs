@@ -78,6 +78,7 @@ use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
 use crate::sync::{Arc, AtomicU64, Guard, Mutex, Ordering, Weak, lock};
 use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
 
+mod evict;
 mod exclusive;
 mod fault;
 mod pin;
