@@ -636,7 +636,7 @@ impl MigrateVma<'_> {
         let pms: Vec<Option<Arc<Pagemap>>> = core.lock_state().pagemaps.clone();
         let pm_of = |w: u64| match migrate_pfn_target(w) {
             Some(PageTarget::Device { pagemap, .. }) => {
-                pms.get(pagemap.0 as usize).cloned().flatten()
+                pms.get(pagemap.0 as usize).and_then(|p| p.as_ref())
             }
             _ => None,
         };
