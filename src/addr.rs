@@ -88,24 +88,9 @@ pub struct VaRange {
     pub end: VirtAddr,
 }
 
+// The checked constructor, `VaRange::new`, is in `error`: it returns an `Error`, whose variants
+// hold addresses, and `addr` names nothing above `sys`.
 impl VaRange {
-    /// Validates `start` and `len`: page-aligned start, non-zero page-multiple length, no
-    /// overflow.
-    pub fn new(start: VirtAddr, len: usize) -> Result<VaRange, crate::Error> {
-        if !start.is_page_aligned() {
-            return Err(crate::Error::Unaligned { addr: start });
-        }
-        if len == 0 {
-            return Err(crate::Error::ZeroLength);
-        }
-        if !len.is_multiple_of(PAGE_SIZE) {
-            return Err(crate::Error::UnalignedLength { len });
-        }
-        let end = start
-            .checked_add(len)
-            .ok_or(crate::Error::Overflow { addr: start, len })?;
-        Ok(VaRange { start, end })
-    }
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.end.0 - self.start.0

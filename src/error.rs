@@ -1,7 +1,7 @@
 //! hetmem's error type: one variant per meaning, each with the fields that explain it, and the
 //! errno the kernel's HMM code would return for it ([`Error::errno`]).
 
-use crate::addr::VirtAddr;
+use crate::addr::{PAGE_SIZE, VaRange, VirtAddr};
 
 /// Errors returned by hetmem's API.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +174,28 @@ impl Error {
 
     pub(crate) fn os(op: &'static str, source: std::io::Error) -> Error {
         Error::Os { op, source }
+    }
+}
+
+// `VaRange`'s checked constructor lives here rather than in `addr`, which is below this module
+// (the variants above hold addresses): it returns an `Error`.
+impl VaRange {
+    /// Validates `start` and `len`: page-aligned start, non-zero page-multiple length, no
+    /// overflow.
+    pub fn new(start: VirtAddr, len: usize) -> Result<VaRange> {
+        if !start.is_page_aligned() {
+            return Err(Error::Unaligned { addr: start });
+        }
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        if !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::UnalignedLength { len });
+        }
+        let end = start
+            .checked_add(len)
+            .ok_or(Error::Overflow { addr: start, len })?;
+        Ok(VaRange { start, end })
     }
 }
 

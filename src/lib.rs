@@ -15,11 +15,12 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-// The tree follows the kernel objects (see docs/architecture.md, "Modules"): the foundations
+// The tree follows the kernel objects (see docs/architecture.md, "Modules", for which module
+// uses which: there is no cycle, and `tests/layers.rs` keeps it so): the foundations
 // (`addr`, `error`, `sync`, `sys`, and `link`, the link model pools charge copies to), the
-// kernel boundary (`mm`), frames (`pool`), the address
-// space (`space`), mirroring (`hmm`), migration (`migrate`), the page cache (`pagecache`),
-// devices (`device`), placement (`policy`), and the binary's jobs (`bench`, `demo`).
+// kernel boundary (`mm`), frames (`pool`), interval notifiers (`notifier`), placement
+// (`policy`), the page cache (`pagecache`), the address space (`space`), mirroring (`hmm`),
+// migration (`migrate`), devices (`device`), and the binary's jobs (`bench`, `demo`).
 pub mod addr;
 pub mod bench;
 pub mod demo;
@@ -29,6 +30,7 @@ pub mod hmm;
 pub mod link;
 pub mod migrate;
 pub mod mm;
+pub mod notifier;
 pub mod pagecache;
 pub mod policy;
 pub mod pool;

@@ -1,5 +1,5 @@
-//! Mirroring: interval notifiers and `range_fault`, as `include/linux/mmu_notifier.h` and
-//! `mm/hmm.c` define them.
+//! Mirroring: `range_fault`, as `mm/hmm.c` defines it, over the interval notifiers of
+//! [`crate::notifier`] (`include/linux/mmu_notifier.h`), which are re-exported here.
 //!
 //! A device keeps its own page table mirroring part of an address space. It fills it with
 //! [`range_fault`] and keeps it correct with an [`IntervalNotifier`], whose callback the address
@@ -17,6 +17,9 @@
 //! invalidation in progress; it must therefore not be called with the device lock held (lock
 //! order: space state, then device).
 //!
+//! The notifiers live below the address space (`space` holds and runs them); this module is
+//! above it (`range_fault` walks the space's page entries), as `mm/hmm.c` uses `mm`.
+//!
 //! # `hmm_pfns` words
 //!
 //! | bits | meaning |
@@ -33,7 +36,9 @@ use crate::addr::{FrameIdx, PAGE_SIZE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
 use crate::pool::{MemoryKind, Owner, PagemapId};
 use crate::space::{PageState, SpaceCore};
-use crate::sync::{Arc, AtomicU64, Ordering, Weak};
+use crate::sync::Arc;
+
+pub use crate::notifier::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 
 /// `HMM_PFN_VALID` / `HMM_PFN_REQ_FAULT`.
 pub const HMM_PFN_VALID: u64 = 1 << 63;
@@ -95,106 +100,6 @@ pub fn hmm_pfn_order(w: u64) -> u32 {
     ((w >> ORDER_SHIFT) & 0x1f) as u32
 }
 
-/// What is changing (`enum mmu_notifier_event`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum NotifyEvent {
-    /// The range is unmapped.
-    Unmap,
-    /// Pages are cleared (revocation of exclusive access, discard).
-    Clear,
-    /// The mapping's protection changes.
-    ProtectionVma,
-    /// The address space is going away.
-    Release,
-    /// Pages migrate; `owner` is the initiating device, if any.
-    Migrate,
-    /// Device-exclusive access is granted to `owner`.
-    Exclusive,
-}
-
-/// One invalidation (`struct mmu_notifier_range`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NotifyRange {
-    /// First byte.
-    pub start: VirtAddr,
-    /// One past the last byte.
-    pub end: VirtAddr,
-    /// Why.
-    pub event: NotifyEvent,
-    /// The device that initiated it (Migrate, Exclusive), if any.
-    pub owner: Option<Owner>,
-}
-
-/// A notifier callback (`struct mmu_interval_notifier_ops`).
-pub trait IntervalOps: Send + Sync {
-    /// Called before the CPU view of `range` changes. Must call `n.set_seq(cur_seq)` under the
-    /// device's page-table lock and drop the device's entries for the range before returning.
-    /// Returns true (hetmem's callbacks are always blockable).
-    fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool;
-}
-
-/// An interval notifier (`struct mmu_interval_notifier`).
-pub struct IntervalNotifier {
-    space: Weak<SpaceCore>,
-    range: VaRange,
-    seq: AtomicU64,
-    ops: Weak<dyn IntervalOps>,
-}
-
-impl std::fmt::Debug for IntervalNotifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IntervalNotifier")
-            .field("range", &self.range)
-            .field("seq", &self.seq)
-            .finish()
-    }
-}
-
-impl IntervalNotifier {
-    pub(crate) fn new(space: Weak<SpaceCore>, range: VaRange, ops: Weak<dyn IntervalOps>) -> Self {
-        IntervalNotifier {
-            space,
-            range,
-            seq: AtomicU64::new(0),
-            ops,
-        }
-    }
-    /// The range watched.
-    pub fn range(&self) -> VaRange {
-        self.range
-    }
-    pub(crate) fn ops(&self) -> Option<Arc<dyn IntervalOps>> {
-        self.ops.upgrade()
-    }
-    pub(crate) fn space(&self) -> Option<Arc<SpaceCore>> {
-        self.space.upgrade()
-    }
-    /// `mmu_interval_read_begin`: waits for an invalidation in progress to end and returns the
-    /// sequence to pass to `range_fault` and `read_retry`. Must not be called with the device's
-    /// page-table lock held.
-    pub fn read_begin(&self) -> u64 {
-        if let Some(s) = self.space.upgrade() {
-            drop(s.lock_state());
-        }
-        self.seq.load(Ordering::SeqCst)
-    }
-    /// The sequence now, for callers that hold the address space's lock (no invalidation can
-    /// be in progress): see [`crate::migrate::MigrateVma::notifier_seq`].
-    pub(crate) fn current_seq(&self) -> u64 {
-        self.seq.load(Ordering::SeqCst)
-    }
-
-    /// `mmu_interval_read_retry`: true if an invalidation ran since `read_begin` returned `seq`.
-    /// Call under the device's page-table lock.
-    pub fn read_retry(&self, seq: u64) -> bool {
-        self.seq.load(Ordering::SeqCst) != seq
-    }
-    /// `mmu_interval_set_seq`: called by the callback under the device's page-table lock.
-    pub fn set_seq(&self, cur_seq: u64) {
-        self.seq.store(cur_seq, Ordering::SeqCst);
-    }
-}
-
 /// A range to fault (`struct hmm_range`).
 #[derive(Debug)]
 pub struct HmmRange<'a> {
@@ -224,7 +129,12 @@ pub struct HmmRange<'a> {
 /// where there is no mapping or no read permission (without a request such pages read as
 /// `HMM_PFN_ERROR`); [`Error::Busy`] (EBUSY) the notifier's sequence changed: retry.
 pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
-    let space = range.notifier.space().ok_or(Error::Gone)?;
+    let space: Arc<SpaceCore> = range
+        .notifier
+        .space()
+        .ok_or(Error::Gone)?
+        .downcast()
+        .expect("a notifier's host is an address space");
     space.check_process()?;
     let r = VaRange::new(
         range.start,

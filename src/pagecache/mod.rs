@@ -174,10 +174,20 @@ impl Drop for Removal<'_> {
     }
 }
 
+/// The address space a mapping of the file lives in, as the cache sees it (the kernel's
+/// `vma->vm_mm`, reached from the file's `i_mmap`). Implemented by the address space
+/// (`space::SpaceCore`): the cache reaches it only to invalidate device mappings of pages it
+/// removes, and the space's fault service calls into the cache (never the other way round).
+pub(crate) trait MappingHost: Send + Sync {
+    /// Invalidates the device mappings of `range` (the space's interval notifiers, a `Clear`
+    /// event), under the space's own state lock, which the caller must not hold.
+    fn invalidate_file_range(&self, range: crate::addr::VaRange);
+}
+
 /// One mapping of the file: where it is, and which file page its first page is.
 #[derive(Debug, Clone)]
 pub(crate) struct MapRec {
-    pub(crate) space: crate::sync::Weak<crate::space::SpaceCore>,
+    pub(crate) space: crate::sync::Weak<dyn MappingHost>,
     /// The space's kernel side: scans and protections under the cache lock go through it,
     /// never through the space (holding the last reference to a space under the cache lock
     /// would run its destructor there, which takes the space's lock and this cache's).
@@ -230,8 +240,8 @@ pub struct FileCache {
     /// with which errno.
     stage_fail: AtomicU32,
     stage_errno: AtomicU32,
-    /// Where writeback events go (`FileCache::set_trace`, in `policy::trace`).
-    pub(crate) trace: crate::policy::trace::TraceSlot,
+    /// Where writeback events go ([`FileCache::set_trace`]).
+    trace: crate::policy::trace::TraceSlot,
 }
 
 /// Wakes a background thread without allocating (the CPU fault path rings it): a flag and a
@@ -408,6 +418,12 @@ impl FileCache {
     /// The counters.
     pub fn stats(&self) -> CacheStats {
         lock(&self.st).stats
+    }
+
+    /// Records this file's writeback events into `t` from now on (`None`: stop). Share one
+    /// tracer between a space and the files it maps to get one trace on one clock.
+    pub fn set_trace(&self, t: Option<crate::policy::trace::Tracer>) {
+        self.trace.set(t);
     }
 
     /// Fault injection at the staging memory's growth: the next `n` writes into the memfd that
@@ -757,7 +773,7 @@ impl FileCache {
     /// is recorded first (called by the address space, under its lock, before it unmaps).
     pub(crate) fn detach(
         &self,
-        core: &crate::space::SpaceCore,
+        mm: &dyn crate::mm::Mm,
         space_id: u16,
         range: crate::addr::VaRange,
     ) {
@@ -771,7 +787,7 @@ impl FileCache {
         };
         let m = st.mappings.remove(i);
         if m.tracked {
-            self.mark_written(&mut st, &*core.mm, &m);
+            self.mark_written(&mut st, mm, &m);
         }
     }
 
@@ -873,7 +889,7 @@ impl FileCache {
         }
     }
 
-    /// A store faulted on page `p` of a mapping that intercepts stores (at `r` in `core`): the
+    /// A store faulted on page `p` of a mapping that intercepts stores (at `r` in `mm`): the
     /// page is filled if needed and becomes dirty, within the dirty bound, then this mapping lets
     /// stores through. At the bound the fault does no writeback itself (unbounded work, and
     /// allocation, in a SIGBUS handler): it asks the background thread for one and returns
@@ -882,7 +898,7 @@ impl FileCache {
     /// the error rather than waiting forever); so does a store past the end of file.
     pub(crate) fn store_fault(
         &self,
-        core: &crate::space::SpaceCore,
+        mm: &dyn crate::mm::Mm,
         p: u64,
         r: crate::addr::VaRange,
     ) -> Result<StoreFault> {
@@ -921,8 +937,7 @@ impl FileCache {
             }
             self.set_state(&mut st, p, PageState::Dirty);
         }
-        core.mm
-            .file_write_protect(r, false)
+        mm.file_write_protect(r, false)
             .map_err(|e| Error::os("let stores through", e))?;
         Ok(StoreFault::Done)
     }
@@ -1060,15 +1075,14 @@ impl FileCache {
                 if s >= e {
                     continue;
                 }
-                let Some(core) = m.space.upgrade() else {
+                let Some(space) = m.space.upgrade() else {
                     continue;
                 };
                 let vr = crate::addr::VaRange {
                     start: m.range.start.add(((s - m.pgoff) * PAGE) as usize),
                     end: m.range.start.add(((e - m.pgoff) * PAGE) as usize),
                 };
-                let sst = core.lock_state();
-                core.invalidate(&sst, vr, crate::hmm::NotifyEvent::Clear, None);
+                space.invalidate_file_range(vr);
             }
         }
     }

@@ -430,16 +430,6 @@ impl TraceSlot {
     }
 }
 
-// The file cache's tracer is set here rather than in `pagecache`, so that the cache carries only
-// its slot and the one call that records writeback.
-impl crate::pagecache::FileCache {
-    /// Records this file's writeback events into `t` from now on (`None`: stop). Share one
-    /// tracer between a space and the files it maps to get one trace on one clock.
-    pub fn set_trace(&self, t: Option<Tracer>) {
-        self.trace.set(t);
-    }
-}
-
 const WORDS: usize = 6;
 
 /// Largest ring: 2^22 events (≈ 230 MiB).

@@ -124,7 +124,7 @@ impl SpaceCore {
                 start: a,
                 end: a.add(PAGE_SIZE),
             };
-            return match cache.store_fault(self, page, r) {
+            return match cache.store_fault(&*self.mm, page, r) {
                 Ok(StoreFault::Done) => true,
                 Ok(StoreFault::Sigbus) => unserved(
                     "a store past the end of the file, or at the dirty bound after a failed \

@@ -69,9 +69,9 @@ use std::collections::BTreeMap;
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
-use crate::hmm::{IntervalNotifier, IntervalOps, NotifyEvent, NotifyRange};
 use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
-use crate::pagecache::{FileCache, FileHandle, Fill, MapRec, StoreFault};
+use crate::notifier::{IntervalNotifier, IntervalOps, NotifierHost, NotifyEvent, NotifyRange};
+use crate::pagecache::{FileCache, FileHandle, Fill, MapRec, MappingHost, StoreFault};
 use crate::policy::trace::{Direction, EventKind, FaultState, TraceEvent, Tracer};
 use crate::policy::{CpuFault, CpuFaultAction, DefaultPolicy, Policy};
 use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
@@ -681,7 +681,7 @@ impl Space {
             mapped.map_err(|e| Error::os("map file", e))?;
             cache.attach(MapRec {
                 mm: std::sync::Arc::downgrade(&self.core.mm),
-                space: Arc::downgrade(&self.core),
+                space: Arc::<SpaceCore>::downgrade(&self.core),
                 space_id: self.core.id,
                 range: r,
                 pgoff,
@@ -834,7 +834,7 @@ impl Space {
             // Stop stores first (as after munmap they get SIGSEGV; their written marks
             // survive), so that none lands between the scan and the unmap.
             let _ = self.core.mm.protect(*range, Prot::None);
-            cache.detach(&self.core, self.core.id, *range);
+            cache.detach(&*self.core.mm, self.core.id, *range);
         }
         // Then the kernel side (holes in the range are already PROT_NONE and unregistered, so
         // unmapping them too is harmless). If it fails, the mappings stay, re-attached.
@@ -842,7 +842,7 @@ impl Space {
             for (cache, range, pgoff, sync) in files {
                 cache.attach(MapRec {
                     mm: std::sync::Arc::downgrade(&self.core.mm),
-                    space: Arc::downgrade(&self.core),
+                    space: Arc::<SpaceCore>::downgrade(&self.core),
                     space_id: self.core.id,
                     range,
                     pgoff,
@@ -1099,7 +1099,7 @@ impl Drop for SpaceCore {
             // File mappings: what CPU stores dirtied stays in the cache (written back by the
             // next fsync of the file).
             if let Some(f) = v.file.as_ref().filter(|f| f.shared) {
-                f.cache.detach(self, self.id, v.range);
+                f.cache.detach(&*self.mm, self.id, v.range);
             }
         }
     }
@@ -1111,6 +1111,19 @@ impl sys::FaultTarget for SpaceCore {
     }
     fn remapped(&self, from: usize, to: usize, len: usize) {
         self.follow_remap(VirtAddr(from), VirtAddr(to), len);
+    }
+}
+
+impl NotifierHost for SpaceCore {
+    fn wait_invalidations(&self) {
+        drop(self.lock_state());
+    }
+}
+
+impl MappingHost for SpaceCore {
+    fn invalidate_file_range(&self, r: VaRange) {
+        let st = self.lock_state();
+        self.invalidate(&st, r, NotifyEvent::Clear, None);
     }
 }
 
@@ -1165,7 +1178,7 @@ impl SpaceCore {
         let res_end = self.mm.reservation().end;
         let end = start.checked_add(len).map_or(res_end, |e| e.min(res_end));
         let n = Arc::new(IntervalNotifier::new(
-            Arc::downgrade(self),
+            Arc::<Self>::downgrade(self),
             VaRange { start, end },
             ops,
         ));
