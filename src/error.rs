@@ -121,6 +121,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A file page cannot move to device-private memory: it lies in a writable shared mapping
+    /// that does not intercept stores, where a CPU store cannot be held off while the page
+    /// moves (EBUSY). Map it with `FileMapOptions::intercept_stores`, or read-only.
+    #[error(
+        "file page {page} is in a writable shared mapping that does not intercept stores; \
+         map it with intercept_stores (or read-only) to place it in device-private memory"
+    )]
+    StoresNotIntercepted {
+        /// The file page.
+        page: u64,
+    },
     /// Invalid argument not covered by a more precise variant (EINVAL).
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
@@ -161,7 +172,7 @@ impl Error {
             Error::NotMapped { .. } | Error::NoRead { .. } => libc::EFAULT,
             Error::Overlap { .. } => libc::EEXIST,
             Error::NoWrite { .. } | Error::ExclusiveRemains => libc::EPERM,
-            Error::Busy => libc::EBUSY,
+            Error::Busy | Error::StoresNotIntercepted { .. } => libc::EBUSY,
             Error::NoMemory { .. } => libc::ENOMEM,
             Error::NotPresent { .. } => libc::ENOENT,
             Error::FileTooLarge { .. } => libc::EFBIG,

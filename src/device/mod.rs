@@ -47,6 +47,7 @@ use crate::migrate::{
     self, MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
     MigrateArgs, SELECT_COMPOUND, SELECT_DEVICE_COHERENT, SELECT_DEVICE_PRIVATE, SELECT_SYSTEM,
 };
+use crate::pagecache::PagePlacement;
 use crate::policy::{
     DeviceFault, DeviceFaultDecision, DeviceFull, DeviceFullAction, Placement, Prefetch,
 };
@@ -195,18 +196,28 @@ impl DeviceInner {
             // A window of frames, grouped by address space.
             let end = (f + EVICT_BATCH).min(nframes);
             let mut by_space: Vec<(u16, FrameIdx, usize)> = Vec::new();
+            let mut by_cache: Vec<(u32, u64)> = Vec::new();
             for k in f..end {
                 let frame = FrameIdx(k as u32);
                 match self.pagemap.rmap(frame) {
                     Some(FrameOwner::Anon { space, vpn }) => by_space.push((space, frame, vpn)),
-                    // No file page is placed in device memory yet (file mappings mirror the
-                    // cache's system pages): a file-owned frame here is a bug, said loudly.
-                    Some(FrameOwner::File { .. }) => {
-                        return Err(Error::Invalid(
-                            "a device frame owned by a file page cannot be evicted yet",
-                        ));
-                    }
+                    // A file page: it comes back to its cache's memfd (every mapping of the
+                    // file, in every space, sees it there).
+                    Some(FrameOwner::File { cache, index }) => by_cache.push((cache, index)),
                     None => {}
+                }
+            }
+            by_cache.sort_unstable();
+            for group in by_cache.chunk_by(|a, b| a.0 == b.0) {
+                let Some(cache) = crate::pagecache::cache_by_id(group[0].0) else {
+                    continue;
+                };
+                let pages: Vec<u64> = group.iter().map(|&(_, p)| p).collect();
+                match cache.evict_device_frames(&self.pagemap, &pages) {
+                    Ok(m) => n += m,
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
                 }
             }
             by_space.sort_unstable_by_key(|&(s, _, vpn)| (s, vpn));
@@ -965,7 +976,18 @@ impl DeviceMirror {
     /// [`Error::NotPresent`] (ENOENT) naming the first page that did not move.
     pub fn migrate_range_to_device(&self, addr: u64, npages: u64) -> Result<CmdOut> {
         let r = range_of(addr, npages)?;
-        self.migrate_range(r)?;
+        if let Some((cache, first)) = self.inner.space.shared_file_range(r) {
+            // A shared file mapping (where the kernel says ENOENT): the file's pages move
+            // through its cache, for every mapping of the file at once.
+            self.inner.space.check_owner_process()?;
+            cache.place_on_device(
+                first * PAGE_SIZE as u64,
+                r.len() as u64,
+                &self.inner.dev.pagemap,
+            )?;
+        } else {
+            self.migrate_range(r)?;
+        }
         let first = r.start.page().0;
         let mut cur = self.mapped_until(&r, first);
         if cur < r.end.page().0 {
@@ -1167,6 +1189,23 @@ impl DeviceMirror {
         let r = range_of(addr, npages)?;
         let space = &self.inner.space;
         space.check_owner_process()?;
+        if let Some((cache, first)) = space.shared_file_range(r) {
+            // A shared file mapping: this device's pages of the file come back to its cache.
+            let mine: Vec<u64> = (first..first + r.pages() as u64)
+                .filter(|&p| {
+                    matches!(
+                        cache.placement(p),
+                        PagePlacement::DevicePrivate { owner } | PagePlacement::DeviceCoherent { owner }
+                            if owner == self.owner()
+                    )
+                })
+                .collect();
+            let n = cache.evict_device_frames(&self.inner.dev.pagemap, &mine)?;
+            return Ok(CmdOut {
+                cpages: n as u64,
+                faults: 0,
+            });
+        }
         let select = match self.inner.dev.pagemap.kind() {
             MemoryKind::Coherent => SELECT_DEVICE_COHERENT,
             _ => SELECT_DEVICE_PRIVATE,

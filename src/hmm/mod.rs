@@ -165,6 +165,9 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
         // through it would fault inside the device's copy. Devices get read access only
         // (a write request is refused, EPERM); see docs/filesystem-contract.md.
         let intercepts = v.file.as_ref().is_some_and(|f| f.shared && f.sync);
+        // A device-private file page is written in its frame, never through the CPU view: the
+        // mapping's own permission applies.
+        let frame_writable = writable;
         let writable = writable && !intercepts;
         if !readable {
             if want_fault {
@@ -173,8 +176,40 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             range.hmm_pfns[i] = HMM_PFN_ERROR;
             continue;
         }
+        let file_dev = st
+            .file_page(a)
+            .and_then(|(cache, page)| Some((cache.device_page(page)?, cache, page)));
+        let writable = match &file_dev {
+            Some((dp, ..)) if !dp.coherent && Some(dp.owner) == range.dev_private_owner => {
+                frame_writable
+            }
+            _ => writable,
+        };
         if want_write && !writable {
             return Err(Error::NoWrite { addr: a });
+        }
+        // A page of a shared file mapping placed in device memory (the file's cache says
+        // where): reported as its frame where the caller may map it (a coherent page, or a
+        // private page of the caller's own device); a private page of another device comes
+        // back to system memory first (no lock held; the caller retries).
+        if let Some((dp, cache, page)) = file_dev {
+            if dp.coherent || Some(dp.owner) == range.dev_private_owner {
+                range.hmm_pfns[i] = HMM_PFN_VALID
+                    | if writable { HMM_PFN_WRITE } else { 0 }
+                    | PageTarget::Device {
+                        pagemap: dp.pagemap,
+                        frame: dp.frame,
+                    }
+                    .encode();
+                continue;
+            }
+            if want_fault {
+                drop(st);
+                cache.settle(page, false)?;
+                return Err(Error::Busy);
+            }
+            range.hmm_pfns[i] = 0;
+            continue;
         }
         let mut pte = v.ptes[v.idx(a)];
         if pte.migrating() {
@@ -190,6 +225,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             return Err(Error::Busy);
         }
         let order = |large: bool| if large { 9u64 << ORDER_SHIFT } else { 0 };
+
         if pte.state() == PageState::Device {
             let pm = st.pagemap(pte.pagemap());
             if pm.kind() == MemoryKind::Private && Some(pm.owner()) == range.dev_private_owner {

@@ -44,6 +44,7 @@ use crate::sync::{Arc, AtomicU32, AtomicU64, Mutex, Ordering, lock};
 use crate::sys::Memfd;
 
 mod backend;
+mod placement;
 mod state;
 
 thread_local! {
@@ -55,6 +56,8 @@ thread_local! {
 }
 
 pub use backend::{FaultPlan, FaultyBackend, FileBackend, StdFile};
+pub use placement::PagePlacement;
+pub(crate) use placement::cache_by_id;
 use state::{PageState, PageStates};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -103,6 +106,9 @@ struct CacheState {
     /// A writeback that an intercepted store at the dirty bound asked the background thread
     /// for (see [`FileCache::store_fault`]).
     flush: Flush,
+    /// The devices whose memory holds pages of the file (a page's placement names one by its
+    /// index here; see `placement.rs`).
+    devs: Vec<Arc<crate::pool::Pagemap>>,
 }
 
 /// The state of a writeback asked of the background thread by stores at the dirty bound.
@@ -126,6 +132,9 @@ pub(crate) enum StoreFault {
     /// The dirty bound is reached: the background thread is writing back; wait for it with no
     /// lock held ([`FileCache::wait_flush`]) and retry.
     WaitFlush,
+    /// The page is in device-private memory: bring it back ([`FileCache::settle`]) with no
+    /// lock held, then retry.
+    Device,
 }
 
 /// What a fault fill did.
@@ -137,6 +146,9 @@ pub(crate) enum Fill {
     PastEof,
     /// The page is being removed: retry.
     Busy,
+    /// The page is in device-private memory: bring it back ([`FileCache::settle`]) with no
+    /// lock held, then retry.
+    Device,
 }
 
 /// An operation that removes file pages from the cache, in the two phases of
@@ -242,6 +254,8 @@ pub struct FileCache {
     stage_errno: AtomicU32,
     /// Where writeback events go ([`FileCache::set_trace`]).
     trace: crate::policy::trace::TraceSlot,
+    /// Id in the reverse map of device frames (0 until a page is first placed on a device).
+    rmap_id: AtomicU32,
 }
 
 /// Wakes a background thread without allocating (the CPU fault path rings it): a flag and a
@@ -286,6 +300,9 @@ impl Drop for FileCache {
         if let Some(bell) = lock(&self.evictor).take() {
             bell.close();
         }
+        // Device frames holding pages of the file are freed.
+        let mut st = lock(&self.st);
+        self.release_all_slots(&mut st);
     }
 }
 
@@ -402,7 +419,9 @@ impl FileCache {
                 blocked: Vec::new(),
                 pinned: std::collections::BTreeMap::new(),
                 flush: Flush::Idle,
+                devs: Vec::new(),
             }),
+            rmap_id: AtomicU32::new(0),
         }))
     }
 
@@ -469,6 +488,10 @@ impl FileCache {
     }
 
     fn set_state(&self, st: &mut CacheState, p: u64, new: PageState) {
+        if new == PageState::Uncached {
+            // Leaving the cache: a device frame holding it goes too (not written).
+            self.release_slot(st, p);
+        }
         st.pages.set(p, new);
     }
 
@@ -585,6 +608,11 @@ impl FileCache {
                 failed = Some(err);
                 continue;
             }
+            // Device-private pages are read where they are.
+            if let Err(Error::Os { source, .. }) = self.overlay_private(st, s * PAGE, &mut buf) {
+                failed = Some(source);
+                continue;
+            }
             let mut done = 0;
             let mut res = Ok(());
             while done < len {
@@ -674,6 +702,7 @@ impl FileCache {
             let Some(mm) = m.mm.upgrade() else { continue };
             self.mark_written(st, &*mm, &m);
         }
+        self.collect_device_dirty(st);
     }
 
     fn mark_written(&self, st: &mut CacheState, mm: &dyn crate::mm::Mm, m: &MapRec) {
@@ -806,6 +835,9 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(Fill::Busy);
         }
+        if st.pages.slot(p).is_some_and(|s| !s.coherent) {
+            return Ok(Fill::Device);
+        }
         // The faulting thread's run (per thread: two threads reading sequentially must not break
         // each other's runs), keyed by this cache.
         let me = self as *const FileCache as usize;
@@ -909,6 +941,9 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(StoreFault::Done);
         }
+        if st.pages.slot(p).is_some_and(|s| !s.coherent) {
+            return Ok(StoreFault::Device);
+        }
         self.fill(&mut st, p, p + 1)?;
         if st.pages.get(p) != PageState::Dirty {
             if (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound {
@@ -979,6 +1014,26 @@ impl FileCache {
     /// can then be tried again. Called with no lock held.
     pub(crate) fn wait_for_removal(&self) {
         drop(lock(&self.removal));
+    }
+
+    /// Whether file page `p` must be settled ([`Self::settle`]) before the CPU can use it: it
+    /// is in device-private memory, or (for a long-term pin) in device-coherent memory.
+    pub(crate) fn needs_settle(&self, p: u64, long_term: bool) -> bool {
+        lock(&self.st)
+            .pages
+            .slot(p)
+            .is_some_and(|s| !s.coherent || long_term)
+    }
+
+    /// Makes file page `p` usable by the CPU, with no lock held: waits for a removal in
+    /// progress, and brings the page back from device memory (private; coherent too when
+    /// `long_term`).
+    pub(crate) fn settle(&self, p: u64, long_term: bool) -> Result<()> {
+        self.wait_for_removal();
+        if self.needs_settle(p, long_term) {
+            self.bring_back(p, p + 1)?;
+        }
+        Ok(())
     }
 
     /// Pins (`delta` 1) or unpins (-1) file page `p` (a `Space::pin` of a shared file mapping).
@@ -1177,6 +1232,7 @@ impl FileCache {
             .memfd
             .read_at(off, &mut buf[..n])
             .map_err(os("read the cache"))?;
+        self.overlay_private(&st, off, &mut buf[..got])?;
         self.evict(&mut st, (first, last));
         Ok(got)
     }
@@ -1274,14 +1330,23 @@ impl FileHandle {
             return Ok(());
         }
         let c = &self.cache;
-        let mut st = lock(&c.st);
         let end = off
             .checked_add(data.len() as u64)
             .ok_or(Error::FileTooLarge { end: u64::MAX })?;
+        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        // Pages in device-private memory come back first (a CPU write, as a store through a
+        // mapping would fault them back); bounded: each round brings the range's pages back.
+        let mut st = loop {
+            let st = lock(&c.st);
+            if !FileCache::has_private_in(&st, first, last) {
+                break st;
+            }
+            drop(st);
+            c.bring_back(first, last)?;
+        };
         if end > st.size {
             c.check_end(end)?;
         }
-        let (first, last) = (off / PAGE, end.div_ceil(PAGE));
         let new_dirty = (first..last)
             .filter(|&p| st.pages.get(p) != PageState::Dirty)
             .count();
@@ -1483,9 +1548,12 @@ impl FileHandle {
             if partial && st.pages.get(p) != PageState::Uncached {
                 let (s0, e0) = (off.max(ps), end.min(pe));
                 let bytes = &data[(s0 - off) as usize..(e0 - off) as usize];
-                c.memfd
-                    .write_at(s0, bytes)
-                    .map_err(os("update a cached page"))?;
+                // A device-private page is updated in its frame (the memfd holds a hole).
+                if !c.write_private(&st, p, (s0 - ps) as usize, bytes)? {
+                    c.memfd
+                        .write_at(s0, bytes)
+                        .map_err(os("update a cached page"))?;
+                }
             }
         }
         let (whole_first, whole_last) = (off.div_ceil(PAGE), (end / PAGE).min(st.pages.len()));

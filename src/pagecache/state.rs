@@ -7,6 +7,35 @@ pub(super) enum PageState {
     Dirty,
 }
 
+/// Where a cached page's data lives when not (only) in the memfd: a frame of one of the cache's
+/// devices ([`super::CacheState::devs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct DevSlot {
+    /// Device-coherent (the memfd page is the frame, charged to the device) rather than
+    /// device-private (the frame is the page's only copy; the memfd holds a hole).
+    pub(super) coherent: bool,
+    /// Index in the cache's device list.
+    pub(super) dev: u8,
+    /// The frame.
+    pub(super) frame: u32,
+}
+
+impl DevSlot {
+    fn pack(self) -> u64 {
+        (1 << 63)
+            | (u64::from(self.coherent) << 62)
+            | (u64::from(self.dev) << 32)
+            | u64::from(self.frame)
+    }
+    fn unpack(w: u64) -> Option<DevSlot> {
+        (w >> 63 == 1).then_some(DevSlot {
+            coherent: (w >> 62) & 1 == 1,
+            dev: (w >> 32) as u8,
+            frame: w as u32,
+        })
+    }
+}
+
 /// Pages per leaf of [`PageStates`].
 pub(super) const LEAF: u64 = 512;
 
@@ -16,6 +45,8 @@ struct Leaf {
     state: [PageState; LEAF as usize],
     /// Fill order of clean pages (wrapping; the eviction age is `next_seq - seq`).
     seq: [u32; LEAF as usize],
+    /// Device placement of each page ([`DevSlot`] packed; 0: none).
+    dev: [u64; LEAF as usize],
     /// Pages of the leaf that are not `Uncached`.
     used: u16,
     /// Reserved for a mapping's range: kept while empty, so that a fault in the mapping never
@@ -39,6 +70,8 @@ pub(super) struct PageStates {
     pub(super) cached: usize,
     pub(super) dirty: usize,
     pub(super) next_seq: u32,
+    /// Pages with a device placement.
+    pub(super) placed: usize,
 }
 
 impl PageStates {
@@ -58,6 +91,7 @@ impl PageStates {
         Box::new(Leaf {
             state: [PageState::Uncached; LEAF as usize],
             seq: [0; LEAF as usize],
+            dev: [0; LEAF as usize],
             used: 0,
             reserved,
         })
@@ -99,6 +133,56 @@ impl PageStates {
         if leaf.used == 0 && !leaf.reserved {
             self.leaves.remove(&li);
         }
+    }
+    /// Page `p`'s device placement.
+    pub(super) fn slot(&self, p: u64) -> Option<DevSlot> {
+        if self.placed == 0 {
+            return None;
+        }
+        self.leaves
+            .get(&(p / LEAF))
+            .and_then(|l| DevSlot::unpack(l.dev[(p % LEAF) as usize]))
+    }
+    /// Sets (or clears) page `p`'s device placement; the page must be cached. Returns the old
+    /// one.
+    pub(super) fn set_slot(&mut self, p: u64, s: Option<DevSlot>) -> Option<DevSlot> {
+        let Some(leaf) = self.leaves.get_mut(&(p / LEAF)) else {
+            debug_assert!(s.is_none(), "placement of an uncached page {p}");
+            return None;
+        };
+        let i = (p % LEAF) as usize;
+        debug_assert!(
+            s.is_none() || leaf.state[i] != PageState::Uncached,
+            "placement of an uncached page {p}"
+        );
+        let old = DevSlot::unpack(std::mem::replace(
+            &mut leaf.dev[i],
+            s.map_or(0, DevSlot::pack),
+        ));
+        match (old.is_some(), s.is_some()) {
+            (false, true) => self.placed += 1,
+            (true, false) => self.placed -= 1,
+            _ => {}
+        }
+        old
+    }
+    /// The placed pages in `first..last`, in order.
+    pub(super) fn placed_in(&self, first: u64, last: u64) -> Vec<(u64, DevSlot)> {
+        let mut out = Vec::new();
+        if first >= last || self.placed == 0 {
+            return out;
+        }
+        for (&li, leaf) in self.leaves.range(first / LEAF..=(last - 1) / LEAF) {
+            for (i, &w) in leaf.dev.iter().enumerate() {
+                let p = li * LEAF + i as u64;
+                if let Some(s) = DevSlot::unpack(w)
+                    && (first..last).contains(&p)
+                {
+                    out.push((p, s));
+                }
+            }
+        }
+        out
     }
     /// Reserves the leaves of pages `first..last` (a mapping's range: bounded by what exists).
     pub(super) fn reserve(&mut self, first: u64, last: u64) {

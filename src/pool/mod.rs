@@ -348,6 +348,14 @@ impl Pagemap {
         self.flags[frame.0 as usize].fetch_or(frame_flags::DIRTY, Ordering::AcqRel);
     }
 
+    /// Whether the device wrote `frame` since the last call (the writeback of a file page
+    /// placed in device memory reads and clears it).
+    pub(crate) fn take_dirty(&self, frame: FrameIdx) -> bool {
+        self.flags[frame.0 as usize].fetch_and(!frame_flags::DIRTY, Ordering::AcqRel)
+            & frame_flags::DIRTY
+            != 0
+    }
+
     /// The pagemap's id.
     pub fn id(&self) -> PagemapId {
         self.id

@@ -136,6 +136,11 @@ impl SpaceCore {
                     cache.wait_flush();
                     true
                 }
+                Ok(StoreFault::Device) => {
+                    drop(st);
+                    cache.settle(page, false).is_ok()
+                        || unserved("a file page could not be brought back from device memory")
+                }
             };
         }
         if let Some((cache, page)) = st.file_page(a) {
@@ -153,6 +158,11 @@ impl SpaceCore {
                     // Being removed: wait for the removal to end (no lock held), then retry.
                     cache.wait_for_removal();
                     true
+                }
+                // In device-private memory: bring it back (no lock held), then retry.
+                Ok(Fill::Device) => {
+                    cache.settle(page, false).is_ok()
+                        || unserved("a file page could not be brought back from device memory")
                 }
                 Ok(Fill::PastEof) => unserved("an access past the end of the file"),
                 Err(_) => unserved("the page could not be filled from the file"),
@@ -518,8 +528,9 @@ impl SpaceCore {
             return match cache.fault_fill(page)? {
                 Fill::Filled => Ok(()),
                 Fill::PastEof => Err(Error::NotMapped { addr: a }),
-                // Being removed: the caller (range_fault, pin) retries without holding locks.
-                Fill::Busy => Err(Error::Busy),
+                // Being removed, or in device-private memory: the caller (range_fault, pin)
+                // settles the page ([`FileCache::settle`]) without holding locks and retries.
+                Fill::Busy | Fill::Device => Err(Error::Busy),
             };
         }
         match pte.state() {

@@ -910,6 +910,17 @@ impl Space {
         st.vma(a).map(|v| (v.range.end, v.prot.readable()))
     }
 
+    /// If `r` lies in one shared file mapping: the file's cache and the file page at
+    /// `r.start` (file pages move through their cache's placements, for every mapping at once).
+    pub(crate) fn shared_file_range(&self, r: VaRange) -> Option<(Arc<FileCache>, u64)> {
+        let st = lock(&self.core.state);
+        let v = st.vma(r.start)?;
+        if r.end > v.range.end {
+            return None;
+        }
+        st.file_page(r.start)
+    }
+
     /// `mmu_interval_notifier_insert`: watches `[start, start+len)` (clamped to the end of the
     /// address space) for changes of the CPU view; `ops.invalidate` runs before each change. The
     /// notifier holds `ops` weakly (a device owns its ops and its notifier); remove it with

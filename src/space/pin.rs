@@ -30,9 +30,9 @@ impl Space {
             }
             match self.make_range_present(&mut st, r, long_term) {
                 Ok(()) => break st,
-                Err((Error::Busy, Some(cache))) if round < BUSY_ROUNDS => {
+                Err((Error::Busy, Some((cache, page)))) if round < BUSY_ROUNDS => {
                     drop(st);
-                    cache.wait_for_removal();
+                    cache.settle(page, long_term)?;
                     round += 1;
                 }
                 Err((e, _)) => return Err(e),
@@ -77,19 +77,25 @@ impl Space {
     }
 
     /// Makes every page of `r` present (and, for a long-term pin, in system memory). On
-    /// failure, the error and, for a file page being removed, its cache (to wait on).
+    /// failure, the error and, for a file page being removed or in device memory, its cache and
+    /// page (to settle).
     #[allow(clippy::type_complexity)]
     pub(super) fn make_range_present(
         &self,
         st: &mut SpaceState,
         r: VaRange,
         long_term: bool,
-    ) -> std::result::Result<(), (Error, Option<Arc<FileCache>>)> {
+    ) -> std::result::Result<(), (Error, Option<(Arc<FileCache>, u64)>)> {
         for p in 0..r.pages() {
             let a = r.start.add(p * PAGE_SIZE);
+            if let Some((cache, page)) = st.file_page(a)
+                && cache.needs_settle(page, long_term)
+            {
+                // In device memory: brought back by the caller, with no lock held.
+                return Err((Error::Busy, Some((cache, page))));
+            }
             if let Err(e) = self.core.make_present(st, a) {
-                let cache = st.file_page(a).map(|(c, _)| c);
-                return Err((e, cache));
+                return Err((e, st.file_page(a)));
             }
             if long_term {
                 // A long-term pin would block the device from evicting its memory: coherent
