@@ -74,7 +74,7 @@ use crate::device::{DeviceConfig, DeviceMirror, SoftDevice};
 use crate::error::{Error, Result};
 use crate::pagecache::{CacheConfig, FileCache, FileHandle};
 use crate::pool::MemoryKind;
-use crate::space::{MapOptions, Space, SpaceConfig};
+use crate::space::{MapOptions, Probe, Space, SpaceConfig};
 use crate::sys::{
     self, FaultTarget, FileAccess, LARGE_PAGE_SIZE, Prot, Region, Uffd, UffdDelivery, UffdError,
 };
@@ -849,9 +849,11 @@ impl BareFault {
             .discard(0, self.dst.len())
             .map_err(os("discard bench mapping"))?;
         for p in 0..self.dst.len() / PAGE_SIZE {
-            let a = self.dst.base() + p * PAGE_SIZE;
             let t = Instant::now();
-            let v = sys::probe_load_u32(a);
+            let v = self
+                .dst
+                .load_u32(p * PAGE_SIZE)
+                .map_err(os("load bench mapping"))?;
             samples.push(micros(t));
             std::hint::black_box(v);
         }
@@ -867,7 +869,7 @@ fn fault_back(space: &Space, sz: &Sizes, busy: bool) -> Result<(f64, f64)> {
     let mirror = dev.mirror(space)?;
     let a = space.map_anon(len, Prot::ReadWrite)?;
     for p in 0..n {
-        sys::probe_store_u32(a.get() + p * PAGE_SIZE, p as u32);
+        space.store_u32(a.add(p * PAGE_SIZE), p as u32)?;
     }
     let bare = BareFault::new(len, space.user_mode_only())?;
     let sibling = if busy {
@@ -907,10 +909,11 @@ fn hetmem_fault_sweep(
             "bench: not every page migrated to the device",
         ));
     }
+    let probe = m.space().probe(a, n * PAGE_SIZE)?;
     for p in 0..n {
-        let addr = a.get() + p * PAGE_SIZE;
+        let addr = a.add(p * PAGE_SIZE);
         let t = Instant::now();
-        let v = sys::probe_load_u32(addr);
+        let v = probe.load_u32(addr)?;
         samples.push(micros(t));
         std::hint::black_box(v);
     }
@@ -947,18 +950,19 @@ fn permutation(n: usize) -> Vec<usize> {
     v
 }
 
-/// One store per page at `base` in `order`; mean µs per page.
-fn store_sweep(base: usize, order: &[usize]) -> f64 {
+/// One store per page in `order` (`store(p)` stores to page `p`); mean µs per page.
+fn store_sweep(order: &[usize], store: impl Fn(usize) -> Result<()>) -> Result<f64> {
     let t = Instant::now();
     for &p in order {
-        sys::probe_store_u32(base + p * PAGE_SIZE, p as u32);
+        store(p)?;
     }
-    micros(t) / order.len() as f64
+    Ok(micros(t) / order.len() as f64)
 }
 
 fn hetmem_touch(space: &Space, len: usize, order: &[usize]) -> Result<f64> {
     let a = space.map_anon(len, Prot::ReadWrite)?;
-    let us = store_sweep(a.get(), order);
+    let probe = space.probe(a, len)?;
+    let us = store_sweep(order, |p| probe.store_u32(a.add(p * PAGE_SIZE), p as u32))?;
     space.unmap(a, len)?;
     Ok(us)
 }
@@ -987,7 +991,10 @@ fn first_touch(space: &Space, sz: &Sizes) -> Result<Touch> {
     };
     let sweep = |r: &Region, order: &[usize]| -> Result<f64> {
         r.discard(0, len).map_err(os("discard kernel baseline"))?;
-        Ok(store_sweep(r.base(), order))
+        store_sweep(order, |p| {
+            r.store_u32(p * PAGE_SIZE, p as u32)
+                .map_err(os("store to kernel baseline"))
+        })
     };
     // Warm-up on every side (hetmem: another mapping of the same size, unmapped after).
     sweep(&k, &seq)?;
@@ -1101,7 +1108,7 @@ fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, 
         },
     )?;
     for p in 0..n {
-        sys::probe_store_u32(a.get() + p * PAGE_SIZE, p as u32);
+        space.store_u32(a.add(p * PAGE_SIZE), p as u32)?;
     }
     let chunk = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
     let prim = Primitive::new(len, chunk, space.user_mode_only())?;
@@ -1691,23 +1698,23 @@ fn timed_threads(threads: usize, n: usize, work: &(dyn Fn(usize, usize) + Sync))
     Ok(end.duration_since(start).as_secs_f64())
 }
 
-/// One repetition of a 2-thread speedup: `prepare` (untimed; gives the base address), the whole
-/// range by one thread, `finish` (untimed); the same again with two threads on disjoint halves.
-/// Returns time(1 thread) / time(2 threads).
-fn speedup_2threads(
+/// One repetition of a 2-thread speedup: `prepare` (untimed; gives what `touch` needs), the
+/// whole range by one thread, `finish` (untimed); the same again with two threads on disjoint
+/// halves. `touch(t, p)` touches page `p`. Returns time(1 thread) / time(2 threads).
+fn speedup_2threads<T: Sync>(
     n: usize,
-    prepare: &mut dyn FnMut() -> Result<usize>,
-    finish: &mut dyn FnMut(usize) -> Result<()>,
-    touch: &(dyn Fn(usize, usize) + Sync),
+    prepare: &mut dyn FnMut() -> Result<T>,
+    finish: &mut dyn FnMut(T) -> Result<()>,
+    touch: &(dyn Fn(&T, usize) + Sync),
 ) -> Result<f64> {
     let mut time = |threads: usize| -> Result<f64> {
-        let base = prepare()?;
+        let target = prepare()?;
         let t = timed_threads(threads, n, &|lo, hi| {
             for p in lo..hi {
-                touch(base, p);
+                touch(&target, p);
             }
         });
-        finish(base)?;
+        finish(target)?;
         t
     };
     let t1 = time(1)?;
@@ -1715,14 +1722,28 @@ fn speedup_2threads(
     Ok(t1 / t2)
 }
 
-/// A real load of page `p` at `base` (one fault-back, or one in-thread userfaultfd fault).
-fn load_page(base: usize, p: usize) {
-    std::hint::black_box(sys::probe_load_u32(base + p * PAGE_SIZE));
+/// A real load of page `p` of the mapping at `a` (one fault-back), through `probe`.
+fn load_page(probe: &Probe, a: VirtAddr, p: usize) {
+    let v = probe.load_u32(a.add(p * PAGE_SIZE));
+    std::hint::black_box(v.expect("a page of the probed mapping"));
 }
 
-/// A real store to page `p` at `base` (a first touch).
-fn store_page(base: usize, p: usize) {
-    sys::probe_store_u32(base + p * PAGE_SIZE, p as u32);
+/// A real store to page `p` of the mapping at `a` (a first touch), through `probe`.
+fn store_page(probe: &Probe, a: VirtAddr, p: usize) {
+    let r = probe.store_u32(a.add(p * PAGE_SIZE), p as u32);
+    r.expect("a page of the probed mapping");
+}
+
+/// A real load of page `p` of a bench region (one in-thread userfaultfd fault).
+fn load_region_page(r: &Region, p: usize) {
+    let v = r.load_u32(p * PAGE_SIZE);
+    std::hint::black_box(v.expect("a page of the bench region"));
+}
+
+/// A real store to page `p` of a bench region (a first touch of the kernel's).
+fn store_region_page(r: &Region, p: usize) {
+    let v = r.store_u32(p * PAGE_SIZE, p as u32);
+    v.expect("a page of the bench region");
 }
 
 /// Speedup of 2 threads over 1 faulting device-private pages back (disjoint halves of one
@@ -1733,21 +1754,18 @@ fn fault_back_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
     let dev = SoftDevice::private(len + LARGE_PAGE_SIZE)?;
     let mirror = dev.mirror(space)?;
     let a = space.map_anon(len, Prot::ReadWrite)?;
+    let probe = space.probe(a, len)?;
     for p in 0..n {
-        store_page(a.get(), p);
+        store_page(&probe, a, p);
     }
     let bare = BareFault::new(len, space.user_mode_only())?;
+    let dst = &bare.dst;
     let r = repeat_until_stable(sz.thread_min_reps, sz.thread_max_reps, || {
         let b = speedup_2threads(
             n,
-            &mut || {
-                bare.dst
-                    .discard(0, len)
-                    .map_err(os("discard bench mapping"))?;
-                Ok(bare.dst.base())
-            },
-            &mut |_| Ok(()),
-            &load_page,
+            &mut || dst.discard(0, len).map_err(os("discard bench mapping")),
+            &mut |()| Ok(()),
+            &|(), p| load_region_page(dst, p),
         )?;
         let h = speedup_2threads(
             n,
@@ -1758,10 +1776,10 @@ fn fault_back_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
                         "bench: not every page migrated to the device",
                     ));
                 }
-                Ok(a.get())
+                Ok(())
             },
-            &mut |_| Ok(()),
-            &load_page,
+            &mut |()| Ok(()),
+            &|(), p| load_page(&probe, a, p),
         )?;
         Ok((h, b))
     });
@@ -1799,18 +1817,18 @@ fn first_touch_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
     repeat_until_stable(sz.thread_min_reps, sz.thread_max_reps, || {
         let b = speedup_2threads(
             n,
-            &mut || {
-                k.discard(0, len).map_err(os("discard kernel baseline"))?;
-                Ok(k.base())
-            },
-            &mut |_| Ok(()),
-            &store_page,
+            &mut || k.discard(0, len).map_err(os("discard kernel baseline")),
+            &mut |()| Ok(()),
+            &|(), p| store_region_page(&k, p),
         )?;
         let h = speedup_2threads(
             n,
-            &mut || Ok(space.map_anon(len, Prot::ReadWrite)?.get()),
-            &mut |base| space.unmap(VirtAddr(base), len),
-            &store_page,
+            &mut || {
+                let a = space.map_anon(len, Prot::ReadWrite)?;
+                Ok((a, space.probe(a, len)?))
+            },
+            &mut |(a, _)| space.unmap(a, len),
+            &|(a, probe), p| store_page(probe, *a, p),
         )?;
         Ok((h, b))
     })
@@ -1832,6 +1850,7 @@ fn faults_during_migration(
     budget: std::time::Duration,
 ) -> Result<(f64, f64)> {
     let nb = LARGE_PAGE_SIZE / PAGE_SIZE;
+    let probe = ma.space().probe(a, n * PAGE_SIZE)?;
     let out = ma.migrate_range_to_device(a.get() as u64, n as u64)?;
     if out.cpages != n as u64 {
         return Err(Error::Invalid(
@@ -1869,7 +1888,7 @@ fn faults_during_migration(
         let t = Instant::now();
         let mut done = n;
         for p in 0..n {
-            load_page(a.get(), p);
+            load_page(&probe, a, p);
             if t.elapsed() > budget {
                 done = p + 1;
                 break;
@@ -1928,11 +1947,11 @@ fn fault_during_migration(space: &Space, sz: &Sizes) -> Result<(Reps, String)> {
     let b_same = space.map_anon(LARGE_PAGE_SIZE, Prot::ReadWrite)?;
     let b_other = other.map_anon(LARGE_PAGE_SIZE, Prot::ReadWrite)?;
     for p in 0..n {
-        store_page(a.get(), p);
+        space.store_u32(a.add(p * PAGE_SIZE), p as u32)?;
     }
     for p in 0..LARGE_PAGE_SIZE / PAGE_SIZE {
-        store_page(b_same.get(), p);
-        store_page(b_other.get(), p);
+        space.store_u32(b_same.add(p * PAGE_SIZE), p as u32)?;
+        other.store_u32(b_other.add(p * PAGE_SIZE), p as u32)?;
     }
     let budget = sz.thread_fault_budget;
     let (mut trips_same, mut trips_other) = (Vec::new(), Vec::new());

@@ -37,6 +37,7 @@ pub mod pool;
 pub mod space;
 pub mod sync;
 pub mod sys;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 

@@ -12,11 +12,38 @@
 //!
 //! # Poisoning
 //!
-//! [`lock`] recovers the data of a lock that a panicking thread poisoned. hetmem's own code does
-//! not panic while it holds a lock except on a broken invariant (an `expect` naming it), and every
-//! lock's state is consistent at each unlock point, so the data is as the last unlock left it;
-//! refusing it would turn one bug report into a cascade of unrelated panics in other threads
-//! (the fault service among them, where a panic is an abort).
+//! A thread that panics while it holds a lock poisons it. What [`lock`] and [`wait`] then do
+//! depends on what the lock protects, and on what can panic while it is held:
+//!
+//! | lock (the type it protects) | what can panic while it is held | a poisoned lock |
+//! |---|---|---|
+//! | an address space's state (`SpaceState`) | hetmem's invariant checks (an `expect` naming the invariant), and user code called under it: the space's [`Policy`](crate::policy::Policy), its [`TraceSink`](crate::policy::trace::TraceSink), a device's [`IntervalOps`](crate::notifier::IntervalOps) | ends the process |
+//! | a file cache's state (`CacheState`) | invariant checks, and the cache's [`FileBackend`](crate::pagecache::FileBackend) (user code: reads, writes, punches, syncs under it) | ends the process |
+//! | a device's page table (`DevPageTable`) | invariant checks, and device copies through a [`FrameStore`](crate::pool::FrameStore) (user code) | ends the process |
+//! | a pool's free lists (`PoolState`) | invariant checks only, each made before the critical section's first write (a free of a frame that is not allocated large) | recovered |
+//! | slots: a file cache's removal lock (`()`, no data), its evictor's doorbell, its trace slot, a mirror's notifier, the kernel side's userfaultfd services | nothing between two writes: a critical section reads, clones, takes or replaces the whole value (the services also make system calls under it, which change no protected data) | recovered |
+//! | test machinery (`FaultyBackend`'s plan, `ModelMm`'s pages, the page-cache checker's record of failed calls; `testing` feature) | a plan is replaced whole; a page's bytes are copied after the bounds checks; the record is one push, take or assignment | recovered |
+//!
+//! The three state locks end the process because their operations make several writes under one
+//! holding (a claim and the MIGRATING marks of its pages; a page's state and the dirty count; a
+//! device entry and the frame it names), so a panic between two of them leaves state no later
+//! operation may trust: a frame two pages use, a page left in a state whose owner is gone (every
+//! fault on it waits forever), a device still mapping a freed frame (another space's data).
+//! Recovering the data would turn the panic into silent corruption or a hang. Propagating the
+//! poison as a panic in every later user is no better: the CPU fault service takes these locks in
+//! the SIGBUS handler, where a panic cannot unwind and aborts without a word, and in the handler
+//! thread, whose death leaves every later fault of its mappings waiting. So the first thread that
+//! finds such a lock poisoned aborts the process, with a message naming the lock's type and where
+//! it was taken (written with `write(2)`: it may be the SIGBUS handler); the panic's own message
+//! was printed by the thread that panicked.
+//!
+//! The other locks recover the data, which is consistent at every point where a holder can panic
+//! (see the table); refusing it would only spread one panic to unrelated threads. A new lock kind
+//! is recovered unless its type is listed in `ends_process_when_poisoned` (next to [`lock`]):
+//! list it there unless every critical section leaves its data consistent wherever it can panic.
+//! The few `std` locks hetmem takes directly (the process-wide tables of address spaces and
+//! device ids, a doorbell's flags, the flush waiters' `()`) recover too, for the slots' reason:
+//! each critical section writes one whole entry or flag.
 //!
 //! # Lock watch
 //!
@@ -80,16 +107,59 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Guard<'_, T> {
     }
 }
 
-/// Locks `m`, recovering the data if a panicking thread poisoned it (see the module doc), and
-/// watching how long it is held (see the module doc).
+/// Locks `m`, watching how long it is held (see the module doc). If a panicking thread poisoned
+/// it, the data is recovered, or the process ends, by the kind of lock (module doc,
+/// "Poisoning").
 #[track_caller]
 pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
+    let at = std::panic::Location::caller();
     let g = match m.lock() {
         Ok(g) => g,
-        Err(p) => p.into_inner(),
+        Err(p) => recover_or_abort::<T, _>(p.into_inner(), at),
     };
-    let watch = watch::hold(std::panic::Location::caller(), level_of::<T>());
+    let watch = watch::hold(at, level_of::<T>());
     Guard { g: Some(g), watch }
+}
+
+/// Whether a poisoned lock protecting a `T` ends the process instead of being recovered: the
+/// state locks, whose critical sections make several writes that a panic can separate (module
+/// doc, "Poisoning"). Known from the type, as [`level_of`] knows the lock order.
+fn ends_process_when_poisoned<T>() -> bool {
+    let name = std::any::type_name::<T>();
+    ["::SpaceState", "::CacheState", "::DevPageTable"]
+        .iter()
+        .any(|kind| name.ends_with(kind))
+}
+
+/// The guard of a poisoned lock, if its kind recovers; otherwise aborts the process with a
+/// message (async-signal-safe: the SIGBUS handler may be the thread that finds it).
+fn recover_or_abort<T, G>(g: G, at: &'static std::panic::Location<'static>) -> G {
+    if !ends_process_when_poisoned::<T>() {
+        return g;
+    }
+    let mut digits = [0u8; 10];
+    crate::sys::abort_with(&[
+        b"hetmem: a thread panicked while it held a lock of ",
+        std::any::type_name::<T>().as_bytes(),
+        b", whose data may be half-updated: aborting (the lock was taken again at ",
+        at.file().as_bytes(),
+        b":",
+        decimal(at.line(), &mut digits),
+        b")\n",
+    ])
+}
+
+/// `v` in decimal, formatted into `buf` without allocating.
+fn decimal(mut v: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 /// The level of a lock in hetmem's lock order (docs/architecture.md, "Locks and their order"),
@@ -110,7 +180,7 @@ fn level_of<T>() -> Option<u8> {
 }
 
 /// Waits on `cv`, releasing the lock `g` holds meanwhile (as `Condvar::wait`), and returns it
-/// held again.
+/// held again (a lock poisoned meanwhile is treated as by [`lock`]).
 #[track_caller]
 pub fn wait<'a, T>(cv: &Condvar, mut g: Guard<'a, T>) -> Guard<'a, T> {
     let inner = g.g.take().expect("a guard is held until dropped");
@@ -118,11 +188,12 @@ pub fn wait<'a, T>(cv: &Condvar, mut g: Guard<'a, T>) -> Guard<'a, T> {
         h.release();
     }
     drop(g);
+    let at = std::panic::Location::caller();
     let inner = match cv.wait(inner) {
         Ok(g) => g,
-        Err(p) => p.into_inner(),
+        Err(p) => recover_or_abort::<T, _>(p.into_inner(), at),
     };
-    let watch = watch::hold(std::panic::Location::caller(), level_of::<T>());
+    let watch = watch::hold(at, level_of::<T>());
     Guard {
         g: Some(inner),
         watch,
@@ -153,6 +224,23 @@ mod tests {
         super::watch::enter_level(5, at); // nothing held any more: in order
         super::watch::leave_level(5);
         assert_eq!(super::lock_order_stats().0, v1);
+    }
+
+    #[test]
+    fn only_the_state_locks_end_the_process_when_poisoned() {
+        // Known by the type's name, as the state types of space, pagecache and device are (this
+        // module sits below them and names none of them).
+        struct SpaceState;
+        struct DevPageTable;
+        struct Doorbell;
+        assert!(super::ends_process_when_poisoned::<SpaceState>());
+        assert!(super::ends_process_when_poisoned::<DevPageTable>());
+        assert!(!super::ends_process_when_poisoned::<()>());
+        assert!(!super::ends_process_when_poisoned::<Option<Doorbell>>());
+        let mut b = [0u8; 10];
+        assert_eq!(super::decimal(0, &mut b), b"0");
+        assert_eq!(super::decimal(907, &mut b), b"907");
+        assert_eq!(super::decimal(u32::MAX, &mut b), b"4294967295");
     }
 }
 

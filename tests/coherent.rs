@@ -41,11 +41,12 @@ fn cpu_accesses_to_coherent_pages_take_no_fault() {
     assert_eq!(space.residency(a), Residency::Coherent(dev.owner()));
     assert_eq!(dev.used(), pages * PAGE, "charged to the device's capacity");
     let before = space.stats();
-    // Real loads and stores on every page, through raw pointers and the accessors.
+    // Real loads and stores on every page, through a probe and the accessors.
+    let probe = space.probe(a, pages * PAGE).unwrap();
     for p in 0..pages {
-        let addr = a.get() + p * PAGE;
-        assert_eq!(hetmem::sys::probe_load_u32(addr), (p * PAGE / 4) as u32);
-        hetmem::sys::probe_store_u32(addr + 4, 0xC0DE);
+        let addr = a.add(p * PAGE);
+        assert_eq!(probe.load_u32(addr).unwrap(), (p * PAGE / 4) as u32);
+        probe.store_u32(addr.add(4), 0xC0DE).unwrap();
     }
     let mut all = vec![0u8; pages * PAGE];
     space.cpu_read(a, &mut all).unwrap();

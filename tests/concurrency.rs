@@ -4,7 +4,7 @@
 //! by a count (no sleeps, no time limits); every test holds a watchdog.
 //!
 //! * [`cpu_rmw_vs_migration_signal`] / [`cpu_rmw_vs_migration_thread`]: CPU threads increment
-//!   the words they own (through `Space::load_u32/store_u32` and through raw pointers) while the
+//!   the words they own (through `Space::load_u32/store_u32` and through a `Probe`: plain loads and stores) while the
 //!   device migrates the range to device memory and back; every count is exact at the end.
 //! * [`unmap_vs_device_read`]: device reads race `Space::unmap`: each returns the data or
 //!   `-EFAULT`, and once `-EFAULT` always `-EFAULT`; no device frame leaks.
@@ -21,7 +21,6 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 
-use hetmem::sys::{probe_load_u32, probe_store_u32};
 use hetmem::*;
 
 /// Migrates `npages` at `base` to device memory and, when `back`, back to system memory; true
@@ -84,13 +83,14 @@ fn cpu_rmw_vs_migration(name: &'static str, mode: FaultMode) {
         )
         .unwrap();
     let word = move |p: usize, t: usize, k: usize| base.add(p * PAGE + (t + RMW_THREADS * k) * 4);
+    let probe = space.probe(base, len).unwrap();
     let start = Barrier::new(RMW_THREADS + 1);
     let cpus_done = AtomicBool::new(false);
     let migrations = AtomicUsize::new(0);
     let (rounds, moved) = thread::scope(|s| {
         let cpus: Vec<_> = (0..RMW_THREADS)
             .map(|t| {
-                let (space, start, migrations) = (&space, &start, &migrations);
+                let (space, probe, start, migrations) = (&space, &probe, &start, &migrations);
                 s.spawn(move || {
                     start.wait();
                     let mut r = 0;
@@ -104,15 +104,16 @@ fn cpu_rmw_vs_migration(name: &'static str, mode: FaultMode) {
                         for p in 0..RMW_PAGES {
                             for k in 0..RMW_WORDS {
                                 let a = word(p, t, k);
-                                // Alternate between hetmem's CPU accessors and raw pointers.
+                                // Alternate between hetmem's CPU accessors (checked each time)
+                                // and a probe (plain loads and stores, as through a pointer).
                                 if (r as usize + p + k).is_multiple_of(2) {
                                     let v = space.load_u32(a).unwrap();
                                     assert_eq!(v, r, "thread {t} page {p} word {k}: count lost");
                                     space.store_u32(a, v + 1).unwrap();
                                 } else {
-                                    let v = probe_load_u32(space.as_ptr(a) as usize);
+                                    let v = probe.load_u32(a).unwrap();
                                     assert_eq!(v, r, "thread {t} page {p} word {k}: count lost");
-                                    probe_store_u32(space.as_ptr(a) as usize, v + 1);
+                                    probe.store_u32(a, v + 1).unwrap();
                                 }
                             }
                         }
@@ -343,6 +344,7 @@ fn invalidation_vs_range_fault_retry() {
     let np = 2 * INV_HALF;
     let len = np * PAGE;
     let base = space.map_anon(len, Prot::ReadWrite).unwrap();
+    let probe = space.probe(base, len).unwrap();
     let half_b = base.add(INV_HALF * PAGE);
     let data: Vec<u8> = (0..np).flat_map(|p| pattern(PAGE, |_| init(p))).collect();
     space.cpu_write(base, &data).unwrap();
@@ -364,7 +366,7 @@ fn invalidation_vs_range_fault_retry() {
                 for p in INV_HALF..np {
                     let a = base.add(p * PAGE);
                     if g.is_multiple_of(2) {
-                        probe_store_u32(space.as_ptr(a) as usize, gen_val(g, p));
+                        probe.store_u32(a, gen_val(g, p)).unwrap();
                     } else {
                         space.store_u32(a, gen_val(g, p)).unwrap();
                     }
@@ -499,6 +501,7 @@ fn exclusive_vs_cpu_atomics() {
     let dev = SoftDevice::private(4 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     let base = space.map_anon(PAGE, Prot::ReadWrite).unwrap();
+    let probe = space.probe(base, PAGE).unwrap();
     let word = base.add(EXCL_WORD * 8);
     let start = Barrier::new(EXCL_CPU_THREADS + 1);
     let (cpu_incs, dev_incs) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -540,7 +543,8 @@ fn exclusive_vs_cpu_atomics() {
             regrants
         });
         for t in 0..EXCL_CPU_THREADS {
-            let (space, start, cpu_incs, dev_incs) = (&space, &start, &cpu_incs, &dev_incs);
+            let (space, probe, start) = (&space, &probe, &start);
+            let (cpu_incs, dev_incs) = (&cpu_incs, &dev_incs);
             s.spawn(move || {
                 start.wait();
                 let mine = base.add((t + 1) * 8);
@@ -555,10 +559,9 @@ fn exclusive_vs_cpu_atomics() {
                     space.fetch_add_u64(word, 1).unwrap();
                     cpu_incs.fetch_add(1, Ordering::SeqCst);
                     // A plain store to the same page, racing the grant's copy of the page.
-                    let a = space.as_ptr(mine) as usize;
-                    probe_store_u32(a, i as u32 + 1);
+                    probe.store_u32(mine, i as u32 + 1).unwrap();
                     assert_eq!(
-                        probe_load_u32(a),
+                        probe.load_u32(mine).unwrap(),
                         i as u32 + 1,
                         "thread {t}: own store lost"
                     );
@@ -600,19 +603,21 @@ fn fault_around_runs_are_per_thread() {
     let b = space.map_anon(2 * HALF, Prot::ReadWrite).unwrap();
     let one = Space::new().unwrap();
     let c = one.map_anon(HALF, Prot::ReadWrite).unwrap();
+    let probe = one.probe(c, HALF).unwrap();
     for off in (0..HALF).step_by(PAGE) {
-        hetmem::sys::probe_store_u32(c.get() + off, 1);
+        probe.store_u32(c.add(off), 1).unwrap();
     }
     let f1 = one.stats().cpu_faults;
     let bar = std::sync::Arc::new(std::sync::Barrier::new(2));
     let ts: Vec<_> = (0..2)
         .map(|t| {
             let bar = bar.clone();
-            let base = b.get() + t * HALF;
+            let base = b.add(t * HALF);
+            let probe = space.probe(base, HALF).unwrap();
             std::thread::spawn(move || {
                 bar.wait();
                 for off in (0..HALF).step_by(PAGE) {
-                    hetmem::sys::probe_store_u32(base + off, 1);
+                    probe.store_u32(base.add(off), 1).unwrap();
                 }
             })
         })

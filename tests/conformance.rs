@@ -15,8 +15,8 @@
 //! - `mmap`/`mprotect`/`munmap` are [`Space::map_anon`]/[`Space::protect`]/[`Space::unmap`];
 //!   `MADV_HUGEPAGE` is [`Space::advise_large`] (or `MapOptions { large: true }`);
 //! - `ptr[i]` is a CPU access through [`Space::cpu_read`]/[`Space::cpu_write`] (real loads and
-//!   stores that fault into hetmem), or [`sys::probe_load_u32`]/[`sys::probe_store_u32`] where
-//!   the kernel test does `ptr[i]++` one int at a time;
+//!   stores that fault into hetmem), or through a [`Space::probe`] where the kernel test does
+//!   `ptr[i]++` one int at a time, or touches memory in a forked child;
 //! - `get_user_pages` is [`Space::pin`].
 //!
 //! Not here: the shared and file-backed cases (7 anon_write_child_shared, 10 file_read,
@@ -136,12 +136,13 @@ fn assert_bytes(what: &str, b: &[u8], want: u8) {
 
 /// `ptr[i]++` for every int at `a..a+len`, one real CPU load and store at a time; asserts each
 /// load returned `f(i)`.
-fn cpu_increment_each(a: VirtAddr, len: usize, f: impl Fn(u32) -> u32) {
+fn cpu_increment_each(space: &Space, a: VirtAddr, len: usize, f: impl Fn(u32) -> u32) {
+    let probe = space.probe(a, len).unwrap();
     for i in 0..(len / 4) as u32 {
-        let p = a.get() + i as usize * 4;
-        let v = sys::probe_load_u32(p);
+        let p = a.add(i as usize * 4);
+        let v = probe.load_u32(p).unwrap();
         assert_eq!(v, f(i), "ptr[{i}] before the increment");
-        sys::probe_store_u32(p, v + 1);
+        probe.store_u32(p, v + 1).unwrap();
     }
 }
 
@@ -394,21 +395,28 @@ fn anon_write_child(kind: MemoryKind) {
 
             // The child has no mapping at ptr: its first access is SIGSEGV, never zeros and
             // never the parent's memory.
-            let a = ptr.get();
-            let st = sys::fork_and_wait(|| {
-                let _ = sys::probe_load_u32(a);
-                1
-            })
+            let probe = h.space.probe(ptr, size).unwrap();
+            // SAFETY: the child makes one load through the probe (a bounds check and a volatile
+            // load: no allocation, no lock) and exits.
+            let st = unsafe {
+                sys::fork_and_wait(|| {
+                    let _ = probe.load_u32(ptr);
+                    1
+                })
+            }
             .unwrap();
             assert_eq!(
                 st,
                 ChildExit::Signaled(libc::SIGSEGV),
                 "child load (migrate={migrate}, thp={use_thp})"
             );
-            let st = sys::fork_and_wait(|| {
-                sys::probe_store_u32(a, 0xdead);
-                1
-            })
+            // SAFETY: as above, with one store.
+            let st = unsafe {
+                sys::fork_and_wait(|| {
+                    let _ = probe.store_u32(ptr, 0xdead);
+                    1
+                })
+            }
             .unwrap();
             assert_eq!(
                 st,
@@ -419,27 +427,31 @@ fn anon_write_child(kind: MemoryKind) {
             // hetmem is inert in the child: every call fails early (no allocation: the child of
             // a multi-threaded process may only do async-signal-safe work).
             let (space, m) = (&h.space, &h.m);
-            let st = sys::fork_and_wait(|| {
-                let mut word = [0u8; 4];
-                if space.cpu_read(ptr, &mut word).is_ok() {
-                    return 3;
-                }
-                if space.protect(ptr, PAGE, Prot::None).is_ok() {
-                    return 4;
-                }
-                let mut page = [0u8; PAGE];
-                let mut c = DmirrorCmd {
-                    addr: ptr.get() as u64,
-                    buf: &mut page,
-                    npages: 1,
-                    cpages: 7,
-                    faults: 7,
-                };
-                if m.cmd(Cmd::Read, &mut c) != -libc::EINVAL || c.cpages != 7 || c.faults != 7 {
-                    return 5;
-                }
-                0
-            })
+            // SAFETY: each call below returns early in the child (its process-id check, a system
+            // call) before it allocates or takes a lock.
+            let st = unsafe {
+                sys::fork_and_wait(|| {
+                    let mut word = [0u8; 4];
+                    if space.cpu_read(ptr, &mut word).is_ok() {
+                        return 3;
+                    }
+                    if space.protect(ptr, PAGE, Prot::None).is_ok() {
+                        return 4;
+                    }
+                    let mut page = [0u8; PAGE];
+                    let mut c = DmirrorCmd {
+                        addr: ptr.get() as u64,
+                        buf: &mut page,
+                        npages: 1,
+                        cpages: 7,
+                        faults: 7,
+                    };
+                    if m.cmd(Cmd::Read, &mut c) != -libc::EINVAL || c.cpages != 7 || c.faults != 7 {
+                        return 5;
+                    }
+                    0
+                })
+            }
             .unwrap();
             assert_eq!(
                 st,
@@ -712,7 +724,7 @@ fn exclusive(kind: MemoryKind) {
     assert_eq!(ret, -libc::EPERM, "atomic entries are still mapped");
 
     // Fault pages back to system memory and check them.
-    cpu_increment_each(ptr, size, |i| i);
+    cpu_increment_each(&h.space, ptr, size, |i| i);
     assert_ints("ptr", &cpu_get(&h.space, ptr, size), |i| i + 1);
 
     // Check atomic access revoked.
@@ -764,22 +776,26 @@ fn exclusive_cow(kind: MemoryKind) {
     assert_eq!(buffer.cpages, npages as u64);
     assert_ints("mirror", &buffer.mirror, |i| i);
 
-    let a = ptr.get();
-    let st = sys::fork_and_wait(|| {
-        for i in 0..(size / 4) {
-            let p = a + i * 4;
-            let v = sys::probe_load_u32(p);
-            sys::probe_store_u32(p, v + 1);
-        }
-        0
-    })
+    let probe = h.space.probe(ptr, size).unwrap();
+    // SAFETY: the child only loads and stores through the probe (bounds checks and volatile
+    // accesses: no allocation, no lock); its first load faults.
+    let st = unsafe {
+        sys::fork_and_wait(|| {
+            for i in 0..(size / 4) {
+                let p = ptr.add(i * 4);
+                let Ok(v) = probe.load_u32(p) else { return 2 };
+                let _ = probe.store_u32(p, v + 1);
+            }
+            0
+        })
+    }
     .unwrap();
     assert_eq!(st, ChildExit::Signaled(libc::SIGSEGV));
 
     let ret = hmm_dmirror_cmd(&h.m, Cmd::CheckExclusive, &mut buffer, npages);
     assert_eq!(ret, -libc::EPERM, "the child's accesses revoked nothing");
 
-    cpu_increment_each(ptr, size, |i| i);
+    cpu_increment_each(&h.space, ptr, size, |i| i);
     assert_ints("ptr", &cpu_get(&h.space, ptr, size), |i| i + 1);
 
     let ret = hmm_dmirror_cmd(&h.m, Cmd::CheckExclusive, &mut buffer, npages);
@@ -873,11 +889,15 @@ fn hmm_cow_in_device(kind: MemoryKind) {
     assert_eq!(buffer.cpages, npages as u64);
 
     // hetmem's decision: the child has no mapping there.
-    let a = ptr.get();
-    let st = sys::fork_and_wait(|| {
-        sys::probe_store_u32(a, 0xdead);
-        1
-    })
+    let probe = h.space.probe(ptr, size).unwrap();
+    // SAFETY: the child makes one store through the probe (a bounds check and a volatile
+    // store: no allocation, no lock) and exits.
+    let st = unsafe {
+        sys::fork_and_wait(|| {
+            let _ = probe.store_u32(ptr, 0xdead);
+            1
+        })
+    }
     .unwrap();
     assert_eq!(st, ChildExit::Signaled(libc::SIGSEGV));
     if kind == MemoryKind::Private {
@@ -891,13 +911,16 @@ fn hmm_cow_in_device(kind: MemoryKind) {
 
     // The kernel's sequence: a child that waits (bounded, in case the kill never comes), the
     // parent writes every page, the child is killed.
-    let pid = sys::fork_child(|| {
-        let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_secs(60) {
-            std::hint::spin_loop();
-        }
-        0
-    })
+    // SAFETY: the child only reads the clock (`clock_gettime`, async-signal-safe) and spins.
+    let pid = unsafe {
+        sys::fork_child(|| {
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_secs(60) {
+                std::hint::spin_loop();
+            }
+            0
+        })
+    }
     .unwrap();
     cpu_init(&h.space, ptr, size, |i| i);
     sys::kill(pid).unwrap();

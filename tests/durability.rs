@@ -7,7 +7,7 @@
 //! pseudo-random offsets, in batches; after each batch it fsyncs and prints `FSYNCED
 //! <generation>`. A record inside the mapping is written, as the seed chooses, through
 //! `FileHandle::write_at`, through the mapping with `Space::cpu_write`, or through the mapping
-//! with real CPU stores (`sys::probe_store_u32`, partial words read-modify-written); a record
+//! with real CPU stores (`space::Probe::store_u32`, partial words read-modify-written); a record
 //! past the mapping goes through `write_at` and grows the file. A small budget and dirty bound
 //! make `write_at` also write back and evict unmapped pages in the background; the mapping's
 //! stores reach the file only through the fsync (which collects them). Everything (the file's
@@ -35,7 +35,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 
 use hetmem::pagecache::{CacheConfig, FileCache};
-use hetmem::{Prot, Space};
+use hetmem::{Prot, Space, VirtAddr};
 
 const SEEDS: u64 = 10;
 /// Records land within this many pages.
@@ -67,7 +67,7 @@ enum Path {
     WriteAt,
     /// `Space::cpu_write` through the shared mapping.
     CpuWrite,
-    /// Real CPU stores (`sys::probe_store_u32`) through the shared mapping.
+    /// Real CPU stores (`space::Probe::store_u32`) through the shared mapping.
     Stores,
 }
 
@@ -334,22 +334,24 @@ fn writers(plan: &Plan, i: usize) -> String {
     )
 }
 
-/// Writes `data` at `addr` with real CPU stores of aligned `u32`s (a partial word is loaded,
-/// merged and stored back whole).
-fn store_bytes(addr: usize, data: &[u8]) {
+/// Writes `data` at `addr` with real CPU stores of aligned `u32`s through `probe` (a partial
+/// word is loaded, merged and stored back whole).
+fn store_bytes(probe: &hetmem::space::Probe, addr: VirtAddr, data: &[u8]) {
     let mut i = 0;
     while i < data.len() {
-        let a = addr + i;
+        let a = addr.get() + i;
         let w = a & !3;
         let lo = a - w;
         let n = (4 - lo).min(data.len() - i);
         let mut word = if n == 4 {
             [0u8; 4]
         } else {
-            hetmem::sys::probe_load_u32(w).to_ne_bytes()
+            probe.load_u32(VirtAddr(w)).unwrap().to_ne_bytes()
         };
         word[lo..lo + n].copy_from_slice(&data[i..i + n]);
-        hetmem::sys::probe_store_u32(w, u32::from_ne_bytes(word));
+        probe
+            .store_u32(VirtAddr(w), u32::from_ne_bytes(word))
+            .unwrap();
         i += n;
     }
 }
@@ -413,6 +415,7 @@ fn child_writer() {
     let map = space
         .map_file(&h, 0, plan.map_len, Prot::ReadWrite, true)
         .unwrap();
+    let probe = space.probe(map, plan.map_len).unwrap();
     let mut out = std::io::stdout().lock();
     writeln!(out, "MAPPED").unwrap();
     out.flush().unwrap();
@@ -431,7 +434,7 @@ fn child_writer() {
             match rec.path {
                 Path::WriteAt => h.write_at(rec.off as u64, &rec.data).unwrap(),
                 Path::CpuWrite => space.cpu_write(map.add(rec.off), &rec.data).unwrap(),
-                Path::Stores => store_bytes(map.get() + rec.off, &rec.data),
+                Path::Stores => store_bytes(&probe, map.add(rec.off), &rec.data),
             }
             writeln!(out, "W").unwrap();
             out.flush().unwrap();

@@ -157,25 +157,37 @@ fn forked_child_is_inert() {
         .unwrap();
     // A child has no mapping there: touching a system-resident or a device-resident page kills
     // it with SIGSEGV (never zeros, never the parent's memory).
+    let probe = space.probe(a, 4 * PAGE).unwrap();
     for p in [0, 2] {
-        let addr = a.get() + p * PAGE;
-        let r = hetmem::sys::fork_and_wait(|| {
-            // Exit 0 only if the load returned (it must not).
-            let _ = hetmem::sys::probe_load_u32(addr);
-            0
-        });
+        let addr = a.add(p * PAGE);
+        // SAFETY: the child makes one load through the probe (a bounds check and a volatile
+        // load: no allocation, no lock) and exits.
+        let r = unsafe {
+            hetmem::sys::fork_and_wait(|| {
+                // Exit 0 only if the load returned (it must not).
+                let _ = probe.load_u32(addr);
+                0
+            })
+        };
         assert_eq!(r.unwrap(), hetmem::sys::ChildExit::Signaled(libc::SIGSEGV));
-        let r = hetmem::sys::fork_and_wait(|| {
-            hetmem::sys::probe_store_u32(addr, 0xdead);
-            0
-        });
+        // SAFETY: as above, with one store.
+        let r = unsafe {
+            hetmem::sys::fork_and_wait(|| {
+                let _ = probe.store_u32(addr, 0xdead);
+                0
+            })
+        };
         assert_eq!(r.unwrap(), hetmem::sys::ChildExit::Signaled(libc::SIGSEGV));
     }
     // hetmem calls in the child fail with Forked before doing anything.
-    let r = hetmem::sys::fork_and_wait(|| match space.protect(a, PAGE, Prot::Read) {
-        Err(Error::Forked { .. }) => 11,
-        _ => 12,
-    });
+    // SAFETY: `protect` checks the process id first (a system call) and returns `Forked` before
+    // it allocates or takes a lock.
+    let r = unsafe {
+        hetmem::sys::fork_and_wait(|| match space.protect(a, PAGE, Prot::Read) {
+            Err(Error::Forked { .. }) => 11,
+            _ => 12,
+        })
+    };
     assert_eq!(r.unwrap(), hetmem::sys::ChildExit::Exited(11));
     // The parent is unaffected.
     let mut back = vec![0u8; 4 * PAGE];

@@ -18,6 +18,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use hetmem::pagecache::{CacheConfig, FileCache};
+use hetmem::space::Probe;
 use hetmem::*;
 
 struct Counting;
@@ -66,8 +67,14 @@ fn counted(f: impl FnOnce()) -> u64 {
 
 const N: usize = 64;
 
-fn load(a: usize) -> u32 {
-    hetmem::sys::probe_load_u32(a)
+/// A real load of the word at `a` through `probe` (lock-free: only the fault path runs).
+fn load(probe: &Probe, a: VirtAddr) -> u32 {
+    probe.load_u32(a).unwrap()
+}
+
+/// A real store of `v` at `a` through `probe`.
+fn store(probe: &Probe, a: VirtAddr, v: u32) {
+    probe.store_u32(a, v).unwrap()
 }
 
 #[test]
@@ -75,10 +82,11 @@ fn anonymous_faults_allocate_nothing() {
     let _w = watchdog("fault_alloc_anon", 60);
     let s = small_space();
     let a = s.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
+    let pa = s.probe(a, N * PAGE).unwrap();
     // First touch: zero-fill (fault-around fills runs; every page is touched).
     let n = counted(|| {
         for i in 0..N {
-            hetmem::sys::probe_store_u32(a.get() + i * PAGE, i as u32);
+            store(&pa, a.add(i * PAGE), i as u32);
         }
     });
     assert_eq!(n, 0, "first touch allocated {n} times");
@@ -88,7 +96,7 @@ fn anonymous_faults_allocate_nothing() {
     m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
     let n = counted(|| {
         for i in 0..N {
-            assert_eq!(load(a.get() + i * PAGE), i as u32);
+            assert_eq!(load(&pa, a.add(i * PAGE)), i as u32);
         }
     });
     assert_eq!(n, 0, "fault-back allocated {n} times");
@@ -97,15 +105,17 @@ fn anonymous_faults_allocate_nothing() {
     m.exclusive(a.get() as u64, N as u64, &mut buf).unwrap();
     let n = counted(|| {
         for i in 0..N {
-            assert_eq!(load(a.get() + i * PAGE), i as u32);
+            assert_eq!(load(&pa, a.add(i * PAGE)), i as u32);
         }
     });
     assert_eq!(n, 0, "exclusive revocation allocated {n} times");
     // Pages dropped behind hetmem's back (a direct madvise): refilled with zeros.
-    hetmem::sys::madvise_dontneed(a.get(), N * PAGE).unwrap();
+    // SAFETY: `a..a + N pages` is managed memory of `s` (mapped above), where no Rust object
+    // lives.
+    unsafe { hetmem::sys::madvise_dontneed(a.get(), N * PAGE) }.unwrap();
     let n = counted(|| {
         for i in 0..N {
-            assert_eq!(load(a.get() + i * PAGE), 0);
+            assert_eq!(load(&pa, a.add(i * PAGE)), 0);
         }
     });
     assert_eq!(n, 0, "refilling dropped pages allocated {n} times");
@@ -121,10 +131,11 @@ fn file_faults_allocate_nothing() {
     let s = small_space();
     // Shared mapping: first loads fill the cache from the file (random order: no fault-around).
     let a = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, true).unwrap();
+    let pa = s.probe(a, N * PAGE).unwrap();
     let n = counted(|| {
         for k in 0..N {
             let i = (k * 37) % N;
-            assert_eq!(load(a.get() + i * PAGE), (i * PAGE / 4) as u32);
+            assert_eq!(load(&pa, a.add(i * PAGE)), (i * PAGE / 4) as u32);
         }
     });
     assert_eq!(n, 0, "shared file fills allocated {n} times");
@@ -135,10 +146,11 @@ fn file_faults_allocate_nothing() {
     let p = s
         .map_file(&h2, 0, N * PAGE, Prot::ReadWrite, false)
         .unwrap();
+    let pp = s.probe(p, N * PAGE).unwrap();
     let n = counted(|| {
         for k in 0..N {
             let i = (k * 37) % N;
-            assert_eq!(load(p.get() + i * PAGE), (i * PAGE / 4) as u32);
+            assert_eq!(load(&pp, p.add(i * PAGE)), (i * PAGE / 4) as u32);
         }
     });
     assert_eq!(n, 0, "private file fills allocated {n} times");
@@ -155,9 +167,10 @@ fn file_faults_allocate_nothing() {
             },
         )
         .unwrap();
+    let pb = s.probe(b, N * PAGE).unwrap();
     let n = counted(|| {
         for i in 0..8 {
-            hetmem::sys::probe_store_u32(b.get() + i * PAGE, 7);
+            store(&pb, b.add(i * PAGE), 7);
         }
     });
     assert_eq!(n, 0, "intercepted stores allocated {n} times");
@@ -183,11 +196,12 @@ fn file_fills_over_the_budget_allocate_nothing() {
     let h = cache.handle();
     let s = small_space();
     let a = s.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    let pa = s.probe(a, N * PAGE).unwrap();
     for round in 0..3 {
         let n = counted(|| {
             for k in 0..N {
                 let i = (k * 37 + round) % N;
-                assert_eq!(load(a.get() + i * PAGE), !((i * PAGE / 4) as u32));
+                assert_eq!(load(&pa, a.add(i * PAGE)), !((i * PAGE / 4) as u32));
             }
         });
         assert_eq!(
@@ -230,13 +244,14 @@ fn intercepted_stores_at_the_dirty_bound_allocate_nothing() {
             },
         )
         .unwrap();
+    let pb = s.probe(b, N * PAGE).unwrap();
     // Fill the cache first (loads), so that only the store faults are counted.
     for i in 0..N {
-        load(b.get() + i * PAGE);
+        load(&pb, b.add(i * PAGE));
     }
     let n = counted(|| {
         for i in 0..N {
-            hetmem::sys::probe_store_u32(b.get() + i * PAGE, i as u32 + 1);
+            store(&pb, b.add(i * PAGE), i as u32 + 1);
         }
     });
     assert_eq!(n, 0, "stores at the dirty bound allocated {n} times");

@@ -89,9 +89,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use hetmem::pagecache::{BackgroundWriteback, CacheConfig, FileCache, FileHandle};
-use hetmem::space::{FileMapOptions, Space};
-use hetmem::sys::{probe_load_u32, probe_store_u32};
-use hetmem::{DeviceMirror, Prot, SoftDevice};
+use hetmem::space::{FileMapOptions, Probe, Space};
+use hetmem::{DeviceMirror, Prot, SoftDevice, VirtAddr};
 
 const CASES: u64 = 6;
 const ROUNDS: usize = 6;
@@ -771,6 +770,9 @@ struct Case {
     space: Space,
     a: usize,
     b: usize,
+    /// Plain loads and stores through mappings A and B.
+    probe_a: Probe,
+    probe_b: Probe,
     mirror: DeviceMirror,
     dev: SoftDevice,
     bg: Option<BackgroundWriteback>,
@@ -810,6 +812,8 @@ impl Case {
             .map_file_with(&h0, (B.0 * PAGE) as u64, B.1 * PAGE, opts)
             .unwrap()
             .get();
+        let probe_a = space.probe(VirtAddr(a), A.1 * PAGE).unwrap();
+        let probe_b = space.probe(VirtAddr(b), B.1 * PAGE).unwrap();
         let dev = SoftDevice::private(1 << 20).unwrap();
         let mirror = dev.mirror(&space).unwrap();
         let bg = cache.start_background_writeback(Duration::from_micros(WRITEBACK_US));
@@ -824,6 +828,8 @@ impl Case {
             space,
             a,
             b,
+            probe_a,
+            probe_b,
             mirror,
             dev,
             bg: Some(bg),
@@ -841,6 +847,28 @@ impl Case {
         base + (word - first * WPP) * 4
     }
 
+    /// A real CPU load of file word `word` through mapping `map`.
+    fn load(&self, map: Map, word: usize) -> u32 {
+        let probe = if map == Map::A {
+            &self.probe_a
+        } else {
+            &self.probe_b
+        };
+        let v = probe.load_u32(VirtAddr(self.addr(map, word)));
+        v.expect("a word of the mapping")
+    }
+
+    /// A real CPU store of `v` to file word `word` through mapping `map`.
+    fn store(&self, map: Map, word: usize, v: u32) {
+        let probe = if map == Map::A {
+            &self.probe_a
+        } else {
+            &self.probe_b
+        };
+        let r = probe.store_u32(VirtAddr(self.addr(map, word)), v);
+        r.expect("a word of the mapping")
+    }
+
     /// Runs one operation of worker `me`.
     fn run_op(&self, me: usize, h: &FileHandle, op: &Op, counts: &Counts) -> Result<(), String> {
         let hist = &self.hist;
@@ -855,15 +883,13 @@ impl Case {
                 let (id, start) = hist.begin(me, pack(kind, me, word, n));
                 hist.write_words(id, start, word, n, |k| value(cs, id, k));
                 for k in 0..n {
-                    probe_store_u32(self.addr(map, word + k), value(cs, id, k));
+                    self.store(map, word + k, value(cs, id, k));
                 }
                 hist.finish(id);
             }
             Op::Load { map, word, n } => {
                 let os = hist.begin_obs(me);
-                let got: Vec<u32> = (0..n)
-                    .map(|k| probe_load_u32(self.addr(map, word + k)))
-                    .collect();
+                let got: Vec<u32> = (0..n).map(|k| self.load(map, word + k)).collect();
                 let oe = hist.now();
                 hist.check_words(os, oe, word, &got)?;
             }
@@ -1093,7 +1119,7 @@ impl Case {
             let (first, pages) = map.pages();
             let last = (first * WPP + pages * WPP).min(words.len());
             for (w, &want) in words.iter().enumerate().take(last).skip(first * WPP) {
-                let v = probe_load_u32(self.addr(map, w));
+                let v = self.load(map, w);
                 if v != want {
                     return Err(format!(
                         "{what}: load through {map:?} of word {w} (offset {}): {v:#010x}, read_at {want:#010x}",
@@ -1199,7 +1225,7 @@ impl Case {
             let (first, pages) = map.pages();
             let w = rng.range(first * WPP, (first + pages) * WPP);
             let v = mix(self.case_seed, rng.next()) as u32 | 1;
-            probe_store_u32(self.addr(map, w), v);
+            self.store(map, w, v);
             words[w] = v;
         }
         self.h0
@@ -1226,7 +1252,7 @@ impl Case {
             let map = if cut / WPP < B.0 { Map::A } else { Map::B };
             for k in 0..4 {
                 let w = rng.range(cut, (cut / WPP + 1) * WPP);
-                probe_store_u32(self.addr(map, w), 0xdead_0000 | k);
+                self.store(map, w, 0xdead_0000 | k);
             }
         }
         let back = rng.range(STABLE_PAGES * WPP, MAX_WORDS + 1) * 4;

@@ -21,12 +21,12 @@ fn cpu_stores_through_a_shared_mapping_reach_the_file_on_fsync() {
     // Real loads fault the file in.
     for p in 0..8 {
         assert_eq!(
-            hetmem::sys::probe_load_u32(a.get() + p * PAGE),
+            space.load_u32(a.add(p * PAGE)).unwrap(),
             (p * PAGE / 4) as u32
         );
     }
     // Real stores, then fsync through the cache.
-    hetmem::sys::probe_store_u32(a.get() + 3 * PAGE + 8, 0xABCD);
+    space.store_u32(a.add(3 * PAGE + 8), 0xABCD).unwrap();
     space.store_u32(a.add(6 * PAGE), 0x1234).unwrap();
     assert_eq!(f.disk(), content, "nothing on disk before fsync");
     h.fsync().unwrap();
@@ -39,7 +39,7 @@ fn cpu_stores_through_a_shared_mapping_reach_the_file_on_fsync() {
     let before = cache.stats().pages_written_back;
     h.fsync().unwrap();
     assert_eq!(cache.stats().pages_written_back, before);
-    hetmem::sys::probe_store_u32(a.get() + 7 * PAGE, 77);
+    space.store_u32(a.add(7 * PAGE), 77).unwrap();
     h.fsync().unwrap();
     assert_eq!(&f.disk()[7 * PAGE..7 * PAGE + 4], &77u32.to_ne_bytes());
 }
@@ -268,7 +268,7 @@ fn sigbus_child() {
             .map_file(&h, 0, 3 * PAGE, Prot::ReadWrite, true)
             .unwrap();
         cache.fail_next_staging(1, libc::ENOMEM);
-        let _ = hetmem::sys::probe_load_u32(a.get() + PAGE);
+        let _ = space.load_u32(a.add(PAGE)).unwrap();
         std::process::exit(0); // not reached
     }
     if std::env::var_os("HETMEM_SIGBUS_PRIVATE").is_some() {
@@ -276,17 +276,17 @@ fn sigbus_child() {
         let a = space
             .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, false)
             .unwrap();
-        assert_eq!(hetmem::sys::probe_load_u32(a.get()), 0x0101_0101);
-        let _ = hetmem::sys::probe_load_u32(a.get() + 3 * PAGE);
+        assert_eq!(space.load_u32(a).unwrap(), 0x0101_0101);
+        let _ = space.load_u32(a.add(3 * PAGE)).unwrap();
         std::process::exit(0); // not reached
     }
     let a = space
         .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, true)
         .unwrap();
-    assert_eq!(hetmem::sys::probe_load_u32(a.get()), 0x0101_0101);
+    assert_eq!(space.load_u32(a).unwrap(), 0x0101_0101);
     // Shrink to one page (no device mirrors it): page 2 is past the end of the file now.
     h.set_len(PAGE as u64).unwrap();
-    let _ = hetmem::sys::probe_load_u32(a.get() + 2 * PAGE);
+    let _ = space.load_u32(a.add(2 * PAGE)).unwrap();
     std::process::exit(0); // not reached
 }
 
@@ -421,7 +421,11 @@ fn writers_through_mappings_and_write_at_with_background_writeback() {
     // Writer k owns word k of every page; writers 0 and 1 store through mappings a and b, writer
     // 2 through write_at.
     std::thread::scope(|s| {
-        for (k, base) in [(0usize, Some(a)), (1, Some(b)), (2, None)] {
+        let (pa, pb) = (
+            space.probe(a, PAGES * PAGE).unwrap(),
+            space.probe(b, PAGES * PAGE).unwrap(),
+        );
+        for (k, base) in [(0usize, Some((a, pa))), (1, Some((b, pb))), (2, None)] {
             let h = &h;
             s.spawn(move || {
                 for r in 1..=ROUNDS {
@@ -430,7 +434,7 @@ fn writers_through_mappings_and_write_at_with_background_writeback() {
                         let off = p * PAGE + k * 4;
                         let v = r * 1000 + p as u32;
                         match base {
-                            Some(m) => hetmem::sys::probe_store_u32(m.get() + off, v),
+                            Some((m, ref probe)) => probe.store_u32(m.add(off), v).unwrap(),
                             None => h.write_at(off as u64, &v.to_ne_bytes()).unwrap(),
                         }
                     }
@@ -548,7 +552,7 @@ fn intercepted_stores_respect_the_dirty_bound() {
     };
     let a = space.map_file_with(&h, 0, n * PAGE, opts).unwrap();
     for p in 0..n {
-        hetmem::sys::probe_store_u32(a.get() + p * PAGE, p as u32 + 1);
+        space.store_u32(a.add(p * PAGE), p as u32 + 1).unwrap();
         assert!(
             cache.dirty_bytes() <= bound,
             "page {p}: {} dirty bytes",
@@ -566,7 +570,7 @@ fn intercepted_stores_respect_the_dirty_bound() {
     }
     assert_eq!(cache.dirty_bytes(), 0);
     // Protected again after writeback: the next store is seen.
-    hetmem::sys::probe_store_u32(a.get() + 5 * PAGE + 8, 99);
+    space.store_u32(a.add(5 * PAGE + 8), 99).unwrap();
     assert_eq!(cache.dirty_bytes(), PAGE);
     h.fsync().unwrap();
     assert_eq!(&f.disk()[5 * PAGE + 8..5 * PAGE + 12], &99u32.to_ne_bytes());
@@ -603,10 +607,10 @@ fn bound_child() {
         fail_writes: 1000,
         ..FaultPlan::default()
     });
-    hetmem::sys::probe_store_u32(a.get(), 1);
-    hetmem::sys::probe_store_u32(a.get() + PAGE, 2);
+    space.store_u32(a, 1).unwrap();
+    space.store_u32(a.add(PAGE), 2).unwrap();
     println!("WITHIN BOUND");
-    hetmem::sys::probe_store_u32(a.get() + 2 * PAGE, 3);
+    space.store_u32(a.add(2 * PAGE), 3).unwrap();
     std::process::exit(0); // not reached
 }
 

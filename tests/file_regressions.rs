@@ -20,7 +20,7 @@ fn store_before_protect_ro_rw_cycle_reaches_the_file() {
     let a = space
         .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, true)
         .unwrap();
-    hetmem::sys::probe_store_u32(a.get() + PAGE, 0xDEAD_BEEF);
+    space.store_u32(a.add(PAGE), 0xDEAD_BEEF).unwrap();
     space.protect(a, 4 * PAGE, Prot::Read).unwrap();
     space.protect(a, 4 * PAGE, Prot::ReadWrite).unwrap();
     h.fsync().unwrap();
@@ -65,7 +65,7 @@ fn dropping_a_space_during_writeback_does_not_deadlock() {
                 let a = space
                     .map_file(&h, 0, 16 * PAGE, Prot::ReadWrite, true)
                     .unwrap();
-                hetmem::sys::probe_store_u32(a.get(), i as u32);
+                space.store_u32(a, i as u32).unwrap();
                 drop(space);
                 progress.fetch_add(1, Ordering::Relaxed);
                 i += 1;
@@ -93,7 +93,7 @@ fn extending_the_file_does_not_expose_stores_past_the_old_end() {
         .map_file(&h, 0, 2 * PAGE, Prot::ReadWrite, true)
         .unwrap();
     // Past the end of file (6000) but inside the last page: no SIGBUS, the bytes are not file data.
-    hetmem::sys::probe_store_u32(a.get() + 6100, 0x5555_5555);
+    space.store_u32(a.add(6100), 0x5555_5555).unwrap();
     h.set_len(2 * PAGE as u64).unwrap();
     let mut b = [0u8; 4];
     h.read_at(6100, &mut b).unwrap();
@@ -162,10 +162,10 @@ fn intercepted_stores_after_a_punch_of_a_dirty_page_reach_the_file() {
             },
         )
         .unwrap();
-    hetmem::sys::probe_store_u32(a.get() + PAGE, 0x1111_1111);
+    space.store_u32(a.add(PAGE), 0x1111_1111).unwrap();
     h.punch_hole(PAGE as u64, PAGE as u64).unwrap();
-    assert_eq!(hetmem::sys::probe_load_u32(a.get() + PAGE), 0);
-    hetmem::sys::probe_store_u32(a.get() + PAGE, 0x2222_2222);
+    assert_eq!(space.load_u32(a.add(PAGE)).unwrap(), 0);
+    space.store_u32(a.add(PAGE), 0x2222_2222).unwrap();
     h.fsync().unwrap();
     assert_eq!(
         &f.disk()[PAGE..PAGE + 4],
@@ -204,7 +204,7 @@ fn device_write_through_an_intercepting_mapping_is_refused() {
     let e = m.write(a.get() as u64, 1, &[9u8; PAGE]).unwrap_err();
     assert_eq!(e.errno(), libc::EPERM, "{e}");
     // The CPU still writes through it, and the device reads what the CPU wrote.
-    hetmem::sys::probe_store_u32(a.get(), 0x0909_0909);
+    space.store_u32(a, 0x0909_0909).unwrap();
     m.read(a.get() as u64, 1, &mut buf[..PAGE]).unwrap();
     assert_eq!(&buf[..4], &[9u8; 4]);
     h.fsync().unwrap();

@@ -31,10 +31,15 @@ fn device_resident(space: &Space, dev: &DeviceMirror, mode: FaultMode, pages: us
 }
 
 /// `read(2)` from a socket into the managed page at `a`.
-fn syscall_read_into(a: VirtAddr, payload: &[u8]) -> std::io::Result<usize> {
+fn syscall_read_into(space: &Space, a: VirtAddr, payload: &[u8]) -> std::io::Result<usize> {
     let (mut tx, rx) = UnixStream::pair().unwrap();
     tx.write_all(payload).unwrap();
-    hetmem::sys::read_into(rx.as_fd(), a.get(), payload.len())
+    let probe = space.probe(a, PAGE).unwrap();
+    match probe.read_from(rx.as_fd(), a, payload.len()) {
+        Ok(n) => Ok(n),
+        Err(Error::Os { source, .. }) => Err(source),
+        Err(e) => panic!("read into {a}: {e}"),
+    }
 }
 
 #[test]
@@ -44,7 +49,7 @@ fn signal_mode_syscall_gets_efault_and_data_survives() {
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     let a = device_resident(&space, &m, FaultMode::Signal, 4);
-    let err = syscall_read_into(a, &[0xAB; 64]).unwrap_err();
+    let err = syscall_read_into(&space, a, &[0xAB; 64]).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
     // The page is still on the device, untouched, and a user-mode access brings it back intact.
     assert_eq!(space.residency(a), Residency::Device(dev.owner()));
@@ -60,7 +65,7 @@ fn thread_mode_serves_syscalls_when_privileged() {
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     let a = device_resident(&space, &m, FaultMode::Thread, 4);
-    let res = syscall_read_into(a, &[0xAB; 64]);
+    let res = syscall_read_into(&space, a, &[0xAB; 64]);
     if space.user_mode_only() {
         // Unprivileged: kernel-mode accesses are not served in any mode.
         assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EFAULT));
@@ -89,14 +94,14 @@ fn user_mode_only_thread_mode_syscall_gets_efault() {
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     let a = device_resident(&space, &m, FaultMode::Thread, 4);
-    let err = syscall_read_into(a, &[0xCD; 64]).unwrap_err();
+    let err = syscall_read_into(&space, a, &[0xCD; 64]).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
     // User-mode accesses are served in both modes.
     let mut back = vec![0u8; 4 * PAGE];
     space.cpu_read(a, &mut back).unwrap();
     assert_eq!(back, pattern(4 * PAGE, |i| i));
     let b = device_resident(&space, &m, FaultMode::Signal, 4);
-    assert_eq!(hetmem::sys::probe_load_u32(b.get() + 8), 2);
+    assert_eq!(space.load_u32(b.add(8)).unwrap(), 2);
 }
 
 #[test]
@@ -108,7 +113,7 @@ fn thread_mode_cpu_faults_are_served() {
     let a = device_resident(&space, &m, FaultMode::Thread, 64);
     for p in 0..64 {
         assert_eq!(
-            hetmem::sys::probe_load_u32(a.get() + p * PAGE),
+            space.load_u32(a.add(p * PAGE)).unwrap(),
             (p * PAGE / 4) as u32
         );
     }
@@ -123,7 +128,7 @@ fn thread_mode_cpu_faults_are_served() {
             },
         )
         .unwrap();
-    hetmem::sys::probe_store_u32(b.get() + 5 * PAGE, 7);
+    space.store_u32(b.add(5 * PAGE), 7).unwrap();
     assert_eq!(space.load_u32(b.add(5 * PAGE)).unwrap(), 7);
     assert_eq!(space.load_u32(b).unwrap(), 0);
 }

@@ -95,16 +95,19 @@ fn hooked_mapping(name: &str) -> (TempFile, HookedFile, FileHandle, Space, VirtA
 fn store_racing_a_hole_punch_then_fsync_does_not_hang() {
     let _w = watchdog("store_racing_punch", 30);
     let (f, hf, h, space, a) = hooked_mapping("o1-punch");
-    let p3 = a.get() + 3 * PAGE;
-    hetmem::sys::probe_store_u32(p3, 1);
+    let p3 = a.add(3 * PAGE);
+    // Plain stores, lock-free: the hook runs under the cache's lock.
+    let probe = space.probe(a, 16 * PAGE).unwrap();
+    probe.store_u32(p3, 1).unwrap();
     h.fsync().unwrap();
-    hf.arm(Box::new(move || hetmem::sys::probe_store_u32(p3, 2)));
+    let hook_probe = probe.clone();
+    hf.arm(Box::new(move || hook_probe.store_u32(p3, 2).unwrap()));
     h.punch_hole(3 * PAGE as u64, PAGE as u64).unwrap();
     h.fsync().unwrap();
     at("load of the punched page");
     // The page was punched (the racing store went with it): zeros, on the CPU and on disk.
-    assert_eq!(space.load_u32(VirtAddr(p3)).unwrap(), 0);
-    hetmem::sys::probe_store_u32(p3, 3);
+    assert_eq!(space.load_u32(p3).unwrap(), 0);
+    probe.store_u32(p3, 3).unwrap();
     h.fsync().unwrap();
     let disk = f.disk();
     assert_eq!(&disk[3 * PAGE..3 * PAGE + 4], &3u32.to_ne_bytes());
@@ -117,15 +120,17 @@ fn store_racing_a_hole_punch_then_fsync_does_not_hang() {
 fn store_racing_a_direct_write_then_fsync_does_not_hang() {
     let _w = watchdog("store_racing_direct_write", 30);
     let (f, hf, h, space, a) = hooked_mapping("o1-direct");
-    let p5 = a.get() + 5 * PAGE;
-    hetmem::sys::probe_store_u32(p5, 1);
+    let p5 = a.add(5 * PAGE);
+    let probe = space.probe(a, 16 * PAGE).unwrap();
+    probe.store_u32(p5, 1).unwrap();
     h.fsync().unwrap();
-    hf.arm(Box::new(move || hetmem::sys::probe_store_u32(p5, 2)));
+    let hook_probe = probe.clone();
+    hf.arm(Box::new(move || hook_probe.store_u32(p5, 2).unwrap()));
     h.direct_write(5 * PAGE as u64, &vec![0x55u8; PAGE])
         .unwrap();
     h.fsync().unwrap();
     at("load of the directly written page");
-    assert_eq!(space.load_u32(VirtAddr(p5)).unwrap(), 0x5555_5555);
+    assert_eq!(space.load_u32(p5).unwrap(), 0x5555_5555);
     h.fsync().unwrap();
     assert!(f.disk()[5 * PAGE..6 * PAGE].iter().all(|&b| b == 0x55));
 }
@@ -138,18 +143,20 @@ fn device_write_after_a_store_raced_a_punch_does_not_deadlock() {
     let (f, hf, h, space, a) = hooked_mapping("o2-device");
     let dev = SoftDevice::private(4 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
-    let p2 = a.get() + 2 * PAGE;
-    hetmem::sys::probe_store_u32(p2, 1);
+    let p2 = a.add(2 * PAGE);
+    let probe = space.probe(a, 16 * PAGE).unwrap();
+    probe.store_u32(p2, 1).unwrap();
     h.fsync().unwrap();
-    hf.arm(Box::new(move || hetmem::sys::probe_store_u32(p2, 2)));
+    let hook_probe = probe.clone();
+    hf.arm(Box::new(move || hook_probe.store_u32(p2, 2).unwrap()));
     h.punch_hole(2 * PAGE as u64, PAGE as u64).unwrap();
     h.fsync().unwrap();
     at("device write of the punched page");
-    m.write(p2 as u64, 1, &vec![0x77u8; PAGE]).unwrap();
+    m.write(p2.get() as u64, 1, &vec![0x77u8; PAGE]).unwrap();
     // A concurrent punch of the same page (an invalidation waiting for the device's lock).
     let h2 = h.cache().handle();
     let t = std::thread::spawn(move || h2.punch_hole(2 * PAGE as u64, PAGE as u64));
-    m.write(p2 as u64, 1, &vec![0x78u8; PAGE]).unwrap();
+    m.write(p2.get() as u64, 1, &vec![0x78u8; PAGE]).unwrap();
     t.join().unwrap().unwrap();
     h.fsync().unwrap();
     let page = &f.disk()[2 * PAGE..3 * PAGE];
@@ -191,9 +198,10 @@ fn device_resident_page(mode: &str, byte: u8) -> (Space, SoftDevice, DeviceMirro
 #[test]
 fn a_fault_inside_a_no_fault_zone_aborts_with_a_message() {
     if let Ok(mode) = std::env::var("HETMEM_ZONE_CHILD") {
-        let (_space, _dev, _m, a) = device_resident_page(&mode, 1);
+        let (space, _dev, _m, a) = device_resident_page(&mode, 1);
+        let probe = space.probe(a, PAGE).unwrap();
         let _zone = hetmem::sys::NoFaultZone::enter("a test's zone");
-        hetmem::sys::probe_load_u32(a.get());
+        let _ = probe.load_u32(a);
         unreachable!("the load inside the zone returned");
     }
     let _w = watchdog("no_fault_zone", 60);
@@ -219,6 +227,60 @@ fn a_fault_inside_a_no_fault_zone_aborts_with_a_message() {
             "{mode}: no message: {err}"
         );
     }
+}
+
+/// A panic in user code that hetmem runs under an address space's lock (here a trace sink,
+/// during a migration) leaves the space's state possibly half-updated: the next use of the lock
+/// aborts the process with a message naming it (`sync`, "Poisoning"), never computes on that
+/// state, never hangs. In a child process (this test re-executed).
+#[test]
+fn a_panic_under_the_space_lock_aborts_at_the_next_use_with_a_message() {
+    if std::env::var("HETMEM_POISON_CHILD").is_ok() {
+        use hetmem::policy::trace::{TraceEvent, TraceSink, Tracer};
+        struct Panicking;
+        impl TraceSink for Panicking {
+            fn record(&self, _: &TraceEvent) {
+                panic!("a trace sink that panics");
+            }
+        }
+        let space = small_space();
+        let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+        space.cpu_write(a, &[1; 4 * PAGE]).unwrap();
+        let dev = SoftDevice::private(4 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        space.set_trace(Some(Tracer::new(Arc::new(Panicking))));
+        // The migration records its event under the space's lock: the panic unwinds from there
+        // (or the process is gone already, if the unwinding itself took the lock again).
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.migrate_range_to_device(a.get() as u64, 4)
+        }));
+        assert!(r.is_err(), "the sink's panic reaches the caller");
+        let _ = space.cpu_read(a, &mut [0u8; 4]);
+        std::process::exit(0);
+    }
+    let _w = watchdog("poisoned_space_lock", 60);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panic_under_the_space_lock_aborts_at_the_next_use_with_a_message",
+            "--nocapture",
+        ])
+        .env("HETMEM_POISON_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "the child should abort: {out:?}"
+    );
+    assert!(
+        err.contains("a trace sink that panics")
+            && err.contains("hetmem: a thread panicked while it held a lock of")
+            && err.contains("SpaceState"),
+        "no message: {err}"
+    );
 }
 
 /// `write_at` far past the end sized the cache's page-state vector by the offset: 2^62 aborted
@@ -466,9 +528,10 @@ fn pins_do_not_fail_while_the_evictor_runs() {
 #[test]
 fn a_thread_blocking_sigbus_needs_thread_mode() {
     if let Ok(mode) = std::env::var("HETMEM_SIGMASK_CHILD") {
-        let (_space, _dev, _m, a) = device_resident_page(&mode, 9);
+        let (space, _dev, _m, a) = device_resident_page(&mode, 9);
+        let probe = space.probe(a, PAGE).unwrap();
         hetmem::sys::block_sigbus_in_this_thread().unwrap();
-        let v = hetmem::sys::probe_load_u32(a.get());
+        let v = probe.load_u32(a).unwrap();
         assert_eq!(v, 0x0909_0909);
         std::process::exit(0);
     }
@@ -526,13 +589,19 @@ fn a_direct_mremap_of_a_managed_range_keeps_every_byte() {
         let used_before = dev.used();
         assert!(used_before >= 8 * PAGE);
 
-        let b = hetmem::sys::mremap_elsewhere(a.get(), 16 * PAGE).unwrap();
+        // SAFETY: `a..a + 16 pages` is one managed mapping of `space` (no Rust object in it),
+        // and nothing accesses it while it moves.
+        let b = unsafe { hetmem::sys::mremap_elsewhere(a.get(), 16 * PAGE) }.unwrap();
         assert_ne!(b, a.get());
+        // `b..b + 16 pages` is the program's plain memory now (hetmem never unmaps it), reached
+        // through raw loads and stores only.
         // The first access faults on a device-resident page at the new address: it is served
         // once hetmem has followed the move (it may still be doing so now).
         let mut got = vec![0u8; 16 * PAGE];
         for (i, w) in got.chunks_exact_mut(4).enumerate() {
-            w.copy_from_slice(&hetmem::sys::probe_load_u32(b + 4 * i).to_ne_bytes());
+            // SAFETY: a word of `b..b + 16 pages` (see above).
+            let v = unsafe { hetmem::sys::probe_load_u32(b + 4 * i) };
+            w.copy_from_slice(&v.to_ne_bytes());
         }
         assert_eq!(&got[..12 * PAGE], &data[..], "{mode:?}: moved data differs");
         assert!(
@@ -540,8 +609,10 @@ fn a_direct_mremap_of_a_managed_range_keeps_every_byte() {
             "{mode:?}: untouched pages must read zeros"
         );
         // Plain memory now: stores stay.
-        hetmem::sys::probe_store_u32(b + 13 * PAGE, 77);
-        assert_eq!(hetmem::sys::probe_load_u32(b + 13 * PAGE), 77);
+        // SAFETY: a word of `b..b + 16 pages` (see above).
+        unsafe { hetmem::sys::probe_store_u32(b + 13 * PAGE, 77) };
+        // SAFETY: as above.
+        assert_eq!(unsafe { hetmem::sys::probe_load_u32(b + 13 * PAGE) }, 77);
         // The old range is gone from the space (this takes the space's lock, so it also waits
         // for hetmem to finish following the move), and from the device.
         assert!(matches!(
@@ -559,7 +630,8 @@ fn a_direct_mremap_of_a_managed_range_keeps_every_byte() {
         // The space keeps working, and never maps over the moved range.
         let c = space.map_anon(16 * PAGE, Prot::ReadWrite).unwrap();
         space.cpu_write(c, &[1, 2, 3]).unwrap();
-        assert_eq!(hetmem::sys::probe_load_u32(b + 13 * PAGE), 77);
+        // SAFETY: a word of `b..b + 16 pages`, still the program's plain memory.
+        assert_eq!(unsafe { hetmem::sys::probe_load_u32(b + 13 * PAGE) }, 77);
     }
 }
 
@@ -576,12 +648,16 @@ fn a_direct_mremap_of_a_private_file_mapping_keeps_the_file_bytes() {
     let a = space
         .map_file(&h, 0, 8 * PAGE, Prot::ReadWrite, false)
         .unwrap();
-    hetmem::sys::probe_store_u32(a.get() + PAGE, 0xAAAA_5555);
-    let b = hetmem::sys::mremap_elsewhere(a.get(), 8 * PAGE).unwrap();
+    space.store_u32(a.add(PAGE), 0xAAAA_5555).unwrap();
+    // SAFETY: `a..a + 8 pages` is one managed mapping of `space` (no Rust object in it), and
+    // nothing accesses it while it moves.
+    let b = unsafe { hetmem::sys::mremap_elsewhere(a.get(), 8 * PAGE) }.unwrap();
     let mut expect = content.clone();
     expect[PAGE..PAGE + 4].copy_from_slice(&0xAAAA_5555u32.to_ne_bytes());
     for i in 0..8 * PAGE / 4 {
-        let w = hetmem::sys::probe_load_u32(b + 4 * i);
+        // SAFETY: a word of `b..b + 8 pages`, the program's plain memory since the move (hetmem
+        // never unmaps it), reached through raw loads only.
+        let w = unsafe { hetmem::sys::probe_load_u32(b + 4 * i) };
         assert_eq!(w.to_ne_bytes(), expect[4 * i..4 * i + 4], "word {i}");
     }
     // The file and its cache are untouched.
@@ -610,14 +686,15 @@ fn a_direct_madvise_dontneed_reads_zeros_or_the_file_never_hangs() {
             )
             .unwrap();
         space.cpu_write(a, &vec![0xEE; 4 * PAGE]).unwrap();
-        hetmem::sys::madvise_dontneed(a.get() + PAGE, 2 * PAGE).unwrap();
+        // SAFETY: managed memory of `space` (mapped above), where no Rust object lives.
+        unsafe { hetmem::sys::madvise_dontneed(a.get() + PAGE, 2 * PAGE) }.unwrap();
         at(format!("load of a dropped page ({mode:?})"));
         let mut b = vec![0u8; 4 * PAGE];
         space.cpu_read(a, &mut b).unwrap();
         assert!(b[..PAGE].iter().all(|&x| x == 0xEE));
         assert!(b[PAGE..3 * PAGE].iter().all(|&x| x == 0), "{mode:?}");
         assert!(b[3 * PAGE..].iter().all(|&x| x == 0xEE));
-        hetmem::sys::probe_store_u32(a.get() + 2 * PAGE, 5);
+        space.store_u32(a.add(2 * PAGE), 5).unwrap();
         assert_eq!(space.load_u32(a.add(2 * PAGE)).unwrap(), 5);
     }
     let content = pattern(4 * PAGE, |i| i + 1);
@@ -628,8 +705,9 @@ fn a_direct_madvise_dontneed_reads_zeros_or_the_file_never_hangs() {
     let a = space
         .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, false)
         .unwrap();
-    hetmem::sys::probe_store_u32(a.get() + PAGE, 0);
-    hetmem::sys::madvise_dontneed(a.get(), 4 * PAGE).unwrap();
+    space.store_u32(a.add(PAGE), 0).unwrap();
+    // SAFETY: managed memory of `space` (mapped above), where no Rust object lives.
+    unsafe { hetmem::sys::madvise_dontneed(a.get(), 4 * PAGE) }.unwrap();
     let mut b = vec![0u8; 4 * PAGE];
     space.cpu_read(a, &mut b).unwrap();
     assert_eq!(
@@ -649,8 +727,8 @@ fn a_lock_held_past_the_watch_bound_is_reported_with_its_holder() {
             hetmem::sync::lock_watch_bound(),
             Some(std::time::Duration::from_millis(100))
         );
-        let (_f, hf, h, _space, a) = hooked_mapping("o-lockwatch");
-        hetmem::sys::probe_store_u32(a.get(), 1);
+        let (_f, hf, h, space, a) = hooked_mapping("o-lockwatch");
+        space.store_u32(a, 1).unwrap();
         let (_tx, rx) = std::sync::mpsc::channel::<()>();
         // The backend write inside fsync (under the cache's lock) blocks for 600 ms: the case
         // the watch exists for (nothing ever sends on the channel).
@@ -706,6 +784,7 @@ fn a_store_racing_a_direct_write_to_the_other_half_of_its_page_is_kept() {
         .unwrap();
     const N: u32 = 3000;
     let bar = Arc::new(Barrier::new(2));
+    let probe = space.probe(a, 2 * PAGE).unwrap();
     let storer = {
         let bar = bar.clone();
         std::thread::spawn(move || {
@@ -715,7 +794,7 @@ fn a_store_racing_a_direct_write_to_the_other_half_of_its_page_is_kept() {
                 for _ in 0..((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 50) {
                     std::hint::spin_loop();
                 }
-                hetmem::sys::probe_store_u32(a.get(), i);
+                probe.store_u32(a, i).unwrap();
                 bar.wait();
             }
         })
@@ -758,9 +837,10 @@ fn the_lock_order_holds_in_a_mixed_workload() {
         let dev = SoftDevice::private(8 << 20).unwrap();
         let m = dev.mirror(&space).unwrap();
         let b = space.map_anon(64 * PAGE, Prot::ReadWrite).unwrap();
+        let probe = space.probe(a, 16 * PAGE).unwrap();
         for round in 0..20u32 {
             for p in 0..16 {
-                hetmem::sys::probe_store_u32(a.get() + p * PAGE, round);
+                probe.store_u32(a.add(p * PAGE), round).unwrap();
             }
             h.fsync().unwrap();
             h.punch_hole((round as u64 % 16) * PAGE as u64, PAGE as u64)
@@ -821,9 +901,11 @@ fn a_direct_mremap_of_a_shared_file_mapping_aborts_with_a_message() {
         let a = space
             .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, true)
             .unwrap();
-        hetmem::sys::probe_store_u32(a.get(), 1);
+        space.store_u32(a, 1).unwrap();
         let (_tx, mut rx) = std::os::unix::net::UnixStream::pair().unwrap();
-        let _ = hetmem::sys::mremap_elsewhere(a.get(), 4 * PAGE);
+        // SAFETY: `a..a + 4 pages` is one managed mapping of `space` (no Rust object in it), and
+        // nothing accesses it while it moves (or after: the process aborts).
+        let _ = unsafe { hetmem::sys::mremap_elsewhere(a.get(), 4 * PAGE) };
         // The event thread aborts the process; this thread waits for it on a read that only
         // the process's end ends (nothing is ever written), touching nothing managed.
         let _ = std::io::Read::read(&mut rx, &mut [0u8; 1]);

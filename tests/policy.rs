@@ -51,7 +51,7 @@ fn a_trace_of_four_pages_to_the_device_and_back_has_exactly_its_events() {
     // The CPU faults each page back with a real load.
     for p in 0..4 {
         let want = u32::from_ne_bytes(data[p * PAGE..p * PAGE + 4].try_into().unwrap());
-        assert_eq!(hetmem::sys::probe_load_u32(page(a, p).get()), want);
+        assert_eq!(space.load_u32(page(a, p)).unwrap(), want);
     }
     let (id, dev_id) = (space.id(), dev.owner());
     let mut want = vec![TraceEvent::moved(
@@ -98,9 +98,9 @@ fn the_line_format_reads_back_what_was_recorded() {
     let a = space.map_anon(8 * PAGE, Prot::ReadWrite).unwrap();
     let ring = traced(&space);
     // First touch (a CPU fault on a missing page), a migration, a store faulting one page back.
-    hetmem::sys::probe_store_u32(a.get(), 7);
+    space.store_u32(a, 7).unwrap();
     assert_eq!(migrate(&m, a, 8).unwrap().cpages, 8);
-    hetmem::sys::probe_store_u32(page(a, 5).get(), 9);
+    space.store_u32(page(a, 5), 9).unwrap();
     let mut out = Vec::new();
     let n = ring.drain_lines(&mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
@@ -225,7 +225,7 @@ fn one_tracer_shared_by_a_space_and_a_file_gives_one_trace() {
     let a = space
         .map_file(&cache.handle(), 0, 4 * PAGE, Prot::ReadWrite, true)
         .unwrap();
-    hetmem::sys::probe_store_u32(page(a, 2).get(), 0xfeed);
+    space.store_u32(page(a, 2), 0xfeed).unwrap();
     space.msync(a, 4 * PAGE).unwrap();
     // The store's fault (served by the file's cache), then the page written back by msync.
     assert_eq!(
@@ -270,10 +270,7 @@ fn unit_on_device(policy: Option<Arc<dyn Policy>>) -> (Space, VirtAddr, SoftDevi
     space.cpu_write(a, &pattern(PMD, |i| i)).unwrap();
     assert_eq!(migrate(&m, a, 512).unwrap().cpages, 512);
     let before = space.stats().pages_to_system;
-    assert_eq!(
-        hetmem::sys::probe_load_u32(page(a, 3).get()),
-        (3 * PAGE / 4) as u32
-    );
+    assert_eq!(space.load_u32(page(a, 3)).unwrap(), (3 * PAGE / 4) as u32);
     assert!(space.stats().pages_to_system > before);
     (space, a, dev)
 }

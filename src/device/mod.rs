@@ -53,7 +53,7 @@ use crate::policy::{
 };
 use crate::pool::{FrameOwner, MemoryKind, Owner, Pagemap, PagemapId};
 use crate::space::{Space, space_by_id};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering, Weak, lock};
+use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
 
 /// Pages per `range_fault` call of the device's fault path (dmirror: 32... 64 in older kernels).
 pub const FAULT_CHUNK_PAGES: usize = 32;
@@ -61,7 +61,8 @@ pub const FAULT_CHUNK_PAGES: usize = 32;
 /// (`HMM_RANGE_DEFAULT_TIMEOUT`).
 pub const RANGE_FAULT_TIMEOUT: Duration = Duration::from_millis(1000);
 
-/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: fail the next device allocation once.
+/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: fail the next device allocation once (fault injection: with
+/// the `testing` feature; a `Cmd::Flags` that sets it is EOPNOTSUPP without).
 pub const FLAG_FAIL_ALLOC: u64 = 1;
 
 /// Snapshot bytes (`HMM_DMIRROR_PROT_*`).
@@ -74,7 +75,8 @@ pub mod snap {
     pub const WRITE: u8 = 0x02;
     /// Mapped at PMD level (2 MiB).
     pub const PMD: u8 = 0x04;
-    /// The zero page.
+    /// The zero page. Mirrors the kernel's value only: hetmem maps no shared zero page, so a
+    /// snapshot never reports it (an untouched page is [`NONE`]).
     pub const ZERO: u8 = 0x10;
     /// Device-private page of this device.
     pub const DEV_PRIVATE_LOCAL: u8 = 0x20;
@@ -154,8 +156,12 @@ fn publish_pagemap_id(id: PagemapId, pm: Option<&Arc<Pagemap>>) {
 
 struct DeviceInner {
     pagemap: Arc<Pagemap>,
-    fail_alloc: AtomicBool,
-    /// Injected copy failures still to happen (the device's DMA engine reports an error).
+    /// An injected failure of the next allocation is armed (`testing` feature only).
+    #[cfg(feature = "testing")]
+    fail_alloc: crate::sync::AtomicBool,
+    /// Injected copy failures still to happen (the device's DMA engine reports an error;
+    /// `testing` feature only).
+    #[cfg(feature = "testing")]
     fail_copies: crate::sync::AtomicU64,
     /// The eviction clock hand: the frame where the search for a victim starts when the device
     /// is full and the policy evicts ([`DeviceFullAction::EvictAndRetry`]).
@@ -164,13 +170,23 @@ struct DeviceInner {
 
 impl DeviceInner {
     /// Whether this copy fails (fault injection), consuming one injected failure.
+    #[cfg(feature = "testing")]
     fn copy_fails(&self) -> bool {
         self.fail_copies
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
     }
 
+    /// Without the `testing` feature no copy is made to fail: a constant, so that the checks on
+    /// the copy paths fold away.
+    #[cfg(not(feature = "testing"))]
+    #[inline(always)]
+    const fn copy_fails(&self) -> bool {
+        false
+    }
+
     fn alloc(&self, large: bool) -> Result<FrameIdx> {
+        #[cfg(feature = "testing")]
         if self.fail_alloc.swap(false, Ordering::SeqCst) {
             return Err(Error::NoMemory {
                 what: "device memory (injected failure)",
@@ -319,7 +335,9 @@ impl SoftDevice {
         Ok(SoftDevice {
             inner: Arc::new(DeviceInner {
                 pagemap,
-                fail_alloc: AtomicBool::new(false),
+                #[cfg(feature = "testing")]
+                fail_alloc: crate::sync::AtomicBool::new(false),
+                #[cfg(feature = "testing")]
                 fail_copies: crate::sync::AtomicU64::new(0),
                 evict_hand: AtomicUsize::new(0),
             }),
@@ -409,12 +427,14 @@ impl SoftDevice {
 
     /// Makes the next `n` device copies fail (fault injection: the copy engine reports an
     /// error). A failed migration copy declines that page (it stays where it was); a failed
-    /// device read or write returns EIO.
+    /// device read or write returns EIO. Only with the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn fail_next_copies(&self, n: u64) {
         self.inner.fail_copies.store(n, Ordering::SeqCst);
     }
 
-    /// Makes the next device allocation fail once.
+    /// Makes the next device allocation fail once. Only with the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn fail_next_alloc(&self) {
         self.inner.fail_alloc.store(true, Ordering::SeqCst);
     }
@@ -538,7 +558,8 @@ pub enum Cmd {
     CheckExclusive,
     /// Evict all device memory.
     Release,
-    /// Set flags (`npages` is the flag word).
+    /// Set flags (`npages` is the flag word): [`FLAG_FAIL_ALLOC`] (the `testing` feature;
+    /// EOPNOTSUPP without it); other bits are ignored.
     Flags,
 }
 
@@ -609,6 +630,20 @@ impl DeviceMirror {
         lock(&self.inner.notifier).clone().ok_or(Error::Gone)
     }
 
+    /// `Cmd::Flags` (`HMM_DMIRROR_FLAGS`): [`FLAG_FAIL_ALLOC`] arms one allocation failure.
+    fn set_flags(&self, flags: u64) -> Result<CmdOut> {
+        if flags & FLAG_FAIL_ALLOC != 0 {
+            #[cfg(feature = "testing")]
+            self.inner.dev.fail_alloc.store(true, Ordering::SeqCst);
+            #[cfg(not(feature = "testing"))]
+            return Err(Error::os(
+                "FLAG_FAIL_ALLOC (fault injection: the `testing` feature)",
+                std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            ));
+        }
+        Ok(CmdOut::default())
+    }
+
     /// Runs a command with the ioctl's convention: returns 0 or `-errno`; `cpages`/`faults` are
     /// zeroed on entry and written only on success.
     pub fn cmd(&self, cmd: Cmd, c: &mut DmirrorCmd<'_>) -> i32 {
@@ -630,12 +665,7 @@ impl DeviceMirror {
             Cmd::Exclusive => self.exclusive(c.addr, c.npages, c.buf),
             Cmd::CheckExclusive => self.check_exclusive(c.addr, c.npages),
             Cmd::Release => self.release().map(|_| CmdOut::default()),
-            Cmd::Flags => {
-                if c.npages & FLAG_FAIL_ALLOC != 0 {
-                    self.inner.dev.fail_alloc.store(true, Ordering::SeqCst);
-                }
-                Ok(CmdOut::default())
-            }
+            Cmd::Flags => self.set_flags(c.npages),
         };
         match res {
             Ok(o) => {

@@ -5,10 +5,10 @@
 //!   carved out of it and registered with a userfaultfd (MISSING and WP modes). Faults are
 //!   served in the faulting thread (SIGBUS mode) or by a handler thread (thread mode), chosen per
 //!   mapping ([`FaultMode`]).
-//! * [`ModelMm`]: an in-memory model of the same contract (a map of present pages with a
+//! * `ModelMm`: an in-memory model of the same contract (a map of present pages with a
 //!   write-protect bit). CPU accesses through it call the core's fault handler directly, so the
 //!   core's state machine can be explored under `shuttle`, which cannot drive userfaultfd or
-//!   signals.
+//!   signals. A test double: only with the `testing` feature (and in the unit-test build).
 //!
 //! # The contract
 //!
@@ -500,6 +500,7 @@ impl Mm for KernelMm {
 // The in-memory model
 // ---------------------------------------------------------------------------------------------
 
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug)]
 struct ModelPage {
     data: Box<[u8]>,
@@ -509,12 +510,14 @@ struct ModelPage {
 /// An in-memory model of [`Mm`]: a map from page number to present page. CPU accesses call the
 /// core's fault handler when the page is missing (or write-protected, for stores), exactly as
 /// the kernel raises a userfault.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug)]
 pub struct ModelMm {
     range: VaRange,
     pages: Mutex<std::collections::HashMap<usize, ModelPage>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl ModelMm {
     /// A model reservation of `len` bytes at a fixed fake address.
     pub fn new(len: usize) -> ModelMm {
@@ -541,6 +544,7 @@ impl ModelMm {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Mm for ModelMm {
     fn reservation(&self) -> VaRange {
         self.range

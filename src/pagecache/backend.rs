@@ -1,5 +1,5 @@
-//! Where the cache reads and writes the file: the real file ([`StdFile`]) or a test double
-//! that injects errors ([`FaultyBackend`]).
+//! Where the cache reads and writes the file: the real file ([`StdFile`]) or, with the
+//! `testing` feature, a test double that injects errors (`FaultyBackend`).
 
 use super::*;
 
@@ -69,6 +69,7 @@ impl FileBackend for StdFile {
 }
 
 /// What a [`FaultyBackend`] injects: counts of operations still to fail, and how.
+#[cfg(feature = "testing")]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
     /// The next this many writes fail with `error`.
@@ -84,12 +85,14 @@ pub struct FaultPlan {
 }
 
 /// A backend that injects the faults of its [`FaultPlan`] in front of another one.
+#[cfg(feature = "testing")]
 #[derive(Debug)]
 pub struct FaultyBackend<B: FileBackend> {
     inner: B,
     plan: Mutex<FaultPlan>,
 }
 
+#[cfg(feature = "testing")]
 impl<B: FileBackend> FaultyBackend<B> {
     /// `inner` with no fault planned.
     pub fn new(inner: B) -> Self {
@@ -114,6 +117,7 @@ impl<B: FileBackend> FaultyBackend<B> {
     }
 }
 
+#[cfg(feature = "testing")]
 impl<B: FileBackend> FileBackend for FaultyBackend<B> {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(e) = self.take(|p| &mut p.fail_reads) {

@@ -55,7 +55,9 @@ thread_local! {
         const { std::cell::Cell::new((0, u64::MAX, 0)) };
 }
 
-pub use backend::{FaultPlan, FaultyBackend, FileBackend, StdFile};
+#[cfg(feature = "testing")]
+pub use backend::{FaultPlan, FaultyBackend};
+pub use backend::{FileBackend, StdFile};
 pub use placement::PagePlacement;
 pub(crate) use placement::cache_by_id;
 use state::{PageState, PageStates};
@@ -249,8 +251,10 @@ pub struct FileCache {
     /// The background evictor's doorbell (started with the first mapping).
     evictor: Mutex<Option<std::sync::Arc<Doorbell>>>,
     /// Fault injection ([`FileCache::fail_next_staging`]): staging writes left to fail, and
-    /// with which errno.
+    /// with which errno. Only with the `testing` feature.
+    #[cfg(feature = "testing")]
     stage_fail: AtomicU32,
+    #[cfg(feature = "testing")]
     stage_errno: AtomicU32,
     /// Where writeback events go ([`FileCache::set_trace`]).
     trace: crate::policy::trace::TraceSlot,
@@ -398,7 +402,9 @@ impl FileCache {
         Ok(Arc::new_cyclic(|me| FileCache {
             me: me.clone(),
             evictor: Mutex::new(None),
+            #[cfg(feature = "testing")]
             stage_fail: AtomicU32::new(0),
+            #[cfg(feature = "testing")]
             stage_errno: AtomicU32::new(0),
             trace: Default::default(),
             backend,
@@ -452,19 +458,22 @@ impl FileCache {
     /// `read_at` or `write_at` returns it with nothing changed, a CPU access gets SIGBUS (the
     /// fault is not served: the default action, as for the kernel's read error on a mapped file;
     /// the page stays uncached). It is no writeback error:
-    /// `fsync` does not report it.
+    /// `fsync` does not report it. Only with the `testing` feature.
+    #[cfg(feature = "testing")]
     pub fn fail_next_staging(&self, n: u32, errno: i32) {
         self.stage_errno.store(errno as u32, Ordering::SeqCst);
         self.stage_fail.store(n, Ordering::SeqCst);
     }
 
     /// Staging faults planned by [`FileCache::fail_next_staging`] that have not fired yet.
+    #[cfg(feature = "testing")]
     pub fn staging_faults_pending(&self) -> u32 {
         self.stage_fail.load(Ordering::SeqCst)
     }
 
     /// A write into the memfd that may allocate: fails if a staging fault is planned.
     fn stage(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        #[cfg(feature = "testing")]
         if self
             .stage_fail
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

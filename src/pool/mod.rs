@@ -26,10 +26,9 @@
 //!   it). Packed in one word: bits 62–63 the kind (1 anonymous, 2 file); anonymous: space id in
 //!   bits 46–61, virtual page number in bits 0–45; file: cache id in bits 38–61, page index in
 //!   bits 0–37 (files up to 1 PiB).
-//! * `flags[frame]`: `ALLOCATED`, `LARGE` (head or tail of a 2 MiB frame), `LOCKED` (allocated
-//!   as a migration destination and not yet committed to a page: nothing else may use it),
-//!   `DIRTY` (the device wrote it since it received its data; file-backed writeback will read
-//!   it). The owner is the pagemap's.
+//! * `flags[frame]`: `ALLOCATED`, `LARGE` (head or tail of a 2 MiB frame), `DIRTY` (the device
+//!   wrote it since it received its data; file-backed writeback will read it). The owner is the
+//!   pagemap's.
 //!
 //! # Locks
 //!
@@ -97,8 +96,6 @@ pub mod frame_flags {
     pub const ALLOCATED: u64 = 1 << 0;
     /// Part of a 2 MiB frame.
     pub const LARGE: u64 = 1 << 1;
-    /// Allocated as a migration destination, not yet mapped to a page.
-    pub const LOCKED: u64 = 1 << 2;
     /// Written by the device since it received its data.
     pub const DIRTY: u64 = 1 << 3;
 }
@@ -396,7 +393,7 @@ impl Pagemap {
         }
         let f = st.free_base.pop().expect("refilled above");
         st.used += 1;
-        self.set_flags(f as usize, 1, frame_flags::ALLOCATED | frame_flags::LOCKED);
+        self.set_flags(f as usize, 1, frame_flags::ALLOCATED);
         Ok(FrameIdx(f))
     }
 
@@ -414,7 +411,7 @@ impl Pagemap {
         self.set_flags(
             head,
             PAGES_PER_LARGE,
-            frame_flags::ALLOCATED | frame_flags::LOCKED | frame_flags::LARGE,
+            frame_flags::ALLOCATED | frame_flags::LARGE,
         );
         Ok(FrameIdx(head as u32))
     }
@@ -457,7 +454,6 @@ impl Pagemap {
     /// Records whose data a frame holds.
     pub(crate) fn set_rmap(&self, frame: FrameIdx, owner: FrameOwner) {
         self.rmap[frame.0 as usize].store(owner.pack(), Ordering::Release);
-        self.flags[frame.0 as usize].fetch_and(!frame_flags::LOCKED, Ordering::AcqRel);
     }
 
     /// Whose data a frame holds, if allocated and owned.
@@ -492,10 +488,7 @@ mod tests {
                 p.free(b, false);
                 assert_eq!(p.used(), 0);
                 let f = p.alloc().unwrap();
-                assert_eq!(
-                    p.frame_info(f).unwrap().flags,
-                    frame_flags::ALLOCATED | frame_flags::LOCKED
-                );
+                assert_eq!(p.frame_info(f).unwrap().flags, frame_flags::ALLOCATED);
                 p.set_rmap(f, FrameOwner::Anon { space: 3, vpn: 77 });
                 p.mark_dirty(f);
                 assert_eq!(

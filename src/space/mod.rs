@@ -69,7 +69,9 @@ use std::collections::BTreeMap;
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
-use crate::mm::{FaultMode, KernelMm, Mm, ModelMm};
+#[cfg(any(test, feature = "testing"))]
+use crate::mm::ModelMm;
+use crate::mm::{FaultMode, KernelMm, Mm};
 use crate::notifier::{IntervalNotifier, IntervalOps, NotifierHost, NotifyEvent, NotifyRange};
 use crate::pagecache::{FileCache, FileHandle, Fill, MapRec, MappingHost, StoreFault};
 use crate::policy::trace::{Direction, EventKind, FaultState, TraceEvent, Tracer};
@@ -82,10 +84,12 @@ mod evict;
 mod exclusive;
 mod fault;
 mod pin;
+mod probe;
 mod pte;
 mod remap;
 
 pub use pin::Pin;
+pub use probe::Probe;
 pub use pte::PageState;
 pub(crate) use pte::Pte;
 
@@ -467,7 +471,8 @@ impl Space {
 
     /// An address space over the in-memory model of the kernel ([`ModelMm`]): CPU accesses go
     /// through [`Space::cpu_read`]/[`Space::cpu_write`] and fault into the core directly. Used
-    /// for schedule exploration and model-based tests.
+    /// for schedule exploration and model-based tests (the `testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn new_model(size: usize) -> Result<Space> {
         let core = Self::make_core(std::sync::Arc::new(ModelMm::new(round_up(size)?)), 8 << 20)?;
         Ok(Space { core, _reg: None })

@@ -101,11 +101,6 @@ impl Memfd {
         )?;
         Ok(())
     }
-
-    /// Bytes of memory it holds (`st_blocks * 512`).
-    pub fn resident_bytes(&self) -> io::Result<u64> {
-        Ok(rustix::fs::fstat(&self.fd)?.st_blocks as u64 * 512)
-    }
 }
 
 /// `PAGEMAP_SCAN` on `/proc/self/pagemap`: which pages of a range with asynchronous
@@ -188,13 +183,16 @@ impl Memfd {
 
 /// `mlock2(addr, len, MLOCK_ONFAULT)` on part of a hetmem reservation, for tests of how hetmem
 /// behaves when the user locks some of its memory (`MADV_DONTNEED` is refused there).
+/// `testing` feature.
+#[cfg(feature = "testing")]
 pub fn mlock_onfault(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: mlock2 changes no memory contents; the range is the caller's managed memory.
     unsafe { rustix::mm::mlock_with(addr as *mut _, len, rustix::mm::MlockFlags::ONFAULT) }?;
     Ok(())
 }
 
-/// `munlock(addr, len)`.
+/// `munlock(addr, len)` (`testing` feature).
+#[cfg(feature = "testing")]
 pub fn munlock(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: munlock changes no memory contents.
     unsafe { rustix::mm::munlock(addr as *mut _, len) }?;

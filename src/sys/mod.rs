@@ -5,15 +5,43 @@
 //! * [`Region`]: an owned anonymous mapping (device pools, the CPU view's reservation), with
 //!   bounds-checked raw copies in and out. No `&[u8]` is ever formed over a region: another
 //!   agent (a CPU thread, a device thread) may change it underneath, so every access is a raw
-//!   copy (`ptr::copy_nonoverlapping`), as rust-vmm's vm-memory does for guest memory.
+//!   copy (`ptr::copy_nonoverlapping`), as rust-vmm's vm-memory does for guest memory (see
+//!   "Memory that other threads touch" below).
 //! * [`Uffd`]: a userfaultfd with the ioctls hetmem uses (API, REGISTER, UNREGISTER, COPY,
 //!   WRITEPROTECT, WAKE) and its message queue (faults, REMAP events) — `uffd`.
 //! * The process-wide SIGBUS handler that serves faults of SIGBUS-mode userfaultfds in the
 //!   faulting thread, and chains to the previous handler for faults that are not hetmem's; the
 //!   fault-range registry, no-fault zones, the per-thread state of the fault service — `signal`.
 //! * memfd and `PAGEMAP_SCAN` — `memfd`; owned mappings — `region`.
-//! * A few process helpers for tests and benches (fork a child, wait for it, probes, the direct
-//!   system calls a program makes behind hetmem's back) — `process`.
+//! * hetmem's own CPU accesses to managed memory (crate-internal: `Space` checks the range
+//!   first) and, with the `testing` feature, the tests' process helpers (fork a child, wait for
+//!   it, raw probes, the direct system calls a program makes behind hetmem's back) — `process`.
+//!   Those that take an arbitrary address, or fork, are `unsafe fn`s with a `# Safety` section.
+//!
+//! # Memory that other threads touch
+//!
+//! Managed memory and device pools are mappings hetmem made with `mmap`: no Rust allocation and
+//! no Rust object lives in them, and no reference to their bytes is ever formed (pointers come
+//! from integers, and every access is one of the raw accesses here). Other agents use the same
+//! bytes at the same time by design: a CPU thread storing through a plain pointer while a device
+//! thread copies a device-coherent page, the program's threads among themselves. hetmem follows
+//! vm-memory's discipline for guest memory, which is in the same position:
+//!
+//! * word-sized accesses whose tearing or elision would matter are volatile (exactly one load or
+//!   store: [`Region::load_u64`], [`Region::load_u32`], the probes) or atomic
+//!   ([`Region::fetch_add_u64`], on an `AtomicU64` formed only for the operation);
+//! * bulk copies ([`Region::read`], [`Region::write`], [`Region::copy_to`], [`Region::zero`])
+//!   are plain `copy_nonoverlapping`/`write_bytes`, as vm-memory's copies longer than a word
+//!   are plain `memcpy`s. Why that is sound here: the bytes lie outside every Rust allocation
+//!   and are never behind a reference, so the compiler has nothing to assume about them (no
+//!   value whose validity a racing writer could break: any `u8` pattern is valid), and a copy is
+//!   one `memcpy` over pointers made from integers, which neither caches the source nor reads it
+//!   twice. A writer racing a copy can only tear the data (a mix of old and new bytes), as it
+//!   would a DMA transfer; no invariant of hetmem depends on the contents of managed memory, and
+//!   where hetmem needs a copy that no writer races (a migration, a writeback) it stops the
+//!   writers first (write protection, an unmapped page, the device's page-table lock) rather
+//!   than relying on the copy. (The Rust memory model does not yet describe memory shared with
+//!   agents it cannot see; this is the position vm-memory takes for guest memory.)
 //!
 //! # Why the kernel-ordering details matter here
 //!

@@ -1,5 +1,8 @@
-//! Process helpers for tests and benches: fork, wait, kill, probes of managed memory, and the
-//! direct system calls a program makes behind hetmem's back (mremap, madvise).
+//! Process helpers: hetmem's own CPU accesses to managed memory (crate-internal, behind the
+//! checks of `Space`), and, with the `testing` feature, the tests' helpers: fork, wait, kill,
+//! raw probes of memory, and the direct system calls a program makes behind hetmem's back
+//! (mremap, madvise). Those that touch arbitrary memory, or fork, are `unsafe fn`s.
+//! Always there beside them: the process and user ids (`Space`'s fork check, `hetmem info`).
 
 #![allow(unsafe_code)]
 
@@ -10,6 +13,7 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 
 /// How a child process ended.
+#[cfg(feature = "testing")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChildExit {
     /// `_exit(code)`.
@@ -19,13 +23,19 @@ pub enum ChildExit {
 }
 
 /// Forks; the child runs `f` and exits with its return value (`_exit`, no destructors).
-/// The parent waits for the child and returns how it ended.
+/// The parent waits for the child and returns how it ended. For tests (`testing` feature).
 ///
-/// Only for tests and benches: after a fork in a multi-threaded process the child may only do
-/// async-signal-safe work, so `f` must not allocate or lock (plain loads and stores, raw
-/// syscalls).
-pub fn fork_and_wait(f: impl FnOnce() -> i32) -> io::Result<ChildExit> {
-    // SAFETY: the child only runs `f` (documented: async-signal-safe work) and `_exit`s.
+/// # Safety
+///
+/// In a multi-threaded process the child has only the forking thread, and every lock another
+/// thread held at the fork stays held in it forever (the allocator's among them). So `f` must
+/// do only async-signal-safe work: no allocation, no lock, no panic that unwinds (plain loads
+/// and stores, raw system calls), and must not map memory (hetmem's ranges are not inherited:
+/// the child must leave their addresses unmapped, so that a probe of them faults).
+#[cfg(feature = "testing")]
+pub unsafe fn fork_and_wait(f: impl FnOnce() -> i32) -> io::Result<ChildExit> {
+    // SAFETY: the child only runs `f`, which the caller guarantees is async-signal-safe work
+    // (see `# Safety`), and `_exit`s.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
@@ -38,9 +48,15 @@ pub fn fork_and_wait(f: impl FnOnce() -> i32) -> io::Result<ChildExit> {
     wait_child(pid)
 }
 
-/// Forks a child that runs `f` and exits; returns its pid without waiting.
-pub fn fork_child(f: impl FnOnce() -> i32) -> io::Result<i32> {
-    // SAFETY: as in fork_and_wait.
+/// Forks a child that runs `f` and exits; returns its pid without waiting (see
+/// [`wait_child`], [`kill`]). For tests (`testing` feature).
+///
+/// # Safety
+///
+/// As for [`fork_and_wait`]: `f` does only async-signal-safe work.
+#[cfg(feature = "testing")]
+pub unsafe fn fork_child(f: impl FnOnce() -> i32) -> io::Result<i32> {
+    // SAFETY: as in fork_and_wait (the caller's guarantee on `f`).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
@@ -53,7 +69,8 @@ pub fn fork_child(f: impl FnOnce() -> i32) -> io::Result<i32> {
     Ok(pid)
 }
 
-/// Sends SIGKILL to `pid`.
+/// Sends SIGKILL to `pid` (a child of [`fork_child`]; `testing` feature).
+#[cfg(feature = "testing")]
 pub fn kill(pid: i32) -> io::Result<()> {
     // SAFETY: kill(2) has no memory effects in this process.
     if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
@@ -62,7 +79,8 @@ pub fn kill(pid: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits for child `pid`.
+/// Waits for child `pid` (`testing` feature).
+#[cfg(feature = "testing")]
 pub fn wait_child(pid: i32) -> io::Result<ChildExit> {
     let mut status = 0;
     loop {
@@ -94,16 +112,35 @@ pub fn geteuid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
-/// `read(2)` from `fd` into `region[off..off+len]`: a kernel-mode access to the region's
-/// pages (used to check how a fault-service mode treats system calls).
-pub fn read_into(
+/// `read(2)` from `fd` into `addr..addr + len`: a kernel-mode access to those pages (how a
+/// fault-service mode treats system calls). Checked callers use `Probe::read_from`. `testing`
+/// feature.
+///
+/// # Safety
+///
+/// `addr..addr + len` must be memory that no Rust object lives in: managed memory of a live
+/// address space, or a mapping the caller owns and reaches only through raw pointers. (An
+/// unmapped or protected page makes the call fail with EFAULT; memory that Rust code owns would
+/// be overwritten.)
+#[cfg(feature = "testing")]
+pub unsafe fn read_into(
     fd: std::os::fd::BorrowedFd<'_>,
-    region_base: usize,
+    addr: usize,
     len: usize,
 ) -> io::Result<usize> {
-    // SAFETY: the kernel writes into `region_base..+len`, which the caller names as part of a
-    // hetmem reservation: managed memory, accessed only by raw copies, never by Rust references.
-    let n = unsafe { libc::read(fd.as_raw_fd(), region_base as *mut libc::c_void, len) };
+    // SAFETY: the caller's guarantee (see `# Safety`).
+    unsafe { read_raw(fd, addr, len) }
+}
+
+/// `read(2)` into raw memory (see [`cpu_read_from`]).
+///
+/// # Safety
+///
+/// As for [`read_into`]: no Rust object lives in `addr..addr + len`.
+unsafe fn read_raw(fd: std::os::fd::BorrowedFd<'_>, addr: usize, len: usize) -> io::Result<usize> {
+    // SAFETY: the kernel writes into `addr..addr + len`, which the caller guarantees is memory
+    // no Rust object lives in; no reference to it is formed here.
+    let n = unsafe { libc::read(fd.as_raw_fd(), addr as *mut libc::c_void, len) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -112,6 +149,8 @@ pub fn read_into(
 }
 
 /// CPU copy out of managed memory (`len` bytes at `addr`), with real loads that may fault.
+/// The caller has checked that the range lies in mappings of a live reservation (as for the
+/// other `cpu_*` helpers below, which are crate-internal for that reason).
 pub(crate) fn cpu_read(addr: usize, dst: &mut [u8]) {
     // SAFETY: the caller checked the range lies in a live reservation; raw copy, no reference.
     unsafe { ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) }
@@ -131,44 +170,87 @@ pub(crate) fn cpu_fetch_add_u64(addr: usize, v: u64) -> u64 {
     a.fetch_add(v, Ordering::SeqCst)
 }
 
-/// A real CPU load of the `u32` at `addr`, for tests of fault behaviour (a child process
-/// touching memory it did not inherit, a load that must fault into hetmem). The address must be
-/// 4-byte aligned and should be managed memory: an unmapped address kills the process with
-/// SIGSEGV, which is what such tests observe.
-pub fn probe_load_u32(addr: usize) -> u32 {
+/// A real CPU load (volatile) of the aligned `u32` at `addr` in managed memory, which may fault
+/// into hetmem. The caller has checked that `addr` lies in mappings of a live reservation
+/// (`Probe::load_u32`).
+pub(crate) fn cpu_load_u32(addr: usize) -> u32 {
+    debug_assert!(addr.is_multiple_of(4));
+    // SAFETY: the caller's check: the aligned word is in a live reservation, where no Rust
+    // object lives; a volatile load forms no reference, and a fault is served or kills the
+    // process.
+    unsafe { ptr::read_volatile(addr as *const u32) }
+}
+
+/// A real CPU store (volatile) of an aligned `u32` at `addr` in managed memory (see
+/// [`cpu_load_u32`]).
+pub(crate) fn cpu_store_u32(addr: usize, v: u32) {
+    debug_assert!(addr.is_multiple_of(4));
+    // SAFETY: as in cpu_load_u32.
+    unsafe { ptr::write_volatile(addr as *mut u32, v) }
+}
+
+/// `read(2)` into managed memory: a kernel-mode access to its pages; the caller has checked the
+/// range as for [`cpu_load_u32`].
+pub(crate) fn cpu_read_from(
+    fd: std::os::fd::BorrowedFd<'_>,
+    addr: usize,
+    len: usize,
+) -> io::Result<usize> {
+    // SAFETY: as in cpu_load_u32 (the range lies in a live reservation).
+    unsafe { read_raw(fd, addr, len) }
+}
+
+/// A real CPU load of the `u32` at `addr` (volatile: exactly one 4-byte load), for tests of
+/// fault behaviour (a load that must fault into hetmem, a child process touching memory it did
+/// not inherit, memory a direct mremap moved). Checked callers use `Probe::load_u32`. `testing`
+/// feature.
+///
+/// # Panics
+///
+/// If `addr` is not 4-byte aligned.
+///
+/// # Safety
+///
+/// `addr..addr + 4` must be memory that no Rust object lives in: managed memory of a live
+/// address space, a mapping the caller owns and reaches only through raw pointers, or an
+/// address where nothing is mapped (the load then raises SIGSEGV, which kills the process: what
+/// a test in a child process observes). Memory that Rust code owns must never be named.
+#[cfg(feature = "testing")]
+pub unsafe fn probe_load_u32(addr: usize) -> u32 {
     assert!(
         addr.is_multiple_of(4),
         "probe_load_u32 needs an aligned address"
     );
-    // SAFETY: a volatile load forms no reference; managed memory aliases no Rust object. An
-    // invalid address faults (the documented purpose), it does not read Rust-owned state.
+    // SAFETY: the caller's guarantee (see `# Safety`): no Rust object lives at `addr`; a
+    // volatile load forms no reference, and an access that faults is served or kills the
+    // process.
     unsafe { ptr::read_volatile(addr as *const u32) }
 }
 
-/// A real CPU store of a `u32` at `addr` (see [`probe_load_u32`]).
-pub fn probe_store_u32(addr: usize, v: u32) {
+/// A real CPU store of a `u32` at `addr` (volatile: exactly one 4-byte store); see
+/// [`probe_load_u32`]. `testing` feature.
+///
+/// # Panics
+///
+/// If `addr` is not 4-byte aligned.
+///
+/// # Safety
+///
+/// As for [`probe_load_u32`].
+#[cfg(feature = "testing")]
+pub unsafe fn probe_store_u32(addr: usize, v: u32) {
     assert!(
         addr.is_multiple_of(4),
         "probe_store_u32 needs an aligned address"
     );
-    // SAFETY: as in probe_load_u32; the callers only pass managed addresses.
+    // SAFETY: as in probe_load_u32 (the caller's guarantee).
     unsafe { ptr::write_volatile(addr as *mut u32, v) }
-}
-
-/// `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`, for tests of how hetmem behaves in a
-/// process whose memory is locked (`MADV_DONTNEED` is refused there). Undo with
-/// [`munlockall`].
-pub fn mlockall_onfault() -> io::Result<()> {
-    rustix::mm::mlockall(
-        rustix::mm::MlockAllFlags::CURRENT
-            | rustix::mm::MlockAllFlags::FUTURE
-            | rustix::mm::MlockAllFlags::ONFAULT,
-    )?;
-    Ok(())
 }
 
 /// Blocks SIGBUS in the calling thread (`pthread_sigmask`), for tests of what happens to a
 /// thread that does so (it is killed when it touches an unfilled page of a signal-mode mapping).
+/// `testing` feature.
+#[cfg(feature = "testing")]
 pub fn block_sigbus_in_this_thread() -> io::Result<()> {
     // SAFETY: `set` is a sigset_t we own, initialised by sigemptyset before use; changing this
     // thread's signal mask touches no Rust-owned memory.
@@ -187,8 +269,16 @@ pub fn block_sigbus_in_this_thread() -> io::Result<()> {
 /// For tests of a program that moves managed memory behind hetmem's back: maps `len` bytes of
 /// fresh anonymous memory somewhere, then moves `from..from + len` there with
 /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`, exactly as a program would; returns the new
-/// address. `from..from + len` must lie in one mapping.
-pub fn mremap_elsewhere(from: usize, len: usize) -> io::Result<usize> {
+/// address. `testing` feature.
+///
+/// # Safety
+///
+/// `from..from + len` must lie in one mapping in which no Rust object lives (managed memory,
+/// which hetmem then follows), and nothing may access the old range while the call moves it.
+/// The new range is plain memory of the caller's afterwards, reachable through raw pointers
+/// only (and never unmapped by hetmem).
+#[cfg(feature = "testing")]
+pub unsafe fn mremap_elsewhere(from: usize, len: usize) -> io::Result<usize> {
     // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases nothing.
     let dst = unsafe {
         rustix::mm::mmap_anonymous(
@@ -199,7 +289,7 @@ pub fn mremap_elsewhere(from: usize, len: usize) -> io::Result<usize> {
         )
     }?;
     // SAFETY: moves the caller's mapping over the fresh one just made; no Rust object lives in
-    // either (managed memory is reached through raw copies only).
+    // either (the caller's guarantee for `from..from + len`; `dst` is fresh).
     let moved = unsafe {
         rustix::mm::mremap_fixed(
             from as *mut _,
@@ -220,16 +310,17 @@ pub fn mremap_elsewhere(from: usize, len: usize) -> io::Result<usize> {
 }
 
 /// For tests of a program that drops managed pages behind hetmem's back: a direct
-/// `madvise(MADV_DONTNEED)` of `addr..addr + len`, exactly as a program would.
-pub fn madvise_dontneed(addr: usize, len: usize) -> io::Result<()> {
+/// `madvise(MADV_DONTNEED)` of `addr..addr + len`, exactly as a program would. `testing`
+/// feature.
+///
+/// # Safety
+///
+/// No Rust object may live in `addr..addr + len` (managed memory qualifies): its pages read as
+/// zeros, or as the file, afterwards.
+#[cfg(feature = "testing")]
+pub unsafe fn madvise_dontneed(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: drops the pages of the caller's range (a private anonymous or file mapping reads
-    // zeros or the file afterwards); no Rust object lives in managed memory.
+    // zeros or the file afterwards); no Rust object lives there (the caller's guarantee).
     unsafe { rustix::mm::madvise(addr as *mut _, len, Advice::LinuxDontNeed) }?;
-    Ok(())
-}
-
-/// `munlockall()`.
-pub fn munlockall() -> io::Result<()> {
-    rustix::mm::munlockall()?;
     Ok(())
 }

@@ -59,6 +59,10 @@ pub fn check_page_size() -> io::Result<()> {
 /// `base..base + len` is a live mapping created by [`Region::new`] and owned by this value
 /// until it is dropped; `base` is aligned to the alignment asked for. The mapping is
 /// `MADV_DONTFORK`: a child process does not inherit it (hetmem is inert in a child).
+///
+/// Other threads (and devices) may access the bytes while a copy runs: why plain copies are
+/// sound there, and which accesses are volatile or atomic, is in the [module doc](super),
+/// "Memory that other threads touch".
 #[derive(Debug)]
 pub struct Region {
     pub(super) base: usize,
@@ -213,6 +217,28 @@ impl Region {
         }
         // SAFETY: aligned, inside the live mapping (checked).
         Ok(unsafe { ptr::read_volatile((self.base + off) as *const u64) })
+    }
+
+    /// Volatile load of a `u32` at `off` (4-byte aligned): one real CPU load, which may fault
+    /// (the bench's baselines time it).
+    pub fn load_u32(&self, off: usize) -> io::Result<u32> {
+        self.check(off, 4)?;
+        if !off.is_multiple_of(4) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: aligned, inside the live mapping (checked).
+        Ok(unsafe { ptr::read_volatile((self.base + off) as *const u32) })
+    }
+
+    /// Volatile store of a `u32` at `off` (4-byte aligned): one real CPU store.
+    pub fn store_u32(&self, off: usize, v: u32) -> io::Result<()> {
+        self.check(off, 4)?;
+        if !off.is_multiple_of(4) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: aligned, inside the live mapping (checked).
+        unsafe { ptr::write_volatile((self.base + off) as *mut u32, v) };
+        Ok(())
     }
 
     /// Atomic fetch-add of a `u64` at `off` (8-byte aligned): the device's atomic operation.

@@ -97,11 +97,10 @@ pub enum UffdMsg {
 ///
 /// # Invariants
 ///
-/// `fd` is a userfaultfd on which the UFFDIO_API handshake has completed with `features`.
+/// `fd` is a userfaultfd on which the UFFDIO_API handshake has completed.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
-    features: u64,
     user_mode_only: bool,
     delivery: UffdDelivery,
 }
@@ -153,7 +152,6 @@ impl Uffd {
         unsafe { rustix::ioctl::ioctl(&fd, Updater::<OP_API, _>::new(&mut api)) }?;
         Ok(Uffd {
             fd,
-            features: api.features,
             user_mode_only,
             delivery,
         })
@@ -188,16 +186,6 @@ impl Uffd {
         self.delivery
     }
 
-    /// Whether UFFDIO_MOVE is available.
-    pub fn has_move(&self) -> bool {
-        self.features & uapi::UFFD_FEATURE_MOVE as u64 != 0
-    }
-
-    /// Raw fd number (for the SIGBUS handler's table).
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
-    }
-
     /// Registers `region[off..off+len]` for MISSING (and WP if `wp`) faults.
     pub fn register(&self, region: &Region, off: usize, len: usize, wp: bool) -> io::Result<()> {
         region.check(off, len)?;
@@ -216,18 +204,6 @@ impl Uffd {
         // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`; the range is inside a region
         // hetmem owns (checked), so registration affects no memory other code relies on.
         unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_REGISTER, _>::new(&mut reg)) }?;
-        Ok(())
-    }
-
-    /// Unregisters `region[off..off+len]`.
-    pub fn unregister(&self, region: &Region, off: usize, len: usize) -> io::Result<()> {
-        region.check(off, len)?;
-        let mut r = uapi::uffdio_range {
-            start: (region.base + off) as u64,
-            len: len as u64,
-        };
-        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`.
-        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_UNREGISTER, _>::new(&mut r)) }?;
         Ok(())
     }
 

@@ -86,7 +86,6 @@ use crate::pagecache::{
 };
 use crate::space::{FileMapOptions, Residency, Space};
 use crate::sync::{Arc, Mutex, lock};
-use crate::sys::{probe_load_u32, probe_store_u32};
 use crate::{DeviceMirror, PAGE_SIZE, Prot, SoftDevice, VirtAddr};
 
 const PAGE: usize = PAGE_SIZE;
@@ -1017,13 +1016,15 @@ impl World {
                 // intercepted store may need fails: no access gets SIGBUS.
                 self.no_faults();
                 let n = self.words_in_file(off, words);
-                if let Some((_, map)) = self.map
+                if let Some((space, map)) = &self.map
                     && n > 0
                 {
                     let d = data(seed, 4 * n);
                     for (i, w) in d.chunks_exact(4).enumerate() {
                         let v = u32::from_le_bytes(w.try_into().unwrap());
-                        probe_store_u32(map + off + 4 * i, v);
+                        space
+                            .store_u32(VirtAddr(map + off + 4 * i), v)
+                            .map_err(|e| format!("{what}: store through the mapping: {e}"))?;
                     }
                     self.m.write(off, &d);
                     self.stats.mapped_bytes += d.len() as u64;
@@ -1086,14 +1087,16 @@ impl World {
                         }
                         let first = self.snap[p].is_none();
                         self.stats.private_words += 1;
-                        let addr = self.private + a;
+                        let addr = VirtAddr(self.private + a);
+                        let space = &self.map.as_ref().expect("mapped (checked above)").0;
+                        let fail = |e| format!("{what}: access to the private mapping: {e}");
                         let loaded = match &d {
                             Some(d) => {
                                 let v = u32::from_le_bytes(d[4 * i..4 * i + 4].try_into().unwrap());
-                                probe_store_u32(addr, v);
+                                space.store_u32(addr, v).map_err(fail)?;
                                 None
                             }
-                            None => Some(probe_load_u32(addr)),
+                            None => Some(space.load_u32(addr).map_err(fail)?),
                         };
                         if first {
                             self.snapshot_filled(what)?;
@@ -1261,7 +1264,10 @@ impl World {
                 let map = self.map.as_ref().map_or(0, |m| m.1);
                 for i in (0..n).filter(|_| map != 0) {
                     let a = off + 4 * i;
-                    let v = probe_load_u32(map + a);
+                    let space = &self.map.as_ref().expect("mapped (map != 0)").0;
+                    let v = space
+                        .load_u32(VirtAddr(map + a))
+                        .map_err(|e| format!("{what}: load through the mapping: {e}"))?;
                     let m = u32::from_le_bytes(self.m.bytes[a..a + 4].try_into().unwrap());
                     ensure!(
                         v == m,
