@@ -176,9 +176,18 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             range.hmm_pfns[i] = HMM_PFN_ERROR;
             continue;
         }
-        let file_dev = st
-            .file_page(a)
-            .and_then(|(cache, page)| Some((cache.device_page(page)?, cache, page)));
+        let file_dev = match st.file_page(a) {
+            Some((cache, page)) => match cache.device_page(page) {
+                Ok(d) => d.map(|d| (d, cache, page)),
+                Err(e) => {
+                    // Being moved or removed: wait for that to end, then the caller retries.
+                    drop(st);
+                    cache.wait_for_removal();
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         let writable = match &file_dev {
             Some((dp, ..)) if !dp.coherent && Some(dp.owner) == range.dev_private_owner => {
                 frame_writable

@@ -120,17 +120,25 @@ impl FileCache {
         }
     }
 
-    /// The device frame of file page `page`, if it is placed in device memory.
-    pub(crate) fn device_page(&self, page: u64) -> Option<DevicePage> {
+    /// The device frame of file page `page`, if it is placed in device memory. EBUSY while the
+    /// page is being moved or removed (its device mappings were invalidated and must not come
+    /// back before the move ends: the caller waits for it, [`FileCache::wait_for_removal`],
+    /// and retries).
+    pub(crate) fn device_page(&self, page: u64) -> Result<Option<DevicePage>> {
         let st = lock(&self.st);
-        let s = st.pages.slot(page)?;
+        let Some(s) = st.pages.slot(page) else {
+            return Ok(None);
+        };
+        if st.blocked.iter().any(|&(f, l)| f <= page && page < l) {
+            return Err(Error::Busy);
+        }
         let pm = &st.devs[s.dev as usize];
-        Some(DevicePage {
+        Ok(Some(DevicePage {
             pagemap: pm.id(),
             frame: FrameIdx(s.frame),
             owner: pm.owner(),
             coherent: s.coherent,
-        })
+        }))
     }
 
     /// Pages placed in device memory.

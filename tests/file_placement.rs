@@ -1,0 +1,415 @@
+//! File pages in device memory: the device-private and device-coherent placements of
+//! docs/filesystem-contract.md, through the cache's API and the mirror's migration commands,
+//! with every mapping of the file (in every address space) seeing one page, and the file on disk
+//! right after `fsync` wherever the page lived.
+
+mod common;
+use common::*;
+use hetmem::pagecache::{CacheConfig, FileCache, PagePlacement};
+use hetmem::*;
+
+const N: usize = 16;
+
+fn file(
+    name: &str,
+) -> (
+    TempFile,
+    std::sync::Arc<FileCache>,
+    hetmem::pagecache::FileHandle,
+) {
+    let f = TempFile::new(name, &pattern(N * PAGE, |i| i));
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    (f, cache, h)
+}
+
+fn intercepting(prot: Prot) -> FileMapOptions {
+    FileMapOptions {
+        prot,
+        shared: true,
+        intercept_stores: true,
+    }
+}
+
+fn private_on(cache: &FileCache, dev: &SoftDevice, p: usize) -> bool {
+    cache.placement(p as u64) == PagePlacement::DevicePrivate { owner: dev.owner() }
+}
+
+#[test]
+fn device_private_file_pages_are_shared_by_every_mapping_and_come_back_on_cpu_access() {
+    let _w = watchdog("placement_private_shared", 30);
+    let (_f, cache, h) = file("place-private");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let (s1, s2) = (Space::new().unwrap(), Space::new().unwrap());
+    let m1 = dev.mirror(&s1).unwrap();
+    let a1 = s1.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    let a2 = s2.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    // Both mappings see the file; the device migrates the file's pages (the kernel: ENOENT).
+    assert_eq!(s2.load_u32(a2).unwrap(), 0);
+    m1.migrate_range_to_device(a1.get() as u64, N as u64)
+        .unwrap();
+    for p in 0..N {
+        assert!(private_on(&cache, &dev, p), "page {p}");
+    }
+    assert_eq!(dev.used(), N * PAGE);
+    assert_eq!(cache.device_pages(), N);
+    // The device reads them where they are (mapped as its own frames, no fault).
+    let mut buf = vec![0u8; N * PAGE];
+    m1.read(a1.get() as u64, N as u64, &mut buf).unwrap();
+    assert!(buf == pattern(N * PAGE, |i| i));
+    assert!(private_on(&cache, &dev, 0));
+    // A read through the cache reads the frame, without moving it.
+    let mut b = vec![0u8; PAGE];
+    h.read_at(3 * PAGE as u64, &mut b).unwrap();
+    assert!(b == pattern(N * PAGE, |i| i)[3 * PAGE..4 * PAGE]);
+    assert!(private_on(&cache, &dev, 3));
+    // A CPU access from the *other* space brings page 5 back, for every mapping.
+    let want = u32::from_ne_bytes(
+        pattern(N * PAGE, |i| i)[5 * PAGE..5 * PAGE + 4]
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(s2.load_u32(a2.add(5 * PAGE)).unwrap(), want);
+    assert_eq!(cache.placement(5), PagePlacement::System);
+    assert_eq!(s1.load_u32(a1.add(5 * PAGE)).unwrap(), want);
+    assert_eq!(dev.used(), (N - 1) * PAGE);
+    // The device's mapping of the page that left was invalidated: its read faults it in again
+    // (now as a system page) and reads the same bytes.
+    m1.read(a1.get() as u64, N as u64, &mut buf).unwrap();
+    assert!(buf == pattern(N * PAGE, |i| i));
+    // Everything back by CPU reads from space 1.
+    let mut all = vec![0u8; N * PAGE];
+    s1.cpu_read(a1, &mut all).unwrap();
+    assert!(all == pattern(N * PAGE, |i| i));
+    assert_eq!(dev.used(), 0);
+    assert_eq!(cache.device_pages(), 0);
+}
+
+#[test]
+fn device_writes_to_private_file_pages_reach_the_disk_on_fsync_without_moving_them() {
+    let _w = watchdog("placement_private_writeback", 30);
+    let (f, cache, h) = file("place-wb");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    // The device writes its own frames (through a mapping that intercepts CPU stores).
+    let data = pattern(N * PAGE, |i| i.wrapping_mul(31) ^ 0xabcd);
+    m.write(a.get() as u64, N as u64, &data).unwrap();
+    h.fsync().unwrap();
+    assert!(f.disk() == data, "fsync wrote the device's bytes");
+    for p in 0..N {
+        assert!(
+            private_on(&cache, &dev, p),
+            "writeback left page {p} on the device"
+        );
+    }
+    // Written back: a second fsync writes nothing.
+    let written = cache.stats().pages_written_back;
+    h.fsync().unwrap();
+    assert_eq!(cache.stats().pages_written_back, written);
+    // A CPU store through the intercepting mapping brings its page back, and lands.
+    s.store_u32(a.add(2 * PAGE), 0x1234_5678).unwrap();
+    assert_eq!(cache.placement(2), PagePlacement::System);
+    h.fsync().unwrap();
+    let disk = f.disk();
+    assert_eq!(&disk[2 * PAGE..2 * PAGE + 4], &0x1234_5678u32.to_ne_bytes());
+    assert!(disk[2 * PAGE + 4..] == data[2 * PAGE + 4..]);
+}
+
+#[test]
+fn a_writable_mapping_that_does_not_intercept_stores_keeps_its_pages_in_system_memory() {
+    let _w = watchdog("placement_refused", 30);
+    let (_f, cache, h) = file("place-refused");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, true).unwrap();
+    let e = m
+        .migrate_range_to_device(a.get() as u64, N as u64)
+        .unwrap_err();
+    assert!(matches!(e, Error::StoresNotIntercepted { page: 0 }), "{e}");
+    assert_eq!(e.errno(), libc::EBUSY);
+    let e = cache
+        .place_on_device(0, (N * PAGE) as u64, dev.pagemap())
+        .unwrap_err();
+    assert!(matches!(e, Error::StoresNotIntercepted { .. }));
+    assert_eq!(dev.used(), 0);
+    // Device-coherent memory is fine: the CPU keeps mapping the page in place.
+    let c = SoftDevice::coherent(8 << 20).unwrap();
+    assert_eq!(
+        cache
+            .place_on_device(0, (N * PAGE) as u64, c.pagemap())
+            .unwrap(),
+        N as u64
+    );
+    assert_eq!(
+        cache.placement(0),
+        PagePlacement::DeviceCoherent { owner: c.owner() }
+    );
+}
+
+#[test]
+fn truncate_and_punch_drop_device_pages_without_writing_them() {
+    let _w = watchdog("placement_truncate", 30);
+    let (f, cache, h) = file("place-trunc");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    m.write(a.get() as u64, N as u64, &vec![0x5a; N * PAGE])
+        .unwrap();
+    // Punch pages 2..4: their device frames go, unwritten; they read as zeros.
+    h.punch_hole(2 * PAGE as u64, 2 * PAGE as u64).unwrap();
+    assert_eq!(cache.placement(2), PagePlacement::Uncached);
+    assert_eq!(dev.used(), (N - 2) * PAGE);
+    // Truncate to 8 pages: pages 8.. go, unwritten.
+    h.set_len(8 * PAGE as u64).unwrap();
+    assert_eq!(dev.used(), (8 - 2) * PAGE);
+    h.fsync().unwrap();
+    let disk = f.disk();
+    assert_eq!(disk.len(), 8 * PAGE);
+    assert!(disk[..2 * PAGE].iter().all(|&b| b == 0x5a));
+    assert!(disk[2 * PAGE..4 * PAGE].iter().all(|&b| b == 0));
+    assert!(disk[4 * PAGE..].iter().all(|&b| b == 0x5a));
+    // Extending again reads zeros past the old end, never the dropped device bytes.
+    h.set_len((N * PAGE) as u64).unwrap();
+    let mut back = vec![1u8; 8 * PAGE];
+    h.read_at(8 * PAGE as u64, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn device_release_brings_dirty_file_pages_back_and_nothing_is_lost() {
+    let _w = watchdog("placement_release", 30);
+    let (f, cache, h) = file("place-release");
+    let s = Space::new().unwrap();
+    let a = s
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    let data = pattern(N * PAGE, |i| !i);
+    {
+        let dev = SoftDevice::private(8 << 20).unwrap();
+        let m = dev.mirror(&s).unwrap();
+        m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+        m.write(a.get() as u64, N as u64, &data).unwrap();
+        // Release: every page comes back to the cache (dirty), the device is empty.
+        assert_eq!(dev.release().unwrap(), N);
+        assert_eq!(dev.used(), 0);
+        assert_eq!(cache.placement(0), PagePlacement::System);
+        m.migrate_range_to_device(a.get() as u64, 4).unwrap();
+        assert_eq!(dev.used(), 4 * PAGE);
+        // The device goes away with 4 pages on it (removal evicts them).
+    }
+    assert_eq!(cache.device_pages(), 0);
+    let mut back = vec![0u8; N * PAGE];
+    s.cpu_read(a, &mut back).unwrap();
+    assert!(back == data);
+    h.fsync().unwrap();
+    assert!(f.disk() == data);
+}
+
+#[test]
+fn write_at_and_direct_io_on_device_pages_stay_coherent() {
+    let _w = watchdog("placement_io", 30);
+    let (f, cache, h) = file("place-io");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    assert_eq!(
+        cache
+            .place_on_device(0, (N * PAGE) as u64, dev.pagemap())
+            .unwrap(),
+        N as u64
+    );
+    // write_at brings the pages it writes back first.
+    h.write_at(PAGE as u64 + 100, b"hello").unwrap();
+    assert_eq!(cache.placement(1), PagePlacement::System);
+    assert!(matches!(
+        cache.placement(0),
+        PagePlacement::DevicePrivate { .. }
+    ));
+    // A direct write to part of a device page updates the frame in place.
+    h.direct_write(4 * PAGE as u64 + 8, b"direct").unwrap();
+    assert!(matches!(
+        cache.placement(4),
+        PagePlacement::DevicePrivate { .. }
+    ));
+    let mut b = [0u8; 6];
+    h.read_at(4 * PAGE as u64 + 8, &mut b).unwrap();
+    assert_eq!(&b, b"direct");
+    let mut d = [0u8; 6];
+    h.direct_read(4 * PAGE as u64 + 8, &mut d).unwrap();
+    assert_eq!(&d, b"direct");
+    h.fsync().unwrap();
+    let mut want = pattern(N * PAGE, |i| i);
+    want[PAGE + 100..PAGE + 105].copy_from_slice(b"hello");
+    want[4 * PAGE + 8..4 * PAGE + 14].copy_from_slice(b"direct");
+    assert!(f.disk() == want);
+    // Back to system memory through the API: bytes unchanged, device empty.
+    cache.place_in_system(0, (N * PAGE) as u64).unwrap();
+    assert_eq!(dev.used(), 0);
+    let mut all = vec![0u8; N * PAGE];
+    h.read_at(0, &mut all).unwrap();
+    assert!(all == want);
+}
+
+#[test]
+fn coherent_file_pages_are_mapped_in_place_and_written_back_where_they_are() {
+    let _w = watchdog("placement_coherent", 30);
+    let (f, cache, h) = file("place-coherent");
+    let dev = SoftDevice::coherent(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, true).unwrap();
+    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    assert_eq!(
+        cache.placement(0),
+        PagePlacement::DeviceCoherent { owner: dev.owner() }
+    );
+    assert_eq!(dev.used(), N * PAGE);
+    // The CPU uses them in place: no fault, no migration.
+    let faults = s.stats().cpu_faults;
+    let mut back = vec![0u8; N * PAGE];
+    s.cpu_read(a, &mut back).unwrap();
+    assert!(back == pattern(N * PAGE, |i| i));
+    s.store_u32(a.add(PAGE), 0xfeed_f00d).unwrap();
+    assert_eq!(s.stats().cpu_faults, faults);
+    assert_eq!(
+        cache.placement(1),
+        PagePlacement::DeviceCoherent { owner: dev.owner() }
+    );
+    // The device sees the CPU's store and writes too; fsync reads them there.
+    let mut one = vec![0u8; PAGE];
+    m.read(a.add(PAGE).get() as u64, 1, &mut one).unwrap();
+    assert_eq!(&one[..4], &0xfeed_f00du32.to_ne_bytes());
+    m.write(a.add(3 * PAGE).get() as u64, 1, &vec![7u8; PAGE])
+        .unwrap();
+    h.fsync().unwrap();
+    let disk = f.disk();
+    assert_eq!(&disk[PAGE..PAGE + 4], &0xfeed_f00du32.to_ne_bytes());
+    assert!(disk[3 * PAGE..4 * PAGE].iter().all(|&b| b == 7));
+    // A long-term pin moves the pinned pages to system memory (releases their frames).
+    let pin = s.pin(a, 2 * PAGE, true).unwrap();
+    assert_eq!(cache.placement(0), PagePlacement::System);
+    assert_eq!(dev.used(), (N - 2) * PAGE);
+    drop(pin);
+    // Release: the rest are released in place.
+    assert_eq!(dev.release().unwrap(), N - 2);
+    assert_eq!(dev.used(), 0);
+    s.cpu_read(a, &mut back).unwrap();
+    assert_eq!(&back[PAGE..PAGE + 4], &0xfeed_f00du32.to_ne_bytes());
+}
+
+#[test]
+fn another_device_faulting_a_private_file_page_brings_it_back_first() {
+    let _w = watchdog("placement_foreign", 30);
+    let (_f, cache, h) = file("place-foreign");
+    let (d1, d2) = (
+        SoftDevice::private(8 << 20).unwrap(),
+        SoftDevice::private(8 << 20).unwrap(),
+    );
+    let s = Space::new().unwrap();
+    let (m1, m2) = (d1.mirror(&s).unwrap(), d2.mirror(&s).unwrap());
+    let a = s.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    m1.migrate_range_to_device(a.get() as u64, N as u64)
+        .unwrap();
+    let mut buf = vec![0u8; N * PAGE];
+    m2.read(a.get() as u64, N as u64, &mut buf).unwrap();
+    assert!(buf == pattern(N * PAGE, |i| i));
+    assert_eq!(cache.placement(0), PagePlacement::System);
+    assert_eq!(d1.used(), 0);
+    // Device 2 can now take them.
+    m2.migrate_range_to_device(a.get() as u64, N as u64)
+        .unwrap();
+    assert!(private_on(&cache, &d2, N - 1));
+    // Device full: the pages that fit move, the rest stay (and a device with no room at all
+    // says so).
+    let small = SoftDevice::private(2 << 20).unwrap();
+    m2.migrate_to_system(a.get() as u64, N as u64).unwrap();
+    assert_eq!(d2.used(), 0);
+    let filler = Space::new().unwrap();
+    let fm = small.mirror(&filler).unwrap();
+    let fa = filler.map_anon(2 << 20, Prot::ReadWrite).unwrap();
+    filler.cpu_write(fa, &vec![1u8; 2 << 20]).unwrap();
+    fm.migrate_range_to_device(fa.get() as u64, 512).unwrap();
+    assert_eq!(small.used(), 2 << 20);
+    let e = cache
+        .place_on_device(0, (N * PAGE) as u64, small.pagemap())
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::ENOMEM);
+    assert_eq!(cache.placement(0), PagePlacement::System);
+}
+
+#[test]
+fn device_writes_racing_cpu_faults_from_another_space_truncate_free_and_fsync_lose_nothing() {
+    let _w = watchdog("placement_race", 60);
+    let (f, cache, h) = file("place-race");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let (s1, s2) = (Space::new().unwrap(), Space::new().unwrap());
+    let m = dev.mirror(&s1).unwrap();
+    let a1 = s1
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    let a2 = s2.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // The last generation the device wrote to each page (a page holds one u32, repeated).
+    let mut last = vec![None::<u32>; N];
+    std::thread::scope(|sc| {
+        let reader = sc.spawn(|| {
+            at("cpu reads from space 2");
+            let mut k = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = k % N;
+                let v = s2.load_u32(a2.add(p * PAGE)).unwrap();
+                // Either the file's original word or a device generation (tagged 0xd0..).
+                let orig = u32::from_ne_bytes(
+                    pattern(N * PAGE, |i| i)[p * PAGE..p * PAGE + 4]
+                        .try_into()
+                        .unwrap(),
+                );
+                assert!(
+                    v == orig || v >> 24 == 0xd0,
+                    "page {p}: torn or stale word {v:#x}"
+                );
+                k += 7;
+            }
+        });
+        at("device writes");
+        for g in 0..300u32 {
+            let p = (g as usize * 5) % N;
+            let _ = m.migrate_range_to_device(a1.get() as u64, N as u64);
+            let word = 0xd000_0000 | g;
+            let buf: Vec<u8> = (0..PAGE / 4).flat_map(|_| word.to_ne_bytes()).collect();
+            match m.write(a1.add(p * PAGE).get() as u64, 1, &buf) {
+                Ok(_) => last[p] = Some(word),
+                // The page came back to system memory meanwhile: a device may not write
+                // through a mapping that intercepts stores (EPERM).
+                Err(e) => assert_eq!(e.errno(), libc::EPERM, "{e}"),
+            }
+            if g % 50 == 49 {
+                h.fsync().unwrap();
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap();
+    });
+    h.fsync().unwrap();
+    let disk = f.disk();
+    let orig = pattern(N * PAGE, |i| i);
+    for p in 0..N {
+        let page = &disk[p * PAGE..(p + 1) * PAGE];
+        match last[p] {
+            Some(w) => assert!(
+                page.chunks(4).all(|c| c == w.to_ne_bytes()),
+                "page {p} lost the device's last write {w:#x}"
+            ),
+            None => assert!(page == &orig[p * PAGE..(p + 1) * PAGE]),
+        }
+    }
+    drop(cache);
+}
