@@ -1006,18 +1006,7 @@ impl DeviceMirror {
     /// [`Error::NotPresent`] (ENOENT) naming the first page that did not move.
     pub fn migrate_range_to_device(&self, addr: u64, npages: u64) -> Result<CmdOut> {
         let r = range_of(addr, npages)?;
-        if let Some((cache, first)) = self.inner.space.shared_file_range(r) {
-            // A shared file mapping (where the kernel says ENOENT): the file's pages move
-            // through its cache, for every mapping of the file at once.
-            self.inner.space.check_owner_process()?;
-            cache.place_on_device(
-                first * PAGE_SIZE as u64,
-                r.len() as u64,
-                &self.inner.dev.pagemap,
-            )?;
-        } else {
-            self.migrate_range(r)?;
-        }
+        self.migrate_range(r)?;
         let first = r.start.page().0;
         let mut cur = self.mapped_until(&r, first);
         if cur < r.end.page().0 {
@@ -1055,6 +1044,17 @@ impl DeviceMirror {
     fn migrate_range(&self, r: VaRange) -> Result<()> {
         let space = &self.inner.space;
         space.check_owner_process()?;
+        if let Some((cache, first)) = space.shared_file_range(r) {
+            // A shared file mapping (where the kernel says ENOENT): the file's pages move
+            // through its cache, for every mapping of the file at once (see
+            // docs/filesystem-contract.md).
+            cache.place_on_device(
+                first * PAGE_SIZE as u64,
+                r.len() as u64,
+                &self.inner.dev.pagemap,
+            )?;
+            return Ok(());
+        }
         let pm = self.inner.dev.pagemap.clone();
         let notifier = self.notifier()?;
         let mut a = r.start;
