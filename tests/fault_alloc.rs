@@ -266,3 +266,52 @@ fn intercepted_stores_at_the_dirty_bound_allocate_nothing() {
         );
     }
 }
+
+/// A CPU access to a file page in device-private memory brings it back into the cache (two
+/// phases: the page is blocked and every device mapping of it invalidated, then its bytes are
+/// copied back): nothing allocated in the faulting thread, loads and intercepted stores alike.
+#[test]
+fn file_pages_coming_back_from_device_memory_allocate_nothing() {
+    let _w = watchdog("fault_alloc_file_device", 60);
+    let content = pattern(N * PAGE, |i| i);
+    let f = TempFile::new("fault-alloc-device", &content);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let s = small_space();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s
+        .map_file_with(
+            &h,
+            0,
+            N * PAGE,
+            FileMapOptions {
+                prot: Prot::ReadWrite,
+                shared: true,
+                intercept_stores: true,
+            },
+        )
+        .unwrap();
+    let pa = s.probe(a, N * PAGE).unwrap();
+    for round in 0..3 {
+        m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+        assert_eq!(dev.used(), N * PAGE);
+        let n = counted(|| {
+            for k in 0..N {
+                let i = (k * 37) % N;
+                if k % 2 == 0 {
+                    assert_eq!(load(&pa, a.add(i * PAGE)), (i * PAGE / 4) as u32);
+                } else {
+                    store(&pa, a.add(i * PAGE), (i * PAGE / 4) as u32);
+                }
+            }
+        });
+        assert_eq!(
+            n, 0,
+            "round {round}: bringing file pages back allocated {n} times"
+        );
+        assert_eq!(dev.used(), 0);
+    }
+    h.fsync().unwrap();
+    assert!(f.disk() == content);
+}

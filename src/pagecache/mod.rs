@@ -63,6 +63,8 @@ pub(crate) use placement::cache_by_id;
 use state::{PageState, PageStates};
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Blocked runs the cache has room for without allocating (see `prepare_for_faults`).
+const BLOCKED_RESERVE: usize = 64;
 /// Bytes a fill reads from the file at once (the largest fault-around window).
 const FILL_CHUNK: usize = 2 << 20;
 
@@ -181,10 +183,13 @@ impl Drop for Removal<'_> {
         // Pages removed from the memfd lost their entries in every mapping, write protection
         // included: protect them again where stores are intercepted, so that the next store
         // after a refill faults.
-        let blocked = std::mem::take(&mut self.st.blocked);
-        for (f, l) in blocked {
+        // (By index, keeping the list's memory: a CPU fault that brings a page back from a
+        // device blocks it here too, and must not allocate.)
+        for k in 0..self.st.blocked.len() {
+            let (f, l) = self.st.blocked[k];
             FileCache::protect_sync_mappings(&self.st, f, l);
         }
+        self.st.blocked.clear();
     }
 }
 
@@ -768,6 +773,8 @@ impl FileCache {
     /// mapping's length is bounded by the address space that holds its page entries).
     fn prepare_for_faults(st: &mut CacheState, first: u64, last: u64) {
         st.pages.reserve(first, last);
+        // Room for the pages that CPU faults block while they bring pages back from devices.
+        st.blocked.reserve(BLOCKED_RESERVE);
         if st.fill_buf.len() < FILL_CHUNK {
             st.fill_buf = vec![0u8; FILL_CHUNK];
         }
@@ -1110,14 +1117,43 @@ impl FileCache {
     /// Phase one of a removal of file pages `first..last` (see [`Removal`]).
     fn begin_removal(&self, first: u64, last: u64) -> Removal<'_> {
         let serial = lock(&self.removal);
-        self.block_and_invalidate(if first < last {
-            vec![(first, last)]
-        } else {
-            Vec::new()
-        });
+        if first < last {
+            lock(&self.st).blocked.push((first, last));
+            self.invalidate_mappings(first, last);
+        }
         Removal {
             st: lock(&self.st),
             _serial: serial,
+        }
+    }
+
+    /// Invalidates the device mappings of file pages `first..last` in every mapping of the
+    /// file, each under its address space's lock, with the cache lock not held (taken only to
+    /// read one mapping record at a time: nothing is allocated). Mappings made meanwhile cannot
+    /// map the pages on a device: they are blocked.
+    fn invalidate_mappings(&self, first: u64, last: u64) {
+        let mut i = 0;
+        loop {
+            let m = match lock(&self.st).mappings.get(i) {
+                Some(m) => m.clone(),
+                None => return,
+            };
+            i += 1;
+            let (s, e) = (
+                m.pgoff.max(first),
+                (m.pgoff + m.range.pages() as u64).min(last),
+            );
+            if s >= e {
+                continue;
+            }
+            let Some(space) = m.space.upgrade() else {
+                continue;
+            };
+            let vr = crate::addr::VaRange {
+                start: m.range.start.add(((s - m.pgoff) * PAGE) as usize),
+                end: m.range.start.add(((e - m.pgoff) * PAGE) as usize),
+            };
+            space.invalidate_file_range(vr);
         }
     }
 
@@ -1125,29 +1161,9 @@ impl FileCache {
     /// device mappings of them in every mapping, each under its address space's lock, with the
     /// cache lock not held. The caller holds `removal`.
     fn block_and_invalidate(&self, runs: Vec<(u64, u64)>) {
-        let recs = {
-            let mut st = lock(&self.st);
-            st.blocked.extend(runs.iter().copied());
-            st.mappings.clone()
-        };
+        lock(&self.st).blocked.extend(runs.iter().copied());
         for (first, last) in runs {
-            for m in &recs {
-                let (s, e) = (
-                    m.pgoff.max(first),
-                    (m.pgoff + m.range.pages() as u64).min(last),
-                );
-                if s >= e {
-                    continue;
-                }
-                let Some(space) = m.space.upgrade() else {
-                    continue;
-                };
-                let vr = crate::addr::VaRange {
-                    start: m.range.start.add(((s - m.pgoff) * PAGE) as usize),
-                    end: m.range.start.add(((e - m.pgoff) * PAGE) as usize),
-                };
-                space.invalidate_file_range(vr);
-            }
+            self.invalidate_mappings(first, last);
         }
     }
 

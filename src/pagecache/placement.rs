@@ -295,6 +295,14 @@ impl FileCache {
 
     /// [`Self::place_in_system`] over file pages `first..last`.
     pub(crate) fn bring_back(&self, first: u64, last: u64) -> Result<u64> {
+        if last == first + 1 {
+            // One page (a CPU fault's): nothing allocated on this path.
+            let mut st = self.begin_removal(first, last);
+            if st.pages.slot(first).is_none() {
+                return Ok(0);
+            }
+            return self.restore_page(&mut st, first).map(|()| 1);
+        }
         if first >= last || lock(&self.st).pages.placed_in(first, last).is_empty() {
             return Ok(0);
         }
