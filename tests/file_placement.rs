@@ -358,7 +358,7 @@ fn device_writes_racing_cpu_faults_from_another_space_truncate_free_and_fsync_lo
     let a2 = s2.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     // The last generation the device wrote to each page (a page holds one u32, repeated).
-    let mut last = vec![None::<u32>; N];
+    let mut last = [None::<u32>; N];
     std::thread::scope(|sc| {
         let reader = sc.spawn(|| {
             at("cpu reads from space 2");
