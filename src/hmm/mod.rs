@@ -34,6 +34,7 @@
 
 use crate::addr::{FrameIdx, PAGE_SIZE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
+use crate::pagecache::StoreFault;
 use crate::pool::{MemoryKind, Owner, PagemapId};
 use crate::space::{PageState, SpaceCore};
 use crate::sync::Arc;
@@ -161,9 +162,9 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
         };
         let (readable, writable) = (v.prot.readable(), v.prot.writable());
         // A shared file mapping that intercepts stores keeps clean pages write-protected and
-        // write-protects them again at writeback, without notifying mirrors: a device write
-        // through it would fault inside the device's copy. Devices get read access only
-        // (a write request is refused, EPERM); see docs/filesystem-contract.md.
+        // write-protects them again at writeback: a device gets write access to a page only
+        // through the cache (below), which makes the page dirty first and revokes the access
+        // before protecting the page again; see docs/filesystem-contract.md.
         let intercepts = v.file.as_ref().is_some_and(|f| f.shared && f.sync);
         // A device-private file page is written in its frame, never through the CPU view: the
         // mapping's own permission applies.
@@ -188,12 +189,52 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             },
             None => None,
         };
-        let writable = match &file_dev {
+        let mut writable = match &file_dev {
             Some((dp, ..)) if !dp.coherent && Some(dp.owner) == range.dev_private_owner => {
                 frame_writable
             }
             _ => writable,
         };
+        if intercepts && file_dev.is_none() && frame_writable {
+            // A mapping that intercepts stores: a device may write a page through it once the
+            // cache has made the page dirty and let writes through (as for a CPU store), and
+            // recorded the device's write access, which writeback revokes (a PROTECTION
+            // event) before it write-protects the page again.
+            let (cache, page) = st.file_page(a).expect("a shared file mapping");
+            if want_write {
+                let r = VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                };
+                match cache.device_write_fault(&*space.mm, page, r) {
+                    Ok(StoreFault::Done) => writable = true,
+                    Ok(StoreFault::WaitFlush) => {
+                        drop(st);
+                        cache.wait_flush();
+                        return Err(Error::Busy);
+                    }
+                    Ok(StoreFault::Device) => {
+                        drop(st);
+                        cache.settle(page, false)?;
+                        return Err(Error::Busy);
+                    }
+                    Ok(StoreFault::Sigbus) => {
+                        return Err(Error::os(
+                            "device write to a file page past its end or at a failing dirty bound",
+                            std::io::Error::from_raw_os_error(libc::EIO),
+                        ));
+                    }
+                    Err(Error::Busy) => {
+                        drop(st);
+                        cache.wait_for_removal();
+                        return Err(Error::Busy);
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                writable = cache.device_writable(page);
+            }
+        }
         if want_write && !writable {
             return Err(Error::NoWrite { addr: a });
         }

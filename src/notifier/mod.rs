@@ -31,6 +31,9 @@ pub enum NotifyEvent {
     Clear,
     /// The mapping's protection changes.
     ProtectionVma,
+    /// Pages are write-protected again (writeback of pages a device may write through a
+    /// mapping that intercepts stores: the device's write access is revoked first).
+    ProtectionPage,
     /// The address space is going away.
     Release,
     /// Pages migrate; `owner` is the initiating device, if any.

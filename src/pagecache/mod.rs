@@ -113,6 +113,10 @@ struct CacheState {
     /// The devices whose memory holds pages of the file (a page's placement names one by its
     /// index here; see `placement.rs`).
     devs: Vec<Arc<crate::pool::Pagemap>>,
+    /// Pages a device may write through a mapping that intercepts stores (granted by
+    /// [`FileCache::device_write_fault`]): writeback keeps them dirty and unprotected until
+    /// the device's write access is revoked ([`FileCache::lock_for_writeback`]).
+    dev_writable: std::collections::BTreeSet<u64>,
 }
 
 /// The state of a writeback asked of the background thread by stores at the dirty bound.
@@ -178,6 +182,31 @@ impl std::ops::DerefMut for Removal<'_> {
     }
 }
 
+/// The cache lock for a writeback ([`FileCache::lock_for_writeback`]).
+enum WritebackGuard<'a> {
+    Plain(crate::sync::Guard<'a, CacheState>),
+    Revoked(Removal<'a>),
+}
+
+impl std::ops::Deref for WritebackGuard<'_> {
+    type Target = CacheState;
+    fn deref(&self) -> &CacheState {
+        match self {
+            WritebackGuard::Plain(g) => g,
+            WritebackGuard::Revoked(r) => r,
+        }
+    }
+}
+
+impl std::ops::DerefMut for WritebackGuard<'_> {
+    fn deref_mut(&mut self) -> &mut CacheState {
+        match self {
+            WritebackGuard::Plain(g) => g,
+            WritebackGuard::Revoked(r) => r,
+        }
+    }
+}
+
 impl Drop for Removal<'_> {
     fn drop(&mut self) {
         // Pages removed from the memfd lost their entries in every mapping, write protection
@@ -198,9 +227,13 @@ impl Drop for Removal<'_> {
 /// (`space::SpaceCore`): the cache reaches it only to invalidate device mappings of pages it
 /// removes, and the space's fault service calls into the cache (never the other way round).
 pub(crate) trait MappingHost: Send + Sync {
-    /// Invalidates the device mappings of `range` (the space's interval notifiers, a `Clear`
-    /// event), under the space's own state lock, which the caller must not hold.
-    fn invalidate_file_range(&self, range: crate::addr::VaRange);
+    /// Invalidates the device mappings of `range` (the space's interval notifiers, with
+    /// `event`), under the space's own state lock, which the caller must not hold.
+    fn invalidate_file_range(
+        &self,
+        range: crate::addr::VaRange,
+        event: crate::notifier::NotifyEvent,
+    );
 }
 
 /// One mapping of the file: where it is, and which file page its first page is.
@@ -431,6 +464,7 @@ impl FileCache {
                 pinned: std::collections::BTreeMap::new(),
                 flush: Flush::Idle,
                 devs: Vec::new(),
+                dev_writable: std::collections::BTreeSet::new(),
             }),
             rmap_id: AtomicU32::new(0),
         }))
@@ -505,6 +539,9 @@ impl FileCache {
         if new == PageState::Uncached {
             // Leaving the cache: a device frame holding it goes too (not written).
             self.release_slot(st, p);
+            if !st.dev_writable.is_empty() {
+                st.dev_writable.remove(&p);
+            }
         }
         st.pages.set(p, new);
     }
@@ -615,8 +652,19 @@ impl FileCache {
             }
             let len = ((e - s) * PAGE).min(st.size - s * PAGE) as usize;
             // Mappings that intercept stores: protect the run again first, so that a store
-            // from now on faults and dirties the page again.
-            Self::protect_sync_mappings(st, s, e);
+            // from now on faults and dirties the page again — except pages a device may write
+            // through such a mapping (its write access is revoked only by a writeback that
+            // takes `lock_for_writeback`): they are written and stay dirty and unprotected.
+            if st.dev_writable.range(s..e).next().is_none() {
+                Self::protect_sync_mappings(st, s, e);
+            } else {
+                let mut q = s;
+                while q < e {
+                    let k = st.dev_writable.range(q..e).next().copied().unwrap_or(e);
+                    Self::protect_sync_mappings(st, q, k);
+                    q = k + 1;
+                }
+            }
             let mut buf = vec![0u8; len];
             if let Err(err) = self.memfd.read_at(s * PAGE, &mut buf) {
                 failed = Some(err);
@@ -652,7 +700,7 @@ impl FileCache {
             match res {
                 Ok(()) => {
                     for q in s..e {
-                        if st.pages.get(q) == PageState::Dirty {
+                        if st.pages.get(q) == PageState::Dirty && !st.dev_writable.contains(&q) {
                             self.set_state(st, q, PageState::Clean);
                         }
                     }
@@ -882,7 +930,7 @@ impl FileCache {
     /// included) and syncs the file's data: `msync(MS_SYNC)` of a mapped range. A failure is
     /// returned and recorded for every handle's next `fsync` (errseq).
     pub(crate) fn sync_range(&self, first: u64, last: u64) -> Result<()> {
-        let mut st = lock(&self.st);
+        let mut st = self.lock_for_writeback();
         self.collect_written(&mut st);
         let dirty = st.pages.dirty_in(first, last);
         self.writeback(&mut st, &dirty)?;
@@ -903,7 +951,7 @@ impl FileCache {
     /// every dirty page back (errors stay recorded for the next `fsync`). Returns the pages
     /// written.
     pub fn writeback_round(&self) -> u64 {
-        let mut st = lock(&self.st);
+        let mut st = self.lock_for_writeback();
         let before = st.stats.pages_written_back;
         self.collect_written(&mut st);
         let all = st.pages.all_dirty();
@@ -961,36 +1009,117 @@ impl FileCache {
             return Ok(StoreFault::Device);
         }
         self.fill(&mut st, p, p + 1)?;
-        if st.pages.get(p) != PageState::Dirty {
-            if (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound {
-                match st.flush {
-                    Flush::Failed => {
-                        st.flush = Flush::Idle;
-                        return Ok(StoreFault::Sigbus);
-                    }
-                    Flush::Idle | Flush::Requested => {
-                        let Some(bell) = lock(&self.evictor).clone() else {
-                            // No background thread (it could not be started): write back here.
-                            let all = st.pages.all_dirty();
-                            if self.writeback(&mut st, &all).is_err()
-                                && (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound
-                            {
-                                return Ok(StoreFault::Sigbus);
-                            }
-                            return Ok(StoreFault::Done);
-                        };
-                        st.flush = Flush::Requested;
-                        drop(st);
-                        bell.ring();
-                        return Ok(StoreFault::WaitFlush);
-                    }
-                }
-            }
-            self.set_state(&mut st, p, PageState::Dirty);
+        if let Some(f) = self.dirty_one(&mut st, p) {
+            return Ok(f);
         }
         mm.file_write_protect(r, false)
             .map_err(|e| Error::os("let stores through", e))?;
         Ok(StoreFault::Done)
+    }
+
+    /// Makes page `p` dirty within the dirty bound (for a store fault or a device write). At
+    /// the bound: `Some(Sigbus)` when the last writeback failed, else the background thread is
+    /// asked for a writeback and `Some(WaitFlush)` is returned (or, without that thread, the
+    /// writeback runs here).
+    fn dirty_one(&self, st: &mut CacheState, p: u64) -> Option<StoreFault> {
+        if st.pages.get(p) == PageState::Dirty {
+            return None;
+        }
+        if (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound {
+            match st.flush {
+                Flush::Failed => {
+                    st.flush = Flush::Idle;
+                    return Some(StoreFault::Sigbus);
+                }
+                Flush::Idle | Flush::Requested => {
+                    let Some(bell) = lock(&self.evictor).clone() else {
+                        // No background thread (it could not be started): write back here.
+                        let all = st.pages.all_dirty();
+                        if self.writeback(st, &all).is_err()
+                            && (st.pages.dirty + 1) * PAGE_SIZE > self.cfg.dirty_bound
+                        {
+                            return Some(StoreFault::Sigbus);
+                        }
+                        self.set_state(st, p, PageState::Dirty);
+                        return None;
+                    };
+                    st.flush = Flush::Requested;
+                    bell.ring();
+                    return Some(StoreFault::WaitFlush);
+                }
+            }
+        }
+        self.set_state(st, p, PageState::Dirty);
+        None
+    }
+
+    /// A device asks to write page `p` of a mapping that intercepts stores (at `r` in `mm`):
+    /// as a store fault, the page is filled and becomes dirty within the dirty bound and this
+    /// mapping lets stores through; and the page is recorded as device-writable, so that
+    /// writeback first revokes the device's write access (see [`Self::lock_for_writeback`])
+    /// before it write-protects the page again. EBUSY while the page is being removed or
+    /// written back that way.
+    pub(crate) fn device_write_fault(
+        &self,
+        mm: &dyn crate::mm::Mm,
+        p: u64,
+        r: crate::addr::VaRange,
+    ) -> Result<StoreFault> {
+        let mut st = lock(&self.st);
+        if p >= st.pages.len() {
+            return Ok(StoreFault::Sigbus);
+        }
+        if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
+            return Err(Error::Busy);
+        }
+        if st.pages.slot(p).is_some_and(|s| !s.coherent) {
+            return Ok(StoreFault::Device);
+        }
+        self.fill(&mut st, p, p + 1)?;
+        if let Some(f) = self.dirty_one(&mut st, p) {
+            return Ok(f);
+        }
+        st.dev_writable.insert(p);
+        mm.file_write_protect(r, false)
+            .map_err(|e| Error::os("let device writes through", e))?;
+        Ok(StoreFault::Done)
+    }
+
+    /// Whether a device may hold write access to page `p` through a mapping that intercepts
+    /// stores.
+    pub(crate) fn device_writable(&self, p: u64) -> bool {
+        lock(&self.st).dev_writable.contains(&p)
+    }
+
+    /// The cache lock for a writeback that must leave pages clean and write-protected: pages
+    /// devices may write through mappings that intercept stores have their device write access
+    /// revoked first (two phases, as a removal: blocked, every device mapping of them
+    /// invalidated with no cache lock held, a PROTECTION event), so that writeback can protect
+    /// them again; the guard unblocks them when dropped.
+    fn lock_for_writeback(&self) -> WritebackGuard<'_> {
+        let runs = {
+            let st = lock(&self.st);
+            if st.dev_writable.is_empty() {
+                return WritebackGuard::Plain(st);
+            }
+            let v: Vec<u64> = st.dev_writable.iter().copied().collect();
+            placement::runs_of(&v)
+        };
+        let serial = lock(&self.removal);
+        lock(&self.st).blocked.extend(runs.iter().copied());
+        for &(first, last) in &runs {
+            self.invalidate_mappings_as(first, last, crate::notifier::NotifyEvent::ProtectionPage);
+        }
+        let mut st = lock(&self.st);
+        for (first, last) in runs {
+            for p in first..last {
+                st.dev_writable.remove(&p);
+            }
+        }
+        WritebackGuard::Revoked(Removal {
+            st,
+            _serial: serial,
+        })
     }
 
     /// Waits, with no lock held, until the writeback that a store at the dirty bound asked for
@@ -1007,7 +1136,7 @@ impl FileCache {
     /// (if any), then eviction down to the budget.
     fn background_round(&self) {
         let asked = {
-            let mut st = lock(&self.st);
+            let mut st = self.lock_for_writeback();
             if st.flush == Flush::Requested {
                 self.collect_written(&mut st);
                 let all = st.pages.all_dirty();
@@ -1132,6 +1261,11 @@ impl FileCache {
     /// read one mapping record at a time: nothing is allocated). Mappings made meanwhile cannot
     /// map the pages on a device: they are blocked.
     fn invalidate_mappings(&self, first: u64, last: u64) {
+        self.invalidate_mappings_as(first, last, crate::notifier::NotifyEvent::Clear);
+    }
+
+    /// [`Self::invalidate_mappings`] with `event`.
+    fn invalidate_mappings_as(&self, first: u64, last: u64, event: crate::notifier::NotifyEvent) {
         let mut i = 0;
         loop {
             let m = match lock(&self.st).mappings.get(i) {
@@ -1153,7 +1287,7 @@ impl FileCache {
                 start: m.range.start.add(((s - m.pgoff) * PAGE) as usize),
                 end: m.range.start.add(((e - m.pgoff) * PAGE) as usize),
             };
-            space.invalidate_file_range(vr);
+            space.invalidate_file_range(vr, event);
         }
     }
 
@@ -1418,7 +1552,7 @@ impl FileHandle {
 
     fn sync(&self, data_only: bool) -> Result<()> {
         let c = &self.cache;
-        let mut st = lock(&c.st);
+        let mut st = c.lock_for_writeback();
         c.collect_written(&mut st);
         let all = st.pages.all_dirty();
         let _ = c.writeback(&mut st, &all);

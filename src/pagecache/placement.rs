@@ -477,7 +477,7 @@ impl FileCache {
 }
 
 /// Maximal runs of consecutive numbers in sorted `v`, as `(first, one past last)`.
-fn runs_of(v: &[u64]) -> Vec<(u64, u64)> {
+pub(super) fn runs_of(v: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &p in v {
         match out.last_mut() {

@@ -1137,9 +1137,9 @@ impl NotifierHost for SpaceCore {
 }
 
 impl MappingHost for SpaceCore {
-    fn invalidate_file_range(&self, r: VaRange) {
+    fn invalidate_file_range(&self, r: VaRange, event: NotifyEvent) {
         let st = self.lock_state();
-        self.invalidate(&st, r, NotifyEvent::Clear, None);
+        self.invalidate(&st, r, event, None);
     }
 }
 

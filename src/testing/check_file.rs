@@ -31,8 +31,8 @@
 //! that allocates fails with ENOMEM or ENOSPC). With the mappings: word stores and loads through
 //! the shared mapping and whole-page device reads and writes (within the end of file, after
 //! clearing the fault plans: a failed fill there is SIGBUS): a load or device read must return
-//! the model's bytes, a store or device write changes the model, and a device write through an
-//! intercepting mapping is refused (EPERM). Word stores and loads through the private mapping
+//! the model's bytes, a store or device write changes the model (through an intercepting mapping
+//! too: writeback revokes the device's write access before it protects a page again). Word stores and loads through the private mapping
 //! are checked against per-page snapshots taken when the space reports the page filled (the
 //! file's bytes at that moment; fault-around fills neighbours too), never reach the file, and
 //! survive truncation; filled private pages migrate to the device and back (the device reads
@@ -1042,19 +1042,13 @@ impl World {
                     let off = page * PAGE;
                     if let Some(seed) = write {
                         let d = data(seed, n * PAGE);
-                        let r = m.write(addr, n as u64, &d);
-                        if self.intercept {
-                            // Devices get read access only to mappings that intercept stores.
-                            let e = r.err();
-                            ensure!(
-                                e.as_ref().map(|e| e.errno()) == Some(libc::EPERM),
-                                "{what}: device write through an intercepting mapping: {e:?}, not EPERM"
-                            );
-                        } else {
-                            r.map_err(|e| format!("{what}: device write: {e}"))?;
-                            self.m.write(off, &d);
-                            self.stats.mapped_bytes += d.len() as u64;
-                        }
+                        // Through an intercepting mapping too: the cache grants the device
+                        // write access to each page (dirty first, within the bound) and
+                        // writeback revokes it before protecting the page again.
+                        m.write(addr, n as u64, &d)
+                            .map_err(|e| format!("{what}: device write: {e}"))?;
+                        self.m.write(off, &d);
+                        self.stats.mapped_bytes += d.len() as u64;
                     } else {
                         let mut buf = vec![0u8; n * PAGE];
                         m.read(addr, n as u64, &mut buf)
