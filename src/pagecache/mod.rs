@@ -217,6 +217,11 @@ impl Drop for Removal<'_> {
         for k in 0..self.st.blocked.len() {
             let (f, l) = self.st.blocked[k];
             FileCache::protect_sync_mappings(&self.st, f, l);
+            // Their device mappings were invalidated in phase one and they are protected
+            // again: a device's write access to them must be asked for again.
+            while let Some(&p) = self.st.dev_writable.range(f..l).next() {
+                self.st.dev_writable.remove(&p);
+            }
         }
         self.st.blocked.clear();
     }
