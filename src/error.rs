@@ -144,6 +144,19 @@ pub enum Error {
     /// The address space or device is gone (EINVAL, as dmirror's "mm is gone").
     #[error("the address space is gone")]
     Gone,
+    /// A CPU access made through [`crate::Space::cpu_read`], `cpu_write`, `load_u32`,
+    /// `store_u32` or `fetch_add_u64` of a space over the in-memory kernel model
+    /// (`Space::new_model`, with the `testing` feature) ended with a signal (EFAULT): `SIGBUS`
+    /// when hetmem did not serve its fault (past the end of a file mapping, a fill that failed),
+    /// `SIGSEGV` when nothing is mapped there or the protection forbids it. Over the real kernel
+    /// the thread gets the signal itself.
+    #[error("the CPU access at {addr} ended with signal {signo}")]
+    Signal {
+        /// The page the access faulted on.
+        addr: VirtAddr,
+        /// The signal number.
+        signo: i32,
+    },
     /// An operating system call failed.
     #[error("{op}: {source}")]
     Os {
@@ -169,7 +182,7 @@ impl Error {
             | Error::NotRegularFile { .. }
             | Error::Forked { .. }
             | Error::Gone => libc::EINVAL,
-            Error::NotMapped { .. } | Error::NoRead { .. } => libc::EFAULT,
+            Error::NotMapped { .. } | Error::NoRead { .. } | Error::Signal { .. } => libc::EFAULT,
             Error::Overlap { .. } => libc::EEXIST,
             Error::NoWrite { .. } | Error::ExclusiveRemains => libc::EPERM,
             Error::Busy | Error::StoresNotIntercepted { .. } => libc::EBUSY,

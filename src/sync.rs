@@ -172,7 +172,7 @@ fn level_of<T>() -> Option<u8> {
         n if n.ends_with("space::SpaceState") => 10,
         n if n.ends_with("pagecache::CacheState") => 15,
         n if n.contains("mm::ThreadService") => 17,
-        n if n.contains("mm::ModelPage") => 18,
+        n if n.ends_with("mm::ModelState") => 18,
         n if n.ends_with("device::DevPageTable") => 20,
         n if n.ends_with("pool::PoolState") || n.contains("pagecache::Doorbell") => 30,
         _ => return None,

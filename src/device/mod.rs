@@ -912,7 +912,12 @@ impl DeviceMirror {
                 dev_private_owner: Some(self.owner()),
             };
             match range_fault(&mut range) {
-                Err(Error::Busy) => continue,
+                Err(Error::Busy) => {
+                    // A page is being removed from a file's cache, or a migration owns one:
+                    // let the thread that holds it run before trying again.
+                    crate::sync::thread::yield_now();
+                    continue;
+                }
                 Err(err) => return Err(err),
                 Ok(()) => {}
             }

@@ -5,9 +5,12 @@
 //!   carved out of it and registered with a userfaultfd (MISSING and WP modes). Faults are
 //!   served in the faulting thread (SIGBUS mode) or by a handler thread (thread mode), chosen per
 //!   mapping ([`FaultMode`]).
-//! * `ModelMm`: an in-memory model of the same contract (a map of present pages with a
-//!   write-protect bit). CPU accesses through it call the core's fault handler directly, so the
-//!   core's state machine can be explored under `shuttle`, which cannot drive userfaultfd or
+//! * `ModelMm`: an in-memory model of the same contract (mappings with their protections,
+//!   present anonymous pages with a write-protect bit, and file mappings of a page cache's memfd
+//!   with the kernel's MISSING faults, asynchronous and synchronous write-protect, `PAGEMAP_SCAN`
+//!   and SIGBUS past the end of file). CPU accesses through it call the core's fault handler
+//!   directly and return the signal an access ends with, so the core's state machine, the page
+//!   cache's included, can be explored under `shuttle`, which cannot drive userfaultfd or
 //!   signals. A test double: only with the `testing` feature (and in the unit-test build).
 //!
 //! # The contract
@@ -79,12 +82,29 @@ pub trait Mm: Send + Sync {
     fn write(&self, addr: VirtAddr, src: &[u8]);
     /// Copies `len` bytes of present pages at `addr` into `dst[off..]`.
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize);
-    /// A user CPU read (real loads: may fault into the core through `fault`).
-    fn cpu_read(&self, addr: VirtAddr, dst: &mut [u8], fault: &dyn Fn(VirtAddr, bool) -> bool);
+    /// A user CPU read (real loads: may fault into the core through `fault`, which returns
+    /// false for a fault it does not serve). Only the model returns the [`Signal`] the access
+    /// ends with; on the real kernel the thread gets it.
+    fn cpu_read(
+        &self,
+        addr: VirtAddr,
+        dst: &mut [u8],
+        fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<(), Signal>;
     /// A user CPU write (real stores: may fault into the core through `fault`).
-    fn cpu_write(&self, addr: VirtAddr, src: &[u8], fault: &dyn Fn(VirtAddr, bool) -> bool);
+    fn cpu_write(
+        &self,
+        addr: VirtAddr,
+        src: &[u8],
+        fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<(), Signal>;
     /// A user CPU atomic fetch-add on an aligned `u64`.
-    fn cpu_fetch_add(&self, addr: VirtAddr, v: u64, fault: &dyn Fn(VirtAddr, bool) -> bool) -> u64;
+    fn cpu_fetch_add(
+        &self,
+        addr: VirtAddr,
+        v: u64,
+        fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<u64, Signal>;
     /// Whether kernel-mode accesses to missing pages fail with EFAULT in every mode.
     fn user_mode_only(&self) -> bool;
     /// Creates a file mapping over a free part of the reservation: `fd` (a page cache's memfd)
@@ -384,12 +404,24 @@ impl Mm for KernelMm {
             .expect("copy of a range inside the reservation to a frame")
     }
 
-    fn cpu_read(&self, addr: VirtAddr, dst: &mut [u8], _fault: &dyn Fn(VirtAddr, bool) -> bool) {
-        sys::cpu_read(addr.get(), dst)
+    fn cpu_read(
+        &self,
+        addr: VirtAddr,
+        dst: &mut [u8],
+        _fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<(), Signal> {
+        sys::cpu_read(addr.get(), dst);
+        Ok(())
     }
 
-    fn cpu_write(&self, addr: VirtAddr, src: &[u8], _fault: &dyn Fn(VirtAddr, bool) -> bool) {
-        sys::cpu_write(addr.get(), src)
+    fn cpu_write(
+        &self,
+        addr: VirtAddr,
+        src: &[u8],
+        _fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<(), Signal> {
+        sys::cpu_write(addr.get(), src);
+        Ok(())
     }
 
     fn cpu_fetch_add(
@@ -397,8 +429,8 @@ impl Mm for KernelMm {
         addr: VirtAddr,
         v: u64,
         _fault: &dyn Fn(VirtAddr, bool) -> bool,
-    ) -> u64 {
-        sys::cpu_fetch_add_u64(addr.get(), v)
+    ) -> Result<u64, Signal> {
+        Ok(sys::cpu_fetch_add_u64(addr.get(), v))
     }
 
     fn user_mode_only(&self) -> bool {
@@ -500,6 +532,33 @@ impl Mm for KernelMm {
 // The in-memory model
 // ---------------------------------------------------------------------------------------------
 
+/// The signal a CPU access ended with ([`Mm::cpu_read`], [`Mm::cpu_write`],
+/// [`Mm::cpu_fetch_add`]). Only `ModelMm` reports one: on the real kernel the thread gets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Signal {
+    /// The page the access faulted on.
+    pub addr: VirtAddr,
+    /// `SIGBUS`: hetmem did not serve the fault (past the end of a file mapping, a fill that
+    /// failed, a store at a dirty bound whose writeback failed). `SIGSEGV`: no mapping there, or
+    /// its protection forbids the access.
+    pub signo: i32,
+}
+
+impl From<Signal> for crate::error::Error {
+    fn from(s: Signal) -> crate::error::Error {
+        crate::error::Error::Signal {
+            addr: s.addr,
+            signo: s.signo,
+        }
+    }
+}
+
+/// Faults one access may take in a row on one page before the model calls it a fault loop (the
+/// real kernel would retry it forever: a hang). Every legitimate retry (a page being removed,
+/// a racing eviction) ends once another thread makes progress, which takes a few retries.
+#[cfg(any(test, feature = "testing"))]
+const FAULT_LOOP_BOUND: usize = 10_000;
+
 #[cfg(any(test, feature = "testing"))]
 #[derive(Debug)]
 struct ModelPage {
@@ -507,16 +566,269 @@ struct ModelPage {
     wp: bool,
 }
 
-/// An in-memory model of [`Mm`]: a map from page number to present page. CPU accesses call the
-/// core's fault handler when the page is missing (or write-protected, for stores), exactly as
-/// the kernel raises a userfault.
 #[cfg(any(test, feature = "testing"))]
+/// How a file mapping tracks stores: the write-protect mode its userfaultfd was registered with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WpMode {
+    /// Not registered for write-protect (read-only shared, or private).
+    None,
+    /// `UFFD_FEATURE_WP_ASYNC`: a store to a protected page goes through and clears its bit.
+    Async,
+    /// Synchronous: a store to a protected page faults into hetmem.
+    Sync,
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// What a file mapping maps.
+#[derive(Debug, Clone)]
+struct ModelFile {
+    /// The memfd (a duplicate of the descriptor: its presence of pages and its size).
+    fd: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// A shared mapping of the memfd of the mapping's whole original length, through which the
+    /// model reads and writes the pages the mapping maps. Never touched at a hole (which it
+    /// would fill with zeros): every access checks first that the memfd holds the page.
+    view: std::sync::Arc<Region>,
+    /// Byte offset in `view` of this mapping's first page.
+    view_off: usize,
+    /// File offset of this mapping's first page.
+    off: u64,
+    shared: bool,
+    wp: WpMode,
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// A mapping of the model: pages `start..end` (the key of `ModelState::vmas` is `start`).
+#[derive(Debug, Clone)]
+struct ModelVma {
+    end: usize,
+    prot: Prot,
+    file: Option<ModelFile>,
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// Where an access to a page goes when the kernel lets it through.
+enum Target {
+    /// The anonymous page (or a private copy of a file page) in `ModelState::pages`.
+    Anon,
+    /// The memfd's page, at this byte offset of the view.
+    Shmem(std::sync::Arc<Region>, usize),
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// What the kernel does with an access to a page.
+enum Step {
+    Go(Target),
+    /// A fault into hetmem: a userfault (missing page, write-protected page with synchronous
+    /// write-protect) or a SIGBUS past the end of a file, which hetmem's handler sees too.
+    Fault,
+    /// A signal hetmem never sees (no mapping, or a protection that forbids the access).
+    Signal(i32),
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// The model's page tables (one lock).
+#[derive(Debug, Default)]
+struct ModelState {
+    /// Present anonymous pages, and private copies of file pages, by page number.
+    pages: std::collections::HashMap<usize, ModelPage>,
+    /// The mappings by first page number, as `map`/`map_file` made them and `protect`,
+    /// `track_writes` and `unmap` split them.
+    vmas: std::collections::BTreeMap<usize, ModelVma>,
+    /// Pages of file mappings registered for write-protect whose protection is off: on the
+    /// kernel, a present entry without the uffd-wp bit or an *empty* entry without a marker.
+    /// A store with asynchronous write-protect puts its page here; a scan reports and removes
+    /// them. A page leaves the memfd (punch, truncate, eviction) without leaving this set: the
+    /// kernel's zap keeps a marker where the entry was protected and leaves an empty entry, which
+    /// a scan reports as written, where it was not.
+    unprotected: std::collections::HashSet<usize>,
+}
+
+#[cfg(any(test, feature = "testing"))]
+fn page_bytes() -> u64 {
+    PAGE_SIZE as u64
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// The memfd's size.
+fn file_size(fd: &std::os::fd::OwnedFd) -> u64 {
+    rustix::fs::fstat(fd).map_or(0, |s| s.st_size as u64)
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// Whether the memfd holds the page at `off` (`SEEK_DATA`: the kernel's own view of it; a hole
+/// is what makes a mapping of it fault MISSING).
+fn has_page(fd: &std::os::fd::OwnedFd, off: u64) -> bool {
+    rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(off)).is_ok_and(|d| d < off + page_bytes())
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl ModelState {
+    fn vma(&self, vpn: usize) -> Option<(usize, &ModelVma)> {
+        self.vmas
+            .range(..=vpn)
+            .next_back()
+            .filter(|(_, v)| vpn < v.end)
+            .map(|(&s, v)| (s, v))
+    }
+
+    /// Splits the mapping that holds page `vpn` (not as its first page) in two at it.
+    fn split(&mut self, vpn: usize) {
+        let Some((start, v)) = self.vma(vpn).map(|(s, v)| (s, v.clone())) else {
+            return;
+        };
+        if start == vpn {
+            return;
+        }
+        let mut tail = v;
+        if let Some(f) = tail.file.as_mut() {
+            let skip = (vpn - start) * PAGE_SIZE;
+            f.view_off += skip;
+            f.off += skip as u64;
+        }
+        self.vmas.get_mut(&start).expect("found above").end = vpn;
+        self.vmas.insert(vpn, tail);
+    }
+
+    /// The mappings of pages `first..last`, split so that they lie wholly inside it.
+    fn vmas_in(
+        &mut self,
+        first: usize,
+        last: usize,
+    ) -> impl Iterator<Item = (&usize, &mut ModelVma)> {
+        self.split(first);
+        self.split(last);
+        self.vmas.range_mut(first..last)
+    }
+
+    /// Drops the mappings of pages `first..last` and everything they held.
+    fn remove(&mut self, first: usize, last: usize) {
+        let keys: Vec<usize> = self.vmas_in(first, last).map(|(&k, _)| k).collect();
+        for k in keys {
+            self.vmas.remove(&k);
+        }
+        self.pages.retain(|&p, _| !(first..last).contains(&p));
+        self.unprotected.retain(|&p| !(first..last).contains(&p));
+    }
+
+    /// What the kernel does with an access (a store when `write`) to page `vpn`.
+    fn resolve(&mut self, vpn: usize, write: bool) -> Step {
+        let Some((start, v)) = self.vma(vpn) else {
+            return Step::Signal(libc::SIGSEGV);
+        };
+        if !v.prot.readable() || (write && !v.prot.writable()) {
+            return Step::Signal(libc::SIGSEGV);
+        }
+        let Some(f) = v.file.clone() else {
+            return match self.pages.get(&vpn) {
+                Some(pg) if !(write && pg.wp) => Step::Go(Target::Anon),
+                _ => Step::Fault,
+            };
+        };
+        let idx = vpn - start;
+        let (off, view_off) = (
+            f.off + (idx * PAGE_SIZE) as u64,
+            f.view_off + idx * PAGE_SIZE,
+        );
+        if !f.shared
+            && let Some(pg) = self.pages.get(&vpn)
+        {
+            // A private copy (made by a store, or installed by hetmem).
+            return if write && pg.wp {
+                Step::Fault
+            } else {
+                Step::Go(Target::Anon)
+            };
+        }
+        // Past the file's last page the kernel raises SIGBUS, which hetmem's handler sees (and
+        // serves if the file has grown meanwhile); a hole in the memfd is a MISSING userfault.
+        if off >= file_size(&f.fd).div_ceil(page_bytes()) * page_bytes() || !has_page(&f.fd, off) {
+            return Step::Fault;
+        }
+        if !f.shared {
+            if !write {
+                return Step::Go(Target::Shmem(f.view, view_off));
+            }
+            // Copy on write: the page becomes a private anonymous page.
+            let mut data = vec![0u8; PAGE_SIZE].into_boxed_slice();
+            f.view
+                .read(view_off, &mut data)
+                .expect("model view of the memfd in range");
+            self.pages.insert(vpn, ModelPage { data, wp: false });
+            return Step::Go(Target::Anon);
+        }
+        if write && f.wp != WpMode::None && !self.unprotected.contains(&vpn) {
+            if f.wp == WpMode::Sync {
+                return Step::Fault;
+            }
+            // Asynchronous write-protect: the kernel lets the store through and records it.
+            self.unprotected.insert(vpn);
+        }
+        Step::Go(Target::Shmem(f.view, view_off))
+    }
+
+    /// Copies `n` bytes at `in_page` of page `vpn` (reached as `t`) into `dst`.
+    fn load(&self, t: &Target, vpn: usize, in_page: usize, dst: &mut [u8]) {
+        match t {
+            Target::Anon => {
+                let pg = self.pages.get(&vpn).expect("resolved present");
+                dst.copy_from_slice(&pg.data[in_page..in_page + dst.len()]);
+            }
+            Target::Shmem(view, off) => view
+                .read(off + in_page, dst)
+                .expect("model view of the memfd in range"),
+        }
+    }
+
+    /// Copies `src` to `in_page` of page `vpn` (reached as `t`).
+    fn store(&mut self, t: &Target, vpn: usize, in_page: usize, src: &[u8]) {
+        match t {
+            Target::Anon => {
+                let pg = self.pages.get_mut(&vpn).expect("resolved present");
+                pg.data[in_page..in_page + src.len()].copy_from_slice(src);
+            }
+            Target::Shmem(view, off) => view
+                .write(off + in_page, src)
+                .expect("model view of the memfd in range"),
+        }
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+/// An in-memory model of [`Mm`], exact enough that the core's code runs on it unchanged: the
+/// mappings with their protections, anonymous pages with a write-protect bit, and file
+/// mappings of a page cache's memfd with the kernel's semantics:
+///
+/// * a shared file mapping shows the memfd's pages: a page the memfd holds is mapped on
+///   access; a hole faults (MISSING) into hetmem, which fills the cache and retries; past the
+///   file's last page the access gets SIGBUS, which hetmem's handler sees; hetmem's punches,
+///   truncations and evictions of the memfd therefore remove pages from every mapping at once,
+///   as the kernel's zap does;
+/// * write-protect per page: asynchronous (a store goes through and marks the page written)
+///   or synchronous (a store to a protected page faults into hetmem); a scan
+///   ([`Mm::scan_written`], `PAGEMAP_SCAN`) reports and re-protects the pages whose protection
+///   is off, including, as the kernel does, an entry that a punch emptied after a store;
+/// * a private file mapping (`map_file` with `shared` false) follows the memfd until a store
+///   copies the page (hetmem's own private file mappings are anonymous memory filled from the
+///   cache: [`Mm::map`] and [`Mm::install`]).
+///
+/// CPU accesses ([`Mm::cpu_read`] and the others) call the core's fault handler where the
+/// kernel would raise a fault, and return the signal where it would send one. hetmem's own
+/// copies ([`Mm::read`], [`Mm::write`], [`Mm::copy_to`]) panic where the kernel would fault
+/// (their no-fault zones abort there). Nothing blocks: the model's one lock is the `sync`
+/// facade's, so under `shuttle` each access is one step, and the memfd is reached through
+/// non-blocking system calls (its size, `SEEK_DATA`) and a shared mapping of it.
+///
+/// With real threads a file page is checked and then accessed without excluding the cache's
+/// punches (which take no lock of the model): a store racing a punch could refill the hole with
+/// zeros. File mappings of the model are meant for `shuttle`, which runs one thread at a time
+/// and switches only at the facade's operations.
 #[derive(Debug)]
 pub struct ModelMm {
     range: VaRange,
-    pages: Mutex<std::collections::HashMap<usize, ModelPage>>,
+    st: Mutex<ModelState>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 #[cfg(any(test, feature = "testing"))]
 impl ModelMm {
     /// A model reservation of `len` bytes at a fixed fake address.
@@ -527,36 +839,167 @@ impl ModelMm {
                 start,
                 end: start.add(len),
             },
-            pages: Mutex::new(std::collections::HashMap::new()),
+            st: Mutex::new(ModelState::default()),
         }
     }
 
-    fn each_page(addr: VirtAddr, len: usize, mut f: impl FnMut(usize, usize, usize)) {
-        // f(vpn, offset in page, byte offset in the buffer) for each page touched
+    /// Runs `op` on each page of `addr..addr+len` the way the CPU does: where the kernel would
+    /// fault, calls `fault` (without the model's lock) and retries; where it would signal,
+    /// returns the signal. `op(state, target, vpn, offset in page, offset in the buffer, bytes)`.
+    fn cpu_access(
+        &self,
+        addr: VirtAddr,
+        len: usize,
+        write: bool,
+        fault: &dyn Fn(VirtAddr, bool) -> bool,
+        mut op: impl FnMut(&mut ModelState, &Target, usize, usize, usize, usize),
+    ) -> Result<(), Signal> {
         let mut done = 0;
         while done < len {
-            let a = addr.get() + done;
-            let in_page = a % PAGE_SIZE;
+            let a = addr.add(done);
+            let in_page = a.get() % PAGE_SIZE;
             let n = (PAGE_SIZE - in_page).min(len - done);
-            f(a / PAGE_SIZE, in_page, done);
+            let mut faults = 0;
+            loop {
+                {
+                    let mut st = lock(&self.st);
+                    match st.resolve(a.page().0, write) {
+                        Step::Go(t) => {
+                            op(&mut st, &t, a.page().0, in_page, done, n);
+                            break;
+                        }
+                        Step::Signal(signo) => {
+                            return Err(Signal {
+                                addr: a.page_down(),
+                                signo,
+                            });
+                        }
+                        Step::Fault => {}
+                    }
+                }
+                if !fault(a.page_down(), write) {
+                    return Err(Signal {
+                        addr: a.page_down(),
+                        signo: libc::SIGBUS,
+                    });
+                }
+                faults += 1;
+                assert!(
+                    faults <= FAULT_LOOP_BOUND,
+                    "model: the {} at {a} faulted {faults} times in a row, each fault served: \
+                     a fault loop (the real kernel would hang here)",
+                    if write { "store" } else { "load" }
+                );
+                // The first retry follows the served fault at once, as on the CPU. An access
+                // that faults again waits for another thread (a page being removed, say): it
+                // yields, so that a scheduler that keeps running the highest-priority thread
+                // (PCT lowers the priority of one that yields) never spins it forever.
+                if faults > 1 {
+                    crate::sync::thread::yield_now();
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// hetmem's own access to `addr..addr+len` (a store when `write`): `op` as in
+    /// [`ModelMm::cpu_access`]; panics where the kernel would fault or signal (a fault inside a
+    /// no-fault zone aborts the process: a bug of the core).
+    fn own_access(
+        &self,
+        addr: VirtAddr,
+        len: usize,
+        write: bool,
+        mut op: impl FnMut(&mut ModelState, &Target, usize, usize, usize, usize),
+    ) {
+        let mut st = lock(&self.st);
+        let mut done = 0;
+        while done < len {
+            let a = addr.add(done);
+            let in_page = a.get() % PAGE_SIZE;
+            let n = (PAGE_SIZE - in_page).min(len - done);
+            let what = if write { "wrote" } else { "read" };
+            match st.resolve(a.page().0, write) {
+                Step::Go(t) => op(&mut st, &t, a.page().0, in_page, done, n),
+                Step::Fault => panic!(
+                    "hetmem {what} a page at {a} that would fault (missing, write-protected, or \
+                     past the end of its file): core bug"
+                ),
+                Step::Signal(s) => panic!(
+                    "hetmem {what} a page at {a} that is not mapped or not accessible \
+                     (signal {s}): core bug"
+                ),
+            }
             done += n;
         }
     }
+
+    /// Creates a file mapping (see [`Mm::map_file`]).
+    fn map_fd(
+        &self,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+        shared: bool,
+        wp: WpMode,
+    ) -> io::Result<()> {
+        let view = Region::new(r.len(), PAGE_SIZE, Prot::None)?;
+        view.map_fd(0, r.len(), Prot::ReadWrite, fd, file_off, true)?;
+        let file = ModelFile {
+            fd: std::sync::Arc::new(fd.try_clone_to_owned()?),
+            view: std::sync::Arc::new(view),
+            view_off: 0,
+            off: file_off,
+            shared,
+            wp,
+        };
+        let (first, last) = (r.start.page().0, r.end.page().0);
+        let mut st = lock(&self.st);
+        st.remove(first, last);
+        st.vmas.insert(
+            first,
+            ModelVma {
+                end: last,
+                prot,
+                file: Some(file),
+            },
+        );
+        Ok(())
+    }
 }
 
+#[cfg(any(test, feature = "testing"))]
 #[cfg(any(test, feature = "testing"))]
 impl Mm for ModelMm {
     fn reservation(&self) -> VaRange {
         self.range
     }
-    fn map(&self, _r: VaRange, _prot: Prot, _mode: FaultMode) -> io::Result<()> {
+    fn map(&self, r: VaRange, prot: Prot, _mode: FaultMode) -> io::Result<()> {
+        let (first, last) = (r.start.page().0, r.end.page().0);
+        let mut st = lock(&self.st);
+        st.remove(first, last);
+        st.vmas.insert(
+            first,
+            ModelVma {
+                end: last,
+                prot,
+                file: None,
+            },
+        );
         Ok(())
     }
-    fn protect(&self, _r: VaRange, _prot: Prot) -> io::Result<()> {
+    fn protect(&self, r: VaRange, prot: Prot) -> io::Result<()> {
+        let mut st = lock(&self.st);
+        for (_, v) in st.vmas_in(r.start.page().0, r.end.page().0) {
+            v.prot = prot;
+        }
         Ok(())
     }
     fn unmap(&self, r: VaRange) -> io::Result<()> {
-        self.zap(r)
+        lock(&self.st).remove(r.start.page().0, r.end.page().0);
+        Ok(())
     }
     fn install(
         &self,
@@ -566,29 +1009,58 @@ impl Mm for ModelMm {
         len: usize,
         _mode: FaultMode,
     ) -> Result<(), UffdError> {
-        let mut pages = lock(&self.pages);
+        let mut st = lock(&self.st);
         for p in 0..len / PAGE_SIZE {
-            if pages.contains_key(&(dst.page().0 + p)) {
-                continue;
-            }
+            let vpn = dst.page().0 + p;
+            let Some((start, v)) = st.vma(vpn) else {
+                return Err(UffdError::Os(libc::ENOENT));
+            };
             let mut data = vec![0u8; PAGE_SIZE].into_boxed_slice();
-            src.read(off + p * PAGE_SIZE, &mut data)
-                .expect("model install source in range");
-            pages.insert(dst.page().0 + p, ModelPage { data, wp: false });
+            match v.file.clone().filter(|f| f.shared) {
+                Some(f) => {
+                    // UFFDIO_COPY into a shared mapping of the memfd adds the page to the memfd
+                    // (not past its end), unprotected.
+                    let foff = f.off + ((vpn - start) * PAGE_SIZE) as u64;
+                    if foff >= file_size(&f.fd).div_ceil(page_bytes()) * page_bytes() {
+                        return Err(UffdError::Os(libc::EFAULT));
+                    }
+                    if has_page(&f.fd, foff) {
+                        continue;
+                    }
+                    src.read(off + p * PAGE_SIZE, &mut data)
+                        .expect("model install source in range");
+                    f.view
+                        .write(f.view_off + (vpn - start) * PAGE_SIZE, &data)
+                        .expect("model view of the memfd in range");
+                    if f.wp != WpMode::None {
+                        st.unprotected.insert(vpn);
+                    }
+                }
+                None => {
+                    if st.pages.contains_key(&vpn) {
+                        continue;
+                    }
+                    src.read(off + p * PAGE_SIZE, &mut data)
+                        .expect("model install source in range");
+                    st.pages.insert(vpn, ModelPage { data, wp: false });
+                }
+            }
         }
         Ok(())
     }
     fn zap(&self, r: VaRange) -> io::Result<()> {
-        let mut pages = lock(&self.pages);
+        // Anonymous pages (and private copies) go; a shared file mapping's pages stay in the
+        // memfd (the next access maps them again), and the zap keeps their protection state.
+        let mut st = lock(&self.st);
         for p in r.start.page().0..r.end.page().0 {
-            pages.remove(&p);
+            st.pages.remove(&p);
         }
         Ok(())
     }
     fn write_protect(&self, r: VaRange, on: bool, _mode: FaultMode) -> Result<(), UffdError> {
-        let mut pages = lock(&self.pages);
+        let mut st = lock(&self.st);
         for p in r.start.page().0..r.end.page().0 {
-            if let Some(pg) = pages.get_mut(&p) {
+            if let Some(pg) = st.pages.get_mut(&p) {
                 pg.wp = on;
             }
         }
@@ -596,25 +1068,13 @@ impl Mm for ModelMm {
     }
     fn wake(&self, _r: VaRange, _mode: FaultMode) {}
     fn read(&self, addr: VirtAddr, dst: &mut [u8]) {
-        let pages = lock(&self.pages);
-        let len = dst.len();
-        Self::each_page(addr, len, |vpn, in_page, done| {
-            let n = (PAGE_SIZE - in_page).min(len - done);
-            let pg = pages
-                .get(&vpn)
-                .expect("hetmem read a missing page: core bug");
-            dst[done..done + n].copy_from_slice(&pg.data[in_page..in_page + n]);
+        self.own_access(addr, dst.len(), false, |st, t, vpn, in_page, done, n| {
+            st.load(t, vpn, in_page, &mut dst[done..done + n])
         });
     }
     fn write(&self, addr: VirtAddr, src: &[u8]) {
-        let mut pages = lock(&self.pages);
-        Self::each_page(addr, src.len(), |vpn, in_page, done| {
-            let n = (PAGE_SIZE - in_page).min(src.len() - done);
-            let pg = pages
-                .get_mut(&vpn)
-                .expect("hetmem wrote a missing page: core bug");
-            assert!(!pg.wp, "hetmem wrote a write-protected page: core bug");
-            pg.data[in_page..in_page + n].copy_from_slice(&src[done..done + n]);
+        self.own_access(addr, src.len(), true, |st, t, vpn, in_page, done, n| {
+            st.store(t, vpn, in_page, &src[done..done + n])
         });
     }
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {
@@ -623,108 +1083,152 @@ impl Mm for ModelMm {
         dst.write(off, &buf)
             .expect("model copy_to destination in range");
     }
-    fn cpu_read(&self, addr: VirtAddr, dst: &mut [u8], fault: &dyn Fn(VirtAddr, bool) -> bool) {
-        let len = dst.len();
-        let mut done = 0;
-        while done < len {
-            let a = addr.add(done);
-            let n = (PAGE_SIZE - a.get() % PAGE_SIZE).min(len - done);
-            loop {
-                {
-                    let pages = lock(&self.pages);
-                    if let Some(pg) = pages.get(&a.page().0) {
-                        let o = a.get() % PAGE_SIZE;
-                        dst[done..done + n].copy_from_slice(&pg.data[o..o + n]);
-                        break;
-                    }
-                }
-                assert!(fault(a.page_down(), false), "model: SIGSEGV on read at {a}");
-            }
-            done += n;
-        }
+    fn cpu_read(
+        &self,
+        addr: VirtAddr,
+        dst: &mut [u8],
+        fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<(), Signal> {
+        self.cpu_access(
+            addr,
+            dst.len(),
+            false,
+            fault,
+            |st, t, vpn, in_page, done, n| st.load(t, vpn, in_page, &mut dst[done..done + n]),
+        )
     }
-    fn cpu_write(&self, addr: VirtAddr, src: &[u8], fault: &dyn Fn(VirtAddr, bool) -> bool) {
-        let len = src.len();
-        let mut done = 0;
-        while done < len {
-            let a = addr.add(done);
-            let n = (PAGE_SIZE - a.get() % PAGE_SIZE).min(len - done);
-            loop {
-                {
-                    let mut pages = lock(&self.pages);
-                    if let Some(pg) = pages.get_mut(&a.page().0)
-                        && !pg.wp
-                    {
-                        let o = a.get() % PAGE_SIZE;
-                        pg.data[o..o + n].copy_from_slice(&src[done..done + n]);
-                        break;
-                    }
-                }
-                assert!(fault(a.page_down(), true), "model: SIGSEGV on write at {a}");
-            }
-            done += n;
-        }
+    fn cpu_write(
+        &self,
+        addr: VirtAddr,
+        src: &[u8],
+        fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<(), Signal> {
+        self.cpu_access(
+            addr,
+            src.len(),
+            true,
+            fault,
+            |st, t, vpn, in_page, done, n| st.store(t, vpn, in_page, &src[done..done + n]),
+        )
     }
-    fn cpu_fetch_add(&self, addr: VirtAddr, v: u64, fault: &dyn Fn(VirtAddr, bool) -> bool) -> u64 {
-        loop {
-            {
-                let mut pages = lock(&self.pages);
-                if let Some(pg) = pages.get_mut(&addr.page().0)
-                    && !pg.wp
-                {
-                    let o = addr.get() % PAGE_SIZE;
-                    let old = u64::from_ne_bytes(pg.data[o..o + 8].try_into().expect("8 bytes"));
-                    pg.data[o..o + 8].copy_from_slice(&old.wrapping_add(v).to_ne_bytes());
-                    return old;
-                }
-            }
-            assert!(
-                fault(addr.page_down(), true),
-                "model: SIGSEGV on atomic at {addr}"
-            );
-        }
+    fn cpu_fetch_add(
+        &self,
+        addr: VirtAddr,
+        v: u64,
+        fault: &dyn Fn(VirtAddr, bool) -> bool,
+    ) -> Result<u64, Signal> {
+        let mut old = 0;
+        self.cpu_access(addr, 8, true, fault, |st, t, vpn, in_page, _, _| {
+            let mut b = [0u8; 8];
+            st.load(t, vpn, in_page, &mut b);
+            old = u64::from_ne_bytes(b);
+            st.store(t, vpn, in_page, &old.wrapping_add(v).to_ne_bytes());
+        })?;
+        Ok(old)
     }
     fn user_mode_only(&self) -> bool {
         false
     }
     fn map_file(
         &self,
-        _r: VaRange,
-        _fd: std::os::fd::BorrowedFd<'_>,
-        _file_off: u64,
-        _prot: Prot,
-        _shared: bool,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+        shared: bool,
     ) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "the in-memory kernel model has no file mappings",
-        ))
+        // As the kernel side: only writable shared mappings track stores, protected from the
+        // start (every entry gets a marker).
+        let wp = if shared && prot.writable() {
+            WpMode::Async
+        } else {
+            WpMode::None
+        };
+        self.map_fd(r, fd, file_off, prot, shared, wp)
     }
-    fn scan_written(&self, _r: VaRange) -> io::Result<Vec<VaRange>> {
-        Ok(Vec::new())
+    fn map_file_sync(
+        &self,
+        r: VaRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_off: u64,
+        prot: Prot,
+    ) -> io::Result<()> {
+        self.map_fd(r, fd, file_off, prot, true, WpMode::Sync)
     }
-    fn track_writes(&self, _r: VaRange) -> io::Result<()> {
+    fn file_write_protect(&self, r: VaRange, on: bool) -> io::Result<()> {
+        let mut st = lock(&self.st);
+        let (first, last) = (r.start.page().0, r.end.page().0);
+        let sync: Vec<(usize, usize)> = st
+            .vmas
+            .range(..last)
+            .filter(|(_, v)| v.end > first)
+            .filter(|(_, v)| v.file.as_ref().is_some_and(|f| f.wp == WpMode::Sync))
+            .map(|(&s, v)| (s.max(first), v.end.min(last)))
+            .collect();
+        for (s, e) in sync {
+            for p in s..e {
+                if on {
+                    st.unprotected.remove(&p);
+                } else {
+                    st.unprotected.insert(p);
+                }
+            }
+        }
+        Ok(())
+    }
+    fn scan_written(&self, r: VaRange) -> io::Result<Vec<VaRange>> {
+        let mut st = lock(&self.st);
+        let (first, last) = (r.start.page().0, r.end.page().0);
+        // PM_SCAN_CHECK_WPASYNC: every mapping in the range must track stores asynchronously.
+        let all_async = st
+            .vmas
+            .range(..last)
+            .filter(|(_, v)| v.end > first)
+            .all(|(_, v)| {
+                v.file
+                    .as_ref()
+                    .is_some_and(|f| f.shared && f.wp == WpMode::Async)
+            });
+        if !all_async {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let mut hits: Vec<usize> = st
+            .unprotected
+            .iter()
+            .copied()
+            .filter(|p| (first..last).contains(p) && st.vma(*p).is_some())
+            .collect();
+        hits.sort_unstable();
+        let mut out: Vec<VaRange> = Vec::new();
+        for p in hits {
+            // Reported, and protected again (PM_SCAN_WP_MATCHING).
+            st.unprotected.remove(&p);
+            let a = crate::addr::Vpn(p).addr();
+            match out.last_mut() {
+                Some(run) if run.end == a => run.end = a.add(PAGE_SIZE),
+                _ => out.push(VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                }),
+            }
+        }
+        Ok(out)
+    }
+    fn track_writes(&self, r: VaRange) -> io::Result<()> {
+        let mut st = lock(&self.st);
+        let (first, last) = (r.start.page().0, r.end.page().0);
+        for (_, v) in st.vmas_in(first, last) {
+            if let Some(f) = v.file.as_mut().filter(|f| f.shared && f.wp != WpMode::Sync) {
+                f.wp = WpMode::Async;
+            }
+        }
+        st.unprotected.retain(|&p| !(first..last).contains(&p));
         Ok(())
     }
     fn forget_moved(&self, _moved: VaRange, _mode: FaultMode) -> io::Result<()> {
         Ok(())
     }
     fn restore_reservation(&self, _r: VaRange) -> io::Result<()> {
-        Ok(())
-    }
-    fn map_file_sync(
-        &self,
-        _r: VaRange,
-        _fd: std::os::fd::BorrowedFd<'_>,
-        _file_off: u64,
-        _prot: Prot,
-    ) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "the in-memory kernel model has no file mappings",
-        ))
-    }
-    fn file_write_protect(&self, _r: VaRange, _on: bool) -> io::Result<()> {
         Ok(())
     }
 }

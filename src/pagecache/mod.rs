@@ -40,7 +40,7 @@ use std::path::Path;
 
 use crate::addr::PAGE_SIZE;
 use crate::error::{Error, Result};
-use crate::sync::{Arc, AtomicU32, AtomicU64, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicU32, AtomicU64, Condvar, Mutex, Ordering, lock};
 use crate::sys::Memfd;
 
 mod backend;
@@ -287,8 +287,9 @@ pub struct FileCache {
     /// phases.
     removal: Mutex<()>,
     /// Stores waiting for a writeback of the background thread wait here (with the mutex; the
-    /// state is `CacheState::flush`).
-    flush_wait: (std::sync::Mutex<()>, std::sync::Condvar),
+    /// state is `CacheState::flush`). Taken directly, outside the lock watch (a store fault
+    /// waits here); the facade's types, so that `shuttle` schedules the wait.
+    flush_wait: (Mutex<()>, Condvar),
     /// This cache, weakly (for the background evictor).
     me: crate::sync::Weak<FileCache>,
     /// The background evictor's doorbell (started with the first mapping).
@@ -306,12 +307,14 @@ pub struct FileCache {
 }
 
 /// Wakes a background thread without allocating (the CPU fault path rings it): a flag and a
-/// condition variable; `close` makes the thread's `wait` return false.
+/// condition variable; `close` makes the thread's `wait` return false. Taken directly, outside
+/// the lock watch; the facade's types, so that under `shuttle` the background thread (a
+/// facade thread too) is one more thread of the schedules explored.
 #[derive(Debug, Default)]
 struct Doorbell {
     /// (rung, closed)
-    state: std::sync::Mutex<(bool, bool)>,
-    cv: std::sync::Condvar,
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
 }
 
 impl Doorbell {
@@ -455,7 +458,7 @@ impl FileCache {
             writable,
             cfg,
             removal: Mutex::new(()),
-            flush_wait: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
+            flush_wait: (Mutex::new(()), Condvar::new()),
             st: Mutex::new(CacheState {
                 size,
                 disk_size: size,
@@ -807,7 +810,7 @@ impl FileCache {
         if ev.is_none() {
             let bell = std::sync::Arc::new(Doorbell::default());
             let (me, b2) = (self.me.clone(), bell.clone());
-            let spawned = std::thread::Builder::new()
+            let spawned = crate::sync::thread::Builder::new()
                 .name("hetmem-evict".into())
                 .spawn(move || {
                     while b2.wait() {
@@ -1212,14 +1215,16 @@ impl FileCache {
     /// Reads `n` file pages from `page` on through the cache into `dst[dst_off..]` (the tail
     /// past the end of file reads as zeros): the fill of a private file mapping, from the CPU
     /// fault path. Allocates nothing once the mapping's range is prepared
-    /// ([`FileCache::reserve_for_private_mapping`]); leaves the budget to the evictor.
+    /// ([`FileCache::reserve_for_private_mapping`]); leaves the budget to the evictor. Returns
+    /// how many of the pages were inside the file when they were read: the rest must not be
+    /// mapped (an access there is SIGBUS; a truncation may have come since the caller looked).
     pub(crate) fn read_pages_into(
         &self,
         page: u64,
         n: usize,
         dst: &crate::sys::Region,
         dst_off: usize,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let len = n * PAGE_SIZE;
         let mut st = lock(&self.st);
         let off = page * PAGE;
@@ -1235,7 +1240,7 @@ impl FileCache {
         dst.zero(dst_off + got, len - got)
             .map_err(os("zero past the end of file"))?;
         self.wake_evictor_if_over(&st);
-        Ok(())
+        Ok((st.pages.len().saturating_sub(page) as usize).min(n))
     }
 
     /// The memfd (to map it).

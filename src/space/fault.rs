@@ -261,8 +261,12 @@ impl SpaceCore {
             None => &self.zero,
             Some(f) => {
                 // Under the state lock the bounce buffer is ours.
-                f.cache
-                    .read_pages_into(f.pgoff + v.idx(a) as u64, 1, &self.bounce, 0)?;
+                let inside =
+                    f.cache
+                        .read_pages_into(f.pgoff + v.idx(a) as u64, 1, &self.bounce, 0)?;
+                if inside == 0 {
+                    return Err(Error::NotMapped { addr: a });
+                }
                 &self.bounce
             }
         };
@@ -477,14 +481,26 @@ impl SpaceCore {
         let whole_unit = whole_unit && source.is_none();
         let mut done = 0;
         while done < e - s {
-            let n = (e - s - done).min(PAGES_PER_LARGE);
+            let mut n = (e - s - done).min(PAGES_PER_LARGE);
             let dst = start.add(done * PAGE_SIZE);
             let (src, off) = match &source {
                 None => (&self.zero, 0),
                 Some((cache, pgoff)) => {
                     // Under the state lock the bounce buffer is ours.
                     let file_page = pgoff + (s + done) as u64;
-                    cache.read_pages_into(file_page, n, &self.bounce, 0)?;
+                    let inside = cache.read_pages_into(file_page, n, &self.bounce, 0)?;
+                    if inside < n {
+                        // The file shrank since its end was read above: the run stops at the
+                        // new end (an access past it is SIGBUS, never zeros).
+                        (e, n) = (s + done + inside, inside);
+                        if i >= e {
+                            let _ = self.mm.zap(VaRange { start, end: dst });
+                            return Err(Error::NotMapped { addr: a });
+                        }
+                        if n == 0 {
+                            break;
+                        }
+                    }
                     (&self.bounce, 0)
                 }
             };

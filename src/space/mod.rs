@@ -1037,8 +1037,9 @@ impl Space {
     pub fn cpu_read(&self, addr: VirtAddr, dst: &mut [u8]) -> Result<()> {
         self.check_cpu(addr, dst.len(), false)?;
         let core = &self.core;
-        core.mm.cpu_read(addr, dst, &|a, w| core.handle_fault(a, w));
-        Ok(())
+        core.mm
+            .cpu_read(addr, dst, &|a, w| core.handle_fault(a, w))
+            .map_err(Error::from)
     }
 
     /// A CPU write of managed memory with real stores.
@@ -1046,8 +1047,8 @@ impl Space {
         self.check_cpu(addr, src.len(), true)?;
         let core = &self.core;
         core.mm
-            .cpu_write(addr, src, &|a, w| core.handle_fault(a, w));
-        Ok(())
+            .cpu_write(addr, src, &|a, w| core.handle_fault(a, w))
+            .map_err(Error::from)
     }
 
     /// CPU load of a `u32` (4-byte aligned).
@@ -1075,9 +1076,9 @@ impl Space {
         }
         self.check_cpu(addr, 8, true)?;
         let core = &self.core;
-        Ok(core
-            .mm
-            .cpu_fetch_add(addr, v, &|a, w| core.handle_fault(a, w)))
+        core.mm
+            .cpu_fetch_add(addr, v, &|a, w| core.handle_fault(a, w))
+            .map_err(Error::from)
     }
 
     /// A raw pointer to `addr` for CPU code that accesses managed memory directly (loads and

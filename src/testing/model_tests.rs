@@ -27,6 +27,9 @@
 //! * [`eviction_vs_device_access`]: device eviction (`SoftDevice::release`) races device writes
 //!   and migrations of one page and CPU writes and reads of another: no write is lost, no read
 //!   goes back in time, and nothing stays in device memory after a release.
+//! * [`file_maps`]: file mappings over the model kernel, which maps the cache's memfd, faults on
+//!   its holes and tracks stores: CPU fills vs truncate, punch and direct write; device and CPU
+//!   stores vs punch, writeback and fsync; CPU stores vs eviction; intercepted stores vs punch.
 //!
 //! # Iterations and `HETMEM_SOAK`
 //!
@@ -845,3 +848,9 @@ fn truncate_vs_writeback_body() {
 fn truncate_vs_writeback() {
     explore(60, 60, truncate_vs_writeback_body);
 }
+
+// ---------------------------------------------------------------------------------------------
+// (8) file mappings: see the submodule
+// ---------------------------------------------------------------------------------------------
+
+mod file_maps;
