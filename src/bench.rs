@@ -22,6 +22,13 @@
 //! | `file_rand_read_4k_bytes_read` | bytes hetmem read from storage per cold random sweep | `kernel_mmap_rand_read_4k_bytes_read` (`MADV_RANDOM`; the default read-around's: `kernel_mmap_rand_read_4k_default_readaround_bytes_read`) |
 //! | `file_resident_bytes_ratio` | after a cold sequential read through a hetmem mapping: (hetmem's cache bytes + the kernel's page cache of the file, counted with `mincore`) / file size | `kernel_mmap_resident_bytes_ratio`: the kernel's page cache of the file / file size after the baseline's cold sequential read |
 //! | `file_rand_read_warm_4k_us` | the same pages, warm (as `file_seq_read_gbps`) | `kernel_mmap_rand_read_warm_4k_us` |
+//! | `largefile_private_wall_ms`, `largefile_coherent_wall_ms` | a large file (256 MiB; 16 MiB with `--quick`) processed in place, with no staging copy: a fresh [`FileCache`] of it, mapped shared and writable; 4 rounds (2 with `--quick`) of: the device reads all of it ([`DeviceMirror::read`] of the mapping), the CPU stores one word to 1 % of its pages (every hundredth page, a different one each round), the device reads all of it again; then `fsync`. Timed from opening the cache to the end of `fsync`. `private`: the pages are migrated into device-private memory ([`DeviceMirror::migrate_range_to_device`] on the mapping, which intercepts stores, as a private placement needs) before **every** device phase, as a runtime prefetching a kernel's input does: a CPU store faults its page back, the next phase moves it again. `coherent`: the pages are placed in device-coherent memory once, before the first phase; the CPU uses them there | `largefile_mirror_wall_ms`: the same with the pages in system memory (a plain shared writable mapping), the device mirroring them (reading them over the link) |
+//! | `largefile_<placement>_bytes_moved` | bytes of migration copies, both directions, as the link model was charged for them: placements, CPU fault-backs, writeback reading device-private pages where they are (the note splits them by direction) | none: the mirror's is 0 (its traffic is in `largefile_mirror_link_bytes`) |
+//! | `largefile_<placement>_link_bytes` | every byte charged to the link model: migrations, device accesses to system memory, CPU accesses to coherent memory (hetmem cannot see them; the workload declares a 64-byte line per store and each page writeback reads) | `largefile_mirror_link_bytes` |
+//! | `largefile_<placement>_cpu_faults`, `largefile_<placement>_device_faults` | CPU faults of the space (`SpaceStats::cpu_faults`); fault passes of the device's reads (`CmdOut::faults`, not pages) | the mirror's (where not 0) |
+//! | `largefile_<placement>_writeback_bytes` | pages the `fsync` wrote back (`FileCache::stats`) × page size | the mirror's |
+//! | `largefile_<placement>_modelled_device_ms` | modelled device time of the run (the link model: PCIe 5 for the private and the mirroring device, NVLink-C2C for the coherent one; the note costs the same traffic under the other profile) | the mirror's |
+//! | `largefile_private_coherent_bytes_moved_ratio` | `largefile_private_bytes_moved` / `largefile_coherent_bytes_moved` | – |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
 //!
@@ -59,6 +66,22 @@
 //! and each cold sweep counts the bytes the process read from storage (`read_bytes` of
 //! `/proc/self/io`, every thread of the process, taken around the sweep).
 //!
+//! The `largefile` group runs its three placements in turn in each repetition, each on a fresh
+//! cache of the same file (after the warm-up the kernel's page cache holds the file: the fills
+//! read from it), and checks every device read and, after each `fsync`, the whole file against
+//! a model of every store. Its counts (bytes, faults, modelled time) come out the same in every
+//! run — the same operations on the same pages — so one run would give them; they are taken
+//! from every repetition anyway, and a note gives their range where they differ. The wall times
+//! are repeated until stable as the thread figures are (until the ratios of `private` and
+//! `coherent` to `mirror` both are). What the run leaves behind is not timed: the cache goes
+//! with its device frames, which hold nothing unwritten after the `fsync`. With 1 % of the
+//! pages written per round, a device-private placement moves what a coherent one does (the
+//! file, once) plus each written page three times (back on the store, to the device at the
+//! next phase, read by writeback): ≈ 1.1× the coherent placement's bytes, not a multiple; the
+//! mirror moves nothing but reads the whole file over the link in every device phase. A
+//! read-only replica placement (device copies of file pages beside the system copy) is not
+//! measured: hetmem does not have one.
+//!
 //! Nothing here sleeps; the busy sibling is a spinning thread stopped by a flag.
 
 use std::io::Write;
@@ -72,9 +95,10 @@ use serde::Serialize;
 use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::device::{DeviceConfig, DeviceMirror, SoftDevice};
 use crate::error::{Error, Result};
+use crate::link::{LinkModel, LinkProfile, Traffic};
 use crate::pagecache::{CacheConfig, FileCache, FileHandle};
 use crate::pool::MemoryKind;
-use crate::space::{MapOptions, Probe, Space, SpaceConfig};
+use crate::space::{FileMapOptions, MapOptions, Probe, Space, SpaceConfig};
 use crate::sys::{
     self, FaultTarget, FileAccess, LARGE_PAGE_SIZE, Prot, Region, Uffd, UffdDelivery, UffdError,
 };
@@ -108,18 +132,18 @@ pub struct BenchResult {
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Better {
-    /// Smaller is better (times, bytes).
+    /// Smaller is better (times, bytes, faults).
     Lower,
     /// Larger is better (bandwidths, rates, speedups).
     Higher,
 }
 
 impl Better {
-    /// The direction that goes with `unit`: times and byte counts are better lower, everything
-    /// else (GB/s, k/s, speedups) higher.
+    /// The direction that goes with `unit`: times, byte counts and fault counts are better
+    /// lower, everything else (GB/s, k/s, speedups) higher.
     pub fn for_unit(unit: &str) -> Better {
         match unit {
-            "ns" | "us" | "ms" | "s" | "bytes" => Better::Lower,
+            "ns" | "us" | "ms" | "s" | "bytes" | "faults" => Better::Lower,
             _ => Better::Higher,
         }
     }
@@ -183,6 +207,10 @@ pub const GROUPS: &[(&str, &str)] = &[
         "file",
         "file mappings: warm and cold, sequential and random, bytes read, residency",
     ),
+    (
+        "largefile",
+        "a large file in device and CPU phases: mirrored, device-private, coherent",
+    ),
     ("memcpy", "memcpy bandwidth"),
     ("metadata", "metadata per page"),
 ];
@@ -239,6 +267,12 @@ struct Sizes {
     thread_max_reps: usize,
     /// Longest a faulting thread runs in one fault-during-migration measurement.
     thread_fault_budget: std::time::Duration,
+    /// Bytes of the `largefile` file, its rounds, and its repetitions (at least, at most: until
+    /// stable).
+    largefile_bytes: usize,
+    largefile_rounds: usize,
+    largefile_min_reps: usize,
+    largefile_max_reps: usize,
 }
 
 impl Sizes {
@@ -263,6 +297,10 @@ impl Sizes {
                 thread_min_reps: 4,
                 thread_max_reps: 6,
                 thread_fault_budget: std::time::Duration::from_millis(20),
+                largefile_bytes: 16 << 20,
+                largefile_rounds: 2,
+                largefile_min_reps: 4,
+                largefile_max_reps: 6,
             }
         } else {
             Sizes {
@@ -284,6 +322,10 @@ impl Sizes {
                 thread_min_reps: 7,
                 thread_max_reps: 25,
                 thread_fault_budget: std::time::Duration::from_millis(100),
+                largefile_bytes: 256 << 20,
+                largefile_rounds: 4,
+                largefile_min_reps: 7,
+                largefile_max_reps: 25,
             }
         }
     }
@@ -439,6 +481,12 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         progress("file mappings (warm and cold, sequential and random) vs the kernel's mmap");
         let f = file_reads(&space, &sz)?;
         push_file_figures(&mut out, &f);
+    }
+
+    if opts.wants("largefile") {
+        progress("a large file in device and CPU phases: mirrored vs device-private vs coherent");
+        let runs = largefile(&space, &sz)?;
+        push_largefile(&mut out, &runs, &sz);
     }
 
     if opts.wants("memcpy") {
@@ -1581,13 +1629,6 @@ struct Reps {
     b: Vec<f64>,
 }
 
-impl Reps {
-    /// Per-repetition ratios hetmem / baseline.
-    fn ratios(&self) -> Vec<f64> {
-        self.h.iter().zip(&self.b).map(|(h, b)| h / b).collect()
-    }
-}
-
 /// The median of the per-repetition ratios may move by at most this much (relative) over the
 /// last [`STABLE_WINDOW`] repetitions for a figure to count as stable.
 const STABLE_TOLERANCE: f64 = 0.02;
@@ -1601,27 +1642,38 @@ fn repeat_until_stable(
     max: usize,
     mut rep: impl FnMut() -> Result<(f64, f64)>,
 ) -> Result<Reps> {
+    let reps = repeat_until_stable_n(min, max, || rep().map(|(h, b)| vec![b, h]))?;
+    Ok(Reps {
+        h: reps.iter().map(|r| r[1]).collect(),
+        b: reps.iter().map(|r| r[0]).collect(),
+    })
+}
+
+/// [`repeat_until_stable`] for repetitions of several measurements, the baseline first: the
+/// figures are stable when the median of each one's per-repetition ratios to the baseline is.
+/// Returns the timed repetitions (each as `rep` gave it; the warm-up is left out).
+fn repeat_until_stable_n(
+    min: usize,
+    max: usize,
+    mut rep: impl FnMut() -> Result<Vec<f64>>,
+) -> Result<Vec<Vec<f64>>> {
     rep()?;
-    let mut r = Reps {
-        h: Vec::new(),
-        b: Vec::new(),
-    };
+    let mut reps: Vec<Vec<f64>> = Vec::new();
     let min = min.max(STABLE_WINDOW + 1);
-    while r.h.len() < max.max(min) {
-        let (h, b) = rep()?;
-        r.h.push(h);
-        r.b.push(b);
-        let k = r.h.len();
-        if k >= min {
-            let ratios = r.ratios();
+    while reps.len() < max.max(min) {
+        reps.push(rep()?);
+        let k = reps.len();
+        let stable = |i: usize| {
+            let ratios: Vec<f64> = reps.iter().map(|r| r[i] / r[0]).collect();
             let now = median(&mut ratios.clone());
             let before = median(&mut ratios[..k - STABLE_WINDOW].to_vec());
-            if (now - before).abs() <= STABLE_TOLERANCE * now.abs() {
-                break;
-            }
+            (now - before).abs() <= STABLE_TOLERANCE * now.abs()
+        };
+        if k >= min && (1..reps[0].len()).all(stable) {
+            break;
         }
     }
-    Ok(r)
+    Ok(reps)
 }
 
 fn min_max(v: &[f64]) -> (f64, f64) {
@@ -1640,29 +1692,35 @@ fn push_reps(
     r: &Reps,
     note: Option<String>,
 ) {
-    let (h, b) = (median(&mut r.h.clone()), median(&mut r.b.clone()));
-    let (hmin, hmax) = min_max(&r.h);
-    let (bmin, bmax) = min_max(&r.b);
-    let (rmin, rmax) = min_max(&r.ratios());
-    let mut f = figure(names.0, h, unit, Some((names.1, b)));
-    f.spread = Some(Spread {
-        reps: r.h.len(),
-        min: hmin,
-        max: hmax,
-        ratio_min: Some(rmin),
-        ratio_max: Some(rmax),
-    });
+    let mut f = spread_figure(names.0, &r.h, Some((names.1, &r.b)), unit);
     f.note = note;
     out.push(f);
-    let mut base = figure(names.1, b, unit, None);
-    base.spread = Some(Spread {
-        reps: r.b.len(),
-        min: bmin,
-        max: bmax,
-        ratio_min: None,
-        ratio_max: None,
+    out.push(spread_figure(names.1, &r.b, None, unit));
+}
+
+/// A figure that is the median of repetitions `v`, with their spread; against `base` (the
+/// baseline's name and its repetitions, measured in the same repetitions as `v`), with the
+/// range of the per-repetition ratios.
+fn spread_figure(name: &str, v: &[f64], base: Option<(&str, &[f64])>, unit: &str) -> BenchResult {
+    let (lo, hi) = min_max(v);
+    let ratios = base.map(|(_, b)| {
+        let r: Vec<f64> = v.iter().zip(b).map(|(h, b)| h / b).collect();
+        min_max(&r)
     });
-    out.push(base);
+    let mut f = figure(
+        name,
+        median(&mut v.to_vec()),
+        unit,
+        base.map(|(n, b)| (n, median(&mut b.to_vec()))),
+    );
+    f.spread = Some(Spread {
+        reps: v.len(),
+        min: lo,
+        max: hi,
+        ratio_min: ratios.map(|r| r.0),
+        ratio_max: ratios.map(|r| r.1),
+    });
+    f
 }
 
 /// Runs `work(lo, hi)` over pages `0..n` split into `threads` disjoint contiguous parts, one
@@ -1972,4 +2030,490 @@ fn fault_during_migration(space: &Space, sz: &Sizes) -> Result<(Reps, String)> {
         median(&mut trips_other[1..].to_vec())
     );
     Ok((r?, note))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A large file in alternating device and CPU phases
+// ---------------------------------------------------------------------------------------------
+
+/// Where the `largefile` workload keeps the file's pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FilePlacement {
+    /// In system memory: the device mirrors them (reads them over the link).
+    Mirror,
+    /// Migrated into device-private memory before every device phase.
+    Private,
+    /// Placed in device-coherent memory once: the CPU uses them in place.
+    Coherent,
+}
+
+impl FilePlacement {
+    /// Every placement, the baseline (`Mirror`) first.
+    const ALL: [FilePlacement; 3] = [Self::Mirror, Self::Private, Self::Coherent];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Mirror => "mirror",
+            Self::Private => "private",
+            Self::Coherent => "coherent",
+        }
+    }
+
+    /// The link profile of this placement's device: its kind's default (PCIe 5 for a
+    /// device-private device, NVLink-C2C for a coherent one).
+    fn profile(self) -> LinkProfile {
+        match self {
+            Self::Coherent => LinkProfile::NVLINK_C2C,
+            _ => LinkProfile::PCIE5,
+        }
+    }
+
+    /// The profile the notes also cost this placement's traffic under: the other kind's.
+    fn other_profile(self) -> LinkProfile {
+        match self {
+            Self::Coherent => LinkProfile::PCIE5,
+            _ => LinkProfile::NVLINK_C2C,
+        }
+    }
+
+    /// The device of this placement, its link model of [`Self::profile`].
+    fn device(self, len: usize) -> Result<SoftDevice> {
+        let (kind, capacity) = match self {
+            // It never migrates: a pool of one 2 MiB unit.
+            Self::Mirror => (MemoryKind::Private, LARGE_PAGE_SIZE),
+            Self::Private => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
+            Self::Coherent => (MemoryKind::Coherent, len + LARGE_PAGE_SIZE),
+        };
+        SoftDevice::with_link(DeviceConfig { kind, capacity }, self.profile())
+    }
+}
+
+/// The CPU phase stores to one page in this many (1 %), at a different offset each round.
+const LARGEFILE_STRIDE: usize = 100;
+
+/// Bytes declared to the link model per CPU store to a device-coherent page: the cache line,
+/// fetched for ownership over the link (one operation, so one link latency, per store).
+const CACHE_LINE: u64 = 64;
+
+/// The `largefile` file's contents as the workload wrote them: the first `u32` of page `p` is
+/// `stores[p]` where that is non-zero, the file's original data ([`file_word`]) elsewhere.
+struct FileModel {
+    stores: Vec<u32>,
+    /// The next value stored (never 0; every store writes a new one, so a lost store shows).
+    next: u32,
+}
+
+impl FileModel {
+    fn new(pages: usize) -> FileModel {
+        FileModel {
+            stores: vec![0; pages],
+            next: 1,
+        }
+    }
+
+    /// Records a store to page `p`; returns the value to store.
+    fn store(&mut self, p: usize) -> u32 {
+        let v = self.next;
+        self.next = self.next.checked_add(1).unwrap_or(1);
+        self.stores[p] = v;
+        v
+    }
+
+    /// The first 8 bytes of page `p`.
+    fn head(&self, p: usize) -> [u8; 8] {
+        let mut w = file_word(p * PAGE_SIZE).to_ne_bytes();
+        if self.stores[p] != 0 {
+            w[..4].copy_from_slice(&self.stores[p].to_ne_bytes());
+        }
+        w
+    }
+
+    /// Whether `buf` (the whole file, as the device read it) holds the model's data at the
+    /// start and the end of every page.
+    fn check_pages(&self, buf: &[u8]) -> Result<()> {
+        for (p, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+            let tail = file_word((p + 1) * PAGE_SIZE - 8).to_ne_bytes();
+            if page[..8] != self.head(p) || page[PAGE_SIZE - 8..] != tail {
+                return Err(Error::Invalid("bench: the device read wrong file data"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the file (read back through the kernel after `fsync`) is exactly the model.
+    fn check_file(&self, tf: &TempFile, len: usize) -> Result<()> {
+        use std::io::Read;
+        let mut f = tf.open()?;
+        let mut got = vec![0u8; 1 << 20];
+        let mut want = vec![0u8; 1 << 20];
+        for base in (0..len).step_by(got.len()) {
+            let n = got.len().min(len - base);
+            f.read_exact(&mut got[..n])
+                .map_err(os("read back the bench file"))?;
+            for (i, w) in want[..n].chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&file_word(base + i * 8).to_ne_bytes());
+            }
+            for p in (base..base + n).step_by(PAGE_SIZE) {
+                let o = p - base;
+                want[o..o + 8].copy_from_slice(&self.head(p / PAGE_SIZE));
+            }
+            if got[..n] != want[..n] {
+                return Err(Error::Invalid(
+                    "bench: the file on disk after fsync is not what was written",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one run of the `largefile` workload did. The counts are the same in every run (the
+/// same operations on the same pages); the wall time is not.
+#[derive(Clone, Copy, Debug, Default)]
+struct LargeFileRun {
+    /// From opening the cache to the end of `fsync`.
+    wall_ms: f64,
+    counts: LargeFileCounts,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct LargeFileCounts {
+    /// Bytes of migration copies, both directions (the link model's migration charges).
+    moved: u64,
+    /// Of which to the device: pages placed by the device phases' migrations.
+    to_device: u64,
+    /// Bytes of the device's accesses to system memory over the link.
+    device_remote: u64,
+    /// Bytes of CPU accesses to device-coherent memory (declared by the workload).
+    cpu_remote: u64,
+    /// CPU faults of the space ([`crate::space::SpaceStats`]).
+    cpu_faults: u64,
+    /// Fault passes of the device reads (`CmdOut::faults`).
+    device_faults: u64,
+    /// Bytes written back by `fsync` (pages written back × page size).
+    writeback: u64,
+    /// Modelled device time, the device's own link profile.
+    device_ns: u64,
+    /// The same traffic under [`FilePlacement::other_profile`].
+    other_ns: u64,
+}
+
+impl LargeFileCounts {
+    /// Every byte the link model was charged for (migrations, device accesses to system
+    /// memory, declared CPU accesses to coherent memory).
+    fn link(&self) -> u64 {
+        self.moved + self.device_remote + self.cpu_remote
+    }
+}
+
+/// The traffic kinds charged over the link, and the device's own.
+const TRAFFIC: [Traffic; 4] = [
+    Traffic::DeviceLocal,
+    Traffic::DeviceRemote,
+    Traffic::Migration,
+    Traffic::CpuRemote,
+];
+
+/// One device phase: the device migrates the file's pages to itself first if `migrate`
+/// (returns the pages that moved), then reads all of the mapping at `a` into `buf`, which is
+/// checked against the model (adds the read's fault passes to `faults`).
+#[allow(clippy::too_many_arguments)]
+fn largefile_device_phase(
+    m: &DeviceMirror,
+    cache: &FileCache,
+    a: VirtAddr,
+    n: usize,
+    migrate: bool,
+    buf: &mut [u8],
+    model: &FileModel,
+    faults: &mut u64,
+) -> Result<u64> {
+    let mut placed = 0;
+    if migrate {
+        let before = cache.device_pages();
+        m.migrate_range_to_device(a.get() as u64, n as u64)?;
+        placed = cache.device_pages().saturating_sub(before) as u64;
+    }
+    let out = m.read(a.get() as u64, n as u64, buf)?;
+    if out.cpages != n as u64 {
+        return Err(Error::Invalid("bench: the device did not read every page"));
+    }
+    *faults += out.faults;
+    model.check_pages(buf)?;
+    Ok(placed)
+}
+
+/// One run of the `largefile` workload with placement `p` on `dev` (mirrored into `space` by
+/// `m`): a fresh cache of the file, mapped shared and writable (intercepting stores for the
+/// private placement, which needs it); `rounds` rounds of a device read of everything, a CPU
+/// store to 1 % of the pages (spread out: one page in [`LARGEFILE_STRIDE`], a different one
+/// each round), a device read of everything; `fsync`. Timed from opening the cache to the end
+/// of `fsync`; then (untimed) the mapping and the cache go, and the file is checked against
+/// `model`.
+#[allow(clippy::too_many_arguments)]
+fn largefile_run(
+    space: &Space,
+    tf: &TempFile,
+    len: usize,
+    rounds: usize,
+    p: FilePlacement,
+    dev: &SoftDevice,
+    m: &DeviceMirror,
+    model: &mut FileModel,
+    buf: &mut [u8],
+) -> Result<LargeFileRun> {
+    let n = len / PAGE_SIZE;
+    let link = dev.link();
+    let traffic0 = TRAFFIC.map(|t| link.traffic(t));
+    let report0 = dev.link_report();
+    let faults0 = space.stats().cpu_faults;
+    let cfg = CacheConfig {
+        budget: len + LARGE_PAGE_SIZE,
+        ..CacheConfig::default()
+    };
+    let t = Instant::now();
+    let cache = FileCache::open(&tf.path, true, cfg)?;
+    let h = cache.handle();
+    let a = space.map_file_with(
+        &h,
+        0,
+        len,
+        FileMapOptions {
+            prot: Prot::ReadWrite,
+            shared: true,
+            intercept_stores: p == FilePlacement::Private,
+        },
+    )?;
+    let mut c = LargeFileCounts::default();
+    let mut work = || -> Result<()> {
+        let probe = space.probe(a, len)?;
+        for r in 0..rounds {
+            // Private: before every device phase (a runtime prefetching a kernel's input).
+            // Coherent: once, before the first.
+            let migrate = match p {
+                FilePlacement::Mirror => false,
+                FilePlacement::Private => true,
+                FilePlacement::Coherent => r == 0,
+            };
+            c.to_device +=
+                largefile_device_phase(m, &cache, a, n, migrate, buf, model, &mut c.device_faults)?;
+            for pg in (r % LARGEFILE_STRIDE..n).step_by(LARGEFILE_STRIDE) {
+                let v = model.store(pg);
+                probe.store_u32(a.add(pg * PAGE_SIZE), v)?;
+                if p == FilePlacement::Coherent {
+                    dev.declare_cpu_access(CACHE_LINE);
+                }
+            }
+            c.to_device += largefile_device_phase(
+                m,
+                &cache,
+                a,
+                n,
+                p == FilePlacement::Private,
+                buf,
+                model,
+                &mut c.device_faults,
+            )?;
+        }
+        let wb0 = cache.stats().pages_written_back;
+        h.fsync()?;
+        let wb = cache.stats().pages_written_back - wb0;
+        if p == FilePlacement::Coherent {
+            // Writeback reads the pages where they are, in device memory: CPU accesses over
+            // the link that hetmem does not charge (they do not fault).
+            for _ in 0..wb {
+                dev.declare_cpu_access(PAGE_SIZE as u64);
+            }
+        }
+        c.writeback = wb * PAGE_SIZE as u64;
+        Ok(())
+    };
+    let res = work();
+    let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    let unmapped = space.unmap(a, len);
+    res?;
+    unmapped?;
+    c.cpu_faults = space.stats().cpu_faults - faults0;
+    let d = TRAFFIC.map(|t| link.traffic(t));
+    let other = LinkModel::new(p.other_profile());
+    for (i, t) in TRAFFIC.into_iter().enumerate() {
+        let (bytes, ops) = (d[i].bytes - traffic0[i].bytes, d[i].ops - traffic0[i].ops);
+        match t {
+            Traffic::Migration => c.moved = bytes,
+            Traffic::DeviceRemote => c.device_remote = bytes,
+            Traffic::CpuRemote => c.cpu_remote = bytes,
+            Traffic::DeviceLocal => {}
+        }
+        c.other_ns += other.cost_ns(t, bytes, ops);
+    }
+    c.to_device *= PAGE_SIZE as u64;
+    c.device_ns = dev.link_report().since(&report0).total_ns();
+    // The cache goes (its device frames with it: everything was written back), then the file
+    // is checked.
+    drop(h);
+    drop(cache);
+    if dev.used() != 0 {
+        return Err(Error::Invalid(
+            "bench: device memory still in use after the file's cache went away",
+        ));
+    }
+    model.check_file(tf, len)?;
+    Ok(LargeFileRun { wall_ms, counts: c })
+}
+
+/// The `largefile` runs: one run of each placement per repetition (in the order of
+/// [`FilePlacement::ALL`]), repeated until the wall-time ratios to the mirror are stable; the
+/// warm-up repetition is left out.
+fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; 3]>> {
+    let len = sz.largefile_bytes;
+    let tf = TempFile::new(len)?;
+    let devs = FilePlacement::ALL
+        .iter()
+        .map(|p| p.device(len))
+        .collect::<Result<Vec<_>>>()?;
+    let mirrors = devs
+        .iter()
+        .map(|d| d.mirror(space))
+        .collect::<Result<Vec<_>>>()?;
+    let mut model = FileModel::new(len / PAGE_SIZE);
+    let mut buf = vec![0u8; len];
+    let mut runs = Vec::new();
+    repeat_until_stable_n(sz.largefile_min_reps, sz.largefile_max_reps, || {
+        let mut r = [LargeFileRun::default(); 3];
+        for (i, p) in FilePlacement::ALL.into_iter().enumerate() {
+            r[i] = largefile_run(
+                space,
+                &tf,
+                len,
+                sz.largefile_rounds,
+                p,
+                &devs[i],
+                &mirrors[i],
+                &mut model,
+                &mut buf,
+            )?;
+        }
+        runs.push(r);
+        Ok(r.iter().map(|x| x.wall_ms).collect())
+    })?;
+    runs.remove(0);
+    Ok(runs)
+}
+
+/// The `largefile` figures (see the module doc), as `largefile_<placement>_<what>`: the
+/// private and coherent placements' against the mirror's same figure (where that is not 0).
+/// Wall times are medians of the repetitions, with their spread; the counts are the same in
+/// every repetition (a note says so where they were not, with their range).
+fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; 3]], sz: &Sizes) {
+    let name = |i: usize, what: &str| format!("largefile_{}_{what}", FilePlacement::ALL[i].name());
+    let mib = |b: usize| b >> 20;
+    // Wall time: repeated until stable.
+    let wall: Vec<Vec<f64>> = (0..3)
+        .map(|i| runs.iter().map(|r| r[i].wall_ms).collect())
+        .collect();
+    let base = name(0, "wall_ms");
+    for i in 1..3 {
+        let mut f = spread_figure(&name(i, "wall_ms"), &wall[i], Some((&base, &wall[0])), "ms");
+        f.note = Some(format!(
+            "from opening a fresh cache of the file ({} MiB) to the end of fsync: {} rounds of \
+             a device read of it all, CPU stores to 1 % of its pages, a device read of it all",
+            mib(sz.largefile_bytes),
+            sz.largefile_rounds
+        ));
+        out.push(f);
+    }
+    out.push(spread_figure(&base, &wall[0], None, "ms"));
+
+    // The counts: the median over the repetitions, and where they varied, their range.
+    let count = |i: usize, f: &dyn Fn(&LargeFileCounts) -> f64| -> (f64, Option<String>) {
+        let v: Vec<f64> = runs.iter().map(|r| f(&r[i].counts)).collect();
+        let (lo, hi) = min_max(&v);
+        let varied = (lo != hi).then(|| format!("varied over {} runs: {lo}..{hi}", v.len()));
+        (median(&mut v.clone()), varied)
+    };
+    let c = |i: usize| runs[0][i].counts;
+    type Get = fn(&LargeFileCounts) -> f64;
+    let whats: [(&str, &str, Get); 6] = [
+        ("bytes_moved", "bytes", |c| c.moved as f64),
+        ("link_bytes", "bytes", |c| c.link() as f64),
+        ("cpu_faults", "faults", |c| c.cpu_faults as f64),
+        ("device_faults", "faults", |c| c.device_faults as f64),
+        ("writeback_bytes", "bytes", |c| c.writeback as f64),
+        ("modelled_device_ms", "ms", |c| c.device_ns as f64 / 1e6),
+    ];
+    for (what, unit, get) in whats {
+        let (mv, mvaried) = count(0, &get);
+        let note = |i: usize| -> Option<String> {
+            let c = c(i);
+            let b = |v: u64| fmt_bytes(Some(v as f64));
+            match what {
+                "bytes_moved" if i == 0 => Some(
+                    "migration copies (the link model's migration charges): none, the device \
+                     reads the pages over the link (largefile_mirror_link_bytes)"
+                        .into(),
+                ),
+                "bytes_moved" => Some(format!(
+                    "migration copies (the link model's migration charges): to the device {} \
+                     (pages placed by the device phases), from it {} (CPU faults bringing pages \
+                     back, writeback reading pages where they are)",
+                    b(c.to_device),
+                    b(c.moved - c.to_device)
+                )),
+                "link_bytes" => Some(format!(
+                    "every byte charged to the link: migrations {}, device reads of system \
+                     memory {}, CPU accesses to coherent memory {} (declared: a {CACHE_LINE}-byte \
+                     line per store, each page written back)",
+                    b(c.moved),
+                    b(c.device_remote),
+                    b(c.cpu_remote)
+                )),
+                "device_faults" => Some("fault passes of the device reads (CmdOut::faults)".into()),
+                "modelled_device_ms" => Some(format!(
+                    "modelled by the link model ({}); the same traffic over {}: {:.1} ms",
+                    FilePlacement::ALL[i].profile().name,
+                    FilePlacement::ALL[i].other_profile().name,
+                    c.other_ns as f64 / 1e6
+                )),
+                _ => None,
+            }
+        };
+        let with = |note: Option<String>, varied: Option<String>| match (note, varied) {
+            (Some(n), Some(v)) => Some(format!("{n}; {v}")),
+            (n, v) => n.or(v),
+        };
+        let base = name(0, what);
+        for i in 1..3 {
+            let (v, varied) = count(i, &get);
+            let mut f = figure(
+                &name(i, what),
+                v,
+                unit,
+                (mv > 0.0).then_some((base.as_str(), mv)),
+            );
+            f.note = with(note(i), varied);
+            out.push(f);
+        }
+        let mut f = figure(&base, mv, unit, None);
+        f.note = with(note(0), mvaried);
+        out.push(f);
+    }
+
+    // The bytes a device-private placement moves per byte a coherent one moves.
+    let (p, _) = count(1, &|c| c.moved as f64);
+    let (co, _) = count(2, &|c| c.moved as f64);
+    if co > 0.0 {
+        let mut f = figure(
+            "largefile_private_coherent_bytes_moved_ratio",
+            p / co,
+            "x",
+            None,
+        );
+        f.note = Some(format!(
+            "largefile_private_bytes_moved / largefile_coherent_bytes_moved: private {}, \
+             coherent {}",
+            fmt_bytes(Some(p)),
+            fmt_bytes(Some(co))
+        ));
+        out.push(f);
+    }
 }

@@ -116,11 +116,22 @@ impl LinkReport {
     }
 }
 
+/// Bytes and operations charged so far to one kind of traffic (see [`LinkModel::traffic`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCount {
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Operations (each paid the link's latency, except for local traffic).
+    pub ops: u64,
+}
+
 /// A device's link model: a profile and the time charged to it.
 #[derive(Debug)]
 pub struct LinkModel {
     profile: LinkProfile,
     ns: [AtomicU64; 4],
+    bytes: [AtomicU64; 4],
+    ops: [AtomicU64; 4],
 }
 
 impl LinkModel {
@@ -129,6 +140,8 @@ impl LinkModel {
         LinkModel {
             profile,
             ns: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            ops: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -154,6 +167,18 @@ impl LinkModel {
     pub fn charge(&self, t: Traffic, bytes: u64, ops: u64) {
         let i = t as usize;
         self.ns[i].fetch_add(self.cost_ns(t, bytes, ops), Ordering::Relaxed);
+        self.bytes[i].fetch_add(bytes, Ordering::Relaxed);
+        self.ops[i].fetch_add(ops, Ordering::Relaxed);
+    }
+
+    /// The bytes and operations charged so far to traffic `t` (what the time was charged for:
+    /// the same counts cost [`LinkModel::cost_ns`] under another profile).
+    pub fn traffic(&self, t: Traffic) -> TrafficCount {
+        let i = t as usize;
+        TrafficCount {
+            bytes: self.bytes[i].load(Ordering::Relaxed),
+            ops: self.ops[i].load(Ordering::Relaxed),
+        }
     }
 
     /// What was charged so far.
@@ -187,6 +212,11 @@ mod tests {
                     (r.device_remote_ns, r.cpu_remote_ns, r.total_ns()),
                     (1000, 2000, 3000)
                 );
+                assert_eq!(
+                    m.traffic(Traffic::CpuRemote),
+                    TrafficCount { bytes: 0, ops: 2 }
+                );
+                assert_eq!(m.traffic(Traffic::DeviceRemote).bytes, 50_000);
                 assert_eq!(
                     LinkProfile::by_name("nvlink-c2c"),
                     Some(LinkProfile::NVLINK_C2C)

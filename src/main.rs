@@ -29,7 +29,7 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// Run only these groups of figures (comma-separated): fault_back, first_touch,
-        /// threads, contention, migrate, coherent, pingpong, file, memcpy, metadata.
+        /// threads, contention, migrate, coherent, pingpong, file, largefile, memcpy, metadata.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -1,5 +1,6 @@
-//! Smoke test of `hetmem bench --quick`: every figure is produced, finite and positive. No
-//! timing is asserted (the figures depend on the machine).
+//! Smoke test of `hetmem bench --quick`: every figure is produced, finite and positive (the
+//! counts of the `largefile` group: not negative, and consistent with one another). No timing
+//! is asserted (the figures depend on the machine).
 
 mod common;
 use common::*;
@@ -69,8 +70,8 @@ fn quick_bench_reports_every_figure() {
         assert!(r.value.is_finite() && r.value > 0.0, "{name} = {}", r.value);
     }
     for r in &results {
-        // Times and byte counts are better lower, bandwidths, rates and speedups higher.
-        let lower = ["ns", "us", "ms", "s", "bytes"].contains(&r.unit.as_str());
+        // Times, byte and fault counts are better lower, bandwidths, rates and speedups higher.
+        let lower = ["ns", "us", "ms", "s", "bytes", "faults"].contains(&r.unit.as_str());
         assert_eq!(
             r.better,
             if lower { Better::Lower } else { Better::Higher },
@@ -82,8 +83,9 @@ fn quick_bench_reports_every_figure() {
         match (&r.baseline, r.baseline_value, r.ratio) {
             (Some(b), Some(v), Some(ratio)) => {
                 assert!(v.is_finite() && v > 0.0, "{}: baseline {b} = {v}", r.name);
+                // A ratio of 0 only for a count that is 0 (no faults where the baseline has some).
                 assert!(
-                    ratio.is_finite() && ratio > 0.0,
+                    ratio.is_finite() && (ratio > 0.0 || r.value == 0.0),
                     "{}: ratio {ratio}",
                     r.name
                 );
@@ -132,6 +134,7 @@ fn quick_bench_reports_every_figure() {
         let r = results.iter().find(|r| r.name == name).unwrap();
         assert!(r.spread.is_some(), "{name}: no spread");
     }
+    check_largefile(&results);
     // Bytes read from storage by each side of the cold file figures (0 is possible: a file in
     // tmpfs), wherever the kernel reports them.
     if std::fs::read_to_string("/proc/self/io").is_ok_and(|s| s.contains("read_bytes:")) {
@@ -249,7 +252,17 @@ fn quick_bench_json_has_its_context() {
         "time {t}"
     );
     let results = v["results"].as_array().expect("results");
-    for name in EXPECTED {
+    let largefile = LARGEFILE_PLACEMENTS.iter().flat_map(|p| {
+        LARGEFILE_FIGURES
+            .iter()
+            .map(move |(what, _)| format!("largefile_{p}_{what}"))
+    });
+    for name in EXPECTED
+        .iter()
+        .map(|n| n.to_string())
+        .chain(largefile)
+        .chain(["largefile_private_coherent_bytes_moved_ratio".to_string()])
+    {
         let r = results
             .iter()
             .find(|r| r["name"] == *name)
@@ -260,4 +273,102 @@ fn quick_bench_json_has_its_context() {
             r["better"]
         );
     }
+}
+
+const LARGEFILE_PLACEMENTS: [&str; 3] = ["mirror", "private", "coherent"];
+
+/// What the `largefile` group reports for each placement, and in which unit.
+const LARGEFILE_FIGURES: [(&str, &str); 7] = [
+    ("wall_ms", "ms"),
+    ("bytes_moved", "bytes"),
+    ("link_bytes", "bytes"),
+    ("cpu_faults", "faults"),
+    ("device_faults", "faults"),
+    ("writeback_bytes", "bytes"),
+    ("modelled_device_ms", "ms"),
+];
+
+/// The `largefile` figures: every one for every placement, counts that are not negative, wall
+/// times repeated (with their spread) against the mirror's, and byte counts consistent with one
+/// another and with what each placement does.
+fn check_largefile(results: &[hetmem::bench::BenchResult]) {
+    let get = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("missing figure {name}"))
+    };
+    let v = |p: &str, what: &str| get(&format!("largefile_{p}_{what}")).value;
+    for p in LARGEFILE_PLACEMENTS {
+        for (what, unit) in LARGEFILE_FIGURES {
+            let name = format!("largefile_{p}_{what}");
+            let r = get(&name);
+            assert!(
+                r.value.is_finite() && r.value >= 0.0,
+                "{name} = {}",
+                r.value
+            );
+            assert_eq!(r.unit, unit, "{name}");
+            if p == "mirror" {
+                assert!(r.baseline.is_none(), "{name}: the mirror is the baseline");
+            } else if v("mirror", what) > 0.0 {
+                assert_eq!(
+                    r.baseline.as_deref(),
+                    Some(format!("largefile_mirror_{what}").as_str()),
+                    "{name}: baseline"
+                );
+            }
+        }
+        let w = get(&format!("largefile_{p}_wall_ms"));
+        assert!(w.value > 0.0, "largefile_{p}_wall_ms = 0");
+        assert!(w.spread.is_some(), "largefile_{p}_wall_ms: no spread");
+        assert!(
+            v(p, "modelled_device_ms") > 0.0,
+            "largefile_{p}: no modelled time"
+        );
+    }
+    // The same stores everywhere: the same bytes written back, and some.
+    let wb = v("mirror", "writeback_bytes");
+    assert!(wb > 0.0, "largefile: nothing written back");
+    for p in ["private", "coherent"] {
+        assert_eq!(v(p, "writeback_bytes"), wb, "largefile_{p}_writeback_bytes");
+    }
+    // The mirror migrates nothing and reads the file over the link twice a round; the coherent
+    // placement moves the file once and the CPU stores in place; the private one moves at
+    // least that much, and every page the CPU wrote comes back on its store.
+    let (private, coherent) = (v("private", "bytes_moved"), v("coherent", "bytes_moved"));
+    assert_eq!(v("mirror", "bytes_moved"), 0.0);
+    assert!(
+        coherent > 0.0 && coherent % 4096.0 == 0.0,
+        "coherent moved {coherent}"
+    );
+    assert!(
+        coherent <= private,
+        "coherent moved {coherent} > private {private}"
+    );
+    assert!(
+        private >= coherent + wb,
+        "private moved {private}: not the file and the written pages back"
+    );
+    assert_eq!(v("coherent", "cpu_faults"), 0.0, "coherent pages fault");
+    assert!(
+        v("private", "cpu_faults") >= wb / 4096.0,
+        "a store to a device-private page does not fault"
+    );
+    assert!(
+        v("mirror", "link_bytes") >= 2.0 * coherent,
+        "the mirror reads the file over the link in each device phase"
+    );
+    for p in ["private", "coherent"] {
+        assert!(
+            v(p, "link_bytes") >= v(p, "bytes_moved"),
+            "largefile_{p}: link bytes below bytes moved"
+        );
+    }
+    let ratio = get("largefile_private_coherent_bytes_moved_ratio");
+    assert!(
+        (ratio.value - private / coherent).abs() < 1e-9 * ratio.value,
+        "largefile_private_coherent_bytes_moved_ratio {} vs {private} / {coherent}",
+        ratio.value
+    );
 }
