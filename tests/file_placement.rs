@@ -413,3 +413,160 @@ fn device_writes_racing_cpu_faults_from_another_space_truncate_free_and_fsync_lo
     }
     drop(cache);
 }
+
+fn owners(cache: &FileCache, p: usize) -> Vec<hetmem::Owner> {
+    let mut v = cache.replica_owners(p as u64);
+    v.sort_by_key(|o| o.0);
+    v
+}
+
+#[test]
+fn read_only_replicas_on_several_devices_serve_reads_and_survive_cpu_reads() {
+    let _w = watchdog("replica_reads", 30);
+    let f = TempFile::new("replica-ro", &pattern(N * PAGE, |i| i ^ 0x3c3c));
+    // Model weights: a file opened read-only.
+    let cache = FileCache::open(&f.0, false, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let (d1, d2) = (
+        SoftDevice::private(8 << 20).unwrap(),
+        SoftDevice::private(8 << 20).unwrap(),
+    );
+    let (s1, s2) = (Space::new().unwrap(), Space::new().unwrap());
+    let (m1, m2) = (d1.mirror(&s1).unwrap(), d2.mirror(&s2).unwrap());
+    let a1 = s1.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    let a2 = s2.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    assert_eq!(
+        m1.replicate_range(a1.get() as u64, N as u64)
+            .unwrap()
+            .cpages,
+        N as u64
+    );
+    assert_eq!(
+        m2.replicate_range(a2.get() as u64, N as u64)
+            .unwrap()
+            .cpages,
+        N as u64
+    );
+    let mut want = vec![d1.owner(), d2.owner()];
+    want.sort_by_key(|o| o.0);
+    assert_eq!(owners(&cache, 0), want);
+    assert_eq!((d1.used(), d2.used()), (N * PAGE, N * PAGE));
+    assert_eq!(
+        cache.placement(0),
+        PagePlacement::System,
+        "the memfd keeps the data"
+    );
+    // Both devices read their own copies; the CPU reads the file's pages; nothing moves.
+    let data = pattern(N * PAGE, |i| i ^ 0x3c3c);
+    let mut buf = vec![0u8; N * PAGE];
+    m1.read(a1.get() as u64, N as u64, &mut buf).unwrap();
+    assert!(buf == data);
+    m2.read(a2.get() as u64, N as u64, &mut buf).unwrap();
+    assert!(buf == data);
+    s1.cpu_read(a1, &mut buf).unwrap();
+    assert!(buf == data);
+    assert_eq!(owners(&cache, N - 1), want);
+    // The devices read their own memory: a snapshot shows each page as a read-only local
+    // device page.
+    let mut snap = vec![0u8; N];
+    m1.snapshot(a1.get() as u64, N as u64, &mut snap).unwrap();
+    assert!(
+        snap.iter()
+            .all(|&b| b == hetmem::device::snap::DEV_PRIVATE_LOCAL | hetmem::device::snap::READ),
+        "{snap:x?}"
+    );
+    // Releasing a device drops the replicas of the pages it held (a replica is a copy: nothing
+    // to bring back); the other device reads on.
+    d1.release().unwrap();
+    assert_eq!(d1.used(), 0);
+    m2.read(a2.get() as u64, N as u64, &mut buf).unwrap();
+    assert!(buf == data);
+}
+
+#[test]
+fn every_write_drops_the_replicas_first() {
+    let _w = watchdog("replica_writes", 30);
+    let (f, cache, h) = file("replica-w");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    let mut data = pattern(N * PAGE, |i| i);
+    m.replicate_range(a.get() as u64, N as u64).unwrap();
+    assert_eq!(dev.used(), N * PAGE);
+    // A CPU store: the page's replica goes first, then the store lands.
+    s.store_u32(a.add(PAGE), 0xaaaa_5555).unwrap();
+    data[PAGE..PAGE + 4].copy_from_slice(&0xaaaa_5555u32.to_ne_bytes());
+    assert!(owners(&cache, 1).is_empty());
+    assert_eq!(owners(&cache, 0), vec![dev.owner()]);
+    let mut buf = vec![0u8; N * PAGE];
+    m.read(a.get() as u64, N as u64, &mut buf).unwrap();
+    assert!(
+        buf == data,
+        "the device reads the store, not a stale replica"
+    );
+    // write_at, a device write, a punch, a direct write, truncate: each drops what it touches.
+    h.write_at(2 * PAGE as u64, b"wa").unwrap();
+    data[2 * PAGE..2 * PAGE + 2].copy_from_slice(b"wa");
+    assert!(owners(&cache, 2).is_empty());
+    m.write(a.add(3 * PAGE).get() as u64, 1, &vec![0x33; PAGE])
+        .unwrap();
+    data[3 * PAGE..4 * PAGE].fill(0x33);
+    assert!(owners(&cache, 3).is_empty());
+    h.punch_hole(4 * PAGE as u64, PAGE as u64).unwrap();
+    data[4 * PAGE..5 * PAGE].fill(0);
+    assert!(owners(&cache, 4).is_empty());
+    h.direct_write(5 * PAGE as u64 + 10, b"dw").unwrap();
+    data[5 * PAGE + 10..5 * PAGE + 12].copy_from_slice(b"dw");
+    assert!(owners(&cache, 5).is_empty());
+    h.set_len((N - 2) as u64 * PAGE as u64).unwrap();
+    data.truncate((N - 2) * PAGE);
+    assert!(owners(&cache, N - 1).is_empty());
+    assert_eq!(
+        dev.used(),
+        (N - 2 - 5) * PAGE,
+        "pages 0 and 6.. keep theirs"
+    );
+    let mut buf = vec![0u8; (N - 2) * PAGE];
+    m.read(a.get() as u64, (N - 2) as u64, &mut buf).unwrap();
+    assert!(buf == data);
+    h.fsync().unwrap();
+    assert!(f.disk() == data);
+}
+
+#[test]
+fn a_shared_mapping_that_does_not_intercept_stores_and_replicas_exclude_each_other() {
+    let _w = watchdog("replica_exclusion", 30);
+    let (_f, cache, h) = file("replica-x");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let ro = s.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    let _ = ro;
+    // A read-only mapping of a writable file can be made writable later without a fault to
+    // catch the store: no replicas while it exists.
+    let e = cache
+        .replicate(0, (N * PAGE) as u64, dev.pagemap())
+        .unwrap_err();
+    assert!(matches!(e, Error::StoresNotIntercepted { .. }), "{e}");
+    s.unmap(ro, N * PAGE).unwrap();
+    let b = s
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::Read))
+        .unwrap();
+    assert_eq!(
+        cache
+            .replicate(0, (N * PAGE) as u64, dev.pagemap())
+            .unwrap(),
+        N as u64
+    );
+    // Making such a mapping drops the replicas of its range first.
+    let w = s
+        .map_file(&h, 4 * PAGE as u64, 4 * PAGE, Prot::ReadWrite, true)
+        .unwrap();
+    assert!(owners(&cache, 4).is_empty() && owners(&cache, 7).is_empty());
+    assert_eq!(owners(&cache, 3), vec![dev.owner()]);
+    s.store_u32(w, 77).unwrap();
+    assert_eq!(s.load_u32(b.add(4 * PAGE)).unwrap(), 77);
+    assert_eq!(dev.used(), (N - 4) * PAGE);
+}

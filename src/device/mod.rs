@@ -1218,6 +1218,27 @@ impl DeviceMirror {
         }
     }
 
+    /// Places read-only replicas of the pages of a shared file mapping in this device's memory
+    /// ([`crate::pagecache::FileCache::replicate`]): the device then reads its copies locally,
+    /// the CPU keeps using the file's pages, and any write drops every replica first. `cpages`
+    /// counts the replicas made. EINVAL outside one shared file mapping.
+    pub fn replicate_range(&self, addr: u64, npages: u64) -> Result<CmdOut> {
+        let r = range_of(addr, npages)?;
+        self.inner.space.check_owner_process()?;
+        let (cache, first) = self.inner.space.shared_file_range(r).ok_or(Error::Invalid(
+            "replicas are of pages of one shared file mapping",
+        ))?;
+        let n = cache.replicate(
+            first * PAGE_SIZE as u64,
+            r.len() as u64,
+            &self.inner.dev.pagemap,
+        )?;
+        Ok(CmdOut {
+            cpages: n,
+            faults: 0,
+        })
+    }
+
     /// MIGRATE_TO_SYS: moves this device's pages of the range back to system memory; `cpages`
     /// counts the pages that were selected.
     pub fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<CmdOut> {

@@ -178,7 +178,14 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             continue;
         }
         let file_dev = match st.file_page(a) {
-            Some((cache, page)) => match cache.device_page(page) {
+            Some((cache, page)) => match cache.device_page(page).and_then(|d| match d {
+                // A read of a page the caller holds a read-only replica of: its copy.
+                None if !want_write => match range.dev_private_owner {
+                    Some(o) => cache.replica_for(page, o),
+                    None => Ok(None),
+                },
+                d => Ok(d),
+            }) {
                 Ok(d) => d.map(|d| (d, cache, page)),
                 Err(e) => {
                     // Being moved or removed: wait for that to end, then the caller retries.
@@ -190,6 +197,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             None => None,
         };
         let mut writable = match &file_dev {
+            Some((dp, ..)) if dp.replica => false,
             Some((dp, ..)) if !dp.coherent && Some(dp.owner) == range.dev_private_owner => {
                 frame_writable
             }
@@ -215,7 +223,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
                     }
                     Ok(StoreFault::Device) => {
                         drop(st);
-                        cache.settle(page, false)?;
+                        cache.settle(page, false, true)?;
                         return Err(Error::Busy);
                     }
                     Ok(StoreFault::Sigbus) => {
@@ -255,7 +263,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             }
             if want_fault {
                 drop(st);
-                cache.settle(page, false)?;
+                cache.settle(page, false, want_write)?;
                 return Err(Error::Busy);
             }
             range.hmm_pfns[i] = 0;

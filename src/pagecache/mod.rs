@@ -117,6 +117,9 @@ struct CacheState {
     /// [`FileCache::device_write_fault`]): writeback keeps them dirty and unprotected until
     /// the device's write access is revoked ([`FileCache::lock_for_writeback`]).
     dev_writable: std::collections::BTreeSet<u64>,
+    /// Read-only device copies of pages (the memfd keeps the data): per page, the devices
+    /// (indices in `devs`) and frames holding one (see `placement.rs`).
+    replicas: std::collections::BTreeMap<u64, Vec<(u8, u32)>>,
 }
 
 /// The state of a writeback asked of the background thread by stores at the dirty bound.
@@ -473,6 +476,7 @@ impl FileCache {
                 flush: Flush::Idle,
                 devs: Vec::new(),
                 dev_writable: std::collections::BTreeSet::new(),
+                replicas: std::collections::BTreeMap::new(),
             }),
             rmap_id: AtomicU32::new(0),
         }))
@@ -545,8 +549,10 @@ impl FileCache {
 
     fn set_state(&self, st: &mut CacheState, p: u64, new: PageState) {
         if new == PageState::Uncached {
-            // Leaving the cache: a device frame holding it goes too (not written).
+            // Leaving the cache: a device frame holding it goes too (not written), and so do
+            // its read-only replicas.
             self.release_slot(st, p);
+            self.release_replicas(st, p);
             if !st.dev_writable.is_empty() {
                 st.dev_writable.remove(&p);
             }
@@ -1013,7 +1019,8 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(StoreFault::Done);
         }
-        if st.pages.slot(p).is_some_and(|s| !s.coherent) {
+        if st.pages.slot(p).is_some_and(|s| !s.coherent) || st.replicas.contains_key(&p) {
+            // On a device, or replicated there: settled first (`settle(p, _, true)`).
             return Ok(StoreFault::Device);
         }
         self.fill(&mut st, p, p + 1)?;
@@ -1080,7 +1087,7 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Err(Error::Busy);
         }
-        if st.pages.slot(p).is_some_and(|s| !s.coherent) {
+        if st.pages.slot(p).is_some_and(|s| !s.coherent) || st.replicas.contains_key(&p) {
             return Ok(StoreFault::Device);
         }
         self.fill(&mut st, p, p + 1)?;
@@ -1170,20 +1177,20 @@ impl FileCache {
     }
 
     /// Whether file page `p` must be settled ([`Self::settle`]) before the CPU can use it: it
-    /// is in device-private memory, or (for a long-term pin) in device-coherent memory.
-    pub(crate) fn needs_settle(&self, p: u64, long_term: bool) -> bool {
-        lock(&self.st)
-            .pages
-            .slot(p)
-            .is_some_and(|s| !s.coherent || long_term)
+    /// is in device-private memory, or (for a long-term pin) in device-coherent memory, or
+    /// (for a write) replicated on devices.
+    pub(crate) fn needs_settle(&self, p: u64, long_term: bool, write: bool) -> bool {
+        let st = lock(&self.st);
+        st.pages.slot(p).is_some_and(|s| !s.coherent || long_term)
+            || (write && st.replicas.contains_key(&p))
     }
 
     /// Makes file page `p` usable by the CPU, with no lock held: waits for a removal in
     /// progress, and brings the page back from device memory (private; coherent too when
-    /// `long_term`).
-    pub(crate) fn settle(&self, p: u64, long_term: bool) -> Result<()> {
+    /// `long_term`; its read-only replicas are dropped too, which a `write` needs).
+    pub(crate) fn settle(&self, p: u64, long_term: bool, write: bool) -> Result<()> {
         self.wait_for_removal();
-        if self.needs_settle(p, long_term) {
+        if self.needs_settle(p, long_term, write) {
             self.bring_back(p, p + 1)?;
         }
         Ok(())
@@ -1507,7 +1514,9 @@ impl FileHandle {
         // mapping would fault them back); bounded: each round brings the range's pages back.
         let mut st = loop {
             let st = lock(&c.st);
-            if !FileCache::has_private_in(&st, first, last) {
+            if !FileCache::has_private_in(&st, first, last)
+                && st.replicas.range(first..last).next().is_none()
+            {
                 break st;
             }
             drop(st);
@@ -1688,6 +1697,10 @@ impl FileHandle {
         if st.disk_size < st.size {
             c.backend.set_len(st.size).map_err(os("set file length"))?;
             st.disk_size = st.size;
+        }
+        // Replicas of the range go stale: dropped (their device mappings were invalidated).
+        for p in first..last.min(st.pages.len()) {
+            c.release_replicas(&mut st, p);
         }
         let mut done = 0;
         while done < data.len() {

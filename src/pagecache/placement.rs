@@ -56,6 +56,8 @@ pub(crate) struct DevicePage {
     pub(crate) frame: FrameIdx,
     pub(crate) owner: Owner,
     pub(crate) coherent: bool,
+    /// A read-only replica (the memfd keeps the data): never mapped writable.
+    pub(crate) replica: bool,
 }
 
 /// Process-wide table of caches with pages in device memory, by id (the reverse map of a
@@ -138,6 +140,7 @@ impl FileCache {
             frame: FrameIdx(s.frame),
             owner: pm.owner(),
             coherent: s.coherent,
+            replica: false,
         }))
     }
 
@@ -298,18 +301,31 @@ impl FileCache {
         if last == first + 1 {
             // One page (a CPU fault's): nothing allocated on this path.
             let mut st = self.begin_removal(first, last);
-            if st.pages.slot(first).is_none() {
+            if st.pages.slot(first).is_none() && !st.replicas.contains_key(&first) {
                 return Ok(0);
             }
             return self.restore_page(&mut st, first).map(|()| 1);
         }
-        if first >= last || lock(&self.st).pages.placed_in(first, last).is_empty() {
+        let any = |st: &CacheState| {
+            !st.pages.placed_in(first, last).is_empty()
+                || st.replicas.range(first..last).next().is_some()
+        };
+        if first >= last || !any(&lock(&self.st)) {
             return Ok(0);
         }
         let mut st = self.begin_removal(first, last);
         let mut n = 0;
         let mut first_err = None;
-        for (p, _) in st.pages.placed_in(first, last) {
+        let mut pages: Vec<u64> = st
+            .pages
+            .placed_in(first, last)
+            .iter()
+            .map(|&(p, _)| p)
+            .collect();
+        pages.extend(st.replicas.range(first..last).map(|(&p, _)| p));
+        pages.sort_unstable();
+        pages.dedup();
+        for p in pages {
             match self.restore_page(&mut st, p) {
                 Ok(()) => n += 1,
                 Err(e) => {
@@ -326,6 +342,9 @@ impl FileCache {
     /// Brings placed page `p` back into the memfd (a private page) or releases its frame (a
     /// coherent one), under the removal (its device mappings are invalidated).
     fn restore_page(&self, st: &mut CacheState, p: u64) -> Result<()> {
+        // Replicas are copies of the memfd's data: dropped (the caller invalidated their
+        // device mappings).
+        self.release_replicas(st, p);
         let Some(s) = st.pages.slot(p) else {
             return Ok(());
         };
@@ -449,6 +468,9 @@ impl FileCache {
                         st.pages
                             .slot(p)
                             .is_some_and(|s| st.devs[s.dev as usize].id() == pm.id())
+                            || st.replicas.get(&p).is_some_and(|v| {
+                                v.iter().any(|&(d, _)| st.devs[d as usize].id() == pm.id())
+                            })
                     })
                     .collect()
             };
@@ -473,6 +495,181 @@ impl FileCache {
         for (p, _) in st.pages.placed_in(0, u64::MAX) {
             self.release_slot(st, p);
         }
+        let replicated: Vec<u64> = st.replicas.keys().copied().collect();
+        for p in replicated {
+            self.release_replicas(st, p);
+        }
+    }
+
+    /// Places read-only copies of file pages `[off, off + len)` (`off` page-aligned; clamped to
+    /// the file) in the memory of `pm`'s device (device-private memory): the memfd keeps the
+    /// data and the CPU keeps mapping it; the device reads its copy locally. Several devices may
+    /// hold replicas of a page (read-mostly data). Every replica of a page is dropped before
+    /// anything changes the page: a CPU store (caught by write-protection: the page's mappings
+    /// must be read-only or intercept stores), a device write, `write_at`, truncate, hole punch,
+    /// direct write, eviction; and before a shared mapping that does not intercept stores is
+    /// made over it. Uncached pages are read first; pages on a device already (private or
+    /// coherent), pinned pages and pages the device has no room for are skipped. Returns the
+    /// replicas made by this call.
+    ///
+    /// Errors: as [`Self::place_on_device`] (a writable file's pages in a shared mapping that
+    /// does not intercept stores: [`Error::StoresNotIntercepted`]); a coherent device needs no
+    /// replica (EINVAL).
+    pub fn replicate(&self, off: u64, len: u64, pm: &Arc<Pagemap>) -> Result<u64> {
+        let (first, last) = self.page_range(off, len)?;
+        if first >= last {
+            return Ok(0);
+        }
+        if pm.kind() != MemoryKind::Private {
+            return Err(Error::Invalid(
+                "replicas go to device-private memory (a coherent device maps the page itself)",
+            ));
+        }
+        let cache_id = self.reverse_map_id()?;
+        let mut st = self.begin_removal(first, last);
+        if let Some(page) = self.unprotectable_in(&st, first, last) {
+            return Err(Error::StoresNotIntercepted { page });
+        }
+        self.fill(&mut st, first, last)?;
+        self.collect_written(&mut st);
+        // Stores in the mappings that intercept them fault from now on (and drop the replicas).
+        Self::protect_sync_mappings(&st, first, last);
+        let dev = match st.devs.iter().position(|d| Arc::ptr_eq(d, pm)) {
+            Some(i) => i,
+            None if st.devs.len() < u8::MAX as usize => {
+                st.devs.push(pm.clone());
+                st.devs.len() - 1
+            }
+            None => return Err(Error::Invalid("a file's pages are on too many devices")),
+        } as u8;
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut made = 0u64;
+        let mut full = false;
+        for p in first..last {
+            if st.pages.get(p) == PageState::Uncached
+                || st.pages.slot(p).is_some()
+                || st.pinned.contains_key(&p)
+                || st
+                    .replicas
+                    .get(&p)
+                    .is_some_and(|v| v.iter().any(|&(d, _)| d == dev))
+            {
+                continue;
+            }
+            let Ok(f) = pm.alloc() else {
+                full = true;
+                break;
+            };
+            let copied = self
+                .memfd
+                .read_at(p * PAGE, &mut page)
+                .and_then(|_| pm.store().write(f.offset(), &page));
+            if let Err(e) = copied {
+                pm.free(f, false);
+                return Err(Error::os("copy a file page to the device", e));
+            }
+            pm.charge_migration(PAGE_SIZE);
+            pm.set_rmap(
+                f,
+                FrameOwner::File {
+                    cache: cache_id,
+                    index: p,
+                },
+            );
+            st.replicas.entry(p).or_default().push((dev, f.0));
+            made += 1;
+        }
+        if made == 0 && full {
+            return Err(Error::NoMemory {
+                what: "device memory",
+            });
+        }
+        Ok(made)
+    }
+
+    /// The devices holding a read-only replica of file page `page`.
+    pub fn replica_owners(&self, page: u64) -> Vec<Owner> {
+        let st = lock(&self.st);
+        st.replicas
+            .get(&page)
+            .map(|v| {
+                v.iter()
+                    .map(|&(d, _)| st.devs[d as usize].owner())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The replica of file page `page` on the device `owner`, if any (for `range_fault`: the
+    /// device reads its copy). EBUSY while the page is being moved or removed.
+    pub(crate) fn replica_for(&self, page: u64, owner: Owner) -> Result<Option<DevicePage>> {
+        let st = lock(&self.st);
+        let Some(v) = st.replicas.get(&page) else {
+            return Ok(None);
+        };
+        if st.blocked.iter().any(|&(f, l)| f <= page && page < l) {
+            return Err(Error::Busy);
+        }
+        Ok(v.iter().find_map(|&(d, f)| {
+            let pm = &st.devs[d as usize];
+            (pm.owner() == owner).then(|| DevicePage {
+                pagemap: pm.id(),
+                frame: FrameIdx(f),
+                owner,
+                coherent: false,
+                replica: true,
+            })
+        }))
+    }
+
+    /// Frees every replica of page `p` (the caller invalidated their device mappings).
+    pub(super) fn release_replicas(&self, st: &mut CacheState, p: u64) {
+        if let Some(v) = st.replicas.remove(&p) {
+            for (d, f) in v {
+                st.devs[d as usize].free(FrameIdx(f), false);
+            }
+        }
+    }
+
+    /// The first page of `first..last` in a shared mapping whose stores cannot be held off
+    /// (does not intercept stores) while the file is writable: such pages go neither to
+    /// device-private memory nor get replicas.
+    fn unprotectable_in(&self, st: &CacheState, first: u64, last: u64) -> Option<u64> {
+        st.mappings
+            .iter()
+            .find(|m| {
+                (m.writable || (m.tracked && self.writable))
+                    && !m.sync
+                    && m.pgoff < last
+                    && first < m.pgoff + m.range.pages() as u64
+            })
+            .map(|m| m.pgoff.max(first))
+    }
+
+    /// Held by the address space across making a shared mapping that does not intercept stores
+    /// over file pages `first..last` of a writable file: the pages' replicas are dropped first
+    /// (two phases), and none can be made until the mapping is recorded (replication takes the
+    /// same lock, and then sees the mapping and refuses).
+    pub(crate) fn hold_without_replicas(
+        &self,
+        first: u64,
+        last: u64,
+    ) -> crate::sync::Guard<'_, ()> {
+        let serial = lock(&self.removal);
+        if !self.writable || lock(&self.st).replicas.range(first..last).next().is_none() {
+            return serial;
+        }
+        lock(&self.st).blocked.push((first, last));
+        self.invalidate_mappings(first, last);
+        let mut st = lock(&self.st);
+        let pages: Vec<u64> = st.replicas.range(first..last).map(|(&p, _)| p).collect();
+        for p in pages {
+            self.release_replicas(&mut st, p);
+        }
+        if let Some(i) = st.blocked.iter().position(|&b| b == (first, last)) {
+            st.blocked.swap_remove(i);
+        }
+        serial
     }
 }
 

@@ -138,7 +138,7 @@ impl SpaceCore {
                 }
                 Ok(StoreFault::Device) => {
                     drop(st);
-                    cache.settle(page, false).is_ok()
+                    cache.settle(page, false, true).is_ok()
                         || unserved("a file page could not be brought back from device memory")
                 }
             };
@@ -161,7 +161,7 @@ impl SpaceCore {
                 }
                 // In device-private memory: bring it back (no lock held), then retry.
                 Ok(Fill::Device) => {
-                    cache.settle(page, false).is_ok()
+                    cache.settle(page, false, false).is_ok()
                         || unserved("a file page could not be brought back from device memory")
                 }
                 Ok(Fill::PastEof) => unserved("an access past the end of the file"),

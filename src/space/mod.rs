@@ -669,10 +669,16 @@ impl Space {
                 len: len as u64,
             });
         }
+        let pgoff = offset / PAGE_SIZE as u64;
+        // A shared mapping that does not intercept stores cannot hold off a CPU store: the
+        // file's read-only replicas in its range are dropped first, and none are made until the
+        // mapping is recorded (see `FileCache::replicate`).
+        let holder = cache.clone();
+        let _no_replicas = (shared && !sync)
+            .then(|| holder.hold_without_replicas(pgoff, pgoff + (len / PAGE_SIZE) as u64));
         let mut st = lock(&self.core.state);
         let r = self.free_range(&st, len, PAGE_SIZE)?;
         let ptes = new_ptes(r)?;
-        let pgoff = offset / PAGE_SIZE as u64;
         if shared {
             let mapped = if sync {
                 self.core

@@ -32,7 +32,7 @@ impl Space {
                 Ok(()) => break st,
                 Err((Error::Busy, Some((cache, page)))) if round < BUSY_ROUNDS => {
                     drop(st);
-                    cache.settle(page, long_term)?;
+                    cache.settle(page, long_term, true)?;
                     round += 1;
                 }
                 Err((e, _)) => return Err(e),
@@ -89,7 +89,7 @@ impl Space {
         for p in 0..r.pages() {
             let a = r.start.add(p * PAGE_SIZE);
             if let Some((cache, page)) = st.file_page(a)
-                && cache.needs_settle(page, long_term)
+                && cache.needs_settle(page, long_term, true)
             {
                 // In device memory: brought back by the caller, with no lock held.
                 return Err((Error::Busy, Some((cache, page))));
