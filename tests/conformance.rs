@@ -19,9 +19,11 @@
 //!   `ptr[i]++` one int at a time, or touches memory in a forked child;
 //! - `get_user_pages` is [`Space::pin`].
 //!
-//! Not here: the shared and file-backed cases (7 anon_write_child_shared, 10 file_read,
-//! 11 file_write, 13 migrate_file_private, 16 migrate_shared) wait for shared and file-backed
-//! mappings; 21 mixedmap needs a device-inserted mapping, which hetmem does not offer.
+//! Shared anonymous memory (`Space::map_shared_anon`) is here: 7 anon_write_child_shared and
+//! 16 migrate_shared (where hetmem goes beyond the kernel: its pages move to device memory).
+//! Not here: the file-backed cases (10 file_read, 11 file_write, 13 migrate_file_private) are in
+//! `tests/file_map.rs`; 21 mixedmap needs a device-inserted mapping, which hetmem does not
+//! offer.
 
 mod common;
 
@@ -29,8 +31,8 @@ use common::{NPAGES, PAGE, PMD, ints, pattern};
 use hetmem::device::{FLAG_FAIL_ALLOC, snap};
 use hetmem::sys::{self, ChildExit};
 use hetmem::{
-    Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, MapOptions, MemoryKind, Prot, Residency,
-    SoftDevice, Space, VirtAddr,
+    Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, FileMapOptions, MapOptions, MemoryKind, Prot,
+    Residency, SoftDevice, Space, VirtAddr,
 };
 
 /// Device memory of the fixture's device (dmirror allocates 256 MiB chunks).
@@ -160,11 +162,13 @@ macro_rules! hmm_variant {
             anon_write,
             anon_write_prot,
             anon_write_child,
+            anon_write_child_shared,
             anon_write_huge,
             anon_write_hugetlbfs,
             migrate,
             migrate_fault,
             migrate_release,
+            migrate_shared,
             migrate_multiple,
             migrate_multiple_to_sys,
             anon_read_multiple,
@@ -478,6 +482,99 @@ fn anon_write_child(kind: MemoryKind) {
     }
 }
 
+/// 7 anon_write_child_shared, adapted (fork). Kernel: `MAP_SHARED | MAP_ANONYMOUS`, N pages,
+/// ptr = `i`, mirror = `-i`; fork; the child opens dmirror0 and WRITEs N pages: ok(N, 1), the
+/// child reads `-i`, and so does the parent (no copy on write).
+///
+/// hetmem: [`Space::map_shared_anon`], ptr = `i`, mirror = `-i`; fork. The child inherits the
+/// mapping (the one managed range a child inherits) but not hetmem: the parent's objects are
+/// inert there (a device command is EINVAL) and it has no device of its own, so it writes `-i`
+/// with plain CPU stores, after reading `i`. The parent then reads `-i` with the CPU and with its
+/// device (READ ok(N, 1), mirror `-i`). The kernel's device WRITE then runs in the parent (ok(N,
+/// 0): the READ mapped the pages already), and a second child reads what the device wrote. Both kinds alike: the pages stay in
+/// system memory (the device writes through the CPU view of a mapping that does not intercept
+/// stores).
+fn anon_write_child_shared(kind: MemoryKind) {
+    let h = hmm(kind);
+    let npages = NPAGES;
+    let size = npages * PAGE;
+    let (ptr, _cache) = h.space.map_shared_anon(size, Prot::ReadWrite).unwrap();
+    let mut buffer = HmmBuffer::new(ptr, size, 0);
+    cpu_init(&h.space, ptr, size, |i| i);
+    buffer.mirror = pattern(size, |i| i.wrapping_neg());
+
+    let probe = h.space.probe(ptr, size).unwrap();
+    let m = &h.m;
+    // SAFETY: the child makes one device command that fails at its process-id check (no
+    // allocation, no lock: a READ, whose buffer is the child's stack; a WRITE would copy its
+    // buffer first), then loads and stores through the probe (bounds checks and volatile
+    // accesses) and returns an exit code.
+    let st = unsafe {
+        sys::fork_and_wait(|| {
+            let mut page = [0u8; PAGE];
+            let mut c = DmirrorCmd {
+                addr: ptr.get() as u64,
+                buf: &mut page,
+                npages: 1,
+                cpages: 7,
+                faults: 7,
+            };
+            if m.cmd(Cmd::Read, &mut c) != -libc::EINVAL || c.cpages != 7 {
+                return 2;
+            }
+            for i in 0..(size / 4) {
+                let p = ptr.add(i * 4);
+                match probe.load_u32(p) {
+                    Ok(v) if v == i as u32 => {}
+                    _ => return 3,
+                }
+                if probe.store_u32(p, (i as u32).wrapping_neg()).is_err() {
+                    return 4;
+                }
+            }
+            0
+        })
+    }
+    .unwrap();
+    assert_eq!(st, ChildExit::Exited(0), "the child's loads and stores");
+
+    // No copy on write: the parent sees the child's stores.
+    assert_ints("parent ptr", &cpu_get(&h.space, ptr, size), |i| {
+        i.wrapping_neg()
+    });
+    let mut readb = HmmBuffer::new(ptr, size, 0);
+    let ret = hmm_dmirror_cmd(&h.m, Cmd::Read, &mut readb, npages);
+    assert_eq!(ret, 0);
+    assert_eq!(readb.cpages, npages as u64);
+    assert_eq!(readb.faults, 1);
+    assert_ints("parent mirror", &readb.mirror, |i| i.wrapping_neg());
+
+    // The kernel's device WRITE, in the parent; a child reads it.
+    buffer.mirror = pattern(size, |i| i ^ 0x5a5a_5a5a);
+    let ret = hmm_dmirror_cmd(&h.m, Cmd::Write, &mut buffer, npages);
+    assert_eq!(ret, 0);
+    assert_eq!(buffer.cpages, npages as u64);
+    // No fault: the READ above mapped the pages, writable (as dmirror maps a writable pte).
+    assert_eq!(buffer.faults, 0);
+    // SAFETY: loads through the probe only, then an exit code.
+    let st = unsafe {
+        sys::fork_and_wait(|| {
+            for i in 0..(size / 4) {
+                match probe.load_u32(ptr.add(i * 4)) {
+                    Ok(v) if v == i as u32 ^ 0x5a5a_5a5a => {}
+                    _ => return 3,
+                }
+            }
+            0
+        })
+    }
+    .unwrap();
+    assert_eq!(st, ChildExit::Exited(0), "the second child's loads");
+    assert_ints("parent ptr", &cpu_get(&h.space, ptr, size), |i| {
+        i ^ 0x5a5a_5a5a
+    });
+}
+
 /// 8 anon_write_huge: the device writes a MADV_HUGEPAGE region (the `advise_large` analogue) of
 /// an mmap of 2P. Asserts as the kernel: WRITE P/pg returns ok(npages, 1), the CPU reads `i`.
 fn anon_write_huge(kind: MemoryKind) {
@@ -593,6 +690,78 @@ fn migrate_release(kind: MemoryKind) {
 
     // Fault pages back to system memory and check them.
     assert_ints("ptr first half", &cpu_get(&h.space, ptr, size / 2), |i| i);
+}
+
+/// 16 migrate_shared. Kernel: `MAP_SHARED | MAP_ANONYMOUS` (shmem), N pages, untouched;
+/// TO_DEV N returns **-ENOENT** (shmem pages fail the anonymous check of `migrate_vma`).
+///
+/// hetmem goes beyond the kernel: shared anonymous memory is a file page without a file, so its
+/// pages move through the cache's placement like file pages (every mapping of them sees the
+/// move at once), untouched ones zero-filled first: TO_DEV returns 0, cpages N, mirror all 0.
+/// Device-private memory needs a mapping whose CPU stores can be held off while a page moves:
+/// through the plain writable mapping (stores not intercepted: the kernel resolves their
+/// write-protect fault itself) the private device gets **-EBUSY** and nothing moves; through a
+/// mapping that intercepts stores (`FileMapOptions::intercept_stores`) it works. Coherent
+/// memory takes either (the CPU keeps mapping the page in place). The CPU reads zeros after.
+fn migrate_shared(kind: MemoryKind) {
+    use hetmem::pagecache::PagePlacement;
+    let h = hmm(kind);
+    let npages = NPAGES;
+    let size = npages * PAGE;
+    let on_device = |cache: &hetmem::pagecache::FileCache, p: u64| match kind {
+        MemoryKind::Private => {
+            cache.placement(p)
+                == PagePlacement::DevicePrivate {
+                    owner: h.dev.owner(),
+                }
+        }
+        _ => {
+            cache.placement(p)
+                == PagePlacement::DeviceCoherent {
+                    owner: h.dev.owner(),
+                }
+        }
+    };
+
+    // The kernel's mapping: shared, writable, stores not intercepted.
+    let (ptr, cache) = h.space.map_shared_anon(size, Prot::ReadWrite).unwrap();
+    let mut buffer = HmmBuffer::new(ptr, size, 0xff);
+    let ret = hmm_dmirror_cmd(&h.m, Cmd::MigrateToDev, &mut buffer, npages);
+    if kind == MemoryKind::Private {
+        assert_eq!(ret, -libc::EBUSY);
+        assert_eq!(cache.device_pages(), 0);
+        assert_eq!(h.dev.used(), 0);
+    } else {
+        assert_eq!(ret, 0);
+        assert_eq!(buffer.cpages, npages as u64);
+        assert_bytes("mirror", &buffer.mirror, 0);
+        assert!(on_device(&cache, 0) && on_device(&cache, npages as u64 - 1));
+    }
+    assert_bytes("ptr", &cpu_get(&h.space, ptr, size), 0);
+    h.space.unmap(ptr, size).unwrap();
+
+    // A mapping that intercepts stores: both kinds move every page.
+    let (ptr, cache) = h
+        .space
+        .map_shared_anon_with(
+            size,
+            FileMapOptions {
+                prot: Prot::ReadWrite,
+                shared: true,
+                intercept_stores: true,
+            },
+        )
+        .unwrap();
+    let mut buffer = HmmBuffer::new(ptr, size, 0xff);
+    let ret = hmm_dmirror_cmd(&h.m, Cmd::MigrateToDev, &mut buffer, npages);
+    assert_eq!(ret, 0);
+    assert_eq!(buffer.cpages, npages as u64);
+    assert_bytes("mirror", &buffer.mirror, 0);
+    assert_eq!(cache.device_pages(), npages);
+    for p in 0..npages as u64 {
+        assert!(on_device(&cache, p), "page {p}");
+    }
+    assert_bytes("ptr", &cpu_get(&h.space, ptr, size), 0);
 }
 
 /// 18 migrate_multiple: 10 times, a fresh mapping written `i` migrates to the device (0, cpages

@@ -144,6 +144,13 @@ pub trait Mm: Send + Sync {
     /// a mapping: a direct mremap left it unmapped, and the program may have mapped something
     /// else there meanwhile, EEXIST then).
     fn restore_reservation(&self, r: VaRange) -> io::Result<()>;
+    /// Lets child processes inherit the file mapping `r` (shared anonymous memory: a child
+    /// maps it as plain shared memory, not served by hetmem). Nothing to do where there are no
+    /// processes (the in-memory model).
+    fn inherit_on_fork(&self, r: VaRange) -> io::Result<()> {
+        let _ = r;
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,6 +504,10 @@ impl Mm for KernelMm {
 
     fn restore_reservation(&self, r: VaRange) -> io::Result<()> {
         self.res.map_hole_again(self.off(r.start), r.len())
+    }
+
+    fn inherit_on_fork(&self, r: VaRange) -> io::Result<()> {
+        self.res.inherit_on_fork(self.off(r.start), r.len())
     }
 
     fn track_writes(&self, r: VaRange) -> io::Result<()> {

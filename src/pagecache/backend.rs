@@ -1,5 +1,6 @@
-//! Where the cache reads and writes the file: the real file ([`StdFile`]) or, with the
-//! `testing` feature, a test double that injects errors (`FaultyBackend`).
+//! Where the cache reads and writes the file: the real file ([`StdFile`]), no file at all
+//! ([`AnonBackend`]: shared anonymous memory) or, with the `testing` feature, a test double that
+//! injects errors (`FaultyBackend`).
 
 use super::*;
 
@@ -24,6 +25,15 @@ pub trait FileBackend: Send + Sync + std::fmt::Debug {
     /// instead of at writeback. The default allows any size up to `i64::MAX`.
     fn may_grow_to(&self, end: u64) -> bool {
         end <= i64::MAX as u64
+    }
+    /// Whether the backend keeps what writeback writes to it (a file does). A backend without
+    /// storage ([`AnonBackend`]) has nothing to write back to: the cache never writes back
+    /// (its written pages stay dirty in the memfd, never evicted: the memfd holds the only
+    /// copy), fills only allocate (they never overwrite a page), direct I/O goes through the
+    /// cache, and the budget and the dirty bound do not apply (docs/filesystem-contract.md,
+    /// "Shared anonymous memory").
+    fn has_storage(&self) -> bool {
+        true
     }
 }
 
@@ -152,6 +162,9 @@ impl<B: FileBackend> FileBackend for FaultyBackend<B> {
     fn may_grow_to(&self, end: u64) -> bool {
         self.inner.may_grow_to(end)
     }
+    fn has_storage(&self) -> bool {
+        self.inner.has_storage()
+    }
 }
 
 impl<B: FileBackend> FileBackend for Arc<B> {
@@ -175,5 +188,56 @@ impl<B: FileBackend> FileBackend for Arc<B> {
     }
     fn may_grow_to(&self, end: u64) -> bool {
         (**self).may_grow_to(end)
+    }
+    fn has_storage(&self) -> bool {
+        (**self).has_storage()
+    }
+}
+
+/// No file behind the cache: the storage of shared anonymous memory (`MAP_SHARED |
+/// MAP_ANONYMOUS`, [`crate::space::Space::map_shared_anon`]). It has a length and nothing else:
+/// it reads as zeros, and it keeps nothing ([`FileBackend::has_storage`] is false), so the
+/// cache never writes to it and its memfd holds every byte written.
+#[derive(Debug)]
+pub struct AnonBackend {
+    len: AtomicU64,
+}
+
+impl AnonBackend {
+    /// `len` bytes of zeros.
+    pub fn new(len: u64) -> Self {
+        AnonBackend {
+            len: AtomicU64::new(len),
+        }
+    }
+}
+
+impl FileBackend for AnonBackend {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.len.load(Ordering::Acquire).saturating_sub(off);
+        let n = n.min(buf.len() as u64) as usize;
+        buf[..n].fill(0);
+        Ok(n)
+    }
+    /// Refused (EINVAL): there is nowhere to write, and accepting the bytes would lose them.
+    /// The cache never calls it (see [`FileBackend::has_storage`]).
+    fn write_at(&self, _off: u64, _buf: &[u8]) -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+    fn sync(&self, _data_only: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len.load(Ordering::Acquire))
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+    fn punch(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn has_storage(&self) -> bool {
+        false
     }
 }

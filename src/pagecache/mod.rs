@@ -43,6 +43,7 @@ use crate::error::{Error, Result};
 use crate::sync::{Arc, AtomicU32, AtomicU64, Condvar, Mutex, Ordering, lock};
 use crate::sys::Memfd;
 
+mod anon;
 mod backend;
 mod placement;
 mod state;
@@ -55,6 +56,7 @@ thread_local! {
         const { std::cell::Cell::new((0, u64::MAX, 0)) };
 }
 
+pub use backend::AnonBackend;
 #[cfg(feature = "testing")]
 pub use backend::{FaultPlan, FaultyBackend};
 pub use backend::{FileBackend, StdFile};
@@ -445,6 +447,16 @@ impl FileCache {
                 "cache budget and dirty bound must hold a page",
             ));
         }
+        // A backend without storage (shared anonymous memory) can neither write back nor
+        // refill what it would evict: no budget, no dirty bound.
+        let cfg = if backend.has_storage() {
+            cfg
+        } else {
+            CacheConfig {
+                budget: usize::MAX,
+                dirty_bound: usize::MAX,
+            }
+        };
         let size = backend.len().map_err(os("stat file"))?;
         let memfd = Memfd::new("hetmem-cache").map_err(os("memfd_create"))?;
         memfd.set_len(size).map_err(os("size the cache"))?;
@@ -588,6 +600,9 @@ impl FileCache {
 
     /// Fills the uncached run `s..e` through `buf`, a chunk at a time.
     fn fill_run(&self, st: &mut CacheState, s: u64, e: u64, buf: &mut [u8]) -> Result<()> {
+        if !self.backend.has_storage() {
+            return self.fill_anon_run(st, s, e);
+        }
         let chunk = (buf.len() / PAGE_SIZE) as u64;
         let mut c = s;
         while c < e {
@@ -650,6 +665,10 @@ impl FileCache {
     /// Writes back the given dirty pages (runs in one write each). A failing run stays dirty and
     /// records one error event for the call.
     fn writeback(&self, st: &mut CacheState, pages: &[u64]) -> Result<()> {
+        if !self.backend.has_storage() {
+            // Nowhere to write (shared anonymous memory): the pages stay dirty in the memfd.
+            return Ok(());
+        }
         let mut failed: Option<io::Error> = None;
         let mut i = 0;
         while i < pages.len() {
@@ -1114,7 +1133,9 @@ impl FileCache {
     fn lock_for_writeback(&self) -> WritebackGuard<'_> {
         let runs = {
             let st = lock(&self.st);
-            if st.dev_writable.is_empty() {
+            // Without storage nothing is written back or protected again (shared anonymous
+            // memory): devices keep their write access.
+            if st.dev_writable.is_empty() || !self.backend.has_storage() {
                 return WritebackGuard::Plain(st);
             }
             let v: Vec<u64> = st.dev_writable.iter().copied().collect();
@@ -1650,7 +1671,13 @@ impl FileHandle {
 
     /// Direct read: reads the file itself, after writing back the dirty pages of the range (so
     /// it sees every write made through the cache).
+    ///
+    /// Without a file behind the cache (shared anonymous memory) it is [`FileHandle::read_at`].
     pub fn direct_read(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if self.cache.is_anonymous() {
+            // No file below the cache: the cache is the data.
+            return self.read_at(off, buf);
+        }
         let c = &self.cache;
         let mut st = lock(&c.st);
         c.collect_written(&mut st);
@@ -1678,7 +1705,13 @@ impl FileHandle {
     /// the pages it covers whole are then dropped from the cache and a cached partial first or
     /// last page is updated in place (a CPU store to its other bytes is never lost), so later
     /// cached reads see this write. An empty write changes nothing.
+    ///
+    /// Without a file behind the cache (shared anonymous memory) it is [`FileHandle::write_at`].
     pub fn direct_write(&self, off: u64, data: &[u8]) -> Result<()> {
+        if self.cache.is_anonymous() {
+            // No file below the cache: the cache is the data.
+            return self.write_at(off, data);
+        }
         self.check_writable()?;
         if data.is_empty() {
             // As pwrite(2) of nothing: no change, not even to the size.

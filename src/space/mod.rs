@@ -64,6 +64,10 @@
 //! Managed ranges and pools are `MADV_DONTFORK`: a child process has no mapping there (an access
 //! is SIGSEGV, never zeros and never the parent's memory), and hetmem objects are inert in the
 //! child (their methods return [`Error::Forked`]).
+//!
+//! The one exception is shared anonymous memory ([`Space::map_shared_anon`]), which is shared
+//! with children as the kernel's is: a child maps its memfd as plain shared memory, served by
+//! the kernel alone.
 
 use std::collections::BTreeMap;
 
@@ -690,6 +694,13 @@ impl Space {
                     .map_file(r, cache.memfd().as_fd(), offset, prot, shared)
             };
             mapped.map_err(|e| Error::os("map file", e))?;
+            if cache.is_anonymous()
+                && let Err(e) = self.core.mm.inherit_on_fork(r)
+            {
+                // Shared anonymous memory is shared with forked children, as the kernel's.
+                let _ = self.core.mm.unmap(r);
+                return Err(Error::os("share a mapping with children", e));
+            }
             cache.attach(MapRec {
                 mm: std::sync::Arc::downgrade(&self.core.mm),
                 space: Arc::<SpaceCore>::downgrade(&self.core),
@@ -721,6 +732,64 @@ impl Space {
         };
         st.insert_vma(r, prot, FaultMode::Signal, false, Some(file), ptes);
         Ok(r.start)
+    }
+
+    /// Creates a shared anonymous mapping (`MAP_SHARED | MAP_ANONYMOUS`) of `len` bytes with
+    /// protection `prot`, anywhere in the space: [`Space::map_shared_anon_with`] with stores
+    /// tracked without faults (as [`Space::map_file`]).
+    pub fn map_shared_anon(&self, len: usize, prot: Prot) -> Result<(VirtAddr, Arc<FileCache>)> {
+        self.map_shared_anon_with(
+            len,
+            FileMapOptions {
+                prot,
+                shared: true,
+                intercept_stores: false,
+            },
+        )
+    }
+
+    /// Creates shared anonymous memory of `len` bytes (zeros until written) and maps it with
+    /// `opts` (`shared` must be set: private anonymous memory is [`Space::map_anon`]). Returns
+    /// the address and the memory's cache ([`FileCache::anonymous`]): a file without a file,
+    /// whose pages take every placement of file pages (device-private needs a read-only
+    /// mapping or `intercept_stores`, as for a file; device-coherent takes any); map it again
+    /// with [`Space::map_file_with`] (its handle) to share it with another address space.
+    ///
+    /// A forked child inherits the mapping (the only managed range it inherits): it maps the
+    /// same pages as the kernel's own shared memory, so its CPU loads and stores and the
+    /// parent's see each other with no fault; hetmem does not serve the child (its objects are
+    /// inert there), and a page that is in device-private memory is a hole the child would fill
+    /// with zeros: bring pages back first (see docs/filesystem-contract.md, "Shared anonymous
+    /// memory").
+    ///
+    /// Errors: [`Error::ZeroLength`], [`Error::UnalignedLength`], [`Error::NoMemory`] when
+    /// `len` exceeds the space's reservation, [`Error::Invalid`] when `opts.shared` is false,
+    /// [`Error::Forked`] in a child.
+    pub fn map_shared_anon_with(
+        &self,
+        len: usize,
+        opts: FileMapOptions,
+    ) -> Result<(VirtAddr, Arc<FileCache>)> {
+        self.check_owner_process()?;
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        if !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::UnalignedLength { len });
+        }
+        if !opts.shared {
+            return Err(Error::Invalid(
+                "shared anonymous memory is mapped shared (private anonymous memory: map_anon)",
+            ));
+        }
+        if len > self.range().len() {
+            return Err(Error::NoMemory {
+                what: "the address space's reservation",
+            });
+        }
+        let cache = FileCache::anonymous(len)?;
+        let addr = self.map_file_with(&cache.handle(), 0, len, opts)?;
+        Ok((addr, cache))
     }
 
     /// Creates an anonymous mapping at a fixed, free address.

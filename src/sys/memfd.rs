@@ -181,6 +181,16 @@ impl Memfd {
     }
 }
 
+impl Memfd {
+    /// Allocates `off..off + len` (`fallocate` with `KEEP_SIZE`): holes get zeroed pages, pages
+    /// already there keep their bytes (nothing is written). A mapping of the memfd registered
+    /// for MISSING faults then maps those pages without faulting.
+    pub fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(&self.fd, rustix::fs::FallocateFlags::KEEP_SIZE, off, len)?;
+        Ok(())
+    }
+}
+
 /// `mlock2(addr, len, MLOCK_ONFAULT)` on part of a hetmem reservation, for tests of how hetmem
 /// behaves when the user locks some of its memory (`MADV_DONTNEED` is refused there).
 /// `testing` feature.

@@ -354,6 +354,15 @@ impl Region {
     }
 }
 
+impl Region {
+    /// Lets a child process inherit `off..off + len` (`MADV_DOFORK`): for a shared mapping of a
+    /// memfd (shared anonymous memory), which a child then maps as the kernel's own shared
+    /// memory (not served by hetmem: the userfaultfd registration is not inherited).
+    pub fn inherit_on_fork(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxDoFork)
+    }
+}
+
 impl Drop for Region {
     fn drop(&mut self) {
         // SAFETY: the region owns this mapping (type invariant); nothing refers to it any more.
