@@ -35,6 +35,13 @@ pub enum Error {
         /// First unmapped address.
         addr: VirtAddr,
     },
+    /// A device access to a page of a file mapping past the end of the file (EFAULT; a CPU
+    /// access there gets SIGBUS, as with the kernel's mmap).
+    #[error("{addr} is past the end of the mapped file")]
+    PastEndOfFile {
+        /// The page's address.
+        addr: VirtAddr,
+    },
     /// The range is outside the address space's reservation (EINVAL).
     #[error("range at {addr} of {len:#x} bytes is outside the address space")]
     OutOfSpace {
@@ -182,7 +189,10 @@ impl Error {
             | Error::NotRegularFile { .. }
             | Error::Forked { .. }
             | Error::Gone => libc::EINVAL,
-            Error::NotMapped { .. } | Error::NoRead { .. } | Error::Signal { .. } => libc::EFAULT,
+            Error::NotMapped { .. }
+            | Error::NoRead { .. }
+            | Error::Signal { .. }
+            | Error::PastEndOfFile { .. } => libc::EFAULT,
             Error::Overlap { .. } => libc::EEXIST,
             Error::NoWrite { .. } | Error::ExclusiveRemains => libc::EPERM,
             Error::Busy | Error::StoresNotIntercepted { .. } => libc::EBUSY,

@@ -570,3 +570,23 @@ fn a_shared_mapping_that_does_not_intercept_stores_and_replicas_exclude_each_oth
     assert_eq!(s.load_u32(b.add(4 * PAGE)).unwrap(), 77);
     assert_eq!(dev.used(), (N - 4) * PAGE);
 }
+
+#[test]
+fn a_device_write_past_the_end_of_the_file_is_a_typed_error() {
+    let _w = watchdog("placement_past_eof", 30);
+    let (_f, _cache, h) = file("place-eof");
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    h.set_len((N / 2 * PAGE) as u64).unwrap();
+    let e = m
+        .write(a.add((N - 1) * PAGE).get() as u64, 1, &vec![1u8; PAGE])
+        .unwrap_err();
+    assert!(matches!(e, Error::PastEndOfFile { .. }), "{e}");
+    assert_eq!(e.errno(), libc::EFAULT);
+    // Inside the file the device writes.
+    m.write(a.get() as u64, 1, &vec![1u8; PAGE]).unwrap();
+}

@@ -209,6 +209,10 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             // recorded the device's write access, which writeback revokes (a PROTECTION
             // event) before it write-protects the page again.
             let (cache, page) = st.file_page(a).expect("a shared file mapping");
+            if want_write && page >= cache.len_pages() {
+                // Past the end of the file (a CPU access there is SIGBUS).
+                return Err(Error::PastEndOfFile { addr: a });
+            }
             if want_write {
                 let r = VaRange {
                     start: a,
@@ -228,7 +232,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
                     }
                     Ok(StoreFault::Sigbus) => {
                         return Err(Error::os(
-                            "device write to a file page past its end or at a failing dirty bound",
+                            "device write to a file page at the dirty bound after a failed writeback",
                             std::io::Error::from_raw_os_error(libc::EIO),
                         ));
                     }
