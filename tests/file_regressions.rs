@@ -231,3 +231,55 @@ fn device_writes_through_an_intercepting_mapping_reach_the_disk() {
         }
     }
 }
+
+/// A tight loop of `shrink_to_budget` (which takes the cache's locks over and over) must not
+/// starve intercepted stores and fills of the same cache: the stores finish while it runs.
+#[test]
+fn a_tight_shrink_to_budget_loop_does_not_starve_stores() {
+    let _w = watchdog("shrink_vs_stores", 60);
+    let n = 64;
+    let f = TempFile::new("shrink-starve", &vec![1u8; n * PAGE]);
+    let cfg = CacheConfig {
+        budget: 8 * PAGE,
+        dirty_bound: 4 * PAGE,
+    };
+    let cache = FileCache::open(&f.0, true, cfg).unwrap();
+    let h = cache.handle();
+    let space = Space::new().unwrap();
+    let opts = FileMapOptions {
+        prot: Prot::ReadWrite,
+        shared: true,
+        intercept_stores: true,
+    };
+    let a = space.map_file_with(&h, 0, n * PAGE, opts).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let shrinker = s.spawn(|| {
+            at("shrink loop");
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                cache.shrink_to_budget();
+                rounds += 1;
+            }
+            rounds
+        });
+        at("stores");
+        for k in 0..4000usize {
+            let p = (k * 7) % n;
+            space.store_u32(a.add(p * PAGE), k as u32).unwrap();
+            assert_eq!(space.load_u32(a.add(p * PAGE)).unwrap(), k as u32);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(shrinker.join().unwrap() > 0);
+    });
+    h.fsync().unwrap();
+    let disk = f.disk();
+    for p in 0..n {
+        let last = (0..4000usize).rev().find(|k| (k * 7) % n == p).unwrap();
+        assert_eq!(
+            &disk[p * PAGE..p * PAGE + 4],
+            &(last as u32).to_ne_bytes(),
+            "page {p}"
+        );
+    }
+}
