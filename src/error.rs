@@ -139,6 +139,15 @@ pub enum Error {
         /// The file page.
         page: u64,
     },
+    /// A file page's data was lost to a memory failure (EIO): the page was dirty when its memory
+    /// was poisoned, so no copy of its latest bytes exists. Reads of it, device accesses to it
+    /// and writes of part of it fail until a truncate or hole punch removes it or a write
+    /// replaces it whole (see docs/filesystem-contract.md, "memory failure").
+    #[error("file page {page} lost its data to a memory failure")]
+    MemoryFailure {
+        /// The file page.
+        page: u64,
+    },
     /// Invalid argument not covered by a more precise variant (EINVAL).
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
@@ -200,6 +209,7 @@ impl Error {
             Error::NotPresent { .. } => libc::ENOENT,
             Error::FileTooLarge { .. } => libc::EFBIG,
             Error::FileRange { .. } => libc::EOVERFLOW,
+            Error::MemoryFailure { .. } => libc::EIO,
             Error::Os { source, .. } | Error::Open { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }

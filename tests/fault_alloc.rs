@@ -4,9 +4,9 @@
 //! kind hetmem serves in the faulting thread: anonymous first touch (zero-fill), fault-back of
 //! a device-private page, revocation of device-exclusive access, a store to a page a declined
 //! migration left write-protected, a page dropped by a direct `madvise`, the first load of a
-//! shared file page (a fill from the file), the first access to a private file page, and a store
-//! intercepted by a mapping that intercepts stores. Setup (mapping, migration) may allocate;
-//! only the faults are counted.
+//! shared file page (a fill from the file), the first access to a private file page, a store
+//! intercepted by a mapping that intercepts stores, and fills next to pages lost to a memory
+//! failure. Setup (mapping, migration) may allocate; only the faults are counted.
 //!
 //! Why it matters: once a program's own heap is managed memory, `malloc` itself can fault while
 //! holding its arena lock, and a fault handler that allocates would deadlock on it.
@@ -175,6 +175,38 @@ fn file_faults_allocate_nothing() {
     });
     assert_eq!(n, 0, "intercepted stores allocated {n} times");
     h.fsync().unwrap();
+}
+
+/// Fills next to pages lost to a memory failure (fault-around windows that skip them, private
+/// fills that stop short of them) allocate nothing either.
+#[test]
+fn fills_around_pages_lost_to_a_memory_failure_allocate_nothing() {
+    let _w = watchdog("fault_alloc_lost", 60);
+    let content = pattern(N * PAGE, |i| i);
+    let f = TempFile::new("fault-alloc-lost", &content);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let lost = |i: usize| i % 5 == 2;
+    for i in (0..N).filter(|&i| lost(i)) {
+        h.write_at((i * PAGE) as u64, &[9; PAGE]).unwrap();
+        cache.inject_poison(i as u64).unwrap();
+    }
+    let s = small_space();
+    let a = s.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
+    let p = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, false).unwrap();
+    let (pa, pp) = (s.probe(a, N * PAGE).unwrap(), s.probe(p, N * PAGE).unwrap());
+    // In order: the fault-around windows grow over the lost pages.
+    let n = counted(|| {
+        for i in (0..N).filter(|&i| !lost(i)) {
+            assert_eq!(load(&pa, a.add(i * PAGE)), (i * PAGE / 4) as u32);
+            assert_eq!(load(&pp, p.add(i * PAGE)), (i * PAGE / 4) as u32);
+        }
+    });
+    assert_eq!(n, 0, "fills around lost pages allocated {n} times");
+    assert_eq!(
+        cache.lost_pages().len(),
+        (0..N).filter(|&i| lost(i)).count()
+    );
 }
 
 /// Fills past the cache's budget wake the background evictor (a doorbell, no channel message):

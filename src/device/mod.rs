@@ -438,6 +438,33 @@ impl SoftDevice {
     pub fn fail_next_alloc(&self) {
         self.inner.fail_alloc.store(true, Ordering::SeqCst);
     }
+
+    /// Fault injection: the device's frame `frame` fails now (its memory is poisoned). A frame
+    /// holding a file page (device-private: the page's only copy; device-coherent: the page
+    /// itself) is handled by the page's cache, as a memory failure of the page (see
+    /// [`crate::pagecache::MemoryFailure`] and docs/filesystem-contract.md): the frame is
+    /// retired, a clean page is read from the file again at its next access, a dirty one is
+    /// lost. A frame holding no file page is refused (EINVAL): free frames and anonymous pages
+    /// are not covered. Only with the `testing` feature.
+    #[cfg(feature = "testing")]
+    pub fn inject_poison(
+        &self,
+        frame: crate::addr::FrameIdx,
+    ) -> Result<crate::pagecache::MemoryFailure> {
+        let pm = &self.inner.pagemap;
+        if frame.0 as usize >= pm.nframes() {
+            return Err(Error::Invalid("no such frame"));
+        }
+        match pm.rmap(frame) {
+            Some(FrameOwner::File { cache, index }) => match crate::pagecache::cache_by_id(cache) {
+                Some(c) => c.memory_failure(index, Some((pm.id(), frame))),
+                None => Ok(crate::pagecache::MemoryFailure::NotCached),
+            },
+            _ => Err(Error::Invalid(
+                "memory failure of a frame that holds no file page",
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,6 +15,11 @@
 //! | `Uncached` | nothing (a hole) | the data | — |
 //! | `Clean` | the data | the same data | yes (least recently filled first) |
 //! | `Dirty` | newer data | older data | no: written back first |
+//! | lost (`Uncached`, and recorded as lost) | nothing (a hole) | older data, never overwritten by writeback | — |
+//!
+//! A page is lost when its memory fails while it is dirty (a memory failure, `poison.rs`):
+//! SIGBUS on CPU access, EIO for reads and device accesses, until a truncate, a hole punch or a
+//! write of the whole page.
 //!
 //! # Locks
 //!
@@ -27,7 +32,8 @@
 //! A failed writeback (EIO, ENOSPC, a short write) leaves the page dirty and records an error
 //! event; every [`FileHandle`] reports each event once, on its next `fsync`, as the kernel's
 //! errseq does. A page that keeps failing stays dirty and counts against the dirty bound; once the
-//! bound is reached, writers get the error instead of waiting forever.
+//! bound is reached, writers get the error instead of waiting forever. A dirty page lost to a
+//! memory failure records an event too (EIO).
 //!
 //! # What the cache does not promise
 //!
@@ -46,6 +52,7 @@ use crate::sys::Memfd;
 mod anon;
 mod backend;
 mod placement;
+mod poison;
 mod state;
 
 thread_local! {
@@ -62,6 +69,7 @@ pub use backend::{FaultPlan, FaultyBackend};
 pub use backend::{FileBackend, StdFile};
 pub use placement::PagePlacement;
 pub(crate) use placement::cache_by_id;
+pub use poison::MemoryFailure;
 use state::{PageState, PageStates};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -122,6 +130,9 @@ struct CacheState {
     /// Read-only device copies of pages (the memfd keeps the data): per page, the devices
     /// (indices in `devs`) and frames holding one (see `placement.rs`).
     replicas: std::collections::BTreeMap<u64, Vec<(u8, u32)>>,
+    /// Pages whose data a memory failure lost (`Uncached`, a hole in the memfd; see
+    /// `poison.rs`): never filled, SIGBUS on CPU access, EIO for reads and device accesses.
+    poisoned: std::collections::BTreeSet<u64>,
 }
 
 /// The state of a writeback asked of the background thread by stores at the dirty bound.
@@ -489,6 +500,7 @@ impl FileCache {
                 devs: Vec::new(),
                 dev_writable: std::collections::BTreeSet::new(),
                 replicas: std::collections::BTreeMap::new(),
+                poisoned: std::collections::BTreeSet::new(),
             }),
             rmap_id: AtomicU32::new(0),
         }))
@@ -573,17 +585,23 @@ impl FileCache {
     }
 
     /// Reads pages `first..last` that are not cached from the file into the memfd (runs of
-    /// uncached pages in one read each; the tail past the end of file reads as zeros).
+    /// uncached pages in one read each; the tail past the end of file reads as zeros). Lost
+    /// pages are skipped.
     fn fill(&self, st: &mut CacheState, first: u64, last: u64) -> Result<()> {
         let last = last.min(st.pages.len());
+        // A page whose data a memory failure lost is never filled (see `poison.rs`).
+        let fillable = |st: &CacheState, p: u64| {
+            st.pages.get(p) == PageState::Uncached
+                && (st.poisoned.is_empty() || !st.poisoned.contains(&p))
+        };
         let mut p = first;
         while p < last {
-            if st.pages.get(p) != PageState::Uncached {
+            if !fillable(st, p) {
                 p += 1;
                 continue;
             }
             let s = p;
-            while p < last && st.pages.get(p) == PageState::Uncached {
+            while p < last && fillable(st, p) {
                 p += 1;
             }
             // The run, in chunks of the fill buffer.
@@ -932,6 +950,8 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(Fill::Busy);
         }
+        // Lost to a memory failure: the access gets SIGBUS (a device's, EIO).
+        Self::check_not_lost(&st, p, p + 1)?;
         if st.pages.slot(p).is_some_and(|s| !s.coherent) {
             return Ok(Fill::Device);
         }
@@ -1038,6 +1058,7 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Ok(StoreFault::Done);
         }
+        Self::check_not_lost(&st, p, p + 1)?;
         if st.pages.slot(p).is_some_and(|s| !s.coherent) || st.replicas.contains_key(&p) {
             // On a device, or replicated there: settled first (`settle(p, _, true)`).
             return Ok(StoreFault::Device);
@@ -1106,6 +1127,7 @@ impl FileCache {
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
             return Err(Error::Busy);
         }
+        Self::check_not_lost(&st, p, p + 1)?;
         if st.pages.slot(p).is_some_and(|s| !s.coherent) || st.replicas.contains_key(&p) {
             return Ok(StoreFault::Device);
         }
@@ -1257,6 +1279,7 @@ impl FileCache {
         let mut st = lock(&self.st);
         let off = page * PAGE;
         let got = if off < st.size {
+            Self::check_not_lost(&st, page, page + n as u64)?;
             self.fill(&mut st, page, page + n as u64)?;
             let want = (st.size - off).min(len as u64) as usize;
             self.memfd
@@ -1423,6 +1446,7 @@ impl FileCache {
         }
         let end = (off + buf.len() as u64).min(st.size);
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        Self::check_not_lost(&st, first, last)?;
         self.fill(&mut st, first, last)?;
         let n = (end - off) as usize;
         let got = self
@@ -1440,6 +1464,8 @@ impl FileCache {
         for p in st.pages.cached_in(first, last) {
             self.set_state(st, p, PageState::Uncached);
         }
+        // Their lost data (a memory failure's) is being replaced too.
+        Self::forget_lost(st, first, last);
         if first < last {
             self.memfd
                 .punch(first * PAGE, (last - first) * PAGE)
@@ -1546,6 +1572,13 @@ impl FileHandle {
         if end > st.size {
             c.check_end(end)?;
         }
+        // Pages lost to a memory failure: a write of part of one fails (EIO), nothing written;
+        // the ones it covers whole are replaced (no longer lost once it succeeds).
+        let replaced = if st.poisoned.is_empty() {
+            Vec::new()
+        } else {
+            FileCache::lost_pages_replaced(&st, off, end, st.size)?
+        };
         let new_dirty = (first..last)
             .filter(|&p| st.pages.get(p) != PageState::Dirty)
             .count();
@@ -1574,6 +1607,9 @@ impl FileHandle {
         }
         for p in first..last {
             c.set_state(&mut st, p, PageState::Dirty);
+        }
+        for p in replaced {
+            st.poisoned.remove(&p);
         }
         c.evict(&mut st, (first, last));
         Ok(())
@@ -1631,6 +1667,9 @@ impl FileHandle {
             for p in st.pages.cached_in(keep, u64::MAX) {
                 c.set_state(&mut st, p, PageState::Uncached);
             }
+            // Lost pages past the new end are gone from the file (a lost partial last page
+            // stays lost: the rest of its bytes are).
+            FileCache::forget_lost(&mut st, keep, u64::MAX);
             // The tail of the new last page, if cached, must read as zeros from now on.
             if !len.is_multiple_of(PAGE) && st.pages.get(keep - 1) != PageState::Uncached {
                 let tail = (PAGE - len % PAGE) as usize;

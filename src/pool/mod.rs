@@ -27,8 +27,9 @@
 //!   bits 46–61, virtual page number in bits 0–45; file: cache id in bits 38–61, page index in
 //!   bits 0–37 (files up to 1 PiB).
 //! * `flags[frame]`: `ALLOCATED`, `LARGE` (head or tail of a 2 MiB frame), `DIRTY` (the device
-//!   wrote it since it received its data; file-backed writeback will read it). The owner is the
-//!   pagemap's.
+//!   wrote it since it received its data; file-backed writeback will read it), `POISONED`
+//!   (retired after a memory failure: allocated to nobody, never handed out again). The owner
+//!   is the pagemap's.
 //!
 //! # Locks
 //!
@@ -98,6 +99,9 @@ pub mod frame_flags {
     pub const LARGE: u64 = 1 << 1;
     /// Written by the device since it received its data.
     pub const DIRTY: u64 = 1 << 3;
+    /// Retired after a memory failure: kept allocated and owned by nobody, never handed out
+    /// again (as the kernel takes a hardware-poisoned page out of its allocator for good).
+    pub const POISONED: u64 = 1 << 4;
 }
 
 /// What a frame's metadata says.
@@ -449,6 +453,20 @@ impl Pagemap {
             self.rmap[frame.0 as usize].store(0, Ordering::Release);
             self.set_flags(frame.0 as usize, 1, 0);
         }
+    }
+
+    /// Retires an allocated base frame after a memory failure: its owner is cleared and it
+    /// stays allocated (counted in [`Pagemap::used`]), flagged [`frame_flags::POISONED`], so it
+    /// is never allocated again. Instead of [`Pagemap::free`], by whoever held it.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn retire(&self, frame: FrameIdx) {
+        let _st = lock(&self.state);
+        self.rmap[frame.0 as usize].store(0, Ordering::Release);
+        self.set_flags(
+            frame.0 as usize,
+            1,
+            frame_flags::ALLOCATED | frame_flags::POISONED,
+        );
     }
 
     /// Records whose data a frame holds.

@@ -130,6 +130,9 @@ impl SpaceCore {
                     "a store past the end of the file, or at the dirty bound after a failed \
                      writeback",
                 ),
+                Err(Error::MemoryFailure { .. }) => {
+                    unserved("the page's data was lost to a memory failure")
+                }
                 Err(_) => unserved("the page could not be filled from the file for a store"),
                 Ok(StoreFault::WaitFlush) => {
                     drop(st);
@@ -165,6 +168,9 @@ impl SpaceCore {
                         || unserved("a file page could not be brought back from device memory")
                 }
                 Ok(Fill::PastEof) => unserved("an access past the end of the file"),
+                Err(Error::MemoryFailure { .. }) => {
+                    unserved("the page's data was lost to a memory failure")
+                }
                 Err(_) => unserved("the page could not be filled from the file"),
             };
         }
@@ -184,6 +190,9 @@ impl SpaceCore {
             PageState::None => match self.fault_zero(&mut st, a) {
                 Ok(()) => true,
                 Err(Error::NotMapped { .. }) => unserved("an access past the end of the file"),
+                Err(Error::MemoryFailure { .. }) => {
+                    unserved("the page's data was lost to a memory failure")
+                }
                 Err(_) => unserved("the page could not be zero-filled or filled from the file"),
             },
             PageState::Present => {
@@ -194,8 +203,17 @@ impl SpaceCore {
                 // page tells them apart (EEXIST: it is there) and gives a dropped page what the
                 // kernel gives it: zeros, or the file's bytes in a private file mapping.
                 if let Err(e) = self.refill_dropped(&st, a) {
-                    return e.errno() == libc::EAGAIN
-                        || unserved("a page dropped by a direct madvise could not be refilled");
+                    return match e {
+                        Error::MemoryFailure { .. } => {
+                            unserved("the page's data was lost to a memory failure")
+                        }
+                        _ => {
+                            e.errno() == libc::EAGAIN
+                                || unserved(
+                                    "a page dropped by a direct madvise could not be refilled",
+                                )
+                        }
+                    };
                 }
                 let v = st.vma(a).expect("pte found");
                 if write && v.prot.writable() {
@@ -465,7 +483,7 @@ impl SpaceCore {
     /// private file mappings, whose fills use the bounce buffer): the run [`Self::zero_run`]
     /// chooses, zero-filled or read from the file.
     pub(super) fn fault_zero(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
-        let (s, mut e, _, whole_unit, mode) = self.zero_run(st, a);
+        let (mut s, mut e, _, whole_unit, mode) = self.zero_run(st, a);
         let v = st.vma(a).expect("caller found the pte");
         let i = v.idx(a);
         // A private file mapping fills from the file (up to its end; past it: SIGBUS).
@@ -476,6 +494,11 @@ impl SpaceCore {
                 return Err(Error::NotMapped { addr: a });
             }
             e = e.min((eof - pgoff) as usize);
+            // Pages whose data a memory failure lost are never mapped: the run stops short of
+            // them (an access to one is SIGBUS).
+            let p = |k: usize| pgoff + k as u64;
+            let (ls, le) = cache.unlost_run(p(s), p(i), p(e))?;
+            (s, e) = ((ls - pgoff) as usize, (le - pgoff) as usize);
         }
         let start = v.addr(s);
         let whole_unit = whole_unit && source.is_none();
