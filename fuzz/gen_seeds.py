@@ -9,8 +9,9 @@ offset), b (u16 LE: pages or bytes), data byte.
 `file_ops`: a 7-byte header (flags: bit 0 sparse, bits 1-2 mappings; u16 LE initial length;
 u32 LE seed of the initial contents), then 12-byte records (see the doc comment of
 fuzz_targets/file_ops.rs): kind, flags (bit 0 handle, bit 1 the op's choice, bit 2 pin the
-private mapping, bit 3 unpin, bits 4-6 fault kind, bit 7 ENOSPC), a (u32 LE: byte offset, page
-or length), b (u16 LE: bytes, words, pages or a count), data seed (u32 LE).
+private mapping / device access through the device-coherent device / place or bring back
+through the device's mirror, bit 3 unpin, bits 4-6 fault kind, bit 7 ENOSPC), a (u32 LE: byte
+offset, page or length), b (u16 LE: bytes, words, pages or a count), data seed (u32 LE).
 """
 import os
 import struct
@@ -95,7 +96,7 @@ SEEDS = {
 
 FILE_KINDS = ["Write", "Read", "SetLen", "Punch", "Fsync", "DirectRead", "DirectWrite",
               "NewHandle", "Fault", "MapStore", "MapLoad", "Private", "PrivateMigrate", "Remap",
-              "DeviceRemoval", "Pin", "Device"]
+              "DeviceRemoval", "Pin", "Device", "Place", "Unplace", "Release"]
 FAULTS = ["FailWrites", "ShortWrite", "FailSync", "FailRead", "FailStaging", "Clear"]
 MAPPINGS = {None: 0, "intercept": 1, "tracked": 2}
 
@@ -106,10 +107,21 @@ def header(sparse=False, mapping=None, length=0, seed=0):
 
 
 def fop(kind, h=0, choice=False, a=0, b=1, seed=0, fault="Clear", enospc=False, private=False,
-        unpin=False):
-    flags = h | (int(choice) << 1) | (int(private) << 2) | (int(unpin) << 3) | \
+        unpin=False, mirror=False, coherent=False):
+    """`private` (Pin), `mirror` (Place, Unplace) and `coherent` (Device) are bit 2; the
+    device-coherent device of DeviceRemoval, Place, Unplace and Release is `choice`."""
+    bit2 = private or mirror or coherent
+    flags = h | (int(choice) << 1) | (int(bit2) << 2) | (int(unpin) << 3) | \
         (FAULTS.index(fault) << 4) | (int(enospc) << 7)
     return struct.pack("<BBIHI", FILE_KINDS.index(kind), flags, a, b, seed)
+
+
+def place(page, pages, coherent=False, mirror=False):
+    return fop("Place", choice=coherent, mirror=mirror, a=page, b=pages)
+
+
+def unplace(page, pages, coherent=False, mirror=False):
+    return fop("Unplace", choice=coherent, mirror=mirror, a=page, b=pages)
 
 
 def fault(kind, n=1, enospc=False):
@@ -225,6 +237,87 @@ FILE_SEEDS = {
         fop("Private", choice=True, a=PAGE, b=8, seed=33),
         fop("Remap", choice=True),
         fop("Private", a=0, b=8),
+    ]),
+    # Placements through the cache on both devices, with no mapping: reads of the frames,
+    # write_at bringing pages back, a direct write into a placed page, truncation into a
+    # placed partial last page then extension (its tail reads as zeros), a punch, the
+    # device-coherent device full (4 free frames), eviction of placed pages, release,
+    # removal, faults during a placement's fill and a return's copy back.
+    "seed-place-cache": (header(length=4 * PAGE + 100, seed=50), [
+        fop("Write", a=4 * PAGE, b=3 * PAGE, seed=51),
+        place(0, 6),
+        fop("Read", a=PAGE - 3, b=2 * PAGE),
+        fop("Write", a=2 * PAGE + 5, b=10, seed=52),
+        fop("DirectWrite", h=1, a=3 * PAGE + 7, b=20, seed=53),
+        fop("SetLen", a=5 * PAGE + 100),
+        fop("SetLen", a=7 * PAGE),
+        fop("Read", a=5 * PAGE, b=3 * PAGE),
+        place(0, 6, coherent=True),
+        place(6, 6, coherent=True),
+        fop("Punch", a=4, b=2),
+        fop("Fsync"),
+        fault("FailRead"),
+        fop("SetLen", a=12 * PAGE),
+        place(7, 5, coherent=True),
+        fault("FailStaging"),
+        unplace(0, 6),
+        fault("Clear"),
+        fop("Write", a=9 * PAGE, b=3 * PAGE, seed=54),
+        fop("Write", a=0, b=3 * PAGE, seed=55),
+        fop("Release", choice=True),
+        place(8, 4),
+        fop("DeviceRemoval"),
+        fop("Fsync", h=1),
+    ]),
+    # Placements through the mirrors of a mapping that intercepts stores: the device writes
+    # its own frames (written back in place by fsync), CPU loads and stores bring private pages
+    # back, the other device's access brings them back too, the device-coherent device writes
+    # through the intercepting mapping, the private mapping's first access reads a private
+    # page's frame, pins (a long-term pin moves coherent pages too), writes that evict pages the
+    # device wrote, returns through the mirrors, release and removal.
+    "seed-place-intercept": (header(mapping="intercept", length=4 * PAGE, seed=60), [
+        place(0, 4, mirror=True),
+        fop("Device", choice=True, a=0, b=3, seed=61),
+        fop("Fsync"),
+        fop("MapLoad", a=PAGE + 8, b=4),
+        fop("MapStore", a=2 * PAGE, b=8, seed=62),
+        fop("Device", coherent=True, a=3, b=1),
+        place(4, 4, coherent=True, mirror=True),
+        fop("Device", choice=True, a=4, b=2, seed=63),
+        fop("Private", a=0, b=16),
+        place(0, 2),
+        fop("Private", a=4, b=4),
+        fop("Pin", choice=True, a=4, b=2),
+        place(4, 4),
+        fop("Pin", unpin=True),
+        place(0, 1),
+        fop("Device", choice=True, a=0, b=1, seed=64),
+        fop("Write", a=10 * PAGE, b=3 * PAGE, seed=65),
+        fop("Write", a=13 * PAGE, b=3 * PAGE, seed=66),
+        fop("Read", a=0, b=3 * PAGE),
+        unplace(4, 4, coherent=True, mirror=True),
+        place(5, 6, mirror=True),
+        fop("SetLen", a=6 * PAGE + 1),
+        fop("Release"),
+        place(0, 6, coherent=True),
+        fop("DeviceRemoval", choice=True),
+        fop("Fsync", h=1, choice=True),
+    ]),
+    # A mapping that does not intercept stores: device-private placement refused (through the
+    # cache and the mirror), device-coherent placement in place, CPU stores and device writes
+    # to coherent pages tracked and written back, release.
+    "seed-place-tracked": (header(mapping="tracked", length=6 * PAGE, seed=70), [
+        place(0, 4),
+        place(0, 4, mirror=True),
+        place(0, 4, coherent=True, mirror=True),
+        fop("MapStore", a=PAGE, b=16, seed=71),
+        fop("Device", choice=True, a=2, b=2, seed=72),
+        fop("Device", choice=True, coherent=True, a=0, b=1, seed=73),
+        fop("Fsync"),
+        fop("Punch", a=3, b=1),
+        place(4, 2, coherent=True),
+        fop("Release", choice=True),
+        fop("Fsync", h=1),
     ]),
     # A sparse world: many writes, few full reads, so eviction happens inside operations.
     "seed-sparse-evict": (header(sparse=True, length=0), [

@@ -9,8 +9,13 @@
 //! tracking them asynchronously), device reads and writes through a software device mirroring
 //! it, stores and loads through a private mapping checked against per-page snapshots (migrated
 //! to the device and back), protect cycles, unmap/remap of both mappings, pins, and device
-//! removal. In half of the cases ("sparse") the whole file is read back only every few
-//! operations, so that longer runs reach states that full reads would hide.
+//! removal. In every case file pages are placed on a device-private and a device-coherent
+//! device (through the cache, and with the mappings through the devices' migrate commands),
+//! brought back, the devices released or removed, and every other operation runs on placed
+//! pages: the model of the bytes ignores placement, and the placement of every page and each
+//! device's used memory are checked against a model of the placement rules. In half of the
+//! cases ("sparse") the whole file is read back only every few operations, so that longer runs
+//! reach states that full reads would hide.
 //!
 //! The operations, the world, the model and every check are `hetmem::testing::check_file` (shared with
 //! the fuzz target `fuzz/fuzz_targets/file_ops.rs`; its module doc lists the checks: after
@@ -21,8 +26,9 @@
 //! fresh cache). This file holds the proptest strategy and the runner, and checks that every
 //! error path was taken at least once over all cases.
 //!
-//! CI runs `CASES` cases of up to `MAX_OPS` operations (about 15,000 operations, 2 s in
-//! release). `HETMEM_SOAK=N` multiplies the number of cases by N (about 1.3 s per unit of N;
+//! CI runs `CASES` cases of up to `MAX_OPS` operations (about 15,000 operations, 1–3 s in
+//! release; far more when the disk is busy: every case creates, fsyncs and removes a real
+//! file). `HETMEM_SOAK=N` multiplies the number of cases by N (about 1.3 s per unit of N;
 //! past N = 80 use `cargo test`, as nextest's slow-timeout ends a test at 120 s). A failure
 //! prints the seed (rerun the same cases with `HETMEM_CACHE_SEED=<seed>`) and proptest's shrunk
 //! sequence of operations; failures are not persisted (`failure_persistence: None`).
@@ -33,7 +39,7 @@ use common::*;
 use std::sync::Mutex;
 
 use hetmem::testing::check_file::{
-    Fault, MAP_LEN, MAX_IO, Op, Stats, WINDOW, World, apply, check_all, data,
+    Fault, MAP_LEN, MAX_IO, MAX_PLACE, Op, Stats, WINDOW, World, apply, check_all, data,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -79,15 +85,20 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (0..MAP_LEN / 4, 1..=MAX_IO / 4)
             .prop_map(|(w, words)| Op::MapLoad { off: w * 4, words }),
         1 => any::<bool>().prop_map(|unmap| Op::Remap { unmap }),
-        1 => Just(Op::DeviceRemoval),
+        1 => any::<bool>().prop_map(|coherent| Op::DeviceRemoval { coherent }),
         2 => proptest::option::of((0..MAP_LEN / PAGE, 1usize..=3, any::<bool>(), any::<bool>()))
             .prop_map(Op::Pin),
         2 => (0..MAP_LEN / PAGE, 1usize..=4, any::<bool>())
             .prop_map(|(page, pages, to_device)| Op::PrivateMigrate { page, pages, to_device }),
         4 => (0..MAP_LEN / 4, 1..=MAX_IO / 4, proptest::option::of(any::<u32>()))
             .prop_map(|(w, words, store)| Op::Private { off: w * 4, words, store }),
-        3 => (0..MAP_LEN / PAGE, 1usize..=3, proptest::option::of(any::<u32>()))
-            .prop_map(|(page, pages, write)| Op::Device { page, pages, write }),
+        3 => (0..MAP_LEN / PAGE, 1usize..=3, proptest::option::of(any::<u32>()), any::<bool>())
+            .prop_map(|(page, pages, write, coherent)| Op::Device { page, pages, write, coherent }),
+        4 => (0..MAP_LEN / PAGE, 1..=MAX_PLACE, any::<bool>(), any::<bool>())
+            .prop_map(|(page, pages, coherent, mirror)| Op::Place { page, pages, coherent, mirror }),
+        2 => (0..MAP_LEN / PAGE, 1..=MAX_PLACE, any::<bool>(), any::<bool>())
+            .prop_map(|(page, pages, coherent, mirror)| Op::Unplace { page, pages, coherent, mirror }),
+        1 => any::<bool>().prop_map(|coherent| Op::Release { coherent }),
     ]
 }
 
@@ -141,7 +152,7 @@ fn random_file_operations_match_the_model() {
     }
     let s = stats.into_inner().unwrap();
     eprintln!(
-        "file_cache_model: {} operations, {} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {} private pages migrated, {:?}",
+        "file_cache_model: {} operations, {} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {} private pages migrated, {} file pages placed on devices, {} placements refused, {} placements on a full device ({} with no room at all), {} pages brought back, {:?}",
         s.ops,
         s.evicted,
         s.fsync_ok,
@@ -152,6 +163,11 @@ fn random_file_operations_match_the_model() {
         s.staging_faults,
         s.private_words,
         s.private_pages_migrated,
+        s.pages_placed,
+        s.placements_refused,
+        s.device_full,
+        s.device_full_enomem,
+        s.pages_returned,
         t0.elapsed()
     );
     assert!(
@@ -165,7 +181,12 @@ fn random_file_operations_match_the_model() {
             && s.mapped_bytes > 0
             && s.staging_faults > 0
             && s.private_words > 0
-            && s.private_pages_migrated > 0,
+            && s.private_pages_migrated > 0
+            && s.pages_placed > 0
+            && s.placements_refused > 0
+            && s.device_full > 0
+            && s.device_full_enomem > 0
+            && s.pages_returned > 0,
         "an error path was never taken: {s:?}"
     );
 }

@@ -1,10 +1,11 @@
 //! Coverage-guided fuzzing of hetmem's page cache for files: the input is decoded into a world
 //! setup and a bounded sequence of `hetmem::testing::check_file::Op`s, applied to a fresh `World` (a real
-//! temporary file cached by a `FileCache` over a `FaultyBackend`, two handles, optionally a
-//! `Space` with a shared and a private mapping of the file and a `SoftDevice` mirroring it) and
-//! checked after each step and at the end against the model — the same checker as the property
-//! test `tests/file_cache_model.rs`. A mismatch panics with the failing op, its index and the
-//! ops before it.
+//! temporary file cached by a `FileCache` over a `FaultyBackend`, two handles, a device-private
+//! and a device-coherent `SoftDevice` the file's pages are placed on, and optionally a `Space`
+//! with a shared and a private mapping of the file that both devices mirror) and checked after
+//! each step and at the end against the model — the same checker as the property test
+//! `tests/file_cache_model.rs`. A mismatch panics with the failing op, its index and the ops
+//! before it.
 //!
 //! Input format: a 7-byte header (missing bytes read as 0), then 12-byte records, one op each (a
 //! trailing partial record is ignored; at most `MAX_OPS` ops).
@@ -13,7 +14,7 @@
 //!
 //! | byte | meaning |
 //! |---|---|
-//! | 0 | bit 0: sparse (the whole file is read back only every `SPARSE` ops); bits 1–2: mappings (0 none, 1 shared mapping intercepting stores, 2 shared mapping tracking stores asynchronously, 3 none), each with the private mapping and the device |
+//! | 0 | bit 0: sparse (the whole file is read back only every `SPARSE` ops); bits 1–2: mappings (0 none, 1 shared mapping intercepting stores, 2 shared mapping tracking stores asynchronously, 3 none), each with the private mapping and the devices' mirrors |
 //! | 1–2 | initial length of the file, 16-bit little-endian, modulo 4 pages + 1 |
 //! | 3–6 | seed of the initial contents, 32-bit little-endian (`check_file::data`) |
 //!
@@ -21,15 +22,15 @@
 //!
 //! | byte | meaning |
 //! |---|---|
-//! | 0 | op kind, modulo 17, in the order of `hetmem::testing::check_file::Op` (0 Write, 1 Read, 2 SetLen, 3 Punch, 4 Fsync, 5 DirectRead, 6 DirectWrite, 7 NewHandle, 8 Fault, 9 MapStore, 10 MapLoad, 11 Private, 12 PrivateMigrate, 13 Remap, 14 DeviceRemoval, 15 Pin, 16 Device) |
-//! | 1 | flags: bit 0 handle; bit 1 the op's choice (Fsync: fdatasync, Private: store, PrivateMigrate: to the device, Remap: unmap, Pin: long-term, Device: write); bit 2 Pin: the private mapping; bit 3 Pin: unpin; bits 4–6 fault kind, modulo 6 (0 FailWrites, 1 ShortWrite, 2 FailSync, 3 FailRead, 4 FailStaging, 5 Clear); bit 7 fault errno (0 EIO, ENOMEM for staging; 1 ENOSPC) |
-//! | 2–5 | `a`, 32-bit little-endian: byte offset (I/O and mapping ops), page (Punch, PrivateMigrate, Pin, Device) or new length (SetLen); wrapped into range |
+//! | 0 | op kind, modulo 20, in the order of `hetmem::testing::check_file::Op` (0 Write, 1 Read, 2 SetLen, 3 Punch, 4 Fsync, 5 DirectRead, 6 DirectWrite, 7 NewHandle, 8 Fault, 9 MapStore, 10 MapLoad, 11 Private, 12 PrivateMigrate, 13 Remap, 14 DeviceRemoval, 15 Pin, 16 Device, 17 Place, 18 Unplace, 19 Release) |
+//! | 1 | flags: bit 0 handle; bit 1 the op's choice (Fsync: fdatasync, Private: store, PrivateMigrate: to the device, Remap: unmap, Pin: long-term, Device: write, DeviceRemoval, Place, Unplace, Release: the device-coherent device); bit 2 Pin: the private mapping, Device: through the device-coherent device, Place and Unplace: through the device's mirror; bit 3 Pin: unpin; bits 4–6 fault kind, modulo 6 (0 FailWrites, 1 ShortWrite, 2 FailSync, 3 FailRead, 4 FailStaging, 5 Clear); bit 7 fault errno (0 EIO, ENOMEM for staging; 1 ENOSPC) |
+//! | 2–5 | `a`, 32-bit little-endian: byte offset (I/O and mapping ops), page (Punch, PrivateMigrate, Pin, Device, Place, Unplace) or new length (SetLen); wrapped into range |
 //! | 6–7 | `b`, 16-bit little-endian: bytes (I/O), words (mapping ops), pages, or the count of failing writes (FailWrites); clamped into range |
 //! | 8–11 | data seed, 32-bit little-endian (writes, stores) |
 //!
 //! Ranges are those of `Op::clamped`: offsets within the first `WINDOW` pages (`MAP_LEN` bytes
 //! for mapping ops, rounded down to a word), I/O of up to `MAX_IO` bytes, 1–3 pages (1–4 for
-//! PrivateMigrate), at most 2 failing writes.
+//! PrivateMigrate, 1–`MAX_PLACE` for Place and Unplace), at most 2 failing writes.
 
 #![no_main]
 
@@ -105,9 +106,10 @@ impl FuzzOp {
     fn to_op(self) -> Op {
         let h = (self.flags & 1) as usize;
         let choice = self.flags & 2 != 0;
+        let (bit2, coherent, mirror) = (self.flags & 4 != 0, choice, self.flags & 4 != 0);
         let (a, b, seed) = (self.a as usize, self.b as usize, self.seed);
         let (off, len, page, pages, words) = (a, b, a, b, b);
-        let op = match self.kind % 17 {
+        let op = match self.kind % 20 {
             0 => Op::Write { h, off, len, seed },
             1 => Op::Read { h, off, len },
             2 => Op::SetLen { len: a },
@@ -144,16 +146,30 @@ impl FuzzOp {
                 to_device: choice,
             },
             13 => Op::Remap { unmap: choice },
-            14 => Op::DeviceRemoval,
+            14 => Op::DeviceRemoval { coherent },
             15 => {
-                let (private, unpin) = (self.flags & 4 != 0, self.flags & 8 != 0);
+                let (private, unpin) = (bit2, self.flags & 8 != 0);
                 Op::Pin((!unpin).then_some((page, pages, choice, private)))
             }
-            _ => Op::Device {
+            16 => Op::Device {
                 page,
                 pages,
                 write: choice.then_some(seed),
+                coherent: bit2,
             },
+            17 => Op::Place {
+                page,
+                pages,
+                coherent,
+                mirror,
+            },
+            18 => Op::Unplace {
+                page,
+                pages,
+                coherent,
+                mirror,
+            },
+            _ => Op::Release { coherent },
         };
         op.clamped()
     }

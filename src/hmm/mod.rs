@@ -196,18 +196,25 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             },
             None => None,
         };
+        // The caller's own device-private frame (written in place; a replica is read-only).
+        let own_frame = matches!(&file_dev,
+            Some((dp, ..)) if !dp.replica && !dp.coherent && Some(dp.owner) == range.dev_private_owner);
         let mut writable = match &file_dev {
             Some((dp, ..)) if dp.replica => false,
-            Some((dp, ..)) if !dp.coherent && Some(dp.owner) == range.dev_private_owner => {
-                frame_writable
-            }
+            _ if own_frame => frame_writable,
             _ => writable,
         };
-        if intercepts && file_dev.is_none() && frame_writable {
+        if intercepts
+            && !own_frame
+            && file_dev.as_ref().is_none_or(|(dp, ..)| !dp.replica)
+            && frame_writable
+        {
             // A mapping that intercepts stores: a device may write a page through it once the
             // cache has made the page dirty and let writes through (as for a CPU store), and
             // recorded the device's write access, which writeback revokes (a PROTECTION
-            // event) before it write-protects the page again.
+            // event) before it write-protects the page again. A device-coherent page too (a
+            // device writes it through the CPU's view, where it is); another device's private
+            // page comes back first (`StoreFault::Device`).
             let (cache, page) = st.file_page(a).expect("a shared file mapping");
             if want_write && page >= cache.len_pages() {
                 // Past the end of the file (a CPU access there is SIGBUS).

@@ -659,6 +659,8 @@ impl FileCache {
         if st.pages.cached <= budget {
             return;
         }
+        // A device-private page the device wrote is dirty, not a victim.
+        self.collect_device_dirty(st);
         for round in 0..2 {
             for p in st.pages.clean_by_age() {
                 if st.pages.cached <= budget {
@@ -1282,9 +1284,13 @@ impl FileCache {
             Self::check_not_lost(&st, page, page + n as u64)?;
             self.fill(&mut st, page, page + n as u64)?;
             let want = (st.size - off).min(len as u64) as usize;
-            self.memfd
+            let got = self
+                .memfd
                 .read_into_region(off, dst, dst_off, want)
-                .map_err(os("read the cache"))?
+                .map_err(os("read the cache"))?;
+            // Device-private pages are holes in the memfd: their bytes are in their frames.
+            self.overlay_private_region(&st, page, n, dst, dst_off, got)?;
+            got
         } else {
             0
         };
@@ -1418,7 +1424,9 @@ impl FileCache {
             _serial: serial,
         };
         // Mappings may have become writable since the victims were chosen: skip their pages
-        // (and pinned ones).
+        // (and pinned ones). A device-private page the device wrote (before its mappings were
+        // invalidated above) is dirty: not a victim either.
+        self.collect_device_dirty(&mut st);
         let writable = Self::writable_ranges(&st);
         let mut n = 0;
         for (s, e) in runs {
@@ -1495,8 +1503,13 @@ impl FileCache {
             return Ok(());
         }
         let stop = (old.div_ceil(PAGE) * PAGE).min(end);
+        let zeros = vec![0u8; (stop - old) as usize];
+        // A device-private page's bytes are in its frame (the memfd holds a hole there).
+        if self.write_private(st, old / PAGE, (old % PAGE) as usize, &zeros)? {
+            return Ok(());
+        }
         self.memfd
-            .write_at(old, &vec![0u8; (stop - old) as usize])
+            .write_at(old, &zeros)
             .map_err(os("zero past the old end"))
     }
 
@@ -1557,17 +1570,36 @@ impl FileHandle {
             .checked_add(data.len() as u64)
             .ok_or(Error::FileTooLarge { end: u64::MAX })?;
         let (first, last) = (off / PAGE, end.div_ceil(PAGE));
+        let over_bound = |st: &CacheState| {
+            let new_dirty = (first..last)
+                .filter(|&p| st.pages.get(p) != PageState::Dirty)
+                .count();
+            (st.pages.dirty + new_dirty) * PAGE_SIZE > c.cfg.dirty_bound
+        };
+        let mut revoked = false;
         // Pages in device-private memory come back first (a CPU write, as a store through a
         // mapping would fault them back); bounded: each round brings the range's pages back.
         let mut st = loop {
             let st = lock(&c.st);
-            if !FileCache::has_private_in(&st, first, last)
-                && st.replicas.range(first..last).next().is_none()
+            if FileCache::has_private_in(&st, first, last)
+                || st.replicas.range(first..last).next().is_some()
             {
-                break st;
+                drop(st);
+                c.bring_back(first, last)?;
+                continue;
             }
-            drop(st);
-            c.bring_back(first, last)?;
+            // At the dirty bound, pages a device may write through a mapping that intercepts
+            // stores would stay dirty across the writeback below: a writeback that revokes
+            // that access first (once) makes them clean.
+            if !revoked && !st.dev_writable.is_empty() && over_bound(&st) {
+                drop(st);
+                revoked = true;
+                let mut g = c.lock_for_writeback();
+                let all = g.pages.all_dirty();
+                c.writeback(&mut g, &all)?;
+                continue;
+            }
+            break st;
         };
         if end > st.size {
             c.check_end(end)?;
@@ -1579,10 +1611,7 @@ impl FileHandle {
         } else {
             FileCache::lost_pages_replaced(&st, off, end, st.size)?
         };
-        let new_dirty = (first..last)
-            .filter(|&p| st.pages.get(p) != PageState::Dirty)
-            .count();
-        if (st.pages.dirty + new_dirty) * PAGE_SIZE > c.cfg.dirty_bound {
+        if over_bound(&st) {
             let all = st.pages.all_dirty();
             c.writeback(&mut st, &all)?;
         }
@@ -1672,10 +1701,11 @@ impl FileHandle {
             FileCache::forget_lost(&mut st, keep, u64::MAX);
             // The tail of the new last page, if cached, must read as zeros from now on.
             if !len.is_multiple_of(PAGE) && st.pages.get(keep - 1) != PageState::Uncached {
-                let tail = (PAGE - len % PAGE) as usize;
-                c.memfd
-                    .write_at(len, &vec![0u8; tail])
-                    .map_err(os("zero the tail"))?;
+                let zeros = vec![0u8; (PAGE - len % PAGE) as usize];
+                // A device-private page's tail is in its frame (the memfd holds a hole there).
+                if !c.write_private(&st, keep - 1, (len % PAGE) as usize, &zeros)? {
+                    c.memfd.write_at(len, &zeros).map_err(os("zero the tail"))?;
+                }
             }
         }
         c.zero_old_tail(&st, len)?;

@@ -238,11 +238,12 @@ impl FileCache {
             };
             pm.charge_migration(PAGE_SIZE);
             if !coherent {
-                // The page's bytes go to the frame; the memfd page is punched below.
-                let copied = self
-                    .memfd
-                    .read_at(p * PAGE, &mut page)
-                    .and_then(|_| pm.store().write(f.offset(), &page));
+                // The page's bytes go to the frame; the memfd page is punched below. Past the
+                // end of file (a partial last page) the frame holds zeros.
+                let copied = self.memfd.read_at(p * PAGE, &mut page).and_then(|n| {
+                    page[n..].fill(0);
+                    pm.store().write(f.offset(), &page)
+                });
                 if let Err(e) = copied {
                     pm.free(f, false);
                     copy_err = Some(Error::os("copy a file page to the device", e));
@@ -360,7 +361,9 @@ impl FileCache {
                 .read(f.offset(), &mut buf[..PAGE_SIZE])
                 .map_err(|e| Error::os("copy a file page from the device", e))
                 .and_then(|()| {
-                    self.stage(p * PAGE, &buf[..PAGE_SIZE])
+                    // Up to the end of file: the memfd keeps the file's size.
+                    let n = (st.size.saturating_sub(p * PAGE) as usize).min(PAGE_SIZE);
+                    self.stage(p * PAGE, &buf[..n])
                         .map_err(os("copy a file page into the cache"))
                 });
             st.fill_buf = buf;
@@ -419,6 +422,40 @@ impl FileCache {
                 .read(FrameIdx(s.frame).offset() + (s0 - ps) as usize, dst)
                 .map_err(|e| Error::os("read a file page on the device", e))?;
             pm.charge_migration(dst.len());
+        }
+        Ok(())
+    }
+
+    /// As [`Self::overlay_private`] for `n` pages from `first` read into `dst[dst_off..]` (a
+    /// region of hetmem's own; `got` bytes of them inside the file): the fill of a private file
+    /// mapping, on the CPU fault path (copies frame to region, allocates nothing).
+    pub(super) fn overlay_private_region(
+        &self,
+        st: &CacheState,
+        first: u64,
+        n: usize,
+        dst: &crate::sys::Region,
+        dst_off: usize,
+        got: usize,
+    ) -> Result<()> {
+        if st.pages.placed == 0 {
+            return Ok(());
+        }
+        for i in 0..n.min(got.div_ceil(PAGE_SIZE)) {
+            let Some(s) = st.pages.slot(first + i as u64).filter(|s| !s.coherent) else {
+                continue;
+            };
+            let pm = &st.devs[s.dev as usize];
+            let len = (got - i * PAGE_SIZE).min(PAGE_SIZE);
+            pm.store()
+                .copy_out(
+                    FrameIdx(s.frame).offset(),
+                    dst,
+                    dst_off + i * PAGE_SIZE,
+                    len,
+                )
+                .map_err(|e| Error::os("read a file page on the device", e))?;
+            pm.charge_migration(len);
         }
         Ok(())
     }

@@ -7,11 +7,13 @@
 //! happens all the time) and a dirty bound of [`DIRTY_PAGES`] pages, read and written through a
 //! [`FaultyBackend`] (behind an observer that records which backend calls failed), two
 //! [`FileHandle`]s, and optionally (`mapped`) a [`Space`] with a shared read-write mapping of the
-//! first [`MAP_LEN`] bytes of the file (intercepting stores or tracking them asynchronously), a
-//! private read-write mapping of the same bytes, and a software device ([`SoftDevice`])
-//! mirroring the space. The model is the bytes the process sees and, per handle, the errnos of
-//! the writeback error events it has not reported yet; with the mappings, also a snapshot per
-//! filled private page.
+//! first [`MAP_LEN`] bytes of the file (intercepting stores or tracking them asynchronously) and
+//! a private read-write mapping of the same bytes. Every world has two software devices
+//! ([`SoftDevice`]): a device-private one and a device-coherent one with room for
+//! [`COHERENT_ROOM`] pages (the world holds its other frames), both mirroring the space with the
+//! mappings. The model is the bytes the process sees and, per handle, the errnos of the
+//! writeback error events it has not reported yet; with the mappings, also a snapshot per
+//! filled private page; and the placement of each file page (on which device, if any).
 //!
 //! [`apply`] runs one [`Op`] on the real objects, checks its outcome against the model, updates
 //! the model, and then checks the whole state (see below); [`check_all`] ends a run: it syncs
@@ -44,6 +46,14 @@
 //! nothing). Without the mappings those operations do nothing (the cache's own eviction is
 //! checked alone).
 //!
+//! Placements, in every world: file pages are placed on either device through the cache
+//! ([`FileCache::place_on_device`], [`FileCache::place_in_system`], with the fault plans as they
+//! are) or, with the mappings, through the device's migrate commands on the shared mapping
+//! ([`DeviceMirror::migrate_range_to_device`], [`DeviceMirror::migrate_to_system`]); either
+//! device is released ([`SoftDevice::release`]) or removed (dropped with its pages); the device
+//! operations above go through either device. Every other operation runs on placed pages: the
+//! bytes the model expects do not depend on where a page lives.
+//!
 //! # The checks
 //!
 //! Which backend calls failed is observed by a wrapper around the faulty backend (not taken from
@@ -67,13 +77,32 @@
 //!   disk then equals the model;
 //! - dirty bytes never exceed the dirty bound; cached bytes are within the budget after every
 //!   `read_at`/`write_at` during which no injected fault fired (those are the calls that evict),
-//!   and no other call adds cached bytes over the budget (with a mapping, the eviction inside
+//!   and no other call but a placement (which fills the pages it places and leaves the budget
+//!   to the next eviction) adds cached bytes over the budget (with a mapping, the eviction inside
 //!   `read_at`/`write_at` leaves mapped pages to the background evictor: the check runs its
 //!   `shrink_to_budget` first). With an asynchronously tracked mapping (whose pages are never
 //!   evicted and whose stores count against the dirty bound only at the next scan) the budget
 //!   and the bound are not checked;
 //! - after an access through a mapping or the device (with no fault planned), no backend call
-//!   failed.
+//!   failed;
+//! - the placement of every file page ([`FileCache::placement`]) after each operation (and again
+//!   after the check's reads): a placement puts on the device exactly the pages in the range and
+//!   the file that are not placed already nor pinned, in order while the device has room (none
+//!   fits: ENOMEM; through the mirror, ENOENT naming a page of the range not on the device); a
+//!   device-private placement is refused (`StoresNotIntercepted`, EBUSY) exactly when the range
+//!   holds a page of the file and the shared mapping does not intercept stores; a page comes
+//!   back only as the contract says (a CPU access through the shared mapping, `write_at`, a pin
+//!   — coherent pages only for a long-term one —, the other device's access, a return, the
+//!   device's release or removal), leaves the cache with truncate, punch and a direct write
+//!   that covers it whole, and may otherwise only be evicted (where eviction runs: `read_at`
+//!   and `write_at` without the mappings, the background evictor with an intercepting mapping);
+//!   no page past the end of file is cached;
+//! - each device's used memory is exactly its pages (file pages placed on it; the private
+//!   mapping's pages on the device-private device; the world's frames on the coherent one),
+//!   and the cache's count of placed pages agrees: every page that leaves frees its frame;
+//! - the dirty bound is not checked from a device write to a device-private frame until the
+//!   next `fsync` that returns Ok (the owner writes its frames with no fault: such writes count
+//!   once collected).
 //!
 //! At the end ([`check_all`]) the file is synced through both handles (each `fsync` checked as
 //! above), the world dropped (the file on disk must still equal the model) and the file reopened
@@ -82,7 +111,8 @@
 use std::path::PathBuf;
 
 use crate::pagecache::{
-    CacheConfig, FaultPlan, FaultyBackend, FileBackend, FileCache, FileHandle, StdFile,
+    CacheConfig, FaultPlan, FaultyBackend, FileBackend, FileCache, FileHandle, PagePlacement,
+    StdFile,
 };
 use crate::space::{FileMapOptions, Residency, Space};
 use crate::sync::{Arc, Mutex, lock};
@@ -109,8 +139,14 @@ pub const MAP_LEN: usize = (WINDOW + 4) * PAGE;
 pub const MAP_PAGES: usize = MAP_LEN / PAGE;
 /// In sparse worlds, the whole file is read every this many operations.
 pub const SPARSE: usize = 8;
-/// Capacity of the world's device.
+/// Capacity of the world's devices (a pool rounds it up to whole 2 MiB blocks).
 pub const DEVICE_BYTES: usize = 1 << 20;
+/// Most pages of one placement or return ([`Op::Place`], [`Op::Unplace`]).
+pub const MAX_PLACE: usize = 6;
+/// Free frames of the device-coherent device when it holds no file page: the world holds the
+/// rest of its frames, so that placements fill it up (the pages that fit move, the rest stay;
+/// none fits: ENOMEM).
+pub const COHERENT_ROOM: usize = 4;
 
 /// A change of the fault plans.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,9 +297,13 @@ pub enum Op {
         /// Unmap and map again (else protect cycle).
         unmap: bool,
     },
-    /// The device is removed (its memory evicted back to system memory) and a new one mirrors
-    /// the space.
-    DeviceRemoval,
+    /// The device-private device (or, `coherent`, the device-coherent one) is removed: dropped
+    /// with whatever it holds, which comes back to system memory (device removal), and a new one
+    /// (mirroring the space, with the mappings) takes its place.
+    DeviceRemoval {
+        /// The device-coherent device (else the device-private one).
+        coherent: bool,
+    },
     /// `Some((page, pages, long_term, private))`: pins `pages` pages (1..=3) from `page` of the
     /// private or the shared mapping (clipped to the pages that may be accessed), replacing the
     /// pin held (one at a time); `None`: unpins. Pinned private pages do not migrate to the
@@ -271,7 +311,8 @@ pub enum Op {
     Pin(Option<(usize, usize, bool, bool)>),
     /// A device mirroring the mapping reads (or writes, `write`: the data seed) `pages` whole
     /// pages (1..=3) from `page` (clipped to the whole pages inside the file), after clearing
-    /// the fault plan.
+    /// the fault plan: the device-private device, or (`coherent`) the device-coherent one (a
+    /// page in the other device's private memory comes back to system memory first).
     Device {
         /// First page.
         page: usize,
@@ -279,6 +320,45 @@ pub enum Op {
         pages: usize,
         /// A write of data from this seed; `None`: reads.
         write: Option<u32>,
+        /// Through the device-coherent device (else the device-private one).
+        coherent: bool,
+    },
+    /// Places file pages `page..page + pages` (1..=[`MAX_PLACE`]; clipped to the file) on the
+    /// device-private device or (`coherent`) on the device-coherent one (which has room for
+    /// [`COHERENT_ROOM`] pages): through the cache ([`FileCache::place_on_device`], with the
+    /// fault plans as they are: its fill may fail), or (`mirror`, with the mappings) through
+    /// the device's migrate command on the shared mapping
+    /// ([`DeviceMirror::migrate_range_to_device`], after clearing the fault plans).
+    Place {
+        /// First page.
+        page: usize,
+        /// Pages.
+        pages: usize,
+        /// The device-coherent device (else the device-private one).
+        coherent: bool,
+        /// Through the device's mirror of the shared mapping (else the cache's API).
+        mirror: bool,
+    },
+    /// Brings file pages `page..page + pages` (1..=[`MAX_PLACE`]) back to system memory:
+    /// through the cache ([`FileCache::place_in_system`]: from any device, with the fault
+    /// plans as they are), or (`mirror`, with the mappings) the pages of the device-private
+    /// or (`coherent`) the device-coherent device through its migrate command
+    /// ([`DeviceMirror::migrate_to_system`], after clearing the fault plans).
+    Unplace {
+        /// First page.
+        page: usize,
+        /// Pages.
+        pages: usize,
+        /// With `mirror`: the device-coherent device's mirror (else the device-private one's).
+        coherent: bool,
+        /// Through the device's mirror of the shared mapping (else the cache's API).
+        mirror: bool,
+    },
+    /// Device release ([`SoftDevice::release`]) of the device-private device or (`coherent`)
+    /// the device-coherent one, after clearing the fault plans: everything on it comes back.
+    Release {
+        /// The device-coherent device (else the device-private one).
+        coherent: bool,
     },
 }
 
@@ -381,12 +461,39 @@ impl Op {
                 page: p,
                 pages,
                 write,
+                coherent,
             } => Op::Device {
                 page: page(p),
                 pages: pages.clamp(1, 3),
                 write,
+                coherent,
             },
-            op @ (Op::NewHandle | Op::Remap { .. } | Op::DeviceRemoval) => op,
+            Op::Place {
+                page: p,
+                pages,
+                coherent,
+                mirror,
+            } => Op::Place {
+                page: page(p),
+                pages: pages.clamp(1, MAX_PLACE),
+                coherent,
+                mirror,
+            },
+            Op::Unplace {
+                page: p,
+                pages,
+                coherent,
+                mirror,
+            } => Op::Unplace {
+                page: page(p),
+                pages: pages.clamp(1, MAX_PLACE),
+                coherent,
+                mirror,
+            },
+            op @ (Op::NewHandle
+            | Op::Remap { .. }
+            | Op::DeviceRemoval { .. }
+            | Op::Release { .. }) => op,
         }
     }
 }
@@ -519,6 +626,16 @@ pub struct Stats {
     pub private_words: u64,
     /// Private pages migrated (either way).
     pub private_pages_migrated: u64,
+    /// File pages placed in device memory ([`Op::Place`]).
+    pub pages_placed: u64,
+    /// Device-private placements refused ([`crate::Error::StoresNotIntercepted`]).
+    pub placements_refused: u64,
+    /// Placements that met a full device (some pages did not fit).
+    pub device_full: u64,
+    /// Placements that met a device with room for none of their pages (ENOMEM).
+    pub device_full_enomem: u64,
+    /// File pages brought back by [`Op::Unplace`] and [`Op::Release`].
+    pub pages_returned: u64,
 }
 
 impl Stats {
@@ -534,6 +651,11 @@ impl Stats {
         self.staging_faults += o.staging_faults;
         self.private_words += o.private_words;
         self.private_pages_migrated += o.private_pages_migrated;
+        self.pages_placed += o.pages_placed;
+        self.placements_refused += o.placements_refused;
+        self.device_full += o.device_full;
+        self.device_full_enomem += o.device_full_enomem;
+        self.pages_returned += o.pages_returned;
     }
 }
 
@@ -597,6 +719,72 @@ impl Model {
     }
 }
 
+/// Where the model expects a file page placed (see [`World::placed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placed {
+    /// In the device-private device's memory.
+    Private,
+    /// In the device-coherent device's memory.
+    Coherent,
+}
+
+impl Placed {
+    fn of(coherent: bool) -> Placed {
+        if coherent {
+            Placed::Coherent
+        } else {
+            Placed::Private
+        }
+    }
+}
+
+/// One of the world's devices.
+struct Dev {
+    /// Its mirror of the space (with the mappings). Dropped before the device: dropping the
+    /// device's last handle is its removal.
+    m: Option<DeviceMirror>,
+    d: SoftDevice,
+    /// Frames the world holds in its memory (no file page, no reverse map: a release leaves
+    /// them), so that it has room for [`COHERENT_ROOM`] pages only (the device-coherent one).
+    filler: Vec<crate::addr::FrameIdx>,
+}
+
+impl Dev {
+    /// Index in [`World::devs`].
+    fn index(coherent: bool) -> usize {
+        usize::from(coherent)
+    }
+
+    /// A new device (`coherent`: filled up to [`COHERENT_ROOM`] free frames), mirroring
+    /// `space`.
+    fn new(coherent: bool, space: Option<&Space>) -> Result<Dev, String> {
+        let d = if coherent {
+            SoftDevice::coherent(DEVICE_BYTES)
+        } else {
+            SoftDevice::private(DEVICE_BYTES)
+        }
+        .map_err(|e| format!("device: {e}"))?;
+        let m = match space {
+            Some(s) => Some(d.mirror(s).map_err(|e| format!("mirror: {e}"))?),
+            None => None,
+        };
+        let mut filler = Vec::new();
+        if coherent {
+            let pm = d.pagemap();
+            for _ in 0..pm.nframes() - COHERENT_ROOM {
+                filler.push(pm.alloc().map_err(|e| format!("filler frame: {e}"))?);
+            }
+        }
+        Ok(Dev { m, d, filler })
+    }
+
+    /// Free frames.
+    fn room(&self) -> usize {
+        let pm = self.d.pagemap();
+        pm.nframes() - pm.used() / PAGE
+    }
+}
+
 /// The real objects and the model (see the module doc).
 pub struct World {
     faulty: Arc<FaultyBackend<StdFile>>,
@@ -633,8 +821,25 @@ pub struct World {
     /// The pin held (see `Op::Pin`), and which pages of the current private mapping it pins.
     pin: Option<crate::Pin>,
     pinned_private: Vec<bool>,
-    /// A software device mirroring the space (with `map`).
-    dev: Option<(DeviceMirror, SoftDevice)>,
+    /// The software devices: `[device-private, device-coherent]` ([`Dev::index`]), mirroring
+    /// the space (with `map`).
+    devs: [Dev; 2],
+    /// Per file page (of the first `MAP_PAGES`): the device it is placed on, as the model
+    /// expects it (`None`: in system memory or not cached).
+    placed: Vec<Option<Placed>>,
+    /// Per file page, during one operation: it may have come back to system memory (an
+    /// outcome the model cannot tell: an error part way, a concurrent eviction).
+    may_leave: Vec<bool>,
+    /// Per file page, during one operation: it may have been placed on this device (an
+    /// outcome the model cannot tell exactly in worlds where the background evictor runs).
+    may_arrive: Vec<Option<Placed>>,
+    /// Which file pages the pin held pins in the cache (a pin of the shared mapping: kept
+    /// across an unmap, as the cache keeps them).
+    pinned_shared: Vec<bool>,
+    /// A device wrote device-private frames since the last `fsync` that returned Ok: those
+    /// writes count against the dirty bound only once collected (see the module doc), so the
+    /// bound is not checked until then.
+    frames_written: bool,
     stats: Stats,
     /// Dropped last: the file.
     file: TempFile,
@@ -674,8 +879,8 @@ impl World {
             .map_err(|e| format!("cache: {e}"))?;
         let h = [cache.handle(), cache.handle()];
         let intercept = mapped != Some(false);
-        let (map, private, dev) = match mapped {
-            None => (None, 0, None),
+        let (map, private) = match mapped {
+            None => (None, 0),
             Some(intercept_stores) => {
                 let space = Space::new().map_err(|e| format!("space: {e}"))?;
                 let opts = FileMapOptions {
@@ -691,11 +896,11 @@ impl World {
                     .map_file(&h[0], 0, MAP_LEN, Prot::ReadWrite, false)
                     .map_err(|e| format!("private mapping: {e}"))?
                     .get();
-                let d = SoftDevice::private(DEVICE_BYTES).map_err(|e| format!("device: {e}"))?;
-                let m = d.mirror(&space).map_err(|e| format!("mirror: {e}"))?;
-                (Some((space, a)), private, Some((m, d)))
+                (Some((space, a)), private)
             }
         };
+        let space = map.as_ref().map(|m| &m.0);
+        let devs = [Dev::new(false, space)?, Dev::new(true, space)?];
         let mut w = World {
             map,
             private,
@@ -703,7 +908,12 @@ impl World {
             pin: None,
             pinned_private: vec![false; MAP_PAGES],
             intercept,
-            dev,
+            devs,
+            placed: vec![None; MAP_PAGES],
+            may_leave: vec![false; MAP_PAGES],
+            may_arrive: vec![None; MAP_PAGES],
+            pinned_shared: vec![false; MAP_PAGES],
+            frames_written: false,
             file,
             faulty,
             obs,
@@ -768,7 +978,7 @@ impl World {
         }
         let dirty = self.cache.dirty_bytes();
         ensure!(
-            dirty <= DIRTY,
+            self.frames_written || dirty <= DIRTY,
             "{what}: {dirty} dirty bytes over the bound {DIRTY}"
         );
         let mut cached = self.cache.cached_bytes();
@@ -828,6 +1038,7 @@ impl World {
                     unreported.is_empty(),
                     "{what}: Ok, but handle {h} had unreported writeback errors {unreported:?}"
                 );
+                self.frames_written = false;
                 self.check_disk(&format!("{what} (Ok)"))
             }
             Err(e) => {
@@ -858,6 +1069,7 @@ impl World {
                     "{what}: the retry after {e} failed: {:?}",
                     r.err()
                 );
+                self.frames_written = false;
                 self.check_disk(&format!("{what} (retry)"))
             }
         }
@@ -865,12 +1077,46 @@ impl World {
 
     /// Applies `op`, checks it and the state (see [`apply`]).
     fn step(&mut self, op: &Op, what: &str) -> Result<(), String> {
+        self.may_leave.fill(false);
+        self.may_arrive.fill(None);
+        self.step_op(op, what)?;
+        self.check_placement(what, self.evicts_during(op))?;
+        self.check(what, window(op))?;
+        // The check's reads evict (without the mappings), as does the background evictor.
+        let evicts = self.map.is_none() || self.background_evictor();
+        self.check_placement(&format!("{what} (after the check)"), evicts)
+    }
+
+    /// The background evictor may evict clean mapped pages at any moment: the pages of a
+    /// mapping that intercepts stores are not exempt (those of a writable one that does not
+    /// are).
+    fn background_evictor(&self) -> bool {
+        self.map.is_some() && self.intercept
+    }
+
+    /// Whether clean pages may be evicted during `op`: by `read_at`/`write_at` (whose eviction
+    /// leaves mapped pages alone), by the background evictor, or while the shared mapping is
+    /// unmapped.
+    fn evicts_during(&self, op: &Op) -> bool {
+        self.background_evictor()
+            || match op {
+                Op::Read { .. } | Op::Write { .. } => self.map.is_none(),
+                Op::Remap { unmap } => *unmap,
+                _ => false,
+            }
+    }
+
+    /// Applies `op` and checks its outcome (the state is checked by [`Self::step`]).
+    fn step_op(&mut self, op: &Op, what: &str) -> Result<(), String> {
         match *op {
             Op::Write { h, off, len, seed } => {
                 let d = data(seed, len);
                 let r = self.h[h].write_at(off as u64, &d);
                 let f = self.account();
                 self.check_bounds(&f, true, what)?;
+                // Device-private pages it writes come back first (also when it then fails).
+                let (first, last) = (off / PAGE, (off + len).div_ceil(PAGE));
+                self.come_back(first, last, r.is_ok(), |x| x == Placed::Private);
                 match r {
                     Ok(()) => self.m.write(off, &d),
                     Err(e) => {
@@ -897,7 +1143,7 @@ impl World {
                                     && x.errno == e.errno()),
                             "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
                         );
-                        return self.check(what, window(op));
+                        return Ok(());
                     }
                 };
                 let want = self.m.expect(off, len);
@@ -914,6 +1160,8 @@ impl World {
                 self.check_bounds(&f, false, what)?;
                 r.map_err(|e| format!("{what}: {e}"))?;
                 self.m.bytes.resize(len, 0);
+                // Pages past the new end leave the cache, wherever they were.
+                self.come_back(len.div_ceil(PAGE), MAP_PAGES, true, |_| true);
             }
             Op::Punch { page, pages } => {
                 let r = self.h[0].punch_hole((page * PAGE) as u64, (pages * PAGE) as u64);
@@ -923,6 +1171,7 @@ impl World {
                 let size = self.m.bytes.len();
                 let (s, e) = ((page * PAGE).min(size), ((page + pages) * PAGE).min(size));
                 self.m.bytes[s..e].fill(0);
+                self.come_back(page, page + pages, true, |_| true);
             }
             Op::Fsync { h, data_only } => self.fsync(h, data_only, what)?,
             Op::DirectRead { h, off, len } => {
@@ -963,6 +1212,9 @@ impl World {
                             "{what}: Ok despite a writeback failure (failures: {f:?})"
                         );
                         self.m.write(off, &d);
+                        // The pages it covers whole leave the cache; a partial first or last
+                        // page is updated where it is (in its device frame too).
+                        self.come_back(off.div_ceil(PAGE), (off + len) / PAGE, true, |_| true);
                     }
                     Err(e) => {
                         self.stats.direct_errors += 1;
@@ -1028,14 +1280,22 @@ impl World {
                     }
                     self.m.write(off, &d);
                     self.stats.mapped_bytes += d.len() as u64;
+                    // A CPU access brings a device-private page back.
+                    let (first, last) = (off / PAGE, (off + 4 * n).div_ceil(PAGE));
+                    self.come_back(first, last, true, |x| x == Placed::Private);
                 }
                 self.check_mapped(what)?;
             }
-            Op::Device { page, pages, write } => {
+            Op::Device {
+                page,
+                pages,
+                write,
+                coherent,
+            } => {
                 self.no_faults();
                 let whole = self.m.bytes.len().min(MAP_LEN) / PAGE;
                 let n = whole.saturating_sub(page).min(pages);
-                if let (Some((_, map)), Some((m, _))) = (&self.map, &self.dev)
+                if let (Some((_, map)), Some(m)) = (&self.map, &self.devs[Dev::index(coherent)].m)
                     && n > 0
                 {
                     let addr = (map + page * PAGE) as u64;
@@ -1049,6 +1309,11 @@ impl World {
                             .map_err(|e| format!("{what}: device write: {e}"))?;
                         self.m.write(off, &d);
                         self.stats.mapped_bytes += d.len() as u64;
+                        // The device-private device writes its own frames in place.
+                        if !coherent && self.placed[page..page + n].contains(&Some(Placed::Private))
+                        {
+                            self.frames_written = true;
+                        }
                     } else {
                         let mut buf = vec![0u8; n * PAGE];
                         m.read(addr, n as u64, &mut buf)
@@ -1064,6 +1329,11 @@ impl World {
                                 self.m.bytes[off + i]
                             ));
                         }
+                    }
+                    // Another device's access brings a device-private page back first (a
+                    // coherent page is mapped where it is by every device).
+                    if coherent {
+                        self.come_back(page, page + n, true, |x| x == Placed::Private);
                     }
                 }
                 self.check_mapped(what)?;
@@ -1122,7 +1392,8 @@ impl World {
                 let n = (page..(page + pages).min(self.snap.len()))
                     .take_while(|&p| self.snap[p].is_some())
                     .count();
-                if let (Some((space, _)), Some((m, d))) = (&self.map, &self.dev)
+                let dev = &self.devs[Dev::index(false)];
+                if let (Some((space, _)), Some(m), d) = (&self.map, &dev.m, &dev.d)
                     && n > 0
                 {
                     let addr = (self.private + page * PAGE) as u64;
@@ -1166,6 +1437,7 @@ impl World {
                 self.no_faults();
                 self.pin = None;
                 self.pinned_private.fill(false);
+                self.pinned_shared.fill(false);
                 if let (Some((space, map)), Some((page, pages, long_term, private))) =
                     (&self.map, pin)
                 {
@@ -1190,19 +1462,35 @@ impl World {
                         if private {
                             self.pinned_private[page..page + n].fill(true);
                             self.snapshot_filled(what)?;
+                        } else {
+                            // Pinned file pages are in system memory (a short-term pin leaves
+                            // coherent ones in place) and stay there while pinned.
+                            self.pinned_shared[page..page + n].fill(true);
+                            self.come_back(page, page + n, true, |x| {
+                                x == Placed::Private || long_term
+                            });
                         }
                     }
                 }
                 self.check_mapped(what)?;
             }
-            Op::DeviceRemoval => {
-                if let (Some((space, _)), Some((m, d))) = (&self.map, self.dev.take()) {
-                    d.release().map_err(|e| format!("{what}: release: {e}"))?;
-                    ensure!(
-                        d.used() == 0,
-                        "{what}: {} bytes left on the device",
-                        d.used()
-                    );
+            Op::DeviceRemoval { coherent } => {
+                self.no_faults();
+                let i = Dev::index(coherent);
+                let space = self.map.as_ref().map(|m| &m.0);
+                let new = Dev::new(coherent, space).map_err(|e| format!("{what}: new {e}"))?;
+                let old = std::mem::replace(&mut self.devs[i], new);
+                let (pm, filler) = (old.d.pagemap().clone(), old.filler.len());
+                // The removal brings everything on it back to system memory.
+                drop(old);
+                ensure!(
+                    pm.used() == filler * PAGE,
+                    "{what}: {} bytes left on the removed device, {} held by the world",
+                    pm.used(),
+                    filler * PAGE
+                );
+                self.gone(Placed::of(coherent));
+                if !coherent && let Some((space, _)) = &self.map {
                     for p in (0..self.snap.len()).filter(|&p| self.snap[p].is_some()) {
                         let got = space.residency(VirtAddr(self.private + p * PAGE));
                         ensure!(
@@ -1210,14 +1498,6 @@ impl World {
                             "{what}: private page {p} is {got:?} after the device's removal"
                         );
                     }
-                    drop(m);
-                    drop(d);
-                    let d = SoftDevice::private(DEVICE_BYTES)
-                        .map_err(|e| format!("{what}: new device: {e}"))?;
-                    let m = d
-                        .mirror(space)
-                        .map_err(|e| format!("{what}: new mirror: {e}"))?;
-                    self.dev = Some((m, d));
                 }
                 self.check_mapped(what)?;
             }
@@ -1268,11 +1548,401 @@ impl World {
                         "{what}: load through the mapping at {a}: {v:#010x}, model {m:#010x}"
                     );
                 }
+                if map != 0 && n > 0 {
+                    // A CPU access brings a device-private page back.
+                    let (first, last) = (off / PAGE, (off + 4 * n).div_ceil(PAGE));
+                    self.come_back(first, last, true, |x| x == Placed::Private);
+                }
+                self.check_mapped(what)?;
+            }
+            Op::Place {
+                page,
+                pages,
+                coherent,
+                mirror,
+            } => self.place(page, pages, coherent, mirror, what)?,
+            Op::Unplace {
+                page,
+                pages,
+                coherent,
+                mirror,
+            } => self.unplace(page, pages, coherent, mirror, what)?,
+            Op::Release { coherent } => {
+                self.no_faults();
+                let i = Dev::index(coherent);
+                let kind = Placed::of(coherent);
+                let files = self.placed.iter().filter(|&&x| x == Some(kind)).count();
+                let anon = if coherent {
+                    0
+                } else {
+                    self.private_on_device()
+                };
+                let n = self.devs[i]
+                    .d
+                    .release()
+                    .map_err(|e| format!("{what}: release: {e}"))?;
+                // The background evictor may have evicted some file pages first.
+                ensure!(
+                    n == files + anon
+                        || (self.background_evictor() && anon <= n && n < files + anon),
+                    "{what}: release moved {n} pages, the model has {files} file pages and {anon} private pages on the device"
+                );
+                self.stats.pages_returned += (n - anon) as u64;
+                self.gone(kind);
+                self.check_device_empty(i, what)?;
                 self.check_mapped(what)?;
             }
         }
-        let window = window(op);
-        self.check(what, window)
+        Ok(())
+    }
+
+    /// Pages `first..last` placed where `which` says come back to system memory (or leave
+    /// the cache): surely (`sure`: the model then expects them in system memory or uncached),
+    /// or maybe (an outcome the model cannot tell).
+    fn come_back(&mut self, first: usize, last: usize, sure: bool, which: impl Fn(Placed) -> bool) {
+        for p in first.min(MAP_PAGES)..last.min(MAP_PAGES) {
+            if self.placed[p].is_some_and(&which) {
+                if sure {
+                    self.placed[p] = None;
+                } else {
+                    self.may_leave[p] = true;
+                }
+            }
+        }
+    }
+
+    /// Every file page on the `kind` device came back (its release or removal).
+    fn gone(&mut self, kind: Placed) {
+        for x in &mut self.placed {
+            if *x == Some(kind) {
+                *x = None;
+            }
+        }
+    }
+
+    /// Pages of the private mapping in the device-private device's memory.
+    fn private_on_device(&self) -> usize {
+        let Some((space, _)) = &self.map else {
+            return 0;
+        };
+        let want = Residency::Device(self.devs[Dev::index(false)].d.owner());
+        (0..MAP_PAGES)
+            .filter(|&p| space.residency(VirtAddr(self.private + p * PAGE)) == want)
+            .count()
+    }
+
+    /// After a release: the device holds nothing but the world's filler frames, and the
+    /// private mapping's pages are in system memory.
+    fn check_device_empty(&self, i: usize, what: &str) -> Result<(), String> {
+        let (used, filler) = (self.devs[i].d.used(), self.devs[i].filler.len() * PAGE);
+        ensure!(
+            used == filler,
+            "{what}: {used} bytes used on the device after its release, {filler} held by the world"
+        );
+        if let (Some((space, _)), 0) = (&self.map, i) {
+            for p in (0..self.snap.len()).filter(|&p| self.snap[p].is_some()) {
+                let got = space.residency(VirtAddr(self.private + p * PAGE));
+                ensure!(
+                    got == Residency::System,
+                    "{what}: private page {p} is {got:?} after the device's release"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The placement of each file page as the cache reports it (`None`: in system memory or
+    /// uncached; the bool: cached), failing for a device the world does not have.
+    fn placement_of(&self, p: usize, what: &str) -> Result<(Option<Placed>, bool), String> {
+        let owner = |i: usize| self.devs[i].d.owner();
+        Ok(match self.cache.placement(p as u64) {
+            PagePlacement::Uncached => (None, false),
+            PagePlacement::System => (None, true),
+            PagePlacement::DevicePrivate { owner: o } if o == owner(0) => {
+                (Some(Placed::Private), true)
+            }
+            PagePlacement::DeviceCoherent { owner: o } if o == owner(1) => {
+                (Some(Placed::Coherent), true)
+            }
+            other => {
+                return Err(format!(
+                    "{what}: file page {p} is {other:?}, on no device of the world"
+                ));
+            }
+        })
+    }
+
+    /// The cache's placement of every page against the model's (pages may have been evicted
+    /// when `may_evict`), then the frames of the devices against the placements.
+    fn check_placement(&mut self, what: &str, may_evict: bool) -> Result<(), String> {
+        let eof = self.m.bytes.len().div_ceil(PAGE);
+        for p in 0..MAP_PAGES {
+            let (now, cached) = self.placement_of(p, what)?;
+            ensure!(
+                p < eof || !cached,
+                "{what}: file page {p}, past the end of file ({eof} pages), is cached"
+            );
+            let want = self.placed[p];
+            let ok = match (want, now) {
+                (w, n) if w == n => true,
+                // Came back, or evicted (a clean page; maybe filled again since).
+                (Some(_), None) => self.may_leave[p] || may_evict,
+                // Placed again after an eviction (the background evictor), or placed by this
+                // operation where the model cannot tell exactly.
+                (w, Some(x)) => {
+                    self.may_arrive[p] == Some(x) && (w.is_none() || self.may_leave[p] || may_evict)
+                }
+                (None, None) => unreachable!("equal"),
+            };
+            ensure!(
+                ok,
+                "{what}: file page {p} is {:?}, the model expects {}",
+                self.cache.placement(p as u64),
+                match want {
+                    None => "it in system memory or uncached".to_string(),
+                    Some(x) => format!("it on the {x:?} device"),
+                }
+            );
+            self.placed[p] = now;
+        }
+        self.check_frames(what)
+    }
+
+    /// Each device's used memory is its file pages (and, for the device-private device, the
+    /// private mapping's pages migrated there; for the device-coherent one, the world's filler
+    /// frames): a page that leaves the cache or comes back frees its frame. Counted again
+    /// while the background evictor frees frames meanwhile.
+    fn check_frames(&self, what: &str) -> Result<(), String> {
+        let used = || [self.devs[0].d.used(), self.devs[1].d.used()];
+        for _ in 0..=2 * MAP_PAGES {
+            let before = used();
+            let mut on = [0usize; 2];
+            for p in 0..MAP_PAGES {
+                match self.placement_of(p, what)?.0 {
+                    Some(Placed::Private) => on[0] += 1,
+                    Some(Placed::Coherent) => on[1] += 1,
+                    None => {}
+                }
+            }
+            let placed = self.cache.device_pages();
+            let after = used();
+            if before != after {
+                continue;
+            }
+            let want = [
+                (on[0] + self.private_on_device()) * PAGE,
+                (on[1] + self.devs[1].filler.len()) * PAGE,
+            ];
+            ensure!(
+                after == want,
+                "{what}: devices use {after:?} bytes, their pages {want:?} ({on:?} file pages)"
+            );
+            ensure!(
+                placed == on[0] + on[1],
+                "{what}: the cache counts {placed} pages in device memory, its pages say {}",
+                on[0] + on[1]
+            );
+            return Ok(());
+        }
+        Err(format!("{what}: the devices' memory kept changing"))
+    }
+
+    /// After a placement or a return with no failure expected (or failures `f` accounted):
+    /// the dirty bound, and the cached bytes as the new reference (a placement fills the
+    /// pages it places: the next `read_at`/`write_at` evicts down to the budget).
+    fn after_placement(&mut self, what: &str) -> Result<(), String> {
+        let dirty = self.cache.dirty_bytes();
+        ensure!(
+            !self.intercept || self.frames_written || dirty <= DIRTY,
+            "{what}: {dirty} dirty bytes over the bound {DIRTY}"
+        );
+        self.cached_before = self.cache.cached_bytes();
+        Ok(())
+    }
+
+    /// [`Op::Place`].
+    fn place(
+        &mut self,
+        page: usize,
+        pages: usize,
+        coherent: bool,
+        mirror: bool,
+        what: &str,
+    ) -> Result<(), String> {
+        let mirror = mirror && self.map.is_some();
+        if mirror {
+            self.no_faults();
+        }
+        // The cache clamps the range to the file; a device's access past it is SIGBUS.
+        let eof = self.m.bytes.len().div_ceil(PAGE);
+        let last = (page + pages).min(eof);
+        let (i, kind) = (Dev::index(coherent), Placed::of(coherent));
+        // The pages that move, in order while the device has room: neither placed already
+        // (on either device) nor pinned.
+        let room = self.devs[i].room();
+        let (mut moving, mut full) = (Vec::new(), false);
+        for p in page..last {
+            if self.placed[p].is_some() || self.pinned_shared[p] {
+                continue;
+            }
+            if moving.len() == room {
+                full = true;
+                break;
+            }
+            moving.push(p);
+        }
+        // The contract's refusal: a device-private page in a writable shared mapping that
+        // does not intercept stores.
+        let refused = !coherent && self.map.is_some() && !self.intercept && page < last;
+        let bg = self.background_evictor();
+        let r = match (&self.map, &self.devs[i].m) {
+            _ if page >= last => Ok(0),
+            (Some((_, map)), Some(m)) if mirror => m
+                .migrate_range_to_device((map + page * PAGE) as u64, (last - page) as u64)
+                .map(|o| o.cpages as usize),
+            _ => self
+                .cache
+                .place_on_device(
+                    (page * PAGE) as u64,
+                    (pages * PAGE) as u64,
+                    self.devs[i].d.pagemap(),
+                )
+                .map(|n| n as usize),
+        };
+        let f = self.account();
+        // Through the mirror: the first page of the range not in the device's memory afterwards
+        // (the migrate command then says ENOENT naming it).
+        let missing = (page..last).find(|&p| !moving.contains(&p) && self.placed[p] != Some(kind));
+        if refused {
+            let Err(e) = r else {
+                return Err(format!(
+                    "{what}: placed ({r:?}) in a writable mapping that does not intercept stores"
+                ));
+            };
+            ensure!(
+                matches!(e, crate::Error::StoresNotIntercepted { page: p } if p == page as u64)
+                    && e.errno() == libc::EBUSY,
+                "{what}: refused with {e:?}, not StoresNotIntercepted at page {page}"
+            );
+            self.stats.placements_refused += 1;
+            return self.after_placement(what);
+        }
+        if full {
+            self.stats.device_full += 1;
+        }
+        match r {
+            Err(crate::Error::NoMemory { .. }) => {
+                // None of them fits (with the background evictor, a page the model had on a
+                // device may have been evicted, and needed room).
+                ensure!(
+                    coherent && room == 0 && (full || bg),
+                    "{what}: ENOMEM with room for {room} pages, {} to move",
+                    moving.len()
+                );
+                self.stats.device_full_enomem += 1;
+                return self.after_placement(what);
+            }
+            Err(crate::Error::NotPresent { addr }) if mirror => {
+                // Moved, but a page of the range is not in this device's memory: on the other
+                // device, pinned, or no room left (or evicted meanwhile).
+                let p = (addr.get() - self.map.as_ref().expect("mirror").1) / PAGE;
+                ensure!(
+                    Some(p) == missing || (bg && (page..last).contains(&p)),
+                    "{what}: page {p} reported not on the device, the model has {missing:?} first (moved {moving:?})"
+                );
+            }
+            Err(e) => {
+                // Only the fill through the cache may fail (an injected fault): nothing moved.
+                ensure!(
+                    !mirror
+                        && f.iter().any(
+                            |x| (x.what == "read" || x.what == "stage") && x.errno == e.errno()
+                        ),
+                    "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
+                );
+                return self.after_placement(what);
+            }
+            Ok(n) => {
+                ensure!(f.is_empty(), "{what}: Ok with failures {f:?}");
+                ensure!(
+                    !(full && moving.is_empty()) || bg,
+                    "{what}: Ok ({n}) with no room on the device for any page"
+                );
+                if mirror {
+                    ensure!(
+                        missing.is_none() || bg,
+                        "{what}: Ok, but page {missing:?} cannot be on the device"
+                    );
+                } else {
+                    ensure!(
+                        n == moving.len() || (bg && n > moving.len() && n <= last - page),
+                        "{what}: {n} pages placed, the model moves {moving:?}"
+                    );
+                }
+            }
+        }
+        self.stats.pages_placed += moving.len() as u64;
+        for &p in &moving {
+            self.placed[p] = Some(kind);
+        }
+        if bg {
+            for p in (page..last).filter(|&p| !self.pinned_shared[p]) {
+                self.may_arrive[p] = Some(kind);
+            }
+        }
+        self.after_placement(what)
+    }
+
+    /// [`Op::Unplace`].
+    fn unplace(
+        &mut self,
+        page: usize,
+        pages: usize,
+        coherent: bool,
+        mirror: bool,
+        what: &str,
+    ) -> Result<(), String> {
+        let mirror = mirror && self.map.is_some();
+        if mirror {
+            self.no_faults();
+        }
+        let last = (page + pages).min(MAP_PAGES);
+        let kind = Placed::of(coherent);
+        let mine = |x: Placed| !mirror || x == kind;
+        let want = (page..last)
+            .filter(|&p| self.placed[p].is_some_and(mine))
+            .count();
+        let r = match (&self.map, &self.devs[Dev::index(coherent)].m) {
+            (Some((_, map)), Some(m)) if mirror => m
+                .migrate_to_system((map + page * PAGE) as u64, (last - page) as u64)
+                .map(|o| o.cpages as usize),
+            _ => self
+                .cache
+                .place_in_system((page * PAGE) as u64, (pages * PAGE) as u64)
+                .map(|n| n as usize),
+        };
+        let f = self.account();
+        match r {
+            Ok(n) => {
+                ensure!(f.is_empty(), "{what}: Ok with failures {f:?}");
+                ensure!(
+                    n == want || (self.background_evictor() && n < want),
+                    "{what}: {n} pages came back, the model has {want} there"
+                );
+                self.stats.pages_returned += n as u64;
+                self.come_back(page, last, true, mine);
+            }
+            Err(e) => {
+                // A private page's bytes go back into the memfd: a staging fault fails it
+                // (it stays on the device); the others come back.
+                ensure!(
+                    !mirror && f.iter().any(|x| x.what == "stage" && x.errno == e.errno()),
+                    "{what}: {e} without a staging failure of that errno (failures: {f:?})"
+                );
+                self.come_back(page, last, false, mine);
+            }
+        }
+        self.after_placement(what)
     }
 
     /// Records the private pages filled since the last look: their snapshot is the file now.
@@ -1331,7 +2001,7 @@ impl World {
         );
         let dirty = self.cache.dirty_bytes();
         ensure!(
-            !self.intercept || dirty <= DIRTY,
+            !self.intercept || self.frames_written || dirty <= DIRTY,
             "{what}: {dirty} dirty bytes over the bound {DIRTY}"
         );
         self.cached_before = self.cache.cached_bytes();
@@ -1424,13 +2094,14 @@ impl World {
             cache,
             h,
             map,
-            dev,
+            devs,
             pin,
             m,
             ..
         } = self;
         drop(pin);
-        drop(dev);
+        // Device removal: what they hold comes back to the cache (and was written back).
+        drop(devs);
         drop(map);
         drop(h);
         drop(cache);
@@ -1483,9 +2154,12 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         Op::Private { .. }
         | Op::PrivateMigrate { .. }
         | Op::Remap { .. }
-        | Op::DeviceRemoval
+        | Op::DeviceRemoval { .. }
+        | Op::Release { .. }
         | Op::Pin(_) => None,
-        Op::Device { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
+        Op::Device { page, pages, .. }
+        | Op::Place { page, pages, .. }
+        | Op::Unplace { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
 }
