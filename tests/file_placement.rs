@@ -23,6 +23,37 @@ fn file(
     (f, cache, h)
 }
 
+/// A file, a private device mirroring a space, and a writable mapping of the file in that space
+/// that intercepts stores (so that its pages may go to device-private memory).
+struct Fixture {
+    m: DeviceMirror,
+    dev: SoftDevice,
+    s: Space,
+    a: VirtAddr,
+    h: hetmem::pagecache::FileHandle,
+    cache: std::sync::Arc<FileCache>,
+    f: TempFile,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let (f, cache, h) = file(name);
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    Fixture {
+        m,
+        dev,
+        s,
+        a,
+        h,
+        cache,
+        f,
+    }
+}
+
 fn intercepting(prot: Prot) -> FileMapOptions {
     FileMapOptions {
         prot,
@@ -88,13 +119,15 @@ fn device_private_file_pages_are_shared_by_every_mapping_and_come_back_on_cpu_ac
 #[test]
 fn device_writes_to_private_file_pages_reach_the_disk_on_fsync_without_moving_them() {
     let _w = watchdog("placement_private_writeback", 30);
-    let (f, cache, h) = file("place-wb");
-    let dev = SoftDevice::private(8 << 20).unwrap();
-    let s = Space::new().unwrap();
-    let m = dev.mirror(&s).unwrap();
-    let a = s
-        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
-        .unwrap();
+    let Fixture {
+        m,
+        dev,
+        s,
+        a,
+        h,
+        cache,
+        f,
+    } = fixture("place-wb");
     m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
     // The device writes its own frames (through a mapping that intercepts CPU stores).
     let data = pattern(N * PAGE, |i| i.wrapping_mul(31) ^ 0xabcd);
@@ -155,13 +188,15 @@ fn a_writable_mapping_that_does_not_intercept_stores_keeps_its_pages_in_system_m
 #[test]
 fn truncate_and_punch_drop_device_pages_without_writing_them() {
     let _w = watchdog("placement_truncate", 30);
-    let (f, cache, h) = file("place-trunc");
-    let dev = SoftDevice::private(8 << 20).unwrap();
-    let s = Space::new().unwrap();
-    let m = dev.mirror(&s).unwrap();
-    let a = s
-        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
-        .unwrap();
+    let Fixture {
+        m,
+        dev,
+        s: _s,
+        a,
+        h,
+        cache,
+        f,
+    } = fixture("place-trunc");
     m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
     m.write(a.get() as u64, N as u64, &vec![0x5a; N * PAGE])
         .unwrap();
@@ -486,13 +521,15 @@ fn read_only_replicas_on_several_devices_serve_reads_and_survive_cpu_reads() {
 #[test]
 fn every_write_drops_the_replicas_first() {
     let _w = watchdog("replica_writes", 30);
-    let (f, cache, h) = file("replica-w");
-    let dev = SoftDevice::private(8 << 20).unwrap();
-    let s = Space::new().unwrap();
-    let m = dev.mirror(&s).unwrap();
-    let a = s
-        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
-        .unwrap();
+    let Fixture {
+        m,
+        dev,
+        s,
+        a,
+        h,
+        cache,
+        f,
+    } = fixture("replica-w");
     let mut data = pattern(N * PAGE, |i| i);
     m.replicate_range(a.get() as u64, N as u64).unwrap();
     assert_eq!(dev.used(), N * PAGE);
@@ -574,13 +611,15 @@ fn a_shared_mapping_that_does_not_intercept_stores_and_replicas_exclude_each_oth
 #[test]
 fn a_device_write_past_the_end_of_the_file_is_a_typed_error() {
     let _w = watchdog("placement_past_eof", 30);
-    let (_f, _cache, h) = file("place-eof");
-    let dev = SoftDevice::private(8 << 20).unwrap();
-    let s = Space::new().unwrap();
-    let m = dev.mirror(&s).unwrap();
-    let a = s
-        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
-        .unwrap();
+    let Fixture {
+        m,
+        dev: _dev,
+        s: _s,
+        a,
+        h,
+        cache: _cache,
+        f: _f,
+    } = fixture("place-eof");
     h.set_len((N / 2 * PAGE) as u64).unwrap();
     let e = m
         .write(a.add((N - 1) * PAGE).get() as u64, 1, &vec![1u8; PAGE])

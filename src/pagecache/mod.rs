@@ -1053,12 +1053,30 @@ impl FileCache {
         p: u64,
         r: crate::addr::VaRange,
     ) -> Result<StoreFault> {
+        self.write_fault(mm, p, r, false)
+    }
+
+    /// [`Self::store_fault`] (`device` false) and [`Self::device_write_fault`] (`device`
+    /// true): they differ only on a page being removed (a store faults again until the removal
+    /// ends; a device's `range_fault` gets EBUSY and waits for it) and in recording the
+    /// device's write access.
+    fn write_fault(
+        &self,
+        mm: &dyn crate::mm::Mm,
+        p: u64,
+        r: crate::addr::VaRange,
+        device: bool,
+    ) -> Result<StoreFault> {
         let mut st = lock(&self.st);
         if p >= st.pages.len() {
             return Ok(StoreFault::Sigbus);
         }
         if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
-            return Ok(StoreFault::Done);
+            return if device {
+                Err(Error::Busy)
+            } else {
+                Ok(StoreFault::Done)
+            };
         }
         Self::check_not_lost(&st, p, p + 1)?;
         if st.pages.slot(p).is_some_and(|s| !s.coherent) || st.replicas.contains_key(&p) {
@@ -1069,8 +1087,11 @@ impl FileCache {
         if let Some(f) = self.dirty_one(&mut st, p) {
             return Ok(f);
         }
+        if device {
+            st.dev_writable.insert(p);
+        }
         mm.file_write_protect(r, false)
-            .map_err(|e| Error::os("let stores through", e))?;
+            .map_err(|e| Error::os("let writes through", e))?;
         Ok(StoreFault::Done)
     }
 
@@ -1122,25 +1143,7 @@ impl FileCache {
         p: u64,
         r: crate::addr::VaRange,
     ) -> Result<StoreFault> {
-        let mut st = lock(&self.st);
-        if p >= st.pages.len() {
-            return Ok(StoreFault::Sigbus);
-        }
-        if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
-            return Err(Error::Busy);
-        }
-        Self::check_not_lost(&st, p, p + 1)?;
-        if st.pages.slot(p).is_some_and(|s| !s.coherent) || st.replicas.contains_key(&p) {
-            return Ok(StoreFault::Device);
-        }
-        self.fill(&mut st, p, p + 1)?;
-        if let Some(f) = self.dirty_one(&mut st, p) {
-            return Ok(f);
-        }
-        st.dev_writable.insert(p);
-        mm.file_write_protect(r, false)
-            .map_err(|e| Error::os("let device writes through", e))?;
-        Ok(StoreFault::Done)
+        self.write_fault(mm, p, r, true)
     }
 
     /// Whether a device may hold write access to page `p` through a mapping that intercepts

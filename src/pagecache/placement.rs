@@ -212,14 +212,7 @@ impl FileCache {
         if !coherent {
             Self::protect_sync_mappings(&st, first, last);
         }
-        let dev = match st.devs.iter().position(|d| Arc::ptr_eq(d, pm)) {
-            Some(i) => i,
-            None if st.devs.len() < u8::MAX as usize => {
-                st.devs.push(pm.clone());
-                st.devs.len() - 1
-            }
-            None => return Err(Error::Invalid("a file's pages are on too many devices")),
-        };
+        let dev = Self::dev_index(&mut st, pm)? as usize;
         let mut page = vec![0u8; PAGE_SIZE];
         let mut placed = 0u64;
         let mut full = false;
@@ -287,6 +280,18 @@ impl FileCache {
             });
         }
         Ok(placed)
+    }
+
+    /// The index of `pm` in the cache's device list (added if new).
+    fn dev_index(st: &mut CacheState, pm: &Arc<Pagemap>) -> Result<u8> {
+        match st.devs.iter().position(|d| Arc::ptr_eq(d, pm)) {
+            Some(i) => Ok(i as u8),
+            None if st.devs.len() < u8::MAX as usize => {
+                st.devs.push(pm.clone());
+                Ok((st.devs.len() - 1) as u8)
+            }
+            None => Err(Error::Invalid("a file's pages are on too many devices")),
+        }
     }
 
     /// Brings file pages `[off, off + len)` back to system memory: a device-private page's
@@ -571,14 +576,7 @@ impl FileCache {
         self.collect_written(&mut st);
         // Stores in the mappings that intercept them fault from now on (and drop the replicas).
         Self::protect_sync_mappings(&st, first, last);
-        let dev = match st.devs.iter().position(|d| Arc::ptr_eq(d, pm)) {
-            Some(i) => i,
-            None if st.devs.len() < u8::MAX as usize => {
-                st.devs.push(pm.clone());
-                st.devs.len() - 1
-            }
-            None => return Err(Error::Invalid("a file's pages are on too many devices")),
-        } as u8;
+        let dev = Self::dev_index(&mut st, pm)?;
         let mut page = vec![0u8; PAGE_SIZE];
         let mut made = 0u64;
         let mut full = false;
