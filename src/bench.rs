@@ -22,13 +22,13 @@
 //! | `file_rand_read_4k_bytes_read` | bytes hetmem read from storage per cold random sweep | `kernel_mmap_rand_read_4k_bytes_read` (`MADV_RANDOM`; the default read-around's: `kernel_mmap_rand_read_4k_default_readaround_bytes_read`) |
 //! | `file_resident_bytes_ratio` | after a cold sequential read through a hetmem mapping: (hetmem's cache bytes + the kernel's page cache of the file, counted with `mincore`) / file size | `kernel_mmap_resident_bytes_ratio`: the kernel's page cache of the file / file size after the baseline's cold sequential read |
 //! | `file_rand_read_warm_4k_us` | the same pages, warm (as `file_seq_read_gbps`) | `kernel_mmap_rand_read_warm_4k_us` |
-//! | `largefile_private_wall_ms`, `largefile_coherent_wall_ms` | a large file (256 MiB; 16 MiB with `--quick`) processed in place, with no staging copy: a fresh [`FileCache`] of it, mapped shared and writable; 4 rounds (2 with `--quick`) of: the device reads all of it ([`DeviceMirror::read`] of the mapping), the CPU stores one word to 1 % of its pages (every hundredth page, a different one each round), the device reads all of it again; then `fsync`. Timed from opening the cache to the end of `fsync`. `private`: the pages are migrated into device-private memory ([`DeviceMirror::migrate_range_to_device`] on the mapping, which intercepts stores, as a private placement needs) before **every** device phase, as a runtime prefetching a kernel's input does: a CPU store faults its page back, the next phase moves it again. `coherent`: the pages are placed in device-coherent memory once, before the first phase; the CPU uses them there | `largefile_mirror_wall_ms`: the same with the pages in system memory (a plain shared writable mapping), the device mirroring them (reading them over the link) |
-//! | `largefile_<placement>_bytes_moved` | bytes of migration copies, both directions, as the link model was charged for them: placements, CPU fault-backs, writeback reading device-private pages where they are (the note splits them by direction) | none: the mirror's is 0 (its traffic is in `largefile_mirror_link_bytes`) |
+//! | `largefile_private_wall_ms`, `largefile_coherent_wall_ms`, `largefile_replica_wall_ms` | a large file (256 MiB; 16 MiB with `--quick`) processed in place, with no staging copy: a fresh [`FileCache`] of it, mapped shared and writable; 4 rounds (2 with `--quick`) of: the device reads all of it ([`DeviceMirror::read`] of the mapping), the CPU stores one word to 1 % of its pages (every hundredth page, a different one each round), the device reads all of it again; then `fsync`. Timed from opening the cache to the end of `fsync`. `private`: the pages are migrated into device-private memory ([`DeviceMirror::migrate_range_to_device`] on the mapping, which intercepts stores, as a private placement needs) before **every** device phase, as a runtime prefetching a kernel's input does: a CPU store faults its page back, the next phase moves it again. `coherent`: the pages are placed in device-coherent memory once, before the first phase; the CPU uses them there. `replica`: the device (device-private) makes read-only replicas of the pages ([`DeviceMirror::replicate_range`] on the mapping, which intercepts stores, as a writable file's replicas need) before **every** device phase, as a runtime does for read-mostly input: the first copies the file, each later one only the pages whose replicas a CPU store dropped (rather than replicating once and letting the device read those pages over the link in every later phase); the CPU keeps using the system copy | `largefile_mirror_wall_ms`: the same with the pages in system memory (a plain shared writable mapping), the device mirroring them (reading them over the link) |
+//! | `largefile_<placement>_bytes_moved` | bytes of migration copies, both directions, as the link model was charged for them: placements, replicas (a copy to the device is charged as a migration, one operation per page), CPU fault-backs, writeback reading device-private pages where they are (the note splits them by direction) | none: the mirror's is 0 (its traffic is in `largefile_mirror_link_bytes`) |
 //! | `largefile_<placement>_link_bytes` | every byte charged to the link model: migrations, device accesses to system memory, CPU accesses to coherent memory (hetmem cannot see them; the workload declares a 64-byte line per store and each page writeback reads) | `largefile_mirror_link_bytes` |
 //! | `largefile_<placement>_cpu_faults`, `largefile_<placement>_device_faults` | CPU faults of the space (`SpaceStats::cpu_faults`); fault passes of the device's reads (`CmdOut::faults`, not pages) | the mirror's (where not 0) |
 //! | `largefile_<placement>_writeback_bytes` | pages the `fsync` wrote back (`FileCache::stats`) × page size | the mirror's |
-//! | `largefile_<placement>_modelled_device_ms` | modelled device time of the run (the link model: PCIe 5 for the private and the mirroring device, NVLink-C2C for the coherent one; the note costs the same traffic under the other profile) | the mirror's |
-//! | `largefile_private_coherent_bytes_moved_ratio` | `largefile_private_bytes_moved` / `largefile_coherent_bytes_moved` | – |
+//! | `largefile_<placement>_modelled_device_ms` | modelled device time of the run (the link model: PCIe 5 for the private, the replica and the mirroring device, NVLink-C2C for the coherent one; the note costs the same traffic under the other profile) | the mirror's |
+//! | `largefile_private_coherent_bytes_moved_ratio`, `largefile_private_replica_bytes_moved_ratio` | `largefile_private_bytes_moved` / `largefile_coherent_bytes_moved`, / `largefile_replica_bytes_moved` | – |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
 //!
@@ -66,21 +66,31 @@
 //! and each cold sweep counts the bytes the process read from storage (`read_bytes` of
 //! `/proc/self/io`, every thread of the process, taken around the sweep).
 //!
-//! The `largefile` group runs its three placements in turn in each repetition, each on a fresh
+//! The `largefile` group runs its four placements in turn in each repetition, each on a fresh
 //! cache of the same file (after the warm-up the kernel's page cache holds the file: the fills
 //! read from it), and checks every device read and, after each `fsync`, the whole file against
 //! a model of every store. Its counts (bytes, faults, modelled time) come out the same in every
 //! run — the same operations on the same pages — so one run would give them; they are taken
 //! from every repetition anyway, and a note gives their range where they differ. The wall times
-//! are repeated until stable as the thread figures are (until the ratios of `private` and
-//! `coherent` to `mirror` both are). What the run leaves behind is not timed: the cache goes
-//! with its device frames, which hold nothing unwritten after the `fsync`. With 1 % of the
-//! pages written per round, a device-private placement moves what a coherent one does (the
-//! file, once) plus each written page three times (back on the store, to the device at the
-//! next phase, read by writeback): ≈ 1.1× the coherent placement's bytes, not a multiple; the
-//! mirror moves nothing but reads the whole file over the link in every device phase. A
-//! read-only replica placement (device copies of file pages beside the system copy) is not
-//! measured: hetmem does not have one.
+//! are repeated until stable as the thread figures are (until the ratios of `private`,
+//! `coherent` and `replica` to `mirror` all are). What the run leaves behind is not timed: the
+//! cache goes with its device frames, which hold nothing unwritten after the `fsync`.
+//!
+//! With 1 % of the pages written per round, a device-private placement moves what a coherent
+//! one does (the file, once) plus each written page three times (back on the store, to the
+//! device at the next phase, read by writeback): ≈ 1.1× the coherent placement's bytes, not a
+//! multiple. A replica placement moves the file once plus each written page once (its replica
+//! again at the next phase; the store itself moves nothing back, and writeback reads the system
+//! copy): the private placement moves ≈ 1.04× (`--quick`) to 1.08× its bytes, not a multiple
+//! either. The workload's shape decides this, not the placements: every placement brings the
+//! whole file to the device once, and the CPU only stores, to few pages. With a fraction `w` of
+//! the file written per round over `R` rounds, private moves `1 + 3Rw` files, replica `1 + Rw`
+//! and coherent 1: against replica the ratio stays below 3× however much is written, and
+//! against coherent it reaches 5× only when more than the whole file is written (`Rw > 4/3`).
+//! A ≥ 5× difference needs CPU **reads** between device phases, which fault device-private
+//! pages back but read a replica's system copy or a coherent page in place (the `pingpong_*`
+//! figures). The mirror moves nothing but reads the whole file over the link in every device
+//! phase.
 //!
 //! Nothing here sleeps; the busy sibling is a spinning thread stopped by a flag.
 
@@ -2045,17 +2055,22 @@ enum FilePlacement {
     Private,
     /// Placed in device-coherent memory once: the CPU uses them in place.
     Coherent,
+    /// Read-only replicas in device-private memory, made before every device phase (only the
+    /// pages without one are copied): the system copy stays, a CPU store drops its page's
+    /// replica.
+    Replica,
 }
 
 impl FilePlacement {
     /// Every placement, the baseline (`Mirror`) first.
-    const ALL: [FilePlacement; 3] = [Self::Mirror, Self::Private, Self::Coherent];
+    const ALL: [FilePlacement; 4] = [Self::Mirror, Self::Private, Self::Coherent, Self::Replica];
 
     fn name(self) -> &'static str {
         match self {
             Self::Mirror => "mirror",
             Self::Private => "private",
             Self::Coherent => "coherent",
+            Self::Replica => "replica",
         }
     }
 
@@ -2083,10 +2098,14 @@ impl FilePlacement {
             Self::Mirror => (MemoryKind::Private, LARGE_PAGE_SIZE),
             Self::Private => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
             Self::Coherent => (MemoryKind::Coherent, len + LARGE_PAGE_SIZE),
+            Self::Replica => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
         };
         SoftDevice::with_link(DeviceConfig { kind, capacity }, self.profile())
     }
 }
+
+/// The number of placements ([`FilePlacement::ALL`]).
+const PLACEMENTS: usize = FilePlacement::ALL.len();
 
 /// The CPU phase stores to one page in this many (1 %), at a different offset each round.
 const LARGEFILE_STRIDE: usize = 100;
@@ -2180,7 +2199,7 @@ struct LargeFileRun {
 struct LargeFileCounts {
     /// Bytes of migration copies, both directions (the link model's migration charges).
     moved: u64,
-    /// Of which to the device: pages placed by the device phases' migrations.
+    /// Of which to the device: pages placed (or replicated) by the device phases.
     to_device: u64,
     /// Bytes of the device's accesses to system memory over the link.
     device_remote: u64,
@@ -2214,26 +2233,41 @@ const TRAFFIC: [Traffic; 4] = [
     Traffic::CpuRemote,
 ];
 
-/// One device phase: the device migrates the file's pages to itself first if `migrate`
-/// (returns the pages that moved), then reads all of the mapping at `a` into `buf`, which is
-/// checked against the model (adds the read's fault passes to `faults`).
+/// What a device phase does with the file's pages before the device reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prepare {
+    /// Nothing: the device reads them where they are.
+    Nothing,
+    /// Migrates them to the device ([`DeviceMirror::migrate_range_to_device`]).
+    Migrate,
+    /// Replicates them on the device ([`DeviceMirror::replicate_range`]: only the pages
+    /// without a replica are copied).
+    Replicate,
+}
+
+/// One device phase: the device migrates or replicates the file's pages to itself first, as
+/// `prep` says (returns the pages placed or replicated), then reads all of the mapping at `a`
+/// into `buf`, which is checked against the model (adds the read's fault passes to `faults`).
 #[allow(clippy::too_many_arguments)]
 fn largefile_device_phase(
     m: &DeviceMirror,
     cache: &FileCache,
     a: VirtAddr,
     n: usize,
-    migrate: bool,
+    prep: Prepare,
     buf: &mut [u8],
     model: &FileModel,
     faults: &mut u64,
 ) -> Result<u64> {
-    let mut placed = 0;
-    if migrate {
-        let before = cache.device_pages();
-        m.migrate_range_to_device(a.get() as u64, n as u64)?;
-        placed = cache.device_pages().saturating_sub(before) as u64;
-    }
+    let placed = match prep {
+        Prepare::Nothing => 0,
+        Prepare::Migrate => {
+            let before = cache.device_pages();
+            m.migrate_range_to_device(a.get() as u64, n as u64)?;
+            cache.device_pages().saturating_sub(before) as u64
+        }
+        Prepare::Replicate => m.replicate_range(a.get() as u64, n as u64)?.cpages,
+    };
     let out = m.read(a.get() as u64, n as u64, buf)?;
     if out.cpages != n as u64 {
         return Err(Error::Invalid("bench: the device did not read every page"));
@@ -2245,7 +2279,7 @@ fn largefile_device_phase(
 
 /// One run of the `largefile` workload with placement `p` on `dev` (mirrored into `space` by
 /// `m`): a fresh cache of the file, mapped shared and writable (intercepting stores for the
-/// private placement, which needs it); `rounds` rounds of a device read of everything, a CPU
+/// private and replica placements, which need it); `rounds` rounds of a device read of everything, a CPU
 /// store to 1 % of the pages (spread out: one page in [`LARGEFILE_STRIDE`], a different one
 /// each round), a device read of everything; `fsync`. Timed from opening the cache to the end
 /// of `fsync`; then (untimed) the mapping and the cache go, and the file is checked against
@@ -2281,22 +2315,34 @@ fn largefile_run(
         FileMapOptions {
             prot: Prot::ReadWrite,
             shared: true,
-            intercept_stores: p == FilePlacement::Private,
+            intercept_stores: matches!(p, FilePlacement::Private | FilePlacement::Replica),
         },
     )?;
     let mut c = LargeFileCounts::default();
     let mut work = || -> Result<()> {
         let probe = space.probe(a, len)?;
         for r in 0..rounds {
-            // Private: before every device phase (a runtime prefetching a kernel's input).
-            // Coherent: once, before the first.
-            let migrate = match p {
-                FilePlacement::Mirror => false,
-                FilePlacement::Private => true,
-                FilePlacement::Coherent => r == 0,
+            // Private: migrate before every device phase (a runtime prefetching a kernel's
+            // input). Coherent: once, before the first. Replica: replicate before every device
+            // phase (a runtime replicating read-mostly input: only the pages the CPU wrote
+            // since, whose replicas their stores dropped, are copied again).
+            let prep = |first: bool| match p {
+                FilePlacement::Mirror => Prepare::Nothing,
+                FilePlacement::Private => Prepare::Migrate,
+                FilePlacement::Coherent if first => Prepare::Migrate,
+                FilePlacement::Coherent => Prepare::Nothing,
+                FilePlacement::Replica => Prepare::Replicate,
             };
-            c.to_device +=
-                largefile_device_phase(m, &cache, a, n, migrate, buf, model, &mut c.device_faults)?;
+            c.to_device += largefile_device_phase(
+                m,
+                &cache,
+                a,
+                n,
+                prep(r == 0),
+                buf,
+                model,
+                &mut c.device_faults,
+            )?;
             for pg in (r % LARGEFILE_STRIDE..n).step_by(LARGEFILE_STRIDE) {
                 let v = model.store(pg);
                 probe.store_u32(a.add(pg * PAGE_SIZE), v)?;
@@ -2309,7 +2355,7 @@ fn largefile_run(
                 &cache,
                 a,
                 n,
-                p == FilePlacement::Private,
+                prep(false),
                 buf,
                 model,
                 &mut c.device_faults,
@@ -2364,7 +2410,7 @@ fn largefile_run(
 /// The `largefile` runs: one run of each placement per repetition (in the order of
 /// [`FilePlacement::ALL`]), repeated until the wall-time ratios to the mirror are stable; the
 /// warm-up repetition is left out.
-fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; 3]>> {
+fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; PLACEMENTS]>> {
     let len = sz.largefile_bytes;
     let tf = TempFile::new(len)?;
     let devs = FilePlacement::ALL
@@ -2379,7 +2425,7 @@ fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; 3]>> {
     let mut buf = vec![0u8; len];
     let mut runs = Vec::new();
     repeat_until_stable_n(sz.largefile_min_reps, sz.largefile_max_reps, || {
-        let mut r = [LargeFileRun::default(); 3];
+        let mut r = [LargeFileRun::default(); PLACEMENTS];
         for (i, p) in FilePlacement::ALL.into_iter().enumerate() {
             r[i] = largefile_run(
                 space,
@@ -2401,18 +2447,18 @@ fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; 3]>> {
 }
 
 /// The `largefile` figures (see the module doc), as `largefile_<placement>_<what>`: the
-/// private and coherent placements' against the mirror's same figure (where that is not 0).
+/// other placements' against the mirror's same figure (where that is not 0).
 /// Wall times are medians of the repetitions, with their spread; the counts are the same in
 /// every repetition (a note says so where they were not, with their range).
-fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; 3]], sz: &Sizes) {
+fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; PLACEMENTS]], sz: &Sizes) {
     let name = |i: usize, what: &str| format!("largefile_{}_{what}", FilePlacement::ALL[i].name());
     let mib = |b: usize| b >> 20;
     // Wall time: repeated until stable.
-    let wall: Vec<Vec<f64>> = (0..3)
+    let wall: Vec<Vec<f64>> = (0..PLACEMENTS)
         .map(|i| runs.iter().map(|r| r[i].wall_ms).collect())
         .collect();
     let base = name(0, "wall_ms");
-    for i in 1..3 {
+    for i in 1..PLACEMENTS {
         let mut f = spread_figure(&name(i, "wall_ms"), &wall[i], Some((&base, &wall[0])), "ms");
         f.note = Some(format!(
             "from opening a fresh cache of the file ({} MiB) to the end of fsync: {} rounds of \
@@ -2452,6 +2498,14 @@ fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; 3]], sz: &S
                      reads the pages over the link (largefile_mirror_link_bytes)"
                         .into(),
                 ),
+                "bytes_moved" if FilePlacement::ALL[i] == FilePlacement::Replica => Some(format!(
+                    "migration copies (the link model's migration charges): to the device \
+                         {} (replicas made before the device phases: the file once, then each \
+                         page a CPU store took the replica of), from it {} (a store drops the \
+                         replica and moves nothing; writeback reads the system copy)",
+                    b(c.to_device),
+                    b(c.moved - c.to_device)
+                )),
                 "bytes_moved" => Some(format!(
                     "migration copies (the link model's migration charges): to the device {} \
                      (pages placed by the device phases), from it {} (CPU faults bringing pages \
@@ -2482,7 +2536,7 @@ fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; 3]], sz: &S
             (n, v) => n.or(v),
         };
         let base = name(0, what);
-        for i in 1..3 {
+        for i in 1..PLACEMENTS {
             let (v, varied) = count(i, &get);
             let mut f = figure(
                 &name(i, what),
@@ -2498,22 +2552,25 @@ fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; 3]], sz: &S
         out.push(f);
     }
 
-    // The bytes a device-private placement moves per byte a coherent one moves.
+    // The bytes a device-private placement moves per byte a coherent or a replica one moves.
     let (p, _) = count(1, &|c| c.moved as f64);
-    let (co, _) = count(2, &|c| c.moved as f64);
-    if co > 0.0 {
-        let mut f = figure(
-            "largefile_private_coherent_bytes_moved_ratio",
-            p / co,
-            "x",
-            None,
-        );
-        f.note = Some(format!(
-            "largefile_private_bytes_moved / largefile_coherent_bytes_moved: private {}, \
-             coherent {}",
-            fmt_bytes(Some(p)),
-            fmt_bytes(Some(co))
-        ));
-        out.push(f);
+    for (i, other) in [(2, "coherent"), (3, "replica")] {
+        debug_assert_eq!(FilePlacement::ALL[i].name(), other);
+        let (o, _) = count(i, &|c| c.moved as f64);
+        if o > 0.0 {
+            let mut f = figure(
+                &format!("largefile_private_{other}_bytes_moved_ratio"),
+                p / o,
+                "x",
+                None,
+            );
+            f.note = Some(format!(
+                "largefile_private_bytes_moved / largefile_{other}_bytes_moved: private {}, \
+                 {other} {}",
+                fmt_bytes(Some(p)),
+                fmt_bytes(Some(o))
+            ));
+            out.push(f);
+        }
     }
 }

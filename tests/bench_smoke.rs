@@ -261,7 +261,13 @@ fn quick_bench_json_has_its_context() {
         .iter()
         .map(|n| n.to_string())
         .chain(largefile)
-        .chain(["largefile_private_coherent_bytes_moved_ratio".to_string()])
+        .chain(
+            [
+                "largefile_private_coherent_bytes_moved_ratio",
+                "largefile_private_replica_bytes_moved_ratio",
+            ]
+            .map(String::from),
+        )
     {
         let r = results
             .iter()
@@ -275,7 +281,7 @@ fn quick_bench_json_has_its_context() {
     }
 }
 
-const LARGEFILE_PLACEMENTS: [&str; 3] = ["mirror", "private", "coherent"];
+const LARGEFILE_PLACEMENTS: [&str; 4] = ["mirror", "private", "coherent", "replica"];
 
 /// What the `largefile` group reports for each placement, and in which unit.
 const LARGEFILE_FIGURES: [(&str, &str); 7] = [
@@ -330,7 +336,7 @@ fn check_largefile(results: &[hetmem::bench::BenchResult]) {
     // The same stores everywhere: the same bytes written back, and some.
     let wb = v("mirror", "writeback_bytes");
     assert!(wb > 0.0, "largefile: nothing written back");
-    for p in ["private", "coherent"] {
+    for p in ["private", "coherent", "replica"] {
         assert_eq!(v(p, "writeback_bytes"), wb, "largefile_{p}_writeback_bytes");
     }
     // The mirror migrates nothing and reads the file over the link twice a round; the coherent
@@ -359,16 +365,45 @@ fn check_largefile(results: &[hetmem::bench::BenchResult]) {
         v("mirror", "link_bytes") >= 2.0 * coherent,
         "the mirror reads the file over the link in each device phase"
     );
-    for p in ["private", "coherent"] {
+    for p in ["private", "coherent", "replica"] {
         assert!(
             v(p, "link_bytes") >= v(p, "bytes_moved"),
             "largefile_{p}: link bytes below bytes moved"
         );
     }
-    let ratio = get("largefile_private_coherent_bytes_moved_ratio");
+    // The replica placement copies the file once and, before the next device phase, each page
+    // whose replica a store dropped; the store moves nothing back and writeback reads the
+    // system copy, so it moves no more than the private placement. The device reads its
+    // replicas locally: nothing but the copies crosses the link.
+    let replica = v("replica", "bytes_moved");
     assert!(
-        (ratio.value - private / coherent).abs() < 1e-9 * ratio.value,
-        "largefile_private_coherent_bytes_moved_ratio {} vs {private} / {coherent}",
-        ratio.value
+        replica > 0.0 && replica % 4096.0 == 0.0,
+        "replica moved {replica}"
     );
+    assert!(
+        replica >= coherent + wb,
+        "replica moved {replica}: not the file and the written pages' replicas again"
+    );
+    assert!(
+        replica <= private,
+        "replica moved {replica} > private {private}"
+    );
+    assert_eq!(
+        v("replica", "link_bytes"),
+        replica,
+        "the device reads replicas over the link"
+    );
+    assert!(
+        v("replica", "cpu_faults") >= wb / 4096.0,
+        "a store to a replicated page does not fault"
+    );
+    for (other, o) in [("coherent", coherent), ("replica", replica)] {
+        let name = format!("largefile_private_{other}_bytes_moved_ratio");
+        let ratio = get(&name);
+        assert!(
+            (ratio.value - private / o).abs() < 1e-9 * ratio.value,
+            "{name} {} vs {private} / {o}",
+            ratio.value
+        );
+    }
 }
