@@ -96,7 +96,7 @@ SEEDS = {
 
 FILE_KINDS = ["Write", "Read", "SetLen", "Punch", "Fsync", "DirectRead", "DirectWrite",
               "NewHandle", "Fault", "MapStore", "MapLoad", "Private", "PrivateMigrate", "Remap",
-              "DeviceRemoval", "Pin", "Device", "Place", "Unplace", "Release"]
+              "DeviceRemoval", "Pin", "Device", "Place", "Unplace", "Release", "Replicate"]
 FAULTS = ["FailWrites", "ShortWrite", "FailSync", "FailRead", "FailStaging", "Clear"]
 MAPPINGS = {None: 0, "intercept": 1, "tracked": 2}
 
@@ -108,7 +108,7 @@ def header(sparse=False, mapping=None, length=0, seed=0):
 
 def fop(kind, h=0, choice=False, a=0, b=1, seed=0, fault="Clear", enospc=False, private=False,
         unpin=False, mirror=False, coherent=False):
-    """`private` (Pin), `mirror` (Place, Unplace) and `coherent` (Device) are bit 2; the
+    """`private` (Pin), `mirror` (Place, Unplace, Replicate) and `coherent` (Device) are bit 2; the
     device-coherent device of DeviceRemoval, Place, Unplace and Release is `choice`."""
     bit2 = private or mirror or coherent
     flags = h | (int(choice) << 1) | (int(bit2) << 2) | (int(unpin) << 3) | \
@@ -122,6 +122,10 @@ def place(page, pages, coherent=False, mirror=False):
 
 def unplace(page, pages, coherent=False, mirror=False):
     return fop("Unplace", choice=coherent, mirror=mirror, a=page, b=pages)
+
+
+def replicate(page, pages, mirror=False):
+    return fop("Replicate", mirror=mirror, a=page, b=pages)
 
 
 def fault(kind, n=1, enospc=False):
@@ -318,6 +322,35 @@ FILE_SEEDS = {
         place(4, 2, coherent=True),
         fop("Release", choice=True),
         fop("Fsync", h=1),
+    ]),
+    # Read-only replicas on the device-private device, with a mapping that intercepts stores:
+    # through the cache and the mirror, the device reads its copies, CPU loads keep them; a
+    # placed page is skipped; every write drops them first (a CPU store, a device write of
+    # either device, write_at, a direct write, truncation into a partial last page, a punch,
+    # a pin), as do a return and the device's release and removal; the device full.
+    "seed-replicate": (header(mapping="intercept", length=6 * PAGE + 100, seed=80), [
+        place(5, 1, coherent=True),
+        replicate(0, 6),
+        fop("Device", a=0, b=3),
+        fop("MapLoad", a=PAGE + 8, b=4),
+        fop("MapStore", a=PAGE, b=4, seed=81),
+        fop("Device", choice=True, a=2, b=1, seed=82),
+        fop("Device", choice=True, coherent=True, a=3, b=1, seed=83),
+        fop("Write", a=4 * PAGE + 9, b=10, seed=84),
+        replicate(0, 7, mirror=True),
+        fop("DirectWrite", a=100, b=50, seed=85),
+        fop("SetLen", a=5 * PAGE + 7),
+        fop("SetLen", a=6 * PAGE),
+        fop("Device", a=4, b=2),
+        fop("Punch", a=1, b=1),
+        fop("Pin", a=2, b=1),
+        fop("Pin", unpin=True),
+        replicate(0, 6),
+        unplace(0, 2),
+        fop("Release"),
+        replicate(0, 6, mirror=True),
+        fop("DeviceRemoval"),
+        fop("Fsync"),
     ]),
     # A sparse world: many writes, few full reads, so eviction happens inside operations.
     "seed-sparse-evict": (header(sparse=True, length=0), [

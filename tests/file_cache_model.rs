@@ -99,6 +99,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (0..MAP_LEN / PAGE, 1..=MAX_PLACE, any::<bool>(), any::<bool>())
             .prop_map(|(page, pages, coherent, mirror)| Op::Unplace { page, pages, coherent, mirror }),
         1 => any::<bool>().prop_map(|coherent| Op::Release { coherent }),
+        3 => (0..MAP_LEN / PAGE, 1..=MAX_PLACE, any::<bool>())
+            .prop_map(|(page, pages, mirror)| Op::Replicate { page, pages, mirror }),
     ]
 }
 
@@ -152,7 +154,7 @@ fn random_file_operations_match_the_model() {
     }
     let s = stats.into_inner().unwrap();
     eprintln!(
-        "file_cache_model: {} operations, {} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {} private pages migrated, {} file pages placed on devices, {} placements refused, {} placements on a full device ({} with no room at all), {} pages brought back, {:?}",
+        "file_cache_model: {} operations, {} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {} private pages migrated, {} file pages placed on devices, {} placements refused, {} placements on a full device ({} with no room at all), {} pages brought back, {} replicas made, {} dropped, {} refused, {:?}",
         s.ops,
         s.evicted,
         s.fsync_ok,
@@ -168,6 +170,9 @@ fn random_file_operations_match_the_model() {
         s.device_full,
         s.device_full_enomem,
         s.pages_returned,
+        s.replicas_made,
+        s.replicas_dropped,
+        s.replicas_refused,
         t0.elapsed()
     );
     assert!(
@@ -186,7 +191,10 @@ fn random_file_operations_match_the_model() {
             && s.placements_refused > 0
             && s.device_full > 0
             && s.device_full_enomem > 0
-            && s.pages_returned > 0,
+            && s.pages_returned > 0
+            && s.replicas_made > 0
+            && s.replicas_dropped > 0
+            && s.replicas_refused > 0,
         "an error path was never taken: {s:?}"
     );
 }

@@ -22,15 +22,15 @@
 //!
 //! | byte | meaning |
 //! |---|---|
-//! | 0 | op kind, modulo 20, in the order of `hetmem::testing::check_file::Op` (0 Write, 1 Read, 2 SetLen, 3 Punch, 4 Fsync, 5 DirectRead, 6 DirectWrite, 7 NewHandle, 8 Fault, 9 MapStore, 10 MapLoad, 11 Private, 12 PrivateMigrate, 13 Remap, 14 DeviceRemoval, 15 Pin, 16 Device, 17 Place, 18 Unplace, 19 Release) |
-//! | 1 | flags: bit 0 handle; bit 1 the op's choice (Fsync: fdatasync, Private: store, PrivateMigrate: to the device, Remap: unmap, Pin: long-term, Device: write, DeviceRemoval, Place, Unplace, Release: the device-coherent device); bit 2 Pin: the private mapping, Device: through the device-coherent device, Place and Unplace: through the device's mirror; bit 3 Pin: unpin; bits 4–6 fault kind, modulo 6 (0 FailWrites, 1 ShortWrite, 2 FailSync, 3 FailRead, 4 FailStaging, 5 Clear); bit 7 fault errno (0 EIO, ENOMEM for staging; 1 ENOSPC) |
-//! | 2–5 | `a`, 32-bit little-endian: byte offset (I/O and mapping ops), page (Punch, PrivateMigrate, Pin, Device, Place, Unplace) or new length (SetLen); wrapped into range |
+//! | 0 | op kind, modulo 21, in the order of `hetmem::testing::check_file::Op` (0 Write, 1 Read, 2 SetLen, 3 Punch, 4 Fsync, 5 DirectRead, 6 DirectWrite, 7 NewHandle, 8 Fault, 9 MapStore, 10 MapLoad, 11 Private, 12 PrivateMigrate, 13 Remap, 14 DeviceRemoval, 15 Pin, 16 Device, 17 Place, 18 Unplace, 19 Release, 20 Replicate) |
+//! | 1 | flags: bit 0 handle; bit 1 the op's choice (Fsync: fdatasync, Private: store, PrivateMigrate: to the device, Remap: unmap, Pin: long-term, Device: write, DeviceRemoval, Place, Unplace, Release: the device-coherent device); bit 2 Pin: the private mapping, Device: through the device-coherent device, Place, Unplace and Replicate: through the device's mirror; bit 3 Pin: unpin; bits 4–6 fault kind, modulo 6 (0 FailWrites, 1 ShortWrite, 2 FailSync, 3 FailRead, 4 FailStaging, 5 Clear); bit 7 fault errno (0 EIO, ENOMEM for staging; 1 ENOSPC) |
+//! | 2–5 | `a`, 32-bit little-endian: byte offset (I/O and mapping ops), page (Punch, PrivateMigrate, Pin, Device, Place, Unplace, Replicate) or new length (SetLen); wrapped into range |
 //! | 6–7 | `b`, 16-bit little-endian: bytes (I/O), words (mapping ops), pages, or the count of failing writes (FailWrites); clamped into range |
 //! | 8–11 | data seed, 32-bit little-endian (writes, stores) |
 //!
 //! Ranges are those of `Op::clamped`: offsets within the first `WINDOW` pages (`MAP_LEN` bytes
 //! for mapping ops, rounded down to a word), I/O of up to `MAX_IO` bytes, 1–3 pages (1–4 for
-//! PrivateMigrate, 1–`MAX_PLACE` for Place and Unplace), at most 2 failing writes.
+//! PrivateMigrate, 1–`MAX_PLACE` for Place, Unplace and Replicate), at most 2 failing writes.
 
 #![no_main]
 
@@ -109,7 +109,7 @@ impl FuzzOp {
         let (bit2, coherent, mirror) = (self.flags & 4 != 0, choice, self.flags & 4 != 0);
         let (a, b, seed) = (self.a as usize, self.b as usize, self.seed);
         let (off, len, page, pages, words) = (a, b, a, b, b);
-        let op = match self.kind % 20 {
+        let op = match self.kind % 21 {
             0 => Op::Write { h, off, len, seed },
             1 => Op::Read { h, off, len },
             2 => Op::SetLen { len: a },
@@ -169,7 +169,12 @@ impl FuzzOp {
                 coherent,
                 mirror,
             },
-            _ => Op::Release { coherent },
+            19 => Op::Release { coherent },
+            _ => Op::Replicate {
+                page,
+                pages,
+                mirror,
+            },
         };
         op.clamped()
     }

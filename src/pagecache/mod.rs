@@ -1690,7 +1690,8 @@ impl FileHandle {
         self.check_writable()?;
         let c = &self.cache;
         c.check_end(len)?;
-        let mut st = c.begin_removal(pages_for(len), u64::MAX);
+        // From the partial last page, if any: its tail may change (its replicas go).
+        let mut st = c.begin_removal(len / PAGE, u64::MAX);
         c.collect_written(&mut st);
         c.backend.set_len(len).map_err(os("set file length"))?;
         st.disk_size = len;
@@ -1704,6 +1705,8 @@ impl FileHandle {
             FileCache::forget_lost(&mut st, keep, u64::MAX);
             // The tail of the new last page, if cached, must read as zeros from now on.
             if !len.is_multiple_of(PAGE) && st.pages.get(keep - 1) != PageState::Uncached {
+                // Its read-only replicas would keep the old tail.
+                c.release_replicas(&mut st, keep - 1);
                 let zeros = vec![0u8; (PAGE - len % PAGE) as usize];
                 // A device-private page's tail is in its frame (the memfd holds a hole there).
                 if !c.write_private(&st, keep - 1, (len % PAGE) as usize, &zeros)? {

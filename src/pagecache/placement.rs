@@ -229,6 +229,9 @@ impl FileCache {
                 full = true;
                 break;
             };
+            // Its read-only replicas go (their device mappings were invalidated above): a
+            // device writes a placed page in place, which would leave them stale.
+            self.release_replicas(&mut st, p);
             pm.charge_migration(PAGE_SIZE);
             if !coherent {
                 // The page's bytes go to the frame; the memfd page is punched below. Past the

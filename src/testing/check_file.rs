@@ -97,8 +97,16 @@
 //!   that covers it whole, and may otherwise only be evicted (where eviction runs: `read_at`
 //!   and `write_at` without the mappings, the background evictor with an intercepting mapping);
 //!   no page past the end of file is cached;
-//! - each device's used memory is exactly its pages (file pages placed on it; the private
-//!   mapping's pages on the device-private device; the world's frames on the coherent one),
+//! - the replicas of every file page ([`FileCache::replica_owners`], see [`Op::Replicate`]):
+//!   made for the pages of the range not on a device, not pinned, not replicated yet, in order
+//!   while the device has room; refused exactly as a device-private placement; dropped by every
+//!   write of the page (CPU store, either device's write, `write_at`, direct write, truncation
+//!   into or below it, punch), a pin, a return and the device's release or removal (a drop
+//!   that settles the page brings it back from the device it is on, a coherent one too), and
+//!   otherwise only by eviction; the device reads its replicas as the model's bytes;
+//! - each device's used memory is exactly its pages (file pages placed on it and replicated on
+//!   it; the private mapping's pages on the device-private device; the world's frames on the
+//!   coherent one),
 //!   and the cache's count of placed pages agrees: every page that leaves frees its frame;
 //! - the dirty bound is not checked from a device write to a device-private frame until the
 //!   next `fsync` that returns Ok (the owner writes its frames with no fault: such writes count
@@ -360,6 +368,20 @@ pub enum Op {
         /// The device-coherent device (else the device-private one).
         coherent: bool,
     },
+    /// Read-only replicas of file pages `page..page + pages` (1..=[`MAX_PLACE`]; clipped to the
+    /// file) on the device-private device: through the cache ([`FileCache::replicate`], with the
+    /// fault plans as they are: its fill may fail; the device-coherent device is refused first,
+    /// EINVAL), or (`mirror`, with the mappings) through the device's mirror of the shared
+    /// mapping ([`DeviceMirror::replicate_range`], after clearing the fault plans), after which
+    /// the device reads the pages (its replicas) back.
+    Replicate {
+        /// First page.
+        page: usize,
+        /// Pages.
+        pages: usize,
+        /// Through the device's mirror of the shared mapping (else the cache's API).
+        mirror: bool,
+    },
 }
 
 impl Op {
@@ -488,6 +510,15 @@ impl Op {
                 page: page(p),
                 pages: pages.clamp(1, MAX_PLACE),
                 coherent,
+                mirror,
+            },
+            Op::Replicate {
+                page: p,
+                pages,
+                mirror,
+            } => Op::Replicate {
+                page: page(p),
+                pages: pages.clamp(1, MAX_PLACE),
                 mirror,
             },
             op @ (Op::NewHandle
@@ -636,6 +667,12 @@ pub struct Stats {
     pub device_full_enomem: u64,
     /// File pages brought back by [`Op::Unplace`] and [`Op::Release`].
     pub pages_returned: u64,
+    /// Read-only replicas made ([`Op::Replicate`]).
+    pub replicas_made: u64,
+    /// Replicas the model saw dropped (by a write, a pin, a return, a release, ...).
+    pub replicas_dropped: u64,
+    /// Replications refused ([`crate::Error::StoresNotIntercepted`]).
+    pub replicas_refused: u64,
 }
 
 impl Stats {
@@ -656,6 +693,9 @@ impl Stats {
         self.device_full += o.device_full;
         self.device_full_enomem += o.device_full_enomem;
         self.pages_returned += o.pages_returned;
+        self.replicas_made += o.replicas_made;
+        self.replicas_dropped += o.replicas_dropped;
+        self.replicas_refused += o.replicas_refused;
     }
 }
 
@@ -836,6 +876,15 @@ pub struct World {
     /// Which file pages the pin held pins in the cache (a pin of the shared mapping: kept
     /// across an unmap, as the cache keeps them).
     pinned_shared: Vec<bool>,
+    /// Per file page: the device-private device holds a read-only replica of it, as the model
+    /// expects it (the world's only device-private device: the only one that may).
+    replicated: Vec<bool>,
+    /// Per file page, during one operation: its replica may have been dropped (an outcome the
+    /// model cannot tell: an error part way, a concurrent eviction).
+    replica_may_drop: Vec<bool>,
+    /// Per file page, during one operation: it may have been replicated (the background
+    /// evictor may have evicted a page the model had on a device or replicated).
+    replica_may_arrive: Vec<bool>,
     /// A device wrote device-private frames since the last `fsync` that returned Ok: those
     /// writes count against the dirty bound only once collected (see the module doc), so the
     /// bound is not checked until then.
@@ -913,6 +962,9 @@ impl World {
             may_leave: vec![false; MAP_PAGES],
             may_arrive: vec![None; MAP_PAGES],
             pinned_shared: vec![false; MAP_PAGES],
+            replicated: vec![false; MAP_PAGES],
+            replica_may_drop: vec![false; MAP_PAGES],
+            replica_may_arrive: vec![false; MAP_PAGES],
             frames_written: false,
             file,
             faulty,
@@ -1079,6 +1131,8 @@ impl World {
     fn step(&mut self, op: &Op, what: &str) -> Result<(), String> {
         self.may_leave.fill(false);
         self.may_arrive.fill(None);
+        self.replica_may_drop.fill(false);
+        self.replica_may_arrive.fill(false);
         self.step_op(op, what)?;
         self.check_placement(what, self.evicts_during(op))?;
         self.check(what, window(op))?;
@@ -1117,6 +1171,8 @@ impl World {
                 // Device-private pages it writes come back first (also when it then fails).
                 let (first, last) = (off / PAGE, (off + len).div_ceil(PAGE));
                 self.come_back(first, last, r.is_ok(), |x| x == Placed::Private);
+                // Replicated pages come back (from any device) and lose their replicas first.
+                self.drop_replicas(first, last, r.is_ok(), true);
                 match r {
                     Ok(()) => self.m.write(off, &d),
                     Err(e) => {
@@ -1159,8 +1215,12 @@ impl World {
                 let f = self.account();
                 self.check_bounds(&f, false, what)?;
                 r.map_err(|e| format!("{what}: {e}"))?;
+                // Pages past the new end leave the cache, wherever they were, with their
+                // replicas; a partial last page whose tail is cut changes: its replicas go.
+                let cut = len < self.m.bytes.len() && !len.is_multiple_of(PAGE);
+                let from = if cut { len / PAGE } else { len.div_ceil(PAGE) };
+                self.drop_replicas(from, MAP_PAGES, true, false);
                 self.m.bytes.resize(len, 0);
-                // Pages past the new end leave the cache, wherever they were.
                 self.come_back(len.div_ceil(PAGE), MAP_PAGES, true, |_| true);
             }
             Op::Punch { page, pages } => {
@@ -1172,6 +1232,7 @@ impl World {
                 let (s, e) = ((page * PAGE).min(size), ((page + pages) * PAGE).min(size));
                 self.m.bytes[s..e].fill(0);
                 self.come_back(page, page + pages, true, |_| true);
+                self.drop_replicas(page, page + pages, true, false);
             }
             Op::Fsync { h, data_only } => self.fsync(h, data_only, what)?,
             Op::DirectRead { h, off, len } => {
@@ -1215,8 +1276,11 @@ impl World {
                         // The pages it covers whole leave the cache; a partial first or last
                         // page is updated where it is (in its device frame too).
                         self.come_back(off.div_ceil(PAGE), (off + len) / PAGE, true, |_| true);
+                        // Every page it touches loses its replicas (a partial one too).
+                        self.drop_replicas(off / PAGE, (off + len).div_ceil(PAGE), true, false);
                     }
                     Err(e) => {
+                        self.drop_replicas(off / PAGE, (off + len).div_ceil(PAGE), false, false);
                         self.stats.direct_errors += 1;
                         ensure!(
                             f.iter().any(|x| x.errno == e.errno()),
@@ -1283,6 +1347,9 @@ impl World {
                     // A CPU access brings a device-private page back.
                     let (first, last) = (off / PAGE, (off + 4 * n).div_ceil(PAGE));
                     self.come_back(first, last, true, |x| x == Placed::Private);
+                    // A store faults on a replicated page: it comes back from any device and
+                    // its replicas are dropped first.
+                    self.drop_replicas(first, last, true, true);
                 }
                 self.check_mapped(what)?;
             }
@@ -1314,6 +1381,9 @@ impl World {
                         {
                             self.frames_written = true;
                         }
+                        // Every replica of a page is dropped before a device writes it (the
+                        // page comes back from any device first).
+                        self.drop_replicas(page, page + n, true, true);
                     } else {
                         let mut buf = vec![0u8; n * PAGE];
                         m.read(addr, n as u64, &mut buf)
@@ -1466,6 +1536,9 @@ impl World {
                             // Pinned file pages are in system memory (a short-term pin leaves
                             // coherent ones in place) and stay there while pinned.
                             self.pinned_shared[page..page + n].fill(true);
+                            // A pin drops the replicas (and brings a replicated page back from
+                            // any device).
+                            self.drop_replicas(page, page + n, true, true);
                             self.come_back(page, page + n, true, |x| {
                                 x == Placed::Private || long_term
                             });
@@ -1489,6 +1562,7 @@ impl World {
                     pm.used(),
                     filler * PAGE
                 );
+                self.release_replicas(coherent);
                 self.gone(Placed::of(coherent));
                 if !coherent && let Some((space, _)) = &self.map {
                     for p in (0..self.snap.len()).filter(|&p| self.snap[p].is_some()) {
@@ -1567,11 +1641,25 @@ impl World {
                 coherent,
                 mirror,
             } => self.unplace(page, pages, coherent, mirror, what)?,
+            Op::Replicate {
+                page,
+                pages,
+                mirror,
+            } => self.replicate(page, pages, mirror, what)?,
             Op::Release { coherent } => {
                 self.no_faults();
                 let i = Dev::index(coherent);
                 let kind = Placed::of(coherent);
                 let files = self.placed.iter().filter(|&&x| x == Some(kind)).count();
+                // The device-private device's replicas come back too: each of their pages
+                // once (from wherever it is placed).
+                let replicated = if coherent {
+                    0
+                } else {
+                    (0..MAP_PAGES)
+                        .filter(|&p| self.replicated[p] && self.placed[p] != Some(kind))
+                        .count()
+                };
                 let anon = if coherent {
                     0
                 } else {
@@ -1583,11 +1671,14 @@ impl World {
                     .map_err(|e| format!("{what}: release: {e}"))?;
                 // The background evictor may have evicted some file pages first.
                 ensure!(
-                    n == files + anon
-                        || (self.background_evictor() && anon <= n && n < files + anon),
-                    "{what}: release moved {n} pages, the model has {files} file pages and {anon} private pages on the device"
+                    n == files + anon + replicated
+                        || (self.background_evictor()
+                            && anon <= n
+                            && n < files + anon + replicated),
+                    "{what}: release moved {n} pages, the model has {files} file pages, {replicated} other replicated pages and {anon} private pages on the device"
                 );
                 self.stats.pages_returned += (n - anon) as u64;
+                self.release_replicas(coherent);
                 self.gone(kind);
                 self.check_device_empty(i, what)?;
                 self.check_mapped(what)?;
@@ -1616,6 +1707,48 @@ impl World {
         for x in &mut self.placed {
             if *x == Some(kind) {
                 *x = None;
+            }
+        }
+    }
+
+    /// The replicas of pages `first..last` are dropped: surely (`sure`: the model then expects
+    /// none) or maybe (an outcome the model cannot tell). `slot_too`: by the cache's return of
+    /// the page (a write settles it), which brings a replicated page back from the device it
+    /// is placed on as well (a device-coherent one too).
+    fn drop_replicas(&mut self, first: usize, last: usize, sure: bool, slot_too: bool) {
+        for p in first.min(MAP_PAGES)..last.min(MAP_PAGES) {
+            if !self.replicated[p] {
+                continue;
+            }
+            if slot_too && self.placed[p].is_some() {
+                if sure {
+                    self.placed[p] = None;
+                } else {
+                    self.may_leave[p] = true;
+                }
+            }
+            if sure {
+                self.replicated[p] = false;
+                self.stats.replicas_dropped += 1;
+            } else {
+                self.replica_may_drop[p] = true;
+            }
+        }
+    }
+
+    /// The release or removal of the device-private device (or, `coherent`, the
+    /// device-coherent one): the pages with a frame on it come back, and with them every
+    /// replica of theirs (the device-private device's replicas: their pages come back from
+    /// wherever they are placed).
+    fn release_replicas(&mut self, coherent: bool) {
+        for p in 0..MAP_PAGES {
+            let mine = if coherent {
+                self.placed[p] == Some(Placed::Coherent)
+            } else {
+                self.replicated[p]
+            };
+            if mine {
+                self.drop_replicas(p, p + 1, true, true);
             }
         }
     }
@@ -1705,7 +1838,39 @@ impl World {
             );
             self.placed[p] = now;
         }
+        self.check_replicas(what, may_evict)?;
         self.check_frames(what)
+    }
+
+    /// The cache's replica owners of every page ([`FileCache::replica_owners`]) against the
+    /// model's (replicas may have been dropped with their pages when `may_evict`): only the
+    /// device-private device, once, and only of a cached page.
+    fn check_replicas(&mut self, what: &str, may_evict: bool) -> Result<(), String> {
+        let me = self.devs[Dev::index(false)].d.owner();
+        for p in 0..MAP_PAGES {
+            let owners = self.cache.replica_owners(p as u64);
+            ensure!(
+                owners.len() <= 1 && owners.iter().all(|&o| o == me),
+                "{what}: file page {p} has replicas on {owners:?}, the world's device-private device is {me:?}"
+            );
+            let got = !owners.is_empty();
+            ensure!(
+                !got || self.placement_of(p, what)?.1,
+                "{what}: file page {p} is replicated but not cached"
+            );
+            let want = self.replicated[p];
+            let ok = got == want
+                || (want && (self.replica_may_drop[p] || may_evict))
+                || (!want && self.replica_may_arrive[p]);
+            ensure!(
+                ok,
+                "{what}: file page {p} has {} replica, the model expects {}",
+                if got { "a" } else { "no" },
+                if want { "one" } else { "none" }
+            );
+            self.replicated[p] = got;
+        }
+        Ok(())
     }
 
     /// Each device's used memory is its file pages (and, for the device-private device, the
@@ -1717,7 +1882,9 @@ impl World {
         for _ in 0..=2 * MAP_PAGES {
             let before = used();
             let mut on = [0usize; 2];
+            let mut replicas = 0;
             for p in 0..MAP_PAGES {
+                replicas += self.cache.replica_owners(p as u64).len();
                 match self.placement_of(p, what)?.0 {
                     Some(Placed::Private) => on[0] += 1,
                     Some(Placed::Coherent) => on[1] += 1,
@@ -1730,12 +1897,12 @@ impl World {
                 continue;
             }
             let want = [
-                (on[0] + self.private_on_device()) * PAGE,
+                (on[0] + replicas + self.private_on_device()) * PAGE,
                 (on[1] + self.devs[1].filler.len()) * PAGE,
             ];
             ensure!(
                 after == want,
-                "{what}: devices use {after:?} bytes, their pages {want:?} ({on:?} file pages)"
+                "{what}: devices use {after:?} bytes, their pages {want:?} ({on:?} file pages, {replicas} replicas)"
             );
             ensure!(
                 placed == on[0] + on[1],
@@ -1884,6 +2051,8 @@ impl World {
         self.stats.pages_placed += moving.len() as u64;
         for &p in &moving {
             self.placed[p] = Some(kind);
+            // A placed page loses its read-only replicas (a device writes it in place).
+            self.replicated[p] = false;
         }
         if bg {
             for p in (page..last).filter(|&p| !self.pinned_shared[p]) {
@@ -1922,6 +2091,26 @@ impl World {
                 .map(|n| n as usize),
         };
         let f = self.account();
+        // Through the cache, every replica of the range is dropped first (a replicated page
+        // counts as one that came back); through a mirror, those of the device's own pages.
+        let dropping: Vec<usize> = (page..last)
+            .filter(|&p| {
+                self.replicated[p]
+                    && if mirror {
+                        self.placed[p] == Some(kind)
+                    } else {
+                        true
+                    }
+            })
+            .collect();
+        let want = want
+            + dropping
+                .iter()
+                .filter(|&&p| self.placed[p].is_none())
+                .count();
+        for &p in &dropping {
+            self.drop_replicas(p, p + 1, true, false);
+        }
         match r {
             Ok(n) => {
                 ensure!(f.is_empty(), "{what}: Ok with failures {f:?}");
@@ -1943,6 +2132,139 @@ impl World {
             }
         }
         self.after_placement(what)
+    }
+
+    /// [`Op::Replicate`].
+    fn replicate(
+        &mut self,
+        page: usize,
+        pages: usize,
+        mirror: bool,
+        what: &str,
+    ) -> Result<(), String> {
+        let mirror = mirror && self.map.is_some();
+        if mirror {
+            self.no_faults();
+        }
+        let eof = self.m.bytes.len().div_ceil(PAGE);
+        let last = (page + pages).min(eof);
+        let (off, len) = ((page * PAGE) as u64, (pages * PAGE) as u64);
+        let i = Dev::index(false);
+        if !mirror && page < last {
+            // A device-coherent device maps the page itself: no replica there.
+            let r = self.cache.replicate(off, len, self.devs[1].d.pagemap());
+            let f = self.account();
+            ensure!(
+                matches!(r, Err(crate::Error::Invalid(_))) && f.is_empty(),
+                "{what}: a replica on the device-coherent device: {r:?} (failures {f:?}), not EINVAL"
+            );
+        }
+        // The pages replicated, in order while the device has room: not on a device, not
+        // pinned, not replicated already.
+        let room = self.devs[i].room();
+        let (mut making, mut full) = (Vec::new(), false);
+        for p in page..last {
+            if self.placed[p].is_some() || self.pinned_shared[p] || self.replicated[p] {
+                continue;
+            }
+            if making.len() == room {
+                full = true;
+                break;
+            }
+            making.push(p);
+        }
+        // A writable file's pages in a shared mapping that does not intercept stores.
+        let refused = self.map.is_some() && !self.intercept && page < last;
+        let bg = self.background_evictor();
+        let r = match (&self.map, &self.devs[i].m) {
+            _ if page >= last => Ok(0),
+            (Some((_, map)), Some(m)) if mirror => m
+                .replicate_range((map + page * PAGE) as u64, (last - page) as u64)
+                .map(|o| o.cpages as usize),
+            _ => self
+                .cache
+                .replicate(off, len, self.devs[i].d.pagemap())
+                .map(|n| n as usize),
+        };
+        let f = self.account();
+        if refused {
+            let Err(e) = r else {
+                return Err(format!(
+                    "{what}: replicated ({r:?}) in a writable mapping that does not intercept stores"
+                ));
+            };
+            ensure!(
+                matches!(e, crate::Error::StoresNotIntercepted { page: p } if p == page as u64)
+                    && f.is_empty(),
+                "{what}: refused with {e:?} (failures {f:?}), not StoresNotIntercepted at page {page}"
+            );
+            self.stats.replicas_refused += 1;
+            return self.after_placement(what);
+        }
+        match r {
+            Err(crate::Error::NoMemory { .. }) => {
+                ensure!(
+                    (full && making.is_empty()) || bg,
+                    "{what}: ENOMEM with room for {room} pages, {} to replicate",
+                    making.len()
+                );
+                return self.after_placement(what);
+            }
+            Err(e) => {
+                // Only the fill through the cache may fail (an injected fault): nothing made.
+                ensure!(
+                    !mirror
+                        && f.iter().any(
+                            |x| (x.what == "read" || x.what == "stage") && x.errno == e.errno()
+                        ),
+                    "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
+                );
+                return self.after_placement(what);
+            }
+            Ok(n) => {
+                ensure!(f.is_empty(), "{what}: Ok with failures {f:?}");
+                ensure!(
+                    n == making.len() || (bg && n <= last - page),
+                    "{what}: {n} replicas made, the model makes {making:?}"
+                );
+                self.stats.replicas_made += n as u64;
+            }
+        }
+        for &p in &making {
+            self.replicated[p] = true;
+        }
+        if bg {
+            for p in (page..last).filter(|&p| !self.pinned_shared[p]) {
+                self.replica_may_arrive[p] = true;
+            }
+        }
+        self.after_placement(what)?;
+        // The device reads the pages (its replicas) back: the model's bytes.
+        let whole = self.m.bytes.len().min(MAP_LEN) / PAGE;
+        let n = whole.min(last).saturating_sub(page);
+        if self.map.is_some() && n > 0 {
+            self.no_faults();
+        }
+        if let (Some((_, map)), Some(m)) = (&self.map, &self.devs[i].m)
+            && n > 0
+        {
+            let mut buf = vec![0u8; n * PAGE];
+            m.read((map + page * PAGE) as u64, n as u64, &mut buf)
+                .map_err(|e| format!("{what}: device read of the replicas: {e}"))?;
+            let o = page * PAGE;
+            if let Some(k) = (0..buf.len()).find(|&k| buf[k] != self.m.bytes[o + k]) {
+                return Err(format!(
+                    "{what}: device read of the replicas: byte {} is {:#04x}, model {:#04x}",
+                    o + k,
+                    buf[k],
+                    self.m.bytes[o + k]
+                ));
+            }
+        }
+        if self.map.is_some() && n > 0 {
+            self.check_mapped(what)?;
+        }
+        Ok(())
     }
 
     /// Records the private pages filled since the last look: their snapshot is the file now.
@@ -2159,7 +2481,8 @@ fn window(op: &Op) -> Option<(usize, usize)> {
         | Op::Pin(_) => None,
         Op::Device { page, pages, .. }
         | Op::Place { page, pages, .. }
-        | Op::Unplace { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
+        | Op::Unplace { page, pages, .. }
+        | Op::Replicate { page, pages, .. } => Some((page * PAGE, (page + pages) * PAGE)),
         Op::Fsync { .. } | Op::NewHandle | Op::Fault(_) => None,
     }
 }
