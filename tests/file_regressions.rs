@@ -283,3 +283,95 @@ fn a_tight_shrink_to_budget_loop_does_not_starve_stores() {
         );
     }
 }
+
+/// A file page in device-private memory is a hole in the memfd, its frame the only copy. The
+/// placement of a file's partial last page copied the previous page's bytes into the frame past
+/// the end of file; a truncate into a placed page, and an extension past one, zeroed its tail in
+/// the memfd, which put a page of zeros in front of the frame for every CPU mapping (found by
+/// `model_tests::placements::truncate_punch_vs_placement`).
+#[test]
+fn truncating_into_a_device_private_page_keeps_its_head_and_zeroes_its_tail() {
+    let _w = watchdog("r3_truncate_placed", 30);
+    let data = pattern(3 * PAGE, |i| i | 0x8000_0000);
+    let f = TempFile::new("r3-truncate-placed", &data);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let space = small_space();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_file(&h, 0, 3 * PAGE, Prot::Read, true).unwrap();
+    let p1 = a.add(PAGE).get() as u64;
+    let mut b = vec![0u8; PAGE];
+    // The file ends inside page 1 (cached before the truncation: the memfd ends there too):
+    // placed, the page is zeros past the end of file.
+    h.read_at(0, &mut vec![0u8; 3 * PAGE]).unwrap();
+    h.set_len((PAGE + PAGE / 2) as u64).unwrap();
+    m.migrate_range_to_device(a.get() as u64, 2).unwrap();
+    assert!(matches!(
+        cache.placement(1),
+        PagePlacement::DevicePrivate { .. }
+    ));
+    m.read(p1, 1, &mut b).unwrap();
+    assert!(b[..PAGE / 2] == data[PAGE..PAGE + PAGE / 2]);
+    assert!(
+        b[PAGE / 2..].iter().all(|&x| x == 0),
+        "the placed last page holds bytes past the end of file"
+    );
+    // Truncate into the placed page: its head stays, its tail is zeros, for the device too.
+    let cut = PAGE / 4;
+    h.set_len((PAGE + cut) as u64).unwrap();
+    m.read(p1, 1, &mut b).unwrap();
+    assert!(b[..cut] == data[PAGE..PAGE + cut]);
+    assert!(
+        b[cut..].iter().all(|&x| x == 0),
+        "the device reads bytes past the new end of file"
+    );
+    // Extend past it: still on the device; the CPU brings it back with its head intact.
+    h.set_len(2 * PAGE as u64).unwrap();
+    assert!(matches!(
+        cache.placement(1),
+        PagePlacement::DevicePrivate { .. }
+    ));
+    space.cpu_read(a.add(PAGE), &mut b).unwrap();
+    assert!(
+        b[..cut] == data[PAGE..PAGE + cut],
+        "the CPU lost the head of the placed page to the truncation or the extension"
+    );
+    assert!(b[cut..].iter().all(|&x| x == 0));
+    h.fsync().unwrap();
+    let mut want = data[..PAGE + cut].to_vec();
+    want.resize(2 * PAGE, 0);
+    assert!(f.disk() == want);
+}
+
+/// The first access to a page through a private file mapping copies it from the cache; a page
+/// in device-private memory is a hole in the memfd, and the copy read zeros there instead of
+/// the frame's bytes (found by `model_tests::placements::device_release_vs_cpu_fault`).
+#[test]
+fn a_private_mapping_copies_a_device_private_page_from_its_frame() {
+    let _w = watchdog("r3_private_of_placed", 30);
+    let data = pattern(2 * PAGE, |i| i | 0x8000_0000);
+    let f = TempFile::new("r3-private-of-placed", &data);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let s1 = small_space();
+    let m = dev.mirror(&s1).unwrap();
+    let a = s1.map_file(&h, 0, 2 * PAGE, Prot::Read, true).unwrap();
+    m.migrate_range_to_device(a.get() as u64, 2).unwrap();
+    let s2 = small_space();
+    let p = s2.map_file(&h, 0, 2 * PAGE, Prot::Read, false).unwrap();
+    let mut b = vec![0u8; 2 * PAGE];
+    s2.cpu_read(p, &mut b).unwrap();
+    assert!(
+        b == data,
+        "a private mapping's copy of device-private file pages"
+    );
+    // Read where they are: still on the device.
+    for page in 0..2 {
+        assert!(matches!(
+            cache.placement(page),
+            PagePlacement::DevicePrivate { .. }
+        ));
+    }
+}

@@ -204,6 +204,10 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             _ if own_frame => frame_writable,
             _ => writable,
         };
+        // A read of a page of a mapping that intercepts stores: whether a device may write it is
+        // asked once the page is in the cache (below), not before: the fill may wait for a
+        // writeback that revokes that access, and a grant read before it would be stale.
+        let mut grant_of = None;
         if intercepts
             && !own_frame
             && file_dev.as_ref().is_none_or(|(dp, ..)| !dp.replica)
@@ -251,7 +255,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
                     Err(e) => return Err(e),
                 }
             } else {
-                writable = cache.device_writable(page);
+                grant_of = Some((cache, page));
             }
         }
         if want_write && !writable {
@@ -316,6 +320,11 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             }
             space.make_present(&mut st, a)?;
             pte = st.pte(a).expect("still mapped");
+        }
+        if let Some((cache, page)) = grant_of {
+            // The page was filled and not being removed or revoked just now; a revocation that
+            // starts from here on invalidates this walk (it needs the space's lock).
+            writable = cache.device_writable(page);
         }
         // A coherent-resident page is a normal present page whose frame is device memory: it is
         // reported as that frame, whoever asks.

@@ -30,6 +30,10 @@
 //! * [`file_maps`]: file mappings over the model kernel, which maps the cache's memfd, faults on
 //!   its holes and tracks stores: CPU fills vs truncate, punch and direct write; device and CPU
 //!   stores vs punch, writeback and fsync; CPU stores vs eviction; intercepted stores vs punch.
+//! * [`placements`]: file pages in device memory: truncate and punch vs placement, device writes
+//!   vs writeback and fsync, a direct write vs device dirtying, device eviction vs CPU faults
+//!   from another space, device writes through an intercepting mapping vs fsync, CPU stores vs
+//!   placement.
 //!
 //! # Iterations and `HETMEM_SOAK`
 //!
@@ -854,3 +858,9 @@ fn truncate_vs_writeback() {
 // ---------------------------------------------------------------------------------------------
 
 mod file_maps;
+
+// ---------------------------------------------------------------------------------------------
+// (9) file pages in device memory: see the submodule
+// ---------------------------------------------------------------------------------------------
+
+mod placements;
