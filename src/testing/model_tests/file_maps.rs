@@ -416,19 +416,10 @@ fn device_and_cpu_stores_vs_punch_writeback_fsync_body() {
     join(flusher);
     w.h.fsync().expect("final fsync");
     let disk = w.disk();
-    let p0 = uniform(&disk[..PAGE_SIZE], "file page 0");
-    if after_punch[B_LAST as usize].load(Ordering::SeqCst) == 1 {
-        assert_eq!(
-            p0,
-            val(B_LAST, 0),
-            "the last store, after the punch, is lost"
-        );
-    } else {
-        assert!(
-            p0 == val(B_LAST, 0) || p0 == 0,
-            "file page 0 holds {p0:#x}: neither the last write nor the punch"
-        );
-    }
+    last_store_or_punch(
+        uniform(&disk[..PAGE_SIZE], "file page 0"),
+        after_punch[B_LAST as usize].load(Ordering::SeqCst) == 1,
+    );
     assert_eq!(
         uniform(&disk[PAGE_SIZE..], "file page 1"),
         val(B_LAST, 1),
@@ -647,19 +638,10 @@ fn intercepted_stores_vs_punch_body() {
     join(syncer);
     w.h.fsync().expect("final fsync");
     let disk = w.disk();
-    let p0 = uniform(&disk[..PAGE_SIZE], "file page 0");
-    if after_punch[B_LAST as usize].load(Ordering::SeqCst) == 1 {
-        assert_eq!(
-            p0,
-            val(B_LAST, 0),
-            "the last store, after the punch, is lost"
-        );
-    } else {
-        assert!(
-            p0 == val(B_LAST, 0) || p0 == 0,
-            "file page 0 holds {p0:#x}: neither the last store nor the punch"
-        );
-    }
+    last_store_or_punch(
+        uniform(&disk[..PAGE_SIZE], "file page 0"),
+        after_punch[B_LAST as usize].load(Ordering::SeqCst) == 1,
+    );
     assert!(
         disk[PAGE_SIZE..] == fill(val(1, 1), PAGE_SIZE)[..],
         "file page 1 changed"
@@ -677,4 +659,21 @@ fn intercepted_stores_vs_punch_body() {
 #[test]
 fn intercepted_stores_vs_punch() {
     explore(300, 300, intercepted_stores_vs_punch_body);
+}
+
+/// File page 0 after the final fsync of an exploration where the last store to it raced a
+/// punch: the last store if it came after the punch (`after`), else the last store or zeros.
+fn last_store_or_punch(p0: u32, after: bool) {
+    if after {
+        assert_eq!(
+            p0,
+            val(B_LAST, 0),
+            "the last store, after the punch, is lost"
+        );
+    } else {
+        assert!(
+            p0 == val(B_LAST, 0) || p0 == 0,
+            "file page 0 holds {p0:#x}: neither the last store nor the punch"
+        );
+    }
 }
