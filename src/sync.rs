@@ -113,13 +113,38 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Guard<'_, T> {
 #[track_caller]
 pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
     let at = std::panic::Location::caller();
-    let g = match m.lock() {
+    let g = match spin_then_lock(m) {
         Ok(g) => g,
         Err(p) => recover_or_abort::<T, _>(p.into_inner(), at),
     };
     let watch = watch::hold(at, level_of::<T>());
     Guard { g: Some(g), watch }
 }
+
+/// Takes `m`, spinning a few microseconds first when it is held: hetmem's critical sections are
+/// short, and on a VM a thread that sleeps on a held lock pays a futex wake-up (≈ 15 µs,
+/// DESIGN.md §3) that costs more than the wait.
+#[cfg(not(test))]
+fn spin_then_lock<T>(m: &Mutex<T>) -> std::sync::LockResult<std::sync::MutexGuard<'_, T>> {
+    for _ in 0..SPIN_TRIES {
+        match m.try_lock() {
+            Ok(g) => return Ok(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Err(p),
+            Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
+        }
+    }
+    m.lock()
+}
+
+/// Under the schedule explorer every acquisition is a scheduling point: no spinning.
+#[cfg(test)]
+fn spin_then_lock<T>(m: &Mutex<T>) -> std::sync::LockResult<MutexGuard<'_, T>> {
+    m.lock()
+}
+
+/// Tries of [`spin_then_lock`] before it sleeps (a few microseconds).
+#[cfg(not(test))]
+const SPIN_TRIES: u32 = 2000;
 
 /// Whether a poisoned lock protecting a `T` ends the process instead of being recovered: the
 /// state locks, whose critical sections make several writes that a panic can separate (module
