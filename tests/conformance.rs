@@ -27,12 +27,12 @@
 
 mod common;
 
-use common::{NPAGES, PAGE, PMD, ints, pattern};
+use common::{NPAGES, PAGE, PMD, intercepting, ints, pattern};
 use hetmem::device::{FLAG_FAIL_ALLOC, snap};
 use hetmem::sys::{self, ChildExit};
 use hetmem::{
-    Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, FileMapOptions, MapOptions, MemoryKind, Prot,
-    Residency, SoftDevice, Space, VirtAddr,
+    Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, MapOptions, MemoryKind, Prot, Residency,
+    SoftDevice, Space, VirtAddr,
 };
 
 /// Device memory of the fixture's device (dmirror allocates 256 MiB chunks).
@@ -743,14 +743,7 @@ fn migrate_shared(kind: MemoryKind) {
     // A mapping that intercepts stores: both kinds move every page.
     let (ptr, cache) = h
         .space
-        .map_shared_anon_with(
-            size,
-            FileMapOptions {
-                prot: Prot::ReadWrite,
-                shared: true,
-                intercept_stores: true,
-            },
-        )
+        .map_shared_anon_with(size, intercepting(Prot::ReadWrite))
         .unwrap();
     let mut buffer = HmmBuffer::new(ptr, size, 0xff);
     let ret = hmm_dmirror_cmd(&h.m, Cmd::MigrateToDev, &mut buffer, npages);

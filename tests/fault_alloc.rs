@@ -156,16 +156,7 @@ fn file_faults_allocate_nothing() {
     assert_eq!(n, 0, "private file fills allocated {n} times");
     // A mapping that intercepts stores: the first store to each clean page faults.
     let b = s
-        .map_file_with(
-            &h,
-            0,
-            N * PAGE,
-            FileMapOptions {
-                prot: Prot::ReadWrite,
-                shared: true,
-                intercept_stores: true,
-            },
-        )
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
         .unwrap();
     let pb = s.probe(b, N * PAGE).unwrap();
     let n = counted(|| {
@@ -265,16 +256,7 @@ fn intercepted_stores_at_the_dirty_bound_allocate_nothing() {
     let h = cache.handle();
     let s = small_space();
     let b = s
-        .map_file_with(
-            &h,
-            0,
-            N * PAGE,
-            FileMapOptions {
-                prot: Prot::ReadWrite,
-                shared: true,
-                intercept_stores: true,
-            },
-        )
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
         .unwrap();
     let pb = s.probe(b, N * PAGE).unwrap();
     // Fill the cache first (loads), so that only the store faults are counted.
@@ -313,16 +295,7 @@ fn file_pages_coming_back_from_device_memory_allocate_nothing() {
     let dev = SoftDevice::private(4 << 20).unwrap();
     let m = dev.mirror(&s).unwrap();
     let a = s
-        .map_file_with(
-            &h,
-            0,
-            N * PAGE,
-            FileMapOptions {
-                prot: Prot::ReadWrite,
-                shared: true,
-                intercept_stores: true,
-            },
-        )
+        .map_file_with(&h, 0, N * PAGE, intercepting(Prot::ReadWrite))
         .unwrap();
     let pa = s.probe(a, N * PAGE).unwrap();
     for round in 0..3 {

@@ -90,7 +90,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use hetmem::pagecache::{BackgroundWriteback, CacheConfig, FileCache, FileHandle};
-use hetmem::space::{FileMapOptions, Probe, Space};
+use hetmem::space::{Probe, Space};
 use hetmem::{DeviceMirror, Prot, SoftDevice, VirtAddr};
 
 const CASES: u64 = 6;
@@ -803,11 +803,7 @@ impl Case {
             .map_file(&h0, (A.0 * PAGE) as u64, A.1 * PAGE, Prot::ReadWrite, true)
             .unwrap()
             .get();
-        let opts = FileMapOptions {
-            prot: Prot::ReadWrite,
-            shared: true,
-            intercept_stores: true,
-        };
+        let opts = intercepting(Prot::ReadWrite);
         let b = space
             .map_file_with(&h0, (B.0 * PAGE) as u64, B.1 * PAGE, opts)
             .unwrap()

@@ -547,11 +547,7 @@ fn intercepted_stores_respect_the_dirty_bound() {
     .unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
-    let opts = FileMapOptions {
-        prot: Prot::ReadWrite,
-        shared: true,
-        intercept_stores: true,
-    };
+    let opts = intercepting(Prot::ReadWrite);
     let a = space.map_file_with(&h, 0, n * PAGE, opts).unwrap();
     for p in 0..n {
         space.store_u32(a.add(p * PAGE), p as u32 + 1).unwrap();
@@ -599,11 +595,7 @@ fn bound_child() {
     let cache = FileCache::with_backend(Box::new(backend.clone()), true, cfg).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
-    let opts = FileMapOptions {
-        prot: Prot::ReadWrite,
-        shared: true,
-        intercept_stores: true,
-    };
+    let opts = intercepting(Prot::ReadWrite);
     let a = space.map_file_with(&h, 0, 4 * PAGE, opts).unwrap();
     backend.plan(FaultPlan {
         fail_writes: 1000,

@@ -54,14 +54,6 @@ fn fixture(name: &str) -> Fixture {
     }
 }
 
-fn intercepting(prot: Prot) -> FileMapOptions {
-    FileMapOptions {
-        prot,
-        shared: true,
-        intercept_stores: true,
-    }
-}
-
 fn private_on(cache: &FileCache, dev: &SoftDevice, p: usize) -> bool {
     cache.placement(p as u64) == PagePlacement::DevicePrivate { owner: dev.owner() }
 }

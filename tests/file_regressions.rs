@@ -151,16 +151,7 @@ fn intercepted_stores_after_a_punch_of_a_dirty_page_reach_the_file() {
     let h = cache.handle();
     let space = small_space();
     let a = space
-        .map_file_with(
-            &h,
-            0,
-            4 * PAGE,
-            FileMapOptions {
-                prot: Prot::ReadWrite,
-                shared: true,
-                intercept_stores: true,
-            },
-        )
+        .map_file_with(&h, 0, 4 * PAGE, intercepting(Prot::ReadWrite))
         .unwrap();
     space.store_u32(a.add(PAGE), 0x1111_1111).unwrap();
     h.punch_hole(PAGE as u64, PAGE as u64).unwrap();
@@ -197,11 +188,7 @@ fn device_writes_through_an_intercepting_mapping_reach_the_disk() {
     let space = Space::new().unwrap();
     let dev = SoftDevice::private(1 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
-    let opts = FileMapOptions {
-        prot: Prot::ReadWrite,
-        shared: true,
-        intercept_stores: true,
-    };
+    let opts = intercepting(Prot::ReadWrite);
     let a = space.map_file_with(&h, 0, n * PAGE, opts).unwrap();
     let mut buf = vec![0u8; n * PAGE];
     m.read(a.get() as u64, n as u64, &mut buf).unwrap();
@@ -246,11 +233,7 @@ fn a_tight_shrink_to_budget_loop_does_not_starve_stores() {
     let cache = FileCache::open(&f.0, true, cfg).unwrap();
     let h = cache.handle();
     let space = Space::new().unwrap();
-    let opts = FileMapOptions {
-        prot: Prot::ReadWrite,
-        shared: true,
-        intercept_stores: true,
-    };
+    let opts = intercepting(Prot::ReadWrite);
     let a = space.map_file_with(&h, 0, n * PAGE, opts).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {

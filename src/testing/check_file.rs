@@ -2019,14 +2019,8 @@ impl World {
                 );
             }
             Err(e) => {
-                // Only the fill through the cache may fail (an injected fault): nothing moved.
-                ensure!(
-                    !mirror
-                        && f.iter().any(
-                            |x| (x.what == "read" || x.what == "stage") && x.errno == e.errno()
-                        ),
-                    "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
-                );
+                // Only the fill through the cache may fail (an injected fault): nothing changed.
+                fill_failure_explains(&f, &e, mirror, what)?;
                 return self.after_placement(what);
             }
             Ok(n) => {
@@ -2211,14 +2205,8 @@ impl World {
                 return self.after_placement(what);
             }
             Err(e) => {
-                // Only the fill through the cache may fail (an injected fault): nothing made.
-                ensure!(
-                    !mirror
-                        && f.iter().any(
-                            |x| (x.what == "read" || x.what == "stage") && x.errno == e.errno()
-                        ),
-                    "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
-                );
+                // Only the fill through the cache may fail (an injected fault): nothing changed.
+                fill_failure_explains(&f, &e, mirror, what)?;
                 return self.after_placement(what);
             }
             Ok(n) => {
@@ -2503,4 +2491,22 @@ pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
 /// Returns the world's final counts (with the final `fsync`s), or the first mismatch.
 pub fn check_all(w: World) -> Result<Stats, String> {
     w.finish()
+}
+
+/// An error of a placement or replication through the cache is explained by an injected fault
+/// of its fill (a failed read of the file or staging into the memfd, of the same errno); through
+/// a mirror nothing may fail that way.
+fn fill_failure_explains(
+    f: &[Failure],
+    e: &crate::Error,
+    mirror: bool,
+    what: &str,
+) -> Result<(), String> {
+    ensure!(
+        !mirror
+            && f.iter()
+                .any(|x| (x.what == "read" || x.what == "stage") && x.errno == e.errno()),
+        "{what}: {e} without a failed read or staging of that errno (failures: {f:?})"
+    );
+    Ok(())
 }

@@ -141,6 +141,16 @@ pub fn seed_from_env(var: &str) -> u64 {
 }
 
 /// A 1 GiB address space with a small stash (the tests' usual space).
+/// Options of a shared file mapping with `prot` that intercepts stores (so that its pages may be
+/// placed in device-private memory or replicated, and the dirty bound holds for its stores).
+pub fn intercepting(prot: hetmem::Prot) -> hetmem::FileMapOptions {
+    hetmem::FileMapOptions {
+        prot,
+        shared: true,
+        intercept_stores: true,
+    }
+}
+
 pub fn small_space() -> hetmem::Space {
     small_space_with_stash(2 << 20)
 }
