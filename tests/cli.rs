@@ -148,3 +148,37 @@ fn info_unprivileged() {
         );
     }
 }
+
+/// `hetmem bench --only GROUP` runs that group only (its figures, no others) and records the
+/// choice in the JSON's options; an unknown group is a clear error, not an empty run.
+#[test]
+fn bench_only_runs_the_named_groups() {
+    let _w = watchdog("cli_bench_only", 60);
+    let out = hetmem(
+        &["bench", "--quick", "--json", "--only", "metadata,memcpy"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["memcpy_gbps", "metadata_bytes_per_page"],
+        "{names:?}"
+    );
+    assert_eq!(
+        v["options"]["only"],
+        serde_json::json!(["metadata", "memcpy"])
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["bench", "--only", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown bench group"), "{err}");
+}
