@@ -185,6 +185,16 @@ impl DeviceInner {
         false
     }
 
+    /// Up to `n` base frames at once, ascending ([`Pagemap::alloc_many`]); none while an
+    /// injected allocation failure is pending (the next single allocation takes it).
+    fn alloc_many(&self, n: usize, out: &mut Vec<FrameIdx>) {
+        #[cfg(feature = "testing")]
+        if self.fail_alloc.load(Ordering::SeqCst) {
+            return;
+        }
+        self.pagemap.alloc_many(n, out)
+    }
+
     fn alloc(&self, large: bool) -> Result<FrameIdx> {
         #[cfg(feature = "testing")]
         if self.fail_alloc.swap(false, Ordering::SeqCst) {
@@ -547,6 +557,12 @@ impl DevPageTable {
             })
     }
 }
+
+/// Entries the device's page table takes or looks up per hold of its lock when a command maps
+/// or checks a whole range: the CPU faults that invalidate entries (and take that lock) wait at
+/// most that long. Under the schedule explorer one entry, so that invalidations are explored
+/// between any two.
+const PT_CHUNK: usize = if cfg!(test) { 1 } else { 64 };
 
 impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
@@ -1058,9 +1074,17 @@ impl DeviceMirror {
 
     /// The first page from `cur` on without a device page-table entry (`r.end` if none).
     fn mapped_until(&self, r: &VaRange, mut cur: usize) -> usize {
-        let pt = lock(&self.inner.pt);
-        while cur < r.end.page().0 && pt.contains_key(&cur) {
-            cur += 1;
+        let end = r.end.page().0;
+        while cur < end {
+            // In holds of up to `PT_CHUNK` lookups.
+            let pt = lock(&self.inner.pt);
+            let stop = end.min(cur + PT_CHUNK);
+            while cur < stop && pt.contains_key(&cur) {
+                cur += 1;
+            }
+            if cur < stop {
+                break;
+            }
         }
         cur
     }
@@ -1113,6 +1137,17 @@ impl DeviceMirror {
                 Err(e) => return Err(e),
             };
             mig.use_pagemap(&pm);
+            // The base frames, taken at once and in ascending order: consecutive pages land in
+            // consecutive frames (copied back with one call later). Compound slots that must
+            // split, and slots beyond what the device had, take theirs one by one.
+            let base = (0..mig.npages())
+                .filter(|&i| {
+                    mig.src[i] & (MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND) == MIGRATE_PFN_MIGRATE
+                })
+                .count();
+            let mut frames = Vec::new();
+            self.inner.dev.alloc_many(base, &mut frames);
+            let mut frames = frames.into_iter();
             let mut i = 0;
             while i < mig.npages() {
                 let w = mig.src[i];
@@ -1142,7 +1177,10 @@ impl DeviceMirror {
                     }
                 }
                 let w = mig.src[i];
-                if let Some(f) = self.alloc_or_evict(&mut mig, &pm, i) {
+                if let Some(f) = frames
+                    .next()
+                    .or_else(|| self.alloc_or_evict(&mut mig, &pm, i))
+                {
                     if self.inner.dev.copy_fails() || mig.copy_to_frame(i, &pm, f).is_err() {
                         pm.free(f, false);
                         i += 1;
@@ -1154,6 +1192,9 @@ impl DeviceMirror {
                     }) | (w & MIGRATE_PFN_WRITE);
                 }
                 i += 1;
+            }
+            for f in frames {
+                pm.free(f, false);
             }
             mig.pages();
             // Free the frames of pages declined at commit (dst set, but no longer migrating).
@@ -1178,34 +1219,42 @@ impl DeviceMirror {
             let seq = mig.notifier_seq(&notifier);
             let start = mig.start;
             let (src, dst) = mig.finalize();
+            // In holds of up to `PT_CHUNK` entries, the sequence checked in each: an
+            // invalidation between two holds stops the mapping (it cleared what was mapped
+            // before it); the rest re-faults.
             let mut pt = lock(&self.inner.pt);
-            if !notifier.read_retry(seq) {
-                let mut i = 0;
-                while i < src.len() {
-                    let (w, d) = (src[i], dst[i]);
-                    let span = if w & MIGRATE_PFN_COMPOUND != 0 {
-                        PAGES_PER_LARGE
-                    } else {
-                        1
-                    };
-                    if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d)
-                        && w & MIGRATE_PFN_MIGRATE != 0
-                    {
-                        for k in 0..span {
-                            pt.insert(
-                                start.page().0 + i + k,
-                                DevPte {
-                                    target: PageTarget::Device {
-                                        pagemap: pm.id(),
-                                        frame: FrameIdx(frame.0 + k as u32),
-                                    },
-                                    write: d & MIGRATE_PFN_WRITE != 0,
-                                    atomic: false,
+            let mut held = 0;
+            let mut i = 0;
+            while i < src.len() && !notifier.read_retry(seq) {
+                let (w, d) = (src[i], dst[i]);
+                let span = if w & MIGRATE_PFN_COMPOUND != 0 {
+                    PAGES_PER_LARGE
+                } else {
+                    1
+                };
+                if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d)
+                    && w & MIGRATE_PFN_MIGRATE != 0
+                {
+                    for k in 0..span {
+                        pt.insert(
+                            start.page().0 + i + k,
+                            DevPte {
+                                target: PageTarget::Device {
+                                    pagemap: pm.id(),
+                                    frame: FrameIdx(frame.0 + k as u32),
                                 },
-                            );
-                        }
+                                write: d & MIGRATE_PFN_WRITE != 0,
+                                atomic: false,
+                            },
+                        );
                     }
-                    i += span;
+                    held += span;
+                }
+                i += span;
+                if held >= PT_CHUNK {
+                    drop(pt);
+                    pt = lock(&self.inner.pt);
+                    held = 0;
                 }
             }
             drop(pt);

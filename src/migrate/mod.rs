@@ -1,23 +1,26 @@
 //! Migration in the kernel's three phases (`mm/migrate_device.c`).
 //!
-//! 1. [`migrate_vma_setup`] — *collect and unmap*. Under the address space's state lock:
-//!    selects the pages the flags and owner allow (skipping pages another migration owns), runs
-//!    the interval notifiers (MIGRATE, with the initiator as owner), marks the selected pages
-//!    MIGRATING (the kernel's migration entries) and registers the migration; then releases the
-//!    lock and write-protects the selected system pages so that their bytes cannot change while
-//!    the driver copies them. Until finalize, a CPU fault on a marked page waits for the
-//!    migration, `range_fault` on one waits and returns EBUSY, and operations that change
-//!    mappings over the range (unmap, protect, pins, exclusive access, eviction) wait; the rest
-//!    of the space is served meanwhile. On return: `src[i]` has `MIGRATE_PFN_MIGRATE` for every
-//!    page that may move, and `cpages` counts them.
+//! 1. [`migrate_vma_setup`] — *collect and unmap*. Registers the migration (its claim on the
+//!    range) first; then, in chunks of up to 64 pages (a 2 MiB unit whole), one hold of the
+//!    address space's state lock each: selects the pages the flags and owner allow (skipping
+//!    pages another migration owns), runs the interval notifiers (MIGRATE, with the initiator as
+//!    owner) over the chunk and marks the selected pages MIGRATING (the kernel's migration
+//!    entries); then, without the lock, write-protects the selected system pages so that their
+//!    bytes cannot change while the driver copies them. Until finalize, a CPU fault on a marked
+//!    page waits for the migration, `range_fault` on one waits and returns EBUSY, and
+//!    operations that change mappings over the range (unmap, protect, pins, exclusive access,
+//!    eviction) wait; the rest of the space is served meanwhile, between two holds too. On
+//!    return: `src[i]` has `MIGRATE_PFN_MIGRATE` for every page that may move, and `cpages`
+//!    counts them.
 //! 2. The driver allocates destinations and copies ([`MigrateVma::copy_to_frame`]); it sets
 //!    `dst[i]` (`migrate_pfn(target) | flags`) or leaves it 0 to decline the page.
 //! 3. [`MigrateVma::pages`] — *commit*: a page whose `dst` is 0 stops migrating. Then
 //!    [`MigrateVma::finalize`]: migrated pages point at their new frame (system pages are
 //!    dropped from the CPU view; device pages going to system memory are copied into it), old
 //!    frames are freed, declined pages are left exactly as they were (write protection removed).
-//!    The drops and copies run without the state lock (the pages are still marked); only the
-//!    commit of the entries takes it.
+//!    The drops and copies run without the state lock (the pages are still marked; pages in
+//!    consecutive device frames come back with one copy); only the commit of the entries takes
+//!    it, again in chunks, each page's mark cleared in the hold that commits it.
 //!
 //! A `MigrateVma` dropped without `finalize` finalizes with every page declined.
 //!
@@ -155,11 +158,33 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     let n = r.pages();
     let mut src = vec![0u64; n];
     let mut protected = vec![false; n];
+    let mut marked = vec![false; n];
     let mut cpages = 0;
     let compound = args.flags & SELECT_COMPOUND != 0;
     let wbit = if writable { MIGRATE_PFN_WRITE } else { 0 };
+    // The claim first: from now on operations that change mappings over the range wait for
+    // this migration, so the mapping stays as checked while the pages are selected in chunks,
+    // one lock hold each (faults on the rest of the space are served between two holds). A page
+    // of a later chunk that a fault serves meanwhile is selected in its new state.
+    let id = st.register_claim(r);
     let mut i = 0;
+    let mut chunk_start = 0;
     while i < n {
+        if i >= chunk_start + CHUNK_PAGES {
+            mark_chunk(
+                core,
+                &mut st,
+                r,
+                chunk_start,
+                i,
+                &src,
+                &mut marked,
+                args.pgmap_owner,
+            );
+            drop(st);
+            st = core.lock_state();
+            chunk_start = i;
+        }
         let a = r.start.add(i * PAGE_SIZE);
         let v = st.vma(a).expect("inside the mapping");
         let vi = v.idx(a);
@@ -287,37 +312,16 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         }
         i += 1;
     }
-    core.invalidate(&st, r, NotifyEvent::Migrate, Some(args.pgmap_owner));
-    // Mark the pages that may move (the kernel's migration entries) and register the
-    // migration; then release the lock: the write protection, the driver's allocation and
-    // copies run without it, and faults on other pages of the space go on meanwhile (faults on
-    // these pages wait, device faults on them get EBUSY, operations that change mappings over
-    // the range wait).
-    let mut marked = vec![false; n];
-    {
-        // The range lies in one mapping (checked above): mark its entries in place.
-        let v = st.vma_mut(r.start).expect("inside the mapping");
-        let base = v.idx(r.start);
-        let mut i = 0;
-        while i < n {
-            let span = if src[i] & MIGRATE_PFN_COMPOUND != 0 {
-                PAGES_PER_LARGE
-            } else {
-                1
-            };
-            if src[i] & MIGRATE_PFN_MIGRATE != 0 {
-                for (p, m) in v.ptes[base + i..base + i + span]
-                    .iter_mut()
-                    .zip(&mut marked[i..i + span])
-                {
-                    *p = p.with_migrating(true);
-                    *m = true;
-                }
-            }
-            i += span;
-        }
-    }
-    let id = st.register_claim(r);
+    mark_chunk(
+        core,
+        &mut st,
+        r,
+        chunk_start,
+        n,
+        &src,
+        &mut marked,
+        args.pgmap_owner,
+    );
     drop(st);
     let mut mig = MigrateVma {
         core,
@@ -353,6 +357,59 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         }
     }
     Ok(mig)
+}
+
+/// Pages a migration selects, or commits, in one hold of the address space's lock: a hold is
+/// then a few microseconds, and a fault on another page of the space waits at most that long.
+/// (A 2 MiB unit is selected and committed whole, in one hold.) Under the schedule explorer one
+/// page: every page boundary of a migration is then a point where a fault may come in.
+const CHUNK_PAGES: usize = if cfg!(test) { 1 } else { 64 };
+
+/// The end of a setup chunk, slots `from..to` of the migration over `r` selected: runs the
+/// interval notifiers (MIGRATE, with the initiator as owner) over the chunk's pages and marks
+/// those that may move MIGRATING (the kernel's migration entries), in the hold that selected
+/// them. From then on a CPU fault on one waits for the migration, a device fault on one gets
+/// EBUSY.
+#[allow(clippy::too_many_arguments)]
+fn mark_chunk(
+    core: &SpaceCore,
+    st: &mut SpaceState,
+    r: VaRange,
+    from: usize,
+    to: usize,
+    src: &[u64],
+    marked: &mut [bool],
+    owner: Owner,
+) {
+    if from >= to {
+        return;
+    }
+    let cr = VaRange {
+        start: r.start.add(from * PAGE_SIZE),
+        end: r.start.add(to * PAGE_SIZE),
+    };
+    core.invalidate(st, cr, NotifyEvent::Migrate, Some(owner));
+    // The range lies in one mapping (checked at setup, kept by the claim): mark in place.
+    let v = st.vma_mut(r.start).expect("a claimed range is mapped");
+    let base = v.idx(r.start);
+    let mut i = from;
+    while i < to {
+        let span = if src[i] & MIGRATE_PFN_COMPOUND != 0 {
+            PAGES_PER_LARGE
+        } else {
+            1
+        };
+        if src[i] & MIGRATE_PFN_MIGRATE != 0 {
+            for (p, m) in v.ptes[base + i..base + i + span]
+                .iter_mut()
+                .zip(&mut marked[i..i + span])
+            {
+                *p = p.with_migrating(true);
+                *m = true;
+            }
+        }
+        i += span;
+    }
 }
 
 /// A run of migrated slots being gathered into one trace event.
@@ -699,7 +756,13 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
-        // Pass 2 (no lock).
+        // Pass 2 (no lock). What each slot places in the CPU view: a hole going to coherent
+        // memory its zeros, a page leaving device-private memory its frame's bytes.
+        enum Place<'p> {
+            Zeros,
+            Frame(&'p Arc<Pagemap>, FrameIdx),
+        }
+        let mut plan: Vec<(usize, usize, Place<'_>)> = Vec::new();
         let mut i = 0;
         while i < n {
             let w = self.src[i];
@@ -710,74 +773,163 @@ impl MigrateVma<'_> {
             }
             let src_pm = pm_of(w).filter(|p| p.kind() == MemoryKind::Private);
             let hole = migrate_pfn_target(w).is_none();
-            let (a, len) = (self.addr(i), span * PAGE_SIZE);
-            let placed = match migrate_pfn_target(self.dst[i]) {
-                Some(PageTarget::Device { .. })
-                    if kind_of(self.dst[i]) == Some(MemoryKind::Coherent) =>
+            let place = match (
+                migrate_pfn_target(self.dst[i]),
+                src_pm,
+                migrate_pfn_target(w),
+            ) {
+                // Into device-coherent memory the CPU page is the frame: a hole is zero-filled,
+                // a private device page copied back (a system or coherent page is already
+                // there); the page stays mapped.
+                (Some(PageTarget::Device { .. }), _, _)
+                    if kind_of(self.dst[i]) == Some(MemoryKind::Coherent) && hole =>
                 {
-                    // Into device-coherent memory the CPU page is the frame: a hole is
-                    // zero-filled, a private device page copied back (a system or coherent
-                    // page is already there); the page stays mapped.
-                    match (&src_pm, migrate_pfn_target(w)) {
-                        _ if hole => Some(core.mm.install(a, &core.zero, 0, len, self.mode)),
-                        (Some(spm), Some(PageTarget::Device { frame, .. })) => {
-                            Some(self.install_unlocked(spm, frame, a, len))
-                        }
-                        _ => None,
-                    }
+                    Some(Place::Zeros)
                 }
-                Some(PageTarget::System(_)) => match (&src_pm, migrate_pfn_target(w)) {
-                    (Some(spm), Some(PageTarget::Device { frame, .. })) => {
-                        spm.charge_migration(len);
-                        // A page already present (installed by nothing else: it is ours) is
-                        // as good as placed.
-                        Some(match self.install_unlocked(spm, frame, a, len) {
-                            Err(crate::sys::UffdError::Exists) => Ok(()),
-                            other => other,
-                        })
-                    }
-                    _ => None,
-                },
+                (
+                    Some(PageTarget::Device { .. }),
+                    Some(spm),
+                    Some(PageTarget::Device { frame, .. }),
+                ) if kind_of(self.dst[i]) == Some(MemoryKind::Coherent) => {
+                    Some(Place::Frame(spm, frame))
+                }
+                (
+                    Some(PageTarget::System(_)),
+                    Some(spm),
+                    Some(PageTarget::Device { frame, .. }),
+                ) => {
+                    spm.charge_migration(span * PAGE_SIZE);
+                    Some(Place::Frame(spm, frame))
+                }
                 _ => None,
             };
-            if let Some(Err(_)) = placed {
-                // Drop whatever part of the range the failed install filled: the page stays
-                // where it was (its frame too), and finalize reports it as not migrated.
+            if let Some(p) = place {
+                plan.push((i, span, p));
+            }
+            i += span;
+        }
+        // Consecutive slots whose bytes are consecutive frames of one device are placed with one
+        // `UFFDIO_COPY` (a page already present, installed by nothing else, is ours: `fill`
+        // steps over it). A run that fails is placed again slot by slot, so that exactly the
+        // slots that cannot be placed are declined.
+        let mut k = 0;
+        while k < plan.len() {
+            let (first, _, ref p0) = plan[k];
+            let mut end = k + 1;
+            if let Place::Frame(pm0, f0) = p0 {
+                while end < plan.len() {
+                    let (j, _, ref pj) = plan[end];
+                    let (pj_start, _, _) = plan[end - 1];
+                    let contiguous = j == pj_start + plan[end - 1].1;
+                    match pj {
+                        Place::Frame(pm, f)
+                            if contiguous
+                                && Arc::ptr_eq(pm, pm0)
+                                && f.0 as usize == f0.0 as usize + (j - first) =>
+                        {
+                            end += 1
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            let (last, last_span, _) = plan[end - 1];
+            let (a, len) = (self.addr(first), (last + last_span - first) * PAGE_SIZE);
+            let placed = match p0 {
+                Place::Zeros => core.mm.install(a, &core.zero, 0, len, self.mode),
+                Place::Frame(pm, f) => self.install_unlocked(pm, *f, a, len),
+            };
+            if placed.is_err() {
+                // Drop whatever part of the run the failed install filled; then slot by slot:
+                // a slot that fails again stays where it was (its frame too), and finalize
+                // reports it as not migrated.
                 let _ = core.mm.zap(VaRange {
                     start: a,
                     end: a.add(len),
                 });
-                declined[i] = true;
+                for (j, span, p) in &plan[k..end] {
+                    let (aj, lj) = (self.addr(*j), span * PAGE_SIZE);
+                    let again = match p {
+                        Place::Zeros => core.mm.install(aj, &core.zero, 0, lj, self.mode),
+                        Place::Frame(pm, f) => self.install_unlocked(pm, *f, aj, lj),
+                    };
+                    if again.is_err() {
+                        let _ = core.mm.zap(VaRange {
+                            start: aj,
+                            end: aj.add(lj),
+                        });
+                        declined[*j] = true;
+                    }
+                }
+            }
+            k = end;
+        }
+        // Write protection comes off the pages that stay in (or went to) the CPU view now,
+        // while every page of the migration is still marked: no other migration can select and
+        // protect one of them again meanwhile, so this cannot undo its protection.
+        let mut unprotect = vec![false; n];
+        let mut i = 0;
+        while i < n {
+            let w = self.src[i];
+            let span = span_of(w);
+            let migrated = w & MIGRATE_PFN_MIGRATE != 0 && !declined[i];
+            if !migrated || kind_of(self.dst[i]) != Some(MemoryKind::Private) {
+                unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
             }
             i += span;
         }
-        // Pass 3 (under the lock).
-        let mut st = core.lock_state();
-        // The pages are this migration's no more; the migration leaves the space's list. The
-        // range is still one mapping: operations that split or unmap it waited for this
-        // migration.
-        if let Some(v) = st.vma_mut(self.start) {
-            let base = v.idx(self.start);
-            for (k, &m) in self.marked.iter().enumerate() {
-                if m {
-                    v.ptes[base + k] = v.ptes[base + k].with_migrating(false);
-                }
+        if self.writable {
+            for (s, e) in runs(&unprotect) {
+                let r = VaRange {
+                    start: self.start.add(s * PAGE_SIZE),
+                    end: self.start.add(e * PAGE_SIZE),
+                };
+                let _ = core.mm.write_protect(r, false, self.mode);
             }
         }
-        st.release_claim(self.id);
+        // Pass 3 (under the lock, in chunks of `CHUNK_PAGES`): a page's entry is committed and
+        // its mark cleared in one hold. A page of a later chunk stays marked until its own hold
+        // (its CPU page may be dropped already: a fault on it waits for this migration rather
+        // than finding a stale entry over a missing page). The range is still one mapping:
+        // operations that split or unmap it wait for the claim, released in the last hold.
         // Pages moved are traced in runs: consecutive slots moving the same way to or from the
         // same device make one event.
         let mut run = TraceRun::default();
-        // Old frames, freed once the lock is released (nothing names them any more).
+        // Old frames, and destinations of declined pages, freed once the lock is released
+        // (nothing names them any more).
         let mut to_free = Vec::new();
+        let mut st = core.lock_state();
+        let mut chunk_start = 0;
         let mut i = 0;
         while i < n {
+            if i >= chunk_start + CHUNK_PAGES {
+                self.unmark(&mut st, chunk_start, i);
+                drop(st);
+                st = core.lock_state();
+                chunk_start = i;
+            }
             let w = self.src[i];
             let a = self.addr(i);
             let compound = w & MIGRATE_PFN_COMPOUND != 0;
             let span = span_of(w);
-            if w & MIGRATE_PFN_MIGRATE == 0 || declined[i] {
-                declined[i] = w & MIGRATE_PFN_MIGRATE != 0;
+            if w & MIGRATE_PFN_MIGRATE == 0 {
+                i += span;
+                continue;
+            }
+            if declined[i] {
+                // A driver may have mapped the destination already: drop that mapping before
+                // the frame is freed.
+                if let (Some(PageTarget::Device { frame, .. }), Some(dpm)) =
+                    (migrate_pfn_target(self.dst[i]), pm_of(self.dst[i]))
+                {
+                    let r = VaRange {
+                        start: a,
+                        end: self.addr(i + span),
+                    };
+                    core.invalidate(&st, r, NotifyEvent::Migrate, None);
+                    to_free.push((dpm, frame, self.dst[i] & MIGRATE_PFN_COMPOUND != 0));
+                }
+                self.src[i] &= !MIGRATE_PFN_MIGRATE;
                 i += span;
                 continue;
             }
@@ -860,49 +1012,26 @@ impl MigrateVma<'_> {
             run.add(&st, core.id, moving, a, i, span);
             i += span;
         }
+        self.unmark(&mut st, chunk_start, n);
         run.flush(&st, core.id);
-        // Declined pages.
-        let mut unprotect = vec![false; n];
-        let mut i = 0;
-        while i < n {
-            let w = self.src[i];
-            let span = span_of(w);
-            let migrated = w & MIGRATE_PFN_MIGRATE != 0 && !declined[i];
-            // Pages that stay in (or went to) the CPU view keep no write protection.
-            let stays_mapped = !migrated || kind_of(self.dst[i]) != Some(MemoryKind::Private);
-            if stays_mapped {
-                unprotect[i..i + span].copy_from_slice(&self.protected[i..i + span]);
-            }
-            if w & MIGRATE_PFN_MIGRATE != 0 && declined[i] {
-                if let Some(PageTarget::Device { pagemap, frame }) = migrate_pfn_target(self.dst[i])
-                {
-                    let r = VaRange {
-                        start: self.addr(i),
-                        end: self.addr(i + span),
-                    };
-                    core.invalidate(&st, r, NotifyEvent::Migrate, None);
-                    st.pagemap(pagemap)
-                        .free(frame, self.dst[i] & MIGRATE_PFN_COMPOUND != 0);
-                }
-                self.src[i] &= !MIGRATE_PFN_MIGRATE;
-            }
-            i += span;
-        }
-        // Under the lock: once the claim is released another migration may protect these
-        // pages again, and this one's unprotect must not undo that.
-        if self.writable {
-            for (s, e) in runs(&unprotect) {
-                let r = VaRange {
-                    start: self.start.add(s * PAGE_SIZE),
-                    end: self.start.add(e * PAGE_SIZE),
-                };
-                let _ = core.mm.write_protect(r, false, self.mode);
-            }
-        }
+        st.release_claim(self.id);
         drop(st);
         core.notify_migrations_done();
         for (pm, frame, large) in to_free {
             pm.free(frame, large);
+        }
+    }
+
+    /// Clears the MIGRATING marks this migration set on slots `from..to` (a committed page's
+    /// new entry carries none already).
+    fn unmark(&self, st: &mut SpaceState, from: usize, to: usize) {
+        if let Some(v) = st.vma_mut(self.start) {
+            let base = v.idx(self.start);
+            for k in from..to {
+                if self.marked[k] {
+                    v.ptes[base + k] = v.ptes[base + k].with_migrating(false);
+                }
+            }
         }
     }
 

@@ -53,6 +53,13 @@ pub enum FaultMode {
 pub trait Mm: Send + Sync {
     /// The reserved range.
     fn reservation(&self) -> VaRange;
+    /// Fault injection (the model only): from now on, installs into the pages of `r` fail with
+    /// ENOMEM, after the pages before them in the same call are placed (as `UFFDIO_COPY` does),
+    /// until called with `None`. Returns false where not supported (the real kernel).
+    #[cfg(any(test, feature = "testing"))]
+    fn fail_installs(&self, _r: Option<VaRange>) -> bool {
+        false
+    }
     /// Creates a mapping over a free (never-registered) part of the reservation.
     fn map(&self, r: VaRange, prot: Prot, mode: FaultMode) -> io::Result<()>;
     /// Changes the protection of a mapped range.
@@ -652,6 +659,8 @@ struct ModelState {
     /// kernel's zap keeps a marker where the entry was protected and leaves an empty entry, which
     /// a scan reports as written, where it was not.
     unprotected: std::collections::HashSet<usize>,
+    /// Pages whose installs fail ([`Mm::fail_installs`]).
+    failing: Option<(usize, usize)>,
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -987,6 +996,10 @@ impl Mm for ModelMm {
     fn reservation(&self) -> VaRange {
         self.range
     }
+    fn fail_installs(&self, r: Option<VaRange>) -> bool {
+        lock(&self.st).failing = r.map(|r| (r.start.page().0, r.end.page().0));
+        true
+    }
     fn map(&self, r: VaRange, prot: Prot, _mode: FaultMode) -> io::Result<()> {
         let (first, last) = (r.start.page().0, r.end.page().0);
         let mut st = lock(&self.st);
@@ -1023,6 +1036,9 @@ impl Mm for ModelMm {
         let mut st = lock(&self.st);
         for p in 0..len / PAGE_SIZE {
             let vpn = dst.page().0 + p;
+            if st.failing.is_some_and(|(s, e)| (s..e).contains(&vpn)) {
+                return Err(UffdError::Os(libc::ENOMEM));
+            }
             let Some((start, v)) = st.vma(vpn) else {
                 return Err(UffdError::Os(libc::ENOENT));
             };

@@ -8,10 +8,11 @@
 //!
 //! # Frames and large frames
 //!
-//! The pool is cut into 2 MiB blocks. A block is either whole (a free or allocated large frame)
-//! or split into 512 base frames. Base frames come from split blocks; a large allocation takes a
-//! whole free block. Freed base frames go back to the base free list (blocks are not coalesced
-//! again: a pool that has served base frames keeps them as base frames).
+//! The pool is cut into 2 MiB blocks, with one free bit per frame and a count of free frames
+//! per block. A large allocation takes the lowest wholly free block; a base allocation takes the
+//! lowest free frame (first fit), so consecutive allocations get consecutive frames wherever the
+//! pool has them (a migration's pages then come back with one copy per run), and a block whose
+//! base frames are all freed is whole again for a large allocation.
 //!
 //! # Per-frame metadata
 //!
@@ -33,7 +34,7 @@
 //!
 //! # Locks
 //!
-//! `PoolState` (free lists, counts) is protected by `Pagemap::state`. It is a leaf lock: nothing
+//! `PoolState` (the free bitmap, counts) is protected by `Pagemap::state`. It is a leaf lock: nothing
 //! else is taken while holding it.
 
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE};
@@ -63,14 +64,60 @@ pub struct PagemapId(pub u8);
 
 #[derive(Debug)]
 struct PoolState {
-    /// Whole free 2 MiB blocks (block index).
-    free_large: Vec<u32>,
-    /// Free base frames (frame index).
-    free_base: Vec<u32>,
+    /// One bit per frame, set while the frame is free.
+    free: Vec<u64>,
+    /// Free frames in each 2 MiB block (512: the block can be allocated large).
+    block_free: Vec<u16>,
+    /// Every block below this one is full (a hint: the search for a free frame starts here).
+    lo: usize,
     /// Allocated frames, in base frames.
     used: usize,
     /// Which blocks are allocated as one large frame.
     large_alloc: Vec<bool>,
+}
+
+/// Bitmap words per 2 MiB block.
+const WORDS_PER_BLOCK: usize = PAGES_PER_LARGE / 64;
+
+impl PoolState {
+    /// Takes the lowest free base frame (first fit: consecutive allocations get consecutive
+    /// frames where the pool has them, and whole blocks stay whole for large allocations as long
+    /// as lower blocks have room), or `None` when the pool is full.
+    fn take_lowest(&mut self) -> Option<u32> {
+        while self.lo < self.block_free.len() && self.block_free[self.lo] == 0 {
+            self.lo += 1;
+        }
+        let b = self.lo;
+        if b == self.block_free.len() {
+            return None;
+        }
+        let w0 = b * WORDS_PER_BLOCK;
+        let (w, word) = self.free[w0..w0 + WORDS_PER_BLOCK]
+            .iter()
+            .enumerate()
+            .find(|(_, x)| **x != 0)
+            .map(|(k, x)| (w0 + k, *x))
+            .expect("a block with free frames has a set bit");
+        let bit = word.trailing_zeros() as usize;
+        self.free[w] &= !(1u64 << bit);
+        self.block_free[b] -= 1;
+        self.used += 1;
+        Some((w * 64 + bit) as u32)
+    }
+
+    /// Marks base frame `f` free again.
+    fn put(&mut self, f: u32) {
+        let (w, bit) = (f as usize / 64, f as usize % 64);
+        assert!(
+            self.free[w] & (1u64 << bit) == 0,
+            "free of a frame that is free"
+        );
+        let b = f as usize / PAGES_PER_LARGE;
+        self.free[w] |= 1u64 << bit;
+        self.block_free[b] += 1;
+        self.used -= 1;
+        self.lo = self.lo.min(b);
+    }
 }
 
 /// The largest pool: a frame index has 32 bits (in page entries), so 2^32 frames of 4 KiB.
@@ -285,23 +332,24 @@ impl Pagemap {
         };
         let rmap = crate::sys::zeroed_atomics(nframes).map_err(no_mem)?;
         let flags = crate::sys::zeroed_atomics(nframes).map_err(no_mem)?;
-        let mut free_base = Vec::new();
-        free_base
-            .try_reserve_exact(nframes)
+        let mut free = Vec::new();
+        free.try_reserve_exact(nframes / 64)
             .map_err(|_| Error::NoMemory {
-                what: "the pool's free list",
+                what: "the pool's free bitmap",
             })?;
+        free.resize(nframes / 64, u64::MAX);
         Ok(Pagemap {
             id,
             kind,
             owner,
             store,
             nframes,
-            // Both free lists are allocated at their largest now: freeing a frame (which the CPU
-            // fault path does, in a SIGBUS handler) never allocates.
+            // The bitmap has a bit for every frame now: freeing a frame (which the CPU fault
+            // path does, in a SIGBUS handler) never allocates.
             state: Mutex::new(PoolState {
-                free_large: (0..blocks as u32).rev().collect(),
-                free_base,
+                free,
+                block_free: vec![PAGES_PER_LARGE as u16; blocks],
+                lo: 0,
                 used: 0,
                 large_alloc: vec![false; blocks],
             }),
@@ -382,36 +430,46 @@ impl Pagemap {
         lock(&self.state).used * PAGE_SIZE
     }
 
-    /// Allocates a base frame.
+    /// Allocates a base frame: the lowest free one.
     pub fn alloc(&self) -> Result<FrameIdx> {
         let mut st = lock(&self.state);
-        if st.free_base.is_empty() {
-            let Some(block) = st.free_large.pop() else {
-                return Err(Error::NoMemory {
-                    what: "device memory",
-                });
-            };
-            let first = block * PAGES_PER_LARGE as u32;
-            st.free_base
-                .extend((first..first + PAGES_PER_LARGE as u32).rev());
-        }
-        let f = st.free_base.pop().expect("refilled above");
-        st.used += 1;
+        let f = st.take_lowest().ok_or(Error::NoMemory {
+            what: "device memory",
+        })?;
         self.set_flags(f as usize, 1, frame_flags::ALLOCATED);
         Ok(FrameIdx(f))
     }
 
-    /// Allocates a large frame (512 contiguous base frames, 2 MiB aligned).
+    /// Allocates up to `n` base frames in one hold of the pool's lock, appended to `out` in
+    /// ascending order, the lowest free ones: the pages a migration moves together then lie in
+    /// consecutive frames wherever the pool has them, and are copied back with one call. Fewer
+    /// when the pool runs out: the caller deals with the rest one frame at a time.
+    pub fn alloc_many(&self, n: usize, out: &mut Vec<FrameIdx>) {
+        let mut st = lock(&self.state);
+        for _ in 0..n {
+            let Some(f) = st.take_lowest() else { break };
+            self.set_flags(f as usize, 1, frame_flags::ALLOCATED);
+            out.push(FrameIdx(f));
+        }
+    }
+
+    /// Allocates a large frame (512 contiguous base frames, 2 MiB aligned): the lowest wholly
+    /// free block.
     pub fn alloc_large(&self) -> Result<FrameIdx> {
         let mut st = lock(&self.state);
-        let Some(block) = st.free_large.pop() else {
+        let Some(block) =
+            (st.lo..st.block_free.len()).find(|&b| st.block_free[b] as usize == PAGES_PER_LARGE)
+        else {
             return Err(Error::NoMemory {
                 what: "device memory (large frames)",
             });
         };
-        st.large_alloc[block as usize] = true;
+        let w0 = block * WORDS_PER_BLOCK;
+        st.free[w0..w0 + WORDS_PER_BLOCK].fill(0);
+        st.block_free[block] = 0;
+        st.large_alloc[block] = true;
         st.used += PAGES_PER_LARGE;
-        let head = block as usize * PAGES_PER_LARGE;
+        let head = block * PAGES_PER_LARGE;
         self.set_flags(
             head,
             PAGES_PER_LARGE,
@@ -441,15 +499,17 @@ impl Pagemap {
                 "large free of a frame not allocated large"
             );
             st.large_alloc[block] = false;
-            st.free_large.push(block as u32);
+            let w0 = block * WORDS_PER_BLOCK;
+            st.free[w0..w0 + WORDS_PER_BLOCK].fill(u64::MAX);
+            st.block_free[block] = PAGES_PER_LARGE as u16;
             st.used -= PAGES_PER_LARGE;
+            st.lo = st.lo.min(block);
             for f in frame.0 as usize..frame.0 as usize + PAGES_PER_LARGE {
                 self.rmap[f].store(0, Ordering::Release);
             }
             self.set_flags(frame.0 as usize, PAGES_PER_LARGE, 0);
         } else {
-            st.free_base.push(frame.0);
-            st.used -= 1;
+            st.put(frame.0);
             self.rmap[frame.0 as usize].store(0, Ordering::Release);
             self.set_flags(frame.0 as usize, 1, 0);
         }
@@ -525,6 +585,49 @@ mod tests {
                     }
                 );
                 assert!(p.alloc_large().is_ok());
+            },
+            1,
+        );
+    }
+
+    #[test]
+    fn frames_come_lowest_first_and_a_freed_block_is_whole_again() {
+        shuttle::check_random(
+            || {
+                let p = Pagemap::new(PagemapId(1), MemoryKind::Private, Owner(1), 6 << 20).unwrap();
+                let mut got = Vec::new();
+                p.alloc_many(3 * PAGES_PER_LARGE + 7, &mut got);
+                assert_eq!(got.len(), 3 * PAGES_PER_LARGE, "only what the pool has");
+                assert!(
+                    got.iter().enumerate().all(|(k, f)| f.0 as usize == k),
+                    "consecutive frames, ascending"
+                );
+                assert!(p.alloc().is_err() && p.alloc_large().is_err());
+                // Every base frame of the middle block freed: it is one large frame again.
+                for f in &got[PAGES_PER_LARGE..2 * PAGES_PER_LARGE] {
+                    p.free(*f, false);
+                }
+                assert_eq!(p.alloc_large().unwrap(), FrameIdx(PAGES_PER_LARGE as u32));
+                // A freed base frame is the next one handed out (the lowest free).
+                p.free(FrameIdx(5), false);
+                p.free(FrameIdx(3), false);
+                assert_eq!(p.alloc().unwrap(), FrameIdx(3));
+                assert_eq!(p.alloc().unwrap(), FrameIdx(5));
+                assert_eq!(p.used(), 6 << 20);
+            },
+            1,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "free of a frame that is free")]
+    fn a_frame_freed_twice_is_caught_before_the_free_bitmap_changes() {
+        shuttle::check_random(
+            || {
+                let p = Pagemap::new(PagemapId(1), MemoryKind::Private, Owner(1), 2 << 20).unwrap();
+                let f = p.alloc().unwrap();
+                p.free(f, false);
+                p.free(f, false);
             },
             1,
         );

@@ -1026,6 +1026,20 @@ impl Space {
         self.core.remove_notifier(n)
     }
 
+    /// Fault injection for a model space ([`Space::new_model`]): from now on, placing pages into
+    /// the CPU view of `r` (`UFFDIO_COPY`) fails with ENOMEM, until called with `None`. EINVAL
+    /// on a space over the real kernel.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn fail_cpu_installs(&self, r: Option<VaRange>) -> Result<()> {
+        if self.core.mm.fail_installs(r) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(
+                "install failures are injected into model spaces only",
+            ))
+        }
+    }
+
     /// Where the page containing `addr` lives.
     pub fn residency(&self, addr: VirtAddr) -> Residency {
         let st = lock(&self.core.state);
