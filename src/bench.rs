@@ -1404,8 +1404,9 @@ fn hetmem_file_sweep(space: &Space, h: &FileHandle, len: usize, how: &Sweep<'_>)
     let t = Instant::now();
     let a = space.map_file(h, 0, len, Prot::Read, true)?;
     let r = file_sweep(len, how, &mut buf, t, |off, buf| {
-        // Inside the live mapping made above; faults are served by hetmem in this thread.
-        sys::cpu_read(a.get() + off, buf);
+        // Inside the live mapping made above (read-only: nothing writes it); faults are served
+        // by hetmem in this thread. A plain memcpy, as the kernel side's.
+        sys::cpu_read_raw(a.get() + off, buf);
         Ok(())
     });
     space.unmap(a, len)?;

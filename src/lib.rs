@@ -9,11 +9,12 @@
 //! prefetch, what to do when device memory is full), a [`policy::Policy`] decides, and an event
 //! trace ([`policy::trace`]) records what happened.
 //!
-//! `unsafe` lives in [`sys`] only; locks come through [`sync`]. See `docs/architecture.md`.
+//! `unsafe` lives in the system-call layer (`sys`) only; locks come through one facade (`sync`);
+//! both are internals, hidden from these docs. See `docs/architecture.md`.
 
 #![doc = include_str!("../README.md")]
 #![deny(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 // The tree follows the kernel objects (see docs/architecture.md, "Modules", for which module
 // uses which: there is no cycle, and `tests/layers.rs` keeps it so): the foundations
@@ -35,16 +36,25 @@ pub mod pagecache;
 pub mod policy;
 pub mod pool;
 pub mod space;
+// Internals: the lock facade (public for the crate's tests and fuzz targets; not part of the
+// API, hidden from the docs).
+#[doc(hidden)]
 pub mod sync;
+// Internals: the system-call layer, where every `unsafe` block lives (public for the crate's
+// tests and fuzz targets; not part of the API, hidden from the docs). `Prot` is re-exported.
+#[doc(hidden)]
 pub mod sys;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 
 pub use addr::{PAGE_SIZE, VaRange, VirtAddr, Vpn};
-pub use device::{Cmd, CmdOut, DeviceConfig, DeviceMirror, DmirrorCmd, SoftDevice};
+pub use device::{
+    Cmd, CmdOut, DeviceConfig, DeviceMirror, DmirrorCmd, FLAG_FAIL_ALLOC, SoftDevice, snap,
+};
 pub use error::{Error, Result};
 pub use mm::FaultMode;
-pub use pool::{FrameOwner, FrameStore, HostFrames, MemoryKind, Owner};
+pub use pagecache::{CacheConfig, FileCache, FileHandle};
+pub use pool::{FrameOwner, FrameStore, HostFrames, MemoryKind, Owner, Region};
 pub use space::{FileMapOptions, MapOptions, Pin, Residency, Space, SpaceConfig, SpaceStats};
-pub use sys::Prot;
+pub use sys::{LARGE_PAGE_SIZE, Prot};

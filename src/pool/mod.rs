@@ -40,7 +40,12 @@
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE};
 use crate::error::{Error, Result};
 use crate::sync::{Mutex, Ordering, lock};
-use crate::sys::{LARGE_PAGE_SIZE, Prot, Region};
+use crate::sys::{LARGE_PAGE_SIZE, Prot};
+
+/// An owned anonymous mapping of hetmem's own memory (never a managed address): what a
+/// [`FrameStore`] that the CPU can address exposes ([`FrameStore::host_view`]), and the source and
+/// destination of its copies.
+pub use crate::sys::Region;
 
 /// The memory type of a pagemap (`enum memory_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

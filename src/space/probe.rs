@@ -1,4 +1,5 @@
-//! Word-sized CPU accesses to a range of managed memory, checked once ([`Probe`]).
+//! Safe CPU accesses (words and byte copies) to a range of managed memory, checked once
+//! ([`Probe`]), and what is sound about them.
 
 use std::os::fd::BorrowedFd;
 
@@ -8,23 +9,37 @@ use crate::error::{Error, Result};
 use crate::sync::lock;
 use crate::sys;
 
-/// Real CPU loads and stores of aligned 4-byte words, and `read(2)` into memory, in a range of
-/// an address space that [`Space::probe`] checked once: what a program's own pointer accesses
-/// do (each may fault into hetmem, or raise SIGSEGV where the protection forbids it), without
-/// the per-access check and lock of [`Space::load_u32`]. So a probe works where taking the
-/// space's lock would not: in a thread that holds a page cache's lock (a file backend's hook),
-/// in a forked child (where the accesses fault: hetmem's ranges are not inherited), in timed
-/// loops.
+/// Safe access to a range of managed memory, checked once: real CPU loads and stores (aligned
+/// 4- and 8-byte words, and byte copies), and `read(2)` into memory, in a range of an address
+/// space that [`Space::probe`] checked. These are what a program's own pointer accesses do (each
+/// may fault into hetmem, or raise SIGSEGV where the protection forbids it), without the
+/// per-access check and lock of [`Space::cpu_read`] / [`Space::load_u32`]. So a probe works
+/// where taking the space's lock would not: in a thread that holds a page cache's lock (a file
+/// backend's hook), in a forked child (where the accesses fault: hetmem's ranges are not
+/// inherited), in timed loops.
 ///
-/// # Why the accesses are sound
+/// # What is sound, and why there are no slices
 ///
-/// When the probe was made, its range was covered by mappings of the space, which runs over the
-/// real kernel; the probe holds a handle to the space, so the space's reservation stays mapped
-/// while it lives. Inside the reservation hetmem keeps every byte either managed memory or a
-/// `PROT_NONE` placeholder (an unmap puts one back), and no Rust object ever lives there, so a
-/// word access can fault but never reaches memory that Rust code owns. The one way out is the
-/// program's own: a direct `mremap` that moves the range away (its pointers into the old range
-/// are then dangling, as for any memory it remaps).
+/// The accesses are volatile-style, as rust-vmm's `vm-memory` accesses guest memory: every byte
+/// is loaded or stored exactly once, by aligned words where possible, and no Rust reference to
+/// managed memory is ever formed. That is what makes them sound while a device may write the
+/// same memory: a device (another thread of the software device, DMA on real hardware) writing a
+/// page while a `&[u8]` over it lives would break what the compiler assumes of a shared
+/// reference (its bytes do not change), and a `&mut [u8]` would not be exclusive. A word the
+/// device writes is seen whole or not at all (aligned 8-byte words); a copy that spans several
+/// words may see some of the device's writes and not others, as a CPU would.
+///
+/// hetmem therefore hands out no slice over managed memory. A program that can prove that no
+/// device maps a range and no other thread writes it may still build one from
+/// [`Space::as_ptr`] (`unsafe`, and its proof is the program's).
+///
+/// The accesses themselves are sound because, when the probe was made, its range was covered by
+/// mappings of the space, which runs over the real kernel; the probe holds a handle to the
+/// space, so the space's reservation stays mapped while it lives. Inside the reservation hetmem
+/// keeps every byte either managed memory or a `PROT_NONE` placeholder (an unmap puts one
+/// back), and no Rust object ever lives there, so an access can fault but never reaches memory
+/// that Rust code owns. The one way out is the program's own: a direct `mremap` that moves the
+/// range away (its pointers into the old range are then dangling, as for any memory it remaps).
 #[derive(Clone, Debug)]
 pub struct Probe {
     space: Space,
@@ -67,7 +82,10 @@ impl Probe {
 
     fn check(&self, addr: VirtAddr, len: usize, align: usize) -> Result<()> {
         if !addr.get().is_multiple_of(align) {
-            return Err(Error::Invalid("u32 access must be 4-byte aligned"));
+            return Err(match align {
+                4 => Error::Invalid("u32 access must be 4-byte aligned"),
+                _ => Error::Invalid("u64 access must be 8-byte aligned"),
+            });
         }
         match addr.checked_add(len) {
             Some(end) if addr >= self.range.start && end <= self.range.end => Ok(()),
@@ -85,6 +103,34 @@ impl Probe {
     pub fn store_u32(&self, addr: VirtAddr, v: u32) -> Result<()> {
         self.check(addr, 4, 4)?;
         sys::cpu_store_u32(addr.get(), v);
+        Ok(())
+    }
+
+    /// A real CPU load of the `u64` at `addr` (8-byte aligned, inside the range).
+    pub fn load_u64(&self, addr: VirtAddr) -> Result<u64> {
+        self.check(addr, 8, 8)?;
+        Ok(sys::cpu_load_u64(addr.get()))
+    }
+
+    /// A real CPU store of `v` at `addr` (8-byte aligned, inside the range).
+    pub fn store_u64(&self, addr: VirtAddr, v: u64) -> Result<()> {
+        self.check(addr, 8, 8)?;
+        sys::cpu_store_u64(addr.get(), v);
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes at `addr` (inside the range) into `dst`, with real CPU loads
+    /// (volatile-style: see the type's doc).
+    pub fn read(&self, addr: VirtAddr, dst: &mut [u8]) -> Result<()> {
+        self.check(addr, dst.len(), 1)?;
+        sys::cpu_read(addr.get(), dst);
+        Ok(())
+    }
+
+    /// Copies `src` to `addr` (inside the range), with real CPU stores (volatile-style).
+    pub fn write(&self, addr: VirtAddr, src: &[u8]) -> Result<()> {
+        self.check(addr, src.len(), 1)?;
+        sys::cpu_write(addr.get(), src);
         Ok(())
     }
 
