@@ -16,6 +16,20 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+/// A debug-level [`tracing`] event of target `hetmem` (a migration finalized, device frames
+/// evicted, a writeback, a file range placed, a CPU fault served outside a signal handler),
+/// except in hetmem's SIGBUS handler: a subscriber may allocate or take locks, which is not
+/// async-signal-safe there (faults served in a signal handler are counted in `SpaceStats` and
+/// recorded by the event trace instead). Silent unless the program installs a subscriber; with
+/// none, an event costs a thread-local read and a load of `tracing`'s global level.
+macro_rules! debug_event {
+    ($($arg:tt)*) => {
+        if !$crate::sys::in_signal_handler() {
+            tracing::debug!(target: "hetmem", $($arg)*);
+        }
+    };
+}
+
 // The tree follows the kernel objects (see docs/architecture.md, "Modules", for which module
 // uses which: there is no cycle, and `tests/layers.rs` keeps it so): the foundations
 // (`addr`, `error`, `sync`, `sys`, and `link`, the link model pools charge copies to), the

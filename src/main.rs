@@ -59,6 +59,14 @@ fn main() -> anyhow::Result<()> {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // hetmem's debug events (migrations, evictions, writeback, faults served outside signal
+    // handlers) on stderr when asked for, e.g. `HETMEM_LOG=hetmem=debug`; silent otherwise.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("HETMEM_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match cli.cmd {
         Command::Demo => {
             let mut out = std::io::stdout().lock();

@@ -1104,11 +1104,17 @@ impl DeviceMirror {
             // A shared file mapping (where the kernel says ENOENT): the file's pages move
             // through its cache, for every mapping of the file at once (see
             // docs/filesystem-contract.md).
-            cache.place_on_device(
+            let n = cache.place_on_device(
                 first * PAGE_SIZE as u64,
                 r.len() as u64,
                 &self.inner.dev.pagemap,
             )?;
+            debug_event!(
+                device = self.owner().0,
+                first_page = first,
+                pages = n,
+                "file pages placed in device memory"
+            );
             return Ok(());
         }
         let pm = self.inner.dev.pagemap.clone();

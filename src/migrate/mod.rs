@@ -1017,6 +1017,18 @@ impl MigrateVma<'_> {
         st.release_claim(self.id);
         drop(st);
         core.notify_migrations_done();
+        debug_event!(
+            space = core.id,
+            start = %self.start,
+            pages = n,
+            migrated = self
+                .src
+                .iter()
+                .filter(|w| **w & MIGRATE_PFN_MIGRATE != 0)
+                .count(),
+            aborted = self.aborted,
+            "migration finalized"
+        );
         for (pm, frame, large) in to_free {
             pm.free(frame, large);
         }

@@ -758,6 +758,7 @@ impl FileCache {
                         }
                     }
                     st.stats.pages_written_back += e - s;
+                    debug_event!(first_page = s, pages = e - s, "written back");
                     self.trace.writeback(s, e - s, len as u64);
                     if st.disk_size < s * PAGE + len as u64 {
                         st.disk_size = s * PAGE + len as u64;

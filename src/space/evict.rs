@@ -174,6 +174,14 @@ impl SpaceCore {
             }
             pending = busy;
         }
+        debug_event!(
+            space = self.id,
+            pagemap = pm.id().0,
+            frames = victims.len(),
+            pages = moved,
+            failed = first_err.is_some(),
+            "device frames evicted"
+        );
         match first_err {
             Some(e) => Err(e),
             None => Ok(moved),

@@ -97,6 +97,13 @@ impl SpaceCore {
             return true;
         }
         self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        debug_event!(
+            space = self.id,
+            addr = %a,
+            write,
+            state = ?pte.state(),
+            "CPU fault"
+        );
         st.trace_with(|| {
             let (state, owner) = if st.file_page(a).is_some() {
                 (FaultState::File, Owner(0))
