@@ -39,8 +39,9 @@ use std::time::{Duration, Instant};
 use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
 use crate::hmm::{
-    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
-    IntervalNotifier, IntervalOps, NotifyRange, PageTarget, hmm_pfn_order, range_fault,
+    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE,
+    HMM_PFN_ZERO, HmmRange, IntervalNotifier, IntervalOps, NotifyRange, PageTarget, hmm_pfn_order,
+    range_fault,
 };
 use crate::link::{LinkModel, LinkProfile, LinkReport, Traffic};
 use crate::migrate::{
@@ -75,8 +76,8 @@ pub mod snap {
     pub const WRITE: u8 = 0x02;
     /// Mapped at PMD level (2 MiB).
     pub const PMD: u8 = 0x04;
-    /// The zero page. Mirrors the kernel's value only: hetmem maps no shared zero page, so a
-    /// snapshot never reports it (an untouched page is [`NONE`]).
+    /// The shared zero page (with [`READ`]): a never-written anonymous page the CPU has read
+    /// (an untouched page is [`NONE`]).
     pub const ZERO: u8 = 0x10;
     /// Device-private page of this device.
     pub const DEV_PRIVATE_LOCAL: u8 = 0x20;
@@ -1445,6 +1446,9 @@ impl DeviceMirror {
         };
         if hmm_pfn_order(w) == 9 {
             b |= snap::PMD;
+        }
+        if w & HMM_PFN_ZERO != 0 {
+            b |= snap::ZERO;
         }
         if let PageTarget::Device { pagemap, .. } = PageTarget::decode(w)
             && let Ok(pm) = self.frame_pagemap(pagemap)

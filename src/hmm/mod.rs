@@ -47,6 +47,10 @@ pub const HMM_PFN_VALID: u64 = 1 << 63;
 pub const HMM_PFN_WRITE: u64 = 1 << 62;
 /// `HMM_PFN_ERROR`.
 pub const HMM_PFN_ERROR: u64 = 1 << 61;
+/// The page is the shared zero page, mapped read-only (a hetmem flag: the kernel's callers test
+/// `is_zero_pfn` on the pfn instead). A device that wants to write it asks with
+/// [`HMM_PFN_REQ_WRITE`], which gives the page a private copy first.
+pub const HMM_PFN_ZERO: u64 = 1 << 60;
 /// `HMM_PFN_REQ_FAULT`.
 pub const HMM_PFN_REQ_FAULT: u64 = HMM_PFN_VALID;
 /// `HMM_PFN_REQ_WRITE`.
@@ -321,6 +325,30 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             space.make_present(&mut st, a)?;
             pte = st.pte(a).expect("still mapped");
         }
+        let mut zero = false;
+        if pte.is_zero_page() {
+            if want_write {
+                // A device store to the zero page: the page gets a private copy first (the
+                // protection comes off; the device's store then copies it, as a CPU store
+                // would).
+                let mode = st.vma(a).expect("mapped").mode;
+                st.set_pte(a, pte.without_zero());
+                space
+                    .mm
+                    .write_protect(
+                        VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        },
+                        false,
+                        mode,
+                    )
+                    .map_err(|e| Error::os("a device store to the zero page", e.into()))?;
+            } else {
+                zero = true;
+                writable = false;
+            }
+        }
         if let Some((cache, page)) = grant_of {
             // The page was filled and not being removed or revoked just now; a revocation that
             // starts from here on invalidates this walk (it needs the space's lock).
@@ -338,6 +366,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
         };
         range.hmm_pfns[i] = HMM_PFN_VALID
             | if writable { HMM_PFN_WRITE } else { 0 }
+            | if zero { HMM_PFN_ZERO } else { 0 }
             | order(pte.large())
             | target.encode();
     }

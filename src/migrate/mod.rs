@@ -404,7 +404,9 @@ fn mark_chunk(
                 .iter_mut()
                 .zip(&mut marked[i..i + span])
             {
-                *p = p.with_migrating(true);
+                // A zero page leaves the mark behind: a migration that declines it removes its
+                // write protection, and it is a private page from then on.
+                *p = p.with_migrating(true).without_zero();
                 *m = true;
             }
         }

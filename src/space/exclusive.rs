@@ -70,6 +70,8 @@ impl SpaceCore {
             .map_err(|e| Error::os("copy into the stash", e))?;
         if let Err(e) = self.mm.zap(r) {
             let _ = self.mm.write_protect(r, false, mode);
+            // Unprotected, a zero page is a private page at its next store.
+            st.set_pte(a, pte.without_zero());
             self.stash.free(frame, false);
             return Err(Error::os("drop page for exclusive access", e));
         }

@@ -182,6 +182,21 @@ impl SpaceCore {
             };
         }
         if pte.state() == PageState::None
+            && !write
+            && st.vma(a).is_some_and(|v| v.file.is_none() && !v.large)
+        {
+            // A read of a never-written anonymous page: the kernel's shared zero page, as the
+            // kernel serves it (no memory until a store; the store faults, write-protected).
+            let mode = st.vma(a).expect("checked").mode;
+            return match self.mm.map_zero_page(a, mode) {
+                Ok(()) => {
+                    st.set_pte(a, Pte::zero_page(pte));
+                    true
+                }
+                Err(_) => unserved("the zero page could not be mapped"),
+            };
+        }
+        if pte.state() == PageState::None
             && st
                 .vma(a)
                 .is_some_and(|v| v.file.is_none() && v.mode == FaultMode::Signal)
@@ -202,6 +217,13 @@ impl SpaceCore {
                 }
                 Err(_) => unserved("the page could not be zero-filled or filled from the file"),
             },
+            PageState::Present if pte.is_zero_page() && !write => {
+                // A read fault on the zero page: a direct madvise dropped it (the kernel raises
+                // no event). Map it again.
+                let mode = st.vma(a).expect("pte found").mode;
+                self.mm.map_zero_page(a, mode).is_ok()
+                    || unserved("the zero page could not be mapped again")
+            }
             PageState::Present => {
                 // Either a store hit a write-protected page after the migration that protected
                 // it declined the page (or a racing fault already served it), or the page was
@@ -221,6 +243,21 @@ impl SpaceCore {
                                 )
                         }
                     };
+                }
+                if write && pte.is_zero_page() && st.vma(a).is_some_and(|v| v.prot.writable()) {
+                    // A store to the zero page: the kernel gives the page a private copy once
+                    // the protection is off (below). Devices that map the zero page drop it
+                    // (the kernel's copy-on-write clears the entry: MMU_NOTIFY_CLEAR).
+                    self.invalidate(
+                        &st,
+                        VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        },
+                        NotifyEvent::Clear,
+                        None,
+                    );
+                    st.set_pte(a, pte.without_zero());
                 }
                 let v = st.vma(a).expect("pte found");
                 if write && v.prot.writable() {

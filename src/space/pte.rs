@@ -25,7 +25,9 @@ pub enum PageState {
 /// the CPU page is the device frame); 4 MIGRATING (a migration selected the page and has not
 /// finalized yet: the kernel's migration entry — CPU faults on it wait, device faults get EBUSY,
 /// other migrations skip it; set and cleared under the state lock, which the migration does not
-/// hold in between); 8-15 pagemap id (Device and coherent: the frame's pagemap;
+/// hold in between); 5 ZERO (a `Present` page that is the kernel's shared zero page, mapped
+/// write-protected after a read fault on a never-written anonymous page: a store faults and makes
+/// it a private page); 8-15 pagemap id (Device and coherent: the frame's pagemap;
 /// Exclusive: the pagemap of the device holding exclusive access, whose frame is in the space's
 /// stash); 16-23 short-term pins; 24-31 long-term pins; 32-63 frame index (Device, coherent,
 /// Exclusive).
@@ -39,6 +41,7 @@ const ST_EXCL: u64 = 3;
 const F_LARGE: u64 = 1 << 2;
 const F_COHERENT: u64 = 1 << 3;
 const F_MIGRATING: u64 = 1 << 4;
+const F_ZERO: u64 = 1 << 5;
 
 impl Pte {
     pub(crate) const NONE: Pte = Pte(ST_NONE);
@@ -74,6 +77,18 @@ impl Pte {
     }
     pub(crate) fn present(large: bool, keep: Pte) -> Pte {
         Pte(ST_PRESENT | if large { F_LARGE } else { 0 } | keep.pins_bits())
+    }
+    /// The shared zero page, mapped write-protected (pins of `keep` kept).
+    pub(crate) fn zero_page(keep: Pte) -> Pte {
+        Pte(ST_PRESENT | F_ZERO | keep.pins_bits())
+    }
+    /// Whether the page is the shared zero page (see [`Pte::zero_page`]).
+    pub(crate) fn is_zero_page(self) -> bool {
+        self.0 & 3 == ST_PRESENT && self.0 & F_ZERO != 0
+    }
+    /// The entry without the zero-page mark: the page is (or is about to be) a private page.
+    pub(crate) fn without_zero(self) -> Pte {
+        Pte(self.0 & !F_ZERO)
     }
     pub(crate) fn device(pm: PagemapId, frame: FrameIdx, large: bool) -> Pte {
         Pte(ST_DEVICE

@@ -18,6 +18,8 @@ const OP_WAKE: Opcode = opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO
 const OP_COPY: Opcode = opcode::read_write::<uapi::uffdio_copy>(UFFDIO, uapi::_UFFDIO_COPY as u8);
 const OP_WRITEPROTECT: Opcode =
     opcode::read_write::<uapi::uffdio_writeprotect>(UFFDIO, uapi::_UFFDIO_WRITEPROTECT as u8);
+const OP_ZEROPAGE: Opcode =
+    opcode::read_write::<uapi::uffdio_zeropage>(UFFDIO, uapi::_UFFDIO_ZEROPAGE as u8);
 
 /// How a userfaultfd delivers faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,6 +299,51 @@ impl Uffd {
         // permissions only.
         unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WRITEPROTECT, _>::new(&mut w)) }
             .map_err(uffd_err)
+    }
+
+    /// `UFFDIO_ZEROPAGE`: maps the kernel's shared zero page, read-only, at the missing pages of
+    /// `addr..addr+len` (a page already there is stepped over, as in [`Uffd::fill`]); wakes the
+    /// threads waiting there unless `dontwake`.
+    pub fn zeropage(&self, addr: usize, len: usize, dontwake: bool) -> Result<(), UffdError> {
+        let mut done = 0;
+        let mut again = 0;
+        while done < len {
+            let mut z = uapi::uffdio_zeropage {
+                range: uapi::uffdio_range {
+                    start: (addr + done) as u64,
+                    len: (len - done) as u64,
+                },
+                mode: if dontwake {
+                    uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64
+                } else {
+                    0
+                },
+                zeropage: 0,
+            };
+            // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it maps the zero page
+            // into missing entries of a registered range, touching no Rust memory.
+            let r =
+                unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) };
+            match r.map_err(uffd_err) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // `zeropage` holds the bytes mapped before the error (or a negative errno).
+                    if z.zeropage > 0 {
+                        done += z.zeropage as usize;
+                        continue;
+                    }
+                    match e {
+                        UffdError::Exists => done += PAGE_SIZE,
+                        UffdError::Again if again < 100_000 => {
+                            again += 1;
+                            rustix::thread::sched_yield();
+                        }
+                        other => return Err(other),
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
