@@ -13,11 +13,10 @@ fn main() -> Result<(), hetmem::Error> {
     let mirror = dev.mirror(&space)?;
 
     let len = 4 << 20;
-    let pages = (len / PAGE_SIZE) as u64;
     let a = space.map_anon(len, Prot::ReadWrite)?;
     space.cpu_write(a, &vec![7u8; len])?;
 
-    let out = mirror.migrate_range_to_device(a.get() as u64, pages)?;
+    let out = mirror.migrate_range_to_device(a, len)?;
     println!(
         "{} pages now in device memory ({} bytes used)",
         out.cpages,
@@ -25,7 +24,7 @@ fn main() -> Result<(), hetmem::Error> {
     );
 
     // The device writes the first page in its own memory.
-    mirror.write(a.get() as u64, 1, &vec![9u8; PAGE_SIZE])?;
+    mirror.write(a, PAGE_SIZE, &vec![9u8; PAGE_SIZE])?;
 
     // A CPU read faults the pages back into system memory.
     let mut back = vec![0u8; len];

@@ -14,16 +14,15 @@ fn rounds(kind: MemoryKind) -> Result<(u64, u64), hetmem::Error> {
     })?;
     let mirror = dev.mirror(&space)?;
     let len = 8 << 20;
-    let pages = (len / PAGE_SIZE) as u64;
     let a = space.map_anon(len, Prot::ReadWrite)?;
     space.cpu_write(a, &vec![1u8; len])?;
     let mut buf = vec![0u8; len];
     for round in 0..4u8 {
         // Device phase: the data goes to (or stays in) device memory, the device reads it.
-        mirror.migrate_range_to_device(a.get() as u64, pages)?;
-        mirror.read(a.get() as u64, pages, &mut buf)?;
+        mirror.migrate_range_to_device(a, len)?;
+        mirror.read(a, len, &mut buf)?;
         // CPU phase: the CPU updates every page.
-        for p in 0..pages as usize {
+        for p in 0..len / PAGE_SIZE {
             space.store_u32(a.add(p * PAGE_SIZE), u32::from(round))?;
         }
     }

@@ -21,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mirror = dev.mirror(&space)?;
     let mut page = vec![0u8; PAGE_SIZE];
     page[..21].copy_from_slice(b"written by the device");
-    mirror.write(a.add(PAGE_SIZE).get() as u64, 1, &page)?;
+    mirror.write(a.add(PAGE_SIZE), PAGE_SIZE, &page)?;
 
     // Durable once fsync returns Ok (libc's fsync would not flush hetmem's cache).
     file.fsync()?;

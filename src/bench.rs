@@ -961,7 +961,7 @@ fn hetmem_fault_sweep(
     n: usize,
     samples: &mut Vec<f64>,
 ) -> Result<()> {
-    let out = m.migrate_range_to_device(a.get() as u64, n as u64)?;
+    let out = m.migrate_range_to_device(a, n * PAGE_SIZE)?;
     if out.cpages != n as u64 {
         return Err(Error::Invalid(
             "bench: not every page migrated to the device",
@@ -1178,8 +1178,8 @@ fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, 
         prim.back()?;
         let p = gbps(t);
         let t = Instant::now();
-        let out = mirror.migrate_range_to_device(a.get() as u64, n as u64)?;
-        let back = mirror.migrate_to_system(a.get() as u64, n as u64)?;
+        let out = mirror.migrate_range_to_device(a, len)?;
+        let back = mirror.migrate_to_system(a, len)?;
         let h = gbps(t);
         if out.cpages != n as u64 || back.cpages != n as u64 {
             return Err(Error::Invalid("bench: not every page migrated"));
@@ -1201,13 +1201,12 @@ fn cpu_read_coherent(space: &Space, len: usize, reps: usize) -> Result<(f64, f64
         capacity: len,
     })?;
     let m = dev.mirror(space)?;
-    let n = len / PAGE_SIZE;
     let sys_a = space.map_anon(len, Prot::ReadWrite)?;
     let coh_a = space.map_anon(len, Prot::ReadWrite)?;
     let fill: Vec<u8> = (0..len).map(|i| i as u8).collect();
     space.cpu_write(sys_a, &fill)?;
     space.cpu_write(coh_a, &fill)?;
-    m.migrate_range_to_device(coh_a.get() as u64, n as u64)?;
+    m.migrate_range_to_device(coh_a, len)?;
     let mut buf = vec![0u8; len];
     let (mut cs, mut ss) = (Vec::new(), Vec::new());
     for rep in 0..=reps {
@@ -1239,7 +1238,6 @@ fn pingpong(space: &Space, kind: MemoryKind, len: usize, rounds: usize) -> Resul
         capacity: len,
     })?;
     let m = dev.mirror(space)?;
-    let n = len / PAGE_SIZE;
     let a = space.map_anon(len, Prot::ReadWrite)?;
     let fill: Vec<u8> = (0..len).map(|i| (i / PAGE_SIZE) as u8).collect();
     space.cpu_write(a, &fill)?;
@@ -1247,8 +1245,8 @@ fn pingpong(space: &Space, kind: MemoryKind, len: usize, rounds: usize) -> Resul
     let mut buf = vec![0u8; len];
     for _ in 0..rounds {
         // Device phase: the runtime prefetches the range to the device, which reads it all.
-        m.migrate_range_to_device(a.get() as u64, n as u64)?;
-        m.read(a.get() as u64, n as u64, &mut buf)?;
+        m.migrate_range_to_device(a, len)?;
+        m.read(a, len, &mut buf)?;
         // CPU phase: the CPU reads it all.
         space.cpu_read(a, &mut buf)?;
     }
@@ -1839,7 +1837,7 @@ fn fault_back_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
         let h = speedup_2threads(
             n,
             &mut || {
-                let out = mirror.migrate_range_to_device(a.get() as u64, n as u64)?;
+                let out = mirror.migrate_range_to_device(a, n * PAGE_SIZE)?;
                 if out.cpages != n as u64 {
                     return Err(Error::Invalid(
                         "bench: not every page migrated to the device",
@@ -1920,7 +1918,7 @@ fn faults_during_migration(
 ) -> Result<(f64, f64)> {
     let nb = LARGE_PAGE_SIZE / PAGE_SIZE;
     let probe = ma.space().probe(a, n * PAGE_SIZE)?;
-    let out = ma.migrate_range_to_device(a.get() as u64, n as u64)?;
+    let out = ma.migrate_range_to_device(a, n * PAGE_SIZE)?;
     if out.cpages != n as u64 {
         return Err(Error::Invalid(
             "bench: not every page migrated to the device",
@@ -1938,8 +1936,8 @@ fn faults_during_migration(
         barrier.wait();
         let t = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            let to = mb.migrate_range_to_device(b.get() as u64, nb as u64)?;
-            let back = mb.migrate_to_system(b.get() as u64, nb as u64)?;
+            let to = mb.migrate_range_to_device(b, LARGE_PAGE_SIZE)?;
+            let back = mb.migrate_to_system(b, LARGE_PAGE_SIZE)?;
             if to.cpages != nb as u64 || back.cpages != nb as u64 {
                 return Err(Error::Invalid("bench: not every page of B migrated"));
             }
@@ -2264,12 +2262,12 @@ fn largefile_device_phase(
         Prepare::Nothing => 0,
         Prepare::Migrate => {
             let before = cache.device_pages();
-            m.migrate_range_to_device(a.get() as u64, n as u64)?;
+            m.migrate_range_to_device(a, n * PAGE_SIZE)?;
             cache.device_pages().saturating_sub(before) as u64
         }
-        Prepare::Replicate => m.replicate_range(a.get() as u64, n as u64)?.cpages,
+        Prepare::Replicate => m.replicate_range(a, n * PAGE_SIZE)?.cpages,
     };
-    let out = m.read(a.get() as u64, n as u64, buf)?;
+    let out = m.read(a, n * PAGE_SIZE, buf)?;
     if out.cpages != n as u64 {
         return Err(Error::Invalid("bench: the device did not read every page"));
     }

@@ -144,7 +144,7 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
 
     // 2. The device reads through its mirror.
     let mut buf = vec![0u8; DEMO_BYTES];
-    let o = mirror.read(a.get() as u64, pages as u64, &mut buf)?;
+    let o = mirror.read(a, DEMO_BYTES, &mut buf)?;
     verify(&buf, |i| i, "device read")?;
     step.line(
         &space,
@@ -153,7 +153,7 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
     )?;
 
     // 3. Migrate to device memory.
-    let o = mirror.migrate_to_device(a.get() as u64, pages as u64, &mut buf)?;
+    let o = mirror.migrate_to_device(a, DEMO_BYTES, &mut buf)?;
     verify(&buf, |i| i, "migrate")?;
     if space.residency(a) != Residency::Device(dev.owner()) || o.cpages != pages as u64 {
         return Err(Error::NotPresent { addr: a });
@@ -165,7 +165,7 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
         let x = u32::from_ne_bytes((&*v).try_into().expect("4 bytes")) + 1;
         v.copy_from_slice(&x.to_ne_bytes());
     }
-    mirror.write(a.get() as u64, pages as u64, &buf)?;
+    mirror.write(a, DEMO_BYTES, &buf)?;
     step.line(
         &space,
         &dev,
@@ -181,9 +181,9 @@ pub fn run(out: &mut dyn Write) -> Result<DemoReport> {
     )?;
 
     // 6. Explicit round trip.
-    mirror.migrate_range_to_device(a.get() as u64, pages as u64)?;
+    mirror.migrate_range_to_device(a, DEMO_BYTES)?;
     step.line(&space, &dev, "6a. migrate to device again (prefetch)")?;
-    let o = mirror.migrate_to_system(a.get() as u64, pages as u64)?;
+    let o = mirror.migrate_to_system(a, DEMO_BYTES)?;
     if o.cpages != pages as u64 {
         return Err(Error::NotPresent { addr: a });
     }

@@ -32,9 +32,7 @@ fn byte_copies_and_words_reach_exactly_their_bytes_through_device_memory() {
         .unwrap();
     p.store_u32(a.add(3 * PAGE_SIZE + 8), 0xfeed_beef).unwrap();
     at("migrate to the device");
-    let out = mirror
-        .migrate_range_to_device(a.get() as u64, (len / PAGE_SIZE) as u64)
-        .unwrap();
+    let out = mirror.migrate_range_to_device(a, len).unwrap();
     assert_eq!(out.cpages, (len / PAGE_SIZE) as u64);
     assert_eq!(
         space.residency(a.add(PAGE_SIZE)),
@@ -58,9 +56,7 @@ fn byte_copies_and_words_reach_exactly_their_bytes_through_device_memory() {
     assert_eq!(edge, [0; 5]);
     // What a device reads is what the probe wrote.
     let mut dbuf = vec![0u8; PAGE_SIZE];
-    mirror
-        .read(a.add(PAGE_SIZE).get() as u64, 1, &mut dbuf)
-        .unwrap();
+    mirror.read(a.add(PAGE_SIZE), PAGE_SIZE, &mut dbuf).unwrap();
     assert_eq!(&dbuf[..], &data[5..5 + PAGE_SIZE]);
 }
 

@@ -15,16 +15,14 @@ fn coherent(capacity: usize) -> SoftDevice {
 
 fn to_dev(m: &DeviceMirror, a: VirtAddr, pages: usize) {
     assert_eq!(
-        m.migrate_range_to_device(a.get() as u64, pages as u64)
-            .unwrap()
-            .cpages,
+        m.migrate_range_to_device(a, pages * PAGE).unwrap().cpages,
         pages as u64
     );
 }
 
 fn snapshot(m: &DeviceMirror, a: VirtAddr, pages: usize) -> Vec<u8> {
     let mut out = vec![0u8; pages];
-    m.snapshot(a.get() as u64, pages as u64, &mut out).unwrap();
+    m.snapshot(a, pages * PAGE, &mut out).unwrap();
     out
 }
 
@@ -88,14 +86,10 @@ fn device_and_cpu_see_each_others_writes_without_migration() {
             .unwrap();
         // Device phase: the device reads what the CPU wrote, writes its own values.
         let mut buf = vec![0u8; pages * PAGE];
-        m.read(a.get() as u64, pages as u64, &mut buf).unwrap();
+        m.read(a, pages * PAGE, &mut buf).unwrap();
         assert_eq!(buf, pattern(pages * PAGE, |i| i * 3 + round));
-        m.write(
-            a.get() as u64,
-            pages as u64,
-            &pattern(pages * PAGE, |i| i ^ round),
-        )
-        .unwrap();
+        m.write(a, pages * PAGE, &pattern(pages * PAGE, |i| i ^ round))
+            .unwrap();
         let mut back = vec![0u8; pages * PAGE];
         space.cpu_read(a, &mut back).unwrap();
         assert_eq!(
@@ -135,7 +129,7 @@ fn selection_by_owner_and_remote_snapshot() {
             .all(|&b| b == snap::DEV_COHERENT_REMOTE | snap::WRITE)
     );
     // Device 1's MIGRATE_TO_SYS selects only its own pages.
-    let out = m1.migrate_to_system(a.get() as u64, 8).unwrap();
+    let out = m1.migrate_to_system(a, 8 * PAGE).unwrap();
     assert_eq!(out.cpages, 4);
     assert_eq!(space.residency(a), Residency::Coherent(d0.owner()));
     assert_eq!(space.residency(a.add(4 * PAGE)), Residency::System);
@@ -186,9 +180,9 @@ fn long_term_pins_migrate_coherent_pages_to_system_short_term_do_not() {
         ]
     );
     // Pinned coherent pages are not migrated to system either.
-    assert_eq!(m.migrate_to_system(a.get() as u64, 4).unwrap().cpages, 0);
+    assert_eq!(m.migrate_to_system(a, 4 * PAGE).unwrap().cpages, 0);
     drop((short, long));
-    assert_eq!(m.migrate_to_system(a.get() as u64, 4).unwrap().cpages, 2);
+    assert_eq!(m.migrate_to_system(a, 4 * PAGE).unwrap().cpages, 2);
     let mut back = vec![0u8; 4 * PAGE];
     space.cpu_read(a, &mut back).unwrap();
     assert_eq!(back, pattern(4 * PAGE, |i| i + 7));
@@ -261,7 +255,7 @@ fn private_and_coherent_devices_coexist() {
     );
     // Device pages move between devices through system memory, as in the kernel (a migration
     // to a device selects system pages only): back from the private device, then in place.
-    assert_eq!(mp.migrate_to_system(a.get() as u64, 4).unwrap().cpages, 4);
+    assert_eq!(mp.migrate_to_system(a, 4 * PAGE).unwrap().cpages, 4);
     to_dev(&mc, a, 4);
     assert_eq!((p.used(), c.used()), (0, 8 * PAGE));
     let mut back = vec![0u8; 8 * PAGE];
@@ -269,7 +263,7 @@ fn private_and_coherent_devices_coexist() {
     assert_eq!(back, pattern(8 * PAGE, |i| i));
     // And the other way: out of coherent memory, then into private memory (out of the CPU view).
     let before = space.stats().cpu_faults;
-    assert_eq!(mc.migrate_to_system(a.get() as u64, 8).unwrap().cpages, 8);
+    assert_eq!(mc.migrate_to_system(a, 8 * PAGE).unwrap().cpages, 8);
     to_dev(&mp, a, 8);
     assert_eq!((p.used(), c.used()), (8 * PAGE, 0));
     assert_eq!(

@@ -32,7 +32,7 @@ fn migrate_round(
     buf: &mut [u8],
     back: bool,
 ) -> bool {
-    let moved = match m.migrate_to_device(base.get() as u64, npages as u64, buf) {
+    let moved = match m.migrate_to_device(base, npages * PAGE, buf) {
         Ok(out) => {
             assert_eq!(out.cpages, npages as u64);
             true
@@ -44,7 +44,7 @@ fn migrate_round(
         }
     };
     if back {
-        m.migrate_to_system(base.get() as u64, npages as u64)
+        m.migrate_to_system(base, npages * PAGE)
             .expect("migrate to system");
     }
     moved
@@ -220,7 +220,7 @@ fn unmap_vs_device_read() {
         // Half of the range in device memory (every other iteration), half in system memory.
         if it.is_multiple_of(2) {
             let mut b = vec![0u8; len / 2];
-            m.migrate_to_device(base.get() as u64, (UNMAP_PAGES / 2) as u64, &mut b)
+            m.migrate_to_device(base, (UNMAP_PAGES / 2) * PAGE, &mut b)
                 .unwrap();
             assert_eq!(b, data[..len / 2]);
         }
@@ -235,8 +235,7 @@ fn unmap_vs_device_read() {
                 // table; otherwise with the device's fault path (range_fault).
                 if it % 4 >= 2 {
                     for _ in 0..2 {
-                        m.read(base.get() as u64, UNMAP_PAGES as u64, &mut buf)
-                            .unwrap();
+                        m.read(base, UNMAP_PAGES * PAGE, &mut buf).unwrap();
                         assert!(
                             buf == data,
                             "iteration {it}: a device read returned other data"
@@ -418,9 +417,7 @@ fn invalidation_vs_range_fault_retry() {
                             break;
                         }
                         buf.fill(0xee);
-                        let out = m
-                            .read(base.get() as u64, np as u64, &mut buf)
-                            .expect("device read");
+                        let out = m.read(base, np * PAGE, &mut buf).expect("device read");
                         assert_eq!(out.cpages, np as u64);
                         reads.fetch_add(1, Ordering::SeqCst);
                         refaulted += (out.faults > 1) as usize;
@@ -454,7 +451,7 @@ fn invalidation_vs_range_fault_retry() {
         (last_gen, protects, refaulted)
     });
     let mut buf = vec![0u8; len];
-    m.read(base.get() as u64, np as u64, &mut buf).unwrap();
+    m.read(base, np * PAGE, &mut buf).unwrap();
     let mut cpu = vec![0u8; len];
     space.cpu_read(base, &mut cpu).unwrap();
     for (what, b) in [("final device read", &buf), ("final cpu read", &cpu)] {
@@ -534,7 +531,7 @@ fn exclusive_vs_cpu_atomics() {
                         Err(e) => assert_eq!(e.errno(), libc::ENOENT, "device atomic: {e}"),
                     }
                     regrants += 1;
-                    if let Err(e) = m.exclusive(base.get() as u64, 1, &mut buf) {
+                    if let Err(e) = m.exclusive(base, PAGE, &mut buf) {
                         // Revoked again before the device read the page back.
                         assert_eq!(e.errno(), libc::ENOENT, "exclusive: {e}");
                     }
@@ -583,7 +580,7 @@ fn exclusive_vs_cpu_atomics() {
         let v = u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());
         assert_eq!(v, EXCL_CPU_INCS as u32, "thread {t}: stores lost");
     }
-    m.check_exclusive(base.get() as u64, 1)
+    m.check_exclusive(base, PAGE)
         .expect("the CPU read revoked the grant");
     eprintln!(
         "exclusive_vs_cpu_atomics: {regrants} re-grants; {:?}",

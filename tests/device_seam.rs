@@ -126,15 +126,15 @@ fn a_device_that_is_not_host_addressable_keeps_every_byte() {
     let m = dev.mirror(&s).unwrap();
     let before = COPIES.load(Ordering::Relaxed);
     // To the device (copy_in through the bounce buffer), then the device reads its own frames.
-    let out = m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    let out = m.migrate_range_to_device(a, N * PAGE).unwrap();
     assert_eq!(out.cpages, N as u64);
     assert_eq!(s.residency(a), Residency::Device(dev.owner()));
     let mut buf = vec![0u8; N * PAGE];
-    m.read(a.get() as u64, N as u64, &mut buf).unwrap();
+    m.read(a, N * PAGE, &mut buf).unwrap();
     assert_eq!(buf, data);
     // The device writes half of them in its memory.
     let new = pattern(N / 2 * PAGE, |i| !i);
-    m.write(a.get() as u64, (N / 2) as u64, &new).unwrap();
+    m.write(a, (N / 2) * PAGE, &new).unwrap();
     // CPU faults bring pages back (copy_out into the bounce buffer, then UFFDIO_COPY).
     let mut back = vec![0u8; N * PAGE];
     s.cpu_read(a, &mut back).unwrap();
@@ -145,8 +145,8 @@ fn a_device_that_is_not_host_addressable_keeps_every_byte() {
         "the store's copy engine was not used"
     );
     // Again, and back with an explicit migration to system memory.
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
-    m.migrate_to_system(a.get() as u64, N as u64).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
+    m.migrate_to_system(a, N * PAGE).unwrap();
     s.cpu_read(a, &mut back).unwrap();
     assert_eq!(&back[..N / 2 * PAGE], &new[..]);
     assert_eq!(dev.used(), 0);
@@ -171,19 +171,18 @@ fn large_units_and_a_second_device_go_through_the_store() {
     let d2 = staged_device(8 << 20);
     let m1 = d1.mirror(&s).unwrap();
     let m2 = d2.mirror(&s).unwrap();
-    let pages = ((4 << 20) / PAGE) as u64;
-    m1.migrate_range_to_device(a.get() as u64, pages).unwrap();
+    m1.migrate_range_to_device(a, 4 << 20).unwrap();
     assert_eq!(s.residency(a), Residency::Device(d1.owner()));
     // To the second device: through system memory (a migration to a device selects system
     // pages, as the kernel's).
-    m1.migrate_to_system(a.get() as u64, pages).unwrap();
-    m2.migrate_range_to_device(a.get() as u64, pages).unwrap();
+    m1.migrate_to_system(a, 4 << 20).unwrap();
+    m2.migrate_range_to_device(a, 4 << 20).unwrap();
     assert_eq!(s.residency(a), Residency::Device(d2.owner()));
     let mut back = vec![0u8; 4 << 20];
     s.cpu_read(a, &mut back).unwrap();
     assert_eq!(back, data);
     // Device removal evicts through the store too.
-    m2.migrate_range_to_device(a.get() as u64, pages).unwrap();
+    m2.migrate_range_to_device(a, 4 << 20).unwrap();
     assert_eq!(s.residency(a), Residency::Device(d2.owner()));
     drop(m2);
     drop(d2);

@@ -108,6 +108,151 @@ fn cpu_access_checks_permissions() {
     assert!(matches!(space.load_u32(a.add(1)), Err(Error::Invalid(_))));
 }
 
+/// The mirror's methods by name (the range arguments only: the buffers are large enough for
+/// every range the test gives that fits in a few pages).
+const MIRROR_OPS: [&str; 9] = [
+    "read",
+    "write",
+    "migrate_to_device",
+    "migrate_range_to_device",
+    "replicate_range",
+    "migrate_to_system",
+    "snapshot",
+    "exclusive",
+    "check_exclusive",
+];
+
+fn mirror_op(m: &DeviceMirror, op: &str, addr: VirtAddr, len: usize) -> Result<CmdOut> {
+    let mut buf = vec![0u8; 4 * PAGE];
+    match op {
+        "read" => m.read(addr, len, &mut buf),
+        "write" => m.write(addr, len, &buf),
+        "migrate_to_device" => m.migrate_to_device(addr, len, &mut buf),
+        "migrate_range_to_device" => m.migrate_range_to_device(addr, len),
+        "replicate_range" => m.replicate_range(addr, len),
+        "migrate_to_system" => m.migrate_to_system(addr, len),
+        "snapshot" => m.snapshot(addr, len, &mut buf),
+        "exclusive" => m.exclusive(addr, len, &mut buf),
+        "check_exclusive" => m.check_exclusive(addr, len),
+        _ => unreachable!("{op}"),
+    }
+}
+
+/// The mirror's methods take a range as `Space`'s do, `len` bytes at `addr`: a zero length, a
+/// length that is not a multiple of the page size, an unaligned address and a length that wraps
+/// the address space get their typed errors (EINVAL) before anything is done; a huge length that
+/// does not wrap gets a typed error too, at once (the buffer is smaller than the range, or the
+/// range leaves the mapping). `cmd` keeps the kernel's shape, a page count, and its answers.
+#[test]
+fn mirror_range_arguments() {
+    let _w = watchdog("mirror_range_arguments", 30);
+    let (space, dev) = setup();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    let data = pattern(4 * PAGE, |i| i ^ 0x3c3c);
+    space.cpu_write(a, &data).unwrap();
+    for op in MIRROR_OPS {
+        let e = mirror_op(&m, op, a, 0).unwrap_err();
+        assert!(matches!(e, Error::ZeroLength), "{op}: {e}");
+        assert_eq!(e.errno(), libc::EINVAL);
+        for len in [1, 8, PAGE - 1, PAGE + 1, 3 * PAGE + PAGE / 2] {
+            let e = mirror_op(&m, op, a, len).unwrap_err();
+            assert!(
+                matches!(e, Error::UnalignedLength { len: l } if l == len),
+                "{op}, {len:#x} bytes: {e}"
+            );
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+        for addr in [a.add(1), a.add(PAGE / 2), a.add(3 * PAGE + 8)] {
+            let e = mirror_op(&m, op, addr, PAGE).unwrap_err();
+            assert!(
+                matches!(e, Error::Unaligned { addr: x } if x == addr),
+                "{op} at {addr}: {e}"
+            );
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+        // The address checked first, as `Space`'s methods do.
+        assert!(matches!(
+            mirror_op(&m, op, a.add(1), 0),
+            Err(Error::Unaligned { .. })
+        ));
+        // Lengths that wrap: the largest page multiple, and the one that ends exactly at 2^64.
+        for len in [usize::MAX & !(PAGE - 1), a.get().wrapping_neg()] {
+            let e = mirror_op(&m, op, a, len).unwrap_err();
+            assert!(
+                matches!(e, Error::Overflow { addr, len: l } if addr == a && l == len),
+                "{op}, {len:#x} bytes: {e}"
+            );
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+    }
+    assert_eq!(dev.used(), 0, "a refused range moved nothing");
+    assert_eq!(m.mapped_pages(), 0, "a refused range mapped nothing");
+    // Huge lengths that fit in the address space: refused at once (a buffer smaller than the
+    // range; no file mapping to replicate; the range leaves the mapping, where a migration stops
+    // as the kernel's does, after the mapping's pages). check_exclusive walks only what is mapped
+    // and finds no exclusive entry.
+    for len in [1usize << 40, 1 << 46, 1 << 62] {
+        for op in MIRROR_OPS {
+            let r = mirror_op(&m, op, a, len);
+            if op == "check_exclusive" {
+                assert_eq!(r.unwrap(), CmdOut::default(), "{len:#x} bytes");
+                continue;
+            }
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::Invalid(_)), "{op}, {len:#x} bytes: {e}");
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+    }
+    // The kernel's shape through `cmd`: zero pages, an unaligned address and a page count whose
+    // bytes wrap are EINVAL for every command (Release and Flags too), the counters untouched.
+    let mut buf = vec![0u8; 4 * PAGE];
+    let cmds = [
+        Cmd::Read,
+        Cmd::Write,
+        Cmd::MigrateToDev,
+        Cmd::MigrateToSys,
+        Cmd::Snapshot,
+        Cmd::Exclusive,
+        Cmd::CheckExclusive,
+        Cmd::Release,
+        Cmd::Flags,
+    ];
+    let ag = a.get() as u64;
+    for cmd in cmds {
+        for (addr, npages) in [(ag, 0), (ag + 1, 1), (ag, 1 << 52), (ag, u64::MAX)] {
+            let mut c = DmirrorCmd {
+                addr,
+                buf: &mut buf,
+                npages,
+                cpages: 7,
+                faults: 7,
+            };
+            assert_eq!(
+                m.cmd(cmd, &mut c),
+                -libc::EINVAL,
+                "{cmd:?} at {addr:#x}, {npages:#x} pages"
+            );
+            assert_eq!((c.cpages, c.faults), (7, 7));
+        }
+    }
+    // A page count is a range of that many pages.
+    let mut c = DmirrorCmd {
+        addr: ag + PAGE as u64,
+        buf: &mut buf,
+        npages: 3,
+        cpages: 0,
+        faults: 0,
+    };
+    assert_eq!(m.cmd(Cmd::Read, &mut c), 0);
+    assert_eq!(c.cpages, 3);
+    assert_eq!(buf[..3 * PAGE], data[PAGE..]);
+    // Nothing was lost.
+    let mut back = vec![0u8; 4 * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(back, data);
+}
+
 #[test]
 fn device_full_loses_no_data() {
     let _w = watchdog("device_full", 30);
@@ -153,7 +298,7 @@ fn forked_child_is_inert() {
     let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
     space.cpu_write(a, &pattern(4 * PAGE, |i| i + 1)).unwrap();
     let mut buf = vec![0u8; 2 * PAGE];
-    m.migrate_to_device(a.get() as u64 + 2 * PAGE as u64, 2, &mut buf)
+    m.migrate_to_device(a.add(2 * PAGE), 2 * PAGE, &mut buf)
         .unwrap();
     // A child has no mapping there: touching a system-resident or a device-resident page kills
     // it with SIGSEGV (never zeros, never the parent's memory).
@@ -238,12 +383,12 @@ fn device_copy_failures_lose_no_data() {
     );
     // A device write whose copy fails returns EIO.
     dev.fail_next_copies(1);
-    let e = m.write(a.get() as u64, 1, &vec![0xEE; PAGE]).unwrap_err();
+    let e = m.write(a, PAGE, &vec![0xEE; PAGE]).unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
     // A device read whose copy fails returns EIO too.
     dev.fail_next_copies(1);
     let e = m
-        .read(a.add(4 * PAGE).get() as u64, 1, &mut vec![0; PAGE])
+        .read(a.add(4 * PAGE), PAGE, &mut vec![0; PAGE])
         .unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
     // Nothing was lost or half-written.

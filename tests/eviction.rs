@@ -37,9 +37,7 @@ fn release_evicts_runs_of_pages_with_one_copy_each_in_every_space() {
         let data = pattern(n * PAGE, |i| i ^ (s as u32 * 0x0101_0101));
         space.cpu_write(a, &data).unwrap();
         assert_eq!(
-            m.migrate_range_to_device(a.get() as u64, n as u64)
-                .unwrap()
-                .cpages,
+            m.migrate_range_to_device(a, n * PAGE).unwrap().cpages,
             n as u64
         );
         maps.push((m, a, data));
@@ -90,13 +88,12 @@ fn release_of_scattered_pages_and_units_keeps_every_byte() {
     space.cpu_write(big, &dbig).unwrap();
     space.cpu_write(small, &dsmall).unwrap();
     for k in 0..4 {
-        m.migrate_range_to_device(small.add(k * 64 * PAGE).get() as u64, 32)
+        m.migrate_range_to_device(small.add(k * 64 * PAGE), 32 * PAGE)
             .unwrap();
         if k < 2 {
-            m.migrate_range_to_device(big.add(k * PMD).get() as u64, (PMD / PAGE) as u64)
-                .unwrap();
+            m.migrate_range_to_device(big.add(k * PMD), PMD).unwrap();
         }
-        m.migrate_range_to_device(small.add((k * 64 + 32) * PAGE).get() as u64, 32)
+        m.migrate_range_to_device(small.add((k * 64 + 32) * PAGE), 32 * PAGE)
             .unwrap();
     }
     // Fault a few back by CPU loads.
@@ -128,7 +125,7 @@ fn release_waits_for_a_migration_that_owns_some_of_its_pages() {
     let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
     let data = pattern(n * PAGE, |i| i ^ 0x77);
     space.cpu_write(a, &data).unwrap();
-    m.migrate_range_to_device(a.get() as u64, n as u64).unwrap();
+    m.migrate_range_to_device(a, n * PAGE).unwrap();
     let ring = traced(&space);
     std::thread::scope(|s| {
         // A migration of the device's own pages 0..4 is in flight (collected, not finalized):

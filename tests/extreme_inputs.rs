@@ -26,7 +26,7 @@
 //!
 //! Besides not crashing, some answers are checked (a `WRONG` finding): a range that wraps, is
 //! empty, unaligned or outside the space is refused; a device command whose buffer is smaller
-//! than its `npages` says is refused; a file offset past the largest one (`i64::MAX`) is refused
+//! than its range (its `len`, or `npages` for `DeviceMirror::cmd`) is refused; a file offset past the largest one (`i64::MAX`) is refused
 //! — by private file mappings as by shared ones (mmap's EOVERFLOW), by writes and `set_len`;
 //! `read_at` returns what the file holds there; a write leaves the file `max(size, off + len)`
 //! long (an empty write changes nothing). After each call the child checks that the space still
@@ -49,7 +49,7 @@
 //! To replay calls: `HETMEM_EXTREME_CHILD=1 HETMEM_EXTREME_SCRATCH=/tmp
 //! target/release/deps/extreme_inputs-<hash> --exact subprocess --nocapture`, with the request
 //! (`{"per_call":true,"calls":[{"Mirror":{"op":"CheckExclusive","addr":{"Abs":0},
-//! "npages":4294967296,"buf":4096}}]}`) on stdin.
+//! "len":17592186044416,"buf":4096}}]}`) on stdin.
 
 mod common;
 use common::*;
@@ -237,7 +237,7 @@ const REL: &[(Base, i64)] = &[
     (Base::ResEnd, P as i64),
 ];
 
-/// Page counts of device commands.
+/// Page counts of device commands in the kernel's shape (`DeviceMirror::cmd`).
 const NPAGES: &[u64] = &[
     0,
     1,
@@ -503,7 +503,8 @@ enum Call {
     Mirror {
         op: MOp,
         addr: Addr,
-        npages: u64,
+        /// Bytes.
+        len: u64,
         buf: u64,
     },
     Cmd {
@@ -779,16 +780,16 @@ fn sweep() -> Vec<Call> {
         MOp::Exclusive,
         MOp::CheckExclusive,
     ];
-    // Starts of the npages sweeps: the mapping (page 0 has a device entry), page 0 of the
+    // Starts of the length sweeps: the mapping (page 0 has a device entry), page 0 of the
     // address space (the walk meets the mapping's entries after billions of pages), the last
     // page of the space.
-    let np_starts = [a0, Addr::Abs(0), Addr::At(Base::ResEnd, -(P as i64))];
+    let len_starts = [a0, Addr::Abs(0), Addr::At(Base::ResEnd, -(P as i64))];
     for op in mops {
-        for &npages in NPAGES {
-            // Every address with every page count, but for check_exclusive, whose walks over
-            // huge ranges each hang until fixed: there, the starts above only.
+        for &len in LENS {
+            // Every address with every length, but for check_exclusive, whose walks over huge
+            // ranges each hang until fixed: there, the starts above only.
             let starts = if op == MOp::CheckExclusive {
-                &np_starts[..]
+                &len_starts[..]
             } else {
                 &addrs[..]
             };
@@ -796,14 +797,14 @@ fn sweep() -> Vec<Call> {
                 v.push(Call::Mirror {
                     op,
                     addr,
-                    npages,
+                    len,
                     buf: P,
                 });
             }
             v.push(Call::Mirror {
                 op,
                 addr: Addr::At(Base::Shared, 0),
-                npages,
+                len,
                 buf: 16 * P,
             });
         }
@@ -812,17 +813,17 @@ fn sweep() -> Vec<Call> {
                 v.push(Call::Mirror {
                     op,
                     addr,
-                    npages: 1,
+                    len: P,
                     buf: P,
                 });
             }
         }
         for &buf in BUFS {
-            for npages in [1, 16, 17] {
+            for len in [P, 16 * P, 17 * P] {
                 v.push(Call::Mirror {
                     op,
                     addr: a0,
-                    npages,
+                    len,
                     buf,
                 });
             }
@@ -1558,8 +1559,8 @@ fn call_s() -> BoxedStrategy<Call> {
         2 => (kind, pick(CAPS)).prop_map(|(kind, capacity)| Call::Device { kind, capacity }),
         1 => any::<u64>().prop_map(|bytes| Call::DeclareCpuAccess { bytes }),
         1 => prop_oneof![Just(0u64), Just(1), Just(u64::MAX)].prop_map(|n| Call::FailNextCopies { n }),
-        8 => (mop, addr_s(), pick(NPAGES), buf_s())
-            .prop_map(|(op, addr, npages, buf)| Call::Mirror { op, addr, npages, buf }),
+        8 => (mop, addr_s(), len(), buf_s())
+            .prop_map(|(op, addr, len, buf)| Call::Mirror { op, addr, len, buf }),
         2 => (cmd, addr_s(), pick(NPAGES), buf_s())
             .prop_map(|(cmd, addr, npages, buf)| Call::Cmd { cmd, addr, npages, buf }),
         1 => (addr_s(), any::<u64>()).prop_map(|(addr, v)| Call::AtomicFetchAdd { addr, v }),
@@ -1859,15 +1860,14 @@ impl Fx {
             .cpu_write(a, &content(16 * p, 1))
             .map_err(e("write A"))?;
         let mut b = vec![0u8; p];
-        let ag = a.get() as u64;
         mirror
-            .read(ag, 1, &mut b)
+            .read(a, p, &mut b)
             .map_err(e("device read of A page 0"))?;
         mirror
-            .exclusive(ag + P, 1, &mut b)
+            .exclusive(a.add(p), p, &mut b)
             .map_err(e("exclusive on A page 1"))?;
         mirror
-            .migrate_to_device(ag + 2 * P, 1, &mut b)
+            .migrate_to_device(a.add(2 * p), p, &mut b)
             .map_err(e("migrate A page 2"))?;
         let none = space
             .map_anon(4 * p, Prot::None)
@@ -2039,7 +2039,7 @@ fn health(fx: &Fx) -> Result<(), String> {
             .cpu_write(x, &[0xa5; 8])
             .map_err(|e| format!("cpu_write: {e}"))?;
         let mut b = vec![0u8; P as usize];
-        if fx.mirror.read(x.get() as u64, 1, &mut b).is_ok() && b[..8] != [0xa5; 8] {
+        if fx.mirror.read(x, PAGE, &mut b).is_ok() && b[..8] != [0xa5; 8] {
             return Err(format!(
                 "a device read returned {:?}, not what the CPU wrote",
                 &b[..8]
@@ -2474,10 +2474,10 @@ fn run_call(fx: &mut Fx, call: &Call, begin: &mut dyn FnMut(&str)) -> Result<Str
                 let m = dev
                     .mirror(&space)
                     .map_err(|e| format!("mirror of the new device: {e}"))?;
-                let a3 = fx.a.get() as u64 + 3 * P;
-                let _ = m.migrate_range_to_device(a3, 1);
+                let a3 = fx.a.add(3 * pu);
+                let _ = m.migrate_range_to_device(a3, pu);
                 let mut b = vec![0u8; pu];
-                let _ = m.read(a3, 1, &mut b);
+                let _ = m.read(a3, pu, &mut b);
                 dev.declare_cpu_access(u64::MAX);
                 let _ = dev.link_report();
                 let _ = dev.release();
@@ -2493,49 +2493,41 @@ fn run_call(fx: &mut Fx, call: &Call, begin: &mut dyn FnMut(&str)) -> Result<Str
             begin(&format!("dev.fail_next_copies({n:#x}) + migrate A page 3"));
             fx.dev.fail_next_copies(n);
             Ok(show(
-                &fx.mirror
-                    .migrate_range_to_device(fx.a.get() as u64 + 3 * P, 1),
+                &fx.mirror.migrate_range_to_device(fx.a.add(3 * pu), pu),
             ))
         }
-        Call::Mirror {
-            op,
-            addr,
-            npages,
-            buf,
-        } => {
+        Call::Mirror { op, addr, len, buf } => {
             let a = fx.resolve(addr);
             begin(&format!(
-                "mirror.{}(addr={}, npages={npages:#x}, buf={buf:#x} bytes)",
+                "mirror.{}(addr={}, len={len:#x}, buf={buf:#x} bytes)",
                 mop_name(op),
                 fx.show(addr)
             ));
             let mut b = content(buf as usize, 5);
             let m = &fx.mirror;
+            let (at, n) = (va(a), len as usize);
             let r = match op {
-                MOp::Read => m.read(a, npages, &mut b),
-                MOp::Write => m.write(a, npages, &b),
-                MOp::MigrateToDevice => m.migrate_to_device(a, npages, &mut b),
-                MOp::MigrateRangeToDevice => m.migrate_range_to_device(a, npages),
-                MOp::MigrateToSystem => m.migrate_to_system(a, npages),
-                MOp::Snapshot => m.snapshot(a, npages, &mut b),
-                MOp::Exclusive => m.exclusive(a, npages, &mut b),
-                MOp::CheckExclusive => m.check_exclusive(a, npages),
+                MOp::Read => m.read(at, n, &mut b),
+                MOp::Write => m.write(at, n, &b),
+                MOp::MigrateToDevice => m.migrate_to_device(at, n, &mut b),
+                MOp::MigrateRangeToDevice => m.migrate_range_to_device(at, n),
+                MOp::MigrateToSystem => m.migrate_to_system(at, n),
+                MOp::Snapshot => m.snapshot(at, n, &mut b),
+                MOp::Exclusive => m.exclusive(at, n, &mut b),
+                MOp::CheckExclusive => m.check_exclusive(at, n),
             };
-            let bytes = npages.checked_mul(P);
-            let wraps = bytes.and_then(|n| a.checked_add(n)).is_none() || npages == 0;
+            let wraps = a.checked_add(len).is_none();
             refuse(
                 &r,
-                wraps || !a.is_multiple_of(P),
+                wraps || len == 0 || !len.is_multiple_of(P) || !a.is_multiple_of(P),
                 "an unaligned, empty or wrapping range",
             )?;
             let small = match op {
-                MOp::Read | MOp::Write | MOp::MigrateToDevice | MOp::Exclusive => {
-                    bytes.is_none_or(|n| buf < n)
-                }
-                MOp::Snapshot => buf < npages,
+                MOp::Read | MOp::Write | MOp::MigrateToDevice | MOp::Exclusive => buf < len,
+                MOp::Snapshot => buf < len / P,
                 _ => false,
             };
-            refuse(&r, small, "the buffer is smaller than npages says")
+            refuse(&r, small, "the buffer is smaller than the range")
         }
         Call::Cmd {
             cmd,

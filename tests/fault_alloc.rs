@@ -1,7 +1,8 @@
 //! The CPU fault path never allocates: a counting global allocator (counting per thread, so
 //! that only the faulting thread's allocations count — in signal mode the fault is served in
 //! the faulting thread, inside its SIGBUS handler) is read around loops of real faults of every
-//! kind hetmem serves in the faulting thread: anonymous first touch (zero-fill), fault-back of
+//! kind hetmem serves in the faulting thread: anonymous first touch (zero-fill), a read of a
+//! never-written page (the zero page) and a store to it, fault-back of
 //! a device-private page, revocation of device-exclusive access, a store to a page a declined
 //! migration left write-protected, a page dropped by a direct `madvise`, the first load of a
 //! shared file page (a fill from the file), the first access to a private file page, a store
@@ -93,7 +94,7 @@ fn anonymous_faults_allocate_nothing() {
     // Fault-back of device-private pages.
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&s).unwrap();
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
     let n = counted(|| {
         for i in 0..N {
             assert_eq!(load(&pa, a.add(i * PAGE)), i as u32);
@@ -102,7 +103,7 @@ fn anonymous_faults_allocate_nothing() {
     assert_eq!(n, 0, "fault-back allocated {n} times");
     // Revocation of device-exclusive access.
     let mut buf = vec![0u8; N * PAGE];
-    m.exclusive(a.get() as u64, N as u64, &mut buf).unwrap();
+    m.exclusive(a, N * PAGE, &mut buf).unwrap();
     let n = counted(|| {
         for i in 0..N {
             assert_eq!(load(&pa, a.add(i * PAGE)), i as u32);
@@ -119,6 +120,22 @@ fn anonymous_faults_allocate_nothing() {
         }
     });
     assert_eq!(n, 0, "refilling dropped pages allocated {n} times");
+    // Reads of never-written pages (the zero page), then stores to them (a private copy).
+    let z = s.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
+    let pz = s.probe(z, N * PAGE).unwrap();
+    let n = counted(|| {
+        for i in 0..N {
+            assert_eq!(load(&pz, z.add(i * PAGE)), 0);
+        }
+    });
+    assert_eq!(n, 0, "mapping the zero page allocated {n} times");
+    let n = counted(|| {
+        for i in 0..N {
+            store(&pz, z.add(i * PAGE), i as u32 + 1);
+        }
+    });
+    assert_eq!(n, 0, "stores to the zero page allocated {n} times");
+    assert_eq!(load(&pz, z.add(3 * PAGE)), 4);
 }
 
 #[test]
@@ -299,7 +316,7 @@ fn file_pages_coming_back_from_device_memory_allocate_nothing() {
         .unwrap();
     let pa = s.probe(a, N * PAGE).unwrap();
     for round in 0..3 {
-        m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+        m.migrate_range_to_device(a, N * PAGE).unwrap();
         assert_eq!(dev.used(), N * PAGE);
         let n = counted(|| {
             for k in 0..N {

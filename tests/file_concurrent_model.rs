@@ -936,13 +936,13 @@ impl Case {
                 hist.check_words(os, oe, word, &words_of(&buf[..got]))?;
             }
             Op::DevWrite { map, page, n } => {
-                let addr = self.addr(map, page * WPP) as u64;
+                let addr = VirtAddr(self.addr(map, page * WPP));
                 let (id, start) = hist.begin(me, pack(Kind::DevWrite, me, page, n));
                 let buf: Vec<u8> = (0..n * WPP)
                     .flat_map(|k| value(cs, id, k).to_ne_bytes())
                     .collect();
                 hist.write_words(id, start, page * WPP, n * WPP, |k| value(cs, id, k));
-                let r = self.mirror.write(addr, n as u64, &buf);
+                let r = self.mirror.write(addr, n * PAGE, &buf);
                 hist.finish(id);
                 match r {
                     Ok(_) => {}
@@ -955,10 +955,10 @@ impl Case {
                 }
             }
             Op::DevRead { map, page, n } => {
-                let addr = self.addr(map, page * WPP) as u64;
+                let addr = VirtAddr(self.addr(map, page * WPP));
                 let mut buf = vec![0u8; n * PAGE];
                 let os = hist.begin_obs(me);
-                let r = self.mirror.read(addr, n as u64, &mut buf);
+                let r = self.mirror.read(addr, n * PAGE, &mut buf);
                 let oe = hist.now();
                 match r {
                     Ok(_) => hist.check_words(os, oe, page * WPP, &words_of(&buf))?,
@@ -1114,7 +1114,11 @@ impl Case {
             if whole > 0 {
                 let mut buf = vec![0u8; whole * PAGE];
                 self.mirror
-                    .read(self.addr(map, first * WPP) as u64, whole as u64, &mut buf)
+                    .read(
+                        VirtAddr(self.addr(map, first * WPP)),
+                        whole * PAGE,
+                        &mut buf,
+                    )
                     .map_err(|e| format!("{what}: device read through {map:?}: {e}"))?;
                 let got = words_of(&buf);
                 if let Some(i) = (0..got.len()).find(|&i| got[i] != words[first * WPP + i]) {

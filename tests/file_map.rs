@@ -224,28 +224,26 @@ fn a_device_mirrors_file_pages() {
     assert_eq!(dev.used(), 0);
     // No device-exclusive access to file pages (anonymous memory only, as the kernel).
     assert_eq!(
-        m.exclusive(w.get() as u64, 1, &mut back[..PAGE])
-            .unwrap_err()
-            .errno(),
+        m.exclusive(w, PAGE, &mut back[..PAGE]).unwrap_err().errno(),
         libc::EBUSY
     );
     // Truncate while the device mirrors the pages: its mappings of the removed pages are
     // invalidated first; a device read of them then fails (EFAULT) instead of reaching memory
     // that is gone, and the pages still inside the file read as before.
     let mut one = vec![0u8; PAGE];
-    m.read(w.get() as u64, 1, &mut one).unwrap();
+    m.read(w, PAGE, &mut one).unwrap();
     h.set_len(PAGE as u64).unwrap();
-    let e = m.read(w.add(PAGE).get() as u64, 1, &mut one).unwrap_err();
+    let e = m.read(w.add(PAGE), PAGE, &mut one).unwrap_err();
     assert_eq!(e.errno(), libc::EFAULT);
-    m.read(w.get() as u64, 1, &mut one).unwrap();
+    m.read(w, PAGE, &mut one).unwrap();
     assert_eq!(one, pattern(PAGE, |i| !i));
     // Hole punch and direct write with the device mirroring: its entries are dropped, and its
     // next read sees the new data.
     h.set_len(4 * PAGE as u64).unwrap();
-    m.read(w.get() as u64, 4, &mut back[..4 * PAGE]).unwrap();
+    m.read(w, 4 * PAGE, &mut back[..4 * PAGE]).unwrap();
     h.direct_write(2 * PAGE as u64, &[0x5Au8; PAGE]).unwrap();
     h.punch_hole(0, PAGE as u64).unwrap();
-    m.read(w.get() as u64, 4, &mut back[..4 * PAGE]).unwrap();
+    m.read(w, 4 * PAGE, &mut back[..4 * PAGE]).unwrap();
     assert!(back[..PAGE].iter().all(|&b| b == 0), "punched");
     assert!(
         back[2 * PAGE..3 * PAGE].iter().all(|&b| b == 0x5A),
@@ -502,7 +500,7 @@ fn mapped_pages_are_evicted_under_the_budget() {
         let mut got = vec![0u8; n * PAGE];
         space.cpu_read(a, &mut got).unwrap();
         assert_eq!(got, content, "round {round}: CPU read");
-        m.read(a.get() as u64, n as u64, &mut got).unwrap();
+        m.read(a, n * PAGE, &mut got).unwrap();
         assert_eq!(got, content, "round {round}: device read");
         cache.shrink_to_budget();
         assert!(
@@ -511,7 +509,7 @@ fn mapped_pages_are_evicted_under_the_budget() {
             cache.cached_bytes()
         );
         // The device reads again after its mappings of the evicted pages were invalidated.
-        m.read(a.get() as u64, n as u64, &mut got).unwrap();
+        m.read(a, n * PAGE, &mut got).unwrap();
         assert_eq!(got, content, "round {round}: device read after eviction");
     }
     assert!(cache.stats().pages_evicted > 0);

@@ -69,8 +69,7 @@ fn device_private_file_pages_are_shared_by_every_mapping_and_come_back_on_cpu_ac
     let a2 = s2.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
     // Both mappings see the file; the device migrates the file's pages (the kernel: ENOENT).
     assert_eq!(s2.load_u32(a2).unwrap(), 0);
-    m1.migrate_range_to_device(a1.get() as u64, N as u64)
-        .unwrap();
+    m1.migrate_range_to_device(a1, N * PAGE).unwrap();
     for p in 0..N {
         assert!(private_on(&cache, &dev, p), "page {p}");
     }
@@ -78,7 +77,7 @@ fn device_private_file_pages_are_shared_by_every_mapping_and_come_back_on_cpu_ac
     assert_eq!(cache.device_pages(), N);
     // The device reads them where they are (mapped as its own frames, no fault).
     let mut buf = vec![0u8; N * PAGE];
-    m1.read(a1.get() as u64, N as u64, &mut buf).unwrap();
+    m1.read(a1, N * PAGE, &mut buf).unwrap();
     assert!(buf == pattern(N * PAGE, |i| i));
     assert!(private_on(&cache, &dev, 0));
     // A read through the cache reads the frame, without moving it.
@@ -98,7 +97,7 @@ fn device_private_file_pages_are_shared_by_every_mapping_and_come_back_on_cpu_ac
     assert_eq!(dev.used(), (N - 1) * PAGE);
     // The device's mapping of the page that left was invalidated: its read faults it in again
     // (now as a system page) and reads the same bytes.
-    m1.read(a1.get() as u64, N as u64, &mut buf).unwrap();
+    m1.read(a1, N * PAGE, &mut buf).unwrap();
     assert!(buf == pattern(N * PAGE, |i| i));
     // Everything back by CPU reads from space 1.
     let mut all = vec![0u8; N * PAGE];
@@ -120,10 +119,10 @@ fn device_writes_to_private_file_pages_reach_the_disk_on_fsync_without_moving_th
         cache,
         f,
     } = fixture("place-wb");
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
     // The device writes its own frames (through a mapping that intercepts CPU stores).
     let data = pattern(N * PAGE, |i| i.wrapping_mul(31) ^ 0xabcd);
-    m.write(a.get() as u64, N as u64, &data).unwrap();
+    m.write(a, N * PAGE, &data).unwrap();
     h.fsync().unwrap();
     assert!(f.disk() == data, "fsync wrote the device's bytes");
     for p in 0..N {
@@ -153,9 +152,7 @@ fn a_writable_mapping_that_does_not_intercept_stores_keeps_its_pages_in_system_m
     let s = Space::new().unwrap();
     let m = dev.mirror(&s).unwrap();
     let a = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, true).unwrap();
-    let e = m
-        .migrate_range_to_device(a.get() as u64, N as u64)
-        .unwrap_err();
+    let e = m.migrate_range_to_device(a, N * PAGE).unwrap_err();
     assert!(matches!(e, Error::StoresNotIntercepted { page: 0 }), "{e}");
     assert_eq!(e.errno(), libc::EBUSY);
     let e = cache
@@ -189,9 +186,8 @@ fn truncate_and_punch_drop_device_pages_without_writing_them() {
         cache,
         f,
     } = fixture("place-trunc");
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
-    m.write(a.get() as u64, N as u64, &vec![0x5a; N * PAGE])
-        .unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
+    m.write(a, N * PAGE, &vec![0x5a; N * PAGE]).unwrap();
     // Punch pages 2..4: their device frames go, unwritten; they read as zeros.
     h.punch_hole(2 * PAGE as u64, 2 * PAGE as u64).unwrap();
     assert_eq!(cache.placement(2), PagePlacement::Uncached);
@@ -224,13 +220,13 @@ fn device_release_brings_dirty_file_pages_back_and_nothing_is_lost() {
     {
         let dev = SoftDevice::private(8 << 20).unwrap();
         let m = dev.mirror(&s).unwrap();
-        m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
-        m.write(a.get() as u64, N as u64, &data).unwrap();
+        m.migrate_range_to_device(a, N * PAGE).unwrap();
+        m.write(a, N * PAGE, &data).unwrap();
         // Release: every page comes back to the cache (dirty), the device is empty.
         assert_eq!(dev.release().unwrap(), N);
         assert_eq!(dev.used(), 0);
         assert_eq!(cache.placement(0), PagePlacement::System);
-        m.migrate_range_to_device(a.get() as u64, 4).unwrap();
+        m.migrate_range_to_device(a, 4 * PAGE).unwrap();
         assert_eq!(dev.used(), 4 * PAGE);
         // The device goes away with 4 pages on it (removal evicts them).
     }
@@ -293,7 +289,7 @@ fn coherent_file_pages_are_mapped_in_place_and_written_back_where_they_are() {
     let s = Space::new().unwrap();
     let m = dev.mirror(&s).unwrap();
     let a = s.map_file(&h, 0, N * PAGE, Prot::ReadWrite, true).unwrap();
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
     assert_eq!(
         cache.placement(0),
         PagePlacement::DeviceCoherent { owner: dev.owner() }
@@ -312,10 +308,9 @@ fn coherent_file_pages_are_mapped_in_place_and_written_back_where_they_are() {
     );
     // The device sees the CPU's store and writes too; fsync reads them there.
     let mut one = vec![0u8; PAGE];
-    m.read(a.add(PAGE).get() as u64, 1, &mut one).unwrap();
+    m.read(a.add(PAGE), PAGE, &mut one).unwrap();
     assert_eq!(&one[..4], &0xfeed_f00du32.to_ne_bytes());
-    m.write(a.add(3 * PAGE).get() as u64, 1, &vec![7u8; PAGE])
-        .unwrap();
+    m.write(a.add(3 * PAGE), PAGE, &vec![7u8; PAGE]).unwrap();
     h.fsync().unwrap();
     let disk = f.disk();
     assert_eq!(&disk[PAGE..PAGE + 4], &0xfeed_f00du32.to_ne_bytes());
@@ -343,27 +338,25 @@ fn another_device_faulting_a_private_file_page_brings_it_back_first() {
     let s = Space::new().unwrap();
     let (m1, m2) = (d1.mirror(&s).unwrap(), d2.mirror(&s).unwrap());
     let a = s.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
-    m1.migrate_range_to_device(a.get() as u64, N as u64)
-        .unwrap();
+    m1.migrate_range_to_device(a, N * PAGE).unwrap();
     let mut buf = vec![0u8; N * PAGE];
-    m2.read(a.get() as u64, N as u64, &mut buf).unwrap();
+    m2.read(a, N * PAGE, &mut buf).unwrap();
     assert!(buf == pattern(N * PAGE, |i| i));
     assert_eq!(cache.placement(0), PagePlacement::System);
     assert_eq!(d1.used(), 0);
     // Device 2 can now take them.
-    m2.migrate_range_to_device(a.get() as u64, N as u64)
-        .unwrap();
+    m2.migrate_range_to_device(a, N * PAGE).unwrap();
     assert!(private_on(&cache, &d2, N - 1));
     // Device full: the pages that fit move, the rest stay (and a device with no room at all
     // says so).
     let small = SoftDevice::private(2 << 20).unwrap();
-    m2.migrate_to_system(a.get() as u64, N as u64).unwrap();
+    m2.migrate_to_system(a, N * PAGE).unwrap();
     assert_eq!(d2.used(), 0);
     let filler = Space::new().unwrap();
     let fm = small.mirror(&filler).unwrap();
     let fa = filler.map_anon(2 << 20, Prot::ReadWrite).unwrap();
     filler.cpu_write(fa, &vec![1u8; 2 << 20]).unwrap();
-    fm.migrate_range_to_device(fa.get() as u64, 512).unwrap();
+    fm.migrate_range_to_device(fa, 512 * PAGE).unwrap();
     assert_eq!(small.used(), 2 << 20);
     let e = cache
         .place_on_device(0, (N * PAGE) as u64, small.pagemap())
@@ -409,10 +402,10 @@ fn device_writes_racing_cpu_faults_from_another_space_truncate_free_and_fsync_lo
         at("device writes");
         for g in 0..300u32 {
             let p = (g as usize * 5) % N;
-            let _ = m.migrate_range_to_device(a1.get() as u64, N as u64);
+            let _ = m.migrate_range_to_device(a1, N * PAGE);
             let word = 0xd000_0000 | g;
             let buf: Vec<u8> = (0..PAGE / 4).flat_map(|_| word.to_ne_bytes()).collect();
-            match m.write(a1.add(p * PAGE).get() as u64, 1, &buf) {
+            match m.write(a1.add(p * PAGE), PAGE, &buf) {
                 Ok(_) => last[p] = Some(word),
                 // The page came back to system memory meanwhile: a device may not write
                 // through a mapping that intercepts stores (EPERM).
@@ -462,18 +455,8 @@ fn read_only_replicas_on_several_devices_serve_reads_and_survive_cpu_reads() {
     let (m1, m2) = (d1.mirror(&s1).unwrap(), d2.mirror(&s2).unwrap());
     let a1 = s1.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
     let a2 = s2.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
-    assert_eq!(
-        m1.replicate_range(a1.get() as u64, N as u64)
-            .unwrap()
-            .cpages,
-        N as u64
-    );
-    assert_eq!(
-        m2.replicate_range(a2.get() as u64, N as u64)
-            .unwrap()
-            .cpages,
-        N as u64
-    );
+    assert_eq!(m1.replicate_range(a1, N * PAGE).unwrap().cpages, N as u64);
+    assert_eq!(m2.replicate_range(a2, N * PAGE).unwrap().cpages, N as u64);
     let mut want = vec![d1.owner(), d2.owner()];
     want.sort_by_key(|o| o.0);
     assert_eq!(owners(&cache, 0), want);
@@ -486,9 +469,9 @@ fn read_only_replicas_on_several_devices_serve_reads_and_survive_cpu_reads() {
     // Both devices read their own copies; the CPU reads the file's pages; nothing moves.
     let data = pattern(N * PAGE, |i| i ^ 0x3c3c);
     let mut buf = vec![0u8; N * PAGE];
-    m1.read(a1.get() as u64, N as u64, &mut buf).unwrap();
+    m1.read(a1, N * PAGE, &mut buf).unwrap();
     assert!(buf == data);
-    m2.read(a2.get() as u64, N as u64, &mut buf).unwrap();
+    m2.read(a2, N * PAGE, &mut buf).unwrap();
     assert!(buf == data);
     s1.cpu_read(a1, &mut buf).unwrap();
     assert!(buf == data);
@@ -496,7 +479,7 @@ fn read_only_replicas_on_several_devices_serve_reads_and_survive_cpu_reads() {
     // The devices read their own memory: a snapshot shows each page as a read-only local
     // device page.
     let mut snap = vec![0u8; N];
-    m1.snapshot(a1.get() as u64, N as u64, &mut snap).unwrap();
+    m1.snapshot(a1, N * PAGE, &mut snap).unwrap();
     assert!(
         snap.iter()
             .all(|&b| b == hetmem::device::snap::DEV_PRIVATE_LOCAL | hetmem::device::snap::READ),
@@ -506,7 +489,7 @@ fn read_only_replicas_on_several_devices_serve_reads_and_survive_cpu_reads() {
     // to bring back); the other device reads on.
     d1.release().unwrap();
     assert_eq!(d1.used(), 0);
-    m2.read(a2.get() as u64, N as u64, &mut buf).unwrap();
+    m2.read(a2, N * PAGE, &mut buf).unwrap();
     assert!(buf == data);
 }
 
@@ -523,7 +506,7 @@ fn every_write_drops_the_replicas_first() {
         f,
     } = fixture("replica-w");
     let mut data = pattern(N * PAGE, |i| i);
-    m.replicate_range(a.get() as u64, N as u64).unwrap();
+    m.replicate_range(a, N * PAGE).unwrap();
     assert_eq!(dev.used(), N * PAGE);
     // A CPU store: the page's replica goes first, then the store lands.
     s.store_u32(a.add(PAGE), 0xaaaa_5555).unwrap();
@@ -531,7 +514,7 @@ fn every_write_drops_the_replicas_first() {
     assert!(owners(&cache, 1).is_empty());
     assert_eq!(owners(&cache, 0), vec![dev.owner()]);
     let mut buf = vec![0u8; N * PAGE];
-    m.read(a.get() as u64, N as u64, &mut buf).unwrap();
+    m.read(a, N * PAGE, &mut buf).unwrap();
     assert!(
         buf == data,
         "the device reads the store, not a stale replica"
@@ -540,8 +523,7 @@ fn every_write_drops_the_replicas_first() {
     h.write_at(2 * PAGE as u64, b"wa").unwrap();
     data[2 * PAGE..2 * PAGE + 2].copy_from_slice(b"wa");
     assert!(owners(&cache, 2).is_empty());
-    m.write(a.add(3 * PAGE).get() as u64, 1, &vec![0x33; PAGE])
-        .unwrap();
+    m.write(a.add(3 * PAGE), PAGE, &vec![0x33; PAGE]).unwrap();
     data[3 * PAGE..4 * PAGE].fill(0x33);
     assert!(owners(&cache, 3).is_empty());
     h.punch_hole(4 * PAGE as u64, PAGE as u64).unwrap();
@@ -559,7 +541,7 @@ fn every_write_drops_the_replicas_first() {
         "pages 0 and 6.. keep theirs"
     );
     let mut buf = vec![0u8; (N - 2) * PAGE];
-    m.read(a.get() as u64, (N - 2) as u64, &mut buf).unwrap();
+    m.read(a, (N - 2) * PAGE, &mut buf).unwrap();
     assert!(buf == data);
     h.fsync().unwrap();
     assert!(f.disk() == data);
@@ -614,10 +596,10 @@ fn a_device_write_past_the_end_of_the_file_is_a_typed_error() {
     } = fixture("place-eof");
     h.set_len((N / 2 * PAGE) as u64).unwrap();
     let e = m
-        .write(a.add((N - 1) * PAGE).get() as u64, 1, &vec![1u8; PAGE])
+        .write(a.add((N - 1) * PAGE), PAGE, &vec![1u8; PAGE])
         .unwrap_err();
     assert!(matches!(e, Error::PastEndOfFile { .. }), "{e}");
     assert_eq!(e.errno(), libc::EFAULT);
     // Inside the file the device writes.
-    m.write(a.get() as u64, 1, &vec![1u8; PAGE]).unwrap();
+    m.write(a, PAGE, &vec![1u8; PAGE]).unwrap();
 }

@@ -191,23 +191,21 @@ fn device_writes_through_an_intercepting_mapping_reach_the_disk() {
     let opts = intercepting(Prot::ReadWrite);
     let a = space.map_file_with(&h, 0, n * PAGE, opts).unwrap();
     let mut buf = vec![0u8; n * PAGE];
-    m.read(a.get() as u64, n as u64, &mut buf).unwrap();
+    m.read(a, n * PAGE, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 3));
     let mut want = vec![3u8; n * PAGE];
     for round in 0..24usize {
         for p in 0..n {
             let v = (round * n + p) as u8;
             at(format!("round {round}: device writes page {p}"));
-            m.write(a.add(p * PAGE).get() as u64, 1, &vec![v; PAGE])
-                .unwrap();
+            m.write(a.add(p * PAGE), PAGE, &vec![v; PAGE]).unwrap();
             want[p * PAGE..(p + 1) * PAGE].fill(v);
         }
         // A CPU store to one page, the device reads what the CPU wrote.
         let p = round % n;
         space.store_u32(a.add(p * PAGE), 0x0909_0909).unwrap();
         want[p * PAGE..p * PAGE + 4].fill(9);
-        m.read(a.add(p * PAGE).get() as u64, 1, &mut buf[..PAGE])
-            .unwrap();
+        m.read(a.add(p * PAGE), PAGE, &mut buf[..PAGE]).unwrap();
         assert_eq!(&buf[..4], &[9u8; 4]);
         if round % 6 == 5 {
             at(format!("round {round}: fsync"));
@@ -283,18 +281,18 @@ fn truncating_into_a_device_private_page_keeps_its_head_and_zeroes_its_tail() {
     let space = small_space();
     let m = dev.mirror(&space).unwrap();
     let a = space.map_file(&h, 0, 3 * PAGE, Prot::Read, true).unwrap();
-    let p1 = a.add(PAGE).get() as u64;
+    let p1 = a.add(PAGE);
     let mut b = vec![0u8; PAGE];
     // The file ends inside page 1 (cached before the truncation: the memfd ends there too):
     // placed, the page is zeros past the end of file.
     h.read_at(0, &mut vec![0u8; 3 * PAGE]).unwrap();
     h.set_len((PAGE + PAGE / 2) as u64).unwrap();
-    m.migrate_range_to_device(a.get() as u64, 2).unwrap();
+    m.migrate_range_to_device(a, 2 * PAGE).unwrap();
     assert!(matches!(
         cache.placement(1),
         PagePlacement::DevicePrivate { .. }
     ));
-    m.read(p1, 1, &mut b).unwrap();
+    m.read(p1, PAGE, &mut b).unwrap();
     assert!(b[..PAGE / 2] == data[PAGE..PAGE + PAGE / 2]);
     assert!(
         b[PAGE / 2..].iter().all(|&x| x == 0),
@@ -303,7 +301,7 @@ fn truncating_into_a_device_private_page_keeps_its_head_and_zeroes_its_tail() {
     // Truncate into the placed page: its head stays, its tail is zeros, for the device too.
     let cut = PAGE / 4;
     h.set_len((PAGE + cut) as u64).unwrap();
-    m.read(p1, 1, &mut b).unwrap();
+    m.read(p1, PAGE, &mut b).unwrap();
     assert!(b[..cut] == data[PAGE..PAGE + cut]);
     assert!(
         b[cut..].iter().all(|&x| x == 0),
@@ -341,7 +339,7 @@ fn a_private_mapping_copies_a_device_private_page_from_its_frame() {
     let s1 = small_space();
     let m = dev.mirror(&s1).unwrap();
     let a = s1.map_file(&h, 0, 2 * PAGE, Prot::Read, true).unwrap();
-    m.migrate_range_to_device(a.get() as u64, 2).unwrap();
+    m.migrate_range_to_device(a, 2 * PAGE).unwrap();
     let s2 = small_space();
     let p = s2.map_file(&h, 0, 2 * PAGE, Prot::Read, false).unwrap();
     let mut b = vec![0u8; 2 * PAGE];

@@ -26,7 +26,7 @@ fn accesses_and_transfers_are_charged() {
 
     // The device reads system memory over the link: per page, bytes and one transaction.
     let mut buf = vec![0u8; 16 * PAGE];
-    m.read(a.get() as u64, n, &mut buf).unwrap();
+    m.read(a, 16 * PAGE, &mut buf).unwrap();
     let r = dev.link_report();
     assert_eq!(
         r.device_remote_ns,
@@ -35,7 +35,7 @@ fn accesses_and_transfers_are_charged() {
     assert_eq!((r.device_local_ns, r.migration_ns), (0, 0));
 
     // Migration: one copy per page, over the link.
-    m.migrate_range_to_device(a.get() as u64, n).unwrap();
+    m.migrate_range_to_device(a, 16 * PAGE).unwrap();
     let r2 = dev.link_report().since(&r);
     assert_eq!(
         r2.migration_ns,
@@ -44,7 +44,7 @@ fn accesses_and_transfers_are_charged() {
 
     // Now the device reads its own memory: local.
     let before = dev.link_report();
-    m.read(a.get() as u64, n, &mut buf).unwrap();
+    m.read(a, 16 * PAGE, &mut buf).unwrap();
     let r4 = dev.link_report().since(&before);
     assert_eq!(
         r4.device_local_ns,

@@ -67,12 +67,12 @@ fn migrations_evictions_writeback_and_handler_thread_faults_are_reported() {
     let mirror = dev.mirror(&space).unwrap();
     let a = space.map_anon(8 * PAGE_SIZE, Prot::ReadWrite).unwrap();
     space.cpu_write(a, &[1]).unwrap();
-    mirror.migrate_range_to_device(a.get() as u64, 8).unwrap();
+    mirror.migrate_range_to_device(a, 8 * PAGE_SIZE).unwrap();
     tracing::subscriber::set_global_default(Collect).unwrap();
     assert!(EVENTS.lock().unwrap().is_empty());
 
     at("migration");
-    mirror.migrate_to_system(a.get() as u64, 8).unwrap();
+    mirror.migrate_to_system(a, 8 * PAGE_SIZE).unwrap();
     let m = events_matching("migration finalized");
     assert!(
         m.iter().any(|e| e.contains("migrated=8")),
@@ -80,7 +80,7 @@ fn migrations_evictions_writeback_and_handler_thread_faults_are_reported() {
     );
 
     at("signal-mode fault");
-    mirror.migrate_range_to_device(a.get() as u64, 8).unwrap();
+    mirror.migrate_range_to_device(a, 8 * PAGE_SIZE).unwrap();
     let mut b = [0u8; 1];
     space.cpu_read(a, &mut b).unwrap(); // served in this thread's SIGBUS handler
     assert_eq!(b, [1]);

@@ -94,7 +94,7 @@ fn a_clean_page_is_dropped_and_read_again_from_the_file() {
     // The page is cached, mapped by the CPU and by the device.
     assert_eq!(space.load_u32(a.add(2 * P)).unwrap(), first_word(2));
     let mut buf = vec![0u8; N * P];
-    m.read(a.get() as u64, N as u64, &mut buf).unwrap();
+    m.read(a, N * P, &mut buf).unwrap();
     assert!(buf == base());
     assert_eq!(cache.placement(2), PagePlacement::System);
     let filled = cache.stats().pages_filled;
@@ -109,7 +109,7 @@ fn a_clean_page_is_dropped_and_read_again_from_the_file() {
     assert_eq!(space.load_u32(a.add(2 * P)).unwrap(), 0xC3C3_C3C3);
     assert!(cache.stats().pages_filled > filled, "the page was refilled");
     // The device's old mapping of the page was invalidated: it faults and sees the refill.
-    m.read(a.get() as u64, N as u64, &mut buf).unwrap();
+    m.read(a, N * P, &mut buf).unwrap();
     assert!(buf == want, "device read after the refill");
     assert!(read_page(&h, 2).unwrap() == new);
     // Nothing was lost: nothing to report.
@@ -276,8 +276,7 @@ fn poison_sigbus_child() {
                 s1.store_u32(w.add(2 * P), 0xDEAD_BEEF).unwrap();
             } else {
                 // Private: the device writes its frame.
-                m.write(i.get() as u64 + 2 * P as u64, 1, &[0xA2; P])
-                    .unwrap();
+                m.write(i.add(2 * P), P, &[0xA2; P]).unwrap();
             }
             dev.inject_poison(frame_of(&dev, 2)).unwrap()
         }
@@ -446,18 +445,17 @@ fn device_accesses_to_a_lost_page_fail_with_eio() {
     let i = space
         .map_file_with(&h, 0, N * P, intercepting(Prot::ReadWrite))
         .unwrap();
-    let (wa, ia) = (a.get() as u64, i.get() as u64);
     // The device maps every page, then writes page 2 through the CPU view (tracked like a CPU
     // store: the failure finds it dirty).
     let mut buf = vec![0u8; N * P];
-    m.read(wa, N as u64, &mut buf).unwrap();
-    m.write(wa + 2 * P as u64, 1, &[0xA2; P]).unwrap();
+    m.read(a, N * P, &mut buf).unwrap();
+    m.write(a.add(2 * P), P, &[0xA2; P]).unwrap();
     assert_eq!(cache.inject_poison(2).unwrap(), MemoryFailure::Lost);
     // Reads through the mirror: EIO for a range holding it, through either mapping.
-    assert_lost(&m.read(wa, N as u64, &mut buf).unwrap_err(), 2);
-    assert_lost(&m.read(ia + 2 * P as u64, 1, &mut buf).unwrap_err(), 2);
+    assert_lost(&m.read(a, N * P, &mut buf).unwrap_err(), 2);
+    assert_lost(&m.read(i.add(2 * P), P, &mut buf).unwrap_err(), 2);
     let mut c = DmirrorCmd {
-        addr: wa,
+        addr: a.get() as u64,
         buf: &mut buf,
         npages: N as u64,
         cpages: 0,
@@ -466,15 +464,14 @@ fn device_accesses_to_a_lost_page_fail_with_eio() {
     assert_eq!(m.cmd(Cmd::Read, &mut c), -libc::EIO);
     // Writes too: through the CPU view, and through a mapping that intercepts stores (which
     // asks the cache for write access).
-    assert_lost(&m.write(wa + 2 * P as u64, 1, &[1; P]).unwrap_err(), 2);
-    assert_lost(&m.write(ia + 2 * P as u64, 1, &[1; P]).unwrap_err(), 2);
+    assert_lost(&m.write(a.add(2 * P), P, &[1; P]).unwrap_err(), 2);
+    assert_lost(&m.write(i.add(2 * P), P, &[1; P]).unwrap_err(), 2);
     // The other pages are intact.
     let mut two = vec![0u8; 2 * P];
-    m.read(wa, 2, &mut two).unwrap();
+    m.read(a, 2 * P, &mut two).unwrap();
     assert!(two == base()[..2 * P]);
     let mut rest = vec![0u8; (N - 3) * P];
-    m.read(ia + 3 * P as u64, (N - 3) as u64, &mut rest)
-        .unwrap();
+    m.read(i.add(3 * P), (N - 3) * P, &mut rest).unwrap();
     assert!(rest == base()[3 * P..]);
     let e = h.fsync().unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
@@ -492,10 +489,9 @@ fn a_failed_device_private_frame_is_retired_its_page_read_again_or_lost() {
     let i = space
         .map_file_with(&h, 0, N * P, intercepting(Prot::ReadWrite))
         .unwrap();
-    let ia = i.get() as u64;
     assert_eq!(cache.place_on_device(0, 4 * P as u64, &pm).unwrap(), 4);
     // The device writes page 2 in its frame (the page's only copy).
-    m.write(ia + 2 * P as u64, 1, &[0xA2; P]).unwrap();
+    m.write(i.add(2 * P), P, &[0xA2; P]).unwrap();
     let (f1, f2) = (frame_of(&dev, 1), frame_of(&dev, 2));
     let used = dev.used();
     // Page 1 is clean: its frame is retired (never handed out again) and the page is read from
@@ -519,15 +515,15 @@ fn a_failed_device_private_frame_is_retired_its_page_read_again_or_lost() {
     assert_eq!(cache.placement(2), PagePlacement::Uncached);
     assert_lost(&read_page(&h, 2).unwrap_err(), 2);
     let mut buf = vec![0u8; P];
-    assert_lost(&m.read(ia + 2 * P as u64, 1, &mut buf).unwrap_err(), 2);
+    assert_lost(&m.read(i.add(2 * P), P, &mut buf).unwrap_err(), 2);
     // The other pages stay on the device, intact.
     for p in [0, 3] {
         assert_eq!(
-            cache.placement(p),
+            cache.placement(p as u64),
             PagePlacement::DevicePrivate { owner: dev.owner() }
         );
-        m.read(ia + p * P as u64, 1, &mut buf).unwrap();
-        assert!(buf == pg(&base(), p as usize), "page {p}");
+        m.read(i.add(p * P), P, &mut buf).unwrap();
+        assert!(buf == pg(&base(), p), "page {p}");
     }
     let e = h.fsync().unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
@@ -555,7 +551,6 @@ fn a_failed_coherent_frame_is_a_failed_cached_page() {
     let space = Space::new().unwrap();
     let m = dev.mirror(&space).unwrap();
     let a = space.map_file(&h, 0, N * P, Prot::ReadWrite, true).unwrap();
-    let wa = a.get() as u64;
     assert_eq!(cache.place_on_device(0, 4 * P as u64, &pm).unwrap(), 4);
     // A CPU store in place (coherent pages are mapped where they are).
     space.store_u32(a.add(2 * P), 0xC0FF_EE00).unwrap();
@@ -570,7 +565,7 @@ fn a_failed_coherent_frame_is_a_failed_cached_page() {
     assert_eq!(dev.inject_poison(f2).unwrap(), MemoryFailure::Lost);
     assert_lost(&read_page(&h, 2).unwrap_err(), 2);
     let mut buf = vec![0u8; P];
-    assert_lost(&m.read(wa + 2 * P as u64, 1, &mut buf).unwrap_err(), 2);
+    assert_lost(&m.read(a.add(2 * P), P, &mut buf).unwrap_err(), 2);
     // The cache's own page of a coherent page is the frame: its failure retires the frame too.
     h.write_at(3 * P as u64, &[0x33; P]).unwrap();
     assert_eq!(cache.inject_poison(3).unwrap(), MemoryFailure::Lost);
@@ -582,7 +577,7 @@ fn a_failed_coherent_frame_is_a_failed_cached_page() {
         PagePlacement::DeviceCoherent { owner: dev.owner() }
     );
     assert_eq!(space.load_u32(a).unwrap(), 0);
-    m.read(wa, 1, &mut buf).unwrap();
+    m.read(a, P, &mut buf).unwrap();
     assert!(buf == pg(&base(), 0));
     let e = h.fsync().unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
@@ -603,10 +598,9 @@ fn a_failed_replica_frame_drops_only_that_copy() {
     let a = space
         .map_file_with(&h, 0, N * P, intercepting(Prot::Read))
         .unwrap();
-    let wa = a.get() as u64;
     assert_eq!(cache.replicate(0, 4 * P as u64, &pm).unwrap(), 4);
     let mut buf = vec![0u8; 4 * P];
-    m.read(wa, 4, &mut buf).unwrap();
+    m.read(a, 4 * P, &mut buf).unwrap();
     assert!(buf == base()[..4 * P]);
     // A replica's frame fails: that copy goes (its frame retired), the page is intact.
     let f1 = frame_of(&dev, 1);
@@ -618,7 +612,7 @@ fn a_failed_replica_frame_drops_only_that_copy() {
     assert_eq!(cache.replica_owners(2), vec![dev.owner()]);
     assert_ne!(pm.frame_info(f1).unwrap().flags & frame_flags::POISONED, 0);
     assert_eq!(cache.placement(1), PagePlacement::System);
-    m.read(wa, 4, &mut buf).unwrap();
+    m.read(a, 4 * P, &mut buf).unwrap();
     assert!(
         buf == base()[..4 * P],
         "the device reads page 1 in system memory"
@@ -636,7 +630,7 @@ fn a_failed_replica_frame_drops_only_that_copy() {
         "the replica's frame was freed"
     );
     write_disk(&f, 2 * P, &[0xC2; P]);
-    m.read(wa + 2 * P as u64, 1, &mut buf[..P]).unwrap();
+    m.read(a.add(2 * P), P, &mut buf[..P]).unwrap();
     assert!(buf[..P] == [0xC2; P]);
     h.fsync().unwrap();
 }

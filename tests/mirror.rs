@@ -158,7 +158,7 @@ fn device_private_pages_of_the_owner_are_reported_not_faulted() {
         .unwrap();
     space.cpu_write(a, &pattern(2 << 20, |i| i)).unwrap();
     let mut buf = vec![0u8; 2 << 20];
-    m.migrate_to_device(a.get() as u64, 512, &mut buf).unwrap();
+    m.migrate_to_device(a, 512 * PAGE, &mut buf).unwrap();
     // The owner sees device entries with order 9 (one 2 MiB frame), without a fault.
     let p = fault(&n, a, 512, HMM_PFN_REQ_FAULT, Some(dev.owner())).unwrap();
     assert!(
@@ -201,7 +201,7 @@ fn each_operation_raises_its_event() {
     );
 
     let mut buf = vec![0u8; 2 * PAGE];
-    m.migrate_to_device(a.add(4 * PAGE).get() as u64, 2, &mut buf)
+    m.migrate_to_device(a.add(4 * PAGE), 2 * PAGE, &mut buf)
         .unwrap();
     let ev = take(&rec);
     assert!(
@@ -218,7 +218,7 @@ fn each_operation_raises_its_event() {
     assert_eq!(ev.len(), 1);
     assert_eq!((ev[0].event, ev[0].owner), (NotifyEvent::Migrate, None));
 
-    m.exclusive(a.add(6 * PAGE).get() as u64, 1, &mut buf[..PAGE])
+    m.exclusive(a.add(6 * PAGE), PAGE, &mut buf[..PAGE])
         .unwrap();
     let ev = take(&rec);
     assert!(
@@ -230,7 +230,7 @@ fn each_operation_raises_its_event() {
     let ev = take(&rec);
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].event, NotifyEvent::Clear);
-    m.check_exclusive(a.get() as u64, 8).unwrap();
+    m.check_exclusive(a, 8 * PAGE).unwrap();
 
     space.unmap(a, 8 * PAGE).unwrap();
     let ev = take(&rec);

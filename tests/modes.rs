@@ -22,7 +22,7 @@ fn device_resident(space: &Space, dev: &DeviceMirror, mode: FaultMode, pages: us
     space.cpu_write(a, &pattern(pages * PAGE, |i| i)).unwrap();
     let mut buf = vec![0u8; pages * PAGE];
     assert_eq!(
-        dev.migrate_to_device(a.get() as u64, pages as u64, &mut buf)
+        dev.migrate_to_device(a, pages * PAGE, &mut buf)
             .unwrap()
             .cpages,
         pages as u64

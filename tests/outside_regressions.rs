@@ -152,11 +152,11 @@ fn device_write_after_a_store_raced_a_punch_does_not_deadlock() {
     h.punch_hole(2 * PAGE as u64, PAGE as u64).unwrap();
     h.fsync().unwrap();
     at("device write of the punched page");
-    m.write(p2.get() as u64, 1, &vec![0x77u8; PAGE]).unwrap();
+    m.write(p2, PAGE, &vec![0x77u8; PAGE]).unwrap();
     // A concurrent punch of the same page (an invalidation waiting for the device's lock).
     let h2 = h.cache().handle();
     let t = std::thread::spawn(move || h2.punch_hole(2 * PAGE as u64, PAGE as u64));
-    m.write(p2.get() as u64, 1, &vec![0x78u8; PAGE]).unwrap();
+    m.write(p2, PAGE, &vec![0x78u8; PAGE]).unwrap();
     t.join().unwrap().unwrap();
     h.fsync().unwrap();
     let page = &f.disk()[2 * PAGE..3 * PAGE];
@@ -187,7 +187,7 @@ fn device_resident_page(mode: &str, byte: u8) -> (Space, SoftDevice, DeviceMirro
     space.cpu_write(a, &[byte; 4]).unwrap();
     let dev = SoftDevice::private(4 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
-    m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+    m.migrate_range_to_device(a, PAGE).unwrap();
     (space, dev, m, a)
 }
 
@@ -252,7 +252,7 @@ fn a_panic_under_the_space_lock_aborts_at_the_next_use_with_a_message() {
         // The migration records its event under the space's lock: the panic unwinds from there
         // (or the process is gone already, if the unwinding itself took the lock again).
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            m.migrate_range_to_device(a.get() as u64, 4)
+            m.migrate_range_to_device(a, 4 * PAGE)
         }));
         assert!(r.is_err(), "the sink's panic reaches the caller");
         let _ = space.cpu_read(a, &mut [0u8; 4]);
@@ -410,16 +410,19 @@ fn check_exclusive_over_a_huge_range_walks_only_what_is_mapped() {
     let dev = SoftDevice::private(4 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     let mut buf = vec![0u8; PAGE];
-    m.read(a.get() as u64, 1, &mut buf).unwrap();
+    m.read(a, PAGE, &mut buf).unwrap();
     assert!(m.mapped_pages() >= 1);
-    for n in [1u64 << 28, 1 << 40, 1 << 51] {
-        assert!(m.check_exclusive(a.get() as u64, n).is_ok());
+    for pages in [1usize << 28, 1 << 40, 1 << 51] {
+        assert!(m.check_exclusive(a, pages * PAGE).is_ok());
     }
-    m.exclusive(a.get() as u64, 1, &mut buf).unwrap();
-    let e = m.check_exclusive(a.get() as u64, 1 << 51).unwrap_err();
+    m.exclusive(a, PAGE, &mut buf).unwrap();
+    let e = m.check_exclusive(a, (1 << 51) * PAGE).unwrap_err();
     assert_eq!(e.errno(), libc::EPERM);
-    // An absurd count that overflows the address space is an error, not a walk.
-    assert!(m.check_exclusive(a.get() as u64, u64::MAX).is_err());
+    // An absurd length that overflows the address space is an error, not a walk.
+    assert!(matches!(
+        m.check_exclusive(a, usize::MAX & !(PAGE - 1)),
+        Err(Error::Overflow { .. })
+    ));
     space.protect(a, 4 * PAGE, Prot::Read).unwrap();
 }
 
@@ -580,12 +583,11 @@ fn a_direct_mremap_of_a_managed_range_keeps_every_byte() {
         space.cpu_write(a, &data).unwrap();
         let dev = SoftDevice::private(8 << 20).unwrap();
         let m = dev.mirror(&space).unwrap();
-        m.migrate_range_to_device(a.get() as u64, 8).unwrap();
+        m.migrate_range_to_device(a, 8 * PAGE).unwrap();
         assert_eq!(space.residency(a), Residency::Device(dev.owner()));
         let mut page = vec![0u8; PAGE];
-        m.exclusive(a.add(9 * PAGE).get() as u64, 1, &mut page)
-            .unwrap();
-        m.read(a.add(10 * PAGE).get() as u64, 1, &mut page).unwrap();
+        m.exclusive(a.add(9 * PAGE), PAGE, &mut page).unwrap();
+        m.read(a.add(10 * PAGE), PAGE, &mut page).unwrap();
         let used_before = dev.used();
         assert!(used_before >= 8 * PAGE);
 
@@ -620,7 +622,7 @@ fn a_direct_mremap_of_a_managed_range_keeps_every_byte() {
             Error::NotMapped { .. }
         ));
         assert_eq!(space.stats().foreign_remaps, 1);
-        assert!(m.read(a.get() as u64, 1, &mut page).is_err());
+        assert!(m.read(a, PAGE, &mut page).is_err());
         assert_eq!(m.mapped_pages(), 0);
         assert_eq!(
             dev.used(),
@@ -846,9 +848,9 @@ fn the_lock_order_holds_in_a_mixed_workload() {
             h.punch_hole((round as u64 % 16) * PAGE as u64, PAGE as u64)
                 .unwrap();
             let mut page = vec![0u8; PAGE];
-            m.read(a.get() as u64, 1, &mut page).unwrap();
+            m.read(a, PAGE, &mut page).unwrap();
             space.cpu_write(b, &[round as u8; 64 * PAGE]).unwrap();
-            m.migrate_range_to_device(b.get() as u64, 64).unwrap();
+            m.migrate_range_to_device(b, 64 * PAGE).unwrap();
             let pin = space.pin(b, 8 * PAGE, round % 2 == 0).unwrap();
             drop(pin);
             h.cache().shrink_to_budget();

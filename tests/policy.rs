@@ -30,7 +30,7 @@ fn traced(space: &Space) -> Arc<RingSink> {
 }
 
 fn migrate(m: &DeviceMirror, a: VirtAddr, pages: usize) -> Result<CmdOut> {
-    m.migrate_range_to_device(a.get() as u64, pages as u64)
+    m.migrate_range_to_device(a, pages * PAGE)
 }
 
 fn page(a: VirtAddr, p: usize) -> VirtAddr {
@@ -323,7 +323,7 @@ fn device_reads_page_5(policy: Option<Arc<dyn Policy>>) -> (Residency, Residency
     let m = dev.mirror(&space).unwrap();
     let a = space.map_anon(PMD, Prot::ReadWrite).unwrap();
     let mut buf = vec![1u8; PAGE];
-    let out = m.read(page(a, 5).get() as u64, 1, &mut buf).unwrap();
+    let out = m.read(page(a, 5), PAGE, &mut buf).unwrap();
     assert_eq!(out.cpages, 1);
     assert_eq!(out.faults, 1);
     assert!(buf.iter().all(|&b| b == 0), "a fresh page reads zeros");
@@ -370,7 +370,7 @@ fn a_prefetch_window_is_clamped_to_the_mapping_and_the_request_keeps_its_errors(
     let a = space.map_anon(3 * PAGE, Prot::ReadWrite).unwrap();
     space.cpu_write(a, &pattern(3 * PAGE, |i| i)).unwrap();
     let mut buf = vec![0u8; PAGE];
-    m.read(page(a, 1).get() as u64, 1, &mut buf).unwrap();
+    m.read(page(a, 1), PAGE, &mut buf).unwrap();
     assert_eq!(buf, pattern(3 * PAGE, |i| i)[PAGE..2 * PAGE]);
     assert_eq!(m.mapped_pages(), 3);
     for p in 0..3 {

@@ -25,15 +25,13 @@ fn exclusive_in_untouched_large_unit_splits_it() {
     let a = space.map_anon_with(PMD, large_opts()).unwrap();
     let p1 = a.add(PAGE);
     let mut buf = vec![0u8; PAGE];
-    m.exclusive(p1.get() as u64, 1, &mut buf).unwrap();
+    m.exclusive(p1, PAGE, &mut buf).unwrap();
     assert!(matches!(space.residency(p1), Residency::Exclusive(_)));
     let mut snap = vec![0u8; 1];
-    m.snapshot(a.get() as u64, 1, &mut snap).unwrap();
+    m.snapshot(a, PAGE, &mut snap).unwrap();
     assert_eq!(snap[0] & hetmem::device::snap::PMD, 0, "the unit was split");
     // The exclusive page is not selected (ENOENT from the read-back), the rest moves as base pages.
-    let e = m
-        .migrate_range_to_device(a.get() as u64, (PMD / PAGE) as u64)
-        .unwrap_err();
+    let e = m.migrate_range_to_device(a, PMD).unwrap_err();
     assert_eq!(e.errno(), libc::ENOENT);
     assert!(matches!(space.residency(p1), Residency::Exclusive(_)));
     assert_eq!(space.residency(a), Residency::Device(dev.owner()));
@@ -51,8 +49,8 @@ fn exclusive_in_untouched_large_unit_model() {
     let a = space.map_anon_with(PMD, large_opts()).unwrap();
     let p1 = a.add(PAGE);
     let mut buf = vec![0u8; PAGE];
-    m.exclusive(p1.get() as u64, 1, &mut buf).unwrap();
-    let _ = m.migrate_range_to_device(a.get() as u64, (PMD / PAGE) as u64);
+    m.exclusive(p1, PAGE, &mut buf).unwrap();
+    let _ = m.migrate_range_to_device(a, PMD);
     assert!(matches!(space.residency(p1), Residency::Exclusive(_)));
 }
 
@@ -72,14 +70,14 @@ fn stale_pin_does_not_unpin_a_new_mapping() {
     space.store_u32(a, 2).unwrap();
     let new_pin = space.pin(a, PAGE, false).unwrap();
     drop(old_pin);
-    assert!(m.migrate_range_to_device(a.get() as u64, 1).is_err());
+    assert!(m.migrate_range_to_device(a, PAGE).is_err());
     assert_eq!(
         space.residency(a),
         Residency::System,
         "a pinned page was migrated"
     );
     drop(new_pin);
-    m.migrate_range_to_device(a.get() as u64, 1).unwrap();
+    m.migrate_range_to_device(a, PAGE).unwrap();
     assert_eq!(space.load_u32(a).unwrap(), 2);
 }
 
@@ -141,8 +139,8 @@ fn migrate_racing_protect_none() {
         }
     });
     for _ in 0..300 {
-        let _ = m.migrate_to_system(a.get() as u64, pages as u64);
-        let _ = m.migrate_range_to_device(a.get() as u64, pages as u64);
+        let _ = m.migrate_to_system(a, pages * PAGE);
+        let _ = m.migrate_range_to_device(a, pages * PAGE);
     }
     t.join().unwrap();
     let mut back = vec![0u8; pages * PAGE];
@@ -171,12 +169,12 @@ fn undroppable_pages_are_declined_not_left_stale() {
         return;
     }
     space.cpu_write(a, &[1u8; PAGE]).unwrap();
-    let e = m.migrate_range_to_device(a.get() as u64, 1).unwrap_err();
+    let e = m.migrate_range_to_device(a, PAGE).unwrap_err();
     assert_eq!(e.errno(), libc::ENOENT, "the page was declined");
     assert_eq!(space.residency(a), Residency::System);
     assert_eq!(dev.used(), 0, "the declined page's frame was freed");
     // The device writes through its mirror of the system page; the CPU sees it.
-    m.write(a.get() as u64, 1, &[2u8; PAGE]).unwrap();
+    m.write(a, PAGE, &[2u8; PAGE]).unwrap();
     let mut got = vec![0u8; PAGE];
     space.cpu_read(a, &mut got).unwrap();
     assert!(got.iter().all(|&b| b == 2));
@@ -194,12 +192,9 @@ fn range_starting_inside_the_last_device_unit() {
     let m = dev.mirror(&space).unwrap();
     let a = space.map_anon_with(2 * PMD, large_opts()).unwrap();
     space.cpu_write(a, &pattern(2 * PMD, |i| i)).unwrap();
-    m.migrate_range_to_device(a.add(PMD).get() as u64, 512)
-        .unwrap();
+    m.migrate_range_to_device(a.add(PMD), PMD).unwrap();
     assert_eq!(
-        m.migrate_to_system(a.add(PMD + PAGE).get() as u64, 1)
-            .unwrap()
-            .cpages,
+        m.migrate_to_system(a.add(PMD + PAGE), PAGE).unwrap().cpages,
         1
     );
     let mut back = vec![0u8; 2 * PMD];
@@ -223,7 +218,7 @@ fn partially_droppable_run_declines_only_what_stays() {
         eprintln!("mlock2 refused here: nothing to test");
         return;
     }
-    let e = m.migrate_range_to_device(a.get() as u64, 2).unwrap_err();
+    let e = m.migrate_range_to_device(a, 2 * PAGE).unwrap_err();
     assert_eq!(e.errno(), libc::ENOENT, "page 1 did not move");
     assert_eq!(space.residency(a), Residency::Device(dev.owner()));
     assert_eq!(space.residency(a.add(PAGE)), Residency::System);
@@ -247,9 +242,9 @@ fn coherent_eviction_is_charged_like_coherent_migration() {
     let m = dev.mirror(&space).unwrap();
     let a = space.map_anon(2 * PAGE, Prot::ReadWrite).unwrap();
     space.cpu_write(a, &[7u8; 2 * PAGE]).unwrap();
-    m.migrate_range_to_device(a.get() as u64, 2).unwrap();
+    m.migrate_range_to_device(a, 2 * PAGE).unwrap();
     let r0 = dev.link_report();
-    m.migrate_to_system(a.get() as u64, 1).unwrap();
+    m.migrate_to_system(a, PAGE).unwrap();
     let by_migration = dev.link_report().since(&r0).migration_ns;
     let r1 = dev.link_report();
     assert_eq!(dev.release().unwrap(), 1);

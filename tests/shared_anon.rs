@@ -45,7 +45,7 @@ fn first_touch_reads_zeros_and_cpu_and_device_writes_are_seen_by_every_mapping()
     // Never touched: zeros, for the CPU and for the device (which faults the pages in).
     assert!(read_all(&s1, a1, N * PAGE).iter().all(|&b| b == 0));
     let mut dbuf = vec![0xeeu8; N * PAGE];
-    m1.read(a1.get() as u64, N as u64, &mut dbuf).unwrap();
+    m1.read(a1, N * PAGE, &mut dbuf).unwrap();
     assert!(dbuf.iter().all(|&b| b == 0));
     // A second address space maps the same memory (through the cache's handle).
     let h = cache.handle();
@@ -65,12 +65,12 @@ fn first_touch_reads_zeros_and_cpu_and_device_writes_are_seen_by_every_mapping()
     let cpu = pattern(N * PAGE, |i| i ^ 0x5a5a_0000);
     s1.cpu_write(a1, &cpu).unwrap();
     assert!(read_all(&s2, a2, N * PAGE) == cpu);
-    m1.read(a1.get() as u64, N as u64, &mut dbuf).unwrap();
+    m1.read(a1, N * PAGE, &mut dbuf).unwrap();
     assert!(dbuf == cpu);
     // Device writes (through the CPU view: the mapping does not intercept stores) are seen by
     // both spaces and by read_at.
     let devw = pattern(4 * PAGE, |i| !i);
-    m1.write(a1.add(3 * PAGE).get() as u64, 4, &devw).unwrap();
+    m1.write(a1.add(3 * PAGE), 4 * PAGE, &devw).unwrap();
     let mut want = cpu.clone();
     want[3 * PAGE..7 * PAGE].copy_from_slice(&devw);
     assert!(read_all(&s1, a1, N * PAGE) == want);
@@ -110,7 +110,7 @@ fn device_private_placement_moves_every_byte_and_the_device_release_brings_them_
         let m = dev.mirror(&s).unwrap();
         // The kernel: ENOENT (shmem pages do not migrate). hetmem: they move through the
         // cache's placement, untouched pages included (zero-filled first).
-        m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+        m.migrate_range_to_device(a, N * PAGE).unwrap();
         for p in 0..N {
             assert_eq!(
                 cache.placement(p as u64),
@@ -120,11 +120,11 @@ fn device_private_placement_moves_every_byte_and_the_device_release_brings_them_
         }
         assert_eq!(dev.used(), N * PAGE);
         let mut dbuf = vec![0xeeu8; N * PAGE];
-        m.read(a.get() as u64, N as u64, &mut dbuf).unwrap();
+        m.read(a, N * PAGE, &mut dbuf).unwrap();
         assert!(dbuf == want);
         // The device writes its frames: pages 6..10 (some CPU-written, some untouched).
         let devw = pattern(4 * PAGE, |i| i | 0xd000_0000);
-        m.write(a.add(6 * PAGE).get() as u64, 4, &devw).unwrap();
+        m.write(a.add(6 * PAGE), 4 * PAGE, &devw).unwrap();
         want[6 * PAGE..10 * PAGE].copy_from_slice(&devw);
         // read_at reads the frames where they are.
         let mut via = vec![0u8; N * PAGE];
@@ -151,17 +151,17 @@ fn device_private_placement_moves_every_byte_and_the_device_release_brings_them_
         assert!(read_all(&s, a, N * PAGE) == want);
         // The device writes system pages through the intercepting mapping too, and keeps its
         // write access across fsync (nothing to write back, nothing to protect again).
-        m.write(a.add(14 * PAGE).get() as u64, 1, &vec![0x42u8; PAGE])
+        m.write(a.add(14 * PAGE), PAGE, &vec![0x42u8; PAGE])
             .unwrap();
         h.fsync().unwrap();
-        m.write(a.add(15 * PAGE).get() as u64, 1, &vec![0x43u8; PAGE])
+        m.write(a.add(15 * PAGE), PAGE, &vec![0x43u8; PAGE])
             .unwrap();
         want[14 * PAGE..15 * PAGE].fill(0x42);
         want[15 * PAGE..16 * PAGE].fill(0x43);
         assert!(read_all(&s, a, N * PAGE) == want);
         // Placed again, then the device goes away (removal brings them back too).
-        m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
-        m.write(a.add(12 * PAGE).get() as u64, 1, &vec![0x77u8; PAGE])
+        m.migrate_range_to_device(a, N * PAGE).unwrap();
+        m.write(a.add(12 * PAGE), PAGE, &vec![0x77u8; PAGE])
             .unwrap();
         want[12 * PAGE..13 * PAGE].fill(0x77);
         assert_eq!(cache.device_pages(), N);
@@ -183,7 +183,7 @@ fn device_coherent_placement_takes_any_mapping_and_the_cpu_uses_the_pages_in_pla
     let (a, cache) = s.map_shared_anon(N * PAGE, Prot::ReadWrite).unwrap();
     let cpu = pattern(N * PAGE, |i| i + 7);
     s.cpu_write(a, &cpu).unwrap();
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
     for p in 0..N {
         assert_eq!(
             cache.placement(p as u64),
@@ -199,10 +199,9 @@ fn device_coherent_placement_takes_any_mapping_and_the_cpu_uses_the_pages_in_pla
     want[2 * PAGE..2 * PAGE + 4].copy_from_slice(&0xabad_cafeu32.to_ne_bytes());
     // The device sees the CPU's store and writes its own.
     let mut one = vec![0u8; PAGE];
-    m.read(a.add(2 * PAGE).get() as u64, 1, &mut one).unwrap();
+    m.read(a.add(2 * PAGE), PAGE, &mut one).unwrap();
     assert_eq!(&one[..4], &0xabad_cafeu32.to_ne_bytes());
-    m.write(a.add(5 * PAGE).get() as u64, 1, &vec![0x3cu8; PAGE])
-        .unwrap();
+    m.write(a.add(5 * PAGE), PAGE, &vec![0x3cu8; PAGE]).unwrap();
     want[5 * PAGE..6 * PAGE].fill(0x3c);
     assert!(read_all(&s, a, N * PAGE) == want);
     assert_eq!(dev.release().unwrap(), N);
@@ -222,9 +221,7 @@ fn a_writable_mapping_that_does_not_intercept_stores_keeps_its_pages_out_of_devi
     s.cpu_write(a, &pattern(N * PAGE, |i| i)).unwrap();
     // A store through this mapping cannot be held off while a page moves (the kernel resolves
     // its write-protect fault itself): the page would move under it.
-    let e = m
-        .migrate_range_to_device(a.get() as u64, N as u64)
-        .unwrap_err();
+    let e = m.migrate_range_to_device(a, N * PAGE).unwrap_err();
     assert!(matches!(e, Error::StoresNotIntercepted { page: 0 }), "{e}");
     assert_eq!(e.errno(), libc::EBUSY);
     assert_eq!(dev.used(), 0);
@@ -235,8 +232,7 @@ fn a_writable_mapping_that_does_not_intercept_stores_keeps_its_pages_out_of_devi
     let h = cache.handle();
     let a2 = s2.map_file(&h, 0, N * PAGE, Prot::Read, true).unwrap();
     s.unmap(a, N * PAGE).unwrap();
-    m2.migrate_range_to_device(a2.get() as u64, N as u64)
-        .unwrap();
+    m2.migrate_range_to_device(a2, N * PAGE).unwrap();
     assert_eq!(cache.device_pages(), N);
     assert!(read_all(&s2, a2, N * PAGE) == pattern(N * PAGE, |i| i));
     assert_eq!(cache.device_pages(), 0);
@@ -430,18 +426,14 @@ fn a_forked_child_shares_the_memory_both_ways() {
     let neg = pattern(N * PAGE, |i| i.wrapping_neg());
     assert!(read_all(&s, a, N * PAGE) == neg);
     let mut dbuf = vec![0u8; N * PAGE];
-    m.read(a.get() as u64, N as u64, &mut dbuf).unwrap();
+    m.read(a, N * PAGE, &mut dbuf).unwrap();
     assert!(dbuf == neg);
     let mut via = vec![0u8; N * PAGE];
     cache.handle().read_at(0, &mut via).unwrap();
     assert!(via == neg);
     // The parent's device writes are seen by the next child.
-    m.write(
-        a.get() as u64,
-        N as u64,
-        &pattern(N * PAGE, |i| i ^ 0xdead_0000),
-    )
-    .unwrap();
+    m.write(a, N * PAGE, &pattern(N * PAGE, |i| i ^ 0xdead_0000))
+        .unwrap();
     // SAFETY: as above (loads only).
     let st = unsafe {
         sys::fork_and_wait(|| {
@@ -512,10 +504,10 @@ fn a_child_touching_pages_the_parent_never_touched_reads_zeros_and_its_stores_ar
     assert_eq!(&b[4..], &0xc003u32.to_ne_bytes());
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&s).unwrap();
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
     assert_eq!(cache.device_pages(), N);
     let mut dbuf = vec![0u8; N * PAGE];
-    m.read(a.get() as u64, N as u64, &mut dbuf).unwrap();
+    m.read(a, N * PAGE, &mut dbuf).unwrap();
     for p in 1..N {
         let w = &dbuf[p * PAGE..p * PAGE + 8];
         assert_eq!(&w[..4], &[0; 4]);
@@ -549,7 +541,7 @@ fn coherent_pages_stay_shared_with_a_child() {
     let m = dev.mirror(&s).unwrap();
     let (a, cache) = s.map_shared_anon(N * PAGE, Prot::ReadWrite).unwrap();
     s.cpu_write(a, &pattern(N * PAGE, |i| i * 3)).unwrap();
-    m.migrate_range_to_device(a.get() as u64, N as u64).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
     assert_eq!(
         cache.placement(N as u64 - 1),
         PagePlacement::DeviceCoherent { owner: dev.owner() }
@@ -573,7 +565,7 @@ fn coherent_pages_stay_shared_with_a_child() {
     // The pages stayed in coherent memory; the device and the parent see the child's stores.
     assert_eq!(cache.device_pages(), N);
     let mut dbuf = vec![0u8; N * PAGE];
-    m.read(a.get() as u64, N as u64, &mut dbuf).unwrap();
+    m.read(a, N * PAGE, &mut dbuf).unwrap();
     assert!(dbuf == pattern(N * PAGE, |i| i + 1));
     assert!(read_all(&s, a, N * PAGE) == pattern(N * PAGE, |i| i + 1));
 }

@@ -13,7 +13,7 @@ fn cpu_write_migrate_fault_back() {
     let data = pattern(len, |i| i);
     space.cpu_write(a, &data).unwrap();
     let mut buf = vec![0u8; len];
-    let out = m.migrate_to_device(a.get() as u64, 64, &mut buf).unwrap();
+    let out = m.migrate_to_device(a, 64 * PAGE, &mut buf).unwrap();
     assert_eq!(out.cpages, 64);
     assert_eq!(buf, data);
     assert_eq!(space.residency(a), Residency::Device(dev.owner()));

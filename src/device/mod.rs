@@ -6,9 +6,14 @@
 //! `/dev/hmm_dmirrorN`): it has its own page table, kept correct by an interval notifier over the
 //! whole space, and offers the test device's operations ([`Cmd`]): read, write, migrate to device
 //! and to system, snapshot, exclusive, check exclusive, release, and flags (fail the next
-//! allocation). [`DeviceMirror::cmd`] has the ioctl's exact calling convention (`cpages` and
-//! `faults` written only on success, `-errno` returned) so the kernel's selftests translate line
-//! for line.
+//! allocation). [`DeviceMirror::cmd`] has the ioctl's exact calling convention (the kernel's
+//! range shape, a `u64` address and a page count; `cpages` and `faults` written only on success,
+//! `-errno` returned) so the kernel's selftests translate line for line.
+//!
+//! The methods of the Rust API ([`DeviceMirror::read`], [`DeviceMirror::migrate_range_to_device`],
+//! ...) take a range as [`Space`]'s do: `(addr: VirtAddr, len: usize)`, `len` in bytes, a
+//! non-zero multiple of [`PAGE_SIZE`], at a page-aligned address. Their [`CmdOut`] keeps the
+//! kernel's counters, which count pages.
 //!
 //! # Device page table and fencing
 //!
@@ -645,7 +650,18 @@ impl Drop for DeviceMirror {
     }
 }
 
-fn range_of(addr: u64, npages: u64) -> Result<VaRange> {
+/// The range of a call of the Rust API: `len` bytes at `addr`. [`Error::Unaligned`] for an
+/// unaligned address, [`Error::ZeroLength`] for an empty range, [`Error::UnalignedLength`] for a
+/// length that is not a multiple of the page size, [`Error::Overflow`] for one that wraps.
+fn range_of(addr: VirtAddr, len: usize) -> Result<VaRange> {
+    VaRange::new(addr, len)
+}
+
+/// The range of a command in the kernel's shape (`addr` and `npages` of `struct
+/// hmm_dmirror_cmd`), with the errors of [`range_of`]: zero pages is [`Error::ZeroLength`], a
+/// page count whose bytes overflow is [`Error::Overflow`]. Every one of them is EINVAL, as
+/// `dmirror_fops_unlocked_ioctl` answers an unaligned address or a range that wraps.
+fn range_of_pages(addr: u64, npages: u64) -> Result<VaRange> {
     let start = VirtAddr(addr as usize);
     if !start.is_page_aligned() {
         return Err(Error::Unaligned { addr: start });
@@ -689,25 +705,26 @@ impl DeviceMirror {
     }
 
     /// Runs a command with the ioctl's convention: returns 0 or `-errno`; `cpages`/`faults` are
-    /// zeroed on entry and written only on success.
+    /// written only on success. The range has the kernel's shape: `c.npages` pages at `c.addr`
+    /// (EINVAL for every command, `Release` and `Flags` included, when the address is unaligned,
+    /// `npages` is zero or the range wraps); a range command runs its method ([`Self::read`],
+    /// [`Self::migrate_to_device`], ...) on those `npages * PAGE_SIZE` bytes.
     pub fn cmd(&self, cmd: Cmd, c: &mut DmirrorCmd<'_>) -> i32 {
-        // As dmirror_fops_unlocked_ioctl, for every command: an unaligned address or a range
-        // that wraps (npages 0 included) is EINVAL.
-        let wraps = (c.npages as usize)
-            .checked_mul(PAGE_SIZE)
-            .and_then(|len| (c.addr as usize).checked_add(len))
-            .is_none_or(|end| end <= c.addr as usize);
-        if !(c.addr as usize).is_multiple_of(PAGE_SIZE) || wraps {
-            return -libc::EINVAL;
-        }
+        // As dmirror_fops_unlocked_ioctl, for every command (Release and Flags included): an
+        // unaligned address or a range that wraps (npages 0 included) is EINVAL.
+        let r = match range_of_pages(c.addr, c.npages) {
+            Ok(r) => r,
+            Err(e) => return -e.errno(),
+        };
+        let (addr, len) = (r.start, r.len());
         let res = match cmd {
-            Cmd::Read => self.read(c.addr, c.npages, c.buf),
-            Cmd::Write => self.write(c.addr, c.npages, c.buf),
-            Cmd::MigrateToDev => self.migrate_to_device(c.addr, c.npages, c.buf),
-            Cmd::MigrateToSys => self.migrate_to_system(c.addr, c.npages),
-            Cmd::Snapshot => self.snapshot(c.addr, c.npages, c.buf),
-            Cmd::Exclusive => self.exclusive(c.addr, c.npages, c.buf),
-            Cmd::CheckExclusive => self.check_exclusive(c.addr, c.npages),
+            Cmd::Read => self.read(addr, len, c.buf),
+            Cmd::Write => self.write(addr, len, c.buf),
+            Cmd::MigrateToDev => self.migrate_to_device(addr, len, c.buf),
+            Cmd::MigrateToSys => self.migrate_to_system(addr, len),
+            Cmd::Snapshot => self.snapshot(addr, len, c.buf),
+            Cmd::Exclusive => self.exclusive(addr, len, c.buf),
+            Cmd::CheckExclusive => self.check_exclusive(addr, len),
             Cmd::Release => self.release().map(|_| CmdOut::default()),
             Cmd::Flags => self.set_flags(c.npages),
         };
@@ -992,8 +1009,8 @@ impl DeviceMirror {
         }
     }
 
-    fn rw(&self, addr: u64, npages: u64, buf: &mut [u8], write: bool) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    fn rw(&self, addr: VirtAddr, len: usize, buf: &mut [u8], write: bool) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         self.inner.space.check_owner_process()?;
         Self::check_buf(buf, &r)?;
         let mut out = CmdOut::default();
@@ -1007,22 +1024,38 @@ impl DeviceMirror {
         }
     }
 
-    /// READ: the device reads `npages` at `addr` into `buf`.
-    pub fn read(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdOut> {
-        self.rw(addr, npages, buf, false)
+    /// READ: the device reads the range into `buf` (at least `len` bytes), faulting in what it
+    /// has not mapped. `cpages` counts the pages read, `faults` the fault passes needed.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn read(&self, addr: VirtAddr, len: usize, buf: &mut [u8]) -> Result<CmdOut> {
+        self.rw(addr, len, buf, false)
     }
 
-    /// WRITE: the device writes `buf` into `npages` at `addr`.
-    pub fn write(&self, addr: u64, npages: u64, buf: &[u8]) -> Result<CmdOut> {
+    /// WRITE: the device writes `buf` (at least `len` bytes) into the range, faulting in what it
+    /// has not mapped writable. `cpages` counts the pages written, `faults` the fault passes
+    /// needed.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn write(&self, addr: VirtAddr, len: usize, buf: &[u8]) -> Result<CmdOut> {
         let mut b = buf.to_vec();
-        self.rw(addr, npages, &mut b, true)
+        self.rw(addr, len, &mut b, true)
     }
 
     /// MIGRATE_TO_DEV: moves the range into device memory (2 MiB units as large frames where
     /// possible, falling back to base frames), maps the new pages in the device page table, then
-    /// reads the range back from it into `buf`: a page that is not device-mapped gives ENOENT.
-    pub fn migrate_to_device(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    /// reads the range back from it into `buf` (at least `len` bytes): a page that is not
+    /// device-mapped gives [`Error::NotPresent`] (ENOENT). `cpages` counts the pages read back.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn migrate_to_device(&self, addr: VirtAddr, len: usize, buf: &mut [u8]) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         Self::check_buf(buf, &r)?;
         self.migrate_range(r)?;
         // Return the migrated data for verification: every page must now be device-mapped.
@@ -1051,10 +1084,15 @@ impl DeviceMirror {
     }
 
     /// Moves the range into device memory, like MIGRATE_TO_DEV, without copying the data out
-    /// (a runtime's prefetch): Ok with `cpages == npages` when every page is now device-mapped,
-    /// [`Error::NotPresent`] (ENOENT) naming the first page that did not move.
-    pub fn migrate_range_to_device(&self, addr: u64, npages: u64) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    /// (a runtime's prefetch): Ok when every page is now device-mapped, with `cpages` the
+    /// range's pages (`len / PAGE_SIZE`); [`Error::NotPresent`] (ENOENT) naming the first page
+    /// that did not move.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn migrate_range_to_device(&self, addr: VirtAddr, len: usize) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         self.migrate_range(r)?;
         let first = r.start.page().0;
         let mut cur = self.mapped_until(&r, first);
@@ -1304,9 +1342,13 @@ impl DeviceMirror {
     /// Places read-only replicas of the pages of a shared file mapping in this device's memory
     /// ([`crate::pagecache::FileCache::replicate`]): the device then reads its copies locally,
     /// the CPU keeps using the file's pages, and any write drops every replica first. `cpages`
-    /// counts the replicas made. EINVAL outside one shared file mapping.
-    pub fn replicate_range(&self, addr: u64, npages: u64) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    /// counts the replicas made (pages). EINVAL outside one shared file mapping.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn replicate_range(&self, addr: VirtAddr, len: usize) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         self.inner.space.check_owner_process()?;
         let (cache, first) = self.inner.space.shared_file_range(r).ok_or(Error::Invalid(
             "replicas are of pages of one shared file mapping",
@@ -1323,9 +1365,13 @@ impl DeviceMirror {
     }
 
     /// MIGRATE_TO_SYS: moves this device's pages of the range back to system memory; `cpages`
-    /// counts the pages that were selected.
-    pub fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    /// counts the pages that were selected (0 when none of the range was on this device).
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn migrate_to_system(&self, addr: VirtAddr, len: usize) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         let space = &self.inner.space;
         space.check_owner_process()?;
         if let Some((cache, first)) = space.shared_file_range(r) {
@@ -1393,12 +1439,20 @@ impl DeviceMirror {
         Ok(out)
     }
 
-    /// SNAPSHOT: one byte per page ([`snap`]) from a non-faulting `range_fault`.
-    pub fn snapshot(&self, addr: u64, npages: u64, out: &mut [u8]) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    /// SNAPSHOT: one byte per page of the range ([`snap`]) into `out` (at least
+    /// `len / PAGE_SIZE` bytes), from a non-faulting `range_fault`. `cpages` counts the pages
+    /// described.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn snapshot(&self, addr: VirtAddr, len: usize, out: &mut [u8]) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         self.inner.space.check_owner_process()?;
         if out.len() < r.pages() {
-            return Err(Error::Invalid("snapshot buffer smaller than npages"));
+            return Err(Error::Invalid(
+                "snapshot buffer smaller than the range's pages",
+            ));
         }
         let n = self.notifier()?;
         let deadline = Instant::now() + RANGE_FAULT_TIMEOUT;
@@ -1466,9 +1520,14 @@ impl DeviceMirror {
     }
 
     /// EXCLUSIVE: takes device-exclusive (atomic) access to every page of the range; the CPU
-    /// loses access until it touches a page, which revokes the grant. `buf` receives the data.
-    pub fn exclusive(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    /// loses access until it touches a page, which revokes the grant. `buf` (at least `len`
+    /// bytes) receives the data; `cpages` counts the pages read back.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn exclusive(&self, addr: VirtAddr, len: usize, buf: &mut [u8]) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         let space = &self.inner.space;
         space.check_owner_process()?;
         Self::check_buf(buf, &r)?;
@@ -1489,9 +1548,14 @@ impl DeviceMirror {
         self.read_back(&r, buf, false)
     }
 
-    /// CHECK_EXCLUSIVE: [`Error::ExclusiveRemains`] (EPERM) if any atomic entry remains.
-    pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<CmdOut> {
-        let r = range_of(addr, npages)?;
+    /// CHECK_EXCLUSIVE: [`Error::ExclusiveRemains`] (EPERM) if any atomic entry remains in the
+    /// range; Ok with zero counters otherwise.
+    ///
+    /// The range is `len` bytes at `addr`: a page-aligned address and a non-zero multiple of
+    /// [`PAGE_SIZE`] ([`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] otherwise).
+    pub fn check_exclusive(&self, addr: VirtAddr, len: usize) -> Result<CmdOut> {
+        let r = range_of(addr, len)?;
         let pt = lock(&self.inner.pt);
         if pt.any_in(r.start.page().0, r.end.page().0, |e| e.atomic) {
             return Err(Error::ExclusiveRemains);

@@ -493,7 +493,7 @@ pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
             let mut buf = vec![0u8; n * PAGE];
             let r = w
                 .mirror
-                .exclusive(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
+                .exclusive(mm.base.add(page * PAGE), n * PAGE, &mut buf);
             if r.is_ok() {
                 ensure!(
                     buf == mm.bytes[page * PAGE..(page + n) * PAGE],
@@ -520,7 +520,7 @@ pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
 /// A device read (either device) checked against the model.
 fn dev_read(d: &DeviceMirror, mm: &MapModel, page: usize, n: usize) -> Result<(), String> {
     let mut buf = vec![0u8; n * PAGE];
-    let r = d.read(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
+    let r = d.read(mm.base.add(page * PAGE), n * PAGE, &mut buf);
     if mm.all(page, n, |m, p| m && p.readable()) {
         ensure!(r.is_ok(), "device read failed: {r:?}");
         ensure!(
@@ -545,7 +545,7 @@ fn dev_write(
         return Ok(()); // partial device writes up to the first refused page: not modelled
     }
     let data = vec![byte; n * PAGE];
-    let r = d.write(mm.base.add(page * PAGE).get() as u64, n as u64, &data);
+    let r = d.write(mm.base.add(page * PAGE), n * PAGE, &data);
     ensure!(r.is_ok(), "device write failed: {r:?}");
     mm.bytes[page * PAGE..(page + n) * PAGE].copy_from_slice(&data);
     Ok(())
@@ -554,7 +554,7 @@ fn dev_write(
 /// A migration to a device's memory: the data read back must be the model's.
 fn to_dev(d: &DeviceMirror, mm: &MapModel, page: usize, n: usize) -> Result<(), String> {
     let mut buf = vec![0u8; n * PAGE];
-    let r = d.migrate_to_device(mm.base.add(page * PAGE).get() as u64, n as u64, &mut buf);
+    let r = d.migrate_to_device(mm.base.add(page * PAGE), n * PAGE, &mut buf);
     match r {
         Ok(_) => ensure!(
             buf == mm.bytes[page * PAGE..(page + n) * PAGE],
@@ -571,7 +571,7 @@ fn to_dev(d: &DeviceMirror, mm: &MapModel, page: usize, n: usize) -> Result<(), 
 
 /// A migration out of a device's memory.
 fn to_sys(d: &DeviceMirror, mm: &MapModel, page: usize, n: usize) -> Result<(), String> {
-    let r = d.migrate_to_system(mm.base.add(page * PAGE).get() as u64, n as u64);
+    let r = d.migrate_to_system(mm.base.add(page * PAGE), n * PAGE);
     if mm.all(page, n, |m, _| m) {
         ensure!(r.is_ok(), "migrate to system failed: {r:?}");
     }

@@ -1365,14 +1365,14 @@ impl World {
                 if let (Some((_, map)), Some(m)) = (&self.map, &self.devs[Dev::index(coherent)].m)
                     && n > 0
                 {
-                    let addr = (map + page * PAGE) as u64;
+                    let addr = VirtAddr(map + page * PAGE);
                     let off = page * PAGE;
                     if let Some(seed) = write {
                         let d = data(seed, n * PAGE);
                         // Through an intercepting mapping too: the cache grants the device
                         // write access to each page (dirty first, within the bound) and
                         // writeback revokes it before protecting the page again.
-                        m.write(addr, n as u64, &d)
+                        m.write(addr, n * PAGE, &d)
                             .map_err(|e| format!("{what}: device write: {e}"))?;
                         self.m.write(off, &d);
                         self.stats.mapped_bytes += d.len() as u64;
@@ -1386,7 +1386,7 @@ impl World {
                         self.drop_replicas(page, page + n, true, true);
                     } else {
                         let mut buf = vec![0u8; n * PAGE];
-                        m.read(addr, n as u64, &mut buf)
+                        m.read(addr, n * PAGE, &mut buf)
                             .map_err(|e| format!("{what}: device read: {e}"))?;
                         if buf[..] != self.m.bytes[off..off + n * PAGE] {
                             let i = (0..buf.len())
@@ -1466,11 +1466,11 @@ impl World {
                 if let (Some((space, _)), Some(m), d) = (&self.map, &dev.m, &dev.d)
                     && n > 0
                 {
-                    let addr = (self.private + page * PAGE) as u64;
+                    let addr = VirtAddr(self.private + page * PAGE);
                     let r = if to_device {
-                        m.migrate_range_to_device(addr, n as u64)
+                        m.migrate_range_to_device(addr, n * PAGE)
                     } else {
-                        m.migrate_to_system(addr, n as u64)
+                        m.migrate_to_system(addr, n * PAGE)
                     };
                     let pinned = self.pinned_private[page..page + n].iter().any(|&x| x);
                     if !(pinned && to_device) {
@@ -1491,7 +1491,7 @@ impl World {
                     }
                     if to_device {
                         let mut buf = vec![0u8; n * PAGE];
-                        m.read(addr, n as u64, &mut buf)
+                        m.read(addr, n * PAGE, &mut buf)
                             .map_err(|e| format!("{what}: device read: {e}"))?;
                         for (i, p) in (page..page + n).enumerate() {
                             ensure!(
@@ -1965,7 +1965,7 @@ impl World {
         let r = match (&self.map, &self.devs[i].m) {
             _ if page >= last => Ok(0),
             (Some((_, map)), Some(m)) if mirror => m
-                .migrate_range_to_device((map + page * PAGE) as u64, (last - page) as u64)
+                .migrate_range_to_device(VirtAddr(map + page * PAGE), (last - page) * PAGE)
                 .map(|o| o.cpages as usize),
             _ => self
                 .cache
@@ -2077,7 +2077,7 @@ impl World {
             .count();
         let r = match (&self.map, &self.devs[Dev::index(coherent)].m) {
             (Some((_, map)), Some(m)) if mirror => m
-                .migrate_to_system((map + page * PAGE) as u64, (last - page) as u64)
+                .migrate_to_system(VirtAddr(map + page * PAGE), (last - page) * PAGE)
                 .map(|o| o.cpages as usize),
             _ => self
                 .cache
@@ -2173,7 +2173,7 @@ impl World {
         let r = match (&self.map, &self.devs[i].m) {
             _ if page >= last => Ok(0),
             (Some((_, map)), Some(m)) if mirror => m
-                .replicate_range((map + page * PAGE) as u64, (last - page) as u64)
+                .replicate_range(VirtAddr(map + page * PAGE), (last - page) * PAGE)
                 .map(|o| o.cpages as usize),
             _ => self
                 .cache
@@ -2237,7 +2237,7 @@ impl World {
             && n > 0
         {
             let mut buf = vec![0u8; n * PAGE];
-            m.read((map + page * PAGE) as u64, n as u64, &mut buf)
+            m.read(VirtAddr(map + page * PAGE), n * PAGE, &mut buf)
                 .map_err(|e| format!("{what}: device read of the replicas: {e}"))?;
             let o = page * PAGE;
             if let Some(k) = (0..buf.len()).find(|&k| buf[k] != self.m.bytes[o + k]) {

@@ -187,7 +187,7 @@ fn a_page_that_cannot_come_back_stays_on_the_device_alone_body() {
     let mut buf = vec![0u8; N * PAGE_SIZE];
     let out = f
         .mirror
-        .migrate_to_device(f.base.get() as u64, N as u64, &mut buf)
+        .migrate_to_device(f.base, N * PAGE_SIZE, &mut buf)
         .expect("to the device");
     assert_eq!(out.cpages, N as u64);
     let owner = f.mirror.owner();
@@ -198,7 +198,7 @@ fn a_page_that_cannot_come_back_stays_on_the_device_alone_body() {
         }))
         .expect("a model space");
     f.mirror
-        .migrate_to_system(f.base.get() as u64, N as u64)
+        .migrate_to_system(f.base, N * PAGE_SIZE)
         .expect("to system memory");
     for p in 0..N {
         let want = if p == 3 {
@@ -288,7 +288,7 @@ fn cpu_fault_vs_migration_body() {
             let mut last = [[0u32; 2]; T1_PAGES];
             let mut buf = vec![0u8; T1_PAGES * PAGE_SIZE];
             for _ in 0..2 {
-                match m.migrate_to_device(base.get() as u64, T1_PAGES as u64, &mut buf) {
+                match m.migrate_to_device(base, T1_PAGES * PAGE_SIZE, &mut buf) {
                     Ok(out) => {
                         assert_eq!(out.cpages, T1_PAGES as u64);
                         for p in 0..T1_PAGES {
@@ -305,7 +305,7 @@ fn cpu_fault_vs_migration_body() {
                     Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
                     Err(e) => panic!("migrate to device: {e}"),
                 }
-                m.migrate_to_system(base.get() as u64, T1_PAGES as u64)
+                m.migrate_to_system(base, T1_PAGES * PAGE_SIZE)
                     .expect("migrate to system");
             }
         })
@@ -371,7 +371,7 @@ fn device_read_vs_cpu_write_and_migration_body() {
             let mut last = [1u32; T2_PAGES];
             let mut buf = vec![0u8; (T2_PAGES + 1) * PAGE_SIZE];
             for _ in 0..2 {
-                m.read(base.get() as u64, (T2_PAGES + 1) as u64, &mut buf)
+                m.read(base, (T2_PAGES + 1) * PAGE_SIZE, &mut buf)
                     .expect("device read");
                 for (p, last) in last.iter_mut().enumerate() {
                     let v = uniform(&buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "device read");
@@ -399,7 +399,7 @@ fn device_read_vs_cpu_write_and_migration_body() {
             // the mapping under the migration's feet).
             let n = T2_PAGES + 1;
             let mut buf = vec![0u8; n * PAGE_SIZE];
-            match m.migrate_to_device(base.get() as u64, n as u64, &mut buf) {
+            match m.migrate_to_device(base, n * PAGE_SIZE, &mut buf) {
                 Ok(_) => {
                     for p in 0..n {
                         let v = uniform(&buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "migrated copy");
@@ -413,7 +413,7 @@ fn device_read_vs_cpu_write_and_migration_body() {
                 Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
                 Err(e) => panic!("migrate to device: {e}"),
             }
-            m.migrate_to_system(base.get() as u64, n as u64)
+            m.migrate_to_system(base, n * PAGE_SIZE)
                 .expect("migrate to system");
         })
     };
@@ -431,7 +431,7 @@ fn device_read_vs_cpu_write_and_migration_body() {
     join(protector);
     let mut buf = vec![0u8; (T2_PAGES + 1) * PAGE_SIZE];
     f.mirror
-        .read(base.get() as u64, (T2_PAGES + 1) as u64, &mut buf)
+        .read(base, (T2_PAGES + 1) * PAGE_SIZE, &mut buf)
         .expect("final device read");
     for p in 0..=T2_PAGES {
         let want = if p < T2_PAGES {
@@ -476,7 +476,7 @@ fn device_write_vs_cpu_write_and_migration_body() {
         thread::spawn(move || {
             for r in 1..=T5_ROUNDS {
                 let out = m
-                    .write(base.get() as u64, 1, &fill(val(r, 0), PAGE_SIZE))
+                    .write(base, PAGE_SIZE, &fill(val(r, 0), PAGE_SIZE))
                     .expect("device write");
                 assert_eq!(out.cpages, 1);
             }
@@ -515,7 +515,7 @@ fn device_write_vs_cpu_write_and_migration_body() {
         let m = f.mirror.clone();
         thread::spawn(move || {
             let mut buf = vec![0u8; 2 * PAGE_SIZE];
-            match m.migrate_to_device(base.get() as u64, 2, &mut buf) {
+            match m.migrate_to_device(base, 2 * PAGE_SIZE, &mut buf) {
                 Ok(_) => {
                     for p in 0..2 {
                         let v = uniform(&buf[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], "migrated copy");
@@ -525,7 +525,7 @@ fn device_write_vs_cpu_write_and_migration_body() {
                 Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
                 Err(e) => panic!("migrate to device: {e}"),
             }
-            m.migrate_to_system(base.get() as u64, 2)
+            m.migrate_to_system(base, 2 * PAGE_SIZE)
                 .expect("migrate to system");
         })
     };
@@ -567,7 +567,7 @@ fn unmap_vs_device_read_body() {
     f.space.cpu_write(base, &data).expect("initial write");
     let mut one = vec![0u8; PAGE_SIZE];
     f.mirror
-        .migrate_to_device(f.page(1).get() as u64, 1, &mut one)
+        .migrate_to_device(f.page(1), PAGE_SIZE, &mut one)
         .expect("page 1 to device");
     assert_eq!(one, data[PAGE_SIZE..2 * PAGE_SIZE]);
     let data = Arc::new(data);
@@ -578,7 +578,7 @@ fn unmap_vs_device_read_body() {
             let mut failed = false;
             for _ in 0..2 {
                 buf.fill(0xee);
-                match m.read(base.get() as u64, T3_PAGES as u64, &mut buf) {
+                match m.read(base, T3_PAGES * PAGE_SIZE, &mut buf) {
                     Ok(_) => {
                         assert!(
                             !failed,
@@ -596,18 +596,16 @@ fn unmap_vs_device_read_body() {
     };
     let writer = {
         let (m, data) = (f.mirror.clone(), data.clone());
-        thread::spawn(
-            move || match m.write(base.get() as u64, T3_PAGES as u64, &data) {
-                Ok(out) => assert_eq!(out.cpages, T3_PAGES as u64),
-                Err(e) => assert_eq!(e.errno(), libc::EFAULT, "device write: {e}"),
-            },
-        )
+        thread::spawn(move || match m.write(base, T3_PAGES * PAGE_SIZE, &data) {
+            Ok(out) => assert_eq!(out.cpages, T3_PAGES as u64),
+            Err(e) => assert_eq!(e.errno(), libc::EFAULT, "device write: {e}"),
+        })
     };
     let migrator = {
         let (m, data) = (f.mirror.clone(), data.clone());
         thread::spawn(move || {
             let mut buf = vec![0u8; T3_PAGES * PAGE_SIZE];
-            match m.migrate_to_device(base.get() as u64, T3_PAGES as u64, &mut buf) {
+            match m.migrate_to_device(base, T3_PAGES * PAGE_SIZE, &mut buf) {
                 Ok(_) => assert!(buf == *data, "migrated copy differs"),
                 // No mapping any more (EINVAL), or unmapped after the migration (ENOENT).
                 Err(e) => assert!(
@@ -624,7 +622,7 @@ fn unmap_vs_device_read_body() {
     let mut buf = vec![0u8; T3_PAGES * PAGE_SIZE];
     let e = f
         .mirror
-        .read(base.get() as u64, T3_PAGES as u64, &mut buf)
+        .read(base, T3_PAGES * PAGE_SIZE, &mut buf)
         .expect_err("read after unmap");
     assert_eq!(e.errno(), libc::EFAULT);
     assert_eq!(
@@ -683,7 +681,7 @@ fn exclusive_vs_cpu_atomics_body() {
                         tries <= 64 * (T4_CPU_THREADS * T4_CPU_INCS + 1),
                         "device atomic starved"
                     );
-                    match m.exclusive(base.get() as u64, 1, &mut buf) {
+                    match m.exclusive(base, PAGE_SIZE, &mut buf) {
                         Ok(_) => {}
                         // Revoked again before the device read the page back.
                         Err(e @ Error::NotPresent { .. }) => assert_eq!(e.errno(), libc::ENOENT),
@@ -719,7 +717,7 @@ fn exclusive_vs_cpu_atomics_body() {
     f.space.cpu_read(word, &mut b).expect("final read");
     assert_eq!(u64::from_ne_bytes(b), total as u64, "increments lost");
     f.mirror
-        .check_exclusive(f.base.get() as u64, 1)
+        .check_exclusive(f.base, PAGE_SIZE)
         .expect("the CPU read revoked the grant");
     assert_eq!(f.space.residency(f.base), Residency::System);
     f.finish();
@@ -751,9 +749,9 @@ fn eviction_vs_device_access_body() {
         let m = m.clone();
         thread::spawn(move || {
             for r in 1..=T6_ROUNDS {
-                m.write(page(0).get() as u64, 1, &fill(val(r, 0), PAGE_SIZE))
+                m.write(page(0), PAGE_SIZE, &fill(val(r, 0), PAGE_SIZE))
                     .expect("device write");
-                let _ = m.migrate_range_to_device(base.get() as u64, 2);
+                let _ = m.migrate_range_to_device(base, 2 * PAGE_SIZE);
             }
         })
     };

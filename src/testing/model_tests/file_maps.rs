@@ -366,13 +366,12 @@ fn device_and_cpu_stores_vs_punch_writeback_fsync_body() {
         thread::spawn(move || {
             let mut b = vec![0u8; PAGE_SIZE];
             for r in 2..=B_LAST {
-                m.write(page(1).get() as u64, 1, &fill(val(r, 1), PAGE_SIZE))
+                m.write(page(1), PAGE_SIZE, &fill(val(r, 1), PAGE_SIZE))
                     .expect("device write");
                 done[1].store(r, Ordering::SeqCst);
                 // The device reads the page being stored to and punched too.
                 let d0 = done[0].load(Ordering::SeqCst);
-                m.read(page(0).get() as u64, 1, &mut b)
-                    .expect("device read");
+                m.read(page(0), PAGE_SIZE, &mut b).expect("device read");
                 check_p0(&b, d0, &after, "device read of page 0");
             }
         })
@@ -430,7 +429,7 @@ fn device_and_cpu_stores_vs_punch_writeback_fsync_body() {
         "read_at differs from the file after fsync"
     );
     let mut b = vec![0u8; 2 * PAGE_SIZE];
-    m.read(base.get() as u64, 2, &mut b).expect("device read");
+    m.read(base, 2 * PAGE_SIZE, &mut b).expect("device read");
     assert!(b == disk, "the device reads other data than the file");
     for p in 0..2 {
         assert!(

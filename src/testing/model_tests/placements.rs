@@ -216,7 +216,7 @@ fn load(space: &Space, a: VirtAddr) -> Option<Vec<u8>> {
 /// A device read of one page at `a`.
 fn dev_read(m: &DeviceMirror, a: VirtAddr) -> Vec<u8> {
     let mut b = vec![0u8; PAGE_SIZE];
-    m.read(a.get() as u64, 1, &mut b).expect("device read");
+    m.read(a, PAGE_SIZE, &mut b).expect("device read");
     b
 }
 
@@ -318,7 +318,7 @@ fn truncate_punch_vs_placement_body() {
     let migrator = {
         let (m, f, base) = (w.m.clone(), f.clone(), w.base);
         thread::spawn(move || {
-            match m.migrate_range_to_device(base.get() as u64, 3) {
+            match m.migrate_range_to_device(base, 3 * PAGE_SIZE) {
                 Ok(out) => assert_eq!(out.cpages, 3),
                 // A page was truncated, punched or brought back by a CPU load before the device
                 // mapped it.
@@ -326,7 +326,7 @@ fn truncate_punch_vs_placement_body() {
                 Err(e) => panic!("migrate to device: {e}"),
             }
             f[w_after_p].store(f[punched].load(Ordering::SeqCst), Ordering::SeqCst);
-            m.write(base.get() as u64, 1, &fill(val(2, 0), PAGE_SIZE))
+            m.write(base, PAGE_SIZE, &fill(val(2, 0), PAGE_SIZE))
                 .expect("device write of page 0");
             f[wdone].store(1, Ordering::SeqCst);
             let c = f[cut].load(Ordering::SeqCst) == 1;
@@ -465,7 +465,7 @@ fn check_rounds(b: &[u8], p: usize, done: u32, last: u32, what: &str) -> u32 {
 /// through the cache (from the frames, without moving them).
 fn device_writes_vs_writeback_fsync_body() {
     let w = World::new(2);
-    w.m.migrate_range_to_device(w.base.get() as u64, 2)
+    w.m.migrate_range_to_device(w.base, 2 * PAGE_SIZE)
         .expect("place");
     assert!(w.on_device(0) && w.on_device(1), "placed");
     let done = Arc::new([AtomicU32::new(1), AtomicU32::new(1)]);
@@ -483,8 +483,8 @@ fn device_writes_vs_writeback_fsync_body() {
             for r in 2..=LAST {
                 for p in 0..2 {
                     m.write(
-                        base.add(p * PAGE_SIZE).get() as u64,
-                        1,
+                        base.add(p * PAGE_SIZE),
+                        PAGE_SIZE,
                         &fill(val(r, p), PAGE_SIZE),
                     )
                     .expect("device write");
@@ -560,7 +560,7 @@ fn device_writes_vs_writeback_fsync_body() {
         "an fsync with no write since the last one wrote pages"
     );
     let mut b = vec![0u8; 2 * PAGE_SIZE];
-    w.m.read(w.base.get() as u64, 2, &mut b)
+    w.m.read(w.base, 2 * PAGE_SIZE, &mut b)
         .expect("device read");
     assert!(b == want, "the device reads other data than the file");
     w.dev.release().expect("release");
@@ -598,7 +598,7 @@ const DIRECT: u32 = (7 << 16) | 1;
 /// or the direct write's data; the file after fsync holds the halves of the order taken.
 fn direct_write_vs_device_dirtying_body() {
     let w = World::new(1);
-    w.m.migrate_range_to_device(w.base.get() as u64, 1)
+    w.m.migrate_range_to_device(w.base, PAGE_SIZE)
         .expect("place");
     assert!(w.on_device(0), "placed");
     // [device rounds done, the device round done when the direct write began, direct write
@@ -611,7 +611,7 @@ fn direct_write_vs_device_dirtying_body() {
         thread::spawn(move || {
             for r in 2..=LAST {
                 f[after + r as usize].store(f[ddone].load(Ordering::SeqCst), Ordering::SeqCst);
-                m.write(a.get() as u64, 1, &fill(val(r, 0), PAGE_SIZE))
+                m.write(a, PAGE_SIZE, &fill(val(r, 0), PAGE_SIZE))
                     .expect("device write");
                 f[done].store(r, Ordering::SeqCst);
             }
@@ -716,10 +716,10 @@ fn device_release_vs_cpu_fault_body() {
     let private = other
         .map_file(&w.h, 0, 2 * PAGE_SIZE, Prot::Read, false)
         .expect("map file privately");
-    w.m.migrate_range_to_device(w.base.get() as u64, 2)
+    w.m.migrate_range_to_device(w.base, 2 * PAGE_SIZE)
         .expect("place");
     let data: Vec<u8> = (0..2).flat_map(|p| fill(val(2, p), PAGE_SIZE)).collect();
-    w.m.write(w.base.get() as u64, 2, &data)
+    w.m.write(w.base, 2 * PAGE_SIZE, &data)
         .expect("device write");
     assert!(w.on_device(0) && w.on_device(1), "placed");
     let done = Arc::new([AtomicU32::new(2), AtomicU32::new(2)]);
@@ -758,10 +758,10 @@ fn device_release_vs_cpu_fault_body() {
     let device = {
         let (m, done, base) = (w.m.clone(), done.clone(), w.base);
         thread::spawn(move || {
-            m.write(base.get() as u64, 1, &fill(val(3, 0), PAGE_SIZE))
+            m.write(base, PAGE_SIZE, &fill(val(3, 0), PAGE_SIZE))
                 .expect("device write");
             done[0].store(3, Ordering::SeqCst);
-            match m.migrate_range_to_device(base.get() as u64, 2) {
+            match m.migrate_range_to_device(base, 2 * PAGE_SIZE) {
                 Ok(_) => {}
                 // A page was brought back (released, or faulted by B) before the device
                 // mapped it.
@@ -794,7 +794,7 @@ fn device_release_vs_cpu_fault_body() {
         s.cpu_read(a, &mut all).expect("load");
         assert!(all == want, "a mapping shows other data than the file");
     }
-    w.m.read(w.base.get() as u64, 2, &mut all)
+    w.m.read(w.base, 2 * PAGE_SIZE, &mut all)
         .expect("device read");
     assert!(all == want, "the device reads other data than the file");
     w.h.fsync().expect("fsync");
@@ -848,12 +848,12 @@ fn device_writes_through_intercepting_mapping_vs_fsync_body() {
         let (m, done, base) = (w.m.clone(), done.clone(), w.base);
         thread::spawn(move || {
             for r in 2..=DEV_LAST {
-                m.write(base.get() as u64, 1, &fill(val(r, 0), PAGE_SIZE))
+                m.write(base, PAGE_SIZE, &fill(val(r, 0), PAGE_SIZE))
                     .expect("device write through the intercepting mapping");
                 done[0].store(r, Ordering::SeqCst);
                 let d = snapshot(&done);
                 let mut b = vec![0u8; 2 * PAGE_SIZE];
-                m.read(base.get() as u64, 2, &mut b).expect("device read");
+                m.read(base, 2 * PAGE_SIZE, &mut b).expect("device read");
                 for p in 0..2 {
                     let b = &b[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
                     check_rounds(b, p, d[p], last[p], "device read");
@@ -922,7 +922,7 @@ fn device_writes_through_intercepting_mapping_vs_fsync_body() {
     );
     assert!(w.view() == want, "read_at after fsync");
     let mut b = vec![0u8; 2 * PAGE_SIZE];
-    w.m.read(w.base.get() as u64, 2, &mut b)
+    w.m.read(w.base, 2 * PAGE_SIZE, &mut b)
         .expect("device read");
     assert!(b == want, "the device reads other data than the file");
     for p in 0..2 {
@@ -932,12 +932,8 @@ fn device_writes_through_intercepting_mapping_vs_fsync_body() {
         );
     }
     // The device asks for write access again, and its write reaches the file.
-    w.m.write(
-        w.base.get() as u64,
-        1,
-        &fill(val(DEV_LAST + 1, 0), PAGE_SIZE),
-    )
-    .expect("device write after fsync");
+    w.m.write(w.base, PAGE_SIZE, &fill(val(DEV_LAST + 1, 0), PAGE_SIZE))
+        .expect("device write after fsync");
     w.h.fsync().expect("fsync");
     assert!(
         w.disk()[..PAGE_SIZE] == fill(val(DEV_LAST + 1, 0), PAGE_SIZE)[..],
@@ -985,7 +981,7 @@ fn cpu_store_vs_private_placement_body() {
         thread::spawn(move || {
             let mut buf = vec![0u8; 2 * PAGE_SIZE];
             let d = done.load(Ordering::SeqCst);
-            match m.migrate_to_device(base.get() as u64, 2, &mut buf) {
+            match m.migrate_to_device(base, 2 * PAGE_SIZE, &mut buf) {
                 Ok(_) => {
                     check_at_least(&buf[..PAGE_SIZE], 0, d, "migrated copy of page 0");
                     assert_eq!(round(&buf[PAGE_SIZE..], 1, "migrated copy of page 1"), 1);

@@ -1,0 +1,126 @@
+//! Kernel fidelity: a read of a never-written anonymous page maps the kernel's shared zero page
+//! (as the kernel's own read fault, and userfaultfd's `UFFDIO_ZEROPAGE`): it costs no memory
+//! until a store, a device snapshot reports it as `ZERO | READ`, a store (CPU or device) gives
+//! the page a private copy, and migration moves it like any other page.
+
+mod common;
+use common::*;
+
+use hetmem::*;
+
+/// Resident bytes of the kernel mapping (VMA) that contains `a`, from `/proc/self/smaps`.
+fn vma_rss(a: VirtAddr) -> usize {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((s, e)) = range.split_once('-')
+            && let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
+        {
+            inside = (s..e).contains(&a.get());
+            continue;
+        }
+        if inside && let Some(v) = line.strip_prefix("Rss:") {
+            let kb: usize = v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            return kb * 1024;
+        }
+    }
+    panic!("no mapping at {a} in /proc/self/smaps");
+}
+
+fn snap1(m: &DeviceMirror, a: VirtAddr) -> u8 {
+    let mut out = [0u8; 1];
+    m.snapshot(a, PAGE_SIZE, &mut out).unwrap();
+    out[0]
+}
+
+#[test]
+fn reads_of_untouched_memory_cost_no_memory_until_a_store() {
+    let _w = watchdog("zero page reads", 60);
+    let space = small_space();
+    let len = 32 << 20;
+    let a = space.map_anon(len, Prot::ReadWrite).unwrap();
+    let p = space.probe(a, len).unwrap();
+    for off in (0..len).step_by(PAGE_SIZE) {
+        assert_eq!(p.load_u32(a.add(off)).unwrap(), 0);
+    }
+    let rss = vma_rss(a);
+    assert!(
+        rss < 1 << 20,
+        "32 MiB read but never written holds {rss} bytes (the zero page holds none)"
+    );
+    assert_eq!(space.residency(a), Residency::System);
+    // A store makes one private page, and only that one.
+    p.store_u32(a.add(5 * PAGE_SIZE), 77).unwrap();
+    assert_eq!(p.load_u32(a.add(5 * PAGE_SIZE)).unwrap(), 77);
+    assert_eq!(p.load_u32(a.add(6 * PAGE_SIZE)).unwrap(), 0);
+    let rss = vma_rss(a);
+    assert!(
+        rss >= PAGE_SIZE && rss < 1 << 20,
+        "one page written: {rss} bytes"
+    );
+}
+
+#[test]
+fn a_snapshot_reports_the_zero_page_until_a_store_and_device_stores_copy_it() {
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let _w = watchdog("zero page snapshot", 60);
+        let space = small_space();
+        let dev = SoftDevice::private(4 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        let a = space
+            .map_anon_with(
+                4 * PAGE_SIZE,
+                MapOptions {
+                    mode,
+                    ..MapOptions::default()
+                },
+            )
+            .unwrap();
+        let mut b = [0xffu8; 8];
+        at(format!("{mode:?}: CPU reads"));
+        for k in 0..3 {
+            space.cpu_read(a.add(k * PAGE_SIZE), &mut b).unwrap();
+            assert_eq!(b, [0; 8]);
+        }
+        assert_eq!(snap1(&m, a), snap::ZERO | snap::READ, "{mode:?}");
+        assert_eq!(snap1(&m, a.add(3 * PAGE_SIZE)), snap::NONE, "never touched");
+        // A CPU store: a private page.
+        at(format!("{mode:?}: CPU store"));
+        space.cpu_write(a.add(4), &[1, 2, 3]).unwrap();
+        assert_eq!(snap1(&m, a), snap::WRITE, "{mode:?}");
+        space.cpu_read(a, &mut b).unwrap();
+        assert_eq!(b, [0, 0, 0, 0, 1, 2, 3, 0]);
+        // A device read of the zero page reads zeros and keeps it shared.
+        at(format!("{mode:?}: device read"));
+        let mut page = vec![0xffu8; PAGE_SIZE];
+        m.read(a.add(PAGE_SIZE), PAGE_SIZE, &mut page).unwrap();
+        assert!(page.iter().all(|&x| x == 0));
+        assert_eq!(snap1(&m, a.add(PAGE_SIZE)), snap::ZERO | snap::READ);
+        // A device store to it: a private copy with the device's bytes.
+        at(format!("{mode:?}: device write"));
+        let data: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        m.write(a.add(PAGE_SIZE), PAGE_SIZE, &data).unwrap();
+        assert_eq!(snap1(&m, a.add(PAGE_SIZE)), snap::WRITE);
+        let mut back = vec![0u8; PAGE_SIZE];
+        space.cpu_read(a.add(PAGE_SIZE), &mut back).unwrap();
+        assert_eq!(back, data);
+        // The zero page migrates like any page, and comes back as zeros.
+        at(format!("{mode:?}: migration"));
+        assert_eq!(snap1(&m, a.add(2 * PAGE_SIZE)), snap::ZERO | snap::READ);
+        let out = m.migrate_range_to_device(a, 3 * PAGE_SIZE).unwrap();
+        assert_eq!(out.cpages, 3);
+        assert_eq!(
+            space.residency(a.add(2 * PAGE_SIZE)),
+            Residency::Device(dev.owner())
+        );
+        m.migrate_to_system(a, 3 * PAGE_SIZE).unwrap();
+        space.cpu_read(a.add(2 * PAGE_SIZE), &mut b).unwrap();
+        assert_eq!(b, [0; 8]);
+        space.cpu_read(a, &mut b).unwrap();
+        assert_eq!(b, [0, 0, 0, 0, 1, 2, 3, 0]);
+        space.cpu_write(a.add(2 * PAGE_SIZE), &[9]).unwrap();
+        space.cpu_read(a.add(2 * PAGE_SIZE), &mut b).unwrap();
+        assert_eq!(b[0], 9);
+    }
+}
