@@ -286,6 +286,30 @@ impl Drop for DeviceInner {
 }
 
 /// A software device (see the module doc).
+///
+/// # Examples
+///
+/// ```
+/// use hetmem::{Prot, Residency, SoftDevice, Space};
+///
+/// # fn main() -> hetmem::Result<()> {
+/// let space = Space::new()?;
+/// let dev = SoftDevice::private(16 << 20)?; // 16 MiB of device-private memory
+/// let mirror = dev.mirror(&space)?;
+/// let a = space.map_anon(1 << 20, Prot::ReadWrite)?;
+/// space.cpu_write(a, &[7; 16])?;
+/// mirror.migrate_range_to_device(a, 1 << 20)?; // addresses and lengths in bytes, as Space's
+/// assert_eq!(space.residency(a), Residency::Device(dev.owner()));
+/// let mut seen = vec![0u8; 4096];
+/// mirror.read(a, 4096, &mut seen)?; // the device reads its own memory
+/// assert_eq!(seen[..16], [7; 16]);
+/// let mut b = [0u8; 16];
+/// space.cpu_read(a, &mut b)?; // a CPU access brings the page back
+/// assert_eq!(b, [7; 16]);
+/// assert_eq!(space.residency(a), Residency::System);
+/// # Ok(())
+/// # }
+/// ```
 pub struct SoftDevice {
     inner: Arc<DeviceInner>,
 }

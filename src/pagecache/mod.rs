@@ -292,6 +292,27 @@ pub struct CacheStats {
 }
 
 /// One file's page cache (see the module doc).
+///
+/// # Examples
+///
+/// ```
+/// use hetmem::{CacheConfig, FileCache, Prot, Space};
+///
+/// # fn main() -> hetmem::Result<()> {
+/// let path = std::env::temp_dir().join(format!("hetmem-doc-{}", std::process::id()));
+/// std::fs::write(&path, vec![0u8; 8192]).unwrap();
+/// let cache = FileCache::open(&path, true, CacheConfig::default())?;
+/// let file = cache.handle();
+/// let space = Space::new()?;
+/// let a = space.map_file(&file, 0, 8192, Prot::ReadWrite, true)?; // shared: stores reach the file
+/// space.cpu_write(a.add(4096), b"durable")?;
+/// file.fsync()?; // hetmem's cache is written back (libc's fsync would not flush it)
+/// assert_eq!(&std::fs::read(&path).unwrap()[4096..4103], b"durable");
+/// space.unmap(a, 8192)?;
+/// # std::fs::remove_file(&path).unwrap();
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct FileCache {
     backend: Box<dyn FileBackend>,

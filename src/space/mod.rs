@@ -428,6 +428,25 @@ impl Default for SpaceConfig {
 }
 
 /// An address space (see the module doc). Cloning gives another handle to the same space.
+///
+/// # Examples
+///
+/// ```
+/// use hetmem::{Prot, Residency, Space};
+///
+/// # fn main() -> hetmem::Result<()> {
+/// let space = Space::new()?; // reserves address space; nothing committed
+/// let a = space.map_anon(1 << 20, Prot::ReadWrite)?;
+/// assert_eq!(space.residency(a), Residency::Untouched);
+/// space.cpu_write(a, b"hello")?; // a real store: the first touch faults into hetmem
+/// let mut b = [0u8; 5];
+/// space.cpu_read(a, &mut b)?;
+/// assert_eq!(&b, b"hello");
+/// assert_eq!(space.residency(a), Residency::System);
+/// space.unmap(a, 1 << 20)?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Space {
     pub(crate) core: Arc<SpaceCore>,

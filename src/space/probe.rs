@@ -40,6 +40,26 @@ use crate::sys;
 /// back), and no Rust object ever lives there, so an access can fault but never reaches memory
 /// that Rust code owns. The one way out is the program's own: a direct `mremap` that moves the
 /// range away (its pointers into the old range are then dangling, as for any memory it remaps).
+///
+/// # Examples
+///
+/// ```
+/// use hetmem::{Prot, Space};
+///
+/// # fn main() -> hetmem::Result<()> {
+/// let space = Space::new()?;
+/// let a = space.map_anon(1 << 20, Prot::ReadWrite)?;
+/// let p = space.probe(a, 1 << 20)?; // checked once
+/// p.store_u64(a.add(8), 42)?;
+/// p.write(a.add(100), b"bytes")?;
+/// assert_eq!(p.load_u64(a.add(8))?, 42);
+/// let mut b = [0u8; 5];
+/// p.read(a.add(100), &mut b)?;
+/// assert_eq!(&b, b"bytes");
+/// assert!(p.load_u64(a.add(4)).is_err()); // misaligned: a typed error, not a crash
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Probe {
     space: Space,
