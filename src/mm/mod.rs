@@ -77,10 +77,11 @@ pub trait Mm: Send + Sync {
         len: usize,
         mode: FaultMode,
     ) -> Result<(), UffdError>;
-    /// Maps the shared zero page, write-protected, at the missing page `a` (a read fault on a
-    /// never-written anonymous page, as the kernel serves it: no memory until a write, which
-    /// faults as a write-protect fault); wakes a thread-mode waiter once it is protected.
-    fn map_zero_page(&self, a: VirtAddr, mode: FaultMode) -> Result<(), UffdError>;
+    /// Maps the shared zero page, write-protected, at the missing pages of `r` (a read fault
+    /// on never-written anonymous pages, as the kernel serves it: no memory until a write,
+    /// which faults as a write-protect fault); wakes a thread-mode waiter once they are
+    /// protected.
+    fn map_zero_pages(&self, r: VaRange, mode: FaultMode) -> Result<(), UffdError>;
     /// Drops the pages of `r` (the next access faults).
     fn zap(&self, r: VaRange) -> io::Result<()>;
     /// Sets or clears write protection of the present pages of `r` (clearing wakes writers).
@@ -382,17 +383,18 @@ impl Mm for KernelMm {
         self.with_uffd(mode, |u| u.fill(dst.get(), src, off, len))
     }
 
-    fn map_zero_page(&self, a: VirtAddr, mode: FaultMode) -> Result<(), UffdError> {
+    fn map_zero_pages(&self, r: VaRange, mode: FaultMode) -> Result<(), UffdError> {
+        let (a, len) = (r.start, r.len());
         self.with_uffd(mode, |u| {
             // Not woken before the protection is on: a thread-mode waiter that went on at once
             // could store to the zero page unprotected (the kernel would copy it on write
             // silently). Another thread may still store between the two calls: its store lands
             // in a private copy, which the protection then covers (the page is then reported as
             // the zero page until its next store, with its data intact).
-            u.zeropage(a.get(), PAGE_SIZE, true)?;
-            u.write_protect(a.get(), PAGE_SIZE, true)?;
+            u.zeropage(a.get(), len, true)?;
+            u.write_protect(a.get(), len, true)?;
             if mode == FaultMode::Thread {
-                let _ = u.wake(a.get(), PAGE_SIZE);
+                let _ = u.wake(a.get(), len);
             }
             Ok(())
         })
@@ -1095,19 +1097,20 @@ impl Mm for ModelMm {
         }
         Ok(())
     }
-    fn map_zero_page(&self, a: VirtAddr, _mode: FaultMode) -> Result<(), UffdError> {
+    fn map_zero_pages(&self, r: VaRange, _mode: FaultMode) -> Result<(), UffdError> {
         let mut st = lock(&self.st);
-        let vpn = a.page().0;
-        if st.failing.is_some_and(|(s, e)| (s..e).contains(&vpn)) {
-            return Err(UffdError::Os(libc::ENOMEM));
+        for vpn in r.start.page().0..r.end.page().0 {
+            if st.failing.is_some_and(|(s, e)| (s..e).contains(&vpn)) {
+                return Err(UffdError::Os(libc::ENOMEM));
+            }
+            if st.vma(vpn).is_none() {
+                return Err(UffdError::Os(libc::ENOENT));
+            }
+            st.pages.entry(vpn).or_insert_with(|| ModelPage {
+                data: vec![0u8; PAGE_SIZE].into_boxed_slice(),
+                wp: true,
+            });
         }
-        if st.vma(vpn).is_none() {
-            return Err(UffdError::Os(libc::ENOENT));
-        }
-        st.pages.entry(vpn).or_insert_with(|| ModelPage {
-            data: vec![0u8; PAGE_SIZE].into_boxed_slice(),
-            wp: true,
-        });
         Ok(())
     }
     fn zap(&self, r: VaRange) -> io::Result<()> {

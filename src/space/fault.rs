@@ -187,10 +187,21 @@ impl SpaceCore {
         {
             // A read of a never-written anonymous page: the kernel's shared zero page, as the
             // kernel serves it (no memory until a store; the store faults, write-protected).
-            let mode = st.vma(a).expect("checked").mode;
-            return match self.mm.map_zero_page(a, mode) {
+            // Over the fault-around run: zero pages cost no memory, so mapping the run ahead
+            // saves the faults of a sequential read.
+            let (s, e, start, _, mode) = self.zero_run(&st, a);
+            let r = VaRange {
+                start,
+                end: start.add((e - s) * PAGE_SIZE),
+            };
+            return match self.mm.map_zero_pages(r, mode) {
                 Ok(()) => {
-                    st.set_pte(a, Pte::zero_page(pte));
+                    let v = st.vma_mut(a).expect("checked");
+                    for p in &mut v.ptes[s..e] {
+                        *p = Pte::zero_page(*p);
+                    }
+                    let (_, w) = fault_around_state();
+                    set_fault_around_state(r.end.get(), w);
                     true
                 }
                 Err(_) => unserved("the zero page could not be mapped"),
@@ -221,7 +232,11 @@ impl SpaceCore {
                 // A read fault on the zero page: a direct madvise dropped it (the kernel raises
                 // no event). Map it again.
                 let mode = st.vma(a).expect("pte found").mode;
-                self.mm.map_zero_page(a, mode).is_ok()
+                let r = VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                };
+                self.mm.map_zero_pages(r, mode).is_ok()
                     || unserved("the zero page could not be mapped again")
             }
             PageState::Present => {
