@@ -34,26 +34,42 @@
 //!
 //! # Method
 //!
-//! Every measurement is warmed up once (discarded), then repeated; a figure is the median of the
-//! repetitions (fault latencies: the median of every timed fault). hetmem and its baseline
-//! alternate within each repetition, so that drift in the machine (another tenant of the VM's
-//! host, frequency changes) hits both alike. Memory is "already backed" on both sides: a sweep
-//! over memory that was freed just before reuses pages the VM already holds (on memory the VM
-//! must first get from its host a fault costs ≈ 10× more, which would measure the host).
+//! Every timed figure is repeated until stable. Each group of measurements is warmed up once
+//! (discarded), then repeated at least 7 and at most 25 times (the file figures, whose
+//! repetitions read the file several times over, 5 to 15; every group 4 to 6 with `--quick`,
+//! [`MIN_REPETITIONS`] being the fewest anywhere) until the median of each of the group's
+//! per-repetition ratios moved by at most 2 % over the last 3 repetitions: each hetmem figure's
+//! ratio to each baseline it may have (where the baseline is the faster of two kernel variants,
+//! to both), a figure without a baseline its value. hetmem and its baseline alternate within
+//! each repetition, so that drift in the machine (another tenant of the VM's host, frequency
+//! changes) hits both alike, and a ratio is taken within one repetition. A figure is the median
+//! of its repetitions (a fault-back repetition's own figure is the median of its timed faults; a
+//! first touch's, the mean per page of its sweep), and reports its spread (`spread` in the
+//! JSON, a line under it in the table): the repetitions, their minimum and maximum, beside a
+//! baseline the range of the per-repetition ratios, and whether the repetitions stopped because
+//! they were stable or at the most allowed (`stable: false`, "not stable" in the table: the
+//! figure is no surer than its range). Memory is "already backed" on both sides: a sweep over
+//! memory that was freed just before reuses pages the VM already holds (on memory the VM must
+//! first get from its host a fault costs ≈ 10× more, which would measure the host).
 //!
-//! The thread figures are repeated until stable (after one discarded warm-up: at least 7 and at
-//! most 25 repetitions, 4 to 6 with `--quick`, until the median of the per-repetition ratios
-//! moved by less than 2 % over the last 3), and report their spread: the repetitions, their
-//! minimum and maximum, and the range of the per-repetition ratios. A speedup is measured on
-//! fresh threads started together by a `Barrier`, timed from the first thread's start to the
-//! last one's end; the 1-thread run uses the same harness. The fault-during-migration faulting
-//! thread starts its clock once the migrating thread has gone round once, and stops at the end of
-//! A (4096 pages) or after 100 ms (20 ms with `--quick`). It faults device-private pages back
-//! rather than first-touching fresh ones: each fault-back is one fault, one page and one hold of
-//! the space's lock, whereas a first touch fills up to 2 MiB per fault (fault-around). The thread
-//! figures assume a free core per thread: on a machine busy with other work the two threads
-//! time-share a core, and the same-space figure then measures the scheduler more than the lock
-//! (measured on this 2-core VM with a build beside it: ≈ 0.9× instead of ≈ 0.007× idle).
+//! Counts are not timed: bytes moved or read from storage, faults, bytes written back, the link
+//! model's device time, pages resident, metadata per page, and ratios of counts. A count is
+//! taken in every repetition of its group (the ping-pong's and the metadata figure once: the
+//! same operations on the same pages, and a constant) and is `exact` (in the JSON; no spread
+//! line in the table) where every repetition gave the same; where one did not, it is reported
+//! as a timed figure is, the median with its spread.
+//!
+//! The thread figures are repeated until stable as above (a repetition's figure is a speedup,
+//! the ratio of two timings, or a rate). A speedup is measured on fresh threads started together
+//! by a `Barrier`, timed from the first thread's start to the last one's end; the 1-thread run
+//! uses the same harness. The fault-during-migration faulting thread starts its clock once the
+//! migrating thread has gone round once, and stops at the end of A (4096 pages) or after 100 ms
+//! (20 ms with `--quick`). It faults device-private pages back rather than first-touching fresh
+//! ones: each fault-back is one fault, one page and one hold of the space's lock, whereas a
+//! first touch fills up to 2 MiB per fault (fault-around). The thread figures assume a free core
+//! per thread: on a machine busy with other work the two threads time-share a core, and the
+//! same-space figure then measures the scheduler more than the lock (measured on this 2-core VM
+//! with a build beside it: ≈ 0.9× instead of ≈ 0.007× idle).
 //!
 //! The file figures use a temporary file in `std::env::temp_dir()` (256 MiB; 16 MiB with
 //! `--quick`) of non-zero data, written and synced once, removed at the end; every read is
@@ -71,10 +87,11 @@
 //! read from it), and checks every device read and, after each `fsync`, the whole file against
 //! a model of every store. Its counts (bytes, faults, modelled time) come out the same in every
 //! run — the same operations on the same pages — so one run would give them; they are taken
-//! from every repetition anyway, and a note gives their range where they differ. The wall times
-//! are repeated until stable as the thread figures are (until the ratios of `private`,
-//! `coherent` and `replica` to `mirror` all are). What the run leaves behind is not timed: the
-//! cache goes with its device frames, which hold nothing unwritten after the `fsync`.
+//! from every repetition anyway, exact where they agree (else with their spread). The wall times
+//! are repeated until stable (until the ratios of `private`, `coherent` and `replica` to
+//! `mirror` all are: 7 to 25 repetitions, 4 to 6 with `--quick`). What the run leaves behind is
+//! not timed: the cache goes with its device frames, which hold nothing unwritten after the
+//! `fsync`.
 //!
 //! With 1 % of the pages written per round, a device-private placement moves what a coherent
 //! one does (the file, once) plus each written page three times (back on the store, to the
@@ -130,9 +147,13 @@ pub struct BenchResult {
     pub ratio: Option<f64>,
     /// Which way the value (and so the ratio) is better.
     pub better: Better,
-    /// How the repetitions behind `value` spread (figures repeated until stable only).
+    /// How the timed repetitions behind `value` spread: every figure that is not exact has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spread: Option<Spread>,
+    /// A count (bytes, faults, a model's output), not a timing, that came out the same in every
+    /// repetition it was taken in (or is the same by construction, taken once): it has no
+    /// spread.
+    pub exact: bool,
     /// What else the reader needs to read the figure (a system setting, a side measurement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -170,7 +191,7 @@ impl Better {
 /// The spread of a figure's timed repetitions (the figure is their median).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Spread {
-    /// Timed repetitions (after one discarded warm-up).
+    /// Timed repetitions (after one discarded warm-up): at least [`MIN_REPETITIONS`].
     pub reps: usize,
     /// The smallest repetition.
     pub min: f64,
@@ -181,6 +202,10 @@ pub struct Spread {
     pub ratio_min: Option<f64>,
     /// The largest per-repetition ratio to the baseline; `None` on a baseline.
     pub ratio_max: Option<f64>,
+    /// Whether the repetitions stopped because the figures of their group were stable (the
+    /// median of each one's per-repetition ratios to its baseline moved by at most 2 % over
+    /// the last 3 repetitions), rather than at the most repetitions allowed.
+    pub stable: bool,
 }
 
 /// What to run.
@@ -248,16 +273,16 @@ impl BenchOptions {
 
 /// Sizes and repetition counts of one run.
 struct Sizes {
+    /// Timed repetitions of the fault-back, first-touch, migration, coherent-read and memcpy
+    /// figures: at least, at most (until stable).
+    reps: (usize, usize),
     /// Pages faulted back per repetition.
     fault_pages: usize,
-    fault_reps: usize,
     /// Bytes swept per first-touch repetition.
     touch_bytes: usize,
-    touch_reps: usize,
     /// Bytes per migration round trip (4 KiB pages / 2 MiB units).
     mig4k_bytes: usize,
     mig2m_bytes: usize,
-    mig_reps: usize,
     memcpy_bytes: usize,
     /// Bytes of the coherent read and ping-pong workloads.
     shared_bytes: usize,
@@ -266,7 +291,9 @@ struct Sizes {
     file_bytes: usize,
     /// One random page is read per block of this many bytes (random sweeps).
     file_rand_block: usize,
-    file_reps: usize,
+    /// Timed repetitions of the cold and of the warm file figures: at least, at most (until
+    /// stable).
+    file_reps: (usize, usize),
     /// Pages faulted back per run of the thread figures (and pages of mapping A in the
     /// fault-during-migration figure).
     thread_fault_pages: usize,
@@ -289,19 +316,17 @@ impl Sizes {
     fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
+                reps: (4, 6),
                 fault_pages: 256,
-                fault_reps: 2,
                 touch_bytes: 8 << 20,
-                touch_reps: 2,
                 mig4k_bytes: 4 << 20,
                 mig2m_bytes: 8 << 20,
-                mig_reps: 2,
                 memcpy_bytes: 16 << 20,
                 shared_bytes: 16 << 20,
                 pingpong_rounds: 2,
                 file_bytes: 16 << 20,
                 file_rand_block: 256 << 10,
-                file_reps: 2,
+                file_reps: (4, 6),
                 thread_fault_pages: 1024,
                 thread_touch_bytes: 8 << 20,
                 thread_min_reps: 4,
@@ -314,19 +339,17 @@ impl Sizes {
             }
         } else {
             Sizes {
+                reps: (7, 25),
                 fault_pages: 4096,
-                fault_reps: 10,
                 touch_bytes: 64 << 20,
-                touch_reps: 9,
                 mig4k_bytes: 32 << 20,
                 mig2m_bytes: 64 << 20,
-                mig_reps: 15,
                 memcpy_bytes: 64 << 20,
                 shared_bytes: 256 << 20,
                 pingpong_rounds: 4,
                 file_bytes: 256 << 20,
                 file_rand_block: 256 << 10,
-                file_reps: 5,
+                file_reps: (5, 15),
                 thread_fault_pages: 4096,
                 thread_touch_bytes: 64 << 20,
                 thread_min_reps: 7,
@@ -354,23 +377,25 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
 
     if opts.wants("fault_back") {
         progress("fault-back of device-private 4 KiB pages vs a bare in-thread userfaultfd");
-        let (h, b) = fault_back(&space, &sz, false)?;
-        push_pair(
+        let r = fault_back(&space, &sz, false)?;
+        push_reps(
             &mut out,
-            ("fault_back_4k_us", h),
-            ("uffd_in_thread_4k_us", b),
+            ("fault_back_4k_us", "uffd_in_thread_4k_us"),
             "us",
+            &r,
+            None,
         );
     }
 
     if opts.wants("fault_back") {
         progress("fault-back with a busy sibling thread vs a bare in-thread userfaultfd");
-        let (h, b) = fault_back(&space, &sz, true)?;
-        push_pair(
+        let r = fault_back(&space, &sz, true)?;
+        push_reps(
             &mut out,
-            ("fault_back_4k_busy_us", h),
-            ("uffd_in_thread_4k_busy_us", b),
+            ("fault_back_4k_busy_us", "uffd_in_thread_4k_busy_us"),
             "us",
+            &r,
+            None,
         );
     }
 
@@ -434,34 +459,37 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
 
     if opts.wants("migrate") {
         progress("migration round trips of 4 KiB pages vs the bare primitives");
-        let (h, b) = migrate(&space, sz.mig4k_bytes, false, sz.mig_reps)?;
-        push_pair(
+        let r = migrate(&space, sz.mig4k_bytes, false, sz.reps)?;
+        push_reps(
             &mut out,
-            ("migrate_4k_gbps", h),
-            ("migrate_primitive_4k_gbps", b),
+            ("migrate_4k_gbps", "migrate_primitive_4k_gbps"),
             "GB/s",
+            &r,
+            None,
         );
     }
 
     if opts.wants("migrate") {
         progress("migration round trips of 2 MiB units vs the bare primitives");
-        let (h, b) = migrate(&space, sz.mig2m_bytes, true, sz.mig_reps)?;
-        push_pair(
+        let r = migrate(&space, sz.mig2m_bytes, true, sz.reps)?;
+        push_reps(
             &mut out,
-            ("migrate_2m_gbps", h),
-            ("migrate_primitive_2m_gbps", b),
+            ("migrate_2m_gbps", "migrate_primitive_2m_gbps"),
             "GB/s",
+            &r,
+            None,
         );
     }
 
     if opts.wants("coherent") {
         progress("CPU reads of coherent-resident vs system-resident pages");
-        let (c, sys_) = cpu_read_coherent(&space, sz.shared_bytes.min(64 << 20), sz.mig_reps)?;
-        push_pair(
+        let r = cpu_read_coherent(&space, sz.shared_bytes.min(64 << 20), sz.reps)?;
+        push_reps(
             &mut out,
-            ("cpu_read_coherent_gbps", c),
-            ("cpu_read_system_gbps", sys_),
+            ("cpu_read_coherent_gbps", "cpu_read_system_gbps"),
             "GB/s",
+            &r,
+            None,
         );
     }
 
@@ -479,10 +507,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
             sz.shared_bytes,
             sz.pingpong_rounds,
         )?;
-        push_pair(
+        // Counts of pages moved: the same in every run, so taken once.
+        push_counts(
             &mut out,
-            ("pingpong_coherent_bytes_moved", c),
-            ("pingpong_private_bytes_moved", p),
+            ("pingpong_coherent_bytes_moved", &[c]),
+            ("pingpong_private_bytes_moved", &[p]),
             "bytes",
         );
     }
@@ -495,27 +524,25 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
 
     if opts.wants("largefile") {
         progress("a large file in device and CPU phases: mirrored vs device-private vs coherent");
-        let runs = largefile(&space, &sz)?;
-        push_largefile(&mut out, &runs, &sz);
+        let (runs, stable) = largefile(&space, &sz)?;
+        push_largefile(&mut out, &runs, stable, &sz);
     }
 
     if opts.wants("memcpy") {
         progress("memcpy bandwidth");
-        out.push(figure(
-            "memcpy_gbps",
-            memcpy_gbps(sz.memcpy_bytes, sz.mig_reps)?,
-            "GB/s",
-            None,
-        ));
+        let s = memcpy_gbps(sz.memcpy_bytes, sz.reps)?;
+        out.push(s.timed("memcpy_gbps", "memcpy", "GB/s", None));
     }
 
     if opts.wants("metadata") {
         progress("metadata per page");
-        out.push(figure(
+        // A constant of the build: exact.
+        out.push(count_figure(
             "metadata_bytes_per_page",
-            Space::metadata_bytes_per_page() as f64,
-            "bytes",
+            &[Space::metadata_bytes_per_page() as f64],
             None,
+            "bytes",
+            true,
         ));
     }
 
@@ -531,18 +558,26 @@ fn fmt_bytes(v: Option<f64>) -> String {
     }
 }
 
-/// Pushes the bytes read from storage per sweep: hetmem's as `name`, against the kernel's as
-/// `base` (a baseline only when the kernel read something: a ratio to 0 means nothing).
-fn push_bytes(out: &mut Vec<BenchResult>, name: &str, h: Option<f64>, base: (&str, Option<f64>)) {
-    let (Some(h), Some(k)) = (h, base.1) else {
+/// Pushes the bytes read from storage per sweep, a count taken in every repetition of `s`:
+/// hetmem's (sample `io_` + `h`) as `name`, against the kernel's (`io_` + `base.1`) as
+/// `base.0` (a baseline only when the kernel read something in every repetition: a ratio to 0
+/// means nothing).
+fn push_bytes(
+    out: &mut Vec<BenchResult>,
+    s: &Samples,
+    (name, h): (&str, &str),
+    base: (&str, &str),
+) {
+    let (hs, ks) = (format!("io_{h}"), format!("io_{}", base.1));
+    if !s.has(&hs) || !s.has(&ks) {
         return;
-    };
-    if k > 0.0 {
-        push_pair(out, (name, h), (base.0, k), "bytes");
-    } else {
-        out.push(figure(name, h, "bytes", None));
-        out.push(figure(base.0, k, "bytes", None));
     }
+    if s.col(&ks).iter().all(|k| *k > 0.0) {
+        out.push(s.count(name, &hs, "bytes", Some((base.0, &ks))));
+    } else {
+        out.push(s.count(name, &hs, "bytes", None));
+    }
+    out.push(s.count(base.0, &ks, "bytes", None));
 }
 
 /// The file-mapping figures (see [`file_reads`] for the sample names). Each cold baseline is the
@@ -550,131 +585,136 @@ fn push_bytes(out: &mut Vec<BenchResult>, name: &str, h: Option<f64>, base: (&st
 /// the default and `MADV_SEQUENTIAL`, measured in the same run); the other variant is reported
 /// beside it, and every cold figure says how many bytes each side read from storage.
 fn push_file_figures(out: &mut Vec<BenchResult>, f: &FileFigures) {
-    let s = &f.s;
+    let (c, w) = (&f.cold, &f.warm);
     let ra = f
         .read_ahead_kb
         .map_or_else(|| "unknown".into(), |k| k.to_string());
-    push_pair(
-        out,
-        ("file_seq_read_gbps", s.median("seq_warm_h")),
-        ("kernel_mmap_seq_read_gbps", s.median("seq_warm_k")),
+    out.push(w.timed(
+        "file_seq_read_gbps",
+        "seq_warm_h",
         "GB/s",
-    );
-    let mut w = figure(
+        Some(("kernel_mmap_seq_read_gbps", "seq_warm_k")),
+    ));
+    out.push(w.timed("kernel_mmap_seq_read_gbps", "seq_warm_k", "GB/s", None));
+    let mut x = w.timed(
         "file_seq_read_warm_kernel_cache_gbps",
-        s.median("seq_warm_kernel_cache_h"),
+        "seq_warm_kernel_cache_h",
         "GB/s",
-        Some(("kernel_mmap_seq_read_gbps", s.median("seq_warm_k"))),
+        Some(("kernel_mmap_seq_read_gbps", "seq_warm_k")),
     );
-    w.note = Some(format!(
+    x.note = Some(format!(
         "the file in the kernel's page cache only: a fresh hetmem cache fills from it; bytes \
          read from storage by hetmem: {}",
-        fmt_bytes(s.io("seq_warm_kernel_cache_h"))
+        fmt_bytes(w.io("seq_warm_kernel_cache_h"))
     ));
-    out.push(w);
+    out.push(x);
 
-    // Cold sequential: the faster kernel variant is the baseline.
-    let (kn, ks) = (s.median("seq_k_normal"), s.median("seq_k_sequential"));
-    let (best, best_name, which) = if ks > kn {
-        (ks, "seq_k_sequential", "MADV_SEQUENTIAL")
+    // Cold sequential: the faster kernel variant (by the median) is the baseline.
+    let (kn, ks) = (c.median("seq_k_normal"), c.median("seq_k_sequential"));
+    let (best_name, which) = if ks > kn {
+        ("seq_k_sequential", "MADV_SEQUENTIAL")
     } else {
-        (kn, "seq_k_normal", "the default read-around")
+        ("seq_k_normal", "the default read-around")
     };
-    let mut c = figure(
+    let mut x = c.timed(
         "file_seq_read_cold_gbps",
-        s.median("seq_h"),
+        "seq_h",
         "GB/s",
-        Some(("kernel_mmap_seq_read_cold_gbps", best)),
+        Some(("kernel_mmap_seq_read_cold_gbps", best_name)),
     );
-    c.note = Some(format!(
+    x.note = Some(format!(
         "baseline: kernel mmap with {which} (the faster: default {kn:.2} GB/s, MADV_SEQUENTIAL \
          {ks:.2} GB/s; read_ahead_kb {ra}); bytes read from storage per sweep: hetmem {}, \
          kernel {} (default {}, MADV_SEQUENTIAL {})",
-        fmt_bytes(s.io("seq_h")),
-        fmt_bytes(s.io(best_name)),
-        fmt_bytes(s.io("seq_k_normal")),
-        fmt_bytes(s.io("seq_k_sequential")),
+        fmt_bytes(c.io("seq_h")),
+        fmt_bytes(c.io(best_name)),
+        fmt_bytes(c.io("seq_k_normal")),
+        fmt_bytes(c.io("seq_k_sequential")),
     ));
-    out.push(c);
-    let mut b = figure("kernel_mmap_seq_read_cold_gbps", best, "GB/s", None);
+    out.push(x);
+    let mut b = c.timed("kernel_mmap_seq_read_cold_gbps", best_name, "GB/s", None);
     b.note = Some(format!("kernel mmap with {which}"));
     out.push(b);
-    out.push(figure(
+    out.push(c.timed(
         "kernel_mmap_seq_read_cold_default_gbps",
-        kn,
+        "seq_k_normal",
         "GB/s",
         None,
     ));
-    out.push(figure(
+    out.push(c.timed(
         "kernel_mmap_seq_read_cold_madv_sequential_gbps",
-        ks,
+        "seq_k_sequential",
         "GB/s",
         None,
     ));
     push_bytes(
         out,
-        "file_seq_read_cold_bytes_read",
-        s.io("seq_h"),
-        ("kernel_mmap_seq_read_cold_bytes_read", s.io(best_name)),
+        c,
+        ("file_seq_read_cold_bytes_read", "seq_h"),
+        ("kernel_mmap_seq_read_cold_bytes_read", best_name),
     );
 
     // Cold random: MADV_RANDOM is the baseline; the default read-around beside it.
-    let (kr, kd) = (s.median("rand_k_random"), s.median("rand_k_normal"));
-    let mut r = figure(
+    let kd = c.median("rand_k_normal");
+    let mut r = c.timed(
         "file_rand_read_4k_us",
-        s.median("rand_h"),
+        "rand_h",
         "us",
-        Some(("kernel_mmap_rand_read_4k_us", kr)),
+        Some(("kernel_mmap_rand_read_4k_us", "rand_k_random")),
     );
     r.note = Some(format!(
         "baseline: kernel mmap with MADV_RANDOM (default read-around: {kd:.1} us; \
          read_ahead_kb {ra}); bytes read from storage per sweep: hetmem {}, kernel {} (default \
          read-around {})",
-        fmt_bytes(s.io("rand_h")),
-        fmt_bytes(s.io("rand_k_random")),
-        fmt_bytes(s.io("rand_k_normal")),
+        fmt_bytes(c.io("rand_h")),
+        fmt_bytes(c.io("rand_k_random")),
+        fmt_bytes(c.io("rand_k_normal")),
     ));
     out.push(r);
-    let mut b = figure("kernel_mmap_rand_read_4k_us", kr, "us", None);
+    let mut b = c.timed("kernel_mmap_rand_read_4k_us", "rand_k_random", "us", None);
     b.note = Some("kernel mmap with MADV_RANDOM".into());
     out.push(b);
-    out.push(figure(
+    out.push(c.timed(
         "kernel_mmap_rand_read_4k_default_readaround_us",
-        kd,
+        "rand_k_normal",
         "us",
         None,
     ));
     push_bytes(
         out,
-        "file_rand_read_4k_bytes_read",
-        s.io("rand_h"),
-        ("kernel_mmap_rand_read_4k_bytes_read", s.io("rand_k_random")),
+        c,
+        ("file_rand_read_4k_bytes_read", "rand_h"),
+        ("kernel_mmap_rand_read_4k_bytes_read", "rand_k_random"),
     );
-    if let Some(b) = s.io("rand_k_normal") {
-        out.push(figure(
+    if c.has("io_rand_k_normal") {
+        out.push(c.count(
             "kernel_mmap_rand_read_4k_default_readaround_bytes_read",
-            b,
+            "io_rand_k_normal",
             "bytes",
             None,
         ));
     }
 
-    push_pair(
-        out,
-        ("file_rand_read_warm_4k_us", s.median("rand_warm_h")),
-        ("kernel_mmap_rand_read_warm_4k_us", s.median("rand_warm_k")),
+    out.push(w.timed(
+        "file_rand_read_warm_4k_us",
+        "rand_warm_h",
         "us",
-    );
+        Some(("kernel_mmap_rand_read_warm_4k_us", "rand_warm_k")),
+    ));
+    out.push(w.timed(
+        "kernel_mmap_rand_read_warm_4k_us",
+        "rand_warm_k",
+        "us",
+        None,
+    ));
 
-    // Memory held after a cold sequential read: both caches, per byte of the file.
-    let mut m = figure(
+    // Memory held after a cold sequential read: both caches, per byte of the file (a count).
+    let res_best = format!("res_{best_name}");
+    let mut m = c.count(
         "file_resident_bytes_ratio",
-        s.median("res_seq_h"),
+        "res_seq_h",
         "x",
-        Some((
-            "kernel_mmap_resident_bytes_ratio",
-            s.median(&format!("res_{best_name}")),
-        )),
+        Some(("kernel_mmap_resident_bytes_ratio", &res_best)),
     );
     m.note = Some(
         "after a cold sequential read through a fresh mapping: (hetmem's cache + the kernel's \
@@ -683,68 +723,60 @@ fn push_file_figures(out: &mut Vec<BenchResult>, f: &FileFigures) {
             .into(),
     );
     out.push(m);
-    out.push(figure(
-        "kernel_mmap_resident_bytes_ratio",
-        s.median(&format!("res_{best_name}")),
-        "x",
-        None,
-    ));
+    out.push(c.count("kernel_mmap_resident_bytes_ratio", &res_best, "x", None));
 }
 
-/// The first-touch figures: each kernel baseline is the faster of the kernel on base pages and
-/// with `MADV_HUGEPAGE` (where available), measured in the same run; both variants are reported.
-fn push_first_touch(out: &mut Vec<BenchResult>, t: &Touch) {
-    let best = |base: f64, huge: Option<f64>| match huge {
-        Some(h) if h < base => (h, "MADV_HUGEPAGE"),
-        _ => (base, "base pages (no MADV_HUGEPAGE)"),
+/// The first-touch figures (see [`first_touch`] for the sample names): each kernel baseline is
+/// the faster (by the median) of the kernel on base pages and with `MADV_HUGEPAGE` (where
+/// available), measured in the same repetitions; both variants are reported.
+fn push_first_touch(out: &mut Vec<BenchResult>, s: &Samples) {
+    let best = |base: &'static str, huge: &'static str| {
+        if s.has(huge) && s.median(huge) < s.median(base) {
+            (huge, "MADV_HUGEPAGE")
+        } else {
+            (base, "base pages (no MADV_HUGEPAGE)")
+        }
     };
-    let (seq, seq_which) = best(t.kernel_seq, t.kernel_seq_huge);
-    let (rnd, rnd_which) = best(t.kernel_rnd, t.kernel_rnd_huge);
-    let fmt = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3} us"));
-    let variants = |base: f64, huge: Option<f64>| {
+    let (seq, seq_which) = best("seq_k", "seq_kh");
+    let (rnd, rnd_which) = best("rnd_k", "rnd_kh");
+    let fmt = |v: &str| {
+        if s.has(v) {
+            format!("{:.3} us", s.median(v))
+        } else {
+            "n/a".to_string()
+        }
+    };
+    let variants = |base: &str, huge: &str| {
         format!(
-            "base pages {base:.3} us, MADV_HUGEPAGE {}; transparent huge pages: {}",
+            "base pages {}, MADV_HUGEPAGE {}; transparent huge pages: {}",
+            fmt(base),
             fmt(huge),
             thp_setting()
         )
     };
     let note = format!(
         "baseline: the kernel with {seq_which} (the faster variant); {}",
-        variants(t.kernel_seq, t.kernel_seq_huge)
+        variants("seq_k", "seq_kh")
     );
-    let mut f = figure(
-        "first_touch_4k_us",
-        t.seq,
-        "us",
-        Some(("kernel_first_touch_4k_us", seq)),
-    );
+    let base = Some(("kernel_first_touch_4k_us", seq));
+    let mut f = s.timed("first_touch_4k_us", "seq_h", "us", base);
     f.note = Some(note.clone());
     out.push(f);
-    let mut f = figure(
-        "first_touch_random_4k_us",
-        t.rnd,
-        "us",
-        Some(("kernel_first_touch_4k_us", seq)),
-    );
+    let mut f = s.timed("first_touch_random_4k_us", "rnd_h", "us", base);
     f.note = Some(note.clone());
     out.push(f);
-    let mut f = figure("kernel_first_touch_4k_us", seq, "us", None);
+    let mut f = s.timed("kernel_first_touch_4k_us", seq, "us", None);
     f.note = Some(note);
     out.push(f);
-    let mut f = figure("kernel_first_touch_random_4k_us", rnd, "us", None);
+    let mut f = s.timed("kernel_first_touch_random_4k_us", rnd, "us", None);
     f.note = Some(format!(
         "the kernel with {rnd_which} (the faster variant); {}",
-        variants(t.kernel_rnd, t.kernel_rnd_huge)
+        variants("rnd_k", "rnd_kh")
     ));
     out.push(f);
-    out.push(figure(
-        "kernel_first_touch_base_pages_4k_us",
-        t.kernel_seq,
-        "us",
-        None,
-    ));
-    if let Some(h) = t.kernel_seq_huge {
-        out.push(figure("kernel_first_touch_hugepage_4k_us", h, "us", None));
+    out.push(s.timed("kernel_first_touch_base_pages_4k_us", "seq_k", "us", None));
+    if s.has("seq_kh") {
+        out.push(s.timed("kernel_first_touch_hugepage_4k_us", "seq_kh", "us", None));
     }
 }
 
@@ -758,14 +790,16 @@ fn figure(name: &str, value: f64, unit: &str, base: Option<(&str, f64)>) -> Benc
         ratio: base.map(|(_, v)| value / v),
         better: Better::for_unit(unit),
         spread: None,
+        exact: false,
         note: None,
     }
 }
 
-/// Pushes a figure and its baseline (as its own result).
-fn push_pair(out: &mut Vec<BenchResult>, fig: (&str, f64), base: (&str, f64), unit: &str) {
-    out.push(figure(fig.0, fig.1, unit, Some(base)));
-    out.push(figure(base.0, base.1, unit, None));
+/// Pushes a count (taken in each of the repetitions given) against its baseline's, and the
+/// baseline as its own result ([`count_figure`]).
+fn push_counts(out: &mut Vec<BenchResult>, fig: (&str, &[f64]), base: (&str, &[f64]), unit: &str) {
+    out.push(count_figure(fig.0, fig.1, Some(base), unit, true));
+    out.push(count_figure(base.0, base.1, None, unit, true));
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -919,8 +953,9 @@ impl BareFault {
     }
 }
 
-/// Median fault-back time through hetmem and through the bare in-thread userfaultfd.
-fn fault_back(space: &Space, sz: &Sizes, busy: bool) -> Result<(f64, f64)> {
+/// Fault-back time through hetmem (`h`) and through the bare in-thread userfaultfd (`b`),
+/// repeated until stable: each repetition's figure is the median of its timed faults.
+fn fault_back(space: &Space, sz: &Sizes, busy: bool) -> Result<Samples> {
     let n = sz.fault_pages;
     let len = n * PAGE_SIZE;
     let dev = SoftDevice::private(len + LARGE_PAGE_SIZE)?;
@@ -935,23 +970,17 @@ fn fault_back(space: &Space, sz: &Sizes, busy: bool) -> Result<(f64, f64)> {
     } else {
         None
     };
-    let (mut hs, mut bs) = (
-        Vec::with_capacity(n * sz.fault_reps),
-        Vec::with_capacity(n * sz.fault_reps),
-    );
-    let (mut wh, mut wb) = (Vec::new(), Vec::new());
-    for rep in 0..=sz.fault_reps {
-        let (h, b) = if rep == 0 {
-            (&mut wh, &mut wb)
-        } else {
-            (&mut hs, &mut bs)
-        };
-        bare.sweep(b)?;
-        hetmem_fault_sweep(&mirror, a, n, h)?;
-    }
+    let (mut h, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let r = repeat_until_stable(sz.reps.0, sz.reps.1, || {
+        h.clear();
+        b.clear();
+        bare.sweep(&mut b)?;
+        hetmem_fault_sweep(&mirror, a, n, &mut h)?;
+        Ok((median(&mut h), median(&mut b)))
+    });
     drop(sibling);
     space.unmap(a, len)?;
-    Ok((median(&mut hs), median(&mut bs)))
+    r
 }
 
 /// Migrates `n` pages at `a` to the device, then times a first load of each (one fault-back each).
@@ -981,17 +1010,6 @@ fn hetmem_fault_sweep(
 // ---------------------------------------------------------------------------------------------
 // First touch
 // ---------------------------------------------------------------------------------------------
-
-struct Touch {
-    seq: f64,
-    rnd: f64,
-    /// The kernel on base pages (no `MADV_HUGEPAGE`).
-    kernel_seq: f64,
-    kernel_rnd: f64,
-    /// The kernel with `MADV_HUGEPAGE` (where transparent huge pages are available).
-    kernel_seq_huge: Option<f64>,
-    kernel_rnd_huge: Option<f64>,
-}
 
 /// A random permutation of `0..n` (xorshift64*, Fisher-Yates; fixed seed).
 fn permutation(n: usize) -> Vec<usize> {
@@ -1025,7 +1043,10 @@ fn hetmem_touch(space: &Space, len: usize, order: &[usize]) -> Result<f64> {
     Ok(us)
 }
 
-fn first_touch(space: &Space, sz: &Sizes) -> Result<Touch> {
+/// Mean first-touch time per page, sequential (`seq_`) and random (`rnd_`), repeated until
+/// stable: hetmem (`h`), the kernel on base pages (`k`) and, where transparent huge pages are
+/// available, with `MADV_HUGEPAGE` (`kh`).
+fn first_touch(space: &Space, sz: &Sizes) -> Result<Samples> {
     let len = sz.touch_bytes;
     let n = len / PAGE_SIZE;
     let seq: Vec<usize> = (0..n).collect();
@@ -1054,35 +1075,26 @@ fn first_touch(space: &Space, sz: &Sizes) -> Result<Touch> {
                 .map_err(os("store to kernel baseline"))
         })
     };
-    // Warm-up on every side (hetmem: another mapping of the same size, unmapped after).
-    sweep(&k, &seq)?;
-    if let Some(kh) = &kh {
-        sweep(kh, &seq)?;
+    // Each hetmem figure against each kernel variant that may be its baseline (the faster).
+    let mut watch = vec![("seq_h", Some("seq_k")), ("rnd_h", Some("seq_k"))];
+    if kh.is_some() {
+        watch.extend([("seq_h", Some("seq_kh")), ("rnd_h", Some("seq_kh"))]);
     }
-    hetmem_touch(space, len, &seq)?;
-    let (mut hs, mut hr, mut ks, mut kr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut khs, mut khr) = (Vec::new(), Vec::new());
-    for _ in 0..sz.touch_reps {
-        ks.push(sweep(&k, &seq)?);
+    // Hetmem sweeps a fresh mapping each time (unmapped after).
+    let mut r = Repeat::new(sz.reps.0, sz.reps.1, &watch);
+    while r.again()? {
+        r.put("seq_k", sweep(&k, &seq)?);
         if let Some(kh) = &kh {
-            khs.push(sweep(kh, &seq)?);
+            r.put("seq_kh", sweep(kh, &seq)?);
         }
-        hs.push(hetmem_touch(space, len, &seq)?);
-        kr.push(sweep(&k, &rnd)?);
+        r.put("seq_h", hetmem_touch(space, len, &seq)?);
+        r.put("rnd_k", sweep(&k, &rnd)?);
         if let Some(kh) = &kh {
-            khr.push(sweep(kh, &rnd)?);
+            r.put("rnd_kh", sweep(kh, &rnd)?);
         }
-        hr.push(hetmem_touch(space, len, &rnd)?);
+        r.put("rnd_h", hetmem_touch(space, len, &rnd)?);
     }
-    let huge = kh.is_some();
-    Ok(Touch {
-        seq: median(&mut hs),
-        rnd: median(&mut hr),
-        kernel_seq: median(&mut ks),
-        kernel_rnd: median(&mut kr),
-        kernel_seq_huge: huge.then(|| median(&mut khs)),
-        kernel_rnd_huge: huge.then(|| median(&mut khr)),
-    })
+    Ok(r.done())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1152,9 +1164,9 @@ impl Primitive {
     }
 }
 
-/// Round-trip bandwidth (GB/s of bytes moved, both directions) through hetmem and through the
-/// bare primitives.
-fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, f64)> {
+/// Round-trip bandwidth (GB/s of bytes moved, both directions) through hetmem (`h`) and through
+/// the bare primitives (`b`), repeated until stable (`reps`: at least, at most).
+fn migrate(space: &Space, len: usize, large: bool, reps: (usize, usize)) -> Result<Samples> {
     let n = len / PAGE_SIZE;
     let dev = SoftDevice::private(len + 2 * LARGE_PAGE_SIZE)?;
     let mirror = dev.mirror(space)?;
@@ -1171,8 +1183,8 @@ fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, 
     let chunk = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
     let prim = Primitive::new(len, chunk, space.user_mode_only())?;
     let gbps = |t: Instant| (2 * len) as f64 / t.elapsed().as_secs_f64() / 1e9;
-    let (mut hs, mut ps) = (Vec::new(), Vec::new());
-    for rep in 0..=reps {
+    let mut r = Repeat::new(reps.0, reps.1, &[("h", Some("b"))]);
+    while r.again()? {
         let t = Instant::now();
         prim.to_device()?;
         prim.back()?;
@@ -1184,18 +1196,17 @@ fn migrate(space: &Space, len: usize, large: bool, reps: usize) -> Result<(f64, 
         if out.cpages != n as u64 || back.cpages != n as u64 {
             return Err(Error::Invalid("bench: not every page migrated"));
         }
-        if rep > 0 {
-            hs.push(h);
-            ps.push(p);
-        }
+        r.put("h", h);
+        r.put("b", p);
     }
     space.unmap(a, len)?;
-    Ok((median(&mut hs), median(&mut ps)))
+    Ok(r.done())
 }
 
 /// CPU streaming reads (a copy out of managed memory) of `len` bytes resident in
-/// device-coherent memory, and of the same bytes in system memory; GB/s, median of `reps`.
-fn cpu_read_coherent(space: &Space, len: usize, reps: usize) -> Result<(f64, f64)> {
+/// device-coherent memory (`h`), and of the same bytes in system memory (`b`); GB/s, repeated
+/// until stable (`reps`: at least, at most).
+fn cpu_read_coherent(space: &Space, len: usize, reps: (usize, usize)) -> Result<Samples> {
     let dev = SoftDevice::new(DeviceConfig {
         kind: MemoryKind::Coherent,
         capacity: len,
@@ -1208,18 +1219,16 @@ fn cpu_read_coherent(space: &Space, len: usize, reps: usize) -> Result<(f64, f64
     space.cpu_write(coh_a, &fill)?;
     m.migrate_range_to_device(coh_a, len)?;
     let mut buf = vec![0u8; len];
-    let (mut cs, mut ss) = (Vec::new(), Vec::new());
-    for rep in 0..=reps {
+    let mut r = Repeat::new(reps.0, reps.1, &[("h", Some("b"))]);
+    while r.again()? {
         let t = Instant::now();
         space.cpu_read(sys_a, &mut buf)?;
         let s = len as f64 / t.elapsed().as_secs_f64() / 1e9;
         let t = Instant::now();
         space.cpu_read(coh_a, &mut buf)?;
         let c = len as f64 / t.elapsed().as_secs_f64() / 1e9;
-        if rep > 0 {
-            ss.push(s);
-            cs.push(c);
-        }
+        r.put("b", s);
+        r.put("h", c);
     }
     if buf != fill {
         return Err(Error::Invalid("bench: coherent read returned wrong data"));
@@ -1227,7 +1236,7 @@ fn cpu_read_coherent(space: &Space, len: usize, reps: usize) -> Result<(f64, f64
     drop(m);
     space.unmap(sys_a, len)?;
     space.unmap(coh_a, len)?;
-    Ok((median(&mut cs), median(&mut ss)))
+    Ok(r.done())
 }
 
 /// A workload alternating device and CPU phases over `len` bytes for `rounds` rounds; returns
@@ -1261,21 +1270,21 @@ fn pingpong(space: &Space, kind: MemoryKind, len: usize, rounds: usize) -> Resul
     Ok((pages as usize * PAGE_SIZE) as f64)
 }
 
-fn memcpy_gbps(len: usize, reps: usize) -> Result<f64> {
+/// Plain memory copies of `len` bytes (`memcpy`), GB/s, repeated until stable (`reps`: at
+/// least, at most).
+fn memcpy_gbps(len: usize, reps: (usize, usize)) -> Result<Samples> {
     let s = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("memcpy source"))?;
     let d = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite).map_err(os("memcpy destination"))?;
     s.populate(0, len).map_err(os("populate"))?;
     d.populate(0, len).map_err(os("populate"))?;
-    let mut v = Vec::new();
-    for rep in 0..=reps {
+    let mut r = Repeat::new(reps.0, reps.1, &[("memcpy", None)]);
+    while r.again()? {
         let t = Instant::now();
         s.copy_to(0, &d, 0, len).map_err(os("memcpy"))?;
         let g = len as f64 / t.elapsed().as_secs_f64() / 1e9;
-        if rep > 0 {
-            v.push(g);
-        }
+        r.put("memcpy", g);
     }
-    Ok(median(&mut v))
+    Ok(r.done())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1485,36 +1494,11 @@ impl TempFile {
     }
 }
 
-/// Samples of the file figures by name; a figure is the median of its samples.
-#[derive(Default)]
-struct Samples(std::collections::BTreeMap<String, Vec<f64>>);
-
-impl Samples {
-    fn push(&mut self, name: &str, v: f64) {
-        self.0.entry(name.to_string()).or_default().push(v);
-    }
-    /// Pushes the bytes read from storage (under `io_` + `name`), when known.
-    fn push_io(&mut self, name: &str, v: Option<f64>) {
-        if let Some(v) = v {
-            self.push(&format!("io_{name}"), v);
-        }
-    }
-    /// The median of `name`'s samples (NaN when there are none).
-    fn median(&self, name: &str) -> f64 {
-        median(&mut self.0.get(name).cloned().unwrap_or_default())
-    }
-    /// The median bytes read from storage by `name`'s sweeps, when known.
-    fn io(&self, name: &str) -> Option<f64> {
-        self.0
-            .get(&format!("io_{name}"))
-            .map(|v| median(&mut v.clone()))
-    }
-}
-
-/// The file-mapping figures: medians of [`Samples`] (see [`file_reads`] for the names), and
-/// the read-ahead setting of the file's device.
+/// The file-mapping figures: the cold and the warm repetitions (see [`file_reads`] for the
+/// names), each group repeated until stable, and the read-ahead setting of the file's device.
 struct FileFigures {
-    s: Samples,
+    cold: Samples,
+    warm: Samples,
     read_ahead_kb: Option<u64>,
 }
 
@@ -1564,14 +1548,21 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
     };
     // Names: `seq`/`rand`, then `h` (hetmem) or `k` (the kernel) with its advice; the bytes read
     // from storage under `io_` + name, the memory held after the sweep under `res_` + name.
-    let mut s = Samples::default();
-    for rep in 0..=sz.file_reps {
+    // Stable: hetmem against each kernel variant that may be its baseline.
+    let mut cold = Repeat::new(
+        sz.file_reps.0,
+        sz.file_reps.1,
+        &[
+            ("seq_h", Some("seq_k_normal")),
+            ("seq_h", Some("seq_k_sequential")),
+            ("rand_h", Some("rand_k_random")),
+        ],
+    );
+    while cold.again()? {
         let mut put = |name: &str, r: (f64, Option<f64>, f64)| {
-            if rep > 0 {
-                s.push(name, r.0);
-                s.push_io(name, r.1);
-                s.push(&format!("res_{name}"), r.2);
-            }
+            cold.put(name, r.0);
+            cold.put_io(name, r.1);
+            cold.put(&format!("res_{name}"), r.2);
         };
         put(
             "seq_k_normal",
@@ -1602,7 +1593,16 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
             "bench: the warm file cache does not hold the file",
         ));
     }
-    for rep in 0..=sz.file_reps {
+    let mut warm = Repeat::new(
+        sz.file_reps.0,
+        sz.file_reps.1,
+        &[
+            ("seq_warm_h", Some("seq_warm_k")),
+            ("seq_warm_kernel_cache_h", Some("seq_warm_k")),
+            ("rand_warm_h", Some("rand_warm_k")),
+        ],
+    );
+    while warm.again()? {
         tf.warm_kernel_cache()?;
         let ks = kernel_file_sweep(&tf, len, &Sweep::Seq, FileAccess::Normal)?;
         let hs = hetmem_file_sweep(space, &h, len, &Sweep::Seq)?;
@@ -1613,76 +1613,235 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
         })?;
         let kr = kernel_file_sweep(&tf, len, &rand, FileAccess::Normal)?;
         let hr = hetmem_file_sweep(space, &h, len, &rand)?;
-        if rep > 0 {
-            s.push("seq_warm_k", ks);
-            s.push("seq_warm_h", hs);
-            s.push("seq_warm_kernel_cache_h", hk);
-            s.push_io("seq_warm_kernel_cache_h", hk_io);
-            s.push("rand_warm_k", kr);
-            s.push("rand_warm_h", hr);
-        }
+        warm.put("seq_warm_k", ks);
+        warm.put("seq_warm_h", hs);
+        warm.put("seq_warm_kernel_cache_h", hk);
+        warm.put_io("seq_warm_kernel_cache_h", hk_io);
+        warm.put("rand_warm_k", kr);
+        warm.put("rand_warm_h", hr);
     }
     Ok(FileFigures {
-        s,
+        cold: cold.done(),
+        warm: warm.done(),
         read_ahead_kb: read_ahead_kb(&tf.path),
     })
 }
 
 // ---------------------------------------------------------------------------------------------
-// Threads: two threads on disjoint halves; faults while another thread migrates
+// Repetitions: until stable
 // ---------------------------------------------------------------------------------------------
 
-/// Timed repetitions of one (hetmem, baseline) pair, measured alternately in each repetition.
-struct Reps {
-    h: Vec<f64>,
-    b: Vec<f64>,
-}
-
-/// The median of the per-repetition ratios may move by at most this much (relative) over the
-/// last [`STABLE_WINDOW`] repetitions for a figure to count as stable.
+/// The median of each watched ratio (or value) may move by at most this much (relative) over the
+/// last [`STABLE_WINDOW`] repetitions for the repetitions to count as stable.
 const STABLE_TOLERANCE: f64 = 0.02;
 const STABLE_WINDOW: usize = 3;
 
-/// Runs `rep` (one repetition: a (hetmem, baseline) pair) once as a discarded warm-up, then at
-/// least `min` and at most `max` times, until stable: the median of the per-repetition ratios
-/// moved by less than [`STABLE_TOLERANCE`] over the last [`STABLE_WINDOW`] repetitions.
+/// The fewest timed repetitions behind a timed figure, in every mode and group: the stability
+/// rule looks back over 3 repetitions, so it needs one more.
+pub const MIN_REPETITIONS: usize = STABLE_WINDOW + 1;
+
+/// Repeats one group of measurements until stable, as a loop:
+/// `while r.again()? { ...; r.put("name", v); }`. The first pass is a warm-up (discarded); each
+/// pass measures the same names in the same order, hetmem and its baselines alternating within
+/// it (so that drift in the machine hits both alike). The timed passes stop after at least `min`
+/// and at most `max` of them, as soon as every watched figure is stable: the median of its
+/// per-repetition ratios to its baseline (or of its values, for a figure without one) moved by
+/// at most [`STABLE_TOLERANCE`] over the last [`STABLE_WINDOW`] repetitions.
+struct Repeat {
+    min: usize,
+    max: usize,
+    /// (figure, its baseline) by name, as given.
+    watch: Vec<(String, Option<String>)>,
+    /// The same as columns (known once the warm-up has named the measurements).
+    watched: Vec<(usize, Option<usize>)>,
+    names: Vec<String>,
+    rows: Vec<Vec<f64>>,
+    /// The measurements of the pass under way.
+    pass: Vec<(String, f64)>,
+    passes: usize,
+    stable: bool,
+}
+
+impl Repeat {
+    /// `watch`: the figures that must be stable, each with its baseline (measured in the same
+    /// pass) or alone.
+    fn new(min: usize, max: usize, watch: &[(&str, Option<&str>)]) -> Repeat {
+        let min = min.max(MIN_REPETITIONS);
+        Repeat {
+            min,
+            max: max.max(min),
+            watch: watch
+                .iter()
+                .map(|(f, b)| (f.to_string(), b.map(str::to_string)))
+                .collect(),
+            watched: Vec::new(),
+            names: Vec::new(),
+            rows: Vec::new(),
+            pass: Vec::new(),
+            passes: 0,
+            stable: false,
+        }
+    }
+
+    /// Records measurement `name` of this pass.
+    fn put(&mut self, name: &str, v: f64) {
+        self.pass.push((name.to_string(), v));
+    }
+
+    /// Records the bytes read from storage by `name`'s sweep (as `io_` + `name`), when known.
+    fn put_io(&mut self, name: &str, v: Option<f64>) {
+        if let Some(v) = v {
+            self.put(&format!("io_{name}"), v);
+        }
+    }
+
+    /// Ends the pass under way (if any); whether to run another.
+    fn again(&mut self) -> Result<bool> {
+        let pass = std::mem::take(&mut self.pass);
+        self.passes += 1;
+        match self.passes {
+            // The warm-up starts.
+            1 => return Ok(true),
+            // The warm-up is over: it named the measurements.
+            2 => {
+                self.names = pass.into_iter().map(|(n, _)| n).collect();
+                let col = |n: &str| {
+                    self.names.iter().position(|x| x == n).ok_or(Error::Invalid(
+                        "bench: a figure watched for stability was not measured",
+                    ))
+                };
+                self.watched = self
+                    .watch
+                    .iter()
+                    .map(|(f, b)| Ok((col(f)?, b.as_deref().map(col).transpose()?)))
+                    .collect::<Result<_>>()?;
+                return Ok(true);
+            }
+            _ => {
+                if pass.len() != self.names.len()
+                    || pass.iter().zip(&self.names).any(|((n, _), m)| n != m)
+                {
+                    return Err(Error::Invalid(
+                        "bench: a repetition measured other figures than the warm-up",
+                    ));
+                }
+                self.rows.push(pass.into_iter().map(|(_, v)| v).collect());
+            }
+        }
+        let k = self.rows.len();
+        self.stable = k >= self.min && self.watched.iter().all(|&w| self.settled(w));
+        Ok(!self.stable && k < self.max)
+    }
+
+    /// Whether the median of `w`'s per-repetition ratios (or values) moved by at most
+    /// [`STABLE_TOLERANCE`] over the last [`STABLE_WINDOW`] repetitions.
+    fn settled(&self, (f, b): (usize, Option<usize>)) -> bool {
+        let v: Vec<f64> = self
+            .rows
+            .iter()
+            .map(|r| b.map_or(r[f], |b| r[f] / r[b]))
+            .collect();
+        let now = median(&mut v.clone());
+        let before = median(&mut v[..v.len() - STABLE_WINDOW].to_vec());
+        (now - before).abs() <= STABLE_TOLERANCE * now.abs()
+    }
+
+    /// The timed repetitions (once [`Repeat::again`] said no more).
+    fn done(self) -> Samples {
+        Samples {
+            names: self.names,
+            rows: self.rows,
+            stable: self.stable,
+        }
+    }
+}
+
+/// The timed repetitions of one group of measurements ([`Repeat`]): a row per repetition, a
+/// column per measurement. A figure is the median of its column.
+struct Samples {
+    names: Vec<String>,
+    rows: Vec<Vec<f64>>,
+    /// Whether the repetitions stopped because the watched figures were stable (rather than
+    /// at the most allowed).
+    stable: bool,
+}
+
+impl Samples {
+    /// The repetitions of measurement `name` (none if it was not measured).
+    fn col(&self, name: &str) -> Vec<f64> {
+        match self.names.iter().position(|n| n == name) {
+            Some(i) => self.rows.iter().map(|r| r[i]).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
+    /// The median of `name`'s repetitions (NaN if it was not measured).
+    fn median(&self, name: &str) -> f64 {
+        median(&mut self.col(name))
+    }
+
+    /// The median bytes read from storage by `name`'s sweeps, when known.
+    fn io(&self, name: &str) -> Option<f64> {
+        let name = format!("io_{name}");
+        self.has(&name).then(|| self.median(&name))
+    }
+
+    /// A timed figure `name` of measurement `sample`, with its spread; against `base` (the
+    /// baseline's name and measurement), with the range of the per-repetition ratios.
+    fn timed(
+        &self,
+        name: &str,
+        sample: &str,
+        unit: &str,
+        base: Option<(&str, &str)>,
+    ) -> BenchResult {
+        let b = base.map(|(n, s)| (n, self.col(s)));
+        spread_figure(
+            name,
+            &self.col(sample),
+            b.as_ref().map(|(n, v)| (*n, v.as_slice())),
+            unit,
+            self.stable,
+        )
+    }
+
+    /// A count `name` of measurement `sample` (see [`count_figure`]).
+    fn count(
+        &self,
+        name: &str,
+        sample: &str,
+        unit: &str,
+        base: Option<(&str, &str)>,
+    ) -> BenchResult {
+        let b = base.map(|(n, s)| (n, self.col(s)));
+        count_figure(
+            name,
+            &self.col(sample),
+            b.as_ref().map(|(n, v)| (*n, v.as_slice())),
+            unit,
+            self.stable,
+        )
+    }
+}
+
+/// Runs `rep` (one repetition: a (hetmem, baseline) pair, measured one after the other) until
+/// stable ([`Repeat`]); the samples are `h` (hetmem) and `b` (the baseline).
 fn repeat_until_stable(
     min: usize,
     max: usize,
     mut rep: impl FnMut() -> Result<(f64, f64)>,
-) -> Result<Reps> {
-    let reps = repeat_until_stable_n(min, max, || rep().map(|(h, b)| vec![b, h]))?;
-    Ok(Reps {
-        h: reps.iter().map(|r| r[1]).collect(),
-        b: reps.iter().map(|r| r[0]).collect(),
-    })
-}
-
-/// [`repeat_until_stable`] for repetitions of several measurements, the baseline first: the
-/// figures are stable when the median of each one's per-repetition ratios to the baseline is.
-/// Returns the timed repetitions (each as `rep` gave it; the warm-up is left out).
-fn repeat_until_stable_n(
-    min: usize,
-    max: usize,
-    mut rep: impl FnMut() -> Result<Vec<f64>>,
-) -> Result<Vec<Vec<f64>>> {
-    rep()?;
-    let mut reps: Vec<Vec<f64>> = Vec::new();
-    let min = min.max(STABLE_WINDOW + 1);
-    while reps.len() < max.max(min) {
-        reps.push(rep()?);
-        let k = reps.len();
-        let stable = |i: usize| {
-            let ratios: Vec<f64> = reps.iter().map(|r| r[i] / r[0]).collect();
-            let now = median(&mut ratios.clone());
-            let before = median(&mut ratios[..k - STABLE_WINDOW].to_vec());
-            (now - before).abs() <= STABLE_TOLERANCE * now.abs()
-        };
-        if k >= min && (1..reps[0].len()).all(stable) {
-            break;
-        }
+) -> Result<Samples> {
+    let mut r = Repeat::new(min, max, &[("h", Some("b"))]);
+    while r.again()? {
+        let (h, b) = rep()?;
+        r.put("h", h);
+        r.put("b", b);
     }
-    Ok(reps)
+    Ok(r.done())
 }
 
 fn min_max(v: &[f64]) -> (f64, f64) {
@@ -1692,25 +1851,32 @@ fn min_max(v: &[f64]) -> (f64, f64) {
         })
 }
 
-/// Pushes a figure (the median of `r.h`) and its baseline (the median of `r.b`) with their
-/// spreads; the figure's spread also gives the range of the per-repetition ratios.
+/// Pushes a figure (the median of `s`'s `h`) and its baseline (the median of its `b`) with
+/// their spreads; the figure's spread also gives the range of the per-repetition ratios.
 fn push_reps(
     out: &mut Vec<BenchResult>,
     names: (&str, &str),
     unit: &str,
-    r: &Reps,
+    s: &Samples,
     note: Option<String>,
 ) {
-    let mut f = spread_figure(names.0, &r.h, Some((names.1, &r.b)), unit);
+    let mut f = s.timed(names.0, "h", unit, Some((names.1, "b")));
     f.note = note;
     out.push(f);
-    out.push(spread_figure(names.1, &r.b, None, unit));
+    out.push(s.timed(names.1, "b", unit, None));
 }
 
-/// A figure that is the median of repetitions `v`, with their spread; against `base` (the
-/// baseline's name and its repetitions, measured in the same repetitions as `v`), with the
-/// range of the per-repetition ratios.
-fn spread_figure(name: &str, v: &[f64], base: Option<(&str, &[f64])>, unit: &str) -> BenchResult {
+/// A figure that is the median of repetitions `v`, with their spread (`stable`: whether the
+/// repetitions stopped because they were stable); against `base` (the baseline's name and its
+/// repetitions, measured in the same repetitions as `v`), with the range of the per-repetition
+/// ratios.
+fn spread_figure(
+    name: &str,
+    v: &[f64],
+    base: Option<(&str, &[f64])>,
+    unit: &str,
+    stable: bool,
+) -> BenchResult {
     let (lo, hi) = min_max(v);
     let ratios = base.map(|(_, b)| {
         let r: Vec<f64> = v.iter().zip(b).map(|(h, b)| h / b).collect();
@@ -1728,9 +1894,34 @@ fn spread_figure(name: &str, v: &[f64], base: Option<(&str, &[f64])>, unit: &str
         max: hi,
         ratio_min: ratios.map(|r| r.0),
         ratio_max: ratios.map(|r| r.1),
+        stable,
     });
     f
 }
+
+/// A count (bytes, faults, a model's output: not a timing) taken in each of repetitions `v`
+/// (against `base`, as [`spread_figure`]): exact where it came out the same in every repetition
+/// (and so did the baseline's), else the median with its spread.
+fn count_figure(
+    name: &str,
+    v: &[f64],
+    base: Option<(&str, &[f64])>,
+    unit: &str,
+    stable: bool,
+) -> BenchResult {
+    let same = |v: &[f64]| !v.is_empty() && v.iter().all(|x| *x == v[0]);
+    if same(v) && base.is_none_or(|(_, b)| same(b)) {
+        let mut f = figure(name, v[0], unit, base.map(|(n, b)| (n, b[0])));
+        f.exact = true;
+        f
+    } else {
+        spread_figure(name, v, base, unit, stable)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads: two threads on disjoint halves; faults while another thread migrates
+// ---------------------------------------------------------------------------------------------
 
 /// Runs `work(lo, hi)` over pages `0..n` split into `threads` disjoint contiguous parts, one
 /// fresh thread each, started together (a [`Barrier`](std::sync::Barrier)); returns the seconds
@@ -1815,7 +2006,7 @@ fn store_region_page(r: &Region, p: usize) {
 
 /// Speedup of 2 threads over 1 faulting device-private pages back (disjoint halves of one
 /// mapping), and the same for the bare in-thread userfaultfd (disjoint halves of its range).
-fn fault_back_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
+fn fault_back_2threads(space: &Space, sz: &Sizes) -> Result<Samples> {
     let n = sz.thread_fault_pages;
     let len = n * PAGE_SIZE;
     let dev = SoftDevice::private(len + LARGE_PAGE_SIZE)?;
@@ -1876,7 +2067,7 @@ fn thp_available() -> bool {
 /// Speedup of 2 threads over 1 first-touching a fresh hetmem mapping (disjoint halves), and the
 /// same for the kernel's first touch of plain anonymous memory (already backed, as in
 /// [`first_touch`]).
-fn first_touch_2threads(space: &Space, sz: &Sizes) -> Result<Reps> {
+fn first_touch_2threads(space: &Space, sz: &Sizes) -> Result<Samples> {
     let len = sz.thread_touch_bytes;
     let n = len / PAGE_SIZE;
     let k = Region::new(len, PAGE_SIZE, Prot::ReadWrite).map_err(os("kernel baseline mapping"))?;
@@ -1999,7 +2190,7 @@ fn faults_during_migration(
 /// [`faults_during_migration`] with B in the same space as A (same device mirror) and with B in
 /// another space (a mirror of the same device there), alternately; the note gives B's round
 /// trips per second in each case.
-fn fault_during_migration(space: &Space, sz: &Sizes) -> Result<(Reps, String)> {
+fn fault_during_migration(space: &Space, sz: &Sizes) -> Result<(Samples, String)> {
     let n = sz.thread_fault_pages;
     let len = n * PAGE_SIZE;
     let other = Space::with_config(SpaceConfig {
@@ -2408,8 +2599,9 @@ fn largefile_run(
 
 /// The `largefile` runs: one run of each placement per repetition (in the order of
 /// [`FilePlacement::ALL`]), repeated until the wall-time ratios to the mirror are stable; the
-/// warm-up repetition is left out.
-fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; PLACEMENTS]>> {
+/// warm-up repetition is left out. Also returns whether they became stable (rather than
+/// stopping at the most allowed).
+fn largefile(space: &Space, sz: &Sizes) -> Result<(Vec<[LargeFileRun; PLACEMENTS]>, bool)> {
     let len = sz.largefile_bytes;
     let tf = TempFile::new(len)?;
     let devs = FilePlacement::ALL
@@ -2423,7 +2615,10 @@ fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; PLACEMENTS]
     let mut model = FileModel::new(len / PAGE_SIZE);
     let mut buf = vec![0u8; len];
     let mut runs = Vec::new();
-    repeat_until_stable_n(sz.largefile_min_reps, sz.largefile_max_reps, || {
+    let names = FilePlacement::ALL.map(FilePlacement::name);
+    let watch: Vec<_> = names[1..].iter().map(|p| (*p, Some(names[0]))).collect();
+    let mut rep = Repeat::new(sz.largefile_min_reps, sz.largefile_max_reps, &watch);
+    while rep.again()? {
         let mut r = [LargeFileRun::default(); PLACEMENTS];
         for (i, p) in FilePlacement::ALL.into_iter().enumerate() {
             r[i] = largefile_run(
@@ -2439,17 +2634,25 @@ fn largefile(space: &Space, sz: &Sizes) -> Result<Vec<[LargeFileRun; PLACEMENTS]
             )?;
         }
         runs.push(r);
-        Ok(r.iter().map(|x| x.wall_ms).collect())
-    })?;
+        for (p, x) in names.iter().zip(&r) {
+            rep.put(p, x.wall_ms);
+        }
+    }
     runs.remove(0);
-    Ok(runs)
+    Ok((runs, rep.done().stable))
 }
 
 /// The `largefile` figures (see the module doc), as `largefile_<placement>_<what>`: the
 /// other placements' against the mirror's same figure (where that is not 0).
-/// Wall times are medians of the repetitions, with their spread; the counts are the same in
-/// every repetition (a note says so where they were not, with their range).
-fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; PLACEMENTS]], sz: &Sizes) {
+/// Wall times are medians of the repetitions, with their spread (`stable`: whether the
+/// repetitions stopped because the wall-time ratios were stable); the counts are the same in
+/// every repetition, so exact (where one was not, it is the median with its spread).
+fn push_largefile(
+    out: &mut Vec<BenchResult>,
+    runs: &[[LargeFileRun; PLACEMENTS]],
+    stable: bool,
+    sz: &Sizes,
+) {
     let name = |i: usize, what: &str| format!("largefile_{}_{what}", FilePlacement::ALL[i].name());
     let mib = |b: usize| b >> 20;
     // Wall time: repeated until stable.
@@ -2458,7 +2661,13 @@ fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; PLACEMENTS]
         .collect();
     let base = name(0, "wall_ms");
     for i in 1..PLACEMENTS {
-        let mut f = spread_figure(&name(i, "wall_ms"), &wall[i], Some((&base, &wall[0])), "ms");
+        let mut f = spread_figure(
+            &name(i, "wall_ms"),
+            &wall[i],
+            Some((&base, &wall[0])),
+            "ms",
+            stable,
+        );
         f.note = Some(format!(
             "from opening a fresh cache of the file ({} MiB) to the end of fsync: {} rounds of \
              a device read of it all, CPU stores to 1 % of its pages, a device read of it all",
@@ -2467,14 +2676,11 @@ fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; PLACEMENTS]
         ));
         out.push(f);
     }
-    out.push(spread_figure(&base, &wall[0], None, "ms"));
+    out.push(spread_figure(&base, &wall[0], None, "ms", stable));
 
-    // The counts: the median over the repetitions, and where they varied, their range.
-    let count = |i: usize, f: &dyn Fn(&LargeFileCounts) -> f64| -> (f64, Option<String>) {
-        let v: Vec<f64> = runs.iter().map(|r| f(&r[i].counts)).collect();
-        let (lo, hi) = min_max(&v);
-        let varied = (lo != hi).then(|| format!("varied over {} runs: {lo}..{hi}", v.len()));
-        (median(&mut v.clone()), varied)
+    // The counts, as taken in every repetition: exact where they agree (they should).
+    let count = |i: usize, f: &dyn Fn(&LargeFileCounts) -> f64| -> Vec<f64> {
+        runs.iter().map(|r| f(&r[i].counts)).collect()
     };
     let c = |i: usize| runs[0][i].counts;
     type Get = fn(&LargeFileCounts) -> f64;
@@ -2487,7 +2693,7 @@ fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; PLACEMENTS]
         ("modelled_device_ms", "ms", |c| c.device_ns as f64 / 1e6),
     ];
     for (what, unit, get) in whats {
-        let (mv, mvaried) = count(0, &get);
+        let mv = count(0, &get);
         let note = |i: usize| -> Option<String> {
             let c = c(i);
             let b = |v: u64| fmt_bytes(Some(v as f64));
@@ -2530,46 +2736,165 @@ fn push_largefile(out: &mut Vec<BenchResult>, runs: &[[LargeFileRun; PLACEMENTS]
                 _ => None,
             }
         };
-        let with = |note: Option<String>, varied: Option<String>| match (note, varied) {
-            (Some(n), Some(v)) => Some(format!("{n}; {v}")),
-            (n, v) => n.or(v),
-        };
         let base = name(0, what);
+        // Against the mirror's only where that is not 0 (a ratio to 0 means nothing).
+        let mirror = mv
+            .iter()
+            .all(|v| *v > 0.0)
+            .then_some((base.as_str(), &mv[..]));
         for i in 1..PLACEMENTS {
-            let (v, varied) = count(i, &get);
-            let mut f = figure(
-                &name(i, what),
-                v,
-                unit,
-                (mv > 0.0).then_some((base.as_str(), mv)),
-            );
-            f.note = with(note(i), varied);
+            let mut f = count_figure(&name(i, what), &count(i, &get), mirror, unit, stable);
+            f.note = note(i);
             out.push(f);
         }
-        let mut f = figure(&base, mv, unit, None);
-        f.note = with(note(0), mvaried);
+        let mut f = count_figure(&base, &mv, None, unit, stable);
+        f.note = note(0);
         out.push(f);
     }
 
-    // The bytes a device-private placement moves per byte a coherent or a replica one moves.
-    let (p, _) = count(1, &|c| c.moved as f64);
+    // The bytes a device-private placement moves per byte a coherent or a replica one moves
+    // (per repetition).
+    let p = count(1, &|c| c.moved as f64);
     for (i, other) in [(2, "coherent"), (3, "replica")] {
         debug_assert_eq!(FilePlacement::ALL[i].name(), other);
-        let (o, _) = count(i, &|c| c.moved as f64);
-        if o > 0.0 {
-            let mut f = figure(
+        let o = count(i, &|c| c.moved as f64);
+        if o.iter().all(|o| *o > 0.0) {
+            let r: Vec<f64> = p.iter().zip(&o).map(|(p, o)| p / o).collect();
+            let mut f = count_figure(
                 &format!("largefile_private_{other}_bytes_moved_ratio"),
-                p / o,
-                "x",
+                &r,
                 None,
+                "x",
+                stable,
             );
             f.note = Some(format!(
                 "largefile_private_bytes_moved / largefile_{other}_bytes_moved: private {}, \
                  {other} {}",
-                fmt_bytes(Some(p)),
-                fmt_bytes(Some(o))
+                fmt_bytes(Some(median(&mut p.clone()))),
+                fmt_bytes(Some(median(&mut o.clone())))
             ));
             out.push(f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs [`Repeat`] (at least `min`, at most `max`) over passes that measure `h` and `b` as
+    /// `pass(i)` gives them (pass 0 is the warm-up).
+    fn drive(min: usize, max: usize, pass: impl Fn(usize) -> (f64, f64)) -> Samples {
+        let mut r = Repeat::new(min, max, &[("h", Some("b"))]);
+        let mut i = 0;
+        while r.again().unwrap() {
+            let (h, b) = pass(i);
+            r.put("h", h);
+            r.put("b", b);
+            i += 1;
+        }
+        r.done()
+    }
+
+    #[test]
+    fn steady_ratios_stop_at_the_least_repetitions() {
+        // The machine drifts (both sides alike): the ratio does not.
+        let s = drive(2, 25, |i| (2.0 * (1 + i) as f64, (1 + i) as f64));
+        assert!(s.stable);
+        assert_eq!(
+            s.rows.len(),
+            MIN_REPETITIONS,
+            "the minimum is raised to the rule's"
+        );
+        // The warm-up is left out.
+        assert_eq!(s.col("b"), vec![2.0, 3.0, 4.0, 5.0]);
+        let f = s.timed("fig", "h", "us", Some(("base", "b")));
+        let sp = f.spread.as_ref().unwrap();
+        assert_eq!((sp.reps, sp.min, sp.max), (4, 4.0, 10.0));
+        assert_eq!((sp.ratio_min, sp.ratio_max), (Some(2.0), Some(2.0)));
+        assert_eq!(
+            (f.value, f.baseline_value, f.ratio),
+            (7.0, Some(3.5), Some(2.0))
+        );
+        assert!(sp.stable && !f.exact);
+    }
+
+    #[test]
+    fn drifting_ratios_run_to_the_most_allowed_and_say_so() {
+        let s = drive(7, 9, |i| (1.1f64.powi(i as i32), 1.0));
+        assert!(!s.stable);
+        assert_eq!(s.rows.len(), 9);
+        let f = s.timed("fig", "h", "x", Some(("base", "b")));
+        let sp = f.spread.unwrap();
+        assert!(!sp.stable);
+        assert!(sp.min <= f.value && f.value <= sp.max);
+        assert!(sp.ratio_min.unwrap() < sp.ratio_max.unwrap());
+    }
+
+    #[test]
+    fn a_ratio_settles_once_its_median_stops_moving() {
+        // Noisy ratios around 1.0: 0.5, 1.5 alternating, then 1.0 from pass 5 on.
+        let s = drive(4, 25, |i| {
+            (if i < 5 { [0.5, 1.5][i % 2] } else { 1.0 }, 1.0)
+        });
+        assert!(s.stable);
+        let n = s.rows.len();
+        assert!((MIN_REPETITIONS..25).contains(&n), "{n} repetitions");
+    }
+
+    #[test]
+    fn a_figure_watched_alone_settles_on_its_value() {
+        let mut r = Repeat::new(4, 6, &[("v", None)]);
+        while r.again().unwrap() {
+            r.put("v", 3.0);
+        }
+        let s = r.done();
+        assert!(s.stable && s.rows.len() == 4);
+        assert_eq!(
+            s.timed("v", "v", "GB/s", None).spread.unwrap().ratio_min,
+            None
+        );
+    }
+
+    #[test]
+    fn repetitions_must_measure_what_the_warm_up_did() {
+        let mut r = Repeat::new(4, 6, &[("h", Some("b"))]);
+        assert!(r.again().unwrap());
+        r.put("h", 1.0);
+        r.put("b", 1.0);
+        assert!(r.again().unwrap());
+        r.put("h", 1.0);
+        assert!(matches!(r.again(), Err(Error::Invalid(_))));
+
+        let mut r = Repeat::new(4, 6, &[("h", Some("missing"))]);
+        assert!(r.again().unwrap());
+        r.put("h", 1.0);
+        assert!(matches!(r.again(), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn a_count_is_exact_only_when_every_repetition_agrees() {
+        let f = count_figure(
+            "n",
+            &[8.0, 8.0, 8.0],
+            Some(("m", &[4.0, 4.0, 4.0])),
+            "bytes",
+            false,
+        );
+        assert!(f.exact && f.spread.is_none());
+        assert_eq!((f.value, f.ratio), (8.0, Some(2.0)));
+        let f = count_figure("n", &[8.0], None, "bytes", true);
+        assert!(f.exact && f.spread.is_none());
+        // The count or its baseline's varied: a median with its spread, not exact.
+        for (v, b) in [
+            ([8.0, 9.0, 8.0], [4.0, 4.0, 4.0]),
+            ([8.0; 3], [4.0, 2.0, 4.0]),
+        ] {
+            let f = count_figure("n", &v, Some(("m", &b)), "bytes", true);
+            assert!(!f.exact);
+            let sp = f.spread.unwrap();
+            assert_eq!(sp.reps, 3);
+            assert!(sp.min <= f.value && f.value <= sp.max);
         }
     }
 }

@@ -152,8 +152,8 @@ fn bench(json: bool, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
             r.ratio.map(ratio).unwrap_or_else(|| "-".into()),
             r.better.as_str(),
         )?;
-        // Figures repeated until stable: their spread (and, beside a baseline, the range of
-        // the per-repetition ratios) on a line of their own.
+        // Timed figures (repeated until stable): their spread (and, beside a baseline, the
+        // range of the per-repetition ratios) on a line of their own. Exact counts have none.
         if let Some(sp) = &r.spread {
             let ratios = match (sp.ratio_min, sp.ratio_max) {
                 (Some(lo), Some(hi)) => {
@@ -163,8 +163,13 @@ fn bench(json: bool, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
             };
             writeln!(
                 out,
-                "    {} repetitions: {}..{} {}{}",
+                "    {} repetitions{}: {}..{} {}{}",
                 sp.reps,
+                if sp.stable {
+                    ""
+                } else {
+                    " (the most allowed, not stable)"
+                },
                 show(sp.min, &r.unit).0,
                 show(sp.max, &r.unit).0,
                 unit,
@@ -174,6 +179,17 @@ fn bench(json: bool, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
         if let Some(note) = &r.note {
             writeln!(out, "    {note}")?;
         }
+    }
+    writeln!(out, "{}", "-".repeat(2 * w + 52))?;
+    for line in [
+        "value: the median of the repetitions on the line below it (after one discarded \
+         warm-up; hetmem and its baseline alternate within each), repeated until stable (the \
+         median of the per-repetition ratios moved by at most 2 % over the last 3);",
+        "figures without a repetitions line are exact counts (the same in every repetition).",
+        "ratio: value / baseline; better: which way the value, and so its ratio, is better \
+         (lower: a ratio below 1x favours hetmem; higher: above 1x).",
+    ] {
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

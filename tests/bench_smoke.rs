@@ -1,11 +1,13 @@
 //! Smoke test of `hetmem bench --quick`: every figure is produced, finite and positive (the
-//! counts of the `largefile` group: not negative, and consistent with one another). No timing
-//! is asserted (the figures depend on the machine).
+//! counts of the `largefile` group: not negative, and consistent with one another), and says
+//! how far to trust it: a timed figure its repetitions (at least the minimum) and their spread
+//! around it, a count that it is exact. No timing is asserted (the figures depend on the
+//! machine).
 
 mod common;
 use common::*;
 
-use hetmem::bench::{BenchOptions, Better, run};
+use hetmem::bench::{BenchOptions, Better, MIN_REPETITIONS, run};
 
 const EXPECTED: &[&str] = &[
     "fault_back_4k_us",
@@ -48,6 +50,94 @@ const EXPECTED: &[&str] = &[
     "memcpy_gbps",
     "metadata_bytes_per_page",
 ];
+
+/// Counts that come out the same in every run (the same operations on the same pages, or a
+/// constant): marked exact, with no spread.
+const EXACT: &[&str] = &[
+    "pingpong_coherent_bytes_moved",
+    "pingpong_private_bytes_moved",
+    "metadata_bytes_per_page",
+    "largefile_private_coherent_bytes_moved_ratio",
+    "largefile_private_replica_bytes_moved_ratio",
+];
+
+/// Counts taken from the system (bytes read from storage, pages resident): exact where every
+/// repetition agreed, else with their spread.
+const COUNTED: &[&str] = &[
+    "file_seq_read_cold_bytes_read",
+    "kernel_mmap_seq_read_cold_bytes_read",
+    "file_rand_read_4k_bytes_read",
+    "kernel_mmap_rand_read_4k_bytes_read",
+    "kernel_mmap_rand_read_4k_default_readaround_bytes_read",
+    "file_resident_bytes_ratio",
+    "kernel_mmap_resident_bytes_ratio",
+];
+
+/// Whether `name` is exact by construction: [`EXACT`], and the `largefile` counts (every
+/// `largefile` figure but the wall times).
+fn exact_by_construction(name: &str) -> bool {
+    EXACT.contains(&name) || (name.starts_with("largefile_") && !name.ends_with("_wall_ms"))
+}
+
+/// How far one figure can be trusted, as `hetmem bench --json` writes it: `exact` (a bool)
+/// and, exactly when that is false, a `spread` of at least [`MIN_REPETITIONS`] repetitions
+/// whose minimum and maximum hold the value, with a range of per-repetition ratios where there
+/// is a baseline; a timed figure is never exact, a count that is the same in every run always.
+fn check_trust(r: &serde_json::Value) {
+    let name = r["name"].as_str().expect("name");
+    let exact = r["exact"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("{name}: exact {}", r["exact"]));
+    let sp = &r["spread"];
+    if exact {
+        assert!(sp.is_null(), "{name}: exact, with a spread {sp}");
+        assert!(
+            exact_by_construction(name) || COUNTED.contains(&name),
+            "{name}: a timed figure marked exact"
+        );
+        return;
+    }
+    assert!(
+        !exact_by_construction(name),
+        "{name}: a count that is the same in every run not marked exact"
+    );
+    let num = |v: &serde_json::Value, what: &str| {
+        v.as_f64()
+            .unwrap_or_else(|| panic!("{name}: {what} {v} (spread {sp})"))
+    };
+    let reps = sp["reps"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name}: neither exact nor with a spread: {r}"));
+    assert!(
+        reps >= MIN_REPETITIONS as u64,
+        "{name}: {reps} repetitions, fewer than {MIN_REPETITIONS}"
+    );
+    let (value, lo, hi) = (
+        num(&r["value"], "value"),
+        num(&sp["min"], "min"),
+        num(&sp["max"], "max"),
+    );
+    assert!(
+        lo <= value && value <= hi,
+        "{name}: {value} outside its spread {lo}..{hi}"
+    );
+    assert!(sp["stable"].is_boolean(), "{name}: stable {}", sp["stable"]);
+    if r["baseline"].is_null() {
+        assert!(
+            sp["ratio_min"].is_null() && sp["ratio_max"].is_null(),
+            "{name}: a per-repetition ratio range without a baseline"
+        );
+    } else {
+        let (lo, hi) = (
+            num(&sp["ratio_min"], "ratio_min"),
+            num(&sp["ratio_max"], "ratio_max"),
+        );
+        assert!(
+            lo.is_finite() && hi.is_finite() && 0.0 < lo && lo <= hi,
+            "{name}: ratio range {lo}..{hi}"
+        );
+    }
+}
 
 #[test]
 fn quick_bench_reports_every_figure() {
@@ -100,6 +190,8 @@ fn quick_bench_reports_every_figure() {
                 r.name
             ),
         }
+        // Every figure says how far to trust it (the same checks as on the JSON).
+        check_trust(&serde_json::to_value(r).unwrap());
         if let Some(sp) = &r.spread {
             assert!(sp.reps > 0, "{}: no repetitions", r.name);
             assert!(
@@ -252,6 +344,10 @@ fn quick_bench_json_has_its_context() {
         "time {t}"
     );
     let results = v["results"].as_array().expect("results");
+    // Every figure: timed ones with their repetitions and spread, counts marked exact.
+    for r in results {
+        check_trust(r);
+    }
     let largefile = LARGEFILE_PLACEMENTS.iter().flat_map(|p| {
         LARGEFILE_FIGURES
             .iter()
