@@ -37,7 +37,9 @@ macro_rules! debug_event {
 // (`policy`), the page cache (`pagecache`), the address space (`space`), mirroring (`hmm`),
 // migration (`migrate`), devices (`device`), and the binary's jobs (`bench`, `demo`).
 pub mod addr;
+#[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "cli")]
 pub mod demo;
 pub mod device;
 pub mod error;

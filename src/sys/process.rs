@@ -199,6 +199,7 @@ pub(crate) fn cpu_write(addr: usize, src: &[u8]) {
 /// CPU copy out of managed memory with `memcpy` (the kernel-mapping side of the bench copies
 /// the same way): for the bench's timed sweeps, over memory nothing else writes. Other callers
 /// use [`cpu_read`].
+#[cfg(feature = "cli")]
 pub(crate) fn cpu_read_raw(addr: usize, dst: &mut [u8]) {
     // SAFETY: the caller checked the range lies in a live reservation, where no Rust object
     // lives, and that nothing writes it during the copy; raw copy, no reference.
