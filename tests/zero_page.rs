@@ -128,3 +128,40 @@ fn a_snapshot_reports_the_zero_page_until_a_store_and_device_stores_copy_it() {
         assert_eq!(b[0], 9);
     }
 }
+
+/// A zero page is write-protected whatever its mapping's permissions. A migration that selects it
+/// in a read-only mapping and leaves it mapped (declined, or moved to device-coherent memory,
+/// where the CPU page stays) must remove that protection: once the mapping is writable again, a
+/// device store lands through hetmem's own copy, which must not fault (it aborted, found by the
+/// model test).
+#[test]
+fn zero_pages_migrated_from_a_read_only_mapping_take_device_stores_later() {
+    let _w = watchdog("zero page, read-only migration", 60);
+    let space = small_space();
+    let coh = SoftDevice::coherent(4 << 20).unwrap();
+    let cm = coh.mirror(&space).unwrap();
+    let prv = SoftDevice::private(4 << 20).unwrap();
+    let pm = prv.mirror(&space).unwrap();
+    let len = 2 * PAGE_SIZE;
+    let a = space.map_anon(len, Prot::ReadWrite).unwrap();
+    let mut b = [0u8; 4];
+    space.cpu_read(a, &mut b).unwrap();
+    assert_eq!(snap1(&cm, a), snap::ZERO | snap::READ);
+    space.protect(a, len, Prot::Read).unwrap();
+    at("to coherent memory, read-only");
+    cm.migrate_range_to_device(a, PAGE_SIZE).unwrap();
+    assert_eq!(space.residency(a), Residency::Coherent(coh.owner()));
+    at("declined (allocation failure), read-only");
+    prv.fail_next_alloc();
+    pm.migrate_range_to_device(a.add(PAGE_SIZE), PAGE_SIZE)
+        .unwrap_or_default();
+    assert_eq!(space.residency(a.add(PAGE_SIZE)), Residency::System);
+    space.protect(a, len, Prot::ReadWrite).unwrap();
+    at("device stores");
+    let data = vec![0x5au8; PAGE_SIZE];
+    cm.write(a, PAGE_SIZE, &data).unwrap();
+    pm.write(a.add(PAGE_SIZE), PAGE_SIZE, &data).unwrap();
+    let mut back = vec![0u8; len];
+    space.cpu_read(a, &mut back).unwrap();
+    assert!(back.iter().all(|&x| x == 0x5a));
+}

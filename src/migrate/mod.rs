@@ -116,6 +116,10 @@ pub struct MigrateVma<'a> {
     mode: FaultMode,
     writable: bool,
     protected: Vec<bool>,
+    /// Some selected page was the shared zero page: write-protected whatever the mapping's
+    /// permissions, so finalize removes the protection of what stays mapped even in a mapping
+    /// that was not writable.
+    zero_seen: bool,
     /// Dropped without `finalize`: every page is declined.
     aborted: bool,
 }
@@ -167,11 +171,12 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     // one lock hold each (faults on the rest of the space are served between two holds). A page
     // of a later chunk that a fault serves meanwhile is selected in its new state.
     let id = st.register_claim(r);
+    let mut zero_seen = false;
     let mut i = 0;
     let mut chunk_start = 0;
     while i < n {
         if i >= chunk_start + CHUNK_PAGES {
-            mark_chunk(
+            zero_seen |= mark_chunk(
                 core,
                 &mut st,
                 r,
@@ -312,7 +317,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         }
         i += 1;
     }
-    mark_chunk(
+    zero_seen |= mark_chunk(
         core,
         &mut st,
         r,
@@ -336,6 +341,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         mode,
         writable,
         protected,
+        zero_seen,
         aborted: false,
     };
     // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
@@ -369,7 +375,7 @@ const CHUNK_PAGES: usize = if cfg!(test) { 1 } else { 64 };
 /// interval notifiers (MIGRATE, with the initiator as owner) over the chunk's pages and marks
 /// those that may move MIGRATING (the kernel's migration entries), in the hold that selected
 /// them. From then on a CPU fault on one waits for the migration, a device fault on one gets
-/// EBUSY.
+/// EBUSY. Returns whether one of them was the shared zero page (its mark goes).
 #[allow(clippy::too_many_arguments)]
 fn mark_chunk(
     core: &SpaceCore,
@@ -380,9 +386,9 @@ fn mark_chunk(
     src: &[u64],
     marked: &mut [bool],
     owner: Owner,
-) {
+) -> bool {
     if from >= to {
-        return;
+        return false;
     }
     let cr = VaRange {
         start: r.start.add(from * PAGE_SIZE),
@@ -392,6 +398,7 @@ fn mark_chunk(
     // The range lies in one mapping (checked at setup, kept by the claim): mark in place.
     let v = st.vma_mut(r.start).expect("a claimed range is mapped");
     let base = v.idx(r.start);
+    let mut zero = false;
     let mut i = from;
     while i < to {
         let span = if src[i] & MIGRATE_PFN_COMPOUND != 0 {
@@ -406,12 +413,14 @@ fn mark_chunk(
             {
                 // A zero page leaves the mark behind: a migration that declines it removes its
                 // write protection, and it is a private page from then on.
+                zero |= p.is_zero_page();
                 *p = p.with_migrating(true).without_zero();
                 *m = true;
             }
         }
         i += span;
     }
+    zero
 }
 
 /// A run of migrated slots being gathered into one trace event.
@@ -880,7 +889,7 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
-        if self.writable {
+        if self.writable || self.zero_seen {
             for (s, e) in runs(&unprotect) {
                 let r = VaRange {
                     start: self.start.add(s * PAGE_SIZE),

@@ -35,6 +35,11 @@ pub trait FileBackend: Send + Sync + std::fmt::Debug {
     fn has_storage(&self) -> bool {
         true
     }
+    /// The cache now holds bytes `off..off + len` of the file (a fill read them, or a sync
+    /// made them durable): the file's own copy in the kernel's page cache may go, so that a
+    /// file read through hetmem is held in memory once. Advice only: nothing may depend on it.
+    /// The default does nothing.
+    fn drop_cached(&self, _off: u64, _len: u64) {}
 }
 
 /// The real file.
@@ -60,6 +65,13 @@ impl FileBackend for StdFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn drop_cached(&self, off: u64, len: u64) {
+        // POSIX_FADV_DONTNEED drops the clean, unmapped pages of the range from the kernel's
+        // page cache (a page another process maps stays; a dirty one stays until written).
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let _ = rustix::fs::fadvise(&self.0, off, Some(len), rustix::fs::Advice::DontNeed);
+        }
     }
     fn may_grow_to(&self, end: u64) -> bool {
         // `lseek(SEEK_SET)` past the file system's largest file size (its `s_maxbytes`) is
@@ -165,6 +177,9 @@ impl<B: FileBackend> FileBackend for FaultyBackend<B> {
     fn has_storage(&self) -> bool {
         self.inner.has_storage()
     }
+    fn drop_cached(&self, off: u64, len: u64) {
+        self.inner.drop_cached(off, len)
+    }
 }
 
 impl<B: FileBackend> FileBackend for Arc<B> {
@@ -191,6 +206,9 @@ impl<B: FileBackend> FileBackend for Arc<B> {
     }
     fn has_storage(&self) -> bool {
         (**self).has_storage()
+    }
+    fn drop_cached(&self, off: u64, len: u64) {
+        (**self).drop_cached(off, len)
     }
 }
 

@@ -664,6 +664,8 @@ impl FileCache {
             }
             buf[got..].fill(0);
             self.stage(c * PAGE, buf).map_err(os("fill the cache"))?;
+            // The cache holds these bytes now: the kernel's copy may go (held once).
+            self.backend.drop_cached(c * PAGE, got as u64);
             for q in c..c + n {
                 self.set_state(st, q, PageState::Clean);
             }

@@ -632,6 +632,9 @@ impl FileBackend for Observer {
     fn punch(&self, off: u64, len: u64) -> std::io::Result<()> {
         self.note("punch", self.inner.punch(off, len))
     }
+    fn drop_cached(&self, off: u64, len: u64) {
+        self.inner.drop_cached(off, len)
+    }
 }
 
 /// How often each path was taken in a world (see [`World::stats`]).
