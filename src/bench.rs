@@ -170,11 +170,11 @@ pub enum Better {
 }
 
 impl Better {
-    /// The direction that goes with `unit`: times, byte counts and fault counts are better
-    /// lower, everything else (GB/s, k/s, speedups) higher.
+    /// The direction that goes with `unit`: times, byte counts, fault counts and bytes held per
+    /// byte of data (`B/B`) are better lower, everything else (GB/s, k/s, speedups) higher.
     pub fn for_unit(unit: &str) -> Better {
         match unit {
-            "ns" | "us" | "ms" | "s" | "bytes" | "faults" => Better::Lower,
+            "ns" | "us" | "ms" | "s" | "bytes" | "faults" | "B/B" => Better::Lower,
             _ => Better::Higher,
         }
     }
@@ -713,7 +713,7 @@ fn push_file_figures(out: &mut Vec<BenchResult>, f: &FileFigures) {
     let mut m = c.count(
         "file_resident_bytes_ratio",
         "res_seq_h",
-        "x",
+        "B/B",
         Some(("kernel_mmap_resident_bytes_ratio", &res_best)),
     );
     m.note = Some(
@@ -723,7 +723,7 @@ fn push_file_figures(out: &mut Vec<BenchResult>, f: &FileFigures) {
             .into(),
     );
     out.push(m);
-    out.push(c.count("kernel_mmap_resident_bytes_ratio", &res_best, "x", None));
+    out.push(c.count("kernel_mmap_resident_bytes_ratio", &res_best, "B/B", None));
 }
 
 /// The first-touch figures (see [`first_touch`] for the sample names): each kernel baseline is

@@ -160,8 +160,9 @@ fn quick_bench_reports_every_figure() {
         assert!(r.value.is_finite() && r.value > 0.0, "{name} = {}", r.value);
     }
     for r in &results {
-        // Times, byte and fault counts are better lower, bandwidths, rates and speedups higher.
-        let lower = ["ns", "us", "ms", "s", "bytes", "faults"].contains(&r.unit.as_str());
+        // Times, byte and fault counts, and bytes held per byte of data are better lower,
+        // bandwidths, rates and speedups higher.
+        let lower = ["ns", "us", "ms", "s", "bytes", "faults", "B/B"].contains(&r.unit.as_str());
         assert_eq!(
             r.better,
             if lower { Better::Lower } else { Better::Higher },

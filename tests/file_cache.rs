@@ -234,3 +234,45 @@ fn read_only_files_refuse_writes_and_missing_files_are_clear_errors() {
         "{e}"
     );
 }
+
+/// A file read through the cache is held in memory once: each fill drops the kernel's
+/// page-cache copy of what it read (`POSIX_FADV_DONTNEED`), large readahead folios included.
+/// Checked with `mincore` on a mapping of the file. On a tmpfs the page cache is the file itself
+/// and nothing can be dropped: there the test says so and checks only the data.
+#[test]
+fn a_file_read_through_the_cache_is_not_also_kept_in_the_kernels_page_cache() {
+    let _w = watchdog("held once", 60);
+    let len = 8 << 20;
+    let content = pattern(len, |i| i * 7);
+    let f = TempFile::new("held-once", &content);
+    let file = std::fs::File::open(&f.0).unwrap();
+    file.sync_all().unwrap();
+    let tmpfs = rustix::fs::fstatfs(&file).unwrap().f_type == 0x0102_1994;
+    // Cold: the kernel's copy goes first (clean after the sync).
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let cache = FileCache::open(&f.0, false, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let mut buf = vec![0u8; len];
+    let mut off = 0;
+    while off < len {
+        let n = h
+            .read_at(off as u64, &mut buf[off..(off + (1 << 20)).min(len)])
+            .unwrap();
+        assert!(n > 0);
+        off += n;
+    }
+    assert!(buf == content, "the data read through the cache");
+    assert_eq!(cache.cached_bytes(), len);
+    let m = hetmem::sys::map_file_readonly(&file, len).unwrap();
+    let resident = m.resident_pages().unwrap() * PAGE;
+    if tmpfs {
+        eprintln!(
+            "the temp directory is a tmpfs: the kernel's copy is the file ({resident} bytes)"
+        );
+        return;
+    }
+    assert!(
+        resident <= len / 16,
+        "{resident} of {len} bytes also in the kernel's page cache"
+    );
+}
