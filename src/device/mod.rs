@@ -592,7 +592,7 @@ impl DevPageTable {
 /// or checks a whole range: the CPU faults that invalidate entries (and take that lock) wait at
 /// most that long. Under the schedule explorer one entry, so that invalidations are explored
 /// between any two.
-const PT_CHUNK: usize = if cfg!(test) { 1 } else { 64 };
+const PT_CHUNK: usize = if cfg!(test) { 1 } else { 16 };
 
 impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
