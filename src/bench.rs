@@ -30,6 +30,7 @@
 //! | `largefile_<placement>_modelled_device_ms` | modelled device time of the run (the link model: PCIe 5 for the private, the replica and the mirroring device, NVLink-C2C for the coherent one; the note costs the same traffic under the other profile) | the mirror's |
 //! | `largefile_private_coherent_bytes_moved_ratio`, `largefile_private_replica_bytes_moved_ratio` | `largefile_private_bytes_moved` / `largefile_coherent_bytes_moved`, / `largefile_replica_bytes_moved` | – |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
+//! | `scale_first_touch_16g_us`, `scale_migrate_16g_us`, `scale_fault_back_16g_us` (and `_4g_`) | per page, a sample of 2048 pages (256 with `--quick`) spread evenly over a fresh anonymous mapping of 16 GiB (4 GiB) in a 64 GiB space, with a device of 4 GiB: first touch (one store), migration to the device (one page per command), fault-back (one load); only the sample is backed, so the figures show how per-page costs grow with the mapping (page entries, lookups), not the memory (with `--quick`: 1 GiB, 256 MiB, 64 MiB and a 256 MiB device) | the same at 1 GiB (`scale_*_1g_us`); `scale_kernel_first_touch_*`: the kernel's own first touch of the same sample in plain anonymous memory of each size, against its 1 GiB figure (what its page tables add) |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
 //!
 //! # Method
@@ -248,6 +249,10 @@ pub const GROUPS: &[(&str, &str)] = &[
     ),
     ("memcpy", "memcpy bandwidth"),
     ("metadata", "metadata per page"),
+    (
+        "scale",
+        "per-page fault and migration costs in mappings of 1, 4 and 16 GiB",
+    ),
 ];
 
 impl BenchOptions {
@@ -310,6 +315,11 @@ struct Sizes {
     largefile_rounds: usize,
     largefile_min_reps: usize,
     largefile_max_reps: usize,
+    /// The mappings of the `scale` figures (smallest first), the device's capacity there, and
+    /// the pages sampled in each.
+    scale_bytes: [usize; 3],
+    scale_device: usize,
+    scale_pages: usize,
 }
 
 impl Sizes {
@@ -336,6 +346,9 @@ impl Sizes {
                 largefile_rounds: 2,
                 largefile_min_reps: 4,
                 largefile_max_reps: 6,
+                scale_bytes: [64 << 20, 256 << 20, 1 << 30],
+                scale_device: 256 << 20,
+                scale_pages: 256,
             }
         } else {
             Sizes {
@@ -359,6 +372,9 @@ impl Sizes {
                 largefile_rounds: 4,
                 largefile_min_reps: 7,
                 largefile_max_reps: 25,
+                scale_bytes: [1 << 30, 4 << 30, 16 << 30],
+                scale_device: 4 << 30,
+                scale_pages: 2048,
             }
         }
     }
@@ -532,6 +548,28 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         progress("memcpy bandwidth");
         let s = memcpy_gbps(sz.memcpy_bytes, sz.reps)?;
         out.push(s.timed("memcpy_gbps", "memcpy", "GB/s", None));
+    }
+
+    if opts.wants("scale") {
+        progress("per-page costs in mappings of 1, 4 and 16 GiB (a sample of pages in each)");
+        let s = scale(&sz)?;
+        for (what, unit) in SCALE_MEASURES.map(|w| (w, "us")) {
+            let large = format!("scale_{what}_16g_{unit}");
+            let mid = format!("scale_{what}_4g_{unit}");
+            let small = format!("scale_{what}_1g_{unit}");
+            let (sl, sm, ss) = (
+                format!("{what}_2"),
+                format!("{what}_1"),
+                format!("{what}_0"),
+            );
+            let mut f = s.timed(&large, &sl, unit, Some((&small, &ss)));
+            f.note = Some(scale_note(&sz));
+            out.push(f);
+            let mut f = s.timed(&mid, &sm, unit, Some((&small, &ss)));
+            f.note = Some(scale_note(&sz));
+            out.push(f);
+            out.push(s.timed(&small, &ss, unit, None));
+        }
     }
 
     if opts.wants("metadata") {
@@ -2235,6 +2273,102 @@ fn fault_during_migration(space: &Space, sz: &Sizes) -> Result<(Samples, String)
 // ---------------------------------------------------------------------------------------------
 // A large file in alternating device and CPU phases
 // ---------------------------------------------------------------------------------------------
+
+/// The measurements of the `scale` group, each at the three sizes.
+const SCALE_MEASURES: [&str; 4] = ["first_touch", "migrate", "fault_back", "kernel_first_touch"];
+
+/// What the `scale` figures measured (sizes as run).
+fn scale_note(sz: &Sizes) -> String {
+    let gib = |b: usize| {
+        if b >= 1 << 30 {
+            format!("{} GiB", b >> 30)
+        } else {
+            format!("{} MiB", b >> 20)
+        }
+    };
+    format!(
+        "per page, {} pages spread evenly over a mapping of {} (baseline: {}; middle: {}) in a \
+         space of 64 GiB, device of {}: a first touch (one store), a migration to the device \
+         (one page per command), a fault-back (one load); the kernel's own first touch of the same \
+         sample in plain anonymous memory of the same size (scale_kernel_first_touch_*) shows \
+         what its page tables add; hetmem's cost per page should grow no more than that",
+        sz.scale_pages,
+        gib(sz.scale_bytes[2]),
+        gib(sz.scale_bytes[0]),
+        gib(sz.scale_bytes[1]),
+        gib(sz.scale_device)
+    )
+}
+
+/// The `scale` group: for each mapping size of [`Sizes::scale_bytes`], a sample of
+/// [`Sizes::scale_pages`] pages spread evenly over a fresh anonymous mapping of that size is
+/// first-touched (one store each), migrated to the device one page per command, and faulted back
+/// (one load each); the measurements are the mean microseconds per page (`first_touch_K`,
+/// `migrate_K`, `fault_back_K`, K the size's index). Only the sampled pages (and their
+/// fault-around runs) are ever backed: the figures show how the per-page costs grow with the
+/// size of the mapping (page entries, lookups), not the machine's memory.
+fn scale(sz: &Sizes) -> Result<Samples> {
+    let space = Space::with_config(SpaceConfig {
+        size: 64 << 30,
+        stash: 2 << 20,
+        ..SpaceConfig::default()
+    })?;
+    let dev = SoftDevice::private(sz.scale_device)?;
+    let m = dev.mirror(&space)?;
+    let n = sz.scale_pages;
+    let watch: Vec<(String, Option<String>)> = ["first_touch", "migrate", "fault_back"]
+        .iter()
+        .map(|w| (format!("{w}_2"), Some(format!("{w}_0"))))
+        .collect();
+    let watch_ref: Vec<(&str, Option<&str>)> = watch
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_deref()))
+        .collect();
+    let mut r = Repeat::new(sz.reps.0, sz.reps.1, &watch_ref);
+    while r.again()? {
+        let mut row = [[0f64; 3]; 4];
+        for (k, &len) in sz.scale_bytes.iter().enumerate() {
+            let a = space.map_anon(len, Prot::ReadWrite)?;
+            let probe = space.probe(a, len)?;
+            let stride = (len / n) & !(PAGE_SIZE - 1);
+            let page = |i: usize| a.add(i * stride);
+            let t = Instant::now();
+            for i in 0..n {
+                probe.store_u32(page(i), i as u32 + 1)?;
+            }
+            row[0][k] = micros(t) / n as f64;
+            let t = Instant::now();
+            for i in 0..n {
+                m.migrate_range_to_device(page(i), PAGE_SIZE)?;
+            }
+            row[1][k] = micros(t) / n as f64;
+            let t = Instant::now();
+            for i in 0..n {
+                if probe.load_u32(page(i))? != i as u32 + 1 {
+                    return Err(Error::Invalid("bench: a sampled page lost its value"));
+                }
+            }
+            row[2][k] = micros(t) / n as f64;
+            space.unmap(a, len)?;
+            // The kernel's own first touch of the same sample in plain anonymous memory of the
+            // same size: how much of the growth is the kernel's (its page tables).
+            let kr =
+                Region::new(len, PAGE_SIZE, Prot::ReadWrite).map_err(os("scale kernel mapping"))?;
+            let t = Instant::now();
+            for i in 0..n {
+                kr.store_u32(i * stride, i as u32 + 1)
+                    .map_err(os("store to the scale kernel mapping"))?;
+            }
+            row[3][k] = micros(t) / n as f64;
+        }
+        for (w, what) in SCALE_MEASURES.iter().enumerate() {
+            for k in 0..3 {
+                r.put(&format!("{what}_{k}"), row[w][k]);
+            }
+        }
+    }
+    Ok(r.done())
+}
 
 /// Where the `largefile` workload keeps the file's pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

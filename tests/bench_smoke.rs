@@ -49,6 +49,18 @@ const EXPECTED: &[&str] = &[
     "kernel_mmap_resident_bytes_ratio",
     "memcpy_gbps",
     "metadata_bytes_per_page",
+    "scale_first_touch_16g_us",
+    "scale_first_touch_4g_us",
+    "scale_first_touch_1g_us",
+    "scale_migrate_16g_us",
+    "scale_migrate_4g_us",
+    "scale_migrate_1g_us",
+    "scale_fault_back_16g_us",
+    "scale_fault_back_4g_us",
+    "scale_fault_back_1g_us",
+    "scale_kernel_first_touch_16g_us",
+    "scale_kernel_first_touch_4g_us",
+    "scale_kernel_first_touch_1g_us",
 ];
 
 /// Counts that come out the same in every run (the same operations on the same pages, or a
