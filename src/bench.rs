@@ -2361,9 +2361,9 @@ fn scale(sz: &Sizes) -> Result<Samples> {
             }
             row[3][k] = micros(t) / n as f64;
         }
-        for (w, what) in SCALE_MEASURES.iter().enumerate() {
-            for k in 0..3 {
-                r.put(&format!("{what}_{k}"), row[w][k]);
+        for (what, at) in SCALE_MEASURES.iter().zip(&row) {
+            for (k, v) in at.iter().enumerate() {
+                r.put(&format!("{what}_{k}"), *v);
             }
         }
     }
