@@ -43,7 +43,15 @@
 //! that costs one `Option` check when off; [`trace::RingSink`] is a lock-free, preallocated
 //! ring that is safe to record into from the SIGBUS handler, and [`trace::TraceEvent::to_line`]
 //! the line format for replay and an offline oracle.
+//!
+//! # The oracle
+//!
+//! [`oracle`]: for a sequence of page accesses by the CPU and a device, the least link cost any
+//! placement could reach (a dynamic program per page over where it lives at each access: no
+//! policy beats it), and a feasible offline placement that respects the device's capacity
+//! (Belady's rule); a policy's cost is reported against them.
 
+pub mod oracle;
 pub mod trace;
 
 use crate::addr::{PAGE_SIZE, VirtAddr};
