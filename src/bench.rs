@@ -29,6 +29,8 @@
 //! | `largefile_<placement>_writeback_bytes` | pages the `fsync` wrote back (`FileCache::stats`) × page size | the mirror's |
 //! | `largefile_<placement>_modelled_device_ms` | modelled device time of the run (the link model: PCIe 5 for the private, the replica and the mirroring device, NVLink-C2C for the coherent one; the note costs the same traffic under the other profile) | the mirror's |
 //! | `largefile_private_coherent_bytes_moved_ratio`, `largefile_private_replica_bytes_moved_ratio` | `largefile_private_bytes_moved` / `largefile_coherent_bytes_moved`, / `largefile_replica_bytes_moved` | – |
+//! | `largefile_oracle_private_link_bytes`, `largefile_oracle_coherent_link_bytes` | the least link traffic any placement could reach for the `largefile` accesses ([`crate::policy::oracle::lower_bound`]: a device read is a whole page, a CPU store a 64-byte line; minimising modelled time under the placement's link profile) | – |
+//! | `largefile_<placement>_link_bytes_vs_oracle` | the placement's link bytes / the oracle's for its memory kind (a replica can go below it: the oracle keeps one copy of a page) | – |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
 //! | `scale_first_touch_16g_us`, `scale_migrate_16g_us`, `scale_fault_back_16g_us` (and `_4g_`) | per page, a sample of 2048 pages (256 with `--quick`) spread evenly over a fresh anonymous mapping of 16 GiB (4 GiB) in a 64 GiB space, with a device of 4 GiB: first touch (one store), migration to the device (one page per command), fault-back (one load); only the sample is backed, so the figures show how per-page costs grow with the mapping (page entries, lookups), not the memory (with `--quick`: 1 GiB, 256 MiB, 64 MiB and a 256 MiB device) | the same at 1 GiB (`scale_*_1g_us`); `scale_kernel_first_touch_*`: the kernel's own first touch of the same sample in plain anonymous memory of each size, against its 1 GiB figure (what its page tables add) |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
@@ -2910,6 +2912,102 @@ fn push_largefile(
             out.push(f);
         }
     }
+
+    // Against the offline oracle: the least link traffic any placement could reach for the
+    // same accesses (crate::policy::oracle), per memory kind and link profile.
+    let trace = largefile_accesses(sz);
+    let oracle = |kind: MemoryKind, profile: LinkProfile| {
+        crate::policy::oracle::lower_bound(
+            &trace,
+            kind,
+            &crate::policy::oracle::Costs::from_profile(&profile),
+        )
+    };
+    let private = oracle(MemoryKind::Private, FilePlacement::Private.profile());
+    let coherent = oracle(MemoryKind::Coherent, FilePlacement::Coherent.profile());
+    for (kind, b) in [("private", &private), ("coherent", &coherent)] {
+        let mut f = count_figure(
+            &format!("largefile_oracle_{kind}_link_bytes"),
+            &[b.bytes_moved() as f64],
+            None,
+            "bytes",
+            true,
+        );
+        f.note = Some(format!(
+            "the least link traffic any placement could reach for the same accesses with \
+             device-{kind} memory (a device read is a whole page, a CPU store a {CACHE_LINE}-byte \
+             line; minimising modelled time under {}): {} migrations, {} of remote accesses",
+            if kind == "private" {
+                FilePlacement::Private.profile().name
+            } else {
+                FilePlacement::Coherent.profile().name
+            },
+            b.migrations,
+            fmt_bytes(Some(b.remote_bytes as f64))
+        ));
+        out.push(f);
+    }
+    for (i, fp) in FilePlacement::ALL.iter().enumerate() {
+        let o = if *fp == FilePlacement::Coherent {
+            &coherent
+        } else {
+            &private
+        };
+        if o.bytes_moved() == 0 {
+            continue;
+        }
+        let r: Vec<f64> = count(i, &|c| c.link() as f64)
+            .iter()
+            .map(|l| l / o.bytes_moved() as f64)
+            .collect();
+        let mut f = count_figure(&name(i, "link_bytes_vs_oracle"), &r, None, "B/B", stable);
+        f.note = Some(format!(
+            "largefile_{}_link_bytes / largefile_oracle_{}_link_bytes{}",
+            fp.name(),
+            if *fp == FilePlacement::Coherent {
+                "coherent"
+            } else {
+                "private"
+            },
+            if *fp == FilePlacement::Replica {
+                " (the oracle places pages in one memory at a time: a replica, which keeps the \
+                 system copy so that a CPU store moves nothing back, can go below it)"
+            } else {
+                ""
+            }
+        ));
+        out.push(f);
+    }
+}
+
+/// The accesses of the `largefile` workload, as [`crate::policy::oracle`] takes them: each
+/// round, the device reads every page whole, the CPU stores one line to one page in
+/// [`LARGEFILE_STRIDE`] (a different one each round), the device reads every page again.
+fn largefile_accesses(sz: &Sizes) -> Vec<crate::policy::oracle::Access> {
+    use crate::policy::oracle::{Access, Agent};
+    let n = sz.largefile_bytes / PAGE_SIZE;
+    let read_all = |t: &mut Vec<Access>| {
+        t.extend((0..n).map(|p| Access {
+            page: p as u64,
+            by: Agent::Device,
+            bytes: PAGE_SIZE as u32,
+        }))
+    };
+    let mut t = Vec::new();
+    for r in 0..sz.largefile_rounds {
+        read_all(&mut t);
+        t.extend(
+            (r % LARGEFILE_STRIDE..n)
+                .step_by(LARGEFILE_STRIDE)
+                .map(|p| Access {
+                    page: p as u64,
+                    by: Agent::Cpu,
+                    bytes: CACHE_LINE as u32,
+                }),
+        );
+        read_all(&mut t);
+    }
+    t
 }
 
 #[cfg(test)]

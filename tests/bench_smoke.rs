@@ -515,4 +515,25 @@ fn check_largefile(results: &[hetmem::bench::BenchResult]) {
             ratio.value
         );
     }
+    // The offline oracle: every device phase reads the whole file, so even the least traffic
+    // moves it once; no placement that keeps one copy of a page beats it, and the mirror,
+    // reading the file over the link in every phase, is far above it.
+    let file = v("coherent", "bytes_moved");
+    for kind in ["private", "coherent"] {
+        let o = get(&format!("largefile_oracle_{kind}_link_bytes"));
+        assert!(o.exact, "largefile_oracle_{kind}_link_bytes is a count");
+        assert!(
+            o.value >= file && o.value <= v(kind, "link_bytes"),
+            "oracle {kind}: {} not between the file ({file}) and the placement ({})",
+            o.value,
+            v(kind, "link_bytes")
+        );
+        let r = v(kind, "link_bytes_vs_oracle");
+        assert!(r >= 1.0, "largefile_{kind} below its oracle: {r}");
+    }
+    assert!(
+        v("mirror", "link_bytes_vs_oracle") >= 1.5,
+        "the mirror reads the file in every phase: {}",
+        v("mirror", "link_bytes_vs_oracle")
+    );
 }
