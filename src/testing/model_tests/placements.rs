@@ -33,6 +33,13 @@
 //!   the placement of their page in device-private memory (and a device read, and an fsync): a
 //!   store lands before the page's bytes are copied to the device or waits for the move and
 //!   brings the page back; none is lost.
+//! * [`coherent_placement_with_a_second_device`]: a device-coherent device places the file's
+//!   pages and writes one of them through the intercepting mapping while the CPU stores to the
+//!   other in place, a second, device-private device reads both (remotely), and an fsync runs:
+//!   every observation is a round no older than the last write completed before it, no page is
+//!   ever on the private device or in two places, the coherent device's memory is its pages, and
+//!   its release brings them back unchanged (fails when writeback stops revoking the device's
+//!   write access before protecting the page again).
 //!
 //! Each was checked to fail on a mutation of the code it guards (see docs/testing.md). Bugs
 //! they found, fixed: the placement of a file's partial last page copied the previous page's
@@ -1028,4 +1035,127 @@ fn cpu_store_vs_private_placement_body() {
 #[test]
 fn cpu_store_vs_private_placement() {
     explore(150, 150, cpu_store_vs_private_placement_body);
+}
+
+/// Device-coherent placement with a second, device-private device in the same space: the
+/// coherent device places both pages of the file in its memory and writes page 1 (through the
+/// mapping that intercepts stores: the cache makes the page dirty first) while the CPU stores to
+/// page 0 in place, the device-private device reads both pages (the coherent frames, remotely),
+/// and an fsync runs. Every observation is a round no older than the last write completed before
+/// it, no page ever sits on the private device or in two places, the coherent device's memory is
+/// exactly the pages placed on it, and the file after a last fsync holds the last rounds.
+fn coherent_placement_with_a_second_device_body() {
+    let w = World::new(2);
+    let cdev = Arc::new(SoftDevice::coherent(2 << 20).expect("coherent device"));
+    let cm = Arc::new(cdev.mirror(&w.space).expect("coherent mirror"));
+    let (cpu_done, dev_done) = (Arc::new(AtomicU32::new(1)), Arc::new(AtomicU32::new(1)));
+    let storer = {
+        let (space, done, a) = (w.space.clone(), cpu_done.clone(), w.page(0));
+        thread::spawn(move || {
+            for r in 2..=LAST {
+                space
+                    .cpu_write(a, &fill(val(r, 0), PAGE_SIZE))
+                    .expect("store in place");
+                done.store(r, Ordering::SeqCst);
+            }
+        })
+    };
+    let coherent = {
+        let (cm, done, base) = (cm.clone(), dev_done.clone(), w.base);
+        thread::spawn(move || {
+            cm.migrate_range_to_device(base, 2 * PAGE_SIZE)
+                .expect("coherent placement");
+            for r in 2..=LAST {
+                cm.write(base.add(PAGE_SIZE), PAGE_SIZE, &fill(val(r, 1), PAGE_SIZE))
+                    .expect("coherent device write");
+                done.store(r, Ordering::SeqCst);
+            }
+        })
+    };
+    let reader = {
+        let (m, cd, dd, base) = (w.m.clone(), cpu_done.clone(), dev_done.clone(), w.base);
+        thread::spawn(move || {
+            let (c, d) = (cd.load(Ordering::SeqCst), dd.load(Ordering::SeqCst));
+            check_at_least(&dev_read(&m, base), 0, c, "private device's read of page 0");
+            check_at_least(
+                &dev_read(&m, base.add(PAGE_SIZE)),
+                1,
+                d,
+                "private device's read of page 1",
+            );
+        })
+    };
+    let syncer = {
+        let (h, file, cd, dd) = (
+            w.h.clone(),
+            w.file.clone(),
+            cpu_done.clone(),
+            dev_done.clone(),
+        );
+        thread::spawn(move || {
+            let (c, d) = (cd.load(Ordering::SeqCst), dd.load(Ordering::SeqCst));
+            h.fsync().expect("fsync");
+            let disk = crate::sync::lock(&file.data).clone();
+            check_at_least(&disk[..PAGE_SIZE], 0, c, "file page 0 after fsync");
+            check_at_least(&disk[PAGE_SIZE..], 1, d, "file page 1 after fsync");
+        })
+    };
+    join(storer);
+    join(coherent);
+    join(reader);
+    join(syncer);
+    let places = |what: &str| {
+        let mut on_coherent = 0;
+        for p in 0..2 {
+            match w.cache.placement(p as u64) {
+                PagePlacement::DeviceCoherent { owner } => {
+                    assert_eq!(owner, cdev.owner(), "{what}: page {p} on another device");
+                    assert!(
+                        memfd_has(&w.cache, p),
+                        "{what}: a coherent page is in the memfd"
+                    );
+                    on_coherent += 1;
+                }
+                PagePlacement::DevicePrivate { .. } => {
+                    panic!("{what}: page {p} on the private device, never placed there")
+                }
+                PagePlacement::System => assert!(memfd_has(&w.cache, p), "{what}: page {p}"),
+                PagePlacement::Uncached => {}
+            }
+        }
+        assert_eq!(w.dev.used(), 0, "{what}: frames on the private device");
+        assert_eq!(
+            cdev.used(),
+            on_coherent * PAGE_SIZE,
+            "{what}: the coherent device's memory is not its pages"
+        );
+        on_coherent
+    };
+    assert_eq!(places("after the race"), 2, "both pages stay coherent");
+    let want: Vec<u8> = [fill(val(LAST, 0), PAGE_SIZE), fill(val(LAST, 1), PAGE_SIZE)].concat();
+    assert!(w.view() == want, "read_at: a write is lost");
+    w.h.fsync().expect("fsync");
+    assert!(w.disk() == want, "file after fsync: a write is lost");
+    for p in 0..2 {
+        assert!(
+            load(&w.space, w.page(p)).as_deref() == Some(&want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]),
+            "the mapping shows other data than the file at page {p}"
+        );
+        assert!(
+            dev_read(&cm, w.page(p)) == want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+            "the coherent device reads other data than the file at page {p}"
+        );
+    }
+    // The coherent device's release brings the pages back to system memory, bytes unchanged.
+    cdev.release().expect("release");
+    assert_eq!(places("after the release"), 0);
+    assert!(w.view() == want, "the release changed the data");
+    drop(Arc::into_inner(cm).expect("threads joined: last coherent mirror handle"));
+    drop(Arc::into_inner(cdev).expect("threads joined: last coherent device handle"));
+    w.finish();
+}
+
+#[test]
+fn coherent_placement_with_a_second_device() {
+    explore(150, 150, coherent_placement_with_a_second_device_body);
 }
