@@ -1839,14 +1839,7 @@ impl Samples {
         unit: &str,
         base: Option<(&str, &str)>,
     ) -> BenchResult {
-        let b = base.map(|(n, s)| (n, self.col(s)));
-        spread_figure(
-            name,
-            &self.col(sample),
-            b.as_ref().map(|(n, v)| (*n, v.as_slice())),
-            unit,
-            self.stable,
-        )
+        self.figure(spread_figure, name, sample, unit, base)
     }
 
     /// A count `name` of measurement `sample` (see [`count_figure`]).
@@ -1857,8 +1850,20 @@ impl Samples {
         unit: &str,
         base: Option<(&str, &str)>,
     ) -> BenchResult {
+        self.figure(count_figure, name, sample, unit, base)
+    }
+
+    /// Figure `name` of measurement `sample` (and `base`'s), made by `make` from the columns.
+    fn figure(
+        &self,
+        make: fn(&str, &[f64], Option<(&str, &[f64])>, &str, bool) -> BenchResult,
+        name: &str,
+        sample: &str,
+        unit: &str,
+        base: Option<(&str, &str)>,
+    ) -> BenchResult {
         let b = base.map(|(n, s)| (n, self.col(s)));
-        count_figure(
+        make(
             name,
             &self.col(sample),
             b.as_ref().map(|(n, v)| (*n, v.as_slice())),

@@ -174,8 +174,9 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     let mut zero_seen = false;
     let mut i = 0;
     let mut chunk_start = 0;
-    while i < n {
-        if i >= chunk_start + CHUNK_PAGES {
+    loop {
+        if i >= n || i >= chunk_start + CHUNK_PAGES {
+            // The chunk is selected: notify and mark it in the same hold.
             zero_seen |= mark_chunk(
                 core,
                 &mut st,
@@ -186,6 +187,9 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                 &mut marked,
                 args.pgmap_owner,
             );
+            if i >= n {
+                break;
+            }
             drop(st);
             st = core.lock_state();
             chunk_start = i;
@@ -317,16 +321,6 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         }
         i += 1;
     }
-    zero_seen |= mark_chunk(
-        core,
-        &mut st,
-        r,
-        chunk_start,
-        n,
-        &src,
-        &mut marked,
-        args.pgmap_owner,
-    );
     drop(st);
     let mut mig = MigrateVma {
         core,

@@ -21,6 +21,34 @@ const OP_WRITEPROTECT: Opcode =
 const OP_ZEROPAGE: Opcode =
     opcode::read_write::<uapi::uffdio_zeropage>(UFFDIO, uapi::_UFFDIO_ZEROPAGE as u8);
 
+/// Runs an ioctl that populates missing pages (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`) over `len`
+/// bytes until all of them are populated, resuming after a partial success: `op(done)` issues it
+/// for the bytes from `done` on and returns its result and the bytes it populated before an
+/// error. A page already there (EEXIST) is stepped over: Ok means every page of the range is
+/// populated, whoever did it. EAGAIN means the mappings are changing (a direct mremap's REMAP
+/// event was read but the thread that called mremap has not yet left the kernel; it ends the
+/// window itself, `mmap_changing`, once it runs again): yield to let it run, bounded.
+fn fill_resuming(
+    len: usize,
+    mut op: impl FnMut(usize) -> (Result<(), UffdError>, i64),
+) -> Result<(), UffdError> {
+    let mut done = 0;
+    let mut again = 0;
+    while done < len {
+        match op(done) {
+            (Ok(()), _) => return Ok(()),
+            (Err(_), n) if n > 0 => done += n as usize,
+            (Err(UffdError::Exists), _) => done += PAGE_SIZE,
+            (Err(UffdError::Again), _) if again < 100_000 => {
+                again += 1;
+                rustix::thread::sched_yield();
+            }
+            (Err(other), _) => return Err(other),
+        }
+    }
+    Ok(())
+}
+
 /// How a userfaultfd delivers faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UffdDelivery {
@@ -247,12 +275,7 @@ impl Uffd {
     ) -> Result<(), UffdError> {
         src.check(src_off, len)
             .map_err(|_| UffdError::Os(libc::EFAULT))?;
-        let mut done = 0;
-        // EAGAIN: the mappings are changing — a direct mremap's REMAP event was read but the
-        // thread that called mremap has not yet left the kernel (it ends the window itself,
-        // `mmap_changing`, once it runs again). Yield to let it run, bounded.
-        let mut again = 0;
-        while done < len {
+        fill_resuming(len, |done| {
             let mut c = uapi::uffdio_copy {
                 dst: (dst + done) as u64,
                 src: (src.base + src_off + done) as u64,
@@ -262,27 +285,9 @@ impl Uffd {
             };
             // SAFETY: as in `copy`.
             let r = unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) };
-            match r.map_err(uffd_err) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    // `copy` holds the bytes copied before the error (or a negative errno).
-                    if c.copy > 0 {
-                        done += c.copy as usize;
-                        continue;
-                    }
-                    match e {
-                        // The first page of the rest is already there: step over it.
-                        UffdError::Exists => done += PAGE_SIZE,
-                        UffdError::Again if again < 100_000 => {
-                            again += 1;
-                            rustix::thread::sched_yield();
-                        }
-                        other => return Err(other),
-                    }
-                }
-            }
-        }
-        Ok(())
+            // `copy` holds the bytes copied before an error (or a negative errno).
+            (r.map_err(uffd_err), c.copy)
+        })
     }
 
     /// `UFFDIO_WRITEPROTECT`: sets (`on`) or clears the write-protect bit of the present pages
@@ -305,9 +310,7 @@ impl Uffd {
     /// `addr..addr+len` (a page already there is stepped over, as in [`Uffd::fill`]); wakes the
     /// threads waiting there unless `dontwake`.
     pub fn zeropage(&self, addr: usize, len: usize, dontwake: bool) -> Result<(), UffdError> {
-        let mut done = 0;
-        let mut again = 0;
-        while done < len {
+        fill_resuming(len, |done| {
             let mut z = uapi::uffdio_zeropage {
                 range: uapi::uffdio_range {
                     start: (addr + done) as u64,
@@ -324,26 +327,9 @@ impl Uffd {
             // into missing entries of a registered range, touching no Rust memory.
             let r =
                 unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) };
-            match r.map_err(uffd_err) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    // `zeropage` holds the bytes mapped before the error (or a negative errno).
-                    if z.zeropage > 0 {
-                        done += z.zeropage as usize;
-                        continue;
-                    }
-                    match e {
-                        UffdError::Exists => done += PAGE_SIZE,
-                        UffdError::Again if again < 100_000 => {
-                            again += 1;
-                            rustix::thread::sched_yield();
-                        }
-                        other => return Err(other),
-                    }
-                }
-            }
-        }
-        Ok(())
+            // `zeropage` holds the bytes mapped before an error (or a negative errno).
+            (r.map_err(uffd_err), z.zeropage)
+        })
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
