@@ -1856,7 +1856,7 @@ impl Samples {
     /// Figure `name` of measurement `sample` (and `base`'s), made by `make` from the columns.
     fn figure(
         &self,
-        make: fn(&str, &[f64], Option<(&str, &[f64])>, &str, bool) -> BenchResult,
+        make: MakeFigure,
         name: &str,
         sample: &str,
         unit: &str,
@@ -1872,6 +1872,10 @@ impl Samples {
         )
     }
 }
+
+/// How a figure is made from its samples ([`spread_figure`], [`count_figure`]): name, values,
+/// the baseline's name and values, unit, whether the repetitions became stable.
+type MakeFigure = fn(&str, &[f64], Option<(&str, &[f64])>, &str, bool) -> BenchResult;
 
 /// Runs `rep` (one repetition: a (hetmem, baseline) pair, measured one after the other) until
 /// stable ([`Repeat`]); the samples are `h` (hetmem) and `b` (the baseline).
