@@ -344,7 +344,8 @@ const UFFD_FEATURES: &[(&str, u32, bool, &str)] = {
             "POISON",
             u::UFFD_FEATURE_POISON,
             false,
-            "no memory errors are emulated",
+            "a page lost to an (injected) memory failure is refused by the fault service, \
+             which lets the access take SIGBUS as the kernel's poison would",
         ),
         (
             "MOVE",
