@@ -40,6 +40,11 @@
 //!   ever on the private device or in two places, the coherent device's memory is its pages, and
 //!   its release brings them back unchanged (fails when writeback stops revoking the device's
 //!   write access before protecting the page again).
+//! * [`cpu_store_vs_replica_creation`]: CPU stores through an intercepting mapping race the
+//!   creation of read-only replicas of their page on the device, device reads and an fsync: no
+//!   device read is older than the last store completed before it, replicas left hold the last
+//!   bytes, the device holds exactly the replicas (fails when a store to a replicated page does
+//!   not drop its replicas first).
 //!
 //! Each was checked to fail on a mutation of the code it guards (see docs/testing.md). Bugs
 //! they found, fixed: the placement of a file's partial last page copied the previous page's
@@ -1158,4 +1163,91 @@ fn coherent_placement_with_a_second_device_body() {
 #[test]
 fn coherent_placement_with_a_second_device() {
     explore(150, 150, coherent_placement_with_a_second_device_body);
+}
+
+/// CPU stores through a mapping that intercepts them race the creation of read-only replicas of
+/// their page on the device (`DeviceMirror::replicate_range`), device reads of the page (the
+/// replica where there is one) and an fsync: a replica is made of a page's bytes before a store,
+/// or the store drops it; a device read never returns a round older than the last store
+/// completed before it began; at the end the device's replicas (if any) hold the last round, the
+/// device holds exactly their frames, and the file after fsync holds every store.
+fn cpu_store_vs_replica_creation_body() {
+    let w = World::new(2);
+    let done = Arc::new(AtomicU32::new(1));
+    let storer = {
+        let (space, done, a) = (w.space.clone(), done.clone(), w.page(0));
+        thread::spawn(move || {
+            for r in 2..=LAST {
+                space
+                    .cpu_write(a, &fill(val(r, 0), PAGE_SIZE))
+                    .expect("intercepted store");
+                done.store(r, Ordering::SeqCst);
+            }
+        })
+    };
+    let replicator = {
+        let (m, done, base) = (w.m.clone(), done.clone(), w.base);
+        thread::spawn(move || {
+            for _ in 0..2 {
+                m.replicate_range(base, 2 * PAGE_SIZE).expect("replicate");
+                let d = done.load(Ordering::SeqCst);
+                check_at_least(&dev_read(&m, base), 0, d, "device read of page 0");
+                assert_eq!(
+                    round(
+                        &dev_read(&m, base.add(PAGE_SIZE)),
+                        1,
+                        "device read of page 1"
+                    ),
+                    1
+                );
+            }
+        })
+    };
+    let syncer = {
+        let (h, file, done) = (w.h.clone(), w.file.clone(), done.clone());
+        thread::spawn(move || {
+            let d = done.load(Ordering::SeqCst);
+            h.fsync().expect("fsync");
+            let disk = crate::sync::lock(&file.data).clone();
+            check_at_least(&disk[..PAGE_SIZE], 0, d, "file page 0 after fsync");
+        })
+    };
+    join(storer);
+    join(replicator);
+    join(syncer);
+    let want: Vec<u8> = [fill(val(LAST, 0), PAGE_SIZE), fill(val(1, 1), PAGE_SIZE)].concat();
+    // Every replica left holds the page's bytes; the device holds exactly the replicas.
+    let mut replicas = 0;
+    for p in 0..2 {
+        let owners = w.cache.replica_owners(p as u64);
+        assert!(
+            owners.iter().all(|o| *o == w.dev.owner()),
+            "page {p}: a replica on another device"
+        );
+        assert!(owners.len() <= 1, "page {p}: two replicas on one device");
+        replicas += owners.len();
+        assert_eq!(
+            w.cache.placement(p as u64),
+            PagePlacement::System,
+            "page {p}: a replicated page stays in system memory"
+        );
+        assert!(
+            dev_read(&w.m, w.page(p)) == want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
+            "page {p}: the device reads a stale replica"
+        );
+    }
+    assert_eq!(
+        w.dev.used(),
+        replicas * PAGE_SIZE,
+        "device frames are not exactly the replicas"
+    );
+    assert!(w.view() == want, "read_at: a store is lost");
+    w.h.fsync().expect("fsync");
+    assert!(w.disk() == want, "file after fsync: a store is lost");
+    w.finish();
+}
+
+#[test]
+fn cpu_store_vs_replica_creation() {
+    explore(150, 150, cpu_store_vs_replica_creation_body);
 }
