@@ -104,15 +104,22 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Runs one case; if it passes, adds its world's counts to `stats`.
+/// Runs one case (a file, or with `anon` shared anonymous memory); if it passes, adds its
+/// world's counts to `stats`.
 fn run_case(
     initial: &[u8],
     sparse: bool,
     mapped: Option<bool>,
+    anon: bool,
     ops: &[Op],
     stats: &Mutex<Stats>,
 ) -> Result<(), TestCaseError> {
-    let mut w = World::new(initial, sparse, mapped).map_err(TestCaseError::fail)?;
+    let mut w = if anon {
+        World::new_anonymous(initial, sparse, mapped)
+    } else {
+        World::new(initial, sparse, mapped)
+    }
+    .map_err(TestCaseError::fail)?;
     for (i, op) in ops.iter().enumerate() {
         at(format!("op {i}: {op:?}"));
         apply(&mut w, op).map_err(TestCaseError::fail)?;
@@ -147,7 +154,7 @@ fn random_file_operations_match_the_model() {
     let stats = Mutex::new(Stats::default());
     let t0 = std::time::Instant::now();
     let r = runner.run(&strategy, |(initial, sparse, mapped, v)| {
-        run_case(&initial, sparse, mapped, &v, &stats)
+        run_case(&initial, sparse, mapped, false, &v, &stats)
     });
     if let Err(e) = r {
         panic!("file cache model failed (seed {seed}, rerun with HETMEM_CACHE_SEED={seed}):\n{e}");
@@ -196,5 +203,62 @@ fn random_file_operations_match_the_model() {
             && s.replicas_dropped > 0
             && s.replicas_refused > 0,
         "an error path was never taken: {s:?}"
+    );
+}
+
+/// The same operations and checks on shared anonymous memory (a cache without a file,
+/// `World::new_anonymous`): every placement, replicas, mappings, pins and direct I/O, with no
+/// writeback and no eviction of a page that holds data.
+#[test]
+fn random_shared_anonymous_memory_operations_match_the_model() {
+    let soak = soak();
+    let _w = watchdog("file_cache_model (shared anonymous)", 60 * soak as u64);
+    let seed = seed_from_env("HETMEM_ANON_SEED");
+    eprintln!(
+        "file_cache_model (shared anonymous): seed {seed} (rerun with HETMEM_ANON_SEED={seed})"
+    );
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let cfg = Config {
+        cases: CASES / 2 * soak,
+        failure_persistence: None,
+        max_shrink_iters: 20_000,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(cfg, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
+    let initial = (0..=4 * PAGE, any::<u32>()).prop_map(|(len, seed)| data(seed, len));
+    let strategy = (
+        initial,
+        any::<bool>(),
+        prop_oneof![2 => Just(None), 1 => Just(Some(true)), 1 => Just(Some(false))],
+        proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
+    );
+    let stats = Mutex::new(Stats::default());
+    let r = runner.run(&strategy, |(initial, sparse, mapped, v)| {
+        run_case(&initial, sparse, mapped, true, &v, &stats)
+    });
+    if let Err(e) = r {
+        panic!(
+            "shared anonymous memory model failed (seed {seed}, rerun with HETMEM_ANON_SEED={seed}):\n{e}"
+        );
+    }
+    let s = stats.into_inner().unwrap();
+    eprintln!("file_cache_model (shared anonymous): {s:?}");
+    // Nothing is written back, so nothing fails or is refused for it; no page is evicted.
+    assert_eq!(
+        s.evicted, 0,
+        "a page of shared anonymous memory was evicted"
+    );
+    assert_eq!(s.fsync_err, 0, "an fsync of shared anonymous memory failed");
+    assert!(
+        s.mapped_bytes > 0
+            && s.staging_faults > 0
+            && s.private_words > 0
+            && s.pages_placed > 0
+            && s.placements_refused > 0
+            && s.pages_returned > 0
+            && s.replicas_made > 0
+            && s.replicas_dropped > 0,
+        "a path was never taken: {s:?}"
     );
 }

@@ -603,3 +603,55 @@ fn a_device_write_past_the_end_of_the_file_is_a_typed_error() {
     // Inside the file the device writes.
     m.write(a, PAGE, &vec![1u8; PAGE]).unwrap();
 }
+
+/// A `write_at` over a range that holds a replicated page and a device-coherent page drops the
+/// replica (the page changes) and writes the coherent page in place: it stays in the device's
+/// memory (it used to be brought back with the replica's page, a migration nobody asked for;
+/// found by the shared-anonymous-memory model). The same for a file and for shared anonymous
+/// memory.
+#[test]
+fn write_at_next_to_a_replica_keeps_a_coherent_page_in_place() {
+    let _w = watchdog("write_at next to a replica", 60);
+    let (_f, file_cache, _) = file("replica-coherent");
+    let anon = FileCache::anonymous(N * PAGE).unwrap();
+    anon.handle()
+        .write_at(0, &pattern(N * PAGE, |i| i))
+        .unwrap();
+    for cache in [file_cache, anon] {
+        let h = cache.handle();
+        let prv = SoftDevice::private(4 << 20).unwrap();
+        let coh = SoftDevice::coherent(4 << 20).unwrap();
+        assert_eq!(
+            cache
+                .replicate(5 * PAGE as u64, 5 * PAGE as u64, prv.pagemap())
+                .unwrap(),
+            5
+        );
+        assert_eq!(
+            cache
+                .place_on_device(10 * PAGE as u64, PAGE as u64, coh.pagemap())
+                .unwrap(),
+            1
+        );
+        let data = vec![0xabu8; 2 * PAGE];
+        h.write_at(9 * PAGE as u64, &data).unwrap();
+        assert!(
+            owners(&cache, 9).is_empty(),
+            "the written page keeps a replica"
+        );
+        assert_eq!(
+            owners(&cache, 8),
+            vec![prv.owner()],
+            "an unwritten page lost its replica"
+        );
+        assert_eq!(
+            cache.placement(10),
+            PagePlacement::DeviceCoherent { owner: coh.owner() },
+            "the coherent page was moved by a write to it"
+        );
+        let mut back = vec![0u8; 2 * PAGE];
+        h.read_at(9 * PAGE as u64, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(coh.used(), PAGE);
+    }
+}

@@ -14,7 +14,7 @@
 //!
 //! | byte | meaning |
 //! |---|---|
-//! | 0 | bit 0: sparse (the whole file is read back only every `SPARSE` ops); bits 1–2: mappings (0 none, 1 shared mapping intercepting stores, 2 shared mapping tracking stores asynchronously, 3 none), each with the private mapping and the devices' mirrors |
+//! | 0 | bit 0: sparse (the whole file is read back only every `SPARSE` ops); bits 1–2: mappings (0 none, 1 shared mapping intercepting stores, 2 shared mapping tracking stores asynchronously, 3 none), each with the private mapping and the devices' mirrors; bit 3: shared anonymous memory (a cache without a file) instead of a file |
 //! | 1–2 | initial length of the file, 16-bit little-endian, modulo 4 pages + 1 |
 //! | 3–6 | seed of the initial contents, 32-bit little-endian (`check_file::data`) |
 //!
@@ -51,6 +51,8 @@ const MAX_INITIAL: usize = 4 * 4096;
 #[derive(Debug)]
 struct Setup {
     sparse: bool,
+    /// Shared anonymous memory instead of a file (`World::new_anonymous`).
+    anon: bool,
     /// `Some(intercept_stores)`: the mappings and the device.
     mapped: Option<bool>,
     len: usize,
@@ -63,6 +65,7 @@ impl Setup {
         b[..h.len()].copy_from_slice(h);
         Setup {
             sparse: b[0] & 1 != 0,
+            anon: b[0] & 8 != 0,
             mapped: match (b[0] >> 1) & 3 {
                 1 => Some(true),
                 2 => Some(false),
@@ -216,7 +219,12 @@ fuzz_target!(|input: Input| {
         }
     }
     let initial = data(setup.seed, setup.len);
-    let mut w = match World::new(&initial, setup.sparse, setup.mapped) {
+    let world = if setup.anon {
+        World::new_anonymous(&initial, setup.sparse, setup.mapped)
+    } else {
+        World::new(&initial, setup.sparse, setup.mapped)
+    };
+    let mut w = match world {
         Ok(w) => w,
         Err(e) => panic!("world setup ({setup:?}): {e}"),
     };

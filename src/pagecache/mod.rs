@@ -1611,8 +1611,9 @@ impl FileHandle {
             if FileCache::has_private_in(&st, first, last)
                 || st.replicas.range(first..last).next().is_some()
             {
+                // Device-coherent pages of the range stay: the write goes to them in place.
                 drop(st);
-                c.bring_back(first, last)?;
+                c.settle_for_write(first, last)?;
                 continue;
             }
             // At the dirty bound, pages a device may write through a mapping that intercepts

@@ -307,16 +307,34 @@ impl FileCache {
 
     /// [`Self::place_in_system`] over file pages `first..last`.
     pub(crate) fn bring_back(&self, first: u64, last: u64) -> Result<u64> {
+        self.bring_back_where(first, last, true)
+    }
+
+    /// What a CPU write to file pages `first..last` needs (`write_at`): its device-private pages
+    /// back in the memfd and its read-only replicas dropped. Device-coherent pages stay where
+    /// they are: the CPU writes them in place.
+    pub(crate) fn settle_for_write(&self, first: u64, last: u64) -> Result<u64> {
+        self.bring_back_where(first, last, false)
+    }
+
+    /// [`Self::bring_back`], device-coherent pages included only with `coherent_too`.
+    fn bring_back_where(&self, first: u64, last: u64, coherent_too: bool) -> Result<u64> {
+        let wanted = |s: &DevSlot| coherent_too || !s.coherent;
         if last == first + 1 {
             // One page (a CPU fault's): nothing allocated on this path.
             let mut st = self.begin_removal(first, last);
-            if st.pages.slot(first).is_none() && !st.replicas.contains_key(&first) {
+            if !st.pages.slot(first).is_some_and(|s| wanted(&s))
+                && !st.replicas.contains_key(&first)
+            {
                 return Ok(0);
             }
             return self.restore_page(&mut st, first).map(|()| 1);
         }
         let any = |st: &CacheState| {
-            !st.pages.placed_in(first, last).is_empty()
+            st.pages
+                .placed_in(first, last)
+                .iter()
+                .any(|(_, s)| wanted(s))
                 || st.replicas.range(first..last).next().is_some()
         };
         if first >= last || !any(&lock(&self.st)) {
@@ -329,6 +347,7 @@ impl FileCache {
             .pages
             .placed_in(first, last)
             .iter()
+            .filter(|(_, s)| wanted(s))
             .map(|&(p, _)| p)
             .collect();
         pages.extend(st.replicas.range(first..last).map(|(&p, _)| p));

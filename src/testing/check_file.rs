@@ -115,6 +115,15 @@
 //! At the end ([`check_all`]) the file is synced through both handles (each `fsync` checked as
 //! above), the world dropped (the file on disk must still equal the model) and the file reopened
 //! in a fresh cache: it reads as the disk.
+//!
+//! # Shared anonymous memory
+//!
+//! [`World::new_anonymous`] runs the same operations and checks on a cache without a file
+//! (`MAP_SHARED | MAP_ANONYMOUS` memory, [`crate::pagecache::AnonBackend`]): every placement,
+//! replicas, both mappings, pins, devices. What differs is what the contract says differs:
+//! nothing is written back (`fsync` returns Ok, the fault plans change nothing), no page is
+//! evicted (no budget, no dirty bound: those checks are off, and any eviction is a mismatch),
+//! direct I/O is `read_at`/`write_at`, and there is no disk to compare or reopen.
 
 use std::path::PathBuf;
 
@@ -561,7 +570,7 @@ struct ObsState {
 /// Observes the outcome of every backend call in front of the faulty backend.
 #[derive(Debug)]
 struct Observer {
-    inner: Arc<FaultyBackend<StdFile>>,
+    inner: Arc<dyn FileBackend>,
     st: Mutex<ObsState>,
 }
 
@@ -634,6 +643,12 @@ impl FileBackend for Observer {
     }
     fn drop_cached(&self, off: u64, len: u64) {
         self.inner.drop_cached(off, len)
+    }
+    fn has_storage(&self) -> bool {
+        self.inner.has_storage()
+    }
+    fn may_grow_to(&self, end: u64) -> bool {
+        self.inner.may_grow_to(end)
     }
 }
 
@@ -830,7 +845,8 @@ impl Dev {
 
 /// The real objects and the model (see the module doc).
 pub struct World {
-    faulty: Arc<FaultyBackend<StdFile>>,
+    /// The file's fault-injecting backend (none for shared anonymous memory).
+    faulty: Option<Arc<FaultyBackend<StdFile>>>,
     obs: Arc<Observer>,
     cache: Arc<FileCache>,
     h: [FileHandle; 2],
@@ -893,8 +909,11 @@ pub struct World {
     /// bound is not checked until then.
     frames_written: bool,
     stats: Stats,
-    /// Dropped last: the file.
-    file: TempFile,
+    /// A cache of shared anonymous memory ([`World::new_anonymous`]): no file, no fault plans
+    /// (nothing is written back), no budget and no dirty bound.
+    anon: bool,
+    /// Dropped last: the file (none for shared anonymous memory).
+    file: Option<TempFile>,
 }
 
 /// Fails with the formatted message unless the condition holds.
@@ -912,15 +931,44 @@ impl World {
     /// the device. `sparse`: the whole file is read back only every [`SPARSE`] operations. The
     /// initial state is checked (the whole file reads as `initial`).
     pub fn new(initial: &[u8], sparse: bool, mapped: Option<bool>) -> Result<World, String> {
-        let file = TempFile::new(initial).map_err(|e| format!("temporary file: {e}"))?;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&file.0)
-            .map_err(|e| format!("open {}: {e}", file.0.display()))?;
-        let faulty = Arc::new(FaultyBackend::new(StdFile(f)));
+        Self::build(initial, sparse, mapped, false)
+    }
+
+    /// A fresh world of shared anonymous memory: a cache without a file
+    /// ([`crate::pagecache::AnonBackend`]) of `initial.len()` bytes into which `initial` is
+    /// written first, otherwise as [`World::new`]. The same operations and checks, but: nothing
+    /// is ever written back (`fsync` returns Ok and writes nothing; the fault plans change
+    /// nothing), no page with data is evicted (no budget, no dirty bound), direct I/O is
+    /// `read_at`/`write_at`, and at the end there is no file to read back.
+    pub fn new_anonymous(
+        initial: &[u8],
+        sparse: bool,
+        mapped: Option<bool>,
+    ) -> Result<World, String> {
+        Self::build(initial, sparse, mapped, true)
+    }
+
+    fn build(
+        initial: &[u8],
+        sparse: bool,
+        mapped: Option<bool>,
+        anon: bool,
+    ) -> Result<World, String> {
+        let (file, faulty, inner): (Option<TempFile>, _, Arc<dyn FileBackend>) = if anon {
+            let b = Arc::new(crate::pagecache::AnonBackend::new(initial.len() as u64));
+            (None, None, b)
+        } else {
+            let file = TempFile::new(initial).map_err(|e| format!("temporary file: {e}"))?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&file.0)
+                .map_err(|e| format!("open {}: {e}", file.0.display()))?;
+            let faulty = Arc::new(FaultyBackend::new(StdFile(f)));
+            (Some(file), Some(faulty.clone()), faulty)
+        };
         let obs = Arc::new(Observer {
-            inner: faulty.clone(),
+            inner,
             st: Mutex::new(ObsState::default()),
         });
         let cfg = CacheConfig {
@@ -930,6 +978,11 @@ impl World {
         let cache = FileCache::with_backend(Box::new(obs.clone()), true, cfg)
             .map_err(|e| format!("cache: {e}"))?;
         let h = [cache.handle(), cache.handle()];
+        if anon && !initial.is_empty() {
+            // Shared anonymous memory starts as zeros: the initial bytes are written into it.
+            h[0].write_at(0, initial)
+                .map_err(|e| format!("initial write: {e}"))?;
+        }
         let intercept = mapped != Some(false);
         let (map, private) = match mapped {
             None => (None, 0),
@@ -969,6 +1022,7 @@ impl World {
             replica_may_drop: vec![false; MAP_PAGES],
             replica_may_arrive: vec![false; MAP_PAGES],
             frames_written: false,
+            anon,
             file,
             faulty,
             obs,
@@ -987,6 +1041,13 @@ impl World {
         };
         w.check("initial", Some((0, initial.len())))?;
         Ok(w)
+    }
+
+    /// Replaces the file's fault plan (nothing without a file).
+    fn plan(&self, p: FaultPlan) {
+        if let Some(f) = &self.faulty {
+            f.plan(p);
+        }
     }
 
     /// How often each path was taken so far.
@@ -1027,7 +1088,9 @@ impl World {
         evicts: bool,
         what: &str,
     ) -> Result<(), String> {
-        if self.map.is_some() && !self.intercept {
+        if (self.map.is_some() && !self.intercept) || self.anon {
+            // Asynchronous tracking, or no budget and no bound at all (shared anonymous
+            // memory: its pages are never written back nor evicted).
             self.cached_before = self.cache.cached_bytes();
             return Ok(());
         }
@@ -1060,8 +1123,12 @@ impl World {
     }
 
     fn check_disk(&self, what: &str) -> Result<(), String> {
-        let disk =
-            std::fs::read(&self.file.0).map_err(|e| format!("{what}: reading the file: {e}"))?;
+        // Shared anonymous memory has no disk: `fsync` writes nothing, the cache is the data
+        // (the full reads check it).
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let disk = std::fs::read(&file.0).map_err(|e| format!("{what}: reading the file: {e}"))?;
         if disk != self.m.bytes {
             let first = disk.iter().zip(&self.m.bytes).position(|(a, b)| a != b);
             return Err(format!(
@@ -1107,7 +1174,7 @@ impl World {
                     e.errno()
                 );
                 // A retry with no fault planned succeeds and makes the file the model.
-                self.faulty.plan(FaultPlan::default());
+                self.plan(FaultPlan::default());
                 let r = if data_only {
                     self.h[h].fdatasync()
                 } else {
@@ -1132,6 +1199,20 @@ impl World {
 
     /// Applies `op`, checks it and the state (see [`apply`]).
     fn step(&mut self, op: &Op, what: &str) -> Result<(), String> {
+        // Without a file below the cache, direct I/O is `read_at`/`write_at` (the cache is
+        // the data): the same expectations.
+        let direct_as_cached;
+        let op = match (op, self.anon) {
+            (&Op::DirectWrite { h, off, len, seed }, true) => {
+                direct_as_cached = Op::Write { h, off, len, seed };
+                &direct_as_cached
+            }
+            (&Op::DirectRead { h, off, len }, true) => {
+                direct_as_cached = Op::Read { h, off, len };
+                &direct_as_cached
+            }
+            _ => op,
+        };
         self.may_leave.fill(false);
         self.may_arrive.fill(None);
         self.replica_may_drop.fill(false);
@@ -1148,7 +1229,7 @@ impl World {
     /// mapping that intercepts stores are not exempt (those of a writable one that does not
     /// are).
     fn background_evictor(&self) -> bool {
-        self.map.is_some() && self.intercept
+        self.map.is_some() && self.intercept && !self.anon
     }
 
     /// Whether clean pages may be evicted during `op`: by `read_at`/`write_at` (whose eviction
@@ -1157,7 +1238,7 @@ impl World {
     fn evicts_during(&self, op: &Op) -> bool {
         self.background_evictor()
             || match op {
-                Op::Read { .. } | Op::Write { .. } => self.map.is_none(),
+                Op::Read { .. } | Op::Write { .. } => self.map.is_none() && !self.anon,
                 Op::Remap { unmap } => *unmap,
                 _ => false,
             }
@@ -1328,7 +1409,7 @@ impl World {
                         FaultPlan::default()
                     }
                 };
-                self.faulty.plan(p);
+                self.plan(p);
             }
             Op::MapStore { off, words, seed } => {
                 // With no fault planned, neither the fill of a page nor the writeback that an
@@ -1923,7 +2004,7 @@ impl World {
     fn after_placement(&mut self, what: &str) -> Result<(), String> {
         let dirty = self.cache.dirty_bytes();
         ensure!(
-            !self.intercept || self.frames_written || dirty <= DIRTY,
+            self.anon || !self.intercept || self.frames_written || dirty <= DIRTY,
             "{what}: {dirty} dirty bytes over the bound {DIRTY}"
         );
         self.cached_before = self.cache.cached_bytes();
@@ -2293,7 +2374,7 @@ impl World {
     /// Clears both fault plans: before CPU and device accesses to mappings (a failed fill there
     /// is SIGBUS, not an error the model can observe).
     fn no_faults(&mut self) {
-        self.faulty.plan(FaultPlan::default());
+        self.plan(FaultPlan::default());
         self.clear_staging();
     }
 
@@ -2314,7 +2395,7 @@ impl World {
         );
         let dirty = self.cache.dirty_bytes();
         ensure!(
-            !self.intercept || self.frames_written || dirty <= DIRTY,
+            self.anon || !self.intercept || self.frames_written || dirty <= DIRTY,
             "{what}: {dirty} dirty bytes over the bound {DIRTY}"
         );
         self.cached_before = self.cache.cached_bytes();
@@ -2418,6 +2499,10 @@ impl World {
         drop(map);
         drop(h);
         drop(cache);
+        // Shared anonymous memory is gone with its cache: nothing to read back.
+        let Some(file) = file else {
+            return Ok(stats);
+        };
         let disk =
             std::fs::read(&file.0).map_err(|e| format!("after the drop: reading the file: {e}"))?;
         ensure!(
