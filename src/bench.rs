@@ -29,6 +29,7 @@
 //! | `largefile_<placement>_writeback_bytes` | pages the `fsync` wrote back (`FileCache::stats`) × page size | the mirror's |
 //! | `largefile_<placement>_modelled_device_ms` | modelled device time of the run (the link model: PCIe 5 for the private, the replica and the mirroring device, NVLink-C2C for the coherent one; the note costs the same traffic under the other profile) | the mirror's |
 //! | `largefile_private_coherent_bytes_moved_ratio`, `largefile_private_replica_bytes_moved_ratio` | `largefile_private_bytes_moved` / `largefile_coherent_bytes_moved`, / `largefile_replica_bytes_moved` | – |
+//! | `largefile_readall_<placement>_bytes_moved`, `largefile_readall_private_coherent_bytes_moved_ratio`, `largefile_readall_private_replica_bytes_moved_ratio` | the same rounds with a CPU phase that also reads every page (one word each) before its stores, one run of each placement: the private placement brings the whole file back in every CPU phase and moves it again, coherent pages are read in place and replicas stay valid (with 4 rounds private moves 9 times the file, coherent and replica once) | – |
 //! | `largefile_oracle_private_link_bytes`, `largefile_oracle_coherent_link_bytes` | the least link traffic any placement could reach for the `largefile` accesses ([`crate::policy::oracle::lower_bound`]: a device read is a whole page, a CPU store a 64-byte line; minimising modelled time under the placement's link profile) | – |
 //! | `largefile_<placement>_link_bytes_vs_oracle` | the placement's link bytes / the oracle's for its memory kind (a replica can go below it: the oracle keeps one copy of a page) | – |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
@@ -542,8 +543,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
 
     if opts.wants("largefile") {
         progress("a large file in device and CPU phases: mirrored vs device-private vs coherent");
-        let (runs, stable) = largefile(&space, &sz)?;
+        let (runs, readall, stable) = largefile(&space, &sz)?;
         push_largefile(&mut out, &runs, stable, &sz);
+        push_largefile_readall(&mut out, &readall, &sz);
     }
 
     if opts.wants("memcpy") {
@@ -2625,6 +2627,7 @@ fn largefile_run(
     tf: &TempFile,
     len: usize,
     rounds: usize,
+    cpu_reads_all: bool,
     p: FilePlacement,
     dev: &SoftDevice,
     m: &DeviceMirror,
@@ -2678,6 +2681,18 @@ fn largefile_run(
                 model,
                 &mut c.device_faults,
             )?;
+            if cpu_reads_all {
+                // The CPU reads every page (its first word) before it stores.
+                for pg in 0..n {
+                    let v = probe.load_u32(a.add(pg * PAGE_SIZE))?;
+                    if v.to_ne_bytes() != model.head(pg)[..4] {
+                        return Err(Error::Invalid("bench: the CPU read wrong file data"));
+                    }
+                    if p == FilePlacement::Coherent {
+                        dev.declare_cpu_access(CACHE_LINE);
+                    }
+                }
+            }
             for pg in (r % LARGEFILE_STRIDE..n).step_by(LARGEFILE_STRIDE) {
                 let v = model.store(pg);
                 probe.store_u32(a.add(pg * PAGE_SIZE), v)?;
@@ -2746,7 +2761,15 @@ fn largefile_run(
 /// [`FilePlacement::ALL`]), repeated until the wall-time ratios to the mirror are stable; the
 /// warm-up repetition is left out. Also returns whether they became stable (rather than
 /// stopping at the most allowed).
-fn largefile(space: &Space, sz: &Sizes) -> Result<(Vec<[LargeFileRun; PLACEMENTS]>, bool)> {
+#[allow(clippy::type_complexity)]
+fn largefile(
+    space: &Space,
+    sz: &Sizes,
+) -> Result<(
+    Vec<[LargeFileRun; PLACEMENTS]>,
+    [LargeFileCounts; PLACEMENTS],
+    bool,
+)> {
     let len = sz.largefile_bytes;
     let tf = TempFile::new(len)?;
     let devs = FilePlacement::ALL
@@ -2771,6 +2794,7 @@ fn largefile(space: &Space, sz: &Sizes) -> Result<(Vec<[LargeFileRun; PLACEMENTS
                 &tf,
                 len,
                 sz.largefile_rounds,
+                false,
                 p,
                 &devs[i],
                 &mirrors[i],
@@ -2784,7 +2808,25 @@ fn largefile(space: &Space, sz: &Sizes) -> Result<(Vec<[LargeFileRun; PLACEMENTS
         }
     }
     runs.remove(0);
-    Ok((runs, rep.done().stable))
+    // The same rounds with a CPU phase that also reads every page: the counts only (exact),
+    // one run of each placement.
+    let mut readall = [LargeFileCounts::default(); PLACEMENTS];
+    for (i, p) in FilePlacement::ALL.into_iter().enumerate() {
+        readall[i] = largefile_run(
+            space,
+            &tf,
+            len,
+            sz.largefile_rounds,
+            true,
+            p,
+            &devs[i],
+            &mirrors[i],
+            &mut model,
+            &mut buf,
+        )?
+        .counts;
+    }
+    Ok((runs, readall, rep.done().stable))
 }
 
 /// The `largefile` figures (see the module doc), as `largefile_<placement>_<what>`: the
@@ -2986,6 +3028,51 @@ fn push_largefile(
             }
         ));
         out.push(f);
+    }
+}
+
+/// The `largefile_readall_*` figures: the workload with a CPU phase that reads every page
+/// before its stores (the CPU uses all of the file in every round), bytes moved per placement,
+/// and the private placement's against the coherent and the replica ones (exact counts).
+fn push_largefile_readall(
+    out: &mut Vec<BenchResult>,
+    c: &[LargeFileCounts; PLACEMENTS],
+    sz: &Sizes,
+) {
+    for (i, p) in FilePlacement::ALL.iter().enumerate() {
+        let mut f = count_figure(
+            &format!("largefile_readall_{}_bytes_moved", p.name()),
+            &[c[i].moved as f64],
+            None,
+            "bytes",
+            true,
+        );
+        f.note = Some(format!(
+            "the largefile rounds ({} MiB, {} rounds) with a CPU phase that reads every page \
+             (one word each) before its stores: migration copies, both ways",
+            sz.largefile_bytes >> 20,
+            sz.largefile_rounds
+        ));
+        out.push(f);
+    }
+    let private = c[1].moved as f64;
+    for (i, other) in [(2, "coherent"), (3, "replica")] {
+        let o = c[i].moved as f64;
+        if o > 0.0 {
+            let mut f = count_figure(
+                &format!("largefile_readall_private_{other}_bytes_moved_ratio"),
+                &[private / o],
+                None,
+                "x",
+                true,
+            );
+            f.note = Some(format!(
+                "largefile_readall_private_bytes_moved / largefile_readall_{other}_bytes_moved: \
+                 every CPU phase brings every device-private page back, and the next device \
+                 phase moves it again; coherent pages are read in place, replicas stay valid"
+            ));
+            out.push(f);
+        }
     }
 }
 

@@ -515,6 +515,26 @@ fn check_largefile(results: &[hetmem::bench::BenchResult]) {
             ratio.value
         );
     }
+    // With a CPU phase that reads every page, the private placement moves the file back and
+    // forth in every round; coherent and replica placements move it once.
+    let ra = |p: &str| get(&format!("largefile_readall_{p}_bytes_moved"));
+    for p in ["mirror", "private", "coherent", "replica"] {
+        assert!(ra(p).exact, "largefile_readall_{p}_bytes_moved is a count");
+    }
+    assert_eq!(ra("mirror").value, 0.0);
+    assert!(
+        ra("private").value >= 3.0 * ra("coherent").value
+            && ra("coherent").value >= v("coherent", "bytes_moved"),
+        "read-all: private {} vs coherent {}",
+        ra("private").value,
+        ra("coherent").value
+    );
+    for other in ["coherent", "replica"] {
+        let r = get(&format!(
+            "largefile_readall_private_{other}_bytes_moved_ratio"
+        ));
+        assert!(r.value >= 3.0, "read-all private/{other}: {}", r.value);
+    }
     // The offline oracle: every device phase reads the whole file, so even the least traffic
     // moves it once; no placement that keeps one copy of a page beats it, and the mirror,
     // reading the file over the link in every phase, is far above it.
