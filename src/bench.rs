@@ -109,9 +109,11 @@
 //! and coherent 1: against replica the ratio stays below 3× however much is written, and
 //! against coherent it reaches 5× only when more than the whole file is written (`Rw > 4/3`).
 //! A ≥ 5× difference needs CPU **reads** between device phases, which fault device-private
-//! pages back but read a replica's system copy or a coherent page in place (the `pingpong_*`
-//! figures). The mirror moves nothing but reads the whole file over the link in every device
-//! phase.
+//! pages back but read a replica's system copy or a coherent page in place: the
+//! `largefile_readall_*` figures run the same rounds with a CPU phase that reads every page
+//! (private moves `1 + 2R` files plus the written pages, coherent and replica about 1: 9× with
+//! 4 rounds), as the `pingpong_*` figures do for anonymous memory. The mirror moves nothing but
+//! reads the whole file over the link in every device phase.
 //!
 //! Nothing here sleeps; the busy sibling is a spinning thread stopped by a flag.
 
