@@ -2443,6 +2443,9 @@ impl FilePlacement {
     }
 }
 
+/// The names of the `largefile` placements, in the order [`largefile_placements`] runs them.
+pub const PLACEMENT_NAMES: [&str; 4] = ["mirror", "private", "coherent", "replica"];
+
 /// The number of placements ([`FilePlacement::ALL`]).
 const PLACEMENTS: usize = FilePlacement::ALL.len();
 
@@ -2968,7 +2971,7 @@ fn push_largefile(
 
     // Against the offline oracle: the least link traffic any placement could reach for the
     // same accesses (crate::policy::oracle), per memory kind and link profile.
-    let trace = largefile_accesses(sz);
+    let trace = largefile_accesses(sz.largefile_bytes, sz.largefile_rounds, false);
     let oracle = |kind: MemoryKind, profile: LinkProfile| {
         crate::policy::oracle::lower_bound(
             &trace,
@@ -3033,6 +3036,102 @@ fn push_largefile(
     }
 }
 
+/// One placement's run of the `largefile` workload, as the demo reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlacementRun {
+    /// `mirror`, `private`, `coherent` or `replica`.
+    pub placement: &'static str,
+    /// The link profile of the device (`pcie5`, `nvlink-c2c`).
+    pub profile: &'static str,
+    /// Wall time on this machine, from opening the file's cache to the end of `fsync`.
+    pub wall_s: f64,
+    /// Modelled device time (the link model).
+    pub modelled_device_s: f64,
+    /// Bytes migrated to the device (placements, replicas).
+    pub bytes_to_device: u64,
+    /// Bytes migrated back (CPU faults, writeback reading device pages).
+    pub bytes_to_system: u64,
+    /// Every byte over the link (migrations, device reads of system memory, CPU accesses to
+    /// coherent memory).
+    pub link_bytes: u64,
+    /// CPU faults.
+    pub cpu_faults: u64,
+    /// Fault passes of the device's reads.
+    pub device_faults: u64,
+    /// Bytes `fsync` wrote back.
+    pub writeback_bytes: u64,
+    /// The offline oracle's link bytes for the same accesses (its memory kind and profile).
+    pub oracle_bytes: u64,
+    /// Every device read, the file after `fsync` and the CPU's data matched the model.
+    pub verified: bool,
+}
+
+/// The `largefile` workload (`len` bytes, `rounds` rounds; with `cpu_reads_all` the CPU phase
+/// also reads every page) once for each placement, in a fresh space: what `hetmem demo` shows.
+/// `progress` is told each placement before it runs. A run whose data does not match the model
+/// is an error.
+pub fn largefile_placements(
+    len: usize,
+    rounds: usize,
+    cpu_reads_all: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<PlacementRun>> {
+    let len = len.div_ceil(LARGE_PAGE_SIZE).max(1) * LARGE_PAGE_SIZE;
+    let space = Space::with_config(SpaceConfig {
+        size: (4 * len).max(1 << 30),
+        stash: 2 << 20,
+        ..SpaceConfig::default()
+    })?;
+    let tf = TempFile::new(len)?;
+    let mut model = FileModel::new(len / PAGE_SIZE);
+    let mut buf = vec![0u8; len];
+    let trace = largefile_accesses(len, rounds, cpu_reads_all);
+    let mut out = Vec::new();
+    for p in FilePlacement::ALL {
+        progress(p.name());
+        let dev = p.device(len)?;
+        let m = dev.mirror(&space)?;
+        let r = largefile_run(
+            &space,
+            &tf,
+            len,
+            rounds,
+            cpu_reads_all,
+            p,
+            &dev,
+            &m,
+            &mut model,
+            &mut buf,
+        )?;
+        let kind = if p == FilePlacement::Coherent {
+            MemoryKind::Coherent
+        } else {
+            MemoryKind::Private
+        };
+        let oracle = crate::policy::oracle::lower_bound(
+            &trace,
+            kind,
+            &crate::policy::oracle::Costs::from_profile(&p.profile()),
+        );
+        let c = r.counts;
+        out.push(PlacementRun {
+            placement: p.name(),
+            profile: p.profile().name,
+            wall_s: r.wall_ms / 1e3,
+            modelled_device_s: c.device_ns as f64 / 1e9,
+            bytes_to_device: c.to_device,
+            bytes_to_system: c.moved - c.to_device.min(c.moved),
+            link_bytes: c.link(),
+            cpu_faults: c.cpu_faults,
+            device_faults: c.device_faults,
+            writeback_bytes: c.writeback,
+            oracle_bytes: oracle.bytes_moved(),
+            verified: true,
+        });
+    }
+    Ok(out)
+}
+
 /// The `largefile_readall_*` figures: the workload with a CPU phase that reads every page
 /// before its stores (the CPU uses all of the file in every round), bytes moved per placement,
 /// and the private placement's against the coherent and the replica ones (exact counts).
@@ -3081,9 +3180,13 @@ fn push_largefile_readall(
 /// The accesses of the `largefile` workload, as [`crate::policy::oracle`] takes them: each
 /// round, the device reads every page whole, the CPU stores one line to one page in
 /// [`LARGEFILE_STRIDE`] (a different one each round), the device reads every page again.
-fn largefile_accesses(sz: &Sizes) -> Vec<crate::policy::oracle::Access> {
+fn largefile_accesses(
+    bytes: usize,
+    rounds: usize,
+    cpu_reads_all: bool,
+) -> Vec<crate::policy::oracle::Access> {
     use crate::policy::oracle::{Access, Agent};
-    let n = sz.largefile_bytes / PAGE_SIZE;
+    let n = bytes / PAGE_SIZE;
     let read_all = |t: &mut Vec<Access>| {
         t.extend((0..n).map(|p| Access {
             page: p as u64,
@@ -3092,8 +3195,15 @@ fn largefile_accesses(sz: &Sizes) -> Vec<crate::policy::oracle::Access> {
         }))
     };
     let mut t = Vec::new();
-    for r in 0..sz.largefile_rounds {
+    for r in 0..rounds {
         read_all(&mut t);
+        if cpu_reads_all {
+            t.extend((0..n).map(|p| Access {
+                page: p as u64,
+                by: Agent::Cpu,
+                bytes: CACHE_LINE as u32,
+            }));
+        }
         t.extend(
             (r % LARGEFILE_STRIDE..n)
                 .step_by(LARGEFILE_STRIDE)

@@ -8,7 +8,9 @@
 //! 6. a second round trip is done with explicit migrations (to device, to system);
 //! 7. every value is checked at each step.
 //!
-//! It prints one line per step: pages moved each way, CPU faults, and wall time.
+//! It prints one line per step: pages moved each way, CPU faults, and wall time. The command
+//! (`hetmem demo`) then runs a large file in device and CPU phases once per placement of its
+//! pages ([`crate::bench::largefile_placements`]) and prints them side by side.
 
 use std::io::Write;
 use std::time::Instant;

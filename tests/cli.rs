@@ -182,3 +182,64 @@ fn bench_only_runs_the_named_groups() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("unknown bench group"), "{err}");
 }
+
+/// `hetmem demo --json`: the anonymous-memory scenario and one run of the large-file workload
+/// per placement, each verified, with the oracle's bytes beside each; the private placement
+/// moves pages both ways, the coherent one only to the device, the mirror none; no placement
+/// that keeps one copy of a page moves fewer link bytes than the oracle.
+#[test]
+fn demo_json_compares_every_placement_against_the_oracle() {
+    let _w = watchdog("demo --json", 120);
+    let v: serde_json::Value =
+        serde_json::from_str(&hetmem(&["demo", "--size", "8", "--json"], None)).unwrap();
+    assert_eq!(v["anonymous"]["verified"], true);
+    assert_eq!(v["file_mib"], 8);
+    let runs = v["runs"].as_array().unwrap();
+    let names: Vec<&str> = runs
+        .iter()
+        .map(|r| r["placement"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mirror", "private", "coherent", "replica"]);
+    let get = |p: &str, k: &str| {
+        runs.iter().find(|r| r["placement"] == p).unwrap()[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{p}.{k}"))
+    };
+    for r in runs {
+        assert_eq!(r["verified"], true, "{r}");
+        assert!(r["wall_s"].as_f64().unwrap() > 0.0);
+        assert!(r["modelled_device_s"].as_f64().unwrap() > 0.0);
+        assert!(r["oracle_bytes"].as_u64().unwrap() >= 8 << 20, "{r}");
+    }
+    assert_eq!(get("mirror", "bytes_to_device"), 0);
+    assert!(get("mirror", "link_bytes") >= 2 * get("mirror", "oracle_bytes"));
+    assert!(get("private", "bytes_to_device") >= 8 << 20);
+    assert!(get("private", "bytes_to_system") > 0);
+    assert_eq!(get("coherent", "bytes_to_system"), 0);
+    for p in ["private", "coherent"] {
+        assert!(
+            get(p, "link_bytes") >= get(p, "oracle_bytes"),
+            "{p} below the oracle"
+        );
+    }
+    // The same stores everywhere: the same bytes written back.
+    let wb = get("mirror", "writeback_bytes");
+    assert!(wb > 0);
+    for p in ["private", "coherent", "replica"] {
+        assert_eq!(get(p, "writeback_bytes"), wb, "{p}");
+    }
+}
+
+/// A demo size out of range is a clear error, not a huge allocation.
+#[test]
+fn demo_refuses_a_size_out_of_range() {
+    for size in ["0", "100000"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+            .args(["demo", "--size", size])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--size must be 1 to 16384 MiB"), "{err}");
+    }
+}

@@ -153,7 +153,7 @@ fn demo_runs_unprivileged() {
     std::fs::copy(env!("CARGO_BIN_EXE_hetmem"), &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = std::process::Command::new(&bin)
-        .arg("demo")
+        .args(["demo", "--size", "8"])
         .current_dir(&dir)
         .uid(65534)
         .gid(65534)
@@ -167,6 +167,15 @@ fn demo_runs_unprivileged() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("values verified"), "{stdout}");
+    // Part 2: the large file, every placement verified.
+    for p in ["mirror", "private", "coherent", "replica"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(p) && l.trim_end().ends_with("yes")),
+            "no verified {p} row: {stdout}"
+        );
+    }
     let sysctl =
         std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
     if sysctl.trim() == "0" {
