@@ -44,6 +44,13 @@
 //! ring that is safe to record into from the SIGBUS handler, and [`trace::TraceEvent::to_line`]
 //! the line format for replay and an offline oracle.
 //!
+//! # Policies
+//!
+//! [`DefaultPolicy`] (today's behaviour) and [`uvm::UvmPolicy`], a UVM-like baseline: on-demand
+//! migration with a density prefetcher (64 KiB blocks grown to 2 MiB), thrashing detection (a
+//! block the CPU keeps pulling back is mapped remotely for a while) and eviction when the device
+//! is full.
+//!
 //! # The oracle
 //!
 //! [`oracle`]: for a sequence of page accesses by the CPU and a device, the least link cost any
@@ -53,6 +60,7 @@
 
 pub mod oracle;
 pub mod trace;
+pub mod uvm;
 
 use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::pool::{MemoryKind, Owner};

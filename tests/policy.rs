@@ -468,3 +468,56 @@ fn the_default_policy_is_in_place_and_replaceable() {
     space.set_policy(Arc::new(Evicting));
     assert_eq!(format!("{:?}", space.policy()), "Evicting");
 }
+
+/// The UVM-like policy through the real mechanisms: a device reading a range page by page
+/// migrates it on demand, in 64 KiB blocks that grow to whole units as the faults stay
+/// sequential (far fewer device faults than pages); a page the CPU keeps pulling back is then
+/// read remotely and stays in system memory; the data is right throughout.
+#[test]
+fn the_uvm_like_policy_migrates_on_demand_and_stops_thrashing_pages() {
+    let _w = watchdog("uvm policy", 60);
+    let space = small_space();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let len = 4 << 20;
+    let a = space.map_anon(len, Prot::ReadWrite).unwrap();
+    let data: Vec<u8> = (0..len).map(|i| (i / PAGE) as u8 ^ (i as u8)).collect();
+    space.cpu_write(a, &data).unwrap();
+    space.set_policy(Arc::new(hetmem::policy::uvm::UvmPolicy::new()));
+    at("sequential device reads");
+    let mut page = vec![0u8; PAGE];
+    let mut faults = 0;
+    for p in 0..len / PAGE {
+        let out = m.read(a.add(p * PAGE), PAGE, &mut page).unwrap();
+        faults += out.faults;
+        assert_eq!(page, data[p * PAGE..(p + 1) * PAGE], "page {p}");
+    }
+    for p in (0..len / PAGE).step_by(97) {
+        assert_eq!(
+            space.residency(a.add(p * PAGE)),
+            Residency::Device(dev.owner()),
+            "page {p} was read but not migrated"
+        );
+    }
+    assert!(
+        faults < (len / PAGE / 8) as u64,
+        "{faults} device fault passes for {} pages: no prefetch",
+        len / PAGE
+    );
+    at("thrashing page");
+    let t = a.add(100 * PAGE);
+    let mut b = [0u8; 8];
+    for _ in 0..hetmem::policy::uvm::UvmPolicy::THRASH_LIMIT {
+        space.cpu_read(t, &mut b).unwrap(); // pulls the page (its unit) back
+        m.read(t, PAGE, &mut page).unwrap(); // the device faults it in again
+    }
+    // Pulled back THRASH_LIMIT times: pinned, the device now reads it where it is.
+    space.cpu_read(t, &mut b).unwrap();
+    m.read(t, PAGE, &mut page).unwrap();
+    assert_eq!(
+        space.residency(t),
+        Residency::System,
+        "a thrashing page migrated again"
+    );
+    assert_eq!(page, data[100 * PAGE..101 * PAGE]);
+}
