@@ -2398,6 +2398,11 @@ enum FilePlacement {
     /// pages without one are copied): the system copy stays, a CPU store drops its page's
     /// replica.
     Replica,
+    /// Device-private memory, on demand: nothing is placed ahead; the space's policy is the
+    /// UVM-like one ([`crate::policy::uvm::UvmPolicy`]), whose device faults migrate the pages
+    /// (prefetching by density) and whose thrashing detection maps pages the CPU keeps pulling
+    /// back remotely. Run by the demo (not one of the bench's placements).
+    OnDemand,
 }
 
 impl FilePlacement {
@@ -2410,6 +2415,15 @@ impl FilePlacement {
             Self::Private => "private",
             Self::Coherent => "coherent",
             Self::Replica => "replica",
+            Self::OnDemand => "on-demand",
+        }
+    }
+
+    /// The space's placement policy during the run.
+    fn policy(self) -> &'static str {
+        match self {
+            Self::OnDemand => "uvm",
+            _ => "default",
         }
     }
 
@@ -2437,14 +2451,14 @@ impl FilePlacement {
             Self::Mirror => (MemoryKind::Private, LARGE_PAGE_SIZE),
             Self::Private => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
             Self::Coherent => (MemoryKind::Coherent, len + LARGE_PAGE_SIZE),
-            Self::Replica => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
+            Self::Replica | Self::OnDemand => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
         };
         SoftDevice::with_link(DeviceConfig { kind, capacity }, self.profile())
     }
 }
 
 /// The names of the `largefile` placements, in the order [`largefile_placements`] runs them.
-pub const PLACEMENT_NAMES: [&str; 4] = ["mirror", "private", "coherent", "replica"];
+pub const PLACEMENT_NAMES: [&str; 5] = ["mirror", "private", "coherent", "replica", "on-demand"];
 
 /// The number of placements ([`FilePlacement::ALL`]).
 const PLACEMENTS: usize = FilePlacement::ALL.len();
@@ -2601,16 +2615,19 @@ fn largefile_device_phase(
     model: &FileModel,
     faults: &mut u64,
 ) -> Result<u64> {
-    let placed = match prep {
+    // Pages placed ahead by the migration, or by the device's faults under a policy that
+    // migrates on demand: the cache's device pages before and after; replicas as made.
+    let before = cache.device_pages();
+    let replicas = match prep {
         Prepare::Nothing => 0,
         Prepare::Migrate => {
-            let before = cache.device_pages();
             m.migrate_range_to_device(a, n * PAGE_SIZE)?;
-            cache.device_pages().saturating_sub(before) as u64
+            0
         }
         Prepare::Replicate => m.replicate_range(a, n * PAGE_SIZE)?.cpages,
     };
     let out = m.read(a, n * PAGE_SIZE, buf)?;
+    let placed = replicas + cache.device_pages().saturating_sub(before) as u64;
     if out.cpages != n as u64 {
         return Err(Error::Invalid("bench: the device did not read every page"));
     }
@@ -2648,6 +2665,9 @@ fn largefile_run(
         budget: len + LARGE_PAGE_SIZE,
         ..CacheConfig::default()
     };
+    if p == FilePlacement::OnDemand {
+        space.set_policy(std::sync::Arc::new(crate::policy::uvm::UvmPolicy::new()));
+    }
     let t = Instant::now();
     let cache = FileCache::open(&tf.path, true, cfg)?;
     let h = cache.handle();
@@ -2658,7 +2678,10 @@ fn largefile_run(
         FileMapOptions {
             prot: Prot::ReadWrite,
             shared: true,
-            intercept_stores: matches!(p, FilePlacement::Private | FilePlacement::Replica),
+            intercept_stores: matches!(
+                p,
+                FilePlacement::Private | FilePlacement::Replica | FilePlacement::OnDemand
+            ),
         },
     )?;
     let mut c = LargeFileCounts::default();
@@ -2675,6 +2698,8 @@ fn largefile_run(
                 FilePlacement::Coherent if first => Prepare::Migrate,
                 FilePlacement::Coherent => Prepare::Nothing,
                 FilePlacement::Replica => Prepare::Replicate,
+                // The device's faults migrate the pages (the UVM-like policy).
+                FilePlacement::OnDemand => Prepare::Nothing,
             };
             c.to_device += largefile_device_phase(
                 m,
@@ -2731,6 +2756,7 @@ fn largefile_run(
     };
     let res = work();
     let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    space.set_policy(std::sync::Arc::new(crate::policy::DefaultPolicy));
     let unmapped = space.unmap(a, len);
     res?;
     unmapped?;
@@ -3039,8 +3065,11 @@ fn push_largefile(
 /// One placement's run of the `largefile` workload, as the demo reports it.
 #[derive(Clone, Debug, Serialize)]
 pub struct PlacementRun {
-    /// `mirror`, `private`, `coherent` or `replica`.
+    /// `mirror`, `private`, `coherent`, `replica` or `on-demand` (device-private, placed by
+    /// the device's faults).
     pub placement: &'static str,
+    /// The space's placement policy: `default`, or `uvm` for `on-demand`.
+    pub policy: &'static str,
     /// The link profile of the device (`pcie5`, `nvlink-c2c`).
     pub profile: &'static str,
     /// Wall time on this machine, from opening the file's cache to the end of `fsync`.
@@ -3087,7 +3116,10 @@ pub fn largefile_placements(
     let mut buf = vec![0u8; len];
     let trace = largefile_accesses(len, rounds, cpu_reads_all);
     let mut out = Vec::new();
-    for p in FilePlacement::ALL {
+    for p in FilePlacement::ALL
+        .into_iter()
+        .chain([FilePlacement::OnDemand])
+    {
         progress(p.name());
         let dev = p.device(len)?;
         let m = dev.mirror(&space)?;
@@ -3116,6 +3148,7 @@ pub fn largefile_placements(
         let c = r.counts;
         out.push(PlacementRun {
             placement: p.name(),
+            policy: p.policy(),
             profile: p.profile().name,
             wall_s: r.wall_ms / 1e3,
             modelled_device_s: c.device_ns as f64 / 1e9,

@@ -136,13 +136,15 @@ fn demo(size_mib: usize, json: bool) -> anyhow::Result<()> {
         out,
         "hetmem demo, part 2: a {size_mib} MiB file processed in place, {DEMO_ROUNDS} rounds of: the \
          device reads all of it, the CPU stores to 1 % of its pages, the device reads all of it; \
-         then fsync. Once per placement of the file's pages (policy: default)."
+         then fsync. Once per placement of the file's pages; on-demand: nothing placed ahead, \
+         the device's faults migrate pages under the UVM-like policy."
     )?;
     writeln!(out)?;
     writeln!(
         out,
-        "{:<9} {:<11} {:>9} {:>11} {:>10} {:>10} {:>11} {:>9} {:>7} {:>10} {:>9}",
+        "{:<10} {:<8} {:<11} {:>9} {:>11} {:>10} {:>10} {:>11} {:>9} {:>7} {:>10} {:>9}",
         "placement",
+        "policy",
         "link",
         "wall",
         "device time",
@@ -154,12 +156,13 @@ fn demo(size_mib: usize, json: bool) -> anyhow::Result<()> {
         "writeback",
         "verified"
     )?;
-    writeln!(out, "{}", "-".repeat(116))?;
+    writeln!(out, "{}", "-".repeat(126))?;
     for r in &runs {
         writeln!(
             out,
-            "{:<9} {:<11} {:>7.0}ms {:>9.1}ms {:>7.1}MiB {:>7.1}MiB {:>8.1}MiB {:>8.2}x {:>7} {:>7.1}MiB {:>9}",
+            "{:<10} {:<8} {:<11} {:>7.0}ms {:>9.1}ms {:>7.1}MiB {:>7.1}MiB {:>8.1}MiB {:>8.2}x {:>7} {:>7.1}MiB {:>9}",
             r.placement,
+            r.policy,
             r.profile,
             r.wall_s * 1e3,
             r.modelled_device_s * 1e3,
@@ -172,7 +175,7 @@ fn demo(size_mib: usize, json: bool) -> anyhow::Result<()> {
             if r.verified { "yes" } else { "NO" }
         )?;
     }
-    writeln!(out, "{}", "-".repeat(116))?;
+    writeln!(out, "{}", "-".repeat(126))?;
     writeln!(
         out,
         "wall: this machine (the software device copies with the CPU); device time: modelled by \

@@ -199,7 +199,15 @@ fn demo_json_compares_every_placement_against_the_oracle() {
         .iter()
         .map(|r| r["placement"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["mirror", "private", "coherent", "replica"]);
+    assert_eq!(
+        names,
+        ["mirror", "private", "coherent", "replica", "on-demand"]
+    );
+    let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(
+        policies,
+        ["default", "default", "default", "default", "uvm"]
+    );
     let get = |p: &str, k: &str| {
         runs.iter().find(|r| r["placement"] == p).unwrap()[k]
             .as_u64()
@@ -216,16 +224,18 @@ fn demo_json_compares_every_placement_against_the_oracle() {
     assert!(get("private", "bytes_to_device") >= 8 << 20);
     assert!(get("private", "bytes_to_system") > 0);
     assert_eq!(get("coherent", "bytes_to_system"), 0);
-    for p in ["private", "coherent"] {
+    for p in ["private", "coherent", "on-demand"] {
         assert!(
             get(p, "link_bytes") >= get(p, "oracle_bytes"),
             "{p} below the oracle"
         );
     }
+    // On demand, the device's faults place the file (the UVM-like policy migrates them).
+    assert!(get("on-demand", "bytes_to_device") >= 8 << 20);
     // The same stores everywhere: the same bytes written back.
     let wb = get("mirror", "writeback_bytes");
     assert!(wb > 0);
-    for p in ["private", "coherent", "replica"] {
+    for p in ["private", "coherent", "replica", "on-demand"] {
         assert_eq!(get(p, "writeback_bytes"), wb, "{p}");
     }
 }

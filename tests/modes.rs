@@ -168,7 +168,7 @@ fn demo_runs_unprivileged() {
     );
     assert!(stdout.contains("values verified"), "{stdout}");
     // Part 2: the large file, every placement verified.
-    for p in ["mirror", "private", "coherent", "replica"] {
+    for p in ["mirror", "private", "coherent", "replica", "on-demand"] {
         assert!(
             stdout
                 .lines()
