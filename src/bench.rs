@@ -2655,6 +2655,7 @@ fn largefile_run(
     m: &DeviceMirror,
     model: &mut FileModel,
     buf: &mut [u8],
+    series: &mut Vec<[u64; 2]>,
 ) -> Result<LargeFileRun> {
     let n = len / PAGE_SIZE;
     let link = dev.link();
@@ -2685,6 +2686,25 @@ fn largefile_run(
         },
     )?;
     let mut c = LargeFileCounts::default();
+    // After each phase: the bytes over the link so far and the device memory in use.
+    let sample = |series: &mut Vec<[u64; 2]>| {
+        let link_bytes: u64 = [
+            Traffic::Migration,
+            Traffic::DeviceRemote,
+            Traffic::CpuRemote,
+        ]
+        .into_iter()
+        .map(|t| {
+            let i = TRAFFIC
+                .iter()
+                .position(|x| *x == t)
+                .expect("a traffic kind");
+            link.traffic(t).bytes - traffic0[i].bytes
+        })
+        .sum();
+        series.push([link_bytes, dev.used() as u64]);
+    };
+    sample(series);
     let mut work = || -> Result<()> {
         let probe = space.probe(a, len)?;
         for r in 0..rounds {
@@ -2711,6 +2731,7 @@ fn largefile_run(
                 model,
                 &mut c.device_faults,
             )?;
+            sample(series);
             if cpu_reads_all {
                 // The CPU reads every page (its first word) before it stores.
                 for pg in 0..n {
@@ -2740,6 +2761,7 @@ fn largefile_run(
                 model,
                 &mut c.device_faults,
             )?;
+            sample(series);
         }
         let wb0 = cache.stats().pages_written_back;
         h.fsync()?;
@@ -2831,6 +2853,7 @@ fn largefile(
                 &mirrors[i],
                 &mut model,
                 &mut buf,
+                &mut Vec::new(),
             )?;
         }
         runs.push(r);
@@ -2854,6 +2877,7 @@ fn largefile(
             &mirrors[i],
             &mut model,
             &mut buf,
+            &mut Vec::new(),
         )?
         .counts;
     }
@@ -3093,6 +3117,9 @@ pub struct PlacementRun {
     pub oracle_bytes: u64,
     /// Every device read, the file after `fsync` and the CPU's data matched the model.
     pub verified: bool,
+    /// At the start and after each device phase: bytes over the link so far, and device memory
+    /// in use (bytes).
+    pub series: Vec<[u64; 2]>,
 }
 
 /// The `largefile` workload (`len` bytes, `rounds` rounds; with `cpu_reads_all` the CPU phase
@@ -3123,6 +3150,7 @@ pub fn largefile_placements(
         progress(p.name());
         let dev = p.device(len)?;
         let m = dev.mirror(&space)?;
+        let mut series = Vec::new();
         let r = largefile_run(
             &space,
             &tf,
@@ -3134,6 +3162,7 @@ pub fn largefile_placements(
             &m,
             &mut model,
             &mut buf,
+            &mut series,
         )?;
         let kind = if p == FilePlacement::Coherent {
             MemoryKind::Coherent
@@ -3160,6 +3189,7 @@ pub fn largefile_placements(
             writeback_bytes: c.writeback,
             oracle_bytes: oracle.bytes_moved(),
             verified: true,
+            series,
         });
     }
     Ok(out)

@@ -29,6 +29,10 @@ enum Command {
         /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
+        /// Also draw the large file's traffic and device memory over its phases, per placement,
+        /// into this SVG file.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
     },
     /// Measure fault, migration and first-touch costs against baselines measured in the same run.
     Bench {
@@ -78,7 +82,7 @@ fn run() -> anyhow::Result<()> {
             .init();
     }
     match cli.cmd {
-        Command::Demo { size, json } => demo(size, json)?,
+        Command::Demo { size, json, plot } => demo(size, json, plot)?,
         Command::Bench { json, quick, only } => bench(json, quick, only)?,
         Command::Info { json } => info(json)?,
     }
@@ -88,7 +92,7 @@ fn run() -> anyhow::Result<()> {
 /// The large file's rounds in the demo.
 const DEMO_ROUNDS: usize = 4;
 
-fn demo(size_mib: usize, json: bool) -> anyhow::Result<()> {
+fn demo(size_mib: usize, json: bool, plot: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=16 << 10).contains(&size_mib),
         "--size must be 1 to 16384 MiB, not {size_mib}"
@@ -111,6 +115,9 @@ fn demo(size_mib: usize, json: bool) -> anyhow::Result<()> {
     })
     .context("demo (large file) failed")?;
     pb.finish_and_clear();
+    if let Some(path) = &plot {
+        plot_runs(path, &runs, size_mib).with_context(|| format!("drawing {}", path.display()))?;
+    }
     if json {
         let report = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -185,6 +192,72 @@ fn demo(size_mib: usize, json: bool) -> anyhow::Result<()> {
          verified: every device read, the CPU's data and the file after fsync matched a model \
          of every write"
     )?;
+    Ok(())
+}
+
+/// Draws the demo's large-file runs: bytes over the link so far, and device memory in use, after
+/// each device phase, one line per placement.
+fn plot_runs(
+    path: &std::path::Path,
+    runs: &[hetmem::bench::PlacementRun],
+    size_mib: usize,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let root = SVGBackend::new(path, (960, 720)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(360);
+    let phases = runs
+        .iter()
+        .map(|r| r.series.len())
+        .max()
+        .unwrap_or(1)
+        .max(2)
+        - 1;
+    let colors = [BLACK, RED, BLUE, GREEN, MAGENTA];
+    for (area, k, title) in [
+        (&top, 0, "bytes over the link so far (MiB)"),
+        (&bottom, 1, "device memory in use (MiB)"),
+    ] {
+        let max = runs
+            .iter()
+            .flat_map(|r| r.series.iter().map(|s| mib(s[k])))
+            .fold(1.0f64, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("hetmem demo: a {size_mib} MiB file, {title}"),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..phases as f64, 0f64..max * 1.05)?;
+        chart
+            .configure_mesh()
+            .x_desc("device phase")
+            .y_desc("MiB")
+            .draw()?;
+        for (r, color) in runs.iter().zip(colors.iter().cycle()) {
+            let color = *color;
+            chart
+                .draw_series(LineSeries::new(
+                    r.series
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (i as f64, mib(s[k]))),
+                    color.stroke_width(2),
+                ))?
+                .label(format!("{} ({})", r.placement, r.policy))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
+    root.present()?;
     Ok(())
 }
 

@@ -253,3 +253,35 @@ fn demo_refuses_a_size_out_of_range() {
         assert!(err.contains("--size must be 1 to 16384 MiB"), "{err}");
     }
 }
+
+/// `hetmem demo --plot FILE.svg` draws the large file's link traffic and device memory over its
+/// phases: an SVG with a line and a legend entry per placement.
+#[test]
+fn demo_plot_draws_every_placement() {
+    let _w = watchdog("demo --plot", 120);
+    let path = std::env::temp_dir().join(format!("hetmem-demo-{}.svg", std::process::id()));
+    hetmem(
+        &[
+            "demo",
+            "--size",
+            "8",
+            "--json",
+            "--plot",
+            path.to_str().unwrap(),
+        ],
+        None,
+    );
+    let svg = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(svg.starts_with("<svg"), "not an SVG");
+    for p in [
+        "mirror (default)",
+        "private (default)",
+        "coherent (default)",
+        "replica (default)",
+        "on-demand (uvm)",
+    ] {
+        assert_eq!(svg.matches(p).count(), 2, "{p}: one legend entry per chart");
+    }
+    assert!(svg.contains("bytes over the link so far") && svg.contains("device memory in use"));
+}
