@@ -52,6 +52,8 @@ pub mod pagecache;
 pub mod policy;
 pub mod pool;
 pub mod space;
+#[cfg(feature = "cli")]
+pub mod workload;
 // Internals: the lock facade (public for the crate's tests and fuzz targets; not part of the
 // API, hidden from the docs).
 #[doc(hidden)]

@@ -47,6 +47,28 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Run a seeded workload (streaming, pingpong, random) on the software device under a
+    /// placement policy (default, uvm; every policy when none is given), against the offline
+    /// oracle's least traffic for the same accesses.
+    Run {
+        /// The workload: streaming, pingpong or random.
+        workload: String,
+        /// The policy: default or uvm (all of them when left out).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Memory the workload uses, in MiB.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+        /// Seed of the random workload.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show how hetmem can serve faults on this machine: kernel, privileges, userfaultfd mode and
     /// features, and what follows for programs using hetmem.
     Info {
@@ -83,6 +105,14 @@ fn run() -> anyhow::Result<()> {
     }
     match cli.cmd {
         Command::Demo { size, json, plot } => demo(size, json, plot)?,
+        Command::Run {
+            workload,
+            policy,
+            size,
+            rounds,
+            seed,
+            json,
+        } => run_workload(&workload, policy.as_deref(), size, rounds, seed, json)?,
         Command::Bench { json, quick, only } => bench(json, quick, only)?,
         Command::Info { json } => info(json)?,
     }
@@ -192,6 +222,81 @@ fn demo(size_mib: usize, json: bool, plot: Option<std::path::PathBuf>) -> anyhow
          verified: every device read, the CPU's data and the file after fsync matched a model \
          of every write"
     )?;
+    Ok(())
+}
+
+fn run_workload(
+    workload: &str,
+    policy: Option<&str>,
+    size_mib: usize,
+    rounds: usize,
+    seed: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=16 << 10).contains(&size_mib),
+        "--size must be 1 to 16384 MiB, not {size_mib}"
+    );
+    anyhow::ensure!(
+        (1..=1000).contains(&rounds),
+        "--rounds must be 1 to 1000, not {rounds}"
+    );
+    let policies: Vec<&str> = match policy {
+        Some(p) => vec![p],
+        None => hetmem::workload::POLICIES.to_vec(),
+    };
+    let pages = (size_mib << 20) / hetmem::PAGE_SIZE;
+    let mut reports = Vec::new();
+    for p in policies {
+        reports.push(
+            hetmem::workload::run(workload, p, pages, rounds, seed)
+                .with_context(|| format!("hetmem run {workload} --policy {p}"))?,
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(
+            &mut out,
+            &serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "kernel": kernel_release(),
+                "runs": reports,
+            }),
+        )?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    writeln!(
+        out,
+        "{workload}: {size_mib} MiB, {rounds} rounds, seed {seed}, a device-private device (pcie5)"
+    )?;
+    writeln!(
+        out,
+        "{:<8} {:>9} {:>12} {:>11} {:>12} {:>9} {:>9} {:>9}",
+        "policy",
+        "wall",
+        "device time",
+        "link bytes",
+        "oracle bytes",
+        "vs oracle",
+        "faults",
+        "verified"
+    )?;
+    for r in &reports {
+        writeln!(
+            out,
+            "{:<8} {:>7.0}ms {:>10.1}ms {:>8.1}MiB {:>9.1}MiB {:>8.2}x {:>9} {:>9}",
+            r.policy,
+            r.wall_s * 1e3,
+            r.modelled_device_s * 1e3,
+            mib(r.link_bytes),
+            mib(r.oracle_bytes),
+            r.link_bytes as f64 / r.oracle_bytes.max(1) as f64,
+            r.cpu_faults,
+            if r.verified { "yes" } else { "NO" }
+        )?;
+    }
     Ok(())
 }
 

@@ -285,3 +285,26 @@ fn demo_plot_draws_every_placement() {
     }
     assert!(svg.contains("bytes over the link so far") && svg.contains("device memory in use"));
 }
+
+/// `hetmem run WORKLOAD --json`: one run per policy, each verified and against the oracle; an
+/// unknown workload is a clear error.
+#[test]
+fn run_reports_each_policy_against_the_oracle() {
+    let _w = watchdog("run", 60);
+    let v: serde_json::Value =
+        serde_json::from_str(&hetmem(&["run", "random", "--size", "2", "--json"], None)).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(policies, ["default", "uvm"]);
+    for r in runs {
+        assert_eq!(r["verified"], true);
+        assert_eq!(r["workload"], "random");
+        assert!(r["oracle_bytes"].as_u64().unwrap() > 0);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["run", "nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload"));
+}
