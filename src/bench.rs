@@ -3020,17 +3020,13 @@ fn push_largefile(
     }
 
     // Against the offline oracle: the least link traffic any placement could reach for the
-    // same accesses (crate::policy::oracle), per memory kind and link profile.
+    // same accesses (crate::policy::oracle with byte costs), per memory kind.
     let trace = largefile_accesses(sz.largefile_bytes, sz.largefile_rounds, false);
-    let oracle = |kind: MemoryKind, profile: LinkProfile| {
-        crate::policy::oracle::lower_bound(
-            &trace,
-            kind,
-            &crate::policy::oracle::Costs::from_profile(&profile),
-        )
+    let oracle = |kind: MemoryKind| {
+        crate::policy::oracle::lower_bound(&trace, kind, &crate::policy::oracle::Costs::bytes())
     };
-    let private = oracle(MemoryKind::Private, FilePlacement::Private.profile());
-    let coherent = oracle(MemoryKind::Coherent, FilePlacement::Coherent.profile());
+    let private = oracle(MemoryKind::Private);
+    let coherent = oracle(MemoryKind::Coherent);
     for (kind, b) in [("private", &private), ("coherent", &coherent)] {
         let mut f = count_figure(
             &format!("largefile_oracle_{kind}_link_bytes"),
@@ -3042,12 +3038,7 @@ fn push_largefile(
         f.note = Some(format!(
             "the least link traffic any placement could reach for the same accesses with \
              device-{kind} memory (a device read is a whole page, a CPU store a {CACHE_LINE}-byte \
-             line; minimising modelled time under {}): {} migrations, {} of remote accesses",
-            if kind == "private" {
-                FilePlacement::Private.profile().name
-            } else {
-                FilePlacement::Coherent.profile().name
-            },
+             line): {} migrations, {} of remote accesses",
             b.migrations,
             fmt_bytes(Some(b.remote_bytes as f64))
         ));
@@ -3172,7 +3163,7 @@ pub fn largefile_placements(
         let oracle = crate::policy::oracle::lower_bound(
             &trace,
             kind,
-            &crate::policy::oracle::Costs::from_profile(&p.profile()),
+            &crate::policy::oracle::Costs::bytes(),
         );
         let c = r.counts;
         out.push(PlacementRun {

@@ -53,9 +53,12 @@ enum Command {
     Run {
         /// The workload: streaming, pingpong or random.
         workload: String,
-        /// The policy: default or uvm (all of them when left out).
+        /// The policy: default, uvm or coherent-aware (all of them when left out).
         #[arg(long)]
         policy: Option<String>,
+        /// The device's memory: private or coherent.
+        #[arg(long, default_value = "private")]
+        device: String,
         /// Memory the workload uses, in MiB.
         #[arg(long, default_value_t = 64)]
         size: usize,
@@ -108,11 +111,20 @@ fn run() -> anyhow::Result<()> {
         Command::Run {
             workload,
             policy,
+            device,
             size,
             rounds,
             seed,
             json,
-        } => run_workload(&workload, policy.as_deref(), size, rounds, seed, json)?,
+        } => run_workload(
+            &workload,
+            policy.as_deref(),
+            &device,
+            size,
+            rounds,
+            seed,
+            json,
+        )?,
         Command::Bench { json, quick, only } => bench(json, quick, only)?,
         Command::Info { json } => info(json)?,
     }
@@ -225,9 +237,11 @@ fn demo(size_mib: usize, json: bool, plot: Option<std::path::PathBuf>) -> anyhow
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_workload(
     workload: &str,
     policy: Option<&str>,
+    device: &str,
     size_mib: usize,
     rounds: usize,
     seed: u64,
@@ -241,6 +255,11 @@ fn run_workload(
         (1..=1000).contains(&rounds),
         "--rounds must be 1 to 1000, not {rounds}"
     );
+    let coherent = match device {
+        "private" => false,
+        "coherent" => true,
+        _ => anyhow::bail!("--device must be private or coherent, not {device}"),
+    };
     let policies: Vec<&str> = match policy {
         Some(p) => vec![p],
         None => hetmem::workload::POLICIES.to_vec(),
@@ -249,7 +268,7 @@ fn run_workload(
     let mut reports = Vec::new();
     for p in policies {
         reports.push(
-            hetmem::workload::run(workload, p, pages, rounds, seed)
+            hetmem::workload::run(workload, p, coherent, pages, rounds, seed)
                 .with_context(|| format!("hetmem run {workload} --policy {p}"))?,
         );
     }
@@ -269,14 +288,15 @@ fn run_workload(
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     writeln!(
         out,
-        "{workload}: {size_mib} MiB, {rounds} rounds, seed {seed}, a device-private device (pcie5)"
+        "{workload}: {size_mib} MiB, {rounds} rounds, seed {seed}, a device-{device} device"
     )?;
     writeln!(
         out,
-        "{:<8} {:>9} {:>12} {:>11} {:>12} {:>9} {:>9} {:>9}",
+        "{:<14} {:>9} {:>12} {:>12} {:>11} {:>12} {:>9} {:>9} {:>9}",
         "policy",
         "wall",
         "device time",
+        "oracle time",
         "link bytes",
         "oracle bytes",
         "vs oracle",
@@ -286,10 +306,11 @@ fn run_workload(
     for r in &reports {
         writeln!(
             out,
-            "{:<8} {:>7.0}ms {:>10.1}ms {:>8.1}MiB {:>9.1}MiB {:>8.2}x {:>9} {:>9}",
+            "{:<14} {:>7.0}ms {:>10.1}ms {:>10.1}ms {:>8.1}MiB {:>9.1}MiB {:>8.2}x {:>9} {:>9}",
             r.policy,
             r.wall_s * 1e3,
             r.modelled_device_s * 1e3,
+            r.oracle_device_s * 1e3,
             mib(r.link_bytes),
             mib(r.oracle_bytes),
             r.link_bytes as f64 / r.oracle_bytes.max(1) as f64,

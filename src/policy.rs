@@ -233,6 +233,27 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The coherent-aware policy: never migrate back what the CPU can use in place. A device fault
+/// migrates the pages to the device, whole 2 MiB units at a time: in device-coherent memory the
+/// CPU then reads and writes them where they are (it never faults on them), so a page crosses
+/// the link once. In device-private memory it behaves as on-demand migration with unit prefetch
+/// (a CPU access there must bring the page back: nothing can be used in place).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoherentAwarePolicy;
+
+impl Policy for CoherentAwarePolicy {
+    fn device_fault(&self, _fault: &DeviceFault) -> DeviceFaultDecision {
+        DeviceFaultDecision {
+            placement: Placement::Migrate,
+            prefetch: Prefetch::UNIT,
+        }
+    }
+
+    fn device_full(&self, _full: &DeviceFull) -> DeviceFullAction {
+        DeviceFullAction::EvictAndRetry
+    }
+}
+
 /// Today's behaviour at every decision point: CPU faults migrate back the whole page or unit,
 /// device faults map remotely exactly what was asked for, a full device declines the page.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -295,7 +295,7 @@ fn run_reports_each_policy_against_the_oracle() {
         serde_json::from_str(&hetmem(&["run", "random", "--size", "2", "--json"], None)).unwrap();
     let runs = v["runs"].as_array().unwrap();
     let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
-    assert_eq!(policies, ["default", "uvm"]);
+    assert_eq!(policies, ["default", "uvm", "coherent-aware"]);
     for r in runs {
         assert_eq!(r["verified"], true);
         assert_eq!(r["workload"], "random");

@@ -77,6 +77,16 @@ impl Costs {
         }
     }
 
+    /// Costs that count bytes over the link: a migration costs its 4 KiB, a remote access its
+    /// bytes (no latency). The least cost is then the least traffic any placement could reach.
+    pub fn bytes() -> Costs {
+        Costs {
+            migrate_ns: PAGE_SIZE as f64,
+            remote_latency_ns: 0.0,
+            remote_ns_per_byte: 1.0,
+        }
+    }
+
     /// One remote access of `bytes`.
     pub fn remote_ns(&self, bytes: u32) -> f64 {
         self.remote_latency_ns + bytes as f64 * self.remote_ns_per_byte
@@ -459,6 +469,36 @@ mod tests {
                 assert!(lb.cost_ns <= stay + 1e-9);
             }
         }
+    }
+
+    #[test]
+    fn the_bytes_costs_count_the_least_traffic() {
+        // A page the device reads twice: migrating (4 KiB) beats two remote page reads (8 KiB);
+        // read once, either moves 4 KiB.
+        let page = |by| Access {
+            page: 1,
+            by,
+            bytes: PAGE_SIZE as u32,
+        };
+        let b = lower_bound(
+            &[page(Agent::Device); 2],
+            MemoryKind::Private,
+            &Costs::bytes(),
+        );
+        assert_eq!((b.bytes_moved(), b.migrations), (4096, 1));
+        assert_eq!(b.cost_ns, 4096.0);
+        // Coherent ping-pong of lines: migrate once, the CPU's lines read in place.
+        let mut t = Vec::new();
+        for _ in 0..4 {
+            t.push(page(Agent::Device));
+            t.push(Access {
+                page: 1,
+                by: Agent::Cpu,
+                bytes: 64,
+            });
+        }
+        let b = lower_bound(&t, MemoryKind::Coherent, &Costs::bytes());
+        assert_eq!(b.bytes_moved(), 4096 + 4 * 64);
     }
 
     #[test]
