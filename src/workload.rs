@@ -7,6 +7,7 @@
 //! | `streaming` | the device reads every page in order |
 //! | `pingpong` | the device reads every page, then the CPU reads every page (one word each) |
 //! | `random` | the device reads `pages` pages chosen at random (seeded), the CPU reads one in eight of them |
+//! | `oversubscribed` | `streaming` with device memory for two thirds of the pages (150 % oversubscription): migrating means evicting; the oracle here is the Belady placement for that capacity ([`crate::policy::oracle::with_capacity`]), not the unbounded bound |
 //!
 //! The device is device-private (PCIe 5 link model), or device-coherent (NVLink-C2C: the CPU
 //! reads pages there in place, a cache line over the link each). A policy decides what a device
@@ -27,7 +28,7 @@ use crate::addr::PAGE_SIZE;
 use crate::device::SoftDevice;
 use crate::error::{Error, Result};
 use crate::link::Traffic;
-use crate::policy::oracle::{Access, Agent, Costs, lower_bound};
+use crate::policy::oracle::{Access, Agent, Costs, lower_bound, with_capacity};
 use crate::policy::uvm::UvmPolicy;
 use crate::policy::{CoherentAwarePolicy, DefaultPolicy, Policy};
 use crate::pool::MemoryKind;
@@ -35,7 +36,7 @@ use crate::space::{Space, SpaceConfig};
 use crate::sys::Prot;
 
 /// The workloads, by name.
-pub const WORKLOADS: [&str; 3] = ["streaming", "pingpong", "random"];
+pub const WORKLOADS: [&str; 4] = ["streaming", "pingpong", "random", "oversubscribed"];
 /// The policies, by name.
 pub const POLICIES: [&str; 3] = ["default", "uvm", "coherent-aware"];
 
@@ -117,10 +118,16 @@ pub fn run(
         stash: 2 << 20,
         ..SpaceConfig::default()
     })?;
-    let dev = if coherent {
-        SoftDevice::coherent(len + (2 << 20))?
+    // Oversubscribed: device memory for two thirds of the pages (whole 2 MiB units, at least one).
+    let capacity = if workload == "oversubscribed" {
+        (len * 2 / 3 / (2 << 20)).max(1) * (2 << 20)
     } else {
-        SoftDevice::private(len + (2 << 20))?
+        len + (2 << 20)
+    };
+    let dev = if coherent {
+        SoftDevice::coherent(capacity)?
+    } else {
+        SoftDevice::private(capacity)?
     };
     let m = dev.mirror(&space)?;
     let a = space.map_anon(len, Prot::ReadWrite)?;
@@ -185,7 +192,7 @@ pub fn run(
     let t = Instant::now();
     for _ in 0..rounds {
         match workload {
-            "streaming" => {
+            "streaming" | "oversubscribed" => {
                 for p in 0..pages {
                     dev_read(p, &mut trace)?;
                 }
@@ -217,8 +224,18 @@ pub fn run(
     } else {
         MemoryKind::Private
     };
-    let oracle = lower_bound(&trace, kind, &Costs::bytes());
-    let fastest = lower_bound(&trace, kind, &Costs::from_profile(&link.profile()));
+    let (oracle, fastest) = if workload == "oversubscribed" {
+        let frames = capacity / PAGE_SIZE;
+        (
+            with_capacity(&trace, kind, &Costs::bytes(), frames),
+            with_capacity(&trace, kind, &Costs::from_profile(&link.profile()), frames),
+        )
+    } else {
+        (
+            lower_bound(&trace, kind, &Costs::bytes()),
+            lower_bound(&trace, kind, &Costs::from_profile(&link.profile())),
+        )
+    };
     Ok(RunReport {
         workload,
         policy,
