@@ -71,6 +71,29 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Write the accesses (one JSON line each, the last policy's run) to this file, for
+        /// `hetmem replay`.
+        #[arg(long)]
+        trace: Option<std::path::PathBuf>,
+    },
+    /// Replay an access trace (`hetmem run --trace`) under each placement policy, without
+    /// running the program again: the bytes each would move, against the oracle's least.
+    Replay {
+        /// The trace file.
+        trace: std::path::PathBuf,
+        /// The policy: default, uvm or coherent-aware (all of them when left out).
+        #[arg(long)]
+        policy: Option<String>,
+        /// The device's memory: private or coherent.
+        #[arg(long, default_value = "private")]
+        device: String,
+        /// Device memory in MiB (default: room for every page up to the trace's highest, as
+        /// `hetmem run` sizes its device).
+        #[arg(long)]
+        capacity: Option<usize>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show how hetmem can serve faults on this machine: kernel, privileges, userfaultfd mode and
     /// features, and what follows for programs using hetmem.
@@ -116,15 +139,22 @@ fn run() -> anyhow::Result<()> {
             rounds,
             seed,
             json,
+            trace,
         } => run_workload(
             &workload,
             policy.as_deref(),
             &device,
-            size,
-            rounds,
-            seed,
+            (size, rounds, seed),
             json,
+            trace.as_deref(),
         )?,
+        Command::Replay {
+            trace,
+            policy,
+            device,
+            capacity,
+            json,
+        } => replay(&trace, policy.as_deref(), &device, capacity, json)?,
         Command::Bench { json, quick, only } => bench(json, quick, only)?,
         Command::Info { json } => info(json)?,
     }
@@ -237,15 +267,13 @@ fn demo(size_mib: usize, json: bool, plot: Option<std::path::PathBuf>) -> anyhow
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_workload(
     workload: &str,
     policy: Option<&str>,
     device: &str,
-    size_mib: usize,
-    rounds: usize,
-    seed: u64,
+    (size_mib, rounds, seed): (usize, usize, u64),
     json: bool,
+    trace: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=16 << 10).contains(&size_mib),
@@ -266,11 +294,21 @@ fn run_workload(
     };
     let pages = (size_mib << 20) / hetmem::PAGE_SIZE;
     let mut reports = Vec::new();
+    let mut accesses = Vec::new();
     for p in policies {
-        reports.push(
-            hetmem::workload::run(workload, p, coherent, pages, rounds, seed)
-                .with_context(|| format!("hetmem run {workload} --policy {p}"))?,
+        let (r, t) = hetmem::workload::run_traced(workload, p, coherent, pages, rounds, seed)
+            .with_context(|| format!("hetmem run {workload} --policy {p}"))?;
+        reports.push(r);
+        accesses = t;
+    }
+    if let Some(path) = trace {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
         );
+        for a in &accesses {
+            writeln!(f, "{}", a.to_line())?;
+        }
+        f.flush()?;
     }
     let mut out = std::io::stdout().lock();
     if json {
@@ -316,6 +354,115 @@ fn run_workload(
             r.link_bytes as f64 / r.oracle_bytes.max(1) as f64,
             r.cpu_faults,
             if r.verified { "yes" } else { "NO" }
+        )?;
+    }
+    Ok(())
+}
+
+fn replay(
+    path: &std::path::Path,
+    policy: Option<&str>,
+    device: &str,
+    capacity_mib: Option<usize>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use hetmem::policy::oracle::{Costs, lower_bound, with_capacity};
+    let kind = match device {
+        "private" => hetmem::MemoryKind::Private,
+        "coherent" => hetmem::MemoryKind::Coherent,
+        _ => anyhow::bail!("--device must be private or coherent, not {device}"),
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut trace = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        trace.push(
+            hetmem::policy::replay::parse_access_line(line)
+                .with_context(|| format!("{}:{}", path.display(), i + 1))?,
+        );
+    }
+    let pages = trace
+        .iter()
+        .map(|a| a.page)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    // By default, room for every page up to the highest one, in whole 2 MiB units, and one unit
+    // more (as `hetmem run` sizes its device).
+    let highest = trace
+        .iter()
+        .map(|a| a.page)
+        .max()
+        .map_or(0, |p| p as usize + 1);
+    let room = highest.div_ceil(512) * 512 + 512;
+    let capacity = capacity_mib.map_or(room, |m| (m << 20) / hetmem::PAGE_SIZE);
+    let oracle = if capacity >= highest {
+        lower_bound(&trace, kind, &Costs::bytes())
+    } else {
+        with_capacity(&trace, kind, &Costs::bytes(), capacity)
+    };
+    let names: Vec<&str> = match policy {
+        Some(p) => vec![p],
+        None => hetmem::workload::POLICIES.to_vec(),
+    };
+    let mut rows = Vec::new();
+    for n in names {
+        let (name, p) = hetmem::workload::policy_named(n)?;
+        let b = hetmem::policy::replay::simulate(&trace, &*p, kind, capacity);
+        rows.push((name, b));
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let runs: Vec<_> = rows
+            .iter()
+            .map(|(n, b)| {
+                serde_json::json!({
+                    "policy": n,
+                    "bytes": b.bytes_moved(),
+                    "migrations": b.migrations,
+                    "remote_bytes": b.remote_bytes,
+                })
+            })
+            .collect();
+        serde_json::to_writer(
+            &mut out,
+            &serde_json::json!({
+                "accesses": trace.len(),
+                "pages": pages,
+                "capacity_pages": capacity,
+                "device": device,
+                "oracle_bytes": oracle.bytes_moved(),
+                "runs": runs,
+            }),
+        )?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    writeln!(
+        out,
+        "{}: {} accesses to {pages} pages, device-{device} memory for {capacity} pages; the \
+         oracle's least: {:.1} MiB",
+        path.display(),
+        trace.len(),
+        mib(oracle.bytes_moved())
+    )?;
+    writeln!(
+        out,
+        "{:<14} {:>11} {:>11} {:>13} {:>9}",
+        "policy", "bytes", "migrations", "remote bytes", "vs oracle"
+    )?;
+    for (n, b) in &rows {
+        writeln!(
+            out,
+            "{:<14} {:>8.1}MiB {:>11} {:>10.1}MiB {:>8.2}x",
+            n,
+            mib(b.bytes_moved()),
+            b.migrations,
+            mib(b.remote_bytes),
+            b.bytes_moved() as f64 / oracle.bytes_moved().max(1) as f64
         )?;
     }
     Ok(())

@@ -51,6 +51,9 @@
 //! block the CPU keeps pulling back is mapped remotely for a while) and eviction when the device
 //! is full.
 //!
+//! [`replay`] simulates a policy on a recorded access trace (`hetmem run --trace`, `hetmem
+//! replay`): the bytes it would move, without running the program again.
+//!
 //! # The oracle
 //!
 //! [`oracle`]: for a sequence of page accesses by the CPU and a device, the least link cost any
@@ -59,6 +62,7 @@
 //! (Belady's rule); a policy's cost is reported against them.
 
 pub mod oracle;
+pub mod replay;
 pub mod trace;
 pub mod uvm;
 

@@ -90,13 +90,12 @@ pub fn run(
     rounds: usize,
     seed: u64,
 ) -> Result<RunReport> {
-    let workload = WORKLOADS
-        .into_iter()
-        .find(|w| *w == workload)
-        .ok_or(Error::Invalid(
-            "unknown workload (streaming, pingpong, random)",
-        ))?;
-    let (policy, pol): (&'static str, Arc<dyn Policy>) = match policy {
+    run_traced(workload, policy, coherent, pages, rounds, seed).map(|(r, _)| r)
+}
+
+/// The policy named `name` (`default`, `uvm`, `coherent-aware`).
+pub fn policy_named(name: &str) -> Result<(&'static str, Arc<dyn Policy>)> {
+    Ok(match name {
         "default" => ("default", Arc::new(DefaultPolicy)),
         "uvm" => ("uvm", Arc::new(UvmPolicy::new())),
         "coherent-aware" => ("coherent-aware", Arc::new(CoherentAwarePolicy)),
@@ -105,7 +104,26 @@ pub fn run(
                 "unknown policy (default, uvm, coherent-aware)",
             ));
         }
-    };
+    })
+}
+
+/// [`run`], also returning the accesses it made (for `hetmem run --trace`, and
+/// [`crate::policy::replay`]).
+pub fn run_traced(
+    workload: &str,
+    policy: &str,
+    coherent: bool,
+    pages: usize,
+    rounds: usize,
+    seed: u64,
+) -> Result<(RunReport, Vec<Access>)> {
+    let workload = WORKLOADS
+        .into_iter()
+        .find(|w| *w == workload)
+        .ok_or(Error::Invalid(
+            "unknown workload (streaming, pingpong, random)",
+        ))?;
+    let (policy, pol) = policy_named(policy)?;
     if pages == 0 || rounds == 0 {
         return Err(Error::ZeroLength);
     }
@@ -236,22 +254,25 @@ pub fn run(
             lower_bound(&trace, kind, &Costs::from_profile(&link.profile())),
         )
     };
-    Ok(RunReport {
-        workload,
-        policy,
-        device: if coherent { "coherent" } else { "private" },
-        pages,
-        rounds,
-        seed,
-        wall_s,
-        modelled_device_s: dev.link_report().since(&report0).total_ns() as f64 / 1e9,
-        link_bytes,
-        oracle_bytes: oracle.bytes_moved(),
-        oracle_device_s: fastest.cost_ns / 1e9,
-        cpu_faults: space.stats().cpu_faults - faults0,
-        device_faults,
-        verified: true,
-    })
+    Ok((
+        RunReport {
+            workload,
+            policy,
+            device: if coherent { "coherent" } else { "private" },
+            pages,
+            rounds,
+            seed,
+            wall_s,
+            modelled_device_s: dev.link_report().since(&report0).total_ns() as f64 / 1e9,
+            link_bytes,
+            oracle_bytes: oracle.bytes_moved(),
+            oracle_device_s: fastest.cost_ns / 1e9,
+            cpu_faults: space.stats().cpu_faults - faults0,
+            device_faults,
+            verified: true,
+        },
+        trace,
+    ))
 }
 
 #[cfg(test)]

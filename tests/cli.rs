@@ -308,3 +308,58 @@ fn run_reports_each_policy_against_the_oracle() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload"));
 }
+
+/// `hetmem run --trace FILE` records the accesses; `hetmem replay FILE` replays them under each
+/// policy without running the program: under the policy the run used, the simulation moves
+/// exactly the bytes the run did; mapping remotely moves the device's reads; nothing beats the
+/// oracle. A malformed trace is an error naming its line.
+#[test]
+fn replay_of_a_run_trace_reproduces_the_run() {
+    let _w = watchdog("replay", 60);
+    let path = std::env::temp_dir().join(format!("hetmem-trace-{}.jsonl", std::process::id()));
+    let p = path.to_str().unwrap();
+    let run: serde_json::Value = serde_json::from_str(&hetmem(
+        &[
+            "run", "random", "--size", "2", "--policy", "uvm", "--json", "--trace", p,
+        ],
+        None,
+    ))
+    .unwrap();
+    let ran = run["runs"][0]["link_bytes"].as_u64().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&hetmem(&["replay", p, "--json"], None)).unwrap();
+    let oracle = v["oracle_bytes"].as_u64().unwrap();
+    assert_eq!(oracle, run["runs"][0]["oracle_bytes"].as_u64().unwrap());
+    let bytes = |policy: &str| {
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["policy"] == policy)
+            .unwrap()["bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(bytes("uvm"), ran, "the replay of the run's own policy");
+    let device_reads = 512 * 4096 * 4; // 512 pages read per round, 4 rounds
+    assert_eq!(bytes("default"), device_reads);
+    for p in ["default", "uvm", "coherent-aware"] {
+        assert!(bytes(p) >= oracle, "{p} below the oracle");
+    }
+    std::fs::write(
+        &path,
+        "{\"ev\":\"access\",\"by\":\"cpu\",\"page\":1,\"bytes\":64}\nnonsense\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["replay", p])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(":2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,228 @@
+//! Replay: what a placement [`Policy`] would have moved for a recorded access trace, without
+//! running the program again. The mechanisms are simulated the way hetmem runs them, page by
+//! page:
+//!
+//! * a device access to a page its page table maps costs nothing in device memory and the
+//!   access's bytes over the link for a page in system memory; to a page it does not map, the
+//!   device faults and asks [`Policy::device_fault`]: [`Placement::Migrate`] migrates the
+//!   request and its [`Prefetch`] window to the device (4 KiB each over the link; when the device
+//!   is full, [`Policy::device_full`] decides: evict the next page round robin, or leave the page
+//!   where it is) and maps them; [`Placement::MapRemote`] maps them where they are;
+//! * a CPU access to a page in device-private memory asks [`Policy::cpu_fault`] and brings the
+//!   page back (4 KiB; the device's entry goes); in device-coherent memory it reads in place
+//!   (its bytes over the link); in system memory it costs nothing.
+//!
+//! Prefetch windows are aligned blocks of the page numbering (the trace's pages, as one mapping),
+//! `MigrateBackPage` and `MigrateBack` both bring back the faulting page (the trace has no
+//! 2 MiB units). The result is a [`Bound`] (its `cost_ns` counts bytes), comparable with the
+//! oracle's ([`super::oracle::lower_bound`] with [`super::oracle::Costs::bytes`]).
+//!
+//! # Trace lines
+//!
+//! One access per line, JSON: `{"ev":"access","by":"device","page":12,"bytes":4096}` (`by` is
+//! `device` or `cpu`). [`Access::to_line`] writes one, [`parse_access_line`] reads one.
+
+use std::collections::HashMap;
+
+use super::oracle::{Access, Agent, Bound};
+use super::{CpuFault, DeviceFault, DeviceFull, DeviceFullAction, Placement, Policy, Prefetch};
+use crate::addr::{PAGE_SIZE, VirtAddr};
+use crate::error::{Error, Result};
+use crate::pool::{MemoryKind, Owner};
+
+impl Access {
+    /// The access as a trace line (see the module doc).
+    pub fn to_line(&self) -> String {
+        let by = match self.by {
+            Agent::Cpu => "cpu",
+            Agent::Device => "device",
+        };
+        format!(
+            "{{\"ev\":\"access\",\"by\":\"{by}\",\"page\":{},\"bytes\":{}}}",
+            self.page, self.bytes
+        )
+    }
+}
+
+/// Reads a trace line back ([`Error::Invalid`] if it is not an access line).
+pub fn parse_access_line(line: &str) -> Result<Access> {
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .map_err(|_| Error::Invalid("a trace line is one JSON object"))?;
+    if v.get("ev").and_then(|x| x.as_str()) != Some("access") {
+        return Err(Error::Invalid("not an access line"));
+    }
+    let by = match v.get("by").and_then(|x| x.as_str()) {
+        Some("cpu") => Agent::Cpu,
+        Some("device") => Agent::Device,
+        _ => return Err(Error::Invalid("an access's `by` is cpu or device")),
+    };
+    let num = |k: &str| v.get(k).and_then(|x| x.as_u64());
+    let page = num("page").ok_or(Error::Invalid("an access needs a page"))?;
+    let bytes = num("bytes")
+        .filter(|b| *b <= PAGE_SIZE as u64)
+        .ok_or(Error::Invalid("an access's bytes are at most a page"))? as u32;
+    Ok(Access { page, by, bytes })
+}
+
+/// Where a page is in the simulation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loc {
+    System,
+    Device,
+}
+
+/// Replays `trace` under `policy` with a device of `kind` and room for `capacity` pages: the
+/// bytes it would move (see the module doc).
+pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacity: usize) -> Bound {
+    let owner = Owner(1);
+    let mut loc: HashMap<u64, Loc> = HashMap::new();
+    let mut mapped: HashMap<u64, bool> = HashMap::new();
+    // Device-resident pages in the order they arrived (the round-robin hand).
+    let mut resident: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+    let mut b = Bound::default();
+    let addr = |p: u64| VirtAddr((p as usize).wrapping_mul(PAGE_SIZE) & ((1 << 47) - 1));
+    let migrate_in = |p: u64,
+                      loc: &mut HashMap<u64, Loc>,
+                      mapped: &mut HashMap<u64, bool>,
+                      resident: &mut std::collections::VecDeque<u64>,
+                      b: &mut Bound| {
+        if loc.get(&p) == Some(&Loc::Device) {
+            return;
+        }
+        if resident.len() >= capacity {
+            let full = DeviceFull {
+                owner,
+                kind,
+                addr: addr(p),
+                capacity_pages: capacity,
+                used_pages: resident.len(),
+            };
+            match policy.device_full(&full) {
+                DeviceFullAction::EvictAndRetry if capacity > 0 => {
+                    let v = resident.pop_front().expect("full, so not empty");
+                    loc.insert(v, Loc::System);
+                    mapped.remove(&v);
+                    b.migrations += 1;
+                    b.cost_ns += PAGE_SIZE as f64;
+                }
+                _ => return,
+            }
+        }
+        loc.insert(p, Loc::Device);
+        resident.push_back(p);
+        b.migrations += 1;
+        b.cost_ns += PAGE_SIZE as f64;
+    };
+    for a in trace {
+        let here = *loc.get(&a.page).unwrap_or(&Loc::System);
+        match a.by {
+            Agent::Device => {
+                if !mapped.contains_key(&a.page) {
+                    let d = policy.device_fault(&DeviceFault {
+                        owner,
+                        kind,
+                        start: addr(a.page),
+                        end: addr(a.page + 1),
+                        write: false,
+                    });
+                    let block = match d.prefetch {
+                        Prefetch::Request => 1,
+                        p => p.block_pages() as u64,
+                    };
+                    let first = a.page / block * block;
+                    for p in first..first + block {
+                        if d.placement == Placement::Migrate {
+                            migrate_in(p, &mut loc, &mut mapped, &mut resident, &mut b);
+                        }
+                        mapped.insert(p, true);
+                    }
+                }
+                if loc.get(&a.page) != Some(&Loc::Device) {
+                    b.remote_bytes += a.bytes as u64;
+                    b.cost_ns += a.bytes as f64;
+                }
+            }
+            Agent::Cpu => match (here, kind) {
+                (Loc::System, _) => {}
+                (Loc::Device, MemoryKind::Coherent) => {
+                    b.remote_bytes += a.bytes as u64;
+                    b.cost_ns += a.bytes as f64;
+                }
+                (Loc::Device, _) => {
+                    let _ = policy.cpu_fault(&CpuFault {
+                        addr: addr(a.page),
+                        write: false,
+                        owner,
+                        kind,
+                        large: false,
+                    });
+                    loc.insert(a.page, Loc::System);
+                    mapped.remove(&a.page);
+                    resident.retain(|&r| r != a.page);
+                    b.migrations += 1;
+                    b.cost_ns += PAGE_SIZE as f64;
+                }
+            },
+        }
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::DefaultPolicy;
+    use super::super::oracle::{Costs, lower_bound};
+    use super::super::uvm::UvmPolicy;
+    use super::*;
+
+    fn dev(page: u64) -> Access {
+        Access {
+            page,
+            by: Agent::Device,
+            bytes: PAGE_SIZE as u32,
+        }
+    }
+
+    #[test]
+    fn lines_round_trip_and_bad_lines_are_errors() {
+        let a = Access {
+            page: 12,
+            by: Agent::Cpu,
+            bytes: 64,
+        };
+        assert_eq!(parse_access_line(&a.to_line()).unwrap(), a);
+        assert!(parse_access_line("{}").is_err());
+        assert!(parse_access_line("not json").is_err());
+        assert!(parse_access_line(r#"{"ev":"access","by":"gpu","page":1,"bytes":1}"#).is_err());
+        assert!(parse_access_line(r#"{"ev":"access","by":"cpu","page":1,"bytes":99999}"#).is_err());
+    }
+
+    #[test]
+    fn streaming_under_the_default_policy_reads_remotely_every_round() {
+        // 4 rounds over 16 pages: the device maps them remotely once, reads 4 KiB each time.
+        let t: Vec<Access> = (0..4).flat_map(|_| (0..16).map(dev)).collect();
+        let b = simulate(&t, &DefaultPolicy, MemoryKind::Private, 64);
+        assert_eq!((b.migrations, b.remote_bytes), (0, 4 * 16 * 4096));
+    }
+
+    #[test]
+    fn streaming_under_the_uvm_like_policy_migrates_once_and_meets_the_oracle() {
+        let t: Vec<Access> = (0..4).flat_map(|_| (0..64).map(dev)).collect();
+        let b = simulate(&t, &UvmPolicy::new(), MemoryKind::Private, 1024);
+        let o = lower_bound(&t, MemoryKind::Private, &Costs::bytes());
+        assert_eq!(b.bytes_moved(), o.bytes_moved());
+        assert_eq!(b.migrations, 64);
+    }
+
+    #[test]
+    fn a_full_device_evicts_round_robin_or_leaves_pages_where_they_are() {
+        // 8 pages, room for 4, streamed twice under on-demand migration with eviction: every
+        // access migrates (and from the fifth on, evicts).
+        let t: Vec<Access> = (0..2).flat_map(|_| (0..8).map(dev)).collect();
+        let b = simulate(&t, &UvmPolicy::new(), MemoryKind::Private, 4);
+        assert!(b.migrations >= 16, "{}", b.migrations);
+        // The default policy declines when full, but it never migrates anyway.
+        let d = simulate(&t, &DefaultPolicy, MemoryKind::Private, 4);
+        assert_eq!(d.migrations, 0);
+    }
+}
