@@ -51,6 +51,10 @@
 //! block the CPU keeps pulling back is mapped remotely for a while) and eviction when the device
 //! is full.
 //!
+//! [`hints::HintPolicy`]: placement hints for ranges, the `cudaMemAdvise` set (prefer the
+//! device, prefer system memory, accessed-by) over another policy;
+//! [`crate::DeviceMirror::prefetch_async`] is the asynchronous prefetch.
+//!
 //! [`replay`] simulates a policy on a recorded access trace (`hetmem run --trace`, `hetmem
 //! replay`): the bytes it would move, without running the program again.
 //!
@@ -61,6 +65,7 @@
 //! policy beats it), and a feasible offline placement that respects the device's capacity
 //! (Belady's rule); a policy's cost is reported against them.
 
+pub mod hints;
 pub mod oracle;
 pub mod replay;
 pub mod trace;

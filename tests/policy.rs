@@ -521,3 +521,78 @@ fn the_uvm_like_policy_migrates_on_demand_and_stops_thrashing_pages() {
     );
     assert_eq!(page, data[100 * PAGE..101 * PAGE]);
 }
+
+/// Placement hints through the real mechanisms, and an asynchronous prefetch: a range hinted
+/// for the device migrates on the device's first read (whole units), a range hinted for system
+/// memory or accessed-by stays there while the device reads it, an unhinted range follows the
+/// fallback (map remotely); `prefetch_async` moves a range in the background and its handle
+/// says when; every byte is right throughout.
+#[test]
+fn hints_place_ranges_and_an_async_prefetch_completes() {
+    use hetmem::policy::hints::{Advice, HintPolicy};
+    let _w = watchdog("hints", 60);
+    let space = small_space();
+    let dev = SoftDevice::private(32 << 20).unwrap();
+    let m = Arc::new(dev.mirror(&space).unwrap());
+    let unit = 2 << 20;
+    let a = space
+        .map_anon_with(
+            4 * unit,
+            MapOptions {
+                large: false,
+                ..MapOptions::default()
+            },
+        )
+        .unwrap();
+    let data: Vec<u8> = (0..4 * unit).map(|i| (i / PAGE) as u8 ^ 0x5a).collect();
+    space.cpu_write(a, &data).unwrap();
+    let hints = Arc::new(HintPolicy::new(Arc::new(DefaultPolicy)));
+    space.set_policy(hints.clone());
+    hints.advise(a, unit, Advice::PreferDevice).unwrap();
+    hints
+        .advise(a.add(unit), unit, Advice::PreferSystem)
+        .unwrap();
+    hints
+        .advise(a.add(2 * unit), unit, Advice::AccessedBy)
+        .unwrap();
+    let mut page = vec![0u8; PAGE];
+    for r in 0..3 {
+        let p = a.add(r * unit + 5 * PAGE);
+        m.read(p, PAGE, &mut page).unwrap();
+        assert_eq!(page, data[r * unit + 5 * PAGE..r * unit + 6 * PAGE]);
+    }
+    // Preferred on the device: the whole unit moved on the first read.
+    for k in [0, 5, 511] {
+        assert_eq!(
+            space.residency(a.add(k * PAGE)),
+            Residency::Device(dev.owner()),
+            "page {k}"
+        );
+    }
+    // Preferred in system memory, and accessed-by: read where they are.
+    assert_eq!(space.residency(a.add(unit + 5 * PAGE)), Residency::System);
+    assert_eq!(
+        space.residency(a.add(2 * unit + 5 * PAGE)),
+        Residency::System
+    );
+    // A CPU read of a device-preferred page brings back that page only.
+    let mut b = [0u8; 4];
+    space.cpu_read(a.add(5 * PAGE), &mut b).unwrap();
+    assert_eq!(b, data[5 * PAGE..5 * PAGE + 4]);
+    assert_eq!(space.residency(a.add(5 * PAGE)), Residency::System);
+    assert_eq!(
+        space.residency(a.add(6 * PAGE)),
+        Residency::Device(dev.owner())
+    );
+    // The unhinted unit, prefetched in the background.
+    let h = m.prefetch_async(a.add(3 * unit), unit);
+    let out = h.wait().unwrap();
+    assert_eq!(out.cpages, (unit / PAGE) as u64);
+    assert_eq!(
+        space.residency(a.add(3 * unit)),
+        Residency::Device(dev.owner())
+    );
+    let mut back = vec![0u8; 4 * unit];
+    space.cpu_read(a, &mut back).unwrap();
+    assert!(back == data, "a byte changed");
+}

@@ -652,6 +652,29 @@ pub struct DmirrorCmd<'b> {
     pub faults: u64,
 }
 
+/// An asynchronous prefetch in flight ([`DeviceMirror::prefetch_async`]). Dropping it waits for
+/// the prefetch (and ignores its result).
+#[derive(Debug)]
+pub struct PrefetchHandle(Option<crate::sync::thread::JoinHandle<Result<CmdOut>>>);
+
+impl PrefetchHandle {
+    /// Waits for the prefetch to end; its result (as [`DeviceMirror::migrate_range_to_device`]).
+    pub fn wait(mut self) -> Result<CmdOut> {
+        match self.0.take().expect("waited once").join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::Invalid("the prefetch thread panicked")),
+        }
+    }
+}
+
+impl Drop for PrefetchHandle {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// A device bound to an address space (see the module doc). Dropping it removes its notifier;
 /// pages already in device memory stay there and keep working (CPU faults bring them back).
 pub struct DeviceMirror {
@@ -1105,6 +1128,17 @@ impl DeviceMirror {
         Err(Error::NotPresent {
             addr: Vpn(cur).addr(),
         })
+    }
+
+    /// [`Self::migrate_range_to_device`] in the background (the `cudaMemPrefetchAsync`
+    /// analogue): returns at once with a handle whose [`PrefetchHandle::wait`] gives the
+    /// migration's result. The pages stay usable meanwhile: CPU and device accesses to a page
+    /// being moved wait for its migration, as they would for any migration.
+    pub fn prefetch_async(self: &Arc<Self>, addr: VirtAddr, len: usize) -> PrefetchHandle {
+        let m = self.clone();
+        PrefetchHandle(Some(crate::sync::thread::spawn(move || {
+            m.migrate_range_to_device(addr, len)
+        })))
     }
 
     /// Moves the range into device memory, like MIGRATE_TO_DEV, without copying the data out
