@@ -7,6 +7,8 @@
 //! | `streaming` | the device reads every page in order |
 //! | `pingpong` | the device reads every page, then the CPU reads every page (one word each) |
 //! | `random` | the device reads `pages` pages chosen at random (seeded), the CPU reads one in eight of them |
+//! | `stencil` | the device reads every page (the interior's sweep), then the CPU reads the halo: the first and the last sixteenth of the pages |
+//! | `graph` | the device reads `pages` pages drawn from a skewed (power-law-like) distribution: a few hot pages, a long cold tail (seeded) |
 //! | `oversubscribed` | `streaming` with device memory for two thirds of the pages (150 % oversubscription): migrating means evicting; the oracle here is the Belady placement for that capacity ([`crate::policy::oracle::with_capacity`]), not the unbounded bound |
 //!
 //! The device is device-private (PCIe 5 link model), or device-coherent (NVLink-C2C: the CPU
@@ -36,7 +38,14 @@ use crate::space::{Space, SpaceConfig};
 use crate::sys::Prot;
 
 /// The workloads, by name.
-pub const WORKLOADS: [&str; 4] = ["streaming", "pingpong", "random", "oversubscribed"];
+pub const WORKLOADS: [&str; 6] = [
+    "streaming",
+    "pingpong",
+    "random",
+    "stencil",
+    "graph",
+    "oversubscribed",
+];
 /// The policies, by name.
 pub const POLICIES: [&str; 3] = ["default", "uvm", "coherent-aware"];
 
@@ -221,6 +230,23 @@ pub fn run_traced(
                 }
                 for p in 0..pages {
                     cpu_read(p, &mut trace)?;
+                }
+            }
+            "stencil" => {
+                for p in 0..pages {
+                    dev_read(p, &mut trace)?;
+                }
+                let halo = pages.div_ceil(16);
+                for p in (0..halo).chain(pages.saturating_sub(halo)..pages) {
+                    cpu_read(p, &mut trace)?;
+                }
+            }
+            "graph" => {
+                for _ in 0..pages {
+                    // The square of a uniform draw: page p is drawn with density ~ 1/sqrt(p).
+                    let u = rand(pages);
+                    let p = u * u / pages;
+                    dev_read(p, &mut trace)?;
                 }
             }
             _ => {
