@@ -129,16 +129,17 @@ fn run_case(
     Ok(())
 }
 
-#[test]
-fn random_file_operations_match_the_model() {
+/// Runs `cases` (× `HETMEM_SOAK`) random cases of file worlds (`anon`: shared anonymous
+/// memory) from the seed in `seed_var` (or the clock); panics with the seed and the shrunk case
+/// on a mismatch. Returns the counts of every case.
+fn explore(what: &str, seed_var: &str, cases: u32, anon: bool) -> Stats {
     let soak = soak();
-    let _w = watchdog("file_cache_model", 60 * soak as u64);
-    let seed = seed_from_env("HETMEM_CACHE_SEED");
-    eprintln!("file_cache_model: seed {seed} (rerun with HETMEM_CACHE_SEED={seed})");
+    let seed = seed_from_env(seed_var);
+    eprintln!("{what}: seed {seed} (rerun with {seed_var}={seed})");
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     let cfg = Config {
-        cases: CASES * soak,
+        cases: cases * soak,
         failure_persistence: None,
         max_shrink_iters: 20_000,
         ..Config::default()
@@ -152,14 +153,20 @@ fn random_file_operations_match_the_model() {
         proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
     );
     let stats = Mutex::new(Stats::default());
-    let t0 = std::time::Instant::now();
     let r = runner.run(&strategy, |(initial, sparse, mapped, v)| {
-        run_case(&initial, sparse, mapped, false, &v, &stats)
+        run_case(&initial, sparse, mapped, anon, &v, &stats)
     });
     if let Err(e) = r {
-        panic!("file cache model failed (seed {seed}, rerun with HETMEM_CACHE_SEED={seed}):\n{e}");
+        panic!("{what} failed (seed {seed}, rerun with {seed_var}={seed}):\n{e}");
     }
-    let s = stats.into_inner().unwrap();
+    stats.into_inner().unwrap()
+}
+
+#[test]
+fn random_file_operations_match_the_model() {
+    let _w = watchdog("file_cache_model", 60 * soak() as u64);
+    let t0 = std::time::Instant::now();
+    let s = explore("file cache model", "HETMEM_CACHE_SEED", CASES, false);
     eprintln!(
         "file_cache_model: {} operations, {} pages evicted, fsync {} Ok and {} Err, {} writes refused, {} direct I/O errors, {} bytes stored through the mapping, {} staging faults, {} private words, {} private pages migrated, {} file pages placed on devices, {} placements refused, {} placements on a full device ({} with no room at all), {} pages brought back, {} replicas made, {} dropped, {} refused, {:?}",
         s.ops,
@@ -211,38 +218,13 @@ fn random_file_operations_match_the_model() {
 /// writeback and no eviction of a page that holds data.
 #[test]
 fn random_shared_anonymous_memory_operations_match_the_model() {
-    let soak = soak();
-    let _w = watchdog("file_cache_model (shared anonymous)", 60 * soak as u64);
-    let seed = seed_from_env("HETMEM_ANON_SEED");
-    eprintln!(
-        "file_cache_model (shared anonymous): seed {seed} (rerun with HETMEM_ANON_SEED={seed})"
+    let _w = watchdog("file_cache_model (shared anonymous)", 60 * soak() as u64);
+    let s = explore(
+        "shared anonymous memory model",
+        "HETMEM_ANON_SEED",
+        CASES / 2,
+        true,
     );
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    let cfg = Config {
-        cases: CASES / 2 * soak,
-        failure_persistence: None,
-        max_shrink_iters: 20_000,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new_with_rng(cfg, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
-    let initial = (0..=4 * PAGE, any::<u32>()).prop_map(|(len, seed)| data(seed, len));
-    let strategy = (
-        initial,
-        any::<bool>(),
-        prop_oneof![2 => Just(None), 1 => Just(Some(true)), 1 => Just(Some(false))],
-        proptest::collection::vec(op_strategy(), 1..=MAX_OPS),
-    );
-    let stats = Mutex::new(Stats::default());
-    let r = runner.run(&strategy, |(initial, sparse, mapped, v)| {
-        run_case(&initial, sparse, mapped, true, &v, &stats)
-    });
-    if let Err(e) = r {
-        panic!(
-            "shared anonymous memory model failed (seed {seed}, rerun with HETMEM_ANON_SEED={seed}):\n{e}"
-        );
-    }
-    let s = stats.into_inner().unwrap();
     eprintln!("file_cache_model (shared anonymous): {s:?}");
     // Nothing is written back, so nothing fails or is refused for it; no page is evicted.
     assert_eq!(

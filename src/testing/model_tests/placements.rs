@@ -454,6 +454,37 @@ fn truncate_punch_vs_placement() {
 /// Rounds the writers write (round 1 is the file's original content).
 const LAST: u32 = 3;
 
+/// A thread storing rounds 2..=[`LAST`] of page `p`'s value at `a` through `space` (each store
+/// whole, then `done` says which round completed).
+fn spawn_storer(
+    space: &Space,
+    a: VirtAddr,
+    p: usize,
+    done: &Arc<AtomicU32>,
+) -> thread::JoinHandle<()> {
+    let (space, done) = (space.clone(), done.clone());
+    thread::spawn(move || {
+        for r in 2..=LAST {
+            space
+                .cpu_write(a, &fill(val(r, p), PAGE_SIZE))
+                .expect("a store");
+            done.store(r, Ordering::SeqCst);
+        }
+    })
+}
+
+/// A thread that fsyncs `w`'s file and checks that page 0 on disk holds a round no older than
+/// the last store `done` said completed before the fsync began.
+fn spawn_syncer(w: &World, done: &Arc<AtomicU32>) -> thread::JoinHandle<()> {
+    let (h, file, done) = (w.h.clone(), w.file.clone(), done.clone());
+    thread::spawn(move || {
+        let d = done.load(Ordering::SeqCst);
+        h.fsync().expect("fsync");
+        let disk = crate::sync::lock(&file.data).clone();
+        check_at_least(&disk[..PAGE_SIZE], 0, d, "file page 0 after fsync");
+    })
+}
+
 /// Checks what page `p` shows (`what`): a round no older than `done`, the last write completed
 /// before the observation began, and one that was written.
 fn check_at_least(b: &[u8], p: usize, done: u32, what: &str) -> u32 {
@@ -977,17 +1008,7 @@ fn device_writes_through_intercepting_mapping_vs_fsync() {
 fn cpu_store_vs_private_placement_body() {
     let w = World::new(2);
     let done = Arc::new(AtomicU32::new(1));
-    let storer = {
-        let (space, done, a) = (w.space.clone(), done.clone(), w.page(0));
-        thread::spawn(move || {
-            for r in 2..=LAST {
-                space
-                    .cpu_write(a, &fill(val(r, 0), PAGE_SIZE))
-                    .expect("intercepted store");
-                done.store(r, Ordering::SeqCst);
-            }
-        })
-    };
+    let storer = spawn_storer(&w.space, w.page(0), 0, &done);
     let migrator = {
         let (m, done, base) = (w.m.clone(), done.clone(), w.base);
         thread::spawn(move || {
@@ -1006,15 +1027,7 @@ fn cpu_store_vs_private_placement_body() {
             check_at_least(&dev_read(&m, base), 0, d, "device read of page 0");
         })
     };
-    let syncer = {
-        let (h, file, done) = (w.h.clone(), w.file.clone(), done.clone());
-        thread::spawn(move || {
-            let d = done.load(Ordering::SeqCst);
-            h.fsync().expect("fsync");
-            let disk = crate::sync::lock(&file.data).clone();
-            check_at_least(&disk[..PAGE_SIZE], 0, d, "file page 0 after fsync");
-        })
-    };
+    let syncer = spawn_syncer(&w, &done);
     join(storer);
     join(migrator);
     join(syncer);
@@ -1054,17 +1067,7 @@ fn coherent_placement_with_a_second_device_body() {
     let cdev = Arc::new(SoftDevice::coherent(2 << 20).expect("coherent device"));
     let cm = Arc::new(cdev.mirror(&w.space).expect("coherent mirror"));
     let (cpu_done, dev_done) = (Arc::new(AtomicU32::new(1)), Arc::new(AtomicU32::new(1)));
-    let storer = {
-        let (space, done, a) = (w.space.clone(), cpu_done.clone(), w.page(0));
-        thread::spawn(move || {
-            for r in 2..=LAST {
-                space
-                    .cpu_write(a, &fill(val(r, 0), PAGE_SIZE))
-                    .expect("store in place");
-                done.store(r, Ordering::SeqCst);
-            }
-        })
-    };
+    let storer = spawn_storer(&w.space, w.page(0), 0, &cpu_done);
     let coherent = {
         let (cm, done, base) = (cm.clone(), dev_done.clone(), w.base);
         thread::spawn(move || {
@@ -1174,17 +1177,7 @@ fn coherent_placement_with_a_second_device() {
 fn cpu_store_vs_replica_creation_body() {
     let w = World::new(2);
     let done = Arc::new(AtomicU32::new(1));
-    let storer = {
-        let (space, done, a) = (w.space.clone(), done.clone(), w.page(0));
-        thread::spawn(move || {
-            for r in 2..=LAST {
-                space
-                    .cpu_write(a, &fill(val(r, 0), PAGE_SIZE))
-                    .expect("intercepted store");
-                done.store(r, Ordering::SeqCst);
-            }
-        })
-    };
+    let storer = spawn_storer(&w.space, w.page(0), 0, &done);
     let replicator = {
         let (m, done, base) = (w.m.clone(), done.clone(), w.base);
         thread::spawn(move || {
@@ -1203,15 +1196,7 @@ fn cpu_store_vs_replica_creation_body() {
             }
         })
     };
-    let syncer = {
-        let (h, file, done) = (w.h.clone(), w.file.clone(), done.clone());
-        thread::spawn(move || {
-            let d = done.load(Ordering::SeqCst);
-            h.fsync().expect("fsync");
-            let disk = crate::sync::lock(&file.data).clone();
-            check_at_least(&disk[..PAGE_SIZE], 0, d, "file page 0 after fsync");
-        })
-    };
+    let syncer = spawn_syncer(&w, &done);
     join(storer);
     join(replicator);
     join(syncer);
