@@ -2446,6 +2446,11 @@ impl FilePlacement {
 
     /// The device of this placement, its link model of [`Self::profile`].
     fn device(self, len: usize) -> Result<SoftDevice> {
+        self.device_with(len, self.profile())
+    }
+
+    /// [`Self::device`] with the link model of `profile`.
+    fn device_with(self, len: usize, profile: LinkProfile) -> Result<SoftDevice> {
         let (kind, capacity) = match self {
             // It never migrates: a pool of one 2 MiB unit.
             Self::Mirror => (MemoryKind::Private, LARGE_PAGE_SIZE),
@@ -2453,7 +2458,7 @@ impl FilePlacement {
             Self::Coherent => (MemoryKind::Coherent, len + LARGE_PAGE_SIZE),
             Self::Replica | Self::OnDemand => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
         };
-        SoftDevice::with_link(DeviceConfig { kind, capacity }, self.profile())
+        SoftDevice::with_link(DeviceConfig { kind, capacity }, profile)
     }
 }
 
@@ -3115,12 +3120,14 @@ pub struct PlacementRun {
 
 /// The `largefile` workload (`len` bytes, `rounds` rounds; with `cpu_reads_all` the CPU phase
 /// also reads every page) once for each placement, in a fresh space: what `hetmem demo` shows.
+/// Each device has its kind's link profile, or `profile` for all of them.
 /// `progress` is told each placement before it runs. A run whose data does not match the model
 /// is an error.
 pub fn largefile_placements(
     len: usize,
     rounds: usize,
     cpu_reads_all: bool,
+    profile: Option<LinkProfile>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<PlacementRun>> {
     let len = len.div_ceil(LARGE_PAGE_SIZE).max(1) * LARGE_PAGE_SIZE;
@@ -3139,7 +3146,8 @@ pub fn largefile_placements(
         .chain([FilePlacement::OnDemand])
     {
         progress(p.name());
-        let dev = p.device(len)?;
+        let prof = profile.unwrap_or(p.profile());
+        let dev = p.device_with(len, prof)?;
         let m = dev.mirror(&space)?;
         let mut series = Vec::new();
         let r = largefile_run(
@@ -3169,7 +3177,7 @@ pub fn largefile_placements(
         out.push(PlacementRun {
             placement: p.name(),
             policy: p.policy(),
-            profile: p.profile().name,
+            profile: prof.name,
             wall_s: r.wall_ms / 1e3,
             modelled_device_s: c.device_ns as f64 / 1e9,
             bytes_to_device: c.to_device,

@@ -33,6 +33,10 @@ enum Command {
         /// into this SVG file.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+        /// The link model of every device (pcie4, pcie5, nvlink-c2c, xgmi); default: each
+        /// device's kind's (pcie5 for device-private, nvlink-c2c for device-coherent).
+        #[arg(long)]
+        profile: Option<String>,
     },
     /// Measure fault, migration and first-touch costs against baselines measured in the same run.
     Bench {
@@ -130,7 +134,12 @@ fn run() -> anyhow::Result<()> {
             .init();
     }
     match cli.cmd {
-        Command::Demo { size, json, plot } => demo(size, json, plot)?,
+        Command::Demo {
+            size,
+            json,
+            plot,
+            profile,
+        } => demo(size, json, plot, profile.as_deref())?,
         Command::Run {
             workload,
             policy,
@@ -164,7 +173,18 @@ fn run() -> anyhow::Result<()> {
 /// The large file's rounds in the demo.
 const DEMO_ROUNDS: usize = 4;
 
-fn demo(size_mib: usize, json: bool, plot: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+fn demo(
+    size_mib: usize,
+    json: bool,
+    plot: Option<std::path::PathBuf>,
+    profile: Option<&str>,
+) -> anyhow::Result<()> {
+    let profile = match profile {
+        None => None,
+        Some(n) => Some(hetmem::link::LinkProfile::by_name(n).ok_or_else(|| {
+            anyhow::anyhow!("--profile must be one of pcie4, pcie5, nvlink-c2c, xgmi, not {n}")
+        })?),
+    };
     anyhow::ensure!(
         (1..=16 << 10).contains(&size_mib),
         "--size must be 1 to 16384 MiB, not {size_mib}"
@@ -181,10 +201,16 @@ fn demo(size_mib: usize, json: bool, plot: Option<std::path::PathBuf>) -> anyhow
     if json {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let runs = hetmem::bench::largefile_placements(size_mib << 20, DEMO_ROUNDS, false, &mut |p| {
-        pb.set_message(format!("large file, {p} placement"));
-        pb.inc(1);
-    })
+    let runs = hetmem::bench::largefile_placements(
+        size_mib << 20,
+        DEMO_ROUNDS,
+        false,
+        profile,
+        &mut |p| {
+            pb.set_message(format!("large file, {p} placement"));
+            pb.inc(1);
+        },
+    )
     .context("demo (large file) failed")?;
     pb.finish_and_clear();
     if let Some(path) = &plot {

@@ -240,6 +240,27 @@ fn demo_json_compares_every_placement_against_the_oracle() {
     }
 }
 
+/// `--profile` puts every device of the demo on one link model; an unknown one is refused.
+#[test]
+fn demo_profile_sets_every_devices_link() {
+    let _w = watchdog("demo --profile", 120);
+    let v: serde_json::Value = serde_json::from_str(&hetmem(
+        &["demo", "--size", "4", "--profile", "pcie4", "--json"],
+        None,
+    ))
+    .unwrap();
+    for r in v["runs"].as_array().unwrap() {
+        assert_eq!(r["profile"], "pcie4", "{r}");
+        assert_eq!(r["verified"], true);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["demo", "--profile", "nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--profile must be one of"));
+}
+
 /// A demo size out of range is a clear error, not a huge allocation.
 #[test]
 fn demo_refuses_a_size_out_of_range() {
