@@ -19,7 +19,7 @@
 //!
 //! A failed frame holding a read-only replica loses only that copy: the replica is dropped and
 //! the frame retired; the page is intact in the memfd. A page's replicas go with it when its
-//! memfd page fails (they are freed; recovering a lost dirty page from one is not built).
+//! memfd page fails (they are freed; hetmem does not recover a lost page's bytes from one).
 //!
 //! The poisoned state is a set of page numbers beside the page states, whose pages are
 //! `Uncached` with a hole in the memfd: fills skip them, so no path maps or reads them. A pinned
