@@ -74,5 +74,7 @@ pub use error::{Error, Result};
 pub use mm::FaultMode;
 pub use pagecache::{CacheConfig, FileCache, FileHandle};
 pub use pool::{FrameOwner, FrameStore, HostFrames, MemoryKind, Owner, Region};
-pub use space::{FileMapOptions, MapOptions, Pin, Residency, Space, SpaceConfig, SpaceStats};
+pub use space::{
+    FileMapOptions, MapOptions, Mapping, Pin, Residency, Space, SpaceConfig, SpaceStats,
+};
 pub use sys::{LARGE_PAGE_SIZE, Prot};

@@ -87,3 +87,28 @@ fn accesses_outside_the_range_or_misaligned_are_typed_errors() {
     assert!(space.probe(a.add(len), PAGE_SIZE).is_err());
     assert!(matches!(space.probe(a, 0), Err(Error::ZeroLength)));
 }
+
+/// `Space::map_owned`: the mapping lives as long as its value, is accessed through its probe,
+/// and is unmapped when the value is dropped (its range can be mapped again).
+#[test]
+fn an_owned_mapping_is_unmapped_when_dropped() {
+    let _w = watchdog("owned mapping", 60);
+    let space = small_space();
+    let m = space.map_owned(4 * PAGE, Prot::ReadWrite).unwrap();
+    let (a, len) = (m.addr(), m.len());
+    assert_eq!(len, 4 * PAGE);
+    m.store_u64(a.add(8), 99).unwrap();
+    assert_eq!(m.load_u64(a.add(8)).unwrap(), 99);
+    assert_eq!(space.residency(a), Residency::System);
+    drop(m);
+    assert_eq!(space.residency(a), Residency::Unmapped);
+    assert!(space.probe(a, len).is_err(), "the range is gone");
+    // Its range is free again.
+    space.map_anon_at(a, len, MapOptions::default()).unwrap();
+    let p = space.probe(a, len).unwrap();
+    assert_eq!(p.load_u64(a.add(8)).unwrap(), 0, "fresh memory");
+    assert!(matches!(
+        space.map_owned(0, Prot::ReadWrite),
+        Err(Error::ZeroLength)
+    ));
+}

@@ -93,7 +93,7 @@ mod pte;
 mod remap;
 
 pub use pin::Pin;
-pub use probe::Probe;
+pub use probe::{Mapping, Probe};
 pub use pte::PageState;
 pub(crate) use pte::Pte;
 

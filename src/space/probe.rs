@@ -163,3 +163,76 @@ impl Probe {
             .map_err(|e| Error::os("read(2) into managed memory", e))
     }
 }
+
+/// An anonymous mapping owned by a value: made by [`Space::map_owned`], unmapped when dropped
+/// (RAII), and accessed through the [`Probe`] it derefs to (volatile-style copies and words; see
+/// the `Probe` doc for what is sound). While it lives, its range belongs to it: unmapping that
+/// range by address ([`Space::unmap`]) is the program's error, as freeing memory a live value
+/// owns would be (later accesses then fault).
+///
+/// # Examples
+///
+/// ```
+/// use hetmem::{Prot, Space};
+///
+/// # fn main() -> hetmem::Result<()> {
+/// let space = Space::new()?;
+/// let m = space.map_owned(1 << 20, Prot::ReadWrite)?;
+/// m.write(m.addr(), b"owned")?;
+/// let mut b = [0u8; 5];
+/// m.read(m.addr(), &mut b)?;
+/// assert_eq!(&b, b"owned");
+/// drop(m); // unmapped
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Mapping {
+    probe: Probe,
+}
+
+impl Space {
+    /// Maps `len` bytes of anonymous memory (as [`Space::map_anon`]) owned by the returned
+    /// [`Mapping`], which unmaps them when dropped.
+    pub fn map_owned(&self, len: usize, prot: crate::sys::Prot) -> Result<Mapping> {
+        let a = self.map_anon(len, prot)?;
+        match self.probe(a, len) {
+            Ok(probe) => Ok(Mapping { probe }),
+            Err(e) => {
+                let _ = self.unmap(a, len);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Mapping {
+    /// The first byte.
+    pub fn addr(&self) -> VirtAddr {
+        self.probe.range().start
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.probe.range().len()
+    }
+
+    /// Whether it is empty (never: a mapping has at least a page).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = Probe;
+    fn deref(&self) -> &Probe {
+        &self.probe
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        let r = self.probe.range();
+        let _ = self.probe.space().unmap(r.start, r.len());
+    }
+}
