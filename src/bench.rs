@@ -2462,8 +2462,17 @@ impl FilePlacement {
     }
 }
 
-/// The names of the `largefile` placements, in the order [`largefile_placements`] runs them.
-pub const PLACEMENT_NAMES: [&str; 5] = ["mirror", "private", "coherent", "replica", "on-demand"];
+/// The runs [`largefile_placements`] makes: the bench's placements, then on demand.
+const DEMO_RUNS: [FilePlacement; PLACEMENTS + 1] = [
+    FilePlacement::Mirror,
+    FilePlacement::Private,
+    FilePlacement::Coherent,
+    FilePlacement::Replica,
+    FilePlacement::OnDemand,
+];
+
+/// How many runs [`largefile_placements`] makes (one per placement, and on demand).
+pub const DEMO_RUN_COUNT: usize = DEMO_RUNS.len();
 
 /// The number of placements ([`FilePlacement::ALL`]).
 const PLACEMENTS: usize = FilePlacement::ALL.len();
@@ -3141,10 +3150,7 @@ pub fn largefile_placements(
     let mut buf = vec![0u8; len];
     let trace = largefile_accesses(len, rounds, cpu_reads_all);
     let mut out = Vec::new();
-    for p in FilePlacement::ALL
-        .into_iter()
-        .chain([FilePlacement::OnDemand])
-    {
+    for p in DEMO_RUNS {
         progress(p.name());
         let prof = profile.unwrap_or(p.profile());
         let dev = p.device_with(len, prof)?;

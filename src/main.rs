@@ -197,7 +197,7 @@ fn demo(
         hetmem::demo::run(&mut out)
     }
     .context("demo failed")?;
-    let pb = indicatif::ProgressBar::new(hetmem::bench::PLACEMENT_NAMES.len() as u64);
+    let pb = indicatif::ProgressBar::new(hetmem::bench::DEMO_RUN_COUNT as u64);
     if json {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -231,11 +231,9 @@ fn demo(
             "rounds": DEMO_ROUNDS,
             "runs": runs,
         });
-        serde_json::to_writer(&mut out, &report)?;
-        writeln!(out)?;
+        print_json(&mut out, &report)?;
         return Ok(());
     }
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     writeln!(out)?;
     writeln!(
         out,
@@ -293,6 +291,27 @@ fn demo(
     Ok(())
 }
 
+/// `bytes` in MiB, for the tables.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// Writes `v` as one line of JSON.
+fn print_json(out: &mut impl Write, v: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// The device memory `--device` names: private or coherent.
+fn memory_kind(device: &str) -> anyhow::Result<hetmem::MemoryKind> {
+    match device {
+        "private" => Ok(hetmem::MemoryKind::Private),
+        "coherent" => Ok(hetmem::MemoryKind::Coherent),
+        _ => anyhow::bail!("--device must be private or coherent, not {device}"),
+    }
+}
+
 fn run_workload(
     workload: &str,
     policy: Option<&str>,
@@ -309,11 +328,7 @@ fn run_workload(
         (1..=1000).contains(&rounds),
         "--rounds must be 1 to 1000, not {rounds}"
     );
-    let coherent = match device {
-        "private" => false,
-        "coherent" => true,
-        _ => anyhow::bail!("--device must be private or coherent, not {device}"),
-    };
+    let coherent = memory_kind(device)? == hetmem::MemoryKind::Coherent;
     let policies: Vec<&str> = match policy {
         Some(p) => vec![p],
         None => hetmem::workload::POLICIES.to_vec(),
@@ -338,7 +353,7 @@ fn run_workload(
     }
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer(
+        print_json(
             &mut out,
             &serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
@@ -346,10 +361,8 @@ fn run_workload(
                 "runs": reports,
             }),
         )?;
-        writeln!(out)?;
         return Ok(());
     }
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     writeln!(
         out,
         "{workload}: {size_mib} MiB, {rounds} rounds, seed {seed}, a device-{device} device"
@@ -393,11 +406,7 @@ fn replay(
     json: bool,
 ) -> anyhow::Result<()> {
     use hetmem::policy::oracle::{Costs, lower_bound, with_capacity};
-    let kind = match device {
-        "private" => hetmem::MemoryKind::Private,
-        "coherent" => hetmem::MemoryKind::Coherent,
-        _ => anyhow::bail!("--device must be private or coherent, not {device}"),
-    };
+    let kind = memory_kind(device)?;
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let mut trace = Vec::new();
     for (i, line) in text
@@ -452,7 +461,7 @@ fn replay(
                 })
             })
             .collect();
-        serde_json::to_writer(
+        print_json(
             &mut out,
             &serde_json::json!({
                 "accesses": trace.len(),
@@ -463,10 +472,8 @@ fn replay(
                 "runs": runs,
             }),
         )?;
-        writeln!(out)?;
         return Ok(());
     }
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     writeln!(
         out,
         "{}: {} accesses to {pages} pages, device-{device} memory for {capacity} pages; the \
@@ -502,7 +509,6 @@ fn plot_runs(
     size_mib: usize,
 ) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let root = SVGBackend::new(path, (960, 720)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(360);
@@ -584,8 +590,7 @@ fn bench(json: bool, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
             "thp": thp_setting(),
             "results": results,
         });
-        serde_json::to_writer(&mut out, &report)?;
-        writeln!(out)?;
+        print_json(&mut out, &report)?;
         return Ok(());
     }
     // The name columns fit the longest name.

@@ -253,6 +253,18 @@ fn demo_profile_sets_every_devices_link() {
         assert_eq!(r["profile"], "pcie4", "{r}");
         assert_eq!(r["verified"], true);
     }
+    // The devices really use it: the mirror's reads over a PCIe 4 link (25 GB/s) take longer
+    // than over its default PCIe 5 (50 GB/s), for the same bytes.
+    let default: serde_json::Value =
+        serde_json::from_str(&hetmem(&["demo", "--size", "4", "--json"], None)).unwrap();
+    let mirror_time = |v: &serde_json::Value| v["runs"][0]["modelled_device_s"].as_f64().unwrap();
+    assert_eq!(default["runs"][0]["placement"], "mirror");
+    assert!(
+        mirror_time(&v) > mirror_time(&default),
+        "pcie4 {} vs pcie5 {}",
+        mirror_time(&v),
+        mirror_time(&default)
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
         .args(["demo", "--profile", "nope"])
         .output()

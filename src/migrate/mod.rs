@@ -114,12 +114,7 @@ pub struct MigrateVma<'a> {
     /// Pages collected for migration (a compound entry counts its 512 pages).
     pub cpages: usize,
     mode: FaultMode,
-    writable: bool,
     protected: Vec<bool>,
-    /// Some selected page was the shared zero page: write-protected whatever the mapping's
-    /// permissions, so finalize removes the protection of what stays mapped even in a mapping
-    /// that was not writable.
-    zero_seen: bool,
     /// Dropped without `finalize`: every page is declined.
     aborted: bool,
 }
@@ -171,13 +166,12 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     // one lock hold each (faults on the rest of the space are served between two holds). A page
     // of a later chunk that a fault serves meanwhile is selected in its new state.
     let id = st.register_claim(r);
-    let mut zero_seen = false;
     let mut i = 0;
     let mut chunk_start = 0;
     loop {
         if i >= n || i >= chunk_start + CHUNK_PAGES {
             // The chunk is selected: notify and mark it in the same hold.
-            zero_seen |= mark_chunk(
+            mark_chunk(
                 core,
                 &mut st,
                 r,
@@ -333,9 +327,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         dst: vec![0; n],
         cpages,
         mode,
-        writable,
         protected,
-        zero_seen,
         aborted: false,
     };
     // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
@@ -369,7 +361,7 @@ const CHUNK_PAGES: usize = if cfg!(test) { 1 } else { 64 };
 /// interval notifiers (MIGRATE, with the initiator as owner) over the chunk's pages and marks
 /// those that may move MIGRATING (the kernel's migration entries), in the hold that selected
 /// them. From then on a CPU fault on one waits for the migration, a device fault on one gets
-/// EBUSY. Returns whether one of them was the shared zero page (its mark goes).
+/// EBUSY. A zero page's mark goes: it is a private page from then on.
 #[allow(clippy::too_many_arguments)]
 fn mark_chunk(
     core: &SpaceCore,
@@ -380,9 +372,9 @@ fn mark_chunk(
     src: &[u64],
     marked: &mut [bool],
     owner: Owner,
-) -> bool {
+) {
     if from >= to {
-        return false;
+        return;
     }
     let cr = VaRange {
         start: r.start.add(from * PAGE_SIZE),
@@ -392,7 +384,6 @@ fn mark_chunk(
     // The range lies in one mapping (checked at setup, kept by the claim): mark in place.
     let v = st.vma_mut(r.start).expect("a claimed range is mapped");
     let base = v.idx(r.start);
-    let mut zero = false;
     let mut i = from;
     while i < to {
         let span = if src[i] & MIGRATE_PFN_COMPOUND != 0 {
@@ -407,14 +398,12 @@ fn mark_chunk(
             {
                 // A zero page leaves the mark behind: a migration that declines it removes its
                 // write protection, and it is a private page from then on.
-                zero |= p.is_zero_page();
                 *p = p.with_migrating(true).without_zero();
                 *m = true;
             }
         }
         i += span;
     }
-    zero
 }
 
 /// A run of migrated slots being gathered into one trace event.
@@ -871,7 +860,9 @@ impl MigrateVma<'_> {
         }
         // Write protection comes off the pages that stay in (or went to) the CPU view now,
         // while every page of the migration is still marked: no other migration can select and
-        // protect one of them again meanwhile, so this cannot undo its protection.
+        // protect one of them again meanwhile, so this cannot undo its protection. In a mapping
+        // that is not writable setup protected nothing, but a zero page there is protected
+        // (mapped so) and must come off too: the removal runs whatever the permissions.
         let mut unprotect = vec![false; n];
         let mut i = 0;
         while i < n {
@@ -883,14 +874,12 @@ impl MigrateVma<'_> {
             }
             i += span;
         }
-        if self.writable || self.zero_seen {
-            for (s, e) in runs(&unprotect) {
-                let r = VaRange {
-                    start: self.start.add(s * PAGE_SIZE),
-                    end: self.start.add(e * PAGE_SIZE),
-                };
-                let _ = core.mm.write_protect(r, false, self.mode);
-            }
+        for (s, e) in runs(&unprotect) {
+            let r = VaRange {
+                start: self.start.add(s * PAGE_SIZE),
+                end: self.start.add(e * PAGE_SIZE),
+            };
+            let _ = core.mm.write_protect(r, false, self.mode);
         }
         // Pass 3 (under the lock, in chunks of `CHUNK_PAGES`): a page's entry is committed and
         // its mark cleared in one hold. A page of a later chunk stays marked until its own hold

@@ -171,6 +171,16 @@ impl World {
         );
     }
 
+    /// CPU loads of every page of the mapping show `want` (the file's bytes).
+    fn check_loads(&self, want: &[u8]) {
+        for (p, page) in want.chunks(PAGE_SIZE).enumerate() {
+            assert!(
+                load(&self.space, self.page(p)).as_deref() == Some(page),
+                "the mapping shows other data than the file at page {p}"
+            );
+        }
+    }
+
     /// Drops in order: the mirror (threads are joined, so this is the last handle), then the
     /// device (evicting what it still holds back into the cache), then the space.
     fn finish(self) {
@@ -968,12 +978,7 @@ fn device_writes_through_intercepting_mapping_vs_fsync_body() {
     w.m.read(w.base, 2 * PAGE_SIZE, &mut b)
         .expect("device read");
     assert!(b == want, "the device reads other data than the file");
-    for p in 0..2 {
-        assert!(
-            load(&w.space, w.page(p)).as_deref() == Some(&want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]),
-            "the mapping shows other data than the file at page {p}"
-        );
-    }
+    w.check_loads(&want);
     // The device asks for write access again, and its write reaches the file.
     w.m.write(w.base, PAGE_SIZE, &fill(val(DEV_LAST + 1, 0), PAGE_SIZE))
         .expect("device write after fsync");
@@ -1040,12 +1045,7 @@ fn cpu_store_vs_private_placement_body() {
         dev_read(&w.m, w.page(0)) == want[..PAGE_SIZE],
         "device read"
     );
-    for p in 0..2 {
-        assert!(
-            load(&w.space, w.page(p)).as_deref() == Some(&want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]),
-            "the mapping shows other data than the file at page {p}"
-        );
-    }
+    w.check_loads(&want);
     w.check_places("at the end");
     w.finish();
 }
@@ -1144,11 +1144,8 @@ fn coherent_placement_with_a_second_device_body() {
     assert!(w.view() == want, "read_at: a write is lost");
     w.h.fsync().expect("fsync");
     assert!(w.disk() == want, "file after fsync: a write is lost");
+    w.check_loads(&want);
     for p in 0..2 {
-        assert!(
-            load(&w.space, w.page(p)).as_deref() == Some(&want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]),
-            "the mapping shows other data than the file at page {p}"
-        );
         assert!(
             dev_read(&cm, w.page(p)) == want[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
             "the coherent device reads other data than the file at page {p}"
