@@ -655,3 +655,39 @@ fn write_at_next_to_a_replica_keeps_a_coherent_page_in_place() {
         assert_eq!(coh.used(), PAGE);
     }
 }
+
+/// The replica of a partial last page holds zeros past the end of file, whatever page was
+/// copied before it: after the file grows, a device reading its replica sees the zeros the
+/// extension promises (it used to see the previous page's bytes there; found by the file-cache
+/// model, seed 1796220943457260753).
+#[test]
+fn the_replica_of_a_partial_last_page_reads_zeros_past_the_old_end() {
+    let _w = watchdog("replica of a partial last page", 30);
+    let len = 2 * PAGE + 1;
+    let mut data = vec![0x5au8; len];
+    // Written through the cache (the memfd ends at the end of file, mid-page).
+    let f = TempFile::new("replica-tail", &[]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    h.write_at(0, &data).unwrap();
+    let dev = SoftDevice::private(1 << 20).unwrap();
+    let s = Space::new().unwrap();
+    let m = dev.mirror(&s).unwrap();
+    let a = s
+        .map_file_with(&h, 0, 3 * PAGE, intercepting(Prot::ReadWrite))
+        .unwrap();
+    assert_eq!(cache.replicate(0, len as u64, dev.pagemap()).unwrap(), 3);
+    h.set_len(3 * PAGE as u64).unwrap();
+    data.resize(3 * PAGE, 0);
+    let mut buf = vec![0u8; 3 * PAGE];
+    m.read(a, 3 * PAGE, &mut buf).unwrap();
+    assert_eq!(
+        owners(&cache, 2),
+        vec![dev.owner()],
+        "the device read its replica"
+    );
+    let bad = buf.iter().zip(&data).position(|(x, y)| x != y);
+    assert_eq!(bad, None, "the device reads stale bytes past the old end");
+    s.cpu_read(a, &mut buf).unwrap();
+    assert!(buf == data);
+}

@@ -236,10 +236,9 @@ impl FileCache {
             if !coherent {
                 // The page's bytes go to the frame; the memfd page is punched below. Past the
                 // end of file (a partial last page) the frame holds zeros.
-                let copied = self.memfd.read_at(p * PAGE, &mut page).and_then(|n| {
-                    page[n..].fill(0);
-                    pm.store().write(f.offset(), &page)
-                });
+                let copied = self
+                    .read_memfd_page(p, &mut page)
+                    .and_then(|()| pm.store().write(f.offset(), &page));
                 if let Err(e) = copied {
                     pm.free(f, false);
                     copy_err = Some(Error::os("copy a file page to the device", e));
@@ -618,9 +617,8 @@ impl FileCache {
                 break;
             };
             let copied = self
-                .memfd
-                .read_at(p * PAGE, &mut page)
-                .and_then(|_| pm.store().write(f.offset(), &page));
+                .read_memfd_page(p, &mut page)
+                .and_then(|()| pm.store().write(f.offset(), &page));
             if let Err(e) = copied {
                 pm.free(f, false);
                 return Err(Error::os("copy a file page to the device", e));
@@ -677,6 +675,14 @@ impl FileCache {
                 replica: true,
             })
         }))
+    }
+
+    /// Reads page `p` of the memfd into `page`; past the end of file (a partial last page) it
+    /// holds zeros, whatever `page` held before (it is reused from page to page).
+    fn read_memfd_page(&self, p: u64, page: &mut [u8]) -> io::Result<()> {
+        let n = self.memfd.read_at(p * PAGE, page)?;
+        page[n..].fill(0);
+        Ok(())
     }
 
     /// Frees every replica of page `p` (the caller invalidated their device mappings).
