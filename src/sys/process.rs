@@ -157,42 +157,53 @@ unsafe fn read_raw(fd: std::os::fd::BorrowedFd<'_>, addr: usize, len: usize) -> 
 /// managed memory is formed, so a device (or another thread) writing the memory meanwhile is not
 /// a data race on a Rust object: a word it wrote is seen whole or not at all.
 pub(crate) fn cpu_read(addr: usize, dst: &mut [u8]) {
-    let len = dst.len();
+    let (len, d) = (dst.len(), dst.as_mut_ptr());
     let mut i = 0;
-    while i < len {
-        let a = addr + i;
-        if a.is_multiple_of(8) && len - i >= 8 {
-            // SAFETY: the caller checked the range lies in a live reservation, where no Rust
-            // object lives; a volatile load forms no reference (a fault is served or kills the
-            // process).
-            let w = unsafe { ptr::read_volatile(a as *const u64) };
-            dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
-            i += 8;
-        } else {
-            // SAFETY: as above, one byte.
-            dst[i] = unsafe { ptr::read_volatile(a as *const u8) };
-            i += 1;
+    while i < len && !(addr + i).is_multiple_of(8) {
+        // SAFETY: the caller checked the range lies in a live reservation, where no Rust
+        // object lives; a volatile load forms no reference (a fault is served or kills the
+        // process). `i < len`: inside `dst`.
+        unsafe { d.add(i).write(ptr::read_volatile((addr + i) as *const u8)) };
+        i += 1;
+    }
+    while len - i >= 8 {
+        // SAFETY: as above, an aligned word; `i + 8 <= len`: inside `dst` (written unaligned).
+        unsafe {
+            let w = ptr::read_volatile((addr + i) as *const u64);
+            d.add(i).cast::<u64>().write_unaligned(w);
         }
+        i += 8;
+    }
+    while i < len {
+        // SAFETY: as above, one byte.
+        unsafe { d.add(i).write(ptr::read_volatile((addr + i) as *const u8)) };
+        i += 1;
     }
 }
 
 /// CPU copy into managed memory, with real stores that may fault (volatile-style, as
 /// [`cpu_read`]: every byte stored once, aligned 8-byte stores where the range allows).
 pub(crate) fn cpu_write(addr: usize, src: &[u8]) {
-    let len = src.len();
+    let (len, p) = (src.len(), src.as_ptr());
     let mut i = 0;
-    while i < len {
-        let a = addr + i;
-        if a.is_multiple_of(8) && len - i >= 8 {
-            let w = u64::from_ne_bytes(src[i..i + 8].try_into().expect("8 bytes"));
-            // SAFETY: as in cpu_read.
-            unsafe { ptr::write_volatile(a as *mut u64, w) };
-            i += 8;
-        } else {
-            // SAFETY: as in cpu_read, one byte.
-            unsafe { ptr::write_volatile(a as *mut u8, src[i]) };
-            i += 1;
+    while i < len && !(addr + i).is_multiple_of(8) {
+        // SAFETY: as in cpu_read, one byte; `i < len`: inside `src`.
+        unsafe { ptr::write_volatile((addr + i) as *mut u8, p.add(i).read()) };
+        i += 1;
+    }
+    while len - i >= 8 {
+        // SAFETY: as in cpu_read, an aligned word; `i + 8 <= len`: inside `src` (read
+        // unaligned).
+        unsafe {
+            let w = p.add(i).cast::<u64>().read_unaligned();
+            ptr::write_volatile((addr + i) as *mut u64, w);
         }
+        i += 8;
+    }
+    while i < len {
+        // SAFETY: as in cpu_read, one byte.
+        unsafe { ptr::write_volatile((addr + i) as *mut u8, p.add(i).read()) };
+        i += 1;
     }
 }
 
