@@ -321,6 +321,56 @@ fn check_p0(b: &[u8], done: u32, after: &[AtomicU32; 4], what: &str) {
     }
 }
 
+/// A hole punch of page 0 racing a CPU thread's rounds of stores to it: whether the punch has
+/// completed, and for each round whether it had completed before the round's store began.
+struct PunchRace {
+    punched: Arc<AtomicU32>,
+    after: Arc<[AtomicU32; 4]>,
+}
+
+impl PunchRace {
+    fn new() -> Self {
+        PunchRace {
+            punched: Arc::new(AtomicU32::new(0)),
+            after: Arc::new(std::array::from_fn(|_| AtomicU32::new(0))),
+        }
+    }
+
+    /// A thread storing rounds 2..=B_LAST of page 0 at `at` through `space`, each noted in
+    /// `after` before it begins and passed to `stored` once done.
+    fn spawn_storer(
+        &self,
+        space: Space,
+        at: VirtAddr,
+        stored: impl Fn(u32) + Send + 'static,
+    ) -> thread::JoinHandle<()> {
+        let (punched, after) = (self.punched.clone(), self.after.clone());
+        thread::spawn(move || {
+            for r in 2..=B_LAST {
+                after[r as usize].store(punched.load(Ordering::SeqCst), Ordering::SeqCst);
+                space
+                    .cpu_write(at, &fill(val(r, 0), PAGE_SIZE))
+                    .expect("cpu store");
+                stored(r);
+            }
+        })
+    }
+
+    /// A thread punching page 0 through `h`, then noting it.
+    fn spawn_puncher(&self, h: Arc<FileHandle>) -> thread::JoinHandle<()> {
+        let punched = self.punched.clone();
+        thread::spawn(move || {
+            h.punch_hole(0, PAGE_SIZE as u64).expect("punch");
+            punched.store(1, Ordering::SeqCst);
+        })
+    }
+
+    /// Whether the punch had completed before store `r` began.
+    fn punched_before(&self, r: u32) -> bool {
+        self.after[r as usize].load(Ordering::SeqCst) == 1
+    }
+}
+
 /// The file has two pages, mapped shared (stores tracked asynchronously) in a space a device
 /// mirrors. A CPU thread stores to page 0 (rounds 2..=B_LAST) while another thread punches it
 /// (a store can land between the punch's scan of the mappings and the punch itself: the
@@ -337,32 +387,15 @@ fn device_and_cpu_stores_vs_punch_writeback_fsync_body() {
     // Rounds each writer has completed; whether the punch has completed; for each CPU round,
     // whether the punch had completed before it began.
     let done = Arc::new([AtomicU32::new(1), AtomicU32::new(1)]);
-    let punched = Arc::new(AtomicU32::new(0));
-    let after_punch = Arc::new([
-        AtomicU32::new(0),
-        AtomicU32::new(0),
-        AtomicU32::new(0),
-        AtomicU32::new(0),
-    ]);
+    let race = PunchRace::new();
     let cpuw = {
-        let (space, done, punched, after) = (
-            w.space.clone(),
-            done.clone(),
-            punched.clone(),
-            after_punch.clone(),
-        );
-        thread::spawn(move || {
-            for r in 2..=B_LAST {
-                after[r as usize].store(punched.load(Ordering::SeqCst), Ordering::SeqCst);
-                space
-                    .cpu_write(page(0), &fill(val(r, 0), PAGE_SIZE))
-                    .expect("cpu store");
-                done[0].store(r, Ordering::SeqCst);
-            }
+        let done = done.clone();
+        race.spawn_storer(w.space.clone(), page(0), move |r| {
+            done[0].store(r, Ordering::SeqCst)
         })
     };
     let devw = {
-        let (m, done, after) = (m.clone(), done.clone(), after_punch.clone());
+        let (m, done, after) = (m.clone(), done.clone(), race.after.clone());
         thread::spawn(move || {
             let mut b = vec![0u8; PAGE_SIZE];
             for r in 2..=B_LAST {
@@ -376,19 +409,13 @@ fn device_and_cpu_stores_vs_punch_writeback_fsync_body() {
             }
         })
     };
-    let puncher = {
-        let (h, punched) = (w.h.clone(), punched.clone());
-        thread::spawn(move || {
-            h.punch_hole(0, PAGE_SIZE as u64).expect("punch");
-            punched.store(1, Ordering::SeqCst);
-        })
-    };
+    let puncher = race.spawn_puncher(w.h.clone());
     let flusher = {
         let (cache, file, done, after) = (
             w.cache.clone(),
             w.file.clone(),
             done.clone(),
-            after_punch.clone(),
+            race.after.clone(),
         );
         let h = Arc::new(w.cache.handle());
         thread::spawn(move || {
@@ -417,7 +444,7 @@ fn device_and_cpu_stores_vs_punch_writeback_fsync_body() {
     let disk = w.disk();
     last_store_or_punch(
         uniform(&disk[..PAGE_SIZE], "file page 0"),
-        after_punch[B_LAST as usize].load(Ordering::SeqCst) == 1,
+        race.punched_before(B_LAST),
     );
     assert_eq!(
         uniform(&disk[PAGE_SIZE..], "file page 1"),
@@ -580,32 +607,13 @@ fn intercepted_stores_vs_punch_body() {
     let w = World::new(2, 16, 16);
     let s = w.map(0, 2, true, true);
     let done = Arc::new(AtomicU32::new(1));
-    let punched = Arc::new(AtomicU32::new(0));
-    let after_punch = Arc::new([
-        AtomicU32::new(0),
-        AtomicU32::new(0),
-        AtomicU32::new(0),
-        AtomicU32::new(0),
-    ]);
+    let race = PunchRace::new();
     let storer = {
-        let (space, done, punched, after) = (
-            w.space.clone(),
-            done.clone(),
-            punched.clone(),
-            after_punch.clone(),
-        );
-        thread::spawn(move || {
-            for r in 2..=B_LAST {
-                after[r as usize].store(punched.load(Ordering::SeqCst), Ordering::SeqCst);
-                space
-                    .cpu_write(s, &fill(val(r, 0), PAGE_SIZE))
-                    .expect("intercepted store");
-                done.store(r, Ordering::SeqCst);
-            }
-        })
+        let done = done.clone();
+        race.spawn_storer(w.space.clone(), s, move |r| done.store(r, Ordering::SeqCst))
     };
     let reader = {
-        let (space, done, after) = (w.space.clone(), done.clone(), after_punch.clone());
+        let (space, done, after) = (w.space.clone(), done.clone(), race.after.clone());
         thread::spawn(move || {
             for _ in 0..2 {
                 let d = done.load(Ordering::SeqCst);
@@ -614,15 +622,9 @@ fn intercepted_stores_vs_punch_body() {
             }
         })
     };
-    let puncher = {
-        let (h, punched) = (w.h.clone(), punched.clone());
-        thread::spawn(move || {
-            h.punch_hole(0, PAGE_SIZE as u64).expect("punch");
-            punched.store(1, Ordering::SeqCst);
-        })
-    };
+    let puncher = race.spawn_puncher(w.h.clone());
     let syncer = {
-        let (file, done, after) = (w.file.clone(), done.clone(), after_punch.clone());
+        let (file, done, after) = (w.file.clone(), done.clone(), race.after.clone());
         let h = Arc::new(w.cache.handle());
         thread::spawn(move || {
             let d = done.load(Ordering::SeqCst);
@@ -639,7 +641,7 @@ fn intercepted_stores_vs_punch_body() {
     let disk = w.disk();
     last_store_or_punch(
         uniform(&disk[..PAGE_SIZE], "file page 0"),
-        after_punch[B_LAST as usize].load(Ordering::SeqCst) == 1,
+        race.punched_before(B_LAST),
     );
     assert!(
         disk[PAGE_SIZE..] == fill(val(1, 1), PAGE_SIZE)[..],
