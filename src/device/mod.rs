@@ -1151,7 +1151,13 @@ impl DeviceMirror {
     /// [`Error::Overflow`] otherwise).
     pub fn migrate_range_to_device(&self, addr: VirtAddr, len: usize) -> Result<CmdOut> {
         let r = range_of(addr, len)?;
-        self.migrate_range(r)?;
+        if self.migrate_range(r)? == r.pages() {
+            // Every page moved and was mapped as it was committed.
+            return Ok(CmdOut {
+                cpages: r.pages() as u64,
+                faults: 0,
+            });
+        }
         let first = r.start.page().0;
         let mut cur = self.mapped_until(&r, first);
         if cur < r.end.page().0 {
@@ -1194,7 +1200,9 @@ impl DeviceMirror {
         self.range_fault_map(&n, Vpn(cur), r.end.page(), 0, true)
     }
 
-    fn migrate_range(&self, r: VaRange) -> Result<()> {
+    /// Migrates the anonymous pages of `r` to this device and maps them (a shared file range:
+    /// places the file's pages). Returns how many pages of `r` it mapped.
+    fn migrate_range(&self, r: VaRange) -> Result<usize> {
         let space = &self.inner.space;
         space.check_owner_process()?;
         if let Some((cache, first)) = space.shared_file_range(r) {
@@ -1212,10 +1220,12 @@ impl DeviceMirror {
                 pages = n,
                 "file pages placed in device memory"
             );
-            return Ok(());
+            return Ok(0);
         }
         let pm = self.inner.dev.pagemap.clone();
-        let notifier = self.notifier()?;
+        let mut mapped = 0;
+        // The mirror is attached (its invalidations reach the entries mapped below).
+        self.notifier()?;
         let mut a = r.start;
         while a < r.end {
             let (vend, readable) = space.vma_info(a).ok_or(Error::Invalid("no mapping"))?;
@@ -1315,55 +1325,50 @@ impl DeviceMirror {
                     1
                 };
             }
-            // Map the migrated pages once their data is in place (dmirror's finalize_and_map,
-            // after finalize here: finalize places coherent pages' data), fenced by the
-            // notifier's sequence as after read_begin: if anything invalidated the range since
-            // (a page declined in finalize, a CPU fault), map nothing; the read-back re-faults.
-            let seq = mig.notifier_seq(&notifier);
-            let start = mig.start;
-            let (src, dst) = mig.finalize();
-            // In holds of up to `PT_CHUNK` entries, the sequence checked in each: an
-            // invalidation between two holds stops the mapping (it cleared what was mapped
-            // before it); the rest re-faults.
-            let mut pt = lock(&self.inner.pt);
-            let mut held = 0;
-            let mut i = 0;
-            while i < src.len() && !notifier.read_retry(seq) {
-                let (w, d) = (src[i], dst[i]);
-                let span = if w & MIGRATE_PFN_COMPOUND != 0 {
-                    PAGES_PER_LARGE
-                } else {
-                    1
-                };
-                if let Some(PageTarget::Device { frame, .. }) = migrate::migrate_pfn_target(d)
-                    && w & MIGRATE_PFN_MIGRATE != 0
-                {
-                    for k in 0..span {
-                        pt.insert(
-                            start.page().0 + i + k,
-                            DevPte {
-                                target: PageTarget::Device {
-                                    pagemap: pm.id(),
-                                    frame: FrameIdx(frame.0 + k as u32),
+            // Map the migrated pages as each chunk is committed (dmirror's finalize_and_map),
+            // while they are still marked MIGRATING: nothing can invalidate them between the
+            // commit and the mapping, and invalidations elsewhere in the space (a CPU fault on
+            // another mapping) do not stop it. In holds of one committed chunk.
+            let own = pm.id();
+            let inner = &self.inner;
+            let mapped_ref = &mut mapped;
+            let mut map = |start: VirtAddr, src: &[u64], dst: &[u64]| {
+                let mut pt = lock(&inner.pt);
+                let mut i = 0;
+                while i < src.len() {
+                    let (w, d) = (src[i], dst[i]);
+                    let span = if w & MIGRATE_PFN_COMPOUND != 0 {
+                        PAGES_PER_LARGE
+                    } else {
+                        1
+                    };
+                    if let Some(PageTarget::Device { pagemap, frame }) =
+                        migrate::migrate_pfn_target(d)
+                        && pagemap == own
+                        && w & MIGRATE_PFN_MIGRATE != 0
+                    {
+                        for k in 0..span {
+                            pt.insert(
+                                start.page().0 + i + k,
+                                DevPte {
+                                    target: PageTarget::Device {
+                                        pagemap,
+                                        frame: FrameIdx(frame.0 + k as u32),
+                                    },
+                                    write: d & MIGRATE_PFN_WRITE != 0,
+                                    atomic: false,
                                 },
-                                write: d & MIGRATE_PFN_WRITE != 0,
-                                atomic: false,
-                            },
-                        );
+                            );
+                        }
+                        *mapped_ref += span;
                     }
-                    held += span;
+                    i += span;
                 }
-                i += span;
-                if held >= PT_CHUNK {
-                    drop(pt);
-                    pt = lock(&self.inner.pt);
-                    held = 0;
-                }
-            }
-            drop(pt);
+            };
+            mig.finalize_and_map(&mut map);
             a = next;
         }
-        Ok(())
+        Ok(mapped)
     }
 
     /// A base frame for slot `i` of `mig`. When the device cannot give one (full, or an

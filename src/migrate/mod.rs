@@ -351,6 +351,10 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
     Ok(mig)
 }
 
+/// A driver's mapping of committed pages ([`MigrateVma::finalize_and_map`]): called with a
+/// chunk's first address and its `src` and `dst` words.
+pub type MapCommitted<'m> = dyn FnMut(VirtAddr, &[u64], &[u64]) + 'm;
+
 /// Pages a migration selects, or commits, in one hold of the address space's lock: a hold is
 /// then a few microseconds, and a fault on another page of the space waits at most that long.
 /// (A 2 MiB unit is selected and committed whole, in one hold.) Under the schedule explorer one
@@ -651,7 +655,25 @@ impl MigrateVma<'_> {
     /// final `src` and `dst` words: a page migrated iff its `src` still has `MIGRATE` (finalize
     /// itself declines a page it could not complete).
     pub fn finalize(mut self) -> (Vec<u64>, Vec<u64>) {
-        self.finish();
+        self.finish(None);
+        (std::mem::take(&mut self.src), std::mem::take(&mut self.dst))
+    }
+
+    /// [`Self::finalize`] with the driver's device mapping in it, as dmirror's
+    /// `dmirror_migrate_finalize_and_map` maps the new pages before `migrate_vma_finalize`:
+    /// `map(start, src, dst)` is called once per committed chunk, under the address space's
+    /// lock, while the chunk's pages are still marked MIGRATING, with the chunk's first address
+    /// and its slots (a slot whose `src` word still has [`MIGRATE_PFN_MIGRATE`] moved to its
+    /// `dst`). No CPU fault or invalidation can come between the commit and the mapping, so the
+    /// driver needs no sequence check, and an invalidation of another part of the space (a CPU
+    /// fault elsewhere) no longer stops the mapping. `map` may take the device's page-table
+    /// lock (it ranks after the address space's); it must not allocate on behalf of faults or
+    /// take the address space's lock.
+    pub fn finalize_and_map(
+        mut self,
+        map: &mut MapCommitted<'_>,
+    ) -> (Vec<u64>, Vec<u64>) {
+        self.finish(Some(map));
         (std::mem::take(&mut self.src), std::mem::take(&mut self.dst))
     }
 
@@ -672,7 +694,7 @@ impl MigrateVma<'_> {
     ///    (a driver may have mapped the destination already), their destination frames freed,
     ///    their write protection removed; the MIGRATING marks are cleared and the migration
     ///    leaves the space's list. Waiters are woken once the lock is released.
-    fn finish(&mut self) {
+    fn finish(&mut self, mut map: Option<&mut MapCommitted<'_>>) {
         if !self.active {
             return;
         }
@@ -897,6 +919,13 @@ impl MigrateVma<'_> {
         let mut i = 0;
         while i < n {
             if i >= chunk_start + CHUNK_PAGES {
+                if let Some(map) = map.as_mut() {
+                    map(
+                        self.addr(chunk_start),
+                        &self.src[chunk_start..i],
+                        &self.dst[chunk_start..i],
+                    );
+                }
                 self.unmark(&mut st, chunk_start, i);
                 drop(st);
                 st = core.lock_state();
@@ -1006,6 +1035,15 @@ impl MigrateVma<'_> {
             run.add(&st, core.id, moving, a, i, span);
             i += span;
         }
+        if let Some(map) = map.as_mut()
+            && chunk_start < n
+        {
+            map(
+                self.addr(chunk_start),
+                &self.src[chunk_start..n],
+                &self.dst[chunk_start..n],
+            );
+        }
         self.unmark(&mut st, chunk_start, n);
         run.flush(&st, core.id);
         st.release_claim(self.id);
@@ -1071,7 +1109,7 @@ impl Drop for MigrateVma<'_> {
         if self.active {
             // Every page is declined, and the destinations the driver set are freed.
             self.aborted = true;
-            self.finish();
+            self.finish(None);
         }
     }
 }
