@@ -117,7 +117,7 @@ pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
         Ok(g) => g,
         Err(p) => recover_or_abort::<T, _>(p.into_inner(), at),
     };
-    let watch = watch::hold(at, level_of::<T>());
+    let watch = watch::hold(at, level_of::<T>);
     Guard { g: Some(g), watch }
 }
 
@@ -126,11 +126,22 @@ pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
 /// DESIGN.md §3) that costs more than the wait.
 #[cfg(not(test))]
 fn spin_then_lock<T>(m: &Mutex<T>) -> std::sync::LockResult<std::sync::MutexGuard<'_, T>> {
-    for _ in 0..SPIN_TRIES {
+    // Between two tries the spinner backs off (1, 2, 4 … up to `SPIN_BACKOFF_MAX` pauses): a
+    // failed try takes the lock's cache line exclusively, and the holder's data shares that
+    // line, so tries in a tight loop slow the very critical section they wait for.
+    let mut pauses = 1;
+    let mut spent = 0;
+    while spent < SPIN_PAUSES {
         match m.try_lock() {
             Ok(g) => return Ok(g),
             Err(std::sync::TryLockError::Poisoned(p)) => return Err(p),
-            Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                for _ in 0..pauses {
+                    std::hint::spin_loop();
+                }
+                spent += pauses;
+                pauses = (pauses * 2).min(SPIN_BACKOFF_MAX);
+            }
         }
     }
     m.lock()
@@ -142,9 +153,13 @@ fn spin_then_lock<T>(m: &Mutex<T>) -> std::sync::LockResult<MutexGuard<'_, T>> {
     m.lock()
 }
 
-/// Tries of [`spin_then_lock`] before it sleeps (a few microseconds).
+/// Pauses [`spin_then_lock`] spends before it sleeps (a few microseconds).
 #[cfg(not(test))]
-const SPIN_TRIES: u32 = 2000;
+const SPIN_PAUSES: u32 = 2000;
+
+/// The longest back-off between two tries of [`spin_then_lock`], in pauses.
+#[cfg(not(test))]
+const SPIN_BACKOFF_MAX: u32 = 16;
 
 /// Whether a poisoned lock protecting a `T` ends the process instead of being recovered: the
 /// state locks, whose critical sections make several writes that a panic can separate (module
@@ -218,7 +233,7 @@ pub fn wait<'a, T>(cv: &Condvar, mut g: Guard<'a, T>) -> Guard<'a, T> {
         Ok(g) => g,
         Err(p) => recover_or_abort::<T, _>(p.into_inner(), at),
     };
-    let watch = watch::hold(at, level_of::<T>());
+    let watch = watch::hold(at, level_of::<T>);
     Guard {
         g: Some(inner),
         watch,
@@ -389,11 +404,13 @@ mod watch {
         });
     }
 
-    pub(super) fn hold(at: &'static Location<'static>, level: Option<u8>) -> Option<Held> {
+    /// `level` gives the lock's level (computed from its type name: only when watched).
+    pub(super) fn hold(at: &'static Location<'static>, level: fn() -> Option<u8>) -> Option<Held> {
         if BOUND_MS.load(Ordering::Relaxed) == 0 {
             return None;
         }
         bound()?;
+        let level = level();
         // Not in the crate's unit-test build: shuttle runs its tasks as coroutines of one OS
         // thread, which would share this thread-local stack of levels.
         let level = if cfg!(test) { None } else { level };

@@ -528,7 +528,10 @@ const LEAF: usize = 512;
 /// number. Leaves are allocated by device operations only; invalidation just clears entries, so
 /// a notifier callback neither allocates nor frees (it can run on the CPU fault path, in a
 /// SIGBUS handler).
+/// Aligned to a cache line: the lock word and the data of `Mutex<DevPageTable>` sit on
+/// different lines (see `SpaceState`).
 #[derive(Default)]
+#[repr(align(64))]
 struct DevPageTable {
     leaves: BTreeMap<usize, Box<[Option<DevPte>; LEAF]>>,
     len: usize,

@@ -669,10 +669,7 @@ impl MigrateVma<'_> {
     /// fault elsewhere) no longer stops the mapping. `map` may take the device's page-table
     /// lock (it ranks after the address space's); it must not allocate on behalf of faults or
     /// take the address space's lock.
-    pub fn finalize_and_map(
-        mut self,
-        map: &mut MapCommitted<'_>,
-    ) -> (Vec<u64>, Vec<u64>) {
+    pub fn finalize_and_map(mut self, map: &mut MapCommitted<'_>) -> (Vec<u64>, Vec<u64>) {
         self.finish(Some(map));
         (std::mem::take(&mut self.src), std::mem::take(&mut self.dst))
     }

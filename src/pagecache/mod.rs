@@ -97,7 +97,10 @@ impl Default for CacheConfig {
     }
 }
 
+/// Aligned to a cache line: the lock word and the data of `Mutex<CacheState>` sit on different
+/// lines (see `SpaceState`).
 #[derive(Debug)]
+#[repr(align(64))]
 struct CacheState {
     /// The file's size as this process sees it.
     size: u64,

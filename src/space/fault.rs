@@ -475,11 +475,6 @@ impl SpaceCore {
         }
         st.release_claim(id);
         if res.is_ok() {
-            if pte.large() {
-                pm.free(head.frame(), true);
-            } else {
-                pm.free(head.frame(), false);
-            }
             self.counters
                 .pages_to_system
                 .fetch_add(r.pages() as u64, Ordering::Relaxed);
@@ -496,6 +491,10 @@ impl SpaceCore {
         }
         drop(st);
         self.notify_migrations_done();
+        if res.is_ok() {
+            // Nothing names the frame any more: freed without the space's lock.
+            pm.free(head.frame(), pte.large());
+        }
         res
     }
 

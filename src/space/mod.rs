@@ -185,7 +185,10 @@ impl Vma {
     }
 }
 
-/// The state behind [`SpaceCore::state`] (lock 1 of the module doc).
+/// The state behind [`SpaceCore::state`] (lock 1 of the module doc). Aligned to a cache line, so
+/// that in `Mutex<SpaceState>` the lock word and the data sit on different lines: threads
+/// spinning for the lock then do not take the holder's data away from it.
+#[repr(align(64))]
 pub(crate) struct SpaceState {
     pub(crate) vmas: BTreeMap<usize, Vma>,
     pub(crate) notifiers: Vec<Arc<IntervalNotifier>>,
