@@ -11,6 +11,9 @@
 //! * [`invalidation_vs_range_fault_retry`]: device reads race protection changes, migrations and
 //!   CPU stores: every word a device read returns is a value some writer wrote, never older than
 //!   one the same reader saw before.
+//! * [`migration_maps_its_pages_while_faults_elsewhere_invalidate`]: a migration maps its pages
+//!   on the device as it commits them, while CPU fault-backs elsewhere in the space invalidate
+//!   the mirror: the device then reads them without a fault.
 //! * [`exclusive_vs_cpu_atomics`]: device atomics on a device-exclusive page race CPU atomics
 //!   and plain stores to the same page (each revoking the grant): no increment or store is lost.
 
@@ -627,4 +630,86 @@ fn fault_around_runs_are_per_thread() {
         f2 <= 2 * f1 + 4,
         "two threads took {f2} faults for what one thread alone takes {f1} per half"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A migration's device mapping vs invalidations elsewhere in the space
+// ---------------------------------------------------------------------------------------------
+
+/// The device maps a migration's pages as each chunk is committed (dmirror's
+/// `finalize_and_map`), while CPU fault-backs on another mapping of the same space invalidate the
+/// mirror (its one notifier spans the whole space) over and over: after every migration of B to
+/// the device, every page of B is device-private and mapped by the device, the device reads B's
+/// values, and the CPU reads A's (each fault-back brings a page back while B moves).
+#[test]
+fn migration_maps_its_pages_while_faults_elsewhere_invalidate() {
+    let _w = watchdog("migration_maps_its_pages_while_faults_elsewhere", 60);
+    const A_PAGES: usize = 2048;
+    const B_PAGES: usize = 512;
+    const ROUNDS: usize = 40;
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private((A_PAGES + B_PAGES) * PAGE + (4 << 20)).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(A_PAGES * PAGE, Prot::ReadWrite).unwrap();
+    let b = space.map_anon(B_PAGES * PAGE, Prot::ReadWrite).unwrap();
+    for p in 0..A_PAGES {
+        space.store_u32(a.add(p * PAGE), p as u32 + 1).unwrap();
+    }
+    for p in 0..B_PAGES {
+        space
+            .store_u32(b.add(p * PAGE), 0xb000_0000 | p as u32)
+            .unwrap();
+    }
+    let probe = space.probe(a, A_PAGES * PAGE).unwrap();
+    let done = AtomicBool::new(false);
+    let faulted = AtomicUsize::new(0);
+    thread::scope(|s| {
+        s.spawn(|| {
+            // Fault A back page by page, again and again, until B's rounds are done.
+            while !done.load(Ordering::Relaxed) {
+                m.migrate_range_to_device(a, A_PAGES * PAGE).unwrap();
+                for p in 0..A_PAGES {
+                    assert_eq!(probe.load_u32(a.add(p * PAGE)).unwrap(), p as u32 + 1);
+                    faulted.fetch_add(1, Ordering::Relaxed);
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut snap = vec![0u8; B_PAGES];
+        let mut buf = vec![0u8; B_PAGES * PAGE];
+        // Start once A's fault-backs are under way (the watchdog ends a thread that never
+        // starts).
+        while faulted.load(Ordering::Relaxed) == 0 {
+            thread::yield_now();
+        }
+        for round in 0..ROUNDS {
+            let out = m.migrate_range_to_device(b, B_PAGES * PAGE).unwrap();
+            assert_eq!(out.cpages, B_PAGES as u64);
+            m.snapshot(b, B_PAGES * PAGE, &mut snap).unwrap();
+            for (p, f) in snap.iter().enumerate() {
+                assert_eq!(
+                    *f & 0xF0,
+                    snap::DEV_PRIVATE_LOCAL,
+                    "round {round}: page {p} of B is not device-private and mapped ({f:#x})"
+                );
+            }
+            // Every page was mapped at its commit: the device reads B without a fault.
+            let out = m.read(b, B_PAGES * PAGE, &mut buf).unwrap();
+            assert_eq!(out.faults, 0, "round {round}: the device faulted to read B");
+            for p in 0..B_PAGES {
+                let w = u32::from_ne_bytes(buf[p * PAGE..p * PAGE + 4].try_into().unwrap());
+                assert_eq!(w, 0xb000_0000 | p as u32, "round {round}: page {p} of B");
+            }
+            m.migrate_to_system(b, B_PAGES * PAGE).unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    for p in 0..B_PAGES {
+        assert_eq!(
+            space.load_u32(b.add(p * PAGE)).unwrap(),
+            0xb000_0000 | p as u32
+        );
+    }
 }
