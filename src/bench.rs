@@ -2451,12 +2451,24 @@ impl FilePlacement {
 
     /// [`Self::device`] with the link model of `profile`.
     fn device_with(self, len: usize, profile: LinkProfile) -> Result<SoftDevice> {
-        let (kind, capacity) = match self {
+        self.device_of(len, self.kind(), profile)
+    }
+
+    /// The kind of device memory this placement uses (the mirrored placement's device is
+    /// device-private unless told otherwise: it never migrates).
+    fn kind(self) -> MemoryKind {
+        match self {
+            Self::Coherent => MemoryKind::Coherent,
+            _ => MemoryKind::Private,
+        }
+    }
+
+    /// The device of this placement with memory of `kind` and the link model of `profile`.
+    fn device_of(self, len: usize, kind: MemoryKind, profile: LinkProfile) -> Result<SoftDevice> {
+        let capacity = match self {
             // It never migrates: a pool of one 2 MiB unit.
-            Self::Mirror => (MemoryKind::Private, LARGE_PAGE_SIZE),
-            Self::Private => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
-            Self::Coherent => (MemoryKind::Coherent, len + LARGE_PAGE_SIZE),
-            Self::Replica | Self::OnDemand => (MemoryKind::Private, len + LARGE_PAGE_SIZE),
+            Self::Mirror => LARGE_PAGE_SIZE,
+            _ => len + LARGE_PAGE_SIZE,
         };
         SoftDevice::with_link(DeviceConfig { kind, capacity }, profile)
     }
@@ -2471,8 +2483,22 @@ const DEMO_RUNS: [FilePlacement; PLACEMENTS + 1] = [
     FilePlacement::OnDemand,
 ];
 
-/// How many runs [`largefile_placements`] makes (one per placement, and on demand).
-pub const DEMO_RUN_COUNT: usize = DEMO_RUNS.len();
+/// The runs [`largefile_placements`] makes for `device` (`None`: all of them): the placements
+/// a device of that kind offers — mirrored (on a device of that kind), then device-private,
+/// replicas and on demand for a private device, device-coherent for a coherent one.
+fn demo_runs(device: Option<MemoryKind>) -> impl Iterator<Item = FilePlacement> {
+    DEMO_RUNS.into_iter().filter(move |p| match (device, p) {
+        (None, _) | (_, FilePlacement::Mirror) => true,
+        (Some(k), FilePlacement::Coherent) => k == MemoryKind::Coherent,
+        (Some(k), _) => k == MemoryKind::Private,
+    })
+}
+
+/// How many runs [`largefile_placements`] makes for `device` (one per placement it offers, and
+/// on demand for a device-private one).
+pub fn demo_run_count(device: Option<MemoryKind>) -> usize {
+    demo_runs(device).count()
+}
 
 /// The number of placements ([`FilePlacement::ALL`]).
 const PLACEMENTS: usize = FilePlacement::ALL.len();
@@ -3129,16 +3155,23 @@ pub struct PlacementRun {
 
 /// The `largefile` workload (`len` bytes, `rounds` rounds; with `cpu_reads_all` the CPU phase
 /// also reads every page) once for each placement, in a fresh space: what `hetmem demo` shows.
-/// Each device has its kind's link profile, or `profile` for all of them.
-/// `progress` is told each placement before it runs. A run whose data does not match the model
-/// is an error.
+/// Each device has its kind's link profile, or `profile` for all of them. With `device`, only
+/// the placements a device of that kind offers run ([`demo_run_count`]), the mirrored one on a
+/// device of that kind. `progress` is told each placement before it runs. A run whose data does
+/// not match the model is an error.
 pub fn largefile_placements(
     len: usize,
     rounds: usize,
     cpu_reads_all: bool,
     profile: Option<LinkProfile>,
+    device: Option<MemoryKind>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<PlacementRun>> {
+    if device == Some(MemoryKind::System) {
+        return Err(Error::Invalid(
+            "the large file's device must be device-private or device-coherent memory",
+        ));
+    }
     let len = len.div_ceil(LARGE_PAGE_SIZE).max(1) * LARGE_PAGE_SIZE;
     let space = Space::with_config(SpaceConfig {
         size: (4 * len).max(1 << 30),
@@ -3150,10 +3183,17 @@ pub fn largefile_placements(
     let mut buf = vec![0u8; len];
     let trace = largefile_accesses(len, rounds, cpu_reads_all);
     let mut out = Vec::new();
-    for p in DEMO_RUNS {
+    for p in demo_runs(device) {
         progress(p.name());
-        let prof = profile.unwrap_or(p.profile());
-        let dev = p.device_with(len, prof)?;
+        let kind = match (p, device) {
+            (FilePlacement::Mirror, Some(k)) => k,
+            _ => p.kind(),
+        };
+        let prof = profile.unwrap_or(match kind {
+            MemoryKind::Coherent => LinkProfile::NVLINK_C2C,
+            _ => p.profile(),
+        });
+        let dev = p.device_of(len, kind, prof)?;
         let m = dev.mirror(&space)?;
         let mut series = Vec::new();
         let r = largefile_run(
@@ -3169,11 +3209,6 @@ pub fn largefile_placements(
             &mut buf,
             &mut series,
         )?;
-        let kind = if p == FilePlacement::Coherent {
-            MemoryKind::Coherent
-        } else {
-            MemoryKind::Private
-        };
         let oracle = crate::policy::oracle::lower_bound(
             &trace,
             kind,

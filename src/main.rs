@@ -37,6 +37,10 @@ enum Command {
         /// device's kind's (pcie5 for device-private, nvlink-c2c for device-coherent).
         #[arg(long)]
         profile: Option<String>,
+        /// Only the placements a device of this kind offers (private: mirrored, device-private,
+        /// replicas, on demand; coherent: mirrored, device-coherent); default: all of them.
+        #[arg(long, value_parser = ["private", "coherent"])]
+        device: Option<String>,
     },
     /// Measure fault, migration and first-touch costs against baselines measured in the same run.
     Bench {
@@ -51,17 +55,18 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
-    /// Run a seeded workload (streaming, pingpong, random) on the software device under a
-    /// placement policy (default, uvm; every policy when none is given), against the offline
-    /// oracle's least traffic for the same accesses.
+    /// Run a seeded workload on the software device under a placement policy (every policy when
+    /// none is given), every byte verified, against the offline oracle's least traffic and
+    /// least modelled time for the same accesses.
     Run {
-        /// The workload: streaming, pingpong or random.
+        /// The workload.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(hetmem::workload::WORKLOADS))]
         workload: String,
-        /// The policy: default, uvm or coherent-aware (all of them when left out).
-        #[arg(long)]
+        /// The policy (all of them when left out).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(hetmem::workload::POLICIES))]
         policy: Option<String>,
-        /// The device's memory: private or coherent.
-        #[arg(long, default_value = "private")]
+        /// The device's memory.
+        #[arg(long, default_value = "private", value_parser = ["private", "coherent"])]
         device: String,
         /// Memory the workload uses, in MiB.
         #[arg(long, default_value_t = 64)]
@@ -85,11 +90,11 @@ enum Command {
     Replay {
         /// The trace file.
         trace: std::path::PathBuf,
-        /// The policy: default, uvm or coherent-aware (all of them when left out).
-        #[arg(long)]
+        /// The policy (all of them when left out).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(hetmem::workload::POLICIES))]
         policy: Option<String>,
-        /// The device's memory: private or coherent.
-        #[arg(long, default_value = "private")]
+        /// The device's memory.
+        #[arg(long, default_value = "private", value_parser = ["private", "coherent"])]
         device: String,
         /// Device memory in MiB (default: room for every page up to the trace's highest, as
         /// `hetmem run` sizes its device).
@@ -139,7 +144,8 @@ fn run() -> anyhow::Result<()> {
             json,
             plot,
             profile,
-        } => demo(size, json, plot, profile.as_deref())?,
+            device,
+        } => demo(size, json, plot, profile.as_deref(), device.as_deref())?,
         Command::Run {
             workload,
             policy,
@@ -178,7 +184,15 @@ fn demo(
     json: bool,
     plot: Option<std::path::PathBuf>,
     profile: Option<&str>,
+    device: Option<&str>,
 ) -> anyhow::Result<()> {
+    let device = device.map(|d| {
+        if d == "coherent" {
+            hetmem::MemoryKind::Coherent
+        } else {
+            hetmem::MemoryKind::Private
+        }
+    });
     let profile = match profile {
         None => None,
         Some(n) => Some(hetmem::link::LinkProfile::by_name(n).ok_or_else(|| {
@@ -197,7 +211,7 @@ fn demo(
         hetmem::demo::run(&mut out)
     }
     .context("demo failed")?;
-    let pb = indicatif::ProgressBar::new(hetmem::bench::DEMO_RUN_COUNT as u64);
+    let pb = indicatif::ProgressBar::new(hetmem::bench::demo_run_count(device) as u64);
     if json {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -206,6 +220,7 @@ fn demo(
         DEMO_ROUNDS,
         false,
         profile,
+        device,
         &mut |p| {
             pb.set_message(format!("large file, {p} placement"));
             pb.inc(1);

@@ -130,7 +130,7 @@ pub fn run_traced(
         .into_iter()
         .find(|w| *w == workload)
         .ok_or(Error::Invalid(
-            "unknown workload (streaming, pingpong, random)",
+            "unknown workload (streaming, pingpong, random, stencil, graph, oversubscribed)",
         ))?;
     let (policy, pol) = policy_named(policy)?;
     if pages == 0 || rounds == 0 {

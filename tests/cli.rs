@@ -274,6 +274,48 @@ fn demo_profile_sets_every_devices_link() {
 }
 
 /// A demo size out of range is a clear error, not a huge allocation.
+/// `hetmem demo --device coherent|private` runs only the placements a device of that kind
+/// offers, the mirrored one on a device of that kind (its default link: NVLink-C2C for a
+/// coherent device), every one verified; an unknown kind is refused by name.
+#[test]
+fn demo_device_runs_the_placements_of_that_kind() {
+    let _w = watchdog("demo --device", 120);
+    let run = |kind: &str| -> serde_json::Value {
+        serde_json::from_str(&hetmem(
+            &["demo", "--size", "4", "--device", kind, "--json"],
+            None,
+        ))
+        .unwrap()
+    };
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert_eq!(r["verified"], true, "{r}");
+                r["placement"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let coherent = run("coherent");
+    assert_eq!(names(&coherent), ["mirror", "coherent"]);
+    assert_eq!(coherent["runs"][0]["profile"], "nvlink-c2c");
+    let private = run("private");
+    assert_eq!(
+        names(&private),
+        ["mirror", "private", "replica", "on-demand"]
+    );
+    assert_eq!(private["runs"][0]["profile"], "pcie5");
+    let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["demo", "--device", "system"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("possible values: private, coherent"), "{err}");
+}
+
 #[test]
 fn demo_refuses_a_size_out_of_range() {
     for size in ["0", "100000"] {
@@ -339,7 +381,13 @@ fn run_reports_each_policy_against_the_oracle() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload"));
+    // Refused by name, with every workload listed.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value 'nope'")
+            && err.contains("streaming, pingpong, random, stencil, graph, oversubscribed"),
+        "{err}"
+    );
 }
 
 /// `hetmem run --trace FILE` records the accesses; `hetmem replay FILE` replays them under each
