@@ -163,6 +163,22 @@ pub trait Mm: Send + Sync {
         let _ = r;
         Ok(())
     }
+    /// Whether the reservation is memory the program mapped itself and lent to hetmem
+    /// ([`KernelMm::adopt`]).
+    fn adopted(&self) -> bool {
+        false
+    }
+    /// Registers the adopted range `r` (already mapped, with the program's data in it) with the
+    /// userfaultfd of `mode`, MISSING and WP, replacing nothing.
+    fn register_adopted(&self, r: VaRange, mode: FaultMode) -> io::Result<()> {
+        let _ = (r, mode);
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// For each page of `r`: whether it holds data (present or swapped out; adopted memory).
+    fn pages_with_data(&self, r: VaRange) -> io::Result<Vec<bool>> {
+        let _ = r;
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,8 +248,20 @@ impl KernelMm {
     /// SIGBUS-mode userfaultfd; installs the process-wide SIGBUS handler.
     /// `user_mode_only` opens user-mode-only userfaultfds even where a full one is allowed.
     pub fn new(len: usize, user_mode_only: bool) -> io::Result<KernelMm> {
-        sys::check_page_size()?;
         let res = Region::new(len, crate::addr::LARGE_PAGE_SIZE, Prot::None)?;
+        Self::over(res, user_mode_only)
+    }
+
+    /// The kernel side of an address space over `len` bytes at `base` that the program mapped
+    /// itself (anonymous, private: [`Region::adopt`]); returns it and the memory's protection.
+    /// Nothing is registered yet ([`Mm::register_adopted`]).
+    pub fn adopt(base: usize, len: usize, user_mode_only: bool) -> io::Result<(KernelMm, Prot)> {
+        let (res, prot) = Region::adopt(base, len)?;
+        Ok((Self::over(res, user_mode_only)?, prot))
+    }
+
+    fn over(res: Region, user_mode_only: bool) -> io::Result<KernelMm> {
+        sys::check_page_size()?;
         let sig = ThreadService::start(
             std::sync::Arc::new(Uffd::open(UffdDelivery::Signal, user_mode_only)?),
             "hetmem-events",
@@ -532,7 +560,30 @@ impl Mm for KernelMm {
     }
 
     fn restore_reservation(&self, r: VaRange) -> io::Result<()> {
+        if self.res.is_adopted() {
+            // The program's memory, moved away by the program: nothing of hetmem's to put back.
+            return Ok(());
+        }
         self.res.map_hole_again(self.off(r.start), r.len())
+    }
+
+    fn adopted(&self) -> bool {
+        self.res.is_adopted()
+    }
+
+    fn pages_with_data(&self, r: VaRange) -> io::Result<Vec<bool>> {
+        self.res.pages_with_data(self.off(r.start), r.len())
+    }
+
+    fn register_adopted(&self, r: VaRange, mode: FaultMode) -> io::Result<()> {
+        if !self.res.is_adopted() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let off = self.off(r.start);
+        match mode {
+            FaultMode::Signal => self.sig.uffd.register(&self.res, off, r.len(), true),
+            FaultMode::Thread => self.thread_uffd()?.register(&self.res, off, r.len(), true),
+        }
     }
 
     fn inherit_on_fork(&self, r: VaRange) -> io::Result<()> {

@@ -84,6 +84,7 @@ use crate::pool::{MemoryKind, Owner, Pagemap, PagemapId};
 use crate::sync::{Arc, AtomicU64, Guard, Mutex, Ordering, Weak, lock};
 use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
 
+mod adopt;
 mod evict;
 mod exclusive;
 mod fault;
@@ -911,6 +912,11 @@ impl Space {
     /// (UNMAP), device and stash frames freed, the pages dropped. Later CPU accesses get SIGSEGV.
     pub fn unmap(&self, addr: VirtAddr, len: usize) -> Result<()> {
         self.check_owner_process()?;
+        if self.core.mm.adopted() {
+            return Err(Error::Invalid(
+                "adopted memory is the program's: it goes back when its Space is dropped",
+            ));
+        }
         let r = VaRange::new(addr, len)?;
         let res = self.core.mm.reservation();
         if r.start < res.start || r.end > res.end {

@@ -60,6 +60,11 @@ pub fn check_page_size() -> io::Result<()> {
 /// until it is dropped; `base` is aligned to the alignment asked for. The mapping is
 /// `MADV_DONTFORK`: a child process does not inherit it (hetmem is inert in a child).
 ///
+/// An *adopted* region ([`Region::adopt`]) is the exception: memory the program mapped itself
+/// (anonymous and private, checked when adopted), lent to hetmem. It is not unmapped on drop
+/// and keeps the program's fork behaviour; the program must not unmap it while hetmem manages it
+/// (the contract of `Space::adopt`: a copy into an unmapped range would crash the process).
+///
 /// Other threads (and devices) may access the bytes while a copy runs: why plain copies are
 /// sound there, and which accesses are volatile or atomic, is in the [module doc](super),
 /// "Memory that other threads touch".
@@ -67,6 +72,8 @@ pub fn check_page_size() -> io::Result<()> {
 pub struct Region {
     pub(super) base: usize,
     pub(super) len: usize,
+    /// Unmapped on drop (false: adopted, the program's).
+    pub(super) owned: bool,
 }
 
 /// `n` atomic words, all zero, allocated fallibly and zeroed lazily (a large allocation is fresh
@@ -125,7 +132,11 @@ impl Region {
             // SAFETY: the tail past `base + len` belongs to the fresh mapping, unused.
             unsafe { rustix::mm::munmap((base + len) as *mut _, tail) }?;
         }
-        let region = Region { base, len };
+        let region = Region {
+            base,
+            len,
+            owned: true,
+        };
         region.advise(0, len, Advice::LinuxDontFork)?;
         Ok(region)
     }
@@ -365,8 +376,138 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        if !self.owned {
+            // Adopted: the program's memory, given back as it is.
+            return;
+        }
         // SAFETY: the region owns this mapping (type invariant); nothing refers to it any more.
         let _ = unsafe { rustix::mm::munmap(self.base as *mut _, self.len) };
+    }
+}
+
+/// The calling thread's stack, `lo..hi` (`pthread_getattr_np`), if the C library tells.
+fn current_stack() -> Option<(usize, usize)> {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: pthread_getattr_np initialises `attr` for the calling thread (on success only,
+    // checked); pthread_attr_getstack reads it into two plain out-values; the attribute object
+    // is destroyed once read. No memory other than these locals is touched.
+    unsafe {
+        if libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) != 0 {
+            return None;
+        }
+        let mut addr = std::ptr::null_mut();
+        let mut size = 0usize;
+        let r = libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size);
+        libc::pthread_attr_destroy(attr.as_mut_ptr());
+        (r == 0).then(|| (addr as usize, addr as usize + size))
+    }
+}
+
+impl Region {
+    /// Adopts `len` bytes at `base`, memory the program mapped itself, as a region that is not
+    /// unmapped on drop. The range must be page-aligned, non-empty, and wholly covered by
+    /// anonymous private mappings of one protection, readable (`/proc/self/maps`: no file, not
+    /// shared, not the stack or a special mapping; `[heap]` and named anonymous memory are
+    /// fine; not the calling thread's stack — other threads' stacks cannot be told from other
+    /// anonymous memory, and must not be adopted): EINVAL otherwise, EACCES for memory that cannot be read. Returns the region and
+    /// its protection (read-only, or read-write).
+    pub fn adopt(base: usize, len: usize) -> io::Result<(Region, Prot)> {
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        if len == 0 || !base.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(einval());
+        }
+        let end = base.checked_add(len).ok_or_else(einval)?;
+        // The calling thread's stack (threads' stacks are plain anonymous mappings in
+        // /proc/self/maps: this one, at least, is recognised).
+        if let Some((lo, hi)) = current_stack()
+            && base < hi
+            && lo < end
+        {
+            return Err(einval());
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps")?;
+        let mut covered = base;
+        let mut prot = None;
+        for line in maps.lines() {
+            let mut f = line.split_ascii_whitespace();
+            let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+                (f.next(), f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            let name = f.next().unwrap_or("");
+            let Some((s, e)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
+            else {
+                continue;
+            };
+            if e <= covered || s >= end {
+                continue;
+            }
+            // A gap before this mapping: part of the range is not mapped.
+            if s > covered {
+                return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+            }
+            let anonymous =
+                inode == "0" && (name.is_empty() || name == "[heap]" || name.starts_with("[anon:"));
+            let p = perms.as_bytes();
+            if !anonymous || p.len() < 4 || p[3] != b'p' {
+                return Err(einval());
+            }
+            let this = match (p[0], p[1]) {
+                (b'r', b'w') => Prot::ReadWrite,
+                (b'r', b'-') => Prot::Read,
+                _ => return Err(io::Error::from_raw_os_error(libc::EACCES)),
+            };
+            if prot.is_some_and(|q| q != this) {
+                return Err(einval());
+            }
+            prot = Some(this);
+            covered = e;
+            if covered >= end {
+                break;
+            }
+        }
+        if covered < end {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        Ok((
+            Region {
+                base,
+                len,
+                owned: false,
+            },
+            prot.ok_or_else(einval)?,
+        ))
+    }
+
+    /// Whether this region was adopted ([`Region::adopt`]): the program's memory.
+    pub fn is_adopted(&self) -> bool {
+        !self.owned
+    }
+
+    /// For each page of `off..off + len` of this region: whether it holds data (present, or
+    /// swapped out), from `/proc/self/pagemap`. A page that holds none reads zeros.
+    pub fn pages_with_data(&self, off: usize, len: usize) -> io::Result<Vec<bool>> {
+        use std::os::unix::fs::FileExt;
+        self.check(off, len)?;
+        let n = len / PAGE_SIZE;
+        let mut raw: Vec<u8> = Vec::new();
+        raw.try_reserve_exact(n * 8)
+            .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        raw.resize(n * 8, 0);
+        let f = std::fs::File::open("/proc/self/pagemap")?;
+        f.read_exact_at(&mut raw, ((self.base + off) / PAGE_SIZE * 8) as u64)?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(n)
+            .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        out.extend(raw.chunks_exact(8).map(|w| {
+            let e = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            e & (3 << 62) != 0
+        }));
+        Ok(out)
     }
 }
 
@@ -401,6 +542,7 @@ pub fn map_file_readonly(file: &std::fs::File, len: usize) -> io::Result<MappedF
     Ok(MappedFile(Region {
         base: raw as usize,
         len,
+        owned: true,
     }))
 }
 

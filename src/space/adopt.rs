@@ -1,0 +1,152 @@
+//! Plain process memory under hetmem: [`Space::adopt`] lends a range the program mapped itself
+//! (from `mmap`, or the allocator's heap) to an address space of its own, so that devices mirror
+//! it and migrate its pages exactly as memory hetmem created; dropping the space gives it back.
+//!
+//! The space's reservation *is* the adopted range (a [`Region`] that is not unmapped on drop),
+//! holding one mapping over all of it: every operation that works on reservation offsets (the
+//! userfaultfd ioctls, write protection, dropping and installing pages) works on it unchanged.
+//! Its pages start as the program left them: a page with data (present, or swapped out, read from
+//! `/proc/self/pagemap`) is a system page; one without is a hole, zero-filled on first touch as the
+//! kernel would. The range is registered with the space's userfaultfd (MISSING and WP) but keeps
+//! the program's fork behaviour (no `MADV_DONTFORK`).
+//!
+//! Lock: the space's state lock (lock 1) guards the mapping as for any space; adoption itself
+//! runs before the space is shared, and giving back runs under it.
+
+use super::*;
+
+impl Space {
+    /// Adopts `len` bytes at `addr`, anonymous private memory the program mapped itself (with
+    /// `mmap`, or from its allocator), as a new address space over exactly that range: devices
+    /// mirror it ([`crate::SoftDevice::mirror`]) and migrate its pages like memory of
+    /// [`Space::map_anon`]; the program keeps using its own pointers (its loads and stores fault
+    /// into hetmem where a page is in device memory). Its data stays where it is: nothing is
+    /// copied at adoption.
+    ///
+    /// When the last handle of the space is dropped (mirrors hold one), every page comes back
+    /// to system memory and the range is plain memory of the program's again.
+    ///
+    /// The program must not `munmap` the range while it is adopted; a direct `mremap` is
+    /// followed as for any managed range (the data goes to the new address, which is plain
+    /// memory from then on). [`Space::unmap`] of adopted memory is refused.
+    ///
+    /// Errors: [`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
+    /// [`Error::Overflow`] for a malformed range; [`Error::Os`] naming the cause for a range that
+    /// is not wholly anonymous private memory of one protection (EINVAL), not mapped (ENOMEM),
+    /// not readable (EACCES), or already managed (EBUSY, from the userfaultfd).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use hetmem::{Space, SoftDevice, VirtAddr};
+    /// # fn main() -> hetmem::Result<()> {
+    /// // Memory the program got from its allocator (a large buffer is anonymous private memory).
+    /// let mut buf = vec![0u8; 6 << 20];
+    /// let start = (buf.as_mut_ptr() as usize).next_multiple_of(4096);
+    /// let addr = VirtAddr(start);
+    /// let space = Space::adopt(addr, 4 << 20)?;
+    /// let dev = SoftDevice::private(8 << 20)?;
+    /// let m = dev.mirror(&space)?;
+    /// space.store_u32(addr, 7)?;
+    /// m.migrate_range_to_device(addr, 4 << 20)?;
+    /// assert_eq!(space.load_u32(addr)?, 7); // faults the page back
+    /// drop(m);
+    /// drop(space); // plain memory again
+    /// assert_eq!(buf[start - buf.as_ptr() as usize], 7);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn adopt(addr: VirtAddr, len: usize) -> Result<Space> {
+        let r = VaRange::new(addr, len)?;
+        let (mm, prot) = KernelMm::adopt(r.start.get(), r.len(), false).map_err(|e| {
+            Error::os(
+                "adopt: the range must be mapped anonymous private memory",
+                e,
+            )
+        })?;
+        let core = Self::make_core(std::sync::Arc::new(mm), 2 << 20)?;
+        let ptes = {
+            let mut ptes = new_ptes(r)?;
+            let data = core
+                .mm
+                .pages_with_data(r)
+                .map_err(|e| Error::os("adopt: read /proc/self/pagemap", e))?;
+            for (p, has) in ptes.iter_mut().zip(data) {
+                if has {
+                    *p = Pte::present(false, *p);
+                }
+            }
+            ptes
+        };
+        let mode = FaultMode::Signal;
+        core.mm
+            .register_adopted(r, mode)
+            .map_err(|e| Error::os("adopt: register with userfaultfd", e))?;
+        lock(&core.state).insert_vma(r, prot, mode, false, None, ptes);
+        let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
+        let reg = match sys::register_fault_range(r.start.get(), r.end.get(), target) {
+            Ok(reg) => reg,
+            Err(e) => {
+                let _ = core.mm.forget_moved(r, mode);
+                return Err(Error::os("register fault range", e));
+            }
+        };
+        debug_event!(space = core.id, start = %r.start, pages = r.pages(), "memory adopted");
+        Ok(Space {
+            core,
+            _reg: Some(Arc::new(reg)),
+        })
+    }
+
+    /// Whether this space is adopted memory ([`Space::adopt`]).
+    pub fn is_adopted(&self) -> bool {
+        self.core.mm.adopted()
+    }
+}
+
+impl Drop for Space {
+    fn drop(&mut self) {
+        // The last handle of an adopted space gives the memory back while the fault service
+        // still serves it (the registry entry goes with this handle).
+        if self.core.mm.adopted()
+            && self
+                ._reg
+                .as_ref()
+                .is_some_and(|r| Arc::strong_count(r) == 1)
+            && self.core.check_process().is_ok()
+        {
+            self.core.give_back();
+        }
+    }
+}
+
+impl SpaceCore {
+    /// Brings every page of an adopted space back to system memory and unregisters the range:
+    /// plain memory of the program's from then on. A page that cannot be brought back (its
+    /// device frame failed) is reported and reads zeros.
+    fn give_back(&self) {
+        let whole = self.mm.reservation();
+        let mut st = self.lock_state_for(whole);
+        let ranges: Vec<(VaRange, FaultMode)> =
+            st.vmas.values().map(|v| (v.range, v.mode)).collect();
+        for (r, mode) in ranges {
+            for k in 0..r.pages() {
+                let a = r.start.add(k * PAGE_SIZE);
+                let Some(pte) = st.pte(a) else { continue };
+                if matches!(pte.state(), PageState::Device | PageState::Exclusive)
+                    && let Err(e) = self.make_present(&mut st, a)
+                {
+                    tracing::warn!(
+                        target: "hetmem",
+                        addr = %a,
+                        error = %e,
+                        "an adopted page could not be brought back from device memory"
+                    );
+                }
+            }
+            self.invalidate(&st, r, NotifyEvent::Release, None);
+            let _ = self.mm.forget_moved(r, mode);
+        }
+        debug_event!(space = self.id, start = %whole.start, "adopted memory given back");
+    }
+}

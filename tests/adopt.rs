@@ -1,0 +1,234 @@
+//! Plain process memory under hetmem ([`Space::adopt`]): memory the program mapped itself with
+//! `mmap`, accessed with plain loads and stores, mirrored and migrated by a device exactly like
+//! memory hetmem created, and given back intact. Every test holds a watchdog.
+
+mod common;
+use common::*;
+
+use hetmem::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// An anonymous private mapping of `len` bytes made by the test itself (what a program gets
+/// from `mmap` or its allocator), reached only through raw addresses; unmapped on drop.
+struct Plain {
+    addr: usize,
+    len: usize,
+}
+
+impl Plain {
+    fn new(len: usize, prot: i32) -> Plain {
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; no Rust
+        // object lives there, and the test reaches it only through raw volatile accesses.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Plain {
+            addr: p as usize,
+            len,
+        }
+    }
+    fn at(&self, off: usize) -> VirtAddr {
+        VirtAddr(self.addr + off)
+    }
+    /// A plain CPU load (the program's own pointer).
+    fn load(&self, off: usize) -> u32 {
+        assert!(off + 4 <= self.len);
+        // SAFETY: inside this test-owned mapping, which no Rust object lives in.
+        unsafe { sys::probe_load_u32(self.addr + off) }
+    }
+    /// A plain CPU store.
+    fn store(&self, off: usize, v: u32) {
+        assert!(off + 4 <= self.len);
+        // SAFETY: as in `load`.
+        unsafe { sys::probe_store_u32(self.addr + off, v) }
+    }
+}
+
+impl Drop for Plain {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is this value's; nothing refers to it any more.
+        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+    }
+}
+
+const LEN: usize = 4 << 20;
+const PAGES: usize = LEN / PAGE;
+
+fn word(p: usize) -> u32 {
+    0xad00_0000 | p as u32
+}
+
+/// Pages written before adoption keep their data, pages never touched read zeros; the device
+/// migrates all of them, reads the data, writes some; the CPU's plain loads fault them back and
+/// see the device's writes; after the space is dropped every byte is where the program left it
+/// and the memory is plain again (it can be adopted again).
+#[test]
+fn adopted_memory_migrates_and_comes_back_intact() {
+    let _w = watchdog("adopted_memory_migrates", 60);
+    let mem = Plain::new(LEN, libc::PROT_READ | libc::PROT_WRITE);
+    // Every other page written by the program before adoption; the rest never touched.
+    for p in (0..PAGES).step_by(2) {
+        mem.store(p * PAGE, word(p));
+    }
+    let space = Space::adopt(mem.at(0), LEN).unwrap();
+    assert!(space.is_adopted());
+    let dev = SoftDevice::private(2 * LEN).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let out = m.migrate_range_to_device(mem.at(0), LEN).unwrap();
+    assert_eq!(out.cpages, PAGES as u64);
+    let mut snap = vec![0u8; PAGES];
+    m.snapshot(mem.at(0), LEN, &mut snap).unwrap();
+    assert!(
+        snap.iter().all(|f| f & 0xF0 == snap::DEV_PRIVATE_LOCAL),
+        "every page in device memory"
+    );
+    let mut buf = vec![0u8; LEN];
+    m.read(mem.at(0), LEN, &mut buf).unwrap();
+    for p in 0..PAGES {
+        let w = u32::from_ne_bytes(buf[p * PAGE..p * PAGE + 4].try_into().unwrap());
+        assert_eq!(
+            w,
+            if p % 2 == 0 { word(p) } else { 0 },
+            "device read of page {p}"
+        );
+    }
+    // The device writes page 1 (a hole before) and page 2.
+    let mut page = vec![0u8; PAGE];
+    page[..4].copy_from_slice(&0x5eed_0001u32.to_ne_bytes());
+    m.write(mem.at(PAGE), PAGE, &page).unwrap();
+    page[..4].copy_from_slice(&0x5eed_0002u32.to_ne_bytes());
+    m.write(mem.at(2 * PAGE), PAGE, &page).unwrap();
+    // Plain loads fault the pages back.
+    assert_eq!(mem.load(PAGE), 0x5eed_0001);
+    assert_eq!(mem.load(2 * PAGE), 0x5eed_0002);
+    assert_eq!(mem.load(4 * PAGE), word(4));
+    assert_eq!(mem.load(3 * PAGE), 0);
+    assert!(space.stats().cpu_faults >= 4);
+    // Unmapping adopted memory through hetmem is refused: it is the program's.
+    assert!(matches!(
+        space.unmap(mem.at(0), LEN),
+        Err(Error::Invalid(_))
+    ));
+    drop(m);
+    drop(space);
+    for p in 0..PAGES {
+        let want = match p {
+            1 => 0x5eed_0001,
+            2 => 0x5eed_0002,
+            _ if p % 2 == 0 => word(p),
+            _ => 0,
+        };
+        assert_eq!(mem.load(p * PAGE), want, "page {p} after giving back");
+    }
+    // Plain again: the program's stores work without hetmem, and it can be adopted again.
+    mem.store(3 * PAGE, 33);
+    assert_eq!(mem.load(3 * PAGE), 33);
+    let again = Space::adopt(mem.at(0), LEN).unwrap();
+    drop(again);
+}
+
+/// Threads of the program increment words of adopted memory with plain loads and stores while
+/// the device migrates the range to device memory and back, over and over: every count is
+/// exact at the end.
+#[test]
+fn plain_stores_race_migrations_of_adopted_memory() {
+    let _w = watchdog("plain_stores_race_migrations", 60);
+    const N: usize = 16;
+    const THREADS: usize = 2;
+    // Each thread runs at least MIN_ROUNDS, and on until the device has made MIN_MIGRATIONS
+    // round trips (so that the two overlap), up to MAX_ROUNDS.
+    const MIN_ROUNDS: u32 = 100;
+    const MIN_MIGRATIONS: usize = 100;
+    const MAX_ROUNDS: u32 = 50_000;
+    let mem = Plain::new(N * PAGE, libc::PROT_READ | libc::PROT_WRITE);
+    let space = Space::adopt(mem.at(0), N * PAGE).unwrap();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let done = AtomicUsize::new(0);
+    let migrations = AtomicUsize::new(0);
+    let rounds: Vec<u32> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (mem, done, migrations) = (&mem, &done, &migrations);
+                s.spawn(move || {
+                    let mut r = 0;
+                    while r < MIN_ROUNDS
+                        || (migrations.load(Ordering::Relaxed) < MIN_MIGRATIONS && r < MAX_ROUNDS)
+                    {
+                        for p in 0..N {
+                            let off = p * PAGE + t * 4;
+                            mem.store(off, mem.load(off) + 1);
+                        }
+                        r += 1;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    r
+                })
+            })
+            .collect();
+        s.spawn(|| {
+            while done.load(Ordering::Relaxed) < THREADS {
+                let _ = m.migrate_range_to_device(mem.at(0), N * PAGE);
+                m.migrate_to_system(mem.at(0), N * PAGE).unwrap();
+                migrations.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for p in 0..N {
+        for (t, r) in rounds.iter().enumerate() {
+            assert_eq!(mem.load(p * PAGE + t * 4), *r, "page {p}, thread {t}");
+        }
+    }
+    assert!(migrations.load(Ordering::Relaxed) >= 1);
+}
+
+/// Ranges that cannot be adopted are refused with the cause: malformed ranges, memory that is
+/// not mapped, not readable, not anonymous private (the stack, a file), or already managed by
+/// hetmem (adopted twice, or hetmem's own mapping).
+#[test]
+fn adopting_what_cannot_be_adopted_is_refused() {
+    let _w = watchdog("adopting_refused", 30);
+    let mem = Plain::new(LEN, libc::PROT_READ | libc::PROT_WRITE);
+    assert!(matches!(
+        Space::adopt(mem.at(1), PAGE),
+        Err(Error::Unaligned { .. })
+    ));
+    assert!(matches!(Space::adopt(mem.at(0), 0), Err(Error::ZeroLength)));
+    assert!(matches!(
+        Space::adopt(mem.at(0), 100),
+        Err(Error::UnalignedLength { .. })
+    ));
+    let errno = |r: Result<Space>| r.err().map(|e| e.errno());
+    // Not mapped (below mmap_min_addr nothing ever is).
+    assert_eq!(
+        errno(Space::adopt(VirtAddr(PAGE), PAGE)),
+        Some(libc::ENOMEM)
+    );
+    // Not readable.
+    let none = Plain::new(LEN, libc::PROT_NONE);
+    assert_eq!(errno(Space::adopt(none.at(0), LEN)), Some(libc::EACCES));
+    // The calling thread's stack.
+    let local = [0u8; 3 * 4096];
+    let sp = (local.as_ptr() as usize).next_multiple_of(PAGE);
+    assert_eq!(errno(Space::adopt(VirtAddr(sp), PAGE)), Some(libc::EINVAL));
+    // Adopted already: the second registration is refused, the first keeps working.
+    let first = Space::adopt(mem.at(0), LEN).unwrap();
+    assert_eq!(errno(Space::adopt(mem.at(0), LEN)), Some(libc::EBUSY));
+    assert_eq!(errno(Space::adopt(mem.at(PAGE), PAGE)), Some(libc::EBUSY));
+    first.store_u32(mem.at(0), 5).unwrap();
+    drop(first);
+    assert_eq!(mem.load(0), 5);
+    // hetmem's own mapping.
+    let space = Space::new().unwrap();
+    let a = space.map_anon(LEN, Prot::ReadWrite).unwrap();
+    assert_eq!(errno(Space::adopt(a, LEN)), Some(libc::EBUSY));
+}
