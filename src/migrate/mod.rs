@@ -117,6 +117,8 @@ pub struct MigrateVma<'a> {
     protected: Vec<bool>,
     /// Dropped without `finalize`: every page is declined.
     aborted: bool,
+    /// Adopted memory: no `fork()` while this migration is in flight (`space::adopt`).
+    _fork_gate: Option<std::sync::RwLockReadGuard<'static, ()>>,
 }
 
 impl std::fmt::Debug for MigrateVma<'_> {
@@ -140,6 +142,8 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         .checked_sub(args.start.get())
         .ok_or(Error::Invalid("end before start"))?;
     let r = VaRange::new(args.start, len)?;
+    // Before any hetmem lock (the gate ranks first).
+    let fork_gate = crate::space::fork_gate(core);
     let mut st = core.lock_state();
     let v = st
         .vma(r.start)
@@ -329,6 +333,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         mode,
         protected,
         aborted: false,
+        _fork_gate: fork_gate,
     };
     // Write-protect the system pages that may move, in runs: one ioctl (one TLB flush) per run.
     // A store to one of them from now on faults and waits for the migration (a store before

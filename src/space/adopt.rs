@@ -10,10 +10,69 @@
 //! kernel would. The range is registered with the space's userfaultfd (MISSING and WP) but keeps
 //! the program's fork behaviour (no `MADV_DONTFORK`).
 //!
-//! Lock: the space's state lock (lock 1) guards the mapping as for any space; adoption itself
-//! runs before the space is shared, and giving back runs under it.
+//! # fork
+//!
+//! Adopted memory keeps the program's fork behaviour: a child of `fork()` gets a copy-on-write
+//! copy of it, as of any anonymous private memory. The kernel copies only what the CPU's page
+//! tables hold, so hetmem's fork handlers (`pthread_atfork`, installed with the first adoption)
+//! bring every page of every adopted space back from device memory first, and hold the *fork
+//! gate* from then until the fork is done: a migration of adopted memory towards a device
+//! (`migrate_vma_setup`, device-exclusive grants) holds the gate shared for its whole life, so
+//! none runs across the fork. The child sees the parent's data and its writes stay its own (the
+//! registration is not inherited: the child's copy is plain memory); the parent's pages may
+//! move to the device again afterwards. A raw `clone` system call runs no handler: pages in
+//! device memory then read zeros in the child.
+//!
+//! Locks: the space's state lock (lock 1) guards the mapping as for any space; adoption itself
+//! runs before the space is shared, and giving back runs under it. The fork gate (a `std`
+//! reader-writer lock, process-wide, not ordered with hetmem's levels) is taken before any
+//! hetmem lock: shared at migration setup before lock 1, exclusive by the fork handler before
+//! it takes the state locks of the adopted spaces one at a time.
 
 use super::*;
+
+/// Held shared by every migration of adopted memory towards a device, exclusively across a
+/// `fork()` (module doc, "fork").
+static FORK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+thread_local! {
+    /// The fork handler's hold of [`FORK_GATE`], from `prepare` until `parent`/`child` (the
+    /// forking thread runs all three; in the child it is the only thread).
+    static FORK_HELD: std::cell::RefCell<Option<std::sync::RwLockWriteGuard<'static, ()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the fork handlers are installed (with the first adoption).
+static FORK_HANDLERS: std::sync::Once = std::sync::Once::new();
+
+/// A shared hold of the fork gate for a migration of `core`'s memory towards a device: `Some`
+/// for adopted memory (no fork comes between its setup and its finalize), `None` otherwise.
+pub(crate) fn fork_gate(core: &SpaceCore) -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    core.mm
+        .adopted()
+        .then(|| FORK_GATE.read().unwrap_or_else(|p| p.into_inner()))
+}
+
+extern "C" fn before_fork() {
+    let g = FORK_GATE.write().unwrap_or_else(|p| p.into_inner());
+    let spaces: Vec<Arc<SpaceCore>> = {
+        let t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
+        t.iter()
+            .flatten()
+            .filter_map(|w| w.upgrade())
+            .filter(|c| c.mm.adopted() && c.check_process().is_ok())
+            .collect()
+    };
+    for core in &spaces {
+        core.bring_home();
+    }
+    drop(spaces);
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(g));
+}
+
+extern "C" fn after_fork() {
+    FORK_HELD.with(|h| h.borrow_mut().take());
+}
 
 impl Space {
     /// Adopts `len` bytes at `addr`, anonymous private memory the program mapped itself (with
@@ -79,6 +138,11 @@ impl Space {
             ptes
         };
         let mode = FaultMode::Signal;
+        FORK_HANDLERS.call_once(|| {
+            if let Err(e) = sys::on_fork(before_fork, after_fork, after_fork) {
+                tracing::warn!(target: "hetmem", error = %e, "fork handlers not installed");
+            }
+        });
         core.mm
             .register_adopted(r, mode)
             .map_err(|e| Error::os("adopt: register with userfaultfd", e))?;
@@ -121,15 +185,15 @@ impl Drop for Space {
 }
 
 impl SpaceCore {
-    /// Brings every page of an adopted space back to system memory and unregisters the range:
-    /// plain memory of the program's from then on. A page that cannot be brought back (its
-    /// device frame failed) is reported and reads zeros.
-    fn give_back(&self) {
+    /// Brings every page of this (adopted) space that is in device memory or held exclusively
+    /// by a device back to system memory, under the state lock once no migration is in flight;
+    /// returns the guard. A page that cannot be brought back (its device frame failed) is
+    /// reported and reads zeros.
+    fn bring_home(&self) -> Guard<'_, SpaceState> {
         let whole = self.mm.reservation();
         let mut st = self.lock_state_for(whole);
-        let ranges: Vec<(VaRange, FaultMode)> =
-            st.vmas.values().map(|v| (v.range, v.mode)).collect();
-        for (r, mode) in ranges {
+        let ranges: Vec<VaRange> = st.vmas.values().map(|v| v.range).collect();
+        for r in ranges {
             for k in 0..r.pages() {
                 let a = r.start.add(k * PAGE_SIZE);
                 let Some(pte) = st.pte(a) else { continue };
@@ -144,9 +208,18 @@ impl SpaceCore {
                     );
                 }
             }
+        }
+        st
+    }
+
+    /// Brings every page of an adopted space home ([`Self::bring_home`]) and unregisters the
+    /// range: plain memory of the program's from then on.
+    fn give_back(&self) {
+        let st = self.bring_home();
+        for (r, mode) in st.vmas.values().map(|v| (v.range, v.mode)) {
             self.invalidate(&st, r, NotifyEvent::Release, None);
             let _ = self.mm.forget_moved(r, mode);
         }
-        debug_event!(space = self.id, start = %whole.start, "adopted memory given back");
+        debug_event!(space = self.id, start = %self.mm.reservation().start, "adopted memory given back");
     }
 }

@@ -85,6 +85,7 @@ use crate::sync::{Arc, AtomicU64, Guard, Mutex, Ordering, Weak, lock};
 use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
 
 mod adopt;
+pub(crate) use adopt::fork_gate;
 mod evict;
 mod exclusive;
 mod fault;

@@ -395,3 +395,20 @@ pub unsafe fn madvise_dontneed(addr: usize, len: usize) -> io::Result<()> {
     unsafe { rustix::mm::madvise(addr as *mut _, len, Advice::LinuxDontNeed) }?;
     Ok(())
 }
+
+/// Registers fork handlers (`pthread_atfork`): `prepare` runs in the forking thread before
+/// `fork()`, `parent` and `child` after it, in the parent and in the child. For the C library's
+/// `fork()` (and what calls it); a raw `clone` system call runs none of them.
+pub fn on_fork(
+    prepare: extern "C" fn(),
+    parent: extern "C" fn(),
+    child: extern "C" fn(),
+) -> io::Result<()> {
+    // SAFETY: the three handlers are plain `extern "C"` functions that live as long as the
+    // program (hetmem's code); registering them changes no memory of the caller's.
+    let r = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
