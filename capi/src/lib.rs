@@ -1,0 +1,580 @@
+//! The C API of hetmem: address spaces (new, or adopted plain memory), mappings, software
+//! devices and their mirrors, migration, the test device's commands in the kernel's shape, and
+//! the file cache. C and C++ runtimes are where heterogeneous memory managers live; this is how
+//! they reach hetmem.
+//!
+//! # Conventions
+//!
+//! * Objects are opaque handles made by a `*_new`/`*_open`/`*_adopt` function and released by
+//!   the matching `*_free`/`*_close` (a null handle is ignored there).
+//! * Every other function returns 0 on success or a negative errno (`-EINVAL`, `-ENOMEM`, …,
+//!   the errno of [`hetmem::Error::errno`]); `hetmem_last_error` then gives the message of the
+//!   calling thread's last failure. Out-parameters are written only on success.
+//! * Addresses and lengths are bytes; ranges must be page-aligned (4096), as in the Rust API.
+//! * A panic inside hetmem never crosses into C: the call returns `-EIO` with the panic's
+//!   message.
+//!
+//! # Safety
+//!
+//! This crate is the FFI boundary: the only `unsafe` outside `hetmem::sys`, each block with the
+//! caller's obligation it relies on (documented on the function: valid handles, buffers of the
+//! stated size, NUL-terminated paths).
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use hetmem::{
+    CacheConfig, Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, FileCache, FileHandle, MemoryKind,
+    Prot, SoftDevice, Space, SpaceConfig, VirtAddr,
+};
+
+/// An address space (`hetmem::Space`).
+pub struct HetmemSpace(Space);
+
+/// A software device (`hetmem::SoftDevice`).
+pub struct HetmemDevice(SoftDevice);
+
+/// A device's mirror of an address space (`hetmem::DeviceMirror`).
+pub struct HetmemMirror(DeviceMirror);
+
+/// A cached file (`hetmem::FileHandle` on a `hetmem::FileCache`).
+pub struct HetmemFile(FileHandle);
+
+/// The argument of [`hetmem_mirror_cmd`], laid out as the kernel's `struct hmm_dmirror_cmd`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HetmemDmirrorCmd {
+    /// Start address (page-aligned).
+    pub addr: u64,
+    /// The buffer: `npages * 4096` bytes for READ, WRITE, MIGRATE_TO_DEV and EXCLUSIVE, `npages`
+    /// bytes for SNAPSHOT, unused otherwise.
+    pub ptr: u64,
+    /// Pages (for FLAGS: the flag word).
+    pub npages: u64,
+    /// Out: pages processed.
+    pub cpages: u64,
+    /// Out: fault passes.
+    pub faults: u64,
+}
+
+/// Readable memory.
+pub const HETMEM_PROT_READ: c_int = 1;
+/// Writable memory (with [`HETMEM_PROT_READ`]).
+pub const HETMEM_PROT_WRITE: c_int = 2;
+
+/// Device-private memory (the CPU cannot map it: a CPU access migrates the page back).
+pub const HETMEM_DEVICE_PRIVATE: c_int = 0;
+/// Device-coherent memory (the CPU maps it in place).
+pub const HETMEM_DEVICE_COHERENT: c_int = 1;
+
+/// [`hetmem_mirror_cmd`] commands, numbered as the kernel's `HMM_DMIRROR_*` ioctls (0x00–0x08).
+pub const HETMEM_CMD_READ: u32 = 0;
+/// Write the buffer into the range.
+pub const HETMEM_CMD_WRITE: u32 = 1;
+/// Migrate the range to device memory (the buffer receives the data).
+pub const HETMEM_CMD_MIGRATE_TO_DEV: u32 = 2;
+/// Migrate the range's device pages back to system memory.
+pub const HETMEM_CMD_MIGRATE_TO_SYS: u32 = 3;
+/// One byte per page describing the device's view (the kernel's `HMM_DMIRROR_PROT_*` values).
+pub const HETMEM_CMD_SNAPSHOT: u32 = 4;
+/// Take device-exclusive access (the buffer receives the data).
+pub const HETMEM_CMD_EXCLUSIVE: u32 = 5;
+/// `-EPERM` if any device-exclusive entry remains in the range.
+pub const HETMEM_CMD_CHECK_EXCLUSIVE: u32 = 6;
+/// Evict all of the device's memory.
+pub const HETMEM_CMD_RELEASE: u32 = 7;
+/// Set flags (`npages` is the flag word).
+pub const HETMEM_CMD_FLAGS: u32 = 8;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: String) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|l| *l.borrow_mut() = c);
+}
+
+/// Runs `f`, turning an error into `-errno` (and the thread's last error message) and a panic
+/// into `-EIO`.
+fn call(f: impl FnOnce() -> hetmem::Result<()>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            set_error(e.to_string());
+            -e.errno()
+        }
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            set_error(format!("hetmem panicked: {msg}"));
+            -libc::EIO
+        }
+    }
+}
+
+fn invalid(what: &'static str) -> hetmem::Error {
+    hetmem::Error::Invalid(what)
+}
+
+/// Boxes `v` into `*out` (checked non-null by the caller).
+fn put<T>(out: *mut *mut T, v: T) {
+    // SAFETY: every caller checked `out` non-null; the caller of the API guarantees it points
+    // at writable storage for one pointer.
+    unsafe { *out = Box::into_raw(Box::new(v)) };
+}
+
+/// The object behind a handle, or EINVAL for a null one.
+fn obj<'a, T>(h: *mut T) -> hetmem::Result<&'a T> {
+    // SAFETY: a non-null handle was made by this API and not freed yet (the caller's
+    // obligation): it points at a live `T`, only ever shared.
+    unsafe { h.as_ref() }.ok_or_else(|| invalid("a null handle"))
+}
+
+fn prot_of(prot: c_int) -> hetmem::Result<Prot> {
+    match prot {
+        0 => Ok(Prot::None),
+        HETMEM_PROT_READ => Ok(Prot::Read),
+        p if p == HETMEM_PROT_READ | HETMEM_PROT_WRITE => Ok(Prot::ReadWrite),
+        _ => Err(invalid(
+            "protection must be 0, HETMEM_PROT_READ or HETMEM_PROT_READ | HETMEM_PROT_WRITE",
+        )),
+    }
+}
+
+/// The message of the calling thread's last failed call (empty if none). Valid until the
+/// thread's next failing call.
+#[unsafe(no_mangle)]
+pub extern "C" fn hetmem_last_error() -> *const c_char {
+    LAST_ERROR.with(|l| l.borrow().as_ptr())
+}
+
+/// A new address space of `size` bytes of address space (0: the default, 64 GiB), nothing
+/// committed.
+///
+/// # Safety
+///
+/// `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_space_new(size: u64, out: *mut *mut HetmemSpace) -> c_int {
+    call(|| {
+        if out.is_null() {
+            return Err(invalid("a null out-pointer"));
+        }
+        let mut cfg = SpaceConfig::default();
+        if size != 0 {
+            cfg.size = usize::try_from(size).map_err(|_| invalid("size too large"))?;
+        }
+        put(out, HetmemSpace(Space::with_config(cfg)?));
+        Ok(())
+    })
+}
+
+/// Adopts `len` bytes at `addr`, anonymous private memory the program mapped itself (`mmap`, or
+/// a large `malloc`), as a new address space over exactly that range (`Space::adopt`): devices
+/// mirror and migrate it while the program keeps using its own pointers. Freeing the space (and
+/// its mirrors) gives every page back as plain memory. The program must not `munmap` the range
+/// meanwhile.
+///
+/// # Safety
+///
+/// `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_space_adopt(
+    addr: *mut c_void,
+    len: u64,
+    out: *mut *mut HetmemSpace,
+) -> c_int {
+    call(|| {
+        if out.is_null() {
+            return Err(invalid("a null out-pointer"));
+        }
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        put(
+            out,
+            HetmemSpace(Space::adopt(VirtAddr(addr as usize), len)?),
+        );
+        Ok(())
+    })
+}
+
+/// Releases a space handle (mirrors keep the space alive until they are freed too).
+///
+/// # Safety
+///
+/// `space` is null or a handle of this API not freed yet; it is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_space_free(space: *mut HetmemSpace) {
+    if !space.is_null() {
+        // SAFETY: made by `put` (Box::into_raw) and not freed yet: the caller's obligation.
+        let b = unsafe { Box::from_raw(space) };
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
+    }
+}
+
+/// Maps `len` bytes of anonymous memory in `space` with protection `prot`
+/// ([`HETMEM_PROT_READ`], `| `[`HETMEM_PROT_WRITE`]); `*out` receives its address.
+///
+/// # Safety
+///
+/// `space` is a live handle; `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_map_anon(
+    space: *mut HetmemSpace,
+    len: u64,
+    prot: c_int,
+    out: *mut *mut c_void,
+) -> c_int {
+    call(|| {
+        let s = obj(space)?;
+        if out.is_null() {
+            return Err(invalid("a null out-pointer"));
+        }
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let a = s.0.map_anon(len, prot_of(prot)?)?;
+        // SAFETY: `out` checked non-null; the caller guarantees it is writable.
+        unsafe { *out = a.get() as *mut c_void };
+        Ok(())
+    })
+}
+
+/// Unmaps `len` bytes at `addr` of `space` (a mapping made by [`hetmem_map_anon`] or
+/// [`hetmem_map_file`]).
+///
+/// # Safety
+///
+/// `space` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_unmap(
+    space: *mut HetmemSpace,
+    addr: *mut c_void,
+    len: u64,
+) -> c_int {
+    call(|| {
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        obj(space)?.0.unmap(VirtAddr(addr as usize), len)
+    })
+}
+
+/// A new software device with `capacity` bytes of memory of `kind` ([`HETMEM_DEVICE_PRIVATE`]
+/// or [`HETMEM_DEVICE_COHERENT`]).
+///
+/// # Safety
+///
+/// `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_device_new(
+    kind: c_int,
+    capacity: u64,
+    out: *mut *mut HetmemDevice,
+) -> c_int {
+    call(|| {
+        if out.is_null() {
+            return Err(invalid("a null out-pointer"));
+        }
+        let kind = match kind {
+            HETMEM_DEVICE_PRIVATE => MemoryKind::Private,
+            HETMEM_DEVICE_COHERENT => MemoryKind::Coherent,
+            _ => return Err(invalid("kind must be HETMEM_DEVICE_PRIVATE or _COHERENT")),
+        };
+        let capacity = usize::try_from(capacity).map_err(|_| invalid("capacity too large"))?;
+        put(
+            out,
+            HetmemDevice(SoftDevice::new(DeviceConfig { kind, capacity })?),
+        );
+        Ok(())
+    })
+}
+
+/// Releases a device handle.
+///
+/// # Safety
+///
+/// `dev` is null or a handle of this API not freed yet; it is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_device_free(dev: *mut HetmemDevice) {
+    if !dev.is_null() {
+        // SAFETY: made by `put` and not freed yet: the caller's obligation.
+        let b = unsafe { Box::from_raw(dev) };
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
+    }
+}
+
+/// Binds `dev` to `space`: a mirror through which the device accesses the space.
+///
+/// # Safety
+///
+/// `dev` and `space` are live handles; `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_mirror_new(
+    dev: *mut HetmemDevice,
+    space: *mut HetmemSpace,
+    out: *mut *mut HetmemMirror,
+) -> c_int {
+    call(|| {
+        let (d, s) = (obj(dev)?, obj(space)?);
+        if out.is_null() {
+            return Err(invalid("a null out-pointer"));
+        }
+        put(out, HetmemMirror(d.0.mirror(&s.0)?));
+        Ok(())
+    })
+}
+
+/// Releases a mirror handle.
+///
+/// # Safety
+///
+/// `m` is null or a handle of this API not freed yet; it is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_mirror_free(m: *mut HetmemMirror) {
+    if !m.is_null() {
+        // SAFETY: made by `put` and not freed yet: the caller's obligation.
+        let b = unsafe { Box::from_raw(m) };
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
+    }
+}
+
+/// Migrates `len` bytes at `addr` to the device's memory and maps them on the device
+/// (`DeviceMirror::migrate_range_to_device`: no copy to a buffer).
+///
+/// # Safety
+///
+/// `m` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_migrate_to_device(
+    m: *mut HetmemMirror,
+    addr: *mut c_void,
+    len: u64,
+) -> c_int {
+    call(|| {
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        obj(m)?
+            .0
+            .migrate_range_to_device(VirtAddr(addr as usize), len)
+            .map(|_| ())
+    })
+}
+
+/// Migrates the device's pages of `len` bytes at `addr` back to system memory.
+///
+/// # Safety
+///
+/// `m` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_migrate_to_system(
+    m: *mut HetmemMirror,
+    addr: *mut c_void,
+    len: u64,
+) -> c_int {
+    call(|| {
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        obj(m)?
+            .0
+            .migrate_to_system(VirtAddr(addr as usize), len)
+            .map(|_| ())
+    })
+}
+
+/// The device reads `len` bytes at `addr` into `buf` (faulting in what it has not mapped).
+///
+/// # Safety
+///
+/// `m` is a live handle; `buf` points at `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_device_read(
+    m: *mut HetmemMirror,
+    addr: *mut c_void,
+    len: u64,
+    buf: *mut c_void,
+) -> c_int {
+    call(|| {
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        if buf.is_null() {
+            return Err(invalid("a null buffer"));
+        }
+        // SAFETY: the caller guarantees `buf` points at `len` writable bytes, not hetmem's.
+        let b = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) };
+        obj(m)?.0.read(VirtAddr(addr as usize), len, b).map(|_| ())
+    })
+}
+
+/// The device writes `len` bytes of `buf` at `addr`.
+///
+/// # Safety
+///
+/// `m` is a live handle; `buf` points at `len` readable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_device_write(
+    m: *mut HetmemMirror,
+    addr: *mut c_void,
+    len: u64,
+    buf: *const c_void,
+) -> c_int {
+    call(|| {
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        if buf.is_null() {
+            return Err(invalid("a null buffer"));
+        }
+        // SAFETY: the caller guarantees `buf` points at `len` readable bytes, not hetmem's.
+        let b = unsafe { std::slice::from_raw_parts(buf as *const u8, len) };
+        obj(m)?.0.write(VirtAddr(addr as usize), len, b).map(|_| ())
+    })
+}
+
+/// Runs a test-device command with the kernel's convention (`HMM_DMIRROR_*` ioctls on
+/// `/dev/hmm_dmirrorN`): returns 0 and sets `c->cpages`/`c->faults`, or a negative errno exactly
+/// where the kernel's test device does. `cmd` is one of the `HETMEM_CMD_*` values.
+///
+/// # Safety
+///
+/// `m` is a live handle; `c` points at a command whose `ptr` points at the buffer its command
+/// needs (see [`HetmemDmirrorCmd::ptr`]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_mirror_cmd(
+    m: *mut HetmemMirror,
+    cmd: u32,
+    c: *mut HetmemDmirrorCmd,
+) -> c_int {
+    let mut rc = 0;
+    let r = call(|| {
+        let mirror = obj(m)?;
+        // SAFETY: the caller guarantees `c` points at a live command it does not touch meanwhile.
+        let c = unsafe { c.as_mut() }.ok_or_else(|| invalid("a null command"))?;
+        let command = match cmd {
+            HETMEM_CMD_READ => Cmd::Read,
+            HETMEM_CMD_WRITE => Cmd::Write,
+            HETMEM_CMD_MIGRATE_TO_DEV => Cmd::MigrateToDev,
+            HETMEM_CMD_MIGRATE_TO_SYS => Cmd::MigrateToSys,
+            HETMEM_CMD_SNAPSHOT => Cmd::Snapshot,
+            HETMEM_CMD_EXCLUSIVE => Cmd::Exclusive,
+            HETMEM_CMD_CHECK_EXCLUSIVE => Cmd::CheckExclusive,
+            HETMEM_CMD_RELEASE => Cmd::Release,
+            HETMEM_CMD_FLAGS => Cmd::Flags,
+            _ => return Err(invalid("unknown command")),
+        };
+        let pages = usize::try_from(c.npages).unwrap_or(usize::MAX);
+        let buf_len = match command {
+            Cmd::Read | Cmd::Write | Cmd::MigrateToDev | Cmd::Exclusive => {
+                pages.checked_mul(hetmem::PAGE_SIZE)
+            }
+            Cmd::Snapshot => Some(pages),
+            _ => Some(0),
+        }
+        .ok_or_else(|| invalid("the buffer's size overflows"))?;
+        let mut none = [0u8; 0];
+        let buf: &mut [u8] = if buf_len == 0 {
+            &mut none
+        } else if c.ptr == 0 {
+            return Err(invalid("a null buffer"));
+        } else {
+            // SAFETY: the caller guarantees `ptr` points at the `buf_len` bytes this command
+            // needs, its own memory (not hetmem's), untouched while the call runs.
+            unsafe { std::slice::from_raw_parts_mut(c.ptr as *mut u8, buf_len) }
+        };
+        let mut k = DmirrorCmd {
+            addr: c.addr,
+            buf,
+            npages: c.npages,
+            cpages: 0,
+            faults: 0,
+        };
+        rc = mirror.0.cmd(command, &mut k);
+        if rc == 0 {
+            c.cpages = k.cpages;
+            c.faults = k.faults;
+        } else {
+            set_error(format!(
+                "command {cmd} failed: {}",
+                std::io::Error::from_raw_os_error(-rc)
+            ));
+        }
+        Ok(())
+    });
+    if r != 0 { r } else { rc }
+}
+
+/// Opens and caches the file at `path` (read-write when `writable`), with the default cache
+/// configuration.
+///
+/// # Safety
+///
+/// `path` is a NUL-terminated string; `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_file_open(
+    path: *const c_char,
+    writable: bool,
+    out: *mut *mut HetmemFile,
+) -> c_int {
+    call(|| {
+        if path.is_null() || out.is_null() {
+            return Err(invalid("a null path or out-pointer"));
+        }
+        // SAFETY: the caller guarantees a NUL-terminated string.
+        let p = unsafe { CStr::from_ptr(path) };
+        let p = std::path::Path::new(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(p.to_bytes()),
+        );
+        let cache: Arc<FileCache> = FileCache::open(p, writable, CacheConfig::default())?;
+        put(out, HetmemFile(cache.handle()));
+        Ok(())
+    })
+}
+
+/// Writes back every dirty page of the file (CPU and device stores) and syncs it (`fsync`).
+///
+/// # Safety
+///
+/// `f` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_file_fsync(f: *mut HetmemFile) -> c_int {
+    call(|| obj(f)?.0.fsync())
+}
+
+/// Closes a file handle (the cache stays while mappings of it exist).
+///
+/// # Safety
+///
+/// `f` is null or a handle of this API not freed yet; it is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_file_close(f: *mut HetmemFile) {
+    if !f.is_null() {
+        // SAFETY: made by `put` and not freed yet: the caller's obligation.
+        let b = unsafe { Box::from_raw(f) };
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
+    }
+}
+
+/// Maps `len` bytes of the file from byte `offset` (page-aligned) into `space`, shared (stores
+/// reach the file at the next fsync) or private; `*out` receives the address.
+///
+/// # Safety
+///
+/// `space` and `f` are live handles; `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_map_file(
+    space: *mut HetmemSpace,
+    f: *mut HetmemFile,
+    offset: u64,
+    len: u64,
+    prot: c_int,
+    shared: bool,
+    out: *mut *mut c_void,
+) -> c_int {
+    call(|| {
+        let (s, fh) = (obj(space)?, obj(f)?);
+        if out.is_null() {
+            return Err(invalid("a null out-pointer"));
+        }
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let a = s.0.map_file(&fh.0, offset, len, prot_of(prot)?, shared)?;
+        // SAFETY: `out` checked non-null; the caller guarantees it is writable.
+        unsafe { *out = a.get() as *mut c_void };
+        Ok(())
+    })
+}
