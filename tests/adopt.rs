@@ -184,3 +184,37 @@ fn adopting_what_cannot_be_adopted_is_refused() {
     let a = space.map_anon(LEN, Prot::ReadWrite).unwrap();
     assert_eq!(errno(Space::adopt(a, LEN)), Some(libc::EBUSY));
 }
+
+/// A device command whose buffer is memory hetmem manages (here: adopted memory, part of it in
+/// device memory) is refused with EINVAL. It used to abort the process: the device copies into
+/// the buffer under hetmem's locks, where a page of it in device memory cannot be faulted back
+/// (found from outside, by the preloaded test device when a program's `malloc`ed buffer sat in a
+/// mapping it had adopted).
+#[test]
+fn a_device_buffer_in_managed_memory_is_refused_not_an_abort() {
+    let _w = watchdog("device_buffer_in_managed_memory", 30);
+    let data = Plain::new(LEN, libc::PROT_READ | libc::PROT_WRITE);
+    let space = Space::adopt(data.at(0), LEN).unwrap();
+    let dev = SoftDevice::private(2 * LEN).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    // The buffer: a Vec adopted by another space, its pages in device memory.
+    let mut buf = vec![1u8; 2 * LEN];
+    let start = (buf.as_ptr() as usize).next_multiple_of(PAGE);
+    let other = Space::adopt(VirtAddr(start), LEN).unwrap();
+    let m2 = dev.mirror(&other).unwrap();
+    m2.migrate_range_to_device(VirtAddr(start), LEN).unwrap();
+    let off = start - buf.as_ptr() as usize;
+    let window = &mut buf[off..off + LEN];
+    for r in [
+        m.read(data.at(0), LEN, window).map(|_| ()),
+        m.migrate_to_device(data.at(0), LEN, window).map(|_| ()),
+        m.exclusive(data.at(0), LEN, window).map(|_| ()),
+        m.snapshot(data.at(0), LEN, window).map(|_| ()),
+    ] {
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+    }
+    drop(m2);
+    drop(other);
+    // Given back: the buffer's bytes are where they were.
+    assert!(buf[off..off + LEN].iter().all(|&b| b == 1));
+}

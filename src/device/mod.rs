@@ -792,6 +792,18 @@ impl DeviceMirror {
         if buf.len() < r.len() {
             return Err(Error::Invalid("buffer smaller than the range"));
         }
+        Self::check_own_memory(&buf[..r.len()])
+    }
+
+    /// A command's buffer must be the caller's own memory, not memory hetmem manages (any
+    /// space's range, adopted memory included): the device copies into and out of it under
+    /// hetmem's locks, where a page of it in device memory could not be faulted back.
+    fn check_own_memory(buf: &[u8]) -> Result<()> {
+        if crate::sys::overlaps_fault_range(buf.as_ptr() as usize, buf.len()) {
+            return Err(Error::Invalid(
+                "the command's buffer lies in memory hetmem manages: use memory of your own",
+            ));
+        }
         Ok(())
     }
 
@@ -1520,6 +1532,7 @@ impl DeviceMirror {
                 "snapshot buffer smaller than the range's pages",
             ));
         }
+        Self::check_own_memory(&out[..r.pages()])?;
         let n = self.notifier()?;
         let deadline = Instant::now() + RANGE_FAULT_TIMEOUT;
         let pfns = loop {

@@ -97,6 +97,19 @@ pub struct FaultRange {
     slot: usize,
 }
 
+/// Whether `start..start + len` overlaps a registered range (memory some address space of
+/// hetmem manages). Lock-free.
+pub fn overlaps_fault_range(start: usize, len: usize) -> bool {
+    let end = start.saturating_add(len);
+    SLOTS.iter().any(|slot| {
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
+        s < e && s < end && start < e
+    })
+}
+
 /// Routes faults in `start..end` to `target` (lock-free lookup from the SIGBUS handler and the
 /// handler threads).
 pub fn register_fault_range(

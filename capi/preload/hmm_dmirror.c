@@ -1,0 +1,383 @@
+/*
+ * A drop-in emulation of the kernel's HMM test device (lib/test_hmm.c, /dev/hmm_dmirror0..3) on
+ * top of hetmem, for kernels without CONFIG_DEVICE_PRIVATE (or without the test module): preload
+ * it, and a program written against the test device's interface (open, the HMM_DMIRROR_* ioctls
+ * of lib/test_hmm_uapi.h, plain mmap, loads and stores) runs unmodified against hetmem's
+ * software devices.
+ *
+ *   cargo build --release -p hetmem-c
+ *   cc -shared -fPIC -O2 capi/preload/hmm_dmirror.c -Icapi/include -Ltarget/release \
+ *      -lhetmem_c -ldl -Wl,-rpath,$PWD/target/release -o libhmm_dmirror.so
+ *   LD_PRELOAD=$PWD/libhmm_dmirror.so ./hmm-tests
+ *
+ * What it does:
+ *  - open("/dev/hmm_dmirrorN") (N = 0..3) gives a real file descriptor (a memfd) that stands
+ *    for a new mirror of device N: devices 0 and 1 are device-private, 2 and 3 device-coherent,
+ *    as the kernel module creates them; two opens of one device are two mirrors of it.
+ *  - ioctl(fd, HMM_DMIRROR_*, &cmd) runs the command through hetmem_mirror_cmd, which answers as
+ *    the kernel's device does. The program's memory the command names is adopted on first use
+ *    (hetmem_space_adopt), so the program keeps using its own pointers: the whole anonymous
+ *    private mapping the program made with mmap around cmd.addr (its mmap calls are recorded),
+ *    else exactly the command's range.
+ *  - munmap / mremap of adopted memory first give it back (its device pages come home, the
+ *    mirrors of it go), then do what the program asked.
+ *  - close(fd) frees that mirror's state.
+ * Other file descriptors, ioctls and mappings go straight to the C library.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "hetmem.h"
+
+#define MAX_FDS 64
+#define MAX_SPACES 64
+#define MAX_MAPS 1024
+#define NDEV 4
+
+/* struct hmm_dmirror_cmd of lib/test_hmm_uapi.h: five __u64, as HetmemDmirrorCmd. */
+#define DMIRROR_IOC_TYPE 'H'
+
+struct space_slot {
+	uintptr_t start, end;
+	HetmemSpace *space;
+};
+
+struct fd_slot {
+	int fd; /* -1: free */
+	int dev;
+	HetmemMirror *mirrors[MAX_SPACES]; /* by space slot */
+};
+
+/* Recursive: hetmem, called under it, may itself call the C library functions interposed here
+ * (open and close of /proc files, ioctl on its own descriptors), which pass through. */
+/* The program's anonymous private mmaps (start, end; end 0: free slot). */
+struct map_slot {
+	uintptr_t start, end;
+};
+static struct map_slot maps[MAX_MAPS];
+
+static pthread_mutex_t lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+
+/* Which file descriptors are test-device ones, readable without `lock`: close and ioctl of any
+ * other descriptor go straight to the C library without taking it (hetmem's own threads close
+ * their descriptors while a thread holding `lock` waits for them to exit). */
+#define MAX_FD_NUM 65536
+static _Atomic unsigned char ours[MAX_FD_NUM];
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static int is_ours(int fd)
+{
+	return fd >= 0 && fd < MAX_FD_NUM && atomic_load(&ours[fd]);
+}
+static HetmemDevice *devices[NDEV];
+static struct space_slot spaces[MAX_SPACES];
+static struct fd_slot fds[MAX_FDS];
+
+static int (*real_open)(const char *, int, ...);
+static int (*real_open64)(const char *, int, ...);
+static int (*real_openat)(int, const char *, int, ...);
+static int (*real_close)(int);
+static int (*real_ioctl)(int, unsigned long, ...);
+static int (*real_munmap)(void *, size_t);
+static void *(*real_mremap)(void *, size_t, size_t, int, ...);
+static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
+
+static void resolve(void)
+{
+	real_open = dlsym(RTLD_NEXT, "open");
+	real_open64 = dlsym(RTLD_NEXT, "open64");
+	real_openat = dlsym(RTLD_NEXT, "openat");
+	real_close = dlsym(RTLD_NEXT, "close");
+	real_ioctl = dlsym(RTLD_NEXT, "ioctl");
+	real_munmap = dlsym(RTLD_NEXT, "munmap");
+	real_mremap = dlsym(RTLD_NEXT, "mremap");
+	real_mmap = dlsym(RTLD_NEXT, "mmap");
+	for (int i = 0; i < MAX_FDS; i++)
+		fds[i].fd = -1;
+}
+
+static void init(void)
+{
+	pthread_once(&once, resolve);
+}
+
+/* The device number of a test-device path, or -1. */
+static int dmirror_of(const char *path)
+{
+	static const char prefix[] = "/dev/hmm_dmirror";
+	if (!path || strncmp(path, prefix, sizeof(prefix) - 1) != 0)
+		return -1;
+	const char *n = path + sizeof(prefix) - 1;
+	if (n[0] < '0' || n[0] >= '0' + NDEV || n[1] != '\0')
+		return -1;
+	return n[0] - '0';
+}
+
+static int open_dmirror(int dev)
+{
+	init();
+	pthread_mutex_lock(&lock);
+	int fd = -1;
+	if (!devices[dev] &&
+	    hetmem_device_new(dev < 2 ? HETMEM_DEVICE_PRIVATE : HETMEM_DEVICE_COHERENT, 256UL << 20,
+			      &devices[dev]) != 0) {
+		errno = ENOMEM;
+		goto out;
+	}
+	for (int i = 0; i < MAX_FDS; i++) {
+		if (fds[i].fd >= 0)
+			continue;
+		char name[32];
+		snprintf(name, sizeof(name), "hmm_dmirror%d", dev);
+		fd = memfd_create(name, MFD_CLOEXEC);
+		if (fd < 0)
+			goto out;
+		if (fd >= MAX_FD_NUM) {
+			real_close(fd);
+			fd = -1;
+			errno = EMFILE;
+			goto out;
+		}
+		atomic_store(&ours[fd], 1);
+		fds[i].fd = fd;
+		fds[i].dev = dev;
+		memset(fds[i].mirrors, 0, sizeof(fds[i].mirrors));
+		goto out;
+	}
+	errno = EMFILE;
+out:
+	pthread_mutex_unlock(&lock);
+	return fd;
+}
+
+int open(const char *path, int flags, ...)
+{
+	int dev = dmirror_of(path);
+	if (dev >= 0)
+		return open_dmirror(dev);
+	va_list ap;
+	va_start(ap, flags);
+	mode_t mode = va_arg(ap, mode_t);
+	va_end(ap);
+	init();
+	return real_open(path, flags, mode);
+}
+
+int open64(const char *path, int flags, ...)
+{
+	int dev = dmirror_of(path);
+	if (dev >= 0)
+		return open_dmirror(dev);
+	va_list ap;
+	va_start(ap, flags);
+	mode_t mode = va_arg(ap, mode_t);
+	va_end(ap);
+	init();
+	return real_open64(path, flags, mode);
+}
+
+int openat(int dirfd, const char *path, int flags, ...)
+{
+	int dev = dmirror_of(path);
+	if (dev >= 0)
+		return open_dmirror(dev);
+	va_list ap;
+	va_start(ap, flags);
+	mode_t mode = va_arg(ap, mode_t);
+	va_end(ap);
+	init();
+	return real_openat(dirfd, path, flags, mode);
+}
+
+static struct fd_slot *slot_of(int fd)
+{
+	for (int i = 0; i < MAX_FDS; i++)
+		if (fds[i].fd == fd)
+			return &fds[i];
+	return NULL;
+}
+
+/* Gives back the adopted space in slot `s` (every mirror of it first). Under `lock`. */
+static void give_back(int s)
+{
+	for (int i = 0; i < MAX_FDS; i++) {
+		if (fds[i].fd >= 0 && fds[i].mirrors[s]) {
+			hetmem_mirror_free(fds[i].mirrors[s]);
+			fds[i].mirrors[s] = NULL;
+		}
+	}
+	hetmem_space_free(spaces[s].space);
+	spaces[s].space = NULL;
+}
+
+/* Gives back every adopted space overlapping [start, end). Under `lock`. */
+static void give_back_range(uintptr_t start, uintptr_t end)
+{
+	for (int s = 0; s < MAX_SPACES; s++)
+		if (spaces[s].space && spaces[s].start < end && start < spaces[s].end)
+			give_back(s);
+}
+
+/* Forgets the recorded mmaps overlapping [start, end). Under `lock`. */
+static void forget_maps(uintptr_t start, uintptr_t end)
+{
+	for (int i = 0; i < MAX_MAPS; i++)
+		if (maps[i].end && maps[i].start < end && start < maps[i].end)
+			maps[i].end = 0;
+}
+
+/* The slot of the adopted space holding [addr, addr + len), adopting on first use the program's
+ * mmap around it, else exactly that range; -1 if it cannot be adopted. Under `lock`. */
+static int space_for(uintptr_t addr, uintptr_t len)
+{
+	for (int s = 0; s < MAX_SPACES; s++)
+		if (spaces[s].space && spaces[s].start <= addr && addr < spaces[s].end)
+			return s;
+	uintptr_t start = addr, end = addr + len;
+	for (int i = 0; i < MAX_MAPS; i++) {
+		if (maps[i].end && maps[i].start <= addr && addr < maps[i].end) {
+			start = maps[i].start;
+			end = maps[i].end;
+			break;
+		}
+	}
+	for (int s = 0; s < MAX_SPACES; s++) {
+		if (spaces[s].space)
+			continue;
+		if (hetmem_space_adopt((void *)start, end - start, &spaces[s].space) != 0) {
+			spaces[s].space = NULL;
+			return -1;
+		}
+		spaces[s].start = start;
+		spaces[s].end = end;
+		return s;
+	}
+	return -1;
+}
+
+static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd *cmd)
+{
+	if (_IOC_TYPE(req) != DMIRROR_IOC_TYPE || _IOC_SIZE(req) != sizeof(HetmemDmirrorCmd) ||
+	    _IOC_NR(req) > HETMEM_CMD_FLAGS)
+		return -ENOTTY;
+	unsigned nr = _IOC_NR(req);
+	/* The kernel's checks come first (an unaligned or wrapping range is EINVAL for every
+	 * command): run them through any mirror of this device; a range in memory the program
+	 * has not mapped is EFAULT, as hmm_range_fault says. */
+	if ((cmd->addr & 4095) || cmd->npages == 0 || cmd->npages > (UINT64_MAX >> 12) ||
+	    cmd->addr + (cmd->npages << 12) < cmd->addr)
+		return -EINVAL;
+	int s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
+	if (s < 0)
+		return -EFAULT;
+	if (!f->mirrors[s] && hetmem_mirror_new(devices[f->dev], spaces[s].space, &f->mirrors[s]) != 0)
+		return -ENOMEM;
+	return hetmem_mirror_cmd(f->mirrors[s], nr, cmd);
+}
+
+int ioctl(int fd, unsigned long req, ...)
+{
+	va_list ap;
+	va_start(ap, req);
+	void *arg = va_arg(ap, void *);
+	va_end(ap);
+	init();
+	if (!is_ours(fd))
+		return real_ioctl(fd, req, arg);
+	pthread_mutex_lock(&lock);
+	struct fd_slot *f = slot_of(fd);
+	if (!f) {
+		pthread_mutex_unlock(&lock);
+		return real_ioctl(fd, req, arg);
+	}
+	int r = arg ? dmirror_ioctl(f, req, arg) : -EFAULT;
+	pthread_mutex_unlock(&lock);
+	if (r < 0) {
+		errno = -r;
+		return -1;
+	}
+	return 0;
+}
+
+int close(int fd)
+{
+	init();
+	if (!is_ours(fd))
+		return real_close(fd);
+	pthread_mutex_lock(&lock);
+	struct fd_slot *f = slot_of(fd);
+	if (f) {
+		for (int s = 0; s < MAX_SPACES; s++) {
+			if (f->mirrors[s]) {
+				hetmem_mirror_free(f->mirrors[s]);
+				f->mirrors[s] = NULL;
+			}
+		}
+		f->fd = -1;
+		atomic_store(&ours[fd], 0);
+	}
+	pthread_mutex_unlock(&lock);
+	return real_close(fd);
+}
+
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	init();
+	pthread_mutex_lock(&lock);
+	void *p = real_mmap(addr, len, prot, flags, fd, off);
+	if (p != MAP_FAILED && (flags & MAP_ANONYMOUS) && (flags & MAP_PRIVATE)) {
+		uintptr_t s = (uintptr_t)p, e = s + ((len + 4095) & ~4095UL);
+		/* MAP_FIXED replaced whatever was there. */
+		give_back_range(s, e);
+		forget_maps(s, e);
+		for (int i = 0; i < MAX_MAPS; i++) {
+			if (!maps[i].end) {
+				maps[i].start = s;
+				maps[i].end = e;
+				break;
+			}
+		}
+	}
+	pthread_mutex_unlock(&lock);
+	return p;
+}
+
+void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	return mmap(addr, len, prot, flags, fd, off);
+}
+
+int munmap(void *addr, size_t len)
+{
+	init();
+	pthread_mutex_lock(&lock);
+	give_back_range((uintptr_t)addr, (uintptr_t)addr + len);
+	forget_maps((uintptr_t)addr, (uintptr_t)addr + len);
+	pthread_mutex_unlock(&lock);
+	return real_munmap(addr, len);
+}
+
+void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
+{
+	va_list ap;
+	va_start(ap, flags);
+	void *new_addr = va_arg(ap, void *);
+	va_end(ap);
+	init();
+	pthread_mutex_lock(&lock);
+	give_back_range((uintptr_t)old, (uintptr_t)old + old_len);
+	forget_maps((uintptr_t)old, (uintptr_t)old + old_len);
+	pthread_mutex_unlock(&lock);
+	return real_mremap(old, old_len, new_len, flags, new_addr);
+}

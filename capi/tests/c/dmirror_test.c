@@ -1,0 +1,236 @@
+/*
+ * A program written against the kernel's HMM test device (/dev/hmm_dmirror0..3 and the ioctls
+ * of lib/test_hmm_uapi.h), in the style of the kernel's selftests: plain mmap, plain loads and
+ * stores, one forked child per case. It knows nothing of hetmem: capi/tests/preload.rs runs it
+ * with LD_PRELOAD=libhmm_dmirror.so (capi/preload/hmm_dmirror.c), which emulates the device on
+ * hetmem. Prints one line per case; exits non-zero if any case failed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* The test device's interface (lib/test_hmm_uapi.h). */
+struct hmm_dmirror_cmd {
+	uint64_t addr, ptr, npages, cpages, faults;
+};
+#define HMM_DMIRROR_READ _IOWR('H', 0x00, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_WRITE _IOWR('H', 0x01, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_MIGRATE_TO_DEV _IOWR('H', 0x02, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_MIGRATE_TO_SYS _IOWR('H', 0x03, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_SNAPSHOT _IOWR('H', 0x04, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_EXCLUSIVE _IOWR('H', 0x05, struct hmm_dmirror_cmd)
+#define HMM_DMIRROR_CHECK_EXCLUSIVE _IOWR('H', 0x06, struct hmm_dmirror_cmd)
+#define DMIRROR_PROT_WRITE 0x02
+#define PROT_DEV_PRIVATE_LOCAL 0x20
+#define PROT_DEV_COHERENT_LOCAL 0x40
+
+#define PAGE 4096UL
+#define NPAGES 64UL
+#define CHECK(cond)                                                                 \
+	do {                                                                        \
+		if (!(cond)) {                                                      \
+			fprintf(stderr, "%s:%d: %s failed (errno %d)\n", __FILE__, \
+				__LINE__, #cond, errno);                            \
+			return 1;                                                   \
+		}                                                                   \
+	} while (0)
+
+static int cmd(int fd, unsigned long req, void *addr, void *ptr, uint64_t npages,
+	       struct hmm_dmirror_cmd *out)
+{
+	struct hmm_dmirror_cmd c = { .addr = (uint64_t)addr, .ptr = (uint64_t)ptr, .npages = npages };
+	int r = ioctl(fd, req, &c);
+	if (out)
+		*out = c;
+	return r < 0 ? -errno : 0;
+}
+
+static int *buffer(void)
+{
+	void *p = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+		       -1, 0);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static int anon_read(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		buf[i] = (int)i;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES);
+	CHECK(c.faults == 1);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(mirror[i] == (int)i);
+	CHECK(close(fd) == 0);
+	return 0;
+}
+
+static int anon_write(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		mirror[i] = (int)i * 5;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_WRITE, buf, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(buf[i] == (int)i * 5);
+	return 0;
+}
+
+static int migrate_and_fault_back(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	int other = open("/dev/hmm_dmirror1", O_RDWR, 0);
+	CHECK(fd >= 0 && other >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	unsigned char snap[NPAGES];
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		buf[i] = (int)i + 3;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES);
+	CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, buf, snap, NPAGES, &c) == 0);
+	for (unsigned long i = 0; i < NPAGES; i++)
+		CHECK(snap[i] == (PROT_DEV_PRIVATE_LOCAL | DMIRROR_PROT_WRITE));
+	/* Another device's snapshot (no fault) gets no valid entry for a page in a device's
+	 * private memory that is not its own: NONE, as the kernel's hmm_range_fault answers. */
+	CHECK(cmd(other, HMM_DMIRROR_SNAPSHOT, buf, snap, NPAGES, &c) == 0);
+	for (unsigned long i = 0; i < NPAGES; i++)
+		CHECK(snap[i] == 0);
+	/* Plain loads fault the pages back. */
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(buf[i] == (int)i + 3);
+	/* The kernel's errors: an unaligned address, an empty range. */
+	CHECK(cmd(fd, HMM_DMIRROR_READ, (char *)buf + 1, mirror, 1, NULL) == -EINVAL);
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, mirror, 0, NULL) == -EINVAL);
+	/* munmap while the device holds pages, then the memory is gone for the device too. */
+	CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, NPAGES, &c) == 0);
+	CHECK(munmap(buf, NPAGES * PAGE) == 0);
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, mirror, NPAGES, NULL) == -EFAULT);
+	return 0;
+}
+
+static int coherent_device(void)
+{
+	int fd = open("/dev/hmm_dmirror2", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	unsigned char snap[NPAGES];
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		buf[i] = (int)i ^ 0x55;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, NPAGES, &c) == 0);
+	CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, buf, snap, NPAGES, &c) == 0);
+	for (unsigned long i = 0; i < NPAGES; i++)
+		CHECK(snap[i] == (PROT_DEV_COHERENT_LOCAL | DMIRROR_PROT_WRITE));
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(buf[i] == ((int)i ^ 0x55));
+	CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES);
+	return 0;
+}
+
+static int exclusive_then_cpu_write(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		buf[i] = (int)i;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_EXCLUSIVE, buf, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(mirror[i] == (int)i);
+	CHECK(cmd(fd, HMM_DMIRROR_CHECK_EXCLUSIVE, buf, mirror, NPAGES, NULL) == -EPERM);
+	/* CPU stores revoke the device's exclusive access. */
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		buf[i]++;
+	CHECK(cmd(fd, HMM_DMIRROR_CHECK_EXCLUSIVE, buf, mirror, NPAGES, NULL) == 0);
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, mirror, NPAGES, &c) == 0);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(mirror[i] == (int)i + 1);
+	return 0;
+}
+
+static int fork_child_reads_device_pages(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		buf[i] = (int)i * 9;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, NPAGES, &c) == 0);
+	pid_t pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++) {
+			if (buf[i] != (int)i * 9)
+				_exit(10);
+			buf[i] = 0;
+		}
+		_exit(0);
+	}
+	int st;
+	CHECK(waitpid(pid, &st, 0) == pid);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(buf[i] == (int)i * 9);
+	return 0;
+}
+
+int main(void)
+{
+	struct {
+		const char *name;
+		int (*run)(void);
+	} cases[] = {
+		{ "anon_read", anon_read },
+		{ "anon_write", anon_write },
+		{ "migrate_and_fault_back", migrate_and_fault_back },
+		{ "coherent_device", coherent_device },
+		{ "exclusive_then_cpu_write", exclusive_then_cpu_write },
+		{ "fork_child_reads_device_pages", fork_child_reads_device_pages },
+	};
+	int failed = 0;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		fflush(stdout);
+		pid_t pid = fork();
+		if (pid < 0)
+			return 2;
+		if (pid == 0)
+			_exit(cases[i].run());
+		int st;
+		if (waitpid(pid, &st, 0) != pid)
+			return 2;
+		int ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+		printf("%s %s", ok ? "ok  " : "FAIL", cases[i].name);
+		if (!ok && WIFSIGNALED(st))
+			printf(" (signal %d)", WTERMSIG(st));
+		printf("\n");
+		failed |= !ok;
+	}
+	return failed;
+}
