@@ -123,6 +123,14 @@ int hetmem_map_anon(struct HetmemSpace *space, uint64_t len, int prot, void **ou
 // `space` is a live handle.
 int hetmem_unmap(struct HetmemSpace *space, void *addr, uint64_t len);
 
+// Changes the protection of `len` bytes at `addr` of `space` (`Space::protect`: devices lose
+// what they may no longer do, as with `mprotect`), adopted memory included.
+//
+// # Safety
+//
+// `space` is a live handle.
+int hetmem_protect(struct HetmemSpace *space, void *addr, uint64_t len, int prot);
+
 // A new software device with `capacity` bytes of memory of `kind` ([`HETMEM_DEVICE_PRIVATE`]
 // or [`HETMEM_DEVICE_COHERENT`]).
 //

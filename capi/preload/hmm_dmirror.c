@@ -20,7 +20,8 @@
  *    private mapping the program made with mmap around cmd.addr (its mmap calls are recorded),
  *    else exactly the command's range.
  *  - munmap / mremap of adopted memory first give it back (its device pages come home, the
- *    mirrors of it go), then do what the program asked.
+ *    mirrors of it go), then do what the program asked; mprotect of adopted memory goes through
+ *    hetmem (hetmem_protect), so that devices lose what they may no longer do.
  *  - close(fd) frees that mirror's state.
  * Other file descriptors, ioctls and mappings go straight to the C library.
  */
@@ -92,6 +93,7 @@ static int (*real_ioctl)(int, unsigned long, ...);
 static int (*real_munmap)(void *, size_t);
 static void *(*real_mremap)(void *, size_t, size_t, int, ...);
 static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
+static int (*real_mprotect)(void *, size_t, int);
 
 static void resolve(void)
 {
@@ -103,6 +105,7 @@ static void resolve(void)
 	real_munmap = dlsym(RTLD_NEXT, "munmap");
 	real_mremap = dlsym(RTLD_NEXT, "mremap");
 	real_mmap = dlsym(RTLD_NEXT, "mmap");
+	real_mprotect = dlsym(RTLD_NEXT, "mprotect");
 	for (int i = 0; i < MAX_FDS; i++)
 		fds[i].fd = -1;
 }
@@ -380,4 +383,29 @@ void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
 	forget_maps((uintptr_t)old, (uintptr_t)old + old_len);
 	pthread_mutex_unlock(&lock);
 	return real_mremap(old, old_len, new_len, flags, new_addr);
+}
+
+int mprotect(void *addr, size_t len, int prot)
+{
+	init();
+	pthread_mutex_lock(&lock);
+	uintptr_t a = (uintptr_t)addr, e = a + len;
+	for (int s = 0; s < MAX_SPACES; s++) {
+		if (spaces[s].space && spaces[s].start <= a && e <= spaces[s].end &&
+		    !(prot & ~(PROT_READ | PROT_WRITE)) && (prot != PROT_WRITE)) {
+			int hp = (prot & PROT_READ ? HETMEM_PROT_READ : 0) |
+				 (prot & PROT_WRITE ? HETMEM_PROT_WRITE : 0);
+			int r = hetmem_protect(spaces[s].space, addr, len, hp);
+			pthread_mutex_unlock(&lock);
+			if (r < 0) {
+				errno = -r;
+				return -1;
+			}
+			return 0;
+		}
+	}
+	/* Partly adopted, or a protection hetmem does not model (exec): give it back first. */
+	give_back_range(a, e);
+	pthread_mutex_unlock(&lock);
+	return real_mprotect(addr, len, prot);
 }

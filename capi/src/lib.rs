@@ -261,6 +261,27 @@ pub unsafe extern "C" fn hetmem_unmap(
     })
 }
 
+/// Changes the protection of `len` bytes at `addr` of `space` (`Space::protect`: devices lose
+/// what they may no longer do, as with `mprotect`), adopted memory included.
+///
+/// # Safety
+///
+/// `space` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_protect(
+    space: *mut HetmemSpace,
+    addr: *mut c_void,
+    len: u64,
+    prot: c_int,
+) -> c_int {
+    call(|| {
+        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        obj(space)?
+            .0
+            .protect(VirtAddr(addr as usize), len, prot_of(prot)?)
+    })
+}
+
 /// A new software device with `capacity` bytes of memory of `kind` ([`HETMEM_DEVICE_PRIVATE`]
 /// or [`HETMEM_DEVICE_COHERENT`]).
 ///

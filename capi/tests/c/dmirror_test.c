@@ -173,6 +173,33 @@ static int exclusive_then_cpu_write(void)
 	return 0;
 }
 
+/* mprotect(PROT_READ) of memory the device has used: the device may still read it, its write is
+ * EPERM and leaves the memory as it was; made writable again, the write lands. */
+static int write_protected(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++) {
+		buf[i] = (int)i;
+		mirror[i] = -(int)i;
+	}
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, mirror, NPAGES, &c) == 0);
+	CHECK(mprotect(buf, NPAGES * PAGE, PROT_READ) == 0);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		mirror[i] = -(int)i;
+	CHECK(cmd(fd, HMM_DMIRROR_WRITE, buf, mirror, NPAGES, &c) == -EPERM);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(buf[i] == (int)i);
+	CHECK(mprotect(buf, NPAGES * PAGE, PROT_READ | PROT_WRITE) == 0);
+	CHECK(cmd(fd, HMM_DMIRROR_WRITE, buf, mirror, NPAGES, &c) == 0);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(buf[i] == -(int)i);
+	return 0;
+}
+
 static int fork_child_reads_device_pages(void)
 {
 	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
@@ -212,6 +239,7 @@ int main(void)
 		{ "migrate_and_fault_back", migrate_and_fault_back },
 		{ "coherent_device", coherent_device },
 		{ "exclusive_then_cpu_write", exclusive_then_cpu_write },
+		{ "write_protected", write_protected },
 		{ "fork_child_reads_device_pages", fork_child_reads_device_pages },
 	};
 	int failed = 0;
