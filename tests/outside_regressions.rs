@@ -931,3 +931,53 @@ fn a_direct_mremap_of_a_shared_file_mapping_aborts_with_a_message() {
     );
     assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{out:?}");
 }
+
+/// A direct `madvise(MADV_DONTNEED)` by the program drops system pages a device maps (no event
+/// tells hetmem): the device's next read and write of them used to abort the process (its copy
+/// faulted inside a no-fault zone). Now the device's copy goes through the kernel without
+/// faulting, finds the page gone, and the page is refilled as the kernel would (zeros for
+/// anonymous memory, the file's bytes for a private file mapping) and faulted in again.
+#[test]
+fn a_device_access_to_a_page_dropped_by_a_direct_madvise_reads_what_the_kernel_gives() {
+    let _w = watchdog("device_after_madvise_dontneed", 30);
+    let space = small_space();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &vec![0xEE; 4 * PAGE]).unwrap();
+    let mut b = vec![0u8; 4 * PAGE];
+    m.read(a, 4 * PAGE, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0xEE));
+    // SAFETY: managed memory of `space` (mapped above), where no Rust object lives.
+    unsafe { hetmem::sys::madvise_dontneed(a.get() + PAGE, 2 * PAGE) }.unwrap();
+    at("device read of dropped pages");
+    m.read(a, 4 * PAGE, &mut b).unwrap();
+    assert!(b[..PAGE].iter().all(|&x| x == 0xEE));
+    assert!(b[PAGE..3 * PAGE].iter().all(|&x| x == 0));
+    assert!(b[3 * PAGE..].iter().all(|&x| x == 0xEE));
+    // A device store to a dropped page lands, and the CPU sees it.
+    // SAFETY: as above.
+    unsafe { hetmem::sys::madvise_dontneed(a.get(), PAGE) }.unwrap();
+    at("device write of a dropped page");
+    m.write(a, PAGE, &vec![0x33; PAGE]).unwrap();
+    assert_eq!(space.load_u32(a).unwrap(), 0x3333_3333);
+    // A private file mapping's dropped page: the file's bytes.
+    let content = pattern(2 * PAGE, |i| i + 7);
+    let f = TempFile::new("o-dev-dontneed", &content);
+    let cache = FileCache::open(&f.0, false, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let fa = space
+        .map_file(&h, 0, 2 * PAGE, Prot::ReadWrite, false)
+        .unwrap();
+    space.store_u32(fa, 0x1234_5678).unwrap();
+    let mut c = vec![0u8; 2 * PAGE];
+    m.read(fa, 2 * PAGE, &mut c).unwrap();
+    // SAFETY: as above.
+    unsafe { hetmem::sys::madvise_dontneed(fa.get(), 2 * PAGE) }.unwrap();
+    at("device read of dropped private file pages");
+    m.read(fa, 2 * PAGE, &mut c).unwrap();
+    assert_eq!(
+        c, content,
+        "the file's bytes, as the kernel gives a dropped private page"
+    );
+}

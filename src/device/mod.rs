@@ -606,6 +606,16 @@ impl IntervalOps for MirrorInner {
     }
 }
 
+/// How far [`DeviceMirror::do_rw`] got.
+enum Step {
+    /// Every page was copied.
+    Done,
+    /// A page has no (suitable) entry: fault it in and go on.
+    Fault,
+    /// A system page the device mapped was dropped by the program (its entry is gone).
+    Dropped(VirtAddr),
+}
+
 /// Result of a device command (`cpages`, `faults` of `struct hmm_dmirror_cmd`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CmdOut {
@@ -812,7 +822,9 @@ impl DeviceMirror {
         match e.target {
             PageTarget::System(v) => {
                 debug_assert_eq!(v.0, vpn);
-                self.inner.space.core.mm.read(v.addr(), dst);
+                if !self.inner.space.core.mm.read_if_there(v.addr(), dst) {
+                    return Err(Error::NotPresent { addr: v.addr() });
+                }
                 Ok(())
             }
             PageTarget::Device { pagemap, frame } => {
@@ -840,7 +852,9 @@ impl DeviceMirror {
     fn copy_in(&self, e: &DevPte, vpn: usize, src: &[u8]) -> Result<()> {
         match e.target {
             PageTarget::System(v) => {
-                self.inner.space.core.mm.write(v.addr(), src);
+                if !self.inner.space.core.mm.write_if_there(v.addr(), src) {
+                    return Err(Error::NotPresent { addr: v.addr() });
+                }
                 Ok(())
             }
             PageTarget::Device { pagemap, frame } => {
@@ -888,15 +902,15 @@ impl DeviceMirror {
         buf: &mut [u8],
         write: bool,
         cpages: &mut u64,
-    ) -> Result<bool> {
-        let pt = lock(&self.inner.pt);
+    ) -> Result<Step> {
+        let mut pt = lock(&self.inner.pt);
         let first = r.start.page().0;
         while *cur < r.end.page().0 {
-            let Some(e) = pt.get(cur) else {
-                return Ok(false);
+            let Some(e) = pt.get(cur).copied() else {
+                return Ok(Step::Fault);
             };
             if write && !e.write {
-                return Ok(false);
+                return Ok(Step::Fault);
             }
             let o = (*cur - first) * PAGE_SIZE;
             // Charge the access: local when the page is in this device's memory, over the link
@@ -914,15 +928,39 @@ impl DeviceMirror {
                     std::io::Error::from_raw_os_error(libc::EIO),
                 ));
             }
-            if write {
-                self.copy_in(e, *cur, &buf[o..o + PAGE_SIZE])?;
+            let copied = if write {
+                self.copy_in(&e, *cur, &buf[o..o + PAGE_SIZE])
             } else {
-                self.copy_out(e, *cur, &mut buf[o..o + PAGE_SIZE])?;
+                self.copy_out(&e, *cur, &mut buf[o..o + PAGE_SIZE])
+            };
+            match copied {
+                // A system page the program dropped behind hetmem's back (a direct
+                // madvise(MADV_DONTNEED)): forget the entry; the caller refills the page as the
+                // kernel would and faults it in again.
+                Err(Error::NotPresent { addr }) if matches!(e.target, PageTarget::System(_)) => {
+                    pt.clear_range(*cur, *cur + 1);
+                    return Ok(Step::Dropped(addr));
+                }
+                r => r?,
             }
             *cur += 1;
             *cpages += 1;
         }
-        Ok(true)
+        Ok(Step::Done)
+    }
+
+    /// After [`Step::Dropped`]: refills the dropped page as the kernel would (zeros, or the
+    /// file's bytes in a private file mapping). A page that is dropped again at once (`again`)
+    /// is an error rather than a loop.
+    fn refill_dropped(&self, a: VirtAddr, again: &mut Option<VirtAddr>) -> Result<()> {
+        if *again == Some(a) {
+            return Err(Error::os(
+                "device access to a page dropped behind hetmem's back",
+                std::io::Error::from_raw_os_error(libc::EFAULT),
+            ));
+        }
+        *again = Some(a);
+        self.inner.space.core.refill_if_dropped(a)
     }
 
     /// The device's fault path (`dmirror_fault`): asks the space's policy
@@ -1077,9 +1115,12 @@ impl DeviceMirror {
         Self::check_buf(buf, &r)?;
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
+        let mut dropped = None;
         loop {
-            if self.do_rw(&r, &mut cur, buf, write, &mut out.cpages)? {
-                return Ok(out);
+            match self.do_rw(&r, &mut cur, buf, write, &mut out.cpages)? {
+                Step::Done => return Ok(out),
+                Step::Fault => {}
+                Step::Dropped(a) => self.refill_dropped(a, &mut dropped)?,
             }
             self.fault(Vpn(cur), r.end.page(), write)?;
             out.faults += 1;
@@ -1131,12 +1172,18 @@ impl DeviceMirror {
     fn read_back(&self, r: &VaRange, buf: &mut [u8], remap_own: bool) -> Result<CmdOut> {
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
-        if self.do_rw(r, &mut cur, buf, false, &mut out.cpages)? {
+        if matches!(
+            self.do_rw(r, &mut cur, buf, false, &mut out.cpages)?,
+            Step::Done
+        ) {
             return Ok(out);
         }
         if remap_own {
             self.remap_own(r, cur)?;
-            if self.do_rw(r, &mut cur, buf, false, &mut out.cpages)? {
+            if matches!(
+                self.do_rw(r, &mut cur, buf, false, &mut out.cpages)?,
+                Step::Done
+            ) {
                 return Ok(out);
             }
         }

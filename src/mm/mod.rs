@@ -94,6 +94,19 @@ pub trait Mm: Send + Sync {
     fn write(&self, addr: VirtAddr, src: &[u8]);
     /// Copies `len` bytes of present pages at `addr` into `dst[off..]`.
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize);
+    /// A device's copy out of a system page it maps ([`Mm::read`]), which the program may have
+    /// dropped behind hetmem's back (a direct `madvise(MADV_DONTNEED)`: no event reports it):
+    /// `false` when the page is not there (nothing copied), where that can be told without a
+    /// fault; otherwise as [`Mm::read`].
+    fn read_if_there(&self, addr: VirtAddr, dst: &mut [u8]) -> bool {
+        self.read(addr, dst);
+        true
+    }
+    /// The same for a device's store ([`Mm::write`]).
+    fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> bool {
+        self.write(addr, src);
+        true
+    }
     /// A user CPU read (real loads: may fault into the core through `fault`, which returns
     /// false for a fault it does not serve). Only the model returns the [`Signal`] the access
     /// ends with; on the real kernel the thread gets it.
@@ -232,6 +245,10 @@ pub struct KernelMm {
     /// reader), made on first use.
     file_sync: Mutex<Option<ThreadService>>,
     force_umo: bool,
+    /// A thread-mode userfaultfd exists (set once, when it is made): a kernel access to a
+    /// missing page of its ranges waits for the handler thread, so copies that must not fault
+    /// cannot go through the kernel there.
+    has_thread_mode: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for KernelMm {
@@ -274,6 +291,7 @@ impl KernelMm {
             file: Mutex::new(None),
             file_sync: Mutex::new(None),
             force_umo: user_mode_only,
+            has_thread_mode: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -298,6 +316,8 @@ impl KernelMm {
         if let Some(s) = g.as_ref() {
             return Ok(s.uffd.clone());
         }
+        self.has_thread_mode
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let uffd = std::sync::Arc::new(Uffd::open(UffdDelivery::Thread, self.force_umo)?);
         *g = Some(ThreadService::start(uffd.clone(), "hetmem-uffd")?);
         Ok(uffd)
@@ -458,6 +478,30 @@ impl Mm for KernelMm {
         self.res
             .write(self.off(addr), src)
             .expect("write of a range inside the reservation")
+    }
+
+    fn read_if_there(&self, addr: VirtAddr, dst: &mut [u8]) -> bool {
+        if self
+            .has_thread_mode
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.read(addr, dst);
+            return true;
+        }
+        // Every range here is served in SIGBUS mode (the space's and the file mappings'
+        // userfaultfds): the kernel's copy gets EFAULT on a missing page, never waits.
+        self.res.read_nofault(self.off(addr), dst).is_ok()
+    }
+
+    fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> bool {
+        if self
+            .has_thread_mode
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.write(addr, src);
+            return true;
+        }
+        self.res.write_nofault(self.off(addr), src).is_ok()
     }
 
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {

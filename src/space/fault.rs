@@ -329,6 +329,18 @@ impl SpaceCore {
         ok
     }
 
+    /// A device found system page `a` gone (dropped by a direct `madvise` behind hetmem's
+    /// back): refills it as [`Self::refill_dropped`] does, if its entry still says present.
+    pub(crate) fn refill_if_dropped(&self, a: VirtAddr) -> Result<()> {
+        let st = self.lock_state();
+        match st.pte(a) {
+            Some(p) if p.state() == PageState::Present && !p.migrating() => {
+                self.refill_dropped(&st, a)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Installs page `a` of a `Present` entry if the kernel has no page there (dropped by a
     /// direct `madvise`): zeros, or for a private file mapping the file's bytes. Nothing when the
     /// page is there.

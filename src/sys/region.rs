@@ -610,3 +610,54 @@ impl Region {
         self.advise(0, self.len, Advice::LinuxHugepage)
     }
 }
+
+impl Region {
+    /// Copies `dst.len()` bytes at `off` out of the region *without faulting*: through the
+    /// kernel (`process_vm_readv` on this process), so that a page that is not there gives
+    /// EFAULT instead of a fault. Only for ranges whose userfaultfd answers kernel accesses to
+    /// missing pages with an error (`UFFD_FEATURE_SIGBUS` or user-mode-only), never one a
+    /// handler thread serves (the kernel access would wait for it).
+    pub fn read_nofault(&self, off: usize, dst: &mut [u8]) -> io::Result<()> {
+        self.check(off, dst.len())?;
+        let local = libc::iovec {
+            iov_base: dst.as_mut_ptr().cast(),
+            iov_len: dst.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: (self.base + off) as *mut libc::c_void,
+            iov_len: dst.len(),
+        };
+        // SAFETY: `local` describes `dst`, writable and exclusively borrowed; `remote` a range
+        // of this region (checked), which the kernel reads as another process would (no
+        // reference is formed; a missing page is EFAULT, not a fault of this thread).
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        match n {
+            n if n < 0 => Err(io::Error::last_os_error()),
+            n if n as usize == dst.len() => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+        }
+    }
+
+    /// Copies `src` into the region at `off` without faulting (see [`Region::read_nofault`]):
+    /// a page that is not there, or write-protected, gives EFAULT.
+    pub fn write_nofault(&self, off: usize, src: &[u8]) -> io::Result<()> {
+        self.check(off, src.len())?;
+        let local = libc::iovec {
+            iov_base: src.as_ptr() as *mut libc::c_void,
+            iov_len: src.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: (self.base + off) as *mut libc::c_void,
+            iov_len: src.len(),
+        };
+        // SAFETY: `local` describes `src` (only read by the kernel); `remote` a range of this
+        // region (checked), written by the kernel as another process would (raw bytes, no
+        // reference; a missing or protected page is EFAULT).
+        let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+        match n {
+            n if n < 0 => Err(io::Error::last_os_error()),
+            n if n as usize == src.len() => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+        }
+    }
+}
