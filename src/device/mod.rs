@@ -597,6 +597,9 @@ impl DevPageTable {
 /// between any two.
 const PT_CHUNK: usize = if cfg!(test) { 1 } else { 16 };
 
+/// Most system pages a device copies with one call ([`DeviceMirror::do_rw`]).
+const SYSTEM_RUN: usize = 512;
+
 impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
         let mut pt = lock(&self.pt);
@@ -822,7 +825,7 @@ impl DeviceMirror {
         match e.target {
             PageTarget::System(v) => {
                 debug_assert_eq!(v.0, vpn);
-                if !self.inner.space.core.mm.read_if_there(v.addr(), dst) {
+                if self.inner.space.core.mm.read_if_there(v.addr(), dst) < dst.len() {
                     return Err(Error::NotPresent { addr: v.addr() });
                 }
                 Ok(())
@@ -852,7 +855,7 @@ impl DeviceMirror {
     fn copy_in(&self, e: &DevPte, vpn: usize, src: &[u8]) -> Result<()> {
         match e.target {
             PageTarget::System(v) => {
-                if !self.inner.space.core.mm.write_if_there(v.addr(), src) {
+                if self.inner.space.core.mm.write_if_there(v.addr(), src) < src.len() {
                     return Err(Error::NotPresent { addr: v.addr() });
                 }
                 Ok(())
@@ -927,6 +930,39 @@ impl DeviceMirror {
                     "device copy (injected failure)",
                     std::io::Error::from_raw_os_error(libc::EIO),
                 ));
+            }
+            if let PageTarget::System(v) = e.target {
+                // A run of system pages the device maps, copied with one call (through the
+                // kernel where a missing page can be told without a fault: one system call per
+                // run, not per page).
+                let end = r.end.page().0.min(*cur + SYSTEM_RUN);
+                let mut n = 1;
+                while *cur + n < end
+                    && pt.get(&(*cur + n)).is_some_and(|x| {
+                        matches!(x.target, PageTarget::System(w) if w.0 == v.0 + n)
+                            && (!write || x.write)
+                    })
+                {
+                    link.charge(Traffic::DeviceRemote, PAGE_SIZE as u64, 1);
+                    n += 1;
+                }
+                let len = n * PAGE_SIZE;
+                let mm = &self.inner.space.core.mm;
+                let done = if write {
+                    mm.write_if_there(v.addr(), &buf[o..o + len])
+                } else {
+                    mm.read_if_there(v.addr(), &mut buf[o..o + len])
+                } / PAGE_SIZE;
+                *cur += done;
+                *cpages += done as u64;
+                if done < n {
+                    // A system page the program dropped behind hetmem's back (a direct
+                    // madvise(MADV_DONTNEED)): forget the entry; the caller refills the page as
+                    // the kernel would and faults it in again.
+                    pt.clear_range(*cur, *cur + 1);
+                    return Ok(Step::Dropped(Vpn(*cur).addr()));
+                }
+                continue;
             }
             let copied = if write {
                 self.copy_in(&e, *cur, &buf[o..o + PAGE_SIZE])

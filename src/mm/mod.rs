@@ -94,18 +94,18 @@ pub trait Mm: Send + Sync {
     fn write(&self, addr: VirtAddr, src: &[u8]);
     /// Copies `len` bytes of present pages at `addr` into `dst[off..]`.
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize);
-    /// A device's copy out of a system page it maps ([`Mm::read`]), which the program may have
+    /// A device's copy out of system pages it maps ([`Mm::read`]), which the program may have
     /// dropped behind hetmem's back (a direct `madvise(MADV_DONTNEED)`: no event reports it):
-    /// `false` when the page is not there (nothing copied), where that can be told without a
-    /// fault; otherwise as [`Mm::read`].
-    fn read_if_there(&self, addr: VirtAddr, dst: &mut [u8]) -> bool {
+    /// returns the bytes copied, fewer than `dst.len()` when a page is not there (the copy stops
+    /// at it), where that can be told without a fault; otherwise as [`Mm::read`].
+    fn read_if_there(&self, addr: VirtAddr, dst: &mut [u8]) -> usize {
         self.read(addr, dst);
-        true
+        dst.len()
     }
     /// The same for a device's store ([`Mm::write`]).
-    fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> bool {
+    fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> usize {
         self.write(addr, src);
-        true
+        src.len()
     }
     /// A user CPU read (real loads: may fault into the core through `fault`, which returns
     /// false for a fault it does not serve). Only the model returns the [`Signal`] the access
@@ -480,28 +480,28 @@ impl Mm for KernelMm {
             .expect("write of a range inside the reservation")
     }
 
-    fn read_if_there(&self, addr: VirtAddr, dst: &mut [u8]) -> bool {
+    fn read_if_there(&self, addr: VirtAddr, dst: &mut [u8]) -> usize {
         if self
             .has_thread_mode
             .load(std::sync::atomic::Ordering::SeqCst)
         {
             self.read(addr, dst);
-            return true;
+            return dst.len();
         }
         // Every range here is served in SIGBUS mode (the space's and the file mappings'
-        // userfaultfds): the kernel's copy gets EFAULT on a missing page, never waits.
-        self.res.read_nofault(self.off(addr), dst).is_ok()
+        // userfaultfds): the kernel's copy stops at a missing page (EFAULT), never waits.
+        self.res.read_nofault(self.off(addr), dst).unwrap_or(0)
     }
 
-    fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> bool {
+    fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> usize {
         if self
             .has_thread_mode
             .load(std::sync::atomic::Ordering::SeqCst)
         {
             self.write(addr, src);
-            return true;
+            return src.len();
         }
-        self.res.write_nofault(self.off(addr), src).is_ok()
+        self.res.write_nofault(self.off(addr), src).unwrap_or(0)
     }
 
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {

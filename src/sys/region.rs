@@ -617,7 +617,9 @@ impl Region {
     /// EFAULT instead of a fault. Only for ranges whose userfaultfd answers kernel accesses to
     /// missing pages with an error (`UFFD_FEATURE_SIGBUS` or user-mode-only), never one a
     /// handler thread serves (the kernel access would wait for it).
-    pub fn read_nofault(&self, off: usize, dst: &mut [u8]) -> io::Result<()> {
+    /// Returns the bytes copied: all of them, or fewer when a page is missing (the copy stops
+    /// at it).
+    pub fn read_nofault(&self, off: usize, dst: &mut [u8]) -> io::Result<usize> {
         self.check(off, dst.len())?;
         let local = libc::iovec {
             iov_base: dst.as_mut_ptr().cast(),
@@ -632,15 +634,18 @@ impl Region {
         // reference is formed; a missing page is EFAULT, not a fault of this thread).
         let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
         match n {
-            n if n < 0 => Err(io::Error::last_os_error()),
-            n if n as usize == dst.len() => Ok(()),
-            _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+            n if n < 0 => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::EFAULT) => Ok(0),
+                e => Err(e),
+            },
+            n => Ok(n as usize),
         }
     }
 
     /// Copies `src` into the region at `off` without faulting (see [`Region::read_nofault`]):
     /// a page that is not there, or write-protected, gives EFAULT.
-    pub fn write_nofault(&self, off: usize, src: &[u8]) -> io::Result<()> {
+    /// Returns the bytes copied, as [`Region::read_nofault`].
+    pub fn write_nofault(&self, off: usize, src: &[u8]) -> io::Result<usize> {
         self.check(off, src.len())?;
         let local = libc::iovec {
             iov_base: src.as_ptr() as *mut libc::c_void,
@@ -655,9 +660,11 @@ impl Region {
         // reference; a missing or protected page is EFAULT).
         let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
         match n {
-            n if n < 0 => Err(io::Error::last_os_error()),
-            n if n as usize == src.len() => Ok(()),
-            _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+            n if n < 0 => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::EFAULT) => Ok(0),
+                e => Err(e),
+            },
+            n => Ok(n as usize),
         }
     }
 }
