@@ -218,3 +218,77 @@ fn a_device_buffer_in_managed_memory_is_refused_not_an_abort() {
     // Given back: the buffer's bytes are where they were.
     assert!(buf[off..off + LEN].iter().all(|&b| b == 1));
 }
+
+/// The program unmaps part of its adopted memory directly (munmap: userfaultfd's UNMAP event,
+/// which adopted memory asks for): devices drop their mappings of it and the device memory its
+/// pages held is freed; memory the program maps there afterwards is its own (the device does
+/// not read stale data from it: the range left the space); the rest stays adopted and works.
+/// Mappings cannot be made in an adopted space.
+#[test]
+fn a_direct_munmap_of_adopted_memory_is_followed() {
+    let _w = watchdog("munmap_adopted", 30);
+    let mem = Plain::new(LEN, libc::PROT_READ | libc::PROT_WRITE);
+    for p in 0..PAGES {
+        mem.store(p * PAGE, word(p));
+    }
+    let space = Space::adopt(mem.at(0), LEN).unwrap();
+    let dev = SoftDevice::private(2 * LEN).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    m.migrate_range_to_device(mem.at(0), LEN).unwrap();
+    assert_eq!(dev.used(), LEN);
+    let half = LEN / 2;
+    // SAFETY: the second half of the test's own mapping; nothing refers to it any more.
+    assert_eq!(
+        unsafe { libc::munmap((mem.addr + half) as *mut _, half) },
+        0
+    );
+    // hetmem's event reader follows the munmap: wait for that (the watchdog bounds the wait).
+    at("waiting for the munmap to be followed");
+    while space.stats().foreign_unmaps == 0 {
+        std::thread::yield_now();
+    }
+    let mut buf = vec![0u8; half];
+    assert!(
+        m.read(mem.at(half), half, &mut buf).is_err(),
+        "the device reads an unmapped range"
+    );
+    assert_eq!(
+        dev.used(),
+        half,
+        "the unmapped half's device frames are free"
+    );
+    assert!(matches!(
+        space.map_anon(PAGE, Prot::ReadWrite),
+        Err(Error::Invalid(_))
+    ));
+    // The first half is still adopted: in device memory, and the program's loads fault it back.
+    m.read(mem.at(0), half, &mut buf).unwrap();
+    for p in 0..PAGES / 2 {
+        assert_eq!(mem.load(p * PAGE), word(p));
+    }
+    // A buffer of the program's own in the unmapped half (where its allocator may put the
+    // next large block) is the program's memory, not hetmem's: fine for a device command.
+    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped (else EEXIST, then the
+    // check is skipped): nothing of anyone's is replaced.
+    let own = unsafe {
+        libc::mmap(
+            (mem.addr + half) as *mut _,
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if own as usize == mem.addr + half {
+        // SAFETY: the page just mapped, the test's own; no Rust object lives there otherwise.
+        let b = unsafe { std::slice::from_raw_parts_mut(own as *mut u8, PAGE) };
+        m.read(mem.at(0), PAGE, b).unwrap();
+        assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()), word(0));
+        // SAFETY: that page, unmapped again; `b` is not used after this.
+        unsafe { libc::munmap(own, PAGE) };
+    }
+    drop(m);
+    drop(space);
+    assert_eq!(mem.load(0), word(0));
+}

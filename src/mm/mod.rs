@@ -279,8 +279,14 @@ impl KernelMm {
 
     fn over(res: Region, user_mode_only: bool) -> io::Result<KernelMm> {
         sys::check_page_size()?;
+        // Adopted memory asks for the program's munmaps of it (hetmem never unmaps it).
+        let unmaps = res.is_adopted();
         let sig = ThreadService::start(
-            std::sync::Arc::new(Uffd::open(UffdDelivery::Signal, user_mode_only)?),
+            std::sync::Arc::new(Uffd::open_events(
+                UffdDelivery::Signal,
+                user_mode_only,
+                unmaps,
+            )?),
             "hetmem-events",
         )?;
         sys::install_sigbus_handler()?;
@@ -380,6 +386,7 @@ fn serve_uffd(uffd: &Uffd, stop: &std::os::fd::OwnedFd) {
                 sys::UffdMsg::Remap { from, to, len } => {
                     sys::dispatch_remap(from, to, len);
                 }
+                sys::UffdMsg::Unmap { start, end } => sys::dispatch_unmap(start, end),
                 sys::UffdMsg::Other(_) => {}
             }
         }

@@ -327,6 +327,7 @@ pub(crate) struct Counters {
     pub(crate) pages_to_system: AtomicU64,
     pub(crate) exclusive_revoked: AtomicU64,
     pub(crate) foreign_remaps: AtomicU64,
+    pub(crate) foreign_unmaps: AtomicU64,
 }
 
 /// A snapshot of an address space's counters.
@@ -345,6 +346,8 @@ pub struct SpaceStats {
     /// Direct mremaps of managed ranges that hetmem followed (the moved range became the
     /// program's plain memory, with all its data).
     pub foreign_remaps: u64,
+    /// Direct munmaps of adopted memory that hetmem followed (the range left the space).
+    pub foreign_unmaps: u64,
 }
 
 /// The shared core of an address space. Device code and the fault service reach it through
@@ -569,6 +572,17 @@ impl Space {
         self.core.check_process()
     }
 
+    /// Mappings are not made in an adopted space: its range is the program's memory (a part
+    /// the program unmapped may hold the program's next mapping).
+    fn check_not_adopted(&self) -> Result<()> {
+        if self.core.mm.adopted() {
+            return Err(Error::Invalid(
+                "an adopted space holds the program's memory only: map into a Space::new",
+            ));
+        }
+        Ok(())
+    }
+
     /// Creates an anonymous mapping of `len` bytes with protection `prot`, anywhere in the space.
     pub fn map_anon(&self, len: usize, prot: Prot) -> Result<VirtAddr> {
         self.map_anon_with(
@@ -584,6 +598,7 @@ impl Space {
     /// `opts.large`).
     pub fn map_anon_with(&self, len: usize, opts: MapOptions) -> Result<VirtAddr> {
         self.check_owner_process()?;
+        self.check_not_adopted()?;
         if len == 0 {
             return Err(Error::ZeroLength);
         }
@@ -670,6 +685,7 @@ impl Space {
         } = opts;
         let sync = shared && intercept_stores;
         self.check_owner_process()?;
+        self.check_not_adopted()?;
         if len == 0 {
             return Err(Error::ZeroLength);
         }
@@ -795,6 +811,7 @@ impl Space {
         opts: FileMapOptions,
     ) -> Result<(VirtAddr, Arc<FileCache>)> {
         self.check_owner_process()?;
+        self.check_not_adopted()?;
         if len == 0 {
             return Err(Error::ZeroLength);
         }
@@ -819,6 +836,7 @@ impl Space {
     /// Creates an anonymous mapping at a fixed, free address.
     pub fn map_anon_at(&self, addr: VirtAddr, len: usize, opts: MapOptions) -> Result<()> {
         self.check_owner_process()?;
+        self.check_not_adopted()?;
         let r = VaRange::new(addr, len)?;
         let res = self.core.mm.reservation();
         if r.start < res.start || r.end > res.end {
@@ -1119,6 +1137,7 @@ impl Space {
             pages_to_system: c.pages_to_system.load(Ordering::Relaxed),
             exclusive_revoked: c.exclusive_revoked.load(Ordering::Relaxed),
             foreign_remaps: c.foreign_remaps.load(Ordering::Relaxed),
+            foreign_unmaps: c.foreign_unmaps.load(Ordering::SeqCst),
         }
     }
 
@@ -1246,6 +1265,21 @@ impl sys::FaultTarget for SpaceCore {
     }
     fn remapped(&self, from: usize, to: usize, len: usize) {
         self.follow_remap(VirtAddr(from), VirtAddr(to), len);
+    }
+    fn unmapped(&self, start: usize, end: usize) {
+        if self.mm.adopted() {
+            self.follow_unmap(start, end);
+        }
+    }
+    fn manages(&self, start: usize, end: usize) -> bool {
+        let r = VaRange {
+            start: VirtAddr(start),
+            end: VirtAddr(end),
+        };
+        lock(&self.state)
+            .vmas
+            .values()
+            .any(|v| v.range.overlaps(&r))
     }
 }
 

@@ -21,6 +21,18 @@ pub trait FaultTarget: Send + Sync {
     /// The program moved `from..from + len` (inside this target's range) to `to` with a direct
     /// mremap(2). Called by an event reader thread, never in signal context.
     fn remapped(&self, from: usize, to: usize, len: usize);
+    /// The program unmapped `start..end` (overlapping this target's range) with a direct
+    /// munmap(2) (`UFFD_EVENT_UNMAP`, asked for by adopted memory only). Called by an event
+    /// reader thread after the kernel dropped the range.
+    fn unmapped(&self, start: usize, end: usize) {
+        let _ = (start, end);
+    }
+    /// Whether memory in `start..end` (inside this target's range) is managed by it now. Not
+    /// called in signal context (it may take locks).
+    fn manages(&self, start: usize, end: usize) -> bool {
+        let _ = (start, end);
+        true
+    }
 }
 
 /// Direct mremaps reported and not yet followed (see [`RemapWindow`]): while non-zero, a
@@ -71,6 +83,24 @@ pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
     false
 }
 
+/// Routes an unmap reported by a userfaultfd to every target whose range it overlaps.
+pub fn dispatch_unmap(start: usize, end: usize) {
+    for slot in SLOTS.iter() {
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
+        let p = slot.target.load(Ordering::SeqCst);
+        if !p.is_null() && s < end && start < e {
+            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
+            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+            t.unmapped(start.max(s), end.min(e));
+        }
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct Slot {
     start: AtomicUsize,
     end: AtomicUsize,
@@ -97,16 +127,25 @@ pub struct FaultRange {
     slot: usize,
 }
 
-/// Whether `start..start + len` overlaps a registered range (memory some address space of
-/// hetmem manages). Lock-free.
+/// Whether `start..start + len` overlaps memory some address space of hetmem manages (a
+/// registered range, whose target says so: a hole the program unmapped in adopted memory is
+/// not). Not for signal context.
 pub fn overlaps_fault_range(start: usize, len: usize) -> bool {
     let end = start.saturating_add(len);
     SLOTS.iter().any(|slot| {
+        slot.users.fetch_add(1, Ordering::SeqCst);
         let (s, e) = (
             slot.start.load(Ordering::SeqCst),
             slot.end.load(Ordering::SeqCst),
         );
-        s < e && s < end && start < e
+        let p = slot.target.load(Ordering::SeqCst);
+        let hit = !p.is_null() && s < e && s < end && start < e && {
+            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
+            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+            t.manages(start.max(s), end.min(e))
+        };
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+        hit
     })
 }
 

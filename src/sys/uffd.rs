@@ -119,6 +119,13 @@ pub enum UffdMsg {
         /// Length moved.
         len: usize,
     },
+    /// `UFFD_EVENT_UNMAP`: the program unmapped `start..end` (asked for by adopted memory).
+    Unmap {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+    },
     /// Another event (not enabled by hetmem).
     Other(u8),
 }
@@ -143,6 +150,17 @@ impl Uffd {
     /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
     /// `force_umo` asks for the latter directly (to run as an unprivileged user would).
     pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
+        Self::open_events(delivery, force_umo, false)
+    }
+
+    /// [`Uffd::open`], also asking for `UFFD_EVENT_UNMAP` when `unmap_events` (adopted memory:
+    /// the program's munmap of it is then reported, and waits until the event is read; hetmem
+    /// never unmaps adopted memory itself, so its own operations pay nothing for it).
+    pub fn open_events(
+        delivery: UffdDelivery,
+        force_umo: bool,
+        unmap_events: bool,
+    ) -> io::Result<Uffd> {
         // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
         // feature the kernel lacks would fail the handshake.
         // EVENT_REMAP: a direct mremap(2) of a managed range is reported (and waits until the
@@ -150,6 +168,9 @@ impl Uffd {
         let mut want = (uapi::UFFD_FEATURE_THREAD_ID | uapi::UFFD_FEATURE_EVENT_REMAP) as u64;
         if delivery == UffdDelivery::Signal {
             want |= uapi::UFFD_FEATURE_SIGBUS as u64;
+        }
+        if unmap_events {
+            want |= uapi::UFFD_FEATURE_EVENT_UNMAP as u64;
         }
         Self::handshake(delivery, force_umo, want)
     }
@@ -374,6 +395,14 @@ impl Uffd {
                 from: r.from as usize,
                 to: r.to as usize,
                 len: r.len as usize,
+            }));
+        }
+        if msg.event as u32 == uapi::UFFD_EVENT_UNMAP {
+            // SAFETY: `remove` is the active union member for UFFD_EVENT_UNMAP.
+            let r = unsafe { msg.arg.remove };
+            return Ok(Some(UffdMsg::Unmap {
+                start: r.start as usize,
+                end: r.end as usize,
             }));
         }
         if msg.event as u32 != uapi::UFFD_EVENT_PAGEFAULT {

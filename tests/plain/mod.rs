@@ -6,7 +6,7 @@ use hetmem::*;
 /// An anonymous private mapping of `len` bytes made by the test itself (what a program gets
 /// from `mmap` or its allocator), reached only through raw addresses; unmapped on drop.
 pub struct Plain {
-    addr: usize,
+    pub addr: usize,
     len: usize,
 }
 
