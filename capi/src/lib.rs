@@ -129,6 +129,19 @@ fn put<T>(out: *mut *mut T, v: T) {
     unsafe { *out = Box::into_raw(Box::new(v)) };
 }
 
+/// Frees a handle made by [`put`] (null: nothing), catching a panic in its drop.
+///
+/// # Safety
+///
+/// `h` is null or was made by [`put`] and not freed yet; it is not used afterwards.
+unsafe fn release<T>(h: *mut T) {
+    if !h.is_null() {
+        // SAFETY: made by `put` (Box::into_raw) and not freed yet: the caller's obligation.
+        let b = unsafe { Box::from_raw(h) };
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
+    }
+}
+
 /// The object behind a handle, or EINVAL for a null one.
 fn obj<'a, T>(h: *mut T) -> hetmem::Result<&'a T> {
     // SAFETY: a non-null handle was made by this API and not freed yet (the caller's
@@ -210,11 +223,8 @@ pub unsafe extern "C" fn hetmem_space_adopt(
 /// `space` is null or a handle of this API not freed yet; it is not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hetmem_space_free(space: *mut HetmemSpace) {
-    if !space.is_null() {
-        // SAFETY: made by `put` (Box::into_raw) and not freed yet: the caller's obligation.
-        let b = unsafe { Box::from_raw(space) };
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
-    }
+    // SAFETY: the caller's obligation (above).
+    unsafe { release(space) }
 }
 
 /// Maps `len` bytes of anonymous memory in `space` with protection `prot`
@@ -319,11 +329,8 @@ pub unsafe extern "C" fn hetmem_device_new(
 /// `dev` is null or a handle of this API not freed yet; it is not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hetmem_device_free(dev: *mut HetmemDevice) {
-    if !dev.is_null() {
-        // SAFETY: made by `put` and not freed yet: the caller's obligation.
-        let b = unsafe { Box::from_raw(dev) };
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
-    }
+    // SAFETY: the caller's obligation (above).
+    unsafe { release(dev) }
 }
 
 /// Binds `dev` to `space`: a mirror through which the device accesses the space.
@@ -354,11 +361,8 @@ pub unsafe extern "C" fn hetmem_mirror_new(
 /// `m` is null or a handle of this API not freed yet; it is not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hetmem_mirror_free(m: *mut HetmemMirror) {
-    if !m.is_null() {
-        // SAFETY: made by `put` and not freed yet: the caller's obligation.
-        let b = unsafe { Box::from_raw(m) };
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
-    }
+    // SAFETY: the caller's obligation (above).
+    unsafe { release(m) }
 }
 
 /// Migrates `len` bytes at `addr` to the device's memory and maps them on the device
@@ -564,11 +568,8 @@ pub unsafe extern "C" fn hetmem_file_fsync(f: *mut HetmemFile) -> c_int {
 /// `f` is null or a handle of this API not freed yet; it is not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hetmem_file_close(f: *mut HetmemFile) {
-    if !f.is_null() {
-        // SAFETY: made by `put` and not freed yet: the caller's obligation.
-        let b = unsafe { Box::from_raw(f) };
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(b)));
-    }
+    // SAFETY: the caller's obligation (above).
+    unsafe { release(f) }
 }
 
 /// Maps `len` bytes of the file from byte `offset` (page-aligned) into `space`, shared (stores

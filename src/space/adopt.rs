@@ -199,14 +199,7 @@ impl SpaceCore {
         self.invalidate(&st, r, NotifyEvent::Unmap, None);
         self.split_at(&mut st, r.start);
         self.split_at(&mut st, r.end);
-        let keys: Vec<usize> = st
-            .vmas
-            .values()
-            .filter(|v| r.overlaps(&v.range))
-            .map(|v| v.range.start.get())
-            .collect();
-        for k in keys {
-            let v = st.vmas.remove(&k).expect("key just listed");
+        for v in st.remove_vmas_in(r) {
             self.free_frames(&st, &v.ptes);
         }
         drop(st);

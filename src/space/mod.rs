@@ -228,6 +228,20 @@ impl SpaceState {
         self.migrations.retain(|(m, _)| *m != id);
     }
 
+    /// Removes and returns the mappings that overlap `r` (split at its ends first by the
+    /// caller, so that they lie inside it).
+    pub(crate) fn remove_vmas_in(&mut self, r: VaRange) -> Vec<Vma> {
+        let keys: Vec<usize> = self
+            .vmas
+            .values()
+            .filter(|v| r.overlaps(&v.range))
+            .map(|v| v.range.start.get())
+            .collect();
+        keys.into_iter()
+            .map(|k| self.vmas.remove(&k).expect("key just listed"))
+            .collect()
+    }
+
     /// Marks the entries of `r` MIGRATING.
     pub(crate) fn mark_migrating(&mut self, r: VaRange) {
         let v = self.vma_mut(r.start).expect("a claimed range is mapped");
@@ -980,14 +994,7 @@ impl Space {
             }
             return Err(Error::os("unmap", e));
         }
-        let keys: Vec<usize> = st
-            .vmas
-            .values()
-            .filter(|v| r.overlaps(&v.range))
-            .map(|v| v.range.start.get())
-            .collect();
-        for k in keys {
-            let v = st.vmas.remove(&k).expect("key just listed");
+        for v in st.remove_vmas_in(r) {
             self.core.free_frames(&st, &v.ptes);
         }
         Ok(())

@@ -45,14 +45,7 @@ impl SpaceCore {
         self.invalidate(&st, old, NotifyEvent::Unmap, None);
         self.split_at(&mut st, old.start);
         self.split_at(&mut st, old.end);
-        let keys: Vec<usize> = st
-            .vmas
-            .values()
-            .filter(|v| old.overlaps(&v.range))
-            .map(|v| v.range.start.get())
-            .collect();
-        for k in keys {
-            let v = st.vmas.remove(&k).expect("key just listed");
+        for v in st.remove_vmas_in(old) {
             let moved = VaRange {
                 start: to.add(v.range.start.get() - from.get()),
                 end: to.add(v.range.end.get() - from.get()),

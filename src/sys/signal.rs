@@ -60,8 +60,10 @@ impl Drop for RemapWindow {
     }
 }
 
-/// Routes a move reported by a userfaultfd to the target whose range holds `from`.
-pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
+/// Calls `f(start, end, target)` for each registered range (live while `f` runs: its `users`
+/// count holds off `FaultRange::drop`) until `f` returns true; returns whether one did. Not for
+/// signal context (`f` may take locks).
+fn each_target(mut f: impl FnMut(usize, usize, &Arc<dyn FaultTarget>) -> bool) -> bool {
     for slot in SLOTS.iter() {
         slot.users.fetch_add(1, Ordering::SeqCst);
         let (s, e) = (
@@ -69,36 +71,38 @@ pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
             slot.end.load(Ordering::SeqCst),
         );
         let p = slot.target.load(Ordering::SeqCst);
-        let hit = !p.is_null() && s <= from && from < e;
-        if hit {
+        let done = !p.is_null() && s < e && {
             // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
             let t: &Arc<dyn FaultTarget> = unsafe { &*p };
-            t.remapped(from, to, len);
-        }
+            f(s, e, t)
+        };
         slot.users.fetch_sub(1, Ordering::SeqCst);
-        if hit {
+        if done {
             return true;
         }
     }
     false
 }
 
+/// Routes a move reported by a userfaultfd to the target whose range holds `from`.
+pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
+    each_target(|s, e, t| {
+        let hit = s <= from && from < e;
+        if hit {
+            t.remapped(from, to, len);
+        }
+        hit
+    })
+}
+
 /// Routes an unmap reported by a userfaultfd to every target whose range it overlaps.
 pub fn dispatch_unmap(start: usize, end: usize) {
-    for slot in SLOTS.iter() {
-        slot.users.fetch_add(1, Ordering::SeqCst);
-        let (s, e) = (
-            slot.start.load(Ordering::SeqCst),
-            slot.end.load(Ordering::SeqCst),
-        );
-        let p = slot.target.load(Ordering::SeqCst);
-        if !p.is_null() && s < end && start < e {
-            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
-            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+    each_target(|s, e, t| {
+        if s < end && start < e {
             t.unmapped(start.max(s), end.min(e));
         }
-        slot.users.fetch_sub(1, Ordering::SeqCst);
-    }
+        false
+    });
 }
 
 struct Slot {
@@ -132,21 +136,7 @@ pub struct FaultRange {
 /// not). Not for signal context.
 pub fn overlaps_fault_range(start: usize, len: usize) -> bool {
     let end = start.saturating_add(len);
-    SLOTS.iter().any(|slot| {
-        slot.users.fetch_add(1, Ordering::SeqCst);
-        let (s, e) = (
-            slot.start.load(Ordering::SeqCst),
-            slot.end.load(Ordering::SeqCst),
-        );
-        let p = slot.target.load(Ordering::SeqCst);
-        let hit = !p.is_null() && s < e && s < end && start < e && {
-            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
-            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
-            t.manages(start.max(s), end.min(e))
-        };
-        slot.users.fetch_sub(1, Ordering::SeqCst);
-        hit
-    })
+    each_target(|s, e, t| s < end && start < e && t.manages(start.max(s), end.min(e)))
 }
 
 /// Routes faults in `start..end` to `target` (lock-free lookup from the SIGBUS handler and the
