@@ -9,7 +9,7 @@ use hetmem::sys::ChildExit;
 use hetmem::*;
 
 mod plain;
-use plain::Plain;
+use plain::{Plain, adopt_plain};
 
 fn word(p: usize) -> u32 {
     0xad00_0000 | p as u32
@@ -26,7 +26,7 @@ fn fork_child_sees_adopted_pages_that_were_in_device_memory() {
     for p in 0..N {
         mem.store(p * PAGE, word(p));
     }
-    let space = Space::adopt(mem.at(0), N * PAGE).unwrap();
+    let space = adopt_plain(mem.at(0), N * PAGE).unwrap();
     let dev = SoftDevice::private(4 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     m.migrate_range_to_device(mem.at(0), N * PAGE).unwrap();

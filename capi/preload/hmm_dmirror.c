@@ -48,6 +48,9 @@
 
 /* struct hmm_dmirror_cmd of lib/test_hmm_uapi.h: five __u64, as HetmemDmirrorCmd. */
 #define DMIRROR_IOC_TYPE 'H'
+/* dmirror_ioctl: not a test-device request (the descriptor may have been reused by dup2):
+ * the C library's ioctl answers it. */
+#define PASS_THROUGH 1
 
 struct space_slot {
 	uintptr_t start, end;
@@ -232,6 +235,23 @@ static void give_back_range(uintptr_t start, uintptr_t end)
 			give_back(s);
 }
 
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void before_fork(void)
+{
+	pthread_mutex_lock(&lock);
+}
+
+static void after_fork(void)
+{
+	pthread_mutex_unlock(&lock);
+}
+
+static void install_fork_handlers(void)
+{
+	pthread_atfork(before_fork, after_fork, after_fork);
+}
+
 /* Forgets the recorded mmaps overlapping [start, end). Under `lock`. */
 static void forget_maps(uintptr_t start, uintptr_t end)
 {
@@ -264,6 +284,10 @@ static int space_for(uintptr_t addr, uintptr_t len)
 		}
 		spaces[s].start = start;
 		spaces[s].end = end;
+		/* After hetmem's fork handlers (installed by the first adoption): prepare handlers
+		 * run in reverse order, so the shim takes `lock` before hetmem takes its fork gate,
+		 * as a thread in a device command does. */
+		pthread_once(&fork_once, install_fork_handlers);
 		return s;
 	}
 	return -1;
@@ -273,7 +297,7 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 {
 	if (_IOC_TYPE(req) != DMIRROR_IOC_TYPE || _IOC_SIZE(req) != sizeof(HetmemDmirrorCmd) ||
 	    _IOC_NR(req) > HETMEM_CMD_FLAGS)
-		return -ENOTTY;
+		return PASS_THROUGH;
 	unsigned nr = _IOC_NR(req);
 	/* The kernel's checks come first (an unaligned or wrapping range is EINVAL for every
 	 * command): run them through any mirror of this device; a range in memory the program
@@ -306,6 +330,8 @@ int ioctl(int fd, unsigned long req, ...)
 	}
 	int r = arg ? dmirror_ioctl(f, req, arg) : -EFAULT;
 	pthread_mutex_unlock(&lock);
+	if (r == PASS_THROUGH)
+		return real_ioctl(fd, req, arg);
 	if (r < 0) {
 		errno = -r;
 		return -1;
@@ -389,6 +415,8 @@ int mprotect(void *addr, size_t len, int prot)
 {
 	init();
 	pthread_mutex_lock(&lock);
+	/* As the kernel: the length is rounded up to whole pages. */
+	len = (len + 4095) & ~4095UL;
 	uintptr_t a = (uintptr_t)addr, e = a + len;
 	for (int s = 0; s < MAX_SPACES; s++) {
 		if (spaces[s].space && spaces[s].start <= a && e <= spaces[s].end &&

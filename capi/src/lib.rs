@@ -94,7 +94,16 @@ thread_local! {
 
 fn set_error(msg: String) {
     let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|l| *l.borrow_mut() = c);
+    // During the thread's teardown the message is dropped (never a panic across FFI).
+    let _ = LAST_ERROR.try_with(|l| *l.borrow_mut() = c);
+}
+
+/// A C length as a Rust buffer length: EINVAL above `isize::MAX` (no slice is that long).
+fn buf_len(len: u64) -> hetmem::Result<usize> {
+    usize::try_from(len)
+        .ok()
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(|| invalid("length too large"))
 }
 
 /// Runs `f`, turning an error into `-errno` (and the thread's last error message) and a panic
@@ -164,7 +173,9 @@ fn prot_of(prot: c_int) -> hetmem::Result<Prot> {
 /// thread's next failing call.
 #[unsafe(no_mangle)]
 pub extern "C" fn hetmem_last_error() -> *const c_char {
-    LAST_ERROR.with(|l| l.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|l| l.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 /// A new address space of `size` bytes of address space (0: the default, 64 GiB), nothing
@@ -208,10 +219,10 @@ pub unsafe extern "C" fn hetmem_space_adopt(
             return Err(invalid("a null out-pointer"));
         }
         let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
-        put(
-            out,
-            HetmemSpace(Space::adopt(VirtAddr(addr as usize), len)?),
-        );
+        // SAFETY: the C caller lends the range (the contract documented above, which is
+        // `Space::adopt`'s: its memory, kept mapped, reached through raw pointers).
+        let space = unsafe { Space::adopt(VirtAddr(addr as usize), len)? };
+        put(out, HetmemSpace(space));
         Ok(())
     })
 }
@@ -419,7 +430,7 @@ pub unsafe extern "C" fn hetmem_device_read(
     buf: *mut c_void,
 ) -> c_int {
     call(|| {
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         if buf.is_null() {
             return Err(invalid("a null buffer"));
         }
@@ -442,7 +453,7 @@ pub unsafe extern "C" fn hetmem_device_write(
     buf: *const c_void,
 ) -> c_int {
     call(|| {
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         if buf.is_null() {
             return Err(invalid("a null buffer"));
         }
@@ -491,6 +502,7 @@ pub unsafe extern "C" fn hetmem_mirror_cmd(
             Cmd::Snapshot => Some(pages),
             _ => Some(0),
         }
+        .filter(|&n| n <= isize::MAX as usize)
         .ok_or_else(|| invalid("the buffer's size overflows"))?;
         let mut none = [0u8; 0];
         let buf: &mut [u8] = if buf_len == 0 {

@@ -943,7 +943,6 @@ impl DeviceMirror {
                             && (!write || x.write)
                     })
                 {
-                    link.charge(Traffic::DeviceRemote, PAGE_SIZE as u64, 1);
                     n += 1;
                 }
                 let len = n * PAGE_SIZE;
@@ -953,6 +952,10 @@ impl DeviceMirror {
                 } else {
                     mm.read_if_there(v.addr(), &mut buf[o..o + len])
                 } / PAGE_SIZE;
+                // The run's first page was charged above; the others as they were copied.
+                for _ in 1..done {
+                    link.charge(Traffic::DeviceRemote, PAGE_SIZE as u64, 1);
+                }
                 *cur += done;
                 *cpages += done as u64;
                 if done < n {

@@ -245,9 +245,9 @@ pub struct KernelMm {
     /// reader), made on first use.
     file_sync: Mutex<Option<ThreadService>>,
     force_umo: bool,
-    /// A thread-mode userfaultfd exists (set once, when it is made): a kernel access to a
-    /// missing page of its ranges waits for the handler thread, so copies that must not fault
-    /// cannot go through the kernel there.
+    /// Device copies of system pages must not go through the kernel: a thread-mode userfaultfd
+    /// exists (a kernel access to a missing page of its ranges waits for the handler thread), or
+    /// the kernel refused the call (seccomp, ENOSYS). Set once.
     has_thread_mode: std::sync::atomic::AtomicBool,
 }
 
@@ -497,7 +497,17 @@ impl Mm for KernelMm {
         }
         // Every range here is served in SIGBUS mode (the space's and the file mappings'
         // userfaultfds): the kernel's copy stops at a missing page (EFAULT), never waits.
-        self.res.read_nofault(self.off(addr), dst).unwrap_or(0)
+        match self.res.read_nofault(self.off(addr), dst) {
+            Ok(n) => n,
+            // The call itself is refused (a seccomp filter, ENOSYS): copy as before, and stop
+            // trying it.
+            Err(_) => {
+                self.has_thread_mode
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.read(addr, dst);
+                dst.len()
+            }
+        }
     }
 
     fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> usize {
@@ -508,7 +518,15 @@ impl Mm for KernelMm {
             self.write(addr, src);
             return src.len();
         }
-        self.res.write_nofault(self.off(addr), src).unwrap_or(0)
+        match self.res.write_nofault(self.off(addr), src) {
+            Ok(n) => n,
+            Err(_) => {
+                self.has_thread_mode
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.write(addr, src);
+                src.len()
+            }
+        }
     }
 
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {

@@ -89,21 +89,34 @@ impl Space {
     /// followed as for any managed range (the data goes to the new address, which is plain
     /// memory from then on). [`Space::unmap`] of adopted memory is refused.
     ///
+    /// # Safety
+    ///
+    /// The caller owns the range and keeps it mapped while it is adopted, and no Rust object
+    /// lives in it that is read or written through references meanwhile: hetmem and devices
+    /// write its bytes (a device write, a page coming back) as any other party sharing memory
+    /// would, so it is reached only through raw pointers, volatile accesses or hetmem's own
+    /// calls (a `Probe`), as for any managed memory. (Buffers handed to a device through raw
+    /// pointers, as C programs do, are exactly that.)
+    ///
     /// Errors: [`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
     /// [`Error::Overflow`] for a malformed range; [`Error::Os`] naming the cause for a range that
     /// is not wholly anonymous private memory of one protection (EINVAL), not mapped (ENOMEM),
-    /// not readable (EACCES), or already managed (EBUSY, from the userfaultfd).
+    /// not readable (EACCES), or already managed (EBUSY: another space's range, or registered
+    /// with a userfaultfd).
     ///
     /// # Examples
     ///
     /// ```
     /// use hetmem::{Space, SoftDevice, VirtAddr};
     /// # fn main() -> hetmem::Result<()> {
-    /// // Memory the program got from its allocator (a large buffer is anonymous private memory).
-    /// let mut buf = vec![0u8; 6 << 20];
-    /// let start = (buf.as_mut_ptr() as usize).next_multiple_of(4096);
+    /// // Memory the program got from its allocator (a large buffer is anonymous private memory),
+    /// // reached only through its raw address while it is adopted.
+    /// let buf: *mut u8 = Box::into_raw(vec![0u8; 6 << 20].into_boxed_slice()).cast();
+    /// let start = (buf as usize).next_multiple_of(4096);
     /// let addr = VirtAddr(start);
-    /// let space = Space::adopt(addr, 4 << 20)?;
+    /// // SAFETY: the block is ours, stays allocated, and is touched only through `space`
+    /// // and raw pointers until the space is dropped.
+    /// let space = unsafe { Space::adopt(addr, 4 << 20)? };
     /// let dev = SoftDevice::private(8 << 20)?;
     /// let m = dev.mirror(&space)?;
     /// space.store_u32(addr, 7)?;
@@ -111,12 +124,27 @@ impl Space {
     /// assert_eq!(space.load_u32(addr)?, 7); // faults the page back
     /// drop(m);
     /// drop(space); // plain memory again
-    /// assert_eq!(buf[start - buf.as_ptr() as usize], 7);
+    /// // SAFETY: plain memory of ours again; the block is freed right after.
+    /// unsafe {
+    ///     assert_eq!(std::ptr::read_volatile(start as *const u32), 7);
+    ///     drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(buf, 6 << 20)));
+    /// }
     /// # Ok(())
     /// # }
     /// ```
-    pub fn adopt(addr: VirtAddr, len: usize) -> Result<Space> {
+    // The only `unsafe` outside `sys`: a contract on the caller (the memory is lent to hetmem),
+    // not an unsafe operation; the body has no unsafe block.
+    #[allow(unsafe_code)]
+    pub unsafe fn adopt(addr: VirtAddr, len: usize) -> Result<Space> {
         let r = VaRange::new(addr, len)?;
+        // One registry entry per address: memory another space still covers (adopted before,
+        // even if the program unmapped it since) is refused rather than shadowed.
+        if sys::overlaps_registered_range(r.start.get(), r.end.get()) {
+            return Err(Error::os(
+                "adopt: the range is (partly) another hetmem space's",
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
         let (mm, prot) = KernelMm::adopt(r.start.get(), r.len(), false).map_err(|e| {
             Error::os(
                 "adopt: the range must be mapped anonymous private memory",
@@ -124,63 +152,61 @@ impl Space {
             )
         })?;
         let core = Self::make_core(std::sync::Arc::new(mm), 2 << 20)?;
-        let ptes = {
-            let mut ptes = new_ptes(r)?;
-            let data = core
-                .mm
+        let scan = |core: &SpaceCore| {
+            core.mm
                 .pages_with_data(r)
-                .map_err(|e| Error::os("adopt: read /proc/self/pagemap", e))?;
-            for (p, has) in ptes.iter_mut().zip(data) {
-                if has {
-                    *p = Pte::present(false, *p);
-                }
-            }
-            ptes
+                .map_err(|e| Error::os("adopt: read /proc/self/pagemap", e))
         };
+        let mut ptes = new_ptes(r)?;
+        for (p, has) in ptes.iter_mut().zip(scan(&core)?) {
+            if has {
+                *p = Pte::present(false, *p);
+            }
+        }
         let mode = FaultMode::Signal;
         FORK_HANDLERS.call_once(|| {
             if let Err(e) = sys::on_fork(before_fork, after_fork, after_fork) {
                 tracing::warn!(target: "hetmem", error = %e, "fork handlers not installed");
             }
         });
+        // The mapping and the registry entry first, the userfaultfd last: from the moment the
+        // kernel reports a fault in the range, hetmem serves it.
+        lock(&core.state).insert_vma(r, prot, mode, false, None, ptes);
+        let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
+        let reg = sys::register_fault_range(r.start.get(), r.end.get(), target)
+            .map_err(|e| Error::os("register fault range", e))?;
         core.mm
             .register_adopted(r, mode)
             .map_err(|e| Error::os("adopt: register with userfaultfd", e))?;
-        lock(&core.state).insert_vma(r, prot, mode, false, None, ptes);
-        let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
-        let reg = match sys::register_fault_range(r.start.get(), r.end.get(), target) {
-            Ok(reg) => reg,
-            Err(e) => {
-                let _ = core.mm.forget_moved(r, mode);
-                return Err(Error::os("register fault range", e));
+        // Pages the program's other threads first touched between the scan and the
+        // registration hold data now: they are system pages, not holes.
+        let now = scan(&core)?;
+        {
+            let mut st = lock(&core.state);
+            for (k, has) in now.into_iter().enumerate() {
+                let a = r.start.add(k * PAGE_SIZE);
+                if let Some(p) = st.pte(a)
+                    && has
+                    && p.state() == PageState::None
+                    && !p.migrating()
+                {
+                    st.set_pte(a, Pte::present(false, p));
+                }
             }
-        };
+        }
         debug_event!(space = core.id, start = %r.start, pages = r.pages(), "memory adopted");
         Ok(Space {
-            core,
-            _reg: Some(Arc::new(reg)),
+            core: core.clone(),
+            _reg: Some(Arc::new(Registration {
+                adopted: Some(core),
+                _range: reg,
+            })),
         })
     }
 
     /// Whether this space is adopted memory ([`Space::adopt`]).
     pub fn is_adopted(&self) -> bool {
         self.core.mm.adopted()
-    }
-}
-
-impl Drop for Space {
-    fn drop(&mut self) {
-        // The last handle of an adopted space gives the memory back while the fault service
-        // still serves it (the registry entry goes with this handle).
-        if self.core.mm.adopted()
-            && self
-                ._reg
-                .as_ref()
-                .is_some_and(|r| Arc::strong_count(r) == 1)
-            && self.core.check_process().is_ok()
-        {
-            self.core.give_back();
-        }
     }
 }
 
@@ -236,7 +262,7 @@ impl SpaceCore {
 
     /// Brings every page of an adopted space home ([`Self::bring_home`]) and unregisters the
     /// range: plain memory of the program's from then on.
-    fn give_back(&self) {
+    pub(super) fn give_back(&self) {
         let st = self.bring_home();
         for (r, mode) in st.vmas.values().map(|v| (v.range, v.mode)) {
             self.invalidate(&st, r, NotifyEvent::Release, None);

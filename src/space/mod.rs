@@ -472,7 +472,34 @@ impl Default for SpaceConfig {
 #[derive(Clone, Debug)]
 pub struct Space {
     pub(crate) core: Arc<SpaceCore>,
-    _reg: Option<Arc<sys::FaultRange>>,
+    _reg: Option<Arc<Registration>>,
+}
+
+/// A space's entry in the fault-range registry, shared by its handles. For adopted memory it is
+/// also the one place that gives the memory back: its drop runs exactly once, when the last
+/// handle goes, and before the entry itself goes (so faults are served until then).
+pub(crate) struct Registration {
+    /// The adopted space to give back (`None`: not adopted).
+    adopted: Option<Arc<SpaceCore>>,
+    _range: sys::FaultRange,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("adopted", &self.adopted.is_some())
+            .finish()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(core) = self.adopted.take()
+            && core.check_process().is_ok()
+        {
+            core.give_back();
+        }
+    }
 }
 
 /// Which page-state residency a page has, for introspection.
@@ -510,7 +537,10 @@ impl Space {
             .map_err(|e| Error::os("register fault range", e))?;
         Ok(Space {
             core,
-            _reg: Some(Arc::new(reg)),
+            _reg: Some(Arc::new(Registration {
+                adopted: None,
+                _range: reg,
+            })),
         })
     }
 

@@ -131,6 +131,18 @@ pub struct FaultRange {
     slot: usize,
 }
 
+/// Whether `start..end` overlaps a registered range at all (whatever its target manages in it
+/// now). Lock-free.
+pub fn overlaps_registered_range(start: usize, end: usize) -> bool {
+    SLOTS.iter().any(|slot| {
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
+        s < e && s < end && start < e
+    })
+}
+
 /// Whether `start..start + len` overlaps memory some address space of hetmem manages (a
 /// registered range, whose target says so: a hole the program unmapped in adopted memory is
 /// not). Not for signal context.

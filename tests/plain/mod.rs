@@ -53,3 +53,11 @@ impl Drop for Plain {
         unsafe { libc::munmap(self.addr as *mut _, self.len) };
     }
 }
+
+/// [`Space::adopt`] of memory the test owns and reaches only through raw addresses (its own
+/// mmap, or a buffer it no longer references), which is the adoption contract.
+pub fn adopt_plain(addr: VirtAddr, len: usize) -> Result<Space> {
+    // SAFETY: every caller passes its own mapping (or a block it touches only through raw
+    // pointers and hetmem while adopted), kept mapped until the space is dropped.
+    unsafe { Space::adopt(addr, len) }
+}
