@@ -981,18 +981,22 @@ impl MigrateVma<'_> {
                 .is_some_and(|p| p.kind() == MemoryKind::Coherent);
             match dst {
                 PageTarget::Device { pagemap, frame } => {
-                    let pm = st.pagemap(pagemap);
+                    // The snapshot's pagemap (no reference count taken in the hold), and the
+                    // slot's entries found once (the range is one mapping, kept by the claim).
+                    let pm = pm_of(self.dst[i]).expect("pages() kept only known destinations");
                     let dcompound = self.dst[i] & MIGRATE_PFN_COMPOUND != 0;
                     let coherent = pm.kind() == MemoryKind::Coherent;
+                    let v = st.vma_mut(a).expect("a claimed range is mapped");
+                    let base = v.idx(a);
                     for k in 0..span {
                         let ak = a.add(k * PAGE_SIZE);
                         let f = FrameIdx(frame.0 + k as u32);
                         let entry = if coherent {
-                            Pte::coherent(pagemap, f, dcompound, st.pte(ak).expect("mapped"))
+                            Pte::coherent(pagemap, f, dcompound, v.ptes[base + k])
                         } else {
                             Pte::device(pagemap, f, dcompound)
                         };
-                        st.set_pte(ak, entry);
+                        v.ptes[base + k] = entry;
                         pm.set_rmap(
                             f,
                             crate::pool::FrameOwner::Anon {
@@ -1018,10 +1022,10 @@ impl MigrateVma<'_> {
                     let Some(PageTarget::Device { frame, .. }) = src else {
                         unreachable!("pages() allows system destinations for device sources only")
                     };
-                    for k in 0..span {
-                        let ak = a.add(k * PAGE_SIZE);
-                        let old = st.pte(ak).expect("mapped");
-                        st.set_pte(ak, Pte::present(compound, old));
+                    let v = st.vma_mut(a).expect("a claimed range is mapped");
+                    let base = v.idx(a);
+                    for p in &mut v.ptes[base..base + span] {
+                        *p = Pte::present(compound, *p);
                     }
                     let spm = src_pm.expect("device source");
                     if src_coherent {
