@@ -77,8 +77,8 @@ typedef struct HetmemDmirrorCmd {
 extern "C" {
 #endif // __cplusplus
 
-// The message of the calling thread's last failed call (empty if none). Valid until the
-// thread's next failing call.
+// The message of the calling thread's last failed call (empty if none; at most 511 bytes).
+// The pointer stays valid for the thread's life; the next failing call replaces the text.
 const char *hetmem_last_error(void);
 
 // A new address space of `size` bytes of address space (0: the default, 64 GiB), nothing

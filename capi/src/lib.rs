@@ -21,7 +21,7 @@
 //! stated size, NUL-terminated paths).
 
 use std::cell::RefCell;
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
@@ -88,14 +88,29 @@ pub const HETMEM_CMD_RELEASE: u32 = 7;
 /// Set flags (`npages` is the flag word).
 pub const HETMEM_CMD_FLAGS: u32 = 8;
 
+/// Bytes of the per-thread error message, its NUL included (longer messages are cut).
+const ERROR_BYTES: usize = 512;
+
 thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// The calling thread's last error message, NUL-terminated, in a buffer that never moves:
+    /// a pointer from [`hetmem_last_error`] stays valid for the thread's life (its text is
+    /// replaced by the next failing call).
+    static LAST_ERROR: RefCell<[u8; ERROR_BYTES]> = const { RefCell::new([0; ERROR_BYTES]) };
 }
 
 fn set_error(msg: String) {
-    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
     // During the thread's teardown the message is dropped (never a panic across FFI).
-    let _ = LAST_ERROR.try_with(|l| *l.borrow_mut() = c);
+    let _ = LAST_ERROR.try_with(|l| {
+        let mut buf = l.borrow_mut();
+        let mut n = msg.len().min(ERROR_BYTES - 1);
+        while !msg.is_char_boundary(n) {
+            n -= 1;
+        }
+        for (d, s) in buf.iter_mut().zip(msg.as_bytes()[..n].iter()) {
+            *d = if *s == 0 { b' ' } else { *s };
+        }
+        buf[n] = 0;
+    });
 }
 
 /// A C length as a Rust buffer length: EINVAL above `isize::MAX` (no slice is that long).
@@ -169,12 +184,12 @@ fn prot_of(prot: c_int) -> hetmem::Result<Prot> {
     }
 }
 
-/// The message of the calling thread's last failed call (empty if none). Valid until the
-/// thread's next failing call.
+/// The message of the calling thread's last failed call (empty if none; at most 511 bytes).
+/// The pointer stays valid for the thread's life; the next failing call replaces the text.
 #[unsafe(no_mangle)]
 pub extern "C" fn hetmem_last_error() -> *const c_char {
     LAST_ERROR
-        .try_with(|l| l.borrow().as_ptr())
+        .try_with(|l| l.as_ptr().cast::<c_char>().cast_const())
         .unwrap_or(c"".as_ptr())
 }
 

@@ -162,6 +162,12 @@ static int hetmem_memory_on_a_coherent_device(void)
 	CHECK(hetmem_map_anon(s, 0, HETMEM_PROT_READ, &p) == -EINVAL);
 	CHECK(hetmem_map_anon(NULL, PAGE, HETMEM_PROT_READ, &p) == -EINVAL);
 	CHECK(strlen(hetmem_last_error()) > 0);
+	/* The message's pointer stays valid; the next failure replaces its text. */
+	const char *msg = hetmem_last_error();
+	char before[64];
+	snprintf(before, sizeof(before), "%s", msg);
+	CHECK(hetmem_map_anon(s, 4096, 99, &p) == -EINVAL);
+	CHECK(msg == hetmem_last_error() && strncmp(msg, before, sizeof(before) - 1) != 0);
 	CHECK(hetmem_space_adopt((char *)w + 1, PAGE, &s) == -EINVAL);
 	free(back);
 	hetmem_mirror_free(m);
