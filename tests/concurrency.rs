@@ -11,9 +11,9 @@
 //! * [`invalidation_vs_range_fault_retry`]: device reads race protection changes, migrations and
 //!   CPU stores: every word a device read returns is a value some writer wrote, never older than
 //!   one the same reader saw before.
-//! * [`migration_maps_its_pages_while_faults_elsewhere_invalidate`]: a migration maps its pages
-//!   on the device as it commits them, while CPU fault-backs elsewhere in the space invalidate
-//!   the mirror: the device then reads them without a fault.
+//! * [`migration_maps_its_pages_while_faults_elsewhere_invalidate`]: a migration leaves every
+//!   page device-mapped while CPU fault-backs elsewhere in the space invalidate the mirror: the
+//!   device then reads them without a fault.
 //! * [`exclusive_vs_cpu_atomics`]: device atomics on a device-exclusive page race CPU atomics
 //!   and plain stores to the same page (each revoking the grant): no increment or store is lost.
 
@@ -636,11 +636,13 @@ fn fault_around_runs_are_per_thread() {
 // A migration's device mapping vs invalidations elsewhere in the space
 // ---------------------------------------------------------------------------------------------
 
-/// The device maps a migration's pages as each chunk is committed (dmirror's
-/// `finalize_and_map`), while CPU fault-backs on another mapping of the same space invalidate the
-/// mirror (its one notifier spans the whole space) over and over: after every migration of B to
-/// the device, every page of B is device-private and mapped by the device, the device reads B's
-/// values, and the CPU reads A's (each fault-back brings a page back while B moves).
+/// A migration to the device while CPU fault-backs on another mapping of the same space
+/// invalidate the mirror (its one notifier spans the whole space) over and over: after every
+/// migration of B, every page of B is device-private and mapped by the device (it reads B
+/// without a fault), with B's values, and the CPU reads A's. (This proves the outcome, which the
+/// mapping at commit, `MigrateVma::finalize_and_map`, and the re-mapping pass after it both
+/// give; that the commit-time mapping spares the re-mapping is a performance property, measured
+/// by `hetmem bench --only contention`.)
 #[test]
 fn migration_maps_its_pages_while_faults_elsewhere_invalidate() {
     let _w = watchdog("migration_maps_its_pages_while_faults_elsewhere", 60);

@@ -113,7 +113,7 @@ fn set_error(msg: String) {
     });
 }
 
-/// A C length as a Rust buffer length: EINVAL above `isize::MAX` (no slice is that long).
+/// A C length as a Rust length: EINVAL above `isize::MAX` (no buffer or mapping is that long).
 fn buf_len(len: u64) -> hetmem::Result<usize> {
     usize::try_from(len)
         .ok()
@@ -233,7 +233,7 @@ pub unsafe extern "C" fn hetmem_space_adopt(
         if out.is_null() {
             return Err(invalid("a null out-pointer"));
         }
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         // SAFETY: the C caller lends the range (the contract documented above, which is
         // `Space::adopt`'s: its memory, kept mapped, reached through raw pointers).
         let space = unsafe { Space::adopt(VirtAddr(addr as usize), len)? };
@@ -271,7 +271,7 @@ pub unsafe extern "C" fn hetmem_map_anon(
         if out.is_null() {
             return Err(invalid("a null out-pointer"));
         }
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         let a = s.0.map_anon(len, prot_of(prot)?)?;
         // SAFETY: `out` checked non-null; the caller guarantees it is writable.
         unsafe { *out = a.get() as *mut c_void };
@@ -292,7 +292,7 @@ pub unsafe extern "C" fn hetmem_unmap(
     len: u64,
 ) -> c_int {
     call(|| {
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         obj(space)?.0.unmap(VirtAddr(addr as usize), len)
     })
 }
@@ -311,7 +311,7 @@ pub unsafe extern "C" fn hetmem_protect(
     prot: c_int,
 ) -> c_int {
     call(|| {
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         obj(space)?
             .0
             .protect(VirtAddr(addr as usize), len, prot_of(prot)?)
@@ -404,7 +404,7 @@ pub unsafe extern "C" fn hetmem_migrate_to_device(
     len: u64,
 ) -> c_int {
     call(|| {
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         obj(m)?
             .0
             .migrate_range_to_device(VirtAddr(addr as usize), len)
@@ -424,7 +424,7 @@ pub unsafe extern "C" fn hetmem_migrate_to_system(
     len: u64,
 ) -> c_int {
     call(|| {
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         obj(m)?
             .0
             .migrate_to_system(VirtAddr(addr as usize), len)
@@ -620,7 +620,7 @@ pub unsafe extern "C" fn hetmem_map_file(
         if out.is_null() {
             return Err(invalid("a null out-pointer"));
         }
-        let len = usize::try_from(len).map_err(|_| invalid("length too large"))?;
+        let len = buf_len(len)?;
         let a = s.0.map_file(&fh.0, offset, len, prot_of(prot)?, shared)?;
         // SAFETY: `out` checked non-null; the caller guarantees it is writable.
         unsafe { *out = a.get() as *mut c_void };

@@ -820,16 +820,11 @@ impl DeviceMirror {
         Ok(())
     }
 
-    /// Reads page `vpn` through the device page table entry `e` into `dst` (under `pt`).
+    /// Reads page `vpn` through the device page table entry `e` into `dst` (under `pt`): a page in
+    /// device memory or the stash (system pages are copied in runs by `do_rw`).
     fn copy_out(&self, e: &DevPte, vpn: usize, dst: &mut [u8]) -> Result<()> {
         match e.target {
-            PageTarget::System(v) => {
-                debug_assert_eq!(v.0, vpn);
-                if self.inner.space.core.mm.read_if_there(v.addr(), dst) < dst.len() {
-                    return Err(Error::NotPresent { addr: v.addr() });
-                }
-                Ok(())
-            }
+            PageTarget::System(_) => unreachable!("do_rw copies system pages in runs"),
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
                 if pm.kind() == MemoryKind::Coherent {
@@ -854,12 +849,7 @@ impl DeviceMirror {
 
     fn copy_in(&self, e: &DevPte, vpn: usize, src: &[u8]) -> Result<()> {
         match e.target {
-            PageTarget::System(v) => {
-                if self.inner.space.core.mm.write_if_there(v.addr(), src) < src.len() {
-                    return Err(Error::NotPresent { addr: v.addr() });
-                }
-                Ok(())
-            }
+            PageTarget::System(_) => unreachable!("do_rw copies system pages in runs"),
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
                 if pm.kind() == MemoryKind::Coherent {
@@ -967,20 +957,10 @@ impl DeviceMirror {
                 }
                 continue;
             }
-            let copied = if write {
-                self.copy_in(&e, *cur, &buf[o..o + PAGE_SIZE])
+            if write {
+                self.copy_in(&e, *cur, &buf[o..o + PAGE_SIZE])?;
             } else {
-                self.copy_out(&e, *cur, &mut buf[o..o + PAGE_SIZE])
-            };
-            match copied {
-                // A system page the program dropped behind hetmem's back (a direct
-                // madvise(MADV_DONTNEED)): forget the entry; the caller refills the page as the
-                // kernel would and faults it in again.
-                Err(Error::NotPresent { addr }) if matches!(e.target, PageTarget::System(_)) => {
-                    pt.clear_range(*cur, *cur + 1);
-                    return Ok(Step::Dropped(addr));
-                }
-                r => r?,
+                self.copy_out(&e, *cur, &mut buf[o..o + PAGE_SIZE])?;
             }
             *cur += 1;
             *cpages += 1;

@@ -248,7 +248,7 @@ pub struct KernelMm {
     /// Device copies of system pages must not go through the kernel: a thread-mode userfaultfd
     /// exists (a kernel access to a missing page of its ranges waits for the handler thread), or
     /// the kernel refused the call (seccomp, ENOSYS). Set once.
-    has_thread_mode: std::sync::atomic::AtomicBool,
+    raw_device_copies: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for KernelMm {
@@ -297,7 +297,7 @@ impl KernelMm {
             file: Mutex::new(None),
             file_sync: Mutex::new(None),
             force_umo: user_mode_only,
-            has_thread_mode: std::sync::atomic::AtomicBool::new(false),
+            raw_device_copies: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -322,7 +322,7 @@ impl KernelMm {
         if let Some(s) = g.as_ref() {
             return Ok(s.uffd.clone());
         }
-        self.has_thread_mode
+        self.raw_device_copies
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let uffd = std::sync::Arc::new(Uffd::open(UffdDelivery::Thread, self.force_umo)?);
         *g = Some(ThreadService::start(uffd.clone(), "hetmem-uffd")?);
@@ -390,6 +390,24 @@ fn serve_uffd(uffd: &Uffd, stop: &std::os::fd::OwnedFd) {
                 sys::UffdMsg::Other(_) => {}
             }
         }
+    }
+}
+
+impl KernelMm {
+    /// A device's copy of system pages through the kernel (`copy`: it stops at a missing page),
+    /// where every range is served in SIGBUS mode (the space's and the file mappings'
+    /// userfaultfds): the bytes copied. `None`: copy raw instead, because a thread-mode handler
+    /// exists or the kernel refused the call (a seccomp filter, ENOSYS; then never tried again).
+    fn nofault(&self, copy: impl FnOnce(&Region) -> io::Result<usize>) -> Option<usize> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.raw_device_copies.load(SeqCst) {
+            return None;
+        }
+        let n = copy(&self.res).ok();
+        if n.is_none() {
+            self.raw_device_copies.store(true, SeqCst);
+        }
+        n
     }
 }
 
@@ -488,22 +506,9 @@ impl Mm for KernelMm {
     }
 
     fn read_if_there(&self, addr: VirtAddr, dst: &mut [u8]) -> usize {
-        if self
-            .has_thread_mode
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            self.read(addr, dst);
-            return dst.len();
-        }
-        // Every range here is served in SIGBUS mode (the space's and the file mappings'
-        // userfaultfds): the kernel's copy stops at a missing page (EFAULT), never waits.
-        match self.res.read_nofault(self.off(addr), dst) {
-            Ok(n) => n,
-            // The call itself is refused (a seccomp filter, ENOSYS): copy as before, and stop
-            // trying it.
-            Err(_) => {
-                self.has_thread_mode
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.nofault(|r| r.read_nofault(self.off(addr), dst)) {
+            Some(n) => n,
+            None => {
                 self.read(addr, dst);
                 dst.len()
             }
@@ -511,18 +516,9 @@ impl Mm for KernelMm {
     }
 
     fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> usize {
-        if self
-            .has_thread_mode
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            self.write(addr, src);
-            return src.len();
-        }
-        match self.res.write_nofault(self.off(addr), src) {
-            Ok(n) => n,
-            Err(_) => {
-                self.has_thread_mode
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.nofault(|r| r.write_nofault(self.off(addr), src)) {
+            Some(n) => n,
+            None => {
                 self.write(addr, src);
                 src.len()
             }

@@ -613,52 +613,44 @@ impl Region {
 
 impl Region {
     /// Copies `dst.len()` bytes at `off` out of the region *without faulting*: through the
-    /// kernel (`process_vm_readv` on this process), so that a page that is not there gives
-    /// EFAULT instead of a fault. Only for ranges whose userfaultfd answers kernel accesses to
+    /// kernel (`process_vm_readv` on this process), so that a page that is not there stops the
+    /// copy instead of faulting. Only for ranges whose userfaultfd answers kernel accesses to
     /// missing pages with an error (`UFFD_FEATURE_SIGBUS` or user-mode-only), never one a
-    /// handler thread serves (the kernel access would wait for it).
-    /// Returns the bytes copied: all of them, or fewer when a page is missing (the copy stops
-    /// at it).
+    /// handler thread serves (the kernel access would wait for it). Returns the bytes copied:
+    /// all of them, or fewer when a page is missing; an error when the kernel refuses the call.
     pub fn read_nofault(&self, off: usize, dst: &mut [u8]) -> io::Result<usize> {
-        self.check(off, dst.len())?;
-        let local = libc::iovec {
-            iov_base: dst.as_mut_ptr().cast(),
-            iov_len: dst.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: (self.base + off) as *mut libc::c_void,
-            iov_len: dst.len(),
-        };
-        // SAFETY: `local` describes `dst`, writable and exclusively borrowed; `remote` a range
-        // of this region (checked), which the kernel reads as another process would (no
-        // reference is formed; a missing page is EFAULT, not a fault of this thread).
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        match n {
-            n if n < 0 => match io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::EFAULT) => Ok(0),
-                e => Err(e),
-            },
-            n => Ok(n as usize),
-        }
+        self.vm_copy(off, dst.as_mut_ptr(), dst.len(), false)
     }
 
     /// Copies `src` into the region at `off` without faulting (see [`Region::read_nofault`]):
-    /// a page that is not there, or write-protected, gives EFAULT.
-    /// Returns the bytes copied, as [`Region::read_nofault`].
+    /// the copy stops at a page that is not there, or write-protected.
     pub fn write_nofault(&self, off: usize, src: &[u8]) -> io::Result<usize> {
-        self.check(off, src.len())?;
+        self.vm_copy(off, src.as_ptr().cast_mut(), src.len(), true)
+    }
+
+    /// `process_vm_readv` (or `writev` when `write`) of `len` bytes between `local` and the
+    /// region at `off`, on this process.
+    fn vm_copy(&self, off: usize, local: *mut u8, len: usize, write: bool) -> io::Result<usize> {
+        self.check(off, len)?;
         let local = libc::iovec {
-            iov_base: src.as_ptr() as *mut libc::c_void,
-            iov_len: src.len(),
+            iov_base: local.cast(),
+            iov_len: len,
         };
         let remote = libc::iovec {
             iov_base: (self.base + off) as *mut libc::c_void,
-            iov_len: src.len(),
+            iov_len: len,
         };
-        // SAFETY: `local` describes `src` (only read by the kernel); `remote` a range of this
-        // region (checked), written by the kernel as another process would (raw bytes, no
-        // reference; a missing or protected page is EFAULT).
-        let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+        // SAFETY: `local` describes a caller's buffer of `len` bytes (exclusively borrowed when
+        // the kernel writes it: `read_nofault`'s `&mut`; only read otherwise); `remote` a range
+        // of this region (checked), which the kernel reads or writes as another process would
+        // (no reference is formed; a missing page ends the copy, it does not fault this thread).
+        let n = unsafe {
+            if write {
+                libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0)
+            } else {
+                libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0)
+            }
+        };
         match n {
             n if n < 0 => match io::Error::last_os_error() {
                 e if e.raw_os_error() == Some(libc::EFAULT) => Ok(0),

@@ -60,18 +60,30 @@ impl Drop for RemapWindow {
     }
 }
 
-/// Calls `f(start, end, target)` for each registered range (live while `f` runs: its `users`
-/// count holds off `FaultRange::drop`) until `f` returns true; returns whether one did. Not for
-/// signal context (`f` may take locks).
-fn each_target(mut f: impl FnMut(usize, usize, &Arc<dyn FaultTarget>) -> bool) -> bool {
-    for slot in SLOTS.iter() {
-        slot.users.fetch_add(1, Ordering::SeqCst);
-        let (s, e) = (
+/// Calls `f(start, end, target)` for each registered range that `wanted(start, end)` picks
+/// (live while `f` runs: its `users` count holds off `FaultRange::drop`; ranges not picked cost
+/// two loads, no atomic write) until `f` returns true; returns whether one did. Not for signal
+/// context (`f` may take locks).
+fn each_target(
+    wanted: impl Fn(usize, usize) -> bool,
+    mut f: impl FnMut(usize, usize, &Arc<dyn FaultTarget>) -> bool,
+) -> bool {
+    let range = |slot: &Slot| {
+        (
             slot.start.load(Ordering::SeqCst),
             slot.end.load(Ordering::SeqCst),
-        );
+        )
+    };
+    for slot in SLOTS.iter() {
+        let (s, e) = range(slot);
+        if s >= e || !wanted(s, e) {
+            continue;
+        }
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        // Again under `users`: the slot may have been released and reused meanwhile.
+        let (s, e) = range(slot);
         let p = slot.target.load(Ordering::SeqCst);
-        let done = !p.is_null() && s < e && {
+        let done = !p.is_null() && s < e && wanted(s, e) && {
             // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
             let t: &Arc<dyn FaultTarget> = unsafe { &*p };
             f(s, e, t)
@@ -86,23 +98,24 @@ fn each_target(mut f: impl FnMut(usize, usize, &Arc<dyn FaultTarget>) -> bool) -
 
 /// Routes a move reported by a userfaultfd to the target whose range holds `from`.
 pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
-    each_target(|s, e, t| {
-        let hit = s <= from && from < e;
-        if hit {
+    each_target(
+        |s, e| s <= from && from < e,
+        |_, _, t| {
             t.remapped(from, to, len);
-        }
-        hit
-    })
+            true
+        },
+    )
 }
 
 /// Routes an unmap reported by a userfaultfd to every target whose range it overlaps.
 pub fn dispatch_unmap(start: usize, end: usize) {
-    each_target(|s, e, t| {
-        if s < end && start < e {
+    each_target(
+        |s, e| s < end && start < e,
+        |s, e, t| {
             t.unmapped(start.max(s), end.min(e));
-        }
-        false
-    });
+            false
+        },
+    );
 }
 
 struct Slot {
@@ -148,7 +161,10 @@ pub fn overlaps_registered_range(start: usize, end: usize) -> bool {
 /// not). Not for signal context.
 pub fn overlaps_fault_range(start: usize, len: usize) -> bool {
     let end = start.saturating_add(len);
-    each_target(|s, e, t| s < end && start < e && t.manages(start.max(s), end.min(e)))
+    each_target(
+        |s, e| s < end && start < e,
+        |s, e, t| t.manages(start.max(s), end.min(e)),
+    )
 }
 
 /// Routes faults in `start..end` to `target` (lock-free lookup from the SIGBUS handler and the
