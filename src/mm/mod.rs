@@ -49,6 +49,17 @@ pub enum FaultMode {
     Thread,
 }
 
+/// Which of an address space's userfaultfds a mapping is registered with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registered {
+    /// An anonymous mapping, a private file mapping or adopted memory, served in this mode.
+    Anon(FaultMode),
+    /// A shared file mapping with asynchronous write tracking ([`Mm::map_file`]).
+    File,
+    /// A shared file mapping whose stores fault ([`Mm::map_file_sync`]).
+    FileSync,
+}
+
 /// The operating-system side of an address space (see the module doc for the contract).
 pub trait Mm: Send + Sync {
     /// The reserved range.
@@ -64,8 +75,11 @@ pub trait Mm: Send + Sync {
     fn map(&self, r: VaRange, prot: Prot, mode: FaultMode) -> io::Result<()>;
     /// Changes the protection of a mapped range.
     fn protect(&self, r: VaRange, prot: Prot) -> io::Result<()>;
-    /// Unmaps a range: its pages are dropped and accesses fault with SIGSEGV.
-    fn unmap(&self, r: VaRange) -> io::Result<()>;
+    /// Unmaps a range: its pages are dropped and accesses fault with SIGSEGV. `registered`
+    /// lists the mappings inside it and which userfaultfd each is registered with: they are
+    /// unregistered first, so that the unmap raises no `UFFD_EVENT_UNMAP` (whose reader would
+    /// follow it under the space's lock, which the caller holds).
+    fn unmap(&self, r: VaRange, registered: &[(VaRange, Registered)]) -> io::Result<()>;
     /// Fills the missing pages at `dst..dst+len` with the matching bytes of `src[off..off+len]`;
     /// pages already present are left as they are. Ok: every page of the range is populated.
     /// An error may leave part of the range populated; calling again completes it.
@@ -166,8 +180,9 @@ pub trait Mm: Send + Sync {
     /// from now on.
     fn forget_moved(&self, moved: VaRange, mode: FaultMode) -> io::Result<()>;
     /// Maps the range `r` of the reservation again (PROT_NONE, unregistered, never replacing
-    /// a mapping: a direct mremap left it unmapped, and the program may have mapped something
-    /// else there meanwhile, EEXIST then).
+    /// a mapping: a direct mremap or munmap left it unmapped, and the program may have mapped
+    /// something else there meanwhile: EEXIST then, and the range is no longer the
+    /// reservation's, left alone when it is unmapped).
     fn restore_reservation(&self, r: VaRange) -> io::Result<()>;
     /// Lets child processes inherit the file mapping `r` (shared anonymous memory: a child
     /// maps it as plain shared memory, not served by hetmem). Nothing to do where there are no
@@ -234,7 +249,6 @@ impl Drop for ThreadService {
 
 /// The real kernel boundary: a reservation of anonymous private memory and userfaultfds.
 pub struct KernelMm {
-    res: Region,
     /// The signal-mode userfaultfd, with its event reader.
     sig: ThreadService,
     thr: Mutex<Option<ThreadService>>,
@@ -249,6 +263,21 @@ pub struct KernelMm {
     /// exists (a kernel access to a missing page of its ranges waits for the handler thread), or
     /// the kernel refused the call (seccomp, ENOSYS). Set once.
     raw_device_copies: std::sync::atomic::AtomicBool,
+    /// Parts of the reservation the program unmapped and mapped memory of its own over: left
+    /// alone when the reservation is unmapped.
+    disowned: Mutex<Vec<VaRange>>,
+    /// The reservation. Dropped last: the userfaultfds are closed by then (their registrations
+    /// go with them), so that unmapping it raises no UNMAP event that nobody would read.
+    res: Region,
+}
+
+impl Drop for KernelMm {
+    fn drop(&mut self) {
+        for r in std::mem::take(&mut *lock(&self.disowned)) {
+            let off = self.off(r.start);
+            let _ = self.res.disown(off, r.len());
+        }
+    }
 }
 
 impl std::fmt::Debug for KernelMm {
@@ -279,25 +308,22 @@ impl KernelMm {
 
     fn over(res: Region, user_mode_only: bool) -> io::Result<KernelMm> {
         sys::check_page_size()?;
-        // Adopted memory asks for the program's munmaps of it (hetmem never unmaps it).
-        let unmaps = res.is_adopted();
+        // Every userfaultfd of a space asks for the program's munmaps (hetmem's own unmaps
+        // unregister first and raise none); each has a reader for as long as it lives.
         let sig = ThreadService::start(
-            std::sync::Arc::new(Uffd::open_events(
-                UffdDelivery::Signal,
-                user_mode_only,
-                unmaps,
-            )?),
+            std::sync::Arc::new(Uffd::open_events(UffdDelivery::Signal, user_mode_only)?),
             "hetmem-events",
         )?;
         sys::install_sigbus_handler()?;
         Ok(KernelMm {
-            res,
             sig,
             thr: Mutex::new(None),
             file: Mutex::new(None),
             file_sync: Mutex::new(None),
             force_umo: user_mode_only,
             raw_device_copies: std::sync::atomic::AtomicBool::new(false),
+            disowned: Mutex::new(Vec::new()),
+            res,
         })
     }
 
@@ -324,7 +350,7 @@ impl KernelMm {
         }
         self.raw_device_copies
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let uffd = std::sync::Arc::new(Uffd::open(UffdDelivery::Thread, self.force_umo)?);
+        let uffd = std::sync::Arc::new(Uffd::open_events(UffdDelivery::Thread, self.force_umo)?);
         *g = Some(ThreadService::start(uffd.clone(), "hetmem-uffd")?);
         Ok(uffd)
     }
@@ -354,6 +380,8 @@ impl KernelMm {
                 .map_err(io::Error::from)
         });
         if let Err(e) = res {
+            // Registered, maybe: leave the userfaultfd first (no event for hetmem's own unmap).
+            let _ = uffd.unregister(r.start.get(), r.len());
             let _ = self.res.remap_fresh(off, r.len(), Prot::None);
             return Err(e);
         }
@@ -362,19 +390,22 @@ impl KernelMm {
 }
 
 /// The reader of a userfaultfd (see [`ThreadService`]): serves each fault message through the
-/// fault registry and wakes the faulting thread; follows each direct mremap (REMAP event) through
-/// the registry too. The window of pending moves ([`sys::RemapWindow`]) opens before the read,
+/// fault registry and wakes the faulting thread; follows each direct mremap and munmap (REMAP
+/// and UNMAP events) through the registry too. Messages read while one of its own fills waited
+/// for the mappings to stop changing (an mremap posts UNMAP of the old range right after the
+/// REMAP that the reader is following) come first ([`Uffd::next_msg`]). The window of pending moves ([`sys::RemapWindow`]) opens before the read,
 /// so that a signal-mode access to a moved range made after the program's mremap returned (the
 /// kernel releases it when the event is read) waits for the move to be followed. It never
 /// touches managed memory itself.
 fn serve_uffd(uffd: &Uffd, stop: &std::os::fd::OwnedFd) {
+    uffd.become_reader();
     loop {
         match uffd.wait(stop) {
             Ok(true) => {}
             Ok(false) | Err(_) => return,
         }
         let _window = sys::RemapWindow::open();
-        while let Ok(Some(m)) = uffd.read_msg() {
+        while let Ok(Some(m)) = uffd.next_msg() {
             match m {
                 sys::UffdMsg::Fault(f) => {
                     let page = f.addr & !(PAGE_SIZE - 1);
@@ -411,6 +442,29 @@ impl KernelMm {
     }
 }
 
+impl KernelMm {
+    /// Unregisters `r` from the userfaultfd `reg` names (one that was never made has nothing
+    /// registered).
+    fn unregister(&self, r: VaRange, reg: Registered) -> io::Result<()> {
+        let (a, len) = (r.start.get(), r.len());
+        match reg {
+            Registered::Anon(FaultMode::Signal) => self.sig.uffd.unregister(a, len),
+            Registered::Anon(FaultMode::Thread) => match lock(&self.thr).as_ref() {
+                Some(s) => s.uffd.unregister(a, len),
+                None => Ok(()),
+            },
+            Registered::File => match lock(&self.file).as_ref() {
+                Some((s, _)) => s.uffd.unregister(a, len),
+                None => Ok(()),
+            },
+            Registered::FileSync => match lock(&self.file_sync).as_ref() {
+                Some(s) => s.uffd.unregister(a, len),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
 impl Mm for KernelMm {
     fn reservation(&self) -> VaRange {
         VaRange {
@@ -439,10 +493,16 @@ impl Mm for KernelMm {
         self.res.protect(self.off(r.start), r.len(), prot)
     }
 
-    fn unmap(&self, r: VaRange) -> io::Result<()> {
-        // MAP_FIXED PROT_NONE drops the pages and the registration at once: afterwards an access
-        // gets SIGSEGV, as on any unmapped address.
-        self.res.remap_fresh(self.off(r.start), r.len(), Prot::None)
+    fn unmap(&self, r: VaRange, registered: &[(VaRange, Registered)]) -> io::Result<()> {
+        // Accesses get SIGSEGV from here on, as on any unmapped address; then each mapping
+        // leaves its userfaultfd (no event: the program's munmaps alone are reported); then
+        // MAP_FIXED PROT_NONE drops the pages.
+        let off = self.off(r.start);
+        self.res.protect(off, r.len(), Prot::None)?;
+        for &(part, reg) in registered {
+            self.unregister(part, reg)?;
+        }
+        self.res.remap_fresh(off, r.len(), Prot::None)
     }
 
     fn install(
@@ -621,7 +681,7 @@ impl Mm for KernelMm {
     }
 
     fn forget_moved(&self, moved: VaRange, mode: FaultMode) -> io::Result<()> {
-        self.with_uffd(mode, |u| u.unregister_moved(moved.start.get(), moved.len()))
+        self.unregister(moved, Registered::Anon(mode))
     }
 
     fn restore_reservation(&self, r: VaRange) -> io::Result<()> {
@@ -629,7 +689,12 @@ impl Mm for KernelMm {
             // The program's memory, moved away by the program: nothing of hetmem's to put back.
             return Ok(());
         }
-        self.res.map_hole_again(self.off(r.start), r.len())
+        self.res
+            .map_hole_again(self.off(r.start), r.len())
+            .inspect_err(|_| {
+                // Something of the program's is there now: never unmapped by hetmem.
+                lock(&self.disowned).push(r);
+            })
     }
 
     fn adopted(&self) -> bool {
@@ -1159,7 +1224,7 @@ impl Mm for ModelMm {
         }
         Ok(())
     }
-    fn unmap(&self, r: VaRange) -> io::Result<()> {
+    fn unmap(&self, r: VaRange, _registered: &[(VaRange, Registered)]) -> io::Result<()> {
         lock(&self.st).remove(r.start.page().0, r.end.page().0);
         Ok(())
     }

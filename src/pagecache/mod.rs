@@ -964,6 +964,29 @@ impl FileCache {
         }
     }
 
+    /// The program unmapped a mapping of this file directly (`munmap`, reported by userfaultfd):
+    /// its record goes, and, where stores were tracked without faults, every cached page of it
+    /// counts as written, since the page tables that told which were are gone. (A mapping whose
+    /// stores fault told the cache of each already.)
+    pub(crate) fn detach_unmapped(&self, space_id: u16, range: crate::addr::VaRange) {
+        let mut st = lock(&self.st);
+        let Some(i) = st
+            .mappings
+            .iter()
+            .position(|m| m.space_id == space_id && m.range == range)
+        else {
+            return;
+        };
+        let m = st.mappings.remove(i);
+        if m.tracked {
+            for p in m.pgoff..m.pgoff + range.pages() as u64 {
+                if p < st.pages.len() && st.pages.get(p) == PageState::Clean {
+                    self.set_state(&mut st, p, PageState::Dirty);
+                }
+            }
+        }
+    }
+
     /// Fills the file pages from page `p` on for a CPU fault (uncached pages inside the file
     /// only). Fault-around adapts to the access pattern: a fault right after the previous
     /// fault's window continues a sequential run and fills twice that window (up to 2 MiB);

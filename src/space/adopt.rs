@@ -211,28 +211,6 @@ impl Space {
 }
 
 impl SpaceCore {
-    /// The program unmapped `start..end` of this adopted space with a direct munmap
-    /// (`UFFD_EVENT_UNMAP`; the kernel has dropped the range already): devices are told
-    /// (UNMAP: they drop their mappings), the device frames of its pages are freed, and the
-    /// range leaves the space, as after [`Space::unmap`]. Migrations over it finish first (their
-    /// copies into the gone range fail, their pages are declined).
-    pub(crate) fn follow_unmap(&self, start: usize, end: usize) {
-        let r = VaRange {
-            start: VirtAddr(start),
-            end: VirtAddr(end),
-        };
-        let mut st = self.lock_state_for(r);
-        self.invalidate(&st, r, NotifyEvent::Unmap, None);
-        self.split_at(&mut st, r.start);
-        self.split_at(&mut st, r.end);
-        for v in st.remove_vmas_in(r) {
-            self.free_frames(&st, &v.ptes);
-        }
-        drop(st);
-        self.counters.foreign_unmaps.fetch_add(1, Ordering::SeqCst);
-        debug_event!(space = self.id, start = %r.start, end = %r.end, "adopted memory unmapped by the program");
-    }
-
     /// Brings every page of this (adopted) space that is in device memory or held exclusively
     /// by a device back to system memory, under the state lock once no migration is in flight;
     /// returns the guard. A page that cannot be brought back (its device frame failed) is

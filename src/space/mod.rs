@@ -49,9 +49,14 @@
 //!
 //! # Unsupported
 //!
-//! A direct `mprotect`, `munmap` or `madvise(MADV_DONTNEED/FREE)` on a managed range:
-//! userfaultfd does not report `mprotect`, and hetmem enables no unmap/remove events (an unread
-//! event would block the caller). Use [`Space::protect`] and [`Space::unmap`].
+//! A direct `mprotect` or `madvise(MADV_DONTNEED/FREE)` on a managed range: userfaultfd does not
+//! report `mprotect`, and hetmem asks for no REMOVE events (every migration's own `DONTNEED`
+//! would wait for the event reader). Use [`Space::protect`].
+//!
+//! A direct `munmap` (or an `mremap` that shrinks a mapping, or an `mmap` with `MAP_FIXED` over
+//! one) is followed: userfaultfd's UNMAP event, read by the same event threads, lets the range
+//! go as [`Space::unmap`] would (`SpaceCore::follow_unmap`). hetmem's own unmaps unregister
+//! first and raise none.
 //!
 //! A direct `mremap` that *moves* a managed range is followed (userfaultfd's REMAP event, read
 //! by an event thread per userfaultfd): the moved range becomes the program's plain memory with
@@ -75,7 +80,7 @@ use crate::addr::{FrameIdx, PAGE_SIZE, PAGES_PER_LARGE, VaRange, VirtAddr, Vpn};
 use crate::error::{Error, Result};
 #[cfg(any(test, feature = "testing"))]
 use crate::mm::ModelMm;
-use crate::mm::{FaultMode, KernelMm, Mm};
+use crate::mm::{FaultMode, KernelMm, Mm, Registered};
 use crate::notifier::{IntervalNotifier, IntervalOps, NotifierHost, NotifyEvent, NotifyRange};
 use crate::pagecache::{FileCache, FileHandle, Fill, MapRec, MappingHost, StoreFault};
 use crate::policy::trace::{Direction, EventKind, FaultState, TraceEvent, Tracer};
@@ -153,6 +158,17 @@ pub(crate) struct FileMap {
     pub(crate) tracking: bool,
 }
 
+impl Vma {
+    /// The userfaultfd the mapping is registered with.
+    pub(crate) fn registered(&self) -> Registered {
+        match &self.file {
+            Some(f) if f.shared && f.sync => Registered::FileSync,
+            Some(f) if f.shared => Registered::File,
+            _ => Registered::Anon(self.mode),
+        }
+    }
+}
+
 /// Options of a file mapping (see [`Space::map_file_with`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileMapOptions {
@@ -226,6 +242,16 @@ impl SpaceState {
     /// wakes the waiters once it has released the lock (`SpaceCore::notify_migrations_done`).
     pub(crate) fn release_claim(&mut self, id: u64) {
         self.migrations.retain(|(m, _)| *m != id);
+    }
+
+    /// The mappings inside `r` (split at its ends first by the caller) with the userfaultfd
+    /// each is registered with, for [`Mm::unmap`].
+    pub(crate) fn registered_in(&self, r: VaRange) -> Vec<(VaRange, Registered)> {
+        self.vmas
+            .values()
+            .filter(|v| r.overlaps(&v.range))
+            .map(|v| (v.range, v.registered()))
+            .collect()
     }
 
     /// Removes and returns the mappings that overlap `r` (split at its ends first by the
@@ -782,7 +808,12 @@ impl Space {
                 && let Err(e) = self.core.mm.inherit_on_fork(r)
             {
                 // Shared anonymous memory is shared with forked children, as the kernel's.
-                let _ = self.core.mm.unmap(r);
+                let reg = if sync {
+                    Registered::FileSync
+                } else {
+                    Registered::File
+                };
+                let _ = self.core.mm.unmap(r, &[(r, reg)]);
                 return Err(Error::os("share a mapping with children", e));
             }
             cache.attach(MapRec {
@@ -1009,7 +1040,8 @@ impl Space {
         }
         // Then the kernel side (holes in the range are already PROT_NONE and unregistered, so
         // unmapping them too is harmless). If it fails, the mappings stay, re-attached.
-        if let Err(e) = self.core.mm.unmap(r) {
+        let registered = st.registered_in(r);
+        if let Err(e) = self.core.mm.unmap(r, &registered) {
             for (cache, range, pgoff, sync) in files {
                 cache.attach(MapRec {
                     mm: std::sync::Arc::downgrade(&self.core.mm),
@@ -1304,9 +1336,7 @@ impl sys::FaultTarget for SpaceCore {
         self.follow_remap(VirtAddr(from), VirtAddr(to), len);
     }
     fn unmapped(&self, start: usize, end: usize) {
-        if self.mm.adopted() {
-            self.follow_unmap(start, end);
-        }
+        self.follow_unmap(start, end);
     }
     fn manages(&self, start: usize, end: usize) -> bool {
         let r = VaRange {

@@ -1,4 +1,5 @@
-//! Following a direct `mremap(2)` of a managed range (userfaultfd's REMAP event).
+//! Following a direct `mremap(2)` or `munmap(2)` of a managed range (userfaultfd's REMAP and
+//! UNMAP events).
 
 use super::*;
 
@@ -104,5 +105,44 @@ impl SpaceCore {
             st.lost.push(old);
         }
         self.counters.foreign_remaps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The program unmapped `start..end` with a direct munmap (or an mremap that shrank a
+    /// mapping, or an mmap with MAP_FIXED over it: `UFFD_EVENT_UNMAP`; the kernel has dropped
+    /// the range already), and the event reader follows it: devices are told (UNMAP: they drop
+    /// their mappings), the device frames of its pages are freed, and the range leaves the
+    /// space, as after [`Space::unmap`]. Stores the CPU made through a shared file mapping there
+    /// since its last scan cannot be told from the page tables any more: every cached page of
+    /// the mapping counts as written (the next fsync writes it back). The reservation's hole is
+    /// mapped PROT_NONE again, or, if the program mapped something there meanwhile, kept out of
+    /// use and left alone. Migrations over the range finish first (their copies from the gone
+    /// range fail, their pages are declined).
+    ///
+    /// An mremap that moves a mapping reports REMAP, then UNMAP of the old range, which
+    /// [`Self::follow_remap`] has already let go: nothing is left to follow then.
+    pub(crate) fn follow_unmap(&self, start: usize, end: usize) {
+        let r = VaRange {
+            start: VirtAddr(start),
+            end: VirtAddr(end),
+        };
+        let mut st = self.lock_state_for(r);
+        if !st.vmas.values().any(|v| v.range.overlaps(&r)) {
+            return;
+        }
+        self.invalidate(&st, r, NotifyEvent::Unmap, None);
+        self.split_at(&mut st, r.start);
+        self.split_at(&mut st, r.end);
+        for v in st.remove_vmas_in(r) {
+            if let Some(f) = v.file.as_ref().filter(|f| f.shared) {
+                f.cache.detach_unmapped(self.id, v.range);
+            }
+            self.free_frames(&st, &v.ptes);
+        }
+        if !self.mm.adopted() && self.mm.restore_reservation(r).is_err() {
+            st.lost.push(r);
+        }
+        drop(st);
+        self.counters.foreign_unmaps.fetch_add(1, Ordering::SeqCst);
+        debug_event!(space = self.id, start = %r.start, end = %r.end, "managed memory unmapped by the program");
     }
 }

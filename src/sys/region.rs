@@ -74,6 +74,9 @@ pub struct Region {
     pub(super) len: usize,
     /// Unmapped on drop (false: adopted, the program's).
     pub(super) owned: bool,
+    /// Parts that are no longer the region's (`off, len`): the program unmapped them and
+    /// mapped something of its own there; never unmapped on drop.
+    pub(super) disowned: Vec<(usize, usize)>,
 }
 
 /// `n` atomic words, all zero, allocated fallibly and zeroed lazily (a large allocation is fresh
@@ -136,6 +139,7 @@ impl Region {
             base,
             len,
             owned: true,
+            disowned: Default::default(),
         };
         region.advise(0, len, Advice::LinuxDontFork)?;
         Ok(region)
@@ -324,6 +328,14 @@ impl Region {
         self.advise(off, len, Advice::LinuxDontFork)
     }
 
+    /// Gives up `off..off + len`: the program mapped memory of its own there (after unmapping
+    /// the region's), which the region's drop must leave alone.
+    pub fn disown(&mut self, off: usize, len: usize) -> io::Result<()> {
+        self.check(off, len)?;
+        self.disowned.push((off, len));
+        Ok(())
+    }
+
     /// Touches every page of `off..off + len` for writing (`MADV_POPULATE_WRITE`).
     pub fn populate(&self, off: usize, len: usize) -> io::Result<()> {
         self.advise(off, len, Advice::LinuxPopulateWrite)
@@ -380,8 +392,17 @@ impl Drop for Region {
             // Adopted: the program's memory, given back as it is.
             return;
         }
-        // SAFETY: the region owns this mapping (type invariant); nothing refers to it any more.
-        let _ = unsafe { rustix::mm::munmap(self.base as *mut _, self.len) };
+        let mut gone = std::mem::take(&mut self.disowned);
+        gone.sort_unstable();
+        let mut at = 0;
+        for (off, len) in gone.into_iter().chain([(self.len, 0)]) {
+            if off > at {
+                // SAFETY: the region owns `at..off` (type invariant; disowned parts are
+                // skipped); nothing refers to it any more.
+                let _ = unsafe { rustix::mm::munmap((self.base + at) as *mut _, off - at) };
+            }
+            at = at.max(off + len);
+        }
     }
 }
 
@@ -478,6 +499,7 @@ impl Region {
                 base,
                 len,
                 owned: false,
+                disowned: Default::default(),
             },
             prot.ok_or_else(einval)?,
         ))
@@ -543,6 +565,7 @@ pub fn map_file_readonly(file: &std::fs::File, len: usize) -> io::Result<MappedF
         base: raw as usize,
         len,
         owned: true,
+        disowned: Default::default(),
     }))
 }
 

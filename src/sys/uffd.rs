@@ -25,12 +25,16 @@ const OP_ZEROPAGE: Opcode =
 /// bytes until all of them are populated, resuming after a partial success: `op(done)` issues it
 /// for the bytes from `done` on and returns its result and the bytes it populated before an
 /// error. A page already there (EEXIST) is stepped over: Ok means every page of the range is
-/// populated, whoever did it. EAGAIN means the mappings are changing (a direct mremap's REMAP
-/// event was read but the thread that called mremap has not yet left the kernel; it ends the
-/// window itself, `mmap_changing`, once it runs again): yield to let it run, bounded.
+/// populated, whoever did it. EAGAIN means the mappings are changing (a direct mremap or munmap
+/// posted an event that has not been read yet, or was read but the thread that called mremap has
+/// not yet left the kernel; the window, `mmap_changing`, closes once the event is read and that
+/// thread runs again): `wait` reads what is pending if the caller is the fd's reader (nobody
+/// else would: an mremap posts UNMAP of the old range after its REMAP, which the reader may be
+/// following with this very fill), then yields to let the other thread run, bounded.
 fn fill_resuming(
     len: usize,
     mut op: impl FnMut(usize) -> (Result<(), UffdError>, i64),
+    mut wait: impl FnMut(),
 ) -> Result<(), UffdError> {
     let mut done = 0;
     let mut again = 0;
@@ -41,12 +45,20 @@ fn fill_resuming(
             (Err(UffdError::Exists), _) => done += PAGE_SIZE,
             (Err(UffdError::Again), _) if again < 100_000 => {
                 again += 1;
+                wait();
                 rustix::thread::sched_yield();
             }
             (Err(other), _) => return Err(other),
         }
     }
     Ok(())
+}
+
+thread_local! {
+    /// On a userfaultfd's reader thread ([`Uffd::become_reader`]): the fd it reads, and the
+    /// messages it read while one of its own fills waited ([`Uffd::next_msg`]).
+    static READER: std::cell::RefCell<(Option<i32>, std::collections::VecDeque<UffdMsg>)> =
+        const { std::cell::RefCell::new((None, std::collections::VecDeque::new())) };
 }
 
 /// How a userfaultfd delivers faults.
@@ -150,17 +162,18 @@ impl Uffd {
     /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
     /// `force_umo` asks for the latter directly (to run as an unprivileged user would).
     pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
-        Self::open_events(delivery, force_umo, false)
+        Self::open_with(delivery, force_umo, false)
     }
 
-    /// [`Uffd::open`], also asking for `UFFD_EVENT_UNMAP` when `unmap_events` (adopted memory:
-    /// the program's munmap of it is then reported, and waits until the event is read; hetmem
-    /// never unmaps adopted memory itself, so its own operations pay nothing for it).
-    pub fn open_events(
-        delivery: UffdDelivery,
-        force_umo: bool,
-        unmap_events: bool,
-    ) -> io::Result<Uffd> {
+    /// [`Uffd::open`], also asking for `UFFD_EVENT_UNMAP`: the program's munmap of a registered
+    /// range (or mremap shrinking it, or mmap with MAP_FIXED over it) is reported, and *waits
+    /// until the event is read*. Such a userfaultfd must have a reader for as long as anything
+    /// is registered with it; hetmem's own unmaps unregister first, so that they raise no event.
+    pub fn open_events(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
+        Self::open_with(delivery, force_umo, true)
+    }
+
+    fn open_with(delivery: UffdDelivery, force_umo: bool, unmap_events: bool) -> io::Result<Uffd> {
         // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
         // feature the kernel lacks would fail the handshake.
         // EVENT_REMAP: a direct mremap(2) of a managed range is reported (and waits until the
@@ -215,9 +228,12 @@ impl Uffd {
     ///
     /// With `sync_wp`, write-protect is synchronous instead: a store to a protected page
     /// faults (SIGBUS in the faulting thread), so that hetmem sees every first store.
+    ///
+    /// Asks for `UFFD_EVENT_UNMAP` as [`Uffd::open_events`] does (and needs a reader likewise).
     pub fn open_file(force_umo: bool, sync_wp: bool) -> io::Result<Uffd> {
         let mut want = (uapi::UFFD_FEATURE_SIGBUS
             | uapi::UFFD_FEATURE_EVENT_REMAP
+            | uapi::UFFD_FEATURE_EVENT_UNMAP
             | uapi::UFFD_FEATURE_WP_UNPOPULATED
             | uapi::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
         if !sync_wp {
@@ -296,19 +312,24 @@ impl Uffd {
     ) -> Result<(), UffdError> {
         src.check(src_off, len)
             .map_err(|_| UffdError::Os(libc::EFAULT))?;
-        fill_resuming(len, |done| {
-            let mut c = uapi::uffdio_copy {
-                dst: (dst + done) as u64,
-                src: (src.base + src_off + done) as u64,
-                len: (len - done) as u64,
-                mode: 0,
-                copy: 0,
-            };
-            // SAFETY: as in `copy`.
-            let r = unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) };
-            // `copy` holds the bytes copied before an error (or a negative errno).
-            (r.map_err(uffd_err), c.copy)
-        })
+        fill_resuming(
+            len,
+            |done| {
+                let mut c = uapi::uffdio_copy {
+                    dst: (dst + done) as u64,
+                    src: (src.base + src_off + done) as u64,
+                    len: (len - done) as u64,
+                    mode: 0,
+                    copy: 0,
+                };
+                // SAFETY: as in `copy`.
+                let r =
+                    unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) };
+                // `copy` holds the bytes copied before an error (or a negative errno).
+                (r.map_err(uffd_err), c.copy)
+            },
+            || self.defer_pending(),
+        )
     }
 
     /// `UFFDIO_WRITEPROTECT`: sets (`on`) or clears the write-protect bit of the present pages
@@ -331,26 +352,31 @@ impl Uffd {
     /// `addr..addr+len` (a page already there is stepped over, as in [`Uffd::fill`]); wakes the
     /// threads waiting there unless `dontwake`.
     pub fn zeropage(&self, addr: usize, len: usize, dontwake: bool) -> Result<(), UffdError> {
-        fill_resuming(len, |done| {
-            let mut z = uapi::uffdio_zeropage {
-                range: uapi::uffdio_range {
-                    start: (addr + done) as u64,
-                    len: (len - done) as u64,
-                },
-                mode: if dontwake {
-                    uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64
-                } else {
-                    0
-                },
-                zeropage: 0,
-            };
-            // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it maps the zero page
-            // into missing entries of a registered range, touching no Rust memory.
-            let r =
-                unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) };
-            // `zeropage` holds the bytes mapped before an error (or a negative errno).
-            (r.map_err(uffd_err), z.zeropage)
-        })
+        fill_resuming(
+            len,
+            |done| {
+                let mut z = uapi::uffdio_zeropage {
+                    range: uapi::uffdio_range {
+                        start: (addr + done) as u64,
+                        len: (len - done) as u64,
+                    },
+                    mode: if dontwake {
+                        uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64
+                    } else {
+                        0
+                    },
+                    zeropage: 0,
+                };
+                // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it maps the zero page
+                // into missing entries of a registered range, touching no Rust memory.
+                let r = unsafe {
+                    rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z))
+                };
+                // `zeropage` holds the bytes mapped before an error (or a negative errno).
+                (r.map_err(uffd_err), z.zeropage)
+            },
+            || self.defer_pending(),
+        )
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
@@ -362,6 +388,34 @@ impl Uffd {
         // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
         unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WAKE, _>::new(&mut r)) }
             .map_err(uffd_err)
+    }
+
+    /// Makes the calling thread this fd's reader: its fills read what is pending while they
+    /// wait for the mappings to stop changing ([`Uffd::fill`]), and [`Uffd::next_msg`] returns
+    /// those messages first.
+    pub fn become_reader(&self) {
+        READER.with(|r| r.borrow_mut().0 = Some(self.fd.as_raw_fd()));
+    }
+
+    /// The next message for the fd's reader: one read while a fill waited, else one pending now.
+    pub fn next_msg(&self) -> io::Result<Option<UffdMsg>> {
+        if let Some(m) = READER.with(|r| r.borrow_mut().1.pop_front()) {
+            return Ok(Some(m));
+        }
+        self.read_msg()
+    }
+
+    /// On the fd's reader thread: reads every pending message and keeps it for
+    /// [`Uffd::next_msg`] (reading an event ends the caller's wait on it, and with it the window
+    /// in which fills get EAGAIN). Elsewhere: nothing.
+    fn defer_pending(&self) {
+        let me = self.fd.as_raw_fd();
+        if READER.with(|r| r.borrow().0) != Some(me) {
+            return;
+        }
+        while let Ok(Some(m)) = self.read_msg() {
+            READER.with(|r| r.borrow_mut().1.push_back(m));
+        }
     }
 
     /// Reads one pending message, if any (the fd is non-blocking).
@@ -421,8 +475,10 @@ impl Uffd {
     }
 
     /// Unregisters `start..start + len`, which need not lie in a region of hetmem's (a range
-    /// that a direct mremap moved out of one): the memory stays as it is, as plain memory.
-    pub fn unregister_moved(&self, start: usize, len: usize) -> io::Result<()> {
+    /// that a direct mremap moved out of one): the memory stays as it is, as plain memory, and
+    /// unmapping it later raises no event. Every registered mapping in the range must be this
+    /// fd's (the kernel refuses the whole call otherwise: EINVAL).
+    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
         let mut r = uapi::uffdio_range {
             start: start as u64,
             len: len as u64,

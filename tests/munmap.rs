@@ -1,0 +1,245 @@
+//! The program's own `munmap` (and `mremap` shrinking, and `mmap` with `MAP_FIXED`) of memory
+//! hetmem created is followed, never silent: every userfaultfd of a space asks for
+//! `UFFD_EVENT_UNMAP`, and the event reader lets the range go as `Space::unmap` would (devices
+//! lose their mappings, device frames are freed, dirty file data is kept for writeback, the
+//! reservation's hole is mapped again or, if the program put something there, left alone).
+//! hetmem's own unmaps raise no event (they would deadlock on the space's lock if they did).
+//!
+//! Each test waits for the event reader through `SpaceStats::foreign_unmaps` (the program's
+//! munmap returns once the event is read, a moment before hetmem has followed it), bounded by a
+//! watchdog.
+
+mod common;
+use common::*;
+use hetmem::pagecache::*;
+use hetmem::*;
+
+const PAGE: usize = 4096;
+
+/// Waits until the space has followed `n` direct unmaps.
+fn wait_followed(space: &Space, n: u64) {
+    at(format!("waiting for {n} direct unmap(s) to be followed"));
+    while space.stats().foreign_unmaps < n {
+        std::thread::yield_now();
+    }
+}
+
+/// A word of the program's plain memory at `a`.
+fn load(a: usize) -> u32 {
+    // SAFETY: every caller passes an address of memory mapped readable at the time, which no
+    // Rust object refers to.
+    unsafe { hetmem::sys::probe_load_u32(a) }
+}
+
+#[test]
+fn a_direct_munmap_of_a_managed_mapping_is_followed() {
+    let _w = watchdog("munmap_managed", 60);
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        at(format!("munmap in {mode:?} mode"));
+        let space = small_space();
+        let a = space
+            .map_anon_with(
+                16 * PAGE,
+                MapOptions {
+                    mode,
+                    ..MapOptions::default()
+                },
+            )
+            .unwrap();
+        let data = pattern(16 * PAGE, |i| i ^ 0x3c3c_0000);
+        space.cpu_write(a, &data).unwrap();
+        let dev = SoftDevice::private(8 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        m.migrate_range_to_device(a, 16 * PAGE).unwrap();
+        let mut page = vec![0u8; PAGE];
+        assert_eq!(dev.used(), 16 * PAGE);
+
+        // The program unmaps the middle half itself.
+        // SAFETY: pages 4..12 of a managed mapping of the test's own space, in which no Rust
+        // object lives; nothing else touches them.
+        assert_eq!(
+            unsafe { libc::munmap(a.add(4 * PAGE).get() as *mut _, 8 * PAGE) },
+            0
+        );
+        wait_followed(&space, 1);
+        assert!(
+            m.read(a.add(4 * PAGE), PAGE, &mut page).is_err(),
+            "{mode:?}: the device still reads an unmapped page"
+        );
+        assert!(matches!(
+            space.cpu_read(a.add(8 * PAGE), &mut page[..4]).unwrap_err(),
+            Error::NotMapped { .. }
+        ));
+        assert_eq!(
+            dev.used(),
+            8 * PAGE,
+            "{mode:?}: the unmapped pages' device frames are freed"
+        );
+        // The rest is still managed: its pages come back from the device with their data.
+        let mut head = vec![0u8; 4 * PAGE];
+        space.cpu_read(a, &mut head).unwrap();
+        assert_eq!(head, data[..4 * PAGE]);
+        let mut tail = vec![0u8; 4 * PAGE];
+        m.read(a.add(12 * PAGE), 4 * PAGE, &mut tail).unwrap();
+        assert_eq!(tail, data[12 * PAGE..]);
+        // The hole is the space's again (reserved, PROT_NONE) and can be mapped anew.
+        let b = space.map_anon(64 * PAGE, Prot::ReadWrite).unwrap();
+        space.cpu_write(b, &[9; 8]).unwrap();
+        assert_eq!(space.stats().foreign_unmaps, 1);
+        // hetmem's own unmap of the rest raises no event.
+        space.unmap(a, 16 * PAGE).unwrap();
+        space.unmap(b, 64 * PAGE).unwrap();
+        assert_eq!(space.stats().foreign_unmaps, 1);
+        assert_eq!(dev.used(), 0);
+    }
+}
+
+/// mremap shrinking a mapping in place unmaps its tail: followed the same way.
+#[test]
+fn a_direct_mremap_that_shrinks_a_managed_mapping_is_followed() {
+    let _w = watchdog("mremap_shrink", 30);
+    let space = small_space();
+    let a = space.map_anon(16 * PAGE, Prot::ReadWrite).unwrap();
+    let data = pattern(16 * PAGE, |i| i.wrapping_mul(0x9e37_79b9));
+    space.cpu_write(a, &data).unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    m.migrate_range_to_device(a, 16 * PAGE).unwrap();
+    // SAFETY: the whole managed mapping of the test's own space, shrunk in place to 4 pages;
+    // no Rust object lives in it.
+    let p = unsafe { libc::mremap(a.get() as *mut _, 16 * PAGE, 4 * PAGE, 0) };
+    assert_eq!(p as usize, a.get());
+    wait_followed(&space, 1);
+    assert_eq!(dev.used(), 4 * PAGE, "the tail's device frames are freed");
+    let mut buf = vec![0u8; PAGE];
+    assert!(m.read(a.add(4 * PAGE), PAGE, &mut buf).is_err());
+    // The head is still managed, and loads of it fault its pages back.
+    for k in 0..4 {
+        let want = u32::from_ne_bytes(data[k * PAGE..k * PAGE + 4].try_into().unwrap());
+        assert_eq!(load(a.add(k * PAGE).get()), want);
+    }
+}
+
+/// A program that maps memory of its own over a managed mapping with MAP_FIXED: the managed
+/// mapping is let go, and the program's memory there is never touched by hetmem, not even when
+/// the space is dropped (its reservation is unmapped around it).
+#[test]
+fn memory_the_program_maps_over_a_managed_mapping_stays_the_programs() {
+    let _w = watchdog("map_fixed_over", 30);
+    let space = small_space();
+    let a = space.map_anon(16 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &[1; 16 * PAGE]).unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    m.migrate_range_to_device(a, 16 * PAGE).unwrap();
+    // SAFETY: MAP_FIXED over the test's own managed mapping (no Rust object in it); the new
+    // mapping is the test's, unmapped at the end.
+    let own = unsafe {
+        libc::mmap(
+            a.get() as *mut _,
+            16 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(own as usize, a.get());
+    wait_followed(&space, 1);
+    assert_eq!(dev.used(), 0);
+    // SAFETY: a word of the test's own new mapping.
+    unsafe { hetmem::sys::probe_store_u32(a.add(5 * PAGE).get(), 0xfeed) };
+    // The space never maps over it.
+    for _ in 0..4 {
+        let b = space.map_anon(1 << 20, Prot::ReadWrite).unwrap();
+        assert!(
+            !VaRange::new(b, 1 << 20)
+                .unwrap()
+                .overlaps(&VaRange::new(a, 16 * PAGE).unwrap())
+        );
+    }
+    drop(m);
+    drop(space);
+    // The reservation is gone, the program's mapping is not.
+    assert_eq!(load(a.add(5 * PAGE).get()), 0xfeed);
+    // SAFETY: the test's own mapping, unmapped once.
+    assert_eq!(unsafe { libc::munmap(own, 16 * PAGE) }, 0);
+}
+
+/// Stores through a shared file mapping that the program then unmaps itself reach the file at
+/// the next fsync: the page tables that recorded them are gone with the munmap, so every cached
+/// page of the mapping counts as written.
+#[test]
+fn stores_before_a_direct_munmap_of_a_file_mapping_reach_the_disk() {
+    let _w = watchdog("munmap_file", 30);
+    let f = TempFile::new("munmap-file", &vec![0x11u8; 16 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let a = space
+        .map_file(&h, 0, 16 * PAGE, Prot::ReadWrite, true)
+        .unwrap();
+    // The program's own stores (no hetmem call sees them), then its own munmap.
+    for k in [0, 3, 15] {
+        // SAFETY: a word of the test's shared file mapping, mapped read-write.
+        unsafe { hetmem::sys::probe_store_u32(a.add(k * PAGE + 8).get(), 0xabcd_0000 | k as u32) };
+    }
+    // SAFETY: the test's own managed file mapping; no Rust object lives in it.
+    assert_eq!(unsafe { libc::munmap(a.get() as *mut _, 16 * PAGE) }, 0);
+    wait_followed(&space, 1);
+    h.fsync().unwrap();
+    let disk = f.disk();
+    for k in [0, 3, 15] {
+        let off = k * PAGE + 8;
+        assert_eq!(
+            u32::from_ne_bytes(disk[off..off + 4].try_into().unwrap()),
+            0xabcd_0000 | k as u32,
+            "page {k}: a store made before the munmap is lost"
+        );
+    }
+    assert!(disk[4 * PAGE..15 * PAGE].iter().all(|&b| b == 0x11));
+}
+
+/// hetmem's own unmaps of every kind of mapping raise no UNMAP event (an event would make the
+/// unmapping thread wait for the event reader, which would wait for the space's lock that the
+/// thread holds: the watchdog would fire).
+#[test]
+fn hetmems_own_unmaps_are_not_reported_as_the_programs() {
+    let _w = watchdog("own_unmaps", 30);
+    let f = TempFile::new("own-unmaps", &vec![0x22u8; 16 * PAGE]);
+    let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let thread = MapOptions {
+        mode: FaultMode::Thread,
+        ..MapOptions::default()
+    };
+    let maps = [
+        space.map_anon(16 * PAGE, Prot::ReadWrite).unwrap(),
+        space.map_anon_with(16 * PAGE, thread).unwrap(),
+        space
+            .map_file(&h, 0, 16 * PAGE, Prot::ReadWrite, true)
+            .unwrap(),
+        space
+            .map_file(&h, 0, 16 * PAGE, Prot::ReadWrite, false)
+            .unwrap(),
+        space
+            .map_file_with(&h, 0, 16 * PAGE, intercepting(Prot::ReadWrite))
+            .unwrap(),
+    ];
+    for &a in &maps {
+        space.cpu_write(a, &[5; 64]).unwrap();
+    }
+    // One unmap over all of them and the holes between.
+    let lo = maps.iter().min().unwrap().get();
+    let hi = maps.iter().max().unwrap().get() + 16 * PAGE;
+    space.unmap(VirtAddr(lo), hi - lo).unwrap();
+    // And a space dropped with mappings in place.
+    let other = small_space();
+    let b = other.map_anon_with(16 * PAGE, thread).unwrap();
+    other.cpu_write(b, &[1]).unwrap();
+    drop(other);
+    assert_eq!(space.stats().foreign_unmaps, 0);
+    h.fsync().unwrap();
+    assert_eq!(&f.disk()[..64], &[5; 64]);
+}
