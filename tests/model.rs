@@ -11,8 +11,11 @@
 //! by N for a longer soak. A failure prints proptest's seed and the shrunk sequence.
 
 mod common;
+mod plain;
 use common::*;
-use hetmem::testing::check::{Op, World, apply, check_all, pages_of};
+use hetmem::testing::check::{LARGE_PAGES, Op, World, apply, check_all, pages_of};
+use hetmem::{LARGE_PAGE_SIZE, PAGE_SIZE as PAGE};
+use plain::{Plain, adopt_plain};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -78,6 +81,46 @@ fn random_operations_match_the_model() {
                 apply(&mut w, op).map_err(TestCaseError::fail)?;
             }
             check_all(&w).map_err(TestCaseError::fail)
+        })
+        .unwrap();
+}
+
+/// The same suite over adopted memory (`Space::adopt` of the test's own mmap, with the large
+/// mapping made large by `advise_large`): every operation gives the same answers and every byte
+/// reads back as the model says; unmapping is refused there (adopted memory is the program's).
+#[test]
+fn random_operations_on_adopted_memory_match_the_model() {
+    let soak = soak();
+    let _w = watchdog("model_adopted", 300 * soak as u64);
+    let cfg = Config {
+        cases: CASES * soak,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(cfg);
+    runner
+        .run(&proptest::collection::vec(op_strategy(), OPS), |ops| {
+            // Mapping 0 in the first 2 MiB unit, mapping 1 in the two after it: one plain
+            // mapping, adopted whole.
+            let len = LARGE_PAGE_SIZE + LARGE_PAGES * PAGE;
+            let mem = Plain::new(len + LARGE_PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE);
+            let base = mem.addr.next_multiple_of(LARGE_PAGE_SIZE);
+            let space = adopt_plain(hetmem::VirtAddr(base), len)
+                .map_err(|e| TestCaseError::fail(format!("adopt: {e}")))?;
+            let large = hetmem::VirtAddr(base + LARGE_PAGE_SIZE);
+            space
+                .advise_large(large, LARGE_PAGES * PAGE)
+                .map_err(|e| TestCaseError::fail(format!("advise_large: {e}")))?;
+            let mut w = World::over(space, [hetmem::VirtAddr(base), large])
+                .map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
+            for op in &ops {
+                apply(&mut w, op).map_err(TestCaseError::fail)?;
+            }
+            let checked = check_all(&w).map_err(TestCaseError::fail);
+            // Every handle goes (the memory is given back) before the mapping is unmapped.
+            drop(w);
+            drop(mem);
+            checked
         })
         .unwrap();
 }

@@ -324,6 +324,25 @@ impl World {
     /// A fresh space with the two mappings, all zeros and read-write, and a fresh device.
     pub fn new() -> HResult<World> {
         let space = Space::new()?;
+        let mut bases = Vec::new();
+        for (pages, large) in [(SMALL_PAGES, false), (LARGE_PAGES, true)] {
+            bases.push(space.map_anon_with(
+                pages * PAGE,
+                MapOptions {
+                    large,
+                    ..MapOptions::default()
+                },
+            )?);
+        }
+        Self::over(space, [bases[0], bases[1]])
+    }
+
+    /// The world over `space`, whose mapping 0 ([`SMALL_PAGES`] normal pages) and mapping 1
+    /// ([`LARGE_PAGES`] pages in 2 MiB units, 2 MiB-aligned) start at `bases`, read-write and
+    /// all zeros (never touched), with fresh devices. For adopted memory ([`Space::adopt`],
+    /// made large with [`Space::advise_large`]), where [`apply`] checks that unmapping is
+    /// refused instead.
+    pub fn over(space: Space, bases: [VirtAddr; 2]) -> HResult<World> {
         let dev = SoftDevice::private(DEVICE_BYTES)?;
         let mirror = dev.mirror(&space)?;
         let cdev = SoftDevice::new(crate::device::DeviceConfig {
@@ -331,23 +350,17 @@ impl World {
             capacity: DEVICE_BYTES,
         })?;
         let cmirror = cdev.mirror(&space)?;
-        let mut maps = Vec::new();
-        for (pages, large) in [(SMALL_PAGES, false), (LARGE_PAGES, true)] {
-            let base = space.map_anon_with(
-                pages * PAGE,
-                MapOptions {
-                    large,
-                    ..MapOptions::default()
-                },
-            )?;
-            maps.push(MapModel {
+        let maps = [(SMALL_PAGES, false), (LARGE_PAGES, true)]
+            .into_iter()
+            .zip(bases)
+            .map(|((pages, large), base)| MapModel {
                 base,
                 bytes: vec![0; pages * PAGE],
                 mapped: vec![true; pages],
                 prot: vec![Prot::ReadWrite; pages],
                 large,
-            });
-        }
+            })
+            .collect();
         Ok(World {
             space,
             dev,
@@ -432,6 +445,14 @@ pub fn apply(w: &mut World, op: &Op) -> Result<(), String> {
                     "protect across a hole must fail with NotMapped: {r:?}"
                 );
             }
+        }
+        Op::Unmap { m, page, n } if w.space.is_adopted() => {
+            // Adopted memory is the program's: hetmem refuses to unmap it, and nothing changes.
+            let r = w.space.unmap(w.maps[m].base.add(page * PAGE), n * PAGE);
+            ensure!(
+                matches!(r, Err(Error::Invalid(_))),
+                "unmap of adopted memory must be refused: {r:?}"
+            );
         }
         Op::Unmap { m, page, n } => {
             let mm = &mut w.maps[m];
