@@ -242,14 +242,23 @@ static void before_fork(void)
 	pthread_mutex_lock(&lock);
 }
 
-static void after_fork(void)
+static void after_fork_parent(void)
 {
 	pthread_mutex_unlock(&lock);
 }
 
+static void after_fork_child(void)
+{
+	/* The child's thread is not the owner the recursive mutex recorded (glibc checks the
+	 * owner's thread id, so an unlock would fail with EPERM and leave it held: the child's
+	 * next open of a test device hung). Start it afresh, unlocked. */
+	static const pthread_mutex_t fresh = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+	memcpy(&lock, &fresh, sizeof lock);
+}
+
 static void install_fork_handlers(void)
 {
-	pthread_atfork(before_fork, after_fork, after_fork);
+	pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 
 /* Forgets the recorded mmaps overlapping [start, end). Under `lock`. */
@@ -261,7 +270,8 @@ static void forget_maps(uintptr_t start, uintptr_t end)
 }
 
 /* The slot of the adopted space holding [addr, addr + len), adopting on first use the program's
- * mmap around it, else exactly that range; -1 if it cannot be adopted. Under `lock`. */
+ * mmap around it, else exactly that range; a negative errno if it cannot be adopted (ENOMEM: not
+ * mapped, EACCES: not readable, EINVAL: not anonymous private memory). Under `lock`. */
 static int space_for(uintptr_t addr, uintptr_t len)
 {
 	for (int s = 0; s < MAX_SPACES; s++)
@@ -278,9 +288,10 @@ static int space_for(uintptr_t addr, uintptr_t len)
 	for (int s = 0; s < MAX_SPACES; s++) {
 		if (spaces[s].space)
 			continue;
-		if (hetmem_space_adopt((void *)start, end - start, &spaces[s].space) != 0) {
+		int err = hetmem_space_adopt((void *)start, end - start, &spaces[s].space);
+		if (err != 0) {
 			spaces[s].space = NULL;
-			return -1;
+			return err;
 		}
 		spaces[s].start = start;
 		spaces[s].end = end;
@@ -290,7 +301,7 @@ static int space_for(uintptr_t addr, uintptr_t len)
 		pthread_once(&fork_once, install_fork_handlers);
 		return s;
 	}
-	return -1;
+	return -ENOSPC;
 }
 
 static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd *cmd)
@@ -306,8 +317,17 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 	    cmd->addr + (cmd->npages << 12) < cmd->addr)
 		return -EINVAL;
 	int s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
-	if (s < 0)
+	if (s < 0) {
+		/* Memory that cannot be adopted, answered as the kernel's device answers for it: a
+		 * migration of memory that is not anonymous private (shared, file) finds no page it
+		 * may move (ENOENT); one over memory that is not mapped or not readable is EINVAL
+		 * (its vma check); every other command faults (hmm_range_fault: EFAULT). */
+		if (nr == HETMEM_CMD_MIGRATE_TO_DEV && s == -EINVAL)
+			return -ENOENT;
+		if (nr == HETMEM_CMD_MIGRATE_TO_DEV || nr == HETMEM_CMD_MIGRATE_TO_SYS)
+			return -EINVAL;
 		return -EFAULT;
+	}
 	if (!f->mirrors[s] && hetmem_mirror_new(devices[f->dev], spaces[s].space, &f->mirrors[s]) != 0)
 		return -ENOMEM;
 	return hetmem_mirror_cmd(f->mirrors[s], nr, cmd);

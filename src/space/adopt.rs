@@ -151,7 +151,11 @@ impl Space {
                 e,
             )
         })?;
-        let core = Self::make_core(std::sync::Arc::new(mm), 2 << 20)?;
+        // A stash as large as the range: every page may be held exclusively at once (as the
+        // kernel allows; a 2 MiB stash refused the 513th page: found by the kernel's own
+        // hmm-tests under the drop-in test device). Reserved address space, touched on use.
+        let stash = r.len().next_multiple_of(LARGE_PAGE_SIZE);
+        let core = Self::make_core(std::sync::Arc::new(mm), stash)?;
         let scan = |core: &SpaceCore| {
             core.mm
                 .pages_with_data(r)
@@ -211,8 +215,8 @@ impl Space {
 }
 
 impl SpaceCore {
-    /// Brings every page of this (adopted) space that is in device memory or held exclusively
-    /// by a device back to system memory, under the state lock once no migration is in flight;
+    /// Brings every page of this (adopted) space that is in device memory (private or
+    /// coherent) or held exclusively by a device back to system memory, under the state lock once no migration is in flight;
     /// returns the guard. A page that cannot be brought back (its device frame failed) is
     /// reported and reads zeros.
     fn bring_home(&self) -> Guard<'_, SpaceState> {
@@ -223,6 +227,12 @@ impl SpaceCore {
             for k in 0..r.pages() {
                 let a = r.start.add(k * PAGE_SIZE);
                 let Some(pte) = st.pte(a) else { continue };
+                if pte.is_coherent() {
+                    // In system memory, as the kernel's copy-on-write or give-back leaves it
+                    // (the emulated coherent frame is the CPU page: nothing is copied).
+                    self.demote_coherent(&mut st, a);
+                    continue;
+                }
                 if matches!(pte.state(), PageState::Device | PageState::Exclusive)
                     && let Err(e) = self.make_present(&mut st, a)
                 {
