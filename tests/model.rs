@@ -64,25 +64,37 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     ]
 }
 
-#[test]
-fn random_operations_match_the_model() {
+/// Runs the suite: `CASES` sequences of `OPS` random operations, each on a fresh world from
+/// `world`, checked step by step and read back whole at the end.
+fn run_suite(name: &'static str, world: impl Fn(&[Op]) -> Result<(), TestCaseError>) {
     let soak = soak();
-    let _w = watchdog("model", 300 * soak as u64);
+    let _w = watchdog(name, 300 * soak as u64);
     let cfg = Config {
         cases: CASES * soak,
         failure_persistence: None,
         ..Config::default()
     };
-    let mut runner = TestRunner::new(cfg);
-    runner
+    TestRunner::new(cfg)
         .run(&proptest::collection::vec(op_strategy(), OPS), |ops| {
-            let mut w = World::new().map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
-            for op in &ops {
-                apply(&mut w, op).map_err(TestCaseError::fail)?;
-            }
-            check_all(&w).map_err(TestCaseError::fail)
+            world(&ops)
         })
         .unwrap();
+}
+
+/// Applies `ops` to `w` and reads every page back.
+fn apply_all(w: &mut World, ops: &[Op]) -> Result<(), TestCaseError> {
+    for op in ops {
+        apply(w, op).map_err(TestCaseError::fail)?;
+    }
+    check_all(w).map_err(TestCaseError::fail)
+}
+
+#[test]
+fn random_operations_match_the_model() {
+    run_suite("model", |ops| {
+        let mut w = World::new().map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
+        apply_all(&mut w, ops)
+    });
 }
 
 /// The same suite over adopted memory (`Space::adopt` of the test's own mmap, with the large
@@ -90,37 +102,24 @@ fn random_operations_match_the_model() {
 /// reads back as the model says; unmapping is refused there (adopted memory is the program's).
 #[test]
 fn random_operations_on_adopted_memory_match_the_model() {
-    let soak = soak();
-    let _w = watchdog("model_adopted", 300 * soak as u64);
-    let cfg = Config {
-        cases: CASES * soak,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(cfg);
-    runner
-        .run(&proptest::collection::vec(op_strategy(), OPS), |ops| {
-            // Mapping 0 in the first 2 MiB unit, mapping 1 in the two after it: one plain
-            // mapping, adopted whole.
-            let len = LARGE_PAGE_SIZE + LARGE_PAGES * PAGE;
-            let mem = Plain::new(len + LARGE_PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE);
-            let base = mem.addr.next_multiple_of(LARGE_PAGE_SIZE);
-            let space = adopt_plain(hetmem::VirtAddr(base), len)
-                .map_err(|e| TestCaseError::fail(format!("adopt: {e}")))?;
-            let large = hetmem::VirtAddr(base + LARGE_PAGE_SIZE);
-            space
-                .advise_large(large, LARGE_PAGES * PAGE)
-                .map_err(|e| TestCaseError::fail(format!("advise_large: {e}")))?;
-            let mut w = World::over(space, [hetmem::VirtAddr(base), large])
-                .map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
-            for op in &ops {
-                apply(&mut w, op).map_err(TestCaseError::fail)?;
-            }
-            let checked = check_all(&w).map_err(TestCaseError::fail);
-            // Every handle goes (the memory is given back) before the mapping is unmapped.
-            drop(w);
-            drop(mem);
-            checked
-        })
-        .unwrap();
+    run_suite("model_adopted", |ops| {
+        // Mapping 0 in the first 2 MiB unit, mapping 1 in the two after it: one plain mapping,
+        // adopted whole.
+        let len = LARGE_PAGE_SIZE + LARGE_PAGES * PAGE;
+        let mem = Plain::new(len + LARGE_PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE);
+        let base = mem.addr.next_multiple_of(LARGE_PAGE_SIZE);
+        let space = adopt_plain(hetmem::VirtAddr(base), len)
+            .map_err(|e| TestCaseError::fail(format!("adopt: {e}")))?;
+        let large = hetmem::VirtAddr(base + LARGE_PAGE_SIZE);
+        space
+            .advise_large(large, LARGE_PAGES * PAGE)
+            .map_err(|e| TestCaseError::fail(format!("advise_large: {e}")))?;
+        let mut w = World::over(space, [hetmem::VirtAddr(base), large])
+            .map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
+        let checked = apply_all(&mut w, ops);
+        // Every handle goes (the memory is given back) before the mapping is unmapped.
+        drop(w);
+        drop(mem);
+        checked
+    });
 }

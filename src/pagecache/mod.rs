@@ -951,17 +951,25 @@ impl FileCache {
         range: crate::addr::VaRange,
     ) {
         let mut st = lock(&self.st);
-        let Some(i) = st
-            .mappings
-            .iter()
-            .position(|m| m.space_id == space_id && m.range == range)
-        else {
+        let Some(m) = Self::take_mapping(&mut st, space_id, range) else {
             return;
         };
-        let m = st.mappings.remove(i);
         if m.tracked {
             self.mark_written(&mut st, mm, &m);
         }
+    }
+
+    /// Removes and returns the record of `space_id`'s mapping at `range`.
+    fn take_mapping(
+        st: &mut CacheState,
+        space_id: u16,
+        range: crate::addr::VaRange,
+    ) -> Option<MapRec> {
+        let i = st
+            .mappings
+            .iter()
+            .position(|m| m.space_id == space_id && m.range == range)?;
+        Some(st.mappings.remove(i))
     }
 
     /// The program unmapped a mapping of this file directly (`munmap`, reported by userfaultfd):
@@ -970,14 +978,9 @@ impl FileCache {
     /// stores fault told the cache of each already.)
     pub(crate) fn detach_unmapped(&self, space_id: u16, range: crate::addr::VaRange) {
         let mut st = lock(&self.st);
-        let Some(i) = st
-            .mappings
-            .iter()
-            .position(|m| m.space_id == space_id && m.range == range)
-        else {
+        let Some(m) = Self::take_mapping(&mut st, space_id, range) else {
             return;
         };
-        let m = st.mappings.remove(i);
         if m.tracked {
             for p in m.pgoff..m.pgoff + range.pages() as u64 {
                 if p < st.pages.len() && st.pages.get(p) == PageState::Clean {
