@@ -339,6 +339,11 @@ impl SoftDevice {
 
     /// A device whose accesses and transfers are charged to a link model of `profile`.
     pub fn with_link(cfg: DeviceConfig, profile: LinkProfile) -> Result<SoftDevice> {
+        // The process's event reader thread now, before the program maps memory that a later
+        // command names (its stack must not land in a hole the program punched and later maps
+        // over: see `mm::start_event_reader`).
+        #[cfg(not(test))]
+        crate::mm::start_event_reader().map_err(|e| Error::os("start hetmem's event reader", e))?;
         Self::with_store(cfg, profile, &|len| {
             Ok(Box::new(crate::pool::HostFrames::new(len)?) as Box<dyn crate::pool::FrameStore>)
         })

@@ -80,6 +80,9 @@ pub trait Mm: Send + Sync {
     /// unregistered first, so that the unmap raises no `UFFD_EVENT_UNMAP` (whose reader would
     /// follow it under the space's lock, which the caller holds).
     fn unmap(&self, r: VaRange, registered: &[(VaRange, Registered)]) -> io::Result<()>;
+    /// Unregisters each listed mapping from its userfaultfd (the space is going away: its
+    /// reservation's unmap then raises no event).
+    fn unregister_all(&self, _registered: &[(VaRange, Registered)]) {}
     /// Fills the missing pages at `dst..dst+len` with the matching bytes of `src[off..off+len]`;
     /// pages already present are left as they are. Ok: every page of the range is populated.
     /// An error may leave part of the range populated; calling again completes it.
@@ -247,10 +250,114 @@ impl Drop for ThreadService {
     }
 }
 
+/// The process-wide reader of the signal-mode userfaultfds (one per address space): their
+/// messages are the REMAP and UNMAP events of the program's mremaps and munmaps (signal-mode
+/// faults are not messages). One thread serves every space, started with the first and never
+/// stopped, so that creating and dropping spaces creates no thread and ends none: a program may
+/// map and unmap its own memory where a new thread's stack would land, or where glibc keeps the
+/// cached stack of an exited one (the kernel's hmm-tests, `migrate_remap_fault`, under the
+/// drop-in test device: an adoption crashed in `pthread_create`).
+///
+/// Lock: `watched` (a process-wide `std` table, like the registry of spaces: each critical
+/// section adds, removes or clones the list) is never held while a message is served.
+struct EventReader {
+    watched: std::sync::Mutex<Vec<std::sync::Arc<Uffd>>>,
+    /// Rung when `watched` changes, so that the reader polls the new list.
+    wake: std::os::fd::OwnedFd,
+}
+
+static EVENT_READER: std::sync::OnceLock<Result<EventReader, i32>> = std::sync::OnceLock::new();
+
+impl EventReader {
+    /// The reader, started on first use.
+    fn get() -> io::Result<&'static EventReader> {
+        let r = EVENT_READER.get_or_init(|| {
+            let start = || -> io::Result<EventReader> {
+                let wake = sys::stop_fd()?;
+                std::thread::Builder::new()
+                    .name("hetmem-events".into())
+                    .spawn(|| {
+                        if let Ok(r) = EVENT_READER.wait() {
+                            r.serve();
+                        }
+                    })?;
+                Ok(EventReader {
+                    watched: std::sync::Mutex::new(Vec::new()),
+                    wake,
+                })
+            };
+            start().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+        });
+        r.as_ref().map_err(|&e| io::Error::from_raw_os_error(e))
+    }
+
+    /// Reads `uffd`'s messages from now on, until the returned watch is dropped.
+    fn watch(uffd: std::sync::Arc<Uffd>) -> io::Result<EventWatch> {
+        let r = Self::get()?;
+        r.watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(uffd.clone());
+        let _ = sys::signal_stop(&r.wake);
+        Ok(EventWatch { reader: r, uffd })
+    }
+
+    fn serve(&self) {
+        loop {
+            let list: Vec<std::sync::Arc<Uffd>> = self
+                .watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let refs: Vec<&Uffd> = list.iter().map(|u| &**u).collect();
+            Uffd::become_reader_of(&refs);
+            let Ok(ready) = Uffd::wait_any(&refs, &self.wake) else {
+                // ENOMEM for the poll set: try again with the list as it is then.
+                std::thread::yield_now();
+                continue;
+            };
+            for (u, r) in list.iter().zip(ready) {
+                if r {
+                    serve_msgs(u);
+                }
+            }
+        }
+    }
+}
+
+/// Starts the process-wide reader of address spaces' userfaultfd events, if it is not running
+/// yet ([`EventReader`]). Called when a device is made, so that a program that opens a device
+/// first (as the kernel's test device is opened) gets the thread before it maps memory of its
+/// own: a thread's stack created later may land in a hole the program punched in its own
+/// mapping and then maps over with `MAP_FIXED`/`mremap`, which the kernel's `hmm-tests` do
+/// (`migrate_remap_fault` overwrote the reader's stack).
+pub fn start_event_reader() -> io::Result<()> {
+    EventReader::get().map(|_| ())
+}
+
+/// A userfaultfd read by the [`EventReader`]; dropping it stops the reading (the fd closes
+/// when the reader lets go of it too). Nothing may be registered with the fd by then: an
+/// UNMAP event nobody reads would hold up the unmap that raised it.
+struct EventWatch {
+    reader: &'static EventReader,
+    uffd: std::sync::Arc<Uffd>,
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        self.reader
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|u| !std::sync::Arc::ptr_eq(u, &self.uffd));
+        let _ = sys::signal_stop(&self.reader.wake);
+    }
+}
+
 /// The real kernel boundary: a reservation of anonymous private memory and userfaultfds.
 pub struct KernelMm {
-    /// The signal-mode userfaultfd, with its event reader.
-    sig: ThreadService,
+    /// The signal-mode userfaultfd, read by the process-wide event reader.
+    sig: EventWatch,
     thr: Mutex<Option<ThreadService>>,
     /// The userfaultfd of file mappings (with its event reader) and the pagemap scanner, made
     /// on first use.
@@ -266,8 +373,9 @@ pub struct KernelMm {
     /// Parts of the reservation the program unmapped and mapped memory of its own over: left
     /// alone when the reservation is unmapped.
     disowned: Mutex<Vec<VaRange>>,
-    /// The reservation. Dropped last: the userfaultfds are closed by then (their registrations
-    /// go with them), so that unmapping it raises no UNMAP event that nobody would read.
+    /// The reservation. Dropped last: its mappings were unregistered when the space went
+    /// (`Mm::unregister_all`), and the thread-mode and file userfaultfds are closed by then, so
+    /// that unmapping it raises no UNMAP event.
     res: Region,
 }
 
@@ -310,10 +418,10 @@ impl KernelMm {
         sys::check_page_size()?;
         // Every userfaultfd of a space asks for the program's munmaps (hetmem's own unmaps
         // unregister first and raise none); each has a reader for as long as it lives.
-        let sig = ThreadService::start(
-            std::sync::Arc::new(Uffd::open_events(UffdDelivery::Signal, user_mode_only)?),
-            "hetmem-events",
-        )?;
+        let sig = EventReader::watch(std::sync::Arc::new(Uffd::open_events(
+            UffdDelivery::Signal,
+            user_mode_only,
+        )?))?;
         sys::install_sigbus_handler()?;
         Ok(KernelMm {
             sig,
@@ -404,22 +512,27 @@ fn serve_uffd(uffd: &Uffd, stop: &std::os::fd::OwnedFd) {
             Ok(true) => {}
             Ok(false) | Err(_) => return,
         }
-        let _window = sys::RemapWindow::open();
-        while let Ok(Some(m)) = uffd.next_msg() {
-            match m {
-                sys::UffdMsg::Fault(f) => {
-                    let page = f.addr & !(PAGE_SIZE - 1);
-                    sys::dispatch_thread_fault(page, f.write || f.wp, f.tid);
-                    // Whatever the outcome, wake the faulting thread: it retries the access and
-                    // faults again if the page is still missing.
-                    let _ = uffd.wake(page, PAGE_SIZE);
-                }
-                sys::UffdMsg::Remap { from, to, len } => {
-                    sys::dispatch_remap(from, to, len);
-                }
-                sys::UffdMsg::Unmap { start, end } => sys::dispatch_unmap(start, end),
-                sys::UffdMsg::Other(_) => {}
+        serve_msgs(uffd);
+    }
+}
+
+/// Serves the messages pending on `uffd` (see [`serve_uffd`]), on its reader thread.
+fn serve_msgs(uffd: &Uffd) {
+    let _window = sys::RemapWindow::open();
+    while let Ok(Some(m)) = uffd.next_msg() {
+        match m {
+            sys::UffdMsg::Fault(f) => {
+                let page = f.addr & !(PAGE_SIZE - 1);
+                sys::dispatch_thread_fault(page, f.write || f.wp, f.tid);
+                // Whatever the outcome, wake the faulting thread: it retries the access and
+                // faults again if the page is still missing.
+                let _ = uffd.wake(page, PAGE_SIZE);
             }
+            sys::UffdMsg::Remap { from, to, len } => {
+                sys::dispatch_remap(from, to, len);
+            }
+            sys::UffdMsg::Unmap { start, end } => sys::dispatch_unmap(start, end),
+            sys::UffdMsg::Other(_) => {}
         }
     }
 }
@@ -491,6 +604,12 @@ impl Mm for KernelMm {
 
     fn protect(&self, r: VaRange, prot: Prot) -> io::Result<()> {
         self.res.protect(self.off(r.start), r.len(), prot)
+    }
+
+    fn unregister_all(&self, registered: &[(VaRange, Registered)]) {
+        for &(part, reg) in registered {
+            let _ = self.unregister(part, reg);
+        }
     }
 
     fn unmap(&self, r: VaRange, registered: &[(VaRange, Registered)]) -> io::Result<()> {

@@ -1317,6 +1317,11 @@ impl Drop for SpaceCore {
         let st = lock(&self.state);
         let r = self.mm.reservation();
         self.invalidate(&st, r, NotifyEvent::Release, None);
+        // The reservation's unmap (when the kernel side goes) must raise no UNMAP event.
+        // (Adopted memory was given back, unregistered, already: it may be adopted again.)
+        if !self.mm.adopted() {
+            self.mm.unregister_all(&st.registered_in(r));
+        }
         for v in st.vmas.values() {
             self.free_frames(&st, &v.ptes);
             // File mappings: what CPU stores dirtied stays in the cache (written back by the

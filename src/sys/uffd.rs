@@ -55,10 +55,10 @@ fn fill_resuming(
 }
 
 thread_local! {
-    /// On a userfaultfd's reader thread ([`Uffd::become_reader`]): the fd it reads, and the
-    /// messages it read while one of its own fills waited ([`Uffd::next_msg`]).
-    static READER: std::cell::RefCell<(Option<i32>, std::collections::VecDeque<UffdMsg>)> =
-        const { std::cell::RefCell::new((None, std::collections::VecDeque::new())) };
+    /// On a reader thread of userfaultfds ([`Uffd::become_reader`]): the fds it reads, and the
+    /// messages (with their fd) it read while one of its own fills waited ([`Uffd::next_msg`]).
+    static READER: std::cell::RefCell<(Vec<i32>, std::collections::VecDeque<(i32, UffdMsg)>)> =
+        const { std::cell::RefCell::new((Vec::new(), std::collections::VecDeque::new())) };
 }
 
 /// How a userfaultfd delivers faults.
@@ -394,12 +394,36 @@ impl Uffd {
     /// wait for the mappings to stop changing ([`Uffd::fill`]), and [`Uffd::next_msg`] returns
     /// those messages first.
     pub fn become_reader(&self) {
-        READER.with(|r| r.borrow_mut().0 = Some(self.fd.as_raw_fd()));
+        let me = self.fd.as_raw_fd();
+        READER.with(|r| {
+            let mut r = r.borrow_mut();
+            if !r.0.contains(&me) {
+                r.0.push(me);
+            }
+        });
+    }
+
+    /// Makes the calling thread the reader of exactly `uffds` (see [`Uffd::become_reader`]):
+    /// messages kept for any other fd (closed since, its number maybe reused) are forgotten.
+    pub fn become_reader_of(uffds: &[&Uffd]) {
+        READER.with(|r| {
+            let mut r = r.borrow_mut();
+            r.0.clear();
+            r.0.extend(uffds.iter().map(|u| u.fd.as_raw_fd()));
+            let (fds, kept) = &mut *r;
+            kept.retain(|(f, _)| fds.contains(f));
+        });
     }
 
     /// The next message for the fd's reader: one read while a fill waited, else one pending now.
     pub fn next_msg(&self) -> io::Result<Option<UffdMsg>> {
-        if let Some(m) = READER.with(|r| r.borrow_mut().1.pop_front()) {
+        let me = self.fd.as_raw_fd();
+        let kept = READER.with(|r| {
+            let mut r = r.borrow_mut();
+            let i = r.1.iter().position(|&(f, _)| f == me)?;
+            r.1.remove(i).map(|(_, m)| m)
+        });
+        if let Some(m) = kept {
             return Ok(Some(m));
         }
         self.read_msg()
@@ -410,11 +434,11 @@ impl Uffd {
     /// in which fills get EAGAIN). Elsewhere: nothing.
     fn defer_pending(&self) {
         let me = self.fd.as_raw_fd();
-        if READER.with(|r| r.borrow().0) != Some(me) {
+        if !READER.with(|r| r.borrow().0.contains(&me)) {
             return;
         }
         while let Ok(Some(m)) = self.read_msg() {
-            READER.with(|r| r.borrow_mut().1.push_back(m));
+            READER.with(|r| r.borrow_mut().1.push_back((me, m)));
         }
     }
 
@@ -503,6 +527,30 @@ impl Uffd {
                         return Ok(false);
                     }
                     return Ok(true);
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until one of `uffds` or `wake` (an eventfd of [`stop_fd`], drained here) is
+    /// readable; returns which of `uffds` are.
+    pub fn wait_any(uffds: &[&Uffd], wake: &OwnedFd) -> io::Result<Vec<bool>> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        loop {
+            let mut fds: Vec<PollFd<'_>> = Vec::new();
+            fds.try_reserve_exact(uffds.len() + 1)
+                .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+            fds.push(PollFd::new(wake, PollFlags::IN));
+            fds.extend(uffds.iter().map(|u| PollFd::new(&u.fd, PollFlags::IN)));
+            match poll(&mut fds, None) {
+                Ok(_) => {
+                    if !fds[0].revents().is_empty() {
+                        let mut b = [0u8; 8];
+                        let _ = rustix::io::read(wake, &mut b);
+                    }
+                    return Ok(fds[1..].iter().map(|f| !f.revents().is_empty()).collect());
                 }
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
