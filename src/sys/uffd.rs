@@ -54,10 +54,14 @@ fn fill_resuming(
     Ok(())
 }
 
+/// A reader thread's fds, and the messages (with their fd) it read while one of its own fills
+/// waited.
+type ReaderState = (Vec<i32>, std::collections::VecDeque<(i32, UffdMsg)>);
+
 thread_local! {
-    /// On a reader thread of userfaultfds ([`Uffd::become_reader`]): the fds it reads, and the
-    /// messages (with their fd) it read while one of its own fills waited ([`Uffd::next_msg`]).
-    static READER: std::cell::RefCell<(Vec<i32>, std::collections::VecDeque<(i32, UffdMsg)>)> =
+    /// On a reader thread of userfaultfds ([`Uffd::become_reader`]): see [`ReaderState`]
+    /// ([`Uffd::next_msg`]).
+    static READER: std::cell::RefCell<ReaderState> =
         const { std::cell::RefCell::new((Vec::new(), std::collections::VecDeque::new())) };
 }
 
