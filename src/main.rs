@@ -791,14 +791,14 @@ const UFFD_FEATURES: &[(&str, u32, bool, &str)] = {
         (
             "EVENT_UNMAP",
             u::UFFD_FEATURE_EVENT_UNMAP,
-            false,
-            "unmaps go through Space::unmap",
+            true,
+            "follows a direct munmap(2) of a managed range",
         ),
         (
             "EVENT_FORK",
             u::UFFD_FEATURE_EVENT_FORK,
             false,
-            "managed memory is MADV_DONTFORK, hetmem is inert in a child",
+            "needs CAP_SYS_PTRACE; fork handlers give the child its copy instead",
         ),
         (
             "MISSING_SHMEM",

@@ -366,12 +366,12 @@ fn anon_write_prot(kind: MemoryKind) {
 /// WRITEs `-i` with ok(npages, 1) (and sees `-i` when not migrated); the parent still reads `i`
 /// (copy-on-write).
 ///
-/// hetmem's decision (space module doc): managed ranges are MADV_DONTFORK, so the child has no
-/// mapping there, and hetmem objects are inert in the child. Asserted instead: a child that
-/// loads from (or stores to) the range is killed by SIGSEGV; a child calling hetmem API gets an
-/// error (`cpu_read`, `protect`, a device READ: -EINVAL), before anything is touched; afterwards
-/// the parent's state is unchanged (device-resident pages are still on the device, as the
-/// snapshot shows) and its data still reads `i`.
+/// hetmem: the child inherits the range copy-on-write as plain memory (space module `fork`):
+/// it sees `ptr == i` whether the pages were migrated or not, and its stores of `-i` stay its
+/// own. hetmem objects are inert in the child, so it cannot open a device of its own: its
+/// hetmem calls get an error (`cpu_read`, `protect`, a device READ: -EINVAL) before anything is
+/// touched. Afterwards the parent's state is unchanged (device-resident pages are still on the
+/// device, as the snapshot shows: a fork moves nothing) and its data still reads `i`.
 fn anon_write_child(kind: MemoryKind) {
     let h = hmm(kind);
     for migrate in [false, true] {
@@ -397,35 +397,31 @@ fn anon_write_child(kind: MemoryKind) {
                 assert_eq!(buffer.cpages, npages as u64);
             }
 
-            // The child has no mapping at ptr: its first access is SIGSEGV, never zeros and
-            // never the parent's memory.
+            // The child sees the parent's data, and its stores stay its own.
             let probe = h.space.probe(ptr, size).unwrap();
-            // SAFETY: the child makes one load through the probe (a bounds check and a volatile
-            // load: no allocation, no lock) and exits.
+            // SAFETY: the child only loads and stores through the probe (bounds checks and
+            // volatile accesses of its own copy: no allocation, no lock) and exits.
             let st = unsafe {
                 sys::fork_and_wait(|| {
-                    let _ = probe.load_u32(ptr);
-                    1
+                    for i in 0..(size / 4) {
+                        let p = ptr.add(i * 4);
+                        if probe.load_u32(p).ok() != Some(i as u32) {
+                            return 2;
+                        }
+                        if probe.store_u32(p, (i as u32).wrapping_neg()).is_err()
+                            || probe.load_u32(p).ok() != Some((i as u32).wrapping_neg())
+                        {
+                            return 3;
+                        }
+                    }
+                    0
                 })
             }
             .unwrap();
             assert_eq!(
                 st,
-                ChildExit::Signaled(libc::SIGSEGV),
-                "child load (migrate={migrate}, thp={use_thp})"
-            );
-            // SAFETY: as above, with one store.
-            let st = unsafe {
-                sys::fork_and_wait(|| {
-                    let _ = probe.store_u32(ptr, 0xdead);
-                    1
-                })
-            }
-            .unwrap();
-            assert_eq!(
-                st,
-                ChildExit::Signaled(libc::SIGSEGV),
-                "child store (migrate={migrate}, thp={use_thp})"
+                ChildExit::Exited(0),
+                "child reads i and writes -i (migrate={migrate}, thp={use_thp})"
             );
 
             // hetmem is inert in the child: every call fails early (no allocation: the child of
@@ -921,10 +917,10 @@ fn exclusive_mprotect(kind: MemoryKind) {
 /// 27 exclusive_cow, adapted (fork). Kernel: after EXCLUSIVE (0, cpages N), fork; parent and
 /// child each do `ptr[i]++`, each seeing `i` then `i + 1`; the child exits 0.
 ///
-/// hetmem (managed ranges are MADV_DONTFORK): the child's `ptr[i]++` dies with SIGSEGV at its
-/// first load, without touching the parent's pages (which stay exclusive to the device:
-/// CHECK_EXCLUSIVE still -EPERM); the parent's `ptr[i]++` sees `i` then `i + 1`, and its
-/// atomic entries are revoked (CHECK_EXCLUSIVE 0).
+/// hetmem: the same answers. The child's `ptr[i]++` works on its own copy (it sees `i`, then
+/// `i + 1`) and touches none of the parent's pages, which stay exclusive to the device
+/// (CHECK_EXCLUSIVE still -EPERM); the parent's `ptr[i]++` sees `i` then `i + 1`, and its atomic
+/// entries are revoked (CHECK_EXCLUSIVE 0).
 fn exclusive_cow(kind: MemoryKind) {
     let h = hmm(kind);
     let npages = NPAGES;
@@ -940,19 +936,25 @@ fn exclusive_cow(kind: MemoryKind) {
 
     let probe = h.space.probe(ptr, size).unwrap();
     // SAFETY: the child only loads and stores through the probe (bounds checks and volatile
-    // accesses: no allocation, no lock); its first load faults.
+    // accesses of its own copy: no allocation, no lock).
     let st = unsafe {
         sys::fork_and_wait(|| {
             for i in 0..(size / 4) {
                 let p = ptr.add(i * 4);
-                let Ok(v) = probe.load_u32(p) else { return 2 };
-                let _ = probe.store_u32(p, v + 1);
+                if probe.load_u32(p).ok() != Some(i as u32) {
+                    return 2;
+                }
+                if probe.store_u32(p, i as u32 + 1).is_err()
+                    || probe.load_u32(p).ok() != Some(i as u32 + 1)
+                {
+                    return 3;
+                }
             }
             0
         })
     }
     .unwrap();
-    assert_eq!(st, ChildExit::Signaled(libc::SIGSEGV));
+    assert_eq!(st, ChildExit::Exited(0));
 
     let ret = hmm_dmirror_cmd(&h.m, Cmd::CheckExclusive, &mut buffer, npages);
     assert_eq!(ret, -libc::EPERM, "the child's accesses revoked nothing");
@@ -1032,12 +1034,13 @@ fn hmm_gup_test(kind: MemoryKind) {
 /// fork (the child spins); the parent writes every page (copy-on-write out of device memory);
 /// the child is killed (SIGKILL); SNAPSHOT: every m == WRITE (back in RAM).
 ///
-/// hetmem: the same parent side (the spinning child is killed by SIGKILL), and the snapshot
-/// reads WRITE for every page; plus, as hetmem's fork decision, a child that touches the range
-/// dies with SIGSEGV and changes nothing (before the parent's writes, the pages are still on
-/// the device). Coherent variant: with no copy-on-write (nothing is shared with the child), the
-/// parent's writes go to the coherent pages in place, which stay in device memory: every m ==
-/// DEV_COHERENT_LOCAL|WRITE (the kernel reads WRITE because its COW copies land in RAM).
+/// hetmem: the same answers for device-private memory. Before the kernel's sequence, a first
+/// child stores to its own copy and changes nothing of the parent's: the pages are still on the
+/// device (a fork moves nothing). Then the kernel's sequence: the spinning child is killed by
+/// SIGKILL, and the snapshot reads WRITE for every page. Coherent variant: the parent's stores
+/// get private copies from the kernel's copy-on-write, which hetmem still counts as
+/// device-coherent (space module `fork`): every m == DEV_COHERENT_LOCAL|WRITE, where the kernel
+/// reads WRITE (its copies land in RAM); the data is the same.
 fn hmm_cow_in_device(kind: MemoryKind) {
     let h = hmm(kind);
     let npages = 4;
@@ -1050,18 +1053,20 @@ fn hmm_cow_in_device(kind: MemoryKind) {
     assert_eq!(ret, 0);
     assert_eq!(buffer.cpages, npages as u64);
 
-    // hetmem's decision: the child has no mapping there.
+    // A child's store goes to its own copy.
     let probe = h.space.probe(ptr, size).unwrap();
-    // SAFETY: the child makes one store through the probe (a bounds check and a volatile
-    // store: no allocation, no lock) and exits.
+    // SAFETY: the child makes a load and a store through the probe (bounds checks and volatile
+    // accesses of its own copy: no allocation, no lock) and exits.
     let st = unsafe {
         sys::fork_and_wait(|| {
-            let _ = probe.store_u32(ptr, 0xdead);
-            1
+            if probe.load_u32(ptr).ok() != Some(0) || probe.store_u32(ptr, 0xdead).is_err() {
+                return 1;
+            }
+            0
         })
     }
     .unwrap();
-    assert_eq!(st, ChildExit::Signaled(libc::SIGSEGV));
+    assert_eq!(st, ChildExit::Exited(0));
     if kind == MemoryKind::Private {
         for p in 0..npages {
             assert_eq!(

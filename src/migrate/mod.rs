@@ -117,8 +117,8 @@ pub struct MigrateVma<'a> {
     protected: Vec<bool>,
     /// Dropped without `finalize`: every page is declined.
     aborted: bool,
-    /// Adopted memory: no `fork()` while this migration is in flight (`space::adopt`).
-    _fork_gate: Option<std::sync::RwLockReadGuard<'static, ()>>,
+    /// No `fork()` starts while this migration is in flight (`space::fork`).
+    _fork_gate: std::sync::RwLockReadGuard<'static, ()>,
 }
 
 impl std::fmt::Debug for MigrateVma<'_> {
@@ -143,7 +143,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
         .ok_or(Error::Invalid("end before start"))?;
     let r = VaRange::new(args.start, len)?;
     // Before any hetmem lock (the gate ranks first).
-    let fork_gate = crate::space::fork_gate(core);
+    let fork_gate = crate::space::fork_gate();
     let mut st = core.lock_state();
     let v = st
         .vma(r.start)

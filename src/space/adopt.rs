@@ -13,66 +13,12 @@
 //! # fork
 //!
 //! Adopted memory keeps the program's fork behaviour: a child of `fork()` gets a copy-on-write
-//! copy of it, as of any anonymous private memory. The kernel copies only what the CPU's page
-//! tables hold, so hetmem's fork handlers (`pthread_atfork`, installed with the first adoption)
-//! bring every page of every adopted space back from device memory first, and hold the *fork
-//! gate* from then until the fork is done: a migration of adopted memory towards a device
-//! (`migrate_vma_setup`, device-exclusive grants) holds the gate shared for its whole life, so
-//! none runs across the fork. The child sees the parent's data and its writes stay its own (the
-//! registration is not inherited: the child's copy is plain memory); the parent's pages may
-//! move to the device again afterwards. A raw `clone` system call runs no handler: pages in
-//! device memory then read zeros in the child.
+//! copy of it, with the pages that were in device memory at the fork (the `fork` module).
 //!
 //! Locks: the space's state lock (lock 1) guards the mapping as for any space; adoption itself
-//! runs before the space is shared, and giving back runs under it. The fork gate (a `std`
-//! reader-writer lock, process-wide, not ordered with hetmem's levels) is taken before any
-//! hetmem lock: shared at migration setup before lock 1, exclusive by the fork handler before
-//! it takes the state locks of the adopted spaces one at a time.
+//! runs before the space is shared, and giving back runs under it.
 
 use super::*;
-
-/// Held shared by every migration of adopted memory towards a device, exclusively across a
-/// `fork()` (module doc, "fork").
-static FORK_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-thread_local! {
-    /// The fork handler's hold of [`FORK_GATE`], from `prepare` until `parent`/`child` (the
-    /// forking thread runs all three; in the child it is the only thread).
-    static FORK_HELD: std::cell::RefCell<Option<std::sync::RwLockWriteGuard<'static, ()>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Whether the fork handlers are installed (with the first adoption).
-static FORK_HANDLERS: std::sync::Once = std::sync::Once::new();
-
-/// A shared hold of the fork gate for a migration of `core`'s memory towards a device: `Some`
-/// for adopted memory (no fork comes between its setup and its finalize), `None` otherwise.
-pub(crate) fn fork_gate(core: &SpaceCore) -> Option<std::sync::RwLockReadGuard<'static, ()>> {
-    core.mm
-        .adopted()
-        .then(|| FORK_GATE.read().unwrap_or_else(|p| p.into_inner()))
-}
-
-extern "C" fn before_fork() {
-    let g = FORK_GATE.write().unwrap_or_else(|p| p.into_inner());
-    let spaces: Vec<Arc<SpaceCore>> = {
-        let t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
-        t.iter()
-            .flatten()
-            .filter_map(|w| w.upgrade())
-            .filter(|c| c.mm.adopted() && c.check_process().is_ok())
-            .collect()
-    };
-    for core in &spaces {
-        core.bring_home();
-    }
-    drop(spaces);
-    FORK_HELD.with(|h| *h.borrow_mut() = Some(g));
-}
-
-extern "C" fn after_fork() {
-    FORK_HELD.with(|h| h.borrow_mut().take());
-}
 
 impl Space {
     /// Adopts `len` bytes at `addr`, anonymous private memory the program mapped itself (with
@@ -168,14 +114,11 @@ impl Space {
             }
         }
         let mode = FaultMode::Signal;
-        FORK_HANDLERS.call_once(|| {
-            if let Err(e) = sys::on_fork(before_fork, after_fork, after_fork) {
-                tracing::warn!(target: "hetmem", error = %e, "fork handlers not installed");
-            }
-        });
+        super::fork::install_handlers();
         // The mapping and the registry entry first, the userfaultfd last: from the moment the
         // kernel reports a fault in the range, hetmem serves it.
-        lock(&core.state).insert_vma(r, prot, mode, false, None, ptes);
+        core.lock_state()
+            .insert_vma(r, prot, mode, false, None, ptes);
         let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
         let reg = sys::register_fault_range(r.start.get(), r.end.get(), target)
             .map_err(|e| Error::os("register fault range", e))?;
@@ -186,7 +129,7 @@ impl Space {
         // registration hold data now: they are system pages, not holes.
         let now = scan(&core)?;
         {
-            let mut st = lock(&core.state);
+            let mut st = core.lock_state();
             for (k, has) in now.into_iter().enumerate() {
                 let a = r.start.add(k * PAGE_SIZE);
                 if let Some(p) = st.pte(a)

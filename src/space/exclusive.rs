@@ -19,8 +19,8 @@ impl SpaceCore {
         // The whole 2 MiB unit: granting splits a large unit, which must not happen under a
         // migration moving it whole.
         let head = VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1));
-        // No fork while adopted memory is granted (its data leaves the CPU view).
-        let _fork_gate = adopt::fork_gate(self);
+        // No fork starts while a grant is being made (module `fork`).
+        let _fork_gate = super::fork::gate();
         let mut st = self.lock_state_for(VaRange {
             start: head,
             end: head.add(LARGE_PAGE_SIZE),

@@ -81,7 +81,7 @@ impl SpaceCore {
         if sys::getpid() != self.pid {
             return false;
         }
-        let mut st = lock(&self.state);
+        let mut st = self.lock_state();
         let Some(pte) = st.pte(a) else { return false };
         if pte.migrating() {
             // A migration in flight owns the page (a store to a page it write-protected, or a

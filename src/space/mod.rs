@@ -66,13 +66,12 @@
 //!
 //! # fork
 //!
-//! Managed ranges and pools are `MADV_DONTFORK`: a child process has no mapping there (an access
-//! is SIGSEGV, never zeros and never the parent's memory), and hetmem objects are inert in the
-//! child (their methods return [`Error::Forked`]).
-//!
-//! The one exception is shared anonymous memory ([`Space::map_shared_anon`]), which is shared
-//! with children as the kernel's is: a child maps its memfd as plain shared memory, served by
-//! the kernel alone.
+//! A child gets anonymous private memory copy-on-write, device-resident pages included, as
+//! plain memory, and hetmem objects are inert in it (their methods return [`Error::Forked`]):
+//! the `fork` module. File mappings, pools and the stash are `MADV_DONTFORK` (a child has no
+//! mapping there: an access is SIGSEGV). Shared anonymous memory ([`Space::map_shared_anon`]) is
+//! shared with children as the kernel's is: a child maps its memfd as plain shared memory,
+//! served by the kernel alone.
 
 use std::collections::BTreeMap;
 
@@ -90,7 +89,8 @@ use crate::sync::{Arc, AtomicU64, Guard, Mutex, Ordering, Weak, lock};
 use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
 
 mod adopt;
-pub(crate) use adopt::fork_gate;
+mod fork;
+pub(crate) use fork::gate as fork_gate;
 mod evict;
 mod exclusive;
 mod fault;
@@ -208,6 +208,14 @@ impl Vma {
 /// spinning for the lock then do not take the holder's data away from it.
 #[repr(align(64))]
 pub(crate) struct SpaceState {
+    /// A `fork()` is in progress in the process with this id (set by the forking thread's
+    /// prepare handler, cleared by its parent handler; a child's copy keeps it, naming the
+    /// parent): every other thread that takes this lock waits until it is done
+    /// ([`SpaceCore::lock_state`]). See the `fork` module.
+    pub(crate) fork_hold: Option<i32>,
+    /// Pages in device memory (or held exclusively) copied into the CPU view for the child to
+    /// inherit, dropped again once the fork is done.
+    pub(crate) fork_copies: Vec<VaRange>,
     pub(crate) vmas: BTreeMap<usize, Vma>,
     pub(crate) notifiers: Vec<Arc<IntervalNotifier>>,
     pub(crate) pagemaps: Vec<Option<Arc<Pagemap>>>,
@@ -557,6 +565,7 @@ impl Space {
         let mm = KernelMm::new(round_up(cfg.size)?, cfg.user_mode_only)
             .map_err(|e| Error::os("reserve address space", e))?;
         let core = Self::make_core(std::sync::Arc::new(mm), cfg.stash)?;
+        fork::install_handlers();
         let r = core.mm.reservation();
         let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
         let reg = sys::register_fault_range(r.start.get(), r.end.get(), target)
@@ -602,6 +611,8 @@ impl Space {
                 pagemaps,
                 next_vma_id: 1,
                 lost: Vec::new(),
+                fork_hold: None,
+                fork_copies: Vec::new(),
                 policy: std::sync::Arc::new(DefaultPolicy),
                 trace: None,
                 // Room for every operation in flight at once that a fault can register (the
@@ -675,7 +686,7 @@ impl Space {
         if !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::UnalignedLength { len });
         }
-        let mut st = lock(&self.core.state);
+        let mut st = self.core.lock_state();
         let align = if opts.large {
             LARGE_PAGE_SIZE
         } else {
@@ -790,7 +801,7 @@ impl Space {
         let holder = cache.clone();
         let _no_replicas = (shared && !sync)
             .then(|| holder.hold_without_replicas(pgoff, pgoff + (len / PAGE_SIZE) as u64));
-        let mut st = lock(&self.core.state);
+        let mut st = self.core.lock_state();
         let r = self.free_range(&st, len, PAGE_SIZE)?;
         let ptes = new_ptes(r)?;
         if shared {
@@ -917,7 +928,7 @@ impl Space {
         if r.start < res.start || r.end > res.end {
             return Err(Error::OutOfSpace { addr, len });
         }
-        let mut st = lock(&self.core.state);
+        let mut st = self.core.lock_state();
         if st.vmas.values().any(|v| v.range.overlaps(&r)) || st.lost.iter().any(|l| l.overlaps(&r))
         {
             return Err(Error::Overlap { addr });
@@ -1070,7 +1081,7 @@ impl Space {
         self.check_owner_process()?;
         let r = VaRange::new(addr, len)?;
         let files: Vec<(Arc<FileCache>, u64, u64)> = {
-            let st = lock(&self.core.state);
+            let st = self.core.lock_state();
             st.check_covered(r)?;
             st.vmas
                 .values()
@@ -1096,20 +1107,20 @@ impl Space {
 
     /// The range of the mapping containing `a`.
     pub(crate) fn vma_range(&self, a: VirtAddr) -> Option<VaRange> {
-        let st = lock(&self.core.state);
+        let st = self.core.lock_state();
         st.vma(a).map(|v| v.range)
     }
 
     /// The end of the mapping containing `a` and whether it is readable.
     pub(crate) fn vma_info(&self, a: VirtAddr) -> Option<(VirtAddr, bool)> {
-        let st = lock(&self.core.state);
+        let st = self.core.lock_state();
         st.vma(a).map(|v| (v.range.end, v.prot.readable()))
     }
 
     /// If `r` lies in one shared file mapping: the file's cache and the file page at
     /// `r.start` (file pages move through their cache's placements, for every mapping at once).
     pub(crate) fn shared_file_range(&self, r: VaRange) -> Option<(Arc<FileCache>, u64)> {
-        let st = lock(&self.core.state);
+        let st = self.core.lock_state();
         let v = st.vma(r.start)?;
         if r.end > v.range.end {
             return None;
@@ -1158,7 +1169,7 @@ impl Space {
 
     /// Where the page containing `addr` lives.
     pub fn residency(&self, addr: VirtAddr) -> Residency {
-        let st = lock(&self.core.state);
+        let st = self.core.lock_state();
         match st.pte(addr.page_down()) {
             None => Residency::Unmapped,
             Some(p) => match p.state() {
@@ -1177,7 +1188,7 @@ impl Space {
     /// fault service and by every device bound to the space, from the next decision on. A new
     /// space has [`DefaultPolicy`].
     pub fn set_policy(&self, policy: std::sync::Arc<dyn Policy>) {
-        lock(&self.core.state).policy = policy;
+        self.core.lock_state().policy = policy;
     }
 
     /// The placement policy of this space.
@@ -1188,7 +1199,7 @@ impl Space {
     /// Records this space's events (CPU faults, migrations, evictions: see
     /// [`crate::policy::trace`]) into `trace` from now on; `None` stops.
     pub fn set_trace(&self, trace: Option<Tracer>) {
-        lock(&self.core.state).trace = trace;
+        self.core.lock_state().trace = trace;
     }
 
     /// The id of this address space (`space` in trace events).
@@ -1223,7 +1234,7 @@ impl Space {
             return Ok(());
         }
         let end = addr.checked_add(len).ok_or(Error::Overflow { addr, len })?;
-        let st = lock(&self.core.state);
+        let st = self.core.lock_state();
         let mut a = addr;
         while a < end {
             let v = st.vma(a).ok_or(Error::NotMapped { addr: a })?;
@@ -1314,7 +1325,7 @@ impl Drop for SpaceCore {
     fn drop(&mut self) {
         // The address space is going away: tell every notifier (RELEASE) so that devices drop
         // their mappings of it. Device frames still holding pages of this space are freed.
-        let st = lock(&self.state);
+        let st = self.lock_state();
         let r = self.mm.reservation();
         self.invalidate(&st, r, NotifyEvent::Release, None);
         // The reservation's unmap (when the kernel side goes) must raise no UNMAP event.
@@ -1348,7 +1359,7 @@ impl sys::FaultTarget for SpaceCore {
             start: VirtAddr(start),
             end: VirtAddr(end),
         };
-        lock(&self.state)
+        self.lock_state()
             .vmas
             .values()
             .any(|v| v.range.overlaps(&r))
@@ -1381,6 +1392,11 @@ impl SpaceCore {
         self.mm
             .map(r, opts.prot, opts.mode)
             .map_err(|e| Error::os("map", e))?;
+        // A forked child inherits anonymous private memory, as the kernel's (the `fork` module).
+        if let Err(e) = self.mm.inherit_on_fork(r) {
+            let _ = self.mm.unmap(r, &[(r, Registered::Anon(opts.mode))]);
+            return Err(Error::os("map", e));
+        }
         st.insert_vma(r, opts.prot, opts.mode, opts.large, None, ptes);
         Ok(())
     }
@@ -1423,12 +1439,12 @@ impl SpaceCore {
             VaRange { start, end },
             ops,
         ));
-        lock(&self.state).notifiers.push(n.clone());
+        self.lock_state().notifiers.push(n.clone());
         n
     }
 
     pub(crate) fn remove_notifier(&self, n: &Arc<IntervalNotifier>) {
-        lock(&self.state).notifiers.retain(|x| !Arc::ptr_eq(x, n));
+        self.lock_state().notifiers.retain(|x| !Arc::ptr_eq(x, n));
     }
 
     pub(crate) fn add_pagemap(&self, st: &mut SpaceState, pm: &Arc<Pagemap>) {
@@ -1525,7 +1541,7 @@ impl SpaceCore {
     /// The placement policy (cloned out under the state lock, for callers that decide with no
     /// lock held: the device fault path).
     pub(crate) fn policy(&self) -> std::sync::Arc<dyn Policy> {
-        lock(&self.state).policy.clone()
+        self.lock_state().policy.clone()
     }
 
     /// Locks the state (for the mirror and migrate modules).
@@ -1537,12 +1553,18 @@ impl SpaceCore {
         mut st: Guard<'a, SpaceState>,
         r: VaRange,
     ) -> Guard<'a, SpaceState> {
-        while st.migrations.iter().any(|(_, m)| m.overlaps(&r)) {
-            self.migration_waiters.fetch_add(1, Ordering::SeqCst);
-            st = crate::sync::wait(&self.migration_done, st);
-            self.migration_waiters.fetch_sub(1, Ordering::SeqCst);
+        loop {
+            while st.migrations.iter().any(|(_, m)| m.overlaps(&r)) {
+                self.migration_waiters.fetch_add(1, Ordering::SeqCst);
+                st = crate::sync::wait(&self.migration_done, st);
+                self.migration_waiters.fetch_sub(1, Ordering::SeqCst);
+            }
+            if !fork::held_against_me(&st) {
+                return st;
+            }
+            drop(st);
+            st = self.lock_state();
         }
-        st
     }
 
     /// Wakes the threads waiting for migrations, if any (call after releasing the state lock
@@ -1559,7 +1581,15 @@ impl SpaceCore {
         self.wait_for_migrations(self.lock_state(), r)
     }
 
+    /// The state lock; while a `fork()` is in progress in another thread, once it is done.
     pub(crate) fn lock_state(&self) -> Guard<'_, SpaceState> {
-        lock(&self.state)
+        loop {
+            let st = lock(&self.state);
+            if !fork::held_against_me(&st) {
+                return st;
+            }
+            drop(st);
+            fork::wait_until_done();
+        }
     }
 }

@@ -121,7 +121,7 @@ pub struct Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        let mut st = lock(&self.core.state);
+        let mut st = self.core.lock_state();
         for &(r, id) in &self.pieces {
             for p in 0..r.pages() {
                 let a = r.start.add(p * PAGE_SIZE);

@@ -6,7 +6,6 @@ use std::os::fd::BorrowedFd;
 use super::Space;
 use crate::addr::{VaRange, VirtAddr};
 use crate::error::{Error, Result};
-use crate::sync::lock;
 use crate::sys;
 
 /// Safe access to a range of managed memory, checked once: real CPU loads and stores (aligned
@@ -81,7 +80,7 @@ impl Space {
             ));
         }
         let range = VaRange::new(addr, len)?;
-        lock(&self.core.state).check_covered(range)?;
+        self.core.lock_state().check_covered(range)?;
         Ok(Probe {
             space: self.clone(),
             range,

@@ -30,8 +30,7 @@ pub enum ChildExit {
 /// In a multi-threaded process the child has only the forking thread, and every lock another
 /// thread held at the fork stays held in it forever (the allocator's among them). So `f` must
 /// do only async-signal-safe work: no allocation, no lock, no panic that unwinds (plain loads
-/// and stores, raw system calls), and must not map memory (hetmem's ranges are not inherited:
-/// the child must leave their addresses unmapped, so that a probe of them faults).
+/// and stores, raw system calls), and must not map memory.
 #[cfg(feature = "testing")]
 pub unsafe fn fork_and_wait(f: impl FnOnce() -> i32) -> io::Result<ChildExit> {
     // SAFETY: the child only runs `f`, which the caller guarantees is async-signal-safe work

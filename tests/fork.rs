@@ -1,0 +1,152 @@
+//! `fork()` of a process whose own hetmem memory is partly in device memory (space module
+//! `fork`): the child gets the parent's anonymous private memory copy-on-write, device-resident
+//! and exclusively held pages included, as plain memory; the parent's placement is unchanged.
+//! Forks race CPU faults and migrations of other threads without losing a byte or hanging.
+
+mod common;
+use common::*;
+
+use hetmem::sys::ChildExit;
+use hetmem::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn word(i: usize) -> u32 {
+    0x5eed_0000 ^ i as u32
+}
+
+#[test]
+fn a_child_sees_every_page_of_hetmem_memory_and_the_parent_keeps_its_placement() {
+    let _w = watchdog("fork_hetmem", 60);
+    let space = small_space();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    const N: usize = 64;
+    let thread = MapOptions {
+        mode: FaultMode::Thread,
+        ..MapOptions::default()
+    };
+    let large = MapOptions {
+        large: true,
+        ..MapOptions::default()
+    };
+    let maps = [
+        space.map_anon(N * PAGE, Prot::ReadWrite).unwrap(),
+        space.map_anon_with(N * PAGE, thread).unwrap(),
+        space.map_anon_with(2 << 20, large).unwrap(),
+    ];
+    for &a in &maps {
+        // Pages 0..N/2 written, the rest never touched (zeros in the child too).
+        let data = pattern(N / 2 * PAGE, |i| word(i as usize));
+        space.cpu_write(a, &data).unwrap();
+        m.migrate_range_to_device(a, N / 4 * PAGE).unwrap();
+    }
+    let mut page = vec![0u8; PAGE];
+    m.exclusive(maps[0].add((N / 4) * PAGE), PAGE, &mut page)
+        .unwrap();
+    let probes: Vec<hetmem::space::Probe> = maps
+        .iter()
+        .map(|&a| space.probe(a, N * PAGE).unwrap())
+        .collect();
+    let (probes, maps_ref) = (&probes, &maps);
+    // SAFETY: the child only loads and stores through the probes (bounds checks and volatile
+    // accesses of its own copy: no allocation, no lock) and exits with a code.
+    let st = unsafe {
+        sys::fork_and_wait(|| {
+            for (probe, &a) in probes.iter().zip(maps_ref) {
+                for i in 0..N * PAGE / 4 {
+                    let want = if i < N / 2 * PAGE / 4 { word(i) } else { 0 };
+                    if probe.load_u32(a.add(4 * i)).ok() != Some(want) {
+                        return 10;
+                    }
+                }
+                for i in (0..N * PAGE / 4).step_by(256) {
+                    if probe.store_u32(a.add(4 * i), 0xc41d).is_err() {
+                        return 11;
+                    }
+                }
+            }
+            0
+        })
+    }
+    .unwrap();
+    assert_eq!(
+        st,
+        ChildExit::Exited(0),
+        "the child's view of the parent's memory"
+    );
+    // The parent: placement unchanged, data its own.
+    for &a in &maps {
+        assert_eq!(space.residency(a), Residency::Device(dev.owner()));
+    }
+    assert_eq!(
+        space.residency(maps[0].add((N / 4) * PAGE)),
+        Residency::Exclusive(dev.owner())
+    );
+    for &a in &maps {
+        let mut back = vec![0u8; N * PAGE];
+        space.cpu_read(a, &mut back).unwrap();
+        let want: Vec<u8> = (0..N * PAGE / 4)
+            .flat_map(|i| if i < N / 2 * PAGE / 4 { word(i) } else { 0 }.to_ne_bytes())
+            .collect();
+        assert!(back == want, "the parent's data at {a:?}");
+    }
+}
+
+/// Threads fault pages back and migrate them while the main thread forks again and again: each
+/// child reads exactly the values the parent had, every fork completes, and the parent's data is
+/// intact at the end.
+#[test]
+fn forks_race_faults_and_migrations() {
+    let _w = watchdog("fork_race", 120);
+    let space = small_space();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    const N: usize = 512;
+    let a = space.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
+    space
+        .cpu_write(a, &pattern(N * PAGE, |i| word(i as usize)))
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    let probe = space.probe(a, N * PAGE).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let (space, m, stop) = (&space, &m, &stop);
+            s.spawn(move || {
+                let mut k = t * 97;
+                while !stop.load(Ordering::Relaxed) {
+                    let p = k % (N - 16);
+                    let _ = m.migrate_range_to_device(a.add(p * PAGE), 16 * PAGE);
+                    let mut b = [0u8; 4];
+                    space.cpu_read(a.add((p + 8) * PAGE), &mut b).unwrap();
+                    assert_eq!(u32::from_ne_bytes(b), word((p + 8) * PAGE / 4));
+                    k += 31;
+                }
+            });
+        }
+        let probe = &probe;
+        let mut ends = Vec::new();
+        for round in 0..40 {
+            at(format!("fork {round}"));
+            // SAFETY: the child only loads through the probe (volatile loads of its own copy).
+            let st = unsafe {
+                sys::fork_and_wait(|| {
+                    for i in (0..N * PAGE / 4).step_by(61) {
+                        if probe.load_u32(a.add(4 * i)).ok() != Some(word(i)) {
+                            return 10;
+                        }
+                    }
+                    0
+                })
+            };
+            ends.push(st.map_err(|e| e.to_string()));
+        }
+        // The threads stop before any assertion (a failed one would leave them running).
+        stop.store(true, Ordering::Relaxed);
+        for (round, st) in ends.into_iter().enumerate() {
+            assert_eq!(st, Ok(ChildExit::Exited(0)), "fork {round}");
+        }
+    });
+    let mut back = vec![0u8; N * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert!(back == pattern(N * PAGE, |i| word(i as usize)));
+}
