@@ -58,7 +58,7 @@
 #[cfg(not(test))]
 mod imp {
     pub use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
-    pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+    pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError, Weak};
     pub use std::thread;
 }
 
@@ -66,7 +66,7 @@ mod imp {
 #[allow(clippy::items_after_test_module)]
 mod imp {
     pub use shuttle::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
-    pub use shuttle::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+    pub use shuttle::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError, Weak};
     pub use shuttle::thread;
 }
 
@@ -119,6 +119,19 @@ pub fn lock<T>(m: &Mutex<T>) -> Guard<'_, T> {
     };
     let watch = watch::hold(at, level_of::<T>);
     Guard { g: Some(g), watch }
+}
+
+/// Takes `m` if it is free now (`None` if another thread holds it); otherwise as [`lock`].
+#[track_caller]
+pub fn try_lock<T>(m: &Mutex<T>) -> Option<Guard<'_, T>> {
+    let at = std::panic::Location::caller();
+    let g = match m.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(p)) => recover_or_abort::<T, _>(p.into_inner(), at),
+        Err(TryLockError::WouldBlock) => return None,
+    };
+    let watch = watch::hold(at, level_of::<T>);
+    Some(Guard { g: Some(g), watch })
 }
 
 /// Takes `m`, spinning a few microseconds first when it is held: hetmem's critical sections are

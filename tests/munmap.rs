@@ -82,15 +82,53 @@ fn a_direct_munmap_of_a_managed_mapping_is_followed() {
         let mut tail = vec![0u8; 4 * PAGE];
         m.read(a.add(12 * PAGE), 4 * PAGE, &mut tail).unwrap();
         assert_eq!(tail, data[12 * PAGE..]);
-        // The hole is the space's again (reserved, PROT_NONE) and can be mapped anew.
-        let b = space.map_anon(64 * PAGE, Prot::ReadWrite).unwrap();
-        space.cpu_write(b, &[9; 8]).unwrap();
+        // The hole is the program's address space now: memory it maps there later, even with
+        // MAP_FIXED (which raises no event there any more), is never mapped over by the space.
+        let hole = a.add(4 * PAGE).get();
+        // SAFETY: MAP_FIXED over the hole the test itself unmapped; the new mapping is the
+        // test's, unmapped at the end.
+        let own = unsafe {
+            libc::mmap(
+                hole as *mut _,
+                8 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(own as usize, hole);
+        // SAFETY: a word of the test's own new mapping.
+        unsafe { hetmem::sys::probe_store_u32(hole + PAGE, 0xfeed) };
+        let mut maps = Vec::new();
+        for _ in 0..8 {
+            let b = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+            assert!(
+                b.get() + 4 * PAGE <= hole || b.get() >= hole + 8 * PAGE,
+                "{mode:?}: the space mapped over the program's memory"
+            );
+            space.cpu_write(b, &[9; 8]).unwrap();
+            maps.push(b);
+        }
+        assert_eq!(load(hole + PAGE), 0xfeed);
         assert_eq!(space.stats().foreign_unmaps, 1);
-        // hetmem's own unmap of the rest raises no event.
-        space.unmap(a, 16 * PAGE).unwrap();
-        space.unmap(b, 64 * PAGE).unwrap();
+        // hetmem's own unmaps raise no event.
+        space.unmap(a, 4 * PAGE).unwrap();
+        space.unmap(a.add(12 * PAGE), 4 * PAGE).unwrap();
+        for b in maps {
+            space.unmap(b, 4 * PAGE).unwrap();
+        }
         assert_eq!(space.stats().foreign_unmaps, 1);
         assert_eq!(dev.used(), 0);
+        drop(m);
+        drop(space);
+        assert_eq!(
+            load(hole + PAGE),
+            0xfeed,
+            "the space's drop unmapped the program's memory"
+        );
+        // SAFETY: the test's own mapping, unmapped once.
+        assert_eq!(unsafe { libc::munmap(own, 8 * PAGE) }, 0);
     }
 }
 

@@ -254,6 +254,20 @@ static void after_fork_child(void)
 	 * next open of a test device hung). Start it afresh, unlocked. */
 	static const pthread_mutex_t fresh = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 	memcpy(&lock, &fresh, sizeof lock);
+	/* The parent's spaces, devices and mirrors are inert here (hetmem's objects belong to the
+	 * process that made them): forget them, unfreed, so that the child opens devices of its
+	 * own and adopts the memory it inherited (plain memory here), as a child of the kernel's
+	 * test device does. Descriptors it inherited stand for nothing any more. The record of
+	 * the program's mappings stays: the child's memory is laid out as the parent's. */
+	for (int s = 0; s < MAX_SPACES; s++)
+		spaces[s] = (struct space_slot){ 0 };
+	for (int d = 0; d < NDEV; d++)
+		devices[d] = NULL;
+	for (int i = 0; i < MAX_FDS; i++) {
+		if (fds[i].fd >= 0 && fds[i].fd < MAX_FD_NUM)
+			atomic_store(&ours[fds[i].fd], 0);
+		fds[i] = (struct fd_slot){ .fd = -1 };
+	}
 }
 
 static void install_fork_handlers(void)

@@ -67,8 +67,9 @@ pub const FAULT_CHUNK_PAGES: usize = 32;
 /// (`HMM_RANGE_DEFAULT_TIMEOUT`).
 pub const RANGE_FAULT_TIMEOUT: Duration = Duration::from_millis(1000);
 
-/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: fail the next device allocation once (fault injection: with
-/// the `testing` feature; a `Cmd::Flags` that sets it is EOPNOTSUPP without).
+/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: fail the next large (2 MiB) device allocation once, as the
+/// kernel's device fails its next THP allocation (fault injection: with the `testing` feature; a
+/// `Cmd::Flags` that sets it is EOPNOTSUPP without).
 pub const FLAG_FAIL_ALLOC: u64 = 1;
 
 /// Snapshot bytes (`HMM_DMIRROR_PROT_*`).
@@ -131,6 +132,9 @@ static PAGEMAP_IDS: std::sync::Mutex<Vec<PagemapSlot>> = std::sync::Mutex::new(V
 /// when its device is: an address space keeps the pagemap of a device that had pages there, and
 /// must never find another device's pagemap under the same id).
 fn alloc_pagemap_id() -> Result<PagemapId> {
+    crate::space::register_fork_table(|| {
+        Box::new(PAGEMAP_IDS.lock().unwrap_or_else(|p| p.into_inner()))
+    });
     let mut t = PAGEMAP_IDS.lock().unwrap_or_else(|p| p.into_inner());
     if t.is_empty() {
         t.resize_with(256, || PagemapSlot::Free);
@@ -165,6 +169,11 @@ struct DeviceInner {
     /// An injected failure of the next allocation is armed (`testing` feature only).
     #[cfg(feature = "testing")]
     fail_alloc: crate::sync::AtomicBool,
+    /// An injected failure of the next *large* allocation is armed (the test device's
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`, which fails a THP allocation only: the migration falls
+    /// back to base frames; `testing` feature only).
+    #[cfg(feature = "testing")]
+    fail_large_alloc: crate::sync::AtomicBool,
     /// Injected copy failures still to happen (the device's DMA engine reports an error;
     /// `testing` feature only).
     #[cfg(feature = "testing")]
@@ -203,7 +212,9 @@ impl DeviceInner {
 
     fn alloc(&self, large: bool) -> Result<FrameIdx> {
         #[cfg(feature = "testing")]
-        if self.fail_alloc.swap(false, Ordering::SeqCst) {
+        if self.fail_alloc.swap(false, Ordering::SeqCst)
+            || (large && self.fail_large_alloc.swap(false, Ordering::SeqCst))
+        {
             return Err(Error::NoMemory {
                 what: "device memory (injected failure)",
             });
@@ -382,6 +393,8 @@ impl SoftDevice {
                 pagemap,
                 #[cfg(feature = "testing")]
                 fail_alloc: crate::sync::AtomicBool::new(false),
+                #[cfg(feature = "testing")]
+                fail_large_alloc: crate::sync::AtomicBool::new(false),
                 #[cfg(feature = "testing")]
                 fail_copies: crate::sync::AtomicU64::new(0),
                 evict_hand: AtomicUsize::new(0),
@@ -758,11 +771,16 @@ impl DeviceMirror {
         lock(&self.inner.notifier).clone().ok_or(Error::Gone)
     }
 
-    /// `Cmd::Flags` (`HMM_DMIRROR_FLAGS`): [`FLAG_FAIL_ALLOC`] arms one allocation failure.
+    /// `Cmd::Flags` (`HMM_DMIRROR_FLAGS`): [`FLAG_FAIL_ALLOC`] arms one failure of a large
+    /// allocation, as the kernel's device fails its next THP allocation (base pages are not
+    /// affected).
     fn set_flags(&self, flags: u64) -> Result<CmdOut> {
         if flags & FLAG_FAIL_ALLOC != 0 {
             #[cfg(feature = "testing")]
-            self.inner.dev.fail_alloc.store(true, Ordering::SeqCst);
+            self.inner
+                .dev
+                .fail_large_alloc
+                .store(true, Ordering::SeqCst);
             #[cfg(not(feature = "testing"))]
             return Err(Error::os(
                 "FLAG_FAIL_ALLOC (fault injection: the `testing` feature)",

@@ -94,6 +94,23 @@ pub trait Mm: Send + Sync {
         len: usize,
         mode: FaultMode,
     ) -> Result<(), UffdError>;
+    /// [`Mm::install`], the new pages write-protected at once (a store to them faults into the
+    /// core): a fork's copies of device-resident pages, which no store may reach.
+    fn install_protected(
+        &self,
+        dst: VirtAddr,
+        src: &Region,
+        off: usize,
+        len: usize,
+        mode: FaultMode,
+    ) -> Result<(), UffdError> {
+        self.install(dst, src, off, len, mode)?;
+        let r = VaRange {
+            start: dst,
+            end: dst.add(len),
+        };
+        self.write_protect(r, true, mode)
+    }
     /// Maps the shared zero page, write-protected, at the missing pages of `r` (a read fault
     /// on never-written anonymous pages, as the kernel serves it: no memory until a write,
     /// which faults as a write-protect fault); wakes a thread-mode waiter once they are
@@ -182,11 +199,13 @@ pub trait Mm: Send + Sync {
     /// reservation, or anywhere the program chose): unregisters it, so that it is plain memory
     /// from now on.
     fn forget_moved(&self, moved: VaRange, mode: FaultMode) -> io::Result<()>;
-    /// Maps the range `r` of the reservation again (PROT_NONE, unregistered, never replacing
-    /// a mapping: a direct mremap or munmap left it unmapped, and the program may have mapped
-    /// something else there meanwhile: EEXIST then, and the range is no longer the
-    /// reservation's, left alone when it is unmapped).
-    fn restore_reservation(&self, r: VaRange) -> io::Result<()>;
+    /// Gives up the range `r` of the reservation, which a direct mremap or munmap left
+    /// unmapped: it is the program's address space from then on (it may map memory of its own
+    /// there, now or later, with or without MAP_FIXED), never mapped again by hetmem and left
+    /// alone when the reservation is unmapped. (Mapping the hole PROT_NONE again let the
+    /// program's later `MAP_FIXED` there go unseen, and the space then mapped over the
+    /// program's memory: found by review.)
+    fn disown(&self, r: VaRange);
     /// Lets child processes inherit the file mapping `r` (shared anonymous memory: a child
     /// maps it as plain shared memory, not served by hetmem). Nothing to do where there are no
     /// processes (the in-memory model).
@@ -223,6 +242,9 @@ struct ThreadService {
     uffd: std::sync::Arc<Uffd>,
     stop: std::os::fd::OwnedFd,
     handle: Option<std::thread::JoinHandle<()>>,
+    /// The process whose thread it is (dropped in a forked child, where the thread does not
+    /// exist, it joins nothing).
+    pid: i32,
 }
 
 impl ThreadService {
@@ -237,12 +259,16 @@ impl ThreadService {
             uffd,
             stop,
             handle: Some(handle),
+            pid: sys::getpid(),
         })
     }
 }
 
 impl Drop for ThreadService {
     fn drop(&mut self) {
+        if self.pid != sys::getpid() {
+            return;
+        }
         let _ = sys::signal_stop(&self.stop);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -266,29 +292,36 @@ struct EventReader {
     wake: std::os::fd::OwnedFd,
 }
 
-static EVENT_READER: std::sync::OnceLock<Result<EventReader, i32>> = std::sync::OnceLock::new();
+/// The event reader of this process, with the process's id: a forked child (whose copy names
+/// the parent, and has no reader thread) starts its own. A leaf lock, held across a fork by the
+/// fork handler ([`hold_for_fork`]).
+static EVENT_READER: std::sync::Mutex<Option<(i32, &'static EventReader)>> =
+    std::sync::Mutex::new(None);
+
+/// Locks the event reader's table for a `fork()` (space module `fork`): the guard.
+pub(crate) fn hold_for_fork() -> Box<dyn std::any::Any> {
+    Box::new(EVENT_READER.lock().unwrap_or_else(|p| p.into_inner()))
+}
 
 impl EventReader {
-    /// The reader, started on first use.
+    /// The reader, started on first use (in each process).
     fn get() -> io::Result<&'static EventReader> {
-        let r = EVENT_READER.get_or_init(|| {
-            let start = || -> io::Result<EventReader> {
-                let wake = sys::stop_fd()?;
-                std::thread::Builder::new()
-                    .name("hetmem-events".into())
-                    .spawn(|| {
-                        if let Ok(r) = EVENT_READER.wait() {
-                            r.serve();
-                        }
-                    })?;
-                Ok(EventReader {
-                    watched: std::sync::Mutex::new(Vec::new()),
-                    wake,
-                })
-            };
-            start().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
-        });
-        r.as_ref().map_err(|&e| io::Error::from_raw_os_error(e))
+        let mut t = EVENT_READER.lock().unwrap_or_else(|p| p.into_inner());
+        let me = sys::getpid();
+        if let Some((pid, r)) = *t
+            && pid == me
+        {
+            return Ok(r);
+        }
+        let r: &'static EventReader = Box::leak(Box::new(EventReader {
+            watched: std::sync::Mutex::new(Vec::new()),
+            wake: sys::stop_fd()?,
+        }));
+        std::thread::Builder::new()
+            .name("hetmem-events".into())
+            .spawn(move || r.serve())?;
+        *t = Some((me, r));
+        Ok(r)
     }
 
     /// Reads `uffd`'s messages from now on, until the returned watch is dropped.
@@ -299,7 +332,11 @@ impl EventReader {
             .unwrap_or_else(|p| p.into_inner())
             .push(uffd.clone());
         let _ = sys::signal_stop(&r.wake);
-        Ok(EventWatch { reader: r, uffd })
+        Ok(EventWatch {
+            reader: r,
+            uffd,
+            pid: sys::getpid(),
+        })
     }
 
     fn serve(&self) {
@@ -341,10 +378,15 @@ pub fn start_event_reader() -> io::Result<()> {
 struct EventWatch {
     reader: &'static EventReader,
     uffd: std::sync::Arc<Uffd>,
+    /// The process watching (in a forked child the reader is the parent's: nothing to undo).
+    pid: i32,
 }
 
 impl Drop for EventWatch {
     fn drop(&mut self) {
+        if self.pid != sys::getpid() {
+            return;
+        }
         self.reader
             .watched
             .lock()
@@ -370,8 +412,8 @@ pub struct KernelMm {
     /// exists (a kernel access to a missing page of its ranges waits for the handler thread), or
     /// the kernel refused the call (seccomp, ENOSYS). Set once.
     raw_device_copies: std::sync::atomic::AtomicBool,
-    /// Parts of the reservation the program unmapped and mapped memory of its own over: left
-    /// alone when the reservation is unmapped.
+    /// Parts of the reservation the program unmapped (or moved away) directly: its address
+    /// space now, left alone when the reservation is unmapped ([`Mm::disown`]).
     disowned: Mutex<Vec<VaRange>>,
     /// The reservation. Dropped last: its mappings were unregistered when the space went
     /// (`Mm::unregister_all`), and the thread-mode and file userfaultfds are closed by then, so
@@ -635,6 +677,17 @@ impl Mm for KernelMm {
         self.with_uffd(mode, |u| u.fill(dst.get(), src, off, len))
     }
 
+    fn install_protected(
+        &self,
+        dst: VirtAddr,
+        src: &Region,
+        off: usize,
+        len: usize,
+        mode: FaultMode,
+    ) -> Result<(), UffdError> {
+        self.with_uffd(mode, |u| u.fill_protected(dst.get(), src, off, len))
+    }
+
     fn map_zero_pages(&self, r: VaRange, mode: FaultMode) -> Result<(), UffdError> {
         let (a, len) = (r.start, r.len());
         self.with_uffd(mode, |u| {
@@ -803,17 +856,11 @@ impl Mm for KernelMm {
         self.unregister(moved, Registered::Anon(mode))
     }
 
-    fn restore_reservation(&self, r: VaRange) -> io::Result<()> {
-        if self.res.is_adopted() {
-            // The program's memory, moved away by the program: nothing of hetmem's to put back.
-            return Ok(());
+    fn disown(&self, r: VaRange) {
+        // Adopted memory is never unmapped by hetmem anyway.
+        if !self.res.is_adopted() {
+            lock(&self.disowned).push(r);
         }
-        self.res
-            .map_hole_again(self.off(r.start), r.len())
-            .inspect_err(|_| {
-                // Something of the program's is there now: never unmapped by hetmem.
-                lock(&self.disowned).push(r);
-            })
     }
 
     fn adopted(&self) -> bool {
@@ -1593,7 +1640,5 @@ impl Mm for ModelMm {
     fn forget_moved(&self, _moved: VaRange, _mode: FaultMode) -> io::Result<()> {
         Ok(())
     }
-    fn restore_reservation(&self, _r: VaRange) -> io::Result<()> {
-        Ok(())
-    }
+    fn disown(&self, _r: VaRange) {}
 }

@@ -68,7 +68,7 @@ pub use backend::AnonBackend;
 pub use backend::{FaultPlan, FaultyBackend};
 pub use backend::{FileBackend, StdFile};
 pub use placement::PagePlacement;
-pub(crate) use placement::cache_by_id;
+pub(crate) use placement::{cache_by_id, hold_for_fork};
 pub use poison::MemoryFailure;
 use state::{PageState, PageStates};
 

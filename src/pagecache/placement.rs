@@ -65,6 +65,11 @@ pub(crate) struct DevicePage {
 static CACHES: std::sync::Mutex<Vec<std::sync::Weak<FileCache>>> =
     std::sync::Mutex::new(Vec::new());
 
+/// Locks the table of caches for a `fork()` (space module `fork`): the guard, held across it.
+pub(crate) fn hold_for_fork() -> Box<dyn std::any::Any> {
+    Box::new(CACHES.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// The cache with id `id`, if it is still alive.
 pub(crate) fn cache_by_id(id: u32) -> Option<std::sync::Arc<FileCache>> {
     let t = CACHES.lock().unwrap_or_else(|p| p.into_inner());

@@ -19,14 +19,34 @@ impl SpaceCore {
         len: usize,
         mode: FaultMode,
     ) -> std::result::Result<(), sys::UffdError> {
+        self.install_from_frame_as(dst, pm, off, len, mode, false)
+    }
+
+    /// [`Self::install_from_frame`], the pages write-protected at once when `protected`.
+    pub(crate) fn install_from_frame_as(
+        &self,
+        dst: VirtAddr,
+        pm: &Pagemap,
+        off: usize,
+        len: usize,
+        mode: FaultMode,
+        protected: bool,
+    ) -> std::result::Result<(), sys::UffdError> {
         let store = pm.store();
+        let install = |src: &Region, off: usize| {
+            if protected {
+                self.mm.install_protected(dst, src, off, len, mode)
+            } else {
+                self.mm.install(dst, src, off, len, mode)
+            }
+        };
         match store.host_view() {
-            Some(r) => self.mm.install(dst, r, off, len, mode),
+            Some(r) => install(r, off),
             None => {
                 store
                     .copy_out(off, &self.bounce, 0, len)
                     .map_err(|e| sys::UffdError::Os(e.raw_os_error().unwrap_or(libc::EIO)))?;
-                self.mm.install(dst, &self.bounce, 0, len, mode)
+                install(&self.bounce, 0)
             }
         }
     }

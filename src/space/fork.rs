@@ -31,6 +31,17 @@
 //! handler: pages in device memory then read zeros in the child. A device writing its own
 //! device-private frames during a fork is not held up: the child sees the page as copied.
 //!
+//! # A child's own hetmem
+//!
+//! A child may make hetmem objects of its own (spaces, devices; it may adopt the memory it
+//! inherited), as a child of a program written for the kernel's test device opens a device
+//! of its own. So nothing of the parent's may stand in its way there: the process-wide tables
+//! (spaces, device ids, file caches, the event reader's) are locked by the prepare and
+//! unlocked after the fork on both sides (a lock another thread held at the fork would stay
+//! held in the child forever); the child forgets the parent's fault ranges; the event reader is
+//! per process (the parent's thread does not exist in the child). The parent's objects are
+//! inert in the child and must not be used there; dropping them does nothing but free memory.
+//!
 //! Mappings a child does not inherit: private file mappings (their pages not yet read hold
 //! nothing: the child would read zeros) and shared file mappings are `MADV_DONTFORK` (an
 //! access in the child is SIGSEGV); shared anonymous memory is shared with the child as the
@@ -63,6 +74,40 @@ thread_local! {
 struct Forking {
     _gate: std::sync::RwLockWriteGuard<'static, ()>,
     spaces: Vec<Arc<SpaceCore>>,
+    /// The process-wide tables' locks, held across the fork (module doc, "A child's own
+    /// hetmem"): dropped in the parent and in the child.
+    tables: Vec<Box<dyn std::any::Any>>,
+}
+
+/// Locks a process-wide table for a fork and returns the guard.
+type TableHold = fn() -> Box<dyn std::any::Any>;
+
+/// Functions that lock a process-wide table of a module above this one (the device ids) for a
+/// fork, registered by that module ([`register_fork_table`]).
+static FORK_TABLES: std::sync::Mutex<Vec<TableHold>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `hold`, which locks a process-wide table and returns the guard, to be held across
+/// every fork (so that a child that makes hetmem objects never finds it locked forever by a
+/// thread that does not exist there). Leaf locks only.
+pub(crate) fn register_fork_table(hold: TableHold) {
+    let mut t = FORK_TABLES.lock().unwrap_or_else(|p| p.into_inner());
+    if !t.contains(&hold) {
+        t.push(hold);
+    }
+}
+
+/// Locks every process-wide table for the fork (the forking thread, at the end of prepare).
+fn hold_tables() -> Vec<Box<dyn std::any::Any>> {
+    let hooks: Vec<fn() -> Box<dyn std::any::Any>> = FORK_TABLES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut held: Vec<Box<dyn std::any::Any>> = Vec::new();
+    held.push(Box::new(SPACES.lock().unwrap_or_else(|p| p.into_inner())));
+    held.push(crate::mm::hold_for_fork());
+    held.push(crate::pagecache::hold_for_fork());
+    held.extend(hooks.into_iter().map(|h| h()));
+    held
 }
 
 /// Installs the fork handlers, once per process.
@@ -107,14 +152,17 @@ extern "C" fn before_fork() {
         *f.borrow_mut() = Some(Forking {
             _gate: gate,
             spaces: Vec::new(),
+            tables: Vec::new(),
         })
     });
     for core in &spaces {
         core.prepare_fork();
     }
+    let tables = hold_tables();
     FORKING.with(|f| {
         if let Some(f) = f.borrow_mut().as_mut() {
             f.spaces = spaces;
+            f.tables = tables;
         }
     });
 }
@@ -123,11 +171,13 @@ extern "C" fn after_fork_parent() {
     let Some(forking) = FORKING.with(|f| f.borrow_mut().take()) else {
         return;
     };
+    drop(forking.tables);
     // Still the forking thread for this: the holds are cleared by the thread that set them.
     FORKING.with(|f| {
         *f.borrow_mut() = Some(Forking {
             _gate: forking._gate,
             spaces: Vec::new(),
+            tables: Vec::new(),
         })
     });
     for core in &forking.spaces {
@@ -144,10 +194,18 @@ extern "C" fn after_fork_child() {
     // the child anyway. The copies stay (they are the child's memory). The gate's hold goes;
     // the spaces are not dropped here (no destructor runs in the child's handler).
     if let Some(forking) = FORKING.with(|f| f.borrow_mut().take()) {
-        let Forking { _gate, spaces } = forking;
+        let Forking {
+            _gate,
+            spaces,
+            tables,
+        } = forking;
         std::mem::forget(spaces);
+        drop(tables);
         drop(_gate);
     }
+    // The parent's address ranges are the child's plain memory: they route no fault here, and
+    // the child may adopt them.
+    sys::forget_inherited_fault_ranges();
 }
 
 impl SpaceCore {
@@ -172,7 +230,11 @@ impl SpaceCore {
                 } else {
                     st.pagemap(pm)
                 };
-                match self.install_from_frame(a, &pool, frame.offset(), PAGE_SIZE, v.mode) {
+                // Write-protected: a store by another thread before the parent drops the copy
+                // again faults, waits for the fork, and is served from the device's data
+                // (unprotected, it landed in the copy and was lost: found by review).
+                match self.install_from_frame_as(a, &pool, frame.offset(), PAGE_SIZE, v.mode, true)
+                {
                     Ok(()) => match copies.last_mut() {
                         Some(VaRange { end, .. }) if *end == a => *end = a.add(PAGE_SIZE),
                         _ => copies.push(VaRange {

@@ -90,7 +90,7 @@ use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
 
 mod adopt;
 mod fork;
-pub(crate) use fork::gate as fork_gate;
+pub(crate) use fork::{gate as fork_gate, register_fork_table};
 mod evict;
 mod exclusive;
 mod fault;
@@ -1323,16 +1323,16 @@ fn round_up(size: usize) -> Result<usize> {
 
 impl Drop for SpaceCore {
     fn drop(&mut self) {
+        if self.check_process().is_err() {
+            // The parent's, dropped in a forked child: inert (its locks may be held forever by
+            // threads that do not exist here), only its memory is freed.
+            return;
+        }
         // The address space is going away: tell every notifier (RELEASE) so that devices drop
         // their mappings of it. Device frames still holding pages of this space are freed.
         let st = self.lock_state();
         let r = self.mm.reservation();
         self.invalidate(&st, r, NotifyEvent::Release, None);
-        // The reservation's unmap (when the kernel side goes) must raise no UNMAP event.
-        // (Adopted memory was given back, unregistered, already: it may be adopted again.)
-        if !self.mm.adopted() {
-            self.mm.unregister_all(&st.registered_in(r));
-        }
         for v in st.vmas.values() {
             self.free_frames(&st, &v.ptes);
             // File mappings: what CPU stores dirtied stays in the cache (written back by the
@@ -1340,6 +1340,14 @@ impl Drop for SpaceCore {
             if let Some(f) = v.file.as_ref().filter(|f| f.shared) {
                 f.cache.detach(&*self.mm, self.id, v.range);
             }
+        }
+        // The reservation's unmap (when the kernel side goes) must raise no UNMAP event. Only
+        // after the scans above: unregistering clears the write-protect bits that tell which
+        // pages CPU stores dirtied (unregistering first lost stores: found by the concurrent
+        // file model). (Adopted memory was given back, unregistered, already: it may be
+        // adopted again.)
+        if !self.mm.adopted() {
+            self.mm.unregister_all(&st.registered_in(r));
         }
     }
 }
@@ -1579,6 +1587,26 @@ impl SpaceCore {
     /// The state lock, once no migration in flight overlaps `r`.
     pub(crate) fn lock_state_for(&self, r: VaRange) -> Guard<'_, SpaceState> {
         self.wait_for_migrations(self.lock_state(), r)
+    }
+
+    /// The state lock once no migration in flight overlaps `r`, for a userfaultfd's reader
+    /// following the program's munmap or mremap: it never sleeps while it waits, and reads the
+    /// events pending on its userfaultfds meanwhile ([`sys::Uffd::drain_on_reader`]). A thread
+    /// that holds the lock (or a migration that holds pages) may be filling pages, and its
+    /// fills get EAGAIN until the reader reads the event the program's next munmap posted:
+    /// sleeping on the lock, the reader would wait for that thread, and that thread (100,000
+    /// retries later) would fail (found by review: a fork's copies read zeros in the child).
+    pub(crate) fn lock_state_for_follow(&self, r: VaRange) -> Guard<'_, SpaceState> {
+        loop {
+            if let Some(st) = crate::sync::try_lock(&self.state)
+                && !fork::held_against_me(&st)
+                && !st.migrations.iter().any(|(_, m)| m.overlaps(&r))
+            {
+                return st;
+            }
+            sys::Uffd::drain_on_reader();
+            crate::sync::thread::yield_now();
+        }
     }
 
     /// The state lock; while a `fork()` is in progress in another thread, once it is done.

@@ -11,9 +11,8 @@ impl SpaceCore {
     /// pages are already there (their device frames are released), pages of a private file
     /// mapping not read yet get the file's bytes — then the new range is unregistered and is
     /// plain memory of the program's from then on, and the old range leaves the space as if
-    /// unmapped (devices get UNMAP; the reservation hole is mapped PROT_NONE again, or kept out
-    /// of use if the program mapped something there). Nothing is lost and nothing reads zeros
-    /// that were not zeros.
+    /// unmapped (devices get UNMAP; the hole is the program's address space from then on, kept
+    /// out of use). Nothing is lost and nothing reads zeros that were not zeros.
     ///
     /// A shared file mapping cannot be let go that way (stores through the new address could
     /// never be written back to the file): the process is aborted with a message, the loud
@@ -27,7 +26,7 @@ impl SpaceCore {
             return;
         };
         let old = VaRange { start: from, end };
-        let mut st = self.lock_state_for(old);
+        let mut st = self.lock_state_for_follow(old);
         if let Some(v) = st
             .vmas
             .values()
@@ -101,9 +100,9 @@ impl SpaceCore {
             let _ = self.mm.forget_moved(moved, v.mode);
             self.free_frames(&st, &v.ptes);
         }
-        if self.mm.restore_reservation(old).is_err() {
-            st.lost.push(old);
-        }
+        // The old range is the program's address space now.
+        self.mm.disown(old);
+        st.lost.push(old);
         self.counters.foreign_remaps.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -113,10 +112,10 @@ impl SpaceCore {
     /// their mappings), the device frames of its pages are freed, and the range leaves the
     /// space, as after [`Space::unmap`]. Stores the CPU made through a shared file mapping there
     /// since its last scan cannot be told from the page tables any more: every cached page of
-    /// the mapping counts as written (the next fsync writes it back). The reservation's hole is
-    /// mapped PROT_NONE again, or, if the program mapped something there meanwhile, kept out of
-    /// use and left alone. Migrations over the range finish first (their copies from the gone
-    /// range fail, their pages are declined).
+    /// the mapping counts as written (the next fsync writes it back). The range is the
+    /// program's address space from then on: kept out of use and left alone when the
+    /// reservation is unmapped ([`Mm::disown`]). Migrations over the range finish first (their
+    /// copies from the gone range fail, their pages are declined).
     ///
     /// An mremap that moves a mapping reports REMAP, then UNMAP of the old range, which
     /// [`Self::follow_remap`] has already let go: nothing is left to follow then.
@@ -125,7 +124,7 @@ impl SpaceCore {
             start: VirtAddr(start),
             end: VirtAddr(end),
         };
-        let mut st = self.lock_state_for(r);
+        let mut st = self.lock_state_for_follow(r);
         if !st.vmas.values().any(|v| v.range.overlaps(&r)) {
             return;
         }
@@ -138,9 +137,10 @@ impl SpaceCore {
             }
             self.free_frames(&st, &v.ptes);
         }
-        if !self.mm.adopted() && self.mm.restore_reservation(r).is_err() {
-            st.lost.push(r);
-        }
+        // The range is the program's address space now (it may map memory of its own there,
+        // at any time): hetmem never maps it again.
+        self.mm.disown(r);
+        st.lost.push(r);
         drop(st);
         self.counters.foreign_unmaps.fetch_add(1, Ordering::SeqCst);
         debug_event!(space = self.id, start = %r.start, end = %r.end, "managed memory unmapped by the program");

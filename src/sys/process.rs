@@ -297,6 +297,17 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
     unsafe { ptr::read_volatile(addr as *const u32) }
 }
 
+/// Whether the page at `addr` is in the CPU's view now (`mincore`: it is in memory and mapped
+/// here; a page that would fault is not), without touching it. `testing` feature.
+#[cfg(feature = "testing")]
+pub fn page_resident(addr: usize) -> bool {
+    let mut v = [0u8; 1];
+    let page = addr & !(PAGE_SIZE - 1);
+    // SAFETY: mincore reads no memory at `page` and writes one byte into `v` (one page asked).
+    let r = unsafe { libc::mincore(page as *mut _, PAGE_SIZE, v.as_mut_ptr()) };
+    r == 0 && v[0] & 1 != 0
+}
+
 /// A real CPU store of a `u32` at `addr` (volatile: exactly one 4-byte store); see
 /// [`probe_load_u32`]. `testing` feature.
 ///

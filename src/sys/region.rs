@@ -74,8 +74,8 @@ pub struct Region {
     pub(super) len: usize,
     /// Unmapped on drop (false: adopted, the program's).
     pub(super) owned: bool,
-    /// Parts that are no longer the region's (`off, len`): the program unmapped them and
-    /// mapped something of its own there; never unmapped on drop.
+    /// Parts that are no longer the region's (`off, len`): the program unmapped them (its
+    /// address space from then on); never unmapped on drop.
     pub(super) disowned: Vec<(usize, usize)>,
 }
 
@@ -304,32 +304,8 @@ impl Region {
         self.advise(off, len, Advice::LinuxDontFork)
     }
 
-    /// Maps `off..off + len` again as fresh PROT_NONE memory, not inherited across fork, where
-    /// nothing is mapped now (`MAP_FIXED_NOREPLACE`: EEXIST if something is): the part of the
-    /// region a direct mremap moved away.
-    pub fn map_hole_again(&self, off: usize, len: usize) -> io::Result<()> {
-        self.check(off, len)?;
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory that any
-        // code refers to is touched; the range is this region's (checked).
-        let p = unsafe {
-            rustix::mm::mmap_anonymous(
-                (self.base + off) as *mut _,
-                len,
-                Prot::None.flags(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED_NOREPLACE,
-            )
-        }?;
-        if p as usize != self.base + off {
-            // A kernel without MAP_FIXED_NOREPLACE treats it as a hint: undo the stray mapping.
-            // SAFETY: `p..p + len` is the mapping just created, referred to by nothing.
-            unsafe { rustix::mm::munmap(p, len) }?;
-            return Err(io::Error::from_raw_os_error(libc::EEXIST));
-        }
-        self.advise(off, len, Advice::LinuxDontFork)
-    }
-
-    /// Gives up `off..off + len`: the program mapped memory of its own there (after unmapping
-    /// the region's), which the region's drop must leave alone.
+    /// Gives up `off..off + len`: the program unmapped it (or moved it away) and may map memory
+    /// of its own there, which the region's drop must leave alone.
     pub fn disown(&mut self, off: usize, len: usize) -> io::Result<()> {
         self.check(off, len)?;
         self.disowned.push((off, len));

@@ -142,6 +142,21 @@ static SLOTS: [Slot; MAX_FAULT_RANGES] = [EMPTY_SLOT; MAX_FAULT_RANGES];
 #[derive(Debug)]
 pub struct FaultRange {
     slot: usize,
+    /// The process that registered it: dropped in a forked child (which forgot the parent's
+    /// ranges, [`forget_inherited_fault_ranges`]), it touches nothing.
+    pid: i32,
+}
+
+/// In a forked child (its fork handler, the only thread): forgets every range the parent
+/// registered, whose memory is the child's plain memory now, without dropping their targets
+/// (the parent's objects, inert here). Async-signal-safe: atomic stores only.
+pub fn forget_inherited_fault_ranges() {
+    for slot in SLOTS.iter() {
+        slot.start.store(0, Ordering::SeqCst);
+        slot.end.store(0, Ordering::SeqCst);
+        slot.users.store(0, Ordering::SeqCst);
+        slot.target.store(ptr::null_mut(), Ordering::SeqCst);
+    }
 }
 
 /// Whether `start..end` overlaps a registered range at all (whatever its target manages in it
@@ -183,7 +198,10 @@ pub fn register_fault_range(
         {
             slot.start.store(start, Ordering::SeqCst);
             slot.end.store(end, Ordering::SeqCst);
-            return Ok(FaultRange { slot: i });
+            return Ok(FaultRange {
+                slot: i,
+                pid: super::getpid(),
+            });
         }
     }
     // SAFETY: `boxed` came from Box::into_raw above and was never published.
@@ -196,6 +214,9 @@ pub fn register_fault_range(
 
 impl Drop for FaultRange {
     fn drop(&mut self) {
+        if self.pid != super::getpid() {
+            return;
+        }
         let slot = &SLOTS[self.slot];
         slot.start.store(0, Ordering::SeqCst);
         slot.end.store(0, Ordering::SeqCst);

@@ -314,8 +314,36 @@ impl Uffd {
         src_off: usize,
         len: usize,
     ) -> Result<(), UffdError> {
+        self.fill_mode(dst, src, src_off, len, false)
+    }
+
+    /// [`Uffd::fill`], the new pages write-protected (`UFFDIO_COPY_MODE_WP`: a store to them
+    /// faults), atomically with their installation.
+    pub fn fill_protected(
+        &self,
+        dst: usize,
+        src: &Region,
+        src_off: usize,
+        len: usize,
+    ) -> Result<(), UffdError> {
+        self.fill_mode(dst, src, src_off, len, true)
+    }
+
+    fn fill_mode(
+        &self,
+        dst: usize,
+        src: &Region,
+        src_off: usize,
+        len: usize,
+        wp: bool,
+    ) -> Result<(), UffdError> {
         src.check(src_off, len)
             .map_err(|_| UffdError::Os(libc::EFAULT))?;
+        let mode = if wp {
+            uapi::UFFDIO_COPY_MODE_WP as u64
+        } else {
+            0
+        };
         fill_resuming(
             len,
             |done| {
@@ -323,7 +351,7 @@ impl Uffd {
                     dst: (dst + done) as u64,
                     src: (src.base + src_off + done) as u64,
                     len: (len - done) as u64,
-                    mode: 0,
+                    mode,
                     copy: 0,
                 };
                 // SAFETY: as in `copy`.
@@ -446,13 +474,35 @@ impl Uffd {
         }
     }
 
+    /// On a reader thread, while it serves a message (between [`Uffd::become_reader_of`] and
+    /// the end of its serving): reads every message pending on the fds it reads and keeps them
+    /// for [`Uffd::next_msg`]. A reader that must wait (for a space's lock, which a thread
+    /// filling pages may hold) calls it while it waits: reading an event ends its caller's wait
+    /// and the window (`mmap_changing`) in which that thread's fills get EAGAIN. Elsewhere:
+    /// nothing.
+    pub fn drain_on_reader() {
+        let fds: Vec<i32> = READER.with(|r| r.borrow().0.clone());
+        for fd in fds {
+            // SAFETY: `fd` is in the calling reader's current list: an open userfaultfd that
+            // the reader keeps alive (its `Arc<Uffd>`) while it serves, which is when this runs.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            while let Ok(Some(m)) = Self::read_msg_from(fd) {
+                READER.with(|r| r.borrow_mut().1.push_back((fd.as_raw_fd(), m)));
+            }
+        }
+    }
+
     /// Reads one pending message, if any (the fd is non-blocking).
     pub fn read_msg(&self) -> io::Result<Option<UffdMsg>> {
+        Self::read_msg_from(self.fd.as_fd())
+    }
+
+    fn read_msg_from(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<UffdMsg>> {
         let mut msg = std::mem::MaybeUninit::<uapi::uffd_msg>::zeroed();
         // SAFETY: reads at most one `uffd_msg` into a buffer of that size.
         let n = unsafe {
             libc::read(
-                self.fd.as_raw_fd(),
+                fd.as_raw_fd(),
                 msg.as_mut_ptr().cast(),
                 std::mem::size_of::<uapi::uffd_msg>(),
             )

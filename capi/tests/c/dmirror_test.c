@@ -228,6 +228,44 @@ static int fork_child_reads_device_pages(void)
 	return 0;
 }
 
+/* As the kernel's anon_write_child: after the parent migrated its buffer, a forked child opens
+ * a device of its own and writes the buffer it inherited through it; the parent's stays. */
+static int fork_child_opens_its_own_device(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+	CHECK(buf && mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		buf[i] = (int)i;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, NPAGES, &c) == 0);
+	pid_t pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+			if (buf[i] != (int)i)
+				_exit(10);
+		int cfd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+		if (cfd < 0)
+			_exit(11);
+		for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+			mirror[i] = -(int)i;
+		if (cmd(cfd, HMM_DMIRROR_WRITE, buf, mirror, NPAGES, &c) != 0 || c.cpages != NPAGES)
+			_exit(12);
+		for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+			if (buf[i] != -(int)i)
+				_exit(13);
+		_exit(0);
+	}
+	int st;
+	CHECK(waitpid(pid, &st, 0) == pid);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(buf[i] == (int)i);
+	return 0;
+}
+
 int main(void)
 {
 	struct {
@@ -241,6 +279,7 @@ int main(void)
 		{ "exclusive_then_cpu_write", exclusive_then_cpu_write },
 		{ "write_protected", write_protected },
 		{ "fork_child_reads_device_pages", fork_child_reads_device_pages },
+		{ "fork_child_opens_its_own_device", fork_child_opens_its_own_device },
 	};
 	int failed = 0;
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
