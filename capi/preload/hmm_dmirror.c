@@ -23,6 +23,9 @@
  *    mirrors of it go), then do what the program asked; mprotect of adopted memory goes through
  *    hetmem (hetmem_protect), so that devices lose what they may no longer do.
  *  - close(fd) frees that mirror's state.
+ *  - fork(): the child gets the parent's memory, pages in device memory included (hetmem's fork
+ *    handlers), and starts with no device, mirror or adopted space (the parent's are hetmem
+ *    objects of another process there): its own opens and commands work on its own copy.
  * Other file descriptors, ioctls and mappings go straight to the C library.
  */
 #define _GNU_SOURCE
@@ -309,7 +312,7 @@ static int space_for(uintptr_t addr, uintptr_t len)
 		}
 		spaces[s].start = start;
 		spaces[s].end = end;
-		/* After hetmem's fork handlers (installed by the first adoption): prepare handlers
+		/* After hetmem's fork handlers (installed with the first space): prepare handlers
 		 * run in reverse order, so the shim takes `lock` before hetmem takes its fork gate,
 		 * as a thread in a device command does. */
 		pthread_once(&fork_once, install_fork_handlers);

@@ -661,7 +661,12 @@ impl Mm for KernelMm {
         let off = self.off(r.start);
         self.res.protect(off, r.len(), Prot::None)?;
         for &(part, reg) in registered {
-            self.unregister(part, reg)?;
+            // A part that stays registered (the kernel refused) raises an UNMAP event below:
+            // its reader reads it while it waits for the space's lock the caller holds
+            // (`SpaceCore::lock_state_for_follow`), then finds nothing left to follow. Going on
+            // keeps the space and the kernel's view one (stopping here left the range PROT_NONE
+            // and partly unregistered under mappings the space still listed).
+            let _ = self.unregister(part, reg);
         }
         self.res.remap_fresh(off, r.len(), Prot::None)
     }
