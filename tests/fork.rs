@@ -14,6 +14,18 @@ fn word(i: usize) -> u32 {
     0x5eed_0000 ^ i as u32
 }
 
+/// A space with `n` pages mapped and written `word(i)` (word `i`), and a device mirroring it.
+fn written(n: usize) -> (Space, SoftDevice, DeviceMirror, VirtAddr) {
+    let space = small_space();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
+    space
+        .cpu_write(a, &pattern(n * PAGE, |i| word(i as usize)))
+        .unwrap();
+    (space, dev, m, a)
+}
+
 #[test]
 fn a_child_sees_every_page_of_hetmem_memory_and_the_parent_keeps_its_placement() {
     let _w = watchdog("fork_hetmem", 60);
@@ -98,14 +110,8 @@ fn a_child_sees_every_page_of_hetmem_memory_and_the_parent_keeps_its_placement()
 #[test]
 fn forks_race_faults_and_migrations() {
     let _w = watchdog("fork_race", 120);
-    let space = small_space();
-    let dev = SoftDevice::private(16 << 20).unwrap();
-    let m = dev.mirror(&space).unwrap();
     const N: usize = 512;
-    let a = space.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
-    space
-        .cpu_write(a, &pattern(N * PAGE, |i| word(i as usize)))
-        .unwrap();
+    let (space, _dev, m, a) = written(N);
     let stop = AtomicBool::new(false);
     let probe = space.probe(a, N * PAGE).unwrap();
     std::thread::scope(|s| {
@@ -216,14 +222,8 @@ fn a_store_during_a_fork_to_a_device_page_is_kept() {
 #[test]
 fn forks_race_direct_munmaps() {
     let _w = watchdog("fork_vs_munmap", 120);
-    let space = small_space();
-    let dev = SoftDevice::private(16 << 20).unwrap();
-    let m = dev.mirror(&space).unwrap();
     const N: usize = 512;
-    let a = space.map_anon(N * PAGE, Prot::ReadWrite).unwrap();
-    space
-        .cpu_write(a, &pattern(N * PAGE, |i| word(i as usize)))
-        .unwrap();
+    let (space, _dev, m, a) = written(N);
     m.migrate_range_to_device(a, N * PAGE).unwrap();
     let smalls: Vec<usize> = (0..400)
         .map(|_| space.map_anon(PAGE, Prot::ReadWrite).unwrap().get())
