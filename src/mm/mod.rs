@@ -363,7 +363,7 @@ impl EventReader {
 }
 
 /// Starts the process-wide reader of address spaces' userfaultfd events, if it is not running
-/// yet ([`EventReader`]). Called when a device is made, so that a program that opens a device
+/// yet (`EventReader`). Called when a device is made, so that a program that opens a device
 /// first (as the kernel's test device is opened) gets the thread before it maps memory of its
 /// own: a thread's stack created later may land in a hole the program punched in its own
 /// mapping and then maps over with `MAP_FIXED`/`mremap`, which the kernel's `hmm-tests` do
