@@ -281,3 +281,42 @@ fn hetmems_own_unmaps_are_not_reported_as_the_programs() {
     h.fsync().unwrap();
     assert_eq!(&f.disk()[..64], &[5; 64]);
 }
+
+/// `Space::unmap` over a range whose middle the program unmapped itself (and mapped memory of
+/// its own into) unmaps the rest and leaves the program's memory alone (it failed with ENOMEM:
+/// found from outside, four threads mapping, migrating and unmapping in three ways).
+#[test]
+fn unmapping_around_a_hole_the_program_made_leaves_its_memory_alone() {
+    let _w = watchdog("unmap_around_hole", 30);
+    let space = small_space();
+    let a = space.map_anon(16 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &[1; 16 * PAGE]).unwrap();
+    let hole = a.add(4 * PAGE).get();
+    // SAFETY: pages 4..12 of the test's own managed mapping, no Rust object in them.
+    assert_eq!(unsafe { libc::munmap(hole as *mut _, 8 * PAGE) }, 0);
+    wait_followed(&space, 1);
+    // SAFETY: MAP_FIXED into the hole the test unmapped; the mapping is the test's.
+    let own = unsafe {
+        libc::mmap(
+            hole as *mut _,
+            8 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(own as usize, hole);
+    // SAFETY: a word of the test's own mapping.
+    unsafe { hetmem::sys::probe_store_u32(hole, 0xbeef) };
+    space.unmap(a, 16 * PAGE).unwrap();
+    assert!(matches!(
+        space.cpu_read(a, &mut [0u8; 4]).unwrap_err(),
+        Error::NotMapped { .. }
+    ));
+    assert_eq!(load(hole), 0xbeef);
+    drop(space);
+    assert_eq!(load(hole), 0xbeef);
+    // SAFETY: the test's own mapping, unmapped once.
+    assert_eq!(unsafe { libc::munmap(own, 8 * PAGE) }, 0);
+}

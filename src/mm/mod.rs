@@ -598,6 +598,35 @@ impl KernelMm {
 }
 
 impl KernelMm {
+    /// The parts of `r` that are still the reservation's (not given up to the program:
+    /// [`Mm::disown`]), in order.
+    fn owned_parts(&self, r: VaRange) -> Vec<VaRange> {
+        let mut gone: Vec<VaRange> = lock(&self.disowned)
+            .iter()
+            .filter(|d| d.overlaps(&r))
+            .copied()
+            .collect();
+        gone.sort_by_key(|d| d.start);
+        let mut parts = Vec::new();
+        let mut at = r.start;
+        for d in gone {
+            if d.start > at {
+                parts.push(VaRange {
+                    start: at,
+                    end: d.start,
+                });
+            }
+            at = at.max(d.end);
+        }
+        if at < r.end {
+            parts.push(VaRange {
+                start: at,
+                end: r.end,
+            });
+        }
+        parts
+    }
+
     /// Unregisters `r` from the userfaultfd `reg` names (one that was never made has nothing
     /// registered).
     fn unregister(&self, r: VaRange, reg: Registered) -> io::Result<()> {
@@ -658,8 +687,13 @@ impl Mm for KernelMm {
         // Accesses get SIGSEGV from here on, as on any unmapped address; then each mapping
         // leaves its userfaultfd (no event: the program's munmaps alone are reported); then
         // MAP_FIXED PROT_NONE drops the pages.
-        let off = self.off(r.start);
-        self.res.protect(off, r.len(), Prot::None)?;
+        // Parts the program unmapped directly are its own now: never touched (memory it mapped
+        // there would be replaced; an mprotect across the hole fails with ENOMEM: found from
+        // outside, unmapping a range whose middle the program had unmapped).
+        let parts = self.owned_parts(r);
+        for p in &parts {
+            self.res.protect(self.off(p.start), p.len(), Prot::None)?;
+        }
         for &(part, reg) in registered {
             // A part that stays registered (the kernel refused) raises an UNMAP event below:
             // its reader reads it while it waits for the space's lock the caller holds
@@ -668,7 +702,11 @@ impl Mm for KernelMm {
             // and partly unregistered under mappings the space still listed).
             let _ = self.unregister(part, reg);
         }
-        self.res.remap_fresh(off, r.len(), Prot::None)
+        for p in &parts {
+            self.res
+                .remap_fresh(self.off(p.start), p.len(), Prot::None)?;
+        }
+        Ok(())
     }
 
     fn install(

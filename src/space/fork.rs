@@ -143,8 +143,10 @@ extern "C" fn before_fork() {
     let spaces: Vec<Arc<SpaceCore>> = {
         let t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
         t.iter()
-            .flatten()
-            .filter_map(|w| w.upgrade())
+            .filter_map(|s| match s {
+                Some(SpaceSlot::Live(w)) => w.upgrade(),
+                _ => None,
+            })
             .filter(|c| c.check_process().is_ok())
             .collect()
     };

@@ -430,15 +430,31 @@ impl std::fmt::Debug for SpaceCore {
     }
 }
 
-/// Process-wide table of address spaces by id, for device eviction's reverse map. A leaf lock.
-static SPACES: std::sync::Mutex<Vec<Option<Weak<SpaceCore>>>> = std::sync::Mutex::new(Vec::new());
+/// A slot of [`SPACES`].
+enum SpaceSlot {
+    /// Taken by a space being made (its id is given out, its entry not published yet).
+    Reserved,
+    /// A space (free again once it is gone).
+    Live(Weak<SpaceCore>),
+}
 
-fn alloc_space_id(core: &Arc<SpaceCore>) -> Result<u16> {
-    let _ = core;
+/// Process-wide table of address spaces by id, for device eviction's reverse map. A leaf lock.
+static SPACES: std::sync::Mutex<Vec<Option<SpaceSlot>>> = std::sync::Mutex::new(Vec::new());
+
+/// Reserves an id for a space being made (published by [`publish_space_id`]). A slot is marked
+/// reserved at once: two spaces made at the same time were given the same id (the slot stayed
+/// empty until the first was published), and a device's release then evicted neither's pages
+/// from the other's reverse-map entries (found by two model tests running side by side).
+fn alloc_space_id() -> Result<u16> {
     let mut t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
     for (i, s) in t.iter_mut().enumerate().skip(1) {
-        if s.as_ref().is_none_or(|w| w.strong_count() == 0) {
-            *s = None;
+        let free = match s {
+            None => true,
+            Some(SpaceSlot::Reserved) => false,
+            Some(SpaceSlot::Live(w)) => w.strong_count() == 0,
+        };
+        if free {
+            *s = Some(SpaceSlot::Reserved);
             return Ok(i as u16);
         }
     }
@@ -450,15 +466,22 @@ fn alloc_space_id(core: &Arc<SpaceCore>) -> Result<u16> {
             what: "address-space ids",
         });
     }
-    t.push(None);
+    t.push(Some(SpaceSlot::Reserved));
     Ok((t.len() - 1) as u16)
+}
+
+/// Publishes the space made under id `id` ([`alloc_space_id`]).
+fn publish_space_id(id: u16, core: &Arc<SpaceCore>) {
+    SPACES.lock().unwrap_or_else(|p| p.into_inner())[id as usize] =
+        Some(SpaceSlot::Live(Arc::downgrade(core)));
 }
 
 pub(crate) fn space_by_id(id: u16) -> Option<Arc<SpaceCore>> {
     let t = SPACES.lock().unwrap_or_else(|p| p.into_inner());
-    t.get(id as usize)
-        .and_then(|s| s.as_ref())
-        .and_then(|w| w.upgrade())
+    match t.get(id as usize) {
+        Some(Some(SpaceSlot::Live(w))) => w.upgrade(),
+        _ => None,
+    }
 }
 
 /// Configuration of a new address space.
@@ -629,12 +652,12 @@ impl Space {
             bounce,
             stash,
         });
-        let id = alloc_space_id(&core)?;
+        let id = alloc_space_id()?;
         // The id is only read through `space_by_id` and `rmap` entries written later; set it
         // before the core is shared.
         let mut core = core;
         Arc::get_mut(&mut core).expect("core not shared yet").id = id;
-        SPACES.lock().unwrap_or_else(|p| p.into_inner())[id as usize] = Some(Arc::downgrade(&core));
+        publish_space_id(id, &core);
         Ok(core)
     }
 
