@@ -412,6 +412,13 @@ pub struct KernelMm {
     /// exists (a kernel access to a missing page of its ranges waits for the handler thread), or
     /// the kernel refused the call (seccomp, ENOSYS). Set once.
     raw_device_copies: std::sync::atomic::AtomicBool,
+    /// Device stores through the kernel ([`Mm::write_if_there`], `process_vm_writev`: read side)
+    /// against the scans that write-protect file pages again ([`Mm::scan_written`]: write side).
+    /// The kernel pins the pages first (resolving the write-protect fault then) and copies
+    /// after: a scan in between would report the page, protect it again and let writeback
+    /// read it before the bytes land, and the late store, made through the pin and not the
+    /// page table, would never be reported: the page stays clean with data the file never gets.
+    copy_gate: crate::sync::RwLock<()>,
     /// Parts of the reservation the program unmapped (or moved away) directly: its address
     /// space now, left alone when the reservation is unmapped ([`Mm::disown`]).
     disowned: Mutex<Vec<VaRange>>,
@@ -472,6 +479,7 @@ impl KernelMm {
             file_sync: Mutex::new(None),
             force_umo: user_mode_only,
             raw_device_copies: std::sync::atomic::AtomicBool::new(false),
+            copy_gate: crate::sync::RwLock::new(()),
             disowned: Mutex::new(Vec::new()),
             res,
         })
@@ -791,7 +799,12 @@ impl Mm for KernelMm {
     }
 
     fn write_if_there(&self, addr: VirtAddr, src: &[u8]) -> usize {
-        match self.nofault(|r| r.write_nofault(self.off(addr), src)) {
+        // No scan between the kernel's pin of the pages and its copy (see `copy_gate`).
+        let copied = {
+            let _gate = self.copy_gate.read().unwrap_or_else(|p| p.into_inner());
+            self.nofault(|r| r.write_nofault(self.off(addr), src))
+        };
+        match copied {
             Some(n) => n,
             None => {
                 self.write(addr, src);
@@ -944,6 +957,8 @@ impl Mm for KernelMm {
 
     fn scan_written(&self, r: VaRange) -> io::Result<Vec<VaRange>> {
         let g = lock(&self.file);
+        // Device stores through the kernel in flight land before the scan (see `copy_gate`).
+        let _gate = self.copy_gate.write().unwrap_or_else(|p| p.into_inner());
         let Some((_, scanner)) = g.as_ref() else {
             return Ok(Vec::new());
         };
