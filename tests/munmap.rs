@@ -24,6 +24,29 @@ fn wait_followed(space: &Space, n: u64) {
     }
 }
 
+/// The program's own read-write memory mapped with MAP_FIXED at `at` (over whatever is there,
+/// as a program may), `len` bytes; the caller unmaps it.
+///
+/// # Safety
+///
+/// `at..at + len` holds nothing the caller still uses (a hole it made, or its own managed
+/// mapping, which no Rust object lives in).
+unsafe fn map_own_fixed(at: usize, len: usize) -> usize {
+    // SAFETY: the caller's guarantee; the new mapping is the caller's.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut _,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, at);
+    at
+}
+
 /// A word of the program's plain memory at `a`.
 fn load(a: usize) -> u32 {
     // SAFETY: every caller passes an address of memory mapped readable at the time, which no
@@ -85,19 +108,8 @@ fn a_direct_munmap_of_a_managed_mapping_is_followed() {
         // The hole is the program's address space now: memory it maps there later, even with
         // MAP_FIXED (which raises no event there any more), is never mapped over by the space.
         let hole = a.add(4 * PAGE).get();
-        // SAFETY: MAP_FIXED over the hole the test itself unmapped; the new mapping is the
-        // test's, unmapped at the end.
-        let own = unsafe {
-            libc::mmap(
-                hole as *mut _,
-                8 * PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(own as usize, hole);
+        // SAFETY: the hole the test itself unmapped; the new mapping is unmapped at the end.
+        let own = unsafe { map_own_fixed(hole, 8 * PAGE) };
         // SAFETY: a word of the test's own new mapping.
         unsafe { hetmem::sys::probe_store_u32(hole + PAGE, 0xfeed) };
         let mut maps = Vec::new();
@@ -128,7 +140,7 @@ fn a_direct_munmap_of_a_managed_mapping_is_followed() {
             "the space's drop unmapped the program's memory"
         );
         // SAFETY: the test's own mapping, unmapped once.
-        assert_eq!(unsafe { libc::munmap(own, 8 * PAGE) }, 0);
+        assert_eq!(unsafe { libc::munmap(own as *mut _, 8 * PAGE) }, 0);
     }
 }
 
@@ -170,19 +182,9 @@ fn memory_the_program_maps_over_a_managed_mapping_stays_the_programs() {
     let dev = SoftDevice::private(8 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     m.migrate_range_to_device(a, 16 * PAGE).unwrap();
-    // SAFETY: MAP_FIXED over the test's own managed mapping (no Rust object in it); the new
-    // mapping is the test's, unmapped at the end.
-    let own = unsafe {
-        libc::mmap(
-            a.get() as *mut _,
-            16 * PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(own as usize, a.get());
+    // SAFETY: over the test's own managed mapping (no Rust object in it); the new mapping is
+    // unmapped at the end.
+    let own = unsafe { map_own_fixed(a.get(), 16 * PAGE) };
     wait_followed(&space, 1);
     assert_eq!(dev.used(), 0);
     // SAFETY: a word of the test's own new mapping.
@@ -201,7 +203,7 @@ fn memory_the_program_maps_over_a_managed_mapping_stays_the_programs() {
     // The reservation is gone, the program's mapping is not.
     assert_eq!(load(a.add(5 * PAGE).get()), 0xfeed);
     // SAFETY: the test's own mapping, unmapped once.
-    assert_eq!(unsafe { libc::munmap(own, 16 * PAGE) }, 0);
+    assert_eq!(unsafe { libc::munmap(own as *mut _, 16 * PAGE) }, 0);
 }
 
 /// Stores through a shared file mapping that the program then unmaps itself reach the file at
@@ -295,18 +297,8 @@ fn unmapping_around_a_hole_the_program_made_leaves_its_memory_alone() {
     // SAFETY: pages 4..12 of the test's own managed mapping, no Rust object in them.
     assert_eq!(unsafe { libc::munmap(hole as *mut _, 8 * PAGE) }, 0);
     wait_followed(&space, 1);
-    // SAFETY: MAP_FIXED into the hole the test unmapped; the mapping is the test's.
-    let own = unsafe {
-        libc::mmap(
-            hole as *mut _,
-            8 * PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(own as usize, hole);
+    // SAFETY: the hole the test unmapped; the new mapping is unmapped at the end.
+    let own = unsafe { map_own_fixed(hole, 8 * PAGE) };
     // SAFETY: a word of the test's own mapping.
     unsafe { hetmem::sys::probe_store_u32(hole, 0xbeef) };
     space.unmap(a, 16 * PAGE).unwrap();
@@ -318,5 +310,5 @@ fn unmapping_around_a_hole_the_program_made_leaves_its_memory_alone() {
     drop(space);
     assert_eq!(load(hole), 0xbeef);
     // SAFETY: the test's own mapping, unmapped once.
-    assert_eq!(unsafe { libc::munmap(own, 8 * PAGE) }, 0);
+    assert_eq!(unsafe { libc::munmap(own as *mut _, 8 * PAGE) }, 0);
 }
