@@ -312,3 +312,100 @@ fn unmapping_around_a_hole_the_program_made_leaves_its_memory_alone() {
     // SAFETY: the test's own mapping, unmapped once.
     assert_eq!(unsafe { libc::munmap(own as *mut _, 8 * PAGE) }, 0);
 }
+
+/// The process-wide reader, following a munmap of space A while A's lock is held, reads the
+/// events of other spaces meanwhile (so that their callers go on); those it then serves
+/// without waiting for their fd to poll readable again (it will not). A space B's REMAP read
+/// that way stayed queued until B's next event (found by review).
+#[test]
+fn a_remap_read_while_another_space_waits_is_followed() {
+    use hetmem::hmm::IntervalNotifier;
+    use hetmem::notifier::{IntervalOps, NotifyRange};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+
+    /// Holds the first invalidation (inside `Space::unmap` of A, under A's lock) until released.
+    struct Blocker {
+        armed: AtomicBool,
+        entered: AtomicBool,
+        release: Mutex<bool>,
+        cv: Condvar,
+    }
+    impl IntervalOps for Blocker {
+        fn invalidate(&self, n: &IntervalNotifier, _r: &NotifyRange, seq: u64) -> bool {
+            n.set_seq(seq);
+            if self.armed.swap(false, Ordering::SeqCst) {
+                self.entered.store(true, Ordering::SeqCst);
+                let mut g = self.release.lock().unwrap();
+                while !*g {
+                    g = self.cv.wait(g).unwrap();
+                }
+            }
+            true
+        }
+    }
+
+    let _w = watchdog("remap_while_waiting", 60);
+    let sa = small_space();
+    let a = sa.map_anon(16 * PAGE, Prot::ReadWrite).unwrap();
+    sa.cpu_write(a, &[1; 16 * PAGE]).unwrap();
+    let sb = small_space();
+    let b = sb.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    sb.cpu_write(b, &[2; 4 * PAGE]).unwrap();
+    let ops = Arc::new(Blocker {
+        armed: AtomicBool::new(true),
+        entered: AtomicBool::new(false),
+        release: Mutex::new(false),
+        cv: Condvar::new(),
+    });
+    let weak: std::sync::Weak<dyn IntervalOps> =
+        Arc::downgrade(&(ops.clone() as Arc<dyn IntervalOps>));
+    let n = sa.insert_notifier(a, 4 * PAGE, weak).unwrap();
+    let moved = std::thread::scope(|s| {
+        let t = s.spawn(|| sa.unmap(a, 4 * PAGE));
+        at("waiting for Space::unmap to hold A's lock");
+        while !ops.entered.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // A direct munmap of another part of A: the reader reads it and waits for A's lock.
+        // SAFETY: pages 8..12 of the test's own managed mapping, no Rust object in them.
+        assert_eq!(
+            unsafe { libc::munmap(a.add(8 * PAGE).get() as *mut _, 4 * PAGE) },
+            0
+        );
+        // Move B's mapping: its REMAP is read while the reader waits (or after; either way it
+        // must be followed).
+        // SAFETY: a fresh PROT_NONE mapping as the target, and B's own managed mapping moved
+        // there with MREMAP_FIXED; no Rust object lives in either.
+        let moved = unsafe {
+            let tgt = libc::mmap(
+                std::ptr::null_mut(),
+                4 * PAGE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            libc::mremap(
+                b.get() as *mut _,
+                4 * PAGE,
+                4 * PAGE,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                tgt,
+            )
+        };
+        assert_ne!(moved, libc::MAP_FAILED);
+        *ops.release.lock().unwrap() = true;
+        ops.cv.notify_all();
+        t.join().unwrap().unwrap();
+        moved as usize
+    });
+    at("waiting for B's mremap to be followed, with no later event on B");
+    while sb.stats().foreign_remaps < 1 {
+        std::thread::yield_now();
+    }
+    assert_eq!(load(moved), u32::from_ne_bytes([2; 4]));
+    sa.remove_notifier(&n);
+    // SAFETY: the moved range is the test's plain memory now.
+    assert_eq!(unsafe { libc::munmap(moved as *mut _, 4 * PAGE) }, 0);
+}

@@ -348,6 +348,18 @@ impl EventReader {
                 .clone();
             let refs: Vec<&Uffd> = list.iter().map(|u| &**u).collect();
             Uffd::become_reader_of(&refs);
+            // Messages read for one fd while another's were served (its follow waited) are
+            // served first: that fd will not poll readable for them (found by review: a
+            // REMAP stayed queued until the next event on its fd).
+            let kept: Vec<bool> = refs.iter().map(|u| u.has_kept()).collect();
+            if kept.iter().any(|&k| k) {
+                for (u, k) in list.iter().zip(kept) {
+                    if k {
+                        serve_msgs(u);
+                    }
+                }
+                continue;
+            }
             let Ok(ready) = Uffd::wait_any(&refs, &self.wake) else {
                 // ENOMEM for the poll set: try again with the list as it is then.
                 std::thread::yield_now();
@@ -914,9 +926,24 @@ impl Mm for KernelMm {
 
     fn disown(&self, r: VaRange) {
         // Adopted memory is never unmapped by hetmem anyway.
-        if !self.res.is_adopted() {
-            lock(&self.disowned).push(r);
+        if self.res.is_adopted() {
+            return;
         }
+        // Kept sorted, overlapping and adjacent ranges merged: one entry per hole, however
+        // many munmaps made it.
+        let mut d = lock(&self.disowned);
+        let mut merged = r;
+        d.retain(|x| {
+            if x.start <= merged.end && merged.start <= x.end {
+                merged.start = merged.start.min(x.start);
+                merged.end = merged.end.max(x.end);
+                false
+            } else {
+                true
+            }
+        });
+        let at = d.partition_point(|x| x.start < merged.start);
+        d.insert(at, merged);
     }
 
     fn adopted(&self) -> bool {

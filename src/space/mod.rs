@@ -1620,6 +1620,7 @@ impl SpaceCore {
     /// sleeping on the lock, the reader would wait for that thread, and that thread (100,000
     /// retries later) would fail (found by review: a fork's copies read zeros in the child).
     pub(crate) fn lock_state_for_follow(&self, r: VaRange) -> Guard<'_, SpaceState> {
+        let mut tries = 0u32;
         loop {
             if let Some(st) = crate::sync::try_lock(&self.state)
                 && !fork::held_against_me(&st)
@@ -1628,7 +1629,14 @@ impl SpaceCore {
                 return st;
             }
             sys::Uffd::drain_on_reader();
-            crate::sync::thread::yield_now();
+            // Yield at first (the holder's critical sections are short); then back off to short
+            // naps, so that a long wait (a fork, a slow migration) does not burn a core.
+            tries = tries.saturating_add(1);
+            if tries < 64 {
+                crate::sync::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
         }
     }
 

@@ -124,6 +124,9 @@ impl SpaceCore {
             start: VirtAddr(start),
             end: VirtAddr(end),
         };
+        // The range is the program's from now on, whatever the space still lists there (a
+        // concurrent `Space::unmap` of it must not map over memory the program maps there next).
+        self.mm.disown(r);
         let mut st = self.lock_state_for_follow(r);
         if !st.vmas.values().any(|v| v.range.overlaps(&r)) {
             return;
@@ -137,9 +140,7 @@ impl SpaceCore {
             }
             self.free_frames(&st, &v.ptes);
         }
-        // The range is the program's address space now (it may map memory of its own there,
-        // at any time): hetmem never maps it again.
-        self.mm.disown(r);
+        // The range is the program's address space now (disowned above): never used again.
         st.lost.push(r);
         drop(st);
         self.counters.foreign_unmaps.fetch_add(1, Ordering::SeqCst);

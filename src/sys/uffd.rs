@@ -474,6 +474,14 @@ impl Uffd {
         }
     }
 
+    /// Whether the calling reader thread keeps messages for this fd (read while it waited
+    /// during another fd's serving): they must be served without waiting for the fd to become
+    /// readable again (it will not: they were read already).
+    pub fn has_kept(&self) -> bool {
+        let me = self.fd.as_raw_fd();
+        READER.with(|r| r.borrow().1.iter().any(|&(f, _)| f == me))
+    }
+
     /// On a reader thread, while it serves a message (between [`Uffd::become_reader_of`] and
     /// the end of its serving): reads every message pending on the fds it reads and keeps them
     /// for [`Uffd::next_msg`]. A reader that must wait (for a space's lock, which a thread
