@@ -1629,13 +1629,14 @@ impl SpaceCore {
                 return st;
             }
             sys::Uffd::drain_on_reader();
-            // Yield at first (the holder's critical sections are short); then back off to short
-            // naps, so that a long wait (a fork, a slow migration) does not burn a core.
+            // Yield at first (the holder's critical sections are short); then wait on the
+            // reader's fds (woken at once by an event to read, else after 1 ms, to try the lock
+            // again), so that a long wait (a fork, a slow migration) does not burn a core.
             tries = tries.saturating_add(1);
             if tries < 64 {
                 crate::sync::thread::yield_now();
             } else {
-                std::thread::sleep(std::time::Duration::from_micros(100));
+                sys::Uffd::wait_on_reader(1);
             }
         }
     }

@@ -500,6 +500,29 @@ impl Uffd {
         }
     }
 
+    /// On a reader thread while it serves (see [`Uffd::drain_on_reader`]): waits until one of
+    /// the fds it reads has a message, or `timeout_ms` passes, whichever is first. A reader
+    /// waiting for a space's lock sleeps here instead of spinning, and wakes at once for an
+    /// event it must read.
+    pub fn wait_on_reader(timeout_ms: i32) {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let fds: Vec<i32> = READER.with(|r| r.borrow().0.clone());
+        // SAFETY: as in `drain_on_reader`: every fd is alive while the reader serves.
+        let borrowed: Vec<std::os::fd::BorrowedFd<'_>> = fds
+            .iter()
+            .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+            .collect();
+        let mut pfds: Vec<PollFd<'_>> = borrowed
+            .iter()
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
+            .collect();
+        let ts = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: i64::from(timeout_ms) * 1_000_000,
+        };
+        let _ = poll(&mut pfds, Some(&ts));
+    }
+
     /// Reads one pending message, if any (the fd is non-blocking).
     pub fn read_msg(&self) -> io::Result<Option<UffdMsg>> {
         Self::read_msg_from(self.fd.as_fd())
