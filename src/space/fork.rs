@@ -227,11 +227,7 @@ impl SpaceCore {
                 }
                 let a = v.range.start.add(k * PAGE_SIZE);
                 let (pm, frame, _) = pte.device_frame().expect("device or stash frame");
-                let pool = if pte.state() == PageState::Exclusive {
-                    self.stash.clone()
-                } else {
-                    st.pagemap(pm)
-                };
+                let pool = self.frame_pool(&st, *pte, pm);
                 // Write-protected: a store by another thread before the parent drops the copy
                 // again faults, waits for the fork, and is served from the device's data
                 // (unprotected, it landed in the copy and was lost: found by review).

@@ -1549,17 +1549,22 @@ impl SpaceCore {
     }
 
     /// Frees the device and stash frames named by `ptes` (after invalidation).
+    /// The pool holding the frame of a device-resident or exclusively held page: the space's
+    /// stash for an exclusive one, the device's pagemap otherwise.
+    pub(crate) fn frame_pool(&self, st: &SpaceState, pte: Pte, pm: PagemapId) -> Arc<Pagemap> {
+        if pte.state() == PageState::Exclusive {
+            self.stash.clone()
+        } else {
+            st.pagemap(pm)
+        }
+    }
+
     fn free_frames(&self, st: &SpaceState, ptes: &[Pte]) {
         let mut i = 0;
         while i < ptes.len() {
             let p = ptes[i];
             if let Some((pm, frame, large)) = p.device_frame() {
-                let pm = if p.state() == PageState::Exclusive {
-                    self.stash.clone()
-                } else {
-                    st.pagemap(pm)
-                };
-                pm.free(frame, large);
+                self.frame_pool(st, p, pm).free(frame, large);
                 if large {
                     i += PAGES_PER_LARGE;
                     continue;

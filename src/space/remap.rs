@@ -75,11 +75,7 @@ impl SpaceCore {
                     },
                     PageState::Device | PageState::Exclusive => {
                         let (pm, frame, _) = pte.device_frame().expect("device or stash frame");
-                        let pool = if pte.state() == PageState::Exclusive {
-                            self.stash.clone()
-                        } else {
-                            st.pagemap(pm)
-                        };
+                        let pool = self.frame_pool(&st, *pte, pm);
                         pool.charge_migration(PAGE_SIZE);
                         self.install_from_frame(dst, &pool, frame.offset(), PAGE_SIZE, v.mode)
                             .map_err(|e| Error::os("follow mremap", e.into()))
