@@ -129,6 +129,15 @@ pub enum Placement {
     /// map them; a page that cannot move (pinned, a file page, device full and the policy
     /// declines) is mapped where it is.
     Migrate,
+    /// Keep the pages where they are and give the device read-only replicas of them in its own
+    /// memory (read-mostly data, `cudaMemAdviseSetReadMostly`): the device reads its copies
+    /// locally, the CPU reads the pages in place without a fault, and any write, by the CPU or
+    /// a device, drops every replica of the page first (docs/architecture.md, "Read-only
+    /// replicas"). For a device's write fault, and on a device-coherent device, the same as
+    /// [`Placement::Migrate`]. A page that cannot be replicated (a page of a 2 MiB unit, a
+    /// pinned page, the zero page; a full device: replicas take free frames only) is mapped
+    /// where it is; in a shared file mapping the file's cache makes the replicas.
+    Replicate,
 }
 
 /// How much a device fault brings in around what the device asked for.

@@ -530,6 +530,9 @@ struct DevPte {
     target: PageTarget,
     write: bool,
     atomic: bool,
+    /// A read-only replica of a system page (`target` is a frame of this device that the
+    /// device owns: freed when the entry goes). See `SpaceCore::replicate`.
+    replica: bool,
 }
 
 struct MirrorInner {
@@ -543,9 +546,10 @@ struct MirrorInner {
 const LEAF: usize = 512;
 
 /// The device page table, dmirror's xarray: leaves of 512 entries indexed by virtual page
-/// number. Leaves are allocated by device operations only; invalidation just clears entries, so
-/// a notifier callback neither allocates nor frees (it can run on the CPU fault path, in a
-/// SIGBUS handler).
+/// number. Leaves are allocated by device operations only; invalidation just clears entries (and
+/// gives a replica's frame back to the device's pool: a bit in its bitmap), so a notifier
+/// callback never allocates or frees memory (it can run on the CPU fault path, in a SIGBUS
+/// handler).
 /// Aligned to a cache line: the lock word and the data of `Mutex<DevPageTable>` sit on
 /// different lines (see `SpaceState`).
 #[derive(Default)]
@@ -553,6 +557,8 @@ const LEAF: usize = 512;
 struct DevPageTable {
     leaves: BTreeMap<usize, Box<[Option<DevPte>; LEAF]>>,
     len: usize,
+    /// Entries that are replicas.
+    replicas: usize,
 }
 
 impl DevPageTable {
@@ -564,20 +570,35 @@ impl DevPageTable {
     fn contains_key(&self, vpn: &usize) -> bool {
         self.get(vpn).is_some()
     }
-    fn insert(&mut self, vpn: usize, e: DevPte) {
+    /// Sets the entry of `vpn`; a replica it replaces goes back to `pm` (the device's pool).
+    fn insert(&mut self, vpn: usize, e: DevPte, pm: &Pagemap) {
         let leaf = self
             .leaves
             .entry(vpn / LEAF)
             .or_insert_with(|| Box::new([None; LEAF]));
-        if leaf[vpn % LEAF].replace(e).is_none() {
-            self.len += 1;
+        match leaf[vpn % LEAF].replace(e) {
+            None => self.len += 1,
+            Some(old) => Self::release(&mut self.replicas, old, pm),
+        }
+        if e.replica {
+            self.replicas += 1;
+        }
+    }
+    /// A replica's frame goes back to the pool when its entry goes.
+    fn release(replicas: &mut usize, old: DevPte, pm: &Pagemap) {
+        if old.replica
+            && let PageTarget::Device { frame, .. } = old.target
+        {
+            pm.free(frame, false);
+            *replicas -= 1;
         }
     }
     fn len(&self) -> usize {
         self.len
     }
-    /// Clears the entries of pages `s..e` (no allocation, no free).
-    fn clear_range(&mut self, s: usize, e: usize) {
+    /// Clears the entries of pages `s..e` (no allocation, no free of memory: a replica's frame
+    /// goes back to `pm`, the device's pool).
+    fn clear_range(&mut self, s: usize, e: usize, pm: &Pagemap) {
         if s >= e {
             return;
         }
@@ -586,8 +607,23 @@ impl DevPageTable {
             let lo = s.max(li * LEAF) - li * LEAF;
             let hi = e.min((li + 1) * LEAF) - li * LEAF;
             for slot in &mut leaf[lo..hi] {
-                if slot.take().is_some() {
+                if let Some(old) = slot.take() {
                     cleared += 1;
+                    Self::release(&mut self.replicas, old, pm);
+                }
+            }
+        }
+        self.len -= cleared;
+    }
+    /// Clears every replica entry (the device is going away).
+    fn clear_replicas(&mut self, pm: &Pagemap) {
+        let mut cleared = 0;
+        for leaf in self.leaves.values_mut() {
+            for slot in leaf.iter_mut() {
+                if let Some(old) = slot.filter(|e| e.replica) {
+                    *slot = None;
+                    cleared += 1;
+                    Self::release(&mut self.replicas, old, pm);
                 }
             }
         }
@@ -622,7 +658,7 @@ impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
         let mut pt = lock(&self.pt);
         n.set_seq(cur_seq);
-        pt.clear_range(range.start.page().0, range.end.page().0);
+        pt.clear_range(range.start.page().0, range.end.page().0, &self.dev.pagemap);
         true
     }
 }
@@ -728,6 +764,8 @@ impl Drop for DeviceMirror {
         if let Some(n) = lock(&self.inner.notifier).take() {
             self.inner.space.core.remove_notifier(&n);
         }
+        // No invalidation reaches the page table any more: its replicas go now.
+        lock(&self.inner.pt).clear_replicas(&self.inner.dev.pagemap);
     }
 }
 
@@ -975,7 +1013,7 @@ impl DeviceMirror {
                     // A system page the program dropped behind hetmem's back (a direct
                     // madvise(MADV_DONTNEED)): forget the entry; the caller refills the page as
                     // the kernel would and faults it in again.
-                    pt.clear_range(*cur, *cur + 1);
+                    pt.clear_range(*cur, *cur + 1, &self.inner.dev.pagemap);
                     return Ok(Step::Dropped(Vpn(*cur).addr()));
                 }
                 continue;
@@ -1026,12 +1064,19 @@ impl DeviceMirror {
             return self.fault_chunks(&n, start, end, write);
         }
         let (ps, pe, move_end) = self.prefetch_window(start, end, decision.prefetch);
-        if decision.placement == Placement::Migrate && move_end > ps {
-            let r = VaRange {
-                start: Vpn(ps).addr(),
-                end: Vpn(move_end).addr(),
-            };
-            let _ = self.migrate_range(r);
+        // Replicas are read-only copies in device-private memory: a write, or a coherent
+        // device, migrates instead.
+        let replicate = decision.placement == Placement::Replicate
+            && !write
+            && pm.kind() == MemoryKind::Private;
+        let migrate = decision.placement == Placement::Migrate
+            || (decision.placement == Placement::Replicate && !replicate);
+        let window = VaRange {
+            start: Vpn(ps).addr(),
+            end: Vpn(move_end).addr(),
+        };
+        if migrate && move_end > ps {
+            let _ = self.migrate_range(window);
         }
         self.fault_chunks(&n, start, end, write)?;
         if ps < start.0 {
@@ -1040,7 +1085,79 @@ impl DeviceMirror {
         if pe > end.0 {
             let _ = self.fault_chunks(&n, end, Vpn(pe), write);
         }
+        if replicate && move_end > ps {
+            // Once the pages are present (the faults above filled them): best effort, what is
+            // not replicated stays mapped where it is.
+            if self.inner.space.shared_file_range(window).is_some() {
+                if self.replicate_window(window).is_ok_and(|n| n > 0) {
+                    // The cache's replicas are mapped by a fault that finds them.
+                    let _ = self.fault_chunks(&n, Vpn(ps), Vpn(move_end), false);
+                }
+            } else {
+                let _ = self.replicate_window(window);
+            }
+        }
         Ok(())
+    }
+
+    /// Makes this device's read-only replicas of the pages of `r` that are in system memory
+    /// (see [`Placement::Replicate`]): anonymous pages through the space
+    /// (`SpaceCore::replicate`, which maps each under the space's lock), pages of a shared file
+    /// mapping through the file's cache (mapped by the fault that follows). Returns the
+    /// replicas made.
+    fn replicate_window(&self, r: VaRange) -> Result<u64> {
+        let pm = &self.inner.dev.pagemap;
+        if let Some((cache, first)) = self.inner.space.shared_file_range(r) {
+            return cache.replicate(first * PAGE_SIZE as u64, r.len() as u64, pm);
+        }
+        // Pages this device already holds a replica of are left alone.
+        let mut runs = Vec::new();
+        {
+            let pt = lock(&self.inner.pt);
+            let mut a = r.start.page().0;
+            while a < r.end.page().0 {
+                let have = |v: usize| pt.get(&v).is_some_and(|e| e.replica);
+                if have(a) {
+                    a += 1;
+                    continue;
+                }
+                let s = a;
+                while a < r.end.page().0 && !have(a) {
+                    a += 1;
+                }
+                runs.push(VaRange {
+                    start: Vpn(s).addr(),
+                    end: Vpn(a).addr(),
+                });
+            }
+        }
+        let inner = &self.inner;
+        let mut map = |a: VirtAddr, frame: FrameIdx| {
+            lock(&inner.pt).insert(
+                a.page().0,
+                DevPte {
+                    target: PageTarget::Device {
+                        pagemap: pm.id(),
+                        frame,
+                    },
+                    write: false,
+                    atomic: false,
+                    replica: true,
+                },
+                pm,
+            );
+        };
+        let mut made = 0;
+        for run in runs {
+            made += self.inner.space.core.replicate(run, pm, &mut map)? as u64;
+        }
+        Ok(made)
+    }
+
+    /// Pages this device holds read-only replicas of ([`Placement::Replicate`]; replicas of
+    /// file pages are counted by their cache, [`crate::pagecache::FileCache::replica_owners`]).
+    pub fn replica_pages(&self) -> usize {
+        lock(&self.inner.pt).replicas
     }
 
     /// The prefetch window of a fault on `[start, end)`: `(ps, pe, move_end)`, pages. `ps..start`
@@ -1138,13 +1255,24 @@ impl DeviceMirror {
                 if local_only && !local {
                     continue;
                 }
+                let write = w & HMM_PFN_WRITE != 0;
+                if !write
+                    && matches!(target, PageTarget::System(_))
+                    && pt.get(&(s.0 + i)).is_some_and(|e| e.replica)
+                {
+                    // This device's replica of the page is still valid (an invalidation would
+                    // have cleared it): it stays.
+                    continue;
+                }
                 pt.insert(
                     s.0 + i,
                     DevPte {
                         target,
-                        write: w & HMM_PFN_WRITE != 0,
+                        write,
                         atomic: false,
+                        replica: false,
                     },
+                    &self.inner.dev.pagemap,
                 );
             }
             return Ok(());
@@ -1461,7 +1589,9 @@ impl DeviceMirror {
                                     },
                                     write: d & MIGRATE_PFN_WRITE != 0,
                                     atomic: false,
+                                    replica: false,
                                 },
+                                &pm,
                             );
                         }
                         *mapped_ref += span;
@@ -1709,7 +1839,9 @@ impl DeviceMirror {
                         target: PageTarget::Stash(frame),
                         write: true,
                         atomic: true,
+                        replica: false,
                     },
+                    &self.inner.dev.pagemap,
                 );
             })?;
         }

@@ -325,6 +325,18 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             space.make_present(&mut st, a)?;
             pte = st.pte(a).expect("still mapped");
         }
+        if want_write && pte.replicated() {
+            // A device store to a page devices hold read-only replicas of: every replica goes
+            // first (the invalidation sends the caller round again, to map the page writable).
+            space.drop_replicas(
+                &mut st,
+                VaRange {
+                    start: a,
+                    end: a.add(PAGE_SIZE),
+                },
+            );
+            pte = st.pte(a).expect("still mapped");
+        }
         let mut zero = false;
         if pte.is_zero_page() {
             if want_write {

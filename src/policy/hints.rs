@@ -6,9 +6,10 @@
 //! | [`Advice::PreferDevice`] (`cudaMemAdviseSetPreferredLocation` = device) | migrate, whole 2 MiB units | bring back only the page (the rest of its unit stays on the device) |
 //! | [`Advice::PreferSystem`] (preferred location = CPU) | map remotely, never migrate | bring it back |
 //! | [`Advice::AccessedBy`] (`cudaMemAdviseSetAccessedBy`) | map remotely, a whole unit at a time (fewer faults) | bring it back |
+//! | [`Advice::ReadMostly`] (`cudaMemAdviseSetReadMostly`) | a read: read-only replicas in the device's memory ([`Placement::Replicate`]); a write: migrate | bring it back (a replicated page never faults on a read) |
 //!
-//! Read-mostly data (`cudaMemAdviseSetReadMostly`) is served by read-only replicas, which hetmem
-//! makes for file pages ([`crate::DeviceMirror::replicate_range`]), not through a policy.
+//! Replicas of a shared file mapping's pages can also be made ahead, without a fault:
+//! [`crate::DeviceMirror::replicate_range`].
 //! Asynchronous prefetch (`cudaMemPrefetchAsync`) is [`crate::DeviceMirror::prefetch_async`].
 //!
 //! The hints live in a fixed table of [`HintPolicy::SLOTS`] ranges, read without a lock (the CPU
@@ -36,6 +37,8 @@ pub enum Advice {
     PreferSystem,
     /// Devices access the range where it is, mapped ahead a unit at a time.
     AccessedBy,
+    /// Mostly read: every reader gets a read-only replica; a write drops them all.
+    ReadMostly,
 }
 
 impl Advice {
@@ -44,6 +47,7 @@ impl Advice {
             Advice::PreferDevice => 1,
             Advice::PreferSystem => 2,
             Advice::AccessedBy => 3,
+            Advice::ReadMostly => 4,
         }
     }
     fn decode(w: u64) -> Option<Advice> {
@@ -51,6 +55,7 @@ impl Advice {
             1 => Some(Advice::PreferDevice),
             2 => Some(Advice::PreferSystem),
             3 => Some(Advice::AccessedBy),
+            4 => Some(Advice::ReadMostly),
             _ => None,
         }
     }
@@ -161,6 +166,10 @@ impl Policy for HintPolicy {
                 placement: Placement::MapRemote,
                 prefetch: Prefetch::UNIT,
             },
+            Some(Advice::ReadMostly) => DeviceFaultDecision {
+                placement: Placement::Replicate,
+                prefetch: Prefetch::Request,
+            },
             None => self.fallback.device_fault(fault),
         }
     }
@@ -210,6 +219,13 @@ mod tests {
             (Placement::MapRemote, Prefetch::UNIT)
         );
         assert_eq!(dev(&p, base + (1 << 20)), DeviceFaultDecision::DEFAULT);
+        p.advise(VirtAddr(base + (4 << 20)), PAGE_SIZE, Advice::ReadMostly)
+            .unwrap();
+        assert_eq!(
+            dev(&p, base + (4 << 20)).placement,
+            Placement::Replicate,
+            "read-mostly"
+        );
         let cpu = |a: usize| {
             p.cpu_fault(&CpuFault {
                 addr: VirtAddr(a),

@@ -279,6 +279,17 @@ impl SpaceCore {
                         }
                     };
                 }
+                if write && pte.replicated() {
+                    // A store to a page devices hold read-only replicas of: they go first
+                    // (module `replica`).
+                    self.drop_replicas(
+                        &mut st,
+                        VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        },
+                    );
+                }
                 if write && pte.is_zero_page() && st.vma(a).is_some_and(|v| v.prot.writable()) {
                     // A store to the zero page: the kernel gives the page a private copy once
                     // the protection is off (below). Devices that map the zero page drop it

@@ -98,6 +98,7 @@ mod pin;
 mod probe;
 mod pte;
 mod remap;
+mod replica;
 
 pub use pin::Pin;
 pub use probe::{Mapping, Probe};

@@ -38,6 +38,9 @@ impl Space {
                 Err((e, _)) => return Err(e),
             }
         };
+        // A pinned page may be written by I/O that no protection stops: its read-only replicas
+        // go (module `replica`).
+        self.core.drop_replicas(&mut st, r);
         for p in 0..r.pages() {
             let pte = st.pte(r.start.add(p * PAGE_SIZE)).expect("covered");
             if pte.with_pin(long_term, 1).is_none() {

@@ -27,7 +27,8 @@ pub enum PageState {
 /// other migrations skip it; set and cleared under the state lock, which the migration does not
 /// hold in between); 5 ZERO (a `Present` page that is the kernel's shared zero page, mapped
 /// write-protected after a read fault on a never-written anonymous page: a store faults and makes
-/// it a private page); 8-15 pagemap id (Device and coherent: the frame's pagemap;
+/// it a private page); 6 REPLICATED (a `Present` page that devices hold read-only replicas of,
+/// write-protected so that a store faults and drops them first: module `replica`); 8-15 pagemap id (Device and coherent: the frame's pagemap;
 /// Exclusive: the pagemap of the device holding exclusive access, whose frame is in the space's
 /// stash); 16-23 short-term pins; 24-31 long-term pins; 32-63 frame index (Device, coherent,
 /// Exclusive).
@@ -42,6 +43,7 @@ const F_LARGE: u64 = 1 << 2;
 const F_COHERENT: u64 = 1 << 3;
 const F_MIGRATING: u64 = 1 << 4;
 const F_ZERO: u64 = 1 << 5;
+const F_REPLICATED: u64 = 1 << 6;
 
 impl Pte {
     pub(crate) const NONE: Pte = Pte(ST_NONE);
@@ -89,6 +91,18 @@ impl Pte {
     /// The entry without the zero-page mark: the page is (or is about to be) a private page.
     pub(crate) fn without_zero(self) -> Pte {
         Pte(self.0 & !F_ZERO)
+    }
+    /// Whether devices hold read-only replicas of the page (module `replica`).
+    pub(crate) fn replicated(self) -> bool {
+        self.0 & 3 == ST_PRESENT && self.0 & F_REPLICATED != 0
+    }
+    /// The entry with the REPLICATED mark set or cleared.
+    pub(crate) fn with_replicated(self, on: bool) -> Pte {
+        if on {
+            Pte(self.0 | F_REPLICATED)
+        } else {
+            Pte(self.0 & !F_REPLICATED)
+        }
     }
     pub(crate) fn device(pm: PagemapId, frame: FrameIdx, large: bool) -> Pte {
         Pte(ST_DEVICE
@@ -159,6 +173,9 @@ impl std::fmt::Debug for Pte {
         }
         if matches!(self.state(), PageState::Device | PageState::Exclusive) {
             write!(f, "(pm{} f{})", self.pagemap().0, self.frame().0)?;
+        }
+        if self.replicated() {
+            write!(f, "+R")?;
         }
         if self.pinned() {
             write!(f, " pins {}/{}", self.short_pins(), self.long_pins())?;

@@ -1,0 +1,212 @@
+//! Read-only replicas of anonymous pages (`Placement::Replicate`, the read-mostly hint): the
+//! device reads its own copies, the CPU reads the pages in place without a fault, and every way
+//! a page can change drops the replicas first, so no device ever reads a stale byte.
+
+mod common;
+use common::*;
+use hetmem::policy::hints::{Advice, HintPolicy};
+use hetmem::policy::DefaultPolicy;
+use hetmem::*;
+use std::sync::Arc;
+
+const PAGES: usize = 16;
+
+/// A space with `PAGES` written pages, advised read-mostly for every device.
+fn setup() -> (Space, VirtAddr, Arc<HintPolicy>) {
+    let space = Space::new().unwrap();
+    let a = space.map_anon(PAGES * PAGE, Prot::ReadWrite).unwrap();
+    space
+        .cpu_write(a, &pattern(PAGES * PAGE, |i| i + 1))
+        .unwrap();
+    let hints = Arc::new(HintPolicy::new(Arc::new(DefaultPolicy)));
+    hints.advise(a, PAGES * PAGE, Advice::ReadMostly).unwrap();
+    space.set_policy(hints.clone());
+    (space, a, hints)
+}
+
+fn dev_read(m: &DeviceMirror, a: VirtAddr, pages: usize) -> Vec<u32> {
+    let mut buf = vec![0u8; pages * PAGE];
+    m.read(a, pages * PAGE, &mut buf).unwrap();
+    ints(&buf)
+}
+
+fn want(pages: usize) -> Vec<u32> {
+    ints(&pattern(pages * PAGE, |i| i + 1))
+}
+
+#[test]
+fn a_read_fault_makes_replicas_the_device_reads_locally_and_the_cpu_reads_in_place() {
+    let _w = watchdog("replica_read", 30);
+    let (space, a, _h) = setup();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let used0 = dev.used();
+    assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+    assert_eq!(m.replica_pages(), PAGES);
+    assert_eq!(dev.used(), used0 + PAGES * PAGE, "one frame per replica");
+    // The pages stayed in system memory: CPU reads take no fault.
+    let faults = space.stats().cpu_faults;
+    let mut back = vec![0u8; PAGES * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(ints(&back), want(PAGES));
+    assert_eq!(space.stats().cpu_faults, faults, "reads in place");
+    for p in 0..PAGES {
+        assert_eq!(space.residency(a.add(p * PAGE)), Residency::System);
+    }
+    // The device's next reads are local: nothing more over the link.
+    let remote = dev.link().traffic(hetmem::link::Traffic::DeviceRemote).bytes;
+    assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+    assert_eq!(
+        dev.link().traffic(hetmem::link::Traffic::DeviceRemote).bytes,
+        remote
+    );
+}
+
+#[test]
+fn a_cpu_store_drops_every_replica_first_and_the_devices_read_the_new_bytes() {
+    let _w = watchdog("replica_cpu_store", 30);
+    let (space, a, _h) = setup();
+    let d1 = SoftDevice::private(16 << 20).unwrap();
+    let d2 = SoftDevice::private(16 << 20).unwrap();
+    let (m1, m2) = (d1.mirror(&space).unwrap(), d2.mirror(&space).unwrap());
+    let used = (d1.used(), d2.used());
+    assert_eq!(dev_read(&m1, a, PAGES), want(PAGES));
+    assert_eq!(dev_read(&m2, a, PAGES), want(PAGES));
+    assert_eq!((m1.replica_pages(), m2.replica_pages()), (PAGES, PAGES));
+    // A real store to page 3 (and one through the probe to page 9).
+    space.store_u32(a.add(3 * PAGE), 0xdead_beef).unwrap();
+    let probe = space.probe(a, PAGES * PAGE).unwrap();
+    probe.store_u32(a.add(9 * PAGE + 8), 0x1234_5678).unwrap();
+    assert_eq!((m1.replica_pages(), m2.replica_pages()), (PAGES - 2, PAGES - 2));
+    let mut w = want(PAGES);
+    w[3 * PAGE / 4] = 0xdead_beef;
+    w[9 * PAGE / 4 + 2] = 0x1234_5678;
+    assert_eq!(dev_read(&m1, a, PAGES), w);
+    assert_eq!(dev_read(&m2, a, PAGES), w);
+    // The devices replicated the changed pages again on their next reads.
+    assert_eq!((m1.replica_pages(), m2.replica_pages()), (PAGES, PAGES));
+    // A second store to the same page faults again (the new replicas protect it again).
+    space.store_u32(a.add(3 * PAGE), 7).unwrap();
+    w[3 * PAGE / 4] = 7;
+    assert_eq!(dev_read(&m2, a, PAGES), w);
+    drop((m1, m2));
+    assert_eq!((d1.used(), d2.used()), used, "replicas freed");
+}
+
+#[test]
+fn a_device_write_drops_every_replica_and_everyone_reads_it() {
+    let _w = watchdog("replica_device_write", 30);
+    let (space, a, _h) = setup();
+    let d1 = SoftDevice::private(16 << 20).unwrap();
+    let d2 = SoftDevice::private(16 << 20).unwrap();
+    let (m1, m2) = (d1.mirror(&space).unwrap(), d2.mirror(&space).unwrap());
+    assert_eq!(dev_read(&m1, a, PAGES), want(PAGES));
+    assert_eq!(dev_read(&m2, a, PAGES), want(PAGES));
+    // Device 2 writes page 5: a write migrates under read-mostly; device 1's replica goes.
+    let page = pattern(PAGE, |i| 0xa000_0000 | i);
+    m2.write(a.add(5 * PAGE), PAGE, &page).unwrap();
+    assert_eq!(m1.replica_pages(), PAGES - 1);
+    let mut w = want(PAGES);
+    w[5 * PAGE / 4..6 * PAGE / 4].copy_from_slice(&ints(&page));
+    assert_eq!(dev_read(&m1, a, PAGES), w);
+    let mut back = vec![0u8; PAGES * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(ints(&back), w);
+}
+
+#[test]
+fn migration_unmap_pin_and_exclusive_access_drop_replicas() {
+    let _w = watchdog("replica_other_paths", 30);
+    let (space, a, _h) = setup();
+    let d1 = SoftDevice::private(16 << 20).unwrap();
+    let d2 = SoftDevice::private(16 << 20).unwrap();
+    let (m1, m2) = (d1.mirror(&space).unwrap(), d2.mirror(&space).unwrap());
+    let used1 = d1.used();
+    assert_eq!(dev_read(&m1, a, PAGES), want(PAGES));
+    // Device 2 migrates pages 0..4 to its memory: device 1's replicas of them go.
+    m2.migrate_range_to_device(a, 4 * PAGE).unwrap();
+    assert_eq!(m1.replica_pages(), PAGES - 4);
+    // A pin of pages 4..6 (I/O may write them).
+    let pin = space.pin(a.add(4 * PAGE), 2 * PAGE, true).unwrap();
+    assert_eq!(m1.replica_pages(), PAGES - 6);
+    // Exclusive access to page 6 by device 2.
+    let mut one = vec![0u8; PAGE];
+    m2.exclusive(a.add(6 * PAGE), PAGE, &mut one).unwrap();
+    assert_eq!(m1.replica_pages(), PAGES - 7);
+    // Device 2 stores to page 6 atomically; device 1 reads everything right.
+    let mut w = want(PAGES);
+    w[6 * PAGE / 4] = w[6 * PAGE / 4].wrapping_add(1);
+    m2.atomic_fetch_add(a.add(6 * PAGE), 1).unwrap();
+    drop(pin);
+    assert_eq!(dev_read(&m1, a, PAGES), w);
+    // An unmap of the range frees every replica.
+    space.unmap(a, PAGES * PAGE).unwrap();
+    assert_eq!(m1.replica_pages(), 0);
+    assert_eq!(d1.used(), used1, "replica frames back in the pool");
+}
+
+#[test]
+fn a_full_device_maps_the_rest_where_it_is_and_reads_stay_right() {
+    let _w = watchdog("replica_full", 30);
+    let space = Space::new().unwrap();
+    // 2 MiB of device memory, 3 MiB of data.
+    let n = 3 * 256;
+    let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &pattern(n * PAGE, |i| i + 1)).unwrap();
+    let hints = Arc::new(HintPolicy::new(Arc::new(DefaultPolicy)));
+    hints.advise(a, n * PAGE, Advice::ReadMostly).unwrap();
+    space.set_policy(hints);
+    let dev = SoftDevice::private(2 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    for _ in 0..2 {
+        assert_eq!(dev_read(&m, a, n), want(n));
+    }
+    assert_eq!(m.replica_pages(), 512, "every free frame, no more");
+    assert_eq!(dev.used(), 2 << 20);
+    // A migration finds the device full of replicas: the page stays, nothing is lost.
+    let _ = m.migrate_range_to_device(a.add(600 * PAGE), PAGE);
+    assert_eq!(dev_read(&m, a, n), want(n));
+}
+
+#[test]
+fn stores_racing_device_reads_are_never_lost_or_read_stale() {
+    // One thread stores increasing values into every page; a device reads them under
+    // read-mostly, replicating again and again. Every value the device reads is one the CPU
+    // stored and never older than one it read before; after the last store, the device reads
+    // the last value everywhere.
+    let _w = watchdog("replica_race", 60);
+    let (space, a, _h) = setup();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let rounds = 200u32;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for v in 1..=rounds {
+                for p in 0..PAGES {
+                    space.store_u32(a.add(p * PAGE), 1_000_000 + v).unwrap();
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Release);
+        });
+        let first = want(PAGES);
+        let mut last: Vec<u32> = (0..PAGES).map(|p| first[p * PAGE / 4]).collect();
+        loop {
+            let done = stop.load(std::sync::atomic::Ordering::Acquire);
+            let got = dev_read(&m, a, PAGES);
+            for p in 0..PAGES {
+                let v = got[p * PAGE / 4];
+                assert!(
+                    v == first[p * PAGE / 4] || (1_000_001..=1_000_000 + rounds).contains(&v),
+                    "page {p}: {v}"
+                );
+                assert!(v >= last[p], "page {p} went back: {v} after {}", last[p]);
+                last[p] = v;
+            }
+            if done {
+                assert_eq!(last, vec![1_000_000 + rounds; PAGES], "the last stores");
+                break;
+            }
+        }
+    });
+}
