@@ -65,6 +65,7 @@
 //! policy beats it), and a feasible offline placement that respects the device's capacity
 //! (Belady's rule); a policy's cost is reported against them.
 
+pub mod adaptive;
 pub mod hints;
 pub mod oracle;
 pub mod replay;
@@ -270,6 +271,12 @@ impl Policy for CoherentAwarePolicy {
     fn device_full(&self, _full: &DeviceFull) -> DeviceFullAction {
         DeviceFullAction::EvictAndRetry
     }
+}
+
+/// The slot of 2 MiB region `r` in a policy's fixed table of `slots` regions (a multiplicative
+/// hash: neighbouring regions land apart).
+pub(crate) fn region_slot(r: u64, slots: usize) -> usize {
+    (r.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as usize % slots
 }
 
 /// Today's behaviour at every decision point: CPU faults migrate back the whole page or unit,

@@ -30,6 +30,7 @@ use crate::addr::PAGE_SIZE;
 use crate::device::SoftDevice;
 use crate::error::{Error, Result};
 use crate::link::Traffic;
+use crate::policy::adaptive::AdaptivePolicy;
 use crate::policy::oracle::{Access, Agent, Costs, lower_bound, with_capacity};
 use crate::policy::uvm::UvmPolicy;
 use crate::policy::{CoherentAwarePolicy, DefaultPolicy, Policy};
@@ -47,7 +48,7 @@ pub const WORKLOADS: [&str; 6] = [
     "oversubscribed",
 ];
 /// The policies, by name.
-pub const POLICIES: [&str; 3] = ["default", "uvm", "coherent-aware"];
+pub const POLICIES: [&str; 4] = ["default", "uvm", "coherent-aware", "adaptive"];
 
 /// What one run did.
 #[derive(Clone, Debug, Serialize)]
@@ -108,9 +109,10 @@ pub fn policy_named(name: &str) -> Result<(&'static str, Arc<dyn Policy>)> {
         "default" => ("default", Arc::new(DefaultPolicy)),
         "uvm" => ("uvm", Arc::new(UvmPolicy::new())),
         "coherent-aware" => ("coherent-aware", Arc::new(CoherentAwarePolicy)),
+        "adaptive" => ("adaptive", Arc::new(AdaptivePolicy::new())),
         _ => {
             return Err(Error::Invalid(
-                "unknown policy (default, uvm, coherent-aware)",
+                "unknown policy (default, uvm, coherent-aware, adaptive)",
             ));
         }
     })

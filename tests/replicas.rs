@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use hetmem::policy::hints::{Advice, HintPolicy};
 use hetmem::policy::DefaultPolicy;
+use hetmem::policy::hints::{Advice, HintPolicy};
 use hetmem::*;
 use std::sync::Arc;
 
@@ -13,8 +13,21 @@ const PAGES: usize = 16;
 
 /// A space with `PAGES` written pages, advised read-mostly for every device.
 fn setup() -> (Space, VirtAddr, Arc<HintPolicy>) {
+    setup_in(FaultMode::Signal)
+}
+
+/// [`setup`] with CPU faults served in `mode`.
+fn setup_in(mode: FaultMode) -> (Space, VirtAddr, Arc<HintPolicy>) {
     let space = Space::new().unwrap();
-    let a = space.map_anon(PAGES * PAGE, Prot::ReadWrite).unwrap();
+    let a = space
+        .map_anon_with(
+            PAGES * PAGE,
+            MapOptions {
+                mode,
+                ..MapOptions::default()
+            },
+        )
+        .unwrap();
     space
         .cpu_write(a, &pattern(PAGES * PAGE, |i| i + 1))
         .unwrap();
@@ -54,10 +67,15 @@ fn a_read_fault_makes_replicas_the_device_reads_locally_and_the_cpu_reads_in_pla
         assert_eq!(space.residency(a.add(p * PAGE)), Residency::System);
     }
     // The device's next reads are local: nothing more over the link.
-    let remote = dev.link().traffic(hetmem::link::Traffic::DeviceRemote).bytes;
+    let remote = dev
+        .link()
+        .traffic(hetmem::link::Traffic::DeviceRemote)
+        .bytes;
     assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
     assert_eq!(
-        dev.link().traffic(hetmem::link::Traffic::DeviceRemote).bytes,
+        dev.link()
+            .traffic(hetmem::link::Traffic::DeviceRemote)
+            .bytes,
         remote
     );
 }
@@ -65,7 +83,17 @@ fn a_read_fault_makes_replicas_the_device_reads_locally_and_the_cpu_reads_in_pla
 #[test]
 fn a_cpu_store_drops_every_replica_first_and_the_devices_read_the_new_bytes() {
     let _w = watchdog("replica_cpu_store", 30);
-    let (space, a, _h) = setup();
+    cpu_store_drops_replicas(FaultMode::Signal);
+}
+
+#[test]
+fn a_cpu_store_drops_every_replica_first_in_thread_mode_too() {
+    let _w = watchdog("replica_cpu_store_thread", 30);
+    cpu_store_drops_replicas(FaultMode::Thread);
+}
+
+fn cpu_store_drops_replicas(mode: FaultMode) {
+    let (space, a, _h) = setup_in(mode);
     let d1 = SoftDevice::private(16 << 20).unwrap();
     let d2 = SoftDevice::private(16 << 20).unwrap();
     let (m1, m2) = (d1.mirror(&space).unwrap(), d2.mirror(&space).unwrap());
@@ -77,7 +105,10 @@ fn a_cpu_store_drops_every_replica_first_and_the_devices_read_the_new_bytes() {
     space.store_u32(a.add(3 * PAGE), 0xdead_beef).unwrap();
     let probe = space.probe(a, PAGES * PAGE).unwrap();
     probe.store_u32(a.add(9 * PAGE + 8), 0x1234_5678).unwrap();
-    assert_eq!((m1.replica_pages(), m2.replica_pages()), (PAGES - 2, PAGES - 2));
+    assert_eq!(
+        (m1.replica_pages(), m2.replica_pages()),
+        (PAGES - 2, PAGES - 2)
+    );
     let mut w = want(PAGES);
     w[3 * PAGE / 4] = 0xdead_beef;
     w[9 * PAGE / 4 + 2] = 0x1234_5678;
@@ -209,4 +240,35 @@ fn stores_racing_device_reads_are_never_lost_or_read_stale() {
             }
         }
     });
+}
+
+#[test]
+fn a_device_that_mapped_a_page_writable_before_it_was_replicated_faults_on_its_next_write() {
+    let _w = watchdog("replica_prior_writer", 30);
+    let space = Space::new().unwrap();
+    let a = space.map_anon(PAGES * PAGE, Prot::ReadWrite).unwrap();
+    space
+        .cpu_write(a, &pattern(PAGES * PAGE, |i| i + 1))
+        .unwrap();
+    let d1 = SoftDevice::private(16 << 20).unwrap();
+    let d2 = SoftDevice::private(16 << 20).unwrap();
+    let (m1, m2) = (d1.mirror(&space).unwrap(), d2.mirror(&space).unwrap());
+    // Device 2 maps the pages writable (the default policy: where they are).
+    let page = pattern(PAGE, |i| 0xb000_0000 | i);
+    m2.write(a, PAGE, &page).unwrap();
+    // Then the range is read-mostly and device 1 replicates it.
+    let hints = Arc::new(HintPolicy::new(Arc::new(DefaultPolicy)));
+    hints.advise(a, PAGES * PAGE, Advice::ReadMostly).unwrap();
+    space.set_policy(hints);
+    let mut w = want(PAGES);
+    w[..PAGE / 4].copy_from_slice(&ints(&page));
+    assert_eq!(dev_read(&m1, a, PAGES), w);
+    assert_eq!(m1.replica_pages(), PAGES);
+    // Device 2 writes page 0 again: its old writable entry is gone, so it faults, and device
+    // 1's replica goes before the store.
+    let page2 = pattern(PAGE, |i| 0xc000_0000 | i);
+    let out = m2.write(a, PAGE, &page2).unwrap();
+    assert!(out.faults > 0, "the write faulted");
+    w[..PAGE / 4].copy_from_slice(&ints(&page2));
+    assert_eq!(dev_read(&m1, a, PAGES), w);
 }

@@ -1093,8 +1093,13 @@ impl DeviceMirror {
                     // The cache's replicas are mapped by a fault that finds them.
                     let _ = self.fault_chunks(&n, Vpn(ps), Vpn(move_end), false);
                 }
-            } else {
-                let _ = self.replicate_window(window);
+            } else if !self
+                .replicate_window(window)
+                .is_ok_and(|n| n as usize == window.pages())
+            {
+                // Not every page was replicated (no free frame, a page that cannot be, an
+                // error): what the replication invalidated is mapped where it is again.
+                let _ = self.fault_chunks(&n, Vpn(ps), Vpn(move_end), false);
             }
         }
         Ok(())

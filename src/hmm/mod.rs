@@ -336,6 +336,9 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
                 },
             );
             pte = st.pte(a).expect("still mapped");
+        } else if pte.replicated() {
+            // Read-only while replicas exist: a device's store must fault (and drop them).
+            writable = false;
         }
         let mut zero = false;
         if pte.is_zero_page() {

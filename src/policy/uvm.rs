@@ -105,8 +105,7 @@ impl UvmPolicy {
 
     /// The slot of region `r` (taken over if another region held it).
     fn region(&self, r: u64) -> &Region {
-        let slot =
-            &self.regions[(r.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as usize % Self::SLOTS];
+        let slot = &self.regions[super::region_slot(r, Self::SLOTS)];
         if slot.tag.load(Ordering::Acquire) != r + 1 {
             slot.reset(r + 1);
         }

@@ -16,9 +16,11 @@
 //! * a migration, an unmap, a grant of exclusive access, a fork's copy: each invalidates the
 //!   page's device mappings anyway, and leaves the entry without the mark.
 //!
-//! A replica is made under the space's lock, with the page write-protected before it is copied
-//! (a store in between faults and waits for the lock), and the device maps it before the lock is
-//! released (`map`), so no invalidation can fall between the copy and the mapping.
+//! A replica is made under the space's lock: devices' writable mappings of the page are
+//! invalidated, the page is write-protected before it is copied (a store in between faults and
+//! waits for the lock), and the device maps the copy before the lock is released (`map`), so no
+//! invalidation can fall between the copy and the mapping. While a page has replicas,
+//! `range_fault` reports it read-only to every device.
 //!
 //! The device owns its replica frames (they have no reverse-map owner): it frees one when it
 //! clears the entry. Replicas use free frames only: a full device maps the page where it is
@@ -33,8 +35,10 @@ use super::*;
 impl SpaceCore {
     /// Makes read-only replicas of the present anonymous pages of `r` in frames of `pm` (a
     /// device-private pagemap), calling `map(page, frame)` for each under the state lock so that
-    /// the device maps it before any invalidation can run. Returns the replicas made; stops at
-    /// the first frame that cannot be had (the rest stay where they are).
+    /// the device maps it before any invalidation can run. Returns the replicas made; stops when
+    /// the device has no free frame (the rest stay where they are). Devices' mappings of the
+    /// pages replicated are invalidated first: the caller maps again what it needs of those
+    /// that were not.
     pub(crate) fn replicate(
         &self,
         r: VaRange,
@@ -75,23 +79,46 @@ impl SpaceCore {
                 a = a.add(PAGE_SIZE);
                 continue;
             }
+            // Frames first: only as many pages as the device has free frames for (replicas
+            // never evict), so that nothing below is undone for want of one.
+            let mut frames = Vec::new();
+            pm.alloc_many((e.get() - a.get()) / PAGE_SIZE, &mut frames);
+            if frames.is_empty() {
+                return Ok(made);
+            }
+            let e = a.add(frames.len() * PAGE_SIZE);
             let run = VaRange { start: a, end: e };
+            // Devices that map a page writable lose that mapping first (a device store must
+            // fault from now on, as a CPU store will). Pages that already have replicas have no
+            // writable device mapping (`range_fault` reports them read-only), and their
+            // replicas stay.
+            let mut q = a;
+            while q < e {
+                let fresh = |x: VirtAddr| !st.pte(x).is_some_and(|p| p.replicated());
+                if !fresh(q) {
+                    q = q.add(PAGE_SIZE);
+                    continue;
+                }
+                let s0 = q;
+                while q < e && fresh(q) {
+                    q = q.add(PAGE_SIZE);
+                }
+                self.invalidate(&st, VaRange { start: s0, end: q }, NotifyEvent::Clear, None);
+            }
             // Protected first: a store from here on faults and waits for this lock.
-            self.mm
-                .write_protect(run, true, mode)
-                .map_err(|e| Error::os("write-protect for a replica", e.into()))?;
-            let mut p = a;
-            while p < e {
-                let frame = match pm.alloc() {
-                    Ok(f) => f,
-                    // Full: the rest of the run is left as it was.
-                    Err(_) => {
-                        self.unprotect_unreplicated(&st, VaRange { start: p, end: e }, mode);
-                        return Ok(made);
-                    }
-                };
+            if let Err(err) = self.mm.write_protect(run, true, mode) {
+                for f in frames {
+                    pm.free(f, false);
+                }
+                self.unprotect_unreplicated(&st, run, mode);
+                return Err(Error::os("write-protect for a replica", err.into()));
+            }
+            for (k, frame) in frames.iter().copied().enumerate() {
+                let p = a.add(k * PAGE_SIZE);
                 if let Err(err) = self.copy_into_frames(p, pm, frame.offset(), PAGE_SIZE) {
-                    pm.free(frame, false);
+                    for f in &frames[k..] {
+                        pm.free(*f, false);
+                    }
                     self.unprotect_unreplicated(&st, VaRange { start: p, end: e }, mode);
                     return Err(Error::os("copy into a replica", err));
                 }
@@ -100,7 +127,6 @@ impl SpaceCore {
                 st.set_pte(p, pte.with_replicated(true));
                 map(p, frame);
                 made += 1;
-                p = p.add(PAGE_SIZE);
             }
             a = e;
         }
