@@ -2403,6 +2403,10 @@ enum FilePlacement {
     /// (prefetching by density) and whose thrashing detection maps pages the CPU keeps pulling
     /// back remotely. Run by the demo (not one of the bench's placements).
     OnDemand,
+    /// On demand under hetmem's own policy ([`crate::policy::adaptive::AdaptivePolicy`]):
+    /// device reads make read-only replicas (a CPU store drops its page's), device writes
+    /// migrate. Run by the demo.
+    OnDemandAdaptive,
 }
 
 impl FilePlacement {
@@ -2415,7 +2419,7 @@ impl FilePlacement {
             Self::Private => "private",
             Self::Coherent => "coherent",
             Self::Replica => "replica",
-            Self::OnDemand => "on-demand",
+            Self::OnDemand | Self::OnDemandAdaptive => "on-demand",
         }
     }
 
@@ -2423,6 +2427,7 @@ impl FilePlacement {
     fn policy(self) -> &'static str {
         match self {
             Self::OnDemand => "uvm",
+            Self::OnDemandAdaptive => "adaptive",
             _ => "default",
         }
     }
@@ -2475,12 +2480,13 @@ impl FilePlacement {
 }
 
 /// The runs [`largefile_placements`] makes: the bench's placements, then on demand.
-const DEMO_RUNS: [FilePlacement; PLACEMENTS + 1] = [
+const DEMO_RUNS: [FilePlacement; PLACEMENTS + 2] = [
     FilePlacement::Mirror,
     FilePlacement::Private,
     FilePlacement::Coherent,
     FilePlacement::Replica,
     FilePlacement::OnDemand,
+    FilePlacement::OnDemandAdaptive,
 ];
 
 /// The runs [`largefile_placements`] makes for `device` (`None`: all of them): the placements
@@ -2655,19 +2661,21 @@ fn largefile_device_phase(
     model: &FileModel,
     faults: &mut u64,
 ) -> Result<u64> {
-    // Pages placed ahead by the migration, or by the device's faults under a policy that
-    // migrates on demand: the cache's device pages before and after; replicas as made.
-    let before = cache.device_pages();
-    let replicas = match prep {
-        Prepare::Nothing => 0,
+    // Pages placed ahead by the migration or the replication, or by the device's faults under
+    // a policy that places on demand: the cache's device pages and replicas before and after
+    // (nothing drops a replica or brings a page back during a device phase).
+    let before = cache.device_pages() + cache.replica_pages();
+    match prep {
+        Prepare::Nothing => {}
         Prepare::Migrate => {
             m.migrate_range_to_device(a, n * PAGE_SIZE)?;
-            0
         }
-        Prepare::Replicate => m.replicate_range(a, n * PAGE_SIZE)?.cpages,
-    };
+        Prepare::Replicate => {
+            m.replicate_range(a, n * PAGE_SIZE)?;
+        }
+    }
     let out = m.read(a, n * PAGE_SIZE, buf)?;
-    let placed = replicas + cache.device_pages().saturating_sub(before) as u64;
+    let placed = (cache.device_pages() + cache.replica_pages()).saturating_sub(before) as u64;
     if out.cpages != n as u64 {
         return Err(Error::Invalid("bench: the device did not read every page"));
     }
@@ -2706,8 +2714,14 @@ fn largefile_run(
         budget: len + LARGE_PAGE_SIZE,
         ..CacheConfig::default()
     };
-    if p == FilePlacement::OnDemand {
-        space.set_policy(std::sync::Arc::new(crate::policy::uvm::UvmPolicy::new()));
+    match p {
+        FilePlacement::OnDemand => {
+            space.set_policy(std::sync::Arc::new(crate::policy::uvm::UvmPolicy::new()))
+        }
+        FilePlacement::OnDemandAdaptive => space.set_policy(std::sync::Arc::new(
+            crate::policy::adaptive::AdaptivePolicy::new(),
+        )),
+        _ => {}
     }
     let t = Instant::now();
     let cache = FileCache::open(&tf.path, true, cfg)?;
@@ -2721,7 +2735,10 @@ fn largefile_run(
             shared: true,
             intercept_stores: matches!(
                 p,
-                FilePlacement::Private | FilePlacement::Replica | FilePlacement::OnDemand
+                FilePlacement::Private
+                    | FilePlacement::Replica
+                    | FilePlacement::OnDemand
+                    | FilePlacement::OnDemandAdaptive
             ),
         },
     )?;
@@ -2758,8 +2775,8 @@ fn largefile_run(
                 FilePlacement::Coherent if first => Prepare::Migrate,
                 FilePlacement::Coherent => Prepare::Nothing,
                 FilePlacement::Replica => Prepare::Replicate,
-                // The device's faults migrate the pages (the UVM-like policy).
-                FilePlacement::OnDemand => Prepare::Nothing,
+                // The device's faults place the pages (the space's policy).
+                FilePlacement::OnDemand | FilePlacement::OnDemandAdaptive => Prepare::Nothing,
             };
             c.to_device += largefile_device_phase(
                 m,

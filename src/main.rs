@@ -255,7 +255,8 @@ fn demo(
         "hetmem demo, part 2: a {size_mib} MiB file processed in place, {DEMO_ROUNDS} rounds of: the \
          device reads all of it, the CPU stores to 1 % of its pages, the device reads all of it; \
          then fsync. Once per placement of the file's pages; on-demand: nothing placed ahead, \
-         the device's faults migrate pages under the UVM-like policy."
+         the device's faults place pages under the space's policy (uvm: migrate, with the \
+         UVM-like prefetcher; adaptive: hetmem's own, reads make read-only replicas)."
     )?;
     writeln!(out)?;
     writeln!(

@@ -201,12 +201,19 @@ fn demo_json_compares_every_placement_against_the_oracle() {
         .collect();
     assert_eq!(
         names,
-        ["mirror", "private", "coherent", "replica", "on-demand"]
+        [
+            "mirror",
+            "private",
+            "coherent",
+            "replica",
+            "on-demand",
+            "on-demand"
+        ]
     );
     let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(
         policies,
-        ["default", "default", "default", "default", "uvm"]
+        ["default", "default", "default", "default", "uvm", "adaptive"]
     );
     let get = |p: &str, k: &str| {
         runs.iter().find(|r| r["placement"] == p).unwrap()[k]
@@ -238,6 +245,12 @@ fn demo_json_compares_every_placement_against_the_oracle() {
     for p in ["private", "coherent", "replica", "on-demand"] {
         assert_eq!(get(p, "writeback_bytes"), wb, "{p}");
     }
+    // On demand under hetmem's policy: the device's reads make replicas, which never come back
+    // (a CPU store drops one), with the same bytes written back.
+    let adaptive = runs.iter().find(|r| r["policy"] == "adaptive").unwrap();
+    assert!(adaptive["bytes_to_device"].as_u64().unwrap() >= 8 << 20);
+    assert_eq!(adaptive["bytes_to_system"], 0);
+    assert_eq!(adaptive["writeback_bytes"].as_u64().unwrap(), wb);
 }
 
 /// `--profile` puts every device of the demo on one link model; an unknown one is refused.
@@ -304,7 +317,7 @@ fn demo_device_runs_the_placements_of_that_kind() {
     let private = run("private");
     assert_eq!(
         names(&private),
-        ["mirror", "private", "replica", "on-demand"]
+        ["mirror", "private", "replica", "on-demand", "on-demand"]
     );
     assert_eq!(private["runs"][0]["profile"], "pcie5");
     let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
@@ -355,6 +368,7 @@ fn demo_plot_draws_every_placement() {
         "coherent (default)",
         "replica (default)",
         "on-demand (uvm)",
+        "on-demand (adaptive)",
     ] {
         assert_eq!(svg.matches(p).count(), 2, "{p}: one legend entry per chart");
     }
@@ -370,7 +384,7 @@ fn run_reports_each_policy_against_the_oracle() {
         serde_json::from_str(&hetmem(&["run", "random", "--size", "2", "--json"], None)).unwrap();
     let runs = v["runs"].as_array().unwrap();
     let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
-    assert_eq!(policies, ["default", "uvm", "coherent-aware"]);
+    assert_eq!(policies, ["default", "uvm", "coherent-aware", "adaptive"]);
     for r in runs {
         assert_eq!(r["verified"], true);
         assert_eq!(r["workload"], "random");

@@ -154,6 +154,11 @@ impl FileCache {
         lock(&self.st).pages.placed
     }
 
+    /// Read-only replicas of the file's pages in device memory, on every device together.
+    pub fn replica_pages(&self) -> usize {
+        lock(&self.st).replicas.values().map(Vec::len).sum()
+    }
+
     /// Page-aligned `[off, off + len)` as file pages, clamped to the file.
     fn page_range(&self, off: u64, len: u64) -> Result<(u64, u64)> {
         if !off.is_multiple_of(PAGE) {

@@ -8,9 +8,12 @@
 //!   request and its [`Prefetch`] window to the device (4 KiB each over the link; when the device
 //!   is full, [`Policy::device_full`] decides: evict the next page round robin, or leave the page
 //!   where it is) and maps them; [`Placement::MapRemote`] maps them where they are;
+//!   [`Placement::Replicate`] gives the device read-only copies (4 KiB each, free frames only: never an eviction; a
+//!   replica is never evicted either) and leaves the pages where they are;
 //! * a CPU access to a page in device-private memory asks [`Policy::cpu_fault`] and brings the
 //!   page back (4 KiB; the device's entry goes); in device-coherent memory it reads in place
-//!   (its bytes over the link); in system memory it costs nothing.
+//!   (its bytes over the link); in system memory, replicated or not, it costs nothing (trace
+//!   accesses are reads).
 //!
 //! Prefetch windows are aligned blocks of the page numbering (the trace's pages, as one mapping),
 //! `MigrateBackPage` and `MigrateBack` both bring back the faulting page (the trace has no
@@ -69,6 +72,8 @@ pub fn parse_access_line(line: &str) -> Result<Access> {
 enum Loc {
     System,
     Device,
+    /// In system memory, with a read-only copy on the device.
+    Replica,
 }
 
 /// Replays `trace` under `policy` with a device of `kind` and room for `capacity` pages: the
@@ -80,16 +85,18 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
     // Device-resident pages in the order they arrived (the round-robin hand).
     let mut resident: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     let mut b = Bound::default();
+    let mut replicas = 0usize;
     let addr = |p: u64| VirtAddr((p as usize).wrapping_mul(PAGE_SIZE) & ((1 << 47) - 1));
     let migrate_in = |p: u64,
                       loc: &mut HashMap<u64, Loc>,
                       mapped: &mut HashMap<u64, bool>,
                       resident: &mut std::collections::VecDeque<u64>,
+                      replicas: usize,
                       b: &mut Bound| {
         if loc.get(&p) == Some(&Loc::Device) {
             return;
         }
-        if resident.len() >= capacity {
+        if resident.len() + replicas >= capacity {
             let full = DeviceFull {
                 owner,
                 kind,
@@ -98,8 +105,8 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                 used_pages: resident.len(),
             };
             match policy.device_full(&full) {
-                DeviceFullAction::EvictAndRetry if capacity > 0 => {
-                    let v = resident.pop_front().expect("full, so not empty");
+                DeviceFullAction::EvictAndRetry if !resident.is_empty() => {
+                    let v = resident.pop_front().expect("not empty");
                     loc.insert(v, Loc::System);
                     mapped.remove(&v);
                     b.migrations += 1;
@@ -131,19 +138,47 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                     };
                     let first = a.page / block * block;
                     for p in first..first + block {
-                        if d.placement == Placement::Migrate {
-                            migrate_in(p, &mut loc, &mut mapped, &mut resident, &mut b);
+                        match d.placement {
+                            Placement::Migrate => migrate_in(
+                                p,
+                                &mut loc,
+                                &mut mapped,
+                                &mut resident,
+                                replicas,
+                                &mut b,
+                            ),
+                            Placement::Replicate if kind == MemoryKind::Coherent => migrate_in(
+                                p,
+                                &mut loc,
+                                &mut mapped,
+                                &mut resident,
+                                replicas,
+                                &mut b,
+                            ),
+                            Placement::Replicate
+                                if loc.get(&p).is_none_or(|l| *l == Loc::System)
+                                    && resident.len() + replicas < capacity =>
+                            {
+                                loc.insert(p, Loc::Replica);
+                                replicas += 1;
+                                b.migrations += 1;
+                                b.cost_ns += PAGE_SIZE as f64;
+                            }
+                            _ => {}
                         }
                         mapped.insert(p, true);
                     }
                 }
-                if loc.get(&a.page) != Some(&Loc::Device) {
+                if loc
+                    .get(&a.page)
+                    .is_none_or(|l| !matches!(l, Loc::Device | Loc::Replica))
+                {
                     b.remote_bytes += a.bytes as u64;
                     b.cost_ns += a.bytes as f64;
                 }
             }
             Agent::Cpu => match (here, kind) {
-                (Loc::System, _) => {}
+                (Loc::System | Loc::Replica, _) => {}
                 (Loc::Device, MemoryKind::Coherent) => {
                     b.remote_bytes += a.bytes as u64;
                     b.cost_ns += a.bytes as f64;
@@ -171,6 +206,7 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
 #[cfg(test)]
 mod tests {
     use super::super::DefaultPolicy;
+    use super::super::adaptive::AdaptivePolicy;
     use super::super::oracle::{Costs, lower_bound};
     use super::super::uvm::UvmPolicy;
     use super::*;
@@ -212,6 +248,42 @@ mod tests {
         let o = lower_bound(&t, MemoryKind::Private, &Costs::bytes());
         assert_eq!(b.bytes_moved(), o.bytes_moved());
         assert_eq!(b.migrations, 64);
+    }
+
+    #[test]
+    fn ping_pong_under_the_adaptive_policy_replicates_once_and_the_cpu_reads_in_place() {
+        // 4 rounds of: the device reads 64 pages, the CPU reads each. Replicas: 64 pages
+        // move once; the oracle (one copy of each page) must move a page per access pair.
+        let t: Vec<Access> = (0..4)
+            .flat_map(|_| {
+                (0..64).map(dev).chain((0..64).map(|p| Access {
+                    page: p,
+                    by: Agent::Cpu,
+                    bytes: 64,
+                }))
+            })
+            .collect();
+        let b = simulate(&t, &AdaptivePolicy::new(), MemoryKind::Private, 1024);
+        assert_eq!((b.migrations, b.remote_bytes), (64, 0));
+        let o = lower_bound(&t, MemoryKind::Private, &Costs::bytes());
+        assert_eq!(o.bytes_moved(), 4 * 64 * 4096);
+        // The UVM-like policy migrates and pulls back: at least twice its bytes.
+        let u = simulate(&t, &UvmPolicy::new(), MemoryKind::Private, 1024);
+        assert!(
+            u.bytes_moved() >= 2 * b.bytes_moved(),
+            "{}",
+            u.bytes_moved()
+        );
+    }
+
+    #[test]
+    fn a_stream_larger_than_the_device_keeps_what_fits_under_the_adaptive_policy() {
+        // 12 pages streamed 3 times through room for 8: replicas fill the device, the rest is
+        // read over the link each round: 8 copies + 3 × 4 remote reads, the Belady bound.
+        let t: Vec<Access> = (0..3).flat_map(|_| (0..12).map(dev)).collect();
+        let b = simulate(&t, &AdaptivePolicy::new(), MemoryKind::Private, 8);
+        assert_eq!(b.migrations, 8);
+        assert_eq!(b.remote_bytes, 3 * 4 * 4096);
     }
 
     #[test]
