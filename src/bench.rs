@@ -32,6 +32,9 @@
 //! | `largefile_readall_<placement>_bytes_moved`, `largefile_readall_private_coherent_bytes_moved_ratio`, `largefile_readall_private_replica_bytes_moved_ratio` | the same rounds with a CPU phase that also reads every page (one word each) before its stores, one run of each placement: the private placement brings the whole file back in every CPU phase and moves it again, coherent pages are read in place and replicas stay valid (with 4 rounds private moves 9 times the file, coherent and replica once) | – |
 //! | `largefile_oracle_private_link_bytes`, `largefile_oracle_coherent_link_bytes` | the least link traffic any placement could reach for the `largefile` accesses ([`crate::policy::oracle::lower_bound`]: a device read is a whole page, a CPU store a 64-byte line; minimising modelled time under the placement's link profile) | – |
 //! | `largefile_<placement>_link_bytes_vs_oracle` | the placement's link bytes / the oracle's for its memory kind (a replica can go below it: the oracle keeps one copy of a page) | – |
+//! | `policies_<workload>_best_link_bytes` | `hetmem run`'s workloads ([`crate::workload`]: streaming, pingpong, random, stencil, graph, oversubscribed; 64 MiB, 16 MiB with `--quick`, 4 rounds, seed 1) under every policy: the least link bytes any policy moved (the note names it) | `policies_<workload>_oracle_bytes`: the oracle's least bytes for the same accesses (replicas can go below it) |
+//! | `policies_pingpong_best_vs_uvm_link_bytes` | the best policy's link bytes on pingpong | `policies_pingpong_uvm_link_bytes`: the UVM-like policy's |
+//! | `policies_oversubscribed_best_device_ms` | the least modelled device time any policy reached on the oversubscribed stream (150 % of device memory) | `policies_oversubscribed_oracle_device_ms`: the oracle's (the Belady placement for the device's capacity) |
 //! | `memcpy_gbps` | a plain memory copy, for context | – |
 //! | `scale_first_touch_16g_us`, `scale_migrate_16g_us`, `scale_fault_back_16g_us` (and `_4g_`) | per page, a sample of 2048 pages (256 with `--quick`) spread evenly over a fresh anonymous mapping of 16 GiB (4 GiB) in a 64 GiB space, with a device of 4 GiB: first touch (one store), migration to the device (one page per command), fault-back (one load); only the sample is backed, so the figures show how per-page costs grow with the mapping (page entries, lookups), not the memory (with `--quick`: 1 GiB, 256 MiB, 64 MiB and a 256 MiB device) | the same at 1 GiB (`scale_*_1g_us`); `scale_kernel_first_touch_*`: the kernel's own first touch of the same sample in plain anonymous memory of each size, against its 1 GiB figure (what its page tables add) |
 //! | `metadata_bytes_per_page` | hetmem's own state per page | – |
@@ -251,6 +254,10 @@ pub const GROUPS: &[(&str, &str)] = &[
     (
         "largefile",
         "a large file in device and CPU phases: mirrored, device-private, coherent",
+    ),
+    (
+        "policies",
+        "hetmem run's workloads under every policy, against the oracle",
     ),
     ("memcpy", "memcpy bandwidth"),
     ("metadata", "metadata per page"),
@@ -541,6 +548,11 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
         progress("file mappings (warm and cold, sequential and random) vs the kernel's mmap");
         let f = file_reads(&space, &sz)?;
         push_file_figures(&mut out, &f);
+    }
+
+    if opts.wants("policies") {
+        progress("workloads under every policy, against the oracle");
+        policy_figures(&mut out, sz.shared_bytes.min(64 << 20))?;
     }
 
     if opts.wants("largefile") {
@@ -837,6 +849,79 @@ fn figure(name: &str, value: f64, unit: &str, base: Option<(&str, f64)>) -> Benc
         exact: false,
         note: None,
     }
+}
+
+/// The `policies` group: each of [`crate::workload::WORKLOADS`] under every policy over `len`
+/// bytes (4 rounds, seed 1): the best policy's link bytes against the oracle's, the UVM-like
+/// policy's on pingpong against the best, and on the oversubscribed stream the best modelled
+/// device time against the oracle's. Counts (the same in every run): taken once.
+fn policy_figures(out: &mut Vec<BenchResult>, len: usize) -> Result<()> {
+    let pages = len / PAGE_SIZE;
+    for w in crate::workload::WORKLOADS {
+        let runs = crate::workload::POLICIES
+            .iter()
+            .map(|p| crate::workload::run(w, p, false, pages, 4, 1))
+            .collect::<Result<Vec<_>>>()?;
+        if runs.iter().any(|r| !r.verified) {
+            return Err(Error::Invalid("bench: a workload's run was not verified"));
+        }
+        let best = runs
+            .iter()
+            .min_by_key(|r| r.link_bytes)
+            .expect("at least one policy");
+        let oracle = best.oracle_bytes as f64;
+        let name = format!("policies_{w}_best_link_bytes");
+        let base = format!("policies_{w}_oracle_bytes");
+        let mut f = count_figure(
+            &name,
+            &[best.link_bytes as f64],
+            Some((&base, &[oracle])),
+            "bytes",
+            true,
+        );
+        f.note = Some(format!("policy: {}", best.policy));
+        out.push(f);
+        out.push(count_figure(&base, &[oracle], None, "bytes", true));
+        if w == "pingpong" {
+            let uvm = runs.iter().find(|r| r.policy == "uvm").expect("uvm runs");
+            let base = "policies_pingpong_uvm_link_bytes";
+            let mut f = count_figure(
+                "policies_pingpong_best_vs_uvm_link_bytes",
+                &[best.link_bytes as f64],
+                Some((base, &[uvm.link_bytes as f64])),
+                "bytes",
+                true,
+            );
+            f.note = Some(format!("policy: {}", best.policy));
+            out.push(f);
+            out.push(count_figure(
+                base,
+                &[uvm.link_bytes as f64],
+                None,
+                "bytes",
+                true,
+            ));
+        }
+        if w == "oversubscribed" {
+            let fastest = runs
+                .iter()
+                .min_by(|a, b| a.modelled_device_s.total_cmp(&b.modelled_device_s))
+                .expect("at least one policy");
+            let base = "policies_oversubscribed_oracle_device_ms";
+            let oracle_ms = [fastest.oracle_device_s * 1e3];
+            let mut f = count_figure(
+                "policies_oversubscribed_best_device_ms",
+                &[fastest.modelled_device_s * 1e3],
+                Some((base, &oracle_ms)),
+                "ms",
+                true,
+            );
+            f.note = Some(format!("policy: {}", fastest.policy));
+            out.push(f);
+            out.push(count_figure(base, &oracle_ms, None, "ms", true));
+        }
+    }
+    Ok(())
 }
 
 /// Pushes a count (taken in each of the repetitions given) against its baseline's, and the

@@ -61,6 +61,14 @@ const EXPECTED: &[&str] = &[
     "scale_kernel_first_touch_16g_us",
     "scale_kernel_first_touch_4g_us",
     "scale_kernel_first_touch_1g_us",
+    "policies_streaming_best_link_bytes",
+    "policies_pingpong_best_link_bytes",
+    "policies_random_best_link_bytes",
+    "policies_stencil_best_link_bytes",
+    "policies_graph_best_link_bytes",
+    "policies_oversubscribed_best_link_bytes",
+    "policies_pingpong_best_vs_uvm_link_bytes",
+    "policies_oversubscribed_best_device_ms",
 ];
 
 /// Counts that come out the same in every run (the same operations on the same pages, or a
@@ -88,7 +96,9 @@ const COUNTED: &[&str] = &[
 /// Whether `name` is exact by construction: [`EXACT`], and the `largefile` counts (every
 /// `largefile` figure but the wall times).
 fn exact_by_construction(name: &str) -> bool {
-    EXACT.contains(&name) || (name.starts_with("largefile_") && !name.ends_with("_wall_ms"))
+    EXACT.contains(&name)
+        || (name.starts_with("largefile_") && !name.ends_with("_wall_ms"))
+        || name.starts_with("policies_")
 }
 
 /// How far one figure can be trusted, as `hetmem bench --json` writes it: `exact` (a bool)
@@ -240,6 +250,7 @@ fn quick_bench_reports_every_figure() {
         assert!(r.spread.is_some(), "{name}: no spread");
     }
     check_largefile(&results);
+    check_policies(&results);
     // Bytes read from storage by each side of the cold file figures (0 is possible: a file in
     // tmpfs), wherever the kernel reports them.
     if std::fs::read_to_string("/proc/self/io").is_ok_and(|s| s.contains("read_bytes:")) {
@@ -556,4 +567,25 @@ fn check_largefile(results: &[hetmem::bench::BenchResult]) {
         "the mirror reads the file in every phase: {}",
         v("mirror", "link_bytes_vs_oracle")
     );
+}
+
+/// The placement policies' targets (issue 11), on counts that are the same in every run: on
+/// each workload the best policy moves at most 1.3x the oracle's bytes; on pingpong at most half
+/// of the UVM-like policy's; on the oversubscribed stream its modelled device time is within 2x
+/// of the oracle's.
+fn check_policies(results: &[hetmem::bench::BenchResult]) {
+    let get = |n: &str| {
+        results
+            .iter()
+            .find(|r| r.name == n)
+            .unwrap_or_else(|| panic!("missing figure {n}"))
+    };
+    for w in hetmem::workload::WORKLOADS {
+        let r = get(&format!("policies_{w}_best_link_bytes"));
+        assert!(r.ratio.unwrap() <= 1.3, "{w}: {:?} ({:?})", r.ratio, r.note);
+    }
+    let pp = get("policies_pingpong_best_vs_uvm_link_bytes");
+    assert!(pp.ratio.unwrap() <= 0.5, "pingpong: {:?}", pp.ratio);
+    let os = get("policies_oversubscribed_best_device_ms");
+    assert!(os.ratio.unwrap() <= 2.0, "oversubscribed: {:?}", os.ratio);
 }

@@ -213,7 +213,9 @@ fn demo_json_compares_every_placement_against_the_oracle() {
     let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(
         policies,
-        ["default", "default", "default", "default", "uvm", "adaptive"]
+        [
+            "default", "default", "default", "default", "uvm", "adaptive"
+        ]
     );
     let get = |p: &str, k: &str| {
         runs.iter().find(|r| r["placement"] == p).unwrap()[k]
