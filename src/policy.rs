@@ -136,8 +136,9 @@ pub enum Placement {
     /// a device, drops every replica of the page first (docs/architecture.md, "Read-only
     /// replicas"). For a device's write fault, and on a device-coherent device, the same as
     /// [`Placement::Migrate`]. A page that cannot be replicated (a page of a 2 MiB unit, a
-    /// pinned page, the zero page; a full device: replicas take free frames only) is mapped
-    /// where it is; in a shared file mapping the file's cache makes the replicas.
+    /// pinned page, the zero page; a full device whose policy declines: on
+    /// [`DeviceFullAction::EvictAndRetry`] the device drops its own older replicas to make room)
+    /// is mapped where it is; in a shared file mapping the file's cache makes the replicas.
     Replicate,
 }
 

@@ -443,6 +443,39 @@ fn replay_of_a_run_trace_reproduces_the_run() {
     for p in ["default", "uvm", "coherent-aware"] {
         assert!(bytes(p) >= oracle, "{p} below the oracle");
     }
+    // hetmem's own policy on the oversubscribed stream (12 MiB through 8 MiB of device memory):
+    // the replay, told the device's size, moves what the run did, as little as the oracle.
+    let run: serde_json::Value = serde_json::from_str(&hetmem(
+        &[
+            "run",
+            "oversubscribed",
+            "--size",
+            "12",
+            "--policy",
+            "adaptive",
+            "--json",
+            "--trace",
+            p,
+        ],
+        None,
+    ))
+    .unwrap();
+    let ran = &run["runs"][0];
+    let v: serde_json::Value = serde_json::from_str(&hetmem(
+        &[
+            "replay",
+            p,
+            "--capacity",
+            "8",
+            "--policy",
+            "adaptive",
+            "--json",
+        ],
+        None,
+    ))
+    .unwrap();
+    assert_eq!(v["runs"][0]["bytes"], ran["link_bytes"]);
+    assert_eq!(ran["link_bytes"], ran["oracle_bytes"]);
     std::fs::write(
         &path,
         "{\"ev\":\"access\",\"by\":\"cpu\",\"page\":1,\"bytes\":64}\nnonsense\n",

@@ -272,3 +272,66 @@ fn a_device_that_mapped_a_page_writable_before_it_was_replicated_faults_on_its_n
     w[..PAGE / 4].copy_from_slice(&ints(&page2));
     assert_eq!(dev_read(&m1, a, PAGES), w);
 }
+
+#[test]
+fn under_the_adaptive_policy_new_data_takes_the_place_of_older_replicas() {
+    // 2 MiB of device memory; data A then data B (2 MiB each), then A again. B's reads drop
+    // A's replicas to make room; A, faulted again after losing its place, is read where it is
+    // (no ping-pong of replicas).
+    let _w = watchdog("replica_phases", 30);
+    let space = Space::new().unwrap();
+    let n = 1024;
+    let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &pattern(n * PAGE, |i| i + 1)).unwrap();
+    space.set_policy(Arc::new(hetmem::policy::adaptive::AdaptivePolicy::new()));
+    let dev = SoftDevice::private(2 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let all = want(n);
+    let read = |lo: usize, hi: usize| {
+        let mut buf = vec![0u8; PAGE];
+        for p in lo..hi {
+            m.read(a.add(p * PAGE), PAGE, &mut buf).unwrap();
+            assert!(
+                ints(&buf) == all[p * PAGE / 4..(p + 1) * PAGE / 4],
+                "page {p}"
+            );
+        }
+    };
+    let remote = || {
+        dev.link()
+            .traffic(hetmem::link::Traffic::DeviceRemote)
+            .bytes
+    };
+    read(0, 512);
+    assert_eq!((m.replica_pages(), remote()), (512, 0));
+    read(512, 1024);
+    assert_eq!((m.replica_pages(), remote()), (512, 0), "B took A's place");
+    read(512, 1024);
+    assert_eq!(remote(), 0, "B is local");
+    read(0, 512);
+    assert_eq!(
+        remote(),
+        512 * PAGE as u64,
+        "A lost its place once: read where it is"
+    );
+    // A device write to a page of B migrates it (the policy's choice for writes) with the
+    // dense rest of its 2 MiB, in the frames their replicas gave up; A's pages, mapped where
+    // they are, are written in place.
+    let page = pattern(PAGE, |i| 0xd000_0000 | i);
+    let b = a.add(600 * PAGE);
+    m.write(b, PAGE, &page).unwrap();
+    assert_eq!(space.residency(b), Residency::Device(dev.owner()));
+    assert_eq!(
+        space.residency(a.add(700 * PAGE)),
+        Residency::Device(dev.owner())
+    );
+    assert_eq!(m.replica_pages(), 0);
+    read(700, 1024);
+    m.write(a, PAGE, &page).unwrap();
+    assert_eq!(space.residency(a), Residency::System);
+    for x in [a, b] {
+        let mut back = vec![0u8; PAGE];
+        space.cpu_read(x, &mut back).unwrap();
+        assert_eq!(back, page);
+    }
+}

@@ -559,6 +559,8 @@ struct DevPageTable {
     len: usize,
     /// Entries that are replicas.
     replicas: usize,
+    /// The clock hand of replicas dropped to make room (a virtual page number).
+    replica_hand: usize,
 }
 
 impl DevPageTable {
@@ -614,6 +616,40 @@ impl DevPageTable {
             }
         }
         self.len -= cleared;
+    }
+    /// Drops up to `n` replicas outside pages `keep` (a full device making room: a replica is
+    /// a copy, dropped without a copy back), the next ones from the clock hand on, wrapping
+    /// once. Returns how many went.
+    fn drop_replicas(&mut self, n: usize, keep: (usize, usize), pm: &Pagemap) -> usize {
+        let mut dropped = 0;
+        let start = self.replica_hand;
+        let leaves: Vec<usize> = self
+            .leaves
+            .range(start / LEAF..)
+            .chain(self.leaves.range(..=start / LEAF))
+            .map(|(&li, _)| li)
+            .collect();
+        for li in leaves {
+            if dropped == n || self.replicas == 0 {
+                break;
+            }
+            let leaf = self.leaves.get_mut(&li).expect("listed");
+            for (k, slot) in leaf.iter_mut().enumerate() {
+                let v = li * LEAF + k;
+                if dropped == n {
+                    break;
+                }
+                if (keep.0..keep.1).contains(&v) || !slot.is_some_and(|e| e.replica) {
+                    continue;
+                }
+                let old = slot.take().expect("a replica");
+                Self::release(&mut self.replicas, old, pm);
+                self.len -= 1;
+                dropped += 1;
+                self.replica_hand = v + 1;
+            }
+        }
+        dropped
     }
     /// Clears every replica entry (the device is going away).
     fn clear_replicas(&mut self, pm: &Pagemap) {
@@ -1152,9 +1188,36 @@ impl DeviceMirror {
                 pm,
             );
         };
+        // Frames for a run: free ones; on a full device, the policy may let older replicas of
+        // this device (outside the window) make room, as a migration would evict.
+        let policy = self.inner.space.core.policy();
+        let keep = (r.start.page().0, r.end.page().0);
+        let mut alloc = |first: VirtAddr, n: usize, out: &mut Vec<FrameIdx>| {
+            self.inner.dev.alloc_many(n, out);
+            if out.len() == n {
+                return;
+            }
+            let q = DeviceFull {
+                owner: pm.owner(),
+                kind: pm.kind(),
+                addr: first.add(out.len() * PAGE_SIZE),
+                capacity_pages: pm.nframes(),
+                used_pages: pm.used() / PAGE_SIZE,
+            };
+            if policy.device_full(&q) == DeviceFullAction::EvictAndRetry {
+                let want = n - out.len();
+                if lock(&inner.pt).drop_replicas(want, keep, pm) > 0 {
+                    self.inner.dev.alloc_many(want, out);
+                }
+            }
+        };
         let mut made = 0;
         for run in runs {
-            made += self.inner.space.core.replicate(run, pm, &mut map)? as u64;
+            made += self
+                .inner
+                .space
+                .core
+                .replicate(run, pm, &mut alloc, &mut map)? as u64;
         }
         Ok(made)
     }
@@ -1632,6 +1695,10 @@ impl DeviceMirror {
         };
         match mig.policy().device_full(&q) {
             DeviceFullAction::EvictAndRetry => {
+                // A replica is the cheapest victim: a copy, dropped without a copy back.
+                if lock(&self.inner.pt).drop_replicas(1, (0, 0), pm) == 1 {
+                    return self.inner.dev.alloc(false).ok();
+                }
                 let hand = &self.inner.dev.evict_hand;
                 let (next, _) = mig.evict_one(pm, hand.load(Ordering::Relaxed))?;
                 hand.store(next, Ordering::Relaxed);

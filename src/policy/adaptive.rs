@@ -21,7 +21,9 @@
 //!   was evicted, or taken back by the CPU) stays where it is and is mapped remotely. Cyclic
 //!   access to more data than fits then keeps what is resident instead of evicting the page
 //!   needed next (the least-recently-used trap), which is Belady's choice for a stream.
-//!   Replicas take free frames only (a full device maps the rest where it is).
+//!   The same rule for replicas: a new page's replica takes the place of the device's older
+//!   replicas (which go without a copy back), a page that lost its place once is read where it
+//!   is.
 //!
 //! State lives in a fixed table of 2 MiB regions, as [`super::uvm::UvmPolicy`]'s does (no
 //! allocation after construction; a region hashing onto a slot another holds takes it over, and

@@ -8,8 +8,9 @@
 //!   request and its [`Prefetch`] window to the device (4 KiB each over the link; when the device
 //!   is full, [`Policy::device_full`] decides: evict the next page round robin, or leave the page
 //!   where it is) and maps them; [`Placement::MapRemote`] maps them where they are;
-//!   [`Placement::Replicate`] gives the device read-only copies (4 KiB each, free frames only: never an eviction; a
-//!   replica is never evicted either) and leaves the pages where they are;
+//!   [`Placement::Replicate`] gives the device read-only copies (4 KiB each; when the device is
+//!   full, [`Policy::device_full`] decides: drop the oldest replica outside the fault's window,
+//!   which costs nothing, or leave the page where it is) and leaves the pages where they are;
 //! * a CPU access to a page in device-private memory asks [`Policy::cpu_fault`] and brings the
 //!   page back (4 KiB; the device's entry goes); in device-coherent memory it reads in place
 //!   (its bytes over the link); in system memory, replicated or not, it costs nothing (trace
@@ -85,7 +86,8 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
     // Device-resident pages in the order they arrived (the round-robin hand).
     let mut resident: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     let mut b = Bound::default();
-    let mut replicas = 0usize;
+    // Replicas in the order they were made (the oldest is dropped first).
+    let mut reps: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     let addr = |p: u64| VirtAddr((p as usize).wrapping_mul(PAGE_SIZE) & ((1 << 47) - 1));
     let migrate_in = |p: u64,
                       loc: &mut HashMap<u64, Loc>,
@@ -144,7 +146,7 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                                 &mut loc,
                                 &mut mapped,
                                 &mut resident,
-                                replicas,
+                                reps.len(),
                                 &mut b,
                             ),
                             Placement::Replicate if kind == MemoryKind::Coherent => migrate_in(
@@ -152,15 +154,37 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                                 &mut loc,
                                 &mut mapped,
                                 &mut resident,
-                                replicas,
+                                reps.len(),
                                 &mut b,
                             ),
                             Placement::Replicate
-                                if loc.get(&p).is_none_or(|l| *l == Loc::System)
-                                    && resident.len() + replicas < capacity =>
+                                if loc.get(&p).is_none_or(|l| *l == Loc::System) =>
                             {
+                                if resident.len() + reps.len() >= capacity {
+                                    let full = DeviceFull {
+                                        owner,
+                                        kind,
+                                        addr: addr(p),
+                                        capacity_pages: capacity,
+                                        used_pages: resident.len() + reps.len(),
+                                    };
+                                    let victim = reps
+                                        .iter()
+                                        .position(|v| !(first..first + block).contains(v));
+                                    match (policy.device_full(&full), victim) {
+                                        (DeviceFullAction::EvictAndRetry, Some(i)) => {
+                                            let v = reps.remove(i).expect("found");
+                                            loc.insert(v, Loc::System);
+                                            mapped.remove(&v);
+                                        }
+                                        _ => {
+                                            mapped.insert(p, true);
+                                            continue;
+                                        }
+                                    }
+                                }
                                 loc.insert(p, Loc::Replica);
-                                replicas += 1;
+                                reps.push_back(p);
                                 b.migrations += 1;
                                 b.cost_ns += PAGE_SIZE as f64;
                             }
@@ -278,12 +302,14 @@ mod tests {
 
     #[test]
     fn a_stream_larger_than_the_device_keeps_what_fits_under_the_adaptive_policy() {
-        // 12 pages streamed 3 times through room for 8: replicas fill the device, the rest is
-        // read over the link each round: 8 copies + 3 × 4 remote reads, the Belady bound.
-        let t: Vec<Access> = (0..3).flat_map(|_| (0..12).map(dev)).collect();
+        // 12 pages (one per 2 MiB region: no prefetch window) streamed 3 times through room
+        // for 8. Round 1: 8 replicas, then the last 4 (new pages) take the place of the oldest
+        // 4. Rounds 2 and 3: those 4, having lost their place once, are read over the link: 12
+        // copies + 2 × 4 remote reads, as many bytes as Belady's 8 copies + 3 × 4 remote reads.
+        let t: Vec<Access> = (0..3).flat_map(|_| (0..12).map(|k| dev(k * 512))).collect();
         let b = simulate(&t, &AdaptivePolicy::new(), MemoryKind::Private, 8);
-        assert_eq!(b.migrations, 8);
-        assert_eq!(b.remote_bytes, 3 * 4 * 4096);
+        assert_eq!(b.migrations, 12);
+        assert_eq!(b.remote_bytes, 2 * 4 * 4096);
     }
 
     #[test]

@@ -23,8 +23,11 @@
 //! `range_fault` reports it read-only to every device.
 //!
 //! The device owns its replica frames (they have no reverse-map owner): it frees one when it
-//! clears the entry. Replicas use free frames only: a full device maps the page where it is
-//! instead, and never evicts for a replica.
+//! clears the entry, and may drop its own replicas at any time (its next read faults). A full
+//! device asks the space's policy ([`crate::policy::Policy::device_full`]): to evict, it drops
+//! its own older replicas (a clock over its page table, never inside the window being
+//! replicated); to decline, it maps the page where it is. A migration to a full device that
+//! evicts drops a replica before it evicts a page (a copy goes without a copy back).
 //!
 //! Not replicated (mapped where they are): pages of file mappings (a shared file mapping has
 //! the file cache's own replicas, [`crate::pagecache::FileCache::replicate`]), pages of 2 MiB
@@ -34,7 +37,8 @@ use super::*;
 
 impl SpaceCore {
     /// Makes read-only replicas of the present anonymous pages of `r` in frames of `pm` (a
-    /// device-private pagemap), calling `map(page, frame)` for each under the state lock so that
+    /// device-private pagemap; `alloc(first, n, out)` appends up to `n` of its frames
+    /// for the pages from `first` on: called under the state lock), calling `map(page, frame)` for each under the state lock so that
     /// the device maps it before any invalidation can run. Returns the replicas made; stops when
     /// the device has no free frame (the rest stay where they are). Devices' mappings of the
     /// pages replicated are invalidated first: the caller maps again what it needs of those
@@ -43,6 +47,7 @@ impl SpaceCore {
         &self,
         r: VaRange,
         pm: &Arc<Pagemap>,
+        alloc: &mut dyn FnMut(VirtAddr, usize, &mut Vec<FrameIdx>),
         map: &mut dyn FnMut(VirtAddr, FrameIdx),
     ) -> Result<usize> {
         if pm.kind() != MemoryKind::Private {
@@ -82,7 +87,7 @@ impl SpaceCore {
             // Frames first: only as many pages as the device has free frames for (replicas
             // never evict), so that nothing below is undone for want of one.
             let mut frames = Vec::new();
-            pm.alloc_many((e.get() - a.get()) / PAGE_SIZE, &mut frames);
+            alloc(a, (e.get() - a.get()) / PAGE_SIZE, &mut frames);
             if frames.is_empty() {
                 return Ok(made);
             }
