@@ -251,6 +251,80 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
         let _ = full;
         DeviceFullAction::Decline
     }
+
+    /// The devices' access counters for this policy (read when the policy is set): `None` (the
+    /// default) counts nothing and costs nothing.
+    fn access_counters(&self) -> Option<AccessCounters> {
+        None
+    }
+
+    /// A device's accesses to pages it maps remotely reached the threshold in one region
+    /// ([`AccessCounters`]). The answer places the region: [`Placement::MapRemote`] leaves it
+    /// (the default), [`Placement::Migrate`] or [`Placement::Replicate`] moves or copies its
+    /// pages to the device (best effort), after the device command that counted the accesses.
+    /// Called with no lock held.
+    fn remote_accesses(&self, notice: &RemoteAccesses) -> Placement {
+        let _ = notice;
+        Placement::MapRemote
+    }
+}
+
+/// How a device counts its accesses to pages it maps remotely (system memory over the link),
+/// as NVIDIA's GPUs have since Volta (`uvm_perf_access_counters`): one counter per aligned region
+/// of `granularity` bytes; when a counter reaches `threshold` the device asks the policy
+/// ([`Policy::remote_accesses`]) and the counter starts over. One access is one page read or
+/// written by a device command. Counters live in a fixed table per device and address space
+/// ([`AccessCounters::SLOTS`] regions): a region hashing onto a slot another holds takes it
+/// over, its count lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessCounters {
+    /// The region of one counter, in bytes: a power of two from 64 KiB to 1 GiB (rounded up
+    /// and clamped so).
+    pub granularity: usize,
+    /// Accesses that make a notification (at least 1).
+    pub threshold: u32,
+}
+
+impl AccessCounters {
+    /// Regions counted at once, per device and address space.
+    pub const SLOTS: usize = 1024;
+
+    /// The granularity as a power of two of pages.
+    pub(crate) fn region_pages_log2(self) -> u32 {
+        self.granularity
+            .clamp(64 << 10, 1 << 30)
+            .next_power_of_two()
+            .trailing_zeros()
+            - PAGE_SIZE.trailing_zeros()
+    }
+
+    /// Packed in one word (0: no counters): the granularity's log2 in pages, then the
+    /// threshold.
+    pub(crate) fn pack(c: Option<AccessCounters>) -> u64 {
+        c.map_or(0, |c| {
+            (c.region_pages_log2() as u64) << 32 | c.threshold.max(1) as u64
+        })
+    }
+
+    /// [`Self::pack`]'s word back: (log2 of the region's pages, threshold), or `None`.
+    pub(crate) fn unpack(w: u64) -> Option<(u32, u32)> {
+        (w != 0).then_some(((w >> 32) as u32, w as u32))
+    }
+}
+
+/// A device's remote accesses in one region reached its threshold (see [`AccessCounters`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteAccesses {
+    /// The device.
+    pub owner: Owner,
+    /// Its memory type.
+    pub kind: MemoryKind,
+    /// The region: `granularity` bytes, aligned.
+    pub start: VirtAddr,
+    /// One past its end.
+    pub end: VirtAddr,
+    /// The accesses counted (the threshold).
+    pub accesses: u32,
 }
 
 /// The coherent-aware policy: never migrate back what the CPU can use in place. A device fault

@@ -596,3 +596,70 @@ fn hints_place_ranges_and_an_async_prefetch_completes() {
     space.cpu_read(a, &mut back).unwrap();
     assert!(back == data, "a byte changed");
 }
+
+/// Maps device faults remotely and migrates a 64 KiB region after 48 remote accesses.
+#[derive(Debug)]
+struct CountingPolicy;
+
+impl Policy for CountingPolicy {
+    fn access_counters(&self) -> Option<AccessCounters> {
+        Some(AccessCounters {
+            granularity: 64 << 10,
+            threshold: 48,
+        })
+    }
+    fn remote_accesses(&self, n: &RemoteAccesses) -> Placement {
+        assert_eq!(n.end.get() - n.start.get(), 64 << 10);
+        assert_eq!(n.accesses, 48);
+        Placement::Migrate
+    }
+}
+
+#[test]
+fn access_counters_migrate_a_region_the_device_keeps_reading_remotely() {
+    let _w = watchdog("access_counters", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    // Two 64 KiB regions of 16 pages, aligned.
+    let base = space.map_anon(4 << 20, Prot::ReadWrite).unwrap();
+    let a = VirtAddr((base.get() + (1 << 20)) & !((1 << 20) - 1));
+    let data = pattern(32 * PAGE, |i| i * 3 + 1);
+    space.cpu_write(a, &data).unwrap();
+    space.set_policy(Arc::new(CountingPolicy));
+    let remote = || {
+        dev.link()
+            .traffic(hetmem::link::Traffic::DeviceRemote)
+            .bytes
+    };
+    let mut buf = vec![0u8; 16 * PAGE];
+    // Region 0 read twice: 32 remote accesses, under the threshold.
+    for _ in 0..2 {
+        m.read(a, 16 * PAGE, &mut buf).unwrap();
+        assert_eq!(buf, data[..16 * PAGE]);
+    }
+    assert_eq!(space.residency(a), Residency::System);
+    // The third read reaches 48: after it, the region is in device memory.
+    m.read(a, 16 * PAGE, &mut buf).unwrap();
+    for p in 0..16 {
+        assert_eq!(
+            space.residency(page(a, p)),
+            Residency::Device(dev.owner()),
+            "page {p}"
+        );
+    }
+    // Region 1, read once, stays where it is; region 0's reads are now local.
+    m.read(page(a, 16), 16 * PAGE, &mut buf).unwrap();
+    assert_eq!(buf, data[16 * PAGE..]);
+    assert_eq!(space.residency(page(a, 16)), Residency::System);
+    let before = remote();
+    m.read(a, 16 * PAGE, &mut buf).unwrap();
+    assert_eq!(buf, data[..16 * PAGE]);
+    assert_eq!(remote(), before, "local reads");
+    // Without counters (the default policy) nothing moves however often the device reads.
+    space.set_policy(Arc::new(DefaultPolicy));
+    for _ in 0..8 {
+        m.read(page(a, 16), 16 * PAGE, &mut buf).unwrap();
+    }
+    assert_eq!(space.residency(page(a, 16)), Residency::System);
+}

@@ -335,3 +335,113 @@ fn under_the_adaptive_policy_new_data_takes_the_place_of_older_replicas() {
         assert_eq!(back, page);
     }
 }
+
+#[test]
+fn a_replicated_page_the_program_drops_loses_its_replicas_and_reads_as_zeros_everywhere() {
+    // A direct madvise(MADV_DONTNEED) of a replicated page raises no event: the refill of the
+    // dropped page (at the next CPU access, or the next access of a device that maps it where
+    // it is) drops the replicas, which held the old bytes. (Until then a device holding a
+    // replica reads the bytes from before the drop: a documented limit.)
+    let _w = watchdog("replica_madvise", 30);
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let (space, a, _h) = setup_in(mode);
+        let dev = SoftDevice::private(16 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+        // SAFETY: `a..a + PAGES pages` is managed memory of `space` (mapped above), where no
+        // Rust object lives.
+        unsafe { hetmem::sys::madvise_dontneed(a.get(), 2 * PAGE) }.unwrap();
+        // The CPU reads page 0 (refilled with zeros), then stores to it: no stale replica.
+        assert_eq!(space.load_u32(a).unwrap(), 0, "{mode:?}");
+        space.store_u32(a.add(8), 5).unwrap();
+        // Page 1: the CPU's read refills it.
+        assert_eq!(space.load_u32(a.add(PAGE)).unwrap(), 0, "{mode:?}");
+        let mut w = want(PAGES);
+        w[..2 * PAGE / 4].fill(0);
+        w[2] = 5;
+        assert_eq!(dev_read(&m, a, PAGES), w, "{mode:?}");
+        // Page 4, dropped: a second device's first read (read-mostly) finds it gone, refills
+        // it, and the first device's replica goes.
+        let d2 = SoftDevice::private(16 << 20).unwrap();
+        let m2 = d2.mirror(&space).unwrap();
+        // SAFETY: as above.
+        unsafe { hetmem::sys::madvise_dontneed(a.add(4 * PAGE).get(), PAGE) }.unwrap();
+        w[4 * PAGE / 4..5 * PAGE / 4].fill(0);
+        assert_eq!(dev_read(&m2, a, PAGES), w, "{mode:?}");
+        assert_eq!(dev_read(&m, a, PAGES), w, "{mode:?}");
+    }
+}
+
+#[test]
+fn replicas_dropped_while_the_mapping_is_read_only_leave_the_page_writable_again() {
+    let _w = watchdog("replica_read_only", 30);
+    let (space, a, _h) = setup();
+    let d1 = SoftDevice::private(16 << 20).unwrap();
+    let m1 = d1.mirror(&space).unwrap();
+    assert_eq!(dev_read(&m1, a, PAGES), want(PAGES));
+    space.protect(a, PAGES * PAGE, Prot::Read).unwrap();
+    let pin = space.pin(a, PAGE, false).unwrap();
+    drop(pin);
+    space.protect(a, PAGES * PAGE, Prot::ReadWrite).unwrap();
+    // A device store to page 0 goes through (no protection left behind).
+    let page = pattern(PAGE, |i| 0xe000_0000 | i);
+    let d2 = SoftDevice::private(16 << 20).unwrap();
+    let m2 = d2.mirror(&space).unwrap();
+    space.set_policy(Arc::new(DefaultPolicy));
+    m2.write(a, PAGE, &page).unwrap();
+    let mut back = vec![0u8; PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert_eq!(back, page);
+}
+
+#[test]
+fn a_mirror_that_goes_leaves_no_page_protected() {
+    // After the only device holding replicas goes, the program's own system calls can write
+    // into the pages again (in signal mode a protected page would refuse them: EFAULT).
+    let _w = watchdog("replica_mirror_drop", 30);
+    let (space, a, _h) = setup();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+    drop(m);
+    assert_eq!(dev.used(), 0);
+    let faults = space.stats().cpu_faults;
+    space.store_u32(a, 9).unwrap();
+    assert_eq!(space.stats().cpu_faults, faults, "a store takes no fault");
+}
+
+#[test]
+fn after_a_fork_the_child_reads_and_writes_its_copy_and_the_parents_store_still_drops_replicas() {
+    let _w = watchdog("replica_fork", 30);
+    let (space, a, _h) = setup();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+    let probe = space.probe(a, PAGES * PAGE).unwrap();
+    let first = want(PAGES);
+    let probe_ref = &probe;
+    // SAFETY: the child only loads and stores through the probe (bounds checks and volatile
+    // accesses of its own copy: no allocation, no lock) and exits with a code.
+    let st = unsafe {
+        hetmem::sys::fork_and_wait(|| {
+            for p in 0..PAGES {
+                let x = a.add(p * PAGE);
+                if probe_ref.load_u32(x).ok() != Some(first[p * PAGE / 4]) {
+                    return 10;
+                }
+                if probe_ref.store_u32(x, 0xc41d).is_err() {
+                    return 11;
+                }
+            }
+            0
+        })
+    }
+    .unwrap();
+    assert_eq!(st, hetmem::sys::ChildExit::Exited(0));
+    // The child's stores stayed in the child; the parent's store drops the replica.
+    assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+    probe.store_u32(a.add(2 * PAGE), 77).unwrap();
+    let mut w = want(PAGES);
+    w[2 * PAGE / 4] = 77;
+    assert_eq!(dev_read(&m, a, PAGES), w);
+}

@@ -59,7 +59,7 @@ use crate::policy::{
 };
 use crate::pool::{FrameOwner, MemoryKind, Owner, Pagemap, PagemapId};
 use crate::space::{Space, space_by_id};
-use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, Weak, lock};
 
 /// Pages per `range_fault` call of the device's fault path (dmirror: 32... 64 in older kernels).
 pub const FAULT_CHUNK_PAGES: usize = 32;
@@ -466,6 +466,9 @@ impl SoftDevice {
             space: space.clone(),
             notifier: Mutex::new(None),
             pt: Mutex::new(DevPageTable::default()),
+            counters: (0..crate::policy::AccessCounters::SLOTS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         });
         let ops: Weak<dyn IntervalOps> = {
             let w: Weak<MirrorInner> = Arc::downgrade(&inner);
@@ -541,6 +544,50 @@ struct MirrorInner {
     notifier: Mutex<Option<Arc<IntervalNotifier>>>,
     /// The device page table (lock 2 of the space module's lock order).
     pt: Mutex<DevPageTable>,
+    /// Access counters ([`crate::policy::AccessCounters`]): per slot, the region number + 1
+    /// (high 32 bits) and its count (low 32 bits). Atomics: counted without a lock.
+    counters: Box<[AtomicU64]>,
+}
+
+/// What one command's copies count of its remote accesses ([`crate::policy::AccessCounters`]).
+struct RemoteCount {
+    /// (log2 of a region's pages, threshold), or `None`: nothing is counted.
+    cfg: Option<(u32, u32)>,
+    /// Regions whose counter reached the threshold during the command.
+    due: Vec<usize>,
+}
+
+impl RemoteCount {
+    /// Counts nothing.
+    fn off() -> RemoteCount {
+        RemoteCount {
+            cfg: None,
+            due: Vec::new(),
+        }
+    }
+
+    /// Counts an access to page `vpn` over the link.
+    fn hit(&mut self, counters: &[AtomicU64], vpn: usize) {
+        let Some((log2, threshold)) = self.cfg else {
+            return;
+        };
+        let region = vpn >> log2;
+        let tag = (region as u64 + 1) << 32;
+        let slot = &counters[crate::policy::region_slot(region as u64, counters.len())];
+        let mut fired = false;
+        let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            let n = if w & !0xffff_ffff == tag {
+                (w & 0xffff_ffff) + 1
+            } else {
+                1
+            };
+            fired = n >= threshold as u64;
+            Some(tag | if fired { 0 } else { n })
+        });
+        if fired && !self.due.contains(&region) {
+            self.due.push(region);
+        }
+    }
 }
 
 const LEAF: usize = 512;
@@ -650,6 +697,29 @@ impl DevPageTable {
             }
         }
         dropped
+    }
+    /// The runs of pages this table holds replicas of.
+    fn replica_runs(&self) -> Vec<VaRange> {
+        let mut runs: Vec<VaRange> = Vec::new();
+        if self.replicas == 0 {
+            return runs;
+        }
+        for (&li, leaf) in &self.leaves {
+            for (k, slot) in leaf.iter().enumerate() {
+                if !slot.is_some_and(|e| e.replica) {
+                    continue;
+                }
+                let a = Vpn(li * LEAF + k).addr();
+                match runs.last_mut() {
+                    Some(r) if r.end == a => r.end = a.add(PAGE_SIZE),
+                    _ => runs.push(VaRange {
+                        start: a,
+                        end: a.add(PAGE_SIZE),
+                    }),
+                }
+            }
+        }
+        runs
     }
     /// Clears every replica entry (the device is going away).
     fn clear_replicas(&mut self, pm: &Pagemap) {
@@ -799,6 +869,18 @@ impl Drop for DeviceMirror {
     fn drop(&mut self) {
         if let Some(n) = lock(&self.inner.notifier).take() {
             self.inner.space.core.remove_notifier(&n);
+        }
+        // The pages it held replicas of lose their marks and their protection (with any other
+        // device's replicas of them, which come back at that device's next read): a mark with
+        // no replica would make every store fault, and refuse the kernel's writes (`read(2)`
+        // into the page) in signal mode.
+        let core = &self.inner.space.core;
+        if core.check_process().is_ok() {
+            let runs = lock(&self.inner.pt).replica_runs();
+            let mut st = core.lock_state();
+            for r in runs {
+                core.drop_replicas(&mut st, r);
+            }
         }
         // No invalidation reaches the page table any more: its replicas go now.
         lock(&self.inner.pt).clear_replicas(&self.inner.dev.pagemap);
@@ -992,6 +1074,7 @@ impl DeviceMirror {
         buf: &mut [u8],
         write: bool,
         cpages: &mut u64,
+        count: &mut RemoteCount,
     ) -> Result<Step> {
         let mut pt = lock(&self.inner.pt);
         let first = r.start.page().0;
@@ -1011,6 +1094,7 @@ impl DeviceMirror {
                 link.charge(Traffic::DeviceLocal, PAGE_SIZE as u64, 0);
             } else {
                 link.charge(Traffic::DeviceRemote, PAGE_SIZE as u64, 1);
+                count.hit(&self.inner.counters, *cur);
             }
             if self.inner.dev.copy_fails() {
                 return Err(Error::os(
@@ -1040,8 +1124,9 @@ impl DeviceMirror {
                     mm.read_if_there(v.addr(), &mut buf[o..o + len])
                 } / PAGE_SIZE;
                 // The run's first page was charged above; the others as they were copied.
-                for _ in 1..done {
+                for k in 1..done {
                     link.charge(Traffic::DeviceRemote, PAGE_SIZE as u64, 1);
+                    count.hit(&self.inner.counters, *cur + k);
                 }
                 *cur += done;
                 *cpages += done as u64;
@@ -1222,6 +1307,50 @@ impl DeviceMirror {
         Ok(made)
     }
 
+    /// Asks the space's policy what to do with each region whose access counter reached its
+    /// threshold during a command ([`crate::policy::Policy::remote_accesses`]), and does it:
+    /// best effort, bounded by the region's mapping.
+    fn serve_access_counters(&self, count: &RemoteCount) {
+        let Some((log2, threshold)) = count.cfg.filter(|_| !count.due.is_empty()) else {
+            return;
+        };
+        let policy = self.inner.space.core.policy();
+        let pm = &self.inner.dev.pagemap;
+        for &region in &count.due {
+            let start = Vpn(region << log2).addr();
+            let end = Vpn((region + 1) << log2).addr();
+            let Some(vma) = self.inner.space.vma_range(start.max(VirtAddr(0))) else {
+                continue;
+            };
+            let r = VaRange {
+                start: start.max(vma.start),
+                end: end.min(vma.end),
+            };
+            if r.start >= r.end {
+                continue;
+            }
+            let notice = crate::policy::RemoteAccesses {
+                owner: pm.owner(),
+                kind: pm.kind(),
+                start,
+                end,
+                accesses: threshold,
+            };
+            match policy.remote_accesses(&notice) {
+                Placement::Migrate => {
+                    let _ = self.migrate_range(r);
+                }
+                Placement::Replicate if pm.kind() == MemoryKind::Private => {
+                    let _ = self.replicate_window(r);
+                }
+                Placement::Replicate => {
+                    let _ = self.migrate_range(r);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Pages this device holds read-only replicas of ([`Placement::Replicate`]; replicas of
     /// file pages are counted by their cache, [`crate::pagecache::FileCache::replica_owners`]).
     pub fn replica_pages(&self) -> usize {
@@ -1354,9 +1483,22 @@ impl DeviceMirror {
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
         let mut dropped = None;
+        let mut count = RemoteCount {
+            cfg: crate::policy::AccessCounters::unpack(
+                self.inner
+                    .space
+                    .core
+                    .access_counters
+                    .load(Ordering::Relaxed),
+            ),
+            due: Vec::new(),
+        };
         loop {
-            match self.do_rw(&r, &mut cur, buf, write, &mut out.cpages)? {
-                Step::Done => return Ok(out),
+            match self.do_rw(&r, &mut cur, buf, write, &mut out.cpages, &mut count)? {
+                Step::Done => {
+                    self.serve_access_counters(&count);
+                    return Ok(out);
+                }
                 Step::Fault => {}
                 Step::Dropped(a) => self.refill_dropped(a, &mut dropped)?,
             }
@@ -1411,7 +1553,14 @@ impl DeviceMirror {
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
         if matches!(
-            self.do_rw(r, &mut cur, buf, false, &mut out.cpages)?,
+            self.do_rw(
+                r,
+                &mut cur,
+                buf,
+                false,
+                &mut out.cpages,
+                &mut RemoteCount::off(),
+            )?,
             Step::Done
         ) {
             return Ok(out);
@@ -1419,7 +1568,14 @@ impl DeviceMirror {
         if remap_own {
             self.remap_own(r, cur)?;
             if matches!(
-                self.do_rw(r, &mut cur, buf, false, &mut out.cpages)?,
+                self.do_rw(
+                    r,
+                    &mut cur,
+                    buf,
+                    false,
+                    &mut out.cpages,
+                    &mut RemoteCount::off(),
+                )?,
                 Step::Done
             ) {
                 return Ok(out);

@@ -122,6 +122,13 @@ pub trait Mm: Send + Sync {
     fn write_protect(&self, r: VaRange, on: bool, mode: FaultMode) -> Result<(), UffdError>;
     /// Wakes threads waiting on faults in `r` (thread mode).
     fn wake(&self, r: VaRange, mode: FaultMode);
+    /// How many of the `pages` pages from `addr` on the kernel has now (at most 64: the caller
+    /// asks again for the rest), told without touching them: hetmem's own raw copies under its
+    /// locks read only those (a page the program dropped behind hetmem's back would fault).
+    fn present_prefix(&self, addr: VirtAddr, pages: usize) -> usize {
+        let _ = addr;
+        pages.min(64)
+    }
     /// Copies out of present pages.
     fn read(&self, addr: VirtAddr, dst: &mut [u8]);
     /// Copies into present, writable pages.
@@ -782,6 +789,10 @@ impl Mm for KernelMm {
                 let _ = u.wake(r.start.get(), r.len());
             })
         }
+    }
+
+    fn present_prefix(&self, addr: VirtAddr, pages: usize) -> usize {
+        sys::resident_prefix(addr.get(), pages)
     }
 
     fn read(&self, addr: VirtAddr, dst: &mut [u8]) {

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Mutex, lock};
 
 use super::{
-    CpuFault, CpuFaultAction, DeviceFault, DeviceFaultDecision, DeviceFull, DeviceFullAction,
-    Placement, Policy, Prefetch,
+    AccessCounters, CpuFault, CpuFaultAction, DeviceFault, DeviceFaultDecision, DeviceFull,
+    DeviceFullAction, Placement, Policy, Prefetch, RemoteAccesses,
 };
 use crate::addr::VirtAddr;
 use crate::error::{Error, Result};
@@ -178,6 +178,18 @@ impl Policy for HintPolicy {
         match self.hint_at(full.addr) {
             Some(Advice::PreferDevice) => DeviceFullAction::EvictAndRetry,
             _ => self.fallback.device_full(full),
+        }
+    }
+
+    fn access_counters(&self) -> Option<AccessCounters> {
+        self.fallback.access_counters()
+    }
+
+    fn remote_accesses(&self, notice: &RemoteAccesses) -> Placement {
+        match self.hint_at(notice.start) {
+            Some(Advice::PreferSystem) => Placement::MapRemote,
+            Some(Advice::PreferDevice) => Placement::Migrate,
+            _ => self.fallback.remote_accesses(notice),
         }
     }
 }

@@ -11,6 +11,9 @@
 //!   [`Placement::Replicate`] gives the device read-only copies (4 KiB each; when the device is
 //!   full, [`Policy::device_full`] decides: drop the oldest replica outside the fault's window,
 //!   which costs nothing, or leave the page where it is) and leaves the pages where they are;
+//!   a policy's access counters ([`Policy::access_counters`]) count the device's remote
+//!   accesses per region, and a region that reaches the threshold is placed as
+//!   [`Policy::remote_accesses`] says (the trace's pages in it);
 //! * a CPU access to a page in device-private memory asks [`Policy::cpu_fault`] and brings the
 //!   page back (4 KiB; the device's entry goes); in device-coherent memory it reads in place
 //!   (its bytes over the link); in system memory, replicated or not, it costs nothing (trace
@@ -29,7 +32,10 @@
 use std::collections::HashMap;
 
 use super::oracle::{Access, Agent, Bound};
-use super::{CpuFault, DeviceFault, DeviceFull, DeviceFullAction, Placement, Policy, Prefetch};
+use super::{
+    AccessCounters, CpuFault, DeviceFault, DeviceFull, DeviceFullAction, Placement, Policy,
+    Prefetch, RemoteAccesses,
+};
 use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::error::{Error, Result};
 use crate::pool::{MemoryKind, Owner};
@@ -89,24 +95,39 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
     // Replicas in the order they were made (the oldest is dropped first).
     let mut reps: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     let addr = |p: u64| VirtAddr((p as usize).wrapping_mul(PAGE_SIZE) & ((1 << 47) - 1));
+    // Access counters: per region, the device's remote accesses since the last notification.
+    let counting = AccessCounters::unpack(AccessCounters::pack(policy.access_counters()));
+    let mut counts: HashMap<u64, u32> = HashMap::new();
+    let last_page = trace.iter().map(|a| a.page).max().unwrap_or(0);
     let migrate_in = |p: u64,
                       loc: &mut HashMap<u64, Loc>,
                       mapped: &mut HashMap<u64, bool>,
                       resident: &mut std::collections::VecDeque<u64>,
-                      replicas: usize,
+                      reps: &mut std::collections::VecDeque<u64>,
                       b: &mut Bound| {
         if loc.get(&p) == Some(&Loc::Device) {
             return;
         }
-        if resident.len() + replicas >= capacity {
+        if loc.get(&p) == Some(&Loc::Replica) {
+            // The migration's invalidation drops the replica first.
+            reps.retain(|&r| r != p);
+            loc.insert(p, Loc::System);
+        }
+        if resident.len() + reps.len() >= capacity {
             let full = DeviceFull {
                 owner,
                 kind,
                 addr: addr(p),
                 capacity_pages: capacity,
-                used_pages: resident.len(),
+                used_pages: resident.len() + reps.len(),
             };
             match policy.device_full(&full) {
+                // A replica is the cheapest victim: dropped, nothing copied back.
+                DeviceFullAction::EvictAndRetry if !reps.is_empty() => {
+                    let v = reps.pop_front().expect("not empty");
+                    loc.insert(v, Loc::System);
+                    mapped.remove(&v);
+                }
                 DeviceFullAction::EvictAndRetry if !resident.is_empty() => {
                     let v = resident.pop_front().expect("not empty");
                     loc.insert(v, Loc::System);
@@ -146,7 +167,7 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                                 &mut loc,
                                 &mut mapped,
                                 &mut resident,
-                                reps.len(),
+                                &mut reps,
                                 &mut b,
                             ),
                             Placement::Replicate if kind == MemoryKind::Coherent => migrate_in(
@@ -154,7 +175,7 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                                 &mut loc,
                                 &mut mapped,
                                 &mut resident,
-                                reps.len(),
+                                &mut reps,
                                 &mut b,
                             ),
                             Placement::Replicate
@@ -199,6 +220,52 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                 {
                     b.remote_bytes += a.bytes as u64;
                     b.cost_ns += a.bytes as f64;
+                    if let Some((log2, threshold)) = counting {
+                        let region = a.page >> log2;
+                        let n = counts.entry(region).or_insert(0);
+                        *n += 1;
+                        if *n >= threshold {
+                            *n = 0;
+                            let (s, e) =
+                                (region << log2, ((region + 1) << log2).min(last_page + 1));
+                            let notice = RemoteAccesses {
+                                owner,
+                                kind,
+                                start: addr(region << log2),
+                                end: addr((region + 1) << log2),
+                                accesses: threshold,
+                            };
+                            match policy.remote_accesses(&notice) {
+                                Placement::MapRemote => {}
+                                Placement::Replicate if kind == MemoryKind::Private => {
+                                    for p in s..e {
+                                        if loc.get(&p).is_none_or(|l| *l == Loc::System)
+                                            && resident.len() + reps.len() < capacity
+                                        {
+                                            loc.insert(p, Loc::Replica);
+                                            reps.push_back(p);
+                                            mapped.insert(p, true);
+                                            b.migrations += 1;
+                                            b.cost_ns += PAGE_SIZE as f64;
+                                        }
+                                    }
+                                }
+                                _ => {
+                                    for p in s..e {
+                                        migrate_in(
+                                            p,
+                                            &mut loc,
+                                            &mut mapped,
+                                            &mut resident,
+                                            &mut reps,
+                                            &mut b,
+                                        );
+                                        mapped.insert(p, true);
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
             Agent::Cpu => match (here, kind) {
@@ -310,6 +377,33 @@ mod tests {
         let b = simulate(&t, &AdaptivePolicy::new(), MemoryKind::Private, 8);
         assert_eq!(b.migrations, 12);
         assert_eq!(b.remote_bytes, 2 * 4 * 4096);
+    }
+
+    #[test]
+    fn access_counters_migrate_a_region_after_its_threshold() {
+        // Map remotely; migrate a 64 KiB region (16 pages) after 48 remote accesses.
+        #[derive(Debug)]
+        struct Counting;
+        impl Policy for Counting {
+            fn access_counters(&self) -> Option<AccessCounters> {
+                Some(AccessCounters {
+                    granularity: 64 << 10,
+                    threshold: 48,
+                })
+            }
+            fn remote_accesses(&self, _: &RemoteAccesses) -> Placement {
+                Placement::Migrate
+            }
+        }
+        // 5 rounds over 32 pages (two regions), region 1 read in the first round only.
+        let t: Vec<Access> = (0..5)
+            .flat_map(|r| (0..if r == 0 { 32 } else { 16 }).map(dev))
+            .collect();
+        let b = simulate(&t, &Counting, MemoryKind::Private, 1024);
+        // Region 0: 3 rounds remote (the 48th access migrates its 16 pages), then local;
+        // region 1: one round remote, never migrated.
+        assert_eq!(b.migrations, 16);
+        assert_eq!(b.remote_bytes, (3 * 16 + 16) * 4096);
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //!   the device [`UvmPolicy::THRASH_LIMIT`] times is *pinned* where it is: the device's next
 //!   faults on it map it remotely instead of migrating it, for [`UvmPolicy::PIN_FAULTS`] device
 //!   faults, after which it may migrate again (its count starts over).
+//! * **Access-counter migration** (`uvm_perf_access_counters`, Volta and later): the device
+//!   counts its accesses to pages it maps remotely, per 2 MiB region
+//!   ([`UvmPolicy::ACCESS_GRANULARITY`]); after [`UvmPolicy::ACCESS_THRESHOLD`] of them the
+//!   region migrates to the device, unless thrashing detection has pinned a block of it (the
+//!   counters would undo the pin and start the ping-pong again). UVM's defaults.
 //! * **Oversubscription**: a full device evicts (one page, round robin) and retries.
 //!
 //! State lives in a fixed table of 2 MiB regions (allocated when the policy is made: the CPU
@@ -21,8 +26,8 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::{
-    CpuFault, CpuFaultAction, DeviceFault, DeviceFaultDecision, DeviceFull, DeviceFullAction,
-    Placement, Policy, Prefetch,
+    AccessCounters, CpuFault, CpuFaultAction, DeviceFault, DeviceFaultDecision, DeviceFull,
+    DeviceFullAction, Placement, Policy, Prefetch, RemoteAccesses,
 };
 use crate::addr::PAGE_SIZE;
 use crate::sys::LARGE_PAGE_SIZE;
@@ -43,6 +48,8 @@ struct Region {
     back: [AtomicU32; BLOCKS],
     /// Per 64 KiB block: device faults left while it is pinned (0: not pinned).
     pinned: [AtomicU32; BLOCKS],
+    /// Blocks thrashing detection ever pinned (one bit each): access counters leave them.
+    thrashed: AtomicU64,
 }
 
 impl Region {
@@ -52,6 +59,7 @@ impl Region {
             faulted: std::array::from_fn(|_| AtomicU64::new(0)),
             back: std::array::from_fn(|_| AtomicU32::new(0)),
             pinned: std::array::from_fn(|_| AtomicU32::new(0)),
+            thrashed: AtomicU64::new(0),
         }
     }
 
@@ -63,6 +71,7 @@ impl Region {
         for c in self.back.iter().chain(&self.pinned) {
             c.store(0, Ordering::Relaxed);
         }
+        self.thrashed.store(0, Ordering::Relaxed);
         self.tag.store(tag, Ordering::Release);
     }
 
@@ -95,6 +104,11 @@ impl UvmPolicy {
     pub const PIN_FAULTS: u32 = 16;
     /// 2 MiB regions the policy remembers (4 GiB of address space at once).
     pub const SLOTS: usize = 2048;
+    /// The access counters' region (UVM's `uvm_perf_access_counter_granularity` default).
+    pub const ACCESS_GRANULARITY: usize = LARGE_PAGE_SIZE;
+    /// Remote accesses to a region that migrate it (UVM's
+    /// `uvm_perf_access_counter_threshold` default).
+    pub const ACCESS_THRESHOLD: u32 = 256;
 
     /// A policy with an empty history.
     pub fn new() -> UvmPolicy {
@@ -121,6 +135,7 @@ impl Policy for UvmPolicy {
         let n = reg.back[b].fetch_add(1, Ordering::Relaxed) + 1;
         if n >= Self::THRASH_LIMIT && reg.pinned[b].load(Ordering::Relaxed) == 0 {
             reg.pinned[b].store(Self::PIN_FAULTS, Ordering::Relaxed);
+            reg.thrashed.fetch_or(1 << b, Ordering::Relaxed);
         }
         CpuFaultAction::MigrateBack
     }
@@ -169,6 +184,24 @@ impl Policy for UvmPolicy {
 
     fn device_full(&self, _full: &DeviceFull) -> DeviceFullAction {
         DeviceFullAction::EvictAndRetry
+    }
+
+    fn access_counters(&self) -> Option<AccessCounters> {
+        Some(AccessCounters {
+            granularity: Self::ACCESS_GRANULARITY,
+            threshold: Self::ACCESS_THRESHOLD,
+        })
+    }
+
+    fn remote_accesses(&self, notice: &RemoteAccesses) -> Placement {
+        let reg = self.region((notice.start.get() / LARGE_PAGE_SIZE) as u64);
+        if reg.thrashed.load(Ordering::Relaxed) != 0 {
+            // Thrashing detection found it going back and forth: the counters leave it where
+            // it is (its pin lapses, but the history stays).
+            Placement::MapRemote
+        } else {
+            Placement::Migrate
+        }
     }
 }
 
@@ -257,6 +290,27 @@ mod tests {
         // ...then it may migrate again; another block was never pinned.
         assert_eq!(dev(&p, 40).placement, Placement::Migrate);
         assert_eq!(dev(&p, 100).placement, Placement::Migrate);
+    }
+
+    #[test]
+    fn remote_accesses_migrate_a_region_unless_thrashing_pins_it() {
+        let p = UvmPolicy::new();
+        assert_eq!(p.access_counters().unwrap().threshold, 256);
+        let notice = |region: usize| RemoteAccesses {
+            owner: Owner(1),
+            kind: MemoryKind::Private,
+            start: VirtAddr(BASE + region * LARGE_PAGE_SIZE),
+            end: VirtAddr(BASE + (region + 1) * LARGE_PAGE_SIZE),
+            accesses: 256,
+        };
+        assert_eq!(p.remote_accesses(&notice(0)), Placement::Migrate);
+        // Region 0's block at page 40 thrashes: pinned, so the region stays remote.
+        dev(&p, 40);
+        for k in 0..UvmPolicy::THRASH_LIMIT {
+            cpu(&p, 40 + k as usize);
+        }
+        assert_eq!(p.remote_accesses(&notice(0)), Placement::MapRemote);
+        assert_eq!(p.remote_accesses(&notice(1)), Placement::Migrate);
     }
 
     #[test]

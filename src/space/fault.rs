@@ -266,7 +266,7 @@ impl SpaceCore {
                 // raises no event: then every access would fault here forever. Installing the
                 // page tells them apart (EEXIST: it is there) and gives a dropped page what the
                 // kernel gives it: zeros, or the file's bytes in a private file mapping.
-                if let Err(e) = self.refill_dropped(&st, a) {
+                if let Err(e) = self.refill_dropped(&mut st, a) {
                     return match e {
                         Error::MemoryFailure { .. } => {
                             unserved("the page's data was lost to a memory failure")
@@ -363,10 +363,10 @@ impl SpaceCore {
     /// A device found system page `a` gone (dropped by a direct `madvise` behind hetmem's
     /// back): refills it as [`Self::refill_dropped`] does, if its entry still says present.
     pub(crate) fn refill_if_dropped(&self, a: VirtAddr) -> Result<()> {
-        let st = self.lock_state();
+        let mut st = self.lock_state();
         match st.pte(a) {
             Some(p) if p.state() == PageState::Present && !p.migrating() => {
-                self.refill_dropped(&st, a)
+                self.refill_dropped(&mut st, a)
             }
             _ => Ok(()),
         }
@@ -374,8 +374,8 @@ impl SpaceCore {
 
     /// Installs page `a` of a `Present` entry if the kernel has no page there (dropped by a
     /// direct `madvise`): zeros, or for a private file mapping the file's bytes. Nothing when the
-    /// page is there.
-    pub(super) fn refill_dropped(&self, st: &SpaceState, a: VirtAddr) -> Result<()> {
+    /// page is there. A dropped page's read-only replicas hold the bytes it had: they go.
+    pub(super) fn refill_dropped(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
         let v = st.vma(a).expect("caller found the pte");
         let src = match &v.file {
             None => &self.zero,
@@ -391,7 +391,17 @@ impl SpaceCore {
             }
         };
         match self.mm.install(a, src, 0, PAGE_SIZE, v.mode) {
-            Ok(()) | Err(sys::UffdError::Exists) => Ok(()),
+            Ok(()) => {
+                if st.pte(a).is_some_and(|p| p.replicated()) {
+                    let one = VaRange {
+                        start: a,
+                        end: a.add(PAGE_SIZE),
+                    };
+                    self.drop_replicas(st, one);
+                }
+                Ok(())
+            }
+            Err(sys::UffdError::Exists) => Ok(()),
             Err(e) => Err(Error::os("refill a dropped page", e.into())),
         }
     }

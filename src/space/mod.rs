@@ -415,6 +415,9 @@ pub struct SpaceCore {
     /// only when there is one, so that a fault with nobody waiting makes no futex call.
     pub(crate) migration_waiters: AtomicU64,
     pub(crate) inv_seq: AtomicU64,
+    /// The policy's access counters ([`crate::policy::AccessCounters::pack`]; 0: none), read by
+    /// devices once per command without the state lock; written with the policy.
+    pub(crate) access_counters: AtomicU64,
     pub(crate) counters: Counters,
     pub(crate) zero: Region,
     /// A 2 MiB staging buffer for fills from files (used under the state lock).
@@ -648,6 +651,7 @@ impl Space {
             migration_done: crate::sync::Condvar::new(),
             migration_waiters: AtomicU64::new(0),
             inv_seq: AtomicU64::new(0),
+            access_counters: AtomicU64::new(0),
             counters: Counters::default(),
             zero,
             bounce,
@@ -1212,7 +1216,12 @@ impl Space {
     /// fault service and by every device bound to the space, from the next decision on. A new
     /// space has [`DefaultPolicy`].
     pub fn set_policy(&self, policy: std::sync::Arc<dyn Policy>) {
-        self.core.lock_state().policy = policy;
+        let mut st = self.core.lock_state();
+        self.core.access_counters.store(
+            crate::policy::AccessCounters::pack(policy.access_counters()),
+            Ordering::Relaxed,
+        );
+        st.policy = policy;
     }
 
     /// The placement policy of this space.

@@ -35,6 +35,9 @@
 
 use super::*;
 
+/// Pages whose presence one question to the kernel tells ([`crate::mm::Mm::present_prefix`]).
+const COPY_CHUNK_PAGES: usize = 64;
+
 impl SpaceCore {
     /// Makes read-only replicas of the present anonymous pages of `r` in frames of `pm` (a
     /// device-private pagemap; `alloc(first, n, out)` appends up to `n` of its frames
@@ -118,20 +121,46 @@ impl SpaceCore {
                 self.unprotect_unreplicated(&st, run, mode);
                 return Err(Error::os("write-protect for a replica", err.into()));
             }
-            for (k, frame) in frames.iter().copied().enumerate() {
+            // Only pages the kernel has are copied: a page the program dropped behind hetmem's
+            // back (a direct madvise) would fault in the copy. It is refilled first, as its next
+            // access would (zeros; its other replicas go), then copied; one that still is not
+            // there is not replicated (its frame goes back).
+            let mut k = 0;
+            let mut refilled = None;
+            while k < frames.len() {
                 let p = a.add(k * PAGE_SIZE);
-                if let Err(err) = self.copy_into_frames(p, pm, frame.offset(), PAGE_SIZE) {
-                    for f in &frames[k..] {
-                        pm.free(*f, false);
+                let n = self.mm.present_prefix(p, frames.len() - k);
+                for j in 0..n {
+                    let (q, frame) = (p.add(j * PAGE_SIZE), frames[k + j]);
+                    if let Err(err) = self.copy_into_frames(q, pm, frame.offset(), PAGE_SIZE) {
+                        for f in &frames[k + j..] {
+                            pm.free(*f, false);
+                        }
+                        self.unprotect_unreplicated(&st, VaRange { start: q, end: e }, mode);
+                        return Err(Error::os("copy into a replica", err));
                     }
-                    self.unprotect_unreplicated(&st, VaRange { start: p, end: e }, mode);
-                    return Err(Error::os("copy into a replica", err));
+                    pm.charge_migration(PAGE_SIZE);
+                    let pte = st.pte(q).expect("in the run");
+                    st.set_pte(q, pte.with_replicated(true));
+                    map(q, frame);
+                    made += 1;
                 }
-                pm.charge_migration(PAGE_SIZE);
-                let pte = st.pte(p).expect("in the run");
-                st.set_pte(p, pte.with_replicated(true));
-                map(p, frame);
-                made += 1;
+                k += n;
+                if n < COPY_CHUNK_PAGES.min(frames.len() - (k - n)) {
+                    let q = a.add(k * PAGE_SIZE);
+                    if refilled != Some(k) && self.refill_dropped(&mut st, q).is_ok() {
+                        refilled = Some(k);
+                        continue;
+                    }
+                    // Still not there: skipped.
+                    pm.free(frames[k], false);
+                    let one = VaRange {
+                        start: q,
+                        end: q.add(PAGE_SIZE),
+                    };
+                    self.unprotect_unreplicated(&st, one, mode);
+                    k += 1;
+                }
             }
             a = e;
         }
@@ -165,7 +194,7 @@ impl SpaceCore {
             }
             // A run of replicated pages in one mapping: one invalidation, one unprotect.
             let v = st.vma(a).expect("has a pte");
-            let (vend, mode, writable) = (v.range.end.min(r.end), v.mode, v.prot.writable());
+            let (vend, mode) = (v.range.end.min(r.end), v.mode);
             let mut e = a;
             while e < vend && v.ptes[v.idx(e)].replicated() {
                 e = e.add(PAGE_SIZE);
@@ -177,9 +206,9 @@ impl SpaceCore {
             for p in &mut v.ptes[i..j] {
                 *p = p.with_replicated(false);
             }
-            if writable {
-                let _ = self.mm.write_protect(run, false, mode);
-            }
+            // Whatever the mapping's permission now: a page left protected with no mark would
+            // refuse a device's store through the kernel once the mapping is writable again.
+            let _ = self.mm.write_protect(run, false, mode);
             a = e;
         }
     }

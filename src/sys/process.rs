@@ -297,6 +297,21 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
     unsafe { ptr::read_volatile(addr as *const u32) }
 }
 
+/// How many pages from `addr` (page-aligned) on, of at most `pages`, are in memory now
+/// (`mincore`), without touching them: the copy that follows reads only those. 0 on an error.
+pub fn resident_prefix(addr: usize, pages: usize) -> usize {
+    const MAX: usize = 64;
+    let mut v = [0u8; MAX];
+    let n = pages.min(MAX);
+    // SAFETY: mincore reads no memory of the range and writes one byte per page asked into
+    // `v`, which holds `MAX >= n` bytes.
+    let r = unsafe { libc::mincore(addr as *mut _, n * PAGE_SIZE, v.as_mut_ptr()) };
+    if r != 0 {
+        return 0;
+    }
+    v[..n].iter().take_while(|b| *b & 1 != 0).count()
+}
+
 /// Whether the page at `addr` is in the CPU's view now (`mincore`: it is in memory and mapped
 /// here; a page that would fault is not), without touching it. `testing` feature.
 #[cfg(feature = "testing")]
