@@ -691,3 +691,46 @@ fn the_replica_of_a_partial_last_page_reads_zeros_past_the_old_end() {
     s.cpu_read(a, &mut buf).unwrap();
     assert!(buf == data);
 }
+
+#[test]
+fn device_release_drops_clean_file_pages_without_a_copy_back_and_keeps_written_ones() {
+    // Clean device-private pages (the disk holds their bytes, the device never wrote them)
+    // leave the cache when the device evicts them: no copy over the link, the next access
+    // reads the file again. Pages the device wrote come back and reach the disk.
+    let _w = watchdog("placement_release_clean", 30);
+    let x = fixture("place-release-clean");
+    x.m.migrate_range_to_device(x.a, N * PAGE).unwrap();
+    let half = pattern(N / 2 * PAGE, |i| 0xabc0_0000 | i);
+    x.m.write(x.a, N / 2 * PAGE, &half).unwrap();
+    let (moved, filled) = (
+        x.dev.link().traffic(hetmem::link::Traffic::Migration).bytes,
+        x.cache.stats().pages_filled,
+    );
+    assert_eq!(x.dev.release().unwrap(), N);
+    assert_eq!(x.dev.used(), 0);
+    assert_eq!(x.cache.stats().device_pages_dropped, (N / 2) as u64);
+    let copied = x.dev.link().traffic(hetmem::link::Traffic::Migration).bytes - moved;
+    assert_eq!(copied, (N / 2 * PAGE) as u64, "only the written pages came back");
+    for p in 0..N {
+        let want = if p < N / 2 {
+            PagePlacement::System
+        } else {
+            PagePlacement::Uncached
+        };
+        assert_eq!(x.cache.placement(p as u64), want, "page {p}");
+    }
+    let mut want = pattern(N * PAGE, |i| i);
+    want[..N / 2 * PAGE].copy_from_slice(&half);
+    let mut back = vec![0u8; N * PAGE];
+    x.s.cpu_read(x.a, &mut back).unwrap();
+    assert!(back == want, "every byte: written ones from the cache, the rest from the file");
+    assert_eq!(x.cache.stats().pages_filled, filled + (N / 2) as u64);
+    x.h.fsync().unwrap();
+    assert!(x.f.disk() == want);
+    // An explicit migration to system memory brings clean pages back (nothing dropped).
+    x.m.migrate_range_to_device(x.a, N * PAGE).unwrap();
+    x.h.fsync().unwrap();
+    x.m.migrate_to_system(x.a, N * PAGE).unwrap();
+    assert_eq!(x.cache.stats().device_pages_dropped, (N / 2) as u64);
+    assert_eq!(x.cache.placement(N as u64 - 1), PagePlacement::System);
+}

@@ -256,7 +256,7 @@ impl DeviceInner {
                     continue;
                 };
                 let pages: Vec<u64> = group.iter().map(|&(_, p)| p).collect();
-                match cache.evict_device_frames(&self.pagemap, &pages) {
+                match cache.evict_device_frames(&self.pagemap, &pages, true) {
                     Ok(m) => n += m,
                     Err(e) => {
                         first_err.get_or_insert(e);
@@ -1910,7 +1910,7 @@ impl DeviceMirror {
                     )
                 })
                 .collect();
-            let n = cache.evict_device_frames(&self.inner.dev.pagemap, &mine)?;
+            let n = cache.evict_device_frames(&self.inner.dev.pagemap, &mine, false)?;
             return Ok(CmdOut {
                 cpages: n as u64,
                 faults: 0,

@@ -319,6 +319,51 @@ impl FileCache {
         self.bring_back_where(first, last, true)
     }
 
+    /// Evicts file pages `first..last` from the devices holding them (device release, a full
+    /// device making room): a clean device-private page (the file on disk holds its bytes, the
+    /// device never wrote it) leaves the cache with no copy back, and its next access reads the
+    /// file again; any other placed page comes back into the memfd; replicas are dropped.
+    /// Returns the pages that left device memory.
+    fn evict_from_device(&self, first: u64, last: u64) -> Result<u64> {
+        if first >= last {
+            return Ok(0);
+        }
+        let mut st = self.begin_removal(first, last);
+        let mut pages: Vec<u64> = st.pages.placed_in(first, last).iter().map(|&(p, _)| p).collect();
+        pages.extend(st.replicas.range(first..last).map(|(&p, _)| p));
+        pages.sort_unstable();
+        pages.dedup();
+        let (mut n, mut first_err) = (0, None);
+        let on_disk = self.backend.has_storage() && st.size == st.disk_size;
+        for p in pages {
+            if let Some(s) = st.pages.slot(p).filter(|s| !s.coherent)
+                && on_disk
+                && st.pages.get(p) == PageState::Clean
+            {
+                if st.devs[s.dev as usize].take_dirty(FrameIdx(s.frame)) {
+                    // The device wrote it: dirty, and it comes back below.
+                    self.set_state(&mut st, p, PageState::Dirty);
+                } else {
+                    // Dropped: its frame and replicas go with it (`set_state`).
+                    self.set_state(&mut st, p, PageState::Uncached);
+                    st.stats.device_pages_dropped += 1;
+                    n += 1;
+                    continue;
+                }
+            }
+            match self.restore_page(&mut st, p) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
     /// What a CPU write to file pages `first..last` needs (`write_at`): its device-private pages
     /// back in the memfd and its read-only replicas dropped. Device-coherent pages stay where
     /// they are: the CPU writes them in place.
@@ -526,10 +571,17 @@ impl FileCache {
                 .any(|(_, s)| !s.coherent)
     }
 
-    /// Device eviction of file pages (device release or removal): every page of this cache in
-    /// `frames` (frames of `pm` whose reverse map names this cache) comes back to system
-    /// memory. Returns the pages moved.
-    pub(crate) fn evict_device_frames(&self, pm: &Pagemap, pages: &[u64]) -> Result<usize> {
+    /// Device eviction of file pages (device release or removal, with `drop_clean`; an explicit
+    /// migration to system memory without): every page of this cache in `pages` that is on
+    /// `pm`'s device leaves it: back into the memfd, or, with `drop_clean`, a clean
+    /// device-private page out of the cache with no copy back (see `evict_from_device`).
+    /// Returns the pages that left.
+    pub(crate) fn evict_device_frames(
+        &self,
+        pm: &Pagemap,
+        pages: &[u64],
+        drop_clean: bool,
+    ) -> Result<usize> {
         let mut n = 0;
         let mut first_err = None;
         for run in runs_of(pages) {
@@ -548,7 +600,12 @@ impl FileCache {
                     .collect()
             };
             for (s, e) in runs_of(&mine) {
-                match self.bring_back(s, e) {
+                let moved = if drop_clean {
+                    self.evict_from_device(s, e)
+                } else {
+                    self.bring_back(s, e)
+                };
+                match moved {
                     Ok(k) => n += k as usize,
                     Err(err) => {
                         first_err.get_or_insert(err);
