@@ -51,7 +51,8 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// Run only these groups of figures (comma-separated): fault_back, first_touch,
-        /// threads, contention, migrate, coherent, pingpong, file, largefile, memcpy, metadata.
+        /// threads, contention, migrate, coherent, pingpong, file, largefile, policies, memcpy,
+        /// metadata, scale.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -84,6 +85,11 @@ enum Command {
         /// `hetmem replay`.
         #[arg(long)]
         trace: Option<std::path::PathBuf>,
+        /// The device's link model (pcie4, pcie5, nvlink-c2c, xgmi): the modelled device times
+        /// are costed on it; default: the device kind's (pcie5 for device-private, nvlink-c2c for
+        /// device-coherent).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(LINK_PROFILES))]
+        profile: Option<String>,
     },
     /// Replay an access trace (`hetmem run --trace`) under each placement policy, without
     /// running the program again: the bytes each would move, against the oracle's least.
@@ -155,9 +161,10 @@ fn run() -> anyhow::Result<()> {
             seed,
             json,
             trace,
+            profile,
         } => run_workload(
             &workload,
-            policy.as_deref(),
+            (policy.as_deref(), profile.as_deref()),
             &device,
             (size, rounds, seed),
             json,
@@ -175,6 +182,9 @@ fn run() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The link models `--profile` names.
+const LINK_PROFILES: [&str; 4] = ["pcie4", "pcie5", "nvlink-c2c", "xgmi"];
 
 /// The large file's rounds in the demo.
 const DEMO_ROUNDS: usize = 4;
@@ -330,7 +340,7 @@ fn memory_kind(device: &str) -> anyhow::Result<hetmem::MemoryKind> {
 
 fn run_workload(
     workload: &str,
-    policy: Option<&str>,
+    (policy, profile): (Option<&str>, Option<&str>),
     device: &str,
     (size_mib, rounds, seed): (usize, usize, u64),
     json: bool,
@@ -353,7 +363,8 @@ fn run_workload(
     let mut reports = Vec::new();
     let mut accesses = Vec::new();
     for p in policies {
-        let (r, t) = hetmem::workload::run_traced(workload, p, coherent, pages, rounds, seed)
+        let link = profile.and_then(hetmem::link::LinkProfile::by_name);
+        let (r, t) = hetmem::workload::run_on(workload, p, coherent, link, pages, rounds, seed)
             .with_context(|| format!("hetmem run {workload} --policy {p}"))?;
         reports.push(r);
         accesses = t;
@@ -381,7 +392,8 @@ fn run_workload(
     }
     writeln!(
         out,
-        "{workload}: {size_mib} MiB, {rounds} rounds, seed {seed}, a device-{device} device"
+        "{workload}: {size_mib} MiB, {rounds} rounds, seed {seed}, a device-{device} device ({} link)",
+        reports.first().map_or("-", |r| r.profile)
     )?;
     writeln!(
         out,

@@ -27,9 +27,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::addr::PAGE_SIZE;
-use crate::device::SoftDevice;
+use crate::device::{DeviceConfig, SoftDevice};
 use crate::error::{Error, Result};
-use crate::link::Traffic;
+use crate::link::{LinkProfile, Traffic};
 use crate::policy::adaptive::AdaptivePolicy;
 use crate::policy::oracle::{Access, Agent, Costs, lower_bound, with_capacity};
 use crate::policy::uvm::UvmPolicy;
@@ -59,6 +59,8 @@ pub struct RunReport {
     pub policy: &'static str,
     /// The device's memory: `private` or `coherent`.
     pub device: &'static str,
+    /// The device's link model (`pcie5`, `nvlink-c2c`, ...): the modelled device times'.
+    pub profile: &'static str,
     /// Pages, rounds, seed.
     pub pages: usize,
     /// Rounds.
@@ -128,6 +130,21 @@ pub fn run_traced(
     rounds: usize,
     seed: u64,
 ) -> Result<(RunReport, Vec<Access>)> {
+    run_on(workload, policy, coherent, None, pages, rounds, seed)
+}
+
+/// [`run_traced`] with the device's link model of `profile` (`None`: its kind's default, PCIe 5
+/// for device-private memory, NVLink-C2C for device-coherent memory): the modelled device
+/// times, the run's and the oracle's, are costed on it.
+pub fn run_on(
+    workload: &str,
+    policy: &str,
+    coherent: bool,
+    profile: Option<LinkProfile>,
+    pages: usize,
+    rounds: usize,
+    seed: u64,
+) -> Result<(RunReport, Vec<Access>)> {
     let workload = WORKLOADS
         .into_iter()
         .find(|w| *w == workload)
@@ -153,10 +170,15 @@ pub fn run_traced(
     } else {
         len + (2 << 20)
     };
-    let dev = if coherent {
-        SoftDevice::coherent(capacity)?
+    let kind = if coherent {
+        MemoryKind::Coherent
     } else {
-        SoftDevice::private(capacity)?
+        MemoryKind::Private
+    };
+    let dev = match profile {
+        Some(profile) => SoftDevice::with_link(DeviceConfig { kind, capacity }, profile)?,
+        None if coherent => SoftDevice::coherent(capacity)?,
+        None => SoftDevice::private(capacity)?,
     };
     let m = dev.mirror(&space)?;
     let a = space.map_anon(len, Prot::ReadWrite)?;
@@ -265,11 +287,6 @@ pub fn run_traced(
     let wall_s = t.elapsed().as_secs_f64();
     let after = kinds.map(|t| link.traffic(t).bytes);
     let link_bytes = after.iter().zip(&before).map(|(a, b)| a - b).sum();
-    let kind = if coherent {
-        MemoryKind::Coherent
-    } else {
-        MemoryKind::Private
-    };
     let (oracle, fastest) = if workload == "oversubscribed" {
         let frames = capacity / PAGE_SIZE;
         (
@@ -287,6 +304,7 @@ pub fn run_traced(
             workload,
             policy,
             device: if coherent { "coherent" } else { "private" },
+            profile: link.profile().name,
             pages,
             rounds,
             seed,

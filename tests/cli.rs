@@ -387,6 +387,30 @@ fn run_reports_each_policy_against_the_oracle() {
     let runs = v["runs"].as_array().unwrap();
     let policies: Vec<&str> = runs.iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(policies, ["default", "uvm", "coherent-aware", "adaptive"]);
+    assert_eq!(runs[0]["profile"], "pcie5");
+    // Another link model costs the same accesses differently: the same bytes, another time.
+    let slow: serde_json::Value = serde_json::from_str(&hetmem(
+        &[
+            "run",
+            "random",
+            "--size",
+            "2",
+            "--json",
+            "--policy",
+            "default",
+            "--profile",
+            "pcie4",
+        ],
+        None,
+    ))
+    .unwrap();
+    let slow = &slow["runs"][0];
+    assert_eq!(slow["profile"], "pcie4");
+    assert_eq!(slow["link_bytes"], runs[0]["link_bytes"]);
+    assert!(
+        slow["modelled_device_s"].as_f64().unwrap()
+            > runs[0]["modelled_device_s"].as_f64().unwrap()
+    );
     for r in runs {
         assert_eq!(r["verified"], true);
         assert_eq!(r["workload"], "random");

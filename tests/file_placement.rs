@@ -710,7 +710,11 @@ fn device_release_drops_clean_file_pages_without_a_copy_back_and_keeps_written_o
     assert_eq!(x.dev.used(), 0);
     assert_eq!(x.cache.stats().device_pages_dropped, (N / 2) as u64);
     let copied = x.dev.link().traffic(hetmem::link::Traffic::Migration).bytes - moved;
-    assert_eq!(copied, (N / 2 * PAGE) as u64, "only the written pages came back");
+    assert_eq!(
+        copied,
+        (N / 2 * PAGE) as u64,
+        "only the written pages came back"
+    );
     for p in 0..N {
         let want = if p < N / 2 {
             PagePlacement::System
@@ -723,7 +727,10 @@ fn device_release_drops_clean_file_pages_without_a_copy_back_and_keeps_written_o
     want[..N / 2 * PAGE].copy_from_slice(&half);
     let mut back = vec![0u8; N * PAGE];
     x.s.cpu_read(x.a, &mut back).unwrap();
-    assert!(back == want, "every byte: written ones from the cache, the rest from the file");
+    assert!(
+        back == want,
+        "every byte: written ones from the cache, the rest from the file"
+    );
     assert_eq!(x.cache.stats().pages_filled, filled + (N / 2) as u64);
     x.h.fsync().unwrap();
     assert!(x.f.disk() == want);

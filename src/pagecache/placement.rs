@@ -329,7 +329,12 @@ impl FileCache {
             return Ok(0);
         }
         let mut st = self.begin_removal(first, last);
-        let mut pages: Vec<u64> = st.pages.placed_in(first, last).iter().map(|&(p, _)| p).collect();
+        let mut pages: Vec<u64> = st
+            .pages
+            .placed_in(first, last)
+            .iter()
+            .map(|&(p, _)| p)
+            .collect();
         pages.extend(st.replicas.range(first..last).map(|(&p, _)| p));
         pages.sort_unstable();
         pages.dedup();
