@@ -10,7 +10,8 @@
 //! | decision point | asked by | question ([`Policy`] method) | choices | default |
 //! |---|---|---|---|---|
 //! | a CPU access faults on a page in device-private memory | the CPU fault service (`SpaceCore::handle_fault`), in the faulting thread's SIGBUS handler or the handler thread, under the space's lock | [`Policy::cpu_fault`] | [`CpuFaultAction::MigrateBack`] (the page, or its whole 2 MiB unit), [`CpuFaultAction::MigrateBackPage`] (split the unit, bring back only the faulting page) | migrate back the whole unit |
-//! | a device accesses a page it has no entry for | [`crate::DeviceMirror`]'s fault path (`DeviceMirror::fault`, the `range_fault` loop of dmirror), with no lock held | [`Policy::device_fault`] | [`Placement::MapRemote`] (map the pages where they are: system memory over the link) or [`Placement::Migrate`] (migrate them to the device first), and a [`Prefetch`] window around the request | map remotely the pages asked for |
+//! | a device accesses a page it has no entry for | [`crate::DeviceMirror`]'s fault path (`DeviceMirror::fault`, the `range_fault` loop of dmirror), with no lock held | [`Policy::device_fault`] | [`Placement::MapRemote`] (map the pages where they are: system memory over the link), [`Placement::Migrate`] (migrate them to the device first) or [`Placement::Replicate`] (read-only copies in the device's memory), and a [`Prefetch`] window around the request | map remotely the pages asked for |
+//! | a device's accesses to pages it maps remotely reach a threshold in one region ([`AccessCounters`], when the policy asks for them) | [`crate::DeviceMirror`]'s read and write commands, after the command, with no lock held | [`Policy::remote_accesses`] | [`Placement::MapRemote`] (leave it), [`Placement::Migrate`], [`Placement::Replicate`] | no counters |
 //! | a device frame allocation fails during a migration to the device (memory full, or an injected failure) | [`crate::DeviceMirror`]'s migration (`migrate_range`), under the space's lock held by the migration | [`Policy::device_full`] | [`DeviceFullAction::Decline`] the page (it stays where it is) or [`DeviceFullAction::EvictAndRetry`] (evict one page of this space from the device, retry once) | decline |
 //!
 //! Device-coherent memory has no CPU decision point: a coherent-resident page is mapped by the
@@ -48,8 +49,12 @@
 //!
 //! [`DefaultPolicy`] (today's behaviour) and [`uvm::UvmPolicy`], a UVM-like baseline: on-demand
 //! migration with a density prefetcher (64 KiB blocks grown to 2 MiB), thrashing detection (a
-//! block the CPU keeps pulling back is mapped remotely for a while) and eviction when the device
-//! is full.
+//! block the CPU keeps pulling back is mapped remotely for a while), access-counter migration
+//! and eviction when the device is full. [`CoherentAwarePolicy`]: whole units, never brought
+//! back from coherent memory. [`adaptive::AdaptivePolicy`], hetmem's own: device reads make
+//! read-only replicas, writes migrate, a page-grained density prefetcher that recognises
+//! streams, and a full device that keeps what it holds rather than evict for data that lost its
+//! place once.
 //!
 //! [`hints::HintPolicy`]: placement hints for ranges, the `cudaMemAdvise` set (prefer the
 //! device, prefer system memory, accessed-by) over another policy;
