@@ -359,6 +359,43 @@ pub(crate) fn region_slot(r: u64, slots: usize) -> usize {
     (r.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) as usize % slots
 }
 
+/// What a policy remembers of one 2 MiB region, in atomics ([`RegionTable`]).
+pub(crate) trait RegionHistory {
+    /// An empty history.
+    fn empty() -> Self;
+    /// The region number + 1 it is of (0: none).
+    fn tag(&self) -> &std::sync::atomic::AtomicU64;
+    /// Forgets everything, then records `tag` (its slot now holds another region).
+    fn reset(&self, tag: u64);
+}
+
+/// A policy's fixed table of 2 MiB region histories, allocated when the policy is made (a
+/// decision that runs in a signal handler may not allocate): a region that hashes onto a slot
+/// another holds takes it over, and its history starts over (the policy forgets, it never errs).
+#[derive(Debug)]
+pub(crate) struct RegionTable<R> {
+    slots: Box<[R]>,
+}
+
+impl<R: RegionHistory> RegionTable<R> {
+    /// `slots` empty histories.
+    pub(crate) fn new(slots: usize) -> RegionTable<R> {
+        RegionTable {
+            slots: (0..slots).map(|_| R::empty()).collect(),
+        }
+    }
+
+    /// The history of region `r` (taken over if another region held its slot).
+    pub(crate) fn get(&self, r: u64) -> &R {
+        use std::sync::atomic::Ordering;
+        let slot = &self.slots[region_slot(r, self.slots.len())];
+        if slot.tag().load(Ordering::Acquire) != r + 1 {
+            slot.reset(r + 1);
+        }
+        slot
+    }
+}
+
 /// Today's behaviour at every decision point: CPU faults migrate back the whole page or unit,
 /// device faults map remotely exactly what was asked for, a full device declines the page.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

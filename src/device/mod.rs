@@ -1552,32 +1552,17 @@ impl DeviceMirror {
     fn read_back(&self, r: &VaRange, buf: &mut [u8], remap_own: bool) -> Result<CmdOut> {
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
-        if matches!(
-            self.do_rw(
-                r,
-                &mut cur,
-                buf,
-                false,
-                &mut out.cpages,
-                &mut RemoteCount::off(),
-            )?,
-            Step::Done
-        ) {
+        // A pass of the copy (not counted by access counters: the command moved the pages).
+        let pass = |cur: &mut usize, buf: &mut [u8], out: &mut CmdOut| -> Result<bool> {
+            let step = self.do_rw(r, cur, buf, false, &mut out.cpages, &mut RemoteCount::off())?;
+            Ok(matches!(step, Step::Done))
+        };
+        if pass(&mut cur, buf, &mut out)? {
             return Ok(out);
         }
         if remap_own {
             self.remap_own(r, cur)?;
-            if matches!(
-                self.do_rw(
-                    r,
-                    &mut cur,
-                    buf,
-                    false,
-                    &mut out.cpages,
-                    &mut RemoteCount::off(),
-                )?,
-                Step::Done
-            ) {
+            if pass(&mut cur, buf, &mut out)? {
                 return Ok(out);
             }
         }

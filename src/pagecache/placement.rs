@@ -329,34 +329,50 @@ impl FileCache {
             return Ok(0);
         }
         let mut st = self.begin_removal(first, last);
-        let mut pages: Vec<u64> = st
-            .pages
-            .placed_in(first, last)
-            .iter()
-            .map(|&(p, _)| p)
-            .collect();
-        pages.extend(st.replicas.range(first..last).map(|(&p, _)| p));
-        pages.sort_unstable();
-        pages.dedup();
-        let (mut n, mut first_err) = (0, None);
         let on_disk = self.backend.has_storage() && st.size == st.disk_size;
-        for p in pages {
+        self.each_placed(&mut st, first, last, &|_| true, &mut |c, st, p| {
             if let Some(s) = st.pages.slot(p).filter(|s| !s.coherent)
                 && on_disk
                 && st.pages.get(p) == PageState::Clean
             {
                 if st.devs[s.dev as usize].take_dirty(FrameIdx(s.frame)) {
                     // The device wrote it: dirty, and it comes back below.
-                    self.set_state(&mut st, p, PageState::Dirty);
+                    c.set_state(st, p, PageState::Dirty);
                 } else {
                     // Dropped: its frame and replicas go with it (`set_state`).
-                    self.set_state(&mut st, p, PageState::Uncached);
+                    c.set_state(st, p, PageState::Uncached);
                     st.stats.device_pages_dropped += 1;
-                    n += 1;
-                    continue;
+                    return Ok(());
                 }
             }
-            match self.restore_page(&mut st, p) {
+            c.restore_page(st, p)
+        })
+    }
+
+    /// Runs `op` on each page of `first..last` that is placed on a device (where `wanted` says
+    /// so) or replicated, in order, under the caller's removal; returns how many it did, or the
+    /// first error (after trying them all).
+    fn each_placed(
+        &self,
+        st: &mut CacheState,
+        first: u64,
+        last: u64,
+        wanted: &dyn Fn(&DevSlot) -> bool,
+        op: &mut dyn FnMut(&Self, &mut CacheState, u64) -> Result<()>,
+    ) -> Result<u64> {
+        let mut pages: Vec<u64> = st
+            .pages
+            .placed_in(first, last)
+            .iter()
+            .filter(|(_, s)| wanted(s))
+            .map(|&(p, _)| p)
+            .collect();
+        pages.extend(st.replicas.range(first..last).map(|(&p, _)| p));
+        pages.sort_unstable();
+        pages.dedup();
+        let (mut n, mut first_err) = (0, None);
+        for p in pages {
+            match op(self, st, p) {
                 Ok(()) => n += 1,
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -400,30 +416,9 @@ impl FileCache {
             return Ok(0);
         }
         let mut st = self.begin_removal(first, last);
-        let mut n = 0;
-        let mut first_err = None;
-        let mut pages: Vec<u64> = st
-            .pages
-            .placed_in(first, last)
-            .iter()
-            .filter(|(_, s)| wanted(s))
-            .map(|&(p, _)| p)
-            .collect();
-        pages.extend(st.replicas.range(first..last).map(|(&p, _)| p));
-        pages.sort_unstable();
-        pages.dedup();
-        for p in pages {
-            match self.restore_page(&mut st, p) {
-                Ok(()) => n += 1,
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(n),
-        }
+        self.each_placed(&mut st, first, last, &wanted, &mut |c, st, p| {
+            c.restore_page(st, p)
+        })
     }
 
     /// Brings placed page `p` back into the memfd (a private page) or releases its frame (a

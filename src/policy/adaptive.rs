@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
     CpuFault, CpuFaultAction, DeviceFault, DeviceFaultDecision, DeviceFull, DeviceFullAction,
-    Placement, Policy, Prefetch, region_slot,
+    Placement, Policy, Prefetch, RegionHistory, RegionTable,
 };
 use crate::addr::PAGE_SIZE;
 use crate::sys::LARGE_PAGE_SIZE;
@@ -54,14 +54,18 @@ struct Region {
     next: AtomicU64,
 }
 
-impl Region {
-    fn new() -> Region {
+impl RegionHistory for Region {
+    fn empty() -> Region {
         Region {
             tag: AtomicU64::new(0),
             seen: std::array::from_fn(|_| AtomicU64::new(0)),
             again: std::array::from_fn(|_| AtomicU64::new(0)),
             next: AtomicU64::new(0),
         }
+    }
+
+    fn tag(&self) -> &AtomicU64 {
+        &self.tag
     }
 
     fn reset(&self, tag: u64) {
@@ -71,7 +75,9 @@ impl Region {
         self.next.store(0, Ordering::Relaxed);
         self.tag.store(tag, Ordering::Release);
     }
+}
 
+impl Region {
     fn count(&self, first: usize, n: usize) -> usize {
         (first..first + n)
             .filter(|p| self.seen[p / 64].load(Ordering::Relaxed) & (1 << (p % 64)) != 0)
@@ -95,7 +101,7 @@ impl Region {
 /// hetmem's policy (see the module doc).
 #[derive(Debug)]
 pub struct AdaptivePolicy {
-    regions: Box<[Region]>,
+    regions: RegionTable<Region>,
 }
 
 impl Default for AdaptivePolicy {
@@ -115,16 +121,12 @@ impl AdaptivePolicy {
     /// A policy with an empty history.
     pub fn new() -> AdaptivePolicy {
         AdaptivePolicy {
-            regions: (0..Self::SLOTS).map(|_| Region::new()).collect(),
+            regions: RegionTable::new(Self::SLOTS),
         }
     }
 
     fn region(&self, r: u64) -> &Region {
-        let slot = &self.regions[region_slot(r, Self::SLOTS)];
-        if slot.tag.load(Ordering::Acquire) != r + 1 {
-            slot.reset(r + 1);
-        }
-        slot
+        self.regions.get(r)
     }
 }
 

@@ -99,6 +99,14 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
     let counting = AccessCounters::unpack(AccessCounters::pack(policy.access_counters()));
     let mut counts: HashMap<u64, u32> = HashMap::new();
     let last_page = trace.iter().map(|a| a.page).max().unwrap_or(0);
+    // The question a full device asks about page `p` with `used` pages in use.
+    let full = |p: u64, used: usize| DeviceFull {
+        owner,
+        kind,
+        addr: addr(p),
+        capacity_pages: capacity,
+        used_pages: used,
+    };
     let migrate_in = |p: u64,
                       loc: &mut HashMap<u64, Loc>,
                       mapped: &mut HashMap<u64, bool>,
@@ -114,14 +122,7 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
             loc.insert(p, Loc::System);
         }
         if resident.len() + reps.len() >= capacity {
-            let full = DeviceFull {
-                owner,
-                kind,
-                addr: addr(p),
-                capacity_pages: capacity,
-                used_pages: resident.len() + reps.len(),
-            };
-            match policy.device_full(&full) {
+            match policy.device_full(&full(p, resident.len() + reps.len())) {
                 // A replica is the cheapest victim: dropped, nothing copied back.
                 DeviceFullAction::EvictAndRetry if !reps.is_empty() => {
                     let v = reps.pop_front().expect("not empty");
@@ -182,17 +183,11 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                                 if loc.get(&p).is_none_or(|l| *l == Loc::System) =>
                             {
                                 if resident.len() + reps.len() >= capacity {
-                                    let full = DeviceFull {
-                                        owner,
-                                        kind,
-                                        addr: addr(p),
-                                        capacity_pages: capacity,
-                                        used_pages: resident.len() + reps.len(),
-                                    };
                                     let victim = reps
                                         .iter()
                                         .position(|v| !(first..first + block).contains(v));
-                                    match (policy.device_full(&full), victim) {
+                                    let q = full(p, resident.len() + reps.len());
+                                    match (policy.device_full(&q), victim) {
                                         (DeviceFullAction::EvictAndRetry, Some(i)) => {
                                             let v = reps.remove(i).expect("found");
                                             loc.insert(v, Loc::System);

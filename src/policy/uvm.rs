@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::{
     AccessCounters, CpuFault, CpuFaultAction, DeviceFault, DeviceFaultDecision, DeviceFull,
-    DeviceFullAction, Placement, Policy, Prefetch, RemoteAccesses,
+    DeviceFullAction, Placement, Policy, Prefetch, RegionHistory, RegionTable, RemoteAccesses,
 };
 use crate::addr::PAGE_SIZE;
 use crate::sys::LARGE_PAGE_SIZE;
@@ -52,8 +52,8 @@ struct Region {
     thrashed: AtomicU64,
 }
 
-impl Region {
-    fn new() -> Region {
+impl RegionHistory for Region {
+    fn empty() -> Region {
         Region {
             tag: AtomicU64::new(0),
             faulted: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -63,7 +63,10 @@ impl Region {
         }
     }
 
-    /// Clears the history (the slot now holds another region).
+    fn tag(&self) -> &AtomicU64 {
+        &self.tag
+    }
+
     fn reset(&self, tag: u64) {
         for w in &self.faulted {
             w.store(0, Ordering::Relaxed);
@@ -74,7 +77,9 @@ impl Region {
         self.thrashed.store(0, Ordering::Relaxed);
         self.tag.store(tag, Ordering::Release);
     }
+}
 
+impl Region {
     /// Faulted pages among `first..first + n` (page indices in the region).
     fn count(&self, first: usize, n: usize) -> usize {
         (first..first + n)
@@ -86,7 +91,7 @@ impl Region {
 /// The UVM-like policy (see the module doc).
 #[derive(Debug)]
 pub struct UvmPolicy {
-    regions: Box<[Region]>,
+    regions: RegionTable<Region>,
 }
 
 impl Default for UvmPolicy {
@@ -113,17 +118,12 @@ impl UvmPolicy {
     /// A policy with an empty history.
     pub fn new() -> UvmPolicy {
         UvmPolicy {
-            regions: (0..Self::SLOTS).map(|_| Region::new()).collect(),
+            regions: RegionTable::new(Self::SLOTS),
         }
     }
 
-    /// The slot of region `r` (taken over if another region held it).
     fn region(&self, r: u64) -> &Region {
-        let slot = &self.regions[super::region_slot(r, Self::SLOTS)];
-        if slot.tag.load(Ordering::Acquire) != r + 1 {
-            slot.reset(r + 1);
-        }
-        slot
+        self.regions.get(r)
     }
 }
 
