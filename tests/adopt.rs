@@ -112,9 +112,13 @@ fn plain_stores_race_migrations_of_adopted_memory() {
                 let (mem, done, migrations) = (&mem, &done, &migrations);
                 s.spawn(move || {
                     let mut r = 0;
-                    while r < MIN_ROUNDS
-                        || (migrations.load(Ordering::Relaxed) < MIN_MIGRATIONS && r < MAX_ROUNDS)
-                    {
+                    // At least one migration must have raced the stores (the watchdog bounds
+                    // the wait): on a busy 2-core machine the workers could otherwise reach
+                    // MAX_ROUNDS before the migrating thread ran once.
+                    while r < MIN_ROUNDS || {
+                        let done = migrations.load(Ordering::Relaxed);
+                        done == 0 || (done < MIN_MIGRATIONS && r < MAX_ROUNDS)
+                    } {
                         for p in 0..N {
                             let off = p * PAGE + t * 4;
                             mem.store(off, mem.load(off) + 1);
