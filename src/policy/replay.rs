@@ -19,7 +19,8 @@
 //!   (its bytes over the link); in system memory, replicated or not, it costs nothing (trace
 //!   accesses are reads).
 //!
-//! Prefetch windows are aligned blocks of the page numbering (the trace's pages, as one mapping),
+//! Prefetch windows are aligned blocks of the page numbering (the trace's pages, as one mapping,
+//! up to the highest page the trace names),
 //! `MigrateBackPage` and `MigrateBack` both bring back the faulting page (the trace has no
 //! 2 MiB units). The result is a [`Bound`] (its `cost_ns` counts bytes), comparable with the
 //! oracle's ([`super::oracle::lower_bound`] with [`super::oracle::Costs::bytes`]).
@@ -161,7 +162,8 @@ pub fn simulate(trace: &[Access], policy: &dyn Policy, kind: MemoryKind, capacit
                         p => p.block_pages() as u64,
                     };
                     let first = a.page / block * block;
-                    for p in first..first + block {
+                    // Clamped to the mapping: the trace's pages.
+                    for p in first..(first + block).min(last_page + 1) {
                         match d.placement {
                             Placement::Migrate => migrate_in(
                                 p,
@@ -372,6 +374,38 @@ mod tests {
         let b = simulate(&t, &AdaptivePolicy::new(), MemoryKind::Private, 8);
         assert_eq!(b.migrations, 12);
         assert_eq!(b.remote_bytes, 2 * 4 * 4096);
+    }
+
+    #[test]
+    fn the_coherent_aware_policy_moves_a_page_once_and_the_cpu_reads_it_in_place() {
+        // 3 rounds of: the device reads 8 pages, the CPU reads a line of each. On a coherent
+        // device the first fault migrates the whole unit (here the 8 pages of the trace), and
+        // the CPU's reads cross the link (64 bytes each) without moving anything back.
+        let t: Vec<Access> = (0..3)
+            .flat_map(|_| {
+                (0..8).map(dev).chain((0..8).map(|p| Access {
+                    page: p,
+                    by: Agent::Cpu,
+                    bytes: 64,
+                }))
+            })
+            .collect();
+        let b = simulate(
+            &t,
+            &super::super::CoherentAwarePolicy,
+            MemoryKind::Coherent,
+            1024,
+        );
+        assert_eq!(b.migrations, 8);
+        assert_eq!(b.remote_bytes, 3 * 8 * 64);
+        // On a device-private device the CPU's reads bring each page back, every round.
+        let p = simulate(
+            &t,
+            &super::super::CoherentAwarePolicy,
+            MemoryKind::Private,
+            1024,
+        );
+        assert_eq!(p.migrations, 3 * 8 * 2);
     }
 
     #[test]
