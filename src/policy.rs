@@ -324,9 +324,10 @@ pub struct RemoteAccesses {
     pub owner: Owner,
     /// Its memory type.
     pub kind: MemoryKind,
-    /// The region: `granularity` bytes, aligned.
+    /// The region (`granularity` bytes, aligned), within the mapping of the pages whose accesses
+    /// were counted: its first page there.
     pub start: VirtAddr,
-    /// One past its end.
+    /// One past its last page there.
     pub end: VirtAddr,
     /// The accesses counted (the threshold).
     pub accesses: u32,

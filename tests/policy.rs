@@ -663,3 +663,51 @@ fn access_counters_migrate_a_region_the_device_keeps_reading_remotely() {
     }
     assert_eq!(space.residency(page(a, 16)), Residency::System);
 }
+
+/// Maps remotely; migrates after 32 remote accesses in a 1 GiB region.
+#[derive(Debug)]
+struct WideCountingPolicy;
+
+impl Policy for WideCountingPolicy {
+    fn access_counters(&self) -> Option<AccessCounters> {
+        Some(AccessCounters {
+            granularity: 1 << 30,
+            threshold: 32,
+        })
+    }
+    fn remote_accesses(&self, _: &RemoteAccesses) -> Placement {
+        Placement::Migrate
+    }
+}
+
+#[test]
+fn access_counters_serve_the_mapping_whose_pages_were_accessed() {
+    // A region's aligned start lies before the mapping the device read (in another mapping, or
+    // in none): the notification is about the pages of the mapping that was read, and only
+    // they move.
+    let _w = watchdog("access_counters_mapping", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(32 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(1 << 20, Prot::ReadWrite).unwrap();
+    let b = space.map_anon(8 << 20, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &pattern(1 << 20, |i| i)).unwrap();
+    let data = pattern(8 << 20, |i| !i);
+    space.cpu_write(b, &data).unwrap();
+    space.set_policy(Arc::new(WideCountingPolicy));
+    let mut buf = vec![0u8; 32 * PAGE];
+    m.read(b, 32 * PAGE, &mut buf).unwrap();
+    assert_eq!(buf, data[..32 * PAGE]);
+    assert_eq!(space.residency(b), Residency::Device(dev.owner()));
+    assert_eq!(
+        space.residency(page(b, 2047)),
+        Residency::Device(dev.owner())
+    );
+    assert_eq!(
+        space.residency(a),
+        Residency::System,
+        "the other mapping stays"
+    );
+    m.read(b, 32 * PAGE, &mut buf).unwrap();
+    assert_eq!(buf, data[..32 * PAGE]);
+}

@@ -553,8 +553,10 @@ struct MirrorInner {
 struct RemoteCount {
     /// (log2 of a region's pages, threshold), or `None`: nothing is counted.
     cfg: Option<(u32, u32)>,
-    /// Regions whose counter reached the threshold during the command.
-    due: Vec<usize>,
+    /// Regions whose counter reached the threshold during the command, each with the page whose
+    /// access made it (its mapping is the one served: a region's aligned start may lie in
+    /// another mapping, or in none).
+    due: Vec<(usize, usize)>,
 }
 
 impl RemoteCount {
@@ -584,8 +586,8 @@ impl RemoteCount {
             fired = n >= threshold as u64;
             Some(tag | if fired { 0 } else { n })
         });
-        if fired && !self.due.contains(&region) {
-            self.due.push(region);
+        if fired && !self.due.iter().any(|&(r, _)| r == region) {
+            self.due.push((region, vpn));
         }
     }
 }
@@ -1316,10 +1318,11 @@ impl DeviceMirror {
         };
         let policy = self.inner.space.core.policy();
         let pm = &self.inner.dev.pagemap;
-        for &region in &count.due {
+        for &(region, vpn) in &count.due {
             let start = Vpn(region << log2).addr();
             let end = Vpn((region + 1) << log2).addr();
-            let Some(vma) = self.inner.space.vma_range(start.max(VirtAddr(0))) else {
+            // The region within the mapping of the page that was accessed.
+            let Some(vma) = self.inner.space.vma_range(Vpn(vpn).addr()) else {
                 continue;
             };
             let r = VaRange {
@@ -1332,8 +1335,8 @@ impl DeviceMirror {
             let notice = crate::policy::RemoteAccesses {
                 owner: pm.owner(),
                 kind: pm.kind(),
-                start,
-                end,
+                start: r.start,
+                end: r.end,
                 accesses: threshold,
             };
             match policy.remote_accesses(&notice) {

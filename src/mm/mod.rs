@@ -129,6 +129,14 @@ pub trait Mm: Send + Sync {
         let _ = addr;
         pages.min(64)
     }
+    /// Copies out of the pages of a signal-mode mapping from `addr` on through the kernel, which
+    /// stops at a page that is not there (a userfaultfd fault there is an error, not a wait):
+    /// the bytes copied, or `None` where the kernel refuses the call (a seccomp filter, ENOSYS).
+    /// Safe under hetmem's locks even when the program drops pages concurrently.
+    fn read_present(&self, addr: VirtAddr, dst: &mut [u8]) -> Option<usize> {
+        let _ = (addr, dst);
+        None
+    }
     /// Copies out of present pages.
     fn read(&self, addr: VirtAddr, dst: &mut [u8]);
     /// Copies into present, writable pages.
@@ -793,6 +801,10 @@ impl Mm for KernelMm {
 
     fn present_prefix(&self, addr: VirtAddr, pages: usize) -> usize {
         sys::resident_prefix(addr.get(), pages)
+    }
+
+    fn read_present(&self, addr: VirtAddr, dst: &mut [u8]) -> Option<usize> {
+        self.res.read_nofault(self.off(addr), dst).ok()
     }
 
     fn read(&self, addr: VirtAddr, dst: &mut [u8]) {

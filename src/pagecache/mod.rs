@@ -290,8 +290,8 @@ pub struct CacheStats {
     pub pages_written_back: u64,
     /// Clean pages evicted under the budget.
     pub pages_evicted: u64,
-    /// Clean device-private pages a device evicted (its release, or room for other pages)
-    /// without a copy back: their next access reads the file again.
+    /// Clean device-private pages a device evicted (its release or removal) without a copy
+    /// back: their next access reads the file again.
     pub device_pages_dropped: u64,
     /// Writeback error events.
     pub writeback_errors: u64,

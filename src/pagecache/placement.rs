@@ -319,8 +319,8 @@ impl FileCache {
         self.bring_back_where(first, last, true)
     }
 
-    /// Evicts file pages `first..last` from the devices holding them (device release, a full
-    /// device making room): a clean device-private page (the file on disk holds its bytes, the
+    /// Evicts file pages `first..last` from the devices holding them (device release or
+    /// removal): a clean device-private page (the file on disk holds its bytes, the
     /// device never wrote it) leaves the cache with no copy back, and its next access reads the
     /// file again; any other placed page comes back into the memfd; replicas are dropped.
     /// Returns the pages that left device memory.

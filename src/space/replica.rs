@@ -31,11 +31,14 @@
 //!
 //! Not replicated (mapped where they are): pages of file mappings (a shared file mapping has
 //! the file cache's own replicas, [`crate::pagecache::FileCache::replicate`]), pages of 2 MiB
-//! units, device-coherent pages, pinned pages, the zero page, and pages a migration owns.
+//! units, device-coherent pages, pinned pages, the zero page, pages a migration owns, and pages
+//! of thread-mode mappings (the copy under the lock goes through the kernel, which stops at a
+//! page the program dropped in a signal-mode mapping, but in a thread-mode one would wait for
+//! the handler thread, which waits for the lock).
 
 use super::*;
 
-/// Pages whose presence one question to the kernel tells ([`crate::mm::Mm::present_prefix`]).
+/// Pages copied per call of the copy that stops at a missing page.
 const COPY_CHUNK_PAGES: usize = 64;
 
 impl SpaceCore {
@@ -58,6 +61,11 @@ impl SpaceCore {
                 "replicas go to device-private memory (a coherent device maps the page itself)",
             ));
         }
+        let mut staging = crate::error::try_vec(
+            COPY_CHUNK_PAGES * PAGE_SIZE,
+            0u8,
+            "a replica's staging buffer",
+        )?;
         let mut st = self.lock_state_for(r);
         let mut made = 0;
         let mut a = r.start;
@@ -68,7 +76,9 @@ impl SpaceCore {
                 continue;
             };
             let (vend, mode) = (v.range.end.min(r.end), v.mode);
-            let anon = v.file.is_none() && v.prot.readable();
+            // Signal mode only: in a thread-mode mapping a copy that meets a page the program
+            // dropped waits for the handler thread, which waits for this lock.
+            let anon = v.file.is_none() && v.prot.readable() && mode == FaultMode::Signal;
             let mut e = a;
             while anon && e < vend {
                 let p = v.ptes[v.idx(e)];
@@ -121,18 +131,31 @@ impl SpaceCore {
                 self.unprotect_unreplicated(&st, run, mode);
                 return Err(Error::os("write-protect for a replica", err.into()));
             }
-            // Only pages the kernel has are copied: a page the program dropped behind hetmem's
-            // back (a direct madvise) would fault in the copy. It is refilled first, as its next
-            // access would (zeros; its other replicas go), then copied; one that still is not
-            // there is not replicated (its frame goes back).
+            // Copied through the kernel, which stops at a page that is not there: a page the
+            // program dropped behind hetmem's back (a direct madvise, maybe racing this) would
+            // fault in a plain copy. It is refilled, as its next access would (zeros; its other
+            // replicas go), protected again, and copied; one that still is not there is not
+            // replicated (its frame goes back). Where the kernel refuses the copy, the pages it
+            // says it has (`mincore`) are copied plainly: a drop racing that check is the
+            // program's own race, as for a migration.
             let mut k = 0;
             let mut refilled = None;
             while k < frames.len() {
                 let p = a.add(k * PAGE_SIZE);
-                let n = self.mm.present_prefix(p, frames.len() - k);
+                let want = (frames.len() - k).min(COPY_CHUNK_PAGES);
+                let buf = &mut staging[..want * PAGE_SIZE];
+                let n = match self.mm.read_present(p, buf) {
+                    Some(bytes) => bytes / PAGE_SIZE,
+                    None => {
+                        let n = self.mm.present_prefix(p, want);
+                        self.mm.read(p, &mut buf[..n * PAGE_SIZE]);
+                        n
+                    }
+                };
                 for j in 0..n {
                     let (q, frame) = (p.add(j * PAGE_SIZE), frames[k + j]);
-                    if let Err(err) = self.copy_into_frames(q, pm, frame.offset(), PAGE_SIZE) {
+                    let bytes = &buf[j * PAGE_SIZE..(j + 1) * PAGE_SIZE];
+                    if let Err(err) = pm.store().write(frame.offset(), bytes) {
                         for f in &frames[k + j..] {
                             pm.free(*f, false);
                         }
@@ -146,18 +169,23 @@ impl SpaceCore {
                     made += 1;
                 }
                 k += n;
-                if n < COPY_CHUNK_PAGES.min(frames.len() - (k - n)) {
+                if n < want {
                     let q = a.add(k * PAGE_SIZE);
-                    if refilled != Some(k) && self.refill_dropped(&mut st, q).is_ok() {
+                    let one = VaRange {
+                        start: q,
+                        end: q.add(PAGE_SIZE),
+                    };
+                    if refilled != Some(k)
+                        && self.refill_dropped(&mut st, q).is_ok()
+                        && self.mm.write_protect(one, true, mode).is_ok()
+                    {
+                        // Refilled unprotected (and its other replicas' protection dropped):
+                        // protected again before the copy, so a store faults.
                         refilled = Some(k);
                         continue;
                     }
                     // Still not there: skipped.
                     pm.free(frames[k], false);
-                    let one = VaRange {
-                        start: q,
-                        end: q.add(PAGE_SIZE),
-                    };
                     self.unprotect_unreplicated(&st, one, mode);
                     k += 1;
                 }
