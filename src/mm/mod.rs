@@ -615,6 +615,22 @@ fn serve_msgs(uffd: &Uffd) {
 }
 
 impl KernelMm {
+    /// How many of the `len` bytes from page-aligned `addr` on lie in pages the kernel has now
+    /// (whole pages; `len` a multiple of the page size), told without touching them.
+    fn present_bytes(&self, addr: VirtAddr, len: usize) -> usize {
+        let pages = len / PAGE_SIZE;
+        let mut done = 0;
+        while done < pages {
+            let ask = (pages - done).min(64);
+            let n = sys::resident_prefix(addr.add(done * PAGE_SIZE).get(), ask);
+            done += n;
+            if n < ask {
+                break;
+            }
+        }
+        done * PAGE_SIZE
+    }
+
     /// A device's copy of system pages through the kernel (`copy`: it stops at a missing page),
     /// where every range is served in SIGBUS mode (the space's and the file mappings'
     /// userfaultfds): the bytes copied. `None`: copy raw instead, because a thread-mode handler
@@ -827,8 +843,11 @@ impl Mm for KernelMm {
         match self.nofault(|r| r.read_nofault(self.off(addr), dst)) {
             Some(n) => n,
             None => {
-                self.read(addr, dst);
-                dst.len()
+                // Raw: only what the kernel has now (a page the program dropped would fault,
+                // and in a thread-mode mapping wait for the handler thread).
+                let n = self.present_bytes(addr, dst.len());
+                self.read(addr, &mut dst[..n]);
+                n
             }
         }
     }
@@ -842,8 +861,9 @@ impl Mm for KernelMm {
         match copied {
             Some(n) => n,
             None => {
-                self.write(addr, src);
-                src.len()
+                let n = self.present_bytes(addr, src.len());
+                self.write(addr, &src[..n]);
+                n
             }
         }
     }

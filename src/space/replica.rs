@@ -135,9 +135,9 @@ impl SpaceCore {
             // program dropped behind hetmem's back (a direct madvise, maybe racing this) would
             // fault in a plain copy. It is refilled, as its next access would (zeros; its other
             // replicas go), protected again, and copied; one that still is not there is not
-            // replicated (its frame goes back). Where the kernel refuses the copy, the pages it
-            // says it has (`mincore`) are copied plainly: a drop racing that check is the
-            // program's own race, as for a migration.
+            // replicated (its frame goes back). Where the kernel refuses the copy, the pages
+            // `/proc/self/pagemap` says hold data are copied plainly: a drop racing that check
+            // is the program's own race, as for a migration.
             let mut k = 0;
             let mut refilled = None;
             while k < frames.len() {

@@ -297,19 +297,27 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
     unsafe { ptr::read_volatile(addr as *const u32) }
 }
 
-/// How many pages from `addr` (page-aligned) on, of at most `pages`, are in memory now
-/// (`mincore`), without touching them: the copy that follows reads only those. 0 on an error.
+/// How many pages from `addr` (page-aligned) on, of at most `pages` (and at most 64), hold data
+/// now, present or swapped out (`/proc/self/pagemap`), told without touching them: the raw copy
+/// that follows reads only those (a page the program dropped would fault; a swapped one is
+/// read back by the copy). 0 on an error.
 pub fn resident_prefix(addr: usize, pages: usize) -> usize {
+    use std::os::unix::fs::FileExt;
     const MAX: usize = 64;
-    let mut v = [0u8; MAX];
     let n = pages.min(MAX);
-    // SAFETY: mincore reads no memory of the range and writes one byte per page asked into
-    // `v`, which holds `MAX >= n` bytes.
-    let r = unsafe { libc::mincore(addr as *mut _, n * PAGE_SIZE, v.as_mut_ptr()) };
-    if r != 0 {
+    let mut raw = [0u8; MAX * 8];
+    let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
+        return 0;
+    };
+    if f.read_exact_at(&mut raw[..n * 8], (addr / PAGE_SIZE * 8) as u64)
+        .is_err()
+    {
         return 0;
     }
-    v[..n].iter().take_while(|b| *b & 1 != 0).count()
+    raw[..n * 8]
+        .chunks_exact(8)
+        .take_while(|w| u64::from_ne_bytes((*w).try_into().expect("8 bytes")) & (3 << 62) != 0)
+        .count()
 }
 
 /// Whether the page at `addr` is in the CPU's view now (`mincore`: it is in memory and mapped
