@@ -200,3 +200,48 @@ fn demo_in_process() {
         "every page faulted back once in step 5"
     );
 }
+
+#[test]
+fn a_device_reads_and_writes_pages_the_program_dropped_in_a_thread_mode_mapping() {
+    // With a thread-mode handler in the process devices copy system pages raw; a page the
+    // program dropped behind hetmem's back (a direct madvise) is told from the page table and
+    // refilled as the kernel would (zeros), never faulted on under the device's lock.
+    let _w = watchdog("thread_mode_dropped", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space
+        .map_anon_with(
+            8 * PAGE,
+            MapOptions {
+                mode: FaultMode::Thread,
+                ..MapOptions::default()
+            },
+        )
+        .unwrap();
+    let data = pattern(8 * PAGE, |i| i + 1);
+    space.cpu_write(a, &data).unwrap();
+    let mut buf = vec![0u8; 8 * PAGE];
+    m.read(a, 8 * PAGE, &mut buf).unwrap();
+    assert_eq!(buf, data);
+    // SAFETY: `a..a + 8 pages` is managed memory of `space` (mapped above), where no Rust object
+    // lives.
+    unsafe { hetmem::sys::madvise_dontneed(a.add(2 * PAGE).get(), 2 * PAGE) }.unwrap();
+    m.read(a, 8 * PAGE, &mut buf).unwrap();
+    let mut want = data.clone();
+    want[2 * PAGE..4 * PAGE].fill(0);
+    assert_eq!(buf, want);
+    // SAFETY: as above.
+    unsafe { hetmem::sys::madvise_dontneed(a.add(6 * PAGE).get(), PAGE) }.unwrap();
+    let page = pattern(PAGE, |i| 0xf000_0000 | i);
+    m.write(
+        a.add(5 * PAGE),
+        2 * PAGE,
+        &[page.clone(), page.clone()].concat(),
+    )
+    .unwrap();
+    want[5 * PAGE..6 * PAGE].copy_from_slice(&page);
+    want[6 * PAGE..7 * PAGE].copy_from_slice(&page);
+    space.cpu_read(a, &mut buf).unwrap();
+    assert_eq!(buf, want);
+}
