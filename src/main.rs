@@ -245,6 +245,7 @@ fn demo(
         let report = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "kernel": kernel_release(),
+            "machine": machine(),
             "userfaultfd": uffd_kind(),
             "anonymous": {
                 "pages_to_device": anon.pages_to_device,
@@ -385,6 +386,7 @@ fn run_workload(
             &serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "kernel": kernel_release(),
+                "machine": machine(),
                 "runs": reports,
             }),
         )?;
@@ -612,6 +614,7 @@ fn bench(json: bool, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
         let report = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "kernel": kernel_release(),
+            "machine": machine(),
             "userfaultfd": uffd_kind(),
             "options": { "quick": quick, "only": only },
             "time": rfc3339_utc(std::time::SystemTime::now()),
@@ -710,6 +713,23 @@ fn bench(json: bool, quick: bool, only: Vec<String>) -> anyhow::Result<()> {
 }
 
 /// The running kernel's release (`uname -r`), or "unknown".
+/// The machine a run ran on: architecture, CPUs online, memory (from `/proc/meminfo`).
+fn machine() -> serde_json::Value {
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    serde_json::json!({
+        "arch": std::env::consts::ARCH,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": (mem_kib as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0,
+    })
+}
+
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
@@ -1002,6 +1022,7 @@ fn info(json: bool) -> anyhow::Result<()> {
         let report = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "kernel": kernel_release(),
+            "machine": machine(),
             "uid": uid,
             "euid": euid,
             "unprivileged_userfaultfd": sysctl,

@@ -194,6 +194,10 @@ fn demo_json_compares_every_placement_against_the_oracle() {
         serde_json::from_str(&hetmem(&["demo", "--size", "8", "--json"], None)).unwrap();
     assert_eq!(v["anonymous"]["verified"], true);
     assert_eq!(v["file_mib"], 8);
+    // The machine and version it ran on.
+    assert!(v["machine"]["cpus"].as_u64().unwrap() >= 1);
+    assert!(v["machine"]["memory_gib"].as_f64().unwrap() > 0.0);
+    assert!(v["version"].is_string() && v["kernel"].is_string());
     let runs = v["runs"].as_array().unwrap();
     let names: Vec<&str> = runs
         .iter()
