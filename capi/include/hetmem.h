@@ -19,6 +19,35 @@
 // Device-coherent memory (the CPU maps it in place).
 #define HETMEM_DEVICE_COHERENT 1
 
+// [`hetmem_set_policy`]: device faults map pages where they are (the default).
+#define HETMEM_POLICY_DEFAULT 0
+
+// The UVM-like policy: on-demand migration, density prefetch, thrashing detection, access
+// counters.
+#define HETMEM_POLICY_UVM 1
+
+// Migrate whole units; never bring back what the CPU can use in place.
+#define HETMEM_POLICY_COHERENT_AWARE 2
+
+// hetmem's own: device reads make read-only replicas, writes migrate.
+#define HETMEM_POLICY_ADAPTIVE 3
+
+// [`hetmem_advise`]: withdraw the hints of the range.
+#define HETMEM_ADVICE_NONE 0
+
+// The range should live in device memory (`cudaMemAdviseSetPreferredLocation` = device).
+#define HETMEM_ADVICE_PREFER_DEVICE 1
+
+// The range should stay in system memory; devices read it over the link.
+#define HETMEM_ADVICE_PREFER_SYSTEM 2
+
+// Devices access the range where it is (`cudaMemAdviseSetAccessedBy`).
+#define HETMEM_ADVICE_ACCESSED_BY 3
+
+// Mostly read: every reading device gets a read-only replica; a write drops them
+// (`cudaMemAdviseSetReadMostly`).
+#define HETMEM_ADVICE_READ_MOSTLY 4
+
 // [`hetmem_mirror_cmd`] commands, numbered as the kernel's `HMM_DMIRROR_*` ioctls (0x00–0x08).
 #define HETMEM_CMD_READ 0
 
@@ -106,6 +135,26 @@ int hetmem_space_adopt(void *addr, uint64_t len, struct HetmemSpace **out);
 //
 // `space` is null or a handle of this API not freed yet; it is not used afterwards.
 void hetmem_space_free(struct HetmemSpace *space);
+
+// Sets the placement policy of `space` ([`HETMEM_POLICY_DEFAULT`], [`HETMEM_POLICY_UVM`],
+// [`HETMEM_POLICY_COHERENT_AWARE`], [`HETMEM_POLICY_ADAPTIVE`]); the hints given so far
+// ([`hetmem_advise`]) are withdrawn.
+//
+// # Safety
+//
+// `space` is a live handle.
+int hetmem_set_policy(struct HetmemSpace *space, int policy);
+
+// Hints where `len` bytes at `addr` of `space` should live ([`HETMEM_ADVICE_PREFER_DEVICE`],
+// [`HETMEM_ADVICE_PREFER_SYSTEM`], [`HETMEM_ADVICE_ACCESSED_BY`],
+// [`HETMEM_ADVICE_READ_MOSTLY`]; [`HETMEM_ADVICE_NONE`] withdraws the range's hints), the
+// `cudaMemAdvise` set over the space's policy, which decides elsewhere. At most 64 hinted
+// ranges at once (ENOMEM beyond).
+//
+// # Safety
+//
+// `space` is a live handle.
+int hetmem_advise(struct HetmemSpace *space, void *addr, uint64_t len, int advice);
 
 // Maps `len` bytes of anonymous memory in `space` with protection `prot`
 // ([`HETMEM_PROT_READ`], `| `[`HETMEM_PROT_WRITE`]); `*out` receives its address.

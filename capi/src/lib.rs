@@ -25,13 +25,20 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
+use hetmem::policy::hints::{Advice, HintPolicy};
 use hetmem::{
     CacheConfig, Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, FileCache, FileHandle, MemoryKind,
     Prot, SoftDevice, Space, SpaceConfig, VirtAddr,
 };
 
 /// An address space (`hetmem::Space`).
-pub struct HetmemSpace(Space);
+pub struct HetmemSpace(Space, std::sync::Mutex<Option<Arc<HintPolicy>>>);
+
+impl HetmemSpace {
+    fn new(space: Space) -> HetmemSpace {
+        HetmemSpace(space, std::sync::Mutex::new(None))
+    }
+}
 
 /// A software device (`hetmem::SoftDevice`).
 pub struct HetmemDevice(SoftDevice);
@@ -68,6 +75,28 @@ pub const HETMEM_PROT_WRITE: c_int = 2;
 pub const HETMEM_DEVICE_PRIVATE: c_int = 0;
 /// Device-coherent memory (the CPU maps it in place).
 pub const HETMEM_DEVICE_COHERENT: c_int = 1;
+
+/// [`hetmem_set_policy`]: device faults map pages where they are (the default).
+pub const HETMEM_POLICY_DEFAULT: c_int = 0;
+/// The UVM-like policy: on-demand migration, density prefetch, thrashing detection, access
+/// counters.
+pub const HETMEM_POLICY_UVM: c_int = 1;
+/// Migrate whole units; never bring back what the CPU can use in place.
+pub const HETMEM_POLICY_COHERENT_AWARE: c_int = 2;
+/// hetmem's own: device reads make read-only replicas, writes migrate.
+pub const HETMEM_POLICY_ADAPTIVE: c_int = 3;
+
+/// [`hetmem_advise`]: withdraw the hints of the range.
+pub const HETMEM_ADVICE_NONE: c_int = 0;
+/// The range should live in device memory (`cudaMemAdviseSetPreferredLocation` = device).
+pub const HETMEM_ADVICE_PREFER_DEVICE: c_int = 1;
+/// The range should stay in system memory; devices read it over the link.
+pub const HETMEM_ADVICE_PREFER_SYSTEM: c_int = 2;
+/// Devices access the range where it is (`cudaMemAdviseSetAccessedBy`).
+pub const HETMEM_ADVICE_ACCESSED_BY: c_int = 3;
+/// Mostly read: every reading device gets a read-only replica; a write drops them
+/// (`cudaMemAdviseSetReadMostly`).
+pub const HETMEM_ADVICE_READ_MOSTLY: c_int = 4;
 
 /// [`hetmem_mirror_cmd`] commands, numbered as the kernel's `HMM_DMIRROR_*` ioctls (0x00–0x08).
 pub const HETMEM_CMD_READ: u32 = 0;
@@ -209,7 +238,7 @@ pub unsafe extern "C" fn hetmem_space_new(size: u64, out: *mut *mut HetmemSpace)
         if size != 0 {
             cfg.size = usize::try_from(size).map_err(|_| invalid("size too large"))?;
         }
-        put(out, HetmemSpace(Space::with_config(cfg)?));
+        put(out, HetmemSpace::new(Space::with_config(cfg)?));
         Ok(())
     })
 }
@@ -237,7 +266,7 @@ pub unsafe extern "C" fn hetmem_space_adopt(
         // SAFETY: the C caller lends the range (the contract documented above, which is
         // `Space::adopt`'s: its memory, kept mapped, reached through raw pointers).
         let space = unsafe { Space::adopt(VirtAddr(addr as usize), len)? };
-        put(out, HetmemSpace(space));
+        put(out, HetmemSpace::new(space));
         Ok(())
     })
 }
@@ -251,6 +280,80 @@ pub unsafe extern "C" fn hetmem_space_adopt(
 pub unsafe extern "C" fn hetmem_space_free(space: *mut HetmemSpace) {
     // SAFETY: the caller's obligation (above).
     unsafe { release(space) }
+}
+
+/// Sets the placement policy of `space` ([`HETMEM_POLICY_DEFAULT`], [`HETMEM_POLICY_UVM`],
+/// [`HETMEM_POLICY_COHERENT_AWARE`], [`HETMEM_POLICY_ADAPTIVE`]); the hints given so far
+/// ([`hetmem_advise`]) are withdrawn.
+///
+/// # Safety
+///
+/// `space` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_set_policy(space: *mut HetmemSpace, policy: c_int) -> c_int {
+    call(|| {
+        let s = obj(space)?;
+        let p: Arc<dyn hetmem::policy::Policy> = match policy {
+            HETMEM_POLICY_DEFAULT => Arc::new(hetmem::policy::DefaultPolicy),
+            HETMEM_POLICY_UVM => Arc::new(hetmem::policy::uvm::UvmPolicy::new()),
+            HETMEM_POLICY_COHERENT_AWARE => Arc::new(hetmem::policy::CoherentAwarePolicy),
+            HETMEM_POLICY_ADAPTIVE => Arc::new(hetmem::policy::adaptive::AdaptivePolicy::new()),
+            _ => return Err(invalid("an unknown policy")),
+        };
+        let mut hints = s.1.lock().unwrap_or_else(|e| e.into_inner());
+        *hints = None;
+        s.0.set_policy(p);
+        Ok(())
+    })
+}
+
+/// Hints where `len` bytes at `addr` of `space` should live ([`HETMEM_ADVICE_PREFER_DEVICE`],
+/// [`HETMEM_ADVICE_PREFER_SYSTEM`], [`HETMEM_ADVICE_ACCESSED_BY`],
+/// [`HETMEM_ADVICE_READ_MOSTLY`]; [`HETMEM_ADVICE_NONE`] withdraws the range's hints), the
+/// `cudaMemAdvise` set over the space's policy, which decides elsewhere. At most 64 hinted
+/// ranges at once (ENOMEM beyond).
+///
+/// # Safety
+///
+/// `space` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_advise(
+    space: *mut HetmemSpace,
+    addr: *mut c_void,
+    len: u64,
+    advice: c_int,
+) -> c_int {
+    call(|| {
+        let s = obj(space)?;
+        let len = buf_len(len)?;
+        let advice = match advice {
+            HETMEM_ADVICE_NONE => None,
+            HETMEM_ADVICE_PREFER_DEVICE => Some(Advice::PreferDevice),
+            HETMEM_ADVICE_PREFER_SYSTEM => Some(Advice::PreferSystem),
+            HETMEM_ADVICE_ACCESSED_BY => Some(Advice::AccessedBy),
+            HETMEM_ADVICE_READ_MOSTLY => Some(Advice::ReadMostly),
+            _ => return Err(invalid("an unknown advice")),
+        };
+        let mut hints = s.1.lock().unwrap_or_else(|e| e.into_inner());
+        let h = match &*hints {
+            Some(h) => h.clone(),
+            None => {
+                // The first hint: hints over the space's policy from now on.
+                let h = Arc::new(HintPolicy::new(s.0.policy()));
+                s.0.set_policy(h.clone());
+                *hints = Some(h.clone());
+                h
+            }
+        };
+        let a = VirtAddr(addr as usize);
+        match advice {
+            Some(adv) => h.advise(a, len, adv),
+            None => {
+                h.clear(a, len);
+                Ok(())
+            }
+        }
+    })
 }
 
 /// Maps `len` bytes of anonymous memory in `space` with protection `prot`

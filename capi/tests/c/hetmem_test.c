@@ -99,6 +99,48 @@ static int device_write_cpu_reads(void)
 	return 0;
 }
 
+/*
+ * Read-mostly data (cudaMemAdviseSetReadMostly) in hetmem's own memory: the device's reads make
+ * read-only replicas, the CPU keeps reading in place, a plain store drops the replica first and
+ * the device reads the new value. Then hetmem's adaptive policy does the same without a hint.
+ */
+static int read_mostly_replicas(void)
+{
+	size_t npages = 64, len = npages * PAGE;
+	HetmemSpace *s;
+	HetmemDevice *d;
+	HetmemMirror *m;
+	void *p;
+	CHECK(hetmem_space_new(0, &s) == 0);
+	CHECK(hetmem_map_anon(s, len, HETMEM_PROT_READ | HETMEM_PROT_WRITE, &p) == 0);
+	int *buf = p;
+	for (size_t i = 0; i < len / sizeof(int); i++)
+		buf[i] = (int)i;
+	CHECK(hetmem_device_new(HETMEM_DEVICE_PRIVATE, 4 * len, &d) == 0);
+	CHECK(hetmem_mirror_new(d, s, &m) == 0);
+	CHECK(hetmem_advise(s, p, len, HETMEM_ADVICE_READ_MOSTLY) == 0);
+	CHECK(hetmem_advise(s, p, len, 99) == -EINVAL);
+	int *out = malloc(len);
+	CHECK(out);
+	for (int policy = 0; policy < 2; policy++) {
+		CHECK(hetmem_device_read(m, p, len, out) == 0);
+		for (size_t i = 0; i < len / sizeof(int); i++)
+			CHECK(out[i] == buf[i]);
+		/* The pages stayed in system memory: a plain store, then the device sees it. */
+		buf[5 * PAGE / sizeof(int)] = -1 - policy;
+		CHECK(hetmem_device_read(m, p, len, out) == 0);
+		CHECK(out[5 * PAGE / sizeof(int)] == -1 - policy);
+		/* Next round: the adaptive policy, no hint. */
+		CHECK(hetmem_set_policy(s, HETMEM_POLICY_ADAPTIVE) == 0);
+	}
+	CHECK(hetmem_set_policy(s, 42) == -EINVAL);
+	free(out);
+	hetmem_mirror_free(m);
+	hetmem_device_free(d);
+	hetmem_space_free(s);
+	return 0;
+}
+
 /* fork() with adopted pages in device memory: the child sees them, its stores stay its own. */
 static int fork_with_device_pages(void)
 {
@@ -216,6 +258,7 @@ int main(int argc, char **argv)
 		{ "device_write_cpu_reads", device_write_cpu_reads },
 		{ "fork_with_device_pages", fork_with_device_pages },
 		{ "hetmem_memory_on_a_coherent_device", hetmem_memory_on_a_coherent_device },
+		{ "read_mostly_replicas", read_mostly_replicas },
 		{ "file_store_fsync", NULL },
 	};
 	int failed = 0;
