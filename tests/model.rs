@@ -67,10 +67,15 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 /// Runs the suite: `CASES` sequences of `OPS` random operations, each on a fresh world from
 /// `world`, checked step by step and read back whole at the end.
 fn run_suite(name: &'static str, world: impl Fn(&[Op]) -> Result<(), TestCaseError>) {
+    run_cases(name, CASES, world)
+}
+
+/// [`run_suite`] with `cases` sequences.
+fn run_cases(name: &'static str, cases: u32, world: impl Fn(&[Op]) -> Result<(), TestCaseError>) {
     let soak = soak();
     let _w = watchdog(name, 300 * soak as u64);
     let cfg = Config {
-        cases: CASES * soak,
+        cases: cases * soak,
         failure_persistence: None,
         ..Config::default()
     };
@@ -93,6 +98,21 @@ fn apply_all(w: &mut World, ops: &[Op]) -> Result<(), TestCaseError> {
 fn random_operations_match_the_model() {
     run_suite("model", |ops| {
         let mut w = World::new().map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
+        apply_all(&mut w, ops)
+    });
+}
+
+/// The same suite under hetmem's own policy (`policy::adaptive`): device reads make read-only
+/// replicas of system pages (the normal mapping's; the large one's units are read where they
+/// are), device writes migrate, so replicas meet every other operation: CPU stores, device
+/// writes, migrations both ways, protection changes, unmaps, pins, exclusive access, release.
+#[test]
+fn random_operations_under_hetmems_policy_match_the_model() {
+    run_cases("model_adaptive", CASES / 2, |ops| {
+        let mut w = World::new().map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
+        w.space.set_policy(std::sync::Arc::new(
+            hetmem::policy::adaptive::AdaptivePolicy::new(),
+        ));
         apply_all(&mut w, ops)
     });
 }

@@ -460,3 +460,21 @@ fn after_a_fork_the_child_reads_and_writes_its_copy_and_the_parents_store_still_
     w[2 * PAGE / 4] = 77;
     assert_eq!(dev_read(&m, a, PAGES), w);
 }
+
+#[test]
+fn a_device_release_drops_its_replicas_and_leaves_the_pages_unprotected() {
+    let _w = watchdog("replica_release", 30);
+    let (space, a, _h) = setup();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+    assert_eq!(m.replica_pages(), PAGES);
+    dev.release().unwrap();
+    assert_eq!((dev.used(), m.replica_pages()), (0, 0));
+    let faults = space.stats().cpu_faults;
+    space.store_u32(a, 9).unwrap();
+    assert_eq!(space.stats().cpu_faults, faults, "no protection left");
+    let mut w = want(PAGES);
+    w[0] = 9;
+    assert_eq!(dev_read(&m, a, PAGES), w);
+}

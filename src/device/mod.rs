@@ -181,6 +181,9 @@ struct DeviceInner {
     /// The eviction clock hand: the frame where the search for a victim starts when the device
     /// is full and the policy evicts ([`DeviceFullAction::EvictAndRetry`]).
     evict_hand: AtomicUsize,
+    /// The device's mirrors (they own its replica frames, which a release drops too). A leaf
+    /// lock.
+    mirrors: Mutex<Vec<Weak<MirrorInner>>>,
 }
 
 impl DeviceInner {
@@ -231,6 +234,16 @@ impl DeviceInner {
     /// [`EVICT_BATCH`] frames per address space (one lock hold, one invalidation per run of
     /// pages and one copy per run of consecutive frames each).
     fn evict_all(&self) -> Result<usize> {
+        // The mirrors' read-only replicas first: copies, dropped (their pages lose their marks
+        // and protection), not moved.
+        let mirrors: Vec<Arc<MirrorInner>> = {
+            let mut l = lock(&self.mirrors);
+            l.retain(|w| w.strong_count() > 0);
+            l.iter().filter_map(Weak::upgrade).collect()
+        };
+        for m in mirrors {
+            m.drop_own_replicas();
+        }
         let mut n = 0;
         let mut first_err = None;
         let nframes = self.pagemap.nframes();
@@ -398,6 +411,7 @@ impl SoftDevice {
                 #[cfg(feature = "testing")]
                 fail_copies: crate::sync::AtomicU64::new(0),
                 evict_hand: AtomicUsize::new(0),
+                mirrors: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -470,6 +484,11 @@ impl SoftDevice {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
         });
+        {
+            let mut l = lock(&self.inner.mirrors);
+            l.retain(|w| w.strong_count() > 0);
+            l.push(Arc::downgrade(&inner));
+        }
         let ops: Weak<dyn IntervalOps> = {
             let w: Weak<MirrorInner> = Arc::downgrade(&inner);
             w
@@ -762,6 +781,27 @@ const PT_CHUNK: usize = if cfg!(test) { 1 } else { 16 };
 /// Most system pages a device copies with one call ([`DeviceMirror::do_rw`]).
 const SYSTEM_RUN: usize = 512;
 
+impl MirrorInner {
+    /// Drops this mirror's read-only replicas through the space (`SpaceCore::drop_replicas`):
+    /// the pages lose their marks and protection, and every device's replicas of them go (an
+    /// invalidation: this mirror's entries too while its notifier is registered). Takes lock 2,
+    /// then lock 1, never nested.
+    fn drop_own_replicas(&self) {
+        let core = &self.space.core;
+        if core.check_process().is_err() {
+            return;
+        }
+        let runs = lock(&self.pt).replica_runs();
+        if runs.is_empty() {
+            return;
+        }
+        let mut st = core.lock_state();
+        for r in runs {
+            core.drop_replicas(&mut st, r);
+        }
+    }
+}
+
 impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
         let mut pt = lock(&self.pt);
@@ -876,15 +916,8 @@ impl Drop for DeviceMirror {
         // device's replicas of them, which come back at that device's next read): a mark with
         // no replica would make every store fault, and refuse the kernel's writes (`read(2)`
         // into the page) in signal mode.
-        let core = &self.inner.space.core;
-        if core.check_process().is_ok() {
-            let runs = lock(&self.inner.pt).replica_runs();
-            let mut st = core.lock_state();
-            for r in runs {
-                core.drop_replicas(&mut st, r);
-            }
-        }
-        // No invalidation reaches the page table any more: its replicas go now.
+        self.inner.drop_own_replicas();
+        // No invalidation reaches the page table any more: whatever is left goes now.
         lock(&self.inner.pt).clear_replicas(&self.inner.dev.pagemap);
     }
 }
