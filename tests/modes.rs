@@ -245,3 +245,42 @@ fn a_device_reads_and_writes_pages_the_program_dropped_in_a_thread_mode_mapping(
     space.cpu_read(a, &mut buf).unwrap();
     assert_eq!(buf, want);
 }
+
+#[test]
+fn a_device_reads_and_writes_shared_pages_whose_entries_the_program_dropped() {
+    // With a thread-mode handler in the process devices copy raw. A direct madvise(DONTNEED)
+    // of a page of a shared mapping drops only its page-table entry: the memfd keeps the
+    // bytes, and the device reads and writes them (a check of the page table alone took the
+    // page for gone and failed with EFAULT).
+    let _w = watchdog("thread_mode_shared_dropped", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let t = space
+        .map_anon_with(
+            4 * PAGE,
+            MapOptions {
+                mode: FaultMode::Thread,
+                ..MapOptions::default()
+            },
+        )
+        .unwrap();
+    space.cpu_write(t, &[1u8; 4 * PAGE]).unwrap();
+    let (a, _cache) = space.map_shared_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    let data = pattern(4 * PAGE, |i| i * 5 + 1);
+    space.cpu_write(a, &data).unwrap();
+    let mut buf = vec![0u8; 4 * PAGE];
+    m.read(a, 4 * PAGE, &mut buf).unwrap();
+    assert_eq!(buf, data);
+    // SAFETY: `a..a + 4 pages` is managed memory of `space` (mapped above), where no Rust object
+    // lives.
+    unsafe { hetmem::sys::madvise_dontneed(a.add(PAGE).get(), 2 * PAGE) }.unwrap();
+    m.read(a, 4 * PAGE, &mut buf).unwrap();
+    assert_eq!(buf, data, "the memfd kept the bytes");
+    let page = pattern(PAGE, |i| 0xe000_0000 | i);
+    m.write(a.add(2 * PAGE), PAGE, &page).unwrap();
+    let mut want = data.clone();
+    want[2 * PAGE..3 * PAGE].copy_from_slice(&page);
+    space.cpu_read(a, &mut buf).unwrap();
+    assert_eq!(buf, want);
+}

@@ -298,9 +298,12 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
 }
 
 /// How many pages from `addr` (page-aligned) on, of at most `pages` (and at most 64), hold data
-/// now, present or swapped out (`/proc/self/pagemap`), told without touching them: the raw copy
-/// that follows reads only those (a page the program dropped would fault; a swapped one is
-/// read back by the copy). 0 on an error.
+/// now, told without touching them: the raw copy that follows reads only those. A page holds
+/// data when its page-table entry is present or swapped out (`/proc/self/pagemap`), or when its
+/// backing pages are in memory (`mincore`: a shared or file page whose entry the program
+/// dropped is still in its page cache, and a copy maps it again without a userfaultfd fault). A
+/// page the program dropped from private anonymous memory holds none (a copy would fault). 0 on
+/// an error.
 pub fn resident_prefix(addr: usize, pages: usize) -> usize {
     use std::os::unix::fs::FileExt;
     const MAX: usize = 64;
@@ -314,9 +317,18 @@ pub fn resident_prefix(addr: usize, pages: usize) -> usize {
     {
         return 0;
     }
-    raw[..n * 8]
-        .chunks_exact(8)
-        .take_while(|w| u64::from_ne_bytes((*w).try_into().expect("8 bytes")) & (3 << 62) != 0)
+    let mut cached = [0u8; MAX];
+    // SAFETY: mincore reads no memory of the range and writes one byte per page asked into
+    // `cached`, which holds `MAX >= n` bytes.
+    let r = unsafe { libc::mincore(addr as *mut _, n * PAGE_SIZE, cached.as_mut_ptr()) };
+    if r != 0 {
+        cached = [0u8; MAX];
+    }
+    (0..n)
+        .take_while(|&i| {
+            let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            e & (3 << 62) != 0 || cached[i] & 1 != 0
+        })
         .count()
 }
 
