@@ -122,7 +122,17 @@ fn random_operations_under_hetmems_policy_match_the_model() {
 /// reads back as the model says; unmapping is refused there (adopted memory is the program's).
 #[test]
 fn random_operations_on_adopted_memory_match_the_model() {
-    run_suite("model_adopted", |ops| {
+    adopted_suite("model_adopted", CASES, false);
+}
+
+/// The adopted suite under hetmem's own policy: replicas of the program's own pages.
+#[test]
+fn random_operations_on_adopted_memory_under_hetmems_policy_match_the_model() {
+    adopted_suite("model_adopted_adaptive", CASES / 2, true);
+}
+
+fn adopted_suite(name: &'static str, cases: u32, adaptive: bool) {
+    run_cases(name, cases, |ops| {
         // Mapping 0 in the first 2 MiB unit, mapping 1 in the two after it: one plain mapping,
         // adopted whole.
         let len = LARGE_PAGE_SIZE + LARGE_PAGES * PAGE;
@@ -136,6 +146,11 @@ fn random_operations_on_adopted_memory_match_the_model() {
             .map_err(|e| TestCaseError::fail(format!("advise_large: {e}")))?;
         let mut w = World::over(space, [hetmem::VirtAddr(base), large])
             .map_err(|e| TestCaseError::fail(format!("world: {e}")))?;
+        if adaptive {
+            w.space.set_policy(std::sync::Arc::new(
+                hetmem::policy::adaptive::AdaptivePolicy::new(),
+            ));
+        }
         let checked = apply_all(&mut w, ops);
         // Every handle goes (the memory is given back) before the mapping is unmapped.
         drop(w);
