@@ -384,3 +384,48 @@ fn every_page_of_adopted_memory_can_be_held_exclusively() {
         assert_eq!(mem.load(p * PAGE), word(p));
     }
 }
+
+/// Memory the program protected in parts (read-only, read-write) is adopted as one mapping per
+/// part, each with its protection: devices read all of it and migrate it (read-only pages
+/// too, as the kernel's device does), a device write to the read-only part is refused, and
+/// the program's loads see its data throughout.
+#[test]
+fn memory_protected_in_parts_is_adopted_with_each_parts_protection() {
+    let _w = watchdog("adopt_mixed_protection", 30);
+    const N: usize = 8;
+    let mem = Plain::new(N * PAGE, libc::PROT_READ | libc::PROT_WRITE);
+    for p in 0..N {
+        mem.store(p * PAGE, p as u32 + 100);
+    }
+    // SAFETY: the test's own mapping (pages 0..4 become read-only).
+    let r = unsafe { libc::mprotect(mem.addr as *mut _, 4 * PAGE, libc::PROT_READ) };
+    assert_eq!(r, 0);
+    let space = adopt_plain(mem.at(0), N * PAGE).unwrap();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let mut buf = vec![0u8; N * PAGE];
+    m.read(mem.at(0), N * PAGE, &mut buf).unwrap();
+    for p in 0..N {
+        assert_eq!(ints(&buf[p * PAGE..p * PAGE + 4])[0], p as u32 + 100);
+    }
+    assert_eq!(
+        m.migrate_range_to_device(mem.at(0), N * PAGE)
+            .unwrap()
+            .cpages,
+        N as u64
+    );
+    assert!(matches!(
+        m.write(mem.at(0), PAGE, &vec![1u8; PAGE]),
+        Err(Error::NoWrite { .. })
+    ));
+    m.write(mem.at(4 * PAGE), PAGE, &vec![7u8; PAGE]).unwrap();
+    for p in 0..N {
+        let want = if p == 4 { 0x0707_0707 } else { p as u32 + 100 };
+        assert_eq!(mem.load(p * PAGE), want, "page {p}");
+    }
+    drop(m);
+    drop(space);
+    // Given back: the program's protections are its own again.
+    mem.store(5 * PAGE, 9);
+    assert_eq!(mem.load(5 * PAGE), 9);
+}

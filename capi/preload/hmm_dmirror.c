@@ -306,6 +306,14 @@ static int space_for(uintptr_t addr, uintptr_t len)
 		if (spaces[s].space)
 			continue;
 		int err = hetmem_space_adopt((void *)start, end - start, &spaces[s].space);
+		if (err != 0 && (start != addr || end != addr + len)) {
+			/* The whole mmap cannot be adopted (the program unmapped or protected parts
+			 * of it): exactly the command's range, as the kernel's device works on what
+			 * the command names. */
+			start = addr;
+			end = addr + len;
+			err = hetmem_space_adopt((void *)start, end - start, &spaces[s].space);
+		}
 		if (err != 0) {
 			spaces[s].space = NULL;
 			return err;

@@ -483,11 +483,16 @@ impl KernelMm {
     }
 
     /// The kernel side of an address space over `len` bytes at `base` that the program mapped
-    /// itself (anonymous, private: [`Region::adopt`]); returns it and the memory's protection.
+    /// itself (anonymous, private: [`Region::adopt`]); returns it and the memory's pieces by
+    /// protection.
     /// Nothing is registered yet ([`Mm::register_adopted`]).
-    pub fn adopt(base: usize, len: usize, user_mode_only: bool) -> io::Result<(KernelMm, Prot)> {
-        let (res, prot) = Region::adopt(base, len)?;
-        Ok((Self::over(res, user_mode_only)?, prot))
+    pub fn adopt(
+        base: usize,
+        len: usize,
+        user_mode_only: bool,
+    ) -> io::Result<(KernelMm, Vec<sys::AdoptedPiece>)> {
+        let (res, pieces) = Region::adopt(base, len)?;
+        Ok((Self::over(res, user_mode_only)?, pieces))
     }
 
     fn over(res: Region, user_mode_only: bool) -> io::Result<KernelMm> {

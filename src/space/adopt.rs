@@ -46,9 +46,10 @@ impl Space {
     ///
     /// Errors: [`Error::Unaligned`], [`Error::ZeroLength`], [`Error::UnalignedLength`],
     /// [`Error::Overflow`] for a malformed range; [`Error::Os`] naming the cause for a range that
-    /// is not wholly anonymous private memory of one protection (EINVAL), not mapped (ENOMEM),
-    /// not readable (EACCES), or already managed (EBUSY: another space's range, or registered
-    /// with a userfaultfd).
+    /// is not wholly anonymous private memory (EINVAL), not mapped (ENOMEM), not readable
+    /// (EACCES), or already managed (EBUSY: another space's range, or registered with a
+    /// userfaultfd). Parts the program protected differently (read-only, read-write) become a
+    /// mapping each, with that protection.
     ///
     /// # Examples
     ///
@@ -91,7 +92,7 @@ impl Space {
                 std::io::Error::from_raw_os_error(libc::EBUSY),
             ));
         }
-        let (mm, prot) = KernelMm::adopt(r.start.get(), r.len(), false).map_err(|e| {
+        let (mm, pieces) = KernelMm::adopt(r.start.get(), r.len(), false).map_err(|e| {
             Error::os(
                 "adopt: the range must be mapped anonymous private memory",
                 e,
@@ -107,18 +108,29 @@ impl Space {
                 .pages_with_data(r)
                 .map_err(|e| Error::os("adopt: read /proc/self/pagemap", e))
         };
-        let mut ptes = new_ptes(r)?;
-        for (p, has) in ptes.iter_mut().zip(scan(&core)?) {
-            if has {
-                *p = Pte::present(false, *p);
-            }
-        }
+        let has_data = scan(&core)?;
         let mode = FaultMode::Signal;
         super::fork::install_handlers();
-        // The mapping and the registry entry first, the userfaultfd last: from the moment the
-        // kernel reports a fault in the range, hetmem serves it.
-        core.lock_state()
-            .insert_vma(r, prot, mode, false, None, ptes);
+        // The mappings and the registry entry first, the userfaultfd last: from the moment the
+        // kernel reports a fault in the range, hetmem serves it. One mapping per protection
+        // the program gave parts of the range.
+        {
+            let mut st = core.lock_state();
+            for (s, e, prot) in pieces {
+                let piece = VaRange {
+                    start: VirtAddr(s),
+                    end: VirtAddr(e),
+                };
+                let mut ptes = new_ptes(piece)?;
+                let first = (s - r.start.get()) / PAGE_SIZE;
+                for (p, has) in ptes.iter_mut().zip(&has_data[first..]) {
+                    if *has {
+                        *p = Pte::present(false, *p);
+                    }
+                }
+                st.insert_vma(piece, prot, mode, false, None, ptes);
+            }
+        }
         let target: std::sync::Arc<dyn sys::FaultTarget> = core.clone();
         let reg = sys::register_fault_range(r.start.get(), r.end.get(), target)
             .map_err(|e| Error::os("register fault range", e))?;

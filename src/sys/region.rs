@@ -400,15 +400,19 @@ fn current_stack() -> Option<(usize, usize)> {
     }
 }
 
+/// A part of an adopted range with one protection: `(start, end, protection)`.
+pub type AdoptedPiece = (usize, usize, Prot);
+
 impl Region {
     /// Adopts `len` bytes at `base`, memory the program mapped itself, as a region that is not
     /// unmapped on drop. The range must be page-aligned, non-empty, and wholly covered by
-    /// anonymous private mappings of one protection, readable (`/proc/self/maps`: no file, not
-    /// shared, not the stack or a special mapping; `[heap]` and named anonymous memory are
-    /// fine; not the calling thread's stack — other threads' stacks cannot be told from other
-    /// anonymous memory, and must not be adopted): EINVAL otherwise, EACCES for memory that cannot be read. Returns the region and
-    /// its protection (read-only, or read-write).
-    pub fn adopt(base: usize, len: usize) -> io::Result<(Region, Prot)> {
+    /// anonymous private mappings, readable (`/proc/self/maps`: no file, not shared, not the
+    /// stack or a special mapping; `[heap]` and named anonymous memory are fine; not the calling
+    /// thread's stack — other threads' stacks cannot be told from other anonymous memory, and
+    /// must not be adopted): EINVAL otherwise, EACCES for memory that cannot be read. Returns
+    /// the region and its pieces by protection (`start`, `end`, read-only or read-write), in
+    /// order.
+    pub fn adopt(base: usize, len: usize) -> io::Result<(Region, Vec<AdoptedPiece>)> {
         let einval = || io::Error::from_raw_os_error(libc::EINVAL);
         if len == 0 || !base.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(einval());
@@ -424,7 +428,7 @@ impl Region {
         }
         let maps = std::fs::read_to_string("/proc/self/maps")?;
         let mut covered = base;
-        let mut prot = None;
+        let mut pieces: Vec<AdoptedPiece> = Vec::new();
         for line in maps.lines() {
             let mut f = line.split_ascii_whitespace();
             let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
@@ -458,10 +462,12 @@ impl Region {
                 (b'r', b'-') => Prot::Read,
                 _ => return Err(io::Error::from_raw_os_error(libc::EACCES)),
             };
-            if prot.is_some_and(|q| q != this) {
-                return Err(einval());
+            // One piece per protection (the program may have protected parts differently).
+            let (ps, pe) = (s.max(base), e.min(end));
+            match pieces.last_mut() {
+                Some(last) if last.2 == this && last.1 == ps => last.1 = pe,
+                _ => pieces.push((ps, pe, this)),
             }
-            prot = Some(this);
             covered = e;
             if covered >= end {
                 break;
@@ -477,7 +483,11 @@ impl Region {
                 owned: false,
                 disowned: Default::default(),
             },
-            prot.ok_or_else(einval)?,
+            if pieces.is_empty() {
+                return Err(einval());
+            } else {
+                pieces
+            },
         ))
     }
 
