@@ -219,6 +219,9 @@ fn stores_racing_device_reads_are_never_lost_or_read_stale() {
     let (space, a, _h) = setup();
     let dev = SoftDevice::private(16 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
+    // The race is with replicas: the first read makes them.
+    assert_eq!(dev_read(&m, a, PAGES), want(PAGES));
+    assert_eq!(m.replica_pages(), PAGES);
     let rounds = 200u32;
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -477,4 +480,41 @@ fn a_device_release_drops_its_replicas_and_leaves_the_pages_unprotected() {
     let mut w = want(PAGES);
     w[0] = 9;
     assert_eq!(dev_read(&m, a, PAGES), w);
+}
+
+#[test]
+fn a_migration_to_a_device_full_of_replicas_drops_one_rather_than_evicting_a_page() {
+    // 2 MiB of device memory, full of read-only replicas of region A (the adaptive policy);
+    // a device write to one page of region B migrates it (writes migrate): the device evicts
+    // nothing that would have to be copied back, it drops one replica (a copy, dropped).
+    let _w = watchdog("replica_room_for_migration", 30);
+    let space = Space::new().unwrap();
+    let n = 1024;
+    let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &pattern(n * PAGE, |i| i + 1)).unwrap();
+    space.set_policy(Arc::new(hetmem::policy::adaptive::AdaptivePolicy::new()));
+    let dev = SoftDevice::private(2 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let mut buf = vec![0u8; PAGE];
+    for p in 0..512 {
+        m.read(a.add(p * PAGE), PAGE, &mut buf).unwrap();
+    }
+    assert_eq!((m.replica_pages(), dev.used()), (512, 2 << 20));
+    let page = pattern(PAGE, |i| 0xd000_0000 | i);
+    let b = a.add(700 * PAGE);
+    m.write(b, PAGE, &page).unwrap();
+    assert_eq!(space.residency(b), Residency::Device(dev.owner()));
+    assert_eq!(m.replica_pages(), 511, "one replica made room");
+    let mut back = vec![0u8; PAGE];
+    space.cpu_read(b, &mut back).unwrap();
+    assert_eq!(back, page);
+    // Every replica left still reads right.
+    let all = want(n);
+    for p in 0..512 {
+        m.read(a.add(p * PAGE), PAGE, &mut buf).unwrap();
+        assert!(
+            ints(&buf) == all[p * PAGE / 4..(p + 1) * PAGE / 4],
+            "page {p}"
+        );
+    }
 }

@@ -1244,19 +1244,7 @@ impl DeviceMirror {
         if replicate && move_end > ps {
             // Once the pages are present (the faults above filled them): best effort, what is
             // not replicated stays mapped where it is.
-            if self.inner.space.shared_file_range(window).is_some() {
-                if self.replicate_window(window).is_ok_and(|n| n > 0) {
-                    // The cache's replicas are mapped by a fault that finds them.
-                    let _ = self.fault_chunks(&n, Vpn(ps), Vpn(move_end), false);
-                }
-            } else if !self
-                .replicate_window(window)
-                .is_ok_and(|n| n as usize == window.pages())
-            {
-                // Not every page was replicated (no free frame, a page that cannot be, an
-                // error): what the replication invalidated is mapped where it is again.
-                let _ = self.fault_chunks(&n, Vpn(ps), Vpn(move_end), false);
-            }
+            let _ = self.replicate_window(window, Some(&n));
         }
         Ok(())
     }
@@ -1264,12 +1252,22 @@ impl DeviceMirror {
     /// Makes this device's read-only replicas of the pages of `r` that are in system memory
     /// (see [`Placement::Replicate`]): anonymous pages through the space
     /// (`SpaceCore::replicate`, which maps each under the space's lock), pages of a shared file
-    /// mapping through the file's cache (mapped by the fault that follows). Returns the
-    /// replicas made.
-    fn replicate_window(&self, r: VaRange) -> Result<u64> {
+    /// mapping through the file's cache. Returns the replicas made. With `remap` (a fault's
+    /// notifier), `r` is mapped again where the replication left it unmapped: the cache's
+    /// replicas (found by a fault), and anonymous pages whose mappings the replication
+    /// invalidated but could not replicate (no free frame, an error); without, the next
+    /// access faults them in.
+    fn replicate_window(&self, r: VaRange, remap: Option<&Arc<IntervalNotifier>>) -> Result<u64> {
         let pm = &self.inner.dev.pagemap;
+        let refault = |n: &Arc<IntervalNotifier>| {
+            let _ = self.fault_chunks(n, r.start.page(), r.end.page(), false);
+        };
         if let Some((cache, first)) = self.inner.space.shared_file_range(r) {
-            return cache.replicate(first * PAGE_SIZE as u64, r.len() as u64, pm);
+            let made = cache.replicate(first * PAGE_SIZE as u64, r.len() as u64, pm)?;
+            if let Some(n) = remap.filter(|_| made > 0) {
+                refault(n);
+            }
+            return Ok(made);
         }
         // Pages this device already holds a replica of are left alone.
         let mut runs = Vec::new();
@@ -1331,15 +1329,27 @@ impl DeviceMirror {
                 }
             }
         };
+        let wanted: usize = runs.iter().map(|r| r.pages()).sum();
         let mut made = 0;
+        let mut res = Ok(());
         for run in runs {
-            made += self
+            match self
                 .inner
                 .space
                 .core
-                .replicate(run, pm, &mut alloc, &mut map)? as u64;
+                .replicate(run, pm, &mut alloc, &mut map)
+            {
+                Ok(n) => made += n,
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
         }
-        Ok(made)
+        if let Some(n) = remap.filter(|_| made < wanted) {
+            refault(n);
+        }
+        res.map(|()| made as u64)
     }
 
     /// Asks the space's policy what to do with each region whose access counter reached its
@@ -1377,7 +1387,7 @@ impl DeviceMirror {
                     let _ = self.migrate_range(r);
                 }
                 Placement::Replicate if pm.kind() == MemoryKind::Private => {
-                    let _ = self.replicate_window(r);
+                    let _ = self.replicate_window(r, None);
                 }
                 Placement::Replicate => {
                     let _ = self.migrate_range(r);

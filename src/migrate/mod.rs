@@ -1097,7 +1097,7 @@ impl MigrateVma<'_> {
     ) -> std::result::Result<(), crate::sys::UffdError> {
         let _bounce = pm.store().host_view().is_none().then(|| self.lock());
         self.core
-            .install_from_frame(a, pm, frame.offset(), len, self.mode)
+            .install_from_frame(a, pm, frame.offset(), len, self.mode, false)
     }
 
     /// The current sequence of notifier `n`, read while this migration holds the address

@@ -122,12 +122,12 @@ pub trait Mm: Send + Sync {
     fn write_protect(&self, r: VaRange, on: bool, mode: FaultMode) -> Result<(), UffdError>;
     /// Wakes threads waiting on faults in `r` (thread mode).
     fn wake(&self, r: VaRange, mode: FaultMode);
-    /// How many of the `pages` pages from `addr` on the kernel has now (at most 64: the caller
-    /// asks again for the rest), told without touching them: hetmem's own raw copies under its
-    /// locks read only those (a page the program dropped behind hetmem's back would fault).
+    /// How many of the `pages` pages from `addr` on the kernel has now, told without touching
+    /// them: hetmem's own raw copies under its locks read only those (a page the program
+    /// dropped behind hetmem's back would fault).
     fn present_prefix(&self, addr: VirtAddr, pages: usize) -> usize {
         let _ = addr;
-        pages.min(64)
+        pages
     }
     /// Copies out of the pages of a signal-mode mapping from `addr` on through the kernel, which
     /// stops at a page that is not there (a userfaultfd fault there is an error, not a wait):
@@ -620,22 +620,6 @@ fn serve_msgs(uffd: &Uffd) {
 }
 
 impl KernelMm {
-    /// How many of the `len` bytes from page-aligned `addr` on lie in pages the kernel has now
-    /// (whole pages; `len` a multiple of the page size), told without touching them.
-    fn present_bytes(&self, addr: VirtAddr, len: usize) -> usize {
-        let pages = len / PAGE_SIZE;
-        let mut done = 0;
-        while done < pages {
-            let ask = (pages - done).min(64);
-            let n = sys::resident_prefix(addr.add(done * PAGE_SIZE).get(), ask);
-            done += n;
-            if n < ask {
-                break;
-            }
-        }
-        done * PAGE_SIZE
-    }
-
     /// A device's copy of system pages through the kernel (`copy`: it stops at a missing page),
     /// where every range is served in SIGBUS mode (the space's and the file mappings'
     /// userfaultfds): the bytes copied. `None`: copy raw instead, because a thread-mode handler
@@ -773,7 +757,7 @@ impl Mm for KernelMm {
         len: usize,
         mode: FaultMode,
     ) -> Result<(), UffdError> {
-        self.with_uffd(mode, |u| u.fill(dst.get(), src, off, len))
+        self.with_uffd(mode, |u| u.fill(dst.get(), src, off, len, false))
     }
 
     fn install_protected(
@@ -784,7 +768,7 @@ impl Mm for KernelMm {
         len: usize,
         mode: FaultMode,
     ) -> Result<(), UffdError> {
-        self.with_uffd(mode, |u| u.fill_protected(dst.get(), src, off, len))
+        self.with_uffd(mode, |u| u.fill(dst.get(), src, off, len, true))
     }
 
     fn map_zero_pages(&self, r: VaRange, mode: FaultMode) -> Result<(), UffdError> {
@@ -850,7 +834,7 @@ impl Mm for KernelMm {
             None => {
                 // Raw: only what the kernel has now (a page the program dropped would fault,
                 // and in a thread-mode mapping wait for the handler thread).
-                let n = self.present_bytes(addr, dst.len());
+                let n = self.present_prefix(addr, dst.len() / PAGE_SIZE) * PAGE_SIZE;
                 self.read(addr, &mut dst[..n]);
                 n
             }
@@ -866,7 +850,7 @@ impl Mm for KernelMm {
         match copied {
             Some(n) => n,
             None => {
-                let n = self.present_bytes(addr, src.len());
+                let n = self.present_prefix(addr, src.len() / PAGE_SIZE) * PAGE_SIZE;
                 self.write(addr, &src[..n]);
                 n
             }

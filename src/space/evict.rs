@@ -98,7 +98,14 @@ impl SpaceCore {
                 let m = units[s].mode;
                 pm.charge_migration(r.len());
                 let _bounce = pm.store().host_view().is_none().then(|| self.lock_state());
-                match self.install_from_frame(r.start, pm, units[s].frame.offset(), r.len(), m) {
+                match self.install_from_frame(
+                    r.start,
+                    pm,
+                    units[s].frame.offset(),
+                    r.len(),
+                    m,
+                    false,
+                ) {
                     Ok(()) | Err(sys::UffdError::Exists) => {}
                     Err(err) => {
                         // Drop what the failed install filled: the pages stay in device memory.

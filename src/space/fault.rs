@@ -8,22 +8,10 @@ use super::*;
 
 impl SpaceCore {
     /// Installs `len` bytes of `pm`'s frames at byte `off` into the missing CPU pages at `dst`
-    /// (`UFFDIO_COPY`): straight from the frames when the device's memory is host-addressable,
-    /// else through the bounce buffer (the caller holds the state lock, so it is ours). No
-    /// allocation: this is the fault-back path.
+    /// (`UFFDIO_COPY`), write-protected at once when `protected`: straight from the frames when
+    /// the device's memory is host-addressable, else through the bounce buffer (the caller holds
+    /// the state lock, so it is ours). No allocation: this is the fault-back path.
     pub(crate) fn install_from_frame(
-        &self,
-        dst: VirtAddr,
-        pm: &Pagemap,
-        off: usize,
-        len: usize,
-        mode: FaultMode,
-    ) -> std::result::Result<(), sys::UffdError> {
-        self.install_from_frame_as(dst, pm, off, len, mode, false)
-    }
-
-    /// [`Self::install_from_frame`], the pages write-protected at once when `protected`.
-    pub(crate) fn install_from_frame_as(
         &self,
         dst: VirtAddr,
         pm: &Pagemap,
@@ -771,7 +759,7 @@ impl SpaceCore {
         let pagemap = st.pagemap(pm);
         pagemap.charge_migration(r.len());
         let mode = st.vma(r.start).expect("mapped").mode;
-        match self.install_from_frame(r.start, &pagemap, head.offset(), r.len(), mode) {
+        match self.install_from_frame(r.start, &pagemap, head.offset(), r.len(), mode, false) {
             Ok(()) | Err(sys::UffdError::Exists) => {}
             Err(e) => {
                 // Drop what the failed install filled: the pages stay in device memory only.

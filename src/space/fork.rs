@@ -231,8 +231,7 @@ impl SpaceCore {
                 // Write-protected: a store by another thread before the parent drops the copy
                 // again faults, waits for the fork, and is served from the device's data
                 // (unprotected, it landed in the copy and was lost: found by review).
-                match self.install_from_frame_as(a, &pool, frame.offset(), PAGE_SIZE, v.mode, true)
-                {
+                match self.install_from_frame(a, &pool, frame.offset(), PAGE_SIZE, v.mode, true) {
                     Ok(()) => match copies.last_mut() {
                         Some(VaRange { end, .. }) if *end == a => *end = a.add(PAGE_SIZE),
                         _ => copies.push(VaRange {

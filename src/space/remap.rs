@@ -77,8 +77,15 @@ impl SpaceCore {
                         let (pm, frame, _) = pte.device_frame().expect("device or stash frame");
                         let pool = self.frame_pool(&st, *pte, pm);
                         pool.charge_migration(PAGE_SIZE);
-                        self.install_from_frame(dst, &pool, frame.offset(), PAGE_SIZE, v.mode)
-                            .map_err(|e| Error::os("follow mremap", e.into()))
+                        self.install_from_frame(
+                            dst,
+                            &pool,
+                            frame.offset(),
+                            PAGE_SIZE,
+                            v.mode,
+                            false,
+                        )
+                        .map_err(|e| Error::os("follow mremap", e.into()))
                     }
                 };
                 if let Err(e) = copied {

@@ -297,39 +297,47 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
     unsafe { ptr::read_volatile(addr as *const u32) }
 }
 
-/// How many pages from `addr` (page-aligned) on, of at most `pages` (and at most 64), hold data
-/// now, told without touching them: the raw copy that follows reads only those. A page holds
-/// data when its page-table entry is present or swapped out (`/proc/self/pagemap`), or when its
-/// backing pages are in memory (`mincore`: a shared or file page whose entry the program
-/// dropped is still in its page cache, and a copy maps it again without a userfaultfd fault). A
-/// page the program dropped from private anonymous memory holds none (a copy would fault). 0 on
-/// an error.
+/// How many of the `pages` pages from `addr` (page-aligned) on hold data now, told without
+/// touching them: the raw copy that follows reads only those. A page holds data when its
+/// page-table entry is present or swapped out (`/proc/self/pagemap`), or when its backing page
+/// is in memory (`mincore`: a shared or file page whose entry the program dropped is still in
+/// its page cache, and a copy maps it again without a userfaultfd fault). A page the program
+/// dropped from private anonymous memory holds none (a copy would fault). One open of
+/// pagemap per call, 64 pages per read; 0 on an error.
 pub fn resident_prefix(addr: usize, pages: usize) -> usize {
     use std::os::unix::fs::FileExt;
-    const MAX: usize = 64;
-    let n = pages.min(MAX);
-    let mut raw = [0u8; MAX * 8];
+    const CHUNK: usize = 64;
     let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
         return 0;
     };
-    if f.read_exact_at(&mut raw[..n * 8], (addr / PAGE_SIZE * 8) as u64)
-        .is_err()
-    {
-        return 0;
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(CHUNK);
+        let at = addr + done * PAGE_SIZE;
+        let mut raw = [0u8; CHUNK * 8];
+        if f.read_exact_at(&mut raw[..n * 8], (at / PAGE_SIZE * 8) as u64)
+            .is_err()
+        {
+            return done;
+        }
+        let mut cached = [0u8; CHUNK];
+        // SAFETY: mincore reads no memory of the range and writes one byte per page asked into
+        // `cached`, which holds `CHUNK >= n` bytes.
+        if unsafe { libc::mincore(at as *mut _, n * PAGE_SIZE, cached.as_mut_ptr()) } != 0 {
+            cached = [0u8; CHUNK];
+        }
+        let there = (0..n)
+            .take_while(|&i| {
+                let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+                e & (3 << 62) != 0 || cached[i] & 1 != 0
+            })
+            .count();
+        done += there;
+        if there < n {
+            break;
+        }
     }
-    let mut cached = [0u8; MAX];
-    // SAFETY: mincore reads no memory of the range and writes one byte per page asked into
-    // `cached`, which holds `MAX >= n` bytes.
-    let r = unsafe { libc::mincore(addr as *mut _, n * PAGE_SIZE, cached.as_mut_ptr()) };
-    if r != 0 {
-        cached = [0u8; MAX];
-    }
-    (0..n)
-        .take_while(|&i| {
-            let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            e & (3 << 62) != 0 || cached[i] & 1 != 0
-        })
-        .count()
+    done
 }
 
 /// Whether the page at `addr` is in the CPU's view now (`mincore`: it is in memory and mapped

@@ -307,29 +307,9 @@ impl Uffd {
     /// resuming after a partial copy: Ok means every page of the range is now populated (pages
     /// that already were are left as they are: EEXIST on a page is not an error here). An error
     /// means some pages may be populated and others not; calling again completes the range.
-    pub fn fill(
-        &self,
-        dst: usize,
-        src: &Region,
-        src_off: usize,
-        len: usize,
-    ) -> Result<(), UffdError> {
-        self.fill_mode(dst, src, src_off, len, false)
-    }
-
-    /// [`Uffd::fill`], the new pages write-protected (`UFFDIO_COPY_MODE_WP`: a store to them
+    /// With `wp`, the new pages are write-protected (`UFFDIO_COPY_MODE_WP`: a store to them
     /// faults), atomically with their installation.
-    pub fn fill_protected(
-        &self,
-        dst: usize,
-        src: &Region,
-        src_off: usize,
-        len: usize,
-    ) -> Result<(), UffdError> {
-        self.fill_mode(dst, src, src_off, len, true)
-    }
-
-    fn fill_mode(
+    pub fn fill(
         &self,
         dst: usize,
         src: &Region,
