@@ -141,6 +141,8 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
         .downcast()
         .expect("a notifier's host is an address space");
     space.check_process()?;
+    // A drop of pages by the program (madvise) whose madvise returned is followed first.
+    crate::sys::wait_removes_followed();
     let r = VaRange::new(
         range.start,
         range.end.get().saturating_sub(range.start.get()),

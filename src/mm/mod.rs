@@ -118,6 +118,18 @@ pub trait Mm: Send + Sync {
     fn map_zero_pages(&self, r: VaRange, mode: FaultMode) -> Result<(), UffdError>;
     /// Drops the pages of `r` (the next access faults).
     fn zap(&self, r: VaRange) -> io::Result<()>;
+    /// Whether a REMOVE event for `r` (the pages of `r` were dropped) came from a [`Mm::zap`]
+    /// of hetmem's own rather than from the program: true once for each part of such a zap
+    /// (consumed). The event reader asks before it follows a drop.
+    fn take_own_remove(&self, r: VaRange) -> bool {
+        let _ = r;
+        false
+    }
+    /// How many of hetmem's own drops raised a REMOVE event (the pages could not be moved
+    /// out: see `sys::ZapSink`).
+    fn zaps_with_event(&self) -> u64 {
+        0
+    }
     /// Sets or clears write protection of the present pages of `r` (clearing wakes writers).
     fn write_protect(&self, r: VaRange, on: bool, mode: FaultMode) -> Result<(), UffdError>;
     /// Wakes threads waiting on faults in `r` (thread mode).
@@ -449,6 +461,15 @@ pub struct KernelMm {
     /// Parts of the reservation the program unmapped (or moved away) directly: its address
     /// space now, left alone when the reservation is unmapped ([`Mm::disown`]).
     disowned: Mutex<Vec<VaRange>>,
+    /// Where [`Mm::zap`] moves pages out of the reservation, so that hetmem's own drops raise
+    /// no REMOVE event on `sig` (which asks for them only when this exists: the kernel has
+    /// `UFFDIO_MOVE`). A leaf lock.
+    sink: Option<Mutex<sys::ZapSink>>,
+    /// Drops of hetmem's own that raised REMOVE events not followed yet (pages the sink could
+    /// not take): [`Mm::take_own_remove`] consumes them. A leaf lock.
+    own_removes: Mutex<Vec<VaRange>>,
+    /// How many drops of hetmem's own raised a REMOVE event.
+    zaps_with_event: std::sync::atomic::AtomicU64,
     /// The reservation. Dropped last: its mappings were unregistered when the space went
     /// (`Mm::unregister_all`), and the thread-mode and file userfaultfds are closed by then, so
     /// that unmapping it raises no UNMAP event.
@@ -499,9 +520,13 @@ impl KernelMm {
         sys::check_page_size()?;
         // Every userfaultfd of a space asks for the program's munmaps (hetmem's own unmaps
         // unregister first and raise none); each has a reader for as long as it lives.
+        // The program's drops of pages (madvise) are followed where hetmem's own can be made
+        // without raising the event (`sys::ZapSink`): kernels with UFFDIO_MOVE.
+        let sink = sys::ZapSink::new(user_mode_only).ok().map(Mutex::new);
         let sig = EventReader::watch(std::sync::Arc::new(Uffd::open_events(
             UffdDelivery::Signal,
             user_mode_only,
+            sink.is_some(),
         )?))?;
         sys::install_sigbus_handler()?;
         Ok(KernelMm {
@@ -513,6 +538,9 @@ impl KernelMm {
             raw_device_copies: std::sync::atomic::AtomicBool::new(false),
             copy_gate: crate::sync::RwLock::new(()),
             disowned: Mutex::new(Vec::new()),
+            sink,
+            own_removes: Mutex::new(Vec::new()),
+            zaps_with_event: std::sync::atomic::AtomicU64::new(0),
             res,
         })
     }
@@ -540,7 +568,11 @@ impl KernelMm {
         }
         self.raw_device_copies
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let uffd = std::sync::Arc::new(Uffd::open_events(UffdDelivery::Thread, self.force_umo)?);
+        let uffd = std::sync::Arc::new(Uffd::open_events(
+            UffdDelivery::Thread,
+            self.force_umo,
+            false,
+        )?);
         *g = Some(ThreadService::start(uffd.clone(), "hetmem-uffd")?);
         Ok(uffd)
     }
@@ -614,6 +646,10 @@ fn serve_msgs(uffd: &Uffd) {
                 sys::dispatch_remap(from, to, len);
             }
             sys::UffdMsg::Unmap { start, end } => sys::dispatch_unmap(start, end),
+            sys::UffdMsg::Remove { start, end } => {
+                sys::dispatch_remove(start, end);
+                sys::remove_followed();
+            }
             sys::UffdMsg::Other(_) => {}
         }
     }
@@ -789,7 +825,64 @@ impl Mm for KernelMm {
     }
 
     fn zap(&self, r: VaRange) -> io::Result<()> {
-        self.res.discard(self.off(r.start), r.len())
+        let Some(sink) = &self.sink else {
+            return self.res.discard(self.off(r.start), r.len());
+        };
+        let (moved, done) = lock(sink).take(r.start.get(), r.len());
+        if moved.is_ok() {
+            return Ok(());
+        }
+        // The rest is dropped in place, which raises a REMOVE event on `sig` (where the
+        // range is registered with it): recorded first, so that the reader, which follows it
+        // under the space's lock after this drop, finds it ours.
+        let rest = VaRange {
+            start: r.start.add(done.next_multiple_of(PAGE_SIZE)),
+            end: r.end,
+        };
+        if rest.start >= rest.end {
+            return Ok(());
+        }
+        lock(&self.own_removes).push(rest);
+        self.zaps_with_event
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let res = self.res.discard(self.off(rest.start), rest.len());
+        if res.is_err() {
+            // Refused before any event (mlocked memory): nothing to tell apart.
+            let mut o = lock(&self.own_removes);
+            if let Some(i) = o.iter().rposition(|x| *x == rest) {
+                o.swap_remove(i);
+            }
+        }
+        res
+    }
+
+    fn take_own_remove(&self, r: VaRange) -> bool {
+        let mut o = lock(&self.own_removes);
+        let Some(i) = o.iter().position(|x| x.start <= r.start && r.end <= x.end) else {
+            return false;
+        };
+        // One event per mapping the drop spanned: keep the parts of the drop not reported yet.
+        let x = o.swap_remove(i);
+        for part in [
+            VaRange {
+                start: x.start,
+                end: r.start,
+            },
+            VaRange {
+                start: r.end,
+                end: x.end,
+            },
+        ] {
+            if part.start < part.end {
+                o.push(part);
+            }
+        }
+        true
+    }
+
+    fn zaps_with_event(&self) -> u64 {
+        self.zaps_with_event
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn write_protect(&self, r: VaRange, on: bool, mode: FaultMode) -> Result<(), UffdError> {

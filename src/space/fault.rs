@@ -89,6 +89,8 @@ impl SpaceCore {
         if sys::getpid() != self.pid {
             return false;
         }
+        // A drop of the page by the program (madvise) whose madvise returned is followed first.
+        sys::wait_removes_followed();
         let mut st = self.lock_state();
         let Some(pte) = st.pte(a) else { return false };
         if pte.migrating() {

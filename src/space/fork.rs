@@ -208,6 +208,7 @@ extern "C" fn after_fork_child() {
     // The parent's address ranges are the child's plain memory: they route no fault here, and
     // the child may adopt them.
     sys::forget_inherited_fault_ranges();
+    sys::forget_unfollowed_removes();
 }
 
 impl SpaceCore {

@@ -377,6 +377,7 @@ pub(crate) struct Counters {
     pub(crate) exclusive_revoked: AtomicU64,
     pub(crate) foreign_remaps: AtomicU64,
     pub(crate) foreign_unmaps: AtomicU64,
+    pub(crate) foreign_removes: AtomicU64,
 }
 
 /// A snapshot of an address space's counters.
@@ -397,6 +398,15 @@ pub struct SpaceStats {
     pub foreign_remaps: u64,
     /// Direct munmaps of adopted memory that hetmem followed (the range left the space).
     pub foreign_unmaps: u64,
+    /// Direct drops of pages (`madvise(MADV_DONTNEED)` and the like) that hetmem followed:
+    /// the pages there read zeros (a private file mapping's: the file's bytes), in device
+    /// memory too (`UFFD_EVENT_REMOVE`; kernels with `UFFDIO_MOVE`).
+    pub foreign_removes: u64,
+    /// Drops of pages by hetmem itself (migrations to a device) that the kernel could not move
+    /// out of the way and that raised a REMOVE event (≈ 50 µs each instead of ≈ 1): pages
+    /// shared with a child after a `fork()`, pinned or locked by the kernel, or in a read-only
+    /// mapping.
+    pub own_drops_with_event: u64,
 }
 
 /// The shared core of an address space. Device code and the fault service reach it through
@@ -677,8 +687,12 @@ impl Space {
         self.core.mm.user_mode_only()
     }
 
+    /// Also the start of every device command: a drop of pages by the program (madvise) whose
+    /// madvise returned is followed first (`sys::wait_removes_followed`).
     pub(crate) fn check_owner_process(&self) -> Result<()> {
-        self.core.check_process()
+        self.core.check_process()?;
+        sys::wait_removes_followed();
+        Ok(())
     }
 
     /// Mappings are not made in an adopted space: its range is the program's memory (a part
@@ -1251,6 +1265,8 @@ impl Space {
             exclusive_revoked: c.exclusive_revoked.load(Ordering::Relaxed),
             foreign_remaps: c.foreign_remaps.load(Ordering::Relaxed),
             foreign_unmaps: c.foreign_unmaps.load(Ordering::SeqCst),
+            foreign_removes: c.foreign_removes.load(Ordering::SeqCst),
+            own_drops_with_event: self.core.mm.zaps_with_event(),
         }
     }
 
@@ -1394,6 +1410,9 @@ impl sys::FaultTarget for SpaceCore {
     }
     fn unmapped(&self, start: usize, end: usize) {
         self.follow_unmap(start, end);
+    }
+    fn removed(&self, start: usize, end: usize) {
+        self.follow_remove(start, end);
     }
     fn manages(&self, start: usize, end: usize) -> bool {
         let r = VaRange {

@@ -1,5 +1,5 @@
-//! Following a direct `mremap(2)` or `munmap(2)` of a managed range (userfaultfd's REMAP and
-//! UNMAP events).
+//! Following a direct `mremap(2)`, `munmap(2)` or `madvise(MADV_DONTNEED)` of a managed range
+//! (userfaultfd's REMAP, UNMAP and REMOVE events).
 
 use super::*;
 
@@ -148,5 +148,73 @@ impl SpaceCore {
         drop(st);
         self.counters.foreign_unmaps.fetch_add(1, Ordering::SeqCst);
         debug_event!(space = self.id, start = %r.start, end = %r.end, "managed memory unmapped by the program");
+    }
+
+    /// The program dropped the pages of `start..end` with a direct `madvise` (`MADV_DONTNEED`,
+    /// `MADV_FREE`, `MADV_REMOVE`: `UFFD_EVENT_REMOVE`; the kernel drops the CPU's pages once
+    /// the event is read), and the event reader follows it, as the kernel's drop would treat
+    /// pages in device memory: every page there reads zeros afterwards, or a private file
+    /// mapping's bytes, on the CPU and on every device. Devices are told (CLEAR: they drop their
+    /// mappings of the range and their replicas), and the device and stash frames of pages in
+    /// device memory, held exclusively or device-coherent are freed; pages the space holds as
+    /// present are refilled on their next access, as after any drop behind its back.
+    ///
+    /// hetmem's own drops that raise the event are told apart first ([`Mm::take_own_remove`]).
+    /// Shared file mappings are left alone: `MADV_DONTNEED` drops no data there (the cache
+    /// keeps its pages), and their userfaultfd does not report `MADV_REMOVE` (see
+    /// docs/architecture.md). Migrations over the range finish first.
+    pub(crate) fn follow_remove(&self, start: usize, end: usize) {
+        let r = VaRange {
+            start: VirtAddr(start),
+            end: VirtAddr(end),
+        };
+        if self.mm.take_own_remove(r) {
+            return;
+        }
+        let mut st = self.lock_state_for_follow(r);
+        let parts: Vec<VaRange> = st
+            .vmas
+            .values()
+            .filter(|v| v.range.overlaps(&r) && !v.file.as_ref().is_some_and(|f| f.shared))
+            .map(|v| VaRange {
+                start: v.range.start.max(r.start),
+                end: v.range.end.min(r.end),
+            })
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        for part in parts {
+            // A large unit the drop cuts becomes base pages first.
+            for a in [part.start, part.end] {
+                if !a.get().is_multiple_of(LARGE_PAGE_SIZE) {
+                    self.split_unit(&mut st, a);
+                }
+            }
+            self.drop_replicas(&mut st, part);
+            self.invalidate(&st, part, NotifyEvent::Clear, None);
+            let v = st.vma(part.start).expect("a part of a mapping");
+            let (i, j) = (v.idx(part.start), v.idx(part.start) + part.pages());
+            let held: Vec<Pte> = v.ptes[i..j]
+                .iter()
+                .map(|p| {
+                    if p.device_frame().is_some() {
+                        *p
+                    } else {
+                        Pte::NONE
+                    }
+                })
+                .collect();
+            self.free_frames(&st, &held);
+            let v = st.vma_mut(part.start).expect("a part of a mapping");
+            for (p, h) in v.ptes[i..j].iter_mut().zip(&held) {
+                if h.device_frame().is_some() {
+                    *p = Pte::NONE;
+                }
+            }
+        }
+        drop(st);
+        self.counters.foreign_removes.fetch_add(1, Ordering::SeqCst);
+        debug_event!(space = self.id, start = %r.start, end = %r.end, "managed memory dropped by the program");
     }
 }

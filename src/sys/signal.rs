@@ -27,6 +27,12 @@ pub trait FaultTarget: Send + Sync {
     fn unmapped(&self, start: usize, end: usize) {
         let _ = (start, end);
     }
+    /// The program dropped the pages of `start..end` (overlapping this target's range) with a
+    /// direct `madvise` (`UFFD_EVENT_REMOVE`). Called by an event reader thread after the
+    /// kernel read the event (it drops the CPU's pages once the event is read).
+    fn removed(&self, start: usize, end: usize) {
+        let _ = (start, end);
+    }
     /// Whether memory in `start..end` (inside this target's range) is managed by it now. Not
     /// called in signal context (it may take locks).
     fn manages(&self, start: usize, end: usize) -> bool {
@@ -113,6 +119,17 @@ pub fn dispatch_unmap(start: usize, end: usize) {
         |s, e| s < end && start < e,
         |s, e, t| {
             t.unmapped(start.max(s), end.min(e));
+            false
+        },
+    );
+}
+
+/// Routes a drop of pages reported by a userfaultfd to every target whose range it overlaps.
+pub fn dispatch_remove(start: usize, end: usize) {
+    each_target(
+        |s, e| s < end && start < e,
+        |s, e, t| {
+            t.removed(start.max(s), end.min(e));
             false
         },
     );

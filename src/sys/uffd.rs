@@ -18,6 +18,9 @@ const OP_WAKE: Opcode = opcode::read::<uapi::uffdio_range>(UFFDIO, uapi::_UFFDIO
 const OP_COPY: Opcode = opcode::read_write::<uapi::uffdio_copy>(UFFDIO, uapi::_UFFDIO_COPY as u8);
 const OP_WRITEPROTECT: Opcode =
     opcode::read_write::<uapi::uffdio_writeprotect>(UFFDIO, uapi::_UFFDIO_WRITEPROTECT as u8);
+const OP_MOVE: Opcode = opcode::read_write::<uapi::uffdio_move>(UFFDIO, uapi::_UFFDIO_MOVE as u8);
+/// `UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES` (not in the bindings).
+const MOVE_MODE_ALLOW_SRC_HOLES: u64 = 1 << 1;
 const OP_ZEROPAGE: Opcode =
     opcode::read_write::<uapi::uffdio_zeropage>(UFFDIO, uapi::_UFFDIO_ZEROPAGE as u8);
 
@@ -52,6 +55,41 @@ fn fill_resuming(
         }
     }
     Ok(())
+}
+
+/// Reads of userfaultfd messages in progress (any thread), and `UFFD_EVENT_REMOVE`s read and
+/// not followed yet. The program's `madvise` returns as soon as its event is *read*; until the
+/// reader has followed it, an access to pages in device memory would still find the data the
+/// program dropped. So the paths that give a page's data out (a CPU fault, a device command)
+/// first wait for both to be zero ([`wait_removes_followed`]): a read started before the
+/// program's madvise returned, and the REMOVE it read is counted before the read ends.
+static MSG_READS: AtomicUsize = AtomicUsize::new(0);
+static REMOVES_UNFOLLOWED: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (yielding: it may run in signal context) until no userfaultfd message is being read
+/// and every REMOVE read has been followed (see `MSG_READS`). On a reader thread (which
+/// follows them) and in a forked child (no reader) it returns at once.
+pub fn wait_removes_followed() {
+    if REMOVES_UNFOLLOWED.load(Ordering::SeqCst) == 0 && MSG_READS.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    if READER.with(|r| !r.borrow().0.is_empty()) {
+        return;
+    }
+    while REMOVES_UNFOLLOWED.load(Ordering::SeqCst) != 0 || MSG_READS.load(Ordering::SeqCst) != 0 {
+        rustix::thread::sched_yield();
+    }
+}
+
+/// The reader followed a REMOVE it read (or dropped it unfollowed).
+pub fn remove_followed() {
+    REMOVES_UNFOLLOWED.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// In a forked child: no reader reads or follows anything (the parent's counts are void).
+pub fn forget_unfollowed_removes() {
+    REMOVES_UNFOLLOWED.store(0, Ordering::SeqCst);
+    MSG_READS.store(0, Ordering::SeqCst);
 }
 
 /// A reader thread's fds, and the messages (with their fd) it read while one of its own fills
@@ -142,6 +180,15 @@ pub enum UffdMsg {
         /// One past the last byte.
         end: usize,
     },
+    /// `UFFD_EVENT_REMOVE`: the program dropped the pages of `start..end` with
+    /// `madvise(MADV_DONTNEED/MADV_FREE/MADV_REMOVE)` (asked for by the signal-mode userfaultfd
+    /// of a space, where the kernel has `UFFDIO_MOVE`: see [`ZapSink`]).
+    Remove {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+    },
     /// Another event (not enabled by hetmem).
     Other(u8),
 }
@@ -166,18 +213,30 @@ impl Uffd {
     /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
     /// `force_umo` asks for the latter directly (to run as an unprivileged user would).
     pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
-        Self::open_with(delivery, force_umo, false)
+        Self::open_with(delivery, force_umo, false, false)
     }
 
     /// [`Uffd::open`], also asking for `UFFD_EVENT_UNMAP`: the program's munmap of a registered
     /// range (or mremap shrinking it, or mmap with MAP_FIXED over it) is reported, and *waits
     /// until the event is read*. Such a userfaultfd must have a reader for as long as anything
     /// is registered with it; hetmem's own unmaps unregister first, so that they raise no event.
-    pub fn open_events(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
-        Self::open_with(delivery, force_umo, true)
+    /// With `remove_events`, also `UFFD_EVENT_REMOVE` (the program's `madvise(MADV_DONTNEED)`
+    /// and the like, which wait until the event is read too: hetmem's own drops of pages must
+    /// then go through a [`ZapSink`], or be told apart from the program's).
+    pub fn open_events(
+        delivery: UffdDelivery,
+        force_umo: bool,
+        remove_events: bool,
+    ) -> io::Result<Uffd> {
+        Self::open_with(delivery, force_umo, true, remove_events)
     }
 
-    fn open_with(delivery: UffdDelivery, force_umo: bool, unmap_events: bool) -> io::Result<Uffd> {
+    fn open_with(
+        delivery: UffdDelivery,
+        force_umo: bool,
+        unmap_events: bool,
+        remove_events: bool,
+    ) -> io::Result<Uffd> {
         // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
         // feature the kernel lacks would fail the handshake.
         // EVENT_REMAP: a direct mremap(2) of a managed range is reported (and waits until the
@@ -188,6 +247,9 @@ impl Uffd {
         }
         if unmap_events {
             want |= uapi::UFFD_FEATURE_EVENT_UNMAP as u64;
+        }
+        if remove_events {
+            want |= uapi::UFFD_FEATURE_EVENT_REMOVE as u64;
         }
         Self::handshake(delivery, force_umo, want)
     }
@@ -276,6 +338,44 @@ impl Uffd {
         // hetmem owns (checked), so registration affects no memory other code relies on.
         unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_REGISTER, _>::new(&mut reg)) }?;
         Ok(())
+    }
+
+    /// `UFFDIO_MOVE` (this fd asked for `UFFD_FEATURE_MOVE`: [`ZapSink`]): moves the pages of
+    /// `src..src + len` to `dst..dst + len` (registered with this fd, every page missing), holes
+    /// in `src` stepped over. No copy, and no event on the userfaultfd `src` is registered with.
+    /// `src` must be anonymous private memory, writable, with the protection and lock state of
+    /// `dst`, and its pages must not be shared with another process (a child after a fork)
+    /// nor pinned: EINVAL, EBUSY otherwise. Returns the bytes done (moved or stepped over) before
+    /// the error, with it; Ok: all of them. EAGAIN (a page being migrated or locked by the
+    /// kernel) is retried, bounded.
+    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> (Result<(), UffdError>, usize) {
+        let mut done = 0usize;
+        let mut again = 0;
+        while done < len {
+            let mut m = uapi::uffdio_move {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: MOVE_MODE_ALLOW_SRC_HOLES,
+                move_: 0,
+            };
+            // SAFETY: UFFDIO_MOVE takes a `struct uffdio_move`. It moves page-table entries of
+            // anonymous memory between two ranges of this process: `src`, a range hetmem
+            // manages (its pages are being dropped, no Rust object lives there), and `dst`, the
+            // sink registered with this fd, which only this module touches.
+            let r = unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_MOVE, _>::new(&mut m)) }
+                .map_err(uffd_err);
+            match r {
+                Ok(()) => return (Ok(()), len),
+                Err(_) if m.move_ > 0 => done += m.move_ as usize,
+                Err(UffdError::Again) if again < 1000 => {
+                    again += 1;
+                    rustix::thread::sched_yield();
+                }
+                Err(e) => return (Err(e), done),
+            }
+        }
+        (Ok(()), len)
     }
 
     /// `UFFDIO_COPY`: fills the missing pages at `dst..dst+len` (registered with this fd) with
@@ -423,7 +523,13 @@ impl Uffd {
             r.0.clear();
             r.0.extend(uffds.iter().map(|u| u.fd.as_raw_fd()));
             let (fds, kept) = &mut *r;
-            kept.retain(|(f, _)| fds.contains(f));
+            kept.retain(|(f, m)| {
+                let keep = fds.contains(f);
+                if !keep && matches!(m, UffdMsg::Remove { .. }) {
+                    remove_followed();
+                }
+                keep
+            });
         });
     }
 
@@ -509,6 +615,16 @@ impl Uffd {
     }
 
     fn read_msg_from(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<UffdMsg>> {
+        MSG_READS.fetch_add(1, Ordering::SeqCst);
+        let m = Self::read_one(fd);
+        if let Ok(Some(UffdMsg::Remove { .. })) = m {
+            REMOVES_UNFOLLOWED.fetch_add(1, Ordering::SeqCst);
+        }
+        MSG_READS.fetch_sub(1, Ordering::SeqCst);
+        m
+    }
+
+    fn read_one(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<UffdMsg>> {
         let mut msg = std::mem::MaybeUninit::<uapi::uffd_msg>::zeroed();
         // SAFETY: reads at most one `uffd_msg` into a buffer of that size.
         let n = unsafe {
@@ -544,6 +660,14 @@ impl Uffd {
             // SAFETY: `remove` is the active union member for UFFD_EVENT_UNMAP.
             let r = unsafe { msg.arg.remove };
             return Ok(Some(UffdMsg::Unmap {
+                start: r.start as usize,
+                end: r.end as usize,
+            }));
+        }
+        if msg.event as u32 == uapi::UFFD_EVENT_REMOVE {
+            // SAFETY: `remove` is the active union member for UFFD_EVENT_REMOVE.
+            let r = unsafe { msg.arg.remove };
+            return Ok(Some(UffdMsg::Remove {
                 start: r.start as usize,
                 end: r.end as usize,
             }));
@@ -663,4 +787,82 @@ pub fn stop_fd() -> io::Result<OwnedFd> {
 pub fn signal_stop(fd: &OwnedFd) -> io::Result<()> {
     rustix::io::write(fd, &1u64.to_ne_bytes())?;
     Ok(())
+}
+
+/// Where hetmem's own drops of anonymous pages go when the program's drops are followed.
+///
+/// A space's signal-mode userfaultfd asks for `UFFD_EVENT_REMOVE`, so that the program's
+/// `madvise(MADV_DONTNEED)` of managed memory is followed (pages in device memory read zeros
+/// afterwards, as the kernel gives). A `MADV_DONTNEED` by hetmem itself (every migration to a
+/// device drops the CPU's pages) would raise the event too, and wait until it is read: ≈ 50 µs
+/// each instead of 1. So hetmem moves the pages out instead (`UFFDIO_MOVE` on a userfaultfd of
+/// its own, which raises no event on the space's), into this sink, a writable anonymous
+/// mapping registered with that userfaultfd and asking for no event, and drops them there in
+/// bulk (`MADV_DONTNEED` on the sink: no event either) once it is full. Pages the kernel will
+/// not move (shared with a child after a fork, pinned, locked, read-only mappings) are dropped
+/// in place and raise the event; the space tells those from the program's
+/// (`KernelMm::take_own_remove`).
+pub struct ZapSink {
+    uffd: Uffd,
+    region: Region,
+    /// Bytes of the sink holding moved pages (or holes stepped over) since the last flush.
+    used: usize,
+}
+
+impl ZapSink {
+    /// The sink's size: the most memory of dropped pages not given back to the kernel yet.
+    pub const LEN: usize = 4 << 20;
+
+    /// A sink, if the kernel has `UFFDIO_MOVE` (6.8 on): Err otherwise.
+    pub fn new(force_umo: bool) -> io::Result<ZapSink> {
+        // SIGBUS delivery: nothing ever touches the sink, but an access would die rather than
+        // wait for a reader that does not exist.
+        let uffd = Uffd::handshake(
+            UffdDelivery::Signal,
+            force_umo,
+            (uapi::UFFD_FEATURE_MOVE | uapi::UFFD_FEATURE_SIGBUS) as u64,
+        )?;
+        let region = Region::new(Self::LEN, LARGE_PAGE_SIZE, Prot::ReadWrite)?;
+        uffd.register(&region, 0, Self::LEN, false)?;
+        Ok(ZapSink {
+            uffd,
+            region,
+            used: 0,
+        })
+    }
+
+    /// Drops the pages of `src..src + len` (anonymous private memory of this process) by moving
+    /// them into the sink: the range's entries are empty afterwards (the next access is a
+    /// MISSING fault), and no REMOVE event is raised. Returns the bytes done before an error
+    /// (see [`Uffd::move_pages`]), with it: the rest must be dropped some other way.
+    pub fn take(&mut self, src: usize, len: usize) -> (io::Result<()>, usize) {
+        let mut done = 0;
+        while done < len {
+            let at = src + done;
+            // Whole large pages move as one PMD where both sides are aligned.
+            if at.is_multiple_of(LARGE_PAGE_SIZE) && len - done >= LARGE_PAGE_SIZE {
+                self.used = self.used.next_multiple_of(LARGE_PAGE_SIZE);
+            }
+            if self.used >= Self::LEN
+                && let Err(e) = self.flush()
+            {
+                return (Err(e), done);
+            }
+            let n = (len - done).min(Self::LEN - self.used);
+            let (r, moved) = self.uffd.move_pages(self.region.base() + self.used, at, n);
+            done += moved;
+            self.used += moved;
+            if let Err(e) = r {
+                return (Err(e.into()), done);
+            }
+        }
+        (Ok(()), done)
+    }
+
+    /// Gives the moved pages back to the kernel.
+    fn flush(&mut self) -> io::Result<()> {
+        self.region.discard(0, self.used.min(Self::LEN))?;
+        self.used = 0;
+        Ok(())
+    }
 }

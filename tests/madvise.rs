@@ -1,0 +1,303 @@
+//! A direct `madvise(MADV_DONTNEED)` of managed memory is followed (`UFFD_EVENT_REMOVE`; space
+//! module `remap`, `SpaceCore::follow_remove`): every page of the range reads zeros afterwards
+//! (a private file mapping's: the file's bytes), on the CPU and on every device, pages in device
+//! memory, held exclusively, device-coherent or replicated included, as the kernel gives; and
+//! hetmem's own drops of pages (every migration to a device) are not mistaken for the
+//! program's (`sys::ZapSink`, and the drops that still raise the event after a fork).
+
+mod common;
+use common::*;
+
+use hetmem::pagecache::*;
+use hetmem::policy::DefaultPolicy;
+use hetmem::policy::hints::{Advice, HintPolicy};
+use hetmem::*;
+
+mod plain;
+use plain::{Plain, adopt_plain};
+
+/// Whether this kernel has `UFFDIO_MOVE` (6.8 on), which the following needs (without it a
+/// direct madvise is only found by the next access of pages the CPU held: docs/architecture.md).
+fn follows_madvise() -> bool {
+    let has = hetmem::sys::kernel_features(false)
+        .or_else(|_| hetmem::sys::kernel_features(true))
+        .is_ok_and(|f| f & (1 << 16) != 0);
+    if !has {
+        eprintln!(
+            "this kernel has no UFFDIO_MOVE: a direct madvise of device pages is not followed"
+        );
+    }
+    has
+}
+
+fn dontneed(a: VirtAddr, len: usize) {
+    // SAFETY: managed memory the test mapped (or adopted), where no Rust object lives.
+    unsafe { hetmem::sys::madvise_dontneed(a.get(), len) }.unwrap();
+}
+
+fn device_bytes(m: &DeviceMirror, a: VirtAddr, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    m.read(a, len, &mut b).unwrap();
+    b
+}
+
+/// Pages in device-private memory, dropped by the program: zeros for the CPU and the device,
+/// their device frames freed; the pages around them keep their data, where they are.
+#[test]
+fn a_direct_madvise_of_device_pages_reads_zeros_everywhere_and_frees_the_frames() {
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("madvise_device_pages", 30);
+    let space = small_space();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(8 * PAGE, Prot::ReadWrite).unwrap();
+    let data = pattern(8 * PAGE, |i| i ^ 0x5a5a);
+    space.cpu_write(a, &data).unwrap();
+    m.migrate_range_to_device(a, 8 * PAGE).unwrap();
+    assert_eq!(dev.used(), 8 * PAGE);
+    assert_eq!(
+        space.stats().own_drops_with_event,
+        0,
+        "hetmem's own drops moved the pages out, raising no event"
+    );
+    dontneed(a.add(2 * PAGE), 4 * PAGE);
+    // A device command (here a snapshot) starts once the drop is followed; the counters and
+    // `residency` read the state as it is, without waiting.
+    let mut snap = vec![0u8; 8];
+    m.snapshot(a, 8 * PAGE, &mut snap).unwrap();
+    assert_eq!(dev.used(), 4 * PAGE, "the dropped pages' frames are freed");
+    assert_eq!(
+        space.residency(a.add(7 * PAGE)),
+        Residency::Device(dev.owner())
+    );
+    assert_eq!(space.residency(a.add(2 * PAGE)), Residency::Untouched);
+    at("CPU read after the drop");
+    let mut b = vec![0u8; 8 * PAGE];
+    space.cpu_read(a, &mut b).unwrap();
+    assert_eq!(&b[..2 * PAGE], &data[..2 * PAGE]);
+    assert!(
+        b[2 * PAGE..6 * PAGE].iter().all(|&x| x == 0),
+        "dropped pages read zeros"
+    );
+    assert_eq!(&b[6 * PAGE..], &data[6 * PAGE..]);
+    assert_eq!(space.stats().foreign_removes, 1);
+    // The device reads the same (its pages that stayed are still its).
+    dontneed(a, PAGE);
+    at("device read after the drop");
+    let d = device_bytes(&m, a, 8 * PAGE);
+    assert!(d[..PAGE].iter().all(|&x| x == 0));
+    assert_eq!(&d[PAGE..2 * PAGE], &data[PAGE..2 * PAGE]);
+    assert!(d[2 * PAGE..6 * PAGE].iter().all(|&x| x == 0));
+    assert_eq!(&d[6 * PAGE..], &data[6 * PAGE..]);
+}
+
+/// The device reads right after the program's madvise returns (no CPU access in between): it
+/// never sees the dropped data, many times over.
+#[test]
+fn a_device_read_right_after_the_madvise_returns_sees_zeros() {
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("madvise_then_device_read", 60);
+    let space = small_space();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    for round in 0..200u32 {
+        space
+            .cpu_write(a, &vec![round as u8 | 1; 4 * PAGE])
+            .unwrap();
+        m.migrate_range_to_device(a, 4 * PAGE).unwrap();
+        dontneed(a, 4 * PAGE);
+        at(format!("round {round}"));
+        assert!(
+            device_bytes(&m, a, 4 * PAGE).iter().all(|&x| x == 0),
+            "round {round}: the device read dropped data"
+        );
+        assert_eq!(space.load_u32(a.add(PAGE)).unwrap(), 0);
+    }
+    assert_eq!(dev.used(), 0);
+}
+
+/// Device-coherent pages, pages held exclusively and pages with read-only replicas, dropped:
+/// zeros everywhere, no frame left, no replica left.
+#[test]
+fn coherent_exclusive_and_replicated_pages_dropped_by_the_program_read_zeros() {
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("madvise_other_placements", 30);
+    let space = small_space();
+    let coh = SoftDevice::coherent(8 << 20).unwrap();
+    let mc = coh.mirror(&space).unwrap();
+    let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &vec![0x11; 4 * PAGE]).unwrap();
+    mc.migrate_range_to_device(a, 4 * PAGE).unwrap();
+    assert_eq!(coh.used(), 4 * PAGE);
+    dontneed(a, 4 * PAGE);
+    at("coherent pages dropped");
+    assert!(device_bytes(&mc, a, 4 * PAGE).iter().all(|&x| x == 0));
+    assert_eq!(space.load_u32(a).unwrap(), 0);
+    assert_eq!(coh.used(), 0, "the coherent frames are freed");
+
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let e = space.map_anon(2 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(e, &vec![0x22; 2 * PAGE]).unwrap();
+    let mut buf = vec![0u8; 2 * PAGE];
+    m.exclusive(e, 2 * PAGE, &mut buf).unwrap();
+    assert_eq!(space.residency(e), Residency::Exclusive(dev.owner()));
+    dontneed(e, 2 * PAGE);
+    at("exclusive pages dropped");
+    assert_eq!(space.load_u32(e.add(PAGE)).unwrap(), 0);
+    assert!(device_bytes(&m, e, 2 * PAGE).iter().all(|&x| x == 0));
+
+    let r = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(r, &vec![0x33; 4 * PAGE]).unwrap();
+    let hints = std::sync::Arc::new(HintPolicy::new(std::sync::Arc::new(DefaultPolicy)));
+    hints.advise(r, 4 * PAGE, Advice::ReadMostly).unwrap();
+    space.set_policy(hints);
+    assert!(device_bytes(&m, r, 4 * PAGE).iter().all(|&x| x == 0x33));
+    assert_eq!(m.replica_pages(), 4);
+    dontneed(r, 4 * PAGE);
+    at("replicated pages dropped");
+    let mut snap = vec![0u8; 4];
+    m.snapshot(r, 4 * PAGE, &mut snap).unwrap();
+    assert_eq!(
+        m.replica_pages(),
+        0,
+        "the replicas are dropped with the pages"
+    );
+    assert!(device_bytes(&m, r, 4 * PAGE).iter().all(|&x| x == 0));
+    assert_eq!(space.load_u32(r).unwrap(), 0);
+}
+
+/// A private file mapping's pages in device memory, dropped: the file's bytes again, as the
+/// kernel gives a dropped private page.
+#[test]
+fn a_dropped_private_file_page_in_device_memory_reads_the_file_again() {
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("madvise_private_file", 30);
+    let content = pattern(4 * PAGE, |i| i.wrapping_mul(31) + 1);
+    let f = TempFile::new("madvise-private", &content);
+    let cache = FileCache::open(&f.0, false, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let fa = space
+        .map_file(&h, 0, 4 * PAGE, Prot::ReadWrite, false)
+        .unwrap();
+    space.cpu_write(fa, &vec![0x77; 4 * PAGE]).unwrap();
+    m.migrate_range_to_device(fa, 4 * PAGE).unwrap();
+    dontneed(fa, 4 * PAGE);
+    at("device read of dropped private file pages");
+    assert_eq!(device_bytes(&m, fa, 4 * PAGE), content);
+    let mut b = vec![0u8; 4 * PAGE];
+    space.cpu_read(fa, &mut b).unwrap();
+    assert_eq!(b, content);
+    assert_eq!(dev.used(), 0);
+}
+
+/// A large (2 MiB) unit in device memory, a page in its middle dropped: that page reads zeros,
+/// the 511 others keep their data.
+#[test]
+fn a_drop_inside_a_large_device_unit_splits_it() {
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("madvise_large_unit", 30);
+    let space = small_space();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let len = 2 << 20;
+    let a = space.map_anon(len, Prot::ReadWrite).unwrap();
+    space.advise_large(a, len).unwrap();
+    let data = pattern(len, |i| i.wrapping_mul(2654435761));
+    space.cpu_write(a, &data).unwrap();
+    m.migrate_range_to_device(a, len).unwrap();
+    dontneed(a.add(100 * PAGE), PAGE);
+    at("read of the unit");
+    let d = device_bytes(&m, a, len);
+    assert_eq!(dev.used(), len - PAGE);
+    assert!(d[100 * PAGE..101 * PAGE].iter().all(|&x| x == 0));
+    assert_eq!(&d[..100 * PAGE], &data[..100 * PAGE]);
+    assert_eq!(&d[101 * PAGE..], &data[101 * PAGE..]);
+    let mut b = vec![0u8; len];
+    space.cpu_read(a, &mut b).unwrap();
+    assert_eq!(b, d);
+}
+
+/// Adopted memory (the program's own mmap) in device memory, dropped with the program's
+/// madvise: zeros.
+#[test]
+fn adopted_memory_in_device_memory_dropped_by_the_program_reads_zeros() {
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("madvise_adopted", 30);
+    const N: usize = 16;
+    let mem = Plain::new(N * PAGE, libc::PROT_READ | libc::PROT_WRITE);
+    for p in 0..N {
+        mem.store(p * PAGE, 0xab00 + p as u32);
+    }
+    let space = adopt_plain(mem.at(0), N * PAGE).unwrap();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    m.migrate_range_to_device(mem.at(0), N * PAGE).unwrap();
+    dontneed(mem.at(4 * PAGE), 4 * PAGE);
+    at("adopted pages dropped");
+    for p in 0..N {
+        let want = if (4..8).contains(&p) {
+            0
+        } else {
+            0xab00 + p as u32
+        };
+        assert_eq!(mem.load(p * PAGE), want, "page {p}");
+    }
+    drop(m);
+    drop(space);
+    assert_eq!(dev.used(), 0);
+}
+
+/// After a fork the parent's pages are shared with the child until written: the kernel will
+/// not move them out, so hetmem's drops of them (a migration) raise REMOVE events, which it
+/// tells from the program's: no data is lost, and a drop by the program is still followed.
+#[test]
+fn own_drops_that_raise_the_event_after_a_fork_lose_nothing() {
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("madvise_after_fork", 60);
+    let space = small_space();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(16 * PAGE, Prot::ReadWrite).unwrap();
+    let data = pattern(16 * PAGE, |i| i + 0x1000);
+    space.cpu_write(a, &data).unwrap();
+    // SAFETY: the child does nothing and exits.
+    let st = unsafe { hetmem::sys::fork_and_wait(|| 0) }.unwrap();
+    assert_eq!(st, hetmem::sys::ChildExit::Exited(0));
+    at("migration of pages shared at the fork");
+    m.migrate_range_to_device(a, 16 * PAGE).unwrap();
+    assert!(
+        space.stats().own_drops_with_event > 0,
+        "pages shared with a child are dropped in place (the event is raised and told apart)"
+    );
+    assert_eq!(device_bytes(&m, a, 16 * PAGE), data);
+    let mut b = vec![0u8; 16 * PAGE];
+    space.cpu_read(a, &mut b).unwrap();
+    assert_eq!(b, data);
+    assert_eq!(space.stats().foreign_removes, 0);
+    m.migrate_range_to_device(a, 16 * PAGE).unwrap();
+    dontneed(a, 8 * PAGE);
+    at("the program's drop after the fork");
+    let d = device_bytes(&m, a, 16 * PAGE);
+    assert!(d[..8 * PAGE].iter().all(|&x| x == 0));
+    assert_eq!(&d[8 * PAGE..], &data[8 * PAGE..]);
+    assert_eq!(space.stats().foreign_removes, 1);
+}
