@@ -22,6 +22,13 @@
  *  - munmap / mremap of adopted memory first give it back (its device pages come home, the
  *    mirrors of it go), then do what the program asked; mprotect of adopted memory goes through
  *    hetmem (hetmem_protect), so that devices lose what they may no longer do.
+ *  - Memory that cannot be adopted (shared file mappings, shared anonymous memory): READ and
+ *    WRITE go to the pages in place through the kernel (process_vm_readv/writev), as the
+ *    kernel's device reads and writes page-cache pages in place; a migration answers ENOENT.
+ *  - SNAPSHOT is answered piece by piece: parts in adopted spaces by hetmem, the rest from the
+ *    CPU's page tables (/proc/self/maps, /proc/self/pagemap, PAGEMAP_SCAN), adopting nothing.
+ *  - mmap of a test-device descriptor maps pages of its own, read-only until written (the
+ *    kernel's device inserts pages at mmap).
  *  - close(fd) frees that mirror's state.
  *  - fork(): the child gets the parent's memory, pages in device memory included (hetmem's fork
  *    handlers), and starts with no device, mirror or adopted space (the parent's are hetmem
@@ -40,6 +47,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "hetmem.h"
@@ -329,6 +338,170 @@ static int space_for(uintptr_t addr, uintptr_t len)
 	return -ENOSPC;
 }
 
+/* ---- Memory hetmem does not manage (file mappings, shared memory, never-adopted memory) ----
+ * The kernel's device reads and writes such pages in place (hmm_range_fault faults page-cache
+ * pages in and the device maps them), and a snapshot reports the CPU's page tables as they are
+ * (no fault). The emulation does the same through the kernel: process_vm_readv/writev on this
+ * process (which faults pages in, honours the mappings' protections: EFAULT for memory not
+ * mapped, not readable, or, for a write, not writable), and /proc/self/maps, /proc/self/pagemap
+ * and PAGEMAP_SCAN for a snapshot. */
+
+#define PROT_ERROR 0xFF
+#define PROT_NONE_ 0x00
+#define PROT_READ_ 0x01
+#define PROT_WRITE_ 0x02
+#define PROT_ZERO 0x10
+
+/* A device READ or WRITE of npages at addr, in place. */
+static int plain_rw(HetmemDmirrorCmd *cmd, int write)
+{
+	size_t len = cmd->npages << 12;
+	struct iovec local = { .iov_base = (void *)(uintptr_t)cmd->ptr, .iov_len = len };
+	struct iovec remote = { .iov_base = (void *)(uintptr_t)cmd->addr, .iov_len = len };
+	ssize_t n = write ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
+			  : process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+	if (n != (ssize_t)len)
+		return -EFAULT;
+	cmd->cpages = cmd->npages;
+	/* The kernel's device mirrors nothing yet: one fault pass maps the whole range. */
+	cmd->faults = 1;
+	return 0;
+}
+
+/* PAGEMAP_SCAN (Linux 6.7), declared here for older system headers. */
+struct hm_page_region {
+	uint64_t start, end, categories;
+};
+struct hm_pm_scan_arg {
+	uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted,
+		category_mask, category_anyof_mask, return_mask;
+};
+#define HM_PAGEMAP_SCAN _IOWR('f', 16, struct hm_pm_scan_arg)
+#define HM_PAGE_IS_PFNZERO (1 << 5)
+
+/* The protection (mapped, readable, writable, shared) of the mapping holding addr, from
+ * /proc/self/maps: 0 if none. Bits: 1 mapped, 2 readable, 4 writable, 8 shared. */
+static int vma_bits(const char *maps, uintptr_t addr)
+{
+	for (const char *l = maps; l && *l;) {
+		unsigned long s, e;
+		char perms[5] = { 0 };
+		if (sscanf(l, "%lx-%lx %4s", &s, &e, perms) == 3 && s <= addr && addr < e)
+			return 1 | (perms[0] == 'r' ? 2 : 0) | (perms[1] == 'w' ? 4 : 0) |
+			       (perms[3] == 's' ? 8 : 0);
+		l = strchr(l, '\n');
+		if (l)
+			l++;
+	}
+	return 0;
+}
+
+/* A SNAPSHOT of npages at addr of memory hetmem does not manage: the kernel's answers from the
+ * CPU's page tables (no fault): ERROR where nothing readable is mapped, NONE where no page is
+ * present, ZERO|READ for the shared zero page, READ for a page the CPU may not write (read-only
+ * mapping, a private page not written since a fork or a private file mapping's file page),
+ * WRITE otherwise (a shared writable mapping's page is reported writable once present). */
+static int plain_snapshot(uint64_t addr, uint64_t npages, unsigned char *out)
+{
+	static char maps[1 << 16];
+	int mfd = real_open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+	if (mfd < 0)
+		return -EFAULT;
+	ssize_t got = 0, n;
+	while (got < (ssize_t)sizeof(maps) - 1 && (n = read(mfd, maps + got, sizeof(maps) - 1 - got)) > 0)
+		got += n;
+	real_close(mfd);
+	maps[got] = '\0';
+	int pfd = real_open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (pfd < 0)
+		return -EFAULT;
+	for (uint64_t i = 0; i < npages; i++) {
+		uintptr_t a = addr + (i << 12);
+		int vb = vma_bits(maps, a);
+		if (!(vb & 2)) {
+			out[i] = PROT_ERROR;
+			continue;
+		}
+		uint64_t e = 0;
+		if (pread(pfd, &e, 8, (off_t)(a >> 12) * 8) != 8 || !(e >> 63 & 1)) {
+			out[i] = PROT_NONE_;
+			continue;
+		}
+		int file = e >> 61 & 1, exclusive = e >> 56 & 1;
+		if (!(vb & 8) && !file && !exclusive) {
+			/* A private page not the process's alone: the shared zero page, or a page
+			 * shared with a child since a fork: read-only either way. */
+			out[i] = PROT_READ_;
+			struct hm_page_region reg;
+			struct hm_pm_scan_arg arg = {
+				.size = sizeof(arg), .start = a, .end = a + 4096,
+				.vec = (uintptr_t)&reg, .vec_len = 1,
+				.return_mask = HM_PAGE_IS_PFNZERO,
+			};
+			if (real_ioctl(pfd, HM_PAGEMAP_SCAN, &arg) == 1 &&
+			    (reg.categories & HM_PAGE_IS_PFNZERO))
+				out[i] |= PROT_ZERO;
+		} else if (!(vb & 4) || (!(vb & 8) && file)) {
+			out[i] = PROT_READ_;
+		} else {
+			out[i] = PROT_WRITE_;
+		}
+	}
+	real_close(pfd);
+	return 0;
+}
+
+/* The adopted space slot holding addr, or -1. Under `lock`. */
+static int adopted_at(uintptr_t addr)
+{
+	for (int s = 0; s < MAX_SPACES; s++)
+		if (spaces[s].space && spaces[s].start <= addr && addr < spaces[s].end)
+			return s;
+	return -1;
+}
+
+static int mirror_of(struct fd_slot *f, int s)
+{
+	if (!f->mirrors[s] && hetmem_mirror_new(devices[f->dev], spaces[s].space, &f->mirrors[s]) != 0)
+		return -ENOMEM;
+	return 0;
+}
+
+/* A SNAPSHOT over any memory: the parts in adopted spaces through hetmem (each through this
+ * device's mirror of that space), the rest from the page tables (plain_snapshot). Nothing is
+ * adopted for it: a snapshot faults nothing in. Under `lock`. */
+static int snapshot_any(struct fd_slot *f, HetmemDmirrorCmd *cmd)
+{
+	unsigned char *out = (unsigned char *)(uintptr_t)cmd->ptr;
+	uint64_t i = 0;
+	while (i < cmd->npages) {
+		uintptr_t a = cmd->addr + (i << 12);
+		int s = adopted_at(a);
+		uint64_t j = i + 1;
+		if (s >= 0) {
+			while (j < cmd->npages && cmd->addr + (j << 12) < spaces[s].end)
+				j++;
+			int r = mirror_of(f, s);
+			if (r)
+				return r;
+			HetmemDmirrorCmd sub = { .addr = a, .ptr = (uintptr_t)(out + i), .npages = j - i };
+			r = hetmem_mirror_cmd(f->mirrors[s], HETMEM_CMD_SNAPSHOT, &sub);
+			if (r)
+				return r;
+		} else {
+			while (j < cmd->npages && adopted_at(cmd->addr + (j << 12)) < 0)
+				j++;
+			int r = plain_snapshot(a, j - i, out + i);
+			if (r)
+				return r;
+		}
+		i = j;
+	}
+	cmd->cpages = cmd->npages;
+	cmd->faults = 0;
+	return 0;
+}
+
 static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd *cmd)
 {
 	if (_IOC_TYPE(req) != DMIRROR_IOC_TYPE || _IOC_SIZE(req) != sizeof(HetmemDmirrorCmd) ||
@@ -341,7 +514,15 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 	if ((cmd->addr & 4095) || cmd->npages == 0 || cmd->npages > (UINT64_MAX >> 12) ||
 	    cmd->addr + (cmd->npages << 12) < cmd->addr)
 		return -EINVAL;
+	if (nr == HETMEM_CMD_SNAPSHOT) {
+		int s0 = adopted_at((uintptr_t)cmd->addr);
+		/* Within one adopted space: hetmem answers as for any command. */
+		if (s0 < 0 || cmd->addr + (cmd->npages << 12) > spaces[s0].end)
+			return snapshot_any(f, cmd);
+	}
 	int s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
+	if (s < 0 && s == -EINVAL && (nr == HETMEM_CMD_READ || nr == HETMEM_CMD_WRITE))
+		return plain_rw(cmd, nr == HETMEM_CMD_WRITE);
 	if (s < 0) {
 		/* Memory that cannot be adopted, answered as the kernel's device answers for it: a
 		 * migration of memory that is not anonymous private (shared, file) finds no page it
@@ -353,8 +534,9 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 			return -EINVAL;
 		return -EFAULT;
 	}
-	if (!f->mirrors[s] && hetmem_mirror_new(devices[f->dev], spaces[s].space, &f->mirrors[s]) != 0)
-		return -ENOMEM;
+	int r = mirror_of(f, s);
+	if (r)
+		return r;
 	return hetmem_mirror_cmd(f->mirrors[s], nr, cmd);
 }
 
@@ -408,6 +590,20 @@ int close(int fd)
 void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
 	init();
+	if (is_ours(fd) && !(flags & MAP_ANONYMOUS)) {
+		/* A mapping of the test device itself: the kernel's device inserts pages of its own
+		 * there at once (dmirror_fops_mmap), which a private mapping maps read-only until
+		 * written. Here: the device descriptor's memfd, grown to cover the range, each page
+		 * read once so that it is mapped (read-only in a private mapping) as there. */
+		struct stat sb;
+		if (fstat(fd, &sb) == 0 && sb.st_size < off + (off_t)len && ftruncate(fd, off + len) != 0)
+			return MAP_FAILED;
+		void *p = real_mmap(addr, len, prot, flags, fd, off);
+		if (p != MAP_FAILED && (prot & PROT_READ))
+			for (size_t i = 0; i < len; i += 4096)
+				(void)*(volatile char *)((char *)p + i);
+		return p;
+	}
 	pthread_mutex_lock(&lock);
 	void *p = real_mmap(addr, len, prot, flags, fd, off);
 	if (p != MAP_FAILED && (flags & MAP_ANONYMOUS) && (flags & MAP_PRIVATE)) {

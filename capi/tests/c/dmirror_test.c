@@ -266,6 +266,107 @@ static int fork_child_opens_its_own_device(void)
 	return 0;
 }
 
+/* A shared file mapping (and shared anonymous memory): the device reads and writes the pages
+ * in place, as the kernel's device does with page-cache pages; the file sees the device's
+ * stores. */
+static int file_shared_in_place(void)
+{
+	int dev = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(dev >= 0);
+	char path[] = "/tmp/dmirror_test_XXXXXX";
+	int fd = mkstemp(path);
+	CHECK(fd >= 0);
+	unlink(path);
+	int *mirror = malloc(NPAGES * PAGE);
+	CHECK(mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		mirror[i] = (int)i * 7;
+	CHECK(pwrite(fd, mirror, NPAGES * PAGE, 0) == (ssize_t)(NPAGES * PAGE));
+	int *map = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	CHECK(map != MAP_FAILED);
+	memset(mirror, 0, NPAGES * PAGE);
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(dev, HMM_DMIRROR_READ, map, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES && c.faults == 1);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(mirror[i] == (int)i * 7);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		mirror[i] = -(int)i;
+	CHECK(cmd(dev, HMM_DMIRROR_WRITE, map, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES);
+	CHECK(map[5] == -5);
+	CHECK(pread(fd, mirror, NPAGES * PAGE, 0) == (ssize_t)(NPAGES * PAGE));
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(mirror[i] == -(int)i);
+	/* A read-only mapping refuses the device's write (EFAULT), a migration finds no page it
+	 * may move (ENOENT). */
+	int *ro = mmap(NULL, PAGE, PROT_READ, MAP_SHARED, fd, 0);
+	CHECK(ro != MAP_FAILED);
+	CHECK(cmd(dev, HMM_DMIRROR_WRITE, ro, mirror, 1, NULL) == -EFAULT);
+	CHECK(cmd(dev, HMM_DMIRROR_MIGRATE_TO_DEV, map, mirror, 1, NULL) == -ENOENT);
+	/* Shared anonymous memory likewise. */
+	int *shm = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	CHECK(shm != MAP_FAILED);
+	mirror[0] = 0x5eed;
+	CHECK(cmd(dev, HMM_DMIRROR_WRITE, shm, mirror, 1, NULL) == 0);
+	CHECK(shm[0] == 0x5eed);
+	return 0;
+}
+
+/* A snapshot over a hole, a PROT_NONE page, the zero page, a read-only page, a written page and
+ * pages two devices migrated (each adopted on its own): the kernel's answers, page by page. */
+static int snapshot_across_holes_and_devices(void)
+{
+	int fd0 = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	int fd1 = open("/dev/hmm_dmirror1", O_RDWR, 0);
+	CHECK(fd0 >= 0 && fd1 >= 0);
+	char *p = mmap(NULL, 7 * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(p != MAP_FAILED);
+	CHECK(munmap(p + PAGE, PAGE) == 0);
+	CHECK(mprotect(p + 2 * PAGE, PAGE, PROT_READ) == 0);
+	CHECK(*(volatile int *)(p + 2 * PAGE) == 0);
+	CHECK(mprotect(p + 3 * PAGE, PAGE, PROT_READ | PROT_WRITE) == 0);
+	*(int *)(p + 3 * PAGE) = 3;
+	CHECK(mprotect(p + 3 * PAGE, PAGE, PROT_READ) == 0);
+	CHECK(mprotect(p + 4 * PAGE, 3 * PAGE, PROT_READ | PROT_WRITE) == 0);
+	*(int *)(p + 4 * PAGE) = 4;
+	char *mirror = malloc(7 * PAGE);
+	CHECK(mirror);
+	CHECK(cmd(fd0, HMM_DMIRROR_MIGRATE_TO_DEV, p + 5 * PAGE, mirror, 1, NULL) == 0);
+	CHECK(cmd(fd1, HMM_DMIRROR_MIGRATE_TO_DEV, p + 6 * PAGE, mirror, 1, NULL) == 0);
+	unsigned char m[7];
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd0, HMM_DMIRROR_SNAPSHOT, p, m, 7, &c) == 0);
+	CHECK(c.cpages == 7);
+	CHECK(m[0] == 0xFF); /* PROT_NONE: ERROR */
+	CHECK(m[1] == 0xFF); /* hole: ERROR */
+	CHECK(m[2] == (0x10 | 0x01)); /* ZERO | READ */
+	CHECK(m[3] == 0x01); /* READ */
+	CHECK(m[4] == DMIRROR_PROT_WRITE);
+	CHECK(m[5] == (PROT_DEV_PRIVATE_LOCAL | DMIRROR_PROT_WRITE));
+	CHECK(m[6] == 0); /* another device's private page: NONE */
+	/* The pages are still where they were, with their data. */
+	CHECK(*(int *)(p + 4 * PAGE) == 4);
+	return 0;
+}
+
+/* A mapping of the device itself (mmap of its descriptor): pages the device inserted, mapped
+ * read-only in a private mapping until written. */
+static int device_mapping(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	char *p = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+	CHECK(p != MAP_FAILED);
+	unsigned char m[2];
+	CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, p, m, 2, NULL) == 0);
+	CHECK(m[0] == 0x01 && m[1] == 0x01);
+	p[0] = 1;
+	CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, p, m, 2, NULL) == 0);
+	CHECK(m[0] == DMIRROR_PROT_WRITE && m[1] == 0x01);
+	return 0;
+}
+
 int main(void)
 {
 	struct {
@@ -280,6 +381,9 @@ int main(void)
 		{ "write_protected", write_protected },
 		{ "fork_child_reads_device_pages", fork_child_reads_device_pages },
 		{ "fork_child_opens_its_own_device", fork_child_opens_its_own_device },
+		{ "file_shared_in_place", file_shared_in_place },
+		{ "snapshot_across_holes_and_devices", snapshot_across_holes_and_devices },
+		{ "device_mapping", device_mapping },
 	};
 	int failed = 0;
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
