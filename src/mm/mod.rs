@@ -706,6 +706,8 @@ impl KernelMm {
     /// Unregisters `r` from the userfaultfd `reg` names (one that was never made has nothing
     /// registered).
     fn unregister(&self, r: VaRange, reg: Registered) -> io::Result<()> {
+        // Drops of ours recorded there were reported by now, or never will be.
+        lock(&self.own_removes).retain(|x| !x.overlaps(&r));
         let (a, len) = (r.start.get(), r.len());
         match reg {
             Registered::Anon(FaultMode::Signal) => self.sig.uffd.unregister(a, len),
@@ -842,7 +844,15 @@ impl Mm for KernelMm {
         if rest.start >= rest.end {
             return Ok(());
         }
-        lock(&self.own_removes).push(rest);
+        {
+            // Bounded: a drop of a range no REMOVE is reported for (a thread-mode or file
+            // mapping) is never consumed; the oldest goes first.
+            let mut o = lock(&self.own_removes);
+            if o.len() >= 64 {
+                o.remove(0);
+            }
+            o.push(rest);
+        }
         self.zaps_with_event
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let res = self.res.discard(self.off(rest.start), rest.len());
@@ -858,24 +868,18 @@ impl Mm for KernelMm {
 
     fn take_own_remove(&self, r: VaRange) -> bool {
         let mut o = lock(&self.own_removes);
-        let Some(i) = o.iter().position(|x| x.start <= r.start && r.end <= x.end) else {
+        // The kernel reports a drop as one event per mapping it spans, in address order: an
+        // event of ours starts where the part of the drop not reported yet starts (a program's
+        // drop inside ours that starts elsewhere is the program's: found by review).
+        let Some(i) = o.iter().position(|x| x.start == r.start && r.end <= x.end) else {
             return false;
         };
-        // One event per mapping the drop spanned: keep the parts of the drop not reported yet.
         let x = o.swap_remove(i);
-        for part in [
-            VaRange {
-                start: x.start,
-                end: r.start,
-            },
-            VaRange {
+        if r.end < x.end {
+            o.push(VaRange {
                 start: r.end,
                 end: x.end,
-            },
-        ] {
-            if part.start < part.end {
-                o.push(part);
-            }
+            });
         }
         true
     }
