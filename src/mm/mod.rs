@@ -118,17 +118,16 @@ pub trait Mm: Send + Sync {
     fn map_zero_pages(&self, r: VaRange, mode: FaultMode) -> Result<(), UffdError>;
     /// Drops the pages of `r` (the next access faults).
     fn zap(&self, r: VaRange) -> io::Result<()>;
-    /// Whether a REMOVE event for `r` (the pages of `r` were dropped) came from a [`Mm::zap`]
-    /// of hetmem's own rather than from the program: true once for each part of such a zap
-    /// (consumed). The event reader asks before it follows a drop.
-    fn take_own_remove(&self, r: VaRange) -> bool {
-        let _ = r;
-        false
-    }
     /// How many of hetmem's own drops raised a REMOVE event (the pages could not be moved
     /// out: see `sys::ZapSink`).
     fn zaps_with_event(&self) -> u64 {
         0
+    }
+    /// Maps the zero page at the missing page `a` of a signal-mode mapping, with no lock taken
+    /// (signal context: `sys::FaultTarget::fill_dropped_page`); false if it cannot.
+    fn zero_fill_dropped(&self, a: VirtAddr) -> bool {
+        let _ = a;
+        false
     }
     /// Sets or clears write protection of the present pages of `r` (clearing wakes writers).
     fn write_protect(&self, r: VaRange, on: bool, mode: FaultMode) -> Result<(), UffdError>;
@@ -465,9 +464,6 @@ pub struct KernelMm {
     /// no REMOVE event on `sig` (which asks for them only when this exists: the kernel has
     /// `UFFDIO_MOVE`). A leaf lock.
     sink: Option<Mutex<sys::ZapSink>>,
-    /// Drops of hetmem's own that raised REMOVE events not followed yet (pages the sink could
-    /// not take): [`Mm::take_own_remove`] consumes them. A leaf lock.
-    own_removes: Mutex<Vec<VaRange>>,
     /// How many drops of hetmem's own raised a REMOVE event.
     zaps_with_event: std::sync::atomic::AtomicU64,
     /// The reservation. Dropped last: its mappings were unregistered when the space went
@@ -539,7 +535,6 @@ impl KernelMm {
             copy_gate: crate::sync::RwLock::new(()),
             disowned: Mutex::new(Vec::new()),
             sink,
-            own_removes: Mutex::new(Vec::new()),
             zaps_with_event: std::sync::atomic::AtomicU64::new(0),
             res,
         })
@@ -648,7 +643,7 @@ fn serve_msgs(uffd: &Uffd) {
             sys::UffdMsg::Unmap { start, end } => sys::dispatch_unmap(start, end),
             sys::UffdMsg::Remove { start, end } => {
                 sys::dispatch_remove(start, end);
-                sys::remove_followed();
+                sys::remove_followed(start, end);
             }
             sys::UffdMsg::Other(_) => {}
         }
@@ -707,7 +702,7 @@ impl KernelMm {
     /// registered).
     fn unregister(&self, r: VaRange, reg: Registered) -> io::Result<()> {
         // Drops of ours recorded there were reported by now, or never will be.
-        lock(&self.own_removes).retain(|x| !x.overlaps(&r));
+        sys::forget_own_removes(r.start.get(), r.end.get());
         let (a, len) = (r.start.get(), r.len());
         match reg {
             Registered::Anon(FaultMode::Signal) => self.sig.uffd.unregister(a, len),
@@ -844,44 +839,24 @@ impl Mm for KernelMm {
         if rest.start >= rest.end {
             return Ok(());
         }
-        {
-            // Bounded: a drop of a range no REMOVE is reported for (a thread-mode or file
-            // mapping) is never consumed; the oldest goes first.
-            let mut o = lock(&self.own_removes);
-            if o.len() >= 64 {
-                o.remove(0);
-            }
-            o.push(rest);
-        }
+        sys::record_own_remove(rest.start.get(), rest.end.get());
         self.zaps_with_event
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let res = self.res.discard(self.off(rest.start), rest.len());
         if res.is_err() {
             // Refused before any event (mlocked memory): nothing to tell apart.
-            let mut o = lock(&self.own_removes);
-            if let Some(i) = o.iter().rposition(|x| *x == rest) {
-                o.swap_remove(i);
-            }
+            sys::cancel_own_remove(rest.start.get(), rest.end.get());
         }
         res
     }
 
-    fn take_own_remove(&self, r: VaRange) -> bool {
-        let mut o = lock(&self.own_removes);
-        // The kernel reports a drop as one event per mapping it spans, in address order: an
-        // event of ours starts where the part of the drop not reported yet starts (a program's
-        // drop inside ours that starts elsewhere is the program's: found by review).
-        let Some(i) = o.iter().position(|x| x.start == r.start && r.end <= x.end) else {
-            return false;
-        };
-        let x = o.swap_remove(i);
-        if r.end < x.end {
-            o.push(VaRange {
-                start: r.end,
-                end: x.end,
-            });
-        }
-        true
+    fn zero_fill_dropped(&self, a: VirtAddr) -> bool {
+        // Only the signal-mode userfaultfd (no lock guards it); a range registered elsewhere
+        // refuses the call.
+        self.sig
+            .uffd
+            .zeropage_over_drops(a.get(), PAGE_SIZE)
+            .is_ok()
     }
 
     fn zaps_with_event(&self) -> u64 {
@@ -910,16 +885,14 @@ impl Mm for KernelMm {
     }
 
     fn read(&self, addr: VirtAddr, dst: &mut [u8]) {
-        let _zone =
-            sys::NoFaultZone::enter("hetmem's own copy of managed memory (under a hetmem lock)");
+        let _zone = sys::NoFaultZone::enter(sys::OWN_COPY_ZONE);
         self.res
             .read(self.off(addr), dst)
             .expect("read of a range inside the reservation")
     }
 
     fn write(&self, addr: VirtAddr, src: &[u8]) {
-        let _zone =
-            sys::NoFaultZone::enter("hetmem's own copy of managed memory (under a hetmem lock)");
+        let _zone = sys::NoFaultZone::enter(sys::OWN_COPY_ZONE);
         self.res
             .write(self.off(addr), src)
             .expect("write of a range inside the reservation")
@@ -955,8 +928,7 @@ impl Mm for KernelMm {
     }
 
     fn copy_to(&self, addr: VirtAddr, dst: &Region, off: usize, len: usize) {
-        let _zone =
-            sys::NoFaultZone::enter("hetmem's own copy of managed memory (under a hetmem lock)");
+        let _zone = sys::NoFaultZone::enter(sys::OWN_COPY_ZONE);
         self.res
             .copy_to(self.off(addr), dst, off, len)
             .expect("copy of a range inside the reservation to a frame")

@@ -28,7 +28,7 @@ impl SpaceCore {
                 self.mm.install(dst, src, off, len, mode)
             }
         };
-        match store.host_view() {
+        let res = match store.host_view() {
             Some(r) => install(r, off),
             None => {
                 store
@@ -36,7 +36,19 @@ impl SpaceCore {
                     .map_err(|e| sys::UffdError::Os(e.raw_os_error().unwrap_or(libc::EIO)))?;
                 install(&self.bounce, 0)
             }
-        }
+        };
+        // The program may have dropped these pages (madvise) between its event's read and this
+        // copy: the copy would then stay, with the data it dropped, for good. Parts a REMOVE not
+        // followed yet covers are dropped again (zeros: the drop and the copy were concurrent).
+        // The entries stay as the caller sets them: a present page the kernel no longer has is
+        // refilled as the kernel would at its next access.
+        sys::removes_pending_in(dst.get(), dst.get() + len, |s, e| {
+            let _ = self.mm.zap(VaRange {
+                start: VirtAddr(s).page_down(),
+                end: VirtAddr(e),
+            });
+        });
+        res
     }
 
     /// Copies `len` bytes of present managed pages at `addr` into `pm`'s frames at byte `off`

@@ -1414,6 +1414,9 @@ impl sys::FaultTarget for SpaceCore {
     fn removed(&self, start: usize, end: usize) {
         self.follow_remove(start, end);
     }
+    fn fill_dropped_page(&self, addr: usize) -> bool {
+        sys::getpid() == self.pid && self.mm.zero_fill_dropped(VirtAddr(addr).page_down())
+    }
     fn manages(&self, start: usize, end: usize) -> bool {
         let r = VaRange {
             start: VirtAddr(start),

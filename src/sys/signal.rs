@@ -33,6 +33,16 @@ pub trait FaultTarget: Send + Sync {
     fn removed(&self, start: usize, end: usize) {
         let _ = (start, end);
     }
+    /// A read of `addr` by hetmem's own copy of managed memory (inside a [`NoFaultZone`] of
+    /// kind [`OWN_COPY_ZONE`]) faulted: the page is missing although the copy's caller saw it
+    /// present, so the program dropped it meanwhile (a direct madvise racing a migration).
+    /// Without taking any lock (the copier holds the space's), map what the drop leaves there,
+    /// if that can be done so (the zero page, in a signal-mode anonymous mapping): true then,
+    /// and the copy goes on reading it. Runs in signal context.
+    fn fill_dropped_page(&self, addr: usize) -> bool {
+        let _ = addr;
+        false
+    }
     /// Whether memory in `start..end` (inside this target's range) is managed by it now. Not
     /// called in signal context (it may take locks).
     fn manages(&self, start: usize, end: usize) -> bool {
@@ -313,6 +323,11 @@ impl Default for AtomicLocation {
     }
 }
 
+/// The [`NoFaultZone`] of hetmem's own reads of managed memory under a hetmem lock (a
+/// migration's copy into device frames): a fault there on a page the program dropped meanwhile
+/// is recovered ([`FaultTarget::fill_dropped_page`]) instead of aborting.
+pub const OWN_COPY_ZONE: &str = "hetmem's own copy of managed memory (under a hetmem lock)";
+
 /// Thread ids (as the kernel reports them in thread-mode fault messages) of the threads inside
 /// a [`NoFaultZone`], so that the handler thread can tell too. Fixed size, lock-free.
 const MAX_ZONE_TIDS: usize = 64;
@@ -444,6 +459,33 @@ pub fn dispatch_fault(addr: usize, write: bool) -> bool {
     false
 }
 
+/// [`FaultTarget::fill_dropped_page`] of the target whose range holds `addr`.
+fn fill_dropped(addr: usize) -> bool {
+    let mut done = false;
+    for slot in SLOTS.iter() {
+        if slot.target.load(Ordering::Relaxed).is_null() {
+            continue;
+        }
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        let (s, e) = (
+            slot.start.load(Ordering::SeqCst),
+            slot.end.load(Ordering::SeqCst),
+        );
+        let p = slot.target.load(Ordering::SeqCst);
+        let hit = !p.is_null() && s <= addr && addr < e;
+        if hit {
+            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
+            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
+            done = t.fill_dropped_page(addr);
+        }
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+        if hit {
+            break;
+        }
+    }
+    done
+}
+
 static PREV_ACTION: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
 static INSTALL: std::sync::Once = std::sync::Once::new();
 static INSTALL_ERR: AtomicUsize = AtomicUsize::new(0);
@@ -502,6 +544,11 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
     };
     let zone = NO_FAULT.with(|c| c.get());
     if !zone.is_empty() && is_managed(addr) {
+        if !write && zone == OWN_COPY_ZONE && fill_dropped(addr) {
+            // SAFETY: restoring this thread's errno.
+            unsafe { *errno_slot = saved_errno };
+            return;
+        }
         let mut b = [0u8; 18];
         abort_with(&[
             b"hetmem: BUG: faulted on managed address ",

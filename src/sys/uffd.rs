@@ -25,31 +25,53 @@ const OP_ZEROPAGE: Opcode =
     opcode::read_write::<uapi::uffdio_zeropage>(UFFDIO, uapi::_UFFDIO_ZEROPAGE as u8);
 
 /// Runs an ioctl that populates missing pages (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`) over `len`
-/// bytes until all of them are populated, resuming after a partial success: `op(done)` issues it
-/// for the bytes from `done` on and returns its result and the bytes it populated before an
-/// error. A page already there (EEXIST) is stepped over: Ok means every page of the range is
-/// populated, whoever did it. EAGAIN means the mappings are changing (a direct mremap or munmap
-/// posted an event that has not been read yet, or was read but the thread that called mremap has
-/// not yet left the kernel; the window, `mmap_changing`, closes once the event is read and that
-/// thread runs again): `wait` reads what is pending if the caller is the fd's reader (nobody
-/// else would: an mremap posts UNMAP of the old range after its REMAP, which the reader may be
-/// following with this very fill), then yields to let the other thread run, bounded.
+/// bytes at `dst` until all of them are populated, resuming after a partial success:
+/// `op(from, to)` issues it for the bytes `from..to` (offsets from `dst`) and returns its result
+/// and the bytes it populated before an error. A page already there (EEXIST) is stepped over: Ok
+/// means every page of the range is populated, whoever did it. EAGAIN means the mappings are
+/// changing (a direct mremap, munmap or madvise posted an event that has not been read yet, or
+/// was read but the thread that called it has not yet left the kernel; the window,
+/// `mmap_changing`, closes once the event is read and that thread runs again): `wait` reads what
+/// is pending if the caller is the fd's reader (nobody else would: an mremap posts UNMAP of the
+/// old range after its REMAP, which the reader may be following with this very fill), then
+/// yields to let the other thread run, bounded. After such a wait, the parts of the range a
+/// program's drop (a REMOVE read and not followed yet) covers are not filled: the drop may have
+/// run already, and a fill after it would leave the data it dropped in place (found by review:
+/// a migration back to system memory racing the program's madvise); those pages stay missing,
+/// as the drop leaves them.
+///
+/// With `over_drops`, every page is filled, dropped or not (the zero page mapped under a copy
+/// that faulted on a dropped page: [`Uffd::zeropage_over_drops`]).
 fn fill_resuming(
+    dst: usize,
     len: usize,
-    mut op: impl FnMut(usize) -> (Result<(), UffdError>, i64),
+    over_drops: bool,
+    mut op: impl FnMut(usize, usize) -> (Result<(), UffdError>, i64),
     mut wait: impl FnMut(),
 ) -> Result<(), UffdError> {
-    let mut done = 0;
+    let not_dropped = |dst, done, len| {
+        if over_drops {
+            (done, len)
+        } else {
+            not_dropped(dst, done, len)
+        }
+    };
+    let (mut done, mut to) = not_dropped(dst, 0, len);
     let mut again = 0;
     while done < len {
-        match op(done) {
-            (Ok(()), _) => return Ok(()),
+        match op(done, to) {
+            (Ok(()), _) if to == len => return Ok(()),
+            (Ok(()), _) => {
+                done = to;
+                (done, to) = not_dropped(dst, done, len);
+            }
             (Err(_), n) if n > 0 => done += n as usize,
             (Err(UffdError::Exists), _) => done += PAGE_SIZE,
             (Err(UffdError::Again), _) if again < 100_000 => {
                 again += 1;
                 wait();
                 rustix::thread::sched_yield();
+                (done, to) = not_dropped(dst, done, len);
             }
             (Err(other), _) => return Err(other),
         }
@@ -57,14 +79,67 @@ fn fill_resuming(
     Ok(())
 }
 
+/// From offset `done` of the `len` bytes at `dst`: the next part not covered by a REMOVE read
+/// and not followed yet, as offsets `(from, to)` (`from == len`: none is left).
+fn not_dropped(dst: usize, mut done: usize, len: usize) -> (usize, usize) {
+    loop {
+        let mut first: Option<(usize, usize)> = None;
+        removes_pending_in(dst + done, dst + len, |s, e| {
+            if first.is_none_or(|(fs, _)| s < fs) {
+                first = Some((s, e));
+            }
+        });
+        match first {
+            Some((s, e)) if s <= dst + done => {
+                // Dropped from here on: step over it.
+                done = (e - dst).next_multiple_of(PAGE_SIZE).min(len);
+                if done >= len {
+                    return (len, len);
+                }
+            }
+            Some((s, _)) => return (done, (s - dst) & !(PAGE_SIZE - 1)),
+            None => return (done, len),
+        }
+    }
+}
+
 /// Reads of userfaultfd messages in progress (any thread), and `UFFD_EVENT_REMOVE`s read and
-/// not followed yet. The program's `madvise` returns as soon as its event is *read*; until the
-/// reader has followed it, an access to pages in device memory would still find the data the
-/// program dropped. So the paths that give a page's data out (a CPU fault, a device command)
-/// first wait for both to be zero ([`wait_removes_followed`]): a read started before the
-/// program's madvise returned, and the REMOVE it read is counted before the read ends.
+/// not followed yet (their ranges in [`PENDING_REMOVES`]). The program's `madvise` returns as
+/// soon as its event is *read*; until the reader has followed it, an access to pages in device
+/// memory would still find the data the program dropped. So the paths that give a page's data
+/// out (a CPU fault, a device command) first wait for both to be empty
+/// ([`wait_removes_followed`]): a read started before the program's madvise returned, and the
+/// REMOVE it read is recorded before the read ends.
 static MSG_READS: AtomicUsize = AtomicUsize::new(0);
 static REMOVES_UNFOLLOWED: AtomicUsize = AtomicUsize::new(0);
+
+/// Most REMOVEs read and not followed at once: the reader reads no message while the table is
+/// full (it follows one first).
+const PENDING_REMOVE_SLOTS: usize = 64;
+
+/// The ranges of the REMOVEs read and not followed yet: `(start, end)`, `end` 0 for a free
+/// slot. Written by the event reader only; read by every thread that copies device data into
+/// the CPU view ([`removes_pending_in`]).
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE_SLOT: (AtomicUsize, AtomicUsize) = (AtomicUsize::new(0), AtomicUsize::new(0));
+static PENDING_REMOVES: [(AtomicUsize, AtomicUsize); PENDING_REMOVE_SLOTS] =
+    [FREE_SLOT; PENDING_REMOVE_SLOTS];
+
+fn note_remove(start: usize, end: usize) {
+    for (s, e) in PENDING_REMOVES.iter() {
+        if e.load(Ordering::SeqCst) == 0 {
+            s.store(start, Ordering::SeqCst);
+            e.store(end, Ordering::SeqCst);
+            return;
+        }
+    }
+}
+
+fn table_full() -> bool {
+    PENDING_REMOVES
+        .iter()
+        .all(|(_, e)| e.load(Ordering::SeqCst) != 0)
+}
 
 /// Waits (yielding: it may run in signal context) until no userfaultfd message is being read
 /// and every REMOVE read has been followed (see `MSG_READS`). On a reader thread (which
@@ -81,15 +156,95 @@ pub fn wait_removes_followed() {
     }
 }
 
-/// The reader followed a REMOVE it read (or dropped it unfollowed).
-pub fn remove_followed() {
+/// Calls `f(s, e)` for each part of `start..end` that a REMOVE read and not followed yet covers,
+/// once no message is being read. A thread that has just copied device data into the CPU view
+/// (a migration back, a fault-back) calls it: the program's drop of those pages may have run
+/// between the event's read and the copy, and would leave the copy in place, stale, for good
+/// (found by review); the caller drops such parts again (they read zeros, a valid outcome of a
+/// drop concurrent with the copy).
+pub fn removes_pending_in(start: usize, end: usize, mut f: impl FnMut(usize, usize)) {
+    if REMOVES_UNFOLLOWED.load(Ordering::SeqCst) == 0 && MSG_READS.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    while MSG_READS.load(Ordering::SeqCst) != 0 {
+        rustix::thread::sched_yield();
+    }
+    for (s, e) in PENDING_REMOVES.iter() {
+        let (rs, re) = (s.load(Ordering::SeqCst), e.load(Ordering::SeqCst));
+        if re != 0 && rs < end && start < re {
+            f(rs.max(start), re.min(end));
+        }
+    }
+}
+
+/// The reader followed the REMOVE of `start..end` it read (or dropped it unfollowed).
+pub fn remove_followed(start: usize, end: usize) {
+    for (s, e) in PENDING_REMOVES.iter() {
+        if e.load(Ordering::SeqCst) == end && s.load(Ordering::SeqCst) == start {
+            e.store(0, Ordering::SeqCst);
+            break;
+        }
+    }
     REMOVES_UNFOLLOWED.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// hetmem's own drops in place that raise REMOVE events (pages the sink could not take),
+/// recorded before the drop, so that the reader tells their events from the program's as it
+/// reads them: they are neither followed nor counted as the program's drops (a fill skipping
+/// them, or a copy dropped again over them, would lose data: found by a test). Bounded (a drop
+/// of a range whose userfaultfd reports no REMOVE is never consumed; the oldest goes first).
+static OWN_REMOVES: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+fn own_removes() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
+    OWN_REMOVES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records a drop of hetmem's own of `start..end` that raises REMOVE events.
+pub fn record_own_remove(start: usize, end: usize) {
+    let mut o = own_removes();
+    if o.len() >= 64 {
+        o.remove(0);
+    }
+    o.push((start, end));
+}
+
+/// Forgets a drop recorded with [`record_own_remove`] that raised no event after all.
+pub fn cancel_own_remove(start: usize, end: usize) {
+    let mut o = own_removes();
+    if let Some(i) = o.iter().rposition(|x| *x == (start, end)) {
+        o.swap_remove(i);
+    }
+}
+
+/// Forgets the recorded drops overlapping `start..end` (the range is unregistered: their events
+/// were read by now, or never will be).
+pub fn forget_own_removes(start: usize, end: usize) {
+    own_removes().retain(|&(s, e)| e <= start || end <= s);
+}
+
+/// Whether the REMOVE of `start..end` is one of hetmem's own drops (consumed). The kernel
+/// reports a drop as one event per mapping it spans, in address order: an event of ours starts
+/// where the part of the drop not reported yet starts (a program's drop inside ours that
+/// starts elsewhere is the program's: found by review).
+fn take_own_remove(start: usize, end: usize) -> bool {
+    let mut o = own_removes();
+    let Some(i) = o.iter().position(|&(s, e)| s == start && end <= e) else {
+        return false;
+    };
+    let (_, e) = o.swap_remove(i);
+    if end < e {
+        o.push((end, e));
+    }
+    true
 }
 
 /// In a forked child: no reader reads or follows anything (the parent's counts are void).
 pub fn forget_unfollowed_removes() {
     REMOVES_UNFOLLOWED.store(0, Ordering::SeqCst);
     MSG_READS.store(0, Ordering::SeqCst);
+    for (_, e) in PENDING_REMOVES.iter() {
+        e.store(0, Ordering::SeqCst);
+    }
 }
 
 /// A reader thread's fds, and the messages (with their fd) it read while one of its own fills
@@ -425,12 +580,14 @@ impl Uffd {
             0
         };
         fill_resuming(
+            dst,
             len,
-            |done| {
+            false,
+            |done, to| {
                 let mut c = uapi::uffdio_copy {
                     dst: (dst + done) as u64,
                     src: (src.base + src_off + done) as u64,
-                    len: (len - done) as u64,
+                    len: (to - done) as u64,
                     mode,
                     copy: 0,
                 };
@@ -446,31 +603,67 @@ impl Uffd {
 
     /// `UFFDIO_WRITEPROTECT`: sets (`on`) or clears the write-protect bit of the present pages
     /// in `addr..addr+len`; clearing wakes writers waiting there.
+    ///
+    /// EAGAIN (the mappings are changing: an event of the program's munmap, mremap or madvise is
+    /// not read yet) is retried as a fill retries it (see `fill_resuming`): a program's madvise
+    /// during a migration failed the migration's write-protect (found by a test).
     pub fn write_protect(&self, addr: usize, len: usize, on: bool) -> Result<(), UffdError> {
-        let mut w = uapi::uffdio_writeprotect {
-            range: uapi::uffdio_range {
-                start: addr as u64,
-                len: len as u64,
-            },
-            mode: if on { 1 } else { 0 },
-        };
-        // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`; it changes PTE
-        // permissions only.
-        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_WRITEPROTECT, _>::new(&mut w)) }
-            .map_err(uffd_err)
+        let mut again = 0;
+        loop {
+            let mut w = uapi::uffdio_writeprotect {
+                range: uapi::uffdio_range {
+                    start: addr as u64,
+                    len: len as u64,
+                },
+                mode: if on { 1 } else { 0 },
+            };
+            // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`; it changes PTE
+            // permissions only.
+            let r = unsafe {
+                rustix::ioctl::ioctl(&self.fd, Updater::<OP_WRITEPROTECT, _>::new(&mut w))
+            }
+            .map_err(uffd_err);
+            match r {
+                Err(UffdError::Again) if again < 100_000 => {
+                    again += 1;
+                    self.defer_pending();
+                    rustix::thread::sched_yield();
+                }
+                r => return r,
+            }
+        }
     }
 
     /// `UFFDIO_ZEROPAGE`: maps the kernel's shared zero page, read-only, at the missing pages of
     /// `addr..addr+len` (a page already there is stepped over, as in [`Uffd::fill`]); wakes the
     /// threads waiting there unless `dontwake`.
     pub fn zeropage(&self, addr: usize, len: usize, dontwake: bool) -> Result<(), UffdError> {
+        self.zeropage_as(addr, len, dontwake, false)
+    }
+
+    /// [`Uffd::zeropage`], also over pages a program's drop not followed yet covers (which a
+    /// fill leaves missing): for a copy of hetmem's that faulted on such a page and must read
+    /// it as the drop leaves it (`sys::FaultTarget::fill_dropped_page`).
+    pub fn zeropage_over_drops(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        self.zeropage_as(addr, len, false, true)
+    }
+
+    fn zeropage_as(
+        &self,
+        addr: usize,
+        len: usize,
+        dontwake: bool,
+        over_drops: bool,
+    ) -> Result<(), UffdError> {
         fill_resuming(
+            addr,
             len,
-            |done| {
+            over_drops,
+            |done, to| {
                 let mut z = uapi::uffdio_zeropage {
                     range: uapi::uffdio_range {
                         start: (addr + done) as u64,
-                        len: (len - done) as u64,
+                        len: (to - done) as u64,
                     },
                     mode: if dontwake {
                         uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64
@@ -525,8 +718,8 @@ impl Uffd {
             let (fds, kept) = &mut *r;
             kept.retain(|(f, m)| {
                 let keep = fds.contains(f);
-                if !keep && matches!(m, UffdMsg::Remove { .. }) {
-                    remove_followed();
+                if !keep && let UffdMsg::Remove { start, end } = *m {
+                    remove_followed(start, end);
                 }
                 keep
             });
@@ -615,11 +808,23 @@ impl Uffd {
     }
 
     fn read_msg_from(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<UffdMsg>> {
+        if table_full() {
+            // Follow what was read first (the fd stays readable).
+            return Ok(None);
+        }
         MSG_READS.fetch_add(1, Ordering::SeqCst);
         let m = Self::read_one(fd);
-        if let Ok(Some(UffdMsg::Remove { .. })) = m {
-            REMOVES_UNFOLLOWED.fetch_add(1, Ordering::SeqCst);
-        }
+        let m = match m {
+            Ok(Some(UffdMsg::Remove { start, end })) if take_own_remove(start, end) => {
+                Ok(Some(UffdMsg::Other(uapi::UFFD_EVENT_REMOVE as u8)))
+            }
+            Ok(Some(UffdMsg::Remove { start, end })) => {
+                note_remove(start, end);
+                REMOVES_UNFOLLOWED.fetch_add(1, Ordering::SeqCst);
+                m
+            }
+            m => m,
+        };
         MSG_READS.fetch_sub(1, Ordering::SeqCst);
         m
     }
@@ -801,7 +1006,7 @@ pub fn signal_stop(fd: &OwnedFd) -> io::Result<()> {
 /// bulk (`MADV_DONTNEED` on the sink: no event either) once it is full. Pages the kernel will
 /// not move (shared with a child after a fork, pinned, locked, read-only mappings) are dropped
 /// in place and raise the event; the space tells those from the program's
-/// (`KernelMm::take_own_remove`).
+/// ([`record_own_remove`]).
 pub struct ZapSink {
     uffd: Uffd,
     region: Region,
