@@ -24,7 +24,9 @@
  *    hetmem (hetmem_protect), so that devices lose what they may no longer do.
  *  - Memory that cannot be adopted (shared file mappings, shared anonymous memory): READ and
  *    WRITE go to the pages in place through the kernel (process_vm_readv/writev), as the
- *    kernel's device reads and writes page-cache pages in place; a migration answers ENOENT.
+ *    kernel's device reads and writes page-cache pages in place; a migration answers ENOENT,
+ *    but for a private file mapping (recorded at mmap), which a migration first replaces by
+ *    anonymous memory with the same bytes, then adopts.
  *  - SNAPSHOT is answered piece by piece: parts in adopted spaces by hetmem, the rest from the
  *    CPU's page tables (/proc/self/maps, /proc/self/pagemap, PAGEMAP_SCAN), adopting nothing.
  *  - mmap of a test-device descriptor maps pages of its own, read-only until written (the
@@ -82,6 +84,13 @@ struct map_slot {
 	uintptr_t start, end;
 };
 static struct map_slot maps[MAX_MAPS];
+/* The program's private file mmaps (start, end, prot; end 0: free slot): turned into anonymous
+ * memory with the same bytes when a device migrates them (anonymize). */
+struct file_slot {
+	uintptr_t start, end;
+	int prot;
+};
+static struct file_slot private_files[MAX_MAPS];
 
 static pthread_mutex_t lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 
@@ -290,9 +299,60 @@ static void install_fork_handlers(void)
 /* Forgets the recorded mmaps overlapping [start, end). Under `lock`. */
 static void forget_maps(uintptr_t start, uintptr_t end)
 {
-	for (int i = 0; i < MAX_MAPS; i++)
+	for (int i = 0; i < MAX_MAPS; i++) {
 		if (maps[i].end && maps[i].start < end && start < maps[i].end)
 			maps[i].end = 0;
+		if (private_files[i].end && private_files[i].start < end &&
+		    start < private_files[i].end)
+			private_files[i].end = 0;
+	}
+}
+
+/* A private file mapping holding [addr, addr + len) is replaced by anonymous private memory
+ * with the same bytes (the program's written pages and the file's), at the same address and
+ * protection, so that it can be adopted and migrated, as the kernel migrates a private file
+ * mapping's written (anonymous) pages. POSIX leaves unspecified whether a private mapping sees
+ * later changes of the file: from then on it does not. Pages past the end of the file read
+ * zeros instead of raising SIGBUS. 0, or a negative errno (EINVAL: no such mapping). Under
+ * `lock`. */
+static int anonymize(uintptr_t addr, uintptr_t len)
+{
+	for (int i = 0; i < MAX_MAPS; i++) {
+		struct file_slot *f = &private_files[i];
+		if (!f->end || addr < f->start || addr + len > f->end)
+			continue;
+		size_t n = f->end - f->start;
+		void *p = real_mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED)
+			return -ENOMEM;
+		/* Through the kernel: a page past the end of the file stops the copy instead of
+		 * raising SIGBUS here; the rest stays zeros. */
+		if (f->prot & PROT_READ) {
+			for (size_t off = 0; off < n;) {
+				struct iovec local = { .iov_base = (char *)p + off, .iov_len = n - off };
+				struct iovec remote = { .iov_base = (void *)(f->start + off), .iov_len = n - off };
+				ssize_t got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+				if (got <= 0)
+					break;
+				off += (size_t)got;
+			}
+		}
+		if (real_mprotect(p, n, f->prot) != 0 ||
+		    real_mremap(p, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)f->start) == MAP_FAILED) {
+			real_munmap(p, n);
+			return -ENOMEM;
+		}
+		for (int j = 0; j < MAX_MAPS; j++) {
+			if (!maps[j].end) {
+				maps[j].start = f->start;
+				maps[j].end = f->end;
+				break;
+			}
+		}
+		f->end = 0;
+		return 0;
+	}
+	return -EINVAL;
 }
 
 /* The slot of the adopted space holding [addr, addr + len), adopting on first use the program's
@@ -521,6 +581,9 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 			return snapshot_any(f, cmd);
 	}
 	int s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
+	if (s == -EINVAL && nr == HETMEM_CMD_MIGRATE_TO_DEV &&
+	    anonymize((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12)) == 0)
+		s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
 	if (s < 0 && s == -EINVAL && (nr == HETMEM_CMD_READ || nr == HETMEM_CMD_WRITE))
 		return plain_rw(cmd, nr == HETMEM_CMD_WRITE);
 	if (s < 0) {
@@ -606,6 +669,18 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 	}
 	pthread_mutex_lock(&lock);
 	void *p = real_mmap(addr, len, prot, flags, fd, off);
+	if (p != MAP_FAILED && !(flags & MAP_ANONYMOUS) && (flags & MAP_PRIVATE) &&
+	    !(prot & ~(PROT_READ | PROT_WRITE))) {
+		uintptr_t s = (uintptr_t)p, e = s + ((len + 4095) & ~4095UL);
+		give_back_range(s, e);
+		forget_maps(s, e);
+		for (int i = 0; i < MAX_MAPS; i++) {
+			if (!private_files[i].end) {
+				private_files[i] = (struct file_slot){ s, e, prot };
+				break;
+			}
+		}
+	}
 	if (p != MAP_FAILED && (flags & MAP_ANONYMOUS) && (flags & MAP_PRIVATE)) {
 		uintptr_t s = (uintptr_t)p, e = s + ((len + 4095) & ~4095UL);
 		/* MAP_FIXED replaced whatever was there. */

@@ -350,6 +350,38 @@ static int snapshot_across_holes_and_devices(void)
 	return 0;
 }
 
+/* A private file mapping the program wrote: migrated (as the kernel migrates its written,
+ * anonymous pages), its data intact, the file unchanged. */
+static int private_file_migrates(void)
+{
+	int dev = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(dev >= 0);
+	char path[] = "/tmp/dmirror_priv_XXXXXX";
+	int fd = mkstemp(path);
+	CHECK(fd >= 0);
+	unlink(path);
+	int *mirror = malloc(NPAGES * PAGE);
+	CHECK(mirror);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		mirror[i] = 7;
+	CHECK(pwrite(fd, mirror, NPAGES * PAGE, 0) == (ssize_t)(NPAGES * PAGE));
+	int *map = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+	CHECK(map != MAP_FAILED);
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int) / 2; i++)
+		map[i] = (int)i;
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(dev, HMM_DMIRROR_MIGRATE_TO_DEV, map, mirror, NPAGES, &c) == 0);
+	CHECK(c.cpages == NPAGES);
+	unsigned char snap[NPAGES];
+	CHECK(cmd(dev, HMM_DMIRROR_SNAPSHOT, map, snap, NPAGES, NULL) == 0);
+	CHECK(snap[0] == (PROT_DEV_PRIVATE_LOCAL | DMIRROR_PROT_WRITE));
+	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
+		CHECK(map[i] == (i < NPAGES * PAGE / sizeof(int) / 2 ? (int)i : 7));
+	CHECK(pread(fd, mirror, PAGE, 0) == (ssize_t)PAGE);
+	CHECK(mirror[0] == 7 && mirror[5] == 7);
+	return 0;
+}
+
 /* A mapping of the device itself (mmap of its descriptor): pages the device inserted, mapped
  * read-only in a private mapping until written. */
 static int device_mapping(void)
@@ -384,6 +416,7 @@ int main(void)
 		{ "file_shared_in_place", file_shared_in_place },
 		{ "snapshot_across_holes_and_devices", snapshot_across_holes_and_devices },
 		{ "device_mapping", device_mapping },
+		{ "private_file_migrates", private_file_migrates },
 	};
 	int failed = 0;
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
