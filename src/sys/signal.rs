@@ -433,35 +433,17 @@ pub fn dispatch_thread_fault(addr: usize, write: bool, tid: u32) -> bool {
 
 /// Serves a fault at `addr` with the target registered for it; false when none is.
 pub fn dispatch_fault(addr: usize, write: bool) -> bool {
-    for slot in SLOTS.iter() {
-        if slot.target.load(Ordering::Relaxed).is_null() {
-            continue;
-        }
-        slot.users.fetch_add(1, Ordering::SeqCst);
-        let (s, e) = (
-            slot.start.load(Ordering::SeqCst),
-            slot.end.load(Ordering::SeqCst),
-        );
-        let p = slot.target.load(Ordering::SeqCst);
-        let hit = !p.is_null() && s <= addr && addr < e;
-        let handled = if hit {
-            // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
-            let t: &Arc<dyn FaultTarget> = unsafe { &*p };
-            t.handle_fault(addr, write)
-        } else {
-            false
-        };
-        slot.users.fetch_sub(1, Ordering::SeqCst);
-        if hit {
-            return handled;
-        }
-    }
-    false
+    with_target_at(addr, |t| t.handle_fault(addr, write)).unwrap_or(false)
 }
 
 /// [`FaultTarget::fill_dropped_page`] of the target whose range holds `addr`.
 fn fill_dropped(addr: usize) -> bool {
-    let mut done = false;
+    with_target_at(addr, |t| t.fill_dropped_page(addr)).unwrap_or(false)
+}
+
+/// `f(target)` for the target whose range holds `addr` (kept alive meanwhile by its slot's
+/// `users` count), if one does. No allocation, no lock: usable in signal context.
+fn with_target_at<R>(addr: usize, mut f: impl FnMut(&Arc<dyn FaultTarget>) -> R) -> Option<R> {
     for slot in SLOTS.iter() {
         if slot.target.load(Ordering::Relaxed).is_null() {
             continue;
@@ -473,17 +455,17 @@ fn fill_dropped(addr: usize) -> bool {
         );
         let p = slot.target.load(Ordering::SeqCst);
         let hit = !p.is_null() && s <= addr && addr < e;
-        if hit {
+        let out = hit.then(|| {
             // SAFETY: `p` stays valid while `users` is non-zero (FaultRange::drop waits for it).
             let t: &Arc<dyn FaultTarget> = unsafe { &*p };
-            done = t.fill_dropped_page(addr);
-        }
+            f(t)
+        });
         slot.users.fetch_sub(1, Ordering::SeqCst);
         if hit {
-            break;
+            return out;
         }
     }
-    done
+    None
 }
 
 static PREV_ACTION: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
