@@ -207,17 +207,33 @@ impl SpaceCore {
             // Pages held present that the kernel dropped (all of them, but for a copy that
             // landed after the drop and was dropped again: `sys::removes_pending_in`) are
             // missing from now on: the next access fills them as the kernel would (zeros, or a
-            // private file mapping's bytes), and a migration never copies from them. (Dropping
-            // the pages the kernel has not dropped yet, here, from the reader thread, made two
-            // tests running at once hang: left as a known race, docs/architecture.md.)
-            let has_data = self.mm.pages_with_data(part).ok();
+            // private file mapping's bytes), and a migration never copies from them. The reader
+            // may get here before the program's madvise, released by the read, has dropped
+            // them: a migration starting after this follow would then copy the data being
+            // dropped, for good (found by a test). Nothing else can fill them meanwhile (faults
+            // and device commands wait for this follow), so wait, bounded, until the kernel has
+            // dropped them (`MADV_FREE` may never: then they stay as they are).
+            let keeps = |p: &Pte| {
+                p.state() == PageState::Present && !p.pinned() && !p.migrating() && !p.large()
+            };
+            let mut has_data = self.mm.pages_with_data(part).ok();
+            let v = st.vma(part.start).expect("a part of a mapping");
+            let mut tries = 0;
+            while tries < 1000
+                && has_data.as_ref().is_some_and(|d| {
+                    v.ptes[i..j]
+                        .iter()
+                        .zip(d)
+                        .any(|(p, &data)| keeps(p) && data)
+                })
+            {
+                crate::sync::thread::yield_now();
+                tries += 1;
+                has_data = self.mm.pages_with_data(part).ok();
+            }
             let v = st.vma_mut(part.start).expect("a part of a mapping");
             for (k, (p, h)) in v.ptes[i..j].iter_mut().zip(&held).enumerate() {
-                let dropped_present = p.state() == PageState::Present
-                    && !p.pinned()
-                    && !p.migrating()
-                    && !p.large()
-                    && has_data.as_ref().is_some_and(|d| !d[k]);
+                let dropped_present = keeps(p) && has_data.as_ref().is_some_and(|d| !d[k]);
                 if h.device_frame().is_some() || dropped_present {
                     *p = Pte::NONE;
                 }
