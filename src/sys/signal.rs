@@ -125,21 +125,21 @@ pub fn dispatch_remap(from: usize, to: usize, len: usize) -> bool {
 
 /// Routes an unmap reported by a userfaultfd to every target whose range it overlaps.
 pub fn dispatch_unmap(start: usize, end: usize) {
-    each_target(
-        |s, e| s < end && start < e,
-        |s, e, t| {
-            t.unmapped(start.max(s), end.min(e));
-            false
-        },
-    );
+    each_overlapping(start, end, |t, s, e| t.unmapped(s, e));
 }
 
 /// Routes a drop of pages reported by a userfaultfd to every target whose range it overlaps.
 pub fn dispatch_remove(start: usize, end: usize) {
+    each_overlapping(start, end, |t, s, e| t.removed(s, e));
+}
+
+/// `f(target, s, e)` for every target whose range overlaps `start..end`, with `s..e` the
+/// overlap.
+fn each_overlapping(start: usize, end: usize, f: impl Fn(&Arc<dyn FaultTarget>, usize, usize)) {
     each_target(
         |s, e| s < end && start < e,
         |s, e, t| {
-            t.removed(start.max(s), end.min(e));
+            f(t, start.max(s), end.min(e));
             false
         },
     );
