@@ -286,19 +286,26 @@ fn a_device_that_mapped_a_page_writable_before_it_was_replicated_faults_on_its_n
     assert_eq!(dev_read(&m1, a, PAGES), w);
 }
 
+/// `n` pages of data (`want`) under the adaptive policy, and a device-private device with
+/// 2 MiB of memory mirroring them.
+fn adaptive_world(n: usize) -> (Space, VirtAddr, SoftDevice, DeviceMirror) {
+    let space = Space::new().unwrap();
+    let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &pattern(n * PAGE, |i| i + 1)).unwrap();
+    space.set_policy(Arc::new(hetmem::policy::adaptive::AdaptivePolicy::new()));
+    let dev = SoftDevice::private(2 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    (space, a, dev, m)
+}
+
 #[test]
 fn under_the_adaptive_policy_new_data_takes_the_place_of_older_replicas() {
     // 2 MiB of device memory; data A then data B (2 MiB each), then A again. B's reads drop
     // A's replicas to make room; A, faulted again after losing its place, is read where it is
     // (no ping-pong of replicas).
     let _w = watchdog("replica_phases", 30);
-    let space = Space::new().unwrap();
     let n = 1024;
-    let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
-    space.cpu_write(a, &pattern(n * PAGE, |i| i + 1)).unwrap();
-    space.set_policy(Arc::new(hetmem::policy::adaptive::AdaptivePolicy::new()));
-    let dev = SoftDevice::private(2 << 20).unwrap();
-    let m = dev.mirror(&space).unwrap();
+    let (space, a, dev, m) = adaptive_world(n);
     let all = want(n);
     let read = |lo: usize, hi: usize| {
         let mut buf = vec![0u8; PAGE];
@@ -488,13 +495,8 @@ fn a_migration_to_a_device_full_of_replicas_drops_one_rather_than_evicting_a_pag
     // a device write to one page of region B migrates it (writes migrate): the device evicts
     // nothing that would have to be copied back, it drops one replica (a copy, dropped).
     let _w = watchdog("replica_room_for_migration", 30);
-    let space = Space::new().unwrap();
     let n = 1024;
-    let a = space.map_anon(n * PAGE, Prot::ReadWrite).unwrap();
-    space.cpu_write(a, &pattern(n * PAGE, |i| i + 1)).unwrap();
-    space.set_policy(Arc::new(hetmem::policy::adaptive::AdaptivePolicy::new()));
-    let dev = SoftDevice::private(2 << 20).unwrap();
-    let m = dev.mirror(&space).unwrap();
+    let (space, a, dev, m) = adaptive_world(n);
     let mut buf = vec![0u8; PAGE];
     for p in 0..512 {
         m.read(a.add(p * PAGE), PAGE, &mut buf).unwrap();

@@ -355,14 +355,23 @@ static int anonymize(uintptr_t addr, uintptr_t len)
 	return -EINVAL;
 }
 
+/* The adopted space slot holding addr, or -1. Under `lock`. */
+static int adopted_at(uintptr_t addr)
+{
+	for (int s = 0; s < MAX_SPACES; s++)
+		if (spaces[s].space && spaces[s].start <= addr && addr < spaces[s].end)
+			return s;
+	return -1;
+}
+
 /* The slot of the adopted space holding [addr, addr + len), adopting on first use the program's
  * mmap around it, else exactly that range; a negative errno if it cannot be adopted (ENOMEM: not
  * mapped, EACCES: not readable, EINVAL: not anonymous private memory). Under `lock`. */
 static int space_for(uintptr_t addr, uintptr_t len)
 {
-	for (int s = 0; s < MAX_SPACES; s++)
-		if (spaces[s].space && spaces[s].start <= addr && addr < spaces[s].end)
-			return s;
+	int found = adopted_at(addr);
+	if (found >= 0)
+		return found;
 	uintptr_t start = addr, end = addr + len;
 	for (int i = 0; i < MAX_MAPS; i++) {
 		if (maps[i].end && maps[i].start <= addr && addr < maps[i].end) {
@@ -509,15 +518,6 @@ static int plain_snapshot(uint64_t addr, uint64_t npages, unsigned char *out)
 	}
 	real_close(pfd);
 	return 0;
-}
-
-/* The adopted space slot holding addr, or -1. Under `lock`. */
-static int adopted_at(uintptr_t addr)
-{
-	for (int s = 0; s < MAX_SPACES; s++)
-		if (spaces[s].space && spaces[s].start <= addr && addr < spaces[s].end)
-			return s;
-	return -1;
 }
 
 static int mirror_of(struct fd_slot *f, int s)

@@ -266,6 +266,21 @@ static int fork_child_opens_its_own_device(void)
 	return 0;
 }
 
+/* An unlinked temporary file holding NPAGES pages of `data`: its descriptor, or -1. */
+static int temp_file_with(const int *data)
+{
+	char path[] = "/tmp/dmirror_test_XXXXXX";
+	int fd = mkstemp(path);
+	if (fd < 0)
+		return -1;
+	unlink(path);
+	if (pwrite(fd, data, NPAGES * PAGE, 0) != (ssize_t)(NPAGES * PAGE)) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
 /* A shared file mapping (and shared anonymous memory): the device reads and writes the pages
  * in place, as the kernel's device does with page-cache pages; the file sees the device's
  * stores. */
@@ -273,15 +288,12 @@ static int file_shared_in_place(void)
 {
 	int dev = open("/dev/hmm_dmirror0", O_RDWR, 0);
 	CHECK(dev >= 0);
-	char path[] = "/tmp/dmirror_test_XXXXXX";
-	int fd = mkstemp(path);
-	CHECK(fd >= 0);
-	unlink(path);
 	int *mirror = malloc(NPAGES * PAGE);
 	CHECK(mirror);
 	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
 		mirror[i] = (int)i * 7;
-	CHECK(pwrite(fd, mirror, NPAGES * PAGE, 0) == (ssize_t)(NPAGES * PAGE));
+	int fd = temp_file_with(mirror);
+	CHECK(fd >= 0);
 	int *map = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	CHECK(map != MAP_FAILED);
 	memset(mirror, 0, NPAGES * PAGE);
@@ -356,15 +368,12 @@ static int private_file_migrates(void)
 {
 	int dev = open("/dev/hmm_dmirror0", O_RDWR, 0);
 	CHECK(dev >= 0);
-	char path[] = "/tmp/dmirror_priv_XXXXXX";
-	int fd = mkstemp(path);
-	CHECK(fd >= 0);
-	unlink(path);
 	int *mirror = malloc(NPAGES * PAGE);
 	CHECK(mirror);
 	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
 		mirror[i] = 7;
-	CHECK(pwrite(fd, mirror, NPAGES * PAGE, 0) == (ssize_t)(NPAGES * PAGE));
+	int fd = temp_file_with(mirror);
+	CHECK(fd >= 0);
 	int *map = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
 	CHECK(map != MAP_FAILED);
 	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int) / 2; i++)
