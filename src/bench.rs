@@ -7,9 +7,10 @@
 //! | `fault_back_4k_us` | median time of one CPU load that faults a device-private 4 KiB page back (after [`DeviceMirror::migrate_range_to_device`]) | `uffd_in_thread_4k_us`: a bare SIGBUS-mode userfaultfd whose handler does one `UFFDIO_COPY` of the page, served in the faulting thread |
 //! | `fault_back_4k_busy_us` | the same, while another thread of the process spins on its own memory | `uffd_in_thread_4k_busy_us`, same sibling |
 //! | `first_touch_4k_us` | mean per page of a sequential sweep (one store a page) over a fresh mapping | `kernel_first_touch_4k_us`: the same sweep over plain anonymous memory, the faster of base pages and `MADV_HUGEPAGE` (where transparent huge pages are `always` or `madvise`); both variants are reported (`kernel_first_touch_base_pages_4k_us`, `kernel_first_touch_hugepage_4k_us`) and the THP setting is in the note |
-//! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_4k_us` (the random kernel sweep, the faster variant, is reported beside it) |
+//! | `first_touch_random_4k_us` | the same in a random page order | `kernel_first_touch_random_4k_us`: the kernel's random sweep, the faster variant |
+//! | `first_touch_random_large_4k_us` | the same over a large mapping (`MapOptions::large`: a first touch fills its whole 2 MiB unit, as the kernel does with `MADV_HUGEPAGE`) | `kernel_first_touch_random_4k_us` |
 //! | `fault_back_2threads_speedup` | speedup (time with 1 thread / time with 2) of faulting back every page of a mapping (device-private 4 KiB pages, one load each), the 2 threads on disjoint halves | `uffd_in_thread_2threads_speedup`: the same speedup for the bare in-thread userfaultfd (`uffd_in_thread_4k_us`'s handler) over disjoint halves of its range |
-//! | `first_touch_2threads_speedup` | the same speedup for the first touch (one store a page, in order) of a fresh mapping | `kernel_first_touch_2threads_speedup`: the same for plain anonymous memory; the transparent huge page setting is given beside it |
+//! | `first_touch_2threads_speedup` | the same speedup for the first touch (one store a page, in order) of a fresh mapping | `kernel_first_touch_2threads_speedup`: the same for plain anonymous memory with `MADV_HUGEPAGE` where transparent huge pages are offered (hetmem fills whole 2 MiB units with huge pages); the transparent huge page setting is given beside it |
 //! | `fault_during_migration_kfaults_per_s` | thousands of fault-backs per second (one thread loading device-private pages of mapping A one by one: each fault takes the space's lock) while another thread migrates a mapping B (2 MiB of 4 KiB pages) of the **same** space to the device and back, over and over | `fault_during_migration_other_space_kfaults_per_s`: the same with B in **another** space (a mirror of the same device there) |
 //! | `migrate_4k_gbps`, `migrate_2m_gbps` | system → device → system round trips, bytes moved in both directions | `migrate_primitive_*_gbps`: the same syscalls hetmem issues, in a bare loop (write-protect each 2 MiB run, copy into a pool, `MADV_DONTNEED` the run; back: `UFFDIO_COPY` per 4 KiB page or per 2 MiB chunk) |
 //! | `cpu_read_coherent_gbps` | CPU streaming reads of pages resident in device-coherent memory | `cpu_read_system_gbps`: the same reads of system-resident pages |
@@ -464,7 +465,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Be
             "x",
             &r,
             Some(format!(
-                "transparent huge pages: {} (kernel side: no MADV_HUGEPAGE)",
+                "transparent huge pages: {} (kernel side: MADV_HUGEPAGE where offered; hetmem fills whole 2 MiB units with huge pages)",
                 thp_setting()
             )),
         );
@@ -818,8 +819,19 @@ fn push_first_touch(out: &mut Vec<BenchResult>, s: &Samples) {
     let mut f = s.timed("first_touch_4k_us", "seq_h", "us", base);
     f.note = Some(note.clone());
     out.push(f);
-    let mut f = s.timed("first_touch_random_4k_us", "rnd_h", "us", base);
-    f.note = Some(note.clone());
+    let rnd_note = format!(
+        "baseline: the kernel's random sweep with {rnd_which} (the faster variant); {}",
+        variants("rnd_k", "rnd_kh")
+    );
+    let rnd_base = Some(("kernel_first_touch_random_4k_us", rnd));
+    let mut f = s.timed("first_touch_random_4k_us", "rnd_h", "us", rnd_base);
+    f.note = Some(rnd_note.clone());
+    out.push(f);
+    let mut f = s.timed("first_touch_random_large_4k_us", "rnd_hl", "us", rnd_base);
+    f.note = Some(format!(
+        "a large mapping (MapOptions::large, hetmem's MADV_HUGEPAGE: a first touch fills its \
+         whole 2 MiB unit); {rnd_note}"
+    ));
     out.push(f);
     let mut f = s.timed("kernel_first_touch_4k_us", seq, "us", None);
     f.note = Some(note);
@@ -1164,8 +1176,12 @@ fn store_sweep(order: &[usize], store: impl Fn(usize) -> Result<()>) -> Result<f
     Ok(micros(t) / order.len() as f64)
 }
 
-fn hetmem_touch(space: &Space, len: usize, order: &[usize]) -> Result<f64> {
-    let a = space.map_anon(len, Prot::ReadWrite)?;
+fn hetmem_touch(space: &Space, len: usize, order: &[usize], large: bool) -> Result<f64> {
+    let opts = MapOptions {
+        large,
+        ..MapOptions::default()
+    };
+    let a = space.map_anon_with(len, opts)?;
     let probe = space.probe(a, len)?;
     let us = store_sweep(order, |p| probe.store_u32(a.add(p * PAGE_SIZE), p as u32))?;
     space.unmap(a, len)?;
@@ -1205,9 +1221,17 @@ fn first_touch(space: &Space, sz: &Sizes) -> Result<Samples> {
         })
     };
     // Each hetmem figure against each kernel variant that may be its baseline (the faster).
-    let mut watch = vec![("seq_h", Some("seq_k")), ("rnd_h", Some("seq_k"))];
+    let mut watch = vec![
+        ("seq_h", Some("seq_k")),
+        ("rnd_h", Some("rnd_k")),
+        ("rnd_hl", Some("rnd_k")),
+    ];
     if kh.is_some() {
-        watch.extend([("seq_h", Some("seq_kh")), ("rnd_h", Some("seq_kh"))]);
+        watch.extend([
+            ("seq_h", Some("seq_kh")),
+            ("rnd_h", Some("rnd_kh")),
+            ("rnd_hl", Some("rnd_kh")),
+        ]);
     }
     // Hetmem sweeps a fresh mapping each time (unmapped after).
     let mut r = Repeat::new(sz.reps.0, sz.reps.1, &watch);
@@ -1216,12 +1240,13 @@ fn first_touch(space: &Space, sz: &Sizes) -> Result<Samples> {
         if let Some(kh) = &kh {
             r.put("seq_kh", sweep(kh, &seq)?);
         }
-        r.put("seq_h", hetmem_touch(space, len, &seq)?);
+        r.put("seq_h", hetmem_touch(space, len, &seq, false)?);
         r.put("rnd_k", sweep(&k, &rnd)?);
         if let Some(kh) = &kh {
             r.put("rnd_kh", sweep(kh, &rnd)?);
         }
-        r.put("rnd_h", hetmem_touch(space, len, &rnd)?);
+        r.put("rnd_h", hetmem_touch(space, len, &rnd, false)?);
+        r.put("rnd_hl", hetmem_touch(space, len, &rnd, true)?);
     }
     Ok(r.done())
 }
@@ -2208,7 +2233,14 @@ fn thp_available() -> bool {
 fn first_touch_2threads(space: &Space, sz: &Sizes) -> Result<Samples> {
     let len = sz.thread_touch_bytes;
     let n = len / PAGE_SIZE;
-    let k = Region::new(len, PAGE_SIZE, Prot::ReadWrite).map_err(os("kernel baseline mapping"))?;
+    // The kernel as a tuned user has it (as in [`first_touch`]): with `MADV_HUGEPAGE` where
+    // transparent huge pages are offered, as hetmem's own first touch of whole units.
+    let k = Region::new(len, LARGE_PAGE_SIZE, Prot::ReadWrite)
+        .map_err(os("kernel baseline mapping"))?;
+    if thp_available() {
+        k.advise_hugepage()
+            .map_err(os("MADV_HUGEPAGE the kernel baseline"))?;
+    }
     k.populate(0, len).map_err(os("populate kernel baseline"))?;
     repeat_until_stable(sz.thread_min_reps, sz.thread_max_reps, || {
         let b = speedup_2threads(

@@ -432,13 +432,12 @@ impl SpaceCore {
         let mut done = 0;
         while done < e - s {
             let n = (e - s - done).min(PAGES_PER_LARGE);
-            match self.mm.install(
-                start.add(done * PAGE_SIZE),
-                &self.zero,
-                0,
-                n * PAGE_SIZE,
-                mode,
-            ) {
+            let dst = start.add(done * PAGE_SIZE);
+            if self.zero_fill_unit(dst, n, mode) {
+                done += n;
+                continue;
+            }
+            match self.mm.install(dst, &self.zero, 0, n * PAGE_SIZE, mode) {
                 Ok(()) | Err(sys::UffdError::Exists) => done += n,
                 Err(err) => {
                     // Nothing of the run may stay mapped while its entries say missing.
@@ -553,6 +552,20 @@ impl SpaceCore {
         res
     }
 
+    /// Zero-fills the `n` missing pages at `dst` in one step when they are a whole aligned
+    /// 2 MiB unit and the kernel can ([`Mm::zero_fill_unit`]: a zeroed huge page moved in);
+    /// false otherwise (the caller copies zeros).
+    fn zero_fill_unit(&self, dst: VirtAddr, n: usize, mode: FaultMode) -> bool {
+        let whole = n == PAGES_PER_LARGE && dst.get().is_multiple_of(LARGE_PAGE_SIZE);
+        let done = whole && self.mm.zero_fill_unit(dst, mode);
+        if done {
+            self.counters
+                .huge_zero_units
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        done
+    }
+
     /// The run of missing anonymous pages a first touch at `a` fills (fault-around: 64 KiB,
     /// doubling while the thread's faults come in sequence; a whole unit of a large mapping):
     /// (first index, end index, first address, whether it is a whole 2 MiB unit, fault mode).
@@ -620,6 +633,10 @@ impl SpaceCore {
             let mut n = (e - s - done).min(PAGES_PER_LARGE);
             let dst = start.add(done * PAGE_SIZE);
             let (src, off) = match &source {
+                None if self.zero_fill_unit(dst, n, mode) => {
+                    done += n;
+                    continue;
+                }
                 None => (&self.zero, 0),
                 Some((cache, pgoff)) => {
                     // Under the state lock the bounce buffer is ours.

@@ -372,6 +372,7 @@ impl SpaceState {
 pub(crate) struct Counters {
     pub(crate) cpu_faults: AtomicU64,
     pub(crate) zero_fill_pages: AtomicU64,
+    pub(crate) huge_zero_units: AtomicU64,
     pub(crate) pages_to_device: AtomicU64,
     pub(crate) pages_to_system: AtomicU64,
     pub(crate) exclusive_revoked: AtomicU64,
@@ -387,6 +388,9 @@ pub struct SpaceStats {
     pub cpu_faults: u64,
     /// Pages zero-filled on first touch (fault-around included).
     pub zero_fill_pages: u64,
+    /// Whole 2 MiB units of those filled with one zeroed transparent huge page moved into
+    /// place (`UFFDIO_MOVE`) instead of 512 copies of a zero page.
+    pub huge_zero_units: u64,
     /// Pages migrated to device memory.
     pub pages_to_device: u64,
     /// Pages migrated back to system memory (CPU faults, migrations, eviction).
@@ -1260,6 +1264,7 @@ impl Space {
         SpaceStats {
             cpu_faults: c.cpu_faults.load(Ordering::Relaxed),
             zero_fill_pages: c.zero_fill_pages.load(Ordering::Relaxed),
+            huge_zero_units: c.huge_zero_units.load(Ordering::Relaxed),
             pages_to_device: c.pages_to_device.load(Ordering::Relaxed),
             pages_to_system: c.pages_to_system.load(Ordering::Relaxed),
             exclusive_revoked: c.exclusive_revoked.load(Ordering::Relaxed),
@@ -1460,6 +1465,7 @@ impl SpaceCore {
             let _ = self.mm.unmap(r, &[(r, Registered::Anon(opts.mode))]);
             return Err(Error::os("map", e));
         }
+        self.mm.prefer_huge(r);
         st.insert_vma(r, opts.prot, opts.mode, opts.large, None, ptes);
         Ok(())
     }

@@ -618,6 +618,11 @@ impl Region {
     pub fn advise_hugepage(&self) -> io::Result<()> {
         self.advise(0, self.len, Advice::LinuxHugepage)
     }
+
+    /// `MADV_HUGEPAGE` on `off..off + len` only.
+    pub fn advise_hugepage_at(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxHugepage)
+    }
 }
 
 impl Region {

@@ -533,6 +533,37 @@ impl Uffd {
         (Ok(()), len)
     }
 
+    /// `UFFDIO_MOVE` of `len` bytes from `src` (anonymous private memory of this process that
+    /// hetmem owns and no Rust object lives in: a staging buffer) to the missing pages of
+    /// `dst..dst + len` (registered with this fd), with no hole allowed in `src` and no retry:
+    /// the zeroed huge pages of first touches (`mm::HugeZero`). A transparent huge page moves
+    /// as one PMD where both sides are aligned and `dst`'s PMD is empty. Returns the bytes
+    /// moved before an error, with it (a hole in `src`: EAGAIN or ENOENT after the pages
+    /// before it; a protection or lock state that differs: EINVAL); Ok: all of them.
+    /// A range the program dropped and whose REMOVE event is not followed yet is refused
+    /// (EAGAIN, nothing moved): a fill there goes through [`Uffd::fill`], which steps over it.
+    pub fn move_whole(&self, dst: usize, src: usize, len: usize) -> (Result<(), UffdError>, usize) {
+        let mut dropped = false;
+        removes_pending_in(dst, dst + len, |_, _| dropped = true);
+        if dropped {
+            return (Err(UffdError::Again), 0);
+        }
+        let mut m = uapi::uffdio_move {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode: 0,
+            move_: 0,
+        };
+        // SAFETY: UFFDIO_MOVE takes a `struct uffdio_move`. It moves page-table entries of
+        // anonymous memory between two ranges of this process: `src`, a staging mapping no Rust
+        // object lives in (the caller's), and `dst`, missing pages of a range registered with
+        // this fd, which hetmem manages.
+        let r = unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_MOVE, _>::new(&mut m)) }
+            .map_err(uffd_err);
+        (r, m.move_.max(0) as usize)
+    }
+
     /// `UFFDIO_COPY`: fills the missing pages at `dst..dst+len` (registered with this fd) with
     /// `src[src_off..src_off+len]`, waking any thread waiting on them.
     pub fn copy(
