@@ -959,9 +959,14 @@ impl Mm for KernelMm {
     }
 
     fn zero_fill_unit(&self, dst: VirtAddr, mode: FaultMode) -> bool {
-        self.huge
-            .as_ref()
-            .is_some_and(|h| self.with_uffd(mode, |u| h.fill(u, dst)))
+        // Not in the program's own memory (adopted): its mapping's huge-page advice is the
+        // program's, and without it a fault leaves a page table in the unit, where the kernel
+        // would split the huge page after hetmem had zeroed it.
+        !self.res.is_adopted()
+            && self
+                .huge
+                .as_ref()
+                .is_some_and(|h| self.with_uffd(mode, |u| h.fill(u, dst)))
     }
 
     fn zaps_with_event(&self) -> u64 {
