@@ -151,6 +151,10 @@ pub enum Error {
     /// Invalid argument not covered by a more precise variant (EINVAL).
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
+    /// The system is set up in a way hetmem cannot serve correctly (ENOTSUP): what, and the
+    /// setting to change.
+    #[error("unsupported system setting: {0}")]
+    Unsupported(String),
     /// hetmem is inert in a child process: the address space belongs to the parent (EINVAL).
     #[error("hetmem objects are inert in a forked child (created by pid {owner})")]
     Forked {
@@ -210,6 +214,7 @@ impl Error {
             Error::FileTooLarge { .. } => libc::EFBIG,
             Error::FileRange { .. } => libc::EOVERFLOW,
             Error::MemoryFailure { .. } => libc::EIO,
+            Error::Unsupported(_) => libc::ENOTSUP,
             Error::Os { source, .. } | Error::Open { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }

@@ -401,3 +401,75 @@ fn device_copy_failures_lose_no_data() {
     assert_eq!(back, pattern(pages * PAGE, |i| i * 7));
     assert_eq!(dev.used(), 0);
 }
+
+/// A system whose memfds get large folios on writes (`shmem_enabled` `always`, `within_size`,
+/// `force`, directly or through a per-size `inherit`) would have the page cache serve zeros
+/// for pages it never filled: opening a cache there is refused with the setting to change;
+/// `never` and `advise` are fine. (The decision from the settings' contents; the machine's own
+/// setting is checked against what opening a cache does.)
+#[test]
+fn memfds_with_large_folios_are_refused_with_the_setting_to_change() {
+    let _w = watchdog("shmem large folios", 30);
+    let top = |v: &str| {
+        let all = ["always", "within_size", "advise", "never", "deny", "force"];
+        all.iter()
+            .map(|a| {
+                if *a == v {
+                    format!("[{a}]")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let size = |name: &str, v: &str| {
+        let all = ["always", "inherit", "within_size", "advise", "never"];
+        let s = all
+            .iter()
+            .map(|a| {
+                if *a == v {
+                    format!("[{a}]")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        (name.to_string(), s)
+    };
+    let check = hetmem::sys::shmem_large_folios_in;
+    for bad in ["always", "within_size", "force"] {
+        let why = check(Some(&top(bad)), &[size("hugepages-2048kB", "inherit")]).unwrap();
+        assert!(why.contains("shmem_enabled") && why.contains(bad), "{why}");
+    }
+    for ok in ["never", "advise", "deny"] {
+        assert_eq!(
+            check(Some(&top(ok)), &[size("hugepages-2048kB", "inherit")]),
+            None
+        );
+    }
+    let why = check(
+        Some(&top("never")),
+        &[size("hugepages-64kB", "within_size")],
+    )
+    .unwrap();
+    assert!(why.contains("hugepages-64kB"), "{why}");
+    assert_eq!(
+        check(Some(&top("never")), &[size("hugepages-64kB", "advise")]),
+        None
+    );
+    assert_eq!(check(None, &[]), None, "no THP support at all");
+
+    // This machine: opening a cache agrees with its settings.
+    let f = TempFile::new("shmem-setting", b"0123");
+    let r = FileCache::open(&f.0, false, CacheConfig::default());
+    match hetmem::sys::shmem_large_folios() {
+        None => assert!(r.is_ok()),
+        Some(_) => {
+            let e = r.err().unwrap();
+            assert!(matches!(e, Error::Unsupported(_)), "{e}");
+            assert_eq!(e.errno(), libc::ENOTSUP);
+        }
+    }
+}

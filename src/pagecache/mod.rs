@@ -496,6 +496,10 @@ impl FileCache {
             }
         };
         let size = backend.len().map_err(os("stat file"))?;
+        // A memfd whose writes make large folios would serve zeros for pages never filled.
+        if let Some(why) = crate::sys::shmem_large_folios() {
+            return Err(Error::Unsupported(why));
+        }
         let memfd = Memfd::new("hetmem-cache").map_err(os("memfd_create"))?;
         memfd.set_len(size).map_err(os("size the cache"))?;
         Ok(Arc::new_cyclic(|me| FileCache {

@@ -10,6 +10,69 @@ pub struct Memfd {
     fd: OwnedFd,
 }
 
+/// Why memfds of this system may get large folios (the kernel's `shmem_enabled` settings for
+/// its internal tmpfs mount, which memfds live on), if they may; `None` when they hold base
+/// pages only, as hetmem's page cache needs.
+///
+/// hetmem's cache learns that a CPU access reached a page it has not filled (or has taken to
+/// device memory) from userfaultfd's MISSING fault, which the kernel raises only where the
+/// memfd holds no page. A write of one page into a memfd whose writes may allocate a large
+/// folio (`always`, `within_size`, `force`) creates the whole folio, zeros around the written
+/// bytes: the other pages are then present, and a mapping reads those zeros without a fault
+/// instead of the file's bytes (measured on this VM with `within_size`: a sweep of a 256 MiB
+/// file through a mapping read other bytes than the file's). `advise` gives large folios only
+/// to mappings advised `MADV_HUGEPAGE`, which hetmem never asks for on its caches.
+pub fn shmem_large_folios() -> Option<String> {
+    let base = "/sys/kernel/mm/transparent_hugepage";
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let top = read(&format!("{base}/shmem_enabled"));
+    let mut sizes = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(base) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("hugepages-")
+                && let Some(v) = read(&format!("{base}/{name}/shmem_enabled"))
+            {
+                sizes.push((name, v));
+            }
+        }
+    }
+    shmem_large_folios_in(top.as_deref(), &sizes)
+}
+
+/// [`shmem_large_folios`] from the settings' contents: the top-level `shmem_enabled` and each
+/// `hugepages-<size>/shmem_enabled` (the selected value is in brackets).
+pub fn shmem_large_folios_in(top: Option<&str>, sizes: &[(String, String)]) -> Option<String> {
+    fn selected(s: &str) -> Option<&str> {
+        let open = s.find('[')?;
+        let close = s[open..].find(']')? + open;
+        Some(&s[open + 1..close])
+    }
+    let writes_huge = |v: &str| matches!(v, "always" | "within_size" | "force");
+    let top = top.and_then(selected);
+    if let Some(t) = top
+        && writes_huge(t)
+    {
+        return Some(format!(
+            "/sys/kernel/mm/transparent_hugepage/shmem_enabled is `{t}`: memfds get large \
+             folios, which hetmem's page cache cannot track page by page (set it to `never` \
+             or `advise`)"
+        ));
+    }
+    for (name, v) in sizes {
+        if let Some(v) = selected(v)
+            && (writes_huge(v) || (v == "inherit" && top.is_some_and(writes_huge)))
+        {
+            return Some(format!(
+                "/sys/kernel/mm/transparent_hugepage/{name}/shmem_enabled is `{v}`: memfds get \
+                 large folios, which hetmem's page cache cannot track page by page (set it to \
+                 `never`, `advise` or `inherit` with the top level `never`)"
+            ));
+        }
+    }
+    None
+}
+
 impl Memfd {
     /// A new, empty memfd (not inherited across exec).
     pub fn new(name: &str) -> io::Result<Memfd> {
