@@ -74,7 +74,7 @@
 //! migrating thread has gone round once, and stops at the end of A (4096 pages) or after 100 ms
 //! (20 ms with `--quick`). It faults device-private pages back rather than first-touching fresh
 //! ones: each fault-back is one fault, one page and one hold of the space's lock, whereas a
-//! first touch fills up to 2 MiB per fault (fault-around). The thread figures assume a free core
+//! first touch fills up to 8 MiB per fault (fault-around). The thread figures assume a free core
 //! per thread: on a machine busy with other work the two threads time-share a core, and the
 //! same-space figure then measures the scheduler more than the lock (measured on this 2-core VM
 //! with a build beside it: ≈ 0.9× instead of ≈ 0.007× idle).

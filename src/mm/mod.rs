@@ -504,7 +504,13 @@ pub struct KernelMm {
 /// moves base pages: correct, and the slot is found split on its next use.
 ///
 /// Slots are claimed with `try_lock`: a fill that finds none free copies instead. Each slot
-/// holds no memory between fills (its page moved out), only address space.
+/// holds no memory between fills (its page moved out, or the slot unmapped after a refused
+/// move), only address space; a fill the kernel refused transiently (EAGAIN) leaves the
+/// slot's page for the next one.
+///
+/// The huge page is allocated under the slot's memory policy (the task's), not the
+/// destination's: an `mbind` policy on managed memory is not followed for units filled this
+/// way (hetmem's mappings have none of their own; `UFFDIO_COPY` would follow one).
 #[derive(Debug)]
 pub struct HugeZero {
     slots: [Mutex<Option<Region>>; HugeZero::SLOTS],
@@ -515,11 +521,19 @@ impl HugeZero {
     /// units together).
     const SLOTS: usize = 4;
 
-    /// The slots, empty until first used; `None` where transparent huge pages are off.
+    /// The slots, empty until first used; `None` where anonymous memory gets no 2 MiB
+    /// transparent huge pages (the global setting `never`, or the 2 MiB size's own `never`).
     pub fn new() -> Option<HugeZero> {
-        let setting =
-            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
-        if setting.contains("[never]") {
+        let read = |p: &str| std::fs::read_to_string(p).ok();
+        let base = "/sys/kernel/mm/transparent_hugepage";
+        let global = read(&format!("{base}/enabled"))?;
+        let size = read(&format!("{base}/hugepages-2048kB/enabled"));
+        let off = match size.as_deref() {
+            Some(s) if s.contains("[inherit]") => global.contains("[never]"),
+            Some(s) => s.contains("[never]"),
+            None => global.contains("[never]"),
+        };
+        if off {
             return None;
         }
         Some(HugeZero {
@@ -552,11 +566,17 @@ impl HugeZero {
                 return false;
             }
             let (res, moved) = uffd.move_whole(dst.get(), r.base(), LARGE_PAGE_SIZE);
-            if res.is_err() && moved > 0 {
-                // A base page moved, then the hole after it: map the slot afresh.
-                *g = None;
+            match res {
+                Ok(()) => return true,
+                // Transient (the mappings are changing, or a drop there is not followed
+                // yet): the slot keeps its page for the next fill.
+                Err(UffdError::Again) if moved == 0 => {}
+                // A base page moved, then the hole after it; or the kernel refused the move
+                // (a protection or lock state the slot does not share: EINVAL; a page there:
+                // EEXIST): map the slot afresh, so that it holds no memory meanwhile.
+                Err(_) => *g = None,
             }
-            return res.is_ok();
+            return false;
         }
         false
     }
@@ -952,7 +972,8 @@ impl Mm for KernelMm {
     }
 
     fn prefer_huge(&self, r: VaRange) {
-        if self.huge.is_some() {
+        // Never on the program's own memory (adopted): its huge-page advice is the program's.
+        if self.huge.is_some() && !self.res.is_adopted() {
             // A hint: where the kernel refuses it, fills copy as before.
             let _ = self.res.advise_hugepage_at(self.off(r.start), r.len());
         }

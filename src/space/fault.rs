@@ -211,7 +211,7 @@ impl SpaceCore {
             // kernel serves it (no memory until a store; the store faults, write-protected).
             // Over the fault-around run: zero pages cost no memory, so mapping the run ahead
             // saves the faults of a sequential read.
-            let (s, e, start, _, mode) = self.zero_run(&st, a);
+            let (s, e, start, _, mode) = self.zero_run(&st, a, MAX_ZERO_PAGE_AROUND);
             let r = VaRange {
                 start,
                 end: start.add((e - s) * PAGE_SIZE),
@@ -421,11 +421,12 @@ impl SpaceCore {
         mut st: Guard<'_, SpaceState>,
         a: VirtAddr,
     ) -> Result<()> {
-        let (s, e, start, whole_unit, mode) = self.zero_run(&st, a);
+        let (s, e, start, whole_unit, mode) = self.zero_run(&st, a, MAX_FAULT_AROUND);
         let run = VaRange {
             start,
             end: start.add((e - s) * PAGE_SIZE),
         };
+        let (writable, faulted) = self.huge_fill_plan(&mut st, a, e - s);
         st.mark_migrating(run);
         let id = st.register_claim(run);
         drop(st);
@@ -434,7 +435,7 @@ impl SpaceCore {
         while done < e - s {
             let n = (e - s - done).min(PAGES_PER_LARGE);
             let dst = start.add(done * PAGE_SIZE);
-            if self.zero_fill_unit(dst, n, mode) {
+            if writable && dst != faulted && self.zero_fill_unit(dst, n, mode) {
                 done += n;
                 continue;
             }
@@ -553,6 +554,49 @@ impl SpaceCore {
         res
     }
 
+    /// Before a first touch at `a` fills a run of `pages` pages: hints the mapping for huge
+    /// pages when the run is 512 KiB or more ([`Self::prefer_huge`]) and says which units
+    /// of the run may get one ([`Self::zero_fill_unit`]): whether the mapping is writable
+    /// (a move into a read-only one is refused), and the start of a unit that may not, the
+    /// faulting unit of a mapping that was not hinted when the fault came (the fault left a
+    /// page table in it, where the kernel would split the huge page after it was zeroed;
+    /// `VirtAddr(0)` when none).
+    fn huge_fill_plan(&self, st: &mut SpaceState, a: VirtAddr, pages: usize) -> (bool, VirtAddr) {
+        let Some(v) = st.vma(a) else {
+            return (false, VirtAddr(0));
+        };
+        let (writable, hinted) = (v.prot.writable(), v.huge_hint);
+        // A run of 512 KiB is the fourth fault in sequence: the window will reach whole units
+        // two faults later, and hinting now leaves no page table in them.
+        if pages >= PAGES_PER_LARGE / 4 {
+            self.prefer_huge(st, a);
+        }
+        let faulted = if hinted {
+            VirtAddr(0)
+        } else {
+            VirtAddr(a.get() & !(LARGE_PAGE_SIZE - 1))
+        };
+        (writable, faulted)
+    }
+
+    /// Asks the kernel for huge pages on the anonymous mapping holding `a`, once: a large
+    /// mapping when it is made, a plain one when a first touch fills 512 KiB (its faults come
+    /// in sequence, and [`Self::zero_fill_unit`] can give the units ahead huge pages). Without
+    /// the hint a fault leaves a page table in its unit, where no huge page fits
+    /// any more; with it, the kernel allocates and zeroes a huge page on every store to a unit
+    /// with no page and throws it away before reporting the fault (its huge-page fault path
+    /// allocates first: 85 µs per such fault instead of 30 measured by a review), which is why
+    /// a mapping whose first touches never come in sequence (sparse stores) is never hinted.
+    pub(super) fn prefer_huge(&self, st: &mut SpaceState, a: VirtAddr) {
+        if let Some(v) = st.vma_mut(a)
+            && !v.huge_hint
+            && v.file.is_none()
+        {
+            v.huge_hint = true;
+            self.mm.prefer_huge(v.range);
+        }
+    }
+
     /// Zero-fills the `n` missing pages at `dst` in one step when they are a whole aligned
     /// 2 MiB unit and the kernel can ([`Mm::zero_fill_unit`]: a zeroed huge page moved in);
     /// false otherwise (the caller copies zeros).
@@ -571,7 +615,12 @@ impl SpaceCore {
     /// doubling up to [`MAX_FAULT_AROUND`] while the thread's faults come in sequence; a whole
     /// unit of a large mapping):
     /// (first index, end index, first address, whether it is a whole 2 MiB unit, fault mode).
-    fn zero_run(&self, st: &SpaceState, a: VirtAddr) -> (usize, usize, VirtAddr, bool, FaultMode) {
+    fn zero_run(
+        &self,
+        st: &SpaceState,
+        a: VirtAddr,
+        max: usize,
+    ) -> (usize, usize, VirtAddr, bool, FaultMode) {
         let v = st.vma(a).expect("caller found the pte");
         let (vs, ve, large, mode, unit) = (
             v.range.start.get(),
@@ -585,7 +634,7 @@ impl SpaceCore {
         } else {
             let (next, window) = fault_around_state();
             let w = if a.get() == next {
-                (window * 2).clamp(64 << 10, MAX_FAULT_AROUND)
+                (window * 2).clamp(64 << 10, max)
             } else {
                 64 << 10
             };
@@ -611,7 +660,8 @@ impl SpaceCore {
     /// private file mappings, whose fills use the bounce buffer): the run [`Self::zero_run`]
     /// chooses, zero-filled or read from the file.
     pub(super) fn fault_zero(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
-        let (mut s, mut e, _, whole_unit, mode) = self.zero_run(st, a);
+        let (mut s, mut e, _, whole_unit, mode) = self.zero_run(st, a, MAX_FAULT_AROUND);
+        let (writable, faulted) = self.huge_fill_plan(st, a, e - s);
         let v = st.vma(a).expect("caller found the pte");
         let i = v.idx(a);
         // A private file mapping fills from the file (up to its end; past it: SIGBUS).
@@ -635,7 +685,7 @@ impl SpaceCore {
             let mut n = (e - s - done).min(PAGES_PER_LARGE);
             let dst = start.add(done * PAGE_SIZE);
             let (src, off) = match &source {
-                None if self.zero_fill_unit(dst, n, mode) => {
+                None if writable && dst != faulted && self.zero_fill_unit(dst, n, mode) => {
                     done += n;
                     continue;
                 }
@@ -920,12 +970,21 @@ fn set_fault_around_state(next: usize, window: usize) {
 }
 
 /// The most an anonymous first touch fills while the thread's faults come in sequence: four
-/// 2 MiB units. The window doubles from 64 KiB with each fault in sequence, so it is never
-/// more than the thread has already touched in order (the readahead argument). Past one unit it
-/// fills the next units before the thread reaches them: a store to a unit with no page yet
-/// makes the kernel allocate and zero a huge page that it throws away before reporting the
-/// fault (its huge-page fault path allocates first), and that cost is paid once per window
-/// instead of once per unit. Sequential first touch per 4 KiB (64 MiB, this VM): 0.35 µs with
-/// windows of one unit, 0.29–0.31 with two, 0.26–0.28 with four, 0.27 with eight; the kernel
-/// with `MADV_HUGEPAGE` 0.19.
+/// 2 MiB units. The window doubles from 64 KiB with each fault that lands where the previous run
+/// ended (64 KiB, 128 KiB, … 8 MiB), so a thread reaches it only after runs of faults in order
+/// (the readahead argument; a thread storing once per 64 KiB in order also counts as in
+/// order). What it may fill that is never touched: up to 8 MiB past the thread's last store,
+/// per thread and mapping (2 MiB while the window was one unit), and a window may reach into
+/// the range another thread is touching (that thread then waits for the run and starts its own
+/// window again at 64 KiB). Past one unit it fills the next units before the thread reaches
+/// them: a store to a unit with no page makes the kernel allocate and zero a huge page that it
+/// throws away before reporting the fault (its huge-page fault path allocates first), and that
+/// cost is paid once per window instead of once per unit. Sequential first touch per 4 KiB
+/// (64 MiB, this VM): 0.35 µs with windows of one unit, 0.29–0.31 with two, 0.26–0.28 with
+/// four, 0.27 with eight; the kernel with `MADV_HUGEPAGE` 0.19.
 const MAX_FAULT_AROUND: usize = 4 * LARGE_PAGE_SIZE;
+
+/// The most a read of never-written anonymous memory maps of the zero page around it while
+/// reads come in sequence (their runs cost no memory, but a later store faults once per page
+/// there and those units never get a huge page).
+const MAX_ZERO_PAGE_AROUND: usize = LARGE_PAGE_SIZE;

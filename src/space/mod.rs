@@ -141,6 +141,10 @@ pub(crate) struct Vma {
     pub(crate) prot: Prot,
     pub(crate) mode: FaultMode,
     pub(crate) large: bool,
+    /// The kernel was asked for huge pages on this mapping (`Mm::prefer_huge`): a large
+    /// mapping from the start, a plain one once a first touch filled 512 KiB (faults came in
+    /// sequence).
+    pub(crate) huge_hint: bool,
     pub(crate) ptes: Vec<Pte>,
     /// For a file mapping: the file's cache and the file page of the first page.
     pub(crate) file: Option<FileMap>,
@@ -342,6 +346,7 @@ impl SpaceState {
             prot,
             mode,
             large,
+            huge_hint: false,
             ptes,
             file,
         };
@@ -388,8 +393,10 @@ pub struct SpaceStats {
     pub cpu_faults: u64,
     /// Pages zero-filled on first touch (fault-around included).
     pub zero_fill_pages: u64,
-    /// Whole 2 MiB units of those filled with one zeroed transparent huge page moved into
-    /// place (`UFFDIO_MOVE`) instead of 512 copies of a zero page.
+    /// Whole 2 MiB units of those filled by moving in one zeroed transparent huge page
+    /// (`UFFDIO_MOVE`) instead of 512 copies of a zero page. The unit stays one huge page
+    /// where it had no page table; where it had one (its pages were there before and were
+    /// dropped), the kernel split the huge page and moved base pages.
     pub huge_zero_units: u64,
     /// Pages migrated to device memory.
     pub pages_to_device: u64,
@@ -1465,8 +1472,11 @@ impl SpaceCore {
             let _ = self.mm.unmap(r, &[(r, Registered::Anon(opts.mode))]);
             return Err(Error::os("map", e));
         }
-        self.mm.prefer_huge(r);
         st.insert_vma(r, opts.prot, opts.mode, opts.large, None, ptes);
+        if opts.large {
+            // A large mapping is hetmem's MADV_HUGEPAGE: every first touch fills a whole unit.
+            self.prefer_huge(st, r.start);
+        }
         Ok(())
     }
 
@@ -1551,6 +1561,7 @@ impl SpaceCore {
             prot: v.prot,
             mode: v.mode,
             large: v.large,
+            huge_hint: v.huge_hint,
             ptes: tail,
         };
         v.range.end = a;
