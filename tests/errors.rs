@@ -410,8 +410,8 @@ fn device_copy_failures_lose_no_data() {
 #[test]
 fn memfds_with_large_folios_are_refused_with_the_setting_to_change() {
     let _w = watchdog("shmem large folios", 30);
-    let top = |v: &str| {
-        let all = ["always", "within_size", "advise", "never", "deny", "force"];
+    // A setting's file: its values, the selected one in brackets.
+    let file = |all: &[&str], v: &str| {
         all.iter()
             .map(|a| {
                 if *a == v {
@@ -423,20 +423,15 @@ fn memfds_with_large_folios_are_refused_with_the_setting_to_change() {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let top = |v: &str| {
+        file(
+            &["always", "within_size", "advise", "never", "deny", "force"],
+            v,
+        )
+    };
     let size = |name: &str, v: &str| {
         let all = ["always", "inherit", "within_size", "advise", "never"];
-        let s = all
-            .iter()
-            .map(|a| {
-                if *a == v {
-                    format!("[{a}]")
-                } else {
-                    a.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-        (name.to_string(), s)
+        (name.to_string(), file(&all, v))
     };
     let check = hetmem::sys::shmem_large_folios_in;
     for bad in ["always", "within_size", "force"] {

@@ -25,22 +25,7 @@ fn huge_fills() -> bool {
 
 /// `AnonHugePages` of the kernel mapping (VMA) holding `a`, in bytes.
 fn anon_huge_bytes(a: VirtAddr) -> usize {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((s, e)) = range.split_once('-')
-            && let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
-        {
-            inside = (s..e).contains(&a.get());
-            continue;
-        }
-        if inside && let Some(v) = line.strip_prefix("AnonHugePages:") {
-            let kb: usize = v.trim().trim_end_matches("kB").trim().parse().unwrap();
-            return kb * 1024;
-        }
-    }
-    panic!("no mapping at {a} in /proc/self/smaps");
+    smaps_bytes(a.get(), "AnonHugePages:")
 }
 
 /// One store per page, in order (faults in sequence: fault-around grows to whole units).

@@ -164,3 +164,24 @@ pub fn small_space_with_stash(stash: usize) -> hetmem::Space {
     })
     .unwrap()
 }
+
+/// A field of `/proc/self/smaps` (e.g. `"Rss:"`, `"AnonHugePages:"`) for the kernel mapping
+/// (VMA) that holds `a`, in bytes.
+pub fn smaps_bytes(a: usize, field: &str) -> usize {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((s, e)) = range.split_once('-')
+            && let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
+        {
+            inside = (s..e).contains(&a);
+            continue;
+        }
+        if inside && let Some(v) = line.strip_prefix(field) {
+            let kb: usize = v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            return kb * 1024;
+        }
+    }
+    panic!("no mapping at {a:#x} in /proc/self/smaps");
+}
