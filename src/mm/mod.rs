@@ -744,7 +744,18 @@ fn serve_msgs(uffd: &Uffd) {
         match m {
             sys::UffdMsg::Fault(f) => {
                 let page = f.addr & !(PAGE_SIZE - 1);
-                sys::dispatch_thread_fault(page, f.write || f.wp, f.tid);
+                if sys::thread_fault_in_zone(page, f.wp, f.tid) {
+                    // hetmem's own copy under a lock met a page the program dropped: the
+                    // drop's zeros (the copy then reads or writes them), woken at once.
+                    let _ = uffd.zeropage(page, PAGE_SIZE, false);
+                    let _ = uffd.wake(page, PAGE_SIZE);
+                    continue;
+                }
+                sys::dispatch_fault(page, f.write || f.wp);
+                if sys::take_deferred_thread_fault() {
+                    // It waits for a migration in flight; the space wakes it when that ends.
+                    continue;
+                }
                 // Whatever the outcome, wake the faulting thread: it retries the access and
                 // faults again if the page is still missing.
                 let _ = uffd.wake(page, PAGE_SIZE);

@@ -435,6 +435,9 @@ pub struct SpaceCore {
     /// Threads waiting on `migration_done` (counted under the state lock): finishers notify
     /// only when there is one, so that a fault with nobody waiting makes no futex call.
     pub(crate) migration_waiters: AtomicU64,
+    /// A fault of a thread-mode mapping on a page a migration holds was left asleep in the
+    /// kernel (set under the state lock): the next end of a migration wakes it.
+    pub(crate) thread_faults_deferred: crate::sync::AtomicBool,
     pub(crate) inv_seq: AtomicU64,
     /// The policy's access counters ([`crate::policy::AccessCounters::pack`]; 0: none), read by
     /// devices once per command without the state lock; written with the policy.
@@ -671,6 +674,7 @@ impl Space {
             }),
             migration_done: crate::sync::Condvar::new(),
             migration_waiters: AtomicU64::new(0),
+            thread_faults_deferred: crate::sync::AtomicBool::new(false),
             inv_seq: AtomicU64::new(0),
             access_counters: AtomicU64::new(0),
             counters: Counters::default(),
@@ -1426,6 +1430,11 @@ impl sys::FaultTarget for SpaceCore {
     fn removed(&self, start: usize, end: usize) {
         self.follow_remove(start, end);
     }
+    fn holds_present(&self, addr: usize) -> Option<bool> {
+        let st = crate::sync::try_lock(&self.state)?;
+        let pte = st.pte(VirtAddr(addr).page_down())?;
+        Some(pte.state() == PageState::Present && st.file_page(VirtAddr(addr)).is_none())
+    }
     fn fill_dropped_page(&self, addr: usize) -> bool {
         sys::getpid() == self.pid && self.mm.zero_fill_dropped(VirtAddr(addr).page_down())
     }
@@ -1658,6 +1667,11 @@ impl SpaceCore {
     pub(crate) fn notify_migrations_done(&self) {
         if self.migration_waiters.load(Ordering::SeqCst) > 0 {
             self.migration_done.notify_all();
+        }
+        if self.thread_faults_deferred.swap(false, Ordering::SeqCst) {
+            // Threads whose faults on thread-mode mappings wait for a migration: they retry
+            // (and fault again where the page is still not there).
+            self.mm.wake(self.mm.reservation(), FaultMode::Thread);
         }
     }
 

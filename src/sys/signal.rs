@@ -43,6 +43,15 @@ pub trait FaultTarget: Send + Sync {
         let _ = addr;
         false
     }
+    /// For the handler thread of thread-mode mappings, a fault at `addr` taken by a thread
+    /// inside a [`NoFaultZone`]: whether the page is one this target holds as present in
+    /// system memory (so the program dropped it behind hetmem's back: it may get the zero
+    /// page), without waiting for any lock; `None` when that cannot be told now (a lock is
+    /// held, perhaps by the faulting thread itself).
+    fn holds_present(&self, addr: usize) -> Option<bool> {
+        let _ = addr;
+        None
+    }
     /// Whether memory in `start..end` (inside this target's range) is managed by it now. Not
     /// called in signal context (it may take locks).
     fn manages(&self, start: usize, end: usize) -> bool {
@@ -273,6 +282,27 @@ thread_local! {
 }
 
 thread_local! {
+    /// Set by the fault service on the handler thread of thread-mode mappings when it leaves a
+    /// fault to wait in the kernel until a migration in flight is done
+    /// ([`defer_thread_fault`]): the handler then does not wake the faulting thread.
+    static DEFERRED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Called by the fault service on the handler thread of thread-mode mappings: the fault it is
+/// serving waits for a migration in flight; the faulting thread stays asleep in the kernel
+/// until the space wakes it when the migration is done (a retry loop meanwhile made a thread's
+/// fault and the handler thread spin, and with them, on this kernel, a migration's
+/// `UFFDIO_MOVE` in the kernel, for good, about once in 50 runs of the test).
+pub fn defer_thread_fault() {
+    DEFERRED.with(|d| d.set(true));
+}
+
+/// Whether the fault just served was deferred ([`defer_thread_fault`]); clears the mark.
+pub fn take_deferred_thread_fault() -> bool {
+    DEFERRED.with(|d| d.replace(false))
+}
+
+thread_local! {
     /// Set while this thread runs hetmem's SIGBUS handler.
     static IN_SIGNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Why the last fault this thread's fault service could not serve was not served ("" if it
@@ -339,7 +369,10 @@ static ZONE_TIDS: [std::sync::atomic::AtomicU32; MAX_ZONE_TIDS] =
 /// touches pages known to be present; if it faults on a managed address anyway, serving the
 /// fault would need the lock it holds, or one ordered above it: a deadlock. Inside a zone such a
 /// fault aborts the process with a message naming the zone instead (in the SIGBUS handler for
-/// signal-mode mappings, in the handler thread for thread-mode ones) — a bug report, not a hang.
+/// signal-mode mappings, in the handler thread for thread-mode ones) — a bug report, not a hang;
+/// except where the program dropped the page meanwhile (`madvise`): a read in
+/// [`OWN_COPY_ZONE`] (signal mode) and a missing page in any zone (thread mode:
+/// [`thread_fault_in_zone`]) get the zero page, as the drop leaves them.
 #[derive(Debug)]
 pub struct NoFaultZone {
     prev: &'static str,
@@ -417,18 +450,32 @@ fn is_managed(addr: usize) -> bool {
     })
 }
 
-/// Serves a fault at `addr` for the handler thread of thread-mode mappings: as
-/// [`dispatch_fault`], but a fault taken by a thread inside a [`NoFaultZone`] aborts.
-pub fn dispatch_thread_fault(addr: usize, write: bool, tid: u32) -> bool {
-    if zone_of_tid(tid) && is_managed(addr) {
-        let mut b = [0u8; 18];
-        abort_with(&[
-            b"hetmem: BUG: a thread holding a hetmem lock faulted on managed address ",
-            hex(addr, &mut b),
-            b" (thread-mode mapping): serving it would deadlock\n",
-        ]);
+/// Whether a fault at `addr` that the handler thread of thread-mode mappings read was taken
+/// by thread `tid` inside a [`NoFaultZone`] on a page of managed memory that the program
+/// dropped behind hetmem's back (`madvise`; drops are not followed in thread mode): hetmem's
+/// own copy (a migration's copy into device frames, with no lock held but the pages marked)
+/// met a page its space holds as present ([`FaultTarget::holds_present`]). The handler then
+/// maps the zero page there (the drop's zeros, as the SIGBUS handler's
+/// [`FaultTarget::fill_dropped_page`] does in signal mode) instead of serving it through the
+/// space, which would wait for the very migration the copy belongs to. Any other fault inside
+/// a zone (a page the space does not hold present, a store to a protected page, or the
+/// space's lock held, perhaps by the faulting thread) is a bug of hetmem's or cannot be told
+/// apart from one: it aborts with a message, as before.
+pub fn thread_fault_in_zone(addr: usize, wp: bool, tid: u32) -> bool {
+    if !(zone_of_tid(tid) && is_managed(addr)) {
+        return false;
     }
-    dispatch_fault(addr, write)
+    // Only a page hetmem holds present can have been dropped by the program; anything else (a
+    // page in device memory, a store to a protected page) is a bug of hetmem's.
+    if !wp && with_target_at(addr, |t| t.holds_present(addr)).flatten() == Some(true) {
+        return true;
+    }
+    let mut b = [0u8; 18];
+    abort_with(&[
+        b"hetmem: BUG: a thread holding a hetmem lock faulted on managed address ",
+        hex(addr, &mut b),
+        b" (thread-mode mapping): serving it would deadlock\n",
+    ]);
 }
 
 /// Serves a fault at `addr` with the target registered for it; false when none is.
