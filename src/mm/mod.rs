@@ -751,8 +751,7 @@ fn serve_msgs(uffd: &Uffd) {
                     let _ = uffd.wake(page, PAGE_SIZE);
                     continue;
                 }
-                sys::dispatch_fault(page, f.write || f.wp);
-                if sys::take_deferred_thread_fault() {
+                if sys::serve_thread_fault(page, f.write || f.wp) {
                     // It waits for a migration in flight; the space wakes it when that ends.
                     continue;
                 }

@@ -106,7 +106,7 @@ impl SpaceCore {
         let mut st = self.lock_state();
         let Some(pte) = st.pte(a) else { return false };
         if pte.migrating() {
-            if st.vma(a).is_some_and(|v| v.mode == FaultMode::Thread) {
+            if st.vma(a).is_some_and(|v| v.mode == FaultMode::Thread) && sys::defer_thread_fault() {
                 // The handler thread serves every fault of thread-mode mappings in turn:
                 // waiting here for the migration would hold up the faults the migration itself
                 // may take (its copy of a page the program dropped meanwhile: found from
@@ -114,7 +114,6 @@ impl SpaceCore {
                 // is woken when the migration is done (`notify_migrations_done`: the mark is
                 // set under this lock, which the migration's commit takes after it).
                 self.thread_faults_deferred.store(true, Ordering::SeqCst);
-                sys::defer_thread_fault();
                 return true;
             }
             // A migration in flight owns the page (a store to a page it write-protected, or a

@@ -282,24 +282,36 @@ thread_local! {
 }
 
 thread_local! {
-    /// Set by the fault service on the handler thread of thread-mode mappings when it leaves a
-    /// fault to wait in the kernel until a migration in flight is done
-    /// ([`defer_thread_fault`]): the handler then does not wake the faulting thread.
-    static DEFERRED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// On the handler thread of thread-mode mappings, while it serves a fault
+    /// ([`serve_thread_fault`]): 1, or 2 once the fault service left the fault to wait in the
+    /// kernel ([`defer_thread_fault`]); 0 elsewhere.
+    static DEFERRED: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
-/// Called by the fault service on the handler thread of thread-mode mappings: the fault it is
-/// serving waits for a migration in flight; the faulting thread stays asleep in the kernel
-/// until the space wakes it when the migration is done (a retry loop meanwhile made a thread's
-/// fault and the handler thread spin, and with them, on this kernel, a migration's
-/// `UFFDIO_MOVE` in the kernel, for good, about once in 50 runs of the test).
-pub fn defer_thread_fault() {
-    DEFERRED.with(|d| d.set(true));
+/// Serves a fault of a thread-mode mapping at `addr` on its handler thread ([`dispatch_fault`]);
+/// true when the fault service left the faulting thread asleep in the kernel
+/// ([`defer_thread_fault`]): the handler must not wake it.
+pub fn serve_thread_fault(addr: usize, write: bool) -> bool {
+    DEFERRED.with(|d| d.set(1));
+    dispatch_fault(addr, write);
+    DEFERRED.with(|d| d.replace(0)) == 2
 }
 
-/// Whether the fault just served was deferred ([`defer_thread_fault`]); clears the mark.
-pub fn take_deferred_thread_fault() -> bool {
-    DEFERRED.with(|d| d.replace(false))
+/// Called by the fault service for a fault on a page a migration in flight holds: on the
+/// handler thread of thread-mode mappings ([`serve_thread_fault`]) it marks the fault as left
+/// asleep in the kernel until the space wakes it when the migration is done, and returns true;
+/// elsewhere false (the caller waits for the migration itself). Waiting on the handler thread
+/// would hold up the faults the migration itself may take; waking the faulting thread at once
+/// to retry made it spin with the handler thread, and with them, on this kernel, a migration's
+/// `UFFDIO_MOVE` in the kernel, for good, about once in 50 runs of the test.
+pub fn defer_thread_fault() -> bool {
+    DEFERRED.with(|d| {
+        if d.get() == 0 {
+            return false;
+        }
+        d.set(2);
+        true
+    })
 }
 
 thread_local! {
@@ -466,9 +478,18 @@ pub fn thread_fault_in_zone(addr: usize, wp: bool, tid: u32) -> bool {
         return false;
     }
     // Only a page hetmem holds present can have been dropped by the program; anything else (a
-    // page in device memory, a store to a protected page) is a bug of hetmem's.
-    if !wp && with_target_at(addr, |t| t.holds_present(addr)).flatten() == Some(true) {
-        return true;
+    // page in device memory, a store to a protected page) is a bug of hetmem's. The space's
+    // lock may be held by another thread for a moment (found by review: under contention every
+    // such fault aborted): ask again, yielding, for a bounded time; it stays held only where
+    // its holder waits for this handler, which no zone can get out of.
+    if !wp {
+        for _ in 0..100_000 {
+            match with_target_at(addr, |t| t.holds_present(addr)).flatten() {
+                Some(true) => return true,
+                Some(false) => break,
+                None => rustix::thread::sched_yield(),
+            }
+        }
     }
     let mut b = [0u8; 18];
     abort_with(&[
