@@ -404,10 +404,19 @@ impl NoFaultZone {
                 }
                 t.get()
             });
-            slot = ZONE_TIDS.iter().position(|t| {
-                t.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            });
+            // Every zone must be found by the handler thread of thread-mode mappings (a fault
+            // in one it cannot tell from a program's would wait for the zone's own copy): with
+            // all slots taken, wait for one (zones are short copies).
+            loop {
+                slot = ZONE_TIDS.iter().position(|t| {
+                    t.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                });
+                if slot.is_some() {
+                    break;
+                }
+                rustix::thread::sched_yield();
+            }
         }
         NoFaultZone { prev, slot }
     }
@@ -422,8 +431,8 @@ impl Drop for NoFaultZone {
     }
 }
 
-/// Whether thread `tid` is inside a zone, for the handler thread (a thread whose slot could not
-/// be recorded, past 64 at once, is not found).
+/// Whether thread `tid` is inside a zone, for the handler thread (past 64 threads in zones at
+/// once, entering one waits for a slot).
 fn zone_of_tid(tid: u32) -> bool {
     tid != 0 && ZONE_TIDS.iter().any(|t| t.load(Ordering::SeqCst) == tid)
 }
