@@ -837,10 +837,7 @@ fn push_first_touch(out: &mut Vec<BenchResult>, s: &Samples) {
     f.note = Some(note);
     out.push(f);
     let mut f = s.timed("kernel_first_touch_random_4k_us", rnd, "us", None);
-    f.note = Some(format!(
-        "the kernel with {rnd_which} (the faster variant); {}",
-        variants("rnd_k", "rnd_kh")
-    ));
+    f.note = Some(rnd_note);
     out.push(f);
     out.push(s.timed("kernel_first_touch_base_pages_4k_us", "seq_k", "us", None));
     if s.has("seq_kh") {
@@ -2211,20 +2208,12 @@ fn fault_back_2threads(space: &Space, sz: &Sizes) -> Result<Samples> {
 /// The system's transparent huge page setting (the bracketed word of
 /// /sys/kernel/mm/transparent_hugepage/enabled), or "unknown".
 fn thp_setting() -> String {
-    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .ok()
-        .and_then(|s| {
-            let open = s.find('[')?;
-            let close = s[open..].find(']')? + open;
-            Some(s[open + 1..close].to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+    sys::thp_setting("enabled").unwrap_or_else(|| "unknown".into())
 }
 
-/// Whether anonymous memory can get transparent huge pages with `MADV_HUGEPAGE` (the setting is
-/// `always` or `madvise`).
+/// Whether anonymous memory can get 2 MiB transparent huge pages with `MADV_HUGEPAGE`.
 fn thp_available() -> bool {
-    matches!(thp_setting().as_str(), "always" | "madvise")
+    sys::anon_huge_pages_offered()
 }
 
 /// Speedup of 2 threads over 1 first-touching a fresh hetmem mapping (disjoint halves), and the

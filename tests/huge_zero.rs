@@ -9,14 +9,11 @@ use common::*;
 
 use hetmem::*;
 
-/// Whether whole units get huge pages here: transparent huge pages not `never`, and a kernel
+/// Whether whole units get huge pages here: 2 MiB transparent huge pages offered, and a kernel
 /// with `UFFDIO_MOVE` (6.8 on). Elsewhere fills copy zeros, and only the data is checked.
 fn huge_fills() -> bool {
-    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .is_ok_and(|s| !s.contains("[never]"));
-    let has_move = hetmem::sys::kernel_features(false)
-        .or_else(|_| hetmem::sys::kernel_features(true))
-        .is_ok_and(|f| f & (1 << 16) != 0);
+    let thp = hetmem::sys::anon_huge_pages_offered();
+    let has_move = kernel_has_uffdio_move();
     if !(thp && has_move) {
         eprintln!("no transparent huge pages or no UFFDIO_MOVE: fills copy zeros");
     }
@@ -121,11 +118,7 @@ fn huge_units_split_by_migrations_a_drop_and_a_fork_keep_every_byte() {
     let dev = SoftDevice::private(16 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     let len = 8 << 20;
-    let opts = MapOptions {
-        large: false,
-        ..MapOptions::default()
-    };
-    let a = space.map_anon_with(len, opts).unwrap();
+    let a = space.map_anon(len, Prot::ReadWrite).unwrap();
     let probe = space.probe(a, len).unwrap();
     touch_in_order(&probe, a, len);
     if huge {

@@ -19,9 +19,7 @@ use plain::{Plain, adopt_plain};
 /// Whether this kernel has `UFFDIO_MOVE` (6.8 on), which the following needs (without it a
 /// direct madvise is only found by the next access of pages the CPU held: docs/architecture.md).
 fn follows_madvise() -> bool {
-    let has = hetmem::sys::kernel_features(false)
-        .or_else(|_| hetmem::sys::kernel_features(true))
-        .is_ok_and(|f| f & (1 << 16) != 0);
+    let has = kernel_has_uffdio_move();
     if !has {
         eprintln!(
             "this kernel has no UFFDIO_MOVE: a direct madvise of device pages is not followed"

@@ -522,18 +522,9 @@ impl HugeZero {
     const SLOTS: usize = 4;
 
     /// The slots, empty until first used; `None` where anonymous memory gets no 2 MiB
-    /// transparent huge pages (the global setting `never`, or the 2 MiB size's own `never`).
+    /// transparent huge pages ([`sys::anon_huge_pages_offered`]).
     pub fn new() -> Option<HugeZero> {
-        let read = |p: &str| std::fs::read_to_string(p).ok();
-        let base = "/sys/kernel/mm/transparent_hugepage";
-        let global = read(&format!("{base}/enabled"))?;
-        let size = read(&format!("{base}/hugepages-2048kB/enabled"));
-        let off = match size.as_deref() {
-            Some(s) if s.contains("[inherit]") => global.contains("[never]"),
-            Some(s) => s.contains("[never]"),
-            None => global.contains("[never]"),
-        };
-        if off {
+        if !sys::anon_huge_pages_offered() {
             return None;
         }
         Some(HugeZero {
@@ -635,7 +626,12 @@ impl KernelMm {
             sink.is_some(),
         )?))?;
         sys::install_sigbus_handler()?;
-        let huge = sink.as_ref().and_then(|_| HugeZero::new());
+        // Not over the program's own memory (adopted): its huge-page advice is the program's,
+        // and without it a fault leaves a page table in the unit, where the kernel would split
+        // the huge page after hetmem had zeroed it.
+        let huge = (sink.is_some() && !res.is_adopted())
+            .then(HugeZero::new)
+            .flatten();
         Ok(KernelMm {
             sig,
             thr: Mutex::new(None),
@@ -746,8 +742,9 @@ fn serve_msgs(uffd: &Uffd) {
                 let page = f.addr & !(PAGE_SIZE - 1);
                 if sys::thread_fault_in_zone(page, f.wp, f.tid) {
                     // hetmem's own copy under a lock met a page the program dropped: the
-                    // drop's zeros (the copy then reads or writes them), woken at once.
-                    let _ = uffd.zeropage(page, PAGE_SIZE, false);
+                    // drop's zeros (the copy then reads or writes them), woken at once (also
+                    // where the page is there already: EEXIST wakes nobody).
+                    let _ = uffd.zeropage(page, PAGE_SIZE, true);
                     let _ = uffd.wake(page, PAGE_SIZE);
                     continue;
                 }
@@ -982,22 +979,16 @@ impl Mm for KernelMm {
     }
 
     fn prefer_huge(&self, r: VaRange) {
-        // Never on the program's own memory (adopted): its huge-page advice is the program's.
-        if self.huge.is_some() && !self.res.is_adopted() {
+        if self.huge.is_some() {
             // A hint: where the kernel refuses it, fills copy as before.
             let _ = self.res.advise_hugepage_at(self.off(r.start), r.len());
         }
     }
 
     fn zero_fill_unit(&self, dst: VirtAddr, mode: FaultMode) -> bool {
-        // Not in the program's own memory (adopted): its mapping's huge-page advice is the
-        // program's, and without it a fault leaves a page table in the unit, where the kernel
-        // would split the huge page after hetmem had zeroed it.
-        !self.res.is_adopted()
-            && self
-                .huge
-                .as_ref()
-                .is_some_and(|h| self.with_uffd(mode, |u| h.fill(u, dst)))
+        self.huge
+            .as_ref()
+            .is_some_and(|h| self.with_uffd(mode, |u| h.fill(u, dst)))
     }
 
     fn zaps_with_event(&self) -> u64 {

@@ -10,6 +10,33 @@ pub struct Memfd {
     fd: OwnedFd,
 }
 
+/// The selected value of a kernel setting file that lists its choices with the selected one in
+/// brackets (`always [madvise] never`).
+pub fn selected_setting(contents: &str) -> Option<&str> {
+    let open = contents.find('[')?;
+    let close = contents[open..].find(']')? + open;
+    Some(&contents[open + 1..close])
+}
+
+/// The selected value of `/sys/kernel/mm/transparent_hugepage/<name>` (e.g. `enabled`,
+/// `hugepages-2048kB/enabled`), if the kernel has it.
+pub fn thp_setting(name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{name}")).ok()?;
+    selected_setting(&s).map(str::to_string)
+}
+
+/// Whether anonymous memory advised `MADV_HUGEPAGE` can get 2 MiB transparent huge pages here:
+/// the 2 MiB size's own setting, or the global one where it inherits, is not `never`.
+pub fn anon_huge_pages_offered() -> bool {
+    let global = thp_setting("enabled");
+    let size = match thp_setting("hugepages-2048kB/enabled") {
+        Some(s) if s == "inherit" => global,
+        None => global,
+        s => s,
+    };
+    size.is_some_and(|s| s != "never")
+}
+
 /// Why memfds of this system may get large folios (the kernel's `shmem_enabled` settings for
 /// its internal tmpfs mount, which memfds live on), if they may; `None` when they hold base
 /// pages only, as hetmem's page cache needs.
@@ -43,11 +70,7 @@ pub fn shmem_large_folios() -> Option<String> {
 /// [`shmem_large_folios`] from the settings' contents: the top-level `shmem_enabled` and each
 /// `hugepages-<size>/shmem_enabled` (the selected value is in brackets).
 pub fn shmem_large_folios_in(top: Option<&str>, sizes: &[(String, String)]) -> Option<String> {
-    fn selected(s: &str) -> Option<&str> {
-        let open = s.find('[')?;
-        let close = s[open..].find(']')? + open;
-        Some(&s[open + 1..close])
-    }
+    let selected = selected_setting;
     let writes_huge = |v: &str| matches!(v, "always" | "within_size" | "force");
     let top = top.and_then(selected);
     if let Some(t) = top

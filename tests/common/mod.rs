@@ -185,3 +185,11 @@ pub fn smaps_bytes(a: usize, field: &str) -> usize {
     }
     panic!("no mapping at {a:#x} in /proc/self/smaps");
 }
+
+/// Whether this kernel has `UFFDIO_MOVE` (6.8 on), asked with a full userfaultfd or, where that
+/// is refused, a user-mode-only one.
+pub fn kernel_has_uffdio_move() -> bool {
+    hetmem::sys::kernel_features(false)
+        .or_else(|_| hetmem::sys::kernel_features(true))
+        .is_ok_and(|f| f & (1 << 16) != 0)
+}
