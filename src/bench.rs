@@ -1762,6 +1762,9 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
             let fresh = FileCache::open(&tf.path, false, cfg)?;
             hetmem_file_sweep(space, &fresh.handle(), len, &Sweep::Seq)
         })?;
+        // The fresh cache's fill dropped the kernel's copy (held once): warm it again, or the
+        // kernel's warm random figure would be a cold one with its default read-around.
+        tf.warm_kernel_cache()?;
         let kr = kernel_file_sweep(&tf, len, &rand, FileAccess::Normal)?;
         let hr = hetmem_file_sweep(space, &h, len, &rand)?;
         warm.put("seq_warm_k", ks);
