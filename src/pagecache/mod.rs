@@ -49,6 +49,7 @@ use crate::error::{Error, Result};
 use crate::sync::{Arc, AtomicU32, AtomicU64, Condvar, Mutex, Ordering, lock};
 use crate::sys::Memfd;
 
+mod ahead;
 mod anon;
 mod backend;
 mod placement;
@@ -136,6 +137,8 @@ struct CacheState {
     /// Pages whose data a memory failure lost (`Uncached`, a hole in the memfd; see
     /// `poison.rs`): never filled, SIGBUS on CPU access, EIO for reads and device accesses.
     poisoned: std::collections::BTreeSet<u64>,
+    /// The read-ahead's assignment and the window it is reading (see `ahead.rs`).
+    ahead: ahead::Ahead,
 }
 
 /// The state of a writeback asked of the background thread by stores at the dirty bound.
@@ -295,6 +298,11 @@ pub struct CacheStats {
     pub device_pages_dropped: u64,
     /// Writeback error events.
     pub writeback_errors: u64,
+    /// Pages the read-ahead thread filled (counted in `pages_filled` too).
+    pub pages_read_ahead: u64,
+    /// Windows the read-ahead read and dropped: the file or the memfd failed, or a page of the
+    /// window changed (a write, a removal) while it was read, which would have made it stale.
+    pub read_ahead_dropped: u64,
 }
 
 /// One file's page cache (see the module doc).
@@ -337,6 +345,12 @@ pub struct FileCache {
     me: crate::sync::Weak<FileCache>,
     /// The background evictor's doorbell (started with the first mapping).
     evictor: Mutex<Option<std::sync::Arc<Doorbell>>>,
+    /// The read-ahead thread's doorbell (started with the first mapping; see `ahead.rs`).
+    ahead_bell: Mutex<Option<std::sync::Arc<Doorbell>>>,
+    /// Windows the read-ahead has ended (staged or dropped); faults waiting for one wait on
+    /// `ahead_wait` (taken directly, outside the lock watch, as `flush_wait`).
+    ahead_done: AtomicU64,
+    ahead_wait: (Mutex<()>, Condvar),
     /// Fault injection ([`FileCache::fail_next_staging`]): staging writes left to fail, and
     /// with which errno. Only with the `testing` feature.
     #[cfg(feature = "testing")]
@@ -391,6 +405,9 @@ impl Drop for FileCache {
         // The evictor holds only a weak reference: tell it to end (it is not joined: it may be
         // the thread dropping the last reference).
         if let Some(bell) = lock(&self.evictor).take() {
+            bell.close();
+        }
+        if let Some(bell) = lock(&self.ahead_bell).take() {
             bell.close();
         }
         // Device frames holding pages of the file are freed.
@@ -505,6 +522,9 @@ impl FileCache {
         Ok(Arc::new_cyclic(|me| FileCache {
             me: me.clone(),
             evictor: Mutex::new(None),
+            ahead_bell: Mutex::new(None),
+            ahead_done: AtomicU64::new(0),
+            ahead_wait: (Mutex::new(()), Condvar::new()),
             #[cfg(feature = "testing")]
             stage_fail: AtomicU32::new(0),
             #[cfg(feature = "testing")]
@@ -532,6 +552,7 @@ impl FileCache {
                 dev_writable: std::collections::BTreeSet::new(),
                 replicas: std::collections::BTreeMap::new(),
                 poisoned: std::collections::BTreeSet::new(),
+                ahead: ahead::Ahead::default(),
             }),
             rmap_id: AtomicU32::new(0),
         }))
@@ -603,6 +624,8 @@ impl FileCache {
     }
 
     fn set_state(&self, st: &mut CacheState, p: u64, new: PageState) {
+        // A read-ahead of the page in flight is stale now.
+        st.ahead.touch(p);
         if new == PageState::Uncached {
             // Leaving the cache: a device frame holding it goes too (not written), and so do
             // its read-only replicas.
@@ -901,6 +924,8 @@ impl FileCache {
                 *ev = Some(bell);
             }
         }
+        drop(ev);
+        self.start_read_ahead();
     }
 
     /// Makes what a CPU fault on file pages `first..last` needs, so that the fault allocates
@@ -1004,7 +1029,7 @@ impl FileCache {
     /// around it: `hetmem bench`, `file_rand_read_4k_us`, 140 → 70 µs cold). Returns false when
     /// `p` is past the end of file (the access must get SIGBUS).
     pub(crate) fn fault_fill(&self, p: u64) -> Result<Fill> {
-        const MAX_WINDOW: u64 = (2 << 20) / PAGE;
+        use ahead::{AheadStep, MAX_WINDOW};
         let mut st = lock(&self.st);
         if p >= st.pages.len() {
             return Ok(Fill::PastEof);
@@ -1017,9 +1042,18 @@ impl FileCache {
         if st.pages.slot(p).is_some_and(|s| !s.coherent) {
             return Ok(Fill::Device);
         }
+        let me = self as *const FileCache as usize;
+        if let AheadStep::Wait(seen) = self.ahead_step(&mut st, p) {
+            // The read-ahead thread is reading it: wait for its next window (no lock held),
+            // then retry the access. This thread's run goes on where the assignment ends.
+            let until = st.ahead.until;
+            drop(st);
+            self.wait_ahead(seen);
+            FILE_FAULT_AROUND.with(|c| c.set((me, until, MAX_WINDOW)));
+            return Ok(Fill::Filled);
+        }
         // The faulting thread's run (per thread: two threads reading sequentially must not break
         // each other's runs), keyed by this cache.
-        let me = self as *const FileCache as usize;
         let (key, next, window) = FILE_FAULT_AROUND.with(|c| c.get());
         let w = if key == me && p == next {
             (window * 2).clamp(1, MAX_WINDOW)
@@ -1027,7 +1061,15 @@ impl FileCache {
             1
         };
         self.fill(&mut st, p, p + w)?;
-        FILE_FAULT_AROUND.with(|c| c.set((me, p + w, w)));
+        // At the largest window the next windows go to the read-ahead thread, which reads
+        // them while this thread uses this one.
+        let mut next = p + w;
+        if w == MAX_WINDOW
+            && let Some(until) = self.hand_ahead(&mut st, p + w)
+        {
+            next = until;
+        }
+        FILE_FAULT_AROUND.with(|c| c.set((me, next, w)));
         self.wake_evictor_if_over(&st);
         Ok(Fill::Filled)
     }
@@ -1377,7 +1419,11 @@ impl FileCache {
     fn begin_removal(&self, first: u64, last: u64) -> Removal<'_> {
         let serial = lock(&self.removal);
         if first < last {
-            lock(&self.st).blocked.push((first, last));
+            let mut st = lock(&self.st);
+            st.blocked.push((first, last));
+            // A read-ahead in flight may have read what this removes: it is dropped.
+            st.ahead.stale += 1;
+            drop(st);
             self.invalidate_mappings(first, last);
         }
         Removal {
