@@ -671,10 +671,13 @@ impl KernelMm {
         }
         self.raw_device_copies
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // The program's drops are followed here too where hetmem's own raise no event (as
+        // on the space's userfaultfd): the handler thread reads them with its faults, and
+        // waits for the space's lock without blocking them (`SpaceCore::lock_state_draining`).
         let uffd = std::sync::Arc::new(Uffd::open_events(
             UffdDelivery::Thread,
             self.force_umo,
-            false,
+            self.sink.is_some(),
         )?);
         *g = Some(ThreadService::start(uffd.clone(), "hetmem-uffd")?);
         Ok(uffd)
@@ -740,7 +743,7 @@ fn serve_msgs(uffd: &Uffd) {
         match m {
             sys::UffdMsg::Fault(f) => {
                 let page = f.addr & !(PAGE_SIZE - 1);
-                if sys::thread_fault_in_zone(page, f.wp, f.tid) {
+                if sys::thread_fault_in_zone(page, f.write, f.wp, f.tid) {
                     // hetmem's own copy under a lock met a page the program dropped: the
                     // drop's zeros (the copy then reads or writes them), woken at once (also
                     // where the page is there already: EEXIST wakes nobody).

@@ -1688,11 +1688,20 @@ impl SpaceCore {
     /// sleeping on the lock, the reader would wait for that thread, and that thread (100,000
     /// retries later) would fail (found by review: a fork's copies read zeros in the child).
     pub(crate) fn lock_state_for_follow(&self, r: VaRange) -> Guard<'_, SpaceState> {
+        self.lock_state_draining(|st| !st.migrations.iter().any(|(_, m)| m.overlaps(&r)))
+    }
+
+    /// The state lock, taken by a thread that reads userfaultfd messages (`sys::Uffd::on_reader`),
+    /// once `ready` says so (and no `fork()` holds it): while it waits it reads the messages
+    /// pending on its fds (`sys::Uffd::drain_on_reader`), so that a thread holding the lock
+    /// while it waits for one of them to be read (a drop that raises an event, a copy that
+    /// faults on a page the program dropped) goes on.
+    fn lock_state_draining(&self, ready: impl Fn(&SpaceState) -> bool) -> Guard<'_, SpaceState> {
         let mut tries = 0u32;
         loop {
             if let Some(st) = crate::sync::try_lock(&self.state)
                 && !fork::held_against_me(&st)
-                && !st.migrations.iter().any(|(_, m)| m.overlaps(&r))
+                && ready(&st)
             {
                 return st;
             }
@@ -1710,7 +1719,12 @@ impl SpaceCore {
     }
 
     /// The state lock; while a `fork()` is in progress in another thread, once it is done.
+    /// On a thread that reads userfaultfd messages, without blocking them
+    /// ([`Self::lock_state_draining`]).
     pub(crate) fn lock_state(&self) -> Guard<'_, SpaceState> {
+        if sys::Uffd::on_reader() {
+            return self.lock_state_draining(|_| true);
+        }
         loop {
             let st = lock(&self.state);
             if !fork::held_against_me(&st) {

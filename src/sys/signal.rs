@@ -375,6 +375,10 @@ pub const OWN_COPY_ZONE: &str = "hetmem's own copy of managed memory (under a he
 const MAX_ZONE_TIDS: usize = 64;
 static ZONE_TIDS: [std::sync::atomic::AtomicU32; MAX_ZONE_TIDS] =
     [const { std::sync::atomic::AtomicU32::new(0) }; MAX_ZONE_TIDS];
+/// Per slot of [`ZONE_TIDS`]: whether the zone is an [`OWN_COPY_ZONE`] (a copy of pages its
+/// space holds present, made with the space's pages marked or its lock held).
+static ZONE_OWN_COPY: [std::sync::atomic::AtomicBool; MAX_ZONE_TIDS] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; MAX_ZONE_TIDS];
 
 /// A stretch of hetmem code that holds a hetmem lock while it copies managed memory (a device
 /// copy under its page-table lock, a migration copy under the space's lock). Such code only
@@ -412,7 +416,8 @@ impl NoFaultZone {
                     t.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
                         .is_ok()
                 });
-                if slot.is_some() {
+                if let Some(i) = slot {
+                    ZONE_OWN_COPY[i].store(what == OWN_COPY_ZONE, Ordering::SeqCst);
                     break;
                 }
                 rustix::thread::sched_yield();
@@ -426,6 +431,7 @@ impl Drop for NoFaultZone {
     fn drop(&mut self) {
         NO_FAULT.with(|c| c.set(self.prev));
         if let Some(i) = self.slot {
+            ZONE_OWN_COPY[i].store(false, Ordering::SeqCst);
             ZONE_TIDS[i].store(0, Ordering::SeqCst);
         }
     }
@@ -433,8 +439,13 @@ impl Drop for NoFaultZone {
 
 /// Whether thread `tid` is inside a zone, for the handler thread (past 64 threads in zones at
 /// once, entering one waits for a slot).
-fn zone_of_tid(tid: u32) -> bool {
-    tid != 0 && ZONE_TIDS.iter().any(|t| t.load(Ordering::SeqCst) == tid)
+fn zone_of_tid(tid: u32) -> Option<usize> {
+    if tid == 0 {
+        return None;
+    }
+    ZONE_TIDS
+        .iter()
+        .position(|t| t.load(Ordering::SeqCst) == tid)
 }
 
 /// Writes `parts` to stderr and aborts: async-signal-safe (no allocation, no lock).
@@ -473,18 +484,26 @@ fn is_managed(addr: usize) -> bool {
 
 /// Whether a fault at `addr` that the handler thread of thread-mode mappings read was taken
 /// by thread `tid` inside a [`NoFaultZone`] on a page of managed memory that the program
-/// dropped behind hetmem's back (`madvise`; drops are not followed in thread mode): hetmem's
-/// own copy (a migration's copy into device frames, with no lock held but the pages marked)
-/// met a page its space holds as present ([`FaultTarget::holds_present`]). The handler then
-/// maps the zero page there (the drop's zeros, as the SIGBUS handler's
-/// [`FaultTarget::fill_dropped_page`] does in signal mode) instead of serving it through the
-/// space, which would wait for the very migration the copy belongs to. Any other fault inside
-/// a zone (a page the space does not hold present, a store to a protected page, or the
-/// space's lock held, perhaps by the faulting thread) is a bug of hetmem's or cannot be told
-/// apart from one: it aborts with a message, as before.
-pub fn thread_fault_in_zone(addr: usize, wp: bool, tid: u32) -> bool {
-    if !(zone_of_tid(tid) && is_managed(addr)) {
+/// dropped behind hetmem's back (`madvise`): hetmem's own copy met a page its space holds as
+/// present. The handler then maps the zero page there (the drop's zeros, as the SIGBUS
+/// handler's [`FaultTarget::fill_dropped_page`] does in signal mode) instead of serving it
+/// through the space, which would wait for the very copy (a migration's, or one under the
+/// space's lock). A load in an [`OWN_COPY_ZONE`] is such a page without asking the space (as in
+/// signal mode: the copy's caller saw it present; asking would need the space's lock, which the
+/// copier may hold); a store, or a load in another zone, is one only if the space holds the page
+/// present ([`FaultTarget::holds_present`], asked again with a yield while another thread holds
+/// the lock, for a bounded time). Any other fault inside a zone (a page the space does not hold
+/// present, a store to a protected page, or the space's lock held throughout) is a bug of
+/// hetmem's or cannot be told apart from one: it aborts with a message, as before.
+pub fn thread_fault_in_zone(addr: usize, write: bool, wp: bool, tid: u32) -> bool {
+    let Some(slot) = zone_of_tid(tid) else {
         return false;
+    };
+    if !is_managed(addr) {
+        return false;
+    }
+    if !write && !wp && ZONE_OWN_COPY[slot].load(Ordering::SeqCst) {
+        return true;
     }
     // Only a page hetmem holds present can have been dropped by the program; anything else (a
     // page in device memory, a store to a protected page) is a bug of hetmem's. The space's

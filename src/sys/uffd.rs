@@ -780,8 +780,30 @@ impl Uffd {
             return;
         }
         while let Ok(Some(m)) = self.read_msg() {
-            READER.with(|r| r.borrow_mut().1.push_back((me, m)));
+            Self::keep(self.fd.as_fd(), m);
         }
+    }
+
+    /// A message a reader read while it waited: kept for [`Uffd::next_msg`], but for a
+    /// thread-mode fault of hetmem's own copy on a page the program dropped, served at once
+    /// (the zero page, as `serve_msgs` does): its copier may hold the very lock the reader
+    /// waits for.
+    fn keep(fd: std::os::fd::BorrowedFd<'_>, m: UffdMsg) {
+        if let UffdMsg::Fault(f) = m {
+            let page = f.addr & !(PAGE_SIZE - 1);
+            if super::thread_fault_in_zone(page, f.write, f.wp, f.tid) {
+                Self::zero_and_wake(fd, page);
+                return;
+            }
+        }
+        READER.with(|r| r.borrow_mut().1.push_back((fd.as_raw_fd(), m)));
+    }
+
+    /// Whether the calling thread reads userfaultfd messages (an event reader, or the handler
+    /// thread of thread-mode mappings): a lock it waits for may be held by a thread that waits
+    /// for it to read a message, so it waits with [`Uffd::drain_on_reader`].
+    pub fn on_reader() -> bool {
+        READER.with(|r| !r.borrow().0.is_empty())
     }
 
     /// Whether the calling reader thread keeps messages for this fd (read while it waited
@@ -805,9 +827,30 @@ impl Uffd {
             // the reader keeps alive (its `Arc<Uffd>`) while it serves, which is when this runs.
             let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
             while let Ok(Some(m)) = Self::read_msg_from(fd) {
-                READER.with(|r| r.borrow_mut().1.push_back((fd.as_raw_fd(), m)));
+                Self::keep(fd, m);
             }
         }
+    }
+
+    /// Maps the zero page at `page` (one page; nothing if a page is there) and wakes the
+    /// threads waiting on it, on `fd`; errors are ignored (a woken thread whose page is still
+    /// missing faults again).
+    fn zero_and_wake(fd: std::os::fd::BorrowedFd<'_>, page: usize) {
+        let range = uapi::uffdio_range {
+            start: page as u64,
+            len: PAGE_SIZE as u64,
+        };
+        let mut z = uapi::uffdio_zeropage {
+            range,
+            mode: uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE as u64,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it maps the zero page into
+        // a missing entry of a registered range, touching no Rust memory.
+        let _ = unsafe { rustix::ioctl::ioctl(fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) };
+        let mut r = range;
+        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
+        let _ = unsafe { rustix::ioctl::ioctl(fd, Updater::<OP_WAKE, _>::new(&mut r)) };
     }
 
     /// On a reader thread while it serves (see [`Uffd::drain_on_reader`]): waits until one of
