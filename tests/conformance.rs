@@ -1037,10 +1037,9 @@ fn hmm_gup_test(kind: MemoryKind) {
 /// hetmem: the same answers for device-private memory. Before the kernel's sequence, a first
 /// child stores to its own copy and changes nothing of the parent's: the pages are still on the
 /// device (a fork moves nothing). Then the kernel's sequence: the spinning child is killed by
-/// SIGKILL, and the snapshot reads WRITE for every page. Coherent variant: the parent's stores
-/// get private copies from the kernel's copy-on-write, which hetmem still counts as
-/// device-coherent (space module `fork`): every m == DEV_COHERENT_LOCAL|WRITE, where the kernel
-/// reads WRITE (its copies land in RAM); the data is the same.
+/// SIGKILL, and the snapshot reads WRITE for every page. Coherent variant too: the parent's
+/// stores get private copies from the kernel's copy-on-write, in system memory as the kernel's
+/// (space module `fork`): every m == WRITE.
 fn hmm_cow_in_device(kind: MemoryKind) {
     let h = hmm(kind);
     let npages = 4;
@@ -1100,12 +1099,7 @@ fn hmm_cow_in_device(kind: MemoryKind) {
     let ret = hmm_dmirror_cmd(&h.m, Cmd::Snapshot, &mut snapb, npages);
     assert_eq!(ret, 0);
     assert_eq!(snapb.cpages, npages as u64);
-    let want = if kind == MemoryKind::Private {
-        snap::WRITE
-    } else {
-        snap::DEV_COHERENT_LOCAL | snap::WRITE
-    };
-    assert_bytes("snapshot", &snapb.mirror[..npages], want);
+    assert_bytes("snapshot", &snapb.mirror[..npages], snap::WRITE);
     assert_ints("ptr", &cpu_get(&h.space, ptr, size), |i| i);
 }
 

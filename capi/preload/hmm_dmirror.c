@@ -447,6 +447,48 @@ struct hm_pm_scan_arg {
 };
 #define HM_PAGEMAP_SCAN _IOWR('f', 16, struct hm_pm_scan_arg)
 #define HM_PAGE_IS_PFNZERO (1 << 5)
+#define HM_PAGE_IS_HUGE (1 << 6)
+#define PROT_PMD_ 0x04
+#define PROT_PUD_ 0x08
+
+/* The kernel page size (smaps' KernelPageSize, bytes) of the mapping holding addr: 4096 but for
+ * hugetlb mappings; 0 if unknown. Read without stdio (no malloc: the program's heap may be
+ * broken by then, as in the kernel's hmm-tests snapshot case). */
+static unsigned long kernel_page_size(uintptr_t addr)
+{
+	int fd = real_open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	static char buf[8192];
+	size_t have = 0;
+	int in = 0;
+	unsigned long kps = 0;
+	for (;;) {
+		ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
+		if (n <= 0)
+			break;
+		have += n;
+		buf[have] = '\0';
+		char *line = buf, *nl;
+		while ((nl = strchr(line, '\n'))) {
+			*nl = '\0';
+			unsigned long s, e, kb;
+			char *sp = strchr(line, ' '), *dash = strchr(line, '-');
+			if (dash && sp && dash < sp && sscanf(line, "%lx-%lx", &s, &e) == 2)
+				in = s <= addr && addr < e;
+			else if (in && sscanf(line, "KernelPageSize: %lu kB", &kb) == 1) {
+				kps = kb << 10;
+				goto out;
+			}
+			line = nl + 1;
+		}
+		have = strlen(line);
+		memmove(buf, line, have);
+	}
+out:
+	real_close(fd);
+	return kps;
+}
 
 /* The protection (mapped, readable, writable, shared) of the mapping holding addr, from
  * /proc/self/maps: 0 if none. Bits: 1 mapped, 2 readable, 4 writable, 8 shared. */
@@ -497,24 +539,31 @@ static int plain_snapshot(uint64_t addr, uint64_t npages, unsigned char *out)
 			continue;
 		}
 		int file = e >> 61 & 1, exclusive = e >> 56 & 1;
+		/* The page's categories: the zero page; mapped by a large page-table entry (a
+		 * PMD-mapped transparent huge page, or a hugetlb page), which the kernel's device
+		 * reports as PMD (or PUD for a 1 GiB hugetlb page). */
+		struct hm_page_region reg = { 0 };
+		struct hm_pm_scan_arg arg = {
+			.size = sizeof(arg), .start = a, .end = a + 4096,
+			.vec = (uintptr_t)&reg, .vec_len = 1,
+			.return_mask = HM_PAGE_IS_PFNZERO | HM_PAGE_IS_HUGE,
+		};
+		uint64_t cat = real_ioctl(pfd, HM_PAGEMAP_SCAN, &arg) == 1 ? reg.categories : 0;
+		int level = 0;
+		if (cat & HM_PAGE_IS_HUGE)
+			level = kernel_page_size(a) >= (1UL << 30) ? PROT_PUD_ : PROT_PMD_;
 		if (!(vb & 8) && !file && !exclusive) {
 			/* A private page not the process's alone: the shared zero page, or a page
 			 * shared with a child since a fork: read-only either way. */
 			out[i] = PROT_READ_;
-			struct hm_page_region reg;
-			struct hm_pm_scan_arg arg = {
-				.size = sizeof(arg), .start = a, .end = a + 4096,
-				.vec = (uintptr_t)&reg, .vec_len = 1,
-				.return_mask = HM_PAGE_IS_PFNZERO,
-			};
-			if (real_ioctl(pfd, HM_PAGEMAP_SCAN, &arg) == 1 &&
-			    (reg.categories & HM_PAGE_IS_PFNZERO))
+			if (cat & HM_PAGE_IS_PFNZERO)
 				out[i] |= PROT_ZERO;
 		} else if (!(vb & 4) || (!(vb & 8) && file)) {
 			out[i] = PROT_READ_;
 		} else {
 			out[i] = PROT_WRITE_;
 		}
+		out[i] |= level;
 	}
 	real_close(pfd);
 	return 0;

@@ -31,6 +31,12 @@ use hetmem::{
     Prot, SoftDevice, Space, SpaceConfig, VirtAddr,
 };
 
+/// hetmem's heap, apart from the C library's `malloc` arena: the program that calls (or preloads)
+/// this library may overflow its own heap blocks (the kernel's hmm-tests `snapshot` case does, by
+/// 4089 bytes), which must not reach hetmem's objects.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An address space (`hetmem::Space`).
 pub struct HetmemSpace(Space, std::sync::Mutex<Option<Arc<HintPolicy>>>);
 

@@ -109,6 +109,17 @@ impl Space {
                 .map_err(|e| Error::os("adopt: read /proc/self/pagemap", e))
         };
         let has_data = scan(&core)?;
+        // The 2 MiB units the kernel maps with one PMD (a transparent huge page: the program's
+        // MADV_HUGEPAGE or MADV_COLLAPSE): large system pages, as the kernel's migration sees
+        // them (it moves such a folio whole to the device; its snapshot then reads PMD). Not
+        // known (an old kernel without PAGEMAP_SCAN): base pages.
+        let huge: Vec<(usize, usize)> = sys::PagemapScanner::new()
+            .and_then(|p| p.huge_mapped(r.start.get(), r.end.get()))
+            .unwrap_or_default();
+        let in_huge = |a: usize| {
+            huge.iter()
+                .any(|&(s, e)| s <= a && a + LARGE_PAGE_SIZE <= e)
+        };
         let mode = FaultMode::Signal;
         super::fork::install_handlers();
         // The mappings and the registry entry first, the userfaultfd last: from the moment the
@@ -123,9 +134,13 @@ impl Space {
                 };
                 let mut ptes = new_ptes(piece)?;
                 let first = (s - r.start.get()) / PAGE_SIZE;
-                for (p, has) in ptes.iter_mut().zip(&has_data[first..]) {
+                for (k, (p, has)) in ptes.iter_mut().zip(&has_data[first..]).enumerate() {
                     if *has {
-                        *p = Pte::present(false, *p);
+                        let a = s + k * PAGE_SIZE;
+                        let unit = a & !(LARGE_PAGE_SIZE - 1);
+                        // Large only where the whole unit is inside this piece and huge-mapped.
+                        let large = unit >= s && unit + LARGE_PAGE_SIZE <= e && in_huge(unit);
+                        *p = Pte::present(large, *p);
                     }
                 }
                 st.insert_vma(piece, prot, mode, false, None, ptes);

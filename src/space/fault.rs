@@ -291,6 +291,13 @@ impl SpaceCore {
                         }
                     };
                 }
+                if write && pte.fork_cow() {
+                    // A store of the parent's to a coherent page it shares copy-on-write with a
+                    // forked child (write-protected after the fork: module `fork`): the
+                    // kernel's copy-on-write copy lands in system memory, so the page goes
+                    // there first; the protection goes below and the kernel copies it.
+                    self.demote_coherent_as(&mut st, a, EventKind::Migrate);
+                }
                 if write && pte.replicated() {
                     // A store to a page devices hold read-only replicas of: they go first
                     // (module `replica`).

@@ -24,10 +24,10 @@
 //! The parent's placement is unchanged by a fork; the price is one copy of each device-resident
 //! page per fork (a `fork` + `exec` pays it too). Pages in device-coherent memory are CPU pages
 //! (in the emulation, the coherent frame is the CPU page): the child shares them copy-on-write
-//! as any, and a store of the parent's after the fork gets it a private copy from the kernel,
-//! which hetmem still counts as in device-coherent memory (the kernel's copy lands in system
-//! memory: its snapshot then reads WRITE, hetmem's DEV_COHERENT_LOCAL|WRITE; the data is the
-//! same). A raw `clone` system call runs no
+//! as any. The parent's are write-protected after the fork and marked (`Pte::fork_cow`), so
+//! that its first store to one faults to hetmem, which moves the page to system memory before
+//! the kernel's copy-on-write copies it: as with the kernel, whose copy lands in system memory
+//! (a snapshot then reads WRITE). A raw `clone` system call runs no
 //! handler: pages in device memory then read zeros in the child. A device writing its own
 //! device-private frames during a fork is not held up: the child sees the page as copied.
 //!
@@ -268,6 +268,42 @@ impl SpaceCore {
                     b" could not be dropped",
                     msg.as_bytes(),
                 ]);
+            }
+        }
+        // Coherent pages are CPU pages that the child now shares copy-on-write: the parent's
+        // first store to one must find it in system memory, where the kernel's copy lands.
+        let mut runs: Vec<(VaRange, FaultMode)> = Vec::new();
+        for v in st
+            .vmas
+            .values()
+            .filter(|v| v.file.is_none() && v.prot.writable())
+        {
+            for (k, pte) in v.ptes.iter().enumerate() {
+                if !pte.is_coherent() {
+                    continue;
+                }
+                let a = v.range.start.add(k * PAGE_SIZE);
+                match runs.last_mut() {
+                    Some((r, m)) if r.end == a && *m == v.mode => r.end = a.add(PAGE_SIZE),
+                    _ => runs.push((
+                        VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        },
+                        v.mode,
+                    )),
+                }
+            }
+        }
+        for (r, mode) in runs {
+            if self.mm.write_protect(r, true, mode).is_err() {
+                continue;
+            }
+            for p in 0..r.pages() {
+                let a = r.start.add(p * PAGE_SIZE);
+                if let Some(pte) = st.pte(a) {
+                    st.set_pte(a, pte.with_fork_cow());
+                }
             }
         }
         st.fork_hold = None;

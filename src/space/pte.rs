@@ -28,7 +28,9 @@ pub enum PageState {
 /// hold in between); 5 ZERO (a `Present` page that is the kernel's shared zero page, mapped
 /// write-protected after a read fault on a never-written anonymous page: a store faults and makes
 /// it a private page); 6 REPLICATED (a `Present` page that devices hold read-only replicas of,
-/// write-protected so that a store faults and drops them first: module `replica`); 8-15 pagemap id (Device and coherent: the frame's pagemap;
+/// write-protected so that a store faults and drops them first: module `replica`); 7 FORK_COW (a
+/// coherent page the CPU shares copy-on-write with a forked child, write-protected after the
+/// fork so that the parent's first store faults: module `fork`); 8-15 pagemap id (Device and coherent: the frame's pagemap;
 /// Exclusive: the pagemap of the device holding exclusive access, whose frame is in the space's
 /// stash); 16-23 short-term pins; 24-31 long-term pins; 32-63 frame index (Device, coherent,
 /// Exclusive).
@@ -44,6 +46,7 @@ const F_COHERENT: u64 = 1 << 3;
 const F_MIGRATING: u64 = 1 << 4;
 const F_ZERO: u64 = 1 << 5;
 const F_REPLICATED: u64 = 1 << 6;
+const F_FORK_COW: u64 = 1 << 7;
 
 impl Pte {
     pub(crate) const NONE: Pte = Pte(ST_NONE);
@@ -122,6 +125,15 @@ impl Pte {
     /// Whether the page is present and resident in device-coherent memory.
     pub(crate) fn is_coherent(self) -> bool {
         self.0 & 3 == ST_PRESENT && self.0 & F_COHERENT != 0
+    }
+    /// Whether the page is a coherent page shared copy-on-write with a forked child (module
+    /// `fork`). Any new placement of the page makes a new entry, without the mark.
+    pub(crate) fn fork_cow(self) -> bool {
+        self.is_coherent() && self.0 & F_FORK_COW != 0
+    }
+    /// The entry with the FORK_COW mark set.
+    pub(crate) fn with_fork_cow(self) -> Pte {
+        Pte(self.0 | F_FORK_COW)
     }
     /// The device frame this entry holds, if any: (pagemap, frame, large). For Exclusive pages
     /// the frame is in the stash (not in `pagemap`).

@@ -260,6 +260,55 @@ impl PagemapScanner {
     }
 }
 
+impl PagemapScanner {
+    /// The parts of `start..end` that the kernel maps with large page-table entries
+    /// (`PAGE_IS_HUGE`: a PMD-mapped transparent huge page, or hugetlb), as address ranges.
+    /// Scans only: nothing is protected.
+    pub fn huge_mapped(&self, start: usize, end: usize) -> io::Result<Vec<(usize, usize)>> {
+        let mut out = Vec::new();
+        let mut regions = vec![
+            uapi::page_region {
+                start: 0,
+                end: 0,
+                categories: 0
+            };
+            512
+        ];
+        let mut s = start;
+        while s < end {
+            let mut a = uapi::pm_scan_arg {
+                size: std::mem::size_of::<uapi::pm_scan_arg>() as u64,
+                flags: 0,
+                start: s as u64,
+                end: end as u64,
+                walk_end: 0,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: uapi::PAGE_IS_HUGE as u64,
+                category_anyof_mask: 0,
+                return_mask: uapi::PAGE_IS_HUGE as u64,
+            };
+            // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` whose `vec` points at
+            // `regions.len()` writable `page_region`s, which `regions` is; without flags it only
+            // reads page tables of this process.
+            let n = unsafe { libc::ioctl(self.fd.as_raw_fd(), OP_PAGEMAP_SCAN as _, &mut a) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for r in &regions[..n as usize] {
+                out.push((r.start as usize, r.end as usize));
+            }
+            if a.walk_end as usize <= s {
+                break;
+            }
+            s = a.walk_end as usize;
+        }
+        Ok(out)
+    }
+}
+
 impl Memfd {
     /// The fd (to map it).
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {

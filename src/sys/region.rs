@@ -382,8 +382,35 @@ impl Drop for Region {
     }
 }
 
-/// The calling thread's stack, `lo..hi` (`pthread_getattr_np`), if the C library tells.
-fn current_stack() -> Option<(usize, usize)> {
+/// The calling thread's stack, `lo..hi`, if found. The main thread's is the mapping of `maps`
+/// (the text of `/proc/self/maps`) that holds the stack pointer: its `[stack]`, which grows down
+/// and merges with no other mapping. Not `pthread_getattr_np` there: for the main thread the C
+/// library reads `/proc/self/maps` with stdio, allocating from its `malloc` heap, which the
+/// program's own heap overflow may have broken by then (the kernel's hmm-tests `snapshot` case:
+/// a device reads a page back into a 7-byte buffer) and which the C API, with an allocator of
+/// its own, otherwise never touches. Another thread's stack, which may merge with an adjacent
+/// mapping of the same protection in `maps`, comes from `pthread_getattr_np` (the thread's
+/// descriptor).
+fn current_stack(maps: &str) -> Option<(usize, usize)> {
+    if rustix::thread::gettid().as_raw_nonzero() != rustix::process::getpid().as_raw_nonzero() {
+        return thread_stack();
+    }
+    let probe = 0u8;
+    let sp = std::hint::black_box(&probe) as *const u8 as usize;
+    maps.lines().find_map(|line| {
+        let range = line.split_ascii_whitespace().next()?;
+        let (s, e) = range.split_once('-')?;
+        let (s, e) = (
+            usize::from_str_radix(s, 16).ok()?,
+            usize::from_str_radix(e, 16).ok()?,
+        );
+        (s <= sp && sp < e).then_some((s, e))
+    })
+}
+
+/// The calling (not main) thread's stack, `lo..hi` (`pthread_getattr_np`), if the C library
+/// tells.
+fn thread_stack() -> Option<(usize, usize)> {
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
     // SAFETY: pthread_getattr_np initialises `attr` for the calling thread (on success only,
     // checked); pthread_attr_getstack reads it into two plain out-values; the attribute object
@@ -420,13 +447,13 @@ impl Region {
         let end = base.checked_add(len).ok_or_else(einval)?;
         // The calling thread's stack (threads' stacks are plain anonymous mappings in
         // /proc/self/maps: this one, at least, is recognised).
-        if let Some((lo, hi)) = current_stack()
+        let maps = std::fs::read_to_string("/proc/self/maps")?;
+        if let Some((lo, hi)) = current_stack(&maps)
             && base < hi
             && lo < end
         {
             return Err(einval());
         }
-        let maps = std::fs::read_to_string("/proc/self/maps")?;
         let mut covered = base;
         let mut pieces: Vec<AdoptedPiece> = Vec::new();
         for line in maps.lines() {
