@@ -429,3 +429,50 @@ fn memory_protected_in_parts_is_adopted_with_each_parts_protection() {
     mem.store(5 * PAGE, 9);
     assert_eq!(mem.load(5 * PAGE), 9);
 }
+
+/// Memory the program backed with a transparent huge page before adoption (`MADV_HUGEPAGE`):
+/// adopted as a large page, so that a migration moves the whole unit and the device maps it as
+/// one (snapshot PMD, as the kernel's device reports a THP it migrated whole), and every byte
+/// comes back. Skipped where the kernel gives no huge page.
+#[test]
+fn a_huge_page_made_before_adoption_migrates_whole() {
+    let _w = watchdog("adopted_thp", 60);
+    let mem = Plain::new(3 * LARGE_PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE);
+    let unit = mem.addr.next_multiple_of(LARGE_PAGE_SIZE) - mem.addr;
+    // SAFETY: advice on the test's own mapping (no Rust object lives there).
+    let r = unsafe {
+        libc::madvise(
+            mem.at(0).get() as *mut _,
+            3 * LARGE_PAGE_SIZE,
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    assert_eq!(r, 0);
+    for p in 0..LARGE_PAGE_SIZE / PAGE {
+        mem.store(unit + p * PAGE, word(p));
+    }
+    if smaps_bytes(mem.addr + unit, "AnonHugePages:") < LARGE_PAGE_SIZE {
+        eprintln!("the kernel gave no transparent huge page here: skipped");
+        return;
+    }
+    let space = adopt_plain(mem.at(0), 3 * LARGE_PAGE_SIZE).unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let out = m
+        .migrate_range_to_device(mem.at(unit), LARGE_PAGE_SIZE)
+        .unwrap();
+    assert_eq!(out.cpages, (LARGE_PAGE_SIZE / PAGE) as u64);
+    let mut snap = vec![0u8; LARGE_PAGE_SIZE / PAGE];
+    m.snapshot(mem.at(unit), LARGE_PAGE_SIZE, &mut snap)
+        .unwrap();
+    assert!(
+        snap.iter()
+            .all(|&f| f & 0xF0 == snap::DEV_PRIVATE_LOCAL && f & snap::PMD != 0),
+        "the unit is in device memory as one large page: {:#x?}",
+        &snap[..4]
+    );
+    at("plain loads fault the unit back");
+    for p in 0..LARGE_PAGE_SIZE / PAGE {
+        assert_eq!(mem.load(unit + p * PAGE), word(p), "page {p}");
+    }
+}
