@@ -19,7 +19,7 @@
 //! | `file_seq_read_warm_kernel_cache_gbps` | the same, with the file in the kernel's page cache only (read with `read(2)` first, untimed): a fresh `FileCache` each time, whose fill reads from the kernel's cache | `kernel_mmap_seq_read_gbps` |
 //! | `file_seq_read_cold_gbps` | the same, cold: the kernel's page cache of the file dropped first (`POSIX_FADV_DONTNEED`) and a fresh `FileCache` | `kernel_mmap_seq_read_cold_gbps`: a fresh kernel `mmap` after the same drop, the faster (in this run) of the default read-around and `MADV_SEQUENTIAL` (both reported: `kernel_mmap_seq_read_cold_default_gbps`, `kernel_mmap_seq_read_cold_madv_sequential_gbps`; the note says which) |
 //! | `file_seq_read_cold_bytes_read` | bytes hetmem read from storage per cold sequential sweep (`read_bytes` of `/proc/self/io` around the sweep) | `kernel_mmap_seq_read_cold_bytes_read`: the same for the baseline's sweep |
-//! | `file_rand_read_4k_us` | cold: mean time of a first read of a whole 4 KiB page, one random page per 256 KiB block, blocks in random order (no page lies in another's fault-around or read-around window), through a fresh mapping of a fresh `FileCache`, kernel cache dropped | `kernel_mmap_rand_read_4k_us`: the same pages through a fresh kernel `mmap` with `MADV_RANDOM` after the same drop (the default read-around, which reads up to `read_ahead_kb` per fault, is reported beside it: `kernel_mmap_rand_read_4k_default_readaround_us`) |
+//! | `file_rand_read_4k_us` | cold: mean time of a first read of a whole 4 KiB page, one random page per 256 KiB block, blocks in random order (no page lies in another's fault-around or read-around window), through a fresh mapping of a fresh `FileCache` told the pattern ([`crate::pagecache::Access::Random`], as the baseline tells the kernel), kernel cache dropped; `file_rand_read_4k_default_us`: the same with hetmem's default advice (a fault right after the previous one doubles its window) | `kernel_mmap_rand_read_4k_us`: the same pages through a fresh kernel `mmap` with `MADV_RANDOM` after the same drop (the default read-around, which reads up to `read_ahead_kb` per fault, is reported beside it: `kernel_mmap_rand_read_4k_default_readaround_us`) |
 //! | `file_rand_read_4k_bytes_read` | bytes hetmem read from storage per cold random sweep | `kernel_mmap_rand_read_4k_bytes_read` (`MADV_RANDOM`; the default read-around's: `kernel_mmap_rand_read_4k_default_readaround_bytes_read`) |
 //! | `file_resident_bytes_ratio` | after a cold sequential read through a hetmem mapping: (hetmem's cache bytes + the kernel's page cache of the file, counted with `mincore`) / file size | `kernel_mmap_resident_bytes_ratio`: the kernel's page cache of the file / file size after the baseline's cold sequential read |
 //! | `file_rand_read_warm_4k_us` | the same pages, warm (as `file_seq_read_gbps`) | `kernel_mmap_rand_read_warm_4k_us` |
@@ -133,7 +133,7 @@ use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::device::{DeviceConfig, DeviceMirror, SoftDevice};
 use crate::error::{Error, Result};
 use crate::link::{LinkModel, LinkProfile, Traffic};
-use crate::pagecache::{CacheConfig, FileCache, FileHandle};
+use crate::pagecache::{Access, CacheConfig, FileCache, FileHandle};
 use crate::pool::MemoryKind;
 use crate::space::{FileMapOptions, MapOptions, Probe, Space, SpaceConfig};
 use crate::sys::{
@@ -711,8 +711,9 @@ fn push_file_figures(out: &mut Vec<BenchResult>, f: &FileFigures) {
         ("kernel_mmap_seq_read_cold_bytes_read", best_name),
     );
 
-    // Cold random: MADV_RANDOM is the baseline; the default read-around beside it.
-    let kd = c.median("rand_k_normal");
+    // Cold random: both sides told the pattern (hetmem `Access::Random`, the kernel
+    // MADV_RANDOM); each side's default beside it.
+    let (kd, hd) = (c.median("rand_k_normal"), c.median("rand_h_normal"));
     let mut r = c.timed(
         "file_rand_read_4k_us",
         "rand_h",
@@ -720,14 +721,21 @@ fn push_file_figures(out: &mut Vec<BenchResult>, f: &FileFigures) {
         Some(("kernel_mmap_rand_read_4k_us", "rand_k_random")),
     );
     r.note = Some(format!(
-        "baseline: kernel mmap with MADV_RANDOM (default read-around: {kd:.1} us; \
-         read_ahead_kb {ra}); bytes read from storage per sweep: hetmem {}, kernel {} (default \
-         read-around {})",
+        "hetmem told Access::Random (its default: {hd:.1} us, {}); baseline: kernel mmap with \
+         MADV_RANDOM (default read-around: {kd:.1} us; read_ahead_kb {ra}); bytes read from \
+         storage per sweep: hetmem {}, kernel {} (default read-around {})",
+        fmt_bytes(c.io("rand_h_normal")),
         fmt_bytes(c.io("rand_h")),
         fmt_bytes(c.io("rand_k_random")),
         fmt_bytes(c.io("rand_k_normal")),
     ));
     out.push(r);
+    out.push(c.timed(
+        "file_rand_read_4k_default_us",
+        "rand_h_normal",
+        "us",
+        Some(("kernel_mmap_rand_read_4k_us", "rand_k_random")),
+    ));
     let mut b = c.timed("kernel_mmap_rand_read_4k_us", "rand_k_random", "us", None);
     b.note = Some("kernel mmap with MADV_RANDOM".into());
     out.push(b);
@@ -1683,10 +1691,11 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
     // Cold: the kernel's page cache dropped before each sweep, and a fresh hetmem cache. Each
     // returns the figure, the bytes read from storage, and the bytes both caches hold after the
     // sweep per byte of the file.
-    let hetmem_cold = |how: &Sweep<'_>| -> Result<(f64, Option<f64>, f64)> {
+    let hetmem_cold = |how: &Sweep<'_>, access: Access| -> Result<(f64, Option<f64>, f64)> {
         tf.drop_kernel_cache()?;
         let ((v, cache), io) = counting_reads(|| {
             let cache = FileCache::open(&tf.path, false, cfg)?;
+            cache.set_access(access);
             let v = hetmem_file_sweep(space, &cache.handle(), len, how)?;
             Ok((v, cache))
         })?;
@@ -1707,6 +1716,7 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
             ("seq_h", Some("seq_k_normal")),
             ("seq_h", Some("seq_k_sequential")),
             ("rand_h", Some("rand_k_random")),
+            ("rand_h_normal", Some("rand_k_random")),
         ],
     );
     while cold.again()? {
@@ -1723,10 +1733,11 @@ fn file_reads(space: &Space, sz: &Sizes) -> Result<FileFigures> {
             "seq_k_sequential",
             kernel_cold(&Sweep::Seq, FileAccess::Sequential)?,
         );
-        put("seq_h", hetmem_cold(&Sweep::Seq)?);
+        put("seq_h", hetmem_cold(&Sweep::Seq, Access::Normal)?);
         put("rand_k_random", kernel_cold(&rand, FileAccess::Random)?);
         put("rand_k_normal", kernel_cold(&rand, FileAccess::Normal)?);
-        put("rand_h", hetmem_cold(&rand)?);
+        put("rand_h", hetmem_cold(&rand, Access::Random)?);
+        put("rand_h_normal", hetmem_cold(&rand, Access::Normal)?);
     }
 
     // Warm: one hetmem cache filled through `read_at` (which also fills the kernel's page cache);

@@ -72,7 +72,7 @@ pub use device::{
 };
 pub use error::{Error, Result};
 pub use mm::FaultMode;
-pub use pagecache::{CacheConfig, FileCache, FileHandle};
+pub use pagecache::{Access, CacheConfig, FileCache, FileHandle};
 pub use pool::{FrameOwner, FrameStore, HostFrames, MemoryKind, Owner, Region};
 pub use space::{
     FileMapOptions, MapOptions, Mapping, Pin, Residency, Space, SpaceConfig, SpaceStats,

@@ -248,3 +248,56 @@ fn a_truncate_during_a_read_ahead_leaves_nothing_past_the_end() {
     let _w = watchdog("read_ahead_truncate", 60);
     change_during_read_ahead(Change::Truncate);
 }
+
+/// The access advice decides what a fault fills: `Random` its own page only (no read-ahead),
+/// `Normal` a window that doubles while faults come in sequence, `Sequential` 2 MiB at once
+/// and the read-ahead behind it; every access reads the file's bytes.
+#[test]
+fn the_access_advice_decides_what_a_fault_fills() {
+    let _w = watchdog("read_ahead_advice", 60);
+    let pages = 2048;
+    let want = content(pages);
+    let f = TempFile::new("ra-advice", &want);
+    let space = small_space();
+    for (access, filled_after_two) in [
+        (Access::Random, 2),
+        (Access::Normal, 3),
+        (Access::Sequential, 512 + 512),
+    ] {
+        let cache = FileCache::open(&f.0, false, CacheConfig::default()).unwrap();
+        cache.set_access(access);
+        assert_eq!(cache.access(), access);
+        let h = cache.handle();
+        let a = space
+            .map_file(&h, 0, pages * PAGE, Prot::Read, true)
+            .unwrap();
+        at(format!("{access:?}: two faults in sequence"));
+        let mut b = vec![0u8; PAGE];
+        for p in [100, 101] {
+            // Sequential: the second page was filled by the first fault; read one past it.
+            let q = if access == Access::Sequential && p == 101 {
+                612
+            } else {
+                p
+            };
+            space.cpu_read(a.add(q * PAGE), &mut b).unwrap();
+            assert_eq!(
+                &b[..],
+                &want[q * PAGE..(q + 1) * PAGE],
+                "{access:?}: page {q}"
+            );
+        }
+        cache.wait_read_ahead();
+        let s = cache.stats();
+        if access == Access::Sequential {
+            assert!(
+                s.pages_filled >= filled_after_two && s.pages_read_ahead > 0,
+                "{access:?}: {s:?}"
+            );
+        } else {
+            assert_eq!(s.pages_filled, filled_after_two, "{access:?}: {s:?}");
+            assert_eq!(s.pages_read_ahead, 0, "{access:?}");
+        }
+        space.unmap(a, pages * PAGE).unwrap();
+    }
+}

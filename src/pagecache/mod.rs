@@ -79,6 +79,22 @@ const BLOCKED_RESERVE: usize = 64;
 /// Bytes a fill reads from the file at once (the largest fault-around window).
 const FILL_CHUNK: usize = 2 << 20;
 
+/// How a cached file's pages will be accessed through mappings: what `madvise`'s
+/// `MADV_NORMAL`, `MADV_RANDOM` and `MADV_SEQUENTIAL` tell the kernel's read-around, told to
+/// hetmem's fills ([`FileCache::set_access`]). Advice only: every access reads the same bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Fault-around adapts: a fault fills its own page, faults in sequence fill a window that
+    /// doubles up to 2 MiB, and further windows are read ahead.
+    #[default]
+    Normal,
+    /// Every fault fills its own page only (no fault-around, no read-ahead): no byte is read
+    /// from the file that was not asked for.
+    Random,
+    /// Every fault fills 2 MiB from its page on and hands the next windows to the read-ahead.
+    Sequential,
+}
+
 /// Sizes of the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -139,6 +155,8 @@ struct CacheState {
     poisoned: std::collections::BTreeSet<u64>,
     /// The read-ahead's assignment and the window it is reading (see `ahead.rs`).
     ahead: ahead::Ahead,
+    /// How mappings access the file ([`FileCache::set_access`]).
+    access: Access,
 }
 
 /// The state of a writeback asked of the background thread by stores at the dirty bound.
@@ -553,6 +571,7 @@ impl FileCache {
                 replicas: std::collections::BTreeMap::new(),
                 poisoned: std::collections::BTreeSet::new(),
                 ahead: ahead::Ahead::default(),
+                access: Access::Normal,
             }),
             rmap_id: AtomicU32::new(0),
         }))
@@ -1026,8 +1045,9 @@ impl FileCache {
     /// only). Fault-around adapts to the access pattern: a fault right after the previous
     /// fault's window continues a sequential run and fills twice that window (up to 2 MiB);
     /// any other fault fills its own 4 KiB page only (a random access would pay for the 64 KiB
-    /// around it: `hetmem bench`, `file_rand_read_4k_us`, 140 → 70 µs cold). Returns false when
-    /// `p` is past the end of file (the access must get SIGBUS).
+    /// around it: `hetmem bench`, `file_rand_read_4k_us`, 140 → 70 µs cold), unless the cache
+    /// was told otherwise ([`FileCache::set_access`]). Returns `PastEof` when `p` is past the
+    /// end of file (the access must get SIGBUS).
     pub(crate) fn fault_fill(&self, p: u64) -> Result<Fill> {
         use ahead::{AheadStep, MAX_WINDOW};
         let mut st = lock(&self.st);
@@ -1055,10 +1075,11 @@ impl FileCache {
         // The faulting thread's run (per thread: two threads reading sequentially must not break
         // each other's runs), keyed by this cache.
         let (key, next, window) = FILE_FAULT_AROUND.with(|c| c.get());
-        let w = if key == me && p == next {
-            (window * 2).clamp(1, MAX_WINDOW)
-        } else {
-            1
+        let w = match st.access {
+            Access::Random => 1,
+            Access::Sequential => MAX_WINDOW,
+            Access::Normal if key == me && p == next => (window * 2).clamp(1, MAX_WINDOW),
+            Access::Normal => 1,
         };
         self.fill(&mut st, p, p + w)?;
         // At the largest window the next windows go to the read-ahead thread, which reads
@@ -1072,6 +1093,17 @@ impl FileCache {
         FILE_FAULT_AROUND.with(|c| c.set((me, next, w)));
         self.wake_evictor_if_over(&st);
         Ok(Fill::Filled)
+    }
+
+    /// Tells the cache how its mappings will access the file (see [`Access`]): from the next
+    /// fault on, fills follow it. A read-ahead already under way finishes its windows.
+    pub fn set_access(&self, access: Access) {
+        lock(&self.st).access = access;
+    }
+
+    /// How the cache was told its mappings access the file ([`FileCache::set_access`]).
+    pub fn access(&self) -> Access {
+        lock(&self.st).access
     }
 
     /// Wakes the background evictor when the cache is over its budget.
