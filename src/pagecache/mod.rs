@@ -88,8 +88,8 @@ pub enum Access {
     /// doubles up to 2 MiB, and further windows are read ahead.
     #[default]
     Normal,
-    /// Every fault fills its own page only (no fault-around, no read-ahead): no byte is read
-    /// from the file that was not asked for.
+    /// Every fault fills its own page only (no fault-around, no read-ahead), and the file is
+    /// told so (`POSIX_FADV_RANDOM`: the kernel's read-ahead of those reads reads nothing more).
     Random,
     /// Every fault fills 2 MiB from its page on and hands the next windows to the read-ahead.
     Sequential,
@@ -1099,6 +1099,7 @@ impl FileCache {
     /// fault on, fills follow it. A read-ahead already under way finishes its windows.
     pub fn set_access(&self, access: Access) {
         lock(&self.st).access = access;
+        self.backend.advise(access);
     }
 
     /// How the cache was told its mappings access the file ([`FileCache::set_access`]).
