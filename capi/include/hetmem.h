@@ -75,6 +75,16 @@
 // Set flags (`npages` is the flag word).
 #define HETMEM_CMD_FLAGS 8
 
+// `hetmem_file_set_access`: faults adapt (a window doubling while they come in sequence,
+// then read-ahead).
+#define HETMEM_ACCESS_NORMAL 0
+
+// `hetmem_file_set_access`: every fault reads its own page only (`MADV_RANDOM`).
+#define HETMEM_ACCESS_RANDOM 1
+
+// `hetmem_file_set_access`: every fault reads 2 MiB, the read-ahead behind (`MADV_SEQUENTIAL`).
+#define HETMEM_ACCESS_SEQUENTIAL 2
+
 // A software device (`hetmem::SoftDevice`).
 typedef struct HetmemDevice HetmemDevice;
 
@@ -264,6 +274,14 @@ int hetmem_file_open(const char *path, bool writable, struct HetmemFile **out);
 //
 // `f` is a live handle.
 int hetmem_file_fsync(struct HetmemFile *f);
+
+// Tells the file's cache how its mappings will access it (`HETMEM_ACCESS_*`; hetmem's
+// `MADV_RANDOM`/`MADV_SEQUENTIAL`). -EINVAL for another value.
+//
+// # Safety
+//
+// `f` is a live handle.
+int hetmem_file_set_access(struct HetmemFile *f, int access);
 
 // Closes a file handle (the cache stays while mappings of it exist).
 //

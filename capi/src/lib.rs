@@ -697,6 +697,34 @@ pub unsafe extern "C" fn hetmem_file_fsync(f: *mut HetmemFile) -> c_int {
     call(|| obj(f)?.0.fsync())
 }
 
+/// `hetmem_file_set_access`: faults adapt (a window doubling while they come in sequence,
+/// then read-ahead).
+pub const HETMEM_ACCESS_NORMAL: c_int = 0;
+/// `hetmem_file_set_access`: every fault reads its own page only (`MADV_RANDOM`).
+pub const HETMEM_ACCESS_RANDOM: c_int = 1;
+/// `hetmem_file_set_access`: every fault reads 2 MiB, the read-ahead behind (`MADV_SEQUENTIAL`).
+pub const HETMEM_ACCESS_SEQUENTIAL: c_int = 2;
+
+/// Tells the file's cache how its mappings will access it (`HETMEM_ACCESS_*`; hetmem's
+/// `MADV_RANDOM`/`MADV_SEQUENTIAL`). -EINVAL for another value.
+///
+/// # Safety
+///
+/// `f` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_file_set_access(f: *mut HetmemFile, access: c_int) -> c_int {
+    call(|| {
+        let a = match access {
+            HETMEM_ACCESS_NORMAL => hetmem::Access::Normal,
+            HETMEM_ACCESS_RANDOM => hetmem::Access::Random,
+            HETMEM_ACCESS_SEQUENTIAL => hetmem::Access::Sequential,
+            _ => return Err(invalid("an access pattern that is not HETMEM_ACCESS_*")),
+        };
+        obj(f)?.0.cache().set_access(a);
+        Ok(())
+    })
+}
+
 /// Closes a file handle (the cache stays while mappings of it exist).
 ///
 /// # Safety

@@ -15,7 +15,10 @@ fn the_c_test_program_passes() {
         format!("-I{}", header_dir().display()),
         format!("-L{}", deps.display()),
     );
-    let rpath = format!("-Wl,-rpath,{}", deps.display());
+    // DT_RPATH, not DT_RUNPATH: it comes before LD_LIBRARY_PATH, which `cargo test` sets to
+    // directories that may hold an older `libhetmem_c.so` (one `cargo build` left in
+    // target/release: the program then missed a new function).
+    let rpath = format!("-Wl,--disable-new-dtags,-rpath,{}", deps.display());
     cc(&[
         "-std=c11".as_ref(),
         "-Wall".as_ref(),

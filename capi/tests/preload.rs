@@ -14,7 +14,10 @@ fn a_test_device_program_runs_unmodified_under_the_preloaded_library() {
     let dir = scratch("preload");
     let lib = dir.join("libhmm_dmirror.so");
     let prog = dir.join("dmirror_test");
-    let rpath = format!("-Wl,-rpath,{}", deps.display());
+    // DT_RPATH, not DT_RUNPATH: it comes before LD_LIBRARY_PATH, which `cargo test` sets to
+    // directories that may hold an older `libhetmem_c.so` (one `cargo build` left in
+    // target/release: the program then missed a new function).
+    let rpath = format!("-Wl,--disable-new-dtags,-rpath,{}", deps.display());
     let inc = format!("-I{}", header_dir.display());
     let libdir = format!("-L{}", deps.display());
     let shim_src = manifest.join("preload/hmm_dmirror.c");

@@ -231,6 +231,8 @@ static int file_store_fsync(const char *dir)
 	void *p;
 	CHECK(hetmem_space_new(1UL << 30, &s) == 0);
 	CHECK(hetmem_file_open(path, 1, &f) == 0);
+	CHECK(hetmem_file_set_access(f, HETMEM_ACCESS_RANDOM) == 0);
+	CHECK(hetmem_file_set_access(f, 7) == -EINVAL);
 	CHECK(hetmem_map_file(s, f, 0, 8 * PAGE, HETMEM_PROT_READ | HETMEM_PROT_WRITE, 1, &p) == 0);
 	memcpy((char *)p + 3 * PAGE, "hetmem", 6);
 	CHECK(hetmem_file_fsync(f) == 0);
