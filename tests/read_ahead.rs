@@ -84,12 +84,13 @@ fn a_sequential_read_is_read_ahead_and_every_byte_is_the_files() {
 /// Where the gated read reports its range (offset, length), and what lets it go on.
 type Gate = (mpsc::Sender<(u64, usize)>, mpsc::Receiver<()>);
 
-/// The real file; the read-ahead thread's first read stops inside `read_at` and reports its
-/// range, until the test lets it go on.
+/// The real file; with a gate, the read-ahead thread's first read stops inside `read_at` and
+/// reports its range, until the test lets it go on. It records the advice it is told.
 #[derive(Debug)]
 struct GatedFile {
     inner: StdFile,
     gate: Mutex<Option<Gate>>,
+    told: Arc<Mutex<Vec<Access>>>,
 }
 
 impl FileBackend for GatedFile {
@@ -121,6 +122,10 @@ impl FileBackend for GatedFile {
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         self.inner.punch(off, len)
     }
+    fn advise(&self, access: Access) {
+        self.told.lock().unwrap().push(access);
+        self.inner.advise(access);
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -148,6 +153,7 @@ fn change_during_read_ahead(change: Change) {
     let backend = GatedFile {
         inner: StdFile(file),
         gate: Mutex::new(Some((started_tx, go_rx))),
+        told: Arc::default(),
     };
     let cache = FileCache::with_backend(Box::new(backend), true, CacheConfig::default()).unwrap();
     let h = Arc::new(cache.handle());
@@ -306,35 +312,13 @@ fn the_access_advice_decides_what_a_fault_fills() {
 /// random pattern read 12 KiB more per 4 MiB from storage, by the kernel's own read-ahead).
 #[test]
 fn the_access_advice_reaches_the_backend() {
-    #[derive(Debug)]
-    struct Told(StdFile, Arc<Mutex<Vec<Access>>>);
-    impl FileBackend for Told {
-        fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.read_at(off, buf)
-        }
-        fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
-            self.0.write_at(off, buf)
-        }
-        fn sync(&self, data_only: bool) -> io::Result<()> {
-            self.0.sync(data_only)
-        }
-        fn len(&self) -> io::Result<u64> {
-            self.0.len()
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.0.set_len(len)
-        }
-        fn punch(&self, off: u64, len: u64) -> io::Result<()> {
-            self.0.punch(off, len)
-        }
-        fn advise(&self, access: Access) {
-            self.1.lock().unwrap().push(access);
-            self.0.advise(access);
-        }
-    }
     let f = TempFile::new("ra-told", &content(4));
     let told = Arc::new(Mutex::new(Vec::new()));
-    let backend = Told(StdFile(std::fs::File::open(&f.0).unwrap()), told.clone());
+    let backend = GatedFile {
+        inner: StdFile(std::fs::File::open(&f.0).unwrap()),
+        gate: Mutex::new(None),
+        told: told.clone(),
+    };
     let cache = FileCache::with_backend(Box::new(backend), false, CacheConfig::default()).unwrap();
     cache.set_access(Access::Random);
     cache.set_access(Access::Sequential);

@@ -216,55 +216,30 @@ impl PagemapScanner {
         start: usize,
         end: usize,
     ) -> io::Result<Vec<(usize, usize)>> {
-        let mut out = Vec::new();
-        let mut regions = vec![
-            uapi::page_region {
-                start: 0,
-                end: 0,
-                categories: 0
-            };
-            512
-        ];
-        let mut s = start;
-        while s < end {
-            let mut a = uapi::pm_scan_arg {
-                size: std::mem::size_of::<uapi::pm_scan_arg>() as u64,
-                flags: (uapi::PM_SCAN_WP_MATCHING | uapi::PM_SCAN_CHECK_WPASYNC) as u64,
-                start: s as u64,
-                end: end as u64,
-                walk_end: 0,
-                vec: regions.as_mut_ptr() as u64,
-                vec_len: regions.len() as u64,
-                max_pages: 0,
-                category_inverted: 0,
-                category_mask: uapi::PAGE_IS_WRITTEN as u64,
-                category_anyof_mask: 0,
-                return_mask: uapi::PAGE_IS_WRITTEN as u64,
-            };
-            // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` whose `vec` points at
-            // `regions.len()` writable `page_region`s, which `regions` is; it only reads page
-            // tables of this process and write-protects the scanned range.
-            let n = unsafe { libc::ioctl(self.fd.as_raw_fd(), OP_PAGEMAP_SCAN as _, &mut a) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            for r in &regions[..n as usize] {
-                out.push((r.start as usize, r.end as usize));
-            }
-            if a.walk_end as usize <= s {
-                break;
-            }
-            s = a.walk_end as usize;
-        }
-        Ok(out)
+        self.scan(
+            start,
+            end,
+            (uapi::PM_SCAN_WP_MATCHING | uapi::PM_SCAN_CHECK_WPASYNC) as u64,
+            uapi::PAGE_IS_WRITTEN as u64,
+        )
     }
-}
 
-impl PagemapScanner {
     /// The parts of `start..end` that the kernel maps with large page-table entries
     /// (`PAGE_IS_HUGE`: a PMD-mapped transparent huge page, or hugetlb), as address ranges.
     /// Scans only: nothing is protected.
     pub fn huge_mapped(&self, start: usize, end: usize) -> io::Result<Vec<(usize, usize)>> {
+        self.scan(start, end, 0, uapi::PAGE_IS_HUGE as u64)
+    }
+
+    /// The ranges of `start..end` whose pages are in every category of `category` (as address
+    /// ranges), scanned with `flags` (`PAGEMAP_SCAN`, 512 ranges per call until the walk ends).
+    fn scan(
+        &self,
+        start: usize,
+        end: usize,
+        flags: u64,
+        category: u64,
+    ) -> io::Result<Vec<(usize, usize)>> {
         let mut out = Vec::new();
         let mut regions = vec![
             uapi::page_region {
@@ -278,7 +253,7 @@ impl PagemapScanner {
         while s < end {
             let mut a = uapi::pm_scan_arg {
                 size: std::mem::size_of::<uapi::pm_scan_arg>() as u64,
-                flags: 0,
+                flags,
                 start: s as u64,
                 end: end as u64,
                 walk_end: 0,
@@ -286,13 +261,14 @@ impl PagemapScanner {
                 vec_len: regions.len() as u64,
                 max_pages: 0,
                 category_inverted: 0,
-                category_mask: uapi::PAGE_IS_HUGE as u64,
+                category_mask: category,
                 category_anyof_mask: 0,
-                return_mask: uapi::PAGE_IS_HUGE as u64,
+                return_mask: category,
             };
             // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` whose `vec` points at
-            // `regions.len()` writable `page_region`s, which `regions` is; without flags it only
-            // reads page tables of this process.
+            // `regions.len()` writable `page_region`s, which `regions` is; it reads page tables
+            // of this process and, with PM_SCAN_WP_MATCHING (`written_and_reprotect` only),
+            // write-protects what it matches.
             let n = unsafe { libc::ioctl(self.fd.as_raw_fd(), OP_PAGEMAP_SCAN as _, &mut a) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
