@@ -159,22 +159,11 @@ impl FileCache {
         while let Some((s, e, stale, want)) = self.take_window() {
             let n = (e - s) as usize * PAGE_SIZE;
             let buf = &mut buf[..n];
-            let mut got = 0;
-            let mut failed = false;
-            while got < want {
-                match self
-                    .backend
-                    .read_at(s * PAGE + got as u64, &mut buf[got..want])
-                {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
+            let read = self.read_file(s * PAGE, &mut buf[..want]);
+            let (got, failed) = match read {
+                Ok(got) => (got, false),
+                Err(_) => (0, true),
+            };
             buf[got..].fill(0);
             let mut st = lock(&self.st);
             st.ahead.in_flight = None;

@@ -702,18 +702,9 @@ impl FileCache {
             let want = (st.disk_size.min(st.size))
                 .saturating_sub(c * PAGE)
                 .min(buf.len() as u64) as usize;
-            let mut got = 0;
-            while got < want {
-                match self
-                    .backend
-                    .read_at(c * PAGE + got as u64, &mut buf[got..want])
-                {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(err) => return Err(Error::os("read file", err)),
-                }
-            }
+            let got = self
+                .read_file(c * PAGE, &mut buf[..want])
+                .map_err(os("read file"))?;
             buf[got..].fill(0);
             self.stage(c * PAGE, buf).map_err(os("fill the cache"))?;
             // The cache holds these bytes now: the kernel's copy may go (held once).
@@ -725,6 +716,21 @@ impl FileCache {
             c += n;
         }
         Ok(())
+    }
+
+    /// Reads the file at `off` into `buf` until it is full or the file ends (interrupted reads
+    /// retried); returns the bytes read.
+    fn read_file(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.backend.read_at(off + got as u64, &mut buf[got..]) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(got)
     }
 
     /// Evicts clean pages (oldest fill first, never those in `keep` nor mapped ones) while over
