@@ -268,3 +268,61 @@ fn forks_race_direct_munmaps() {
     space.cpu_read(a, &mut back).unwrap();
     assert!(back == pattern(N * PAGE, |i| word(i as usize)));
 }
+
+/// Device-coherent pages after a fork (the parent's are write-protected and marked: space
+/// module `fork`). A device that mapped them writable before the fork, and a mirror made after
+/// it, write them again (found by review: the device's store hit the protection inside a
+/// no-fault zone and aborted the process); once the child is gone the parent's store keeps
+/// them where they are, as the kernel reuses a page that is no longer shared. Both fault modes.
+#[test]
+fn coherent_pages_take_device_and_cpu_stores_after_a_fork() {
+    let _w = watchdog("coherent_after_fork", 60);
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let space = small_space();
+        let dev = SoftDevice::new(DeviceConfig {
+            kind: MemoryKind::Coherent,
+            capacity: 16 << 20,
+        })
+        .unwrap();
+        let m = dev.mirror(&space).unwrap();
+        let pages = 16;
+        let len = pages * PAGE;
+        let opts = MapOptions {
+            mode,
+            ..MapOptions::default()
+        };
+        let a = space.map_anon_with(len, opts).unwrap();
+        space.cpu_write(a, &pattern(len, |i| i)).unwrap();
+        assert_eq!(
+            m.migrate_range_to_device(a, len).unwrap().cpages,
+            pages as u64
+        );
+        m.write(a, len, &pattern(len, |i| i ^ 1)).unwrap();
+        // SAFETY: the child does nothing and exits.
+        let st = unsafe { hetmem::sys::fork_and_wait(|| 0) }.unwrap();
+        assert_eq!(st, ChildExit::Exited(0));
+        at(format!("{mode:?}: the device writes again after the fork"));
+        m.write(a, len / 2, &pattern(len / 2, |i| i ^ 2)).unwrap();
+        let m2 = dev.mirror(&space).unwrap();
+        m2.write(a.add(len / 2), len / 4, &pattern(len / 4, |i| i ^ 3))
+            .unwrap();
+        at(format!("{mode:?}: the CPU stores, the child gone"));
+        space
+            .cpu_write(a.add(3 * len / 4), &pattern(len / 4, |i| i ^ 4))
+            .unwrap();
+        assert_eq!(
+            space.residency(a.add(3 * len / 4)),
+            Residency::Coherent(dev.owner()),
+            "{mode:?}: a page no longer shared stays where it is"
+        );
+        let mut want = pattern(len / 2, |i| i ^ 2);
+        want.extend(pattern(len / 4, |i| i ^ 3));
+        want.extend(pattern(len / 4, |i| i ^ 4));
+        let mut back = vec![0u8; len];
+        space.cpu_read(a, &mut back).unwrap();
+        assert_eq!(back, want, "{mode:?}: the CPU reads every store");
+        let mut d = vec![0u8; len];
+        m.read(a, len, &mut d).unwrap();
+        assert_eq!(d, want, "{mode:?}: the device reads every store");
+    }
+}

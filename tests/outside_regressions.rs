@@ -981,3 +981,55 @@ fn a_device_access_to_a_page_dropped_by_a_direct_madvise_reads_what_the_kernel_g
         "the file's bytes, as the kernel gives a dropped private page"
     );
 }
+
+/// The program removes pages of a shared file mapping itself (`madvise(MADV_REMOVE)`, which
+/// punches the mapping's backing file: here the cache's memfd, behind the cache's back). Found
+/// from outside: the cache went on holding the pages, every access to them faulted, found them
+/// "cached", filled nothing, and faulted again, for good. Followed now as the kernel's
+/// removal from a mapping of the file: the pages read zeros (through both kinds of shared
+/// mapping, and `read_at`), the file has a hole there after `fsync` (a dirty page's data is
+/// gone), the pages around keep their bytes, and stores to the removed pages reach the file.
+#[test]
+fn a_programs_madvise_remove_of_a_shared_file_mapping_punches_and_never_hangs() {
+    let _w = watchdog("madvise_remove_file", 30);
+    for intercept in [false, true] {
+        let name = format!("o-remove-{intercept}");
+        let f = TempFile::new(&name, &vec![0x11u8; 16 * PAGE]);
+        let cache = FileCache::open(&f.0, true, CacheConfig::default()).unwrap();
+        let h = cache.handle();
+        let space = small_space();
+        let opts = FileMapOptions {
+            prot: Prot::ReadWrite,
+            shared: true,
+            intercept_stores: intercept,
+        };
+        let a = space.map_file_with(&h, 0, 16 * PAGE, opts).unwrap();
+        space.cpu_write(a.add(4 * PAGE), b"dirty page").unwrap();
+        let mut b = vec![0u8; 16 * PAGE];
+        space.cpu_read(a, &mut b).unwrap();
+        // SAFETY: the test's own shared file mapping; no Rust object lives there.
+        let r =
+            unsafe { libc::madvise(a.add(3 * PAGE).get() as *mut _, 4 * PAGE, libc::MADV_REMOVE) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        at(format!(
+            "intercept {intercept}: reads after the program's MADV_REMOVE"
+        ));
+        space.cpu_read(a, &mut b).unwrap();
+        let mut want = vec![0x11u8; 16 * PAGE];
+        want[3 * PAGE..7 * PAGE].fill(0);
+        assert_eq!(b, want, "intercept {intercept}: through the mapping");
+        assert!(cache.stats().pages_removed_by_program >= 1);
+        let mut back = vec![0u8; 16 * PAGE];
+        assert_eq!(h.read_at(0, &mut back).unwrap(), 16 * PAGE);
+        assert_eq!(back, want, "intercept {intercept}: read_at");
+        h.fsync().unwrap();
+        assert_eq!(
+            f.disk(),
+            want,
+            "intercept {intercept}: the file after fsync"
+        );
+        space.cpu_write(a.add(5 * PAGE), b"again").unwrap();
+        h.fsync().unwrap();
+        assert_eq!(&f.disk()[5 * PAGE..5 * PAGE + 5], b"again");
+    }
+}

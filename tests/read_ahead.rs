@@ -327,3 +327,87 @@ fn the_access_advice_reaches_the_backend() {
     assert_eq!(cache.handle().read_at(0, &mut b).unwrap(), 4 * PAGE);
     assert_eq!(b, content(4));
 }
+
+/// A device reads a page that the read-ahead was assigned two windows past the one it is
+/// reading: its fault waits until that page's own window is staged, and reads the file's bytes
+/// (found by review: it waited for the next window only, was told the page was there, found it
+/// missing twice and failed with EFAULT).
+#[test]
+fn a_device_read_ahead_of_the_read_ahead_waits_for_its_own_window() {
+    let _w = watchdog("read_ahead_device", 60);
+    let pages = 4096;
+    let want = content(pages);
+    let f = TempFile::new("ra-device", &want);
+    let (asked_tx, asked) = mpsc::channel();
+    let (permit, permits) = mpsc::channel::<()>();
+    let backend = PacedFile {
+        inner: StdFile(std::fs::File::open(&f.0).unwrap()),
+        pace: Mutex::new((asked_tx, permits)),
+    };
+    let cache = FileCache::with_backend(Box::new(backend), false, CacheConfig::default()).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let dev = SoftDevice::private(16 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space
+        .map_file(&h, 0, pages * PAGE, Prot::Read, true)
+        .unwrap();
+    // In order through the first 3 MiB: the fault at page 511 fills 2 MiB (to page 1023) and
+    // hands the next 8 MiB to the read-ahead.
+    let got = read_in_order(&space, a, 3 << 20, &AtomicUsize::new(usize::MAX));
+    assert_eq!(&got[..], &want[..3 << 20]);
+    let first = asked
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the read-ahead never read") as usize
+        / PAGE;
+    let p = first + 2 * 512 + 10;
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut one = vec![0u8; PAGE];
+            m.read(a.add(p * PAGE), PAGE, &mut one).map(|_| one)
+        });
+        at("waiting for the device's fault to wait");
+        while cache.stats().read_ahead_waits == 0 {
+            std::thread::yield_now();
+        }
+        for _ in 0..8 {
+            permit.send(()).unwrap();
+        }
+        let one = reader.join().unwrap().expect("the device read");
+        assert_eq!(&one[..], &want[p * PAGE..(p + 1) * PAGE], "page {p}");
+    });
+}
+
+/// The real file; each of the read-ahead thread's reads says where it reads and waits for a
+/// permit.
+#[derive(Debug)]
+struct PacedFile {
+    inner: StdFile,
+    pace: Mutex<(mpsc::Sender<u64>, mpsc::Receiver<()>)>,
+}
+
+impl FileBackend for PacedFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if std::thread::current().name() == Some("hetmem-readahead") {
+            let pace = self.pace.lock().unwrap();
+            let _ = pace.0.send(off);
+            let _ = pace.1.recv();
+        }
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write_at(off, buf)
+    }
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        self.inner.sync(data_only)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(off, len)
+    }
+}

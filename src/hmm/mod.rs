@@ -327,6 +327,17 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
             space.make_present(&mut st, a)?;
             pte = st.pte(a).expect("still mapped");
         }
+        if pte.fork_cow() {
+            if want_write {
+                // A device store to a coherent page shared with a forked child: as a CPU
+                // store (`SpaceCore::resolve_fork_cow`).
+                space.resolve_fork_cow(&mut st, a)?;
+                pte = st.pte(a).expect("still mapped");
+            } else {
+                // Read-only until then: a device's store must fault.
+                writable = false;
+            }
+        }
         if want_write && pte.replicated() {
             // A device store to a page devices hold read-only replicas of: every replica goes
             // first (the invalidation sends the caller round again, to map the page writable).

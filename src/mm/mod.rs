@@ -270,6 +270,12 @@ pub trait Mm: Send + Sync {
         let _ = r;
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
+    /// Whether page `a` is mapped by another process too (shared copy-on-write with a forked
+    /// child that still maps it). Without a way to tell: true (the careful answer).
+    fn page_shared(&self, a: VirtAddr) -> bool {
+        let _ = a;
+        true
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1188,6 +1194,10 @@ impl Mm for KernelMm {
 
     fn pages_with_data(&self, r: VaRange) -> io::Result<Vec<bool>> {
         self.res.pages_with_data(self.off(r.start), r.len())
+    }
+
+    fn page_shared(&self, a: VirtAddr) -> bool {
+        self.res.page_shared(self.off(a)).unwrap_or(true)
     }
 
     fn register_adopted(&self, r: VaRange, mode: FaultMode) -> io::Result<()> {

@@ -15,9 +15,11 @@
 //! (`FileCache::begin_removal`: truncate, hole punch, direct write, memory failure, device
 //! placement), so a read that raced with any of them is dropped, never staged; its pages are
 //! filled afresh by whoever needs them next. Nothing waits for the thread but faults whose page
-//! it was assigned ([`Ahead::covers`]): they wait for its next window to end (staged or
-//! dropped) on `FileCache::ahead_wait`, a mutex and condition variable outside the lock watch
-//! (as `flush_wait`), holding no cache lock, and retry their access.
+//! it was assigned ([`Ahead::covers`]): they wait on `FileCache::ahead_wait`, a mutex and
+//! condition variable outside the lock watch (as `flush_wait`), with the cache lock released,
+//! window after window until their page is no longer assigned (staged, or dropped and then
+//! filled by the fault itself). A CPU fault holds no other lock meanwhile; a device's fault
+//! (`range_fault`) and a pin hold their space's lock, as they do across a fill of their own.
 
 use super::*;
 

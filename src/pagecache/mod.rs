@@ -157,6 +157,9 @@ struct CacheState {
     ahead: ahead::Ahead,
     /// How mappings access the file ([`FileCache::set_access`]).
     access: Access,
+    /// Pages found removed from the memfd behind the cache's back (the program's
+    /// `madvise(MADV_REMOVE)`), to follow with no lock held ([`FileCache::wait_for_removal`]).
+    removed_behind: Option<(u64, u64)>,
 }
 
 /// The state of a writeback asked of the background thread by stores at the dirty bound.
@@ -321,6 +324,12 @@ pub struct CacheStats {
     /// Windows the read-ahead read and dropped: the file or the memfd failed, or a page of the
     /// window changed (a write, a removal) while it was read, which would have made it stale.
     pub read_ahead_dropped: u64,
+    /// Faults (CPU or device) that waited for the read-ahead to read their page.
+    pub read_ahead_waits: u64,
+    /// Pages the program removed from a shared mapping behind the cache's back
+    /// (`madvise(MADV_REMOVE)`), followed as a hole punch (see
+    /// docs/filesystem-contract.md).
+    pub pages_removed_by_program: u64,
 }
 
 /// One file's page cache (see the module doc).
@@ -572,6 +581,7 @@ impl FileCache {
                 poisoned: std::collections::BTreeSet::new(),
                 ahead: ahead::Ahead::default(),
                 access: Access::Normal,
+                removed_behind: None,
             }),
             rmap_id: AtomicU32::new(0),
         }))
@@ -1053,30 +1063,51 @@ impl FileCache {
     /// any other fault fills its own 4 KiB page only (a random access would pay for the 64 KiB
     /// around it: `hetmem bench`, `file_rand_read_4k_us`, 140 → 70 µs cold), unless the cache
     /// was told otherwise ([`FileCache::set_access`]). Returns `PastEof` when `p` is past the
-    /// end of file (the access must get SIGBUS).
-    pub(crate) fn fault_fill(&self, p: u64) -> Result<Fill> {
+    /// end of file (the access must get SIGBUS). `missing`: the access faulted on a missing
+    /// page (a CPU fault; a device's or a pin's asks whatever the page's state), so that a page
+    /// the cache holds was removed behind its back (`note_removed_behind`).
+    pub(crate) fn fault_fill(&self, p: u64, missing: bool) -> Result<Fill> {
         use ahead::{AheadStep, MAX_WINDOW};
-        let mut st = lock(&self.st);
-        if p >= st.pages.len() {
-            return Ok(Fill::PastEof);
-        }
-        if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
-            return Ok(Fill::Busy);
-        }
-        // Lost to a memory failure: the access gets SIGBUS (a device's, EIO).
-        Self::check_not_lost(&st, p, p + 1)?;
-        if st.pages.slot(p).is_some_and(|s| !s.coherent) {
-            return Ok(Fill::Device);
-        }
         let me = self as *const FileCache as usize;
-        if let AheadStep::Wait(seen) = self.ahead_step(&mut st, p) {
-            // The read-ahead thread is reading it: wait for its next window (no lock held),
-            // then retry the access. This thread's run goes on where the assignment ends.
+        let mut st = lock(&self.st);
+        let mut waited = false;
+        loop {
+            if p >= st.pages.len() {
+                return Ok(Fill::PastEof);
+            }
+            if st.blocked.iter().any(|&(f, l)| f <= p && p < l) {
+                return Ok(Fill::Busy);
+            }
+            // Lost to a memory failure: the access gets SIGBUS (a device's, EIO).
+            Self::check_not_lost(&st, p, p + 1)?;
+            if st.pages.slot(p).is_some_and(|s| !s.coherent) {
+                return Ok(Fill::Device);
+            }
+            let AheadStep::Wait(seen) = self.ahead_step(&mut st, p) else {
+                break;
+            };
+            // The read-ahead thread was assigned it: wait for its windows to end, with the
+            // cache's lock released (a device's fault waits holding its space's lock, as it
+            // would across a fill of its own), until the page is no longer assigned (staged,
+            // or dropped and left to this fill). This thread's run goes on where the
+            // assignment ends.
             let until = st.ahead.until;
+            st.stats.read_ahead_waits += 1;
             drop(st);
             self.wait_ahead(seen);
             FILE_FAULT_AROUND.with(|c| c.set((me, until, MAX_WINDOW)));
+            st = lock(&self.st);
+            waited = true;
+        }
+        if waited && st.pages.get(p) != PageState::Uncached {
+            // Staged by the read-ahead: the access retries, the run as it is.
             return Ok(Fill::Filled);
+        }
+        if missing && st.pages.get(p) != PageState::Uncached && self.note_removed_behind(&mut st, p)
+        {
+            // A page the cache holds faulted as missing: the program removed it (the caller
+            // follows that with no lock held, `wait_for_removal`, and retries).
+            return Ok(Fill::Busy);
         }
         // The faulting thread's run (per thread: two threads reading sequentially must not break
         // each other's runs), keyed by this cache.
@@ -1224,6 +1255,11 @@ impl FileCache {
             // On a device, or replicated there: settled first (`settle(p, _, true)`).
             return Ok(StoreFault::Device);
         }
+        if !device && st.pages.get(p) == PageState::Dirty && self.note_removed_behind(&mut st, p) {
+            // A CPU store faulted on a dirty page (which stores reach without faulting): the
+            // program removed it. Followed with no lock held (`settle` does).
+            return Ok(StoreFault::Device);
+        }
         self.fill(&mut st, p, p + 1)?;
         if let Some(f) = self.dirty_one(&mut st, p) {
             return Ok(f);
@@ -1362,7 +1398,77 @@ impl FileCache {
     /// Waits until the page removal in progress (if any) has ended: a fill of a blocked page
     /// can then be tried again. Called with no lock held.
     pub(crate) fn wait_for_removal(&self) {
+        let run = lock(&self.st).removed_behind.take();
+        if let Some((s, e)) = run {
+            self.follow_removed_behind(s, e);
+        }
         drop(lock(&self.removal));
+    }
+
+    /// The run of pages from `p` on that the cache holds (clean or dirty, in the memfd) and the
+    /// memfd no longer has: removed behind the cache's back. `None` when `p` is not one.
+    fn removed_run(&self, st: &CacheState, p: u64) -> Option<(u64, u64)> {
+        let held = |q: u64| {
+            matches!(st.pages.get(q), PageState::Clean | PageState::Dirty)
+                && st.pages.slot(q).is_none_or(|s| s.coherent)
+        };
+        if !held(p) {
+            return None;
+        }
+        let len = st.pages.len();
+        let hole_end = match self.memfd.data_from(p * PAGE) {
+            Ok(Some(at)) if at / PAGE <= p => return None,
+            Ok(Some(at)) => (at / PAGE).min(len),
+            Ok(None) => len,
+            Err(_) => return None,
+        };
+        let mut e = p + 1;
+        while e < hole_end && held(e) {
+            e += 1;
+        }
+        Some((p, e))
+    }
+
+    /// A fault found page `p`, which the cache holds, missing from the memfd: records the run
+    /// removed behind the cache's back for [`Self::wait_for_removal`] to follow. False when
+    /// the page is there.
+    fn note_removed_behind(&self, st: &mut CacheState, p: u64) -> bool {
+        let Some((s, e)) = self.removed_run(st, p) else {
+            return false;
+        };
+        st.removed_behind = Some(match st.removed_behind {
+            Some((a, b)) => (a.min(s), b.max(e)),
+            None => (s, e),
+        });
+        true
+    }
+
+    /// Follows the program's removal of pages within `s..e` from a shared mapping
+    /// (`madvise(MADV_REMOVE)`, which punches the mapping's backing file: here the cache's
+    /// memfd, behind the cache's back; the memfd is not the file, so without this the cache
+    /// went on holding pages it no longer had, and their faults found them "cached" and filled
+    /// nothing, for good: found from outside, a hang). As the kernel's removal from a mapping of
+    /// the file would: the pages leave the cache and the file's range is punched (they read
+    /// zeros from now on), as a hole punch does (two phases: device mappings invalidated
+    /// first). Only the pages still held and still missing from the memfd go.
+    fn follow_removed_behind(&self, s: u64, e: u64) {
+        let mut st = self.begin_removal(s, e);
+        self.collect_written(&mut st);
+        let e = e.min(st.pages.len());
+        let mut q = s;
+        while q < e {
+            let Some((a, b)) = self.removed_run(&st, q) else {
+                q += 1;
+                continue;
+            };
+            let b = b.min(e);
+            if self.backend.has_storage() && self.writable {
+                let _ = self.backend.punch(a * PAGE, (b - a) * PAGE);
+            }
+            let _ = self.drop_pages(&mut st, a, b);
+            st.stats.pages_removed_by_program += b - a;
+            q = b;
+        }
     }
 
     /// Whether file page `p` must be settled ([`Self::settle`]) before the CPU can use it: it

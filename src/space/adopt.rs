@@ -138,8 +138,16 @@ impl Space {
                     if *has {
                         let a = s + k * PAGE_SIZE;
                         let unit = a & !(LARGE_PAGE_SIZE - 1);
-                        // Large only where the whole unit is inside this piece and huge-mapped.
-                        let large = unit >= s && unit + LARGE_PAGE_SIZE <= e && in_huge(unit);
+                        // Large only where the whole unit is inside this piece, huge-mapped, and
+                        // every page of it held data when scanned (a unit collapsed between the
+                        // two scans stays base pages, as its empty entries say).
+                        let u = (unit - r.start.get()) / PAGE_SIZE;
+                        let large = unit >= s
+                            && unit + LARGE_PAGE_SIZE <= e
+                            && in_huge(unit)
+                            && has_data[u..u + LARGE_PAGE_SIZE / PAGE_SIZE]
+                                .iter()
+                                .all(|&d| d);
                         *p = Pte::present(large, *p);
                     }
                 }

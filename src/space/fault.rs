@@ -194,7 +194,7 @@ impl SpaceCore {
             // never holds up the other faults and migrations of the space (if the mapping goes
             // away meanwhile, the retried access faults as on any unmapped address).
             drop(st);
-            return match cache.fault_fill(page) {
+            return match cache.fault_fill(page, true) {
                 Ok(Fill::Filled) => true,
                 Ok(Fill::Busy) => {
                     // Being removed: wait for the removal to end (no lock held), then retry.
@@ -291,12 +291,8 @@ impl SpaceCore {
                         }
                     };
                 }
-                if write && pte.fork_cow() {
-                    // A store of the parent's to a coherent page it shares copy-on-write with a
-                    // forked child (write-protected after the fork: module `fork`): the
-                    // kernel's copy-on-write copy lands in system memory, so the page goes
-                    // there first; the protection goes below and the kernel copies it.
-                    self.demote_coherent_as(&mut st, a, EventKind::Migrate);
+                if write && pte.fork_cow() && self.resolve_fork_cow(&mut st, a).is_err() {
+                    return unserved("a store to a page shared with a forked child");
                 }
                 if write && pte.replicated() {
                     // A store to a page devices hold read-only replicas of: they go first
@@ -763,7 +759,7 @@ impl SpaceCore {
         }
         if let Some((cache, page)) = st.file_page(a) {
             // A file page is present once it is in the cache (any mapping then maps it).
-            return match cache.fault_fill(page)? {
+            return match cache.fault_fill(page, false)? {
                 Fill::Filled => Ok(()),
                 Fill::PastEof => Err(Error::NotMapped { addr: a }),
                 // Being removed, or in device-private memory: the caller (range_fault, pin)
@@ -889,6 +885,36 @@ impl SpaceCore {
     /// copy.
     pub(crate) fn demote_coherent(&self, st: &mut SpaceState, a: VirtAddr) {
         self.demote_coherent_as(st, a, EventKind::Migrate)
+    }
+
+    /// A store (the CPU's or a device's) to a coherent page the CPU shares copy-on-write with a
+    /// forked child (`Pte::fork_cow`, write-protected after the fork: module `fork`). While the
+    /// child still maps the page, it moves to system memory first, where the kernel's
+    /// copy-on-write copy lands (as the kernel's own device-coherent pages, whose copies are
+    /// system pages); once it is the parent's alone again (the child exited or wrote its own
+    /// copy), it stays where it is. Either way the mark and the protection go (the whole unit
+    /// of a large page).
+    pub(crate) fn resolve_fork_cow(&self, st: &mut SpaceState, a: VirtAddr) -> Result<()> {
+        let Some(pte) = st.pte(a) else {
+            return Ok(());
+        };
+        if !pte.fork_cow() {
+            return Ok(());
+        }
+        let unit = unit_range(a, pte.large());
+        if self.mm.page_shared(a) {
+            self.demote_coherent_as(st, a, EventKind::Migrate);
+        }
+        for q in 0..unit.pages() {
+            let b = unit.start.add(q * PAGE_SIZE);
+            if let Some(p) = st.pte(b) {
+                st.set_pte(b, p.without_fork_cow());
+            }
+        }
+        let mode = st.vma(a).ok_or(Error::NotMapped { addr: a })?.mode;
+        self.mm
+            .write_protect(unit, false, mode)
+            .map_err(|e| Error::os("a store to a page shared with a forked child", e.into()))
     }
 
     /// [`Self::demote_coherent`], recorded in the trace as `kind`.

@@ -24,10 +24,13 @@
 //! The parent's placement is unchanged by a fork; the price is one copy of each device-resident
 //! page per fork (a `fork` + `exec` pays it too). Pages in device-coherent memory are CPU pages
 //! (in the emulation, the coherent frame is the CPU page): the child shares them copy-on-write
-//! as any. The parent's are write-protected after the fork and marked (`Pte::fork_cow`), so
-//! that its first store to one faults to hetmem, which moves the page to system memory before
-//! the kernel's copy-on-write copies it: as with the kernel, whose copy lands in system memory
-//! (a snapshot then reads WRITE). A raw `clone` system call runs no
+//! as any. The parent's are write-protected after the fork and marked (`Pte::fork_cow`), and
+//! devices lose write access to them; the first store to one (the CPU's or a device's) faults
+//! to hetmem, which, while the child still maps the page, moves it to system memory before the
+//! kernel's copy-on-write copies it, as with the kernel, whose copy lands in system memory (a
+//! snapshot then reads WRITE); a page the parent holds alone again (the child exited or wrote
+//! its own copy) stays where it is (`SpaceCore::resolve_fork_cow`). A raw `clone` system call
+//! runs no
 //! handler: pages in device memory then read zeros in the child. A device writing its own
 //! device-private frames during a fork is not held up: the child sees the page as copied.
 //!
@@ -299,6 +302,10 @@ impl SpaceCore {
             if self.mm.write_protect(r, true, mode).is_err() {
                 continue;
             }
+            // Devices that map the pages writable lose that (as the kernel's fork invalidates
+            // the parent's copy-on-write pages): their next store faults and is resolved as a
+            // CPU store (`SpaceCore::resolve_fork_cow`).
+            self.invalidate(&st, r, NotifyEvent::ProtectionPage, None);
             for p in 0..r.pages() {
                 let a = r.start.add(p * PAGE_SIZE);
                 if let Some(pte) = st.pte(a) {

@@ -135,6 +135,10 @@ impl Pte {
     pub(crate) fn with_fork_cow(self) -> Pte {
         Pte(self.0 | F_FORK_COW)
     }
+    /// The entry without the FORK_COW mark.
+    pub(crate) fn without_fork_cow(self) -> Pte {
+        Pte(self.0 & !F_FORK_COW)
+    }
     /// The device frame this entry holds, if any: (pagemap, frame, large). For Exclusive pages
     /// the frame is in the stash (not in `pagemap`).
     pub(crate) fn device_frame(self) -> Option<(PagemapId, FrameIdx, bool)> {

@@ -176,6 +176,16 @@ impl Memfd {
         Ok(())
     }
 
+    /// Where the memfd next holds a page at or after `off` (`SEEK_DATA`): `off` itself when it
+    /// holds one there, `None` when it holds none from `off` on.
+    pub fn data_from(&self, off: u64) -> io::Result<Option<u64>> {
+        match rustix::fs::seek(&self.fd, rustix::fs::SeekFrom::Data(off)) {
+            Ok(at) => Ok(Some(at)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Frees `off..off + len` (`FALLOC_FL_PUNCH_HOLE | KEEP_SIZE`): the bytes read as zeros and
     /// their memory is returned.
     pub fn punch(&self, off: u64, len: u64) -> io::Result<()> {

@@ -523,6 +523,25 @@ impl Region {
         !self.owned
     }
 
+    /// Whether the page at `off` is present and mapped by another process too (pagemap's
+    /// exclusive bit, 56, clear: shared copy-on-write with a forked child that still maps it).
+    /// Allocates nothing (a fault path asks).
+    pub fn page_shared(&self, off: usize) -> io::Result<bool> {
+        self.check(off, PAGE_SIZE)?;
+        let f = rustix::fs::open(
+            c"/proc/self/pagemap",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let mut e = [0u8; 8];
+        let n = rustix::io::pread(&f, &mut e, ((self.base + off) / PAGE_SIZE * 8) as u64)?;
+        if n != 8 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let e = u64::from_ne_bytes(e);
+        Ok(e >> 63 & 1 == 1 && e >> 56 & 1 == 0)
+    }
+
     /// For each page of `off..off + len` of this region: whether it holds data (present, or
     /// swapped out), from `/proc/self/pagemap`. A page that holds none reads zeros.
     pub fn pages_with_data(&self, off: usize, len: usize) -> io::Result<Vec<bool>> {
