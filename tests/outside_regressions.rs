@@ -1033,3 +1033,31 @@ fn a_programs_madvise_remove_of_a_shared_file_mapping_punches_and_never_hangs() 
         assert_eq!(&f.disk()[5 * PAGE..5 * PAGE + 5], b"again");
     }
 }
+
+/// The same for shared anonymous memory (a cache without a file): the removed pages read zeros
+/// on the CPU and the device alike, and take stores again.
+#[test]
+fn a_programs_madvise_remove_of_shared_anonymous_memory_reads_zeros_and_never_hangs() {
+    let _w = watchdog("madvise_remove_shared_anon", 30);
+    let space = small_space();
+    let (a, cache) = space.map_shared_anon(16 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &vec![0x22u8; 16 * PAGE]).unwrap();
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    // SAFETY: the test's own shared mapping; no Rust object lives there.
+    let r = unsafe { libc::madvise(a.add(4 * PAGE).get() as *mut _, 4 * PAGE, libc::MADV_REMOVE) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    at("reads after the program's MADV_REMOVE");
+    let mut b = vec![0u8; 16 * PAGE];
+    space.cpu_read(a, &mut b).unwrap();
+    let mut want = vec![0x22u8; 16 * PAGE];
+    want[4 * PAGE..8 * PAGE].fill(0);
+    assert_eq!(b, want);
+    assert_eq!(cache.stats().pages_removed_by_program, 4);
+    let mut d = vec![0u8; 16 * PAGE];
+    m.read(a, 16 * PAGE, &mut d).unwrap();
+    assert_eq!(d, want, "the device reads the same");
+    space.cpu_write(a.add(5 * PAGE), b"again").unwrap();
+    m.read(a.add(5 * PAGE), PAGE, &mut d[..PAGE]).unwrap();
+    assert_eq!(&d[..5], b"again");
+}
