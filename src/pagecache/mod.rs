@@ -1415,18 +1415,32 @@ impl FileCache {
         if !held(p) {
             return None;
         }
+        if self.memfd_holds(p) {
+            return None;
+        }
         let len = st.pages.len();
-        let hole_end = match self.memfd.data_from(p * PAGE) {
-            Ok(Some(at)) if at / PAGE <= p => return None,
-            Ok(Some(at)) => (at / PAGE).min(len),
-            Ok(None) => len,
-            Err(_) => return None,
-        };
         let mut e = p + 1;
-        while e < hole_end && held(e) {
+        while e < len && held(e) && !self.memfd_holds(e) {
             e += 1;
         }
         Some((p, e))
+    }
+
+    /// Whether the memfd holds page `p` in any form (`Memfd::holds_page`). Not `SEEK_DATA`
+    /// alone: a cache without a file fills pages with `fallocate`, and `SEEK_DATA` calls such a
+    /// page a hole until it is written (found by review: threads first touching shared
+    /// anonymous memory took each other's fresh pages for removed ones and dropped them, with
+    /// stores made in between). Where the kernel has no `cachestat`: `SEEK_DATA` for a cache
+    /// over a file (its fills write the memfd), and "held" for one without (nothing is taken
+    /// for removed there).
+    fn memfd_holds(&self, p: u64) -> bool {
+        match self.memfd.holds_page(p * PAGE) {
+            Ok(h) => h,
+            Err(_) if self.backend.has_storage() => {
+                matches!(self.memfd.data_from(p * PAGE), Ok(Some(at)) if at / PAGE <= p)
+            }
+            Err(_) => true,
+        }
     }
 
     /// A fault found page `p`, which the cache holds, missing from the memfd: records the run

@@ -186,6 +186,48 @@ impl Memfd {
         }
     }
 
+    /// Whether the memfd holds the page at `off` in any form: in memory (written, or only
+    /// allocated by `fallocate`) or swapped out (`cachestat(2)`, Linux 6.5: its cached and
+    /// evicted counts). An error where the kernel has no `cachestat` (ENOSYS).
+    pub fn holds_page(&self, off: u64) -> io::Result<bool> {
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        const SYS_CACHESTAT: libc::c_long = 451;
+        let r = Range {
+            off,
+            len: crate::addr::PAGE_SIZE as u64,
+        };
+        let mut c = Stat::default();
+        // SAFETY: cachestat(fd, range, out, flags) reads one `struct cachestat_range` and writes
+        // one `struct cachestat`, both `repr(C)` locals with the kernel's layout (five and two
+        // u64s); flags must be 0. It changes nothing.
+        let n = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.fd.as_raw_fd(),
+                &r as *const Range,
+                &mut c as *mut Stat,
+                0u32,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(c.nr_cache + c.nr_evicted > 0)
+    }
+
     /// Frees `off..off + len` (`FALLOC_FL_PUNCH_HOLE | KEEP_SIZE`): the bytes read as zeros and
     /// their memory is returned.
     pub fn punch(&self, off: u64, len: u64) -> io::Result<()> {
