@@ -1061,3 +1061,45 @@ fn a_programs_madvise_remove_of_shared_anonymous_memory_reads_zeros_and_never_ha
     m.read(a.add(5 * PAGE), PAGE, &mut d[..PAGE]).unwrap();
     assert_eq!(&d[..5], b"again");
 }
+
+/// A page the program removed (`MADV_REMOVE`) that no fault finds afterwards (the mapping is
+/// unmapped; the file is read through `read_at`): it reads zeros, and still zeros after the
+/// budget evicted it, and the file has a hole there after `fsync` (found by review: once
+/// evicted, it read the file's old bytes again).
+#[test]
+fn a_removed_page_found_only_at_eviction_stays_zeros() {
+    let _w = watchdog("madvise_remove_evicted", 30);
+    let f = TempFile::new("o-remove-evict", &vec![0x11u8; 16 * PAGE]);
+    let cfg = CacheConfig {
+        budget: 4 * PAGE,
+        ..CacheConfig::default()
+    };
+    let cache = FileCache::open(&f.0, true, cfg).unwrap();
+    let h = cache.handle();
+    let space = small_space();
+    let opts = FileMapOptions {
+        prot: Prot::ReadWrite,
+        shared: true,
+        intercept_stores: true,
+    };
+    let a = space.map_file_with(&h, 0, 16 * PAGE, opts).unwrap();
+    let mut b = vec![0u8; PAGE];
+    space.cpu_read(a.add(3 * PAGE), &mut b).unwrap();
+    // SAFETY: the test's own shared file mapping; no Rust object lives there.
+    let r = unsafe { libc::madvise(a.add(3 * PAGE).get() as *mut _, PAGE, libc::MADV_REMOVE) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    space.unmap(a, 16 * PAGE).unwrap();
+    h.read_at(3 * PAGE as u64, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "read_at of the removed page");
+    for p in 8..16u64 {
+        h.read_at(p * PAGE as u64, &mut b).unwrap();
+    }
+    cache.shrink_to_budget();
+    h.read_at(3 * PAGE as u64, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "read_at after eviction");
+    h.fsync().unwrap();
+    let disk = f.disk();
+    assert!(disk[3 * PAGE..4 * PAGE].iter().all(|&x| x == 0), "the file");
+    assert!(disk[4 * PAGE..].iter().all(|&x| x == 0x11));
+    assert_eq!(cache.stats().pages_removed_by_program, 1);
+}

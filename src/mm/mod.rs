@@ -270,10 +270,11 @@ pub trait Mm: Send + Sync {
         let _ = r;
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
-    /// Whether page `a` is mapped by another process too (shared copy-on-write with a forked
-    /// child that still maps it). Without a way to tell: true (the careful answer).
-    fn page_shared(&self, a: VirtAddr) -> bool {
-        let _ = a;
+    /// Whether a page of `r` (at most 2 MiB) may be mapped by another process too (shared
+    /// copy-on-write with a forked child that still maps it). Without a way to tell: true (the
+    /// careful answer).
+    fn range_shared(&self, r: VaRange) -> bool {
+        let _ = r;
         true
     }
 }
@@ -1196,8 +1197,10 @@ impl Mm for KernelMm {
         self.res.pages_with_data(self.off(r.start), r.len())
     }
 
-    fn page_shared(&self, a: VirtAddr) -> bool {
-        self.res.page_shared(self.off(a)).unwrap_or(true)
+    fn range_shared(&self, r: VaRange) -> bool {
+        self.res
+            .range_shared(self.off(r.start), r.len())
+            .unwrap_or(true)
     }
 
     fn register_adopted(&self, r: VaRange, mode: FaultMode) -> io::Result<()> {

@@ -760,17 +760,38 @@ impl FileCache {
                 if (keep.0..keep.1).contains(&p) || Self::mapped(st, p) {
                     continue;
                 }
-                if self.memfd.punch(p * PAGE, PAGE).is_err() {
+                if !self.evict_clean(st, p) {
                     return;
                 }
-                self.set_state(st, p, PageState::Uncached);
-                st.stats.pages_evicted += 1;
             }
             if round == 0 && st.pages.cached > budget && st.pages.dirty > 0 {
                 let all = st.pages.all_dirty();
                 let _ = self.writeback(st, &all);
             }
         }
+    }
+
+    /// Evicts clean page `p`: punched from the memfd, uncached. A clean page in system memory
+    /// that the memfd no longer holds was removed by the program behind the cache's back
+    /// (`madvise(MADV_REMOVE)`) and not found by a fault since: its file range is punched too,
+    /// so that it reads zeros from now on, as it did from the memfd (found by review: read
+    /// through `read_at`, it read zeros, then, evicted, the file's old bytes). False when the
+    /// memfd refuses the punch.
+    fn evict_clean(&self, st: &mut CacheState, p: u64) -> bool {
+        if st.pages.slot(p).is_none()
+            && self.backend.has_storage()
+            && self.writable
+            && !self.memfd_holds(p)
+        {
+            let _ = self.backend.punch(p * PAGE, PAGE);
+            st.stats.pages_removed_by_program += 1;
+        }
+        if self.memfd.punch(p * PAGE, PAGE).is_err() {
+            return false;
+        }
+        self.set_state(st, p, PageState::Uncached);
+        st.stats.pages_evicted += 1;
+        true
     }
 
     /// Writes back the given dirty pages (runs in one write each). A failing run stays dirty and
@@ -1702,10 +1723,8 @@ impl FileCache {
                 if st.pages.get(p) == PageState::Clean
                     && !writable.iter().any(|&(a, b)| a <= p && p < b)
                     && !st.pinned.contains_key(&p)
-                    && self.memfd.punch(p * PAGE, PAGE).is_ok()
+                    && self.evict_clean(&mut st, p)
                 {
-                    self.set_state(&mut st, p, PageState::Uncached);
-                    st.stats.pages_evicted += 1;
                     n += 1;
                 }
             }

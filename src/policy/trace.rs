@@ -701,16 +701,18 @@ mod tests {
             t.join().unwrap();
         }
         let got = r.take();
-        assert_eq!(r.dropped(), 0);
-        assert_eq!(got.len(), 4000);
-        // Each producer's events in its own order.
+        // Every event is in the ring or counted as dropped: the ring has room for all of them,
+        // but a producer that loses its claim `CLAIM_TRIES` times in a row drops its event (as
+        // documented; seen once in a full `cargo test` run on 2 cores, with other tests busy).
+        assert_eq!(got.len() as u64 + r.dropped(), 4000);
+        // Each producer's events in its own order (a dropped one missing).
         for t in 0..4u64 {
             let mine: Vec<u64> = got
                 .iter()
                 .filter(|e| e.file_page == t)
                 .map(|e| e.pages)
                 .collect();
-            assert_eq!(mine, (0..1000).collect::<Vec<_>>());
+            assert!(mine.windows(2).all(|w| w[0] < w[1]), "producer {t} out of order");
         }
     }
 }

@@ -902,7 +902,7 @@ impl SpaceCore {
             return Ok(());
         }
         let unit = unit_range(a, pte.large());
-        if self.mm.page_shared(a) {
+        if self.mm.range_shared(unit) {
             self.demote_coherent_as(st, a, EventKind::Migrate);
         }
         for q in 0..unit.pages() {

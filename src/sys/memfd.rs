@@ -207,7 +207,7 @@ impl Memfd {
         const SYS_CACHESTAT: libc::c_long = 451;
         let r = Range {
             off,
-            len: crate::addr::PAGE_SIZE as u64,
+            len: super::PAGE_SIZE as u64,
         };
         let mut c = Stat::default();
         // SAFETY: cachestat(fd, range, out, flags) reads one `struct cachestat_range` and writes

@@ -523,23 +523,27 @@ impl Region {
         !self.owned
     }
 
-    /// Whether the page at `off` is present and mapped by another process too (pagemap's
-    /// exclusive bit, 56, clear: shared copy-on-write with a forked child that still maps it).
-    /// Allocates nothing (a fault path asks).
-    pub fn page_shared(&self, off: usize) -> io::Result<bool> {
-        self.check(off, PAGE_SIZE)?;
+    /// Whether a page of `off..off + len` (at most 2 MiB) may be mapped by another process too:
+    /// every page present and exclusively mapped (pagemap bits 63 and 56) says no; anything
+    /// else (a page shared copy-on-write with a forked child, or swapped out, whose sharing
+    /// pagemap does not tell) says yes. Allocates nothing (a fault path asks).
+    pub fn range_shared(&self, off: usize, len: usize) -> io::Result<bool> {
+        self.check(off, len)?;
         let f = rustix::fs::open(
             c"/proc/self/pagemap",
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )?;
-        let mut e = [0u8; 8];
-        let n = rustix::io::pread(&f, &mut e, ((self.base + off) / PAGE_SIZE * 8) as u64)?;
-        if n != 8 {
+        let mut e = [0u8; 4096];
+        let n = (len / PAGE_SIZE).min(512) * 8;
+        let got = rustix::io::pread(&f, &mut e[..n], ((self.base + off) / PAGE_SIZE * 8) as u64)?;
+        if got != n {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        let e = u64::from_ne_bytes(e);
-        Ok(e >> 63 & 1 == 1 && e >> 56 & 1 == 0)
+        Ok(e[..n].chunks_exact(8).any(|w| {
+            let e = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+            !(e >> 63 & 1 == 1 && e >> 56 & 1 == 1)
+        }))
     }
 
     /// For each page of `off..off + len` of this region: whether it holds data (present, or
