@@ -712,7 +712,10 @@ mod tests {
                 .filter(|e| e.file_page == t)
                 .map(|e| e.pages)
                 .collect();
-            assert!(mine.windows(2).all(|w| w[0] < w[1]), "producer {t} out of order");
+            assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "producer {t} out of order"
+            );
         }
     }
 }
