@@ -90,12 +90,22 @@ type Gate = (mpsc::Sender<(u64, usize)>, mpsc::Receiver<()>);
 struct GatedFile {
     inner: StdFile,
     gate: Mutex<Option<Gate>>,
+    /// With it, every read of the read-ahead thread says where it reads and waits for a permit.
+    pace: Option<Mutex<Pace>>,
     told: Arc<Mutex<Vec<Access>>>,
 }
+
+/// Where a paced read reports its offset, and where it takes its permit.
+type Pace = (mpsc::Sender<u64>, mpsc::Receiver<()>);
 
 impl FileBackend for GatedFile {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
         if std::thread::current().name() == Some("hetmem-readahead") {
+            if let Some(pace) = &self.pace {
+                let pace = pace.lock().unwrap();
+                let _ = pace.0.send(off);
+                let _ = pace.1.recv();
+            }
             let gate = self.gate.lock().unwrap().take();
             if let Some((started, go)) = gate {
                 // Read first (the old bytes), then wait: the change lands after the read.
@@ -153,6 +163,7 @@ fn change_during_read_ahead(change: Change) {
     let backend = GatedFile {
         inner: StdFile(file),
         gate: Mutex::new(Some((started_tx, go_rx))),
+        pace: None,
         told: Arc::default(),
     };
     let cache = FileCache::with_backend(Box::new(backend), true, CacheConfig::default()).unwrap();
@@ -317,6 +328,7 @@ fn the_access_advice_reaches_the_backend() {
     let backend = GatedFile {
         inner: StdFile(std::fs::File::open(&f.0).unwrap()),
         gate: Mutex::new(None),
+        pace: None,
         told: told.clone(),
     };
     let cache = FileCache::with_backend(Box::new(backend), false, CacheConfig::default()).unwrap();
@@ -340,9 +352,11 @@ fn a_device_read_ahead_of_the_read_ahead_waits_for_its_own_window() {
     let f = TempFile::new("ra-device", &want);
     let (asked_tx, asked) = mpsc::channel();
     let (permit, permits) = mpsc::channel::<()>();
-    let backend = PacedFile {
+    let backend = GatedFile {
         inner: StdFile(std::fs::File::open(&f.0).unwrap()),
-        pace: Mutex::new((asked_tx, permits)),
+        gate: Mutex::new(None),
+        pace: Some(Mutex::new((asked_tx, permits))),
+        told: Arc::default(),
     };
     let cache = FileCache::with_backend(Box::new(backend), false, CacheConfig::default()).unwrap();
     let h = cache.handle();
@@ -376,38 +390,4 @@ fn a_device_read_ahead_of_the_read_ahead_waits_for_its_own_window() {
         let one = reader.join().unwrap().expect("the device read");
         assert_eq!(&one[..], &want[p * PAGE..(p + 1) * PAGE], "page {p}");
     });
-}
-
-/// The real file; each of the read-ahead thread's reads says where it reads and waits for a
-/// permit.
-#[derive(Debug)]
-struct PacedFile {
-    inner: StdFile,
-    pace: Mutex<(mpsc::Sender<u64>, mpsc::Receiver<()>)>,
-}
-
-impl FileBackend for PacedFile {
-    fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
-        if std::thread::current().name() == Some("hetmem-readahead") {
-            let pace = self.pace.lock().unwrap();
-            let _ = pace.0.send(off);
-            let _ = pace.1.recv();
-        }
-        self.inner.read_at(off, buf)
-    }
-    fn write_at(&self, off: u64, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write_at(off, buf)
-    }
-    fn sync(&self, data_only: bool) -> io::Result<()> {
-        self.inner.sync(data_only)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn punch(&self, off: u64, len: u64) -> io::Result<()> {
-        self.inner.punch(off, len)
-    }
 }
