@@ -749,15 +749,10 @@ fn serve_msgs(uffd: &Uffd) {
     while let Ok(Some(m)) = uffd.next_msg() {
         match m {
             sys::UffdMsg::Fault(f) => {
-                let page = f.addr & !(PAGE_SIZE - 1);
-                if sys::thread_fault_in_zone(page, f.write, f.wp, f.tid) {
-                    // hetmem's own copy under a lock met a page the program dropped: the
-                    // drop's zeros (the copy then reads or writes them), woken at once (also
-                    // where the page is there already: EEXIST wakes nobody).
-                    let _ = uffd.zeropage(page, PAGE_SIZE, true);
-                    let _ = uffd.wake(page, PAGE_SIZE);
+                if uffd.serve_zone_fault(&f) {
                     continue;
                 }
+                let page = f.addr & !(PAGE_SIZE - 1);
                 if sys::serve_thread_fault(page, f.write || f.wp) {
                     // It waits for a migration in flight; the space wakes it when that ends.
                     continue;

@@ -75,25 +75,13 @@ impl FileCache {
         if !self.backend.has_storage() {
             return;
         }
-        let mut bell = lock(&self.ahead_bell);
-        if bell.is_some() {
-            return;
-        }
-        let b = std::sync::Arc::new(Doorbell::default());
-        let (me, b2) = (self.me.clone(), b.clone());
-        let spawned = crate::sync::thread::Builder::new()
-            .name("hetmem-readahead".into())
-            .spawn(move || {
-                // Its own buffer, made here: the fault path never allocates for it.
-                let mut buf = vec![0u8; (MAX_WINDOW * PAGE) as usize];
-                while b2.wait() {
-                    let Some(c) = me.upgrade() else { return };
-                    c.read_ahead_round(&mut buf);
-                }
-            });
-        if spawned.is_ok() {
-            *bell = Some(b);
-        }
+        // Its own buffer, made on the thread: the fault path never allocates for it.
+        self.start_background(
+            &self.ahead_bell,
+            "hetmem-readahead",
+            || vec![0u8; (MAX_WINDOW * PAGE) as usize],
+            |c, buf| c.read_ahead_round(buf),
+        );
     }
 
     /// For a fault at page `p` (cache lock held): if the read-ahead was assigned the page,

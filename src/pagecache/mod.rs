@@ -964,24 +964,44 @@ impl FileCache {
             Self::prepare_for_faults(&mut st, first, first + pages);
             st.mappings.push(rec);
         }
-        let mut ev = lock(&self.evictor);
-        if ev.is_none() {
-            let bell = std::sync::Arc::new(Doorbell::default());
-            let (me, b2) = (self.me.clone(), bell.clone());
-            let spawned = crate::sync::thread::Builder::new()
-                .name("hetmem-evict".into())
-                .spawn(move || {
-                    while b2.wait() {
-                        let Some(c) = me.upgrade() else { return };
-                        c.background_round();
-                    }
-                });
-            if spawned.is_ok() {
-                *ev = Some(bell);
-            }
-        }
-        drop(ev);
+        self.start_background(
+            &self.evictor,
+            "hetmem-evict",
+            || (),
+            |c, _| c.background_round(),
+        );
         self.start_read_ahead();
+    }
+
+    /// Starts, once, a background thread of this cache named `name`, woken through the
+    /// doorbell kept in `slot` (a fault rings it without allocating): for each ring it runs
+    /// `round` on the cache with the thread's own state (made by `state` on the thread), and
+    /// ends when the cache is gone (it holds the cache weakly; `Drop` closes the doorbell).
+    fn start_background<S: 'static>(
+        &self,
+        slot: &Mutex<Option<std::sync::Arc<Doorbell>>>,
+        name: &str,
+        state: impl FnOnce() -> S + Send + 'static,
+        round: fn(&FileCache, &mut S),
+    ) {
+        let mut bell = lock(slot);
+        if bell.is_some() {
+            return;
+        }
+        let b = std::sync::Arc::new(Doorbell::default());
+        let (me, b2) = (self.me.clone(), b.clone());
+        let spawned = crate::sync::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut s = state();
+                while b2.wait() {
+                    let Some(c) = me.upgrade() else { return };
+                    round(&c, &mut s);
+                }
+            });
+        if spawned.is_ok() {
+            *bell = Some(b);
+        }
     }
 
     /// Makes what a CPU fault on file pages `first..last` needs, so that the fault allocates

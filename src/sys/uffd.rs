@@ -789,14 +789,29 @@ impl Uffd {
     /// (the zero page, as `serve_msgs` does): its copier may hold the very lock the reader
     /// waits for.
     fn keep(fd: std::os::fd::BorrowedFd<'_>, m: UffdMsg) {
-        if let UffdMsg::Fault(f) = m {
-            let page = f.addr & !(PAGE_SIZE - 1);
-            if super::thread_fault_in_zone(page, f.write, f.wp, f.tid) {
-                Self::zero_and_wake(fd, page);
-                return;
-            }
+        if let UffdMsg::Fault(f) = m
+            && Self::zone_fault(fd, &f)
+        {
+            return;
         }
         READER.with(|r| r.borrow_mut().1.push_back((fd.as_raw_fd(), m)));
+    }
+
+    /// Serves fault `f`, read from this fd, at once if it is a thread-mode fault of hetmem's own
+    /// copy on a page the program dropped ([`super::thread_fault_in_zone`]): the drop's zeros
+    /// (the copy then reads or writes them), the faulting thread woken (also where the page is
+    /// there already: EEXIST wakes nobody). False when it is another fault.
+    pub fn serve_zone_fault(&self, f: &UffdFault) -> bool {
+        Self::zone_fault(self.fd.as_fd(), f)
+    }
+
+    fn zone_fault(fd: std::os::fd::BorrowedFd<'_>, f: &UffdFault) -> bool {
+        let page = f.addr & !(PAGE_SIZE - 1);
+        if !super::thread_fault_in_zone(page, f.write, f.wp, f.tid) {
+            return false;
+        }
+        Self::zero_and_wake(fd, page);
+        true
     }
 
     /// Whether the calling thread reads userfaultfd messages (an event reader, or the handler
