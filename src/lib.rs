@@ -75,6 +75,7 @@ pub use mm::FaultMode;
 pub use pagecache::{Access, CacheConfig, FileCache, FileHandle};
 pub use pool::{FrameOwner, FrameStore, HostFrames, MemoryKind, Owner, Region};
 pub use space::{
-    FileMapOptions, MapOptions, Mapping, Pin, Residency, Space, SpaceConfig, SpaceStats,
+    AdoptConfig, FileMapOptions, MapOptions, Mapping, Pin, Residency, Space, SpaceConfig,
+    SpaceStats,
 };
 pub use sys::{LARGE_PAGE_SIZE, Prot};

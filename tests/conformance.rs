@@ -32,7 +32,7 @@ use hetmem::device::{FLAG_FAIL_ALLOC, snap};
 use hetmem::sys::{self, ChildExit};
 use hetmem::{
     Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, MapOptions, MemoryKind, Prot, Residency,
-    SoftDevice, Space, VirtAddr,
+    SoftDevice, Space, SpaceConfig, VirtAddr,
 };
 
 /// Device memory of the fixture's device (dmirror allocates 256 MiB chunks).
@@ -44,7 +44,26 @@ const NTIMES: u32 = 10;
 // Fixture and helpers (the selftest's `hmm` fixture, `struct hmm_buffer`, `hmm_dmirror_cmd`)
 // ---------------------------------------------------------------------------------------------
 
-/// Fixture `hmm`: one device (dev0 of the kind) bound to a fresh address space.
+/// Held exclusively across each fork of these tests ([`fork_and_wait`]) and shared by a
+/// `/proc/self/pagemap` check: a fork copies every space's device-private pages into the CPU's
+/// view until it is done (space module `fork`), which a concurrent check would see. (The
+/// kernel's harness forks per case; these cases share one process.)
+static FORKS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// [`sys::fork_and_wait`], alone ([`FORKS`]).
+///
+/// # Safety
+///
+/// As for [`sys::fork_and_wait`].
+unsafe fn fork_and_wait(f: impl FnOnce() -> i32) -> std::io::Result<ChildExit> {
+    let _alone = FORKS.write().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: the caller's obligations are those of `sys::fork_and_wait`.
+    unsafe { sys::fork_and_wait(f) }
+}
+
+/// Fixture `hmm`: one device (dev0 of the kind) bound to a fresh address space, whose
+/// device-private pages read as swapped in `/proc/self/pagemap`, as the kernel's
+/// (`SpaceConfig::device_private_as_swap`).
 struct Hmm {
     m: DeviceMirror,
     dev: SoftDevice,
@@ -52,7 +71,11 @@ struct Hmm {
 }
 
 fn hmm(kind: MemoryKind) -> Hmm {
-    let space = Space::new().unwrap();
+    let space = Space::with_config(SpaceConfig {
+        device_private_as_swap: true,
+        ..SpaceConfig::default()
+    })
+    .unwrap();
     let dev = SoftDevice::new(DeviceConfig {
         kind,
         capacity: DEV_CAPACITY,
@@ -60,6 +83,20 @@ fn hmm(kind: MemoryKind) -> Hmm {
     .unwrap();
     let m = dev.mirror(&space).unwrap();
     Hmm { m, dev, space }
+}
+
+/// `PM_SWAP` and `PM_PRESENT` of a `/proc/self/pagemap` entry.
+const PM_SWAP: u64 = 1 << 62;
+const PM_PRESENT: u64 = 1 << 63;
+
+/// `pagemap_get_entry`: the `/proc/self/pagemap` entry of the page at `a`.
+fn pagemap_entry(a: VirtAddr) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, (a.get() / PAGE * 8) as u64)
+        .unwrap();
+    u64::from_ne_bytes(e)
 }
 
 /// `struct hmm_buffer`: the CPU range (`ptr`) and the device-side buffer (`mirror`).
@@ -402,7 +439,7 @@ fn anon_write_child(kind: MemoryKind) {
             // SAFETY: the child only loads and stores through the probe (bounds checks and
             // volatile accesses of its own copy: no allocation, no lock) and exits.
             let st = unsafe {
-                sys::fork_and_wait(|| {
+                fork_and_wait(|| {
                     for i in 0..(size / 4) {
                         let p = ptr.add(i * 4);
                         if probe.load_u32(p).ok() != Some(i as u32) {
@@ -430,7 +467,7 @@ fn anon_write_child(kind: MemoryKind) {
             // SAFETY: each call below returns early in the child (its process-id check, a system
             // call) before it allocates or takes a lock.
             let st = unsafe {
-                sys::fork_and_wait(|| {
+                fork_and_wait(|| {
                     let mut word = [0u8; 4];
                     if space.cpu_read(ptr, &mut word).is_ok() {
                         return 3;
@@ -506,7 +543,7 @@ fn anon_write_child_shared(kind: MemoryKind) {
     // buffer first), then loads and stores through the probe (bounds checks and volatile
     // accesses) and returns an exit code.
     let st = unsafe {
-        sys::fork_and_wait(|| {
+        fork_and_wait(|| {
             let mut page = [0u8; PAGE];
             let mut c = DmirrorCmd {
                 addr: ptr.get() as u64,
@@ -554,7 +591,7 @@ fn anon_write_child_shared(kind: MemoryKind) {
     assert_eq!(buffer.faults, 0);
     // SAFETY: loads through the probe only, then an exit code.
     let st = unsafe {
-        sys::fork_and_wait(|| {
+        fork_and_wait(|| {
             for i in 0..(size / 4) {
                 match probe.load_u32(ptr.add(i * 4)) {
                     Ok(v) if v == i as u32 ^ 0x5a5a_5a5a => {}
@@ -938,7 +975,7 @@ fn exclusive_cow(kind: MemoryKind) {
     // SAFETY: the child only loads and stores through the probe (bounds checks and volatile
     // accesses of its own copy: no allocation, no lock).
     let st = unsafe {
-        sys::fork_and_wait(|| {
+        fork_and_wait(|| {
             for i in 0..(size / 4) {
                 let p = ptr.add(i * 4);
                 if probe.load_u32(p).ok() != Some(i as u32) {
@@ -1057,7 +1094,7 @@ fn hmm_cow_in_device(kind: MemoryKind) {
     // SAFETY: the child makes a load and a store through the probe (bounds checks and volatile
     // accesses of its own copy: no allocation, no lock) and exits.
     let st = unsafe {
-        sys::fork_and_wait(|| {
+        fork_and_wait(|| {
             if probe.load_u32(ptr).ok() != Some(0) || probe.store_u32(ptr, 0xdead).is_err() {
                 return 1;
             }
@@ -1168,8 +1205,8 @@ fn migrate_anon_huge_free(kind: MemoryKind) {
 
 /// 33 migrate_anon_huge_fault: a written (collapsed) huge region migrates and faults back.
 /// Asserts as the kernel: TO_DEV 0 with cpages npages, mirror `i`; private: every snapshot byte
-/// is DEV_PRIVATE_LOCAL|WRITE|PMD; the CPU reads `i`. The `/proc/self/pagemap` check (swap
-/// entry, not present) has no hetmem equivalent beyond `residency`, which is checked instead.
+/// is DEV_PRIVATE_LOCAL|WRITE|PMD, and `/proc/self/pagemap` has a swap entry, not present, for
+/// every page; the CPU reads `i`.
 fn migrate_anon_huge_fault(kind: MemoryKind) {
     let h = hmm(kind);
     let size = PMD;
@@ -1193,11 +1230,15 @@ fn migrate_anon_huge_fault(kind: MemoryKind) {
             &snapb.mirror,
             snap::DEV_PRIVATE_LOCAL | snap::WRITE | snap::PMD,
         );
+        let _no_fork = FORKS.read().unwrap_or_else(|p| p.into_inner());
         for p in 0..npages {
             assert_eq!(
                 h.space.residency(map.add(p * PAGE)),
                 Residency::Device(h.dev.owner())
             );
+            let e = pagemap_entry(map.add(p * PAGE));
+            assert_ne!(e & PM_SWAP, 0, "page {p}: a swap entry");
+            assert_eq!(e & PM_PRESENT, 0, "page {p}: not present");
         }
     }
 

@@ -2404,6 +2404,7 @@ fn run_call(fx: &mut Fx, call: &Call, begin: &mut dyn FnMut(&str)) -> Result<Str
                 size: size as usize,
                 stash: stash as usize,
                 user_mode_only: false,
+                device_private_as_swap: false,
             });
             let s = show(&r);
             if let Ok(sp) = r

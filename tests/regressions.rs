@@ -158,7 +158,7 @@ fn undroppable_pages_are_declined_not_left_stale() {
     let space = Space::with_config(SpaceConfig {
         size: 64 << 20,
         stash: 2 << 20,
-        user_mode_only: false,
+        ..SpaceConfig::default()
     })
     .unwrap();
     let dev = SoftDevice::private(4 << 20).unwrap();

@@ -19,6 +19,11 @@
 // Device-coherent memory (the CPU maps it in place).
 #define HETMEM_DEVICE_COHERENT 1
 
+// [`hetmem_space_adopt_flags`]: pages in device-private memory read as swapped out in
+// `/proc/self/pagemap` (`PM_SWAP`), as the kernel reports its device-private entries
+// (`SpaceConfig::device_private_as_swap`: one more ioctl per run migrated to such memory).
+#define HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP 1
+
 // [`hetmem_set_policy`]: device faults map pages where they are (the default).
 #define HETMEM_POLICY_DEFAULT 0
 
@@ -94,6 +99,9 @@ typedef struct HetmemFile HetmemFile;
 // A device's mirror of an address space (`hetmem::DeviceMirror`).
 typedef struct HetmemMirror HetmemMirror;
 
+// Pinned pages (`hetmem::Pin`): released by [`hetmem_pin_free`].
+typedef struct HetmemPin HetmemPin;
+
 // An address space (`hetmem::Space`).
 typedef struct HetmemSpace HetmemSpace;
 
@@ -138,6 +146,14 @@ int hetmem_space_new(uint64_t size, struct HetmemSpace **out);
 //
 // `out` points at storage for one pointer.
 int hetmem_space_adopt(void *addr, uint64_t len, struct HetmemSpace **out);
+
+// [`hetmem_space_adopt`] with `flags`: 0, or [`HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP`]. An
+// unknown flag is refused (`-EINVAL`).
+//
+// # Safety
+//
+// `out` points at storage for one pointer.
+int hetmem_space_adopt_flags(void *addr, uint64_t len, uint32_t flags, struct HetmemSpace **out);
 
 // Releases a space handle (mirrors keep the space alive until they are freed too).
 //
@@ -189,6 +205,29 @@ int hetmem_unmap(struct HetmemSpace *space, void *addr, uint64_t len);
 //
 // `space` is a live handle.
 int hetmem_protect(struct HetmemSpace *space, void *addr, uint64_t len, int prot);
+
+// Pins the pages of `addr..addr + len` of `space` (`get_user_pages`/`pin_user_pages`;
+// `Space::pin`): missing pages are filled, pages in device-private memory or held exclusively
+// by a device come back to system memory first, and no page of the range migrates until the
+// pin is released ([`hetmem_pin_free`]). `long_term` non-zero is `FOLL_LONGTERM`: pages in
+// device-coherent memory come back to system memory too (a short-term pin leaves them in
+// place). All or nothing: on an error no page is pinned.
+//
+// # Safety
+//
+// `space` is a live handle; `out` points at storage for one pointer.
+int hetmem_pin(struct HetmemSpace *space,
+               void *addr,
+               uint64_t len,
+               int long_term,
+               struct HetmemPin **out);
+
+// Releases a pin ([`hetmem_pin`]): its pages may migrate again.
+//
+// # Safety
+//
+// `pin` is null or a handle of this API not freed yet; it is not used afterwards.
+void hetmem_pin_free(struct HetmemPin *pin);
 
 // A new software device with `capacity` bytes of memory of `kind` ([`HETMEM_DEVICE_PRIVATE`]
 // or [`HETMEM_DEVICE_COHERENT`]).

@@ -16,9 +16,11 @@
  *    as the kernel module creates them; two opens of one device are two mirrors of it.
  *  - ioctl(fd, HMM_DMIRROR_*, &cmd) runs the command through hetmem_mirror_cmd, which answers as
  *    the kernel's device does. The program's memory the command names is adopted on first use
- *    (hetmem_space_adopt), so the program keeps using its own pointers: the whole anonymous
- *    private mapping the program made with mmap around cmd.addr (its mmap calls are recorded),
- *    else exactly the command's range.
+ *    (hetmem_space_adopt_flags), so the program keeps using its own pointers: the whole
+ *    anonymous private mapping the program made with mmap around cmd.addr (its mmap calls are
+ *    recorded), else exactly the command's range. Its pages in device-private memory read as
+ *    swapped out in /proc/self/pagemap, as the kernel reports device-private entries
+ *    (HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP).
  *  - munmap / mremap of adopted memory first give it back (its device pages come home, the
  *    mirrors of it go), then do what the program asked; mprotect of adopted memory goes through
  *    hetmem (hetmem_protect), so that devices lose what they may no longer do.
@@ -31,6 +33,10 @@
  *    CPU's page tables (/proc/self/maps, /proc/self/pagemap, PAGEMAP_SCAN), adopting nothing.
  *  - mmap of a test-device descriptor maps pages of its own, read-only until written (the
  *    kernel's device inserts pages at mmap).
+ *  - open("/sys/kernel/debug/gup_test") gives a descriptor whose GUP and PIN ioctls (the
+ *    kernel's CONFIG_GUP_TEST driver, which hmm-tests pins device pages through) pin and release
+ *    the range through hetmem (hetmem_pin), bringing pages in device memory back as the
+ *    kernel's get_user_pages does (see gup_ioctl).
  *  - close(fd) frees that mirror's state.
  *  - fork(): the child gets the parent's memory, pages in device memory included (hetmem's fork
  *    handlers), and starts with no device, mirror or adopted space (the parent's are hetmem
@@ -59,6 +65,8 @@
 #define MAX_SPACES 64
 #define MAX_MAPS 1024
 #define NDEV 4
+/* fd_slot.dev of a descriptor of /sys/kernel/debug/gup_test (emulated: gup_ioctl). */
+#define GUP_DEV NDEV
 
 /* struct hmm_dmirror_cmd of lib/test_hmm_uapi.h: five __u64, as HetmemDmirrorCmd. */
 #define DMIRROR_IOC_TYPE 'H'
@@ -139,10 +147,12 @@ static void init(void)
 	pthread_once(&once, resolve);
 }
 
-/* The device number of a test-device path, or -1. */
+/* The device number of a test-device path (GUP_DEV for the gup_test driver's), or -1. */
 static int dmirror_of(const char *path)
 {
 	static const char prefix[] = "/dev/hmm_dmirror";
+	if (path && strcmp(path, "/sys/kernel/debug/gup_test") == 0)
+		return GUP_DEV;
 	if (!path || strncmp(path, prefix, sizeof(prefix) - 1) != 0)
 		return -1;
 	const char *n = path + sizeof(prefix) - 1;
@@ -156,7 +166,7 @@ static int open_dmirror(int dev)
 	init();
 	pthread_mutex_lock(&lock);
 	int fd = -1;
-	if (!devices[dev] &&
+	if (dev < NDEV && !devices[dev] &&
 	    hetmem_device_new(dev < 2 ? HETMEM_DEVICE_PRIVATE : HETMEM_DEVICE_COHERENT, 256UL << 20,
 			      &devices[dev]) != 0) {
 		errno = ENOMEM;
@@ -166,7 +176,10 @@ static int open_dmirror(int dev)
 		if (fds[i].fd >= 0)
 			continue;
 		char name[32];
-		snprintf(name, sizeof(name), "hmm_dmirror%d", dev);
+		if (dev == GUP_DEV)
+			snprintf(name, sizeof(name), "gup_test");
+		else
+			snprintf(name, sizeof(name), "hmm_dmirror%d", dev);
 		fd = memfd_create(name, MFD_CLOEXEC);
 		if (fd < 0)
 			goto out;
@@ -383,14 +396,16 @@ static int space_for(uintptr_t addr, uintptr_t len)
 	for (int s = 0; s < MAX_SPACES; s++) {
 		if (spaces[s].space)
 			continue;
-		int err = hetmem_space_adopt((void *)start, end - start, &spaces[s].space);
+		int err = hetmem_space_adopt_flags((void *)start, end - start,
+					       HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP, &spaces[s].space);
 		if (err != 0 && (start != addr || end != addr + len)) {
 			/* The whole mmap cannot be adopted (the program unmapped or protected parts
 			 * of it): exactly the command's range, as the kernel's device works on what
 			 * the command names. */
 			start = addr;
 			end = addr + len;
-			err = hetmem_space_adopt((void *)start, end - start, &spaces[s].space);
+			err = hetmem_space_adopt_flags((void *)start, end - start,
+					       HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP, &spaces[s].space);
 		}
 		if (err != 0) {
 			spaces[s].space = NULL;
@@ -652,6 +667,68 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 	return hetmem_mirror_cmd(f->mirrors[s], nr, cmd);
 }
 
+/* ---- /sys/kernel/debug/gup_test (mm/gup_test.c, CONFIG_GUP_TEST) ----
+ * The kernel's hmm-tests pin pages in device memory through it: get_user_pages and
+ * pin_user_pages bring a device-private page back to system memory, and a long-term pin
+ * (FOLL_LONGTERM, or PIN_LONGTERM_BENCHMARK) a device-coherent one too. Emulated with
+ * hetmem_pin: each command pins the pages of its range and releases them, as the benchmark and
+ * basic-test commands get (or pin) and put them. Memory no adopted space holds is plain memory:
+ * its pages are faulted in through the kernel (process_vm_readv), EFAULT where it is not mapped
+ * or not readable. The timings reported are 0; which_pages is not dumped. */
+struct gup_test {
+	uint64_t get_delta_usec, put_delta_usec, addr, size;
+	uint32_t nr_pages_per_call, gup_flags, test_flags;
+	uint32_t which_pages[8];
+};
+#define GUP_IOC_TYPE 'g'
+#define GUP_NR_FIRST 1 /* GUP_FAST_BENCHMARK */
+#define GUP_NR_PIN_LONGTERM_BENCHMARK 3
+#define GUP_NR_LAST 6 /* DUMP_USER_PAGES_TEST */
+#define FOLL_LONGTERM_FLAG 0x100
+
+static int gup_ioctl(unsigned long req, struct gup_test *g)
+{
+	if (_IOC_TYPE(req) != GUP_IOC_TYPE || _IOC_SIZE(req) != sizeof(struct gup_test) ||
+	    _IOC_NR(req) < GUP_NR_FIRST || _IOC_NR(req) > GUP_NR_LAST)
+		return PASS_THROUGH;
+	g->get_delta_usec = 0;
+	g->put_delta_usec = 0;
+	uintptr_t start = g->addr & ~4095UL;
+	if (g->size == 0)
+		return 0;
+	if (g->addr + g->size < g->addr)
+		return -EINVAL;
+	uintptr_t end = (g->addr + g->size + 4095) & ~4095UL;
+	int long_term = _IOC_NR(req) == GUP_NR_PIN_LONGTERM_BENCHMARK ||
+			(g->gup_flags & FOLL_LONGTERM_FLAG);
+	for (uintptr_t a = start; a < end;) {
+		int s = adopted_at(a);
+		uintptr_t to = end;
+		if (s >= 0) {
+			if (spaces[s].end < to)
+				to = spaces[s].end;
+			HetmemPin *pin;
+			int r = hetmem_pin(spaces[s].space, (void *)a, to - a, long_term, &pin);
+			if (r)
+				return r;
+			hetmem_pin_free(pin);
+		} else {
+			for (int t = 0; t < MAX_SPACES; t++)
+				if (spaces[t].space && a < spaces[t].start && spaces[t].start < to)
+					to = spaces[t].start;
+			char buf[4096];
+			for (uintptr_t p = a; p < to; p += 4096) {
+				struct iovec local = { .iov_base = buf, .iov_len = 1 };
+				struct iovec remote = { .iov_base = (void *)p, .iov_len = 1 };
+				if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != 1)
+					return -EFAULT;
+			}
+		}
+		a = to;
+	}
+	return 0;
+}
+
 int ioctl(int fd, unsigned long req, ...)
 {
 	va_list ap;
@@ -667,7 +744,7 @@ int ioctl(int fd, unsigned long req, ...)
 		pthread_mutex_unlock(&lock);
 		return real_ioctl(fd, req, arg);
 	}
-	int r = arg ? dmirror_ioctl(f, req, arg) : -EFAULT;
+	int r = !arg ? -EFAULT : f->dev == GUP_DEV ? gup_ioctl(req, arg) : dmirror_ioctl(f, req, arg);
 	pthread_mutex_unlock(&lock);
 	if (r == PASS_THROUGH)
 		return real_ioctl(fd, req, arg);

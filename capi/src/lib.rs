@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use hetmem::policy::hints::{Advice, HintPolicy};
 use hetmem::{
-    CacheConfig, Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, FileCache, FileHandle, MemoryKind,
-    Prot, SoftDevice, Space, SpaceConfig, VirtAddr,
+    AdoptConfig, CacheConfig, Cmd, DeviceConfig, DeviceMirror, DmirrorCmd, FileCache, FileHandle,
+    MemoryKind, Pin, Prot, SoftDevice, Space, SpaceConfig, VirtAddr,
 };
 
 /// hetmem's heap, apart from the C library's `malloc` arena: the program that calls (or preloads)
@@ -54,6 +54,12 @@ pub struct HetmemMirror(DeviceMirror);
 
 /// A cached file (`hetmem::FileHandle` on a `hetmem::FileCache`).
 pub struct HetmemFile(FileHandle);
+
+/// Pinned pages (`hetmem::Pin`): released by [`hetmem_pin_free`].
+pub struct HetmemPin {
+    /// Held until the handle is freed (its drop releases the pin).
+    _pin: Pin,
+}
 
 /// The argument of [`hetmem_mirror_cmd`], laid out as the kernel's `struct hmm_dmirror_cmd`.
 #[repr(C)]
@@ -81,6 +87,11 @@ pub const HETMEM_PROT_WRITE: c_int = 2;
 pub const HETMEM_DEVICE_PRIVATE: c_int = 0;
 /// Device-coherent memory (the CPU maps it in place).
 pub const HETMEM_DEVICE_COHERENT: c_int = 1;
+
+/// [`hetmem_space_adopt_flags`]: pages in device-private memory read as swapped out in
+/// `/proc/self/pagemap` (`PM_SWAP`), as the kernel reports its device-private entries
+/// (`SpaceConfig::device_private_as_swap`: one more ioctl per run migrated to such memory).
+pub const HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP: u32 = 1;
 
 /// [`hetmem_set_policy`]: device faults map pages where they are (the default).
 pub const HETMEM_POLICY_DEFAULT: c_int = 0;
@@ -264,14 +275,38 @@ pub unsafe extern "C" fn hetmem_space_adopt(
     len: u64,
     out: *mut *mut HetmemSpace,
 ) -> c_int {
+    // SAFETY: the caller's obligations are those of `hetmem_space_adopt_flags`.
+    unsafe { hetmem_space_adopt_flags(addr, len, 0, out) }
+}
+
+/// [`hetmem_space_adopt`] with `flags`: 0, or [`HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP`]. An
+/// unknown flag is refused (`-EINVAL`).
+///
+/// # Safety
+///
+/// `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_space_adopt_flags(
+    addr: *mut c_void,
+    len: u64,
+    flags: u32,
+    out: *mut *mut HetmemSpace,
+) -> c_int {
     call(|| {
         if out.is_null() {
             return Err(invalid("a null out-pointer"));
         }
+        if flags & !HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP != 0 {
+            return Err(invalid("unknown adopt flags"));
+        }
         let len = buf_len(len)?;
+        let cfg = AdoptConfig {
+            device_private_as_swap: flags & HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP != 0,
+            ..AdoptConfig::default()
+        };
         // SAFETY: the C caller lends the range (the contract documented above, which is
         // `Space::adopt`'s: its memory, kept mapped, reached through raw pointers).
-        let space = unsafe { Space::adopt(VirtAddr(addr as usize), len)? };
+        let space = unsafe { Space::adopt_with(VirtAddr(addr as usize), len, cfg)? };
         put(out, HetmemSpace::new(space));
         Ok(())
     })
@@ -425,6 +460,48 @@ pub unsafe extern "C" fn hetmem_protect(
             .0
             .protect(VirtAddr(addr as usize), len, prot_of(prot)?)
     })
+}
+
+/// Pins the pages of `addr..addr + len` of `space` (`get_user_pages`/`pin_user_pages`;
+/// `Space::pin`): missing pages are filled, pages in device-private memory or held exclusively
+/// by a device come back to system memory first, and no page of the range migrates until the
+/// pin is released ([`hetmem_pin_free`]). `long_term` non-zero is `FOLL_LONGTERM`: pages in
+/// device-coherent memory come back to system memory too (a short-term pin leaves them in
+/// place). All or nothing: on an error no page is pinned.
+///
+/// # Safety
+///
+/// `space` is a live handle; `out` points at storage for one pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_pin(
+    space: *mut HetmemSpace,
+    addr: *mut c_void,
+    len: u64,
+    long_term: c_int,
+    out: *mut *mut HetmemPin,
+) -> c_int {
+    call(|| {
+        if out.is_null() {
+            return Err(invalid("a null out-pointer"));
+        }
+        let len = buf_len(len)?;
+        let pin = obj(space)?
+            .0
+            .pin(VirtAddr(addr as usize), len, long_term != 0)?;
+        put(out, HetmemPin { _pin: pin });
+        Ok(())
+    })
+}
+
+/// Releases a pin ([`hetmem_pin`]): its pages may migrate again.
+///
+/// # Safety
+///
+/// `pin` is null or a handle of this API not freed yet; it is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hetmem_pin_free(pin: *mut HetmemPin) {
+    // SAFETY: the caller's obligation (above).
+    unsafe { release(pin) }
 }
 
 /// A new software device with `capacity` bytes of memory of `kind` ([`HETMEM_DEVICE_PRIVATE`]

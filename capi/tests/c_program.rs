@@ -38,7 +38,7 @@ fn the_c_test_program_passes() {
     assert!(ok, "the C test program failed:\n{stdout}\n{stderr}");
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        6,
+        7,
         "{stdout}"
     );
 }

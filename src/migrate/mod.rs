@@ -905,6 +905,31 @@ impl MigrateVma<'_> {
             };
             let _ = core.mm.write_protect(r, false, self.mode);
         }
+        // Pages that went into device-private memory from the CPU view (dropped above, or
+        // holes) are marked where the space shows them in pagemap (`Mm::mark_device_private`).
+        let mut to_mark = vec![false; n];
+        let mut i = 0;
+        while i < n {
+            let w = self.src[i];
+            let span = span_of(w);
+            if w & MIGRATE_PFN_MIGRATE != 0
+                && !declined[i]
+                && kind_of(self.dst[i]) == Some(MemoryKind::Private)
+                && kind_of(w) != Some(MemoryKind::Private)
+            {
+                to_mark[i..i + span].fill(true);
+            }
+            i += span;
+        }
+        for (s, e) in runs(&to_mark) {
+            core.mm.mark_device_private(
+                VaRange {
+                    start: self.start.add(s * PAGE_SIZE),
+                    end: self.start.add(e * PAGE_SIZE),
+                },
+                self.mode,
+            );
+        }
         // Pass 3 (under the lock, in chunks of `CHUNK_PAGES`): a page's entry is committed and
         // its mark cleared in one hold. A page of a later chunk stays marked until its own hold
         // (its CPU page may be dropped already: a fault on it waits for this migration rather

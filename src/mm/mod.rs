@@ -21,6 +21,25 @@
 //! `write_protect` sets or clears the write-protect bit. `read`/`write`/`copy_to` are hetmem's
 //! own accesses and are only ever made to pages the core knows to be present (a missing page
 //! would fault into the core while it holds its lock).
+//!
+//! # Device-private pages in pagemap
+//!
+//! The kernel leaves a device-private swap entry where a page went to device-private memory:
+//! `/proc/self/pagemap` reports it swapped out (`PM_SWAP`), not present. hetmem's page there is
+//! simply missing, which pagemap reports as neither. A space that asks for the kernel's answer
+//! (`SpaceConfig::device_private_as_swap`; the drop-in test device does, for the kernel's own
+//! tests) opens its anonymous userfaultfds with `UFFD_FEATURE_WP_UNPOPULATED`, and a migration
+//! to device-private memory write-protects the missing entries it leaves
+//! ([`Mm::mark_device_private`]): the kernel installs a userfaultfd-wp marker there, which
+//! pagemap reports as `PM_SWAP | PM_UFFD_WP`, not present. Measured on Linux 6.18: an access to
+//! a marked page faults as missing; `UFFDIO_COPY` replaces the marker; `UFFDIO_ZEROPAGE` and
+//! `UFFDIO_MOVE` refuse it (EEXIST, as over a page), so [`sys::Uffd::zeropage`] copies a page of
+//! zeros over a marker and a zeroed huge page's move falls back to a copy; the program's
+//! `MADV_DONTNEED` removes markers, its `MADV_FREE` keeps them; a fork's child gets none (its
+//! mapping is not registered); an unregister clears them. A marker holds no data: the pagemap
+//! reads that tell which pages hold some (adoption, hetmem's raw copies) skip them
+//! (`sys::pagemap_holds_data`). The price: one `UFFDIO_WRITEPROTECT` per run of pages a
+//! migration moves to device-private memory (≈ 0.6 µs here), and one per page a fork copied.
 
 use std::io;
 
@@ -118,6 +137,14 @@ pub trait Mm: Send + Sync {
     fn map_zero_pages(&self, r: VaRange, mode: FaultMode) -> Result<(), UffdError>;
     /// Drops the pages of `r` (the next access faults).
     fn zap(&self, r: VaRange) -> io::Result<()>;
+    /// Marks the missing pages of `r`, whose data is in device-private memory now, where the
+    /// space asked for it (`SpaceConfig::device_private_as_swap`): `/proc/self/pagemap` reports
+    /// them swapped out (`PM_SWAP`, not present), as it reports the kernel's device-private
+    /// entries; an access faults as missing still, and a fill replaces the marker. Every page of
+    /// `r` must be missing (a present one would be write-protected). Nothing to do elsewhere.
+    fn mark_device_private(&self, r: VaRange, mode: FaultMode) {
+        let _ = (r, mode);
+    }
     /// How many of hetmem's own drops raised a REMOVE event (the pages could not be moved
     /// out: see `sys::ZapSink`).
     fn zaps_with_event(&self) -> u64 {
@@ -468,6 +495,10 @@ pub struct KernelMm {
     /// reader), made on first use.
     file_sync: Mutex<Option<ThreadService>>,
     force_umo: bool,
+    /// Device-private pages leave a marker in the CPU's page table, which `/proc/self/pagemap`
+    /// reports as swapped out, as the kernel's device-private entries ([`Mm::mark_device_private`]):
+    /// the anonymous userfaultfds ask for `UFFD_FEATURE_WP_UNPOPULATED`.
+    markers: bool,
     /// Device copies of system pages must not go through the kernel: a thread-mode userfaultfd
     /// exists (a kernel access to a missing page of its ranges waits for the handler thread), or
     /// the kernel refused the call (seccomp, ENOSYS). Set once.
@@ -601,10 +632,12 @@ impl std::fmt::Debug for KernelMm {
 impl KernelMm {
     /// Reserves `len` bytes (PROT_NONE, not inherited across fork) aligned to 2 MiB and opens the
     /// SIGBUS-mode userfaultfd; installs the process-wide SIGBUS handler.
-    /// `user_mode_only` opens user-mode-only userfaultfds even where a full one is allowed.
-    pub fn new(len: usize, user_mode_only: bool) -> io::Result<KernelMm> {
+    /// `user_mode_only` opens user-mode-only userfaultfds even where a full one is allowed;
+    /// `markers` makes device-private pages show in `/proc/self/pagemap`
+    /// ([`Mm::mark_device_private`]).
+    pub fn new(len: usize, user_mode_only: bool, markers: bool) -> io::Result<KernelMm> {
         let res = Region::new(len, crate::addr::LARGE_PAGE_SIZE, Prot::None)?;
-        Self::over(res, user_mode_only)
+        Self::over(res, user_mode_only, markers)
     }
 
     /// The kernel side of an address space over `len` bytes at `base` that the program mapped
@@ -615,12 +648,13 @@ impl KernelMm {
         base: usize,
         len: usize,
         user_mode_only: bool,
+        markers: bool,
     ) -> io::Result<(KernelMm, Vec<sys::AdoptedPiece>)> {
         let (res, pieces) = Region::adopt(base, len)?;
-        Ok((Self::over(res, user_mode_only)?, pieces))
+        Ok((Self::over(res, user_mode_only, markers)?, pieces))
     }
 
-    fn over(res: Region, user_mode_only: bool) -> io::Result<KernelMm> {
+    fn over(res: Region, user_mode_only: bool, markers: bool) -> io::Result<KernelMm> {
         sys::check_page_size()?;
         // Every userfaultfd of a space asks for the program's munmaps (hetmem's own unmaps
         // unregister first and raise none); each has a reader for as long as it lives.
@@ -631,6 +665,7 @@ impl KernelMm {
             UffdDelivery::Signal,
             user_mode_only,
             sink.is_some(),
+            markers,
         )?))?;
         sys::install_sigbus_handler()?;
         // Not over the program's own memory (adopted): its huge-page advice is the program's,
@@ -645,6 +680,7 @@ impl KernelMm {
             file: Mutex::new(None),
             file_sync: Mutex::new(None),
             force_umo: user_mode_only,
+            markers,
             raw_device_copies: std::sync::atomic::AtomicBool::new(false),
             copy_gate: crate::sync::RwLock::new(()),
             disowned: Mutex::new(Vec::new()),
@@ -685,6 +721,7 @@ impl KernelMm {
             UffdDelivery::Thread,
             self.force_umo,
             self.sink.is_some(),
+            self.markers,
         )?);
         *g = Some(ThreadService::start(uffd.clone(), "hetmem-uffd")?);
         Ok(uffd)
@@ -972,6 +1009,14 @@ impl Mm for KernelMm {
             sys::cancel_own_remove(rest.start.get(), rest.end.get());
         }
         res
+    }
+
+    fn mark_device_private(&self, r: VaRange, mode: FaultMode) {
+        if self.markers {
+            // Reporting only: a page left unmarked (the mappings changing past the retries)
+            // reads as not present instead of swapped, and faults the same.
+            let _ = self.with_uffd(mode, |u| u.mark_missing(r.start.get(), r.len()));
+        }
     }
 
     fn zero_fill_dropped(&self, a: VirtAddr) -> bool {

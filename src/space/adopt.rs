@@ -20,6 +20,16 @@
 
 use super::*;
 
+/// Configuration of an adoption ([`Space::adopt_with`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdoptConfig {
+    /// As [`SpaceConfig::user_mode_only`].
+    pub user_mode_only: bool,
+    /// As [`SpaceConfig::device_private_as_swap`] (the drop-in test device asks for it: the
+    /// kernel's own tests read `/proc/self/pagemap`).
+    pub device_private_as_swap: bool,
+}
+
 impl Space {
     /// Adopts `len` bytes at `addr`, anonymous private memory the program mapped itself (with
     /// `mmap`, or from its allocator), as a new address space over exactly that range: devices
@@ -83,6 +93,17 @@ impl Space {
     // not an unsafe operation; the body has no unsafe block.
     #[allow(unsafe_code)]
     pub unsafe fn adopt(addr: VirtAddr, len: usize) -> Result<Space> {
+        // SAFETY: the caller's obligations are those of `adopt_with`.
+        unsafe { Self::adopt_with(addr, len, AdoptConfig::default()) }
+    }
+
+    /// [`Space::adopt`], configured: see [`AdoptConfig`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`Space::adopt`].
+    #[allow(unsafe_code)]
+    pub unsafe fn adopt_with(addr: VirtAddr, len: usize, cfg: AdoptConfig) -> Result<Space> {
         let r = VaRange::new(addr, len)?;
         // One registry entry per address: memory another space still covers (adopted before,
         // even if the program unmapped it since) is refused rather than shadowed.
@@ -92,7 +113,13 @@ impl Space {
                 std::io::Error::from_raw_os_error(libc::EBUSY),
             ));
         }
-        let (mm, pieces) = KernelMm::adopt(r.start.get(), r.len(), false).map_err(|e| {
+        let (mm, pieces) = KernelMm::adopt(
+            r.start.get(),
+            r.len(),
+            cfg.user_mode_only,
+            cfg.device_private_as_swap,
+        )
+        .map_err(|e| {
             Error::os(
                 "adopt: the range must be mapped anonymous private memory",
                 e,

@@ -260,7 +260,29 @@ impl SpaceCore {
     fn finish_fork(&self) {
         let mut st = self.lock_state();
         for r in std::mem::take(&mut st.fork_copies) {
-            if let Err(e) = self.mm.zap(r) {
+            let res = self.mm.zap(r);
+            if res.is_ok()
+                && let Some(v) = st.vma(r.start)
+            {
+                // In device-private memory again: marked again where the space shows it.
+                let mode = v.mode;
+                for p in 0..r.pages() {
+                    let a = r.start.add(p * PAGE_SIZE);
+                    if st
+                        .pte(a)
+                        .is_some_and(|pte| pte.state() == PageState::Device)
+                    {
+                        self.mm.mark_device_private(
+                            VaRange {
+                                start: a,
+                                end: a.add(PAGE_SIZE),
+                            },
+                            mode,
+                        );
+                    }
+                }
+            }
+            if let Err(e) = res {
                 // The CPU would read the copy instead of faulting to the device's data: never
                 // silently.
                 let mut b = [0u8; 18];

@@ -89,6 +89,7 @@ use crate::sync::{Arc, AtomicU64, Guard, Mutex, Ordering, Weak, lock};
 use crate::sys::{self, LARGE_PAGE_SIZE, Prot, Region};
 
 mod adopt;
+pub use adopt::AdoptConfig;
 mod fork;
 pub(crate) use fork::{gate as fork_gate, register_fork_table};
 mod evict;
@@ -522,6 +523,13 @@ pub struct SpaceConfig {
     /// Use user-mode-only userfaultfds even where full ones are allowed (behave exactly as for an
     /// unprivileged user: kernel-mode accesses to missing pages get EFAULT in every mode).
     pub user_mode_only: bool,
+    /// Pages in device-private memory read as swapped out in `/proc/self/pagemap` (`PM_SWAP`,
+    /// not present), as the kernel reports its device-private entries, for programs that look
+    /// (the kernel's own HMM tests do). Costs one `UFFDIO_WRITEPROTECT` per run of pages a
+    /// migration moves to device-private memory (a marker is left on their empty page-table
+    /// entries: `UFFD_FEATURE_WP_UNPOPULATED`, Linux 6.4; where the kernel lacks it, making the
+    /// space fails). Off: such pages read as not present and not swapped.
+    pub device_private_as_swap: bool,
 }
 
 impl Default for SpaceConfig {
@@ -530,6 +538,7 @@ impl Default for SpaceConfig {
             size: 64 << 30,
             stash: 64 << 20,
             user_mode_only: false,
+            device_private_as_swap: false,
         }
     }
 }
@@ -613,8 +622,12 @@ impl Space {
 
     /// Reserves a new address space served by the real kernel.
     pub fn with_config(cfg: SpaceConfig) -> Result<Space> {
-        let mm = KernelMm::new(round_up(cfg.size)?, cfg.user_mode_only)
-            .map_err(|e| Error::os("reserve address space", e))?;
+        let mm = KernelMm::new(
+            round_up(cfg.size)?,
+            cfg.user_mode_only,
+            cfg.device_private_as_swap,
+        )
+        .map_err(|e| Error::os("reserve address space", e))?;
         let core = Self::make_core(std::sync::Arc::new(mm), cfg.stash)?;
         fork::install_handlers();
         let r = core.mm.reservation();

@@ -77,6 +77,17 @@ pub const PAGE_SIZE: usize = 4096;
 /// Size of a large (PMD) page.
 pub const LARGE_PAGE_SIZE: usize = 2 << 20;
 
+/// Whether a `/proc/self/pagemap` entry holds data: the page is present, or swapped out.
+/// A marker (swap type 31, `SWP_PTE_MARKER`: a userfaultfd write-protect marker that
+/// [`Uffd::mark_missing`] leaves, a guard page, a poisoned page) is reported as swapped too, but
+/// holds none: an access faults (as missing, for hetmem's markers).
+pub fn pagemap_holds_data(e: u64) -> bool {
+    const PRESENT: u64 = 1 << 63;
+    const SWAP: u64 = 1 << 62;
+    const MARKER_TYPE: u64 = 0x1f;
+    e & PRESENT != 0 || (e & SWAP != 0 && e & MARKER_TYPE != MARKER_TYPE)
+}
+
 mod memfd;
 mod process;
 mod region;

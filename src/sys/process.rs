@@ -302,7 +302,8 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
 /// page-table entry is present or swapped out (`/proc/self/pagemap`), or when its backing page
 /// is in memory (`mincore`: a shared or file page whose entry the program dropped is still in
 /// its page cache, and a copy maps it again without a userfaultfd fault). A page the program
-/// dropped from private anonymous memory holds none (a copy would fault). One open of
+/// dropped from private anonymous memory holds none (a copy would fault), nor does a marker
+/// ([`pagemap_holds_data`]). One open of
 /// pagemap per call, 64 pages per read; 0 on an error.
 pub fn resident_prefix(addr: usize, pages: usize) -> usize {
     use std::os::unix::fs::FileExt;
@@ -329,7 +330,7 @@ pub fn resident_prefix(addr: usize, pages: usize) -> usize {
         let there = (0..n)
             .take_while(|&i| {
                 let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-                e & (3 << 62) != 0 || cached[i] & 1 != 0
+                pagemap_holds_data(e) || cached[i] & 1 != 0
             })
             .count();
         done += there;

@@ -547,7 +547,8 @@ impl Region {
     }
 
     /// For each page of `off..off + len` of this region: whether it holds data (present, or
-    /// swapped out), from `/proc/self/pagemap`. A page that holds none reads zeros.
+    /// swapped out, not a marker: [`pagemap_holds_data`]), from `/proc/self/pagemap`. A page
+    /// that holds none reads zeros.
     pub fn pages_with_data(&self, off: usize, len: usize) -> io::Result<Vec<bool>> {
         use std::os::unix::fs::FileExt;
         self.check(off, len)?;
@@ -561,10 +562,10 @@ impl Region {
         let mut out = Vec::new();
         out.try_reserve_exact(n)
             .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        out.extend(raw.chunks_exact(8).map(|w| {
-            let e = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-            e & (3 << 62) != 0
-        }));
+        out.extend(
+            raw.chunks_exact(8)
+                .map(|w| pagemap_holds_data(u64::from_ne_bytes(w.try_into().expect("8 bytes")))),
+        );
         Ok(out)
     }
 }

@@ -358,6 +358,11 @@ pub struct Uffd {
     fd: OwnedFd,
     user_mode_only: bool,
     delivery: UffdDelivery,
+    /// `UFFD_FEATURE_WP_UNPOPULATED` on an anonymous range: [`Uffd::mark_missing`] leaves
+    /// markers, which `UFFDIO_ZEROPAGE` and `UFFDIO_MOVE` refuse (EEXIST) and
+    /// [`Uffd::zeropage`] fills over (module doc of `crate::mm`, "Device-private pages in
+    /// pagemap").
+    markers: bool,
 }
 
 impl Uffd {
@@ -368,7 +373,7 @@ impl Uffd {
     /// (`vm.unprivileged_userfaultfd = 0`: EPERM), a `UFFD_USER_MODE_ONLY` one is opened instead.
     /// `force_umo` asks for the latter directly (to run as an unprivileged user would).
     pub fn open(delivery: UffdDelivery, force_umo: bool) -> io::Result<Uffd> {
-        Self::open_with(delivery, force_umo, false, false)
+        Self::open_with(delivery, force_umo, false, false, false)
     }
 
     /// [`Uffd::open`], also asking for `UFFD_EVENT_UNMAP`: the program's munmap of a registered
@@ -378,12 +383,15 @@ impl Uffd {
     /// With `remove_events`, also `UFFD_EVENT_REMOVE` (the program's `madvise(MADV_DONTNEED)`
     /// and the like, which wait until the event is read too: hetmem's own drops of pages must
     /// then go through a [`ZapSink`], or be told apart from the program's).
+    /// With `markers`, also `UFFD_FEATURE_WP_UNPOPULATED`, for [`Uffd::mark_missing`]: on
+    /// anonymous memory it also makes a write-protect of missing pages leave markers there.
     pub fn open_events(
         delivery: UffdDelivery,
         force_umo: bool,
         remove_events: bool,
+        markers: bool,
     ) -> io::Result<Uffd> {
-        Self::open_with(delivery, force_umo, true, remove_events)
+        Self::open_with(delivery, force_umo, true, remove_events, markers)
     }
 
     fn open_with(
@@ -391,6 +399,7 @@ impl Uffd {
         force_umo: bool,
         unmap_events: bool,
         remove_events: bool,
+        markers: bool,
     ) -> io::Result<Uffd> {
         // MOVE is not requested: hetmem's paths copy (see docs/architecture.md), and asking for a
         // feature the kernel lacks would fail the handshake.
@@ -406,7 +415,12 @@ impl Uffd {
         if remove_events {
             want |= uapi::UFFD_FEATURE_EVENT_REMOVE as u64;
         }
-        Self::handshake(delivery, force_umo, want)
+        if markers {
+            want |= uapi::UFFD_FEATURE_WP_UNPOPULATED as u64;
+        }
+        let mut uffd = Self::handshake(delivery, force_umo, want)?;
+        uffd.markers = markers;
+        Ok(uffd)
     }
 
     /// Opens a userfaultfd (plain, or user-mode-only where the plain one is refused or
@@ -439,6 +453,7 @@ impl Uffd {
             fd,
             user_mode_only,
             delivery,
+            markers: false,
         })
     }
 
@@ -665,9 +680,27 @@ impl Uffd {
         }
     }
 
+    /// Leaves a marker on each missing page of `addr..addr + len` (write-protect of missing
+    /// pages, `UFFD_FEATURE_WP_UNPOPULATED`; the range is registered for write-protect with this
+    /// fd, which was opened with markers: EOPNOTSUPP otherwise). `/proc/self/pagemap` then
+    /// reports the page as swapped out (`PM_SWAP`), as it reports the kernel's device-private
+    /// entries, and an access still faults as missing. `UFFDIO_COPY` replaces a marker;
+    /// `UFFDIO_ZEROPAGE` and `UFFDIO_MOVE` refuse it (EEXIST: [`Uffd::zeropage`] copies a zero
+    /// page over it instead; a move's caller falls back to a copy); the program's
+    /// `MADV_DONTNEED`, an unmap and an unregister remove it. A present page in the range would
+    /// be write-protected: the caller passes missing pages only.
+    pub fn mark_missing(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        if !self.markers {
+            return Err(UffdError::Os(libc::EOPNOTSUPP));
+        }
+        self.write_protect(addr, len, true)
+    }
+
     /// `UFFDIO_ZEROPAGE`: maps the kernel's shared zero page, read-only, at the missing pages of
     /// `addr..addr+len` (a page already there is stepped over, as in [`Uffd::fill`]); wakes the
-    /// threads waiting there unless `dontwake`.
+    /// threads waiting there unless `dontwake`. A marker ([`Uffd::mark_missing`]), which the
+    /// ioctl refuses as if a page were there, gets a zero-filled page of its own
+    /// (`UFFDIO_COPY`, which replaces it atomically, or fails with EEXIST over a real page).
     pub fn zeropage(&self, addr: usize, len: usize, dontwake: bool) -> Result<(), UffdError> {
         self.zeropage_as(addr, len, dontwake, false)
     }
@@ -708,11 +741,39 @@ impl Uffd {
                 let r = unsafe {
                     rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z))
                 };
+                let r = r.map_err(uffd_err);
+                if self.markers && matches!(r, Err(UffdError::Exists)) && z.zeropage <= 0 {
+                    // The first page refused: a marker, or a page there (stepped over either
+                    // way once this copy fills the former and fails on the latter).
+                    let _ = self.copy_zero_page(addr + done, dontwake);
+                }
                 // `zeropage` holds the bytes mapped before an error (or a negative errno).
-                (r.map_err(uffd_err), z.zeropage)
+                (r, z.zeropage)
             },
             || self.defer_pending(),
         )
+    }
+
+    /// `UFFDIO_COPY` of a zero-filled page to the missing (or marked) page at `addr`.
+    fn copy_zero_page(&self, addr: usize, dontwake: bool) -> Result<(), UffdError> {
+        #[repr(C, align(4096))]
+        struct ZeroPage([u8; PAGE_SIZE]);
+        static ZERO_PAGE: ZeroPage = ZeroPage([0; PAGE_SIZE]);
+        let mut c = uapi::uffdio_copy {
+            dst: addr as u64,
+            src: ZERO_PAGE.0.as_ptr() as u64,
+            len: PAGE_SIZE as u64,
+            mode: if dontwake {
+                uapi::UFFDIO_COPY_MODE_DONTWAKE as u64
+            } else {
+                0
+            },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; the kernel reads one page from a
+        // static of zeros and writes only into a registered range of hetmem's (as in `copy`).
+        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) }
+            .map_err(uffd_err)
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.

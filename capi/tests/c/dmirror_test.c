@@ -53,6 +53,21 @@ static int cmd(int fd, unsigned long req, void *addr, void *ptr, uint64_t npages
 	return r < 0 ? -errno : 0;
 }
 
+/* The /proc/self/pagemap entry of the page at `addr`. */
+static uint64_t pagemap_entry(const void *addr)
+{
+	uint64_t e = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	if (fd < 0)
+		return 0;
+	if (pread(fd, &e, sizeof(e), (off_t)((uintptr_t)addr / PAGE * sizeof(e))) != sizeof(e))
+		e = 0;
+	close(fd);
+	return e;
+}
+#define PM_SWAP (1ULL << 62)
+#define PM_PRESENT (1ULL << 63)
+
 static int *buffer(void)
 {
 	void *p = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -110,6 +125,11 @@ static int migrate_and_fault_back(void)
 	CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, buf, snap, NPAGES, &c) == 0);
 	for (unsigned long i = 0; i < NPAGES; i++)
 		CHECK(snap[i] == (PROT_DEV_PRIVATE_LOCAL | DMIRROR_PROT_WRITE));
+	/* The kernel's pagemap shows a device-private page as a swap entry, not present. */
+	for (unsigned long i = 0; i < NPAGES; i++) {
+		uint64_t e = pagemap_entry((char *)buf + i * PAGE);
+		CHECK((e & PM_SWAP) && !(e & PM_PRESENT));
+	}
 	/* Another device's snapshot (no fault) gets no valid entry for a page in a device's
 	 * private memory that is not its own: NONE, as the kernel's hmm_range_fault answers. */
 	CHECK(cmd(other, HMM_DMIRROR_SNAPSHOT, buf, snap, NPAGES, &c) == 0);
@@ -118,6 +138,7 @@ static int migrate_and_fault_back(void)
 	/* Plain loads fault the pages back. */
 	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
 		CHECK(buf[i] == (int)i + 3);
+	CHECK(pagemap_entry(buf) & PM_PRESENT);
 	/* The kernel's errors: an unaligned address, an empty range. */
 	CHECK(cmd(fd, HMM_DMIRROR_READ, (char *)buf + 1, mirror, 1, NULL) == -EINVAL);
 	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, mirror, 0, NULL) == -EINVAL);
@@ -170,6 +191,67 @@ static int exclusive_then_cpu_write(void)
 	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, mirror, NPAGES, &c) == 0);
 	for (unsigned long i = 0; i < NPAGES * PAGE / sizeof(int); i++)
 		CHECK(mirror[i] == (int)i + 1);
+	return 0;
+}
+
+/* The kernel's gup_test driver (CONFIG_GUP_TEST), as hmm-tests uses it: get_user_pages and
+ * pin_user_pages of pages in device memory. */
+struct gup_test {
+	uint64_t get_delta_usec, put_delta_usec, addr, size;
+	uint32_t nr_pages_per_call, gup_flags, test_flags;
+	uint32_t which_pages[8];
+};
+#define GUP_FAST_BENCHMARK _IOWR('g', 1, struct gup_test)
+#define PIN_FAST_BENCHMARK _IOWR('g', 2, struct gup_test)
+#define PIN_LONGTERM_BENCHMARK _IOWR('g', 3, struct gup_test)
+#define GUP_BASIC_TEST _IOWR('g', 4, struct gup_test)
+#define FOLL_WRITE 0x01
+#define FOLL_LONGTERM 0x100
+
+static int gup(int fd, unsigned long req, void *addr, unsigned flags)
+{
+	struct gup_test g = { .addr = (uint64_t)addr, .size = PAGE, .nr_pages_per_call = 1,
+			      .gup_flags = FOLL_WRITE | flags };
+	return ioctl(fd, req, &g) ? -errno : 0;
+}
+
+/* A get_user_pages brings a device-private page back to system memory; a device-coherent page
+ * stays where it is but for a long-term pin, which moves it to system memory (hmm_gup_test). */
+static int gup_of_device_pages(void)
+{
+	int gfd = open("/sys/kernel/debug/gup_test", O_RDWR);
+	CHECK(gfd >= 0);
+	for (int coherent = 0; coherent <= 1; coherent++) {
+		int fd = open(coherent ? "/dev/hmm_dmirror2" : "/dev/hmm_dmirror0", O_RDWR, 0);
+		CHECK(fd >= 0);
+		int *buf = buffer(), *mirror = malloc(NPAGES * PAGE);
+		unsigned char snap[4];
+		CHECK(buf && mirror);
+		for (unsigned long i = 0; i < 4 * PAGE / sizeof(int); i++)
+			buf[i] = (int)i + 11;
+		struct hmm_dmirror_cmd c;
+		CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, mirror, 4, &c) == 0);
+		CHECK(c.cpages == 4);
+		CHECK(gup(gfd, GUP_BASIC_TEST, buf, 0) == 0);
+		CHECK(gup(gfd, GUP_FAST_BENCHMARK, (char *)buf + PAGE, 0) == 0);
+		CHECK(gup(gfd, PIN_FAST_BENCHMARK, (char *)buf + 2 * PAGE, FOLL_LONGTERM) == 0);
+		CHECK(gup(gfd, PIN_LONGTERM_BENCHMARK, (char *)buf + 3 * PAGE, 0) == 0);
+		CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, buf, snap, 4, &c) == 0);
+		unsigned char kept = coherent ? (PROT_DEV_COHERENT_LOCAL | DMIRROR_PROT_WRITE)
+					      : DMIRROR_PROT_WRITE;
+		CHECK(snap[0] == kept && snap[1] == kept);
+		CHECK(snap[2] == DMIRROR_PROT_WRITE && snap[3] == DMIRROR_PROT_WRITE);
+		for (unsigned long i = 0; i < 4 * PAGE / sizeof(int); i++)
+			CHECK(buf[i] == (int)i + 11);
+		/* Memory no device has used: plain pages, faulted in. */
+		CHECK(gup(gfd, GUP_BASIC_TEST, (char *)buf + 8 * PAGE, 0) == 0);
+		CHECK(close(fd) == 0);
+	}
+	/* Memory that is not mapped. */
+	void *hole = mmap(NULL, PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(hole != MAP_FAILED && munmap(hole, PAGE) == 0);
+	CHECK(gup(gfd, GUP_BASIC_TEST, hole, 0) == -EFAULT);
+	CHECK(close(gfd) == 0);
 	return 0;
 }
 
@@ -426,6 +508,7 @@ int main(void)
 		{ "snapshot_across_holes_and_devices", snapshot_across_holes_and_devices },
 		{ "device_mapping", device_mapping },
 		{ "private_file_migrates", private_file_migrates },
+		{ "gup_of_device_pages", gup_of_device_pages },
 	};
 	int failed = 0;
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {

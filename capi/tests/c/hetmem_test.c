@@ -66,6 +66,47 @@ static int adopt_migrate_read_back(void)
 	return 0;
 }
 
+/* Adopted with HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP: pages in device-private memory read as swap
+ * entries in /proc/self/pagemap; a pin brings them back (present, their data intact) and an
+ * unknown flag is refused. */
+static int adopt_as_swap_and_pin(void)
+{
+	size_t npages = 16, len = npages * PAGE;
+	int *buf = plain_map(len);
+	CHECK(buf);
+	for (size_t i = 0; i < len / sizeof(int); i++)
+		buf[i] = (int)i * 3;
+	HetmemSpace *s;
+	HetmemDevice *d;
+	HetmemMirror *m;
+	HetmemPin *pin;
+	CHECK(hetmem_space_adopt_flags(buf, len, 0x80, &s) == -EINVAL);
+	CHECK(hetmem_space_adopt_flags(buf, len, HETMEM_ADOPT_DEVICE_PRIVATE_AS_SWAP, &s) == 0);
+	CHECK(hetmem_device_new(HETMEM_DEVICE_PRIVATE, 4 * len, &d) == 0);
+	CHECK(hetmem_mirror_new(d, s, &m) == 0);
+	CHECK(hetmem_migrate_to_device(m, buf, len) == 0);
+	int pm = open("/proc/self/pagemap", O_RDONLY);
+	CHECK(pm >= 0);
+	uint64_t e;
+	for (size_t i = 0; i < npages; i++) {
+		CHECK(pread(pm, &e, 8, (off_t)(((uintptr_t)buf / PAGE + i) * 8)) == 8);
+		CHECK((e >> 62 & 3) == 1); /* swapped, not present */
+	}
+	CHECK(hetmem_pin(s, buf, 4 * PAGE, 0, &pin) == 0);
+	CHECK(pread(pm, &e, 8, (off_t)((uintptr_t)buf / PAGE * 8)) == 8);
+	CHECK(e >> 63 == 1); /* present */
+	hetmem_pin_free(pin);
+	CHECK(hetmem_pin(s, (char *)buf + 1, PAGE, 0, &pin) == -EINVAL);
+	for (size_t i = 0; i < len / sizeof(int); i++)
+		CHECK(buf[i] == (int)i * 3);
+	close(pm);
+	hetmem_mirror_free(m);
+	hetmem_device_free(d);
+	hetmem_space_free(s);
+	CHECK(munmap(buf, len) == 0);
+	return 0;
+}
+
 /* The device writes adopted memory (the kernel's shape of the command); the CPU sees it. */
 static int device_write_cpu_reads(void)
 {
@@ -258,6 +299,7 @@ int main(int argc, char **argv)
 	} cases[] = {
 		{ "adopt_migrate_read_back", adopt_migrate_read_back },
 		{ "device_write_cpu_reads", device_write_cpu_reads },
+		{ "adopt_as_swap_and_pin", adopt_as_swap_and_pin },
 		{ "fork_with_device_pages", fork_with_device_pages },
 		{ "hetmem_memory_on_a_coherent_device", hetmem_memory_on_a_coherent_device },
 		{ "read_mostly_replicas", read_mostly_replicas },
