@@ -27,7 +27,7 @@
 
 mod common;
 
-use common::{NPAGES, PAGE, PMD, intercepting, ints, pattern};
+use common::{NPAGES, PAGE, PM_PRESENT, PM_SWAP, PMD, intercepting, ints, pagemap_entry, pattern};
 use hetmem::device::{FLAG_FAIL_ALLOC, snap};
 use hetmem::sys::{self, ChildExit};
 use hetmem::{
@@ -83,20 +83,6 @@ fn hmm(kind: MemoryKind) -> Hmm {
     .unwrap();
     let m = dev.mirror(&space).unwrap();
     Hmm { m, dev, space }
-}
-
-/// `PM_SWAP` and `PM_PRESENT` of a `/proc/self/pagemap` entry.
-const PM_SWAP: u64 = 1 << 62;
-const PM_PRESENT: u64 = 1 << 63;
-
-/// `pagemap_get_entry`: the `/proc/self/pagemap` entry of the page at `a`.
-fn pagemap_entry(a: VirtAddr) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, (a.get() / PAGE * 8) as u64)
-        .unwrap();
-    u64::from_ne_bytes(e)
 }
 
 /// `struct hmm_buffer`: the CPU range (`ptr`) and the device-side buffer (`mirror`).

@@ -23,25 +23,12 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-const PRESENT: u64 = 1 << 63;
-const SWAP: u64 = 1 << 62;
-
-/// The `/proc/self/pagemap` entry of the page at `a`.
-fn pagemap(a: VirtAddr) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, (a.get() / PAGE * 8) as u64)
-        .unwrap();
-    u64::from_ne_bytes(e)
-}
-
 /// (present, swapped) of each of the `pages` pages from `a`.
 fn entries(a: VirtAddr, pages: usize) -> Vec<(bool, bool)> {
     (0..pages)
         .map(|p| {
-            let e = pagemap(a.add(p * PAGE));
-            (e & PRESENT != 0, e & SWAP != 0)
+            let e = pagemap_entry(a.add(p * PAGE));
+            (e & PM_PRESENT != 0, e & PM_SWAP != 0)
         })
         .collect()
 }

@@ -468,7 +468,8 @@ struct hm_pm_scan_arg {
 
 /* The kernel page size (smaps' KernelPageSize, bytes) of the mapping holding addr: 4096 but for
  * hugetlb mappings; 0 if unknown. Read without stdio (no malloc: the program's heap may be
- * broken by then, as in the kernel's hmm-tests snapshot case). */
+ * broken by then, as in the kernel's hmm-tests snapshot case). Under `lock`, which also guards
+ * its static buffer (a snapshot runs under it). */
 static unsigned long kernel_page_size(uintptr_t addr)
 {
 	int fd = real_open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);

@@ -193,3 +193,17 @@ pub fn kernel_has_uffdio_move() -> bool {
         .or_else(|_| hetmem::sys::kernel_features(true))
         .is_ok_and(|f| f & (1 << 16) != 0)
 }
+
+/// `PM_PRESENT` and `PM_SWAP` of a `/proc/self/pagemap` entry.
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAP: u64 = 1 << 62;
+
+/// The `/proc/self/pagemap` entry of the page at `a` (the selftests' `pagemap_get_entry`).
+pub fn pagemap_entry(a: hetmem::VirtAddr) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, (a.get() / 4096 * 8) as u64)
+        .unwrap();
+    u64::from_ne_bytes(e)
+}
