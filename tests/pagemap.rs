@@ -242,3 +242,41 @@ fn a_fork_gives_the_child_marked_pages_and_marks_them_again() {
         assert_eq!(mem.load(p * PAGE), 0xf0_0000 | p as u32, "page {p}");
     }
 }
+
+/// What `sys::pagemap_holds_data` makes of entries, as root reads them and as a process
+/// without `CAP_SYS_ADMIN` does (the kernel hides the swap type and offset then: a marker reads
+/// `PM_SWAP | PM_UFFD_WP` and nothing else), and of a marked page read here, whoever runs this.
+#[test]
+fn a_marker_holds_no_data_however_pagemap_shows_it() {
+    let _w = watchdog("pagemap_marker_no_data", 30);
+    let _serial = one_at_a_time();
+    let holds = sys::pagemap_holds_data;
+    assert!(holds(PM_PRESENT | 0x1234), "present");
+    assert!(!holds(0), "nothing there");
+    assert!(
+        holds(PM_SWAP | (7 << 5) | 1),
+        "swapped out, as root reads it"
+    );
+    assert!(
+        holds(PM_SWAP),
+        "swapped out, as an unprivileged reader reads it"
+    );
+    assert!(
+        !holds(0x4200_0000_0000_003f),
+        "a write-protect marker, as root reads it"
+    );
+    assert!(!holds(0x4200_0000_0000_0000), "the same, unprivileged");
+    assert!(
+        !holds(PM_SWAP | (4 << 5) | 0x1f),
+        "a guard marker, as root reads it"
+    );
+    let space = space(true);
+    let dev = SoftDevice::private(8 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(4 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &[3; 4 * PAGE]).unwrap();
+    m.migrate_range_to_device(a, 4 * PAGE).unwrap();
+    let e = pagemap_entry(a);
+    assert_ne!(e & PM_SWAP, 0);
+    assert!(!holds(e), "a marked page read here ({e:#x}) holds no data");
+}

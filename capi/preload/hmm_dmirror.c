@@ -697,7 +697,7 @@ static int gup_ioctl(unsigned long req, struct gup_test *g)
 	uintptr_t start = g->addr & ~4095UL;
 	if (g->size == 0)
 		return 0;
-	if (g->addr + g->size < g->addr)
+	if (g->addr + g->size < g->addr || g->addr + g->size > UINTPTR_MAX - 4095)
 		return -EINVAL;
 	uintptr_t end = (g->addr + g->size + 4095) & ~4095UL;
 	int long_term = _IOC_NR(req) == GUP_NR_PIN_LONGTERM_BENCHMARK ||

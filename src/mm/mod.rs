@@ -38,7 +38,9 @@
 //! `MADV_DONTNEED` removes markers, its `MADV_FREE` keeps them; a fork's child gets none (its
 //! mapping is not registered); an unregister clears them. A marker holds no data: the pagemap
 //! reads that tell which pages hold some (adoption, hetmem's raw copies) skip them
-//! (`sys::pagemap_holds_data`). The price: one `UFFDIO_WRITEPROTECT` per run of pages a
+//! (`sys::pagemap_holds_data`, which tells them also where the kernel hides the swap entry from
+//! a reader without `CAP_SYS_ADMIN`), and the handler thread's zero page over one is a copied
+//! page of zeros too. The price: one `UFFDIO_WRITEPROTECT` per run of pages a
 //! migration moves to device-private memory (≈ 0.6 µs here), and one per page a fork copied.
 
 use std::io;
@@ -600,6 +602,9 @@ impl HugeZero {
                 // Transient (the mappings are changing, or a drop there is not followed
                 // yet): the slot keeps its page for the next fill.
                 Err(UffdError::Again) if moved == 0 => {}
+                // A page there, or a marker (`Uffd::mark_missing`), before anything moved: the
+                // caller copies instead, and the slot keeps its page too.
+                Err(UffdError::Exists) if moved == 0 => {}
                 // A base page moved, then the hole after it; or the kernel refused the move
                 // (a protection or lock state the slot does not share: EINVAL; a page there:
                 // EEXIST): map the slot afresh, so that it holds no memory meanwhile.

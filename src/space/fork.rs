@@ -264,22 +264,31 @@ impl SpaceCore {
             if res.is_ok()
                 && let Some(v) = st.vma(r.start)
             {
-                // In device-private memory again: marked again where the space shows it.
+                // In device-private memory again: marked again where the space shows it, a
+                // run of such pages at a time.
                 let mode = v.mode;
-                for p in 0..r.pages() {
-                    let a = r.start.add(p * PAGE_SIZE);
-                    if st
-                        .pte(a)
+                let private = |p: usize| {
+                    st.pte(r.start.add(p * PAGE_SIZE))
                         .is_some_and(|pte| pte.state() == PageState::Device)
-                    {
-                        self.mm.mark_device_private(
-                            VaRange {
-                                start: a,
-                                end: a.add(PAGE_SIZE),
-                            },
-                            mode,
-                        );
+                };
+                let mut p = 0;
+                while p < r.pages() {
+                    if !private(p) {
+                        p += 1;
+                        continue;
                     }
+                    let mut e = p + 1;
+                    while e < r.pages() && private(e) {
+                        e += 1;
+                    }
+                    self.mm.mark_device_private(
+                        VaRange {
+                            start: r.start.add(p * PAGE_SIZE),
+                            end: r.start.add(e * PAGE_SIZE),
+                        },
+                        mode,
+                    );
+                    p = e;
                 }
             }
             if let Err(e) = res {

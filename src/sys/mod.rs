@@ -78,14 +78,27 @@ pub const PAGE_SIZE: usize = 4096;
 pub const LARGE_PAGE_SIZE: usize = 2 << 20;
 
 /// Whether a `/proc/self/pagemap` entry holds data: the page is present, or swapped out.
-/// A marker (swap type 31, `SWP_PTE_MARKER`: a userfaultfd write-protect marker that
-/// [`Uffd::mark_missing`] leaves, a guard page, a poisoned page) is reported as swapped too, but
-/// holds none: an access faults (as missing, for hetmem's markers).
+/// A marker (a userfaultfd write-protect marker that [`Uffd::mark_missing`] leaves, a guard
+/// page, a poisoned page) is reported as swapped too, but holds none: an access faults (as
+/// missing, for hetmem's markers). With `CAP_SYS_ADMIN` the kernel reports a marker's swap type,
+/// 31 (`SWP_PTE_MARKER`); without it the type and offset read 0 (found by review), and a
+/// write-protect marker is told by `PM_UFFD_WP` with a zero swap entry, which a page swapped out
+/// while write-protected also shows: such a page is then taken for no data by a reader that
+/// must not fault (hetmem's raw copies stop before it and fault it in the usual way instead).
 pub fn pagemap_holds_data(e: u64) -> bool {
     const PRESENT: u64 = 1 << 63;
     const SWAP: u64 = 1 << 62;
+    const UFFD_WP: u64 = 1 << 57;
+    const ENTRY: u64 = (1 << 55) - 1;
     const MARKER_TYPE: u64 = 0x1f;
-    e & PRESENT != 0 || (e & SWAP != 0 && e & MARKER_TYPE != MARKER_TYPE)
+    if e & PRESENT != 0 {
+        return true;
+    }
+    if e & SWAP == 0 {
+        return false;
+    }
+    let marker = e & MARKER_TYPE == MARKER_TYPE || (e & UFFD_WP != 0 && e & ENTRY == 0);
+    !marker
 }
 
 mod memfd;

@@ -267,6 +267,33 @@ pub enum UffdDelivery {
     Thread,
 }
 
+/// `UFFDIO_COPY` of a zero-filled page to the missing page at `addr` on `fd`, or over a marker
+/// there ([`Uffd::mark_missing`]), which `UFFDIO_ZEROPAGE` refuses as if a page were there
+/// (EEXIST). EEXIST from this copy: a page is there.
+fn copy_zero_page(
+    fd: std::os::fd::BorrowedFd<'_>,
+    addr: usize,
+    dontwake: bool,
+) -> Result<(), UffdError> {
+    #[repr(C, align(4096))]
+    struct ZeroPage([u8; PAGE_SIZE]);
+    static ZERO_PAGE: ZeroPage = ZeroPage([0; PAGE_SIZE]);
+    let mut c = uapi::uffdio_copy {
+        dst: addr as u64,
+        src: ZERO_PAGE.0.as_ptr() as u64,
+        len: PAGE_SIZE as u64,
+        mode: if dontwake {
+            uapi::UFFDIO_COPY_MODE_DONTWAKE as u64
+        } else {
+            0
+        },
+        copy: 0,
+    };
+    // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; the kernel reads one page from a static
+    // of zeros and writes only into a range registered with `fd`, hetmem's.
+    unsafe { rustix::ioctl::ioctl(fd, Updater::<OP_COPY, _>::new(&mut c)) }.map_err(uffd_err)
+}
+
 /// Errors of the resolving ioctls, each with one meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UffdError {
@@ -741,11 +768,15 @@ impl Uffd {
                 let r = unsafe {
                     rustix::ioctl::ioctl(&self.fd, Updater::<OP_ZEROPAGE, _>::new(&mut z))
                 };
-                let r = r.map_err(uffd_err);
+                let mut r = r.map_err(uffd_err);
                 if self.markers && matches!(r, Err(UffdError::Exists)) && z.zeropage <= 0 {
                     // The first page refused: a marker, or a page there (stepped over either
-                    // way once this copy fills the former and fails on the latter).
-                    let _ = self.copy_zero_page(addr + done, dontwake);
+                    // way once this copy fills the former and fails on the latter). Another
+                    // error of the copy is the fill's (EAGAIN: retried).
+                    match self.copy_zero_page(addr + done, dontwake) {
+                        Ok(()) | Err(UffdError::Exists) => {}
+                        Err(e) => r = Err(e),
+                    }
                 }
                 // `zeropage` holds the bytes mapped before an error (or a negative errno).
                 (r, z.zeropage)
@@ -756,24 +787,7 @@ impl Uffd {
 
     /// `UFFDIO_COPY` of a zero-filled page to the missing (or marked) page at `addr`.
     fn copy_zero_page(&self, addr: usize, dontwake: bool) -> Result<(), UffdError> {
-        #[repr(C, align(4096))]
-        struct ZeroPage([u8; PAGE_SIZE]);
-        static ZERO_PAGE: ZeroPage = ZeroPage([0; PAGE_SIZE]);
-        let mut c = uapi::uffdio_copy {
-            dst: addr as u64,
-            src: ZERO_PAGE.0.as_ptr() as u64,
-            len: PAGE_SIZE as u64,
-            mode: if dontwake {
-                uapi::UFFDIO_COPY_MODE_DONTWAKE as u64
-            } else {
-                0
-            },
-            copy: 0,
-        };
-        // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; the kernel reads one page from a
-        // static of zeros and writes only into a registered range of hetmem's (as in `copy`).
-        unsafe { rustix::ioctl::ioctl(&self.fd, Updater::<OP_COPY, _>::new(&mut c)) }
-            .map_err(uffd_err)
+        copy_zero_page(self.fd.as_fd(), addr, dontwake)
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
@@ -908,7 +922,8 @@ impl Uffd {
         }
     }
 
-    /// Maps the zero page at `page` (one page; nothing if a page is there) and wakes the
+    /// Maps the zero page at `page` (one page; nothing if a page is there; a page of zeros over
+    /// a marker) and wakes the
     /// threads waiting on it, on `fd`; errors are ignored (a woken thread whose page is still
     /// missing faults again).
     fn zero_and_wake(fd: std::os::fd::BorrowedFd<'_>, page: usize) {
@@ -923,7 +938,12 @@ impl Uffd {
         };
         // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it maps the zero page into
         // a missing entry of a registered range, touching no Rust memory.
-        let _ = unsafe { rustix::ioctl::ioctl(fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) };
+        let r = unsafe { rustix::ioctl::ioctl(fd, Updater::<OP_ZEROPAGE, _>::new(&mut z)) };
+        if r.map_err(uffd_err) == Err(UffdError::Exists) {
+            // A marker ([`Uffd::mark_missing`]), refused as a page would be (found by review:
+            // a thread-mode migration's copy faulted on it forever), or a page there.
+            let _ = copy_zero_page(fd, page, true);
+        }
         let mut r = range;
         // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
         let _ = unsafe { rustix::ioctl::ioctl(fd, Updater::<OP_WAKE, _>::new(&mut r)) };
