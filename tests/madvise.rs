@@ -456,7 +456,7 @@ fn a_drop_during_a_migrations_copy_reads_zeros_and_aborts_nothing() {
 #[test]
 fn thread_mode_drops_racing_migrations_and_stores_neither_hang_nor_lose_data() {
     let _w = watchdog("thread-mode drops vs migrations", 90);
-    drops_racing_migrations(small_space());
+    drops_racing_migrations(small_space(), FaultMode::Thread);
 }
 
 /// The same where device-private pages are marked for pagemap
@@ -475,15 +475,28 @@ fn thread_mode_drops_racing_migrations_of_marked_pages_neither_hang_nor_lose_dat
             ..SpaceConfig::default()
         })
         .unwrap(),
+        FaultMode::Thread,
     );
 }
 
-fn drops_racing_migrations(space: Space) {
+/// The same in a signal-mode mapping. Ignored: it hangs in about 1 run of 14 on this VM (found
+/// by review, 2026-12-02; also before the pagemap markers existed). At the hang the program's
+/// `madvise` waits in `userfaultfd_event_wait_completion` for its REMOVE event to be read, the
+/// event reader thread sits in `ppoll`, one thread yields in a loop and two wait on futexes;
+/// gdb could not attach. Not diagnosed yet (issue 12's note). Run it with `--ignored`.
+#[test]
+#[ignore = "hangs about 1 run in 14: a REMOVE event left unread (issue 12)"]
+fn signal_mode_drops_racing_migrations_and_stores_neither_hang_nor_lose_data() {
+    let _w = watchdog("signal-mode drops vs migrations", 90);
+    drops_racing_migrations(small_space(), FaultMode::Signal);
+}
+
+fn drops_racing_migrations(space: Space, mode: FaultMode) {
     let dev = SoftDevice::private(32 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
     let len = 1 << 20;
     let opts = MapOptions {
-        mode: FaultMode::Thread,
+        mode,
         ..MapOptions::default()
     };
     let a = space.map_anon_with(len, opts).unwrap();
