@@ -86,7 +86,7 @@ fn fill_resuming(
 /// found from outside. A yield runs nothing queued elsewhere; a sleep lets the scheduler move
 /// work.) Allocation-free and async-signal-safe (`clock_gettime`, `nanosleep`): fills run in
 /// the SIGBUS handler.
-struct Backoff {
+pub(crate) struct Backoff {
     tries: u32,
     since: Option<std::time::Instant>,
 }
@@ -95,7 +95,7 @@ impl Backoff {
     const YIELDS: u32 = 1000;
     const LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-    fn new() -> Backoff {
+    pub(crate) fn new() -> Backoff {
         Backoff {
             tries: 0,
             since: None,
@@ -103,7 +103,7 @@ impl Backoff {
     }
 
     /// Whether to try again.
-    fn more(&mut self) -> bool {
+    pub(crate) fn more(&mut self) -> bool {
         self.tries < Self::YIELDS
             || self
                 .since
@@ -113,7 +113,7 @@ impl Backoff {
     }
 
     /// Waits before the next try.
-    fn wait(&mut self) {
+    pub(crate) fn wait(&mut self) {
         self.tries = self.tries.saturating_add(1);
         if self.tries <= Self::YIELDS {
             rustix::thread::sched_yield();
