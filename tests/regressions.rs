@@ -182,6 +182,40 @@ fn undroppable_pages_are_declined_not_left_stale() {
     hetmem::sys::munlock(a.get(), PAGE).unwrap();
 }
 
+/// A drop of hetmem's own that failed part-way (the run spans an mlocked page) leaves no record
+/// behind that would make the program's later drop there look like hetmem's own: the program's
+/// `MADV_DONTNEED` of that page, in device memory by then, is followed and it reads zeros.
+#[test]
+fn a_partly_failed_own_drop_leaves_the_programs_next_drop_followed() {
+    if !kernel_has_uffdio_move() {
+        return;
+    }
+    let _w = watchdog("partial_zap_record", 30);
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(2 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &[0x11u8; 2 * PAGE]).unwrap();
+    if hetmem::sys::mlock_onfault(a.add(PAGE).get(), PAGE).is_err() {
+        eprintln!("mlock2 refused here: nothing to test");
+        return;
+    }
+    let _ = m.migrate_range_to_device(a, 2 * PAGE);
+    hetmem::sys::munlock(a.add(PAGE).get(), PAGE).unwrap();
+    m.migrate_range_to_device(a.add(PAGE), PAGE).unwrap();
+    assert_eq!(space.residency(a.add(PAGE)), Residency::Device(dev.owner()));
+    // SAFETY: managed memory the test mapped, where no Rust object lives.
+    unsafe { hetmem::sys::madvise_dontneed(a.add(PAGE).get(), PAGE) }.unwrap();
+    let mut snap = [0u8; 1];
+    m.snapshot(a.add(PAGE), PAGE, &mut snap).unwrap();
+    let mut back = vec![0xffu8; PAGE];
+    space.cpu_read(a.add(PAGE), &mut back).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "the program's drop was followed"
+    );
+}
+
 /// Found by the fuzzer: a migration range starting inside the last 2 MiB unit of a mapping,
 /// whose unit is device-resident, sliced past the mapping's entries (a panic under the lock).
 #[test]
