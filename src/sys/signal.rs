@@ -509,14 +509,13 @@ pub fn thread_fault_in_zone(addr: usize, write: bool, wp: bool, tid: u32) -> boo
     // page in device memory, a store to a protected page) is a bug of hetmem's. The space's
     // lock may be held by another thread for a moment (found by review: under contention every
     // such fault aborted): ask again, yielding, for a bounded time; it stays held only where
-    // its holder waits for this handler, which no zone can get out of ([`Backoff`]).
+    // its holder waits for this handler, which no zone can get out of.
     if !wp {
-        let mut again = Backoff::new();
-        while again.more() {
+        for _ in 0..100_000 {
             match with_target_at(addr, |t| t.holds_present(addr)).flatten() {
                 Some(true) => return true,
                 Some(false) => break,
-                None => again.wait(),
+                None => rustix::thread::sched_yield(),
             }
         }
     }

@@ -34,7 +34,7 @@ const OP_ZEROPAGE: Opcode =
 /// `mmap_changing`, closes once the event is read and that thread runs again): `wait` reads what
 /// is pending if the caller is the fd's reader (nobody else would: an mremap posts UNMAP of the
 /// old range after its REMAP, which the reader may be following with this very fill), then
-/// waits for the other thread to run ([`Backoff`], bounded). After such a wait, the parts of the range a
+/// yields to let the other thread run, bounded. After such a wait, the parts of the range a
 /// program's drop (a REMOVE read and not followed yet) covers are not filled: the drop may have
 /// run already, and a fill after it would leave the data it dropped in place (found by review:
 /// a migration back to system memory racing the program's madvise); those pages stay missing,
@@ -57,7 +57,7 @@ fn fill_resuming(
         }
     };
     let (mut done, mut to) = not_dropped(dst, 0, len);
-    let mut again = Backoff::new();
+    let mut again = 0;
     while done < len {
         match op(done, to) {
             (Ok(()), _) if to == len => return Ok(()),
@@ -67,60 +67,16 @@ fn fill_resuming(
             }
             (Err(_), n) if n > 0 => done += n as usize,
             (Err(UffdError::Exists), _) => done += PAGE_SIZE,
-            (Err(UffdError::Again), _) if again.more() => {
+            (Err(UffdError::Again), _) if again < 100_000 => {
+                again += 1;
                 wait();
-                again.wait();
+                rustix::thread::sched_yield();
                 (done, to) = not_dropped(dst, done, len);
             }
             (Err(other), _) => return Err(other),
         }
     }
     Ok(())
-}
-
-/// The wait of a resolving ioctl for the mappings to settle (EAGAIN: the program's munmap,
-/// mremap or madvise posted an event, and the window closes only once the event is read and the
-/// program's thread runs again): yields at first, then sleeps 100 µs at a time, for at most
-/// 10 s. (It was 100,000 yields: on a loaded machine they passed in some 50 ms while the
-/// program's thread, queued on the other CPU, did not run, and the fault that waited aborted:
-/// found from outside. A yield runs nothing queued elsewhere; a sleep lets the scheduler move
-/// work.) Allocation-free and async-signal-safe (`clock_gettime`, `nanosleep`): fills run in
-/// the SIGBUS handler.
-pub(crate) struct Backoff {
-    tries: u32,
-    since: Option<std::time::Instant>,
-}
-
-impl Backoff {
-    const YIELDS: u32 = 1000;
-    const LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-    pub(crate) fn new() -> Backoff {
-        Backoff {
-            tries: 0,
-            since: None,
-        }
-    }
-
-    /// Whether to try again.
-    pub(crate) fn more(&mut self) -> bool {
-        self.tries < Self::YIELDS
-            || self
-                .since
-                .get_or_insert_with(std::time::Instant::now)
-                .elapsed()
-                < Self::LIMIT
-    }
-
-    /// Waits before the next try.
-    pub(crate) fn wait(&mut self) {
-        self.tries = self.tries.saturating_add(1);
-        if self.tries <= Self::YIELDS {
-            rustix::thread::sched_yield();
-        } else {
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
-    }
 }
 
 /// From offset `done` of the `len` bytes at `dst`: the next part not covered by a REMOVE read
@@ -728,7 +684,7 @@ impl Uffd {
     /// not read yet) is retried as a fill retries it (see `fill_resuming`): a program's madvise
     /// during a migration failed the migration's write-protect (found by a test).
     pub fn write_protect(&self, addr: usize, len: usize, on: bool) -> Result<(), UffdError> {
-        let mut again = Backoff::new();
+        let mut again = 0;
         loop {
             let mut w = uapi::uffdio_writeprotect {
                 range: uapi::uffdio_range {
@@ -744,9 +700,10 @@ impl Uffd {
             }
             .map_err(uffd_err);
             match r {
-                Err(UffdError::Again) if again.more() => {
+                Err(UffdError::Again) if again < 100_000 => {
+                    again += 1;
                     self.defer_pending();
-                    again.wait();
+                    rustix::thread::sched_yield();
                 }
                 r => return r,
             }
