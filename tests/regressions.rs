@@ -182,6 +182,21 @@ fn undroppable_pages_are_declined_not_left_stale() {
     hetmem::sys::munlock(a.get(), PAGE).unwrap();
 }
 
+/// Two pages of 0x11 in a fresh space, mirrored by a private device, the second mlocked (a run
+/// over them cannot be dropped whole); `None` where mlock2 is refused.
+fn two_pages_the_second_mlocked() -> Option<(Space, SoftDevice, DeviceMirror, VirtAddr)> {
+    let space = Space::new().unwrap();
+    let dev = SoftDevice::private(4 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let a = space.map_anon(2 * PAGE, Prot::ReadWrite).unwrap();
+    space.cpu_write(a, &[0x11u8; 2 * PAGE]).unwrap();
+    if hetmem::sys::mlock_onfault(a.add(PAGE).get(), PAGE).is_err() {
+        eprintln!("mlock2 refused here: nothing to test");
+        return None;
+    }
+    Some((space, dev, m, a))
+}
+
 /// A drop of hetmem's own that failed part-way (the run spans an mlocked page) leaves no record
 /// behind that would make the program's later drop there look like hetmem's own: the program's
 /// `MADV_DONTNEED` of that page, in device memory by then, is followed and it reads zeros.
@@ -191,15 +206,9 @@ fn a_partly_failed_own_drop_leaves_the_programs_next_drop_followed() {
         return;
     }
     let _w = watchdog("partial_zap_record", 30);
-    let space = Space::new().unwrap();
-    let dev = SoftDevice::private(4 << 20).unwrap();
-    let m = dev.mirror(&space).unwrap();
-    let a = space.map_anon(2 * PAGE, Prot::ReadWrite).unwrap();
-    space.cpu_write(a, &[0x11u8; 2 * PAGE]).unwrap();
-    if hetmem::sys::mlock_onfault(a.add(PAGE).get(), PAGE).is_err() {
-        eprintln!("mlock2 refused here: nothing to test");
+    let Some((space, dev, m, a)) = two_pages_the_second_mlocked() else {
         return;
-    }
+    };
     let _ = m.migrate_range_to_device(a, 2 * PAGE);
     hetmem::sys::munlock(a.add(PAGE).get(), PAGE).unwrap();
     m.migrate_range_to_device(a.add(PAGE), PAGE).unwrap();
@@ -243,15 +252,9 @@ fn range_starting_inside_the_last_device_unit() {
 #[test]
 fn partially_droppable_run_declines_only_what_stays() {
     let _w = watchdog("partial_zap", 30);
-    let space = Space::new().unwrap();
-    let dev = SoftDevice::private(4 << 20).unwrap();
-    let m = dev.mirror(&space).unwrap();
-    let a = space.map_anon(2 * PAGE, Prot::ReadWrite).unwrap();
-    space.cpu_write(a, &[0x11u8; 2 * PAGE]).unwrap();
-    if hetmem::sys::mlock_onfault(a.add(PAGE).get(), PAGE).is_err() {
-        eprintln!("mlock2 refused here: nothing to test");
+    let Some((space, dev, m, a)) = two_pages_the_second_mlocked() else {
         return;
-    }
+    };
     let e = m.migrate_range_to_device(a, 2 * PAGE).unwrap_err();
     assert_eq!(e.errno(), libc::ENOENT, "page 1 did not move");
     assert_eq!(space.residency(a), Residency::Device(dev.owner()));

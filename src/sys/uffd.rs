@@ -776,7 +776,7 @@ impl Uffd {
                     // The first page refused: a marker, or a page there (stepped over either
                     // way once this copy fills the former and fails on the latter). Another
                     // error of the copy is the fill's (EAGAIN: retried).
-                    match self.copy_zero_page(addr + done, dontwake) {
+                    match copy_zero_page(self.fd.as_fd(), addr + done, dontwake) {
                         Ok(()) | Err(UffdError::Exists) => {}
                         Err(e) => r = Err(e),
                     }
@@ -786,11 +786,6 @@ impl Uffd {
             },
             || self.defer_pending(),
         )
-    }
-
-    /// `UFFDIO_COPY` of a zero-filled page to the missing (or marked) page at `addr`.
-    fn copy_zero_page(&self, addr: usize, dontwake: bool) -> Result<(), UffdError> {
-        copy_zero_page(self.fd.as_fd(), addr, dontwake)
     }
 
     /// `UFFDIO_WAKE`: wakes threads waiting on faults in `addr..addr+len`.
