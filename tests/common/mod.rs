@@ -28,30 +28,98 @@ pub fn at(what: impl Into<String>) {
         .insert(name, what.into());
 }
 
+/// Panics seen in this process since its first watchdog, oldest first (at most 16 kept): a
+/// thread that panicked can leave others waiting for it (a loop on a flag it never set, a
+/// scope that never ends), and its message, captured by the test harness, would be lost with
+/// the abort. (A "hang" of issue 12 was such a panic.)
+static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records every panic in [`PANICS`], then runs the hook that was there (the harness's).
+fn record_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let me = std::thread::current();
+            let line = format!("thread {:?} {}: {info}", me.id(), me.name().unwrap_or("-"));
+            let mut p = PANICS.lock().unwrap_or_else(|p| p.into_inner());
+            if p.len() < 16 {
+                p.push(line);
+            }
+            drop(p);
+            prev(info);
+        }));
+    });
+}
+
+/// Writes a line to the process's stderr itself: `eprintln!` in a test's threads goes to the
+/// harness's capture, which the abort that follows would lose.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 fn report_hang(name: &str, secs: u64) {
-    eprintln!(
+    say!(
         "WATCHDOG: test `{name}` did not finish within {secs} s: a fault path is probably hung"
     );
-    if let Ok(st) = STATUS.try_lock() {
-        for (thread, what) in st.iter() {
-            eprintln!("WATCHDOG:   thread {thread}: last at `{what}`");
+    if let Ok(p) = PANICS.try_lock() {
+        for line in p.iter() {
+            say!(
+                "WATCHDOG:   earlier panic (its thread may be what the others wait for): {line}"
+            );
         }
     }
-    // Every thread's stack, from outside (the hung threads cannot report themselves).
-    let pid = std::process::id().to_string();
-    match std::process::Command::new("gdb")
-        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 25"])
-        .output()
-    {
-        Ok(out) => eprintln!(
-            "WATCHDOG: stacks:\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        ),
-        Err(e) => eprintln!("WATCHDOG: no stacks (gdb: {e})"),
+    if let Ok(st) = STATUS.try_lock() {
+        for (thread, what) in st.iter() {
+            say!("WATCHDOG:   thread {thread}: last at `{what}`");
+        }
     }
+    // Every thread's stack, from outside (the hung threads cannot report themselves), bounded:
+    // gdb's attach itself waits for ever on a thread that cannot stop (one in a killable wait,
+    // such as a madvise waiting for its userfaultfd event to be read).
+    let pid = std::process::id().to_string();
+    let gdb = std::process::Command::new("gdb")
+        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 25"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let mut child = match gdb {
+        Ok(c) => c,
+        Err(e) => {
+            say!("WATCHDOG: no stacks (gdb: {e})");
+            return;
+        }
+    };
+    // Read on a thread of its own (a full pipe would stop gdb), waited for with a bound.
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        if let Some(mut o) = stdout {
+            use std::io::Read;
+            let _ = o.read_to_string(&mut out);
+        }
+        let _ = tx.send(out);
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(out) => out,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            say!("WATCHDOG: no stacks (gdb did not attach within 20 s)");
+            return;
+        }
+    };
+    let _ = child.wait();
+    say!("WATCHDOG: stacks:\n{out}");
 }
 
 pub fn watchdog(name: &'static str, secs: u64) -> Watchdog {
+    record_panics();
     let (tx, rx) = mpsc::channel::<()>();
     let handle = std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
