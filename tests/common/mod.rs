@@ -62,14 +62,10 @@ macro_rules! say {
 }
 
 fn report_hang(name: &str, secs: u64) {
-    say!(
-        "WATCHDOG: test `{name}` did not finish within {secs} s: a fault path is probably hung"
-    );
+    say!("WATCHDOG: test `{name}` did not finish within {secs} s: a fault path is probably hung");
     if let Ok(p) = PANICS.try_lock() {
         for line in p.iter() {
-            say!(
-                "WATCHDOG:   earlier panic (its thread may be what the others wait for): {line}"
-            );
+            say!("WATCHDOG:   earlier panic (its thread may be what the others wait for): {line}");
         }
     }
     if let Ok(st) = STATUS.try_lock() {
