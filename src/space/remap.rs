@@ -227,6 +227,9 @@ impl SpaceCore {
                         .any(|(p, &data)| keeps(p) && data)
                 })
             {
+                // Meanwhile the program's next madvise must not wait for this one (found from
+                // outside: under load a fault's fill then got EAGAIN until it gave up).
+                sys::Uffd::drain_on_reader();
                 crate::sync::thread::yield_now();
                 tries += 1;
                 has_data = self.mm.pages_with_data(part).ok();
