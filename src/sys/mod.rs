@@ -77,6 +77,35 @@ pub const PAGE_SIZE: usize = 4096;
 /// Size of a large (PMD) page.
 pub const LARGE_PAGE_SIZE: usize = 2 << 20;
 
+/// The patience of a wait made of yields (for the mappings to stop changing, for a lock another
+/// thread holds a moment): at least 100,000 yields, and at least 10 s. The count alone gave up
+/// under load (a loaded 2-core machine runs 100,000 yields in under a second while the thread
+/// waited for can stay off a CPU); the clock is read only once the count is spent, so a short
+/// wait costs what it did. Safe in a signal handler (the clock is the vDSO's).
+pub(crate) struct Patience {
+    yields: u32,
+    since: Option<std::time::Instant>,
+}
+
+impl Patience {
+    pub(crate) const fn new() -> Patience {
+        Patience {
+            yields: 0,
+            since: None,
+        }
+    }
+
+    /// Counts one more yield; false once the wait should give up.
+    pub(crate) fn more(&mut self) -> bool {
+        if self.yields < 100_000 {
+            self.yields += 1;
+            return true;
+        }
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        since.elapsed() < std::time::Duration::from_secs(10)
+    }
+}
+
 /// Whether a `/proc/self/pagemap` entry holds data: the page is present, or swapped out.
 /// A marker (a userfaultfd write-protect marker that [`Uffd::mark_missing`] leaves, a guard
 /// page, a poisoned page) is reported as swapped too, but holds none: an access faults (as

@@ -511,7 +511,8 @@ pub fn thread_fault_in_zone(addr: usize, write: bool, wp: bool, tid: u32) -> boo
     // such fault aborted): ask again, yielding, for a bounded time; it stays held only where
     // its holder waits for this handler, which no zone can get out of.
     if !wp {
-        for _ in 0..100_000 {
+        let mut patience = super::Patience::new();
+        while patience.more() {
             match with_target_at(addr, |t| t.holds_present(addr)).flatten() {
                 Some(true) => return true,
                 Some(false) => break,

@@ -34,7 +34,7 @@ const OP_ZEROPAGE: Opcode =
 /// `mmap_changing`, closes once the event is read and that thread runs again): `wait` reads what
 /// is pending if the caller is the fd's reader (nobody else would: an mremap posts UNMAP of the
 /// old range after its REMAP, which the reader may be following with this very fill), then
-/// yields to let the other thread run, bounded. After such a wait, the parts of the range a
+/// yields to let the other thread run, bounded ([`Patience`]). After such a wait, the parts of the range a
 /// program's drop (a REMOVE read and not followed yet) covers are not filled: the drop may have
 /// run already, and a fill after it would leave the data it dropped in place (found by review:
 /// a migration back to system memory racing the program's madvise); those pages stay missing,
@@ -57,7 +57,7 @@ fn fill_resuming(
         }
     };
     let (mut done, mut to) = not_dropped(dst, 0, len);
-    let mut again = 0;
+    let mut patience = Patience::new();
     while done < len {
         match op(done, to) {
             (Ok(()), _) if to == len => return Ok(()),
@@ -67,8 +67,7 @@ fn fill_resuming(
             }
             (Err(_), n) if n > 0 => done += n as usize,
             (Err(UffdError::Exists), _) => done += PAGE_SIZE,
-            (Err(UffdError::Again), _) if again < 100_000 => {
-                again += 1;
+            (Err(UffdError::Again), _) if patience.more() => {
                 wait();
                 rustix::thread::sched_yield();
                 (done, to) = not_dropped(dst, done, len);
@@ -684,7 +683,7 @@ impl Uffd {
     /// not read yet) is retried as a fill retries it (see `fill_resuming`): a program's madvise
     /// during a migration failed the migration's write-protect (found by a test).
     pub fn write_protect(&self, addr: usize, len: usize, on: bool) -> Result<(), UffdError> {
-        let mut again = 0;
+        let mut patience = Patience::new();
         loop {
             let mut w = uapi::uffdio_writeprotect {
                 range: uapi::uffdio_range {
@@ -700,8 +699,7 @@ impl Uffd {
             }
             .map_err(uffd_err);
             match r {
-                Err(UffdError::Again) if again < 100_000 => {
-                    again += 1;
+                Err(UffdError::Again) if patience.more() => {
                     self.defer_pending();
                     rustix::thread::sched_yield();
                 }
