@@ -907,13 +907,30 @@ impl Uffd {
     /// and the window (`mmap_changing`) in which that thread's fills get EAGAIN. Elsewhere:
     /// nothing.
     pub fn drain_on_reader() {
+        Self::drain_reading(true);
+    }
+
+    /// [`Uffd::drain_on_reader`] for a reader that holds a space's state lock (the follow of a
+    /// program's drop, waiting for the kernel's drop): every message is kept, a thread-mode
+    /// fault of a zone too, which serving would ask the space whose lock this thread holds
+    /// (`thread_fault_in_zone`: it would spin, then abort; found by review). The zone's copier
+    /// waits until the follow ends; the follow waits for none of its locks.
+    pub fn drain_on_reader_holding_state() {
+        Self::drain_reading(false);
+    }
+
+    fn drain_reading(serve_zones: bool) {
         let fds: Vec<i32> = READER.with(|r| r.borrow().0.clone());
         for fd in fds {
             // SAFETY: `fd` is in the calling reader's current list: an open userfaultfd that
             // the reader keeps alive (its `Arc<Uffd>`) while it serves, which is when this runs.
             let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
             while let Ok(Some(m)) = Self::read_msg_from(fd) {
-                Self::keep(fd, m);
+                if serve_zones {
+                    Self::keep(fd, m);
+                } else {
+                    READER.with(|r| r.borrow_mut().1.push_back((fd.as_raw_fd(), m)));
+                }
             }
         }
     }

@@ -28,11 +28,13 @@ pub fn at(what: impl Into<String>) {
         .insert(name, what.into());
 }
 
-/// Panics seen in this process since its first watchdog, oldest first (at most 16 kept): a
-/// thread that panicked can leave others waiting for it (a loop on a flag it never set, a
+/// The latest panics seen in this process since its first watchdog (16 kept, oldest first):
+/// a thread that panicked can leave others waiting for it (a loop on a flag it never set, a
 /// scope that never ends), and its message, captured by the test harness, would be lost with
-/// the abort. (A "hang" of issue 12 was such a panic.)
-static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// the abort. (A "hang" of issue 12 was such a panic.) Expected panics (`catch_unwind` in some
+/// tests) show up too.
+static PANICS: Mutex<std::collections::VecDeque<String>> =
+    Mutex::new(std::collections::VecDeque::new());
 
 /// Records every panic in [`PANICS`], then runs the hook that was there (the harness's).
 fn record_panics() {
@@ -40,12 +42,14 @@ fn record_panics() {
     ONCE.call_once(|| {
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let me = std::thread::current();
-            let line = format!("thread {:?} {}: {info}", me.id(), me.name().unwrap_or("-"));
+            // `info` names the place; the thread is not asked (`thread::current` can itself
+            // panic while a thread's locals are torn down).
+            let line = info.to_string();
             let mut p = PANICS.lock().unwrap_or_else(|p| p.into_inner());
-            if p.len() < 16 {
-                p.push(line);
+            if p.len() == 16 {
+                p.pop_front();
             }
+            p.push_back(line);
             drop(p);
             prev(info);
         }));
@@ -73,45 +77,47 @@ fn report_hang(name: &str, secs: u64) {
             say!("WATCHDOG:   thread {thread}: last at `{what}`");
         }
     }
-    // Every thread's stack, from outside (the hung threads cannot report themselves), bounded:
-    // gdb's attach itself waits for ever on a thread that cannot stop (one in a killable wait,
-    // such as a madvise waiting for its userfaultfd event to be read).
+    // What each thread waits in, from the kernel: never blocks (gdb may, below).
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            let p = t.path();
+            let read = |f: &str| {
+                std::fs::read_to_string(p.join(f))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            };
+            say!(
+                "WATCHDOG:   task {} `{}`: wchan {}, syscall {}",
+                t.file_name().to_string_lossy(),
+                read("comm"),
+                read("wchan"),
+                read("syscall")
+            );
+        }
+    }
+    // Every thread's stack, from outside (the hung threads cannot report themselves). gdb's
+    // attach stops every thread, this one too, and waits for ever on a thread that cannot
+    // stop (one in a killable wait, such as a madvise waiting for its userfaultfd event to be
+    // read; found by review): the bound is outside this process, `timeout`'s.
     let pid = std::process::id().to_string();
-    let gdb = std::process::Command::new("gdb")
-        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 25"])
+    let gdb = std::process::Command::new("timeout")
+        .args(["-s", "KILL", "20", "gdb", "-p", &pid, "-batch", "-nx"])
+        .args(["-ex", "thread apply all bt 25"])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
-        .spawn();
-    let mut child = match gdb {
-        Ok(c) => c,
-        Err(e) => {
-            say!("WATCHDOG: no stacks (gdb: {e})");
-            return;
-        }
-    };
-    // Read on a thread of its own (a full pipe would stop gdb), waited for with a bound.
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take();
-    std::thread::spawn(move || {
-        let mut out = String::new();
-        if let Some(mut o) = stdout {
-            use std::io::Read;
-            let _ = o.read_to_string(&mut out);
-        }
-        let _ = tx.send(out);
-    });
-    let out = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(out) => out,
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            say!("WATCHDOG: no stacks (gdb did not attach within 20 s)");
-            return;
-        }
-    };
-    let _ = child.wait();
-    say!("WATCHDOG: stacks:\n{out}");
+        .output();
+    match gdb {
+        Ok(out) if out.status.success() => say!(
+            "WATCHDOG: stacks:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        ),
+        Ok(out) => say!(
+            "WATCHDOG: no stacks (gdb ended with {}, killed after 20 s if 137):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        ),
+        Err(e) => say!("WATCHDOG: no stacks (timeout, gdb: {e})"),
+    }
 }
 
 pub fn watchdog(name: &'static str, secs: u64) -> Watchdog {
