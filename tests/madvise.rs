@@ -350,9 +350,8 @@ const FREE_N: usize = 64;
 /// which cannot tell it from `MADV_DONTNEED`, waits (bounded) for a drop that never comes. The
 /// program's next madvise must not wait for that follow: its event is read meanwhile and it
 /// returns. (Found from outside: under load a fault's fill, refused while that next event was
-/// unread, gave up, and the process died of SIGBUS.) A busy thread keeps the follow waiting
-/// (it cannot tell that thread is not the one about to drop the pages:
-/// `sys::madvise_settled`). Here the second madvise returns before the first follow has ended
+/// unread, gave up, and the process died of SIGBUS.) A busy thread beside them, as in that
+/// program. Here the second madvise returns before the first follow has ended
 /// in at least one of 20 rounds; before the fix, in none. The freed pages read their data or
 /// zeros, the dropped ones zeros.
 #[test]

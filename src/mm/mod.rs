@@ -299,13 +299,6 @@ pub trait Mm: Send + Sync {
         let _ = r;
         Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
     }
-    /// Whether no thread of the process can still be dropping pages of `r` with a `madvise`
-    /// it is inside (none is, or it is a `MADV_FREE`: `sys::madvise_settled`). Without a way
-    /// to tell: false (the careful answer).
-    fn drop_settled(&self, r: VaRange) -> bool {
-        let _ = r;
-        false
-    }
     /// Whether a page of `r` (at most 2 MiB) may be mapped by another process too (shared
     /// copy-on-write with a forked child that still maps it). Without a way to tell: true (the
     /// careful answer).
@@ -1247,10 +1240,6 @@ impl Mm for KernelMm {
 
     fn pages_with_data(&self, r: VaRange) -> io::Result<Vec<bool>> {
         self.res.pages_with_data(self.off(r.start), r.len())
-    }
-
-    fn drop_settled(&self, r: VaRange) -> bool {
-        sys::madvise_settled(r.start.get(), r.end.get())
     }
 
     fn range_shared(&self, r: VaRange) -> bool {

@@ -216,10 +216,6 @@ impl SpaceCore {
             let keeps = |p: &Pte| {
                 p.state() == PageState::Present && !p.pinned() && !p.migrating() && !p.large()
             };
-            // The wait also ends once no thread of the process is inside a madvise that may
-            // still drop them (the one that raised the event has returned, or is a
-            // `MADV_FREE`: `sys::madvise_settled`), which a `MADV_FREE` would otherwise pay
-            // with the whole bound.
             let mut has_data = self.mm.pages_with_data(part).ok();
             let v = st.vma(part.start).expect("a part of a mapping");
             let mut tries = 0;
@@ -231,11 +227,6 @@ impl SpaceCore {
                         .any(|(p, &data)| keeps(p) && data)
                 })
             {
-                if self.mm.drop_settled(part) {
-                    // Whatever was dropped before that is gone now.
-                    has_data = self.mm.pages_with_data(part).ok();
-                    break;
-                }
                 // Meanwhile the program's next madvise must not wait for this one (found from
                 // outside: under load a fault's fill then got EAGAIN until it gave up).
                 sys::Uffd::drain_on_reader_holding_state();

@@ -297,81 +297,6 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
     unsafe { ptr::read_volatile(addr as *const u32) }
 }
 
-/// Whether no other thread of this process can still be dropping pages of `start..end` with a
-/// `madvise` it is inside: each one's current system call (`/proc/self/task/*/syscall`, which
-/// the kernel lets a process read of its own threads) is read, and none is a `madvise` over the
-/// range with an advice other than `MADV_FREE` (which leaves the pages in place, for the kernel
-/// to reclaim or not), nor in a call that may run one (io_uring's, whose workers show the call
-/// that created them; `process_madvise`), nor unknown (a thread on a CPU or waiting for one
-/// reads only `running`: it may be the very one, between its event and its drop). False on
-/// any error.
-///
-/// The follow of a program's drop waits for the kernel's drop of the pages it holds present
-/// (`SpaceCore::follow_remove`); the `UFFD_EVENT_REMOVE` does not say which advice raised it.
-/// Once the thread that raised it has left the `madvise`, or is in a `MADV_FREE`, nothing more
-/// will drop them. (A `madvise` by a process that shares the memory without being a thread of
-/// this one, a `vfork` child, is not seen.) One read per thread: O(threads).
-pub fn madvise_settled(start: usize, end: usize) -> bool {
-    use std::io::Read;
-    let me = rustix::thread::gettid().as_raw_nonzero().get();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return false;
-    };
-    let mut buf = [0u8; 256];
-    for entry in dir {
-        let Ok(entry) = entry else { return false };
-        let name = entry.file_name();
-        let Some(tid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        if tid == me {
-            continue;
-        }
-        let Ok(mut f) = std::fs::File::open(entry.path().join("syscall")) else {
-            // Gone since the listing: not in a system call of ours any more.
-            continue;
-        };
-        let Ok(n) = f.read(&mut buf) else {
-            return false;
-        };
-        match syscall_drops(&buf[..n], start, end) {
-            Some(false) => {}
-            Some(true) | None => return false,
-        }
-    }
-    true
-}
-
-/// From the text of `/proc/<tid>/syscall`: whether that thread is in a `madvise` that may drop
-/// pages of `start..end` (any advice but `MADV_FREE`, over an overlapping range); None when it
-/// cannot be told (`running`, or text not understood).
-fn syscall_drops(text: &[u8], start: usize, end: usize) -> Option<bool> {
-    let text = std::str::from_utf8(text).ok()?;
-    let mut fields = text.split_ascii_whitespace();
-    let nr: i64 = fields.next()?.parse().ok()?;
-    if [
-        libc::SYS_io_uring_setup,
-        libc::SYS_io_uring_enter,
-        libc::SYS_io_uring_register,
-        libc::SYS_process_madvise,
-    ]
-    .contains(&nr)
-    {
-        // A madvise may run inside (`IORING_OP_MADVISE`, run by the submitting thread or by
-        // an io-wq worker, which shows the call that created it), or come from elsewhere.
-        return Some(true);
-    }
-    if nr != libc::SYS_madvise {
-        // Another system call, or none (`-1`: blocked outside one, in a page fault say).
-        return Some(false);
-    }
-    let mut arg =
-        || -> Option<usize> { usize::from_str_radix(fields.next()?.strip_prefix("0x")?, 16).ok() };
-    let (addr, len, advice) = (arg()?, arg()?, arg()?);
-    let overlaps = addr < end && start < addr.saturating_add(len);
-    Some(overlaps && advice != libc::MADV_FREE as usize)
-}
-
 /// How many of the `pages` pages from `addr` (page-aligned) on hold data now, told without
 /// touching them: the raw copy that follows reads only those. A page holds data when its
 /// page-table entry is present or swapped out (`/proc/self/pagemap`), or when its backing page
@@ -540,31 +465,4 @@ pub fn on_fork(
         return Err(io::Error::from_raw_os_error(r));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn syscall_text_tells_a_drop_from_a_free_and_from_other_calls() {
-        let (s, e) = (0x7f00_0000_0000usize, 0x7f00_0000_4000usize);
-        // madvise(0x7f0000001000, 0x1000, MADV_DONTNEED)
-        let dontneed = b"28 0x7f0000001000 0x1000 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f1234\n";
-        assert_eq!(syscall_drops(dontneed, s, e), Some(true));
-        let free = b"28 0x7f0000001000 0x1000 0x8 0x0 0x0 0x0 0x7ffd0000 0x7f1234\n";
-        assert_eq!(syscall_drops(free, s, e), Some(false));
-        let elsewhere = b"28 0x7f0000004000 0x1000 0x4 0x0 0x0 0x0 0x7ffd0000 0x7f1234\n";
-        assert_eq!(syscall_drops(elsewhere, s, e), Some(false));
-        let poll = b"7 0x55d0 0x2 0xffffffff 0x0 0x0 0x0 0x7ffd0000 0x7f1234\n";
-        assert_eq!(syscall_drops(poll, s, e), Some(false));
-        assert_eq!(
-            syscall_drops(b"-1 0x7ffd0000 0x7f1234\n", s, e),
-            Some(false)
-        );
-        let uring = b"426 0x3 0x1 0x0 0x0 0x0 0x8 0x0 0x0\n";
-        assert_eq!(syscall_drops(uring, s, e), Some(true));
-        assert_eq!(syscall_drops(b"running\n", s, e), None);
-        assert_eq!(syscall_drops(b"28 0x7f00", s, e), None);
-    }
 }
