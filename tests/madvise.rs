@@ -648,3 +648,244 @@ fn drops_racing_migrations(space: Space, mode: FaultMode) {
     space.cpu_read(busy.add(12345), &mut b).unwrap();
     assert_eq!(b, [1; 4]);
 }
+
+/// A direct mremap of device pages, followed by the event reader (it copies them to the new
+/// address under the space's lock), while the program drops pages a device is storing to in a
+/// thread-mode mapping of the same space (the device's store faults on the dropped page inside
+/// hetmem's copy: a zone fault, which the same reader serves). The follow's copies wait for
+/// the drops' events to be read, and read that fault meanwhile: serving it there asked the
+/// space whose lock the reader held (it spun, then aborted the process: found by review).
+/// Nothing aborts or hangs; every moved page keeps its bytes; the stored range holds the
+/// device's bytes or the drop's zeros.
+#[test]
+fn a_remap_followed_while_a_device_store_meets_a_dropped_page_aborts_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    if !follows_madvise() {
+        return;
+    }
+    let _w = watchdog("remap vs zone fault", 120);
+    let space = small_space();
+    let dev = SoftDevice::private(32 << 20).unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let opts = MapOptions {
+        mode: FaultMode::Thread,
+        ..MapOptions::default()
+    };
+    const LEN: usize = 256 << 10;
+    const MOVED: usize = 16 * PAGE;
+    let a = space.map_anon_with(LEN, opts).unwrap();
+    space.cpu_write(a, &vec![1u8; LEN]).unwrap();
+    let done = AtomicBool::new(false);
+    let writes = AtomicUsize::new(0);
+    let in_write = AtomicBool::new(false);
+    struct Finish<'a>(&'a AtomicBool);
+    impl Drop for Finish<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _f = Finish(&done);
+            at("the device stores");
+            let b = vec![9u8; LEN];
+            while !done.load(Ordering::SeqCst) {
+                in_write.store(true, Ordering::SeqCst);
+                match m.write(a, LEN, &b) {
+                    // The drops changed the range while the device faulted it in: retry.
+                    Ok(_) | Err(Error::Busy) => {}
+                    Err(e) => panic!("device store: {e:?}"),
+                }
+                in_write.store(false, Ordering::SeqCst);
+                writes.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        s.spawn(|| {
+            let _f = Finish(&done);
+            at("the program drops, a device store in flight");
+            let mut i = 0;
+            while !done.load(Ordering::SeqCst) {
+                let w0 = writes.load(Ordering::SeqCst);
+                while !done.load(Ordering::SeqCst)
+                    && (writes.load(Ordering::SeqCst) == w0 || !in_write.load(Ordering::SeqCst))
+                {
+                    std::thread::yield_now();
+                }
+                dontneed(a.add((i % 4) * (LEN / 4)), LEN / 4);
+                i += 1;
+            }
+        });
+        let _f = Finish(&done);
+        // At least 100 moves, and until the program has dropped pages 300 times.
+        let mut round = 0u32;
+        while round < 100 || space.stats().foreign_removes < 300 {
+            round += 1;
+            at(format!("round {round}: moving device pages"));
+            let b = space.map_anon_with(MOVED, opts).unwrap();
+            let want = pattern(MOVED, |i| i ^ round << 20);
+            space.cpu_write(b, &want).unwrap();
+            m.migrate_range_to_device(b, MOVED).unwrap();
+            let before = space.stats().foreign_remaps;
+            // SAFETY: a fresh PROT_NONE mapping as the target, and the test's own managed
+            // mapping moved there with MREMAP_FIXED; no Rust object lives in either.
+            let moved = unsafe {
+                let tgt = libc::mmap(
+                    std::ptr::null_mut(),
+                    MOVED,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(tgt, libc::MAP_FAILED);
+                libc::mremap(
+                    b.get() as *mut _,
+                    MOVED,
+                    MOVED,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    tgt,
+                )
+            };
+            assert_ne!(moved, libc::MAP_FAILED);
+            at(format!(
+                "round {round}: waiting for the move to be followed"
+            ));
+            while space.stats().foreign_remaps == before {
+                std::thread::yield_now();
+            }
+            // SAFETY: the moved range is the test's plain memory now, `MOVED` bytes.
+            let got = unsafe { std::slice::from_raw_parts(moved as *const u8, MOVED) };
+            assert!(
+                got == &want[..],
+                "round {round}: the moved pages lost bytes"
+            );
+            // SAFETY: as above; nothing refers to it any more.
+            assert_eq!(unsafe { libc::munmap(moved, MOVED) }, 0);
+        }
+    });
+    let mut back = vec![0u8; LEN];
+    space.cpu_read(a, &mut back).unwrap();
+    for (p, page) in back.chunks(PAGE).enumerate() {
+        assert!(
+            page.iter().all(|&x| x == 0 || x == 9),
+            "stored range, page {p}: read {:?}",
+            page.iter().find(|&&x| x != 0 && x != 9)
+        );
+    }
+}
+
+/// A device storing to (and reading) memory while the program drops pages of it, as a program
+/// that frees memory a kernel is writing (the kernel's dmirror writes racing `madvise`): the
+/// device's copy, under its page-table lock, meets a page the kernel dropped. Found from
+/// outside: in a thread-mode mapping the event reader, following the drop, waited for that
+/// lock while the copy waited for the reader to serve its fault (a hang, 2 runs in 3); in
+/// signal mode a store to a dropped coherent page aborted the process (a fault in a no-fault
+/// zone: 4 runs in 4). Each drop is made while a device store is in flight. Afterwards every byte is the
+/// device's or the drop's zero, the CPU and the device read the same, and a store reads back.
+fn device_stores_racing_drops(mode: FaultMode, kind: MemoryKind, drops: usize) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    if !follows_madvise() {
+        return;
+    }
+    let space = small_space();
+    let dev = SoftDevice::new(DeviceConfig {
+        kind,
+        capacity: 32 << 20,
+    })
+    .unwrap();
+    let m = dev.mirror(&space).unwrap();
+    let opts = MapOptions {
+        mode,
+        ..MapOptions::default()
+    };
+    const LEN: usize = 256 << 10;
+    let a = space.map_anon_with(LEN, opts).unwrap();
+    space.cpu_write(a, &vec![1u8; LEN]).unwrap();
+    let done = AtomicBool::new(false);
+    let writes = AtomicUsize::new(0);
+    let in_write = AtomicBool::new(false);
+    struct Finish<'a>(&'a AtomicBool);
+    impl Drop for Finish<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _f = Finish(&done);
+            let b = vec![9u8; LEN];
+            while !done.load(Ordering::SeqCst) {
+                if kind == MemoryKind::Coherent {
+                    // Pages the program dropped come back as system pages: bring them over.
+                    match m.migrate_range_to_device(a, LEN) {
+                        Ok(_) | Err(Error::NotPresent { .. }) | Err(Error::Busy) => {}
+                        Err(e) => panic!("migration to the device: {e:?}"),
+                    }
+                }
+                in_write.store(true, Ordering::SeqCst);
+                match m.write(a, LEN, &b) {
+                    // The drops changed the range while the device faulted it in: retry.
+                    Ok(_) | Err(Error::Busy) => {}
+                    Err(e) => panic!("device store: {e:?}"),
+                }
+                in_write.store(false, Ordering::SeqCst);
+                writes.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let _f = Finish(&done);
+        for i in 0..drops {
+            at(format!(
+                "drop {i}, {} device stores",
+                writes.load(Ordering::SeqCst)
+            ));
+            // The next drop once a store has ended and another is in flight, a little later
+            // each time.
+            let w0 = writes.load(Ordering::SeqCst);
+            while !done.load(Ordering::SeqCst)
+                && (writes.load(Ordering::SeqCst) == w0 || !in_write.load(Ordering::SeqCst))
+            {
+                std::thread::yield_now();
+            }
+            for _ in 0..(i % 50) * 100 {
+                std::hint::spin_loop();
+            }
+            dontneed(a.add((i % 4) * (LEN / 4)), LEN / 4);
+        }
+    });
+    let mut cpu = vec![0u8; LEN];
+    space.cpu_read(a, &mut cpu).unwrap();
+    let mut devb = vec![0u8; LEN];
+    m.read(a, LEN, &mut devb).unwrap();
+    for p in 0..LEN / PAGE {
+        let page = &cpu[p * PAGE..(p + 1) * PAGE];
+        assert!(
+            page.iter().all(|&x| x == 0 || x == 9),
+            "{mode:?} {kind:?} page {p}: read {:?}",
+            page.iter().find(|&&x| x != 0 && x != 9)
+        );
+        assert!(
+            page == &devb[p * PAGE..(p + 1) * PAGE],
+            "{mode:?} {kind:?} page {p}: the device read other bytes"
+        );
+    }
+    m.write(a, LEN, &vec![5u8; LEN]).unwrap();
+    space.cpu_read(a, &mut cpu).unwrap();
+    assert!(
+        cpu.iter().all(|&x| x == 5),
+        "{mode:?} {kind:?}: a store after the drops"
+    );
+}
+
+#[test]
+fn device_stores_racing_drops_in_a_thread_mode_mapping_neither_hang_nor_lose_data() {
+    let _w = watchdog("device stores vs drops, thread mode", 60);
+    device_stores_racing_drops(FaultMode::Thread, MemoryKind::Private, 500);
+    device_stores_racing_drops(FaultMode::Thread, MemoryKind::Coherent, 500);
+}
+
+#[test]
+fn device_stores_racing_drops_in_a_signal_mode_mapping_neither_abort_nor_lose_data() {
+    let _w = watchdog("device stores vs drops, signal mode", 60);
+    device_stores_racing_drops(FaultMode::Signal, MemoryKind::Private, 2000);
+    device_stores_racing_drops(FaultMode::Signal, MemoryKind::Coherent, 2000);
+}

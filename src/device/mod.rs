@@ -804,7 +804,11 @@ impl MirrorInner {
 
 impl IntervalOps for MirrorInner {
     fn invalidate(&self, n: &IntervalNotifier, range: &NotifyRange, cur_seq: u64) -> bool {
-        let mut pt = lock(&self.pt);
+        // The event reader follows the program's drops and unmaps with this: a device copy
+        // holding the page-table lock may be waiting for it to serve a fault on a page the
+        // program dropped meanwhile (thread mode; found from outside: a hang), or to read the
+        // next event so that its fill of that page stops getting EAGAIN (signal mode).
+        let mut pt = crate::space::lock_draining(&self.pt, |_| true);
         n.set_seq(cur_seq);
         pt.clear_range(range.start.page().0, range.end.page().0, &self.dev.pagemap);
         true

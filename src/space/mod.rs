@@ -1710,25 +1710,7 @@ impl SpaceCore {
     /// while it waits for one of them to be read (a drop that raises an event, a copy that
     /// faults on a page the program dropped) goes on.
     fn lock_state_draining(&self, ready: impl Fn(&SpaceState) -> bool) -> Guard<'_, SpaceState> {
-        let mut tries = 0u32;
-        loop {
-            if let Some(st) = crate::sync::try_lock(&self.state)
-                && !fork::held_against_me(&st)
-                && ready(&st)
-            {
-                return st;
-            }
-            sys::Uffd::drain_on_reader();
-            // Yield at first (the holder's critical sections are short); then wait on the
-            // reader's fds (woken at once by an event to read, else after 1 ms, to try the lock
-            // again), so that a long wait (a fork, a slow migration) does not burn a core.
-            tries = tries.saturating_add(1);
-            if tries < 64 {
-                crate::sync::thread::yield_now();
-            } else {
-                sys::Uffd::wait_on_reader(1);
-            }
-        }
+        lock_draining(&self.state, |st| !fork::held_against_me(st) && ready(st))
     }
 
     /// The state lock; while a `fork()` is in progress in another thread, once it is done.
@@ -1745,6 +1727,41 @@ impl SpaceCore {
             }
             drop(st);
             fork::wait_until_done();
+        }
+    }
+}
+
+/// `m`'s lock, taken by a thread that reads userfaultfd messages (`sys::Uffd::on_reader`) once
+/// `ready` says so: while it waits it reads the messages pending on its fds
+/// (`sys::Uffd::drain_on_reader`), so that a thread holding the lock while it waits for one of
+/// them to be read (a drop that raises an event, a copy that faults on a page the program
+/// dropped) goes on. On any other thread: the lock, once `ready` says so.
+#[track_caller]
+pub(crate) fn lock_draining<T>(m: &Mutex<T>, ready: impl Fn(&T) -> bool) -> Guard<'_, T> {
+    let reader = sys::Uffd::on_reader();
+    let mut tries = 0u32;
+    loop {
+        if reader {
+            if let Some(g) = crate::sync::try_lock(m)
+                && ready(&g)
+            {
+                return g;
+            }
+            sys::Uffd::drain_on_reader();
+        } else {
+            let g = lock(m);
+            if ready(&g) {
+                return g;
+            }
+        }
+        // Yield at first (the holder's critical sections are short); then wait on the
+        // reader's fds (woken at once by an event to read, else after 1 ms, to try the lock
+        // again), so that a long wait (a fork, a slow migration) does not burn a core.
+        tries = tries.saturating_add(1);
+        if tries < 64 {
+            crate::sync::thread::yield_now();
+        } else {
+            sys::Uffd::wait_on_reader(1);
         }
     }
 }

@@ -169,6 +169,8 @@ impl SpaceCore {
             start: VirtAddr(start),
             end: VirtAddr(end),
         };
+        // Pages a no-fault zone refills from here on were dropped by the kernel already.
+        let refills = sys::zone_refills();
         let mut st = self.lock_state_for_follow(r);
         let parts: Vec<VaRange> = st
             .vmas
@@ -224,7 +226,15 @@ impl SpaceCore {
                     v.ptes[i..j]
                         .iter()
                         .zip(d)
-                        .any(|(p, &data)| keeps(p) && data)
+                        .enumerate()
+                        .any(|(k, (p, &data))| {
+                            keeps(p)
+                                && data
+                                && !sys::zone_refilled_since(
+                                    part.start.get() + k * PAGE_SIZE,
+                                    refills,
+                                )
+                        })
                 })
             {
                 // Meanwhile the program's next madvise must not wait for this one (found from

@@ -365,10 +365,50 @@ impl Default for AtomicLocation {
     }
 }
 
-/// The [`NoFaultZone`] of hetmem's own reads of managed memory under a hetmem lock (a
-/// migration's copy into device frames): a fault there on a page the program dropped meanwhile
-/// is recovered ([`FaultTarget::fill_dropped_page`]) instead of aborting.
+/// The [`NoFaultZone`] of hetmem's own copies of managed memory under a hetmem lock (a
+/// migration's copy into device frames, a device's reads and stores of system and coherent
+/// pages under its page-table lock): a fault there on a page the program dropped meanwhile is
+/// recovered ([`FaultTarget::fill_dropped_page`]) instead of aborting.
 pub const OWN_COPY_ZONE: &str = "hetmem's own copy of managed memory (under a hetmem lock)";
+
+/// How many pages no-fault zones have refilled after the program dropped them (see
+/// [`note_zone_refill`]).
+static REFILLS: AtomicUsize = AtomicUsize::new(0);
+const REFILL_SLOTS: usize = 64;
+/// The latest [`REFILL_SLOTS`] refilled pages: `(page, its number in REFILLS)`, the page 0 while
+/// a slot is rewritten. Lock-free: written in signal context too.
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_REFILL: (AtomicUsize, AtomicUsize) = (AtomicUsize::new(0), AtomicUsize::new(0));
+static REFILLED: [(AtomicUsize, AtomicUsize); REFILL_SLOTS] = [NO_REFILL; REFILL_SLOTS];
+
+/// A zone's copy met `page` missing (the program dropped it) and it was refilled with zeros:
+/// the kernel's drop of it has happened, and what it holds now is newer than the drop. The
+/// follow of a drop waits until the kernel has dropped the pages it held present; a page a
+/// device store refilled meanwhile holds data again, and without this the follow waited its
+/// whole bound for it (found by a test: every drop racing a device's stores took that long).
+pub fn note_zone_refill(page: usize) {
+    let n = REFILLS.fetch_add(1, Ordering::SeqCst) + 1;
+    let (p, q) = &REFILLED[n % REFILL_SLOTS];
+    p.store(0, Ordering::SeqCst);
+    q.store(n, Ordering::SeqCst);
+    p.store(page, Ordering::SeqCst);
+}
+
+/// The number of zone refills so far: a follow takes it before it waits, and asks
+/// [`zone_refilled_since`] with it.
+pub fn zone_refills() -> usize {
+    REFILLS.load(Ordering::SeqCst)
+}
+
+/// Whether `page` was refilled by a zone after refill number `since` (among the latest
+/// [`REFILL_SLOTS`]: an older one reads as not refilled, and its follow waits as before).
+pub fn zone_refilled_since(page: usize, since: usize) -> bool {
+    REFILLED.iter().any(|(p, q)| {
+        p.load(Ordering::SeqCst) == page
+            && q.load(Ordering::SeqCst) > since
+            && p.load(Ordering::SeqCst) == page
+    })
+}
 
 /// Thread ids (as the kernel reports them in thread-mode fault messages) of the threads inside
 /// a [`NoFaultZone`], so that the handler thread can tell too. Fixed size, lock-free.
@@ -386,9 +426,10 @@ static ZONE_OWN_COPY: [std::sync::atomic::AtomicBool; MAX_ZONE_TIDS] =
 /// fault would need the lock it holds, or one ordered above it: a deadlock. Inside a zone such a
 /// fault aborts the process with a message naming the zone instead (in the SIGBUS handler for
 /// signal-mode mappings, in the handler thread for thread-mode ones) — a bug report, not a hang;
-/// except where the program dropped the page meanwhile (`madvise`): a read in
-/// [`OWN_COPY_ZONE`] (signal mode) and a missing page in any zone (thread mode:
-/// [`thread_fault_in_zone`]) get the zero page, as the drop leaves them.
+/// except where the program dropped the page meanwhile (`madvise`): a missing page in an
+/// [`OWN_COPY_ZONE`], read or written (the SIGBUS handler, or [`thread_fault_in_zone`] in thread
+/// mode), gets the zero page, as the drop leaves it (a store then lands in a page of its own,
+/// as if the device wrote right after the drop).
 #[derive(Debug)]
 pub struct NoFaultZone {
     prev: &'static str,
@@ -487,22 +528,25 @@ fn is_managed(addr: usize) -> bool {
 /// dropped behind hetmem's back (`madvise`): hetmem's own copy met a page its space holds as
 /// present. The handler then maps the zero page there (the drop's zeros, as the SIGBUS
 /// handler's [`FaultTarget::fill_dropped_page`] does in signal mode) instead of serving it
-/// through the space, which would wait for the very copy (a migration's, or one under the
-/// space's lock). A load in an [`OWN_COPY_ZONE`] is such a page without asking the space (as in
-/// signal mode: the copy's caller saw it present; asking would need the space's lock, which the
-/// copier may hold); a store, or a load in another zone, is one only if the space holds the page
-/// present ([`FaultTarget::holds_present`], asked again with a yield while another thread holds
-/// the lock, for a bounded time). Any other fault inside a zone (a page the space does not hold
-/// present, a store to a protected page, or the space's lock held throughout) is a bug of
+/// through the space, which would wait for the very copy (a migration's, or a device's under
+/// its page-table lock). A missing page in an [`OWN_COPY_ZONE`], read or written, is such a page
+/// without asking the space (as in signal mode: the copy's caller saw it present, and only the
+/// program takes a page away under the copier's lock, hetmem invalidating the copier's entries
+/// first; asking would need the space's lock, which the copier, or the handler thread itself
+/// following the drop, may hold: found from outside, a device's store meeting a dropped page
+/// hung). A missing page in another zone is one only if the space holds the page present
+/// ([`FaultTarget::holds_present`], asked again with a yield while another thread holds the
+/// lock, for a bounded time). Any other fault inside a zone (a store to a write-protected page,
+/// a page the space does not hold present, or the space's lock held throughout) is a bug of
 /// hetmem's or cannot be told apart from one: it aborts with a message, as before.
-pub fn thread_fault_in_zone(addr: usize, write: bool, wp: bool, tid: u32) -> bool {
+pub fn thread_fault_in_zone(addr: usize, wp: bool, tid: u32) -> bool {
     let Some(slot) = zone_of_tid(tid) else {
         return false;
     };
     if !is_managed(addr) {
         return false;
     }
-    if !write && !wp && ZONE_OWN_COPY[slot].load(Ordering::SeqCst) {
+    if !wp && ZONE_OWN_COPY[slot].load(Ordering::SeqCst) {
         return true;
     }
     // Only a page hetmem holds present can have been dropped by the program; anything else (a
@@ -623,7 +667,13 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
     };
     let zone = NO_FAULT.with(|c| c.get());
     if !zone.is_empty() && is_managed(addr) {
-        if !write && zone == OWN_COPY_ZONE && fill_dropped(addr) {
+        // A missing page in hetmem's own copy, read or written: the program dropped it (a
+        // store's fault on a present page is a write-protect fault, and a bug).
+        if zone == OWN_COPY_ZONE
+            && (!write || super::page_present(addr) == Some(false))
+            && fill_dropped(addr)
+        {
+            note_zone_refill(addr & !(PAGE_SIZE - 1));
             // SAFETY: restoring this thread's errno.
             unsafe { *errno_slot = saved_errno };
             return;

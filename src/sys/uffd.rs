@@ -112,22 +112,46 @@ fn not_dropped(dst: usize, mut done: usize, len: usize) -> (usize, usize) {
 static MSG_READS: AtomicUsize = AtomicUsize::new(0);
 static REMOVES_UNFOLLOWED: AtomicUsize = AtomicUsize::new(0);
 
-/// Most REMOVEs read and not followed at once: the reader reads no message while the table is
-/// full (it follows one first).
-const PENDING_REMOVE_SLOTS: usize = 64;
+/// Most distinct ranges of REMOVEs read and not followed at once: the reader reads no message
+/// while the table is full (it follows one first). A reader waiting for a lock reads and keeps
+/// the events meanwhile; a program dropping the same ranges again and again (an allocator)
+/// takes one slot per range (found from outside: with one slot per event the table filled
+/// while the reader waited for a device's lock, and the device's fault behind the events was
+/// never read: a hang).
+const PENDING_REMOVE_SLOTS: usize = 256;
 
-/// The ranges of the REMOVEs read and not followed yet: `(start, end)`, `end` 0 for a free
-/// slot. Written by the event reader only; read by every thread that copies device data into
-/// the CPU view ([`removes_pending_in`]).
+/// The ranges of the REMOVEs read and not followed yet: `(start, end, count)`, `end` 0 for a
+/// free slot, `count` the REMOVEs of exactly that range. Written by the event reader only; read
+/// by every thread that copies device data into the CPU view ([`removes_pending_in`]).
 #[allow(clippy::declare_interior_mutable_const)]
-const FREE_SLOT: (AtomicUsize, AtomicUsize) = (AtomicUsize::new(0), AtomicUsize::new(0));
-static PENDING_REMOVES: [(AtomicUsize, AtomicUsize); PENDING_REMOVE_SLOTS] =
+const FREE_SLOT: (AtomicUsize, AtomicUsize, AtomicUsize) = (
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+);
+static PENDING_REMOVES: [(AtomicUsize, AtomicUsize, AtomicUsize); PENDING_REMOVE_SLOTS] =
     [FREE_SLOT; PENDING_REMOVE_SLOTS];
 
+/// Serialises the writers of [`PENDING_REMOVES`] (each thread-mode handler thread reads
+/// REMOVEs, as the event reader does); its readers take no lock.
+static PENDING_REMOVES_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn note_remove(start: usize, end: usize) {
-    for (s, e) in PENDING_REMOVES.iter() {
+    let _w = PENDING_REMOVES_WRITE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, n)) = PENDING_REMOVES
+        .iter()
+        .find(|(s, e, _)| e.load(Ordering::SeqCst) == end && s.load(Ordering::SeqCst) == start)
+    {
+        n.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    for (s, e, n) in PENDING_REMOVES.iter() {
         if e.load(Ordering::SeqCst) == 0 {
+            // `end` last: it publishes the slot.
             s.store(start, Ordering::SeqCst);
+            n.store(1, Ordering::SeqCst);
             e.store(end, Ordering::SeqCst);
             return;
         }
@@ -137,7 +161,7 @@ fn note_remove(start: usize, end: usize) {
 fn table_full() -> bool {
     PENDING_REMOVES
         .iter()
-        .all(|(_, e)| e.load(Ordering::SeqCst) != 0)
+        .all(|(_, e, _)| e.load(Ordering::SeqCst) != 0)
 }
 
 /// Waits (yielding: it may run in signal context) until no userfaultfd message is being read
@@ -168,8 +192,10 @@ pub fn removes_pending_in(start: usize, end: usize, mut f: impl FnMut(usize, usi
     while MSG_READS.load(Ordering::SeqCst) != 0 {
         rustix::thread::sched_yield();
     }
-    for (s, e) in PENDING_REMOVES.iter() {
-        let (rs, re) = (s.load(Ordering::SeqCst), e.load(Ordering::SeqCst));
+    for (s, e, _) in PENDING_REMOVES.iter() {
+        // `end` first: a slot published after this load is one this call need not see.
+        let re = e.load(Ordering::SeqCst);
+        let rs = s.load(Ordering::SeqCst);
         if re != 0 && rs < end && start < re {
             f(rs.max(start), re.min(end));
         }
@@ -178,9 +204,14 @@ pub fn removes_pending_in(start: usize, end: usize, mut f: impl FnMut(usize, usi
 
 /// The reader followed the REMOVE of `start..end` it read (or dropped it unfollowed).
 pub fn remove_followed(start: usize, end: usize) {
-    for (s, e) in PENDING_REMOVES.iter() {
+    let _w = PENDING_REMOVES_WRITE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    for (s, e, n) in PENDING_REMOVES.iter() {
         if e.load(Ordering::SeqCst) == end && s.load(Ordering::SeqCst) == start {
-            e.store(0, Ordering::SeqCst);
+            if n.fetch_sub(1, Ordering::SeqCst) <= 1 {
+                e.store(0, Ordering::SeqCst);
+            }
             break;
         }
     }
@@ -244,7 +275,7 @@ fn take_own_remove(start: usize, end: usize) -> bool {
 pub fn forget_unfollowed_removes() {
     REMOVES_UNFOLLOWED.store(0, Ordering::SeqCst);
     MSG_READS.store(0, Ordering::SeqCst);
-    for (_, e) in PENDING_REMOVES.iter() {
+    for (_, e, _) in PENDING_REMOVES.iter() {
         e.store(0, Ordering::SeqCst);
     }
 }
@@ -878,10 +909,11 @@ impl Uffd {
 
     fn zone_fault(fd: std::os::fd::BorrowedFd<'_>, f: &UffdFault) -> bool {
         let page = f.addr & !(PAGE_SIZE - 1);
-        if !super::thread_fault_in_zone(page, f.write, f.wp, f.tid) {
+        if !super::thread_fault_in_zone(page, f.wp, f.tid) {
             return false;
         }
         Self::zero_and_wake(fd, page);
+        super::note_zone_refill(page);
         true
     }
 
@@ -920,6 +952,9 @@ impl Uffd {
     }
 
     fn drain_reading(serve_zones: bool) {
+        if serve_zones {
+            Self::serve_kept_zone_faults();
+        }
         let fds: Vec<i32> = READER.with(|r| r.borrow().0.clone());
         for fd in fds {
             // SAFETY: `fd` is in the calling reader's current list: an open userfaultfd that
@@ -933,6 +968,45 @@ impl Uffd {
                 }
             }
         }
+    }
+
+    /// Serves the zone faults among the messages the calling reader keeps (read while it held a
+    /// space's lock, [`Uffd::drain_on_reader_holding_state`]): a reader that now waits for a
+    /// lock may be waiting for their copier (found from outside: the follow of a drop waited for
+    /// a device's page-table lock, whose holder's fault was kept behind the next drop's event).
+    fn serve_kept_zone_faults() {
+        let any = READER.with(|r| {
+            r.borrow()
+                .1
+                .iter()
+                .any(|(_, m)| matches!(m, UffdMsg::Fault(_)))
+        });
+        if !any {
+            return;
+        }
+        let kept = READER.with(|r| std::mem::take(&mut r.borrow_mut().1));
+        let mut rest = std::collections::VecDeque::with_capacity(kept.len());
+        for (fd, m) in kept {
+            let served = match &m {
+                UffdMsg::Fault(f) => {
+                    // SAFETY: a kept message's fd is in the calling reader's current list
+                    // (`become_reader_of` forgets the others): an open userfaultfd that the
+                    // reader keeps alive while it serves, which is when this runs.
+                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                    Self::zone_fault(fd, f)
+                }
+                _ => false,
+            };
+            if !served {
+                rest.push_back((fd, m));
+            }
+        }
+        READER.with(|r| {
+            let mut r = r.borrow_mut();
+            let newer = std::mem::take(&mut r.1);
+            rest.extend(newer);
+            r.1 = rest;
+        });
     }
 
     /// Maps the zero page at `page` (one page; nothing if a page is there; a page of zeros over
