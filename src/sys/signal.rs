@@ -401,7 +401,7 @@ pub fn zone_refills() -> usize {
 }
 
 /// Whether `page` was refilled by a zone after refill number `since` (among the latest
-/// [`REFILL_SLOTS`]: an older one reads as not refilled, and its follow waits as before).
+/// 64: an older one reads as not refilled, and its follow waits as before).
 pub fn zone_refilled_since(page: usize, since: usize) -> bool {
     REFILLED.iter().any(|(p, q)| {
         p.load(Ordering::SeqCst) == page
