@@ -1046,8 +1046,13 @@ impl DeviceMirror {
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
                 if pm.kind() == MemoryKind::Coherent {
-                    // The CPU page is the coherent frame.
-                    self.inner.space.core.mm.read(Vpn(vpn).addr(), dst);
+                    // The CPU page is the coherent frame. The program may have dropped it, or
+                    // unmapped it, behind hetmem's back (not followed yet): copied through the
+                    // kernel where it can be (a page not there stops the copy; a raw copy of an
+                    // unmapped page killed the process: found from outside), and such a page
+                    // reads zeros, as the drop leaves it.
+                    let n = self.inner.space.core.mm.read_if_there(Vpn(vpn).addr(), dst);
+                    dst[n..].fill(0);
                     return Ok(());
                 }
                 pm.store()
@@ -1071,7 +1076,14 @@ impl DeviceMirror {
             PageTarget::Device { pagemap, frame } => {
                 let pm = self.frame_pagemap(pagemap)?;
                 if pm.kind() == MemoryKind::Coherent {
-                    self.inner.space.core.mm.write(Vpn(vpn).addr(), src);
+                    // As in `copy_out`: a store to a page the program dropped or unmapped is
+                    // lost, as the kernel's dmirror's store to a page freed under it.
+                    let _ = self
+                        .inner
+                        .space
+                        .core
+                        .mm
+                        .write_if_there(Vpn(vpn).addr(), src);
                 } else {
                     pm.store()
                         .write(frame.offset(), src)
