@@ -468,7 +468,7 @@ fn coherent_copies_vs_munmap(modes: &[FaultMode], check_fresh: bool) {
                     let mut i = 0usize;
                     while !stop.load(Ordering::SeqCst) {
                         in_flight.fetch_add(1, Ordering::SeqCst);
-                        let res = if i % 2 == 0 {
+                        let res = if i.is_multiple_of(2) {
                             m.write(a, N * PAGE, &b)
                         } else {
                             m.read(a, N * PAGE, &mut r)

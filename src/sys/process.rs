@@ -297,11 +297,12 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
     unsafe { ptr::read_volatile(addr as *const u32) }
 }
 
-/// Whether the page at `addr` has a present page-table entry now (`/proc/self/pagemap` bit 63):
-/// for the SIGBUS handler, telling a store to a missing page from one to a write-protected
-/// page. Allocates nothing and takes no lock (async-signal-safe system calls only); `None` when
+/// The page-table entry of the page at `addr` now (`/proc/self/pagemap`): whether it is
+/// present (bit 63), and whether it is write-protected by a userfaultfd (bit 57). For the
+/// SIGBUS handler, telling a store to a missing page from one to a write-protected page.
+/// Allocates nothing and takes no lock (async-signal-safe system calls only); `None` when
 /// pagemap cannot be read.
-pub fn page_present(addr: usize) -> Option<bool> {
+pub fn page_state(addr: usize) -> Option<(bool, bool)> {
     let f = rustix::fs::open(
         c"/proc/self/pagemap",
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
@@ -310,7 +311,8 @@ pub fn page_present(addr: usize) -> Option<bool> {
     .ok()?;
     let mut e = [0u8; 8];
     let got = rustix::io::pread(&f, &mut e, (addr / PAGE_SIZE * 8) as u64).ok()?;
-    (got == 8).then(|| u64::from_ne_bytes(e) >> 63 & 1 == 1)
+    let e = u64::from_ne_bytes(e);
+    (got == 8).then_some((e >> 63 & 1 == 1, e >> 57 & 1 == 1))
 }
 
 /// How many of the `pages` pages from `addr` (page-aligned) on hold data now, told without

@@ -375,11 +375,19 @@ pub const OWN_COPY_ZONE: &str = "hetmem's own copy of managed memory (under a he
 /// [`note_zone_refill`]).
 static REFILLS: AtomicUsize = AtomicUsize::new(0);
 const REFILL_SLOTS: usize = 64;
-/// The latest [`REFILL_SLOTS`] refilled pages: `(page, its number in REFILLS)`, the page 0 while
-/// a slot is rewritten. Lock-free: written in signal context too.
+/// Bits of a refill's number kept beside its page in one word of [`REFILLED`].
+const REFILL_NUMBER_BITS: u32 = 28;
+/// The latest 64 refilled pages, each one word (so that a reader never pairs one refill's page
+/// with another's number: found by review): the page number above, the low
+/// [`REFILL_NUMBER_BITS`] bits of its number in `REFILLS` below; 0 for none. Lock-free: written
+/// in signal context too.
 #[allow(clippy::declare_interior_mutable_const)]
-const NO_REFILL: (AtomicUsize, AtomicUsize) = (AtomicUsize::new(0), AtomicUsize::new(0));
-static REFILLED: [(AtomicUsize, AtomicUsize); REFILL_SLOTS] = [NO_REFILL; REFILL_SLOTS];
+const NO_REFILL: AtomicU64 = AtomicU64::new(0);
+static REFILLED: [AtomicU64; REFILL_SLOTS] = [NO_REFILL; REFILL_SLOTS];
+
+fn refill_number(n: usize) -> u64 {
+    n as u64 & ((1 << REFILL_NUMBER_BITS) - 1)
+}
 
 /// A zone's copy met `page` missing (the program dropped it) and it was refilled with zeros:
 /// the kernel's drop of it has happened, and what it holds now is newer than the drop. The
@@ -388,10 +396,8 @@ static REFILLED: [(AtomicUsize, AtomicUsize); REFILL_SLOTS] = [NO_REFILL; REFILL
 /// whole bound for it (found by a test: every drop racing a device's stores took that long).
 pub fn note_zone_refill(page: usize) {
     let n = REFILLS.fetch_add(1, Ordering::SeqCst) + 1;
-    let (p, q) = &REFILLED[n % REFILL_SLOTS];
-    p.store(0, Ordering::SeqCst);
-    q.store(n, Ordering::SeqCst);
-    p.store(page, Ordering::SeqCst);
+    let word = ((page / PAGE_SIZE) as u64) << REFILL_NUMBER_BITS | refill_number(n);
+    REFILLED[n % REFILL_SLOTS].store(word, Ordering::SeqCst);
 }
 
 /// The number of zone refills so far: a follow takes it before it waits, and asks
@@ -400,13 +406,18 @@ pub fn zone_refills() -> usize {
     REFILLS.load(Ordering::SeqCst)
 }
 
-/// Whether `page` was refilled by a zone after refill number `since` (among the latest
-/// 64: an older one reads as not refilled, and its follow waits as before).
+/// Whether `page` was refilled by a zone after refill number `since` (among the latest 64: an
+/// older one reads as not refilled, and its follow waits as before; numbers are compared
+/// modulo 2^28, so a follow that waited through 2^27 refills may miss one, and waits).
 pub fn zone_refilled_since(page: usize, since: usize) -> bool {
-    REFILLED.iter().any(|(p, q)| {
-        p.load(Ordering::SeqCst) == page
-            && q.load(Ordering::SeqCst) > since
-            && p.load(Ordering::SeqCst) == page
+    let mask = (1u64 << REFILL_NUMBER_BITS) - 1;
+    REFILLED.iter().any(|w| {
+        let w = w.load(Ordering::SeqCst);
+        let after = (w & mask).wrapping_sub(refill_number(since)) & mask;
+        w != 0
+            && (w >> REFILL_NUMBER_BITS) as usize == page / PAGE_SIZE
+            && after != 0
+            && after < 1 << (REFILL_NUMBER_BITS - 1)
     })
 }
 
@@ -440,6 +451,7 @@ impl NoFaultZone {
     /// Enters a zone described by `what` (for example "device copy under the page-table
     /// lock").
     pub fn enter(what: &'static str) -> NoFaultZone {
+        ZONE_RETRIES.with(|c| c.set(0));
         let prev = NO_FAULT.with(|c| c.replace(what));
         let mut slot = None;
         if prev.is_empty() {
@@ -652,6 +664,13 @@ pub fn install_sigbus_handler() -> io::Result<()> {
     }
 }
 
+thread_local! {
+    /// Stores retried on a page found present since the thread entered its zone (see
+    /// `sigbus_handler`): a bound, so that a fault that is not what it seems aborts with a
+    /// message, not a loop.
+    static ZONE_RETRIES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: errno is thread-local; saving and restoring it keeps the interrupted code's view.
     let errno_slot = unsafe { libc::__errno_location() };
@@ -667,10 +686,21 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
     };
     let zone = NO_FAULT.with(|c| c.get());
     if !zone.is_empty() && is_managed(addr) {
-        // A missing page in hetmem's own copy, read or written: the program dropped it (a
-        // store's fault on a present page is a write-protect fault, and a bug).
+        // A missing page in hetmem's own copy, read or written: the program dropped it. A
+        // store's fault on a page present by now (another thread refilled it, found by review:
+        // a second device's copy) is retried; on a write-protected page it is a bug.
+        let state = if write { super::page_state(addr) } else { None };
         if zone == OWN_COPY_ZONE
-            && (!write || super::page_present(addr) == Some(false))
+            && write
+            && matches!(state, Some((true, false)))
+            && ZONE_RETRIES.with(|c| c.replace(c.get() + 1)) < 1000
+        {
+            // SAFETY: restoring this thread's errno.
+            unsafe { *errno_slot = saved_errno };
+            return;
+        }
+        if zone == OWN_COPY_ZONE
+            && (!write || matches!(state, Some((false, _))))
             && fill_dropped(addr)
         {
             note_zone_refill(addr & !(PAGE_SIZE - 1));
