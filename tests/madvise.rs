@@ -558,6 +558,58 @@ fn signal_mode_drops_racing_migrations_and_stores_neither_hang_nor_lose_data() {
     drops_racing_migrations(small_space(), FaultMode::Signal);
 }
 
+/// Ends the other threads' loops when the thread holding it ends, panicking or not (a
+/// panicking thread that left them looping made a failure look like a hang).
+struct Finish<'a>(&'a std::sync::atomic::AtomicBool);
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A device storing 9s over a range again and again while the program drops pages of it:
+/// `done` ends every loop, `stores` counts the stores that ended, `in_store` says whether one
+/// is in flight.
+#[derive(Default)]
+struct StoreRace {
+    done: std::sync::atomic::AtomicBool,
+    stores: std::sync::atomic::AtomicUsize,
+    in_store: std::sync::atomic::AtomicBool,
+}
+
+impl StoreRace {
+    fn done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The device's loop: `before` runs ahead of each store (a migration, say).
+    fn store(&self, m: &DeviceMirror, a: VirtAddr, len: usize, before: impl Fn()) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _f = Finish(&self.done);
+        let b = vec![9u8; len];
+        while !self.done() {
+            before();
+            self.in_store.store(true, SeqCst);
+            match m.write(a, len, &b) {
+                // The drops changed the range while the device faulted it in: retry.
+                Ok(_) | Err(Error::Busy) => {}
+                Err(e) => panic!("device store: {e:?}"),
+            }
+            self.in_store.store(false, SeqCst);
+            self.stores.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// Waits until a store has ended since the call and another is in flight.
+    fn wait_for_a_store_in_flight(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let s0 = self.stores.load(SeqCst);
+        while !self.done() && (self.stores.load(SeqCst) == s0 || !self.in_store.load(SeqCst)) {
+            std::thread::yield_now();
+        }
+    }
+}
+
 fn drops_racing_migrations(space: Space, mode: FaultMode) {
     let dev = SoftDevice::private(32 << 20).unwrap();
     let m = dev.mirror(&space).unwrap();
@@ -572,14 +624,6 @@ fn drops_racing_migrations(space: Space, mode: FaultMode) {
     let probe = space.probe(a, len).unwrap();
     let stored = |p: usize| p.is_multiple_of(5);
     let done = std::sync::atomic::AtomicBool::new(false);
-    // Ends the other threads' loops when the thread holding it ends, panicking or not (a
-    // panicking thread that left them looping made a failure look like a hang).
-    struct Finish<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for Finish<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
     std::thread::scope(|s| {
         s.spawn(|| {
             let _f = Finish(&done);
@@ -659,7 +703,6 @@ fn drops_racing_migrations(space: Space, mode: FaultMode) {
 /// device's bytes or the drop's zeros.
 #[test]
 fn a_remap_followed_while_a_device_store_meets_a_dropped_page_aborts_nothing() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     if !follows_madvise() {
         return;
     }
@@ -675,47 +718,23 @@ fn a_remap_followed_while_a_device_store_meets_a_dropped_page_aborts_nothing() {
     const MOVED: usize = 16 * PAGE;
     let a = space.map_anon_with(LEN, opts).unwrap();
     space.cpu_write(a, &vec![1u8; LEN]).unwrap();
-    let done = AtomicBool::new(false);
-    let writes = AtomicUsize::new(0);
-    let in_write = AtomicBool::new(false);
-    struct Finish<'a>(&'a AtomicBool);
-    impl Drop for Finish<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
+    let race = StoreRace::default();
     std::thread::scope(|s| {
         s.spawn(|| {
-            let _f = Finish(&done);
             at("the device stores");
-            let b = vec![9u8; LEN];
-            while !done.load(Ordering::SeqCst) {
-                in_write.store(true, Ordering::SeqCst);
-                match m.write(a, LEN, &b) {
-                    // The drops changed the range while the device faulted it in: retry.
-                    Ok(_) | Err(Error::Busy) => {}
-                    Err(e) => panic!("device store: {e:?}"),
-                }
-                in_write.store(false, Ordering::SeqCst);
-                writes.fetch_add(1, Ordering::SeqCst);
-            }
+            race.store(&m, a, LEN, || {});
         });
         s.spawn(|| {
-            let _f = Finish(&done);
+            let _f = Finish(&race.done);
             at("the program drops, a device store in flight");
             let mut i = 0;
-            while !done.load(Ordering::SeqCst) {
-                let w0 = writes.load(Ordering::SeqCst);
-                while !done.load(Ordering::SeqCst)
-                    && (writes.load(Ordering::SeqCst) == w0 || !in_write.load(Ordering::SeqCst))
-                {
-                    std::thread::yield_now();
-                }
+            while !race.done() {
+                race.wait_for_a_store_in_flight();
                 dontneed(a.add((i % 4) * (LEN / 4)), LEN / 4);
                 i += 1;
             }
         });
-        let _f = Finish(&done);
+        let _f = Finish(&race.done);
         // At least 100 moves, and until the program has dropped pages 300 times.
         let mut round = 0u32;
         while round < 100 || space.stats().foreign_removes < 300 {
@@ -783,7 +802,6 @@ fn a_remap_followed_while_a_device_store_meets_a_dropped_page_aborts_nothing() {
 /// zone: 4 runs in 4). Each drop is made while a device store is in flight. Afterwards every byte is the
 /// device's or the drop's zero, the CPU and the device read the same, and a store reads back.
 fn device_stores_racing_drops(mode: FaultMode, kind: MemoryKind, drops: usize) {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     if !follows_madvise() {
         return;
     }
@@ -801,20 +819,10 @@ fn device_stores_racing_drops(mode: FaultMode, kind: MemoryKind, drops: usize) {
     const LEN: usize = 256 << 10;
     let a = space.map_anon_with(LEN, opts).unwrap();
     space.cpu_write(a, &vec![1u8; LEN]).unwrap();
-    let done = AtomicBool::new(false);
-    let writes = AtomicUsize::new(0);
-    let in_write = AtomicBool::new(false);
-    struct Finish<'a>(&'a AtomicBool);
-    impl Drop for Finish<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
+    let race = StoreRace::default();
     std::thread::scope(|s| {
         s.spawn(|| {
-            let _f = Finish(&done);
-            let b = vec![9u8; LEN];
-            while !done.load(Ordering::SeqCst) {
+            race.store(&m, a, LEN, || {
                 if kind == MemoryKind::Coherent {
                     // Pages the program dropped come back as system pages: bring them over.
                     match m.migrate_range_to_device(a, LEN) {
@@ -822,30 +830,15 @@ fn device_stores_racing_drops(mode: FaultMode, kind: MemoryKind, drops: usize) {
                         Err(e) => panic!("migration to the device: {e:?}"),
                     }
                 }
-                in_write.store(true, Ordering::SeqCst);
-                match m.write(a, LEN, &b) {
-                    // The drops changed the range while the device faulted it in: retry.
-                    Ok(_) | Err(Error::Busy) => {}
-                    Err(e) => panic!("device store: {e:?}"),
-                }
-                in_write.store(false, Ordering::SeqCst);
-                writes.fetch_add(1, Ordering::SeqCst);
-            }
+            })
         });
-        let _f = Finish(&done);
+        let _f = Finish(&race.done);
         for i in 0..drops {
-            at(format!(
-                "drop {i}, {} device stores",
-                writes.load(Ordering::SeqCst)
-            ));
+            let n = race.stores.load(std::sync::atomic::Ordering::SeqCst);
+            at(format!("drop {i}, {n} device stores"));
             // The next drop once a store has ended and another is in flight, a little later
             // each time.
-            let w0 = writes.load(Ordering::SeqCst);
-            while !done.load(Ordering::SeqCst)
-                && (writes.load(Ordering::SeqCst) == w0 || !in_write.load(Ordering::SeqCst))
-            {
-                std::thread::yield_now();
-            }
+            race.wait_for_a_store_in_flight();
             for _ in 0..(i % 50) * 100 {
                 std::hint::spin_loop();
             }
