@@ -224,6 +224,21 @@ impl Error {
     pub(crate) fn os(op: &'static str, source: std::io::Error) -> Error {
         Error::Os { op, source }
     }
+
+    /// A userfaultfd ioctl's failure at `addr`: ENOENT (no registered mapping there: the
+    /// program unmapped the range behind hetmem's back, and the unmap is not followed yet) is
+    /// [`Error::NotMapped`], as once it is followed; any other error is [`Error::Os`] (found
+    /// from outside: a device command over a range the program had just unmapped returned
+    /// `Os { op: "zero-fill", ENOENT }`).
+    pub(crate) fn uffd(op: &'static str, e: crate::sys::UffdError, addr: VirtAddr) -> Error {
+        match e {
+            crate::sys::UffdError::Os(libc::ENOENT) => Error::NotMapped { addr },
+            e => Error::Os {
+                op,
+                source: e.into(),
+            },
+        }
+    }
 }
 
 // `VaRange`'s checked constructor lives here rather than in `addr`, which is below this module
@@ -260,3 +275,26 @@ pub(crate) fn try_vec<T: Clone>(n: usize, v: T, what: &'static str) -> Result<Ve
 
 /// hetmem's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A userfaultfd ioctl's ENOENT (the program unmapped the range, not followed yet) is the
+    /// same typed error as once the unmap is followed; other errors keep their errno and step.
+    #[test]
+    fn a_userfaultfd_enoent_is_not_mapped() {
+        let a = VirtAddr(0x7f00_0000_0000);
+        assert!(matches!(
+            Error::uffd("zero-fill", crate::sys::UffdError::Os(libc::ENOENT), a),
+            Error::NotMapped { addr } if addr == a
+        ));
+        match Error::uffd("zero-fill", crate::sys::UffdError::Os(libc::ENOMEM), a) {
+            Error::Os { op, source } => {
+                assert_eq!(op, "zero-fill");
+                assert_eq!(source.raw_os_error(), Some(libc::ENOMEM));
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+}

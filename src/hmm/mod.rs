@@ -371,7 +371,7 @@ pub fn range_fault(range: &mut HmmRange<'_>) -> Result<()> {
                         false,
                         mode,
                     )
-                    .map_err(|e| Error::os("a device store to the zero page", e.into()))?;
+                    .map_err(|e| Error::uffd("a device store to the zero page", e, a))?;
             } else {
                 zero = true;
                 writable = false;

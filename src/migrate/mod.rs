@@ -349,7 +349,7 @@ pub fn migrate_vma_setup<'a>(space: &'a Space, args: MigrateArgs) -> Result<Migr
                 // selected page (removing none that was not set is harmless).
                 mig.aborted = true;
                 drop(mig);
-                return Err(Error::os("write-protect for migration", err.into()));
+                return Err(Error::uffd("write-protect for migration", err, wr.start));
             }
         }
     }

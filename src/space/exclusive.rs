@@ -66,7 +66,7 @@ impl SpaceCore {
         let mode = st.vma(a).expect("mapped").mode;
         if let Err(e) = self.mm.write_protect(r, true, mode) {
             self.stash.free(frame, false);
-            return Err(Error::os("write-protect for exclusive access", e.into()));
+            return Err(Error::uffd("write-protect for exclusive access", e, a));
         }
         self.copy_into_frames(a, &self.stash, frame.offset(), PAGE_SIZE)
             .map_err(|e| Error::os("copy into the stash", e))?;

@@ -417,7 +417,7 @@ impl SpaceCore {
                 Ok(())
             }
             Err(sys::UffdError::Exists) => Ok(()),
-            Err(e) => Err(Error::os("refill a dropped page", e.into())),
+            Err(e) => Err(Error::uffd("refill a dropped page", e, a)),
         }
     }
 
@@ -457,7 +457,7 @@ impl SpaceCore {
                 Err(err) => {
                     // Nothing of the run may stay mapped while its entries say missing.
                     let _ = self.mm.zap(run);
-                    res = Err(Error::os("zero-fill", err.into()));
+                    res = Err(Error::uffd("zero-fill", err, dst));
                     break;
                 }
             }
@@ -526,7 +526,7 @@ impl SpaceCore {
             Err(e) => {
                 // Drop what the failed install filled: the pages stay in device memory only.
                 let _ = self.mm.zap(r);
-                Err(Error::os("copy back to system memory", e.into()))
+                Err(Error::uffd("copy back to system memory", e, r.start))
             }
         };
         let mut st = self.lock_state();
@@ -730,7 +730,7 @@ impl SpaceCore {
                         start,
                         end: start.add((e - s) * PAGE_SIZE),
                     });
-                    return Err(Error::os("zero-fill", err.into()));
+                    return Err(Error::uffd("zero-fill", err, dst));
                 }
             }
             done += n;
@@ -786,7 +786,7 @@ impl SpaceCore {
                             start: a,
                             end: a.add(PAGE_SIZE),
                         });
-                        return Err(Error::os("zero-fill", e.into()));
+                        return Err(Error::uffd("zero-fill", e, a));
                     }
                 }
                 st.set_pte(a, Pte::present(false, pte));
@@ -860,7 +860,7 @@ impl SpaceCore {
             Err(e) => {
                 // Drop what the failed install filled: the pages stay in device memory only.
                 let _ = self.mm.zap(r);
-                return Err(Error::os("copy back to system memory", e.into()));
+                return Err(Error::uffd("copy back to system memory", e, r.start));
             }
         }
         for p in 0..r.pages() {

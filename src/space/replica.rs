@@ -129,7 +129,7 @@ impl SpaceCore {
                     pm.free(f, false);
                 }
                 self.unprotect_unreplicated(&st, run, mode);
-                return Err(Error::os("write-protect for a replica", err.into()));
+                return Err(Error::uffd("write-protect for a replica", err, run.start));
             }
             // Copied through the kernel, which stops at a page that is not there: a page the
             // program dropped behind hetmem's back (a direct madvise, maybe racing this) would
