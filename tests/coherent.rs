@@ -5,14 +5,6 @@ use common::*;
 use hetmem::device::snap;
 use hetmem::*;
 
-fn coherent(capacity: usize) -> SoftDevice {
-    SoftDevice::new(DeviceConfig {
-        kind: MemoryKind::Coherent,
-        capacity,
-    })
-    .unwrap()
-}
-
 fn to_dev(m: &DeviceMirror, a: VirtAddr, pages: usize) {
     assert_eq!(
         m.migrate_range_to_device(a, pages * PAGE).unwrap().cpages,

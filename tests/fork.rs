@@ -294,11 +294,7 @@ fn coherent_pages_take_device_and_cpu_stores_after_a_fork() {
     let _forks = FORKS.write().unwrap_or_else(|e| e.into_inner());
     for mode in [FaultMode::Signal, FaultMode::Thread] {
         let space = small_space();
-        let dev = SoftDevice::new(DeviceConfig {
-            kind: MemoryKind::Coherent,
-            capacity: 16 << 20,
-        })
-        .unwrap();
+        let dev = coherent(16 << 20);
         let m = dev.mirror(&space).unwrap();
         let pages = 16;
         let len = pages * PAGE;

@@ -63,11 +63,7 @@ fn accesses_and_transfers_are_charged() {
 #[test]
 fn coherent_cpu_accesses_are_charged_as_declared() {
     let _w = watchdog("link_coherent", 30);
-    let dev = SoftDevice::new(DeviceConfig {
-        kind: MemoryKind::Coherent,
-        capacity: 2 << 20,
-    })
-    .unwrap();
+    let dev = coherent(2 << 20);
     assert_eq!(
         dev.link().profile(),
         LinkProfile::NVLINK_C2C,

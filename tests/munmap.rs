@@ -430,11 +430,7 @@ fn coherent_copies_vs_munmap(modes: &[FaultMode]) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     for &mode in modes {
         let space = small_space();
-        let dev = SoftDevice::new(DeviceConfig {
-            kind: MemoryKind::Coherent,
-            capacity: 16 << 20,
-        })
-        .unwrap();
+        let dev = coherent(16 << 20);
         let m = dev.mirror(&space).unwrap();
         let opts = MapOptions {
             mode,

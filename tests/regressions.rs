@@ -271,11 +271,7 @@ fn partially_droppable_run_declines_only_what_stays() {
 fn coherent_eviction_is_charged_like_coherent_migration() {
     let _w = watchdog("coherent_evict_charge", 30);
     let space = Space::new().unwrap();
-    let dev = SoftDevice::new(DeviceConfig {
-        kind: MemoryKind::Coherent,
-        capacity: 4 << 20,
-    })
-    .unwrap();
+    let dev = coherent(4 << 20);
     let m = dev.mirror(&space).unwrap();
     let a = space.map_anon(2 * PAGE, Prot::ReadWrite).unwrap();
     space.cpu_write(a, &[7u8; 2 * PAGE]).unwrap();

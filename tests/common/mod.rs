@@ -221,6 +221,15 @@ pub fn intercepting(prot: hetmem::Prot) -> hetmem::FileMapOptions {
     }
 }
 
+/// A device-coherent software device of `capacity` bytes.
+pub fn coherent(capacity: usize) -> hetmem::SoftDevice {
+    hetmem::SoftDevice::new(hetmem::DeviceConfig {
+        kind: hetmem::MemoryKind::Coherent,
+        capacity,
+    })
+    .unwrap()
+}
+
 pub fn small_space() -> hetmem::Space {
     small_space_with_stash(2 << 20)
 }
