@@ -671,6 +671,25 @@ thread_local! {
     static ZONE_RETRIES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
+/// For the SIGBUS handler: whether a fault at `addr` inside an [`OWN_COPY_ZONE`] is recovered
+/// (the access then retries): a load, or a store to a missing page, gets the drop's zero page
+/// ([`fill_dropped`]); a store to a page present and not write-protected by now is retried
+/// as it is, at most 1,000 times in a zone. Anything else: false (the handler aborts).
+fn own_copy_fault_recovered(addr: usize, write: bool) -> bool {
+    if write {
+        match super::page_state(addr) {
+            Some((true, false)) => return ZONE_RETRIES.with(|c| c.replace(c.get() + 1)) < 1000,
+            Some((false, _)) => {}
+            _ => return false,
+        }
+    }
+    if !fill_dropped(addr) {
+        return false;
+    }
+    note_zone_refill(addr & !(PAGE_SIZE - 1));
+    true
+}
+
 extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: errno is thread-local; saving and restoring it keeps the interrupted code's view.
     let errno_slot = unsafe { libc::__errno_location() };
@@ -689,21 +708,7 @@ extern "C" fn sigbus_handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: 
         // A missing page in hetmem's own copy, read or written: the program dropped it. A
         // store's fault on a page present by now (another thread refilled it, found by review:
         // a second device's copy) is retried; on a write-protected page it is a bug.
-        let state = if write { super::page_state(addr) } else { None };
-        if zone == OWN_COPY_ZONE
-            && write
-            && matches!(state, Some((true, false)))
-            && ZONE_RETRIES.with(|c| c.replace(c.get() + 1)) < 1000
-        {
-            // SAFETY: restoring this thread's errno.
-            unsafe { *errno_slot = saved_errno };
-            return;
-        }
-        if zone == OWN_COPY_ZONE
-            && (!write || matches!(state, Some((false, _))))
-            && fill_dropped(addr)
-        {
-            note_zone_refill(addr & !(PAGE_SIZE - 1));
+        if zone == OWN_COPY_ZONE && own_copy_fault_recovered(addr, write) {
             // SAFETY: restoring this thread's errno.
             unsafe { *errno_slot = saved_errno };
             return;
