@@ -1202,16 +1202,19 @@ impl DeviceMirror {
     }
 
     /// After [`Step::Dropped`]: refills the dropped page as the kernel would (zeros, or the
-    /// file's bytes in a private file mapping). A page that is dropped again at once (`again`)
-    /// is an error rather than a loop.
-    fn refill_dropped(&self, a: VirtAddr, again: &mut Option<VirtAddr>) -> Result<()> {
-        if *again == Some(a) {
+    /// file's bytes in a private file mapping). A program dropping pages in a tight loop may
+    /// take the same page again before the access gets to it, many times (found from outside:
+    /// one retry was not enough), so each access is patient ([`crate::sys::Patience`]: a long
+    /// bound, each refill yielding to the program first); only an access that is starved past
+    /// it is an error, rather than a loop.
+    fn refill_dropped(&self, a: VirtAddr, patience: &mut crate::sys::Patience) -> Result<()> {
+        if !patience.more() {
             return Err(Error::os(
-                "device access to a page dropped behind hetmem's back",
+                "device access to a page dropped behind hetmem's back, again and again",
                 std::io::Error::from_raw_os_error(libc::EFAULT),
             ));
         }
-        *again = Some(a);
+        std::thread::yield_now();
         self.inner.space.core.refill_if_dropped(a)
     }
 
@@ -1544,7 +1547,7 @@ impl DeviceMirror {
         Self::check_buf(buf, &r)?;
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
-        let mut dropped = None;
+        let mut dropped = crate::sys::Patience::new();
         let mut count = RemoteCount {
             cfg: crate::policy::AccessCounters::unpack(
                 self.inner

@@ -19,8 +19,6 @@ const OP_COPY: Opcode = opcode::read_write::<uapi::uffdio_copy>(UFFDIO, uapi::_U
 const OP_WRITEPROTECT: Opcode =
     opcode::read_write::<uapi::uffdio_writeprotect>(UFFDIO, uapi::_UFFDIO_WRITEPROTECT as u8);
 const OP_MOVE: Opcode = opcode::read_write::<uapi::uffdio_move>(UFFDIO, uapi::_UFFDIO_MOVE as u8);
-/// `UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES` (not in the bindings).
-const MOVE_MODE_ALLOW_SRC_HOLES: u64 = 1 << 1;
 const OP_ZEROPAGE: Opcode =
     opcode::read_write::<uapi::uffdio_zeropage>(UFFDIO, uapi::_UFFDIO_ZEROPAGE as u8);
 
@@ -585,6 +583,16 @@ impl Uffd {
     /// nor pinned: EINVAL, EBUSY otherwise. Returns the bytes done (moved or stepped over) before
     /// the error, with it; Ok: all of them. EAGAIN (a page being migrated or locked by the
     /// kernel) is retried, bounded.
+    ///
+    /// Holes are stepped over here, one page per call, not by the kernel
+    /// (`UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES`): on Linux 6.18 a move with that mode never returns
+    /// when a page of `src` is dropped while it runs (a `madvise` of the program's racing a
+    /// migration). The kernel's loop keeps the EAGAIN of the page that went away, steps over
+    /// the hole it finds when it looks again, and retries it forever (its error is never reset;
+    /// measured with a plain program beside this one: 3 runs of 3 stuck, 0 of 3 without the
+    /// mode). Without the mode the same race ends the call (ENOENT at the hole; or EEXIST at
+    /// `dst` when the page did move on the retry the kernel does not count, told here by `src`
+    /// holding no data any more).
     pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> (Result<(), UffdError>, usize) {
         let mut done = 0usize;
         let mut again = 0;
@@ -593,7 +601,7 @@ impl Uffd {
                 dst: (dst + done) as u64,
                 src: (src + done) as u64,
                 len: (len - done) as u64,
-                mode: MOVE_MODE_ALLOW_SRC_HOLES,
+                mode: 0,
                 move_: 0,
             };
             // SAFETY: UFFDIO_MOVE takes a `struct uffdio_move`. It moves page-table entries of
@@ -605,6 +613,12 @@ impl Uffd {
             match r {
                 Ok(()) => return (Ok(()), len),
                 Err(_) if m.move_ > 0 => done += m.move_ as usize,
+                // A hole at `src + done`: nothing to move there.
+                Err(UffdError::Os(libc::ENOENT)) => done += PAGE_SIZE,
+                // The page at `src + done` is at `dst + done` already: moved, not counted.
+                Err(UffdError::Exists) if super::process::resident_prefix(src + done, 1) == 0 => {
+                    done += PAGE_SIZE
+                }
                 Err(UffdError::Again) if again < 1000 => {
                     again += 1;
                     rustix::thread::sched_yield();
