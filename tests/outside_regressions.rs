@@ -1103,3 +1103,46 @@ fn a_removed_page_found_only_at_eviction_stays_zeros() {
     assert!(disk[4 * PAGE..].iter().all(|&x| x == 0x11));
     assert_eq!(cache.stats().pages_removed_by_program, 1);
 }
+
+/// A device writing a page that the program made read-only behind hetmem's back (a direct
+/// `mprotect`, which no event reports; `Space::protect` is the way to change it): the device's
+/// copy stops at the page, which is there (not dropped). The write fails with an error, soon,
+/// and changes no byte of that page; the pages before it take the write. (Review of the
+/// patience given to pages the program drops again and again: a page that is there must not
+/// get that patience, 100,000 retries and 10 s.) Signal-mode mappings only: in a thread-mode
+/// mapping the device's copies are plain stores, and this one kills the process with SIGSEGV
+/// (docs/architecture.md, "Unsupported, for now").
+#[test]
+fn a_device_write_to_a_page_protected_behind_hetmems_back_fails_without_changing_it() {
+    let _w = watchdog("device write vs direct mprotect", 60);
+    {
+        let mode = FaultMode::Signal;
+        let space = Space::new().unwrap();
+        let dev = SoftDevice::private(8 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        let opts = MapOptions {
+            mode,
+            ..MapOptions::default()
+        };
+        let a = space.map_anon_with(4 * PAGE, opts).unwrap();
+        space.cpu_write(a, &[1u8; 4 * PAGE]).unwrap();
+        // SAFETY: the third page of the test's own managed mapping; no Rust object lives there.
+        let rc = unsafe { libc::mprotect(a.add(2 * PAGE).get() as *mut _, PAGE, libc::PROT_READ) };
+        assert_eq!(rc, 0);
+        let r = m.write(a, 4 * PAGE, &[7u8; 4 * PAGE]);
+        assert!(
+            matches!(r, Err(Error::Os { .. })),
+            "{mode:?}: the device's write returned {r:?}"
+        );
+        let mut b = vec![0u8; 4 * PAGE];
+        space.cpu_read(a, &mut b).unwrap();
+        assert!(
+            b[..2 * PAGE].iter().all(|&x| x == 7),
+            "{mode:?}: the pages before"
+        );
+        assert!(
+            b[2 * PAGE..3 * PAGE].iter().all(|&x| x == 1),
+            "{mode:?}: the protected page changed"
+        );
+    }
+}

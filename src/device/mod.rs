@@ -128,6 +128,18 @@ enum PagemapSlot {
 /// Pagemap ids in use (index = id). A leaf lock, never held across a `crate::sync` operation.
 static PAGEMAP_IDS: std::sync::Mutex<Vec<PagemapSlot>> = std::sync::Mutex::new(Vec::new());
 
+/// How many times in a row a device's copy may stop at a system page that is there (not
+/// dropped) before the access fails ([`DeviceMirror::refill_dropped`]).
+const DROPPED_BUT_THERE: u32 = 100;
+
+/// The page a device access last found dropped, and how long it has waited for it.
+struct DroppedPage {
+    addr: VirtAddr,
+    patience: crate::sys::Patience,
+    /// Refills that found the page there, in a row.
+    there: u32,
+}
+
 /// Reserves a free pagemap id (1..=255). An id is free again once its pagemap is dropped (not
 /// when its device is: an address space keeps the pagemap of a device that had pages there, and
 /// must never find another device's pagemap under the same id).
@@ -1203,19 +1215,44 @@ impl DeviceMirror {
 
     /// After [`Step::Dropped`]: refills the dropped page as the kernel would (zeros, or the
     /// file's bytes in a private file mapping). A program dropping pages in a tight loop may
-    /// take the same page again before the access gets to it, many times (found from outside:
-    /// one retry was not enough), so each access is patient ([`crate::sys::Patience`]: a long
-    /// bound, each refill yielding to the program first); only an access that is starved past
-    /// it is an error, rather than a loop.
-    fn refill_dropped(&self, a: VirtAddr, patience: &mut crate::sys::Patience) -> Result<()> {
-        if !patience.more() {
-            return Err(Error::os(
-                "device access to a page dropped behind hetmem's back, again and again",
+    /// take the same page again before the access gets back to it, many times (found from
+    /// outside: one retry was not enough), so each page is waited for patiently
+    /// ([`crate::sys::Patience`], from its first refill; each refill yields to the program
+    /// first). A page that keeps stopping the copy while it is there (not a drop: say the
+    /// program protected it; [`DROPPED_BUT_THERE`] times in a row) fails the access, as does a
+    /// page dropped past that patience.
+    fn refill_dropped(&self, a: VirtAddr, last: &mut Option<DroppedPage>) -> Result<()> {
+        let fail = |why: &'static str| {
+            Err(Error::os(
+                why,
                 std::io::Error::from_raw_os_error(libc::EFAULT),
-            ));
+            ))
+        };
+        let page = match last {
+            Some(p) if p.addr == a => p,
+            _ => last.insert(DroppedPage {
+                addr: a,
+                patience: crate::sys::Patience::new(),
+                there: 0,
+            }),
+        };
+        if !page.patience.more() {
+            return fail("device access to a page the program drops again and again");
         }
-        std::thread::yield_now();
-        self.inner.space.core.refill_if_dropped(a)
+        crate::sync::thread::yield_now();
+        if self.inner.space.core.refill_if_dropped(a)? {
+            page.there = 0;
+        } else {
+            // The program may have faulted it in again since the copy stopped at it: only a
+            // page that is there every time is not a drop.
+            page.there += 1;
+            if page.there >= DROPPED_BUT_THERE {
+                return fail(
+                    "device access to a system page it cannot copy (protected behind hetmem's back?)",
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The device's fault path (`dmirror_fault`): asks the space's policy
@@ -1547,7 +1584,7 @@ impl DeviceMirror {
         Self::check_buf(buf, &r)?;
         let mut out = CmdOut::default();
         let mut cur = r.start.page().0;
-        let mut dropped = crate::sys::Patience::new();
+        let mut dropped = None;
         let mut count = RemoteCount {
             cfg: crate::policy::AccessCounters::unpack(
                 self.inner

@@ -377,13 +377,20 @@ impl SpaceCore {
 
     /// A device found system page `a` gone (dropped by a direct `madvise` behind hetmem's
     /// back): refills it as [`Self::refill_dropped`] does, if its entry still says present.
-    pub(crate) fn refill_if_dropped(&self, a: VirtAddr) -> Result<()> {
+    /// False where the kernel has the page (pagemap: present), so that the device's copy
+    /// stopped there for another reason than a drop.
+    pub(crate) fn refill_if_dropped(&self, a: VirtAddr) -> Result<bool> {
         let mut st = self.lock_state();
         match st.pte(a) {
             Some(p) if p.state() == PageState::Present && !p.migrating() => {
-                self.refill_dropped(&mut st, a)
+                if sys::page_state(a.get()).is_some_and(|(present, _)| present) {
+                    return Ok(false);
+                }
+                self.refill_dropped(&mut st, a).map(|()| true)
             }
-            _ => Ok(()),
+            // Taken elsewhere meanwhile (migrating, moved to a device): the device's next
+            // fault finds it there.
+            _ => Ok(true),
         }
     }
 

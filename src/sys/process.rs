@@ -359,6 +359,33 @@ pub fn resident_prefix(addr: usize, pages: usize) -> usize {
     done
 }
 
+/// How many of the `pages` pages from `addr` (page-aligned, at most 512 looked at) have an
+/// empty page-table entry now: neither present nor swapped out (`/proc/self/pagemap` bits 63
+/// and 62; a marker reads as swapped, so it is not empty). 0 when pagemap cannot be read.
+/// One open and one read of pagemap; allocates nothing.
+pub fn empty_prefix(addr: usize, pages: usize) -> usize {
+    const MOST: usize = 512;
+    let Ok(f) = rustix::fs::open(
+        c"/proc/self/pagemap",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return 0;
+    };
+    let n = pages.min(MOST);
+    let mut raw = [0u8; MOST * 8];
+    let Ok(got) = rustix::io::pread(&f, &mut raw[..n * 8], (addr / PAGE_SIZE * 8) as u64) else {
+        return 0;
+    };
+    raw[..got - got % 8]
+        .chunks_exact(8)
+        .take_while(|w| {
+            let e = u64::from_ne_bytes((*w).try_into().expect("8 bytes"));
+            e >> 62 & 3 == 0
+        })
+        .count()
+}
+
 /// Whether the page at `addr` is in the CPU's view now (`mincore`: it is in memory and mapped
 /// here; a page that would fault is not), without touching it. `testing` feature.
 #[cfg(feature = "testing")]
