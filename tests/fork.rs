@@ -337,3 +337,145 @@ fn coherent_pages_take_device_and_cpu_stores_after_a_fork() {
         assert_eq!(d, want, "{mode:?}: the device reads every store");
     }
 }
+
+/// Forks while a coherent device writes a thread-mode mapping (found from outside: the
+/// parent's handler write-protected the coherent pages before it took the devices' write
+/// access away, so a device store in flight, a plain store in a thread-mode mapping, met the
+/// protection inside hetmem's copy and aborted the process, every run). Each child reads only
+/// bytes the parent had (1 or the device's 9); afterwards the parent's memory holds only those.
+#[test]
+fn forks_while_a_coherent_device_writes_a_thread_mode_mapping() {
+    let _w = watchdog("fork vs coherent device stores", 120);
+    let _forks = forks_shared();
+    const N: usize = 256;
+    let space = small_space();
+    let dev = coherent(16 << 20);
+    let m = dev.mirror(&space).unwrap();
+    let opts = MapOptions {
+        mode: FaultMode::Thread,
+        ..MapOptions::default()
+    };
+    let a = space.map_anon_with(N * PAGE, opts).unwrap();
+    space.cpu_write(a, &vec![1u8; N * PAGE]).unwrap();
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
+    let stop = AtomicBool::new(false);
+    let ends = std::thread::scope(|s| {
+        s.spawn(|| {
+            let nines = vec![9u8; 16 * PAGE];
+            let mut k = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let p = k * 16 % N;
+                match m.write(a.add(p * PAGE), 16 * PAGE, &nines) {
+                    Ok(_) | Err(Error::Busy) => {}
+                    Err(e) => panic!("device store: {e:?}"),
+                }
+                k += 1;
+            }
+        });
+        let mut ends = Vec::new();
+        for round in 0..60 {
+            at(format!("fork {round}"));
+            // SAFETY: the child only loads (volatile loads of its own copy).
+            let st = unsafe {
+                sys::fork_and_wait(|| {
+                    for i in (0..N * PAGE / 4).step_by(97) {
+                        let v = hetmem::sys::probe_load_u32(a.get() + 4 * i);
+                        if v != 0x0101_0101 && v != 0x0909_0909 {
+                            return 10;
+                        }
+                    }
+                    0
+                })
+            };
+            ends.push(st.map_err(|e| e.to_string()));
+        }
+        stop.store(true, Ordering::SeqCst);
+        ends
+    });
+    for (round, st) in ends.into_iter().enumerate() {
+        assert_eq!(st, Ok(ChildExit::Exited(0)), "fork {round}");
+    }
+    let mut back = vec![0u8; N * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    assert!(back.iter().all(|&x| x == 1 || x == 9));
+}
+
+/// Forks while another thread drops random ranges of the memory in a tight loop and a device
+/// migrates it (found from outside: the event reader stopped reading once 256 distinct drops
+/// waited to be followed; it waited for a migration whose own drop of pages shared with a child
+/// waited for the reader, and the fork's copies, made under the space's lock, got EAGAIN page
+/// after page, each for its whole bound: a hang, every run). Every fork returns, and each child
+/// reads only bytes the parent had (the pattern, or the drop's zeros).
+#[test]
+fn forks_while_the_program_drops_pages_in_a_loop_and_a_device_migrates() {
+    if !kernel_has_uffdio_move() {
+        return;
+    }
+    let _w = watchdog("fork vs drops and migrations", 120);
+    let _forks = forks_shared();
+    const N: usize = 512;
+    let (space, _dev, m, a) = written(N);
+    m.migrate_range_to_device(a, N * PAGE).unwrap();
+    let stop = AtomicBool::new(false);
+    let ends = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut k = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let p = k * 37 % (N - 64);
+                let r = if k.is_multiple_of(2) {
+                    m.migrate_range_to_device(a.add(p * PAGE), 64 * PAGE)
+                        .map(drop)
+                } else {
+                    m.migrate_to_system(a.add(p * PAGE), 64 * PAGE).map(drop)
+                };
+                match r {
+                    Ok(()) | Err(Error::Busy) | Err(Error::NotPresent { .. }) => {}
+                    Err(e) => panic!("migration: {e:?}"),
+                }
+                k += 1;
+            }
+        });
+        s.spawn(|| {
+            let mut r = 0x2545_f491_4f6c_dd1du64;
+            while !stop.load(Ordering::SeqCst) {
+                r ^= r << 13;
+                r ^= r >> 7;
+                r ^= r << 17;
+                let p = r as usize % (N - 16);
+                let n = 1 + (r >> 32) as usize % 16;
+                // SAFETY: managed memory of the test's own, no Rust object in it.
+                unsafe { hetmem::sys::madvise_dontneed(a.get() + p * PAGE, n * PAGE) }.unwrap();
+                std::thread::yield_now();
+            }
+        });
+        let mut ends = Vec::new();
+        for round in 0..40 {
+            at(format!("fork {round}"));
+            // SAFETY: the child only loads (volatile loads of its own copy).
+            let st = unsafe {
+                sys::fork_and_wait(|| {
+                    for k in 0..N {
+                        let i = k * PAGE / 4 + k % 1024;
+                        let v = hetmem::sys::probe_load_u32(a.get() + 4 * i);
+                        if v != 0 && v != word(i) {
+                            return 10;
+                        }
+                    }
+                    0
+                })
+            };
+            ends.push(st.map_err(|e| e.to_string()));
+        }
+        stop.store(true, Ordering::SeqCst);
+        ends
+    });
+    for (round, st) in ends.into_iter().enumerate() {
+        assert_eq!(st, Ok(ChildExit::Exited(0)), "fork {round}");
+    }
+    let mut back = vec![0u8; N * PAGE];
+    space.cpu_read(a, &mut back).unwrap();
+    for (k, w) in back.chunks(4).enumerate() {
+        let v = u32::from_ne_bytes(w.try_into().unwrap());
+        assert!(v == 0 || v == word(k), "word {k}: {v:#x}");
+    }
+}

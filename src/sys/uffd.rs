@@ -65,7 +65,9 @@ fn fill_resuming(
             }
             (Err(_), n) if n > 0 => done += n as usize,
             (Err(UffdError::Exists), _) => done += PAGE_SIZE,
-            (Err(UffdError::Again), _) if patience.more() => {
+            (Err(UffdError::Again), _)
+                if !(YIELD_WHILE_STUCK.get() && table_full()) && patience.more() =>
+            {
                 wait();
                 rustix::thread::sched_yield();
                 (done, to) = not_dropped(dst, done, len);
@@ -115,8 +117,27 @@ static REMOVES_UNFOLLOWED: AtomicUsize = AtomicUsize::new(0);
 /// the events meanwhile; a program dropping the same ranges again and again (an allocator)
 /// takes one slot per range (found from outside: with one slot per event the table filled
 /// while the reader waited for a device's lock, and the device's fault behind the events was
-/// never read: a hang).
-const PENDING_REMOVE_SLOTS: usize = 256;
+/// never read: a hang). A full table is a hazard in itself: what the reader waits for (a lock
+/// holder's fill, a migration's own drop of pages shared with a child, whose event must be
+/// read) may need it to read, and a program's next `madvise` keeps the mappings marked
+/// changing until it does (found from outside, with 256 slots: a program dropping random
+/// ranges in a loop while it forked, a device migrating; the reader waited for a migration
+/// whose drop waited for the reader, for good). So the table is large (1.5 MiB of zeroed
+/// static memory, touched only as far as it is used), and every scan of it stops at its
+/// high-water mark ([`PENDING_SLOTS_HIGH`]).
+const PENDING_REMOVE_SLOTS: usize = 65536;
+
+/// Slots of [`PENDING_REMOVES`] in use, and one past the last slot used since the table was
+/// last empty (no slot at or past it is in use). Written under [`PENDING_REMOVES_WRITE`].
+static PENDING_SLOTS_USED: AtomicUsize = AtomicUsize::new(0);
+static PENDING_SLOTS_HIGH: AtomicUsize = AtomicUsize::new(0);
+
+/// The slots of [`PENDING_REMOVES`] that may be in use.
+fn pending_slots() -> &'static [PendingRemove] {
+    &PENDING_REMOVES[..PENDING_SLOTS_HIGH
+        .load(Ordering::SeqCst)
+        .min(PENDING_REMOVE_SLOTS)]
+}
 
 /// A range of REMOVEs read and not followed yet: `end` 0 for a free slot, `count` the REMOVEs
 /// of exactly that range.
@@ -151,25 +172,67 @@ fn note_remove(start: usize, end: usize) {
     let _w = PENDING_REMOVES_WRITE
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = PENDING_REMOVES.iter().find(|p| p.is(start, end)) {
+    if let Some(p) = pending_slots().iter().find(|p| p.is(start, end)) {
         p.count.fetch_add(1, Ordering::SeqCst);
         return;
     }
-    if let Some(p) = PENDING_REMOVES
+    let high = PENDING_SLOTS_HIGH.load(Ordering::SeqCst);
+    let slot = match pending_slots()
         .iter()
-        .find(|p| p.end.load(Ordering::SeqCst) == 0)
+        .position(|p| p.end.load(Ordering::SeqCst) == 0)
     {
-        // `end` last: it publishes the slot.
-        p.start.store(start, Ordering::SeqCst);
-        p.count.store(1, Ordering::SeqCst);
-        p.end.store(end, Ordering::SeqCst);
+        Some(i) => i,
+        None if high < PENDING_REMOVE_SLOTS => high,
+        // Full: not reached, the readers read nothing then.
+        None => return,
+    };
+    let p = &PENDING_REMOVES[slot];
+    // `end` last: it publishes the slot; then the high-water mark takes it in.
+    p.start.store(start, Ordering::SeqCst);
+    p.count.store(1, Ordering::SeqCst);
+    p.end.store(end, Ordering::SeqCst);
+    PENDING_SLOTS_USED.fetch_add(1, Ordering::SeqCst);
+    if slot == high {
+        PENDING_SLOTS_HIGH.store(high + 1, Ordering::SeqCst);
     }
 }
 
+thread_local! {
+    /// Set on a thread whose fills give up at once (EAGAIN) while the reader reads no event
+    /// because the table of REMOVEs read and not followed is full ([`YieldWhileStuck`]).
+    static YIELD_WHILE_STUCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While it lives, the fills of the calling thread ([`Uffd::fill`]) give up at once with EAGAIN
+/// where they would wait for the reader and the reader cannot read: the table of REMOVEs read
+/// and not followed yet is full, so the program's next `madvise` stays in the kernel with the
+/// mappings marked changing (every fill gets EAGAIN) until the reader follows one, and the
+/// reader may be waiting for a lock this thread holds. The caller lets go of its locks, waits
+/// for [`removes_table_full`] to turn false, and tries again. (Found from outside: a fork's
+/// copies of device pages, made under the space's lock, waited their whole bound, 10 s, page
+/// after page, beside a thread dropping pages in a loop.)
+pub struct YieldWhileStuck(bool);
+
+impl YieldWhileStuck {
+    pub fn enter() -> YieldWhileStuck {
+        YieldWhileStuck(YIELD_WHILE_STUCK.replace(true))
+    }
+}
+
+impl Drop for YieldWhileStuck {
+    fn drop(&mut self) {
+        YIELD_WHILE_STUCK.set(self.0);
+    }
+}
+
+/// Whether the table of REMOVEs read and not followed yet is full: the readers read no message
+/// until one is followed ([`YieldWhileStuck`]).
+pub fn removes_table_full() -> bool {
+    table_full()
+}
+
 fn table_full() -> bool {
-    PENDING_REMOVES
-        .iter()
-        .all(|p| p.end.load(Ordering::SeqCst) != 0)
+    PENDING_SLOTS_USED.load(Ordering::SeqCst) >= PENDING_REMOVE_SLOTS
 }
 
 /// Waits (yielding: it may run in signal context) until no userfaultfd message is being read
@@ -200,7 +263,7 @@ pub fn removes_pending_in(start: usize, end: usize, mut f: impl FnMut(usize, usi
     while MSG_READS.load(Ordering::SeqCst) != 0 {
         rustix::thread::sched_yield();
     }
-    for p in PENDING_REMOVES.iter() {
+    for p in pending_slots() {
         // `end` first: a slot published after this load is one this call need not see.
         let re = p.end.load(Ordering::SeqCst);
         let rs = p.start.load(Ordering::SeqCst);
@@ -215,10 +278,14 @@ pub fn remove_followed(start: usize, end: usize) {
     let _w = PENDING_REMOVES_WRITE
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = PENDING_REMOVES.iter().find(|p| p.is(start, end))
+    if let Some(p) = pending_slots().iter().find(|p| p.is(start, end))
         && p.count.fetch_sub(1, Ordering::SeqCst) <= 1
     {
         p.end.store(0, Ordering::SeqCst);
+        if PENDING_SLOTS_USED.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Empty: scans stop at once again.
+            PENDING_SLOTS_HIGH.store(0, Ordering::SeqCst);
+        }
     }
     REMOVES_UNFOLLOWED.fetch_sub(1, Ordering::SeqCst);
 }
@@ -280,9 +347,11 @@ fn take_own_remove(start: usize, end: usize) -> bool {
 pub fn forget_unfollowed_removes() {
     REMOVES_UNFOLLOWED.store(0, Ordering::SeqCst);
     MSG_READS.store(0, Ordering::SeqCst);
-    for p in PENDING_REMOVES.iter() {
+    for p in pending_slots() {
         p.end.store(0, Ordering::SeqCst);
     }
+    PENDING_SLOTS_USED.store(0, Ordering::SeqCst);
+    PENDING_SLOTS_HIGH.store(0, Ordering::SeqCst);
 }
 
 /// A reader thread's fds, and the messages (with their fd) it read while one of its own fills
@@ -1340,6 +1409,9 @@ impl ZapSink {
 mod tests {
     use super::*;
 
+    /// The tests of the table of REMOVEs not followed, one at a time.
+    static TABLE_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// On Linux 6.18 a move that met EAGAIN can move the page on its retry without counting it,
     /// then stop at the sink's slot that page now takes (EEXIST). `take` leaves that slot and
     /// goes on: every page of the range moves, none is left holding data. (First handled by
@@ -1383,8 +1455,51 @@ mod tests {
     /// of the table of REMOVEs not followed yet (with a slot per event, 64 of them filled it,
     /// the reader stopped reading, and a fault behind them was never read: a hang). The range
     /// stays pending until its last REMOVE is followed.
+    /// Thousands of distinct ranges dropped while the reader waits fit (with 256 slots the
+    /// table filled and the reader stopped reading: a hang, found from outside); each is
+    /// pending until followed, whichever order they are followed in, and once all are the
+    /// scans stop at once again (the high-water mark is back to 0).
+    #[test]
+    fn thousands_of_distinct_removes_fit_and_each_is_pending_until_followed() {
+        // Ranges no test maps: a fill racing this test sees nothing of them.
+        let range = |i: usize| (0x10_0000 + i * 0x2000, 0x10_0000 + i * 0x2000 + 0x1000);
+        let pending = |i: usize| {
+            let (s, e) = range(i);
+            let mut seen = false;
+            removes_pending_in(s, e, |_, _| seen = true);
+            seen
+        };
+        const N: usize = 5000;
+        let _t = TABLE_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        for i in 0..N {
+            let (s, e) = range(i);
+            note_remove(s, e);
+            REMOVES_UNFOLLOWED.fetch_add(1, Ordering::SeqCst);
+        }
+        let full = table_full();
+        let all_pending = (0..N).all(pending);
+        // Odd ones first, then even ones.
+        for i in (1..N).step_by(2).chain((0..N).step_by(2)) {
+            let (s, e) = range(i);
+            remove_followed(s, e);
+        }
+        let any_pending = (0..N).any(pending);
+        let high = PENDING_SLOTS_HIGH.load(Ordering::SeqCst);
+        let others = REMOVES_UNFOLLOWED.load(Ordering::SeqCst);
+        assert!(!full, "{N} distinct REMOVEs filled the table");
+        assert!(all_pending, "a range read was not pending");
+        assert!(!any_pending, "a range stayed pending after it was followed");
+        if others == 0 {
+            assert_eq!(
+                high, 0,
+                "the high-water mark stayed up with the table empty"
+            );
+        }
+    }
+
     #[test]
     fn removes_of_one_range_share_a_slot_until_the_last_is_followed() {
+        let _t = TABLE_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         // A range no test maps: a fill racing this test sees nothing of it.
         let (start, end) = (0x1000, 0x3000);
         let pending = || {
