@@ -216,70 +216,41 @@ extern "C" fn after_fork_child() {
 
 impl SpaceCore {
     /// Prepare, for this space (module doc, step 1).
-    ///
-    /// The copies are made under the state lock, and a copy is a fill, which gets EAGAIN while
-    /// the program's `madvise` is in the kernel and its event unread. If the reader stops
-    /// reading (the REMOVEs it read wait to be followed, and the table of them is full) it
-    /// waits for this lock to follow them, and the fill could never succeed: then the lock is
-    /// let go until the reader reads again ([`sys::YieldWhileStuck`]), and the scan goes on from
-    /// the page that waited, as the state is then (a page the program dropped meanwhile is no
-    /// longer in device memory). Bounded by [`sys::Patience`] over the whole prepare, after
-    /// which a page that still cannot be copied is left (the child reads zeros there, logged).
     fn prepare_fork(&self) {
         let whole = self.mm.reservation();
-        let _stuck = sys::YieldWhileStuck::enter();
-        let mut patience = sys::Patience::new();
-        let mut copies: Vec<VaRange> = Vec::new();
-        let mut from = whole.start;
         let mut st = self.lock_state_for(whole);
-        'scan: loop {
-            for v in st.vmas.values() {
-                if v.file.is_some() || v.range.end <= from {
-                    // Not inherited (MADV_DONTFORK), or shared with the child through its
-                    // memfd; or scanned already.
+        let mut copies = Vec::new();
+        for v in st.vmas.values() {
+            if v.file.is_some() {
+                // Not inherited (MADV_DONTFORK), or shared with the child through its memfd.
+                continue;
+            }
+            for (k, pte) in v.ptes.iter().enumerate() {
+                if !matches!(pte.state(), PageState::Device | PageState::Exclusive) {
                     continue;
                 }
-                let first = if from > v.range.start { v.idx(from) } else { 0 };
-                for (k, pte) in v.ptes.iter().enumerate().skip(first) {
-                    if !matches!(pte.state(), PageState::Device | PageState::Exclusive) {
-                        continue;
-                    }
-                    let a = v.range.start.add(k * PAGE_SIZE);
-                    let (pm, frame, _) = pte.device_frame().expect("device or stash frame");
-                    let pool = self.frame_pool(&st, *pte, pm);
-                    // Write-protected: a store by another thread before the parent drops the
-                    // copy again faults, waits for the fork, and is served from the device's
-                    // data (unprotected, it landed in the copy and was lost: found by review).
-                    match self.install_from_frame(a, &pool, frame.offset(), PAGE_SIZE, v.mode, true)
-                    {
-                        Ok(()) => match copies.last_mut() {
-                            Some(VaRange { end, .. }) if *end == a => *end = a.add(PAGE_SIZE),
-                            _ => copies.push(VaRange {
-                                start: a,
-                                end: a.add(PAGE_SIZE),
-                            }),
-                        },
-                        Err(sys::UffdError::Again)
-                            if sys::removes_table_full() && patience.more() =>
-                        {
-                            drop(st);
-                            while sys::removes_table_full() && patience.more() {
-                                crate::sync::thread::yield_now();
-                            }
-                            from = a;
-                            st = self.lock_state_for(whole);
-                            continue 'scan;
-                        }
-                        Err(e) => tracing::warn!(
-                            target: "hetmem",
-                            addr = %a,
-                            error = ?e,
-                            "a page in device memory could not be copied for a forked child (it reads zeros there)"
-                        ),
-                    }
+                let a = v.range.start.add(k * PAGE_SIZE);
+                let (pm, frame, _) = pte.device_frame().expect("device or stash frame");
+                let pool = self.frame_pool(&st, *pte, pm);
+                // Write-protected: a store by another thread before the parent drops the copy
+                // again faults, waits for the fork, and is served from the device's data
+                // (unprotected, it landed in the copy and was lost: found by review).
+                match self.install_from_frame(a, &pool, frame.offset(), PAGE_SIZE, v.mode, true) {
+                    Ok(()) => match copies.last_mut() {
+                        Some(VaRange { end, .. }) if *end == a => *end = a.add(PAGE_SIZE),
+                        _ => copies.push(VaRange {
+                            start: a,
+                            end: a.add(PAGE_SIZE),
+                        }),
+                    },
+                    Err(e) => tracing::warn!(
+                        target: "hetmem",
+                        addr = %a,
+                        error = ?e,
+                        "a page in device memory could not be copied for a forked child (it reads zeros there)"
+                    ),
                 }
             }
-            break;
         }
         st.fork_copies = copies;
         st.fork_hold = Some(sys::getpid());

@@ -65,9 +65,7 @@ fn fill_resuming(
             }
             (Err(_), n) if n > 0 => done += n as usize,
             (Err(UffdError::Exists), _) => done += PAGE_SIZE,
-            (Err(UffdError::Again), _)
-                if !(YIELD_WHILE_STUCK.get() && table_full()) && patience.more() =>
-            {
+            (Err(UffdError::Again), _) if patience.more() => {
                 wait();
                 rustix::thread::sched_yield();
                 (done, to) = not_dropped(dst, done, len);
@@ -183,7 +181,8 @@ fn note_remove(start: usize, end: usize) {
     {
         Some(i) => i,
         None if high < PENDING_REMOVE_SLOTS => high,
-        // Full: not reached, the readers read nothing then.
+        // Not reached: the readers read nothing once the table counts as full, which leaves
+        // [`PENDING_HEADROOM`] slots for those that checked at the same time.
         None => return,
     };
     let p = &PENDING_REMOVES[slot];
@@ -197,55 +196,27 @@ fn note_remove(start: usize, end: usize) {
     }
 }
 
-thread_local! {
-    /// Set on a thread whose fills give up at once (EAGAIN) while the reader reads no event
-    /// because the table of REMOVEs read and not followed is full ([`YieldWhileStuck`]).
-    static YIELD_WHILE_STUCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// While it lives, the fills of the calling thread ([`Uffd::fill`]) give up at once with EAGAIN
-/// where they would wait for the reader and the reader cannot read: the table of REMOVEs read
-/// and not followed yet is full, so the program's next `madvise` stays in the kernel with the
-/// mappings marked changing (every fill gets EAGAIN) until the reader follows one, and the
-/// reader may be waiting for a lock this thread holds. The caller lets go of its locks, waits
-/// for [`removes_table_full`] to turn false, and tries again. (Found from outside: a fork's
-/// copies of device pages, made under the space's lock, waited their whole bound, 10 s, page
-/// after page, beside a thread dropping pages in a loop.)
-pub struct YieldWhileStuck(bool);
-
-impl YieldWhileStuck {
-    pub fn enter() -> YieldWhileStuck {
-        YieldWhileStuck(YIELD_WHILE_STUCK.replace(true))
-    }
-}
-
-impl Drop for YieldWhileStuck {
-    fn drop(&mut self) {
-        YIELD_WHILE_STUCK.set(self.0);
-    }
-}
-
-/// Whether the table of REMOVEs read and not followed yet is full: the readers read no message
-/// until one is followed ([`YieldWhileStuck`]).
-pub fn removes_table_full() -> bool {
-    table_full()
-}
+/// Slots kept free when the table counts as full: the readers check it without the writers'
+/// lock, so a few may each record one more REMOVE (found by review).
+const PENDING_HEADROOM: usize = 64;
 
 fn table_full() -> bool {
-    PENDING_SLOTS_USED.load(Ordering::SeqCst) >= PENDING_REMOVE_SLOTS
+    PENDING_SLOTS_USED.load(Ordering::SeqCst) + PENDING_HEADROOM >= PENDING_REMOVE_SLOTS
 }
 
 /// Waits (yielding: it may run in signal context) until no userfaultfd message is being read
 /// and every REMOVE read has been followed (see `MSG_READS`). On a reader thread (which
 /// follows them) and in a forked child (no reader) it returns at once.
 pub fn wait_removes_followed() {
-    if REMOVES_UNFOLLOWED.load(Ordering::SeqCst) == 0 && MSG_READS.load(Ordering::SeqCst) == 0 {
+    // `MSG_READS` first: a read that ended before it was loaded counted its REMOVE before (a
+    // check the other way round could miss one read meanwhile: found by review).
+    if MSG_READS.load(Ordering::SeqCst) == 0 && REMOVES_UNFOLLOWED.load(Ordering::SeqCst) == 0 {
         return;
     }
     if READER.with(|r| !r.borrow().0.is_empty()) {
         return;
     }
-    while REMOVES_UNFOLLOWED.load(Ordering::SeqCst) != 0 || MSG_READS.load(Ordering::SeqCst) != 0 {
+    while MSG_READS.load(Ordering::SeqCst) != 0 || REMOVES_UNFOLLOWED.load(Ordering::SeqCst) != 0 {
         rustix::thread::sched_yield();
     }
 }
@@ -257,7 +228,8 @@ pub fn wait_removes_followed() {
 /// (found by review); the caller drops such parts again (they read zeros, a valid outcome of a
 /// drop concurrent with the copy).
 pub fn removes_pending_in(start: usize, end: usize, mut f: impl FnMut(usize, usize)) {
-    if REMOVES_UNFOLLOWED.load(Ordering::SeqCst) == 0 && MSG_READS.load(Ordering::SeqCst) == 0 {
+    // `MSG_READS` first (as in `wait_removes_followed`).
+    if MSG_READS.load(Ordering::SeqCst) == 0 && REMOVES_UNFOLLOWED.load(Ordering::SeqCst) == 0 {
         return;
     }
     while MSG_READS.load(Ordering::SeqCst) != 0 {
@@ -267,7 +239,9 @@ pub fn removes_pending_in(start: usize, end: usize, mut f: impl FnMut(usize, usi
         // `end` first: a slot published after this load is one this call need not see.
         let re = p.end.load(Ordering::SeqCst);
         let rs = p.start.load(Ordering::SeqCst);
-        if re != 0 && rs < end && start < re {
+        // A slot freed and taken again between the two loads would give a range nobody
+        // dropped (found by review): `end` again; a change means the range read was followed.
+        if re != 0 && p.end.load(Ordering::SeqCst) == re && rs < end && start < re {
             f(rs.max(start), re.min(end));
         }
     }
