@@ -502,3 +502,68 @@ fn coherent_copies_vs_munmap(modes: &[FaultMode]) {
         }
     }
 }
+
+/// A program that moves a range away with a direct mremap and unmaps the new address at once,
+/// before hetmem has followed the move (found from outside: the follow's copy of a device page
+/// to the new address found it unmapped, ENOENT, and aborted the process, every run). The data
+/// goes with the unmapped range, as with the kernel alone; nothing aborts, the move and the
+/// unmap are both followed, and the rest of the mapping keeps its bytes. Both fault modes.
+#[test]
+fn a_range_moved_away_and_unmapped_at_once_aborts_nothing() {
+    let _w = watchdog("mremap then munmap", 60);
+    for mode in [FaultMode::Signal, FaultMode::Thread] {
+        let space = small_space();
+        let dev = SoftDevice::private(16 << 20).unwrap();
+        let m = dev.mirror(&space).unwrap();
+        const CHUNK: usize = 8 * PAGE;
+        const ROUNDS: usize = 64;
+        let opts = MapOptions {
+            mode,
+            ..MapOptions::default()
+        };
+        let a = space.map_anon_with(ROUNDS * 2 * CHUNK, opts).unwrap();
+        space
+            .cpu_write(a, &pattern(ROUNDS * 2 * CHUNK, |i| i ^ 0x77))
+            .unwrap();
+        m.migrate_range_to_device(a, ROUNDS * 2 * CHUNK).unwrap();
+        for round in 0..ROUNDS {
+            at(format!("{mode:?}: round {round}"));
+            let before = space.stats().foreign_remaps;
+            let from = a.add(round * 2 * CHUNK);
+            // SAFETY: a fresh PROT_NONE mapping as the target; the test's own managed chunk
+            // moved there with MREMAP_FIXED, then unmapped; no Rust object lives in either.
+            unsafe {
+                let tgt = libc::mmap(
+                    std::ptr::null_mut(),
+                    CHUNK,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(tgt, libc::MAP_FAILED);
+                let moved = libc::mremap(
+                    from.get() as *mut _,
+                    CHUNK,
+                    CHUNK,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    tgt,
+                );
+                assert_eq!(moved, tgt);
+                assert_eq!(libc::munmap(moved, CHUNK), 0);
+            }
+            while space.stats().foreign_remaps == before {
+                std::thread::yield_now();
+            }
+        }
+        // The chunks between the moved ones are where they were, with their bytes.
+        let want = pattern(ROUNDS * 2 * CHUNK, |i| i ^ 0x77);
+        for round in 0..ROUNDS {
+            let kept = a.add((round * 2 + 1) * CHUNK);
+            let mut b = vec![0u8; CHUNK];
+            m.read(kept, CHUNK, &mut b).unwrap();
+            let off = (round * 2 + 1) * CHUNK;
+            assert!(b == want[off..off + CHUNK], "{mode:?}: chunk {round} kept");
+        }
+    }
+}

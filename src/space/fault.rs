@@ -921,7 +921,7 @@ impl SpaceCore {
         let mode = st.vma(a).ok_or(Error::NotMapped { addr: a })?.mode;
         self.mm
             .write_protect(unit, false, mode)
-            .map_err(|e| Error::os("a store to a page shared with a forked child", e.into()))
+            .map_err(|e| Error::uffd("a store to a page shared with a forked child", e, a))
     }
 
     /// [`Self::demote_coherent`], recorded in the trace as `kind`.

@@ -88,16 +88,24 @@ impl SpaceCore {
                         .map_err(|e| Error::os("follow mremap", e.into()))
                     }
                 };
-                if let Err(e) = copied {
-                    // Never silently: the page's data could not be placed at its new address.
-                    let mut b = [0u8; 18];
-                    let msg = format!(" ({e})\n");
-                    sys::abort_with(&[
-                        b"hetmem: following a direct mremap, the data of page ",
-                        sys::hex(dst.get(), &mut b),
-                        b" could not be copied to its new address",
-                        msg.as_bytes(),
-                    ]);
+                match copied {
+                    Ok(()) => {}
+                    // The new address is registered no more: the program unmapped (or mapped
+                    // over) the moved range since its mremap returned, and its data went with it,
+                    // as it would with the kernel alone (found from outside: a program moving a
+                    // range away and unmapping it at once was aborted here).
+                    Err(e) if e.errno() == libc::ENOENT => {}
+                    Err(e) => {
+                        // Never silently: the page's data could not be placed at its new address.
+                        let mut b = [0u8; 18];
+                        let msg = format!(" ({e})\n");
+                        sys::abort_with(&[
+                            b"hetmem: following a direct mremap, the data of page ",
+                            sys::hex(dst.get(), &mut b),
+                            b" could not be copied to its new address",
+                            msg.as_bytes(),
+                        ]);
+                    }
                 }
             }
             let _ = self.mm.forget_moved(moved, v.mode);
