@@ -338,6 +338,26 @@ fn coherent_pages_take_device_and_cpu_stores_after_a_fork() {
     }
 }
 
+/// Forks `rounds` children one after the other, each running `child` (its exit code: 0 when
+/// every byte it read is one the parent could have had), then sets `stop` (the other threads'
+/// loops end) and asserts that every child exited with 0.
+///
+/// # Safety
+/// `child` runs in a forked child of a multithreaded process: it may only load memory.
+unsafe fn fork_children(rounds: usize, stop: &AtomicBool, child: impl Fn() -> i32) {
+    let mut ends = Vec::new();
+    for round in 0..rounds {
+        at(format!("fork {round}"));
+        // SAFETY: the caller's guarantee: the child only loads.
+        let st = unsafe { sys::fork_and_wait(&child) };
+        ends.push(st.map_err(|e| e.to_string()));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for (round, st) in ends.into_iter().enumerate() {
+        assert_eq!(st, Ok(ChildExit::Exited(0)), "fork {round}");
+    }
+}
+
 /// Forks while a coherent device writes a thread-mode mapping (found from outside: the
 /// parent's handler write-protected the coherent pages before it took the devices' write
 /// access away, so a device store in flight, a plain store in a thread-mode mapping, met the
@@ -359,7 +379,7 @@ fn forks_while_a_coherent_device_writes_a_thread_mode_mapping() {
     space.cpu_write(a, &vec![1u8; N * PAGE]).unwrap();
     m.migrate_range_to_device(a, N * PAGE).unwrap();
     let stop = AtomicBool::new(false);
-    let ends = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         s.spawn(|| {
             let nines = vec![9u8; 16 * PAGE];
             let mut k = 0;
@@ -372,29 +392,19 @@ fn forks_while_a_coherent_device_writes_a_thread_mode_mapping() {
                 k += 1;
             }
         });
-        let mut ends = Vec::new();
-        for round in 0..60 {
-            at(format!("fork {round}"));
-            // SAFETY: the child only loads (volatile loads of its own copy).
-            let st = unsafe {
-                sys::fork_and_wait(|| {
-                    for i in (0..N * PAGE / 4).step_by(97) {
-                        let v = hetmem::sys::probe_load_u32(a.get() + 4 * i);
-                        if v != 0x0101_0101 && v != 0x0909_0909 {
-                            return 10;
-                        }
+        // SAFETY: the child only loads (volatile loads of its own copy).
+        unsafe {
+            fork_children(60, &stop, || {
+                for i in (0..N * PAGE / 4).step_by(97) {
+                    let v = hetmem::sys::probe_load_u32(a.get() + 4 * i);
+                    if v != 0x0101_0101 && v != 0x0909_0909 {
+                        return 10;
                     }
-                    0
-                })
-            };
-            ends.push(st.map_err(|e| e.to_string()));
+                }
+                0
+            })
         }
-        stop.store(true, Ordering::SeqCst);
-        ends
     });
-    for (round, st) in ends.into_iter().enumerate() {
-        assert_eq!(st, Ok(ChildExit::Exited(0)), "fork {round}");
-    }
     let mut back = vec![0u8; N * PAGE];
     space.cpu_read(a, &mut back).unwrap();
     assert!(back.iter().all(|&x| x == 1 || x == 9));
@@ -417,7 +427,7 @@ fn forks_while_the_program_drops_pages_in_a_loop_and_a_device_migrates() {
     let (space, _dev, m, a) = written(N);
     m.migrate_range_to_device(a, N * PAGE).unwrap();
     let stop = AtomicBool::new(false);
-    let ends = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         s.spawn(|| {
             let mut k = 0usize;
             while !stop.load(Ordering::SeqCst) {
@@ -448,30 +458,20 @@ fn forks_while_the_program_drops_pages_in_a_loop_and_a_device_migrates() {
                 std::thread::yield_now();
             }
         });
-        let mut ends = Vec::new();
-        for round in 0..40 {
-            at(format!("fork {round}"));
-            // SAFETY: the child only loads (volatile loads of its own copy).
-            let st = unsafe {
-                sys::fork_and_wait(|| {
-                    for k in 0..N {
-                        let i = k * PAGE / 4 + k % 1024;
-                        let v = hetmem::sys::probe_load_u32(a.get() + 4 * i);
-                        if v != 0 && v != word(i) {
-                            return 10;
-                        }
+        // SAFETY: the child only loads (volatile loads of its own copy).
+        unsafe {
+            fork_children(40, &stop, || {
+                for k in 0..N {
+                    let i = k * PAGE / 4 + k % 1024;
+                    let v = hetmem::sys::probe_load_u32(a.get() + 4 * i);
+                    if v != 0 && v != word(i) {
+                        return 10;
                     }
-                    0
-                })
-            };
-            ends.push(st.map_err(|e| e.to_string()));
+                }
+                0
+            })
         }
-        stop.store(true, Ordering::SeqCst);
-        ends
     });
-    for (round, st) in ends.into_iter().enumerate() {
-        assert_eq!(st, Ok(ChildExit::Exited(0)), "fork {round}");
-    }
     let mut back = vec![0u8; N * PAGE];
     space.cpu_read(a, &mut back).unwrap();
     for (k, w) in back.chunks(4).enumerate() {
