@@ -627,6 +627,77 @@ static int snapshot_any(struct fd_slot *f, HetmemDmirrorCmd *cmd)
 	return 0;
 }
 
+/* Whether [addr, addr + len) is not inside one adopted space while some adopted space overlaps
+ * it: a program's malloc'd buffer is adopted command by command (exactly each command's range:
+ * the whole heap cannot be, device buffers live there), so a later command over another range
+ * of it runs into or across those pieces (found from outside: random 16-page commands on one
+ * malloc'd buffer failed four in five with EFAULT or EINVAL). Under `lock`. */
+static int crosses_spaces(uintptr_t addr, uintptr_t len)
+{
+	int s = adopted_at(addr);
+	if (s >= 0)
+		return addr + len > spaces[s].end;
+	for (int t = 0; t < MAX_SPACES; t++)
+		if (spaces[t].space && spaces[t].start < addr + len && addr < spaces[t].end)
+			return 1;
+	return 0;
+}
+
+/* A command over a range that several adopted spaces cover, or that runs into one: run piece
+ * by piece, each piece in its own space (the gaps adopted as their own spaces), as the kernel's
+ * device runs it over the one process; `cpages` summed, `faults` the most of any piece. The
+ * buffer advances with the pieces (a page per page, a byte per page for SNAPSHOT). Under
+ * `lock`. */
+static int pieces_cmd(struct fd_slot *f, unsigned nr, HetmemDmirrorCmd *cmd)
+{
+	uintptr_t a = cmd->addr, end = cmd->addr + (cmd->npages << 12);
+	uint64_t cpages = 0, faults = 0;
+	while (a < end) {
+		int s = adopted_at(a);
+		uintptr_t pe = end;
+		if (s >= 0) {
+			if (spaces[s].end < pe)
+				pe = spaces[s].end;
+		} else {
+			for (int t = 0; t < MAX_SPACES; t++)
+				if (spaces[t].space && spaces[t].start > a && spaces[t].start < pe)
+					pe = spaces[t].start;
+			s = space_for(a, pe - a);
+			if (s < 0) {
+				if (nr == HETMEM_CMD_MIGRATE_TO_DEV && s == -EINVAL)
+					return -ENOENT;
+				if (nr == HETMEM_CMD_MIGRATE_TO_DEV || nr == HETMEM_CMD_MIGRATE_TO_SYS)
+					return -EINVAL;
+				return -EFAULT;
+			}
+			/* space_for may have taken a whole mmap that goes on past the gap's end. */
+			if (spaces[s].end < pe)
+				pe = spaces[s].end;
+		}
+		int r = mirror_of(f, s);
+		if (r)
+			return r;
+		uint64_t skip = (a - cmd->addr) >> 12;
+		uint64_t ptr = cmd->ptr;
+		if (nr == HETMEM_CMD_SNAPSHOT)
+			ptr += skip;
+		else if (nr == HETMEM_CMD_READ || nr == HETMEM_CMD_WRITE ||
+			 nr == HETMEM_CMD_MIGRATE_TO_DEV || nr == HETMEM_CMD_EXCLUSIVE)
+			ptr += skip << 12;
+		HetmemDmirrorCmd sub = { .addr = a, .ptr = ptr, .npages = (pe - a) >> 12 };
+		r = hetmem_mirror_cmd(f->mirrors[s], nr, &sub);
+		if (r)
+			return r;
+		cpages += sub.cpages;
+		if (sub.faults > faults)
+			faults = sub.faults;
+		a = pe;
+	}
+	cmd->cpages = cpages;
+	cmd->faults = faults;
+	return 0;
+}
+
 static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd *cmd)
 {
 	if (_IOC_TYPE(req) != DMIRROR_IOC_TYPE || _IOC_SIZE(req) != sizeof(HetmemDmirrorCmd) ||
@@ -645,6 +716,8 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 		if (s0 < 0 || cmd->addr + (cmd->npages << 12) > spaces[s0].end)
 			return snapshot_any(f, cmd);
 	}
+	if (crosses_spaces((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12)))
+		return pieces_cmd(f, nr, cmd);
 	int s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
 	if (s == -EINVAL && nr == HETMEM_CMD_MIGRATE_TO_DEV &&
 	    anonymize((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12)) == 0)
