@@ -627,6 +627,33 @@ static int snapshot_any(struct fd_slot *f, HetmemDmirrorCmd *cmd)
 	return 0;
 }
 
+/* Whether the command's buffer is mapped (mincore fails with ENOMEM where a page of it is not):
+ * the kernel's device copies to and from it with copy_to_user/copy_from_user, EFAULT for a bad
+ * pointer, where hetmem's C API takes a valid buffer for granted (found from outside: a null
+ * buffer was EINVAL, and a wild one would have crashed the program). */
+static int buffer_mapped(unsigned nr, const HetmemDmirrorCmd *cmd)
+{
+	uint64_t len;
+	if (nr == HETMEM_CMD_READ || nr == HETMEM_CMD_WRITE || nr == HETMEM_CMD_MIGRATE_TO_DEV ||
+	    nr == HETMEM_CMD_EXCLUSIVE)
+		len = cmd->npages << 12;
+	else if (nr == HETMEM_CMD_SNAPSHOT)
+		len = cmd->npages;
+	else
+		return 1;
+	if (cmd->ptr == 0 || cmd->ptr + len < cmd->ptr)
+		return 0;
+	uintptr_t start = (uintptr_t)cmd->ptr & ~(uintptr_t)4095;
+	uintptr_t end = ((uintptr_t)cmd->ptr + len + 4095) & ~(uintptr_t)4095;
+	unsigned char vec[64];
+	for (uintptr_t a = start; a < end; a += sizeof(vec) << 12) {
+		uintptr_t n = end - a < (sizeof(vec) << 12) ? end - a : sizeof(vec) << 12;
+		if (mincore((void *)a, n, vec) != 0 && errno == ENOMEM)
+			return 0;
+	}
+	return 1;
+}
+
 /* Whether [addr, addr + len) is not inside one adopted space while some adopted space overlaps
  * it: a program's malloc'd buffer is adopted command by command (exactly each command's range:
  * the whole heap cannot be, device buffers live there), so a later command over another range
@@ -716,6 +743,8 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 		if (s0 < 0 || cmd->addr + (cmd->npages << 12) > spaces[s0].end)
 			return snapshot_any(f, cmd);
 	}
+	if (!buffer_mapped(nr, cmd))
+		return -EFAULT;
 	if (crosses_spaces((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12)))
 		return pieces_cmd(f, nr, cmd);
 	int s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));

@@ -53,7 +53,7 @@ fn a_test_device_program_runs_unmodified_under_the_preloaded_library() {
     assert!(ok, "under the preloaded library:\n{stdout}\n{stderr}");
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        14,
+        15,
         "{stdout}"
     );
 }

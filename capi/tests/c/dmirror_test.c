@@ -524,6 +524,24 @@ static int malloc_overlapping_ranges(void)
 	return 0;
 }
 
+/* Bad buffers: the kernel's device copies with copy_to_user/copy_from_user, EFAULT for a null
+ * or unmapped one (found from outside: the emulation said EINVAL for a null one). */
+static int bad_buffers(void)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR, 0);
+	CHECK(fd >= 0);
+	int *buf = buffer();
+	CHECK(buf);
+	void *gone = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(gone != MAP_FAILED && munmap(gone, NPAGES * PAGE) == 0);
+	struct hmm_dmirror_cmd c;
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, NULL, NPAGES, &c) == -EFAULT);
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, gone, NPAGES, &c) == -EFAULT);
+	CHECK(cmd(fd, HMM_DMIRROR_WRITE, buf, gone, NPAGES, &c) == -EFAULT);
+	CHECK(close(fd) == 0);
+	return 0;
+}
+
 int main(void)
 {
 	struct {
@@ -544,6 +562,7 @@ int main(void)
 		{ "private_file_migrates", private_file_migrates },
 		{ "gup_of_device_pages", gup_of_device_pages },
 		{ "malloc_overlapping_ranges", malloc_overlapping_ranges },
+		{ "bad_buffers", bad_buffers },
 	};
 	int failed = 0;
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
