@@ -630,7 +630,11 @@ static int snapshot_any(struct fd_slot *f, HetmemDmirrorCmd *cmd)
 /* Whether the command's buffer is mapped (mincore fails with ENOMEM where a page of it is not):
  * the kernel's device copies to and from it with copy_to_user/copy_from_user, EFAULT for a bad
  * pointer, where hetmem's C API takes a valid buffer for granted (found from outside: a null
- * buffer was EINVAL, and a wild one would have crashed the program). */
+ * buffer was EINVAL, and a wild one would have crashed the program). Checked before the work,
+ * where the kernel copies to the buffer after it (a migration with a bad buffer migrates, then
+ * fails): the shim does nothing then. A buffer that is mapped but not writable (or not
+ * readable, for WRITE) still crashes the program in hetmem's copy: a bounce buffer copied with
+ * process_vm_writev would answer EFAULT as the kernel does (open). */
 static int buffer_mapped(unsigned nr, const HetmemDmirrorCmd *cmd)
 {
 	uint64_t len;
@@ -641,7 +645,8 @@ static int buffer_mapped(unsigned nr, const HetmemDmirrorCmd *cmd)
 		len = cmd->npages;
 	else
 		return 1;
-	if (cmd->ptr == 0 || cmd->ptr + len < cmd->ptr)
+	/* No mapping reaches the top page of the address space: the rounding below cannot wrap. */
+	if (cmd->ptr == 0 || cmd->ptr + len < cmd->ptr || cmd->ptr + len > UINTPTR_MAX - 4095)
 		return 0;
 	uintptr_t start = (uintptr_t)cmd->ptr & ~(uintptr_t)4095;
 	uintptr_t end = ((uintptr_t)cmd->ptr + len + 4095) & ~(uintptr_t)4095;
@@ -737,15 +742,16 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 	if ((cmd->addr & 4095) || cmd->npages == 0 || cmd->npages > (UINT64_MAX >> 12) ||
 	    cmd->addr + (cmd->npages << 12) < cmd->addr)
 		return -EINVAL;
+	if (!buffer_mapped(nr, cmd))
+		return -EFAULT;
 	if (nr == HETMEM_CMD_SNAPSHOT) {
 		int s0 = adopted_at((uintptr_t)cmd->addr);
 		/* Within one adopted space: hetmem answers as for any command. */
 		if (s0 < 0 || cmd->addr + (cmd->npages << 12) > spaces[s0].end)
 			return snapshot_any(f, cmd);
 	}
-	if (!buffer_mapped(nr, cmd))
-		return -EFAULT;
-	if (crosses_spaces((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12)))
+	if (nr != HETMEM_CMD_CHECK_EXCLUSIVE && nr != HETMEM_CMD_RELEASE && nr != HETMEM_CMD_FLAGS &&
+	    crosses_spaces((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12)))
 		return pieces_cmd(f, nr, cmd);
 	int s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
 	if (s == -EINVAL && nr == HETMEM_CMD_MIGRATE_TO_DEV &&

@@ -538,6 +538,11 @@ static int bad_buffers(void)
 	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, NULL, NPAGES, &c) == -EFAULT);
 	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, gone, NPAGES, &c) == -EFAULT);
 	CHECK(cmd(fd, HMM_DMIRROR_WRITE, buf, gone, NPAGES, &c) == -EFAULT);
+	/* A snapshot of memory no command has named yet (answered from the page tables). */
+	int *fresh = buffer();
+	CHECK(fresh);
+	CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, fresh, NULL, NPAGES, &c) == -EFAULT);
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, (void *)(UINTPTR_MAX - 2047), 1, &c) == -EFAULT);
 	CHECK(close(fd) == 0);
 	return 0;
 }
