@@ -627,6 +627,19 @@ static int snapshot_any(struct fd_slot *f, HetmemDmirrorCmd *cmd)
 	return 0;
 }
 
+/* The answer to command `nr` over memory that cannot be adopted (`err`, from space_for), as the
+ * kernel's device answers for it: a migration of memory that is not anonymous private (shared,
+ * file) finds no page it may move (ENOENT); one over memory that is not mapped or not readable
+ * is EINVAL (its vma check); every other command faults (hmm_range_fault: EFAULT). */
+static int unadoptable(unsigned nr, int err)
+{
+	if (nr == HETMEM_CMD_MIGRATE_TO_DEV && err == -EINVAL)
+		return -ENOENT;
+	if (nr == HETMEM_CMD_MIGRATE_TO_DEV || nr == HETMEM_CMD_MIGRATE_TO_SYS)
+		return -EINVAL;
+	return -EFAULT;
+}
+
 /* Whether the command's buffer is mapped (mincore fails with ENOMEM where a page of it is not):
  * the kernel's device copies to and from it with copy_to_user/copy_from_user, EFAULT for a bad
  * pointer, where hetmem's C API takes a valid buffer for granted (found from outside: a null
@@ -695,13 +708,8 @@ static int pieces_cmd(struct fd_slot *f, unsigned nr, HetmemDmirrorCmd *cmd)
 				if (spaces[t].space && spaces[t].start > a && spaces[t].start < pe)
 					pe = spaces[t].start;
 			s = space_for(a, pe - a);
-			if (s < 0) {
-				if (nr == HETMEM_CMD_MIGRATE_TO_DEV && s == -EINVAL)
-					return -ENOENT;
-				if (nr == HETMEM_CMD_MIGRATE_TO_DEV || nr == HETMEM_CMD_MIGRATE_TO_SYS)
-					return -EINVAL;
-				return -EFAULT;
-			}
+			if (s < 0)
+				return unadoptable(nr, s);
 			/* space_for may have taken a whole mmap that goes on past the gap's end. */
 			if (spaces[s].end < pe)
 				pe = spaces[s].end;
@@ -759,17 +767,8 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 		s = space_for((uintptr_t)cmd->addr, (uintptr_t)(cmd->npages << 12));
 	if (s < 0 && s == -EINVAL && (nr == HETMEM_CMD_READ || nr == HETMEM_CMD_WRITE))
 		return plain_rw(cmd, nr == HETMEM_CMD_WRITE);
-	if (s < 0) {
-		/* Memory that cannot be adopted, answered as the kernel's device answers for it: a
-		 * migration of memory that is not anonymous private (shared, file) finds no page it
-		 * may move (ENOENT); one over memory that is not mapped or not readable is EINVAL
-		 * (its vma check); every other command faults (hmm_range_fault: EFAULT). */
-		if (nr == HETMEM_CMD_MIGRATE_TO_DEV && s == -EINVAL)
-			return -ENOENT;
-		if (nr == HETMEM_CMD_MIGRATE_TO_DEV || nr == HETMEM_CMD_MIGRATE_TO_SYS)
-			return -EINVAL;
-		return -EFAULT;
-	}
+	if (s < 0)
+		return unadoptable(nr, s);
 	int r = mirror_of(f, s);
 	if (r)
 		return r;
