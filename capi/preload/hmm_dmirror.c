@@ -63,6 +63,8 @@
 
 #define MAX_FDS 64
 #define MAX_SPACES 64
+/* The bounce buffer of device commands (bounced_ioctl): 1 GiB of address space. */
+#define BOUNCE_MAX (1UL << 30)
 #define MAX_MAPS 1024
 #define NDEV 4
 /* fd_slot.dev of a descriptor of /sys/kernel/debug/gup_test (emulated: gup_ioctl). */
@@ -640,38 +642,6 @@ static int unadoptable(unsigned nr, int err)
 	return -EFAULT;
 }
 
-/* Whether the command's buffer is mapped (mincore fails with ENOMEM where a page of it is not):
- * the kernel's device copies to and from it with copy_to_user/copy_from_user, EFAULT for a bad
- * pointer, where hetmem's C API takes a valid buffer for granted (found from outside: a null
- * buffer was EINVAL, and a wild one would have crashed the program). Checked before the work,
- * where the kernel copies to the buffer after it (a migration with a bad buffer migrates, then
- * fails): the shim does nothing then. A buffer that is mapped but not writable (or not
- * readable, for WRITE) still crashes the program in hetmem's copy: a bounce buffer copied with
- * process_vm_writev would answer EFAULT as the kernel does (open). */
-static int buffer_mapped(unsigned nr, const HetmemDmirrorCmd *cmd)
-{
-	uint64_t len;
-	if (nr == HETMEM_CMD_READ || nr == HETMEM_CMD_WRITE || nr == HETMEM_CMD_MIGRATE_TO_DEV ||
-	    nr == HETMEM_CMD_EXCLUSIVE)
-		len = cmd->npages << 12;
-	else if (nr == HETMEM_CMD_SNAPSHOT)
-		len = cmd->npages;
-	else
-		return 1;
-	/* No mapping reaches the top page of the address space: the rounding below cannot wrap. */
-	if (cmd->ptr == 0 || cmd->ptr + len < cmd->ptr || cmd->ptr + len > UINTPTR_MAX - 4095)
-		return 0;
-	uintptr_t start = (uintptr_t)cmd->ptr & ~(uintptr_t)4095;
-	uintptr_t end = ((uintptr_t)cmd->ptr + len + 4095) & ~(uintptr_t)4095;
-	unsigned char vec[64];
-	for (uintptr_t a = start; a < end; a += sizeof(vec) << 12) {
-		uintptr_t n = end - a < (sizeof(vec) << 12) ? end - a : sizeof(vec) << 12;
-		if (mincore((void *)a, n, vec) != 0 && errno == ENOMEM)
-			return 0;
-	}
-	return 1;
-}
-
 /* Whether [addr, addr + len) is not inside one adopted space while some adopted space overlaps
  * it: a program's malloc'd buffer is adopted command by command (exactly each command's range:
  * the whole heap cannot be, device buffers live there), so a later command over another range
@@ -750,8 +720,6 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 	if ((cmd->addr & 4095) || cmd->npages == 0 || cmd->npages > (UINT64_MAX >> 12) ||
 	    cmd->addr + (cmd->npages << 12) < cmd->addr)
 		return -EINVAL;
-	if (!buffer_mapped(nr, cmd))
-		return -EFAULT;
 	if (nr == HETMEM_CMD_SNAPSHOT) {
 		int s0 = adopted_at((uintptr_t)cmd->addr);
 		/* Within one adopted space: hetmem answers as for any command. */
@@ -773,6 +741,69 @@ static int dmirror_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd 
 	if (r)
 		return r;
 	return hetmem_mirror_cmd(f->mirrors[s], nr, cmd);
+}
+
+/* The bytes of the program's buffer a command uses: a page per page for READ, WRITE,
+ * MIGRATE_TO_DEV and EXCLUSIVE, a byte per page for SNAPSHOT, none otherwise. */
+static uint64_t buffer_len(unsigned nr, const HetmemDmirrorCmd *cmd)
+{
+	if (nr == HETMEM_CMD_READ || nr == HETMEM_CMD_WRITE || nr == HETMEM_CMD_MIGRATE_TO_DEV ||
+	    nr == HETMEM_CMD_EXCLUSIVE)
+		return cmd->npages << 12;
+	return nr == HETMEM_CMD_SNAPSHOT ? cmd->npages : 0;
+}
+
+/* A device command with the program's buffer bounced through memory of the shim's own (mapped
+ * for the command, never adopted), as the kernel's device bounces it: copy_from_user before the
+ * work (WRITE), copy_to_user after it (the others), EFAULT where the program's buffer is not
+ * mapped, readable or writable; the copies go through the kernel (process_vm_readv/writev), so
+ * a bad buffer is an error, where hetmem's C API takes a valid one for granted (found from
+ * outside: a null buffer was EINVAL, a wild one would have crashed the program inside
+ * hetmem's copy). Under `lock`. */
+static int bounced_ioctl(struct fd_slot *f, unsigned long req, HetmemDmirrorCmd *cmd)
+{
+	unsigned nr = _IOC_NR(req);
+	if (_IOC_TYPE(req) != DMIRROR_IOC_TYPE || _IOC_SIZE(req) != sizeof(HetmemDmirrorCmd) ||
+	    nr > HETMEM_CMD_FLAGS || (cmd->addr & 4095) || cmd->npages == 0 ||
+	    cmd->npages > (UINT64_MAX >> 12) || cmd->addr + (cmd->npages << 12) < cmd->addr ||
+	    buffer_len(nr, cmd) == 0)
+		return dmirror_ioctl(f, req, cmd); /* its own checks and answers */
+	size_t len = buffer_len(nr, cmd);
+	/* Reserved once (address space only), at the first command: a mapping made per command
+	 * could land in a hole the program has just unmapped, and the command would find it there
+	 * (a READ of the unmapped range reading the bounce buffer). Bigger: ENOMEM, as the kernel's
+	 * vmalloc'd bounce buffer gives for a huge range. */
+	static void *bounce;
+	if (!bounce) {
+		void *b = real_mmap(NULL, BOUNCE_MAX, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (b == MAP_FAILED)
+			return -ENOMEM;
+		bounce = b;
+	}
+	if (len > BOUNCE_MAX)
+		return -ENOMEM;
+	void *b = bounce;
+	struct iovec mine = { .iov_base = b, .iov_len = len };
+	struct iovec theirs = { .iov_base = (void *)(uintptr_t)cmd->ptr, .iov_len = len };
+	int r = 0;
+	if (nr == HETMEM_CMD_WRITE && process_vm_readv(getpid(), &mine, 1, &theirs, 1, 0) != (ssize_t)len)
+		r = -EFAULT;
+	if (r == 0) {
+		HetmemDmirrorCmd c = *cmd;
+		c.ptr = (uintptr_t)b;
+		r = dmirror_ioctl(f, req, &c);
+		if (r == 0 && nr != HETMEM_CMD_WRITE &&
+		    process_vm_writev(getpid(), &mine, 1, &theirs, 1, 0) != (ssize_t)len)
+			r = -EFAULT;
+		if (r == 0) {
+			cmd->cpages = c.cpages;
+			cmd->faults = c.faults;
+		}
+	}
+	/* Its memory back to the kernel (no event: the bounce buffer is not managed). */
+	madvise(b, len, MADV_DONTNEED);
+	return r;
 }
 
 /* ---- /sys/kernel/debug/gup_test (mm/gup_test.c, CONFIG_GUP_TEST) ----
@@ -852,7 +883,7 @@ int ioctl(int fd, unsigned long req, ...)
 		pthread_mutex_unlock(&lock);
 		return real_ioctl(fd, req, arg);
 	}
-	int r = !arg ? -EFAULT : f->dev == GUP_DEV ? gup_ioctl(req, arg) : dmirror_ioctl(f, req, arg);
+	int r = !arg ? -EFAULT : f->dev == GUP_DEV ? gup_ioctl(req, arg) : bounced_ioctl(f, req, arg);
 	pthread_mutex_unlock(&lock);
 	if (r == PASS_THROUGH)
 		return real_ioctl(fd, req, arg);

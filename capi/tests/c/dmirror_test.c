@@ -543,6 +543,15 @@ static int bad_buffers(void)
 	CHECK(fresh);
 	CHECK(cmd(fd, HMM_DMIRROR_SNAPSHOT, fresh, NULL, NPAGES, &c) == -EFAULT);
 	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, (void *)(UINTPTR_MAX - 2047), 1, &c) == -EFAULT);
+	/* Mapped but not writable (READ writes it), not readable (WRITE reads it). */
+	void *ro = mmap(NULL, NPAGES * PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	void *none = mmap(NULL, NPAGES * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(ro != MAP_FAILED && none != MAP_FAILED);
+	CHECK(cmd(fd, HMM_DMIRROR_READ, buf, ro, NPAGES, &c) == -EFAULT);
+	CHECK(cmd(fd, HMM_DMIRROR_WRITE, buf, none, NPAGES, &c) == -EFAULT);
+	/* A migration copies to the buffer after the work, as the kernel's: the pages moved. */
+	CHECK(cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, buf, ro, NPAGES, &c) == -EFAULT);
+	CHECK(pagemap_entry(buf) & PM_SWAP);
 	CHECK(close(fd) == 0);
 	return 0;
 }
