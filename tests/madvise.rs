@@ -745,27 +745,8 @@ fn a_remap_followed_while_a_device_store_meets_a_dropped_page_aborts_nothing() {
             space.cpu_write(b, &want).unwrap();
             m.migrate_range_to_device(b, MOVED).unwrap();
             let before = space.stats().foreign_remaps;
-            // SAFETY: a fresh PROT_NONE mapping as the target, and the test's own managed
-            // mapping moved there with MREMAP_FIXED; no Rust object lives in either.
-            let moved = unsafe {
-                let tgt = libc::mmap(
-                    std::ptr::null_mut(),
-                    MOVED,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                );
-                assert_ne!(tgt, libc::MAP_FAILED);
-                libc::mremap(
-                    b.get() as *mut _,
-                    MOVED,
-                    MOVED,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    tgt,
-                )
-            };
-            assert_ne!(moved, libc::MAP_FAILED);
+            // SAFETY: the test's own managed mapping; no Rust object lives in it.
+            let moved = unsafe { move_away(b, MOVED) } as *mut libc::c_void;
             at(format!(
                 "round {round}: waiting for the move to be followed"
             ));

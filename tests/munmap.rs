@@ -375,30 +375,12 @@ fn a_remap_read_while_another_space_waits_is_followed() {
         );
         // Move B's mapping: its REMAP is read while the reader waits (or after; either way it
         // must be followed).
-        // SAFETY: a fresh PROT_NONE mapping as the target, and B's own managed mapping moved
-        // there with MREMAP_FIXED; no Rust object lives in either.
-        let moved = unsafe {
-            let tgt = libc::mmap(
-                std::ptr::null_mut(),
-                4 * PAGE,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            libc::mremap(
-                b.get() as *mut _,
-                4 * PAGE,
-                4 * PAGE,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                tgt,
-            )
-        };
-        assert_ne!(moved, libc::MAP_FAILED);
+        // SAFETY: B's own managed mapping; no Rust object lives in it.
+        let moved = unsafe { move_away(b, 4 * PAGE) };
         *ops.release.lock().unwrap() = true;
         ops.cv.notify_all();
         t.join().unwrap().unwrap();
-        moved as usize
+        moved
     });
     at("waiting for B's mremap to be followed, with no later event on B");
     while sb.stats().foreign_remaps < 1 {
@@ -530,27 +512,11 @@ fn a_range_moved_away_and_unmapped_at_once_aborts_nothing() {
             at(format!("{mode:?}: round {round}"));
             let before = space.stats().foreign_remaps;
             let from = a.add(round * 2 * CHUNK);
-            // SAFETY: a fresh PROT_NONE mapping as the target; the test's own managed chunk
-            // moved there with MREMAP_FIXED, then unmapped; no Rust object lives in either.
+            // SAFETY: the test's own managed chunk, moved away then unmapped; no Rust object
+            // lives in it.
             unsafe {
-                let tgt = libc::mmap(
-                    std::ptr::null_mut(),
-                    CHUNK,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                );
-                assert_ne!(tgt, libc::MAP_FAILED);
-                let moved = libc::mremap(
-                    from.get() as *mut _,
-                    CHUNK,
-                    CHUNK,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    tgt,
-                );
-                assert_eq!(moved, tgt);
-                assert_eq!(libc::munmap(moved, CHUNK), 0);
+                let moved = move_away(from, CHUNK);
+                assert_eq!(libc::munmap(moved as *mut _, CHUNK), 0);
             }
             while space.stats().foreign_remaps == before {
                 std::thread::yield_now();

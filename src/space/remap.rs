@@ -68,7 +68,7 @@ impl SpaceCore {
                                 .and_then(|()| {
                                     self.mm
                                         .install(dst, &self.bounce, 0, PAGE_SIZE, v.mode)
-                                        .map_err(|e| Error::os("follow mremap", e.into()))
+                                        .map_err(|e| Error::uffd("follow mremap", e, dst))
                                 })
                         }
                         None => Ok(()),
@@ -85,7 +85,7 @@ impl SpaceCore {
                             v.mode,
                             false,
                         )
-                        .map_err(|e| Error::os("follow mremap", e.into()))
+                        .map_err(|e| Error::uffd("follow mremap", e, dst))
                     }
                 };
                 match copied {
@@ -94,7 +94,7 @@ impl SpaceCore {
                     // over) the moved range since its mremap returned, and its data went with it,
                     // as it would with the kernel alone (found from outside: a program moving a
                     // range away and unmapping it at once was aborted here).
-                    Err(e) if e.errno() == libc::ENOENT => {}
+                    Err(Error::NotMapped { .. }) => {}
                     Err(e) => {
                         // Never silently: the page's data could not be placed at its new address.
                         let mut b = [0u8; 18];

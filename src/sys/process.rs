@@ -303,16 +303,25 @@ pub unsafe fn probe_load_u32(addr: usize) -> u32 {
 /// Allocates nothing and takes no lock (async-signal-safe system calls only); `None` when
 /// pagemap cannot be read.
 pub fn page_state(addr: usize) -> Option<(bool, bool)> {
-    let f = rustix::fs::open(
+    let mut e = [0u8; 8];
+    (pagemap_read(addr, &mut e) == 8).then(|| {
+        let e = u64::from_ne_bytes(e);
+        (e >> 63 & 1 == 1, e >> 57 & 1 == 1)
+    })
+}
+
+/// Reads `/proc/self/pagemap` entries from the page at `addr` into `out` (8 bytes each): the
+/// bytes read, 0 when it cannot be read. One open and one read; allocates nothing and takes no
+/// lock (async-signal-safe system calls only).
+fn pagemap_read(addr: usize, out: &mut [u8]) -> usize {
+    let Ok(f) = rustix::fs::open(
         c"/proc/self/pagemap",
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
-    )
-    .ok()?;
-    let mut e = [0u8; 8];
-    let got = rustix::io::pread(&f, &mut e, (addr / PAGE_SIZE * 8) as u64).ok()?;
-    let e = u64::from_ne_bytes(e);
-    (got == 8).then_some((e >> 63 & 1 == 1, e >> 57 & 1 == 1))
+    ) else {
+        return 0;
+    };
+    rustix::io::pread(&f, out, (addr / PAGE_SIZE * 8) as u64).unwrap_or(0)
 }
 
 /// How many of the `pages` pages from `addr` (page-aligned) on hold data now, told without
@@ -365,18 +374,8 @@ pub fn resident_prefix(addr: usize, pages: usize) -> usize {
 /// One open and one read of pagemap; allocates nothing.
 pub fn empty_prefix(addr: usize, pages: usize) -> usize {
     const MOST: usize = 512;
-    let Ok(f) = rustix::fs::open(
-        c"/proc/self/pagemap",
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    ) else {
-        return 0;
-    };
-    let n = pages.min(MOST);
     let mut raw = [0u8; MOST * 8];
-    let Ok(got) = rustix::io::pread(&f, &mut raw[..n * 8], (addr / PAGE_SIZE * 8) as u64) else {
-        return 0;
-    };
+    let got = pagemap_read(addr, &mut raw[..pages.min(MOST) * 8]);
     raw[..got - got % 8]
         .chunks_exact(8)
         .take_while(|w| {

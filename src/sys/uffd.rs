@@ -170,15 +170,19 @@ fn note_remove(start: usize, end: usize) {
     let _w = PENDING_REMOVES_WRITE
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = pending_slots().iter().find(|p| p.is(start, end)) {
-        p.count.fetch_add(1, Ordering::SeqCst);
-        return;
+    // One pass: the slot of this very range, else the first free one.
+    let mut free = None;
+    for (i, p) in pending_slots().iter().enumerate() {
+        if p.is(start, end) {
+            p.count.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        if free.is_none() && p.end.load(Ordering::SeqCst) == 0 {
+            free = Some(i);
+        }
     }
     let high = PENDING_SLOTS_HIGH.load(Ordering::SeqCst);
-    let slot = match pending_slots()
-        .iter()
-        .position(|p| p.end.load(Ordering::SeqCst) == 0)
-    {
+    let slot = match free {
         Some(i) => i,
         None if high < PENDING_REMOVE_SLOTS => high,
         // Not reached: the readers read nothing once the table counts as full, which leaves
@@ -1425,10 +1429,6 @@ mod tests {
         assert_eq!(src.pages_with_data(0, 4 * PAGE_SIZE).unwrap(), [false; 4]);
     }
 
-    /// A program dropping the same range again and again while the reader waits keeps one slot
-    /// of the table of REMOVEs not followed yet (with a slot per event, 64 of them filled it,
-    /// the reader stopped reading, and a fault behind them was never read: a hang). The range
-    /// stays pending until its last REMOVE is followed.
     /// Thousands of distinct ranges dropped while the reader waits fit (with 256 slots the
     /// table filled and the reader stopped reading: a hang, found from outside); each is
     /// pending until followed, whichever order they are followed in, and once all are the
@@ -1471,6 +1471,10 @@ mod tests {
         }
     }
 
+    /// A program dropping the same range again and again while the reader waits keeps one slot
+    /// of the table of REMOVEs not followed yet (with a slot per event, 64 of them filled it,
+    /// the reader stopped reading, and a fault behind them was never read: a hang). The range
+    /// stays pending until its last REMOVE is followed.
     #[test]
     fn removes_of_one_range_share_a_slot_until_the_last_is_followed() {
         let _t = TABLE_TESTS.lock().unwrap_or_else(|p| p.into_inner());

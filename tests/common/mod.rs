@@ -265,6 +265,36 @@ pub fn smaps_bytes(a: usize, field: &str) -> usize {
     panic!("no mapping at {a:#x} in /proc/self/smaps");
 }
 
+/// A direct `mremap` of `len` bytes at `a` (the test's own managed memory) to a fresh
+/// `PROT_NONE` mapping, `MREMAP_FIXED`, as a program moving a range away does: the new address.
+///
+/// # Safety
+/// No Rust object may live in `a..a + len`: its memory moves.
+pub unsafe fn move_away(a: hetmem::VirtAddr, len: usize) -> usize {
+    // SAFETY: a fresh PROT_NONE mapping as the target, and the caller's range moved there
+    // (the caller's guarantee: nothing of Rust's lives in it).
+    unsafe {
+        let tgt = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(tgt, libc::MAP_FAILED);
+        let moved = libc::mremap(
+            a.get() as *mut _,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            tgt,
+        );
+        assert_eq!(moved, tgt, "mremap: {}", std::io::Error::last_os_error());
+        moved as usize
+    }
+}
+
 /// Whether this kernel has `UFFDIO_MOVE` (6.8 on), asked with a full userfaultfd or, where that
 /// is refused, a user-mode-only one.
 pub fn kernel_has_uffdio_move() -> bool {
